@@ -1,0 +1,138 @@
+"""The job state machine and the lease protocol.
+
+    validating_files → queued → running → succeeded | failed | cancelled
+                         ↑         │
+                         └─────────┘  lease expired (worker died): back to the queue, resumes from
+                                      its last checkpoint; after max_attempts the job fails.
+
+Every transition is a conditional UPDATE on the current status (and, for a worker, on its lease
+token), so two actors can never both move a job: the loser's UPDATE matches no row. Whoever holds the
+lease proves it with a token only it knows (fencing): a worker whose lease was taken over can no
+longer write the job.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from scheduler.models import Job, JobEvent, JobStatus, utcnow
+
+
+class InvalidTransition(Exception):
+    pass
+
+
+def add_event(
+    session: Session,
+    job: Job,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
+    """Append an event to the job's log; ``seq`` orders them (newest first when listed)."""
+    seq = (session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job.id)) or 0) + 1
+    event = JobEvent(job_id=job.id, org_id=job.org_id, seq=seq, level=level, type=type, message=message, data=data)
+    session.add(event)
+    session.flush()
+    return event
+
+
+def _move(session: Session, job: Job, to: JobStatus, *, frm: tuple[JobStatus, ...], token: str | None = None, **values) -> bool:
+    stmt = update(Job).where(Job.id == job.id, Job.status.in_(frm))
+    if token is not None:
+        stmt = stmt.where(Job.lease_token == token)
+    moved = session.execute(stmt.values(status=to, **values).execution_options(synchronize_session=False)).rowcount == 1
+    session.refresh(job)
+    return moved
+
+
+def mark_queued(session: Session, job: Job) -> bool:
+    if _move(session, job, JobStatus.queued, frm=(JobStatus.validating_files,)):
+        add_event(session, job, "Validated training file; job queued")
+        return True
+    return False
+
+
+def fail(session: Session, job: Job, code: str, message: str, param: str | None = None, *, token: str | None = None) -> bool:
+    frm = (JobStatus.validating_files, JobStatus.queued, JobStatus.running)
+    error = {"code": code, "message": message, "param": param}
+    if _move(session, job, JobStatus.failed, frm=frm, token=token, error=error, finished_at=utcnow(), lease_token=None, lease_owner=None, lease_expires_at=None):
+        add_event(session, job, f"Job failed: {message}", level="error")
+        return True
+    return False
+
+
+def request_cancel(session: Session, job: Job) -> Job:
+    """Cancel a job. Not yet running: cancelled at once. Running: flagged, and its worker stops it
+    (saving a checkpoint) at the next heartbeat. Already finished: InvalidTransition."""
+    if job.status.terminal:
+        raise InvalidTransition(f"job {job.id} is already {job.status.value}")
+    if _move(session, job, JobStatus.cancelled, frm=(JobStatus.validating_files, JobStatus.queued), cancel_requested=True, finished_at=utcnow()):
+        add_event(session, job, "Job cancelled")
+        return job
+    session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.running).values(cancel_requested=True))
+    session.refresh(job)
+    if job.status == JobStatus.running:
+        add_event(session, job, "Cancellation requested; stopping the running job")
+    return job
+
+
+# --- the lease protocol used by worker agents and the reaper -----------------------------------
+
+
+def claim(session: Session, job: Job, owner: str, lease_seconds: float) -> str | None:
+    """Try to take a queued job; returns the lease token, or None if someone else moved it first."""
+    token = secrets.token_hex(16)
+    now = utcnow()
+    moved = _move(
+        session,
+        job,
+        JobStatus.running,
+        frm=(JobStatus.queued,),
+        lease_owner=owner,
+        lease_token=token,
+        lease_expires_at=now + timedelta(seconds=lease_seconds),
+        attempts=Job.attempts + 1,
+        started_at=func.coalesce(Job.started_at, now),
+    )
+    return token if moved else None
+
+
+def heartbeat(session: Session, job_id: str, token: str, lease_seconds: float) -> tuple[bool, bool]:
+    """Renew the lease. Returns (still_ours, cancel_requested)."""
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_token == token, Job.status == JobStatus.running)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .returning(Job.cancel_requested)
+    ).first()
+    return (res is not None, bool(res and res[0]))
+
+
+def expired_leases(session: Session, now: datetime | None = None) -> list[Job]:
+    now = now or utcnow()
+    return list(session.scalars(select(Job).where(Job.status == JobStatus.running, Job.lease_expires_at < now)))
+
+
+def reap(session: Session, job: Job, max_attempts: int) -> str:
+    """Return a job whose worker stopped heartbeating to the queue (or fail it after too many tries).
+    Conditional on the expired token, so a late heartbeat and the reaper cannot both win."""
+    token = job.lease_token
+    if job.attempts >= max_attempts:
+        fail(session, job, "worker_lost", f"the job's worker stopped responding {job.attempts} times", token=token)
+        return "failed"
+    if job.cancel_requested:
+        if _move(session, job, JobStatus.cancelled, frm=(JobStatus.running,), token=token, finished_at=utcnow(), lease_token=None, lease_owner=None, lease_expires_at=None):
+            add_event(session, job, "Job cancelled (its worker was lost)")
+        return "cancelled"
+    if _move(session, job, JobStatus.queued, frm=(JobStatus.running,), token=token, lease_token=None, lease_owner=None, lease_expires_at=None, nudged_at=None):
+        add_event(session, job, "Worker lost; job returned to the queue and will resume from its last checkpoint", level="warn")
+        return "requeued"
+    return "moved"
