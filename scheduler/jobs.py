@@ -136,3 +136,8 @@ def reap(session: Session, job: Job, max_attempts: int) -> str:
         add_event(session, job, "Worker lost; job returned to the queue and will resume from its last checkpoint", level="warn")
         return "requeued"
     return "moved"
+
+
+def fine_tuned_model_name(base_model: str, org_name: str, suffix: str | None, job_id: str) -> str:
+    """OpenAI's naming: ``ft:{base}:{org}:{suffix}:{job id}`` (an empty suffix stays empty)."""
+    return f"ft:{base_model}:{org_name}:{suffix or ''}:{job_id}"
