@@ -44,7 +44,8 @@ def add_event(
     return event
 
 
-def _move(session: Session, job: Job, to: JobStatus, *, frm: tuple[JobStatus, ...], token: str | None = None, **values) -> bool:
+def transition(session: Session, job: Job, to: JobStatus, *, frm: tuple[JobStatus, ...], token: str | None = None, **values) -> bool:
+    """Move ``job`` to ``to`` if it is in one of ``frm`` (and, given a token, still leased by it)."""
     stmt = update(Job).where(Job.id == job.id, Job.status.in_(frm))
     if token is not None:
         stmt = stmt.where(Job.lease_token == token)
@@ -54,7 +55,7 @@ def _move(session: Session, job: Job, to: JobStatus, *, frm: tuple[JobStatus, ..
 
 
 def mark_queued(session: Session, job: Job) -> bool:
-    if _move(session, job, JobStatus.queued, frm=(JobStatus.validating_files,)):
+    if transition(session, job, JobStatus.queued, frm=(JobStatus.validating_files,)):
         add_event(session, job, "Validated training file; job queued")
         return True
     return False
@@ -63,7 +64,7 @@ def mark_queued(session: Session, job: Job) -> bool:
 def fail(session: Session, job: Job, code: str, message: str, param: str | None = None, *, token: str | None = None) -> bool:
     frm = (JobStatus.validating_files, JobStatus.queued, JobStatus.running)
     error = {"code": code, "message": message, "param": param}
-    if _move(session, job, JobStatus.failed, frm=frm, token=token, error=error, finished_at=utcnow(), lease_token=None, lease_owner=None, lease_expires_at=None):
+    if transition(session, job, JobStatus.failed, frm=frm, token=token, error=error, finished_at=utcnow(), lease_token=None, lease_owner=None, lease_expires_at=None):
         add_event(session, job, f"Job failed: {message}", level="error")
         return True
     return False
@@ -74,7 +75,7 @@ def request_cancel(session: Session, job: Job) -> Job:
     (saving a checkpoint) at the next heartbeat. Already finished: InvalidTransition."""
     if job.status.terminal:
         raise InvalidTransition(f"job {job.id} is already {job.status.value}")
-    if _move(session, job, JobStatus.cancelled, frm=(JobStatus.validating_files, JobStatus.queued), cancel_requested=True, finished_at=utcnow()):
+    if transition(session, job, JobStatus.cancelled, frm=(JobStatus.validating_files, JobStatus.queued), cancel_requested=True, finished_at=utcnow()):
         add_event(session, job, "Job cancelled")
         return job
     session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.running).values(cancel_requested=True))
@@ -91,7 +92,7 @@ def claim(session: Session, job: Job, owner: str, lease_seconds: float) -> str |
     """Try to take a queued job; returns the lease token, or None if someone else moved it first."""
     token = secrets.token_hex(16)
     now = utcnow()
-    moved = _move(
+    moved = transition(
         session,
         job,
         JobStatus.running,
@@ -129,10 +130,10 @@ def reap(session: Session, job: Job, max_attempts: int) -> str:
         fail(session, job, "worker_lost", f"the job's worker stopped responding {job.attempts} times", token=token)
         return "failed"
     if job.cancel_requested:
-        if _move(session, job, JobStatus.cancelled, frm=(JobStatus.running,), token=token, finished_at=utcnow(), lease_token=None, lease_owner=None, lease_expires_at=None):
+        if transition(session, job, JobStatus.cancelled, frm=(JobStatus.running,), token=token, finished_at=utcnow(), lease_token=None, lease_owner=None, lease_expires_at=None):
             add_event(session, job, "Job cancelled (its worker was lost)")
         return "cancelled"
-    if _move(session, job, JobStatus.queued, frm=(JobStatus.running,), token=token, lease_token=None, lease_owner=None, lease_expires_at=None, nudged_at=None):
+    if transition(session, job, JobStatus.queued, frm=(JobStatus.running,), token=token, lease_token=None, lease_owner=None, lease_expires_at=None, nudged_at=None):
         add_event(session, job, "Worker lost; job returned to the queue and will resume from its last checkpoint", level="warn")
         return "requeued"
     return "moved"
