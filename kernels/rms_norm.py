@@ -1,0 +1,180 @@
+"""RMSNorm forward/backward: Llama's ``w * x_hat`` and Gemma's ``(1 + w) * x_hat``, optionally fused with
+the residual add that precedes it, and with no weight-gradient work when the weight is frozen (LoRA).
+
+What is saved for backward: the normalised input (bf16, the caller's tensor itself when there is no
+residual) and one float32 ``rstd`` per row, instead of stock HF's float32 copies of the activations.
+
+Rounding matches HF: Llama-style (``offset == 0``) casts ``x_hat`` to the input dtype before multiplying
+by the weight (``LlamaRMSNorm``), Gemma-style (``offset != 0``) multiplies in float32 and casts once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.backend import next_power_of_2, sm_count, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the reference path serves
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_fwd_kernel(
+        X, R, S, Y, W, RSTD,
+        stride_x, stride_r, stride_s, stride_y,
+        n_cols, eps, offset,
+        HAS_RESIDUAL: tl.constexpr, LLAMA_CAST: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 past 2^31 elements
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            x = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+            tl.store(S + row * stride_s + cols, x, mask=mask)  # rounded like HF's `residual + h`
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+        tl.store(RSTD + row, rstd)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+        x_hat = xf * rstd
+        if LLAMA_CAST:
+            x_hat = x_hat.to(x.dtype).to(tl.float32)
+        tl.store(Y + row * stride_y + cols, (x_hat * w).to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rms_norm_bwd_kernel(
+        DY, DS, X, W, RSTD, DX, DW_PARTIAL,
+        stride_dy, stride_ds, stride_x, stride_dx,
+        n_rows, n_cols, offset,
+        HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, LLAMA_CAST: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        for row in range(pid, n_rows, n_prog):  # grid-stride: dW partials stay in registers
+            row64 = tl.cast(row, tl.int64)
+            x_raw = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0)
+            x = x_raw.to(tl.float32)
+            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row64)
+            x_hat = x * rstd
+            dxh = dy * w
+            dx = rstd * (dxh - x_hat * (tl.sum(dxh * x_hat, axis=0) / n_cols))
+            if HAS_DS:
+                dx += tl.load(DS + row64 * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            if COMPUTE_DW:
+                if LLAMA_CAST:
+                    x_hat = x_hat.to(x_raw.dtype).to(tl.float32)
+                dw += dy * x_hat
+        if COMPUTE_DW:
+            tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _block(n_cols: int) -> tuple[int, int]:
+    block = next_power_of_2(n_cols)
+    # one row per program; 8 warps once a row is >= 4096 wide keeps 16-byte loads per thread (Liger's
+    # choice for the same layout; not yet re-measured here, see bench/NOTES.md)
+    return block, 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def _fwd_launch(x, residual, weight, eps, offset):
+    # x, residual: (..., N) any leading shape; weight: (N,)
+    n_cols = x.shape[-1]
+    assert weight.shape == (n_cols,), f"weight {tuple(weight.shape)} vs hidden {n_cols}"
+    assert residual is None or residual.shape == x.shape
+    x2 = _rows(x)
+    r2 = _rows(residual) if residual is not None else x2
+    n_rows = x2.shape[0]
+    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)       # (M, N)
+    s = torch.empty_like(y) if residual is not None else y                   # (M, N) new residual
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)        # (M,)
+    block, warps = _block(n_cols)
+    assert block <= 65536, "rows wider than 64K need a looped kernel"
+    _rms_norm_fwd_kernel[(n_rows,)](
+        x2, r2, s, y, weight, rstd,
+        x2.stride(0), r2.stride(0), s.stride(0), y.stride(0),
+        n_cols, eps, offset,
+        HAS_RESIDUAL=residual is not None, LLAMA_CAST=offset == 0.0, BLOCK=block, num_warps=warps,
+    )
+    return y, (s if residual is not None else x2), rstd
+
+
+def _bwd_launch(dy, ds, x2, weight, rstd, offset, compute_dw):
+    # dy, ds: (M, N) grads of y and of the new residual; x2: (M, N) saved normalised input
+    n_rows, n_cols = x2.shape
+    dy2 = _rows(dy)
+    ds2 = _rows(ds) if ds is not None else dy2
+    dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)     # (M, N)
+    n_prog = max(1, min(n_rows, 4 * sm_count()))  # 4 per SM: enough rows in flight to hide latency
+    dw_partial = torch.empty((n_prog, n_cols) if compute_dw else (1,), dtype=torch.float32,
+                             device=x2.device)
+    block, warps = _block(n_cols)
+    _rms_norm_bwd_kernel[(n_prog,)](
+        dy2, ds2, x2, weight, rstd, dx, dw_partial,
+        dy2.stride(0), ds2.stride(0), x2.stride(0), dx.stride(0),
+        n_rows, n_cols, offset,
+        HAS_DS=ds is not None, COMPUTE_DW=compute_dw, LLAMA_CAST=offset == 0.0, BLOCK=block,
+        num_warps=warps,
+    )
+    dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
+    return dx, dw
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, residual, eps, offset):
+        y, saved_x, rstd = _fwd_launch(x, residual, weight, eps, offset)
+        ctx.save_for_backward(saved_x, weight, rstd)
+        ctx.offset, ctx.has_residual, ctx.shape = offset, residual is not None, x.shape
+        y = y.view(x.shape)
+        if residual is None:
+            return y
+        return y, saved_x.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy, ds=None):
+        x2, weight, rstd = ctx.saved_tensors
+        compute_dw = ctx.needs_input_grad[1]
+        dx, dw = _bwd_launch(dy, ds if ctx.has_residual else None, x2, weight, rstd, ctx.offset,
+                             compute_dw)
+        dx = dx.view(ctx.shape)
+        return dx, dw, (dx if ctx.has_residual else None), None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0,
+             residual: torch.Tensor | None = None, impl: str | None = None):
+    """``y = x_hat * (weight + offset)`` with ``x_hat = x / rms(x)`` over the last dim.
+
+    With ``residual``, normalises ``x + residual`` and returns ``(y, x + residual)``.
+    ``offset=1.0`` is Gemma's ``(1 + w)`` form. Input gradient only when ``weight`` is frozen.
+    """
+    if not use_triton(x, weight, residual, impl=impl):
+        return rms_norm_reference(x, weight, eps, offset=offset, residual=residual)
+    return _RMSNormFunction.apply(x, weight, residual, float(eps), float(offset))
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0,
+                       residual: torch.Tensor | None = None):
+    """The spec: HF's LlamaRMSNorm (offset 0) / GemmaRMSNorm (offset 1) rounding, in plain torch."""
+    s = x + residual if residual is not None else x
+    xf = s.float()
+    x_hat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset == 0.0:
+        y = weight * x_hat.to(s.dtype)
+        y = y.to(s.dtype)
+    else:
+        y = (x_hat * (offset + weight.float())).to(s.dtype)
+    return (y, s) if residual is not None else y
