@@ -61,7 +61,7 @@ class Agent:
         self.settings = settings
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._slots = threading.BoundedSemaphore(slots)
-        self._running: dict[str, threading.Thread] = {}
+        self._running: dict[str, _Supervision] = {}
         self._lock = threading.Lock()
 
     # --- claiming ----------------------------------------------------------------------------
@@ -83,10 +83,10 @@ class Agent:
         except BaseException:
             self._slots.release()
             raise
-        thread = threading.Thread(target=self._run, args=(job_id, token), name=f"job-{job_id}", daemon=True)
+        supervision = _Supervision(self.settings, job_id, token)
         with self._lock:
-            self._running[job_id] = thread
-        thread.start()
+            self._running[job_id] = supervision
+        threading.Thread(target=self._run, args=(supervision,), name=f"job-{job_id}", daemon=True).start()
         return True
 
     @property
@@ -103,9 +103,18 @@ class Agent:
         return True
 
     # --- supervising -------------------------------------------------------------------------
-    def _run(self, job_id: str, token: str) -> None:
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Preempt running trainers (they checkpoint and the jobs go back to the queue) and wait."""
+        with self._lock:
+            active = list(self._running.values())
+        for supervision in active:
+            supervision.preempt()
+        self.wait_idle(timeout)
+
+    def _run(self, supervision: "_Supervision") -> None:
+        job_id, token = supervision.job_id, supervision.token
         try:
-            _Supervision(self.settings, job_id, token).run()
+            supervision.run()
         except Exception:
             log.exception("supervising job %s failed", job_id)
             with session_scope(self.settings.database_url) as session:
@@ -126,7 +135,7 @@ class _Supervision:
         self.job_id = job_id
         self.token = token
         self.proc: subprocess.Popen | None = None
-        self.stop_reason: str | None = None  # "cancel" | "lease_lost"
+        self.stop_reason: str | None = None  # "cancel" | "preempt" | "lease_lost"
         self.finished = threading.Event()
         self.stderr_tail: deque[str] = deque(maxlen=40)
 
@@ -186,6 +195,11 @@ class _Supervision:
             text = line.decode(errors="replace").rstrip()
             self.stderr_tail.append(text)
             log.info("[%s] %s", self.job_id, text)
+
+    def preempt(self) -> None:
+        if self.proc and self.proc.poll() is None and self.stop_reason is None:
+            self.stop_reason = "preempt"
+            self.proc.send_signal(signal.SIGTERM)
 
     def _kill(self) -> None:
         if self.proc and self.proc.poll() is None:
