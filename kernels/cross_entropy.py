@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from kernels.backend import next_power_of_2, use_triton
+from kernels.backend import launcher, next_power_of_2, use_triton
 
 try:
     import triton
@@ -94,7 +94,7 @@ def _rows_kernel_launch(logits, labels, loss, ignore_index, smoothing, softcap, 
     # 32K-wide tiles with 32 warps: Liger's choice for a 128K vocabulary (4 loop trips per pass);
     # not yet re-measured on our device (bench/NOTES.md)
     block = min(32768, next_power_of_2(n_cols))
-    _ce_rows_kernel[(n_rows,)](
+    launcher(_ce_rows_kernel, logits)[(n_rows,)](
         logits, labels, loss, logits.stride(0), n_cols, ignore_index, smoothing,
         softcap if softcap else 1.0,
         HAS_SOFTCAP=bool(softcap), HAS_SMOOTHING=smoothing > 0.0, COMPUTE_GRAD=compute_grad,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import use_triton
+from kernels.backend import launcher, use_triton
 
 try:
     import triton
@@ -79,7 +79,7 @@ def geglu_forward(g: torch.Tensor, u: torch.Tensor, approximate: str = "none") -
     # g, u: (..., I) contiguous -> h: (..., I)
     _check(g, u)
     h = torch.empty_like(g)
-    _geglu_fwd_kernel[_grid(g.numel())](g, u, h, g.numel(), APPROX_TANH=approximate == "tanh",
+    launcher(_geglu_fwd_kernel, g)[_grid(g.numel())](g, u, h, g.numel(), APPROX_TANH=approximate == "tanh",
                                         BLOCK=_BLOCK, num_warps=4)
     return h
 
@@ -88,7 +88,7 @@ def geglu_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
                            approximate: str = "none") -> None:
     # dh, g, u: (..., I) contiguous; afterwards dh holds h, g holds dg, u holds du
     _check(dh, g, u)
-    _geglu_bwd_kernel[_grid(g.numel())](dh, g, u, dh, g, u, g.numel(), APPROX_TANH=approximate == "tanh",
+    launcher(_geglu_bwd_kernel, g)[_grid(g.numel())](dh, g, u, dh, g, u, g.numel(), APPROX_TANH=approximate == "tanh",
                                         WRITE_H=True, BLOCK=_BLOCK, num_warps=4)
 
 
@@ -105,7 +105,7 @@ class _GeGLUFunction(torch.autograd.Function):
         g, u = ctx.saved_tensors
         dh = dh.contiguous()
         dg, du = torch.empty_like(g), torch.empty_like(u)
-        _geglu_bwd_kernel[_grid(g.numel())](dh, g, u, dh, dg, du, g.numel(),
+        launcher(_geglu_bwd_kernel, g)[_grid(g.numel())](dh, g, u, dh, dg, du, g.numel(),
                                             APPROX_TANH=ctx.approximate == "tanh", WRITE_H=False,
                                             BLOCK=_BLOCK, num_warps=4)
         return dg, du, None

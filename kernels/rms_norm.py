@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import next_power_of_2, sm_count, use_triton
+from kernels.backend import launcher, next_power_of_2, sm_count, use_triton
 
 try:
     import triton
@@ -103,7 +103,7 @@ def _fwd_launch(x, residual, weight, eps, offset):
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)        # (M,)
     block, warps = _block(n_cols)
     assert block <= 65536, "rows wider than 64K need a looped kernel"
-    _rms_norm_fwd_kernel[(n_rows,)](
+    launcher(_rms_norm_fwd_kernel, x2)[(n_rows,)](
         x2, r2, s, y, weight, rstd,
         x2.stride(0), r2.stride(0), s.stride(0), y.stride(0),
         n_cols, eps, offset,
@@ -122,7 +122,7 @@ def _bwd_launch(dy, ds, x2, weight, rstd, offset, compute_dw):
     dw_partial = torch.empty((n_prog, n_cols) if compute_dw else (1,), dtype=torch.float32,
                              device=x2.device)
     block, warps = _block(n_cols)
-    _rms_norm_bwd_kernel[(n_prog,)](
+    launcher(_rms_norm_bwd_kernel, x2)[(n_prog,)](
         dy2, ds2, x2, weight, rstd, dx, dw_partial,
         dy2.stride(0), ds2.stride(0), x2.stride(0), dx.stride(0),
         n_rows, n_cols, offset,

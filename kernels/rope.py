@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import next_power_of_2, use_triton
+from kernels.backend import launcher, next_power_of_2, use_triton
 
 try:
     import triton
@@ -68,7 +68,7 @@ def _launch(q, k, cos, sin, backward):
     block_h = next_power_of_2(max(n_q, n_k))
     block_d = next_power_of_2(dim // 2)
     # 4 warps: a program touches (32+8) heads x 128 dims of bf16 = 10 KB; memory-bound, untuned (NOTES.md)
-    _rope_kernel[(bsz * seq,)](
+    launcher(_rope_kernel, q)[(bsz * seq,)](
         q, k, cos, sin,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), sc_b, cos.stride(1),
         seq, n_q, n_k, dim // 2,

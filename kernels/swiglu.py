@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import use_triton
+from kernels.backend import launcher, use_triton
 
 try:
     import triton
@@ -62,14 +62,14 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     # g, u: (..., I) contiguous -> h: (..., I)
     _check(g, u)
     h = torch.empty_like(g)
-    _swiglu_fwd_kernel[_grid(g.numel())](g, u, h, g.numel(), BLOCK=_BLOCK, num_warps=4)
+    launcher(_swiglu_fwd_kernel, g)[_grid(g.numel())](g, u, h, g.numel(), BLOCK=_BLOCK, num_warps=4)
     return h
 
 
 def swiglu_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> None:
     # dh, g, u: (..., I) contiguous; afterwards dh holds h, g holds dg, u holds du
     _check(dh, g, u)
-    _swiglu_bwd_kernel[_grid(g.numel())](dh, g, u, dh, g, u, g.numel(), WRITE_H=True, BLOCK=_BLOCK,
+    launcher(_swiglu_bwd_kernel, g)[_grid(g.numel())](dh, g, u, dh, g, u, g.numel(), WRITE_H=True, BLOCK=_BLOCK,
                                          num_warps=4)
 
 
@@ -85,7 +85,7 @@ class _SwiGLUFunction(torch.autograd.Function):
         g, u = ctx.saved_tensors
         dh = dh.contiguous()
         dg, du = torch.empty_like(g), torch.empty_like(u)
-        _swiglu_bwd_kernel[_grid(g.numel())](dh, g, u, dh, dg, du, g.numel(), WRITE_H=False,
+        launcher(_swiglu_bwd_kernel, g)[_grid(g.numel())](dh, g, u, dh, dg, du, g.numel(), WRITE_H=False,
                                              BLOCK=_BLOCK, num_warps=4)
         return dg, du
 
