@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from scheduler.models import UsageRecord
@@ -34,10 +33,8 @@ def record_usage(session: Session, usage: Usage) -> bool:
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    elif dialect == "sqlite":
+    else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    else:  # pragma: no cover - only the two supported databases
-        dialect_insert = insert
     stmt = dialect_insert(UsageRecord).values(**asdict(usage))
-    stmt = stmt.on_conflict_do_nothing(index_elements=["org_id", "request_id"])
-    return session.execute(stmt).rowcount == 1
+    stmt = stmt.on_conflict_do_nothing(index_elements=["org_id", "request_id"]).returning(UsageRecord.id)
+    return session.execute(stmt).first() is not None

@@ -1,0 +1,26 @@
+import pytest
+
+from gpu_worker.contract import Hyperparameters, JobSpec
+from scheduler.models import File, Job, JobStatus, new_id
+
+
+@pytest.fixture
+def make_job(db_session):
+    """make_job(org, status=queued) -> a Job row with a valid spec (its files need not exist)."""
+
+    def make(org, status: JobStatus = JobStatus.queued, examples: int = 20) -> Job:
+        f = File(org_id=org.id, filename="t.jsonl", purpose="fine-tune", bytes=1, storage_key=f"orgs/{org.id}/files/x", examples=examples)
+        db_session.add(f)
+        db_session.flush()
+        job_id = new_id("ftjob-")
+        spec = JobSpec(
+            job_id=job_id, org_id=org.id, base_model="tuneforge-tiny",
+            hyperparameters=Hyperparameters(n_epochs=1, batch_size=2, learning_rate=1e-3), seed=1,
+            training_file_key=f.storage_key, output_prefix=f"orgs/{org.id}/jobs/{job_id}",
+        )
+        job = Job(id=job_id, org_id=org.id, model="tuneforge-tiny", training_file_id=f.id, seed=1, method={"type": "supervised"}, spec=spec.model_dump(mode="json"), status=status)
+        db_session.add(job)
+        db_session.flush()
+        return job
+
+    return make

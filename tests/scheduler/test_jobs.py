@@ -1,0 +1,88 @@
+"""The job state machine and lease protocol: every move is conditional, so races have one winner."""
+
+from datetime import timedelta
+
+import pytest
+
+from scheduler import jobs
+from scheduler.models import JobEvent, JobStatus, utcnow
+
+
+def test_claim_has_one_winner(db_session, make_org, make_job):
+    org, _ = make_org()
+    job = make_job(org)
+    first = jobs.claim(db_session, job, "worker-a", 30)
+    second = jobs.claim(db_session, job, "worker-b", 30)
+    assert first is not None and second is None
+    assert job.status == JobStatus.running and job.lease_owner == "worker-a" and job.attempts == 1
+
+
+def test_heartbeat_is_fenced_by_the_token(db_session, make_org, make_job):
+    org, _ = make_org()
+    job = make_job(org)
+    token = jobs.claim(db_session, job, "a", 30)
+    assert jobs.heartbeat(db_session, job.id, token, 30) == (True, False)
+    assert jobs.heartbeat(db_session, job.id, "not-the-token", 30) == (False, False)
+
+
+def test_cancel_queued_is_immediate_and_running_is_flagged(db_session, make_org, make_job):
+    org, _ = make_org()
+    queued = make_job(org)
+    jobs.request_cancel(db_session, queued)
+    assert queued.status == JobStatus.cancelled and queued.finished_at is not None
+
+    running = make_job(org)
+    token = jobs.claim(db_session, running, "a", 30)
+    jobs.request_cancel(db_session, running)
+    assert running.status == JobStatus.running
+    assert jobs.heartbeat(db_session, running.id, token, 30) == (True, True)
+
+
+def test_cancel_finished_job_is_refused(db_session, make_org, make_job):
+    org, _ = make_org()
+    job = make_job(org)
+    jobs.fail(db_session, job, "x", "boom")
+    with pytest.raises(jobs.InvalidTransition):
+        jobs.request_cancel(db_session, job)
+
+
+def test_reaper_requeues_then_fails_after_max_attempts(db_session, make_org, make_job):
+    org, _ = make_org()
+    job = make_job(org)
+    for attempt in range(1, 4):
+        token = jobs.claim(db_session, job, f"w{attempt}", 30)
+        assert token
+        job.lease_expires_at = utcnow() - timedelta(seconds=1)
+        db_session.flush()
+        assert [j.id for j in jobs.expired_leases(db_session)] == [job.id]
+        outcome = jobs.reap(db_session, job, max_attempts=3)
+        assert outcome == ("requeued" if attempt < 3 else "failed")
+        # the stale holder can no longer heartbeat
+        assert jobs.heartbeat(db_session, job.id, token, 30)[0] is False
+    assert job.status == JobStatus.failed and job.error["code"] == "worker_lost"
+
+
+def test_reap_loses_to_a_late_heartbeat(db_session, make_org, make_job):
+    org, _ = make_org()
+    job = make_job(org)
+    token = jobs.claim(db_session, job, "a", 30)
+    stale = job.lease_token
+    jobs.reap(db_session, job, 3)  # requeued
+    jobs.claim(db_session, job, "b", 30)
+    assert job.lease_token != stale
+    assert jobs.heartbeat(db_session, job.id, token, 30)[0] is False
+    assert job.lease_owner == "b"
+
+
+def test_events_are_ordered_per_job(db_session, make_org, make_job):
+    org, _ = make_org()
+    job = make_job(org)
+    for i in range(3):
+        jobs.add_event(db_session, job, f"m{i}")
+    seqs = [e.seq for e in db_session.query(JobEvent).filter_by(job_id=job.id).order_by(JobEvent.seq)]
+    assert seqs == [1, 2, 3]
+
+
+def test_fine_tuned_model_name():
+    assert jobs.fine_tuned_model_name("tuneforge-tiny", "acme", "demo", "ftjob-1") == "ft:tuneforge-tiny:acme:demo:ftjob-1"
+    assert jobs.fine_tuned_model_name("m", "acme", None, "ftjob-1") == "ft:m:acme::ftjob-1"
