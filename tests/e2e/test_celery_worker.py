@@ -1,0 +1,102 @@
+"""A job through real Redis, a real Celery worker process and real PostgreSQL, surviving kill -9.
+
+The scheduler nudges the worker over Celery; the worker agent claims the job with a lease and runs
+the trainer. Killing the worker with SIGKILL mid-training takes its trainer down with it; the reaper
+returns the job to the queue once the lease expires; a new worker resumes from the last checkpoint
+and the job succeeds. At no moment do two trainers run the job.
+"""
+
+import signal
+import subprocess
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from gpu_worker.contract import Hyperparameters, JobSpec, Runtime
+from scheduler.db import session_scope
+from scheduler.models import Adapter, Checkpoint, File, Job, JobEvent, JobStatus, UsageRecord, new_id
+from tests.conftest import REDIS_URL
+from tests.e2e.conftest import chat_rows, jsonl, spawn, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _trainers(job_id: str) -> int:
+    out = subprocess.run(["pgrep", "-f", "gpu_worker.train"], capture_output=True, text=True).stdout.split()
+    return len(out)
+
+
+def _job(url: str, job_id: str) -> Job:
+    with session_scope(url) as session:
+        return session.get(Job, job_id)
+
+
+def _create_job(url: str, org_id: str, store) -> str:
+    key = f"orgs/{org_id}/files/train.jsonl"
+    rows = chat_rows(60)
+    store.put_bytes(key, jsonl(rows))
+    with session_scope(url) as session:
+        f = File(org_id=org_id, filename="train.jsonl", purpose="fine-tune", bytes=1, storage_key=key, examples=len(rows))
+        session.add(f)
+        session.flush()
+        job_id = new_id("ftjob-")
+        spec = JobSpec(
+            job_id=job_id, org_id=org_id, base_model="tuneforge-tiny", seed=3,
+            hyperparameters=Hyperparameters(n_epochs=4, batch_size=2, learning_rate=1e-3),
+            training_file_key=key, output_prefix=f"orgs/{org_id}/jobs/{job_id}",
+            runtime=Runtime(checkpoint_every_steps=5, use_kernels=False),
+        )
+        session.add(Job(id=job_id, org_id=org_id, model="tuneforge-tiny", training_file_id=f.id, seed=3, suffix="e2e", method={"type": "supervised"}, spec=spec.model_dump(mode="json"), status=JobStatus.validating_files))
+    return job_id
+
+
+def test_job_survives_kill_9_of_its_worker(platform_env, org_and_key, store, tmp_path):
+    env = dict(platform_env, TUNEFORGE_BROKER_URL=REDIS_URL.rsplit("/", 1)[0] + "/7")
+    redis.Redis.from_url(env["TUNEFORGE_BROKER_URL"]).flushdb()
+    url = env["TUNEFORGE_DATABASE_URL"]
+    org_id, _ = org_and_key
+    job_id = _create_job(url, org_id, store)
+
+    scheduler = spawn(["scheduler", "scheduler"], env, tmp_path / "scheduler.log")
+    worker = spawn(["scheduler", "worker"], env, tmp_path / "worker1.log")
+    try:
+        def checkpointed():
+            with session_scope(url) as session:
+                return session.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job_id))
+
+        first_step = wait_for(checkpointed, 240, "a first checkpoint")
+        assert _job(url, job_id).status == JobStatus.running
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        wait_for(lambda: _trainers(job_id) == 0, 10, "the orphaned trainer to die with its worker")
+
+        wait_for(lambda: _job(url, job_id).status == JobStatus.queued, 30, "the reaper to requeue the job")
+        worker = spawn(["scheduler", "worker"], env, tmp_path / "worker2.log")
+        wait_for(lambda: _job(url, job_id).status.terminal, 300, "the job to finish")
+        assert _trainers(job_id) == 0
+    finally:
+        for proc in (worker, scheduler):
+            proc.terminate()
+            proc.wait(30)
+
+    job = _job(url, job_id)
+    logs = "".join(p.read_text() for p in tmp_path.glob("*.log"))
+    assert job.status == JobStatus.succeeded, (job.error, logs[-3000:])
+    assert job.attempts == 2
+    assert job.fine_tuned_model == f"ft:tuneforge-tiny:acme:e2e:{job_id}"
+    with session_scope(url) as session:
+        messages = [e.message for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq))]
+        assert any(m.startswith("Resuming from the checkpoint of step") for m in messages), messages
+        resumed_at = int(next(m for m in messages if m.startswith("Resuming")).rsplit(" ", 1)[1])
+        assert resumed_at >= first_step
+        # metrics steps after the resume continue from the checkpoint, not from zero
+        steps = [e.data["step"] for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "metrics").order_by(JobEvent.seq))]
+        after = steps[steps.index(resumed_at) + 1 :] if resumed_at in steps else steps
+        assert after and min(s for s in steps[len(steps) - len(after):]) > 0
+        assert session.get(Adapter, job.fine_tuned_model) is not None
+        usage = session.scalars(select(UsageRecord).where(UsageRecord.org_id == org_id, UsageRecord.kind == "training")).all()
+        assert len(usage) == 1 and usage[0].trained_tokens == job.trained_tokens > 0
+    adapter_files = store.list(f"orgs/{org_id}/jobs/{job_id}/adapter/")
+    assert any(k.endswith("adapter_model.safetensors") for k in adapter_files)
+    assert any(k.endswith("adapter_config.json") for k in adapter_files)
