@@ -86,14 +86,14 @@ def test_job_survives_kill_9_of_its_worker(platform_env, org_and_key, store, tmp
     assert job.attempts == 2
     assert job.fine_tuned_model == f"ft:tuneforge-tiny:acme:e2e:{job_id}"
     with session_scope(url) as session:
-        messages = [e.message for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq))]
-        assert any(m.startswith("Resuming from the checkpoint of step") for m in messages), messages
-        resumed_at = int(next(m for m in messages if m.startswith("Resuming")).rsplit(" ", 1)[1])
+        events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)).all()
+        resume = next((i for i, e in enumerate(events) if e.message.startswith("Resuming from the checkpoint of step")), None)
+        assert resume is not None, [e.message for e in events]
+        resumed_at = int(events[resume].message.rsplit(" ", 1)[1])
         assert resumed_at >= first_step
-        # metrics steps after the resume continue from the checkpoint, not from zero
-        steps = [e.data["step"] for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "metrics").order_by(JobEvent.seq))]
-        after = steps[steps.index(resumed_at) + 1 :] if resumed_at in steps else steps
-        assert after and min(s for s in steps[len(steps) - len(after):]) > 0
+        # training continues from the checkpoint, not from step 0
+        next_metrics = next(e for e in events[resume:] if e.type == "metrics")
+        assert next_metrics.data["step"] == resumed_at + 1
         assert session.get(Adapter, job.fine_tuned_model) is not None
         usage = session.scalars(select(UsageRecord).where(UsageRecord.org_id == org_id, UsageRecord.kind == "training")).all()
         assert len(usage) == 1 and usage[0].trained_tokens == job.trained_tokens > 0
