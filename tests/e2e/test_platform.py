@@ -1,0 +1,83 @@
+"""The whole platform on embedded defaults, driven by the stock openai SDK: upload → job → train →
+adapter in the store → chat with the tuned model (plain and streamed) → usage metered once."""
+
+import socket
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import select
+
+from scheduler.db import session_scope
+from scheduler.models import UsageRecord
+from scheduler.platform import Platform
+from scheduler.settings import Settings
+from scheduler.tenancy import generate_key
+from tests.e2e.conftest import chat_rows, jsonl, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _free_port_block() -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65000:
+            return port
+    raise RuntimeError("no free port")
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("platform")
+    settings = Settings(data_dir=data_dir, bootstrap_api_key=generate_key())
+    p = Platform(settings, port=_free_port_block(), log_dir=data_dir / "logs")
+    p.start()
+    yield p
+    p.stop()
+
+
+def test_fine_tune_and_chat(platform):
+    s = platform.settings
+    client = openai.OpenAI(base_url=f"{platform.api_url}/v1", api_key=s.bootstrap_api_key, max_retries=0, timeout=60)
+    train = client.files.create(file=("train.jsonl", jsonl(chat_rows(40, seed=1))), purpose="fine-tune")
+    valid = client.files.create(file=("valid.jsonl", jsonl(chat_rows(10, seed=2))), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="tuneforge-tiny", training_file=train.id, validation_file=valid.id, suffix="e2e", seed=1,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}},
+    )
+    assert job.status == "validating_files"
+    job = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j, 300, "the job to finish", 1.0)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model.startswith("ft:tuneforge-tiny:default:e2e:") and job.trained_tokens > 0
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert any(e.type == "metrics" and e.data["train_loss"] > 0 for e in events)
+    assert client.fine_tuning.jobs.checkpoints.list(job.id).data
+
+    ids = {m.id: m.owned_by for m in client.models.list().data}
+    assert ids["tuneforge-tiny"] == "system" and job.fine_tuned_model in ids
+
+    messages = [{"role": "user", "content": "What colour is a lime?"}]
+    reply = client.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=5, temperature=0, extra_headers={"x-request-id": "req-plain"})
+    assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+    chunks = list(client.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=5, temperature=0, stream=True, stream_options={"include_usage": True}, extra_headers={"x-request-id": "req-stream"}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+    completion = client.completions.create(model="tuneforge-tiny", prompt="Hello", max_tokens=3, temperature=0)
+    assert completion.usage.completion_tokens <= 3
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="ft:tuneforge-tiny:other:x:ftjob-nope", messages=messages)
+
+    with session_scope(s.database_url) as session:
+        rows = session.scalars(select(UsageRecord)).all()
+        by_req = {r.request_id: r for r in rows}
+        assert by_req["req-plain"].completion_tokens == reply.usage.completion_tokens
+        assert by_req["req-plain"].adapter == job.fine_tuned_model
+        assert by_req["req-stream"].completion_tokens == chunks[-1].usage.completion_tokens
+        assert by_req[f"training:{job.id}"].trained_tokens == job.trained_tokens
+    metrics = httpx.get(f"{platform.api_url}/metrics").text
+    assert "tuneforge" in metrics
