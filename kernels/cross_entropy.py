@@ -146,7 +146,7 @@ class _FusedLinearCEFunction(torch.autograd.Function):
             if dh is not None:
                 torch.mm(logits, w, out=dh[start:end])
             if dw is not None:
-                dw.addmm_(logits.t(), h[start:end])
+                dw += logits.t() @ h[start:end]  # per-chunk product in the compute dtype, sum in fp32
             del logits
         denom = _denominator(labels, ignore_index, num_items, reduction)
         if dh is not None:

@@ -34,8 +34,10 @@ if triton is not None:
         mask = cols < n_cols
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
         if HAS_RESIDUAL:
-            x = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
-            tl.store(S + row * stride_s + cols, x, mask=mask)  # rounded like HF's `residual + h`
+            r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+            # exact sum rounded once to the input dtype, as HF's `residual + h` does
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+            tl.store(S + row * stride_s + cols, x, mask=mask)
         xf = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
         tl.store(RSTD + row, rstd)

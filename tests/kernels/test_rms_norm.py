@@ -1,0 +1,73 @@
+"""rms_norm (Triton) against rms_norm_reference evaluated in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.rms_norm import rms_norm, rms_norm_reference
+from tests.kernels.conftest import DEVICES, TOL, needs_cuda, needs_triton, rel_err
+
+pytestmark = needs_triton
+
+
+def _inputs(device, dtype, rows, cols, contiguous):
+    base = torch.randn(rows, 2 * cols + 3, device=device, dtype=dtype)
+    x = base[:, 1:2 * cols + 1:2] if not contiguous else base[:, :cols].contiguous()  # stride-2 view
+    return x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0.0, 1.0])  # Llama, Gemma (1 + w)
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("weight_trainable", [True, False])
+def test_matches_reference(device, dtype, offset, with_residual, weight_trainable):
+    torch.manual_seed(0)
+    rows, cols = (7, 37) if device == "cpu" else (1023, 4099)
+    x = _inputs(device, dtype, rows, cols, contiguous=False).requires_grad_()
+    w = (torch.randn(cols, device=device, dtype=dtype) * 0.5 + 1).requires_grad_(weight_trainable)
+    r = torch.randn(rows, cols, device=device, dtype=dtype).requires_grad_() if with_residual else None
+    out = rms_norm(x, w, 1e-5, offset=offset, residual=r, impl="triton")
+    leaves = [x, r, w] if with_residual else [x, w]
+    ref_leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    ref = rms_norm_reference(ref_leaves[0], ref_leaves[-1], 1e-5, offset=offset,
+                             residual=ref_leaves[1] if with_residual else None)
+    outs, refs = (out, ref) if with_residual else ((out,), (ref,))
+    grads_out = [torch.randn_like(o) for o in outs]
+    for o, rf in zip(outs, refs):
+        assert rel_err(o, rf) < TOL[dtype]
+    want = [t for t in leaves if t.requires_grad]
+    got = torch.autograd.grad(outs, want, grads_out)
+    exp = torch.autograd.grad(refs, [t for t in ref_leaves if t.requires_grad],
+                              [g.double() for g in grads_out])
+    for a, b in zip(got, exp):
+        assert rel_err(a, b) < TOL[dtype]
+    if not weight_trainable:
+        assert w.grad is None
+
+
+def test_frozen_weight_gets_no_gradient_work():
+    # the weight-gradient flag is off, so backward returns None for it (no partial-sum buffer)
+    x = torch.randn(3, 16, requires_grad=True)
+    w = torch.ones(16)
+    rms_norm(x, w, impl="triton").sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and w.grad is None
+
+
+def test_cpu_default_is_reference():
+    x, w = torch.randn(4, 8), torch.randn(8)
+    assert torch.equal(rms_norm(x, w), rms_norm_reference(x, w))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_int64_indexing_beyond_2_31_elements():
+    # 2^31 + 8 * 4096 bf16 elements (4.3 GB): row * stride overflows int32 in the last rows
+    cols = 4096
+    rows = (1 << 31) // cols + 8
+    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(cols, device="cuda", dtype=torch.bfloat16)
+    y = rms_norm(x, w, impl="triton")
+    tail = slice(rows - 16, rows)
+    assert rel_err(y[tail], rms_norm_reference(x[tail].double(), w.double())) < TOL[torch.bfloat16]

@@ -1,0 +1,58 @@
+"""rope (Triton, in place on Q and K) against transformers' apply_rotary_pos_emb formula in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.rope import rope, rope_reference
+from tests.kernels.conftest import DEVICES, TOL, needs_triton, rel_err
+
+pytestmark = needs_triton
+
+
+def _cos_sin(position_ids, dim, device):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
+    freqs = position_ids[..., None].double() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference_with_packed_positions(device, dtype):
+    torch.manual_seed(0)
+    bsz, n_q, n_k, seq, dim = (2, 6, 2, 11, 24) if device == "cpu" else (3, 32, 8, 1000, 128)
+    # two documents packed in row 0: positions restart at 4; row 1 is a plain sequence
+    pos = torch.arange(seq, device=device).repeat(bsz, 1)
+    pos[0, 4:] -= 4
+    cos, sin = _cos_sin(pos, dim, device)
+    # HF's layout: (B, T, H, D) projections viewed as (B, H, T, D): non-contiguous
+    q0 = torch.randn(bsz, seq, n_q, dim, device=device, dtype=dtype).transpose(1, 2)
+    k0 = torch.randn(bsz, seq, n_k, dim, device=device, dtype=dtype).transpose(1, 2)
+    ql, kl = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    qo, ko = rope(ql * 1, kl * 1, cos.to(dtype), sin.to(dtype), impl="triton")  # * 1: rope works in place
+    qr_l, kr_l = q0.double().requires_grad_(), k0.double().requires_grad_()
+    qr, kr = rope_reference(qr_l, kr_l, cos.to(dtype).double(), sin.to(dtype).double())
+    assert rel_err(qo, qr) < TOL[dtype] and rel_err(ko, kr) < TOL[dtype]
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    got = torch.autograd.grad((qo, ko), (ql, kl), (gq, gk))
+    exp = torch.autograd.grad((qr, kr), (qr_l, kr_l), (gq.double(), gk.double()))
+    for a, b in zip(got, exp):
+        assert rel_err(a, b) < TOL[dtype]
+
+
+def test_in_place_returns_same_storage():
+    q = torch.randn(1, 2, 3, 8).transpose(1, 2)
+    k = torch.randn(1, 2, 3, 8).transpose(1, 2)
+    cos, sin = _cos_sin(torch.arange(2)[None], 8, "cpu")
+    qo, ko = rope(q, k, cos.float(), sin.float(), impl="triton")
+    assert qo.data_ptr() == q.data_ptr() and ko.data_ptr() == k.data_ptr()
+
+
+def test_position_zero_is_identity():
+    q = torch.randn(1, 3, 1, 16)
+    k = torch.randn(1, 1, 1, 16)
+    cos, sin = _cos_sin(torch.zeros(1, 1, dtype=torch.long), 16, "cpu")
+    qo, ko = rope(q.clone(), k.clone(), cos.float(), sin.float(), impl="triton")
+    assert torch.equal(qo, q) and torch.equal(ko, k)
