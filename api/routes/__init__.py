@@ -1,0 +1,1 @@
+"""HTTP routes: thin, each reads the request, calls one service function and returns a public schema."""

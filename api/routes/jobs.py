@@ -1,0 +1,47 @@
+"""/v1/fine_tuning/jobs: create, list, retrieve and cancel jobs; their events and checkpoints."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.deps import CurrentPrincipal, SessionDep, SettingsDep, WriterPrincipal
+from api.schemas import CheckpointsPublic, JobCreate, JobEventsPublic, JobPublic, JobsPublic
+from api.services import jobs
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+Limit = Annotated[int, Query(ge=1, le=100)]
+
+
+@router.post("", response_model=JobPublic)
+def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, principal: WriterPrincipal) -> JobPublic:
+    return jobs.create_job(session, settings, principal, body)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(session: SessionDep, principal: CurrentPrincipal, after: str | None = None, limit: Limit = 20) -> JobsPublic:
+    return jobs.list_jobs(session, principal, after=after, limit=limit)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def retrieve_job(job_id: str, session: SessionDep, principal: CurrentPrincipal) -> JobPublic:
+    return jobs.get_job(session, principal, job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, session: SessionDep, principal: WriterPrincipal) -> JobPublic:
+    return jobs.cancel_job(session, principal, job_id)
+
+
+@router.get("/{job_id}/events", response_model=JobEventsPublic)
+def list_events(job_id: str, session: SessionDep, principal: CurrentPrincipal, after: str | None = None, limit: Limit = 20) -> JobEventsPublic:
+    return jobs.list_events(session, principal, job_id, after=after, limit=limit)
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic)
+def list_checkpoints(
+    job_id: str, session: SessionDep, principal: CurrentPrincipal, after: str | None = None, limit: Limit = 10
+) -> CheckpointsPublic:
+    return jobs.list_checkpoints(session, principal, job_id, after=after, limit=limit)

@@ -1,0 +1,170 @@
+"""Request and response schemas, one per direction, mirroring OpenAI's wire format.
+
+Public schemas are built field by field from the tables, so internal columns (lease tokens, storage
+keys, key hashes) cannot leak: no public schema has them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from gpu_worker.contract import TargetModule
+
+
+class _Request(BaseModel):
+    # An unknown argument is a client mistake worth a clear 400, not something to ignore silently.
+    model_config = ConfigDict(extra="forbid")
+
+
+def _at_least(low: float, *, strict: bool = False, high: float | None = None, high_strict: bool = False):
+    def check(value):
+        if value == "auto" or value is None:
+            return value
+        if value < low or (strict and value == low):
+            raise ValueError(f"must be {'greater than' if strict else 'at least'} {low}")
+        if high is not None and (value > high or (high_strict and value == high)):
+            raise ValueError(f"must be {'less than' if high_strict else 'at most'} {high}")
+        return value
+
+    return AfterValidator(check)
+
+
+# "auto" or a number; the range check runs after the union resolves, so errors name the field.
+AutoEpochs = Annotated[Literal["auto"] | int, _at_least(1, high=50)]
+AutoBatchSize = Annotated[Literal["auto"] | int, _at_least(1, high=256)]
+AutoLrMultiplier = Annotated[Literal["auto"] | float, _at_least(0, strict=True, high=10)]
+
+
+class HyperparametersIn(_Request):
+    n_epochs: AutoEpochs | None = None
+    batch_size: AutoBatchSize | None = None
+    learning_rate_multiplier: AutoLrMultiplier | None = None
+    # LoRA extras (not in OpenAI's API: their adapter is not the tenant's to shape).
+    lora_rank: Annotated[int, _at_least(1, high=256)] | None = None
+    lora_alpha: Annotated[float, _at_least(0, strict=True, high=4096)] | None = None
+    lora_dropout: Annotated[float, _at_least(0, high=1, high_strict=True)] | None = None
+    lora_target_modules: list[TargetModule] | None = Field(None, min_length=1)
+
+
+class SupervisedIn(_Request):
+    hyperparameters: HyperparametersIn | None = None
+
+
+class MethodIn(_Request):
+    type: Literal["supervised"]
+    supervised: SupervisedIn | None = None
+
+
+class JobCreate(_Request):
+    model: str = Field(min_length=1, max_length=512)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(None, min_length=1, max_length=64)
+    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    method: MethodIn | None = None
+    hyperparameters: HyperparametersIn | None = None  # legacy top-level form
+    integrations: list[Any] | None = None
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str
+    status_details: str | None = None
+    expires_at: int | None = None
+
+
+class FilesPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+# --- fine-tuning jobs ----------------------------------------------------------------------------
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str
+    status: str
+    hyperparameters: dict[str, Any]
+    method: dict[str, Any]
+    training_file: str
+    validation_file: str | None
+    result_files: list[str]
+    trained_tokens: int | None
+    error: JobError | None
+    seed: int
+    suffix: str | None
+    estimated_finish: int | None
+    integrations: list[Any] = []
+    metadata: dict[str, str] | None = None
+    user_provided_suffix: str | None = None
+
+
+class JobsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobPublic]
+    has_more: bool
+
+
+class JobEventPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None
+
+
+class JobEventsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEventPublic]
+    has_more: bool
+
+
+class CheckpointPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, Any]
+
+
+class CheckpointsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointPublic]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

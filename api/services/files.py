@@ -1,0 +1,156 @@
+"""Files: storing validated uploads, listing, reading and deleting them, always within the caller's org.
+
+An upload is all or nothing: it is stored only after it validated completely; the object is written
+before the row (a row always points at an object) and removed again if the row cannot be written.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from api.errors import InvalidRequest, NotFound
+from api.schemas import FileDeleted, FileObject, FilesPublic
+from api.uploads import Upload
+from gpu_worker.storage import ObjectNotFound, ObjectStore
+from scheduler.models import File, Job, JobStatus, new_id
+from scheduler.tenancy import Principal
+
+log = logging.getLogger("api.files")
+
+PURPOSES = frozenset({"fine-tune"})  # the only purpose the platform has a use for yet
+_CHUNK = 1 << 16
+
+
+def storage_key(org_id: str, file_id: str) -> str:
+    return f"orgs/{org_id}/files/{file_id}"
+
+
+def to_public(row: File) -> FileObject:
+    return FileObject(
+        id=row.id,
+        bytes=row.bytes,
+        created_at=int(row.created_at.timestamp()),
+        filename=row.filename,
+        purpose=row.purpose,
+        status=row.status,
+    )
+
+
+def _check_upload(upload: Upload) -> None:
+    purpose = upload.fields.get("purpose")
+    if not purpose:
+        raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter")
+    if purpose not in PURPOSES:
+        raise InvalidRequest(
+            f"Invalid purpose {purpose!r}: only {', '.join(sorted(PURPOSES))} is supported.", param="purpose", code="invalid_value"
+        )
+    if upload.report is None:
+        raise InvalidRequest("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
+    if upload.bytes == 0:
+        raise InvalidRequest("The file is empty.", param="file", code="invalid_file")
+    if not upload.report.ok:
+        raise InvalidRequest(f"Invalid fine-tuning file: {upload.report.message}", param="file", code="invalid_file")
+
+
+def create_file(session: Session, store: ObjectStore, principal: Principal, upload: Upload) -> FileObject:
+    _check_upload(upload)
+    file_id = new_id("file-")
+    key = storage_key(principal.org_id, file_id)
+    store.put_file(key, upload.path)
+    try:
+        row = File(
+            id=file_id,
+            org_id=principal.org_id,
+            filename=upload.filename or "upload.jsonl",
+            purpose=upload.fields["purpose"],
+            bytes=upload.bytes,
+            storage_key=key,
+            examples=upload.report.examples,
+            status="processed",
+        )
+        session.add(row)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        store.delete(key)
+        raise
+    log.info("file stored", extra={"file_id": file_id, "org_id": principal.org_id, "bytes": upload.bytes})
+    return to_public(row)
+
+
+def get_file_row(session: Session, principal: Principal, file_id: str) -> File:
+    row = session.scalar(select(File).where(File.id == file_id, File.org_id == principal.org_id))
+    if row is None:
+        raise NotFound(f"No such File object: {file_id}", param="file_id", code="file_not_found")
+    return row
+
+
+def get_file(session: Session, principal: Principal, file_id: str) -> FileObject:
+    return to_public(get_file_row(session, principal, file_id))
+
+
+def list_files(
+    session: Session, principal: Principal, *, purpose: str | None, after: str | None, limit: int, order: str
+) -> FilesPublic:
+    query = select(File).where(File.org_id == principal.org_id)
+    if purpose:
+        query = query.where(File.purpose == purpose)
+    newest_first = order == "desc"
+    if after:
+        cursor = get_file_row(session, principal, after)
+        if newest_first:
+            query = query.where(or_(File.created_at < cursor.created_at, and_(File.created_at == cursor.created_at, File.id < cursor.id)))
+        else:
+            query = query.where(or_(File.created_at > cursor.created_at, and_(File.created_at == cursor.created_at, File.id > cursor.id)))
+    sort = (File.created_at.desc(), File.id.desc()) if newest_first else (File.created_at.asc(), File.id.asc())
+    rows = list(session.scalars(query.order_by(*sort).limit(limit + 1)))
+    data = [to_public(r) for r in rows[:limit]]
+    return FilesPublic(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=len(rows) > limit)
+
+
+def open_content(session: Session, store: ObjectStore, principal: Principal, file_id: str) -> tuple[File, Iterator[bytes]]:
+    """The file's row and an iterator over its bytes (the object is opened now, so a missing object
+    is an error before the response starts, not a truncated download)."""
+    row = get_file_row(session, principal, file_id)
+    try:
+        body = store.open(row.storage_key)
+    except ObjectNotFound:
+        log.error("file object missing", extra={"file_id": row.id, "key": row.storage_key})
+        raise NotFound(f"The content of file {file_id} is no longer available.", param="file_id", code="file_not_found") from None
+
+    def chunks() -> Iterator[bytes]:
+        with body:
+            while chunk := body.read(_CHUNK):
+                yield chunk
+
+    return row, chunks()
+
+
+def delete_file(session: Session, store: ObjectStore, principal: Principal, file_id: str) -> FileDeleted:
+    row = get_file_row(session, principal, file_id)
+    active = session.scalar(
+        select(Job.id).where(
+            Job.org_id == principal.org_id,
+            Job.status.in_([JobStatus.validating_files, JobStatus.queued, JobStatus.running]),
+            or_(Job.training_file_id == row.id, Job.validation_file_id == row.id),
+        )
+    )
+    if active is not None:
+        raise InvalidRequest(
+            f"File {file_id} is used by fine-tuning job {active}, which has not finished; cancel it or wait.",
+            param="file_id",
+            code="file_in_use",
+        )
+    key = row.storage_key
+    session.delete(row)
+    session.commit()
+    # Row first, then object: a crash in between leaves an unreachable object, never a dangling row.
+    try:
+        store.delete(key)
+    except Exception:
+        log.exception("could not delete file object; it is orphaned", extra={"key": key})
+    return FileDeleted(id=file_id)

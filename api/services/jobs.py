@@ -1,0 +1,209 @@
+"""Fine-tuning jobs as the API sees them: creating one (validated, resolved, written in one
+transaction with its first event), reading, listing and cancelling them, and their events and
+checkpoints. Every query is scoped by the caller's org. The API never trains: the scheduler picks the
+job up from the ``validating_files`` state.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import datetime
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from api.errors import InvalidRequest, NotFound
+from api.schemas import (
+    CheckpointPublic,
+    CheckpointsPublic,
+    JobCreate,
+    JobError,
+    JobEventPublic,
+    JobEventsPublic,
+    JobPublic,
+    JobsPublic,
+)
+from api.services import hyperparameters
+from api.settings import ApiSettings
+from gpu_worker.contract import JobSpec
+from scheduler.jobs import add_event, fine_tuned_model_name, request_cancel
+from scheduler.models import Checkpoint, File, Job, JobEvent, JobStatus, Organization, new_id
+from scheduler.tenancy import Principal
+
+log = logging.getLogger("api.jobs")
+
+FINE_TUNE_PURPOSE = "fine-tune"
+
+
+def _ts(value: datetime | None) -> int | None:
+    return int(value.timestamp()) if value is not None else None
+
+
+def to_public(job: Job) -> JobPublic:
+    hp = (job.method.get("supervised") or {}).get("hyperparameters") or {}
+    return JobPublic(
+        id=job.id,
+        created_at=_ts(job.created_at),
+        finished_at=_ts(job.finished_at),
+        model=job.model,
+        fine_tuned_model=job.fine_tuned_model,
+        organization_id=job.org_id,
+        status=job.status.value,
+        hyperparameters=hp,
+        method=job.method,
+        training_file=job.training_file_id,
+        validation_file=job.validation_file_id,
+        result_files=list(job.result_files or []),
+        trained_tokens=job.trained_tokens,
+        error=JobError(**job.error) if job.error else None,
+        seed=job.seed,
+        suffix=job.suffix,
+        user_provided_suffix=job.suffix,
+        estimated_finish=_ts(job.estimated_finish),
+    )
+
+
+def _training_input(session: Session, principal: Principal, file_id: str, param: str) -> File:
+    """A file the job may train on. Another org's id reads exactly like one that never existed."""
+    row = session.scalar(select(File).where(File.id == file_id, File.org_id == principal.org_id))
+    if row is None:
+        raise InvalidRequest(f"Invalid file ID {file_id!r}: no such file.", param=param, code="invalid_file")
+    if row.purpose != FINE_TUNE_PURPOSE:
+        raise InvalidRequest(
+            f"File {file_id} has purpose {row.purpose!r}; fine-tuning needs a file uploaded with purpose 'fine-tune'.",
+            param=param,
+            code="invalid_file",
+        )
+    return row
+
+
+def create_job(session: Session, settings: ApiSettings, principal: Principal, body: JobCreate) -> JobPublic:
+    if body.model not in settings.base_models:
+        raise InvalidRequest(
+            f"Model {body.model!r} is not available for fine-tuning. Available: {', '.join(settings.base_models)}.",
+            param="model",
+            code="model_not_available",
+        )
+    if body.integrations:
+        raise InvalidRequest("Integrations are not supported.", param="integrations", code="invalid_value")
+    training = _training_input(session, principal, body.training_file, "training_file")
+    validation = _training_input(session, principal, body.validation_file, "validation_file") if body.validation_file else None
+    resolved = hyperparameters.resolve(hyperparameters.requested(body), training.examples)
+    adapter, hp = resolved.contract()
+    job_id = new_id("ftjob-")
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    spec = JobSpec(
+        job_id=job_id,
+        org_id=principal.org_id,
+        base_model=body.model,
+        adapter=adapter,
+        hyperparameters=hp,
+        seed=seed,
+        training_file_key=training.storage_key,
+        validation_file_key=validation.storage_key if validation else None,
+        output_prefix=f"orgs/{principal.org_id}/jobs/{job_id}",
+    )
+    job = Job(
+        id=job_id,
+        org_id=principal.org_id,
+        model=body.model,
+        training_file_id=training.id,
+        validation_file_id=validation.id if validation else None,
+        suffix=body.suffix or None,
+        seed=seed,
+        method=resolved.method(),
+        spec=spec.model_dump(mode="json"),
+        status=JobStatus.validating_files,
+        result_files=[],
+    )
+    try:
+        session.add(job)
+        session.flush()
+        add_event(session, job, f"Created fine-tuning job: {job_id}")
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    log.info("job created", extra={"job_id": job_id, "org_id": principal.org_id, "model": body.model})
+    return to_public(job)
+
+
+def _job_row(session: Session, principal: Principal, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.org_id == principal.org_id))
+    if job is None:
+        raise NotFound(f"Could not find fine-tuning job {job_id}.", param="fine_tuning_job_id", code="fine_tuning_job_not_found")
+    return job
+
+
+def get_job(session: Session, principal: Principal, job_id: str) -> JobPublic:
+    return to_public(_job_row(session, principal, job_id))
+
+
+def list_jobs(session: Session, principal: Principal, *, after: str | None, limit: int) -> JobsPublic:
+    """Newest first; ``after`` is the last id of the previous page (keyset pagination)."""
+    query = select(Job).where(Job.org_id == principal.org_id)
+    if after:
+        cursor = session.scalar(select(Job).where(Job.id == after, Job.org_id == principal.org_id))
+        if cursor is None:
+            raise InvalidRequest(f"Invalid cursor: no fine-tuning job {after!r}.", param="after", code="invalid_value")
+        query = query.where(or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id)))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    return JobsPublic(data=[to_public(j) for j in rows[:limit]], has_more=len(rows) > limit)
+
+
+def cancel_job(session: Session, principal: Principal, job_id: str) -> JobPublic:
+    job = _job_row(session, principal, job_id)
+    try:
+        request_cancel(session, job)  # InvalidTransition (already finished) becomes a 400 in api.errors
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    log.info("job cancel requested", extra={"job_id": job_id, "status": job.status.value})
+    return to_public(job)
+
+
+def list_events(session: Session, principal: Principal, job_id: str, *, after: str | None, limit: int) -> JobEventsPublic:
+    """Newest first by ``seq``; ``after`` is the last event id of the previous page."""
+    job = _job_row(session, principal, job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.org_id == principal.org_id)
+    if after:
+        cursor = session.scalar(select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job.id))
+        if cursor is None:
+            raise InvalidRequest(f"Invalid cursor: no event {after!r} in job {job_id}.", param="after", code="invalid_value")
+        query = query.where(JobEvent.seq < cursor)
+    rows = list(session.scalars(query.order_by(JobEvent.seq.desc()).limit(limit + 1)))
+    data = [
+        JobEventPublic(id=e.id, created_at=_ts(e.created_at), level=e.level, message=e.message, type=e.type, data=e.data)
+        for e in rows[:limit]
+    ]
+    return JobEventsPublic(data=data, has_more=len(rows) > limit)
+
+
+def list_checkpoints(session: Session, principal: Principal, job_id: str, *, after: str | None, limit: int) -> CheckpointsPublic:
+    """Newest (highest step) first; ``after`` is the last checkpoint id of the previous page."""
+    job = _job_row(session, principal, job_id)
+    org_name = session.scalar(select(Organization.name).where(Organization.id == principal.org_id))
+    query = select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.org_id == principal.org_id)
+    if after:
+        cursor = session.scalar(select(Checkpoint.step).where(Checkpoint.id == after, Checkpoint.job_id == job.id))
+        if cursor is None:
+            raise InvalidRequest(f"Invalid cursor: no checkpoint {after!r} in job {job_id}.", param="after", code="invalid_value")
+        query = query.where(Checkpoint.step < cursor)
+    rows = list(session.scalars(query.order_by(Checkpoint.step.desc()).limit(limit + 1)))
+    model = fine_tuned_model_name(job.model, org_name or principal.org_id, job.suffix, job.id)
+    data = [
+        CheckpointPublic(
+            id=c.id,
+            created_at=_ts(c.created_at),
+            fine_tuned_model_checkpoint=f"{model}:ckpt-step-{c.step}",
+            fine_tuning_job_id=job.id,
+            step_number=c.step,
+            metrics={"step": c.step, **(c.metrics or {})},
+        )
+        for c in rows[:limit]
+    ]
+    return CheckpointsPublic(
+        data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=len(rows) > limit
+    )
