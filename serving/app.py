@@ -1,0 +1,46 @@
+"""The gateway's app factory: wires settings, the database, the engine pool, metrics, the error
+handlers and the request middleware around the routes."""
+
+from __future__ import annotations
+
+import contextlib
+
+import httpx
+from fastapi import FastAPI
+
+from serving.database import Database
+from serving.engines import EnginePool
+from serving.errors import install_error_handlers
+from serving.metrics import GatewayMetrics
+from serving.middleware import RequestContextMiddleware
+from serving.routes import router
+from serving.settings import ServingSettings, get_serving_settings
+
+
+def create_app(settings: ServingSettings | None = None) -> FastAPI:
+    settings = settings or get_serving_settings()
+    metrics = GatewayMetrics()
+    engines = EnginePool(
+        settings.engines,
+        timeout=httpx.Timeout(settings.engine_read_timeout_s, connect=settings.engine_connect_timeout_s),
+        load_timeout=settings.adapter_load_timeout_s,
+        cooldown_s=settings.replica_cooldown_s,
+        on_adapter_load=lambda base: metrics.adapter_loads.labels(model=base).inc(),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        try:
+            yield
+        finally:
+            await engines.aclose()
+
+    app = FastAPI(title="Tuneforge inference gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    app.state.database = Database.from_url(settings.database_url)
+    app.state.engines = engines
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app

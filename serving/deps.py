@@ -1,0 +1,69 @@
+"""Request dependencies, as ``Annotated`` aliases routes declare: the settings, the database, the
+engine pool, the request id and the authenticated principal.
+
+``get_database`` is the seam tests override to run the gateway on their rolled-back session.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from scheduler.tenancy import Principal, authenticate_key
+from serving.database import Database
+from serving.engines import EnginePool
+from serving.errors import AuthenticationFailed
+from serving.inference import InferenceContext
+from serving.metrics import GatewayMetrics
+from serving.settings import ServingSettings
+
+
+def get_settings(request: Request) -> ServingSettings:
+    return request.app.state.settings
+
+
+def get_database(request: Request) -> Database:
+    return request.app.state.database
+
+
+def get_engines(request: Request) -> EnginePool:
+    return request.app.state.engines
+
+
+def get_metrics(request: Request) -> GatewayMetrics:
+    return request.app.state.metrics
+
+
+def get_request_id(request: Request) -> str:
+    return request.state.request_id  # set by serving.middleware for every request
+
+
+SettingsDep = Annotated[ServingSettings, Depends(get_settings)]
+DatabaseDep = Annotated[Database, Depends(get_database)]
+EnginesDep = Annotated[EnginePool, Depends(get_engines)]
+MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
+RequestIdDep = Annotated[str, Depends(get_request_id)]
+
+
+async def get_principal(request: Request, db: DatabaseDep) -> Principal:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise AuthenticationFailed("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
+    principal = await db.run(lambda session: authenticate_key(session, key))
+    if principal is None:
+        raise AuthenticationFailed("Incorrect API key provided.")
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+def get_inference_context(
+    principal: CurrentPrincipal, request_id: RequestIdDep, settings: SettingsDep, db: DatabaseDep, engines: EnginesDep, metrics: MetricsDep
+) -> InferenceContext:
+    return InferenceContext(principal=principal, request_id=request_id, settings=settings, db=db, engines=engines, metrics=metrics)
+
+
+InferenceContextDep = Annotated[InferenceContext, Depends(get_inference_context)]

@@ -1,0 +1,128 @@
+"""The gateway's errors and the one place they become HTTP responses.
+
+Every error leaves the gateway in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``
+so that the stock SDKs raise their usual exception classes. Domain errors carry their status; request
+validation failures are 400 ``invalid_request_error``; anything unexpected is logged and answered with
+a 500 in the same shape (see ``serving.middleware``), never dressed up as a 4xx.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ServingError(Exception):
+    status_code = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+
+class InvalidRequest(ServingError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(ServingError):
+    status_code = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class ModelNotFound(ServingError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str):
+        # One message whether the model does not exist or belongs to another organization: a caller
+        # must not learn which fine-tuned model names exist elsewhere.
+        super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+
+
+class EngineRejected(ServingError):
+    """The engine refused the request as invalid (e.g. ``max_tokens`` over the context length):
+    the client's fault, relayed with the engine's status and message."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, status_code: int, message: str, param: str | None = None):
+        super().__init__(message, param=param)
+        self.status_code = status_code
+
+
+class EngineError(ServingError):
+    status_code = 502
+    code = "engine_error"
+
+
+class EngineUnavailable(ServingError):
+    status_code = 503
+    code = "engine_unavailable"
+
+    def __init__(self, message: str):
+        # Replicas come back within seconds after a restart; tell well-behaved clients when to retry.
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+class EngineTimeout(ServingError):
+    status_code = 504
+    code = "engine_timeout"
+
+
+def error_body(message: str, type: str, param: str | None = None, code: Any = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(status_code: int, message: str, type: str, param: str | None = None, code: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status_code=status_code, headers=headers)
+
+
+def internal_error_response() -> JSONResponse:
+    return error_response(500, "The server had an error while processing your request.", "server_error")
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return error_response(400, "We could not parse the JSON body of your request. Send valid JSON.", "invalid_request_error")
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    message = first.get("msg", "Invalid request")
+    if first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif param:
+        message = f"Invalid value for '{param}': {message}"
+    return error_response(400, message, "invalid_request_error", param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServingError)
+    async def _serving_error(_: Request, exc: ServingError) -> JSONResponse:
+        return error_response(exc.status_code, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown routes and wrong methods: keep the OpenAI shape for them too.
+        type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, str(exc.detail), type, headers=getattr(exc, "headers", None))

@@ -1,0 +1,71 @@
+"""The inference service: one function per request that resolves the model, opens the request on an
+engine replica, relays the answer and meters it.
+
+Routes call ``complete``; everything between the parsed request and the HTTP response lives here.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+
+import structlog
+from starlette.responses import Response
+
+from scheduler.tenancy import Principal
+from serving import registry
+from serving.database import Database
+from serving.engines import EnginePool
+from serving.errors import EngineError
+from serving.metering import Meter, Outcome, token_counts
+from serving.metrics import GatewayMetrics
+from serving.protocol import ChatCompletionRequest, CompletionRequest
+from serving.settings import ServingSettings
+from serving.streaming import RelayResponse, StreamRelay
+
+log = structlog.get_logger(__name__)
+
+
+class Endpoint(str, enum.Enum):
+    chat = "/v1/chat/completions"
+    completions = "/v1/completions"
+
+
+@dataclass(frozen=True)
+class InferenceContext:
+    """Everything a request needs besides its body: who asks, under which id, and the gateway's parts."""
+
+    principal: Principal
+    request_id: str
+    settings: ServingSettings
+    db: Database
+    engines: EnginePool
+    metrics: GatewayMetrics
+
+
+async def complete(ctx: InferenceContext, endpoint: Endpoint, body: ChatCompletionRequest | CompletionRequest) -> Response:
+    base_models = ctx.settings.base_models
+    target = await ctx.db.run(lambda session: registry.resolve(session, ctx.principal, body.model, base_models))
+    meter = Meter(ctx.db, ctx.metrics, ctx.principal, ctx.request_id, target)
+    upstream = await ctx.engines.open(target, endpoint.value, body.upstream_payload(), request_id=ctx.request_id)
+    log.info("forwarding", model=target.name, base=target.base, engine=upstream.replica.url, stream=bool(body.stream))
+    if body.stream:
+        return RelayResponse(StreamRelay(upstream, meter, wants_usage=body.wants_usage_chunk))
+    try:
+        raw = await upstream.read()
+    except Exception as exc:
+        raise EngineError("The inference engine stopped in the middle of the response.") from exc
+    finally:
+        await upstream.aclose()
+    try:
+        answer = json.loads(raw)
+    except ValueError as exc:
+        raise EngineError("The inference engine sent a response that is not JSON.") from exc
+    counts = token_counts(answer.get("usage") if isinstance(answer, dict) else None)
+    if counts is None:
+        log.warning("engine response has no usage", model=target.name)
+    prompt, completion = counts or (0, 0)
+    await meter.record(Outcome(prompt, completion, "ok" if counts else "usage_missing"))
+    # Relayed as the engine sent it: the gateway adds nothing and loses nothing.
+    return Response(raw, media_type="application/json")

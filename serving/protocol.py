@@ -1,0 +1,67 @@
+"""The wire schemas the gateway reads and writes (OpenAI's API).
+
+Requests are validated only as far as the gateway needs them (the model to route, the stream flags);
+every other field is kept as sent and relayed to the engine, which owns the sampling parameters and
+rejects what it does not support. Responses from engines are relayed byte for byte, so only the
+gateway's own answers (the model list) have response schemas here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool | None = None
+
+
+class _InferenceRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def wants_usage_chunk(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def upstream_payload(self) -> dict[str, Any]:
+        """The body for the engine: the client's fields as sent, and for a stream always a final usage
+        chunk, because metering needs the token counts whether or not the client asked for them."""
+        payload = self.model_dump(mode="json", exclude_unset=True)
+        if self.stream:
+            options = dict(payload.get("stream_options") or {})
+            options["include_usage"] = True
+            payload["stream_options"] = options
+        return payload
+
+
+class ChatCompletionRequest(_InferenceRequest):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+
+
+class CompletionRequest(_InferenceRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class ModelPublic(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelsPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelPublic]

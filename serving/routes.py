@@ -1,0 +1,39 @@
+"""The gateway's HTTP routes (OpenAI's API): each reads the request, calls one service function and
+returns its answer."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.responses import Response
+
+from serving import inference, registry
+from serving.deps import CurrentPrincipal, DatabaseDep, InferenceContextDep, MetricsDep, SettingsDep
+from serving.protocol import ChatCompletionRequest, CompletionRequest, ModelPublic, ModelsPublic
+
+router = APIRouter()
+
+
+@router.get("/v1/models", response_model=ModelsPublic)
+async def list_models(principal: CurrentPrincipal, db: DatabaseDep, settings: SettingsDep) -> ModelsPublic:
+    return await db.run(lambda session: registry.list_models(session, principal, settings.base_models))
+
+
+# ``:path`` because hub ids contain slashes ("org/model").
+@router.get("/v1/models/{model:path}", response_model=ModelPublic)
+async def retrieve_model(model: str, principal: CurrentPrincipal, db: DatabaseDep, settings: SettingsDep) -> ModelPublic:
+    return await db.run(lambda session: registry.get_model(session, principal, model, settings.base_models))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, ctx: InferenceContextDep) -> Response:
+    return await inference.complete(ctx, inference.Endpoint.chat, body)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, ctx: InferenceContextDep) -> Response:
+    return await inference.complete(ctx, inference.Endpoint.completions, body)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(metrics.render(), media_type=metrics.content_type)

@@ -1,0 +1,51 @@
+"""Settings of the serving gateway: the shared control-plane settings plus where the inference engines
+are and how long to wait for them (environment prefix ``TUNEFORGE_``).
+
+``TUNEFORGE_ENGINES`` is JSON mapping a base model name to the base URLs of the engine replicas serving
+it, e.g. ``{"tuneforge-tiny": ["http://127.0.0.1:8100", "http://127.0.0.1:8101"]}``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from pydantic import Field, field_validator, model_validator
+
+from scheduler.settings import Settings
+
+
+class ServingSettings(Settings):
+    engines: dict[str, list[str]] = Field(default_factory=dict)
+    # Connecting to an engine on the same network is quick; a replica that does not answer within a few
+    # seconds is treated as down and the next replica is tried.
+    engine_connect_timeout_s: float = 5.0
+    # Longest silence between two bytes of an engine's answer. A long non-streamed generation sends
+    # nothing until it is done, so this bounds a whole non-streamed completion.
+    engine_read_timeout_s: float = 600.0
+    # Loading a LoRA adapter means fetching it from object storage: allow for a slow store.
+    adapter_load_timeout_s: float = 120.0
+    # After a replica refuses a connection it is tried last for this long (it is likely restarting).
+    replica_cooldown_s: float = 10.0
+
+    @field_validator("engines")
+    @classmethod
+    def _clean_engine_urls(cls, engines: dict[str, list[str]]) -> dict[str, list[str]]:
+        cleaned: dict[str, list[str]] = {}
+        for base, urls in engines.items():
+            for url in urls:
+                if not url.startswith(("http://", "https://")):
+                    raise ValueError(f"engine URL {url!r} for {base!r} must start with http:// or https://")
+            # A replica listed twice would be loaded and counted twice; keep the first.
+            cleaned[base] = list(dict.fromkeys(url.rstrip("/") for url in urls))
+        return cleaned
+
+    @model_validator(mode="after")
+    def _engines_in_production(self):
+        if self.environment == "production" and not any(self.engines.values()):
+            raise ValueError("production needs TUNEFORGE_ENGINES (base model -> engine URLs)")
+        return self
+
+
+@functools.lru_cache
+def get_serving_settings() -> ServingSettings:
+    return ServingSettings()

@@ -1,0 +1,150 @@
+"""Relaying an engine's server-sent events to the client, event by event, while counting tokens.
+
+The gateway always asks the engine for a final usage chunk (``stream_options.include_usage``) and
+drops it when the client did not ask for it, so the client sees exactly what OpenAI would send. Each
+relayed chunk carrying generated text counts as one token (vLLM emits one chunk per decoding step),
+which is what a stream abandoned before the usage chunk is billed for; the engine's own usage, when
+it arrives, is authoritative.
+
+The usage record is written when the relay ends, however it ends: completed, client gone (the
+response is cancelled or closed while the relay waits), or engine failure. Closing the relay closes
+the upstream request, so an engine stops generating for a client that left.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncIterator
+
+import anyio
+import httpx
+import structlog
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from serving.engines import Upstream
+from serving.errors import error_body
+from serving.metering import Meter, Outcome, token_counts
+
+log = structlog.get_logger(__name__)
+
+DONE = "[DONE]"
+
+
+async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, str | None]]:
+    """Group SSE lines into events: (the event as sent, its ``data`` payload or None)."""
+    block: list[str] = []
+    async for line in lines:
+        if line:
+            block.append(line)
+            continue
+        if block:
+            yield _event(block)
+            block = []
+    if block:
+        yield _event(block)
+
+
+def _event(lines: list[str]) -> tuple[str, str | None]:
+    data = [line[5:].removeprefix(" ") for line in lines if line.startswith("data:")]
+    return "\n".join(lines) + "\n\n", ("\n".join(data) if data else None)
+
+
+def generated_tokens(choices: Any) -> int:
+    """Chunks with new output in them (one per choice), for both chat and text completions."""
+    if not isinstance(choices, list):
+        return 0
+    count = 0
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            count += bool(delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"))
+        elif choice.get("text"):
+            count += 1
+    return count
+
+
+class StreamRelay:
+    def __init__(self, upstream: Upstream, meter: Meter, *, wants_usage: bool):
+        self._upstream = upstream
+        self._meter = meter
+        self._wants_usage = wants_usage
+        self._relayed_tokens = 0
+        self._usage: tuple[int, int] | None = None
+        self._engine_error = False
+
+    async def events(self) -> AsyncIterator[bytes]:
+        status = "client_disconnected"  # unless the loop below runs to its end
+        try:
+            try:
+                async for raw, data in sse_events(self._upstream.aiter_lines()):
+                    if data is None or data == DONE or self._forward(data):
+                        yield raw.encode()
+                status = "engine_error" if self._engine_error else "ok"
+            except httpx.HTTPError as exc:
+                log.warning("engine stream broke", error=repr(exc))
+                status = "engine_error"
+                body = error_body("The inference engine stopped in the middle of the response.", "server_error", code="engine_error")
+                yield f"data: {json.dumps(body)}\n\n".encode()
+        finally:
+            # Shielded: when the client disconnects this runs inside a cancelled scope, and the
+            # record must still be written and the engine told to stop.
+            with anyio.CancelScope(shield=True):
+                await self._upstream.aclose()
+                await self._finish(status)
+
+    def _forward(self, data: str) -> bool:
+        """Account for one chunk; False if it must not reach the client."""
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return True
+        if not isinstance(chunk, dict):
+            return True
+        if "error" in chunk:
+            self._engine_error = True
+            return True
+        counts = token_counts(chunk.get("usage"))
+        if counts is not None:
+            self._usage = counts
+        choices = chunk.get("choices")
+        self._relayed_tokens += generated_tokens(choices)
+        usage_only = counts is not None and not choices
+        return self._wants_usage or not usage_only
+
+    async def _finish(self, status: str) -> None:
+        if self._usage is not None:
+            prompt, completion = self._usage
+        else:
+            # No usage chunk (the client left first, or the engine broke): bill what was relayed.
+            # The prompt's size is not known without the engine's count.
+            prompt, completion = 0, self._relayed_tokens
+            if status == "ok":
+                log.warning("engine sent no usage chunk for a completed stream")
+                status = "usage_missing"
+        try:
+            await self._meter.record(Outcome(prompt, completion, status))
+        except Exception:  # the response is already gone; losing the record must at least be loud
+            log.exception("could not record usage of a stream", status=status, completion_tokens=completion)
+
+
+class RelayResponse(StreamingResponse):
+    """A streaming response that always closes its relay, also when the client disconnects while the
+    relay is suspended between two events (Starlette then abandons the iterator without closing it)."""
+
+    def __init__(self, relay: StreamRelay):
+        super().__init__(
+            relay.events(),
+            media_type="text/event-stream",
+            # Proxies must not buffer a token stream.
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,131 @@
+"""A small stand-in for vLLM's OpenAI server, used as the gateway's real upstream in tests.
+
+It speaks the same HTTP as vLLM: ``/v1/chat/completions`` and ``/v1/completions`` (JSON or SSE),
+``/v1/load_lora_adapter`` (400 when the name is already loaded) and ``/v1/unload_lora_adapter``, and a
+404 ``NotFoundError`` for a model it does not have. Output is deterministic: the model name followed
+by the prompt's words, one word per token; tokens are counted by whitespace. It records what it was
+asked (loads per adapter, request ids, aborted streams) so tests can check the gateway's behaviour
+from the engine's side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+
+@dataclass
+class EngineState:
+    base_model: str
+    load_delay_s: float = 0.0
+    token_delay_s: float = 0.0
+    loaded: dict[str, str] = field(default_factory=dict)  # lora_name -> lora_path
+    load_calls: Counter = field(default_factory=Counter)  # lora_name -> successful loads
+    served: list[str] = field(default_factory=list)  # model of every completion served
+    request_ids: list[str] = field(default_factory=list)
+    streams_aborted: int = 0
+    tokens_streamed: int = 0
+
+
+def _error(status: int, message: str, type: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": status}}, status_code=status)
+
+
+def reply_words(model: str, prompt_text: str, max_tokens: int) -> list[str]:
+    return ([model] + prompt_text.split())[:max_tokens]
+
+
+def _prompt_text(body: dict[str, Any], chat: bool) -> str:
+    if chat:
+        return " ".join(str(m.get("content") or "") for m in body["messages"])
+    prompt = body["prompt"]
+    return prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+
+
+def create_engine_app(state: EngineState) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/load_lora_adapter")
+    async def load(body: dict[str, Any]):
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not name or not isinstance(path, str) or not path.startswith("store:"):
+            return _error(400, "lora_name and a store: lora_path are required", "BadRequestError")
+        if name in state.loaded:
+            return _error(400, f"The lora adapter '{name}' has already been loaded.", "InvalidUserInput")
+        await asyncio.sleep(state.load_delay_s)
+        state.loaded[name] = path
+        state.load_calls[name] += 1
+        return JSONResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload(body: dict[str, Any]):
+        if state.loaded.pop(body.get("lora_name"), None) is None:
+            return _error(404, f"The lora adapter '{body.get('lora_name')}' cannot be found.", "NotFoundError")
+        return JSONResponse("Success")
+
+    async def complete(request: Request, chat: bool):
+        body = await request.json()
+        model = body.get("model")
+        if model != state.base_model and model not in state.loaded:
+            return _error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            return _error(400, "max_tokens must be at least 1", "BadRequestError", "max_tokens")
+        state.served.append(model)
+        state.request_ids.append(request.headers.get("x-request-id", ""))
+        prompt_text = _prompt_text(body, chat)
+        words = reply_words(model, prompt_text, max_tokens)
+        usage = {"prompt_tokens": len(prompt_text.split()), "completion_tokens": len(words), "total_tokens": len(prompt_text.split()) + len(words)}
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_stream(state, model, words, usage, chat, include_usage), media_type="text/event-stream")
+        text = " ".join(words)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
+            obj = "text_completion"
+        return {"id": "cmpl-fake", "object": obj, "created": int(time.time()), "model": model, "choices": [choice], "usage": usage}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete(request, chat=False)
+
+    return app
+
+
+async def _stream(state: EngineState, model: str, words: list[str], usage: dict, chat: bool, include_usage: bool):
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(choices: list[dict]) -> str:
+        return "data: " + json.dumps({"id": "cmpl-fake", "object": obj, "created": 0, "model": model, "choices": choices, **extra}) + "\n\n"
+
+    try:
+        if chat:
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        for i, word in enumerate(words):
+            await asyncio.sleep(state.token_delay_s)
+            piece = word if i == 0 else " " + word
+            last = "length" if i == len(words) - 1 else None
+            choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
+            state.tokens_streamed += 1
+            yield chunk([{**choice, "finish_reason": last}])
+        if include_usage:
+            yield "data: " + json.dumps({"id": "cmpl-fake", "object": obj, "created": 0, "model": model, "choices": [], "usage": usage}) + "\n\n"
+        yield "data: [DONE]\n\n"
+    except (asyncio.CancelledError, GeneratorExit):
+        state.streams_aborted += 1
+        raise

@@ -1,0 +1,151 @@
+"""Chat and text completions through the gateway, for base models and adapters, streamed and not:
+what the client gets equals what the engine produced, in OpenAI's wire format."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from fake_vllm import reply_words
+from scheduler.settings import BUILTIN_BASE_MODEL
+
+pytestmark = pytest.mark.integration
+
+MESSAGES = [{"role": "user", "content": "tell me about tuning"}]
+
+
+def test_base_model_chat_returns_the_engines_answer_and_usage(engines, gateway, make_org):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    _, key = make_org()
+
+    answer = gw.client(key).chat.completions.create(model=BUILTIN_BASE_MODEL, messages=MESSAGES, max_tokens=3)
+
+    assert answer.choices[0].message.content == " ".join(reply_words(BUILTIN_BASE_MODEL, "tell me about tuning", 3))
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (4, 3)
+    assert engine.state.served == [BUILTIN_BASE_MODEL]
+    assert engine.state.load_calls == {}  # a base model needs no adapter
+
+
+def test_adapter_chat_loads_the_adapter_and_runs_on_it(engines, gateway, make_org, make_adapter):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    org, key = make_org()
+    model = make_adapter(org)
+
+    answer = gw.client(key).chat.completions.create(model=model, messages=MESSAGES, max_tokens=2)
+
+    assert answer.choices[0].message.content == f"{model} tell"
+    assert answer.model == model
+    assert engine.state.loaded[model].startswith("store:adapters/")
+    assert engine.state.served == [model]
+
+
+def test_text_completions_work_for_base_and_adapter(engines, gateway, make_org, make_adapter):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    org, key = make_org()
+    model = make_adapter(org)
+    client = gw.client(key)
+
+    base = client.completions.create(model=BUILTIN_BASE_MODEL, prompt="one two", max_tokens=5)
+    tuned = client.completions.create(model=model, prompt="one two", max_tokens=5)
+
+    assert base.choices[0].text == f"{BUILTIN_BASE_MODEL} one two"
+    assert tuned.choices[0].text == f"{model} one two"
+    assert (tuned.usage.prompt_tokens, tuned.usage.completion_tokens) == (2, 3)
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_stream_has_a_usage_chunk_iff_the_client_asked(engines, gateway, make_org, make_adapter, include_usage):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    org, key = make_org()
+    model = make_adapter(org)
+    options = {"stream_options": {"include_usage": True}} if include_usage else {}
+
+    chunks = list(gw.client(key).chat.completions.create(model=model, messages=MESSAGES, max_tokens=4, stream=True, **options))
+
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == " ".join(reply_words(model, "tell me about tuning", 4))
+    usage_chunks = [c for c in chunks if c.usage is not None]
+    if include_usage:
+        assert len(usage_chunks) == 1 and usage_chunks[0].choices == []
+        assert (usage_chunks[0].usage.prompt_tokens, usage_chunks[0].usage.completion_tokens) == (4, 4)
+    else:
+        assert usage_chunks == []
+        assert all(c.choices for c in chunks)
+
+
+def test_text_completion_stream_relays_every_token(engines, gateway, make_org):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    _, key = make_org()
+
+    chunks = list(gw.client(key).completions.create(model=BUILTIN_BASE_MODEL, prompt="a b c d", max_tokens=5, stream=True))
+
+    assert [c.choices[0].text for c in chunks] == [BUILTIN_BASE_MODEL, " a", " b", " c", " d"]
+
+
+def test_engine_rejection_reaches_the_client_as_a_400(engines, gateway, make_org):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    _, key = make_org()
+
+    with pytest.raises(openai.BadRequestError) as err:
+        gw.client(key).chat.completions.create(model=BUILTIN_BASE_MODEL, messages=MESSAGES, max_tokens=0)
+
+    assert err.value.body["message"] == "max_tokens must be at least 1"
+    assert err.value.body["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        ({"model": BUILTIN_BASE_MODEL}, "messages", "Missing required parameter"),
+        ({"messages": MESSAGES}, "model", "Missing required parameter"),
+        ({"model": BUILTIN_BASE_MODEL, "messages": []}, "messages", "at least 1"),
+        ({"model": BUILTIN_BASE_MODEL, "messages": MESSAGES, "stream_options": {"include_usage": True}}, None, "only allowed when stream"),
+    ],
+)
+def test_malformed_requests_are_400_in_openai_shape_and_never_reach_an_engine(engines, gateway, make_org, body, param, fragment):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    _, key = make_org()
+
+    response = gw.http().post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and fragment in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert engine.state.served == []
+
+
+def test_invalid_json_is_a_400(engines, gateway, make_org):
+    gw = gateway({BUILTIN_BASE_MODEL: [engines().url]})
+    _, key = make_org()
+
+    response = gw.http().post(
+        "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert "JSON" in response.json()["error"]["message"]
+
+
+def test_request_id_is_echoed_and_forwarded_to_the_engine(engines, gateway, make_org):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    _, key = make_org()
+    client = gw.client(key)
+
+    given = client.chat.completions.with_raw_response.create(
+        model=BUILTIN_BASE_MODEL, messages=MESSAGES, max_tokens=1, extra_headers={"x-request-id": "client-id-1"}
+    )
+    generated = client.chat.completions.with_raw_response.create(model=BUILTIN_BASE_MODEL, messages=MESSAGES, max_tokens=1)
+
+    assert given.headers["x-request-id"] == "client-id-1"
+    assert generated.headers["x-request-id"].startswith("req_")
+    assert engine.state.request_ids == ["client-id-1", generated.headers["x-request-id"]]
