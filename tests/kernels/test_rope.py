@@ -20,7 +20,8 @@ def _cos_sin(position_ids, dim, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_reference_with_packed_positions(device, dtype):
+@pytest.mark.parametrize("as_view", [False, True])  # in place / out of place (autograd forbids in place)
+def test_matches_reference_with_packed_positions(device, dtype, as_view):
     torch.manual_seed(0)
     bsz, n_q, n_k, seq, dim = (2, 6, 2, 11, 24) if device == "cpu" else (3, 32, 8, 1000, 128)
     # two documents packed in row 0: positions restart at 4; row 1 is a plain sequence
@@ -31,7 +32,11 @@ def test_matches_reference_with_packed_positions(device, dtype):
     q0 = torch.randn(bsz, seq, n_q, dim, device=device, dtype=dtype).transpose(1, 2)
     k0 = torch.randn(bsz, seq, n_k, dim, device=device, dtype=dtype).transpose(1, 2)
     ql, kl = q0.clone().requires_grad_(), k0.clone().requires_grad_()
-    qo, ko = rope(ql * 1, kl * 1, cos.to(dtype), sin.to(dtype), impl="triton")  # * 1: rope works in place
+    qi, ki = ql * 1, kl * 1  # * 1: not leaves
+    if as_view:
+        qi, ki = qi[:, :], ki[:, :]
+    qo, ko = rope(qi, ki, cos.to(dtype), sin.to(dtype), impl="triton")
+    assert (qo.data_ptr() == qi.data_ptr()) != as_view
     qr_l, kr_l = q0.double().requires_grad_(), k0.double().requires_grad_()
     qr, kr = rope_reference(qr_l, kr_l, cos.to(dtype).double(), sin.to(dtype).double())
     assert rel_err(qo, qr) < TOL[dtype] and rel_err(ko, kr) < TOL[dtype]
@@ -43,8 +48,8 @@ def test_matches_reference_with_packed_positions(device, dtype):
 
 
 def test_in_place_returns_same_storage():
-    q = torch.randn(1, 2, 3, 8).transpose(1, 2)
-    k = torch.randn(1, 2, 3, 8).transpose(1, 2)
+    q = torch.randn(1, 3, 2, 8)  # not views: rotated in place
+    k = torch.randn(1, 1, 2, 8)
     cos, sin = _cos_sin(torch.arange(2)[None], 8, "cpu")
     qo, ko = rope(q, k, cos.float(), sin.float(), impl="triton")
     assert qo.data_ptr() == q.data_ptr() and ko.data_ptr() == k.data_ptr()

@@ -1,0 +1,88 @@
+"""Patching a loaded Hugging Face causal LM *instance* (optionally PEFT-wrapped) to train through
+``kernels``, and choosing its memory mode. The one entry point is ``patch_model``; what it did is in the
+returned ``PatchReport`` (the job's events carry its ``reason`` when the stock path is used).
+
+Supported now: Llama, Mistral, Qwen2 (qkv bias: the attention projections stay PEFT/HF modules),
+Qwen3 (q/k norms). Anything else trains on the stock HF path and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from gpu_worker.patching.memory import MEMORY_MODES, apply_memory_mode
+
+# model_type -> the families whose module layout decoder.py's forwards reproduce exactly
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class PatchReport:
+    architecture: str
+    patched: tuple[str, ...] = ()
+    memory_mode: str = "off"
+    reason: str | None = None  # why the stock path is used, when it is
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def uses_kernels(self) -> bool:
+        return bool(self.patched)
+
+
+def _base_causal_lm(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "off",
+                impl: str | None = None) -> PatchReport:
+    """Route ``model``'s norms, RoPE, MLP and loss through ``kernels`` (in place) and apply the memory mode.
+
+    ``impl`` is passed to every op (None: Triton on CUDA, reference elsewhere; tests force "triton" to
+    run the kernels through the interpreter on CPU).
+    """
+    if memory_mode not in MEMORY_MODES:
+        raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
+    base = _base_causal_lm(model)
+    config = getattr(base, "config", None)
+    arch = getattr(config, "model_type", type(base).__name__)
+    reason = None
+    if not enabled:
+        reason = "kernels switched off for this job"
+    elif arch not in SUPPORTED:
+        reason = f"architecture {arch!r} is not supported by the kernel patches yet; stock HF path"
+    elif not (hasattr(base, "model") and hasattr(base.model, "layers") and hasattr(base, "lm_head")):
+        reason = f"{type(base).__name__} does not have the causal-LM layout the patches expect; stock HF path"
+    else:
+        from gpu_worker.patching.decoder import ACTIVATIONS
+        act = ACTIVATIONS.get(getattr(config, "hidden_act", None))
+        if act is None:
+            reason = f"activation {config.hidden_act!r} has no fused kernel; stock HF path"
+    if reason is not None:
+        apply_memory_mode(model, memory_mode)
+        return PatchReport(architecture=arch, memory_mode=memory_mode, reason=reason)
+
+    from gpu_worker.patching.decoder import patch_attention, patch_causal_lm, patch_mlp, patch_rms_norm
+
+    counts = {"rms_norm": 0, "rope": 0, "lora_mlp": 0, "fused_linear_cross_entropy": 0}
+    for layer in base.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            patch_rms_norm(norm, impl)
+            counts["rms_norm"] += 1
+        attn = layer.self_attn
+        for norm_name in ("q_norm", "k_norm"):
+            if hasattr(attn, norm_name):
+                patch_rms_norm(getattr(attn, norm_name), impl)
+                counts["rms_norm"] += 1
+        patch_attention(attn, impl)
+        counts["rope"] += 1
+        patch_mlp(layer.mlp, act, impl)
+        counts["lora_mlp"] += 1
+    patch_rms_norm(base.model.norm, impl)
+    counts["rms_norm"] += 1
+    patch_causal_lm(base, impl)
+    counts["fused_linear_cross_entropy"] += 1
+    apply_memory_mode(model, memory_mode)
+    return PatchReport(architecture=arch, patched=tuple(k for k, v in counts.items() if v),
+                       memory_mode=memory_mode, counts=counts)

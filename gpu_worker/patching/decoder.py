@@ -1,0 +1,113 @@
+"""Instance-level forwards for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3) that route the
+model's norms, rotary embedding, MLP and loss through ``kernels``.
+
+Each function here replaces ``forward`` on one module *instance* (``module.forward = MethodType(...)``);
+classes, other models and ``torch.nn.functional`` are untouched. Attention itself stays whatever
+``config._attn_implementation`` selects (SDPA / flash), so masks, sliding windows and packed-sequence
+kwargs behave exactly as in transformers.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpu_worker.patching.lora import lora_weights
+from kernels.cross_entropy import fused_linear_cross_entropy
+from kernels.lora_mlp import lora_mlp
+from kernels.rms_norm import rms_norm
+from kernels.rope import rope
+
+# config.hidden_act -> kernels.lora_mlp activation
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def patch_rms_norm(norm: nn.Module, impl: str | None, offset: float = 0.0) -> None:
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+    def forward(self, hidden_states):
+        return rms_norm(hidden_states, self.weight, eps, offset=offset, impl=impl)
+
+    norm.forward = MethodType(forward, norm)
+
+
+def patch_mlp(mlp: nn.Module, act: str, impl: str | None) -> None:
+    stock = type(mlp).forward
+
+    def forward(self, x):
+        parts = [lora_weights(getattr(self, n)) for n in ("gate_proj", "up_proj", "down_proj")]
+        if any(p is None for p in parts):
+            return stock(self, x)  # something the fused path does not compute: stay exact
+        return lora_mlp(x, *parts, act=act, impl=impl)
+
+    mlp.forward = MethodType(forward, mlp)
+
+
+def patch_attention(attn: nn.Module, impl: str | None) -> None:
+    modeling = sys.modules[type(attn).__module__]
+    eager = modeling.eager_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape)
+        k = self.k_proj(hidden_states).view(hidden_shape)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over head_dim before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings
+        q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, impl=impl)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+        sliding = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+        out, weights = interface(self, q, k, v, attention_mask,
+                                 dropout=0.0 if not self.training else self.attention_dropout,
+                                 scaling=self.scaling, sliding_window=sliding, **kwargs)
+        out = out.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(out), weights
+
+    attn.forward = MethodType(forward, attn)
+
+
+def patch_causal_lm(model: nn.Module, impl: str | None) -> None:
+    """Loss through the fused linear cross-entropy when labels are given (logits are then not returned);
+    without labels, or with a head the fused path cannot read, the stock head and loss."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        num_items = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         **kwargs)
+        hidden = out.last_hidden_state
+        head = self.lm_head
+        fusable = type(head) is nn.Linear and head.bias is None
+        loss = logits = None
+        if (labels is not None or shift_labels is not None) and fusable:
+            if shift_labels is None:  # HF's ForCausalLMLoss shift: the last position predicts nothing
+                shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+            loss = fused_linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device),
+                                              softcap=softcap, num_items=num_items, impl=impl)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = head(hidden[:, keep, :])
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                          num_items_in_batch=num_items, shift_labels=shift_labels)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states, attentions=out.attentions)
+
+    model.forward = MethodType(forward, model)
