@@ -1,0 +1,198 @@
+"""/v1/fine_tuning/jobs through the stock openai SDK: a created job carries a valid worker contract
+with every "auto" resolved, bad input names the field, lists paginate newest first, cancel follows
+the state machine."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from sqlalchemy import select
+
+from api.services.hyperparameters import BASE_LORA_LEARNING_RATE, auto_batch_size, auto_n_epochs
+from gpu_worker.contract import ALL_TARGET_MODULES, JobSpec
+from scheduler.jobs import add_event, claim, fail, mark_queued
+from scheduler.models import Checkpoint, File, Job, JobEvent, JobStatus
+
+HP = "method.supervised.hyperparameters"
+
+
+def _method(**hp) -> dict:
+    return {"type": "supervised", "supervised": {"hyperparameters": hp}}
+
+
+def test_create_resolves_auto_and_writes_job_spec_and_event(client_a, upload, org_a, db_session):
+    file_id = upload()
+    job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=file_id, suffix="my-model_1", seed=7)
+    assert (job.object, job.status, job.model, job.training_file, job.suffix, job.seed) == (
+        "fine_tuning.job", "validating_files", "tuneforge-tiny", file_id, "my-model_1", 7
+    )
+    assert job.organization_id == org_a[0].id and job.fine_tuned_model is None and job.error is None
+    hp = job.method.supervised.hyperparameters
+    # 10 examples: 3 epochs would show the model only 30 examples; auto aims for 100 (capped at 10 epochs).
+    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (10, 1, 1.0)
+    assert job.hyperparameters.n_epochs == 10
+
+    row = db_session.get(Job, job.id)
+    spec = JobSpec.model_validate(row.spec)
+    training = db_session.get(File, file_id)
+    assert spec.job_id == job.id and spec.org_id == org_a[0].id and spec.seed == 7
+    assert spec.training_file_key == training.storage_key and spec.validation_file_key is None
+    assert spec.output_prefix == f"orgs/{org_a[0].id}/jobs/{job.id}"
+    assert spec.hyperparameters.learning_rate == pytest.approx(BASE_LORA_LEARNING_RATE)
+    assert (spec.adapter.rank, spec.adapter.alpha, spec.adapter.target_modules) == (8, 16.0, ALL_TARGET_MODULES)
+    events = list(db_session.scalars(select(JobEvent).where(JobEvent.job_id == job.id)))
+    assert [e.message for e in events] == [f"Created fine-tuning job: {job.id}"]
+
+
+def test_explicit_method_hyperparameters_and_lora_extras_reach_the_spec(client_a, upload, db_session):
+    train, valid = upload(), upload()
+    job = client_a.fine_tuning.jobs.create(
+        model="meta-llama/Llama-3.2-1B",
+        training_file=train,
+        validation_file=valid,
+        method=_method(n_epochs=2, batch_size=4, learning_rate_multiplier=0.5, lora_rank=16, lora_dropout=0.1, lora_target_modules=["q_proj", "v_proj"]),
+    )
+    spec = JobSpec.model_validate(db_session.get(Job, job.id).spec)
+    assert (spec.hyperparameters.n_epochs, spec.hyperparameters.batch_size) == (2, 4)
+    assert spec.hyperparameters.learning_rate == pytest.approx(0.5 * BASE_LORA_LEARNING_RATE)
+    assert (spec.adapter.rank, spec.adapter.alpha, spec.adapter.dropout) == (16, 32.0, 0.1)
+    assert [m.value for m in spec.adapter.target_modules] == ["q_proj", "v_proj"]
+    assert spec.validation_file_key == db_session.get(File, valid).storage_key
+    assert job.validation_file == valid
+
+
+def test_legacy_top_level_hyperparameters(client_a, upload, db_session):
+    job = client_a.fine_tuning.jobs.create(
+        model="tuneforge-tiny", training_file=upload(), hyperparameters={"n_epochs": 4, "batch_size": "auto"}
+    )
+    assert job.hyperparameters.n_epochs == 4 and job.hyperparameters.batch_size == 1
+    assert JobSpec.model_validate(db_session.get(Job, job.id).spec).hyperparameters.n_epochs == 4
+
+
+@pytest.mark.parametrize(
+    ("examples", "epochs", "batch"),
+    [(10, 10, 1), (34, 3, 1), (100, 3, 1), (1000, 3, 2), (9000, 2, 8), (30000, 1, 8)],
+)
+def test_auto_rules_stay_within_bounds(examples, epochs, batch):
+    assert auto_n_epochs(examples) == epochs
+    assert auto_batch_size(examples) == batch
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"method": _method(n_epochs=-1)}, f"{HP}.n_epochs"),
+        ({"method": _method(n_epochs="lots")}, f"{HP}.n_epochs"),
+        ({"method": _method(batch_size=0)}, f"{HP}.batch_size"),
+        ({"method": _method(learning_rate_multiplier=0)}, f"{HP}.learning_rate_multiplier"),
+        ({"method": _method(lora_rank=0)}, f"{HP}.lora_rank"),
+        ({"method": _method(lora_rank=257)}, f"{HP}.lora_rank"),
+        ({"method": _method(lora_dropout=1.0)}, f"{HP}.lora_dropout"),
+        ({"method": _method(lora_target_modules=["q_proj", "lm_head"])}, f"{HP}.lora_target_modules.1"),
+        ({"method": _method(lora_target_modules=[])}, f"{HP}.lora_target_modules"),
+        ({"method": _method(mystery=1)}, f"{HP}.mystery"),
+        ({"method": {"type": "dpo"}}, "method.type"),
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+        ({"hyperparameters": {"n_epochs": 2}, "method": _method(n_epochs=3)}, "hyperparameters"),
+        ({"suffix": "x" * 65}, "suffix"),
+        ({"suffix": "bad suffix!"}, "suffix"),
+        ({"seed": -1}, "seed"),
+        ({"model": "gpt-4o"}, "model"),
+        ({"training_file": "file-doesnotexist"}, "training_file"),
+        ({"validation_file": "file-doesnotexist"}, "validation_file"),
+        ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations"),
+    ],
+)
+def test_invalid_input_is_400_naming_the_field_and_creates_nothing(client_a, upload, org_a, db_session, kwargs, param):
+    args = {"model": "tuneforge-tiny", "training_file": upload(), **kwargs}
+    with pytest.raises(openai.BadRequestError) as err:
+        client_a.fine_tuning.jobs.create(**args)
+    assert err.value.body["param"] == param, err.value.body
+    assert err.value.body["type"] == "invalid_request_error" and err.value.body["message"]
+    assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
+
+
+def test_training_file_must_exist_in_org_with_fine_tune_purpose(client_a, upload, org_a, db_session):
+    deleted = upload()
+    client_a.files.delete(deleted)
+    other = File(org_id=org_a[0].id, filename="a.jsonl", purpose="assistants", bytes=1, storage_key="k", examples=20)
+    db_session.add(other)
+    db_session.flush()
+    for file_id in (deleted, other.id):
+        with pytest.raises(openai.BadRequestError) as err:
+            client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=file_id)
+        assert err.value.body["param"] == "training_file"
+
+
+def test_list_is_newest_first_with_cursor_pagination(client_a, upload):
+    file_id = upload()
+    ids = [client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=file_id).id for _ in range(5)]
+    first = client_a.fine_tuning.jobs.list(limit=2)
+    assert [j.id for j in first.data] == ids[::-1][:2] and first.has_more
+    second = client_a.fine_tuning.jobs.list(limit=2, after=first.data[-1].id)
+    assert [j.id for j in second.data] == ids[::-1][2:4] and second.has_more
+    last = client_a.fine_tuning.jobs.list(limit=2, after=second.data[-1].id)
+    assert [j.id for j in last.data] == ids[:1] and not last.has_more
+    assert [j.id for j in client_a.fine_tuning.jobs.list(limit=2)] == ids[::-1]  # the SDK follows the cursor
+    for bad in ({"limit": 0}, {"limit": 101}, {"after": "ftjob-nope"}):
+        with pytest.raises(openai.BadRequestError):
+            client_a.fine_tuning.jobs.list(**bad)
+
+
+def test_cancel_while_queued_cancels_at_once_and_twice_is_400(client_a, upload, db_session):
+    job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload())
+    row = db_session.get(Job, job.id)
+    assert mark_queued(db_session, row)
+    cancelled = client_a.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    assert client_a.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+    with pytest.raises(openai.BadRequestError) as err:
+        client_a.fine_tuning.jobs.cancel(job.id)
+    assert err.value.body["code"] == "invalid_job_status"
+
+
+def test_cancel_running_job_flags_it_for_its_worker(client_a, upload, db_session):
+    job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload())
+    row = db_session.get(Job, job.id)
+    mark_queued(db_session, row)
+    assert claim(db_session, row, "worker-1", 30)
+    assert client_a.fine_tuning.jobs.cancel(job.id).status == "running"
+    db_session.refresh(row)
+    assert row.cancel_requested
+
+
+def test_failed_job_exposes_its_error(client_a, upload, db_session):
+    job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload())
+    fail(db_session, db_session.get(Job, job.id), "invalid_training_file", "line 3 is bad", "training_file")
+    got = client_a.fine_tuning.jobs.retrieve(job.id)
+    assert got.status == "failed"
+    assert (got.error.code, got.error.message, got.error.param) == ("invalid_training_file", "line 3 is bad", "training_file")
+    with pytest.raises(openai.BadRequestError):
+        client_a.fine_tuning.jobs.cancel(job.id)
+
+
+def test_events_newest_first_with_metrics_and_pagination(client_a, upload, db_session):
+    job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload())
+    row = db_session.get(Job, job.id)
+    mark_queued(db_session, row)
+    for step in (1, 2, 3):
+        add_event(db_session, row, f"Step {step}", type="metrics", data={"step": step, "train_loss": 2.0 / step, "valid_loss": None, "tokens": 100 * step})
+    events = client_a.fine_tuning.jobs.list_events(job.id, limit=2)
+    assert [e.message for e in events.data] == ["Step 3", "Step 2"] and events.has_more
+    assert events.data[0].type == "metrics" and events.data[0].data == {"step": 3, "train_loss": 2.0 / 3, "valid_loss": None, "tokens": 300}
+    everything = [e.message for e in client_a.fine_tuning.jobs.list_events(job.id, limit=2)]
+    assert everything == ["Step 3", "Step 2", "Step 1", "Validated training file; job queued", f"Created fine-tuning job: {job.id}"]
+
+
+def test_checkpoints_are_named_after_the_fine_tuned_model(client_a, upload, org_a, db_session):
+    job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload(), suffix="bot")
+    for step in (10, 20, 30):
+        db_session.add(Checkpoint(job_id=job.id, org_id=org_a[0].id, step=step, storage_key=f"k/{step}", metrics={"train_loss": 1.0 / step}))
+    db_session.flush()
+    page = client_a.fine_tuning.jobs.checkpoints.list(job.id, limit=2)
+    assert [c.step_number for c in page.data] == [30, 20] and page.has_more
+    first = page.data[0]
+    assert first.object == "fine_tuning.job.checkpoint" and first.fine_tuning_job_id == job.id
+    assert first.fine_tuned_model_checkpoint == f"ft:tuneforge-tiny:{org_a[0].name}:bot:{job.id}:ckpt-step-30"
+    assert first.metrics.step == 30 and first.metrics.train_loss == pytest.approx(1 / 30)
+    assert [c.step_number for c in client_a.fine_tuning.jobs.checkpoints.list(job.id, limit=2)] == [30, 20, 10]
