@@ -33,9 +33,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is now (not when configured), so redirections take effect."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
     """Route the ``api`` and ``uvicorn`` loggers to stdout; idempotent (apps are built many times in tests)."""
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter("%(levelname)s %(name)s %(message)s"))
     for name in ("api", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)

@@ -1,0 +1,89 @@
+"""The app as a whole: request ids on every response, one error shape (a crash is a logged 500, never
+a 4xx), metrics from live traffic and the database, and embedded start-up on SQLite."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from api.main import create_app
+from api.settings import ApiSettings
+from scheduler.db import session_scope
+from scheduler.jobs import mark_queued
+from scheduler.models import ApiKey, Job
+
+
+def test_request_id_is_echoed_or_generated_on_every_response(http, org_a):
+    auth = {"Authorization": f"Bearer {org_a[1]}"}
+    mine = http.get("/v1/files", headers={**auth, "x-request-id": "trace-123"})
+    assert mine.headers["x-request-id"] == "trace-123"
+    generated = http.get("/v1/files", headers=auth)
+    assert generated.headers["x-request-id"].startswith("req_")
+    assert http.get("/v1/files").headers["x-request-id"]  # 401
+    assert http.get("/nowhere").headers["x-request-id"]  # 404
+    unsafe = http.get("/v1/files", headers={**auth, "x-request-id": "a\tb"})
+    assert unsafe.headers["x-request-id"] != "a\tb"
+
+
+def test_unknown_route_and_method_answer_in_openai_shape(http):
+    res = http.get("/v1/nowhere")
+    assert res.status_code == 404 and set(res.json()["error"]) == {"message", "type", "param", "code"}
+    assert http.put("/v1/files").status_code == 405
+
+
+def test_bad_json_body_is_400_not_500(http, org_a):
+    res = http.post("/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {org_a[1]}", "content-type": "application/json"}, content=b"{oops")
+    assert res.status_code == 400 and res.json()["error"]["type"] == "invalid_request_error"
+    missing = http.post("/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {org_a[1]}"}, json={"model": "tuneforge-tiny"})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "training_file"
+
+
+def test_unhandled_exception_is_a_logged_500_in_openai_shape(app, caplog):
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("kaboom")
+
+    with TestClient(app) as client, caplog.at_level(logging.ERROR, logger="api.request"):
+        res = client.get("/boom", headers={"x-request-id": "boom-1"})
+    assert res.status_code == 500
+    assert res.json()["error"]["type"] == "server_error" and "kaboom" not in res.text  # no internals leak
+    assert res.headers["x-request-id"] == "boom-1"
+    assert any(r.exc_info and "kaboom" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_logs_are_json_lines_carrying_the_request_id(http, org_a, capsys):
+    http.get("/v1/files", headers={"Authorization": f"Bearer {org_a[1]}", "x-request-id": "log-42"})
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    access = [entry for entry in lines if entry.get("request_id") == "log-42"]
+    assert access and access[-1]["status"] == 200 and access[-1]["route"] == "/v1/files"
+
+
+def test_metrics_count_requests_by_route_and_read_jobs_from_the_database(http, client_a, upload, db_session):
+    job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload())
+    client_a.fine_tuning.jobs.retrieve(job.id)
+    mark_queued(db_session, db_session.get(Job, job.id))
+    db_session.get(Job, job.id).trained_tokens = 1234
+    db_session.flush()
+    text = http.get("/metrics").text
+    assert 'tuneforge_api_http_requests_total{method="GET",route="/v1/fine_tuning/jobs/{job_id}",status="200"} 1.0' in text
+    assert "tuneforge_api_http_request_duration_seconds_bucket" in text
+    queued = db_session.scalar(select(func.count()).select_from(Job).where(Job.status == "queued"))
+    assert f'tuneforge_jobs{{status="queued"}} {float(queued)}' in text
+    assert f'tuneforge_queue_depth{{queue="default"}} {float(queued)}' in text
+    assert "tuneforge_trained_tokens_total" in text
+
+
+def test_embedded_mode_creates_schema_and_bootstrap_key_once(tmp_path, sdk):
+    key = "tf-embedded-bootstrap-key-0123456789"
+    settings = ApiSettings(data_dir=tmp_path / "embedded", bootstrap_api_key=key, serving_url="http://127.0.0.1:9")
+    assert settings.database_url.startswith("sqlite")
+    for _ in range(2):  # a restart must not duplicate the key
+        app = create_app(settings)
+        with TestClient(app) as client:
+            res = client.get("/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {key}"})
+            assert res.status_code == 200 and res.json() == {"object": "list", "data": [], "has_more": False}
+    with session_scope(settings.database_url) as session:
+        assert session.scalar(select(func.count()).select_from(ApiKey)) == 1
