@@ -1,0 +1,492 @@
+#!/usr/bin/env python3
+"""One-step LoRA/QLoRA training benchmark: our patched path ("ours") and the peers, side by side.
+
+Adapted from the shared peer harness ../shared/bench/peers.py (same models, settings, FLOP model and
+measurement loop, so the peers' numbers are produced exactly as there); what this copy adds: the "ours"
+method (HF+PEFT model, then gpu_worker.patching.patch_model), ckpt "offload", saving the random model
+for Unsloth on demand, and a JSON summary with device, versions and git commit (``--summary``).
+
+Measures tokens/s and peak GPU memory of a plain LoRA training loop
+(forward with labels -> loss.backward() -> AdamW step) on models with RANDOM
+weights built from a hand-written LlamaConfig (no hub access needed).
+
+Methods
+  hf       transformers + PEFT, attn_implementation="sdpa"
+  liger    as hf, after liger_kernel.transformers.apply_liger_kernel_to_llama(
+           rope, rms_norm, swiglu, fused_linear_cross_entropy) (patched before the model is built)
+  unsloth  unsloth.FastLanguageModel.from_pretrained(<saved random model>) + get_peft_model
+  ours     as hf, then gpu_worker.patching.patch_model(model, memory_mode=...) (ckpt on -> "checkpointing",
+           offload -> "offload"; HF's own checkpointing is not enabled for it)
+  (--quant nf4 turns hf into QLoRA: the 7 projection nn.Linear of the bf16 model are replaced in
+   memory by bitsandbytes Linear4bit, nf4 + double quant, bf16 compute; for unsloth it passes
+   load_in_4bit=True, which quantizes the saved bf16 checkpoint on load.)
+
+Usage
+  # one configuration, prints one line "RESULT {json}"
+  python3 train_bench.py run --shape 1B --method hf --ckpt on --batch 4 --seq 2048
+  # bf16 matmul ceiling
+  python3 train_bench.py matmul
+  # a list of configurations, each in its own process (OOM at batch>1 -> retried at batch 1)
+  python3 train_bench.py suite --configs hf:1B:on,hf:1B:off --out results.jsonl --deadline-s 500
+  # save a random model (+ minimal tokenizer) for loaders that need a path (unsloth)
+  python3 train_bench.py save --shape 1B --path /tmp/rand-1B
+
+Per-token FLOP model used for MFU (N = parameters of all matmuls of the base model: the 7
+projections of every layer plus lm_head; embedding lookup excluded; LoRA adapters ignored):
+  LoRA base weights are frozen, so there are no weight-gradient GEMMs:
+    forward 2N, backward (input gradients only) 2N            -> 4N
+  causal attention (SDPA/flash, is_causal) per token, L layers, hidden H, seq S:
+    forward 2*L*H*S (QK^T + PV, halved for causality), backward 2x forward -> 6*L*H*S
+  mfu = tokens/s * (4N + 6LHS) / measured_bf16_matmul_peak           (recompute NOT counted)
+  hfu = tokens/s * (6N + 8LHS) / peak with checkpointing (recompute counted), = mfu without.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: gpu_worker, kernels
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+SHAPES = {
+    # Llama-3.2-1B-like
+    "1B": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+               tie_word_embeddings=True, rope_theta=500000.0),
+    # Llama-3.1-8B-like
+    "8B": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+               tie_word_embeddings=False, rope_theta=500000.0),
+}
+
+PEAK_FILE_DEFAULT = "/tmp/bf16_peak_tflops.json"
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def matmul_params(shape):
+    s = SHAPES[shape]
+    h, i, L, v = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
+    hd = h // s["num_attention_heads"]
+    kv = s["num_key_value_heads"] * hd
+    per_layer = h * h + 2 * h * kv + h * h + 3 * h * i
+    return L * per_layer + h * v  # + lm_head (tied or not, the matmul is done)
+
+
+def flops_per_token(shape, seq, ckpt):
+    s = SHAPES[shape]
+    n = matmul_params(shape)
+    attn_fwd = 2 * s["num_hidden_layers"] * s["hidden_size"] * seq  # causal
+    model = 4 * n + 3 * attn_fwd
+    hw = model + ((2 * n + attn_fwd) if ckpt else 0)
+    return n, model, hw
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_config(shape, attn="sdpa"):
+    from transformers import LlamaConfig
+    s = dict(SHAPES[shape])
+    theta = s.pop("rope_theta")
+    cfg = LlamaConfig(**s, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                      rope_parameters={"rope_type": "default", "rope_theta": theta},
+                      bos_token_id=128000, eos_token_id=128001, pad_token_id=128004,
+                      use_cache=False)
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def build_random_model(shape, attn="sdpa"):
+    import torch
+    from transformers import LlamaForCausalLM
+    cfg = make_config(shape, attn)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
+    model.config.use_cache = False
+    return model
+
+
+def versions():
+    out = {}
+    import importlib.metadata as md
+    for name in ["torch", "triton", "transformers", "peft", "accelerate", "liger_kernel",
+                 "bitsandbytes", "unsloth", "unsloth_zoo", "trl"]:
+        try:
+            out[name] = md.version(name)
+        except Exception:
+            out[name] = None
+    try:
+        import torch
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["cuda"] = torch.version.cuda
+    except Exception:
+        pass
+    return out
+
+
+def save_random(shape, path):
+    """Random bf16 model + a Llama-3-shaped WordLevel tokenizer, for path-based loaders."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    t0 = time.time()
+    torch.manual_seed(0)
+    model = build_random_model(shape)
+    t1 = time.time()
+    model.save_pretrained(path, max_shard_size="5GB")
+    t2 = time.time()
+    vocab = {f"t{i}": i for i in range(128000)}
+    specials = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>",
+                128004: "<|finetune_right_pad_id|>", 128009: "<|eot_id|>"}
+    for i in range(128000, 128256):
+        vocab[specials.get(i, f"<|reserved_special_token_{i - 128000}|>")] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                   eos_token="<|end_of_text|>", pad_token="<|finetune_right_pad_id|>",
+                                   unk_token="t0", model_max_length=131072)
+    fast.save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+    print(json.dumps({"save": shape, "path": path, "build_s": round(t1 - t0, 1),
+                      "save_s": round(t2 - t1, 1), "tok_s": round(time.time() - t2, 1)}), flush=True)
+
+
+def bench_matmul(n=8192, reps=20, out=PEAK_FILE_DEFAULT):
+    import torch
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(10):
+        torch.matmul(a, b, out=c)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        torch.matmul(a, b, out=c)
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    ts.sort()
+    med = ts[len(ts) // 2]
+    tf = 2 * n ** 3 / med / 1e12
+    rec = {"kind": "matmul_bf16", "n": n, "reps": reps, "median_s": med, "tflops": tf,
+           "min_s": ts[0], "max_s": ts[-1], **versions()}
+    with open(out, "w") as f:
+        json.dump(rec, f)
+    print("RESULT " + json.dumps(rec), flush=True)
+
+
+# ----------------------------------------------------------------------------- model setup
+def setup_hf(args):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    if args.method == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=True)
+    model = build_random_model(args.shape, "sdpa")
+    quant_note = None
+    if args.quant == "nf4":
+        quant_note = quantize_nf4_inplace(model)
+    if args.ckpt == "on" and args.method != "ours":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lcfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none",
+                      target_modules=TARGETS, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lcfg)
+    if args.method == "ours":
+        from gpu_worker.patching import patch_model
+        report = patch_model(model, memory_mode={"off": "off", "on": "checkpointing",
+                                                 "offload": "offload"}[args.ckpt])
+        args.patch_report = {"patched": list(report.patched), "reason": report.reason,
+                             "memory_mode": report.memory_mode}
+    model.train()
+    return model, quant_note
+
+
+def quantize_nf4_inplace(model):
+    """Replace each of the 7 projection nn.Linear (bf16) with bnb Linear4bit nf4, double quant."""
+    import torch
+    import bitsandbytes as bnb
+    n = 0
+    for mod in list(model.modules()):
+        for cname, child in list(mod.named_children()):
+            if cname in TARGETS and isinstance(child, torch.nn.Linear):
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                        compute_dtype=torch.bfloat16, compress_statistics=True,
+                                        quant_type="nf4", device="meta")
+                w = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                      compress_statistics=True, module=new)
+                new.weight = w.to("cuda")  # quantizes here
+                setattr(mod, cname, new)
+                del child, w
+                n += 1
+    torch.cuda.empty_cache()
+    return f"in-memory: {n} nn.Linear -> bnb.nn.Linear4bit(nf4, compress_statistics=True, compute bf16)"
+
+
+def setup_unsloth(args):
+    import unsloth  # noqa: F401  (must come before transformers/peft)
+    from unsloth import FastLanguageModel
+    import torch
+    model, tok = FastLanguageModel.from_pretrained(
+        args.model_path, max_seq_length=args.seq, dtype=torch.bfloat16,
+        load_in_4bit=(args.quant == "nf4"))
+    gc = {"on": True, "off": False, "unsloth": "unsloth"}[args.ckpt]
+    model = FastLanguageModel.get_peft_model(
+        model, r=args.rank, lora_alpha=args.alpha, lora_dropout=0, bias="none",
+        target_modules=TARGETS, use_gradient_checkpointing=gc, random_state=3407,
+        max_seq_length=args.seq)
+    if hasattr(FastLanguageModel, "for_training"):
+        FastLanguageModel.for_training(model)
+    model.train()
+    return model, ("unsloth load_in_4bit=True (bnb nf4 on load)" if args.quant == "nf4" else None)
+
+
+# ----------------------------------------------------------------------------- one run
+def run_one(args):
+    rec = {"kind": "train", "shape": args.shape, "method": args.method, "ckpt": args.ckpt,
+           "quant": args.quant, "batch": args.batch, "seq": args.seq, "rank": args.rank,
+           "alpha": args.alpha, "autocast": args.autocast, "warmup": args.warmup,
+           "steps": args.steps}
+    t_start = time.time()
+    try:
+        if args.method == "unsloth":
+            model, qnote = setup_unsloth(args)  # imports unsloth first
+        import torch
+        torch.manual_seed(0)
+        if args.method in ("hf", "liger", "ours"):
+            model, qnote = setup_hf(args)
+            if getattr(args, "patch_report", None):
+                rec["patch_report"] = args.patch_report
+        rec["quant_method"] = qnote
+        rec.update(versions())
+        try:  # which implementation actually ended up in the model
+            base = model.get_base_model()
+            layer = base.model.layers[0]
+            rec["impl"] = {
+                "causal_lm_forward": type(base).forward.__module__ + "." + type(base).forward.__qualname__,
+                "layer_forward": type(layer).forward.__module__,
+                "norm": type(layer.input_layernorm).__module__ + "." + type(layer.input_layernorm).__name__,
+                "mlp": type(layer.mlp).__module__ + "." + type(layer.mlp).__name__,
+                "q_proj": type(layer.self_attn.q_proj).__module__ + "." + type(layer.self_attn.q_proj).__name__,
+                "q_proj_base": type(getattr(layer.self_attn.q_proj, "base_layer", layer.self_attn.q_proj)).__name__,
+                "attn_impl": getattr(base.config, "_attn_implementation", None),
+                "grad_ckpt": getattr(base, "is_gradient_checkpointing", None),
+            }
+        except Exception as e:  # noqa: BLE001
+            rec["impl"] = f"n/a: {e}"
+        rec["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+        params = [p for p in model.parameters() if p.requires_grad]
+        rec["trainable_params"] = sum(p.numel() for p in params)
+        rec["trainable_dtypes"] = sorted({str(p.dtype) for p in params})
+        rec["setup_s"] = round(time.time() - t_start, 1)
+        try:
+            opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
+            rec["optimizer"] = "torch AdamW fused"
+        except Exception as e:  # noqa: BLE001
+            opt = torch.optim.AdamW(params, lr=2e-4)
+            rec["optimizer"] = f"torch AdamW (fused failed: {e})"
+        vocab = SHAPES[args.shape]["vocab_size"]
+        g = torch.Generator(device="cuda").manual_seed(1)
+        batches = [torch.randint(0, vocab, (args.batch, args.seq), device="cuda", generator=g)
+                   for _ in range(4)]
+        ac = (torch.autocast("cuda", dtype=torch.bfloat16) if args.autocast == "bf16"
+              else torch.autocast("cuda", enabled=False))
+
+        def step(i):
+            x = batches[i % len(batches)]
+            with ac:
+                out = model(input_ids=x, labels=x)
+            loss = out.loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        losses = []
+        for i in range(args.warmup):
+            losses.append(step(i))
+        torch.cuda.synchronize()
+        rec["peak_gb_load_and_warmup"] = torch.cuda.max_memory_allocated() / 1e9
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            losses.append(step(args.warmup + i))
+        torch.cuda.synchronize()
+        el = time.perf_counter() - t0
+        rec["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        rec["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+        rec["peak_gb_incl_warmup"] = max(rec["peak_gb"], rec["peak_gb_load_and_warmup"])
+        tokens = args.batch * args.seq * args.steps
+        rec["elapsed_s"] = el
+        rec["step_s"] = el / args.steps
+        rec["tokens_per_s"] = tokens / el
+        lv = [float(l) for l in losses]
+        rec["loss_first"], rec["loss_last"] = lv[0], lv[-1]
+        rec["loss_finite"] = all(math.isfinite(v) for v in lv)
+        n, model_f, hw_f = flops_per_token(args.shape, args.seq, args.ckpt != "off")
+        rec["n_matmul_params"] = n
+        rec["model_flops_per_token"] = model_f
+        rec["hw_flops_per_token"] = hw_f
+        peak = None
+        if os.path.exists(args.peak_file):
+            peak = json.load(open(args.peak_file))["tflops"]
+        if peak:
+            rec["peak_tflops"] = peak
+            rec["achieved_model_tflops"] = rec["tokens_per_s"] * model_f / 1e12
+            rec["mfu"] = rec["achieved_model_tflops"] / peak
+            rec["hfu"] = rec["tokens_per_s"] * hw_f / 1e12 / peak
+        rec["error"] = None
+    except Exception as e:  # noqa: BLE001
+        import torch
+        is_oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        rec["error"] = ("OOM: " if is_oom else f"{type(e).__name__}: ") + str(e)[:600]
+        rec["traceback"] = traceback.format_exc()[-3000:]
+        try:
+            rec["peak_gb_at_error"] = torch.cuda.max_memory_allocated() / 1e9
+        except Exception:  # noqa: BLE001
+            pass
+        if "gpu" not in rec:
+            rec.update(versions())
+    rec["wall_s"] = round(time.time() - t_start, 1)
+    print("RESULT " + json.dumps(rec), flush=True)
+
+
+# ----------------------------------------------------------------------------- suite driver
+def parse_spec(spec):
+    # method:shape:ckpt[:quant[:batch]]
+    p = spec.split(":")
+    d = {"method": p[0], "shape": p[1], "ckpt": p[2], "quant": "none", "batch": None}
+    if len(p) > 3 and p[3]:
+        d["quant"] = p[3]
+    if len(p) > 4 and p[4]:
+        d["batch"] = int(p[4])
+    return d
+
+
+def suite(args):
+    t_end = time.time() + args.deadline_s
+    here = os.path.abspath(__file__)
+    results = []
+    for spec in [s for s in args.configs.split(",") if s]:
+        d = parse_spec(spec)
+        batches = [d["batch"]] if d["batch"] else [args.batch, 1] if args.batch > 1 else [1]
+        for bi, b in enumerate(batches):
+            left = t_end - time.time()
+            if left < 30:
+                rec = {"kind": "train", **d, "batch": b, "error": "skipped: out of time budget"}
+                print("RESULT " + json.dumps(rec), flush=True)
+                results.append(rec)
+                break
+            cmd = [sys.executable, here, "run", "--shape", d["shape"], "--method", d["method"],
+                   "--ckpt", d["ckpt"], "--quant", d["quant"], "--batch", str(b),
+                   "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
+                   "--autocast", args.autocast, "--peak-file", args.peak_file]
+            if d["method"] == "unsloth":
+                path = os.path.join(args.model_root, f"rand-{d['shape']}")
+                if not os.path.exists(os.path.join(path, "config.json")):
+                    subprocess.run([sys.executable, here, "save", "--shape", d["shape"], "--path", path])
+                cmd += ["--model-path", path]
+            print(f"### {spec} batch={b} (time left {left:.0f}s)", flush=True)
+            t0 = time.time()
+            rec = None
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=min(left, args.per_run_s))
+                lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+                if lines:
+                    rec = json.loads(lines[-1][7:])
+                else:
+                    rec = {"kind": "train", **d, "batch": b,
+                           "error": f"no result, rc={p.returncode}: " + (p.stderr or "")[-1500:]}
+                if args.log_dir:
+                    with open(os.path.join(args.log_dir, "children.log"), "a") as f:
+                        f.write(f"\n##### {spec} batch={b} rc={p.returncode}\n")
+                        f.write(p.stdout[-20000:])
+                        f.write("\n--- stderr ---\n" + p.stderr[-20000:])
+            except subprocess.TimeoutExpired as e:
+                rec = {"kind": "train", **d, "batch": b,
+                       "error": f"timeout after {time.time() - t0:.0f}s",
+                       "stderr_tail": (e.stderr or b"")[-1500:].decode("utf8", "replace")
+                       if isinstance(e.stderr, bytes) else str(e.stderr)[-1500:]}
+            rec.setdefault("spec", spec)
+            results.append(rec)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            short = {k: rec.get(k) for k in ("method", "shape", "ckpt", "quant", "batch",
+                                              "tokens_per_s", "peak_gb", "mfu", "error")}
+            print("SUMMARY " + json.dumps(short), flush=True)
+            err = rec.get("error") or ""
+            if not err.startswith("OOM"):
+                break  # only OOM triggers the batch-1 retry
+    print("\n%-8s %-3s %-7s %-4s %3s %10s %8s %6s %6s  %s" % (
+        "method", "sh", "ckpt", "q", "B", "tok/s", "peakGB", "MFU", "HFU", "error"))
+    for r in results:
+        print("%-8s %-3s %-7s %-4s %3s %10s %8s %6s %6s  %s" % (
+            r.get("method"), r.get("shape"), r.get("ckpt"), r.get("quant"), r.get("batch"),
+            f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-",
+            f"{r['peak_gb']:.2f}" if r.get("peak_gb") else "-",
+            f"{r['mfu']:.3f}" if r.get("mfu") else "-",
+            f"{r['hfu']:.3f}" if r.get("hfu") else "-",
+            (r.get("error") or "")[:90]))
+    if args.summary:
+        write_summary(args, results)
+
+
+def write_summary(args, results):
+    peak = None
+    if os.path.exists(args.peak_file):
+        peak = json.load(open(args.peak_file))
+    summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "git_commit": os.environ.get("GIT_COMMIT"),
+               "versions": versions(), "bf16_matmul": peak, "seq": args.seq, "batch": args.batch,
+               "warmup": args.warmup, "steps": args.steps, "configs": args.configs, "results": results}
+    with open(args.summary, "w") as f:
+        json.dump(summary, f, indent=1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["run", "suite", "matmul", "save", "flops"])
+    ap.add_argument("--shape", choices=list(SHAPES), default="1B")
+    ap.add_argument("--method", choices=["hf", "liger", "unsloth", "ours"], default="hf")
+    ap.add_argument("--ckpt", choices=["on", "off", "unsloth", "offload"], default="on")
+    ap.add_argument("--quant", choices=["none", "nf4"], default="none")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--autocast", choices=["bf16", "none"], default="bf16")
+    ap.add_argument("--model-path", default=None)
+    ap.add_argument("--model-root", default="/tmp")
+    ap.add_argument("--path", default=None)
+    ap.add_argument("--peak-file", default=PEAK_FILE_DEFAULT)
+    ap.add_argument("--configs", default="")
+    ap.add_argument("--out", default="results.jsonl")
+    ap.add_argument("--log-dir", default=None)
+    ap.add_argument("--deadline-s", type=float, default=540)
+    ap.add_argument("--per-run-s", type=float, default=300)
+    ap.add_argument("--summary", default=None, help="write a JSON summary (device, versions, commit) here")
+    args = ap.parse_args()
+    if args.mode == "run":
+        run_one(args)
+    elif args.mode == "suite":
+        suite(args)
+    elif args.mode == "matmul":
+        bench_matmul(out=args.peak_file)
+    elif args.mode == "save":
+        save_random(args.shape, args.path)
+    elif args.mode == "flops":
+        for sh in SHAPES:
+            for ck in (False, True):
+                print(sh, ck, flops_per_token(sh, args.seq, ck))
+
+
+if __name__ == "__main__":
+    main()
