@@ -4,28 +4,11 @@ lines (one per request, each with its request id)."""
 from __future__ import annotations
 
 import argparse
-import logging
 
-import structlog
 import uvicorn
 
 from serving.app import create_app
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(message)s")
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        cache_logger_on_first_use=True,
-    )
+from serving.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level)
     # Built before uvicorn starts so that bad settings fail the process at once, with their message.
     app = create_app()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)

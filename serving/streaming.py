@@ -6,9 +6,10 @@ relayed chunk carrying generated text counts as one token (vLLM emits one chunk 
 which is what a stream abandoned before the usage chunk is billed for; the engine's own usage, when
 it arrives, is authoritative.
 
-The usage record is written when the relay ends, however it ends: completed, client gone (the
-response is cancelled or closed while the relay waits), or engine failure. Closing the relay closes
-the upstream request, so an engine stops generating for a client that left.
+The usage record is written once, when the engine's ``[DONE]`` arrives (before it is relayed, so a
+client holding its full answer can rely on the record existing) or when the relay ends without it:
+client gone (the response is cancelled or closed while the relay waits) or engine failure. Closing
+the relay closes the upstream request, so an engine stops generating for a client that left.
 """
 
 from __future__ import annotations
@@ -74,12 +75,17 @@ class StreamRelay:
         self._relayed_tokens = 0
         self._usage: tuple[int, int] | None = None
         self._engine_error = False
+        self._finished = False
 
     async def events(self) -> AsyncIterator[bytes]:
         status = "client_disconnected"  # unless the loop below runs to its end
         try:
             try:
                 async for raw, data in sse_events(self._upstream.aiter_lines()):
+                    if data == DONE:
+                        # Bill before the client sees the end: once it has its answer, the record exists.
+                        with anyio.CancelScope(shield=True):
+                            await self._finish("engine_error" if self._engine_error else "ok")
                     if data is None or data == DONE or self._forward(data):
                         yield raw.encode()
                 status = "engine_error" if self._engine_error else "ok"
@@ -115,6 +121,9 @@ class StreamRelay:
         return self._wants_usage or not usage_only
 
     async def _finish(self, status: str) -> None:
+        if self._finished:
+            return
+        self._finished = True
         if self._usage is not None:
             prompt, completion = self._usage
         else:

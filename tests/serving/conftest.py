@@ -23,7 +23,11 @@ from scheduler.settings import BUILTIN_BASE_MODEL
 from serving.app import create_app
 from serving.database import Database
 from serving.deps import get_database
+from serving.logs import configure_logging
 from serving.settings import ServingSettings
+
+# JSON lines through stdlib logging, as in production, so that caplog sees the gateway's records.
+configure_logging("info")
 
 
 class LiveServer:

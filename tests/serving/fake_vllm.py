@@ -26,6 +26,7 @@ class EngineState:
     base_model: str
     load_delay_s: float = 0.0
     token_delay_s: float = 0.0
+    fail_status: int | None = None  # answer every completion with this error status
     loaded: dict[str, str] = field(default_factory=dict)  # lora_name -> lora_path
     load_calls: Counter = field(default_factory=Counter)  # lora_name -> successful loads
     served: list[str] = field(default_factory=list)  # model of every completion served
@@ -72,6 +73,8 @@ def create_engine_app(state: EngineState) -> FastAPI:
 
     async def complete(request: Request, chat: bool):
         body = await request.json()
+        if state.fail_status is not None:
+            return _error(state.fail_status, "engine failure injected by the test", "InternalServerError")
         model = body.get("model")
         if model != state.base_model and model not in state.loaded:
             return _error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
