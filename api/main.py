@@ -21,19 +21,20 @@ from api.middleware import RequestMiddleware
 from api.routes import files, jobs, proxy
 from api.settings import ApiSettings, get_settings
 from gpu_worker.storage import open_store
-from scheduler.db import get_engine, session_factory
-from scheduler.models import Base
+from scheduler.db import session_factory
+from scheduler.migrate import upgrade
 from scheduler.tenancy import ensure_bootstrap_key
 
 log = logging.getLogger("api")
 
 
 def prepare_database(settings: ApiSettings) -> None:
-    """Bring the schema up to date. Embedded mode (SQLite) creates the tables; PostgreSQL deployments
-    run migrations as their own step. The one place to switch to ``alembic upgrade head``."""
+    """Bring the schema up to date. Embedded mode (SQLite) runs the Alembic migrations to head at
+    start-up (idempotent, and the same history ``tuneforge migrate`` writes); PostgreSQL deployments
+    migrate as their own release step, so replicas starting together never race on DDL."""
     if settings.database_url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        Base.metadata.create_all(get_engine(settings.database_url))
+        upgrade(settings.database_url)
 
 
 def bootstrap(session: Session, settings: ApiSettings) -> None:

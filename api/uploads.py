@@ -48,7 +48,7 @@ class _PartSink:
     def __init__(self, upload: Upload, out: BinaryIO, limit: int):
         self.upload, self.out, self.limit = upload, out, limit
         self.validator = FileValidator()
-        self._pending = b""  # the file's current, unfinished line
+        self._pending = bytearray()  # the file's current, unfinished line
         self._parts = 0
         self._header_name = b""
         self._header_value = b""
@@ -102,15 +102,21 @@ class _PartSink:
         if self.upload.bytes > self.limit:
             raise _too_large(self.limit)
         self.out.write(chunk)
-        *lines, self._pending = (self._pending + chunk).split(b"\n")
-        for line in lines:
-            self.validator.feed(line)
+        # Grow the unfinished line in place: re-concatenating it per chunk would be quadratic in
+        # the length of a long line.
+        start = 0
+        while (newline := chunk.find(b"\n", start)) != -1:
+            self._pending += chunk[start:newline]
+            self.validator.feed(bytes(self._pending))
+            self._pending.clear()
+            start = newline + 1
+        self._pending += chunk[start:]
 
     def _part_end(self) -> None:
         if self._is_file:
             if self._pending:
-                self.validator.feed(self._pending)
-            self._pending = b""
+                self.validator.feed(bytes(self._pending))
+            self._pending.clear()
             self.upload.report = self.validator.finish()
         elif self._name:
             self.upload.fields[self._name] = self._value.decode("utf-8", "replace")
