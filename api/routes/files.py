@@ -17,7 +17,23 @@ from api.uploads import receive_upload
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.post("", response_model=FileObject)
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": sorted(files.PURPOSES)}},
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("", response_model=FileObject, openapi_extra=_UPLOAD_BODY)
 async def create_file(request: Request, session: SessionDep, store: StoreDep, settings: SettingsDep, principal: WriterPrincipal) -> FileObject:
     # The body is parsed here, not by FastAPI, so that it streams (see api.uploads).
     async with receive_upload(request, settings.max_upload_bytes) as upload:

@@ -71,6 +71,11 @@ async def list_models(request: Request) -> StreamingResponse:
     return await _forward(request)
 
 
-@router.api_route("/v1/models/{model:path}", methods=["GET", "DELETE"])
-async def model(request: Request, model: str) -> StreamingResponse:
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(request: Request, model: str) -> StreamingResponse:
+    return await _forward(request)
+
+
+@router.delete("/v1/models/{model:path}")
+async def delete_model(request: Request, model: str) -> StreamingResponse:
     return await _forward(request)

@@ -40,6 +40,13 @@ def _ts(value: datetime | None) -> int | None:
     return int(value.timestamp()) if value is not None else None
 
 
+def _error(error: dict | None) -> JobError | None:
+    # Written by the scheduler and workers; tolerate a missing field rather than fail the read.
+    if not error:
+        return None
+    return JobError(code=str(error.get("code") or "error"), message=str(error.get("message") or ""), param=error.get("param"))
+
+
 def to_public(job: Job) -> JobPublic:
     hp = (job.method.get("supervised") or {}).get("hyperparameters") or {}
     return JobPublic(
@@ -56,7 +63,7 @@ def to_public(job: Job) -> JobPublic:
         validation_file=job.validation_file_id,
         result_files=list(job.result_files or []),
         trained_tokens=job.trained_tokens,
-        error=JobError(**job.error) if job.error else None,
+        error=_error(job.error),
         seed=job.seed,
         suffix=job.suffix,
         user_provided_suffix=job.suffix,
