@@ -105,7 +105,9 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(loc) or None
     message = first.get("msg", "Invalid request")
-    if first.get("type") == "missing":
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
+        message = "The request body must be a JSON object, sent with 'Content-Type: application/json'."
+    elif first.get("type") == "missing":
         message = f"Missing required parameter: '{param}'."
     elif param:
         message = f"Invalid value for '{param}': {message}"

@@ -143,7 +143,8 @@ def gateway(test_db, data_dir, pg_url):
     def start(engine_urls: dict[str, list[str]], **settings) -> Gateway:
         settings.setdefault("engine_connect_timeout_s", 2.0)
         settings.setdefault("engine_read_timeout_s", 20.0)
-        config = ServingSettings(data_dir=data_dir, database_url=pg_url, base_models=[BUILTIN_BASE_MODEL], engines=engine_urls, **settings)
+        settings.setdefault("base_models", [BUILTIN_BASE_MODEL])
+        config = ServingSettings(data_dir=data_dir, database_url=pg_url, engines=engine_urls, **settings)
         app = create_app(config)
         app.dependency_overrides[get_database] = lambda: test_db
         server = LiveServer(app).start()

@@ -89,6 +89,7 @@ def create_engine_app(state: EngineState) -> FastAPI:
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(_stream(state, model, words, usage, chat, include_usage), media_type="text/event-stream")
+        await asyncio.sleep(state.token_delay_s * len(words))  # a non-streamed answer comes when all is generated
         text = " ".join(words)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
