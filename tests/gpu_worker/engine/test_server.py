@@ -214,3 +214,20 @@ def test_bad_adapter_folders_are_400_and_change_nothing(engine, client, tmp_path
         assert resp.status_code == 400, resp.text
         assert message in resp.json()["error"]["message"]
     assert {m.id for m in client.models.list().data} == before
+
+
+def test_health_and_unknown_routes(engine):
+    assert httpx.get(engine.url + "/health").json() == {"status": "ok"}
+    missing = httpx.get(engine.url + "/v1/nothing-here")
+    assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_runtime_adapter_updates_can_be_disabled(tiny_dir, adapter_dirs, tmp_path, monkeypatch):
+    from gpu_worker.engine.models import ServedModels
+    from tests.gpu_worker.engine.conftest import LiveEngine, engine_settings, tiny_loader
+
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "false")
+    with LiveEngine(ServedModels(engine_settings(tmp_path), loader=tiny_loader(tiny_dir))) as live:
+        resp, _ = load(live, adapter_dirs["attn"])
+        assert resp.status_code == 404 and "disabled" in resp.json()["error"]["message"]
+        assert live.models.adapters == {}
