@@ -19,9 +19,10 @@ from array import array
 from typing import Any, Iterable, Iterator
 
 from gpu_worker.storage import ObjectNotFound, ObjectStore, iter_lines
+from gpu_worker.validation import FileValidator
 
 IGNORE_INDEX = -100
-_ROLES = frozenset({"system", "developer", "user", "assistant"})
+_ROLES = frozenset({"system", "user", "assistant"})  # "tool" passes validation.py; not trained yet
 
 
 class DataError(ValueError):
@@ -68,53 +69,36 @@ class DataPosition:
 # --- parsing -----------------------------------------------------------------------------------------
 
 
-def parse_messages(obj: Any, *, param: str, line: int) -> list[dict[str, Any]]:
-    """Check one decoded line and return its messages as ``{"role", "content", "weight"}``."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
-        raise DataError('expected an object with a non-empty "messages" list', param=param, line=line)
+def parse_messages(obj: dict[str, Any], *, param: str, line: int) -> list[dict[str, Any]]:
+    """The trainer's rules on top of ``validation.check_example`` (which ``obj`` already passed):
+    returns the messages as ``{"role", "content", "weight"}``."""
     out = []
     for i, msg in enumerate(obj["messages"]):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise DataError(f"{where} is not an object", param=param, line=line)
-        role = msg.get("role")
-        if role not in _ROLES:
-            raise DataError(f"{where}.role {role!r} is not one of {sorted(_ROLES)}", param=param, line=line)
-        if msg.get("tool_calls") or msg.get("function_call"):
-            raise DataError(f"{where}: tool calls are not supported for fine-tuning yet", param=param, line=line)
-        content = _text(msg.get("content"))
-        if content is None:
-            raise DataError(f"{where}.content must be a string or a list of text parts", param=param, line=line)
+        where = f"message {i}"
+        role = msg["role"]
+        if role not in _ROLES or msg.get("tool_calls") is not None:
+            raise DataError(f"{where}: tool messages and tool calls are not supported by the trainer yet", param=param, line=line)
         weight = msg.get("weight", 1)
-        if weight not in (0, 1) or isinstance(weight, bool) or (weight == 0 and role != "assistant"):
-            raise DataError(f"{where}.weight must be 0 or 1, on assistant messages only", param=param, line=line)
-        out.append({"role": "system" if role == "developer" else role, "content": content, "weight": int(weight)})
+        if weight == 0 and role != "assistant":
+            raise DataError(f"{where}: 'weight' applies to assistant messages only", param=param, line=line)
+        out.append({"role": role, "content": msg["content"], "weight": int(weight)})
     if not any(m["role"] == "assistant" and m["weight"] for m in out):
-        raise DataError("no assistant message to train on (need one with weight 1)", param=param, line=line)
+        raise DataError("no assistant message to train on (every one has weight 0)", param=param, line=line)
     return out
 
 
-def _text(content: Any) -> str | None:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(parts) == len(content) and all(isinstance(p, str) for p in parts):
-            return "".join(parts)
-    return None
-
-
 def iter_messages(lines: Iterable[bytes | str], *, param: str) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """Decode JSONL lines into ``(line_number, messages)``; blank lines are skipped."""
+    """Decode JSONL lines into ``(line_number, messages)``, failing on the first bad line. The
+    platform-wide rules (``validation.py``, the same the API applied at upload) come first, then what
+    this trainer additionally needs; blank lines are skipped."""
+    validator = FileValidator(min_examples=1)
     for n, raw in enumerate(lines, start=1):
-        text = raw.decode("utf-8", errors="strict") if isinstance(raw, bytes) else raw
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"not valid JSON ({err.msg})", param=param, line=n) from None
-        yield n, parse_messages(obj, param=param, line=n)
+        errors_before = validator.error_count
+        obj = validator.feed(raw)
+        if validator.error_count > errors_before:
+            raise DataError(validator.finish().errors[-1].reason, param=param, line=n)
+        if obj is not None:
+            yield n, parse_messages(obj, param=param, line=n)
 
 
 # --- tokenization ------------------------------------------------------------------------------------
@@ -186,8 +170,6 @@ def load_dataset(store: ObjectStore, key: str, tokenizer, max_seq_length: int, *
                 dropped += 1
     except ObjectNotFound:
         raise DataError(f"file {key!r} not found in storage", param=param) from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"file is not UTF-8 ({err.reason})", param=param) from None
     if not examples:
         why = f" ({dropped} lost every assistant token to max_seq_length={max_seq_length})" if dropped else ""
         raise DataError(f"the file has no usable example{why}", param=param)
