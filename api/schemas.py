@@ -6,11 +6,22 @@ keys, key hashes) cannot leak: no public schema has them.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from gpu_worker.contract import TargetModule
+
+
+# What every resource id (file-…, ftjob-…, ftevent-…, ftckpt-…) looks like. Anything else cannot exist,
+# and must never reach the database as a query value (PostgreSQL rejects NUL bytes with an error).
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_ID = re.compile(ID_PATTERN)
+
+
+def is_well_formed_id(value: str) -> bool:
+    return bool(_ID.match(value))
 
 
 class _Request(BaseModel):
@@ -59,8 +70,8 @@ class MethodIn(_Request):
 
 class JobCreate(_Request):
     model: str = Field(min_length=1, max_length=512)
-    training_file: str = Field(min_length=1, max_length=64)
-    validation_file: str | None = Field(None, min_length=1, max_length=64)
+    training_file: str = Field(pattern=ID_PATTERN)
+    validation_file: str | None = Field(None, pattern=ID_PATTERN)
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     method: MethodIn | None = None

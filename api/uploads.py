@@ -26,6 +26,7 @@ from gpu_worker.validation import FileValidator, ValidationReport
 
 _MAX_FIELD_BYTES = 1024  # purpose and friends are short words
 _MAX_PARTS = 16
+_MAX_FILENAME_CHARS = 255
 _ENVELOPE_SLACK = 1 << 20  # boundaries, part headers and small fields around the file
 
 
@@ -36,6 +37,16 @@ class Upload:
     filename: str | None = None
     bytes: int = 0
     report: ValidationReport | None = None  # None when the request had no file part
+
+
+def _clean_filename(raw: bytes) -> str:
+    """The client's file name, made safe to store and to echo in a header: base name only (a path
+    must never reach anything), no control characters (PostgreSQL refuses NUL), bounded length."""
+    name = raw.decode("utf-8", "replace").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable())
+    if len(name) > _MAX_FILENAME_CHARS:
+        raise InvalidRequest(f"The file name is longer than {_MAX_FILENAME_CHARS} characters.", param="file", code="invalid_value")
+    return name or "upload.jsonl"
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -87,9 +98,7 @@ class _PartSink:
                 raise InvalidRequest(f"Unexpected file field {self._name!r}: send the file as 'file'.", param=self._name, code="invalid_multipart")
             if self.upload.report is not None or self.upload.filename is not None:
                 raise InvalidRequest("Send exactly one file per upload.", param="file", code="invalid_multipart")
-            # Keep the base name only: a client-supplied path must never reach anything.
-            raw = options[b"filename"].decode("utf-8", "replace")
-            self.upload.filename = os.path.basename(raw.replace("\\", "/")) or "upload.jsonl"
+            self.upload.filename = _clean_filename(options[b"filename"])
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]

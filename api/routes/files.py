@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentPrincipal, SessionDep, SettingsDep, StoreDep, WriterPrincipal
-from api.schemas import FileDeleted, FileObject, FilesPublic
+from api.schemas import ID_PATTERN, FileDeleted, FileObject, FilesPublic
 from api.services import files
 from api.uploads import receive_upload
 
@@ -44,8 +44,8 @@ async def create_file(request: Request, session: SessionDep, store: StoreDep, se
 def list_files(
     session: SessionDep,
     principal: CurrentPrincipal,
-    purpose: str | None = None,
-    after: str | None = None,
+    purpose: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.-]{1,40}$")] = None,
+    after: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     order: Literal["asc", "desc"] = "desc",
 ) -> FilesPublic:

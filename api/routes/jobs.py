@@ -7,12 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import CurrentPrincipal, SessionDep, SettingsDep, WriterPrincipal
-from api.schemas import CheckpointsPublic, JobCreate, JobEventsPublic, JobPublic, JobsPublic
+from api.schemas import ID_PATTERN, CheckpointsPublic, JobCreate, JobEventsPublic, JobPublic, JobsPublic
 from api.services import jobs
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 Limit = Annotated[int, Query(ge=1, le=100)]
+Cursor = Annotated[str | None, Query(pattern=ID_PATTERN)]
 
 
 @router.post("", response_model=JobPublic)
@@ -21,7 +22,7 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, prin
 
 
 @router.get("", response_model=JobsPublic)
-def list_jobs(session: SessionDep, principal: CurrentPrincipal, after: str | None = None, limit: Limit = 20) -> JobsPublic:
+def list_jobs(session: SessionDep, principal: CurrentPrincipal, after: Cursor = None, limit: Limit = 20) -> JobsPublic:
     return jobs.list_jobs(session, principal, after=after, limit=limit)
 
 
@@ -36,12 +37,12 @@ def cancel_job(job_id: str, session: SessionDep, principal: WriterPrincipal) -> 
 
 
 @router.get("/{job_id}/events", response_model=JobEventsPublic)
-def list_events(job_id: str, session: SessionDep, principal: CurrentPrincipal, after: str | None = None, limit: Limit = 20) -> JobEventsPublic:
+def list_events(job_id: str, session: SessionDep, principal: CurrentPrincipal, after: Cursor = None, limit: Limit = 20) -> JobEventsPublic:
     return jobs.list_events(session, principal, job_id, after=after, limit=limit)
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic)
 def list_checkpoints(
-    job_id: str, session: SessionDep, principal: CurrentPrincipal, after: str | None = None, limit: Limit = 10
+    job_id: str, session: SessionDep, principal: CurrentPrincipal, after: Cursor = None, limit: Limit = 10
 ) -> CheckpointsPublic:
     return jobs.list_checkpoints(session, principal, job_id, after=after, limit=limit)

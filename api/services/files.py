@@ -13,7 +13,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from api.errors import InvalidRequest, NotFound
-from api.schemas import FileDeleted, FileObject, FilesPublic
+from api.schemas import FileDeleted, FileObject, FilesPublic, is_well_formed_id
 from api.uploads import Upload
 from gpu_worker.storage import ObjectNotFound, ObjectStore
 from scheduler.models import File, Job, JobStatus, new_id
@@ -83,7 +83,9 @@ def create_file(session: Session, store: ObjectStore, principal: Principal, uplo
 
 
 def get_file_row(session: Session, principal: Principal, file_id: str) -> File:
-    row = session.scalar(select(File).where(File.id == file_id, File.org_id == principal.org_id))
+    row = None
+    if is_well_formed_id(file_id):
+        row = session.scalar(select(File).where(File.id == file_id, File.org_id == principal.org_id))
     if row is None:
         raise NotFound(f"No such File object: {file_id}", param="file_id", code="file_not_found")
     return row
@@ -101,7 +103,9 @@ def list_files(
         query = query.where(File.purpose == purpose)
     newest_first = order == "desc"
     if after:
-        cursor = get_file_row(session, principal, after)
+        cursor = session.scalar(select(File).where(File.id == after, File.org_id == principal.org_id))
+        if cursor is None:
+            raise InvalidRequest(f"Invalid cursor: no file {after!r}.", param="after", code="invalid_value")
         if newest_first:
             query = query.where(or_(File.created_at < cursor.created_at, and_(File.created_at == cursor.created_at, File.id < cursor.id)))
         else:

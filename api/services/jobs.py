@@ -23,6 +23,7 @@ from api.schemas import (
     JobEventsPublic,
     JobPublic,
     JobsPublic,
+    is_well_formed_id,
 )
 from api.services import hyperparameters
 from api.settings import ApiSettings
@@ -137,7 +138,9 @@ def create_job(session: Session, settings: ApiSettings, principal: Principal, bo
 
 
 def _job_row(session: Session, principal: Principal, job_id: str) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.org_id == principal.org_id))
+    job = None
+    if is_well_formed_id(job_id):
+        job = session.scalar(select(Job).where(Job.id == job_id, Job.org_id == principal.org_id))
     if job is None:
         raise NotFound(f"Could not find fine-tuning job {job_id}.", param="fine_tuning_job_id", code="fine_tuning_job_not_found")
     return job

@@ -87,3 +87,31 @@ def test_embedded_mode_creates_schema_and_bootstrap_key_once(tmp_path, sdk):
             assert res.status_code == 200 and res.json() == {"object": "list", "data": [], "has_more": False}
     with session_scope(settings.database_url) as session:
         assert session.scalar(select(func.count()).select_from(ApiKey)) == 1
+
+
+def test_malformed_ids_and_names_are_4xx_never_500(http, org_a):
+    # PostgreSQL refuses NUL bytes in text: such values must be turned away before any query.
+    auth = {"Authorization": f"Bearer {org_a[1]}"}
+    for path in ["/v1/files/a%00b", "/v1/files/a%00b/content", "/v1/fine_tuning/jobs/a%00b", "/v1/fine_tuning/jobs/a%00b/events"]:
+        assert http.get(path, headers=auth).status_code == 404, path
+    for path in ["/v1/fine_tuning/jobs?after=a%00b", "/v1/files?purpose=a%00b", "/v1/files?after=a%00b"]:
+        res = http.get(path, headers=auth)
+        assert res.status_code == 400 and res.json()["error"]["param"] in ("after", "purpose"), path
+    bad_file = http.post("/v1/fine_tuning/jobs", headers=auth, json={"model": "tuneforge-tiny", "training_file": "file-a\x00b"})
+    assert bad_file.status_code == 400 and bad_file.json()["error"]["param"] == "training_file"
+    long_name = http.post("/v1/files", headers=auth, files={"purpose": (None, "fine-tune"), "file": ("x" * 300 + ".jsonl", b"{}")})
+    assert long_name.status_code == 400 and long_name.json()["error"]["param"] == "file"
+
+
+def test_control_characters_are_stripped_from_stored_file_names(http, org_a, db_session):
+    from scheduler.models import File
+    from tests.api.conftest import jsonl
+
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="tr\x00ain\x07.jsonl"\r\n\r\n' + jsonl() + b"\r\n--b--\r\n"
+    )
+    headers = {"Authorization": f"Bearer {org_a[1]}", "content-type": "multipart/form-data; boundary=b"}
+    res = http.post("/v1/files", headers=headers, content=body)
+    assert res.status_code == 200 and res.json()["filename"] == "train.jsonl"
+    assert db_session.get(File, res.json()["id"]).filename == "train.jsonl"
