@@ -11,6 +11,7 @@ import logging
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Response
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api import errors
@@ -23,7 +24,7 @@ from api.settings import ApiSettings, get_settings
 from gpu_worker.storage import open_store
 from scheduler.db import session_factory
 from scheduler.migrate import upgrade
-from scheduler.tenancy import ensure_bootstrap_key
+from scheduler.tenancy import authenticate_key, ensure_bootstrap_key
 
 log = logging.getLogger("api")
 
@@ -39,9 +40,16 @@ def prepare_database(settings: ApiSettings) -> None:
 
 def bootstrap(session: Session, settings: ApiSettings) -> None:
     """Create the bootstrap admin key if configured; a no-op on every later start."""
-    if settings.bootstrap_api_key:
+    if not settings.bootstrap_api_key:
+        return
+    try:
         ensure_bootstrap_key(session, settings.bootstrap_api_key)
         session.commit()
+    except IntegrityError:
+        # Another replica starting at the same moment created it first: that is the outcome we want.
+        session.rollback()
+        if authenticate_key(session, settings.bootstrap_api_key) is None:
+            raise
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:

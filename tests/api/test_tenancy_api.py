@@ -126,3 +126,24 @@ def test_bootstrap_key_is_idempotent(settings, db_session):
     from scheduler.models import Organization
 
     assert db_session.get(Organization, principal.org_id).name == DEFAULT_ORG
+
+
+def test_bootstrap_tolerates_a_replica_that_created_the_key_first(settings, db_session, monkeypatch):
+    from sqlalchemy.exc import IntegrityError
+
+    import api.main
+
+    key = "tf-bootstrap-race-key-0123456789"
+    settings = settings.model_copy(update={"bootstrap_api_key": key})
+
+    def lost_race(session, _key):
+        raise IntegrityError("INSERT INTO api_keys", {}, Exception("duplicate key"))
+
+    monkeypatch.setattr(api.main, "ensure_bootstrap_key", lost_race)
+    with pytest.raises(IntegrityError):  # the key is still missing: a real error, not a race
+        bootstrap(db_session, settings)
+    monkeypatch.undo()
+    bootstrap(db_session, settings)  # the "other replica"
+    monkeypatch.setattr(api.main, "ensure_bootstrap_key", lost_race)
+    bootstrap(db_session, settings)  # loses the race, finds the key: fine
+    assert authenticate_key(db_session, key) is not None

@@ -196,3 +196,16 @@ def test_checkpoints_are_named_after_the_fine_tuned_model(client_a, upload, org_
     assert first.fine_tuned_model_checkpoint == f"ft:tuneforge-tiny:{org_a[0].name}:bot:{job.id}:ckpt-step-30"
     assert first.metrics.step == 30 and first.metrics.train_loss == pytest.approx(1 / 30)
     assert [c.step_number for c in client_a.fine_tuning.jobs.checkpoints.list(job.id, limit=2)] == [30, 20, 10]
+
+
+def test_job_and_its_first_event_are_written_together(client_a, upload, org_a, db_session, monkeypatch):
+    import api.services.jobs as job_service
+
+    def broken_add_event(*args, **kwargs):
+        raise RuntimeError("event table unavailable")
+
+    file_id = upload()
+    monkeypatch.setattr(job_service, "add_event", broken_add_event)
+    with pytest.raises(openai.InternalServerError):
+        client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=file_id)
+    assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
