@@ -10,6 +10,7 @@ import enum
 import json
 from dataclasses import dataclass
 
+import httpx
 import structlog
 from starlette.responses import Response
 
@@ -17,7 +18,7 @@ from scheduler.tenancy import Principal
 from serving import registry
 from serving.database import Database
 from serving.engines import EnginePool
-from serving.errors import EngineError
+from serving.errors import EngineError, EngineTimeout
 from serving.metering import Meter, Outcome, token_counts
 from serving.metrics import GatewayMetrics
 from serving.protocol import ChatCompletionRequest, CompletionRequest
@@ -54,7 +55,9 @@ async def complete(ctx: InferenceContext, endpoint: Endpoint, body: ChatCompleti
         return RelayResponse(StreamRelay(upstream, meter, wants_usage=body.wants_usage_chunk))
     try:
         raw = await upstream.read()
-    except Exception as exc:
+    except httpx.TimeoutException as exc:
+        raise EngineTimeout("The inference engine did not answer in time.") from exc
+    except httpx.HTTPError as exc:
         raise EngineError("The inference engine stopped in the middle of the response.") from exc
     finally:
         await upstream.aclose()

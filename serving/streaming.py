@@ -95,11 +95,15 @@ class StreamRelay:
                 body = error_body("The inference engine stopped in the middle of the response.", "server_error", code="engine_error")
                 yield f"data: {json.dumps(body)}\n\n".encode()
         finally:
-            # Shielded: when the client disconnects this runs inside a cancelled scope, and the
-            # record must still be written and the engine told to stop.
-            with anyio.CancelScope(shield=True):
-                await self._upstream.aclose()
-                await self._finish(status)
+            await self.close(status)
+
+    async def close(self, status: str = "client_disconnected") -> None:
+        """Close the upstream request and record usage; idempotent. Shielded: when the client
+        disconnects this runs inside a cancelled scope, and the record must still be written and the
+        engine told to stop."""
+        with anyio.CancelScope(shield=True):
+            await self._upstream.aclose()
+            await self._finish(status)
 
     def _forward(self, data: str) -> bool:
         """Account for one chunk; False if it must not reach the client."""
@@ -140,10 +144,12 @@ class StreamRelay:
 
 
 class RelayResponse(StreamingResponse):
-    """A streaming response that always closes its relay, also when the client disconnects while the
-    relay is suspended between two events (Starlette then abandons the iterator without closing it)."""
+    """A streaming response that always closes its relay: also when the client disconnects while the
+    relay is suspended between two events (Starlette then abandons the iterator without closing it),
+    or before the first event (the iterator never started, so its clean-up would never run)."""
 
     def __init__(self, relay: StreamRelay):
+        self._relay = relay
         super().__init__(
             relay.events(),
             media_type="text/event-stream",
@@ -157,3 +163,4 @@ class RelayResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                await self._relay.close()

@@ -128,3 +128,23 @@ def test_a_client_leaving_while_the_relay_waits_between_events_is_billed_once():
 
     assert asyncio.run(serve_then_look()) == [Outcome(0, 2, "client_disconnected")]
     assert upstream.replica.inflight == 0
+
+
+def test_a_client_gone_before_the_first_event_still_closes_the_engine_request():
+    meter = RecordingMeter()
+    upstream = _upstream([_chunk("a")], hang_after=True)
+    response = RelayResponse(StreamRelay(upstream, meter, wants_usage=False))
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        await asyncio.sleep(3600)  # not even the status line gets out
+
+    async def serve_then_look() -> list[Outcome]:
+        scope = {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST", "path": "/", "headers": []}
+        await asyncio.wait_for(response(scope, receive, send), 5)
+        return list(meter.outcomes)
+
+    assert asyncio.run(serve_then_look()) == [Outcome(0, 0, "client_disconnected")]
+    assert upstream.replica.inflight == 0 and upstream.response.is_closed
