@@ -102,7 +102,8 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
         message = "The request body is not valid JSON"
     else:
         message = f"{where}: {' or '.join(dict.fromkeys(reasons))}"
-    return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
+    code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
+    return JSONResponse(error_body(message, "invalid_request_error", param, code), 400)
 
 
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:

@@ -13,7 +13,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from gpu_worker.contract import TargetModule
 
-
 # What every resource id (file-…, ftjob-…, ftevent-…, ftckpt-…) looks like. Anything else cannot exist,
 # and must never reach the database as a query value (PostgreSQL rejects NUL bytes with an error).
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"

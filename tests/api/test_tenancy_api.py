@@ -49,7 +49,7 @@ def test_other_orgs_ids_are_404_exactly_like_missing_ones(http, make_org, resour
     file_id, job_id = resources_of_a
     _, key_b = make_org("org-b")
     auth_b = {"Authorization": f"Bearer {key_b}"}
-    for (method, foreign), (_, missing) in zip(_routes(file_id, job_id), _routes(MISSING_FILE, MISSING_JOB)):
+    for (method, foreign), (_, missing) in zip(_routes(file_id, job_id), _routes(MISSING_FILE, MISSING_JOB), strict=True):
         got = http.request(method, foreign, headers=auth_b)
         expected = http.request(method, missing, headers=auth_b)
         assert got.status_code == expected.status_code == 404, (method, foreign)

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from api.services.hyperparameters import BASE_LORA_LEARNING_RATE, auto_batch_size, auto_n_epochs
 from gpu_worker.contract import ALL_TARGET_MODULES, JobSpec
 from scheduler.jobs import add_event, claim, fail, mark_queued
-from scheduler.models import Checkpoint, File, Job, JobEvent, JobStatus
+from scheduler.models import Checkpoint, File, Job, JobEvent
 
 HP = "method.supervised.hyperparameters"
 
