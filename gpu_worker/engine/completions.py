@@ -44,7 +44,7 @@ class CompletionService:
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[str]:
         _refuse_unsupported(
             req,
-            n=req.n != 1,
+            n=req.n not in (None, 1),
             logprobs=bool(req.logprobs) or req.top_logprobs is not None,
             tools=bool(req.tools),
             response_format=bool(req.response_format) and req.response_format.get("type") != "text",
@@ -68,9 +68,9 @@ class CompletionService:
     async def complete(self, req: CompletionRequest) -> Completion | AsyncIterator[str]:
         _refuse_unsupported(
             req,
-            n=req.n != 1,
+            n=req.n not in (None, 1),
             best_of=req.best_of not in (None, 1),
-            echo=req.echo,
+            echo=bool(req.echo),
             logprobs=req.logprobs is not None,
             suffix=bool(req.suffix),
             logit_bias=bool(req.logit_bias),
@@ -212,14 +212,20 @@ def _text_prompt(target: Target, prompt) -> list[int]:
 
 def _sampling(req, max_tokens: int | None, prompt_tokens: int, target: Target) -> SamplingParams:
     limit = target.base.max_model_len
+    if prompt_tokens >= limit:
+        raise InvalidRequest(
+            f"This model's maximum context length is {limit} tokens. However, your prompt has {prompt_tokens} "
+            "tokens, leaving no room for a completion. Please reduce the length of the prompt.",
+            code="context_length_exceeded",
+        )
     if max_tokens is None:
         max_tokens = limit - prompt_tokens
-    if prompt_tokens + max(max_tokens, 1) > limit:
+    elif prompt_tokens + max_tokens > limit:
         raise InvalidRequest(
             f"This model's maximum context length is {limit} tokens. However, you requested "
             f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the completion). "
             "Please reduce the length of the prompt or the completion.",
-            param="max_tokens" if prompt_tokens < limit else None,
+            param="max_tokens",
             code="context_length_exceeded",
         )
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
@@ -229,6 +235,6 @@ def _sampling(req, max_tokens: int | None, prompt_tokens: int, target: Target) -
         top_p=1.0 if req.top_p is None else req.top_p,
         stop=stop,
         seed=req.seed,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
     )

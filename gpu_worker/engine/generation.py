@@ -31,7 +31,7 @@ from transformers import DynamicCache
 from gpu_worker.engine import adapters
 from gpu_worker.engine.detokenizer import Detokenizer
 from gpu_worker.engine.kvcache import KVBatch
-from gpu_worker.engine.sampling import SamplingParams, sample
+from gpu_worker.engine.sampling import SamplingParams, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class ModelRunner:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         out = self._forward(seqs, ids, mask, positions, DynamicCache(), logits_to_keep=1)
         kv = KVBatch.from_cache(out.past_key_values, mask)
-        alive = [i for i, seq in enumerate(seqs) if not self._accept(seq, out.logits[i, -1])]
+        alive = self._accept_all(seqs, out.logits[:, -1])
         survivors = kv.select(alive)
         if survivors is not None:
             self._kv = survivors if self._kv is None else self._kv.concat(survivors)
@@ -224,7 +224,7 @@ class ModelRunner:
         ids = torch.tensor([[seq.pending] for seq in self._running], device=self.device)
         out = self._forward(self._running, ids, kv.step_mask(), kv.next_positions(), kv.to_cache())
         kv = kv.after_step(out.past_key_values)
-        alive = [i for i, seq in enumerate(self._running) if not self._accept(seq, out.logits[i, -1])]
+        alive = self._accept_all(self._running, out.logits[:, -1])
         self._running = [self._running[i] for i in alive]
         self._kv = kv.select(alive)
 
@@ -240,9 +240,13 @@ class ModelRunner:
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, **kwargs
         )
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> bool:
-        """Sample ``seq``'s next token from ``logits`` ([vocab]) and report it; True if it finished."""
-        token = sample(logits, seq.output_ids, seq.params, seq.generator)
+    def _accept_all(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Sample each row's next token from ``logits`` ([rows, vocab]); the indices of rows still running."""
+        tokens = sample_rows(logits, seqs)
+        return [i for i, (seq, token) in enumerate(zip(seqs, tokens)) if not self._accept(seq, token)]
+
+    def _accept(self, seq: Sequence, token: int) -> bool:
+        """Record and report ``seq``'s next token; True if it finished."""
         seq.output_ids.append(token)
         count = len(seq.output_ids)
         reason = None

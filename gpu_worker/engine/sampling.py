@@ -33,6 +33,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
     def make_generator(self) -> torch.Generator:
         generator = torch.Generator()
         if self.seed is None:
@@ -67,3 +71,19 @@ def sample(logits: torch.Tensor, output_ids: list[int], params: SamplingParams, 
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_rows(logits: torch.Tensor, seqs) -> list[int]:
+    """The next token of every row. ``logits``: [rows, vocab]; ``seqs``: per row, anything with
+    ``params``, ``output_ids`` and ``generator``. Plain greedy rows share one argmax, so a batch of
+    them costs one device-to-host copy instead of one per row."""
+    tokens: list[int | None] = [None] * len(seqs)
+    plain = [i for i, seq in enumerate(seqs) if seq.params.greedy and not seq.params.penalised]
+    if plain:
+        rows = logits.index_select(0, torch.tensor(plain, device=logits.device))
+        for i, token in zip(plain, rows.argmax(dim=-1).tolist()):
+            tokens[i] = token
+    for i, seq in enumerate(seqs):
+        if tokens[i] is None:
+            tokens[i] = sample(logits[i], seq.output_ids, seq.params, seq.generator)
+    return tokens

@@ -161,3 +161,24 @@ def test_sampling_is_reproducible_with_a_seed_whatever_the_batch(runner):
 
     results = [run(0), run(3)]
     assert results[0] == results[1]
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving(runner, reference):
+    forward = runner.model.forward
+    calls = {"n": 0}
+
+    def explode_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated device error")
+        return forward(*args, **kwargs)
+
+    runner.model.forward = explode_once
+    seq, sink = _submit(runner, PROMPTS[0], "attn", 5)
+    runner.start()
+    assert sink.done.wait(60)
+    assert sink.deltas[-1].error and "simulated device error" in sink.deltas[-1].error
+    after, after_sink = _submit(runner, PROMPTS[0], "attn", 5)
+    assert after_sink.done.wait(60) and after_sink.deltas[-1].finish_reason
+    del runner.model.forward
+    assert runner.alive

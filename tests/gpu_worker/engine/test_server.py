@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 
 import httpx
@@ -231,3 +232,30 @@ def test_runtime_adapter_updates_can_be_disabled(tiny_dir, adapter_dirs, tmp_pat
         resp, _ = load(live, adapter_dirs["attn"])
         assert resp.status_code == 404 and "disabled" in resp.json()["error"]["message"]
         assert live.models.adapters == {}
+
+
+def test_explicit_nulls_mean_defaults(engine):
+    body = {"model": TINY, "messages": MESSAGES, "max_tokens": 2, "n": None, "stream": None, "seed": None, "temperature": None}
+    resp = httpx.post(engine.url + "/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+
+
+def test_prompt_longer_than_the_context_is_400(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=TINY, prompt=list(range(5, 300)), max_tokens=None)
+    assert err.value.body["code"] == "context_length_exceeded"
+
+
+def test_client_that_disconnects_mid_stream_frees_its_row(engine):
+    runner = engine.models.bases[TINY].runner
+    body = {"model": TINY, "prompt": "One", "max_tokens": 240, "stream": True, "temperature": 0}
+    passes_before = runner.stats.forward_passes
+    with httpx.stream("POST", engine.url + "/v1/completions", json=body, timeout=60) as resp:
+        lines = resp.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))
+    # The response is closed after one chunk: the request must leave the batch long before 240 tokens.
+    deadline = time.monotonic() + 10
+    while runner._running and time.monotonic() < deadline:  # noqa: SLF001 (the batch is the observable here)
+        time.sleep(0.01)
+    assert not runner._running
+    assert runner.stats.forward_passes - passes_before < 120
