@@ -7,6 +7,7 @@ keys, key hashes) cannot leak: no public schema has them.
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -21,6 +22,16 @@ _ID = re.compile(ID_PATTERN)
 
 def is_well_formed_id(value: str) -> bool:
     return bool(_ID.match(value))
+
+
+def unix_seconds(value: datetime | None) -> int | None:
+    """OpenAI's timestamps are integer Unix seconds. SQLite hands datetimes back without a zone;
+    they were written in UTC, so they are read as UTC, never as the server's local time."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return int(value.timestamp())
 
 
 class _Request(BaseModel):

@@ -13,7 +13,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from api.errors import InvalidRequest, NotFound
-from api.schemas import FileDeleted, FileObject, FilesPublic, is_well_formed_id
+from api.schemas import FileDeleted, FileObject, FilesPublic, is_well_formed_id, unix_seconds
 from api.uploads import Upload
 from gpu_worker.storage import ObjectNotFound, ObjectStore
 from scheduler.models import File, Job, JobStatus, new_id
@@ -33,7 +33,7 @@ def to_public(row: File) -> FileObject:
     return FileObject(
         id=row.id,
         bytes=row.bytes,
-        created_at=int(row.created_at.timestamp()),
+        created_at=unix_seconds(row.created_at),
         filename=row.filename,
         purpose=row.purpose,
         status=row.status,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-from datetime import datetime
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
@@ -24,6 +23,7 @@ from api.schemas import (
     JobPublic,
     JobsPublic,
     is_well_formed_id,
+    unix_seconds,
 )
 from api.services import hyperparameters
 from api.settings import ApiSettings
@@ -37,10 +37,6 @@ log = logging.getLogger("api.jobs")
 FINE_TUNE_PURPOSE = "fine-tune"
 
 
-def _ts(value: datetime | None) -> int | None:
-    return int(value.timestamp()) if value is not None else None
-
-
 def _error(error: dict | None) -> JobError | None:
     # Written by the scheduler and workers; tolerate a missing field rather than fail the read.
     if not error:
@@ -52,8 +48,8 @@ def to_public(job: Job) -> JobPublic:
     hp = (job.method.get("supervised") or {}).get("hyperparameters") or {}
     return JobPublic(
         id=job.id,
-        created_at=_ts(job.created_at),
-        finished_at=_ts(job.finished_at),
+        created_at=unix_seconds(job.created_at),
+        finished_at=unix_seconds(job.finished_at),
         model=job.model,
         fine_tuned_model=job.fine_tuned_model,
         organization_id=job.org_id,
@@ -68,7 +64,7 @@ def to_public(job: Job) -> JobPublic:
         seed=job.seed,
         suffix=job.suffix,
         user_provided_suffix=job.suffix,
-        estimated_finish=_ts(job.estimated_finish),
+        estimated_finish=unix_seconds(job.estimated_finish),
     )
 
 
@@ -185,7 +181,7 @@ def list_events(session: Session, principal: Principal, job_id: str, *, after: s
         query = query.where(JobEvent.seq < cursor)
     rows = list(session.scalars(query.order_by(JobEvent.seq.desc()).limit(limit + 1)))
     data = [
-        JobEventPublic(id=e.id, created_at=_ts(e.created_at), level=e.level, message=e.message, type=e.type, data=e.data)
+        JobEventPublic(id=e.id, created_at=unix_seconds(e.created_at), level=e.level, message=e.message, type=e.type, data=e.data)
         for e in rows[:limit]
     ]
     return JobEventsPublic(data=data, has_more=len(rows) > limit)
@@ -206,7 +202,7 @@ def list_checkpoints(session: Session, principal: Principal, job_id: str, *, aft
     data = [
         CheckpointPublic(
             id=c.id,
-            created_at=_ts(c.created_at),
+            created_at=unix_seconds(c.created_at),
             fine_tuned_model_checkpoint=f"{model}:ckpt-step-{c.step}",
             fine_tuning_job_id=job.id,
             step_number=c.step,

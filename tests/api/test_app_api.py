@@ -115,3 +115,19 @@ def test_control_characters_are_stripped_from_stored_file_names(http, org_a, db_
     res = http.post("/v1/files", headers=headers, content=body)
     assert res.status_code == 200 and res.json()["filename"] == "train.jsonl"
     assert db_session.get(File, res.json()["id"]).filename == "train.jsonl"
+
+
+def test_naive_datetimes_from_sqlite_are_read_as_utc(monkeypatch):
+    import time
+    from datetime import datetime, timezone
+
+    from api.schemas import unix_seconds
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        aware = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+        assert unix_seconds(aware.replace(tzinfo=None)) == unix_seconds(aware) == 1767323045
+    finally:
+        monkeypatch.undo()
+        time.tzset()
