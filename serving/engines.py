@@ -22,7 +22,7 @@ from typing import Any, Callable
 import httpx
 import structlog
 
-from serving.errors import EngineError, EngineRejected, EngineTimeout, EngineUnavailable, ServingError
+from serving.errors import EngineError, EngineRejected, EngineTimeout, EngineUnavailable
 from serving.registry import AdapterRef, ResolvedModel
 
 log = structlog.get_logger(__name__)
@@ -35,6 +35,16 @@ class Replica:
     loaded: set[str] = field(default_factory=set)  # adapter ids this replica has (as far as we know)
     inflight: int = 0
     down_until: float = 0.0  # monotonic time; tried last until then
+
+
+class _ReplicaUnavailable(Exception):
+    """This replica cannot take the request now; the next one may. ``reachable`` is False when it
+    refused the connection (restarting: whatever it had loaded is gone) and True when it answered
+    503 (overloaded or still starting: its adapters are still there)."""
+
+    def __init__(self, reachable: bool):
+        super().__init__("reachable" if reachable else "unreachable")
+        self.reachable = reachable
 
 
 class Upstream:
@@ -132,11 +142,11 @@ class EnginePool:
             replica.inflight += 1
             try:
                 return await self._open_on(replica, target, path, payload, request_id)
-            except EngineUnavailable:
+            except _ReplicaUnavailable as exc:
                 replica.inflight -= 1
                 replica.down_until = time.monotonic() + self._cooldown_s
-                # A replica that went away may come back empty: forget what it had loaded.
-                replica.loaded.clear()
+                if not exc.reachable:
+                    replica.loaded.clear()
             except BaseException:
                 replica.inflight -= 1
                 raise
@@ -167,18 +177,18 @@ class EnginePool:
             return await self.client.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             log.warning("engine unreachable", engine=replica.url, error=repr(exc))
-            raise EngineUnavailable("unreachable") from exc
+            raise _ReplicaUnavailable(reachable=False) from exc
         except httpx.TimeoutException as exc:
             raise EngineTimeout("The inference engine did not answer in time.") from exc
         except httpx.HTTPError as exc:
             log.warning("engine connection failed", engine=replica.url, error=repr(exc))
             raise EngineError("The inference engine closed the connection unexpectedly.") from exc
 
-    def _rejection(self, replica: Replica, target: ResolvedModel, status: int, body: bytes) -> ServingError:
+    def _rejection(self, replica: Replica, target: ResolvedModel, status: int, body: bytes) -> Exception:
         message = engine_message(body)
         if status == 503:
             log.warning("engine overloaded or starting", engine=replica.url, message=message)
-            return EngineUnavailable("overloaded")
+            return _ReplicaUnavailable(reachable=True)
         if 400 <= status < 500 and status not in (401, 403, 404):
             return EngineRejected(400 if status == 422 else status, message)
         # 404 for a base model, 401/403 or a 5xx: the deployment is wrong or the engine broke; that
@@ -216,6 +226,6 @@ class EnginePool:
         if response.status_code == 400 and "already" in message.lower():
             return
         if response.status_code == 503:
-            raise EngineUnavailable("overloaded")
+            raise _ReplicaUnavailable(reachable=True)
         log.error("adapter load failed", engine=replica.url, adapter=adapter.id, status=response.status_code, message=message)
         raise EngineError(f"The inference engine could not load model `{adapter.id}`.")

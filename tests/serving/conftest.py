@@ -71,11 +71,17 @@ class FakeEngine:
     def url(self) -> str:
         return self.server.url
 
-    def restart(self) -> None:
-        """Stop the engine and start a fresh one (nothing loaded) on the same port."""
+    def stop(self) -> None:
         self.server.stop()
+
+    def start(self) -> None:
+        """Start a fresh engine (nothing loaded) on the same port."""
         self.state = EngineState(base_model=self.state.base_model, load_delay_s=self.state.load_delay_s, token_delay_s=self.state.token_delay_s)
         self.server = LiveServer(create_engine_app(self.state), self.server.port).start()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
 
 @pytest.fixture

@@ -29,8 +29,10 @@ class EngineState:
     fail_status: int | None = None  # answer every completion with this error status
     loaded: dict[str, str] = field(default_factory=dict)  # lora_name -> lora_path
     load_calls: Counter = field(default_factory=Counter)  # lora_name -> successful loads
+    load_requests: Counter = field(default_factory=Counter)  # lora_name -> loads asked for, refused or not
     served: list[str] = field(default_factory=list)  # model of every completion served
     request_ids: list[str] = field(default_factory=list)
+    not_found: int = 0  # completions refused because the model is not loaded
     streams_aborted: int = 0
     tokens_streamed: int = 0
 
@@ -56,6 +58,7 @@ def create_engine_app(state: EngineState) -> FastAPI:
     @app.post("/v1/load_lora_adapter")
     async def load(body: dict[str, Any]):
         name, path = body.get("lora_name"), body.get("lora_path")
+        state.load_requests[name] += 1
         if not name or not isinstance(path, str) or not path.startswith("store:"):
             return _error(400, "lora_name and a store: lora_path are required", "BadRequestError")
         if name in state.loaded:
@@ -77,6 +80,7 @@ def create_engine_app(state: EngineState) -> FastAPI:
             return _error(state.fail_status, "engine failure injected by the test", "InternalServerError")
         model = body.get("model")
         if model != state.base_model and model not in state.loaded:
+            state.not_found += 1
             return _error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
         if not isinstance(max_tokens, int) or max_tokens < 1:

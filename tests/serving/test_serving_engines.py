@@ -168,3 +168,43 @@ def test_an_overloaded_replica_is_skipped_and_a_broken_one_is_502(engines, gatew
     assert err.value.status_code == 502
     assert err.value.body["code"] == "engine_error"
     assert "injected" not in err.value.body["message"]
+
+
+
+def test_an_overloaded_replica_keeps_its_adapters(engines, gateway, make_org, make_adapter):
+    replicas = [engines(), engines()]
+    gw = gateway({BUILTIN_BASE_MODEL: [r.url for r in replicas]}, replica_cooldown_s=0)
+    org, key = make_org()
+    model = make_adapter(org)
+    client = gw.client(key)
+    client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1)
+    [holder] = [r for r in replicas if r.state.load_calls[model]]
+    [other] = [r for r in replicas if r is not holder]
+
+    holder.state.fail_status = 503  # overloaded: it answers, just not now
+    client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1)
+    holder.state.fail_status, other.state.fail_status = None, 503
+    client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1)
+
+    assert other.state.served == [model]  # the overloaded replica's request went elsewhere
+    assert holder.state.served == [model, model]
+    assert holder.state.load_requests[model] == 1  # the gateway knew it still had the adapter
+
+
+def test_a_replica_that_refused_connections_gets_its_adapters_again_before_use(engines, gateway, make_org, make_adapter):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]}, replica_cooldown_s=0)
+    org, key = make_org()
+    model = make_adapter(org)
+    client = gw.client(key)
+    client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1)
+
+    engine.stop()
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1)
+    engine.start()
+    answer = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1)
+
+    assert answer.choices[0].message.content == model
+    # Loaded before the first request: the gateway knew the replica had been gone.
+    assert engine.state.load_calls == {model: 1} and engine.state.not_found == 0
