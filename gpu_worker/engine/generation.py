@@ -153,7 +153,7 @@ class ModelRunner:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopping or self._waiting or self._running or self._retiring):
+                while not (self._stopping or self._waiting or self._running or self._detachable()):
                     self._cv.wait()
                 if self._stopping:
                     break
@@ -278,15 +278,22 @@ class ModelRunner:
                 self._release(seq)
                 seq.sink(Delta("", len(seq.output_ids), error=message))
 
+    def _detachable(self) -> list[str]:
+        """Unloaded adapters that no request uses any more (under ``_cv``)."""
+        return [name for name in self._retiring if self._in_use[name] <= 0]
+
     def _detach_retired(self) -> None:
         """Detach unloaded adapters no request uses any more (under the model lock)."""
         with self._cv:
-            done = [name for name in self._retiring if self._in_use[name] <= 0]
+            done = self._detachable()
             self._retiring.difference_update(done)
             for name in done:
                 self._in_use.pop(name, None)
         for name in done:
-            self.model = adapters.detach(self.model, name)
+            try:
+                self.model = adapters.detach(self.model, name)
+            except Exception:  # keep serving: an adapter left attached costs memory, not correctness
+                log.exception("could not detach adapter %s from %s", name, self.name)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import logging
 import threading
+import time
 from typing import AsyncIterator, Callable
 
 from gpu_worker.engine import adapters
@@ -82,6 +83,7 @@ class ServedModels:
         self.adapters: dict[str, AdapterEntry] = {}
         self._lock = threading.Lock()  # serialises adapter loads and unloads
         self._internal_ids = itertools.count(1)
+        self._last_used: dict[str, float] = {}  # adapter name -> monotonic time of its last request
 
     def start(self) -> None:
         for base in self.bases.values():
@@ -106,6 +108,7 @@ class ServedModels:
         adapter = self.adapters.get(name)
         if adapter is None:
             raise ModelNotFound(name)
+        self._last_used[name] = time.monotonic()
         return Target(name, self.bases[adapter.base], adapter.internal)
 
     # --- adapters (blocking: call from a worker thread) -----------------------------------------------
@@ -121,15 +124,12 @@ class ServedModels:
             folder = adapters.materialise(lora_path, storage_url=self.settings.storage_url, cache_dir=self.settings.adapter_cache_dir)
             files = adapters.read_adapter(folder, max_rank=self.settings.max_lora_rank)
             base = self._base_for(files)
-            loaded = sum(1 for a in self.adapters.values() if a.base == base.name)
-            if loaded >= self.settings.max_loras:
-                raise InvalidRequest(
-                    f"{loaded} adapters are loaded on {base.name}, the maximum; unload one first", param="lora_name"
-                )
+            self._make_room(base)
             internal = f"lora-{next(self._internal_ids)}"
             base.runner.attach_adapter(internal, files)
             entry = AdapterEntry(lora_name, base.name, internal, lora_path, files.rank, now())
             self.adapters[lora_name] = entry
+            self._last_used[lora_name] = time.monotonic()
         log.info("loaded adapter %s (%s) on %s from %s", lora_name, internal, base.name, lora_path)
         return entry
 
@@ -143,13 +143,27 @@ class ServedModels:
             code="base_model_mismatch",
         )
 
+    def _make_room(self, base: BaseModelEntry) -> None:
+        """At ``max_loras`` adapters on ``base``, evict the least recently used one (under ``_lock``), as
+        vLLM's LoRA cache does: a later request for it gets 404 and the gateway loads it again."""
+        on_base = [name for name, a in self.adapters.items() if a.base == base.name]
+        if len(on_base) >= self.settings.max_loras:
+            victim = min(on_base, key=lambda name: self._last_used.get(name, 0.0))
+            self._unload(victim)
+            log.info("evicted adapter %s from %s to make room (max_loras=%d)", victim, base.name, self.settings.max_loras)
+
     def unload_adapter(self, lora_name: str) -> None:
         with self._lock:
-            entry = self.adapters.pop(lora_name, None)
-            if entry is None:
-                raise AdapterNotFound(lora_name)
-            self.bases[entry.base].runner.retire_adapter(entry.internal)
-        log.info("unloaded adapter %s (%s)", lora_name, entry.internal)
+            self._unload(lora_name)
+        log.info("unloaded adapter %s", lora_name)
+
+    def _unload(self, lora_name: str) -> None:
+        entry = self.adapters.pop(lora_name, None)
+        if entry is None:
+            raise AdapterNotFound(lora_name)
+        self._last_used.pop(lora_name, None)
+        # Requests already using it finish first; new ones get 404 from now on.
+        self.bases[entry.base].runner.retire_adapter(entry.internal)
 
     # --- generation ----------------------------------------------------------------------------------
 

@@ -32,7 +32,8 @@ class EngineSettings(BaseSettings):
     )
     # vLLM's --max-lora-rank: adapters of a larger rank are refused at load time.
     max_lora_rank: int = Field(64, ge=1, le=1024)
-    # Adapters resident per base model (vLLM's --max-cpu-loras); the gateway unloads to make room.
+    # Adapters resident per base model (vLLM's --max-cpu-loras): loading one more evicts the least
+    # recently used; the gateway reloads an evicted adapter when a request for it gets 404.
     max_loras: int = Field(32, ge=1)
     # Sequences decoded together; also the number of requests admitted before others queue.
     max_batch_size: int = Field(16, ge=1)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gpu_worker.engine import adapters
-from gpu_worker.engine.errors import InvalidRequest
+from gpu_worker.engine.errors import InvalidRequest, ModelNotFound
 from gpu_worker.engine.models import ServedModels
 from gpu_worker.storage import LocalStore, put_dir
 from tests.gpu_worker.engine.conftest import TINY, engine_settings, load_tiny, tiny_loader
@@ -158,3 +158,14 @@ def test_a_failed_attach_leaves_the_model_as_it_was(tiny_dir, adapter_dirs, copy
     with pytest.raises(InvalidRequest, match="do not match its configuration"):
         adapters.attach(model, "a", adapters.read_adapter(folder, max_rank=64))
     assert not any("lora" in name for name, _ in model.named_modules())
+
+
+def test_loading_beyond_max_loras_evicts_the_least_recently_used(tiny_dir, adapter_dirs, tmp_path):
+    models = ServedModels(engine_settings(tmp_path, max_loras=2), loader=tiny_loader(tiny_dir))
+    models.load_adapter("a", str(adapter_dirs["attn"]))
+    models.load_adapter("b", str(adapter_dirs["mlp"]))
+    models.resolve("a")  # "a" was used more recently than "b"
+    models.load_adapter("c", str(adapter_dirs["all"]))
+    assert set(models.adapters) == {"a", "c"}
+    with pytest.raises(ModelNotFound):
+        models.resolve("b")
