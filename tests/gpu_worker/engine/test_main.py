@@ -47,7 +47,10 @@ def test_engine_process_serves_the_builtin_model_and_store_adapters(tmp_path):
     env = {**os.environ, "TUNEFORGE_STORAGE_URL": str(tmp_path / "objects"), "TUNEFORGE_DATA_DIR": str(engine_dir)}
     log = open(tmp_path / "engine.log", "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpu_worker.engine", "--port", str(port), "--model", "tuneforge-tiny", "--log-level", "info"],
+        [
+            sys.executable, "-m", "gpu_worker.engine", "--port", str(port), "--model", "tuneforge-tiny", "--log-level", "info",
+            "--lora-modules", f"local={tmp_path / 'adapter'}",
+        ],  # fmt: skip
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -68,7 +71,7 @@ def test_engine_process_serves_the_builtin_model_and_store_adapters(tmp_path):
         resp = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "ft:tuneforge-tiny:acme::1", "lora_path": "store:orgs/acme/jobs/ftjob-1/adapter"}, timeout=60)
         assert resp.status_code == 200, resp.text
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        assert {m.id for m in client.models.list().data} == {"tuneforge-tiny", "ft:tuneforge-tiny:acme::1"}
+        assert {m.id for m in client.models.list().data} == {"tuneforge-tiny", "local", "ft:tuneforge-tiny:acme::1"}
 
         messages = [{"role": "user", "content": "Classify the sentiment of this review: the food was great"}]
         answer = client.chat.completions.create(model="ft:tuneforge-tiny:acme::1", messages=messages, max_tokens=8, temperature=0)
