@@ -135,29 +135,43 @@ def test_metrics_count_requests_by_route_and_status_and_tokens_by_model(engines,
     client = gw.client(key)
     client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=3)
     client.completions.create(model=BUILTIN_BASE_MODEL, prompt="a b", max_tokens=2)
+    expected = [
+        'tuneforge_serving_requests_total{method="POST",route="/v1/chat/completions",status="200"} 1.0',
+        'tuneforge_serving_requests_total{method="GET",route="/v1/models",status="401"} 1.0',
+        f'tuneforge_serving_tokens_total{{kind="prompt",model="{BUILTIN_BASE_MODEL}"}} 6.0',
+        f'tuneforge_serving_tokens_total{{kind="completion",model="{BUILTIN_BASE_MODEL}"}} 5.0',
+        f'tuneforge_serving_adapter_loads_total{{model="{BUILTIN_BASE_MODEL}"}} 1.0',
+        'tuneforge_serving_request_duration_seconds_count{route="/v1/completions"} 1.0',
+    ]
     with gw.http() as http:
         http.get("/v1/models")  # no key: 401
+        # A request is counted after its last byte went out, so the count may trail the client.
+        deadline = time.monotonic() + 5
+        while True:
+            text = http.get("/metrics").text
+            if all(line in text for line in expected) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
 
-        text = http.get("/metrics").text
-
-    assert 'tuneforge_serving_requests_total{method="POST",route="/v1/chat/completions",status="200"} 1.0' in text
-    assert 'tuneforge_serving_requests_total{method="GET",route="/v1/models",status="401"} 1.0' in text
-    assert f'tuneforge_serving_tokens_total{{kind="prompt",model="{BUILTIN_BASE_MODEL}"}} 6.0' in text
-    assert f'tuneforge_serving_tokens_total{{kind="completion",model="{BUILTIN_BASE_MODEL}"}} 5.0' in text
-    assert f'tuneforge_serving_adapter_loads_total{{model="{BUILTIN_BASE_MODEL}"}} 1.0' in text
-    assert 'tuneforge_serving_request_duration_seconds_count{route="/v1/completions"} 1.0' in text
+    assert [line for line in expected if line not in text] == []
 
 
 def test_log_lines_carry_the_request_id(engines, gateway, make_org, caplog):
     gw = gateway({BUILTIN_BASE_MODEL: [engines().url]})
     _, key = make_org()
 
+    def traced() -> set[str]:
+        events = [json.loads(r.getMessage()) for r in caplog.records if r.name.startswith("serving")]
+        return {e["event"] for e in events if e.get("request_id") == "traced-1"}
+
     with caplog.at_level("INFO"):
         gw.client(key).completions.create(model=BUILTIN_BASE_MODEL, prompt="a", max_tokens=1, extra_headers={"x-request-id": "traced-1"})
+        # The access line is written after the last byte went out, so it may trail the client.
+        deadline = time.monotonic() + 5
+        while "request" not in traced() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
-    events = [json.loads(r.getMessage()) for r in caplog.records if r.name.startswith("serving")]
-    traced = {e["event"] for e in events if e.get("request_id") == "traced-1"}
-    assert {"forwarding", "usage recorded", "request"} <= traced
+    assert {"forwarding", "usage recorded", "request"} <= traced()
 
 
 def test_an_unusable_request_id_is_refused(engines, gateway, make_org):
