@@ -135,6 +135,11 @@ class ModelRunner:
     def abort(self, seq: Sequence) -> None:
         seq.aborted = True  # the loop drops it before its next step
 
+    def check_adapter(self, files: adapters.AdapterFiles) -> None:
+        """Raise ``InvalidRequest`` unless ``files`` fits this model's layers."""
+        with self.model_lock:
+            adapters.check_fits(files, self.model)
+
     def attach_adapter(self, name: str, files: adapters.AdapterFiles) -> None:
         with self.model_lock:
             adapters.check_fits(files, self.model)

@@ -124,6 +124,7 @@ class ServedModels:
             folder = adapters.materialise(lora_path, storage_url=self.settings.storage_url, cache_dir=self.settings.adapter_cache_dir)
             files = adapters.read_adapter(folder, max_rank=self.settings.max_lora_rank)
             base = self._base_for(files)
+            base.runner.check_adapter(files)  # before evicting anything for it
             self._make_room(base)
             internal = f"lora-{next(self._internal_ids)}"
             base.runner.attach_adapter(internal, files)

@@ -169,3 +169,14 @@ def test_loading_beyond_max_loras_evicts_the_least_recently_used(tiny_dir, adapt
     assert set(models.adapters) == {"a", "c"}
     with pytest.raises(ModelNotFound):
         models.resolve("b")
+
+
+def test_an_adapter_that_does_not_fit_evicts_nothing(tiny_dir, adapter_dirs, copy_of, tmp_path):
+    models = ServedModels(engine_settings(tmp_path, max_loras=1), loader=tiny_loader(tiny_dir))
+    models.load_adapter("a", str(adapter_dirs["attn"]))
+    folder = copy_of("mlp")
+    weights = load_file(folder / "adapter_model.safetensors")
+    save_file({k.replace("layers.0.", "layers.9."): v for k, v in weights.items()}, folder / "adapter_model.safetensors")
+    with pytest.raises(InvalidRequest, match="targets no linear layer"):
+        models.load_adapter("b", str(folder))
+    assert set(models.adapters) == {"a"}
