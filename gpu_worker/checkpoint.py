@@ -109,6 +109,7 @@ def _optimizer_join(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, 
     for flat, value in [*tensors.items(), *meta["scalars"].items()]:
         pid, name = flat.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
+    state = dict(sorted(state.items()))  # safetensors returns keys sorted as strings ("10" < "2")
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
 

@@ -44,11 +44,14 @@ def apply_memory_mode_and_kernels(model, runtime: Runtime) -> list[tuple[str, st
     except ImportError as err:
         return [(f"Training kernels unavailable ({err}); training on the stock PyTorch path", "warn"), *_stock_memory_mode(model, runtime.memory_mode)]
     try:
-        report = patch_model(model, enabled=runtime.use_kernels, memory_mode=runtime.memory_mode)
+        report = patch_model(model, enabled=runtime.use_kernels, memory_mode=runtime.memory_mode.value)
     except Exception as err:  # a patcher bug must not kill the job: the stock path is always correct
         return [(f"Training kernels failed to apply ({type(err).__name__}: {err}); training on the stock PyTorch path", "warn"), *_stock_memory_mode(model, runtime.memory_mode)]
-    reason = getattr(report, "reason", None) or "applied"
-    return [(f"Training kernels: {reason}", "info")]
+    reason = getattr(report, "reason", None)
+    if reason:
+        return [(f"Training on the stock path: {reason} (memory mode {runtime.memory_mode.value})", "info")]
+    patched = ", ".join(getattr(report, "patched", ()) or ()) or "all supported ops"
+    return [(f"Training kernels applied: {patched} (memory mode {runtime.memory_mode.value})", "info")]
 
 
 def _stock_memory_mode(model, mode: MemoryMode) -> list[tuple[str, str]]:

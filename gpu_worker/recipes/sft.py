@@ -49,11 +49,11 @@ from gpu_worker.storage import delete_prefix, put_dir
 
 
 def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (1-based): linear warmup to ``peak`` over
-    ``warmup_steps``, then linear decay that reaches ``peak / (total - warmup)`` at the last step
-    (never zero: every step learns something)."""
+    """Learning rate of optimizer step ``step`` (1-based): ``warmup_steps`` linear steps up to
+    ``peak``, reached at step ``warmup_steps + 1``, then linear decay to ``peak / (total - warmup)``
+    at the last step (never zero: every step learns something)."""
     if step <= warmup_steps:
-        return peak * step / warmup_steps
+        return peak * step / (warmup_steps + 1)
     return peak * (total_steps - step + 1) / (total_steps - warmup_steps)
 
 
