@@ -183,6 +183,9 @@ class _Supervision:
                     terminal = event
         except LeaseLost:
             self._kill()
+        except BaseException:
+            self._kill()  # never leave a trainer running unsupervised
+            raise
         finally:
             self.finished.set()
             code = self.proc.wait()

@@ -140,6 +140,8 @@ def cmd_create_key(args) -> None:
 def cmd_demo(args) -> None:
     from scheduler.demo import run_demo
 
+    logging.getLogger().setLevel(logging.WARNING)  # the demo talks through its own console output
+
     sys.exit(run_demo(_settings_for(args), port=args.port))
 
 

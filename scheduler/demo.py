@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from scheduler.demo_data import DEMO_HYPERPARAMETERS, make_dataset
+from scheduler.demo_data import DEMO_HYPERPARAMETERS, N_TEST, N_TRAIN, N_VALID, make_dataset
 from scheduler.platform import Platform
 from scheduler.settings import BUILTIN_BASE_MODEL, Settings
 from scheduler.tenancy import generate_key
@@ -49,7 +49,7 @@ def _train(client: OpenAI, train: list[dict], valid: list[dict]):
         task = progress.add_task("queued", total=None, info="")
         while True:
             job = client.fine_tuning.jobs.retrieve(job.id)
-            events = client.fine_tuning.jobs.list_events(job.id, limit=1).data
+            events = client.fine_tuning.jobs.list_events(job.id, limit=20).data
             metrics = next((e.data for e in events if e.type == "metrics" and e.data), None)
             if metrics:
                 info = f"loss {metrics['train_loss']:.3f}" + (f"  valid {metrics['valid_loss']:.3f}" if metrics.get("valid_loss") is not None else "")
@@ -69,7 +69,7 @@ def run_demo(settings: Settings, port: int = 8000) -> int:
     started = time.monotonic()
     key = settings.bootstrap_api_key or generate_key()
     settings.bootstrap_api_key = key
-    train, valid, test = make_dataset(seed=7)
+    train, valid, test = make_dataset(N_TRAIN, N_VALID, N_TEST, seed=7)
     console.print(f"Starting Tuneforge on embedded defaults (data in {settings.data_dir}) ...")
     with Platform(settings, port=port, log_dir=settings.data_dir / "logs") as platform:
         client = OpenAI(base_url=f"{platform.api_url}/v1", api_key=key, max_retries=0, timeout=120)
@@ -78,7 +78,8 @@ def run_demo(settings: Settings, port: int = 8000) -> int:
             console.print(f"[red]Job {job.status}: {job.error}[/red] (logs in {settings.data_dir / 'logs'})")
             return 1
         console.print(f"Fine-tuned model: [bold]{job.fine_tuned_model}[/bold] ({job.trained_tokens} trained tokens)")
-        table = Table(title="Held-out questions: base vs tuned")
+        shown = 12
+        table = Table(title=f"Held-out questions (first {shown} of {len(test)}): base vs tuned")
         for col in ("question", "expected", BUILTIN_BASE_MODEL, "tuned"):
             table.add_column(col, overflow="fold")
         hits = {"base": 0, "tuned": 0}
@@ -88,7 +89,8 @@ def run_demo(settings: Settings, port: int = 8000) -> int:
             tuned = _ask(client, job.fine_tuned_model, row["messages"])
             hits["base"] += base == expected
             hits["tuned"] += tuned == expected
-            table.add_row(row["messages"][-1]["content"], expected, base, tuned)
+            if table.row_count < shown:
+                table.add_row(row["messages"][-1]["content"], expected, base, tuned)
         console.print(table)
         n = len(test)
         console.print(f"Exact match on {n} held-out questions: base {hits['base']}/{n} = {hits['base'] / n:.0%}, tuned {hits['tuned']}/{n} = {hits['tuned'] / n:.0%}")
