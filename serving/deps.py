@@ -1,7 +1,8 @@
 """Request dependencies, as ``Annotated`` aliases routes declare: the settings, the database, the
 engine pool, the request id and the authenticated principal.
 
-``get_database`` is the seam tests override to run the gateway on their rolled-back session.
+``get_database`` is the seam tests override to run the gateway on their rolled-back session. The
+trivial providers are ``async`` so FastAPI does not hop to a worker thread to call them.
 """
 
 from __future__ import annotations
@@ -19,23 +20,23 @@ from serving.metrics import GatewayMetrics
 from serving.settings import ServingSettings
 
 
-def get_settings(request: Request) -> ServingSettings:
+async def get_settings(request: Request) -> ServingSettings:
     return request.app.state.settings
 
 
-def get_database(request: Request) -> Database:
+async def get_database(request: Request) -> Database:
     return request.app.state.database
 
 
-def get_engines(request: Request) -> EnginePool:
+async def get_engines(request: Request) -> EnginePool:
     return request.app.state.engines
 
 
-def get_metrics(request: Request) -> GatewayMetrics:
+async def get_metrics(request: Request) -> GatewayMetrics:
     return request.app.state.metrics
 
 
-def get_request_id(request: Request) -> str:
+async def get_request_id(request: Request) -> str:
     return request.state.request_id  # set by serving.middleware for every request
 
 
@@ -60,7 +61,7 @@ async def get_principal(request: Request, db: DatabaseDep) -> Principal:
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
-def get_inference_context(
+async def get_inference_context(
     principal: CurrentPrincipal, request_id: RequestIdDep, settings: SettingsDep, db: DatabaseDep, engines: EnginesDep, metrics: MetricsDep
 ) -> InferenceContext:
     return InferenceContext(principal=principal, request_id=request_id, settings=settings, db=db, engines=engines, metrics=metrics)

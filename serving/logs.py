@@ -12,6 +12,8 @@ import structlog
 def configure_logging(level: str = "info", *, json_lines: bool = True) -> None:
     numeric = getattr(logging, level.upper())
     logging.basicConfig(level=numeric, format="%(message)s")
+    # httpx logs every engine call at INFO; the gateway's own lines already say which engine served what.
+    logging.getLogger("httpx").setLevel(max(numeric, logging.WARNING))
     renderer = structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
