@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from openai import OpenAI
@@ -73,7 +74,9 @@ def run_demo(settings: Settings, port: int = 8000) -> int:
     console.print(f"Starting Tuneforge on embedded defaults (data in {settings.data_dir}) ...")
     with Platform(settings, port=port, log_dir=settings.data_dir / "logs") as platform:
         client = OpenAI(base_url=f"{platform.api_url}/v1", api_key=key, max_retries=0, timeout=120)
+        t0 = time.monotonic()
         job = _train(client, train, valid)
+        console.print(f"Job {job.status} in {time.monotonic() - t0:.0f}s")
         if job.status != "succeeded":
             console.print(f"[red]Job {job.status}: {job.error}[/red] (logs in {settings.data_dir / 'logs'})")
             return 1
@@ -83,10 +86,12 @@ def run_demo(settings: Settings, port: int = 8000) -> int:
         for col in ("question", "expected", BUILTIN_BASE_MODEL, "tuned"):
             table.add_column(col, overflow="fold")
         hits = {"base": 0, "tuned": 0}
-        for row in test:
+        # Concurrent requests: the engine batches them (and the two models) together.
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            base_answers = list(pool.map(lambda r: _ask(client, BUILTIN_BASE_MODEL, r["messages"]), test))
+            tuned_answers = list(pool.map(lambda r: _ask(client, job.fine_tuned_model, r["messages"]), test))
+        for row, base, tuned in zip(test, base_answers, tuned_answers):
             expected = row["answer"]
-            base = _ask(client, BUILTIN_BASE_MODEL, row["messages"])
-            tuned = _ask(client, job.fine_tuned_model, row["messages"])
             hits["base"] += base == expected
             hits["tuned"] += tuned == expected
             if table.row_count < shown:
