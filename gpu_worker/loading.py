@@ -89,10 +89,9 @@ def ensure_chat_ready(tokenizer):
     return tokenizer
 
 
-def load_base_model(name: str, *, data_dir: str | os.PathLike, device: str | None = None, dtype: DType = DType.auto):
-    """Load ``(model, tokenizer)`` for ``name`` on ``device`` (default: CUDA if available, else CPU)
-    in ``dtype`` (default: bf16 on a capable GPU, else float32). Raises ``ModelLoadError``."""
-    tokenizer = load_tokenizer(name, data_dir=data_dir)
+def load_model(name: str, *, data_dir: str | os.PathLike, device: str | None = None, dtype: DType = DType.auto):
+    """Load the weights of ``name`` on ``device`` (default: CUDA if available, else CPU) in ``dtype``
+    (default: bf16 on a capable GPU, else float32). Raises ``ModelLoadError``."""
     path = resolve_model_path(name, data_dir)
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
@@ -103,6 +102,13 @@ def load_base_model(name: str, *, data_dir: str | os.PathLike, device: str | Non
         model.to(device)
     except Exception as err:
         raise ModelLoadError(name, _reason(err)) from err
+    return model
+
+
+def load_base_model(name: str, *, data_dir: str | os.PathLike, device: str | None = None, dtype: DType = DType.auto):
+    """Load ``(model, tokenizer)`` for ``name``; see ``load_model`` for device and dtype."""
+    tokenizer = load_tokenizer(name, data_dir=data_dir)
+    model = load_model(name, data_dir=data_dir, device=device, dtype=dtype)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -42,7 +42,7 @@ from gpu_worker.contract import (
     StoppedEvent,
 )
 from gpu_worker.data import DataPosition, Dataset, collate, epoch_batches, load_dataset, sequential_batches
-from gpu_worker.loading import load_base_model
+from gpu_worker.loading import load_model, load_tokenizer
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes.model_setup import apply_memory_mode_and_kernels, wrap_with_lora
 from gpu_worker.storage import delete_prefix, put_dir
@@ -88,7 +88,8 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
     # --- setup ---------------------------------------------------------------------------------------
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
-    model, tokenizer = load_base_model(spec.base_model, data_dir=ctx.data_dir, device=ctx.device, dtype=spec.runtime.dtype)
+    # Tokenizer and data before the weights: a bad file fails in seconds, not after a large download.
+    tokenizer = load_tokenizer(spec.base_model, data_dir=ctx.data_dir)
     hp = spec.hyperparameters
     train = load_dataset(ctx.store, spec.training_file_key, tokenizer, hp.max_seq_length, param="training_file")
     valid = None
@@ -97,6 +98,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
     _report_data(ctx, "training", train, hp.max_seq_length)
     if valid is not None:
         _report_data(ctx, "validation", valid, hp.max_seq_length)
+    model = load_model(spec.base_model, data_dir=ctx.data_dir, device=ctx.device, dtype=spec.runtime.dtype)
 
     model = wrap_with_lora(model, spec.adapter)
     for message, level in apply_memory_mode_and_kernels(model, spec.runtime):
@@ -147,8 +149,9 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
         result = _train_step(model, micro, tokenizer.pad_token_id, device, ctx.should_stop)
         if result is None:  # asked to stop mid-step: the step never happened
             optimizer.zero_grad(set_to_none=True)
-            key = save(step, rng_at_step_start, train_loss, valid_loss) if step and last_ckpt != ckpt.checkpoint_key(spec.output_prefix, step) else last_ckpt
-            return _stopped(ctx, step, key)
+            if step and last_ckpt != ckpt.checkpoint_key(spec.output_prefix, step):
+                last_ckpt = save(step, rng_at_step_start, train_loss, valid_loss)
+            return _stopped(ctx, step, last_ckpt)
         step_loss, step_tokens, seen_tokens = result
         grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm).item()
         lr = lr_at(step + 1, peak=hp.learning_rate, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps)
@@ -161,7 +164,9 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
         position = DataPosition(position.epoch, position.batch_index + len(micro))
         elapsed = max(time.perf_counter() - started, 1e-9)
         train_loss = step_loss
-        valid_loss = _evaluate(model, valid, plan.batch_size, tokenizer.pad_token_id, device) if valid and (plan.is_eval_step(step) or step == plan.total_steps) else None
+        valid_loss = None
+        if valid is not None and (plan.is_eval_step(step) or step == plan.total_steps):
+            valid_loss = _evaluate(model, valid, plan.batch_size, tokenizer.pad_token_id, device)
         ctx.emit(
             MetricsEvent(
                 step=step,

@@ -106,7 +106,7 @@ def test_trains_and_delivers_a_loadable_adapter(trainer, store, builtin_data_dir
     folder = tmp_path / "adapter"
     get_dir(store, done.manifest.key, folder)
     assert sorted(p.name for p in folder.iterdir()) == sorted(done.manifest.files)
-    base, tok = load_base_model(TINY, data_dir=builtin_data_dir)
+    base, tok = load_base_model(TINY, data_dir=builtin_data_dir, device="cpu")
     ids = torch.tensor([tok("Review: The food was great.")["input_ids"]])
     with torch.no_grad():
         before = base(input_ids=ids).logits
