@@ -1,0 +1,63 @@
+"""Where one training step's GPU time goes: torch.profiler over a few steps of one configuration of
+bench/train_step.py (same model, LoRA and optimizer setup), kernels grouped by name, largest first.
+
+    python3 bench/profile_step.py --shape 8B --method ours --ckpt off [--quant nf4] [--top 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_step  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="8B")
+    ap.add_argument("--method", default="ours")
+    ap.add_argument("--ckpt", default="off")
+    ap.add_argument("--quant", default="none")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--top", type=int, default=30)
+    a = ap.parse_args()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    args = argparse.Namespace(shape=a.shape, method=a.method, ckpt=a.ckpt, quant=a.quant, rank=16, alpha=16,
+                              model_path=None)
+    model, _ = train_step.setup_hf(args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
+    vocab = train_step.SHAPES[a.shape]["vocab_size"]
+    x = torch.randint(0, vocab, (a.batch, a.seq), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.steps):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.device_time_total for e in events) / a.steps / 1e3
+    print(f"## {a.method} {a.shape} ckpt={a.ckpt} quant={a.quant}: {total:.1f} ms of kernels per step")
+    rows = sorted(events, key=lambda e: -e.device_time_total)[:a.top]
+    for e in rows:
+        ms = e.device_time_total / a.steps / 1e3
+        print(f"{ms:9.2f} ms {100 * ms / total:5.1f}% x{e.count // a.steps:<5d} {e.key[:110]}")
+
+
+if __name__ == "__main__":
+    main()
