@@ -13,7 +13,6 @@ the next batch) is all a checkpoint needs to continue exactly where training sto
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from array import array
 from typing import Any, Iterable, Iterator
