@@ -7,7 +7,7 @@ and the job succeeds. At no moment do two trainers run the job.
 """
 
 import signal
-import subprocess
+from pathlib import Path
 
 import pytest
 import redis
@@ -22,9 +22,26 @@ from tests.e2e.conftest import chat_rows, jsonl, spawn, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _trainers(job_id: str) -> int:
-    out = subprocess.run(["pgrep", "-f", "gpu_worker.train"], capture_output=True, text=True).stdout.split()
-    return len(out)
+def _trainer_pids(parent: int) -> list[int]:
+    """Live trainer processes started by ``parent`` (read from /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        state, ppid = fields[0], int(fields[1])
+        if ppid == parent and state != "Z" and b"gpu_worker.train" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _job(url: str, job_id: str) -> Job:
@@ -67,14 +84,15 @@ def test_job_survives_kill_9_of_its_worker(platform_env, org_and_key, store, tmp
 
         first_step = wait_for(checkpointed, 240, "a first checkpoint")
         assert _job(url, job_id).status == JobStatus.running
+        trainers = _trainer_pids(worker.pid)
+        assert len(trainers) == 1
         worker.send_signal(signal.SIGKILL)
         worker.wait()
-        wait_for(lambda: _trainers(job_id) == 0, 10, "the orphaned trainer to die with its worker")
+        wait_for(lambda: not _alive(trainers[0]), 10, "the orphaned trainer to die with its worker")
 
         wait_for(lambda: _job(url, job_id).status == JobStatus.queued, 30, "the reaper to requeue the job")
         worker = spawn(["scheduler", "worker"], env, tmp_path / "worker2.log")
         wait_for(lambda: _job(url, job_id).status.terminal, 300, "the job to finish")
-        assert _trainers(job_id) == 0
     finally:
         for proc in (worker, scheduler):
             proc.terminate()
