@@ -65,7 +65,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
 
     from gpu_worker.patching.decoder import patch_attention, patch_causal_lm, patch_mlp, patch_rms_norm
 
-    counts = {"rms_norm": 0, "rope": 0, "lora_mlp": 0, "fused_linear_cross_entropy": 0}
+    counts = {"rms_norm": 0, "lora_qkv_o": 0, "rope": 0, "lora_mlp": 0, "fused_linear_cross_entropy": 0}
     for layer in base.model.layers:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             patch_rms_norm(norm, impl)
@@ -77,6 +77,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
                 counts["rms_norm"] += 1
         patch_attention(attn, impl)
         counts["rope"] += 1
+        counts["lora_qkv_o"] += 1
         patch_mlp(layer.mlp, act, impl)
         counts["lora_mlp"] += 1
     patch_rms_norm(base.model.norm, impl)

@@ -1,5 +1,5 @@
 """Instance-level forwards for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3) that route the
-model's norms, rotary embedding, MLP and loss through ``kernels``.
+model's norms, Q/K/V and O projections (LoRA fused), rotary embedding, MLP and loss through ``kernels``.
 
 Each function here replaces ``forward`` on one module *instance* (``module.forward = MethodType(...)``);
 classes, other models and ``torch.nn.functional`` are untouched. Attention itself stays whatever
@@ -18,6 +18,7 @@ from torch import nn
 
 from gpu_worker.patching.lora import lora_weights
 from kernels.cross_entropy import fused_linear_cross_entropy
+from kernels.lora_linear import lora_linears
 from kernels.lora_mlp import lora_mlp
 from kernels.rms_norm import rms_norm
 from kernels.rope import rope
@@ -56,9 +57,13 @@ def patch_attention(attn: nn.Module, impl: str | None) -> None:
                 **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(hidden_shape)
-        k = self.k_proj(hidden_states).view(hidden_shape)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        qkv = [lora_weights(p) for p in (self.q_proj, self.k_proj, self.v_proj)]
+        if all(p is not None for p in qkv):  # one node, one x A^T for the three adapters
+            q, k, v = lora_linears(hidden_states, *qkv, impl=impl)
+        else:  # bias (Qwen2), DoRA, live dropout...: PEFT/HF modules compute it
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q, k = q.view(hidden_shape), k.view(hidden_shape)
+        v = v.view(hidden_shape).transpose(1, 2)
         if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over head_dim before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
@@ -71,7 +76,8 @@ def patch_attention(attn: nn.Module, impl: str | None) -> None:
                                  dropout=0.0 if not self.training else self.attention_dropout,
                                  scaling=self.scaling, sliding_window=sliding, **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(out), weights
+        o = lora_weights(self.o_proj)
+        return (lora_linears(out, o, impl=impl)[0] if o is not None else self.o_proj(out)), weights
 
     attn.forward = MethodType(forward, attn)
 

@@ -45,7 +45,7 @@ def test_patched_matches_stock(model_type, memory_mode, device, impl):
     if memory_mode != "off":
         ref.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     report = patch_model(ours, memory_mode=memory_mode, impl=impl)
-    assert report.reason is None and set(report.patched) == {"rms_norm", "rope", "lora_mlp",
+    assert report.reason is None and set(report.patched) == {"rms_norm", "lora_qkv_o", "rope", "lora_mlp",
                                                               "fused_linear_cross_entropy"}
     x, labels = _batch(device)
     l_ref, l_ours = _step(ref, x, labels, device), _step(ours, x, labels, device)

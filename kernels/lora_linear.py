@@ -1,0 +1,107 @@
+"""LoRA projections as single autograd nodes with hand-derived backward: one projection (attention's O)
+and the Q/K/V triple that reads the same input.
+
+Why (bench/NOTES.md, profile of 2026-11-22): through PEFT each adapted projection costs, besides its
+base matmul, a dropout call, a separate ``x A^T``, ``(.) B^T``, a scale, an add of two (tokens x out)
+tensors in forward, and in backward an add per branch to accumulate ``dx``. Here the LoRA term is added
+into the base output by ``addmm_`` (no separate add), the three ``x A^T`` of Q/K/V are one matmul, and
+``dx`` is accumulated with ``addmm_`` into one buffer. Saved for backward: ``x`` and the rank-r
+``x A^T`` only; no gradient is computed for frozen weights.
+
+    y    = x W^T + s (x A^T) B^T
+    dA   = s (dy B)^T x          dB = s dy^T (x A^T)
+    dx   = dy W + s (dy B) A      (summed over Q, K, V for the triple)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.backend import use_triton
+from kernels.lora_mlp import LoraWeights, _compute_dtype, _dense, _project_reference
+
+
+class _LoraLinearsFunction(torch.autograd.Function):
+    """``n`` projections of one input ``x``; args: x, then (weight, lora_a, lora_b) per projection, then
+    the n scales."""
+
+    @staticmethod
+    def forward(ctx, x, n, *args):
+        weights, lora, scales = args[0:3 * n:3], (args[1:3 * n:3], args[2:3 * n:3]), args[3 * n:]
+        dtype = _compute_dtype(x)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        a_s = [a.to(dtype) if a is not None else None for a in lora[0]]
+        b_s = [b.to(dtype) if b is not None else None for b in lora[1]]
+        with_lora = [i for i in range(n) if a_s[i] is not None]
+        xa_all = x2 @ torch.cat([a_s[i] for i in with_lora]).t() if with_lora else None  # (N, sum r)
+        outs, xas, col = [], [None] * n, 0
+        for i in range(n):
+            y = x2 @ _dense(weights[i], dtype).t()                                  # (N, out_i)
+            if a_s[i] is not None:
+                r = a_s[i].shape[0]
+                xas[i] = xa_all[:, col:col + r]
+                col += r
+                y.addmm_(xas[i], b_s[i].t(), alpha=scales[i])
+            outs.append(y.view(*shape[:-1], y.shape[-1]))
+        ctx.save_for_backward(x2, xa_all, *a_s, *b_s)
+        ctx.set_materialize_grads(False)  # an unused output's grad arrives as None: no work for it
+        ctx.n, ctx.weights, ctx.scales, ctx.dtype, ctx.shape = n, weights, scales, dtype, shape
+        ctx.with_lora = with_lora
+        ctx.param_dtypes = [(lora[0][i].dtype, lora[1][i].dtype) if lora[0][i] is not None else None
+                            for i in range(n)]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        n = ctx.n
+        x2, xa_all, *ab = ctx.saved_tensors
+        a_s, b_s = ab[:n], ab[n:]
+        need = ctx.needs_input_grad
+        dtype = ctx.dtype
+        dx = None
+        grads = [None] * (3 * n)
+        col = 0
+        for i in range(n):
+            dy = dys[i]
+            r = a_s[i].shape[0] if a_s[i] is not None else 0
+            xa = xa_all[:, col:col + r] if r else None
+            col += r
+            if dy is None:
+                continue
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)                            # (N, out_i)
+            if need[0]:
+                w = _dense(ctx.weights[i], dtype)
+                if dx is None:
+                    dx = dy2 @ w                                                    # (N, in)
+                else:
+                    dx.addmm_(dy2, w)
+            if a_s[i] is None:
+                continue
+            s = ctx.scales[i]
+            dy_b = dy2 @ b_s[i]                                                     # (N, r)
+            if need[3 + 3 * i]:
+                grads[3 * i + 1] = (s * (dy_b.t() @ x2)).to(ctx.param_dtypes[i][0])  # (r, in)
+            if need[4 + 3 * i]:
+                grads[3 * i + 2] = (s * (dy2.t() @ xa)).to(ctx.param_dtypes[i][1])   # (out, r)
+            if dx is not None:
+                dx.addmm_(dy_b, a_s[i], alpha=s)
+        if dx is not None:
+            dx = dx.view(ctx.shape)
+        return (dx, None, *grads, *([None] * n))
+
+
+def lora_linears(x: torch.Tensor, *projections: LoraWeights, impl: str | None = None):
+    """``tuple(x W_i^T + s_i (x A_i^T) B_i^T for each projection)``; one node, one ``x A^T`` matmul."""
+    for p in projections:
+        assert (p.lora_a is None) == (p.lora_b is None), "lora_a and lora_b come together"
+    if not use_triton(x, *(p.lora_a for p in projections), impl=impl):
+        return tuple(lora_linears_reference(x, *projections))
+    flat = [t for p in projections for t in (p.weight, p.lora_a, p.lora_b)]
+    return _LoraLinearsFunction.apply(x, len(projections), *flat, *(float(p.scale) for p in projections))
+
+
+def lora_linears_reference(x, *projections: LoraWeights):
+    """The spec, through plain autograd: what PEFT's LoRA ``Linear`` (dropout 0) computes per projection."""
+    x = x.to(_compute_dtype(x))
+    return tuple(_project_reference(x, p) for p in projections)
