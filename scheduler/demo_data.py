@@ -15,7 +15,9 @@ through the real SFT recipe with ``DEMO_HYPERPARAMETERS`` (learning rate = 2e-4 
 fighting other processes); valid loss (answer and end-of-turn tokens) 0.50 after
 the first epoch, 0.11 at the end; held-out exact match: base model 0/100,
 tuned 100/100. With data seed 0: tuned 98/100. Fewer epochs learn less: 3 epochs at 2e-3 gave
-94/100, 3 epochs at 4e-3 gave 83/100 (too hot for this tiny model).
+94/100, 3 epochs at 4e-3 gave 83/100 (too hot for this tiny model). The whole ``python -m scheduler
+demo`` (platform start, upload, training in a worker process, 200 chat requests) took 35 s, the job
+22 s of it; exact match base 0/100, tuned 100/100; 3,200 trained tokens (2 per example and epoch).
 """
 
 from __future__ import annotations
