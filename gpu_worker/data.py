@@ -21,7 +21,7 @@ from gpu_worker.storage import ObjectNotFound, ObjectStore, iter_lines
 from gpu_worker.validation import FileValidator
 
 IGNORE_INDEX = -100
-_ROLES = frozenset({"system", "user", "assistant"})  # "tool" passes validation.py; not trained yet
+_ROLES = frozenset({"system", "user", "assistant"})  # tool calling: refused at upload until trained
 
 
 class DataError(ValueError):

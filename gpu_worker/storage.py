@@ -145,7 +145,7 @@ class LocalStore:
         path.unlink(missing_ok=True)
         # Tidy empty folders up to the root so listing stays cheap.
         for parent in path.parents:
-            if parent == self.root or any(parent.iterdir()):
+            if parent == self.root or not parent.is_dir() or any(parent.iterdir()):
                 break
             parent.rmdir()
 

@@ -93,6 +93,10 @@ def _check_message(i: int, msg: Any) -> str | None:
         # bool is an int in Python; OpenAI's weight is the number 0 or 1, not true/false.
         if isinstance(weight, bool) or weight not in (0, 1):
             return f"{where}: 'weight' must be 0 or 1, not {json.dumps(weight)}"
+    # Well-formed, but the trainer cannot learn from it yet: refuse it here rather than accept a
+    # file whose job would fail later.
+    if role == "tool" or msg.get("tool_calls") is not None:
+        return f"{where}: tool messages and 'tool_calls' are not supported for training yet"
     return None
 
 

@@ -52,6 +52,7 @@ def test_round_trip(store, tmp_path):
     assert store.list("a/") == ["a/b/c.txt", "a/big.bin"]
     store.delete("a/b/c.txt")
     assert not store.exists("a/b/c.txt")
+    store.delete("no/such/folder/key")  # deleting what is not there is a no-op
     with pytest.raises(ObjectNotFound):
         store.get_bytes("a/b/c.txt")
 

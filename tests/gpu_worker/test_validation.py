@@ -82,17 +82,27 @@ def test_each_bad_line_is_named_with_its_reason(line, reason):
     assert report.message.startswith("line 2: ")
 
 
-def test_assistant_tool_call_may_have_null_content_and_weights_0_1_are_fine():
+def test_weights_0_1_are_fine():
     example = {
         "messages": [
             {"role": "user", "content": "weather?"},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
-            {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
             {"role": "assistant", "content": "Sunny.", "weight": 1},
             {"role": "assistant", "content": "Ignored.", "weight": 0},
         ]
     }
     assert check_example(example) is None
+
+
+def test_well_formed_tool_calls_are_refused_until_the_trainer_supports_them():
+    example = {
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+            {"role": "assistant", "content": "Sunny."},
+        ]
+    }
+    assert "not supported for training yet" in check_example(example)
 
 
 def test_too_few_examples_is_an_error_even_without_bad_lines():
