@@ -1,6 +1,7 @@
 """A job through real Redis, a real Celery worker process and real PostgreSQL, surviving kill -9.
 
-The scheduler nudges the worker over Celery; the worker agent claims the job with a lease and runs
+Objects (the training file, checkpoints, the adapter) live in S3 (moto's server on loopback). The
+scheduler nudges the worker over Celery; the worker agent claims the job with a lease and runs
 the trainer. Killing the worker with SIGKILL mid-training takes its trainer down with it; the reaper
 returns the job to the queue once the lease expires; a new worker resumes from the last checkpoint
 and the job succeeds. At no moment do two trainers run the job.
@@ -14,6 +15,7 @@ import redis
 from sqlalchemy import func, select
 
 from gpu_worker.contract import Hyperparameters, JobSpec, Runtime
+from gpu_worker.storage import open_store
 from scheduler.db import session_scope
 from scheduler.models import Adapter, Checkpoint, File, Job, JobEvent, JobStatus, UsageRecord, new_id
 from tests.conftest import REDIS_URL
@@ -68,8 +70,11 @@ def _create_job(url: str, org_id: str, store) -> str:
     return job_id
 
 
-def test_job_survives_kill_9_of_its_worker(platform_env, org_and_key, store, tmp_path):
-    env = dict(platform_env, TUNEFORGE_BROKER_URL=REDIS_URL.rsplit("/", 1)[0] + "/7")
+def test_job_survives_kill_9_of_its_worker(platform_env, org_and_key, s3_bucket, tmp_path):
+    """Production parts throughout: PostgreSQL, Redis + Celery, and S3 for every object."""
+    bucket, aws_env = s3_bucket
+    env = dict(platform_env, **aws_env, TUNEFORGE_BROKER_URL=REDIS_URL.rsplit("/", 1)[0] + "/7", TUNEFORGE_STORAGE_URL=f"s3://{bucket}/tuneforge")
+    store = open_store(env["TUNEFORGE_STORAGE_URL"])
     redis.Redis.from_url(env["TUNEFORGE_BROKER_URL"]).flushdb()
     url = env["TUNEFORGE_DATABASE_URL"]
     org_id, _ = org_and_key

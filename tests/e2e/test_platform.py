@@ -81,3 +81,28 @@ def test_fine_tune_and_chat(platform):
         assert by_req[f"training:{job.id}"].trained_tokens == job.trained_tokens
     metrics = httpx.get(f"{platform.api_url}/metrics").text
     assert "tuneforge" in metrics
+
+
+def test_cancel_a_running_job_stops_it_within_seconds_and_keeps_a_checkpoint(platform):
+    import time
+
+    client = openai.OpenAI(base_url=f"{platform.api_url}/v1", api_key=platform.settings.bootstrap_api_key, max_retries=0, timeout=60)
+    train = client.files.create(file=("long.jsonl", jsonl(chat_rows(40, seed=3))), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="tuneforge-tiny", training_file=train.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}},
+    )
+
+    def training():
+        return any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id, limit=5).data)
+
+    wait_for(training, 120, "the job to start training", 0.5)
+    asked = time.monotonic()
+    assert client.fine_tuning.jobs.cancel(job.id).status in ("running", "cancelled")
+    job = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status == "cancelled" and j, 20, "the job to stop", 0.25)
+    assert time.monotonic() - asked < 20
+    assert job.fine_tuned_model is None
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints and checkpoints[0].step_number > 0
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert any(m.startswith("Job cancelled at step") for m in messages), messages

@@ -1,42 +1,17 @@
 """The object store interface behaves the same on a folder and on S3 (a real S3-protocol server,
 moto's, started on loopback by the test)."""
 
-import socket
-
-import boto3
 import pytest
 
 from gpu_worker.storage import LocalStore, ObjectNotFound, S3Store, delete_prefix, get_dir, iter_lines, open_store, put_dir
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 @pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path, s3_endpoint, monkeypatch):
+def store(request, tmp_path):
     if request.param == "local":
         return LocalStore(tmp_path / "objects")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
-    bucket = f"b{tmp_path.name.lower().replace('_', '-')[-40:]}"
-    client.create_bucket(Bucket=bucket)
-    return S3Store(bucket, prefix="tenant-data", endpoint_url=s3_endpoint)
+    bucket, env = request.getfixturevalue("s3_bucket")
+    return S3Store(bucket, prefix="tenant-data", endpoint_url=env["AWS_ENDPOINT_URL"])
 
 
 @pytest.mark.integration
