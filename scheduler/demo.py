@@ -83,7 +83,7 @@ def run_demo(settings: Settings, port: int = 8000) -> int:
         console.print(f"Fine-tuned model: [bold]{job.fine_tuned_model}[/bold] ({job.trained_tokens} trained tokens)")
         shown = 12
         table = Table(title=f"Held-out questions (first {shown} of {len(test)}): base vs tuned")
-        for col in ("question", "expected", BUILTIN_BASE_MODEL, "tuned"):
+        for col in ("review", "expected", BUILTIN_BASE_MODEL, "tuned"):
             table.add_column(col, overflow="fold")
         hits = {"base": 0, "tuned": 0}
         # Concurrent requests: the engine batches them (and the two models) together.
@@ -95,7 +95,8 @@ def run_demo(settings: Settings, port: int = 8000) -> int:
             hits["base"] += base == expected
             hits["tuned"] += tuned == expected
             if table.row_count < shown:
-                table.add_row(row["messages"][-1]["content"], expected, base, tuned)
+                question = row["messages"][-1]["content"].splitlines()[0].removeprefix("Review: ")
+                table.add_row(question, expected, base, tuned)
         console.print(table)
         n = len(test)
         console.print(f"Exact match on {n} held-out questions: base {hits['base']}/{n} = {hits['base'] / n:.0%}, tuned {hits['tuned']}/{n} = {hits['tuned'] / n:.0%}")
