@@ -21,11 +21,72 @@ class _Frozen(BaseModel):
 
 
 class Method(str, enum.Enum):
+    """The training objective. ``supervised`` also covers continued pretraining (raw-text data)."""
+
     supervised = "supervised"
+    dpo = "dpo"
+    ipo = "ipo"
+    orpo = "orpo"
+    simpo = "simpo"
+    kto = "kto"
+    grpo = "grpo"
+
+
+PREFERENCE_METHODS = frozenset({Method.dpo, Method.ipo, Method.orpo, Method.simpo})
 
 
 class AdapterType(str, enum.Enum):
     lora = "lora"
+    dora = "dora"  # weight-decomposed LoRA
+    full = "full"  # full fine-tuning: every weight trains, the result is a full model
+
+
+class Quantization(str, enum.Enum):
+    none = "none"
+    nf4 = "nf4"  # QLoRA: 4-bit NormalFloat base with double quantization, bf16 compute (bitsandbytes, GPU)
+
+
+class DataFormat(str, enum.Enum):
+    auto = "auto"  # detected per file from its first valid line
+    chat = "chat"  # OpenAI {"messages": [...]}
+    sharegpt = "sharegpt"  # {"conversations": [{"from", "value"}]}
+    alpaca = "alpaca"  # {"instruction", "input", "output"}
+    completion = "completion"  # {"prompt", "completion"}
+    text = "text"  # {"text"}: continued pretraining, loss on every token
+    preference = "preference"  # OpenAI DPO {"input", "preferred_output", "non_preferred_output"} or {"prompt", "chosen", "rejected"}
+    kto = "kto"  # {"prompt", "completion", "label": bool}
+    prompt = "prompt"  # prompts only (GRPO): {"prompt"} or {"messages"}, optional reference fields
+
+
+class ChatTemplate(str, enum.Enum):
+    auto = "auto"  # the tokenizer's own template, else chatml
+    chatml = "chatml"
+    llama3 = "llama-3"
+    mistral = "mistral"
+    gemma = "gemma"
+    qwen = "qwen"
+    phi3 = "phi-3"
+
+
+class LRScheduler(str, enum.Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class GGUFType(str, enum.Enum):
+    f16 = "f16"
+    q8_0 = "q8_0"
+    q4_k_m = "q4_k_m"
+
+
+class RewardKind(str, enum.Enum):
+    """The closed set of GRPO rewards a job may name: never user code."""
+
+    exact_match = "exact_match"  # completion (stripped) == the row's reference field
+    regex_match = "regex_match"  # the completion matches `pattern`
+    json_schema = "json_schema"  # the completion parses as JSON valid against `schema`
+    length_penalty = "length_penalty"  # -|len(tokens) - target_length| * scale
 
 
 class DType(str, enum.Enum):
@@ -62,6 +123,7 @@ class AdapterConfig(_Frozen):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: tuple[TargetModule, ...] = ALL_TARGET_MODULES
+    use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r) instead of alpha/r
 
     @field_validator("target_modules")
     @classmethod
@@ -82,6 +144,71 @@ class Hyperparameters(_Frozen):
     weight_decay: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0)
     max_seq_length: int = Field(512, ge=16, le=131072)
+    lr_scheduler: LRScheduler = LRScheduler.linear
+
+
+class Reward(_Frozen):
+    kind: RewardKind
+    weight: float = 1.0
+    reference_field: str = "answer"  # exact_match: the row field holding the expected answer
+    pattern: str | None = Field(None, max_length=1000)  # regex_match
+    json_schema: dict | None = None  # json_schema (named so to avoid pydantic's `schema`)
+    target_length: int | None = Field(None, ge=1)  # length_penalty
+    scale: float = Field(0.01, ge=0)  # length_penalty
+
+
+class MethodParams(_Frozen):
+    """Objective-specific knobs; each method reads only its own."""
+
+    beta: float = Field(0.1, gt=0)  # dpo, ipo, orpo (lambda), simpo, kto, grpo (KL)
+    simpo_gamma: float = Field(0.5, ge=0)  # SimPO target reward margin
+    kto_desirable_weight: float = Field(1.0, gt=0)
+    kto_undesirable_weight: float = Field(1.0, gt=0)
+    grpo_num_generations: int = Field(4, ge=2, le=64)
+    grpo_max_completion_length: int = Field(64, ge=1, le=8192)
+    grpo_temperature: float = Field(1.0, gt=0)
+    rewards: tuple[Reward, ...] = ()
+
+
+class TrainingFile(_Frozen):
+    key: str
+    format: DataFormat = DataFormat.auto
+    weight: float = Field(1.0, gt=0)  # mixing weight relative to the other training files
+
+
+class DataOptions(_Frozen):
+    """How training data is read. The primary files are JobSpec.training_file_key and
+    validation_file_key; these options add to them."""
+
+    format: DataFormat = DataFormat.auto  # of the primary training and validation files
+    extra_training_files: tuple[TrainingFile, ...] = ()
+    validation_split: float = Field(0.0, ge=0, lt=0.5)  # held out automatically when no validation file
+    chat_template: ChatTemplate = ChatTemplate.auto
+    train_on_inputs: bool = False  # loss on prompt tokens too
+    packing: bool = False  # several examples per row, attention kept within each example
+    dedupe: bool = True  # drop exact duplicate examples (near-duplicates are reported)
+
+
+class EvalOptions(_Frozen):
+    exact_match: bool = True  # chat/completion data: greedy answers vs the validation targets
+    max_exact_match_examples: int = Field(100, ge=0)
+    early_stopping_patience: int | None = Field(None, ge=1)  # evals without improvement before stopping
+    keep_best: bool = True  # the final adapter is the best checkpoint by validation loss
+    gate: bool = True  # compare tuned vs base on the validation set before registering
+    fail_on_regression: bool = False  # a tuned model worse than the base fails promotion
+
+
+class ExportOptions(_Frozen):
+    merged: bool = False  # a merged 16-bit model (QLoRA: dequantized base first)
+    gguf: tuple[GGUFType, ...] = ()  # written from the merged model; an Ollama Modelfile beside them
+
+
+class Integrations(_Frozen):
+    tensorboard: bool = False
+    mlflow_tracking_uri: str | None = None
+    wandb_project: str | None = None  # from OpenAI's `integrations: [{"type": "wandb", ...}]`
+    wandb_entity: str | None = None
+    wandb_name: str | None = None
 
 
 class Runtime(_Frozen):
@@ -103,7 +230,13 @@ class JobSpec(_Frozen):
     base_model: str  # a built-in name, a Hugging Face id or a local path, as the catalog resolved it
     method: Method = Method.supervised
     adapter: AdapterConfig = AdapterConfig()
+    quantization: Quantization = Quantization.none
     hyperparameters: Hyperparameters
+    method_params: MethodParams = MethodParams()
+    data: DataOptions = DataOptions()
+    evaluation: EvalOptions = EvalOptions()
+    export: ExportOptions = ExportOptions()
+    integrations: Integrations = Integrations()
     seed: int = Field(ge=0, le=2**31 - 1)
     training_file_key: str
     validation_file_key: str | None = None
@@ -136,6 +269,9 @@ class MetricsEvent(_Event):
     valid_loss: float | None = None
     tokens_per_second: float | None = None
     grad_norm: float | None = None
+    gpu_memory_gb: float | None = None  # peak allocated since the last event
+    eta_seconds: float | None = None
+    exact_match: float | None = None  # on the validation set, when evaluated
 
 
 class CheckpointEvent(_Event):
@@ -158,11 +294,36 @@ class AdapterManifest(_Frozen):
     trained_tokens: int
 
 
+class Artifact(_Frozen):
+    """A file the job produced that users can download (merged model, GGUF, Modelfile, report)."""
+
+    kind: Literal["adapter", "merged", "gguf", "modelfile", "report"]
+    key: str  # object key (a folder prefix for "adapter" and "merged")
+    filename: str
+    bytes: int | None = None
+    detail: dict = Field(default_factory=dict)  # e.g. {"quantization": "q4_k_m", "agreement": 0.97}
+
+
+class EvalReport(_Frozen):
+    """The evaluation gate: base vs tuned on the validation set."""
+
+    base_valid_loss: float | None = None
+    tuned_valid_loss: float | None = None
+    base_exact_match: float | None = None
+    tuned_exact_match: float | None = None
+    examples: int = 0
+    passed: bool = True
+    reason: str | None = None
+
+
 class CompletedEvent(_Event):
     type: Literal["completed"] = "completed"
     manifest: AdapterManifest
     trained_tokens: int
     steps: int
+    artifacts: tuple[Artifact, ...] = ()
+    eval_report: EvalReport | None = None
+    best_step: int | None = None
 
 
 class FailedEvent(_Event):

@@ -142,6 +142,7 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None]
     fine_tuned_model: Mapped[str | None] = mapped_column(String(512))
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    estimated_tokens: Mapped[int | None] = mapped_column(BigInteger)  # trained tokens expected, all epochs
     queue: Mapped[str] = mapped_column(String(64), default="default")
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
