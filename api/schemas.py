@@ -12,7 +12,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from gpu_worker.contract import TargetModule
+from gpu_worker.contract import (
+    AdapterType,
+    ChatTemplate,
+    DataFormat,
+    EvalOptions,
+    ExportOptions,
+    LRScheduler,
+    MemoryMode,
+    Quantization,
+    Reward,
+    TargetModule,
+)
 
 # What every resource id (file-…, ftjob-…, ftevent-…, ftckpt-…) looks like. Anything else cannot exist,
 # and must never reach the database as a query value (PostgreSQL rejects NUL bytes with an error).
@@ -62,20 +73,92 @@ class HyperparametersIn(_Request):
     n_epochs: AutoEpochs | None = None
     batch_size: AutoBatchSize | None = None
     learning_rate_multiplier: AutoLrMultiplier | None = None
-    # LoRA extras (not in OpenAI's API: their adapter is not the tenant's to shape).
+    # Adapter extras (not in OpenAI's API: their adapter is not the tenant's to shape).
     lora_rank: Annotated[int, _at_least(1, high=256)] | None = None
     lora_alpha: Annotated[float, _at_least(0, strict=True, high=4096)] | None = None
     lora_dropout: Annotated[float, _at_least(0, high=1, high_strict=True)] | None = None
     lora_target_modules: list[TargetModule] | None = Field(None, min_length=1)
+    adapter_type: AdapterType | None = None
+    use_rslora: bool | None = None
+    quantization: Quantization | None = None
+    # Optimisation extras.
+    lr_scheduler: LRScheduler | None = None
+    warmup_ratio: Annotated[float, _at_least(0, high=1, high_strict=True)] | None = None
+    weight_decay: Annotated[float, _at_least(0, high=1)] | None = None
+    max_grad_norm: Annotated[float, _at_least(0, strict=True)] | None = None
+    gradient_accumulation_steps: Annotated[int, _at_least(1, high=1024)] | None = None
+    max_seq_length: Annotated[int, _at_least(16, high=131072)] | None = None
+    # Objective extras: each method accepts only its own (checked in services.hyperparameters).
+    beta: Annotated[float, _at_least(0, strict=True)] | Literal["auto"] | None = None
+    simpo_gamma: Annotated[float, _at_least(0)] | None = None
+    kto_desirable_weight: Annotated[float, _at_least(0, strict=True)] | None = None
+    kto_undesirable_weight: Annotated[float, _at_least(0, strict=True)] | None = None
+    num_generations: Annotated[int, _at_least(2, high=64)] | None = None
+    max_completion_length: Annotated[int, _at_least(1, high=8192)] | None = None
+    temperature: Annotated[float, _at_least(0, strict=True)] | None = None
 
 
-class SupervisedIn(_Request):
+class MethodBodyIn(_Request):
     hyperparameters: HyperparametersIn | None = None
+    rewards: list[Reward] | None = Field(None, min_length=1, max_length=16)  # grpo only
+
+
+MethodType = Literal["supervised", "dpo", "ipo", "orpo", "simpo", "kto", "grpo"]
 
 
 class MethodIn(_Request):
-    type: Literal["supervised"]
-    supervised: SupervisedIn | None = None
+    type: MethodType
+    supervised: MethodBodyIn | None = None
+    dpo: MethodBodyIn | None = None
+    ipo: MethodBodyIn | None = None
+    orpo: MethodBodyIn | None = None
+    simpo: MethodBodyIn | None = None
+    kto: MethodBodyIn | None = None
+    grpo: MethodBodyIn | None = None
+
+    def body(self) -> MethodBodyIn | None:
+        return getattr(self, self.type)
+
+
+class TrainingFileIn(_Request):
+    file: str = Field(pattern=ID_PATTERN)
+    weight: Annotated[float, _at_least(0, strict=True, high=1000)] = 1.0
+    format: DataFormat = DataFormat.auto
+
+
+class DataIn(_Request):
+    """How the training data is read (Tuneforge extension, sent with the SDK's ``extra_body``)."""
+
+    format: DataFormat | None = None
+    chat_template: ChatTemplate | None = None
+    train_on_inputs: bool | None = None
+    packing: bool | None = None
+    validation_split: Annotated[float, _at_least(0, high=0.5, high_strict=True)] | None = None
+    dedupe: bool | None = None
+    extra_training_files: list[TrainingFileIn] | None = Field(None, max_length=16)
+
+
+class RuntimeIn(_Request):
+    use_kernels: bool | None = None
+    memory_mode: MemoryMode | None = None
+    checkpoint_every_steps: Annotated[int, _at_least(1)] | None = None
+
+
+class WandbIn(_Request):
+    project: str = Field(min_length=1, max_length=128)
+    entity: str | None = Field(None, max_length=128)
+    name: str | None = Field(None, max_length=128)
+    tags: list[str] | None = None
+
+
+class MlflowIn(_Request):
+    tracking_uri: str = Field(min_length=1, max_length=1000)
+
+
+class IntegrationIn(_Request):
+    type: Literal["wandb", "tensorboard", "mlflow"]
+    wandb: WandbIn | None = None
+    mlflow: MlflowIn | None = None
 
 
 class JobCreate(_Request):
@@ -86,7 +169,12 @@ class JobCreate(_Request):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     method: MethodIn | None = None
     hyperparameters: HyperparametersIn | None = None  # legacy top-level form
-    integrations: list[Any] | None = None
+    integrations: list[IntegrationIn] | None = Field(None, max_length=8)
+    # Tuneforge extensions.
+    data: DataIn | None = None
+    evaluation: EvalOptions | None = None
+    export: ExportOptions | None = None
+    runtime: RuntimeIn | None = None
 
 
 # --- files ---------------------------------------------------------------------------------------

@@ -355,3 +355,12 @@ def parse_event(line: str | bytes) -> JobEvent:
 
 def dump_event(event: JobEvent) -> str:
     return event.model_dump_json()
+
+
+# Which data formats each method trains on (the API refuses other pairings at job creation).
+METHOD_FORMATS: dict[Method, frozenset[DataFormat]] = {
+    Method.supervised: frozenset({DataFormat.chat, DataFormat.sharegpt, DataFormat.alpaca, DataFormat.completion, DataFormat.text}),
+    **{m: frozenset({DataFormat.preference}) for m in PREFERENCE_METHODS},
+    Method.kto: frozenset({DataFormat.kto}),
+    Method.grpo: frozenset({DataFormat.prompt, DataFormat.chat}),
+}

@@ -123,6 +123,7 @@ class File(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     storage_key: Mapped[str] = mapped_column(String(512))
     examples: Mapped[int] = mapped_column(Integer, default=0)
+    format: Mapped[str | None] = mapped_column(String(20))  # gpu_worker.contract.DataFormat, detected at upload
     status: Mapped[str] = mapped_column(String(20), default="processed")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -11,13 +11,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from api.errors import InvalidRequest
-from api.schemas import HyperparametersIn, JobCreate
-from gpu_worker.contract import ALL_TARGET_MODULES, AdapterConfig, Hyperparameters, TargetModule
+import re
 
-# LoRA adapters train well around 1e-4..3e-4 with AdamW (the LoRA and QLoRA papers use 2e-4); OpenAI's
-# multiplier scales this base rate.
-BASE_LORA_LEARNING_RATE = 2e-4
+import jsonschema
+
+from api.errors import InvalidRequest
+from api.schemas import HyperparametersIn, JobCreate, MethodBodyIn
+from gpu_worker.contract import (
+    ALL_TARGET_MODULES,
+    AdapterConfig,
+    AdapterType,
+    Hyperparameters,
+    Method,
+    MethodParams,
+    Quantization,
+    Reward,
+    RewardKind,
+)
+
 DEFAULT_N_EPOCHS = 3
 # OpenAI aims for between 100 and 25,000 examples seen in total when n_epochs is "auto".
 MIN_TARGET_EXAMPLES = 100
@@ -43,63 +54,146 @@ def auto_batch_size(examples: int) -> int:
     return min(MAX_AUTO_BATCH_SIZE, 1 << (target.bit_length() - 1))
 
 
+# Base learning rates before OpenAI's multiplier. Adapters: 2e-4 for SFT (the LoRA and QLoRA papers);
+# preference objectives move the policy away from a reference and want ~4x less (TRL's DPO/KTO
+# examples use 5e-5 with LoRA); GRPO's sampled updates are noisier still. Full fine-tuning moves every
+# weight: ten times less again.
+BASE_LEARNING_RATES = {Method.supervised: 2e-4, Method.grpo: 2e-5, **{m: 5e-5 for m in (Method.dpo, Method.ipo, Method.orpo, Method.simpo, Method.kto)}}
+FULL_FINE_TUNING_LR_FACTOR = 0.1
+
+# Objective knobs each method accepts; any other is a 400 naming it.
+_METHOD_KNOBS: dict[Method, frozenset[str]] = {
+    Method.supervised: frozenset(),
+    Method.dpo: frozenset({"beta"}),
+    Method.ipo: frozenset({"beta"}),
+    Method.orpo: frozenset({"beta"}),
+    Method.simpo: frozenset({"beta", "simpo_gamma"}),
+    Method.kto: frozenset({"beta", "kto_desirable_weight", "kto_undesirable_weight"}),
+    Method.grpo: frozenset({"beta", "num_generations", "max_completion_length", "temperature"}),
+}
+_ALL_KNOBS = frozenset().union(*_METHOD_KNOBS.values())
+# Request names that differ from the contract's MethodParams field names.
+_KNOB_FIELDS = {"num_generations": "grpo_num_generations", "max_completion_length": "grpo_max_completion_length", "temperature": "grpo_temperature"}
+_TRAINING_KNOBS = ("lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "gradient_accumulation_steps", "max_seq_length")
+
+
 @dataclass(frozen=True)
 class Resolved:
+    method: Method
     n_epochs: int
     batch_size: int
     learning_rate_multiplier: float
-    lora_rank: int
-    lora_alpha: float
-    lora_dropout: float
-    lora_target_modules: tuple[TargetModule, ...]
+    adapter: AdapterConfig
+    quantization: Quantization
+    hyperparameters: Hyperparameters
+    method_params: MethodParams
 
     def public(self) -> dict:
-        """The OpenAI-shaped hyperparameters object (with the LoRA extras)."""
-        return {
+        """The OpenAI-shaped hyperparameters object, with every extra resolved."""
+        hp, a, mp = self.hyperparameters, self.adapter, self.method_params
+        out = {
             "n_epochs": self.n_epochs,
             "batch_size": self.batch_size,
             "learning_rate_multiplier": self.learning_rate_multiplier,
-            "lora_rank": self.lora_rank,
-            "lora_alpha": self.lora_alpha,
-            "lora_dropout": self.lora_dropout,
-            "lora_target_modules": [m.value for m in self.lora_target_modules],
+            "adapter_type": a.type.value,
+            "quantization": self.quantization.value,
+            **{k: getattr(hp, k).value if k == "lr_scheduler" else getattr(hp, k) for k in _TRAINING_KNOBS},
         }
+        if a.type != AdapterType.full:
+            out |= {"lora_rank": a.rank, "lora_alpha": a.alpha, "lora_dropout": a.dropout, "lora_target_modules": [m.value for m in a.target_modules], "use_rslora": a.use_rslora}
+        for knob in sorted(_METHOD_KNOBS[self.method]):
+            out[knob] = getattr(mp, _KNOB_FIELDS.get(knob, knob))
+        return out
 
-    def method(self) -> dict:
-        return {"type": "supervised", "supervised": {"hyperparameters": self.public()}}
-
-    def contract(self) -> tuple[AdapterConfig, Hyperparameters]:
-        adapter = AdapterConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, target_modules=self.lora_target_modules)
-        hp = Hyperparameters(
-            n_epochs=self.n_epochs,
-            batch_size=self.batch_size,
-            learning_rate=BASE_LORA_LEARNING_RATE * self.learning_rate_multiplier,
-        )
-        return adapter, hp
+    def method_object(self) -> dict:
+        body: dict = {"hyperparameters": self.public()}
+        if self.method == Method.grpo:
+            body["rewards"] = [r.model_dump(mode="json", exclude_none=True) for r in self.method_params.rewards]
+        return {"type": self.method.value, self.method.value: body}
 
 
-def requested(body: JobCreate) -> HyperparametersIn:
-    """The hyperparameters the request gave, from ``method`` or the legacy top-level field."""
-    from_method = body.method.supervised.hyperparameters if body.method and body.method.supervised else None
+def requested(body: JobCreate) -> tuple[Method, HyperparametersIn, MethodBodyIn | None]:
+    """The method and hyperparameters the request gave, from ``method`` or the legacy top-level field."""
+    method = Method(body.method.type) if body.method else Method.supervised
+    method_body = body.method.body() if body.method else None
+    from_method = method_body.hyperparameters if method_body else None
     if from_method is not None and body.hyperparameters is not None:
         raise InvalidRequest(
-            "Give hyperparameters either in method.supervised.hyperparameters or at the top level, not both.",
+            f"Give hyperparameters either in method.{method.value}.hyperparameters or at the top level, not both.",
             param="hyperparameters",
             code="invalid_value",
         )
-    return from_method or body.hyperparameters or HyperparametersIn()
+    return method, from_method or body.hyperparameters or HyperparametersIn(), method_body
 
 
-def resolve(hp: HyperparametersIn, examples: int) -> Resolved:
+def _method_params(method: Method, hp: HyperparametersIn, method_body: MethodBodyIn | None) -> MethodParams:
+    where = f"method.{method.value}"
+    for knob in sorted(_ALL_KNOBS - _METHOD_KNOBS[method]):
+        if getattr(hp, knob) is not None:
+            raise InvalidRequest(f"{knob!r} does not apply to method {method.value!r}.", param=f"{where}.hyperparameters.{knob}", code="invalid_value")
+    rewards = tuple(method_body.rewards or ()) if method_body else ()
+    if method == Method.grpo:
+        if not rewards:
+            raise InvalidRequest("grpo needs at least one reward (exact_match, regex_match, json_schema, length_penalty).", param=f"{where}.rewards", code="missing_required_parameter")
+        for i, reward in enumerate(rewards):
+            problem = reward_problem(reward)
+            if problem:
+                raise InvalidRequest(problem, param=f"{where}.rewards[{i}]", code="invalid_value")
+    elif rewards:
+        raise InvalidRequest(f"rewards apply only to method 'grpo'.", param=f"{where}.rewards", code="invalid_value")
+    values = {_KNOB_FIELDS.get(k, k): getattr(hp, k) for k in _METHOD_KNOBS[method] if getattr(hp, k) not in (None, "auto")}
+    return MethodParams(**values, rewards=rewards)
+
+
+def reward_problem(reward: Reward) -> str | None:
+    """Why a reward cannot run, or None. Checked here so a bad one never reaches a GPU."""
+    if reward.kind == RewardKind.regex_match:
+        if not reward.pattern:
+            return "regex_match needs 'pattern'"
+        try:
+            re.compile(reward.pattern)
+        except re.error as err:
+            return f"regex_match 'pattern' is not a valid regular expression: {err}"
+    if reward.kind == RewardKind.json_schema:
+        if reward.json_schema is None:
+            return "json_schema needs 'json_schema'"
+        try:
+            jsonschema.validators.validator_for(reward.json_schema).check_schema(reward.json_schema)
+        except jsonschema.SchemaError as err:
+            return f"'json_schema' is not a valid JSON Schema: {err.message}"
+    if reward.kind == RewardKind.length_penalty and reward.target_length is None:
+        return "length_penalty needs 'target_length'"
+    return None
+
+
+def resolve(method: Method, hp: HyperparametersIn, method_body: MethodBodyIn | None, examples: int) -> Resolved:
     """Fill every unset or "auto" value. Ranges were checked by the request schema."""
+    adapter_type = hp.adapter_type or AdapterType.lora
+    quantization = hp.quantization or Quantization.none
+    if quantization != Quantization.none and adapter_type == AdapterType.full:
+        raise InvalidRequest("Quantized (QLoRA) training needs an adapter; full fine-tuning cannot use it.", param="quantization", code="invalid_value")
     rank = hp.lora_rank or DEFAULT_LORA_RANK
     modules = tuple(dict.fromkeys(hp.lora_target_modules)) if hp.lora_target_modules else ALL_TARGET_MODULES
+    adapter = AdapterConfig(
+        type=adapter_type,
+        rank=rank,
+        alpha=float(hp.lora_alpha) if hp.lora_alpha is not None else 2.0 * rank,
+        dropout=hp.lora_dropout if hp.lora_dropout is not None else 0.0,
+        target_modules=modules,
+        use_rslora=bool(hp.use_rslora),
+    )
+    n_epochs = auto_n_epochs(examples) if hp.n_epochs in (None, "auto") else hp.n_epochs
+    batch_size = auto_batch_size(examples) if hp.batch_size in (None, "auto") else hp.batch_size
+    multiplier = 1.0 if hp.learning_rate_multiplier in (None, "auto") else float(hp.learning_rate_multiplier)
+    base_lr = BASE_LEARNING_RATES[method] * (FULL_FINE_TUNING_LR_FACTOR if adapter_type == AdapterType.full else 1.0)
+    training = {k: getattr(hp, k) for k in _TRAINING_KNOBS if getattr(hp, k) is not None}
     return Resolved(
-        n_epochs=auto_n_epochs(examples) if hp.n_epochs in (None, "auto") else hp.n_epochs,
-        batch_size=auto_batch_size(examples) if hp.batch_size in (None, "auto") else hp.batch_size,
-        learning_rate_multiplier=1.0 if hp.learning_rate_multiplier in (None, "auto") else float(hp.learning_rate_multiplier),
-        lora_rank=rank,
-        lora_alpha=float(hp.lora_alpha) if hp.lora_alpha is not None else 2.0 * rank,
-        lora_dropout=hp.lora_dropout if hp.lora_dropout is not None else 0.0,
-        lora_target_modules=modules,
+        method=method,
+        n_epochs=n_epochs,
+        batch_size=batch_size,
+        learning_rate_multiplier=multiplier,
+        adapter=adapter,
+        quantization=quantization,
+        hyperparameters=Hyperparameters(n_epochs=n_epochs, batch_size=batch_size, learning_rate=base_lr * multiplier, **training),
+        method_params=_method_params(method, hp, method_body),
     )

@@ -27,7 +27,18 @@ from api.schemas import (
 )
 from api.services import hyperparameters
 from api.settings import ApiSettings
-from gpu_worker.contract import JobSpec
+from gpu_worker.contract import (
+    METHOD_FORMATS,
+    DataFormat,
+    DataOptions,
+    EvalOptions,
+    ExportOptions,
+    Integrations,
+    JobSpec,
+    Method,
+    Runtime,
+    TrainingFile,
+)
 from scheduler.jobs import add_event, fine_tuned_model_name, request_cancel
 from scheduler.models import Checkpoint, File, Job, JobEvent, JobStatus, Organization, new_id
 from scheduler.tenancy import Principal
@@ -45,7 +56,7 @@ def _error(error: dict | None) -> JobError | None:
 
 
 def to_public(job: Job) -> JobPublic:
-    hp = (job.method.get("supervised") or {}).get("hyperparameters") or {}
+    hp = (job.method.get(job.method.get("type", "supervised")) or {}).get("hyperparameters") or {}
     return JobPublic(
         id=job.id,
         created_at=unix_seconds(job.created_at),
@@ -82,6 +93,76 @@ def _training_input(session: Session, principal: Principal, file_id: str, param:
     return row
 
 
+def _check_format(row: File, method: Method, param: str) -> None:
+    """A file whose detected format the method cannot train on is refused before anything is written."""
+    if row.format and DataFormat(row.format) not in METHOD_FORMATS[method]:
+        accepted = ", ".join(sorted(f.value for f in METHOD_FORMATS[method]))
+        raise InvalidRequest(
+            f"File {row.id} is in {row.format!r} format; method {method.value!r} trains on: {accepted}.",
+            param=param,
+            code="invalid_file",
+        )
+
+
+def _integrations(items) -> Integrations:
+    values: dict = {}
+    for i, item in enumerate(items or []):
+        if item.type == "wandb":
+            if item.wandb is None:
+                raise InvalidRequest("A wandb integration needs a 'wandb' object with 'project'.", param=f"integrations[{i}].wandb", code="missing_required_parameter")
+            values |= {"wandb_project": item.wandb.project, "wandb_entity": item.wandb.entity, "wandb_name": item.wandb.name}
+        elif item.type == "mlflow":
+            if item.mlflow is None:
+                raise InvalidRequest("An mlflow integration needs an 'mlflow' object with 'tracking_uri'.", param=f"integrations[{i}].mlflow", code="missing_required_parameter")
+            values["mlflow_tracking_uri"] = item.mlflow.tracking_uri
+        else:
+            values["tensorboard"] = True
+    return Integrations(**values)
+
+
+def _data_options(session: Session, principal: Principal, body: JobCreate, method: Method) -> DataOptions:
+    data = body.data
+    if data is None:
+        return DataOptions()
+    extra = []
+    for i, item in enumerate(data.extra_training_files or []):
+        param = f"data.extra_training_files[{i}].file"
+        row = _training_input(session, principal, item.file, param)
+        _check_format(row, method, param)
+        extra.append(TrainingFile(key=row.storage_key, format=item.format, weight=item.weight))
+    given = data.model_dump(exclude_none=True, exclude={"extra_training_files"})
+    return DataOptions(**given, extra_training_files=tuple(extra))
+
+
+def build_spec(session: Session, principal: Principal, body: JobCreate, job_id: str, seed: int, training: File, validation: File | None) -> tuple[JobSpec, hyperparameters.Resolved]:
+    method, hp, method_body = hyperparameters.requested(body)
+    for row, param in ((training, "training_file"), (validation, "validation_file")):
+        if row is not None:
+            _check_format(row, method, param)
+    resolved = hyperparameters.resolve(method, hp, method_body, training.examples)
+    runtime = Runtime(**body.runtime.model_dump(exclude_none=True)) if body.runtime else Runtime()
+    spec = JobSpec(
+        job_id=job_id,
+        org_id=principal.org_id,
+        base_model=body.model,
+        method=method,
+        adapter=resolved.adapter,
+        quantization=resolved.quantization,
+        hyperparameters=resolved.hyperparameters,
+        method_params=resolved.method_params,
+        data=_data_options(session, principal, body, method),
+        evaluation=body.evaluation or EvalOptions(),
+        export=body.export or ExportOptions(),
+        integrations=_integrations(body.integrations),
+        runtime=runtime,
+        seed=seed,
+        training_file_key=training.storage_key,
+        validation_file_key=validation.storage_key if validation else None,
+        output_prefix=f"orgs/{principal.org_id}/jobs/{job_id}",
+    )
+    return spec, resolved
+
+
 def create_job(session: Session, settings: ApiSettings, principal: Principal, body: JobCreate) -> JobPublic:
     if body.model not in settings.base_models:
         raise InvalidRequest(
@@ -89,25 +170,11 @@ def create_job(session: Session, settings: ApiSettings, principal: Principal, bo
             param="model",
             code="model_not_available",
         )
-    if body.integrations:
-        raise InvalidRequest("Integrations are not supported.", param="integrations", code="invalid_value")
     training = _training_input(session, principal, body.training_file, "training_file")
     validation = _training_input(session, principal, body.validation_file, "validation_file") if body.validation_file else None
-    resolved = hyperparameters.resolve(hyperparameters.requested(body), training.examples)
-    adapter, hp = resolved.contract()
     job_id = new_id("ftjob-")
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-    spec = JobSpec(
-        job_id=job_id,
-        org_id=principal.org_id,
-        base_model=body.model,
-        adapter=adapter,
-        hyperparameters=hp,
-        seed=seed,
-        training_file_key=training.storage_key,
-        validation_file_key=validation.storage_key if validation else None,
-        output_prefix=f"orgs/{principal.org_id}/jobs/{job_id}",
-    )
+    spec, resolved = build_spec(session, principal, body, job_id, seed, training, validation)
     job = Job(
         id=job_id,
         org_id=principal.org_id,
@@ -116,7 +183,7 @@ def create_job(session: Session, settings: ApiSettings, principal: Principal, bo
         validation_file_id=validation.id if validation else None,
         suffix=body.suffix or None,
         seed=seed,
-        method=resolved.method(),
+        method=resolved.method_object(),
         spec=spec.model_dump(mode="json"),
         status=JobStatus.validating_files,
         result_files=[],

@@ -8,12 +8,13 @@ import openai
 import pytest
 from sqlalchemy import select
 
-from api.services.hyperparameters import BASE_LORA_LEARNING_RATE, auto_batch_size, auto_n_epochs
-from gpu_worker.contract import ALL_TARGET_MODULES, JobSpec
+from api.services.hyperparameters import BASE_LEARNING_RATES, auto_batch_size, auto_n_epochs
+from gpu_worker.contract import ALL_TARGET_MODULES, AdapterType, ChatTemplate, GGUFType, JobSpec, LRScheduler, MemoryMode, Method
 from scheduler.jobs import add_event, claim, fail, mark_queued
 from scheduler.models import Checkpoint, File, Job, JobEvent
 
 HP = "method.supervised.hyperparameters"
+BASE_LORA_LEARNING_RATE = BASE_LEARNING_RATES[Method.supervised]
 
 
 def _method(**hp) -> dict:
@@ -61,6 +62,43 @@ def test_explicit_method_hyperparameters_and_lora_extras_reach_the_spec(client_a
     assert job.validation_file == valid
 
 
+def test_tuneforge_extensions_reach_the_spec(client_a, upload, db_session):
+    """Adapter type, schedule, data, evaluation, export, runtime and integrations options travel
+    from the request (the SDK's extra_body) into the worker contract, resolved and shown on the job."""
+    train, extra = upload(), upload()
+    job = client_a.fine_tuning.jobs.create(
+        model="tuneforge-tiny",
+        training_file=train,
+        method=_method(adapter_type="dora", use_rslora=True, lr_scheduler="cosine", warmup_ratio=0.1, max_seq_length=1024),
+        integrations=[{"type": "wandb", "wandb": {"project": "p", "name": "run"}}],
+        extra_body={
+            "data": {"chat_template": "llama-3", "packing": True, "validation_split": 0.1, "extra_training_files": [{"file": extra, "weight": 2}]},
+            "evaluation": {"early_stopping_patience": 3, "fail_on_regression": True},
+            "export": {"merged": True, "gguf": ["q8_0"]},
+            "runtime": {"memory_mode": "checkpointing", "checkpoint_every_steps": 10},
+        },
+    )
+    spec = JobSpec.model_validate(db_session.get(Job, job.id).spec)
+    assert spec.adapter.type == AdapterType.dora and spec.adapter.use_rslora
+    assert spec.hyperparameters.lr_scheduler == LRScheduler.cosine and spec.hyperparameters.warmup_ratio == 0.1
+    assert spec.data.chat_template == ChatTemplate.llama3 and spec.data.packing and spec.data.validation_split == 0.1
+    assert [(f.key, f.weight) for f in spec.data.extra_training_files] == [(db_session.get(File, extra).storage_key, 2.0)]
+    assert spec.evaluation.early_stopping_patience == 3 and spec.evaluation.fail_on_regression
+    assert spec.export.merged and spec.export.gguf == (GGUFType.q8_0,)
+    assert spec.runtime.memory_mode == MemoryMode.checkpointing and spec.runtime.checkpoint_every_steps == 10
+    assert (spec.integrations.wandb_project, spec.integrations.wandb_name) == ("p", "run")
+    hp = job.method.supervised.hyperparameters
+    assert (hp.adapter_type, hp.lr_scheduler, hp.use_rslora) == ("dora", "cosine", True)
+
+
+def test_full_fine_tuning_uses_a_tenth_of_the_learning_rate(client_a, upload, db_session):
+    job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload(), method=_method(adapter_type="full"))
+    spec = JobSpec.model_validate(db_session.get(Job, job.id).spec)
+    assert spec.adapter.type == AdapterType.full
+    assert spec.hyperparameters.learning_rate == pytest.approx(0.1 * BASE_LORA_LEARNING_RATE)
+    assert "lora_rank" not in job.method.supervised.hyperparameters.model_extra
+
+
 def test_legacy_top_level_hyperparameters(client_a, upload, db_session):
     job = client_a.fine_tuning.jobs.create(
         model="tuneforge-tiny", training_file=upload(), hyperparameters={"n_epochs": 4, "batch_size": "auto"}
@@ -91,7 +129,16 @@ def test_auto_rules_stay_within_bounds(examples, epochs, batch):
         ({"method": _method(lora_target_modules=["q_proj", "lm_head"])}, f"{HP}.lora_target_modules.1"),
         ({"method": _method(lora_target_modules=[])}, f"{HP}.lora_target_modules"),
         ({"method": _method(mystery=1)}, f"{HP}.mystery"),
-        ({"method": {"type": "dpo"}}, "method.type"),
+        ({"method": {"type": "reinforcement"}}, "method.type"),
+        ({"method": {"type": "dpo"}}, "training_file"),  # a chat file cannot train DPO
+        ({"method": _method(beta=0.1)}, f"{HP}.beta"),  # beta is not a supervised knob
+        ({"method": _method(adapter_type="full", quantization="nf4")}, "quantization"),
+        ({"method": _method(warmup_ratio=1.0)}, f"{HP}.warmup_ratio"),
+        ({"method": {"type": "grpo", "grpo": {"hyperparameters": {}}}}, "method.grpo.rewards"),
+        ({"method": {"type": "grpo", "grpo": {"rewards": [{"kind": "regex_match", "pattern": "("}]}}}, "method.grpo.rewards[0]"),
+        ({"method": {"type": "grpo", "grpo": {"rewards": [{"kind": "json_schema", "json_schema": {"type": 5}}]}}}, "method.grpo.rewards[0]"),
+        ({"method": {"type": "grpo", "grpo": {"rewards": [{"kind": "length_penalty"}]}}}, "method.grpo.rewards[0]"),
+        ({"method": {"type": "grpo", "grpo": {"rewards": [{"kind": "python", "code": "x"}]}}}, "method.grpo.rewards.0.kind"),
         ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
         ({"hyperparameters": {"n_epochs": 2}, "method": _method(n_epochs=3)}, "hyperparameters"),
         ({"suffix": "x" * 65}, "suffix"),
@@ -100,7 +147,8 @@ def test_auto_rules_stay_within_bounds(examples, epochs, batch):
         ({"model": "gpt-4o"}, "model"),
         ({"training_file": "file-doesnotexist"}, "training_file"),
         ({"validation_file": "file-doesnotexist"}, "validation_file"),
-        ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations"),
+        ({"integrations": [{"type": "wandb"}]}, "integrations[0].wandb"),
+        ({"integrations": [{"type": "slack"}]}, "integrations.0.type"),
     ],
 )
 def test_invalid_input_is_400_naming_the_field_and_creates_nothing(client_a, upload, org_a, db_session, kwargs, param):
