@@ -37,12 +37,13 @@ from gpu_worker import contract
 from scheduler import jobs
 from scheduler.db import session_scope
 from scheduler.metering import Usage, record_usage
-from scheduler.models import Adapter, Checkpoint, Job, JobStatus, Organization, utcnow
+from scheduler.models import Adapter, Checkpoint, File, Job, JobStatus, Organization, utcnow
 from scheduler.settings import Settings
 
 log = logging.getLogger("tuneforge.agent")
 
 _PR_SET_PDEATHSIG = 1
+RESULTS_PURPOSE = "fine-tune-results"  # OpenAI's purpose for a job's result files
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -278,8 +279,23 @@ class _Supervision:
             raise LeaseLost(job.id)
         session.add(Adapter(id=name, org_id=job.org_id, job_id=job.id, base_model=job.model, storage_key=e.manifest.key, manifest=e.manifest.model_dump(mode="json")))
         record_usage(session, Usage(org_id=job.org_id, request_id=f"training:{job.id}", kind="training", model=job.model, adapter=name, trained_tokens=e.trained_tokens))
+        self._results(session, job, e)
         jobs.add_event(session, job, f"New fine-tuned model created: {name}")
         jobs.add_event(session, job, "The job has successfully completed")
+
+    def _results(self, session: Session, job: Job, e: contract.CompletedEvent) -> None:
+        """Downloadable artifacts become result files of the job; the eval gate's report an event."""
+        ids = []
+        for artifact in e.artifacts:
+            row = File(org_id=job.org_id, filename=artifact.filename, purpose=RESULTS_PURPOSE, bytes=artifact.bytes or 0, storage_key=artifact.key, examples=0)
+            session.add(row)
+            session.flush()
+            ids.append(row.id)
+            jobs.add_event(session, job, f"Result file {row.id}: {artifact.kind} {artifact.filename}", data={"file_id": row.id, "kind": artifact.kind, **artifact.detail})
+        job.result_files = ids
+        if e.eval_report is not None:
+            r = e.eval_report
+            jobs.add_event(session, job, f"Evaluation gate {'passed' if r.passed else 'failed'}: base vs tuned on {r.examples} validation examples", data=r.model_dump(mode="json"))
 
     def _stopped(self, session: Session, job: Job, e: contract.StoppedEvent) -> None:
         done = dict(finished_at=utcnow(), lease_token=None, lease_owner=None, lease_expires_at=None)
