@@ -31,4 +31,16 @@ def recipe_for(method: Method) -> Callable:
         from gpu_worker.recipes.sft import run
 
         return run
+    if method in (Method.dpo, Method.ipo, Method.orpo, Method.simpo):
+        from gpu_worker.recipes.preference import run
+
+        return run
+    if method == Method.kto:
+        from gpu_worker.recipes.kto import run
+
+        return run
+    if method == Method.grpo:
+        from gpu_worker.recipes.grpo import run
+
+        return run
     raise ValueError(f"no recipe for method {method!r}")

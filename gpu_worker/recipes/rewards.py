@@ -1,0 +1,135 @@
+"""GRPO rewards: the closed set a job spec can name (``contract.RewardKind``), never user code.
+
+``build_rewards(method_params)`` checks every reward's parameters (a regex must compile, a JSON schema
+must be a valid schema, a length penalty needs its target) and returns a ``RewardSet`` that scores a
+completion against its data row. A bad parameter is a ``MethodParamsError`` naming the field
+(``method_params.rewards[1].pattern``), raised at job start before any weight is loaded; the trainer
+reports it as FailedEvent ``invalid_method_params``. Standard library and ``jsonschema`` only, no
+torch: the API can run the same check when a job is created.
+
+Scores, before each reward's ``weight`` (the set's score is the weighted sum):
+
+- exact_match: 1.0 if the completion, stripped, equals the row's ``reference_field`` (stripped), else 0
+- regex_match: 1.0 if ``re.search(pattern, completion)`` finds a match (anchor it to match it all)
+- json_schema: 1.0 if the completion (stripped) parses as JSON valid against the schema, else 0
+- length_penalty: ``-scale * |completion tokens - target_length|``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any, Callable, Mapping
+
+from gpu_worker.contract import MethodParams, Reward, RewardKind
+
+FAILURE_CODE = "invalid_method_params"
+
+
+class MethodParamsError(ValueError):
+    """``spec.method_params`` cannot be used; ``param`` names the field (dotted, from the spec)."""
+
+    code = FAILURE_CODE
+
+    def __init__(self, message: str, *, param: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scorer:
+    reward: Reward
+    score: Callable[[str, int, Mapping[str, Any]], float]  # (completion text, token count, row) -> score
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSet:
+    """The job's rewards, checked; ``score`` is their weighted sum for one completion."""
+
+    scorers: tuple[_Scorer, ...]
+
+    @property
+    def reference_fields(self) -> tuple[str, ...]:
+        """Row fields the rewards read: every prompt row must have them."""
+        return tuple(dict.fromkeys(s.reward.reference_field for s in self.scorers if s.reward.kind == RewardKind.exact_match))
+
+    def score(self, completion: str, n_tokens: int, row: Mapping[str, Any]) -> float:
+        return sum(s.reward.weight * s.score(completion, n_tokens, row) for s in self.scorers)
+
+    def breakdown(self, completion: str, n_tokens: int, row: Mapping[str, Any]) -> dict[str, float]:
+        """Unweighted score per reward, keyed ``"<index>:<kind>"`` (for metrics)."""
+        return {f"{i}:{s.reward.kind.value}": s.score(completion, n_tokens, row) for i, s in enumerate(self.scorers)}
+
+
+def build_rewards(params: MethodParams) -> RewardSet:
+    """Check ``params.rewards`` and build their scorers; raises ``MethodParamsError``."""
+    if not params.rewards:
+        raise MethodParamsError("GRPO needs at least one reward (exact_match, regex_match, json_schema or length_penalty)", param="method_params.rewards")
+    scorers = tuple(_build_one(r, f"method_params.rewards[{i}]") for i, r in enumerate(params.rewards))
+    if all(r.weight == 0 for r in params.rewards):
+        raise MethodParamsError("every reward has weight 0: nothing to learn from", param="method_params.rewards")
+    return RewardSet(scorers)
+
+
+def _build_one(reward: Reward, where: str) -> _Scorer:
+    builder = {
+        RewardKind.exact_match: _exact_match,
+        RewardKind.regex_match: _regex_match,
+        RewardKind.json_schema: _json_schema,
+        RewardKind.length_penalty: _length_penalty,
+    }[reward.kind]
+    return _Scorer(reward, builder(reward, where))
+
+
+def _exact_match(reward: Reward, where: str):
+    field = reward.reference_field
+    if not field or not field.strip():
+        raise MethodParamsError("exact_match needs a non-empty reference_field", param=f"{where}.reference_field")
+
+    def score(completion: str, n_tokens: int, row: Mapping[str, Any]) -> float:
+        expected = row[field]
+        expected = expected if isinstance(expected, str) else json.dumps(expected)
+        return float(completion.strip() == expected.strip())
+
+    return score
+
+
+def _regex_match(reward: Reward, where: str):
+    if reward.pattern is None:
+        raise MethodParamsError("regex_match needs a pattern", param=f"{where}.pattern")
+    try:
+        compiled = re.compile(reward.pattern)
+    except re.error as err:
+        raise MethodParamsError(f"invalid regular expression {reward.pattern!r}: {err}", param=f"{where}.pattern") from None
+    return lambda completion, n_tokens, row: float(compiled.search(completion) is not None)
+
+
+def _json_schema(reward: Reward, where: str):
+    import jsonschema
+
+    if reward.json_schema is None:
+        raise MethodParamsError("json_schema needs a json_schema", param=f"{where}.json_schema")
+    cls = jsonschema.validators.validator_for(reward.json_schema)
+    try:
+        cls.check_schema(reward.json_schema)
+    except jsonschema.SchemaError as err:
+        at = "/".join(str(p) for p in err.absolute_path)
+        raise MethodParamsError(f"not a valid JSON schema{f' at {at}' if at else ''}: {err.message}", param=f"{where}.json_schema") from None
+    validator = cls(reward.json_schema)
+
+    def score(completion: str, n_tokens: int, row: Mapping[str, Any]) -> float:
+        try:
+            value = json.loads(completion.strip())
+        except (json.JSONDecodeError, RecursionError):
+            return 0.0
+        return float(validator.is_valid(value))
+
+    return score
+
+
+def _length_penalty(reward: Reward, where: str):
+    if reward.target_length is None:
+        raise MethodParamsError("length_penalty needs target_length (in tokens)", param=f"{where}.target_length")
+    target, scale = reward.target_length, reward.scale
+    return lambda completion, n_tokens, row: -scale * abs(n_tokens - target)
