@@ -1,24 +1,107 @@
-"""Preparing a loaded base model for adapter training: the LoRA wrapper, then kernels and memory mode.
+"""Preparing a base model for training: loading (plain or 4-bit NF4), the adapter (LoRA, rsLoRA, DoRA,
+or none for full fine-tuning), then kernels and memory mode, and saving/restoring the trained weights.
 
-Shared by recipes: each recipe loads a base model, calls ``wrap_with_lora`` and then
-``apply_memory_mode_and_kernels``, which hands the PEFT model to ``gpu_worker.patching`` (Triton
-kernels, activation checkpointing/offload). If the patching package is missing or refuses the model,
-training goes on with stock PyTorch/PEFT modules and the returned log lines say so; the memory mode
-then falls back to transformers' gradient checkpointing, the closest stock equivalent.
+Shared by recipes: each recipe calls ``check_device_support`` before anything heavy, then
+``load_for_training`` (which wraps the model as ``spec.adapter`` asks) and
+``apply_memory_mode_and_kernels``, which hands the model to ``gpu_worker.patching`` (Triton kernels,
+activation checkpointing/offload). If the patching package is missing or refuses the model, training
+goes on with stock PyTorch/PEFT modules and the returned log lines say so; the memory mode then falls
+back to transformers' gradient checkpointing, the closest stock equivalent.
+
+QLoRA (``quantization=nf4``) needs bitsandbytes on a CUDA GPU. Without one the job fails with
+``UnsupportedOnDevice`` (FailedEvent code ``unsupported_on_device``): it never silently trains a
+16-bit LoRA instead, which would cost a different amount of memory and give a different model.
 """
 
 from __future__ import annotations
 
-from gpu_worker.contract import AdapterConfig, MemoryMode, Runtime
+import json
+from pathlib import Path
+
+from gpu_worker.contract import AdapterConfig, AdapterType, JobSpec, MemoryMode, Quantization, Runtime
 
 
 class AdapterConfigError(ValueError):
     """The adapter configuration cannot be applied to this base model."""
 
 
+class UnsupportedOnDevice(RuntimeError):
+    """The job asks for something this worker's hardware cannot do (e.g. NF4 without CUDA).
+    ``failure_code``/``param`` say how the trainer reports it."""
+
+    failure_code = "unsupported_on_device"
+
+    def __init__(self, message: str, *, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def check_device_support(spec: JobSpec, device: str | None) -> None:
+    """Fail before loading anything if ``spec`` cannot run on ``device`` (None: CUDA if present)."""
+    if spec.quantization != Quantization.nf4:
+        return
+    import torch
+
+    if device is not None and not device.startswith("cuda"):
+        raise UnsupportedOnDevice(f"quantization=nf4 (QLoRA) needs a CUDA GPU; this trainer runs on {device!r}", param="quantization")
+    if not torch.cuda.is_available():
+        raise UnsupportedOnDevice("quantization=nf4 (QLoRA) needs a CUDA GPU with bitsandbytes; this worker has no CUDA device", param="quantization")
+    if spec.adapter.type == AdapterType.full:
+        raise UnsupportedOnDevice("quantization=nf4 trains an adapter over a frozen 4-bit base; full fine-tuning of 4-bit weights is not possible", param="adapter.type")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise UnsupportedOnDevice(f"quantization=nf4 needs bitsandbytes, which this worker lacks ({err})", param="quantization") from err
+
+
+def load_for_training(spec: JobSpec, *, data_dir, device: str | None):
+    """The base model of ``spec`` on ``device``, quantized if asked, wrapped for ``spec.adapter``."""
+    from gpu_worker.loading import load_model
+
+    if spec.quantization == Quantization.nf4:
+        model = load_nf4_model(spec.base_model, data_dir=data_dir, device=device or "cuda")
+    else:
+        model = load_model(spec.base_model, data_dir=data_dir, device=device, dtype=spec.runtime.dtype)
+    return wrap_for_training(model, spec.adapter)
+
+
+def load_nf4_model(name: str, *, data_dir, device: str = "cuda"):
+    """QLoRA's base: 4-bit NormalFloat weights with double quantization (the quantization constants
+    are themselves quantized, ~0.4 bit/param saved) and bf16 compute. GPU only."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from gpu_worker.loading import ModelLoadError, _reason, resolve_model_path
+
+    path = resolve_model_path(name, data_dir)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16, device_map={"": device})
+    except Exception as err:
+        raise ModelLoadError(name, _reason(err)) from err
+    # Norms and the head stay in float32 for stable training; checkpointing is the memory mode's call.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def wrap_for_training(model, adapter: AdapterConfig):
+    """Full fine-tuning: every weight trains, the model is returned as is. Otherwise freeze ``model``
+    and attach a fresh LoRA adapter (DoRA when ``type=dora``; rank-stabilised scaling
+    ``alpha/sqrt(r)`` when ``use_rslora``) to the requested projections."""
+    if adapter.type == AdapterType.full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    return wrap_with_lora(model, adapter)
+
+
 def wrap_with_lora(model, adapter: AdapterConfig):
-    """Freeze ``model`` and attach a fresh LoRA adapter to the requested projections. Target names are
-    Llama's; those the model lacks are skipped, and none present at all is an error."""
+    """Target names are Llama's; those the model lacks are skipped, and none present at all is an error."""
     from peft import LoraConfig, get_peft_model
 
     leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -33,8 +116,74 @@ def wrap_with_lora(model, adapter: AdapterConfig):
         target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",
+        use_dora=adapter.type == AdapterType.dora,
+        use_rslora=adapter.use_rslora,
     )
     return get_peft_model(model, config)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def trainable_parameter_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay, vectors (norm weights, biases) do not: decaying a norm's gain
+    towards zero fights the normalisation (the usual GPT-2/Llama recipe). LoRA factors are all
+    matrices, so for adapters this is a single group."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+# --- saving and restoring the trained weights --------------------------------------------------------
+
+
+def save_trained(model, folder: Path, *, base_model: str, tokenizer=None) -> list[str]:
+    """Write what training produced to ``folder``: the standard PEFT pair for an adapter, or the whole
+    model (config + safetensors, with the tokenizer) for full fine-tuning. Returns the file names."""
+    from gpu_worker.checkpoint import save_adapter
+
+    if is_peft(model):
+        return save_adapter(model, folder, base_model=base_model)
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / "tuneforge_base_model.json").write_text(json.dumps({"base_model": base_model}))
+    return sorted(p.name for p in folder.iterdir() if p.is_file())
+
+
+def load_trained(model, folder: Path) -> None:
+    """Put weights written by ``save_trained`` back into ``model`` (same architecture and adapter)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        return
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied weights are saved once; anything else missing means the folder is not this model's.
+    missing = [k for k in missing if k not in _tied_keys(model)]
+    if missing or unexpected:
+        raise AdapterConfigError(f"saved weights in {folder} do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def _tied_keys(model) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or ()
+    return set(tied if not isinstance(tied, dict) else tied.keys())
+
+
+# --- kernels and memory mode -------------------------------------------------------------------------
 
 
 def apply_memory_mode_and_kernels(model, runtime: Runtime) -> list[tuple[str, str]]:
@@ -62,3 +211,15 @@ def _stock_memory_mode(model, mode: MemoryMode) -> list[tuple[str, str]]:
     if mode == MemoryMode.offload:
         return [("Activation offload needs the training kernels; using gradient checkpointing instead", "warn")]
     return [("Gradient checkpointing enabled (stock transformers)", "info")]
+
+
+def cuda_peak_memory_gb(device) -> float | None:
+    """Peak allocated GPU memory since the last call (then reset), or None off GPU."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+

@@ -1,23 +1,33 @@
-"""Supervised LoRA fine-tuning: setup, train, save.
+"""Supervised fine-tuning (LoRA, rsLoRA, DoRA, QLoRA, full; chat, completion or raw text): setup, train, save.
 
-Reads top to bottom. Setup loads the base model and the data, wraps the model with a LoRA adapter
-(``spec.adapter``), applies the training kernels if asked (``gpu_worker.patching``; the stock path if
-they are unavailable, with a log line saying why) and, when resuming, loads the checkpoint. The loop
-then runs optimizer steps until ``total_steps``:
+Reads top to bottom. Setup checks the hardware can run the job (QLoRA needs CUDA), loads the
+tokenizer and the data, then the base model wrapped as ``spec.adapter`` asks (``model_setup``),
+applies the training kernels if asked (the stock path if they are unavailable, with a log line
+saying why), opens the optional loggers (``integrations``) and, when resuming, loads the checkpoint.
+The loop then runs optimizer steps until ``total_steps`` or early stopping:
 
 - a step is ``gradient_accumulation_steps`` micro-batches of ``batch_size`` examples (the last step of
   an epoch may have fewer); its loss is the sum of token losses over the whole step divided by the
-  number of trained (assistant) tokens in it, so accumulation equals one big batch;
-- AdamW, gradient clipping at ``max_grad_norm``, learning rate linear warmup then linear decay
-  (``lr_at``), a pure function of the step, so the schedule's state is the step number;
-- after every step a MetricsEvent (``tokens`` = trained tokens so far, ``tokens_per_second`` =
-  non-padding tokens processed per second in that step); validation loss at the eval points (every
-  ``eval_every_steps``, or each epoch end when 0) and at the end; a checkpoint every
-  ``checkpoint_every_steps`` and at the end.
+  number of trained tokens in it, so accumulation equals one big batch. Raw text (continued
+  pretraining) is the same loop: its labels cover every token;
+- AdamW (matrices decay, vectors do not), gradient clipping at ``max_grad_norm``, learning rate from
+  ``lr_at`` (warmup then linear/cosine decay or constant), a pure function of the step, so the
+  schedule's state is the step number;
+- after every step a MetricsEvent (loss, lr, grad norm, tokens/s, GPU peak memory, ETA); at the eval
+  points (every ``eval_every_steps``, or each epoch end when 0, and the last step) validation loss
+  and exact match (``evaluation``); the best evaluation's weights are kept under
+  ``{output_prefix}/best`` and ``early_stopping_patience`` evaluations without improvement end the
+  run; a checkpoint every ``checkpoint_every_steps`` and at the end.
+
+Save: the best weights are restored when ``keep_best``, the eval gate compares them with the base
+model, the adapter (or the full model) is written under ``{output_prefix}/adapter`` (``/model`` for
+full fine-tuning), exports are made (``export``), and CompletedEvent closes the run; a regression
+with ``fail_on_regression`` raises ``EvalRegression`` instead, after saving.
 
 Stopping (``should_stop``, polled before every micro-batch): a half-done step is abandoned, the state
 of the last finished step is checkpointed, and a StoppedEvent returned. The random state saved with a
 checkpoint is the one at its step boundary, so a resumed run replays exactly the uninterrupted one.
+Full fine-tuning writes no intermediate checkpoints yet (``checkpoint.py`` stores adapters only).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,29 +43,42 @@ from typing import Any
 import torch
 
 from gpu_worker import checkpoint as ckpt
+from gpu_worker import evaluation as ev
 from gpu_worker.contract import (
     AdapterManifest,
+    AdapterType,
+    Artifact,
     CheckpointEvent,
     CompletedEvent,
     JobSpec,
     LogEvent,
+    LRScheduler,
     MetricsEvent,
     StoppedEvent,
 )
-from gpu_worker.data import DataPosition, Dataset, collate, epoch_batches, load_dataset, sequential_batches
-from gpu_worker.loading import load_model, load_tokenizer
+from gpu_worker.data import DataPosition, Dataset, collate, epoch_batches, load_dataset
+from gpu_worker.integrations import Loggers
+from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes import RunContext
-from gpu_worker.recipes.model_setup import apply_memory_mode_and_kernels, wrap_with_lora
-from gpu_worker.storage import delete_prefix, put_dir
+from gpu_worker.recipes import model_setup as ms
+from gpu_worker.storage import delete_prefix, get_dir, put_dir
 
 
-def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int) -> float:
+def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int, kind: LRScheduler | str = LRScheduler.linear) -> float:
     """Learning rate of optimizer step ``step`` (1-based): ``warmup_steps`` linear steps up to
-    ``peak``, reached at step ``warmup_steps + 1``, then linear decay to ``peak / (total - warmup)``
-    at the last step (never zero: every step learns something)."""
+    ``peak``, reached at step ``warmup_steps + 1``; then, with ``progress`` going from 0 at that step
+    towards 1 (never reaching it: every step learns something), ``linear`` ``peak * (1 - progress)``,
+    ``cosine`` ``peak * (1 + cos(pi * progress)) / 2`` (transformers' cosine schedule after warmup),
+    ``constant`` ``peak``."""
     if step <= warmup_steps:
         return peak * step / (warmup_steps + 1)
-    return peak * (total_steps - step + 1) / (total_steps - warmup_steps)
+    progress = (step - warmup_steps - 1) / (total_steps - warmup_steps)
+    kind = LRScheduler(kind)
+    if kind == LRScheduler.constant:
+        return peak
+    if kind == LRScheduler.cosine:
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak * (1.0 - progress)
 
 
 @dataclasses.dataclass
@@ -79,6 +103,8 @@ class _Plan:
         return cls(hp.batch_size, hp.gradient_accumulation_steps, batches, steps, total, warmup, spec.runtime.eval_every_steps)
 
     def is_eval_step(self, step: int) -> bool:
+        if step == self.total_steps:
+            return True
         if self.eval_every:
             return step % self.eval_every == 0
         return step % self.steps_per_epoch == 0
@@ -88,9 +114,10 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
     # --- setup ---------------------------------------------------------------------------------------
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
+    ms.check_device_support(spec, ctx.device)
     # Tokenizer and data before the weights: a bad file fails in seconds, not after a large download.
     tokenizer = load_tokenizer(spec.base_model, data_dir=ctx.data_dir)
-    hp = spec.hyperparameters
+    hp, evo = spec.hyperparameters, spec.evaluation
     train = load_dataset(ctx.store, spec.training_file_key, tokenizer, hp.max_seq_length, param="training_file")
     valid = None
     if spec.validation_file_key:
@@ -98,15 +125,18 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
     _report_data(ctx, "training", train, hp.max_seq_length)
     if valid is not None:
         _report_data(ctx, "validation", valid, hp.max_seq_length)
-    model = load_model(spec.base_model, data_dir=ctx.data_dir, device=ctx.device, dtype=spec.runtime.dtype)
-
-    model = wrap_with_lora(model, spec.adapter)
-    for message, level in apply_memory_mode_and_kernels(model, spec.runtime):
-        ctx.emit(LogEvent(level=level, message=message))
+    model = ms.load_for_training(spec, data_dir=ctx.data_dir, device=ctx.device)
+    full = spec.adapter.type == AdapterType.full
+    for message, level in ms.apply_memory_mode_and_kernels(model, spec.runtime):
+        ctx.emit(LogEvent(message=message, level=level))
     device = next(model.parameters()).device
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    optimizer = torch.optim.AdamW(ms.trainable_parameter_groups(model, hp.weight_decay), lr=hp.learning_rate)
     plan = _Plan.make(spec, len(train.examples))
+    pairs = ev.answer_pairs(valid.examples, evo.max_exact_match_examples) if valid is not None and evo.exact_match else []
+    best_key = f"{spec.output_prefix.rstrip('/')}/best"
+    tracker = ev.BestTracker(evo.early_stopping_patience)
 
     step, tokens, position, last_ckpt = 0, 0, DataPosition(), None
     if spec.resume_from_key:
@@ -114,19 +144,29 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
         _check_resumable(spec, state, plan)
         step, tokens = state["step"], state["trained_tokens"]
         position = DataPosition.from_dict(state["data_position"])
+        tracker = ev.BestTracker.from_dict(state.get("best"), evo.early_stopping_patience)
         last_ckpt = spec.resume_from_key.rstrip("/")
         ckpt.restore_rng(rng)
         ctx.emit(LogEvent(message=f"Resumed from checkpoint at step {step} of {plan.total_steps}"))
-    ctx.emit(LogEvent(message=f"Training {plan.total_steps} steps on {len(train.examples)} examples ({device})"))
+    else:
+        delete_prefix(ctx.store, best_key)  # a best snapshot from an unrelated earlier attempt
+    if full:
+        ctx.emit(LogEvent(level="warn", message="Full fine-tuning writes no intermediate checkpoints yet: a stopped run restarts from step 0"))
+    ctx.emit(LogEvent(message=f"Training {plan.total_steps} steps on {len(train.examples)} examples ({device}, {spec.adapter.type.value})"))
+    workdir = Path(tempfile.mkdtemp(prefix="tuneforge-job-"))
+    loggers = Loggers.open(spec, ctx.emit, workdir)
 
-    def save(at_step: int, rng: dict[str, Any], train_loss: float | None, valid_loss: float | None) -> str:
+    def save(at_step: int, rng: dict[str, Any], train_loss: float | None, valid_loss: float | None) -> str | None:
+        if full:
+            return None
         key = ckpt.checkpoint_key(spec.output_prefix, at_step)
         state = {
             "step": at_step,
             "trained_tokens": tokens,
             "data_position": position.to_dict(),
-            "lr_schedule": {"kind": "linear", "peak": hp.learning_rate, "warmup_steps": plan.warmup_steps, "total_steps": plan.total_steps},
+            "lr_schedule": {"kind": hp.lr_scheduler.value, "peak": hp.learning_rate, "warmup_steps": plan.warmup_steps, "total_steps": plan.total_steps},
             "plan": dataclasses.asdict(plan),
+            "best": tracker.to_dict(),
             "base_model": spec.base_model,
             "adapter": spec.adapter.model_dump(mode="json"),
             "job_id": spec.job_id,
@@ -138,6 +178,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
     # --- train ---------------------------------------------------------------------------------------
     model.train()
     train_loss = valid_loss = None
+    run_started, run_first_step = time.perf_counter(), step
     order = epoch_batches(len(train.examples), plan.batch_size, spec.seed, position.epoch)
     while step < plan.total_steps:
         if position.batch_index >= plan.batches_per_epoch:
@@ -146,15 +187,16 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
         rng_at_step_start = ckpt.capture_rng()
         micro = [[train.examples[i] for i in b] for b in order[position.batch_index : position.batch_index + plan.accumulation]]
         started = time.perf_counter()
-        result = _train_step(model, micro, tokenizer.pad_token_id, device, ctx.should_stop)
+        result = _train_step(model, micro, pad_id, device, ctx.should_stop)
         if result is None:  # asked to stop mid-step: the step never happened
             optimizer.zero_grad(set_to_none=True)
             if step and last_ckpt != ckpt.checkpoint_key(spec.output_prefix, step):
                 last_ckpt = save(step, rng_at_step_start, train_loss, valid_loss)
+            loggers.close(ctx.store, spec.output_prefix)
             return _stopped(ctx, step, last_ckpt)
         step_loss, step_tokens, seen_tokens = result
         grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm).item()
-        lr = lr_at(step + 1, peak=hp.learning_rate, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps)
+        lr = lr_at(step + 1, peak=hp.learning_rate, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps, kind=hp.lr_scheduler)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
@@ -163,32 +205,52 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
         tokens += step_tokens
         position = DataPosition(position.epoch, position.batch_index + len(micro))
         elapsed = max(time.perf_counter() - started, 1e-9)
-        train_loss = step_loss
-        valid_loss = None
-        if valid is not None and (plan.is_eval_step(step) or step == plan.total_steps):
-            valid_loss = _evaluate(model, valid, plan.batch_size, tokenizer.pad_token_id, device)
-        ctx.emit(
-            MetricsEvent(
-                step=step,
-                total_steps=plan.total_steps,
-                epoch=position.epoch + position.batch_index / plan.batches_per_epoch,
-                train_loss=train_loss,
-                learning_rate=lr,
-                tokens=tokens,
-                valid_loss=valid_loss,
-                tokens_per_second=seen_tokens / elapsed,
-                grad_norm=grad_norm,
-            )
+        train_loss, valid_loss, exact = step_loss, None, None
+        if valid is not None and plan.is_eval_step(step):
+            valid_loss = ev.valid_loss(model, valid.examples, batch_size=plan.batch_size, pad_id=pad_id, device=device)
+            exact = ev.exact_match(model, pairs, pad_id=pad_id, eos_id=eos_id, device=device)
+            if tracker.update(step, valid_loss) and evo.keep_best:
+                _save_best(ctx, model, spec, best_key, tokenizer)
+        per_step = (time.perf_counter() - run_started) / (step - run_first_step)
+        metrics = MetricsEvent(
+            step=step,
+            total_steps=plan.total_steps,
+            epoch=position.epoch + position.batch_index / plan.batches_per_epoch,
+            train_loss=train_loss,
+            learning_rate=lr,
+            tokens=tokens,
+            valid_loss=valid_loss,
+            tokens_per_second=seen_tokens / elapsed,
+            grad_norm=grad_norm,
+            gpu_memory_gb=ms.cuda_peak_memory_gb(device),
+            eta_seconds=per_step * (plan.total_steps - step),
+            exact_match=exact,
         )
-        if step % spec.runtime.checkpoint_every_steps == 0 or step == plan.total_steps:
+        ctx.emit(metrics)
+        loggers.log(step, metrics.model_dump(include={"train_loss", "learning_rate", "valid_loss", "grad_norm", "tokens_per_second", "gpu_memory_gb", "exact_match"}))
+        early_stop = valid_loss is not None and tracker.exhausted and step < plan.total_steps
+        if step % spec.runtime.checkpoint_every_steps == 0 or step == plan.total_steps or early_stop:
             last_ckpt = save(step, ckpt.capture_rng(), train_loss, valid_loss)
+        if early_stop:
+            ctx.emit(LogEvent(message=f"Early stopping at step {step}: validation loss has not improved on {tracker.best_loss:.4f} (step {tracker.best_step}) for {tracker.bad_evals} evaluations"))
+            break
         if ctx.should_stop() and step < plan.total_steps:
             if last_ckpt != ckpt.checkpoint_key(spec.output_prefix, step):
                 last_ckpt = save(step, ckpt.capture_rng(), train_loss, valid_loss)
+            loggers.close(ctx.store, spec.output_prefix)
             return _stopped(ctx, step, last_ckpt)
 
     # --- save ----------------------------------------------------------------------------------------
-    return _finish(spec, ctx, model, step, tokens)
+    best_step = None
+    if evo.keep_best and tracker.best_step is not None:
+        best_step = tracker.best_step
+        if best_step != step:
+            _load_best(ctx, model, best_key)
+            ctx.emit(LogEvent(message=f"Keeping the best checkpoint: step {best_step} (validation loss {tracker.best_loss:.4f})"))
+    report = None
+    if evo.gate:
+        report = _gate(spec, ctx, model, valid, pairs, plan.batch_size, pad_id, eos_id, device)
+    return _finish(spec, ctx, model, tokenizer, step, tokens, report, best_step, loggers, workdir)
 
 
 def _train_step(model, micro_batches, pad_id: int, device, should_stop) -> tuple[float, int, int] | None:
@@ -211,20 +273,41 @@ def _train_step(model, micro_batches, pad_id: int, device, should_stop) -> tuple
     return total, n_trained, n_seen
 
 
-@torch.no_grad()
-def _evaluate(model, data: Dataset, batch_size: int, pad_id: int, device) -> float:
-    """Mean token loss over the whole validation set (dropout off)."""
-    model.eval()
-    loss_sum, n = 0.0, 0
-    try:
-        for idx in sequential_batches(len(data.examples), batch_size):
-            batch = collate([data.examples[i] for i in idx], pad_id, device)
-            count = int((batch["labels"][:, 1:] != -100).sum())
-            loss_sum += model(**batch, num_items_in_batch=count).loss.item() * count
-            n += count
-    finally:
-        model.train()
-    return loss_sum / max(n, 1)
+def _save_best(ctx: RunContext, model, spec: JobSpec, key: str, tokenizer) -> None:
+    delete_prefix(ctx.store, key)
+    with tempfile.TemporaryDirectory(prefix="tuneforge-best-") as tmp:
+        ms.save_trained(model, Path(tmp), base_model=spec.base_model)
+        put_dir(ctx.store, tmp, key)
+
+
+def _load_best(ctx: RunContext, model, key: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="tuneforge-best-") as tmp:
+        get_dir(ctx.store, key, tmp)
+        ms.load_trained(model, Path(tmp))
+
+
+def _gate(spec: JobSpec, ctx: RunContext, model, valid: Dataset | None, pairs, batch_size: int, pad_id, eos_id, device):
+    """The tuned model against its base on the validation set (adapter disabled; for full
+    fine-tuning, the base weights loaded again)."""
+    from gpu_worker.contract import EvalReport
+
+    if valid is None:
+        return EvalReport(examples=0, passed=True, reason="no validation set: the gate could not compare the tuned model with its base")
+    kw = dict(batch_size=batch_size, pad_id=pad_id, eos_id=eos_id, device=device)
+    tuned = ev.measure(model, valid.examples, pairs, **kw)
+    if ms.is_peft(model):
+        with model.disable_adapter():
+            base = ev.measure(model, valid.examples, pairs, **kw)
+    else:
+        from gpu_worker.loading import load_model
+
+        base_model = load_model(spec.base_model, data_dir=ctx.data_dir, device=str(device), dtype=spec.runtime.dtype)
+        base = ev.measure(base_model, valid.examples, pairs, **kw)
+        del base_model
+    report = ev.gate_report(base, tuned, examples=len(valid.examples))
+    ctx.emit(LogEvent(level="info" if report.passed else "warn", message=f"Eval gate: validation loss base {base.valid_loss:.4f} -> tuned {tuned.valid_loss:.4f}"
+                      + (f", exact match {base.exact_match:.3f} -> {tuned.exact_match:.3f}" if tuned.exact_match is not None else "")))
+    return report
 
 
 def _report_data(ctx: RunContext, what: str, data: Dataset, max_len: int) -> None:
@@ -248,15 +331,27 @@ def _stopped(ctx: RunContext, step: int, key: str | None) -> StoppedEvent:
     return event
 
 
-def _finish(spec: JobSpec, ctx: RunContext, model, step: int, tokens: int) -> CompletedEvent:
-    import tempfile
+def _finish(spec: JobSpec, ctx: RunContext, model, tokenizer, step: int, tokens: int, report, best_step, loggers: Loggers, workdir: Path) -> CompletedEvent:
+    import shutil
 
-    prefix = f"{spec.output_prefix.rstrip('/')}/adapter"
+    full = not ms.is_peft(model)
+    prefix = f"{spec.output_prefix.rstrip('/')}/{'model' if full else 'adapter'}"
     delete_prefix(ctx.store, prefix)
     with tempfile.TemporaryDirectory(prefix="tuneforge-adapter-") as tmp:
-        files = ckpt.save_adapter(model, Path(tmp), base_model=spec.base_model)
+        files = ms.save_trained(model, Path(tmp), base_model=spec.base_model, tokenizer=tokenizer)
         put_dir(ctx.store, tmp, prefix)
+        size = sum(p.stat().st_size for p in Path(tmp).iterdir())
+    artifacts = [Artifact(kind="merged" if full else "adapter", key=prefix, filename=prefix.rsplit("/", 1)[-1], bytes=size,
+                          detail={"adapter": spec.adapter.type.value, "format": "safetensors"})]
+    if spec.export.merged or spec.export.gguf:
+        from gpu_worker.export import export_model
+
+        artifacts += export_model(spec, ctx, model, tokenizer, workdir)
+    artifacts += loggers.close(ctx.store, spec.output_prefix)
+    shutil.rmtree(workdir, ignore_errors=True)
+    if report is not None and not report.passed and spec.evaluation.fail_on_regression:
+        raise ev.EvalRegression(report, prefix)
     manifest = AdapterManifest(job_id=spec.job_id, base_model=spec.base_model, adapter=spec.adapter, key=prefix, files=tuple(files), trained_tokens=tokens)
-    event = CompletedEvent(manifest=manifest, trained_tokens=tokens, steps=step)
+    event = CompletedEvent(manifest=manifest, trained_tokens=tokens, steps=step, artifacts=tuple(artifacts), eval_report=report, best_step=best_step)
     ctx.emit(event)
     return event
