@@ -14,8 +14,9 @@ A file holds one format (``DataFormat``), declared or detected from its first va
 - preference: ``{"input": {"messages"}, "preferred_output": [msg], "non_preferred_output": [msg]}``
   (OpenAI DPO) or ``{"prompt", "chosen", "rejected"}`` (strings, or message lists);
 - kto: ``{"prompt", "completion", "label": true|false}``;
-- prompt (GRPO): ``{"prompt": "..."}`` or ``{"messages": [...]}`` not ending with an assistant reply,
-  plus any reference fields (e.g. ``"answer"``) the rewards read.
+- prompt (GRPO): ``{"prompt": "..."}`` or ``{"messages": [...]}`` (a trailing assistant message is
+  the reference answer), plus any reference fields (e.g. ``"answer"``) the rewards read. Detection
+  calls a ``messages`` line ending with the assistant's reply chat (GRPO accepts chat files too).
 
 Each bad line is reported with its 1-based number and reason (a line of another format names both
 formats); the report also counts exact duplicates (same JSON) and near-duplicates (same text once
@@ -36,7 +37,7 @@ from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel, ConfigDict
 
-from gpu_worker.contract import DataFormat, Method
+from gpu_worker.contract import METHOD_FORMATS, DataFormat, Method
 
 MIN_EXAMPLES = 10  # OpenAI's minimum for a training file
 MAX_ERRORS_KEPT = 20  # errors beyond this are counted, not kept: a 1M-line file of garbage stays small
@@ -46,15 +47,6 @@ ROLES = frozenset({"system", "user", "assistant", "tool"})
 # ShareGPT speaker names, as the common dumps write them, mapped to chat roles.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"}
 _SHAREGPT_TOOL_ROLES = frozenset({"function_call", "observation", "tool", "function"})
-
-# Which formats each method trains on: checked when a job is created and again by the trainer.
-FORMATS_FOR_METHOD: dict[Method, frozenset[DataFormat]] = {
-    Method.supervised: frozenset({DataFormat.chat, DataFormat.sharegpt, DataFormat.alpaca, DataFormat.completion, DataFormat.text}),
-    **{m: frozenset({DataFormat.preference}) for m in (Method.dpo, Method.ipo, Method.orpo, Method.simpo)},
-    Method.kto: frozenset({DataFormat.kto}),
-    Method.grpo: frozenset({DataFormat.prompt}),
-}
-
 
 class LineError(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -180,8 +172,18 @@ def check_example(obj: Any) -> str | None:
         return "missing 'messages'"
     if (reason := _check_messages(obj["messages"])) is not None:
         return reason
-    if not any(m["role"] == "assistant" for m in obj["messages"]):
-        return "no assistant message"
+    return _check_trainable([(m["role"], m) for m in obj["messages"]], "message")
+
+
+def _check_trainable(turns: list[tuple[str, dict]], noun: str) -> str | None:
+    """Per-turn ``weight`` (0 = show, do not train) is the assistant's only, and one must train."""
+    if not any(role == "assistant" for role, _ in turns):
+        return "no assistant message" if noun == "message" else "no assistant ('gpt') turn"
+    for i, (role, turn) in enumerate(turns):
+        if role != "assistant" and turn.get("weight", 1) == 0:
+            return f"{noun} {i}: 'weight' applies to assistant {noun}s only"
+    if all(turn.get("weight", 1) == 0 for role, turn in turns if role == "assistant"):
+        return "no assistant message to train on (every one has weight 0)"
     return None
 
 
@@ -216,9 +218,7 @@ def _check_sharegpt(obj: Any) -> str | None:
             return f"{where} ({speaker}): 'value' is empty"
         if (reason := _weight_reason(where, turn)) is not None:
             return reason
-    if not any(SHAREGPT_ROLES[t["from"]] == "assistant" for t in turns):
-        return "no assistant ('gpt') turn"
-    return None
+    return _check_trainable([(SHAREGPT_ROLES[t["from"]], t) for t in turns], "turn")
 
 
 def _check_alpaca(obj: Any) -> str | None:
@@ -325,6 +325,10 @@ def _check_prompt(obj: Any) -> str | None:
     if "prompt" in obj:
         return _check_prompt_field(obj, "prompt")
     if "messages" in obj:
+        messages = obj["messages"]
+        # A trailing assistant message is the reference answer the rewards may compare with.
+        if isinstance(messages, list) and len(messages) > 1 and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            return _check_messages(messages) or _check_prompt_field({"messages": messages[:-1]}, "messages")
         return _check_prompt_field(obj, "messages")
     return "missing 'prompt' (or 'messages')"
 
@@ -379,7 +383,7 @@ def detect_format(obj: Any) -> DataFormat | None:
 def check_format_for_method(fmt: DataFormat | str, method: Method | str) -> str | None:
     """Why a file of format ``fmt`` cannot train ``method``, or None."""
     fmt, method = DataFormat(fmt), Method(method)
-    allowed = FORMATS_FOR_METHOD[method]
+    allowed = METHOD_FORMATS[method]
     if fmt in allowed:
         return None
     names = ", ".join(sorted(f.value for f in allowed))

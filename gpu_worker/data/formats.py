@@ -1,0 +1,61 @@
+"""Supervised data formats: a validated JSONL record becomes what the tokenizer sees.
+
+The line rules live in ``gpu_worker.validation`` (shared with the API); this module only maps an
+already valid record of a supervised format to one of two shapes:
+
+- a conversation (chat, ShareGPT, Alpaca): ``[{"role", "content", "weight"}]``, rendered with the chat
+  template, loss on the assistant replies of weight 1;
+- segments (completion, raw text): ``[(text, trained)]`` joined with the tokenizer's BOS in front and
+  its EOS at the end (trained: the model learns where a completion stops).
+
+Preference, KTO and prompt-only records belong to their recipes and are refused here. Standard
+library only: ``tokencount`` uses it without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from gpu_worker.contract import DataFormat
+from gpu_worker.validation import SHAREGPT_ROLES
+
+SFT_FORMATS = frozenset({DataFormat.chat, DataFormat.sharegpt, DataFormat.alpaca, DataFormat.completion, DataFormat.text})
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+    messages: tuple[dict[str, Any], ...]  # {"role", "content", "weight"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    parts: tuple[tuple[str, bool], ...]  # (text, trained), concatenated in order
+
+
+def _message(role: str, content: str, weight: int = 1) -> dict[str, Any]:
+    return {"role": role, "content": content, "weight": int(weight)}
+
+
+def alpaca_prompt(obj: dict[str, Any]) -> str:
+    """The user turn of an Alpaca record: the instruction, then its input after a blank line."""
+    extra = obj.get("input") or ""
+    return f"{obj['instruction']}\n\n{extra}" if extra.strip() else obj["instruction"]
+
+
+def to_sft(fmt: DataFormat, obj: dict[str, Any]) -> Conversation | Segments:
+    """The tokenizer's view of a valid record of supervised format ``fmt``."""
+    if fmt == DataFormat.chat:
+        return Conversation(tuple(_message(m["role"], m["content"], m.get("weight", 1)) for m in obj["messages"]))
+    if fmt == DataFormat.sharegpt:
+        system = [_message("system", obj["system"])] if obj.get("system") else []
+        turns = [_message(SHAREGPT_ROLES[t["from"]], t["value"], t.get("weight", 1)) for t in obj["conversations"]]
+        return Conversation(tuple(system + turns))
+    if fmt == DataFormat.alpaca:
+        system = [_message("system", obj["system"])] if obj.get("system") else []
+        return Conversation(tuple(system + [_message("user", alpaca_prompt(obj)), _message("assistant", obj["output"])]))
+    if fmt == DataFormat.completion:
+        return Segments(((obj["prompt"], False), (obj["completion"], True)))
+    if fmt == DataFormat.text:
+        return Segments(((obj["text"], True),))
+    raise ValueError(f"{fmt.value} records are not supervised data")
