@@ -1,0 +1,76 @@
+"""The closed GRPO reward set: each reward's score, weights, and every bad parameter refused with the
+field it names (before any model is loaded)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpu_worker.contract import MethodParams, Reward
+from gpu_worker.recipes.rewards import FAILURE_CODE, MethodParamsError, build_rewards
+
+
+def _set(*rewards: Reward):
+    return build_rewards(MethodParams(rewards=rewards))
+
+
+def test_exact_match_compares_stripped_text_with_the_rows_reference_field():
+    rs = _set(Reward(kind="exact_match", reference_field="label"))
+    assert rs.reference_fields == ("label",)
+    assert rs.score("  Paris\n", 3, {"label": "Paris "}) == 1.0
+    assert rs.score("paris", 1, {"label": "Paris"}) == 0.0
+    assert rs.score("42", 1, {"label": 42}) == 1.0  # a non-string reference compares as its JSON
+
+
+def test_regex_match_searches_the_completion():
+    rs = _set(Reward(kind="regex_match", pattern=r"^\d+$"))
+    assert [rs.score(s, 1, {}) for s in ("123", "12a", "")] == [1.0, 0.0, 0.0]
+    assert _set(Reward(kind="regex_match", pattern="yes")).score("I say yes.", 3, {}) == 1.0
+
+
+def test_json_schema_needs_valid_json_matching_the_schema():
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    rs = _set(Reward(kind="json_schema", json_schema=schema))
+    assert rs.score(' {"n": 3} ', 5, {}) == 1.0
+    assert rs.score('{"n": "3"}', 5, {}) == 0.0
+    assert rs.score("{n: 3", 5, {}) == 0.0
+    assert rs.score("[" * 100000, 5, {}) == 0.0  # too deep to parse is simply not valid
+
+
+def test_length_penalty_is_linear_in_the_token_distance_to_the_target():
+    rs = _set(Reward(kind="length_penalty", target_length=10, scale=0.5))
+    assert [rs.score("x", n, {}) for n in (10, 7, 14)] == [0.0, -1.5, -2.0]
+
+
+def test_rewards_are_summed_with_their_weights_and_broken_down_unweighted():
+    rs = _set(Reward(kind="regex_match", pattern="a", weight=2.0), Reward(kind="length_penalty", target_length=2, scale=1.0, weight=0.5))
+    assert rs.score("a", 4, {}) == pytest.approx(2.0 - 1.0)
+    assert rs.breakdown("a", 4, {}) == {"0:regex_match": 1.0, "1:length_penalty": -2.0}
+
+
+@pytest.mark.parametrize(
+    "rewards, param, words",
+    [
+        ((), "method_params.rewards", "at least one reward"),
+        ((Reward(kind="regex_match", pattern="(unclosed"),), "method_params.rewards[0].pattern", "invalid regular expression"),
+        ((Reward(kind="exact_match"), Reward(kind="regex_match")), "method_params.rewards[1].pattern", "needs a pattern"),
+        ((Reward(kind="json_schema", json_schema={"type": "no-such-type"}),), "method_params.rewards[0].json_schema", "not a valid JSON schema"),
+        ((Reward(kind="json_schema", json_schema={"properties": {"a": {"minimum": "zero"}}}),), "method_params.rewards[0].json_schema", "properties/a/minimum"),
+        ((Reward(kind="json_schema"),), "method_params.rewards[0].json_schema", "needs a json_schema"),
+        ((Reward(kind="length_penalty"),), "method_params.rewards[0].target_length", "needs target_length"),
+        ((Reward(kind="exact_match", reference_field=" "),), "method_params.rewards[0].reference_field", "non-empty"),
+        ((Reward(kind="exact_match", weight=0),), "method_params.rewards", "weight 0"),
+    ],
+)
+def test_bad_reward_parameters_name_the_field(rewards, param, words):
+    with pytest.raises(MethodParamsError) as err:
+        build_rewards(MethodParams(rewards=rewards))
+    assert err.value.param == param and err.value.code == FAILURE_CODE == "invalid_method_params"
+    assert words in str(err.value) and str(err.value).startswith(param)
+
+
+def test_the_reward_module_does_not_need_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, gpu_worker.recipes.rewards; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
