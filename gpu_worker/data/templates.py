@@ -21,8 +21,23 @@ import json
 from datetime import datetime
 from typing import Any
 
-from gpu_worker.builtin import CHATML_TEMPLATE
 from gpu_worker.contract import ChatTemplate
+
+# ChatML with generation markers: the built-in model's template (``builtin.CHATML_TEMPLATE``, which a
+# test checks this equals). Repeated, not imported: ``builtin`` imports torch to build models, and
+# this module must stay importable by the control plane's token counter without it.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
 
 # The end-of-turn tokens of the built-in families: a reply span that stops right before one of these
 # (a template that leaves it outside its generation block) is extended to include it.
