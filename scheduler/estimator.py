@@ -1,0 +1,365 @@
+"""How much GPU memory and time a job needs, before it runs.
+
+Three parts, all torch-free (the API and scheduler import this):
+- ``ModelFacts``: a base model's shape from its ``config.json`` (read with ``json``: the built-in
+  models, a local folder, the Hugging Face cache, or a table of well-known hub configs for a control
+  plane that has never downloaded them);
+- ``estimate_memory``: peak allocated bytes per GPU for a layout (GPU count, ZeRO stage and offload,
+  quantization, memory mode, micro-batch), as a sum of named parts: weights, trainable parameters with
+  their gradients and AdamW states, activations per token for the memory mode, the logits/loss buffer,
+  a reference model and a generation cache where the method needs them;
+- ``estimate_throughput``: tokens/s from the measured table in ``bench/results/*.json`` (achieved model
+  TFLOP/s per quantization and memory mode, scaled by the job model's FLOPs per token and the GPU
+  class's peak), with stated conservative fallbacks where nothing was measured.
+
+The activation constants were fitted to the kernel worker's measured peaks (bench/results,
+2026-11-22, H100): see tests/scheduler/test_estimator.py for predicted vs measured.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpu_worker.contract import AdapterType, DType, JobSpec, Method, Quantization
+
+# Must match gpu_worker.patching.SUPPORTED (a test reads that file; importing it would pull in torch).
+KERNEL_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+GB = 1e9
+# NF4 with double quantization: 4 bits + an 8-bit absmax per 64 weights + an fp32 per 256 absmaxes.
+NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+# Trainable fp32 parameter + its fp32 gradient + AdamW's two fp32 moments.
+ADAM_TRAINABLE_BYTES = 16
+# What a GPU gives a job: the rest is the CUDA context, cuBLAS/NCCL workspaces and fragmentation
+# (the bench saw reserved ≈ allocated × 1.02–1.07).
+USABLE_FRACTION = 0.90
+# Saved activations per token per decoder layer, in elements of the compute dtype. Fitted on the
+# measured peaks: kernel worker (fused LoRA MLP, chunked fused cross-entropy) 1B and 8B, memory mode
+# off: 6h + 3i; stock HF+PEFT: 12h + 5i plus materialised fp32 logits (see _logits_bytes).
+KERNEL_ACT = (6, 3)
+STOCK_ACT = (12, 5)
+
+
+class UnknownModel(LookupError):
+    """No config.json could be found for a base model."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    name: str
+    architecture: str  # config.json "model_type"
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_embeddings: bool
+
+    @property
+    def layer_linear_params(self) -> int:
+        h, hd = self.hidden_size, self.head_dim
+        attn = h * self.num_heads * hd * 2 + h * self.num_kv_heads * hd * 2
+        return self.num_layers * (attn + 3 * h * self.intermediate_size)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
+
+    @property
+    def params(self) -> int:
+        norms = (2 * self.num_layers + 1) * self.hidden_size
+        return self.layer_linear_params + self.embedding_params + norms
+
+    @property
+    def matmul_params(self) -> int:
+        """Parameters in a matmul per token (the lm_head is one even when tied): FLOPs ≈ 2 × this."""
+        return self.layer_linear_params + self.vocab_size * self.hidden_size
+
+    def target_shapes(self) -> dict[str, tuple[int, int]]:
+        h, hd, i = self.hidden_size, self.head_dim, self.intermediate_size
+        return {
+            "q_proj": (h, self.num_heads * hd), "k_proj": (h, self.num_kv_heads * hd),
+            "v_proj": (h, self.num_kv_heads * hd), "o_proj": (self.num_heads * hd, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+        }
+
+
+def facts_from_config(name: str, config: dict) -> ModelFacts:
+    cfg = config.get("text_config") or config  # multimodal wrappers keep the LM's config inside
+    try:
+        h, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        return ModelFacts(
+            name=name,
+            architecture=str(config.get("model_type") or cfg.get("model_type") or "unknown"),
+            hidden_size=h,
+            num_layers=int(cfg["num_hidden_layers"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or h // heads),
+            vocab_size=int(cfg["vocab_size"]),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+    except KeyError as e:
+        raise UnknownModel(f"config.json of {name!r} has no {e.args[0]!r}") from None
+
+
+def _cfg(arch, h, layers, i, heads, kv, vocab, tie, head_dim=None) -> dict:
+    return {"model_type": arch, "hidden_size": h, "num_hidden_layers": layers, "intermediate_size": i,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
+            "tie_word_embeddings": tie, **({"head_dim": head_dim} if head_dim else {})}
+
+
+# The published config.json fields of common base models, so that a control plane with no hub access
+# can plan them. Instruct variants share their base's shape ("-Instruct" is stripped before lookup).
+KNOWN_CONFIGS: dict[str, dict] = {
+    "meta-llama/Llama-3.2-1B": _cfg("llama", 2048, 16, 8192, 32, 8, 128256, True),
+    "meta-llama/Llama-3.2-3B": _cfg("llama", 3072, 28, 8192, 24, 8, 128256, True),
+    "meta-llama/Llama-3.1-8B": _cfg("llama", 4096, 32, 14336, 32, 8, 128256, False),
+    "meta-llama/Meta-Llama-3-8B": _cfg("llama", 4096, 32, 14336, 32, 8, 128256, False),
+    "meta-llama/Llama-3.1-70B": _cfg("llama", 8192, 80, 28672, 64, 8, 128256, False),
+    "mistralai/Mistral-7B-v0.3": _cfg("mistral", 4096, 32, 14336, 32, 8, 32768, False),
+    "Qwen/Qwen2.5-0.5B": _cfg("qwen2", 896, 24, 4864, 14, 2, 151936, True),
+    "Qwen/Qwen2.5-7B": _cfg("qwen2", 3584, 28, 18944, 28, 4, 152064, False),
+    "Qwen/Qwen2.5-72B": _cfg("qwen2", 8192, 80, 29568, 64, 8, 152064, False),
+    "Qwen/Qwen3-8B": _cfg("qwen3", 4096, 36, 12288, 32, 8, 151936, False, head_dim=128),
+    "google/gemma-2-9b": _cfg("gemma2", 3584, 42, 14336, 16, 8, 256000, True, head_dim=256),
+}
+
+
+def _hf_cache_config(repo_id: str) -> Path | None:
+    home = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
+    hits = sorted(glob.glob(str(home / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "*" / "config.json")))
+    return Path(hits[-1]) if hits else None
+
+
+def read_model_facts(base_model: str) -> ModelFacts:
+    """A base model's facts, from the first source that has its config.json."""
+    from gpu_worker.builtin import BUILTIN_MODELS  # stdlib-only module: safe for the control plane
+
+    if base_model in BUILTIN_MODELS:
+        b = BUILTIN_MODELS[base_model]
+        return facts_from_config(base_model, _cfg("llama", b.hidden_size, b.num_hidden_layers, b.intermediate_size,
+                                                  b.num_attention_heads, b.num_key_value_heads, b.vocab_size, False))
+    local = Path(base_model) / "config.json"
+    path = local if local.is_file() else _hf_cache_config(base_model)
+    if path is not None:
+        return facts_from_config(base_model, json.loads(path.read_text()))
+    key = base_model.removesuffix("-Instruct")
+    if key in KNOWN_CONFIGS:
+        return facts_from_config(base_model, KNOWN_CONFIGS[key])
+    raise UnknownModel(f"no config.json for {base_model!r} (not built in, not a local folder, not in the hub cache)")
+
+
+# --- memory ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a job is laid out on hardware: what the planner varies."""
+
+    gpu_count: int = 1
+    zero_stage: int | None = None  # None: plain single-process training; 2 or 3: DeepSpeed ZeRO
+    offload: bool = False  # optimizer states (and fp32 master weights) in host memory
+    memory_mode: str = "off"
+    micro_batch: int = 1
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    parts: dict[str, float] = field(default_factory=dict)  # bytes per GPU, by component
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def gb(self) -> float:
+        return self.total / GB
+
+
+def uses_kernels(spec: JobSpec, facts: ModelFacts) -> bool:
+    return spec.runtime.use_kernels and facts.architecture in KERNEL_ARCHITECTURES
+
+
+def trainable_params(spec: JobSpec, facts: ModelFacts) -> int:
+    if spec.adapter.type == AdapterType.full:
+        return facts.params
+    shapes = facts.target_shapes()
+    per_layer = sum(spec.adapter.rank * (i + o) + (o if spec.adapter.type == AdapterType.dora else 0)
+                    for i, o in (shapes[t.value] for t in spec.adapter.target_modules))
+    return per_layer * facts.num_layers
+
+
+def sequences_per_example(spec: JobSpec) -> int:
+    """Sequences one example becomes in a forward pass: chosen + rejected, KTO's KL pair, GRPO's group."""
+    if spec.method in (Method.dpo, Method.ipo, Method.orpo, Method.simpo, Method.kto):
+        return 2
+    if spec.method == Method.grpo:
+        return spec.method_params.grpo_num_generations
+    return 1
+
+
+def _needs_reference(spec: JobSpec) -> bool:
+    return spec.method in (Method.dpo, Method.ipo, Method.kto, Method.grpo)
+
+
+def _compute_bytes(spec: JobSpec) -> int:
+    return 4 if spec.runtime.dtype == DType.float32 else 2
+
+
+def _activation_bytes(spec, facts, layout, tokens, kernels) -> float:
+    a, b = KERNEL_ACT if kernels else STOCK_ACT
+    e = _compute_bytes(spec)
+    per_layer = (a * facts.hidden_size + b * facts.intermediate_size) * e * tokens
+    layer_input = facts.hidden_size * e * tokens
+    if layout.memory_mode == "off":
+        return per_layer * facts.num_layers
+    if layout.memory_mode == "checkpointing":  # every layer's input kept, one layer recomputed at a time
+        return layer_input * facts.num_layers + per_layer
+    return 2 * layer_input + per_layer  # offload: layer inputs in host memory, two in flight
+
+
+def _logits_bytes(spec, facts, tokens, kernels) -> float:
+    if kernels:  # chunked fused linear + cross-entropy: logits about the size of the hidden states
+        return 3 * facts.hidden_size * 4 * tokens
+    # bf16 logits, their fp32 upcast, the fp32 softmax gradient and the bf16 gradient
+    return facts.vocab_size * (2 + 4 + 4 + 2) * tokens
+
+
+def estimate_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> MemoryEstimate:
+    n = layout.gpu_count
+    e = _compute_bytes(spec)
+    kernels = uses_kernels(spec, facts)
+    full = spec.adapter.type == AdapterType.full
+    other = facts.params - facts.layer_linear_params
+    if spec.quantization == Quantization.nf4:
+        weights = facts.layer_linear_params * NF4_BYTES_PER_PARAM + other * 2
+        # one layer's largest weight dequantized to bf16 for the matmul
+        weights += max(i * o for i, o in facts.target_shapes().values()) * 2
+    else:
+        weights = facts.params * e
+    parts: dict[str, float] = {}
+    if full:
+        # DeepSpeed mixed precision: bf16 weights and gradients, fp32 master weights + AdamW moments.
+        states = facts.params * (4 + 8)
+        grads = facts.params * e
+        shard_w = n if layout.zero_stage == 3 else 1
+        shard_g = n if (layout.zero_stage or 0) >= 2 else 1
+        parts["weights"] = weights / shard_w
+        parts["gradients"] = grads / shard_g
+        parts["optimizer"] = 0.0 if layout.offload else states / (n if layout.zero_stage else 1)
+        if _needs_reference(spec):
+            parts["reference_model"] = facts.params * e / shard_w
+    else:
+        parts["weights"] = weights / (n if layout.zero_stage == 3 else 1)
+        shard = n if layout.zero_stage else 1
+        parts["adapter_and_optimizer"] = trainable_params(spec, facts) * ADAM_TRAINABLE_BYTES / shard
+    seq = spec.hyperparameters.max_seq_length
+    if spec.method == Method.grpo:
+        seq += spec.method_params.grpo_max_completion_length
+        cache_tokens = layout.micro_batch * sequences_per_example(spec) * seq
+        parts["generation_cache"] = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * e * cache_tokens
+    tokens = layout.micro_batch * sequences_per_example(spec) * seq
+    parts["activations"] = _activation_bytes(spec, facts, layout, tokens, kernels)
+    parts["logits"] = _logits_bytes(spec, facts, tokens, kernels)
+    return MemoryEstimate(parts)
+
+
+def fits(estimate: MemoryEstimate, memory_gb: float) -> bool:
+    return estimate.total <= memory_gb * GB * USABLE_FRACTION
+
+
+# --- time ------------------------------------------------------------------------------------------
+
+BENCH_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+# Conservative model-FLOPs utilisation where nothing was measured (the kernel worker measured 0.40–0.59
+# on an H100; the stock HF path 0.3–0.4): planning with less overpromises less.
+FALLBACK_MFU = 0.25
+# Data-parallel efficiency per extra GPU until the DeepSpeed benchmark measures it.
+ASSUMED_SCALING = {2: 0.90, 3: 0.80}  # by ZeRO stage
+OFFLOAD_SLOWDOWN = 0.5
+
+
+@dataclass(frozen=True)
+class Measured:
+    matmul_params: int
+    quant: str
+    memory_mode: str
+    kernels: bool
+    achieved_tflops: float
+    peak_tflops: float
+    tokens_per_s: float
+    peak_gb: float
+    source: str
+
+
+_CKPT = {"off": "off", "on": "checkpointing", "offload": "offload"}
+
+
+def load_measurements(folder: Path | str | None = None) -> tuple[Measured, ...]:
+    """The kernel worker's ("ours") and stock ("hf") training rows of every bench result file."""
+    folder = Path(folder or os.environ.get("TUNEFORGE_BENCH_RESULTS") or BENCH_RESULTS)
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for r in data.get("results", []):
+            if r.get("kind") != "train" or r.get("error") or not r.get("tokens_per_s"):
+                continue
+            if r.get("method") not in ("ours", "hf") or r.get("ckpt") not in _CKPT:
+                continue
+            rows.append(Measured(
+                matmul_params=int(r["n_matmul_params"]), quant=r.get("quant", "none"), memory_mode=_CKPT[r["ckpt"]],
+                kernels=r["method"] == "ours", achieved_tflops=float(r["achieved_model_tflops"]),
+                peak_tflops=float(r["peak_tflops"]), tokens_per_s=float(r["tokens_per_s"]),
+                peak_gb=float(r["peak_gb"]), source=f"{path.name}:{r.get('spec')}",
+            ))
+    return tuple(rows)
+
+
+def flops_per_token(spec: JobSpec, facts: ModelFacts) -> float:
+    """Model FLOPs per trained token (the bench's accounting: LoRA skips weight gradients)."""
+    n = facts.matmul_params
+    seq = spec.hyperparameters.max_seq_length
+    attn = 2 * facts.num_layers * facts.hidden_size * seq
+    train = (6 if spec.adapter.type == AdapterType.full else 4) * n + 3 * attn
+    if _needs_reference(spec):
+        train += 2 * n + attn  # the reference model's forward pass
+    if spec.method == Method.grpo:
+        # sampling G completions is decode-bound: count it as ten forward passes per completion token
+        train += 10 * (2 * n + attn)
+    return float(train)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    tokens_per_s: float
+    source: str
+
+
+def estimate_throughput(spec: JobSpec, facts: ModelFacts, memory_mode: str, peak_tflops: float, gpu_count: int,
+                        zero_stage: int | None, offload: bool, measurements: tuple[Measured, ...]) -> Throughput:
+    kernels = uses_kernels(spec, facts)
+    quant = spec.quantization.value
+    candidates = [m for m in measurements if m.quant == quant and m.memory_mode == memory_mode and m.kernels == kernels]
+    if candidates:
+        best = min(candidates, key=lambda m: abs(m.matmul_params - facts.matmul_params))
+        achieved = best.achieved_tflops * peak_tflops / best.peak_tflops
+        source = f"measured {best.source}, scaled to this model and GPU"
+    else:
+        achieved = FALLBACK_MFU * peak_tflops
+        source = f"no measurement for {quant}/{memory_mode}/{'kernels' if kernels else 'stock'}: assumed MFU {FALLBACK_MFU}"
+    per_gpu = achieved * 1e12 / flops_per_token(spec, facts)
+    if zero_stage is None:
+        return Throughput(per_gpu, source)
+    eff = ASSUMED_SCALING[zero_stage] * (OFFLOAD_SLOWDOWN if offload else 1.0)
+    return Throughput(per_gpu * gpu_count * eff, source + f"; ×{gpu_count} GPUs at assumed efficiency {eff:g}")
