@@ -13,8 +13,9 @@ The recipes' interface (stable names; import them from ``gpu_worker.data``):
   each batch; ``DataPosition`` is what a checkpoint stores to resume the stream exactly.
 - ``collate(rows, pad_token_id, device=None, packing=None)``: a dict to call the model with. Plain
   rows give ``input_ids``, ``attention_mask``, ``labels``; packed rows give ``input_ids``,
-  ``labels``, ``position_ids`` (restarting per example) and NO ``attention_mask`` (transformers
-  then keeps attention inside each example). Count tokens with ``token_counts(rows)`` -> (trained,
+  ``labels``, ``position_ids`` (restarting per example), ``use_cache`` (a False 0-d tensor) and NO
+  ``attention_mask``: transformers then keeps attention inside each example, but only with no KV
+  cache, so pass the batch whole (``model(**batch)``) and never override ``use_cache=True``. Count tokens with ``token_counts(rows)`` -> (trained,
   processed), not from ``attention_mask``, which packed batches do not have.
 - ``load_dataset(store, key, tokenizer, max_seq_length, param=..., format=..., chat_template=...,
   train_on_inputs=...) -> Dataset``: one file, nothing else done (evaluation sets, tests).

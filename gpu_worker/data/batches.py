@@ -40,8 +40,8 @@ def sequential_batches(n_examples: int, batch_size: int) -> list[list[int]]:
 def collate(examples: list[Example], pad_token_id: int, device=None, *, packing: bool | None = None) -> dict[str, Any]:
     """Right-pad a batch to its longest row. Plain rows: ``input_ids``, ``attention_mask``,
     ``labels``. Packed rows (``packing``; default: whether any row is packed): ``input_ids``,
-    ``labels``, ``position_ids`` restarting at 0 per example and no ``attention_mask``, which is
-    how transformers is told to keep attention inside each example. Padding never carries a label,
+    ``labels``, ``position_ids`` restarting at 0 per example, ``use_cache`` (False) and no
+    ``attention_mask``, which is how transformers is told to keep attention inside each example. Padding never carries a label,
     whatever its id (it may equal EOS)."""
     import torch
 
@@ -57,7 +57,11 @@ def collate(examples: list[Example], pad_token_id: int, device=None, *, packing:
         mask[row, :n] = 1
     if packed:
         pos = torch.tensor([position_ids(e.seq_lens or (len(e.input_ids),), width) for e in examples], dtype=torch.long)
-        batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+        # No KV cache: transformers only reads packing from position ids when there is none, and a
+        # model called with its default use_cache=True builds one even in training, which silently
+        # lets examples attend to each other (measured: logits off by >1 on the micro Llama). A 0-d
+        # tensor so that recipes moving every value with `.to(device)` keep working.
+        batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "use_cache": torch.tensor(False)}
     else:
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch

@@ -2,8 +2,8 @@
 
 ``pack`` groups tokenized examples into rows of at most ``max_seq_length`` tokens (best fit,
 longest first: rows come out nearly full) and records each row's example lengths. ``collate`` turns
-such rows into ``input_ids``/``labels`` plus ``position_ids`` restarting at 0 for every example, and
-no ``attention_mask``: transformers (``masking_utils.find_packed_sequence_indices``) reads the
+such rows into ``input_ids``/``labels`` plus ``position_ids`` restarting at 0 for every example,
+``use_cache=False`` and no ``attention_mask``: transformers (``masking_utils.find_packed_sequence_indices``) reads the
 restarts and builds a block-diagonal causal mask for eager and SDPA attention, and flash-attention
 takes the same position ids as variable-length sequences. The first label of every example is
 already ``IGNORE_INDEX`` (``encoding.py``), so the last token of one example is never trained to
