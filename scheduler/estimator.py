@@ -133,6 +133,11 @@ KNOWN_CONFIGS: dict[str, dict] = {
 }
 
 
+# gpu_worker.builtin.BUILTIN_MODELS, repeated: that module imports torch lazily, which the control
+# plane may not even lazily (a test checks the two agree).
+BUILTIN_CONFIGS: dict[str, dict] = {"tuneforge-tiny": _cfg("llama", 256, 4, 688, 4, 4, 2048, False)}
+
+
 def _hf_cache_config(repo_id: str) -> Path | None:
     home = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
     hits = sorted(glob.glob(str(home / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "*" / "config.json")))
@@ -141,12 +146,8 @@ def _hf_cache_config(repo_id: str) -> Path | None:
 
 def read_model_facts(base_model: str) -> ModelFacts:
     """A base model's facts, from the first source that has its config.json."""
-    from gpu_worker.builtin import BUILTIN_MODELS  # stdlib-only module: safe for the control plane
-
-    if base_model in BUILTIN_MODELS:
-        b = BUILTIN_MODELS[base_model]
-        return facts_from_config(base_model, _cfg("llama", b.hidden_size, b.num_hidden_layers, b.intermediate_size,
-                                                  b.num_attention_heads, b.num_key_value_heads, b.vocab_size, False))
+    if base_model in BUILTIN_CONFIGS:
+        return facts_from_config(base_model, BUILTIN_CONFIGS[base_model])
     local = Path(base_model) / "config.json"
     path = local if local.is_file() else _hf_cache_config(base_model)
     if path is not None:

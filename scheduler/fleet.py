@@ -76,6 +76,8 @@ class Fleet(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     classes: tuple[GpuClass, ...] = Field(min_length=1)
+    # One local agent takes every job as it comes: no capacity accounting (see gpu_capacity).
+    embedded: bool = False
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -97,6 +99,12 @@ class Fleet(BaseModel):
     def queues(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(c.queue(k) for c in self.classes for k in WORKER_KINDS))
 
+    def gpu_capacity(self) -> dict[str, int] | None:
+        """GPUs per class across all nodes; None for the embedded fleet (its agent decides)."""
+        if self.embedded:
+            return None
+        return {c.name: c.nodes * c.gpus_per_node for c in self.classes}
+
     def describe(self) -> str:
         """'1×24 GB (l4), 8×80 GB (h100)': the most GPUs of each class one job may use (one node)."""
         return ", ".join(f"{c.gpus_per_node}×{c.memory_gb:g} GB ({c.name})" for c in self.by_memory())
@@ -107,7 +115,8 @@ class Fleet(BaseModel):
 # real deployment describes its hardware.
 EMBEDDED_FLEET = Fleet(
     classes=(GpuClass(name="local", memory_gb=80, gpus_per_node=1,
-                      queues={"single-gpu": LEGACY_SINGLE_GPU_QUEUE, "multi-gpu": LEGACY_SINGLE_GPU_QUEUE}),)
+                      queues={"single-gpu": LEGACY_SINGLE_GPU_QUEUE, "multi-gpu": LEGACY_SINGLE_GPU_QUEUE}),),
+    embedded=True,
 )
 
 

@@ -4,8 +4,9 @@ Each tick, in its own transactions:
 1. ``validating_files`` jobs: re-check their files (still there, enough examples) → ``queued`` or failed;
 2. ``running`` jobs whose lease expired (their worker died): back to the queue, or failed after
    ``max_attempts``;
-3. ``queued`` jobs not nudged recently: route them and nudge their queue, oldest first. A job stays
-   queued until a worker claims it, so a lost nudge costs only a re-nudge.
+3. ``queued`` jobs not nudged recently: route them and nudge their queue in fair order (priorities,
+   orgs taking turns, per-org limits, free GPUs: ``scheduler.fairness``). A job stays queued until a
+   worker claims it, so a lost nudge costs only a re-nudge.
 
 Ticks are idempotent and every move is conditional, so several scheduler replicas may run at once.
 """
@@ -14,9 +15,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, select
 
 from gpu_worker.contract import JobSpec
 from gpu_worker.storage import open_store
@@ -24,7 +25,9 @@ from scheduler import jobs
 from scheduler.db import session_scope
 from scheduler.dispatch import Dispatcher
 from scheduler.models import File, Job, JobStatus, utcnow
-from scheduler.routing import route
+from scheduler.fairness import Candidate, Limits, OrgState, fair_order
+from scheduler.fleet import Fleet, get_fleet
+from scheduler.routing import Plan, Unplaceable, route
 from scheduler.settings import Settings
 
 log = logging.getLogger("tuneforge.scheduler")
@@ -67,22 +70,62 @@ def reap_expired(settings: Settings) -> int:
     return len(expired)
 
 
-def nudge_queued(settings: Settings, dispatcher: Dispatcher) -> int:
-    cutoff = utcnow() - timedelta(seconds=RENUDGE_SECONDS)
+def _plan(job: Job, fleet: Fleet) -> Plan | None:
+    try:
+        return route(JobSpec.model_validate(job.spec), None, fleet)
+    except Unplaceable:
+        return None
+
+
+def nudge_queued(settings: Settings, dispatcher: Dispatcher, now: datetime | None = None, fleet: Fleet | None = None) -> int:
+    """Offer queued jobs to their queues in fair order (``scheduler.fairness``), only as many as the
+    fleet's free GPUs can start. Jobs offered recently and not yet claimed hold their GPUs and count
+    toward their org's share until the re-nudge interval passes."""
+    now = now or utcnow()
+    fleet = fleet or get_fleet()
+    cutoff = now - timedelta(seconds=RENUDGE_SECONDS)
     with session_scope(settings.database_url) as session:
-        due = session.scalars(
-            select(Job)
-            .where(Job.status == JobStatus.queued, or_(Job.nudged_at.is_(None), Job.nudged_at < cutoff))
-            .order_by(Job.created_at)
-            .limit(BATCH)
-        ).all()
+        # Each org's oldest BATCH queued jobs: one org's backlog cannot crowd the others out of the batch.
+        rank = func.row_number().over(partition_by=Job.org_id, order_by=(Job.created_at, Job.id)).label("rank")
+        ranked = select(Job.id, rank).where(Job.status == JobStatus.queued).subquery()
+        queued = session.scalars(select(Job).join(ranked, ranked.c.id == Job.id).where(ranked.c.rank <= BATCH)).all()
+        running = session.scalars(select(Job).where(Job.status == JobStatus.running)).all()
+        offered = [j for j in queued if j.nudged_at is not None and j.nudged_at >= cutoff]
+        due = [j for j in queued if j.nudged_at is None or j.nudged_at < cutoff]
+        if not due:
+            return 0
+        capacity = fleet.gpu_capacity()
+        busy: dict[str, int] = {}
+        holding: dict[str, int] = {}
+        for job in [*running, *offered]:
+            holding[job.org_id] = holding.get(job.org_id, 0) + 1
+            plan = _plan(job, fleet)
+            if plan is not None and plan.gpu_class is not None:
+                busy[plan.gpu_class] = busy.get(plan.gpu_class, 0) + plan.gpu_count
+        orgs = {j.org_id for j in due}
+        last_started = dict(session.execute(
+            select(Job.org_id, func.max(Job.started_at)).where(Job.org_id.in_(orgs), Job.started_at.is_not(None)).group_by(Job.org_id)
+        ).all())
+        states = {org: OrgState(running=holding.get(org, 0), last_started=last_started.get(org)) for org in orgs}
+        plans, candidates = {}, []
         for job in due:
-            plan = route(JobSpec.model_validate(job.spec))
+            try:
+                plan = route(JobSpec.model_validate(job.spec), None, fleet)
+            except Unplaceable as e:  # the fleet shrank since the job was accepted
+                jobs.fail(session, job, "unplaceable", str(e), "model")
+                continue
+            plans[job.id] = plan
+            candidates.append(Candidate(job.id, job.org_id, job.created_at, plan.gpu_class, plan.gpu_count, getattr(job, "priority", 0) or 0))
+        free = None if capacity is None else {c: n - busy.get(c, 0) for c, n in capacity.items()}
+        by_id = {j.id: j for j in due}
+        order = fair_order(candidates, states, Limits.from_settings(settings), free)
+        for c in order:
+            job, plan = by_id[c.job_id], plans[c.job_id]
             if job.queue != plan.queue:
                 job.queue = plan.queue
-            job.nudged_at = utcnow()
+            job.nudged_at = now
             dispatcher.nudge(job.id, plan.queue)
-    return len(due)
+    return len(order)
 
 
 def tick(settings: Settings, dispatcher: Dispatcher) -> None:

@@ -148,11 +148,14 @@ def test_reads_the_hugging_face_cache(tmp_path, monkeypatch):
     assert read_model_facts("acme/m").architecture == "qwen2"
 
 
-def test_builtin_model_facts_come_from_the_builtin_table():
+def test_builtin_model_facts_match_the_builtin_table():
     from gpu_worker.builtin import BUILTIN_MODELS, TINY
 
-    facts = read_model_facts(TINY)
-    assert (facts.hidden_size, facts.num_layers) == (BUILTIN_MODELS[TINY].hidden_size, BUILTIN_MODELS[TINY].num_hidden_layers)
+    assert set(estimator.BUILTIN_CONFIGS) == set(BUILTIN_MODELS)
+    for name, b in BUILTIN_MODELS.items():
+        facts = read_model_facts(name)
+        assert (facts.hidden_size, facts.num_layers, facts.intermediate_size, facts.num_heads, facts.num_kv_heads, facts.vocab_size) == (
+            b.hidden_size, b.num_hidden_layers, b.intermediate_size, b.num_attention_heads, b.num_key_value_heads, b.vocab_size)
 
 
 def test_kernel_architectures_match_the_patching_package():
