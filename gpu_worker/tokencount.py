@@ -38,6 +38,7 @@ class TokenStats:
     tokens: int  # tokens the model reads (after truncation)
     trained_tokens: int  # tokens carrying a loss
     truncated: int  # examples cut at max_seq_length
+    dropped: int = 0  # examples left with no trained token after truncation (the trainer skips them)
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
@@ -85,7 +86,7 @@ def count_tokens(
     view = view or TokenizerView.from_dir(tokenizer_dir)
     template = resolve_template(chat_template, view.chat_template)
     validator = FileValidator(min_examples=0, format=format)
-    examples = tokens = trained = truncated = 0
+    examples = tokens = trained = truncated = dropped = 0
     for raw in lines:
         before = validator.error_count
         obj = validator.feed(raw)
@@ -104,10 +105,13 @@ def count_tokens(
         records = [to_sft(fmt, obj)] if fmt in SFT_FORMATS else _conversations(fmt, obj)
         for record in records:
             example, cut = encode_record(view, template, record, max_seq_length, train_on_inputs=train_on_inputs)
+            truncated += cut
+            if not example.trained_tokens:
+                dropped += 1
+                continue
             tokens += len(example.input_ids)
             trained += example.trained_tokens
-            truncated += cut
-    return TokenStats(examples, tokens, trained, truncated)
+    return TokenStats(examples, tokens, trained, truncated, dropped)
 
 
 def estimate_job_tokens(store: ObjectStore, spec: JobSpec, tokenizer_dir: str | os.PathLike) -> int:
@@ -125,12 +129,13 @@ def estimate_job_tokens(store: ObjectStore, spec: JobSpec, tokenizer_dir: str | 
             raise TokenCountError(f"file {key!r} not found in storage") from None
         except TokenCountError as err:
             raise TokenCountError(f"{key}: {err}") from None
-        if not stats.examples:
+        usable = stats.examples - stats.dropped
+        if not usable:
             continue
-        per_example = stats.trained_tokens / stats.examples
+        per_example = stats.trained_tokens / usable
         if spec.method == Method.grpo:  # the loss covers generated tokens, not the file's
             per_example = spec.method_params.grpo_num_generations * spec.method_params.grpo_max_completion_length
-        total += per_example * mixed_count(stats.examples, weight)
+        total += per_example * mixed_count(usable, weight)
     if not spec.validation_file_key and opts.validation_split:
         total *= 1 - opts.validation_split
     return int(round(total * hp.n_epochs))
