@@ -6,10 +6,11 @@ DPO job end to end."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from gpu_worker.contract import CheckpointEvent, CompletedEvent, DataFormat, LogEvent, MethodParams, MetricsEvent, StoppedEvent
+from gpu_worker.contract import CheckpointEvent, CompletedEvent, DataFormat, LogEvent, Method, MethodParams, MetricsEvent, StoppedEvent
 from gpu_worker.data import DataError
 from gpu_worker.data_preference import detect_format, load_examples
 from gpu_worker.recipes import RunContext, recipe_for
@@ -31,7 +32,8 @@ class Recorder:
 
     def method_metrics(self, name: str) -> list[float]:
         """The objective's per-step metric ``name`` from the "<method> step N: {json}" log lines."""
-        return [json.loads(e.message.split(": ", 1)[1])[name] for e in self.of(LogEvent) if " step " in e.message and e.message.split(" step ")[1][0].isdigit()]
+        lines = [e.message for e in self.of(LogEvent) if re.match(r"[a-z]+ step \d+: \{", e.message)]
+        return [json.loads(line.split(": ", 1)[1])[name] for line in lines]
 
 
 def run_job(spec, store, data_dir, should_stop=lambda: False):
@@ -137,7 +139,6 @@ def _tiny_spec(make_spec, method, **overrides):
     return make_spec(TINY, method=method, validation_file_key="files/valid.jsonl", hyperparameters=hp, runtime={"eval_every_steps": 4}, **overrides)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dpo", "ipo", "orpo", "simpo"])
 def test_each_method_learns_the_toy_preference(method, builtin_data_dir, store, write_jsonl, sentiment_rows, make_spec):
     write_jsonl(store, "files/train.jsonl", preference_rows(sentiment_rows, 32))
@@ -152,3 +153,133 @@ def test_each_method_learns_the_toy_preference(method, builtin_data_dir, store, 
     assert sum(margins[-4:]) / 4 > sum(margins[:4]) / 4, margins
     assert sum(accuracies[-4:]) / 4 > 0.5, accuracies
     assert isinstance(result, CompletedEvent) and result.steps == 16
+
+
+# --- the reference model -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_kernels", [False, True], ids=["stock", "kernels"])
+def test_the_reference_is_the_base_model_with_the_adapter_off(micro_model_dir, store, write_jsonl, sentiment_rows, tokenizer, use_kernels):
+    import torch
+
+    from gpu_worker.contract import AdapterConfig, Runtime
+    from gpu_worker.data_preference import collate_completions
+    from gpu_worker.loading import load_model
+    from gpu_worker.recipes.model_setup import apply_memory_mode_and_kernels, wrap_with_lora
+    from gpu_worker.recipes.preference_loop import reference, sequence_logps
+
+    write_jsonl(store, "p.jsonl", preference_rows(sentiment_rows, 3))
+    pairs = load_examples(store, "p.jsonl", tokenizer, DataFormat.preference, max_seq_length=96).examples
+    batch = collate_completions([p.prompt for p in pairs], [p.chosen for p in pairs], tokenizer.pad_token_id)
+    base = load_model(str(micro_model_dir), data_dir=".", device="cpu")
+    with torch.no_grad():
+        expected, _ = sequence_logps(base, batch)
+    model = wrap_with_lora(load_model(str(micro_model_dir), data_dir=".", device="cpu"), AdapterConfig(rank=4, alpha=8.0))
+    apply_memory_mode_and_kernels(model, Runtime(use_kernels=use_kernels))
+    with torch.no_grad():  # a trained adapter: B is no longer zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.train()
+    policy, _ = sequence_logps(model, batch)
+    with reference(model) as ref_model:
+        ref, _ = sequence_logps(ref_model, batch)
+    assert not ref.requires_grad and policy.requires_grad and model.training
+    assert torch.allclose(ref, expected, atol=1e-5), (ref, expected)
+    assert not torch.allclose(policy, expected, atol=1e-2)
+
+
+def test_reference_methods_refuse_full_fine_tuning_and_a_wrong_declared_format(micro_model_dir, store, write_jsonl, sentiment_rows, make_spec, tmp_path):
+    from gpu_worker.recipes.model_setup import AdapterConfigError
+
+    write_jsonl(store, "files/train.jsonl", preference_rows(sentiment_rows, 4))
+    with pytest.raises(AdapterConfigError, match="adapter disabled"):
+        run_job(make_spec(str(micro_model_dir), method="dpo", adapter={"type": "full"}), store, tmp_path)
+    with pytest.raises(DataError, match="dpo trains on preference data, not kto"):
+        run_job(make_spec(str(micro_model_dir), method="dpo", data={"format": "kto"}), store, tmp_path)
+
+
+# --- resume and the trainer process ------------------------------------------------------------------
+
+
+def _micro_dpo(make_spec, micro_model_dir, **overrides):
+    hp = {"n_epochs": 2, "batch_size": 2, "learning_rate": 5e-3, "warmup_ratio": 0.2, "gradient_accumulation_steps": 2, "lr_scheduler": "cosine"}
+    return make_spec(
+        str(micro_model_dir), method="dpo", adapter={"rank": 4, "alpha": 8.0, "dropout": 0.1}, hyperparameters=hp,
+        validation_file_key="files/valid.jsonl", runtime={"eval_every_steps": 2, "checkpoint_every_steps": 3}, **overrides,
+    )
+
+
+@pytest.mark.parametrize("stop_polls, k", [(1, 4), (2, 2)], ids=["after-a-step", "mid-step"])
+def test_resumed_dpo_run_replays_the_uninterrupted_one(micro_model_dir, store, write_jsonl, sentiment_rows, make_spec, tmp_path, stop_polls, k):
+    """10 pairs, batches of 2, accumulation 2: 3 steps an epoch, 6 in all; stop after step k (off the
+    checkpoint schedule), or after the first micro-batch of step k+1 (that half step is thrown away)."""
+    write_jsonl(store, "files/train.jsonl", preference_rows(sentiment_rows, 10))
+    write_jsonl(store, "files/valid.jsonl", preference_rows(sentiment_rows, 4, seed=3))
+    spec = _micro_dpo(make_spec, micro_model_dir)
+    full, _ = run_job(spec, store, tmp_path)
+    assert len(full.losses) == 6
+
+    first = Recorder()
+    polls = []
+
+    def should_stop():
+        if len(first.of(MetricsEvent)) >= k:
+            polls.append(1)
+        return len(polls) >= stop_polls
+
+    interrupted = spec.model_copy(update={"output_prefix": "jobs/interrupted"})
+    stopped = recipe_for(spec.method)(interrupted, RunContext(store, tmp_path, first, should_stop, "cpu"))
+    assert isinstance(stopped, StoppedEvent) and stopped.step == k
+    assert first.of(CheckpointEvent)[-1].key == stopped.checkpoint_key == f"jobs/interrupted/checkpoints/step-{k:06d}"
+    assert first.losses == full.losses[:k]
+
+    resumed, result = run_job(interrupted.model_copy(update={"resume_from_key": stopped.checkpoint_key}), store, tmp_path)
+    assert [m.step for m in resumed.of(MetricsEvent)] == list(range(k + 1, 7))
+    assert resumed.losses == full.losses[k:]
+    assert [m.valid_loss for m in resumed.of(MetricsEvent)] == [m.valid_loss for m in full.of(MetricsEvent)][k:]
+    assert resumed.method_metrics("rewards/margins") == full.method_metrics("rewards/margins")[k:]
+    assert isinstance(result, CompletedEvent) and result.trained_tokens == full.events[-1].trained_tokens
+
+
+def test_a_checkpoint_of_another_method_is_refused(micro_model_dir, store, write_jsonl, sentiment_rows, make_spec, tmp_path):
+    from gpu_worker.checkpoint import CheckpointError
+
+    write_jsonl(store, "files/train.jsonl", preference_rows(sentiment_rows, 10))
+    write_jsonl(store, "files/valid.jsonl", preference_rows(sentiment_rows, 4, seed=3))
+    spec = _micro_dpo(make_spec, micro_model_dir)
+    rec, _ = run_job(spec, store, tmp_path)
+    key = rec.of(CheckpointEvent)[0].key
+    with pytest.raises(CheckpointError, match="dpo run, not simpo"):
+        run_job(spec.model_copy(update={"method": Method.simpo, "resume_from_key": key, "output_prefix": "jobs/other"}), store, tmp_path)
+
+
+@pytest.mark.slow
+def test_trainer_process_runs_a_dpo_job_end_to_end(micro_model_dir, store, write_jsonl, sentiment_rows, make_spec, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from gpu_worker.contract import parse_event
+
+    write_jsonl(store, "files/train.jsonl", preference_rows(sentiment_rows, 8, openai=True))
+    spec = make_spec(str(micro_model_dir), method="dpo", hyperparameters={"batch_size": 2, "n_epochs": 1}, runtime={"checkpoint_every_steps": 2})
+    env = {**os.environ, "TUNEFORGE_STORAGE_URL": store.url, "TUNEFORGE_DATA_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    stderr = open(tmp_path / "trainer.stderr", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_worker.train"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env)
+    proc.stdin.write(spec.model_dump_json().encode() + b"\n")
+    proc.stdin.flush()  # stdin stays open while the job runs: end-of-file means the agent died
+    events = []
+    for line in proc.stdout:
+        events.append(parse_event(line))  # only JobEvents on stdout
+        if events[-1].type in ("completed", "failed"):
+            break
+    code = proc.wait(timeout=60)  # before closing stdin, which would read as the agent's death
+    proc.stdin.close()
+    assert code == 0, (tmp_path / "trainer.stderr").read_text()[-2000:]
+    assert [e.step for e in events if isinstance(e, MetricsEvent)] == [1, 2, 3, 4]
+    assert [e.step for e in events if isinstance(e, CheckpointEvent)] == [2, 4]
+    assert any(isinstance(e, LogEvent) and e.message.startswith("dpo step 4: ") for e in events)
+    done = events[-1]
+    assert isinstance(done, CompletedEvent) and done.steps == 4 and done.manifest.files == ("adapter_config.json", "adapter_model.safetensors")
+    assert sorted(store.list(done.manifest.key + "/")) == [f"{done.manifest.key}/{f}" for f in done.manifest.files]
