@@ -127,3 +127,158 @@ def test_str_lines_and_byte_order_mark_are_accepted():
     lines[0] = "\ufeff" + lines[0]
     assert validate_lines(lines).ok
     assert validate_lines([b"\xef\xbb\xbf" + _good_lines(1)[0]] + _good_lines(9)).ok
+
+
+# --- every format --------------------------------------------------------------------------------------
+
+from gpu_worker.contract import DataFormat, Method  # noqa: E402
+from gpu_worker.validation import check_format_for_method, detect_format  # noqa: E402
+
+GOOD = {
+    DataFormat.chat: {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+    DataFormat.sharegpt: {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+    DataFormat.alpaca: {"instruction": "Translate.", "input": "chat", "output": "cat"},
+    DataFormat.completion: {"prompt": "The sky is", "completion": " blue"},
+    DataFormat.text: {"text": "Raw text for continued pretraining."},
+    DataFormat.preference: {"input": {"messages": [{"role": "user", "content": "Hi"}]}, "preferred_output": [{"role": "assistant", "content": "Hello"}], "non_preferred_output": [{"role": "assistant", "content": "Go away"}]},
+    DataFormat.kto: {"prompt": "Hi", "completion": "Hello", "label": True},
+    DataFormat.prompt: {"prompt": "What is 2+2?", "answer": "4"},
+}
+OTHER_GOOD = [
+    (DataFormat.preference, {"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}),
+    (DataFormat.preference, {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello"}], "rejected": [{"role": "assistant", "content": "No"}]}),
+    (DataFormat.kto, {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "No"}], "label": False}),
+    (DataFormat.prompt, {"messages": [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "2+2?"}]}),
+    (DataFormat.alpaca, {"instruction": "Say hi.", "output": "hi"}),
+    (DataFormat.completion, {"prompt": "", "completion": "free text"}),
+]
+
+
+def _lines(fmt: DataFormat, n: int = 10) -> list[str]:
+    # Distinct lines (a counter in an extra string), so duplicate counting stays out of the way.
+    rows = []
+    for i in range(n):
+        row = json.loads(json.dumps(GOOD[fmt]))
+        if fmt == DataFormat.prompt:
+            row["answer"] = str(i)
+        else:
+            _bump(row, i)
+        rows.append(json.dumps(row))
+    return rows
+
+
+def _bump(row, i):
+    for key in ("text", "completion", "output", "prompt"):
+        if isinstance(row.get(key), str) and row[key]:
+            row[key] += f" {i}"
+            return
+    target = row.get("messages") or row.get("conversations") or row.get("preferred_output")
+    field = "value" if "conversations" in row else "content"
+    target[-1][field] += f" {i}"
+
+
+@pytest.mark.parametrize("fmt", list(GOOD))
+def test_each_format_is_detected_and_passes(fmt):
+    report = validate_lines(_lines(fmt))
+    assert report.ok, report.message
+    assert report.format == fmt.value and report.examples == 10 and report.duplicates == 0
+
+
+@pytest.mark.parametrize("fmt, row", OTHER_GOOD)
+def test_other_shapes_of_a_format_are_accepted(fmt, row):
+    assert detect_format(row) == fmt
+    assert validate_lines([json.dumps(row)], min_examples=1, format=fmt).ok
+
+
+BAD = [
+    (DataFormat.sharegpt, {"conversations": []}, "'conversations' is empty"),
+    (DataFormat.sharegpt, {"conversations": [{"from": "human", "value": "Hi"}]}, "no assistant ('gpt') turn"),
+    (DataFormat.sharegpt, {"conversations": [{"from": "bot", "value": "Hi"}]}, "unknown 'from' 'bot' in turn 0"),
+    (DataFormat.sharegpt, {"conversations": [{"from": "human"}]}, "turn 0 (human) has no 'value'"),
+    (DataFormat.sharegpt, {"conversations": [{"from": "gpt", "value": 3}]}, "'value' must be a string, not a number"),
+    (DataFormat.sharegpt, {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "  "}]}, "turn 1 (gpt): 'value' is empty"),
+    (DataFormat.sharegpt, {"conversations": [{"from": "function_call", "value": "{}"}]}, "tool turns"),
+    (DataFormat.alpaca, {"instruction": "Do it.", "input": ""}, "missing 'output'"),
+    (DataFormat.alpaca, {"instruction": "", "output": "x"}, "'instruction' is empty"),
+    (DataFormat.alpaca, {"instruction": "Do it.", "input": 5, "output": "x"}, "'input' must be a string, not a number"),
+    (DataFormat.completion, {"prompt": "a", "completion": ""}, "'completion' is empty"),
+    (DataFormat.completion, {"prompt": None, "completion": "b"}, "'prompt' must be a string, not null"),
+    (DataFormat.text, {"text": ["a"]}, "'text' must be a string, not an array"),
+    (DataFormat.text, {"text": " "}, "'text' is empty"),
+    (DataFormat.preference, {"input": {"messages": [{"role": "user", "content": "Hi"}]}, "preferred_output": [{"role": "assistant", "content": "Hello"}]}, "missing 'non_preferred_output'"),
+    (DataFormat.preference, {"input": "Hi", "preferred_output": [], "non_preferred_output": []}, "'input' must be an object"),
+    (DataFormat.preference, {"input": {"messages": [{"role": "user", "content": "Hi"}]}, "preferred_output": [{"role": "user", "content": "x"}], "non_preferred_output": [{"role": "assistant", "content": "y"}]}, "must be the assistant's"),
+    (DataFormat.preference, {"input": {"messages": [{"role": "user", "content": "Hi"}]}, "preferred_output": [], "non_preferred_output": [{"role": "assistant", "content": "y"}]}, "exactly one assistant message, not 0"),
+    (DataFormat.preference, {"prompt": "Hi", "chosen": "same", "rejected": "same"}, "are identical"),
+    (DataFormat.preference, {"prompt": "", "chosen": "a", "rejected": "b"}, "'prompt' is empty"),
+    (DataFormat.preference, {"prompt": "Hi", "chosen": 1, "rejected": "b"}, "'chosen' must be a string or an array"),
+    (DataFormat.preference, {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}, "must not end with an assistant message"),
+    (DataFormat.kto, {"prompt": "Hi", "completion": "Hello", "label": "true"}, "'label' must be true or false, not a string"),
+    (DataFormat.kto, {"prompt": "Hi", "completion": "Hello", "label": 1}, "'label' must be true or false, not a number"),
+    (DataFormat.kto, {"prompt": "Hi", "completion": "Hello"}, "missing 'label'"),
+    (DataFormat.kto, {"prompt": "Hi", "completion": "", "label": True}, "'completion' is empty"),
+    (DataFormat.prompt, {"prompt": ""}, "'prompt' is empty"),
+    (DataFormat.prompt, {"prompt": {"text": "x"}}, "'prompt' must be a string or an array of messages"),
+    (DataFormat.prompt, {"messages": []}, "'messages' is empty"),
+    (DataFormat.chat, {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}, "message 1 (assistant): 'content' is empty"),
+]
+
+
+@pytest.mark.parametrize("fmt, row, reason", BAD)
+def test_each_bad_line_of_each_format_is_named(fmt, row, reason):
+    lines = _lines(fmt)
+    lines.insert(3, json.dumps(row))
+    report = validate_lines(lines)
+    assert report.format == fmt.value
+    assert report.error_count == 1, report.message
+    assert report.errors[0].line == 4 and reason in report.errors[0].reason, report.errors[0].reason
+    assert report.message.startswith("line 4: ")
+
+
+def test_a_file_mixing_formats_names_the_line_and_both_formats():
+    lines = _lines(DataFormat.alpaca)
+    lines.insert(5, json.dumps(GOOD[DataFormat.completion]))
+    report = validate_lines(lines)
+    assert report.error_count == 1 and report.errors[0].line == 6
+    assert "this line is a completion example but the file is alpaca (from line 1); a file holds one format" in report.errors[0].reason
+
+
+def test_the_format_comes_from_the_first_valid_line():
+    lines = ["{oops", json.dumps({"nothing": 1})] + _lines(DataFormat.text)
+    report = validate_lines(lines)
+    assert report.format == "text" and report.examples == 10
+    assert [e.line for e in report.errors] == [1, 2] and "unrecognised example" in report.errors[1].reason
+
+
+def test_a_declared_format_is_enforced_from_the_first_line():
+    report = validate_lines(_lines(DataFormat.chat), format=DataFormat.sharegpt)
+    assert report.error_count == 10 and report.format == "sharegpt"
+    assert "but the file was declared" in report.errors[0].reason and report.errors[0].line == 1
+
+
+def test_exact_and_near_duplicates_are_counted_with_their_lines():
+    base = {"messages": [{"role": "user", "content": "Hello, World!"}, {"role": "assistant", "content": "Hi."}]}
+    near = {"messages": [{"role": "user", "content": "hello   world"}, {"role": "assistant", "content": "hi"}]}
+    lines = _lines(DataFormat.chat) + [json.dumps(base), json.dumps(base), json.dumps(near), ""]
+    report = validate_lines(lines)
+    assert report.ok and (report.duplicates, report.near_duplicates) == (1, 1)
+    assert [(d.line, d.first_line, d.exact) for d in report.duplicate_lines] == [(12, 11, True), (13, 11, False)]
+
+
+def test_a_chat_line_without_a_reply_is_a_bad_chat_line_not_a_prompt():
+    lines = _lines(DataFormat.chat)
+    lines.insert(1, json.dumps({"messages": [{"role": "user", "content": "x"}]}))
+    report = validate_lines(lines)
+    assert report.errors[0].reason == "no assistant message"
+
+
+def test_weights_apply_to_assistant_turns_only_and_one_must_train():
+    assert "assistant messages only" in check_example({"messages": [{"role": "user", "content": "x", "weight": 0}, {"role": "assistant", "content": "y"}]})
+    assert "every one has weight 0" in check_example({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]})
+
+
+def test_method_format_pairs():
+    assert check_format_for_method(DataFormat.sharegpt, Method.supervised) is None
+    assert check_format_for_method(DataFormat.chat, Method.grpo) is None
+    assert "cannot train method 'dpo'" in check_format_for_method(DataFormat.chat, Method.dpo)
+    assert "kto" in check_format_for_method(DataFormat.preference, Method.kto)
