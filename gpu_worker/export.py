@@ -153,7 +153,7 @@ def _tokenizer_pre(folder: Path) -> str:
         raise ExportError("only byte-level BPE tokenizers can be exported to GGUF here")
     pre = data.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False):
-        return "gpt2"
+        return "gpt-2"
     patterns = [(p.get("pattern") or {}).get("Regex") for p in pre.get("pretokenizers", []) if p.get("type") == "Split"]
     if _LLAMA3_SPLIT in patterns:
         return "llama-bpe"
