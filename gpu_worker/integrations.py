@@ -55,8 +55,13 @@ class _MLflow:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
+        uri = spec.integrations.mlflow_tracking_uri
+        if uri.startswith("file:"):
+            # MLflow 3 refuses its file store unless told otherwise; the platform documents file:
+            # URIs as the offline option (one job per trainer process, so the setting stays local).
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         # An explicit client, not mlflow's global active run: a worker process may host several jobs.
-        self.client = MlflowClient(tracking_uri=spec.integrations.mlflow_tracking_uri)
+        self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name("tuneforge")
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment("tuneforge")
         self.run_id = self.client.create_run(experiment_id, run_name=spec.job_id, tags={"tuneforge.job_id": spec.job_id}).info.run_id
