@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from kernels.backend import use_triton
-from kernels.lora_mlp import LoraWeights, _compute_dtype, _dense, _project_reference
+from kernels.lora_mlp import LoraWeights, _compute_dtype, _dense, _project_reference, _restore_x, _x_for_saving
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
@@ -44,7 +44,7 @@ class _LoraLinearsFunction(torch.autograd.Function):
                 col += r
                 y.addmm_(xas[i], b_s[i].t(), alpha=scales[i])
             outs.append(y.view(*shape[:-1], y.shape[-1]))
-        ctx.save_for_backward(x2, xa_all, *a_s, *b_s)
+        ctx.save_for_backward(xa_all, *a_s, *b_s, *_x_for_saving(ctx, x, x2))
         ctx.set_materialize_grads(False)  # an unused output's grad arrives as None: no work for it
         ctx.n, ctx.weights, ctx.scales, ctx.dtype, ctx.shape = n, weights, scales, dtype, shape
         ctx.with_lora = with_lora
@@ -55,8 +55,9 @@ class _LoraLinearsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dys):
         n = ctx.n
-        x2, xa_all, *ab = ctx.saved_tensors
-        a_s, b_s = ab[:n], ab[n:]
+        xa_all, *rest = ctx.saved_tensors
+        a_s, b_s = rest[:n], rest[n:2 * n]
+        x2 = _restore_x(ctx, rest[2 * n:])
         need = ctx.needs_input_grad
         dtype = ctx.dtype
         dx = None

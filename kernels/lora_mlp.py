@@ -91,6 +91,25 @@ def _compute_dtype(x):
     return x.dtype
 
 
+def _x_for_saving(ctx, x, x2):
+    """What to save for the input ``x`` (viewed as ``x2 (N, in)``): the recipe's tensors when ``x`` is a
+    Triton rms_norm output in the compute dtype (recomputed in backward, see NormRecipe), else ``x2``."""
+    from kernels.rms_norm import norm_recipe
+
+    recipe = norm_recipe(x)
+    ctx.recipe = recipe if recipe is not None and x2.data_ptr() == x.data_ptr() else None
+    if ctx.recipe is None:
+        return (x2,)
+    return ctx.recipe.tensors()
+
+
+def _restore_x(ctx, saved):
+    if ctx.recipe is None:
+        return saved[0]
+    x = ctx.recipe.recompute(*saved)
+    return x.reshape(-1, x.shape[-1])
+
+
 def _project(x, w, a, b, s):
     # x: (N, in) -> (N, out), plus the (N, r) product x A^T when there is an adapter
     y = x @ w.t()
@@ -113,7 +132,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         u, xa_u = _project(x2, _dense(wu, dtype), au_, bu_, su)                  # (N, I), (N, r)
         h = _act_forward(g, u, act, triton_path)                                # (N, I)
         y, _ = _project(h, _dense(wd, dtype), ad_, bd_, sd)                     # (N, H)
-        ctx.save_for_backward(x2, g, u, xa_g, xa_u, ag_, bg_, au_, bu_, ad_, bd_)
+        ctx.save_for_backward(g, u, xa_g, xa_u, ag_, bg_, au_, bu_, ad_, bd_, *_x_for_saving(ctx, x, x2))
         ctx.weights = (wg, wu, wd)
         ctx.scales = (sg, su, sd)
         ctx.act, ctx.triton_path, ctx.shape, ctx.dtype = act, triton_path, shape, dtype
@@ -122,7 +141,8 @@ class _LoraMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, g, u, xa_g, xa_u, ag, bg, au, bu, ad, bd = ctx.saved_tensors
+        g, u, xa_g, xa_u, ag, bg, au, bu, ad, bd, *x_saved = ctx.saved_tensors
+        x2 = _restore_x(ctx, x_saved)
         wg, wu, wd = ctx.weights
         sg, su, sd = ctx.scales
         dtype = ctx.dtype

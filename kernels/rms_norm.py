@@ -135,6 +135,31 @@ def _bwd_launch(dy, ds, x2, weight, rstd, offset, compute_dw):
     return dx, dw
 
 
+class NormRecipe:
+    """How to recompute a Triton ``rms_norm`` output from the tensors its own node keeps anyway.
+
+    A consumer saves ``tensors()`` with ``save_for_backward`` (so activation checkpointing's hooks see
+    them) and calls ``recompute(*saved)`` in its backward: the same kernel on the same input gives the
+    bit-identical output. Saves (tokens x hidden) per norm per layer of activation memory.
+    """
+
+    def __init__(self, x2, weight, eps, offset, shape):
+        self._tensors = (x2, weight)
+        self.eps, self.offset, self.shape = eps, offset, shape
+
+    def tensors(self):
+        return self._tensors
+
+    def recompute(self, x2, weight):
+        with torch.no_grad():
+            return _fwd_launch(x2, None, weight, self.eps, self.offset)[0].view(self.shape)
+
+
+def norm_recipe(t: torch.Tensor) -> NormRecipe | None:
+    """The recipe attached to ``t`` if it is, unchanged, the output of a Triton ``rms_norm``."""
+    return getattr(t, "_tf_norm_recipe", None)
+
+
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, residual, eps, offset):
@@ -142,6 +167,9 @@ class _RMSNormFunction(torch.autograd.Function):
         ctx.save_for_backward(saved_x, weight, rstd)
         ctx.offset, ctx.has_residual, ctx.shape = offset, residual is not None, x.shape
         y = y.view(x.shape)
+        # consumers that would save y for their backward (the LoRA projections) save this recipe
+        # instead: the norm already keeps its input, so y can be recomputed rather than stored
+        y._tf_norm_recipe = NormRecipe(saved_x, weight, float(eps), float(offset), tuple(x.shape))
         if residual is None:
             return y
         return y, saved_x.view(x.shape)

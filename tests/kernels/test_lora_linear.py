@@ -67,3 +67,35 @@ def test_unused_output_gets_no_gradient_work():
     (ref_q,) = lora_linears_reference(x, q)
     gx = torch.autograd.grad(ref_q.sum(), x)[0]
     assert rel_err(x.grad, gx) < 1e-5 and k.lora_a.grad is None and v.lora_b.grad is None
+
+
+@pytest.mark.parametrize("consumer", ["linears", "mlp"])
+def test_norm_output_is_recomputed_not_saved(consumer):
+    # rms_norm -> LoRA projections: the projections keep the norm's input (already kept by the norm),
+    # not its output, and still produce the reference gradients
+    from kernels.lora_mlp import lora_mlp, lora_mlp_reference
+    from kernels.rms_norm import rms_norm, rms_norm_reference
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w = torch.randn(16) * 0.3 + 1
+    if consumer == "linears":
+        projs = [_proj(16, 16, 2, "cpu", torch.float32), _proj(8, 16, 2, "cpu", torch.float32)]
+        fast = lambda h: lora_linears(h, *projs, impl="triton")  # noqa: E731
+        slow = lambda h: lora_linears_reference(h, *projs)  # noqa: E731
+    else:
+        projs = [_proj(24, 16, 2, "cpu", torch.float32), _proj(24, 16, 2, "cpu", torch.float32),
+                 _proj(16, 24, 2, "cpu", torch.float32)]
+        fast = lambda h: (lora_mlp(h, *projs, impl="triton"),)  # noqa: E731
+        slow = lambda h: (lora_mlp_reference(h, *projs),)  # noqa: E731
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.data_ptr()) or t, lambda t: t):
+        y = rms_norm(x, w, impl="triton")
+        outs = fast(y)
+    assert y.data_ptr() not in saved and x.data_ptr() in saved
+    leaves = [x] + [t for p in projs for t in (p.lora_a, p.lora_b)]
+    got = torch.autograd.grad([o.sum() for o in outs], leaves)
+    refs = slow(rms_norm_reference(x, w))
+    exp = torch.autograd.grad([o.sum() for o in refs], leaves)
+    for a, b in zip(got, exp):
+        assert rel_err(a, b) < 1e-5
