@@ -151,10 +151,10 @@ def measure(model, examples: Sequence, pairs, *, batch_size: int, pad_id: int, e
 
 
 def gate_report(base: Measurement, tuned: Measurement, *, examples: int) -> EvalReport:
-    """Tuned vs base: passed unless the tuned model's validation loss is higher, or its exact match
-    lower, than the base model's."""
+    """Tuned vs base: passed unless the tuned model's validation loss is higher (or NaN), or its
+    exact match lower, than the base model's."""
     reasons = []
-    if tuned.valid_loss > base.valid_loss:
+    if not tuned.valid_loss <= base.valid_loss:  # written so that a NaN loss (diverged) is a regression
         reasons.append(f"validation loss {tuned.valid_loss:.4f} (tuned) > {base.valid_loss:.4f} (base)")
     if tuned.exact_match is not None and base.exact_match is not None and tuned.exact_match < base.exact_match:
         reasons.append(f"exact match {tuned.exact_match:.3f} (tuned) < {base.exact_match:.3f} (base)")
