@@ -36,6 +36,12 @@ class MethodParamsError(ValueError):
         super().__init__(f"{param}: {message}")
         self.param = param
 
+    def to_event(self):
+        """The FailedEvent the trainer reports for this error."""
+        from gpu_worker.contract import FailedEvent
+
+        return FailedEvent(code=self.code, message=str(self), param=self.param)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Scorer:
