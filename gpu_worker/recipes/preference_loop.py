@@ -7,8 +7,8 @@ one kind of trainer:
 - a step is ``gradient_accumulation_steps`` micro-batches of ``batch_size`` examples; its loss is
   the sum of per-example losses over the whole step divided by the number of examples in it, so
   accumulation equals one big batch;
-- AdamW, clipping at ``max_grad_norm``, the learning rate a pure function of the step (``lr_at``),
-  so the schedule's state is the step number;
+- AdamW (no decay on vectors), clipping at ``max_grad_norm``, the learning rate a pure function of
+  the step (``sft.lr_at``, the same schedules as SFT), so the schedule's state is the step number;
 - after every step a MetricsEvent, and a LogEvent ``"<method> step N: {json}"`` with the objective's
   own metrics (rewards/margins/accuracies, KL, mean reward...); validation loss at the eval points
   when the objective has one; a checkpoint every ``checkpoint_every_steps`` and at the end
@@ -18,7 +18,8 @@ one kind of trainer:
   a resumed run (sampling included) replays the uninterrupted one.
 
 The reference model of DPO/IPO/KTO/GRPO is the policy with its adapter disabled (``reference``),
-never a second copy of the weights; so those methods need an adapter, not full fine-tuning.
+never a second copy of the weights. Every method here trains an adapter (LoRA, DoRA, rsLoRA, over an
+NF4 base for QLoRA via ``model_setup.load_for_training``); full fine-tuning is refused.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ from typing import Any, Protocol
 import torch
 
 from gpu_worker import checkpoint as ckpt
-from gpu_worker.contract import AdapterManifest, AdapterType, CheckpointEvent, CompletedEvent, JobSpec, LogEvent, LRScheduler, MetricsEvent, StoppedEvent
+from gpu_worker.contract import AdapterManifest, AdapterType, CheckpointEvent, CompletedEvent, JobSpec, LogEvent, MetricsEvent, StoppedEvent
 from gpu_worker.data import DataPosition, epoch_batches, sequential_batches
 from gpu_worker.data_preference import Loaded
-from gpu_worker.loading import load_model, load_tokenizer
+from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes import RunContext
-from gpu_worker.recipes.model_setup import AdapterConfigError, apply_memory_mode_and_kernels, wrap_with_lora
+from gpu_worker.recipes import model_setup as ms
+from gpu_worker.recipes.sft import lr_at  # one learning-rate schedule for every recipe
 from gpu_worker.storage import delete_prefix, put_dir
 
 
@@ -67,21 +69,6 @@ class Objective(Protocol):
 
 
 # --- components --------------------------------------------------------------------------------------
-
-
-def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int, kind: LRScheduler = LRScheduler.linear) -> float:
-    """Learning rate of optimizer step ``step`` (1-based): linear warmup to ``peak`` at step
-    ``warmup_steps + 1``, then constant, linear decay or cosine decay; the decays end one step's worth
-    above zero (the linear one at ``peak / (total - warmup)``, as the SFT recipe), so every step learns."""
-    if step <= warmup_steps:
-        return peak * step / (warmup_steps + 1)
-    if kind == LRScheduler.constant:
-        return peak
-    decay_steps = total_steps - warmup_steps
-    done = (step - warmup_steps - 1) / decay_steps  # 0 at the first decay step, (d-1)/d at the last
-    if kind == LRScheduler.cosine:
-        return peak * 0.5 * (1 + math.cos(math.pi * done))
-    return peak * (1 - done)
 
 
 def token_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,8 +133,11 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
     # --- setup ---------------------------------------------------------------------------------------
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
-    if objective.uses_reference and spec.adapter.type == AdapterType.full:
-        raise AdapterConfigError(f"{objective.name} compares the model with its base (the adapter disabled): use a LoRA or DoRA adapter, not full fine-tuning")
+    if spec.adapter.type == AdapterType.full:
+        # The reference model is the adapter switched off, and checkpoints hold adapters: a full
+        # fine-tune would need a second copy of the weights and full-model checkpoints.
+        raise ms.AdapterConfigError(f"{objective.name} trains an adapter (lora or dora), not full fine-tuning")
+    ms.check_device_support(spec, ctx.device)  # NF4 without CUDA fails here, before any loading
     tokenizer = load_tokenizer(spec.base_model, data_dir=ctx.data_dir)  # data before weights: fail fast
     hp = spec.hyperparameters
     train_data = objective.load(ctx.store, tokenizer, spec.training_file_key, "training_file")
@@ -157,13 +147,12 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
             ctx.emit(LogEvent(message=f"Loaded {len(data.examples)} {what} examples ({objective.name})"))
             if data.truncated:
                 ctx.emit(LogEvent(level="warn", message=f"{data.truncated} {what} examples were longer than max_seq_length={hp.max_seq_length} tokens and were truncated"))
-    model = load_model(spec.base_model, data_dir=ctx.data_dir, device=ctx.device, dtype=spec.runtime.dtype)
-    model = wrap_with_lora(model, spec.adapter)
-    for message, level in apply_memory_mode_and_kernels(model, spec.runtime):
+    model = ms.load_for_training(spec, data_dir=ctx.data_dir, device=ctx.device)  # NF4 base if asked
+    for message, level in ms.apply_memory_mode_and_kernels(model, spec.runtime):
         ctx.emit(LogEvent(level=level, message=message))
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    optimizer = torch.optim.AdamW(ms.trainable_parameter_groups(model, hp.weight_decay), lr=hp.learning_rate)
     plan = _Plan.make(spec, len(train_data.examples))
 
     step, tokens, position, last_ckpt = 0, 0, DataPosition(), None
@@ -244,6 +233,7 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
                 valid_loss=valid_loss,
                 tokens_per_second=seen_tokens / elapsed,
                 grad_norm=grad_norm,
+                gpu_memory_gb=ms.cuda_peak_memory_gb(device),
                 eta_seconds=elapsed * (plan.total_steps - step),
             )
         )

@@ -30,7 +30,7 @@ FAILURE_CODE = "invalid_method_params"
 class MethodParamsError(ValueError):
     """``spec.method_params`` cannot be used; ``param`` names the field (dotted, from the spec)."""
 
-    code = FAILURE_CODE
+    code = failure_code = FAILURE_CODE  # failure_code: the convention of model_setup.UnsupportedOnDevice
 
     def __init__(self, message: str, *, param: str):
         super().__init__(f"{param}: {message}")

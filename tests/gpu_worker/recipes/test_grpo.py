@@ -85,9 +85,10 @@ def test_sampling_stops_at_the_end_of_turn_and_respects_the_length_limit(micro_m
     objective = GRPOObjective(_grpo_spec(make_spec, str(micro_model_dir), grpo_max_completion_length=6))
     prompts = list(objective.load(store, tokenizer, "p.jsonl", "training_file").examples)
     model = wrap_with_lora(load_model(str(micro_model_dir), data_dir=".", device="cpu"), AdapterConfig(rank=4))
-    with torch.no_grad():  # make the end-of-turn token likely, so some completions stop early
-        model.base_model.model.lm_head.weight[tokenizer.eos_token_id] *= 0
-        model.base_model.model.lm_head.bias = None
+    # Make the end-of-turn token likely (p ~ 1/3 a token), so that some completions stop early.
+    boost = torch.zeros(model.base_model.model.lm_head.out_features)
+    boost[tokenizer.eos_token_id] = 7.0
+    model.base_model.model.lm_head.register_forward_hook(lambda module, args, out: out + boost)
     torch.manual_seed(0)
     a = objective.sample(model, prompts, "cpu")
     torch.manual_seed(0)
@@ -96,6 +97,7 @@ def test_sampling_stops_at_the_end_of_turn_and_respects_the_length_limit(micro_m
     for c in a:
         assert tokenizer.eos_token_id not in c[:-1]  # nothing after the end of the turn
         assert len(c) == 6 or c[-1] == tokenizer.eos_token_id
+    assert any(len(c) < 6 for c in a)
     model.train()
     objective.sample(model, prompts, "cpu")
     assert model.training  # sampling runs without dropout and leaves the mode as it found it

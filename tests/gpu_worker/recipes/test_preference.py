@@ -189,11 +189,11 @@ def test_the_reference_is_the_base_model_with_the_adapter_off(micro_model_dir, s
     assert not torch.allclose(policy, expected, atol=1e-2)
 
 
-def test_reference_methods_refuse_full_fine_tuning_and_a_wrong_declared_format(micro_model_dir, store, write_jsonl, sentiment_rows, make_spec, tmp_path):
+def test_full_fine_tuning_and_a_wrong_declared_format_are_refused(micro_model_dir, store, write_jsonl, sentiment_rows, make_spec, tmp_path):
     from gpu_worker.recipes.model_setup import AdapterConfigError
 
     write_jsonl(store, "files/train.jsonl", preference_rows(sentiment_rows, 4))
-    with pytest.raises(AdapterConfigError, match="adapter disabled"):
+    with pytest.raises(AdapterConfigError, match="dpo trains an adapter"):
         run_job(make_spec(str(micro_model_dir), method="dpo", adapter={"type": "full"}), store, tmp_path)
     with pytest.raises(DataError, match="dpo trains on preference data, not kto"):
         run_job(make_spec(str(micro_model_dir), method="dpo", data={"format": "kto"}), store, tmp_path)
