@@ -138,6 +138,8 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
         # fine-tune would need a second copy of the weights and full-model checkpoints.
         raise ms.AdapterConfigError(f"{objective.name} trains an adapter (lora or dora), not full fine-tuning")
     ms.check_device_support(spec, ctx.device)  # NF4 without CUDA fails here, before any loading
+    for option in _unsupported_options(spec):
+        ctx.emit(LogEvent(level="warn", message=f"{option} is not supported by the {objective.name} recipe yet and is ignored"))
     tokenizer = load_tokenizer(spec.base_model, data_dir=ctx.data_dir)  # data before weights: fail fast
     hp = spec.hyperparameters
     train_data = objective.load(ctx.store, tokenizer, spec.training_file_key, "training_file")
@@ -244,6 +246,18 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
 
     # --- save ----------------------------------------------------------------------------------------
     return _finish(spec, ctx, model, step, tokens)
+
+
+def _unsupported_options(spec: JobSpec) -> list[str]:
+    """Job options only the SFT recipe implements so far: said out loud, never silently dropped."""
+    d, e = spec.data, spec.evaluation
+    named = {
+        "data.extra_training_files": bool(d.extra_training_files),
+        "data.validation_split": d.validation_split > 0,
+        "data.packing": d.packing,
+        "evaluation.early_stopping_patience": e.early_stopping_patience is not None,
+    }
+    return [name for name, asked in named.items() if asked]
 
 
 def _train_step(objective: Objective, model, micro_batches: list[list], device, should_stop):

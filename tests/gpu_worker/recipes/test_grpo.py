@@ -145,3 +145,27 @@ def test_resumed_grpo_run_samples_and_trains_like_the_uninterrupted_one(micro_mo
     assert resumed.method_metrics("completion_length") == full.method_metrics("completion_length")[2:]
     assert resumed.method_metrics("reward") == full.method_metrics("reward")[2:]
     assert isinstance(result, CompletedEvent) and result.steps == 6
+
+
+@pytest.mark.gpu
+def test_grpo_on_a_gpu_raises_the_mean_reward_with_kernels(builtin_data_dir, store, write_jsonl, make_spec):
+    import torch
+
+    from gpu_worker.builtin import TINY
+    from gpu_worker.data_preference import encode_prompt
+    from gpu_worker.loading import load_base_model
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, tok = load_base_model(TINY, data_dir=builtin_data_dir, device="cuda")
+    with torch.no_grad():
+        ids = torch.tensor([encode_prompt(tok, [{"role": "user", "content": "Say one word."}])], device="cuda")
+        target = tok.decode([model(ids).logits[0, -1].topk(2).indices[1].item()]).strip()
+    write_jsonl(store, "files/train.jsonl", [{"prompt": "Say one word.", "answer": target}] * 8)
+    spec = _grpo_spec(make_spec, TINY, grpo_num_generations=8, grpo_max_completion_length=1, grpo_temperature=0.3)
+    spec = spec.model_copy(update={"hyperparameters": spec.hyperparameters.model_copy(update={"n_epochs": 4}), "runtime": spec.runtime.model_copy(update={"use_kernels": True})})
+    rec = Recorder()
+    result = recipe_for(spec.method)(spec, RunContext(store=store, data_dir=builtin_data_dir, emit=rec, device="cuda"))
+    assert isinstance(result, CompletedEvent), rec.events[-3:]
+    rewards = rec.method_metrics("reward")
+    assert sum(rewards[-5:]) / 5 > max(0.8, rewards[0]), rewards

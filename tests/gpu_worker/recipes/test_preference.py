@@ -283,3 +283,36 @@ def test_trainer_process_runs_a_dpo_job_end_to_end(micro_model_dir, store, write
     done = events[-1]
     assert isinstance(done, CompletedEvent) and done.steps == 4 and done.manifest.files == ("adapter_config.json", "adapter_model.safetensors")
     assert sorted(store.list(done.manifest.key + "/")) == [f"{done.manifest.key}/{f}" for f in done.manifest.files]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", ["none", "nf4"], ids=["bf16", "qlora"])
+def test_dpo_on_a_gpu_learns_with_kernels_in_bf16_and_over_an_nf4_base(quantization, builtin_data_dir, store, write_jsonl, sentiment_rows, make_spec):
+    import torch
+
+    from gpu_worker.builtin import TINY
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    write_jsonl(store, "files/train.jsonl", preference_rows(sentiment_rows, 32))
+    write_jsonl(store, "files/valid.jsonl", preference_rows(sentiment_rows, 16, seed=1))
+    spec = _tiny_spec(make_spec, "dpo", quantization=quantization)
+    spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"use_kernels": True})})
+    rec = Recorder()
+    result = recipe_for(spec.method)(spec, RunContext(store=store, data_dir=builtin_data_dir, emit=rec, device="cuda"))
+    assert isinstance(result, CompletedEvent), rec.events[-3:]
+    valid = [m.valid_loss for m in rec.of(MetricsEvent) if m.valid_loss is not None]
+    assert valid[-1] < valid[0], valid
+    margins = rec.method_metrics("rewards/margins")
+    assert sum(margins[-4:]) / 4 > sum(margins[:4]) / 4, margins
+    assert all(m.gpu_memory_gb for m in rec.of(MetricsEvent))
+
+
+def test_options_the_recipe_lacks_are_reported_not_dropped(micro_model_dir, store, write_jsonl, sentiment_rows, make_spec, tmp_path):
+    write_jsonl(store, "files/train.jsonl", preference_rows(sentiment_rows, 4))
+    spec = make_spec(str(micro_model_dir), method="simpo", data={"packing": True, "validation_split": 0.2})
+    rec, result = run_job(spec, store, tmp_path)
+    warned = [e.message for e in rec.of(LogEvent) if e.level == "warn"]
+    assert "data.validation_split is not supported by the simpo recipe yet and is ignored" in warned
+    assert "data.packing is not supported by the simpo recipe yet and is ignored" in warned
+    assert isinstance(result, CompletedEvent)
