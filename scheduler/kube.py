@@ -51,7 +51,9 @@ class KubeSettings(BaseSettings):
     # Secrets are referenced by name; the manifest never holds their values.
     database_secret: str = "tuneforge-database"  # key "url" → TUNEFORGE_DATABASE_URL
     database_secret_key: str = "url"
-    storage_secret: str = "tuneforge-storage"  # envFrom: TUNEFORGE_STORAGE_URL, AWS_* ...
+    broker_secret: str | None = "tuneforge-redis"  # key "url" → TUNEFORGE_BROKER_URL (production settings need it)
+    broker_secret_key: str = "url"
+    storage_secret: str = "tuneforge-storage"  # envFrom: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...
     config_map: str = "tuneforge-config"  # envFrom: the non-secret settings
     backoff_limit: int = Field(1, ge=0)  # pod retries before Kubernetes marks the Job failed
     active_deadline_seconds: int = Field(3 * 24 * 3600, ge=60)
@@ -94,6 +96,8 @@ def build_job(job_id: str, org_id: str, plan: Plan, gpu: GpuClass, cfg: KubeSett
         client.V1EnvVar(name="TUNEFORGE_DATA_DIR", value="/scratch"),
         client.V1EnvVar(name="TUNEFORGE_DATABASE_URL", value_from=client.V1EnvVarSource(
             secret_key_ref=client.V1SecretKeySelector(name=cfg.database_secret, key=cfg.database_secret_key))),
+        *([client.V1EnvVar(name="TUNEFORGE_BROKER_URL", value_from=client.V1EnvVarSource(
+            secret_key_ref=client.V1SecretKeySelector(name=cfg.broker_secret, key=cfg.broker_secret_key)))] if cfg.broker_secret else []),
         client.V1EnvVar(name="POD_NAME", value_from=client.V1EnvVarSource(
             field_ref=client.V1ObjectFieldSelector(field_path="metadata.name"))),
     ]
