@@ -56,7 +56,7 @@ from gpu_worker.contract import (
     MetricsEvent,
     StoppedEvent,
 )
-from gpu_worker.data import DataPosition, Dataset, collate, epoch_batches, load_dataset
+from gpu_worker.data import DataPosition, Dataset, collate, epoch_batches, load_sft_data, token_counts, tokenizer_view
 from gpu_worker.integrations import Loggers
 from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes import RunContext
@@ -118,13 +118,12 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
     # Tokenizer and data before the weights: a bad file fails in seconds, not after a large download.
     tokenizer = load_tokenizer(spec.base_model, data_dir=ctx.data_dir)
     hp, evo = spec.hyperparameters, spec.evaluation
-    train = load_dataset(ctx.store, spec.training_file_key, tokenizer, hp.max_seq_length, param="training_file")
-    valid = None
-    if spec.validation_file_key:
-        valid = load_dataset(ctx.store, spec.validation_file_key, tokenizer, hp.max_seq_length, param="validation_file")
-    _report_data(ctx, "training", train, hp.max_seq_length)
-    if valid is not None:
-        _report_data(ctx, "validation", valid, hp.max_seq_length)
+    data = load_sft_data(ctx.store, spec, tokenizer)
+    train, valid = data.train, data.valid
+    for event in data.stats.log_events():
+        ctx.emit(event)
+    # Exports (full model folder, merged model, GGUF, Modelfile) carry the template trained with.
+    tokenizer.chat_template = tokenizer_view(tokenizer, spec.data.chat_template)[1]
     model = ms.load_for_training(spec, data_dir=ctx.data_dir, device=ctx.device)
     full = spec.adapter.type == AdapterType.full
     for message, level in ms.apply_memory_mode_and_kernels(model, spec.runtime):
@@ -134,7 +133,9 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(ms.trainable_parameter_groups(model, hp.weight_decay), lr=hp.learning_rate)
     plan = _Plan.make(spec, len(train.examples))
-    pairs = ev.answer_pairs(valid.examples, evo.max_exact_match_examples) if valid is not None and evo.exact_match else []
+    pairs = []
+    if valid is not None and evo.exact_match and _has_answers(spec, data.stats):
+        pairs = ev.answer_pairs(valid.examples, evo.max_exact_match_examples)
     best_key = f"{spec.output_prefix.rstrip('/')}/best"
     tracker = ev.BestTracker(evo.early_stopping_patience)
 
@@ -256,10 +257,10 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
 def _train_step(model, micro_batches, pad_id: int, device, should_stop) -> tuple[float, int, int] | None:
     """Forward and backward over one optimizer step's micro-batches; returns (mean token loss,
     trained tokens, non-padding tokens), or None if asked to stop before it finished."""
-    batches = [collate(m, pad_id) for m in micro_batches]
+    batches = [collate(m, pad_id) for m in micro_batches]  # packed rows are recognised by collate
     # Tokens that carry a loss after the causal shift: the first position of a row never does.
     n_trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    n_seen = sum(int(b["attention_mask"].sum()) for b in batches)
+    n_seen = sum(token_counts(m)[1] for m in micro_batches)
     total = 0.0
     for batch in batches:
         if should_stop():
@@ -310,12 +311,14 @@ def _gate(spec: JobSpec, ctx: RunContext, model, valid: Dataset | None, pairs, b
     return report
 
 
-def _report_data(ctx: RunContext, what: str, data: Dataset, max_len: int) -> None:
-    ctx.emit(LogEvent(message=f"Loaded {len(data.examples)} {what} examples"))
-    if data.truncated:
-        ctx.emit(LogEvent(level="warn", message=f"{data.truncated} {what} examples were longer than max_seq_length={max_len} tokens and were truncated"))
-    if data.dropped:
-        ctx.emit(LogEvent(level="warn", message=f"{data.dropped} {what} examples had no assistant token left after truncation and were skipped"))
+_ANSWER_FORMATS = frozenset({"chat", "sharegpt", "alpaca", "completion"})
+
+
+def _has_answers(spec: JobSpec, stats) -> bool:
+    """Exact match needs validation examples that end in an answer to a prompt the model does not
+    train on: chat-like or completion data, without ``train_on_inputs`` (raw text has no answer)."""
+    files = (stats.validation,) if stats.validation is not None else stats.files
+    return not spec.data.train_on_inputs and all(f.format in _ANSWER_FORMATS for f in files)
 
 
 def _check_resumable(spec: JobSpec, state: dict[str, Any], plan: _Plan) -> None:

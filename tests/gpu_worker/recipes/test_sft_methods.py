@@ -150,24 +150,32 @@ def test_qlora_on_a_cpu_fails_as_unsupported_on_device(files, micro_model_dir, m
     assert not _of(events, MetricsEvent)  # refused before anything was loaded or trained
 
 
-def test_continued_pretraining_on_raw_text_trains_every_token(files, micro_model_dir, make_spec, tmp_path, monkeypatch):
-    """Raw text: labels are the input ids (the data layer's job); the loop trains on all of them and
-    exact match has nothing to score."""
-    from array import array
-
-    from gpu_worker.data import Dataset, Example
+def test_continued_pretraining_on_raw_text_trains_every_token(store, write_jsonl, micro_model_dir, make_spec, tmp_path):
+    """Raw text ({"text"}): every token after the first carries a loss, and exact match has no
+    prompt to score."""
     from gpu_worker.loading import load_tokenizer
 
-    tok = load_tokenizer(str(micro_model_dir), data_dir=tmp_path)
     texts = ["one two three four five six seven eight nine ten"] * 8 + ["Monday Tuesday Wednesday Thursday Friday Saturday Sunday"] * 8
-    examples = tuple(Example(array("i", ids), array("i", ids)) for ids in (tok(t)["input_ids"] for t in texts))
-    monkeypatch.setattr(sft, "load_dataset", lambda *a, **k: Dataset(examples, 0, 0))
-    events, result = _run(_spec(make_spec, micro_model_dir, validation_file_key="files/valid.jsonl"), files, tmp_path)
+    write_jsonl(store, "files/train.jsonl", [{"text": t} for t in texts])
+    write_jsonl(store, "files/valid.jsonl", [{"text": t} for t in texts[::8]])
+    spec = _spec(make_spec, micro_model_dir, validation_file_key="files/valid.jsonl", data={"dedupe": False})
+    events, result = _run(spec, store, tmp_path)
     metrics = _of(events, MetricsEvent)
     assert _falls(_losses(events)), _losses(events)
-    assert metrics[-1].tokens == 4 * sum(len(e.input_ids) - 1 for e in examples)
+    tok = load_tokenizer(str(micro_model_dir), data_dir=tmp_path)
+    per_epoch = sum(len(tok(t)["input_ids"]) + 1 for t in texts)  # the text and its EOS, all trained
+    assert metrics[-1].tokens == 4 * per_epoch
     assert all(m.exact_match is None for m in metrics) and metrics[-1].valid_loss is not None
-    assert result.eval_report.tuned_exact_match is None
+    assert result.eval_report.tuned_exact_match is None and result.eval_report.passed
+
+
+def test_packed_rows_train_the_same_tokens(files, micro_model_dir, make_spec, tmp_path):
+    plain = _spec(make_spec, micro_model_dir, hyperparameters={"max_seq_length": 256})
+    packed = plain.model_copy(update={"data": plain.data.model_copy(update={"packing": True}), "output_prefix": "jobs/packed"})
+    a, _ = _run(plain, files, tmp_path)
+    b, _ = _run(packed, files, tmp_path)
+    assert _of(a, MetricsEvent)[-1].tokens == _of(b, MetricsEvent)[-1].tokens
+    assert len(_losses(b)) < len(_losses(a)) and _losses(b)[-1] < _losses(b)[0], _losses(b)
 
 
 # --- evaluation during training ----------------------------------------------------------------------
