@@ -183,6 +183,67 @@ def _tied_keys(model) -> set[str]:
     return set(tied if not isinstance(tied, dict) else tied.keys())
 
 
+def save_full_checkpoint(store, key: str, *, model, optimizer, rng: dict, state: dict, base_model: str) -> None:
+    """``checkpoint.save_checkpoint`` for full fine-tuning: the same folder layout, marker and
+    no-pickle rule, with the whole model (``model.safetensors`` + config) where an adapter would be.
+    (``checkpoint.py`` saves adapters only; a weights hook there would let this fold back in.)"""
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    from gpu_worker import checkpoint as ckpt
+    from gpu_worker.storage import delete_prefix, put_dir
+
+    if store.exists(f"{key}/{ckpt.MARKER}"):
+        store.delete(f"{key}/{ckpt.MARKER}")
+    delete_prefix(store, key)
+    with tempfile.TemporaryDirectory(prefix="tuneforge-ckpt-") as tmp:
+        out = Path(tmp)
+        save_trained(model, out, base_model=base_model)
+        opt_tensors, opt_meta = ckpt._optimizer_split(optimizer.state_dict())
+        save_file(opt_tensors, out / "optimizer.safetensors")
+        rng_tensors = {"torch": rng["torch"], **{f"cuda.{i}": s for i, s in enumerate(rng.get("cuda", []))}}
+        save_file({k: torch.as_tensor(v).contiguous() for k, v in rng_tensors.items()}, out / "rng.safetensors")
+        full_state = {**state, "optimizer": opt_meta, "python_rng": ckpt._python_rng_to_json(rng["python"])}
+        (out / ckpt.STATE_FILE).write_text(json.dumps(full_state, indent=1, sort_keys=True))
+        put_dir(store, out, key)
+    store.put_bytes(f"{key}/{ckpt.MARKER}", b"ok\n")
+
+
+def load_full_checkpoint(store, key: str, *, model, optimizer) -> tuple[dict, dict]:
+    """Counterpart of ``save_full_checkpoint``; returns ``(state, rng)`` like ``load_checkpoint``."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file
+
+    from gpu_worker import checkpoint as ckpt
+    from gpu_worker.storage import get_dir
+
+    key = key.rstrip("/")
+    if not ckpt.is_complete(store, key):
+        raise ckpt.CheckpointError(f"checkpoint {key!r} is missing or incomplete (no {ckpt.MARKER} marker)")
+    with tempfile.TemporaryDirectory(prefix="tuneforge-ckpt-") as tmp:
+        get_dir(store, key, tmp)
+        out = Path(tmp)
+        try:
+            state = json.loads((out / ckpt.STATE_FILE).read_text())
+            opt_tensors = load_file(out / "optimizer.safetensors")
+            rng_tensors = load_file(out / "rng.safetensors")
+            (out / "optimizer.safetensors").unlink()
+            (out / "rng.safetensors").unlink()
+            load_trained(model, out)
+        except (OSError, ValueError, KeyError, AdapterConfigError) as err:
+            raise ckpt.CheckpointError(f"checkpoint {key!r} is unreadable: {err}") from err
+    optimizer.load_state_dict(ckpt._optimizer_join(opt_tensors, state.pop("optimizer")))
+    cuda = [rng_tensors[k] for k in sorted((k for k in rng_tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    rng = {"python": ckpt._python_rng_from_json(state.pop("python_rng")), "torch": rng_tensors["torch"].to(torch.uint8)}
+    if cuda:
+        rng["cuda"] = cuda
+    return state, rng
+
+
 # --- kernels and memory mode -------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ with ``fail_on_regression`` raises ``EvalRegression`` instead, after saving.
 Stopping (``should_stop``, polled before every micro-batch): a half-done step is abandoned, the state
 of the last finished step is checkpointed, and a StoppedEvent returned. The random state saved with a
 checkpoint is the one at its step boundary, so a resumed run replays exactly the uninterrupted one.
-Full fine-tuning writes no intermediate checkpoints yet (``checkpoint.py`` stores adapters only).
+Full fine-tuning checkpoints hold the whole model (``model_setup.save_full_checkpoint``).
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
 
     step, tokens, position, last_ckpt = 0, 0, DataPosition(), None
     if spec.resume_from_key:
-        state, rng = ckpt.load_checkpoint(ctx.store, spec.resume_from_key, model=model, optimizer=optimizer)
+        load = ms.load_full_checkpoint if full else ckpt.load_checkpoint
+        state, rng = load(ctx.store, spec.resume_from_key, model=model, optimizer=optimizer)
         _check_resumable(spec, state, plan)
         step, tokens = state["step"], state["trained_tokens"]
         position = DataPosition.from_dict(state["data_position"])
@@ -151,15 +152,11 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
         ctx.emit(LogEvent(message=f"Resumed from checkpoint at step {step} of {plan.total_steps}"))
     else:
         delete_prefix(ctx.store, best_key)  # a best snapshot from an unrelated earlier attempt
-    if full:
-        ctx.emit(LogEvent(level="warn", message="Full fine-tuning writes no intermediate checkpoints yet: a stopped run restarts from step 0"))
     ctx.emit(LogEvent(message=f"Training {plan.total_steps} steps on {len(train.examples)} examples ({device}, {spec.adapter.type.value})"))
     workdir = Path(tempfile.mkdtemp(prefix="tuneforge-job-"))
     loggers = Loggers.open(spec, ctx.emit, workdir)
 
-    def save(at_step: int, rng: dict[str, Any], train_loss: float | None, valid_loss: float | None) -> str | None:
-        if full:
-            return None
+    def save(at_step: int, rng: dict[str, Any], train_loss: float | None, valid_loss: float | None) -> str:
         key = ckpt.checkpoint_key(spec.output_prefix, at_step)
         state = {
             "step": at_step,
@@ -172,7 +169,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
             "adapter": spec.adapter.model_dump(mode="json"),
             "job_id": spec.job_id,
         }
-        ckpt.save_checkpoint(ctx.store, key, model=model, optimizer=optimizer, rng=rng, state=state, base_model=spec.base_model)
+        (ms.save_full_checkpoint if full else ckpt.save_checkpoint)(ctx.store, key, model=model, optimizer=optimizer, rng=rng, state=state, base_model=spec.base_model)
         ctx.emit(CheckpointEvent(step=at_step, key=key, train_loss=train_loss, valid_loss=valid_loss))
         return key
 

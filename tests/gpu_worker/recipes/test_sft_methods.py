@@ -126,7 +126,24 @@ def test_full_fine_tuning_trains_every_weight_and_saves_a_full_model(files, micr
     base = load_model(str(micro_model_dir), data_dir=tmp_path, device="cpu").state_dict()
     # Every tensor moved, the embedding and norms too: nothing was frozen.
     assert set(tuned) == set(base) and all(not torch.equal(tuned[k], base[k]) for k in base)
-    assert not _of(events, CheckpointEvent) and any("no intermediate checkpoints" in e.message for e in _of(events, LogEvent))
+    assert [e.step for e in _of(events, CheckpointEvent)] == [16]
+
+
+def test_full_fine_tuning_resumes_like_the_uninterrupted_run(files, micro_model_dir, make_spec, tmp_path):
+    from gpu_worker.contract import StoppedEvent
+
+    spec = _spec(make_spec, micro_model_dir, adapter={"type": "full"}, hyperparameters={"learning_rate": 1e-3, "n_epochs": 2},
+                 validation_file_key="files/valid.jsonl", runtime={"checkpoint_every_steps": 3, "eval_every_steps": 2})
+    full, done = _run(spec, files, tmp_path)
+    first = []
+    cut = spec.model_copy(update={"output_prefix": "jobs/cut"})
+    stopped = run(cut, RunContext(files, tmp_path, first.append, lambda: len(_of(first, MetricsEvent)) >= 5, "cpu"))
+    assert isinstance(stopped, StoppedEvent) and stopped.step == 5 and stopped.checkpoint_key == "jobs/cut/checkpoints/step-000005"
+    resumed, result = _run(cut.model_copy(update={"resume_from_key": stopped.checkpoint_key}), files, tmp_path)
+    assert _losses(first) + _losses(resumed) == _losses(full)
+    assert [m.valid_loss for m in _of(resumed, MetricsEvent)] == [m.valid_loss for m in _of(full, MetricsEvent)][5:]
+    assert files.get_bytes("jobs/cut/model/model.safetensors") == files.get_bytes("jobs/ftjob-test/model/model.safetensors")
+    assert result.best_step == done.best_step
 
 
 def test_weight_decay_applies_to_matrices_only():
