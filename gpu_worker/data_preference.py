@@ -1,7 +1,7 @@
 """Preference, KTO and prompt-only data: JSONL rows to token ids, and batches of prompt + completion.
 
-Rows (line validation is ``validation.py``'s; this module re-checks only what it needs to read a row
-and names the line when it cannot):
+Rows (each is first checked with ``validation.CHECKS``, the rules the API applied at upload; this
+module then re-checks what it needs to read a row, naming the line when it cannot):
 
 - preference (DPO/IPO/ORPO/SimPO): OpenAI's ``{"input": {"messages": [...]}, "preferred_output":
   [assistant message], "non_preferred_output": [assistant message]}``, or ``{"prompt", "chosen",
@@ -192,8 +192,12 @@ def load_examples(store: ObjectStore, key: str, tokenizer, fmt: DataFormat, *, m
     """Read and tokenize a whole preference / KTO / prompt file. ``max_prompt_length`` applies to
     prompt files (GRPO: room must be left for the completion); ``required_fields`` are row fields
     each prompt row must have (the rewards' references). Raises ``DataError``."""
+    from gpu_worker.validation import CHECKS  # the platform's rules, the same the API applied at upload
+
     examples, truncated = [], 0
     for n, obj in _rows(store, key, param=param):
+        if (reason := CHECKS[fmt](obj)) is not None:
+            raise DataError(reason, param=param, line=n)
         try:
             if fmt == DataFormat.preference:
                 messages, chosen, rejected = parse_preference(obj, param=param, line=n)

@@ -38,9 +38,9 @@ def test_prompt_rows_keep_their_fields_and_chat_rows_their_answer(store, write_j
 @pytest.mark.parametrize(
     "row, words",
     [
-        ({"question": "2+2?", "answer": "4"}, "needs 'prompt' or 'messages'"),
+        ({"question": "2+2?", "answer": "4"}, "missing 'prompt' (or 'messages')"),
         ({"prompt": "2+2?"}, "missing field 'answer' that the exact_match reward compares with"),
-        ({"messages": [{"role": "assistant", "content": "4"}]}, "must end with a user"),
+        ({"messages": [{"role": "assistant", "content": "4"}]}, "must not end with an assistant message"),
     ],
 )
 def test_bad_prompt_rows_name_their_line(store, write_jsonl, tokenizer, row, words):

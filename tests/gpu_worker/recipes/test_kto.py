@@ -31,9 +31,9 @@ def tokenizer():
 @pytest.mark.parametrize(
     "row, words",
     [
-        ({"prompt": "q", "completion": "a"}, "missing label"),
+        ({"prompt": "q", "completion": "a"}, "missing 'label'"),
         ({"prompt": "q", "completion": "a", "label": 1}, "'label' must be true"),
-        ({"prompt": "q", "completion": 5, "label": True}, "completion must be a string"),
+        ({"prompt": "q", "completion": 5, "label": True}, "'completion' must be a string"),
     ],
 )
 def test_bad_kto_rows_name_their_line(store, write_jsonl, tokenizer, row, words):

@@ -101,13 +101,13 @@ def test_long_pairs_keep_the_prompts_end_and_the_answers_start(store, write_json
 @pytest.mark.parametrize(
     "line, words",
     [
-        ('{"prompt": "q", "chosen": "a"}', "prompt/chosen/rejected"),
+        ('{"prompt": "q", "chosen": "a"}', "missing 'rejected'"),
         ('{"prompt": "q", "chosen": "a", "rejected": "a"}', "identical"),
-        ('{"prompt": [], "chosen": "a", "rejected": "b"}', "prompt must be a string or a non-empty list"),
-        ('{"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}', "prompt[0] must be a message"),
-        ('{"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}', "chosen must be a string or a list of exactly one assistant"),
+        ('{"prompt": [], "chosen": "a", "rejected": "b"}', "'prompt' is empty"),
+        ('{"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}', "unknown role 'robot'"),
+        ('{"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}', "must be the assistant's"),
         ('{"input": "q", "preferred_output": [], "non_preferred_output": []}', "'input' must be an object"),
-        ('{"input": {"messages": [{"role": "user", "content": "q"}]}, "preferred_output": "a", "non_preferred_output": 3}', "non_preferred_output must be"),
+        ('{"input": {"messages": [{"role": "user", "content": "q"}]}, "preferred_output": "a", "non_preferred_output": 3}', "'non_preferred_output' must be a string"),
         ("[1, 2]", "JSON object"),
         ('{"prompt": "q", ', "invalid JSON"),
     ],
