@@ -185,8 +185,10 @@ class MemoryEstimate:
         return self.total / GB
 
 
-def uses_kernels(spec: JobSpec, facts: ModelFacts) -> bool:
-    return spec.runtime.use_kernels and facts.architecture in KERNEL_ARCHITECTURES
+def uses_kernels(spec: JobSpec, facts: ModelFacts, zero_stage: int | None = None) -> bool:
+    """Whether the job trains through the Triton kernels: the single-GPU worker patches the supported
+    architectures; the DeepSpeed worker is planned as the stock HF path (the conservative case)."""
+    return spec.runtime.use_kernels and facts.architecture in KERNEL_ARCHITECTURES and zero_stage is None
 
 
 def trainable_params(spec: JobSpec, facts: ModelFacts) -> int:
@@ -237,7 +239,7 @@ def _logits_bytes(spec, facts, tokens, kernels) -> float:
 def estimate_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> MemoryEstimate:
     n = layout.gpu_count
     e = _compute_bytes(spec)
-    kernels = uses_kernels(spec, facts)
+    kernels = uses_kernels(spec, facts, layout.zero_stage)
     full = spec.adapter.type == AdapterType.full
     other = facts.params - facts.layer_linear_params
     if spec.quantization == Quantization.nf4:
@@ -349,7 +351,7 @@ class Throughput:
 
 def estimate_throughput(spec: JobSpec, facts: ModelFacts, memory_mode: str, peak_tflops: float, gpu_count: int,
                         zero_stage: int | None, offload: bool, measurements: tuple[Measured, ...]) -> Throughput:
-    kernels = uses_kernels(spec, facts)
+    kernels = uses_kernels(spec, facts, zero_stage)
     quant = spec.quantization.value
     candidates = [m for m in measurements if m.quant == quant and m.memory_mode == memory_mode and m.kernels == kernels]
     if candidates:

@@ -102,14 +102,13 @@ def _deepspeed_candidates(spec, facts, gpu: GpuClass):
     full = spec.adapter.type == AdapterType.full
     for count in (c for c in GPU_COUNTS if c <= gpu.gpus_per_node):
         if full:
+            # the smallest GPU count wins; at a count, host offload only when nothing else fits
             yield count, 3, False
+            yield count, 3, True
         else:
             yield count, 2, False
             if spec.quantization == Quantization.none:  # bitsandbytes 4-bit weights are not sharded by ZeRO-3
                 yield count, 3, False
-    if full:
-        for count in (c for c in GPU_COUNTS if c <= gpu.gpus_per_node):
-            yield count, 3, True
 
 
 def _plan(spec, facts, gpu, kind, layout, est, reasons) -> Plan:
@@ -125,7 +124,7 @@ def _plan(spec, facts, gpu, kind, layout, est, reasons) -> Plan:
         queue=gpu.queue(kind), worker_kind=kind, reasons=tuple(reasons), gpu_class=gpu.name, gpu_count=layout.gpu_count,
         zero_stage=layout.zero_stage, offload=layout.offload, quantization=spec.quantization.value,
         memory_mode=layout.memory_mode, micro_batch_size=layout.micro_batch,
-        gradient_accumulation_steps=max(1, effective // per_gpu_micro), uses_kernels=uses_kernels(spec, facts),
+        gradient_accumulation_steps=max(1, effective // per_gpu_micro), uses_kernels=uses_kernels(spec, facts, layout.zero_stage),
         memory_gb=round(est.gb, 2), memory_parts_gb=tuple((k, round(v / GB, 2)) for k, v in est.parts.items()),
     )
 
@@ -174,8 +173,8 @@ def route(spec: JobSpec, model_facts: ModelFacts | None = None, fleet: Fleet | N
         gpu, hit, count, zero, offload = best
         stage = f"ZeRO-{zero}" + (" with optimizer offload to host memory" if offload else "")
         detail = "frozen weights replicated, adapter states sharded" if zero == 2 else "weights, gradients and optimizer states sharded"
-        return _plan(spec, facts, gpu, "multi-gpu", *hit, base + [why, f"{stage} on {count}×{gpu.label}: {detail}",
-                                                                  _path_reason(spec, facts) if not uses_kernels(spec, facts) else "DeepSpeed worker (stock HF modules)"])
+        path = "DeepSpeed worker: stock HF modules" + ("" if uses_kernels(spec, facts) else f" ({_path_reason(spec, facts)})")
+        return _plan(spec, facts, gpu, "multi-gpu", *hit, base + [why, f"{stage} on {count}×{gpu.label}: {detail}", path])
     raise Unplaceable(_refusal(spec, facts, fleet))
 
 

@@ -36,10 +36,11 @@ TABLE = [
     ("8B LoRA: smallest GPU that fits, with checkpointing", spec(), FLEET, ("single-gpu", "l4", 1, None, False, "checkpointing")),
     ("8B QLoRA fits 24 GB without checkpointing", spec(quant="nf4"), FLEET, ("single-gpu", "l4", 1, None, False, "off")),
     ("8B LoRA, kernels off: stock path still single GPU", spec(kernels=False), FLEET, ("single-gpu", "l4", 1, None, False, "checkpointing")),
-    ("8B full FT: DeepSpeed ZeRO-3, fewest H100s", spec(adapter="full"), FLEET, ("multi-gpu", "h100", 2, 3, False, "checkpointing")),
+    # one H100 with the optimizer states in host memory beats two without: fewest GPUs first
+    ("8B full FT: DeepSpeed ZeRO-3, fewest H100s", spec(adapter="full"), FLEET, ("multi-gpu", "h100", 1, 3, True, "off")),
     ("70B LoRA: weights do not fit one GPU → ZeRO-3", spec(L70), FLEET, ("multi-gpu", "h100", 4, 3, False, "checkpointing")),
     ("70B QLoRA fits one H100", spec(L70, quant="nf4"), FLEET, ("single-gpu", "h100", 1, None, False, "checkpointing")),
-    ("70B full FT needs optimizer offload", spec(L70, adapter="full"), FLEET, ("multi-gpu", "h100", 4, 3, True, "offload")),
+    ("70B full FT needs 8 GPUs and optimizer offload", spec(L70, adapter="full"), FLEET, ("multi-gpu", "h100", 8, 3, True, "checkpointing")),
     ("unsupported arch trains on the stock path", spec(GEMMA), FLEET, ("single-gpu", "h100", 1, None, False, "off")),
     ("a requested memory mode is kept", spec("tuneforge-tiny", mode="offload"), FLEET, ("single-gpu", "l4", 1, None, False, "offload")),
 ]
@@ -89,8 +90,8 @@ def test_plan_keeps_the_effective_batch(batch, accum):
 
 
 @pytest.mark.parametrize("job,fleet,needs", [
-    (spec(adapter="full"), SMALL, ["needs 8×24 GB or 2×80 GB", "fleet has 1×24 GB (l4)", "try LoRA", "try QLoRA"]),
-    (spec(L70), SMALL, ["needs 8×24 GB or 4×80 GB", "fleet has 1×24 GB (l4)"]),
+    (spec(adapter="full"), SMALL, ["needs 2×24 GB or 1×80 GB", "fleet has 1×24 GB (l4)", "try LoRA", "try QLoRA"]),
+    (spec(L70), SMALL, ["needs 16×24 GB or 4×80 GB", "fleet has 1×24 GB (l4)"]),
     (spec(L70, quant="nf4"), SMALL, ["needs 1×80 GB", "fleet has 1×24 GB (l4)"]),
 ])
 def test_unplaceable_says_what_would_fit(job, fleet, needs):

@@ -1,0 +1,114 @@
+"""Estimating a fine-tuning job before creating it: the same request body as job creation, resolved
+into the same job spec, planned by the scheduler's router against the fleet, with trained tokens,
+time, GPU-hours and price. Nothing is written. ``placement`` is also what job creation calls to
+refuse a job that fits nowhere (400, param ``model``)."""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.errors import InvalidRequest
+from api.schemas import JobCreate
+from api.services import jobs
+from api.settings import ApiSettings
+from gpu_worker.contract import JobSpec
+from scheduler.estimator import UnknownModel
+from scheduler.fleet import Fleet
+from scheduler.models import File, new_id
+from scheduler.routing import JobEstimate, Plan, Unplaceable, estimate_job, route
+from scheduler.tenancy import Principal
+
+# Tokens are estimated from file size: about 4 bytes of English text per token, and the JSONL's keys
+# and punctuation count as text here, so this overestimates tokens (and time and price), never under.
+BYTES_PER_TOKEN = 4
+
+
+class PlanPublic(BaseModel):
+    worker_kind: str
+    gpu_class: str | None
+    gpu_count: int
+    zero_stage: int | None
+    cpu_offload: bool
+    quantization: str
+    memory_mode: str
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    uses_kernels: bool
+    predicted_memory_gb: float | None
+    memory_breakdown_gb: dict[str, float]
+    reasons: list[str]
+
+
+class EstimatePublic(BaseModel):
+    object: str = "fine_tuning.job.estimate"
+    model: str
+    plan: PlanPublic
+    estimated_tokens: int  # trained tokens, all epochs
+    tokens_per_second: float
+    estimated_seconds: int
+    gpu_hours: float
+    estimated_price: float  # in the currency of the fleet's price_per_gpu_hour
+    throughput_source: str
+
+
+def plan_public(plan: Plan) -> PlanPublic:
+    return PlanPublic(
+        worker_kind=plan.worker_kind, gpu_class=plan.gpu_class, gpu_count=plan.gpu_count, zero_stage=plan.zero_stage,
+        cpu_offload=plan.offload, quantization=plan.quantization, memory_mode=plan.memory_mode,
+        micro_batch_size=plan.micro_batch_size, gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        uses_kernels=plan.uses_kernels, predicted_memory_gb=plan.memory_gb, memory_breakdown_gb=dict(plan.memory_parts_gb),
+        reasons=list(plan.reasons),
+    )
+
+
+def placement(spec: JobSpec, fleet: Fleet) -> Plan:
+    """The plan for a job about to be created; a job that fits nowhere is a 400 saying what would."""
+    try:
+        return route(spec, None, fleet)
+    except Unplaceable as e:
+        raise InvalidRequest(f"This job does not fit the platform's GPUs: {e}.", param="model", code="unplaceable") from None
+
+
+def estimated_tokens(spec: JobSpec, files: list[File]) -> int:
+    """Trained tokens over all epochs: file bytes / BYTES_PER_TOKEN, at most max_seq_length per example."""
+    per_epoch = 0
+    for f in files:
+        cap = f.examples * spec.hyperparameters.max_seq_length if f.examples else math.inf
+        per_epoch += int(min(math.ceil(f.bytes / BYTES_PER_TOKEN), cap))
+    return per_epoch * spec.hyperparameters.n_epochs
+
+
+def _org_file(session: Session, principal: Principal, file_id: str, param: str) -> File:
+    row = session.scalar(select(File).where(File.id == file_id, File.org_id == principal.org_id))
+    if row is None:
+        raise InvalidRequest(f"Invalid file ID {file_id!r}: no such file.", param=param, code="invalid_file")
+    return row
+
+
+def estimate(session: Session, settings: ApiSettings, principal: Principal, body: JobCreate, fleet: Fleet) -> EstimatePublic:
+    if body.model not in settings.base_models:
+        raise InvalidRequest(
+            f"Model {body.model!r} is not available for fine-tuning. Available: {', '.join(settings.base_models)}.",
+            param="model", code="model_not_available",
+        )
+    training = _org_file(session, principal, body.training_file, "training_file")
+    validation = _org_file(session, principal, body.validation_file, "validation_file") if body.validation_file else None
+    # The same resolution as creation (purpose and format checks, auto hyperparameters), so the
+    # estimate describes the job that creating it would run.
+    spec, _ = jobs.build_spec(session, principal, body, new_id("ftjob-"), body.seed or 0, training, validation)
+    extra_keys = {t.key for t in spec.data.extra_training_files}
+    extra = list(session.scalars(select(File).where(File.org_id == principal.org_id, File.storage_key.in_(extra_keys)))) if extra_keys else []
+    placement(spec, fleet)
+    try:
+        est: JobEstimate = estimate_job(spec, estimated_tokens(spec, [training, *extra]), fleet)
+    except UnknownModel as e:
+        raise InvalidRequest(f"Cannot estimate {body.model!r}: {e}.", param="model", code="model_not_estimable") from None
+    return EstimatePublic(
+        model=body.model, plan=plan_public(est.plan), estimated_tokens=est.tokens,
+        tokens_per_second=round(est.tokens_per_second, 1), estimated_seconds=math.ceil(est.seconds),
+        gpu_hours=round(est.gpu_hours, 4), estimated_price=round(est.price, 4), throughput_source=est.throughput_source,
+    )

@@ -1,0 +1,99 @@
+"""POST /v1/fine_tuning/jobs/estimate through the stock openai SDK: the same body as job creation,
+the plan the router makes for the app's fleet, tokens/time/GPU-hours/price consistent with each
+other, nothing created; a job that fits nowhere is a 400 naming what would fit."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from sqlalchemy import func, select
+
+from api.services.estimates import BYTES_PER_TOKEN
+from scheduler.fleet import parse_fleet
+from scheduler.models import File, Job
+
+from tests.api.conftest import chat_line
+
+FLEET = parse_fleet({"classes": [
+    {"name": "l4", "memory_gb": 24, "nodes": 2, "bf16_tflops": 121, "price_per_gpu_hour": 0.8},
+    {"name": "h100", "memory_gb": 80, "gpus_per_node": 8, "bf16_tflops": 767, "price_per_gpu_hour": 2.5},
+]})
+SMALL = parse_fleet({"classes": [{"name": "t4", "memory_gb": 16, "price_per_gpu_hour": 0.35}]})
+LLAMA_1B = "meta-llama/Llama-3.2-1B"
+
+
+@pytest.fixture
+def fleet(app):
+    app.state.fleet = FLEET
+    return FLEET
+
+
+def _estimate(client: openai.OpenAI, **body) -> dict:
+    return client.post("/fine_tuning/jobs/estimate", body=body, cast_to=object)
+
+
+def _hp(**hp) -> dict:
+    return {"type": "supervised", "supervised": {"hyperparameters": hp}}
+
+
+def test_estimate_returns_plan_tokens_time_and_price_and_creates_nothing(client_a, upload, fleet, db_session):
+    file_id = upload(b"".join(json.dumps(chat_line(f"question {i}", f"answer {i}")).encode() + b"\n" for i in range(40)))
+    jobs_before = db_session.scalar(select(func.count()).select_from(Job))
+    est = _estimate(client_a, model=LLAMA_1B, training_file=file_id, method=_hp(n_epochs=3, batch_size=8))
+    assert db_session.scalar(select(func.count()).select_from(Job)) == jobs_before
+    plan = est["plan"]
+    assert (est["object"], est["model"]) == ("fine_tuning.job.estimate", LLAMA_1B)
+    assert (plan["worker_kind"], plan["gpu_class"], plan["gpu_count"], plan["zero_stage"]) == ("single-gpu", "l4", 1, None)
+    assert plan["uses_kernels"] and any("supported by the Triton kernels" in r for r in plan["reasons"])
+    assert plan["micro_batch_size"] * plan["gradient_accumulation_steps"] == 8
+    assert plan["predicted_memory_gb"] == pytest.approx(sum(plan["memory_breakdown_gb"].values()), abs=0.05)
+    size = db_session.get(File, file_id).bytes
+    assert est["estimated_tokens"] == 3 * -(-size // BYTES_PER_TOKEN)
+    assert est["estimated_seconds"] == pytest.approx(est["estimated_tokens"] / est["tokens_per_second"], abs=1)
+    hours = est["estimated_tokens"] / est["tokens_per_second"] / 3600
+    assert est["gpu_hours"] == pytest.approx(hours, rel=0.01, abs=1e-4)
+    assert est["estimated_price"] == pytest.approx(hours * 0.8, rel=0.01, abs=1e-4)
+
+
+def test_full_fine_tuning_is_planned_on_deepspeed(client_a, upload, fleet):
+    est = _estimate(client_a, model=LLAMA_1B, training_file=upload(), method=_hp(adapter_type="full", batch_size=4))
+    plan = est["plan"]
+    assert (plan["worker_kind"], plan["zero_stage"]) == ("multi-gpu", 3)
+    hours = est["estimated_tokens"] / est["tokens_per_second"] / 3600
+    assert est["gpu_hours"] == pytest.approx(hours * plan["gpu_count"], rel=0.01, abs=1e-4)
+    assert not plan["uses_kernels"] and any("stock HF modules" in r for r in plan["reasons"])
+
+
+def test_a_job_that_fits_nowhere_is_a_400_saying_what_would(client_a, upload, app):
+    app.state.fleet = SMALL
+    with pytest.raises(openai.BadRequestError) as e:
+        _estimate(client_a, model=LLAMA_1B, training_file=upload(), method=_hp(adapter_type="full", batch_size=8, max_seq_length=8192))
+    err = e.value.body
+    assert (err["param"], err["code"]) == ("model", "unplaceable")
+    assert "needs" in err["message"] and "fleet has 1×16 GB (t4)" in err["message"] and "try LoRA" in err["message"]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": "acme/unknown"}, "model"),
+    ({"training_file": "file-doesnotexist"}, "training_file"),
+    ({"method": _hp(batch_size=0)}, "method.supervised.hyperparameters.batch_size"),
+])
+def test_bad_input_names_the_field(client_a, upload, fleet, body, param):
+    request = {"model": LLAMA_1B, "training_file": upload(), **body}
+    with pytest.raises(openai.BadRequestError) as e:
+        _estimate(client_a, **request)
+    assert e.value.body["param"] == param
+
+
+def test_another_orgs_file_reads_as_missing(client_a, sdk, make_org, fleet):
+    other = sdk(make_org("org-b")[1])
+    theirs = other.files.create(file=("t.jsonl", b"".join(json.dumps(chat_line()).encode() + b"\n" for _ in range(10))), purpose="fine-tune").id
+    with pytest.raises(openai.BadRequestError) as e:
+        _estimate(client_a, model=LLAMA_1B, training_file=theirs)
+    assert e.value.body["param"] == "training_file"
+
+
+def test_estimate_needs_a_key(http, fleet):
+    assert http.post("/v1/fine_tuning/jobs/estimate", json={"model": LLAMA_1B, "training_file": "file-x"}).status_code == 401
