@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -190,8 +191,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
             optimizer.zero_grad(set_to_none=True)
             if step and last_ckpt != ckpt.checkpoint_key(spec.output_prefix, step):
                 last_ckpt = save(step, rng_at_step_start, train_loss, valid_loss)
-            loggers.close(ctx.store, spec.output_prefix)
-            return _stopped(ctx, step, last_ckpt)
+            return _stopped(ctx, step, last_ckpt, loggers, spec.output_prefix, workdir)
         step_loss, step_tokens, seen_tokens = result
         grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm).item()
         lr = lr_at(step + 1, peak=hp.learning_rate, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps, kind=hp.lr_scheduler)
@@ -208,7 +208,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
             valid_loss = ev.valid_loss(model, valid.examples, batch_size=plan.batch_size, pad_id=pad_id, device=device)
             exact = ev.exact_match(model, pairs, pad_id=pad_id, eos_id=eos_id, device=device)
             if tracker.update(step, valid_loss) and evo.keep_best:
-                _save_best(ctx, model, spec, best_key, tokenizer)
+                _save_best(ctx, model, spec, best_key)
         per_step = (time.perf_counter() - run_started) / (step - run_first_step)
         metrics = MetricsEvent(
             step=step,
@@ -235,8 +235,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
         if ctx.should_stop() and step < plan.total_steps:
             if last_ckpt != ckpt.checkpoint_key(spec.output_prefix, step):
                 last_ckpt = save(step, ckpt.capture_rng(), train_loss, valid_loss)
-            loggers.close(ctx.store, spec.output_prefix)
-            return _stopped(ctx, step, last_ckpt)
+            return _stopped(ctx, step, last_ckpt, loggers, spec.output_prefix, workdir)
 
     # --- save ----------------------------------------------------------------------------------------
     best_step = None
@@ -271,7 +270,7 @@ def _train_step(model, micro_batches, pad_id: int, device, should_stop) -> tuple
     return total, n_trained, n_seen
 
 
-def _save_best(ctx: RunContext, model, spec: JobSpec, key: str, tokenizer) -> None:
+def _save_best(ctx: RunContext, model, spec: JobSpec, key: str) -> None:
     delete_prefix(ctx.store, key)
     with tempfile.TemporaryDirectory(prefix="tuneforge-best-") as tmp:
         ms.save_trained(model, Path(tmp), base_model=spec.base_model)
@@ -325,15 +324,15 @@ def _check_resumable(spec: JobSpec, state: dict[str, Any], plan: _Plan) -> None:
         raise ckpt.CheckpointError(f"checkpoint {spec.resume_from_key!r} was made for another data set or hyperparameters")
 
 
-def _stopped(ctx: RunContext, step: int, key: str | None) -> StoppedEvent:
+def _stopped(ctx: RunContext, step: int, key: str | None, loggers: Loggers, output_prefix: str, workdir: Path) -> StoppedEvent:
+    loggers.close(ctx.store, output_prefix)  # what was logged so far is uploaded; the resumed run logs on
+    shutil.rmtree(workdir, ignore_errors=True)
     event = StoppedEvent(step=step, checkpoint_key=key)
     ctx.emit(event)
     return event
 
 
 def _finish(spec: JobSpec, ctx: RunContext, model, tokenizer, step: int, tokens: int, report, best_step, loggers: Loggers, workdir: Path) -> CompletedEvent:
-    import shutil
-
     full = not ms.is_peft(model)
     prefix = f"{spec.output_prefix.rstrip('/')}/{'model' if full else 'adapter'}"
     delete_prefix(ctx.store, prefix)

@@ -73,7 +73,6 @@ def test_mlflow_file_store_records_params_and_metric_history(job, tmp_path):
     assert not _warnings(events)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not _installed("wandb"), reason="wandb is not installed (pip install wandb)")
 def test_wandb_runs_offline_without_an_api_key_and_uploads_the_run(job, store, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
