@@ -49,7 +49,7 @@ class Limits:
     def from_settings(cls, settings) -> "Limits":
         # Read leniently: the scheduler's Settings gains these fields in its own module.
         return cls(
-            max_running_per_org=getattr(settings, "max_running_per_org", None),
+            max_running_per_org=getattr(settings, "max_running_per_org", None) or None,  # 0: no limit
             per_org=dict(getattr(settings, "org_concurrency_limits", None) or {}),
             org_priority=dict(getattr(settings, "org_priorities", None) or {}),
         )
