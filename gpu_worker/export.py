@@ -3,7 +3,7 @@
 - Merged: LoRA/DoRA folded into the base weights (``merge_and_unload``), saved in bfloat16 with the
   tokenizer as a standard transformers folder. QLoRA: the 4-bit base is dequantized first (the adapter
   learned against the dequantized weights, not the original 16-bit ones), then merged.
-- GGUF (Llama-architecture models with a byte-level BPE tokenizer): ``f16`` and ``q8_0`` are written
+- GGUF (Llama-architecture models, plain or Llama-3.1 RoPE scaling, with a byte-level BPE tokenizer): ``f16`` and ``q8_0`` are written
   with the ``gguf`` package (``gguf.quants`` quantizes Q8_0; a tensor whose rows do not split into
   32-wide blocks stays f16, as llama.cpp's own converter does); ``q4_k_m`` needs k-quants, which
   gguf-py cannot produce, so it is made from the f16 file by llama.cpp's quantizer
@@ -22,6 +22,7 @@ model: merging mutates it in place rather than holding a second copy of the weig
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from gpu_worker.contract import Artifact, GGUFType, JobSpec, LogEvent, Quantization
@@ -194,8 +195,7 @@ def write_gguf(model, tokenizer, hf_folder: Path, path: Path, qtype: GGUFType) -
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     rope = getattr(cfg, "rope_parameters", None) or {}
     rope_theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    if rope.get("rope_type", "default") != "default":
-        raise ExportError(f"RoPE scaling {rope.get('rope_type')!r} is not exported yet")
+    rope_factors = _llama3_rope_factors(rope, head_dim, float(rope_theta))
 
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(Path(str(getattr(cfg, "_name_or_path", "") or "model")).name)
@@ -235,11 +235,39 @@ def write_gguf(model, tokenizer, hf_folder: Path, path: Path, qtype: GGUFType) -
         elif hf_name.endswith("k_proj.weight"):
             data = _permute(data, n_head, n_kv)
         _add_tensor(writer, name, np.ascontiguousarray(data), qtype)
+    if rope_factors is not None:
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_factors)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _llama3_rope_factors(rope: dict, head_dim: int, theta: float):
+    """None for plain RoPE; for Llama 3.1-style scaling, the per-frequency divisors llama.cpp reads
+    from a ``rope_freqs`` tensor (transformers' ``_compute_llama3_parameters``: high frequencies
+    kept, low ones divided by ``factor``, a smooth blend between)."""
+    import numpy as np
+
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ExportError(f"RoPE scaling {kind!r} is not exported to GGUF yet")
+    factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope["original_max_position_embeddings"]
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factors = []
+    for wavelen in 2 * math.pi / freqs:
+        if wavelen < old_ctx / high:
+            factors.append(1.0)
+        elif wavelen > old_ctx / low:
+            factors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
 
 
 def _add_tensor(writer, name: str, data, qtype: GGUFType) -> None:

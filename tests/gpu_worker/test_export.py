@@ -162,6 +162,31 @@ def test_llama_cpp_tokenizes_like_the_hf_tokenizer(micro, tmp_path):
 
 
 @needs_llama_cpp
+def test_llama3_rope_scaling_survives_the_conversion(micro_model_dir, tmp_path, monkeypatch):
+    """Llama 3.1-style RoPE scaling, with an original context so short that most frequencies are
+    rescaled: without the rope_freqs tensor llama.cpp would compute different logits."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(micro_model_dir)
+    config = LlamaConfig.from_pretrained(micro_model_dir)
+    config.rope_parameters = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = LlamaForCausalLM(config).eval()
+    ex.save_merged(model, tok, tmp_path / "m", base_model="b")
+    path = ex.write_gguf(model, tok, tmp_path / "m", tmp_path / "x.gguf", GGUFType.f16)
+    factors = ex._llama3_rope_factors(config.rope_parameters, 16, 10000.0)
+    assert factors[0] == 1.0 and factors[-1] == 8.0  # the fastest frequency kept, the slowest divided
+    prompts = [list(range(5, 45)), list(range(300, 330))]  # long enough for RoPE to matter
+    with_factors = ex.verify_gguf(path, model, prompts)["agreement"]
+    # The negative control: the same file without rope_freqs disagrees with the HF model.
+    monkeypatch.setattr(ex, "_llama3_rope_factors", lambda *a: None)
+    without = ex.verify_gguf(ex.write_gguf(model, tok, tmp_path / "m", tmp_path / "plain.gguf", GGUFType.f16), model, prompts)["agreement"]
+    assert with_factors >= 0.95 and without < with_factors, (with_factors, without)
+
+
+@needs_llama_cpp
 def test_job_exports_merged_gguf_and_modelfile(builtin_data_dir, store, write_jsonl, sentiment_rows, make_spec):
     """The built-in model trained on the demo task, exported in every format: artifacts under the
     job's prefix with their sizes, each GGUF verified against the HF model."""
