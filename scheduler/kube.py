@@ -27,6 +27,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gpu_worker.contract import JobSpec
+from scheduler import jobs
 from scheduler.db import session_scope
 from scheduler.fleet import Fleet, GpuClass, get_fleet
 from scheduler.models import Job, JobStatus
@@ -261,3 +262,34 @@ class KubeDispatcher:
                 return
             plan = route(JobSpec.model_validate(job.spec), None, fleet)
             self.backend.launch(job.id, job.org_id, plan, fleet.get(plan.gpu_class), attempt=job.attempts)
+
+
+def reconcile(backend: KubeBackend, database_url: str) -> dict[str, int]:
+    """One pass of Kubernetes → database and database → Kubernetes, for the scheduler's tick:
+    - a job still queued whose latest Job failed (its pod never claimed it: image pull, unschedulable
+      until the deadline, crash before the claim) fails with Kubernetes' reason;
+    - a job cancelled or failed in the database whose Job still runs or waits is deleted (a cancel
+      reaches a pod that has not claimed yet; one that has stops itself at its next heartbeat).
+    Running jobs are left to their lease: if the pod died, the reaper re-queues the job."""
+    listed = backend.api.list_namespaced_job(backend.cfg.namespace, label_selector="app.kubernetes.io/managed-by=tuneforge-scheduler")
+    latest: dict[str, tuple[int, client.V1Job]] = {}
+    for kjob in listed.items:
+        meta = kjob.metadata
+        job_id = (meta.annotations or {}).get(JOB_ID_LABEL)
+        attempt = int((meta.labels or {}).get(f"{LABEL_PREFIX}/attempt", "0"))
+        if job_id and (job_id not in latest or attempt > latest[job_id][0]):
+            latest[job_id] = (attempt, kjob)
+    counts = {"failed": 0, "deleted": 0}
+    with session_scope(database_url) as session:
+        for job_id, (attempt, kjob) in latest.items():
+            row = session.get(Job, job_id)
+            state = job_state(kjob)
+            if row is None or row.status in (JobStatus.cancelled, JobStatus.failed):
+                if not state.terminal:
+                    backend.delete(job_id)
+                    counts["deleted"] += 1
+            elif row.status == JobStatus.queued and state.phase == "failed" and attempt == row.attempts:
+                detail = f"{state.reason}: {state.message}" if state.message else (state.reason or "failed")
+                if jobs.fail(session, row, "worker_failed", f"Kubernetes Job {state.name} failed before the job started ({detail})"):
+                    counts["failed"] += 1
+    return counts

@@ -32,6 +32,7 @@ from scheduler.kube import (
     build_job,
     job_name,
     job_state,
+    reconcile,
 )
 from scheduler.models import Base, Job, JobStatus, Organization, new_id
 from scheduler.routing import route
@@ -252,27 +253,65 @@ def test_errors_other_than_already_exists_reach_the_caller(backend):
     assert state["jobs"] == {}
 
 
-def test_dispatcher_launches_queued_jobs_once_per_attempt(backend, scratch_database):
-    kube, state = backend
+@pytest.fixture(scope="module")
+def kube_db(scratch_database):
     url = scratch_database("kube")
     engine = create_engine(url)
     Base.metadata.create_all(engine)
     engine.dispose()
+    return url
+
+
+def _add_jobs(url, statuses, attempts=1) -> dict:
+    ids = {}
     with session_scope(url) as s:
-        org = Organization(id=new_id("org-"), name="a")
+        org = Organization(id=new_id("org-"), name=f"org-{uuid.uuid4().hex[:6]}")
         s.add(org)
         s.flush()
-        ids = {}
-        for status in (JobStatus.queued, JobStatus.running):
+        for status in statuses:
             job_id = new_id("ftjob-")
             s.add(Job(id=job_id, org_id=org.id, model="meta-llama/Llama-3.1-8B", training_file_id="f", seed=1,
                       method={"type": "supervised"}, spec=spec().model_copy(update={"job_id": job_id}).model_dump(mode="json"),
-                      status=status, attempts=1))
+                      status=status, attempts=attempts))
             ids[status] = job_id
-    dispatcher = KubeDispatcher(kube, url, FLEET)
+    return ids
+
+
+def test_dispatcher_launches_queued_jobs_once_per_attempt(backend, kube_db):
+    kube, state = backend
+    ids = _add_jobs(kube_db, (JobStatus.queued, JobStatus.running))
+    dispatcher = KubeDispatcher(kube, kube_db, FLEET)
     dispatcher.nudge(ids[JobStatus.queued], "tuneforge.single-gpu.l4")
     dispatcher.nudge(ids[JobStatus.queued], "tuneforge.single-gpu.l4")
     dispatcher.nudge(ids[JobStatus.running], "tuneforge.single-gpu.l4")
     assert [n for _, n in state["jobs"]] == [job_name(ids[JobStatus.queued], 1)]
     launched = next(iter(state["jobs"].values()))
     assert launched["metadata"]["labels"]["tuneforge.dev/gpu-class"] == "l4"
+
+
+def _set_status(state, name, status):
+    state["jobs"][("ml", name)]["status"] = status
+
+
+def test_reconcile_fails_jobs_whose_pod_never_claimed_and_deletes_cancelled_ones(backend, kube_db):
+    kube, state = backend
+    ids = _add_jobs(kube_db, (JobStatus.queued, JobStatus.cancelled, JobStatus.running, JobStatus.succeeded))
+    plan = route(spec(), None, FLEET)
+    names = {st: kube.launch(job_id, "org-1", plan, FLEET.get("l4"), attempt=1) for st, job_id in ids.items()}
+    # an earlier attempt of the running job failed long ago: not its current attempt, ignored
+    kube.launch(ids[JobStatus.running], "org-1", plan, FLEET.get("l4"), attempt=0)
+    _set_status(state, job_name(ids[JobStatus.running], 0), {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]})
+    _set_status(state, names[JobStatus.queued], {"failed": 2, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "Job was active longer than specified deadline"}]})
+    _set_status(state, names[JobStatus.running], {"active": 1})
+    _set_status(state, names[JobStatus.succeeded], {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
+
+    assert reconcile(kube, kube_db) == {"failed": 1, "deleted": 1}
+    with session_scope(kube_db) as s:
+        failed = s.get(Job, ids[JobStatus.queued])
+        assert failed.status == JobStatus.failed and failed.error["code"] == "worker_failed"
+        assert names[JobStatus.queued] in failed.error["message"] and "DeadlineExceeded" in failed.error["message"]
+        assert s.get(Job, ids[JobStatus.running]).status == JobStatus.running
+    assert ("ml", names[JobStatus.cancelled]) not in state["jobs"]
+    assert ("ml", names[JobStatus.running]) in state["jobs"] and ("ml", names[JobStatus.succeeded]) in state["jobs"]
+    assert reconcile(kube, kube_db) == {"failed": 0, "deleted": 0}  # a second pass changes nothing
