@@ -22,7 +22,6 @@ from scheduler.estimator import (
     GB,
     USABLE_FRACTION,
     Layout,
-    MemoryEstimate,
     ModelFacts,
     UnknownModel,
     estimate_memory,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu_worker.contract import AdapterConfig, Hyperparameters, JobSpec, Method, Runtime
+from gpu_worker.contract import AdapterConfig, Hyperparameters, JobSpec, Runtime
 from scheduler import estimator
 from scheduler.estimator import (
     KERNEL_ARCHITECTURES,
@@ -149,7 +149,7 @@ def test_reads_the_hugging_face_cache(tmp_path, monkeypatch):
 
 
 def test_builtin_model_facts_match_the_builtin_table():
-    from gpu_worker.builtin import BUILTIN_MODELS, TINY
+    from gpu_worker.builtin import BUILTIN_MODELS
 
     assert set(estimator.BUILTIN_CONFIGS) == set(BUILTIN_MODELS)
     for name, b in BUILTIN_MODELS.items():
