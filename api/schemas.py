@@ -230,6 +230,7 @@ class JobPublic(BaseModel):
     validation_file: str | None
     result_files: list[str]
     trained_tokens: int | None
+    estimated_tokens: int | None = None  # Tuneforge: trained tokens expected (all epochs), before training
     error: JobError | None
     seed: int
     suffix: str | None

@@ -22,6 +22,7 @@ from typing import Any, Iterable
 from gpu_worker.contract import ChatTemplate, DataFormat, JobSpec, Method
 from gpu_worker.data.encoding import TokenizerView, encode_record
 from gpu_worker.data.formats import SFT_FORMATS, Conversation, to_sft
+from gpu_worker.data.dedupe import exact_key
 from gpu_worker.data.mixing import mixed_count
 from gpu_worker.data.templates import render, resolve_template
 from gpu_worker.storage import ObjectNotFound, ObjectStore, iter_lines
@@ -80,6 +81,7 @@ def count_tokens(
     max_seq_length: int,
     train_on_inputs: bool = False,
     view: TokenizerView | None = None,
+    seen: set[bytes] | None = None,
 ) -> TokenStats:
     """Count the tokens of one JSONL file as the trainer would tokenize it; raises
     ``TokenCountError`` on the first bad line."""
@@ -109,6 +111,12 @@ def count_tokens(
             if not example.trained_tokens:
                 dropped += 1
                 continue
+            if seen is not None:  # dedupe: the trainer drops exact repeats, across all files
+                key = exact_key(example)
+                if key in seen:
+                    dropped += 1
+                    continue
+                seen.add(key)
             tokens += len(example.input_ids)
             trained += example.trained_tokens
     return TokenStats(examples, tokens, trained, truncated, dropped)
@@ -122,9 +130,10 @@ def estimate_job_tokens(store: ObjectStore, spec: JobSpec, tokenizer_dir: str | 
     view = TokenizerView.from_dir(tokenizer_dir)
     files = [(spec.training_file_key, opts.format, 1.0)] + [(f.key, f.format, f.weight) for f in opts.extra_training_files]
     total = 0.0
+    seen: set[bytes] | None = set() if opts.dedupe else None
     for key, fmt, weight in files:
         try:
-            stats = count_tokens(iter_lines(store, key), tokenizer_dir=tokenizer_dir, format=fmt, chat_template=opts.chat_template, max_seq_length=hp.max_seq_length, train_on_inputs=opts.train_on_inputs, view=view)
+            stats = count_tokens(iter_lines(store, key), tokenizer_dir=tokenizer_dir, format=fmt, chat_template=opts.chat_template, max_seq_length=hp.max_seq_length, train_on_inputs=opts.train_on_inputs, view=view, seen=seen)
         except ObjectNotFound:
             raise TokenCountError(f"file {key!r} not found in storage") from None
         except TokenCountError as err:

@@ -104,6 +104,8 @@ def _failure(err: BaseException) -> FailedEvent:
         return FailedEvent(code="checkpoint_load_failed", message=str(err))
     if isinstance(err, AdapterConfigError):
         return FailedEvent(code="invalid_adapter_config", message=str(err), param="adapter")
+    if getattr(err, "failure_code", None):  # errors that name their own code (device, method params, eval gate)
+        return FailedEvent(code=err.failure_code, message=str(err), param=getattr(err, "param", None))
     if type(err).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
         return FailedEvent(code="out_of_memory", message=f"out of GPU memory: {err}".splitlines()[0])
     return FailedEvent(code="internal_error", message=f"internal error in the trainer ({type(err).__name__})")

@@ -18,9 +18,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from scheduler.models import Job, JobEvent, JobStatus, utcnow
+
+
+_EVENT_SEQ_RETRIES = 10
 
 
 class InvalidTransition(Exception):
@@ -36,12 +40,21 @@ def add_event(
     type: str = "message",
     data: dict[str, Any] | None = None,
 ) -> JobEvent:
-    """Append an event to the job's log; ``seq`` orders them (newest first when listed)."""
-    seq = (session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job.id)) or 0) + 1
-    event = JobEvent(job_id=job.id, org_id=job.org_id, seq=seq, level=level, type=type, message=message, data=data)
-    session.add(event)
-    session.flush()
-    return event
+    """Append an event to the job's log; ``seq`` orders them (newest first when listed).
+
+    Several processes write one job's events (the API on cancel, the agent, the scheduler): two may
+    pick the same next ``seq``. The unique (job, seq) constraint turns that into an IntegrityError
+    for the later one, which then takes the next number."""
+    for _ in range(_EVENT_SEQ_RETRIES):
+        seq = (session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job.id)) or 0) + 1
+        event = JobEvent(job_id=job.id, org_id=job.org_id, seq=seq, level=level, type=type, message=message, data=data)
+        try:
+            with session.begin_nested():
+                session.add(event)
+        except IntegrityError:
+            continue
+        return event
+    raise RuntimeError(f"could not append an event to job {job.id}: its log is too busy")
 
 
 def transition(session: Session, job: Job, to: JobStatus, *, frm: tuple[JobStatus, ...], token: str | None = None, **values) -> bool:

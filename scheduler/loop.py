@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 
 from gpu_worker.contract import JobSpec
 from gpu_worker.storage import open_store
+from gpu_worker.tokencount import TokenCountError, estimate_job_tokens
 from scheduler import jobs
 from scheduler.db import session_scope
 from scheduler.dispatch import Dispatcher
@@ -54,11 +56,37 @@ def validate_files(settings: Settings) -> int:
                     problem = (param, f"training file has {f.examples} examples; at least {MIN_EXAMPLES} are required")
                 if problem:
                     break
+            if problem is None:
+                problem = _estimate(settings, store, session, job)
             if problem:
                 jobs.fail(session, job, "invalid_" + problem[0], problem[1], problem[0])
             elif jobs.mark_queued(session, job):
                 moved += 1
     return moved
+
+
+def _tokenizer_dir(settings: Settings, model: str) -> Path | None:
+    """A local folder holding the base model's tokenizer: a built-in model's (once created) or a
+    local model path. Hub models are counted by the worker instead."""
+    for candidate in (settings.data_dir / "models" / model, Path(model).expanduser()):
+        if (candidate / "tokenizer.json").is_file():
+            return candidate
+    return None
+
+
+def _estimate(settings: Settings, store, session, job: Job) -> tuple[str, str] | None:
+    """Store the job's estimated trained tokens (all epochs) before it is queued; a file that cannot
+    be tokenized is a problem of that file."""
+    tokenizer_dir = _tokenizer_dir(settings, job.model)
+    if tokenizer_dir is None:
+        jobs.add_event(session, job, f"No local tokenizer for {job.model}: the token estimate will come from the worker")
+        return None
+    try:
+        job.estimated_tokens = estimate_job_tokens(store, JobSpec.model_validate(job.spec), tokenizer_dir)
+    except TokenCountError as err:
+        return ("training_file", str(err))
+    jobs.add_event(session, job, f"Estimated trained tokens: {job.estimated_tokens:,} (all epochs)", data={"estimated_tokens": job.estimated_tokens})
+    return None
 
 
 def reap_expired(settings: Settings) -> int:

@@ -70,7 +70,7 @@ def create_file(session: Session, store: ObjectStore, principal: Principal, uplo
             bytes=upload.bytes,
             storage_key=key,
             examples=upload.report.examples,
-            format=getattr(upload.report, "format", "chat"),  # TEMP until the validator reports formats
+            format=upload.report.format,
             status="processed",
         )
         session.add(row)

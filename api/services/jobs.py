@@ -71,6 +71,7 @@ def to_public(job: Job) -> JobPublic:
         validation_file=job.validation_file_id,
         result_files=list(job.result_files or []),
         trained_tokens=job.trained_tokens,
+        estimated_tokens=job.estimated_tokens,
         error=_error(job.error),
         seed=job.seed,
         suffix=job.suffix,

@@ -35,7 +35,8 @@ class DedupeReport:
     near_pairs: tuple[tuple[tuple[int, int], tuple[int, int]], ...]  # ((source, line), (source, first line))
 
 
-def _exact_key(example: Example) -> bytes:
+def exact_key(example: Example) -> bytes:
+    """What makes two examples the same: their tokens and labels."""
     h = hashlib.blake2b(example.input_ids.tobytes(), digest_size=16)
     h.update(example.labels.tobytes())
     return h.digest()
@@ -48,7 +49,7 @@ def dedupe(items: Sequence[Item], *, remove: bool) -> tuple[list[Item], DedupeRe
     seen_near: dict[bytes, tuple[int, int]] = {}
     kept, exact, near, pairs = [], 0, 0, []
     for item in items:
-        key = _exact_key(item.example)
+        key = exact_key(item.example)
         if key in seen_exact:
             exact += 1
             if not remove:
@@ -66,5 +67,5 @@ def dedupe(items: Sequence[Item], *, remove: bool) -> tuple[list[Item], DedupeRe
 
 def overlap(valid: Sequence[Item], train: Sequence[Item]) -> int:
     """Validation examples that are also training examples (their loss says little)."""
-    keys = {_exact_key(i.example) for i in train}
-    return sum(_exact_key(i.example) in keys for i in valid)
+    keys = {exact_key(i.example) for i in train}
+    return sum(exact_key(i.example) in keys for i in valid)

@@ -51,6 +51,8 @@ def test_fine_tune_and_chat(platform):
     job = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j, 300, "the job to finish", 1.0)
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model.startswith("ft:tuneforge-tiny:default:e2e:") and job.trained_tokens > 0
+    # estimated from the files before the job was queued, with the trainer's own tokenization
+    assert job.model_extra["estimated_tokens"] == job.trained_tokens
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
     assert any(e.type == "metrics" and e.data["train_loss"] > 0 for e in events)
     assert client.fine_tuning.jobs.checkpoints.list(job.id).data

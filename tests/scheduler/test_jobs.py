@@ -86,3 +86,38 @@ def test_events_are_ordered_per_job(db_session, make_org, make_job):
 def test_fine_tuned_model_name():
     assert jobs.fine_tuned_model_name("tuneforge-tiny", "acme", "demo", "ftjob-1") == "ft:tuneforge-tiny:acme:demo:ftjob-1"
     assert jobs.fine_tuned_model_name("m", "acme", None, "ftjob-1") == "ft:m:acme::ftjob-1"
+
+
+
+@pytest.mark.integration
+def test_event_seq_collision_takes_the_next_number(scratch_database):
+    """Writer B holds seq 1 uncommitted while writer A picks seq 1 too: A waits on B's row, gets the
+    unique violation when B commits, and takes seq 2 instead of failing."""
+    import threading
+    import time
+
+    from sqlalchemy.orm import Session
+
+    from scheduler.db import get_engine
+    from scheduler.migrate import upgrade
+    from scheduler.models import Job, Organization
+
+    url = scratch_database("events")
+    upgrade(url)
+    engine = get_engine(url)
+    with Session(engine) as s:
+        org = Organization(name="o")
+        s.add(org)
+        s.flush()
+        org_id = org.id
+        s.add(Job(id="ftjob-race", org_id=org_id, model="m", training_file_id="f", seed=1, method={}, spec={}, status=JobStatus.running))
+        s.commit()
+    b = Session(engine)
+    b.add(JobEvent(job_id="ftjob-race", org_id=org_id, seq=1, message="from B"))
+    b.flush()  # seq 1 taken, not yet visible to A
+    threading.Timer(0.5, b.commit).start()
+    with Session(engine) as a:
+        seq = jobs.add_event(a, a.get(Job, "ftjob-race"), "from A").seq
+        a.commit()
+    b.close()
+    assert seq == 2
