@@ -97,10 +97,13 @@ def _x_for_saving(ctx, x, x2):
     from kernels.rms_norm import norm_recipe
 
     recipe = norm_recipe(x)
-    ctx.recipe = recipe if recipe is not None and x2.data_ptr() == x.data_ptr() else None
-    if ctx.recipe is None:
+    if recipe is None or x2.data_ptr() != x.data_ptr():
+        ctx.recipe = None
         return (x2,)
-    return ctx.recipe.tensors()
+    # ctx keeps only the recipe's scalars: a tensor held by ctx (not saved) would escape activation
+    # checkpointing's pack hooks and stay alive (measured: +2.2 GB at 8B with checkpointing)
+    ctx.recipe = recipe.without_tensors()
+    return recipe.tensors()
 
 
 def _restore_x(ctx, saved):

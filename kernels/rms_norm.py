@@ -144,11 +144,14 @@ class NormRecipe:
     """
 
     def __init__(self, x2, weight, eps, offset, shape):
-        self._tensors = (x2, weight)
+        self._tensors = (x2, weight) if x2 is not None else None
         self.eps, self.offset, self.shape = eps, offset, shape
 
     def tensors(self):
         return self._tensors
+
+    def without_tensors(self) -> "NormRecipe":
+        return NormRecipe(None, None, self.eps, self.offset, self.shape)
 
     def recompute(self, x2, weight):
         with torch.no_grad():
