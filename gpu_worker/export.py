@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from gpu_worker.contract import Artifact, GGUFType, JobSpec, LogEvent, Quantization
@@ -293,11 +294,18 @@ def quantize_k(f16_path: Path, out_path: Path) -> Path:
         raise ExportError("q4_k_m needs llama-cpp-python (llama.cpp's k-quant quantizer)") from err
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = _LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.nthread = 1
+    params.nthread = _cpu_threads()
     rc = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(out_path).encode(), params)
     if rc != 0 or not out_path.exists():
         raise ExportError(f"llama.cpp's quantizer failed (code {rc})")
     return out_path
+
+
+def _cpu_threads() -> int:
+    """llama.cpp's threads: the trainer's CPU policy (``TUNEFORGE_TORCH_THREADS``, else one core
+    fewer than the machine: the worker agent shares it)."""
+    wanted = os.environ.get("TUNEFORGE_TORCH_THREADS", "")
+    return int(wanted) if wanted.isdigit() and int(wanted) > 0 else max(1, (os.cpu_count() or 2) - 1)
 
 
 # --- verification ------------------------------------------------------------------------------------
@@ -350,7 +358,7 @@ def verify_gguf(path: Path, model, prompts: list[list[int]]) -> dict:
     import numpy as np
 
     width = max(len(p) for p in prompts) + _VERIFY_NEW_TOKENS + 1
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, width), n_threads=1, n_gpu_layers=0, logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, width), n_threads=_cpu_threads(), n_gpu_layers=0, logits_all=True, verbose=False)
     try:
         def gguf_argmax(ids: list[int]) -> list[int]:
             llm.reset()
