@@ -88,7 +88,7 @@ def test_resumed_run_replays_the_uninterrupted_one(micro_files, micro_model_dir,
         make_spec, micro_model_dir, validation_file_key="files/valid.jsonl",
         hyperparameters={"gradient_accumulation_steps": accumulation}, runtime={"eval_every_steps": 2, "checkpoint_every_steps": 5},
     )
-    full, _ = _run(spec, micro_files, tmp_path)
+    full, full_result = _run(spec, micro_files, tmp_path)
     n = len(full.losses)
     assert n == 15 // accumulation + (accumulation == 2) * 2  # 15 or 9
 
@@ -114,6 +114,11 @@ def test_resumed_run_replays_the_uninterrupted_one(micro_files, micro_model_dir,
     assert [m.valid_loss for m in resumed.of(MetricsEvent)] == full_valid
     assert isinstance(result, CompletedEvent) and result.steps == n
     assert result.trained_tokens == full.events[-1].trained_tokens
+    # The best-checkpoint bookkeeping survives the interruption: same best step, same final adapter.
+    assert result.best_step == full_result.best_step is not None
+    adapter = "adapter/adapter_model.safetensors"
+    assert micro_files.get_bytes(f"jobs/interrupted/{adapter}") == micro_files.get_bytes(f"jobs/ftjob-test/{adapter}")
+    assert result.eval_report == full_result.eval_report
 
 
 def test_gradient_accumulation_equals_one_big_batch(micro_files, micro_model_dir, make_spec, tmp_path):
