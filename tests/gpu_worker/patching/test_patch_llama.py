@@ -117,3 +117,16 @@ def test_merge_and_unload_gives_same_outputs():
         merged = ours.merge_and_unload()
         after = merged(input_ids=x).logits
     assert rel(after, before) < 1e-4
+
+
+def test_tied_embeddings_match_stock():
+    # Llama-3.2-1B ties lm_head to the embedding: the fused loss reads the shared (frozen) weight
+    config = tiny_config("llama", tie_word_embeddings=True)
+    ref, ours = build_lora_model(config), build_lora_model(config)
+    assert ours.get_base_model().lm_head.weight is ours.get_base_model().model.embed_tokens.weight
+    patch_model(ours, impl="triton")
+    x, labels = _batch("cpu")
+    l_ref, l_ours = _step(ref, x, labels, "cpu"), _step(ours, x, labels, "cpu")
+    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < 1e-4
+    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
+    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-4
