@@ -15,7 +15,7 @@ from api.errors import InvalidRequest
 from api.schemas import JobCreate
 from api.services import jobs
 from api.settings import ApiSettings
-from gpu_worker.contract import JobSpec
+from gpu_worker.contract import JobSpec, Method
 from scheduler.estimator import UnknownModel
 from scheduler.fleet import Fleet
 from scheduler.models import File, new_id
@@ -47,7 +47,7 @@ class EstimatePublic(BaseModel):
     object: str = "fine_tuning.job.estimate"
     model: str
     plan: PlanPublic
-    estimated_tokens: int  # trained tokens, all epochs
+    estimated_tokens: int  # tokens processed, all epochs (from file size: an upper bound)
     tokens_per_second: float
     estimated_seconds: int
     gpu_hours: float
@@ -74,11 +74,17 @@ def placement(spec: JobSpec, fleet: Fleet) -> Plan:
 
 
 def estimated_tokens(spec: JobSpec, files: list[File]) -> int:
-    """Trained tokens over all epochs: file bytes / BYTES_PER_TOKEN, at most max_seq_length per example."""
+    """Tokens the job processes over all epochs (what its time depends on): file bytes /
+    BYTES_PER_TOKEN, at most max_seq_length per example; GRPO processes each prompt with each of its
+    generations, up to max_completion_length tokens each."""
     per_epoch = 0
     for f in files:
         cap = f.examples * spec.hyperparameters.max_seq_length if f.examples else math.inf
-        per_epoch += int(min(math.ceil(f.bytes / BYTES_PER_TOKEN), cap))
+        tokens = int(min(math.ceil(f.bytes / BYTES_PER_TOKEN), cap))
+        if spec.method == Method.grpo:
+            p = spec.method_params
+            tokens = p.grpo_num_generations * (tokens + f.examples * p.grpo_max_completion_length)
+        per_epoch += tokens
     return per_epoch * spec.hyperparameters.n_epochs
 
 

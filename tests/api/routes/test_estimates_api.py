@@ -57,6 +57,16 @@ def test_estimate_returns_plan_tokens_time_and_price_and_creates_nothing(client_
     assert est["estimated_price"] == pytest.approx(hours * 0.8, rel=0.01, abs=1e-4)
 
 
+def test_grpo_counts_every_generation(client_a, upload, fleet, db_session):
+    prompts = b"".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}).encode() + b"\n" for i in range(20))
+    file_id = upload(prompts)
+    method = {"type": "grpo", "grpo": {"hyperparameters": {"n_epochs": 1}, "rewards": [{"kind": "exact_match"}]}}
+    est = _estimate(client_a, model=LLAMA_1B, training_file=file_id, method=method)
+    row = db_session.get(File, file_id)
+    prompt_tokens = -(-row.bytes // BYTES_PER_TOKEN)
+    assert est["estimated_tokens"] == 4 * (prompt_tokens + row.examples * 64)  # default 4 generations × 64 tokens
+
+
 def test_full_fine_tuning_is_planned_on_deepspeed(client_a, upload, fleet):
     est = _estimate(client_a, model=LLAMA_1B, training_file=upload(), method=_hp(adapter_type="full", batch_size=4))
     plan = est["plan"]
