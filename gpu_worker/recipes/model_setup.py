@@ -67,9 +67,13 @@ def load_for_training(spec: JobSpec, *, data_dir, device: str | None):
 
 def load_nf4_model(name: str, *, data_dir, device: str = "cuda"):
     """QLoRA's base: 4-bit NormalFloat weights with double quantization (the quantization constants
-    are themselves quantized, ~0.4 bit/param saved) and bf16 compute. GPU only."""
+    are themselves quantized, ~0.4 bit/param saved) and bf16 compute. GPU only.
+
+    Everything that is not quantized (embeddings, norms, head) stays bf16: the same layout as the
+    kernel benchmark's QLoRA rows (bench/train_step.py) and Unsloth's. peft's
+    ``prepare_model_for_kbit_training`` would upcast those to float32 (the head alone is 2 GB for a
+    128k vocabulary) and mix dtypes under the fused kernels."""
     import torch
-    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from gpu_worker.loading import ModelLoadError, _reason, resolve_model_path
@@ -81,12 +85,14 @@ def load_nf4_model(name: str, *, data_dir, device: str = "cuda"):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
+    index = torch.device(device).index
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16, device_map={"": device})
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=config, dtype=torch.bfloat16, device_map={"": index if index is not None else torch.cuda.current_device()}
+        )
     except Exception as err:
         raise ModelLoadError(name, _reason(err)) from err
-    # Norms and the head stay in float32 for stable training; checkpointing is the memory mode's call.
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
 
 
 def wrap_for_training(model, adapter: AdapterConfig):
