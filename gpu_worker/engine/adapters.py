@@ -89,7 +89,7 @@ def read_adapter(path: Path, *, max_rank: int) -> AdapterFiles:
             param="lora_path",
             code="unsafe_adapter_format",
         )
-    config = _read_config(path)
+    config = read_config(path)
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         raise InvalidRequest(f"adapter folder has no {WEIGHTS_FILE}", param="lora_path")
@@ -110,7 +110,7 @@ def read_adapter(path: Path, *, max_rank: int) -> AdapterFiles:
     return AdapterFiles(path=path, config=config, base_model=config["base_model_name_or_path"], rank=rank, weights=weights)
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
     except FileNotFoundError:
@@ -126,6 +126,11 @@ def _read_config(path: Path) -> dict:
     if not isinstance(config.get("base_model_name_or_path"), str) or not config["base_model_name_or_path"]:
         raise InvalidRequest(f"{CONFIG_FILE} does not name its base model (base_model_name_or_path)", param="lora_path")
     return config
+
+
+def weight_module(key: str) -> str:
+    """The module path a checked weight key targets ("model.layers.0.self_attn.q_proj")."""
+    return _WEIGHT_KEY.match(key)["module"]
 
 
 def names_base(declared: str, served_name: str, served_path: str | None) -> bool:

@@ -147,6 +147,20 @@ class ModelRunner:
         with self._cv:
             self._attached.add(name)
 
+    def score_with(self, name: str, files: adapters.AdapterFiles, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Attach ``files`` as ``name`` exactly as for serving, score ``prompts`` (one [len, vocab]
+        log-probability tensor each) and detach it again; no request can use it meanwhile."""
+        from gpu_worker.engine import compat
+
+        with self.model_lock:
+            adapters.check_fits(files, self.model)
+            compat.check_vocabulary(files, self.model)
+            self.model = adapters.attach(self.model, name, files)
+            try:
+                return [compat.log_probs(self.model, ids, adapter_names=[name]) for ids in prompts]
+            finally:
+                self.model = adapters.detach(self.model, name)
+
     def retire_adapter(self, name: str) -> None:
         with self._cv:
             self._attached.discard(name)

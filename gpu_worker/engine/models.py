@@ -134,6 +134,28 @@ class ServedModels:
         log.info("loaded adapter %s (%s) on %s from %s", lora_name, internal, base.name, lora_path)
         return entry
 
+    def check_adapter(self, lora_path: str, atol: float | None = None) -> dict:
+        """The compatibility report of the adapter at ``lora_path`` (400 when it cannot be served):
+        the static checks of a load, no vocabulary change, and the training side's reference
+        log-probabilities reproduced on this engine. Nothing stays loaded."""
+        from gpu_worker.engine import compat
+
+        folder = adapters.materialise(lora_path, storage_url=self.settings.storage_url, cache_dir=self.settings.adapter_cache_dir)
+        compat.check_declared_vocabulary(folder)
+        files = adapters.read_adapter(folder, max_rank=self.settings.max_lora_rank)
+        base = self._base_for(files)
+        reference = compat.read_reference(folder)
+        prompts = [ids for ids, _, _ in reference] if reference else []
+        internal = f"check-{next(self._internal_ids)}"
+        scored = base.runner.score_with(internal, files, prompts)
+        report = compat.compare(reference, scored, atol=compat.DEFAULT_ATOL if atol is None else atol)
+        return {
+            "base_model": base.name,
+            "rank": files.rank,
+            "target_modules": sorted({adapters.weight_module(k).rsplit(".", 1)[-1] for k in files.weights}),
+            "logits": report.as_dict(),
+        }
+
     def _base_for(self, files: adapters.AdapterFiles) -> BaseModelEntry:
         for base in self.bases.values():
             if adapters.names_base(files.base_model, base.name, base.path):

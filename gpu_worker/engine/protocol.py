@@ -75,6 +75,13 @@ class LoadLoRAAdapterRequest(_Request):
     lora_path: str
 
 
+class CheckAdapterRequest(_Request):
+    """Tuneforge's registration check (not a vLLM route): may this adapter be served here?"""
+
+    lora_path: str
+    atol: float | None = Field(None, gt=0)
+
+
 class UnloadLoRAAdapterRequest(_Request):
     lora_name: str
     lora_int_id: int | None = None

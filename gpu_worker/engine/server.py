@@ -21,6 +21,7 @@ from gpu_worker.engine.errors import EngineError, FeatureDisabled, error_body
 from gpu_worker.engine.models import ServedModels
 from gpu_worker.engine.protocol import (
     ChatCompletionRequest,
+    CheckAdapterRequest,
     CompletionRequest,
     LoadLoRAAdapterRequest,
     ModelList,
@@ -75,6 +76,11 @@ def build_app(models: ServedModels) -> FastAPI:
         _require_runtime_updates(models)
         await run_in_threadpool(models.unload_adapter, req.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
+
+    @app.post("/v1/tuneforge/check_adapter")
+    async def check_adapter(req: CheckAdapterRequest):
+        # Not gated on runtime updating: nothing stays loaded, and the registry needs it either way.
+        return await run_in_threadpool(models.check_adapter, req.lora_path, req.atol)
 
     return app
 
