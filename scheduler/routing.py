@@ -67,7 +67,8 @@ class Plan:
 
 
 def apply_plan(spec: JobSpec, plan: Plan) -> JobSpec:
-    """The spec the worker runs: the plan's memory mode and micro-batch, the same effective batch."""
+    """The spec the worker runs: the plan's memory mode, micro-batch and accumulation (per GPU; the
+    effective batch is theirs × gpu_count on the DeepSpeed worker)."""
     hp = spec.hyperparameters.model_dump()
     hp.update(batch_size=plan.micro_batch_size, gradient_accumulation_steps=plan.gradient_accumulation_steps)
     runtime = spec.runtime.model_dump()
@@ -83,10 +84,19 @@ def _modes_from(requested: str) -> tuple[str, ...]:
     return MODES[MODES.index(requested):]
 
 
+def _effective_batch(spec: JobSpec) -> int:
+    return spec.hyperparameters.batch_size * spec.hyperparameters.gradient_accumulation_steps
+
+
+def _per_gpu_batch(spec: JobSpec, data_parallel: int) -> int:
+    # DeepSpeed needs batch = micro × accumulation × ranks exactly: a batch that does not split evenly
+    # among the GPUs is rounded up to the next one that does (and the plan says so).
+    return -(-_effective_batch(spec) // data_parallel)
+
+
 def _first_fit(spec, facts, gpu: GpuClass, count: int, zero: int | None, offload: bool):
     """(layout, estimate) with the lightest memory mode, then the largest micro-batch, that fits."""
-    effective = spec.hyperparameters.batch_size * spec.hyperparameters.gradient_accumulation_steps
-    per_gpu = max(1, effective // count) if zero is not None else effective
+    per_gpu = _per_gpu_batch(spec, count if zero is not None else 1)
     for mode in _modes_from(spec.runtime.memory_mode.value):
         for micro in _divisors_desc(per_gpu):
             layout = Layout(gpu_count=count, zero_stage=zero, offload=offload, memory_mode=mode, micro_batch=micro)
@@ -111,19 +121,21 @@ def _deepspeed_candidates(spec, facts, gpu: GpuClass):
 
 
 def _plan(spec, facts, gpu, kind, layout, est, reasons) -> Plan:
-    per_gpu_micro = layout.micro_batch * (layout.gpu_count if layout.zero_stage is not None else 1)
-    effective = spec.hyperparameters.batch_size * spec.hyperparameters.gradient_accumulation_steps
+    ranks = layout.gpu_count if layout.zero_stage is not None else 1
+    per_gpu = _per_gpu_batch(spec, ranks)
+    accum = per_gpu // layout.micro_batch
+    effective, requested = per_gpu * ranks, _effective_batch(spec)
     mode_note = "" if layout.memory_mode == spec.runtime.memory_mode.value else f" (memory mode raised to {layout.memory_mode} to fit)"
     reasons = reasons + [
         f"predicted peak {est.gb:.1f} GB per GPU of {gpu.memory_gb:g} GB ({USABLE_FRACTION:.0%} usable){mode_note}",
-        f"micro-batch {layout.micro_batch} × {max(1, effective // per_gpu_micro)} accumulation"
-        + (f" × {layout.gpu_count} GPU{'s' if layout.gpu_count > 1 else ''}" if layout.zero_stage is not None else "") + f" = effective batch {effective}",
+        f"micro-batch {layout.micro_batch} × {accum} accumulation" + (f" × {ranks} GPUs" if ranks > 1 else "")
+        + f" = effective batch {effective}" + (f" (rounded up from {requested} to split evenly across {ranks} GPUs)" if effective != requested else ""),
     ]
     return Plan(
         queue=gpu.queue(kind), worker_kind=kind, reasons=tuple(reasons), gpu_class=gpu.name, gpu_count=layout.gpu_count,
         zero_stage=layout.zero_stage, offload=layout.offload, quantization=spec.quantization.value,
         memory_mode=layout.memory_mode, micro_batch_size=layout.micro_batch,
-        gradient_accumulation_steps=max(1, effective // per_gpu_micro), uses_kernels=uses_kernels(spec, facts, layout.zero_stage),
+        gradient_accumulation_steps=accum, uses_kernels=uses_kernels(spec, facts, layout.zero_stage),
         memory_gb=round(est.gb, 2), memory_parts_gb=tuple((k, round(v / GB, 2)) for k, v in est.parts.items()),
     )
 

@@ -17,7 +17,7 @@ FLEET = parse_fleet({"classes": [
 SMALL = parse_fleet({"classes": [{"name": "l4", "memory_gb": 24}]})
 H100x2 = parse_fleet({"classes": [{"name": "h100", "memory_gb": 80, "gpus_per_node": 2}]})
 
-L8, L70, GEMMA = "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-70B", "google/gemma-2-9b"
+L8, L70, PHI3 = "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-70B", "microsoft/Phi-3-mini-4k-instruct"
 
 
 def spec(model=L8, adapter="lora", quant="none", mode="off", batch=8, accum=1, seq=2048, kernels=True, method="supervised"):
@@ -41,7 +41,7 @@ TABLE = [
     ("70B LoRA: weights do not fit one GPU → ZeRO-3", spec(L70), FLEET, ("multi-gpu", "h100", 4, 3, False, "checkpointing")),
     ("70B QLoRA fits one H100", spec(L70, quant="nf4"), FLEET, ("single-gpu", "h100", 1, None, False, "checkpointing")),
     ("70B full FT needs 8 GPUs and optimizer offload", spec(L70, adapter="full"), FLEET, ("multi-gpu", "h100", 8, 3, True, "checkpointing")),
-    ("unsupported arch trains on the stock path", spec(GEMMA), FLEET, ("single-gpu", "h100", 1, None, False, "off")),
+    ("unsupported arch trains on the stock path", spec(PHI3), FLEET, ("single-gpu", "l4", 1, None, False, "off")),
     ("a requested memory mode is kept", spec("tuneforge-tiny", mode="offload"), FLEET, ("single-gpu", "l4", 1, None, False, "offload")),
 ]
 
@@ -57,7 +57,7 @@ def test_routing_table(job, fleet, expected):
 
 
 def test_reasons_say_why():
-    assert any("not supported by the kernels" in r and "stock HF path" in r for r in route(spec(GEMMA), None, FLEET).reasons)
+    assert any("not supported by the kernels" in r and "stock HF path" in r for r in route(spec(PHI3), None, FLEET).reasons)
     assert any("supported by the Triton kernels" in r for r in route(spec(), None, FLEET).reasons)
     full = route(spec(adapter="full"), None, FLEET).reasons
     assert any("ZeRO-3" in r for r in full)
@@ -76,17 +76,31 @@ def test_adapter_states_too_big_for_one_gpu_go_to_zero2():
     assert any("ZeRO-2" in r and "adapter states sharded" in r for r in plan.reasons)
 
 
+@pytest.mark.parametrize("model,adapter", [(L8, "lora"), (L70, "lora"), (L70, "full")])
 @pytest.mark.parametrize("batch,accum", [(8, 1), (16, 2), (6, 1), (7, 3)])
-def test_plan_keeps_the_effective_batch(batch, accum):
-    job = spec(batch=batch, accum=accum)
+def test_plan_keeps_the_effective_batch(model, adapter, batch, accum):
+    job = spec(model, adapter=adapter, batch=batch, accum=accum)
     for fleet in (FLEET, SMALL):
-        plan = route(job, None, fleet)
-        per_step = plan.micro_batch_size * plan.gradient_accumulation_steps * (plan.gpu_count if plan.zero_stage else 1)
-        assert per_step == batch * accum
+        try:
+            plan = route(job, None, fleet)
+        except Unplaceable:
+            continue
+        ranks = plan.gpu_count if plan.zero_stage else 1
+        planned, requested = plan.micro_batch_size * plan.gradient_accumulation_steps * ranks, batch * accum
+        # equal, or the smallest multiple of the GPU count above it (DeepSpeed splits batches evenly)
+        assert planned == -(-requested // ranks) * ranks, plan.reasons
+        assert (planned == requested) or any(f"rounded up from {requested}" in r for r in plan.reasons)
         applied = apply_plan(job, plan)
         assert applied.hyperparameters.batch_size == plan.micro_batch_size
+        assert applied.hyperparameters.gradient_accumulation_steps == plan.gradient_accumulation_steps
         assert applied.runtime.memory_mode.value == plan.memory_mode
         assert applied.hyperparameters.learning_rate == job.hyperparameters.learning_rate
+
+
+def test_a_batch_smaller_than_the_gpu_count_is_rounded_up_and_said():
+    plan = route(spec(L70, batch=1), None, FLEET)  # ZeRO-3 on 4 GPUs: one example each at least
+    assert (plan.gpu_count, plan.micro_batch_size, plan.gradient_accumulation_steps) == (4, 1, 1)
+    assert any("effective batch 4 (rounded up from 1 to split evenly across 4 GPUs)" in r for r in plan.reasons)
 
 
 @pytest.mark.parametrize("job,fleet,needs", [
