@@ -200,6 +200,13 @@ class Adapter(Base):
     storage_key: Mapped[str] = mapped_column(String(512))
     manifest: Mapped[dict[str, Any]]  # gpu_worker.contract.AdapterManifest
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Versioning (serving.adapter_registry): set when the compatibility check passes. ``name`` is the id
+    # without its job part ("ft:{base}:{org}:{suffix}"); its active version is in ``AdapterAlias``.
+    name: Mapped[str | None] = mapped_column(String(512), index=True)
+    version: Mapped[int | None] = mapped_column(Integer)
+    compatibility: Mapped[dict[str, Any] | None]  # the check's report: {"passed": bool, "reason", ...}
+    checked_at: Mapped[datetime | None]
+    deleted_at: Mapped[datetime | None]
 
 
 class UsageRecord(Base):
@@ -222,3 +229,38 @@ class UsageRecord(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
     __table_args__ = (UniqueConstraint("org_id", "request_id", name="uq_usage_records_org_request"),)
+
+
+class AdapterAlias(Base):
+    """A versionless fine-tuned model name and the version it resolves to, with the versions it
+    resolved to before (newest last) so that a rollback knows where to go."""
+
+    __tablename__ = "adapter_aliases"
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(512), primary_key=True)
+    adapter_id: Mapped[str] = mapped_column(String(512))
+    history: Mapped[list[Any]] = mapped_column(default=list)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RateLimit(Base):
+    """Requests per minute for inference: for one API key, or (``api_key_id`` NULL) the default of every
+    key of the org. A key's own row wins over the org's."""
+
+    __tablename__ = "rate_limits"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), index=True)
+    api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    requests_per_minute: Mapped[int] = mapped_column(Integer)
+    burst: Mapped[int | None] = mapped_column(Integer)  # bucket size; default: one minute's worth
+
+    __table_args__ = (UniqueConstraint("org_id", "api_key_id", name="uq_rate_limits_org_key"),)
+
+
+class InferenceQuota(Base):
+    """An org's inference token allowance per UTC day or calendar month (prompt + completion tokens)."""
+
+    __tablename__ = "inference_quotas"
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    period: Mapped[str] = mapped_column(String(10), default="month")  # "day" | "month"
