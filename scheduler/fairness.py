@@ -39,7 +39,7 @@ class OrgState:
 @dataclass(frozen=True)
 class Limits:
     max_running_per_org: int | None = None  # None: no limit
-    per_org: dict[str, int] = field(default_factory=dict)  # overrides of the limit per org id
+    per_org: dict[str, int] = field(default_factory=dict)  # overrides per org id (0 there pauses the org)
     org_priority: dict[str, int] = field(default_factory=dict)  # added to each of the org's jobs
 
     def limit(self, org_id: str) -> int | None:

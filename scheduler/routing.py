@@ -189,6 +189,14 @@ def route(spec: JobSpec, model_facts: ModelFacts | None = None, fleet: Fleet | N
     raise Unplaceable(_refusal(spec, facts, fleet))
 
 
+def _placeable(spec: JobSpec, facts: ModelFacts, fleet: Fleet) -> bool:
+    try:
+        route(spec, facts, fleet)
+        return True
+    except Unplaceable:
+        return False
+
+
 def _would_fit(spec: JobSpec, facts: ModelFacts, memory_gb: float, max_count: int = 16) -> int | None:
     probe = GpuClass(name="probe", memory_gb=memory_gb, gpus_per_node=max_count)
     if spec.adapter.type != AdapterType.full and _first_fit(spec, facts, probe, 1, None, False):
@@ -204,7 +212,7 @@ def _refusal(spec: JobSpec, facts: ModelFacts, fleet: Fleet) -> str:
     options = [f"{n}×{m:g} GB" for m in sorted({biggest, 80.0, 141.0}) if m >= biggest and (n := _would_fit(spec, facts, m))]
     needs = ("needs " + " or ".join(options[:2])) if options else None
     hints = []
-    if spec.adapter.type == AdapterType.full:
+    if spec.adapter.type == AdapterType.full and _placeable(spec.model_copy(update={"adapter": spec.adapter.model_copy(update={"type": AdapterType.lora})}), facts, fleet):
         hints.append("try LoRA")
     if spec.quantization == Quantization.none:
         qlora = spec.model_copy(update={"quantization": Quantization.nf4,

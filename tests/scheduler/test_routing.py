@@ -113,7 +113,15 @@ def test_unplaceable_says_what_would_fit(job, fleet, needs):
         plan_or_refuse(job, fleet)
     for part in needs:
         assert part in str(e.value)
-    assert "try QLoRA" not in str(e.value) or "QLoRA" in needs[-1]
+    # hints only name what would fit this fleet: 70B LoRA/QLoRA does not fit one 24 GB GPU
+    assert ("try QLoRA" in str(e.value)) == ("try QLoRA" in needs)
+    assert ("try LoRA" in str(e.value)) == ("try LoRA" in needs)
+
+
+def test_full_fine_tuning_that_fits_nowhere_suggests_lora_only_when_it_fits():
+    with pytest.raises(Unplaceable) as e:
+        route(spec(L70, adapter="full"), None, SMALL)
+    assert "try LoRA" not in str(e.value) and "try QLoRA" not in str(e.value)
 
 
 def test_unknown_model_goes_to_the_largest_gpu_and_says_so():
