@@ -3,7 +3,9 @@
 returned ``PatchReport`` (the job's events carry its ``reason`` when the stock path is used).
 
 Supported now: Llama, Mistral, Qwen2 (qkv bias: the attention projections stay PEFT/HF modules),
-Qwen3 (q/k norms). Anything else trains on the stock HF path and says so.
+Qwen3 (q/k norms), Gemma, Gemma 2 (attention and final logit softcapping, sandwich norms) and Gemma 3
+text (q/k norms); the Gemma families are checked on CPU only so far (bench/NOTES.md). Anything else
+trains on the stock HF path and says so.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from torch import nn
 from gpu_worker.patching.memory import MEMORY_MODES, apply_memory_mode
 
 # model_type -> the families whose module layout decoder.py's forwards reproduce exactly
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+# families whose RMSNorm computes x_hat * (1 + w)
+_UNIT_OFFSET_NORMS = ("gemma", "gemma2", "gemma3_text")
 
 
 @dataclass(frozen=True)
@@ -56,9 +60,10 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         reason = f"{type(base).__name__} does not have the causal-LM layout the patches expect; stock HF path"
     else:
         from gpu_worker.patching.decoder import ACTIVATIONS
-        act = ACTIVATIONS.get(getattr(config, "hidden_act", None))
+        act_name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+        act = ACTIVATIONS.get(act_name)
         if act is None:
-            reason = f"activation {config.hidden_act!r} has no fused kernel; stock HF path"
+            reason = f"activation {act_name!r} has no fused kernel; stock HF path"
     if reason is not None:
         apply_memory_mode(model, memory_mode)
         return PatchReport(architecture=arch, memory_mode=memory_mode, reason=reason)
@@ -66,21 +71,20 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     from gpu_worker.patching.decoder import patch_attention, patch_causal_lm, patch_mlp, patch_rms_norm
 
     counts = {"rms_norm": 0, "lora_qkv_o": 0, "rope": 0, "lora_mlp": 0, "fused_linear_cross_entropy": 0}
+    offset = 1.0 if arch in _UNIT_OFFSET_NORMS else 0.0
     for layer in base.model.layers:
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            patch_rms_norm(norm, impl)
-            counts["rms_norm"] += 1
-        attn = layer.self_attn
-        for norm_name in ("q_norm", "k_norm"):
-            if hasattr(attn, norm_name):
-                patch_rms_norm(getattr(attn, norm_name), impl)
+        # every RMSNorm of the layer: input/post-attention, Gemma 2/3's pre/post-feedforward, q/k norms
+        for module in layer.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                patch_rms_norm(module, impl, offset)
                 counts["rms_norm"] += 1
+        attn = layer.self_attn
         patch_attention(attn, impl)
         counts["rope"] += 1
         counts["lora_qkv_o"] += 1
         patch_mlp(layer.mlp, act, impl)
         counts["lora_mlp"] += 1
-    patch_rms_norm(base.model.norm, impl)
+    patch_rms_norm(base.model.norm, impl, offset)
     counts["rms_norm"] += 1
     patch_causal_lm(base, impl)
     counts["fused_linear_cross_entropy"] += 1

@@ -1,4 +1,4 @@
-"""Instance-level forwards for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3) that route the
+"""Instance-level forwards for Llama-family decoders (Llama, Mistral, Qwen2/3, Gemma 1/2/3) that route the
 model's norms, Q/K/V and O projections (LoRA fused), rotary embedding, MLP and loss through ``kernels``.
 
 Each function here replaces ``forward`` on one module *instance* (``module.forward = MethodType(...)``);
@@ -72,6 +72,8 @@ def patch_attention(attn: nn.Module, impl: str | None) -> None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
         sliding = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+        if getattr(self, "attn_logit_softcapping", None) is not None:  # Gemma 2
+            kwargs["softcap"] = self.attn_logit_softcapping
         out, weights = interface(self, q, k, v, attention_mask,
                                  dropout=0.0 if not self.training else self.attention_dropout,
                                  scaling=self.scaling, sliding_window=sliding, **kwargs)

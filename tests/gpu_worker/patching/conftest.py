@@ -21,10 +21,15 @@ def tiny_config(model_type: str = "llama", **overrides):
 
     kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
-    if model_type in ("qwen3",):
+    if model_type in ("qwen3", "gemma", "gemma2", "gemma3_text"):
         kw["head_dim"] = 16
+    if model_type in ("gemma2", "gemma3_text"):
+        kw["sliding_window"] = 8  # shorter than the test sequences: the sliding layers really slide
     kw.update(overrides)
-    return AutoConfig.for_model(model_type, **kw)
+    config = AutoConfig.for_model(model_type, **kw)
+    if model_type == "gemma2":
+        config._attn_implementation = "eager"  # attention softcapping: HF's eager path implements it
+    return config
 
 
 def build_lora_model(config, device="cpu", dtype=torch.float32, seed=0):

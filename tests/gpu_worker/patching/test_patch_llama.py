@@ -33,7 +33,7 @@ def _step(model, x, labels, device, **kw):
     return loss.detach()
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"])
 @pytest.mark.parametrize("memory_mode", ["off", "checkpointing", "offload"])
 @pytest.mark.parametrize("device,impl", DEVICES_IMPLS)
 def test_patched_matches_stock(model_type, memory_mode, device, impl):
