@@ -171,3 +171,24 @@ def test_a_pool_on_an_unknown_gpu_class_fails_rendering_with_its_name():
     values = {**CELERY, "workers": {"pools": [{"name": "a100", "gpuClass": "a100", "kind": "single-gpu", "replicas": 1, "gpus": 1}]}}
     with pytest.raises(helm.HelmRenderError, match='gpuClass "a100" is not in fleet.classes'):
         render(values)
+
+
+def test_every_deployable_starts_from_the_rendered_environment(monkeypatch, tmp_path):
+    """The ConfigMap plus the referenced Secrets' keys are a complete production configuration for
+    the API, the gateway, the scheduler and the training Jobs (each refuses to start otherwise)."""
+    from api.settings import ApiSettings
+    from scheduler.settings import Settings
+    from serving.settings import ServingSettings
+
+    docs = render()
+    for key, value in _config(docs).items():
+        monkeypatch.setenv(key, value)
+    # what the Secrets would inject (the chart only names them)
+    monkeypatch.setenv("TUNEFORGE_DATABASE_URL", "postgresql+psycopg://u:p@db:5432/tuneforge")
+    monkeypatch.setenv("TUNEFORGE_BROKER_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("TUNEFORGE_DATA_DIR", str(tmp_path))  # /data in the pods
+    api, serving, scheduler = ApiSettings(), ServingSettings(), Settings()
+    assert api.environment == serving.environment == scheduler.environment == "production"
+    assert api.serving_url == "http://tf-tuneforge-gateway:8001"
+    assert serving.engines == {"meta-llama/Llama-3.1-8B-Instruct": ["http://tf-tuneforge-vllm-llama-8b:8000"]}
+    assert api.base_models == ["meta-llama/Llama-3.1-8B-Instruct"] and api.storage_url.startswith("s3://")
