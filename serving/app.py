@@ -8,6 +8,7 @@ import contextlib
 import httpx
 from fastapi import FastAPI
 
+from serving import adapter_routes
 from serving.database import Database
 from serving.engines import EnginePool
 from serving.errors import install_error_handlers
@@ -42,5 +43,6 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(adapter_routes.router)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

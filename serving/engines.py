@@ -229,3 +229,44 @@ class EnginePool:
             raise _ReplicaUnavailable(reachable=True)
         log.error("adapter load failed", engine=replica.url, adapter=adapter.id, status=response.status_code, message=message)
         raise EngineError(f"The inference engine could not load model `{adapter.id}`.")
+
+    async def check_adapter(self, base: str, lora_path: str) -> tuple[int, Any]:
+        """Ask a replica of ``base`` to verify an adapter (``/v1/tuneforge/check_adapter``, built-in engine
+        only): (status, JSON body). 404 means the engine has no such route (vLLM)."""
+        for replica in self._candidates(ResolvedModel(name=base, base=base)):
+            request = self.client.build_request(
+                "POST",
+                replica.url + "/v1/tuneforge/check_adapter",
+                json={"lora_path": lora_path},
+                timeout=httpx.Timeout(self._timeout.connect, read=self._load_timeout, write=self._load_timeout, pool=self._timeout.pool),
+            )
+            try:
+                response = await self._send(replica, request)
+            except _ReplicaUnavailable:
+                continue
+            body = await response.aread()
+            await response.aclose()
+            if response.status_code == 503:
+                continue
+            try:
+                return response.status_code, json.loads(body)
+            except ValueError:
+                return response.status_code, {"error": {"message": engine_message(body)}}
+        raise EngineUnavailable(f"No inference engine for model `{base}` is reachable to check the adapter.")
+
+    async def unload_everywhere(self, base: str, adapter_id: str) -> list[str]:
+        """Tell every replica of ``base`` to drop ``adapter_id`` (deleted or demoted); the replicas that
+        could not be told (down: they lose it on restart anyway). Unknown-to-the-engine is fine."""
+        missed = []
+        for replica in self.replicas(base):
+            replica.loaded.discard(adapter_id)
+            try:
+                response = await self.client.post(replica.url + "/v1/unload_lora_adapter", json={"lora_name": adapter_id})
+            except httpx.HTTPError as exc:
+                log.warning("could not unload adapter", engine=replica.url, adapter=adapter_id, error=repr(exc))
+                missed.append(replica.url)
+                continue
+            if response.status_code not in (200, 404) and not (response.status_code == 400 and "not" in engine_message(response.content).lower()):
+                log.warning("engine refused to unload adapter", engine=replica.url, adapter=adapter_id, status=response.status_code)
+                missed.append(replica.url)
+        return missed

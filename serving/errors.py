@@ -44,6 +44,22 @@ class AuthenticationFailed(ServingError):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
+class PermissionDenied(ServingError):
+    status_code = 403
+    type = "invalid_request_error"
+    code = "insufficient_permissions"
+
+
+class RateLimited(ServingError):
+    """A key's request rate or the org's token quota is spent: 429 with the seconds to wait."""
+
+    status_code = 429
+    type = "requests"
+
+    def __init__(self, message: str, *, retry_after: float, code: str):
+        super().__init__(message, code=code, headers={"Retry-After": str(max(1, int(-(-retry_after // 1))))})
+
+
 class ModelNotFound(ServingError):
     status_code = 404
     type = "invalid_request_error"

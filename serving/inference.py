@@ -15,7 +15,7 @@ import structlog
 from starlette.responses import Response
 
 from scheduler.tenancy import Principal
-from serving import registry
+from serving import adapter_registry, registry
 from serving.database import Database
 from serving.engines import EnginePool
 from serving.errors import EngineError, EngineTimeout
@@ -48,8 +48,14 @@ class InferenceContext:
 async def complete(ctx: InferenceContext, endpoint: Endpoint, body: ChatCompletionRequest | CompletionRequest) -> Response:
     base_models = ctx.settings.base_models
     target = await ctx.db.run(lambda session: registry.resolve(session, ctx.principal, body.model, base_models))
+    if target.adapter is not None and not target.adapter.checked:
+        report = await adapter_registry.ensure_checked(ctx.settings, ctx.db, ctx.engines, ctx.principal.org_id, target.adapter.id)
+        if not report["passed"]:
+            raise adapter_registry.AdapterIncompatible(body.model, report.get("reason", "its compatibility check failed"))
     meter = Meter(ctx.db, ctx.metrics, ctx.principal, ctx.request_id, target)
-    upstream = await ctx.engines.open(target, endpoint.value, body.upstream_payload(), request_id=ctx.request_id)
+    payload = body.upstream_payload()
+    payload["model"] = target.name  # a versionless name runs on its active version's lora_name
+    upstream = await ctx.engines.open(target, endpoint.value, payload, request_id=ctx.request_id)
     log.info("forwarding", model=target.name, base=target.base, engine=upstream.replica.url, stream=bool(body.stream))
     if body.stream:
         return RelayResponse(StreamRelay(upstream, meter, wants_usage=body.wants_usage_chunk))

@@ -65,3 +65,37 @@ class ModelPublic(BaseModel):
 class ModelsPublic(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelPublic]
+
+
+class AdapterVersionPublic(BaseModel):
+    id: str  # the version's own model name (pinned)
+    object: Literal["adapter.version"] = "adapter.version"
+    version: int | None  # None until its compatibility check passed
+    status: Literal["unchecked", "incompatible", "ready", "active"]
+    created: int
+    compatibility: dict[str, Any] | None
+
+
+class AdapterPublic(BaseModel):
+    id: str  # the versionless name; requests for it run on the active version
+    object: Literal["adapter"] = "adapter"
+    base_model: str
+    active_version: str | None
+    versions: list[AdapterVersionPublic]
+
+
+class AdaptersPublic(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterPublic]
+
+
+class AdapterPromote(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)  # the version id to make active
+
+
+class AdapterChange(BaseModel):
+    name: str
+    previous: str | None
+    active: str | None

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from scheduler.models import Adapter, Organization
+from scheduler.models import Adapter, AdapterAlias, Organization
 from scheduler.tenancy import Principal
+from serving import adapter_registry
 from serving.errors import ModelNotFound
 from serving.protocol import ModelPublic, ModelsPublic
 
@@ -21,8 +22,9 @@ SYSTEM_OWNER = "system"
 
 @dataclass(frozen=True)
 class AdapterRef:
-    id: str  # the fine-tuned model name; also the engine's ``lora_name``
+    id: str  # the version's fine-tuned model name; also the engine's ``lora_name``
     storage_key: str
+    checked: bool = True  # False until the registry's compatibility check has run
 
     @property
     def lora_path(self) -> str:
@@ -42,9 +44,14 @@ def resolve(session: Session, principal: Principal, model: str, base_models: lis
     if model in base_models:
         return ResolvedModel(name=model, base=model)
     if model.startswith(FINE_TUNED_PREFIX):
-        row = session.scalar(select(Adapter).where(Adapter.id == model, Adapter.org_id == principal.org_id))
+        # A version id (pinned) or a versionless name (its active version); see serving.adapter_registry.
+        row = adapter_registry.find(session, principal.org_id, model)
         if row is not None:
-            return ResolvedModel(name=row.id, base=row.base_model, adapter=AdapterRef(id=row.id, storage_key=row.storage_key))
+            report = row.compatibility
+            if report is not None and not report.get("passed"):
+                raise adapter_registry.AdapterIncompatible(model, report.get("reason", "its compatibility check failed"))
+            ref = AdapterRef(id=row.id, storage_key=row.storage_key, checked=report is not None)
+            return ResolvedModel(name=row.id, base=row.base_model, adapter=ref)
     raise ModelNotFound(model)
 
 
@@ -52,23 +59,28 @@ def list_models(session: Session, principal: Principal, base_models: list[str]) 
     # The catalog comes from configuration, which has no creation time: 0 says "unknown" honestly.
     data = [ModelPublic(id=name, created=0, owned_by=SYSTEM_OWNER) for name in base_models]
     rows = session.execute(
-        select(Adapter.id, Adapter.created_at, Organization.name)
+        select(Adapter.id, Adapter.created_at, Adapter.compatibility, Organization.name)
         .join(Organization, Organization.id == Adapter.org_id)
-        .where(Adapter.org_id == principal.org_id)
+        .where(Adapter.org_id == principal.org_id, Adapter.deleted_at.is_(None))
         .order_by(Adapter.created_at, Adapter.id)
     )
-    data += [ModelPublic(id=id, created=int(created.timestamp()), owned_by=org_name) for id, created, org_name in rows]
+    servable = [(id, created, org_name) for id, created, report, org_name in rows if report is None or report.get("passed")]
+    data += [ModelPublic(id=id, created=int(created.timestamp()), owned_by=org_name) for id, created, org_name in servable]
+    aliases = session.execute(
+        select(AdapterAlias.name, AdapterAlias.updated_at, Organization.name)
+        .join(Organization, Organization.id == AdapterAlias.org_id)
+        .where(AdapterAlias.org_id == principal.org_id)
+        .order_by(AdapterAlias.name)
+    )
+    data += [ModelPublic(id=name, created=int(updated.timestamp()), owned_by=org_name) for name, updated, org_name in aliases]
     return ModelsPublic(data=data)
 
 
 def get_model(session: Session, principal: Principal, model: str, base_models: list[str]) -> ModelPublic:
     if model in base_models:
         return ModelPublic(id=model, created=0, owned_by=SYSTEM_OWNER)
-    row = session.execute(
-        select(Adapter.id, Adapter.created_at, Organization.name)
-        .join(Organization, Organization.id == Adapter.org_id)
-        .where(Adapter.id == model, Adapter.org_id == principal.org_id)
-    ).first()
+    row = adapter_registry.find(session, principal.org_id, model) if model.startswith(FINE_TUNED_PREFIX) else None
     if row is None:
         raise ModelNotFound(model)
-    return ModelPublic(id=row.id, created=int(row.created_at.timestamp()), owned_by=row.name)
+    org = session.get(Organization, row.org_id)
+    return ModelPublic(id=model, created=int(row.created_at.timestamp()), owned_by=org.name)

@@ -27,6 +27,13 @@ class ServingSettings(Settings):
     # After a replica refuses a connection it is tried last for this long (it is likely restarting).
     replica_cooldown_s: float = 10.0
 
+    # The platform's serving limit on LoRA rank: vLLM's --max-lora-rank and the registry's check use it.
+    max_lora_rank: int = Field(64, ge=1, le=512)
+    # Layers the engines serve LoRA on (vLLM's punica kernels: the linear projections of the decoder).
+    supported_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]
+    )
+
     @field_validator("engines")
     @classmethod
     def _clean_engine_urls(cls, engines: dict[str, list[str]]) -> dict[str, list[str]]:

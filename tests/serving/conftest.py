@@ -20,6 +20,7 @@ from fake_vllm import EngineState, create_engine_app
 from scheduler.jobs import fine_tuned_model_name
 from scheduler.models import Adapter, Job, JobStatus, UsageRecord
 from scheduler.settings import BUILTIN_BASE_MODEL
+from serving.adapter_registry import record_check
 from serving.app import create_app
 from serving.database import Database
 from serving.deps import get_database
@@ -166,13 +167,18 @@ def gateway(test_db, data_dir, pg_url):
 def make_adapter(db_session):
     """make_adapter(org, base=..., suffix=...) -> the fine-tuned model name, registered for org."""
 
-    def make(org, base: str = BUILTIN_BASE_MODEL, suffix: str = "demo") -> str:
+    def make(org, base: str = BUILTIN_BASE_MODEL, suffix: str = "demo", checked: bool = True, storage_key: str | None = None) -> str:
+        """``checked``: registered as version 1 of its name, as if its compatibility check had passed;
+        otherwise as the agent leaves it (the check runs at first use)."""
         job = Job(org_id=org.id, model=base, training_file_id="file-test", seed=0, method={"type": "supervised"}, spec={}, status=JobStatus.succeeded)
         db_session.add(job)
         db_session.flush()
         name = fine_tuned_model_name(base, org.name, suffix, job.id)
-        db_session.add(Adapter(id=name, org_id=org.id, job_id=job.id, base_model=base, storage_key=f"adapters/{job.id}", manifest={}))
+        adapter = Adapter(id=name, org_id=org.id, job_id=job.id, base_model=base, storage_key=storage_key or f"adapters/{job.id}", manifest={})
+        db_session.add(adapter)
         db_session.flush()
+        if checked:
+            record_check(db_session, org.id, name, {"passed": True, "static": {}, "logits": {"status": "not_checked"}})
         return name
 
     return make

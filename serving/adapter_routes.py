@@ -1,0 +1,60 @@
+"""The adapter registry's admin routes: list an org's fine-tuned models with their versions, run the
+compatibility check, promote a version, roll back, delete (and unload everywhere). Reading is open to
+every role of the org; changing needs the admin role. Logic lives in ``serving.adapter_registry``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from scheduler.models import Role
+from scheduler.tenancy import Principal
+from serving import adapter_registry
+from serving.deps import CurrentPrincipal, DatabaseDep, EnginesDep, SettingsDep
+from serving.errors import PermissionDenied
+from serving.protocol import AdapterChange, AdapterPromote, AdaptersPublic
+
+router = APIRouter(prefix="/v1/adapters")
+
+
+def _require_admin(principal: Principal) -> None:
+    if not principal.has(Role.admin):
+        raise PermissionDenied("Changing the adapter registry needs an admin key of the organization.")
+
+
+@router.get("", response_model=AdaptersPublic)
+async def list_adapters(principal: CurrentPrincipal, db: DatabaseDep) -> AdaptersPublic:
+    return await db.run(lambda s: adapter_registry.list_adapters(s, principal))
+
+
+# ``:path`` because model names hold slashes ("ft:org/model:..."); the suffix route is matched first.
+@router.post("/{model:path}/check")
+async def check(model: str, principal: CurrentPrincipal, db: DatabaseDep, engines: EnginesDep, settings: SettingsDep) -> dict:
+    _require_admin(principal)
+    row = await db.run(lambda s: getattr(adapter_registry.find(s, principal.org_id, model), "id", None))
+    if row is None:
+        raise adapter_registry.ModelNotFound(model)
+    return await adapter_registry.ensure_checked(settings, db, engines, principal.org_id, row)
+
+
+@router.post("/{name:path}/promote", response_model=AdapterChange)
+async def promote(name: str, body: AdapterPromote, principal: CurrentPrincipal, db: DatabaseDep, engines: EnginesDep) -> AdapterChange:
+    _require_admin(principal)
+    previous = await db.run(lambda s: adapter_registry.promote(s, principal, name, body.model))
+    return AdapterChange(name=name, previous=previous, active=body.model)
+
+
+@router.post("/{name:path}/rollback", response_model=AdapterChange)
+async def rollback(name: str, principal: CurrentPrincipal, db: DatabaseDep) -> AdapterChange:
+    _require_admin(principal)
+    current, active = await db.run(lambda s: adapter_registry.rollback(s, principal, name))
+    return AdapterChange(name=name, previous=current, active=active)
+
+
+@router.delete("/{model:path}")
+async def delete(model: str, principal: CurrentPrincipal, db: DatabaseDep, engines: EnginesDep) -> dict:
+    _require_admin(principal)
+    deleted = await db.run(lambda s: adapter_registry.delete(s, principal, model))
+    # The database no longer resolves them, so no gateway sends new requests; now free the engines.
+    for base, adapter_id in deleted:
+        await engines.unload_everywhere(base, adapter_id)
+    return {"id": model, "object": "adapter.deleted", "deleted": True, "versions": [adapter_id for _, adapter_id in deleted]}

@@ -1,0 +1,155 @@
+"""The adapter registry through the gateway: a versionless name runs its active version, promote and
+rollback move it, delete unloads the version on every replica and makes it a 404, the compatibility
+check runs at first use and refuses what cannot be served, and only the org's admins change anything."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from gpu_worker.storage import LocalStore
+from scheduler.models import Role
+from scheduler.settings import BUILTIN_BASE_MODEL
+from serving.compatibility import Incompatible, check_files
+
+pytestmark = pytest.mark.integration
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def name_of(version: str) -> str:
+    return version.rsplit(":", 1)[0]
+
+
+def test_name_runs_active_version_promote_rollback(engines, gateway, make_org, make_adapter):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    org, key = make_org()
+    v1, v2 = make_adapter(org), make_adapter(org)
+    client, name = gw.client(key), name_of(v1)
+    assert name == name_of(v2)
+
+    listed = gw.http().get("/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    assert [(a["id"], a["active_version"], [(v["id"], v["version"], v["status"]) for v in a["versions"]]) for a in listed] == [
+        (name, v1, [(v1, 1, "active"), (v2, 2, "ready")])
+    ]
+    client.chat.completions.create(model=name, messages=MESSAGES)
+    assert engine.state.served[-1] == v1
+
+    admin = {"Authorization": f"Bearer {key}"}
+    answer = gw.http().post(f"/v1/adapters/{name}/promote", json={"model": v2}, headers=admin)
+    assert answer.status_code == 200 and answer.json() == {"name": name, "previous": v1, "active": v2}
+    client.chat.completions.create(model=name, messages=MESSAGES)
+    assert engine.state.served[-1] == v2
+    client.chat.completions.create(model=v1, messages=MESSAGES)  # a version id stays pinned
+    assert engine.state.served[-1] == v1
+
+    answer = gw.http().post(f"/v1/adapters/{name}/rollback", headers=admin)
+    assert answer.json() == {"name": name, "previous": v2, "active": v1}
+    client.chat.completions.create(model=name, messages=MESSAGES)
+    assert engine.state.served[-1] == v1
+    again = gw.http().post(f"/v1/adapters/{name}/rollback", headers=admin)
+    assert again.status_code == 400 and again.json()["error"]["code"] == "no_previous_version"
+
+
+def test_delete_unloads_on_every_replica(engines, gateway, make_org, make_adapter):
+    e1, e2 = engines(), engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [e1.url, e2.url]})
+    org, key = make_org()
+    v1, v2 = make_adapter(org), make_adapter(org)
+    client = gw.client(key)
+    for _ in range(4):  # both replicas end up with v1 (routing spreads, then prefers loaded replicas)
+        client.chat.completions.create(model=v1, messages=MESSAGES)
+    for engine in (e1, e2):
+        engine.state.loaded.setdefault(v1, "store:x")
+
+    answer = gw.http().delete(f"/v1/adapters/{v1}", headers={"Authorization": f"Bearer {key}"})
+    assert answer.status_code == 200 and answer.json()["versions"] == [v1]
+    assert v1 not in e1.state.loaded and v1 not in e2.state.loaded
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=v1, messages=MESSAGES)
+    client.chat.completions.create(model=name_of(v1), messages=MESSAGES)  # the name fell back to v2
+    assert e1.state.served[-1:] == [v2] or e2.state.served[-1:] == [v2]
+
+    gw.http().delete(f"/v1/adapters/{name_of(v1)}", headers={"Authorization": f"Bearer {key}"})
+    for model in (v2, name_of(v1)):
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=model, messages=MESSAGES)
+
+
+def test_only_the_orgs_admins_change_the_registry(engines, gateway, make_org, make_adapter, db_session):
+    gw = gateway({BUILTIN_BASE_MODEL: [engines().url]})
+    org, admin_key = make_org()
+    from scheduler.tenancy import create_api_key
+
+    _, member_key = create_api_key(db_session, org, "member", Role.member)
+    _, other_key = make_org()
+    db_session.flush()
+    v1 = make_adapter(org)
+
+    member = gw.http().delete(f"/v1/adapters/{v1}", headers={"Authorization": f"Bearer {member_key}"})
+    assert member.status_code == 403 and member.json()["error"]["code"] == "insufficient_permissions"
+    other = gw.http().delete(f"/v1/adapters/{v1}", headers={"Authorization": f"Bearer {other_key}"})
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+    assert gw.http().get("/v1/adapters", headers={"Authorization": f"Bearer {other_key}"}).json()["data"] == []
+    assert gw.client(admin_key).chat.completions.create(model=v1, messages=MESSAGES).choices
+
+
+def _put_adapter(store: LocalStore, prefix: str, *, config: dict | None = None, tensors: dict | None = None, extra: dict | None = None) -> None:
+    config = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": BUILTIN_BASE_MODEL, **(config or {})}
+    store.put_bytes(f"{prefix}/adapter_config.json", json.dumps(config).encode())
+    tensors = tensors or {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": {"dtype": "F32", "shape": [8, 64], "data_offsets": [0, 2048]},
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": {"dtype": "F32", "shape": [64, 8], "data_offsets": [2048, 4096]},
+    }
+    header = json.dumps(tensors).encode()
+    store.put_bytes(f"{prefix}/adapter_model.safetensors", len(header).to_bytes(8, "little") + header + bytes(4096))
+    for name, data in (extra or {}).items():
+        store.put_bytes(f"{prefix}/{name}", data)
+
+
+def test_check_runs_at_first_use_and_refuses_pickles(engines, gateway, make_org, make_adapter, data_dir):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    store = LocalStore(data_dir / "objects")
+    org, key = make_org()
+    _put_adapter(store, "adapters/good")
+    _put_adapter(store, "adapters/bad", extra={"adapter_model.bin": b"pickle"})
+    good = make_adapter(org, suffix="good", checked=False, storage_key="adapters/good")
+    bad = make_adapter(org, suffix="bad", checked=False, storage_key="adapters/bad")
+
+    assert gw.client(key).chat.completions.create(model=good, messages=MESSAGES).choices
+    with pytest.raises(openai.BadRequestError) as err:
+        gw.client(key).chat.completions.create(model=bad, messages=MESSAGES)
+    assert err.value.code == "adapter_incompatible" and "pickle" in err.value.message
+    assert engine.state.load_requests[bad] == 0  # refused before any engine saw it
+    listed = {v["id"]: v for a in gw.http().get("/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()["data"] for v in a["versions"]}
+    assert listed[good]["status"] == "active" and listed[good]["compatibility"]["engine"] == "not_supported"  # vLLM-like: no check route
+    assert listed[bad]["status"] == "incompatible" and listed[bad]["version"] is None
+
+
+@pytest.mark.parametrize(
+    "change, code",
+    [
+        ({"config": {"r": 128}}, "rank_too_large"),
+        ({"config": {"target_modules": ["q_proj", "lm_head"]}}, "vocabulary_change"),
+        ({"config": {"target_modules": ["q_proj", "conv1d"]}}, "unsupported_modules"),
+        ({"tensors": {"base_model.model.lm_head.lora_A.weight": {"dtype": "F32", "shape": [8, 64], "data_offsets": [0, 2048]}}}, "vocabulary_change"),
+        ({"extra": {"sub/optimizer.pt": b"x"}}, "unsafe_adapter_format"),
+        ({"config": {"peft_type": "IA3"}}, "adapter_incompatible"),
+    ],
+)
+def test_static_check_rules(tmp_path, change, code):
+    store = LocalStore(tmp_path)
+    _put_adapter(store, "a", **change)
+    with pytest.raises(Incompatible) as err:
+        check_files(store, "a", max_rank=64, supported_modules=["q_proj", "v_proj"])
+    assert err.value.code == code
+
+
+def test_static_check_passes_and_reports_facts(tmp_path):
+    store = LocalStore(tmp_path)
+    _put_adapter(store, "a")
+    assert check_files(store, "a", max_rank=8, supported_modules=["q_proj", "v_proj"]) == {"rank": 8, "target_modules": ["q_proj", "v_proj"], "tensors": 2}
