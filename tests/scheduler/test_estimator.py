@@ -44,16 +44,19 @@ def _measured(file: str, spec_name: str) -> dict:
     return next(r for r in rows if r.get("spec") == spec_name and not r.get("error"))
 
 
-# (model, quantization, memory mode, kernels, bench file, bench config): every measured "ours" row and
-# three stock rows. The activation constants were fitted on the two "off" kernel rows and the stock 1B
-# row; every other row is a configuration the fit did not see.
+# (model, quantization, memory mode, kernels, bench file, bench config): the newest measurement of
+# every kernel-worker configuration, and three stock HF+PEFT rows. The activation constants were
+# fitted on the two v3 "off" rows and the stock 1B row; every other row is a configuration the fit did
+# not see. Checkpointing/offload/QLoRA rows are v2's: v3's checkpointing row (22.24 GB) measured a
+# regression that commit 8371217 fixed without a re-measurement (bench/results/2026-11-22-h100.md),
+# and v3 did not re-run QLoRA; v2 and v3 save the same tensors under recomputation.
 CASES = [
-    ("meta-llama/Llama-3.2-1B", "none", "off", True, "2026-11-22-h100-1B.json", "ours:1B:off"),
-    ("meta-llama/Llama-3.1-8B", "none", "off", True, "2026-11-22-h100-8B-off.json", "ours:8B:off"),
-    ("meta-llama/Llama-3.1-8B", "none", "checkpointing", True, "2026-11-22-h100-8B-ckpt.json", "ours:8B:on"),
-    ("meta-llama/Llama-3.1-8B", "none", "offload", True, "2026-11-22-h100-8B-ckpt.json", "ours:8B:offload"),
-    ("meta-llama/Llama-3.1-8B", "nf4", "checkpointing", True, "2026-11-22-h100-8B-qlora.json", "ours:8B:on:nf4"),
-    ("meta-llama/Llama-3.1-8B", "nf4", "offload", True, "2026-11-22-h100-8B-qlora.json", "ours:8B:offload:nf4"),
+    ("meta-llama/Llama-3.2-1B", "none", "off", True, "2026-11-22-h100-v3.json", "ours:1B:off"),
+    ("meta-llama/Llama-3.1-8B", "none", "off", True, "2026-11-22-h100-v3.json", "ours:8B:off"),
+    ("meta-llama/Llama-3.1-8B", "none", "checkpointing", True, "2026-11-22-h100-v2-ckpt-qlora.json", "ours:8B:on"),
+    ("meta-llama/Llama-3.1-8B", "none", "offload", True, "2026-11-22-h100-v2-ckpt-qlora.json", "ours:8B:offload"),
+    ("meta-llama/Llama-3.1-8B", "nf4", "checkpointing", True, "2026-11-22-h100-v2-ckpt-qlora.json", "ours:8B:on:nf4"),
+    ("meta-llama/Llama-3.1-8B", "nf4", "offload", True, "2026-11-22-h100-v2-ckpt-qlora.json", "ours:8B:offload:nf4"),
     ("meta-llama/Llama-3.2-1B", "none", "off", False, "2026-11-22-h100-1B.json", "hf:1B:off"),
     ("meta-llama/Llama-3.1-8B", "none", "checkpointing", False, "2026-11-22-h100-8B-ckpt.json", "hf:8B:on"),
     ("meta-llama/Llama-3.1-8B", "nf4", "checkpointing", False, "2026-11-22-h100-8B-qlora.json", "hf:8B:on:nf4"),
@@ -69,10 +72,32 @@ def test_predicted_peak_memory_within_5_percent_of_measured(model, quant, mode, 
     assert predicted == pytest.approx(row["peak_gb"], rel=0.05), f"{name}: predicted {predicted:.2f} GB, measured {row['peak_gb']:.2f} GB"
 
 
+def test_the_newest_kernel_measurements_stay_close():
+    """Drift guard: when a new benchmark run shows the kernels saving different tensors, the constants
+    need a re-fit. 12%: the newest 8B checkpointing row is the documented +2.2 GB regression (fixed,
+    not re-measured); a change like v1 → v3 (52.5 → 41.9 GB at 8B) is far outside."""
+    models = {"1B": "meta-llama/Llama-3.2-1B", "8B": "meta-llama/Llama-3.1-8B"}
+    modes = {"off": "off", "on": "checkpointing", "offload": "offload"}
+    newest: dict[tuple, tuple[str, dict]] = {}
+    for path in BENCH.glob("*.json"):
+        data = json.loads(path.read_text())
+        for r in data["results"]:
+            if r.get("method") == "ours" and not r.get("error") and r.get("ckpt") in modes and r.get("shape") in models:
+                key = (r["shape"], r["ckpt"], r.get("quant", "none"), r["batch"], r["seq"])
+                if key not in newest or data["date"] > newest[key][0]:
+                    newest[key] = (data["date"], r)
+    assert len(newest) >= 6
+    for (shape, ckpt, quant, batch, seq), (_, r) in newest.items():
+        mode = modes[ckpt]
+        predicted = estimate_memory(spec(models[shape], quant, mode, batch=batch, seq=seq), read_model_facts(models[shape]),
+                                    Layout(memory_mode=mode, micro_batch=batch)).gb
+        assert predicted == pytest.approx(r["peak_gb"], rel=0.12), f"{r['spec']}: predicted {predicted:.2f}, measured {r['peak_gb']:.2f}"
+
+
 @pytest.mark.parametrize("model,shape", [("meta-llama/Llama-3.2-1B", "1B"), ("meta-llama/Llama-3.1-8B", "8B")])
 def test_parameter_counts_match_the_bench(model, shape):
     facts = read_model_facts(model)
-    row = _measured(f"2026-11-22-h100-{shape}{'' if shape == '1B' else '-off'}.json", f"ours:{shape}:off")
+    row = _measured("2026-11-22-h100-v3.json", f"ours:{shape}:off")
     assert facts.matmul_params == row["n_matmul_params"]
     assert trainable_params(spec(model), facts) == row["trainable_params"]
 
@@ -113,7 +138,7 @@ def test_dora_adds_a_magnitude_vector_per_target():
 def test_throughput_reproduces_the_measured_row_and_scales_with_the_gpu():
     ms = load_measurements(BENCH)
     facts = read_model_facts("meta-llama/Llama-3.1-8B")
-    row = _measured("2026-11-22-h100-8B-ckpt.json", "ours:8B:on")
+    row = _measured("2026-11-22-h100-v3.json", "ours:8B:on")  # the newest run of this configuration
     tp = estimate_throughput(spec(mode="checkpointing"), facts, "checkpointing", row["peak_tflops"], 1, None, False, ms)
     assert tp.tokens_per_s == pytest.approx(row["tokens_per_s"], rel=0.01)
     half = estimate_throughput(spec(mode="checkpointing"), facts, "checkpointing", row["peak_tflops"] / 2, 1, None, False, ms)
