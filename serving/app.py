@@ -12,6 +12,7 @@ from serving import adapter_routes
 from serving.database import Database
 from serving.engines import EnginePool
 from serving.errors import install_error_handlers
+from serving.limits import Limiter, MemoryBuckets, RedisBuckets
 from serving.metrics import GatewayMetrics
 from serving.middleware import RequestContextMiddleware
 from serving.routes import router
@@ -29,18 +30,23 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
         on_adapter_load=lambda base: metrics.adapter_loads.labels(model=base).inc(),
     )
 
+    buckets = RedisBuckets(settings.rate_limit_url) if settings.rate_limit_url else MemoryBuckets()
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         try:
             yield
         finally:
             await engines.aclose()
+            if isinstance(buckets, RedisBuckets):
+                await buckets.aclose()
 
     app = FastAPI(title="Tuneforge inference gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.database = Database.from_url(settings.database_url)
     app.state.engines = engines
     app.state.metrics = metrics
+    app.state.limiter = Limiter(buckets)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(adapter_routes.router)

@@ -16,6 +16,7 @@ from serving.database import Database
 from serving.engines import EnginePool
 from serving.errors import AuthenticationFailed
 from serving.inference import InferenceContext
+from serving.limits import Limiter
 from serving.metrics import GatewayMetrics
 from serving.settings import ServingSettings
 
@@ -36,6 +37,10 @@ async def get_metrics(request: Request) -> GatewayMetrics:
     return request.app.state.metrics
 
 
+async def get_limiter(request: Request) -> Limiter:
+    return request.app.state.limiter
+
+
 async def get_request_id(request: Request) -> str:
     return request.state.request_id  # set by serving.middleware for every request
 
@@ -45,6 +50,7 @@ DatabaseDep = Annotated[Database, Depends(get_database)]
 EnginesDep = Annotated[EnginePool, Depends(get_engines)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
+LimiterDep = Annotated[Limiter, Depends(get_limiter)]
 
 
 async def get_principal(request: Request, db: DatabaseDep) -> Principal:
@@ -62,8 +68,16 @@ CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
 async def get_inference_context(
-    principal: CurrentPrincipal, request_id: RequestIdDep, settings: SettingsDep, db: DatabaseDep, engines: EnginesDep, metrics: MetricsDep
+    principal: CurrentPrincipal,
+    request_id: RequestIdDep,
+    settings: SettingsDep,
+    db: DatabaseDep,
+    engines: EnginesDep,
+    metrics: MetricsDep,
+    limiter: LimiterDep,
 ) -> InferenceContext:
+    # Admission before anything else: a limited caller costs no model lookup and no engine time.
+    await limiter.check(db, principal)
     return InferenceContext(principal=principal, request_id=request_id, settings=settings, db=db, engines=engines, metrics=metrics)
 
 

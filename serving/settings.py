@@ -27,6 +27,8 @@ class ServingSettings(Settings):
     # After a replica refuses a connection it is tried last for this long (it is likely restarting).
     replica_cooldown_s: float = 10.0
 
+    # Redis for the per-key rate-limit buckets shared by all gateway replicas; empty: in this process.
+    rate_limit_url: str = ""
     # The platform's serving limit on LoRA rank: vLLM's --max-lora-rank and the registry's check use it.
     max_lora_rank: int = Field(64, ge=1, le=512)
     # Layers the engines serve LoRA on (vLLM's punica kernels: the linear projections of the decoder).
