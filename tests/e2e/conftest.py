@@ -22,9 +22,9 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
     colours = {"banana": "yellow", "cherry": "red", "lime": "green", "plum": "purple", "orange": "orange", "kiwi": "brown"}
     rng = random.Random(seed)
     rows = []
-    for _ in range(n):
+    for i in range(n):  # distinct rows: the trainer drops exact duplicates
         fruit = rng.choice(sorted(colours))
-        rows.append({"messages": [{"role": "user", "content": f"What colour is a {fruit}?"}, {"role": "assistant", "content": colours[fruit]}]})
+        rows.append({"messages": [{"role": "user", "content": f"Question {i}: what colour is a {fruit}?"}, {"role": "assistant", "content": colours[fruit]}]})
     return rows
 
 
