@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from api.errors import PermissionDenied, Unauthorized
 from api.settings import ApiSettings
 from gpu_worker.storage import ObjectStore
+from scheduler.fleet import Fleet, get_fleet
 from scheduler.tenancy import Principal, authenticate_key
 
 
@@ -30,7 +31,13 @@ def get_store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
+def get_fleet_dep(request: Request) -> Fleet:
+    """The GPU fleet jobs are planned against: the app's own (tests, embedders) or the configured one."""
+    return getattr(request.app.state, "fleet", None) or get_fleet()
+
+
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+FleetDep = Annotated[Fleet, Depends(get_fleet_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 

@@ -19,7 +19,7 @@ from gpu_worker.contract import JobSpec, Method
 from scheduler.estimator import UnknownModel
 from scheduler.fleet import Fleet
 from scheduler.models import File, new_id
-from scheduler.routing import JobEstimate, Plan, Unplaceable, estimate_job, route
+from scheduler.routing import JobEstimate, Plan, estimate_job
 from scheduler.tenancy import Principal
 
 # Tokens are estimated from file size: about 4 bytes of English text per token, and the JSONL's keys
@@ -65,14 +65,6 @@ def plan_public(plan: Plan) -> PlanPublic:
     )
 
 
-def placement(spec: JobSpec, fleet: Fleet) -> Plan:
-    """The plan for a job about to be created; a job that fits nowhere is a 400 saying what would."""
-    try:
-        return route(spec, None, fleet)
-    except Unplaceable as e:
-        raise InvalidRequest(f"This job does not fit the platform's GPUs: {e}.", param="model", code="unplaceable") from None
-
-
 def estimated_tokens(spec: JobSpec, files: list[File]) -> int:
     """Tokens the job processes over all epochs (what its time depends on): file bytes /
     BYTES_PER_TOKEN, at most max_seq_length per example; GRPO processes each prompt with each of its
@@ -108,7 +100,7 @@ def estimate(session: Session, settings: ApiSettings, principal: Principal, body
     spec, _ = jobs.build_spec(session, principal, body, new_id("ftjob-"), body.seed or 0, training, validation)
     extra_keys = {t.key for t in spec.data.extra_training_files}
     extra = list(session.scalars(select(File).where(File.org_id == principal.org_id, File.storage_key.in_(extra_keys)))) if extra_keys else []
-    placement(spec, fleet)
+    jobs.placement(spec, fleet)
     try:
         est: JobEstimate = estimate_job(spec, estimated_tokens(spec, [training, *extra]), fleet)
     except UnknownModel as e:

@@ -39,8 +39,10 @@ from gpu_worker.contract import (
     Runtime,
     TrainingFile,
 )
+from scheduler.fleet import Fleet
 from scheduler.jobs import add_event, fine_tuned_model_name, request_cancel
 from scheduler.models import Checkpoint, File, Job, JobEvent, JobStatus, Organization, new_id
+from scheduler.routing import Plan, Unplaceable, route
 from scheduler.tenancy import Principal
 
 log = logging.getLogger("api.jobs")
@@ -164,7 +166,15 @@ def build_spec(session: Session, principal: Principal, body: JobCreate, job_id: 
     return spec, resolved
 
 
-def create_job(session: Session, settings: ApiSettings, principal: Principal, body: JobCreate) -> JobPublic:
+def placement(spec: JobSpec, fleet: Fleet) -> Plan:
+    """Where the job would run; a job that fits nowhere in the fleet is a 400 saying what would."""
+    try:
+        return route(spec, None, fleet)
+    except Unplaceable as e:
+        raise InvalidRequest(f"This job does not fit the platform's GPUs: {e}.", param="model", code="unplaceable") from None
+
+
+def create_job(session: Session, settings: ApiSettings, principal: Principal, body: JobCreate, fleet: Fleet) -> JobPublic:
     if body.model not in settings.base_models:
         raise InvalidRequest(
             f"Model {body.model!r} is not available for fine-tuning. Available: {', '.join(settings.base_models)}.",
@@ -176,6 +186,7 @@ def create_job(session: Session, settings: ApiSettings, principal: Principal, bo
     job_id = new_id("ftjob-")
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     spec, resolved = build_spec(session, principal, body, job_id, seed, training, validation)
+    plan = placement(spec, fleet)
     job = Job(
         id=job_id,
         org_id=principal.org_id,
@@ -193,6 +204,7 @@ def create_job(session: Session, settings: ApiSettings, principal: Principal, bo
         session.add(job)
         session.flush()
         add_event(session, job, f"Created fine-tuning job: {job_id}")
+        add_event(session, job, f"Planned for a {plan.worker_kind} worker: " + "; ".join(plan.reasons), data={"plan": plan.to_dict()})
         session.commit()
     except BaseException:
         session.rollback()

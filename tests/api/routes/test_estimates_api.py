@@ -13,7 +13,6 @@ from sqlalchemy import func, select
 from api.services.estimates import BYTES_PER_TOKEN
 from scheduler.fleet import parse_fleet
 from scheduler.models import File, Job
-
 from tests.api.conftest import chat_line
 
 FLEET = parse_fleet({"classes": [
@@ -83,6 +82,14 @@ def test_a_job_that_fits_nowhere_is_a_400_saying_what_would(client_a, upload, ap
     err = e.value.body
     assert (err["param"], err["code"]) == ("model", "unplaceable")
     assert "needs" in err["message"] and "fleet has 1×16 GB (t4)" in err["message"] and "try LoRA" in err["message"]
+
+
+def test_creating_a_job_that_fits_nowhere_is_refused_and_writes_nothing(client_a, upload, app, org_a, db_session):
+    app.state.fleet = SMALL
+    with pytest.raises(openai.BadRequestError) as e:
+        client_a.fine_tuning.jobs.create(model=LLAMA_1B, training_file=upload(), method=_hp(adapter_type="full", batch_size=8, max_seq_length=8192))
+    assert (e.value.body["param"], e.value.body["code"]) == ("model", "unplaceable")
+    assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
 
 
 @pytest.mark.parametrize("body,param", [

@@ -41,8 +41,9 @@ def test_create_resolves_auto_and_writes_job_spec_and_event(client_a, upload, or
     assert spec.output_prefix == f"orgs/{org_a[0].id}/jobs/{job.id}"
     assert spec.hyperparameters.learning_rate == pytest.approx(BASE_LORA_LEARNING_RATE)
     assert (spec.adapter.rank, spec.adapter.alpha, spec.adapter.target_modules) == (8, 16.0, ALL_TARGET_MODULES)
-    events = list(db_session.scalars(select(JobEvent).where(JobEvent.job_id == job.id)))
-    assert [e.message for e in events] == [f"Created fine-tuning job: {job.id}"]
+    events = list(db_session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.seq)))
+    assert [e.message for e in events][0] == f"Created fine-tuning job: {job.id}"
+    assert events[1].message.startswith("Planned for a single-gpu worker") and events[1].data["plan"]["worker_kind"] == "single-gpu"
 
 
 def test_explicit_method_hyperparameters_and_lora_extras_reach_the_spec(client_a, upload, db_session):
@@ -229,7 +230,8 @@ def test_events_newest_first_with_metrics_and_pagination(client_a, upload, db_se
     assert [e.message for e in events.data] == ["Step 3", "Step 2"] and events.has_more
     assert events.data[0].type == "metrics" and events.data[0].data == {"step": 3, "train_loss": 2.0 / 3, "valid_loss": None, "tokens": 300}
     everything = [e.message for e in client_a.fine_tuning.jobs.list_events(job.id, limit=2)]
-    assert everything == ["Step 3", "Step 2", "Step 1", "Validated training file; job queued", f"Created fine-tuning job: {job.id}"]
+    assert everything[:4] == ["Step 3", "Step 2", "Step 1", "Validated training file; job queued"]
+    assert everything[-1] == f"Created fine-tuning job: {job.id}" and len(everything) == 6  # and the plan
 
 
 def test_checkpoints_are_named_after_the_fine_tuned_model(client_a, upload, org_a, db_session):
