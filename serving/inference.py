@@ -58,7 +58,7 @@ async def complete(ctx: InferenceContext, endpoint: Endpoint, body: ChatCompleti
     upstream = await ctx.engines.open(target, endpoint.value, payload, request_id=ctx.request_id)
     log.info("forwarding", model=target.name, base=target.base, engine=upstream.replica.url, stream=bool(body.stream))
     if body.stream:
-        return RelayResponse(StreamRelay(upstream, meter, wants_usage=body.wants_usage_chunk))
+        return RelayResponse(StreamRelay(upstream, meter, wants_usage=body.wants_usage_chunk, wants_continuous=body.wants_continuous_usage))
     try:
         raw = await upstream.read()
     except httpx.TimeoutException as exc:

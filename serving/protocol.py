@@ -43,8 +43,19 @@ class _InferenceRequest(BaseModel):
         if self.stream:
             options = dict(payload.get("stream_options") or {})
             options["include_usage"] = True
+            # Usage on every chunk (vLLM's extension, also in the built-in engine): a client that leaves
+            # mid-stream is billed its prompt and the tokens generated so far, as the engine counted them.
+            options["continuous_usage_stats"] = True
             payload["stream_options"] = options
         return payload
+
+    @property
+    def wants_continuous_usage(self) -> bool:
+        return bool(self.wants_usage_chunk and (self.model_extra_options.get("continuous_usage_stats") is True))
+
+    @property
+    def model_extra_options(self) -> dict[str, Any]:
+        return dict(self.stream_options.model_extra or {}) if self.stream_options else {}
 
 
 class ChatCompletionRequest(_InferenceRequest):

@@ -68,10 +68,11 @@ def generated_tokens(choices: Any) -> int:
 
 
 class StreamRelay:
-    def __init__(self, upstream: Upstream, meter: Meter, *, wants_usage: bool):
+    def __init__(self, upstream: Upstream, meter: Meter, *, wants_usage: bool, wants_continuous: bool = False):
         self._upstream = upstream
         self._meter = meter
         self._wants_usage = wants_usage
+        self._wants_continuous = wants_continuous
         self._relayed_tokens = 0
         self._usage: tuple[int, int] | None = None
         self._engine_error = False
@@ -86,8 +87,14 @@ class StreamRelay:
                         # Bill before the client sees the end: once it has its answer, the record exists.
                         with anyio.CancelScope(shield=True):
                             await self._finish("engine_error" if self._engine_error else "ok")
-                    if data is None or data == DONE or self._forward(data):
+                    if data is None or data == DONE:
                         yield raw.encode()
+                        continue
+                    forward = self._forward(data)
+                    if forward is True:
+                        yield raw.encode()
+                    elif forward:
+                        yield forward.encode()
                 status = "engine_error" if self._engine_error else "ok"
             except httpx.HTTPError as exc:
                 log.warning("engine stream broke", error=repr(exc))
@@ -105,8 +112,9 @@ class StreamRelay:
             await self._upstream.aclose()
             await self._finish(status)
 
-    def _forward(self, data: str) -> bool:
-        """Account for one chunk; False if it must not reach the client."""
+    def _forward(self, data: str) -> bool | str:
+        """Account for one chunk: True to relay it as sent, False to drop it, or the event to send
+        instead (the chunk without the per-chunk usage the gateway asked for and the client did not)."""
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -118,17 +126,27 @@ class StreamRelay:
             return True
         counts = token_counts(chunk.get("usage"))
         if counts is not None:
+            # With continuous usage every chunk has the running count: the latest is what was generated.
             self._usage = counts
         choices = chunk.get("choices")
         self._relayed_tokens += generated_tokens(choices)
-        usage_only = counts is not None and not choices
-        return self._wants_usage or not usage_only
+        if counts is None or self._wants_continuous:
+            return True
+        if not choices:  # the final usage chunk
+            return self._wants_usage
+        # A running count the client did not ask for: OpenAI's chunks carry usage null (or none at all).
+        if self._wants_usage:
+            chunk["usage"] = None
+        else:
+            chunk.pop("usage", None)
+        return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 
     async def _finish(self, status: str) -> None:
         if self._finished:
             return
         self._finished = True
         if self._usage is not None:
+            # The engine's own count: final, or (continuous usage) as far as the stream got.
             prompt, completion = self._usage
         else:
             # No usage chunk (the client left first, or the engine broke): bill what was relayed.

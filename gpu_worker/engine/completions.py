@@ -96,15 +96,17 @@ class CompletionService:
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             return _event(ChatCompletionChunk(**meta, choices=choices, usage=usage).model_dump_json())
 
-        yield chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
+        running = _continuous(req)
+        yield chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))], Usage.of(prompt_tokens, 0) if running else None)
         async for event in _stream_body(stream, req, prompt_tokens):
             if isinstance(event, str):
                 yield event
             elif isinstance(event, Usage):
                 yield chunk([], event)
             else:
-                text, reason = event
-                yield chunk([ChatChunkChoice(delta=ChatDelta(content=text if text else None), finish_reason=reason)])
+                text, reason, count = event
+                usage = Usage.of(prompt_tokens, count) if running else None
+                yield chunk([ChatChunkChoice(delta=ChatDelta(content=text if text else None), finish_reason=reason)], usage)
 
     async def _completion_events(self, stream: DeltaStream, req: CompletionRequest, prompt_tokens: int) -> AsyncIterator[str]:
         meta = dict(id=new_id("cmpl"), created=now(), model=req.model)
@@ -114,8 +116,9 @@ class CompletionService:
             elif isinstance(event, Usage):
                 yield _event(Completion(**meta, choices=[], usage=event).model_dump_json())
             else:
-                text, reason = event
-                yield _event(Completion(**meta, choices=[CompletionChoice(text=text, finish_reason=reason)]).model_dump_json())
+                text, reason, count = event
+                usage = Usage.of(prompt_tokens, count) if _continuous(req) else None
+                yield _event(Completion(**meta, choices=[CompletionChoice(text=text, finish_reason=reason)], usage=usage).model_dump_json())
 
 
 async def _stream_body(stream: DeltaStream, req, prompt_tokens: int):
@@ -129,13 +132,17 @@ async def _stream_body(stream: DeltaStream, req, prompt_tokens: int):
                 yield _event(json.dumps(GenerationFailed(delta.error).body()))
                 break
             if delta.text or delta.finish_reason:
-                yield delta.text, delta.finish_reason
+                yield delta.text, delta.finish_reason, count
         else:
             if req.stream_options and req.stream_options.include_usage:
                 yield Usage.of(prompt_tokens, count)
         yield DONE
     finally:
         stream.close()  # aborts the request if the client went away mid-stream
+
+
+def _continuous(req) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage and req.stream_options.continuous_usage_stats)
 
 
 def _event(data: str) -> str:

@@ -21,6 +21,9 @@ class _Request(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    # vLLM's extension: usage (prompt tokens, completion tokens so far) on every chunk, so that a
+    # stream cut short still tells the gateway what it cost. Only with include_usage, as in vLLM.
+    continuous_usage_stats: bool = False
 
 
 class _SamplingFields(_Request):

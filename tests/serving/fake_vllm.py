@@ -35,6 +35,8 @@ class EngineState:
     not_found: int = 0  # completions refused because the model is not loaded
     streams_aborted: int = 0
     tokens_streamed: int = 0
+    # request id -> [prompt tokens, completion tokens generated]: what the engine would bill
+    counts: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _error(status: int, message: str, type: str, param: str | None = None) -> JSONResponse:
@@ -90,9 +92,14 @@ def create_engine_app(state: EngineState) -> FastAPI:
         prompt_text = _prompt_text(body, chat)
         words = reply_words(model, prompt_text, max_tokens)
         usage = {"prompt_tokens": len(prompt_text.split()), "completion_tokens": len(words), "total_tokens": len(prompt_text.split()) + len(words)}
+        request_id = request.headers.get("x-request-id", "")
         if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_stream(state, model, words, usage, chat, include_usage), media_type="text/event-stream")
+            options = body.get("stream_options") or {}
+            include_usage = bool(options.get("include_usage"))
+            continuous = include_usage and bool(options.get("continuous_usage_stats"))
+            state.counts[request_id] = count = [usage["prompt_tokens"], 0]
+            return StreamingResponse(_stream(state, model, words, usage, chat, include_usage, continuous, count), media_type="text/event-stream")
+        state.counts[request_id] = [usage["prompt_tokens"], usage["completion_tokens"]]
         await asyncio.sleep(state.token_delay_s * len(words))  # a non-streamed answer comes when all is generated
         text = " ".join(words)
         if chat:
@@ -114,11 +121,14 @@ def create_engine_app(state: EngineState) -> FastAPI:
     return app
 
 
-async def _stream(state: EngineState, model: str, words: list[str], usage: dict, chat: bool, include_usage: bool):
+async def _stream(state: EngineState, model: str, words: list[str], usage: dict, chat: bool, include_usage: bool, continuous: bool, count: list[int]):
     obj = "chat.completion.chunk" if chat else "text_completion"
-    extra = {"usage": None} if include_usage else {}
 
     def chunk(choices: list[dict]) -> str:
+        prompt, done = count
+        extra = {"usage": None} if include_usage else {}
+        if continuous:  # vLLM's continuous_usage_stats: the running count on every chunk
+            extra = {"usage": {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}}
         return "data: " + json.dumps({"id": "cmpl-fake", "object": obj, "created": 0, "model": model, "choices": choices, **extra}) + "\n\n"
 
     try:
@@ -130,6 +140,7 @@ async def _stream(state: EngineState, model: str, words: list[str], usage: dict,
             last = "length" if i == len(words) - 1 else None
             choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
             state.tokens_streamed += 1
+            count[1] += 1
             yield chunk([{**choice, "finish_reason": last}])
         if include_usage:
             yield "data: " + json.dumps({"id": "cmpl-fake", "object": obj, "created": 0, "model": model, "choices": [], "usage": usage}) + "\n\n"

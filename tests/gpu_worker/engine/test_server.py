@@ -259,3 +259,21 @@ def test_client_that_disconnects_mid_stream_frees_its_row(engine):
         time.sleep(0.01)
     assert not runner._running
     assert runner.stats.forward_passes - passes_before < 120
+
+
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "Monday Tuesday"})])
+def test_continuous_usage_counts_every_chunk(engine, path, body):
+    """vLLM's ``continuous_usage_stats``: each chunk carries the prompt and the tokens generated so far,
+    ending at the final usage; without it no chunk but the last has usage."""
+    request = {"model": TINY, **body, "max_tokens": 6, "stream": True, "temperature": 0}
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    with httpx.stream("POST", engine.url + path, json={**request, "stream_options": options}, timeout=60) as resp:
+        chunks = [json.loads(e.removeprefix("data: ")) for e in "".join(resp.iter_text()).split("\n\n")[:-2]]
+    usages = [c["usage"] for c in chunks]
+    assert all(u is not None for u in usages)
+    prompt = usages[-1]["prompt_tokens"]
+    assert prompt > 0 and all(u["prompt_tokens"] == prompt for u in usages)
+    completions = [u["completion_tokens"] for u in usages]
+    assert completions == sorted(completions) and completions[-1] == 6 == completions[-2]  # the last token's chunk, then the usage chunk
+    if path == "/v1/chat/completions":
+        assert completions[0] == 0  # the role chunk, before any token: the prompt is already counted
