@@ -7,6 +7,7 @@
     tuneforge engine     the built-in inference engine      (python -m gpu_worker.engine)
     tuneforge scheduler  the scheduler loop (embedded: with its in-process queue and worker)
     tuneforge worker     a Celery worker agent for one GPU queue (production)
+    tuneforge run-job    claim and run one job, then exit (the pod of a Kubernetes Job)
     tuneforge migrate    upgrade the database schema
     tuneforge create-key an API key for an organization
 
@@ -72,11 +73,31 @@ def cmd_scheduler(args) -> None:
         logging.getLogger("tuneforge.scheduler").info("scheduler running with an in-process queue and worker")
         loop.run_forever(settings, dispatcher, stop)
         agent.shutdown()
+    elif settings.scheduler_backend == "kube":
+        from scheduler.kube import KubeBackend, KubeDispatcher, KubeSettings, batch_api, reconcile
+
+        backend = KubeBackend(batch_api(), KubeSettings())
+        loop.run_forever(settings, KubeDispatcher(backend, settings.database_url), stop, interval=1.0, extra=lambda: reconcile(backend, settings.database_url))
     else:
         from scheduler.celery_app import make_celery
         from scheduler.dispatch import CeleryDispatcher
 
         loop.run_forever(settings, CeleryDispatcher(make_celery(settings)), stop, interval=1.0)
+
+
+def cmd_run_job(args) -> None:
+    """One job in this process (a Kubernetes Job's pod): claim it, train it, report, exit."""
+    from scheduler.agent import Agent
+
+    settings = get_settings()
+    agent = Agent(settings)
+    if not agent.offer(args.job_id):
+        print(f"job {args.job_id} is not queued (already taken, finished or cancelled): nothing to do")
+        return
+    stop = _stop_event()
+    while not agent.wait_idle(timeout=1.0):
+        if stop.is_set():  # pod eviction: checkpoint and hand the job back to the queue
+            agent.shutdown()
 
 
 def cmd_worker(args) -> None:
@@ -160,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("scheduler", help="run the scheduler loop")
     worker = sub.add_parser("worker", help="run a Celery worker agent")
     worker.add_argument("--queue", help="the GPU-class queue to consume")
+    run_job = sub.add_parser("run-job", help="claim and run one job, then exit (a Kubernetes Job's pod)")
+    run_job.add_argument("--job-id", required=True)
     sub.add_parser("migrate", help="upgrade the database schema")
     key = sub.add_parser("create-key", help="create an API key (printed once)")
     key.add_argument("--org", default="default")
@@ -171,5 +194,5 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in passthrough:
         _exec_module(passthrough[argv[0]], argv[1:])
     args = parser.parse_args(argv)
-    handlers = {"up": cmd_up, "demo": cmd_demo, "scheduler": cmd_scheduler, "worker": cmd_worker, "migrate": cmd_migrate, "create-key": cmd_create_key}
+    handlers = {"up": cmd_up, "demo": cmd_demo, "scheduler": cmd_scheduler, "worker": cmd_worker, "migrate": cmd_migrate, "run-job": cmd_run_job, "create-key": cmd_create_key}
     handlers[args.command](args)

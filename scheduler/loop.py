@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from datetime import datetime, timedelta
 
@@ -162,10 +163,13 @@ def tick(settings: Settings, dispatcher: Dispatcher) -> None:
     nudge_queued(settings, dispatcher)
 
 
-def run_forever(settings: Settings, dispatcher: Dispatcher, stop: threading.Event, interval: float = 0.5) -> None:
+def run_forever(settings: Settings, dispatcher: Dispatcher, stop: threading.Event, interval: float = 0.5, extra: Callable[[], object] | None = None) -> None:
+    """Tick until ``stop``; ``extra`` runs after each tick (the Kubernetes backend's reconcile)."""
     while not stop.is_set():
         try:
             tick(settings, dispatcher)
-        except Exception:  # keep scheduling through a database blip; the next tick retries
+            if extra is not None:
+                extra()
+        except Exception:  # keep scheduling through a database or API-server blip; the next tick retries
             log.exception("scheduler tick failed")
         stop.wait(interval)

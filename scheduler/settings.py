@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     lease_seconds: float = 30.0
     heartbeat_seconds: float = 5.0
     max_attempts: int = 3
+    # How queued jobs reach workers in production: Celery queues consumed by long-lived worker pools,
+    # or one Kubernetes Job per training job (scheduler.kube).
+    scheduler_backend: Literal["queue", "kube"] = "queue"
 
     @model_validator(mode="after")
     def _fill_defaults(self):

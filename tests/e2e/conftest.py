@@ -10,10 +10,11 @@ import time
 
 import pytest
 
+from gpu_worker.contract import Hyperparameters, JobSpec, Runtime
 from gpu_worker.storage import LocalStore
 from scheduler.db import session_scope
 from scheduler.migrate import upgrade
-from scheduler.models import Role
+from scheduler.models import File, Job, JobStatus, Role, new_id
 from scheduler.tenancy import create_api_key, get_or_create_org
 
 
@@ -75,3 +76,23 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
 @pytest.fixture
 def store(platform_env):
     return LocalStore(platform_env["TUNEFORGE_STORAGE_URL"])
+
+
+def create_job(url: str, org_id: str, store, status: JobStatus, epochs: int = 4) -> str:
+    """A job row (with its training file in the store) as the API would write it."""
+    key = f"orgs/{org_id}/files/train.jsonl"
+    rows = chat_rows(60)
+    store.put_bytes(key, jsonl(rows))
+    with session_scope(url) as session:
+        f = File(org_id=org_id, filename="train.jsonl", purpose="fine-tune", bytes=1, storage_key=key, examples=len(rows))
+        session.add(f)
+        session.flush()
+        job_id = new_id("ftjob-")
+        spec = JobSpec(
+            job_id=job_id, org_id=org_id, base_model="tuneforge-tiny", seed=3,
+            hyperparameters=Hyperparameters(n_epochs=epochs, batch_size=2, learning_rate=1e-3),
+            training_file_key=key, output_prefix=f"orgs/{org_id}/jobs/{job_id}",
+            runtime=Runtime(checkpoint_every_steps=5, use_kernels=False),
+        )
+        session.add(Job(id=job_id, org_id=org_id, model="tuneforge-tiny", training_file_id=f.id, seed=3, suffix="e2e", method={"type": "supervised"}, spec=spec.model_dump(mode="json"), status=status))
+    return job_id

@@ -14,12 +14,11 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from gpu_worker.contract import Hyperparameters, JobSpec, Runtime
 from gpu_worker.storage import open_store
 from scheduler.db import session_scope
-from scheduler.models import Adapter, Checkpoint, File, Job, JobEvent, JobStatus, UsageRecord, new_id
+from scheduler.models import Adapter, Checkpoint, Job, JobEvent, JobStatus, UsageRecord
 from tests.conftest import REDIS_URL
-from tests.e2e.conftest import chat_rows, jsonl, spawn, wait_for
+from tests.e2e.conftest import create_job, spawn, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -51,25 +50,6 @@ def _job(url: str, job_id: str) -> Job:
         return session.get(Job, job_id)
 
 
-def _create_job(url: str, org_id: str, store) -> str:
-    key = f"orgs/{org_id}/files/train.jsonl"
-    rows = chat_rows(60)
-    store.put_bytes(key, jsonl(rows))
-    with session_scope(url) as session:
-        f = File(org_id=org_id, filename="train.jsonl", purpose="fine-tune", bytes=1, storage_key=key, examples=len(rows))
-        session.add(f)
-        session.flush()
-        job_id = new_id("ftjob-")
-        spec = JobSpec(
-            job_id=job_id, org_id=org_id, base_model="tuneforge-tiny", seed=3,
-            hyperparameters=Hyperparameters(n_epochs=4, batch_size=2, learning_rate=1e-3),
-            training_file_key=key, output_prefix=f"orgs/{org_id}/jobs/{job_id}",
-            runtime=Runtime(checkpoint_every_steps=5, use_kernels=False),
-        )
-        session.add(Job(id=job_id, org_id=org_id, model="tuneforge-tiny", training_file_id=f.id, seed=3, suffix="e2e", method={"type": "supervised"}, spec=spec.model_dump(mode="json"), status=JobStatus.validating_files))
-    return job_id
-
-
 def test_job_survives_kill_9_of_its_worker(platform_env, org_and_key, s3_bucket, tmp_path):
     """Production parts throughout: PostgreSQL, Redis + Celery, and S3 for every object."""
     bucket, aws_env = s3_bucket
@@ -78,7 +58,7 @@ def test_job_survives_kill_9_of_its_worker(platform_env, org_and_key, s3_bucket,
     redis.Redis.from_url(env["TUNEFORGE_BROKER_URL"]).flushdb()
     url = env["TUNEFORGE_DATABASE_URL"]
     org_id, _ = org_and_key
-    job_id = _create_job(url, org_id, store)
+    job_id = create_job(url, org_id, store, status=JobStatus.validating_files)
 
     scheduler = spawn(["scheduler", "scheduler"], env, tmp_path / "scheduler.log")
     worker = spawn(["scheduler", "worker"], env, tmp_path / "worker1.log")
