@@ -44,6 +44,7 @@ log = logging.getLogger("tuneforge.agent")
 
 _PR_SET_PDEATHSIG = 1
 RESULTS_PURPOSE = "fine-tune-results"  # OpenAI's purpose for a job's result files
+FOLDER_ARTIFACTS = frozenset({"adapter", "merged", "report"})  # the artifact key is a folder prefix
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -287,7 +288,10 @@ class _Supervision:
         """Downloadable artifacts become result files of the job; the eval gate's report an event."""
         ids = []
         for artifact in e.artifacts:
-            row = File(org_id=job.org_id, filename=artifact.filename, purpose=RESULTS_PURPOSE, bytes=artifact.bytes or 0, storage_key=artifact.key, examples=0)
+            key, filename = artifact.key, artifact.filename
+            if artifact.kind in FOLDER_ARTIFACTS:  # downloaded as one tar of the folder
+                key, filename = key.rstrip("/") + "/", f"{filename}.tar"
+            row = File(org_id=job.org_id, filename=filename, purpose=RESULTS_PURPOSE, bytes=artifact.bytes or 0, storage_key=key, examples=0)
             session.add(row)
             session.flush()
             ids.append(row.id)

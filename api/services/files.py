@@ -7,6 +7,7 @@ before the row (a row always points at an object) and removed again if the row c
 from __future__ import annotations
 
 import logging
+import tarfile
 from typing import Iterator
 
 from sqlalchemy import and_, or_, select
@@ -121,6 +122,11 @@ def open_content(session: Session, store: ObjectStore, principal: Principal, fil
     """The file's row and an iterator over its bytes (the object is opened now, so a missing object
     is an error before the response starts, not a truncated download)."""
     row = get_file_row(session, principal, file_id)
+    if row.storage_key.endswith("/"):  # a folder result (adapter, merged model, report): one tar stream
+        keys = store.list(row.storage_key)
+        if not keys:
+            raise NotFound(f"The content of file {file_id} is no longer available.", param="file_id", code="file_not_found")
+        return row, _tar_stream(store, row.storage_key, keys)
     try:
         body = store.open(row.storage_key)
     except ObjectNotFound:
@@ -133,6 +139,22 @@ def open_content(session: Session, store: ObjectStore, principal: Principal, fil
                 yield chunk
 
     return row, chunks()
+
+
+def _tar_stream(store: ObjectStore, prefix: str, keys: list[str]) -> Iterator[bytes]:
+    """A POSIX tar of the objects under ``prefix``, produced member by member without holding any
+    object in memory (a merged model is gigabytes)."""
+    for key in keys:
+        info = tarfile.TarInfo(name=key[len(prefix):])
+        info.size = store.size(key)
+        info.mode = 0o644
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        with store.open(key) as body:
+            while chunk := body.read(_CHUNK):
+                yield chunk
+        if pad := -info.size % tarfile.BLOCKSIZE:
+            yield b"\0" * pad
+    yield b"\0" * (2 * tarfile.BLOCKSIZE)
 
 
 def delete_file(session: Session, store: ObjectStore, principal: Principal, file_id: str) -> FileDeleted:
@@ -153,6 +175,10 @@ def delete_file(session: Session, store: ObjectStore, principal: Principal, file
     key = row.storage_key
     session.delete(row)
     session.commit()
+    if key.endswith("/"):
+        # A folder result (the adapter, a merged model, a report) belongs to its job's output, which
+        # serving may still use: deleting the file removes the listing, not the job's folder.
+        return FileDeleted(id=file_id)
     # Row first, then object: a crash in between leaves an unreachable object, never a dangling row.
     try:
         store.delete(key)

@@ -150,3 +150,24 @@ def test_file_used_by_an_unfinished_job_cannot_be_deleted(client_a, upload, stor
         client_a.files.delete(file_id)
     assert err.value.body["code"] == "file_in_use"
     assert client_a.files.content(file_id).content == jsonl()
+
+
+def test_a_folder_result_downloads_as_a_tar_and_deleting_it_keeps_the_folder(client_a, org_a, store, db_session):
+    """Result files such as a merged model are folders in the store: their content is a tar of the
+    folder, streamed; deleting the file keeps the job's folder (serving may still use it)."""
+    import io
+    import tarfile
+
+    prefix = f"orgs/{org_a[0].id}/jobs/ftjob-x/merged"
+    files = {"config.json": b"{}", "model.safetensors": b"w" * 1500, "sub/tokenizer.json": b"t" * 7}
+    for name, data in files.items():
+        store.put_bytes(f"{prefix}/{name}", data)
+    row = File(org_id=org_a[0].id, filename="merged.tar", purpose="fine-tune-results", bytes=1507, storage_key=prefix + "/", examples=0)
+    db_session.add(row)
+    db_session.flush()
+    content = client_a.files.content(row.id).content
+    with tarfile.open(fileobj=io.BytesIO(content)) as tar:
+        got = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert got == files
+    client_a.files.delete(row.id)
+    assert sorted(store.list(prefix + "/")) == sorted(f"{prefix}/{n}" for n in files)
