@@ -25,6 +25,7 @@ from scheduler.models import Adapter, AdapterAlias, utcnow
 from scheduler.tenancy import Principal
 from serving.compatibility import Incompatible, check_files
 from serving.errors import InvalidRequest, ModelNotFound, ServingError
+from serving.vllm_plugin import index as lora_index
 from serving.protocol import AdapterPublic, AdaptersPublic, AdapterVersionPublic
 from serving.settings import ServingSettings
 
@@ -75,6 +76,9 @@ async def ensure_checked(settings: ServingSettings, db, engines: EnginePool, org
             return row["compatibility"]
         report = await run_check(settings, engines, row["base_model"], row["storage_key"])
         await db.run(lambda s: record_check(s, org_id, adapter_id, report))
+        if report["passed"]:  # vLLM replicas find it by name from now on (serving.vllm_plugin.resolver)
+            entry = lora_index.IndexEntry(name=adapter_id, base_model=row["base_model"], key=row["storage_key"])
+            await asyncio.to_thread(lora_index.publish, open_store(settings.storage_url), entry)
         log.info("adapter checked", adapter=adapter_id, passed=report["passed"], reason=report.get("reason"))
         return report
 

@@ -4,13 +4,18 @@ every role of the org; changing needs the admin role. Logic lives in ``serving.a
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
+
+from gpu_worker.storage import open_store
 
 from scheduler.models import Role
 from scheduler.tenancy import Principal
 from serving import adapter_registry
 from serving.deps import CurrentPrincipal, DatabaseDep, EnginesDep, SettingsDep
 from serving.errors import PermissionDenied
+from serving.vllm_plugin import index as lora_index
 from serving.protocol import AdapterChange, AdapterPromote, AdaptersPublic
 
 router = APIRouter(prefix="/v1/adapters")
@@ -51,10 +56,12 @@ async def rollback(name: str, principal: CurrentPrincipal, db: DatabaseDep) -> A
 
 
 @router.delete("/{model:path}")
-async def delete(model: str, principal: CurrentPrincipal, db: DatabaseDep, engines: EnginesDep) -> dict:
+async def delete(model: str, principal: CurrentPrincipal, db: DatabaseDep, engines: EnginesDep, settings: SettingsDep) -> dict:
     _require_admin(principal)
     deleted = await db.run(lambda s: adapter_registry.delete(s, principal, model))
     # The database no longer resolves them, so no gateway sends new requests; now free the engines.
+    store = open_store(settings.storage_url)
     for base, adapter_id in deleted:
+        await asyncio.to_thread(lora_index.withdraw, store, adapter_id)  # resolvers stop finding it
         await engines.unload_everywhere(base, adapter_id)
     return {"id": model, "object": "adapter.deleted", "deleted": True, "versions": [adapter_id for _, adapter_id in deleted]}

@@ -13,6 +13,7 @@ from gpu_worker.storage import LocalStore
 from scheduler.models import Role
 from scheduler.settings import BUILTIN_BASE_MODEL
 from serving.compatibility import Incompatible, check_files
+from serving.vllm_plugin import index
 
 pytestmark = pytest.mark.integration
 
@@ -128,6 +129,10 @@ def test_check_runs_at_first_use_and_refuses_pickles(engines, gateway, make_org,
     listed = {v["id"]: v for a in gw.http().get("/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()["data"] for v in a["versions"]}
     assert listed[good]["status"] == "active" and listed[good]["compatibility"]["engine"] == "not_supported"  # vLLM-like: no check route
     assert listed[bad]["status"] == "incompatible" and listed[bad]["version"] is None
+    # Published for vLLM's resolver only once it passed; withdrawn when deleted.
+    assert index.lookup(store, good).key == "adapters/good" and index.lookup(store, bad) is None
+    gw.http().delete(f"/v1/adapters/{good}", headers={"Authorization": f"Bearer {key}"})
+    assert index.lookup(store, good) is None
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,73 @@
+"""A vLLM LoRA resolver plugin (``vllm.lora.resolver.LoRAResolver``): when a request names an ``ft:``
+adapter that the replica does not have, vLLM asks the registered resolvers; this one finds the name in
+the adapter index in object storage (``serving.vllm_plugin.index``), downloads the PEFT folder into a
+local cache and returns the ``LoRARequest``. vLLM then loads it into its LRU of ``--max-loras`` slots.
+
+Runs inside vLLM's process. Enable it with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``,
+``VLLM_PLUGINS=tuneforge_lora_resolver`` and the entry point
+``[project.entry-points."vllm.general_plugins"] tuneforge_lora_resolver = "serving.vllm_plugin.resolver:register"``.
+Settings: ``TUNEFORGE_STORAGE_URL`` (the platform's object store) and ``TUNEFORGE_LORA_CACHE_DIR``.
+
+Not run against a real vLLM yet (no GPU in this session): ``TuneforgeResolver.resolve`` without the
+vLLM base class is what the tests exercise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+
+from gpu_worker.storage import open_store
+from serving.vllm_plugin import index
+
+log = logging.getLogger(__name__)
+RESOLVER_NAME = "tuneforge"
+
+
+def lora_int_id(name: str) -> int:
+    """A stable positive id per name (vLLM keys its adapter slots by it; Python's hash() is salted)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "big") + 1
+
+
+class TuneforgeResolver:
+    def __init__(self, storage_url: str, cache_dir: str):
+        self.store = open_store(storage_url)
+        self.cache_dir = cache_dir
+
+    async def find(self, base_model_name: str, lora_name: str) -> tuple[str, int, str] | None:
+        """(lora_name, lora_int_id, local path) for an adapter of ``base_model_name``, or None."""
+        entry = await asyncio.to_thread(index.lookup, self.store, lora_name)
+        if entry is None or entry.base_model != base_model_name:
+            return None
+        try:
+            path = await asyncio.to_thread(index.fetch, self.store, entry, self.cache_dir)
+        except (ValueError, OSError, KeyError) as err:
+            log.warning("tuneforge resolver: cannot fetch %s: %s", lora_name, err)
+            return None
+        return lora_name, lora_int_id(lora_name), str(path)
+
+
+def register() -> None:
+    """vLLM's general-plugin entry point: register the resolver (imports vllm, so only vLLM calls it)."""
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+
+    storage_url = os.environ.get("TUNEFORGE_STORAGE_URL")
+    if not storage_url:
+        log.warning("TUNEFORGE_STORAGE_URL is not set: the tuneforge LoRA resolver is not registered")
+        return
+
+    class _Resolver(LoRAResolver):
+        def __init__(self):
+            self._impl = TuneforgeResolver(storage_url, os.environ.get("TUNEFORGE_LORA_CACHE_DIR", "/tmp/tuneforge-loras"))
+
+        async def resolve_lora(self, base_model_name: str, lora_name: str):
+            found = await self._impl.find(base_model_name, lora_name)
+            if found is None:
+                return None
+            name, int_id, path = found
+            return LoRARequest(lora_name=name, lora_int_id=int_id, lora_path=path)
+
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, _Resolver())
