@@ -8,7 +8,7 @@ one kind of trainer:
   the sum of per-example losses over the whole step divided by the number of examples in it, so
   accumulation equals one big batch;
 - AdamW (no decay on vectors), clipping at ``max_grad_norm``, the learning rate a pure function of
-  the step (``sft.lr_at``, the same schedules as SFT), so the schedule's state is the step number;
+  the step (``schedule.lr_at``, the same schedules as SFT), so the schedule's state is the step number;
 - after every step a MetricsEvent, and a LogEvent ``"<method> step N: {json}"`` with the objective's
   own metrics (rewards/margins/accuracies, KL, mean reward...); validation loss at the eval points
   when the objective has one; a checkpoint every ``checkpoint_every_steps`` and at the end
@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import random
 import tempfile
 import time
@@ -43,7 +42,7 @@ from gpu_worker.data_preference import Loaded
 from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
-from gpu_worker.recipes.sft import lr_at  # one learning-rate schedule for every recipe
+from gpu_worker.recipes.schedule import RunPlan, lr_at  # one run layout for every recipe
 from gpu_worker.storage import delete_prefix, put_dir
 
 
@@ -100,31 +99,6 @@ def reference(model):
         model.train(was_training)
 
 
-@dataclasses.dataclass
-class _Plan:
-    """The shape of the run, fixed by the data and hyperparameters (identical on resume)."""
-
-    batch_size: int
-    accumulation: int
-    batches_per_epoch: int
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    eval_every: int  # 0: at each epoch end
-
-    @classmethod
-    def make(cls, spec: JobSpec, n_examples: int) -> "_Plan":
-        hp = spec.hyperparameters
-        batches = math.ceil(n_examples / hp.batch_size)
-        steps = math.ceil(batches / hp.gradient_accumulation_steps)
-        total = steps * hp.n_epochs
-        warmup = min(math.ceil(hp.warmup_ratio * total), total - 1)
-        return cls(hp.batch_size, hp.gradient_accumulation_steps, batches, steps, total, warmup, spec.runtime.eval_every_steps)
-
-    def is_eval_step(self, step: int) -> bool:
-        return step % self.eval_every == 0 if self.eval_every else step % self.steps_per_epoch == 0
-
-
 # --- the recipe --------------------------------------------------------------------------------------
 
 
@@ -155,7 +129,7 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(ms.trainable_parameter_groups(model, hp.weight_decay), lr=hp.learning_rate)
-    plan = _Plan.make(spec, len(train_data.examples))
+    plan = RunPlan.make(spec, len(train_data.examples))
 
     step, tokens, position, last_ckpt = 0, 0, DataPosition(), None
     if spec.resume_from_key:
@@ -294,7 +268,7 @@ def evaluate(objective: Objective, model, data: Loaded, batch_size: int, device)
     return total / len(data.examples)
 
 
-def _check_resumable(spec: JobSpec, state: dict[str, Any], plan: _Plan) -> None:
+def _check_resumable(spec: JobSpec, state: dict[str, Any], plan: RunPlan) -> None:
     if state.get("base_model") != spec.base_model or state.get("adapter") != spec.adapter.model_dump(mode="json"):
         raise ckpt.CheckpointError(f"checkpoint {spec.resume_from_key!r} was made for another base model or adapter configuration")
     if state.get("method") != spec.method.value:

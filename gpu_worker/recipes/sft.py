@@ -33,7 +33,6 @@ Full fine-tuning checkpoints hold the whole model (``model_setup.save_full_check
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import shutil
 import tempfile
@@ -53,62 +52,16 @@ from gpu_worker.contract import (
     CompletedEvent,
     JobSpec,
     LogEvent,
-    LRScheduler,
     MetricsEvent,
     StoppedEvent,
 )
 from gpu_worker.data import DataPosition, Dataset, collate, epoch_batches, load_sft_data, token_counts, tokenizer_view
 from gpu_worker.integrations import Loggers
 from gpu_worker.loading import load_tokenizer
+from gpu_worker.recipes.schedule import RunPlan, lr_at
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
 from gpu_worker.storage import delete_prefix, get_dir, put_dir
-
-
-def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int, kind: LRScheduler | str = LRScheduler.linear) -> float:
-    """Learning rate of optimizer step ``step`` (1-based): ``warmup_steps`` linear steps up to
-    ``peak``, reached at step ``warmup_steps + 1``; then, with ``progress`` going from 0 at that step
-    towards 1 (never reaching it: every step learns something), ``linear`` ``peak * (1 - progress)``,
-    ``cosine`` ``peak * (1 + cos(pi * progress)) / 2`` (transformers' cosine schedule after warmup),
-    ``constant`` ``peak``."""
-    if step <= warmup_steps:
-        return peak * step / (warmup_steps + 1)
-    progress = (step - warmup_steps - 1) / (total_steps - warmup_steps)
-    kind = LRScheduler(kind)
-    if kind == LRScheduler.constant:
-        return peak
-    if kind == LRScheduler.cosine:
-        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return peak * (1.0 - progress)
-
-
-@dataclasses.dataclass
-class _Plan:
-    """The shape of the run, fixed by the data and hyperparameters (identical on resume)."""
-
-    batch_size: int
-    accumulation: int
-    batches_per_epoch: int
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    eval_every: int  # 0: at each epoch end
-
-    @classmethod
-    def make(cls, spec: JobSpec, n_examples: int) -> "_Plan":
-        hp = spec.hyperparameters
-        batches = math.ceil(n_examples / hp.batch_size)
-        steps = math.ceil(batches / hp.gradient_accumulation_steps)
-        total = steps * hp.n_epochs
-        warmup = min(math.ceil(hp.warmup_ratio * total), total - 1)
-        return cls(hp.batch_size, hp.gradient_accumulation_steps, batches, steps, total, warmup, spec.runtime.eval_every_steps)
-
-    def is_eval_step(self, step: int) -> bool:
-        if step == self.total_steps:
-            return True
-        if self.eval_every:
-            return step % self.eval_every == 0
-        return step % self.steps_per_epoch == 0
 
 
 def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
@@ -133,7 +86,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(ms.trainable_parameter_groups(model, hp.weight_decay), lr=hp.learning_rate)
-    plan = _Plan.make(spec, len(train.examples))
+    plan = RunPlan.make(spec, len(train.examples))
     pairs = []
     if valid is not None and evo.exact_match and _has_answers(spec, data.stats):
         pairs = ev.answer_pairs(valid.examples, evo.max_exact_match_examples)
@@ -317,7 +270,7 @@ def _has_answers(spec: JobSpec, stats) -> bool:
     return not spec.data.train_on_inputs and all(f.format in _ANSWER_FORMATS for f in files)
 
 
-def _check_resumable(spec: JobSpec, state: dict[str, Any], plan: _Plan) -> None:
+def _check_resumable(spec: JobSpec, state: dict[str, Any], plan: RunPlan) -> None:
     if state.get("base_model") != spec.base_model or state.get("adapter") != spec.adapter.model_dump(mode="json"):
         raise ckpt.CheckpointError(f"checkpoint {spec.resume_from_key!r} was made for another base model or adapter configuration")
     if state.get("plan", {}).get("total_steps") != plan.total_steps:

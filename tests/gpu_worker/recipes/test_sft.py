@@ -7,7 +7,8 @@ import pytest
 
 from gpu_worker.contract import CheckpointEvent, CompletedEvent, LogEvent, MetricsEvent, StoppedEvent
 from gpu_worker.recipes import RunContext
-from gpu_worker.recipes.sft import lr_at, run
+from gpu_worker.recipes.schedule import lr_at
+from gpu_worker.recipes.sft import run
 
 
 class Recorder:

@@ -11,7 +11,8 @@ import pytest
 from gpu_worker.contract import CheckpointEvent, CompletedEvent, LogEvent, MetricsEvent
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import sft
-from gpu_worker.recipes.sft import lr_at, run
+from gpu_worker.recipes.schedule import lr_at
+from gpu_worker.recipes.sft import run
 
 
 def _run(spec, store, data_dir):

@@ -1,0 +1,56 @@
+"""The shape of a training run, shared by every recipe: how many optimizer steps, when to evaluate,
+and the learning rate at each step. Pure functions of the spec and the data size, so a resumed run
+lays out exactly the steps of the uninterrupted one."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from gpu_worker.contract import JobSpec, LRScheduler
+
+
+def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int, kind: LRScheduler | str = LRScheduler.linear) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): ``warmup_steps`` linear steps up to
+    ``peak``, reached at step ``warmup_steps + 1``; then, with ``progress`` going from 0 at that step
+    towards 1 (never reaching it: every step learns something), ``linear`` ``peak * (1 - progress)``,
+    ``cosine`` ``peak * (1 + cos(pi * progress)) / 2`` (transformers' cosine schedule after warmup),
+    ``constant`` ``peak``."""
+    if step <= warmup_steps:
+        return peak * step / (warmup_steps + 1)
+    progress = (step - warmup_steps - 1) / (total_steps - warmup_steps)
+    kind = LRScheduler(kind)
+    if kind == LRScheduler.constant:
+        return peak
+    if kind == LRScheduler.cosine:
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak * (1.0 - progress)
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """The shape of the run, fixed by the data and hyperparameters (identical on resume)."""
+
+    batch_size: int
+    accumulation: int
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    eval_every: int  # 0: at each epoch end
+
+    @classmethod
+    def make(cls, spec: JobSpec, n_examples: int) -> "RunPlan":
+        hp = spec.hyperparameters
+        batches = math.ceil(n_examples / hp.batch_size)
+        steps = math.ceil(batches / hp.gradient_accumulation_steps)
+        total = steps * hp.n_epochs
+        warmup = min(math.ceil(hp.warmup_ratio * total), total - 1)
+        return cls(hp.batch_size, hp.gradient_accumulation_steps, batches, steps, total, warmup, spec.runtime.eval_every_steps)
+
+    def is_eval_step(self, step: int) -> bool:
+        if step == self.total_steps:
+            return True
+        if self.eval_every:
+            return step % self.eval_every == 0
+        return step % self.steps_per_epoch == 0
