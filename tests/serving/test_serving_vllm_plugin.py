@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from gpu_worker.storage import LocalStore
 from serving.vllm_plugin import config, index
-from serving.vllm_plugin.resolver import TuneforgeResolver, lora_int_id
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy" / "vllm"))
+from tuneforge_lora_resolver import TuneforgeResolver, lora_int_id  # noqa: E402
 
 NAME = "ft:tuneforge-tiny:acme:demo:ftjob-1"
 
@@ -73,7 +77,6 @@ def test_int_ids_are_stable_and_distinct():
 
 def test_gateway_never_imports_vllm():
     import subprocess
-    import sys
 
     code = "import sys, serving.app, serving.vllm_plugin.config, serving.vllm_plugin.index; assert 'vllm' not in sys.modules and 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -3,10 +3,11 @@ adapter that the replica does not have, vLLM asks the registered resolvers; this
 the adapter index in object storage (``serving.vllm_plugin.index``), downloads the PEFT folder into a
 local cache and returns the ``LoRARequest``. vLLM then loads it into its LRU of ``--max-loras`` slots.
 
-Runs inside vLLM's process. Enable it with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``,
-``VLLM_PLUGINS=tuneforge_lora_resolver`` and the entry point
-``[project.entry-points."vllm.general_plugins"] tuneforge_lora_resolver = "serving.vllm_plugin.resolver:register"``.
-Settings: ``TUNEFORGE_STORAGE_URL`` (the platform's object store) and ``TUNEFORGE_LORA_CACHE_DIR``.
+Runs inside vLLM's process, so it lives outside the ``serving`` package (which must never import
+vllm): install this folder into the vLLM image next to Tuneforge (``pip install deploy/vllm``; its
+pyproject declares the ``vllm.general_plugins`` entry point) and run vLLM with
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true VLLM_PLUGINS=tuneforge_lora_resolver`` (``serving.vllm_plugin.
+config.vllm_env``). Settings: ``TUNEFORGE_STORAGE_URL`` (the object store) and ``TUNEFORGE_LORA_CACHE_DIR``.
 
 Not run against a real vLLM yet (no GPU in this session): ``TuneforgeResolver.resolve`` without the
 vLLM base class is what the tests exercise.
