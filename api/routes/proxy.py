@@ -79,3 +79,14 @@ async def retrieve_model(request: Request, model: str) -> StreamingResponse:
 @router.delete("/v1/models/{model:path}")
 async def delete_model(request: Request, model: str) -> StreamingResponse:
     return await _forward(request)
+
+
+# The adapter registry's admin routes live on the gateway too (versions, promote, rollback, delete).
+@router.get("/v1/adapters")
+async def list_adapters(request: Request) -> StreamingResponse:
+    return await _forward(request)
+
+
+@router.api_route("/v1/adapters/{path:path}", methods=["POST", "DELETE"])
+async def adapter_action(request: Request, path: str) -> StreamingResponse:
+    return await _forward(request)

@@ -61,6 +61,7 @@ from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes.schedule import RunPlan, lr_at
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
+from gpu_worker.engine.compat import write_reference
 from gpu_worker.storage import delete_prefix, get_dir, put_dir
 
 
@@ -291,6 +292,8 @@ def _finish(spec: JobSpec, ctx: RunContext, model, tokenizer, step: int, tokens:
     delete_prefix(ctx.store, prefix)
     with tempfile.TemporaryDirectory(prefix="tuneforge-adapter-") as tmp:
         files = ms.save_trained(model, Path(tmp), base_model=spec.base_model, tokenizer=tokenizer)
+        if not full:  # what the serving registry's compatibility check compares the engine with
+            files = [*files, write_reference(model, tokenizer, tmp).name]
         put_dir(ctx.store, tmp, prefix)
         size = sum(p.stat().st_size for p in Path(tmp).iterdir())
     artifacts = [Artifact(kind="merged" if full else "adapter", key=prefix, filename=prefix.rsplit("/", 1)[-1], bytes=size,

@@ -56,6 +56,10 @@ def _fake_gateway() -> FastAPI:
     def model(model: str):
         return {"id": model, "object": "model", "created": 1, "owned_by": "org"}
 
+    @gw.api_route("/v1/adapters/{path:path}", methods=["POST", "DELETE"])
+    def adapter_action(path: str, request: Request):
+        return {"method": request.method, "path": path}
+
     return gw
 
 
@@ -123,3 +127,11 @@ def test_unreachable_gateway_is_503_in_openai_shape(http):
     res = http.post("/v1/chat/completions", json={"model": "tuneforge-tiny", "messages": []}, headers={"Authorization": "Bearer tf-x"})
     assert res.status_code == 503
     assert res.json()["error"]["code"] == "service_unavailable" and res.headers["x-request-id"]
+
+
+def test_adapter_registry_routes_go_to_the_gateway(proxied):
+    _, http = proxied
+    promoted = http.post("/v1/adapters/ft:tuneforge-tiny:acme:bot/promote", json={"model": "v2"}, headers={"Authorization": "Bearer tf-any-key"})
+    assert promoted.json() == {"method": "POST", "path": "ft:tuneforge-tiny:acme:bot/promote"}
+    deleted = http.delete("/v1/adapters/ft:tuneforge-tiny:acme:bot:ftjob-1", headers={"Authorization": "Bearer tf-any-key"})
+    assert deleted.json() == {"method": "DELETE", "path": "ft:tuneforge-tiny:acme:bot:ftjob-1"}

@@ -150,7 +150,7 @@ def test_checkpoints_land_on_schedule_and_the_adapter_at_the_end(micro_files, mi
     assert steps == [4, 8, 12, 15]
     assert all(is_complete(micro_files, e.key) for e in rec.of(CheckpointEvent))
     manifest = result.manifest
-    assert manifest.key == "jobs/ftjob-test/adapter" and manifest.files == ("adapter_config.json", "adapter_model.safetensors")
+    assert manifest.key == "jobs/ftjob-test/adapter" and manifest.files == ("adapter_config.json", "adapter_model.safetensors", "reference_logits.safetensors")
     assert sorted(micro_files.list("jobs/ftjob-test/adapter/")) == [f"{manifest.key}/{f}" for f in manifest.files]
     # Every event before the CheckpointEvent: its files were complete when it was announced.
     assert rec.events.index(rec.of(CheckpointEvent)[-1]) < rec.events.index(result)
