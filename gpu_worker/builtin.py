@@ -24,22 +24,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+# ChatML with {% generation %} markers, so transformers can return an assistant-token mask (loss only
+# on what the assistant says, its <|im_end|> included); kept with the torch-free templates.
+from gpu_worker.data.templates import CHATML_TEMPLATE
+
 TINY = "tuneforge-tiny"
 
-# ChatML. The {% generation %} markers let transformers return an assistant-token mask, which the
-# data pipeline turns into labels (loss only on what the assistant says, its <|im_end|> included).
-CHATML_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
-    "{{- '\\n' -}}"
-    "{%- else -%}"
-    "{{- message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
 CHATML_SPECIAL_TOKENS = ("<pad>", "<s>", "<|im_start|>", "<|im_end|>")
 
 # A small, fixed English corpus: enough for BPE merges of common words, chat roles and the kind of

@@ -23,9 +23,8 @@ from typing import Any
 
 from gpu_worker.contract import ChatTemplate
 
-# ChatML with generation markers: the built-in model's template (``builtin.CHATML_TEMPLATE``, which a
-# test checks this equals). Repeated, not imported: ``builtin`` imports torch to build models, and
-# this module must stay importable by the control plane's token counter without it.
+# ChatML with generation markers: the built-in model's template (``builtin`` imports it from here,
+# since this module must stay importable by the control plane's token counter without torch).
 CHATML_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}"

@@ -62,8 +62,13 @@ def test_job_estimate_is_trained_tokens_times_epochs_with_weights(tiny_dir, stor
     write_jsonl(store, "files/extra.jsonl", FILES["completion"] * 4)
     one = count_tokens(store.get_bytes("files/train.jsonl").splitlines(), tokenizer_dir=tiny_dir, max_seq_length=128).trained_tokens
     two = count_tokens(store.get_bytes("files/extra.jsonl").splitlines(), tokenizer_dir=tiny_dir, max_seq_length=128).trained_tokens
-    spec = make_spec("tiny", hyperparameters={"n_epochs": 3}, data=DataOptions(extra_training_files=(TrainingFile(key="files/extra.jsonl", weight=0.5),)))
+    spec = make_spec("tiny", hyperparameters={"n_epochs": 3}, data=DataOptions(dedupe=False, extra_training_files=(TrainingFile(key="files/extra.jsonl", weight=0.5),)))
     assert estimate_job_tokens(store, spec, tiny_dir) == 3 * (one + two // 2)
+    # with dedupe (the default) the four copies count once, as the trainer keeps one of them
+    write_jsonl(store, "files/extra1.jsonl", FILES["completion"])
+    once = make_spec("tiny", hyperparameters={"n_epochs": 3}, data=DataOptions(dedupe=False, extra_training_files=(TrainingFile(key="files/extra1.jsonl", weight=0.5),)))
+    deduped = make_spec("tiny", hyperparameters={"n_epochs": 3}, data=DataOptions(extra_training_files=(TrainingFile(key="files/extra.jsonl", weight=0.5),)))
+    assert estimate_job_tokens(store, deduped, tiny_dir) == estimate_job_tokens(store, once, tiny_dir)
     split = make_spec("tiny", hyperparameters={"n_epochs": 3}, data=DataOptions(validation_split=0.25))
     assert estimate_job_tokens(store, split, tiny_dir) == round(3 * one * 0.75)
     grpo = make_spec("tiny", method=Method.grpo, training_file_key="files/p.jsonl")
