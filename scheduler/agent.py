@@ -30,12 +30,13 @@ from collections import deque
 from datetime import timedelta
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gpu_worker import contract
 from scheduler import jobs
 from scheduler.db import session_scope
+from scheduler.fairness import Limits
 from scheduler.metering import Usage, record_usage
 from scheduler.models import Adapter, Checkpoint, File, Job, JobStatus, Organization, utcnow
 from scheduler.settings import Settings
@@ -74,7 +75,7 @@ class Agent:
         try:
             with session_scope(self.settings.database_url) as session:
                 job = session.get(Job, job_id)
-                if job is None or job.status != JobStatus.queued:
+                if job is None or job.status != JobStatus.queued or self._org_at_limit(session, job.org_id):
                     self._slots.release()
                     return False
                 token = jobs.claim(session, job, self.owner, self.settings.lease_seconds)
@@ -90,6 +91,15 @@ class Agent:
             self._running[job_id] = supervision
         threading.Thread(target=self._run, args=(supervision,), name=f"job-{job_id}", daemon=True).start()
         return True
+
+    def _org_at_limit(self, session: Session, org_id: str) -> bool:
+        """The org already runs as many jobs as it may (the scheduler only nudges within the limit,
+        but a nudge may be stale by the time it arrives)."""
+        limit = Limits.from_settings(self.settings).limit(org_id)
+        if limit is None:
+            return False
+        running = session.scalar(select(func.count()).select_from(Job).where(Job.org_id == org_id, Job.status == JobStatus.running))
+        return running >= limit
 
     @property
     def busy(self) -> bool:

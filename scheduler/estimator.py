@@ -320,8 +320,10 @@ def load_measurements(folder: Path | str | None = None) -> tuple[Measured, ...]:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        for r in data.get("results", []):
-            if r.get("kind") != "train" or r.get("error") or not r.get("tokens_per_s"):
+        results = data.get("results", []) if isinstance(data, dict) else []
+        for r in results if isinstance(results, list) else []:
+            # other benchmarks (serving) share the folder: only training-step rows count
+            if not isinstance(r, dict) or r.get("kind") != "train" or r.get("error") or not r.get("tokens_per_s"):
                 continue
             if r.get("method") not in ("ours", "hf") or r.get("ckpt") not in _CKPT:
                 continue

@@ -47,11 +47,10 @@ class Limits:
 
     @classmethod
     def from_settings(cls, settings) -> "Limits":
-        # Read leniently: the scheduler's Settings gains these fields in its own module.
         return cls(
-            max_running_per_org=getattr(settings, "max_running_per_org", None) or None,  # 0: no limit
-            per_org=dict(getattr(settings, "org_concurrency_limits", None) or {}),
-            org_priority=dict(getattr(settings, "org_priorities", None) or {}),
+            max_running_per_org=settings.max_running_per_org or None,  # 0: no limit
+            per_org=dict(settings.org_concurrency_limits),
+            org_priority=dict(settings.org_priorities),
         )
 
 

@@ -144,7 +144,7 @@ def nudge_queued(settings: Settings, dispatcher: Dispatcher, now: datetime | Non
                 jobs.fail(session, job, "unplaceable", str(e), "model")
                 continue
             plans[job.id] = plan
-            candidates.append(Candidate(job.id, job.org_id, job.created_at, plan.gpu_class, plan.gpu_count, getattr(job, "priority", 0) or 0))
+            candidates.append(Candidate(job.id, job.org_id, job.created_at, plan.gpu_class, plan.gpu_count))
         free = None if capacity is None else {c: n - busy.get(c, 0) for c, n in capacity.items()}
         by_id = {j.id: j for j in due}
         order = fair_order(candidates, states, Limits.from_settings(settings), free)

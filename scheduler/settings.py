@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     # How queued jobs reach workers in production: Celery queues consumed by long-lived worker pools,
     # or one Kubernetes Job per training job (scheduler.kube).
     scheduler_backend: Literal["queue", "kube"] = "queue"
+    # Fair share: at most this many running jobs per organization (0: no limit), per-org overrides
+    # (0 there pauses the org), and priorities added to every job of an org (higher runs first).
+    max_running_per_org: int = Field(0, ge=0)
+    org_concurrency_limits: dict[str, int] = Field(default_factory=dict)
+    org_priorities: dict[str, int] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _fill_defaults(self):

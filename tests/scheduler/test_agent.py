@@ -85,3 +85,27 @@ def test_a_stale_attempt_cannot_write(claimed):
     with session_scope(settings.database_url) as session:
         assert session.get(Job, job_id).status == JobStatus.running
         assert session.scalars(select(Adapter)).first() is None
+
+
+def test_an_org_at_its_running_limit_is_not_given_another_job(claimed):
+    """The claim re-checks the org's limit: a stale nudge cannot push an org past it."""
+    from scheduler.agent import Agent
+
+    settings, job_id, _, spec = claimed  # one job of acme already running
+    with session_scope(settings.database_url) as session:
+        second = Job(id="ftjob-second", org_id=spec.org_id, model="tuneforge-tiny", training_file_id=session.scalars(select(File)).first().id, seed=1, method={}, spec=spec.model_dump(mode="json"), status=JobStatus.queued)
+        session.add(second)
+    limited = settings.model_copy(update={"org_concurrency_limits": {spec.org_id: 1}})
+    assert Agent(limited).offer("ftjob-second") is False
+    with session_scope(settings.database_url) as session:
+        assert session.get(Job, "ftjob-second").status == JobStatus.queued
+
+
+def test_fair_share_limits_come_from_settings(monkeypatch, tmp_path):
+    from scheduler.fairness import Limits
+
+    monkeypatch.setenv("TUNEFORGE_MAX_RUNNING_PER_ORG", "2")
+    monkeypatch.setenv("TUNEFORGE_ORG_CONCURRENCY_LIMITS", '{"org-big": 5}')
+    monkeypatch.setenv("TUNEFORGE_ORG_PRIORITIES", '{"org-vip": 3}')
+    limits = Limits.from_settings(Settings(data_dir=tmp_path))
+    assert (limits.limit("org-x"), limits.limit("org-big"), limits.org_priority) == (2, 5, {"org-vip": 3})
