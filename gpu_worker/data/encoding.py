@@ -113,7 +113,7 @@ def _label_by_spans(ids, offsets, spans: list[tuple[int, int, bool]], train_on_i
 def encode_record(view: TokenizerView, template: str, record: Conversation | Segments, max_seq_length: int, *, train_on_inputs: bool = False) -> tuple[Example, bool]:
     """Tokenize one record; returns the example (cut to ``max_seq_length``) and whether it was cut."""
     if isinstance(record, Conversation):
-        text, spans = assistant_spans(template, list(record.messages), special_tokens=view.special_tokens)
+        text, spans = assistant_spans(template, list(record.messages), special_tokens=view.special_tokens, tools=record.tools)
         weights = [bool(m["weight"]) for m in record.messages if m["role"] == "assistant"]
         ids, offsets = view.encode(text)
         labels = _label_by_spans(ids, offsets, [(s, e, w) for (s, e), w in zip(spans, weights)], train_on_inputs)

@@ -4,7 +4,8 @@ The line rules live in ``gpu_worker.validation`` (shared with the API); this mod
 already valid record of a supervised format to one of two shapes:
 
 - a conversation (chat, ShareGPT, Alpaca): ``[{"role", "content", "weight"}]``, rendered with the chat
-  template, loss on the assistant replies of weight 1;
+  template, loss on the assistant replies of weight 1; chat files may add tools, tool calls and
+  tool results (``chat_message``; rendered by ``templates.render``);
 - segments (completion, raw text): ``[(text, trained)]`` joined with the tokenizer's BOS in front and
   its EOS at the end (trained: the model learns where a completion stops).
 
@@ -15,6 +16,7 @@ library only: ``tokencount`` uses it without torch.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from gpu_worker.contract import DataFormat
@@ -25,7 +27,10 @@ SFT_FORMATS = frozenset({DataFormat.chat, DataFormat.sharegpt, DataFormat.alpaca
 
 @dataclasses.dataclass(frozen=True)
 class Conversation:
-    messages: tuple[dict[str, Any], ...]  # {"role", "content", "weight"}
+    # {"role", "content", "weight"}, plus "tool_calls" (assistant) / "tool_call_id" (tool): see
+    # ``chat_message``.
+    messages: tuple[dict[str, Any], ...]
+    tools: tuple[dict[str, Any], ...] | None = None  # OpenAI's {"type": "function", "function": {...}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +42,22 @@ def _message(role: str, content: str, weight: int = 1) -> dict[str, Any]:
     return {"role": role, "content": content, "weight": int(weight)}
 
 
+def chat_message(m: dict[str, Any]) -> dict[str, Any]:
+    """A chat file's message as the templates read it. Tool calls take transformers' convention
+    (``{"type", "function": {"name", "arguments": dict}}``, the call ``id`` kept): OpenAI writes the
+    arguments as a JSON string, which validation has checked decodes to an object. A null content
+    (an assistant message that only calls tools) becomes the empty string."""
+    out = _message(m["role"], m.get("content") or "", m.get("weight", 1))
+    if m.get("tool_calls"):
+        out["tool_calls"] = [
+            {"id": c["id"], "type": "function", "function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+            for c in m["tool_calls"]
+        ]
+    if m["role"] == "tool":
+        out["tool_call_id"] = m["tool_call_id"]
+    return out
+
+
 def alpaca_prompt(obj: dict[str, Any]) -> str:
     """The user turn of an Alpaca record: the instruction, then its input after a blank line."""
     extra = obj.get("input") or ""
@@ -46,7 +67,8 @@ def alpaca_prompt(obj: dict[str, Any]) -> str:
 def to_sft(fmt: DataFormat, obj: dict[str, Any]) -> Conversation | Segments:
     """The tokenizer's view of a valid record of supervised format ``fmt``."""
     if fmt == DataFormat.chat:
-        return Conversation(tuple(_message(m["role"], m["content"], m.get("weight", 1)) for m in obj["messages"]))
+        tools = tuple(obj["tools"]) if obj.get("tools") else None
+        return Conversation(tuple(chat_message(m) for m in obj["messages"]), tools)
     if fmt == DataFormat.sharegpt:
         system = [_message("system", obj["system"])] if obj.get("system") else []
         turns = [_message(SHAREGPT_ROLES[t["from"]], t["value"], t.get("weight", 1)) for t in obj["conversations"]]

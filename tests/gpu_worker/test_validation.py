@@ -93,16 +93,92 @@ def test_weights_0_1_are_fine():
     assert check_example(example) is None
 
 
-def test_well_formed_tool_calls_are_refused_until_the_trainer_supports_them():
-    example = {
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def _call(call_id="c1", name="get_weather", arguments='{"city": "Paris"}') -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _tool_example(calls=None, results=None, **extra) -> dict:
+    """user -> assistant (tool calls) -> tool results -> assistant reply, with the two tools."""
+    calls = [_call()] if calls is None else calls
+    results = [{"role": "tool", "tool_call_id": c.get("id", "c1"), "content": "sunny"} for c in calls] if results is None else results
+    return {
+        "tools": [WEATHER, TIME],
         "messages": [
-            {"role": "user", "content": "weather?"},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
-            {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": calls},
+            *results,
             {"role": "assistant", "content": "Sunny."},
-        ]
+        ],
+        **extra,
     }
-    assert "not supported for training yet" in check_example(example)
+
+
+def test_openai_tool_calling_examples_are_valid():
+    assert check_example(_tool_example()) is None
+    two = [_call("a"), _call("b", "get_time", "{}")]
+    assert check_example(_tool_example(two, parallel_tool_calls=True)) is None
+    # results may come in any order; content may be a string next to the calls; the example may
+    # end with the call (teaching when to call), and tools may be listed without being called
+    swapped = [{"role": "tool", "tool_call_id": "b", "content": "12:00"}, {"role": "tool", "tool_call_id": "a", "content": "sunny"}]
+    assert check_example(_tool_example(two, swapped)) is None
+    ends_with_call = {"tools": [WEATHER], "messages": [{"role": "user", "content": "Paris?"}, {"role": "assistant", "content": "Let me check.", "tool_calls": [_call()]}]}
+    assert check_example(ends_with_call) is None
+    assert check_example(_example(tools=[WEATHER])) is None
+    assert validate_lines([json.dumps(_tool_example())] * 10).format == "chat"
+
+
+def _with(example: dict, index: int, **fields) -> dict:
+    example["messages"][index] = {**example["messages"][index], **fields}
+    return example
+
+
+TOOL_BAD = [
+    (_tool_example(calls=[_call(name="get_wether")]), "message 1: tool_calls[0] calls unknown tool 'get_wether' (the example's tools: get_time, get_weather)"),
+    (_tool_example(calls=[_call(arguments='{"city": Paris}')]), "message 1: tool_calls[0]: function 'get_weather': 'arguments' is not valid JSON"),
+    (_tool_example(calls=[_call(arguments={"city": "Paris"})]), "'arguments' must be a JSON string, not an object"),
+    (_tool_example(calls=[_call(arguments='["Paris"]')]), "'arguments' must encode a JSON object, not an array"),
+    (_tool_example(calls=[{"id": "c1", "type": "function"}]), "tool_calls[0]: 'function' must be an object"),
+    (_tool_example(calls=[{"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]), "tool_calls[0]: 'id' must be a non-empty string"),
+    (_tool_example(calls=[{**_call(), "type": "code"}]), "'type' must be 'function', not \"code\""),
+    (_tool_example(results=[{"role": "tool", "tool_call_id": "c9", "content": "sunny"}]), "message 2 (tool): 'tool_call_id' 'c9' matches no call of the assistant message before it"),
+    (_tool_example(results=[{"role": "tool", "content": "sunny"}]), "message 2 (tool): 'tool_call_id' must be the id of the call it answers"),
+    (_tool_example(results=[{"role": "tool", "tool_call_id": "c1", "content": "a"}, {"role": "tool", "tool_call_id": "c1", "content": "b"}]), "message 3 (tool): 'tool_call_id' 'c1' was already answered"),
+    (_tool_example(results=[{"role": "tool", "tool_call_id": "c1"}]), "message 2 (tool) has no 'content'"),
+    (_tool_example(results=[]), "message 1: tool call 'c1' has no tool message answering it before message 2"),
+    (_tool_example(calls=[_call("a"), _call("a", "get_time", "{}")]), "message 1: tool_calls[1]: id 'a' is used twice"),
+    (_tool_example(calls=[_call("a"), _call("b", "get_time", "{}")], parallel_tool_calls=False), "2 tool calls in one message, but 'parallel_tool_calls' is false"),
+    (_tool_example(parallel_tool_calls="yes"), "'parallel_tool_calls' must be true or false"),
+    ({**_tool_example(), "tools": None}, "'tools' must be an array, not null"),
+    ({k: v for k, v in _tool_example().items() if k != "tools"}, "calls 'get_weather' but the example has no 'tools' list"),
+    ({**_tool_example(), "tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools[0]: function 'name' must be 1-64 letters"),
+    ({**_tool_example(), "tools": [WEATHER, WEATHER]}, "tools[1]: function 'get_weather' is defined twice"),
+    ({**_tool_example(), "tools": [{"type": "retrieval"}]}, "tools[0]: 'type' must be 'function'"),
+    ({**_tool_example(), "tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]}, "tools[0] (f): 'parameters' must be a JSON Schema object, not a string"),
+    (_with(_tool_example(), 1, content=5), "message 1: 'content' must be a string or null, not a number"),
+    (_with(_tool_example(), 0, tool_calls=[_call()]), "message 0 (user): only assistant messages have 'tool_calls'"),
+    (_with(_tool_example(), 2, weight=0), "message 2: 'weight' applies to assistant messages only"),
+]
+
+
+@pytest.mark.parametrize("example, reason", TOOL_BAD, ids=[r[:40] for _, r in TOOL_BAD])
+def test_each_bad_tool_calling_line_is_named_with_its_reason(example, reason):
+    lines = _good_lines(10)
+    lines.insert(2, json.dumps(example).encode())
+    report = validate_lines(lines)
+    assert report.error_count == 1 and report.errors[0].line == 3
+    assert reason in report.errors[0].reason, report.errors[0].reason
+
+
+def test_tool_messages_are_refused_outside_chat_files():
+    from gpu_worker.contract import DataFormat
+
+    prompt = {"prompt": [{"role": "user", "content": "Hi"}, {"role": "tool", "tool_call_id": "c1", "content": "x"}], "chosen": "a", "rejected": "b"}
+    report = validate_lines([json.dumps(prompt)], min_examples=1, format=DataFormat.preference)
+    assert "only supported in chat ('messages') training files" in report.errors[0].reason
 
 
 def test_too_few_examples_is_an_error_even_without_bad_lines():

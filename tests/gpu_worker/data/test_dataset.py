@@ -79,7 +79,7 @@ def test_truncation_cuts_the_end_and_is_counted(tok, store, write_jsonl):
         ('{"messages": []}', "'messages' is empty"),
         ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant message"),
         ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]}', "weight 0"),
-        ('{"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}', "not supported"),
+        ('{"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}', "'tool_call_id' must be the id of the call"),
         ('{"messages": [{"role": "user", "content": "x", "weight": 0}, {"role": "assistant", "content": "y"}]}', "assistant messages only"),
     ],
 )
