@@ -18,7 +18,7 @@ from typing import Any, Iterator
 from gpu_worker.contract import ChatTemplate, DataFormat, JobSpec, LogEvent, Method
 from gpu_worker.data.dedupe import DedupeReport, Item, dedupe, overlap
 from gpu_worker.data.encoding import Example, TokenizerView, encode_record
-from gpu_worker.data.formats import Conversation, to_sft
+from gpu_worker.data.formats import Conversation, chat_message, to_sft
 from gpu_worker.data.mixing import hold_out, mix
 from gpu_worker.data.packing import pack
 from gpu_worker.data.templates import TemplateError, resolve_template
@@ -196,9 +196,10 @@ def load_sft_data(store: ObjectStore, spec: JobSpec, tokenizer) -> SftData:
     return SftData(Dataset(tuple(rows if rows is not None else train), truncated, dropped), valid, stats)
 
 
-def tokenize_messages(tokenizer, messages: list[dict[str, Any]], max_seq_length: int, *, chat_template: ChatTemplate | str = ChatTemplate.auto, train_on_inputs: bool = False) -> tuple[Example, bool]:
-    """Tokenize one conversation (``{"role", "content", "weight"?}``); returns the example and
-    whether it was truncated."""
+def tokenize_messages(tokenizer, messages: list[dict[str, Any]], max_seq_length: int, *, tools: list[dict[str, Any]] | None = None, chat_template: ChatTemplate | str = ChatTemplate.auto, train_on_inputs: bool = False) -> tuple[Example, bool]:
+    """Tokenize one conversation (``{"role", "content", "weight"?}``, with OpenAI's ``tool_calls`` /
+    ``tool_call_id`` and the ``tools`` list where it calls tools); returns the example and whether it
+    was truncated."""
     view, template = tokenizer_view(tokenizer, chat_template)
-    record = Conversation(tuple({"role": m["role"], "content": m["content"], "weight": int(m.get("weight", 1))} for m in messages))
+    record = Conversation(tuple(chat_message(m) for m in messages), tuple(tools) if tools else None)
     return encode_record(view, template, record, max_seq_length, train_on_inputs=train_on_inputs)

@@ -50,12 +50,16 @@ def chat_message(m: dict[str, Any]) -> dict[str, Any]:
     out = _message(m["role"], m.get("content") or "", m.get("weight", 1))
     if m.get("tool_calls"):
         out["tool_calls"] = [
-            {"id": c["id"], "type": "function", "function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+            {"id": c.get("id"), "type": "function", "function": {"name": c["function"]["name"], "arguments": _arguments(c["function"]["arguments"])}}
             for c in m["tool_calls"]
         ]
-    if m["role"] == "tool":
+    if m["role"] == "tool" and "tool_call_id" in m:
         out["tool_call_id"] = m["tool_call_id"]
     return out
+
+
+def _arguments(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value  # already an object: as given
 
 
 def alpaca_prompt(obj: dict[str, Any]) -> str:

@@ -138,3 +138,14 @@ def test_a_tool_calling_file_trains_and_the_loss_falls(micro_model_dir, store, w
             optimizer.zero_grad()
     after = mean_loss()
     assert after < 0.5 * before, (before, after)
+
+
+def test_tokenize_messages_takes_tools_as_the_file_loader_does(tok, store, write_jsonl):
+    from gpu_worker.data import tokenize_messages
+
+    row = tool_row("Lima", "fog")
+    from_file = load_dataset(store, write_jsonl(store, "one.jsonl", [row]), tok, 1024).examples[0]
+    direct, _ = tokenize_messages(tok, row["messages"], 1024, tools=row["tools"])
+    assert direct == from_file
+    without_tools, _ = tokenize_messages(tok, row["messages"], 1024)
+    assert len(without_tools.input_ids) < len(direct.input_ids)  # the tool list is part of the input
