@@ -36,13 +36,14 @@ from typing import Any, Protocol
 import torch
 
 from gpu_worker import checkpoint as ckpt
-from gpu_worker.contract import AdapterManifest, AdapterType, CheckpointEvent, CompletedEvent, JobSpec, LogEvent, MetricsEvent, StoppedEvent
+from gpu_worker.contract import AdapterManifest, AdapterType, Artifact, CheckpointEvent, CompletedEvent, JobSpec, LogEvent, MetricsEvent, StoppedEvent
 from gpu_worker.data import DataPosition, epoch_batches, sequential_batches
 from gpu_worker.data_preference import Loaded
 from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
 from gpu_worker.recipes.schedule import RunPlan, lr_at  # one run layout for every recipe
+from gpu_worker.engine.compat import write_reference
 from gpu_worker.storage import delete_prefix, put_dir
 
 
@@ -219,7 +220,7 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
             return stopped(step, ckpt.capture_rng())
 
     # --- save ----------------------------------------------------------------------------------------
-    return _finish(spec, ctx, model, step, tokens)
+    return _finish(spec, ctx, model, tokenizer, step, tokens)
 
 
 def _unsupported_options(spec: JobSpec) -> list[str]:
@@ -277,13 +278,23 @@ def _check_resumable(spec: JobSpec, state: dict[str, Any], plan: RunPlan) -> Non
         raise ckpt.CheckpointError(f"checkpoint {spec.resume_from_key!r} was made for another data set or hyperparameters")
 
 
-def _finish(spec: JobSpec, ctx: RunContext, model, step: int, tokens: int) -> CompletedEvent:
+def _finish(spec: JobSpec, ctx: RunContext, model, tokenizer, step: int, tokens: int) -> CompletedEvent:
+    """The adapter (with the serving check's reference log-probs) and the exports the job asked for,
+    exactly as the SFT recipe leaves them."""
     prefix = f"{spec.output_prefix.rstrip('/')}/adapter"
     delete_prefix(ctx.store, prefix)
     with tempfile.TemporaryDirectory(prefix="tuneforge-adapter-") as tmp:
         files = ckpt.save_adapter(model, Path(tmp), base_model=spec.base_model)
+        files = [*files, write_reference(model, tokenizer, tmp).name]
         put_dir(ctx.store, tmp, prefix)
+        size = sum(p.stat().st_size for p in Path(tmp).iterdir())
+    artifacts = [Artifact(kind="adapter", key=prefix, filename="adapter", bytes=size, detail={"adapter": spec.adapter.type.value, "format": "safetensors"})]
+    if spec.export.merged or spec.export.gguf:
+        from gpu_worker.export import export_model  # gguf and llama.cpp only when asked
+
+        with tempfile.TemporaryDirectory(prefix="tuneforge-export-") as workdir:
+            artifacts += export_model(spec, ctx, model, tokenizer, Path(workdir))
     manifest = AdapterManifest(job_id=spec.job_id, base_model=spec.base_model, adapter=spec.adapter, key=prefix, files=tuple(files), trained_tokens=tokens)
-    event = CompletedEvent(manifest=manifest, trained_tokens=tokens, steps=step)
+    event = CompletedEvent(manifest=manifest, trained_tokens=tokens, steps=step, artifacts=tuple(artifacts))
     ctx.emit(event)
     return event

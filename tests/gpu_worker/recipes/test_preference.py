@@ -281,7 +281,7 @@ def test_trainer_process_runs_a_dpo_job_end_to_end(micro_model_dir, store, write
     assert [e.step for e in events if isinstance(e, CheckpointEvent)] == [2, 4]
     assert any(isinstance(e, LogEvent) and e.message.startswith("dpo step 4: ") for e in events)
     done = events[-1]
-    assert isinstance(done, CompletedEvent) and done.steps == 4 and done.manifest.files == ("adapter_config.json", "adapter_model.safetensors")
+    assert isinstance(done, CompletedEvent) and done.steps == 4 and done.manifest.files == ("adapter_config.json", "adapter_model.safetensors", "reference_logits.safetensors")
     assert sorted(store.list(done.manifest.key + "/")) == [f"{done.manifest.key}/{f}" for f in done.manifest.files]
 
 
@@ -316,3 +316,16 @@ def test_options_the_recipe_lacks_are_reported_not_dropped(micro_model_dir, stor
     assert "data.validation_split is not supported by the simpo recipe yet and is ignored" in warned
     assert "data.packing is not supported by the simpo recipe yet and is ignored" in warned
     assert isinstance(result, CompletedEvent)
+
+
+def test_a_dpo_job_leaves_the_adapter_its_reference_and_the_exports_it_asked_for(micro_model_dir, store, write_jsonl, sentiment_rows, make_spec):
+    """Same tail as SFT: the PEFT adapter with the serving check's reference log-probs, and a merged
+    model when the job asks for one."""
+    write_jsonl(store, "files/train.jsonl", preference_rows(sentiment_rows, 6))
+    write_jsonl(store, "files/valid.jsonl", preference_rows(sentiment_rows, 4, seed=1))
+    spec = _micro_dpo(make_spec, micro_model_dir, export={"merged": True})
+    _, result = run_job(spec, store, micro_model_dir.parent)
+    assert "reference_logits.safetensors" in result.manifest.files
+    kinds = {a.kind: a for a in result.artifacts}
+    assert set(kinds) == {"adapter", "merged"}
+    assert store.exists(f"{kinds['merged'].key}/model.safetensors")
