@@ -4,7 +4,7 @@ The recipes' interface (stable names; import them from ``gpu_worker.data``):
 
 - ``load_sft_data(store, spec, tokenizer) -> SftData(train, valid, stats)``: every supervised file of
   the job (``spec.training_file_key`` + ``spec.data.extra_training_files``, each in its declared or
-  detected format: chat, ShareGPT, Alpaca, completion, raw text), checked line by line, tokenized
+  detected format: chat (with OpenAI tool calling), ShareGPT, Alpaca, completion, raw text), checked line by line, tokenized
   with ``spec.data.chat_template`` (loss on assistant tokens, or everything with
   ``train_on_inputs``), deduplicated (``dedupe``), split (``validation_split`` when there is no
   validation file), mixed by weight and packed (``packing``). ``train.examples`` are rows to batch;

@@ -149,3 +149,20 @@ def test_tokenize_messages_takes_tools_as_the_file_loader_does(tok, store, write
     assert direct == from_file
     without_tools, _ = tokenize_messages(tok, row["messages"], 1024)
     assert len(without_tools.input_ids) < len(direct.input_ids)  # the tool list is part of the input
+
+
+def test_the_sft_recipe_fine_tunes_on_a_tool_calling_file(micro_model_dir, store, write_jsonl, make_spec, tmp_path):
+    """The whole path a job takes (validation, loading, the recipe's loop), not just the data."""
+    from gpu_worker.contract import CompletedEvent, MetricsEvent
+    from gpu_worker.recipes import RunContext
+    from gpu_worker.recipes.sft import run
+
+    write_jsonl(store, "files/train.jsonl", [tool_row(c, w) for c, w in CITIES])
+    # Full fine-tuning: a rank-8 LoRA on the randomly initialised micro model moved the loss only
+    # 7.2 -> 5.5 in 16 steps (the adapter path itself is covered by the recipe's own tests).
+    spec = make_spec(str(micro_model_dir), hyperparameters={"n_epochs": 12, "batch_size": 4, "learning_rate": 1e-2, "max_seq_length": 512}, adapter={"type": "full"})
+    events = []
+    result = run(spec, RunContext(store=store, data_dir=tmp_path, emit=events.append, should_stop=lambda: False, device="cpu"))
+    losses = [e.train_loss for e in events if isinstance(e, MetricsEvent)]
+    assert isinstance(result, CompletedEvent) and len(losses) == 24
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
