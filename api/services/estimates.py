@@ -80,21 +80,14 @@ def estimated_tokens(spec: JobSpec, files: list[File]) -> int:
     return per_epoch * spec.hyperparameters.n_epochs
 
 
-def _org_file(session: Session, principal: Principal, file_id: str, param: str) -> File:
-    row = session.scalar(select(File).where(File.id == file_id, File.org_id == principal.org_id))
-    if row is None:
-        raise InvalidRequest(f"Invalid file ID {file_id!r}: no such file.", param=param, code="invalid_file")
-    return row
-
-
 def estimate(session: Session, settings: ApiSettings, principal: Principal, body: JobCreate, fleet: Fleet) -> EstimatePublic:
     if body.model not in settings.base_models:
         raise InvalidRequest(
             f"Model {body.model!r} is not available for fine-tuning. Available: {', '.join(settings.base_models)}.",
             param="model", code="model_not_available",
         )
-    training = _org_file(session, principal, body.training_file, "training_file")
-    validation = _org_file(session, principal, body.validation_file, "validation_file") if body.validation_file else None
+    training = jobs.training_input(session, principal, body.training_file, "training_file")
+    validation = jobs.training_input(session, principal, body.validation_file, "validation_file") if body.validation_file else None
     # The same resolution as creation (purpose and format checks, auto hyperparameters), so the
     # estimate describes the job that creating it would run.
     spec, _ = jobs.build_spec(session, principal, body, new_id("ftjob-"), body.seed or 0, training, validation)

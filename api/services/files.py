@@ -14,7 +14,8 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from api.errors import InvalidRequest, NotFound
-from api.schemas import FileDeleted, FileObject, FilesPublic, is_well_formed_id, unix_seconds
+from api.schemas import FileDeleted, FileObject, FilesPublic, unix_seconds
+from api.services.scoping import owned
 from api.uploads import Upload
 from gpu_worker.storage import ObjectNotFound, ObjectStore
 from scheduler.models import File, Job, JobStatus, new_id
@@ -85,9 +86,7 @@ def create_file(session: Session, store: ObjectStore, principal: Principal, uplo
 
 
 def get_file_row(session: Session, principal: Principal, file_id: str) -> File:
-    row = None
-    if is_well_formed_id(file_id):
-        row = session.scalar(select(File).where(File.id == file_id, File.org_id == principal.org_id))
+    row = owned(session, File, file_id, principal)
     if row is None:
         raise NotFound(f"No such File object: {file_id}", param="file_id", code="file_not_found")
     return row
@@ -105,7 +104,7 @@ def list_files(
         query = query.where(File.purpose == purpose)
     newest_first = order == "desc"
     if after:
-        cursor = session.scalar(select(File).where(File.id == after, File.org_id == principal.org_id))
+        cursor = owned(session, File, after, principal)
         if cursor is None:
             raise InvalidRequest(f"Invalid cursor: no file {after!r}.", param="after", code="invalid_value")
         if newest_first:

@@ -140,7 +140,7 @@ def _method_params(method: Method, hp: HyperparametersIn, method_body: MethodBod
             if problem:
                 raise InvalidRequest(problem, param=f"{where}.rewards[{i}]", code="invalid_value")
     elif rewards:
-        raise InvalidRequest(f"rewards apply only to method 'grpo'.", param=f"{where}.rewards", code="invalid_value")
+        raise InvalidRequest("rewards apply only to method 'grpo'.", param=f"{where}.rewards", code="invalid_value")
     values = {_KNOB_FIELDS.get(k, k): getattr(hp, k) for k in _METHOD_KNOBS[method] if getattr(hp, k) not in (None, "auto")}
     return MethodParams(**values, rewards=rewards)
 

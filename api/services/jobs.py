@@ -22,10 +22,10 @@ from api.schemas import (
     JobEventsPublic,
     JobPublic,
     JobsPublic,
-    is_well_formed_id,
     unix_seconds,
 )
 from api.services import hyperparameters
+from api.services.scoping import owned
 from api.settings import ApiSettings
 from gpu_worker.contract import (
     METHOD_FORMATS,
@@ -82,9 +82,9 @@ def to_public(job: Job) -> JobPublic:
     )
 
 
-def _training_input(session: Session, principal: Principal, file_id: str, param: str) -> File:
+def training_input(session: Session, principal: Principal, file_id: str, param: str) -> File:
     """A file the job may train on. Another org's id reads exactly like one that never existed."""
-    row = session.scalar(select(File).where(File.id == file_id, File.org_id == principal.org_id))
+    row = owned(session, File, file_id, principal)
     if row is None:
         raise InvalidRequest(f"Invalid file ID {file_id!r}: no such file.", param=param, code="invalid_file")
     if row.purpose != FINE_TUNE_PURPOSE:
@@ -130,7 +130,7 @@ def _data_options(session: Session, principal: Principal, body: JobCreate, metho
     extra = []
     for i, item in enumerate(data.extra_training_files or []):
         param = f"data.extra_training_files[{i}].file"
-        row = _training_input(session, principal, item.file, param)
+        row = training_input(session, principal, item.file, param)
         _check_format(row, method, param)
         extra.append(TrainingFile(key=row.storage_key, format=item.format, weight=item.weight))
     given = data.model_dump(exclude_none=True, exclude={"extra_training_files"})
@@ -181,8 +181,8 @@ def create_job(session: Session, settings: ApiSettings, principal: Principal, bo
             param="model",
             code="model_not_available",
         )
-    training = _training_input(session, principal, body.training_file, "training_file")
-    validation = _training_input(session, principal, body.validation_file, "validation_file") if body.validation_file else None
+    training = training_input(session, principal, body.training_file, "training_file")
+    validation = training_input(session, principal, body.validation_file, "validation_file") if body.validation_file else None
     job_id = new_id("ftjob-")
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     spec, resolved = build_spec(session, principal, body, job_id, seed, training, validation)
@@ -214,9 +214,7 @@ def create_job(session: Session, settings: ApiSettings, principal: Principal, bo
 
 
 def _job_row(session: Session, principal: Principal, job_id: str) -> Job:
-    job = None
-    if is_well_formed_id(job_id):
-        job = session.scalar(select(Job).where(Job.id == job_id, Job.org_id == principal.org_id))
+    job = owned(session, Job, job_id, principal)
     if job is None:
         raise NotFound(f"Could not find fine-tuning job {job_id}.", param="fine_tuning_job_id", code="fine_tuning_job_not_found")
     return job
@@ -230,7 +228,7 @@ def list_jobs(session: Session, principal: Principal, *, after: str | None, limi
     """Newest first; ``after`` is the last id of the previous page (keyset pagination)."""
     query = select(Job).where(Job.org_id == principal.org_id)
     if after:
-        cursor = session.scalar(select(Job).where(Job.id == after, Job.org_id == principal.org_id))
+        cursor = owned(session, Job, after, principal)
         if cursor is None:
             raise InvalidRequest(f"Invalid cursor: no fine-tuning job {after!r}.", param="after", code="invalid_value")
         query = query.where(or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id)))
