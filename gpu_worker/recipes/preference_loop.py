@@ -36,13 +36,13 @@ from typing import Any, Protocol
 import torch
 
 from gpu_worker import checkpoint as ckpt
-from gpu_worker.contract import AdapterManifest, AdapterType, Artifact, CheckpointEvent, CompletedEvent, JobSpec, LogEvent, MetricsEvent, StoppedEvent
+from gpu_worker.contract import AdapterManifest, AdapterType, Artifact, CheckpointEvent, CompletedEvent, JobSpec, LogEvent, StoppedEvent
 from gpu_worker.data import DataPosition, epoch_batches, sequential_batches
 from gpu_worker.data_preference import Loaded
 from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
-from gpu_worker.recipes.schedule import RunPlan, lr_at  # one run layout for every recipe
+from gpu_worker.recipes.schedule import RunPlan, metrics_event, optimizer_step  # one run layout for every recipe
 from gpu_worker.engine.compat import write_reference
 from gpu_worker.storage import delete_prefix, put_dir
 
@@ -185,12 +185,7 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
             optimizer.zero_grad(set_to_none=True)
             return stopped(step, rng_at_step_start)
         train_loss, metrics, step_tokens, seen_tokens = result
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm).item()
-        lr = lr_at(step + 1, peak=hp.learning_rate, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps, kind=hp.lr_scheduler)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(optimizer, params, step=step, plan=plan, hp=hp)
         step += 1
         tokens += step_tokens
         position = DataPosition(position.epoch, position.batch_index + len(micro))
@@ -199,21 +194,11 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
         if valid is not None and (plan.is_eval_step(step) or step == plan.total_steps):
             valid_loss = evaluate(objective, model, valid, plan.batch_size, device)
         ctx.emit(LogEvent(message=f"{objective.name} step {step}: {json.dumps(metrics, sort_keys=True)}"))
-        ctx.emit(
-            MetricsEvent(
-                step=step,
-                total_steps=plan.total_steps,
-                epoch=position.epoch + position.batch_index / plan.batches_per_epoch,
-                train_loss=train_loss,
-                learning_rate=lr,
-                tokens=tokens,
-                valid_loss=valid_loss,
-                tokens_per_second=seen_tokens / elapsed,
-                grad_norm=grad_norm,
-                gpu_memory_gb=ms.cuda_peak_memory_gb(device),
-                eta_seconds=elapsed * (plan.total_steps - step),
-            )
-        )
+        ctx.emit(metrics_event(
+            step=step, plan=plan, position=position, train_loss=train_loss, lr=lr, tokens=tokens,
+            tokens_per_second=seen_tokens / elapsed, seconds_per_step=elapsed, grad_norm=grad_norm,
+            gpu_memory_gb=ms.cuda_peak_memory_gb(device), valid_loss=valid_loss,
+        ))
         if step % spec.runtime.checkpoint_every_steps == 0 or step == plan.total_steps:
             last_ckpt = save(step, ckpt.capture_rng(), train_loss, valid_loss)
         if ctx.should_stop() and step < plan.total_steps:

@@ -1,13 +1,17 @@
 """The shape of a training run, shared by every recipe: how many optimizer steps, when to evaluate,
-and the learning rate at each step. Pure functions of the spec and the data size, so a resumed run
-lays out exactly the steps of the uninterrupted one."""
+the learning rate at each step (pure functions of the spec and the data size, so a resumed run lays
+out exactly the steps of the uninterrupted one), the optimizer step itself and the metrics event
+each step reports."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 
-from gpu_worker.contract import JobSpec, LRScheduler
+import torch
+
+from gpu_worker.contract import Hyperparameters, JobSpec, LRScheduler, MetricsEvent
+from gpu_worker.data import DataPosition
 
 
 def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int, kind: LRScheduler | str = LRScheduler.linear) -> float:
@@ -54,3 +58,36 @@ class RunPlan:
         if self.eval_every:
             return step % self.eval_every == 0
         return step % self.steps_per_epoch == 0
+
+
+def optimizer_step(optimizer, params, *, step: int, plan: RunPlan, hp: Hyperparameters) -> tuple[float, float]:
+    """Clip the gradients, apply the scheduled learning rate of optimizer step ``step + 1``, step and
+    clear the gradients. Returns (gradient norm before clipping, learning rate)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm).item()
+    lr = lr_at(step + 1, peak=hp.learning_rate, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps, kind=hp.lr_scheduler)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+def metrics_event(
+    *, step: int, plan: RunPlan, position: DataPosition, train_loss: float, lr: float, tokens: int,
+    tokens_per_second: float, seconds_per_step: float, grad_norm: float, gpu_memory_gb: float | None,
+    valid_loss: float | None = None, exact_match: float | None = None,
+) -> MetricsEvent:
+    return MetricsEvent(
+        step=step,
+        total_steps=plan.total_steps,
+        epoch=position.epoch + position.batch_index / plan.batches_per_epoch,
+        train_loss=train_loss,
+        learning_rate=lr,
+        tokens=tokens,
+        valid_loss=valid_loss,
+        tokens_per_second=tokens_per_second,
+        grad_norm=grad_norm,
+        gpu_memory_gb=gpu_memory_gb,
+        eta_seconds=seconds_per_step * (plan.total_steps - step),
+        exact_match=exact_match,
+    )

@@ -52,13 +52,12 @@ from gpu_worker.contract import (
     CompletedEvent,
     JobSpec,
     LogEvent,
-    MetricsEvent,
     StoppedEvent,
 )
 from gpu_worker.data import DataPosition, Dataset, collate, epoch_batches, load_sft_data, token_counts, tokenizer_view
 from gpu_worker.integrations import Loggers
 from gpu_worker.loading import load_tokenizer
-from gpu_worker.recipes.schedule import RunPlan, lr_at
+from gpu_worker.recipes.schedule import RunPlan, metrics_event, optimizer_step
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
 from gpu_worker.engine.compat import write_reference
@@ -147,12 +146,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
                 last_ckpt = save(step, rng_at_step_start, train_loss, valid_loss)
             return _stopped(ctx, step, last_ckpt, loggers, spec.output_prefix, workdir)
         step_loss, step_tokens, seen_tokens = result
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm).item()
-        lr = lr_at(step + 1, peak=hp.learning_rate, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps, kind=hp.lr_scheduler)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(optimizer, params, step=step, plan=plan, hp=hp)
         step += 1
         tokens += step_tokens
         position = DataPosition(position.epoch, position.batch_index + len(micro))
@@ -164,19 +158,10 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
             if tracker.update(step, valid_loss) and evo.keep_best:
                 _save_best(ctx, model, spec, best_key)
         per_step = (time.perf_counter() - run_started) / (step - run_first_step)
-        metrics = MetricsEvent(
-            step=step,
-            total_steps=plan.total_steps,
-            epoch=position.epoch + position.batch_index / plan.batches_per_epoch,
-            train_loss=train_loss,
-            learning_rate=lr,
-            tokens=tokens,
-            valid_loss=valid_loss,
-            tokens_per_second=seen_tokens / elapsed,
-            grad_norm=grad_norm,
-            gpu_memory_gb=ms.cuda_peak_memory_gb(device),
-            eta_seconds=per_step * (plan.total_steps - step),
-            exact_match=exact,
+        metrics = metrics_event(
+            step=step, plan=plan, position=position, train_loss=train_loss, lr=lr, tokens=tokens,
+            tokens_per_second=seen_tokens / elapsed, seconds_per_step=per_step, grad_norm=grad_norm,
+            gpu_memory_gb=ms.cuda_peak_memory_gb(device), valid_loss=valid_loss, exact_match=exact,
         )
         ctx.emit(metrics)
         loggers.log(step, metrics.model_dump(include={"train_loss", "learning_rate", "valid_loss", "grad_norm", "tokens_per_second", "gpu_memory_gb", "exact_match"}))
