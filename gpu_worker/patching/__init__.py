@@ -3,9 +3,10 @@
 returned ``PatchReport`` (the job's events carry its ``reason`` when the stock path is used).
 
 Supported now: Llama, Mistral, Qwen2 (qkv bias: the attention projections stay PEFT/HF modules),
-Qwen3 (q/k norms), Gemma, Gemma 2 (attention and final logit softcapping, sandwich norms) and Gemma 3
-text (q/k norms); the Gemma families are checked on CPU only so far (bench/NOTES.md). Anything else
-trains on the stock HF path and says so.
+Qwen3 (q/k norms), Gemma, Gemma 2 (attention and final logit softcapping, sandwich norms), Gemma 3
+text (q/k norms) and Phi-3 (fused ``qkv_proj`` and ``gate_up_proj``, partial rotary); the Gemma and
+Phi-3 families are checked on CPU only so far (bench/NOTES.md). Anything else trains on the stock HF
+path and says so.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from gpu_worker.patching.memory import MEMORY_MODES, apply_memory_mode
 
 # model_type -> the families whose module layout decoder.py's forwards reproduce exactly
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 # families whose RMSNorm computes x_hat * (1 + w)
 _UNIT_OFFSET_NORMS = ("gemma", "gemma2", "gemma3_text")
 

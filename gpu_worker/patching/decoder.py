@@ -1,5 +1,5 @@
-"""Instance-level forwards for Llama-family decoders (Llama, Mistral, Qwen2/3, Gemma 1/2/3) that route the
-model's norms, Q/K/V and O projections (LoRA fused), rotary embedding, MLP and loss through ``kernels``.
+"""Instance-level forwards for Llama-family decoders (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3) that route
+the model's norms, Q/K/V and O projections (LoRA fused), rotary embedding, MLP and loss through ``kernels``.
 
 Each function here replaces ``forward`` on one module *instance* (``module.forward = MethodType(...)``);
 classes, other models and ``torch.nn.functional`` are untouched. Attention itself stays whatever
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_worker.patching.lora import lora_weights
+from gpu_worker.patching.lora import lora_weights, split_rows
 from kernels.cross_entropy import fused_linear_cross_entropy
 from kernels.lora_linear import lora_linears
 from kernels.lora_mlp import lora_mlp
@@ -40,12 +40,51 @@ def patch_mlp(mlp: nn.Module, act: str, impl: str | None) -> None:
     stock = type(mlp).forward
 
     def forward(self, x):
-        parts = [lora_weights(getattr(self, n)) for n in ("gate_proj", "up_proj", "down_proj")]
-        if any(p is None for p in parts):
+        parts = _mlp_parts(self)
+        if parts is None:
             return stock(self, x)  # something the fused path does not compute: stay exact
         return lora_mlp(x, *parts, act=act, impl=impl)
 
     mlp.forward = MethodType(forward, mlp)
+
+
+def _mlp_parts(mlp: nn.Module):
+    """(gate, up, down) as LoraWeights, or None. Phi-3's fused ``gate_up_proj`` holds gate rows first
+    (``Phi3MLP``: ``gate, up = gate_up.chunk(2, dim=-1)``)."""
+    if hasattr(mlp, "gate_up_proj"):
+        fused, down = lora_weights(mlp.gate_up_proj), lora_weights(mlp.down_proj)
+        if fused is None or down is None:
+            return None
+        rows = mlp.down_proj.in_features
+        return (*split_rows(fused, [rows, rows]), down)
+    parts = [lora_weights(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")]
+    return None if any(p is None for p in parts) else parts
+
+
+def _project_qkv(attn: nn.Module, hidden_states, impl):
+    """q, k, v as ``(..., features)`` tensors: one fused node for the three projections, or Phi-3's one
+    ``qkv_proj`` split by columns, or the PEFT/HF modules' own forwards when the fused path cannot
+    compute them (bias as in Qwen2, DoRA, live dropout...)."""
+    if hasattr(attn, "qkv_proj"):
+        p = lora_weights(attn.qkv_proj)
+        qkv = lora_linears(hidden_states, p, impl=impl)[0] if p is not None else attn.qkv_proj(hidden_states)
+        n_q = attn.config.num_attention_heads * attn.head_dim
+        n_kv = attn.num_key_value_heads * attn.head_dim
+        return qkv[..., :n_q], qkv[..., n_q:n_q + n_kv], qkv[..., n_q + n_kv:]
+    qkv = [lora_weights(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    if all(p is not None for p in qkv):  # one node, one x A^T for the three adapters
+        return lora_linears(hidden_states, *qkv, impl=impl)
+    return attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
+
+
+def _rotate(q, k, cos, sin, impl):
+    """RoPE on ``q (B, Hq, T, D)``, ``k``; partial rotary (Phi-3 family's ``partial_rotary_factor``:
+    the tables are narrower than ``D``) rotates the leading dims and passes the rest through, as HF."""
+    rot = cos.shape[-1]
+    if rot == q.shape[-1]:
+        return rope(q, k, cos, sin, impl=impl)
+    q_rot, k_rot = rope(q[..., :rot], k[..., :rot], cos, sin, impl=impl)
+    return torch.cat([q_rot, q[..., rot:]], dim=-1), torch.cat([k_rot, k[..., rot:]], dim=-1)
 
 
 def patch_attention(attn: nn.Module, impl: str | None) -> None:
@@ -55,21 +94,20 @@ def patch_attention(attn: nn.Module, impl: str | None) -> None:
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 **kwargs):
+        # transformers >= 5.2x passes the KV cache as `cache`, earlier 5.x as `past_key_values`
+        cache = kwargs.pop("cache", None)
+        cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        qkv = [lora_weights(p) for p in (self.q_proj, self.k_proj, self.v_proj)]
-        if all(p is not None for p in qkv):  # one node, one x A^T for the three adapters
-            q, k, v = lora_linears(hidden_states, *qkv, impl=impl)
-        else:  # bias (Qwen2), DoRA, live dropout...: PEFT/HF modules compute it
-            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q, k, v = _project_qkv(self, hidden_states, impl)
         q, k = q.view(hidden_shape), k.view(hidden_shape)
         v = v.view(hidden_shape).transpose(1, 2)
         if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over head_dim before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
-        q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, impl=impl)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        q, k = _rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin, impl)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
         sliding = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
         if getattr(self, "attn_logit_softcapping", None) is not None:  # Gemma 2
@@ -89,15 +127,20 @@ def patch_causal_lm(model: nn.Module, impl: str | None) -> None:
     without labels, or with a head the fused path cannot read, the stock head and loss."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    # the KV cache's name in model outputs and forward kwargs: `cache` from transformers 5.2x, before
+    # that `past_key_values` (since then a deprecated alias that warns)
+    cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         num_items = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
+        if past_key_values is not None:  # older 5.x name; newer ones pass `cache`, which stays in kwargs
+            kwargs[cache_field] = past_key_values
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         **kwargs)
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state
         head = self.lm_head
         fusable = type(head) is nn.Linear and head.bias is None
@@ -115,7 +158,7 @@ def patch_causal_lm(model: nn.Module, impl: str | None) -> None:
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
                                           num_items_in_batch=num_items, shift_labels=shift_labels)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states, attentions=out.attentions)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      attentions=out.attentions, **{cache_field: getattr(out, cache_field)})
 
     model.forward = MethodType(forward, model)

@@ -5,6 +5,9 @@ which case the caller runs the module's stock forward.
 
 Read at every call, not at patch time: PEFT's ``disable_adapter()``, ``merge_adapter()`` and
 ``set_adapter()`` change what the module computes after patching.
+
+Fused modules (Phi-3's ``gate_up_proj``) are split by output rows with ``split_rows``: views of the
+frozen weight and of ``lora_B``, the shared ``lora_A`` passed to each part (autograd sums its gradients).
 """
 
 from __future__ import annotations
@@ -25,6 +28,29 @@ class _NF4Weight:
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(self.param.data, self.param.quant_state)
+
+
+class _RowSlice:
+    """Rows ``[start, stop)`` of a weight that is only available through ``dequantize()`` (NF4)."""
+
+    def __init__(self, weight, start: int, stop: int):
+        self.weight, self.start, self.stop = weight, start, stop
+
+    def dequantize(self) -> torch.Tensor:
+        # the whole (out, in) weight is expanded and sliced: one extra transient per matmul, no copy kept
+        return self.weight.dequantize()[self.start:self.stop]
+
+
+def split_rows(p: LoraWeights, sizes: list[int]) -> list[LoraWeights]:
+    """``p`` as consecutive output-row blocks of the given sizes (y = cat(y_0, y_1, ...) along features)."""
+    parts, start = [], 0
+    for n in sizes:
+        w = p.weight[start:start + n] if isinstance(p.weight, torch.Tensor) else _RowSlice(p.weight, start,
+                                                                                             start + n)
+        b = p.lora_b[start:start + n] if p.lora_b is not None else None
+        parts.append(LoraWeights(w, p.lora_a, b, p.scale))
+        start += n
+    return parts
 
 
 def _base_weight(layer: nn.Module):

@@ -77,3 +77,32 @@ def test_quantized_style_weight_object_is_dequantized():
         _proj(8, 12, 2, "cpu", torch.float32)
     packed = [LoraWeights(Packed(p.weight), p.lora_a, p.lora_b, p.scale) for p in (gate, up, down)]
     assert rel_err(lora_mlp(x, *packed, impl="triton"), lora_mlp_reference(x, gate, up, down)) < 1e-6
+
+
+@pytest.mark.parametrize("layout", ["up_without_lora", "shared_a", "x_frozen"])
+def test_adapter_layouts_match_reference(layout):
+    # the backward batches the gate/up LoRA terms into one GEMM: it must stay right when only one of
+    # them has an adapter (scales differ), when both share one A (Phi-3's fused gate_up_proj, split by
+    # rows: autograd sums A's two gradients, B's row slices land in one B) and when x needs no gradient
+    torch.manual_seed(3)
+    hidden, inter, rank = 24, 20, 4
+    x = torch.randn(2, 5, hidden, requires_grad=layout != "x_frozen")
+    gate, up = _proj(inter, hidden, rank, "cpu", torch.float32), _proj(inter, hidden, rank, "cpu", torch.float32)
+    d = _proj(hidden, inter, rank, "cpu", torch.float32)
+    down = LoraWeights(d.weight, d.lora_a, d.lora_b, scale=0.5)
+    if layout == "up_without_lora":
+        up = LoraWeights(up.weight)
+    if layout == "shared_a":
+        w = torch.cat([gate.weight, up.weight])
+        b = torch.cat([gate.lora_b, up.lora_b]).detach().requires_grad_()
+        gate, up = (LoraWeights(w[:inter], gate.lora_a, b[:inter], 2.0),
+                    LoraWeights(w[inter:], gate.lora_a, b[inter:], 2.0))
+        leaves = [gate.lora_a, b, down.lora_a, down.lora_b]
+    else:
+        leaves = [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b) if t is not None]
+    if x.requires_grad:
+        leaves = [x] + leaves
+    got = torch.autograd.grad(lora_mlp(x, gate, up, down, impl="triton").sum(), leaves)
+    exp = torch.autograd.grad(lora_mlp_reference(x, gate, up, down).sum(), leaves)
+    for a, e in zip(got, exp):
+        assert rel_err(a, e) < TOL[torch.float32]

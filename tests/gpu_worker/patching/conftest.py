@@ -14,6 +14,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEVICES_IMPLS = [("cpu", "triton"), ("cpu", None),
                  pytest.param("cuda", None, marks=[pytest.mark.gpu, needs_cuda])]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Phi-3 fuses q/k/v and gate/up into one module each
+FUSED_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+
+
+def lora_targets(model_type: str) -> list[str]:
+    return FUSED_TARGETS.get(model_type, TARGETS)
 
 
 def tiny_config(model_type: str = "llama", **overrides):
@@ -25,6 +31,8 @@ def tiny_config(model_type: str = "llama", **overrides):
         kw["head_dim"] = 16
     if model_type in ("gemma2", "gemma3_text"):
         kw["sliding_window"] = 8  # shorter than the test sequences: the sliding layers really slide
+    if model_type == "phi3":
+        kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # defaults point past the tiny vocab
     kw.update(overrides)
     config = AutoConfig.for_model(model_type, **kw)
     if model_type == "gemma2":
@@ -38,7 +46,7 @@ def build_lora_model(config, device="cpu", dtype=torch.float32, seed=0):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype)
-    lcfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
+    lcfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=lora_targets(config.model_type),
                       init_lora_weights=False)  # random B: non-zero adapter grads everywhere
     model = get_peft_model(model, lcfg)
     model.train()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gpu_worker.patching import patch_model
-from tests.gpu_worker.patching.conftest import DEVICES_IMPLS, build_lora_model, lora_grads, rel, tiny_config
+from tests.gpu_worker.patching.conftest import (DEVICES_IMPLS, build_lora_model, lora_grads, lora_targets, rel,
+                                                tiny_config)
 
 # float32 everywhere on CPU: the kernels compute in float32 like the reference, so differences are
 # reassociation-level (measured ~2e-6 on these shapes); 1e-4 would still catch a wrong term. On CUDA the
@@ -33,7 +34,8 @@ def _step(model, x, labels, device, **kw):
     return loss.detach()
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                                        "phi3"])
 @pytest.mark.parametrize("memory_mode", ["off", "checkpointing", "offload"])
 @pytest.mark.parametrize("device,impl", DEVICES_IMPLS)
 def test_patched_matches_stock(model_type, memory_mode, device, impl):
@@ -51,7 +53,8 @@ def test_patched_matches_stock(model_type, memory_mode, device, impl):
     l_ref, l_ours = _step(ref, x, labels, device), _step(ours, x, labels, device)
     assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < _tol(device)
     g_ref, g_ours = lora_grads(ref), lora_grads(ours)
-    assert g_ref.keys() == g_ours.keys() and len(g_ref) == 2 * 7 * config.num_hidden_layers
+    assert g_ref.keys() == g_ours.keys()
+    assert len(g_ref) == 2 * len(lora_targets(model_type)) * config.num_hidden_layers
     worst = max(rel(g_ours[n], g_ref[n]) for n in g_ref)
     assert worst < _tol(device), worst
     ours.eval(), ref.eval()
@@ -74,6 +77,32 @@ def test_grad_accumulation_equals_one_big_batch(device, impl):
     _step(model, x, labels, device)
     big = lora_grads(model)
     assert max(rel(acc[n], big[n]) for n in big) < _tol(device) / 10
+
+
+@pytest.mark.parametrize("impl", ["triton", None])
+def test_phi3_partial_rotary_matches_stock(impl):
+    # Phi-4-mini (model_type phi3) rotates only the leading 3/4 of each head; the rest passes through
+    config = tiny_config("phi3", partial_rotary_factor=0.75)
+    assert config.rope_parameters["partial_rotary_factor"] == 0.75
+    ref, ours = build_lora_model(config), build_lora_model(config)
+    patch_model(ours, impl=impl)
+    x, labels = _batch("cpu")
+    l_ref, l_ours = _step(ref, x, labels, "cpu"), _step(ours, x, labels, "cpu")
+    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < 1e-4
+    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
+    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-4
+
+
+def test_generation_with_kv_cache_matches_stock():
+    # the patched attention must update the KV cache (transformers renamed its argument across 5.x)
+    config = tiny_config("llama")
+    ref, ours = build_lora_model(config), build_lora_model(config)
+    patch_model(ours, impl="triton")
+    ref.eval(), ours.eval()
+    x, _ = _batch("cpu", bsz=1, seq=6)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(input_ids=x, **kw), ref.generate(input_ids=x, **kw))
 
 
 def test_unsupported_architecture_falls_back_and_says_why():
