@@ -211,6 +211,27 @@ class Integrations(_Frozen):
     wandb_name: str | None = None
 
 
+class Distributed(_Frozen):
+    """How the multi-GPU (DeepSpeed) worker spreads one job: the scheduler's plan, filled in by the
+    worker agent (``scheduler/agent.py``). Absent on single-GPU jobs. Where the ranks meet (node
+    rank, master address and port) is a property of the launch, not of the job: the launcher's
+    environment carries it (``gpu_worker/distributed.py``).
+
+    The job's hyperparameters keep their meaning: one optimizer step still trains on
+    ``batch_size × gradient_accumulation_steps`` examples, which the ranks share; each rank runs
+    forward passes of at most ``micro_batch_size`` examples."""
+
+    gpus_per_node: int = Field(1, ge=1, le=16)
+    nodes: int = Field(1, ge=1, le=64)
+    zero_stage: Literal[2, 3] = 2  # 2: optimizer states and gradients sharded; 3: the weights too
+    offload_optimizer: bool = False  # optimizer states (and its step) in host memory
+    micro_batch_size: int | None = Field(None, ge=1)  # None: the step's examples split evenly, one pass per rank
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
 class Runtime(_Frozen):
     """How to run, as opposed to what to learn."""
 
@@ -219,6 +240,8 @@ class Runtime(_Frozen):
     dtype: DType = DType.auto
     checkpoint_every_steps: int = Field(50, ge=1)
     eval_every_steps: int = Field(0, ge=0)  # 0: once per epoch and at the end
+    # Added in schema 1 without a version bump: optional, and a spec without it means one GPU.
+    distributed: Distributed | None = None
 
 
 class JobSpec(_Frozen):
@@ -311,6 +334,8 @@ class EvalReport(_Frozen):
     tuned_valid_loss: float | None = None
     base_exact_match: float | None = None
     tuned_exact_match: float | None = None
+    base_reward: float | None = None  # GRPO: mean reward of greedy completions on the validation prompts
+    tuned_reward: float | None = None
     examples: int = 0
     passed: bool = True
     reason: str | None = None

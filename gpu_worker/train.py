@@ -16,6 +16,9 @@ Protocol with the supervising worker agent:
   cores thrash (the demo's training took 190 s with 2 threads on a loaded 2-core machine, 24 s with 1).
 - SIGTERM (cancel or preemption) or SIGINT: the current step is finished or abandoned, a checkpoint
   is saved, CheckpointEvent and StoppedEvent are written, and the process exits 0.
+- a spec with ``runtime.distributed`` (the scheduler planned several GPUs): this process starts the
+  node's DeepSpeed ranks under torchrun and passes rank 0's events on (``gpu_worker.distributed``);
+  the protocol above is unchanged.
 
 Exit codes:
     0   the last event is CompletedEvent or StoppedEvent
@@ -149,6 +152,14 @@ def main() -> int:
         return EXIT_USAGE
     data_dir = Path(os.environ.get("TUNEFORGE_DATA_DIR", "./.tuneforge"))
     log.info("job %s: %s on %s", spec.job_id, spec.method.value, spec.base_model)
+    if spec.runtime.distributed is not None:  # several GPUs: this process supervises the node's ranks
+        from gpu_worker.distributed import supervise
+
+        try:
+            return supervise(spec, events.emit, stop.is_set)
+        except ValueError as err:  # a launch the environment cannot make (no master address)
+            events.emit(FailedEvent(code="worker_misconfigured", message=str(err)))
+            return EXIT_USAGE
     try:
         from gpu_worker.recipes import RunContext, recipe_for
         from gpu_worker.storage import open_store

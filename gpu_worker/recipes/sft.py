@@ -28,6 +28,12 @@ Stopping (``should_stop``, polled before every micro-batch): a half-done step is
 of the last finished step is checkpointed, and a StoppedEvent returned. The random state saved with a
 checkpoint is the one at its step boundary, so a resumed run replays exactly the uninterrupted one.
 Full fine-tuning checkpoints hold the whole model (``model_setup.save_full_checkpoint``).
+
+Where the steps run is the engine's business (``train_engine``): one process on one device, or, when
+the scheduler planned the job across GPUs (``spec.runtime.distributed``), one DeepSpeed rank of
+several (``deepspeed_engine``), each running its share of every step. Every rank runs this same
+loop; rank 0 alone reports events and writes to the object store, and it alone runs the save phase
+on the trained model the engine hands it.
 """
 
 from __future__ import annotations
@@ -57,14 +63,16 @@ from gpu_worker.contract import (
 from gpu_worker.data import DataPosition, Dataset, collate, epoch_batches, load_sft_data, token_counts, tokenizer_view
 from gpu_worker.integrations import Loggers
 from gpu_worker.loading import load_tokenizer
-from gpu_worker.recipes.schedule import RunPlan, metrics_event, optimizer_step
+from gpu_worker.recipes.schedule import RunPlan, metrics_event
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
+from gpu_worker.recipes.train_engine import make_engine
 from gpu_worker.engine.compat import write_reference
 from gpu_worker.storage import delete_prefix, get_dir, put_dir
 
 
-def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
+def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
+    """Train ``spec``; the final event (None on DeepSpeed ranks other than 0 once training is done)."""
     # --- setup ---------------------------------------------------------------------------------------
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
@@ -82,10 +90,9 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
     full = spec.adapter.type == AdapterType.full
     for message, level in ms.apply_memory_mode_and_kernels(model, spec.runtime):
         ctx.emit(LogEvent(message=message, level=level))
-    device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(ms.trainable_parameter_groups(model, hp.weight_decay), lr=hp.learning_rate)
+    engine = make_engine(model, spec, full=full, store=ctx.store)
+    model, device = engine.model, engine.device
     plan = RunPlan.make(spec, len(train.examples))
     pairs = []
     if valid is not None and evo.exact_match and _has_answers(spec, data.stats):
@@ -95,8 +102,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
 
     step, tokens, position, last_ckpt = 0, 0, DataPosition(), None
     if spec.resume_from_key:
-        load = ms.load_full_checkpoint if full else ckpt.load_checkpoint
-        state, rng = load(ctx.store, spec.resume_from_key, model=model, optimizer=optimizer)
+        state, rng = engine.load_checkpoint(ctx.store, spec.resume_from_key)
         _check_resumable(spec, state, plan)
         step, tokens = state["step"], state["trained_tokens"]
         position = DataPosition.from_dict(state["data_position"])
@@ -104,11 +110,12 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
         last_ckpt = spec.resume_from_key.rstrip("/")
         ckpt.restore_rng(rng)
         ctx.emit(LogEvent(message=f"Resumed from checkpoint at step {step} of {plan.total_steps}"))
-    else:
+    elif engine.is_main:
         delete_prefix(ctx.store, best_key)  # a best snapshot from an unrelated earlier attempt
-    ctx.emit(LogEvent(message=f"Training {plan.total_steps} steps on {len(train.examples)} examples ({device}, {spec.adapter.type.value})"))
+    where = f"{device}" if engine.world_size == 1 else f"{engine.world_size} ranks, DeepSpeed ZeRO-{spec.runtime.distributed.zero_stage}"
+    ctx.emit(LogEvent(message=f"Training {plan.total_steps} steps on {len(train.examples)} examples ({where}, {spec.adapter.type.value})"))
     workdir = Path(tempfile.mkdtemp(prefix="tuneforge-job-"))
-    loggers = Loggers.open(spec, ctx.emit, workdir)
+    loggers = Loggers.open(spec if engine.is_main else spec.model_copy(update={"integrations": type(spec.integrations)()}), ctx.emit, workdir)
 
     def save(at_step: int, rng: dict[str, Any], train_loss: float | None, valid_loss: float | None) -> str:
         key = ckpt.checkpoint_key(spec.output_prefix, at_step)
@@ -123,7 +130,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
             "adapter": spec.adapter.model_dump(mode="json"),
             "job_id": spec.job_id,
         }
-        (ms.save_full_checkpoint if full else ckpt.save_checkpoint)(ctx.store, key, model=model, optimizer=optimizer, rng=rng, state=state, base_model=spec.base_model)
+        engine.save_checkpoint(ctx.store, key, rng=rng, state=state, base_model=spec.base_model)
         ctx.emit(CheckpointEvent(step=at_step, key=key, train_loss=train_loss, valid_loss=valid_loss))
         return key
 
@@ -139,24 +146,25 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
         rng_at_step_start = ckpt.capture_rng()
         micro = [[train.examples[i] for i in b] for b in order[position.batch_index : position.batch_index + plan.accumulation]]
         started = time.perf_counter()
-        result = _train_step(model, micro, pad_id, device, ctx.should_stop)
+        result = _train_step(engine, micro, pad_id, ctx.should_stop)
         if result is None:  # asked to stop mid-step: the step never happened
-            optimizer.zero_grad(set_to_none=True)
+            engine.zero_grad()
             if step and last_ckpt != ckpt.checkpoint_key(spec.output_prefix, step):
                 last_ckpt = save(step, rng_at_step_start, train_loss, valid_loss)
             return _stopped(ctx, step, last_ckpt, loggers, spec.output_prefix, workdir)
         step_loss, step_tokens, seen_tokens = result
-        grad_norm, lr = optimizer_step(optimizer, params, step=step, plan=plan, hp=hp)
+        grad_norm, lr = engine.step(step=step, plan=plan, hp=hp)
         step += 1
         tokens += step_tokens
         position = DataPosition(position.epoch, position.batch_index + len(micro))
         elapsed = max(time.perf_counter() - started, 1e-9)
         train_loss, valid_loss, exact = step_loss, None, None
         if valid is not None and plan.is_eval_step(step):
-            valid_loss = ev.valid_loss(model, valid.examples, batch_size=plan.batch_size, pad_id=pad_id, device=device)
-            exact = ev.exact_match(model, pairs, pad_id=pad_id, eos_id=eos_id, device=device)
+            # Every rank evaluates (ZeRO-3 needs them all in each forward); rank 0's numbers decide.
+            valid_loss = engine.same(ev.valid_loss(model, valid.examples, batch_size=plan.batch_size, pad_id=pad_id, device=device))
+            exact = engine.same(ev.exact_match(model, pairs, pad_id=pad_id, eos_id=eos_id, device=device))
             if tracker.update(step, valid_loss) and evo.keep_best:
-                _save_best(ctx, model, spec, best_key)
+                _save_best(ctx, engine, spec, best_key)
         per_step = (time.perf_counter() - run_started) / (step - run_first_step)
         metrics = metrics_event(
             step=step, plan=plan, position=position, train_loss=train_loss, lr=lr, tokens=tokens,
@@ -171,12 +179,16 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
         if early_stop:
             ctx.emit(LogEvent(message=f"Early stopping at step {step}: validation loss has not improved on {tracker.best_loss:.4f} (step {tracker.best_step}) for {tracker.bad_evals} evaluations"))
             break
-        if ctx.should_stop() and step < plan.total_steps:
+        if engine.agree(ctx.should_stop()) and step < plan.total_steps:
             if last_ckpt != ckpt.checkpoint_key(spec.output_prefix, step):
                 last_ckpt = save(step, ckpt.capture_rng(), train_loss, valid_loss)
             return _stopped(ctx, step, last_ckpt, loggers, spec.output_prefix, workdir)
 
     # --- save ----------------------------------------------------------------------------------------
+    model = engine.final_model()
+    if model is None:  # a DeepSpeed rank other than 0: rank 0 finishes alone
+        shutil.rmtree(workdir, ignore_errors=True)
+        return None
     best_step = None
     if evo.keep_best and tracker.best_step is not None:
         best_step = tracker.best_step
@@ -189,31 +201,35 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent:
     return _finish(spec, ctx, model, tokenizer, step, tokens, report, best_step, loggers, workdir)
 
 
-def _train_step(model, micro_batches, pad_id: int, device, should_stop) -> tuple[float, int, int] | None:
-    """Forward and backward over one optimizer step's micro-batches; returns (mean token loss,
-    trained tokens, non-padding tokens), or None if asked to stop before it finished."""
-    batches = [collate(m, pad_id) for m in micro_batches]  # packed rows are recognised by collate
-    # Tokens that carry a loss after the causal shift: the first position of a row never does.
-    n_trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+def _train_step(engine, micro_batches, pad_id: int, should_stop) -> tuple[float, int, int] | None:
+    """Forward and backward over this process's share of one optimizer step (``engine.shard``);
+    returns (mean token loss, trained tokens, non-padding tokens) of the whole step, or None if
+    asked to stop before it finished (all ranks agree on stopping before each pass)."""
+    # Tokens that carry a loss after the causal shift (the first position of a row never does),
+    # counted over the whole step on every rank: no communication needed.
+    n_trained = sum(int((collate(m, pad_id)["labels"][:, 1:] != -100).sum()) for m in micro_batches)
     n_seen = sum(token_counts(m)[1] for m in micro_batches)
+    passes = engine.shard(micro_batches)
     total = 0.0
-    for batch in batches:
-        if should_stop():
+    for i, (examples, weight) in enumerate(passes):
+        if engine.agree(should_stop()):
             return None
-        batch = {k: v.to(device) for k, v in batch.items()}
+        last = i == len(passes) - 1
+        batch = {k: v.to(engine.device) for k, v in collate(examples, pad_id).items()}  # packed rows are recognised by collate
         # num_items_in_batch makes the model's loss sum(token losses) / n_trained over the whole
-        # step, so micro-batches of unequal token counts add up to the loss of one big batch.
-        loss = model(**batch, num_items_in_batch=n_trained).loss
-        loss.backward()
+        # step, so passes of unequal token counts (on any rank) add up to the loss of one big batch.
+        loss = engine.forward(batch, n_trained, last=last) * weight
+        engine.backward(loss, last=last)
         total += loss.item()
-    return total, n_trained, n_seen
+    return engine.total(total), n_trained, n_seen
 
 
-def _save_best(ctx: RunContext, model, spec: JobSpec, key: str) -> None:
-    delete_prefix(ctx.store, key)
+def _save_best(ctx: RunContext, engine, spec: JobSpec, key: str) -> None:
     with tempfile.TemporaryDirectory(prefix="tuneforge-best-") as tmp:
-        ms.save_trained(model, Path(tmp), base_model=spec.base_model)
-        put_dir(ctx.store, tmp, key)
+        engine.save_weights(Path(tmp), base_model=spec.base_model)
+        if engine.is_main:
+            delete_prefix(ctx.store, key)
+            put_dir(ctx.store, tmp, key)
 
 
 def _load_best(ctx: RunContext, model, key: str) -> None:
