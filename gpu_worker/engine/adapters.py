@@ -5,8 +5,8 @@ local folder or ``store:<key prefix>`` in the platform's object store, downloade
 ``<data_dir>/adapter-cache/`` first. Before anything touches the model the folder is checked: no pickle
 weights anywhere (loading one can run code), a LoRA config naming a base model this engine serves, a rank
 within the configured maximum, and weights that fit the base model's layers exactly. Only then are the
-weights attached, as a named PEFT adapter, read from safetensors by this module (PEFT's own loader would
-fall back to pickle files).
+weights, read from safetensors by this module (PEFT's loader would fall back to pickle files), attached
+to the model's adapter bank (``gpu_worker.engine.lora``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # "base_model.model.<module path>.lora_A.weight": the key PEFT's save_pretrained writes for a Linear layer.
-_WEIGHT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+WEIGHT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +101,7 @@ def read_adapter(path: Path, *, max_rank: int) -> AdapterFiles:
         raise InvalidRequest(f"{WEIGHTS_FILE} holds no tensors", param="lora_path")
     rank = 0
     for key, tensor in weights.items():
-        match = _WEIGHT_KEY.match(key)
+        match = WEIGHT_KEY.match(key)
         if match is None or tensor.dim() != 2:
             raise InvalidRequest(f"unsupported adapter weight {key!r}: only LoRA on linear layers is served", param="lora_path")
         rank = max(rank, tensor.shape[0] if match["ab"] == "A" else tensor.shape[1])
@@ -130,7 +130,7 @@ def read_config(path: Path) -> dict:
 
 def weight_module(key: str) -> str:
     """The module path a checked weight key targets ("model.layers.0.self_attn.q_proj")."""
-    return _WEIGHT_KEY.match(key)["module"]
+    return WEIGHT_KEY.match(key)["module"]
 
 
 def names_base(declared: str, served_name: str, served_path: str | None) -> bool:
@@ -145,9 +145,9 @@ def names_base(declared: str, served_name: str, served_path: str | None) -> bool
 
 def check_fits(adapter: AdapterFiles, model: torch.nn.Module) -> None:
     """Every weight targets an existing linear layer of ``model`` with matching shapes (400 otherwise)."""
-    modules = dict(_base_of(model).named_modules())
+    modules = dict(model.named_modules())
     for key, tensor in adapter.weights.items():
-        match = _WEIGHT_KEY.match(key)
+        match = WEIGHT_KEY.match(key)
         module = modules.get(match["module"])
         layer = getattr(module, "base_layer", module)  # already wrapped by another adapter
         if not isinstance(layer, torch.nn.Linear):
@@ -157,63 +157,3 @@ def check_fits(adapter: AdapterFiles, model: torch.nn.Module) -> None:
             raise InvalidRequest(
                 f"adapter weight {key!r} has shape {tuple(tensor.shape)}, the base model needs {want}", param="lora_path"
             )
-
-
-def _base_of(model: torch.nn.Module) -> torch.nn.Module:
-    from peft import PeftModel
-
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def attach(model: torch.nn.Module, name: str, adapter: AdapterFiles) -> torch.nn.Module:
-    """Attach ``adapter`` under ``name``; returns the model to use from now on (a ``PeftModel``). On
-    failure the model is left as it was."""
-    from peft import LoraConfig, PeftModel
-
-    try:
-        fields = {k: v for k, v in adapter.config.items() if k in LoraConfig.__dataclass_fields__}
-        config = LoraConfig(**{**fields, "inference_mode": True})
-    except (TypeError, ValueError) as err:
-        raise InvalidRequest(f"invalid LoRA configuration: {err}", param="lora_path") from None
-    if isinstance(model, PeftModel):
-        model.add_adapter(name, config)
-        try:
-            _load_weights(model, name, adapter)
-        except BaseException:
-            model.delete_adapter(name)
-            raise
-        return model.eval()
-    wrapped = PeftModel(model, config, adapter_name=name)
-    try:
-        _load_weights(wrapped, name, adapter)
-    except BaseException:
-        wrapped.unload()  # takes the LoRA layers out again, leaving ``model`` as it was
-        raise
-    return wrapped.eval()
-
-
-def _load_weights(model, name: str, adapter: AdapterFiles) -> None:
-    from peft import set_peft_model_state_dict
-
-    params = dict(model.named_parameters())
-    try:
-        result = set_peft_model_state_dict(model, adapter.weights, adapter_name=name)
-    except RuntimeError as err:  # size mismatches between the weights and the configured rank
-        raise InvalidRequest(f"adapter weights do not match its configuration: {err}", param="lora_path") from None
-    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
-    own = re.compile(rf"\.lora_[AB]\.{re.escape(name)}\.weight$")
-    missing = [k for k in result.missing_keys if own.search(k) and k in params]
-    if unexpected or missing:
-        raise InvalidRequest(
-            f"adapter weights do not match its configuration (unexpected: {unexpected[:3]}, missing: {missing[:3]})",
-            param="lora_path",
-        )
-
-
-def detach(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    """Remove adapter ``name``; returns the model to use from now on (the bare base model once no
-    adapter is left: PEFT cannot run a ``PeftModel`` whose last adapter was deleted)."""
-    if len(model.peft_config) == 1:
-        return model.unload()
-    model.delete_adapter(name)
-    return model

@@ -5,8 +5,9 @@ Requests (``Sequence``) are submitted from any thread and join the running batch
 an iteration admits waiting requests (prefilled together in one forward pass), then feeds every
 running row its last sampled token in one decode pass, samples each row's next token with that row's
 own parameters and drops the rows that finished. Rows of different adapters (and of the bare base
-model) share each forward pass through PEFT's mixed-batch ``adapter_names``; the cache stays
-left-padded (``kvcache.KVBatch``) so rows of different lengths can share it.
+model) share each forward pass: the model's ``lora.AdapterBank`` applies each row's own LoRA in batched
+ops (no loop over adapters); the cache stays left-padded (``kvcache.KVBatch``) so rows of different
+lengths can share it.
 
 Results go to each sequence's ``sink`` (called on the loop thread) as ``Delta`` values: new text, the
 completion token count so far, and a finish reason or an error on the last one.
@@ -25,17 +26,15 @@ import threading
 from typing import Callable
 
 import torch
-from peft import PeftModel
 from transformers import DynamicCache
 
 from gpu_worker.engine import adapters
 from gpu_worker.engine.detokenizer import Detokenizer
 from gpu_worker.engine.kvcache import KVBatch
+from gpu_worker.engine.lora import AdapterBank
 from gpu_worker.engine.sampling import SamplingParams, sample_rows
 
 log = logging.getLogger(__name__)
-
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +63,7 @@ class Sequence:
         self.id = next(_ids)
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self.adapter = adapter  # internal PEFT adapter name, None for the base model
+        self.adapter = adapter  # internal adapter name, None for the base model
         self.sink = sink
         self.detokenizer = Detokenizer(tokenizer, prompt_ids, params.stop)
         self.generator = params.make_generator()
@@ -85,6 +84,7 @@ class ModelRunner:
     def __init__(self, name: str, model, tokenizer, *, max_batch_size: int, max_prefill_tokens: int):
         self.name = name
         self.model = model.eval()
+        self.lora = AdapterBank(self.model)
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_batch_size = max_batch_size
@@ -143,7 +143,7 @@ class ModelRunner:
     def attach_adapter(self, name: str, files: adapters.AdapterFiles) -> None:
         with self.model_lock:
             adapters.check_fits(files, self.model)
-            self.model = adapters.attach(self.model, name, files)
+            self.lora.attach(name, files.config, files.weights)
         with self._cv:
             self._attached.add(name)
 
@@ -155,11 +155,12 @@ class ModelRunner:
         with self.model_lock:
             adapters.check_fits(files, self.model)
             compat.check_vocabulary(files, self.model)
-            self.model = adapters.attach(self.model, name, files)
+            self.lora.attach(name, files.config, files.weights)
             try:
-                return [compat.log_probs(self.model, ids, adapter_names=[name]) for ids in prompts]
+                with self.lora.rows([name]):
+                    return [compat.log_probs(self.model, ids) for ids in prompts]
             finally:
-                self.model = adapters.detach(self.model, name)
+                self.lora.detach(name)
 
     def retire_adapter(self, name: str) -> None:
         with self._cv:
@@ -248,16 +249,14 @@ class ModelRunner:
         self._kv = kv.select(alive)
 
     def _forward(self, seqs: list[Sequence], ids, mask, positions, cache, **kwargs):
-        names = [seq.adapter or BASE for seq in seqs]
-        if isinstance(self.model, PeftModel):
-            # A PeftModel needs the names even for base-only rows, or it would apply its active adapter.
-            kwargs["adapter_names"] = names
+        names = [seq.adapter for seq in seqs]
         self.stats.forward_passes += 1
         self.stats.max_rows = max(self.stats.max_rows, len(seqs))
         self.stats.mixed_passes += len(set(names)) > 1
-        return self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, **kwargs
-        )
+        with self.lora.rows(names):
+            return self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, **kwargs
+            )
 
     def _accept_all(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         """Sample each row's next token from ``logits`` ([rows, vocab]); the indices of rows still running."""
@@ -310,7 +309,7 @@ class ModelRunner:
                 self._in_use.pop(name, None)
         for name in done:
             try:
-                self.model = adapters.detach(self.model, name)
+                self.lora.detach(name)
             except Exception:  # keep serving: an adapter left attached costs memory, not correctness
                 log.exception("could not detach adapter %s from %s", name, self.name)
 

@@ -136,30 +136,6 @@ def test_store_prefix_is_materialised_into_the_adapter_cache(tiny_dir, adapter_d
             models.load_adapter("other", bad)
 
 
-def test_attach_then_detach_restores_the_exact_model(tiny_dir, adapter_dirs):
-    model, tokenizer = load_tiny(tiny_dir)
-    ids = torch.tensor([tokenizer("The quick brown fox")["input_ids"]])
-    with torch.no_grad():
-        before = model(ids).logits
-        wrapped = adapters.attach(model, "a", adapters.read_adapter(adapter_dirs["attn"], max_rank=64))
-        wrapped = adapters.attach(wrapped, "b", adapters.read_adapter(adapter_dirs["mlp"], max_rank=64))
-        with_a = wrapped(ids, adapter_names=["a"]).logits
-        assert not torch.allclose(with_a, before)
-        assert torch.equal(wrapped(ids, adapter_names=["__base__"]).logits, before)
-        unwrapped = adapters.detach(adapters.detach(wrapped, "a"), "b")
-        assert torch.equal(unwrapped(ids).logits, before)
-        assert not any("lora" in name for name, _ in unwrapped.named_modules())
-
-
-def test_a_failed_attach_leaves_the_model_as_it_was(tiny_dir, adapter_dirs, copy_of):
-    model, tokenizer = load_tiny(tiny_dir)
-    folder = copy_of("attn")
-    _edit_config(folder, r=2)  # the weights are rank 4
-    with pytest.raises(InvalidRequest, match="do not match its configuration"):
-        adapters.attach(model, "a", adapters.read_adapter(folder, max_rank=64))
-    assert not any("lora" in name for name, _ in model.named_modules())
-
-
 def test_loading_beyond_max_loras_evicts_the_least_recently_used(tiny_dir, adapter_dirs, tmp_path):
     models = ServedModels(engine_settings(tmp_path, max_loras=2), loader=tiny_loader(tiny_dir))
     models.load_adapter("a", str(adapter_dirs["attn"]))

@@ -10,6 +10,7 @@ import pytest
 
 from gpu_worker.engine import adapters
 from gpu_worker.engine.generation import AdapterGone, ModelRunner, Sequence
+from gpu_worker.engine.lora import LoRALinear
 from gpu_worker.engine.sampling import SamplingParams
 
 from tests.gpu_worker.engine.conftest import load_tiny
@@ -118,7 +119,7 @@ def test_unloaded_adapter_refuses_new_requests_but_finishes_running_ones(runner,
     assert sink.done.wait(60)
     assert seq.output_ids == reference.generate(adapter_dirs["attn"], seq.prompt_ids, 30)
     _submit(runner, PROMPTS[0], None, 2)[1].done.wait(60)  # one more step lets the loop detach it
-    assert "attn" not in runner.model.peft_config
+    assert "attn" not in runner.lora
 
 
 def test_detaching_every_adapter_restores_the_base_model(runner, reference):
@@ -127,8 +128,8 @@ def test_detaching_every_adapter_restores_the_base_model(runner, reference):
         runner.retire_adapter(name)
     seq, sink = _submit(runner, PROMPTS[1], None, 10)
     assert sink.done.wait(60)
-    assert not hasattr(runner.model, "peft_config")
-    assert not any("lora" in n for n, _ in runner.model.named_modules())
+    assert len(runner.lora) == 0
+    assert all(type(m) is not LoRALinear for m in runner.model.modules())
     assert seq.output_ids == reference.generate(None, seq.prompt_ids, 10)
 
 
