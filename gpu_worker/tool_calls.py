@@ -113,3 +113,134 @@ def check_tool_use(obj: dict) -> str | None:
             ids.add(call["id"])
             pending[call["id"]] = i
     return None
+
+
+# --- other spellings of tool calling, rewritten as OpenAI's ------------------------------------------
+#
+# Two older shapes are common in the wild and are read as the chat format above, with call ids made
+# up in order (``call_0``, ``call_1``, ...), so that the checks, the templates and the token counter
+# only ever see one format:
+#
+# - OpenAI's legacy function calling: ``"functions": [{"name", "description", "parameters"}]``,
+#   assistant messages with ``"function_call": {"name", "arguments"}`` and ``{"role": "function",
+#   "name", "content"}`` results (each answering the latest unanswered call);
+# - ShareGPT tool turns (LLaMA-Factory's convention): ``{"from": "function_call", "value": "<JSON
+#   call or list of calls>"}`` (parallel calls are a list), each answered in order by an
+#   ``"observation"`` (or ``"tool"``) turn, and ``"tools"``: a JSON string or list of functions.
+
+SHAREGPT_CALL_TURNS = frozenset({"function_call"})
+SHAREGPT_RESULT_TURNS = frozenset({"observation", "tool"})
+
+
+def uses_legacy_functions(obj: dict) -> bool:
+    messages = obj.get("messages")
+    return "functions" in obj or (isinstance(messages, list) and any(
+        isinstance(m, dict) and ("function_call" in m or m.get("role") == "function") for m in messages))
+
+
+def _as_tools(functions: Any, field: str) -> tuple[list | None, str | None]:
+    """A list of functions (or of OpenAI tools), possibly JSON-encoded, as OpenAI ``tools``."""
+    if isinstance(functions, str):
+        try:
+            functions = json.loads(functions)
+        except json.JSONDecodeError as err:
+            return None, f"'{field}' is a string but not valid JSON ({err.msg} at column {err.colno})"
+    if not isinstance(functions, list):
+        return None, f"'{field}' must be an array of functions, not {type_name(functions)}"
+    tools = []
+    for k, fn in enumerate(functions):
+        if not isinstance(fn, dict):
+            return None, f"{field}[{k}] must be an object, not {type_name(fn)}"
+        tools.append(fn if fn.get("type") == "function" and "function" in fn else {"type": "function", "function": fn})
+    return tools, None
+
+
+def _call(value: Any, call_id: str, where: str) -> tuple[dict | None, str | None]:
+    """One ``{"name", "arguments"}`` call (arguments an object or a JSON string) as a tool call."""
+    if not isinstance(value, dict):
+        return None, f"{where}: a function call must be an object with 'name' and 'arguments', not {type_name(value)}"
+    name, args = value.get("name"), value.get("arguments", {})
+    if not isinstance(name, str) or not name:
+        return None, f"{where}: function call 'name' must be a non-empty string"
+    if not isinstance(args, str):
+        args = json.dumps(args, ensure_ascii=False)
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}, None
+
+
+def legacy_as_tools(obj: dict) -> tuple[dict | None, str | None]:
+    """A chat example written with legacy ``functions``/``function_call`` as one with ``tools``/
+    ``tool_calls``/``tool`` messages, or (None, the reason it cannot be read)."""
+    if "tools" in obj:
+        return None, "use either 'tools' or the legacy 'functions', not both"
+    out = {k: v for k, v in obj.items() if k != "functions"}
+    if "functions" in obj:
+        tools, reason = _as_tools(obj["functions"], "functions")
+        if reason:
+            return None, reason
+        out["tools"] = tools
+    messages, pending = [], []
+    for i, m in enumerate(obj.get("messages") or []):
+        if not isinstance(m, dict):
+            messages.append(m)  # the chat checks name it
+            continue
+        m = dict(m)
+        if "function_call" in m:
+            if m.get("role") != "assistant":
+                return None, f"message {i} ({m.get('role')}): only assistant messages have 'function_call'"
+            call, reason = _call(m.pop("function_call"), f"call_{i}", f"message {i}")
+            if reason:
+                return None, reason
+            m["tool_calls"] = [call]
+            pending.append(call["id"])
+        elif m.get("role") == "function":
+            if not pending:
+                return None, f"message {i} (function): answers no 'function_call' of an assistant message before it"
+            m = {"role": "tool", "tool_call_id": pending.pop(), "content": m.get("content")}
+        messages.append(m)
+    out["messages"] = messages
+    return out, None
+
+
+def sharegpt_uses_tools(obj: dict) -> bool:
+    turns = obj.get("conversations")
+    return "tools" in obj or (isinstance(turns, list) and any(
+        isinstance(t, dict) and t.get("from") in SHAREGPT_CALL_TURNS | SHAREGPT_RESULT_TURNS for t in turns))
+
+
+def sharegpt_as_chat(obj: dict, roles: dict[str, str]) -> tuple[dict | None, str | None]:
+    """A ShareGPT record with tool turns as an OpenAI chat example (``roles`` maps the other
+    speakers), or (None, the reason naming the turn). The turns' shapes are checked by the caller."""
+    out: dict[str, Any] = {}
+    if "tools" in obj:
+        tools, reason = _as_tools(obj["tools"], "tools")
+        if reason:
+            return None, reason
+        out["tools"] = tools
+    messages = [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
+    pending: list[str] = []
+    for i, turn in enumerate(obj["conversations"]):
+        where, speaker = f"turn {i}", turn["from"]
+        weight = {"weight": turn["weight"]} if "weight" in turn else {}
+        if speaker in SHAREGPT_CALL_TURNS:
+            try:
+                value = json.loads(turn["value"])
+            except json.JSONDecodeError as err:
+                return None, f"{where} ({speaker}): 'value' must be a JSON function call ({err.msg} at column {err.colno})"
+            calls = []
+            for value in value if isinstance(value, list) else [value]:
+                call, reason = _call(value, f"call_{i}_{len(calls)}", f"{where} ({speaker})")
+                if reason:
+                    return None, reason
+                calls.append(call)
+            if not calls:
+                return None, f"{where} ({speaker}): the list of calls is empty"
+            messages.append({"role": "assistant", "content": None, "tool_calls": calls, **weight})
+            pending += [c["id"] for c in calls]
+        elif speaker in SHAREGPT_RESULT_TURNS:
+            if not pending:
+                return None, f"{where} ({speaker}): answers no function call before it"
+            messages.append({"role": "tool", "tool_call_id": pending.pop(0), "content": turn["value"]})
+        else:
+            messages.append({"role": roles[speaker], "content": turn["value"], **weight})
+    out["messages"] = messages
+    return out, None

@@ -11,8 +11,10 @@ A file holds one format (``DataFormat``), declared or detected from its first va
   with OpenAI's tool calling: ``"tools": [{"type": "function", "function": {"name", "description",
   "parameters"}}]``, ``"parallel_tool_calls"?``, assistant messages with ``"tool_calls": [{"id",
   "type": "function", "function": {"name", "arguments": "<JSON object>"}}]`` (content null or a
-  string), and ``{"role": "tool", "tool_call_id", "content"}`` answering them;
-- sharegpt: ``{"conversations": [{"from": "human"|"gpt"|"system", "value"}], "system"?}``;
+  string), and ``{"role": "tool", "tool_call_id", "content"}`` answering them; or the legacy
+  ``functions``/``function_call``/``function`` messages (read as tools by ``tool_calls``);
+- sharegpt: ``{"conversations": [{"from": "human"|"gpt"|"system", "value"}], "system"?}``, with tool
+  turns (``function_call``, answered by ``observation``) and ``tools`` (read as chat by ``tool_calls``);
 - alpaca: ``{"instruction", "input"?, "output", "system"?}``;
 - completion: ``{"prompt", "completion"}``; text: ``{"text"}`` (continued pretraining);
 - preference: ``{"input": {"messages"}, "preferred_output": [msg], "non_preferred_output": [msg]}``
@@ -41,7 +43,17 @@ from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel, ConfigDict
 
-from gpu_worker.tool_calls import check_call_shape, check_tool_use, type_name as _type_name
+from gpu_worker.tool_calls import (
+    SHAREGPT_CALL_TURNS,
+    SHAREGPT_RESULT_TURNS,
+    check_call_shape,
+    check_tool_use,
+    legacy_as_tools,
+    sharegpt_as_chat,
+    sharegpt_uses_tools,
+    type_name as _type_name,
+    uses_legacy_functions,
+)
 from gpu_worker.contract import METHOD_FORMATS, DataFormat, Method
 
 MIN_EXAMPLES = 10  # OpenAI's minimum for a training file
@@ -51,7 +63,7 @@ _ERRORS_IN_MESSAGE = 5  # how many bad lines the one-line error message names
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 # ShareGPT speaker names, as the common dumps write them, mapped to chat roles.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"}
-_SHAREGPT_TOOL_ROLES = frozenset({"function_call", "observation", "tool", "function"})
+_SHAREGPT_TOOL_TURNS = SHAREGPT_CALL_TURNS | SHAREGPT_RESULT_TURNS
 
 class LineError(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -177,6 +189,10 @@ def check_example(obj: Any) -> str | None:
         return reason
     if "messages" not in obj:
         return "missing 'messages'"
+    if uses_legacy_functions(obj):  # read as tools/tool_calls (tool_calls.legacy_as_tools)
+        obj, reason = legacy_as_tools(obj)
+        if reason is not None:
+            return reason
     if (reason := _check_messages(obj["messages"], tools_ok=True)) is not None:
         return reason
     if (reason := check_tool_use(obj)) is not None:
@@ -215,18 +231,23 @@ def _check_sharegpt(obj: Any) -> str | None:
         if "from" not in turn:
             return f"{where} has no 'from'"
         speaker = turn["from"]
-        if speaker in _SHAREGPT_TOOL_ROLES:
-            return f"{where}: tool turns ({speaker!r}) are not supported for training yet"
-        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
-            return f"unknown 'from' {speaker!r} in {where} (expected one of {', '.join(sorted(SHAREGPT_ROLES))})"
+        if speaker == "function":
+            return f"{where}: 'function' turns are ambiguous: write 'function_call' for a call and 'observation' for its result"
+        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES.keys() | _SHAREGPT_TOOL_TURNS:
+            return f"unknown 'from' {speaker!r} in {where} (expected one of {', '.join(sorted(SHAREGPT_ROLES.keys() | _SHAREGPT_TOOL_TURNS))})"
         if "value" not in turn:
             return f"{where} ({speaker}) has no 'value'"
         if not isinstance(turn["value"], str):
             return f"{where} ({speaker}): 'value' must be a string, not {_type_name(turn['value'])}"
-        if SHAREGPT_ROLES[speaker] == "assistant" and not turn["value"].strip():
+        if SHAREGPT_ROLES.get(speaker) == "assistant" and not turn["value"].strip():
             return f"{where} ({speaker}): 'value' is empty"
         if (reason := _weight_reason(where, turn)) is not None:
             return reason
+    if sharegpt_uses_tools(obj):  # checked as the chat example it is read as (tool_calls.sharegpt_as_chat)
+        record, reason = sharegpt_as_chat(obj, SHAREGPT_ROLES)
+        if reason is None and (reason := check_example(record)) is not None:
+            reason = f"read as a chat example: {reason}"
+        return reason
     return _check_trainable([(SHAREGPT_ROLES[t["from"]], t) for t in turns], "turn")
 
 

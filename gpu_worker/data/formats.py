@@ -5,7 +5,8 @@ already valid record of a supervised format to one of two shapes:
 
 - a conversation (chat, ShareGPT, Alpaca): ``[{"role", "content", "weight"}]``, rendered with the chat
   template, loss on the assistant replies of weight 1; chat files may add tools, tool calls and
-  tool results (``chat_message``; rendered by ``templates.render``);
+  tool results (``chat_message``; rendered by ``templates.render``), also spelt as legacy OpenAI
+  ``functions`` or ShareGPT tool turns (rewritten by ``tool_calls``);
 - segments (completion, raw text): ``[(text, trained)]`` joined with the tokenizer's BOS in front and
   its EOS at the end (trained: the model learns where a completion stops).
 
@@ -20,6 +21,7 @@ import json
 from typing import Any
 
 from gpu_worker.contract import DataFormat
+from gpu_worker.tool_calls import legacy_as_tools, sharegpt_as_chat, sharegpt_uses_tools, uses_legacy_functions
 from gpu_worker.validation import SHAREGPT_ROLES
 
 SFT_FORMATS = frozenset({DataFormat.chat, DataFormat.sharegpt, DataFormat.alpaca, DataFormat.completion, DataFormat.text})
@@ -71,9 +73,13 @@ def alpaca_prompt(obj: dict[str, Any]) -> str:
 def to_sft(fmt: DataFormat, obj: dict[str, Any]) -> Conversation | Segments:
     """The tokenizer's view of a valid record of supervised format ``fmt``."""
     if fmt == DataFormat.chat:
+        if uses_legacy_functions(obj):
+            obj = legacy_as_tools(obj)[0]
         tools = tuple(obj["tools"]) if obj.get("tools") else None
         return Conversation(tuple(chat_message(m) for m in obj["messages"]), tools)
     if fmt == DataFormat.sharegpt:
+        if sharegpt_uses_tools(obj):
+            return to_sft(DataFormat.chat, sharegpt_as_chat(obj, SHAREGPT_ROLES)[0])
         system = [_message("system", obj["system"])] if obj.get("system") else []
         turns = [_message(SHAREGPT_ROLES[t["from"]], t["value"], t.get("weight", 1)) for t in obj["conversations"]]
         return Conversation(tuple(system + turns))

@@ -273,7 +273,7 @@ BAD = [
     (DataFormat.sharegpt, {"conversations": [{"from": "human"}]}, "turn 0 (human) has no 'value'"),
     (DataFormat.sharegpt, {"conversations": [{"from": "gpt", "value": 3}]}, "'value' must be a string, not a number"),
     (DataFormat.sharegpt, {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "  "}]}, "turn 1 (gpt): 'value' is empty"),
-    (DataFormat.sharegpt, {"conversations": [{"from": "function_call", "value": "{}"}]}, "tool turns"),
+    (DataFormat.sharegpt, {"conversations": [{"from": "function_call", "value": "{}"}]}, "turn 0 (function_call): function call 'name' must be a non-empty string"),
     (DataFormat.alpaca, {"instruction": "Do it.", "input": ""}, "missing 'output'"),
     (DataFormat.alpaca, {"instruction": "", "output": "x"}, "'instruction' is empty"),
     (DataFormat.alpaca, {"instruction": "Do it.", "input": 5, "output": "x"}, "'input' must be a string, not a number"),
