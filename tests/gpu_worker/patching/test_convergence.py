@@ -1,0 +1,74 @@
+"""Training converges like HF+PEFT: a few hundred AdamW steps on a learnable toy task give the same loss
+curve with the patched model as with the stock one.
+
+The task: each row counts upwards mod the vocabulary from a random start, so every next token is a
+function of the current one; a LoRA on a random tiny Llama learns it (loss ~6 -> under 0.1 in 300 steps).
+The weights are initialised at std 0.3 rather than HF's 0.02: with a frozen random lm_head of std 0.02
+the reachable logits stay under ~1.5 and the loss cannot fall far, whatever the adapters do.
+
+CPU (CI): the patched model runs the ops' references (``impl=None`` on CPU): this checks the patched
+forwards, the fused-loss path and their interplay with the optimizer over many steps. The Triton
+kernels themselves are checked step by step through the interpreter in test_patch_llama.py (300 steps
+through the interpreter would take hours: ~7 s a step). GPU: the same run with the compiled kernels in
+bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpu_worker.patching import patch_model
+from tests.gpu_worker.patching.conftest import build_lora_model, tiny_config
+
+VOCAB, STEPS, WINDOW = 32, 300, 30
+
+
+def _batches(device, bsz=8, seq=16):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(STEPS):
+        start = torch.randint(0, VOCAB, (bsz, 1), generator=g)
+        yield ((start + torch.arange(seq)) % VOCAB).to(device)
+
+
+def _losses(patched: bool, device: str) -> list[float]:
+    config = tiny_config("llama", vocab_size=VOCAB, initializer_range=0.3)
+    model = build_lora_model(config, device)
+    if patched:
+        assert patch_model(model).uses_kernels
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for x in _batches(device):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def _window_means(losses):
+    return [sum(losses[i:i + WINDOW]) / WINDOW for i in range(0, len(losses), WINDOW)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_loss_curve_matches_stock_over_300_steps(device):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 2-core CI box: one thread is faster for these tiny matmuls
+    try:
+        stock, ours = _losses(False, device), _losses(True, device)
+    finally:
+        torch.set_num_threads(threads)
+    assert stock[-1] < 0.1 * stock[0], "the toy task must be learnt, or the comparison says little"
+    # float32 on CPU: the same arithmetic up to reassociation (measured: identical curves), so 1e-4
+    # relative per step. bf16 on GPU: per-step losses differ by bf16 rounding (~1e-2) and trajectories
+    # drift apart; the curves are compared as 30-step means, within 5% of the stock curve + 0.02 (the
+    # late means are small, ~0.1, where 5% alone is below the run-to-run noise of bf16 training).
+    if device == "cpu":
+        assert max(abs(a - b) / a for a, b in zip(stock, ours)) < 1e-4
+    else:
+        for a, b in zip(_window_means(stock), _window_means(ours)):
+            assert abs(a - b) < 5e-2 * a + 2e-2, (_window_means(stock), _window_means(ours))
+    assert ours[-1] < 0.1 * ours[0]
