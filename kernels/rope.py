@@ -40,7 +40,8 @@ if triton is not None:
         sin = tl.load(SIN + b * sc_b + t * sc_t + d, mask=dmask, other=0.0).to(tl.float32)
         if BACKWARD:
             sin = -sin
-        h = tl.arange(0, BLOCK_H)
+        # int64: h * stride_h passes 2^31 for a contiguous (B, H, T, D) gradient at T * D * H > 2^31
+        h = tl.arange(0, BLOCK_H).to(tl.int64)
         # Q heads
         qmask = (h[:, None] < n_q_heads) & dmask[None, :]
         qp = Q + b * sq_b + t * sq_t + h[:, None] * sq_h + d[None, :]

@@ -7,7 +7,7 @@ import torch
 
 from kernels.geglu import geglu, geglu_backward_inplace, geglu_reference
 from kernels.swiglu import swiglu, swiglu_backward_inplace, swiglu_reference
-from tests.kernels.conftest import DEVICES, TOL, needs_triton, rel_err
+from tests.kernels.conftest import DEVICES, TOL, needs_cuda, needs_triton, rel_err
 
 pytestmark = needs_triton
 
@@ -52,3 +52,27 @@ def test_backward_inplace_overwrites_with_h_dg_du(op):
     else:
         geglu_backward_inplace(dh, g, u, "tanh" if op == "geglu_tanh" else "none")
     assert rel_err(dh, ref) < 1e-5 and rel_err(g, dg) < 1e-5 and rel_err(u, du) < 1e-5
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("op", ["swiglu", "geglu"])
+def test_int64_indexing_beyond_2_31_elements(op):
+    # 2^31 + 4096 bf16 elements (4.3 GB a tensor): the last programs' offsets overflow int32
+    n = (1 << 31) + 4096
+    g = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    u = torch.randn_like(g)
+    h = OPS[op][0](g, u)
+    tail = slice(n - 8192, n)
+    ref = OPS[op][1](g[tail].double(), u[tail].double())
+    assert rel_err(h[tail], ref) < TOL[torch.bfloat16]
+    del h
+    dh = torch.randn_like(g)
+    gr, ur = g[tail].double().requires_grad_(), u[tail].double().requires_grad_()
+    dg, du = torch.autograd.grad(OPS[op][1](gr, ur), (gr, ur), dh[tail].double())
+    if op == "swiglu":
+        swiglu_backward_inplace(dh, g, u)
+    else:
+        geglu_backward_inplace(dh, g, u, "none")
+    assert rel_err(dh[tail], ref) < TOL[torch.bfloat16]
+    assert rel_err(g[tail], dg) < TOL[torch.bfloat16] and rel_err(u[tail], du) < TOL[torch.bfloat16]

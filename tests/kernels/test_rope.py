@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rope import rope, rope_reference
-from tests.kernels.conftest import DEVICES, TOL, needs_triton, rel_err
+from kernels.rope import _launch, rope, rope_reference
+from tests.kernels.conftest import DEVICES, TOL, needs_cuda, needs_triton, rel_err
 
 pytestmark = needs_triton
 
@@ -61,3 +61,32 @@ def test_position_zero_is_identity():
     cos, sin = _cos_sin(torch.zeros(1, 1, dtype=torch.long), 16, "cpu")
     qo, ko = rope(q.clone(), k.clone(), cos.float(), sin.float(), impl="triton")
     assert torch.equal(qo, q) and torch.equal(ko, k)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_int64_indexing_beyond_2_31_elements():
+    # q in HF's (B, T, H, D) layout with T * H * D > 2^31 (4.3 GB of bf16): the last tokens' offsets
+    # overflow int32 (forward), and a gradient whose head stride puts head 31 past 2^31 (backward)
+    heads, dim = 32, 128
+    seq = (1 << 31) // (heads * dim) + 8
+    q = torch.randn(1, seq, heads, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, seq, 8, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    cos, sin = (t.to(torch.bfloat16) for t in _cos_sin(torch.arange(seq, device="cuda")[None], dim, "cuda"))
+    qo, ko = rope(q, k, cos, sin, impl="triton")
+    tail = slice(seq - 16, seq)
+    qr, kr = rope_reference(q[:, :, tail].double(), k[:, :, tail].double(), cos[:, tail].double(),
+                            sin[:, tail].double())
+    assert rel_err(qo[:, :, tail], qr) < TOL[torch.bfloat16] and rel_err(ko[:, :, tail], kr) < TOL[torch.bfloat16]
+    del qo, ko
+    # a gradient laid out (B, H, T, D) with a padded T axis: head 31 starts past 2^31 elements
+    dq = torch.randn(1, heads, seq + 20000, dim, device="cuda", dtype=torch.bfloat16)[:, :, :seq]
+    dk = torch.randn(1, 8, seq, dim, device="cuda", dtype=torch.bfloat16)
+    assert (heads - 1) * dq.stride(1) > 2 ** 31
+    dq_in, dk_in = torch.empty_like(dq), torch.empty_like(dk)
+    _launch(dq, dk, cos, sin, True, dq_in, dk_in)
+    # the backward is the rotation by the negated angle: the reference with -sin
+    dqr, dkr = rope_reference(dq[:, :, tail].double(), dk[:, :, tail].double(), cos[:, tail].double(),
+                              -sin[:, tail].double())
+    assert rel_err(dq_in[:, :, tail], dqr) < TOL[torch.bfloat16]
+    assert rel_err(dk_in[:, :, tail], dkr) < TOL[torch.bfloat16]
