@@ -246,19 +246,119 @@ def detect_format(store: ObjectStore, key: str, *, param: str = "training_file")
 # --- batches -----------------------------------------------------------------------------------------
 
 
-def collate_completions(prompts: list[array], completions: list[array], pad_token_id: int, device=None) -> dict[str, Any]:
-    """Right-padded ``prompt + completion`` rows: ``input_ids``, ``attention_mask`` and ``labels``
-    (the completion's tokens; ``IGNORE_INDEX`` on the prompt and the padding)."""
+def collate_completions(prompts: list[array], completions: list[array], pad_token_id: int, device=None, *, pack_width: int | None = None) -> dict[str, Any]:
+    """``prompt + completion`` sequences as a batch: ``input_ids`` and ``labels`` (the completion's
+    tokens; ``IGNORE_INDEX`` on the prompt and the padding), plus
+
+    - unpacked (``pack_width`` None): one right-padded row per sequence and ``attention_mask``;
+    - packed: sequences placed first-fit (longest first) into rows of at most ``pack_width`` tokens,
+      ``position_ids`` restarting at each sequence (transformers then keeps attention inside each
+      one) and ``unpack``: ``[N, L-1]`` indices into the flattened ``[rows, width-1]`` shifted label
+      grid giving each sequence's next-token positions in order (-1 past its end), so per-sequence
+      log-probs come out exactly as the unpacked batch lays them out (``preference_loop.token_logps``).
+    """
     import torch
 
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, (p, c) in enumerate(zip(prompts, completions)):
-        seq = torch.tensor(list(p) + list(c), dtype=torch.long)
-        ids[row, : len(seq)] = seq
-        labels[row, len(p) : len(seq)] = seq[len(p) :]
-        mask[row, : len(seq)] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    starts = [len(p) for p in prompts]
+    if pack_width is None:
+        places = [(row, 0) for row in range(len(seqs))]
+        width = max(len(q) for q in seqs)
+    else:
+        places, fill = [(0, 0)] * len(seqs), []  # (row, offset) of each sequence; tokens used per row
+        for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+            if len(seqs[i]) > pack_width:
+                raise ValueError(f"a sequence of {len(seqs[i])} tokens does not fit rows of {pack_width}")
+            row = next((r for r, used in enumerate(fill) if used + len(seqs[i]) <= pack_width), len(fill))
+            if row == len(fill):
+                fill.append(0)
+            places[i], fill[row] = (row, fill[row]), fill[row] + len(seqs[i])
+        width = max(fill)
+    rows = 1 + max(r for r, _ in places)
+    ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((rows, width), dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for seq, start, (row, at) in zip(seqs, starts, places):
+        ids[row, at : at + len(seq)] = torch.tensor(seq, dtype=torch.long)
+        labels[row, at + start : at + len(seq)] = ids[row, at + start : at + len(seq)]
+        positions[row, at : at + len(seq)] = torch.arange(len(seq))
+        mask[row, at : at + len(seq)] = 1
+    batch = {"input_ids": ids, "labels": labels}
+    if pack_width is None:
+        batch["attention_mask"] = mask
+    else:
+        longest = max(len(q) for q in seqs) - 1
+        unpack = torch.full((len(seqs), longest), -1, dtype=torch.long)
+        for n, (seq, (row, at)) in enumerate(zip(seqs, places)):
+            unpack[n, : len(seq) - 1] = row * (width - 1) + at + torch.arange(len(seq) - 1)
+        batch |= {"position_ids": positions, "unpack": unpack, "tokens": mask.sum()}
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
+def batch_tokens(batch: dict[str, Any]) -> int:
+    """Non-padding tokens of a ``collate_completions`` batch, packed or not."""
+    return int(batch["tokens"] if "unpack" in batch else batch["attention_mask"].sum())
+
+
+# --- the data of a run -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """What a preference/KTO/GRPO run trains and validates on (``load_run_data``)."""
+
+    train: tuple  # one epoch's pool: every file's examples, resampled to its weight
+    valid: tuple | None
+    truncated: int  # training examples cut to max_seq_length
+    valid_truncated: int
+    duplicates: int  # exact duplicates removed (``spec.data.dedupe``)
+    held_out: int  # examples moved to the validation set (``validation_split``)
+    files: tuple[tuple[str, int], ...]  # (parameter, examples read) per training file
+
+
+def _example_key(example) -> bytes:
+    """Identity of an example for exact-duplicate removal: every field, length-prefixed."""
+    parts = []
+    for field in dataclasses.fields(example):
+        value = getattr(example, field.name)
+        data = value.tobytes() if isinstance(value, array) else json.dumps(value, sort_keys=True, default=str).encode()
+        parts.append(len(data).to_bytes(8, "little") + data)
+    return b"".join(parts)
+
+
+def load_run_data(spec, read) -> RunData:
+    """Every training file of ``spec`` (the primary one and ``data.extra_training_files``) read with
+    ``read(key, param) -> Loaded``, exact duplicates dropped across files (when ``data.dedupe``), a
+    seeded ``validation_split`` held out when there is no validation file, and the files mixed by
+    weight (``mixing.mix``): the same rules as supervised data. Raises ``DataError``."""
+    from gpu_worker.data.mixing import hold_out, mix
+
+    sources = [(spec.training_file_key, "training_file", 1.0)]
+    sources += [(f.key, f"extra_training_files[{i}]", f.weight) for i, f in enumerate(spec.data.extra_training_files)]
+    loaded = [read(key, param) for key, param, _ in sources]
+    pool = [(s, ex) for s, data in enumerate(loaded) for ex in data.examples]
+    duplicates = 0
+    if spec.data.dedupe:
+        seen: set[bytes] = set()
+        kept = []
+        for s, ex in pool:
+            key = _example_key(ex)
+            if key not in seen:
+                seen.add(key)
+                kept.append((s, ex))
+        duplicates, pool = len(pool) - len(kept), kept
+    valid, valid_truncated, held = None, 0, 0
+    if spec.validation_file_key:
+        data = read(spec.validation_file_key, "validation_file")
+        valid, valid_truncated = data.examples, data.truncated
+    elif spec.data.validation_split > 0:
+        pool, held_items = hold_out(pool, spec.data.validation_split, spec.seed)
+        valid, held = tuple(ex for _, ex in held_items) or None, len(held_items)
+    groups = [[ex for s, ex in pool if s == source] for source in range(len(sources))]
+    if not all(groups):
+        empty = next(s for s, g in enumerate(groups) if not g)
+        raise DataError("no example left after duplicates and the held-out split were removed", param=sources[empty][1])
+    train = mix(groups, [w for *_, w in sources], spec.seed)
+    files = tuple((param, len(data.examples)) for (_, param, _), data in zip(sources, loaded))
+    return RunData(tuple(train), valid, sum(d.truncated for d in loaded), valid_truncated, duplicates, held, files)

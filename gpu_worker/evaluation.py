@@ -139,8 +139,9 @@ class BestTracker:
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
-    valid_loss: float
+    valid_loss: float | None
     exact_match: float | None
+    reward: float | None = None  # GRPO: mean reward of greedy completions
 
 
 def measure(model, examples: Sequence, pairs, *, batch_size: int, pad_id: int, eos_id: int | None, device) -> Measurement:
@@ -152,17 +153,22 @@ def measure(model, examples: Sequence, pairs, *, batch_size: int, pad_id: int, e
 
 def gate_report(base: Measurement, tuned: Measurement, *, examples: int) -> EvalReport:
     """Tuned vs base: passed unless the tuned model's validation loss is higher (or NaN), or its
-    exact match lower, than the base model's."""
+    exact match or mean reward lower, than the base model's (each compared when both have it)."""
     reasons = []
-    if not tuned.valid_loss <= base.valid_loss:  # written so that a NaN loss (diverged) is a regression
+    # written so that a NaN loss or reward (diverged) is a regression
+    if tuned.valid_loss is not None and base.valid_loss is not None and not tuned.valid_loss <= base.valid_loss:
         reasons.append(f"validation loss {tuned.valid_loss:.4f} (tuned) > {base.valid_loss:.4f} (base)")
     if tuned.exact_match is not None and base.exact_match is not None and tuned.exact_match < base.exact_match:
         reasons.append(f"exact match {tuned.exact_match:.3f} (tuned) < {base.exact_match:.3f} (base)")
+    if tuned.reward is not None and base.reward is not None and not tuned.reward >= base.reward:
+        reasons.append(f"mean reward {tuned.reward:.4f} (tuned) < {base.reward:.4f} (base)")
     return EvalReport(
         base_valid_loss=base.valid_loss,
         tuned_valid_loss=tuned.valid_loss,
         base_exact_match=base.exact_match,
         tuned_exact_match=tuned.exact_match,
+        base_reward=base.reward,
+        tuned_reward=tuned.reward,
         examples=examples,
         passed=not reasons,
         reason=("the tuned model regressed: " + "; ".join(reasons)) if reasons else None,

@@ -14,7 +14,10 @@ Per micro-batch of ``batch_size`` prompts (Shao et al. 2024, "DeepSeekMath", sec
 Sampling draws from torch's global generator, which checkpoints capture at step boundaries, so a
 resumed GRPO run samples the same completions as the uninterrupted one. Logged per step: reward
 (mean), reward_std (mean within-group std), each reward's unweighted mean, kl, completion_length.
-There is no validation loss for GRPO (valid_loss stays empty).
+Validation (and the evaluation gate, best step and early stopping) uses the mean reward of one
+greedy completion per validation prompt; there is no validation loss (valid_loss stays empty).
+With ``data.packing`` the policy and reference forward passes run on the completions packed into
+rows of ``max_seq_length`` tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from gpu_worker.contract import DataFormat, JobSpec
 from gpu_worker.data import DataError
-from gpu_worker.data_preference import Loaded, PromptExample, collate_completions, load_examples
+from gpu_worker.data_preference import Loaded, PromptExample, batch_tokens, collate_completions, load_examples
 from gpu_worker.recipes import RunContext, losses
 from gpu_worker.recipes.preference_loop import MicroResult, reference, token_logps, train
 from gpu_worker.recipes.rewards import MethodParamsError, RewardSet, build_rewards
@@ -43,6 +46,7 @@ class GRPOObjective:
                 f"{p.grpo_max_completion_length} completion tokens leave no room for a prompt within max_seq_length={spec.hyperparameters.max_seq_length}",
                 param="method_params.grpo_max_completion_length",
             )
+        self.pack_width = spec.hyperparameters.max_seq_length if spec.data.packing else None
         self.tokenizer = None
 
     def load(self, store, tokenizer, key: str, param: str) -> Loaded:
@@ -53,12 +57,12 @@ class GRPOObjective:
         )
 
     @torch.no_grad()
-    def sample(self, model, prompts: list[PromptExample], device) -> list[list[int]]:
-        """``num_generations`` completions of each prompt, consecutive per prompt, as token lists
-        ending at (and including) the first end-of-turn token."""
+    def sample(self, model, prompts: list[PromptExample], device, *, greedy: bool = False) -> list[list[int]]:
+        """``num_generations`` completions of each prompt, consecutive per prompt (``greedy``: one,
+        the most likely), as token lists ending at (and including) the first end-of-turn token."""
         from transformers import GenerationConfig
 
-        tok, g = self.tokenizer, self.params.grpo_num_generations
+        tok, g = self.tokenizer, 1 if greedy else self.params.grpo_num_generations
         width = max(len(p.prompt) for p in prompts)
         # Left padding: every row's next token comes right after its prompt.
         ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
@@ -66,9 +70,9 @@ class GRPOObjective:
         for row, p in enumerate(prompts):
             ids[row, width - len(p.prompt) :] = torch.tensor(list(p.prompt), dtype=torch.long)
             mask[row, width - len(p.prompt) :] = 1
+        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=self.params.grpo_temperature, top_k=0, top_p=1.0)
         config = GenerationConfig(
-            do_sample=True, temperature=self.params.grpo_temperature, top_k=0, top_p=1.0,
-            max_new_tokens=self.params.grpo_max_completion_length, num_return_sequences=g,
+            **sampling, max_new_tokens=self.params.grpo_max_completion_length, num_return_sequences=g,
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         )
         was_training = model.training
@@ -91,7 +95,7 @@ class GRPOObjective:
         scores = [self.rewards.score(t, len(c), r.row) for t, c, r in zip(texts, completions, rows)]
         rewards = torch.tensor(scores, dtype=torch.float32, device=device)
         advantages = losses.grpo_advantages(rewards, g)
-        batch = collate_completions([r.prompt for r in rows], completions, self.tokenizer.pad_token_id, device)
+        batch = collate_completions([r.prompt for r in rows], completions, self.tokenizer.pad_token_id, device, pack_width=self.pack_width)
         policy, mask = token_logps(model, batch)
         with reference(model):
             ref, _ = token_logps(model, batch)
@@ -106,10 +110,12 @@ class GRPOObjective:
         for name in parts[0]:
             metrics[f"rewards/{name}"] = sum(part[name] for part in parts) / len(parts)
         # Mean over the step's completions: each prompt contributes g of them.
-        return MicroResult(per_completion.sum() / (step_examples * g), metrics, int(mask.sum()), int(batch["attention_mask"].sum()))
+        return MicroResult(per_completion.sum() / (step_examples * g), metrics, int(mask.sum()), batch_tokens(batch))
 
-    def eval_loss(self, model, prompts, device) -> None:
-        return None
+    def validate(self, model, prompts: list[PromptExample], device) -> tuple[None, float]:
+        completions = self.sample(model, prompts, device, greedy=True)
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        return None, sum(self.rewards.score(t, len(c), p.row) for t, c, p in zip(texts, completions, prompts))
 
 
 def run(spec: JobSpec, ctx: RunContext):

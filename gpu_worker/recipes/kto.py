@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from gpu_worker.contract import DataFormat, JobSpec, LogEvent
-from gpu_worker.data_preference import KTOExample, Loaded, collate_completions, load_examples
+from gpu_worker.data_preference import KTOExample, Loaded, batch_tokens, collate_completions, load_examples
 from gpu_worker.recipes import RunContext, losses
 from gpu_worker.recipes.preference import check_format
 from gpu_worker.recipes.preference_loop import MicroResult, reference, sequence_logps, train
@@ -31,6 +31,7 @@ class KTOObjective:
     def __init__(self, spec: JobSpec, ctx: RunContext | None = None):
         self.params = spec.method_params
         self.max_seq_length = spec.hyperparameters.max_seq_length
+        self.pack_width = self.max_seq_length if spec.data.packing else None
         self.pad = 0
         self._ctx = ctx
 
@@ -47,9 +48,12 @@ class KTOObjective:
     def example_losses(self, model, rows: list[KTOExample], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
         """Per-row losses and rewards, z0, trained and seen token counts."""
         prompts = [r.prompt for r in rows]
-        batch = collate_completions(prompts, [r.completion for r in rows], self.pad, device)
+        batch = collate_completions(prompts, [r.completion for r in rows], self.pad, device, pack_width=self.pack_width)
         shifted = [rows[(i + 1) % len(rows)].completion for i in range(len(rows))]
-        mismatched = collate_completions(prompts, shifted, self.pad, device)
+        # A prompt and another row's completion may together exceed a packed row: the width is the
+        # longest such pair then (they were never cut to fit together).
+        width = None if self.pack_width is None else max(self.pack_width, max(len(p) + len(c) for p, c in zip(prompts, shifted)))
+        mismatched = collate_completions(prompts, shifted, self.pad, device, pack_width=width)
         logps, counts = sequence_logps(model, batch)
         with torch.no_grad():
             policy_kl, _ = sequence_logps(model, mismatched)
@@ -60,7 +64,7 @@ class KTOObjective:
         desirable = torch.tensor([r.desirable for r in rows], device=logps.device)
         p = self.params
         row_losses, rewards = losses.kto_loss(logps, ref_logps, desirable, z0, p.beta, p.kto_desirable_weight, p.kto_undesirable_weight)
-        return row_losses, rewards, z0, int(counts.sum()), int(batch["attention_mask"].sum())
+        return row_losses, rewards, z0, int(counts.sum()), batch_tokens(batch)
 
     def micro_step(self, model, rows: list[KTOExample], step_examples: int, device) -> MicroResult:
         row_losses, rewards, z0, trained, seen = self.example_losses(model, rows, device)
@@ -72,8 +76,8 @@ class KTOObjective:
         }
         return MicroResult(row_losses.sum() / step_examples, metrics, trained, seen)
 
-    def eval_loss(self, model, rows: list[KTOExample], device) -> float:
-        return self.example_losses(model, rows, device)[0].sum().item()
+    def validate(self, model, rows: list[KTOExample], device) -> tuple[float, None]:
+        return self.example_losses(model, rows, device)[0].sum().item(), None
 
 
 def run(spec: JobSpec, ctx: RunContext):

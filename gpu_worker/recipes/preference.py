@@ -20,7 +20,7 @@ import torch
 
 from gpu_worker.contract import DataFormat, JobSpec, Method, PREFERENCE_METHODS
 from gpu_worker.data import DataError
-from gpu_worker.data_preference import Loaded, PreferencePair, collate_completions, load_examples
+from gpu_worker.data_preference import Loaded, PreferencePair, batch_tokens, collate_completions, load_examples
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import losses
 from gpu_worker.recipes.preference_loop import MicroResult, reference, sequence_logps, train
@@ -40,6 +40,7 @@ class PairObjective:
         self.name = spec.method.value
         self.params = spec.method_params
         self.max_seq_length = spec.hyperparameters.max_seq_length
+        self.pack_width = self.max_seq_length if spec.data.packing else None
         self.pad = 0  # the tokenizer's, once ``load`` has seen it
         self.uses_reference = spec.method in (Method.dpo, Method.ipo)
 
@@ -49,7 +50,7 @@ class PairObjective:
 
     def pair_loss(self, model, pairs: list[PreferencePair], device) -> tuple[losses.PairLoss, torch.Tensor, int, int]:
         """Per-pair losses and rewards; also the chosen NLL, trained and seen token counts."""
-        batch = collate_completions([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad, device)
+        batch = collate_completions([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad, device, pack_width=self.pack_width)
         n = len(pairs)
         logps, counts = sequence_logps(model, batch)
         avg = logps / counts.clamp(min=1)
@@ -66,7 +67,7 @@ class PairObjective:
             out = losses.orpo_loss(avg[:n], avg[n:], -avg[:n], beta)
         else:
             out = losses.simpo_loss(avg[:n], avg[n:], beta, self.params.simpo_gamma)
-        return out, -avg[:n].detach(), int(counts.sum()), int(batch["attention_mask"].sum())
+        return out, -avg[:n].detach(), int(counts.sum()), batch_tokens(batch)
 
     def micro_step(self, model, pairs: list[PreferencePair], step_examples: int, device) -> MicroResult:
         out, chosen_nll, trained, seen = self.pair_loss(model, pairs, device)
@@ -75,8 +76,8 @@ class PairObjective:
             metrics["nll/chosen"] = chosen_nll.mean().item()
         return MicroResult(out.losses.sum() / step_examples, metrics, trained, seen)
 
-    def eval_loss(self, model, pairs: list[PreferencePair], device) -> float:
-        return self.pair_loss(model, pairs, device)[0].losses.sum().item()
+    def validate(self, model, pairs: list[PreferencePair], device) -> tuple[float, None]:
+        return self.pair_loss(model, pairs, device)[0].losses.sum().item(), None
 
 
 def run(spec: JobSpec, ctx: RunContext):

@@ -9,16 +9,24 @@ one kind of trainer:
   accumulation equals one big batch;
 - AdamW (no decay on vectors), clipping at ``max_grad_norm``, the learning rate a pure function of
   the step (``schedule.lr_at``, the same schedules as SFT), so the schedule's state is the step number;
+- the data: every training file (``extra_training_files`` mixed by weight), exact duplicates dropped,
+  ``validation_split`` held out when there is no validation file (``data_preference.load_run_data``,
+  the supervised rules); with ``data.packing`` each micro-batch's sequences are packed into rows of
+  ``max_seq_length`` tokens with no attention across them (``collate_completions``);
 - after every step a MetricsEvent, and a LogEvent ``"<method> step N: {json}"`` with the objective's
-  own metrics (rewards/margins/accuracies, KL, mean reward...); validation loss at the eval points
-  when the objective has one; a checkpoint every ``checkpoint_every_steps`` and at the end
-  (``gpu_worker.checkpoint``: adapter, optimizer, data position, RNG);
+  own metrics (rewards/margins/accuracies, KL, mean reward...); at the eval points the validation
+  set's mean loss (GRPO: the mean reward of greedy completions), which also picks the best step
+  (kept under ``{output_prefix}/best``) and drives early stopping (``early_stopping_patience``);
+  a checkpoint every ``checkpoint_every_steps`` and at the end (``gpu_worker.checkpoint``: adapter,
+  optimizer, data position, RNG, best-so-far); metrics also go to TensorBoard/MLflow/W&B when asked;
+- at the end the best step's adapter is kept (``keep_best``) and the evaluation gate compares the
+  tuned model with its base (adapter disabled) on the validation set;
 - ``should_stop`` polled before every micro-batch: a half-done step is abandoned, the last finished
   step is checkpointed and a StoppedEvent returned; the RNG saved is the one at the step boundary, so
   a resumed run (sampling included) replays the uninterrupted one.
 
 The reference model of DPO/IPO/KTO/GRPO is the policy with its adapter disabled (``reference``),
-never a second copy of the weights. Every method here trains an adapter (LoRA, DoRA, rsLoRA, over an
+never a second copy of the weights; so is the base model of the gate (``adapter_off``, re-entrant). Every method here trains an adapter (LoRA, DoRA, rsLoRA, over an
 NF4 base for QLoRA via ``model_setup.load_for_training``); full fine-tuning is refused.
 """
 
@@ -28,6 +36,7 @@ import contextlib
 import dataclasses
 import json
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -36,15 +45,17 @@ from typing import Any, Protocol
 import torch
 
 from gpu_worker import checkpoint as ckpt
-from gpu_worker.contract import AdapterManifest, AdapterType, Artifact, CheckpointEvent, CompletedEvent, JobSpec, LogEvent, StoppedEvent
+from gpu_worker import evaluation as ev
+from gpu_worker.contract import AdapterManifest, AdapterType, Artifact, CheckpointEvent, CompletedEvent, EvalReport, JobSpec, LogEvent, StoppedEvent
 from gpu_worker.data import DataPosition, epoch_batches, sequential_batches
-from gpu_worker.data_preference import Loaded
+from gpu_worker.data_preference import Loaded, RunData, load_run_data
+from gpu_worker.integrations import Loggers
 from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
 from gpu_worker.recipes.schedule import RunPlan, metrics_event, optimizer_step  # one run layout for every recipe
 from gpu_worker.engine.compat import write_reference
-from gpu_worker.storage import delete_prefix, put_dir
+from gpu_worker.storage import delete_prefix, get_dir, put_dir
 
 
 @dataclasses.dataclass
@@ -64,21 +75,45 @@ class Objective(Protocol):
 
     def micro_step(self, model, examples: list, step_examples: int, device) -> MicroResult: ...
 
-    def eval_loss(self, model, examples: list, device) -> float | None:
-        """Sum of per-example losses (no gradient), or None when the objective has no eval loss."""
+    def validate(self, model, examples: list, device) -> tuple[float | None, float | None]:
+        """Sums over ``examples`` (no gradient) of the per-example loss and of the reward of a greedy
+        completion; each None when the objective has no such measure."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """Means over the validation set."""
+
+    loss: float | None
+    reward: float | None
+
+    @property
+    def score(self) -> float:
+        """Lower is better: what the best step and early stopping follow."""
+        return self.loss if self.loss is not None else -self.reward
 
 
 # --- components --------------------------------------------------------------------------------------
 
 
 def token_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of ``batch["labels"]`` under ``model`` (``[B, T-1]``, zero where no label)
-    and the label mask. logsumexp minus the gathered logit: no ``[B, T, V]`` log-softmax copy."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    """Per-token log-probs of ``batch["labels"]`` under ``model`` (``[N, T-1]`` for N sequences,
+    zero where no label) and the label mask. logsumexp minus the gathered logit: no ``[B, T, V]``
+    log-softmax copy. A packed batch (``collate_completions(pack_width=...)``) is unpacked to the
+    same ``[N, T-1]`` layout an unpacked batch of the same sequences has."""
+    if "unpack" in batch:
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = model(**inputs).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     mask = labels != -100
     picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked - torch.logsumexp(logits, dim=-1)) * mask, mask
+    logps = (picked - torch.logsumexp(logits, dim=-1)) * mask
+    if "unpack" in batch:
+        index, inside = batch["unpack"].clamp(min=0), batch["unpack"] >= 0
+        logps, mask = logps.reshape(-1)[index] * inside, mask.reshape(-1)[index] & inside
+    return logps, mask
 
 
 def sequence_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,13 +123,29 @@ def sequence_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @contextlib.contextmanager
+def adapter_off(model):
+    """``model`` with its adapter disabled. Re-entrant: PEFT's ``disable_adapter`` switches the
+    adapter back on when it exits, which would undo an enclosing caller's (the gate measuring the
+    base model through an objective that itself asks for the reference model)."""
+    if getattr(model, "_tuneforge_adapter_off", False):
+        yield model
+        return
+    model._tuneforge_adapter_off = True
+    try:
+        with model.disable_adapter():
+            yield model
+    finally:
+        model._tuneforge_adapter_off = False
+
+
+@contextlib.contextmanager
 def reference(model):
     """The reference model: ``model`` with its adapter disabled, without gradient (and dropout off,
     though only the adapter had any)."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), model.disable_adapter():
+        with torch.no_grad(), adapter_off(model):
             yield model
     finally:
         model.train(was_training)
@@ -113,24 +164,21 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
         # fine-tune would need a second copy of the weights and full-model checkpoints.
         raise ms.AdapterConfigError(f"{objective.name} trains an adapter (lora or dora), not full fine-tuning")
     ms.check_device_support(spec, ctx.device)  # NF4 without CUDA fails here, before any loading
-    for option in _unsupported_options(spec):
-        ctx.emit(LogEvent(level="warn", message=f"{option} is not supported by the {objective.name} recipe yet and is ignored"))
     tokenizer = load_tokenizer(spec.base_model, data_dir=ctx.data_dir)  # data before weights: fail fast
-    hp = spec.hyperparameters
-    train_data = objective.load(ctx.store, tokenizer, spec.training_file_key, "training_file")
-    valid = objective.load(ctx.store, tokenizer, spec.validation_file_key, "validation_file") if spec.validation_file_key else None
-    for what, data in (("training", train_data), ("validation", valid)):
-        if data is not None:
-            ctx.emit(LogEvent(message=f"Loaded {len(data.examples)} {what} examples ({objective.name})"))
-            if data.truncated:
-                ctx.emit(LogEvent(level="warn", message=f"{data.truncated} {what} examples were longer than max_seq_length={hp.max_seq_length} tokens and were truncated"))
+    hp, evo = spec.hyperparameters, spec.evaluation
+    data = load_run_data(spec, lambda key, param: objective.load(ctx.store, tokenizer, key, param))
+    for event in _data_events(objective.name, data, hp.max_seq_length, spec.data.packing):
+        ctx.emit(event)
+    train_examples, valid = data.train, data.valid
     model = ms.load_for_training(spec, data_dir=ctx.data_dir, device=ctx.device)  # NF4 base if asked
     for message, level in ms.apply_memory_mode_and_kernels(model, spec.runtime):
         ctx.emit(LogEvent(level=level, message=message))
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(ms.trainable_parameter_groups(model, hp.weight_decay), lr=hp.learning_rate)
-    plan = RunPlan.make(spec, len(train_data.examples))
+    plan = RunPlan.make(spec, len(train_examples))
+    best_key = f"{spec.output_prefix.rstrip('/')}/best"
+    tracker = ev.BestTracker(evo.early_stopping_patience)
 
     step, tokens, position, last_ckpt = 0, 0, DataPosition(), None
     if spec.resume_from_key:
@@ -138,10 +186,15 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
         _check_resumable(spec, state, plan)
         step, tokens = state["step"], state["trained_tokens"]
         position = DataPosition.from_dict(state["data_position"])
+        tracker = ev.BestTracker.from_dict(state.get("best"), evo.early_stopping_patience)
         last_ckpt = spec.resume_from_key.rstrip("/")
         ckpt.restore_rng(rng)
         ctx.emit(LogEvent(message=f"Resumed from checkpoint at step {step} of {plan.total_steps}"))
-    ctx.emit(LogEvent(message=f"Training {objective.name} for {plan.total_steps} steps on {len(train_data.examples)} examples ({device})"))
+    else:
+        delete_prefix(ctx.store, best_key)  # a best snapshot from an unrelated earlier attempt
+    ctx.emit(LogEvent(message=f"Training {objective.name} for {plan.total_steps} steps on {len(train_examples)} examples ({device})"))
+    workdir = Path(tempfile.mkdtemp(prefix="tuneforge-job-"))
+    loggers = Loggers.open(spec, ctx.emit, workdir)
 
     def save(at_step: int, rng: dict[str, Any], train_loss: float | None, valid_loss: float | None) -> str:
         key = ckpt.checkpoint_key(spec.output_prefix, at_step)
@@ -151,6 +204,7 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
             "data_position": position.to_dict(),
             "lr_schedule": {"kind": hp.lr_scheduler.value, "peak": hp.learning_rate, "warmup_steps": plan.warmup_steps, "total_steps": plan.total_steps},
             "plan": dataclasses.asdict(plan),
+            "best": tracker.to_dict(),
             "method": spec.method.value,
             "base_model": spec.base_model,
             "adapter": spec.adapter.model_dump(mode="json"),
@@ -164,6 +218,8 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
         nonlocal last_ckpt
         if at_step and last_ckpt != ckpt.checkpoint_key(spec.output_prefix, at_step):
             last_ckpt = save(at_step, rng, train_loss, valid_loss)
+        loggers.close(ctx.store, spec.output_prefix)  # what was logged so far is uploaded; the resumed run logs on
+        shutil.rmtree(workdir, ignore_errors=True)
         event = StoppedEvent(step=at_step, checkpoint_key=last_ckpt)
         ctx.emit(event)
         return event
@@ -171,14 +227,14 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
     # --- train ---------------------------------------------------------------------------------------
     model.train()
     train_loss = valid_loss = None
-    n_examples = len(train_data.examples)
+    n_examples = len(train_examples)
     order = epoch_batches(n_examples, plan.batch_size, spec.seed, position.epoch)
     while step < plan.total_steps:
         if position.batch_index >= plan.batches_per_epoch:
             position = DataPosition(position.epoch + 1, 0)
             order = epoch_batches(n_examples, plan.batch_size, spec.seed, position.epoch)
         rng_at_step_start = ckpt.capture_rng()
-        micro = [[train_data.examples[i] for i in b] for b in order[position.batch_index : position.batch_index + plan.accumulation]]
+        micro = [[train_examples[i] for i in b] for b in order[position.batch_index : position.batch_index + plan.accumulation]]
         started = time.perf_counter()
         result = _train_step(objective, model, micro, device, ctx.should_stop)
         if result is None:  # asked to stop mid-step: the step never happened
@@ -190,34 +246,57 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
         tokens += step_tokens
         position = DataPosition(position.epoch, position.batch_index + len(micro))
         elapsed = max(time.perf_counter() - started, 1e-9)
-        valid_loss = None
-        if valid is not None and (plan.is_eval_step(step) or step == plan.total_steps):
-            valid_loss = evaluate(objective, model, valid, plan.batch_size, device)
+        valid_loss = checked = None
+        if valid is not None and plan.is_eval_step(step):
+            checked = evaluate(objective, model, valid, plan.batch_size, device)
+            valid_loss = checked.loss
+            if checked.reward is not None:
+                metrics["valid_reward"] = checked.reward
+            if tracker.update(step, checked.score) and evo.keep_best:
+                _save_best(ctx, model, spec, best_key)
         ctx.emit(LogEvent(message=f"{objective.name} step {step}: {json.dumps(metrics, sort_keys=True)}"))
-        ctx.emit(metrics_event(
+        event = metrics_event(
             step=step, plan=plan, position=position, train_loss=train_loss, lr=lr, tokens=tokens,
             tokens_per_second=seen_tokens / elapsed, seconds_per_step=elapsed, grad_norm=grad_norm,
             gpu_memory_gb=ms.cuda_peak_memory_gb(device), valid_loss=valid_loss,
-        ))
-        if step % spec.runtime.checkpoint_every_steps == 0 or step == plan.total_steps:
+        )
+        ctx.emit(event)
+        logged = event.model_dump(include={"train_loss", "learning_rate", "valid_loss", "grad_norm", "tokens_per_second", "gpu_memory_gb"})
+        loggers.log(step, logged | {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        early_stop = checked is not None and tracker.exhausted and step < plan.total_steps
+        if step % spec.runtime.checkpoint_every_steps == 0 or step == plan.total_steps or early_stop:
             last_ckpt = save(step, ckpt.capture_rng(), train_loss, valid_loss)
+        if early_stop:
+            ctx.emit(LogEvent(message=f"Early stopping at step {step}: the validation score has not improved on {tracker.best_loss:.4f} (step {tracker.best_step}) for {tracker.bad_evals} evaluations"))
+            break
         if ctx.should_stop() and step < plan.total_steps:
             return stopped(step, ckpt.capture_rng())
 
     # --- save ----------------------------------------------------------------------------------------
-    return _finish(spec, ctx, model, tokenizer, step, tokens)
+    best_step = None
+    if evo.keep_best and tracker.best_step is not None:
+        best_step = tracker.best_step
+        if best_step != step:
+            _load_best(ctx, model, best_key)
+            ctx.emit(LogEvent(message=f"Keeping the best checkpoint: step {best_step} (validation score {tracker.best_loss:.4f})"))
+    report = _gate(ctx, objective, model, valid, plan.batch_size, device) if evo.gate else None
+    return _finish(spec, ctx, model, tokenizer, step, tokens, report, best_step, loggers, workdir)
 
 
-def _unsupported_options(spec: JobSpec) -> list[str]:
-    """Job options only the SFT recipe implements so far: said out loud, never silently dropped."""
-    d, e = spec.data, spec.evaluation
-    named = {
-        "data.extra_training_files": bool(d.extra_training_files),
-        "data.validation_split": d.validation_split > 0,
-        "data.packing": d.packing,
-        "evaluation.early_stopping_patience": e.early_stopping_patience is not None,
-    }
-    return [name for name, asked in named.items() if asked]
+def _data_events(name: str, data: RunData, max_seq_length: int, packing: bool) -> list[LogEvent]:
+    events = [LogEvent(message=f"Loaded {n} examples from {param} ({name})") for param, n in data.files]
+    if data.duplicates:
+        events.append(LogEvent(level="warn", message=f"Removed {data.duplicates} exact duplicate examples"))
+    if data.held_out:
+        events.append(LogEvent(message=f"Held out {data.held_out} examples for validation"))
+    if len(data.files) > 1:
+        events.append(LogEvent(message=f"Mixed {len(data.train)} training examples per epoch from {len(data.files)} files"))
+    if packing:
+        events.append(LogEvent(message=f"Packing each micro-batch's sequences into rows of {max_seq_length} tokens"))
+    for what, cut in (("training", data.truncated), ("validation", data.valid_truncated)):
+        if cut:
+            events.append(LogEvent(level="warn", message=f"{cut} {what} examples were longer than max_seq_length={max_seq_length} tokens and were truncated"))
+    return events
 
 
 def _train_step(objective: Objective, model, micro_batches: list[list], device, should_stop):
@@ -238,20 +317,47 @@ def _train_step(objective: Objective, model, micro_batches: list[list], device, 
     return loss, metrics, trained, seen
 
 
-def evaluate(objective: Objective, model, data: Loaded, batch_size: int, device) -> float | None:
-    """Mean per-example loss over a whole validation set (dropout off), or None."""
+def evaluate(objective: Objective, model, examples: tuple, batch_size: int, device) -> Validation:
+    """Mean loss and mean reward over a whole validation set (dropout off)."""
+    was_training = model.training
     model.eval()
-    total = 0.0
+    loss = reward = 0.0
     try:
         with torch.no_grad():
-            for idx in sequential_batches(len(data.examples), batch_size):
-                value = objective.eval_loss(model, [data.examples[i] for i in idx], device)
-                if value is None:
-                    return None
-                total += value
+            for idx in sequential_batches(len(examples), batch_size):
+                batch_loss, batch_reward = objective.validate(model, [examples[i] for i in idx], device)
+                loss = None if batch_loss is None else loss + batch_loss
+                reward = None if batch_reward is None else reward + batch_reward
     finally:
-        model.train()
-    return total / len(data.examples)
+        model.train(was_training)
+    n = len(examples)
+    return Validation(None if loss is None else loss / n, None if reward is None else reward / n)
+
+
+def _gate(ctx: RunContext, objective: Objective, model, valid: tuple | None, batch_size: int, device) -> EvalReport:
+    """The tuned model against its base (the adapter disabled) on the validation set."""
+    if valid is None:
+        return EvalReport(examples=0, passed=True, reason="no validation set: the gate could not compare the tuned model with its base")
+    tuned = evaluate(objective, model, valid, batch_size, device)
+    with adapter_off(model):
+        base = evaluate(objective, model, valid, batch_size, device)
+    report = ev.gate_report(ev.Measurement(base.loss, None, base.reward), ev.Measurement(tuned.loss, None, tuned.reward), examples=len(valid))
+    said = [f"{what} base {b:.4f} -> tuned {t:.4f}" for what, b, t in (("validation loss", base.loss, tuned.loss), ("mean reward", base.reward, tuned.reward)) if t is not None]
+    ctx.emit(LogEvent(level="info" if report.passed else "warn", message=f"Eval gate ({objective.name}): " + ", ".join(said)))
+    return report
+
+
+def _save_best(ctx: RunContext, model, spec: JobSpec, key: str) -> None:
+    delete_prefix(ctx.store, key)
+    with tempfile.TemporaryDirectory(prefix="tuneforge-best-") as tmp:
+        ms.save_trained(model, Path(tmp), base_model=spec.base_model)
+        put_dir(ctx.store, tmp, key)
+
+
+def _load_best(ctx: RunContext, model, key: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="tuneforge-best-") as tmp:
+        get_dir(ctx.store, key, tmp)
+        ms.load_trained(model, Path(tmp))
 
 
 def _check_resumable(spec: JobSpec, state: dict[str, Any], plan: RunPlan) -> None:
@@ -263,9 +369,10 @@ def _check_resumable(spec: JobSpec, state: dict[str, Any], plan: RunPlan) -> Non
         raise ckpt.CheckpointError(f"checkpoint {spec.resume_from_key!r} was made for another data set or hyperparameters")
 
 
-def _finish(spec: JobSpec, ctx: RunContext, model, tokenizer, step: int, tokens: int) -> CompletedEvent:
-    """The adapter (with the serving check's reference log-probs) and the exports the job asked for,
-    exactly as the SFT recipe leaves them."""
+def _finish(spec: JobSpec, ctx: RunContext, model, tokenizer, step: int, tokens: int, report: EvalReport | None, best_step: int | None, loggers: Loggers, workdir: Path) -> CompletedEvent:
+    """The adapter (with the serving check's reference log-probs), the exports the job asked for and
+    the loggers' files, exactly as the SFT recipe leaves them; a gate regression with
+    ``fail_on_regression`` raises ``EvalRegression`` after saving."""
     prefix = f"{spec.output_prefix.rstrip('/')}/adapter"
     delete_prefix(ctx.store, prefix)
     with tempfile.TemporaryDirectory(prefix="tuneforge-adapter-") as tmp:
@@ -277,9 +384,12 @@ def _finish(spec: JobSpec, ctx: RunContext, model, tokenizer, step: int, tokens:
     if spec.export.merged or spec.export.gguf:
         from gpu_worker.export import export_model  # gguf and llama.cpp only when asked
 
-        with tempfile.TemporaryDirectory(prefix="tuneforge-export-") as workdir:
-            artifacts += export_model(spec, ctx, model, tokenizer, Path(workdir))
+        artifacts += export_model(spec, ctx, model, tokenizer, workdir)
+    artifacts += loggers.close(ctx.store, spec.output_prefix)
+    shutil.rmtree(workdir, ignore_errors=True)
+    if report is not None and not report.passed and spec.evaluation.fail_on_regression:
+        raise ev.EvalRegression(report, prefix)
     manifest = AdapterManifest(job_id=spec.job_id, base_model=spec.base_model, adapter=spec.adapter, key=prefix, files=tuple(files), trained_tokens=tokens)
-    event = CompletedEvent(manifest=manifest, trained_tokens=tokens, steps=step, artifacts=tuple(artifacts))
+    event = CompletedEvent(manifest=manifest, trained_tokens=tokens, steps=step, artifacts=tuple(artifacts), eval_report=report, best_step=best_step)
     ctx.emit(event)
     return event

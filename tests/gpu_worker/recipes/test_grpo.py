@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from gpu_worker.contract import CheckpointEvent, CompletedEvent, DataFormat, MethodParams, MetricsEvent, Reward, StoppedEvent
+from gpu_worker.contract import CheckpointEvent, CompletedEvent, DataFormat, LogEvent, MethodParams, MetricsEvent, Reward, StoppedEvent
 from gpu_worker.data import DataError
 from gpu_worker.data_preference import detect_format, load_examples
 from gpu_worker.recipes import RunContext, recipe_for
@@ -119,8 +119,13 @@ def test_mean_reward_rises_on_a_learnable_exact_match_task(builtin_data_dir, sto
     target = tok.decode([logits.topk(2).indices[1].item()]).strip()
     assert target
     write_jsonl(store, "files/train.jsonl", [{"prompt": prompt, "answer": target}] * 8)
+    write_jsonl(store, "files/valid.jsonl", [{"prompt": prompt, "answer": target}])
     spec = _grpo_spec(make_spec, TINY, grpo_num_generations=8, grpo_max_completion_length=1, grpo_temperature=0.3)
-    spec = spec.model_copy(update={"hyperparameters": spec.hyperparameters.model_copy(update={"n_epochs": 4})})
+    spec = spec.model_copy(update={
+        "hyperparameters": spec.hyperparameters.model_copy(update={"n_epochs": 4}),
+        "data": spec.data.model_copy(update={"dedupe": False}),  # the repeated prompt is the point here
+        "validation_file_key": "files/valid.jsonl",
+    })
     rec, result = run_job(spec, store, builtin_data_dir)
     rewards = rec.method_metrics("reward")
     assert len(rewards) == 16 and rewards[0] < 0.4, rewards
@@ -128,6 +133,11 @@ def test_mean_reward_rises_on_a_learnable_exact_match_task(builtin_data_dir, sto
     assert rec.method_metrics("rewards/0:exact_match") == rewards  # one reward, weight 1
     assert all(m.valid_loss is None for m in rec.of(MetricsEvent))
     assert isinstance(result, CompletedEvent) and result.steps == 16
+    # validation and the gate: the greedy answer of the base is its most likely word, not the target
+    report = result.eval_report
+    assert (report.base_reward, report.tuned_reward, report.passed) == (0.0, 1.0, True), report
+    lines = [json.loads(e.message.split(": ", 1)[1]) for e in rec.of(LogEvent) if e.message.startswith("grpo step ")]
+    assert [x["valid_reward"] for x in lines if "valid_reward" in x][-1] == 1.0  # evaluated at each epoch end
 
 
 def test_resumed_grpo_run_samples_and_trains_like_the_uninterrupted_one(micro_model_dir, store, write_jsonl, make_spec, tmp_path):

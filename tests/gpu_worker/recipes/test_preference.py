@@ -308,16 +308,6 @@ def test_dpo_on_a_gpu_learns_with_kernels_in_bf16_and_over_an_nf4_base(quantizat
     assert all(m.gpu_memory_gb for m in rec.of(MetricsEvent))
 
 
-def test_options_the_recipe_lacks_are_reported_not_dropped(micro_model_dir, store, write_jsonl, sentiment_rows, make_spec, tmp_path):
-    write_jsonl(store, "files/train.jsonl", preference_rows(sentiment_rows, 4))
-    spec = make_spec(str(micro_model_dir), method="simpo", data={"packing": True, "validation_split": 0.2})
-    rec, result = run_job(spec, store, tmp_path)
-    warned = [e.message for e in rec.of(LogEvent) if e.level == "warn"]
-    assert "data.validation_split is not supported by the simpo recipe yet and is ignored" in warned
-    assert "data.packing is not supported by the simpo recipe yet and is ignored" in warned
-    assert isinstance(result, CompletedEvent)
-
-
 def test_a_dpo_job_leaves_the_adapter_its_reference_and_the_exports_it_asked_for(micro_model_dir, store, write_jsonl, sentiment_rows, make_spec):
     """Same tail as SFT: the PEFT adapter with the serving check's reference log-probs, and a merged
     model when the job asks for one."""
