@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from gpu_worker.storage import open_store
 
@@ -26,6 +26,11 @@ def _require_admin(principal: Principal) -> None:
         raise PermissionDenied("Changing the adapter registry needs an admin key of the organization.")
 
 
+def _forget_models(request: Request, principal: Principal) -> None:
+    """The org's names may resolve differently now: drop this gateway's cached resolutions at once."""
+    request.app.state.model_cache.discard_where(lambda key: key[0] == principal.org_id)
+
+
 @router.get("", response_model=AdaptersPublic)
 async def list_adapters(principal: CurrentPrincipal, db: DatabaseDep) -> AdaptersPublic:
     return await db.run(lambda s: adapter_registry.list_adapters(s, principal))
@@ -33,32 +38,37 @@ async def list_adapters(principal: CurrentPrincipal, db: DatabaseDep) -> Adapter
 
 # ``:path`` because model names hold slashes ("ft:org/model:..."); the suffix route is matched first.
 @router.post("/{model:path}/check")
-async def check(model: str, principal: CurrentPrincipal, db: DatabaseDep, engines: EnginesDep, settings: SettingsDep) -> dict:
+async def check(model: str, request: Request, principal: CurrentPrincipal, db: DatabaseDep, engines: EnginesDep, settings: SettingsDep) -> dict:
     _require_admin(principal)
     row = await db.run(lambda s: getattr(adapter_registry.find(s, principal.org_id, model), "id", None))
     if row is None:
         raise adapter_registry.ModelNotFound(model)
-    return await adapter_registry.ensure_checked(settings, db, engines, principal.org_id, row)
+    report = await adapter_registry.ensure_checked(settings, db, engines, principal.org_id, row)
+    _forget_models(request, principal)
+    return report
 
 
 @router.post("/{name:path}/promote", response_model=AdapterChange)
-async def promote(name: str, body: AdapterPromote, principal: CurrentPrincipal, db: DatabaseDep, engines: EnginesDep) -> AdapterChange:
+async def promote(name: str, body: AdapterPromote, request: Request, principal: CurrentPrincipal, db: DatabaseDep) -> AdapterChange:
     _require_admin(principal)
     previous = await db.run(lambda s: adapter_registry.promote(s, principal, name, body.model))
+    _forget_models(request, principal)
     return AdapterChange(name=name, previous=previous, active=body.model)
 
 
 @router.post("/{name:path}/rollback", response_model=AdapterChange)
-async def rollback(name: str, principal: CurrentPrincipal, db: DatabaseDep) -> AdapterChange:
+async def rollback(name: str, request: Request, principal: CurrentPrincipal, db: DatabaseDep) -> AdapterChange:
     _require_admin(principal)
     current, active = await db.run(lambda s: adapter_registry.rollback(s, principal, name))
+    _forget_models(request, principal)
     return AdapterChange(name=name, previous=current, active=active)
 
 
 @router.delete("/{model:path}")
-async def delete(model: str, principal: CurrentPrincipal, db: DatabaseDep, engines: EnginesDep, settings: SettingsDep) -> dict:
+async def delete(model: str, request: Request, principal: CurrentPrincipal, db: DatabaseDep, engines: EnginesDep, settings: SettingsDep) -> dict:
     _require_admin(principal)
     deleted = await db.run(lambda s: adapter_registry.delete(s, principal, model))
+    _forget_models(request, principal)
     # The database no longer resolves them, so no gateway sends new requests; now free the engines.
     store = open_store(settings.storage_url)
     for base, adapter_id in deleted:

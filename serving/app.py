@@ -4,11 +4,13 @@ handlers and the request middleware around the routes."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
 
 from serving import adapter_routes
+from serving.cache import TTLCache
 from serving.database import Database
 from serving.engines import EnginePool
 from serving.errors import install_error_handlers
@@ -17,10 +19,13 @@ from serving.metrics import GatewayMetrics
 from serving.middleware import RequestContextMiddleware
 from serving.routes import router
 from serving.settings import ServingSettings, get_serving_settings
+from serving.usage_writer import UsageWriter
 
 
-def create_app(settings: ServingSettings | None = None) -> FastAPI:
+def create_app(settings: ServingSettings | None = None, database: Database | None = None) -> FastAPI:
+    """``database``: tests pass one on their rolled-back session; by default ``settings.database_url``."""
     settings = settings or get_serving_settings()
+    database = database or Database.from_url(settings.database_url)
     metrics = GatewayMetrics()
     engines = EnginePool(
         settings.engines,
@@ -31,20 +36,27 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
     )
 
     buckets = RedisBuckets(settings.rate_limit_url) if settings.rate_limit_url else MemoryBuckets()
+    journal = Path(settings.usage_journal_dir) if settings.usage_journal_dir else settings.data_dir / "usage-journal"
+    usage_writer = UsageWriter(database, journal, interval_s=settings.usage_flush_interval_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        await usage_writer.start()
         try:
             yield
         finally:
+            await usage_writer.aclose()
             await engines.aclose()
             if isinstance(buckets, RedisBuckets):
                 await buckets.aclose()
 
     app = FastAPI(title="Tuneforge inference gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
-    app.state.database = Database.from_url(settings.database_url)
+    app.state.database = database
     app.state.engines = engines
+    app.state.usage_writer = usage_writer
+    app.state.key_cache = TTLCache(settings.auth_cache_ttl_s)
+    app.state.model_cache = TTLCache(settings.model_cache_ttl_s)
     app.state.metrics = metrics
     app.state.limiter = Limiter(buckets)
     install_error_handlers(app)

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from scheduler.tenancy import Principal, authenticate_key
+from scheduler.tenancy import Principal, authenticate_key, hash_key
 from serving.database import Database
 from serving.engines import EnginePool
 from serving.errors import AuthenticationFailed
@@ -58,9 +58,15 @@ async def get_principal(request: Request, db: DatabaseDep) -> Principal:
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
         raise AuthenticationFailed("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
-    principal = await db.run(lambda session: authenticate_key(session, key))
+    # Cached by the key's hash (serving.cache): a key is not kept in memory in clear longer than its request.
+    cache = request.app.state.key_cache
+    hashed = hash_key(key)
+    principal = cache.get(hashed)
     if principal is None:
-        raise AuthenticationFailed("Incorrect API key provided.")
+        principal = await db.run(lambda session: authenticate_key(session, key))
+        if principal is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        cache.put(hashed, principal)
     return principal
 
 
@@ -68,6 +74,7 @@ CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
 async def get_inference_context(
+    request: Request,
     principal: CurrentPrincipal,
     request_id: RequestIdDep,
     settings: SettingsDep,
@@ -78,7 +85,17 @@ async def get_inference_context(
 ) -> InferenceContext:
     # Admission before anything else: a limited caller costs no model lookup and no engine time.
     await limiter.check(db, principal)
-    return InferenceContext(principal=principal, request_id=request_id, settings=settings, db=db, engines=engines, metrics=metrics)
+    state = request.app.state
+    return InferenceContext(
+        principal=principal,
+        request_id=request_id,
+        settings=settings,
+        db=db,
+        engines=engines,
+        metrics=metrics,
+        usage=state.usage_writer,
+        models=state.model_cache,
+    )
 
 
 InferenceContextDep = Annotated[InferenceContext, Depends(get_inference_context)]

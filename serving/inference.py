@@ -16,14 +16,17 @@ from starlette.responses import Response
 
 from scheduler.tenancy import Principal
 from serving import adapter_registry, registry
+from serving.cache import TTLCache
 from serving.database import Database
 from serving.engines import EnginePool
 from serving.errors import EngineError, EngineTimeout
 from serving.metering import Meter, Outcome, token_counts
 from serving.metrics import GatewayMetrics
 from serving.protocol import ChatCompletionRequest, CompletionRequest
+from serving.registry import ResolvedModel
 from serving.settings import ServingSettings
 from serving.streaming import RelayResponse, StreamRelay
+from serving.usage_writer import UsageWriter
 
 log = structlog.get_logger(__name__)
 
@@ -43,16 +46,32 @@ class InferenceContext:
     db: Database
     engines: EnginePool
     metrics: GatewayMetrics
+    usage: UsageWriter
+    models: TTLCache[tuple[str, str], ResolvedModel]
+
+
+async def resolve(ctx: InferenceContext, model: str) -> ResolvedModel:
+    """What ``model`` runs on for this caller: base models without the database, fine-tuned names
+    through the org-scoped cache (only checked adapters are cached; misses are never cached)."""
+    if model in ctx.settings.base_models:
+        return ResolvedModel(name=model, base=model)
+    key = (ctx.principal.org_id, model)
+    target = ctx.models.get(key)
+    if target is None:
+        base_models = ctx.settings.base_models
+        target = await ctx.db.run(lambda session: registry.resolve(session, ctx.principal, model, base_models))
+        if target.adapter is None or target.adapter.checked:
+            ctx.models.put(key, target)
+    return target
 
 
 async def complete(ctx: InferenceContext, endpoint: Endpoint, body: ChatCompletionRequest | CompletionRequest) -> Response:
-    base_models = ctx.settings.base_models
-    target = await ctx.db.run(lambda session: registry.resolve(session, ctx.principal, body.model, base_models))
+    target = await resolve(ctx, body.model)
     if target.adapter is not None and not target.adapter.checked:
         report = await adapter_registry.ensure_checked(ctx.settings, ctx.db, ctx.engines, ctx.principal.org_id, target.adapter.id)
         if not report["passed"]:
             raise adapter_registry.AdapterIncompatible(body.model, report.get("reason", "its compatibility check failed"))
-    meter = Meter(ctx.db, ctx.metrics, ctx.principal, ctx.request_id, target)
+    meter = Meter(ctx.usage, ctx.metrics, ctx.principal, ctx.request_id, target)
     payload = body.upstream_payload()
     payload["model"] = target.name  # a versionless name runs on its active version's lora_name
     upstream = await ctx.engines.open(target, endpoint.value, payload, request_id=ctx.request_id)
@@ -75,6 +94,6 @@ async def complete(ctx: InferenceContext, endpoint: Endpoint, body: ChatCompleti
     if counts is None:
         log.warning("engine response has no usage", model=target.name)
     prompt, completion = counts or (0, 0)
-    await meter.record(Outcome(prompt, completion, "ok" if counts else "usage_missing"))
+    meter.record(Outcome(prompt, completion, "ok" if counts else "usage_missing"))
     # Relayed as the engine sent it: the gateway adds nothing and loses nothing.
     return Response(raw, media_type="application/json")

@@ -1,9 +1,10 @@
 """Metering of inference: each request that reached an engine becomes exactly one usage record.
 
 The record is keyed by (org, request id). A client retrying with the same ``x-request-id`` gets its
-answer again, but the second insert is ignored (``scheduler.metering.record_usage``), so it is billed
+answer again, but the second insert is ignored (insert-or-ignore on the unique pair), so it is billed
 once. Token counts come from the engine's ``usage``; a stream the client abandoned is recorded with
-the tokens relayed so far and status ``client_disconnected``.
+the tokens relayed so far and status ``client_disconnected``. Records are journaled on the response
+path and reach the database in batches (``serving.usage_writer``).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import Any
 
 import structlog
 
-from scheduler.metering import Usage, record_usage
+from scheduler.metering import Usage
 from scheduler.tenancy import Principal
-from serving.database import Database
 from serving.metrics import GatewayMetrics
 from serving.registry import ResolvedModel
+from serving.usage_writer import UsageWriter
 
 log = structlog.get_logger(__name__)
 
@@ -44,16 +45,16 @@ def token_counts(usage: Any) -> tuple[int, int] | None:
 class Meter:
     """Records the outcome of one request; bound to who asked, for what, and when it started."""
 
-    def __init__(self, db: Database, metrics: GatewayMetrics, principal: Principal, request_id: str, target: ResolvedModel):
-        self._db = db
+    def __init__(self, writer: UsageWriter, metrics: GatewayMetrics, principal: Principal, request_id: str, target: ResolvedModel):
+        self._writer = writer
         self._metrics = metrics
         self._principal = principal
         self._request_id = request_id
         self._target = target
         self._started = time.perf_counter()
 
-    async def record(self, outcome: Outcome) -> bool:
-        """Write the usage record; True if new, False if this request id was already billed."""
+    def record(self, outcome: Outcome) -> None:
+        """Journal the usage record (the database ignores it if this request id was already billed)."""
         usage = Usage(
             org_id=self._principal.org_id,
             request_id=self._request_id,
@@ -68,13 +69,12 @@ class Meter:
         )
         # Served tokens count every time they were served; billing (the record) counts them once.
         self._metrics.observe_tokens(self._target.base, outcome.prompt_tokens, outcome.completion_tokens)
-        new = await self._db.run(lambda session: record_usage(session, usage))
+        self._writer.submit(usage)
         log.info(
-            "usage recorded" if new else "usage already recorded for this request id",
+            "usage recorded",
             model=usage.model,
             adapter=usage.adapter,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             status=usage.status,
         )
-        return new

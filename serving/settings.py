@@ -27,6 +27,16 @@ class ServingSettings(Settings):
     # After a replica refuses a connection it is tried last for this long (it is likely restarting).
     replica_cooldown_s: float = 10.0
 
+    # How long an authenticated API key and a resolved fine-tuned model name are reused without asking
+    # the database (serving.cache): a revoked key, or a registry change made through another gateway
+    # replica, takes effect here within this bound. 0 disables the cache.
+    auth_cache_ttl_s: float = Field(5.0, ge=0)
+    model_cache_ttl_s: float = Field(5.0, ge=0)
+    # Usage records are journaled to local disk on the response path and written to the database in
+    # batches this often (serving.usage_writer). Empty: <data_dir>/usage-journal.
+    usage_flush_interval_s: float = Field(0.05, gt=0)
+    usage_journal_dir: str = ""
+
     # Redis for the per-key rate-limit buckets shared by all gateway replicas; empty: in this process.
     rate_limit_url: str = ""
     # The platform's serving limit on LoRA rank: vLLM's --max-lora-rank and the registry's check use it.

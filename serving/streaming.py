@@ -6,8 +6,9 @@ relayed chunk carrying generated text counts as one token (vLLM emits one chunk 
 which is what a stream abandoned before the usage chunk is billed for; the engine's own usage, when
 it arrives, is authoritative.
 
-The usage record is written once, when the engine's ``[DONE]`` arrives (before it is relayed, so a
-client holding its full answer can rely on the record existing) or when the relay ends without it:
+The usage record is written once, when the engine's ``[DONE]`` arrives (journaled before it is
+relayed, so a client holding its full answer can rely on the record being billed) or when the relay
+ends without it:
 client gone (the response is cancelled or closed while the relay waits) or engine failure. Closing
 the relay closes the upstream request, so an engine stops generating for a client that left.
 """
@@ -85,8 +86,7 @@ class StreamRelay:
                 async for raw, data in sse_events(self._upstream.aiter_lines()):
                     if data == DONE:
                         # Bill before the client sees the end: once it has its answer, the record exists.
-                        with anyio.CancelScope(shield=True):
-                            await self._finish("engine_error" if self._engine_error else "ok")
+                        self._finish("engine_error" if self._engine_error else "ok")
                     if data is None or data == DONE:
                         yield raw.encode()
                         continue
@@ -109,8 +109,10 @@ class StreamRelay:
         disconnects this runs inside a cancelled scope, and the record must still be written and the
         engine told to stop."""
         with anyio.CancelScope(shield=True):
-            await self._upstream.aclose()
-            await self._finish(status)
+            try:
+                await self._upstream.aclose()
+            finally:
+                self._finish(status)
 
     def _forward(self, data: str) -> bool | str:
         """Account for one chunk: True to relay it as sent, False to drop it, or the event to send
@@ -141,7 +143,7 @@ class StreamRelay:
             chunk.pop("usage", None)
         return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 
-    async def _finish(self, status: str) -> None:
+    def _finish(self, status: str) -> None:
         if self._finished:
             return
         self._finished = True
@@ -156,7 +158,7 @@ class StreamRelay:
                 log.warning("engine sent no usage chunk for a completed stream")
                 status = "usage_missing"
         try:
-            await self._meter.record(Outcome(prompt, completion, status))
+            self._meter.record(Outcome(prompt, completion, status))
         except Exception:  # the response is already gone; losing the record must at least be loud
             log.exception("could not record usage of a stream", status=status, completion_tokens=completion)
 

@@ -23,7 +23,6 @@ from scheduler.settings import BUILTIN_BASE_MODEL
 from serving.adapter_registry import record_check
 from serving.app import create_app
 from serving.database import Database
-from serving.deps import get_database
 from serving.logs import configure_logging
 from serving.settings import ServingSettings
 
@@ -152,15 +151,15 @@ def gateway(test_db, data_dir, pg_url):
         settings.setdefault("engine_read_timeout_s", 20.0)
         settings.setdefault("base_models", [BUILTIN_BASE_MODEL])
         config = ServingSettings(data_dir=data_dir, database_url=pg_url, engines=engine_urls, **settings)
-        app = create_app(config)
-        app.dependency_overrides[get_database] = lambda: test_db
+        app = create_app(config, database=test_db)
         server = LiveServer(app).start()
-        started.append(server)
-        return Gateway(server, app)
+        started.append(Gateway(server, app))
+        return started[-1]
 
+    start.started = started
     yield start
-    for server in started:
-        server.stop()
+    for gw in started:
+        gw.server.stop()
 
 
 @pytest.fixture
@@ -185,10 +184,14 @@ def make_adapter(db_session):
 
 
 @pytest.fixture
-def usage_rows(test_db):
-    """usage_rows(org) -> the org's usage records, oldest first."""
+def usage_rows(test_db, gateway):
+    """usage_rows(org) -> the org's usage records, oldest first, once every running gateway has written
+    the records it journaled so far (serving.usage_writer batches them behind the responses)."""
 
     def rows(org) -> list[UsageRecord]:
+        for gw in gateway.started:
+            if gw.server.thread.is_alive():
+                gw.app.state.usage_writer.flush_blocking()
         with test_db.scope() as session:
             return list(session.scalars(select(UsageRecord).where(UsageRecord.org_id == org.id).order_by(UsageRecord.id)))
 

@@ -3,6 +3,8 @@ organization's fine-tuned models; another org's model is indistinguishable from 
 
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
 
@@ -35,8 +37,20 @@ def test_the_sdk_raises_authentication_error_for_a_wrong_key(engines, gateway):
         gw.client("tf-wrong-key-aaaaaaaaaaaaaaaaaaaa").models.list()
 
 
-def test_a_revoked_key_is_rejected(engines, gateway, make_org, db_session):
-    gw = gateway({BUILTIN_BASE_MODEL: [engines().url]})
+def test_a_revoked_key_is_rejected_within_the_auth_cache_ttl(engines, gateway, make_org, db_session):
+    gw = gateway({BUILTIN_BASE_MODEL: [engines().url]}, auth_cache_ttl_s=0.5)
+    _, key = make_org()
+    assert gw.client(key).models.list().data
+    revoke(db_session, db_session.query(ApiKey).filter_by(key_hash=hash_key(key)).one())
+    db_session.flush()
+    time.sleep(0.6)
+
+    with pytest.raises(openai.AuthenticationError):
+        gw.client(key).models.list()
+
+
+def test_without_the_auth_cache_a_revoked_key_is_rejected_at_once(engines, gateway, make_org, db_session):
+    gw = gateway({BUILTIN_BASE_MODEL: [engines().url]}, auth_cache_ttl_s=0)
     _, key = make_org()
     assert gw.client(key).models.list().data
     revoke(db_session, db_session.query(ApiKey).filter_by(key_hash=hash_key(key)).one())

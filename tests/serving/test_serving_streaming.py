@@ -27,9 +27,8 @@ class RecordingMeter:
     def __init__(self) -> None:
         self.outcomes: list[Outcome] = []
 
-    async def record(self, outcome: Outcome) -> bool:
+    def record(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
-        return True
 
 
 def _upstream(events: list[str], *, hang_after: bool = False) -> Upstream:
