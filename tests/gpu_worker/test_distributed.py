@@ -1,0 +1,212 @@
+"""The multi-GPU worker on 2 CPU ranks (DeepSpeed's CPU accelerator over gloo): the trainer process
+launched with a placement gives the single-GPU worker's losses, events, checkpoints and artifacts;
+a cancel reaches every rank and checkpoints; a resumed run (on 2 ranks, or on the single-GPU
+worker) replays the uninterrupted one.
+
+Tolerance: the 2-rank and 1-process runs do the same float32 arithmetic in a different order
+(gloo sums two partial gradients; ZeRO's AdamW runs over flat shards): the losses measured agree to
+~1e-7 relative over 12 steps, so ``rtol=1e-5`` is two orders of margin, and still far below any real
+divergence (a wrong loss scale or a lost micro-batch moves the second step's loss by >1e-2).
+
+The first run on a machine builds DeepSpeed's CPU shared-memory op with ninja (~1-2 min on 2 busy
+cores; cached in ~/.cache/torch_extensions); afterwards a 2-rank run of the micro model takes ~25 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpu_worker.contract import (
+    AdapterConfig,
+    AdapterType,
+    CheckpointEvent,
+    DataOptions,
+    EvalOptions,
+    Hyperparameters,
+    JobSpec,
+    Runtime,
+    CompletedEvent,
+    Distributed,
+    FailedEvent,
+    LogEvent,
+    MetricsEvent,
+    StoppedEvent,
+    parse_event,
+)
+from gpu_worker.recipes import RunContext
+from gpu_worker.recipes.sft import run
+
+deepspeed = pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.slow
+
+RTOL = 1e-5
+
+
+def _spec(model_dir, prefix: str, *, ranks: int = 0, stage: int = 2, full: bool = False, **overrides) -> JobSpec:
+    runtime = {"checkpoint_every_steps": 4, "use_kernels": False}
+    if ranks:
+        runtime["distributed"] = Distributed(gpus_per_node=ranks, zero_stage=stage, micro_batch_size=2)
+    # 13 examples, 3 × 2 a step: the last step of each epoch has one example, so rank 1 runs a
+    # weight-0 pass there; train_on_inputs gives every token a loss (more arithmetic to compare).
+    fields = dict(
+        job_id="ftjob-ds", org_id="org-test", base_model=str(model_dir), seed=7, training_file_key="files/train.jsonl",
+        output_prefix=prefix, data=DataOptions(train_on_inputs=True),
+        hyperparameters=Hyperparameters(n_epochs=4, batch_size=3, gradient_accumulation_steps=2, learning_rate=5e-3, warmup_ratio=0.1, max_seq_length=128),
+        adapter=AdapterConfig(rank=4, alpha=8.0, type=AdapterType.full if full else AdapterType.lora),
+        runtime=Runtime(**runtime), evaluation=EvalOptions(gate=False),
+    )
+    return JobSpec(**(fields | overrides))
+
+
+class _Trainer:
+    """``python -m gpu_worker.train`` as the worker agent runs it; stdout must be JobEvents only."""
+
+    def __init__(self, spec, store, data_dir: Path, stderr: Path):
+        env = {**os.environ, "TUNEFORGE_STORAGE_URL": store.url, "TUNEFORGE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1", "TUNEFORGE_TORCH_THREADS": "1"}
+        self.stderr = stderr
+        self.proc = subprocess.Popen([sys.executable, "-m", "gpu_worker.train"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=open(stderr, "wb"), env=env)
+        self.proc.stdin.write((spec.model_dump_json() + "\n").encode())
+        self.proc.stdin.flush()
+        self.events = []
+
+    def events_until_end(self, on_event=lambda e: None, timeout: float = 400) -> int:
+        for line in self.proc.stdout:
+            event = parse_event(line)  # anything else on stdout fails the test
+            self.events.append(event)
+            on_event(event)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.proc.stdin.close()
+
+    def of(self, kind):
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def losses(self) -> list[float]:
+        return [e.train_loss for e in self.of(MetricsEvent)]
+
+    def log_tail(self) -> str:
+        return self.stderr.read_text(errors="replace")[-4000:]
+
+
+def _in_process(spec, store, data_dir):
+    events = []
+    result = run(spec, RunContext(store=store, data_dir=data_dir, emit=events.append, device="cpu"))
+    return events, result
+
+
+def _losses(events):
+    return [e.train_loss for e in events if isinstance(e, MetricsEvent)]
+
+
+@pytest.fixture(scope="module")
+def ds_store(tmp_path_factory):
+    from gpu_worker.storage import LocalStore
+    from scheduler.demo_data import make_dataset
+
+    store = LocalStore(tmp_path_factory.mktemp("ds-objects"))
+    rows, _, _ = make_dataset(13, 0, 0, 0)
+    store.put_bytes("files/train.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return store
+
+
+@pytest.fixture(scope="module")
+def two_rank_lora(ds_store, micro_model_dir, tmp_path_factory):
+    """One uninterrupted 2-rank ZeRO-2 LoRA run through the trainer process, shared by the tests."""
+    spec = _spec(micro_model_dir, "jobs/ds2", ranks=2)
+    tmp = tmp_path_factory.mktemp("ds2")
+    trainer = _Trainer(spec, ds_store, tmp, tmp / "stderr")
+    code = trainer.events_until_end()
+    assert code == 0 and isinstance(trainer.events[-1], CompletedEvent), trainer.log_tail()
+    return spec, trainer
+
+
+
+def test_two_ranks_train_the_single_gpu_job(two_rank_lora, ds_store, micro_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    spec, trainer = two_rank_lora
+    single_events, single = _in_process(_spec(micro_model_dir, "jobs/single"), ds_store, tmp_path)
+    assert len(trainer.losses()) == 12
+    assert trainer.losses() == pytest.approx(_losses(single_events), rel=RTOL)
+    assert trainer.losses()[-1] < 0.95 * trainer.losses()[0]  # it learns (7.08 -> 6.36 measured)
+    # Rank 0 alone reports: one event per step and per checkpoint, one setup log, one result.
+    assert [m.step for m in trainer.of(MetricsEvent)] == list(range(1, 13))
+    assert [c.step for c in trainer.of(CheckpointEvent)] == [4, 8, 12]
+    assert sum(e.message.startswith("Training 12 steps") and "2 ranks, DeepSpeed ZeRO-2" in e.message for e in trainer.of(LogEvent)) == 1
+    done = trainer.events[-1]
+    assert done.trained_tokens == single.trained_tokens and done.steps == 12
+    assert done.manifest.files == single.manifest.files and [a.kind for a in done.artifacts] == [a.kind for a in single.artifacts]
+    # The same adapter, written once, in the same place of the job's prefix.
+    ds_adapter = load_file(Path(ds_store.root, done.manifest.key, "adapter_model.safetensors"))
+    one_adapter = load_file(Path(ds_store.root, single.manifest.key, "adapter_model.safetensors"))
+    assert ds_adapter.keys() == one_adapter.keys()
+    for name in ds_adapter:
+        assert ds_adapter[name].allclose(one_adapter[name], rtol=1e-4, atol=1e-6), name
+    # The checkpoint has the single-GPU layout, plus rank 1's random state.
+    state = json.loads(Path(ds_store.root, "jobs/ds2/checkpoints/step-000004/trainer_state.json").read_text())
+    assert state["world_size"] == 2 and len(state["rank_rng"]) == 1
+    assert sorted(os.listdir(Path(ds_store.root, "jobs/ds2/checkpoints/step-000004"))) == sorted(
+        os.listdir(Path(ds_store.root, "jobs/single/checkpoints/step-000004")))
+
+
+def test_cancel_reaches_every_rank_and_the_resumed_run_replays_the_uninterrupted_one(two_rank_lora, ds_store, micro_model_dir, tmp_path):
+    spec, full_run = two_rank_lora
+    reference = full_run.losses()
+    stopped_spec = spec.model_copy(update={"output_prefix": "jobs/ds2-stop"})
+    trainer = _Trainer(stopped_spec, ds_store, tmp_path, tmp_path / "stop.stderr")
+    # SIGTERM (the agent's cancel) as soon as the first step is reported.
+    code = trainer.events_until_end(lambda e: isinstance(e, MetricsEvent) and e.step == 1 and trainer.proc.send_signal(signal.SIGTERM))
+    stopped = trainer.events[-1]
+    assert code == 0 and isinstance(stopped, StoppedEvent), trainer.log_tail()
+    assert 1 <= stopped.step < 12 and stopped.checkpoint_key == trainer.of(CheckpointEvent)[-1].key
+    assert trainer.losses() == pytest.approx(reference[: stopped.step], rel=RTOL)
+
+    # Resumed on 2 ranks: the remaining steps are the uninterrupted run's.
+    resumed = _Trainer(stopped_spec.model_copy(update={"resume_from_key": stopped.checkpoint_key}), ds_store, tmp_path, tmp_path / "resume.stderr")
+    assert resumed.events_until_end() == 0 and isinstance(resumed.events[-1], CompletedEvent), resumed.log_tail()
+    assert [m.step for m in resumed.of(MetricsEvent)] == list(range(stopped.step + 1, 13))
+    assert resumed.losses() == pytest.approx(reference[stopped.step :], rel=RTOL)
+
+    # The same checkpoint resumes on the single-GPU worker too (one layout for both).
+    single_spec = _spec(micro_model_dir, "jobs/ds2-stop", resume_from_key=stopped.checkpoint_key)
+    events, result = _in_process(single_spec, ds_store, tmp_path)
+    assert isinstance(result, CompletedEvent)
+    assert _losses(events) == pytest.approx(reference[stopped.step :], rel=RTOL)
+
+
+def test_zero3_full_fine_tuning_on_two_ranks_matches_one_process(ds_store, micro_model_dir, tmp_path):
+    from gpu_worker.loading import load_model
+
+    spec = _spec(micro_model_dir, "jobs/ds3-full", ranks=2, stage=3, full=True)
+    trainer = _Trainer(spec, ds_store, tmp_path, tmp_path / "z3.stderr")
+    assert trainer.events_until_end() == 0 and isinstance(trainer.events[-1], CompletedEvent), trainer.log_tail()
+    single_events, single = _in_process(_spec(micro_model_dir, "jobs/one-full", full=True), ds_store, tmp_path)
+    assert trainer.losses() == pytest.approx(_losses(single_events), rel=RTOL)
+    assert any("ZeRO-3" in e.message for e in trainer.of(LogEvent))
+    done = trainer.events[-1]
+    assert done.manifest.key.endswith("/model") and done.manifest.files == single.manifest.files
+    # The saved model is whole (gathered from the shards), and it is the trained one.
+    ds_model = load_model(str(Path(ds_store.root, done.manifest.key)), data_dir=tmp_path, device="cpu")
+    one_model = load_model(str(Path(ds_store.root, single.manifest.key)), data_dir=tmp_path, device="cpu")
+    # Adam divides by the root of tiny second moments, so float32 noise in near-zero gradients moves
+    # a weight by up to ~3e-6 (measured); 1e-5 is still 1/500 of one step's largest update (lr 5e-3).
+    for (name, a), (_, b) in zip(ds_model.state_dict().items(), one_model.state_dict().items()):
+        assert a.shape == b.shape and a.allclose(b, rtol=0, atol=1e-5), name
+
+
+def test_a_failing_job_reports_one_failed_event(ds_store, micro_model_dir, tmp_path):
+    """A bad training file fails on every rank; rank 0's FailedEvent is the one the agent sees."""
+    spec = _spec(micro_model_dir, "jobs/ds-bad", ranks=2, training_file_key="files/missing.jsonl")
+    trainer = _Trainer(spec, ds_store, tmp_path, tmp_path / "bad.stderr")
+    assert trainer.events_until_end() == 1, trainer.log_tail()
+    failed = trainer.of(FailedEvent)
+    assert len(failed) == 1 and failed[0] is trainer.events[-1] and failed[0].code == "invalid_training_file", trainer.events
