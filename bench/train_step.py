@@ -3,8 +3,11 @@
 
 Adapted from the shared peer harness ../shared/bench/peers.py (same models, settings, FLOP model and
 measurement loop, so the peers' numbers are produced exactly as there); what this copy adds: the "ours"
-method (HF+PEFT model, then gpu_worker.patching.patch_model), ckpt "offload", saving the random model
-for Unsloth on demand, and a JSON summary with device, versions and git commit (``--summary``).
+method (HF+PEFT model, then gpu_worker.patching.patch_model), "base" (the same from an older copy of
+kernels/ and gpu_worker/patching/ under --base-root, for A/B of a kernel change in one call), ckpt
+"offload", variable-length batches (--data packed|padded), the longest trainable single sequence
+(mode "longest"), saving the random model for Unsloth on demand, and a JSON summary with device,
+versions and git commit (``--summary``).
 
 Measures tokens/s and peak GPU memory of a plain LoRA training loop
 (forward with labels -> loss.backward() -> AdamW step) on models with RANDOM
@@ -17,6 +20,18 @@ Methods
   unsloth  unsloth.FastLanguageModel.from_pretrained(<saved random model>) + get_peft_model
   ours     as hf, then gpu_worker.patching.patch_model(model, memory_mode=...) (ckpt on -> "checkpointing",
            offload -> "offload"; HF's own checkpointing is not enabled for it)
+  base     as ours, with kernels/ and gpu_worker/ imported from --base-root (an older commit's copy)
+
+Data (--data, or the 6th field of a suite config)
+  fixed    batch x seq random tokens, every row full (the issue's table)
+  packed   variable-length documents (lengths drawn from a fixed log-normal: median 400 tokens, sigma 1,
+           clipped to [32, seq], 4 different draws of batch x seq tokens each) in ONE row, position ids
+           restarting per document (transformers builds the document mask from them), no padding
+  padded   the same documents as rows of a (n_docs, longest) batch with an attention mask
+  tokens/s counts real tokens only; MFU's attention term uses sum(n^2)/sum(n) as the sequence length.
+
+Longest sequence (mode "longest"): one process, one model, then one warm-up and one timed step at each
+length of --ladder (batch 1) until the first OOM; prints the longest length that trained.
   (--quant nf4 turns hf into QLoRA: the 7 projection nn.Linear of the bf16 model are replaced in
    memory by bitsandbytes Linear4bit, nf4 + double quant, bf16 compute; for unsloth it passes
    load_in_4bit=True, which quantizes the saved bf16 checkpoint on load.)
@@ -30,6 +45,8 @@ Usage
   python3 train_bench.py suite --configs hf:1B:on,hf:1B:off --out results.jsonl --deadline-s 500
   # save a random model (+ minimal tokenizer) for loaders that need a path (unsloth)
   python3 train_bench.py save --shape 1B --path /tmp/rand-1B
+  # the longest single sequence ours trains at 8B with checkpointing
+  python3 train_bench.py longest --shape 8B --method ours --ckpt on --ladder 32768,65536,131072
 
 Per-token FLOP model used for MFU (N = parameters of all matmuls of the base model: the 7
 projections of every layer plus lm_head; embedding lookup excluded; LoRA adapters ignored):
@@ -78,6 +95,7 @@ def matmul_params(shape):
 
 
 def flops_per_token(shape, seq, ckpt):
+    # seq: the attention length per token (for variable-length documents sum(n^2)/sum(n), may be fractional)
     s = SHAPES[shape]
     n = matmul_params(shape)
     attn_fwd = 2 * s["num_hidden_layers"] * s["hidden_size"] * seq  # causal
@@ -181,6 +199,47 @@ def bench_matmul(n=8192, reps=20, out=PEAK_FILE_DEFAULT):
     print("RESULT " + json.dumps(rec), flush=True)
 
 
+# ----------------------------------------------------------------------------- data
+def varlen_lengths(step_tokens, max_len, seed):
+    """Document lengths filling exactly ``step_tokens``: log-normal (median 400, sigma 1), clipped to
+    [32, max_len]; the last document is cut to fit."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    lens = []
+    while sum(lens) < step_tokens:
+        n = int(torch.empty(1).log_normal_(math.log(400.0), 1.0, generator=g).item())
+        lens.append(min(max(32, min(max_len, n)), step_tokens - sum(lens)))
+    return lens
+
+
+def make_batches(args, vocab, n=4, device="cuda"):
+    """``n`` steps' model inputs (dicts of kwargs), their real token count per step and the attention
+    length per token for the FLOP model."""
+    import torch
+    g = torch.Generator(device=device).manual_seed(1)
+    if args.data == "fixed":
+        xs = [torch.randint(0, vocab, (args.batch, args.seq), device=device, generator=g) for _ in range(n)]
+        return [dict(input_ids=x, labels=x) for x in xs], args.batch * args.seq, float(args.seq)
+    batches, sq, tot = [], 0, 0
+    for i in range(n):
+        lens = varlen_lengths(args.batch * args.seq, args.seq, seed=100 + i)
+        docs = [torch.randint(0, vocab, (k,), device=device, generator=g) for k in lens]
+        sq, tot = sq + sum(k * k for k in lens), tot + sum(lens)
+        if args.data == "packed":
+            ids = torch.cat(docs)[None]
+            pos = torch.cat([torch.arange(k, device=device) for k in lens])[None]
+            labels = ids.clone()
+            labels[0, pos[0] == 0] = -100  # a document's first token is not predicted from the previous one
+            batches.append(dict(input_ids=ids, position_ids=pos, labels=labels))
+        else:
+            ids = torch.zeros(len(lens), max(lens), dtype=torch.long, device=device)
+            mask = torch.zeros_like(ids)
+            for r, d in enumerate(docs):
+                ids[r, :len(d)], mask[r, :len(d)] = d, 1
+            batches.append(dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)))
+    return batches, tot // n, sq / tot
+
+
 # ----------------------------------------------------------------------------- model setup
 def setup_hf(args):
     import torch
@@ -193,14 +252,17 @@ def setup_hf(args):
     quant_note = None
     if args.quant == "nf4":
         quant_note = quantize_nf4_inplace(model)
-    if args.ckpt == "on" and args.method != "ours":
+    if args.ckpt == "on" and args.method not in ("ours", "base"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lcfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none",
                       target_modules=TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
-    if args.method == "ours":
+    if args.method in ("ours", "base"):
+        if args.method == "base":  # the older copy must win over the repo root on sys.path
+            sys.path.insert(0, os.path.abspath(args.base_root))
         from gpu_worker.patching import patch_model
+        args.patch_module = sys.modules["gpu_worker.patching"].__file__
         report = patch_model(model, memory_mode={"off": "off", "on": "checkpointing",
                                                  "offload": "offload"}[args.ckpt])
         args.patch_report = {"patched": list(report.patched), "reason": report.reason,
@@ -253,17 +315,20 @@ def run_one(args):
     rec = {"kind": "train", "shape": args.shape, "method": args.method, "ckpt": args.ckpt,
            "quant": args.quant, "batch": args.batch, "seq": args.seq, "rank": args.rank,
            "alpha": args.alpha, "autocast": args.autocast, "warmup": args.warmup,
-           "steps": args.steps}
+           "steps": args.steps, "data": args.data}
+    if args.method == "base":
+        rec["base_commit"] = os.environ.get("BASE_COMMIT")
     t_start = time.time()
     try:
         if args.method == "unsloth":
             model, qnote = setup_unsloth(args)  # imports unsloth first
         import torch
         torch.manual_seed(0)
-        if args.method in ("hf", "liger", "ours"):
+        if args.method in ("hf", "liger", "ours", "base"):
             model, qnote = setup_hf(args)
             if getattr(args, "patch_report", None):
                 rec["patch_report"] = args.patch_report
+                rec["patch_module"] = args.patch_module
         rec["quant_method"] = qnote
         rec.update(versions())
         try:  # which implementation actually ended up in the model
@@ -292,17 +357,20 @@ def run_one(args):
         except Exception as e:  # noqa: BLE001
             opt = torch.optim.AdamW(params, lr=2e-4)
             rec["optimizer"] = f"torch AdamW (fused failed: {e})"
-        vocab = SHAPES[args.shape]["vocab_size"]
-        g = torch.Generator(device="cuda").manual_seed(1)
-        batches = [torch.randint(0, vocab, (args.batch, args.seq), device="cuda", generator=g)
-                   for _ in range(4)]
         ac = (torch.autocast("cuda", dtype=torch.bfloat16) if args.autocast == "bf16"
               else torch.autocast("cuda", enabled=False))
+        if args.mode == "longest":
+            longest(args, model, opt, ac, rec)
+            raise _Done
+        vocab = SHAPES[args.shape]["vocab_size"]
+        batches, step_tokens, attn_seq = make_batches(args, vocab)
+        rec["tokens_per_step"], rec["attn_seq"] = step_tokens, attn_seq
+        rec["rows_per_step"] = [int(b["input_ids"].shape[0]) for b in batches]
+        rec["padded_tokens_per_step"] = [int(b["input_ids"].numel()) for b in batches]
 
         def step(i):
-            x = batches[i % len(batches)]
             with ac:
-                out = model(input_ids=x, labels=x)
+                out = model(**batches[i % len(batches)])
             loss = out.loss
             loss.backward()
             opt.step()
@@ -323,14 +391,14 @@ def run_one(args):
         rec["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         rec["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
         rec["peak_gb_incl_warmup"] = max(rec["peak_gb"], rec["peak_gb_load_and_warmup"])
-        tokens = args.batch * args.seq * args.steps
+        tokens = step_tokens * args.steps
         rec["elapsed_s"] = el
         rec["step_s"] = el / args.steps
         rec["tokens_per_s"] = tokens / el
         lv = [float(l) for l in losses]
         rec["loss_first"], rec["loss_last"] = lv[0], lv[-1]
         rec["loss_finite"] = all(math.isfinite(v) for v in lv)
-        n, model_f, hw_f = flops_per_token(args.shape, args.seq, args.ckpt != "off")
+        n, model_f, hw_f = flops_per_token(args.shape, attn_seq, args.ckpt != "off")
         rec["n_matmul_params"] = n
         rec["model_flops_per_token"] = model_f
         rec["hw_flops_per_token"] = hw_f
@@ -343,6 +411,8 @@ def run_one(args):
             rec["mfu"] = rec["achieved_model_tflops"] / peak
             rec["hfu"] = rec["tokens_per_s"] * hw_f / 1e12 / peak
         rec["error"] = None
+    except _Done:
+        pass
     except Exception as e:  # noqa: BLE001
         import torch
         is_oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
@@ -358,16 +428,67 @@ def run_one(args):
     print("RESULT " + json.dumps(rec), flush=True)
 
 
+class _Done(Exception):
+    """``longest`` finished and filled the record."""
+
+
+def longest(args, model, opt, ac, rec):
+    """One warm-up and one timed step (batch 1) at each length of the ladder until the first OOM."""
+    import torch
+    vocab = SHAPES[args.shape]["vocab_size"]
+    rec["ladder"] = []
+    for seq in [int(v) for v in args.ladder.split(",")]:
+        x = torch.randint(0, vocab, (1, seq), device="cuda")
+        entry = {"seq": seq}
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            for timed in (False, True):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with ac:
+                    loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            entry.update(step_s=dt, tokens_per_s=seq / dt, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+                         loss=float(loss))
+            rec["longest_seq"] = seq
+        except torch.OutOfMemoryError as e:
+            entry["error"] = "OOM: " + str(e)[:200]
+        finally:
+            loss = None
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        rec["ladder"].append(entry)
+        print("LADDER " + json.dumps(entry), flush=True)
+        if "error" in entry:
+            break
+    rec.update(versions())
+    rec["error"] = None
+
+
 # ----------------------------------------------------------------------------- suite driver
 def parse_spec(spec):
-    # method:shape:ckpt[:quant[:batch]]
+    # method:shape:ckpt[:quant[:batch[:data]]]
     p = spec.split(":")
-    d = {"method": p[0], "shape": p[1], "ckpt": p[2], "quant": "none", "batch": None}
+    d = {"method": p[0], "shape": p[1], "ckpt": p[2], "quant": "none", "batch": None, "data": "fixed"}
     if len(p) > 3 and p[3]:
         d["quant"] = p[3]
     if len(p) > 4 and p[4]:
         d["batch"] = int(p[4])
+    if len(p) > 5 and p[5]:
+        d["data"] = p[5]
     return d
+
+
+def expected_wall_s(d):
+    """Wall time of one suite run, from the H100 runs of 2026-11-22 (results/*.json, wall_s) plus ~10%:
+    Unsloth compiles each layer first (~40 s)."""
+    if d["method"] == "unsloth":
+        return {"8B": 95, "1B": 80}[d["shape"]] + (20 if d["quant"] == "nf4" else 0)
+    return {"8B": 36, "1B": 30}[d["shape"]] + (12 if d["quant"] == "nf4" else 0)
 
 
 def suite(args):
@@ -379,15 +500,17 @@ def suite(args):
         batches = [d["batch"]] if d["batch"] else [args.batch, 1] if args.batch > 1 else [1]
         for bi, b in enumerate(batches):
             left = t_end - time.time()
-            if left < 30:
-                rec = {"kind": "train", **d, "batch": b, "error": "skipped: out of time budget"}
+            if left < expected_wall_s(d):  # a run cut off by the deadline is device time thrown away
+                rec = {"kind": "train", **d, "batch": b,
+                       "error": f"skipped: expected {expected_wall_s(d)} s, {left:.0f} s left"}
                 print("RESULT " + json.dumps(rec), flush=True)
                 results.append(rec)
                 break
             cmd = [sys.executable, here, "run", "--shape", d["shape"], "--method", d["method"],
                    "--ckpt", d["ckpt"], "--quant", d["quant"], "--batch", str(b),
                    "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
-                   "--autocast", args.autocast, "--peak-file", args.peak_file]
+                   "--autocast", args.autocast, "--peak-file", args.peak_file, "--data", d["data"],
+                   "--base-root", args.base_root]
             if d["method"] == "unsloth":
                 path = os.path.join(args.model_root, f"rand-{d['shape']}")
                 if not os.path.exists(os.path.join(path, "config.json")):
@@ -418,17 +541,17 @@ def suite(args):
             results.append(rec)
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            short = {k: rec.get(k) for k in ("method", "shape", "ckpt", "quant", "batch",
+            short = {k: rec.get(k) for k in ("method", "shape", "ckpt", "quant", "batch", "data",
                                               "tokens_per_s", "peak_gb", "mfu", "error")}
             print("SUMMARY " + json.dumps(short), flush=True)
             err = rec.get("error") or ""
             if not err.startswith("OOM"):
                 break  # only OOM triggers the batch-1 retry
-    print("\n%-8s %-3s %-7s %-4s %3s %10s %8s %6s %6s  %s" % (
-        "method", "sh", "ckpt", "q", "B", "tok/s", "peakGB", "MFU", "HFU", "error"))
+    print("\n%-8s %-3s %-7s %-4s %3s %-6s %10s %8s %6s %6s  %s" % (
+        "method", "sh", "ckpt", "q", "B", "data", "tok/s", "peakGB", "MFU", "HFU", "error"))
     for r in results:
-        print("%-8s %-3s %-7s %-4s %3s %10s %8s %6s %6s  %s" % (
-            r.get("method"), r.get("shape"), r.get("ckpt"), r.get("quant"), r.get("batch"),
+        print("%-8s %-3s %-7s %-4s %3s %-6s %10s %8s %6s %6s  %s" % (
+            r.get("method"), r.get("shape"), r.get("ckpt"), r.get("quant"), r.get("batch"), r.get("data"),
             f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-",
             f"{r['peak_gb']:.2f}" if r.get("peak_gb") else "-",
             f"{r['mfu']:.3f}" if r.get("mfu") else "-",
@@ -444,16 +567,17 @@ def write_summary(args, results):
         peak = json.load(open(args.peak_file))
     summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "git_commit": os.environ.get("GIT_COMMIT"),
                "versions": versions(), "bf16_matmul": peak, "seq": args.seq, "batch": args.batch,
-               "warmup": args.warmup, "steps": args.steps, "configs": args.configs, "results": results}
+               "warmup": args.warmup, "steps": args.steps, "configs": args.configs,
+               "base_commit": os.environ.get("BASE_COMMIT"), "results": results}
     with open(args.summary, "w") as f:
         json.dump(summary, f, indent=1)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["run", "suite", "matmul", "save", "flops"])
+    ap.add_argument("mode", choices=["run", "suite", "matmul", "save", "flops", "longest"])
     ap.add_argument("--shape", choices=list(SHAPES), default="1B")
-    ap.add_argument("--method", choices=["hf", "liger", "unsloth", "ours"], default="hf")
+    ap.add_argument("--method", choices=["hf", "liger", "unsloth", "ours", "base"], default="hf")
     ap.add_argument("--ckpt", choices=["on", "off", "unsloth", "offload"], default="on")
     ap.add_argument("--quant", choices=["none", "nf4"], default="none")
     ap.add_argument("--batch", type=int, default=4)
@@ -473,8 +597,16 @@ def main():
     ap.add_argument("--deadline-s", type=float, default=540)
     ap.add_argument("--per-run-s", type=float, default=300)
     ap.add_argument("--summary", default=None, help="write a JSON summary (device, versions, commit) here")
+    ap.add_argument("--data", choices=["fixed", "packed", "padded"], default="fixed")
+    ap.add_argument("--base-root", default=".bench-base",
+                    help="method base: folder holding an older kernels/ and gpu_worker/ (git archive)")
+    ap.add_argument("--ladder", default="16384,32768,65536,98304,131072",
+                    help="mode longest: sequence lengths to try, ascending")
     args = ap.parse_args()
-    if args.mode == "run":
+    if args.mode == "longest":
+        args.batch, args.seq = 1, max(int(v) for v in args.ladder.split(","))  # Unsloth's max_seq_length
+        run_one(args)
+    elif args.mode == "run":
         run_one(args)
     elif args.mode == "suite":
         suite(args)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call, in the order that fits a lease: the GPU tests of kernels/ and gpu_worker/patching/
+# run while the random models Unsloth loads from a path are saved; then the bf16 matmul ceiling; then the
+# training-step suite, which skips what no longer fits before END_S seconds after the start.
+#
+# Device, from the repo root, carrying .peer-site (../shared/bench/make_peer_site.sh) and, for the
+# "base" method, .bench-base (git archive <old commit> kernels gpu_worker/__init__.py gpu_worker/patching):
+#   GIT_COMMIT=<sha> BASE_COMMIT=<sha> bash bench/device_run.sh ours:8B:off,unsloth:8B:off 560
+# Writes under $OUT: env.log (GPU, versions, saves, matmul), gpu_tests.log, r.jsonl, children.log and
+# summary.json (the file kept under bench/results/).
+set -u
+configs=${1:?usage: device_run.sh CONFIGS [END_S]}
+end_s=${2:-560}
+t0=$(date +%s)
+export PYTHONPATH=$PWD/.peer-site:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+{ nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))"; } \
+  > "$OUT/env.log" 2>&1
+saves=()
+for shape in 8B 1B; do
+  [[ ",$configs" == *",unsloth:$shape:"* ]] && saves+=("$shape")
+done
+( for shape in "${saves[@]}"; do python3 bench/train_step.py save --shape "$shape" --path "/tmp/rand-$shape"; done ) \
+  >> "$OUT/env.log" 2>&1 &
+saver=$!
+timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider --confcutdir=tests/kernels tests/kernels \
+  > "$OUT/gpu_tests.log" 2>&1
+timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider --confcutdir=tests/gpu_worker/patching \
+  tests/gpu_worker/patching >> "$OUT/gpu_tests.log" 2>&1
+grep -E "passed|failed|error" "$OUT/gpu_tests.log"
+wait $saver
+echo "tests and saves done at $(( $(date +%s) - t0 )) s"
+python3 bench/train_step.py matmul >> "$OUT/env.log" 2>&1
+left=$(( end_s - ($(date +%s) - t0) ))
+python3 bench/train_step.py suite --configs "$configs" --model-root /tmp --out "$OUT/r.jsonl" \
+  --summary "$OUT/summary.json" --log-dir "$OUT" --deadline-s "$left"
+echo "done at $(( $(date +%s) - t0 )) s"
