@@ -3,7 +3,10 @@
 One agent runs on each worker (a GPU node's pod, or the embedded scheduler process). For a job it:
 1. claims it with a lease (a conditional UPDATE; losing the race means someone else has it);
 2. starts ``python -m gpu_worker.train`` with the job spec on stdin, resuming from the job's last
-   checkpoint when an earlier attempt left one;
+   checkpoint when an earlier attempt left one; a job the scheduler planned across GPUs
+   (``worker_kind="multi-gpu"``) gets the plan's placement in ``spec.runtime.distributed`` (GPU
+   count, ZeRO stage, optimizer offload, micro-batch), and the trainer starts one DeepSpeed rank per
+   GPU under torchrun (``gpu_worker/distributed.py``);
 3. heartbeats the lease, and turns a cancel request into SIGTERM (the trainer saves and stops);
 4. turns each event line on the trainer's stdout into rows: job events, checkpoints, the adapter
    registration, the training usage record, the final status.
@@ -39,6 +42,7 @@ from scheduler.db import session_scope
 from scheduler.fairness import Limits
 from scheduler.metering import Usage, record_usage
 from scheduler.models import Adapter, Checkpoint, File, Job, JobStatus, Organization, utcnow
+from scheduler.routing import Plan, Unplaceable, route
 from scheduler.settings import Settings
 
 log = logging.getLogger("tuneforge.agent")
@@ -46,6 +50,31 @@ log = logging.getLogger("tuneforge.agent")
 _PR_SET_PDEATHSIG = 1
 RESULTS_PURPOSE = "fine-tune-results"  # OpenAI's purpose for a job's result files
 FOLDER_ARTIFACTS = frozenset({"adapter", "merged", "report"})  # the artifact key is a folder prefix
+
+
+def place(spec: contract.JobSpec, plan: Plan | None) -> tuple[contract.JobSpec, str | None]:
+    """The spec this worker runs for ``plan``, and a line for the job's events. A ``multi-gpu`` plan
+    becomes ``runtime.distributed`` (its memory mode and kernel choice too); any other plan leaves the
+    spec as it is. The DeepSpeed worker trains SFT; a preference, KTO or GRPO job planned across GPUs
+    runs on one GPU (the plan's other GPUs idle) and the line says so."""
+    if plan is None or plan.worker_kind != "multi-gpu" or spec.runtime.distributed is not None:
+        return spec, None
+    if spec.method != contract.Method.supervised:
+        return spec, f"{spec.method.value} is not trained by the multi-GPU worker yet: running on one GPU of the {plan.gpu_count} planned"
+    placement = contract.Distributed(gpus_per_node=plan.gpu_count, zero_stage=plan.zero_stage or 2, offload_optimizer=plan.offload,
+                                     micro_batch_size=plan.micro_batch_size)
+    runtime = spec.runtime.model_copy(update={"distributed": placement, "memory_mode": contract.MemoryMode(plan.memory_mode),
+                                              "use_kernels": spec.runtime.use_kernels and plan.uses_kernels})
+    stage = f"ZeRO-{placement.zero_stage}" + (" with optimizer offload" if plan.offload else "")
+    return spec.model_copy(update={"runtime": runtime}), f"Training on {plan.gpu_count} GPUs ({plan.gpu_class}) with DeepSpeed {stage}"
+
+
+def _plan(spec: contract.JobSpec) -> Plan | None:
+    """The scheduler's plan for ``spec`` (the same pure function the scheduler nudged it with)."""
+    try:
+        return route(spec)
+    except Unplaceable:  # the fleet changed since the job was queued: run it as it is
+        return None
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -166,6 +195,9 @@ class _Supervision:
             job = self._job(session)
             last = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step.desc()).limit(1))
             spec = contract.JobSpec.model_validate(job.spec)
+            spec, placed = place(spec, _plan(spec))
+            if placed:
+                jobs.add_event(session, job, placed)
             if last is not None:
                 spec = spec.model_copy(update={"resume_from_key": last.storage_key})
                 jobs.add_event(session, job, f"Resuming from the checkpoint of step {last.step}")

@@ -315,3 +315,17 @@ def test_reconcile_fails_jobs_whose_pod_never_claimed_and_deletes_cancelled_ones
     assert ("ml", names[JobStatus.cancelled]) not in state["jobs"]
     assert ("ml", names[JobStatus.running]) in state["jobs"] and ("ml", names[JobStatus.succeeded]) in state["jobs"]
     assert reconcile(kube, kube_db) == {"failed": 0, "deleted": 0}  # a second pass changes nothing
+
+
+def test_a_multi_gpu_job_gets_one_pod_with_all_its_gpus():
+    """The DeepSpeed worker runs every rank of a job in one pod (torchrun on one node), so the pod
+    asks for the plan's whole GPU count, and the CPUs and host memory that go with it."""
+    s = spec("meta-llama/Llama-3.1-70B", adapter="full")
+    plan = route(s, None, FLEET)
+    assert plan.worker_kind == "multi-gpu" and plan.gpu_count > 1, plan.reasons
+    m = manifest(s)
+    worker = m["spec"]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["requests"][GPU_RESOURCE] == str(plan.gpu_count)
+    assert worker["resources"]["requests"]["cpu"] == str(CFG.cpu_per_gpu * plan.gpu_count)
+    assert {"name": "TUNEFORGE_GPU_COUNT", "value": str(plan.gpu_count)} in worker["env"]
+    assert {"name": "TUNEFORGE_WORKER_KIND", "value": "multi-gpu"} in worker["env"]
