@@ -148,6 +148,35 @@ def test_merge_and_unload_gives_same_outputs():
     assert rel(after, before) < 1e-4
 
 
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])
+def test_saved_adapter_reloads_patched_and_merges_to_same_outputs(model_type, tmp_path):
+    # the adapter a job uploads: saved from the patched model, loaded onto a fresh base, patched again,
+    # then merged (the export path): same logits at each stage
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(model_type)
+    ours = build_lora_model(config)
+    patch_model(ours, impl="triton")
+    x, labels = _batch("cpu")
+    _step(ours, x, labels, "cpu")  # a trained adapter is what gets saved: touch every tensor once
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.grad is not None:
+                p.sub_(1e-2 * p.grad)
+    ours.eval()
+    ours.save_pretrained(tmp_path)
+    torch.manual_seed(0)  # build_lora_model's base weights
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_config(config), tmp_path)
+    patch_model(reloaded, impl="triton")
+    reloaded.eval()
+    with torch.no_grad():
+        before = ours(input_ids=x).logits
+        assert rel(reloaded(input_ids=x).logits, before) < 1e-5
+        merged = reloaded.merge_and_unload()
+        assert rel(merged(input_ids=x).logits, before) < 1e-4
+
+
 def test_tied_embeddings_match_stock():
     # Llama-3.2-1B ties lm_head to the embedding: the fused loss reads the shared (frozen) weight
     config = tiny_config("llama", tie_word_embeddings=True)
