@@ -173,7 +173,8 @@ def test_grpo_on_a_gpu_raises_the_mean_reward_with_kernels(builtin_data_dir, sto
         target = tok.decode([model(ids).logits[0, -1].topk(2).indices[1].item()]).strip()
     write_jsonl(store, "files/train.jsonl", [{"prompt": "Say one word.", "answer": target}] * 8)
     spec = _grpo_spec(make_spec, TINY, grpo_num_generations=8, grpo_max_completion_length=1, grpo_temperature=0.3)
-    spec = spec.model_copy(update={"hyperparameters": spec.hyperparameters.model_copy(update={"n_epochs": 4}), "runtime": spec.runtime.model_copy(update={"use_kernels": True})})
+    spec = spec.model_copy(update={"hyperparameters": spec.hyperparameters.model_copy(update={"n_epochs": 4}), "runtime": spec.runtime.model_copy(update={"use_kernels": True}),
+                                   "data": spec.data.model_copy(update={"dedupe": False})})  # the repeated prompt is the point
     rec = Recorder()
     result = recipe_for(spec.method)(spec, RunContext(store=store, data_dir=builtin_data_dir, emit=rec, device="cuda"))
     assert isinstance(result, CompletedEvent), rec.events[-3:]
