@@ -6,13 +6,12 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import httpx
 from fastapi import FastAPI
 
 from serving import adapter_routes
 from serving.cache import TTLCache
 from serving.database import Database
-from serving.engines import EnginePool
+from serving.engines import EnginePool, Timeouts
 from serving.errors import install_error_handlers
 from serving.limits import Limiter, MemoryBuckets, RedisBuckets
 from serving.metrics import GatewayMetrics
@@ -29,8 +28,7 @@ def create_app(settings: ServingSettings | None = None, database: Database | Non
     metrics = GatewayMetrics()
     engines = EnginePool(
         settings.engines,
-        timeout=httpx.Timeout(settings.engine_read_timeout_s, connect=settings.engine_connect_timeout_s),
-        load_timeout=settings.adapter_load_timeout_s,
+        timeouts=Timeouts(settings.engine_connect_timeout_s, settings.engine_read_timeout_s, settings.adapter_load_timeout_s),
         cooldown_s=settings.replica_cooldown_s,
         on_adapter_load=lambda base: metrics.adapter_loads.labels(model=base).inc(),
     )

@@ -10,7 +10,6 @@ import enum
 import json
 from dataclasses import dataclass
 
-import httpx
 import structlog
 from starlette.responses import Response
 
@@ -18,7 +17,7 @@ from scheduler.tenancy import Principal
 from serving import adapter_registry, registry
 from serving.cache import TTLCache
 from serving.database import Database
-from serving.engines import EnginePool
+from serving.engines import EnginePool, UpstreamBroken, UpstreamTimeout
 from serving.errors import EngineError, EngineTimeout
 from serving.metering import Meter, Outcome, token_counts
 from serving.metrics import GatewayMetrics
@@ -80,9 +79,9 @@ async def complete(ctx: InferenceContext, endpoint: Endpoint, body: ChatCompleti
         return RelayResponse(StreamRelay(upstream, meter, wants_usage=body.wants_usage_chunk, wants_continuous=body.wants_continuous_usage))
     try:
         raw = await upstream.read()
-    except httpx.TimeoutException as exc:
+    except UpstreamTimeout as exc:
         raise EngineTimeout("The inference engine did not answer in time.") from exc
-    except httpx.HTTPError as exc:
+    except UpstreamBroken as exc:
         raise EngineError("The inference engine stopped in the middle of the response.") from exc
     finally:
         await upstream.aclose()

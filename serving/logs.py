@@ -12,8 +12,9 @@ import structlog
 def configure_logging(level: str = "info", *, json_lines: bool = True) -> None:
     numeric = getattr(logging, level.upper())
     logging.basicConfig(level=numeric, format="%(message)s")
-    # httpx logs every engine call at INFO; the gateway's own lines already say which engine served what.
-    logging.getLogger("httpx").setLevel(max(numeric, logging.WARNING))
+    # HTTP clients' own per-call lines: the gateway's own lines already say which engine served what.
+    for name in ("httpx", "aiohttp"):
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
     renderer = structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[

@@ -19,12 +19,11 @@ import json
 from typing import Any, AsyncIterator
 
 import anyio
-import httpx
 import structlog
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from serving.engines import Upstream
+from serving.engines import Upstream, UpstreamBroken
 from serving.errors import error_body
 from serving.metering import Meter, Outcome, token_counts
 
@@ -96,7 +95,7 @@ class StreamRelay:
                     elif forward:
                         yield forward.encode()
                 status = "engine_error" if self._engine_error else "ok"
-            except httpx.HTTPError as exc:
+            except UpstreamBroken as exc:
                 log.warning("engine stream broke", error=repr(exc))
                 status = "engine_error"
                 body = error_body("The inference engine stopped in the middle of the response.", "server_error", code="engine_error")

@@ -150,6 +150,9 @@ def gateway(test_db, data_dir, pg_url):
         settings.setdefault("engine_connect_timeout_s", 2.0)
         settings.setdefault("engine_read_timeout_s", 20.0)
         settings.setdefault("base_models", [BUILTIN_BASE_MODEL])
+        # The test and the gateway share one session (test_db): usage batches are written only when the
+        # test asks (usage_rows) or at shutdown, never by the timer in the middle of the test's own work.
+        settings.setdefault("usage_flush_interval_s", 3600.0)
         config = ServingSettings(data_dir=data_dir, database_url=pg_url, engines=engine_urls, **settings)
         app = create_app(config, database=test_db)
         server = LiveServer(app).start()

@@ -67,6 +67,7 @@ def test_quota_is_429_until_the_period_ends(engines, gateway, make_org, db_sessi
     used = 0
     with pytest.raises(openai.RateLimitError) as err:
         for _ in range(10):
+            gw.app.state.usage_writer.flush_blocking()  # the records so far are in the database
             gw.app.state.limiter.forget()  # no usage cache: each request sees the records so far
             used += _ask(gw.client(key)).usage.total_tokens
     assert used >= 10  # refused only once the quota was used up

@@ -78,14 +78,23 @@ def test_billed_tokens_equal_the_engines_counts(engines, gateway, make_org, usag
     engine_counts = {rid: tuple(engine.state.counts[rid]) for rid, *_ in plan}
     cut = {rid: c for rid, _, _, c, _ in plan if c}
     assert {rid: b for rid, b in billed.items() if rid not in cut} == {rid: e for rid, e in engine_counts.items() if rid not in cut}
+    statuses = {r.request_id: r.status for r in rows}
+    # A client's close travels through a loaded process (the client, gateway and engine share this
+    # test's GIL): when it arrives after the engine's last token (>= 40 ms after the cut), the stream
+    # completed and is billed in full as "ok" (exactly the engine's counts). Most must be real cuts.
+    completed = {rid for rid in cut if statuses[rid] == "ok"}
+    assert len(completed) <= len(cut) // 2, completed
+    for rid in completed:
+        assert billed[rid] == engine_counts[rid]
     for rid, seen in cut.items():
+        if rid in completed:
+            continue
         (prompt, completion), (engine_prompt, generated) = billed[rid], engine_counts[rid]
         assert prompt == engine_prompt > 0  # a client that left still pays for its prompt
         # Billed: every token the gateway relayed or the engine reported before the abort. Tokens the
         # engine made while the abort was in flight are never reported (vLLM neither), so they are not
         # billed; how many depends on the machine's load (2-3 on a busy CI box), hence no upper bound.
         assert seen <= completion <= generated, (rid, seen, completion, generated)
-    statuses = {r.request_id: r.status for r in rows}
-    assert {statuses[rid] for rid in cut} == {"client_disconnected"}
+        assert statuses[rid] == "client_disconnected"
     assert {s for rid, s in statuses.items() if rid not in cut} == {"ok"}
     assert len(engine.state.request_ids) == REQUESTS + sum(1 for p in plan if p[4])  # retries did reach the engine

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
+import aiohttp
 
 from serving.engines import Replica, Upstream
 from serving.metering import Outcome
@@ -31,6 +31,32 @@ class RecordingMeter:
         self.outcomes.append(outcome)
 
 
+class FakeResponse:
+    """The part of aiohttp's ``ClientResponse`` that ``Upstream`` uses (``content`` yields lines), over
+    scripted body chunks."""
+
+    def __init__(self, chunks):
+        self._chunks = chunks
+        self._eof = False
+        self.closed = False
+        self.content = self
+
+    async def __aiter__(self):
+        async for chunk in self._chunks:
+            for line in chunk.splitlines(keepends=True):
+                yield line
+        self._eof = True
+
+    def at_eof(self) -> bool:
+        return self._eof
+
+    def release(self) -> None:
+        self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
 def _upstream(events: list[str], *, hang_after: bool = False) -> Upstream:
     async def body():
         for event in events:
@@ -39,7 +65,7 @@ def _upstream(events: list[str], *, hang_after: bool = False) -> Upstream:
             await asyncio.sleep(3600)
 
     replica = Replica(base="m", url="http://engine", inflight=1)
-    return Upstream(replica, httpx.Response(200, content=body()))
+    return Upstream(replica, FakeResponse(body()))
 
 
 async def _collect(relay: StreamRelay) -> list[bytes]:
@@ -86,10 +112,10 @@ def test_a_stream_cut_by_the_engine_is_billed_for_relayed_tokens_and_told_to_the
     async def broken():
         yield _chunk("a").encode()
         yield _chunk(" b").encode()
-        raise httpx.ReadError("engine died")
+        raise aiohttp.ClientPayloadError("engine died")
 
     meter = RecordingMeter()
-    upstream = Upstream(Replica(base="m", url="http://engine", inflight=1), httpx.Response(200, content=broken()))
+    upstream = Upstream(Replica(base="m", url="http://engine", inflight=1), FakeResponse(broken()))
 
     sent = b"".join(asyncio.run(_collect(StreamRelay(upstream, meter, wants_usage=False)))).decode()
 
@@ -146,4 +172,4 @@ def test_a_client_gone_before_the_first_event_still_closes_the_engine_request():
         return list(meter.outcomes)
 
     assert asyncio.run(serve_then_look()) == [Outcome(0, 0, "client_disconnected")]
-    assert upstream.replica.inflight == 0 and upstream.response.is_closed
+    assert upstream.replica.inflight == 0 and upstream.response.closed
