@@ -112,7 +112,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
         ctx.emit(LogEvent(message=f"Resumed from checkpoint at step {step} of {plan.total_steps}"))
     elif engine.is_main:
         delete_prefix(ctx.store, best_key)  # a best snapshot from an unrelated earlier attempt
-    where = f"{device}" if engine.world_size == 1 else f"{engine.world_size} ranks, DeepSpeed ZeRO-{spec.runtime.distributed.zero_stage}"
+    where = f"{device}" if spec.runtime.distributed is None else f"{engine.world_size} rank(s), DeepSpeed ZeRO-{spec.runtime.distributed.zero_stage}"
     ctx.emit(LogEvent(message=f"Training {plan.total_steps} steps on {len(train.examples)} examples ({where}, {spec.adapter.type.value})"))
     workdir = Path(tempfile.mkdtemp(prefix="tuneforge-job-"))
     loggers = Loggers.open(spec if engine.is_main else spec.model_copy(update={"integrations": type(spec.integrations)()}), ctx.emit, workdir)

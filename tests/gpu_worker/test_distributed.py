@@ -107,15 +107,20 @@ def _losses(events):
     return [e.train_loss for e in events if isinstance(e, MetricsEvent)]
 
 
-@pytest.fixture(scope="module")
-def ds_store(tmp_path_factory):
+def make_store(root: Path):
+    """An object store holding the 13 training examples every test here trains on."""
     from gpu_worker.storage import LocalStore
     from scheduler.demo_data import make_dataset
 
-    store = LocalStore(tmp_path_factory.mktemp("ds-objects"))
+    store = LocalStore(root)
     rows, _, _ = make_dataset(13, 0, 0, 0)
     store.put_bytes("files/train.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     return store
+
+
+@pytest.fixture(scope="module")
+def ds_store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("ds-objects"))
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +146,7 @@ def test_two_ranks_train_the_single_gpu_job(two_rank_lora, ds_store, micro_model
     # Rank 0 alone reports: one event per step and per checkpoint, one setup log, one result.
     assert [m.step for m in trainer.of(MetricsEvent)] == list(range(1, 13))
     assert [c.step for c in trainer.of(CheckpointEvent)] == [4, 8, 12]
-    assert sum(e.message.startswith("Training 12 steps") and "2 ranks, DeepSpeed ZeRO-2" in e.message for e in trainer.of(LogEvent)) == 1
+    assert sum(e.message.startswith("Training 12 steps") and "2 rank(s), DeepSpeed ZeRO-2" in e.message for e in trainer.of(LogEvent)) == 1
     done = trainer.events[-1]
     assert done.trained_tokens == single.trained_tokens and done.steps == 12
     assert done.manifest.files == single.manifest.files and [a.kind for a in done.artifacts] == [a.kind for a in single.artifacts]
