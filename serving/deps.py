@@ -16,7 +16,6 @@ from serving.database import Database
 from serving.engines import EnginePool
 from serving.errors import AuthenticationFailed
 from serving.inference import InferenceContext
-from serving.limits import Limiter
 from serving.metrics import GatewayMetrics
 from serving.settings import ServingSettings
 
@@ -37,20 +36,10 @@ async def get_metrics(request: Request) -> GatewayMetrics:
     return request.app.state.metrics
 
 
-async def get_limiter(request: Request) -> Limiter:
-    return request.app.state.limiter
-
-
-async def get_request_id(request: Request) -> str:
-    return request.state.request_id  # set by serving.middleware for every request
-
-
 SettingsDep = Annotated[ServingSettings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 EnginesDep = Annotated[EnginePool, Depends(get_engines)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
-RequestIdDep = Annotated[str, Depends(get_request_id)]
-LimiterDep = Annotated[Limiter, Depends(get_limiter)]
 
 
 async def get_principal(request: Request, db: DatabaseDep) -> Principal:
@@ -73,26 +62,19 @@ async def get_principal(request: Request, db: DatabaseDep) -> Principal:
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
-async def get_inference_context(
-    request: Request,
-    principal: CurrentPrincipal,
-    request_id: RequestIdDep,
-    settings: SettingsDep,
-    db: DatabaseDep,
-    engines: EnginesDep,
-    metrics: MetricsDep,
-    limiter: LimiterDep,
-) -> InferenceContext:
-    # Admission before anything else: a limited caller costs no model lookup and no engine time.
-    await limiter.check(db, principal)
+async def get_inference_context(request: Request, principal: CurrentPrincipal, db: DatabaseDep) -> InferenceContext:
+    # The gateway's parts straight from app.state rather than one dependency each: this runs on every
+    # inference request, and FastAPI's dependency solving was ~10% of the gateway's CPU at 400 rps.
     state = request.app.state
+    # Admission before anything else: a limited caller costs no model lookup and no engine time.
+    await state.limiter.check(db, principal)
     return InferenceContext(
         principal=principal,
-        request_id=request_id,
-        settings=settings,
+        request_id=request.state.request_id,
+        settings=state.settings,
         db=db,
-        engines=engines,
-        metrics=metrics,
+        engines=state.engines,
+        metrics=state.metrics,
         usage=state.usage_writer,
         models=state.model_cache,
     )

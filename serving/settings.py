@@ -34,7 +34,7 @@ class ServingSettings(Settings):
     model_cache_ttl_s: float = Field(5.0, ge=0)
     # Usage records are journaled to local disk on the response path and written to the database in
     # batches this often (serving.usage_writer). Empty: <data_dir>/usage-journal.
-    usage_flush_interval_s: float = Field(0.05, gt=0)
+    usage_flush_interval_s: float = Field(0.1, gt=0)
     usage_journal_dir: str = ""
 
     # Redis for the per-key rate-limit buckets shared by all gateway replicas; empty: in this process.
