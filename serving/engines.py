@@ -151,7 +151,9 @@ class EnginePool:
         if self._client is None or self._client.closed:
             self._client = aiohttp.ClientSession(
                 # No cap on connections (back-pressure is the engines' 503); idle ones kept for reuse.
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                # Idle connections are dropped before the engine drops them (vLLM's uvicorn closes an idle
+                # keep-alive connection after 5 s): a request never goes out on one closing under it.
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
                 timeout=self._timeout(self._timeouts.read_s),
                 read_bufsize=_MAX_LINE,
                 max_line_size=_MAX_LINE,
