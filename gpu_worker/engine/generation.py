@@ -162,6 +162,23 @@ class ModelRunner:
             finally:
                 self.lora.detach(name)
 
+    @torch.inference_mode()
+    def embed(self, prompts: list[list[int]], adapter: str | None) -> torch.Tensor:
+        """[len(prompts), hidden] fp32: each prompt's last hidden state after the final norm, L2-normalised
+        (vLLM's default pooling when it serves a decoder for embeddings), with ``adapter``'s LoRA.
+        Runs between decode steps, under the model lock."""
+        with self.model_lock:
+            with self._cv:
+                if adapter is not None and adapter not in self._attached:
+                    raise AdapterGone(adapter)
+            width = max(len(p) for p in prompts)
+            ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            with self.lora.rows([adapter] * len(prompts)):
+                hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+            return torch.nn.functional.normalize(hidden[:, -1].float(), dim=-1).cpu()
+
     def retire_adapter(self, name: str) -> None:
         with self._cv:
             self._attached.discard(name)

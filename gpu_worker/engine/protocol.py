@@ -1,5 +1,5 @@
-"""The engine's wire format: OpenAI's chat and text completion requests and responses, and vLLM's
-adapter-loading requests.
+"""The engine's wire format: OpenAI's chat and text completion and embedding requests and responses,
+and vLLM's adapter-loading requests.
 
 Unknown request fields are accepted and ignored, as vLLM and OpenAI do (clients send fields for newer
 API versions); fields that would change the result but are not supported (``n`` > 1, ``logprobs``,
@@ -71,6 +71,15 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     suffix: str | None = None
     best_of: int | None = None
+
+
+class EmbeddingRequest(_Request):
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    # The openai SDK asks for base64 unless told otherwise (and decodes it itself).
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
 
 
 class LoadLoRAAdapterRequest(_Request):
@@ -169,6 +178,26 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

@@ -17,12 +17,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpu_worker.engine.completions import CompletionService
+from gpu_worker.engine.embeddings import EmbeddingService
 from gpu_worker.engine.errors import EngineError, FeatureDisabled, error_body
 from gpu_worker.engine.models import ServedModels
 from gpu_worker.engine.protocol import (
     ChatCompletionRequest,
     CheckAdapterRequest,
     CompletionRequest,
+    EmbeddingRequest,
     LoadLoRAAdapterRequest,
     ModelList,
     UnloadLoRAAdapterRequest,
@@ -44,6 +46,7 @@ def build_app(models: ServedModels) -> FastAPI:
 
     app = FastAPI(title="Tuneforge inference engine", lifespan=lifespan)
     service = CompletionService(models)
+    embeddings = EmbeddingService(models)
     _install_errors(app)
 
     @app.get("/health")
@@ -63,6 +66,10 @@ def build_app(models: ServedModels) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         return _respond(await service.complete(req))
+
+    @app.post("/v1/embeddings")
+    async def embed(req: EmbeddingRequest):
+        return await embeddings.embed(req)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(req: LoadLoRAAdapterRequest):
