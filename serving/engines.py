@@ -221,7 +221,7 @@ class EnginePool:
                 log.info("engine forgot the adapter; reloading", engine=replica.url, adapter=target.adapter.id)
                 replica.loaded.discard(target.adapter.id)
                 continue
-            raise self._rejection(replica, target, response.status, body)
+            raise self._rejection(replica, target, response.status, body, path)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def _send(self, replica: Replica, url: str, payload: Any, *, headers: dict | None = None, read_s: float | None = None) -> aiohttp.ClientResponse:
@@ -247,8 +247,12 @@ class EnginePool:
         finally:
             response.release()
 
-    def _rejection(self, replica: Replica, target: ResolvedModel, status: int, body: bytes) -> Exception:
+    def _rejection(self, replica: Replica, target: ResolvedModel, status: int, body: bytes, path: str) -> Exception:
         message = engine_message(body)
+        if path == "/v1/embeddings" and status in (404, 405, 501):
+            # vLLM serves /v1/embeddings only for a model run as a pooling model; a generative one has no
+            # such route. Only a model's engine knows, so this is the client's 400, not a broken engine.
+            return EngineRejected(400, f"The model `{target.name}` does not support embeddings.")
         if status == 503:
             log.warning("engine overloaded or starting", engine=replica.url, message=message)
             return _ReplicaUnavailable(reachable=True)

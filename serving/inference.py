@@ -21,7 +21,7 @@ from serving.engines import EnginePool, UpstreamBroken, UpstreamTimeout
 from serving.errors import EngineError, EngineTimeout
 from serving.metering import Meter, Outcome, token_counts
 from serving.metrics import GatewayMetrics
-from serving.protocol import ChatCompletionRequest, CompletionRequest
+from serving.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from serving.registry import ResolvedModel
 from serving.settings import ServingSettings
 from serving.streaming import RelayResponse, StreamRelay
@@ -33,6 +33,7 @@ log = structlog.get_logger(__name__)
 class Endpoint(str, enum.Enum):
     chat = "/v1/chat/completions"
     completions = "/v1/completions"
+    embeddings = "/v1/embeddings"
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ async def resolve(ctx: InferenceContext, model: str) -> ResolvedModel:
     return target
 
 
-async def complete(ctx: InferenceContext, endpoint: Endpoint, body: ChatCompletionRequest | CompletionRequest) -> Response:
+async def complete(ctx: InferenceContext, endpoint: Endpoint, body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest) -> Response:
     target = await resolve(ctx, body.model)
     if target.adapter is not None and not target.adapter.checked:
         report = await adapter_registry.ensure_checked(ctx.settings, ctx.db, ctx.engines, ctx.principal.org_id, target.adapter.id)
@@ -89,7 +90,8 @@ async def complete(ctx: InferenceContext, endpoint: Endpoint, body: ChatCompleti
         answer = json.loads(raw)
     except ValueError as exc:
         raise EngineError("The inference engine sent a response that is not JSON.") from exc
-    counts = token_counts(answer.get("usage") if isinstance(answer, dict) else None)
+    # An embedding's usage has no completion tokens.
+    counts = token_counts(answer.get("usage") if isinstance(answer, dict) else None, completion_optional=endpoint is Endpoint.embeddings)
     if counts is None:
         log.warning("engine response has no usage", model=target.name)
     prompt, completion = counts or (0, 0)

@@ -32,11 +32,12 @@ class Outcome:
     status: str
 
 
-def token_counts(usage: Any) -> tuple[int, int] | None:
-    """(prompt, completion) from an OpenAI ``usage`` object, or None when it is absent or malformed."""
+def token_counts(usage: Any, *, completion_optional: bool = False) -> tuple[int, int] | None:
+    """(prompt, completion) from an OpenAI ``usage`` object, or None when it is absent or malformed.
+    ``completion_optional``: an embedding's usage has no completion count (0)."""
     if not isinstance(usage, dict):
         return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0 if completion_optional else None)
     if not isinstance(prompt, int) or not isinstance(completion, int) or prompt < 0 or completion < 0:
         return None
     return prompt, completion

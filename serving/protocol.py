@@ -66,6 +66,16 @@ class CompletionRequest(_InferenceRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
 
 
+class EmbeddingRequest(_InferenceRequest):
+    input: str | list[str] | list[int] | list[list[int]]
+
+    @model_validator(mode="after")
+    def _not_streamed(self):
+        if self.stream:
+            raise ValueError("embeddings cannot be streamed")
+        return self
+
+
 class ModelPublic(BaseModel):
     id: str
     object: Literal["model"] = "model"

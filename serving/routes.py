@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from serving import inference, registry
 from serving.deps import CurrentPrincipal, DatabaseDep, InferenceContextDep, MetricsDep, SettingsDep
-from serving.protocol import ChatCompletionRequest, CompletionRequest, ModelPublic, ModelsPublic
+from serving.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelPublic, ModelsPublic
 
 router = APIRouter()
 
@@ -32,6 +32,11 @@ async def chat_completions(body: ChatCompletionRequest, ctx: InferenceContextDep
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, ctx: InferenceContextDep) -> Response:
     return await inference.complete(ctx, inference.Endpoint.completions, body)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, ctx: InferenceContextDep) -> Response:
+    return await inference.complete(ctx, inference.Endpoint.embeddings, body)
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -1,6 +1,7 @@
 """A small stand-in for vLLM's OpenAI server, used as the gateway's real upstream in tests.
 
 It speaks the same HTTP as vLLM: ``/v1/chat/completions`` and ``/v1/completions`` (JSON or SSE),
+``/v1/embeddings`` (a 404 when ``embeddings`` is off, as from a vLLM serving a generative model),
 ``/v1/load_lora_adapter`` (400 when the name is already loaded) and ``/v1/unload_lora_adapter``, and a
 404 ``NotFoundError`` for a model it does not have. Output is deterministic: the model name followed
 by the prompt's words, one word per token; tokens are counted by whitespace. It records what it was
@@ -11,7 +12,9 @@ from the engine's side.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ class EngineState:
     load_delay_s: float = 0.0
     token_delay_s: float = 0.0
     fail_status: int | None = None  # answer every completion with this error status
+    embeddings: bool = True  # serves /v1/embeddings
     loaded: dict[str, str] = field(default_factory=dict)  # lora_name -> lora_path
     load_calls: Counter = field(default_factory=Counter)  # lora_name -> successful loads
     load_requests: Counter = field(default_factory=Counter)  # lora_name -> loads asked for, refused or not
@@ -109,6 +113,31 @@ def create_engine_app(state: EngineState) -> FastAPI:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
             obj = "text_completion"
         return {"id": "cmpl-fake", "object": obj, "created": int(time.time()), "model": model, "choices": [choice], "usage": usage}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        if not state.embeddings:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        body = await request.json()
+        model = body.get("model")
+        if model != state.base_model and model not in state.loaded:
+            state.not_found += 1
+            return _error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        state.served.append(model)
+        request_id = request.headers.get("x-request-id", "")
+        state.request_ids.append(request_id)
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data, tokens = [], 0
+        for i, text in enumerate(inputs):
+            words = str(text).split()
+            tokens += len(words)
+            vector = [float(len(words)), float(len(model)), float(i)]
+            if body.get("encoding_format") == "base64":
+                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        state.counts[request_id] = [tokens, 0]
+        return {"id": "embd-fake", "object": "list", "created": int(time.time()), "model": model, "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
