@@ -3,11 +3,10 @@ and the Q/K/V triple that reads the same input.
 
 Why (bench/NOTES.md, profile of 2026-11-22): through PEFT each adapted projection costs, besides its
 base matmul, a dropout call, a separate ``x A^T``, ``(.) B^T``, a scale, an add of two (tokens x out)
-tensors in forward, and in backward an add per branch to accumulate ``dx``. Here the rank-r term is
-written first and the base GEMM accumulates onto it (``kernels.lora_mlp._project``), the three ``x A^T``
-of Q/K/V are one matmul, and in backward the LoRA parts of ``dx`` and of every ``dA`` are one GEMM each
-for the three adapters, the base GEMMs accumulating onto ``dx``. Saved for backward: ``x`` and the
-rank-r ``x A^T`` only; no gradient is computed for frozen weights.
+tensors in forward, and in backward an add per branch to accumulate ``dx``. Here the LoRA term is added
+into the base output by ``addmm_`` (no separate add), the three ``x A^T`` of Q/K/V are one matmul, and
+``dx`` is accumulated with ``addmm_`` into one buffer. Saved for backward: ``x`` and the rank-r
+``x A^T`` only; no gradient is computed for frozen weights.
 
     y    = x W^T + s (x A^T) B^T
     dA   = s (dy B)^T x          dB = s dy^T (x A^T)
@@ -19,8 +18,7 @@ from __future__ import annotations
 import torch
 
 from kernels.backend import use_triton
-from kernels.lora_mlp import (LoraWeights, _compute_dtype, _dense, _lora_input_grads, _project, _project_reference,
-                              _restore_x, _x_for_saving)
+from kernels.lora_mlp import LoraWeights, _compute_dtype, _dense, _project_reference, _restore_x, _x_for_saving
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
@@ -37,14 +35,14 @@ class _LoraLinearsFunction(torch.autograd.Function):
         b_s = [b.to(dtype) if b is not None else None for b in lora[1]]
         with_lora = [i for i in range(n) if a_s[i] is not None]
         xa_all = x2 @ torch.cat([a_s[i] for i in with_lora]).t() if with_lora else None  # (N, sum r)
-        outs, col = [], 0
+        outs, xas, col = [], [None] * n, 0
         for i in range(n):
-            xa = None
+            y = x2 @ _dense(weights[i], dtype).t()                                  # (N, out_i)
             if a_s[i] is not None:
                 r = a_s[i].shape[0]
-                xa = xa_all[:, col:col + r]
+                xas[i] = xa_all[:, col:col + r]
                 col += r
-            y, _ = _project(x2, _dense(weights[i], dtype), a_s[i], b_s[i], scales[i], xa)  # (N, out_i)
+                y.addmm_(xas[i], b_s[i].t(), alpha=scales[i])
             outs.append(y.view(*shape[:-1], y.shape[-1]))
         ctx.save_for_backward(xa_all, *a_s, *b_s, *_x_for_saving(ctx, x, x2))
         ctx.set_materialize_grads(False)  # an unused output's grad arrives as None: no work for it
@@ -62,37 +60,33 @@ class _LoraLinearsFunction(torch.autograd.Function):
         x2 = _restore_x(ctx, rest[2 * n:])
         need = ctx.needs_input_grad
         dtype = ctx.dtype
+        dx = None
         grads = [None] * (3 * n)
-        dy2s, parts, lora_of, col = [None] * n, [], [], 0
+        col = 0
         for i in range(n):
+            dy = dys[i]
             r = a_s[i].shape[0] if a_s[i] is not None else 0
             xa = xa_all[:, col:col + r] if r else None
             col += r
-            if dys[i] is None:
+            if dy is None:
                 continue
-            dy2s[i] = dy2 = dys[i].reshape(-1, dys[i].shape[-1]).to(dtype)         # (N, out_i)
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)                            # (N, out_i)
+            if need[0]:
+                w = _dense(ctx.weights[i], dtype)
+                if dx is None:
+                    dx = dy2 @ w                                                    # (N, in)
+                else:
+                    dx.addmm_(dy2, w)
             if a_s[i] is None:
                 continue
             s = ctx.scales[i]
+            dy_b = dy2 @ b_s[i]                                                     # (N, r)
+            if need[3 + 3 * i]:
+                grads[3 * i + 1] = (s * (dy_b.t() @ x2)).to(ctx.param_dtypes[i][0])  # (r, in)
             if need[4 + 3 * i]:
-                grads[3 * i + 2] = (s * (dy2.t() @ xa)).to(ctx.param_dtypes[i][1])  # (out, r)
-            parts.append(((dy2 @ b_s[i]).mul_(s), a_s[i]))                          # (N, r)
-            lora_of.append(i)
-        # LoRA terms of all projections in one GEMM (dx written once, x read once for every dA), then
-        # the base GEMMs accumulate onto dx
-        dx, das = _lora_input_grads(x2, parts, [need[3 + 3 * i] for i in lora_of], need[0])
-        for i, da in zip(lora_of, das):
-            if da is not None:
-                grads[3 * i + 1] = da.to(ctx.param_dtypes[i][0])                      # (r, in)
-        if need[0]:
-            for i in range(n):
-                if dy2s[i] is None:
-                    continue
-                w = _dense(ctx.weights[i], dtype)
-                if dx is None:
-                    dx = dy2s[i] @ w                                                 # (N, in)
-                else:
-                    dx.addmm_(dy2s[i], w)
+                grads[3 * i + 2] = (s * (dy2.t() @ xa)).to(ctx.param_dtypes[i][1])   # (out, r)
+            if dx is not None:
+                dx.addmm_(dy_b, a_s[i], alpha=s)
         if dx is not None:
             dx = dx.view(ctx.shape)
         return (dx, None, *grads, *([None] * n))

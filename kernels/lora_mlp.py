@@ -113,39 +113,14 @@ def _restore_x(ctx, saved):
     return x.reshape(-1, x.shape[-1])
 
 
-def _project(x, w, a, b, s, xa=None):
-    # x: (N, in) -> (N, out), plus the (N, r) product x A^T when there is an adapter (given or computed).
-    # The rank-r term is written first and the base GEMM accumulates onto it (beta=s scales it in the
-    # GEMM's epilogue): the (N, out) output is written once by the small GEMM and read once inside the
-    # large, compute-bound one, instead of a separate addmm_ pass reading and writing it again
-    # (bench/NOTES.md, v4: ~45 GB less memory traffic per step at 8B)
+def _project(x, w, a, b, s):
+    # x: (N, in) -> (N, out), plus the (N, r) product x A^T when there is an adapter
+    y = x @ w.t()
     if a is None:
-        return x @ w.t(), None
-    if xa is None:
-        xa = x @ a.t()
-    y = xa @ b.t()
-    y.addmm_(x, w.t(), beta=s)
+        return y, None
+    xa = x @ a.t()
+    y.addmm_(xa, b.t(), alpha=s)
     return y, xa
-
-
-def _lora_input_grads(x2, parts, need_a, need_dx=True):
-    """Input-side LoRA gradients of several adapters reading the same ``x2 (N, in)``.
-
-    ``parts``: ``(d_b (N, r_i), a_i (r_i, in))`` with ``d_b = s_i dY_i B_i`` (the gradient reaching
-    ``x A_i^T``). Returns ``(dx_lora (N, in) or None, [dA_i (r_i, in) or None])``: one GEMM each for all
-    adapters together (x2 is read once, dx written once), instead of one read/read-modify-write per
-    adapter."""
-    if not parts:
-        return None, []
-    d_cat = torch.cat([d for d, _ in parts], dim=1) if len(parts) > 1 else parts[0][0]      # (N, sum r)
-    a_cat = torch.cat([a for _, a in parts], dim=0) if len(parts) > 1 else parts[0][1]      # (sum r, in)
-    da_cat = d_cat.t() @ x2 if any(need_a) else None                                        # (sum r, in)
-    das, row = [], 0
-    for (d, _), need in zip(parts, need_a):
-        r = d.shape[1]
-        das.append(da_cat[row:row + r] if need else None)
-        row += r
-    return (d_cat @ a_cat if need_dx else None), das
 
 
 class _LoraMLPFunction(torch.autograd.Function):
@@ -156,12 +131,8 @@ class _LoraMLPFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         cast = [t.to(dtype) if t is not None else None for t in (ag, bg, au, bu, ad, bd)]
         ag_, bg_, au_, bu_, ad_, bd_ = cast
-        xa_g = xa_u = None
-        if ag_ is not None and au_ is not None:  # one x A^T for both adapters: x2 read once
-            xa_gu = x2 @ torch.cat([ag_, au_]).t()                              # (N, r_g + r_u)
-            xa_g, xa_u = xa_gu[:, :ag_.shape[0]], xa_gu[:, ag_.shape[0]:]
-        g, xa_g = _project(x2, _dense(wg, dtype), ag_, bg_, sg, xa_g)           # (N, I), (N, r)
-        u, xa_u = _project(x2, _dense(wu, dtype), au_, bu_, su, xa_u)           # (N, I), (N, r)
+        g, xa_g = _project(x2, _dense(wg, dtype), ag_, bg_, sg)                  # (N, I), (N, r)
+        u, xa_u = _project(x2, _dense(wu, dtype), au_, bu_, su)                  # (N, I), (N, r)
         h = _act_forward(g, u, act, triton_path)                                # (N, I)
         y, _ = _project(h, _dense(wd, dtype), ad_, bd_, sd)                     # (N, H)
         ctx.save_for_backward(g, u, xa_g, xa_u, ag_, bg_, au_, bu_, ad_, bd_, *_x_for_saving(ctx, x, x2))
@@ -180,13 +151,11 @@ class _LoraMLPFunction(torch.autograd.Function):
         dtype = ctx.dtype
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)                            # (N, H)
+        dh = dy2 @ _dense(wd, dtype)                                            # (N, I)
         dy_b = None
-        if ad is not None:  # LoRA term first, base GEMM accumulates onto it (see _project)
+        if ad is not None:
             dy_b = dy2 @ bd                                                     # (N, r)
-            dh = dy_b @ ad                                                      # (N, I)
-            dh.addmm_(dy2, _dense(wd, dtype), beta=sd)
-        else:
-            dh = dy2 @ _dense(wd, dtype)                                        # (N, I)
+            dh.addmm_(dy_b, ad, alpha=sd)
         _act_backward_inplace(dh, g, u, ctx.act, ctx.triton_path)
         h, dg, du = dh, g, u
         grads = [None] * 6  # dA_g, dB_g, dA_u, dB_u, dA_d, dB_d
@@ -196,25 +165,20 @@ class _LoraMLPFunction(torch.autograd.Function):
             if need[9]:
                 grads[5] = sd * (dy2.t() @ (h @ ad.t()))                        # (H, r)
         del h
-        parts, need_a = [], []
+        dx = None
+        if need[0]:
+            dx = dg @ _dense(wg, dtype)                                         # (N, H)
+            dx.addmm_(du, _dense(wu, dtype))
         for i, (d, a, b, xa, s) in enumerate(((dg, ag, bg, xa_g, sg), (du, au, bu, xa_u, su))):
             if a is None:
                 continue
+            d_b = d @ b                                                         # (N, r)
+            if need[2 + 3 * i]:
+                grads[2 * i] = s * (d_b.t() @ x2)                               # (r, H)
             if need[3 + 3 * i]:
                 grads[2 * i + 1] = s * (d.t() @ xa)                             # (I, r)
-            parts.append(((d @ b).mul_(s), a))                                  # (N, r)
-            need_a.append((i, need[2 + 3 * i]))
-        dx_lora, das = _lora_input_grads(x2, parts, [n for _, n in need_a], need[0])
-        for (i, _), da in zip(need_a, das):
-            grads[2 * i] = da                                                   # (r, H)
-        dx = None
-        if need[0]:
-            if dx_lora is None:
-                dx = dg @ _dense(wg, dtype)                                     # (N, H)
-            else:
-                dx = dx_lora
-                dx.addmm_(dg, _dense(wg, dtype))
-            dx.addmm_(du, _dense(wu, dtype))
+            if dx is not None:
+                dx.addmm_(d_b, a, alpha=s)
         grads = [gr.to(pd) if gr is not None else None for gr, pd in zip(grads, ctx.param_dtypes)]
         if dx is not None:
             dx = dx.view(ctx.shape)
