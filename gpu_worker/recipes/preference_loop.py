@@ -25,6 +25,10 @@ one kind of trainer:
   step is checkpointed and a StoppedEvent returned; the RNG saved is the one at the step boundary, so
   a resumed run (sampling included) replays the uninterrupted one.
 
+The steps run on an engine (``train_engine``): one process, or one rank of a DeepSpeed ZeRO-2 job
+when the scheduler planned several GPUs (each rank runs its share of the step's examples; the
+objectives' losses are already normalised by the step's example count, so the shares add up).
+
 The reference model of DPO/IPO/KTO/GRPO is the policy with its adapter disabled (``reference``),
 never a second copy of the weights; so is the base model of the gate (``adapter_off``, re-entrant). Every method here trains an adapter (LoRA, DoRA, rsLoRA, over an
 NF4 base for QLoRA via ``model_setup.load_for_training``); full fine-tuning is refused.
@@ -53,7 +57,8 @@ from gpu_worker.integrations import Loggers
 from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
-from gpu_worker.recipes.schedule import RunPlan, metrics_event, optimizer_step  # one run layout for every recipe
+from gpu_worker.recipes.schedule import RunPlan, metrics_event  # one run layout for every recipe
+from gpu_worker.recipes.train_engine import make_engine
 from gpu_worker.engine.compat import write_reference
 from gpu_worker.storage import delete_prefix, get_dir, put_dir
 
@@ -154,8 +159,9 @@ def reference(model):
 # --- the recipe --------------------------------------------------------------------------------------
 
 
-def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEvent | StoppedEvent:
-    """Setup, train, save: ``objective`` on ``spec``'s data."""
+def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEvent | StoppedEvent | None:
+    """Setup, train, save: ``objective`` on ``spec``'s data; the final event (None on DeepSpeed
+    ranks other than 0 once training is done)."""
     # --- setup ---------------------------------------------------------------------------------------
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
@@ -173,16 +179,15 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
     model = ms.load_for_training(spec, data_dir=ctx.data_dir, device=ctx.device)  # NF4 base if asked
     for message, level in ms.apply_memory_mode_and_kernels(model, spec.runtime):
         ctx.emit(LogEvent(level=level, message=message))
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(ms.trainable_parameter_groups(model, hp.weight_decay), lr=hp.learning_rate)
+    engine = make_engine(model, spec, full=False, store=ctx.store)  # one process, or a DeepSpeed rank
+    model, device = engine.model, engine.device
     plan = RunPlan.make(spec, len(train_examples))
     best_key = f"{spec.output_prefix.rstrip('/')}/best"
     tracker = ev.BestTracker(evo.early_stopping_patience)
 
     step, tokens, position, last_ckpt = 0, 0, DataPosition(), None
     if spec.resume_from_key:
-        state, rng = ckpt.load_checkpoint(ctx.store, spec.resume_from_key, model=model, optimizer=optimizer)
+        state, rng = engine.load_checkpoint(ctx.store, spec.resume_from_key)
         _check_resumable(spec, state, plan)
         step, tokens = state["step"], state["trained_tokens"]
         position = DataPosition.from_dict(state["data_position"])
@@ -190,11 +195,12 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
         last_ckpt = spec.resume_from_key.rstrip("/")
         ckpt.restore_rng(rng)
         ctx.emit(LogEvent(message=f"Resumed from checkpoint at step {step} of {plan.total_steps}"))
-    else:
+    elif engine.is_main:
         delete_prefix(ctx.store, best_key)  # a best snapshot from an unrelated earlier attempt
-    ctx.emit(LogEvent(message=f"Training {objective.name} for {plan.total_steps} steps on {len(train_examples)} examples ({device})"))
+    where = f"{device}" if spec.runtime.distributed is None else f"{engine.world_size} rank(s), DeepSpeed ZeRO-{spec.runtime.distributed.zero_stage}"
+    ctx.emit(LogEvent(message=f"Training {objective.name} for {plan.total_steps} steps on {len(train_examples)} examples ({where})"))
     workdir = Path(tempfile.mkdtemp(prefix="tuneforge-job-"))
-    loggers = Loggers.open(spec, ctx.emit, workdir)
+    loggers = Loggers.open(spec if engine.is_main else spec.model_copy(update={"integrations": type(spec.integrations)()}), ctx.emit, workdir)
 
     def save(at_step: int, rng: dict[str, Any], train_loss: float | None, valid_loss: float | None) -> str:
         key = ckpt.checkpoint_key(spec.output_prefix, at_step)
@@ -210,7 +216,7 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
             "adapter": spec.adapter.model_dump(mode="json"),
             "job_id": spec.job_id,
         }
-        ckpt.save_checkpoint(ctx.store, key, model=model, optimizer=optimizer, rng=rng, state=state, base_model=spec.base_model)
+        engine.save_checkpoint(ctx.store, key, rng=rng, state=state, base_model=spec.base_model)
         ctx.emit(CheckpointEvent(step=at_step, key=key, train_loss=train_loss, valid_loss=valid_loss))
         return key
 
@@ -236,24 +242,25 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
         rng_at_step_start = ckpt.capture_rng()
         micro = [[train_examples[i] for i in b] for b in order[position.batch_index : position.batch_index + plan.accumulation]]
         started = time.perf_counter()
-        result = _train_step(objective, model, micro, device, ctx.should_stop)
+        result = _train_step(objective, engine, micro, ctx.should_stop)
         if result is None:  # asked to stop mid-step: the step never happened
-            optimizer.zero_grad(set_to_none=True)
+            engine.zero_grad()
             return stopped(step, rng_at_step_start)
         train_loss, metrics, step_tokens, seen_tokens = result
-        grad_norm, lr = optimizer_step(optimizer, params, step=step, plan=plan, hp=hp)
+        grad_norm, lr = engine.step(step=step, plan=plan, hp=hp)
         step += 1
         tokens += step_tokens
         position = DataPosition(position.epoch, position.batch_index + len(micro))
         elapsed = max(time.perf_counter() - started, 1e-9)
         valid_loss = checked = None
         if valid is not None and plan.is_eval_step(step):
-            checked = evaluate(objective, model, valid, plan.batch_size, device)
+            # Every rank evaluates (as the SFT loop does); rank 0's numbers decide.
+            checked = engine.same(evaluate(objective, model, valid, plan.batch_size, device))
             valid_loss = checked.loss
             if checked.reward is not None:
                 metrics["valid_reward"] = checked.reward
             if tracker.update(step, checked.score) and evo.keep_best:
-                _save_best(ctx, model, spec, best_key)
+                _save_best(ctx, engine, spec, best_key)
         ctx.emit(LogEvent(message=f"{objective.name} step {step}: {json.dumps(metrics, sort_keys=True)}"))
         event = metrics_event(
             step=step, plan=plan, position=position, train_loss=train_loss, lr=lr, tokens=tokens,
@@ -269,10 +276,14 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
         if early_stop:
             ctx.emit(LogEvent(message=f"Early stopping at step {step}: the validation score has not improved on {tracker.best_loss:.4f} (step {tracker.best_step}) for {tracker.bad_evals} evaluations"))
             break
-        if ctx.should_stop() and step < plan.total_steps:
+        if engine.agree(ctx.should_stop()) and step < plan.total_steps:
             return stopped(step, ckpt.capture_rng())
 
     # --- save ----------------------------------------------------------------------------------------
+    model = engine.final_model()
+    if model is None:  # a DeepSpeed rank other than 0: rank 0 finishes alone
+        shutil.rmtree(workdir, ignore_errors=True)
+        return None
     best_step = None
     if evo.keep_best and tracker.best_step is not None:
         best_step = tracker.best_step
@@ -299,22 +310,25 @@ def _data_events(name: str, data: RunData, max_seq_length: int, packing: bool) -
     return events
 
 
-def _train_step(objective: Objective, model, micro_batches: list[list], device, should_stop):
-    """Forward and backward over one optimizer step; returns (loss, metrics, trained tokens, seen
-    tokens), or None if asked to stop before it finished."""
+def _train_step(objective: Objective, engine, micro_batches: list[list], should_stop):
+    """Forward and backward over this process's share of one optimizer step (``engine.shard``);
+    returns the whole step's (loss, metrics, trained tokens, seen tokens), or None if asked to stop
+    before it finished (all ranks agree on stopping before each pass)."""
     n = sum(len(m) for m in micro_batches)
-    loss, trained, seen, metrics = 0.0, 0, 0, {}
-    for examples in micro_batches:
-        if should_stop():
+    passes = engine.shard(micro_batches)
+    loss, trained, seen, sums = 0.0, 0.0, 0.0, {}
+    for i, (examples, weight) in enumerate(passes):
+        if engine.agree(should_stop()):
             return None
-        out = objective.micro_step(model, examples, n, device)
-        out.loss.backward()
-        loss += out.loss.item()
-        trained += out.trained_tokens
-        seen += out.seen_tokens
+        out = objective.micro_step(engine.model, examples, n, engine.device)  # loss already over the step's n examples
+        engine.backward(out.loss * weight, last=i == len(passes) - 1)
+        loss += out.loss.item() * weight
+        trained += out.trained_tokens * weight
+        seen += out.seen_tokens * weight
         for name, value in out.metrics.items():  # example-weighted means over the step
-            metrics[name] = metrics.get(name, 0.0) + value * len(examples) / n
-    return loss, metrics, trained, seen
+            sums[name] = sums.get(name, 0.0) + value * len(examples) * weight
+    metrics = {name: engine.total(value) / n for name, value in sorted(sums.items())}
+    return engine.total(loss), metrics, int(engine.total(trained)), int(engine.total(seen))
 
 
 def evaluate(objective: Objective, model, examples: tuple, batch_size: int, device) -> Validation:
@@ -347,11 +361,12 @@ def _gate(ctx: RunContext, objective: Objective, model, valid: tuple | None, bat
     return report
 
 
-def _save_best(ctx: RunContext, model, spec: JobSpec, key: str) -> None:
-    delete_prefix(ctx.store, key)
+def _save_best(ctx: RunContext, engine, spec: JobSpec, key: str) -> None:
     with tempfile.TemporaryDirectory(prefix="tuneforge-best-") as tmp:
-        ms.save_trained(model, Path(tmp), base_model=spec.base_model)
-        put_dir(ctx.store, tmp, key)
+        engine.save_weights(Path(tmp), base_model=spec.base_model)
+        if engine.is_main:
+            delete_prefix(ctx.store, key)
+            put_dir(ctx.store, tmp, key)
 
 
 def _load_best(ctx: RunContext, model, key: str) -> None:
