@@ -4,12 +4,10 @@ loaded afterwards."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import httpx
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from gpu_worker.engine import compat
