@@ -9,7 +9,8 @@ default for its keys) read through a short cache so a request does not cost a qu
 
 The quota is ``InferenceQuota.tokens`` per UTC day or calendar month, compared with the usage records
 of the period (prompt + completion tokens). A request that starts under quota runs to the end, so the
-quota can be exceeded by at most the requests in flight when it was reached.
+quota can be exceeded by at most the requests in flight when it was reached, plus those of the last
+``QUOTA_TTL_S`` and usage batch interval (records reach the database in batches: serving.usage_writer).
 """
 
 from __future__ import annotations
