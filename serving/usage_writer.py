@@ -139,6 +139,10 @@ class UsageWriter:
         # Field by field: dataclasses.asdict deep-copies, and this runs on every request.
         row = {name: getattr(usage, name) for name in _FIELDS}
         row["created_at"] = datetime.now(timezone.utc)
+        if self._fd is None:  # a response finishing after shutdown: journaled for the next gateway
+            self._dir.mkdir(parents=True, exist_ok=True)
+            self._open_segment()
+            log.warning("usage record after the writer closed; left in the journal for the next gateway", journal=str(self._dir))
         os.write(self._fd, _line(row))
         self._rows.append(row)
         if len(self._rows) >= self._max_batch:

@@ -95,6 +95,24 @@ def test_a_live_gateways_journal_is_not_taken_over(test_db, make_org, tmp_path):
     assert _rows(test_db, org.id) == [("mine", 3)]
 
 
+def test_a_record_after_shutdown_is_journaled_for_the_next_gateway(test_db, make_org, tmp_path):
+    org, _ = make_org()
+
+    async def run():
+        writer = UsageWriter(test_db, tmp_path, interval_s=60)
+        await writer.start()
+        await writer.aclose()
+        writer.submit(_usage(org.id, "late"))  # a stream that ended after the lifespan shut down
+        os.close(writer._fd)
+        assert _rows(test_db, org.id) == []
+        following = UsageWriter(test_db, tmp_path, interval_s=60)
+        await following.start()
+        await following.aclose()
+
+    asyncio.run(run())
+    assert _rows(test_db, org.id) == [("late", 3)]
+
+
 def test_records_wait_in_the_journal_while_the_database_is_down(test_db, make_org, tmp_path):
     org, _ = make_org()
     down = True
