@@ -108,7 +108,7 @@ def _rng_from_json(data: dict) -> dict:
 
 
 class DeepSpeedEngine:
-    def __init__(self, model, spec: JobSpec, *, full: bool, store=None):
+    def __init__(self, model, spec: JobSpec, *, full: bool, store=None, data_dir=None):
         import deepspeed
 
         if not dist.is_initialized():
@@ -117,6 +117,7 @@ class DeepSpeedEngine:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.full, self.stage = full, d.zero_stage
+        self._spec, self._data_dir = spec, data_dir
         self.micro = d.micro_batch_size or hp.batch_size
         self._order = _ordered_trainable(model, hp.weight_decay)  # before ZeRO-3 empties the tensors
         self._shapes = [p.shape for _, p in self._order]
@@ -211,11 +212,16 @@ class DeepSpeedEngine:
         from gpu_worker.loading import load_model
 
         with tempfile.TemporaryDirectory(prefix="tuneforge-final-") as tmp:
-            folder = Path(tmp) / "model"
-            self.save_weights(folder, base_model="final")
+            folder = Path(tmp) / "weights"
+            self.save_weights(folder, base_model=self._spec.base_model)
             if not self.is_main:
                 return None
-            return load_model(str(folder), data_dir=folder.parent, device=str(self.device), dtype=_dtype_name(self._dtype))
+            if self.full:
+                return load_model(str(folder), data_dir=folder.parent, device=str(self.device), dtype=_dtype_name(self._dtype))
+            # An adapter over sharded frozen weights: the base again, whole, with the trained adapter.
+            model = ms.load_for_training(self._spec, data_dir=self._data_dir, device=str(self.device))
+            ms.load_trained(model, folder)
+            return model
 
     # --- checkpoints --------------------------------------------------------------------------
     def _gather_optimizer(self) -> dict:

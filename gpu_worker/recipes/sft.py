@@ -91,7 +91,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
     for message, level in ms.apply_memory_mode_and_kernels(model, spec.runtime):
         ctx.emit(LogEvent(message=message, level=level))
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    engine = make_engine(model, spec, full=full, store=ctx.store)
+    engine = make_engine(model, spec, full=full, store=ctx.store, data_dir=ctx.data_dir)
     model, device = engine.model, engine.device
     plan = RunPlan.make(spec, len(train.examples))
     pairs = []

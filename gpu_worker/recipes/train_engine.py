@@ -43,15 +43,16 @@ def split_step(micro_batches: Sequence[Sequence[Any]], rank: int, world_size: in
     return [(chunk, 1.0) if chunk else ([examples[0]], 0.0) for chunk in chunks]
 
 
-def make_engine(model, spec, *, full: bool, store=None):
+def make_engine(model, spec, *, full: bool, store=None, data_dir=None):
     """The engine ``spec`` runs on: DeepSpeed when the scheduler planned it across GPUs
     (``spec.runtime.distributed``), plain PyTorch otherwise. ``store`` lets a DeepSpeed engine read
-    the checkpoint it resumes from before it shards the model."""
+    the checkpoint it resumes from before it shards the model; ``data_dir`` lets it load the base
+    model again, whole, for the save phase after ZeRO-3 sharded it."""
     if spec.runtime.distributed is None:
         return TorchEngine(model, spec.hyperparameters, full=full)
     from gpu_worker.recipes.deepspeed_engine import DeepSpeedEngine
 
-    return DeepSpeedEngine(model, spec, full=full, store=store)
+    return DeepSpeedEngine(model, spec, full=full, store=store, data_dir=data_dir)
 
 
 class TorchEngine:

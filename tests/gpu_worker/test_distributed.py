@@ -188,24 +188,29 @@ def test_cancel_reaches_every_rank_and_the_resumed_run_replays_the_uninterrupted
     assert _losses(events) == pytest.approx(reference[stopped.step :], rel=RTOL)
 
 
-def test_zero3_full_fine_tuning_on_two_ranks_matches_one_process(ds_store, micro_model_dir, tmp_path):
-    from gpu_worker.loading import load_model
+@pytest.mark.parametrize("full", [True, False], ids=["full", "lora"])
+def test_zero3_on_two_ranks_matches_one_process(ds_store, micro_model_dir, tmp_path, full):
+    """ZeRO-3 shards the weights: full fine-tuning, and adapters too big for ZeRO-2. The saved
+    result is whole (gathered from the shards) and is the trained one."""
+    from safetensors.torch import load_file
 
-    spec = _spec(micro_model_dir, "jobs/ds3-full", ranks=2, stage=3, full=True)
+    kind = "full" if full else "lora"
+    spec = _spec(micro_model_dir, f"jobs/ds3-{kind}", ranks=2, stage=3, full=full)
     trainer = _Trainer(spec, ds_store, tmp_path, tmp_path / "z3.stderr")
     assert trainer.events_until_end() == 0 and isinstance(trainer.events[-1], CompletedEvent), trainer.log_tail()
-    single_events, single = _in_process(_spec(micro_model_dir, "jobs/one-full", full=True), ds_store, tmp_path)
+    single_events, single = _in_process(_spec(micro_model_dir, f"jobs/one-{kind}", full=full), ds_store, tmp_path)
     assert trainer.losses() == pytest.approx(_losses(single_events), rel=RTOL)
-    assert any("ZeRO-3" in e.message for e in trainer.of(LogEvent))
+    assert any("2 rank(s), DeepSpeed ZeRO-3" in e.message for e in trainer.of(LogEvent))
     done = trainer.events[-1]
-    assert done.manifest.key.endswith("/model") and done.manifest.files == single.manifest.files
-    # The saved model is whole (gathered from the shards), and it is the trained one.
-    ds_model = load_model(str(Path(ds_store.root, done.manifest.key)), data_dir=tmp_path, device="cpu")
-    one_model = load_model(str(Path(ds_store.root, single.manifest.key)), data_dir=tmp_path, device="cpu")
+    assert done.manifest.key.endswith("/model" if full else "/adapter") and done.manifest.files == single.manifest.files
+    weights = "model.safetensors" if full else "adapter_model.safetensors"
+    ds_weights = load_file(Path(ds_store.root, done.manifest.key, weights))
+    one_weights = load_file(Path(ds_store.root, single.manifest.key, weights))
+    assert ds_weights.keys() == one_weights.keys()
     # Adam divides by the root of tiny second moments, so float32 noise in near-zero gradients moves
     # a weight by up to ~3e-6 (measured); 1e-5 is still 1/500 of one step's largest update (lr 5e-3).
-    for (name, a), (_, b) in zip(ds_model.state_dict().items(), one_model.state_dict().items()):
-        assert a.shape == b.shape and a.allclose(b, rtol=0, atol=1e-5), name
+    for name in ds_weights:
+        assert ds_weights[name].shape == one_weights[name].shape and ds_weights[name].allclose(one_weights[name], rtol=0, atol=1e-5), name
 
 
 def test_a_failing_job_reports_one_failed_event(ds_store, micro_model_dir, tmp_path):
