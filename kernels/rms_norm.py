@@ -92,16 +92,17 @@ def _block(n_cols: int) -> tuple[int, int]:
     return block, 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
-def _fwd_launch(x, residual, weight, eps, offset):
-    # x, residual: (..., N) any leading shape; weight: (N,)
+def _fwd_launch(x, residual, weight, eps, offset, out_dtype=None):
+    # x, residual: (..., N) any leading shape; weight: (N,); y in out_dtype (default x's)
     n_cols = x.shape[-1]
     assert weight.shape == (n_cols,), f"weight {tuple(weight.shape)} vs hidden {n_cols}"
     assert residual is None or residual.shape == x.shape
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
     n_rows = x2.shape[0]
-    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)       # (M, N)
-    s = torch.empty_like(y) if residual is not None else y                   # (M, N) new residual
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype or x.dtype, device=x.device)  # (M, N)
+    s = (torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)     # (M, N) new residual
+         if residual is not None else y)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)        # (M,)
     block, warps = _block(n_cols)
     assert block <= 65536, "rows wider than 64K need a looped kernel"
@@ -143,19 +144,19 @@ class NormRecipe:
     bit-identical output. Saves (tokens x hidden) per norm per layer of activation memory.
     """
 
-    def __init__(self, x2, weight, eps, offset, shape):
+    def __init__(self, x2, weight, eps, offset, shape, out_dtype):
         self._tensors = (x2, weight) if x2 is not None else None
-        self.eps, self.offset, self.shape = eps, offset, shape
+        self.eps, self.offset, self.shape, self.out_dtype = eps, offset, shape, out_dtype
 
     def tensors(self):
         return self._tensors
 
     def without_tensors(self) -> "NormRecipe":
-        return NormRecipe(None, None, self.eps, self.offset, self.shape)
+        return NormRecipe(None, None, self.eps, self.offset, self.shape, self.out_dtype)
 
     def recompute(self, x2, weight):
         with torch.no_grad():
-            return _fwd_launch(x2, None, weight, self.eps, self.offset)[0].view(self.shape)
+            return _fwd_launch(x2, None, weight, self.eps, self.offset, self.out_dtype)[0].view(self.shape)
 
 
 def norm_recipe(t: torch.Tensor) -> NormRecipe | None:
@@ -166,13 +167,14 @@ def norm_recipe(t: torch.Tensor) -> NormRecipe | None:
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, residual, eps, offset):
-        y, saved_x, rstd = _fwd_launch(x, residual, weight, eps, offset)
+        out_dtype = _out_dtype(x, weight, offset)
+        y, saved_x, rstd = _fwd_launch(x, residual, weight, eps, offset, out_dtype)
         ctx.save_for_backward(saved_x, weight, rstd)
         ctx.offset, ctx.has_residual, ctx.shape = offset, residual is not None, x.shape
         y = y.view(x.shape)
         # consumers that would save y for their backward (the LoRA projections) save this recipe
         # instead: the norm already keeps its input, so y can be recomputed rather than stored
-        y._tf_norm_recipe = NormRecipe(saved_x, weight, float(eps), float(offset), tuple(x.shape))
+        y._tf_norm_recipe = NormRecipe(saved_x, weight, float(eps), float(offset), tuple(x.shape), out_dtype)
         if residual is None:
             return y
         return y, saved_x.view(x.shape)
@@ -187,11 +189,18 @@ class _RMSNormFunction(torch.autograd.Function):
         return dx, dw, (dx if ctx.has_residual else None), None, None
 
 
+def _out_dtype(x, weight, offset):
+    # HF's dtypes: LlamaRMSNorm returns `weight * x_hat.to(x.dtype)`, i.e. the promoted dtype (float32
+    # for a bf16 input and float32 weights under autocast: Qwen3's q/k norms); GemmaRMSNorm `type_as(x)`
+    return torch.promote_types(x.dtype, weight.dtype) if offset == 0.0 else x.dtype
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0,
              residual: torch.Tensor | None = None, impl: str | None = None):
     """``y = x_hat * (weight + offset)`` with ``x_hat = x / rms(x)`` over the last dim.
 
-    With ``residual``, normalises ``x + residual`` and returns ``(y, x + residual)``.
+    With ``residual``, normalises ``x + residual`` and returns ``(y, x + residual)``. ``y``'s dtype is
+    HF's: the promotion of ``x``'s and ``weight``'s for ``offset=0``, ``x``'s for Gemma's form.
     ``offset=1.0`` is Gemma's ``(1 + w)`` form. Input gradient only when ``weight`` is frozen.
     """
     if not use_triton(x, weight, residual, impl=impl):
@@ -206,8 +215,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     xf = s.float()
     x_hat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if offset == 0.0:
-        y = weight * x_hat.to(s.dtype)
-        y = y.to(s.dtype)
+        y = weight * x_hat.to(s.dtype)  # promoted dtype, as HF
     else:
         y = (x_hat * (offset + weight.float())).to(s.dtype)
     return (y, s) if residual is not None else y

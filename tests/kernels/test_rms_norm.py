@@ -71,3 +71,26 @@ def test_int64_indexing_beyond_2_31_elements():
     y = rms_norm(x, w, impl="triton")
     tail = slice(rows - 16, rows)
     assert rel_err(y[tail], rms_norm_reference(x[tail].double(), w.double())) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("offset,module", [(0.0, "LlamaRMSNorm"), (1.0, "GemmaRMSNorm")])
+def test_output_dtype_and_rounding_follow_hf(offset, module):
+    # bf16 activations through a float32 weight (fp32 master weights under autocast; Qwen3's q/k norms
+    # see exactly this): Llama's form returns float32 (weight * x_hat.to(bf16)), Gemma's bf16
+    transformers = pytest.importorskip("transformers")
+    from importlib import import_module
+
+    family = "llama" if offset == 0.0 else "gemma"
+    hf_cls = getattr(import_module(f"transformers.models.{family}.modeling_{family}"), module)
+    torch.manual_seed(4)
+    x = torch.randn(5, 40, dtype=torch.bfloat16)
+    hf = hf_cls(40, eps=1e-6)
+    with torch.no_grad():
+        hf.weight.normal_(0, 0.5)
+    want = hf(x)
+    got = rms_norm(x, hf.weight.detach(), 1e-6, offset=offset, impl="triton")
+    assert got.dtype == want.dtype == (torch.float32 if offset == 0.0 else torch.bfloat16)
+    # x_hat is rounded to bf16 in both (Llama) or the output is (Gemma): one bf16 rounding apart at most.
+    # (Not tighter: Triton's CPU interpreter truncates float32 -> bf16 where the GPU rounds to nearest.)
+    assert rel_err(got, want) < TOL[torch.bfloat16]
+    assert rms_norm_reference(x, hf.weight.detach(), 1e-6, offset=offset).dtype == want.dtype
