@@ -13,7 +13,8 @@ from tests.gpu_worker.patching.conftest import (DEVICES_IMPLS, build_lora_model,
 
 # float32 everywhere on CPU: the kernels compute in float32 like the reference, so differences are
 # reassociation-level (measured ~2e-6 on these shapes); 1e-4 would still catch a wrong term. On CUDA the
-# model runs in bf16 under autocast like training: bf16 rounding of ~10 chained ops, 5e-2.
+# model runs in bf16 under autocast like training: bf16 rounding of ~10 chained ops, 5e-2 for the loss
+# and logits; the gradients are compared with float32 (_assert_bf16_grads_as_close_as_stock).
 def _tol(device):
     return 1e-4 if device == "cpu" else 5e-2
 
@@ -26,9 +27,9 @@ def _batch(device, bsz=2, seq=16, vocab=128, seed=1):
     return x, labels
 
 
-def _step(model, x, labels, device, **kw):
+def _step(model, x, labels, device, autocast=True, **kw):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+    with torch.autocast(device, dtype=dtype, enabled=autocast and device == "cuda"):
         loss = model(input_ids=x, labels=labels, **kw).loss
     loss.backward()
     return loss.detach()
@@ -55,11 +56,30 @@ def test_patched_matches_stock(model_type, memory_mode, device, impl):
     g_ref, g_ours = lora_grads(ref), lora_grads(ours)
     assert g_ref.keys() == g_ours.keys()
     assert len(g_ref) == 2 * len(lora_targets(model_type)) * config.num_hidden_layers
-    worst = max(rel(g_ours[n], g_ref[n]) for n in g_ref)
-    assert worst < _tol(device), worst
+    if device == "cpu":
+        worst = max(rel(g_ours[n], g_ref[n]) for n in g_ref)
+        assert worst < _tol(device), worst
+    else:
+        _assert_bf16_grads_as_close_as_stock(config, x, labels, g_ours, g_ref)
     ours.eval(), ref.eval()
     with torch.no_grad():
         assert rel(ours(input_ids=x).logits, ref(input_ids=x).logits) < _tol(device)
+
+
+def _assert_bf16_grads_as_close_as_stock(config, x, labels, g_ours, g_stock):
+    """bf16 (autocast) LoRA gradients, ours and stock HF+PEFT, against the same model in float32.
+
+    Comparing the two bf16 runs with each other is no invariant: HF+PEFT's own bf16 gradients are
+    several % off (the H200 run of 2026-12-03 saw 0.052-0.063 between the two on single tensors of
+    Qwen2/Qwen3/Gemma 2/Phi-3). Both round the same quantities to bf16 in different orders, so ours
+    must be no further from float32 than twice stock's distance (or 2e-2, a few bf16 roundings), over
+    all LoRA gradients together; a wrong term (scale, missing adapter, wrong rotation) is O(1)."""
+    truth = build_lora_model(config, "cuda")
+    _step(truth, x, labels, "cuda", autocast=False)
+    g_truth = lora_grads(truth)
+    flat = lambda g: torch.cat([g[n].flatten().double() for n in sorted(g)])  # noqa: E731
+    e_ours, e_stock = rel(flat(g_ours), flat(g_truth)), rel(flat(g_stock), flat(g_truth))
+    assert e_ours <= max(2 * e_stock, 2e-2), (e_ours, e_stock)
 
 
 @pytest.mark.parametrize("device,impl", DEVICES_IMPLS)
