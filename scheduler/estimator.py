@@ -28,7 +28,7 @@ from pathlib import Path
 from gpu_worker.contract import AdapterType, DType, JobSpec, Method, Quantization
 
 # Must match gpu_worker.patching.SUPPORTED (a test reads that file; importing it would pull in torch).
-KERNEL_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+KERNEL_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 
 GB = 1e9
 # NF4 with double quantization: 4 bits + an 8-bit absmax per 64 weights + an fp32 per 256 absmaxes.
@@ -134,6 +134,7 @@ KNOWN_CONFIGS: dict[str, dict] = {
     "Qwen/Qwen3-8B": _cfg("qwen3", 4096, 36, 12288, 32, 8, 151936, False, head_dim=128),
     "google/gemma-2-9b": _cfg("gemma2", 3584, 42, 14336, 16, 8, 256000, True, head_dim=256),
     "microsoft/Phi-3-mini-4k-instruct": _cfg("phi3", 3072, 32, 8192, 32, 32, 32064, False),
+    "ibm-granite/granite-3.0-8b-base": _cfg("granite", 4096, 40, 12800, 32, 8, 49155, True),
 }
 
 

@@ -18,6 +18,7 @@ SMALL = parse_fleet({"classes": [{"name": "l4", "memory_gb": 24}]})
 H100x2 = parse_fleet({"classes": [{"name": "h100", "memory_gb": 80, "gpus_per_node": 2}]})
 
 L8, L70, PHI3 = "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-70B", "microsoft/Phi-3-mini-4k-instruct"
+GRANITE = "ibm-granite/granite-3.0-8b-base"  # an architecture the kernels do not patch
 
 
 def spec(model=L8, adapter="lora", quant="none", mode="off", batch=8, accum=1, seq=2048, kernels=True, method="supervised"):
@@ -41,7 +42,8 @@ TABLE = [
     ("70B LoRA: weights do not fit one GPU → ZeRO-3", spec(L70), FLEET, ("multi-gpu", "h100", 4, 3, False, "checkpointing")),
     ("70B QLoRA fits one H100", spec(L70, quant="nf4"), FLEET, ("single-gpu", "h100", 1, None, False, "checkpointing")),
     ("70B full FT needs 8 GPUs and optimizer offload", spec(L70, adapter="full"), FLEET, ("multi-gpu", "h100", 8, 3, True, "checkpointing")),
-    ("unsupported arch trains on the stock path", spec(PHI3), FLEET, ("single-gpu", "l4", 1, None, False, "off")),
+    ("unsupported arch trains on the stock path", spec(GRANITE), FLEET, ("single-gpu", "l4", 1, None, False, "checkpointing")),
+    ("Phi-3 (fused qkv/gate_up) takes the kernel path", spec(PHI3), FLEET, ("single-gpu", "l4", 1, None, False, "off")),
     ("a requested memory mode is kept", spec("tuneforge-tiny", mode="offload"), FLEET, ("single-gpu", "l4", 1, None, False, "offload")),
 ]
 
@@ -57,7 +59,7 @@ def test_routing_table(job, fleet, expected):
 
 
 def test_reasons_say_why():
-    assert any("not supported by the kernels" in r and "stock HF path" in r for r in route(spec(PHI3), None, FLEET).reasons)
+    assert any("not supported by the kernels" in r and "stock HF path" in r for r in route(spec(GRANITE), None, FLEET).reasons)
     assert any("supported by the Triton kernels" in r for r in route(spec(), None, FLEET).reasons)
     full = route(spec(adapter="full"), None, FLEET).reasons
     assert any("ZeRO-3" in r for r in full)
