@@ -25,8 +25,9 @@ Methods
 Data (--data, or the 6th field of a suite config)
   fixed    batch x seq random tokens, every row full (the issue's table)
   packed   variable-length documents (lengths drawn from a fixed log-normal: median 400 tokens, sigma 1,
-           clipped to [32, seq], 4 different draws of batch x seq tokens each) in ONE row, position ids
-           restarting per document (transformers builds the document mask from them), no padding
+           clipped to [32, seq], 4 different draws of batch x seq tokens each) packed first-fit into rows
+           of seq tokens, position ids restarting per document (transformers builds the document mask
+           from them); a row's free tail is a filler document that is not trained on
   padded   the same documents as rows of a (n_docs, longest) batch with an attention mask
   tokens/s counts real tokens only; MFU's attention term uses sum(n^2)/sum(n) as the sequence length.
 
@@ -212,6 +213,33 @@ def varlen_lengths(step_tokens, max_len, seed):
     return lens
 
 
+def _pack(docs, row_len, device):
+    """First-fit-decreasing packing of documents into rows of ``row_len`` tokens, position ids restarting
+    per document (transformers derives the document mask from them), labels -100 at document starts;
+    a row's free tail is one filler document with labels -100. Rows of ``row_len`` rather than one row
+    of everything: SDPA with a document mask computes every (row_len x row_len) block, masked or not."""
+    import torch
+    rows = []  # lists of documents
+    for d in sorted(docs, key=len, reverse=True):
+        row = next((r for r in rows if sum(len(x) for x in r) + len(d) <= row_len), None)
+        if row is None:
+            rows.append([d])
+        else:
+            row.append(d)
+    ids = torch.zeros(len(rows), row_len, dtype=torch.long, device=device)
+    pos = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, row in enumerate(rows):
+        col = 0
+        for d in row:  # trained on, except the first token (not predicted from the previous document)
+            k = len(d)
+            ids[i, col:col + k], labels[i, col + 1:col + k] = d, d[1:]
+            pos[i, col:col + k] = torch.arange(k, device=device)
+            col += k
+        pos[i, col:] = torch.arange(row_len - col, device=device)  # the filler: its own document
+    return dict(input_ids=ids, position_ids=pos, labels=labels)
+
+
 def make_batches(args, vocab, n=4, device="cuda"):
     """``n`` steps' model inputs (dicts of kwargs), their real token count per step and the attention
     length per token for the FLOP model."""
@@ -226,11 +254,7 @@ def make_batches(args, vocab, n=4, device="cuda"):
         docs = [torch.randint(0, vocab, (k,), device=device, generator=g) for k in lens]
         sq, tot = sq + sum(k * k for k in lens), tot + sum(lens)
         if args.data == "packed":
-            ids = torch.cat(docs)[None]
-            pos = torch.cat([torch.arange(k, device=device) for k in lens])[None]
-            labels = ids.clone()
-            labels[0, pos[0] == 0] = -100  # a document's first token is not predicted from the previous one
-            batches.append(dict(input_ids=ids, position_ids=pos, labels=labels))
+            batches.append(_pack(docs, args.seq, device))
         else:
             ids = torch.zeros(len(lens), max(lens), dtype=torch.long, device=device)
             mask = torch.zeros_like(ids)
