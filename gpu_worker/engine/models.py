@@ -1,7 +1,7 @@
 """The models an engine serves: its base models, each with its generation loop, and the LoRA adapters
 loaded onto them at run time. A request's ``model`` is resolved here to a base model and, for an
-adapter name, the adapter's internal PEFT name (unique per load, so unloading ``x`` and loading another
-``x`` while requests for the first are still finishing never mixes them up).
+adapter name, the adapter's internal name in the model's adapter bank (unique per load, so unloading
+``x`` and loading another ``x`` while requests for the first are still finishing never mixes them up).
 """
 
 from __future__ import annotations
