@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Micro-benchmarks behind the open questions of bench/NOTES.md, at the 8B training shapes (8192 tokens),
+~30 s of device time, one table at the end and JSON lines (``--out``):
+
+- ``copy``: device-to-device copy bandwidth (bytes read + written), the ceiling for elementwise kernels;
+- ``gemm``: why v4 (LoRA term first, base GEMM with beta=s) gave nothing: the gate projection
+  (8192 x 4096 -> 14336, rank 16) as base only, base with beta != 0 onto a filled output, the rank-16
+  read-modify-write pass (v3) and the rank-16 write (v4), and both orders end to end;
+- ``ce``: fused linear cross-entropy forward+backward (hidden 4096, vocab 128256) per chunk size in rows
+  (the code's rule picks 256 at this shape): time and peak memory;
+- ``elementwise``: our Triton rms_norm, SwiGLU (forward, in-place backward) and RoPE in GB/s against
+  the copy ceiling.
+
+    python3 bench/micro.py --out $OUT/micro.jsonl
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: kernels
+
+import torch  # noqa: E402
+
+N_TOK, HID, INTER, RANK, VOCAB = 8192, 4096, 14336, 16, 128256
+
+
+def timed(fn, warmup=5, reps=20):
+    """Median milliseconds of ``fn`` over ``reps`` runs, CUDA events around each."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e))
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def bench_copy(emit):
+    a = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    ms = timed(lambda: b.copy_(a))
+    emit("copy", "d2d 2 GiB bf16", ms, gbps=2 * a.numel() * 2 / ms / 1e6)
+    return 2 * a.numel() * 2 / ms / 1e6
+
+
+def bench_gemm(emit):
+    x = torch.randn(N_TOK, HID, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(INTER, HID, device="cuda", dtype=torch.bfloat16) / HID ** 0.5
+    a = torch.randn(RANK, HID, device="cuda", dtype=torch.bfloat16) / HID ** 0.5
+    b = torch.randn(INTER, RANK, device="cuda", dtype=torch.bfloat16) * 0.1
+    xa = x @ a.t()
+    y = torch.randn(N_TOK, INTER, device="cuda", dtype=torch.bfloat16)
+    flop = 2 * N_TOK * HID * INTER
+    cases = {
+        "base x W^T (new output)": lambda: x @ w.t(),
+        "base x W^T, beta=2 onto y": lambda: y.addmm_(x, w.t(), beta=2.0),
+        "base x W^T, beta=1 onto y": lambda: y.addmm_(x, w.t()),
+        "rank-16 y += xa B^T (v3 pass)": lambda: y.addmm_(xa, b.t(), alpha=2.0),
+        "rank-16 xa B^T (v4 write)": lambda: xa @ b.t(),
+        "v3 order end to end": lambda: (x @ w.t()).addmm_(x @ a.t(), b.t(), alpha=2.0),
+        "v4 order end to end": lambda: ((x @ a.t()) @ b.t()).addmm_(x, w.t(), beta=2.0),
+    }
+    for name, fn in cases.items():
+        ms = timed(fn)
+        emit("gemm", name, ms, tflops=flop / ms / 1e9 if "rank-16" not in name else None)
+
+
+def bench_ce(emit):
+    import kernels.cross_entropy as ce
+
+    h = torch.randn(N_TOK, HID, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(VOCAB, HID, device="cuda", dtype=torch.bfloat16) / HID ** 0.5
+    labels = torch.randint(0, VOCAB, (N_TOK,), device="cuda")
+    rule = ce._chunk_rows
+    default = rule(N_TOK, HID, VOCAB)
+
+    def step():
+        ce.fused_linear_cross_entropy(h, w, labels).backward()
+        h.grad = None
+
+    try:
+        for rows in (128, 256, 512, 1024, 2048):
+            ce._chunk_rows = lambda *_, r=rows: r
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            ms = timed(step, warmup=2, reps=10)
+            extra = (torch.cuda.max_memory_allocated() - before) / 1e9
+            emit("ce", f"chunk {rows} rows" + (" (rule)" if rows == default else ""), ms,
+                 tflops=2 * 2 * N_TOK * HID * VOCAB / ms / 1e9, peak_extra_gb=extra)
+    finally:
+        ce._chunk_rows = rule
+
+
+def bench_elementwise(emit, ceiling):
+    from kernels.rms_norm import rms_norm
+    from kernels.rope import rope
+    from kernels.swiglu import swiglu_backward_inplace, swiglu_forward
+
+    x = torch.randn(N_TOK, HID, device="cuda", dtype=torch.bfloat16)
+    wn = torch.randn(HID, device="cuda", dtype=torch.bfloat16)
+    ms = timed(lambda: rms_norm(x, wn, 1e-5, impl="triton"))
+    emit("elementwise", "rms_norm fwd 8192x4096", ms, gbps=2 * x.numel() * 2 / ms / 1e6, ceiling=ceiling)
+    g, u, dh = (torch.randn(N_TOK, INTER, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ms = timed(lambda: swiglu_forward(g, u))
+    emit("elementwise", "swiglu fwd 8192x14336", ms, gbps=3 * g.numel() * 2 / ms / 1e6, ceiling=ceiling)
+    ms = timed(lambda: swiglu_backward_inplace(dh, g, u))  # values drift in place; timing is unaffected
+    emit("elementwise", "swiglu bwd in place", ms, gbps=6 * g.numel() * 2 / ms / 1e6, ceiling=ceiling)
+    q = torch.randn(4, 2048, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(4, 2048, 8, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    pos = torch.arange(2048, device="cuda")[None].float()
+    inv = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, device="cuda").float() / 128))
+    emb = torch.cat([pos[..., None] * inv] * 2, dim=-1)
+    cos, sin = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+    ms = timed(lambda: rope(q, k, cos, sin, impl="triton"))  # q, k are views: out of place
+    emit("elementwise", "rope fwd q 4x32x2048x128 + k", ms, gbps=2 * (q.numel() + k.numel()) * 2 / ms / 1e6,
+         ceiling=ceiling)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default="copy,gemm,ce,elementwise")
+    args = ap.parse_args()
+    rows = []
+
+    def emit(group, name, ms, **kw):
+        rec = {"group": group, "name": name, "ms": ms, **{k: v for k, v in kw.items() if v is not None},
+               "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+        rows.append(rec)
+        print("MICRO " + json.dumps(rec), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    only = args.only.split(",")
+    ceiling = bench_copy(emit) if "copy" in only or "elementwise" in only else None
+    for group, fn in (("gemm", bench_gemm), ("ce", bench_ce)):
+        if group in only:
+            fn(emit)
+            torch.cuda.empty_cache()
+    if "elementwise" in only:
+        bench_elementwise(emit, ceiling)
+    print(f"\n{'group':<12} {'case':<36} {'ms':>8} {'TFLOP/s':>8} {'GB/s':>8} {'of copy':>8}")
+    for r in rows:
+        frac = r["gbps"] / r["ceiling"] if r.get("gbps") and r.get("ceiling") else None
+        print(f"{r['group']:<12} {r['name']:<36} {r['ms']:8.3f} "
+              f"{r.get('tflops') or float('nan'):8.1f} {r.get('gbps') or float('nan'):8.0f} "
+              f"{frac if frac is not None else float('nan'):8.2f}")
+
+
+if __name__ == "__main__":
+    main()
