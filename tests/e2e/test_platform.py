@@ -74,6 +74,12 @@ def test_fine_tune_and_chat(platform):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="ft:tuneforge-tiny:other:x:ftjob-nope", messages=messages)
 
+    def usage_by_request():
+        with session_scope(s.database_url) as session:
+            return {r.request_id: r for r in session.scalars(select(UsageRecord)).all()}
+
+    # The gateway writes usage in batches (every 100 ms, journaled first): records land shortly after.
+    wait_for(lambda: {"req-plain", "req-stream"} <= usage_by_request().keys(), 10, "the usage records of both chat requests")
     with session_scope(s.database_url) as session:
         rows = session.scalars(select(UsageRecord)).all()
         by_req = {r.request_id: r for r in rows}
