@@ -5,9 +5,10 @@
 #
 # Device, from the repo root, carrying .peer-site (../shared/bench/make_peer_site.sh) and, for the
 # "base" method, .bench-base (git archive <old commit> kernels gpu_worker/__init__.py gpu_worker/patching):
-#   GIT_COMMIT=<sha> BASE_COMMIT=<sha> bash bench/device_run.sh ours:8B:off,unsloth:8B:off 560
-# Writes under $OUT: env.log (GPU, versions, saves, matmul), gpu_tests.log, r.jsonl, children.log and
-# summary.json (the file kept under bench/results/).
+#   GIT_COMMIT=<sha> BASE_COMMIT=<sha> [MICRO=1] bash bench/device_run.sh ours:8B:off,unsloth:8B:off 560
+# (the device's .git may be stale: pass GIT_COMMIT from here). INT64_S: seconds kept for the int64 tests
+# at the end (default 90). Writes under $OUT: env.log (GPU, versions, saves, matmul), gpu_tests.log,
+# r.jsonl, children.log, summary.json (the file kept under bench/results/) and micro.jsonl with MICRO.
 set -u
 configs=${1:?usage: device_run.sh CONFIGS [END_S]}
 end_s=${2:-560}
@@ -22,15 +23,23 @@ for shape in 8B 1B; do  # concurrently: each is mostly host-side serialisation
     savers+=($!)
   fi
 done
+# the >2^31-element cases (int64 indexing) took most of 143 s on 2026-12-03: they run last, if time is left
 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider --confcutdir=tests/kernels tests/kernels \
-  > "$OUT/gpu_tests.log" 2>&1
+  -k "not int64" > "$OUT/gpu_tests.log" 2>&1
 timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider --confcutdir=tests/gpu_worker/patching \
   tests/gpu_worker/patching >> "$OUT/gpu_tests.log" 2>&1
 grep -E "passed|failed|error" "$OUT/gpu_tests.log"
 for p in "${savers[@]}"; do wait "$p"; done
 echo "tests and saves done at $(( $(date +%s) - t0 )) s"
 python3 bench/train_step.py matmul >> "$OUT/env.log" 2>&1
-left=$(( end_s - ($(date +%s) - t0) ))
+[[ -n "${MICRO:-}" ]] && python3 bench/micro.py --out "$OUT/micro.jsonl" 2>&1 | tail -20
+left=$(( end_s - ${INT64_S:-90} - ($(date +%s) - t0) ))
 python3 bench/train_step.py suite --configs "$configs" --model-root /tmp --out "$OUT/r.jsonl" \
   --summary "$OUT/summary.json" --log-dir "$OUT" --deadline-s "$left"
+left=$(( end_s - ($(date +%s) - t0) ))
+if (( left > 30 )); then
+  timeout "$left" python3 -m pytest -q -m gpu -p no:cacheprovider --confcutdir=tests/kernels tests/kernels \
+    -k int64 >> "$OUT/gpu_tests.log" 2>&1
+fi
+grep -E "passed|failed|error" "$OUT/gpu_tests.log"
 echo "done at $(( $(date +%s) - t0 )) s"
