@@ -23,7 +23,8 @@ for shape in 8B 1B; do  # concurrently: each is mostly host-side serialisation
     savers+=($!)
   fi
 done
-# the >2^31-element cases (int64 indexing) took most of 143 s on 2026-12-03: they run last, if time is left
+# the kernel tests took 143 s on 2026-12-03 (26 s on 2026-11-22) with the new >2^31-element cases and the
+# concurrent saves: those cases run last, if time is left
 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider --confcutdir=tests/kernels tests/kernels \
   -k "not int64" > "$OUT/gpu_tests.log" 2>&1
 timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider --confcutdir=tests/gpu_worker/patching \
