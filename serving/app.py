@@ -30,6 +30,7 @@ def create_app(settings: ServingSettings | None = None, database: Database | Non
         settings.engines,
         timeouts=Timeouts(settings.engine_connect_timeout_s, settings.engine_read_timeout_s, settings.adapter_load_timeout_s),
         cooldown_s=settings.replica_cooldown_s,
+        refresh_s=settings.replica_refresh_s,
         on_adapter_load=lambda base: metrics.adapter_loads.labels(model=base).inc(),
     )
 

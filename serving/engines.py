@@ -1,8 +1,9 @@
 """The inference engine replicas behind the gateway and how a request reaches one.
 
 Engines speak vLLM's OpenAI API. For a fine-tuned model the adapter must be loaded on the replica
-first (``POST /v1/load_lora_adapter``). The pool remembers what each replica has loaded, loads an
-adapter at most once per replica even when many first requests arrive together (a lock per
+first (``POST /v1/load_lora_adapter``). The pool remembers what each replica has loaded (and
+re-reads it from the engines' ``/v1/models``, so a restarted gateway or one of several knows too),
+loads an adapter at most once per replica even when many first requests arrive together (a lock per
 (replica, adapter)), prefers a replica that already has it, and reloads when an engine answers 404
 for it (the engine restarted or evicted it). A replica that refuses connections is skipped for a
 while and the next one is tried; when none answers the caller gets ``EngineUnavailable`` (503).
@@ -135,6 +136,7 @@ class EnginePool:
         *,
         timeouts: Timeouts,
         cooldown_s: float,
+        refresh_s: float = 10.0,
         on_adapter_load: Callable[[str], None] = lambda base: None,
     ):
         self._replicas = {base: [Replica(base, url) for url in urls] for base, urls in engines.items()}
@@ -144,6 +146,9 @@ class EnginePool:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._turn = itertools.count()
         self._client: aiohttp.ClientSession | None = None
+        self._refresh_s = refresh_s
+        self._refreshed: dict[str, float] = {}  # base -> monotonic time of the last look at its replicas
+        self._refreshing: dict[str, asyncio.Task] = {}
 
     @property
     def client(self) -> aiohttp.ClientSession:
@@ -189,6 +194,8 @@ class EnginePool:
     async def open(self, target: ResolvedModel, path: str, payload: dict[str, Any], *, request_id: str) -> Upstream:
         """Send the request to the best replica (the next one if it is unreachable) and return the
         engine's answer once its status line is in. Raises a ServingError for any failure."""
+        if target.adapter is not None:
+            await self._know_loaded(target.base)
         candidates = self._candidates(target)
         if not candidates:
             raise EngineUnavailable(f"No inference engine is configured for model `{target.base}`.")
@@ -223,6 +230,36 @@ class EnginePool:
                 continue
             raise self._rejection(replica, target, response.status, body, path)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    async def _know_loaded(self, base: str) -> None:
+        """Keep each replica's ``loaded`` set close to the engine's own list, so that a gateway that
+        restarted, or one of several, routes a fine-tuned model to a replica that already holds it
+        instead of loading it on another. The first request for an adapter of ``base`` waits for the
+        first look; later looks run in the background every ``refresh_s``."""
+        last = self._refreshed.get(base)
+        if last is not None and time.monotonic() - last < self._refresh_s:
+            return
+        task = self._refreshing.get(base)
+        if task is None or task.done():
+            self._refreshed[base] = time.monotonic()
+            task = self._refreshing[base] = asyncio.create_task(self._refresh_loaded(base))
+        if last is None:
+            await asyncio.shield(task)
+
+    async def _refresh_loaded(self, base: str) -> None:
+        """GET /v1/models on every replica of ``base``: vLLM and the built-in engine list each loaded
+        adapter with its ``parent``. A replica that does not answer keeps what we knew."""
+        for replica in self._replicas.get(base, []):
+            try:
+                async with self.client.get(replica.url + "/v1/models", timeout=self._timeout(self._timeouts.connect_s)) as response:
+                    if response.status != 200:
+                        continue
+                    data = await response.json(content_type=None)
+            except (asyncio.TimeoutError, aiohttp.ClientError, ValueError):
+                continue
+            cards = data.get("data") if isinstance(data, dict) else None
+            if isinstance(cards, list):
+                replica.loaded = {c["id"] for c in cards if isinstance(c, dict) and c.get("parent") and isinstance(c.get("id"), str)}
 
     async def _send(self, replica: Replica, url: str, payload: Any, *, headers: dict | None = None, read_s: float | None = None) -> aiohttp.ClientResponse:
         """POST ``payload`` as JSON; the response once its status line and headers are in."""

@@ -26,6 +26,9 @@ class ServingSettings(Settings):
     adapter_load_timeout_s: float = 120.0
     # After a replica refuses a connection it is tried last for this long (it is likely restarting).
     replica_cooldown_s: float = 10.0
+    # How often the gateway re-reads which adapters each replica holds (its /v1/models), so that
+    # several gateways, or one that restarted, route to a replica that already has the adapter.
+    replica_refresh_s: float = Field(10.0, gt=0)
 
     # How long an authenticated API key and a resolved fine-tuned model name are reused without asking
     # the database (serving.cache): a revoked key, or a registry change made through another gateway

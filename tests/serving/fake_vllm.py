@@ -2,7 +2,8 @@
 
 It speaks the same HTTP as vLLM: ``/v1/chat/completions`` and ``/v1/completions`` (JSON or SSE),
 ``/v1/embeddings`` (a 404 when ``embeddings`` is off, as from a vLLM serving a generative model),
-``/v1/load_lora_adapter`` (400 when the name is already loaded) and ``/v1/unload_lora_adapter``, and a
+``/v1/models`` (the base and the loaded adapters, as vLLM lists them), ``/v1/load_lora_adapter`` (400
+when the name is already loaded) and ``/v1/unload_lora_adapter``, and a
 404 ``NotFoundError`` for a model it does not have. Output is deterministic: the model name followed
 by the prompt's words, one word per token; tokens are counted by whitespace. It records what it was
 asked (loads per adapter, request ids, aborted streams) so tests can check the gateway's behaviour
@@ -60,6 +61,13 @@ def _prompt_text(body: dict[str, Any], chat: bool) -> str:
 
 def create_engine_app(state: EngineState) -> FastAPI:
     app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        # As vLLM lists them: the base model, then each loaded adapter with its parent.
+        cards = [{"id": state.base_model, "object": "model", "created": 0, "owned_by": "vllm", "root": state.base_model, "parent": None}]
+        cards += [{"id": name, "object": "model", "created": 0, "owned_by": "vllm", "root": path, "parent": state.base_model} for name, path in state.loaded.items()]
+        return {"object": "list", "data": cards}
 
     @app.post("/v1/load_lora_adapter")
     async def load(body: dict[str, Any]):

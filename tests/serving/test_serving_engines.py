@@ -70,6 +70,22 @@ def test_a_replica_that_has_the_adapter_is_preferred(engines, gateway, make_org,
     assert holders[0].state.served == [model] * 6
 
 
+def test_a_fresh_gateway_finds_the_replica_that_already_holds_the_adapter(engines, gateway, make_org, make_adapter):
+    """Another gateway (or this one before a restart) loaded it on the second replica: this gateway
+    reads that from the engines' /v1/models and loads nothing."""
+    replicas = [engines(), engines()]
+    org, key = make_org()
+    model = make_adapter(org)
+    replicas[1].state.loaded[model] = "store:adapters/elsewhere"
+    gw = gateway({BUILTIN_BASE_MODEL: [r.url for r in replicas]})
+
+    for _ in range(4):
+        gw.client(key).chat.completions.create(model=model, messages=MESSAGES, max_tokens=1)
+
+    assert replicas[1].state.served == [model] * 4 and replicas[0].state.served == []
+    assert sum(r.state.load_requests[model] for r in replicas) == 0
+
+
 def test_base_model_requests_spread_over_replicas(engines, gateway, make_org):
     replicas = [engines(), engines()]
     gw = gateway({BUILTIN_BASE_MODEL: [r.url for r in replicas]})
