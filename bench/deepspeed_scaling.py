@@ -15,6 +15,18 @@ single-GPU worker (plain PyTorch, stock HF path: the DeepSpeed worker does not u
 kernels). The model is a random-weight Llama built here (no downloads), ~0.45B parameters by
 default; data is synthetic text (loss on every token), ``--seq`` tokens an example.
 
+On the device (nothing can be fetched there): DeepSpeed travels as a wheel with hjson, pydantic as
+the wheels in ``.whl`` (both folders git-ignored, carried)::
+
+    .venv/bin/pip wheel --no-deps deepspeed -w .whl-ds      # a py3-none-any wheel, ~7 s
+    .venv/bin/pip download --no-deps --only-binary=:all: -d .whl-ds hjson==3.1.0
+    # run(kind="nvidia-h200-x4", carry=[".whl", ".whl-ds"], command=...):
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl .whl-ds/*.whl && export PYTHONPATH=/tmp/site || exit
+    export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 GIT_COMMIT=<sha>
+    python3 bench/deepspeed_scaling.py --gpus 1,2,4 --cases lora,full,full-offload --out $OUT/deepspeed_scaling.json
+    python3 -m pytest -q -p no:cacheprovider --confcutdir=tests/gpu_worker tests/gpu_worker/test_distributed_gpu.py
+
 Results: per run, the step losses, tokens/s (median over the steps after ``--warmup``), peak GPU
 memory; per case, scaling efficiency ``tokens/s(n) / (n × tokens/s(1 rank))`` and the largest
 relative loss difference against the single-GPU run; device, versions and the git commit

@@ -244,6 +244,13 @@ class DeepSpeedEngine:
     def _base_optimizer(self):
         return self.ds.optimizer.optimizer  # the AdamW inside ZeRO's optimizer, over flat fp32 shards
 
+    def _flat_shards(self) -> list:
+        """This rank's flat fp32 shards, the tensors the base AdamW keys its state by (ZeRO-3 puts
+        them in the AdamW's param_groups only while it steps)."""
+        z = self.ds.optimizer
+        shards = getattr(z, "fp32_partitioned_groups_flat", None) or getattr(z, "single_partition_of_fp32_groups", None)
+        return list(shards) if shards else [p for g in self._base_optimizer().param_groups for p in g["params"]]
+
     def _step_count(self) -> int:
         for st in self._base_optimizer().state.values():
             if "step" in st:
@@ -282,12 +289,11 @@ class DeepSpeedEngine:
         steps = [float(s["step"]) for s in sd["state"].values() if "step" in s]
         step = steps[0] if steps else 0.0
         base = self._base_optimizer()
-        for group in base.param_groups:
-            for flat in group["params"]:
-                slot = base.state[flat]
-                for k in _MOMENTS:
-                    slot.setdefault(k, torch.zeros_like(flat))
-                slot["step"] = torch.tensor(step) if isinstance(base, torch.optim.AdamW) else int(step)  # DeepSpeedCPUAdam counts in an int
+        for flat in self._flat_shards():
+            slot = base.state[flat]
+            for k in _MOMENTS:
+                slot.setdefault(k, torch.zeros_like(flat))
+            slot["step"] = torch.tensor(step) if isinstance(base, torch.optim.AdamW) else int(step)  # DeepSpeedCPUAdam counts in an int
         if hasattr(self.ds.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 link their views lazily
             self.ds.optimizer._hp_optimizer_states_linked = False
             self.ds.optimizer._lazy_init_hp_params_optimizer_state()
