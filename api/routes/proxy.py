@@ -1,5 +1,5 @@
-"""Inference pass-through: ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models`` go to the
-serving gateway unchanged, so one base URL serves both fine-tuning and inference.
+"""Inference pass-through: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` and
+``/v1/models`` go to the serving gateway unchanged, so one base URL serves both fine-tuning and inference.
 
 The gateway does its own authentication and metering; this layer forwards the Authorization header
 and the request id, streams the answer back as it comes (server-sent events included) and keeps the
@@ -63,6 +63,11 @@ async def chat_completions(request: Request) -> StreamingResponse:
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> StreamingResponse:
+    return await _forward(request)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request) -> StreamingResponse:
     return await _forward(request)
 
 

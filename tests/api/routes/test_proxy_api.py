@@ -48,6 +48,12 @@ def _fake_gateway() -> FastAPI:
             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
         }
 
+    @gw.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await request.json()
+        return {"object": "list", "model": body["model"], "data": [{"object": "embedding", "index": 0, "embedding": [0.5, -0.25]}],
+                "usage": {"prompt_tokens": 4, "total_tokens": 4}}
+
     @gw.get("/v1/models")
     def models():
         return {"object": "list", "data": [{"id": "tuneforge-tiny", "object": "model", "created": 1, "owned_by": "tuneforge"}]}
@@ -135,3 +141,9 @@ def test_adapter_registry_routes_go_to_the_gateway(proxied):
     assert promoted.json() == {"method": "POST", "path": "ft:tuneforge-tiny:acme:bot/promote"}
     deleted = http.delete("/v1/adapters/ft:tuneforge-tiny:acme:bot:ftjob-1", headers={"Authorization": "Bearer tf-any-key"})
     assert deleted.json() == {"method": "DELETE", "path": "ft:tuneforge-tiny:acme:bot:ftjob-1"}
+
+
+def test_embeddings_go_to_the_gateway(proxied):
+    client, _ = proxied
+    out = client.embeddings.create(model="tuneforge-tiny", input="Hello there", encoding_format="float")
+    assert out.data[0].embedding == [0.5, -0.25] and out.usage.prompt_tokens == 4
