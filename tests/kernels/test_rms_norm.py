@@ -94,3 +94,17 @@ def test_output_dtype_and_rounding_follow_hf(offset, module):
     # (Not tighter: Triton's CPU interpreter truncates float32 -> bf16 where the GPU rounds to nearest.)
     assert rel_err(got, want) < TOL[torch.bfloat16]
     assert rms_norm_reference(x, hf.weight.detach(), 1e-6, offset=offset).dtype == want.dtype
+
+
+def test_all_zero_rows_stay_finite():
+    # padding rows are all zeros: rstd = 1/sqrt(eps), the output and every gradient stay finite (0)
+    x = torch.randn(4, 33)
+    x[1] = 0.0
+    x.requires_grad_()
+    w = torch.randn(33, requires_grad=True)
+    y = rms_norm(x, w, 1e-6, impl="triton")
+    gx, gw = torch.autograd.grad(y, (x, w), torch.randn_like(y))
+    assert torch.isfinite(y).all() and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    assert torch.equal(y[1], torch.zeros(33))
+    ref = rms_norm_reference(x.detach().double(), w.detach().double(), 1e-6)
+    assert rel_err(y, ref) < TOL[torch.float32]
