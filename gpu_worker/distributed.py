@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -203,7 +204,9 @@ def _init_process_group(local_rank: int) -> str:
         device = f"cuda:{local_rank}"
     else:
         device = "cpu"
-    deepspeed.init_distributed(dist_init_required=True)
+    # Collectives wait this long for a slow rank: rank 0 uploads each checkpoint while the others
+    # wait at a barrier, and a full model's upload to S3 can outlast DeepSpeed's 30-minute default.
+    deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(hours=2))
     return device
 
 
