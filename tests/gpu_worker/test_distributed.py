@@ -231,6 +231,34 @@ def test_zero3_with_the_optimizer_in_host_memory(ds_store, micro_model_dir, tmp_
     assert trainer.losses() == pytest.approx(_losses(single_events), rel=RTOL)
 
 
+def test_evaluation_best_checkpoint_and_gate_on_two_ranks(ds_store, micro_model_dir, tmp_path):
+    """Every rank evaluates and rank 0's numbers decide (best checkpoint, early stopping); rank 0
+    alone runs the eval gate and the save phase: the same validation losses, exact match, best step
+    and report as one process."""
+    from scheduler.demo_data import make_dataset
+
+    _, valid_rows, _ = make_dataset(0, 6, 0, 5)
+    ds_store.put_bytes("files/valid.jsonl", "".join(json.dumps(r) + "\n" for r in valid_rows).encode())
+    common = dict(validation_file_key="files/valid.jsonl", evaluation=EvalOptions(gate=True, keep_best=True, early_stopping_patience=2))
+    spec = _spec(micro_model_dir, "jobs/ds2-eval", ranks=2, **common).model_copy(
+        update={"data": DataOptions(train_on_inputs=False)})
+    trainer = _Trainer(spec, ds_store, tmp_path, tmp_path / "eval.stderr")
+    assert trainer.events_until_end() == 0 and isinstance(trainer.events[-1], CompletedEvent), trainer.log_tail()
+    one = spec.model_copy(update={"output_prefix": "jobs/one-eval", "runtime": spec.runtime.model_copy(update={"distributed": None})})
+    events, single = _in_process(one, ds_store, tmp_path)
+    ds_metrics, one_metrics = trainer.of(MetricsEvent), [e for e in events if isinstance(e, MetricsEvent)]
+    assert [m.step for m in ds_metrics] == [m.step for m in one_metrics]
+    evaluated = [m.step for m in ds_metrics if m.valid_loss is not None]
+    assert evaluated == [m.step for m in one_metrics if m.valid_loss is not None] and len(evaluated) >= 2
+    assert [m.valid_loss for m in ds_metrics if m.valid_loss is not None] == pytest.approx(
+        [m.valid_loss for m in one_metrics if m.valid_loss is not None], rel=RTOL)
+    assert [m.exact_match for m in ds_metrics] == [m.exact_match for m in one_metrics]
+    done = trainer.events[-1]
+    assert done.best_step == single.best_step and done.eval_report.passed == single.eval_report.passed
+    assert done.eval_report.tuned_valid_loss == pytest.approx(single.eval_report.tuned_valid_loss, rel=RTOL)
+    assert done.eval_report.base_valid_loss == pytest.approx(single.eval_report.base_valid_loss, rel=RTOL)
+
+
 def test_a_failing_job_reports_one_failed_event(ds_store, micro_model_dir, tmp_path):
     """A bad training file fails on every rank; rank 0's FailedEvent is the one the agent sees."""
     spec = _spec(micro_model_dir, "jobs/ds-bad", ranks=2, training_file_key="files/missing.jsonl")
