@@ -4,7 +4,8 @@
 job spec on stdin, events on stdout, SIGTERM to stop). When the spec carries a placement
 (``spec.runtime.distributed``), it does not train itself: ``supervise`` starts ``torchrun`` with one
 rank per GPU of this node, and each rank runs ``python -m gpu_worker.distributed`` (``rank_main``):
-the SFT recipe on a DeepSpeed engine (``gpu_worker.recipes.deepspeed_engine``).
+the job's recipe (SFT, or the preference loop of DPO/IPO/ORPO/SimPO, KTO and GRPO) on a DeepSpeed
+engine (``gpu_worker.recipes.deepspeed_engine``).
 
 - The spec reaches the ranks as a file in a private run folder; stdin (the agent's pipe, which stays
   open) is inherited by every rank, so when the agent dies each rank sees end-of-file and exits,
@@ -158,20 +159,14 @@ def rank_main(argv: list[str] | None = None) -> int:
     emit = events.emit if events is not None else (lambda event: None)
     spec = JobSpec.model_validate_json((args.run_dir / SPEC_FILE).read_text())
     try:
-        from gpu_worker.contract import Method
-        from gpu_worker.recipes import RunContext
-        from gpu_worker.recipes.model_setup import UnsupportedOnDevice
+        from gpu_worker.recipes import RunContext, recipe_for
         from gpu_worker.storage import open_store
 
-        if spec.method != Method.supervised:
-            raise UnsupportedOnDevice(f"the multi-GPU worker trains supervised jobs only, not {spec.method.value}", param="method")
         device = _init_process_group(local_rank)
         train._set_cpu_threads()
-        from gpu_worker.recipes.sft import run
-
         ctx = RunContext(store=open_store(os.environ["TUNEFORGE_STORAGE_URL"]), data_dir=Path(os.environ.get("TUNEFORGE_DATA_DIR", "./.tuneforge")),
                          emit=emit, should_stop=should_stop, device=device)
-        run(spec, ctx)
+        recipe_for(spec.method)(spec, ctx)  # every recipe's loop runs on the engine (train_engine)
     except Exception as err:
         failed = train._failure(err)
         (log.error if failed.code != "internal_error" else log.exception)("job %s failed on rank %d: %s", spec.job_id, rank, err)

@@ -54,13 +54,10 @@ FOLDER_ARTIFACTS = frozenset({"adapter", "merged", "report"})  # the artifact ke
 
 def place(spec: contract.JobSpec, plan: Plan | None) -> tuple[contract.JobSpec, str | None]:
     """The spec this worker runs for ``plan``, and a line for the job's events. A ``multi-gpu`` plan
-    becomes ``runtime.distributed`` (its memory mode and kernel choice too); any other plan leaves the
-    spec as it is. The DeepSpeed worker trains SFT; a preference, KTO or GRPO job planned across GPUs
-    runs on one GPU (the plan's other GPUs idle) and the line says so."""
+    becomes ``runtime.distributed`` (its memory mode and kernel choice too), whatever the method
+    (SFT and the preference loop both run on DeepSpeed ranks); any other plan leaves the spec as it is."""
     if plan is None or plan.worker_kind != "multi-gpu" or spec.runtime.distributed is not None:
         return spec, None
-    if spec.method != contract.Method.supervised:
-        return spec, f"{spec.method.value} is not trained by the multi-GPU worker yet: running on one GPU of the {plan.gpu_count} planned"
     placement = contract.Distributed(gpus_per_node=plan.gpu_count, zero_stage=plan.zero_stage or 2, offload_optimizer=plan.offload,
                                      micro_batch_size=plan.micro_batch_size)
     runtime = spec.runtime.model_copy(update={"distributed": placement, "memory_mode": contract.MemoryMode(plan.memory_mode),

@@ -259,6 +259,26 @@ def test_evaluation_best_checkpoint_and_gate_on_two_ranks(ds_store, micro_model_
     assert done.eval_report.base_valid_loss == pytest.approx(single.eval_report.base_valid_loss, rel=RTOL)
 
 
+def test_dpo_on_two_ranks_matches_one_process(ds_store, micro_model_dir, tmp_path):
+    """The preference loop shares the engine: DPO's step loss is already a mean over the step's
+    pairs, so the ranks' shares add up to one process's loss (the reference is the adapter off)."""
+    from gpu_worker.contract import Method
+    from gpu_worker.recipes import recipe_for
+    from scheduler.demo_data import make_dataset
+
+    rows = [{"prompt": r["messages"][:-1], "chosen": f"I think it is {r['messages'][-1]['content']}, thank you.", "rejected": "No."}
+            for r in make_dataset(13, 0, 0, 0)[0]]
+    ds_store.put_bytes("files/pref.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    spec = _spec(micro_model_dir, "jobs/ds2-dpo", ranks=2, method=Method.dpo, training_file_key="files/pref.jsonl", data=DataOptions())
+    trainer = _Trainer(spec, ds_store, tmp_path, tmp_path / "dpo.stderr")
+    assert trainer.events_until_end() == 0 and isinstance(trainer.events[-1], CompletedEvent), trainer.log_tail()
+    one = spec.model_copy(update={"output_prefix": "jobs/one-dpo", "runtime": spec.runtime.model_copy(update={"distributed": None})})
+    events = []
+    assert isinstance(recipe_for(Method.dpo)(one, RunContext(store=ds_store, data_dir=tmp_path, emit=events.append, device="cpu")), CompletedEvent)
+    assert trainer.losses() == pytest.approx(_losses(events), rel=RTOL) and len(trainer.losses()) == 12
+    assert trainer.losses()[-1] < trainer.losses()[0]
+
+
 def test_a_failing_job_reports_one_failed_event(ds_store, micro_model_dir, tmp_path):
     """A bad training file fails on every rank; rank 0's FailedEvent is the one the agent sees."""
     spec = _spec(micro_model_dir, "jobs/ds-bad", ranks=2, training_file_key="files/missing.jsonl")

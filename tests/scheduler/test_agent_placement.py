@@ -41,9 +41,9 @@ def test_single_gpu_plans_and_unknown_plans_leave_the_spec_alone():
     assert place(_spec(), None) == (_spec(), None)
 
 
-def test_methods_the_deepspeed_worker_does_not_train_run_on_one_gpu_and_say_so():
+def test_preference_methods_are_placed_too():
     spec, line = place(_spec(contract.Method.dpo), MULTI)
-    assert spec.runtime.distributed is None and "dpo is not trained by the multi-GPU worker" in line
+    assert spec.runtime.distributed.gpus_per_node == 4 and line.startswith("Training on 4 GPUs")
 
 
 @pytest.mark.integration
