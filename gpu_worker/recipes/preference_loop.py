@@ -57,10 +57,10 @@ from gpu_worker.integrations import Loggers
 from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
-from gpu_worker.recipes.schedule import RunPlan, metrics_event  # one run layout for every recipe
-from gpu_worker.recipes.train_engine import make_engine
+from gpu_worker.recipes.schedule import RunPlan, check_resumable, metrics_event  # one run layout for every recipe
+from gpu_worker.recipes.train_engine import load_best, make_engine, save_best
 from gpu_worker.engine.compat import write_reference
-from gpu_worker.storage import delete_prefix, get_dir, put_dir
+from gpu_worker.storage import delete_prefix, put_dir
 
 
 @dataclasses.dataclass
@@ -188,7 +188,7 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
     step, tokens, position, last_ckpt = 0, 0, DataPosition(), None
     if spec.resume_from_key:
         state, rng = engine.load_checkpoint(ctx.store, spec.resume_from_key)
-        _check_resumable(spec, state, plan)
+        check_resumable(spec, state, plan)
         step, tokens = state["step"], state["trained_tokens"]
         position = DataPosition.from_dict(state["data_position"])
         tracker = ev.BestTracker.from_dict(state.get("best"), evo.early_stopping_patience)
@@ -260,7 +260,7 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
             if checked.reward is not None:
                 metrics["valid_reward"] = checked.reward
             if tracker.update(step, checked.score) and evo.keep_best:
-                _save_best(ctx, engine, spec, best_key)
+                save_best(ctx.store, engine, best_key, base_model=spec.base_model)
         ctx.emit(LogEvent(message=f"{objective.name} step {step}: {json.dumps(metrics, sort_keys=True)}"))
         event = metrics_event(
             step=step, plan=plan, position=position, train_loss=train_loss, lr=lr, tokens=tokens,
@@ -288,7 +288,7 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
     if evo.keep_best and tracker.best_step is not None:
         best_step = tracker.best_step
         if best_step != step:
-            _load_best(ctx, model, best_key)
+            load_best(ctx.store, model, best_key)
             ctx.emit(LogEvent(message=f"Keeping the best checkpoint: step {best_step} (validation score {tracker.best_loss:.4f})"))
     report = _gate(ctx, objective, model, valid, plan.batch_size, device) if evo.gate else None
     return _finish(spec, ctx, model, tokenizer, step, tokens, report, best_step, loggers, workdir)
@@ -361,27 +361,10 @@ def _gate(ctx: RunContext, objective: Objective, model, valid: tuple | None, bat
     return report
 
 
-def _save_best(ctx: RunContext, engine, spec: JobSpec, key: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="tuneforge-best-") as tmp:
-        engine.save_weights(Path(tmp), base_model=spec.base_model)
-        if engine.is_main:
-            delete_prefix(ctx.store, key)
-            put_dir(ctx.store, tmp, key)
 
 
-def _load_best(ctx: RunContext, model, key: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="tuneforge-best-") as tmp:
-        get_dir(ctx.store, key, tmp)
-        ms.load_trained(model, Path(tmp))
 
 
-def _check_resumable(spec: JobSpec, state: dict[str, Any], plan: RunPlan) -> None:
-    if state.get("base_model") != spec.base_model or state.get("adapter") != spec.adapter.model_dump(mode="json"):
-        raise ckpt.CheckpointError(f"checkpoint {spec.resume_from_key!r} was made for another base model or adapter configuration")
-    if state.get("method") != spec.method.value:
-        raise ckpt.CheckpointError(f"checkpoint {spec.resume_from_key!r} was made by a {state.get('method')} run, not {spec.method.value}")
-    if state.get("plan", {}).get("total_steps") != plan.total_steps:
-        raise ckpt.CheckpointError(f"checkpoint {spec.resume_from_key!r} was made for another data set or hyperparameters")
 
 
 def _finish(spec: JobSpec, ctx: RunContext, model, tokenizer, step: int, tokens: int, report: EvalReport | None, best_step: int | None, loggers: Loggers, workdir: Path) -> CompletedEvent:

@@ -60,6 +60,20 @@ class RunPlan:
         return step % self.steps_per_epoch == 0
 
 
+def check_resumable(spec: JobSpec, state: dict, plan: RunPlan) -> None:
+    """A checkpoint resumes only the run it was made for: same base model, adapter, method (when the
+    checkpoint records one) and run shape. Raises ``CheckpointError``."""
+    from gpu_worker.checkpoint import CheckpointError
+
+    key = spec.resume_from_key
+    if state.get("base_model") != spec.base_model or state.get("adapter") != spec.adapter.model_dump(mode="json"):
+        raise CheckpointError(f"checkpoint {key!r} was made for another base model or adapter configuration")
+    if state.get("method", spec.method.value) != spec.method.value:
+        raise CheckpointError(f"checkpoint {key!r} was made by a {state.get('method')} run, not {spec.method.value}")
+    if state.get("plan", {}).get("total_steps") != plan.total_steps:
+        raise CheckpointError(f"checkpoint {key!r} was made for another data set or hyperparameters")
+
+
 def optimizer_step(optimizer, params, *, step: int, plan: RunPlan, hp: Hyperparameters) -> tuple[float, float]:
     """Clip the gradients, apply the scheduled learning rate of optimizer step ``step + 1``, step and
     clear the gradients. Returns (gradient norm before clipping, learning rate)."""

@@ -63,12 +63,12 @@ from gpu_worker.contract import (
 from gpu_worker.data import DataPosition, Dataset, collate, epoch_batches, load_sft_data, token_counts, tokenizer_view
 from gpu_worker.integrations import Loggers
 from gpu_worker.loading import load_tokenizer
-from gpu_worker.recipes.schedule import RunPlan, metrics_event
+from gpu_worker.recipes.schedule import RunPlan, check_resumable, metrics_event
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
-from gpu_worker.recipes.train_engine import make_engine
+from gpu_worker.recipes.train_engine import load_best, make_engine, save_best
 from gpu_worker.engine.compat import write_reference
-from gpu_worker.storage import delete_prefix, get_dir, put_dir
+from gpu_worker.storage import delete_prefix, put_dir
 
 
 def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
@@ -103,7 +103,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
     step, tokens, position, last_ckpt = 0, 0, DataPosition(), None
     if spec.resume_from_key:
         state, rng = engine.load_checkpoint(ctx.store, spec.resume_from_key)
-        _check_resumable(spec, state, plan)
+        check_resumable(spec, state, plan)
         step, tokens = state["step"], state["trained_tokens"]
         position = DataPosition.from_dict(state["data_position"])
         tracker = ev.BestTracker.from_dict(state.get("best"), evo.early_stopping_patience)
@@ -126,6 +126,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
             "lr_schedule": {"kind": hp.lr_scheduler.value, "peak": hp.learning_rate, "warmup_steps": plan.warmup_steps, "total_steps": plan.total_steps},
             "plan": dataclasses.asdict(plan),
             "best": tracker.to_dict(),
+            "method": spec.method.value,
             "base_model": spec.base_model,
             "adapter": spec.adapter.model_dump(mode="json"),
             "job_id": spec.job_id,
@@ -164,7 +165,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
             valid_loss = engine.same(ev.valid_loss(model, valid.examples, batch_size=plan.batch_size, pad_id=pad_id, device=device))
             exact = engine.same(ev.exact_match(model, pairs, pad_id=pad_id, eos_id=eos_id, device=device))
             if tracker.update(step, valid_loss) and evo.keep_best:
-                _save_best(ctx, engine, spec, best_key)
+                save_best(ctx.store, engine, best_key, base_model=spec.base_model)
         per_step = (time.perf_counter() - run_started) / (step - run_first_step)
         metrics = metrics_event(
             step=step, plan=plan, position=position, train_loss=train_loss, lr=lr, tokens=tokens,
@@ -193,7 +194,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
     if evo.keep_best and tracker.best_step is not None:
         best_step = tracker.best_step
         if best_step != step:
-            _load_best(ctx, model, best_key)
+            load_best(ctx.store, model, best_key)
             ctx.emit(LogEvent(message=f"Keeping the best checkpoint: step {best_step} (validation loss {tracker.best_loss:.4f})"))
     report = None
     if evo.gate:
@@ -224,18 +225,8 @@ def _train_step(engine, micro_batches, pad_id: int, should_stop) -> tuple[float,
     return engine.total(total), n_trained, n_seen
 
 
-def _save_best(ctx: RunContext, engine, spec: JobSpec, key: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="tuneforge-best-") as tmp:
-        engine.save_weights(Path(tmp), base_model=spec.base_model)
-        if engine.is_main:
-            delete_prefix(ctx.store, key)
-            put_dir(ctx.store, tmp, key)
 
 
-def _load_best(ctx: RunContext, model, key: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="tuneforge-best-") as tmp:
-        get_dir(ctx.store, key, tmp)
-        ms.load_trained(model, Path(tmp))
 
 
 def _gate(spec: JobSpec, ctx: RunContext, model, valid: Dataset | None, pairs, batch_size: int, pad_id, eos_id, device):
@@ -272,11 +263,6 @@ def _has_answers(spec: JobSpec, stats) -> bool:
     return not spec.data.train_on_inputs and all(f.format in _ANSWER_FORMATS for f in files)
 
 
-def _check_resumable(spec: JobSpec, state: dict[str, Any], plan: RunPlan) -> None:
-    if state.get("base_model") != spec.base_model or state.get("adapter") != spec.adapter.model_dump(mode="json"):
-        raise ckpt.CheckpointError(f"checkpoint {spec.resume_from_key!r} was made for another base model or adapter configuration")
-    if state.get("plan", {}).get("total_steps") != plan.total_steps:
-        raise ckpt.CheckpointError(f"checkpoint {spec.resume_from_key!r} was made for another data set or hyperparameters")
 
 
 def _stopped(ctx: RunContext, step: int, key: str | None, loggers: Loggers, output_prefix: str, workdir: Path) -> StoppedEvent:

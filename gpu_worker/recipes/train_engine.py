@@ -16,6 +16,7 @@ one-process loss exactly, whatever the split (``shard``).
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +25,7 @@ import torch
 from gpu_worker import checkpoint as ckpt
 from gpu_worker.recipes import model_setup as ms
 from gpu_worker.recipes.schedule import optimizer_step
+from gpu_worker.storage import delete_prefix, get_dir, put_dir
 
 
 def split_step(micro_batches: Sequence[Sequence[Any]], rank: int, world_size: int, micro_batch_size: int | None) -> list[tuple[list[Any], float]]:
@@ -117,3 +119,22 @@ class TorchEngine:
 
     def close(self) -> None:
         pass
+
+
+# --- the best step's weights (keep_best), shared by every recipe ---------------------------------------
+
+
+def save_best(store, engine, key: str, *, base_model: str) -> None:
+    """Snapshot the trained weights under ``key`` (every rank takes part; rank 0 writes)."""
+    with tempfile.TemporaryDirectory(prefix="tuneforge-best-") as tmp:
+        engine.save_weights(Path(tmp), base_model=base_model)
+        if engine.is_main:
+            delete_prefix(store, key)
+            put_dir(store, tmp, key)
+
+
+def load_best(store, model, key: str) -> None:
+    """Put the snapshot under ``key`` back into ``model`` (the save phase: rank 0's plain model)."""
+    with tempfile.TemporaryDirectory(prefix="tuneforge-best-") as tmp:
+        get_dir(store, key, tmp)
+        ms.load_trained(model, Path(tmp))
