@@ -205,15 +205,20 @@ def _text_prompt(target: Target, prompt) -> list[int]:
         if len(prompt) != 1:
             raise InvalidRequest("one prompt per request: send a string or a single token list", param="prompt")
         prompt = prompt[0]
-    runner = target.base.runner
-    if isinstance(prompt, str):
-        ids = runner.tokenizer(prompt)["input_ids"] if prompt else []
-    else:
-        ids = list(prompt)
-        if any(not 0 <= t < runner.vocab_size for t in ids):
-            raise InvalidRequest(f"prompt token ids must be in [0, {runner.vocab_size})", param="prompt")
+    ids = token_ids(target.base.runner, prompt, param="prompt")
     if not ids:
         raise InvalidRequest("the prompt is empty", param="prompt")
+    return ids
+
+
+def token_ids(runner, value: str | list[int], *, param: str) -> list[int]:
+    """A prompt given as text (tokenized as the model's tokenizer does) or as token ids (checked
+    against the vocabulary); shared by completions and embeddings."""
+    if isinstance(value, str):
+        return runner.tokenizer(value)["input_ids"] if value else []
+    ids = list(value)
+    if any(not 0 <= t < runner.vocab_size for t in ids):
+        raise InvalidRequest(f"{param} token ids must be in [0, {runner.vocab_size})", param=param)
     return ids
 
 

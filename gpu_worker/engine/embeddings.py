@@ -13,6 +13,7 @@ import base64
 import torch
 from fastapi.concurrency import run_in_threadpool
 
+from gpu_worker.engine.completions import token_ids
 from gpu_worker.engine.errors import InvalidRequest, ModelNotFound
 from gpu_worker.engine.generation import AdapterGone
 from gpu_worker.engine.models import ServedModels
@@ -56,12 +57,7 @@ def _inputs(value, runner, limit: int) -> list[list[int]]:
         raise InvalidRequest(f"input must hold 1 to {MAX_INPUTS} items", param="input")
     prompts = []
     for item in items:
-        if isinstance(item, str):
-            ids = runner.tokenizer(item)["input_ids"] if item else []
-        else:
-            ids = list(item)
-            if any(not 0 <= t < runner.vocab_size for t in ids):
-                raise InvalidRequest(f"input token ids must be in [0, {runner.vocab_size})", param="input")
+        ids = token_ids(runner, item, param="input")
         if not ids:
             raise InvalidRequest("an input is empty", param="input")
         if len(ids) > limit:
