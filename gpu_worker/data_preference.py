@@ -192,7 +192,7 @@ def load_examples(store: ObjectStore, key: str, tokenizer, fmt: DataFormat, *, m
     """Read and tokenize a whole preference / KTO / prompt file. ``max_prompt_length`` applies to
     prompt files (GRPO: room must be left for the completion); ``required_fields`` are row fields
     each prompt row must have (the rewards' references). Raises ``DataError``."""
-    from gpu_worker.validation import CHECKS  # the platform's rules, the same the API applied at upload
+    from gpu_worker.record_checks import CHECKS  # the platform's rules, the same the API applied at upload
 
     examples, truncated = [], 0
     for n, obj in _rows(store, key, param=param):

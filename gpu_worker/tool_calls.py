@@ -1,6 +1,6 @@
 """The OpenAI tool-calling format of chat training examples, checked: the ``tools`` list, the shape of
 each assistant ``tool_calls`` entry, and how calls and ``tool`` results refer to each other. Standard
-library only; ``gpu_worker.validation`` applies these per line at upload and before training."""
+library only; ``gpu_worker.record_checks`` applies these per line at upload and before training."""
 
 from __future__ import annotations
 

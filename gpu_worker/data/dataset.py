@@ -23,7 +23,8 @@ from gpu_worker.data.mixing import hold_out, mix
 from gpu_worker.data.packing import pack
 from gpu_worker.data.templates import TemplateError, resolve_template
 from gpu_worker.storage import ObjectNotFound, ObjectStore, iter_lines
-from gpu_worker.validation import FileValidator, check_format_for_method, near_key
+from gpu_worker.record_checks import check_format_for_method
+from gpu_worker.validation import FileValidator, near_key
 
 
 class DataError(ValueError):

@@ -1,6 +1,6 @@
 """Supervised data formats: a validated JSONL record becomes what the tokenizer sees.
 
-The line rules live in ``gpu_worker.validation`` (shared with the API); this module only maps an
+The line rules live in ``gpu_worker.record_checks`` (shared with the API); this module only maps an
 already valid record of a supervised format to one of two shapes:
 
 - a conversation (chat, ShareGPT, Alpaca): ``[{"role", "content", "weight"}]``, rendered with the chat
@@ -22,7 +22,7 @@ from typing import Any
 
 from gpu_worker.contract import DataFormat
 from gpu_worker.tool_calls import legacy_as_tools, sharegpt_as_chat, sharegpt_uses_tools, uses_legacy_functions
-from gpu_worker.validation import SHAREGPT_ROLES
+from gpu_worker.record_checks import SHAREGPT_ROLES
 
 SFT_FORMATS = frozenset({DataFormat.chat, DataFormat.sharegpt, DataFormat.alpaca, DataFormat.completion, DataFormat.text})
 
