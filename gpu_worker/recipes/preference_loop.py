@@ -58,7 +58,7 @@ from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
 from gpu_worker.recipes.schedule import RunPlan, check_resumable, metrics_event  # one run layout for every recipe
-from gpu_worker.recipes.train_engine import load_best, make_engine, save_best
+from gpu_worker.recipes.train_engine import make_engine, restore_best, save_best
 from gpu_worker.engine.compat import write_reference
 from gpu_worker.storage import delete_prefix, put_dir
 
@@ -284,12 +284,7 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
     if model is None:  # a DeepSpeed rank other than 0: rank 0 finishes alone
         shutil.rmtree(workdir, ignore_errors=True)
         return None
-    best_step = None
-    if evo.keep_best and tracker.best_step is not None:
-        best_step = tracker.best_step
-        if best_step != step:
-            load_best(ctx.store, model, best_key)
-            ctx.emit(LogEvent(message=f"Keeping the best checkpoint: step {best_step} (validation score {tracker.best_loss:.4f})"))
+    best_step = restore_best(ctx.store, model, tracker, step=step, keep_best=evo.keep_best, key=best_key, emit=ctx.emit, measure="validation score")
     report = _gate(ctx, objective, model, valid, plan.batch_size, device) if evo.gate else None
     return _finish(spec, ctx, model, tokenizer, step, tokens, report, best_step, loggers, workdir)
 

@@ -138,3 +138,16 @@ def load_best(store, model, key: str) -> None:
     with tempfile.TemporaryDirectory(prefix="tuneforge-best-") as tmp:
         get_dir(store, key, tmp)
         ms.load_trained(model, Path(tmp))
+
+
+def restore_best(store, model, tracker, *, step: int, keep_best: bool, key: str, emit, measure: str) -> int | None:
+    """The save phase: with ``keep_best``, the best evaluated step (its snapshot under ``key`` put back
+    into ``model`` when it is not the last step, and said in a log line); None when nothing was kept."""
+    from gpu_worker.contract import LogEvent
+
+    if not keep_best or tracker.best_step is None:
+        return None
+    if tracker.best_step != step:
+        load_best(store, model, key)
+        emit(LogEvent(message=f"Keeping the best checkpoint: step {tracker.best_step} ({measure} {tracker.best_loss:.4f})"))
+    return tracker.best_step
