@@ -7,13 +7,18 @@ under a cached entry is bounded by the TTL: a revoked key keeps working for at m
 on a gateway that had it cached, and a promote, rollback or delete made through another gateway
 replica reaches this one within ``model_cache_ttl_s``. Changes made through this gateway (its adapter
 registry routes) invalidate the org's entries at once. Both TTLs can be set to 0 to disable caching.
+
+Misses are single-flight (``get_or_load``): when an entry expires under load, the requests that miss it
+together share one database lookup instead of each queueing its own behind the worker threads (which
+showed as p99 spikes of tens of milliseconds every TTL at 500 requests/s).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
-from typing import Generic, Hashable, TypeVar
+from typing import Awaitable, Callable, Generic, Hashable, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -28,6 +33,8 @@ class TTLCache(Generic[K, V]):
         self._max = max_entries
         self._clock = clock
         self._entries: collections.OrderedDict[K, tuple[float, V]] = collections.OrderedDict()
+        self._loading: dict[K, asyncio.Future] = {}
+        self._generation = 0  # bumped by every invalidation: a load that began before one is not kept
 
     def get(self, key: K) -> V | None:
         entry = self._entries.get(key)
@@ -46,12 +53,36 @@ class TTLCache(Generic[K, V]):
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
+    async def get_or_load(self, key: K, load: Callable[[], Awaitable[V | None]], keep: Callable[[V], bool] = lambda value: True) -> V | None:
+        """The cached value, else ``await load()``, kept when it is not None and ``keep(value)``.
+        Concurrent misses of one key share one load; it runs as its own task, so a caller that goes
+        away (a client disconnect) does not cancel it for the others."""
+        value = self.get(key)
+        if value is not None:
+            return value
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.ensure_future(load())
+            self._loading[key] = task
+            task.add_done_callback(lambda done, generation=self._generation: self._loaded(key, done, generation, keep))
+        return await asyncio.shield(task)
+
+    def _loaded(self, key: K, task: asyncio.Future, generation: int, keep: Callable[[V], bool]) -> None:
+        if self._loading.get(key) is task:
+            del self._loading[key]
+        if task.cancelled() or task.exception() is not None:  # exception(): retrieved, so never logged twice
+            return
+        if task.result() is not None and keep(task.result()) and generation == self._generation:
+            self.put(key, task.result())
+
     def discard_where(self, predicate) -> None:
         """Drop every entry whose key satisfies ``predicate`` (an org's entries after a change)."""
+        self._generation += 1
         for key in [k for k in self._entries if predicate(k)]:
             del self._entries[key]
 
     def clear(self) -> None:
+        self._generation += 1
         self._entries.clear()
 
     def __len__(self) -> int:

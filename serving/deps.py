@@ -50,12 +50,9 @@ async def get_principal(request: Request, db: DatabaseDep) -> Principal:
     # Cached by the key's hash (serving.cache): a key is not kept in memory in clear longer than its request.
     cache = request.app.state.key_cache
     hashed = hash_key(key)
-    principal = cache.get(hashed)
+    principal = await cache.get_or_load(hashed, lambda: db.run(lambda session: authenticate_key(session, key)))
     if principal is None:
-        principal = await db.run(lambda session: authenticate_key(session, key))
-        if principal is None:
-            raise AuthenticationFailed("Incorrect API key provided.")
-        cache.put(hashed, principal)
+        raise AuthenticationFailed("Incorrect API key provided.")
     return principal
 
 

@@ -56,13 +56,12 @@ async def resolve(ctx: InferenceContext, model: str) -> ResolvedModel:
     if model in ctx.settings.base_models:
         return ResolvedModel(name=model, base=model)
     key = (ctx.principal.org_id, model)
-    target = ctx.models.get(key)
-    if target is None:
-        base_models = ctx.settings.base_models
-        target = await ctx.db.run(lambda session: registry.resolve(session, ctx.principal, model, base_models))
-        if target.adapter is None or target.adapter.checked:
-            ctx.models.put(key, target)
-    return target
+    base_models, principal = ctx.settings.base_models, ctx.principal
+    return await ctx.models.get_or_load(
+        key,
+        lambda: ctx.db.run(lambda session: registry.resolve(session, principal, model, base_models)),
+        keep=lambda target: target.adapter is None or target.adapter.checked,
+    )
 
 
 async def complete(ctx: InferenceContext, endpoint: Endpoint, body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest) -> Response:

@@ -15,7 +15,6 @@ quota can be exceeded by at most the requests in flight when it was reached, plu
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -26,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from scheduler.models import InferenceQuota, RateLimit, UsageRecord
 from scheduler.tenancy import Principal
+from serving.cache import TTLCache
 from serving.errors import RateLimited
 
 # Limits change rarely (an admin edits them); seconds of staleness cost nothing and save a query a request.
@@ -136,11 +136,9 @@ class Limiter:
 
     def __init__(self, buckets: Buckets, *, clock=time.monotonic, now=lambda: datetime.now(timezone.utc)):
         self.buckets = buckets
-        self._clock = clock
         self._now = now
-        self._config: dict[tuple[str, str | None], tuple[float, Limits]] = {}
-        self._used: dict[str, tuple[float, datetime, int]] = {}
-        self._lock = asyncio.Lock()
+        self._config: TTLCache[tuple[str, str | None], Limits] = TTLCache(CONFIG_TTL_S, clock=clock)
+        self._used: TTLCache[tuple[str, datetime], int] = TTLCache(QUOTA_TTL_S, clock=clock)
 
     def forget(self) -> None:
         """Drop the cached limits and usage (tests; an admin changed a limit)."""
@@ -173,17 +171,7 @@ class Limiter:
 
     async def _limits(self, db, principal: Principal) -> Limits:
         key = (principal.org_id, principal.api_key_id)
-        cached = self._config.get(key)
-        if cached is not None and self._clock() - cached[0] < CONFIG_TTL_S:
-            return cached[1]
-        limits = await db.run(lambda s: read_limits(s, principal))
-        self._config[key] = (self._clock(), limits)
-        return limits
+        return await self._config.get_or_load(key, lambda: db.run(lambda s: read_limits(s, principal)))
 
     async def _usage(self, db, org_id: str, since: datetime) -> int:
-        cached = self._used.get(org_id)
-        if cached is not None and cached[1] == since and self._clock() - cached[0] < QUOTA_TTL_S:
-            return cached[2]
-        used = await db.run(lambda s: tokens_used(s, org_id, since))
-        self._used[org_id] = (self._clock(), since, used)
-        return used
+        return await self._used.get_or_load((org_id, since), lambda: db.run(lambda s: tokens_used(s, org_id, since)))
