@@ -58,7 +58,7 @@ from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
 from gpu_worker.recipes.schedule import RunPlan, check_resumable, metrics_event  # one run layout for every recipe
-from gpu_worker.recipes.train_engine import make_engine, restore_best, save_best
+from gpu_worker.recipes.train_engine import make_engine, open_loggers, placement, restore_best, save_best
 from gpu_worker.engine.compat import write_reference
 from gpu_worker.storage import delete_prefix, put_dir
 
@@ -197,10 +197,10 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
         ctx.emit(LogEvent(message=f"Resumed from checkpoint at step {step} of {plan.total_steps}"))
     elif engine.is_main:
         delete_prefix(ctx.store, best_key)  # a best snapshot from an unrelated earlier attempt
-    where = f"{device}" if spec.runtime.distributed is None else f"{engine.world_size} rank(s), DeepSpeed ZeRO-{spec.runtime.distributed.zero_stage}"
+    where = placement(engine, spec)
     ctx.emit(LogEvent(message=f"Training {objective.name} for {plan.total_steps} steps on {len(train_examples)} examples ({where})"))
     workdir = Path(tempfile.mkdtemp(prefix="tuneforge-job-"))
-    loggers = Loggers.open(spec if engine.is_main else spec.model_copy(update={"integrations": type(spec.integrations)()}), ctx.emit, workdir)
+    loggers = open_loggers(spec, engine, ctx.emit, workdir)
 
     def save(at_step: int, rng: dict[str, Any], train_loss: float | None, valid_loss: float | None) -> str:
         key = ckpt.checkpoint_key(spec.output_prefix, at_step)

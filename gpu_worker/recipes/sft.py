@@ -66,7 +66,7 @@ from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes.schedule import RunPlan, check_resumable, metrics_event
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
-from gpu_worker.recipes.train_engine import make_engine, restore_best, save_best
+from gpu_worker.recipes.train_engine import make_engine, open_loggers, placement, restore_best, save_best
 from gpu_worker.engine.compat import write_reference
 from gpu_worker.storage import delete_prefix, put_dir
 
@@ -112,10 +112,10 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
         ctx.emit(LogEvent(message=f"Resumed from checkpoint at step {step} of {plan.total_steps}"))
     elif engine.is_main:
         delete_prefix(ctx.store, best_key)  # a best snapshot from an unrelated earlier attempt
-    where = f"{device}" if spec.runtime.distributed is None else f"{engine.world_size} rank(s), DeepSpeed ZeRO-{spec.runtime.distributed.zero_stage}"
+    where = placement(engine, spec)
     ctx.emit(LogEvent(message=f"Training {plan.total_steps} steps on {len(train.examples)} examples ({where}, {spec.adapter.type.value})"))
     workdir = Path(tempfile.mkdtemp(prefix="tuneforge-job-"))
-    loggers = Loggers.open(spec if engine.is_main else spec.model_copy(update={"integrations": type(spec.integrations)()}), ctx.emit, workdir)
+    loggers = open_loggers(spec, engine, ctx.emit, workdir)
 
     def save(at_step: int, rng: dict[str, Any], train_loss: float | None, valid_loss: float | None) -> str:
         key = ckpt.checkpoint_key(spec.output_prefix, at_step)

@@ -151,3 +151,16 @@ def restore_best(store, model, tracker, *, step: int, keep_best: bool, key: str,
         load_best(store, model, key)
         emit(LogEvent(message=f"Keeping the best checkpoint: step {tracker.best_step} ({measure} {tracker.best_loss:.4f})"))
     return tracker.best_step
+
+
+def placement(engine, spec) -> str:
+    """Where the run trains, for the setup log line: the device, or the DeepSpeed ranks."""
+    d = spec.runtime.distributed
+    return f"{engine.device}" if d is None else f"{engine.world_size} rank(s), DeepSpeed ZeRO-{d.zero_stage}"
+
+
+def open_loggers(spec, engine, emit, workdir: Path):
+    """TensorBoard/MLflow/W&B as the job asks, on rank 0 only (the other ranks log nothing)."""
+    from gpu_worker.integrations import Loggers
+
+    return Loggers.open(spec if engine.is_main else spec.model_copy(update={"integrations": type(spec.integrations)()}), emit, workdir)
