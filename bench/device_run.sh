@@ -5,7 +5,7 @@
 #
 # Device, from the repo root, carrying .peer-site (../shared/bench/make_peer_site.sh) and, for the
 # "base" method, .bench-base (git archive <old commit> kernels gpu_worker/__init__.py gpu_worker/patching):
-#   GIT_COMMIT=<sha> BASE_COMMIT=<sha> [MICRO=1] bash bench/device_run.sh ours:8B:off,unsloth:8B:off 560
+#   GIT_COMMIT=<sha> BASE_COMMIT=<sha> [MICRO=1|ce,...] bash bench/device_run.sh ours:8B:off,unsloth:8B:off 560
 # (the device's .git may be stale: pass GIT_COMMIT from here). INT64_S: seconds kept for the int64 tests
 # at the end (default 90). Writes under $OUT: env.log (GPU, versions, saves, matmul), gpu_tests.log,
 # r.jsonl, children.log, summary.json (the file kept under bench/results/) and micro.jsonl with MICRO.
@@ -33,7 +33,10 @@ grep -E "passed|failed|error" "$OUT/gpu_tests.log"
 for p in "${savers[@]}"; do wait "$p"; done
 echo "tests and saves done at $(( $(date +%s) - t0 )) s"
 python3 bench/train_step.py matmul >> "$OUT/env.log" 2>&1
-[[ -n "${MICRO:-}" ]] && python3 bench/micro.py --out "$OUT/micro.jsonl" 2>&1 | tail -20
+if [[ -n "${MICRO:-}" ]]; then  # MICRO=1: every group; else a list of groups (micro.py --only), e.g. ce
+  groups=$([[ $MICRO == 1 ]] && echo copy,gemm,ce,elementwise || echo "$MICRO")
+  python3 bench/micro.py --only "$groups" --out "$OUT/micro.jsonl" 2>&1 | tail -20
+fi
 left=$(( end_s - ${INT64_S:-90} - ($(date +%s) - t0) ))
 python3 bench/train_step.py suite --configs "$configs" --model-root /tmp --out "$OUT/r.jsonl" \
   --summary "$OUT/summary.json" --log-dir "$OUT" --deadline-s "$left"

@@ -6,8 +6,8 @@
 - ``gemm``: why v4 (LoRA term first, base GEMM with beta=s) gave nothing: the gate projection
   (8192 x 4096 -> 14336, rank 16) as base only, base with beta != 0 onto a filled output, the rank-16
   read-modify-write pass (v3) and the rank-16 write (v4), and both orders end to end;
-- ``ce``: fused linear cross-entropy forward+backward (hidden 4096, vocab 128256) per chunk size in rows
-  (the code's rule picks 256 at this shape): time and peak memory;
+- ``ce``: fused linear cross-entropy forward+backward (hidden 4096 and 2048, vocab 128256) per chunk size
+  in rows (the rule picked 256 until v5, 1024 since): time and peak memory;
 - ``elementwise``: our Triton rms_norm, SwiGLU (forward, in-place backward) and RoPE in GB/s against
   the copy ceiling.
 
@@ -75,26 +75,29 @@ def bench_gemm(emit):
 def bench_ce(emit):
     import kernels.cross_entropy as ce
 
-    h = torch.randn(N_TOK, HID, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(VOCAB, HID, device="cuda", dtype=torch.bfloat16) / HID ** 0.5
-    labels = torch.randint(0, VOCAB, (N_TOK,), device="cuda")
     rule = ce._chunk_rows
-    default = rule(N_TOK, HID, VOCAB)
-
-    def step():
-        ce.fused_linear_cross_entropy(h, w, labels).backward()
-        h.grad = None
-
     try:
-        for rows in (128, 256, 512, 1024, 2048):
-            ce._chunk_rows = lambda *_, r=rows: r
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            ms = timed(step, warmup=2, reps=10)
-            extra = (torch.cuda.max_memory_allocated() - before) / 1e9
-            emit("ce", f"chunk {rows} rows" + (" (rule)" if rows == default else ""), ms,
-                 tflops=2 * 2 * N_TOK * HID * VOCAB / ms / 1e9, peak_extra_gb=extra)
+        for hid in (HID, 2048):  # the 8B and the 1B hidden size
+            h = torch.randn(N_TOK, hid, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            w = torch.randn(VOCAB, hid, device="cuda", dtype=torch.bfloat16) / hid ** 0.5
+            labels = torch.randint(0, VOCAB, (N_TOK,), device="cuda")
+            default = rule(N_TOK, hid, VOCAB)
+
+            def step():
+                ce.fused_linear_cross_entropy(h, w, labels).backward()
+                h.grad = None
+
+            for rows in (256, 512, 1024, 2048):
+                ce._chunk_rows = lambda *_, r=rows: r
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                ms = timed(step, warmup=2, reps=10)
+                extra = (torch.cuda.max_memory_allocated() - before) / 1e9
+                emit("ce", f"H={hid} chunk {rows} rows" + (" (rule)" if rows == default else ""), ms,
+                     tflops=2 * 2 * N_TOK * hid * VOCAB / ms / 1e9, peak_extra_gb=extra)
+            del h, w
+            torch.cuda.empty_cache()
     finally:
         ce._chunk_rows = rule
 

@@ -75,8 +75,30 @@ def test_grad_accumulation_with_num_items_equals_one_big_batch():
     assert rel_err(acc, big) < 1e-6 and rel_err(g_acc, g_big) < 1e-6
 
 
-def test_chunking_covers_every_row():
-    # many rows relative to vocab/hidden -> several chunks; poison-free check via the reference
+@pytest.mark.parametrize("rows", [7, 64])
+def test_chunking_covers_every_row(monkeypatch, rows):
+    # several chunks, the last one ragged (130 = 18 x 7 + 4, 2 x 64 + 2): loss and gradient of every row
+    import kernels.cross_entropy as ce
+
+    monkeypatch.setattr(ce, "_chunk_rows", lambda *_: rows)
     h, w, labels = _case("cpu", torch.float32, 130, 32, 64, seed=4)
-    assert rel_err(fused_linear_cross_entropy(h, w, labels, impl="triton"),
-                   fused_linear_cross_entropy_reference(h.double(), w.double(), labels)) < 1e-5
+    h = h.requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, labels, impl="triton")
+    (g,) = torch.autograd.grad(loss, (h,))
+    h64 = h.detach().double().requires_grad_()
+    ref = fused_linear_cross_entropy_reference(h64, w.double(), labels)
+    (g_ref,) = torch.autograd.grad(ref, (h64,))
+    assert rel_err(loss, ref) < 1e-5 and rel_err(g, g_ref) < 1e-5
+
+
+def test_chunk_rows_rule():
+    from kernels.cross_entropy import _chunk_rows
+
+    # the benchmark shapes (8192 tokens, 128K vocabulary): 1024 rows, 256 MiB of bf16 logits per chunk
+    assert _chunk_rows(8192, 4096, 128256) == 1024 and _chunk_rows(8192, 2048, 128256) == 1024
+    # a smaller vocabulary: more rows for the same 2^27 logits
+    assert _chunk_rows(8192, 4096, 32000) == 4096
+    # Liger's rule (logits about the size of the hidden states) where it gives more rows
+    assert _chunk_rows(65536, 8192, 32000) == 16384
+    # never more than the rows there are (rounded up to a power of two)
+    assert _chunk_rows(40, 4096, 128256) == 64 and _chunk_rows(1, 4096, 128256) == 1

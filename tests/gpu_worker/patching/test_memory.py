@@ -1,0 +1,116 @@
+"""The ``offload`` memory mode computes what ``checkpointing`` computes, whatever the timing of its
+side-stream copies, and keeps no layer input around after backward; backward of a layer prefetches the
+input of the layer below it."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from gpu_worker.patching import patch_model
+from gpu_worker.patching import memory
+from tests.gpu_worker.patching.conftest import build_lora_model, lora_grads, rel, tiny_config
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
+
+
+def _model(device, mode, layers=4):
+    model = build_lora_model(tiny_config("llama", num_hidden_layers=layers), device)
+    patch_model(model, memory_mode=mode)
+    return model
+
+
+def _steps(model, device, n=2):
+    """``n`` forward/backward passes (gradients accumulate), float32 throughout."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(n):
+        x = torch.randint(0, 128, (4, 32), generator=g).to(device)
+        model(input_ids=x, labels=x).loss.backward()
+    return lora_grads(model)
+
+
+def _state(model):
+    base = model.get_base_model()
+    return base.model.layers[0]._gradient_checkpointing_func.state
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_offload_equals_checkpointing(device):
+    ref = _steps(_model(device, "checkpointing"), device)
+    ours = _steps(_model(device, "offload"), device)
+    assert ref.keys() == ours.keys()
+    # the same kernels on the same inputs; on CUDA only the attention backward may reassociate
+    worst = max(rel(ours[n], ref[n]) for n in ref)
+    assert worst < (1e-6 if device == "cpu" else 1e-5), worst
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_offload_is_right_when_the_copies_are_slow(monkeypatch):
+    """The side stream is held back ~20 ms before every copy in either direction. If a layer input
+    were freed for reuse before its copy to the host ran, or read on the device before its copy back
+    finished, the recompute would see other data and the gradients would be O(1) off."""
+    model = _model("cuda", "offload", layers=6)
+    state = _state(model)
+    state.stream = torch.cuda.Stream()
+    sleep = lambda: torch.cuda._sleep(40_000_000)  # noqa: E731  (cycles: ~20 ms at 2 GHz)
+
+    new_copy, prefetch = state.new_copy, memory._HostCopy.prefetch
+
+    def slow_new_copy(hidden):
+        with torch.cuda.stream(state.stream):
+            sleep()
+        return new_copy(hidden)
+
+    def slow_prefetch(self):
+        with torch.cuda.stream(self.stream):
+            sleep()
+        prefetch(self)
+
+    monkeypatch.setattr(state, "new_copy", slow_new_copy)
+    monkeypatch.setattr(memory._HostCopy, "prefetch", slow_prefetch)
+    ours = _steps(model, "cuda")
+    ref = _steps(_model("cuda", "checkpointing", layers=6), "cuda")
+    worst = max(rel(ours[n], ref[n]) for n in ref)
+    assert worst < 1e-5, worst
+
+
+def test_backward_prefetches_the_layer_below_and_frees_every_copy(monkeypatch):
+    model = _model("cpu", "offload", layers=4)
+    copies, fetched = [], []
+    init, fetch = memory._HostCopy.__init__, memory._HostCopy.fetch
+
+    def recording_init(self, *a, **kw):
+        init(self, *a, **kw)
+        copies.append(self)
+
+    def recording_fetch(self):
+        below = self.previous() if self.previous is not None else None
+        out = fetch(self)
+        # by the time this layer's recompute runs, the layer below is already on its way back
+        fetched.append((copies.index(self), below is None or below.on_device is not None))
+        return out
+
+    monkeypatch.setattr(memory._HostCopy, "__init__", recording_init)
+    monkeypatch.setattr(memory._HostCopy, "fetch", recording_fetch)
+    _steps(model, "cpu", n=2)
+    assert len(copies) == 8  # 4 layers x 2 passes
+    # each pass's backward fetches its layers top-down; the second pass does not chain to the first
+    assert [i for i, _ in fetched] == [3, 2, 1, 0, 7, 6, 5, 4]
+    assert all(prefetched for _, prefetched in fetched)
+    assert copies[4].previous is None
+    assert all(c.host is None and c.on_device is None for c in copies)
+
+
+def test_a_dropped_graph_frees_its_host_copies():
+    model = _model("cpu", "offload", layers=3)
+    x = torch.randint(0, 128, (2, 16))
+    model(input_ids=x, labels=x).loss  # graph dropped, no backward
+    gc.collect()
+    state = _state(model)
+    assert state.last is not None and state.last() is None
+    model(input_ids=x, labels=x).loss.backward()  # the next pass chains to nothing stale
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
