@@ -25,6 +25,7 @@ from scheduler.models import Adapter, AdapterAlias, utcnow
 from scheduler.tenancy import Principal
 from serving.compatibility import Incompatible, check_files
 from serving.errors import InvalidRequest, ModelNotFound, ServingError
+from serving.vllm_plugin import check as vllm_check
 from serving.vllm_plugin import index as lora_index
 from serving.protocol import AdapterPublic, AdaptersPublic, AdapterVersionPublic
 from serving.settings import ServingSettings
@@ -74,7 +75,7 @@ async def ensure_checked(settings: ServingSettings, db, engines: EnginePool, org
             raise ModelNotFound(adapter_id)
         if row["compatibility"] is not None:
             return row["compatibility"]
-        report = await run_check(settings, engines, row["base_model"], row["storage_key"])
+        report = await run_check(settings, engines, row["base_model"], row["storage_key"], adapter_id)
         await db.run(lambda s: record_check(s, org_id, adapter_id, report))
         if report["passed"]:  # vLLM replicas find it by name from now on (serving.vllm_plugin.resolver)
             entry = lora_index.IndexEntry(name=adapter_id, base_model=row["base_model"], key=row["storage_key"])
@@ -90,7 +91,7 @@ def _snapshot(session: Session, org_id: str, adapter_id: str) -> dict | None:
     return {"base_model": row.base_model, "storage_key": row.storage_key, "compatibility": row.compatibility}
 
 
-async def run_check(settings: ServingSettings, engines: EnginePool, base: str, storage_key: str) -> dict[str, Any]:
+async def run_check(settings: ServingSettings, engines: EnginePool, base: str, storage_key: str, adapter_id: str) -> dict[str, Any]:
     store = open_store(settings.storage_url)
     try:
         facts = await asyncio.to_thread(
@@ -98,13 +99,54 @@ async def run_check(settings: ServingSettings, engines: EnginePool, base: str, s
         )
     except Incompatible as exc:
         return {"passed": False, "reason": exc.reason, "code": exc.code}
+    if engines.resolves_adapters:
+        return await _check_on_vllm(engines, store, base, storage_key, adapter_id, facts)
     status, body = await engines.check_adapter(base, "store:" + storage_key)
-    if status == 404:  # vLLM has no check route: its own load at first request is the engine check
-        return {"passed": True, "static": facts, "engine": "not_supported", "logits": {"status": "not_checked"}}
+    if status == 404:
+        reason = "the engine has no adapter check route (a vLLM engine needs TUNEFORGE_ENGINE_KIND=vllm)"
+        return {"passed": False, "static": facts, "reason": reason, "code": "engine_misconfigured"}
     if status != 200:
-        error = body.get("error", {}) if isinstance(body, dict) else {}
-        return {"passed": False, "static": facts, "reason": str(error.get("message", body)), "code": error.get("code") or "engine_refused"}
-    logits = body.get("logits", {})
+        return _refused(facts, status, body)
+    return _logit_verdict(facts, body, body.get("logits", {}))
+
+
+async def _check_on_vllm(engines: EnginePool, store, base: str, storage_key: str, adapter_id: str, facts: dict) -> dict[str, Any]:
+    """vLLM loads an adapter only through its resolver, which reads the index: publish the entry, score
+    the reference prompts with the adapter as the model, and take the entry back (and the adapter off
+    every replica) if the check fails."""
+    entry = lora_index.IndexEntry(name=adapter_id, base_model=base, key=storage_key)
+    await asyncio.to_thread(lora_index.publish, store, entry)
+    try:
+        prompts = await asyncio.to_thread(vllm_check.read_reference, store, storage_key)
+        if prompts is None:  # nothing to compare with: the adapter must still load and answer
+            status, body = await engines.post_json(
+                base, "/v1/completions", {"model": adapter_id, "prompt": "Hello", "max_tokens": 1}, what="check the adapter", adapter_id=adapter_id
+            )
+            body = {"engine": "vllm", "logits": {"status": "no_reference"}} if status == 200 else body
+        else:
+            status, body = await vllm_check.check_on_vllm(engines, base, adapter_id, prompts)
+        report = _logit_verdict(facts, body, body["logits"]) if status == 200 else _refused(facts, status, body)
+    except vllm_check.BadReference as exc:
+        report = {"passed": False, "static": facts, "reason": str(exc), "code": "bad_reference"}
+    except BaseException:
+        await _withdraw(engines, store, base, adapter_id)
+        raise
+    if not report["passed"]:
+        await _withdraw(engines, store, base, adapter_id)
+    return report
+
+
+async def _withdraw(engines: EnginePool, store, base: str, adapter_id: str) -> None:
+    await asyncio.to_thread(lora_index.withdraw, store, adapter_id)
+    await engines.unload_everywhere(base, adapter_id)
+
+
+def _refused(facts: dict, status: int, body: Any) -> dict[str, Any]:
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    return {"passed": False, "static": facts, "reason": str(error.get("message", body)), "code": error.get("code") if isinstance(error.get("code"), str) else "engine_refused"}
+
+
+def _logit_verdict(facts: dict, body: dict, logits: dict) -> dict[str, Any]:
     if logits.get("status") == "mismatch":
         reason = f"the engine does not reproduce the training-side log-probabilities (max |Δ| {logits.get('max_abs_diff'):.3g})"
         return {"passed": False, "static": facts, "engine": body, "logits": logits, "reason": reason, "code": "logits_mismatch"}

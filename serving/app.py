@@ -32,6 +32,7 @@ def create_app(settings: ServingSettings | None = None, database: Database | Non
         cooldown_s=settings.replica_cooldown_s,
         refresh_s=settings.replica_refresh_s,
         on_adapter_load=lambda base: metrics.adapter_loads.labels(model=base).inc(),
+        resolves_adapters=settings.engine_kind == "vllm",
     )
 
     buckets = RedisBuckets(settings.rate_limit_url) if settings.rate_limit_url else MemoryBuckets()

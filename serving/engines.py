@@ -138,6 +138,7 @@ class EnginePool:
         cooldown_s: float,
         refresh_s: float = 10.0,
         on_adapter_load: Callable[[str], None] = lambda base: None,
+        resolves_adapters: bool = False,
     ):
         self._replicas = {base: [Replica(base, url) for url in urls] for base, urls in engines.items()}
         self._timeouts = timeouts
@@ -149,6 +150,10 @@ class EnginePool:
         self._refresh_s = refresh_s
         self._refreshed: dict[str, float] = {}  # base -> monotonic time of the last look at its replicas
         self._refreshing: dict[str, asyncio.Task] = {}
+        # vLLM: the engine loads an ``ft:`` name itself, from object storage, when a request names it
+        # (the resolver plugin, deploy/vllm); the gateway never sends it a path. The built-in engine:
+        # the gateway loads the adapter first (``/v1/load_lora_adapter`` with a ``store:`` path).
+        self.resolves_adapters = resolves_adapters
 
     @property
     def client(self) -> aiohttp.ClientSession:
@@ -220,8 +225,17 @@ class EnginePool:
             response = await self._send(replica, replica.url + path, payload, headers={"X-Request-Id": request_id})
             if 200 <= response.status < 300:
                 replica.down_until = 0.0
+                if target.adapter is not None and self.resolves_adapters and target.adapter.id not in replica.loaded:
+                    replica.loaded.add(target.adapter.id)  # the engine resolved and loaded it
+                    self._on_adapter_load(replica.base)
                 return Upstream(replica, response)
             body = await self._drain(response)
+            if response.status == 404 and target.adapter is not None and self.resolves_adapters:
+                # The engine's resolver did not find the name in the adapter index: the registry and
+                # the index disagree, which is the platform's fault, not the caller's.
+                replica.loaded.discard(target.adapter.id)
+                log.error("engine could not resolve the adapter", engine=replica.url, adapter=target.adapter.id, message=engine_message(body))
+                raise EngineError(f"The inference engine could not load model `{target.adapter.id}`.")
             if response.status == 404 and target.adapter is not None and attempt == 0:
                 # The engine does not know the adapter although we loaded it: it restarted or evicted
                 # it. Load it again and retry once.
@@ -301,7 +315,7 @@ class EnginePool:
         return EngineError(f"The inference engine failed to serve model `{target.name}`.")
 
     async def _ensure_adapter(self, replica: Replica, adapter: AdapterRef) -> None:
-        if adapter.id in replica.loaded:
+        if adapter.id in replica.loaded or self.resolves_adapters:
             return
         lock = self._locks.setdefault((replica.url, adapter.id), asyncio.Lock())
         async with lock:
@@ -331,19 +345,29 @@ class EnginePool:
     async def check_adapter(self, base: str, lora_path: str) -> tuple[int, Any]:
         """Ask a replica of ``base`` to verify an adapter (``/v1/tuneforge/check_adapter``, built-in engine
         only): (status, JSON body). 404 means the engine has no such route (vLLM)."""
-        for replica in self._candidates(ResolvedModel(name=base, base=base)):
+        return await self.post_json(base, "/v1/tuneforge/check_adapter", {"lora_path": lora_path}, what="check the adapter")
+
+    async def post_json(self, base: str, path: str, payload: dict[str, Any], *, what: str, adapter_id: str | None = None) -> tuple[int, Any]:
+        """POST to the first replica of ``base`` that takes it and return (status, JSON body); for the
+        registry's own requests (checks), not relayed to a client. 503 or unreachable: the next one.
+        ``adapter_id``: the request names that adapter (vLLM loads it for it): prefer a replica that has
+        it, and remember the one that answered as holding it."""
+        target = ResolvedModel(name=base, base=base, adapter=AdapterRef(adapter_id, storage_key="") if adapter_id else None)
+        for replica in self._candidates(target):
             try:
-                response = await self._send(replica, replica.url + "/v1/tuneforge/check_adapter", {"lora_path": lora_path}, read_s=self._timeouts.load_s)
+                response = await self._send(replica, replica.url + path, payload, read_s=self._timeouts.load_s)
             except _ReplicaUnavailable:
                 continue
             body = await self._drain(response)
             if response.status == 503:
                 continue
+            if adapter_id and self.resolves_adapters and response.status == 200:
+                replica.loaded.add(adapter_id)
             try:
                 return response.status, json.loads(body)
             except ValueError:
                 return response.status, {"error": {"message": engine_message(body)}}
-        raise EngineUnavailable(f"No inference engine for model `{base}` is reachable to check the adapter.")
+        raise EngineUnavailable(f"No inference engine for model `{base}` is reachable to {what}.")
 
     async def unload_everywhere(self, base: str, adapter_id: str) -> list[str]:
         """Tell every replica of ``base`` to drop ``adapter_id`` (deleted or demoted); the replicas that

@@ -8,6 +8,7 @@ it, e.g. ``{"tuneforge-tiny": ["http://127.0.0.1:8100", "http://127.0.0.1:8101"]
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -16,6 +17,10 @@ from scheduler.settings import Settings
 
 class ServingSettings(Settings):
     engines: dict[str, list[str]] = Field(default_factory=dict)
+    # What the engines are. "builtin": the gateway loads an adapter on a replica before its first request
+    # (the engine reads it from object storage). "vllm": vLLM's resolver plugin (deploy/vllm) loads an
+    # ``ft:`` name from object storage when a request names it; the gateway never sends vLLM a path.
+    engine_kind: Literal["builtin", "vllm"] = "builtin"
     # Connecting to an engine on the same network is quick; a replica that does not answer within a few
     # seconds is treated as down and the next replica is tried.
     engine_connect_timeout_s: float = 5.0
@@ -39,6 +44,12 @@ class ServingSettings(Settings):
     # batches this often (serving.usage_writer). Empty: <data_dir>/usage-journal.
     usage_flush_interval_s: float = Field(0.1, gt=0)
     usage_journal_dir: str = ""
+
+    # How long the gateway keeps an idle client connection open (uvicorn's timeout_keep_alive; see
+    # serving.server for why it exceeds the clients' own idle timeouts).
+    http_keep_alive_s: int = Field(75, ge=1)
+    # gc.freeze() after start-up (serving.server.tune_gc); off only to measure without it.
+    gc_tuning: bool = True
 
     # Redis for the per-key rate-limit buckets shared by all gateway replicas; empty: in this process.
     rate_limit_url: str = ""

@@ -7,10 +7,10 @@ Runs inside vLLM's process, so it lives outside the ``serving`` package (which m
 vllm): install this folder into the vLLM image next to Tuneforge (``pip install deploy/vllm``; its
 pyproject declares the ``vllm.general_plugins`` entry point) and run vLLM with
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true VLLM_PLUGINS=tuneforge_lora_resolver`` (``serving.vllm_plugin.
-config.vllm_env``). Settings: ``TUNEFORGE_STORAGE_URL`` (the object store) and ``TUNEFORGE_LORA_CACHE_DIR``.
-
-Not run against a real vLLM yet (no GPU in this session): ``TuneforgeResolver.resolve`` without the
-vLLM base class is what the tests exercise.
+config.vllm_env``). Settings: ``TUNEFORGE_STORAGE_URL`` (the object store), ``TUNEFORGE_LORA_CACHE_DIR``
+and ``TUNEFORGE_BASE_MODEL`` (the platform's name of the base this replica serves, when vLLM's
+``--model`` is a local path). The CPU tests exercise ``TuneforgeResolver.find``; inside a real vLLM it
+runs in ``tests/serving/test_vllm_gpu.py``.
 """
 
 from __future__ import annotations
@@ -33,14 +33,17 @@ def lora_int_id(name: str) -> int:
 
 
 class TuneforgeResolver:
-    def __init__(self, storage_url: str, cache_dir: str):
+    def __init__(self, storage_url: str, cache_dir: str, served_base: str | None = None):
         self.store = open_store(storage_url)
         self.cache_dir = cache_dir
+        # vLLM names the base by its --model (often a local path); the index by the platform's base model
+        # name, which this replica serves as --served-model-name (TUNEFORGE_BASE_MODEL).
+        self.served_base = served_base
 
     async def find(self, base_model_name: str, lora_name: str) -> tuple[str, int, str] | None:
         """(lora_name, lora_int_id, local path) for an adapter of ``base_model_name``, or None."""
         entry = await asyncio.to_thread(index.lookup, self.store, lora_name)
-        if entry is None or entry.base_model != base_model_name:
+        if entry is None or entry.base_model not in (base_model_name, self.served_base):
             return None
         try:
             path = await asyncio.to_thread(index.fetch, self.store, entry, self.cache_dir)
@@ -62,7 +65,9 @@ def register() -> None:
 
     class _Resolver(LoRAResolver):
         def __init__(self):
-            self._impl = TuneforgeResolver(storage_url, os.environ.get("TUNEFORGE_LORA_CACHE_DIR", "/tmp/tuneforge-loras"))
+            self._impl = TuneforgeResolver(
+                storage_url, os.environ.get("TUNEFORGE_LORA_CACHE_DIR", "/tmp/tuneforge-loras"), os.environ.get("TUNEFORGE_BASE_MODEL") or None
+            )
 
         async def resolve_lora(self, base_model_name: str, lora_name: str):
             found = await self._impl.find(base_model_name, lora_name)

@@ -34,12 +34,13 @@ def vllm_args(model: str, *, max_lora_rank: int, max_loras: int = 32, max_cpu_lo
     return args
 
 
-def vllm_env(storage_url: str, cache_dir: str = "/var/cache/tuneforge-loras") -> dict[str, str]:
+def vllm_env(storage_url: str, base_model: str, cache_dir: str = "/var/cache/tuneforge-loras") -> dict[str, str]:
     return {
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",  # /v1/load_lora_adapter and the resolver
         "VLLM_PLUGINS": "tuneforge_lora_resolver",
         "TUNEFORGE_STORAGE_URL": storage_url,
         "TUNEFORGE_LORA_CACHE_DIR": cache_dir,
+        "TUNEFORGE_BASE_MODEL": base_model,  # the index names adapters' bases by the platform's name
     }
 
 
@@ -48,4 +49,4 @@ if __name__ == "__main__":  # pragma: no cover - a thin CLI over the functions a
 
     settings = get_serving_settings()
     model = sys.argv[1] if len(sys.argv) > 1 else settings.base_models[0]
-    print(json.dumps({"args": vllm_args(model, max_lora_rank=settings.max_lora_rank, served_name=model), "env": vllm_env(settings.storage_url)}, indent=2))
+    print(json.dumps({"args": vllm_args(model, max_lora_rank=settings.max_lora_rank, served_name=model), "env": vllm_env(settings.storage_url, model)}, indent=2))

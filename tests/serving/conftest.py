@@ -76,7 +76,11 @@ class FakeEngine:
 
     def start(self) -> None:
         """Start a fresh engine (nothing loaded) on the same port."""
-        self.state = EngineState(base_model=self.state.base_model, load_delay_s=self.state.load_delay_s, token_delay_s=self.state.token_delay_s)
+        old = self.state
+        self.state = EngineState(
+            base_model=old.base_model, load_delay_s=old.load_delay_s, token_delay_s=old.token_delay_s,
+            resolver_store=old.resolver_store, logprob_shift=old.logprob_shift,
+        )
         self.server = LiveServer(create_engine_app(self.state), self.server.port).start()
 
     def restart(self) -> None:

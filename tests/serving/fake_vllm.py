@@ -7,7 +7,9 @@ when the name is already loaded) and ``/v1/unload_lora_adapter``, and a
 404 ``NotFoundError`` for a model it does not have. Output is deterministic: the model name followed
 by the prompt's words, one word per token; tokens are counted by whitespace. It records what it was
 asked (loads per adapter, request ids, aborted streams) so tests can check the gateway's behaviour
-from the engine's side.
+from the engine's side. By default adapters are loaded through ``/v1/load_lora_adapter`` with ``store:``
+paths (the built-in engine's protocol); with ``resolver_store`` it behaves as vLLM with Tuneforge's resolver
+plugin: adapters load by name on first request, ``prompt_logprobs`` score prompts.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from gpu_worker.storage import open_store
+from serving.vllm_plugin import check as vllm_check
+from serving.vllm_plugin import index
 
 
 @dataclass
@@ -42,6 +48,13 @@ class EngineState:
     tokens_streamed: int = 0
     # request id -> [prompt tokens, completion tokens generated]: what the engine would bill
     counts: dict[str, list[int]] = field(default_factory=dict)
+    # As a vLLM with Tuneforge's resolver plugin: an unknown ``ft:`` model is looked up in the adapter index
+    # of this object store and loaded by name (counted in load_calls); /v1/load_lora_adapter takes local
+    # paths only, as vLLM does, so a gateway that sends it a ``store:`` path gets vLLM's 404.
+    resolver_store: str | None = None
+    # prompt_logprobs of an adapter are its training-side reference (the adapter's
+    # reference_logits.safetensors) moved by this much: 0 reproduces the training side exactly.
+    logprob_shift: float = 0.0
 
 
 def _error(status: int, message: str, type: str, param: str | None = None) -> JSONResponse:
@@ -69,10 +82,25 @@ def create_engine_app(state: EngineState) -> FastAPI:
         cards += [{"id": name, "object": "model", "created": 0, "owned_by": "vllm", "root": path, "parent": state.base_model} for name, path in state.loaded.items()]
         return {"object": "list", "data": cards}
 
+    def resolve(model: Any) -> bool:
+        """vLLM's resolve_lora with the tuneforge resolver: True when ``model`` is (now) loaded."""
+        if model in state.loaded:
+            return True
+        if state.resolver_store is None or not isinstance(model, str):
+            return False
+        entry = index.lookup(open_store(state.resolver_store), model)
+        if entry is None or entry.base_model != state.base_model:
+            return False
+        state.loaded[model] = entry.key
+        state.load_calls[model] += 1
+        return True
+
     @app.post("/v1/load_lora_adapter")
     async def load(body: dict[str, Any]):
         name, path = body.get("lora_name"), body.get("lora_path")
         state.load_requests[name] += 1
+        if state.resolver_store is not None and isinstance(path, str) and path.startswith("store:"):
+            return _error(404, f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError")
         if not name or not isinstance(path, str) or not path.startswith("store:"):
             return _error(400, "lora_name and a store: lora_path are required", "BadRequestError")
         if name in state.loaded:
@@ -93,9 +121,11 @@ def create_engine_app(state: EngineState) -> FastAPI:
         if state.fail_status is not None:
             return _error(state.fail_status, "engine failure injected by the test", "InternalServerError")
         model = body.get("model")
-        if model != state.base_model and model not in state.loaded:
+        if model != state.base_model and not resolve(model):
             state.not_found += 1
             return _error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        if not chat and body.get("prompt_logprobs"):
+            return score(model, body)
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
         if not isinstance(max_tokens, int) or max_tokens < 1:
             return _error(400, "max_tokens must be at least 1", "BadRequestError", "max_tokens")
@@ -128,7 +158,7 @@ def create_engine_app(state: EngineState) -> FastAPI:
             return JSONResponse({"detail": "Not Found"}, status_code=404)
         body = await request.json()
         model = body.get("model")
-        if model != state.base_model and model not in state.loaded:
+        if model != state.base_model and not resolve(model):
             state.not_found += 1
             return _error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
         state.served.append(model)
@@ -146,6 +176,21 @@ def create_engine_app(state: EngineState) -> FastAPI:
         state.counts[request_id] = [tokens, 0]
         return {"id": "embd-fake", "object": "list", "created": int(time.time()), "model": model, "data": data,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    def score(model: str, body: dict[str, Any]) -> dict[str, Any]:
+        """prompt_logprobs as vLLM returns them (None, then per position the top-k token ids as string
+        keys), taken from the adapter's own training-side reference for the prompt that matches."""
+        k, prompt = int(body["prompt_logprobs"]), body["prompt"]
+        reference = vllm_check.read_reference(open_store(state.resolver_store), state.loaded[model]) or []
+        rows: list[Any] = [None] * len(prompt)
+        for ref in reference:
+            if prompt[: len(ref.ids)] == ref.ids and len(prompt) == len(ref.ids) + 1:
+                for t in range(len(ref.ids)):
+                    rows[t + 1] = {str(tok): {"logprob": lp + state.logprob_shift, "rank": r + 1, "decoded_token": "x"}
+                                   for r, (tok, lp) in enumerate(zip(ref.top_ids[t, :k].tolist(), ref.top_logprobs[t, :k].tolist()))}
+        choice = {"index": 0, "text": "x", "logprobs": None, "finish_reason": "length", "prompt_logprobs": rows}
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": 1, "total_tokens": len(prompt) + 1}
+        return {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": model, "choices": [choice], "usage": usage}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

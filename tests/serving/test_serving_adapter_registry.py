@@ -112,9 +112,11 @@ def _put_adapter(store: LocalStore, prefix: str, *, config: dict | None = None, 
 
 
 def test_check_runs_at_first_use_and_refuses_pickles(engines, gateway, make_org, make_adapter, data_dir):
-    engine = engines()
-    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    """On vLLM (its resolver loads adapters by name from the index): the check publishes the adapter,
+    vLLM loads it on the check's request, and a failed adapter is never published."""
     store = LocalStore(data_dir / "objects")
+    engine = engines(resolver_store=str(data_dir / "objects"))
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]}, engine_kind="vllm")
     org, key = make_org()
     _put_adapter(store, "adapters/good")
     _put_adapter(store, "adapters/bad", extra={"adapter_model.bin": b"pickle"})
@@ -125,14 +127,27 @@ def test_check_runs_at_first_use_and_refuses_pickles(engines, gateway, make_org,
     with pytest.raises(openai.BadRequestError) as err:
         gw.client(key).chat.completions.create(model=bad, messages=MESSAGES)
     assert err.value.code == "adapter_incompatible" and "pickle" in err.value.message
-    assert engine.state.load_requests[bad] == 0  # refused before any engine saw it
+    assert engine.state.load_calls == {good: 1} and engine.state.not_found == 0  # the bad one never reached it
+    assert sum(engine.state.load_requests.values()) == 0  # vLLM is never sent a path
     listed = {v["id"]: v for a in gw.http().get("/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()["data"] for v in a["versions"]}
-    assert listed[good]["status"] == "active" and listed[good]["compatibility"]["engine"] == "not_supported"  # vLLM-like: no check route
+    assert listed[good]["status"] == "active" and listed[good]["compatibility"]["logits"] == {"status": "no_reference"}
     assert listed[bad]["status"] == "incompatible" and listed[bad]["version"] is None
-    # Published for vLLM's resolver only once it passed; withdrawn when deleted.
+    # Published for vLLM's resolver by the check; withdrawn (and unloaded) when deleted.
     assert index.lookup(store, good).key == "adapters/good" and index.lookup(store, bad) is None
     gw.http().delete(f"/v1/adapters/{good}", headers={"Authorization": f"Bearer {key}"})
-    assert index.lookup(store, good) is None
+    assert index.lookup(store, good) is None and good not in engine.state.loaded
+
+
+def test_builtin_kind_refuses_an_engine_without_the_check_route(engines, gateway, make_org, make_adapter, data_dir):
+    """A vLLM deployed as if it were the built-in engine cannot check (or load) adapters: said plainly."""
+    engine = engines()  # the fake has no /v1/tuneforge/check_adapter, like vLLM
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    org, key = make_org()
+    _put_adapter(LocalStore(data_dir / "objects"), "adapters/good")
+    good = make_adapter(org, suffix="good", checked=False, storage_key="adapters/good")
+    with pytest.raises(openai.BadRequestError) as err:
+        gw.client(key).chat.completions.create(model=good, messages=MESSAGES)
+    assert err.value.code == "adapter_incompatible" and "TUNEFORGE_ENGINE_KIND" in err.value.message
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
-"""The vLLM side without vLLM (not installed here; nothing below ran inside a real vLLM): the engine
-arguments derived from the platform's rank limit, the adapter index the gateway publishes, and the
-resolver's lookup and download from object storage."""
+"""The vLLM side without vLLM (not installed here; tests/serving/test_vllm_gpu.py runs it inside a real
+vLLM on a GPU): the engine arguments derived from the platform's rank limit, the adapter index the
+gateway publishes, the resolver's lookup and download from object storage, and the reading and
+comparison of the training-side reference log-probabilities with vLLM's prompt_logprobs."""
 
 from __future__ import annotations
 
@@ -39,7 +40,20 @@ def test_vllm_args_and_env():
         config.vllm_args("m", max_lora_rank=8, max_loras=8, max_cpu_loras=4)
     with pytest.raises(ValueError, match="exceeds"):
         config.vllm_max_lora_rank(1024)
-    assert config.vllm_env("s3://bucket")["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    env = config.vllm_env("s3://bucket", "llama")
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["VLLM_PLUGINS"] == "tuneforge_lora_resolver"
+    assert (env["TUNEFORGE_STORAGE_URL"], env["TUNEFORGE_BASE_MODEL"]) == ("s3://bucket", "llama")
+
+
+def test_resolver_accepts_the_served_base_name(tmp_path):
+    """vLLM asks with its --model (a local path in most deployments); the index names the platform's base."""
+    store = LocalStore(tmp_path / "objects")
+    _put(store, "jobs/1/adapter")
+    index.publish(store, index.IndexEntry(name=NAME, base_model="tuneforge-tiny", key="jobs/1/adapter"))
+    served = TuneforgeResolver(str(tmp_path / "objects"), str(tmp_path / "cache"), served_base="tuneforge-tiny")
+    assert asyncio.run(served.find("/models/tiny", NAME))[0] == NAME
+    other = TuneforgeResolver(str(tmp_path / "objects"), str(tmp_path / "cache"), served_base="other")
+    assert asyncio.run(other.find("/models/tiny", NAME)) is None
 
 
 def test_resolver_finds_published_adapters_only(tmp_path):
@@ -80,3 +94,55 @@ def test_gateway_never_imports_vllm():
 
     code = "import sys, serving.app, serving.vllm_plugin.config, serving.vllm_plugin.index; assert 'vllm' not in sys.modules and 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def _reference_bytes(tmp_path, prompts):
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, (ids, top_ids, top_lp) in enumerate(prompts):
+        tensors[f"ids_{i}"] = torch.tensor(ids, dtype=torch.int64)
+        tensors[f"top_ids_{i}"] = torch.tensor(top_ids, dtype=torch.int64)
+        tensors[f"top_logprobs_{i}"] = torch.tensor(top_lp, dtype=torch.float32)
+    save_file(tensors, str(tmp_path / "ref.safetensors"))
+    return (tmp_path / "ref.safetensors").read_bytes()
+
+
+def _vllm_answer(rows):
+    return {"choices": [{"prompt_logprobs": [None] + [{str(t): {"logprob": lp, "rank": r + 1} for r, (t, lp) in enumerate(row)} for row in rows]}]}
+
+
+def test_reference_read_without_torch_equals_safetensors(tmp_path):
+    from serving.vllm_plugin import check
+
+    prompts = [([5, 6, 7], [[1, 2], [3, 4], [5, 6]], [[-0.5, -1.5], [-0.25, -2.0], [-0.1, -3.0]]), ([9], [[7, 8]], [[-0.7, -0.9]])]
+    [a, b] = check.parse_reference(_reference_bytes(tmp_path, prompts))
+    assert a.ids == [5, 6, 7] and a.top_ids.tolist() == prompts[0][1] and a.top_logprobs.ravel().tolist() == pytest.approx(sum(prompts[0][2], []))
+    assert b.ids == [9] and b.top_ids.shape == (1, 2)
+    # the scoring request: the ids plus one token, so that the last reference row is scored too
+    assert check.scoring_request("ft:x", a, 2) == {"model": "ft:x", "prompt": [5, 6, 7, 5], "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 2}
+    for bad in (b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", _reference_bytes(tmp_path, [])):
+        with pytest.raises(check.BadReference):
+            check.parse_reference(bad)
+
+
+def test_compare_with_vllm_prompt_logprobs(tmp_path):
+    from serving.vllm_plugin import check
+
+    [ref] = check.parse_reference(_reference_bytes(tmp_path, [([5, 6], [[1, 2, 3], [4, 5, 6]], [[-0.5, -1.5, -2.0], [-0.25, -2.0, -4.0]])]))
+    exact = _vllm_answer([[(1, -0.5), (2, -1.5)], [(4, -0.25), (5, -2.0), (9, -5.0)]])
+    report = check.compare([ref], [exact])
+    assert (report["status"], report["max_abs_diff"], report["top1_agreement"], report["compared_logprobs"]) == ("match", 0.0, 1.0, 4)
+    # vLLM ranks first what the reference has second: top-1 disagrees and the value is far off
+    swapped = _vllm_answer([[(2, -0.45), (1, -0.55)], [(4, -0.25)]])
+    report = check.compare([ref], [swapped])
+    assert report["status"] == "mismatch" and report["top1_agreement"] == 0.5 and report["max_abs_diff"] == pytest.approx(1.05)
+    moved = _vllm_answer([[(1, -0.5)], [(4, -0.45)]])
+    assert check.compare([ref], [moved], atol=0.1)["status"] == "mismatch"
+    with pytest.raises(check.BadReference, match="positions"):
+        check.compare([ref], [_vllm_answer([[(1, -0.5)]])])
+    with pytest.raises(check.BadReference, match="share none"):
+        check.compare([ref], [_vllm_answer([[(99, -0.5)], [(98, -0.1)]])])
+    with pytest.raises(check.BadReference, match="no log-probabilities"):
+        check.compare([ref], [_vllm_answer([[(1, -0.5)], []])])
