@@ -1,7 +1,7 @@
 """vLLM tokens/s on an 8B-shaped model with 0 (base), 1 and 32 distinct LoRA adapters in the same load.
 
-NOT RUN YET: written for the H200 machine (no network there: vLLM and its missing wheels must be
-carried, see ``deploy/vllm/fetch_wheels.sh`` and ``bench/results/serving-results.md``). Everything
+Runs on the H200 machine through ``bench/serving/vllm_device.sh`` (no network there: vLLM and its missing
+requirements travel as a packed site folder, ``deploy/vllm/fetch_wheels.sh``). Everything
 is generated on the device: a randomly initialised Llama-3-8B-shaped model (bf16 safetensors, ~16 GB
 of disk) and ``--adapters`` random rank-``--rank`` LoRA adapters on q/k/v/o in PEFT's format. vLLM's
 offline engine (``vllm.LLM``) runs without a tokenizer (prompts are random token ids, generation
@@ -90,7 +90,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out")
+    parser.add_argument("--prepare-only", action="store_true", help="write the model and adapters, then exit (a process of its own, so vLLM starts on a GPU nobody else holds)")
     args = parser.parse_args()
+    if args.prepare_only:
+        work = Path(args.workdir)
+        make_adapters(make_model(work / "llama-8b-shaped"), work / "adapters", args.adapters, args.rank)
+        return
 
     import vllm
     from vllm import LLM, SamplingParams
