@@ -191,4 +191,13 @@ def test_every_deployable_starts_from_the_rendered_environment(monkeypatch, tmp_
     assert api.environment == serving.environment == scheduler.environment == "production"
     assert api.serving_url == "http://tf-tuneforge-gateway:8001"
     assert serving.engines == {"meta-llama/Llama-3.1-8B-Instruct": ["http://tf-tuneforge-vllm-llama-8b:8000"]}
+    assert serving.engine_kind == "vllm"
+    # the vLLM pool runs the resolver plugin with the environment serving.vllm_plugin.config.vllm_env names
+    from serving.vllm_plugin.config import vllm_env
+
+    [container] = by_kind(docs, "Deployment")["tf-tuneforge-vllm-llama-8b"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    expected = vllm_env(serving.storage_url, "meta-llama/Llama-3.1-8B-Instruct")
+    assert {k: env.get(k) for k in expected if k != "TUNEFORGE_LORA_CACHE_DIR"} == {k: v for k, v in expected.items() if k != "TUNEFORGE_LORA_CACHE_DIR"}
+    assert "--served-model-name=meta-llama/Llama-3.1-8B-Instruct" in container["args"]
     assert api.base_models == ["meta-llama/Llama-3.1-8B-Instruct"] and api.storage_url.startswith("s3://")
