@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-import uvicorn
-
 from serving.app import create_app
 from serving.logs import configure_logging
+from serving.server import serve
+from serving.settings import get_serving_settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,8 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     # Built before uvicorn starts so that bad settings fail the process at once, with their message.
-    app = create_app()
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    settings = get_serving_settings()
+    app = create_app(settings)
+    serve(app, settings, host=args.host, port=args.port, log_level=args.log_level)
 
 
 if __name__ == "__main__":

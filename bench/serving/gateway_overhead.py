@@ -2,23 +2,30 @@
 
 Three processes on one machine: a minimal OpenAI-shaped upstream (a bare ASGI app under uvicorn that
 answers a chat completion, with usage, as soon as it has read the request; ``--upstream fake_vllm``
-uses the tests' FastAPI stand-in instead), the gateway (``serving.app`` under uvicorn, SQLite in a temp
-folder, one usage record per request through the usage writer) and this open-loop load generator: a
-request leaves on schedule whether or not earlier ones returned, over keep-alive HTTP/1.1 connections
-(a small asyncio client: httpx's own per-request cost would compete for the same cores).
+uses the tests' FastAPI stand-in instead), the gateway (``serving.server.serve``, exactly as
+``python -m serving`` runs it; SQLite in a temp folder, one usage record per request through the usage
+writer) and this open-loop load generator (``bench/serving/gateway_load.py``): a request leaves on schedule
+whether or not earlier ones returned, over a fixed pool of keep-alive connections opened before the
+clock starts, and its latency counts from when it was due.
 
 Each round sends ``--seconds`` of non-streamed chat completions first straight to the upstream, then
-through the gateway; added latency = gateway percentile - direct percentile. Also recorded: CPU
-seconds each process spent per request (``/proc``), and the gateway's own request-duration histogram
-(time inside the gateway, from its ``/metrics``), so a shortfall can be traced to a process.
+through the gateway, with the same client code and pool size; added latency = gateway percentile -
+direct percentile. Also recorded, so that a slow tail can be traced to a process and a moment:
 
-    python bench/serving/gateway_overhead.py --rate 500 --seconds 10 --out bench/results/serving-gateway-500rps.json
+- CPU seconds each process spent per request (``/proc``) and the machine's load average per phase;
+- the gateway's own request-duration histogram (its ``/metrics``: time inside the handler only);
+- from inside the gateway process (a probe this script adds, not part of the product): every garbage
+  collection with its generation and pause, event-loop stalls (a 2 ms ticker's overshoot), each usage
+  batch insert and database call, with ``time.monotonic`` stamps (one clock for all processes here);
+- the load generator's slow requests grouped into episodes, each marked with what the gateway was
+  doing then (a GC pause, a loop stall, nothing), and the load generator's own lateness and GC pauses.
+
+    python bench/serving/gateway_overhead.py --rate 500 --seconds 10 --rounds 3 --out bench/results/serving-gateway-500rps.json
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -27,12 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gateway_load import BASE, run_load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "tf-bench-key-0000000000000000000000"
-BASE = "tuneforge-tiny"
-BODY = json.dumps({"model": BASE, "messages": [{"role": "user", "content": "one two three four"}], "max_tokens": 8}).encode()
 
 RAW_UPSTREAM = """
 import json, time, uvicorn
@@ -50,30 +59,38 @@ async def app(scope, receive, send):
     body = MODELS if scope["method"] == "GET" else ANSWER
     await send({"type": "http.response.start", "status": 200, "headers": HEADERS + [(b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
-uvicorn.run(app, host="127.0.0.1", port=%(port)d, log_level="warning", access_log=False)
+# Keep-alive longer than any pause between phases: the direct path must not lose connections mid-run.
+uvicorn.run(app, host="127.0.0.1", port=%(port)d, log_level="warning", access_log=False, timeout_keep_alive=%(keep_alive)d)
 """
 
 FAKE_VLLM_UPSTREAM = """
 import sys, uvicorn
 sys.path.insert(0, "tests/serving")
 from fake_vllm import EngineState, create_engine_app
-uvicorn.run(create_engine_app(EngineState(base_model=%(base)r)), host="127.0.0.1", port=%(port)d, log_level="warning", access_log=False)
+uvicorn.run(create_engine_app(EngineState(base_model=%(base)r)), host="127.0.0.1", port=%(port)d, log_level="warning",
+    access_log=False, timeout_keep_alive=%(keep_alive)d)
 """
 
 GATEWAY = """
-import uvicorn
+import sys
+sys.path.insert(0, %(bench_dir)r)
+import gateway_probe
 from scheduler.migrate import upgrade
 from scheduler.db import session_scope
 from scheduler.tenancy import ensure_bootstrap_key
 from serving.app import create_app
 from serving.logs import configure_logging
+from serving.server import serve
 from serving.settings import ServingSettings
-settings = ServingSettings(data_dir=%(tmp)r, database_url=%(db)r, engines={%(base)r: [%(upstream)r]}, base_models=[%(base)r])
+settings = ServingSettings(data_dir=%(tmp)r, database_url=%(db)r, engines={%(base)r: [%(upstream)r]}, base_models=[%(base)r],
+    **%(overrides)r)
 upgrade(settings.database_url)
 with session_scope(settings.database_url) as s:
     ensure_bootstrap_key(s, %(key)r)
 configure_logging(%(log_level)r)
-uvicorn.run(create_app(settings), host="127.0.0.1", port=%(port)d, log_level="warning", access_log=False)
+app = create_app(settings)
+gateway_probe.install(app)
+serve(app, settings, host="127.0.0.1", port=%(port)d, log_level="warning", http=%(http)r)
 """
 
 
@@ -88,106 +105,13 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-class _Connections:
-    """Keep-alive HTTP/1.1 connections to one server; a request takes an idle one or opens another."""
-
-    def __init__(self, port: int, headers: dict[str, str]):
-        self.port = port
-        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self.request = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n{extra}"
-            f"content-length: {len(BODY)}\r\n\r\n"
-        ).encode() + BODY
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self.opened = 0
-        self.stale_retries = 0
-
-    async def post(self) -> int:
-        conn = self.idle.pop() if self.idle else None
-        if conn is not None:
-            try:
-                return await self._exchange(conn)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                # The server closed this keep-alive connection while it sat idle (uvicorn's 5 s keep-alive
-                # timeout): no response byte came back, so send again on a new one, as HTTP clients do.
-                # Counted, so that it can never hide a real failure.
-                conn[1].close()
-                self.stale_retries += 1
-        conn = await asyncio.open_connection("127.0.0.1", self.port)
-        self.opened += 1
-        return await self._exchange(conn)
-
-    async def _exchange(self, conn) -> int:
-        reader, writer = conn
-        writer.write(self.request)
-        head = await reader.readuntil(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
-        await reader.readexactly(length)
-        self.idle.append(conn)
-        return status
-
-    def close(self) -> None:
-        for _, writer in self.idle:
-            writer.close()
-
-
-async def _load(port: int, headers: dict, rate: float, seconds: float) -> dict:
-    conns = _Connections(port, headers)
-    for _ in range(50):  # warm connections and caches
-        await conns.post()
-    latencies: list[float] = []
-    errors: list[str] = []
-
-    async def one(due: float) -> None:
-        try:
-            status = await conns.post()
-        except (OSError, asyncio.IncompleteReadError, ValueError, StopIteration) as exc:
-            errors.append(type(exc).__name__)
-            return
-        if status != 200:
-            errors.append(str(status))
-            return
-        # From when the request was due, not when it left: a late sender counts against the latency.
-        latencies.append(time.perf_counter() - due)
-
-    tasks = []
-    n = int(rate * seconds)
-    start = time.perf_counter()
-    for i in range(n):
-        due = start + i / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(due)))
-    sent_s = time.perf_counter() - start
-    await asyncio.gather(*tasks)
-    conns.close()
-    latencies.sort()
-
-    def pct(p: float) -> float | None:
-        return round(latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000, 2) if latencies else None
-
-    return {
-        "requests": n,
-        "achieved_send_rate": round(n / sent_s, 1),
-        "ok": len(latencies),
-        "errors": len(errors),
-        "error_kinds": sorted(set(errors)),
-        "connections": conns.opened,
-        "stale_keepalive_retries": conns.stale_retries,
-        "p50_ms": pct(50),
-        "p90_ms": pct(90),
-        "p99_ms": pct(99),
-        "max_ms": pct(100),
-    }
+def _get_json(port: int, path: str) -> dict:
+    return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).read())
 
 
 def _gateway_histogram(port: int) -> dict:
     """Cumulative counts of the gateway's own duration histogram for chat completions."""
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out = {}
     for line in text.splitlines():
         if line.startswith("tuneforge_serving_request_duration_seconds_bucket") and 'route="/v1/chat/completions"' in line:
@@ -197,95 +121,168 @@ def _gateway_histogram(port: int) -> dict:
 
 
 def _wait(port: int, path: str) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1)
             return
-        except (urllib.error.URLError, ConnectionError, OSError):
+        except OSError:
             time.sleep(0.2)
     raise RuntimeError(f"port {port} did not come up")
 
 
-def _measure(pid_of: dict[str, int], port: int, headers: dict, rate: float, seconds: float) -> dict:
-    before = {name: _cpu_s(pid) for name, pid in pid_of.items()}
+def _overlaps(episode: dict, events: list[dict]) -> list[dict]:
+    """The gateway events (GC pauses, loop stalls) that overlap an episode of slow requests."""
+    lo, hi = episode["first_due"] - 0.005, episode["last_done"] + 0.005
+    return [e for e in events if e["at"] + e["ms"] / 1000 >= lo and e["at"] <= hi]
+
+
+def _attribute(load: dict, probe: dict | None) -> None:
+    """Mark each slow episode with what the gateway was doing then (its GC pauses of 1 ms or more and
+    its loop stalls), and count slow requests by the largest such event: a GC pause, a stall of a given
+    kind (see gateway_probe), or nothing seen inside the gateway."""
+    started = load["started_at"]
+    if probe is not None:
+        events = [{"kind": f"gc{g['generation']}", "at": g["at"], "ms": g["ms"]} for g in probe["gc"] if g["ms"] >= 1.0]
+        events += [{"kind": f"stall_{s['kind']}", "at": s["at"], "ms": s["ms"]} for s in probe["loop_stalls"]]
+        causes: dict[str, int] = {}
+        for ep in load["slow_episodes"]:
+            seen = _overlaps(ep, events)
+            cause = max(seen, key=lambda e: e["ms"])["kind"] if seen else "nothing_seen_in_gateway"
+            causes[cause] = causes.get(cause, 0) + ep["requests"]
+            ep["largest_gateway_event"] = cause
+            ep["gateway_events"] = [{"kind": e["kind"], "at": round(e["at"] - ep["first_due"], 4), "ms": round(e["ms"], 2)} for e in seen][:20]
+        load["slow_requests_by_largest_gateway_event"] = causes
+    for ep in load["slow_episodes"]:
+        ep["first_due"] = round(ep["first_due"] - started, 3)
+        ep["last_done"] = round(ep["last_done"] - started, 3)
+    del load["started_at"]
+
+
+def _phase(pids: dict[str, int], port: int, headers: dict, args, probe_port: int | None) -> dict:
+    before = {name: _cpu_s(pid) for name, pid in pids.items()}
+    if probe_port is not None:
+        _get_json(probe_port, "/bench/probe")  # starts the probe's ticker and resets what it has seen
+    load_before = os.getloadavg()[0]
     me = time.process_time()
-    result = _run(port, headers, rate, seconds)
-    n = result["requests"]
-    cpu = {name: round((_cpu_s(pid) - before[name]) / n * 1000, 3) for name, pid in pid_of.items()}
+    result = run_load(port, headers, args.rate, args.seconds, connections=args.connections, slow_ms=args.slow_ms)
+    n = result["requests"] + result["warmup_requests"]
+    cpu = {name: round((_cpu_s(pid) - before[name]) / n * 1000, 3) for name, pid in pids.items()}
     cpu["load_generator"] = round((time.process_time() - me) / n * 1000, 3)
     result["cpu_ms_per_request"] = cpu
+    result["loadavg_1m_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    probe = _get_json(probe_port, "/bench/probe") if probe_port is not None else None
+    _attribute(result, probe)
+    if probe is not None:
+        result["gateway_probe"] = probe["summary"]
     return result
 
 
-def _run(port: int, headers: dict, rate: float, seconds: float) -> dict:
-    try:
-        import uvloop
+def _variant(spec: str) -> tuple[str, dict]:
+    """``LABEL[:OPTION=VALUE,...]``: options are ``gc`` (tuned|stock), ``http`` (httptools|h11),
+    ``log_level`` and any ServingSettings field (value as JSON)."""
+    label, _, rest = spec.partition(":")
+    options = {"gc": "tuned", "http": "httptools", "log_level": "warning", "settings": {}}
+    for item in filter(None, rest.split(",")):
+        name, _, value = item.partition("=")
+        if name in ("gc", "http", "log_level"):
+            options[name] = value
+        else:
+            options["settings"][name] = json.loads(value)
+    if options["gc"] == "stock":
+        options["settings"]["gc_tuning"] = False
+    return label, options
 
-        return uvloop.run(_load(port, headers, rate, seconds))
-    except ImportError:
-        return asyncio.run(_load(port, headers, rate, seconds))
+
+def _start_gateway(tmp: str, upstream_port: int, options: dict) -> tuple[subprocess.Popen, int]:
+    port = _port()
+    folder = tempfile.mkdtemp(prefix="gw-", dir=tmp)
+    src = GATEWAY % {
+        "bench_dir": str(Path(__file__).resolve().parent), "tmp": folder, "db": f"sqlite:///{folder}/gw.db", "base": BASE,
+        "upstream": f"http://127.0.0.1:{upstream_port}", "key": KEY, "log_level": options["log_level"], "port": port,
+        "http": options["http"], "overrides": options["settings"],
+    }
+    return subprocess.Popen([sys.executable, "-c", src], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}), port
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rate", type=float, default=500)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--rounds", type=int, default=2, help="direct/gateway pairs, interleaved; the median pair is reported")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of direct + each gateway variant; every round is reported")
+    parser.add_argument("--connections", type=int, default=64, help="keep-alive connections per phase, opened before the clock starts")
+    parser.add_argument("--slow-ms", type=float, default=10.0, help="a request slower than this is listed in an episode")
     parser.add_argument("--upstream", choices=["raw", "fake_vllm"], default="raw")
-    parser.add_argument("--log-level", default="warning", help="the gateway's log level (info: one JSON line per request and event)")
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="LABEL[:OPT=VAL,...]",
+        help="a gateway process to measure (several: each its own process, measured in turn in every round under the same "
+        "load; the order rotates per round). OPT: gc=tuned|stock, http=httptools|h11, log_level=..., or a ServingSettings "
+        "field, e.g. 'before:gc=stock,http_keep_alive_s=5'. Default: one gateway as configured by default",
+    )
+    parser.add_argument("--label", default="", help="what this run is for, kept in the JSON")
     parser.add_argument("--out")
     args = parser.parse_args()
+    variants = dict(_variant(v) for v in (args.variant or ["gateway"]))
     tmp = tempfile.mkdtemp(prefix="gw-bench-")
-    up_port, gw_port = _port(), _port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    upstream_src = (RAW_UPSTREAM if args.upstream == "raw" else FAKE_VLLM_UPSTREAM) % {"base": BASE, "port": up_port}
-    gateway_src = GATEWAY % {
-        "tmp": tmp, "db": f"sqlite:///{tmp}/gw.db", "base": BASE, "upstream": f"http://127.0.0.1:{up_port}", "key": KEY,
-        "log_level": args.log_level, "port": gw_port,
-    }
-    procs = {
-        "upstream": subprocess.Popen([sys.executable, "-c", upstream_src], cwd=ROOT, env=env),
-        "gateway": subprocess.Popen([sys.executable, "-c", gateway_src], cwd=ROOT, env=env),
-    }
-    pids = {name: p.pid for name, p in procs.items()}
+    up_port = _port()
+    upstream_src = (RAW_UPSTREAM if args.upstream == "raw" else FAKE_VLLM_UPSTREAM) % {"base": BASE, "port": up_port, "keep_alive": 600}
+    procs = {"upstream": subprocess.Popen([sys.executable, "-c", upstream_src], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})}
+    ports = {}
+    for label, options in variants.items():
+        procs[label], ports[label] = _start_gateway(tmp, up_port, options)
     rounds = []
+    loadavg_start = os.getloadavg()
     try:
         _wait(up_port, "/v1/models")
-        _wait(gw_port, "/metrics")
-        for _ in range(args.rounds):
-            direct = _measure(pids, up_port, {}, args.rate, args.seconds)
-            hist_before = _gateway_histogram(gw_port)
-            gateway = _measure(pids, gw_port, {"authorization": f"Bearer {KEY}"}, args.rate, args.seconds)
-            hist_after = _gateway_histogram(gw_port)
-            inside = {le: int(hist_after[le] - hist_before.get(le, 0)) for le in hist_after}
-            added = {
-                f"added_{p}_ms": round(gateway[f"{p}_ms"] - direct[f"{p}_ms"], 2) if gateway[f"{p}_ms"] is not None and direct[f"{p}_ms"] is not None else None
-                for p in ("p50", "p99")
-            }
-            rounds.append({"direct": direct, "gateway": gateway, **added, "gateway_internal_duration_le_s": inside})
+        for port in ports.values():
+            _wait(port, "/metrics")
+        for i in range(args.rounds):
+            pids = {name: p.pid for name, p in procs.items()}
+            direct = _phase(pids, up_port, {}, args, None)
+            result = {"direct": direct}
+            order = list(ports)[i % len(ports):] + list(ports)[: i % len(ports)]
+            for label in order:
+                port = ports[label]
+                hist_before = _gateway_histogram(port)
+                gateway = _phase(pids, port, {"authorization": f"Bearer {KEY}"}, args, port)
+                hist_after = _gateway_histogram(port)
+                gateway["internal_duration_le_s"] = {le: int(hist_after[le] - hist_before.get(le, 0)) for le in hist_after}
+                for p in ("p50", "p90", "p99", "p999"):
+                    gateway[f"added_{p}_ms"] = round(gateway[f"{p}_ms"] - direct[f"{p}_ms"], 2) if gateway[f"{p}_ms"] is not None and direct[f"{p}_ms"] is not None else None
+                result[label] = gateway
+                print(label, json.dumps({k: gateway[k] for k in ("added_p50_ms", "added_p99_ms", "errors")}), file=sys.stderr)
+            result["order"] = order
+            rounds.append(result)
     finally:
         for p in procs.values():
             p.terminate()
         for p in procs.values():
             p.wait(10)
-    ranked = sorted(rounds, key=lambda r: (r["added_p99_ms"] is None, r["added_p99_ms"] or 0))
-    median = ranked[(len(ranked) - 1) // 2]
+    summary = {
+        label: [
+            {k: r[label][k] for k in ("added_p50_ms", "added_p99_ms", "added_p999_ms", "errors", "reopened", "resent")}
+            | {"direct_errors": r["direct"]["errors"], "loadavg_1m": r[label]["loadavg_1m_before_after"]}
+            for r in rounds
+        ]
+        for label in variants
+    }
     result = {
         "bench": "gateway_overhead",
+        "label": args.label,
         "rate_rps": args.rate,
         "seconds": args.seconds,
+        "connections": args.connections,
         "upstream": args.upstream,
-        "gateway_log_level": args.log_level,
-        "median_round": median,
+        "variants": variants,
+        "summary": summary,
         "rounds": rounds,
-        "machine": {"cpus": os.cpu_count(), "loadavg_after": os.getloadavg(), "python": platform.python_version()},
-        "setup": "upstream + gateway + load generator as 3 processes on one machine (no pinning); SQLite; usage recorded per request",
+        "machine": {
+            "cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in loadavg_start],
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
+        },
+        "setup": "upstream + gateway(s) + load generator as processes on one machine (no pinning); SQLite; usage recorded per request",
     }
-    print(json.dumps(result, indent=2))
+    print(json.dumps(summary, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
