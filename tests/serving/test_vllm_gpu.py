@@ -67,7 +67,7 @@ def _adapter(model_dir: Path, folder: Path) -> Path:
 
     from gpu_worker.engine.compat import write_reference
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(1)
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     for name, param in peft_model.named_parameters():
@@ -83,7 +83,7 @@ def _greedy(model_dir: Path, adapter: Path | None, prompt: str, tokens: int) -> 
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
