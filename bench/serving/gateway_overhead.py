@@ -90,6 +90,11 @@ with session_scope(settings.database_url) as s:
 configure_logging(%(log_level)r)
 app = create_app(settings)
 gateway_probe.install(app)
+if %(gc_threshold)r:
+    import gc
+    gc.set_threshold(*%(gc_threshold)r)
+if %(switch_interval)r:
+    sys.setswitchinterval(%(switch_interval)r)
 serve(app, settings, host="127.0.0.1", port=%(port)d, log_level="warning", http=%(http)r)
 """
 
@@ -179,14 +184,19 @@ def _phase(pids: dict[str, int], port: int, headers: dict, args, probe_port: int
 
 
 def _variant(spec: str) -> tuple[str, dict]:
-    """``LABEL[:OPTION=VALUE,...]``: options are ``gc`` (tuned|stock), ``http`` (httptools|h11),
-    ``log_level`` and any ServingSettings field (value as JSON)."""
+    """``LABEL[:OPTION=VALUE,...]``: options are ``gc`` (tuned|stock), ``gc_threshold`` (e.g. 700/10/10),
+    ``switch_interval`` (seconds, sys.setswitchinterval),
+    ``http`` (httptools|h11), ``log_level`` and any ServingSettings field (value as JSON)."""
     label, _, rest = spec.partition(":")
-    options = {"gc": "tuned", "http": "httptools", "log_level": "warning", "settings": {}}
+    options = {"gc": "tuned", "http": "httptools", "log_level": "warning", "gc_threshold": None, "switch_interval": None, "settings": {}}
     for item in filter(None, rest.split(",")):
         name, _, value = item.partition("=")
         if name in ("gc", "http", "log_level"):
             options[name] = value
+        elif name == "gc_threshold":
+            options[name] = [int(x) for x in value.split("/")]
+        elif name == "switch_interval":
+            options[name] = float(value)
         else:
             options["settings"][name] = json.loads(value)
     if options["gc"] == "stock":
@@ -200,7 +210,8 @@ def _start_gateway(tmp: str, upstream_port: int, options: dict) -> tuple[subproc
     src = GATEWAY % {
         "bench_dir": str(Path(__file__).resolve().parent), "tmp": folder, "db": f"sqlite:///{folder}/gw.db", "base": BASE,
         "upstream": f"http://127.0.0.1:{upstream_port}", "key": KEY, "log_level": options["log_level"], "port": port,
-        "http": options["http"], "overrides": options["settings"],
+        "http": options["http"], "overrides": options["settings"], "gc_threshold": options["gc_threshold"],
+        "switch_interval": options["switch_interval"],
     }
     return subprocess.Popen([sys.executable, "-c", src], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}), port
 

@@ -81,11 +81,14 @@ def test_default_keep_alive_outlasts_the_clients_idle_pool():
     assert ServingSettings().http_keep_alive_s > uvicorn.Config(_ok).timeout_keep_alive
 
 
-def test_tune_gc_freezes_what_is_alive_at_start_up():
+def test_tune_gc_freezes_what_is_alive_at_start_up_and_collects_young_objects_less_often():
     survivor = [object() for _ in range(1000)]
+    threshold = gc.get_threshold()
     try:
         tune_gc()
         assert gc.get_freeze_count() >= len(survivor)
         assert not any(o is survivor for o in gc.get_objects(2))  # out of the full collection's scan
+        assert gc.get_threshold()[0] > threshold[0]
     finally:
         gc.unfreeze()
+        gc.set_threshold(*threshold)
