@@ -16,6 +16,11 @@ A base weight may be a tensor ``(out, in)`` or any object with ``dequantize() ->
 (QLoRA: the 4-bit weight is expanded into a transient buffer for each matmul and never kept).
 Because backward overwrites the saved ``g``/``u``, the graph cannot be backpropagated twice
 (``retain_graph=True``); activation checkpointing recomputes them and is fine.
+
+``output_unused=True`` is for a checkpointed layer's recompute, where the MLP's output only leads to the
+layer's (discarded) output: backward reads ``g``, ``u``, ``x A^T`` and ``dy``, never ``y`` or ``h``, so
+forward skips the activation and the down projection (a third of the MLP's FLOPs) and returns an
+uninitialised tensor of the output's shape. The caller guarantees that nothing reads its values.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ class LoraWeights:
     lora_a: torch.Tensor | None = None
     lora_b: torch.Tensor | None = None
     scale: float = 1.0
+
+
+def _out_features(w) -> int:
+    # a tensor (out, in), or a quantised weight exposing ``shape`` like one
+    return int(w.shape[0])
 
 
 def _dense(w, dtype: torch.dtype) -> torch.Tensor:
@@ -125,7 +135,7 @@ def _project(x, w, a, b, s):
 
 class _LoraMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, wg, ag, bg, wu, au, bu, wd, ad, bd, sg, su, sd, act, triton_path):
+    def forward(ctx, x, wg, ag, bg, wu, au, bu, wd, ad, bd, sg, su, sd, act, triton_path, output_unused):
         dtype = _compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
@@ -133,8 +143,11 @@ class _LoraMLPFunction(torch.autograd.Function):
         ag_, bg_, au_, bu_, ad_, bd_ = cast
         g, xa_g = _project(x2, _dense(wg, dtype), ag_, bg_, sg)                  # (N, I), (N, r)
         u, xa_u = _project(x2, _dense(wu, dtype), au_, bu_, su)                  # (N, I), (N, r)
-        h = _act_forward(g, u, act, triton_path)                                # (N, I)
-        y, _ = _project(h, _dense(wd, dtype), ad_, bd_, sd)                     # (N, H)
+        if output_unused:  # see the module docstring: nothing reads y
+            y = x2.new_empty(x2.shape[0], _out_features(wd))                    # (N, H)
+        else:
+            h = _act_forward(g, u, act, triton_path)                            # (N, I)
+            y, _ = _project(h, _dense(wd, dtype), ad_, bd_, sd)                 # (N, H)
         ctx.save_for_backward(g, u, xa_g, xa_u, ag_, bg_, au_, bu_, ad_, bd_, *_x_for_saving(ctx, x, x2))
         ctx.weights = (wg, wu, wd)
         ctx.scales = (sg, su, sd)
@@ -183,12 +196,15 @@ class _LoraMLPFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(ctx.shape)
         return (dx, None, grads[0], grads[1], None, grads[2], grads[3], None, grads[4], grads[5],
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights, act: str = "silu",
-             *, impl: str | None = None) -> torch.Tensor:
-    """``down(act(gate(x)) * up(x))`` with LoRA on any of the three projections (``lora_a=None`` for none)."""
+             *, impl: str | None = None, output_unused: bool = False) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` with LoRA on any of the three projections (``lora_a=None`` for none).
+
+    ``output_unused``: the caller never reads the output's values, only backpropagates through it (a
+    checkpointed layer's recompute; module docstring). A permission: the reference path ignores it."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     for p in (gate, up, down):
@@ -198,7 +214,7 @@ def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeig
     return _LoraMLPFunction.apply(
         x, gate.weight, gate.lora_a, gate.lora_b, up.weight, up.lora_a, up.lora_b,
         down.weight, down.lora_a, down.lora_b, float(gate.scale), float(up.scale), float(down.scale),
-        act, True)
+        act, True, bool(output_unused))
 
 
 def _project_reference(x, p: LoraWeights):

@@ -69,7 +69,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         apply_memory_mode(model, memory_mode)
         return PatchReport(architecture=arch, memory_mode=memory_mode, reason=reason)
 
-    from gpu_worker.patching.decoder import patch_attention, patch_causal_lm, patch_mlp, patch_rms_norm
+    from gpu_worker.patching.decoder import (mlp_output_only_feeds_the_residual, patch_attention, patch_causal_lm,
+                                             patch_mlp, patch_rms_norm)
 
     counts = {"rms_norm": 0, "lora_qkv_o": 0, "rope": 0, "lora_mlp": 0, "fused_linear_cross_entropy": 0}
     offset = 1.0 if arch in _UNIT_OFFSET_NORMS else 0.0
@@ -83,7 +84,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         patch_attention(attn, impl)
         counts["rope"] += 1
         counts["lora_qkv_o"] += 1
-        patch_mlp(layer.mlp, act, impl)
+        patch_mlp(layer.mlp, act, impl, output_discarded_in_recompute=mlp_output_only_feeds_the_residual(layer))
         counts["lora_mlp"] += 1
     patch_rms_norm(base.model.norm, impl, offset)
     counts["rms_norm"] += 1

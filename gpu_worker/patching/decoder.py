@@ -9,6 +9,7 @@ kwargs behave exactly as in transformers.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from types import MethodType
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_worker.patching.lora import lora_weights, split_rows
+from gpu_worker.patching.memory import recomputing
 from kernels.cross_entropy import fused_linear_cross_entropy
 from kernels.lora_linear import lora_linears
 from kernels.lora_mlp import lora_mlp
@@ -36,14 +38,38 @@ def patch_rms_norm(norm: nn.Module, impl: str | None, offset: float = 0.0) -> No
     norm.forward = MethodType(forward, norm)
 
 
-def patch_mlp(mlp: nn.Module, act: str, impl: str | None) -> None:
+# the last statements of a decoder layer's forward when the MLP's output is only added to the residual
+# and returned (Llama, Mistral, Qwen2/3, Gemma); Gemma 2/3 normalise it first, Phi-3 applies dropout
+_RESIDUAL_TAIL = ("hidden_states = self.mlp(hidden_states)", "hidden_states = residual + hidden_states",
+                  "return hidden_states")
+
+
+def mlp_output_only_feeds_the_residual(layer: nn.Module) -> bool:
+    """Whether ``layer``'s forward ends by adding the MLP's output to the residual and returning it, read
+    from the source of the forward that checkpointing recomputes; anything else (or no source): False."""
+    if "forward" in vars(layer):
+        return False
+    try:
+        src = inspect.getsource(inspect.unwrap(type(layer).forward))
+    except (OSError, TypeError):
+        return False
+    lines = [ln.split("#")[0].strip() for ln in src.splitlines()]
+    return tuple(ln for ln in lines if ln)[-3:] == _RESIDUAL_TAIL
+
+
+def patch_mlp(mlp: nn.Module, act: str, impl: str | None, output_discarded_in_recompute: bool = False) -> None:
+    """``output_discarded_in_recompute``: the layer's recompute (``offload`` mode) discards what the MLP
+    returns (``mlp_output_only_feeds_the_residual``), so it may skip its down projection then."""
     stock = type(mlp).forward
 
     def forward(self, x):
         parts = _mlp_parts(self)
         if parts is None:
             return stock(self, x)  # something the fused path does not compute: stay exact
-        return lora_mlp(x, *parts, act=act, impl=impl)
+        # a forward hook would read the output
+        unused = (output_discarded_in_recompute and recomputing() and not self._forward_hooks
+                  and not nn.modules.module._global_forward_hooks)
+        return lora_mlp(x, *parts, act=act, impl=impl, output_unused=unused)
 
     mlp.forward = MethodType(forward, mlp)
 

@@ -24,6 +24,10 @@ class _NF4Weight:
     def __init__(self, param):
         self.param = param
 
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.param.quant_state.shape)  # the unquantised (out, in)
+
     def dequantize(self) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
 
@@ -35,6 +39,10 @@ class _RowSlice:
 
     def __init__(self, weight, start: int, stop: int):
         self.weight, self.start, self.stop = weight, start, stop
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.stop - self.start, *self.weight.shape[1:]))
 
     def dequantize(self) -> torch.Tensor:
         # the whole (out, in) weight is expanded and sliced: one extra transient per matmul, no copy kept

@@ -7,7 +7,8 @@ host instead of the device (64 MB per layer at 8B and 8192 tokens: 2.1 GB over 3
 run on a side stream so that they overlap the layers' compute: in forward, layer i's input goes to the
 host while layer i computes; in backward, the backward of layer i starts the copy of layer i-1's input
 back to the device, which then overlaps layer i's recompute and backward. At most two layer inputs are
-on the device at a time (the one in use and the prefetched one).
+on the device at a time (the one in use and the prefetched one). During the recompute ``recomputing()``
+is true: the patched MLP then skips its down projection, whose output nothing reads (decoder.py).
 
 Stream rules (the caching allocators reuse freed memory in stream order):
 - forward: the side stream waits for the compute stream (the input is written there), and the input is
@@ -19,12 +20,21 @@ Stream rules (the caching allocators reuse freed memory in stream order):
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
 from torch import nn
 
 MEMORY_MODES = ("off", "checkpointing", "offload")
+
+_recompute = threading.local()  # autograd runs backward in its own thread per device
+
+
+def recomputing() -> bool:
+    """True while an ``offload``-mode layer is recomputed for its backward: the layer's output is then
+    discarded (only its graph is used), which lets the MLP skip work (``kernels.lora_mlp``)."""
+    return getattr(_recompute, "depth", 0) > 0
 
 
 class _HostCopy:
@@ -109,8 +119,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden = ctx.copy.fetch().requires_grad_()
         enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
-            out = ctx.run(hidden, *ctx.rest)
+        _recompute.depth = getattr(_recompute, "depth", 0) + 1
+        try:
+            with torch.enable_grad(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
+                out = ctx.run(hidden, *ctx.rest)
+        finally:
+            _recompute.depth -= 1
         torch.autograd.backward(out, grad_out)
         n_rest = len(ctx.rest)
         ctx.copy = ctx.run = ctx.rest = None

@@ -106,3 +106,39 @@ def test_adapter_layouts_match_reference(layout):
     exp = torch.autograd.grad(lora_mlp_reference(x, gate, up, down).sum(), leaves)
     for a, e in zip(got, exp):
         assert rel_err(a, e) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_unused_gives_the_same_gradients(device, dtype):
+    """With ``output_unused`` forward skips the down projection; backward never read its result, so for
+    the same incoming gradient every gradient is bit-for-bit the one of the full forward."""
+    torch.manual_seed(5)
+    hidden, inter, rank, n = (24, 52, 4, 9) if device == "cpu" else (4096, 14336, 16, 1023)
+    gate, up, down = (_proj(inter, hidden, rank, device, dtype), _proj(inter, hidden, rank, device, dtype),
+                      _proj(hidden, inter, rank, device, dtype))
+    x = torch.randn(n, hidden, device=device, dtype=dtype).requires_grad_()
+    leaves = [x] + [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
+    dy = torch.randn(n, hidden, device=device, dtype=dtype)
+    grads = {}
+    for unused in (False, True):
+        out = lora_mlp(x, gate, up, down, impl="triton", output_unused=unused)
+        assert out.shape == (n, hidden) and out.dtype == dtype
+        grads[unused] = torch.autograd.grad(out, leaves, dy)
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.equal(a, b)
+
+
+def test_output_unused_skips_the_down_projection(monkeypatch):
+    import kernels.lora_mlp as mod
+
+    calls = []
+    act_forward = mod._act_forward
+    monkeypatch.setattr(mod, "_act_forward", lambda *a: calls.append(1) or act_forward(*a))
+    gate, up, down = _proj(12, 8, 2, "cpu", torch.float32), _proj(12, 8, 2, "cpu", torch.float32), \
+        _proj(8, 12, 2, "cpu", torch.float32)
+    x = torch.randn(3, 8, requires_grad=True)
+    lora_mlp(x, gate, up, down, impl="triton", output_unused=True)
+    assert calls == []
+    lora_mlp(x, gate, up, down, impl="triton")
+    assert calls == [1]

@@ -1,6 +1,7 @@
 """The ``offload`` memory mode computes what ``checkpointing`` computes, whatever the timing of its
 side-stream copies, and keeps no layer input around after backward; backward of a layer prefetches the
-input of the layer below it."""
+input of the layer below it; its recompute skips the MLP's down projection exactly where the layer
+discards the MLP's output."""
 
 from __future__ import annotations
 
@@ -11,23 +12,22 @@ import torch
 
 from gpu_worker.patching import patch_model
 from gpu_worker.patching import memory
-from tests.gpu_worker.patching.conftest import build_lora_model, lora_grads, rel, tiny_config
+from tests.gpu_worker.patching.conftest import DEVICES_IMPLS, build_lora_model, lora_grads, rel, tiny_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
 
 
-def _model(device, mode, layers=4):
-    model = build_lora_model(tiny_config("llama", num_hidden_layers=layers), device)
-    patch_model(model, memory_mode=mode)
+def _model(device, mode, layers=4, impl=None, model_type="llama"):
+    model = build_lora_model(tiny_config(model_type, num_hidden_layers=layers), device)
+    patch_model(model, memory_mode=mode, impl=impl)
     return model
 
 
-def _steps(model, device, n=2):
+def _steps(model, device, n=2, shape=(4, 32)):
     """``n`` forward/backward passes (gradients accumulate), float32 throughout."""
     g = torch.Generator().manual_seed(3)
     for _ in range(n):
-        x = torch.randint(0, 128, (4, 32), generator=g).to(device)
+        x = torch.randint(0, 128, shape, generator=g).to(device)
         model(input_ids=x, labels=x).loss.backward()
     return lora_grads(model)
 
@@ -37,14 +37,35 @@ def _state(model):
     return base.model.layers[0]._gradient_checkpointing_func.state
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_offload_equals_checkpointing(device):
-    ref = _steps(_model(device, "checkpointing"), device)
-    ours = _steps(_model(device, "offload"), device)
+@pytest.mark.parametrize("device,impl", DEVICES_IMPLS)
+def test_offload_equals_checkpointing(device, impl):
+    # the interpreter runs each Triton program in Python: a smaller case there
+    layers, kw = (2, dict(n=1, shape=(2, 16))) if impl == "triton" else (4, {})
+    ref = _steps(_model(device, "checkpointing", layers, impl), device, **kw)
+    ours = _steps(_model(device, "offload", layers, impl), device, **kw)
     assert ref.keys() == ours.keys()
-    # the same kernels on the same inputs; on CUDA only the attention backward may reassociate
+    # the same kernels on the same inputs (the skipped down projection is never read); on CUDA only the
+    # attention backward may reassociate
     worst = max(rel(ours[n], ref[n]) for n in ref)
     assert worst < (1e-6 if device == "cpu" else 1e-5), worst
+
+
+@pytest.mark.parametrize("model_type,skips", [("llama", True), ("qwen3", True), ("gemma2", False),
+                                              ("phi3", False)])
+def test_recompute_skips_the_down_projection_where_the_output_is_discarded(monkeypatch, model_type, skips):
+    """Llama/Qwen3 layers add the MLP's output to the residual and return it; Gemma 2 normalises it
+    first and Phi-3 applies dropout, so there the recompute must compute it."""
+    import kernels.lora_mlp as mod
+
+    calls = []
+    act_forward = mod._act_forward
+    monkeypatch.setattr(mod, "_act_forward", lambda *a: calls.append(1) or act_forward(*a))
+    layers = 2
+    model = _model("cpu", "offload", layers=layers, impl="triton", model_type=model_type)
+    x = torch.randint(0, 128, (2, 16))
+    model(input_ids=x, labels=x).loss.backward()
+    # forward runs every layer's MLP once; the recompute once more unless it skips
+    assert len(calls) == (layers if skips else 2 * layers)
 
 
 @pytest.mark.gpu
