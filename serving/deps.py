@@ -42,7 +42,7 @@ EnginesDep = Annotated[EnginePool, Depends(get_engines)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
 
 
-async def get_principal(request: Request, db: DatabaseDep) -> Principal:
+async def authenticate(request: Request, db: Database) -> Principal:
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
@@ -56,13 +56,22 @@ async def get_principal(request: Request, db: DatabaseDep) -> Principal:
     return principal
 
 
+async def get_principal(request: Request, db: DatabaseDep) -> Principal:
+    return await authenticate(request, db)
+
+
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
-async def get_inference_context(request: Request, principal: CurrentPrincipal, db: DatabaseDep) -> InferenceContext:
-    # The gateway's parts straight from app.state rather than one dependency each: this runs on every
-    # inference request, and FastAPI's dependency solving was ~10% of the gateway's CPU at 400 rps.
+async def get_inference_context(request: Request) -> InferenceContext:
+    # One dependency without sub-dependencies, the gateway's parts straight from app.state: this runs on
+    # every inference request, and FastAPI solves each dependency anew per request. Measured in-process
+    # (bench/results/serving-results.md): with the principal and the database as sub-dependencies the
+    # gateway spent ~0.16 ms more CPU per request, over a tenth of all it spends. The database is the one
+    # create_app was given (tests pass theirs there).
     state = request.app.state
+    db = state.database
+    principal = await authenticate(request, db)
     # Admission before anything else: a limited caller costs no model lookup and no engine time.
     await state.limiter.check(db, principal)
     return InferenceContext(
