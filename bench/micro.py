@@ -7,7 +7,7 @@
   (8192 x 4096 -> 14336, rank 16) as base only, base with beta != 0 onto a filled output, the rank-16
   read-modify-write pass (v3) and the rank-16 write (v4), and both orders end to end;
 - ``ce``: fused linear cross-entropy forward+backward (hidden 4096 and 2048, vocab 128256) per chunk size
-  in rows (the rule picked 256 until v5, 1024 since): time and peak memory;
+  in rows (the rule picks 256 at both): time and peak memory;
 - ``elementwise``: our Triton rms_norm, SwiGLU (forward, in-place backward) and RoPE in GB/s against
   the copy ceiling.
 

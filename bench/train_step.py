@@ -407,11 +407,17 @@ def run_one(args):
         torch.cuda.synchronize()
         rec["peak_gb_load_and_warmup"] = torch.cuda.max_memory_allocated() / 1e9
         torch.cuda.reset_peak_memory_stats()
+        # events between steps give each step's device time without a host sync in the loop: a host-side
+        # stall shows as one long step (the 1B A/B of 2026-12-03 v5 differed by 7.4% with no way to tell)
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
         t0 = time.perf_counter()
+        marks[0].record()
         for i in range(args.steps):
             losses.append(step(args.warmup + i))
+            marks[i + 1].record()
         torch.cuda.synchronize()
         el = time.perf_counter() - t0
+        rec["step_ms"] = [round(marks[i].elapsed_time(marks[i + 1]), 2) for i in range(args.steps)]
         rec["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         rec["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
         rec["peak_gb_incl_warmup"] = max(rec["peak_gb"], rec["peak_gb_load_and_warmup"])
@@ -419,6 +425,7 @@ def run_one(args):
         rec["elapsed_s"] = el
         rec["step_s"] = el / args.steps
         rec["tokens_per_s"] = tokens / el
+        rec["tokens_per_s_median_step"] = step_tokens / (sorted(rec["step_ms"])[args.steps // 2] / 1e3)
         lv = [float(l) for l in losses]
         rec["loss_first"], rec["loss_last"] = lv[0], lv[-1]
         rec["loss_finite"] = all(math.isfinite(v) for v in lv)

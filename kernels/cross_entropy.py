@@ -102,17 +102,13 @@ def _rows_kernel_launch(logits, labels, loss, ignore_index, smoothing, softcap, 
     )
 
 
-# logits per chunk: 2^27 (256 MiB in bf16): 1024 rows for a 128K vocabulary. Until v5 the chunk was Liger's
-# rule (logits about the size of the hidden states: 256 rows at 8B and 1B with 8192 tokens), whose
-# backward GEMM (rows x vocab) @ (vocab x hidden) has only 32-64 output tiles of 128 x 256 for 132 SMs;
-# Unsloth's floor is ~78M logits (512 rows). bench/NOTES.md (v5) has the per-size measurement.
-_CHUNK_LOGITS = 1 << 27
-
-
 def _chunk_rows(n_rows: int, hidden: int, vocab: int) -> int:
-    liger = next_power_of_2(math.ceil(n_rows / math.ceil(vocab / hidden)))
-    floor = 1 << max(0, (_CHUNK_LOGITS // vocab).bit_length() - 1)  # power of two at or below
-    return max(1, min(max(liger, floor), next_power_of_2(n_rows)))
+    # one chunk's logits about the size of the hidden states (Liger's rule): at 8192 tokens and a 128K
+    # vocabulary, 256 rows (66 MB of bf16 logits) at 8B and 1B. Measured on an H200 (bench/NOTES.md v5):
+    # the op alone runs 3-5% faster with 1024-2048 rows (H 4096: 30.5 -> 29.4 / 27.4 ms per 8192 tokens;
+    # H 2048: 16.6 -> 15.8 / 15.1), but the 1B training step with 1024 rows ran 7.4% slower than with 256
+    # in the same call (unexplained, one sample of 10 steps), so the rule stays until that is understood
+    return max(1, next_power_of_2(math.ceil(n_rows / math.ceil(vocab / hidden))))
 
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:

@@ -125,7 +125,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 out = ctx.run(hidden, *ctx.rest)
         finally:
             _recompute.depth -= 1
-        torch.autograd.backward(out, grad_out)
+        edge = torch.autograd.graph.get_gradient_edge(out)
+        del out  # its values are never read: free the (tokens x hidden) tensor before the layer's backward
+        torch.autograd.backward(edge, grad_out)
         n_rest = len(ctx.rest)
         ctx.copy = ctx.run = ctx.rest = None
         return (None, None, hidden.grad) + (None,) * n_rest

@@ -94,11 +94,7 @@ def test_chunking_covers_every_row(monkeypatch, rows):
 def test_chunk_rows_rule():
     from kernels.cross_entropy import _chunk_rows
 
-    # the benchmark shapes (8192 tokens, 128K vocabulary): 1024 rows, 256 MiB of bf16 logits per chunk
-    assert _chunk_rows(8192, 4096, 128256) == 1024 and _chunk_rows(8192, 2048, 128256) == 1024
-    # a smaller vocabulary: more rows for the same 2^27 logits
-    assert _chunk_rows(8192, 4096, 32000) == 4096
-    # Liger's rule (logits about the size of the hidden states) where it gives more rows
-    assert _chunk_rows(65536, 8192, 32000) == 16384
-    # never more than the rows there are (rounded up to a power of two)
-    assert _chunk_rows(40, 4096, 128256) == 64 and _chunk_rows(1, 4096, 128256) == 1
+    # the benchmark shapes (8192 tokens, 128K vocabulary): 256 rows, logits about the hidden states' size
+    assert _chunk_rows(8192, 4096, 128256) == 256 and _chunk_rows(8192, 2048, 128256) == 256
+    # few rows: a power of two at or above their count
+    assert _chunk_rows(40, 4096, 128256) == 2 and _chunk_rows(3, 64, 64) == 4

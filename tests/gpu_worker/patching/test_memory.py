@@ -135,3 +135,27 @@ def test_a_dropped_graph_frees_its_host_copies():
     assert state.last is not None and state.last() is None
     model(input_ids=x, labels=x).loss.backward()  # the next pass chains to nothing stale
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_offload_peak_is_below_checkpointing_by_the_layer_inputs():
+    """What the mode is for: of the layer inputs that checkpointing keeps on the device, offload keeps at
+    most three (the one in use, the prefetched one, the one being copied out)."""
+    layers, shape = 8, (2, 2048)
+    config = tiny_config("llama", num_hidden_layers=layers, hidden_size=1024, intermediate_size=96,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)
+    peaks = {}
+    for mode in ("checkpointing", "offload"):
+        model = build_lora_model(config, "cuda")
+        patch_model(model, memory_mode=mode)
+        _steps(model, "cuda", n=1, shape=shape)  # warm-up: optimizer-free, grads stay allocated
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        _steps(model, "cuda", n=1, shape=shape)
+        torch.cuda.synchronize()
+        peaks[mode] = torch.cuda.max_memory_allocated()
+        del model
+        torch.cuda.empty_cache()
+    input_bytes = shape[0] * shape[1] * config.hidden_size * 4  # float32 model
+    assert peaks["checkpointing"] - peaks["offload"] >= (layers - 3) * input_bytes, peaks
