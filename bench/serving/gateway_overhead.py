@@ -15,7 +15,7 @@ direct percentile. Also recorded, so that a slow tail can be traced to a process
 - CPU seconds each process spent per request (``/proc``) and the machine's load average per phase;
 - the gateway's own request-duration histogram (its ``/metrics``: time inside the handler only);
 - from inside the gateway process (a probe this script adds, not part of the product): every garbage
-  collection with its generation and pause, event-loop stalls (a 2 ms ticker's overshoot), each usage
+  collection with its generation and pause, event-loop stalls (a 5 ms ticker's overshoot; off with ``--no-ticker``), each usage
   batch insert and database call, with ``time.monotonic`` stamps (one clock for all processes here);
 - the load generator's slow requests grouped into episodes, each marked with what the gateway was
   doing then (a GC pause, a loop stall, nothing), and the load generator's own lateness and GC pauses.
@@ -167,7 +167,8 @@ def _attribute(load: dict, probe: dict | None) -> None:
 def _phase(pids: dict[str, int], port: int, headers: dict, args, probe_port: int | None) -> dict:
     before = {name: _cpu_s(pid) for name, pid in pids.items()}
     if probe_port is not None:
-        _get_json(probe_port, "/bench/probe")  # starts the probe's ticker and resets what it has seen
+        # Resets what the probe has seen; starts (or stops) its loop-stall ticker.
+        _get_json(probe_port, f"/bench/probe?ticker={str(args.ticker).lower()}")
     load_before = os.getloadavg()[0]
     me = time.process_time()
     result = run_load(port, headers, args.rate, args.seconds, connections=args.connections, slow_ms=args.slow_ms)
@@ -176,7 +177,7 @@ def _phase(pids: dict[str, int], port: int, headers: dict, args, probe_port: int
     cpu["load_generator"] = round((time.process_time() - me) / n * 1000, 3)
     result["cpu_ms_per_request"] = cpu
     result["loadavg_1m_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    probe = _get_json(probe_port, "/bench/probe") if probe_port is not None else None
+    probe = _get_json(probe_port, f"/bench/probe?ticker={str(args.ticker).lower()}") if probe_port is not None else None
     _attribute(result, probe)
     if probe is not None:
         result["gateway_probe"] = probe["summary"]
@@ -229,6 +230,10 @@ def main() -> None:
         help="a gateway process to measure (several: each its own process, measured in turn in every round under the same "
         "load; the order rotates per round). OPT: gc=tuned|stock, http=httptools|h11, log_level=..., or a ServingSettings "
         "field, e.g. 'before:gc=stock,http_keep_alive_s=5'. Default: one gateway as configured by default",
+    )
+    parser.add_argument(
+        "--no-ticker", dest="ticker", action="store_false",
+        help="no loop-stall ticker in the gateway (it wakes the loop 200 times a second; GC pauses are still recorded)",
     )
     parser.add_argument("--label", default="", help="what this run is for, kept in the JSON")
     parser.add_argument("--out")
@@ -283,6 +288,7 @@ def main() -> None:
         "rate_rps": args.rate,
         "seconds": args.seconds,
         "connections": args.connections,
+        "loop_stall_ticker": args.ticker,
         "upstream": args.upstream,
         "variants": variants,
         "summary": summary,

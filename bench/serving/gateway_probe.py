@@ -1,7 +1,8 @@
 """What the gateway process was doing, seen from inside it: a probe the gateway benchmark installs in the
 gateway it starts (never part of the product).
 
-``GET /bench/probe`` returns what was seen since the previous call and starts over:
+``GET /bench/probe`` returns what was seen since the previous call and starts over
+(``?ticker=false``: without the loop-stall ticker, whose 200 wake-ups a second cost the gateway CPU):
 
 - every garbage collection: generation, pause, ``time.monotonic`` start (one clock for every process on
   the machine, so the load generator can line its slow requests up with these);
@@ -110,9 +111,12 @@ def install(app: FastAPI) -> None:
     Database.run = _timed("db", probe, Database.run)
     UsageWriter.flush = _timed("flushes", probe, UsageWriter.flush)
 
-    async def read_probe() -> dict:
-        if probe._ticker is None:
+    async def read_probe(ticker: bool = True) -> dict:
+        if ticker and probe._ticker is None:
             probe._ticker = asyncio.create_task(probe.tick())
+        elif not ticker and probe._ticker is not None:
+            probe._ticker.cancel()
+            probe._ticker = None
         out = probe.report()
         probe.reset()
         return out
