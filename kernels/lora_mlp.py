@@ -17,10 +17,12 @@ A base weight may be a tensor ``(out, in)`` or any object with ``dequantize() ->
 Because backward overwrites the saved ``g``/``u``, the graph cannot be backpropagated twice
 (``retain_graph=True``); activation checkpointing recomputes them and is fine.
 
-``output_unused=True`` is for a checkpointed layer's recompute, where the MLP's output only leads to the
-layer's (discarded) output: backward reads ``g``, ``u``, ``x A^T`` and ``dy``, never ``y`` or ``h``, so
-forward skips the activation and the down projection (a third of the MLP's FLOPs) and returns an
-uninitialised tensor of the output's shape. The caller guarantees that nothing reads its values.
+``output_unused=True`` ("deferred") is for a checkpointed layer's recompute, where the MLP's output only
+leads to the layer's (discarded) output: backward reads ``g``, ``u``, ``x A^T`` and ``dy``, never ``y``
+or ``h``. So forward computes nothing and returns an uninitialised tensor of the output's shape (the
+caller guarantees that nothing reads its values), and backward computes ``g``, ``u`` itself, in blocks
+of rows: the down projection of the recompute (a third of the MLP's FLOPs) is never computed, and only
+a block's (rows x intermediate) tensors are alive instead of the whole ``g``, ``u`` and ``dh``.
 """
 
 from __future__ import annotations
@@ -133,6 +135,51 @@ def _project(x, w, a, b, s):
     return y, xa
 
 
+# deferred mode (``output_unused``): the MLP is recomputed in backward in blocks of this many token rows,
+# so at most (rows x intermediate) of g, u and dh are alive instead of (tokens x intermediate): 3 x 59 MB
+# instead of 3 x 235 MB at 8B with 8192 tokens. 2048: the GEMMs keep M = 2048 (16 x 56 output tiles of
+# 128 x 256 for the gate projection at 8B, many waves on 132 SMs); not measured against other sizes.
+_DEFERRED_ROWS = 2048
+
+
+def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, triton_path, dtype, dx):
+    """Backward of a block of rows whose ``g``, ``u`` and ``x A^T`` are given (``g``/``u`` are overwritten):
+    writes ``dx (rows, H)`` when it is not None and returns the six adapter-gradient terms in the compute
+    dtype (dA_g, dB_g, dA_u, dB_u, dA_d, dB_d; None where not wanted). Weights are dequantised at each
+    use (one transient at a time) unless the caller passes tensors."""
+    ag, bg, au, bu, ad, bd = lora
+    wg, wu, wd = weights
+    sg, su, sd = scales
+    dh = dy2 @ _dense(wd, dtype)                                                # (N, I)
+    dy_b = None
+    if ad is not None:
+        dy_b = dy2 @ bd                                                         # (N, r)
+        dh.addmm_(dy_b, ad, alpha=sd)
+    _act_backward_inplace(dh, g, u, act, triton_path)
+    h, dg, du = dh, g, u
+    grads = [None] * 6
+    if ad is not None:
+        if need[8]:
+            grads[4] = sd * (dy_b.t() @ h)                                      # (r, I)
+        if need[9]:
+            grads[5] = sd * (dy2.t() @ (h @ ad.t()))                            # (H, r)
+    del h
+    if dx is not None:
+        torch.mm(dg, _dense(wg, dtype), out=dx)                                 # (N, H)
+        dx.addmm_(du, _dense(wu, dtype))
+    for i, (d, a, b, xa, s) in enumerate(((dg, ag, bg, xa_g, sg), (du, au, bu, xa_u, su))):
+        if a is None:
+            continue
+        d_b = d @ b                                                             # (N, r)
+        if need[2 + 3 * i]:
+            grads[2 * i] = s * (d_b.t() @ x2)                                   # (r, H)
+        if need[3 + 3 * i]:
+            grads[2 * i + 1] = s * (d.t() @ xa)                                 # (I, r)
+        if dx is not None:
+            dx.addmm_(d_b, a, alpha=s)
+    return grads
+
+
 class _LoraMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, wg, ag, bg, wu, au, bu, wd, ad, bd, sg, su, sd, act, triton_path, output_unused):
@@ -141,57 +188,50 @@ class _LoraMLPFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         cast = [t.to(dtype) if t is not None else None for t in (ag, bg, au, bu, ad, bd)]
         ag_, bg_, au_, bu_, ad_, bd_ = cast
-        g, xa_g = _project(x2, _dense(wg, dtype), ag_, bg_, sg)                  # (N, I), (N, r)
-        u, xa_u = _project(x2, _dense(wu, dtype), au_, bu_, su)                  # (N, I), (N, r)
-        if output_unused:  # see the module docstring: nothing reads y
+        if output_unused:  # deferred (module docstring): nothing reads y, backward recomputes g and u
+            g = u = xa_g = xa_u = None
             y = x2.new_empty(x2.shape[0], _out_features(wd))                    # (N, H)
         else:
+            g, xa_g = _project(x2, _dense(wg, dtype), ag_, bg_, sg)              # (N, I), (N, r)
+            u, xa_u = _project(x2, _dense(wu, dtype), au_, bu_, su)              # (N, I), (N, r)
             h = _act_forward(g, u, act, triton_path)                            # (N, I)
             y, _ = _project(h, _dense(wd, dtype), ad_, bd_, sd)                 # (N, H)
         ctx.save_for_backward(g, u, xa_g, xa_u, ag_, bg_, au_, bu_, ad_, bd_, *_x_for_saving(ctx, x, x2))
         ctx.weights = (wg, wu, wd)
         ctx.scales = (sg, su, sd)
         ctx.act, ctx.triton_path, ctx.shape, ctx.dtype = act, triton_path, shape, dtype
+        ctx.deferred = output_unused
         ctx.param_dtypes = [t.dtype if t is not None else None for t in (ag, bg, au, bu, ad, bd)]
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        g, u, xa_g, xa_u, ag, bg, au, bu, ad, bd, *x_saved = ctx.saved_tensors
+        g, u, xa_g, xa_u, *rest = ctx.saved_tensors
+        lora, x_saved = rest[:6], rest[6:]
         x2 = _restore_x(ctx, x_saved)
-        wg, wu, wd = ctx.weights
-        sg, su, sd = ctx.scales
         dtype = ctx.dtype
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)                            # (N, H)
-        dh = dy2 @ _dense(wd, dtype)                                            # (N, I)
-        dy_b = None
-        if ad is not None:
-            dy_b = dy2 @ bd                                                     # (N, r)
-            dh.addmm_(dy_b, ad, alpha=sd)
-        _act_backward_inplace(dh, g, u, ctx.act, ctx.triton_path)
-        h, dg, du = dh, g, u
-        grads = [None] * 6  # dA_g, dB_g, dA_u, dB_u, dA_d, dB_d
-        if ad is not None:
-            if need[8]:
-                grads[4] = sd * (dy_b.t() @ h)                                  # (r, I)
-            if need[9]:
-                grads[5] = sd * (dy2.t() @ (h @ ad.t()))                        # (H, r)
-        del h
-        dx = None
-        if need[0]:
-            dx = dg @ _dense(wg, dtype)                                         # (N, H)
-            dx.addmm_(du, _dense(wu, dtype))
-        for i, (d, a, b, xa, s) in enumerate(((dg, ag, bg, xa_g, sg), (du, au, bu, xa_u, su))):
-            if a is None:
-                continue
-            d_b = d @ b                                                         # (N, r)
-            if need[2 + 3 * i]:
-                grads[2 * i] = s * (d_b.t() @ x2)                               # (r, H)
-            if need[3 + 3 * i]:
-                grads[2 * i + 1] = s * (d.t() @ xa)                             # (I, r)
-            if dx is not None:
-                dx.addmm_(d_b, a, alpha=s)
+        dx = torch.empty_like(x2) if need[0] else None                          # (N, H)
+        common = (lora, ctx.scales, need, ctx.act, ctx.triton_path, dtype)
+        if not ctx.deferred:
+            grads = _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, ctx.weights, *common[1:], dx)
+        else:
+            ag, bg, au, bu = lora[:4]
+            sg, su = ctx.scales[:2]
+            # dequantised once for all blocks (QLoRA: three transients instead of one at a time)
+            weights = [_dense(w, dtype) for w in ctx.weights]
+            grads = [None] * 6
+            for start in range(0, x2.shape[0], _DEFERRED_ROWS):
+                rows = slice(start, start + _DEFERRED_ROWS)
+                xc = x2[rows]
+                g, xa_g = _project(xc, weights[0], ag, bg, sg)                  # (C, I), (C, r)
+                u, xa_u = _project(xc, weights[1], au, bu, su)                  # (C, I), (C, r)
+                part = _rows_backward(dy2[rows], xc, g, u, xa_g, xa_u, lora, weights, *common[1:],
+                                      dx[rows] if dx is not None else None)
+                # block terms summed in float32
+                grads = [gr if p is None else p.float() if gr is None else gr.add_(p)
+                         for gr, p in zip(grads, part)]
         grads = [gr.to(pd) if gr is not None else None for gr, pd in zip(grads, ctx.param_dtypes)]
         if dx is not None:
             dx = dx.view(ctx.shape)
