@@ -212,7 +212,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         dtype = ctx.dtype
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)                            # (N, H)
-        dx = torch.empty_like(x2) if need[0] else None                          # (N, H)
+        dx = x2.new_empty(x2.shape) if need[0] else None                        # (N, H), contiguous
         common = (lora, ctx.scales, need, ctx.act, ctx.triton_path, dtype)
         if not ctx.deferred:
             grads = _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, ctx.weights, *common[1:], dx)
