@@ -95,7 +95,7 @@ if %(gc_threshold)r:
     gc.set_threshold(*%(gc_threshold)r)
 if %(switch_interval)r:
     sys.setswitchinterval(%(switch_interval)r)
-serve(app, settings, host="127.0.0.1", port=%(port)d, log_level="warning", http=%(http)r)
+serve(app, settings, host="127.0.0.1", port=%(port)d, log_level="warning", **({} if %(http)r == "default" else {"http": %(http)r}))
 """
 
 
@@ -186,10 +186,11 @@ def _phase(pids: dict[str, int], port: int, headers: dict, args, probe_port: int
 
 def _variant(spec: str) -> tuple[str, dict]:
     """``LABEL[:OPTION=VALUE,...]``: options are ``gc`` (tuned|stock), ``gc_threshold`` (e.g. 700/10/10),
-    ``switch_interval`` (seconds, sys.setswitchinterval),
-    ``http`` (httptools|h11), ``log_level`` and any ServingSettings field (value as JSON)."""
+    ``switch_interval`` (seconds, sys.setswitchinterval), ``http`` (default: serving.server's; httptools or
+    h11: uvicorn's own),
+    ``log_level`` and any ServingSettings field (value as JSON)."""
     label, _, rest = spec.partition(":")
-    options = {"gc": "tuned", "http": "httptools", "log_level": "warning", "gc_threshold": None, "switch_interval": None, "settings": {}}
+    options = {"gc": "tuned", "http": "default", "log_level": "warning", "gc_threshold": None, "switch_interval": None, "settings": {}}
     for item in filter(None, rest.split(",")):
         name, _, value = item.partition("=")
         if name in ("gc", "http", "log_level"):
@@ -228,7 +229,7 @@ def main() -> None:
     parser.add_argument(
         "--variant", action="append", default=[], metavar="LABEL[:OPT=VAL,...]",
         help="a gateway process to measure (several: each its own process, measured in turn in every round under the same "
-        "load; the order rotates per round). OPT: gc=tuned|stock, http=httptools|h11, log_level=..., or a ServingSettings "
+        "load; the order rotates per round). OPT: gc=tuned|stock, http=httptools|h11 (uvicorn's own; default: serving.server's), log_level=..., or a ServingSettings "
         "field, e.g. 'before:gc=stock,http_keep_alive_s=5'. Default: one gateway as configured by default",
     )
     parser.add_argument(

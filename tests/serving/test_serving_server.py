@@ -3,6 +3,7 @@ say (longer than clients keep theirs), and start-up objects are frozen out of th
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import socket
 import threading
@@ -92,3 +93,77 @@ def test_tune_gc_freezes_what_is_alive_at_start_up_and_collects_young_objects_le
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+class _RecordingTransport:
+    def __init__(self):
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+
+def test_writes_in_one_loop_step_leave_as_one_send_in_order():
+    asyncio.run(_writes_in_one_loop_step())
+
+
+async def _writes_in_one_loop_step():
+    from serving.server import _CoalescingTransport
+
+    real = _RecordingTransport()
+    transport = _CoalescingTransport(real, asyncio.get_running_loop())
+    transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    transport.write(memoryview(b"body"))
+    assert real.writes == []  # not before the step ends
+    await asyncio.sleep(0)
+    assert real.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
+    transport.write(b"next")
+    await asyncio.sleep(0)
+    transport.write(b"last")
+    transport.close()  # what is pending goes out before the close
+    assert real.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody", b"next", b"last"] and real.closed
+    assert transport.get_extra_info("peername") == ("127.0.0.1", 1)
+
+
+async def _stream(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    for i in range(5):
+        await send({"type": "http.response.body", "body": f"data: {i}\n\n".encode(), "more_body": True})
+        await asyncio.sleep(0.01)
+    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+def test_streamed_and_plain_responses_arrive_whole_through_the_gateway_protocol(tmp_path):
+    settings = ServingSettings(data_dir=tmp_path)
+    for app, expected in ((_ok, "ok"), (_stream, "".join(f"data: {i}\n\n" for i in range(5)) + "data: [DONE]\n\n")):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        config = server_config(app, settings, host="127.0.0.1", port=0, log_level="warning")
+        config.lifespan = "off"
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not server.started:
+                assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+                time.sleep(0.01)
+            with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}") as client:
+                for _ in range(3):  # keep-alive: the same connection serves again
+                    response = client.get("/")
+                    assert response.status_code == 200 and response.text == expected
+        finally:
+            server.should_exit = True
+            thread.join(5)
