@@ -11,6 +11,14 @@ registry routes) invalidate the org's entries at once. Both TTLs can be set to 0
 Misses are single-flight (``get_or_load``): when an entry expires under load, the requests that miss it
 together share one database lookup instead of each queueing its own behind the worker threads (which
 showed as p99 spikes of tens of milliseconds every TTL at 500 requests/s).
+
+Entries in use are refreshed ahead of expiry: the first request that finds an entry in the last
+``REFRESH_AHEAD`` of its TTL starts its reload in the background and is answered from the entry, which
+is still valid. Without it every request arriving while an expired entry reloaded waited for the
+reload: at 500 requests/s one such wait of ~100-170 ms every TTL (worker thread behind the GIL and the
+usage batches) held ~150 requests (bench/results/serving-results.md). An entry is never served after
+its TTL, so the staleness bounds above hold; a reload that finds the key revoked or the value no
+longer kept drops the entry at once.
 """
 
 from __future__ import annotations
@@ -22,6 +30,10 @@ from typing import Awaitable, Callable, Generic, Hashable, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+# Reload an entry in use during the last fifth of its TTL (1 s of the 5 s default): long enough for a
+# reload behind busy worker threads (measured up to ~170 ms), short enough to add one reload per TTL.
+REFRESH_AHEAD = 0.2
 
 
 class TTLCache(Generic[K, V]):
@@ -56,24 +68,36 @@ class TTLCache(Generic[K, V]):
     async def get_or_load(self, key: K, load: Callable[[], Awaitable[V | None]], keep: Callable[[V], bool] = lambda value: True) -> V | None:
         """The cached value, else ``await load()``, kept when it is not None and ``keep(value)``.
         Concurrent misses of one key share one load; it runs as its own task, so a caller that goes
-        away (a client disconnect) does not cancel it for the others."""
-        value = self.get(key)
-        if value is not None:
-            return value
-        task = self._loading.get(key)
-        if task is None:
-            task = asyncio.ensure_future(load())
-            self._loading[key] = task
-            task.add_done_callback(lambda done, generation=self._generation: self._loaded(key, done, generation, keep))
+        away (a client disconnect) does not cancel it for the others. A value in the last
+        ``REFRESH_AHEAD`` of its TTL is returned at once and reloaded in the background."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            remaining = entry[0] - self._clock()
+            if remaining > 0:
+                if remaining < self.ttl_s * REFRESH_AHEAD and key not in self._loading:
+                    self._start_load(key, load, keep)
+                return entry[1]
+            del self._entries[key]
+        task = self._loading.get(key) or self._start_load(key, load, keep)
         return await asyncio.shield(task)
+
+    def _start_load(self, key: K, load: Callable[[], Awaitable[V | None]], keep: Callable[[V], bool]) -> asyncio.Future:
+        task = asyncio.ensure_future(load())
+        self._loading[key] = task
+        task.add_done_callback(lambda done, generation=self._generation: self._loaded(key, done, generation, keep))
+        return task
 
     def _loaded(self, key: K, task: asyncio.Future, generation: int, keep: Callable[[V], bool]) -> None:
         if self._loading.get(key) is task:
             del self._loading[key]
         if task.cancelled() or task.exception() is not None:  # exception(): retrieved, so never logged twice
+            return  # a failed background reload leaves the entry to expire; the next miss loads again
+        if generation != self._generation:
             return
-        if task.result() is not None and keep(task.result()) and generation == self._generation:
+        if task.result() is not None and keep(task.result()):
             self.put(key, task.result())
+        else:
+            self._entries.pop(key, None)  # gone (a revoked key) or no longer cacheable: not served again
 
     def discard_where(self, predicate) -> None:
         """Drop every entry whose key satisfies ``predicate`` (an org's entries after a change)."""

@@ -95,6 +95,9 @@ if %(gc_threshold)r:
     gc.set_threshold(*%(gc_threshold)r)
 if %(switch_interval)r:
     sys.setswitchinterval(%(switch_interval)r)
+if %(refresh_ahead)r is not None:
+    import serving.cache
+    serving.cache.REFRESH_AHEAD = %(refresh_ahead)r
 serve(app, settings, host="127.0.0.1", port=%(port)d, log_level="warning", **({} if %(http)r == "default" else {"http": %(http)r}))
 """
 
@@ -186,18 +189,18 @@ def _phase(pids: dict[str, int], port: int, headers: dict, args, probe_port: int
 
 def _variant(spec: str) -> tuple[str, dict]:
     """``LABEL[:OPTION=VALUE,...]``: options are ``gc`` (tuned|stock), ``gc_threshold`` (e.g. 700/10/10),
-    ``switch_interval`` (seconds, sys.setswitchinterval), ``http`` (default: serving.server's; httptools or
+    ``switch_interval`` (seconds, sys.setswitchinterval), ``refresh_ahead`` (serving.cache's; 0: off), ``http`` (default: serving.server's; httptools or
     h11: uvicorn's own),
     ``log_level`` and any ServingSettings field (value as JSON)."""
     label, _, rest = spec.partition(":")
-    options = {"gc": "tuned", "http": "default", "log_level": "warning", "gc_threshold": None, "switch_interval": None, "settings": {}}
+    options = {"gc": "tuned", "http": "default", "log_level": "warning", "gc_threshold": None, "switch_interval": None, "refresh_ahead": None, "settings": {}}
     for item in filter(None, rest.split(",")):
         name, _, value = item.partition("=")
         if name in ("gc", "http", "log_level"):
             options[name] = value
         elif name == "gc_threshold":
             options[name] = [int(x) for x in value.split("/")]
-        elif name == "switch_interval":
+        elif name in ("switch_interval", "refresh_ahead"):
             options[name] = float(value)
         else:
             options["settings"][name] = json.loads(value)
@@ -213,7 +216,7 @@ def _start_gateway(tmp: str, upstream_port: int, options: dict) -> tuple[subproc
         "bench_dir": str(Path(__file__).resolve().parent), "tmp": folder, "db": f"sqlite:///{folder}/gw.db", "base": BASE,
         "upstream": f"http://127.0.0.1:{upstream_port}", "key": KEY, "log_level": options["log_level"], "port": port,
         "http": options["http"], "overrides": options["settings"], "gc_threshold": options["gc_threshold"],
-        "switch_interval": options["switch_interval"],
+        "switch_interval": options["switch_interval"], "refresh_ahead": options["refresh_ahead"],
     }
     return subprocess.Popen([sys.executable, "-c", src], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}), port
 
