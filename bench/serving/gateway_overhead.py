@@ -146,13 +146,16 @@ def _overlaps(episode: dict, events: list[dict]) -> list[dict]:
 
 
 def _attribute(load: dict, probe: dict | None) -> None:
-    """Mark each slow episode with what the gateway was doing then (its GC pauses of 1 ms or more and
-    its loop stalls), and count slow requests by the largest such event: a GC pause, a stall of a given
-    kind (see gateway_probe), or nothing seen inside the gateway."""
+    """Mark each slow episode with what the gateway was doing then (its GC pauses of 1 ms or more, its
+    loop stalls, database calls of 5 ms or more that requests wait for), and count slow requests by the
+    largest such event: a GC pause, a stall of a given kind (see gateway_probe), a database call, or
+    nothing seen inside the gateway."""
     started = load["started_at"]
     if probe is not None:
         events = [{"kind": f"gc{g['generation']}", "at": g["at"], "ms": g["ms"]} for g in probe["gc"] if g["ms"] >= 1.0]
         events += [{"kind": f"stall_{s['kind']}", "at": s["at"], "ms": s["ms"]} for s in probe["loop_stalls"]]
+        # Database calls that requests wait for (cache reloads), not the usage batches (nobody waits).
+        events += [{"kind": f"db_{d['what']}", "at": d["at"], "ms": d["ms"]} for d in probe.get("db_calls", []) if "flush" not in d["what"]]
         causes: dict[str, int] = {}
         for ep in load["slow_episodes"]:
             seen = _overlaps(ep, events)

@@ -91,7 +91,7 @@ class _Probe:
         }
         for s in stalls:
             s["kind"] = kind(s)
-        return {"summary": summary, "gc": gcs, "loop_stalls": stalls}
+        return {"summary": summary, "gc": gcs, "loop_stalls": stalls, "db_calls": [d for d in self.db if d["ms"] >= 5]}
 
 
 def _timed(probe_list_name: str, probe: _Probe, fn):
@@ -100,7 +100,10 @@ def _timed(probe_list_name: str, probe: _Probe, fn):
         try:
             return await fn(*args, **kwargs)
         finally:
-            getattr(probe, probe_list_name).append({"at": started, "ms": (time.monotonic() - started) * 1000})
+            # For a database call, what it ran: the unit of work's qualified name says who asked
+            # (``authenticate...``: an API-key reload, ``Limiter._limits...``, ``UsageWriter.flush...``).
+            what = getattr(args[1], "__qualname__", "?").split(".<locals>")[0] if len(args) > 1 else fn.__qualname__
+            getattr(probe, probe_list_name).append({"at": started, "ms": (time.monotonic() - started) * 1000, "what": what})
 
     return wrapper
 
