@@ -34,13 +34,14 @@ def spec(model=L8, adapter="lora", quant="none", mode="off", batch=8, accum=1, s
 # job, fleet → (worker kind, GPU class, GPU count, ZeRO stage, offload, memory mode)
 TABLE = [
     ("tiny LoRA, embedded", spec("tuneforge-tiny"), EMBEDDED_FLEET, ("single-gpu", "local", 1, None, False, "off")),
-    ("8B LoRA: smallest GPU that fits, with checkpointing", spec(), FLEET, ("single-gpu", "l4", 1, None, False, "checkpointing")),
+    ("8B LoRA: smallest GPU that fits, with our offload mode", spec(), FLEET, ("single-gpu", "l4", 1, None, False, "offload")),
     ("8B QLoRA fits 24 GB without checkpointing", spec(quant="nf4"), FLEET, ("single-gpu", "l4", 1, None, False, "off")),
     ("8B LoRA, kernels off: stock path still single GPU", spec(kernels=False), FLEET, ("single-gpu", "l4", 1, None, False, "checkpointing")),
     # one H100 with the optimizer states in host memory beats two without: fewest GPUs first
     ("8B full FT: DeepSpeed ZeRO-3, fewest H100s", spec(adapter="full"), FLEET, ("multi-gpu", "h100", 1, 3, True, "off")),
     ("70B LoRA: weights do not fit one GPU → ZeRO-3", spec(L70), FLEET, ("multi-gpu", "h100", 4, 3, False, "checkpointing")),
-    ("70B QLoRA fits one H100", spec(L70, quant="nf4"), FLEET, ("single-gpu", "h100", 1, None, False, "checkpointing")),
+    ("70B QLoRA fits one H100", spec(L70, quant="nf4"), FLEET, ("single-gpu", "h100", 1, None, False, "offload")),
+    ("a job that asks for checkpointing gets it", spec(mode="checkpointing"), FLEET, ("single-gpu", "l4", 1, None, False, "checkpointing")),
     ("70B full FT needs 8 GPUs and optimizer offload", spec(L70, adapter="full"), FLEET, ("multi-gpu", "h100", 8, 3, True, "checkpointing")),
     ("unsupported arch trains on the stock path", spec(GRANITE), FLEET, ("single-gpu", "l4", 1, None, False, "checkpointing")),
     ("Phi-3 (fused qkv/gate_up) takes the kernel path", spec(PHI3), FLEET, ("single-gpu", "l4", 1, None, False, "off")),
@@ -63,7 +64,8 @@ def test_reasons_say_why():
     assert any("supported by the Triton kernels" in r for r in route(spec(), None, FLEET).reasons)
     full = route(spec(adapter="full"), None, FLEET).reasons
     assert any("ZeRO-3" in r for r in full)
-    assert any("raised to checkpointing" in r for r in route(spec(), None, FLEET).reasons)
+    assert any("raised to offload" in r for r in route(spec(), None, FLEET).reasons)
+    assert any("raised to checkpointing" in r for r in route(spec(kernels=False), None, FLEET).reasons)
 
 
 def test_adapter_states_too_big_for_one_gpu_go_to_zero2():
