@@ -156,6 +156,7 @@ def _attribute(load: dict, probe: dict | None) -> None:
         events += [{"kind": f"stall_{s['kind']}", "at": s["at"], "ms": s["ms"]} for s in probe["loop_stalls"]]
         # Database calls that requests wait for (cache reloads), not the usage batches (nobody waits).
         events += [{"kind": f"db_{d['what']}", "at": d["at"], "ms": d["ms"]} for d in probe.get("db_calls", []) if "flush" not in d["what"]]
+        events += [{"kind": "journal_write", "at": w["at"], "ms": w["ms"]} for w in probe.get("slow_writes", [])]
         causes: dict[str, int] = {}
         for ep in load["slow_episodes"]:
             seen = _overlaps(ep, events)
