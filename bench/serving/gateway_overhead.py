@@ -12,7 +12,8 @@ Each round sends ``--seconds`` of non-streamed chat completions first straight t
 through the gateway, with the same client code and pool size; added latency = gateway percentile -
 direct percentile. Also recorded, so that a slow tail can be traced to a process and a moment:
 
-- CPU seconds each process spent per request (``/proc``) and the machine's load average per phase;
+- CPU seconds each process spent per request (``/proc``), the machine's load average and its CPU time
+  by kind (user, system, idle, iowait, softirq, steal: ``/proc/stat``) per phase;
 - the gateway's own request-duration histogram (its ``/metrics``: time inside the handler only);
 - from inside the gateway process (a probe this script adds, not part of the product): every garbage
   collection with its generation and pause, event-loop stalls (a 5 ms ticker's overshoot; off with ``--no-ticker``), each usage
@@ -113,6 +114,14 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def _machine_ms() -> dict[str, float]:
+    """The machine's CPU time by kind since boot (/proc/stat), in ms: steal is time the hypervisor
+    gave our virtual CPUs to someone else, idle is what nobody here used."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    return {k: int(v) * tick_ms for k, v in zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"), fields)}
+
+
 def _get_json(port: int, path: str) -> dict:
     return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).read())
 
@@ -177,6 +186,7 @@ def _phase(pids: dict[str, int], port: int, headers: dict, args, probe_port: int
         # Resets what the probe has seen; starts (or stops) its loop-stall ticker.
         _get_json(probe_port, f"/bench/probe?ticker={str(args.ticker).lower()}")
     load_before = os.getloadavg()[0]
+    machine_before = _machine_ms()
     me = time.process_time()
     result = run_load(port, headers, args.rate, args.seconds, connections=args.connections, slow_ms=args.slow_ms)
     n = result["requests"] + result["warmup_requests"]
@@ -184,6 +194,9 @@ def _phase(pids: dict[str, int], port: int, headers: dict, args, probe_port: int
     cpu["load_generator"] = round((time.process_time() - me) / n * 1000, 3)
     result["cpu_ms_per_request"] = cpu
     result["loadavg_1m_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    machine_after = _machine_ms()
+    # CPU time of the whole machine during the phase, in seconds by kind (2 CPUs: at most 2 s per second).
+    result["machine_cpu_s"] = {k: round((machine_after[k] - machine_before[k]) / 1000, 2) for k in ("user", "system", "idle", "iowait", "softirq", "steal")}
     probe = _get_json(probe_port, f"/bench/probe?ticker={str(args.ticker).lower()}") if probe_port is not None else None
     _attribute(result, probe)
     if probe is not None:
