@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out")
+    parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs (starts in seconds; slower decode)")
     parser.add_argument("--prepare-only", action="store_true", help="write the model and adapters, then exit (a process of its own, so vLLM starts on a GPU nobody else holds)")
     args = parser.parse_args()
     if args.prepare_only:
@@ -108,7 +109,7 @@ def main() -> None:
     llm = LLM(
         model=str(model_dir), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=args.prompt_tokens + args.tokens + 16,
         enable_lora=True, max_lora_rank=args.rank, max_loras=args.adapters, max_cpu_loras=args.adapters,
-        gpu_memory_utilization=0.85, seed=0,
+        gpu_memory_utilization=0.85, seed=0, enforce_eager=args.enforce_eager,
     )
     rng = random.Random(0)
     prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 100000) for _ in range(args.prompt_tokens)]) for _ in range(args.requests)]
@@ -132,7 +133,7 @@ def main() -> None:
         "bench": "vllm_adapters", "vllm": vllm.__version__, "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
         "model": "random Llama-3-8B-shaped, bf16", "requests": args.requests, "prompt_tokens": args.prompt_tokens,
         "new_tokens_per_request": args.tokens, "lora_rank": args.rank, "targets": list(TARGETS), "results": summary,
-        "cpus": os.cpu_count(),
+        "cpus": os.cpu_count(), "enforce_eager": args.enforce_eager, "rounds": args.rounds,
     }
     print(json.dumps(out, indent=2))
     if args.out:

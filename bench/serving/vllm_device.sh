@@ -9,6 +9,8 @@ set -u
 end_s=${1:-570}
 t0=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+# FlashInfer is not carried (437 MiB of cubins): vLLM's sampler imports it unless this is off
+export VLLM_USE_FLASHINFER_SAMPLER=0
 mkdir -p /tmp/site
 if [[ ! -d /tmp/site/vllm ]]; then
   cat .vw*/site.part-* | xz -d -T0 | tar -x -C /tmp/site || { echo "unpack failed"; exit 1; }

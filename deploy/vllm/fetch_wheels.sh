@@ -14,7 +14,8 @@
 # sources, FlashInfer and its cubins (437 MiB; sampling falls back to PyTorch), TileLang, the video
 # codecs, the CUTLASS DSL, quack/tokenspeed/humming kernels, nvcc, z3. That takes the 1155 MiB of wheels
 # (21 transfers) to an 86 MiB archive plus Tuneforge's own missing requirements (2 transfers).
-# There, bench/serving/vllm_device.sh unpacks the parts into /tmp/site.
+# There, bench/serving/vllm_device.sh unpacks the parts into /tmp/site and runs vLLM with
+# VLLM_USE_FLASHINFER_SAMPLER=0 (its sampler imports FlashInfer unguarded otherwise).
 set -euo pipefail
 WORK=${WORK:-/tmp/tuneforge-vllm}
 PART=${PART:-55m}
@@ -36,6 +37,8 @@ python3 -m pip download -q --no-deps "${TARGET[@]}" -d "$WORK/whole" vllm==0.25.
   opentelemetry-semantic-conventions pydantic-core pydantic-extra-types pyelftools pyjwt python-multipart referencing \
   rpds-py sniffio sse-starlette supervisor typing-inspection uvicorn interegular \
   httpx2 httpcore2 truststore googleapis-common-protos opentelemetry-exporter-otlp-proto-common opentelemetry-proto pycparser \
+  `# xgrammar 0.2.9 needs a newer tvm-ffi than the 0.1.9 vllm pins for FlashInfer (left out): seen on the H200` \
+  "apache-tvm-ffi>=0.1.15" \
   `# Tuneforge's own requirements the image lacks (the gateway and the resolver plugin run there too)` \
   pydantic-settings python-dotenv httptools sqlalchemy greenlet alembic mako "psycopg[binary]" psycopg-binary celery kombu \
   billiard vine amqp click-didyoumean click-repl click-plugins redis boto3 botocore s3transfer tenacity authlib structlog \
