@@ -26,30 +26,39 @@ async def _ok(scope, receive, send):
     await send({"type": "http.response.body", "body": b"ok"})
 
 
+def _serve(app, settings: ServingSettings) -> tuple[uvicorn.Server, threading.Thread, int]:
+    """``app`` served with the gateway's server options on a loopback port: (server, thread, port)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = server_config(app, settings, host="127.0.0.1", port=0, log_level="warning")
+    config.lifespan = "off"
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    return server, thread, sock.getsockname()[1]
+
+
+def _stop(server: uvicorn.Server, thread: threading.Thread) -> None:
+    server.should_exit = True
+    thread.join(5)
+
+
 @pytest.fixture
 def serve_with_keep_alive(tmp_path):
     servers = []
 
     def start(keep_alive_s: int) -> int:
-        settings = ServingSettings(data_dir=tmp_path, http_keep_alive_s=keep_alive_s)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        config = server_config(_ok, settings, host="127.0.0.1", port=0, log_level="warning")
-        config.lifespan = "off"
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.01)
+        server, thread, port = _serve(_ok, ServingSettings(data_dir=tmp_path, http_keep_alive_s=keep_alive_s))
         servers.append((server, thread))
-        return sock.getsockname()[1]
+        return port
 
     yield start
     for server, thread in servers:
-        server.should_exit = True
-        thread.join(5)
+        _stop(server, thread)
 
 
 def _exchange(conn: socket.socket) -> bytes:
@@ -148,22 +157,11 @@ async def _stream(scope, receive, send):
 def test_streamed_and_plain_responses_arrive_whole_through_the_gateway_protocol(tmp_path):
     settings = ServingSettings(data_dir=tmp_path)
     for app, expected in ((_ok, "ok"), (_stream, "".join(f"data: {i}\n\n" for i in range(5)) + "data: [DONE]\n\n")):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        config = server_config(app, settings, host="127.0.0.1", port=0, log_level="warning")
-        config.lifespan = "off"
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
+        server, thread, port = _serve(app, settings)
         try:
-            deadline = time.monotonic() + 10
-            while not server.started:
-                assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-                time.sleep(0.01)
-            with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}") as client:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
                 for _ in range(3):  # keep-alive: the same connection serves again
                     response = client.get("/")
                     assert response.status_code == 200 and response.text == expected
         finally:
-            server.should_exit = True
-            thread.join(5)
+            _stop(server, thread)
