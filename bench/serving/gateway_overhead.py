@@ -226,6 +226,24 @@ def _variant(spec: str) -> tuple[str, dict]:
     return label, options
 
 
+def _pinning(gateways: list[str]) -> dict[str, set[int]]:
+    """Cores of its own for each process: the load generator one, the upstream two, each gateway two
+    (its event loop, and the usage writer's thread and the kernel's network work beside it)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 3 + 2 * len(gateways):
+        raise SystemExit(f"--pin needs {3 + 2 * len(gateways)} CPUs for {len(gateways)} gateway(s); this process may use {len(cpus)}")
+    plan = {"load_generator": {cpus[0]}, "upstream": set(cpus[1:3])}
+    for i, name in enumerate(gateways):
+        plan[name] = set(cpus[3 + 2 * i : 5 + 2 * i])
+    return plan
+
+
+def _pin(procs: dict[str, subprocess.Popen], pinning: dict[str, set[int]]) -> None:
+    for name, proc in procs.items():
+        for task in Path(f"/proc/{proc.pid}/task").iterdir() if name in pinning else ():
+            os.sched_setaffinity(int(task.name), pinning[name])
+
+
 def _start_gateway(tmp: str, upstream_port: int, options: dict) -> tuple[subprocess.Popen, int]:
     port = _port()
     folder = tempfile.mkdtemp(prefix="gw-", dir=tmp)
@@ -256,10 +274,18 @@ def main() -> None:
         "--no-ticker", dest="ticker", action="store_false",
         help="no loop-stall ticker in the gateway (it wakes the loop 200 times a second; GC pauses are still recorded)",
     )
+    parser.add_argument(
+        "--pin", action="store_true",
+        help="give each process cores of its own (sched_setaffinity): the load generator one, the upstream two, each gateway "
+        "two; needs 3 + 2 x variants CPUs. Measures the gateway without the other processes on its cores",
+    )
     parser.add_argument("--label", default="", help="what this run is for, kept in the JSON")
     parser.add_argument("--out")
     args = parser.parse_args()
     variants = dict(_variant(v) for v in (args.variant or ["gateway"]))
+    pinning = _pinning(list(variants)) if args.pin else {}
+    if pinning:
+        os.sched_setaffinity(0, pinning["load_generator"])
     tmp = tempfile.mkdtemp(prefix="gw-bench-")
     up_port = _port()
     upstream_src = (RAW_UPSTREAM if args.upstream == "raw" else FAKE_VLLM_UPSTREAM) % {"base": BASE, "port": up_port, "keep_alive": 600}
@@ -267,12 +293,14 @@ def main() -> None:
     ports = {}
     for label, options in variants.items():
         procs[label], ports[label] = _start_gateway(tmp, up_port, options)
+    _pin(procs, pinning)
     rounds = []
     loadavg_start = os.getloadavg()
     try:
         _wait(up_port, "/v1/models")
         for port in ports.values():
             _wait(port, "/metrics")
+        _pin(procs, pinning)  # again, for threads started before the first call
         for i in range(args.rounds):
             pids = {name: p.pid for name, p in procs.items()}
             direct = _phase(pids, up_port, {}, args, None)
@@ -318,7 +346,10 @@ def main() -> None:
             "cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in loadavg_start],
             "loadavg_end": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
         },
-        "setup": "upstream + gateway(s) + load generator as processes on one machine (no pinning); SQLite; usage recorded per request",
+        "pinning": {name: sorted(cpus) for name, cpus in pinning.items()},
+        "setup": "upstream + gateway(s) + load generator as processes on one machine ("
+        + ("each on cores of its own, see pinning" if pinning else "no pinning: they share the machine's cores")
+        + "); SQLite; usage recorded per request",
     }
     print(json.dumps(summary, indent=1))
     if args.out:
