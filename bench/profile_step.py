@@ -46,6 +46,14 @@ def main():
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(a.steps + 1)]
+    marks[0].record()
+    for i in range(a.steps):  # unprofiled step times, for the idle share below
+        step()
+        marks[i + 1].record()
+    torch.cuda.synchronize()
+    step_ms = [marks[i].elapsed_time(marks[i + 1]) for i in range(a.steps)]
+    print(f"step_ms (no profiler) {[round(t, 1) for t in step_ms]}; peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(a.steps):
             step()
@@ -57,6 +65,35 @@ def main():
     for e in rows:
         ms = e.device_time_total / a.steps / 1e3
         print(f"{ms:9.2f} ms {100 * ms / total:5.1f}% x{e.count // a.steps:<5d} {e.key[:110]}")
+    _busy(prof, a.steps)
+
+
+def _busy(prof, steps):
+    """Wall span of the profiled steps on the device, the union of kernel intervals (busy), and the
+    union of copies (Memcpy): span - busy is time the GPU computed nothing (waits on copies, launches)."""
+    from torch.autograd import DeviceType
+
+    spans = [(e.time_range.start, e.time_range.end, "memcpy" in e.name.lower())
+             for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not spans:
+        return
+
+    def union(iv):
+        iv = sorted(iv)
+        tot, cur_s, cur_e = 0.0, None, None
+        for s, e in iv:
+            if cur_e is None or s > cur_e:
+                tot += (cur_e - cur_s) if cur_e is not None else 0.0
+                cur_s, cur_e = s, e
+            else:
+                cur_e = max(cur_e, e)
+        return tot + ((cur_e - cur_s) if cur_e is not None else 0.0)
+
+    wall = max(e for _, e, _ in spans) - min(s for s, _, _ in spans)
+    kern = union([(s, e) for s, e, c in spans if not c])
+    copy = union([(s, e) for s, e, c in spans if c])
+    print(f"per step: device span {wall / steps / 1e3:.1f} ms, kernels busy {kern / steps / 1e3:.1f} ms, "
+          f"copies busy {copy / steps / 1e3:.1f} ms, no kernel running {(wall - kern) / steps / 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -159,3 +159,42 @@ def test_offload_peak_is_below_checkpointing_by_the_layer_inputs():
         torch.cuda.empty_cache()
     input_bytes = shape[0] * shape[1] * config.hidden_size * 4  # float32 model
     assert peaks["checkpointing"] - peaks["offload"] >= (layers - 3) * input_bytes, peaks
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_offload_keeps_a_frozen_untied_input_embedding_in_host_memory():
+    """The table leaves device memory; training, generation and merging see the same values."""
+    config = tiny_config("llama", vocab_size=4096)
+    ref = build_lora_model(config, "cuda")
+    patch_model(ref, memory_mode="checkpointing")
+    model = build_lora_model(config, "cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    patch_model(model, memory_mode="offload")
+    emb = model.get_base_model().get_input_embeddings()
+    table = emb.weight.numel() * emb.weight.element_size()
+    assert emb.weight.is_cuda and not emb.weight.requires_grad
+    assert before - torch.cuda.memory_allocated() >= table
+    assert torch.equal(emb.weight, ref.get_base_model().get_input_embeddings().weight)
+    g_ref, g_ours = _steps(ref, "cuda"), _steps(model, "cuda")
+    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-5
+    ref.eval(), model.eval()
+    x = torch.randint(0, 4096, (1, 6), device="cuda")
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(input_ids=x, **kw), ref.generate(input_ids=x, **kw))
+        merged, merged_ref = model.merge_and_unload(), ref.merge_and_unload()
+        assert rel(merged(input_ids=x).logits, merged_ref(input_ids=x).logits) < 1e-5
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_tied_or_trainable_embedding_stays_on_the_device():
+    for config, trainable in ((tiny_config("llama", tie_word_embeddings=True), False), (tiny_config("llama"), True)):
+        model = build_lora_model(config, "cuda")
+        emb = model.get_base_model().get_input_embeddings()
+        emb.weight.requires_grad_(trainable)
+        ptr = emb.weight.data_ptr()
+        patch_model(model, memory_mode="offload")
+        assert emb.weight.data_ptr() == ptr and "forward" not in vars(emb)
