@@ -103,6 +103,12 @@ serve(app, settings, host="127.0.0.1", port=%(port)d, log_level="warning", **({}
 """
 
 
+def _child_env() -> dict[str, str]:
+    """This environment with the repository first on the path (and whatever the path already had: on the
+    GPU machine that is where the packed site folder lives)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -253,7 +259,7 @@ def _start_gateway(tmp: str, upstream_port: int, options: dict) -> tuple[subproc
         "http": options["http"], "overrides": options["settings"], "gc_threshold": options["gc_threshold"],
         "switch_interval": options["switch_interval"], "refresh_ahead": options["refresh_ahead"],
     }
-    return subprocess.Popen([sys.executable, "-c", src], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}), port
+    return subprocess.Popen([sys.executable, "-c", src], cwd=ROOT, env=_child_env()), port
 
 
 def main() -> None:
@@ -289,7 +295,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="gw-bench-")
     up_port = _port()
     upstream_src = (RAW_UPSTREAM if args.upstream == "raw" else FAKE_VLLM_UPSTREAM) % {"base": BASE, "port": up_port, "keep_alive": 600}
-    procs = {"upstream": subprocess.Popen([sys.executable, "-c", upstream_src], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})}
+    procs = {"upstream": subprocess.Popen([sys.executable, "-c", upstream_src], cwd=ROOT, env=_child_env())}
     ports = {}
     for label, options in variants.items():
         procs[label], ports[label] = _start_gateway(tmp, up_port, options)
