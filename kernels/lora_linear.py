@@ -11,6 +11,11 @@ into the base output by ``addmm_`` (no separate add), the three ``x A^T`` of Q/K
     y    = x W^T + s (x A^T) B^T
     dA   = s (dy B)^T x          dB = s dy^T (x A^T)
     dx   = dy W + s (dy B) A      (summed over Q, K, V for the triple)
+
+``outputs`` ("replay") is for a checkpointed layer's recompute that kept the projections' outputs from its
+forward (gpu_worker/patching/memory.py, ``offload`` mode): forward then computes only the rank-r ``x A^T``
+that backward reads and returns the given tensors, so the base GEMMs (and, in QLoRA, the dequantisations)
+of the recompute are skipped. Backward is unchanged: it never reads ``y``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from kernels.backend import use_triton
-from kernels.lora_mlp import LoraWeights, _compute_dtype, _dense, _project_reference, _restore_x, _x_for_saving
+from kernels.lora_mlp import (LoraWeights, _compute_dtype, _dense, _out_features, _project_reference, _restore_x,
+                              _x_for_saving)
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
@@ -26,7 +32,8 @@ class _LoraLinearsFunction(torch.autograd.Function):
     the n scales."""
 
     @staticmethod
-    def forward(ctx, x, n, *args):
+    def forward(ctx, x, n, outputs, *args):
+        # outputs: None, or a list of the n outputs computed earlier (replay, module docstring)
         weights, lora, scales = args[0:3 * n:3], (args[1:3 * n:3], args[2:3 * n:3]), args[3 * n:]
         dtype = _compute_dtype(x)
         shape = x.shape
@@ -37,6 +44,9 @@ class _LoraLinearsFunction(torch.autograd.Function):
         xa_all = x2 @ torch.cat([a_s[i] for i in with_lora]).t() if with_lora else None  # (N, sum r)
         outs, xas, col = [], [None] * n, 0
         for i in range(n):
+            if outputs is not None:
+                outs.append(outputs[i])
+                continue
             y = x2 @ _dense(weights[i], dtype).t()                                  # (N, out_i)
             if a_s[i] is not None:
                 r = a_s[i].shape[0]
@@ -81,25 +91,37 @@ class _LoraLinearsFunction(torch.autograd.Function):
                 continue
             s = ctx.scales[i]
             dy_b = dy2 @ b_s[i]                                                     # (N, r)
-            if need[3 + 3 * i]:
+            if need[4 + 3 * i]:  # needs_input_grad: x, n, outputs, then (weight, a, b) per projection
                 grads[3 * i + 1] = (s * (dy_b.t() @ x2)).to(ctx.param_dtypes[i][0])  # (r, in)
-            if need[4 + 3 * i]:
+            if need[5 + 3 * i]:
                 grads[3 * i + 2] = (s * (dy2.t() @ xa)).to(ctx.param_dtypes[i][1])   # (out, r)
             if dx is not None:
                 dx.addmm_(dy_b, a_s[i], alpha=s)
         if dx is not None:
             dx = dx.view(ctx.shape)
-        return (dx, None, *grads, *([None] * n))
+        return (dx, None, None, *grads, *([None] * n))
 
 
-def lora_linears(x: torch.Tensor, *projections: LoraWeights, impl: str | None = None):
-    """``tuple(x W_i^T + s_i (x A_i^T) B_i^T for each projection)``; one node, one ``x A^T`` matmul."""
+def lora_linears(x: torch.Tensor, *projections: LoraWeights, impl: str | None = None,
+                 outputs: list[torch.Tensor] | None = None):
+    """``tuple(x W_i^T + s_i (x A_i^T) B_i^T for each projection)``; one node, one ``x A^T`` matmul.
+
+    ``outputs``: these values, computed earlier from the same ``x`` and weights (replay, module
+    docstring): returned as the outputs without recomputing them; the caller guarantees they are equal.
+    A permission: the reference path recomputes."""
     for p in projections:
         assert (p.lora_a is None) == (p.lora_b is None), "lora_a and lora_b come together"
     if not use_triton(x, *(p.lora_a for p in projections), impl=impl):
         return tuple(lora_linears_reference(x, *projections))
+    if outputs is not None:
+        outputs = list(outputs)
+        lead = x.shape[:-1]
+        assert len(outputs) == len(projections), (len(outputs), len(projections))
+        for o, p in zip(outputs, projections):
+            assert o.shape == (*lead, _out_features(p.weight)) and not o.requires_grad, (o.shape, lead)
     flat = [t for p in projections for t in (p.weight, p.lora_a, p.lora_b)]
-    return _LoraLinearsFunction.apply(x, len(projections), *flat, *(float(p.scale) for p in projections))
+    return _LoraLinearsFunction.apply(x, len(projections), outputs, *flat,
+                                      *(float(p.scale) for p in projections))
 
 
 def lora_linears_reference(x, *projections: LoraWeights):

@@ -10,6 +10,12 @@ back to the device, which then overlaps layer i's recompute and backward. At mos
 on the device at a time (the one in use and the prefetched one). During the recompute ``recomputing()``
 is true: the patched MLP then skips its down projection, whose output nothing reads (decoder.py).
 
+The forward of a layer may also ``stash()`` tensors it computed (decoder.py: the q/k/v and O projections'
+outputs, 160 MB per layer at 8B): they travel to the host and back with the layer input, and the recompute
+takes them (``unstash``) instead of recomputing them. Worth it where the host link carries them within
+the layer's forward: at ~50 GB/s each way (H200, bench/NOTES.md v7) 224 MB take ~4.5 ms of a ~5.5 ms
+8B layer forward, and save ~1 ms of GEMMs per layer in the recompute.
+
 ``offload`` also moves a frozen, untied input embedding table to pinned host memory (1.05 GB at Llama-3
 8B): the parameter stays a CUDA tensor whose storage is that host memory (unified addressing), and the
 batch's rows are gathered from it over the host link (``kernels.embedding``; 64 MB per 8192-token step).
@@ -36,6 +42,7 @@ from torch import nn
 MEMORY_MODES = ("off", "checkpointing", "offload")
 
 _recompute = threading.local()  # autograd runs backward in its own thread per device
+_forward = threading.local()    # the forward of an ``offload`` layer: the copy that takes stashed tensors
 
 
 def recomputing() -> bool:
@@ -44,54 +51,102 @@ def recomputing() -> bool:
     return getattr(_recompute, "depth", 0) > 0
 
 
+def stashing() -> bool:
+    """True in the forward of an ``offload``-mode layer: ``stash()`` then keeps a tensor for its recompute."""
+    return getattr(_forward, "copy", None) is not None
+
+
+def stash(t: torch.Tensor, tag) -> None:
+    """Keep ``t`` (in host memory, like the layer input) for this layer's recompute, which gets it back
+    from ``unstash(tag)``, in the same order. ``t`` must not be modified in place afterwards."""
+    _forward.copy.add(t, tag)
+
+
+def replaying() -> bool:
+    """True in the recompute of a layer whose forward stashed tensors (``unstash`` returns them)."""
+    copy = getattr(_recompute, "copy", None)
+    return copy is not None and bool(copy.extras)
+
+
+def unstash(tag) -> torch.Tensor:
+    """The next tensor this layer's forward stashed, on the device; ``tag`` must be the one it was stashed
+    with (a recompute that took another path than its forward fails here instead of using wrong values)."""
+    return _recompute.copy.pop(tag)
+
+
 class _HostCopy:
-    """One layer input held in host memory, with its way back to the device (CPU tensors: a plain clone,
-    so the same bookkeeping runs in CPU tests)."""
+    """One layer's input held in host memory, and any tensors its forward stashed (``stash``), with their
+    way back to the device (CPU tensors: plain clones, so the same bookkeeping runs in CPU tests)."""
 
     def __init__(self, hidden: torch.Tensor, stream, previous: _HostCopy | None):
-        self.device, self.shape, self.dtype = hidden.device, hidden.shape, hidden.dtype
+        self.device = hidden.device
         self.stream = stream
         # the copy made just before this one (the layer below): prefetched when this one is fetched; a
         # weak reference, so a forward whose graph is dropped without backward frees its host buffers
         self.previous = weakref.ref(previous) if previous is not None else None
-        self.loaded = None       # event: the device buffer is filled (CUDA)
-        self.on_device = None    # the prefetched device tensor
-        if not hidden.is_cuda:
-            self.host = hidden.detach().clone()
-            return
-        self.host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-        stream.wait_stream(torch.cuda.current_stream(hidden.device))
-        with torch.cuda.stream(stream):
-            self.host.copy_(hidden.detach(), non_blocking=True)
-        hidden.record_stream(stream)
+        self.loaded = None       # event: the device buffers are filled (CUDA)
+        self.on_device = None    # the prefetched device tensors
+        self.host = []           # host tensors: the layer input, then the stashed ones; None once fetched
+        self.tags = []
+        self.extras = []         # after fetch: the stashed tensors on the device, in stash order
+        # the device tensors themselves, while this is the newest copy: the top layer's backward comes
+        # right after its forward, so it uses them instead of waiting for a copy back (~4 ms at 8B)
+        self.kept = []
+        self.add(hidden, "input")
+
+    def add(self, t: torch.Tensor, tag) -> None:
+        if not t.is_cuda:
+            self.host.append(t.detach().clone())
+        else:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.stream.wait_stream(torch.cuda.current_stream(t.device))
+            with torch.cuda.stream(self.stream):
+                host.copy_(t.detach(), non_blocking=True)
+            t.record_stream(self.stream)
+            self.host.append(host)
+            self.kept.append(t.detach())
+        self.tags.append(tag)
 
     def prefetch(self) -> None:
-        """Start the copy back to the device (no-op if started or already consumed)."""
+        """Start the copies back to the device (no-op if started or already consumed)."""
         if self.on_device is not None or self.host is None:
             return
         if not self.device.type == "cuda":
-            self.on_device = self.host
+            self.on_device = list(self.host)
             return
-        buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)  # compute stream's pool
+        if self.kept:  # still the newest copy: nothing to bring back
+            self.on_device, self.kept = self.kept, []
+            return
+        bufs = [torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in self.host]  # compute stream's pool
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            buf.copy_(self.host, non_blocking=True)
+            for buf, h in zip(bufs, self.host):
+                buf.copy_(h, non_blocking=True)
             self.loaded = torch.cuda.Event()
             self.loaded.record(self.stream)
-        self.on_device = buf
+        self.on_device = bufs
 
     def fetch(self) -> torch.Tensor:
-        """The layer input on the device, usable on the compute stream; prefetches the layer below. Once."""
+        """The layer input on the device, usable on the compute stream (the stashed tensors wait in
+        ``extras``); prefetches the layer below. Once."""
         self.prefetch()
         if self.loaded is not None:
             torch.cuda.current_stream(self.device).wait_event(self.loaded)
-        hidden = self.on_device
+        hidden, *self.extras = self.on_device
+        self.tags = self.tags[1:]
         self.on_device = self.host = self.loaded = None
         previous = self.previous() if self.previous is not None else None
         self.previous = None
         if previous is not None:
             previous.prefetch()
         return hidden
+
+    def pop(self, tag) -> torch.Tensor:
+        if not self.extras or self.tags[0] != tag:
+            raise RuntimeError(f"offload recompute asked for {tag!r}, its forward stashed "
+                               f"{self.tags[:1] or 'nothing more'}: the layer took another path")
+        self.tags = self.tags[1:]
+        return self.extras.pop(0)
 
 
 class _OffloadState:
@@ -105,6 +160,8 @@ class _OffloadState:
         if hidden.is_cuda and self.stream is None:
             self.stream = torch.cuda.Stream(hidden.device)
         last = self.last() if self.last is not None else None
+        if last is not None:
+            last.kept = []  # no longer the newest: its device tensors go (their host copies are made)
         # a copy whose backward already ran (the previous step's) is no layer below this one
         copy = _HostCopy(hidden, self.stream, last if last is not None and last.host is not None else None)
         self.last = weakref.ref(copy)
@@ -118,8 +175,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type),
                         torch.get_autocast_dtype(hidden.device.type))
         ctx.copy = state.new_copy(hidden)
-        with torch.no_grad():
-            out = run(hidden, *rest)
+        outer, _forward.copy = getattr(_forward, "copy", None), ctx.copy
+        try:
+            with torch.no_grad():
+                out = run(hidden, *rest)
+        finally:
+            _forward.copy = outer
         return out
 
     @staticmethod
@@ -127,11 +188,15 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         hidden = ctx.copy.fetch().requires_grad_()
         enabled, dtype = ctx.autocast
         _recompute.depth = getattr(_recompute, "depth", 0) + 1
+        outer, _recompute.copy = getattr(_recompute, "copy", None), ctx.copy
         try:
             with torch.enable_grad(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
                 out = ctx.run(hidden, *ctx.rest)
         finally:
             _recompute.depth -= 1
+            _recompute.copy = outer
+        if ctx.copy.extras:
+            raise RuntimeError(f"offload recompute left stashed tensors unused: {ctx.copy.tags}")
         edge = torch.autograd.graph.get_gradient_edge(out)
         del out  # its values are never read: free the (tokens x hidden) tensor before the layer's backward
         torch.autograd.backward(edge, grad_out)

@@ -126,3 +126,31 @@ def test_checkpointing_keeps_no_layer_intermediate():
     assert alive[0]() is None
     out.sum().backward()
     assert x.grad is not None and p.lora_a.grad is not None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replayed_outputs_give_the_same_gradients(device):
+    """``outputs=`` (an offload recompute that kept the projections' outputs): the given tensors come back
+    as the outputs, and every gradient equals the one of the computing path, bit for bit (same kernels on
+    the same inputs: backward never reads the outputs)."""
+    torch.manual_seed(1)
+    hidden, kv, rank = (40, 12, 4) if device == "cpu" else (512, 128, 16)
+    projs = [_proj(hidden, hidden, rank, device, torch.float32), _proj(kv, hidden, rank, device, torch.float32,
+                                                                     with_lora=False),
+             _proj(kv, hidden, rank, device, torch.float32)]
+    x = torch.randn(2, 7, hidden, device=device).requires_grad_()
+    outs = lora_linears(x, *projs, impl="triton")
+    kept = [o.detach().clone() for o in outs]
+    replayed = lora_linears(x, *projs, impl="triton", outputs=kept)
+    assert all(r is k for r, k in zip(replayed, kept)) and all(r.requires_grad for r in replayed)
+    leaves = [x] + [t for p in projs for t in (p.lora_a, p.lora_b) if t is not None]
+    dys = [torch.randn_like(o) for o in outs]
+    for a, b in zip(torch.autograd.grad(outs, leaves, dys), torch.autograd.grad(replayed, leaves, dys)):
+        assert torch.equal(a, b)
+
+
+def test_replayed_outputs_must_match_the_projections():
+    p = _proj(8, 6, 2, "cpu", torch.float32)
+    x = torch.randn(3, 6)
+    with pytest.raises(AssertionError):
+        lora_linears(x, p, impl="triton", outputs=[torch.randn(3, 7)])

@@ -68,6 +68,35 @@ def test_recompute_skips_the_down_projection_where_the_output_is_discarded(monke
     assert len(calls) == (layers if skips else 2 * layers)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])
+def test_recompute_replays_the_attention_projections(monkeypatch, model_type):
+    """The forward keeps the q/k/v and O outputs; the recompute reads the base weights of those projections
+    only in backward (dx), never to recompute the outputs: 2 reads per projection and pass, not 3."""
+    import kernels.lora_linear as mod
+
+    reads = []
+    dense = mod._dense
+    monkeypatch.setattr(mod, "_dense", lambda w, dtype: reads.append(1) or dense(w, dtype))
+    layers = 2
+    model = _model("cpu", "offload", layers=layers, impl="triton", model_type=model_type)
+    x = torch.randint(0, 128, (2, 16))
+    model(input_ids=x, labels=x).loss.backward()
+    per_layer = 4 if model_type == "llama" else 2  # q, k, v, o; Phi-3: qkv_proj, o_proj
+    assert len(reads) == 2 * per_layer * layers
+    state = _state(model)
+    assert state.last() is None or not state.last().extras
+
+
+def test_a_recompute_that_takes_another_path_fails_loudly():
+    model = _model("cpu", "offload", layers=1, impl="triton")
+    x = torch.randint(0, 128, (2, 16))
+    loss = model(input_ids=x, labels=x).loss
+    copy = _state(model).last()
+    copy.tags[1] = ("o", 0)  # as if the forward had stashed O where the recompute expects Q
+    with pytest.raises(RuntimeError, match="another path"):
+        loss.backward()
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_offload_is_right_when_the_copies_are_slow(monkeypatch):
