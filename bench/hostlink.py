@@ -3,6 +3,7 @@
 
 - pinned copies device->host and host->device (256 MB), each alone, both at once on two streams, and a
   device->host copy next to a compute-bound GEMM on the compute stream (does either slow the other?);
+- NF4 dequantisation of a 14336 x 4096 weight, bitsandbytes vs kernels.nf4 (bit-equal?);
 - the embedding row gather of an 8192-token step (128256 x 4096 bf16 table, Llama-3 8B) from device
   memory and from the pinned host table (gpu_worker.patching.memory.host_resident), through torch's
   F.embedding and through kernels.embedding, each checked equal to the device gather.
@@ -99,13 +100,32 @@ def gathers(reps):
     return out
 
 
+def nf4(reps):
+    """kernels.nf4 against bitsandbytes' dequantisation of one 14336 x 4096 weight (nested statistics)."""
+    import bitsandbytes as bnb
+    from gpu_worker.patching.lora import _nf4_state
+    from kernels.nf4 import dequantize_nf4
+
+    w = torch.randn(14336, 4096, device="cuda").to(torch.bfloat16)
+    packed, qs = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    state = _nf4_state(qs)
+    same = bool(torch.equal(dequantize_nf4(packed, state), bnb.functional.dequantize_4bit(packed, qs)))
+    gb = w.numel() * 2.5 / 1e9  # 0.5 byte read, 2 written per value
+    out = []
+    for name, fn in (("nf4 bitsandbytes", lambda: bnb.functional.dequantize_4bit(packed, qs)),
+                     ("nf4 kernels.nf4", lambda: dequantize_nf4(packed, state))):
+        ms = _time(fn, reps)
+        out.append({"what": name, "ms": ms, "gb_s": gb / ms * 1e3, "equal": same})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     rows = []
-    for part in (copies, gathers):
+    for part in (copies, gathers, nf4):
         try:
             rows += part(a.reps)
         except Exception as e:  # noqa: BLE001  (one failing part must not lose the other's numbers)

@@ -441,6 +441,10 @@ def run_one(args):
             rec["achieved_model_tflops"] = rec["tokens_per_s"] * model_f / 1e12
             rec["mfu"] = rec["achieved_model_tflops"] / peak
             rec["hfu"] = rec["tokens_per_s"] * hw_f / 1e12 / peak
+        lora_mod = sys.modules.get("gpu_worker.patching.lora")
+        if args.quant == "nf4" and lora_mod is not None and hasattr(lora_mod, "_NF4_CHECKED"):
+            # which dequantisation the patched model used, per weight kind (kernels.nf4 where bit-equal)
+            rec["nf4_kernel_used"] = {str(k[:3]): v for k, v in lora_mod._NF4_CHECKED.items()}
         rec["error"] = None
     except _Done:
         pass

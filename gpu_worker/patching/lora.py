@@ -12,14 +12,35 @@ frozen weight and of ``lora_B``, the shared ``lora_A`` passed to each part (auto
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from kernels.lora_mlp import LoraWeights
 
 
+# (shape, dtype, nested, device) -> whether kernels.nf4 gave bitsandbytes' exact values there (checked on
+# the first weight of each kind; bitsandbytes' own dequantisation is used where it did not)
+_NF4_CHECKED: dict = {}
+
+
+def _nf4_state(qs):
+    from kernels.nf4 import NF4State
+
+    if qs.quant_type != "nf4" or not isinstance(qs.code, torch.Tensor) or qs.code.numel() != 16:
+        return None
+    common = dict(code=qs.code.float(), blocksize=int(qs.blocksize), shape=tuple(qs.shape), dtype=qs.dtype)
+    if not qs.nested:
+        return NF4State(absmax=qs.absmax, **common)
+    s2 = qs.state2
+    return NF4State(absmax=qs.absmax, code2=s2.code, absmax2=s2.absmax, blocksize2=int(s2.blocksize),
+                    offset=torch.as_tensor(qs.offset, device=qs.absmax.device), **common)
+
+
 class _NF4Weight:
-    """A bitsandbytes 4-bit weight, expanded on demand into a transient ``(out, in)`` tensor."""
+    """A bitsandbytes 4-bit weight, expanded on demand into a transient ``(out, in)`` tensor by
+    ``kernels.nf4`` (one pass) where it matched bitsandbytes bit for bit, else by bitsandbytes."""
 
     def __init__(self, param):
         self.param = param
@@ -31,7 +52,26 @@ class _NF4Weight:
     def dequantize(self) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(self.param.data, self.param.quant_state)
+        data, qs = self.param.data, self.param.quant_state
+        state = _nf4_state(qs) if data.is_cuda else None
+        if state is None:
+            return bnbf.dequantize_4bit(data, qs)
+        from kernels.nf4 import dequantize_nf4
+
+        key = (state.shape, state.dtype, state.nested, data.device)
+        ok = _NF4_CHECKED.get(key)
+        if ok is None:  # first weight of this kind: both ways, compared (one host sync)
+            ref = bnbf.dequantize_4bit(data, qs)
+            try:
+                ok = torch.equal(dequantize_nf4(data, state), ref)
+                reason = "values differ"
+            except Exception as e:  # noqa: BLE001  (a kernel that cannot run here falls back, loudly)
+                ok, reason = False, f"{type(e).__name__}: {e}"
+            if not ok:
+                warnings.warn(f"kernels.nf4 not used for {key[:3]}: {reason}; bitsandbytes dequantises")
+            _NF4_CHECKED[key] = ok
+            return ref
+        return dequantize_nf4(data, state) if ok else bnbf.dequantize_4bit(data, qs)
 
 
 class _RowSlice:

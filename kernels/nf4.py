@@ -1,0 +1,113 @@
+"""NF4 dequantisation of a bitsandbytes 4-bit weight (``quant_type="nf4"``, with or without double-quantised
+absmax) into a dense ``(out, in)`` tensor, in one pass.
+
+bitsandbytes does it in up to three launches (the 8-bit absmax through its code book, ``+ offset``, then the
+4-bit values), at ~40% of the memory bandwidth on an H200 (bench/NOTES.md v7 profile: 20.8 + 1.7 + 1.7 ms
+per 8B QLoRA step). Here one program expands ``BLOCK`` values: reads 0.5 byte and writes 2 per value.
+
+Same arithmetic as bitsandbytes' CUDA kernels, rounding included (the result is bit-equal; a QLoRA model
+checks that on its first weights, gpu_worker/patching/lora.py): with nested statistics
+``absmax[b] = code2[qabsmax[b]] * absmax2[b // blocksize2]`` rounded to float32, then ``+ offset`` (two
+roundings: the GPU build turns off multiply-add fusion, which would round once); each value is
+``nf4_code[nibble] * absmax[k // blocksize]`` in float32, rounded once to the output dtype. Element ``k``
+(row-major over ``(out, in)``) is the high nibble of byte ``k // 2`` when ``k`` is even, the low one when odd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.backend import launcher, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+# values per program: 4096 (8 KB of bf16 out, 2 KB in; 4 warps, 32 values a thread); not tuned
+_BLOCK = 4096
+
+if triton is not None:
+
+    @triton.jit
+    def _nf4_dequant_kernel(PACKED, CODE, ABSMAX, CODE2, ABSMAX2, OFFSET, OUT, n, blocksize, blocksize2,
+                            NESTED: tl.constexpr, BLOCK: tl.constexpr):
+        k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = k < n
+        byte = tl.load(PACKED + k // 2, mask=mask, other=0).to(tl.int32)
+        nibble = tl.where(k % 2 == 0, byte >> 4, byte & 15)
+        value = tl.load(CODE + nibble)
+        b = k // blocksize
+        if NESTED:
+            q = tl.load(ABSMAX + b, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(CODE2 + q) * tl.load(ABSMAX2 + b // blocksize2, mask=mask, other=0.0)
+            scale = scale + tl.load(OFFSET)
+        else:
+            scale = tl.load(ABSMAX + b, mask=mask, other=0.0)
+        tl.store(OUT + k, (value * scale).to(OUT.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+
+@dataclass(frozen=True)
+class NF4State:
+    """What bitsandbytes' ``QuantState`` holds for an nf4 weight (``absmax`` uint8 with ``code2``/``absmax2``/
+    ``blocksize2``/``offset`` when nested, else float32)."""
+
+    code: torch.Tensor            # (16,) float32: the NF4 values
+    absmax: torch.Tensor          # (n / blocksize,) uint8 (nested) or float32
+    blocksize: int
+    shape: tuple[int, ...]        # the dense weight's shape
+    dtype: torch.dtype
+    code2: torch.Tensor | None = None     # (256,) float32
+    absmax2: torch.Tensor | None = None   # (n / blocksize / blocksize2,) float32
+    blocksize2: int = 0
+    offset: torch.Tensor | None = None    # () float32
+
+    @property
+    def nested(self) -> bool:
+        return self.code2 is not None
+
+
+def _launch(packed, s: NF4State, out):
+    # packed: uint8, n / 2 bytes (any shape, contiguous); out: s.shape, s.dtype, contiguous
+    n = out.numel()
+    assert packed.dtype == torch.uint8 and packed.is_contiguous() and packed.numel() * 2 == n
+    assert out.is_contiguous() and n % 2 == 0 and s.code.numel() == 16 and s.code.dtype == torch.float32
+    assert s.absmax.numel() * s.blocksize >= n
+    if s.nested:
+        assert s.absmax.dtype == torch.uint8 and s.code2.dtype == torch.float32 and s.absmax2.dtype == torch.float32
+        args = (s.code2, s.absmax2, s.offset.reshape(1).float(), s.blocksize2)
+    else:
+        assert s.absmax.dtype == torch.float32
+        args = (s.code, s.absmax, s.code, 1)  # unused pointers
+    code2, absmax2, offset, blocksize2 = args
+    kw = {} if not out.is_cuda else {"enable_fp_fusion": False}  # see the module docstring
+    launcher(_nf4_dequant_kernel, out)[(triton.cdiv(n, _BLOCK),)](
+        packed, s.code, s.absmax, code2, absmax2, offset, out, n, s.blocksize, blocksize2,
+        NESTED=s.nested, BLOCK=_BLOCK, num_warps=4, **kw)
+
+
+def dequantize_nf4(packed: torch.Tensor, state: NF4State, *, impl: str | None = None) -> torch.Tensor:
+    """The dense weight ``(out, in)`` in ``state.dtype``."""
+    if not use_triton(packed, state.absmax, impl=impl):
+        return dequantize_nf4_reference(packed, state)
+    out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
+    _launch(packed.contiguous(), state, out)
+    return out
+
+
+def dequantize_nf4_reference(packed, s: NF4State):
+    """The spec in plain torch (float32 throughout, one rounding to ``s.dtype`` at the end)."""
+    b = packed.reshape(-1).to(torch.int64)
+    nibbles = torch.stack([b >> 4, b & 15], dim=1).reshape(-1)
+    values = s.code.float()[nibbles]
+    if s.nested:
+        absmax = s.code2.float()[s.absmax.reshape(-1).long()] * s.absmax2.float().repeat_interleave(s.blocksize2)[
+            :s.absmax.numel()]
+        absmax = absmax + s.offset.float()
+    else:
+        absmax = s.absmax.reshape(-1).float()
+    scale = absmax.repeat_interleave(s.blocksize)[:values.numel()]
+    return (values * scale).to(s.dtype).reshape(s.shape)

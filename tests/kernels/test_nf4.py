@@ -1,0 +1,73 @@
+"""kernels.nf4: the one-pass NF4 dequantisation equals its plain-torch spec bit for bit (same float32
+operations, one rounding to the output dtype), nested or not, on sizes that are not a multiple of the
+kernel's block; on a GPU with bitsandbytes, it equals bitsandbytes' own dequantisation bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.nf4 import NF4State, dequantize_nf4, dequantize_nf4_reference
+from tests.kernels.conftest import DEVICES, needs_cuda, needs_triton
+
+_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+        0.7229568362236023, 1.0]
+
+
+def _state(shape, nested, dtype, device, blocksize=64, blocksize2=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[0] * shape[1]
+    n_blocks = -(-n // blocksize)
+    packed = torch.randint(0, 256, (n // 2, 1), generator=g, dtype=torch.uint8)
+    common = dict(code=torch.tensor(_NF4), blocksize=blocksize, shape=shape, dtype=dtype)
+    if nested:
+        s = NF4State(absmax=torch.randint(0, 256, (n_blocks,), generator=g, dtype=torch.uint8),
+                     code2=torch.randn(256, generator=g).sort().values, blocksize2=blocksize2,
+                     absmax2=torch.rand(-(-n_blocks // blocksize2), generator=g) + 0.5,
+                     offset=torch.tensor(0.03125), **common)
+    else:
+        s = NF4State(absmax=torch.rand(n_blocks, generator=g) + 0.1, **common)
+    moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(s).items()}
+    return packed.to(device), NF4State(**moved)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(6, 64), (70, 130), (96, 1000)])
+def test_equals_the_spec(device, nested, dtype, shape):
+    packed, s = _state(shape, nested, dtype, device)
+    out = dequantize_nf4(packed, s, impl="triton")
+    ref = dequantize_nf4_reference(packed, s)
+    assert out.shape == shape and out.dtype == dtype
+    if device == "cpu" and dtype == torch.bfloat16:
+        # Triton's CPU interpreter truncates float32 -> bf16 (the GPU rounds to nearest even, as the spec):
+        # there the float32 values before the cast must be the spec's, truncated
+        ref32 = dequantize_nf4_reference(packed, NF4State(**{**vars(s), "dtype": torch.float32}))
+        ref = (ref32.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    assert torch.equal(out, ref)
+
+
+def test_nibble_order_and_scale():
+    # byte 0x1E: element 0 is code[1] (high nibble), element 1 code[14]; absmax 2 on the whole block
+    s = NF4State(code=torch.tensor(_NF4), absmax=torch.tensor([2.0]), blocksize=64, shape=(1, 2),
+                 dtype=torch.float32)
+    out = dequantize_nf4(torch.tensor([0x1E], dtype=torch.uint8), s, impl="triton")
+    assert out.tolist() == [[2 * _NF4[1], 2 * _NF4[14]]]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", [(1024, 4096), (336, 520)])
+def test_equals_bitsandbytes(nested, shape):
+    bnb = pytest.importorskip("bitsandbytes")
+    from gpu_worker.patching.lora import _nf4_state
+
+    w = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    packed, qs = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
+    ours = dequantize_nf4(packed, _nf4_state(qs))
+    assert torch.equal(ours, bnb.functional.dequantize_4bit(packed, qs))
