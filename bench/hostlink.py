@@ -123,9 +123,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--parts", default="copies,gathers,nf4")
     a = ap.parse_args()
     rows = []
-    for part in (copies, gathers, nf4):
+    for part in [{"copies": copies, "gathers": gathers, "nf4": nf4}[p] for p in a.parts.split(",")]:
         try:
             rows += part(a.reps)
         except Exception as e:  # noqa: BLE001  (one failing part must not lose the other's numbers)
