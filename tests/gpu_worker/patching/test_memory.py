@@ -219,6 +219,25 @@ def test_offload_keeps_a_frozen_untied_input_embedding_in_host_memory():
 
 @pytest.mark.gpu
 @needs_cuda
+def test_a_host_resident_embedding_exports_its_values(tmp_path):
+    """The export path (gpu_worker/export.py save_merged) copies every tensor of the merged state dict to
+    the CPU: the host-resident table must come back with its values, and a saved model reloads equal."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama", vocab_size=4096)
+    model = build_lora_model(config, "cuda")
+    table = model.get_base_model().get_input_embeddings().weight.detach().cpu().clone()
+    patch_model(model, memory_mode="offload")
+    merged = model.merge_and_unload()
+    state = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
+    assert torch.equal(state["model.embed_tokens.weight"], table)
+    merged.save_pretrained(tmp_path, state_dict=state, safe_serialization=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.get_input_embeddings().weight, table)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_a_tied_or_trainable_embedding_stays_on_the_device():
     for config, trainable in ((tiny_config("llama", tie_word_embeddings=True), False), (tiny_config("llama"), True)):
         model = build_lora_model(config, "cuda")
