@@ -280,6 +280,29 @@ def estimate_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> MemoryE
     return MemoryEstimate(parts)
 
 
+def estimate_host_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> float:
+    """Pinned host memory the memory mode holds, in bytes per GPU (besides the process's own, and
+    besides DeepSpeed's offloaded optimizer, which the Kubernetes Job sizes by its doubled allowance).
+
+    The ``offload`` mode (gpu_worker/patching/memory.py) keeps every layer's input in host memory and,
+    on the kernel path, the layer's q/k/v and O projection outputs too, for the recompute; it also moves
+    a frozen, untied input embedding there. ~8 GiB for an 8B model at 8,192 tokens per micro-batch,
+    growing with the tokens."""
+    if layout.memory_mode != "offload":
+        return 0.0
+    seq = spec.hyperparameters.max_seq_length
+    if spec.method == Method.grpo:
+        seq += spec.method_params.grpo_max_completion_length
+    tokens = layout.micro_batch * sequences_per_example(spec) * seq
+    per_token_layer = facts.hidden_size  # the layer input
+    if uses_kernels(spec, facts, layout.zero_stage):  # + q, k, v and the O projection's output
+        per_token_layer += (facts.num_heads + 2 * facts.num_kv_heads) * facts.head_dim + facts.hidden_size
+    stash = per_token_layer * _compute_bytes(spec) * tokens * facts.num_layers
+    frozen_untied = not facts.tie_embeddings and spec.adapter.type != AdapterType.full
+    embedding = facts.vocab_size * facts.hidden_size * _compute_bytes(spec) if frozen_untied else 0
+    return float(stash + embedding)
+
+
 def fits(estimate: MemoryEstimate, memory_gb: float) -> bool:
     return estimate.total <= memory_gb * GB * USABLE_FRACTION
 

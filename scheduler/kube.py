@@ -17,6 +17,7 @@ of truth: a Job that failed before its agent could report is what the scheduler 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -61,7 +62,7 @@ class KubeSettings(BaseSettings):
     ttl_seconds_after_finished: int = Field(3600, ge=0)
     termination_grace_seconds: int = Field(300, ge=30)  # SIGTERM → the trainer saves a checkpoint
     cpu_per_gpu: int = Field(8, ge=1)
-    memory_gb_per_gpu: int = Field(64, ge=1)  # host memory; doubled when the optimizer is offloaded
+    memory_gb_per_gpu: int = Field(64, ge=1)  # host memory; doubled when the optimizer is offloaded, plus the plan's host_memory_gb
     shm_gb: int = Field(16, ge=1)  # /dev/shm for data loaders and NCCL
     priority_class_name: str | None = None
 
@@ -88,7 +89,8 @@ def build_job(job_id: str, org_id: str, plan: Plan, gpu: GpuClass, cfg: KubeSett
         f"{LABEL_PREFIX}/worker-kind": plan.worker_kind,
     }
     gpus = str(plan.gpu_count)
-    host_memory = cfg.memory_gb_per_gpu * plan.gpu_count * (2 if plan.offload else 1)
+    # the process's allowance (doubled for DeepSpeed's offloaded optimizer) plus what the memory mode pins
+    host_memory = cfg.memory_gb_per_gpu * plan.gpu_count * (2 if plan.offload else 1) + math.ceil(plan.host_memory_gb * plan.gpu_count)
     env = [
         client.V1EnvVar(name="TUNEFORGE_JOB_ID", value=job_id),
         client.V1EnvVar(name="TUNEFORGE_WORKER_KIND", value=plan.worker_kind),

@@ -25,6 +25,7 @@ from scheduler.estimator import (
     Layout,
     ModelFacts,
     UnknownModel,
+    estimate_host_memory,
     estimate_memory,
     estimate_throughput,
     fits,
@@ -58,6 +59,7 @@ class Plan:
     gradient_accumulation_steps: int = 1
     uses_kernels: bool = True
     memory_gb: float | None = None  # predicted peak allocated per GPU
+    host_memory_gb: float = 0.0  # pinned host memory the memory mode holds per GPU (estimator.estimate_host_memory)
     memory_parts_gb: tuple[tuple[str, float], ...] = ()
 
     def to_dict(self) -> dict:
@@ -145,6 +147,7 @@ def _plan(spec, facts, gpu, kind, layout, est, reasons) -> Plan:
         memory_mode=layout.memory_mode, micro_batch_size=layout.micro_batch,
         gradient_accumulation_steps=accum, uses_kernels=uses_kernels(spec, facts, layout.zero_stage),
         memory_gb=round(est.gb, 2), memory_parts_gb=tuple((k, round(v / GB, 2)) for k, v in est.parts.items()),
+        host_memory_gb=round(estimate_host_memory(spec, facts, layout) / GB, 2),
     )
 
 

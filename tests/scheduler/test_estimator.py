@@ -16,6 +16,7 @@ from scheduler.estimator import (
     KERNEL_ARCHITECTURES,
     Layout,
     UnknownModel,
+    estimate_host_memory,
     estimate_memory,
     estimate_throughput,
     facts_from_config,
@@ -124,6 +125,27 @@ def test_memory_grows_with_micro_batch_and_shrinks_with_checkpointing_and_shardi
     assert z3["weights"] == pytest.approx(z2["weights"] / 4)
     assert z2["optimizer"] == pytest.approx(f(gpu_count=1, zero_stage=None)["optimizer"] / 4)
     assert f(gpu_count=4, zero_stage=3, offload=True)["optimizer"] == 0
+
+
+def test_offload_pins_its_stash_and_the_input_embedding_in_host_memory():
+    """Counted for the 8B shape at 4 x 2048 tokens (bench/NOTES.md v7/v8): per layer and token the input,
+    q, k, v and the O output in bf16 = (4096 + 4096 + 1024 + 1024 + 4096) x 2 B; 32 layers x 8192
+    tokens = 7.52 GB, plus the 1.05 GB untied input embedding."""
+    facts = read_model_facts("meta-llama/Llama-3.1-8B")
+    host = estimate_host_memory(spec(mode="offload"), facts, Layout(memory_mode="offload", micro_batch=4))
+    assert host == (4096 * 3 + 1024 * 2) * 2 * 8192 * 32 + 128256 * 4096 * 2
+    table = 128256 * 4096 * 2
+    assert estimate_host_memory(spec(mode="offload", seq=8192), facts, Layout(memory_mode="offload", micro_batch=4)) == 4 * (host - table) + table
+    # nothing in other modes; on the stock path only the layer inputs (no projection outputs to replay);
+    # a tied table stays on the GPU
+    assert estimate_host_memory(spec(mode="checkpointing"), facts, Layout(memory_mode="checkpointing", micro_batch=4)) == 0
+    stock = estimate_host_memory(spec(mode="offload", kernels=False), facts, Layout(memory_mode="offload", micro_batch=4))
+    assert stock == 4096 * 2 * 8192 * 32 + 128256 * 4096 * 2
+    tied = read_model_facts("meta-llama/Llama-3.2-1B")
+    assert tied.tie_embeddings
+    stash_only = estimate_host_memory(spec("meta-llama/Llama-3.2-1B", mode="offload"), tied, Layout(memory_mode="offload", micro_batch=4))
+    per_token_layer = (2 * tied.hidden_size + tied.num_heads * tied.head_dim + 2 * tied.num_kv_heads * tied.head_dim) * 2
+    assert stash_only == per_token_layer * 8192 * tied.num_layers
 
 
 def test_methods_cost_what_they_carry():

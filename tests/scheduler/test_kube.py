@@ -7,6 +7,7 @@ unknown fields and wrong types before a request leaves; the schema check covers 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse
 from kubernetes import client
 from sqlalchemy import create_engine
 
-from gpu_worker.contract import AdapterConfig, Hyperparameters, JobSpec
+from gpu_worker.contract import AdapterConfig, Hyperparameters, JobSpec, Runtime
 from scheduler.db import session_scope
 from scheduler.fleet import parse_fleet
 from scheduler.kube import (
@@ -99,6 +100,15 @@ def test_tolerations_of_the_class_and_host_memory_for_offload():
     assert plan.offload
     assert pod["containers"][0]["resources"]["requests"]["memory"] == f"{64 * plan.gpu_count * 2}Gi"
     assert pod["priorityClassName"] == "training" and pod["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_the_memory_request_adds_what_the_offload_memory_mode_pins():
+    s = spec().model_copy(update={"runtime": Runtime(memory_mode="offload")})
+    plan = route(s, None, FLEET)
+    assert plan.memory_mode == "offload" and plan.host_memory_gb > 7  # 8B at the spec's tokens per step
+    pod = manifest(s)["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["requests"]["memory"] == f"{64 + math.ceil(plan.host_memory_gb)}Gi"
+    assert pod["containers"][0]["resources"]["limits"]["memory"] == f"{64 + math.ceil(plan.host_memory_gb)}Gi"
 
 
 def test_names_are_dns_labels_unique_per_attempt():
