@@ -101,22 +101,33 @@ def gathers(reps):
 
 
 def nf4(reps):
-    """kernels.nf4 against bitsandbytes' dequantisation of one 14336 x 4096 weight (nested statistics)."""
+    """kernels.nf4 against bitsandbytes' dequantisation of one 14336 x 4096 weight (nested statistics):
+    each checked bit-equal to bitsandbytes, then timed as 20 launches back to back per repetition (the
+    device's time per launch, not the host's launch cost), the flat v9 kernel and the tiled v10 one at a
+    few sizes per program."""
     import bitsandbytes as bnb
     from gpu_worker.patching.lora import _nf4_state
-    from kernels.nf4 import dequantize_nf4
+    from kernels.nf4 import _launch
 
     w = torch.randn(14336, 4096, device="cuda").to(torch.bfloat16)
     packed, qs = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     state = _nf4_state(qs)
-    same = bool(torch.equal(dequantize_nf4(packed, state), bnb.functional.dequantize_4bit(packed, qs)))
+    ref = bnb.functional.dequantize_4bit(packed, qs)
     gb = w.numel() * 2.5 / 1e9  # 0.5 byte read, 2 written per value
-    out = []
-    for name, fn in (("nf4 bitsandbytes", lambda: bnb.functional.dequantize_4bit(packed, qs)),
-                     ("nf4 kernels.nf4", lambda: dequantize_nf4(packed, state))):
-        ms = _time(fn, reps)
-        out.append({"what": name, "ms": ms, "gb_s": gb / ms * 1e3, "equal": same})
-    return out
+    variants = {"nf4 bitsandbytes": lambda out: bnb.functional.dequantize_4bit(packed, qs, out=out),
+                "nf4 kernels.nf4 flat (v9)": lambda out: _launch(packed, state, out, tiled=False)}
+    for values in (2048, 4096, 8192):
+        for warps in (4, 8):
+            variants[f"nf4 kernels.nf4 tiled values={values} warps={warps}"] = (
+                lambda out, v=values, nw=warps: _launch(packed, state, out, values=v, warps=nw))
+    rows = []
+    for name, fn in variants.items():
+        out = torch.full_like(ref, float("nan"))
+        fn(out)
+        same = bool(torch.equal(out, ref))
+        ms = _time(lambda: [fn(out) for _ in range(20)], reps) / 20
+        rows.append({"what": name, "ms": ms, "gb_s": gb / ms * 1e3, "equal": same})
+    return rows
 
 
 def main():

@@ -27,8 +27,12 @@ try:
 except ImportError:
     triton = None
 
-# values per program: 4096 (8 KB of bf16 out, 2 KB in; 4 warps, 32 values a thread); not tuned
+# The flat kernel (v9): 4096 values per program, every value gathers its byte, code and (nested) three
+# statistics. The tiled kernel (v10): a program takes ROWS whole quantisation blocks as a (ROWS, blocksize/2)
+# tile of bytes, so each byte is read once for its two values and each block's scale once for its
+# blocksize values; the two nibbles' values are interleaved on the way out. bench/hostlink.py times both.
 _BLOCK = 4096
+_VALUES, _WARPS = 4096, 4  # tiled: whole blocks making 4096 values per program (64 of bitsandbytes' 64); NOTES v10
 
 if triton is not None:
 
@@ -48,6 +52,26 @@ if triton is not None:
         else:
             scale = tl.load(ABSMAX + b, mask=mask, other=0.0)
         tl.store(OUT + k, (value * scale).to(OUT.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+    @triton.jit
+    def _nf4_dequant_tiled_kernel(PACKED, CODE, ABSMAX, CODE2, ABSMAX2, OFFSET, OUT, n, blocksize2,
+                                  NESTED: tl.constexpr, QB: tl.constexpr, ROWS: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # this program's quantisation blocks
+        j = b[:, None] * (QB // 2) + tl.arange(0, QB // 2)[None, :]    # their bytes, (ROWS, QB / 2)
+        byte = tl.load(PACKED + j, mask=j < n // 2, other=0).to(tl.int32)
+        hi = tl.load(CODE + (byte >> 4))
+        lo = tl.load(CODE + (byte & 15))
+        bmask = b * QB < n
+        if NESTED:
+            q = tl.load(ABSMAX + b, mask=bmask, other=0).to(tl.int32)
+            scale = tl.load(CODE2 + q) * tl.load(ABSMAX2 + b // blocksize2, mask=bmask, other=0.0)
+            scale = scale + tl.load(OFFSET)
+        else:
+            scale = tl.load(ABSMAX + b, mask=bmask, other=0.0)
+        # element 2i is byte i's high nibble, 2i + 1 its low one
+        value = tl.interleave(hi * scale[:, None], lo * scale[:, None])
+        k = b[:, None] * QB + tl.arange(0, QB)[None, :]
+        tl.store(OUT + k, value.to(OUT.dtype.element_ty, fp_downcast_rounding="rtne"), mask=k < n)
 
 
 @dataclass(frozen=True)
@@ -70,7 +94,7 @@ class NF4State:
         return self.code2 is not None
 
 
-def _launch(packed, s: NF4State, out):
+def _launch(packed, s: NF4State, out, *, tiled: bool = True, values: int = _VALUES, warps: int = _WARPS):
     # packed: uint8, n / 2 bytes (any shape, contiguous); out: s.shape, s.dtype, contiguous
     n = out.numel()
     assert packed.dtype == torch.uint8 and packed.is_contiguous() and packed.numel() * 2 == n
@@ -84,6 +108,12 @@ def _launch(packed, s: NF4State, out):
         args = (s.code, s.absmax, s.code, 1)  # unused pointers
     code2, absmax2, offset, blocksize2 = args
     kw = {} if not out.is_cuda else {"enable_fp_fusion": False}  # see the module docstring
+    if tiled and s.blocksize >= 2 and s.blocksize & (s.blocksize - 1) == 0:  # a power of two: a tile's width
+        rows = max(1, values // s.blocksize)
+        launcher(_nf4_dequant_tiled_kernel, out)[(triton.cdiv(triton.cdiv(n, s.blocksize), rows),)](
+            packed, s.code, s.absmax, code2, absmax2, offset, out, n, blocksize2,
+            NESTED=s.nested, QB=s.blocksize, ROWS=rows, num_warps=warps, **kw)
+        return
     launcher(_nf4_dequant_kernel, out)[(triton.cdiv(n, _BLOCK),)](
         packed, s.code, s.absmax, code2, absmax2, offset, out, n, s.blocksize, blocksize2,
         NESTED=s.nested, BLOCK=_BLOCK, num_warps=4, **kw)

@@ -51,6 +51,21 @@ def test_equals_the_spec(device, nested, dtype, shape):
     assert torch.equal(out, ref)
 
 
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tiled,blocksize", [(True, 64), (True, 256), (False, 64), (False, 96)])
+def test_both_kernels_equal_the_spec_on_partial_blocks(device, tiled, blocksize):
+    """The tiled kernel (whole quantisation blocks per program) and the flat one (any blocksize: a
+    non-power-of-two blocksize goes there) write every element, the last partial block included."""
+    from kernels.nf4 import _launch
+
+    shape = (70, 130)  # 9100 values: a partial last block for every blocksize here
+    packed, s = _state(shape, True, torch.float32, device, blocksize=blocksize, blocksize2=4)
+    out = torch.full(shape, float("nan"), device=device)
+    _launch(packed.contiguous(), s, out, tiled=tiled, values=512)
+    assert torch.equal(out, dequantize_nf4_reference(packed, s))
+
+
 def test_nibble_order_and_scale():
     # byte 0x1E: element 0 is code[1] (high nibble), element 1 code[14]; absmax 2 on the whole block
     s = NF4State(code=torch.tensor(_NF4), absmax=torch.tensor([2.0]), blocksize=64, shape=(1, 2),
