@@ -119,7 +119,7 @@ def nf4(reps):
     for values in (2048, 4096, 8192):
         for warps in (4, 8):
             variants[f"nf4 kernels.nf4 tiled values={values} warps={warps}"] = (
-                lambda out, v=values, nw=warps: _launch(packed, state, out, values=v, warps=nw))
+                lambda out, v=values, nw=warps: _launch(packed, state, out, tiled=True, values=v, warps=nw))
     rows = []
     for name, fn in variants.items():
         out = torch.full_like(ref, float("nan"))
