@@ -285,8 +285,8 @@ def estimate_host_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> fl
     besides DeepSpeed's offloaded optimizer, which the Kubernetes Job sizes by its doubled allowance).
 
     The ``offload`` mode (gpu_worker/patching/memory.py) keeps every layer's input in host memory and,
-    on the kernel path, the layer's q/k/v and O projection outputs too, for the recompute; it also moves
-    a frozen, untied input embedding there. ~8 GiB for an 8B model at 8,192 tokens per micro-batch,
+    on the kernel path, the layer's q/k/v and O projection outputs too, for the recompute; on one GPU it
+    also moves a frozen, untied input embedding there. ~8 GiB for an 8B model at 8,192 tokens per micro-batch,
     growing with the tokens."""
     if layout.memory_mode != "offload":
         return 0.0
@@ -298,7 +298,8 @@ def estimate_host_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> fl
     if uses_kernels(spec, facts, layout.zero_stage):  # + q, k, v and the O projection's output
         per_token_layer += (facts.num_heads + 2 * facts.num_kv_heads) * facts.head_dim + facts.hidden_size
     stash = per_token_layer * _compute_bytes(spec) * tokens * facts.num_layers
-    frozen_untied = not facts.tie_embeddings and spec.adapter.type != AdapterType.full
+    # the single-GPU worker only: a DeepSpeed rank keeps the table on its device (gpu_worker/patching/memory.py)
+    frozen_untied = not facts.tie_embeddings and spec.adapter.type != AdapterType.full and layout.zero_stage is None
     embedding = facts.vocab_size * facts.hidden_size * _compute_bytes(spec) if frozen_untied else 0
     return float(stash + embedding)
 

@@ -19,7 +19,8 @@ the layer's forward: at ~50 GB/s each way (H200, bench/NOTES.md v7) 224 MB take 
 ``offload`` also moves a frozen, untied input embedding table to pinned host memory (1.05 GB at Llama-3
 8B): the parameter stays a CUDA tensor whose storage is that host memory (unified addressing), and the
 batch's rows are gathered from it over the host link (``kernels.embedding``; 64 MB per 8192-token step).
-Every reader of the parameter (generation, merge, saving) still sees the same values on a CUDA tensor.
+Every reader of the parameter (generation, merge, saving) still sees the same values on a CUDA tensor. Not in a
+multi-GPU (DeepSpeed) run: its collectives expect device memory.
 
 Stream rules (the caching allocators reuse freed memory in stream order):
 - forward: the side stream waits for the compute stream (the input is written there), and the input is
@@ -298,4 +299,7 @@ def apply_memory_mode(model: nn.Module, mode: str) -> None:
         for module in base.modules():
             if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
                 module._gradient_checkpointing_func = checkpoint
-        move_input_embedding_to_host(model)
+        # Not under DeepSpeed (an initialized process group): ZeRO broadcasts and partitions parameters with
+        # NCCL collectives, which expect device memory; the table stays on the device there.
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            move_input_embedding_to_host(model)

@@ -141,6 +141,9 @@ def test_offload_pins_its_stash_and_the_input_embedding_in_host_memory():
     assert estimate_host_memory(spec(mode="checkpointing"), facts, Layout(memory_mode="checkpointing", micro_batch=4)) == 0
     stock = estimate_host_memory(spec(mode="offload", kernels=False), facts, Layout(memory_mode="offload", micro_batch=4))
     assert stock == 4096 * 2 * 8192 * 32 + 128256 * 4096 * 2
+    # a DeepSpeed rank: the stock path, and the table stays on its device
+    zero2 = Layout(memory_mode="offload", micro_batch=4, gpu_count=2, zero_stage=2)
+    assert estimate_host_memory(spec(mode="offload"), facts, zero2) == 4096 * 2 * 8192 * 32
     tied = read_model_facts("meta-llama/Llama-3.2-1B")
     assert tied.tie_embeddings
     stash_only = estimate_host_memory(spec("meta-llama/Llama-3.2-1B", mode="offload"), tied, Layout(memory_mode="offload", micro_batch=4))

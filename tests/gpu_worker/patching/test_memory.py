@@ -197,6 +197,23 @@ def test_offload_peak_does_not_grow_with_depth_as_checkpointing_does():
     assert growth["checkpointing"] - growth["offload"] >= 0.9 * 8 * input_bytes, (growth, peaks)
 
 
+def test_offload_leaves_the_embedding_on_the_device_in_a_deepspeed_run(monkeypatch, tmp_path):
+    """A multi-GPU rank has its process group up before the memory mode applies; ZeRO's collectives
+    expect device memory, so the table is not moved there (and is, without a process group)."""
+    import torch.distributed as dist
+
+    moved = []
+    monkeypatch.setattr(memory, "move_input_embedding_to_host", lambda model: moved.append(model))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        memory.apply_memory_mode(build_lora_model(tiny_config("llama"), "cpu"), "offload")
+    finally:
+        dist.destroy_process_group()
+    assert moved == []
+    memory.apply_memory_mode(build_lora_model(tiny_config("llama"), "cpu"), "offload")
+    assert len(moved) == 1
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_offload_keeps_a_frozen_untied_input_embedding_in_host_memory():
