@@ -38,6 +38,17 @@ _VALUES, _WARPS = 4096, 4  # tiled: whole blocks making 4096 values per program 
 if triton is not None:
 
     @triton.jit
+    def _block_scale(ABSMAX, CODE2, ABSMAX2, OFFSET, b, mask, blocksize2, NESTED: tl.constexpr):
+        """The absmax of quantisation blocks ``b``: code2[q] * absmax2 + offset (two roundings) when nested."""
+        if NESTED:
+            q = tl.load(ABSMAX + b, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(CODE2 + q) * tl.load(ABSMAX2 + b // blocksize2, mask=mask, other=0.0)
+            scale = scale + tl.load(OFFSET)
+        else:
+            scale = tl.load(ABSMAX + b, mask=mask, other=0.0)
+        return scale
+
+    @triton.jit
     def _nf4_dequant_kernel(PACKED, CODE, ABSMAX, CODE2, ABSMAX2, OFFSET, OUT, n, blocksize, blocksize2,
                             NESTED: tl.constexpr, BLOCK: tl.constexpr):
         k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -45,13 +56,7 @@ if triton is not None:
         byte = tl.load(PACKED + k // 2, mask=mask, other=0).to(tl.int32)
         nibble = tl.where(k % 2 == 0, byte >> 4, byte & 15)
         value = tl.load(CODE + nibble)
-        b = k // blocksize
-        if NESTED:
-            q = tl.load(ABSMAX + b, mask=mask, other=0).to(tl.int32)
-            scale = tl.load(CODE2 + q) * tl.load(ABSMAX2 + b // blocksize2, mask=mask, other=0.0)
-            scale = scale + tl.load(OFFSET)
-        else:
-            scale = tl.load(ABSMAX + b, mask=mask, other=0.0)
+        scale = _block_scale(ABSMAX, CODE2, ABSMAX2, OFFSET, k // blocksize, mask, blocksize2, NESTED)
         tl.store(OUT + k, (value * scale).to(OUT.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
     @triton.jit
@@ -62,13 +67,7 @@ if triton is not None:
         byte = tl.load(PACKED + j, mask=j < n // 2, other=0).to(tl.int32)
         hi = tl.load(CODE + (byte >> 4))
         lo = tl.load(CODE + (byte & 15))
-        bmask = b * QB < n
-        if NESTED:
-            q = tl.load(ABSMAX + b, mask=bmask, other=0).to(tl.int32)
-            scale = tl.load(CODE2 + q) * tl.load(ABSMAX2 + b // blocksize2, mask=bmask, other=0.0)
-            scale = scale + tl.load(OFFSET)
-        else:
-            scale = tl.load(ABSMAX + b, mask=bmask, other=0.0)
+        scale = _block_scale(ABSMAX, CODE2, ABSMAX2, OFFSET, b, b * QB < n, blocksize2, NESTED)
         # element 2i is byte i's high nibble, 2i + 1 its low one
         value = tl.interleave(hi * scale[:, None], lo * scale[:, None])
         k = b[:, None] * QB + tl.arange(0, QB)[None, :]
