@@ -245,9 +245,10 @@ def _pinning(gateways: list[str]) -> dict[str, set[int]]:
 
 
 def _pin(procs: dict[str, subprocess.Popen], pinning: dict[str, set[int]]) -> None:
-    for name, proc in procs.items():
-        for task in Path(f"/proc/{proc.pid}/task").iterdir() if name in pinning else ():
-            os.sched_setaffinity(int(task.name), pinning[name])
+    for name, cpus in pinning.items():
+        if name in procs:  # every thread: sched_setaffinity on a pid sets only its main thread
+            for task in Path(f"/proc/{procs[name].pid}/task").iterdir():
+                os.sched_setaffinity(int(task.name), cpus)
 
 
 def _start_gateway(tmp: str, upstream_port: int, options: dict) -> tuple[subprocess.Popen, int]:

@@ -3,12 +3,10 @@
 # deploy/vllm/fetch_wheels.sh, carried as .vw1/ .vw2/ ... in earlier calls on the same warm machine or in
 # this one), install Tuneforge's resolver plugin, run the gateway-in-front-of-real-vLLM GPU tests
 # (tests/serving/test_vllm_gpu.py), then the 1-vs-32-adapters throughput benchmark on an 8B shape.
-#   GIT_COMMIT=<sha> [VLLM_TESTS=0] [GATEWAY_BENCH=1] bash bench/serving/vllm_device.sh [END_S]
-# VLLM_TESTS=0 skips the GPU tests (94 s on 2026-12-03); GATEWAY_BENCH=1 first measures the gateway's added
-# latency at 500 requests/s on this machine's CPUs, each process on cores of its own (gateway_overhead.py
-# --pin), before vLLM starts, so that nothing else runs on the machine meanwhile.
-# Writes under $OUT: env.log, vllm_gpu_tests.log, vllm_bench.log, serving-vllm-adapters.json,
-# gateway.log, serving-gateway-500rps-pinned.json.
+#   GIT_COMMIT=<sha> [VLLM_TESTS=0] bash bench/serving/vllm_device.sh [END_S]
+# VLLM_TESTS=0 skips the GPU tests (94 s on 2026-12-03). (The gateway's own benchmark on that machine's
+# CPUs is bench/serving/gateway_device.sh.)
+# Writes under $OUT: env.log, vllm_gpu_tests.log, vllm_bench.log, serving-vllm-adapters.json.
 set -u
 end_s=${1:-570}
 t0=$(date +%s)
@@ -28,12 +26,6 @@ export PYTHONPATH=/tmp/site:/tmp/site-plugin:$PWD
   python3 -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
   python3 -c "from importlib.metadata import entry_points; print([e.name for e in entry_points(group='vllm.general_plugins')])"
   echo "unpacked at $(( $(date +%s) - t0 )) s"; } >> "$OUT/env.log" 2>&1
-if [[ "${GATEWAY_BENCH:-0}" == 1 ]]; then
-  timeout 150 python3 bench/serving/gateway_overhead.py --rate 500 --seconds 10 --rounds 3 --pin \
-    --label "gateway at 500 rps on the GPU machine's CPUs, each process pinned" \
-    --out "$OUT/serving-gateway-500rps-pinned.json" > "$OUT/gateway.log" 2>&1
-  echo "gateway bench rc $? at $(( $(date +%s) - t0 )) s"; grep -A12 '^{' "$OUT/gateway.log" | head -30
-fi
 if [[ "${VLLM_TESTS:-1}" == 1 ]]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider -s -rA tests/serving/test_vllm_gpu.py > "$OUT/vllm_gpu_tests.log" 2>&1
   grep -E "passed|failed|error" "$OUT/vllm_gpu_tests.log" | tail -3
