@@ -280,6 +280,11 @@ def estimate_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> MemoryE
     return MemoryEstimate(parts)
 
 
+def _pinned(nbytes: int) -> int:
+    """What torch's pinned host allocator takes for ``nbytes``: a block rounded up to a power of two."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
 def estimate_host_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> float:
     """Pinned host memory the memory mode holds, in bytes per GPU (besides the process's own, and
     besides DeepSpeed's offloaded optimizer, which the Kubernetes Job sizes by its doubled allowance).
@@ -294,13 +299,15 @@ def estimate_host_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> fl
     if spec.method == Method.grpo:
         seq += spec.method_params.grpo_max_completion_length
     tokens = layout.micro_batch * sequences_per_example(spec) * seq
-    per_token_layer = facts.hidden_size  # the layer input
+    e = _compute_bytes(spec)
+    per_layer = [facts.hidden_size]  # the layer input
     if uses_kernels(spec, facts, layout.zero_stage):  # + q, k, v and the O projection's output
-        per_token_layer += (facts.num_heads + 2 * facts.num_kv_heads) * facts.head_dim + facts.hidden_size
-    stash = per_token_layer * _compute_bytes(spec) * tokens * facts.num_layers
+        q, kv = facts.num_heads * facts.head_dim, facts.num_kv_heads * facts.head_dim
+        per_layer += [q, kv, kv, facts.hidden_size]
+    stash = sum(_pinned(width * e * tokens) for width in per_layer) * facts.num_layers
     # the single-GPU worker only: a DeepSpeed rank keeps the table on its device (gpu_worker/patching/memory.py)
     frozen_untied = not facts.tie_embeddings and spec.adapter.type != AdapterType.full and layout.zero_stage is None
-    embedding = facts.vocab_size * facts.hidden_size * _compute_bytes(spec) if frozen_untied else 0
+    embedding = _pinned(facts.vocab_size * facts.hidden_size * e) if frozen_untied else 0
     return float(stash + embedding)
 
 
