@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]  # kernels/ holds tuneforge_kernels
 
 CASES = {
     "lora": {"adapter": "lora", "zero_stage": 2, "offload": False},
@@ -136,7 +136,7 @@ def run_trainer(spec, store_root: Path, data_dir: Path, log_path: Path, timeout:
     from gpu_worker.contract import CompletedEvent, FailedEvent, MetricsEvent, parse_event
 
     env = dict(os.environ, TUNEFORGE_STORAGE_URL=str(store_root), TUNEFORGE_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]))
     started = time.perf_counter()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "gpu_worker.train"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, cwd=ROOT)

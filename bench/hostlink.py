@@ -3,10 +3,10 @@
 
 - pinned copies device->host and host->device (256 MB), each alone, both at once on two streams, and a
   device->host copy next to a compute-bound GEMM on the compute stream (does either slow the other?);
-- NF4 dequantisation of a 14336 x 4096 weight, bitsandbytes vs kernels.nf4 (bit-equal?);
+- NF4 dequantisation of a 14336 x 4096 weight, bitsandbytes vs tuneforge_kernels.nf4 (bit-equal?);
 - the embedding row gather of an 8192-token step (128256 x 4096 bf16 table, Llama-3 8B) from device
   memory and from the pinned host table (gpu_worker.patching.memory.host_resident), through torch's
-  F.embedding and through kernels.embedding, each checked equal to the device gather.
+  F.embedding and through tuneforge_kernels.embedding, each checked equal to the device gather.
 
 Prints one JSON line per measurement (median of ``--reps`` event-timed repetitions) and writes them to
 ``--out``.
@@ -19,7 +19,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "kernels")]  # kernels/ holds tuneforge_kernels
 
 import torch  # noqa: E402
 
@@ -82,7 +83,7 @@ def copies(reps, mb=256):
 
 def gathers(reps):
     from gpu_worker.patching.memory import host_resident
-    from kernels.embedding import embedding_rows
+    from tuneforge_kernels.embedding import embedding_rows
 
     w = torch.randn(128256, 4096, device="cuda").to(torch.bfloat16)
     ids = torch.randint(0, 128256, (4, 2048), device="cuda")
@@ -101,13 +102,13 @@ def gathers(reps):
 
 
 def nf4(reps):
-    """kernels.nf4 against bitsandbytes' dequantisation of one 14336 x 4096 weight (nested statistics):
+    """tuneforge_kernels.nf4 against bitsandbytes' dequantisation of one 14336 x 4096 weight (nested statistics):
     each checked bit-equal to bitsandbytes, then timed as 20 launches back to back per repetition (the
     device's time per launch, not the host's launch cost), the flat v9 kernel and the tiled v10 one at a
     few sizes per program."""
     import bitsandbytes as bnb
     from gpu_worker.patching.lora import _nf4_state
-    from kernels.nf4 import _launch
+    from tuneforge_kernels.nf4 import _launch
 
     w = torch.randn(14336, 4096, device="cuda").to(torch.bfloat16)
     packed, qs = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
@@ -115,10 +116,10 @@ def nf4(reps):
     ref = bnb.functional.dequantize_4bit(packed, qs)
     gb = w.numel() * 2.5 / 1e9  # 0.5 byte read, 2 written per value
     variants = {"nf4 bitsandbytes": lambda out: bnb.functional.dequantize_4bit(packed, qs, out=out),
-                "nf4 kernels.nf4 flat (v9)": lambda out: _launch(packed, state, out, tiled=False)}
+                "nf4 tuneforge_kernels.nf4 flat (v9)": lambda out: _launch(packed, state, out, tiled=False)}
     for values in (2048, 4096, 8192):
         for warps in (4, 8):
-            variants[f"nf4 kernels.nf4 tiled values={values} warps={warps}"] = (
+            variants[f"nf4 tuneforge_kernels.nf4 tiled values={values} warps={warps}"] = (
                 lambda out, v=values, nw=warps: _launch(packed, state, out, tiled=True, values=v, warps=nw))
     rows = []
     for name, fn in variants.items():

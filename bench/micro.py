@@ -18,7 +18,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: kernels
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "kernels")]  # kernels/ holds tuneforge_kernels
 
 import torch  # noqa: E402
 
@@ -73,7 +74,7 @@ def bench_gemm(emit):
 
 
 def bench_ce(emit):
-    import kernels.cross_entropy as ce
+    import tuneforge_kernels.cross_entropy as ce
 
     rule = ce._chunk_rows
     try:
@@ -103,9 +104,9 @@ def bench_ce(emit):
 
 
 def bench_elementwise(emit, ceiling):
-    from kernels.rms_norm import rms_norm
-    from kernels.rope import rope
-    from kernels.swiglu import swiglu_backward_inplace, swiglu_forward
+    from tuneforge_kernels.rms_norm import rms_norm
+    from tuneforge_kernels.rope import rope
+    from tuneforge_kernels.swiglu import swiglu_backward_inplace, swiglu_forward
 
     x = torch.randn(N_TOK, HID, device="cuda", dtype=torch.bfloat16)
     wn = torch.randn(HID, device="cuda", dtype=torch.bfloat16)

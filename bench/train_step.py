@@ -67,7 +67,8 @@ import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: gpu_worker, kernels
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "kernels")]  # gpu_worker; kernels/ holds tuneforge_kernels
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -443,7 +444,7 @@ def run_one(args):
             rec["hfu"] = rec["tokens_per_s"] * hw_f / 1e12 / peak
         lora_mod = sys.modules.get("gpu_worker.patching.lora")
         if args.quant == "nf4" and lora_mod is not None and hasattr(lora_mod, "_NF4_CHECKED"):
-            # which dequantisation the patched model used, per weight kind (kernels.nf4 where bit-equal)
+            # which dequantisation the patched model used, per weight kind (tuneforge_kernels.nf4 where bit-equal)
             rec["nf4_kernel_used"] = {str(k[:3]): v for k, v in lora_mod._NF4_CHECKED.items()}
         rec["error"] = None
     except _Done:

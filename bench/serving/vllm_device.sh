@@ -17,11 +17,11 @@ mkdir -p /tmp/site
 if [[ ! -d /tmp/site/vllm ]]; then
   cat .vw*/site.part-* | xz -d -T0 | tar -x -C /tmp/site || { echo "unpack failed"; exit 1; }
 fi
-export PYTHONPATH=/tmp/site:$PWD
+export PYTHONPATH=/tmp/site:$PWD:$PWD/kernels
 # the plugin's entry point (vllm.general_plugins) must be installed metadata for vLLM to find it
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site-plugin ./deploy/vllm > "$OUT/env.log" 2>&1 \
   || echo "plugin install failed" >> "$OUT/env.log"
-export PYTHONPATH=/tmp/site:/tmp/site-plugin:$PWD
+export PYTHONPATH=/tmp/site:/tmp/site-plugin:$PWD:$PWD/kernels
 { echo "commit ${GIT_COMMIT:-?}"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
   python3 -c "from importlib.metadata import entry_points; print([e.name for e in entry_points(group='vllm.general_plugins')])"

@@ -19,13 +19,13 @@ from torch import nn
 
 from gpu_worker.patching.lora import lora_weights, split_rows
 from gpu_worker.patching.memory import recomputing, replaying, stash, stashing, unstash
-from kernels.cross_entropy import fused_linear_cross_entropy
-from kernels.lora_linear import lora_linears
-from kernels.lora_mlp import lora_mlp
-from kernels.rms_norm import rms_norm
-from kernels.rope import rope
+from tuneforge_kernels.cross_entropy import fused_linear_cross_entropy
+from tuneforge_kernels.lora_linear import lora_linears
+from tuneforge_kernels.lora_mlp import lora_mlp
+from tuneforge_kernels.rms_norm import rms_norm
+from tuneforge_kernels.rope import rope
 
-# config.hidden_act -> kernels.lora_mlp activation
+# config.hidden_act -> tuneforge_kernels.lora_mlp activation
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 

@@ -1,5 +1,5 @@
 """Reading a projection module (plain ``nn.Linear``, PEFT LoRA ``Linear``, or bitsandbytes ``Linear4bit``
-under either) as the ``kernels.lora_mlp.LoraWeights`` the fused kernels take, or ``None`` when the fused
+under either) as the ``tuneforge_kernels.lora_mlp.LoraWeights`` the fused kernels take, or ``None`` when the fused
 path cannot compute the same function (bias, DoRA, several active adapters, live dropout...), in
 which case the caller runs the module's stock forward.
 
@@ -17,16 +17,16 @@ import warnings
 import torch
 from torch import nn
 
-from kernels.lora_mlp import LoraWeights
+from tuneforge_kernels.lora_mlp import LoraWeights
 
 
-# (shape, dtype, nested, device) -> whether kernels.nf4 gave bitsandbytes' exact values there (checked on
+# (shape, dtype, nested, device) -> whether tuneforge_kernels.nf4 gave bitsandbytes' exact values there (checked on
 # the first weight of each kind; bitsandbytes' own dequantisation is used where it did not)
 _NF4_CHECKED: dict = {}
 
 
 def _nf4_state(qs):
-    from kernels.nf4 import NF4State
+    from tuneforge_kernels.nf4 import NF4State
 
     if qs.quant_type != "nf4" or not isinstance(qs.code, torch.Tensor) or qs.code.numel() != 16:
         return None
@@ -40,7 +40,7 @@ def _nf4_state(qs):
 
 class _NF4Weight:
     """A bitsandbytes 4-bit weight, expanded on demand into a transient ``(out, in)`` tensor by
-    ``kernels.nf4`` (one pass) where it matched bitsandbytes bit for bit, else by bitsandbytes."""
+    ``tuneforge_kernels.nf4`` (one pass) where it matched bitsandbytes bit for bit, else by bitsandbytes."""
 
     def __init__(self, param):
         self.param = param
@@ -56,7 +56,7 @@ class _NF4Weight:
         state = _nf4_state(qs) if data.is_cuda else None
         if state is None:
             return bnbf.dequantize_4bit(data, qs)
-        from kernels.nf4 import dequantize_nf4
+        from tuneforge_kernels.nf4 import dequantize_nf4
 
         key = (state.shape, state.dtype, state.nested, data.device)
         ok = _NF4_CHECKED.get(key)
@@ -68,7 +68,7 @@ class _NF4Weight:
             except Exception as e:  # noqa: BLE001  (a kernel that cannot run here falls back, loudly)
                 ok, reason = False, f"{type(e).__name__}: {e}"
             if not ok:
-                warnings.warn(f"kernels.nf4 not used for {key[:3]}: {reason}; bitsandbytes dequantises")
+                warnings.warn(f"tuneforge_kernels.nf4 not used for {key[:3]}: {reason}; bitsandbytes dequantises")
             _NF4_CHECKED[key] = ok
             return ref
         return dequantize_nf4(data, state) if ok else bnbf.dequantize_4bit(data, qs)

@@ -18,7 +18,7 @@ the layer's forward: at ~50 GB/s each way (H200, bench/NOTES.md v7) 224 MB take 
 
 ``offload`` also moves a frozen, untied input embedding table to pinned host memory (1.05 GB at Llama-3
 8B): the parameter stays a CUDA tensor whose storage is that host memory (unified addressing), and the
-batch's rows are gathered from it over the host link (``kernels.embedding``; 64 MB per 8192-token step).
+batch's rows are gathered from it over the host link (``tuneforge_kernels.embedding``; 64 MB per 8192-token step).
 Every reader of the parameter (generation, merge, saving) still sees the same values on a CUDA tensor. Not in a
 multi-GPU (DeepSpeed) run: its collectives expect device memory.
 
@@ -48,7 +48,7 @@ _forward = threading.local()    # the forward of an ``offload`` layer: the copy 
 
 def recomputing() -> bool:
     """True while an ``offload``-mode layer is recomputed for its backward: the layer's output is then
-    discarded (only its graph is used), which lets the MLP skip work (``kernels.lora_mlp``)."""
+    discarded (only its graph is used), which lets the MLP skip work (``tuneforge_kernels.lora_mlp``)."""
     return getattr(_recompute, "depth", 0) > 0
 
 
@@ -259,7 +259,7 @@ def _frozen_untied_input_embedding(base: nn.Module) -> nn.Embedding | None:
 
 def move_input_embedding_to_host(model: nn.Module, impl: str | None = None) -> bool:
     """Put a frozen, untied input embedding of ``model`` in pinned host memory (module docstring); its
-    forward then gathers rows with ``kernels.embedding`` (subclasses with their own forward, e.g.
+    forward then gathers rows with ``tuneforge_kernels.embedding`` (subclasses with their own forward, e.g.
     Gemma's scaled embedding, keep it and read the host table through torch's gather). False if the
     model has no such table or it is not on a CUDA device."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -274,7 +274,7 @@ def move_input_embedding_to_host(model: nn.Module, impl: str | None = None) -> b
     emb.weight.data = host
     torch.cuda.empty_cache()  # the device copy goes back to the driver, not only to torch's pool
     if type(emb) is nn.Embedding:
-        from kernels.embedding import embedding_rows
+        from tuneforge_kernels.embedding import embedding_rows
 
         def forward(self, input_ids):
             return embedding_rows(input_ids, self.weight, impl=impl)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from tuneforge_kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 from tests.kernels.conftest import DEVICES, TOL, needs_triton, rel_err
 
 pytestmark = needs_triton
@@ -78,7 +78,7 @@ def test_grad_accumulation_with_num_items_equals_one_big_batch():
 @pytest.mark.parametrize("rows", [7, 64])
 def test_chunking_covers_every_row(monkeypatch, rows):
     # several chunks, the last one ragged (130 = 18 x 7 + 4, 2 x 64 + 2): loss and gradient of every row
-    import kernels.cross_entropy as ce
+    import tuneforge_kernels.cross_entropy as ce
 
     monkeypatch.setattr(ce, "_chunk_rows", lambda *_: rows)
     h, w, labels = _case("cpu", torch.float32, 130, 32, 64, seed=4)
@@ -92,7 +92,7 @@ def test_chunking_covers_every_row(monkeypatch, rows):
 
 
 def test_chunk_rows_rule():
-    from kernels.cross_entropy import _chunk_rows
+    from tuneforge_kernels.cross_entropy import _chunk_rows
 
     # the benchmark shapes (8192 tokens, 128K vocabulary): 256 rows, logits about the hidden states' size
     assert _chunk_rows(8192, 4096, 128256) == 256 and _chunk_rows(8192, 2048, 128256) == 256

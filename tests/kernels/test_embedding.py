@@ -1,4 +1,4 @@
-"""kernels.embedding: the row gather equals F.embedding bit for bit (it copies, computes nothing), from
+"""tuneforge_kernels.embedding: the row gather equals F.embedding bit for bit (it copies, computes nothing), from
 device memory and, on a GPU, from a pinned host table read through unified addressing."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.embedding import embedding_rows, embedding_rows_reference
+from tuneforge_kernels.embedding import embedding_rows, embedding_rows_reference
 from tests.kernels.conftest import DEVICES, needs_cuda, needs_triton
 
 

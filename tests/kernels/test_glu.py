@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.geglu import geglu, geglu_backward_inplace, geglu_reference
-from kernels.swiglu import swiglu, swiglu_backward_inplace, swiglu_reference
+from tuneforge_kernels.geglu import geglu, geglu_backward_inplace, geglu_reference
+from tuneforge_kernels.swiglu import swiglu, swiglu_backward_inplace, swiglu_reference
 from tests.kernels.conftest import DEVICES, TOL, needs_cuda, needs_triton, rel_err
 
 pytestmark = needs_triton

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.lora_linear import lora_linears, lora_linears_reference
-from kernels.lora_mlp import LoraWeights
+from tuneforge_kernels.lora_linear import lora_linears, lora_linears_reference
+from tuneforge_kernels.lora_mlp import LoraWeights
 from tests.kernels.conftest import DEVICES, TOL, rel_err
 
 
@@ -73,8 +73,8 @@ def test_unused_output_gets_no_gradient_work():
 def test_norm_output_is_recomputed_not_saved(consumer):
     # rms_norm -> LoRA projections: the projections keep the norm's input (already kept by the norm),
     # not its output, and still produce the reference gradients
-    from kernels.lora_mlp import lora_mlp, lora_mlp_reference
-    from kernels.rms_norm import rms_norm, rms_norm_reference
+    from tuneforge_kernels.lora_mlp import lora_mlp, lora_mlp_reference
+    from tuneforge_kernels.rms_norm import rms_norm, rms_norm_reference
 
     torch.manual_seed(3)
     x = torch.randn(2, 5, 16, requires_grad=True)
@@ -109,7 +109,7 @@ def test_checkpointing_keeps_no_layer_intermediate():
 
     from torch.utils.checkpoint import checkpoint
 
-    from kernels.rms_norm import rms_norm
+    from tuneforge_kernels.rms_norm import rms_norm
 
     x = torch.randn(4, 16, requires_grad=True)
     w = torch.ones(16)

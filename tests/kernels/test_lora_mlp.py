@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.lora_mlp import LoraWeights, lora_mlp, lora_mlp_reference
+from tuneforge_kernels.lora_mlp import LoraWeights, lora_mlp, lora_mlp_reference
 from tests.kernels.conftest import DEVICES, TOL, needs_triton, rel_err
 
 pytestmark = needs_triton
@@ -115,7 +115,7 @@ def test_output_unused_gives_the_same_gradients(monkeypatch, device, dtype, bloc
     """With ``output_unused`` forward computes nothing and backward recomputes g and u in blocks of rows;
     for the same incoming gradient every gradient is the full forward's: bit for bit in one block, up to
     summation order in several (4 rows: 3 blocks, the last one ragged; 400 of 1023 on the GPU)."""
-    import kernels.lora_mlp as mod
+    import tuneforge_kernels.lora_mlp as mod
 
     if block_rows is not None:
         monkeypatch.setattr(mod, "_DEFERRED_ROWS", block_rows)
@@ -141,7 +141,7 @@ def test_output_unused_gives_the_same_gradients(monkeypatch, device, dtype, bloc
 
 
 def test_output_unused_skips_the_down_projection(monkeypatch):
-    import kernels.lora_mlp as mod
+    import tuneforge_kernels.lora_mlp as mod
 
     calls = []
     act_forward = mod._act_forward

@@ -1,4 +1,4 @@
-"""kernels.nf4: the one-pass NF4 dequantisation equals its plain-torch spec bit for bit (same float32
+"""tuneforge_kernels.nf4: the one-pass NF4 dequantisation equals its plain-torch spec bit for bit (same float32
 operations, one rounding to the output dtype), nested or not, on sizes that are not a multiple of the
 kernel's block; on a GPU with bitsandbytes, it equals bitsandbytes' own dequantisation bit for bit."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.nf4 import NF4State, dequantize_nf4, dequantize_nf4_reference
+from tuneforge_kernels.nf4 import NF4State, dequantize_nf4, dequantize_nf4_reference
 from tests.kernels.conftest import DEVICES, needs_cuda, needs_triton
 
 _NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -57,7 +57,7 @@ def test_equals_the_spec(device, nested, dtype, shape):
 def test_both_kernels_equal_the_spec_on_partial_blocks(device, tiled, blocksize):
     """The tiled kernel (whole quantisation blocks per program) and the flat one (any blocksize: a
     non-power-of-two blocksize goes there) write every element, the last partial block included."""
-    from kernels.nf4 import _launch
+    from tuneforge_kernels.nf4 import _launch
 
     shape = (70, 130)  # 9100 values: a partial last block for every blocksize here
     packed, s = _state(shape, True, torch.float32, device, blocksize=blocksize, blocksize2=4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rope import _launch, rope, rope_reference
+from tuneforge_kernels.rope import _launch, rope, rope_reference
 from tests.kernels.conftest import DEVICES, TOL, needs_cuda, needs_triton, rel_err
 
 pytestmark = needs_triton

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.backend import use_triton
+from tuneforge_kernels.backend import use_triton
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
@@ -61,9 +61,9 @@ def _dense(w, dtype: torch.dtype) -> torch.Tensor:
 def _act_forward(g, u, act, triton_path):
     if triton_path:
         if act == "silu":
-            from kernels.swiglu import swiglu_forward
+            from tuneforge_kernels.swiglu import swiglu_forward
             return swiglu_forward(g, u)
-        from kernels.geglu import geglu_forward
+        from tuneforge_kernels.geglu import geglu_forward
         return geglu_forward(g, u, "tanh" if act == "gelu_tanh" else "none")
     return _act_reference(g, u, act)
 
@@ -72,9 +72,9 @@ def _act_backward_inplace(dh, g, u, act, triton_path):
     # afterwards: dh holds h, g holds dg, u holds du
     if triton_path:
         if act == "silu":
-            from kernels.swiglu import swiglu_backward_inplace
+            from tuneforge_kernels.swiglu import swiglu_backward_inplace
             return swiglu_backward_inplace(dh, g, u)
-        from kernels.geglu import geglu_backward_inplace
+        from tuneforge_kernels.geglu import geglu_backward_inplace
         return geglu_backward_inplace(dh, g, u, "tanh" if act == "gelu_tanh" else "none")
     with torch.enable_grad():
         gg, uu = g.detach().float().requires_grad_(), u.detach().float().requires_grad_()
@@ -106,7 +106,7 @@ def _compute_dtype(x):
 def _x_for_saving(ctx, x, x2):
     """What to save for the input ``x`` (viewed as ``x2 (N, in)``): the recipe's tensors when ``x`` is a
     Triton rms_norm output in the compute dtype (recomputed in backward, see NormRecipe), else ``x2``."""
-    from kernels.rms_norm import norm_recipe
+    from tuneforge_kernels.rms_norm import norm_recipe
 
     recipe = norm_recipe(x)
     if recipe is None or x2.data_ptr() != x.data_ptr():

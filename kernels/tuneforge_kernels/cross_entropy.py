@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from kernels.backend import launcher, next_power_of_2, use_triton
+from tuneforge_kernels.backend import launcher, next_power_of_2, use_triton
 
 try:
     import triton

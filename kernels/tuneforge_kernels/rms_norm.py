@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import launcher, next_power_of_2, sm_count, use_triton
+from tuneforge_kernels.backend import launcher, next_power_of_2, sm_count, use_triton
 
 try:
     import triton

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import use_triton
-from kernels.lora_mlp import (LoraWeights, _compute_dtype, _dense, _out_features, _project_reference, _restore_x,
+from tuneforge_kernels.backend import use_triton
+from tuneforge_kernels.lora_mlp import (LoraWeights, _compute_dtype, _dense, _out_features, _project_reference, _restore_x,
                               _x_for_saving)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.backend import launcher, use_triton
+from tuneforge_kernels.backend import launcher, use_triton
 
 try:
     import triton

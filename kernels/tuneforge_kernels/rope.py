@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import launcher, next_power_of_2, use_triton
+from tuneforge_kernels.backend import launcher, next_power_of_2, use_triton
 
 try:
     import triton

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import launcher, use_triton
+from tuneforge_kernels.backend import launcher, use_triton
 
 try:
     import triton
