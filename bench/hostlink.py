@@ -108,7 +108,7 @@ def nf4(reps):
     few sizes per program."""
     import bitsandbytes as bnb
     from gpu_worker.patching.lora import _nf4_state
-    from tuneforge_kernels.nf4 import _launch
+    from tuneforge_kernels.nf4 import _launch, pick_variant
 
     w = torch.randn(14336, 4096, device="cuda").to(torch.bfloat16)
     packed, qs = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
@@ -128,6 +128,8 @@ def nf4(reps):
         same = bool(torch.equal(out, ref))
         ms = _time(lambda: [fn(out) for _ in range(20)], reps) / 20
         rows.append({"what": name, "ms": ms, "gb_s": gb / ms * 1e3, "equal": same})
+    choice, outcomes = pick_variant(packed, state, ref)  # what a QLoRA model would pick for this weight
+    rows.append({"what": "nf4 pick_variant", "chose": choice, "ms": outcomes})
     return rows
 
 

@@ -444,8 +444,10 @@ def run_one(args):
             rec["hfu"] = rec["tokens_per_s"] * hw_f / 1e12 / peak
         lora_mod = sys.modules.get("gpu_worker.patching.lora")
         if args.quant == "nf4" and lora_mod is not None and hasattr(lora_mod, "_NF4_CHECKED"):
-            # which dequantisation the patched model used, per weight kind (tuneforge_kernels.nf4 where bit-equal)
+            # which dequantisation the patched model used, per weight kind (the fastest bit-equal
+            # tuneforge_kernels.nf4 variant, else False: bitsandbytes), and each variant's time there
             rec["nf4_kernel_used"] = {str(k[:3]): v for k, v in lora_mod._NF4_CHECKED.items()}
+            rec["nf4_variant_ms"] = {str(k[:3]): v for k, v in getattr(lora_mod, "_NF4_OUTCOMES", {}).items()}
         rec["error"] = None
     except _Done:
         pass

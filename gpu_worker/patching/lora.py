@@ -20,9 +20,13 @@ from torch import nn
 from tuneforge_kernels.lora_mlp import LoraWeights
 
 
-# (shape, dtype, nested, device) -> whether tuneforge_kernels.nf4 gave bitsandbytes' exact values there (checked on
-# the first weight of each kind; bitsandbytes' own dequantisation is used where it did not)
+# (shape, dtype, nested, device) -> the tuneforge_kernels.nf4 variant this kind of weight uses: the fastest
+# of those that gave bitsandbytes' exact values on the first weight of the kind, or False (bitsandbytes'
+# own dequantisation) where none did
 _NF4_CHECKED: dict = {}
+# the same keys -> what pick_variant saw: each variant's milliseconds or why it was not used (the benchmark
+# reports it)
+_NF4_OUTCOMES: dict = {}
 
 
 def _nf4_state(qs):
@@ -40,7 +44,8 @@ def _nf4_state(qs):
 
 class _NF4Weight:
     """A bitsandbytes 4-bit weight, expanded on demand into a transient ``(out, in)`` tensor by
-    ``tuneforge_kernels.nf4`` (one pass) where it matched bitsandbytes bit for bit, else by bitsandbytes."""
+    ``tuneforge_kernels.nf4`` (one pass, the fastest variant that matched bitsandbytes bit for bit), else by
+    bitsandbytes."""
 
     def __init__(self, param):
         self.param = param
@@ -56,22 +61,21 @@ class _NF4Weight:
         state = _nf4_state(qs) if data.is_cuda else None
         if state is None:
             return bnbf.dequantize_4bit(data, qs)
-        from tuneforge_kernels.nf4 import dequantize_nf4
+        from tuneforge_kernels.nf4 import dequantize_nf4, pick_variant
 
         key = (state.shape, state.dtype, state.nested, data.device)
-        ok = _NF4_CHECKED.get(key)
-        if ok is None:  # first weight of this kind: both ways, compared (one host sync)
+        variant = _NF4_CHECKED.get(key)
+        if variant is None:  # first weight of this kind: every variant against bitsandbytes, then timed
             ref = bnbf.dequantize_4bit(data, qs)
             try:
-                ok = torch.equal(dequantize_nf4(data, state), ref)
-                reason = "values differ"
+                variant, outcomes = pick_variant(data, state, ref)
             except Exception as e:  # noqa: BLE001  (a kernel that cannot run here falls back, loudly)
-                ok, reason = False, f"{type(e).__name__}: {e}"
-            if not ok:
-                warnings.warn(f"tuneforge_kernels.nf4 not used for {key[:3]}: {reason}; bitsandbytes dequantises")
-            _NF4_CHECKED[key] = ok
+                variant, outcomes = None, {"all": f"{type(e).__name__}: {e}"}
+            if variant is None:
+                warnings.warn(f"tuneforge_kernels.nf4 not used for {key[:3]}: {outcomes}; bitsandbytes dequantises")
+            _NF4_CHECKED[key], _NF4_OUTCOMES[key] = variant or False, outcomes
             return ref
-        return dequantize_nf4(data, state) if ok else bnbf.dequantize_4bit(data, qs)
+        return dequantize_nf4(data, state, variant=variant) if variant else bnbf.dequantize_4bit(data, qs)
 
 
 class _RowSlice:

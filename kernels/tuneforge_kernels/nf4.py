@@ -15,6 +15,7 @@ roundings: the GPU build turns off multiply-add fusion, which would round once);
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +31,18 @@ except ImportError:
 # The flat kernel (v9): 4096 values per program, every value gathers its byte, code and (nested) three
 # statistics. The tiled kernel (v10): a program takes ROWS whole quantisation blocks as a (ROWS, blocksize/2)
 # tile of bytes, so each byte is read once for its two values and each block's scale once for its
-# blocksize values; the two nibbles' values are interleaved on the way out. bench/hostlink.py times both.
-# The flat kernel stays the default until the tiled one is measured on a GPU (NOTES v10: not yet run there).
+# blocksize values; the two nibbles' values are interleaved on the way out. Which is faster depends on the
+# GPU and the weight's shape, and neither has been timed against the other on a GPU (NOTES v10): a QLoRA
+# model times the bit-equal ones on its first weight of each shape and keeps the fastest (``pick_variant``).
 _BLOCK = 4096
-_VALUES, _WARPS = 4096, 4  # tiled: whole blocks making 4096 values per program (64 of bitsandbytes' 64); NOTES v10
+_VALUES, _WARPS = 4096, 4  # tiled: whole blocks making 4096 values per program (64 of bitsandbytes' 64)
+
+# name -> _launch's keyword arguments
+VARIANTS = {
+    "flat": {"tiled": False},
+    "tiled-4096x4": {"tiled": True, "values": 4096, "warps": 4},
+    "tiled-8192x8": {"tiled": True, "values": 8192, "warps": 8},
+}
 
 if triton is not None:
 
@@ -119,13 +128,54 @@ def _launch(packed, s: NF4State, out, *, tiled: bool = False, values: int = _VAL
         NESTED=s.nested, BLOCK=_BLOCK, num_warps=4, **kw)
 
 
-def dequantize_nf4(packed: torch.Tensor, state: NF4State, *, impl: str | None = None) -> torch.Tensor:
-    """The dense weight ``(out, in)`` in ``state.dtype``."""
+def dequantize_nf4(packed: torch.Tensor, state: NF4State, *, impl: str | None = None,
+                   variant: str = "flat") -> torch.Tensor:
+    """The dense weight ``(out, in)`` in ``state.dtype``; ``variant`` names the kernel (``VARIANTS``)."""
     if not use_triton(packed, state.absmax, impl=impl):
         return dequantize_nf4_reference(packed, state)
     out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
-    _launch(packed.contiguous(), state, out)
+    _launch(packed.contiguous(), state, out, **VARIANTS[variant])
     return out
+
+
+def _time_ms(fn, cuda: bool, repeats: int = 10) -> float:
+    """Mean milliseconds of ``fn()`` over ``repeats`` back-to-back calls, after one warm-up call (CUDA events
+    on the current stream when ``cuda``)."""
+    fn()
+    if not cuda:
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / repeats
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def pick_variant(packed: torch.Tensor, state: NF4State, expected: torch.Tensor, *,
+                 variants: dict | None = None, time_ms=_time_ms) -> tuple[str | None, dict]:
+    """The fastest kernel variant whose output equals ``expected`` (bitsandbytes' values) bit for bit on this
+    weight, or ``None`` if none does; with each variant's outcome: its mean milliseconds, or why it was
+    not timed. Costs one launch per variant and ~11 per bit-equal one, once per weight shape."""
+    packed = packed.contiguous()
+    outcomes: dict = {}
+    for name, kw in (variants or VARIANTS).items():
+        out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
+        try:
+            _launch(packed, state, out, **kw)
+        except Exception as e:  # noqa: BLE001  (a variant that cannot run here is skipped, with the reason)
+            outcomes[name] = f"{type(e).__name__}: {e}"
+            continue
+        if not torch.equal(out, expected):
+            outcomes[name] = "values differ"
+            continue
+        outcomes[name] = time_ms(lambda: _launch(packed, state, out, **kw), packed.is_cuda)
+    timed = {name: ms for name, ms in outcomes.items() if isinstance(ms, float)}
+    return (min(timed, key=timed.get) if timed else None), outcomes
 
 
 def dequantize_nf4_reference(packed, s: NF4State):

@@ -86,3 +86,50 @@ def test_equals_bitsandbytes(nested, shape):
     packed, qs = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
     ours = dequantize_nf4(packed, _nf4_state(qs))
     assert torch.equal(ours, bnb.functional.dequantize_4bit(packed, qs))
+
+
+@needs_triton
+def test_pick_variant_keeps_the_fastest_bit_equal_one():
+    from tuneforge_kernels.nf4 import VARIANTS, _launch, pick_variant
+
+    packed, s = _state((70, 130), True, torch.float32, "cpu")
+    expected = torch.empty(s.shape)
+    _launch(packed, s, expected, tiled=False)  # the interpreter's own values (bit-equal to the spec here)
+    times = iter([3.0, 1.0, 2.0])
+    choice, outcomes = pick_variant(packed, s, expected, time_ms=lambda fn, cuda: next(times))
+    assert list(outcomes) == list(VARIANTS) and choice == list(VARIANTS)[1]
+    assert outcomes[choice] == 1.0
+
+    # with the real clock every variant is timed
+    choice, outcomes = pick_variant(packed, s, expected)
+    assert choice in VARIANTS and all(isinstance(ms, float) and ms > 0 for ms in outcomes.values())
+
+
+@needs_triton
+def test_pick_variant_never_takes_a_variant_with_other_values_or_that_fails():
+    from tuneforge_kernels.nf4 import pick_variant
+
+    packed, s = _state((70, 130), False, torch.float32, "cpu")
+    wrong = dequantize_nf4_reference(packed, s)
+    wrong[3, 5] += 1.0
+    choice, outcomes = pick_variant(packed, s, wrong, time_ms=lambda fn, cuda: 1.0)
+    assert choice is None and set(outcomes.values()) == {"values differ"}
+
+    broken = {"broken": {"tiled": True, "values": "many"}}
+    choice, outcomes = pick_variant(packed, s, dequantize_nf4_reference(packed, s), variants=broken)
+    assert choice is None and outcomes["broken"].startswith("TypeError")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_pick_variant_on_the_gpu_picks_a_bit_equal_variant():
+    bnb = pytest.importorskip("bitsandbytes")
+    from gpu_worker.patching.lora import _nf4_state
+    from tuneforge_kernels.nf4 import pick_variant
+
+    w = torch.randn(1024, 4096, device="cuda").to(torch.bfloat16)
+    packed, qs = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    ref = bnb.functional.dequantize_4bit(packed, qs)
+    choice, outcomes = pick_variant(packed, _nf4_state(qs), ref)
+    assert choice is not None, outcomes
+    assert torch.equal(dequantize_nf4(packed, _nf4_state(qs), variant=choice), ref)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpu_worker.patching.lora import split_rows
-from kernels.lora_mlp import LoraWeights, _project_reference
+from tuneforge_kernels.lora_mlp import LoraWeights, _project_reference
 
 
 class _Packed:

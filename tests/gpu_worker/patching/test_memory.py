@@ -55,7 +55,7 @@ def test_offload_equals_checkpointing(device, impl):
 def test_recompute_skips_the_down_projection_where_the_output_is_discarded(monkeypatch, model_type, skips):
     """Llama/Qwen3 layers add the MLP's output to the residual and return it; Gemma 2 normalises it
     first and Phi-3 applies dropout, so there the recompute must compute it."""
-    import kernels.lora_mlp as mod
+    import tuneforge_kernels.lora_mlp as mod
 
     calls = []
     act_forward = mod._act_forward
@@ -72,7 +72,7 @@ def test_recompute_skips_the_down_projection_where_the_output_is_discarded(monke
 def test_recompute_replays_the_attention_projections(monkeypatch, model_type):
     """The forward keeps the q/k/v and O outputs; the recompute reads the base weights of those projections
     only in backward (dx), never to recompute the outputs: 2 reads per projection and pass, not 3."""
-    import kernels.lora_linear as mod
+    import tuneforge_kernels.lora_linear as mod
 
     reads = []
     dense = mod._dense
