@@ -117,7 +117,9 @@ def _launch(packed, s: NF4State, out, *, tiled: bool = False, values: int = _VAL
         args = (s.code, s.absmax, s.code, 1)  # unused pointers
     code2, absmax2, offset, blocksize2 = args
     kw = {} if not out.is_cuda else {"enable_fp_fusion": False}  # see the module docstring
-    if tiled and s.blocksize >= 2 and s.blocksize & (s.blocksize - 1) == 0:  # a power of two: a tile's width
+    if tiled:
+        if s.blocksize < 2 or s.blocksize & (s.blocksize - 1):
+            raise ValueError(f"the tiled kernel needs a power-of-two blocksize (a tile's width), not {s.blocksize}")
         rows = max(1, values // s.blocksize)
         launcher(_nf4_dequant_tiled_kernel, out)[(triton.cdiv(triton.cdiv(n, s.blocksize), rows),)](
             packed, s.code, s.absmax, code2, absmax2, offset, out, n, blocksize2,

@@ -115,9 +115,11 @@ def test_pick_variant_never_takes_a_variant_with_other_values_or_that_fails():
     choice, outcomes = pick_variant(packed, s, wrong, time_ms=lambda fn, cuda: 1.0)
     assert choice is None and set(outcomes.values()) == {"values differ"}
 
-    broken = {"broken": {"tiled": True, "values": "many"}}
-    choice, outcomes = pick_variant(packed, s, dequantize_nf4_reference(packed, s), variants=broken)
-    assert choice is None and outcomes["broken"].startswith("TypeError")
+    # bitsandbytes' blocksizes are powers of two; any other goes to the flat kernel only
+    packed, s = _state((70, 130), False, torch.float32, "cpu", blocksize=96)
+    choice, outcomes = pick_variant(packed, s, dequantize_nf4_reference(packed, s))
+    assert choice == "flat", outcomes
+    assert all(outcomes[name].startswith("ValueError: the tiled kernel needs") for name in outcomes if name != "flat")
 
 
 @pytest.mark.gpu
