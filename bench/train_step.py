@@ -285,7 +285,8 @@ def setup_hf(args):
     model = get_peft_model(model, lcfg)
     if args.method in ("ours", "base"):
         if args.method == "base":  # the older copy must win over the repo root on sys.path
-            sys.path.insert(0, os.path.abspath(args.base_root))
+            base = os.path.abspath(args.base_root)  # kernels/ holds tuneforge_kernels from 1c0711b on
+            sys.path[:0] = [base, os.path.join(base, "kernels")]
         from gpu_worker.patching import patch_model
         args.patch_module = sys.modules["gpu_worker.patching"].__file__
         report = patch_model(model, memory_mode={"off": "off", "on": "checkpointing",
