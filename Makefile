@@ -3,22 +3,24 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# the versions CI tested (deploy/constraints.txt): a new release upstream cannot break a fresh install
+PIP_INSTALL := $(PY) -m pip install -q -c deploy/constraints.txt
 
-.PHONY: demo test up clean
+.PHONY: demo test up clean constraints
 
 $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
 # The platform and the trainer: enough for the demo and `tuneforge up`.
-$(VENV)/.installed-worker: pyproject.toml | $(PY)
+$(VENV)/.installed-worker: pyproject.toml deploy/constraints.txt | $(PY)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[worker]'
+	$(PIP_INSTALL) -e '.[worker]'
 	touch $@
 
 # Everything the test suite exercises (Kubernetes client and schemas, Helm, llama.cpp, moto, Triton).
-$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-worker
-	$(PY) -m pip install -q -e '.[worker,cluster,test]'
+$(VENV)/.installed-test: pyproject.toml deploy/constraints.txt $(VENV)/.installed-worker
+	$(PIP_INSTALL) -e '.[worker,cluster,test]'
 	touch $@
 
 demo: $(VENV)/.installed-worker
@@ -32,3 +34,12 @@ test: $(VENV)/.installed-test
 
 clean:
 	rm -rf .tuneforge
+
+# Moves deploy/constraints.txt to the newest releases pyproject.toml allows (then run `make test`).
+constraints:
+	rm -rf .venv-constraints && python3 -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install -q "$(TORCH_SPEC)"
+	.venv-constraints/bin/python -m pip install -q -e '.[worker,cluster,test]'
+	{ sed -n '1,/^# torch and triton/p' deploy/constraints.txt; \
+	  .venv-constraints/bin/python -m pip freeze --exclude-editable | grep -v -E '^(torch|triton)=='; } > .constraints.new
+	mv .constraints.new deploy/constraints.txt && rm -rf .venv-constraints
