@@ -102,8 +102,8 @@ def gathers(reps):
 
 
 def nf4(reps):
-    """tuneforge_kernels.nf4 against bitsandbytes' dequantisation of one 14336 x 4096 weight (nested statistics):
-    each checked bit-equal to bitsandbytes, then timed as 20 launches back to back per repetition (the
+    """tuneforge_kernels.nf4 against bitsandbytes' dequantisation of one 14336 x 4096 weight (nested
+    statistics): each checked bit-equal to bitsandbytes, then timed as 20 launches back to back per repetition (the
     device's time per launch, not the host's launch cost), the flat v9 kernel and the tiled v10 one at a
     few sizes per program."""
     import bitsandbytes as bnb

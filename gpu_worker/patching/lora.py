@@ -1,6 +1,6 @@
 """Reading a projection module (plain ``nn.Linear``, PEFT LoRA ``Linear``, or bitsandbytes ``Linear4bit``
-under either) as the ``tuneforge_kernels.lora_mlp.LoraWeights`` the fused kernels take, or ``None`` when the fused
-path cannot compute the same function (bias, DoRA, several active adapters, live dropout...), in
+under either) as the ``tuneforge_kernels.lora_mlp.LoraWeights`` the fused kernels take, or ``None`` when the
+fused path cannot compute the same function (bias, DoRA, several active adapters, live dropout...), in
 which case the caller runs the module's stock forward.
 
 Read at every call, not at patch time: PEFT's ``disable_adapter()``, ``merge_adapter()`` and
@@ -72,7 +72,8 @@ class _NF4Weight:
             except Exception as e:  # noqa: BLE001  (a kernel that cannot run here falls back, loudly)
                 variant, outcomes = None, {"all": f"{type(e).__name__}: {e}"}
             if variant is None:
-                warnings.warn(f"tuneforge_kernels.nf4 not used for {key[:3]}: {outcomes}; bitsandbytes dequantises")
+                warnings.warn(f"tuneforge_kernels.nf4 not used for {key[:3]}: {outcomes}; "
+                              "bitsandbytes dequantises")
             _NF4_CHECKED[key], _NF4_OUTCOMES[key] = variant or False, outcomes
             return ref
         return dequantize_nf4(data, state, variant=variant) if variant else bnbf.dequantize_4bit(data, qs)

@@ -18,7 +18,8 @@ the layer's forward: at ~50 GB/s each way (H200, bench/NOTES.md v7) 224 MB take 
 
 ``offload`` also moves a frozen, untied input embedding table to pinned host memory (1.05 GB at Llama-3
 8B): the parameter stays a CUDA tensor whose storage is that host memory (unified addressing), and the
-batch's rows are gathered from it over the host link (``tuneforge_kernels.embedding``; 64 MB per 8192-token step).
+batch's rows are gathered from it over the host link (``tuneforge_kernels.embedding``; 64 MB per 8192-token
+step).
 Every reader of the parameter (generation, merge, saving) still sees the same values on a CUDA tensor. Not in a
 multi-GPU (DeepSpeed) run: its collectives expect device memory.
 

@@ -11,5 +11,6 @@ called ``kernels`` shadowed it from the repository root and broke every transfor
 tests/kernels/test_package_identity.py holds both facts.
 
 Use an op through its module (``from tuneforge_kernels.rms_norm import rms_norm``): each module is
-named for its op, so the package re-exports nothing (a lazy re-export would be shadowed by the submodule itself).
+named for its op, so the package re-exports nothing (a lazy re-export would be shadowed by the submodule
+itself).
 """

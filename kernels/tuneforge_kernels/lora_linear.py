@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from tuneforge_kernels.backend import use_triton
-from tuneforge_kernels.lora_mlp import (LoraWeights, _compute_dtype, _dense, _out_features, _project_reference, _restore_x,
-                              _x_for_saving)
+from tuneforge_kernels.lora_mlp import (LoraWeights, _compute_dtype, _dense, _out_features, _project_reference,
+                                        _restore_x, _x_for_saving)
 
 
 class _LoraLinearsFunction(torch.autograd.Function):

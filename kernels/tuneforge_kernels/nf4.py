@@ -119,7 +119,8 @@ def _launch(packed, s: NF4State, out, *, tiled: bool = False, values: int = _VAL
     kw = {} if not out.is_cuda else {"enable_fp_fusion": False}  # see the module docstring
     if tiled:
         if s.blocksize < 2 or s.blocksize & (s.blocksize - 1):
-            raise ValueError(f"the tiled kernel needs a power-of-two blocksize (a tile's width), not {s.blocksize}")
+            raise ValueError(f"the tiled kernel needs a power-of-two blocksize (a tile's width), "
+                             f"not {s.blocksize}")
         rows = max(1, values // s.blocksize)
         launcher(_nf4_dequant_tiled_kernel, out)[(triton.cdiv(triton.cdiv(n, s.blocksize), rows),)](
             packed, s.code, s.absmax, code2, absmax2, offset, out, n, blocksize2,

@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-# Harmless with our per-launch interpreter (kernels/tuneforge_kernels/backend.py) and what the brief's CI expects.
+# Harmless with our per-launch interpreter (kernels/tuneforge_kernels/backend.py) and what the brief's CI
+# expects.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -1,5 +1,5 @@
-"""tuneforge_kernels.embedding: the row gather equals F.embedding bit for bit (it copies, computes nothing), from
-device memory and, on a GPU, from a pinned host table read through unified addressing."""
+"""tuneforge_kernels.embedding: the row gather equals F.embedding bit for bit (it copies, computes nothing),
+from device memory and, on a GPU, from a pinned host table read through unified addressing."""
 
 from __future__ import annotations
 
