@@ -42,4 +42,5 @@ constraints:
 	.venv-constraints/bin/python -m pip install -q -e '.[worker,cluster,test]'
 	{ sed -n '1,/^# torch and triton/p' deploy/constraints.txt; \
 	  .venv-constraints/bin/python -m pip freeze --exclude-editable | grep -v -E '^(torch|triton)=='; } > .constraints.new
+	@grep -q '^transformers==' .constraints.new || { echo "make constraints: the freeze is incomplete; deploy/constraints.txt is unchanged"; exit 1; }
 	mv .constraints.new deploy/constraints.txt && rm -rf .venv-constraints
