@@ -32,7 +32,8 @@ Data (--data, or the 6th field of a suite config)
   tokens/s counts real tokens only; MFU's attention term uses sum(n^2)/sum(n) as the sequence length.
 
 Longest sequence (mode "longest"): one process, one model, then one warm-up and one timed step at each
-length of --ladder (batch 1) until the first OOM; prints the longest length that trained.
+length of --ladder (batch 1) until the first OOM; prints the longest length that trained
+(--ladder-warmup 0: one cold step per length).
   (--quant nf4 turns hf into QLoRA: the 7 projection nn.Linear of the bf16 model are replaced in
    memory by bitsandbytes Linear4bit, nf4 + double quant, bf16 compute; for unsloth it passes
    load_in_4bit=True, which quantizes the saved bf16 checkpoint on load.)
@@ -481,7 +482,7 @@ def longest(args, model, opt, ac, rec):
         entry = {"seq": seq}
         try:
             torch.cuda.reset_peak_memory_stats()
-            for timed in (False, True):
+            for timed in (False, True)[1 - args.ladder_warmup:]:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 with ac:
@@ -491,7 +492,7 @@ def longest(args, model, opt, ac, rec):
                 opt.zero_grad(set_to_none=True)
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            entry.update(step_s=dt, tokens_per_s=seq / dt, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+            entry.update(step_s=dt, warm=bool(args.ladder_warmup), tokens_per_s=seq / dt, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
                          loss=float(loss))
             rec["longest_seq"] = seq
         except torch.OutOfMemoryError as e:
@@ -642,6 +643,9 @@ def main():
                     help="method base: folder holding an older kernels/ and gpu_worker/ (git archive)")
     ap.add_argument("--ladder", default="16384,32768,65536,98304,131072",
                     help="mode longest: sequence lengths to try, ascending")
+    ap.add_argument("--ladder-warmup", type=int, choices=[0, 1], default=1,
+                    help="mode longest: 0 = one step per length, timed cold (whether it fits is all it "
+                         "says: a 128K-token 8B step takes ~30 s)")
     args = ap.parse_args()
     if args.mode == "longest":
         args.batch, args.seq = 1, max(int(v) for v in args.ladder.split(","))  # Unsloth's max_seq_length
