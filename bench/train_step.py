@@ -492,7 +492,8 @@ def longest(args, model, opt, ac, rec):
                 opt.zero_grad(set_to_none=True)
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            entry.update(step_s=dt, warm=bool(args.ladder_warmup), tokens_per_s=seq / dt, peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+            entry.update(step_s=dt, warm=bool(args.ladder_warmup), tokens_per_s=seq / dt,
+                         peak_gb=torch.cuda.max_memory_allocated() / 1e9,
                          loss=float(loss))
             rec["longest_seq"] = seq
         except torch.OutOfMemoryError as e:
