@@ -28,6 +28,8 @@ Data (--data, or the 6th field of a suite config)
            clipped to [32, seq], 4 different draws of batch x seq tokens each) packed first-fit into rows
            of seq tokens, position ids restarting per document (transformers builds the document mask
            from them); a row's free tail is a filler document that is not trained on
+  flat     the same documents as one row, nothing wasted (a flattening collator's batch): only for
+           attention that takes documents rather than a (S x S) mask (ours: varlen_attention)
   padded   the same documents as rows of a (n_docs, longest) batch with an attention mask
   tokens/s counts real tokens only; MFU's attention term uses sum(n^2)/sum(n) as the sequence length.
 
@@ -257,6 +259,8 @@ def make_batches(args, vocab, n=4, device="cuda"):
         sq, tot = sq + sum(k * k for k in lens), tot + sum(lens)
         if args.data == "packed":
             batches.append(_pack(docs, args.seq, device))
+        elif args.data == "flat":
+            batches.append(_pack(docs, sum(lens), device))
         else:
             ids = torch.zeros(len(lens), max(lens), dtype=torch.long, device=device)
             mask = torch.zeros_like(ids)
@@ -639,7 +643,7 @@ def main():
     ap.add_argument("--deadline-s", type=float, default=540)
     ap.add_argument("--per-run-s", type=float, default=300)
     ap.add_argument("--summary", default=None, help="write a JSON summary (device, versions, commit) here")
-    ap.add_argument("--data", choices=["fixed", "packed", "padded"], default="fixed")
+    ap.add_argument("--data", choices=["fixed", "packed", "flat", "padded"], default="fixed")
     ap.add_argument("--base-root", default=".bench-base",
                     help="method base: folder holding an older kernels/ and gpu_worker/ (git archive)")
     ap.add_argument("--ladder", default="16384,32768,65536,98304,131072",

@@ -3,8 +3,10 @@ the model's norms, Q/K/V and O projections (LoRA fused), rotary embedding, MLP a
 
 Each function here replaces ``forward`` on one module *instance* (``module.forward = MethodType(...)``);
 classes, other models and ``torch.nn.functional`` are untouched. Attention itself stays whatever
-``config._attn_implementation`` selects (SDPA / flash), so masks, sliding windows and packed-sequence
-kwargs behave exactly as in transformers.
+``config._attn_implementation`` selects (SDPA / flash), so masks and sliding windows behave exactly as in
+transformers, with one exception: a packed batch (``position_ids`` restarting at 0, no mask, no KV
+cache) runs ``tuneforge_kernels.varlen_attention`` (flash attention's variable-length kernel, the
+documents found once per forward) instead of SDPA under a document mask.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tuneforge_kernels.lora_linear import lora_linears
 from tuneforge_kernels.lora_mlp import lora_mlp
 from tuneforge_kernels.rms_norm import rms_norm
 from tuneforge_kernels.rope import rope
+from tuneforge_kernels.varlen_attention import packed_sequences, varlen_attention
 
 # config.hidden_act -> tuneforge_kernels.lora_mlp activation
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -150,16 +153,39 @@ def patch_attention(attn: nn.Module, impl: str | None) -> None:
             k, v = cache.update(k, v, self.layer_idx)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
         sliding = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
-        if getattr(self, "attn_logit_softcapping", None) is not None:  # Gemma 2
-            kwargs["softcap"] = self.attn_logit_softcapping
-        out, weights = interface(self, q, k, v, attention_mask,
-                                 dropout=0.0 if not self.training else self.attention_dropout,
-                                 scaling=self.scaling, sliding_window=sliding, **kwargs)
+        softcap = getattr(self, "attn_logit_softcapping", None)  # Gemma 2
+        dropout = self.attention_dropout if self.training else 0.0
+        packing = kwargs.pop("packed_sequences", None)
+        if (packing is not None and cache is None and softcap is None and not dropout
+                and (sliding is None or sliding >= packing.max_len)):
+            # (B, H, S, D) -> (B*S, H, D); the output comes back as (B*S, Hq, D)
+            flat = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (q, k, v))
+            out = varlen_attention(*flat, packing, self.scaling, impl=impl)
+            weights = None
+        else:
+            if softcap is not None:
+                kwargs["softcap"] = softcap
+            out, weights = interface(self, q, k, v, attention_mask, dropout=dropout,
+                                     scaling=self.scaling, sliding_window=sliding, **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
         o = lora_weights(self.o_proj)
         return (_linears(out, [o], impl, "o")[0] if o is not None else self.o_proj(out)), weights
 
     attn.forward = MethodType(forward, attn)
+
+
+def _packing(model, attention_mask, position_ids, use_cache, kwargs, impl):
+    """The documents of a packed batch (positions restarting at 0, no mask, no KV cache, as training
+    passes them), for every layer's variable-length attention; None for anything else. On CPU only when
+    the ops are forced to Triton (the tests): there the per-document reference runs, slower than
+    transformers' masked SDPA."""
+    if position_ids is None or attention_mask is not None or kwargs.get("cache") is not None:
+        return None
+    if use_cache if use_cache is not None else getattr(model.config, "use_cache", False):
+        return None
+    if not (position_ids.is_cuda or impl == "triton"):
+        return None
+    return packed_sequences(position_ids)
 
 
 def patch_causal_lm(model: nn.Module, impl: str | None) -> None:
@@ -179,6 +205,9 @@ def patch_causal_lm(model: nn.Module, impl: str | None) -> None:
         shift_labels = kwargs.pop("shift_labels", None)
         if past_key_values is not None:  # older 5.x name; newer ones pass `cache`, which stays in kwargs
             kwargs[cache_field] = past_key_values
+        packing = _packing(self, attention_mask, position_ids, use_cache, kwargs, impl)
+        if packing is not None:
+            kwargs["packed_sequences"] = packing
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gpu_worker.patching import patch_model
+from tuneforge_kernels.varlen_attention import varlen_attention
 from tests.gpu_worker.patching.conftest import (DEVICES_IMPLS, build_lora_model, lora_grads, lora_targets, rel,
                                                 tiny_config)
 
@@ -210,15 +211,26 @@ def test_tied_embeddings_match_stock():
     assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-4
 
 
+@pytest.mark.parametrize("memory_mode", ["off", "offload"])
 @pytest.mark.parametrize("device,impl", DEVICES_IMPLS)
-def test_packed_equals_padded(device, impl):
+def test_packed_equals_padded(device, impl, memory_mode, monkeypatch):
     # two documents packed in one row, positions restarting (as a flattening collator makes them),
     # against the same two documents padded in a batch of two: same loss and LoRA gradients. Checks
     # that RoPE follows position_ids and that no token attends across the document boundary.
     config = tiny_config("llama")
     packed_model, padded_model = build_lora_model(config, device), build_lora_model(config, device)
     for m in (packed_model, padded_model):
-        patch_model(m, impl=impl)
+        patch_model(m, memory_mode=memory_mode, impl=impl)
+    # the packed row runs the variable-length attention (on CPU only when the ops are forced to Triton),
+    # every layer with the documents found once per forward, the recompute included
+    from gpu_worker.patching import decoder
+    calls = []
+
+    def counted(q, k, v, packing, *rest, **kw):
+        calls.append(packing)
+        return varlen_attention(q, k, v, packing, *rest, **kw)
+
+    monkeypatch.setattr(decoder, "varlen_attention", counted)
     g = torch.Generator().manual_seed(7)
     a, b = torch.randint(0, 128, (5,), generator=g), torch.randint(0, 128, (7,), generator=g)
     ids = torch.cat([a, b])[None].to(device)
@@ -227,6 +239,12 @@ def test_packed_equals_padded(device, impl):
     labels[0, 5] = -100  # the last token of `a` must not be trained to predict the first of `b`
     # use_cache=False as in training: with a cache transformers does not derive document masks
     _step(packed_model, ids, labels, device, position_ids=pos, use_cache=False)
+    if device == "cuda" or impl == "triton":
+        passes = 2 if memory_mode == "offload" else 1  # the forward, then the recompute
+        assert len(calls) == passes * config.num_hidden_layers and len({id(p) for p in calls}) == 1
+        assert calls[0].starts == (0, 5, 12)
+    else:
+        assert calls == []
     pad_ids = torch.zeros(2, 7, dtype=torch.long)
     pad_ids[0, :5], pad_ids[1] = a, b
     mask = torch.zeros(2, 7, dtype=torch.long)
