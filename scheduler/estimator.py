@@ -359,6 +359,10 @@ def load_measurements(folder: Path | str | None = None) -> tuple[Measured, ...]:
                 continue
             if r.get("method") not in ("ours", "hf") or r.get("ckpt") not in _CKPT:
                 continue
+            # variable-length rows (packed, flat, padded) count only real tokens of drawn documents:
+            # not the full rows of max_seq_length that the FLOP model scales from
+            if r.get("data", "fixed") != "fixed":
+                continue
             rows.append(Measured(
                 matmul_params=int(r["n_matmul_params"]), quant=r.get("quant", "none"), memory_mode=_CKPT[r["ckpt"]],
                 kernels=r["method"] == "ours", achieved_tflops=float(r["achieved_model_tflops"]),

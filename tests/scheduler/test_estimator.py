@@ -181,6 +181,16 @@ def test_throughput_reproduces_the_measured_row_and_scales_with_the_gpu():
     assert half.tokens_per_s == pytest.approx(tp.tokens_per_s / 2)
 
 
+def test_variable_length_rows_are_not_throughput_measurements(tmp_path):
+    row = _newest("ours:8B:on")
+    newer = {**row, "data": "packed", "tokens_per_s": row["tokens_per_s"] / 2,
+             "achieved_model_tflops": row["achieved_model_tflops"] / 2}
+    (tmp_path / "a.json").write_text(json.dumps({"date": "2026-01-01", "results": [row]}))
+    (tmp_path / "b.json").write_text(json.dumps({"date": "2027-01-01", "results": [newer]}))
+    ms = load_measurements(tmp_path)
+    assert [m.tokens_per_s for m in ms] == [row["tokens_per_s"]]
+
+
 def test_throughput_falls_back_conservatively_without_measurements():
     facts = read_model_facts("meta-llama/Llama-3.1-8B")
     measured = estimate_throughput(spec(), facts, "off", 767, 1, None, False, load_measurements(BENCH))
