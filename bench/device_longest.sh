@@ -24,6 +24,6 @@ for m in ours:on:120 liger:on:130 unsloth:unsloth:170 hf:on:100; do
     --ladder "$ladder" --ladder-warmup 0 "${extra[@]}" > "$OUT/longest-$method.log" 2>&1
   echo "rc=$? $method" >> "$OUT/longest-$method.log"
   grep -h "^LADDER\|^rc=" "$OUT/longest-$method.log" | sed "s/^/$method /"
-  grep -h "^RESULT" "$OUT/longest-$method.log" >> "$OUT/longest.jsonl"
+  sed -n "s/^RESULT //p" "$OUT/longest-$method.log" >> "$OUT/longest.jsonl"
 done
 echo "done at $(( $(date +%s) - t0 )) s"

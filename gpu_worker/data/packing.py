@@ -4,8 +4,9 @@
 longest first: rows come out nearly full) and records each row's example lengths. ``collate`` turns
 such rows into ``input_ids``/``labels`` plus ``position_ids`` restarting at 0 for every example,
 ``use_cache=False`` and no ``attention_mask``: transformers (``masking_utils.find_packed_sequence_indices``) reads the
-restarts and builds a block-diagonal causal mask for eager and SDPA attention, and flash-attention
-takes the same position ids as variable-length sequences. The first label of every example is
+restarts and builds a block-diagonal causal mask for eager and SDPA attention, flash-attention takes
+the same position ids as variable-length sequences, and a model patched with our kernels on a GPU
+runs ``tuneforge_kernels.varlen_attention`` (flash's variable-length kernel, no mask) on them. The first label of every example is
 already ``IGNORE_INDEX`` (``encoding.py``), so the last token of one example is never trained to
 predict the first token of the next. A test checks a packed batch gives the padded batch's losses.
 """
