@@ -179,7 +179,9 @@ def _packing(model, attention_mask, position_ids, use_cache, kwargs, impl):
     passes them), for every layer's variable-length attention; None for anything else. On CPU only when
     the ops are forced to Triton (the tests): there the per-document reference runs, slower than
     transformers' masked SDPA."""
-    if position_ids is None or attention_mask is not None or kwargs.get("cache") is not None:
+    if position_ids is None or attention_mask is not None:
+        return None
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:  # either 5.x name
         return None
     if use_cache if use_cache is not None else getattr(model.config, "use_cache", False):
         return None

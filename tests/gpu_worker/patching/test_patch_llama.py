@@ -245,6 +245,11 @@ def test_packed_equals_padded(device, impl, memory_mode, monkeypatch):
         assert calls[0].starts == (0, 5, 12)
     else:
         assert calls == []
+    # with a KV cache (generation) transformers' path stays: packing is not read from positions there
+    calls.clear()
+    with torch.no_grad():
+        packed_model(input_ids=ids, position_ids=pos, use_cache=True)
+    assert calls == []
     pad_ids = torch.zeros(2, 7, dtype=torch.long)
     pad_ids[0, :5], pad_ids[1] = a, b
     mask = torch.zeros(2, 7, dtype=torch.long)
