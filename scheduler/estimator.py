@@ -292,7 +292,8 @@ def estimate_host_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> fl
     The ``offload`` mode (gpu_worker/patching/memory.py) keeps every layer's input in host memory and,
     on the kernel path, the layer's q/k/v and O projection outputs too, for the recompute; on one GPU it
     also moves a frozen, untied input embedding there. ~8 GiB for an 8B model at 8,192 tokens per micro-batch,
-    growing with the tokens."""
+    growing with the tokens. An upper bound: the worker stops stashing projections at half of its host
+    memory (``memory.STASH_HOST_FRACTION``), which this side does not know."""
     if layout.memory_mode != "offload":
         return 0.0
     seq = spec.hyperparameters.max_seq_length

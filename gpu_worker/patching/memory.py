@@ -14,7 +14,10 @@ The forward of a layer may also ``stash()`` tensors it computed (decoder.py: the
 outputs, 160 MB per layer at 8B): they travel to the host and back with the layer input, and the recompute
 takes them (``unstash``) instead of recomputing them. Worth it where the host link carries them within
 the layer's forward: at ~50 GB/s each way (H200, bench/NOTES.md v7) 224 MB take ~4.5 ms of a ~5.5 ms
-8B layer forward, and save ~1 ms of GEMMs per layer in the recompute.
+8B layer forward, and save ~1 ms of GEMMs per layer in the recompute. The stash grows with the tokens
+per step (~2.5 GB per 8B layer at 131,072 tokens), so it is bounded: a layer stashes only while the
+pinned host memory the model's offload holds stays within ``STASH_HOST_FRACTION`` of the host's memory
+(the machine's, or the container's limit if lower); the layers over it recompute their projections.
 
 ``offload`` also moves a frozen, untied input embedding table to pinned host memory (1.05 GB at Llama-3
 8B): the parameter stays a CUDA tensor whose storage is that host memory (unified addressing), and the
@@ -33,15 +36,34 @@ Stream rules (the caching allocators reuse freed memory in stream order):
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 import weakref
+from pathlib import Path
 from types import MethodType
 
 import torch
 from torch import nn
 
 MEMORY_MODES = ("off", "checkpointing", "offload")
+# the share of host memory that an ``offload`` model's pinned copies may reach before its layers stop
+# stashing their projections (the layer inputs themselves always go to the host)
+STASH_HOST_FRACTION = 0.5
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def host_memory_bytes() -> int:
+    """This process's host memory: the machine's RAM, or its container's limit (cgroup v2 or v1) if lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in _CGROUP_LIMITS:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max": no limit
+            total = min(total, int(text))
+    return total
 
 _recompute = threading.local()  # autograd runs backward in its own thread per device
 _forward = threading.local()    # the forward of an ``offload`` layer: the copy that takes stashed tensors
@@ -54,8 +76,10 @@ def recomputing() -> bool:
 
 
 def stashing() -> bool:
-    """True in the forward of an ``offload``-mode layer: ``stash()`` then keeps a tensor for its recompute."""
-    return getattr(_forward, "copy", None) is not None
+    """True in the forward of an ``offload``-mode layer within the host-memory budget: ``stash()`` then keeps
+    a tensor for its recompute."""
+    copy = getattr(_forward, "copy", None)
+    return copy is not None and copy.may_stash
 
 
 def stash(t: torch.Tensor, tag) -> None:
@@ -94,7 +118,11 @@ class _HostCopy:
         # the device tensors themselves, while this is the newest copy: the top layer's backward comes
         # right after its forward, so it uses them instead of waiting for a copy back (~4 ms at 8B)
         self.kept = []
+        self.may_stash = True    # set per layer by _OffloadState.admit
         self.add(hidden, "input")
+
+    def host_bytes(self) -> int:
+        return sum(h.nbytes for h in self.host) if self.host is not None else 0
 
     def add(self, t: torch.Tensor, tag) -> None:
         if not t.is_cuda:
@@ -152,11 +180,35 @@ class _HostCopy:
 
 
 class _OffloadState:
-    """Per model: the side stream and the most recent host copy (the next copy's ``previous``)."""
+    """Per model: the side stream, the most recent host copy (the next copy's ``previous``) and the host
+    memory budget of the stashes."""
 
-    def __init__(self):
+    def __init__(self, host_budget: int | None = None):
         self.stream = None
         self.last = None  # weakref to the newest _HostCopy
+        self.live = weakref.WeakSet()  # copies whose host buffers may still be held
+        self.host_budget = host_budget  # bytes; None: STASH_HOST_FRACTION of host_memory_bytes(), on first use
+        # the largest stash a layer has made: what the next one will add (0 until one has: the first
+        # layer's stash can pass the budget by its own size)
+        self.stash_bytes = 0
+        self.over_budget = 0  # layers that did not stash, for the warning
+
+    def admit(self, copy: _HostCopy) -> None:
+        """Whether ``copy``'s layer may stash: the host bytes held now plus one layer's stash within budget."""
+        if self.host_budget is None:
+            self.host_budget = int(STASH_HOST_FRACTION * host_memory_bytes())
+        held = sum(c.host_bytes() for c in self.live)
+        copy.may_stash = held + self.stash_bytes <= self.host_budget
+        if not copy.may_stash:
+            self.over_budget += 1
+            if self.over_budget == 1:
+                warnings.warn(f"offload: {held / 2**30:.1f} GiB of pinned host memory held, a layer's projection stash "
+                              f"({self.stash_bytes / 2**30:.2f} GiB) would pass the budget of "
+                              f"{self.host_budget / 2**30:.1f} GiB: such layers recompute their projections",
+                              stacklevel=2)
+
+    def stashed(self, copy: _HostCopy, input_bytes: int) -> None:
+        self.stash_bytes = max(self.stash_bytes, copy.host_bytes() - input_bytes)
 
     def new_copy(self, hidden: torch.Tensor) -> _HostCopy:
         if hidden.is_cuda and self.stream is None:
@@ -167,6 +219,8 @@ class _OffloadState:
         # a copy whose backward already ran (the previous step's) is no layer below this one
         copy = _HostCopy(hidden, self.stream, last if last is not None and last.host is not None else None)
         self.last = weakref.ref(copy)
+        self.live.add(copy)
+        self.admit(copy)
         return copy
 
 
@@ -177,12 +231,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type),
                         torch.get_autocast_dtype(hidden.device.type))
         ctx.copy = state.new_copy(hidden)
+        input_bytes = ctx.copy.host_bytes()
         outer, _forward.copy = getattr(_forward, "copy", None), ctx.copy
         try:
             with torch.no_grad():
                 out = run(hidden, *rest)
         finally:
             _forward.copy = outer
+        state.stashed(ctx.copy, input_bytes)
         return out
 
     @staticmethod

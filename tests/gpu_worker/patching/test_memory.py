@@ -5,6 +5,8 @@ discards the MLP's output."""
 
 from __future__ import annotations
 
+import os
+
 import gc
 
 import pytest
@@ -85,6 +87,55 @@ def test_recompute_replays_the_attention_projections(monkeypatch, model_type):
     assert len(reads) == 2 * per_layer * layers
     state = _state(model)
     assert state.last() is None or not state.last().extras
+
+
+@pytest.mark.parametrize("budget_layers,stashing_layers", [(0, 0), (2, 2), (4, 4)])
+def test_layers_over_the_host_budget_recompute_their_projections(monkeypatch, budget_layers, stashing_layers):
+    """The stash is bounded by host memory. A layer stashes if the copies held (the inputs so far, its
+    own included, and the stashes so far) plus one more stash fit the budget; the others recompute their
+    q/k/v and O (a base-weight read more per projection), and the gradients are checkpointing's either
+    way."""
+    import tuneforge_kernels.lora_linear as mod
+
+    layers = 4
+    x = torch.randint(0, 128, (2, 16))
+    ref = _model("cpu", "checkpointing", layers, impl="triton")
+    ref(input_ids=x, labels=x).loss.backward()
+    model = _model("cpu", "offload", layers, impl="triton")
+    config = model.get_base_model().config
+    head = config.hidden_size // config.num_attention_heads
+    per_token = 4  # float32 bytes
+    layer_input = x.numel() * config.hidden_size * per_token
+    stash = x.numel() * ((config.num_attention_heads + 2 * config.num_key_value_heads) * head
+                         + config.hidden_size) * per_token
+    state = _state(model)
+    # layer k+1 is admitted while (k+1) inputs + (k+1) stashes fit: budget_layers of each
+    state.host_budget = budget_layers * (layer_input + stash)
+    reads = []
+    dense = mod._dense
+    monkeypatch.setattr(mod, "_dense", lambda w, dtype: reads.append(1) or dense(w, dtype))
+    if stashing_layers < layers:
+        with pytest.warns(UserWarning, match="recompute their projections"):
+            loss = model(input_ids=x, labels=x).loss
+    else:
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    # forward: 4 reads a layer; backward: dx (4) and, in the layers that did not stash, the recompute (4)
+    assert len(reads) == 4 * layers * 2 + 4 * (layers - stashing_layers)
+    assert state.over_budget == layers - stashing_layers
+    g_ref, g = lora_grads(ref), lora_grads(model)
+    assert max(rel(g[n], g_ref[n]) for n in g_ref) < 1e-6
+
+
+def test_the_host_budget_reads_a_container_limit(monkeypatch, tmp_path):
+    from gpu_worker.patching import memory
+
+    limit = tmp_path / "memory.max"
+    limit.write_text("1073741824\n")
+    monkeypatch.setattr(memory, "_CGROUP_LIMITS", (str(tmp_path / "absent"), str(limit)))
+    assert memory.host_memory_bytes() == 2**30
+    limit.write_text("max\n")  # no limit: the machine's memory
+    assert memory.host_memory_bytes() == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def test_a_recompute_that_takes_another_path_fails_loudly():
