@@ -156,8 +156,7 @@ def patch_attention(attn: nn.Module, impl: str | None) -> None:
         softcap = getattr(self, "attn_logit_softcapping", None)  # Gemma 2
         dropout = self.attention_dropout if self.training else 0.0
         packing = kwargs.pop("packed_sequences", None)
-        if (packing is not None and cache is None and softcap is None and not dropout
-                and (sliding is None or sliding >= packing.max_len)):
+        if packing is not None and cache is None and _takes_varlen(self, packing):
             # (B, H, S, D) -> (B*S, H, D); the output comes back as (B*S, Hq, D)
             flat = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (q, k, v))
             out = varlen_attention(*flat, packing, self.scaling, impl=impl)
@@ -172,6 +171,17 @@ def patch_attention(attn: nn.Module, impl: str | None) -> None:
         return (_linears(out, [o], impl, "o")[0] if o is not None else self.o_proj(out)), weights
 
     attn.forward = MethodType(forward, attn)
+    attn._tuneforge_attention = True
+
+
+def _takes_varlen(attn: nn.Module, packing) -> bool:
+    """Whether a patched attention computes a packed batch with ``varlen_attention``: not with a logit
+    softcap (Gemma 2), live attention dropout or a sliding window shorter than the longest document,
+    which keep transformers' masked path."""
+    sliding = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
+    dropout = attn.attention_dropout if attn.training else 0.0
+    return (getattr(attn, "attn_logit_softcapping", None) is None and not dropout
+            and (sliding is None or sliding >= packing.max_len))
 
 
 def _packing(model, attention_mask, position_ids, use_cache, kwargs, impl):
@@ -200,6 +210,9 @@ def patch_causal_lm(model: nn.Module, impl: str | None) -> None:
     cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    # packed batches take the variable-length attention only where every layer's attention is ours
+    attentions = [layer.self_attn for layer in model.model.layers]
+    all_ours = all(getattr(a, "_tuneforge_attention", False) for a in attentions)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
@@ -207,9 +220,13 @@ def patch_causal_lm(model: nn.Module, impl: str | None) -> None:
         shift_labels = kwargs.pop("shift_labels", None)
         if past_key_values is not None:  # older 5.x name; newer ones pass `cache`, which stays in kwargs
             kwargs[cache_field] = past_key_values
-        packing = _packing(self, attention_mask, position_ids, use_cache, kwargs, impl)
+        packing = _packing(self, attention_mask, position_ids, use_cache, kwargs, impl) if all_ours else None
         if packing is not None:
             kwargs["packed_sequences"] = packing
+            if all(_takes_varlen(a, packing) for a in attentions):
+                # no layer reads a mask: a 4D placeholder, which transformers passes through as it is,
+                # instead of the (rows, 1, S, S) document mask it would build (4 GiB at 4 rows of 32K)
+                attention_mask = position_ids.new_ones((position_ids.shape[0], 1, 1, 1), dtype=torch.bool)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state

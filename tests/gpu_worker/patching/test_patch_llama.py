@@ -211,13 +211,45 @@ def test_tied_embeddings_match_stock():
     assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-4
 
 
-@pytest.mark.parametrize("memory_mode", ["off", "offload"])
+def test_a_sliding_window_shorter_than_a_document_keeps_the_mask_for_its_layers(monkeypatch):
+    # Gemma 3 with one sliding layer (window 8) and one full layer, documents of 5 and 11 tokens: the
+    # sliding layer must slide inside the 11-token document, which flash varlen is not asked to do, so it
+    # runs transformers' masked path (and the mask is built); the full layer runs varlen. Same gradients
+    # as the padded batch.
+    from gpu_worker.patching import decoder
+
+    config = tiny_config("gemma3_text", layer_types=["sliding_attention", "full_attention"])
+    packed_model, padded_model = build_lora_model(config), build_lora_model(config)
+    for m in (packed_model, padded_model):
+        patch_model(m, impl="triton")
+    calls = []
+    monkeypatch.setattr(decoder, "varlen_attention", lambda *a, **kw: calls.append(1) or varlen_attention(*a, **kw))
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(0, 128, (5,), generator=g), torch.randint(0, 128, (11,), generator=g)
+    ids, pos = torch.cat([a, b])[None], torch.cat([torch.arange(5), torch.arange(11)])[None]
+    labels = ids.clone()
+    labels[0, 5] = -100
+    _step(packed_model, ids, labels, "cpu", position_ids=pos, use_cache=False)
+    assert len(calls) == 1  # the full-attention layer
+    pad_ids, mask = torch.zeros(2, 11, dtype=torch.long), torch.zeros(2, 11, dtype=torch.long)
+    pad_ids[0, :5], pad_ids[1], mask[0, :5], mask[1] = a, b, 1, 1
+    _step(padded_model, pad_ids, pad_ids.masked_fill(mask == 0, -100), "cpu", attention_mask=mask)
+    gp, gq = lora_grads(packed_model), lora_grads(padded_model)
+    assert max(rel(gp[n], gq[n]) for n in gq) < 1e-4
+
+
+@pytest.mark.parametrize("model_type,memory_mode", [("llama", "off"), ("llama", "offload"), ("mistral", "off"),
+                                                     ("qwen2", "off"), ("qwen3", "off"), ("gemma", "off"),
+                                                     ("gemma2", "off"), ("gemma3_text", "off"), ("phi3", "off")])
 @pytest.mark.parametrize("device,impl", DEVICES_IMPLS)
-def test_packed_equals_padded(device, impl, memory_mode, monkeypatch):
+def test_packed_equals_padded(device, impl, model_type, memory_mode, monkeypatch):
     # two documents packed in one row, positions restarting (as a flattening collator makes them),
     # against the same two documents padded in a batch of two: same loss and LoRA gradients. Checks
     # that RoPE follows position_ids and that no token attends across the document boundary.
-    config = tiny_config("llama")
+    # Gemma 2's logit softcap keeps transformers' masked attention.
+    import transformers.masking_utils as masking
+
+    config = tiny_config(model_type)
     packed_model, padded_model = build_lora_model(config, device), build_lora_model(config, device)
     for m in (packed_model, padded_model):
         patch_model(m, memory_mode=memory_mode, impl=impl)
@@ -231,6 +263,9 @@ def test_packed_equals_padded(device, impl, memory_mode, monkeypatch):
         return varlen_attention(q, k, v, packing, *rest, **kw)
 
     monkeypatch.setattr(decoder, "varlen_attention", counted)
+    documents_read = []
+    find = masking.find_packed_sequence_indices
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda p: documents_read.append(1) or find(p))
     g = torch.Generator().manual_seed(7)
     a, b = torch.randint(0, 128, (5,), generator=g), torch.randint(0, 128, (7,), generator=g)
     ids = torch.cat([a, b])[None].to(device)
@@ -239,12 +274,13 @@ def test_packed_equals_padded(device, impl, memory_mode, monkeypatch):
     labels[0, 5] = -100  # the last token of `a` must not be trained to predict the first of `b`
     # use_cache=False as in training: with a cache transformers does not derive document masks
     _step(packed_model, ids, labels, device, position_ids=pos, use_cache=False)
-    if device == "cuda" or impl == "triton":
+    if (device == "cuda" or impl == "triton") and model_type != "gemma2":
         passes = 2 if memory_mode == "offload" else 1  # the forward, then the recompute
         assert len(calls) == passes * config.num_hidden_layers and len({id(p) for p in calls}) == 1
         assert calls[0].starts == (0, 5, 12)
+        assert documents_read == []  # nor did transformers build its document mask
     else:
-        assert calls == []
+        assert calls == [] and documents_read
     # with a KV cache (generation) transformers' path stays: packing is not read from positions there
     calls.clear()
     with torch.no_grad():
