@@ -122,7 +122,10 @@ class _HostCopy:
         self.add(hidden, "input")
 
     def host_bytes(self) -> int:
-        return sum(h.nbytes for h in self.host) if self.host is not None else 0
+        """Host memory the copies hold: pinned blocks as torch's host allocator rounds them (a power of two)."""
+        if self.host is None:
+            return 0
+        return sum(1 << (h.nbytes - 1).bit_length() if h.is_pinned() and h.nbytes else h.nbytes for h in self.host)
 
     def add(self, t: torch.Tensor, tag) -> None:
         if not t.is_cuda:
