@@ -8,7 +8,7 @@ calls flash attention's variable-length kernel with them: no mask, no host sync 
 
 - ``packed_sequences(position_ids)``: the ``Packing`` of a batch, or None when each row is one
   document (plain causal attention is then as fast) or the positions are not packed-row positions.
-  One host sync (the documents' starts) per forward.
+  The documents' starts are read back to the host once per forward (nonzero and a small copy).
 - ``varlen_attention(q, k, v, packing, scale)``: q ``(T, Hq, D)``, k/v ``(T, Hkv, D)`` with ``T`` the
   flattened tokens; grouped-query heads allowed. On CUDA (bf16/fp16, head_dim <= 256) torch's
   ``torch.nn.attention.varlen.varlen_attn``; elsewhere (and as the reference) causal SDPA per document.
@@ -43,7 +43,7 @@ def packed_sequences(position_ids: torch.Tensor) -> Packing | None:
     starts = pos == 0
     well_formed = starts[:, 0].all() & ((pos[:, 1:] == pos[:, :-1] + 1) | starts[:, 1:]).all()
     first = torch.nonzero(starts.reshape(-1)).flatten()
-    ok, *host = torch.cat([well_formed.view(1).long(), first]).tolist()  # the one host sync
+    ok, *host = torch.cat([well_formed.view(1).long(), first]).tolist()  # the forward's host read
     if not ok or len(host) <= pos.shape[0]:
         return None
     total = pos.numel()
