@@ -486,7 +486,7 @@ def longest(args, model, opt, ac, rec):
         entry = {"seq": seq}
         try:
             torch.cuda.reset_peak_memory_stats()
-            for timed in (False, True)[1 - args.ladder_warmup:]:
+            for _ in range(1 + args.ladder_warmup):  # the warm-up step (if any), then the timed one
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 with ac:

@@ -151,10 +151,6 @@ def patch_attention(attn: nn.Module, impl: str | None) -> None:
         q, k = _rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin, impl)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
-        sliding = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
-        softcap = getattr(self, "attn_logit_softcapping", None)  # Gemma 2
-        dropout = self.attention_dropout if self.training else 0.0
         packing = kwargs.pop("packed_sequences", None)
         if packing is not None and cache is None and _takes_varlen(self, packing):
             # (B, H, S, D) -> (B*S, H, D); the output comes back as (B*S, Hq, D)
@@ -162,10 +158,11 @@ def patch_attention(attn: nn.Module, impl: str | None) -> None:
             out = varlen_attention(*flat, packing, self.scaling, impl=impl)
             weights = None
         else:
-            if softcap is not None:
-                kwargs["softcap"] = softcap
-            out, weights = interface(self, q, k, v, attention_mask, dropout=dropout,
-                                     scaling=self.scaling, sliding_window=sliding, **kwargs)
+            interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+            if getattr(self, "attn_logit_softcapping", None) is not None:  # Gemma 2
+                kwargs["softcap"] = self.attn_logit_softcapping
+            out, weights = interface(self, q, k, v, attention_mask, dropout=_dropout(self), scaling=self.scaling,
+                                     sliding_window=_sliding_window(self), **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
         o = lora_weights(self.o_proj)
         return (_linears(out, [o], impl, "o")[0] if o is not None else self.o_proj(out)), weights
@@ -174,13 +171,20 @@ def patch_attention(attn: nn.Module, impl: str | None) -> None:
     attn._tuneforge_attention = True
 
 
+def _sliding_window(attn: nn.Module) -> int | None:
+    return getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
+
+
+def _dropout(attn: nn.Module) -> float:
+    return attn.attention_dropout if attn.training else 0.0
+
+
 def _takes_varlen(attn: nn.Module, packing) -> bool:
     """Whether a patched attention computes a packed batch with ``varlen_attention``: not with a logit
     softcap (Gemma 2), live attention dropout or a sliding window shorter than the longest document,
     which keep transformers' masked path."""
-    sliding = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
-    dropout = attn.attention_dropout if attn.training else 0.0
-    return (getattr(attn, "attn_logit_softcapping", None) is None and not dropout
+    sliding = _sliding_window(attn)
+    return (getattr(attn, "attn_logit_softcapping", None) is None and not _dropout(attn)
             and (sliding is None or sliding >= packing.max_len))
 
 

@@ -186,11 +186,11 @@ class _OffloadState:
     """Per model: the side stream, the most recent host copy (the next copy's ``previous``) and the host
     memory budget of the stashes."""
 
-    def __init__(self, host_budget: int | None = None):
+    def __init__(self):
         self.stream = None
         self.last = None  # weakref to the newest _HostCopy
         self.live = weakref.WeakSet()  # copies whose host buffers may still be held
-        self.host_budget = host_budget  # bytes; None: STASH_HOST_FRACTION of host_memory_bytes(), on first use
+        self.host_budget = None  # bytes; STASH_HOST_FRACTION of host_memory_bytes(), set on first use
         # the largest stash a layer has made: what the next one will add (0 until one has: the first
         # layer's stash can pass the budget by its own size)
         self.stash_bytes = 0
