@@ -9,7 +9,11 @@
 - ``ce``: fused linear cross-entropy forward+backward (hidden 4096 and 2048, vocab 128256) per chunk size
   in rows (the rule picks 256 at both): time and peak memory;
 - ``elementwise``: our Triton rms_norm, SwiGLU (forward, in-place backward) and RoPE in GB/s against
-  the copy ceiling.
+  the copy ceiling;
+- ``proj``: every frozen projection GEMM of a step at the 8B and 1B shapes (forward ``x W^T`` and input
+  gradient ``dy W``) in TFLOP/s, and the concatenated q/k/v and gate/up weights against their parts;
+- ``attn``: causal attention forward+backward at the 8B and 1B shapes (4 x 2048, GQA) through each SDPA
+  backend (flash, cuDNN, memory-efficient) and torch's varlen kernel, in TFLOP/s.
 
     python3 bench/micro.py --out $OUT/micro.jsonl
 """
@@ -128,6 +132,69 @@ def bench_elementwise(emit, ceiling):
          ceiling=ceiling)
 
 
+# (hidden, q width, kv width, intermediate) of the two benchmark shapes; bench/train_step.py SHAPES
+PROJ_SHAPES = {"8B": (4096, 4096, 1024, 14336), "1B": (2048, 2048, 512, 8192)}
+
+
+def bench_proj(emit):
+    for shape, (hid, nq, nkv, inter) in PROJ_SHAPES.items():
+        weights = {"q/o": (nq, hid), "k/v": (nkv, hid), "gate/up": (inter, hid), "down": (hid, inter),
+                   "qkv cat": (nq + 2 * nkv, hid), "gate+up cat": (2 * inter, hid)}
+        for name, (n, k) in weights.items():
+            x = torch.randn(N_TOK, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+            dy = torch.randn(N_TOK, n, device="cuda", dtype=torch.bfloat16)
+            flop = 2 * N_TOK * n * k
+            for way, fn in (("fwd x W^T", lambda: x @ w.t()), ("dgrad dy W", lambda: dy @ w)):
+                ms = timed(fn)
+                emit("proj", f"{shape} {name} {way} ({n}x{k})", ms, tflops=flop / ms / 1e9)
+            del x, w, dy
+
+
+def bench_attn(emit):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, s = 4, 2048
+    for shape, (hq, hkv, d) in {"8B": (32, 8, 128), "1B": (32, 8, 64)}.items():
+        q = torch.randn(b, hq, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(b, hkv, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(b, hkv, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        go = torch.randn(b, hq, s, d, device="cuda", dtype=torch.bfloat16)
+        flop = 3.5 * 4 * b * hq * s * s * d / 2  # causal forward 2 GEMMs of half the square; backward 2.5x
+
+        def sdpa(backend, gqa):
+            def run():
+                kk, vv = (k, v) if gqa else (k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1))
+                with sdpa_kernel(backend):
+                    out = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+                torch.autograd.grad(out, (q, k, v), go)
+            return run
+
+        cases = {f"sdpa {n}{' gqa' if g else ' repeat'}": sdpa(bk, g)
+                 for n, bk in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                               ("efficient", SDPBackend.EFFICIENT_ATTENTION)) for g in (True, False)}
+        from tuneforge_kernels.varlen_attention import Packing, varlen_attention
+
+        starts = tuple(range(0, (b + 1) * s, s))
+        packing = Packing(torch.tensor(starts, device="cuda", dtype=torch.int32), starts, s)
+        qf, kf, vf = (t.detach().transpose(1, 2).reshape(b * s, t.shape[1], d).requires_grad_() for t in (q, k, v))
+        gf = go.transpose(1, 2).reshape(b * s, hq, d)
+
+        def varlen():
+            torch.autograd.grad(varlen_attention(qf, kf, vf, packing, d ** -0.5), (qf, kf, vf), gf)
+        cases["varlen (ours, 4 documents)"] = varlen
+        for name, fn in cases.items():
+            try:
+                ms = timed(fn)
+            except Exception as e:  # noqa: BLE001 - a backend that cannot run this shape says so
+                print(f"attn {shape} {name}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            emit("attn", f"{shape} {name}", ms, tflops=flop / ms / 1e9)
+        del q, k, v, go
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
@@ -146,7 +213,7 @@ def main():
 
     only = args.only.split(",")
     ceiling = bench_copy(emit) if "copy" in only or "elementwise" in only else None
-    for group, fn in (("gemm", bench_gemm), ("ce", bench_ce)):
+    for group, fn in (("gemm", bench_gemm), ("ce", bench_ce), ("proj", bench_proj), ("attn", bench_attn)):
         if group in only:
             fn(emit)
             torch.cuda.empty_cache()

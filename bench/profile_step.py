@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--top", type=int, default=30)
     a = ap.parse_args()
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     args = argparse.Namespace(shape=a.shape, method=a.method, ckpt=a.ckpt, quant=a.quant, rank=16, alpha=16,
@@ -54,11 +55,11 @@ def main():
     torch.cuda.synchronize()
     step_ms = [marks[i].elapsed_time(marks[i + 1]) for i in range(a.steps)]
     print(f"step_ms (no profiler) {[round(t, 1) for t in step_ms]}; peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(a.steps):
             step()
         torch.cuda.synchronize()
-    events = prof.key_averages()
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
     total = sum(e.device_time_total for e in events) / a.steps / 1e3
     print(f"## {a.method} {a.shape} ckpt={a.ckpt} quant={a.quant}: {total:.1f} ms of kernels per step")
     rows = sorted(events, key=lambda e: -e.device_time_total)[:a.top]
@@ -66,6 +67,20 @@ def main():
         ms = e.device_time_total / a.steps / 1e3
         print(f"{ms:9.2f} ms {100 * ms / total:5.1f}% x{e.count // a.steps:<5d} {e.key[:110]}")
     _busy(prof, a.steps)
+    _matmuls(prof, a.steps, total, a.top)
+
+
+def _matmuls(prof, steps, total, top):
+    """The matrix products by operand shapes (the ATen op that launched them: forward and backward
+    GEMMs of one projection land on different rows), with the device time each shape took."""
+    rows = [e for e in prof.key_averages(group_by_input_shape=True)
+            if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm") and e.device_time_total > 0]
+    rows.sort(key=lambda e: -e.device_time_total)
+    mm_total = sum(e.device_time_total for e in rows) / steps / 1e3
+    print(f"## matrix products: {mm_total:.1f} ms of {total:.1f} per step, by operand shapes")
+    for e in rows[:top]:
+        ms = e.device_time_total / steps / 1e3
+        print(f"{ms:9.2f} ms x{e.count // steps:<5d} {e.key:<11} {str(e.input_shapes)[:100]}")
 
 
 def _busy(prof, steps):
