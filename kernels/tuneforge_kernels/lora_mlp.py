@@ -2,15 +2,18 @@
 a hand-derived backward.
 
 Per projection ``p``: ``y_p = x W_p^T + s_p (x A_p^T) B_p^T`` with the base ``W_p`` frozen.
-Forward saves only ``x``, ``g``, ``u`` and the rank-r products ``x A_g^T``, ``x A_u^T``; stock HF+PEFT
-also keeps ``act(g)`` and ``h = act(g) * u`` alive (two more tokens x intermediate tensors per layer).
-Backward recomputes ``h`` inside the activation-backward kernel, writing ``h, dg, du`` over the
-``dh, g, u`` buffers, and computes no gradient for any frozen weight:
+Forward saves only ``x``, the base products ``x W_g^T``, ``x W_u^T`` and the rank-r products ``x A_g^T``,
+``x A_u^T``; stock HF+PEFT also keeps ``act(g)`` and ``h = act(g) * u`` alive (two more tokens x
+intermediate tensors per layer). The gate's and up's rank-r terms, and in backward the down projection's
+term of ``dh``, are computed inside the activation kernels (lora_glu.py), not added onto the
+(tokens x intermediate) tensors by separate passes. Backward recomputes ``h`` inside the
+activation-backward kernel, writing ``h, dg, du`` over the ``dh, x W_g^T, x W_u^T`` buffers, and
+computes no gradient for any frozen weight:
 
     dh   = dy W_d + s_d (dy B_d) A_d
     dA_d = s_d (dy B_d)^T h          dB_d = s_d dy^T (h A_d^T)
     dA_g = s_g (dg B_g)^T x          dB_g = s_g dg^T (x A_g^T)        (same for u)
-    dx   = dg W_g + du W_u + s_g (dg B_g) A_g + s_u (du B_u) A_u
+    dx   = dg W_g + du W_u + s_g (dg B_g) A_g + s_u (du B_u) A_u      (the two rank-r terms: one GEMM)
 
 A base weight may be a tensor ``(out, in)`` or any object with ``dequantize() -> (out, in)`` tensor
 (QLoRA: the 4-bit weight is expanded into a transient buffer for each matmul and never kept).
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tuneforge_kernels import lora_glu
 from tuneforge_kernels.backend import use_triton
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -58,43 +62,15 @@ def _dense(w, dtype: torch.dtype) -> torch.Tensor:
     return w.dequantize().to(dtype)
 
 
-def _act_forward(g, u, act, triton_path):
-    if triton_path:
-        if act == "silu":
-            from tuneforge_kernels.swiglu import swiglu_forward
-            return swiglu_forward(g, u)
-        from tuneforge_kernels.geglu import geglu_forward
-        return geglu_forward(g, u, "tanh" if act == "gelu_tanh" else "none")
-    return _act_reference(g, u, act)
-
-
-def _act_backward_inplace(dh, g, u, act, triton_path):
-    # afterwards: dh holds h, g holds dg, u holds du
-    if triton_path:
-        if act == "silu":
-            from tuneforge_kernels.swiglu import swiglu_backward_inplace
-            return swiglu_backward_inplace(dh, g, u)
-        from tuneforge_kernels.geglu import geglu_backward_inplace
-        return geglu_backward_inplace(dh, g, u, "tanh" if act == "gelu_tanh" else "none")
-    with torch.enable_grad():
-        gg, uu = g.detach().float().requires_grad_(), u.detach().float().requires_grad_()
-        h = _act_fn(gg, act) * uu
-        dg, du = torch.autograd.grad(h, (gg, uu), dh.float())
-    dh.copy_(h.detach())
-    g.copy_(dg)
-    u.copy_(du)
+def _act_forward(g, u, act, terms):
+    # h = act(g) * u, the gate's and up's rank-r terms (``terms``: lora_glu's keywords) added in the kernel
+    return lora_glu.lora_glu_forward(g, u, act, **terms)
 
 
 def _act_fn(x, act):
     if act == "silu":
         return torch.nn.functional.silu(x)
     return torch.nn.functional.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
-
-
-def _act_reference(g, u, act):
-    low = g.dtype in (torch.bfloat16, torch.float16)
-    gg, uu = (g.float(), u.float()) if low else (g, u)
-    return (_act_fn(gg, act) * uu).to(g.dtype)
 
 
 def _compute_dtype(x):
@@ -135,6 +111,36 @@ def _project(x, w, a, b, s):
     return y, xa
 
 
+def _gate_up(x, weights, lora, scales, fused):
+    """``x W_g^T``, ``x W_u^T`` and the rank-r ``x A_g^T``, ``x A_u^T`` (one GEMM for both, x read once; one
+    product when gate and up share their A, as Phi-3's split ``gate_up_proj``). ``fused``: the base
+    products only, the kernels add the rank-r terms; else the terms are added here (ranks over
+    lora_glu.MAX_RANK)."""
+    ag, bg, au, bu = lora
+    g, u = x @ weights[0].t(), x @ weights[1].t()                              # (N, I) each
+    if ag is None or au is None:
+        xa_g = x @ ag.t() if ag is not None else None
+        xa_u = x @ au.t() if au is not None else None
+    elif ag is au:
+        xa_g = xa_u = x @ ag.t()
+    else:
+        xa = x @ torch.cat([ag, au]).t()                                          # (N, r_g + r_u)
+        xa_g, xa_u = xa[:, :ag.shape[0]], xa[:, ag.shape[0]:]
+    if not fused:
+        for y, xa, b, s in ((g, xa_g, bg, scales[0]), (u, xa_u, bu, scales[1])):
+            if xa is not None:
+                y.addmm_(xa, b.t(), alpha=s)
+    return g, u, xa_g, xa_u
+
+
+def _glu_terms(fused, xa_g, xa_u, lora, scales):
+    # lora_glu's keyword arguments for the gate's and up's rank-r terms (none where g, u hold them)
+    if not fused:
+        return {}
+    bg, bu = lora[1], lora[3]
+    return {"xa_g": xa_g, "b_g": bg, "s_g": scales[0], "xa_u": xa_u, "b_u": bu, "s_u": scales[1]}
+
+
 # deferred mode (``output_unused``): the MLP is recomputed in backward in blocks of this many token rows,
 # so at most (rows x intermediate) of g, u and dh are alive instead of (tokens x intermediate): 3 x 59 MB
 # instead of 3 x 235 MB at 8B with 8192 tokens. 2048: the GEMMs keep M = 2048 (16 x 56 output tiles of
@@ -142,20 +148,21 @@ def _project(x, w, a, b, s):
 _DEFERRED_ROWS = 2048
 
 
-def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, triton_path, dtype, dx):
-    """Backward of a block of rows whose ``g``, ``u`` and ``x A^T`` are given (``g``/``u`` are overwritten):
-    writes ``dx (rows, H)`` when it is not None and returns the six adapter-gradient terms in the compute
-    dtype (dA_g, dB_g, dA_u, dB_u, dA_d, dB_d; None where not wanted). Weights are dequantised at each
-    use (one transient at a time) unless the caller passes tensors."""
+def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, fused, dtype, dx):
+    """Backward of a block of rows whose ``x W_g^T``, ``x W_u^T`` (``g``/``u``: with the rank-r terms
+    unless ``fused``) and ``x A^T`` are given (``g``/``u`` are overwritten): writes ``dx (rows, H)`` when
+    it is not None and returns the six adapter-gradient terms in the compute dtype (dA_g, dB_g, dA_u,
+    dB_u, dA_d, dB_d; None where not wanted). Weights are dequantised at each use (one transient at a
+    time) unless the caller passes tensors."""
     ag, bg, au, bu, ad, bd = lora
     wg, wu, wd = weights
     sg, su, sd = scales
     dh = dy2 @ _dense(wd, dtype)                                                # (N, I)
-    dy_b = None
-    if ad is not None:
-        dy_b = dy2 @ bd                                                         # (N, r)
+    dy_b = dy2 @ bd if ad is not None else None                                 # (N, r)
+    if ad is not None and not fused:
         dh.addmm_(dy_b, ad, alpha=sd)
-    _act_backward_inplace(dh, g, u, act, triton_path)
+    down = {"dy_b": dy_b, "a_d": ad, "s_d": sd} if fused else {}
+    lora_glu.lora_glu_backward_inplace(dh, g, u, act, **_glu_terms(fused, xa_g, xa_u, lora, scales), **down)
     h, dg, du = dh, g, u
     grads = [None] * 6
     if ad is not None:
@@ -167,40 +174,49 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
     if dx is not None:
         torch.mm(dg, _dense(wg, dtype), out=dx)                                 # (N, H)
         dx.addmm_(du, _dense(wu, dtype))
-    for i, (d, a, b, xa, s) in enumerate(((dg, ag, bg, xa_g, sg), (du, au, bu, xa_u, su))):
-        if a is None:
-            continue
-        d_b = d @ b                                                             # (N, r)
-        if need[2 + 3 * i]:
-            grads[2 * i] = s * (d_b.t() @ x2)                                   # (r, H)
+    adapted = [(i, d, a, b, xa, s) for i, (d, a, b, xa, s)
+               in enumerate(((dg, ag, bg, xa_g, sg), (du, au, bu, xa_u, su))) if a is not None]
+    for i, d, _, b, xa, s in adapted:
         if need[3 + 3 * i]:
             grads[2 * i + 1] = s * (d.t() @ xa)                                 # (I, r)
+    if adapted:
+        # s (d B) for both adapters side by side: their dA in one GEMM (x read once) and their dx terms
+        # in one pass over dx
+        d_b = torch.cat([s * (d @ b) for _, d, _, b, _, s in adapted], dim=1)  # (N, r_g + r_u)
+        col = 0
+        d_a = d_b.t() @ x2                                                      # (r_g + r_u, H)
+        for i, _, a, _, _, _ in adapted:
+            if need[2 + 3 * i]:
+                grads[2 * i] = d_a[col:col + a.shape[0]]                        # (r, H)
+            col += a.shape[0]
         if dx is not None:
-            dx.addmm_(d_b, a, alpha=s)
+            dx.addmm_(d_b, torch.cat([a for _, _, a, _, _, _ in adapted]))
     return grads
 
 
 class _LoraMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, wg, ag, bg, wu, au, bu, wd, ad, bd, sg, su, sd, act, triton_path, output_unused):
+    def forward(ctx, x, wg, ag, bg, wu, au, bu, wd, ad, bd, sg, su, sd, act, output_unused):
         dtype = _compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         cast = [t.to(dtype) if t is not None else None for t in (ag, bg, au, bu, ad, bd)]
+        if au is ag:  # one A shared by gate and up (Phi-3's split gate_up_proj): one cast, one x A^T
+            cast[2] = cast[0]
         ag_, bg_, au_, bu_, ad_, bd_ = cast
+        fused = lora_glu.fusable(bg_, bu_, bd_)
         if output_unused:  # deferred (module docstring): nothing reads y, backward recomputes g and u
             g = u = xa_g = xa_u = None
             y = x2.new_empty(x2.shape[0], _out_features(wd))                    # (N, H)
         else:
-            g, xa_g = _project(x2, _dense(wg, dtype), ag_, bg_, sg)              # (N, I), (N, r)
-            u, xa_u = _project(x2, _dense(wu, dtype), au_, bu_, su)              # (N, I), (N, r)
-            h = _act_forward(g, u, act, triton_path)                            # (N, I)
+            g, u, xa_g, xa_u = _gate_up(x2, (_dense(wg, dtype), _dense(wu, dtype)), cast[:4], (sg, su), fused)
+            h = _act_forward(g, u, act, _glu_terms(fused, xa_g, xa_u, cast, (sg, su)))  # (N, I)
             y, _ = _project(h, _dense(wd, dtype), ad_, bd_, sd)                 # (N, H)
         ctx.save_for_backward(g, u, xa_g, xa_u, ag_, bg_, au_, bu_, ad_, bd_, *_x_for_saving(ctx, x, x2))
         ctx.weights = (wg, wu, wd)
         ctx.scales = (sg, su, sd)
-        ctx.act, ctx.triton_path, ctx.shape, ctx.dtype = act, triton_path, shape, dtype
-        ctx.deferred = output_unused
+        ctx.act, ctx.shape, ctx.dtype = act, shape, dtype
+        ctx.deferred, ctx.fused = output_unused, fused
         ctx.param_dtypes = [t.dtype if t is not None else None for t in (ag, bg, au, bu, ad, bd)]
         return y.view(*shape[:-1], y.shape[-1])
 
@@ -213,21 +229,18 @@ class _LoraMLPFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)                            # (N, H)
         dx = x2.new_empty(x2.shape) if need[0] else None                        # (N, H), contiguous
-        common = (lora, ctx.scales, need, ctx.act, ctx.triton_path, dtype)
+        common = (ctx.scales, need, ctx.act, ctx.fused, dtype)
         if not ctx.deferred:
-            grads = _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, ctx.weights, *common[1:], dx)
+            grads = _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, ctx.weights, *common, dx)
         else:
-            ag, bg, au, bu = lora[:4]
-            sg, su = ctx.scales[:2]
             # dequantised once for all blocks (QLoRA: three transients instead of one at a time)
             weights = [_dense(w, dtype) for w in ctx.weights]
             grads = [None] * 6
             for start in range(0, x2.shape[0], _DEFERRED_ROWS):
                 rows = slice(start, start + _DEFERRED_ROWS)
                 xc = x2[rows]
-                g, xa_g = _project(xc, weights[0], ag, bg, sg)                  # (C, I), (C, r)
-                u, xa_u = _project(xc, weights[1], au, bu, su)                  # (C, I), (C, r)
-                part = _rows_backward(dy2[rows], xc, g, u, xa_g, xa_u, lora, weights, *common[1:],
+                g, u, xa_g, xa_u = _gate_up(xc, weights[:2], lora[:4], ctx.scales, ctx.fused)  # (C, I), (C, r)
+                part = _rows_backward(dy2[rows], xc, g, u, xa_g, xa_u, lora, weights, *common,
                                       dx[rows] if dx is not None else None)
                 # block terms summed in float32
                 grads = [gr if p is None else p.float() if gr is None else gr.add_(p)
@@ -236,7 +249,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(ctx.shape)
         return (dx, None, grads[0], grads[1], None, grads[2], grads[3], None, grads[4], grads[5],
-                None, None, None, None, None, None)
+                None, None, None, None, None)
 
 
 def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights, act: str = "silu",
@@ -254,7 +267,7 @@ def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeig
     return _LoraMLPFunction.apply(
         x, gate.weight, gate.lora_a, gate.lora_b, up.weight, up.lora_a, up.lora_b,
         down.weight, down.lora_a, down.lora_b, float(gate.scale), float(up.scale), float(down.scale),
-        act, True, bool(output_unused))
+        act, bool(output_unused))
 
 
 def _project_reference(x, p: LoraWeights):

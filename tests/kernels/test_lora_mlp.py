@@ -79,11 +79,12 @@ def test_quantized_style_weight_object_is_dequantized():
     assert rel_err(lora_mlp(x, *packed, impl="triton"), lora_mlp_reference(x, gate, up, down)) < 1e-6
 
 
-@pytest.mark.parametrize("layout", ["up_without_lora", "shared_a", "x_frozen"])
-def test_adapter_layouts_match_reference(layout):
+@pytest.mark.parametrize("layout", ["up_without_lora", "shared_a", "x_frozen", "rank_over_kernel_limit"])
+def test_adapter_layouts_match_reference(monkeypatch, layout):
     # the backward batches the gate/up LoRA terms into one GEMM: it must stay right when only one of
     # them has an adapter (scales differ), when both share one A (Phi-3's fused gate_up_proj, split by
-    # rows: autograd sums A's two gradients, B's row slices land in one B) and when x needs no gradient
+    # rows: autograd sums A's two gradients, B's row slices land in one B), when x needs no gradient and
+    # when a rank is over what the activation kernels take
     torch.manual_seed(3)
     hidden, inter, rank = 24, 20, 4
     x = torch.randn(2, 5, hidden, requires_grad=layout != "x_frozen")
@@ -92,6 +93,8 @@ def test_adapter_layouts_match_reference(layout):
     down = LoraWeights(d.weight, d.lora_a, d.lora_b, scale=0.5)
     if layout == "up_without_lora":
         up = LoraWeights(up.weight)
+    if layout == "rank_over_kernel_limit":  # the rank-r terms are added by addmm_ passes, not in the kernels
+        monkeypatch.setattr("tuneforge_kernels.lora_glu.MAX_RANK", rank - 1)
     if layout == "shared_a":
         w = torch.cat([gate.weight, up.weight])
         b = torch.cat([gate.lora_b, up.lora_b]).detach().requires_grad_()

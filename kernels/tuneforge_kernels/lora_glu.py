@@ -1,0 +1,201 @@
+"""The gated activation of a LoRA MLP with the adapters' rank-r terms computed inside it: the gate's and
+up's in forward and backward, and the down projection's input-gradient term in backward.
+
+The LoRA MLP (lora_mlp.py) used to add each rank-r term onto a (tokens x intermediate) tensor with its
+own ``addmm_``: a memory-bound pass that reads and writes the whole tensor, three per layer at 8B
+(g and u in forward, dh in backward: 1.4 GB of traffic per layer at 8192 tokens). Here the kernel that
+reads those tensors anyway computes the terms as a small ``tl.dot`` per tile:
+
+    g  = Yg + s_g (x A_g^T) B_g^T          u = Yu + s_u (x A_u^T) B_u^T          (Yg = x W_g^T, base only)
+    h  = act(g) * u
+    dh = DH + s_d (dy B_d) A_d            (DH = dy W_d, base only)
+    dg = dh * u * act'(g)                 du = dh * act(g)
+
+``lora_glu_forward`` returns ``h``; ``lora_glu_backward_inplace`` overwrites ``DH, Yg, Yu`` with
+``h, dg, du``. ``g`` and ``u`` are never stored with their terms: backward recomputes them from the same
+inputs. Each term is optional (``None``: that projection has no adapter). Everything is computed in
+float32 and rounded once per output. Ranks up to ``MAX_RANK`` (the register budget of the tiles).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tuneforge_kernels.backend import launcher, next_power_of_2, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+
+    from tuneforge_kernels.geglu import _gelu_and_grad
+except ImportError:
+    triton = None
+
+ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+MAX_RANK = 128
+# 32 rows x 128 columns: 256-byte row segments (coalesced), three float32 accumulators of 32 registers a
+# thread at 4 warps in the backward; not tuned against other tiles
+_BM, _BN = 32, 128
+
+if triton is not None:
+
+    @triton.jit
+    def _low_rank(acc, XA, ld_xa, B, ld_b, rows, cols, n_rows, n_cols, rank, s, B_IS_RT: tl.constexpr,
+                  RP: tl.constexpr, PREC: tl.constexpr):
+        # acc + s * XA[rows, :rank] @ B^T[:, cols]; B is (cols, rank) (B_IS_RT False) or (rank, cols)
+        r = tl.arange(0, RP)
+        xa = tl.load(XA + rows[:, None].to(tl.int64) * ld_xa + r[None, :],
+                     mask=(rows[:, None] < n_rows) & (r[None, :] < rank), other=0.0)
+        if B_IS_RT:
+            bt = tl.load(B + r[:, None].to(tl.int64) * ld_b + cols[None, :],
+                         mask=(r[:, None] < rank) & (cols[None, :] < n_cols), other=0.0)
+        else:
+            bt = tl.load(B + cols[None, :].to(tl.int64) * ld_b + r[:, None],
+                         mask=(r[:, None] < rank) & (cols[None, :] < n_cols), other=0.0)
+        if PREC == "ieee":  # float32 operands, or bf16 ones on the interpreter, which has no bf16 dot
+            return acc + s * tl.dot(xa.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+        return acc + s * tl.dot(xa, bt)
+
+    @triton.jit
+    def _act_and_grad(g, ACT: tl.constexpr):
+        if ACT == 0:
+            sig = tl.sigmoid(g)
+            return g * sig, sig * (1.0 + g * (1.0 - sig))
+        else:
+            return _gelu_and_grad(g, ACT == 2)
+
+    @triton.jit
+    def _gate_up(YG, YU, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
+                 rows, cols, n_rows, n_cols, offs, mask,
+                 HAS_G: tl.constexpr, HAS_U: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr,
+                 PREC: tl.constexpr):
+        g = tl.load(YG + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(YU + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_G:
+            g = _low_rank(g, XAG, ld_xg, BG, ld_bg, rows, cols, n_rows, n_cols, rank_g, sg, False, RG, PREC)
+        if HAS_U:
+            u = _low_rank(u, XAU, ld_xu, BU, ld_bu, rows, cols, n_rows, n_cols, rank_u, su, False, RU, PREC)
+        return g, u
+
+    @triton.jit
+    def _lora_glu_fwd_kernel(YG, YU, H, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
+                             n_rows, n_cols, ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
+                             RG: tl.constexpr, RU: tl.constexpr, PREC: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        offs = rows[:, None].to(tl.int64) * ld_y + cols[None, :]
+        g, u = _gate_up(YG, YU, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
+                        rows, cols, n_rows, n_cols, offs, mask, HAS_G, HAS_U, RG, RU, PREC)
+        act, _ = _act_and_grad(g, ACT)
+        tl.store(H + offs, (act * u).to(H.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _lora_glu_bwd_kernel(DH, YG, YU, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
+                             DYB, ld_dyb, AD, ld_ad, rank_d, sd, n_rows, n_cols,
+                             ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
+                             RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, PREC: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        offs = rows[:, None].to(tl.int64) * ld_y + cols[None, :]
+        dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_D:
+            dh = _low_rank(dh, DYB, ld_dyb, AD, ld_ad, rows, cols, n_rows, n_cols, rank_d, sd, True, RD, PREC)
+        g, u = _gate_up(YG, YU, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
+                        rows, cols, n_rows, n_cols, offs, mask, HAS_G, HAS_U, RG, RU, PREC)
+        act, dact = _act_and_grad(g, ACT)
+        # every element is read above before any is written: the outputs reuse the input buffers
+        tl.store(DH + offs, (act * u).to(DH.dtype.element_ty), mask=mask)
+        tl.store(YU + offs, (dh * act).to(YU.dtype.element_ty), mask=mask)
+        tl.store(YG + offs, (dh * u * dact).to(YG.dtype.element_ty), mask=mask)
+
+
+def _rank_pad(rank: int) -> int:
+    return max(16, next_power_of_2(rank))  # tl.dot's smallest inner dimension
+
+
+def fusable(*lora_bs: torch.Tensor | None) -> bool:
+    """Whether the kernels can take these adapters' terms (every rank <= ``MAX_RANK``)."""
+    return all(b is None or b.shape[-1] <= MAX_RANK for b in lora_bs)
+
+
+def _term(xa, b, s, dummy):
+    # kernel arguments of one optional term: (xa, b, ld_xa, ld_b, rank, scale, has, padded rank)
+    if xa is None:
+        return dummy, dummy, 0, 0, 0, 0.0, False, 16
+    assert xa.stride(-1) == 1 and b.stride(-1) == 1, "row-major operands"
+    assert xa.dtype == b.dtype, (xa.dtype, b.dtype)
+    return xa, b, xa.stride(0), b.stride(0), xa.shape[1], float(s), True, _rank_pad(xa.shape[1])
+
+
+def _check(yg, yu, *others):
+    assert yg.dim() == 2 and yg.shape == yu.shape and yg.stride() == yu.stride() and yg.stride(1) == 1, (
+        yg.shape, yu.shape, yg.stride(), yu.stride())
+    for t in others:
+        assert t.shape == yg.shape and t.stride() == yg.stride(), (t.shape, t.stride(), yg.stride())
+
+
+def _prec(t):
+    # float32 operands: exact products, not tf32; on the CPU interpreter bf16 operands are upcast (exact:
+    # a product of two bf16 values fits a float32), where a GPU multiplies them on the tensor cores
+    return "ieee" if t.dtype == torch.float32 or not t.is_cuda else "native"
+
+
+def _grid(yg):
+    return (triton.cdiv(yg.shape[0], _BM), triton.cdiv(yg.shape[1], _BN))
+
+
+def lora_glu_forward(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0):
+    """``act(Yg + s_g xa_g B_g^T) * (Yu + s_u xa_u B_u^T)``; ``yg``/``yu`` (N, I) base outputs with the
+    same strides, ``xa_*`` (N, r), ``b_*`` (I, r); a term is left out where its ``xa`` is None."""
+    _check(yg, yu)
+    h = torch.empty_like(yg)
+    xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
+    xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
+    launcher(_lora_glu_fwd_kernel, yg)[_grid(yg)](
+        yg, yu, h, yg.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
+        yg.shape[0], yg.shape[1], ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, RG=pg, RU=pu, PREC=_prec(yg),
+        BM=_BM, BN=_BN, num_warps=4)
+    return h
+
+
+def lora_glu_backward_inplace(dh, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None,
+                              s_u=1.0, dy_b=None, a_d=None, s_d=1.0) -> None:
+    """Backward of ``lora_glu_forward`` with ``dh = DH + s_d dy_b A_d`` (``dy_b`` (N, r_d), ``a_d``
+    (r_d, I)): afterwards ``dh`` holds ``h``, ``yg`` holds ``dg`` and ``yu`` holds ``du``."""
+    _check(yg, yu, dh)
+    xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
+    xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
+    xd, ad, ld_xd, ld_ad, rd, sd, has_d, pd = _term(dy_b, a_d, s_d, yg)
+    launcher(_lora_glu_bwd_kernel, yg)[_grid(yg)](
+        dh, yg, yu, yg.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
+        xd, ld_xd, ad, ld_ad, rd, sd, yg.shape[0], yg.shape[1],
+        ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, RG=pg, RU=pu, RD=pd, PREC=_prec(yg),
+        BM=_BM, BN=_BN, num_warps=4)
+
+
+def lora_glu_reference(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0):
+    """The spec of ``lora_glu_forward`` in float32 (or the inputs' dtype if wider), rounded once; through
+    autograd its gradients are the backward's (with ``dh`` the incoming gradient)."""
+    wide = torch.promote_types(yg.dtype, torch.float32)
+    g, u = yg.to(wide), yu.to(wide)
+    if xa_g is not None:
+        g = g + s_g * (xa_g.to(wide) @ b_g.to(wide).t())
+    if xa_u is not None:
+        u = u + s_u * (xa_u.to(wide) @ b_u.to(wide).t())
+    if act == "silu":
+        a = torch.nn.functional.silu(g)
+    else:
+        a = torch.nn.functional.gelu(g, approximate="tanh" if act == "gelu_tanh" else "none")
+    return (a * u).to(yg.dtype)
+
+
+def lora_glu(yg, yu, act: str = "silu", xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0, *,
+             impl: str | None = None):
+    """Forward only (the fused LoRA MLP drives the backward itself): the Triton kernel or the reference."""
+    if not use_triton(yg, yu, impl=impl):
+        return lora_glu_reference(yg, yu, act, xa_g, b_g, s_g, xa_u, b_u, s_u)
+    return lora_glu_forward(yg, yu, act, xa_g, b_g, s_g, xa_u, b_u, s_u)

@@ -1,0 +1,101 @@
+"""lora_glu's kernels (the gated activation with the adapters' rank-r terms inside) against the float64
+reference, each term present or not, on odd shapes and ranks that are not powers of two."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneforge_kernels.lora_glu import (MAX_RANK, fusable, lora_glu, lora_glu_backward_inplace,
+                                        lora_glu_forward, lora_glu_reference)
+from tests.kernels.conftest import DEVICES, TOL, needs_cuda, needs_triton, rel_err
+
+pytestmark = needs_triton
+
+
+def _case(rows, cols, ranks, device, dtype, seed):
+    """Base products, the three terms' operands (None where ``ranks[i]`` is 0), and scales."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    yg, yu, dh = rand(rows, cols, scale=2.0), rand(rows, cols), rand(rows, cols)
+    rg, ru, rd = ranks
+    terms = {"xa_g": rand(rows, rg) if rg else None, "b_g": rand(cols, rg, scale=0.3) if rg else None,
+             "s_g": 0.5, "xa_u": rand(rows, ru) if ru else None, "b_u": rand(cols, ru, scale=0.3) if ru else None,
+             "s_u": 2.0}
+    down = {"dy_b": rand(rows, rd) if rd else None, "a_d": rand(rd, cols, scale=0.3) if rd else None, "s_d": 1.5}
+    return yg, yu, dh, terms, down
+
+
+def _expected(yg, yu, dh, act, terms, down):
+    """h and (dg, du) through autograd of the reference in float64, dh with the down term added."""
+    ygr, yur = yg.double().requires_grad_(), yu.double().requires_grad_()
+    wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in terms.items()}
+    h = lora_glu_reference(ygr, yur, act, **wide)
+    dh_full = dh.double()
+    if down["dy_b"] is not None:
+        dh_full = dh_full + down["s_d"] * down["dy_b"].double() @ down["a_d"].double()
+    dg, du = torch.autograd.grad(h, (ygr, yur), dh_full)
+    return h, dg, du
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("ranks", [(5, 16, 3), (0, 7, 0), (16, 0, 33), (0, 0, 0)])
+def test_forward_and_inplace_backward_match_reference(device, dtype, act, ranks):
+    rows, cols = (37, 301) if device == "cpu" else (4099, 14337)
+    yg, yu, dh, terms, down = _case(rows, cols, ranks, device, dtype, seed=hash((act, ranks)) % 1000)
+    h_ref, dg_ref, du_ref = _expected(yg, yu, dh, act, terms, down)
+    h = lora_glu_forward(yg, yu, act, **terms)
+    assert rel_err(h, h_ref) < TOL[dtype]
+    g_buf, u_buf, dh_buf = yg.clone(), yu.clone(), dh.clone()
+    lora_glu_backward_inplace(dh_buf, g_buf, u_buf, act, **terms, **down)
+    assert rel_err(dh_buf, h_ref) < TOL[dtype]
+    assert rel_err(g_buf, dg_ref) < TOL[dtype]
+    assert rel_err(u_buf, du_ref) < TOL[dtype]
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """h comes from torch.empty_like: poisoned with NaN here, so a tile that skipped an edge row or column
+    (33 x 129 against 32 x 128 tiles) would leave NaN behind."""
+    import tuneforge_kernels.lora_glu as mod
+
+    monkeypatch.setattr(mod.torch, "empty_like", lambda t: torch.full_like(t, float("nan")))
+    yg, yu, dh, terms, down = _case(33, 129, (4, 4, 4), "cpu", torch.float32, seed=3)
+    h_ref, _, _ = _expected(yg, yu, dh, "silu", terms, down)
+    h = mod.lora_glu_forward(yg, yu, "silu", **terms)
+    assert torch.isfinite(h).all() and rel_err(h, h_ref) < 1e-5
+
+
+def test_strided_rows_and_column_slices_of_a_wider_product():
+    """x A^T for gate and up comes out of one GEMM as column slices of an (N, r_g + r_u) tensor."""
+    yg, yu, dh, terms, down = _case(19, 70, (3, 5, 0), "cpu", torch.float32, seed=4)
+    both = torch.cat([terms["xa_g"], terms["xa_u"]], dim=1)
+    sliced = dict(terms, xa_g=both[:, :3], xa_u=both[:, 3:])
+    assert not sliced["xa_u"].is_contiguous()
+    assert rel_err(lora_glu_forward(yg, yu, "gelu", **sliced), lora_glu_forward(yg, yu, "gelu", **terms)) == 0
+
+
+def test_reference_path_and_rank_limit():
+    yg, yu, _, terms, _ = _case(6, 20, (2, 2, 0), "cpu", torch.float32, seed=5)
+    assert rel_err(lora_glu(yg, yu, "silu", **terms, impl="reference"),
+                   lora_glu(yg, yu, "silu", **terms, impl="triton")) < 1e-6
+    assert fusable(None, torch.empty(4, MAX_RANK)) and not fusable(torch.empty(4, MAX_RANK + 1))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_int64_indexing_beyond_2_31_elements():
+    rows, cols = 150_001, 14_336  # 2.15e9 elements per tensor
+    yg, yu, dh, terms, down = _case(rows, cols, (16, 16, 16), "cuda", torch.bfloat16, seed=6)
+    tail = slice(rows - 3, rows)  # the last rows: past 2^31 elements from the base pointer
+    row_terms = ("xa_g", "xa_u", "dy_b")
+    cut = {k: (v[tail] if k in row_terms and v is not None else v) for k, v in {**terms, **down}.items()}
+    h_ref, dg_ref, du_ref = _expected(yg[tail], yu[tail], dh[tail], "silu",
+                                      {k: cut[k] for k in terms}, {k: cut[k] for k in down})
+    lora_glu_backward_inplace(dh, yg, yu, "silu", **terms, **down)
+    assert rel_err(dh[tail], h_ref) < TOL[torch.bfloat16]
+    assert rel_err(yg[tail], dg_ref) < TOL[torch.bfloat16] and rel_err(yu[tail], du_ref) < TOL[torch.bfloat16]
