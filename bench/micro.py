@@ -12,6 +12,8 @@
   the copy ceiling;
 - ``proj``: every frozen projection GEMM of a step at the 8B and 1B shapes (forward ``x W^T`` and input
   gradient ``dy W``) in TFLOP/s, and the concatenated q/k/v and gate/up weights against their parts;
+- ``tuned``: the ``proj`` shapes again with torch's TunableOp on (cuBLAS against cuBLASLt's candidate
+  algorithms, the fastest kept per shape), each shape tuned once before it is timed;
 - ``attn``: causal attention forward+backward at the 8B and 1B shapes (4 x 2048, GQA) through each SDPA
   backend (flash, cuDNN, memory-efficient) and torch's varlen kernel, in TFLOP/s.
 
@@ -151,6 +153,18 @@ def bench_proj(emit):
             del x, w, dy
 
 
+def bench_tuned(emit):
+    import torch.cuda.tunable as tunable
+
+    tunable.enable(True)
+    tunable.tuning_enable(True)
+    tunable.write_file_on_exit(False)
+    try:
+        bench_proj(lambda group, name, ms, **kw: emit("tuned", name, ms, **kw))
+    finally:
+        tunable.enable(False)
+
+
 def bench_attn(emit):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -213,7 +227,8 @@ def main():
 
     only = args.only.split(",")
     ceiling = bench_copy(emit) if "copy" in only or "elementwise" in only else None
-    for group, fn in (("gemm", bench_gemm), ("ce", bench_ce), ("proj", bench_proj), ("attn", bench_attn)):
+    for group, fn in (("gemm", bench_gemm), ("ce", bench_ce), ("proj", bench_proj), ("tuned", bench_tuned),
+                      ("attn", bench_attn)):
         if group in only:
             fn(emit)
             torch.cuda.empty_cache()

@@ -139,8 +139,9 @@ def test_output_unused_gives_the_same_gradients(monkeypatch, device, dtype, bloc
     for a, b in zip(grads[True], grads[False]):
         if block_rows is None:
             assert torch.equal(a, b)
-        else:  # block GEMMs may sum in another order (BLAS blocking), the adapter terms over blocks
-            assert rel_err(a, b) < (1e-6 if dtype == torch.float32 else TOL[dtype]), rel_err(a, b)
+        else:  # block GEMMs may sum in another order (BLAS blocking), the adapter terms over blocks:
+            # float32 reductions over ~1000 rows and 14336 columns (2.3e-6 seen on an H200)
+            assert rel_err(a, b) < TOL[dtype], rel_err(a, b)
 
 
 def test_output_unused_skips_the_down_projection(monkeypatch):
