@@ -158,7 +158,6 @@ def bench_tuned(emit):
 
     tunable.enable(True)
     tunable.tuning_enable(True)
-    tunable.write_file_on_exit(False)
     try:
         bench_proj(lambda group, name, ms, **kw: emit("tuned", name, ms, **kw))
     finally:
