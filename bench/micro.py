@@ -14,6 +14,9 @@
   gradient ``dy W``) in TFLOP/s, and the concatenated q/k/v and gate/up weights against their parts;
 - ``tuned``: the ``proj`` shapes again with torch's TunableOp on (cuBLAS against cuBLASLt's candidate
   algorithms, the fastest kept per shape), each shape tuned once before it is timed;
+- ``glu``: v13's activation kernels with the rank-16 terms inside (lora_glu.py) against what they replaced
+  (v12: the 1D SwiGLU kernels plus the addmm_ passes), forward and backward at the 8B and 1B MLP shapes,
+  in GB/s of the bytes each must move;
 - ``attn``: causal attention forward+backward at the 8B and 1B shapes (4 x 2048, GQA) through each SDPA
   backend (flash, cuDNN, memory-efficient) and torch's varlen kernel, in TFLOP/s.
 
@@ -164,6 +167,36 @@ def bench_tuned(emit):
         tunable.enable(False)
 
 
+def bench_glu(emit, ceiling):
+    from tuneforge_kernels.lora_glu import lora_glu_backward_inplace, lora_glu_forward
+    from tuneforge_kernels.swiglu import swiglu_backward_inplace, swiglu_forward
+
+    for shape, (hid, _, _, inter) in PROJ_SHAPES.items():
+        def rand(*size):
+            return torch.randn(*size, device="cuda", dtype=torch.bfloat16)
+
+        g, u, dh = rand(N_TOK, inter), rand(N_TOK, inter), rand(N_TOK, inter)
+        xa_g, xa_u, dy_b = rand(N_TOK, RANK), rand(N_TOK, RANK), rand(N_TOK, RANK)
+        b_g, b_u, a_d = rand(inter, RANK) * 0.1, rand(inter, RANK) * 0.1, rand(RANK, inter) * 0.1
+        terms = {"xa_g": xa_g, "b_g": b_g, "s_g": 2.0, "xa_u": xa_u, "b_u": b_u, "s_u": 2.0}
+        big = g.numel() * 2  # bytes of one (tokens x intermediate) bf16 tensor
+        cases = {  # name: (fn, bytes the fused kernel must move)
+            "v13 fwd (terms inside)": (lambda: lora_glu_forward(g, u, "silu", **terms), 3 * big),
+            "v12 fwd (2 addmm_ + swiglu)": (lambda: (g.addmm_(xa_g, b_g.t()), u.addmm_(xa_u, b_u.t()),
+                                                      swiglu_forward(g, u)), 3 * big),
+            # backward values drift in place; the timing does not depend on them
+            "v13 bwd (terms inside)": (lambda: lora_glu_backward_inplace(dh, g, u, "silu", **terms, dy_b=dy_b,
+                                                                        a_d=a_d, s_d=2.0), 6 * big),
+            "v12 bwd (addmm_ + swiglu)": (lambda: (dh.addmm_(dy_b, a_d), swiglu_backward_inplace(dh, g, u)),
+                                          6 * big),
+        }
+        for name, (fn, nbytes) in cases.items():
+            ms = timed(fn)
+            emit("glu", f"{shape} {name} {N_TOK}x{inter}", ms, gbps=nbytes / ms / 1e6, ceiling=ceiling)
+        del g, u, dh
+        torch.cuda.empty_cache()
+
+
 def bench_attn(emit):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -211,7 +244,7 @@ def bench_attn(emit):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", default="copy,gemm,ce,elementwise")
+    ap.add_argument("--only", default="copy,gemm,ce,elementwise,proj,tuned,glu,attn")
     args = ap.parse_args()
     rows = []
 
@@ -225,7 +258,7 @@ def main():
                 f.write(json.dumps(rec) + "\n")
 
     only = args.only.split(",")
-    ceiling = bench_copy(emit) if "copy" in only or "elementwise" in only else None
+    ceiling = bench_copy(emit) if "copy" in only or "elementwise" in only or "glu" in only else None
     for group, fn in (("gemm", bench_gemm), ("ce", bench_ce), ("proj", bench_proj), ("tuned", bench_tuned),
                       ("attn", bench_attn)):
         if group in only:
@@ -233,6 +266,8 @@ def main():
             torch.cuda.empty_cache()
     if "elementwise" in only:
         bench_elementwise(emit, ceiling)
+    if "glu" in only:
+        bench_glu(emit, ceiling)
     print(f"\n{'group':<12} {'case':<36} {'ms':>8} {'TFLOP/s':>8} {'GB/s':>8} {'of copy':>8}")
     for r in rows:
         frac = r["gbps"] / r["ceiling"] if r.get("gbps") and r.get("ceiling") else None
