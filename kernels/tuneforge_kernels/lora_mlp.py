@@ -111,13 +111,14 @@ def _project(x, w, a, b, s):
     return y, xa
 
 
-def _gate_up(x, weights, lora, scales, fused):
+def _gate_up(x, weights, dtype, lora, scales, fused):
     """``x W_g^T``, ``x W_u^T`` and the rank-r ``x A_g^T``, ``x A_u^T`` (one GEMM for both, x read once; one
     product when gate and up share their A, as Phi-3's split ``gate_up_proj``). ``fused``: the base
     products only, the kernels add the rank-r terms; else the terms are added here (ranks over
-    lora_glu.MAX_RANK)."""
+    lora_glu.MAX_RANK). A quantised weight is expanded for its GEMM alone (one transient at a time)."""
     ag, bg, au, bu = lora
-    g, u = x @ weights[0].t(), x @ weights[1].t()                              # (N, I) each
+    g = x @ _dense(weights[0], dtype).t()                                       # (N, I)
+    u = x @ _dense(weights[1], dtype).t()                                       # (N, I)
     if ag is None or au is None:
         xa_g = x @ ag.t() if ag is not None else None
         xa_u = x @ au.t() if au is not None else None
@@ -209,7 +210,7 @@ class _LoraMLPFunction(torch.autograd.Function):
             g = u = xa_g = xa_u = None
             y = x2.new_empty(x2.shape[0], _out_features(wd))                    # (N, H)
         else:
-            g, u, xa_g, xa_u = _gate_up(x2, (_dense(wg, dtype), _dense(wu, dtype)), cast[:4], (sg, su), fused)
+            g, u, xa_g, xa_u = _gate_up(x2, (wg, wu), dtype, cast[:4], (sg, su), fused)
             h = _act_forward(g, u, act, _glu_terms(fused, xa_g, xa_u, cast, (sg, su)))  # (N, I)
             y, _ = _project(h, _dense(wd, dtype), ad_, bd_, sd)                 # (N, H)
         ctx.save_for_backward(g, u, xa_g, xa_u, ag_, bg_, au_, bu_, ad_, bd_, *_x_for_saving(ctx, x, x2))
@@ -239,7 +240,7 @@ class _LoraMLPFunction(torch.autograd.Function):
             for start in range(0, x2.shape[0], _DEFERRED_ROWS):
                 rows = slice(start, start + _DEFERRED_ROWS)
                 xc = x2[rows]
-                g, u, xa_g, xa_u = _gate_up(xc, weights[:2], lora[:4], ctx.scales, ctx.fused)  # (C, I), (C, r)
+                g, u, xa_g, xa_u = _gate_up(xc, weights[:2], dtype, lora[:4], ctx.scales, ctx.fused)
                 part = _rows_backward(dy2[rows], xc, g, u, xa_g, xa_u, lora, weights, *common,
                                       dx[rows] if dx is not None else None)
                 # block terms summed in float32

@@ -63,20 +63,31 @@ def test_frozen_base_weights_get_no_grad():
     assert all(p.lora_a.grad is not None and p.lora_b.grad is not None for p in (gate, up, down))
 
 
-def test_quantized_style_weight_object_is_dequantized():
+def test_quantized_style_weight_object_is_dequantized_one_transient_at_a_time():
+    import weakref
+
+    alive = []  # weak references to every expanded weight handed out
+
     class Packed:  # stands in for an NF4 weight: anything with dequantize()
         def __init__(self, w):
             self.w = w
 
         def dequantize(self):
-            return self.w
+            # QLoRA must never hold two expanded weights at once: the others must be gone by now
+            assert not [r for r in alive if r() is not None], "another expanded weight is still alive"
+            out = self.w.clone()
+            alive.append(weakref.ref(out))
+            return out
 
     torch.manual_seed(2)
     x = torch.randn(3, 8, requires_grad=True)
     gate, up, down = _proj(12, 8, 2, "cpu", torch.float32), _proj(12, 8, 2, "cpu", torch.float32), \
         _proj(8, 12, 2, "cpu", torch.float32)
     packed = [LoraWeights(Packed(p.weight), p.lora_a, p.lora_b, p.scale) for p in (gate, up, down)]
-    assert rel_err(lora_mlp(x, *packed, impl="triton"), lora_mlp_reference(x, gate, up, down)) < 1e-6
+    out = lora_mlp(x, *packed, impl="triton")
+    assert rel_err(out, lora_mlp_reference(x, gate, up, down)) < 1e-6
+    out.sum().backward()
+    assert len(alive) == 6  # three in forward, three in backward
 
 
 @pytest.mark.parametrize("layout", ["up_without_lora", "shared_a", "x_frozen", "rank_over_kernel_limit"])
