@@ -74,7 +74,8 @@ def _matmuls(prof, steps, total, top):
     """The matrix products by operand shapes (the ATen op that launched them: forward and backward
     GEMMs of one projection land on different rows), with the device time each shape took."""
     rows = [e for e in prof.key_averages(group_by_input_shape=True)
-            if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm") and e.device_time_total > 0]
+            if e.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_grouped_mm")
+            and e.device_time_total > 0]
     rows.sort(key=lambda e: -e.device_time_total)
     mm_total = sum(e.device_time_total for e in rows) / steps / 1e3
     print(f"## matrix products: {mm_total:.1f} ms of {total:.1f} per step, by operand shapes")
