@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Micro-benchmarks behind the open questions of bench/NOTES.md, at the 8B training shapes (8192 tokens),
-~30 s of device time, one table at the end and JSON lines (``--out``):
+"""Micro-benchmarks behind the open questions of bench/NOTES.md, at the 8B (and for some groups 1B) training
+shapes (8192 tokens), seconds of device time per group, one table at the end and JSON lines (``--out``):
 
 - ``copy``: device-to-device copy bandwidth (bytes read + written), the ceiling for elementwise kernels;
 - ``gemm``: why v4 (LoRA term first, base GEMM with beta=s) gave nothing: the gate projection
@@ -171,7 +171,7 @@ def bench_glu(emit, ceiling):
     from tuneforge_kernels.lora_glu import lora_glu_backward_inplace, lora_glu_forward
     from tuneforge_kernels.swiglu import swiglu_backward_inplace, swiglu_forward
 
-    for shape, (hid, _, _, inter) in PROJ_SHAPES.items():
+    for shape, (_, _, _, inter) in PROJ_SHAPES.items():
         def rand(*size):
             return torch.randn(*size, device="cuda", dtype=torch.bfloat16)
 
