@@ -1,9 +1,11 @@
 """GeGLU ``h = gelu(g) * u`` (exact erf, or tanh as Gemma's ``gelu_pytorch_tanh``) forward/backward,
 elementwise in float32 with one rounding per output.
 
-``geglu_backward_inplace`` is the buffer-reusing backward the fused LoRA MLP uses: it reads ``dh, g, u``
-and overwrites them with ``h, dg, du`` (each element is read before it is written by the same program),
-so the MLP backward needs no (tokens x intermediate) temporaries beyond the ones forward already made.
+``geglu_backward_inplace`` is a buffer-reusing backward: it reads ``dh, g, u`` and overwrites them with
+``h, dg, du`` (each element is read before it is written by the same program). The fused LoRA MLP used
+it up to v12; since v13 it runs lora_glu.py's 2D-tiled kernels, which take the adapters' rank-r terms
+too. These 1D kernels stay as the standalone op and as v12's side of ``bench/micro.py --only glu``,
+until that measurement says which layout moves the bytes faster (bench/NOTES.md).
 """
 
 from __future__ import annotations

@@ -187,11 +187,14 @@ def lora_glu_reference(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None
         g = g + s_g * (xa_g.to(wide) @ b_g.to(wide).t())
     if xa_u is not None:
         u = u + s_u * (xa_u.to(wide) @ b_u.to(wide).t())
+    return (act_fn(g, act) * u).to(yg.dtype)
+
+
+def act_fn(x: torch.Tensor, act: str) -> torch.Tensor:
+    """The gate's activation in plain torch: ``silu``, ``gelu`` (erf) or ``gelu_tanh``."""
     if act == "silu":
-        a = torch.nn.functional.silu(g)
-    else:
-        a = torch.nn.functional.gelu(g, approximate="tanh" if act == "gelu_tanh" else "none")
-    return (a * u).to(yg.dtype)
+        return torch.nn.functional.silu(x)
+    return torch.nn.functional.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
 
 
 def lora_glu(yg, yu, act: str = "silu", xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0, *,

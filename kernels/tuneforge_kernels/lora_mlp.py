@@ -67,12 +67,6 @@ def _act_forward(g, u, act, terms):
     return lora_glu.lora_glu_forward(g, u, act, **terms)
 
 
-def _act_fn(x, act):
-    if act == "silu":
-        return torch.nn.functional.silu(x)
-    return torch.nn.functional.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
-
-
 def _compute_dtype(x):
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -283,4 +277,4 @@ def lora_mlp_reference(x, gate: LoraWeights, up: LoraWeights, down: LoraWeights,
     """The spec, through plain autograd: what HF's MLP with PEFT LoRA layers (dropout 0) computes."""
     x = x.to(_compute_dtype(x))
     g, u = _project_reference(x, gate), _project_reference(x, up)
-    return _project_reference(_act_fn(g, act) * u, down)
+    return _project_reference(lora_glu.act_fn(g, act) * u, down)
