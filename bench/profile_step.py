@@ -67,6 +67,7 @@ def main():
         ms = e.device_time_total / a.steps / 1e3
         print(f"{ms:9.2f} ms {100 * ms / total:5.1f}% x{e.count // a.steps:<5d} {e.key[:110]}")
     _busy(prof, a.steps)
+    _gaps(prof, a.steps, a.top)
     _matmuls(prof, a.steps, total, a.top)
 
 
@@ -110,6 +111,30 @@ def _busy(prof, steps):
     copy = union([(s, e) for s, e, c in spans if c])
     print(f"per step: device span {wall / steps / 1e3:.1f} ms, kernels busy {kern / steps / 1e3:.1f} ms, "
           f"copies busy {copy / steps / 1e3:.1f} ms, no kernel running {(wall - kern) / steps / 1e3:.1f} ms")
+
+
+def _gaps(prof, steps, top, floor_us=8.0):
+    """Where the device sat idle: the gaps between one kernel's end and the next one's start longer
+    than ``floor_us``, summed by the pair of kernels around them (a host sync, a launch-bound stretch
+    of small ops, the step's start), largest first."""
+    from collections import defaultdict
+
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name)
+                     for e in prof.events() if e.device_type == DeviceType.CUDA)
+    by_pair, total, end, prev = defaultdict(lambda: [0.0, 0]), 0.0, None, None
+    for s, e, name in kernels:
+        if end is not None and s - end > floor_us:
+            gap = by_pair[(prev[:48], name[:48])]
+            gap[0] += s - end
+            gap[1] += 1
+            total += s - end
+        if end is None or e > end:
+            end, prev = e, name
+    print(f"## gaps over {floor_us:.0f} us: {total / steps / 1e3:.1f} ms per step, by the kernels around them")
+    for (before, after), (us, n) in sorted(by_pair.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"{us / steps / 1e3:9.2f} ms x{n // steps:<5d} {before:<48} -> {after}")
 
 
 if __name__ == "__main__":

@@ -298,6 +298,9 @@ def setup_hf(args):
                                                  "offload": "offload"}[args.ckpt])
         args.patch_report = {"patched": list(report.patched), "reason": report.reason,
                              "memory_mode": report.memory_mode}
+        if getattr(args, "ce_rows", 0):  # an experiment: a fixed CE chunk instead of the kernel's rule
+            sys.modules["tuneforge_kernels.cross_entropy"]._chunk_rows = lambda *_: args.ce_rows
+            args.patch_report["ce_rows"] = args.ce_rows
     model.train()
     return model, quant_note
 
@@ -643,6 +646,8 @@ def main():
     ap.add_argument("--deadline-s", type=float, default=540)
     ap.add_argument("--per-run-s", type=float, default=300)
     ap.add_argument("--summary", default=None, help="write a JSON summary (device, versions, commit) here")
+    ap.add_argument("--ce-rows", type=int, default=0,
+                    help="ours/base: rows per fused-CE chunk instead of the kernel's rule (an experiment)")
     ap.add_argument("--data", choices=["fixed", "packed", "flat", "padded"], default="fixed")
     ap.add_argument("--base-root", default=".bench-base",
                     help="method base: folder holding an older kernels/ and gpu_worker/ (git archive)")
