@@ -21,6 +21,10 @@ from gpu_worker.patching.memory import MEMORY_MODES, apply_memory_mode
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 # families whose RMSNorm computes x_hat * (1 + w)
 _UNIT_OFFSET_NORMS = ("gemma", "gemma2", "gemma3_text")
+# models up to this hidden size get their q/k/v and gate/up base weights joined into one buffer each
+# (lora.join_frozen_weights): one GEMM per group is faster at 1B's shapes on the H200 and slower at 8B's
+# (bench/NOTES.md, session 7's micro ``proj`` and v14)
+JOIN_MAX_HIDDEN = 2048
 
 
 @dataclass(frozen=True)
@@ -72,9 +76,13 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     from gpu_worker.patching.decoder import (mlp_output_only_feeds_the_residual, patch_attention, patch_causal_lm,
                                              patch_mlp, patch_rms_norm)
 
-    counts = {"rms_norm": 0, "lora_qkv_o": 0, "rope": 0, "lora_mlp": 0, "fused_linear_cross_entropy": 0}
+    counts = {"rms_norm": 0, "lora_qkv_o": 0, "rope": 0, "lora_mlp": 0, "fused_linear_cross_entropy": 0,
+              "joined_weights": 0}
     offset = 1.0 if arch in _UNIT_OFFSET_NORMS else 0.0
+    join = getattr(config, "hidden_size", JOIN_MAX_HIDDEN + 1) <= JOIN_MAX_HIDDEN
     for layer in base.model.layers:
+        if join:
+            counts["joined_weights"] += _join_layer(layer)
         # every RMSNorm of the layer: input/post-attention, Gemma 2/3's pre/post-feedforward, q/k norms
         for module in layer.modules():
             if type(module).__name__.endswith("RMSNorm"):
@@ -91,5 +99,15 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     patch_causal_lm(base, impl)
     counts["fused_linear_cross_entropy"] += 1
     apply_memory_mode(model, memory_mode)
-    return PatchReport(architecture=arch, patched=tuple(k for k, v in counts.items() if v),
+    return PatchReport(architecture=arch, patched=tuple(k for k, v in counts.items() if v and k != "joined_weights"),
                        memory_mode=memory_mode, counts=counts)
+
+
+def _join_layer(layer: nn.Module) -> int:
+    """Join the layer's q/k/v and gate/up base weights where they are separate modules; the count of
+    groups joined."""
+    from gpu_worker.patching.lora import join_frozen_weights
+
+    groups = [[getattr(layer.self_attn, n, None) for n in ("q_proj", "k_proj", "v_proj")],
+              [getattr(layer.mlp, n, None) for n in ("gate_proj", "up_proj")]]
+    return sum(join_frozen_weights(g) for g in groups if all(m is not None for m in g))

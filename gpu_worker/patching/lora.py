@@ -8,6 +8,7 @@ Read at every call, not at patch time: PEFT's ``disable_adapter()``, ``merge_ada
 
 Fused modules (Phi-3's ``gate_up_proj``) are split by output rows with ``split_rows``: views of the
 frozen weight and of ``lora_B``, the shared ``lora_A`` passed to each part (autograd sums its gradients).
+``join_frozen_weights`` goes the other way for separate projections of one input (q/k/v, gate/up).
 """
 
 from __future__ import annotations
@@ -104,6 +105,32 @@ def split_rows(p: LoraWeights, sizes: list[int]) -> list[LoraWeights]:
         parts.append(LoraWeights(w, p.lora_a, b, p.scale))
         start += n
     return parts
+
+
+def join_frozen_weights(modules: list[nn.Module]) -> bool:
+    """Store the frozen (not quantised) base weights of ``modules`` (projections of one input, no bias) as
+    consecutive row blocks of one buffer; each parameter becomes a view of its block. The fused kernels
+    then compute the projections with one GEMM (``tuneforge_kernels.lora_mlp.joined``), which is faster
+    for small models' shapes (bench/NOTES.md v14). Parameters, state dicts and adapters are unchanged;
+    anything that later replaces a weight tensor (a safe merge, ``.to()``) only undoes the layout, and the
+    kernels fall back to one GEMM per weight. Returns whether the weights are joined now."""
+    from tuneforge_kernels.lora_mlp import joined
+
+    weights = [_base_weight(m.get_base_layer() if hasattr(m, "base_layer") else m) for m in modules]
+    if not all(isinstance(w, nn.Parameter) and not w.requires_grad and w.is_floating_point() and w.is_contiguous()
+               for w in weights):
+        return False
+    first = weights[0]
+    if any(w.dtype != first.dtype or w.device != first.device or w.shape[1] != first.shape[1] for w in weights):
+        return False
+    if joined(weights, 0) is not None:
+        return True
+    buffer = torch.cat([w.detach() for w in weights])                            # (sum out, in)
+    start = 0
+    for w in weights:
+        w.data = buffer[start:start + w.shape[0]]
+        start += w.shape[0]
+    return True
 
 
 def _base_weight(layer: nn.Module):

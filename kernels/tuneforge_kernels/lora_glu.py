@@ -79,7 +79,7 @@ if triton is not None:
         return g, u
 
     @triton.jit
-    def _lora_glu_fwd_kernel(YG, YU, H, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
+    def _lora_glu_fwd_kernel(YG, YU, H, ld_y, ld_h, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
                              n_rows, n_cols, ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
                              RG: tl.constexpr, RU: tl.constexpr, PREC: tl.constexpr,
                              BM: tl.constexpr, BN: tl.constexpr):
@@ -90,10 +90,11 @@ if triton is not None:
         g, u = _gate_up(YG, YU, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
                         rows, cols, n_rows, n_cols, offs, mask, HAS_G, HAS_U, RG, RU, PREC)
         act, _ = _act_and_grad(g, ACT)
-        tl.store(H + offs, (act * u).to(H.dtype.element_ty), mask=mask)
+        tl.store(H + rows[:, None].to(tl.int64) * ld_h + cols[None, :], (act * u).to(H.dtype.element_ty),
+                 mask=mask)
 
     @triton.jit
-    def _lora_glu_bwd_kernel(DH, YG, YU, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
+    def _lora_glu_bwd_kernel(DH, YG, YU, ld_y, ld_h, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
                              DYB, ld_dyb, AD, ld_ad, rank_d, sd, n_rows, n_cols,
                              ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
                              RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, PREC: tl.constexpr,
@@ -102,14 +103,15 @@ if triton is not None:
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         offs = rows[:, None].to(tl.int64) * ld_y + cols[None, :]
-        dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+        offs_h = rows[:, None].to(tl.int64) * ld_h + cols[None, :]
+        dh = tl.load(DH + offs_h, mask=mask, other=0.0).to(tl.float32)
         if HAS_D:
             dh = _low_rank(dh, DYB, ld_dyb, AD, ld_ad, rows, cols, n_rows, n_cols, rank_d, sd, True, RD, PREC)
         g, u = _gate_up(YG, YU, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
                         rows, cols, n_rows, n_cols, offs, mask, HAS_G, HAS_U, RG, RU, PREC)
         act, dact = _act_and_grad(g, ACT)
         # every element is read above before any is written: the outputs reuse the input buffers
-        tl.store(DH + offs, (act * u).to(DH.dtype.element_ty), mask=mask)
+        tl.store(DH + offs_h, (act * u).to(DH.dtype.element_ty), mask=mask)
         tl.store(YU + offs, (dh * act).to(YU.dtype.element_ty), mask=mask)
         tl.store(YG + offs, (dh * u * dact).to(YG.dtype.element_ty), mask=mask)
 
@@ -133,10 +135,12 @@ def _term(xa, b, s, dummy):
 
 
 def _check(yg, yu, *others):
+    # yg and yu share their strides (two tensors, or the column halves of one gate+up product); the others
+    # (h, dh) have their own row stride
     assert yg.dim() == 2 and yg.shape == yu.shape and yg.stride() == yu.stride() and yg.stride(1) == 1, (
         yg.shape, yu.shape, yg.stride(), yu.stride())
     for t in others:
-        assert t.shape == yg.shape and t.stride() == yg.stride(), (t.shape, t.stride(), yg.stride())
+        assert t.shape == yg.shape and t.stride(1) == 1, (t.shape, t.stride(), yg.shape)
 
 
 def _prec(t):
@@ -150,14 +154,15 @@ def _grid(yg):
 
 
 def lora_glu_forward(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0):
-    """``act(Yg + s_g xa_g B_g^T) * (Yu + s_u xa_u B_u^T)``; ``yg``/``yu`` (N, I) base outputs with the
-    same strides, ``xa_*`` (N, r), ``b_*`` (I, r); a term is left out where its ``xa`` is None."""
+    """``act(Yg + s_g xa_g B_g^T) * (Yu + s_u xa_u B_u^T)``, a new contiguous (N, I) tensor; ``yg``/``yu``
+    (N, I) base outputs with the same strides (the column halves of one gate+up product are fine),
+    ``xa_*`` (N, r), ``b_*`` (I, r); a term is left out where its ``xa`` is None."""
     _check(yg, yu)
-    h = torch.empty_like(yg)
+    h = torch.empty_like(yg, memory_format=torch.contiguous_format)
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
     launcher(_lora_glu_fwd_kernel, yg)[_grid(yg)](
-        yg, yu, h, yg.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
+        yg, yu, h, yg.stride(0), h.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
         yg.shape[0], yg.shape[1], ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, RG=pg, RU=pu, PREC=_prec(yg),
         BM=_BM, BN=_BN, num_warps=4)
     return h
@@ -172,7 +177,7 @@ def lora_glu_backward_inplace(dh, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
     xd, ad, ld_xd, ld_ad, rd, sd, has_d, pd = _term(dy_b, a_d, s_d, yg)
     launcher(_lora_glu_bwd_kernel, yg)[_grid(yg)](
-        dh, yg, yu, yg.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
+        dh, yg, yu, yg.stride(0), dh.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
         xd, ld_xd, ad, ld_ad, rd, sd, yg.shape[0], yg.shape[1],
         ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, RG=pg, RU=pu, RD=pd, PREC=_prec(yg),
         BM=_BM, BN=_BN, num_warps=4)

@@ -24,7 +24,7 @@ import torch
 
 from tuneforge_kernels.backend import use_triton
 from tuneforge_kernels.lora_mlp import (LoraWeights, _compute_dtype, _dense, _out_features, _project_reference,
-                                        _restore_x, _x_for_saving)
+                                        _restore_x, _x_for_saving, joined)
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
@@ -42,12 +42,18 @@ class _LoraLinearsFunction(torch.autograd.Function):
         b_s = [b.to(dtype) if b is not None else None for b in lora[1]]
         with_lora = [i for i in range(n) if a_s[i] is not None]
         xa_all = x2 @ torch.cat([a_s[i] for i in with_lora]).t() if with_lora else None  # (N, sum r)
-        outs, xas, col = [], [None] * n, 0
+        w_all = _joined_weights(weights, dtype)
+        y_all = x2 @ w_all.t() if w_all is not None and outputs is None else None   # (N, sum out)
+        outs, xas, col, col_y = [], [None] * n, 0, 0
         for i in range(n):
             if outputs is not None:
                 outs.append(outputs[i])
                 continue
-            y = x2 @ _dense(weights[i], dtype).t()                                  # (N, out_i)
+            if y_all is not None:  # one GEMM for all: each output is its column block
+                y = y_all[:, col_y:col_y + _out_features(weights[i])]
+                col_y += y.shape[1]
+            else:
+                y = x2 @ _dense(weights[i], dtype).t()                              # (N, out_i)
             if a_s[i] is not None:
                 r = a_s[i].shape[0]
                 xas[i] = xa_all[:, col:col + r]
@@ -70,8 +76,19 @@ class _LoraLinearsFunction(torch.autograd.Function):
         x2 = _restore_x(ctx, rest[2 * n:])
         need = ctx.needs_input_grad
         dtype = ctx.dtype
-        dx = None
+        dx, dx_base_done = None, False
         grads = [None] * (3 * n)
+        w_all = _joined_weights(ctx.weights, dtype) if need[0] else None
+        if w_all is not None and all(dy is not None for dy in dys):
+            # weights in one buffer: the gradients side by side (one copy, which a non-contiguous dy's
+            # reshape would make anyway) and one GEMM for dx
+            dy_all = x2.new_empty(x2.shape[0], w_all.shape[0])                     # (N, sum out)
+            col_y = 0
+            for dy in dys:
+                dy_all[:, col_y:col_y + dy.shape[-1]].view(dy.shape).copy_(dy)
+                col_y += dy.shape[-1]
+            dx, dx_base_done = dy_all @ w_all, True                                 # (N, in)
+            dys = dy_all.split([dy.shape[-1] for dy in dys], dim=1)
         col = 0
         for i in range(n):
             dy = dys[i]
@@ -81,7 +98,7 @@ class _LoraLinearsFunction(torch.autograd.Function):
             if dy is None:
                 continue
             dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)                            # (N, out_i)
-            if need[0]:
+            if need[0] and not dx_base_done:
                 w = _dense(ctx.weights[i], dtype)
                 if dx is None:
                     dx = dy2 @ w                                                    # (N, in)
@@ -100,6 +117,13 @@ class _LoraLinearsFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(ctx.shape)
         return (dx, None, None, *grads, *([None] * n))
+
+
+def _joined_weights(weights, dtype):
+    # the n frozen weights as one (sum out, in) tensor when the patcher stored them in one buffer
+    # (lora_mlp.joined) and they need no cast; else None
+    w_all = joined(list(weights), 0) if len(weights) > 1 else None
+    return w_all if w_all is not None and w_all.dtype == dtype else None
 
 
 def lora_linears(x: torch.Tensor, *projections: LoraWeights, impl: str | None = None,

@@ -105,14 +105,45 @@ def _project(x, w, a, b, s):
     return y, xa
 
 
+def joined(parts, dim: int) -> torch.Tensor | None:
+    """The one 2D tensor that holds ``parts`` one after another along ``dim`` (0: row blocks, as the q/k/v
+    or gate/up weights the patcher stores in one buffer; 1: column blocks, as the halves of one gate+up
+    product), a view of their common storage; None where they are not laid out so (separate
+    allocations, other dtypes, quantised weights...)."""
+    first = parts[0]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 and t.dtype == first.dtype
+               and t.device == first.device and t.stride(1) == 1 for t in parts):
+        return None
+    if any(t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for t in parts):
+        return None
+    size, ld = list(first.shape), first.stride(0)
+    for prev, t in zip(parts, parts[1:]):
+        step = prev.numel() if dim == 0 else prev.shape[1]
+        if t.data_ptr() != prev.data_ptr() + step * prev.element_size() or t.stride(0) != ld:
+            return None
+        if t.shape[1 - dim] != first.shape[1 - dim]:
+            return None
+        size[dim] += t.shape[dim]
+    if dim == 0 and ld != size[1] or dim == 1 and size[1] > ld:
+        return None
+    return first.as_strided(size, (ld, 1), first.storage_offset())
+
+
 def _gate_up(x, weights, dtype, lora, scales, fused):
     """``x W_g^T``, ``x W_u^T`` and the rank-r ``x A_g^T``, ``x A_u^T`` (one GEMM for both, x read once; one
-    product when gate and up share their A, as Phi-3's split ``gate_up_proj``). ``fused``: the base
-    products only, the kernels add the rank-r terms; else the terms are added here (ranks over
-    lora_glu.MAX_RANK). A quantised weight is expanded for its GEMM alone (one transient at a time)."""
+    product when gate and up share their A, as Phi-3's split ``gate_up_proj``). Weights stored in one
+    buffer (``joined``: Phi-3's ``gate_up_proj``, or the patcher's layout for small models) give one
+    GEMM whose column halves are ``g`` and ``u``. ``fused``: the base products only, the kernels add the
+    rank-r terms; else the terms are added here (ranks over lora_glu.MAX_RANK). A quantised weight is
+    expanded for its GEMM alone (one transient at a time)."""
     ag, bg, au, bu = lora
-    g = x @ _dense(weights[0], dtype).t()                                       # (N, I)
-    u = x @ _dense(weights[1], dtype).t()                                       # (N, I)
+    both = joined(weights, 0)
+    if both is not None and both.dtype == dtype:
+        gu = x @ both.t()                                                         # (N, 2I)
+        g, u = gu.split(weights[0].shape[0], dim=1)
+    else:
+        g = x @ _dense(weights[0], dtype).t()                                   # (N, I)
+        u = x @ _dense(weights[1], dtype).t()                                   # (N, I)
     if ag is None or au is None:
         xa_g = x @ ag.t() if ag is not None else None
         xa_u = x @ au.t() if au is not None else None
@@ -167,8 +198,12 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
             grads[5] = sd * (dy2.t() @ (h @ ad.t()))                            # (H, r)
     del h
     if dx is not None:
-        torch.mm(dg, _dense(wg, dtype), out=dx)                                 # (N, H)
-        dx.addmm_(du, _dense(wu, dtype))
+        dgu, both = joined([dg, du], 1), joined([wg, wu], 0)
+        if dgu is not None and both is not None and both.dtype == dtype:  # g, u were one product
+            torch.mm(dgu, both, out=dx)                                         # (N, H)
+        else:
+            torch.mm(dg, _dense(wg, dtype), out=dx)                             # (N, H)
+            dx.addmm_(du, _dense(wu, dtype))
     adapted = [(i, d, a, b, xa, s) for i, (d, a, b, xa, s)
                in enumerate(((dg, ag, bg, xa_g, sg), (du, au, bu, xa_u, su))) if a is not None]
     for i, d, _, b, xa, s in adapted:

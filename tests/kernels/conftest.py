@@ -38,3 +38,49 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 # inputs compared with a float64 reference: the output rounding alone is up to 2^-9 = 2e-3 per
 # element (about 1e-3 in norm), and inputs to later steps are bf16-rounded too, so 1e-2.
 TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2}
+
+
+def join_weights(*projections):
+    """The projections with their base weights copied into one buffer, consecutive row blocks (the
+    patcher's ``join_frozen_weights`` layout)."""
+    from tuneforge_kernels.lora_mlp import LoraWeights
+
+    buffer = torch.cat([p.weight for p in projections])
+    out, start = [], 0
+    for p in projections:
+        out.append(LoraWeights(buffer[start:start + p.weight.shape[0]], p.lora_a, p.lora_b, p.scale))
+        start += p.weight.shape[0]
+    return out
+
+
+class count_matmuls:  # noqa: N801  (a context manager used like a function)
+    """Counts the matrix products run inside it: ``big`` those whose operands are all larger than
+    rank-sized (both inner and outer dimensions over 2), ``all`` every one, ``reading`` those with an
+    operand in the storage of one of ``tensors`` (say, the base weights)."""
+
+    def __init__(self, tensors=()):
+        self.storages = {t.untyped_storage().data_ptr() for t in tensors}
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts = {"big": 0, "all": 0, "reading": 0}
+        storages = self.storages
+        ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
+               torch.ops.aten.mm.out}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in ops:
+                    mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 2][-2:]
+                    counts["all"] += 1
+                    counts["big"] += all(min(m.shape) > 2 for m in mats)
+                    counts["reading"] += any(m.untyped_storage().data_ptr() in storages for m in mats)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return counts
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)

@@ -63,7 +63,7 @@ def test_every_output_element_is_written(monkeypatch):
     (33 x 129 against 32 x 128 tiles) would leave NaN behind."""
     import tuneforge_kernels.lora_glu as mod
 
-    monkeypatch.setattr(mod.torch, "empty_like", lambda t: torch.full_like(t, float("nan")))
+    monkeypatch.setattr(mod.torch, "empty_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
     yg, yu, dh, terms, down = _case(33, 129, (4, 4, 4), "cpu", torch.float32, seed=3)
     h_ref, _, _ = _expected(yg, yu, dh, "silu", terms, down)
     h = mod.lora_glu_forward(yg, yu, "silu", **terms)
@@ -77,6 +77,20 @@ def test_strided_rows_and_column_slices_of_a_wider_product():
     sliced = dict(terms, xa_g=both[:, :3], xa_u=both[:, 3:])
     assert not sliced["xa_u"].is_contiguous()
     assert rel_err(lora_glu_forward(yg, yu, "gelu", **sliced), lora_glu_forward(yg, yu, "gelu", **terms)) == 0
+
+
+def test_gate_and_up_as_the_column_halves_of_one_product():
+    """Joined gate/up weights give one (N, 2I) product: g and u are its halves (row stride 2I) while h and
+    dh are (N, I) tensors of their own; backward leaves dg and du side by side in the product."""
+    yg, yu, dh, terms, down = _case(21, 67, (3, 4, 5), "cpu", torch.float32, seed=7)
+    h_ref, dg_ref, du_ref = _expected(yg, yu, dh, "silu", terms, down)
+    gu = torch.cat([yg, yu], dim=1)
+    g, u = gu.split(67, dim=1)
+    assert rel_err(lora_glu_forward(g, u, "silu", **terms), h_ref) < 1e-5
+    dh_buf = dh.clone()
+    lora_glu_backward_inplace(dh_buf, g, u, "silu", **terms, **down)
+    assert rel_err(dh_buf, h_ref) < 1e-5
+    assert rel_err(gu[:, :67], dg_ref) < 1e-5 and rel_err(gu[:, 67:], du_ref) < 1e-5
 
 
 def test_reference_path_and_rank_limit():

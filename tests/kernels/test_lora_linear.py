@@ -8,7 +8,7 @@ import torch
 
 from tuneforge_kernels.lora_linear import lora_linears, lora_linears_reference
 from tuneforge_kernels.lora_mlp import LoraWeights
-from tests.kernels.conftest import DEVICES, TOL, rel_err
+from tests.kernels.conftest import DEVICES, TOL, count_matmuls, join_weights, rel_err
 
 
 def _proj(out_f, in_f, rank, device, dtype, with_lora=True, scale=2.0):
@@ -29,8 +29,9 @@ def _as64(p):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["qkv", "qkv_partial", "o"])
+@pytest.mark.parametrize("layout", ["qkv", "qkv_partial", "qkv_joined", "o"])
 def test_matches_reference(device, dtype, layout):
+    # joined: the three base weights in one buffer (the patcher's layout for small models)
     torch.manual_seed(0)
     hidden, kv, rank, shape = (40, 12, 4, (3, 5)) if device == "cpu" else (4096, 1024, 16, (2, 1023))
     x = torch.randn(*shape, hidden, device=device, dtype=dtype).requires_grad_()
@@ -38,8 +39,10 @@ def test_matches_reference(device, dtype, layout):
         projs = [_proj(hidden, hidden, rank, device, dtype)]
     else:  # partial: K without an adapter, different scales
         projs = [_proj(hidden, hidden, rank, device, dtype, scale=0.5),
-                 _proj(kv, hidden, rank, device, dtype, with_lora=layout == "qkv"),
+                 _proj(kv, hidden, rank, device, dtype, with_lora=layout != "qkv_partial"),
                  _proj(kv, hidden, rank, device, dtype)]
+    if layout == "qkv_joined":
+        projs = join_weights(*projs)
     outs = lora_linears(x, *projs, impl="triton")
     p64 = [_as64(p) for p in projs]
     x64 = x.detach().double().requires_grad_()
@@ -57,11 +60,30 @@ def test_matches_reference(device, dtype, layout):
         assert rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else TOL[dtype])
 
 
-def test_unused_output_gets_no_gradient_work():
+def test_joined_weights_take_one_gemm_each_way():
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    projs = [_proj(8, 8, 2, "cpu", torch.float32), _proj(4, 8, 2, "cpu", torch.float32),
+             _proj(4, 8, 2, "cpu", torch.float32)]
+    counts = []
+    for ps in (projs, join_weights(*projs)):
+        with count_matmuls() as n:
+            outs = lora_linears(x, *ps, impl="triton")
+            torch.autograd.grad(outs, [x], [torch.ones_like(o) for o in outs])
+        counts.append(n["big"])
+    assert counts[0] - counts[1] == 4, counts  # three base GEMMs each way, or one
+    # the outputs are the column blocks of one product
+    assert outs[1].data_ptr() == outs[0].data_ptr() + 8 * outs[0].element_size()
+
+
+@pytest.mark.parametrize("join", [False, True])
+def test_unused_output_gets_no_gradient_work(join):
     # only q's output is used: k/v adapters get zero-free None grads, x's grad only from q
     torch.manual_seed(1)
     x = torch.randn(4, 8, requires_grad=True)
     q, k, v = (_proj(8, 8, 2, "cpu", torch.float32) for _ in range(3))
+    if join:  # the one-GEMM backward needs every output's gradient: here it takes q's alone
+        q, k, v = join_weights(q, k, v)
     outs = lora_linears(x, q, k, v, impl="triton")
     outs[0].sum().backward()
     (ref_q,) = lora_linears_reference(x, q)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuneforge_kernels.lora_mlp import LoraWeights, lora_mlp, lora_mlp_reference
-from tests.kernels.conftest import DEVICES, TOL, needs_triton, rel_err
+from tuneforge_kernels.lora_mlp import LoraWeights, joined, lora_mlp, lora_mlp_reference
+from tests.kernels.conftest import DEVICES, TOL, count_matmuls, join_weights, needs_triton, rel_err
 
 pytestmark = needs_triton
 
@@ -31,11 +31,16 @@ def _as64(p: LoraWeights):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("down_lora", [True, False])
-def test_matches_reference(device, dtype, act, down_lora):
+@pytest.mark.parametrize("join", [False, True])
+def test_matches_reference(device, dtype, act, down_lora, join):
+    # join: gate's and up's base weights in one buffer (the patcher's layout for small models): one GEMM
+    # for both, g and u the column halves of its output
     torch.manual_seed(0)
     hidden, inter, rank, shape = (24, 52, 4, (2, 7)) if device == "cpu" else (4096, 14336, 16, (2, 1023))
     x = torch.randn(*shape, hidden, device=device, dtype=dtype).requires_grad_()
     gate, up = _proj(inter, hidden, rank, device, dtype), _proj(inter, hidden, rank, device, dtype)
+    if join:
+        gate, up = join_weights(gate, up)
     down = _proj(hidden, inter, rank, device, dtype, with_lora=down_lora)
     out = lora_mlp(x, gate, up, down, act, impl="triton")
     g64, u64, d64 = _as64(gate), _as64(up), _as64(down)
@@ -52,6 +57,37 @@ def test_matches_reference(device, dtype, act, down_lora):
         # bf16: the gradients pass through several bf16 matmuls with reductions over thousands
         # of terms, each rounding its output: 2e-2 (the one place the bf16 bound is doubled)
         assert rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else TOL[dtype])
+
+
+def test_joined_gate_up_weights_take_one_gemm_each_way():
+    torch.manual_seed(2)
+    x = torch.randn(6, 8, requires_grad=True)
+    gate, up, down = _proj(12, 8, 2, "cpu", torch.float32), _proj(12, 8, 2, "cpu", torch.float32), \
+        _proj(8, 12, 2, "cpu", torch.float32)
+    counts = []
+    for g, u in ((gate, up), join_weights(gate, up)):
+        with count_matmuls() as n:
+            lora_mlp(x, g, u, down, impl="triton").sum().backward()
+        counts.append(n["big"])
+    # forward gate+up, backward dx: two products fewer over the (tokens x intermediate) operands
+    assert counts[1] == counts[0] - 2, counts
+
+
+def test_joined_finds_only_one_buffer_laid_out_in_order():
+    buf = torch.randn(10, 4)
+    a, b, c = buf[:3], buf[3:7], buf[7:]
+    assert joined([a, b, c], 0).data_ptr() == buf.data_ptr() and joined([a, b, c], 0).shape == (10, 4)
+    assert joined([b, c], 0).equal(buf[3:])
+    assert joined([b, a], 0) is None                      # out of order
+    assert joined([a, c], 0) is None                      # a gap
+    assert joined([a, torch.randn(4, 4)], 0) is None      # another allocation
+    assert joined([a, b.double()], 0) is None
+    cols = torch.randn(5, 12)
+    left, right = cols[:, :5], cols[:, 5:11]
+    both = joined([left, right], 1)
+    assert both.shape == (5, 11) and both.equal(cols[:, :11]) and both.stride() == (12, 1)
+    assert joined([right, left], 1) is None
+    assert joined([cols[:4, :5], cols[:4, 6:]], 1) is None
 
 
 def test_frozen_base_weights_get_no_grad():

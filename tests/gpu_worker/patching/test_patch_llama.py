@@ -169,6 +169,57 @@ def test_merge_and_unload_gives_same_outputs():
     assert rel(after, before) < 1e-4
 
 
+def test_joined_weights_are_views_that_change_no_value(tmp_path):
+    # hidden 64 <= JOIN_MAX_HIDDEN: q/k/v and gate/up base weights share one buffer per group (one GEMM
+    # each way); every parameter keeps its name and value, and a merged model saves and reloads whole
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    ours = build_lora_model(config)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    report = patch_model(ours, impl="triton")
+    assert report.counts["joined_weights"] == 2 * config.num_hidden_layers
+    layer = ours.get_base_model().model.layers[1]
+    q, k, v = (getattr(layer.self_attn, n).base_layer.weight for n in ("q_proj", "k_proj", "v_proj"))
+    assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
+    assert v.data_ptr() == k.data_ptr() + k.numel() * k.element_size()
+    gate, up = layer.mlp.gate_proj.base_layer.weight, layer.mlp.up_proj.base_layer.weight
+    assert up.data_ptr() == gate.data_ptr() + gate.numel() * gate.element_size()
+    after = ours.state_dict()
+    assert before.keys() == after.keys() and all(before[n].equal(after[n]) for n in before)
+    x, labels = _batch("cpu")
+    _step(ours, x, labels, "cpu")
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.grad is not None:
+                p.sub_(1e-2 * p.grad)
+    ours.eval()
+    with torch.no_grad():
+        logits = ours(input_ids=x).logits
+        merged = ours.merge_and_unload()
+        merged.save_pretrained(tmp_path, safe_serialization=True)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+        assert rel(reloaded(input_ids=x).logits, logits) < 1e-4
+
+
+def test_models_over_the_join_size_keep_separate_weights(monkeypatch):
+    import gpu_worker.patching as patching
+
+    monkeypatch.setattr(patching, "JOIN_MAX_HIDDEN", 32)
+    config = tiny_config("llama")
+    ref, ours = build_lora_model(config), build_lora_model(config)
+    report = patch_model(ours, impl="triton")
+    assert report.counts["joined_weights"] == 0
+    attn = ours.get_base_model().model.layers[0].self_attn
+    q, k = attn.q_proj.base_layer.weight, attn.k_proj.base_layer.weight
+    assert q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+    x, labels = _batch("cpu")
+    l_ref, l_ours = _step(ref, x, labels, "cpu"), _step(ours, x, labels, "cpu")
+    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < 1e-4
+    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
+    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-4
+
+
 @pytest.mark.parametrize("model_type", ["llama", "phi3"])
 def test_saved_adapter_reloads_patched_and_merges_to_same_outputs(model_type, tmp_path):
     # the adapter a job uploads: saved from the patched model, loaded onto a fresh base, patched again,
