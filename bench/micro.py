@@ -168,6 +168,7 @@ def bench_tuned(emit):
 
 
 def bench_glu(emit, ceiling):
+    import tuneforge_kernels.lora_glu as glu
     from tuneforge_kernels.lora_glu import lora_glu_backward_inplace, lora_glu_forward
     from tuneforge_kernels.swiglu import swiglu_backward_inplace, swiglu_forward
 
@@ -181,11 +182,11 @@ def bench_glu(emit, ceiling):
         terms = {"xa_g": xa_g, "b_g": b_g, "s_g": 2.0, "xa_u": xa_u, "b_u": b_u, "s_u": 2.0}
         big = g.numel() * 2  # bytes of one (tokens x intermediate) bf16 tensor
         cases = {  # name: (fn, bytes the fused kernel must move)
-            "v13 fwd (terms inside)": (lambda: lora_glu_forward(g, u, "silu", **terms), 3 * big),
+            "v14 fwd (terms inside)": (lambda: lora_glu_forward(g, u, "silu", **terms), 3 * big),
             "v12 fwd (2 addmm_ + swiglu)": (lambda: (g.addmm_(xa_g, b_g.t()), u.addmm_(xa_u, b_u.t()),
                                                       swiglu_forward(g, u)), 3 * big),
             # backward values drift in place; the timing does not depend on them
-            "v13 bwd (terms inside)": (lambda: lora_glu_backward_inplace(dh, g, u, "silu", **terms, dy_b=dy_b,
+            "v14 bwd (terms inside)": (lambda: lora_glu_backward_inplace(dh, g, u, "silu", **terms, dy_b=dy_b,
                                                                         a_d=a_d, s_d=2.0), 6 * big),
             "v12 bwd (addmm_ + swiglu)": (lambda: (dh.addmm_(dy_b, a_d), swiglu_backward_inplace(dh, g, u)),
                                           6 * big),
@@ -193,6 +194,16 @@ def bench_glu(emit, ceiling):
         for name, (fn, nbytes) in cases.items():
             ms = timed(fn)
             emit("glu", f"{shape} {name} {N_TOK}x{inter}", ms, gbps=nbytes / ms / 1e6, ceiling=ceiling)
+        # every tile lora_glu may pick (v13 had the first only), and what it picked
+        tiles, picked = glu.TILES, dict(glu._TILES_PICKED)
+        for tile in tiles:
+            glu.TILES, glu._TILES_PICKED = (tile,), {}
+            for name, (fn, nbytes) in cases.items():
+                if name.startswith("v14"):
+                    ms = timed(fn)
+                    emit("glu", f"{shape} {name[4:7]} tile {tile}", ms, gbps=nbytes / ms / 1e6, ceiling=ceiling)
+        glu.TILES, glu._TILES_PICKED = tiles, {}
+        print(f"glu {shape} picked: {[(k[0], k[-1] if k[0] == 'fwd' else k[-2:], v) for k, v in picked.items()]}")
         del g, u, dh
         torch.cuda.empty_cache()
 

@@ -293,11 +293,17 @@ def setup_hf(args):
             base = os.path.abspath(args.base_root)  # kernels/ holds tuneforge_kernels from 1c0711b on
             sys.path[:0] = [base, os.path.join(base, "kernels")]
         from gpu_worker.patching import patch_model
+        if getattr(args, "join", "auto") == "off":  # an experiment: separate q/k/v and gate/up weights
+            sys.modules["gpu_worker.patching"].JOIN_MAX_HIDDEN = 0
         args.patch_module = sys.modules["gpu_worker.patching"].__file__
         report = patch_model(model, memory_mode={"off": "off", "on": "checkpointing",
                                                  "offload": "offload"}[args.ckpt])
         args.patch_report = {"patched": list(report.patched), "reason": report.reason,
-                             "memory_mode": report.memory_mode}
+                             "memory_mode": report.memory_mode, "counts": dict(getattr(report, "counts", {}))}
+        if getattr(args, "glu_tiles", "picked") == "v13":  # an experiment: v13's one tile, no picking
+            glu = sys.modules["tuneforge_kernels.lora_glu"]
+            glu.TILES = glu.TILES[:1]
+            args.patch_report["glu_tiles"] = "v13"
         if getattr(args, "ce_rows", 0):  # an experiment: a fixed CE chunk instead of the kernel's rule
             sys.modules["tuneforge_kernels.cross_entropy"]._chunk_rows = lambda *_: args.ce_rows
             args.patch_report["ce_rows"] = args.ce_rows
@@ -420,6 +426,11 @@ def run_one(args):
         # events between steps give each step's device time without a host sync in the loop: a host-side
         # stall shows as one long step (the 1B A/B of 2026-12-03 v5 differed by 7.4% with no way to tell)
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
+        prof = None
+        if args.cprofile:  # where the host's time goes (a launch-bound step: tiny batches)
+            import cProfile
+            prof = cProfile.Profile()
+            prof.enable()
         t0 = time.perf_counter()
         marks[0].record()
         for i in range(args.steps):
@@ -427,6 +438,9 @@ def run_one(args):
             marks[i + 1].record()
         torch.cuda.synchronize()
         el = time.perf_counter() - t0
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(args.cprofile)
         rec["step_ms"] = [round(marks[i].elapsed_time(marks[i + 1]), 2) for i in range(args.steps)]
         rec["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         rec["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
@@ -646,6 +660,11 @@ def main():
     ap.add_argument("--deadline-s", type=float, default=540)
     ap.add_argument("--per-run-s", type=float, default=300)
     ap.add_argument("--summary", default=None, help="write a JSON summary (device, versions, commit) here")
+    ap.add_argument("--join", choices=["auto", "off"], default="auto",
+                    help="ours: join q/k/v and gate/up base weights by the patcher's rule, or never (an A/B)")
+    ap.add_argument("--glu-tiles", choices=["picked", "v13"], default="picked",
+                    help="ours: lora_glu's tile picked per launch kind, or v13's one tile (an A/B)")
+    ap.add_argument("--cprofile", default=None, help="write cProfile stats of the timed steps here")
     ap.add_argument("--ce-rows", type=int, default=0,
                     help="ours/base: rows per fused-CE chunk instead of the kernel's rule (an experiment)")
     ap.add_argument("--data", choices=["fixed", "packed", "flat", "padded"], default="fixed")

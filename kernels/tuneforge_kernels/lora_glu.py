@@ -34,9 +34,15 @@ except ImportError:
 
 ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 MAX_RANK = 64
-# 32 rows x 128 columns: 256-byte row segments (coalesced), three float32 accumulators of 32 registers a
-# thread at 4 warps in the backward; not tuned against other tiles
-_BM, _BN = 32, 128
+# Tiles (rows, columns, warps). The first was v13's only one: 256-byte row segments, three float32 tiles
+# of 32 registers a thread at 4 warps in the backward. Measured on the H200 (bench/NOTES.md v14), v13's
+# backward ran at 0.44 of the copy bandwidth and its forward at 0.48, so on a GPU the first launch of
+# each kind (kernel, width, dtype, terms) times these on its own operands and keeps the fastest
+# (``_tile``); the interpreter uses the first.
+TILES = ((32, 128, 4), (32, 128, 8), (64, 64, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (128, 64, 8))
+_TILES_PICKED: dict = {}
+# rows a trial launch covers: enough programs for many waves on any GPU, a quarter of an 8192-token step
+_TRIAL_ROWS = 2048
 
 if triton is not None:
 
@@ -79,9 +85,9 @@ if triton is not None:
         return g, u
 
     @triton.jit
-    def _lora_glu_fwd_kernel(YG, YU, H, ld_y, ld_h, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
-                             n_rows, n_cols, ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
-                             RG: tl.constexpr, RU: tl.constexpr, PREC: tl.constexpr,
+    def _lora_glu_fwd_kernel(YG, YU, H, ld_y, ld_h, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g,
+                             rank_u, sg, su, n_rows, n_cols, ACT: tl.constexpr, HAS_G: tl.constexpr,
+                             HAS_U: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr, PREC: tl.constexpr,
                              BM: tl.constexpr, BN: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -94,8 +100,8 @@ if triton is not None:
                  mask=mask)
 
     @triton.jit
-    def _lora_glu_bwd_kernel(DH, YG, YU, ld_y, ld_h, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
-                             DYB, ld_dyb, AD, ld_ad, rank_d, sd, n_rows, n_cols,
+    def _lora_glu_bwd_kernel(DH, YG, YU, ld_y, ld_h, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g,
+                             rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd, n_rows, n_cols,
                              ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
                              RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, PREC: tl.constexpr,
                              BM: tl.constexpr, BN: tl.constexpr):
@@ -149,8 +155,49 @@ def _prec(t):
     return "ieee" if t.dtype == torch.float32 or not t.is_cuda else "native"
 
 
-def _grid(yg):
-    return (triton.cdiv(yg.shape[0], _BM), triton.cdiv(yg.shape[1], _BN))
+def _tile(key, launch, n_rows, restore=()):
+    """The tile for launches of this ``key``: on a GPU, picked on first use by timing ``launch(tile,
+    rows)`` for each of ``TILES`` over the first rows (``restore``: tensors an in-place kernel
+    overwrites, put back afterwards); else the first."""
+    tile = _TILES_PICKED.get(key)
+    if tile is None:
+        tile = _TILES_PICKED[key] = pick_fastest(TILES, lambda t: launch(t, min(n_rows, _TRIAL_ROWS)),
+                                                 restore, _cuda_ms)
+    return tile
+
+
+def pick_fastest(candidates, run, restore, timer):
+    """The candidate whose ``run(candidate)`` ``timer`` finds fastest (its first run, which compiles, is not
+    timed); one that fails is skipped. ``restore``'s tensors hold their values again afterwards."""
+    saved = [t.clone() for t in restore]
+    best, best_ms = candidates[0], float("inf")
+    for cand in candidates:
+        try:
+            run(cand)
+            ms = timer(lambda: run(cand))
+        except Exception:  # noqa: BLE001  (a tile the GPU cannot run, out of registers or shared memory)
+            continue
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    for t, s in zip(restore, saved):
+        t.copy_(s)
+    return best
+
+
+def _cuda_ms(fn, reps=5):
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[reps // 2]
+
+
+def _launch_key(name, yg, act, *flags):
+    return (name, yg.device.index, yg.shape[1], yg.dtype, yg.stride(0), act, *flags)
 
 
 def lora_glu_forward(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0):
@@ -161,10 +208,17 @@ def lora_glu_forward(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, 
     h = torch.empty_like(yg, memory_format=torch.contiguous_format)
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
-    launcher(_lora_glu_fwd_kernel, yg)[_grid(yg)](
-        yg, yu, h, yg.stride(0), h.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
-        yg.shape[0], yg.shape[1], ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, RG=pg, RU=pu, PREC=_prec(yg),
-        BM=_BM, BN=_BN, num_warps=4)
+
+    def launch(tile, n_rows):
+        bm, bn, warps = tile
+        launcher(_lora_glu_fwd_kernel, yg)[(triton.cdiv(n_rows, bm), triton.cdiv(yg.shape[1], bn))](
+            yg, yu, h, yg.stride(0), h.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
+            n_rows, yg.shape[1], ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, RG=pg, RU=pu, PREC=_prec(yg),
+            BM=bm, BN=bn, num_warps=warps)
+
+    tile = _tile(_launch_key("fwd", yg, act, pg * has_g, pu * has_u), launch, yg.shape[0]) if yg.is_cuda \
+        else TILES[0]
+    launch(tile, yg.shape[0])
     return h
 
 
@@ -176,11 +230,22 @@ def lora_glu_backward_inplace(dh, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
     xd, ad, ld_xd, ld_ad, rd, sd, has_d, pd = _term(dy_b, a_d, s_d, yg)
-    launcher(_lora_glu_bwd_kernel, yg)[_grid(yg)](
-        dh, yg, yu, yg.stride(0), dh.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
-        xd, ld_xd, ad, ld_ad, rd, sd, yg.shape[0], yg.shape[1],
-        ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, RG=pg, RU=pu, RD=pd, PREC=_prec(yg),
-        BM=_BM, BN=_BN, num_warps=4)
+
+    def launch(tile, n_rows):
+        bm, bn, warps = tile
+        launcher(_lora_glu_bwd_kernel, yg)[(triton.cdiv(n_rows, bm), triton.cdiv(yg.shape[1], bn))](
+            dh, yg, yu, yg.stride(0), dh.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
+            xd, ld_xd, ad, ld_ad, rd, sd, n_rows, yg.shape[1],
+            ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, RG=pg, RU=pu, RD=pd, PREC=_prec(yg),
+            BM=bm, BN=bn, num_warps=warps)
+
+    if yg.is_cuda:
+        rows = slice(0, min(yg.shape[0], _TRIAL_ROWS))
+        key = _launch_key("bwd", yg, act, pg * has_g, pu * has_u, pd * has_d, dh.stride(0))
+        tile = _tile(key, launch, yg.shape[0], restore=(dh[rows], yg[rows], yu[rows]))
+    else:
+        tile = TILES[0]
+    launch(tile, yg.shape[0])
 
 
 def lora_glu_reference(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0):

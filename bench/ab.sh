@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Interleaved A/B (A B C A B C ...) of bench/train_step.py runs of our method, one process each, so that a
+# drift of the machine during the call spreads over every variant; prints each run's median step and
+# appends its RESULT record, tagged with the variant's name, to OUT_JSONL.
+#   bash bench/ab.sh OUT_JSONL ROUNDS "name|train_step args" "name|args" ...
+# e.g. bash bench/ab.sh $OUT/ab.jsonl 3 "v14|--shape 1B --ckpt off" "nojoin|--shape 1B --ckpt off --join off"
+set -u
+out=${1:?usage: ab.sh OUT_JSONL ROUNDS "name|args"...}
+rounds=${2:?rounds}
+shift 2
+for ((r = 1; r <= rounds; r++)); do
+  for variant in "$@"; do
+    name=${variant%%|*}
+    # shellcheck disable=SC2086  # the args are words
+    line=$(timeout 300 python3 bench/train_step.py run --method ours ${variant#*|} 2>>"$out.err" | grep '^RESULT ')
+    if [[ -z $line ]]; then
+      echo "$name round $r: no result (see $out.err)"
+      continue
+    fi
+    echo "${line#RESULT }" | python3 -c "
+import json, sys
+d = json.load(sys.stdin); d['variant'] = '$name'; d['round'] = $r
+open('$out', 'a').write(json.dumps(d) + '\n')
+ms = sorted(d.get('step_ms') or [0])
+print(f\"{d['variant']:<10} round $r: median {ms[len(ms) // 2]:.1f} ms, {d.get('tokens_per_s') or 0:.0f} tok/s, \"
+      f\"peak {d.get('peak_gb') or 0:.2f} GB {d.get('error') or ''}\")"
+  done
+done
