@@ -3,7 +3,7 @@ a hand-derived backward.
 
 Per projection ``p``: ``y_p = x W_p^T + s_p (x A_p^T) B_p^T`` with the base ``W_p`` frozen.
 Forward saves only ``x``, the base products ``x W_g^T``, ``x W_u^T`` and the rank-r products ``x A_g^T``,
-``x A_u^T``; stock HF+PEFT also keeps ``act(g)`` and ``h = act(g) * u`` alive (two more tokens x
+``x A_u^T``, ``h A_d^T``; stock HF+PEFT also keeps ``act(g)`` and ``h = act(g) * u`` alive (two more tokens x
 intermediate tensors per layer). The gate's and up's rank-r terms, and in backward the down projection's
 term of ``dh``, are computed inside the activation kernels (lora_glu.py), not added onto the
 (tokens x intermediate) tensors by separate passes. Backward recomputes ``h`` inside the
@@ -174,12 +174,13 @@ def _glu_terms(fused, xa_g, xa_u, lora, scales):
 _DEFERRED_ROWS = 2048
 
 
-def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, fused, dtype, dx):
+def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, fused, dtype, dx, xa_d=None):
     """Backward of a block of rows whose ``x W_g^T``, ``x W_u^T`` (``g``/``u``: with the rank-r terms
     unless ``fused``) and ``x A^T`` are given (``g``/``u`` are overwritten): writes ``dx (rows, H)`` when
     it is not None and returns the six adapter-gradient terms in the compute dtype (dA_g, dB_g, dA_u,
-    dB_u, dA_d, dB_d; None where not wanted). Weights are dequantised at each use (one transient at a
-    time) unless the caller passes tensors."""
+    dB_u, dA_d, dB_d; None where not wanted). ``xa_d``: the forward's ``h A_d^T`` (else recomputed from
+    ``h``). Weights are dequantised at each use (one transient at a time) unless the caller passes
+    tensors."""
     ag, bg, au, bu, ad, bd = lora
     wg, wu, wd = weights
     sg, su, sd = scales
@@ -195,7 +196,7 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
         if need[8]:
             grads[4] = sd * (dy_b.t() @ h)                                      # (r, I)
         if need[9]:
-            grads[5] = sd * (dy2.t() @ (h @ ad.t()))                            # (H, r)
+            grads[5] = sd * (dy2.t() @ (xa_d if xa_d is not None else h @ ad.t()))  # (H, r)
     del h
     if dx is not None:
         dgu, both = joined([dg, du], 1), joined([wg, wu], 0)
@@ -236,13 +237,14 @@ class _LoraMLPFunction(torch.autograd.Function):
         ag_, bg_, au_, bu_, ad_, bd_ = cast
         fused = lora_glu.fusable(bg_, bu_, bd_)
         if output_unused:  # deferred (module docstring): nothing reads y, backward recomputes g and u
-            g = u = xa_g = xa_u = None
+            g = u = xa_g = xa_u = xa_d = None
             y = x2.new_empty(x2.shape[0], _out_features(wd))                    # (N, H)
         else:
             g, u, xa_g, xa_u = _gate_up(x2, (wg, wu), dtype, cast[:4], (sg, su), fused)
             h = _act_forward(g, u, act, _glu_terms(fused, xa_g, xa_u, cast, (sg, su)))  # (N, I)
-            y, _ = _project(h, _dense(wd, dtype), ad_, bd_, sd)                 # (N, H)
-        ctx.save_for_backward(g, u, xa_g, xa_u, ag_, bg_, au_, bu_, ad_, bd_, *_x_for_saving(ctx, x, x2))
+            # h A_d^T (N, r) is kept: backward's dB_d reads it (a pass over h less for r columns)
+            y, xa_d = _project(h, _dense(wd, dtype), ad_, bd_, sd)             # (N, H)
+        ctx.save_for_backward(g, u, xa_g, xa_u, xa_d, ag_, bg_, au_, bu_, ad_, bd_, *_x_for_saving(ctx, x, x2))
         ctx.weights = (wg, wu, wd)
         ctx.scales = (sg, su, sd)
         ctx.act, ctx.shape, ctx.dtype = act, shape, dtype
@@ -252,7 +254,7 @@ class _LoraMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        g, u, xa_g, xa_u, *rest = ctx.saved_tensors
+        g, u, xa_g, xa_u, xa_d, *rest = ctx.saved_tensors
         lora, x_saved = rest[:6], rest[6:]
         x2 = _restore_x(ctx, x_saved)
         dtype = ctx.dtype
@@ -261,7 +263,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         dx = x2.new_empty(x2.shape) if need[0] else None                        # (N, H), contiguous
         common = (ctx.scales, need, ctx.act, ctx.fused, dtype)
         if not ctx.deferred:
-            grads = _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, ctx.weights, *common, dx)
+            grads = _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, ctx.weights, *common, dx, xa_d)
         else:
             # dequantised once for all blocks (QLoRA: three transients instead of one at a time)
             weights = [_dense(w, dtype) for w in ctx.weights]

@@ -73,6 +73,17 @@ def test_joined_gate_up_weights_take_one_gemm_each_way():
     assert counts[1] == counts[0] - 2, counts
 
 
+def test_down_projections_rank_r_input_is_kept_not_recomputed():
+    # dB_d reads h A_d^T: the forward's product (N x r) is saved, so A_d is read by one product only
+    torch.manual_seed(4)
+    x = torch.randn(6, 8, requires_grad=True)
+    gate, up, down = _proj(12, 8, 2, "cpu", torch.float32), _proj(12, 8, 2, "cpu", torch.float32), \
+        _proj(8, 12, 2, "cpu", torch.float32)
+    with count_matmuls([down.lora_a]) as n:
+        lora_mlp(x, gate, up, down, impl="triton").sum().backward()
+    assert n["reading"] == 1 and down.lora_b.grad is not None
+
+
 def test_joined_finds_only_one_buffer_laid_out_in_order():
     buf = torch.randn(10, 4)
     a, b, c = buf[:3], buf[3:7], buf[7:]

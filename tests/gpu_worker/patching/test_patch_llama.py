@@ -187,6 +187,11 @@ def test_joined_weights_are_views_that_change_no_value(tmp_path):
     assert up.data_ptr() == gate.data_ptr() + gate.numel() * gate.element_size()
     after = ours.state_dict()
     assert before.keys() == after.keys() and all(before[n].equal(after[n]) for n in before)
+    # q/k/v come out of one product; v, which the attention saves, must not keep the whole product alive
+    from gpu_worker.patching.decoder import _project_qkv
+
+    q_out, _, v_out = _project_qkv(layer.self_attn, torch.randn(2, 5, config.hidden_size), "triton")
+    assert v_out.untyped_storage().data_ptr() != q_out.untyped_storage().data_ptr()
     x, labels = _batch("cpu")
     _step(ours, x, labels, "cpu")
     with torch.no_grad():
