@@ -167,6 +167,10 @@ def bench_tuned(emit):
         tunable.enable(False)
 
 
+# (rows, columns, warps) of lora_glu's kernels tried against its TILE
+GLU_TILES = ((32, 128, 4), (32, 128, 8), (64, 64, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (128, 64, 8))
+
+
 def bench_glu(emit, ceiling):
     import tuneforge_kernels.lora_glu as glu
     from tuneforge_kernels.lora_glu import lora_glu_backward_inplace, lora_glu_forward
@@ -194,16 +198,15 @@ def bench_glu(emit, ceiling):
         for name, (fn, nbytes) in cases.items():
             ms = timed(fn)
             emit("glu", f"{shape} {name} {N_TOK}x{inter}", ms, gbps=nbytes / ms / 1e6, ceiling=ceiling)
-        # every tile lora_glu may pick (v13 had the first only), and what it picked
-        tiles, picked = glu.TILES, dict(glu._TILES_PICKED)
-        for tile in tiles:
-            glu.TILES, glu._TILES_PICKED = (tile,), {}
+        # lora_glu's tile against the others tried (v13's 32 x 128 x 4 first)
+        chosen = glu.TILE
+        for tile in GLU_TILES:
+            glu.TILE = tile
             for name, (fn, nbytes) in cases.items():
                 if name.startswith("v14"):
                     ms = timed(fn)
                     emit("glu", f"{shape} {name[4:7]} tile {tile}", ms, gbps=nbytes / ms / 1e6, ceiling=ceiling)
-        glu.TILES, glu._TILES_PICKED = tiles, {}
-        print(f"glu {shape} picked: {[(k[0], k[-1] if k[0] == 'fwd' else k[-2:], v) for k, v in picked.items()]}")
+        glu.TILE = chosen
         del g, u, dh
         torch.cuda.empty_cache()
 

@@ -300,10 +300,9 @@ def setup_hf(args):
                                                  "offload": "offload"}[args.ckpt])
         args.patch_report = {"patched": list(report.patched), "reason": report.reason,
                              "memory_mode": report.memory_mode, "counts": dict(getattr(report, "counts", {}))}
-        if getattr(args, "glu_tiles", "picked") == "v13":  # an experiment: v13's one tile, no picking
-            glu = sys.modules["tuneforge_kernels.lora_glu"]
-            glu.TILES = glu.TILES[:1]
-            args.patch_report["glu_tiles"] = "v13"
+        if getattr(args, "glu_tile", None):  # an experiment: another tile for lora_glu's kernels
+            sys.modules["tuneforge_kernels.lora_glu"].TILE = tuple(int(v) for v in args.glu_tile.split(","))
+            args.patch_report["glu_tile"] = args.glu_tile
         if getattr(args, "ce_rows", 0):  # an experiment: a fixed CE chunk instead of the kernel's rule
             sys.modules["tuneforge_kernels.cross_entropy"]._chunk_rows = lambda *_: args.ce_rows
             args.patch_report["ce_rows"] = args.ce_rows
@@ -662,8 +661,8 @@ def main():
     ap.add_argument("--summary", default=None, help="write a JSON summary (device, versions, commit) here")
     ap.add_argument("--join", choices=["auto", "off"], default="auto",
                     help="ours: join q/k/v and gate/up base weights by the patcher's rule, or never (an A/B)")
-    ap.add_argument("--glu-tiles", choices=["picked", "v13"], default="picked",
-                    help="ours: lora_glu's tile picked per launch kind, or v13's one tile (an A/B)")
+    ap.add_argument("--glu-tile", default=None,
+                    help="ours: rows,cols,warps for lora_glu's kernels instead of its TILE (an A/B; v13: 32,128,4)")
     ap.add_argument("--cprofile", default=None, help="write cProfile stats of the timed steps here")
     ap.add_argument("--ce-rows", type=int, default=0,
                     help="ours/base: rows per fused-CE chunk instead of the kernel's rule (an experiment)")

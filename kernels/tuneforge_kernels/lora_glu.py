@@ -34,15 +34,13 @@ except ImportError:
 
 ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 MAX_RANK = 64
-# Tiles (rows, columns, warps). The first was v13's only one: 256-byte row segments, three float32 tiles
-# of 32 registers a thread at 4 warps in the backward. Measured on the H200 (bench/NOTES.md v14), v13's
-# backward ran at 0.44 of the copy bandwidth and its forward at 0.48, so on a GPU the first launch of
-# each kind (kernel, width, dtype, terms) times these on its own operands and keeps the fastest
-# (``_tile``); the interpreter uses the first.
-TILES = ((32, 128, 4), (32, 128, 8), (64, 64, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (128, 64, 8))
-_TILES_PICKED: dict = {}
-# rows a trial launch covers: enough programs for many waves on any GPU, a quarter of an 8192-token step
-_TRIAL_ROWS = 2048
+# The tile (rows, columns, warps) of both kernels. v13 had 32 x 128 x 4; session 8's micro-benchmark timed
+# seven tiles on the H200 (bench/NOTES.md v14, results/2026-12-04-h200-v14-micro.txt) and 16 x 256 at 4
+# warps was the fastest or within 1% of it for both kernels at both shapes (8B backward 0.671 ms against
+# 32 x 128's 0.743, forward 0.288 against 0.307; 1B 0.412 / 0.186 against 0.449 / 0.195). A per-launch pick
+# was tried and dropped: its trial compiles (seven tiles per kind of launch) cost tens of seconds at the
+# first step, and on 2048 trial rows it kept 32 x 128 where the full-size timing preferred 16 x 256.
+TILE = (16, 256, 4)
 
 if triton is not None:
 
@@ -155,49 +153,8 @@ def _prec(t):
     return "ieee" if t.dtype == torch.float32 or not t.is_cuda else "native"
 
 
-def _tile(key, launch, n_rows, restore=()):
-    """The tile for launches of this ``key``: on a GPU, picked on first use by timing ``launch(tile,
-    rows)`` for each of ``TILES`` over the first rows (``restore``: tensors an in-place kernel
-    overwrites, put back afterwards); else the first."""
-    tile = _TILES_PICKED.get(key)
-    if tile is None:
-        tile = _TILES_PICKED[key] = pick_fastest(TILES, lambda t: launch(t, min(n_rows, _TRIAL_ROWS)),
-                                                 restore, _cuda_ms)
-    return tile
-
-
-def pick_fastest(candidates, run, restore, timer):
-    """The candidate whose ``run(candidate)`` ``timer`` finds fastest (its first run, which compiles, is not
-    timed); one that fails is skipped. ``restore``'s tensors hold their values again afterwards."""
-    saved = [t.clone() for t in restore]
-    best, best_ms = candidates[0], float("inf")
-    for cand in candidates:
-        try:
-            run(cand)
-            ms = timer(lambda: run(cand))
-        except Exception:  # noqa: BLE001  (a tile the GPU cannot run, out of registers or shared memory)
-            continue
-        if ms < best_ms:
-            best, best_ms = cand, ms
-    for t, s in zip(restore, saved):
-        t.copy_(s)
-    return best
-
-
-def _cuda_ms(fn, reps=5):
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2]
-
-
-def _launch_key(name, yg, act, *flags):
-    return (name, yg.device.index, yg.shape[1], yg.dtype, yg.stride(0), act, *flags)
+def _grid(n_rows, n_cols, tile):
+    return (triton.cdiv(n_rows, tile[0]), triton.cdiv(n_cols, tile[1]))
 
 
 def lora_glu_forward(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0):
@@ -208,17 +165,11 @@ def lora_glu_forward(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, 
     h = torch.empty_like(yg, memory_format=torch.contiguous_format)
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
-
-    def launch(tile, n_rows):
-        bm, bn, warps = tile
-        launcher(_lora_glu_fwd_kernel, yg)[(triton.cdiv(n_rows, bm), triton.cdiv(yg.shape[1], bn))](
-            yg, yu, h, yg.stride(0), h.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
-            n_rows, yg.shape[1], ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, RG=pg, RU=pu, PREC=_prec(yg),
-            BM=bm, BN=bn, num_warps=warps)
-
-    tile = _tile(_launch_key("fwd", yg, act, pg * has_g, pu * has_u), launch, yg.shape[0]) if yg.is_cuda \
-        else TILES[0]
-    launch(tile, yg.shape[0])
+    bm, bn, warps = TILE
+    launcher(_lora_glu_fwd_kernel, yg)[_grid(*yg.shape, TILE)](
+        yg, yu, h, yg.stride(0), h.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
+        yg.shape[0], yg.shape[1], ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, RG=pg, RU=pu, PREC=_prec(yg),
+        BM=bm, BN=bn, num_warps=warps)
     return h
 
 
@@ -230,22 +181,12 @@ def lora_glu_backward_inplace(dh, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
     xd, ad, ld_xd, ld_ad, rd, sd, has_d, pd = _term(dy_b, a_d, s_d, yg)
-
-    def launch(tile, n_rows):
-        bm, bn, warps = tile
-        launcher(_lora_glu_bwd_kernel, yg)[(triton.cdiv(n_rows, bm), triton.cdiv(yg.shape[1], bn))](
-            dh, yg, yu, yg.stride(0), dh.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
-            xd, ld_xd, ad, ld_ad, rd, sd, n_rows, yg.shape[1],
-            ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, RG=pg, RU=pu, RD=pd, PREC=_prec(yg),
-            BM=bm, BN=bn, num_warps=warps)
-
-    if yg.is_cuda:
-        rows = slice(0, min(yg.shape[0], _TRIAL_ROWS))
-        key = _launch_key("bwd", yg, act, pg * has_g, pu * has_u, pd * has_d, dh.stride(0))
-        tile = _tile(key, launch, yg.shape[0], restore=(dh[rows], yg[rows], yu[rows]))
-    else:
-        tile = TILES[0]
-    launch(tile, yg.shape[0])
+    bm, bn, warps = TILE
+    launcher(_lora_glu_bwd_kernel, yg)[_grid(*yg.shape, TILE)](
+        dh, yg, yu, yg.stride(0), dh.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
+        xd, ld_xd, ad, ld_ad, rd, sd, yg.shape[0], yg.shape[1],
+        ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, RG=pg, RU=pu, RD=pd, PREC=_prec(yg),
+        BM=bm, BN=bn, num_warps=warps)
 
 
 def lora_glu_reference(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuneforge_kernels.lora_glu import (MAX_RANK, TILES, fusable, lora_glu, lora_glu_backward_inplace,
-                                        lora_glu_forward, lora_glu_reference, pick_fastest)
+from tuneforge_kernels.lora_glu import (MAX_RANK, TILE, fusable, lora_glu, lora_glu_backward_inplace,
+                                        lora_glu_forward, lora_glu_reference)
 from tests.kernels.conftest import DEVICES, TOL, needs_cuda, needs_triton, rel_err
 
 pytestmark = needs_triton
@@ -60,7 +60,7 @@ def test_forward_and_inplace_backward_match_reference(device, dtype, act, ranks)
 
 def test_every_output_element_is_written(monkeypatch):
     """h comes from torch.empty_like: poisoned with NaN here, so a tile that skipped an edge row or column
-    (33 x 129 against 32 x 128 tiles) would leave NaN behind."""
+    (33 x 129: neither 16 x 256 nor 32 x 128 tiles divide it) would leave NaN behind."""
     import tuneforge_kernels.lora_glu as mod
 
     monkeypatch.setattr(mod.torch, "empty_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
@@ -70,39 +70,19 @@ def test_every_output_element_is_written(monkeypatch):
     assert torch.isfinite(h).all() and rel_err(h, h_ref) < 1e-5
 
 
-@pytest.mark.parametrize("tile", TILES)
-def test_every_tile_covers_odd_shapes(monkeypatch, tile):
-    """Each tile a GPU may pick (lora_glu._tile), through the interpreter: rows and columns that no tile
-    divides, every term present; the outputs start as NaN so a skipped edge shows."""
+@pytest.mark.parametrize("tile", [TILE, (32, 128, 4)])
+def test_tiles_cover_odd_shapes(monkeypatch, tile):
+    """The kernels' tile (and v13's, which micro.py still times) through the interpreter: rows and columns
+    that no tile divides, every term present; the outputs start as NaN so a skipped edge shows."""
     import tuneforge_kernels.lora_glu as mod
 
-    monkeypatch.setattr(mod, "TILES", (tile,))
+    monkeypatch.setattr(mod, "TILE", tile)
     yg, yu, dh, terms, down = _case(tile[0] + 3, tile[1] * 2 + 5, (3, 4, 5), "cpu", torch.float32, seed=8)
     h_ref, dg_ref, du_ref = _expected(yg, yu, dh, "gelu_tanh", terms, down)
     monkeypatch.setattr(mod.torch, "empty_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
     assert rel_err(lora_glu_forward(yg, yu, "gelu_tanh", **terms), h_ref) < 1e-5
     lora_glu_backward_inplace(dh, yg, yu, "gelu_tanh", **terms, **down)
     assert rel_err(dh, h_ref) < 1e-5 and rel_err(yg, dg_ref) < 1e-5 and rel_err(yu, du_ref) < 1e-5
-
-
-def test_pick_fastest_skips_failures_and_restores_what_trials_overwrote():
-    buf = torch.arange(6.0)
-    times = {"a": 3.0, "b": 1.0, "c": 0.5, "d": 2.0}
-    ran = []
-
-    def run(c):
-        ran.append(c)
-        buf.mul_(-1.0)  # an in-place kernel's trial
-        if c == "c":
-            raise RuntimeError("out of resources")  # the fastest on paper cannot run here
-
-    def timer(fn):  # "times" the last candidate run
-        fn()
-        return times[ran[-1]]
-
-    picked = pick_fastest(tuple(times), run, (buf,), timer)
-    assert picked == "b" and buf.equal(torch.arange(6.0))
-    assert ran.count("a") == 2 and ran.count("c") == 1  # compile-and-warm run, then the timed one
 
 
 def test_strided_rows_and_column_slices_of_a_wider_product():
