@@ -74,10 +74,10 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         return PatchReport(architecture=arch, memory_mode=memory_mode, reason=reason)
 
     from gpu_worker.patching.decoder import (mlp_output_only_feeds_the_residual, patch_attention, patch_causal_lm,
-                                             patch_mlp, patch_rms_norm)
+                                             patch_mlp, patch_residual_norm, patch_rms_norm)
 
     counts = {"rms_norm": 0, "lora_qkv_o": 0, "rope": 0, "lora_mlp": 0, "fused_linear_cross_entropy": 0,
-              "joined_weights": 0}
+              "joined_weights": 0, "residual_rms_norm": 0}
     offset = 1.0 if arch in _UNIT_OFFSET_NORMS else 0.0
     join = getattr(config, "hidden_size", JOIN_MAX_HIDDEN + 1) <= JOIN_MAX_HIDDEN
     for layer in base.model.layers:
@@ -94,12 +94,15 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         counts["lora_qkv_o"] += 1
         patch_mlp(layer.mlp, act, impl, output_discarded_in_recompute=mlp_output_only_feeds_the_residual(layer))
         counts["lora_mlp"] += 1
+        counts["residual_rms_norm"] += patch_residual_norm(layer, impl, offset)  # reads the stock forward: last
     patch_rms_norm(base.model.norm, impl, offset)
     counts["rms_norm"] += 1
     patch_causal_lm(base, impl)
     counts["fused_linear_cross_entropy"] += 1
     apply_memory_mode(model, memory_mode)
-    return PatchReport(architecture=arch, patched=tuple(k for k, v in counts.items() if v and k != "joined_weights"),
+    # counts only: layouts and fusions of the kernels the patched names already list
+    extras = ("joined_weights", "residual_rms_norm")
+    return PatchReport(architecture=arch, patched=tuple(k for k, v in counts.items() if v and k not in extras),
                        memory_mode=memory_mode, counts=counts)
 
 

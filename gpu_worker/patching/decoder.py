@@ -1,8 +1,10 @@
 """Instance-level forwards for Llama-family decoders (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3) that route
 the model's norms, Q/K/V and O projections (LoRA fused), rotary embedding, MLP and loss through ``kernels``.
 
-Each function here replaces ``forward`` on one module *instance* (``module.forward = MethodType(...)``);
-classes, other models and ``torch.nn.functional`` are untouched. Attention itself stays whatever
+Each function here replaces ``forward`` on one module *instance* (``module.forward = MethodType(...)``),
+except ``patch_residual_norm``, which gives a standard decoder layer instance a subclass of its class
+(transformers checkpoints layers by wrapping the class's ``forward``); the classes themselves, other
+models and ``torch.nn.functional`` are untouched. Attention itself stays whatever
 ``config._attn_implementation`` selects (SDPA / flash), so masks and sliding windows behave exactly as in
 transformers, with one exception: a packed batch (``position_ids`` restarting at 0, no mask, no KV
 cache) runs ``tuneforge_kernels.varlen_attention`` (flash attention's variable-length kernel, the
@@ -11,8 +13,10 @@ documents found once per forward) instead of SDPA under a document mask.
 
 from __future__ import annotations
 
+import ast
 import inspect
 import sys
+import textwrap
 from types import MethodType
 
 import torch
@@ -58,6 +62,107 @@ def mlp_output_only_feeds_the_residual(layer: nn.Module) -> bool:
         return False
     lines = [ln.split("#")[0].strip() for ln in src.splitlines()]
     return tuple(ln for ln in lines if ln)[-3:] == _RESIDUAL_TAIL
+
+
+# the rest of a decoder layer's forward after the attention call, when it adds the residual around the
+# attention and the MLP and normalises in between (Llama, Mistral, Qwen2/3, Gemma)
+_AFTER_ATTENTION = ("hidden_states = residual + hidden_states", "residual = hidden_states",
+                    "hidden_states = self.post_attention_layernorm(hidden_states)", *_RESIDUAL_TAIL)
+
+
+def _pass_through_layer_defaults(layer: nn.Module) -> dict | None:
+    """If ``layer``'s forward is exactly ``residual = h; h = input_layernorm(h); h, _ = self_attn(h=h, every
+    argument passed on by its own name, **kwargs)`` then ``_AFTER_ATTENTION`` (read from its source), the
+    defaults of its keyword parameters (what it passes to the attention when the caller does not);
+    else None."""
+    if "forward" in vars(layer):
+        return None
+    stock = inspect.unwrap(type(layer).forward)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(stock)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    fn = tree.body[0]
+    body = [st for st in fn.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
+    if len(body) != 3 + len(_AFTER_ATTENTION):
+        return None
+    head = [ast.unparse(st) for st in body[:2]]
+    if head != ["residual = hidden_states", "hidden_states = self.input_layernorm(hidden_states)"]:
+        return None
+    call = body[2]
+    if not (isinstance(call, ast.Assign) and ast.unparse(call.targets[0]).strip("()") == "hidden_states, _"
+            and isinstance(call.value, ast.Call) and ast.unparse(call.value.func) == "self.self_attn"
+            and not call.value.args):
+        return None
+    for kw in call.value.keywords:  # name=name, or **kwargs: every argument passed on unchanged
+        passed = kw.arg is None or (isinstance(kw.value, ast.Name) and kw.value.id == kw.arg)
+        if not passed:
+            return None
+    if [ast.unparse(st) for st in body[3:]] != list(_AFTER_ATTENTION):
+        return None
+    params = list(inspect.signature(stock).parameters.values())[2:]  # after self, hidden_states
+    if any(p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in params):
+        return None
+    return {p.name: p.default for p in params if p.kind != p.VAR_KEYWORD and p.default is not p.empty}
+
+
+def patch_residual_norm(layer: nn.Module, impl: str | None, offset: float = 0.0) -> bool:
+    """Fuse the residual add after the attention into the post-attention RMSNorm (one kernel reads the
+    attention output and the residual, writes their sum and its norm; in backward the residual's gradient
+    is added in the norm's kernel): two elementwise passes and two launches less per layer. Only for a
+    layer whose stock forward is the standard one (``_pass_through_layer_defaults``); the stock forward
+    runs when it is called positionally, when a hook watches the norm, or when the two addends' dtypes
+    differ (HF's add would promote). Call after ``mlp_output_only_feeds_the_residual`` (it reads the
+    stock source). Returns whether the layer computes the fused form.
+
+    The layer's class becomes a subclass with this forward (not an instance ``forward``): transformers
+    5.2x applies activation checkpointing by wrapping each layer class's ``forward``, which an instance
+    attribute would bypass."""
+    if type(layer) in _FUSED_LAYER_CLASSES.values():
+        return True
+    defaults = _pass_through_layer_defaults(layer)
+    if defaults is None:
+        return False
+    norm = layer.post_attention_layernorm
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    layer._tf_residual_norm = (defaults, eps, offset, impl)
+    layer.__class__ = _fused_layer_class(type(layer))
+    return True
+
+
+_FUSED_LAYER_CLASSES: dict = {}
+
+
+def _fused_layer_class(cls: type) -> type:
+    sub = _FUSED_LAYER_CLASSES.get(cls)
+    if sub is not None:
+        return sub
+    stock = cls.forward
+
+    def forward(self, hidden_states, *args, **kwargs):
+        norm = self.post_attention_layernorm
+        if args or norm._forward_hooks or norm._forward_pre_hooks or nn.modules.module._global_forward_hooks \
+                or nn.modules.module._global_forward_pre_hooks:
+            return stock(self, hidden_states, *args, **kwargs)
+        defaults, eps, offset, impl = self._tf_residual_norm
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, **{**defaults, **kwargs})
+        if hidden_states.dtype != residual.dtype:  # HF's add promotes: stay exact
+            hidden_states = residual + hidden_states
+            residual = hidden_states
+            hidden_states = norm(hidden_states)
+        else:
+            hidden_states, residual = rms_norm(hidden_states, norm.weight, eps, offset=offset, residual=residual,
+                                               impl=impl)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+    # same names: transformers' and our own checks read them; pickling finds the stock class
+    sub = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                      "__qualname__": cls.__qualname__})
+    _FUSED_LAYER_CLASSES[cls] = sub
+    return sub
 
 
 def patch_mlp(mlp: nn.Module, act: str, impl: str | None, output_discarded_in_recompute: bool = False) -> None:

@@ -207,6 +207,43 @@ def test_joined_weights_are_views_that_change_no_value(tmp_path):
         assert rel(reloaded(input_ids=x).logits, logits) < 1e-4
 
 
+@pytest.mark.parametrize("model_type,fused", [("llama", True), ("qwen2", True), ("gemma", True),
+                                              ("gemma2", False), ("phi3", False)])
+def test_residual_add_fuses_into_the_post_attention_norm_where_the_layer_is_standard(model_type, fused):
+    # Gemma 2/3 (sandwich norms) and Phi-3 (residual dropout) keep their stock layer forward
+    config = tiny_config(model_type)
+    model = build_lora_model(config)
+    report = patch_model(model, impl="triton")
+    assert report.counts["residual_rms_norm"] == (config.num_hidden_layers if fused else 0)
+    layer = model.get_base_model().model.layers[0]
+    stock = type(build_lora_model(config).get_base_model().model.layers[0])
+    # a subclass of the stock layer class under its name (transformers checkpoints by the class's forward)
+    assert isinstance(layer, stock) and type(layer).__name__ == stock.__name__
+    assert (type(layer) is not stock) == fused
+    assert patch_model(model, impl="triton").counts == report.counts  # patching twice changes nothing
+
+
+def test_fused_residual_norm_steps_aside_for_hooks_and_positional_calls():
+    config = tiny_config("llama")
+    ref, ours = build_lora_model(config), build_lora_model(config)
+    patch_model(ours, impl="triton")
+    x, _ = _batch("cpu")
+    seen = []
+    layer = ours.get_base_model().model.layers[1]
+    handle = layer.post_attention_layernorm.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        assert rel(ours(input_ids=x).logits, ref(input_ids=x).logits) < 1e-4
+    handle.remove()
+    assert seen == [(2, 16, config.hidden_size)]  # the hook saw the norm: the stock forward ran
+    h = torch.randn(2, 16, config.hidden_size)
+    base = ours.get_base_model().model
+    pos = base.rotary_emb(h, torch.arange(16)[None].expand(2, -1))
+    with torch.no_grad():  # positional arguments: the stock forward, same values as the fused one
+        a = layer(h, None, position_embeddings=pos)
+        b = layer(h, attention_mask=None, position_embeddings=pos)
+    assert rel(a, b) < 1e-5
+
+
 def test_models_over_the_join_size_keep_separate_weights(monkeypatch):
     import gpu_worker.patching as patching
 
