@@ -158,7 +158,8 @@ def _fused_layer_class(cls: type) -> type:
         hidden_states = self.mlp(hidden_states)
         return residual + hidden_states
 
-    # same names: transformers' and our own checks read them; pickling finds the stock class
+    # the stock names: transformers' and our own checks read them (a patched model does not pickle anyway:
+    # the instance forwards are closures)
     sub = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
                                       "__qualname__": cls.__qualname__})
     _FUSED_LAYER_CLASSES[cls] = sub
