@@ -111,20 +111,21 @@ def joined(parts, dim: int) -> torch.Tensor | None:
     product), a view of their common storage; None where they are not laid out so (separate
     allocations, other dtypes, quantised weights...)."""
     first = parts[0]
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 and t.dtype == first.dtype
-               and t.device == first.device and t.stride(1) == 1 for t in parts):
-        return None
-    if any(t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for t in parts):
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 and t.stride(1) == 1 for t in parts):
         return None
     size, ld = list(first.shape), first.stride(0)
-    for prev, t in zip(parts, parts[1:]):
+    for prev, t in zip(parts, parts[1:]):  # the cheap tests first: this runs at every call
         step = prev.numel() if dim == 0 else prev.shape[1]
         if t.data_ptr() != prev.data_ptr() + step * prev.element_size() or t.stride(0) != ld:
             return None
-        if t.shape[1 - dim] != first.shape[1 - dim]:
+        if t.shape[1 - dim] != first.shape[1 - dim] or t.dtype != first.dtype:
             return None
         size[dim] += t.shape[dim]
     if dim == 0 and ld != size[1] or dim == 1 and size[1] > ld:
+        return None
+    # adjacent memory is not enough: one storage must hold them all (as_strided reads from first's)
+    storage = first.untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() != storage for t in parts[1:]):
         return None
     return first.as_strided(size, (ld, 1), first.storage_offset())
 
