@@ -24,7 +24,7 @@ import torch
 
 from tuneforge_kernels.backend import use_triton
 from tuneforge_kernels.lora_mlp import (LoraWeights, _compute_dtype, _dense, _out_features, _project_reference,
-                                        _restore_x, _x_for_saving, joined)
+                                        _restore_x, _scaled_mm, _x_for_saving, joined)
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
@@ -109,9 +109,9 @@ class _LoraLinearsFunction(torch.autograd.Function):
             s = ctx.scales[i]
             dy_b = dy2 @ b_s[i]                                                     # (N, r)
             if need[4 + 3 * i]:  # needs_input_grad: x, n, outputs, then (weight, a, b) per projection
-                grads[3 * i + 1] = (s * (dy_b.t() @ x2)).to(ctx.param_dtypes[i][0])  # (r, in)
+                grads[3 * i + 1] = _scaled_mm(dy_b.t(), x2, s).to(ctx.param_dtypes[i][0])  # (r, in)
             if need[5 + 3 * i]:
-                grads[3 * i + 2] = (s * (dy2.t() @ xa)).to(ctx.param_dtypes[i][1])   # (out, r)
+                grads[3 * i + 2] = _scaled_mm(dy2.t(), xa, s).to(ctx.param_dtypes[i][1])   # (out, r)
             if dx is not None:
                 dx.addmm_(dy_b, a_s[i], alpha=s)
         if dx is not None:

@@ -95,6 +95,14 @@ def _restore_x(ctx, saved):
     return x.reshape(-1, x.shape[-1])
 
 
+def _scaled_mm(a, b, s: float) -> torch.Tensor:
+    """``s * (a @ b)`` as one GEMM: the scale is cuBLAS's alpha (an adapter's gradients in backward; beta 0
+    ignores the uninitialised 0-dim input), not a second kernel over the product; none for ``s == 1``."""
+    if s == 1.0:
+        return a @ b
+    return torch.addmm(a.new_empty(()), a, b, beta=0.0, alpha=s)
+
+
 def _project(x, w, a, b, s):
     # x: (N, in) -> (N, out), plus the (N, r) product x A^T when there is an adapter
     y = x @ w.t()
@@ -195,9 +203,9 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
     grads = [None] * 6
     if ad is not None:
         if need[8]:
-            grads[4] = sd * (dy_b.t() @ h)                                      # (r, I)
+            grads[4] = _scaled_mm(dy_b.t(), h, sd)                              # (r, I)
         if need[9]:
-            grads[5] = sd * (dy2.t() @ (xa_d if xa_d is not None else h @ ad.t()))  # (H, r)
+            grads[5] = _scaled_mm(dy2.t(), xa_d if xa_d is not None else h @ ad.t(), sd)  # (H, r)
     del h
     if dx is not None:
         dgu, both = joined([dg, du], 1), joined([wg, wu], 0)
@@ -210,11 +218,11 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
                in enumerate(((dg, ag, bg, xa_g, sg), (du, au, bu, xa_u, su))) if a is not None]
     for i, d, _, b, xa, s in adapted:
         if need[3 + 3 * i]:
-            grads[2 * i + 1] = s * (d.t() @ xa)                                 # (I, r)
+            grads[2 * i + 1] = _scaled_mm(d.t(), xa, s)                         # (I, r)
     if adapted:
         # s (d B) for both adapters side by side: their dA in one GEMM (x read once) and their dx terms
         # in one pass over dx
-        d_b = torch.cat([s * (d @ b) for _, d, _, b, _, s in adapted], dim=1)  # (N, r_g + r_u)
+        d_b = torch.cat([_scaled_mm(d, b, s) for _, d, _, b, _, s in adapted], dim=1)  # (N, r_g + r_u)
         col = 0
         d_a = d_b.t() @ x2                                                      # (r_g + r_u, H)
         for i, _, a, _, _, _ in adapted:
