@@ -24,7 +24,7 @@ import torch
 
 from tuneforge_kernels.backend import use_triton
 from tuneforge_kernels.lora_mlp import (LoraWeights, _compute_dtype, _dense, _out_features, _project_reference,
-                                        _restore_x, _scaled_mm, _x_for_saving, joined)
+                                        _joined_weights, _restore_x, _scaled_mm, _x_for_saving)
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
@@ -42,8 +42,8 @@ class _LoraLinearsFunction(torch.autograd.Function):
         b_s = [b.to(dtype) if b is not None else None for b in lora[1]]
         with_lora = [i for i in range(n) if a_s[i] is not None]
         xa_all = x2 @ torch.cat([a_s[i] for i in with_lora]).t() if with_lora else None  # (N, sum r)
-        w_all = _joined_weights(weights, dtype)
-        y_all = x2 @ w_all.t() if w_all is not None and outputs is None else None   # (N, sum out)
+        w_all = _joined_weights(weights, dtype) if outputs is None else None
+        y_all = x2 @ w_all.t() if w_all is not None else None                     # (N, sum out)
         outs, xas, col, col_y = [], [None] * n, 0, 0
         for i in range(n):
             if outputs is not None:
@@ -117,13 +117,6 @@ class _LoraLinearsFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(ctx.shape)
         return (dx, None, None, *grads, *([None] * n))
-
-
-def _joined_weights(weights, dtype):
-    # the n frozen weights as one (sum out, in) tensor when the patcher stored them in one buffer
-    # (lora_mlp.joined) and they need no cast; else None
-    w_all = joined(list(weights), 0) if len(weights) > 1 else None
-    return w_all if w_all is not None and w_all.dtype == dtype else None
 
 
 def lora_linears(x: torch.Tensor, *projections: LoraWeights, impl: str | None = None,

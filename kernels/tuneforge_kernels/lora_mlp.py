@@ -138,6 +138,13 @@ def joined(parts, dim: int) -> torch.Tensor | None:
     return first.as_strided(size, (ld, 1), first.storage_offset())
 
 
+def _joined_weights(weights, dtype):
+    """The frozen weights as one (sum out, in) tensor when they are row blocks of one buffer (``joined``)
+    and need no cast to ``dtype``; else None."""
+    w_all = joined(list(weights), 0) if len(weights) > 1 else None
+    return w_all if w_all is not None and w_all.dtype == dtype else None
+
+
 def _gate_up(x, weights, dtype, lora, scales, fused):
     """``x W_g^T``, ``x W_u^T`` and the rank-r ``x A_g^T``, ``x A_u^T`` (one GEMM for both, x read once; one
     product when gate and up share their A, as Phi-3's split ``gate_up_proj``). Weights stored in one
@@ -146,8 +153,8 @@ def _gate_up(x, weights, dtype, lora, scales, fused):
     rank-r terms; else the terms are added here (ranks over lora_glu.MAX_RANK). A quantised weight is
     expanded for its GEMM alone (one transient at a time)."""
     ag, bg, au, bu = lora
-    both = joined(weights, 0)
-    if both is not None and both.dtype == dtype:
+    both = _joined_weights(weights, dtype)
+    if both is not None:
         gu = x @ both.t()                                                         # (N, 2I)
         g, u = gu.split(weights[0].shape[0], dim=1)
     else:
@@ -208,8 +215,9 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
             grads[5] = _scaled_mm(dy2.t(), xa_d if xa_d is not None else h @ ad.t(), sd)  # (H, r)
     del h
     if dx is not None:
-        dgu, both = joined([dg, du], 1), joined([wg, wu], 0)
-        if dgu is not None and both is not None and both.dtype == dtype:  # g, u were one product
+        both = _joined_weights((wg, wu), dtype)
+        dgu = joined([dg, du], 1) if both is not None else None
+        if dgu is not None:  # g, u were one product
             torch.mm(dgu, both, out=dx)                                         # (N, H)
         else:
             torch.mm(dg, _dense(wg, dtype), out=dx)                             # (N, H)
