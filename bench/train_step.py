@@ -301,8 +301,8 @@ def setup_hf(args):
         args.patch_report = {"patched": list(report.patched), "reason": report.reason,
                              "memory_mode": report.memory_mode, "counts": dict(getattr(report, "counts", {}))}
         if getattr(args, "glu_tile", None):  # an experiment: another tile for lora_glu's kernels
-            sys.modules["tuneforge_kernels.lora_glu"].TILE = tuple(int(v) for v in args.glu_tile.split(","))
-            args.patch_report["glu_tile"] = args.glu_tile
+            sys.modules["tuneforge_kernels.lora_glu"].TILE = args.glu_tile
+            args.patch_report["glu_tile"] = list(args.glu_tile)
         if getattr(args, "ce_rows", 0):  # an experiment: a fixed CE chunk instead of the kernel's rule
             sys.modules["tuneforge_kernels.cross_entropy"]._chunk_rows = lambda *_: args.ce_rows
             args.patch_report["ce_rows"] = args.ce_rows
@@ -635,6 +635,14 @@ def write_summary(args, results):
         json.dump(summary, f, indent=1)
 
 
+def _tile_arg(text: str) -> tuple[int, int, int]:
+    try:
+        rows, cols, warps = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--glu-tile wants rows,cols,warps (e.g. 32,128,4), got {text!r}") from None
+    return rows, cols, warps
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["run", "suite", "matmul", "save", "flops", "longest"])
@@ -661,7 +669,7 @@ def main():
     ap.add_argument("--summary", default=None, help="write a JSON summary (device, versions, commit) here")
     ap.add_argument("--join", choices=["auto", "off"], default="auto",
                     help="ours: join q/k/v and gate/up base weights by the patcher's rule, or never (an A/B)")
-    ap.add_argument("--glu-tile", default=None,
+    ap.add_argument("--glu-tile", default=None, type=_tile_arg,
                     help="ours: rows,cols,warps for lora_glu's kernels instead of its TILE (an A/B; v13: 32,128,4)")
     ap.add_argument("--cprofile", default=None, help="write cProfile stats of the timed steps here")
     ap.add_argument("--ce-rows", type=int, default=0,
