@@ -296,8 +296,9 @@ def setup_hf(args):
         if getattr(args, "join", "auto") == "off":  # an experiment: separate q/k/v and gate/up weights
             sys.modules["gpu_worker.patching"].JOIN_MAX_HIDDEN = 0
         args.patch_module = sys.modules["gpu_worker.patching"].__file__
+        graphs = {} if getattr(args, "graphs", "auto") == "auto" else {"cuda_graphs": False}  # off: an A/B
         report = patch_model(model, memory_mode={"off": "off", "on": "checkpointing",
-                                                 "offload": "offload"}[args.ckpt])
+                                                 "offload": "offload"}[args.ckpt], **graphs)
         args.patch_report = {"patched": list(report.patched), "reason": report.reason,
                              "memory_mode": report.memory_mode, "counts": dict(getattr(report, "counts", {}))}
         if getattr(args, "glu_tile", None):  # an experiment: another tile for lora_glu's kernels
@@ -441,6 +442,9 @@ def run_one(args):
             prof.disable()
             prof.dump_stats(args.cprofile)
         rec["step_ms"] = [round(marks[i].elapsed_time(marks[i + 1]), 2) for i in range(args.steps)]
+        graphs = getattr(layer, "_tf_graphs", None) if isinstance(rec.get("impl"), dict) else None
+        if graphs is not None:  # the decoder layers' CUDA graphs (gpu_worker/patching/graphs.py)
+            rec["cuda_graphs"] = graphs.status
         rec["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         rec["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
         rec["peak_gb_incl_warmup"] = max(rec["peak_gb"], rec["peak_gb_load_and_warmup"])
@@ -671,6 +675,8 @@ def main():
                     help="ours: join q/k/v and gate/up base weights by the patcher's rule, or never (an A/B)")
     ap.add_argument("--glu-tile", default=None, type=_tile_arg,
                     help="ours: rows,cols,warps for lora_glu's kernels instead of its TILE (an A/B; v13: 32,128,4)")
+    ap.add_argument("--graphs", choices=["auto", "off"], default="auto",
+                    help="ours: replay the decoder layers as CUDA graphs by the patcher's rule, or never (an A/B)")
     ap.add_argument("--cprofile", default=None, help="write cProfile stats of the timed steps here")
     ap.add_argument("--ce-rows", type=int, default=0,
                     help="ours/base: rows per fused-CE chunk instead of the kernel's rule (an experiment)")

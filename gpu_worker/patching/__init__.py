@@ -25,6 +25,9 @@ _UNIT_OFFSET_NORMS = ("gemma", "gemma2", "gemma3_text")
 # (lora.join_frozen_weights): one GEMM per group is faster at 1B's shapes on the H200 and slower at 8B's
 # (bench/NOTES.md, session 7's micro ``proj`` and v14)
 JOIN_MAX_HIDDEN = 2048
+# models up to this hidden size replay their decoder layers as CUDA graphs (graphs.py) by default: their
+# steps are host-bound (1B on the H200: the host needs about as long to issue a step as the GPU to run it)
+GRAPH_MAX_HIDDEN = 2048
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,14 @@ def _base_causal_lm(model: nn.Module) -> nn.Module:
 
 
 def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "off",
-                impl: str | None = None) -> PatchReport:
+                impl: str | None = None, cuda_graphs: bool | None = None) -> PatchReport:
     """Route ``model``'s norms, RoPE, MLP and loss through ``kernels`` (in place) and apply the memory mode.
 
     ``impl`` is passed to every op (None: Triton on CUDA, reference elsewhere; tests force "triton" to
-    run the kernels through the interpreter on CPU).
+    run the kernels through the interpreter on CPU). ``cuda_graphs``: replay the decoder layers of
+    fixed-shape training steps as CUDA graphs (graphs.py); None: for models up to ``GRAPH_MAX_HIDDEN``
+    with memory mode ``off``, outside multi-process (DeepSpeed) runs. They apply only on CUDA, with memory
+    mode ``off``.
     """
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
@@ -100,8 +106,17 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     patch_causal_lm(base, impl)
     counts["fused_linear_cross_entropy"] += 1
     apply_memory_mode(model, memory_mode)
+    if cuda_graphs is None:
+        import torch.distributed as dist
+
+        cuda_graphs = (getattr(config, "hidden_size", GRAPH_MAX_HIDDEN + 1) <= GRAPH_MAX_HIDDEN
+                       and not (dist.is_available() and dist.is_initialized()))
+    if cuda_graphs and memory_mode == "off":
+        from gpu_worker.patching.graphs import attach
+
+        counts["cuda_graph_layers"] = len(attach(list(base.model.layers)).layers)
     # counts only: layouts and fusions of the kernels the patched names already list
-    extras = ("joined_weights", "residual_rms_norm")
+    extras = ("joined_weights", "residual_rms_norm", "cuda_graph_layers")
     return PatchReport(architecture=arch, patched=tuple(k for k, v in counts.items() if v and k not in extras),
                        memory_mode=memory_mode, counts=counts)
 

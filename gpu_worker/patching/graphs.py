@@ -1,0 +1,362 @@
+"""CUDA graphs for the decoder layers of a fixed-shape training step.
+
+A small model's step is host-bound on an H200: at 1B the GPU needs ~95 ms a step and the host about as
+long to issue it (~100 aten ops and Triton launches per layer and direction, each through Python and the
+dispatcher; bench/NOTES.md, session 8), so every host stall shows in the step time. With fixed shapes the
+work of a layer is the same every step, so it is issued once, as a CUDA graph, and replayed: one launch
+per layer and direction.
+
+How: a training forward whose layers see the same shapes as the forward before it captures every layer's
+forward and backward (``torch.cuda.graph``, one memory pool, in the order they run: forward 0..L-1, then
+backward L-1..0, as ``torch.cuda.make_graphed_callables`` does), and later forwards with those shapes
+replay them. Layer i+1's captured input is layer i's captured output, and layer i's captured input
+gradient is layer i-1's output gradient, so the replays chain with no copies; only the first layer's
+input, the last layer's output gradient and the attention's tables (cos/sin, a mask) are copied in.
+Not ``make_graphed_callables`` itself: its backward hands autograd the graph's own parameter-gradient
+buffers as fresh tensors, which autograd then adopts as ``.grad`` (no copy), so the next replay would
+overwrite a gradient being accumulated over micro-batches; here autograd gets tensors it cannot adopt and
+accumulates as in eager mode.
+
+A layer runs its stock (eager) forward instead when anything differs from what was captured: no grad or
+eval mode, other shapes, dtypes or autocast state, a KV cache, packed batches (their variable-length
+attention reads the documents' boundaries on the host), hooks on the layer or inside it, a parameter or
+buffer replaced since the capture (a merge, ``.to()``), adapters switched or rescaled, activation
+checkpointing, or the layer's last replay still waiting for its backward (two forwards before one
+backward: a replay would overwrite what that backward reads). A changed shape that repeats replaces the
+graphs (up to ``MAX_CAPTURES`` per model); a capture that fails (an op that cannot be captured) turns
+graphs off for the model and says why (``LayerGraphs.status``).
+
+A replayed layer's output is the graph's buffer: the next step's replay overwrites it, so a tensor kept
+from one step's layers (not their values) changes at the next step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import weakref
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# captures per model before graphs stay off (each capture costs about two steps of the layers' work)
+MAX_CAPTURES = 4
+# keyword arguments of a decoder layer's forward whose non-tensor values must be falsy to replay
+_MUST_BE_EMPTY = ("past_key_values", "cache", "use_cache", "packed_sequences", "output_attentions", "layer_past")
+
+
+class _Graph:
+    """One layer's captured forward and backward, and the static tensors they read and write."""
+
+    def __init__(self, modules: list[nn.Module], signature, x: torch.Tensor, params: tuple[torch.Tensor, ...]):
+        self.signature = signature  # the call this graph computes (LayerGraphs.run)
+        self.identity = _identity(modules)
+        self.x = x  # the static input: a leaf, requires_grad as the real input
+        self.params = params
+        self.statics: tuple[_Static, ...] = ()
+        self.fwd = torch.cuda.CUDAGraph()
+        self.bwd: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+        self.grad_out: torch.Tensor | None = None
+        self.grads: tuple = ()  # (input gradient or None, *parameter gradients or None)
+        # the autograd node of a replayed forward whose backward has not run yet (weak: a dropped autograd
+        # graph frees the layer for the next replay)
+        self.pending: weakref.ref | None = None
+
+    def is_pending(self) -> bool:
+        return self.pending is not None and self.pending() is not None
+
+
+class _Static:
+    """A static copy of a table or mask (cos, sin, an attention mask, position ids) that the graphs of a
+    group of layers read: the layers that got the same tensor in the eager step before the capture (all of
+    them for Llama's rotary tables; Gemma 3's local and global tables make two groups)."""
+
+    def __init__(self, like: torch.Tensor):
+        self.tensor = torch.empty_like(like)
+        self.source = None  # the tensor it was last loaded from (held, so identity is safe)
+        self.readers: list[_Graph] = []
+
+    def load(self, src: torch.Tensor) -> bool:
+        if self.source is src:
+            return True  # a layer before this one loaded the same tensor
+        if any(g.is_pending() for g in self.readers):
+            return False  # a backward still to run reads the values in place
+        self.tensor.copy_(src)
+        self.source = src
+        return True
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, graph: _Graph, n_tensors: int, x, *rest):
+        if graph.x.data_ptr() != x.data_ptr():
+            graph.x.copy_(x)
+        graph.fwd.replay()
+        graph.pending = weakref.ref(ctx)
+        ctx.graph, ctx.n_tensors = graph, n_tensors
+        return graph.out.detach()  # a new tensor each call: autograd sets its grad_fn
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        graph = ctx.graph
+        if graph.grad_out.data_ptr() != grad.data_ptr():
+            graph.grad_out.copy_(grad)
+        graph.bwd.replay()
+        graph.pending = None
+        dx, *dparams = graph.grads
+        # the graph's own buffers, which autograd cannot adopt as a parameter's .grad (we hold a reference):
+        # it copies them or adds them into the gradient being accumulated, as for eager gradients
+        return (None, None, dx, *([None] * ctx.n_tensors), *dparams)
+
+
+def _identity(modules: list[nn.Module]) -> tuple:
+    """What a captured layer (its ``modules()``) must still be to replay: the same parameter and buffer
+    storages (a merge or ``.to()`` replaces them) and the same adapter state (PEFT's active adapters,
+    disabled or merged flags and scales, which the patched forward reads at every call)."""
+    ident = []
+    for m in modules:
+        ident += [None if t is None else t.data_ptr() for t in m._parameters.values()]
+        ident += [None if t is None else t.data_ptr() for t in m._buffers.values()]
+        if "lora_A" in m._modules:
+            ident.append((tuple(getattr(m, "active_adapters", ()) or ()), getattr(m, "disable_adapters", None),
+                          getattr(m, "merged", None), tuple(sorted(getattr(m, "scaling", {}).items()))))
+    return tuple(ident)
+
+
+def _has_hooks(modules) -> bool:
+    g = nn.modules.module
+    if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks \
+            or g._global_backward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
+
+
+def _autocast_state() -> tuple:
+    return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+
+
+def _split_kwargs(kwargs: dict):
+    """(names of the tensor inputs, their tensors, the rest as a hashable signature) of a layer call, or
+    None when the call cannot be replayed. ``position_embeddings`` is the (cos, sin) pair."""
+    names, tensors, rest = [], [], []
+    for name in sorted(kwargs):
+        value = kwargs[name]
+        if name in _MUST_BE_EMPTY:
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type == "cpu":
+                value = bool(value)  # collate's use_cache=tensor(False)
+            if value:
+                return None
+            continue
+        if name == "position_embeddings" and isinstance(value, tuple) and len(value) == 2 \
+                and all(isinstance(t, torch.Tensor) for t in value):
+            names += [("position_embeddings", 0), ("position_embeddings", 1)]
+            tensors += list(value)
+        elif isinstance(value, torch.Tensor):
+            names.append((name, None))
+            tensors.append(value)
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            rest.append((name, value))
+        else:
+            return None
+    if any(not t.is_cuda or t.requires_grad for t in tensors):
+        return None
+    return tuple(names), tuple(tensors), tuple(rest)
+
+
+def _tensor_signature(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad
+
+
+def _rebuild_kwargs(names, tensors, rest) -> dict:
+    kwargs = dict(rest)
+    pair = {}
+    for (name, slot), t in zip(names, tensors):
+        if name == "position_embeddings":
+            pair[slot] = t
+        else:
+            kwargs[name] = t
+    if pair:
+        kwargs["position_embeddings"] = (pair[0], pair[1])
+    return kwargs
+
+
+class LayerGraphs:
+    """The captured decoder layers of one model (``attach``), shared by its layers."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers = layers
+        self.modules: list[list[nn.Module]] | None = None  # each layer's modules(), listed at first use
+        self.graphs: list[_Graph] | None = None
+        self._seen = None  # the first layer's signature at its last eager call
+        self._sources: dict[int, tuple] = {}  # each layer's tables in the last eager step (which are shared)
+        self.captures = 0
+        self.replays = 0
+        self.disabled: str | None = None
+
+    def __deepcopy__(self, memo):
+        # a copied model (TRL's reference model) gets its own, empty graphs: CUDA graphs do not copy
+        return LayerGraphs([copy.deepcopy(layer, memo) for layer in self.layers])
+
+    @property
+    def status(self) -> dict:
+        return {"layers": len(self.layers), "captures": self.captures, "replays": self.replays,
+                "active": self.graphs is not None, "disabled": self.disabled}
+
+    def run(self, layer: nn.Module, index: int, x: torch.Tensor, kwargs: dict):
+        """The layer's output through its graph, or None: the caller runs the eager forward."""
+        if self.disabled is not None or not (torch.is_grad_enabled() and layer.training and x.is_cuda):
+            return None
+        if getattr(layer, "gradient_checkpointing", False) or torch.cuda.is_current_stream_capturing():
+            return None
+        if self.modules is None:
+            self.modules = [list(m.modules()) for m in self.layers]
+        split = _split_kwargs(kwargs)
+        if split is None or _has_hooks(self.modules[index]):
+            return None
+        names, tensors, rest = split
+        signature = (_tensor_signature(x), names, tuple(_tensor_signature(t) for t in tensors), rest,
+                     _autocast_state())
+        if index == 0 and (self.graphs is None or self.graphs[0].signature != signature):
+            if signature != self._seen:
+                self._seen, self._sources = signature, {0: tensors}  # capture only for shapes that repeat
+                return None
+            self._capture(x, names, tensors, rest, signature)
+        graph = self.graphs[index] if self.graphs is not None else None
+        if graph is None or graph.signature != signature or graph.is_pending():
+            if index:
+                self._sources[index] = tensors
+            return None
+        if graph.identity != _identity(self.modules[index]):
+            self.release()  # the layer changed under the graph: capture again when the shapes repeat
+            self._seen = None
+            return None
+        if not all(s.load(t) for s, t in zip(graph.statics, tensors)):
+            return None
+        self.replays += 1
+        return _Replay.apply(graph, len(tensors), x, *tensors, *graph.params)
+
+    def release(self) -> None:
+        self.graphs = None
+        self.modules = None  # listed again: a change may have added modules
+
+    def _capture(self, x, names, tensors, rest, signature) -> None:
+        self.release()
+        if self.captures >= MAX_CAPTURES:
+            self.disabled = f"shapes changed more than {MAX_CAPTURES} times"
+            return
+        self.captures += 1
+        try:
+            self._capture_layers(x, names, tensors, rest, signature)
+        except Exception as err:  # an op that cannot be captured: this model trains eagerly
+            self.release()
+            self.disabled = f"capture failed: {type(err).__name__}: {err}"
+            log.warning("CUDA graphs off for this model (%s); the layers run eagerly", self.disabled)
+            torch.cuda.synchronize()
+
+    def _capture_layers(self, x, names, tensors, rest, signature) -> None:
+        enabled, dtype = _autocast_state()
+        self.modules = [list(m.modules()) for m in self.layers]
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the eager steps' cached blocks: the graphs' pool takes their place
+        params = [tuple(p for p in layer.parameters() if p.requires_grad) for layer in self.layers]
+        # the static tables: one per group of layers that got the same tensor in the last eager step
+        groups, statics = {}, []
+        for i in range(len(self.layers)):
+            sources = self._sources.get(i, ())
+            key = [(k, id(sources[k]) if k < len(sources) else ("layer", i)) for k in range(len(tensors))]
+            statics.append(tuple(groups.setdefault(kk, _Static(t)) for kk, t in zip(key, tensors)))
+        self._sources = {}
+
+        def call(layer, inp, tables):
+            with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+                return type(layer)._tf_eager_forward(layer, inp, **_rebuild_kwargs(names, tables, rest))
+
+        # warm-up on a side stream: lazy initialisation (cuBLAS workspaces...) must not land in a capture
+        values = x.detach().clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            needs_grad = x.requires_grad
+            for layer, ps in zip(self.layers, params):
+                sample = values.detach().requires_grad_(needs_grad)  # as the layer's captured input will
+                out = call(layer, sample, tensors)
+                inputs = ([sample] if sample.requires_grad else []) + list(ps)
+                if out.requires_grad and inputs:
+                    torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
+                needs_grad = out.requires_grad
+                del out, sample
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        del values
+
+        pool = torch.cuda.graph_pool_handle()
+        graphs, outs = [], []
+        inp = x.detach().clone().requires_grad_(x.requires_grad)
+        for i, (layer, ps) in enumerate(zip(self.layers, params)):
+            sig = signature if i == 0 else (_tensor_signature(inp), *signature[1:])
+            graph = _Graph(self.modules[i], sig, inp, ps)
+            graph.statics = statics[i]
+            for static in graph.statics:
+                static.readers.append(graph)
+            with torch.cuda.graph(graph.fwd, pool=pool, capture_error_mode="thread_local"):
+                out = call(layer, inp, tuple(st.tensor for st in graph.statics))
+            outs.append(out)
+            graphs.append(graph)
+            inp = out.detach().requires_grad_(out.requires_grad)  # the next layer reads this buffer
+        grad_out = torch.empty_like(outs[-1])
+        for graph, out in zip(reversed(graphs), reversed(outs)):
+            graph.grad_out = grad_out
+            inputs = ([graph.x] if graph.x.requires_grad else []) + list(graph.params)
+            if out.requires_grad and inputs:
+                graph.bwd = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph.bwd, pool=pool, capture_error_mode="thread_local"):
+                    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+                dx = grads[0] if graph.x.requires_grad else None
+                graph.grads = (dx, *grads[len(grads) - len(graph.params):])
+            else:
+                graph.grads = (None, *([None] * len(graph.params)))
+            graph.out = out.detach()
+            grad_out = graph.grads[0] if graph.grads[0] is not None else torch.empty_like(graph.x)
+        del outs
+        self.graphs = graphs
+
+
+def attach(layers: list[nn.Module]) -> LayerGraphs:
+    """Give ``layers`` (a model's decoder layers, in order) replayed CUDA graphs for fixed shapes; the
+    layers' classes become subclasses whose forward tries the graph first (a class, not an instance,
+    forward: transformers checkpoints layers by wrapping the class's forward)."""
+    graphs = LayerGraphs(layers)
+    for i, layer in enumerate(layers):
+        layer._tf_graphs, layer._tf_graph_index = graphs, i
+        layer.__class__ = _graphed_layer_class(type(layer))
+    return graphs
+
+
+_GRAPHED_LAYER_CLASSES: dict = {}
+
+
+def _graphed_layer_class(cls: type) -> type:
+    if "_tf_eager_forward" in cls.__dict__:
+        return cls  # attached before
+    sub = _GRAPHED_LAYER_CLASSES.get(cls)
+    if sub is not None:
+        return sub
+    eager = cls.forward
+
+    def forward(self, hidden_states, *args, **kwargs):
+        graphs = self.__dict__.get("_tf_graphs")
+        if graphs is not None and not args:
+            out = graphs.run(self, self._tf_graph_index, hidden_states, kwargs)
+            if out is not None:
+                return out
+        return eager(self, hidden_states, *args, **kwargs)
+
+    sub = type(cls.__name__, (cls,), {"forward": forward, "_tf_eager_forward": eager,
+                                      "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    _GRAPHED_LAYER_CLASSES[cls] = sub
+    return sub

@@ -1,0 +1,186 @@
+"""The decoder layers' CUDA graphs (gpu_worker/patching/graphs.py): a graphed training run computes what
+the eager one does, step for step (replays run the same kernels on the same values, so the numbers are
+bit-equal), through gradient accumulation, two forwards before one backward, a dropped forward, a shape
+change, hooks and a replaced weight; and on CPU the layers stay eager and the wiring changes nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gpu_worker.patching import GRAPH_MAX_HIDDEN, patch_model
+from gpu_worker.patching.graphs import _split_kwargs
+from tests.gpu_worker.patching.conftest import build_lora_model, lora_grads, tiny_config
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _graphs(model):
+    return model.get_base_model().model.layers[0]._tf_graphs
+
+
+def _pair(device="cuda", **config):
+    """Two identical patched models: graphs on, graphs off."""
+    cfg = tiny_config(hidden_size=128, intermediate_size=256, num_hidden_layers=3, **config)
+    on, off = build_lora_model(cfg, device), build_lora_model(cfg, device)
+    assert patch_model(on, cuda_graphs=True).counts["cuda_graph_layers"] == 3
+    assert "cuda_graph_layers" not in patch_model(off, cuda_graphs=False).counts
+    return on, off
+
+
+def _batch(seq=16, rows=2, seed=1, device="cuda"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 128, (rows, seq), generator=g).to(device)
+    return x, x.clone()
+
+
+def _loss(model, x, labels):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
+        return model(input_ids=x, labels=labels).loss
+
+
+def _train(model, batches, accumulate=1):
+    """AdamW steps over ``batches`` (``accumulate`` micro-batches each); the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for i in range(0, len(batches), accumulate):
+        for x, labels in batches[i:i + accumulate]:
+            loss = _loss(model, x, labels)
+            loss.backward()
+            losses.append(loss.item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses
+
+
+def _assert_same_lora(a, b):
+    pa = {n: p for n, p in a.named_parameters() if p.requires_grad}
+    pb = {n: p for n, p in b.named_parameters() if p.requires_grad}
+    assert pa.keys() == pb.keys()
+    for n in pa:
+        torch.testing.assert_close(pa[n], pb[n], rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2", "phi3"])
+def test_graphed_training_equals_eager(model_type):
+    on, off = _pair(model_type=model_type)
+    batches = [_batch(seed=i) for i in range(6)]
+    assert _train(on, batches) == _train(off, batches)
+    _assert_same_lora(on, off)
+    status = _graphs(on).status
+    # the first step runs eagerly, the second captures and replays: 5 steps x 3 layers replayed
+    assert status["captures"] == 1 and status["replays"] == 15 and status["disabled"] is None, status
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gradient_accumulation_through_graphs_equals_eager():
+    """The graph's parameter-gradient buffers must not become ``.grad``: the next micro-batch's replay
+    would overwrite the gradient being accumulated."""
+    on, off = _pair()
+    batches = [_batch(seed=i) for i in range(8)]
+    assert _train(on, batches, accumulate=4) == _train(off, batches, accumulate=4)
+    _assert_same_lora(on, off)
+    assert _graphs(on).status["replays"] > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_two_forwards_before_one_backward_equal_eager():
+    on, off = _pair()
+    x1, x2 = _batch(seed=1), _batch(seed=2)
+    for model in (on, off):
+        for _ in range(2):  # capture on the second forward
+            _loss(model, *x1).backward()
+        model.zero_grad(set_to_none=True)
+        (_loss(model, *x1) + _loss(model, *x2)).backward()  # the second forward may not replay
+    assert lora_grads(on).keys() == lora_grads(off).keys()
+    for n, g in lora_grads(off).items():
+        torch.testing.assert_close(lora_grads(on)[n], g, rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_dropped_forward_frees_the_graphs_and_shapes_that_change_recapture():
+    on, off = _pair()
+    batches = [_batch(seed=1), _batch(seed=2)]
+    _train(on, batches)
+    _train(off, batches)
+    for model in (on, off):
+        _loss(model, *_batch(seed=3))  # no backward: the next forward may replay
+    long = [_batch(seq=24, seed=i) for i in range(3)]
+    assert _train(on, batches + long) == _train(off, batches + long)
+    _assert_same_lora(on, off)
+    status = _graphs(on).status
+    assert status["captures"] == 2 and status["disabled"] is None, status
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_hooks_and_replaced_weights_run_eagerly():
+    on, off = _pair()
+    batches = [_batch(seed=i) for i in range(2)]
+    _train(on, batches)
+    graphs = _graphs(on)
+    replays = graphs.status["replays"]
+    seen = []
+    layer = on.get_base_model().model.layers[1]
+    handle = layer.mlp.register_forward_hook(lambda *a: seen.append(1))
+    _train(on, batches[:1])
+    handle.remove()
+    assert seen == [1] and graphs.status["replays"] == replays + 2  # layers 0 and 2 replayed
+    # a frozen weight replaced (as a merge or .to() does): the graphs are dropped, captured again later
+    w = layer.mlp.down_proj.base_layer.weight
+    layer.mlp.down_proj.base_layer.weight = torch.nn.Parameter(w.detach() * 2, requires_grad=False)
+    _train(on, batches[:1])
+    assert graphs.status["active"] is False
+    with torch.no_grad():
+        off.get_base_model().model.layers[1].mlp.down_proj.base_layer.weight.mul_(2)
+    _train(off, batches + batches[:1])
+    assert _train(on, batches) == _train(off, batches)
+    assert graphs.status["captures"] == 2
+
+
+def test_on_cpu_the_layers_stay_eager_and_a_copy_gets_its_own_graphs():
+    cfg = tiny_config()
+    ours, ref = build_lora_model(cfg), build_lora_model(cfg)
+    keys = set(ours.state_dict())
+    assert patch_model(ours, cuda_graphs=True).counts["cuda_graph_layers"] == 2
+    patch_model(ref, cuda_graphs=False)
+    assert set(ours.state_dict()) == keys
+    x, labels = _batch(device="cpu")
+    for _ in range(2):
+        l_ours, l_ref = _loss(ours, x, labels), _loss(ref, x, labels)
+        l_ours.backward()
+        l_ref.backward()
+        assert l_ours.item() == l_ref.item()
+    assert _graphs(ours).status == {"layers": 2, "captures": 0, "replays": 0, "active": False, "disabled": None}
+    twin = copy.deepcopy(ours)  # TRL's reference model is a deep copy
+    layers = twin.get_base_model().model.layers
+    assert _graphs(twin) is not _graphs(ours) and _graphs(twin).layers == list(layers)
+    assert _loss(twin, x, labels).item() == l_ours.item()
+
+
+def test_the_default_graphs_small_models_without_recompute():
+    small = tiny_config()
+    assert small.hidden_size <= GRAPH_MAX_HIDDEN
+    assert patch_model(build_lora_model(small)).counts.get("cuda_graph_layers") == 2
+    assert "cuda_graph_layers" not in patch_model(build_lora_model(small), memory_mode="checkpointing").counts
+    big = tiny_config(hidden_size=GRAPH_MAX_HIDDEN + 64, intermediate_size=64, num_attention_heads=4)
+    assert "cuda_graph_layers" not in patch_model(build_lora_model(big)).counts
+
+
+def test_calls_that_cannot_replay():
+    t = torch.zeros(2)
+    assert _split_kwargs({"use_cache": True}) is None
+    assert _split_kwargs({"packed_sequences": object()}) is None
+    assert _split_kwargs({"past_key_values": object()}) is None
+    assert _split_kwargs({"attention_mask": object()}) is None  # not a tensor, not a plain value
+    assert _split_kwargs({"position_ids": t}) is None  # a CPU tensor
+    names, tensors, rest = _split_kwargs({"use_cache": torch.tensor(False), "cache_position": None,
+                                          "past_key_values": None})
+    assert names == () and tensors == () and rest == (("cache_position", None),)
