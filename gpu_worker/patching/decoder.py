@@ -334,6 +334,10 @@ def patch_causal_lm(model: nn.Module, impl: str | None) -> None:
         shift_labels = kwargs.pop("shift_labels", None)
         if past_key_values is not None:  # older 5.x name; newer ones pass `cache`, which stays in kwargs
             kwargs[cache_field] = past_key_values
+        if use_cache is None and labels is not None and self.training and torch.is_grad_enabled():
+            # a training step reads no cache; transformers would build one from the config's default (True),
+            # and a cache in the layers' calls keeps them off their CUDA graphs (graphs.py)
+            use_cache = False
         packing = _packing(self, attention_mask, position_ids, use_cache, kwargs, impl) if all_ours else None
         if packing is not None:
             kwargs["packed_sequences"] = packing

@@ -1,7 +1,12 @@
 """The decoder layers' CUDA graphs (gpu_worker/patching/graphs.py): a graphed training run computes what
-the eager one does, step for step (replays run the same kernels on the same values, so the numbers are
-bit-equal), through gradient accumulation, two forwards before one backward, a dropped forward, a shape
-change, hooks and a replaced weight; and on CPU the layers stay eager and the wiring changes nothing."""
+the eager one does, step for step, through gradient accumulation, two forwards before one backward, a
+dropped forward, a shape change, hooks and a replaced weight; and on CPU the layers stay eager and the
+wiring changes nothing.
+
+Replays run the same kernels on the same values, but a bf16 step on the GPU is not bit-reproducible even
+eagerly (atomic reductions), so runs are compared as two eager runs would be: losses within 1e-3, each
+step's LoRA gradients within 1e-2 (norm of the difference over the norm). The failures this guards against
+are far larger: a gradient accumulated twice, a replay that read stale activations or tables."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import torch
 
 from gpu_worker.patching import GRAPH_MAX_HIDDEN, patch_model
 from gpu_worker.patching.graphs import _split_kwargs
-from tests.gpu_worker.patching.conftest import build_lora_model, lora_grads, tiny_config
+from tests.gpu_worker.patching.conftest import build_lora_model, lora_grads, rel, tiny_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -42,25 +47,28 @@ def _loss(model, x, labels):
 
 
 def _train(model, batches, accumulate=1):
-    """AdamW steps over ``batches`` (``accumulate`` micro-batches each); the losses."""
+    """AdamW steps over ``batches`` (``accumulate`` micro-batches each): the losses and each step's LoRA
+    gradients."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
+    losses, grads = [], []
     for i in range(0, len(batches), accumulate):
         for x, labels in batches[i:i + accumulate]:
             loss = _loss(model, x, labels)
             loss.backward()
             losses.append(loss.item())
+        grads.append(lora_grads(model))
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return losses
+    return losses, grads
 
 
-def _assert_same_lora(a, b):
-    pa = {n: p for n, p in a.named_parameters() if p.requires_grad}
-    pb = {n: p for n, p in b.named_parameters() if p.requires_grad}
-    assert pa.keys() == pb.keys()
-    for n in pa:
-        torch.testing.assert_close(pa[n], pb[n], rtol=0, atol=0, msg=n)
+def _assert_same_run(a, b):
+    (losses_a, grads_a), (losses_b, grads_b) = a, b
+    assert losses_a == pytest.approx(losses_b, rel=1e-3)
+    for step_a, step_b in zip(grads_a, grads_b, strict=True):
+        assert step_a.keys() == step_b.keys()
+        for name, g in step_b.items():
+            assert rel(step_a[name], g) < 1e-2, name
 
 
 @pytest.mark.gpu
@@ -69,8 +77,7 @@ def _assert_same_lora(a, b):
 def test_graphed_training_equals_eager(model_type):
     on, off = _pair(model_type=model_type)
     batches = [_batch(seed=i) for i in range(6)]
-    assert _train(on, batches) == _train(off, batches)
-    _assert_same_lora(on, off)
+    _assert_same_run(_train(on, batches), _train(off, batches))
     status = _graphs(on).status
     # the first step runs eagerly, the second captures and replays: 5 steps x 3 layers replayed
     assert status["captures"] == 1 and status["replays"] == 15 and status["disabled"] is None, status
@@ -83,8 +90,7 @@ def test_gradient_accumulation_through_graphs_equals_eager():
     would overwrite the gradient being accumulated."""
     on, off = _pair()
     batches = [_batch(seed=i) for i in range(8)]
-    assert _train(on, batches, accumulate=4) == _train(off, batches, accumulate=4)
-    _assert_same_lora(on, off)
+    _assert_same_run(_train(on, batches, accumulate=4), _train(off, batches, accumulate=4))
     assert _graphs(on).status["replays"] > 0
 
 
@@ -98,9 +104,9 @@ def test_two_forwards_before_one_backward_equal_eager():
             _loss(model, *x1).backward()
         model.zero_grad(set_to_none=True)
         (_loss(model, *x1) + _loss(model, *x2)).backward()  # the second forward may not replay
-    assert lora_grads(on).keys() == lora_grads(off).keys()
-    for n, g in lora_grads(off).items():
-        torch.testing.assert_close(lora_grads(on)[n], g, rtol=0, atol=0, msg=n)
+    _assert_same_run(([], [lora_grads(on)]), ([], [lora_grads(off)]))
+    # the second step's and the first of the last two forwards: the other one ran eagerly
+    assert _graphs(on).status["replays"] == 6
 
 
 @pytest.mark.gpu
@@ -108,15 +114,14 @@ def test_two_forwards_before_one_backward_equal_eager():
 def test_a_dropped_forward_frees_the_graphs_and_shapes_that_change_recapture():
     on, off = _pair()
     batches = [_batch(seed=1), _batch(seed=2)]
-    _train(on, batches)
-    _train(off, batches)
+    _assert_same_run(_train(on, batches), _train(off, batches))
     for model in (on, off):
         _loss(model, *_batch(seed=3))  # no backward: the next forward may replay
     long = [_batch(seq=24, seed=i) for i in range(3)]
-    assert _train(on, batches + long) == _train(off, batches + long)
-    _assert_same_lora(on, off)
+    _assert_same_run(_train(on, batches + long), _train(off, batches + long))
     status = _graphs(on).status
-    assert status["captures"] == 2 and status["disabled"] is None, status
+    # 16 tokens: 4 forwards replayed (the dropped one too); 24: captured on the second step, replayed twice
+    assert status["captures"] == 2 and status["replays"] == 3 * 6 and status["disabled"] is None, status
 
 
 @pytest.mark.gpu
@@ -124,25 +129,24 @@ def test_a_dropped_forward_frees_the_graphs_and_shapes_that_change_recapture():
 def test_hooks_and_replaced_weights_run_eagerly():
     on, off = _pair()
     batches = [_batch(seed=i) for i in range(2)]
-    _train(on, batches)
+    _assert_same_run(_train(on, batches), _train(off, batches))
     graphs = _graphs(on)
     replays = graphs.status["replays"]
     seen = []
     layer = on.get_base_model().model.layers[1]
     handle = layer.mlp.register_forward_hook(lambda *a: seen.append(1))
-    _train(on, batches[:1])
+    _assert_same_run(_train(on, batches[:1]), _train(off, batches[:1]))
     handle.remove()
     assert seen == [1] and graphs.status["replays"] == replays + 2  # layers 0 and 2 replayed
     # a frozen weight replaced (as a merge or .to() does): the graphs are dropped, captured again later
     w = layer.mlp.down_proj.base_layer.weight
     layer.mlp.down_proj.base_layer.weight = torch.nn.Parameter(w.detach() * 2, requires_grad=False)
-    _train(on, batches[:1])
-    assert graphs.status["active"] is False
     with torch.no_grad():
         off.get_base_model().model.layers[1].mlp.down_proj.base_layer.weight.mul_(2)
-    _train(off, batches + batches[:1])
-    assert _train(on, batches) == _train(off, batches)
-    assert graphs.status["captures"] == 2
+    _assert_same_run(_train(on, batches[:1]), _train(off, batches[:1]))
+    assert graphs.status["active"] is False
+    _assert_same_run(_train(on, batches), _train(off, batches))
+    assert graphs.status["captures"] == 2 and graphs.status["active"] is True
 
 
 def test_on_cpu_the_layers_stay_eager_and_a_copy_gets_its_own_graphs():

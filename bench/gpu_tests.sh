@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU tests as parallel pytest processes, one per group: on a fresh device machine most of their time
+# is Triton compiling kernels (CPU-bound, one core a process); run one after another, four kernel files
+# did not finish in 150 s (session 8 and 9). The >2^31-element (int64) cases are left out: they need
+# most of the GPU's memory each.
+#   bash bench/gpu_tests.sh LOG [SECONDS]    (every group's output goes to LOG; its summary lines printed)
+set -u
+log=${1:?usage: gpu_tests.sh LOG [SECONDS]}
+limit=${2:-240}
+tmp=$(mktemp -d)
+K=tests/kernels
+P=tests/gpu_worker/patching
+groups=(
+  "$K|$K/test_lora_glu.py|not int64 and dtype0"
+  "$K|$K/test_lora_glu.py|not int64 and not dtype0"
+  "$K|$K/test_lora_mlp.py|not int64 and dtype0"
+  "$K|$K/test_lora_mlp.py|not int64 and not dtype0"
+  "$K|$K/test_lora_linear.py $K/test_rms_norm.py $K/test_rope.py|not int64"
+  "$K|$K --ignore=$K/test_lora_glu.py --ignore=$K/test_lora_mlp.py --ignore=$K/test_lora_linear.py --ignore=$K/test_rms_norm.py --ignore=$K/test_rope.py|not int64"
+  "$P|$P/test_graphs.py $P/test_patch_llama.py|"
+  "$P|$P --ignore=$P/test_graphs.py --ignore=$P/test_patch_llama.py|"
+)
+pids=()
+for i in "${!groups[@]}"; do
+  IFS='|' read -r root paths expr <<< "${groups[$i]}"
+  # shellcheck disable=SC2086  # paths are words
+  timeout "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider --confcutdir="$root" $paths \
+    ${expr:+-k "$expr"} > "$tmp/$i.log" 2>&1 &
+  pids+=($!)
+done
+rc=0
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}"
+  st=$?
+  ((st)) && rc=$st
+  { echo "=== group $i: ${groups[$i]} (exit $st)"; cat "$tmp/$i.log"; } >> "$log"
+  echo "group $i: $(tail -1 "$tmp/$i.log")"
+done
+rm -rf "$tmp"
+exit $rc
