@@ -118,8 +118,8 @@ def patch_residual_norm(layer: nn.Module, impl: str | None, offset: float = 0.0)
     The layer's class becomes a subclass with this forward (not an instance ``forward``): transformers
     5.2x applies activation checkpointing by wrapping each layer class's ``forward``, which an instance
     attribute would bypass."""
-    if type(layer) in _FUSED_LAYER_CLASSES.values():
-        return True
+    if any(c in _FUSED_LAYER_CLASSES.values() for c in type(layer).__mro__):  # patched before (graphs.py may
+        return True                                                             # have subclassed it since)
     defaults = _pass_through_layer_defaults(layer)
     if defaults is None:
         return False
