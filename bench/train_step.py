@@ -296,7 +296,8 @@ def setup_hf(args):
         if getattr(args, "join", "auto") == "off":  # an experiment: separate q/k/v and gate/up weights
             sys.modules["gpu_worker.patching"].JOIN_MAX_HIDDEN = 0
         args.patch_module = sys.modules["gpu_worker.patching"].__file__
-        graphs = {} if getattr(args, "graphs", "auto") == "auto" else {"cuda_graphs": False}  # off: an A/B
+        # an A/B: the decoder layers' CUDA graphs always / never instead of the patcher's rule
+        graphs = {"auto": {}, "on": {"cuda_graphs": True}, "off": {"cuda_graphs": False}}[getattr(args, "graphs", "auto")]
         report = patch_model(model, memory_mode={"off": "off", "on": "checkpointing",
                                                  "offload": "offload"}[args.ckpt], **graphs)
         args.patch_report = {"patched": list(report.patched), "reason": report.reason,
@@ -681,8 +682,8 @@ def main():
                     help="ours: join q/k/v and gate/up base weights by the patcher's rule, or never (an A/B)")
     ap.add_argument("--glu-tile", default=None, type=_tile_arg,
                     help="ours: rows,cols,warps for lora_glu's kernels instead of its TILE (an A/B; v13: 32,128,4)")
-    ap.add_argument("--graphs", choices=["auto", "off"], default="auto",
-                    help="ours: replay the decoder layers as CUDA graphs by the patcher's rule, or never (an A/B)")
+    ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
+                    help="ours: replay the decoder layers as CUDA graphs by the patcher's rule, always or never")
     ap.add_argument("--cprofile", default=None, help="write cProfile stats of the timed steps here")
     ap.add_argument("--ce-rows", type=int, default=0,
                     help="ours/base: rows per fused-CE chunk instead of the kernel's rule (an experiment)")

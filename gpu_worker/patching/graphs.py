@@ -33,8 +33,10 @@ from one step's layers (not their values) changes at the next step.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import weakref
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -256,14 +258,17 @@ class LayerGraphs:
             self.release()
             self.disabled = f"capture failed: {type(err).__name__}: {err}"
             log.warning("CUDA graphs off for this model (%s); the layers run eagerly", self.disabled)
-            torch.cuda.synchronize()
+        else:
+            return
+        gc.collect()  # the failed graphs (held by the traceback's frames) let go of the RNG state they took
+        torch.cuda.synchronize()
 
     def _capture_layers(self, x, names, tensors, rest, signature) -> None:
         enabled, dtype = _autocast_state()
         self.modules = [list(m.modules()) for m in self.layers]
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the eager steps' cached blocks: the graphs' pool takes their place
-        params = [tuple(p for p in layer.parameters() if p.requires_grad) for layer in self.layers]
+        trainable = [_Trainable(mods) for mods in self.modules]
         # the static tables: one per group of layers that got the same tensor in the last eager step
         groups, statics = {}, []
         for i in range(len(self.layers)):
@@ -282,10 +287,11 @@ class LayerGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             needs_grad = x.requires_grad
-            for layer, ps in zip(self.layers, params):
+            for layer, params in zip(self.layers, trainable):
                 sample = values.detach().requires_grad_(needs_grad)  # as the layer's captured input will
-                out = call(layer, sample, tensors)
-                inputs = ([sample] if sample.requires_grad else []) + list(ps)
+                with params.swapped() as proxies:
+                    out = call(layer, sample, tensors)
+                inputs = ([sample] if sample.requires_grad else []) + proxies
                 if out.requires_grad and inputs:
                     torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
                 needs_grad = out.requires_grad
@@ -295,23 +301,25 @@ class LayerGraphs:
         del values
 
         pool = torch.cuda.graph_pool_handle()
-        graphs, outs = [], []
+        graphs, outs, proxies = [], [], []
         inp = x.detach().clone().requires_grad_(x.requires_grad)
-        for i, (layer, ps) in enumerate(zip(self.layers, params)):
+        for i, (layer, params) in enumerate(zip(self.layers, trainable)):
             sig = signature if i == 0 else (_tensor_signature(inp), *signature[1:])
-            graph = _Graph(self.modules[i], sig, inp, ps)
+            graph = _Graph(self.modules[i], sig, inp, tuple(params.params))
             graph.statics = statics[i]
             for static in graph.statics:
                 static.readers.append(graph)
-            with torch.cuda.graph(graph.fwd, pool=pool, capture_error_mode="thread_local"):
+            with params.swapped() as layer_proxies, \
+                    torch.cuda.graph(graph.fwd, pool=pool, capture_error_mode="thread_local"):
                 out = call(layer, inp, tuple(st.tensor for st in graph.statics))
             outs.append(out)
             graphs.append(graph)
+            proxies.append(layer_proxies)
             inp = out.detach().requires_grad_(out.requires_grad)  # the next layer reads this buffer
         grad_out = torch.empty_like(outs[-1])
-        for graph, out in zip(reversed(graphs), reversed(outs)):
+        for graph, out, layer_proxies in zip(reversed(graphs), reversed(outs), reversed(proxies)):
             graph.grad_out = grad_out
-            inputs = ([graph.x] if graph.x.requires_grad else []) + list(graph.params)
+            inputs = ([graph.x] if graph.x.requires_grad else []) + layer_proxies
             if out.requires_grad and inputs:
                 graph.bwd = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph.bwd, pool=pool, capture_error_mode="thread_local"):
@@ -324,6 +332,31 @@ class LayerGraphs:
             grad_out = graph.grads[0] if graph.grads[0] is not None else torch.empty_like(graph.x)
         del outs
         self.graphs = graphs
+
+
+class _Trainable:
+    """A layer's trainable parameters, and their stand-ins for a capture: new leaves over the same storage.
+    A capture computes the gradients of the stand-ins, not of the parameters themselves: a parameter's
+    gradient accumulator that an earlier step's autograd graph keeps alive (a loop holding on to its last
+    loss) belongs to the default stream, and the capture's backward would wait on it, which a capture
+    cannot do. The replays read the same storage, so they see every optimizer update."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.slots = [(m, n) for m in modules for n, p in m._parameters.items() if p is not None and p.requires_grad]
+        self.params = list({id(m._parameters[n]): m._parameters[n] for m, n in self.slots}.values())
+
+    @contextmanager
+    def swapped(self):
+        """The stand-ins in the modules' places (in ``params`` order) for the ``with`` block."""
+        stand_ins = {id(p): nn.Parameter(p.detach(), requires_grad=True) for p in self.params}
+        originals = [m._parameters[n] for m, n in self.slots]
+        try:
+            for (m, n), p in zip(self.slots, originals):
+                m._parameters[n] = stand_ins[id(p)]
+            yield list(stand_ins.values())
+        finally:
+            for (m, n), p in zip(self.slots, originals):
+                m._parameters[n] = p
 
 
 def attach(layers: list[nn.Module]) -> LayerGraphs:

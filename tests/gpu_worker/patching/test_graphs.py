@@ -188,3 +188,25 @@ def test_calls_that_cannot_replay():
     names, tensors, rest = _split_kwargs({"use_cache": torch.tensor(False), "cache_position": None,
                                           "past_key_values": None})
     assert names == () and tensors == () and rest == (("cache_position", None),)
+
+
+def test_a_capture_differentiates_stand_ins_that_share_the_parameters_storage():
+    """A capture's backward computes the gradients of new leaves over the trainable parameters' storage
+    (graphs._Trainable: an older autograd graph may hold the parameters' own accumulators on the default
+    stream); they equal the parameters' gradients, and the modules get their parameters back."""
+    from gpu_worker.patching.graphs import _Trainable
+
+    model = build_lora_model(tiny_config())
+    layer = model.get_base_model().model.layers[0]
+    x = torch.randn(2, 5, 64)
+    rope = model.get_base_model().model.rotary_emb(x, torch.arange(5)[None])
+    trainable = _Trainable(list(layer.modules()))
+    assert len(trainable.params) == 14 and all(p.requires_grad for p in trainable.params)
+    expected = torch.autograd.grad(layer(x, position_embeddings=rope).sum(), trainable.params)
+    with trainable.swapped() as stand_ins:
+        assert [s.data_ptr() for s in stand_ins] == [p.data_ptr() for p in trainable.params]
+        assert all(s is not p for s, p in zip(stand_ins, trainable.params))
+        got = torch.autograd.grad(layer(x, position_embeddings=rope).sum(), stand_ins)
+    assert [p for p in layer.parameters() if p.requires_grad] == trainable.params
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
