@@ -447,13 +447,14 @@ def run_one(args):
         if graphs is not None:  # the decoder layers' CUDA graphs (gpu_worker/patching/graphs.py)
             rec["cuda_graphs"] = graphs.status
             # replays allocate nothing: their activations live in the graphs' private pool, which the
-            # allocated-memory peak does not count; the peak below adds the whole pool (an upper bound)
+            # allocated-memory peak does not count; the peak below is the reserved peak instead (pool and
+            # cache: an upper bound of what the step uses)
             pool = sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
                        if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
             rec["graph_pool_gb"] = pool / 1e9
-            rec["peak_gb_outside_graph_pool"] = torch.cuda.max_memory_allocated() / 1e9
-        rec["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 + rec.get("graph_pool_gb", 0.0)
+            rec["peak_gb_allocated"] = torch.cuda.max_memory_allocated() / 1e9
         rec["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+        rec["peak_gb"] = rec["peak_reserved_gb"] if "graph_pool_gb" in rec else torch.cuda.max_memory_allocated() / 1e9
         rec["peak_gb_incl_warmup"] = max(rec["peak_gb"], rec["peak_gb_load_and_warmup"])
         tokens = step_tokens * args.steps
         rec["elapsed_s"] = el
