@@ -267,7 +267,25 @@ def apply_memory_mode_and_kernels(model, runtime: Runtime) -> list[tuple[str, st
     if reason:
         return [(f"Training on the stock path: {reason} (memory mode {runtime.memory_mode.value})", "info")]
     patched = ", ".join(getattr(report, "patched", ()) or ()) or "all supported ops"
-    return [(f"Training kernels applied: {patched} (memory mode {runtime.memory_mode.value})", "info")]
+    graphs = (getattr(report, "counts", None) or {}).get("cuda_graph_layers")
+    graphs = f"; the {graphs} decoder layers replay as CUDA graphs on a GPU once the batch shape repeats" if graphs else ""
+    return [(f"Training kernels applied: {patched} (memory mode {runtime.memory_mode.value}){graphs}", "info")]
+
+
+def cuda_graph_summary(model) -> str | None:
+    """What the decoder layers' CUDA graphs did in this run (``gpu_worker.patching.graphs``), for the job's
+    events; None where the model has none or never ran a training step on a GPU."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    graphs = getattr(layers[0], "_tf_graphs", None) if layers else None
+    if graphs is None:
+        return None
+    status = graphs.status
+    if status["disabled"]:
+        return f"CUDA graphs turned off after {status['replays']} layer replays: {status['disabled']}"
+    if not status["captures"]:
+        return None
+    return f"CUDA graphs: {status['captures']} capture(s), {status['replays']} layer replays"
 
 
 def _stock_memory_mode(model, mode: MemoryMode) -> list[tuple[str, str]]:

@@ -186,6 +186,9 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
             return _stopped(ctx, step, last_ckpt, loggers, spec.output_prefix, workdir)
 
     # --- save ----------------------------------------------------------------------------------------
+    graphs = ms.cuda_graph_summary(model)
+    if graphs:
+        ctx.emit(LogEvent(message=graphs))
     model = engine.final_model()
     if model is None:  # a DeepSpeed rank other than 0: rank 0 finishes alone
         shutil.rmtree(workdir, ignore_errors=True)

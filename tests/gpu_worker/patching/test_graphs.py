@@ -210,3 +210,17 @@ def test_a_capture_differentiates_stand_ins_that_share_the_parameters_storage():
     assert [p for p in layer.parameters() if p.requires_grad] == trainable.params
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
+
+
+def test_the_job_events_say_what_the_graphs_did():
+    from gpu_worker.recipes.model_setup import cuda_graph_summary
+
+    model = build_lora_model(tiny_config())
+    assert cuda_graph_summary(model) is None  # not attached
+    patch_model(model, cuda_graphs=True)
+    graphs = _graphs(model)
+    assert cuda_graph_summary(model) is None  # attached, never captured (the CPU)
+    graphs.captures, graphs.replays = 1, 98
+    assert cuda_graph_summary(model) == "CUDA graphs: 1 capture(s), 98 layer replays"
+    graphs.disabled = "capture failed: RuntimeError: boom"
+    assert cuda_graph_summary(model) == "CUDA graphs turned off after 98 layer replays: capture failed: RuntimeError: boom"
