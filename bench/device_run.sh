@@ -25,15 +25,10 @@ for shape in 8B 1B; do  # concurrently: each is mostly host-side serialisation
 done
 # the kernel tests took 143 s on 2026-12-03 (26 s on 2026-11-22) with the new >2^31-element cases and the
 # concurrent saves: those cases run last, if time is left
-# KERNEL_TESTS: the kernel test files to run (default all of tests/kernels; a call short of time names
-# the ones whose ops changed since their last GPU run)
 # GPU_TESTS=0: none (a call that only measures a tree whose GPU tests already ran in this session)
 : > "$OUT/gpu_tests.log"
-if [[ ${GPU_TESTS:-1} != 0 ]]; then
-  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider --confcutdir=tests/kernels ${KERNEL_TESTS:-tests/kernels} \
-    -k "not int64" >> "$OUT/gpu_tests.log" 2>&1
-  timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider --confcutdir=tests/gpu_worker/patching \
-    tests/gpu_worker/patching >> "$OUT/gpu_tests.log" 2>&1
+if [[ ${GPU_TESTS:-1} != 0 ]]; then  # in parallel groups: ~3 min on a fresh machine (session 9)
+  bash bench/gpu_tests.sh "$OUT/gpu_tests.log" 240
 fi
 grep -E "passed|failed|error" "$OUT/gpu_tests.log"
 for p in "${savers[@]}"; do wait "$p"; done
