@@ -141,6 +141,7 @@ class DataIn(_Request):
 class RuntimeIn(_Request):
     use_kernels: bool | None = None
     memory_mode: MemoryMode | None = None
+    cuda_graphs: bool | None = None
     checkpoint_every_steps: Annotated[int, _at_least(1)] | None = None
 
 

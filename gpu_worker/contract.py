@@ -240,6 +240,9 @@ class Runtime(_Frozen):
     dtype: DType = DType.auto
     checkpoint_every_steps: int = Field(50, ge=1)
     eval_every_steps: int = Field(0, ge=0)  # 0: once per epoch and at the end
+    # Added in schema 1 without a version bump: optional. The decoder layers as CUDA graphs once the batch
+    # shape repeats (gpu_worker/patching/graphs.py); None: the patcher's rule (small models, memory mode off).
+    cuda_graphs: bool | None = None
     # Added in schema 1 without a version bump: optional, and a spec without it means one GPU.
     distributed: Distributed | None = None
 

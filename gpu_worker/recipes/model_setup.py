@@ -260,7 +260,8 @@ def apply_memory_mode_and_kernels(model, runtime: Runtime) -> list[tuple[str, st
     except ImportError as err:
         return [(f"Training kernels unavailable ({err}); training on the stock PyTorch path", "warn"), *_stock_memory_mode(model, runtime.memory_mode)]
     try:
-        report = patch_model(model, enabled=runtime.use_kernels, memory_mode=runtime.memory_mode.value)
+        report = patch_model(model, enabled=runtime.use_kernels, memory_mode=runtime.memory_mode.value,
+                             cuda_graphs=runtime.cuda_graphs)
     except Exception as err:  # a patcher bug must not kill the job: the stock path is always correct
         return [(f"Training kernels failed to apply ({type(err).__name__}: {err}); training on the stock PyTorch path", "warn"), *_stock_memory_mode(model, runtime.memory_mode)]
     reason = getattr(report, "reason", None)

@@ -224,3 +224,14 @@ def test_the_job_events_say_what_the_graphs_did():
     assert cuda_graph_summary(model) == "CUDA graphs: 1 capture(s), 98 layer replays"
     graphs.disabled = "capture failed: RuntimeError: boom"
     assert cuda_graph_summary(model) == "CUDA graphs turned off after 98 layer replays: capture failed: RuntimeError: boom"
+
+
+def test_the_job_spec_switches_the_graphs():
+    from gpu_worker.contract import Runtime
+    from gpu_worker.recipes.model_setup import apply_memory_mode_and_kernels
+
+    for setting, layers in ((None, 2), (False, None), (True, 2)):
+        model = build_lora_model(tiny_config())
+        [(message, _)] = apply_memory_mode_and_kernels(model, Runtime(cuda_graphs=setting))
+        assert hasattr(model.get_base_model().model.layers[0], "_tf_graphs") == bool(layers)
+        assert ("CUDA graphs" in message) == bool(layers), message
