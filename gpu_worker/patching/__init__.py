@@ -53,9 +53,9 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
 
     ``impl`` is passed to every op (None: Triton on CUDA, reference elsewhere; tests force "triton" to
     run the kernels through the interpreter on CPU). ``cuda_graphs``: replay the decoder layers of
-    fixed-shape training steps as CUDA graphs (graphs.py); None: for models up to ``GRAPH_MAX_HIDDEN``
-    with memory mode ``off``, outside multi-process (DeepSpeed) runs. They apply only on CUDA, with memory
-    mode ``off``.
+    fixed-shape training steps as CUDA graphs (graphs.py); None: for models up to ``GRAPH_MAX_HIDDEN``.
+    Never with a memory mode other than ``off`` or in a multi-process (DeepSpeed) run; they replay only on
+    CUDA.
     """
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
@@ -106,12 +106,12 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     patch_causal_lm(base, impl)
     counts["fused_linear_cross_entropy"] += 1
     apply_memory_mode(model, memory_mode)
-    if cuda_graphs is None:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        cuda_graphs = (getattr(config, "hidden_size", GRAPH_MAX_HIDDEN + 1) <= GRAPH_MAX_HIDDEN
-                       and not (dist.is_available() and dist.is_initialized()))
-    if cuda_graphs and memory_mode == "off":
+    if cuda_graphs is None:
+        cuda_graphs = getattr(config, "hidden_size", GRAPH_MAX_HIDDEN + 1) <= GRAPH_MAX_HIDDEN
+    # not in a DeepSpeed run: its gradient hooks and collectives run on their own streams
+    if cuda_graphs and memory_mode == "off" and not (dist.is_available() and dist.is_initialized()):
         from gpu_worker.patching.graphs import attach
 
         counts["cuda_graph_layers"] = len(attach(list(base.model.layers)).layers)
