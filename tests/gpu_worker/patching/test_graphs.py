@@ -178,6 +178,17 @@ def test_the_default_graphs_small_models_without_recompute():
     assert "cuda_graph_layers" not in patch_model(build_lora_model(big)).counts
 
 
+def test_no_graphs_in_a_deepspeed_run_even_when_asked(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        report = patch_model(build_lora_model(tiny_config()), cuda_graphs=True)
+    finally:
+        dist.destroy_process_group()
+    assert "cuda_graph_layers" not in report.counts
+
+
 def test_calls_that_cannot_replay():
     t = torch.zeros(2)
     assert _split_kwargs({"use_cache": True}) is None
