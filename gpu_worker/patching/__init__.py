@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch.distributed as dist
 from torch import nn
 
 from gpu_worker.patching.memory import MEMORY_MODES, apply_memory_mode
@@ -106,8 +107,6 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     patch_causal_lm(base, impl)
     counts["fused_linear_cross_entropy"] += 1
     apply_memory_mode(model, memory_mode)
-    import torch.distributed as dist
-
     if cuda_graphs is None:
         cuda_graphs = getattr(config, "hidden_size", GRAPH_MAX_HIDDEN + 1) <= GRAPH_MAX_HIDDEN
     # not in a DeepSpeed run: its gradient hooks and collectives run on their own streams
