@@ -158,12 +158,16 @@ def _fused_layer_class(cls: type) -> type:
         hidden_states = self.mlp(hidden_states)
         return residual + hidden_states
 
-    # the stock names: transformers' and our own checks read them (a patched model does not pickle anyway:
-    # the instance forwards are closures)
-    sub = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
-                                      "__qualname__": cls.__qualname__})
-    _FUSED_LAYER_CLASSES[cls] = sub
-    return sub
+    return layer_subclass(cls, _FUSED_LAYER_CLASSES, forward=forward)
+
+
+def layer_subclass(cls: type, made: dict, **attrs) -> type:
+    """``cls`` subclassed with ``attrs`` (a forward) under the stock name and module, which transformers'
+    and our own checks read; one subclass per class, kept in ``made`` (a patched model does not pickle
+    anyway: the instance forwards are closures)."""
+    if cls not in made:
+        made[cls] = type(cls.__name__, (cls,), {**attrs, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return made[cls]
 
 
 def patch_mlp(mlp: nn.Module, act: str, impl: str | None, output_discarded_in_recompute: bool = False) -> None:

@@ -41,6 +41,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from gpu_worker.patching.decoder import layer_subclass
+
 log = logging.getLogger(__name__)
 
 # captures per model before graphs stay off (each capture costs about two steps of the layers' work)
@@ -376,9 +378,6 @@ _GRAPHED_LAYER_CLASSES: dict = {}
 def _graphed_layer_class(cls: type) -> type:
     if "_tf_eager_forward" in cls.__dict__:
         return cls  # attached before
-    sub = _GRAPHED_LAYER_CLASSES.get(cls)
-    if sub is not None:
-        return sub
     eager = cls.forward
 
     def forward(self, hidden_states, *args, **kwargs):
@@ -389,7 +388,4 @@ def _graphed_layer_class(cls: type) -> type:
                 return out
         return eager(self, hidden_states, *args, **kwargs)
 
-    sub = type(cls.__name__, (cls,), {"forward": forward, "_tf_eager_forward": eager,
-                                      "__module__": cls.__module__, "__qualname__": cls.__qualname__})
-    _GRAPHED_LAYER_CLASSES[cls] = sub
-    return sub
+    return layer_subclass(cls, _GRAPHED_LAYER_CLASSES, forward=forward, _tf_eager_forward=eager)
