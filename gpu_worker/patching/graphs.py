@@ -93,6 +93,23 @@ class _Static:
         return True
 
 
+def _static_groups(sources: dict[int, tuple], like: tuple, n_layers: int) -> list[tuple[_Static, ...]]:
+    """Each layer's static tables: one ``_Static`` per group of layers that got the same tensor in that slot
+    in the last eager step (``sources``: layer -> its tensors then; a layer missing there gets its own),
+    shaped like the first layer's tensors ``like``."""
+    groups, statics = {}, []
+    for i in range(n_layers):
+        seen = sources.get(i, ())
+        row = []
+        for k, t in enumerate(like):
+            key = (k, id(seen[k]) if k < len(seen) else ("layer", i))
+            if key not in groups:
+                groups[key] = _Static(t)
+            row.append(groups[key])
+        statics.append(tuple(row))
+    return statics
+
+
 class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graph: _Graph, n_tensors: int, x, *rest):
@@ -271,12 +288,7 @@ class LayerGraphs:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the eager steps' cached blocks: the graphs' pool takes their place
         trainable = [_Trainable(mods) for mods in self.modules]
-        # the static tables: one per group of layers that got the same tensor in the last eager step
-        groups, statics = {}, []
-        for i in range(len(self.layers)):
-            sources = self._sources.get(i, ())
-            key = [(k, id(sources[k]) if k < len(sources) else ("layer", i)) for k in range(len(tensors))]
-            statics.append(tuple(groups.setdefault(kk, _Static(t)) for kk, t in zip(key, tensors)))
+        statics = _static_groups(self._sources, tensors, len(self.layers))
         self._sources = {}
 
         def call(layer, inp, tables):

@@ -189,6 +189,19 @@ def test_no_graphs_in_a_deepspeed_run_even_when_asked(tmp_path):
     assert "cuda_graph_layers" not in report.counts
 
 
+def test_layers_that_got_the_same_table_share_its_static_copy():
+    """Llama's layers all get the same cos/sin: one copy each; Gemma 3's alternate local and global tables:
+    two; a layer the eager step did not see gets its own."""
+    from gpu_worker.patching.graphs import _static_groups
+
+    cos, sin, local_cos, local_sin = (torch.full((2, 3), float(v)) for v in range(4))
+    statics = _static_groups({0: (cos, sin), 1: (local_cos, local_sin), 2: (cos, sin)}, (cos, sin), 4)
+    (a_cos, a_sin), (b_cos, b_sin), (c_cos, c_sin), (d_cos, d_sin) = statics
+    assert a_cos is c_cos and a_sin is c_sin and b_cos is not a_cos and b_sin is not a_sin
+    assert d_cos not in (a_cos, b_cos) and d_sin not in (a_sin, b_sin)
+    assert a_cos.tensor.shape == (2, 3) and a_cos.tensor is not cos
+
+
 def test_calls_that_cannot_replay():
     t = torch.zeros(2)
     assert _split_kwargs({"use_cache": True}) is None
