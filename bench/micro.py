@@ -18,7 +18,10 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   (v12: the 1D SwiGLU kernels plus the addmm_ passes), forward and backward at the 8B and 1B MLP shapes,
   in GB/s of the bytes each must move;
 - ``attn``: causal attention forward+backward at the 8B and 1B shapes (4 x 2048, GQA) through each SDPA
-  backend (flash, cuDNN, memory-efficient) and torch's varlen kernel, in TFLOP/s.
+  backend (flash, cuDNN, memory-efficient) and torch's varlen kernel, in TFLOP/s;
+- ``varlen_pad``: a packed batch's variable-length attention with ``cu_seqlens`` padded by empty documents
+  and ``max_len`` = the row width (shapes that do not depend on the documents, which a CUDA graph needs):
+  the same values as the tight form?, its time, and whether it captures (not yet run: session 9).
 
     python3 bench/micro.py --out $OUT/micro.jsonl
 """
@@ -255,10 +258,64 @@ def bench_attn(emit):
         torch.cuda.empty_cache()
 
 
+def bench_varlen_pad(emit):
+    """Can a packed batch replay as a CUDA graph (NOTES, session 9)? Its shape must not depend on the
+    documents: ``cu_seqlens`` padded with empty documents to a bucket of document counts and ``max_len`` set
+    to the row width. Checks that flash's variable-length kernel gives the same output and gradients that
+    way (empty documents, a wider grid), how long it takes against the tight form, and that it captures."""
+    from tuneforge_kernels.varlen_attention import Packing, varlen_attention
+
+    g = torch.Generator().manual_seed(0)
+    rows, width = 4, 2048
+    bounds = [0]
+    for r in range(rows):  # documents of a long-tailed length, each row filled exactly
+        end = (r + 1) * width
+        while bounds[-1] < end:
+            n = int(torch.empty(1).log_normal_(5.99, 1.0, generator=g).clamp(16, width).item())
+            bounds.append(min(bounds[-1] + n, end))
+    docs = len(bounds) - 1
+    bucket = 1 << (docs - 1).bit_length()
+    padded = bounds + [bounds[-1]] * (bucket - docs)
+    tight = Packing(torch.tensor(bounds, device="cuda", dtype=torch.int32), tuple(bounds),
+                    max(b - a for a, b in zip(bounds, bounds[1:])))
+    wide = Packing(torch.tensor(padded, device="cuda", dtype=torch.int32), tuple(bounds), width)
+    for shape, (hq, hkv, d) in {"8B": (32, 8, 128), "1B": (32, 8, 64)}.items():
+        q, k, v = (torch.randn(rows * width, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for h in (hq, hkv, hkv))
+        go = torch.randn(rows * width, hq, d, device="cuda", dtype=torch.bfloat16)
+
+        def run(packing):
+            out = varlen_attention(q, k, v, packing, d ** -0.5)
+            return (out, *torch.autograd.grad(out, (q, k, v), go))
+
+        ref, got = run(tight), run(wide)
+        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(ref, got))
+        note = f"{docs} documents, bucket {bucket}, max |diff| {diff:.3g}"
+        emit("varlen_pad", f"{shape} tight", timed(lambda: run(tight)), note=note)
+        emit("varlen_pad", f"{shape} padded, max_len {width}", timed(lambda: run(wide)), note=note)
+        try:  # forward and backward as one graph, replayed against the eager result
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                run(wide)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static = run(wide)
+            graph.replay()
+            torch.cuda.synchronize()
+            replay = max((a.float() - b.float()).abs().max().item() for a, b in zip(ref, static))
+            emit("varlen_pad", f"{shape} padded, one graph", timed(graph.replay), note=f"max |diff| {replay:.3g}")
+        except Exception as e:  # noqa: BLE001 - the answer is the error
+            print(f"varlen_pad {shape} capture: {type(e).__name__}: {str(e)[:300]}")
+        del q, k, v, go
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", default="copy,gemm,ce,elementwise,proj,tuned,glu,attn")
+    ap.add_argument("--only", default="copy,gemm,ce,elementwise,proj,tuned,glu,attn,varlen_pad")
     args = ap.parse_args()
     rows = []
 
@@ -274,7 +331,7 @@ def main():
     only = args.only.split(",")
     ceiling = bench_copy(emit) if "copy" in only or "elementwise" in only or "glu" in only else None
     for group, fn in (("gemm", bench_gemm), ("ce", bench_ce), ("proj", bench_proj), ("tuned", bench_tuned),
-                      ("attn", bench_attn)):
+                      ("attn", bench_attn), ("varlen_pad", bench_varlen_pad)):
         if group in only:
             fn(emit)
             torch.cuda.empty_cache()
