@@ -284,9 +284,12 @@ def bench_varlen_pad(emit):
                    for h in (hq, hkv, hkv))
         go = torch.randn(rows * width, hq, d, device="cuda", dtype=torch.bfloat16)
 
-        def run(packing):
-            out = varlen_attention(q, k, v, packing, d ** -0.5)
-            return (out, *torch.autograd.grad(out, (q, k, v), go))
+        def run(packing, leaves=(q, k, v)):
+            out = varlen_attention(*leaves, packing, d ** -0.5)
+            return tuple(t.detach() for t in (out, *torch.autograd.grad(out, leaves, go)))
+
+        def fresh():  # new leaves: a capture may not wait on gradient accumulators of the default stream
+            return tuple(t.detach().requires_grad_() for t in (q, k, v))
 
         ref, got = run(tight), run(wide)
         diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(ref, got))
@@ -297,11 +300,11 @@ def bench_varlen_pad(emit):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                run(wide)
+                run(wide, fresh())
             torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
+            graph, leaves = torch.cuda.CUDAGraph(), fresh()
             with torch.cuda.graph(graph):
-                static = run(wide)
+                static = run(wide, leaves)
             graph.replay()
             torch.cuda.synchronize()
             replay = max((a.float() - b.float()).abs().max().item() for a, b in zip(ref, static))
