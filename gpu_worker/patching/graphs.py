@@ -22,9 +22,12 @@ eval mode, other shapes, dtypes or autocast state, a KV cache, packed batches (t
 attention reads the documents' boundaries on the host), hooks on the layer or inside it, a parameter or
 buffer replaced since the capture (a merge, ``.to()``), adapters switched or rescaled, activation
 checkpointing, or the layer's last replay still waiting for its backward (two forwards before one
-backward: a replay would overwrite what that backward reads). A changed shape that repeats replaces the
-graphs (up to ``MAX_CAPTURES`` per model); a capture that fails (an op that cannot be captured) turns
-graphs off for the model and says why (``LayerGraphs.status``).
+backward: a replay would overwrite what that backward reads). A training step with another shape drops the
+graphs at once (their pool holds a step's activations, which the eager step would need a second time:
+memory stays near the eager step's), and a shape that repeats is captured again; graphs that served fewer
+than ``MIN_REPLAYED_STEPS`` steps before their shape changed count as wasted, and ``WASTED_CAPTURES`` of
+them turn graphs off for the model (shapes that change all the time), as does a capture that fails (an op
+that cannot be captured); ``LayerGraphs.status`` says why.
 
 A replayed layer's output is the graph's buffer: the next step's replay overwrites it, so a tensor kept
 from one step's layers (not their values) changes at the next step.
@@ -45,8 +48,10 @@ from gpu_worker.patching.decoder import layer_subclass
 
 log = logging.getLogger(__name__)
 
-# captures per model before graphs stay off (each capture costs about two steps of the layers' work)
-MAX_CAPTURES = 4
+# graphs dropped after fewer replayed steps than this were not worth their capture (about two steps of
+# the layers' work); this many such captures turn the model's graphs off
+MIN_REPLAYED_STEPS = 8
+WASTED_CAPTURES = 3
 # keyword arguments of a decoder layer's forward whose non-tensor values must be falsy to replay
 _MUST_BE_EMPTY = ("past_key_values", "cache", "use_cache", "packed_sequences", "output_attentions", "layer_past")
 
@@ -217,6 +222,8 @@ class LayerGraphs:
         self._sources: dict[int, tuple] = {}  # each layer's tables in the last eager step (which are shared)
         self.captures = 0
         self.replays = 0
+        self._steps = 0  # steps replayed by the current graphs
+        self._wasted = 0
         self.disabled: str | None = None
 
     def __deepcopy__(self, memo):
@@ -243,6 +250,9 @@ class LayerGraphs:
         signature = (_tensor_signature(x), names, tuple(_tensor_signature(t) for t in tensors), rest,
                      _autocast_state())
         if index == 0 and (self.graphs is None or self.graphs[0].signature != signature):
+            self.shape_changed()
+            if self.disabled is not None:
+                return None
             if signature != self._seen:
                 self._seen, self._sources = signature, {0: tensors}  # capture only for shapes that repeat
                 return None
@@ -259,18 +269,29 @@ class LayerGraphs:
         if not all(s.load(t) for s, t in zip(graph.statics, tensors)):
             return None
         self.replays += 1
+        self._steps += index == 0
         return _Replay.apply(graph, len(tensors), x, *tensors, *graph.params)
 
     def release(self) -> None:
         self.graphs = None
         self.modules = None  # listed again: a change may have added modules
 
+    def shape_changed(self) -> None:
+        """A training step whose first layer does not match the graphs: drop them (their pool would stay
+        next to the eager step's activations), and count them as wasted if they served few steps."""
+        if self.graphs is None:
+            return
+        if self._steps < MIN_REPLAYED_STEPS:
+            self._wasted += 1
+            if self._wasted >= WASTED_CAPTURES:
+                self.disabled = (f"the batch shape changed within {MIN_REPLAYED_STEPS} steps of "
+                                 f"{WASTED_CAPTURES} captures")
+        self.release()
+
     def _capture(self, x, names, tensors, rest, signature) -> None:
         self.release()
-        if self.captures >= MAX_CAPTURES:
-            self.disabled = f"shapes changed more than {MAX_CAPTURES} times"
-            return
         self.captures += 1
+        self._steps = 0
         try:
             self._capture_layers(x, names, tensors, rest, signature)
         except Exception as err:  # an op that cannot be captured: this model trains eagerly

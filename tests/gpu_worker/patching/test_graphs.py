@@ -202,6 +202,24 @@ def test_layers_that_got_the_same_table_share_its_static_copy():
     assert a_cos.tensor.shape == (2, 3) and a_cos.tensor is not cos
 
 
+def test_a_new_shape_drops_the_graphs_and_shapes_that_keep_changing_turn_them_off():
+    """The graphs' pool holds a step's activations: an eager step of another shape would need them a second
+    time, so the graphs go at once; captures that served few steps count against the model."""
+    from gpu_worker.patching.graphs import MIN_REPLAYED_STEPS, WASTED_CAPTURES, LayerGraphs
+
+    graphs = LayerGraphs([])
+    for _ in range(WASTED_CAPTURES):  # each served long enough: dropped, not wasted
+        graphs.graphs, graphs._steps = ["captured"], MIN_REPLAYED_STEPS
+        graphs.shape_changed()
+        assert graphs.graphs is None and graphs.disabled is None
+    for _ in range(WASTED_CAPTURES):
+        assert graphs.disabled is None
+        graphs.graphs, graphs._steps = ["captured"], MIN_REPLAYED_STEPS - 1
+        graphs.shape_changed()
+        assert graphs.graphs is None
+    assert graphs.disabled == f"the batch shape changed within {MIN_REPLAYED_STEPS} steps of {WASTED_CAPTURES} captures"
+
+
 def test_calls_that_cannot_replay():
     t = torch.zeros(2)
     assert _split_kwargs({"use_cache": True}) is None
