@@ -134,9 +134,6 @@ _FUSED_LAYER_CLASSES: dict = {}
 
 
 def _fused_layer_class(cls: type) -> type:
-    sub = _FUSED_LAYER_CLASSES.get(cls)
-    if sub is not None:
-        return sub
     stock = cls.forward
 
     def forward(self, hidden_states, *args, **kwargs):

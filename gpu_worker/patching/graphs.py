@@ -289,7 +289,6 @@ class LayerGraphs:
         self.release()
 
     def _capture(self, x, names, tensors, rest, signature) -> None:
-        self.release()
         self.captures += 1
         self._steps = 0
         try:
