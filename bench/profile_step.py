@@ -70,17 +70,21 @@ def main():
     _busy(prof, a.steps)
     _gaps(prof, a.steps, a.top)
     _matmuls(prof, a.steps, total, a.top)
+    _matmuls(prof, a.steps, total, a.top, ops=("aten::copy_", "aten::cat", "aten::clone", "aten::_to_copy",
+                                                "aten::add", "aten::add_", "aten::mul", "aten::fill_"),
+             title="copies and elementwise ATen ops")
 
 
-def _matmuls(prof, steps, total, top):
-    """The matrix products by operand shapes (the ATen op that launched them: forward and backward
-    GEMMs of one projection land on different rows), with the device time each shape took."""
+def _matmuls(prof, steps, total, top, ops=("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_grouped_mm"),
+             title="matrix products"):
+    """The matrix products (or other ``ops``) by operand shapes (the ATen op that launched them: forward and
+    backward GEMMs of one projection land on different rows), with the device time each shape took. Ops
+    inside a replayed CUDA graph are not seen (profile with ``--graphs off``)."""
     rows = [e for e in prof.key_averages(group_by_input_shape=True)
-            if e.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_grouped_mm")
-            and e.device_time_total > 0]
+            if e.key in ops and e.device_time_total > 0]
     rows.sort(key=lambda e: -e.device_time_total)
     mm_total = sum(e.device_time_total for e in rows) / steps / 1e3
-    print(f"## matrix products: {mm_total:.1f} ms of {total:.1f} per step, by operand shapes")
+    print(f"## {title}: {mm_total:.1f} ms of {total:.1f} per step, by operand shapes")
     for e in rows[:top]:
         ms = e.device_time_total / steps / 1e3
         print(f"{ms:9.2f} ms x{e.count // steps:<5d} {e.key:<11} {str(e.input_shapes)[:100]}")

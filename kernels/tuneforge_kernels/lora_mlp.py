@@ -73,6 +73,44 @@ def _compute_dtype(x):
     return x.dtype
 
 
+def cast_group(tensors, dtype: torch.dtype) -> list:
+    """``[t.to(dtype) for t in tensors]`` (None stays None) in two kernels instead of one per tensor: the
+    adapters' float32 weights of one node (six in the MLP or Q/K/V), a few KB each, cost a launch each, ~14
+    per layer and direction (bench/NOTES.md, session 10). The casts are views of one buffer, in order, so
+    consecutive ones with the same row length are row blocks of one tensor (``joined``: the A of q/k/v or
+    gate/up without a ``torch.cat``)."""
+    todo = [t for t in tensors if t is not None and t.dtype != dtype]
+    if len(todo) < 2:
+        return [t.to(dtype) if t is not None else None for t in tensors]
+    flat = torch.cat([t.reshape(-1) for t in tensors if t is not None]).to(dtype)
+    out, start = [], 0
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        out.append(flat[start:start + t.numel()].view(t.shape))
+        start += t.numel()
+    return out
+
+
+def _cast_grads(grads, dtypes) -> list:
+    """The adapters' gradients (compute dtype, None where not wanted) in their parameters' dtypes, one
+    ``cast_group`` where those agree (float32 master weights: always)."""
+    wanted = {d for g, d in zip(grads, dtypes) if g is not None}
+    if len(wanted) == 1:
+        return cast_group(grads, wanted.pop())
+    return [g.to(d) if g is not None else None for g, d in zip(grads, dtypes)]
+
+
+def rows_of(parts) -> torch.Tensor:
+    """The 2D tensors ``parts`` stacked by rows: a view when they are row blocks of one buffer (``joined``),
+    else a ``torch.cat``."""
+    if len(parts) == 1:
+        return parts[0]
+    both = joined(list(parts), 0)
+    return both if both is not None else torch.cat(list(parts))
+
+
 def _x_for_saving(ctx, x, x2):
     """What to save for the input ``x`` (viewed as ``x2 (N, in)``): the recipe's tensors when ``x`` is a
     Triton rms_norm output in the compute dtype (recomputed in backward, see NormRecipe), else ``x2``."""
@@ -166,7 +204,7 @@ def _gate_up(x, weights, dtype, lora, scales, fused):
     elif ag is au:
         xa_g = xa_u = x @ ag.t()
     else:
-        xa = x @ torch.cat([ag, au]).t()                                          # (N, r_g + r_u)
+        xa = x @ rows_of([ag, au]).t()                                            # (N, r_g + r_u)
         xa_g, xa_u = xa[:, :ag.shape[0]], xa[:, ag.shape[0]:]
     if not fused:
         for y, xa, b, s in ((g, xa_g, bg, scales[0]), (u, xa_u, bu, scales[1])):
@@ -238,7 +276,7 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
                 grads[2 * i] = d_a[col:col + a.shape[0]]                        # (r, H)
             col += a.shape[0]
         if dx is not None:
-            dx.addmm_(d_b, torch.cat([a for _, _, a, _, _, _ in adapted]))
+            dx.addmm_(d_b, rows_of([a for _, _, a, _, _, _ in adapted]))
     return grads
 
 
@@ -248,10 +286,11 @@ class _LoraMLPFunction(torch.autograd.Function):
         dtype = _compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
-        cast = [t.to(dtype) if t is not None else None for t in (ag, bg, au, bu, ad, bd)]
-        if au is ag:  # one A shared by gate and up (Phi-3's split gate_up_proj): one cast, one x A^T
-            cast[2] = cast[0]
-        ag_, bg_, au_, bu_, ad_, bd_ = cast
+        # one A shared by gate and up (Phi-3's split gate_up_proj): one cast, one x A^T
+        shared = au is ag
+        ag_, au_, ad_, bg_, bu_, bd_ = cast_group((ag, None if shared else au, ad, bg, bu, bd), dtype)
+        au_ = ag_ if shared else au_
+        cast = [ag_, bg_, au_, bu_, ad_, bd_]
         fused = lora_glu.fusable(bg_, bu_, bd_)
         if output_unused:  # deferred (module docstring): nothing reads y, backward recomputes g and u
             g = u = xa_g = xa_u = xa_d = None
@@ -294,7 +333,7 @@ class _LoraMLPFunction(torch.autograd.Function):
                 # block terms summed in float32
                 grads = [gr if p is None else p.float() if gr is None else gr.add_(p)
                          for gr, p in zip(grads, part)]
-        grads = [gr.to(pd) if gr is not None else None for gr, pd in zip(grads, ctx.param_dtypes)]
+        grads = _cast_grads(grads, ctx.param_dtypes)
         if dx is not None:
             dx = dx.view(ctx.shape)
         return (dx, None, grads[0], grads[1], None, grads[2], grads[3], None, grads[4], grads[5],

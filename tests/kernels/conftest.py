@@ -53,6 +53,29 @@ def join_weights(*projections):
     return out
 
 
+class count_ops:  # noqa: N801  (a context manager used like a function)
+    """Counts the ATen ops run inside it by name (``aten._to_copy.default`` -> ``_to_copy``)."""
+
+    def __enter__(self):
+        from collections import Counter
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts = Counter()
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counts[func.__name__.split(".")[0]] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return counts
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
 class count_matmuls:  # noqa: N801  (a context manager used like a function)
     """Counts the matrix products run inside it: ``big`` those whose operands are all larger than
     rank-sized (both inner and outer dimensions over 2), ``all`` every one, ``reading`` those with an

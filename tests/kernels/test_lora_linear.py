@@ -8,7 +8,7 @@ import torch
 
 from tuneforge_kernels.lora_linear import lora_linears, lora_linears_reference
 from tuneforge_kernels.lora_mlp import LoraWeights
-from tests.kernels.conftest import DEVICES, TOL, count_matmuls, join_weights, rel_err
+from tests.kernels.conftest import DEVICES, TOL, count_matmuls, count_ops, join_weights, rel_err
 
 
 def _proj(out_f, in_f, rank, device, dtype, with_lora=True, scale=2.0):
@@ -74,6 +74,34 @@ def test_joined_weights_take_one_gemm_each_way():
     assert counts[0] - counts[1] == 4, counts  # three base GEMMs each way, or one
     # the outputs are the column blocks of one product
     assert outs[1].data_ptr() == outs[0].data_ptr() + 8 * outs[0].element_size()
+
+
+def test_adapters_are_cast_once_and_x_read_once_for_their_gradients():
+    # float32 adapters, bf16 compute (autocast's case): the six adapter weights of Q/K/V are cast in one
+    # go each way (not one launch per tensor), the three dA come from one GEMM over x and the three rank-r
+    # dx terms from one pass over dx
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 8, dtype=torch.bfloat16, requires_grad=True)
+    projs = [_proj(8, 8, 2, "cpu", torch.bfloat16), _proj(4, 8, 2, "cpu", torch.bfloat16),
+             _proj(4, 8, 2, "cpu", torch.bfloat16)]
+    with count_ops() as fwd:
+        outs = lora_linears(x, *projs, impl="triton")
+    leaves = [x] + [t for p in projs for t in (p.lora_a, p.lora_b)]
+    with count_ops() as bwd, count_matmuls([x]) as mm:
+        grads = torch.autograd.grad(outs, leaves, [torch.randn_like(o) for o in outs])
+    assert fwd["_to_copy"] == 1 and bwd["_to_copy"] == 1, (fwd, bwd)
+    assert all(g.dtype == torch.float32 for g in grads[1:])
+    assert mm["reading"] == 1, mm  # d_b^T x for all three dA (the old code: one per projection)
+    assert bwd["addmm_"] == 3 - 1 + 1, bwd  # dx: two base terms added onto the first, one rank-r pass
+    p64 = [_as64(p) for p in projs]
+    x64 = x.detach().double().requires_grad_()
+    refs = lora_linears_reference(x64, *p64)
+    dys = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(lora_linears(x, *projs, impl="triton"), leaves, dys)
+    exp = torch.autograd.grad(refs, [x64] + [t for p in p64 for t in (p.lora_a, p.lora_b)],
+                              [d.double() for d in dys])
+    for a, b in zip(got, exp):
+        assert rel_err(a, b) < 2e-2
 
 
 @pytest.mark.parametrize("join", [False, True])

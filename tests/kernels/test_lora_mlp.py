@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tuneforge_kernels.lora_mlp import LoraWeights, joined, lora_mlp, lora_mlp_reference
-from tests.kernels.conftest import DEVICES, TOL, count_matmuls, join_weights, needs_triton, rel_err
+from tests.kernels.conftest import DEVICES, TOL, count_matmuls, count_ops, join_weights, needs_triton, rel_err
 
 pytestmark = needs_triton
 
@@ -82,6 +82,22 @@ def test_down_projections_rank_r_input_is_kept_not_recomputed():
     with count_matmuls([down.lora_a]) as n:
         lora_mlp(x, gate, up, down, impl="triton").sum().backward()
     assert n["reading"] == 1 and down.lora_b.grad is not None
+
+
+def test_adapters_are_cast_in_one_go_each_way():
+    # float32 adapters, bf16 compute: the six adapter weights are cast by one op in forward (not one per
+    # tensor), the six gradients by one op in backward, and gate's and up's A are one tensor for x A^T
+    torch.manual_seed(5)
+    x = torch.randn(6, 8, dtype=torch.bfloat16, requires_grad=True)
+    gate, up, down = (_proj(12, 8, 2, "cpu", torch.bfloat16), _proj(12, 8, 2, "cpu", torch.bfloat16),
+                      _proj(8, 12, 2, "cpu", torch.bfloat16))
+    with count_ops() as fwd:
+        y = lora_mlp(x, gate, up, down, impl="triton")
+    with count_ops() as bwd:
+        y.sum().backward()
+    assert fwd["_to_copy"] == 1 and fwd["cat"] == 1, fwd  # the cat: the six into one buffer to cast
+    assert bwd["_to_copy"] == 1, bwd
+    assert all(p.lora_a.grad.dtype == torch.float32 and p.lora_b.grad is not None for p in (gate, up, down))
 
 
 def test_joined_finds_only_one_buffer_laid_out_in_order():
