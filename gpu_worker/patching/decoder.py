@@ -43,6 +43,7 @@ def patch_rms_norm(norm: nn.Module, impl: str | None, offset: float = 0.0) -> No
         return rms_norm(hidden_states, self.weight, eps, offset=offset, impl=impl)
 
     norm.forward = MethodType(forward, norm)
+    norm._tf_rms_norm = (eps, offset, impl)  # what the fused layer forward calls in its place
 
 
 # the last statements of a decoder layer's forward when the MLP's output is only added to the residual
@@ -107,9 +108,12 @@ def _pass_through_layer_defaults(layer: nn.Module) -> dict | None:
 
 
 def patch_residual_norm(layer: nn.Module, impl: str | None, offset: float = 0.0) -> bool:
-    """Fuse the residual add after the attention into the post-attention RMSNorm (one kernel reads the
-    attention output and the residual, writes their sum and its norm; in backward the residual's gradient
-    is added in the norm's kernel): two elementwise passes and two launches less per layer. Only for a
+    """Fuse a standard layer's residual adds into the kernels around them: the add after the attention into
+    the post-attention RMSNorm (one kernel reads the attention output and the residual, writes their sum
+    and its norm; in backward the residual's gradient is added in the norm's kernel), the add after the
+    MLP into the down projection's GEMM (``lora_mlp``'s ``residual``), and in backward the sum of the layer
+    input's two gradients (through the input norm and along the residual stream) into the input norm's
+    kernel (``rms_norm``'s ``with_input``): four elementwise passes and four launches less per layer. Only for a
     layer whose stock forward is the standard one (``_pass_through_layer_defaults``); the stock forward
     runs when it is called positionally, when a hook watches the norm, or when the two addends' dtypes
     differ (HF's add would promote). Call after ``mlp_output_only_feeds_the_residual`` (it reads the
@@ -137,13 +141,18 @@ def _fused_layer_class(cls: type) -> type:
     stock = cls.forward
 
     def forward(self, hidden_states, *args, **kwargs):
-        norm = self.post_attention_layernorm
-        if args or norm._forward_hooks or norm._forward_pre_hooks or nn.modules.module._global_forward_hooks \
-                or nn.modules.module._global_forward_pre_hooks:
+        norm, in_norm, mlp = self.post_attention_layernorm, self.input_layernorm, self.mlp
+        if args or _hooked(norm) or _hooked(in_norm) or _hooked(mlp):
             return stock(self, hidden_states, *args, **kwargs)
         defaults, eps, offset, impl = self._tf_residual_norm
-        residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
+        spec = in_norm.__dict__.get("_tf_rms_norm")
+        if spec is not None:  # the residual stream's two gradients summed in the norm's backward kernel
+            in_eps, in_offset, in_impl = spec
+            hidden_states, residual = rms_norm(hidden_states, in_norm.weight, in_eps, offset=in_offset,
+                                               with_input=True, impl=in_impl)
+        else:
+            residual = hidden_states
+            hidden_states = in_norm(hidden_states)
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, **{**defaults, **kwargs})
         if hidden_states.dtype != residual.dtype:  # HF's add promotes: stay exact
             hidden_states = residual + hidden_states
@@ -152,10 +161,19 @@ def _fused_layer_class(cls: type) -> type:
         else:
             hidden_states, residual = rms_norm(hidden_states, norm.weight, eps, offset=offset, residual=residual,
                                                impl=impl)
-        hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states
+        if mlp.__dict__.get("_tf_adds_residual"):  # the down projection's GEMM adds the residual
+            return mlp(hidden_states, residual=residual)
+        return residual + mlp(hidden_states)
 
     return layer_subclass(cls, _FUSED_LAYER_CLASSES, forward=forward)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook would see this module's call (the fused layer forward bypasses the norms'
+    calls and changes what the MLP returns)."""
+    g = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or g._global_forward_hooks
+                or g._global_forward_pre_hooks)
 
 
 def layer_subclass(cls: type, made: dict, **attrs) -> type:
@@ -172,16 +190,20 @@ def patch_mlp(mlp: nn.Module, act: str, impl: str | None, output_discarded_in_re
     returns (``mlp_output_only_feeds_the_residual``), so it may skip its down projection then."""
     stock = type(mlp).forward
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        # residual: the fused layer forward's (``residual + mlp(x)`` returned; the stock forward never
+        # passes it)
         parts = _mlp_parts(self)
-        if parts is None:
-            return stock(self, x)  # something the fused path does not compute: stay exact
+        if parts is None:  # something the fused path does not compute: stay exact
+            out = stock(self, x)
+            return out if residual is None else residual + out
         # a forward hook would read the output
         unused = (output_discarded_in_recompute and recomputing() and not self._forward_hooks
                   and not nn.modules.module._global_forward_hooks)
-        return lora_mlp(x, *parts, act=act, impl=impl, output_unused=unused)
+        return lora_mlp(x, *parts, act=act, impl=impl, output_unused=unused, residual=residual)
 
     mlp.forward = MethodType(forward, mlp)
+    mlp._tf_adds_residual = True
 
 
 def _mlp_parts(mlp: nn.Module):

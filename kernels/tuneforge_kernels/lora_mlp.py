@@ -141,9 +141,9 @@ def _scaled_mm(a, b, s: float) -> torch.Tensor:
     return torch.addmm(a.new_empty(()), a, b, beta=0.0, alpha=s)
 
 
-def _project(x, w, a, b, s):
-    # x: (N, in) -> (N, out), plus the (N, r) product x A^T when there is an adapter
-    y = x @ w.t()
+def _project(x, w, a, b, s, c=None):
+    # x: (N, in) -> (N, out) (+ c, added by the GEMM), plus the (N, r) product x A^T when there is an adapter
+    y = x @ w.t() if c is None else torch.addmm(c, x, w.t())
     if a is None:
         return y, None
     xa = x @ a.t()
@@ -282,7 +282,7 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
 
 class _LoraMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, wg, ag, bg, wu, au, bu, wd, ad, bd, sg, su, sd, act, output_unused):
+    def forward(ctx, x, wg, ag, bg, wu, au, bu, wd, ad, bd, sg, su, sd, act, output_unused, residual):
         dtype = _compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
@@ -299,7 +299,8 @@ class _LoraMLPFunction(torch.autograd.Function):
             g, u, xa_g, xa_u = _gate_up(x2, (wg, wu), dtype, cast[:4], (sg, su), fused)
             h = _act_forward(g, u, act, _glu_terms(fused, xa_g, xa_u, cast, (sg, su)))  # (N, I)
             # h A_d^T (N, r) is kept: backward's dB_d reads it (a pass over h less for r columns)
-            y, xa_d = _project(h, _dense(wd, dtype), ad_, bd_, sd)             # (N, H)
+            c = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
+            y, xa_d = _project(h, _dense(wd, dtype), ad_, bd_, sd, c)          # (N, H)
         ctx.save_for_backward(g, u, xa_g, xa_u, xa_d, ag_, bg_, au_, bu_, ad_, bd_, *_x_for_saving(ctx, x, x2))
         ctx.weights = (wg, wu, wd)
         ctx.scales = (sg, su, sd)
@@ -336,26 +337,37 @@ class _LoraMLPFunction(torch.autograd.Function):
         grads = _cast_grads(grads, ctx.param_dtypes)
         if dx is not None:
             dx = dx.view(ctx.shape)
+        d_residual = dy if ctx.needs_input_grad[15] else None  # the residual passes through the sum
         return (dx, None, grads[0], grads[1], None, grads[2], grads[3], None, grads[4], grads[5],
-                None, None, None, None, None)
+                None, None, None, None, None, d_residual)
 
 
 def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights, act: str = "silu",
-             *, impl: str | None = None, output_unused: bool = False) -> torch.Tensor:
+             *, impl: str | None = None, output_unused: bool = False,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` with LoRA on any of the three projections (``lora_a=None`` for none).
 
     ``output_unused``: the caller never reads the output's values, only backpropagates through it (a
-    checkpointed layer's recompute; module docstring). A permission: the reference path ignores it."""
+    checkpointed layer's recompute; module docstring). A permission: the reference path ignores it.
+
+    ``residual``: returns ``residual + mlp(x)``, the decoder layer's residual add done by the down
+    projection's GEMM (``addmm``: it reads the residual as the GEMM's C) instead of a separate pass over
+    (tokens x hidden); one rounding where the stock add rounds the MLP output first. A residual in
+    another dtype than the compute dtype is added as HF adds it (promoting)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     for p in (gate, up, down):
         assert (p.lora_a is None) == (p.lora_b is None), "lora_a and lora_b come together"
     if not use_triton(x, *(p.lora_a for p in (gate, up, down)), impl=impl):
-        return lora_mlp_reference(x, gate, up, down, act)
-    return _LoraMLPFunction.apply(
+        out = lora_mlp_reference(x, gate, up, down, act)
+        return out if residual is None else residual + out
+    fused_residual = residual if residual is not None and residual.dtype == _compute_dtype(x) \
+        and residual.shape == (*x.shape[:-1], _out_features(down.weight)) else None
+    out = _LoraMLPFunction.apply(
         x, gate.weight, gate.lora_a, gate.lora_b, up.weight, up.lora_a, up.lora_b,
         down.weight, down.lora_a, down.lora_b, float(gate.scale), float(up.scale), float(down.scale),
-        act, bool(output_unused))
+        act, bool(output_unused), fused_residual)
+    return out if residual is None or fused_residual is not None else residual + out
 
 
 def _project_reference(x, p: LoraWeights):

@@ -166,16 +166,17 @@ def norm_recipe(t: torch.Tensor) -> NormRecipe | None:
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, residual, eps, offset):
+    def forward(ctx, x, weight, residual, eps, offset, with_input):
         out_dtype = _out_dtype(x, weight, offset)
         y, saved_x, rstd = _fwd_launch(x, residual, weight, eps, offset, out_dtype)
         ctx.save_for_backward(saved_x, weight, rstd)
-        ctx.offset, ctx.has_residual, ctx.shape = offset, residual is not None, x.shape
+        # the second output (x + residual, or x itself): its gradient is added in the backward kernel
+        ctx.offset, ctx.has_residual, ctx.shape = offset, residual is not None or with_input, x.shape
         y = y.view(x.shape)
         # consumers that would save y for their backward (the LoRA projections) save this recipe
         # instead: the norm already keeps its input, so y can be recomputed rather than stored
         y._tf_norm_recipe = NormRecipe(saved_x, weight, float(eps), float(offset), tuple(x.shape), out_dtype)
-        if residual is None:
+        if not ctx.has_residual:
             return y
         return y, saved_x.view(x.shape)
 
@@ -186,7 +187,7 @@ class _RMSNormFunction(torch.autograd.Function):
         dx, dw = _bwd_launch(dy, ds if ctx.has_residual else None, x2, weight, rstd, ctx.offset,
                              compute_dw)
         dx = dx.view(ctx.shape)
-        return dx, dw, (dx if ctx.has_residual else None), None, None
+        return dx, dw, (dx if ctx.needs_input_grad[2] else None), None, None, None
 
 
 def _out_dtype(x, weight, offset):
@@ -196,16 +197,20 @@ def _out_dtype(x, weight, offset):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0,
-             residual: torch.Tensor | None = None, impl: str | None = None):
+             residual: torch.Tensor | None = None, with_input: bool = False, impl: str | None = None):
     """``y = x_hat * (weight + offset)`` with ``x_hat = x / rms(x)`` over the last dim.
 
-    With ``residual``, normalises ``x + residual`` and returns ``(y, x + residual)``. ``y``'s dtype is
-    HF's: the promotion of ``x``'s and ``weight``'s for ``offset=0``, ``x``'s for Gemma's form.
-    ``offset=1.0`` is Gemma's ``(1 + w)`` form. Input gradient only when ``weight`` is frozen.
+    With ``residual``, normalises ``x + residual`` and returns ``(y, x + residual)``. ``with_input`` (no
+    residual): returns ``(y, x)``, where the gradient reaching that ``x`` from its other uses is added to
+    the norm's input gradient by the backward kernel (a decoder layer's residual stream: no separate add of
+    the two gradients). ``y``'s dtype is HF's: the promotion of ``x``'s and ``weight``'s for ``offset=0``,
+    ``x``'s for Gemma's form. ``offset=1.0`` is Gemma's ``(1 + w)`` form. Input gradient only when
+    ``weight`` is frozen.
     """
     if not use_triton(x, weight, residual, impl=impl):
-        return rms_norm_reference(x, weight, eps, offset=offset, residual=residual)
-    return _RMSNormFunction.apply(x, weight, residual, float(eps), float(offset))
+        y = rms_norm_reference(x, weight, eps, offset=offset, residual=residual)
+        return (y, x) if with_input and residual is None else y
+    return _RMSNormFunction.apply(x, weight, residual, float(eps), float(offset), bool(with_input))
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0,

@@ -100,6 +100,28 @@ def test_adapters_are_cast_in_one_go_each_way():
     assert all(p.lora_a.grad.dtype == torch.float32 and p.lora_b.grad is not None for p in (gate, up, down))
 
 
+@pytest.mark.parametrize("residual_dtype", [torch.bfloat16, torch.float32])
+def test_residual_is_added_by_the_down_projection(residual_dtype):
+    # residual + mlp(x): in the compute dtype the down GEMM adds it (no separate add, the residual's
+    # gradient is dy itself); in another dtype it is added as HF adds it (promoting to float32)
+    torch.manual_seed(6)
+    x = torch.randn(6, 8, dtype=torch.bfloat16, requires_grad=True)
+    gate, up, down = (_proj(12, 8, 2, "cpu", torch.bfloat16), _proj(12, 8, 2, "cpu", torch.bfloat16),
+                      _proj(8, 12, 2, "cpu", torch.bfloat16))
+    res = torch.randn(6, 8, dtype=residual_dtype, requires_grad=True)
+    with count_ops() as ops:
+        out = lora_mlp(x, gate, up, down, impl="triton", residual=res)
+    assert out.dtype == residual_dtype
+    assert ops["add"] == (residual_dtype != torch.bfloat16), ops
+    ref = res.detach().double() + lora_mlp_reference(x.detach().double(), *(_as64(p) for p in (gate, up, down)))
+    assert rel_err(out, ref) < 1e-2
+    dy = torch.randn_like(out)
+    gx, gres = torch.autograd.grad(out, (x, res), dy)
+    assert torch.equal(gres, dy)
+    plain = torch.autograd.grad(lora_mlp(x, gate, up, down, impl="triton"), x, dy.to(torch.bfloat16))[0]
+    assert torch.equal(gx, plain)
+
+
 def test_joined_finds_only_one_buffer_laid_out_in_order():
     buf = torch.randn(10, 4)
     a, b, c = buf[:3], buf[3:7], buf[7:]

@@ -47,6 +47,26 @@ def test_matches_reference(device, dtype, offset, with_residual, weight_trainabl
         assert w.grad is None
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_with_input_adds_the_inputs_other_gradient_in_the_kernel(device, dtype):
+    # (y, x): a decoder layer's input goes to its norm and along the residual stream; the gradient that
+    # comes back along the stream is added to the norm's input gradient by the backward kernel
+    torch.manual_seed(1)
+    rows, cols = (5, 37) if device == "cpu" else (1023, 4099)
+    x = _inputs(device, dtype, rows, cols, contiguous=True).requires_grad_()
+    w = torch.randn(cols, device=device, dtype=dtype) * 0.5 + 1
+    y, same = rms_norm(x, w, 1e-5, with_input=True, impl="triton")
+    assert torch.equal(same, x)
+    gy, gs = torch.randn_like(y), torch.randn_like(x)
+    got = torch.autograd.grad((y, same), x, (gy, gs))[0]
+    x64 = x.detach().double().requires_grad_()
+    ref = rms_norm_reference(x64, w.double(), 1e-5)
+    exp = torch.autograd.grad((ref, x64), x64, (gy.double(), gs.double()))[0]
+    assert rel_err(got, exp) < TOL[dtype]
+    assert rel_err(rms_norm(x, w, 1e-5, with_input=True)[0], ref) < TOL[dtype]  # the reference path too
+
+
 def test_frozen_weight_gets_no_gradient_work():
     # the weight-gradient flag is off, so backward returns None for it (no partial-sum buffer)
     x = torch.randn(3, 16, requires_grad=True)

@@ -226,6 +226,29 @@ def test_residual_add_fuses_into_the_post_attention_norm_where_the_layer_is_stan
     assert patch_model(model, impl="triton").counts == again
 
 
+def test_fused_layer_adds_no_residual_outside_the_kernels():
+    # a standard layer's residual adds (after the attention, after the MLP, and in backward the layer
+    # input's two gradients) all happen inside the norm kernels and the down projection's GEMM: no
+    # (tokens x hidden) add op in its forward or backward; same values and gradients as HF+PEFT
+    from tests.kernels.conftest import count_ops
+
+    config = tiny_config("llama")
+    ref, ours = build_lora_model(config), build_lora_model(config)
+    patch_model(ours, impl="triton", cuda_graphs=False)
+    layer = ours.get_base_model().model.layers[0]
+    h = torch.randn(2, 16, config.hidden_size, requires_grad=True)
+    pos = ours.get_base_model().model.rotary_emb(h, torch.arange(16)[None].expand(2, -1))
+    with count_ops() as ops:
+        out = layer(h, attention_mask=None, position_embeddings=pos)
+        gh = torch.autograd.grad(out, h, torch.ones_like(out))[0]
+    assert ops["add"] + ops["add_"] == 0, ops
+    ref_layer = ref.get_base_model().model.layers[0]
+    h64 = h.detach().requires_grad_()
+    ref_out = ref_layer(h64, attention_mask=None, position_embeddings=pos)
+    assert rel(out, ref_out) < 1e-4
+    assert rel(gh, torch.autograd.grad(ref_out, h64, torch.ones_like(ref_out))[0]) < 1e-4
+
+
 def test_fused_residual_norm_steps_aside_for_hooks_and_positional_calls():
     config = tiny_config("llama")
     ref, ours = build_lora_model(config), build_lora_model(config)
