@@ -25,7 +25,8 @@ for shape in 8B 1B; do  # concurrently: each is mostly host-side serialisation
 done
 # the kernel tests took 143 s on 2026-12-03 (26 s on 2026-11-22) with the new >2^31-element cases and the
 # concurrent saves: those cases run last, if time is left
-# GPU_TESTS=0: none (a call that only measures a tree whose GPU tests already ran in this session)
+# GPU_TESTS=0: none (a call that only measures a tree whose GPU tests already ran in this session);
+# TEST_GROUPS="6 7": only those of bench/gpu_tests.sh's groups
 : > "$OUT/gpu_tests.log"
 if [[ ${GPU_TESTS:-1} != 0 ]]; then  # in parallel groups: ~3 min on a fresh machine (session 9)
   bash bench/gpu_tests.sh "$OUT/gpu_tests.log" 240

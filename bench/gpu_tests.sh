@@ -4,6 +4,7 @@
 # did not finish in 150 s (session 8 and 9). The >2^31-element (int64) cases are left out: they need
 # most of the GPU's memory each.
 #   bash bench/gpu_tests.sh LOG [SECONDS]    (every group's output goes to LOG; its summary lines printed)
+# TEST_GROUPS="6 7": only those groups (indices into the list below; default all)
 set -u
 log=${1:?usage: gpu_tests.sh LOG [SECONDS]}
 limit=${2:-240}
@@ -21,15 +22,15 @@ groups=(
   "$P|$P --ignore=$P/test_graphs.py --ignore=$P/test_patch_llama.py|"
 )
 pids=()
-for i in "${!groups[@]}"; do
+for i in ${TEST_GROUPS:-${!groups[@]}}; do
   IFS='|' read -r root paths expr <<< "${groups[$i]}"
   # shellcheck disable=SC2086  # paths are words
   timeout "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider --confcutdir="$root" $paths \
     ${expr:+-k "$expr"} > "$tmp/$i.log" 2>&1 &
-  pids+=($!)
+  pids[$i]=$!
 done
 rc=0
-for i in "${!pids[@]}"; do
+for i in ${TEST_GROUPS:-${!groups[@]}}; do
   wait "${pids[$i]}"
   st=$?
   ((st)) && rc=$st

@@ -337,9 +337,10 @@ def _packing(model, attention_mask, position_ids, use_cache, kwargs, impl):
     return packed_sequences(position_ids)
 
 
-def patch_causal_lm(model: nn.Module, impl: str | None) -> None:
+def patch_causal_lm(model: nn.Module, impl: str | None, ce_chunk_logits: int | None = None) -> None:
     """Loss through the fused linear cross-entropy when labels are given (logits are then not returned);
-    without labels, or with a head the fused path cannot read, the stock head and loss."""
+    without labels, or with a head the fused path cannot read, the stock head and loss. ``ce_chunk_logits``:
+    the fused loss's chunk (``fused_linear_cross_entropy``'s ``chunk_logits``)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     # the KV cache's name in model outputs and forward kwargs: `cache` from transformers 5.2x, before
@@ -378,7 +379,8 @@ def patch_causal_lm(model: nn.Module, impl: str | None) -> None:
             if shift_labels is None:  # HF's ForCausalLMLoss shift: the last position predicts nothing
                 shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
             loss = fused_linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device),
-                                              softcap=softcap, num_items=num_items, impl=impl)
+                                              softcap=softcap, num_items=num_items, chunk_logits=ce_chunk_logits,
+                                              impl=impl)
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = head(hidden[:, keep, :])

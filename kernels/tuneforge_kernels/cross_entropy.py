@@ -102,12 +102,14 @@ def _rows_kernel_launch(logits, labels, loss, ignore_index, smoothing, softcap, 
     )
 
 
-def _chunk_rows(n_rows: int, hidden: int, vocab: int) -> int:
-    # one chunk's logits about the size of the hidden states (Liger's rule): at 8192 tokens and a 128K
-    # vocabulary, 256 rows (66 MB of bf16 logits) at 8B and 1B. Measured on an H200 (bench/NOTES.md v5):
-    # the op alone runs 3-5% faster with 1024-2048 rows (H 4096: 30.5 -> 29.4 / 27.4 ms per 8192 tokens;
-    # H 2048: 16.6 -> 15.8 / 15.1), but the 1B training step with 1024 rows ran 7.4% slower than with 256
-    # in the same call (unexplained, one sample of 10 steps), so the rule stays until that is understood
+def _chunk_rows(n_rows: int, hidden: int, vocab: int, chunk_logits: int | None = None) -> int:
+    # default: one chunk's logits about the size of the hidden states (Liger's rule): at 8192 tokens and a
+    # 128K vocabulary, 256 rows (66 MB of bf16 logits) at 8B and 1B. ``chunk_logits``: as many rows as
+    # fit that many logits (a power of two), for speed over memory: 2^27 (256 MB in bf16) is 1024 rows of
+    # a 128K vocabulary, which ran the training step 0.6% faster at both 1B and 8B on an H200 (interleaved,
+    # bench/NOTES.md session 10; v5's single sample against it was the host-bound 1B step's noise)
+    if chunk_logits:
+        return max(1, 1 << max(0, (chunk_logits // vocab).bit_length() - 1))
     return max(1, next_power_of_2(math.ceil(n_rows / math.ceil(vocab / hidden))))
 
 
@@ -129,7 +131,7 @@ def _denominator(labels, ignore_index, num_items, reduction):
 class _FusedLinearCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, smoothing, softcap, num_items, reduction,
-                grad_wanted):
+                grad_wanted, chunk_logits):
         # grad_wanted: autograd runs forward under no_grad, so the caller says whether grads are wanted
         dtype = _compute_dtype(hidden)
         h, w = hidden.to(dtype), weight.to(dtype)
@@ -140,7 +142,7 @@ class _FusedLinearCEFunction(torch.autograd.Function):
         dh = torch.empty_like(h) if compute_grad and need_dh else None             # (N, H)
         dw = (torch.zeros(w.shape, dtype=torch.float32, device=h.device)           # (V, H)
               if compute_grad and need_dw else None)
-        step = _chunk_rows(n_rows, n_hidden, w.shape[0])
+        step = _chunk_rows(n_rows, n_hidden, w.shape[0], chunk_logits)
         for start in range(0, n_rows, step):
             end = min(start + step, n_rows)
             logits = h[start:end] @ w.t()                                           # (C, V)
@@ -164,17 +166,18 @@ class _FusedLinearCEFunction(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         dh = dh * grad_out.to(dh.dtype) if dh is not None else None
         dw = dw * grad_out.to(dw.dtype) if dw is not None else None
-        return dh, dw, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                ignore_index: int = -100, label_smoothing: float = 0.0,
                                softcap: float | None = None, num_items=None, reduction: str = "mean",
-                               impl: str | None = None) -> torch.Tensor:
+                               chunk_logits: int | None = None, impl: str | None = None) -> torch.Tensor:
     """Cross-entropy of ``hidden (..., H) @ weight (V, H)^T`` against ``labels (...)`` (already shifted).
 
     ``num_items``: int or 0-dim tensor, the token count to divide by (see the module docstring);
-    ``reduction="sum"`` returns the plain sum.
+    ``reduction="sum"`` returns the plain sum. ``chunk_logits``: the logits one chunk may hold (None: about
+    the hidden states' size; more is faster and holds more memory, see ``_chunk_rows``).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -188,7 +191,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             softcap=softcap, num_items=num_items, reduction=reduction)
     return _FusedLinearCEFunction.apply(hidden, weight, labels.long(), int(ignore_index),
                                         float(label_smoothing), float(softcap or 0.0), num_items,
-                                        reduction, torch.is_grad_enabled())
+                                        reduction, torch.is_grad_enabled(), chunk_logits)
 
 
 def fused_linear_cross_entropy_reference(hidden, weight, labels, *, ignore_index=-100, label_smoothing=0.0,

@@ -98,3 +98,19 @@ def test_chunk_rows_rule():
     assert _chunk_rows(8192, 4096, 128256) == 256 and _chunk_rows(8192, 2048, 128256) == 256
     # few rows: a power of two at or above their count
     assert _chunk_rows(40, 4096, 128256) == 2 and _chunk_rows(3, 64, 64) == 4
+
+
+def test_chunk_logits_sets_the_rows_per_chunk_and_keeps_the_values():
+    from tuneforge_kernels.cross_entropy import _chunk_rows
+
+    assert _chunk_rows(8192, 2048, 128256) == 256  # the default: about the hidden states' size
+    assert _chunk_rows(8192, 2048, 128256, 1 << 27) == 1024  # 2^27 logits of a 128K vocabulary
+    assert _chunk_rows(8192, 2048, 300000, 1000) == 1  # never under one row
+    torch.manual_seed(7)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16)
+    y = torch.randint(0, 50, (37,))
+    ref = fused_linear_cross_entropy(h, w, y, impl="triton")
+    got = fused_linear_cross_entropy(h, w, y, chunk_logits=8 * 50, impl="triton")  # chunks of 8 rows
+    assert rel_err(got, ref) < 1e-6
+    assert rel_err(torch.autograd.grad(got, h)[0], torch.autograd.grad(ref, h)[0]) < 1e-6

@@ -413,3 +413,18 @@ def test_packed_equals_padded(device, impl, model_type, memory_mode, monkeypatch
     _step(padded_model, pad_ids.to(device), pad_labels.to(device), device, attention_mask=mask.to(device))
     gp, gq = lora_grads(packed_model), lora_grads(padded_model)
     assert max(rel(gp[n], gq[n]) for n in gq) < _tol(device)
+
+
+@pytest.mark.parametrize("memory_mode,chunk", [("off", 1 << 27), ("checkpointing", None)])
+def test_memory_mode_off_gives_the_loss_larger_chunks(monkeypatch, memory_mode, chunk):
+    import gpu_worker.patching.decoder as decoder
+
+    seen = []
+    fused = decoder.fused_linear_cross_entropy
+    monkeypatch.setattr(decoder, "fused_linear_cross_entropy",
+                        lambda *a, **kw: seen.append(kw["chunk_logits"]) or fused(*a, **kw))
+    model = build_lora_model(tiny_config("llama"))
+    patch_model(model, memory_mode=memory_mode, impl="triton")
+    x, _ = _batch("cpu")
+    model(input_ids=x, labels=x).loss.backward()
+    assert seen == [chunk]
