@@ -334,14 +334,7 @@ def _packing(model, attention_mask, position_ids, use_cache, kwargs, impl):
         return None
     if not (position_ids.is_cuda or impl == "triton"):
         return None
-    if not getattr(model, "_tf_pad_documents", False) or not position_ids.is_cuda:
-        return packed_sequences(position_ids)
-    # replayed layers (graphs.py): a document count padded to a bucket that only grows, so that a job's
-    # packed batches take a few shapes at most
-    packing = packed_sequences(position_ids, bucket=getattr(model, "_tf_document_bucket", 0))
-    if packing is not None:
-        model._tf_document_bucket = len(packing.cu_seqlens) - 1
-    return packing
+    return packed_sequences(position_ids)
 
 
 def patch_causal_lm(model: nn.Module, impl: str | None, ce_chunk_logits: int | None = None) -> None:

@@ -18,7 +18,8 @@ overwrite a gradient being accumulated over micro-batches; here autograd gets te
 accumulates as in eager mode.
 
 A layer runs its stock (eager) forward instead when anything differs from what was captured: no grad or
-eval mode, other shapes, dtypes or autocast state, a KV cache, hooks on the layer or inside it, a parameter or
+eval mode, other shapes, dtypes or autocast state, a KV cache, packed batches (their variable-length
+attention reads the documents' boundaries on the host), hooks on the layer or inside it, a parameter or
 buffer replaced since the capture (a merge, ``.to()``), adapters switched or rescaled, activation
 checkpointing, or the layer's last replay still waiting for its backward (two forwards before one
 backward: a replay would overwrite what that backward reads). A training step with another shape drops the
@@ -27,11 +28,6 @@ memory stays near the eager step's), and a shape that repeats is captured again;
 than ``MIN_REPLAYED_STEPS`` steps before their shape changed count as wasted, and ``WASTED_CAPTURES`` of
 them turn graphs off for the model (shapes that change all the time), as does a capture that fails (an op
 that cannot be captured); ``LayerGraphs.status`` says why.
-
-Packed batches (several documents per row) replay too: with graphs attached, the patched causal LM pads
-their document boundaries (``cu_seqlens``) with empty documents to a bucket of document counts that only
-grows, and sets ``max_len`` to the row width (decoder._packing), so a job's packed rows of one width take a
-few shapes at most; the boundaries are a static input like the tables.
 
 A replayed layer's output is the graph's buffer: the next step's replay overwrites it, so a tensor kept
 from one step's layers (not their values) changes at the next step.
@@ -49,7 +45,6 @@ import torch
 from torch import nn
 
 from gpu_worker.patching.decoder import layer_subclass
-from tuneforge_kernels.varlen_attention import Packing
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +52,8 @@ log = logging.getLogger(__name__)
 # the layers' work); this many such captures turn the model's graphs off
 MIN_REPLAYED_STEPS = 8
 WASTED_CAPTURES = 3
-_MAX_LEN = "packed_sequences.max_len"  # a packed batch's max_len among a call's plain values
 # keyword arguments of a decoder layer's forward whose non-tensor values must be falsy to replay
-_MUST_BE_EMPTY = ("past_key_values", "cache", "use_cache", "output_attentions", "layer_past")
+_MUST_BE_EMPTY = ("past_key_values", "cache", "use_cache", "packed_sequences", "output_attentions", "layer_past")
 
 
 class _Graph:
@@ -184,16 +178,7 @@ def _split_kwargs(kwargs: dict):
             if value:
                 return None
             continue
-        if name == "packed_sequences" and isinstance(value, Packing):
-            # the documents' boundaries are a tensor input; their count and max_len are the signature's
-            # (decoder._packing pads them to a bucket, max_len the row width). The captured call gets no
-            # host-side starts: only the flash kernel (cu_seqlens, max_len) can serve a replay
-            names.append((name, None))
-            tensors.append(value.cu_seqlens)
-            rest.append((_MAX_LEN, value.max_len))
-        elif name == "packed_sequences" and value is not None:
-            return None
-        elif name == "position_embeddings" and isinstance(value, tuple) and len(value) == 2 \
+        if name == "position_embeddings" and isinstance(value, tuple) and len(value) == 2 \
                 and all(isinstance(t, torch.Tensor) for t in value):
             names += [("position_embeddings", 0), ("position_embeddings", 1)]
             tensors += list(value)
@@ -219,8 +204,6 @@ def _rebuild_kwargs(names, tensors, rest) -> dict:
     for (name, slot), t in zip(names, tensors):
         if name == "position_embeddings":
             pair[slot] = t
-        elif name == "packed_sequences":
-            kwargs[name] = Packing(t, None, kwargs.pop(_MAX_LEN))
         else:
             kwargs[name] = t
     if pair:
