@@ -53,57 +53,55 @@ def join_weights(*projections):
     return out
 
 
-class count_ops:  # noqa: N801  (a context manager used like a function)
-    """Counts the ATen ops run inside it by name (``aten._to_copy.default`` -> ``_to_copy``)."""
+class _CountingMode:
+    """A context manager that shows every ATen op run inside it to ``self.count(func, args)`` and returns
+    ``self.counts``."""
 
     def __enter__(self):
-        from collections import Counter
-
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        counts = self.counts = Counter()
+        outer = self
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                counts[func.__name__.split(".")[0]] += 1
+                outer.count(func, args)
                 return func(*args, **(kwargs or {}))
 
         self.mode = Mode()
         self.mode.__enter__()
-        return counts
+        return self.counts
 
     def __exit__(self, *exc):
         self.mode.__exit__(*exc)
 
 
-class count_matmuls:  # noqa: N801  (a context manager used like a function)
+class count_ops(_CountingMode):  # noqa: N801  (a context manager used like a function)
+    """Counts the ATen ops run inside it by name (``aten._to_copy.default`` -> ``_to_copy``)."""
+
+    def __init__(self):
+        from collections import Counter
+
+        self.counts = Counter()
+
+    def count(self, func, args):
+        self.counts[func.__name__.split(".")[0]] += 1
+
+
+class count_matmuls(_CountingMode):  # noqa: N801  (a context manager used like a function)
     """Counts the matrix products run inside it: ``big`` those whose operands are all larger than
     rank-sized (both inner and outer dimensions over 2), ``all`` every one, ``reading`` those with an
     operand in the storage of one of ``tensors`` (say, the base weights)."""
 
+    OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
+           torch.ops.aten.mm.out)
+
     def __init__(self, tensors=()):
         self.storages = {t.untyped_storage().data_ptr() for t in tensors}
+        self.counts = {"big": 0, "all": 0, "reading": 0}
 
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        counts = self.counts = {"big": 0, "all": 0, "reading": 0}
-        storages = self.storages
-        ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
-               torch.ops.aten.mm.out}
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func in ops:
-                    mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 2][-2:]
-                    counts["all"] += 1
-                    counts["big"] += all(min(m.shape) > 2 for m in mats)
-                    counts["reading"] += any(m.untyped_storage().data_ptr() in storages for m in mats)
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
-        self.mode.__enter__()
-        return counts
-
-    def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
+    def count(self, func, args):
+        if func in self.OPS:
+            mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 2][-2:]
+            self.counts["all"] += 1
+            self.counts["big"] += all(min(m.shape) > 2 for m in mats)
+            self.counts["reading"] += any(m.untyped_storage().data_ptr() in self.storages for m in mats)
