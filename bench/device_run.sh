@@ -36,7 +36,7 @@ for p in "${savers[@]}"; do wait "$p"; done
 echo "tests and saves done at $(( $(date +%s) - t0 )) s"
 python3 bench/train_step.py matmul >> "$OUT/env.log" 2>&1
 if [[ -n "${MICRO:-}" ]]; then  # MICRO=1: every group; else a list of groups (micro.py --only), e.g. ce
-  groups=$([[ $MICRO == 1 ]] && echo copy,gemm,ce,elementwise,proj,tuned,glu,attn,varlen_pad || echo "$MICRO")
+  groups=$([[ $MICRO == 1 ]] && echo copy,gemm,ce,elementwise,proj,tuned,glu,attn,varlen_pad,aug || echo "$MICRO")
   python3 bench/micro.py --only "$groups" --out "$OUT/micro.jsonl" 2>&1 | tail -20
 fi
 left=$(( end_s - ${INT64_S:-90} - ($(date +%s) - t0) ))

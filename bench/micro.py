@@ -21,7 +21,9 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   backend (flash, cuDNN, memory-efficient) and torch's varlen kernel, in TFLOP/s;
 - ``varlen_pad``: a packed batch's variable-length attention with ``cu_seqlens`` padded by empty documents
   and ``max_len`` = the row width (shapes that do not depend on the documents, which a CUDA graph needs):
-  the same values as the tight form?, its time, and whether it captures (not yet run: session 9).
+  the same values as the tight form?, its time, and whether it captures (run in session 10);
+- ``aug``: the K-augmented LoRA GEMM (not built) against today's base GEMM + rank-r pass, per projection
+  shape, forward and input gradient, and what it would save per step (not yet run: session 10).
 
     python3 bench/micro.py --out $OUT/micro.jsonl
 """
@@ -168,6 +170,46 @@ def bench_tuned(emit):
         bench_proj(lambda group, name, ms, **kw: emit("tuned", name, ms, **kw))
     finally:
         tunable.enable(False)
+
+
+def bench_aug(emit):
+    """The K-augmented LoRA GEMM (NOTES "Open items", not built): each frozen weight stored in one (out + r) x
+    (in + r) buffer holding W, s B in its r spare columns and A in its r spare rows, so that the forward
+    ``[x | x A^T] [W | s B]^T`` and the input gradient ``[dy | dy B] [W ; A]`` are one GEMM each, against
+    today's base GEMM plus a rank-r read-modify-write pass (``addmm_``) over the output. The inputs with r
+    spare columns are what the norm / activation kernels would write; the rank-r products that fill them
+    (x A^T, dy B) are the same in both and not timed. Per projection shape, and the sum over a layer's
+    seven projections times the layer count: what the change would save per step."""
+    layers = {"8B": 32, "1B": 16}
+    for shape, (hid, nq, nkv, inter) in PROJ_SHAPES.items():
+        saved = 0.0
+        for name, (n, k), per_layer in (("q/o", (nq, hid), 2), ("k/v", (nkv, hid), 2),
+                                        ("gate/up", (inter, hid), 2), ("down", (hid, inter), 1)):
+            r = RANK
+            buf = torch.randn(n + r, k + r, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+            w, sb, a = buf[:n, :k].contiguous(), buf[:n, k:].contiguous(), buf[n:, :k].contiguous()
+            x_aug = torch.randn(N_TOK, k + r, device="cuda", dtype=torch.bfloat16)
+            dy_aug = torch.randn(N_TOK, n + r, device="cuda", dtype=torch.bfloat16)
+            x, xa = x_aug[:, :k].contiguous(), x_aug[:, k:].contiguous()
+            dy, dyb = dy_aug[:, :n].contiguous(), dy_aug[:, n:].contiguous()
+            cases = {
+                "fwd now": lambda: (x @ w.t()).addmm_(xa, sb.t()),
+                "fwd augmented": lambda: x_aug @ buf[:n].t(),
+                "dgrad now": lambda: (dy @ w).addmm_(dyb, a),
+                "dgrad augmented": lambda: dy_aug @ buf[:, :k],
+            }
+            ms = {}
+            for case, fn in cases.items():
+                ms[case] = timed(fn)
+                emit("aug", f"{shape} {name} {case} ({n}x{k}, r {r})", ms[case],
+                     tflops=2 * N_TOK * n * k / ms[case] / 1e9)
+            err = max(((cases[f"{way} augmented"]().float() - cases[f"{way} now"]().float()).norm()
+                       / cases[f"{way} now"]().float().norm()).item() for way in ("fwd", "dgrad"))
+            delta = ms["fwd now"] - ms["fwd augmented"] + ms["dgrad now"] - ms["dgrad augmented"]
+            saved += per_layer * delta
+            emit("aug", f"{shape} {name} saved per projection", delta, note=f"rel diff {err:.2e}")
+            del buf, w, sb, a, x_aug, dy_aug, x, xa, dy, dyb
+        emit("aug", f"{shape} saved per step ({layers[shape]} layers)", saved * layers[shape])
 
 
 # (rows, columns, warps) of lora_glu's kernels tried against its TILE
@@ -318,7 +360,7 @@ def bench_varlen_pad(emit):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", default="copy,gemm,ce,elementwise,proj,tuned,glu,attn,varlen_pad")
+    ap.add_argument("--only", default="copy,gemm,ce,elementwise,proj,tuned,glu,attn,varlen_pad,aug")
     args = ap.parse_args()
     rows = []
 
@@ -334,7 +376,7 @@ def main():
     only = args.only.split(",")
     ceiling = bench_copy(emit) if "copy" in only or "elementwise" in only or "glu" in only else None
     for group, fn in (("gemm", bench_gemm), ("ce", bench_ce), ("proj", bench_proj), ("tuned", bench_tuned),
-                      ("attn", bench_attn), ("varlen_pad", bench_varlen_pad)):
+                      ("attn", bench_attn), ("varlen_pad", bench_varlen_pad), ("aug", bench_aug)):
         if group in only:
             fn(emit)
             torch.cuda.empty_cache()
