@@ -21,6 +21,12 @@ groups=(
   "$P|$P/test_graphs.py $P/test_patch_llama.py|"
   "$P|$P --ignore=$P/test_graphs.py --ignore=$P/test_patch_llama.py|"
 )
+for i in ${TEST_GROUPS:-}; do  # a group that is not in the list would run pytest over everything
+  if ! [[ $i =~ ^[0-9]+$ ]] || [[ -z ${groups[$i]:-} ]]; then
+    echo "gpu_tests.sh: TEST_GROUPS: no group '$i' (there are ${#groups[@]}: 0-$((${#groups[@]} - 1)))" >&2
+    exit 2
+  fi
+done
 pids=()
 for i in ${TEST_GROUPS:-${!groups[@]}}; do
   IFS='|' read -r root paths expr <<< "${groups[$i]}"
