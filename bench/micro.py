@@ -212,8 +212,12 @@ def bench_aug(emit):
         emit("aug", f"{shape} saved per step ({layers[shape]} layers)", saved * layers[shape])
 
 
-# (rows, columns, warps) of lora_glu's kernels tried against its TILE
-GLU_TILES = ((32, 128, 4), (32, 128, 8), (64, 64, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (128, 64, 8))
+# lora_glu's layouts tried against its own (TILE, ROW_BLOCKS, ACC_DOT): (rows, columns, warps) of a tile, row
+# blocks per program, whether the rank-r dots accumulate onto the loaded tile
+GLU_VARIANTS = (((16, 256, 4), 1, False), ((16, 256, 4), 1, True), ((16, 256, 4), 2, False),
+                ((16, 256, 4), 4, False), ((16, 256, 4), 2, True), ((16, 256, 4), 4, True),
+                ((32, 128, 8), 1, True), ((32, 128, 8), 2, True), ((16, 128, 4), 4, True),
+                ((32, 256, 8), 2, True), ((64, 128, 8), 1, True))
 
 
 def bench_glu(emit, ceiling):
@@ -231,27 +235,33 @@ def bench_glu(emit, ceiling):
         terms = {"xa_g": xa_g, "b_g": b_g, "s_g": 2.0, "xa_u": xa_u, "b_u": b_u, "s_u": 2.0}
         big = g.numel() * 2  # bytes of one (tokens x intermediate) bf16 tensor
         cases = {  # name: (fn, bytes the fused kernel must move)
-            "v14 fwd (terms inside)": (lambda: lora_glu_forward(g, u, "silu", **terms), 3 * big),
+            "fwd (terms inside)": (lambda: lora_glu_forward(g, u, "silu", **terms), 3 * big),
+            "fwd without terms": (lambda: lora_glu_forward(g, u, "silu"), 3 * big),
             "v12 fwd (2 addmm_ + swiglu)": (lambda: (g.addmm_(xa_g, b_g.t()), u.addmm_(xa_u, b_u.t()),
                                                       swiglu_forward(g, u)), 3 * big),
             # backward values drift in place; the timing does not depend on them
-            "v14 bwd (terms inside)": (lambda: lora_glu_backward_inplace(dh, g, u, "silu", **terms, dy_b=dy_b,
-                                                                        a_d=a_d, s_d=2.0), 6 * big),
+            "bwd (terms inside)": (lambda: lora_glu_backward_inplace(dh, g, u, "silu", **terms, dy_b=dy_b,
+                                                                    a_d=a_d, s_d=2.0), 6 * big),
+            "bwd without terms": (lambda: lora_glu_backward_inplace(dh, g, u, "silu"), 6 * big),
             "v12 bwd (addmm_ + swiglu)": (lambda: (dh.addmm_(dy_b, a_d), swiglu_backward_inplace(dh, g, u)),
                                           6 * big),
         }
         for name, (fn, nbytes) in cases.items():
             ms = timed(fn)
             emit("glu", f"{shape} {name} {N_TOK}x{inter}", ms, gbps=nbytes / ms / 1e6, ceiling=ceiling)
-        # lora_glu's tile against the others tried (v13's 32 x 128 x 4 first)
-        chosen = glu.TILE
-        for tile in GLU_TILES:
-            glu.TILE = tile
+        chosen = glu.TILE, glu.ROW_BLOCKS, glu.ACC_DOT
+        # the first variant's values are the reference for the others' (same math; ACC_DOT rounds nothing
+        # more at a power-of-two scale)
+        h0 = lora_glu_forward(g, u, "silu", **terms)
+        for variant in GLU_VARIANTS:
+            glu.TILE, glu.ROW_BLOCKS, glu.ACC_DOT = variant
+            err = (lora_glu_forward(g, u, "silu", **terms).float() - h0.float()).abs().max().item()
             for name, (fn, nbytes) in cases.items():
-                if name.startswith("v14"):
+                if name.endswith("(terms inside)"):
                     ms = timed(fn)
-                    emit("glu", f"{shape} {name[4:7]} tile {tile}", ms, gbps=nbytes / ms / 1e6, ceiling=ceiling)
-        glu.TILE = chosen
+                    emit("glu", f"{shape} {name[:3]} {variant}", ms, gbps=nbytes / ms / 1e6, ceiling=ceiling,
+                         note=f"max |h - h0| {err:.1e}")
+        glu.TILE, glu.ROW_BLOCKS, glu.ACC_DOT = chosen
         del g, u, dh
         torch.cuda.empty_cache()
 

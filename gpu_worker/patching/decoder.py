@@ -285,6 +285,8 @@ def patch_attention(attn: nn.Module, impl: str | None) -> None:
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         packing = kwargs.pop("packed_sequences", None)
+        if kwargs.pop(CAUSAL_ROWS, False):  # patch_causal_lm's placeholder: is_causal, no mask
+            attention_mask = None
         if packing is not None and cache is None and _takes_varlen(self, packing):
             # (B, H, S, D) -> (B*S, H, D); the output comes back as (B*S, Hq, D)
             flat = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (q, k, v))
@@ -321,20 +323,45 @@ def _takes_varlen(attn: nn.Module, packing) -> bool:
             and (sliding is None or sliding >= packing.max_len))
 
 
+def _without_cache(model, use_cache, kwargs) -> bool:
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:  # either 5.x name
+        return False
+    return not (use_cache if use_cache is not None else getattr(model.config, "use_cache", False))
+
+
 def _packing(model, attention_mask, position_ids, use_cache, kwargs, impl):
     """The documents of a packed batch (positions restarting at 0, no mask, no KV cache, as training
     passes them), for every layer's variable-length attention; None for anything else. On CPU only when
     the ops are forced to Triton (the tests): there the per-document reference runs, slower than
     transformers' masked SDPA."""
-    if position_ids is None or attention_mask is not None:
-        return None
-    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:  # either 5.x name
-        return None
-    if use_cache if use_cache is not None else getattr(model.config, "use_cache", False):
+    if position_ids is None or attention_mask is not None or not _without_cache(model, use_cache, kwargs):
         return None
     if not (position_ids.is_cuda or impl == "triton"):
         return None
     return packed_sequences(position_ids)
+
+
+# the keyword with which patch_causal_lm tells every patched attention that its mask is a placeholder and
+# the rows are plain causal sequences
+CAUSAL_ROWS = "tf_causal_rows"
+# attention functions that compute causal attention when given no mask (SDPA's and flash's is_causal)
+_CAUSAL_WITHOUT_MASK = ("sdpa", "flash_attention_2", "flash_attention_3")
+
+
+def _plain_causal_rows(model, attentions, attention_mask, position_ids, use_cache, kwargs, rows) -> bool:
+    """Whether a batch without mask, position ids or KV cache (a training step on full rows) needs no mask:
+    every layer's attention would be given none by transformers and take is_causal (SDPA or flash, no
+    sliding window shorter than the ``rows``, ids or embeddings, no softcap). Transformers decides the same
+    only after checking the positions it derives for packed documents with ``.all()``: a host sync a step."""
+    if attention_mask is not None or position_ids is not None or not _without_cache(model, use_cache, kwargs):
+        return False
+    for attn in attentions:
+        sliding = _sliding_window(attn)
+        if (attn.config._attn_implementation not in _CAUSAL_WITHOUT_MASK or not getattr(attn, "is_causal", True)
+                or getattr(attn, "attn_logit_softcapping", None) is not None
+                or (sliding is not None and sliding < rows.shape[1])):
+            return False
+    return True
 
 
 def patch_causal_lm(model: nn.Module, impl: str | None, ce_chunk_logits: int | None = None) -> None:
@@ -369,6 +396,12 @@ def patch_causal_lm(model: nn.Module, impl: str | None, ce_chunk_logits: int | N
                 # no layer reads a mask: a 4D placeholder, which transformers passes through as it is,
                 # instead of the (rows, 1, S, S) document mask it would build (4 GiB at 4 rows of 32K)
                 attention_mask = position_ids.new_ones((position_ids.shape[0], 1, 1, 1), dtype=torch.bool)
+        elif all_ours and _plain_causal_rows(self, attentions, attention_mask, position_ids, use_cache, kwargs,
+                                             rows := input_ids if input_ids is not None else inputs_embeds):
+            # the same placeholder, which every layer drops for is_causal: transformers would reach no mask too,
+            # after a host sync
+            kwargs[CAUSAL_ROWS] = True
+            attention_mask = torch.ones((rows.shape[0], 1, 1, 1), dtype=torch.bool, device=rows.device)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state

@@ -357,6 +357,44 @@ def test_a_sliding_window_shorter_than_a_document_keeps_the_mask_for_its_layers(
     assert max(rel(gp[n], gq[n]) for n in gq) < 1e-4
 
 
+@pytest.mark.parametrize("model_type,skips", [("llama", True), ("mistral", True), ("qwen3", True), ("phi3", True),
+                                               ("gemma3_text", False), ("gemma2", False)])
+@pytest.mark.parametrize("memory_mode", ["off", "checkpointing"])
+def test_full_rows_need_no_mask_where_every_layer_takes_is_causal(model_type, skips, memory_mode, monkeypatch):
+    # A training batch of full rows (no mask, no position ids): transformers reads the positions it derives
+    # for packed documents on the host (find_packed_sequence_indices' .all(): a sync every step) before it
+    # gives SDPA no mask. The patched model passes a placeholder that every layer drops for is_causal, where
+    # each layer's attention is SDPA or flash with no sliding window inside the rows: not Gemma 3 here (a
+    # window of 8 in rows of 16) nor Gemma 2 (eager, softcap). Values as the stock model's either way: a
+    # placeholder taken for a mask would let every token see the whole row.
+    import transformers.masking_utils as masking
+
+    from gpu_worker.patching import decoder
+
+    config = tiny_config(model_type)
+    ref, ours = build_lora_model(config), build_lora_model(config)
+    for m in (ref, ours):
+        if memory_mode != "off":
+            m.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patch_model(ours, memory_mode=memory_mode, impl=None)
+    x, labels = _batch("cpu")
+    l_ref = _step(ref, x, labels, "cpu", use_cache=False)
+    read, placeholders = [], []
+    find, plain = masking.find_packed_sequence_indices, decoder._plain_causal_rows
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda p: read.append(1) or find(p))
+    monkeypatch.setattr(decoder, "_plain_causal_rows", lambda *a: placeholders.append(plain(*a)) or placeholders[-1])
+    l_ours = _step(ours, x, labels, "cpu", use_cache=False)
+    assert placeholders == [skips] and (read == []) == skips
+    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < 1e-4
+    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
+    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-4
+    # with a KV cache (generation) transformers builds what it would
+    placeholders.clear()
+    with torch.no_grad():
+        ours(input_ids=x, use_cache=True)
+    assert placeholders == [False]
+
+
 @pytest.mark.parametrize("model_type,memory_mode", [("llama", "off"), ("llama", "offload"), ("mistral", "off"),
                                                      ("qwen2", "off"), ("qwen3", "off"), ("gemma", "off"),
                                                      ("gemma2", "off"), ("gemma3_text", "off"), ("phi3", "off")])
