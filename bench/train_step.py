@@ -302,9 +302,8 @@ def setup_hf(args):
                                                  "offload": "offload"}[args.ckpt], **graphs)
         args.patch_report = {"patched": list(report.patched), "reason": report.reason,
                              "memory_mode": report.memory_mode, "counts": dict(getattr(report, "counts", {}))}
-        if getattr(args, "glu_tile", None):  # an experiment: another layout for lora_glu's kernels
-            glu = sys.modules["tuneforge_kernels.lora_glu"]
-            glu.TILE, glu.ROW_BLOCKS, glu.ACC_DOT = args.glu_tile[:3], *args.glu_tile[3:]
+        if getattr(args, "glu_tile", None):  # an experiment: another tile for lora_glu's kernels
+            sys.modules["tuneforge_kernels.lora_glu"].TILE = args.glu_tile
             args.patch_report["glu_tile"] = list(args.glu_tile)
         if getattr(args, "ce_rows", 0):  # an experiment: a fixed CE chunk instead of the kernel's rule
             sys.modules["tuneforge_kernels.cross_entropy"]._chunk_rows = lambda *_: args.ce_rows
@@ -648,13 +647,12 @@ def write_summary(args, results):
         json.dump(summary, f, indent=1)
 
 
-def _tile_arg(text: str) -> tuple[int, int, int, int, bool]:
+def _tile_arg(text: str) -> tuple[int, int, int]:
     try:
-        rows, cols, warps, row_blocks, acc_dot = (int(v) for v in text.split(","))
+        rows, cols, warps = (int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError("--glu-tile wants rows,cols,warps,row_blocks,acc_dot (e.g. 16,256,4,1,0), "
-                                         f"got {text!r}") from None
-    return rows, cols, warps, row_blocks, bool(acc_dot)
+        raise argparse.ArgumentTypeError(f"--glu-tile wants rows,cols,warps (e.g. 32,128,4), got {text!r}") from None
+    return rows, cols, warps
 
 
 def main():
@@ -684,8 +682,7 @@ def main():
     ap.add_argument("--join", choices=["auto", "off"], default="auto",
                     help="ours: join q/k/v and gate/up base weights by the patcher's rule, or never (an A/B)")
     ap.add_argument("--glu-tile", default=None, type=_tile_arg,
-                    help="ours: lora_glu's TILE (rows,cols,warps), ROW_BLOCKS and ACC_DOT instead of its own "
-                         "(an A/B; v16: 16,256,4,1,0)")
+                    help="ours: rows,cols,warps for lora_glu's kernels instead of its TILE (an A/B; v13: 32,128,4)")
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
                     help="ours: replay the decoder layers as CUDA graphs by the patcher's rule, always or never")
     ap.add_argument("--cprofile", default=None, help="write cProfile stats of the timed steps here")

@@ -20,8 +20,6 @@ largest a GPU test ran: rank 33); the MLP adds larger ranks' terms with the addm
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from tuneforge_kernels.backend import launcher, next_power_of_2, use_triton
@@ -43,38 +41,24 @@ MAX_RANK = 64
 # was tried and dropped: its trial compiles (seven tiles per kind of launch) cost tens of seconds at the
 # first step, and on 2048 trial rows it kept 32 x 128 where the full-size timing preferred 16 x 256.
 TILE = (16, 256, 4)
-# Row blocks of TILE's rows per program (the B tiles of its columns loaded once for them all), and whether
-# each rank-r dot accumulates onto the loaded tile (the scale applied to x A^T first: exact for a power of
-# two, the only scales it is used for) instead of being added to it after.
-ROW_BLOCKS = 1
-ACC_DOT = False
 
 if triton is not None:
 
     @triton.jit
-    def _b_tile(B, ld_b, cols, n_cols, rank, B_IS_RT: tl.constexpr, RP: tl.constexpr):
-        # B^T[:rank, cols] as an (RP, BN) tile; B is (cols, rank) (B_IS_RT False) or (rank, cols)
-        r = tl.arange(0, RP)
-        if B_IS_RT:
-            return tl.load(B + r[:, None].to(tl.int64) * ld_b + cols[None, :],
-                           mask=(r[:, None] < rank) & (cols[None, :] < n_cols), other=0.0)
-        return tl.load(B + cols[None, :].to(tl.int64) * ld_b + r[:, None],
-                       mask=(r[:, None] < rank) & (cols[None, :] < n_cols), other=0.0)
-
-    @triton.jit
-    def _low_rank(acc, XA, ld_xa, bt, rows, n_rows, rank, s, RP: tl.constexpr, PREC: tl.constexpr,
-                  ACC_DOT: tl.constexpr):
-        # acc + s * XA[rows, :rank] @ bt. ACC_DOT: the dot accumulates onto acc itself, with s applied to
-        # XA first (exact only for a power of two, which the wrapper checks)
+    def _low_rank(acc, XA, ld_xa, B, ld_b, rows, cols, n_rows, n_cols, rank, s, B_IS_RT: tl.constexpr,
+                  RP: tl.constexpr, PREC: tl.constexpr):
+        # acc + s * XA[rows, :rank] @ B^T[:, cols]; B is (cols, rank) (B_IS_RT False) or (rank, cols)
         r = tl.arange(0, RP)
         xa = tl.load(XA + rows[:, None].to(tl.int64) * ld_xa + r[None, :],
                      mask=(rows[:, None] < n_rows) & (r[None, :] < rank), other=0.0)
+        if B_IS_RT:
+            bt = tl.load(B + r[:, None].to(tl.int64) * ld_b + cols[None, :],
+                         mask=(r[:, None] < rank) & (cols[None, :] < n_cols), other=0.0)
+        else:
+            bt = tl.load(B + cols[None, :].to(tl.int64) * ld_b + r[:, None],
+                         mask=(r[:, None] < rank) & (cols[None, :] < n_cols), other=0.0)
         if PREC == "ieee":  # float32 operands, or bf16 ones on the interpreter, which has no bf16 dot
-            if ACC_DOT:
-                return tl.dot(xa.to(tl.float32) * s, bt.to(tl.float32), acc, input_precision="ieee")
             return acc + s * tl.dot(xa.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
-        if ACC_DOT:
-            return tl.dot((xa.to(tl.float32) * s).to(bt.dtype), bt, acc)
         return acc + s * tl.dot(xa, bt)
 
     @triton.jit
@@ -86,63 +70,54 @@ if triton is not None:
             return _gelu_and_grad(g, ACT == 2)
 
     @triton.jit
-    def _gate_up(YG, YU, XAG, XAU, ld_xg, ld_xu, bg, bu, rank_g, rank_u, sg, su, rows, n_rows, offs, mask,
+    def _gate_up(YG, YU, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
+                 rows, cols, n_rows, n_cols, offs, mask,
                  HAS_G: tl.constexpr, HAS_U: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr,
-                 PREC: tl.constexpr, ACC_DOT: tl.constexpr):
+                 PREC: tl.constexpr):
         g = tl.load(YG + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(YU + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_G:
-            g = _low_rank(g, XAG, ld_xg, bg, rows, n_rows, rank_g, sg, RG, PREC, ACC_DOT)
+            g = _low_rank(g, XAG, ld_xg, BG, ld_bg, rows, cols, n_rows, n_cols, rank_g, sg, False, RG, PREC)
         if HAS_U:
-            u = _low_rank(u, XAU, ld_xu, bu, rows, n_rows, rank_u, su, RU, PREC, ACC_DOT)
+            u = _low_rank(u, XAU, ld_xu, BU, ld_bu, rows, cols, n_rows, n_cols, rank_u, su, False, RU, PREC)
         return g, u
-
-    # Both kernels: one program per BN columns and ROW_BLOCKS x BM rows, the adapters' B (and A_d) tiles of
-    # its columns loaded once for all its row blocks.
 
     @triton.jit
     def _lora_glu_fwd_kernel(YG, YU, H, ld_y, ld_h, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g,
                              rank_u, sg, su, n_rows, n_cols, ACT: tl.constexpr, HAS_G: tl.constexpr,
                              HAS_U: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr, PREC: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr, ROW_BLOCKS: tl.constexpr, ACC_DOT: tl.constexpr):
+                             BM: tl.constexpr, BN: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        bg = _b_tile(BG, ld_bg, cols, n_cols, rank_g, False, RG) if HAS_G else None
-        bu = _b_tile(BU, ld_bu, cols, n_cols, rank_u, False, RU) if HAS_U else None
-        for i in tl.static_range(ROW_BLOCKS):
-            rows = (tl.program_id(0) * ROW_BLOCKS + i) * BM + tl.arange(0, BM)
-            mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-            offs = rows[:, None].to(tl.int64) * ld_y + cols[None, :]
-            g, u = _gate_up(YG, YU, XAG, XAU, ld_xg, ld_xu, bg, bu, rank_g, rank_u, sg, su, rows, n_rows, offs,
-                            mask, HAS_G, HAS_U, RG, RU, PREC, ACC_DOT)
-            act, _ = _act_and_grad(g, ACT)
-            tl.store(H + rows[:, None].to(tl.int64) * ld_h + cols[None, :], (act * u).to(H.dtype.element_ty),
-                     mask=mask)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        offs = rows[:, None].to(tl.int64) * ld_y + cols[None, :]
+        g, u = _gate_up(YG, YU, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
+                        rows, cols, n_rows, n_cols, offs, mask, HAS_G, HAS_U, RG, RU, PREC)
+        act, _ = _act_and_grad(g, ACT)
+        tl.store(H + rows[:, None].to(tl.int64) * ld_h + cols[None, :], (act * u).to(H.dtype.element_ty),
+                 mask=mask)
 
     @triton.jit
     def _lora_glu_bwd_kernel(DH, YG, YU, ld_y, ld_h, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g,
                              rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd, n_rows, n_cols,
                              ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
                              RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, PREC: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr, ROW_BLOCKS: tl.constexpr, ACC_DOT: tl.constexpr):
+                             BM: tl.constexpr, BN: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        bg = _b_tile(BG, ld_bg, cols, n_cols, rank_g, False, RG) if HAS_G else None
-        bu = _b_tile(BU, ld_bu, cols, n_cols, rank_u, False, RU) if HAS_U else None
-        ad = _b_tile(AD, ld_ad, cols, n_cols, rank_d, True, RD) if HAS_D else None
-        for i in tl.static_range(ROW_BLOCKS):
-            rows = (tl.program_id(0) * ROW_BLOCKS + i) * BM + tl.arange(0, BM)
-            mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-            offs = rows[:, None].to(tl.int64) * ld_y + cols[None, :]
-            offs_h = rows[:, None].to(tl.int64) * ld_h + cols[None, :]
-            dh = tl.load(DH + offs_h, mask=mask, other=0.0).to(tl.float32)
-            if HAS_D:
-                dh = _low_rank(dh, DYB, ld_dyb, ad, rows, n_rows, rank_d, sd, RD, PREC, ACC_DOT)
-            g, u = _gate_up(YG, YU, XAG, XAU, ld_xg, ld_xu, bg, bu, rank_g, rank_u, sg, su, rows, n_rows, offs,
-                            mask, HAS_G, HAS_U, RG, RU, PREC, ACC_DOT)
-            act, dact = _act_and_grad(g, ACT)
-            # every element is read above before any is written: the outputs reuse the input buffers
-            tl.store(DH + offs_h, (act * u).to(DH.dtype.element_ty), mask=mask)
-            tl.store(YU + offs, (dh * act).to(YU.dtype.element_ty), mask=mask)
-            tl.store(YG + offs, (dh * u * dact).to(YG.dtype.element_ty), mask=mask)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        offs = rows[:, None].to(tl.int64) * ld_y + cols[None, :]
+        offs_h = rows[:, None].to(tl.int64) * ld_h + cols[None, :]
+        dh = tl.load(DH + offs_h, mask=mask, other=0.0).to(tl.float32)
+        if HAS_D:
+            dh = _low_rank(dh, DYB, ld_dyb, AD, ld_ad, rows, cols, n_rows, n_cols, rank_d, sd, True, RD, PREC)
+        g, u = _gate_up(YG, YU, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
+                        rows, cols, n_rows, n_cols, offs, mask, HAS_G, HAS_U, RG, RU, PREC)
+        act, dact = _act_and_grad(g, ACT)
+        # every element is read above before any is written: the outputs reuse the input buffers
+        tl.store(DH + offs_h, (act * u).to(DH.dtype.element_ty), mask=mask)
+        tl.store(YU + offs, (dh * act).to(YU.dtype.element_ty), mask=mask)
+        tl.store(YG + offs, (dh * u * dact).to(YG.dtype.element_ty), mask=mask)
 
 
 def _rank_pad(rank: int) -> int:
@@ -178,25 +153,24 @@ def _prec(t):
     return "ieee" if t.dtype == torch.float32 or not t.is_cuda else "native"
 
 
-def _launch(kernel, yg, args, scales, **constexprs):
-    bm, bn, warps = TILE
-    grid = (triton.cdiv(yg.shape[0], bm * ROW_BLOCKS), triton.cdiv(yg.shape[1], bn))
-    acc_dot = ACC_DOT and all(s == 0 or math.frexp(s)[0] == 0.5 for s in scales)  # 0: a term left out
-    launcher(kernel, yg)[grid](*args, PREC=_prec(yg), BM=bm, BN=bn, ROW_BLOCKS=ROW_BLOCKS, ACC_DOT=acc_dot,
-                               num_warps=warps, **constexprs)
+def _grid(n_rows, n_cols, tile):
+    return (triton.cdiv(n_rows, tile[0]), triton.cdiv(n_cols, tile[1]))
 
 
-def lora_glu_forward(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0):
-    """``act(Yg + s_g xa_g B_g^T) * (Yu + s_u xa_u B_u^T)``, a new contiguous (N, I) tensor; ``yg``/``yu``
-    (N, I) base outputs with the same strides (the column halves of one gate+up product are fine),
-    ``xa_*`` (N, r), ``b_*`` (I, r); a term is left out where its ``xa`` is None."""
-    _check(yg, yu)
-    h = torch.empty_like(yg, memory_format=torch.contiguous_format)
+def lora_glu_forward(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0, *, out=None):
+    """``act(Yg + s_g xa_g B_g^T) * (Yu + s_u xa_u B_u^T)``, a new contiguous (N, I) tensor or written into
+    ``out`` (N, I), rows of any stride; ``yg``/``yu`` (N, I) base outputs with the same strides (the column
+    halves of one gate+up product are fine), ``xa_*`` (N, r), ``b_*`` (I, r); a term is left out where its
+    ``xa`` is None."""
+    _check(yg, yu, *(() if out is None else (out,)))
+    h = torch.empty_like(yg, memory_format=torch.contiguous_format) if out is None else out
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
-    _launch(_lora_glu_fwd_kernel, yg, (yg, yu, h, yg.stride(0), h.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg,
-                                       ld_bu, rg, ru, sg, su, yg.shape[0], yg.shape[1]),
-            (sg, su), ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, RG=pg, RU=pu)
+    bm, bn, warps = TILE
+    launcher(_lora_glu_fwd_kernel, yg)[_grid(*yg.shape, TILE)](
+        yg, yu, h, yg.stride(0), h.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
+        yg.shape[0], yg.shape[1], ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, RG=pg, RU=pu, PREC=_prec(yg),
+        BM=bm, BN=bn, num_warps=warps)
     return h
 
 
@@ -208,9 +182,12 @@ def lora_glu_backward_inplace(dh, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
     xd, ad, ld_xd, ld_ad, rd, sd, has_d, pd = _term(dy_b, a_d, s_d, yg)
-    _launch(_lora_glu_bwd_kernel, yg, (dh, yg, yu, yg.stride(0), dh.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg,
-                                       ld_bu, rg, ru, sg, su, xd, ld_xd, ad, ld_ad, rd, sd, yg.shape[0], yg.shape[1]),
-            (sg, su, sd), ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, RG=pg, RU=pu, RD=pd)
+    bm, bn, warps = TILE
+    launcher(_lora_glu_bwd_kernel, yg)[_grid(*yg.shape, TILE)](
+        dh, yg, yu, yg.stride(0), dh.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
+        xd, ld_xd, ad, ld_ad, rd, sd, yg.shape[0], yg.shape[1],
+        ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, RG=pg, RU=pu, RD=pd, PREC=_prec(yg),
+        BM=bm, BN=bn, num_warps=warps)
 
 
 def lora_glu_reference(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0):

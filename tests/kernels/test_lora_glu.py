@@ -85,36 +85,6 @@ def test_tiles_cover_odd_shapes(monkeypatch, tile):
     assert rel_err(dh, h_ref) < 1e-5 and rel_err(yg, dg_ref) < 1e-5 and rel_err(yu, du_ref) < 1e-5
 
 
-@pytest.mark.parametrize("row_blocks,acc_dot,s_d", [(3, False, 1.5), (2, True, 4.0), (2, True, 1.5)])
-def test_row_blocks_and_accumulating_dots(monkeypatch, row_blocks, acc_dot, s_d):
-    """The kernels' other layouts (micro.py times them): several row blocks per program, on rows that no
-    multiple of the tile divides, and the rank-r dots accumulating onto the loaded tile, which is taken
-    only where every scale is a power of two (0.5, 2 and 4 here; 1.5 keeps the dot added after)."""
-    import tuneforge_kernels.lora_glu as mod
-
-    monkeypatch.setattr(mod, "ROW_BLOCKS", row_blocks)
-    monkeypatch.setattr(mod, "ACC_DOT", acc_dot)
-    taken = []
-    launcher = mod.launcher
-
-    class Spy:
-        def __init__(self, kernel, like):
-            self.launch = launcher(kernel, like)
-
-        def __getitem__(self, grid):
-            return lambda *a, **kw: taken.append(kw["ACC_DOT"]) or self.launch[grid](*a, **kw)
-
-    monkeypatch.setattr(mod, "launcher", Spy)
-    yg, yu, dh, terms, down = _case(TILE[0] * row_blocks * 2 + 5, 300, (3, 4, 5), "cpu", torch.float32, seed=9)
-    down["s_d"] = s_d
-    h_ref, dg_ref, du_ref = _expected(yg, yu, dh, "silu", terms, down)
-    monkeypatch.setattr(mod.torch, "empty_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
-    assert rel_err(lora_glu_forward(yg, yu, "silu", **terms), h_ref) < 1e-5
-    lora_glu_backward_inplace(dh, yg, yu, "silu", **terms, **down)
-    assert rel_err(dh, h_ref) < 1e-5 and rel_err(yg, dg_ref) < 1e-5 and rel_err(yu, du_ref) < 1e-5
-    assert taken == [acc_dot, acc_dot and s_d != 1.5]
-
-
 def test_strided_rows_and_column_slices_of_a_wider_product():
     """x A^T for gate and up comes out of one GEMM as column slices of an (N, r_g + r_u) tensor."""
     yg, yu, dh, terms, down = _case(19, 70, (3, 5, 0), "cpu", torch.float32, seed=4)
@@ -122,6 +92,16 @@ def test_strided_rows_and_column_slices_of_a_wider_product():
     sliced = dict(terms, xa_g=both[:, :3], xa_u=both[:, 3:])
     assert not sliced["xa_u"].is_contiguous()
     assert rel_err(lora_glu_forward(yg, yu, "gelu", **sliced), lora_glu_forward(yg, yu, "gelu", **terms)) == 0
+
+
+def test_output_into_the_rows_of_a_wider_buffer():
+    """``out``: h written into the first I columns of an (N, I + r) buffer (the padded MLP's input of the
+    down projection), the spare columns untouched."""
+    yg, yu, dh, terms, down = _case(19, 70, (3, 5, 0), "cpu", torch.float32, seed=5)
+    buf = torch.full((19, 70 + 6), 7.0)
+    lora_glu_forward(yg, yu, "silu", **terms, out=buf[:, :70])
+    assert rel_err(buf[:, :70], lora_glu_forward(yg, yu, "silu", **terms)) == 0
+    assert (buf[:, 70:] == 7.0).all()
 
 
 def test_gate_and_up_as_the_column_halves_of_one_product():
