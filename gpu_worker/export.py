@@ -94,9 +94,13 @@ def merge_model(model, spec: JobSpec, data_dir):
 
     if not is_peft(model):
         return model
+    from gpu_worker.patching.lora import contiguous_weights
+
     if spec.quantization == Quantization.nf4:
         model = _dequantized_copy(model, spec, data_dir)
-    return model.merge_and_unload()
+    merged = model.merge_and_unload()
+    contiguous_weights(merged)  # a patched model's padded MLP weights (see save_pretrained's needs there)
+    return merged
 
 
 def _dequantized_copy(qmodel, spec: JobSpec, data_dir):

@@ -133,6 +133,49 @@ def join_frozen_weights(modules: list[nn.Module]) -> bool:
     return True
 
 
+def pad_frozen_mlp(mlp: nn.Module) -> bool:
+    """Store the frozen base weights of a gated MLP with separate ``gate_proj``/``up_proj``/``down_proj`` LoRA
+    modules in ``tuneforge_kernels.lora_mlp``'s padded layout for their adapters' ranks: each parameter
+    becomes a view of its block (rows of a wider buffer), and the fused MLP carries the rank-r terms in its
+    GEMMs. As with ``join_frozen_weights``, values, state dicts and adapters are unchanged, and anything that
+    replaces a weight tensor or an adapter of another rank only undoes the layout (the MLP then runs
+    unpadded). Returns whether the weights are padded now."""
+    from tuneforge_kernels.lora_mlp import pad_weights, padded
+
+    modules = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if any(m is None or not hasattr(m, "base_layer") for m in modules):
+        return False
+    parts = [lora_weights(m) for m in modules]
+    if any(p is None or p.lora_a is None for p in parts):
+        return False
+    if padded(*parts) is not None:
+        return True
+    weights = [p.weight for p in parts]
+    if not all(isinstance(w, nn.Parameter) and not w.requires_grad and w.is_floating_point() and w.is_contiguous()
+               for w in weights) or parts[0].lora_a is parts[1].lora_a:
+        return False
+    if any(w.dtype != weights[0].dtype or w.device != weights[0].device for w in weights):
+        return False
+    (i, h), ranks = weights[0].shape, tuple(p.lora_a.shape[0] for p in parts)
+    if weights[1].shape != (i, h) or weights[2].shape != (h, i):
+        return False
+    gu, d = pad_weights(*(w.detach() for w in weights), ranks)
+    weights[0].data, weights[1].data, weights[2].data = gu[:i, :h], gu[i:2 * i, :h], d[:h, :i]
+    return padded(*(lora_weights(m) for m in modules)) is not None
+
+
+def contiguous_weights(model: nn.Module) -> int:
+    """Give every parameter stored as rows of a wider buffer (``pad_frozen_mlp``) a contiguous tensor of its
+    own, which transformers' ``save_pretrained`` needs (it reads tensors sharing a buffer through
+    ``view(-1)``); for a merged model before saving. The count re-stored."""
+    moved = 0
+    for p in model.parameters():
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
+            moved += 1
+    return moved
+
+
 def _base_weight(layer: nn.Module):
     if getattr(layer, "bias", None) is not None:
         return None

@@ -342,6 +342,151 @@ class _LoraMLPFunction(torch.autograd.Function):
                 None, None, None, None, None, d_residual)
 
 
+# Padded layout (``pad_weights``): the frozen weights stored with r spare rows and columns, so that every
+# GEMM carries its adapter's rank-r term in its K dimension (session 11's micro ``aug``: the base GEMM plus a
+# rank-r pass over its output cost 25 ms more per 8B step than the longer GEMM alone). For gate and up,
+# one (2I + R) x (H + R) buffer (R = r_g + r_u) holding
+#
+#     [ W_g  B_g  0   ]      forward:  [x | s_g x A_g^T | s_u x A_u^T] @ rows [:2I]^T  = [g | u], terms in
+#     [ W_u  0    B_u ]      input gradient:  [dg | du | s_g dg B_g | s_u du B_u] @ columns [:, :H] = dx
+#     [ A_g  .    .   ]
+#     [ A_u  .    .   ]
+#
+# and for down one (H + r_d) x (I + r_d) buffer [[W_d, B_d], [A_d, .]] the same way. The adapters' current
+# values are copied into their blocks at every forward (the blocks marked . are never read); the zero blocks
+# keep gate and up apart. The activation kernel then runs without rank-r terms in both directions (micro:
+# 0.40 against 0.66 ms backward per 8B layer). Models up to this hidden size compute gate and up with one
+# GEMM, larger ones with one each (the joined weights' rule, bench/NOTES.md v14).
+PADDED_ONE_GEMM_MAX_HIDDEN = 2048
+
+
+def pad_weights(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ranks: tuple[int, int, int]):
+    """The padded layout's two buffers for these frozen ``(out, in)`` weights and adapter ranks (r_g, r_u,
+    r_d), the weights copied in (zeros elsewhere). The caller makes its parameters views of ``buffers[0]
+    [:I, :H]``, ``[I:2I, :H]`` and ``buffers[1][:H, :I]``, which ``padded`` recognises."""
+    (i, h), (rg, ru, rd) = gate.shape, ranks
+    gu = gate.new_zeros(2 * i + rg + ru, h + rg + ru)
+    gu[:i, :h] = gate
+    gu[i:2 * i, :h] = up
+    d = down.new_zeros(h + rd, i + rd)
+    d[:h, :i] = down
+    return gu, d
+
+
+def _spans(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor | None:
+    # the (rows, cols) row-major tensor starting at w's first element, where w's storage holds it
+    if w.stride() != (cols, 1) or (w.storage_offset() + rows * cols) * w.element_size() > w.untyped_storage().nbytes():
+        return None
+    return w.as_strided((rows, cols), (cols, 1), w.storage_offset())
+
+
+def padded(gate: LoraWeights, up: LoraWeights, down: LoraWeights):
+    """The padded layout's buffers (gate/up, down) when the three frozen weights are laid out in them for the
+    adapters' current ranks (an adapter of another rank, a separate A shared by gate and up, a replaced or
+    quantised weight: None, and the MLP runs unpadded)."""
+    wg, wu, wd = gate.weight, up.weight, down.weight
+    if not all(isinstance(w, torch.Tensor) for w in (wg, wu, wd)) or gate.lora_a is up.lora_a:
+        return None
+    if any(p.lora_a is None for p in (gate, up, down)):
+        return None
+    (i, h), rg, ru, rd = wg.shape, gate.lora_a.shape[0], up.lora_a.shape[0], down.lora_a.shape[0]
+    if wu.shape != wg.shape or wd.shape != (h, i) or wd.dtype != wg.dtype or wu.dtype != wg.dtype:
+        return None
+    if wu.untyped_storage().data_ptr() != wg.untyped_storage().data_ptr() \
+            or wu.data_ptr() != wg.data_ptr() + i * (h + rg + ru) * wg.element_size():
+        return None
+    gu, d = _spans(wg, 2 * i + rg + ru, h + rg + ru), _spans(wd, h + rd, i + rd)
+    return None if gu is None or d is None else (gu, d)
+
+
+def _mm_into(out, a, b, s: float) -> None:
+    # out = s * (a @ b), out a view of a wider buffer (cuBLAS writes it in place: row stride >= columns)
+    if s == 1.0:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(out, a, b, beta=0.0, alpha=s, out=out)
+
+
+class _PaddedMLPFunction(torch.autograd.Function):
+    """lora_mlp over the padded layout (above): the same function and gradients as ``_LoraMLPFunction``,
+    with ``x A^T`` saved scaled by s (so dB = dy^T (s x A^T))."""
+
+    @staticmethod
+    def forward(ctx, x, ag, bg, au, bu, ad, bd, sg, su, sd, gu_w, d_w, act, residual):
+        dtype = _compute_dtype(x)
+        shape = x.shape
+        hd, rg, ru, rd = shape[-1], ag.shape[0], au.shape[0], ad.shape[0]
+        i = bg.shape[0]
+        r = rg + ru
+        # the adapters' current values into their blocks (the casts to the compute dtype)
+        for block, t in ((gu_w[:i, hd:hd + rg], bg), (gu_w[i:2 * i, hd + rg:], bu), (gu_w[2 * i:2 * i + rg, :hd], ag),
+                         (gu_w[2 * i + rg:, :hd], au), (d_w[:hd, i:], bd), (d_w[hd:, :i], ad)):
+            block.copy_(t)
+        x2 = x.reshape(-1, hd).to(dtype)
+        n = x2.shape[0]
+        xa = x2.new_empty(n, hd + r)                                              # [x | s x A^T]
+        xa[:, :hd].copy_(x2)
+        if sg == su:
+            _mm_into(xa[:, hd:], x2, gu_w[2 * i:, :hd].t(), sg)
+        else:
+            _mm_into(xa[:, hd:hd + rg], x2, gu_w[2 * i:2 * i + rg, :hd].t(), sg)
+            _mm_into(xa[:, hd + rg:], x2, gu_w[2 * i + rg:, :hd].t(), su)
+        gu = x2.new_empty(n, 2 * i + r)                                           # [g | u | spare]
+        if hd <= PADDED_ONE_GEMM_MAX_HIDDEN:
+            torch.mm(xa, gu_w[:2 * i].t(), out=gu[:, :2 * i])
+        else:
+            torch.mm(xa, gu_w[:i].t(), out=gu[:, :i])
+            torch.mm(xa, gu_w[i:2 * i].t(), out=gu[:, i:2 * i])
+        ha = x2.new_empty(n, i + rd)                                              # [h | s h A_d^T]
+        lora_glu.lora_glu_forward(gu[:, :i], gu[:, i:2 * i], act, out=ha[:, :i])
+        _mm_into(ha[:, i:], ha[:, :i], d_w[hd:, :i].t(), sd)
+        if residual is not None:
+            y = torch.addmm(residual.reshape(-1, hd), ha, d_w[:hd].t())
+        else:
+            y = ha @ d_w[:hd].t()                                                 # (N, H)
+        # the rank-r products leave their wide buffers (kept, x's would hold the whole (N, H + R))
+        ctx.save_for_backward(gu, xa[:, hd:].clone(), ha[:, i:].clone(), *_x_for_saving(ctx, x, x2))
+        ctx.buffers, ctx.scales, ctx.ranks = (gu_w, d_w), (sg, su, sd), (rg, ru, rd)
+        ctx.act, ctx.shape, ctx.dtype = act, shape, dtype
+        ctx.param_dtypes = [t.dtype for t in (ag, bg, au, bu, ad, bd)]
+        return y.view(*shape[:-1], hd)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gu, xa, xa_d, *x_saved = ctx.saved_tensors
+        x2 = _restore_x(ctx, x_saved)
+        (gu_w, d_w), (sg, su, sd), (rg, ru, rd) = ctx.buffers, ctx.scales, ctx.ranks
+        hd, i = x2.shape[1], d_w.shape[1] - rd
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, hd).to(ctx.dtype)
+        dya = dy2.new_empty(dy2.shape[0], hd + rd)                                # [dy | s dy B_d]
+        dya[:, :hd].copy_(dy2)
+        _mm_into(dya[:, hd:], dy2, d_w[:hd, i:], sd)
+        dh = dya @ d_w[:, :i]                                                     # (N, I), the term inside
+        g, u = gu[:, :i], gu[:, i:2 * i]
+        lora_glu.lora_glu_backward_inplace(dh, g, u, ctx.act)                     # h, dg, du
+        h, dg, du = dh, g, u
+        grads = [None] * 6
+        if need[5]:
+            grads[4] = dya[:, hd:].t() @ h                                        # dA_d (r_d, I)
+        if need[6]:
+            grads[5] = dy2.t() @ xa_d                                             # dB_d (H, r_d)
+        del h, dh
+        _mm_into(gu[:, 2 * i:2 * i + rg], dg, gu_w[:i, hd:hd + rg], sg)          # s dg B_g
+        _mm_into(gu[:, 2 * i + rg:], du, gu_w[i:2 * i, hd + rg:], su)             # s du B_u
+        dx = (gu @ gu_w[:, :hd]).view(ctx.shape) if need[0] else None           # every term: one GEMM
+        if need[2]:
+            grads[1] = dg.t() @ xa[:, :rg]                                        # dB_g (I, r_g)
+        if need[4]:
+            grads[3] = du.t() @ xa[:, rg:]                                        # dB_u (I, r_u)
+        if need[1] or need[3]:
+            d_a = gu[:, 2 * i:].t() @ x2                                          # dA_g, dA_u (R, H)
+            grads[0], grads[2] = d_a[:rg] if need[1] else None, d_a[rg:] if need[3] else None
+        grads = _cast_grads(grads, ctx.param_dtypes)
+        d_residual = dy if need[13] else None
+        return (dx, *grads, None, None, None, None, None, None, d_residual)
+
+
 def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights, act: str = "silu",
              *, impl: str | None = None, output_unused: bool = False,
              residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -363,6 +508,12 @@ def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeig
         return out if residual is None else residual + out
     fused_residual = residual if residual is not None and residual.dtype == _compute_dtype(x) \
         and residual.shape == (*x.shape[:-1], _out_features(down.weight)) else None
+    buffers = padded(gate, up, down) if not output_unused else None
+    if buffers is not None and buffers[0].dtype == _compute_dtype(x):
+        out = _PaddedMLPFunction.apply(
+            x, gate.lora_a, gate.lora_b, up.lora_a, up.lora_b, down.lora_a, down.lora_b, float(gate.scale),
+            float(up.scale), float(down.scale), *buffers, act, fused_residual)
+        return out if residual is None or fused_residual is not None else residual + out
     out = _LoraMLPFunction.apply(
         x, gate.weight, gate.lora_a, gate.lora_b, up.weight, up.lora_a, up.lora_b,
         down.weight, down.lora_a, down.lora_b, float(gate.scale), float(up.scale), float(down.scale),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gpu_worker.patching import patch_model
+from gpu_worker.patching.lora import contiguous_weights, lora_weights
 from tuneforge_kernels.varlen_attention import varlen_attention
 from tests.gpu_worker.patching.conftest import (DEVICES_IMPLS, build_lora_model, lora_grads, lora_targets, rel,
                                                 tiny_config)
@@ -169,22 +170,27 @@ def test_merge_and_unload_gives_same_outputs():
     assert rel(after, before) < 1e-4
 
 
-def test_joined_weights_are_views_that_change_no_value(tmp_path):
-    # hidden 64 <= JOIN_MAX_HIDDEN: q/k/v and gate/up base weights share one buffer per group (one GEMM
-    # each way); every parameter keeps its name and value, and a merged model saves and reloads whole
+def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path):
+    # hidden 64 <= JOIN_MAX_HIDDEN: q/k/v base weights share one buffer (one GEMM each way); gate/up/down
+    # are padded for their adapters (lora_mlp.pad_weights: rows of wider buffers); every parameter keeps
+    # its name and value, training updates what the padded GEMMs read, and a merged model saves and
+    # reloads whole
     from transformers import AutoModelForCausalLM
 
+    from tuneforge_kernels.lora_mlp import padded
+
     config = tiny_config("llama")
-    ours = build_lora_model(config)
+    ours, ref = build_lora_model(config), build_lora_model(config)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
     report = patch_model(ours, impl="triton")
-    assert report.counts["joined_weights"] == 2 * config.num_hidden_layers
+    assert report.counts["joined_weights"] == report.counts["padded_mlp"] == config.num_hidden_layers
     layer = ours.get_base_model().model.layers[1]
     q, k, v = (getattr(layer.self_attn, n).base_layer.weight for n in ("q_proj", "k_proj", "v_proj"))
     assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
     assert v.data_ptr() == k.data_ptr() + k.numel() * k.element_size()
     gate, up = layer.mlp.gate_proj.base_layer.weight, layer.mlp.up_proj.base_layer.weight
-    assert up.data_ptr() == gate.data_ptr() + gate.numel() * gate.element_size()
+    assert not gate.is_contiguous() and up.data_ptr() == gate.data_ptr() + gate.stride(0) * gate.shape[0] * 4
+    assert padded(*(lora_weights(getattr(layer.mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")))
     after = ours.state_dict()
     assert before.keys() == after.keys() and all(before[n].equal(after[n]) for n in before)
     # q/k/v come out of one product; v, which the attention saves, must not keep the whole product alive
@@ -193,15 +199,22 @@ def test_joined_weights_are_views_that_change_no_value(tmp_path):
     q_out, _, v_out = _project_qkv(layer.self_attn, torch.randn(2, 5, config.hidden_size), "triton")
     assert v_out.untyped_storage().data_ptr() != q_out.untyped_storage().data_ptr()
     x, labels = _batch("cpu")
-    _step(ours, x, labels, "cpu")
-    with torch.no_grad():
-        for p in ours.parameters():
-            if p.grad is not None:
-                p.sub_(1e-2 * p.grad)
-    ours.eval()
+    for _ in range(2):  # the second step's forward reads adapters the first step changed
+        losses = [_step(m, x, labels, "cpu") for m in (ours, ref)]
+        assert abs(losses[0] - losses[1]) < 1e-4 * losses[1]
+        with torch.no_grad():
+            for m in (ours, ref):
+                for p in m.parameters():
+                    if p.grad is not None:
+                        p.sub_(1e-1 * p.grad)
+                        p.grad = None
+    ours.eval(), ref.eval()
     with torch.no_grad():
         logits = ours(input_ids=x).logits
+        assert rel(logits, ref(input_ids=x).logits) < 1e-4
         merged = ours.merge_and_unload()
+        # the padded weights are rows of wider buffers, which save_pretrained refuses: export re-stores them
+        assert contiguous_weights(merged) == 3 * config.num_hidden_layers
         merged.save_pretrained(tmp_path, safe_serialization=True)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
         assert rel(reloaded(input_ids=x).logits, logits) < 1e-4

@@ -1,0 +1,120 @@
+"""lora_mlp over the padded layout (frozen weights stored with the adapters' r spare rows and columns):
+the values and gradients of the float64 reference, the rank-r terms carried by the GEMMs (the activation
+kernel gets none, nothing adds onto an output afterwards), and the layouts it must not take for padded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tuneforge_kernels.lora_mlp as mlp_mod
+from tuneforge_kernels import lora_glu
+from tuneforge_kernels.lora_mlp import LoraWeights, lora_mlp, lora_mlp_reference, pad_weights, padded
+from tests.kernels.conftest import DEVICES, TOL, count_ops, needs_triton, rel_err
+
+pytestmark = needs_triton
+
+
+def _padded_parts(hidden, inter, ranks, scales, device, dtype, seed=0):
+    torch.manual_seed(seed)
+    shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
+    ws = [(torch.randn(o, i) / i ** 0.5).to(device, dtype) for o, i in shapes]
+    gu, d = pad_weights(*ws, ranks)
+    views = (gu[:inter, :hidden], gu[inter:2 * inter, :hidden], d[:hidden, :inter])
+    parts = []
+    for w, r, s, (o, i) in zip(views, ranks, scales, shapes):
+        a = (torch.randn(r, i, device=device) / i ** 0.5).requires_grad_()  # fp32 like PEFT
+        b = (torch.randn(o, r, device=device) * 0.1).requires_grad_()
+        parts.append(LoraWeights(w, a, b, s))
+    return parts
+
+
+def _as64(p: LoraWeights):
+    return LoraWeights(p.weight.double().contiguous(), p.lora_a.detach().double().requires_grad_(),
+                       p.lora_b.detach().double().requires_grad_(), p.scale)
+
+
+def _spy_glu(monkeypatch):
+    """The keyword arguments lora_mlp passes to the activation kernels, forward and backward."""
+    calls = []
+    for name in ("lora_glu_forward", "lora_glu_backward_inplace"):
+        real = getattr(lora_glu, name)
+        monkeypatch.setattr(lora_glu, name, lambda *a, _real=real, **kw: calls.append(kw) or _real(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scales", [(2.0, 2.0, 2.0), (0.5, 0.75, 1.5)])  # x A^T for gate and up: 1 GEMM / 2
+@pytest.mark.parametrize("one_gemm", [True, False])
+@pytest.mark.parametrize("residual", [False, True])
+def test_padded_matches_reference(monkeypatch, device, dtype, scales, one_gemm, residual):
+    # one_gemm: gate and up by one GEMM over both weights (small models) or one each
+    monkeypatch.setattr(mlp_mod, "PADDED_ONE_GEMM_MAX_HIDDEN", 1 << 30 if one_gemm else 0)
+    hidden, inter, ranks, shape = (24, 52, (3, 5, 4), (2, 7)) if device == "cpu" else \
+        (4096, 14336, (16, 16, 16), (2, 1023))
+    gate, up, down = _padded_parts(hidden, inter, ranks, scales, device, dtype)
+    assert padded(gate, up, down) is not None
+    x = torch.randn(*shape, hidden, device=device, dtype=dtype).requires_grad_()
+    res = torch.randn(*shape, hidden, device=device, dtype=dtype) if residual else None
+    calls = _spy_glu(monkeypatch)
+    out = lora_mlp(x, gate, up, down, "silu", impl="triton", residual=res)
+    g64, u64, d64 = _as64(gate), _as64(up), _as64(down)
+    x64 = x.detach().double().requires_grad_()
+    ref = lora_mlp_reference(x64, g64, u64, d64, "silu")
+    if residual:
+        ref = ref + res.double()
+    assert rel_err(out, ref) < TOL[dtype]
+    leaves = [x] + [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
+    leaves64 = [x64] + [t for p in (g64, u64, d64) for t in (p.lora_a, p.lora_b)]
+    dy = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, dy)
+    exp = torch.autograd.grad(ref, leaves64, dy.double())
+    for a, b, leaf in zip(got, exp, leaves):
+        assert a.dtype == leaf.dtype
+        assert rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else TOL[dtype])  # as test_lora_mlp's bound
+    # the activation kernels computed no rank-r term: the GEMMs carried them all
+    assert len(calls) == 2 and not any(kw.get("xa_g") is not None or kw.get("dy_b") is not None for kw in calls)
+
+
+def test_no_pass_adds_onto_an_output(monkeypatch):
+    # unpadded, the down projection's term is added onto y and the adapters' input-gradient terms onto dx
+    # (addmm_ passes over (tokens x hidden)); padded, none
+    hidden, inter, ranks = 16, 40, (2, 3, 4)
+    gate, up, down = _padded_parts(hidden, inter, ranks, (2.0,) * 3, "cpu", torch.float32)
+    plain = [LoraWeights(p.weight.contiguous(), p.lora_a, p.lora_b, p.scale) for p in (gate, up, down)]
+    x = torch.randn(9, hidden, requires_grad=True)
+    counts = []
+    for parts in ((gate, up, down), plain):
+        with count_ops() as n:
+            lora_mlp(x, *parts, impl="triton").sum().backward()
+        counts.append(n["addmm_"])
+    assert counts[0] == 0 < counts[1], counts
+
+
+def test_padded_finds_only_the_layout_for_the_current_ranks():
+    hidden, inter, ranks = 16, 40, (2, 3, 4)
+    gate, up, down = _padded_parts(hidden, inter, ranks, (2.0,) * 3, "cpu", torch.float32)
+    assert padded(gate, up, down) is not None
+    # an adapter of another rank (a new adapter set after patching): the spare columns no longer fit
+    wider = LoraWeights(up.weight, torch.randn(4, hidden), torch.randn(inter, 4), 2.0)
+    assert padded(gate, wider, down) is None
+    # a weight replaced by a tensor of its own (a safe merge, .to()): no buffer holds all three
+    assert padded(gate, up, LoraWeights(down.weight.clone(), down.lora_a, down.lora_b, 2.0)) is None
+    # gate and up sharing one A (Phi-3's split gate_up_proj)
+    assert padded(gate, LoraWeights(up.weight, gate.lora_a, up.lora_b[:, :2], 2.0), down) is None
+    # no adapter on one of them
+    assert padded(gate, up, LoraWeights(down.weight)) is None
+    # and unpadded, the MLP still computes the same function over the strided weights
+    x = torch.randn(5, hidden)
+    ref = lora_mlp_reference(x, gate, wider, down)
+    assert rel_err(lora_mlp(x, gate, wider, down, impl="triton"), ref) < 1e-5
+
+
+def test_output_unused_runs_unpadded(monkeypatch):
+    # a checkpointed layer's recompute (deferred MLP) keeps its own path over the padded weights
+    gate, up, down = _padded_parts(16, 40, (2, 3, 4), (2.0,) * 3, "cpu", torch.float32)
+    calls = _spy_glu(monkeypatch)
+    x = torch.randn(9, 16, requires_grad=True)
+    lora_mlp(x, gate, up, down, impl="triton", output_unused=True).sum().backward()
+    assert calls[-1].get("xa_g") is not None  # the backward's kernel adds the gate's term itself
