@@ -62,6 +62,7 @@ projections of every layer plus lm_head; embedding lookup excluded; LoRA adapter
   hfu = tokens/s * (6N + 8LHS) / peak with checkpointing (recompute counted), = mfu without.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -427,6 +428,17 @@ def run_one(args):
         # events between steps give each step's device time without a host sync in the loop: a host-side
         # stall shows as one long step (the 1B A/B of 2026-12-03 v5 differed by 7.4% with no way to tell)
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
+        if args.gc == "freeze":  # an experiment: the objects alive after warmup out of the collector's scans
+            gc.freeze()
+        collections = []  # (generation, ms) of each collection during the timed steps
+
+        def on_gc(phase, info, started=[]):  # noqa: B006 - the start time between the two calls
+            if phase == "start":
+                started[:] = [time.perf_counter()]
+            elif started:
+                collections.append((info["generation"], round((time.perf_counter() - started[0]) * 1e3, 2)))
+
+        gc.callbacks.append(on_gc)
         prof = None
         if args.cprofile:  # where the host's time goes (a launch-bound step: tiny batches)
             import cProfile
@@ -439,6 +451,8 @@ def run_one(args):
             marks[i + 1].record()
         torch.cuda.synchronize()
         el = time.perf_counter() - t0
+        gc.callbacks.remove(on_gc)
+        rec["gc_collections"] = collections
         if prof is not None:
             prof.disable()
             prof.dump_stats(args.cprofile)
@@ -681,6 +695,8 @@ def main():
     ap.add_argument("--summary", default=None, help="write a JSON summary (device, versions, commit) here")
     ap.add_argument("--join", choices=["auto", "off"], default="auto",
                     help="ours: join q/k/v and gate/up base weights by the patcher's rule, or never (an A/B)")
+    ap.add_argument("--gc", choices=["auto", "freeze"], default="auto",
+                    help="freeze: gc.freeze() after warmup (an A/B of the collector's full collections)")
     ap.add_argument("--glu-tile", default=None, type=_tile_arg,
                     help="ours: rows,cols,warps for lora_glu's kernels instead of its TILE (an A/B; v13: 32,128,4)")
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",

@@ -26,6 +26,10 @@ _UNIT_OFFSET_NORMS = ("gemma", "gemma2", "gemma3_text")
 # (lora.join_frozen_weights): one GEMM per group is faster at 1B's shapes on the H200 and slower at 8B's
 # (bench/NOTES.md, session 7's micro ``proj`` and v14)
 JOIN_MAX_HIDDEN = 2048
+# memory mode "off": models up to this hidden size get their MLP's frozen weights padded for the adapters
+# (lora.pad_frozen_mlp: the GEMMs carry the rank-r terms): 1.8% faster steps at 1B on the H200, none at 8B
+# (bench/NOTES.md, session 11)
+PAD_MAX_HIDDEN = 2048
 # models up to this hidden size replay their decoder layers as CUDA graphs (graphs.py) by default: their
 # steps are host-bound (1B on the H200: the host needs about as long to issue a step as the GPU to run it)
 GRAPH_MAX_HIDDEN = 2048
@@ -92,8 +96,9 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
               "joined_weights": 0, "padded_mlp": 0, "residual_rms_norm": 0}
     offset = 1.0 if arch in _UNIT_OFFSET_NORMS else 0.0
     join = getattr(config, "hidden_size", JOIN_MAX_HIDDEN + 1) <= JOIN_MAX_HIDDEN
+    pad = getattr(config, "hidden_size", PAD_MAX_HIDDEN + 1) <= PAD_MAX_HIDDEN
     for layer in base.model.layers:
-        if memory_mode == "off":  # speed: the MLP's adapters carried by its GEMMs (before joining gate/up)
+        if memory_mode == "off" and pad:  # the MLP's adapters carried by its GEMMs (before joining gate/up)
             counts["padded_mlp"] += pad_frozen_mlp(layer.mlp)
         if join:
             counts["joined_weights"] += _join_layer(layer)
