@@ -428,8 +428,6 @@ def run_one(args):
         # events between steps give each step's device time without a host sync in the loop: a host-side
         # stall shows as one long step (the 1B A/B of 2026-12-03 v5 differed by 7.4% with no way to tell)
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
-        if args.gc == "freeze":  # an experiment: the objects alive after warmup out of the collector's scans
-            gc.freeze()
         collections = []  # (generation, ms) of each collection during the timed steps
 
         def on_gc(phase, info, started=[]):  # noqa: B006 - the start time between the two calls
@@ -695,8 +693,6 @@ def main():
     ap.add_argument("--summary", default=None, help="write a JSON summary (device, versions, commit) here")
     ap.add_argument("--join", choices=["auto", "off"], default="auto",
                     help="ours: join q/k/v and gate/up base weights by the patcher's rule, or never (an A/B)")
-    ap.add_argument("--gc", choices=["auto", "freeze"], default="auto",
-                    help="freeze: gc.freeze() after warmup (an A/B of the collector's full collections)")
     ap.add_argument("--glu-tile", default=None, type=_tile_arg,
                     help="ours: rows,cols,warps for lora_glu's kernels instead of its TILE (an A/B; v13: 32,128,4)")
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
