@@ -70,8 +70,6 @@ class _Graph:
         self.out: torch.Tensor | None = None
         self.grad_out: torch.Tensor | None = None
         self.grads: tuple = ()  # (input gradient or None, *parameter gradients or None)
-        # the parameter gradients handed to autograd as views of one copy per buffer that holds them (_handover)
-        self.handover: list[tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]] = []
         # the autograd node of a replayed forward whose backward has not run yet (weak: a dropped autograd
         # graph frees the layer for the next replay)
         self.pending: weakref.ref | None = None
@@ -136,33 +134,9 @@ class _Replay(torch.autograd.Function):
         graph.bwd.replay()
         graph.pending = None
         dx, *dparams = graph.grads
-        # the graph's own buffers, which autograd cannot adopt as a parameter's .grad (we hold a reference)
-        # and would copy one by one (~14 small kernels a layer): one copy per buffer that holds several, its
-        # views handed over instead, which autograd adopts (or adds into a gradient being accumulated)
-        for span, members in graph.handover:
-            fresh = span.clone()
-            for i, grad in members:
-                dparams[i] = fresh.as_strided(grad.shape, grad.stride(), grad.storage_offset() - span.storage_offset())
+        # the graph's own buffers, which autograd cannot adopt as a parameter's .grad (we hold a reference):
+        # it copies them or adds them into the gradient being accumulated, as for eager gradients
         return (None, None, dx, *([None] * ctx.n_tensors), *dparams)
-
-
-def _handover(grads) -> list:
-    """(span, [(index, gradient)]) for each buffer that holds two or more of ``grads`` (contiguous, and
-    nothing else: the fused kernels' gradients are views of one cast per node), ``span`` the flat view
-    that covers exactly them."""
-    groups = {}
-    for i, g in enumerate(grads):
-        if g is not None and g.is_contiguous():
-            groups.setdefault((g.untyped_storage().data_ptr(), g.dtype), []).append((i, g))
-    out = []
-    for members in groups.values():
-        start = min(g.storage_offset() for _, g in members)
-        end = max(g.storage_offset() + g.numel() for _, g in members)
-        offsets = sorted((g.storage_offset(), g.numel()) for _, g in members)
-        tiled = all(a + n == b for (a, n), (b, _) in zip(offsets, offsets[1:]))
-        if len(members) > 1 and tiled and end - start == sum(g.numel() for _, g in members):
-            out.append((members[0][1].as_strided((end - start,), (1,), start), members))
-    return out
 
 
 def _identity(modules: list[nn.Module]) -> tuple:
@@ -386,7 +360,6 @@ class LayerGraphs:
                     grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
                 dx = grads[0] if graph.x.requires_grad else None
                 graph.grads = (dx, *grads[len(grads) - len(graph.params):])
-                graph.handover = _handover(graph.grads[1:])
             else:
                 graph.grads = (None, *([None] * len(graph.params)))
             graph.out = out.detach()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from gpu_worker.patching import GRAPH_MAX_HIDDEN, patch_model
-from gpu_worker.patching.graphs import _handover, _split_kwargs
+from gpu_worker.patching.graphs import _split_kwargs
 from tests.gpu_worker.patching.conftest import build_lora_model, lora_grads, rel, tiny_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -81,36 +81,6 @@ def test_graphed_training_equals_eager(model_type):
     status = _graphs(on).status
     # the first step runs eagerly, the second captures and replays: 5 steps x 3 layers replayed
     assert status["captures"] == 1 and status["replays"] == 15 and status["disabled"] is None, status
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_replayed_gradients_are_handed_over_as_views_of_one_copy():
-    # autograd adopts the views of one copy per buffer as the parameters' .grad (not a copy per parameter),
-    # and none of them is the graph's own buffer, which the next replay overwrites
-    on, _ = _pair()
-    for i in range(3):
-        on.zero_grad(set_to_none=True)
-        _loss(on, *_batch(seed=i)).backward()
-    graphs = _graphs(on)
-    assert graphs.status["replays"] == 3
-    layer = on.get_base_model().model.layers[1]
-    grads = [p.grad for p in layer.mlp.parameters() if p.requires_grad]
-    statics = {g.untyped_storage().data_ptr() for graph in graphs.graphs for g in graph.grads[1:] if g is not None}
-    storages = {g.untyped_storage().data_ptr() for g in grads}
-    assert len(grads) == 6 and len(storages) == 1 and not storages & statics
-
-
-def test_handover_groups_only_buffers_that_hold_exactly_the_gradients():
-    flat = torch.arange(20.0)
-    a, b, c = flat[:6].view(2, 3), flat[6:10], flat[10:20].view(5, 2)  # one cast's views, in order
-    gap = torch.arange(12.0)
-    d, e = gap[:4], gap[8:]  # something else lies between them
-    alone = torch.zeros(3)
-    groups = _handover([a, None, c, d, b, e, alone, a.t()])  # the transposed view: not contiguous
-    assert len(groups) == 1
-    span, members = groups[0]
-    assert span.numel() == 20 and [i for i, _ in members] == [0, 2, 4]
 
 
 @pytest.mark.gpu
