@@ -280,6 +280,8 @@ def setup_hf(args):
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True,
                                     cross_entropy=False, fused_linear_cross_entropy=True)
     model = build_random_model(args.shape, "sdpa")
+    if args.model_dtype == "fp32":  # the same bf16 random weights, widened: a float32 reference run
+        model = model.float()
     quant_note = None
     if args.quant == "nf4":
         quant_note = quantize_nf4_inplace(model)
@@ -356,7 +358,7 @@ def setup_unsloth(args):
 def run_one(args):
     rec = {"kind": "train", "shape": args.shape, "method": args.method, "ckpt": args.ckpt,
            "quant": args.quant, "batch": args.batch, "seq": args.seq, "rank": args.rank,
-           "alpha": args.alpha, "autocast": args.autocast, "warmup": args.warmup,
+           "alpha": args.alpha, "autocast": args.autocast, "model_dtype": args.model_dtype, "warmup": args.warmup,
            "steps": args.steps, "data": args.data}
     if args.method == "base":
         rec["base_commit"] = os.environ.get("BASE_COMMIT")
@@ -681,6 +683,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--autocast", choices=["bf16", "none"], default="bf16")
+    ap.add_argument("--model-dtype", choices=["bf16", "fp32"], default="bf16",
+                    help="fp32: the bf16 random model widened (with --method hf --autocast none: the loss "
+                         "curve bf16 runs approximate)")
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--model-root", default="/tmp")
     ap.add_argument("--path", default=None)
