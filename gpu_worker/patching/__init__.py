@@ -96,7 +96,9 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
               "joined_weights": 0, "padded_mlp": 0, "residual_rms_norm": 0}
     offset = 1.0 if arch in _UNIT_OFFSET_NORMS else 0.0
     join = getattr(config, "hidden_size", JOIN_MAX_HIDDEN + 1) <= JOIN_MAX_HIDDEN
-    pad = getattr(config, "hidden_size", PAD_MAX_HIDDEN + 1) <= PAD_MAX_HIDDEN
+    # not in a DeepSpeed run: it broadcasts every parameter at start, and NCCL takes only contiguous tensors
+    distributed = dist.is_available() and dist.is_initialized()
+    pad = getattr(config, "hidden_size", PAD_MAX_HIDDEN + 1) <= PAD_MAX_HIDDEN and not distributed
     for layer in base.model.layers:
         if memory_mode == "off" and pad:  # the MLP's adapters carried by its GEMMs (before joining gate/up)
             counts["padded_mlp"] += pad_frozen_mlp(layer.mlp)
@@ -123,7 +125,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     if cuda_graphs is None:
         cuda_graphs = getattr(config, "hidden_size", GRAPH_MAX_HIDDEN + 1) <= GRAPH_MAX_HIDDEN
     # not in a DeepSpeed run: its gradient hooks and collectives run on their own streams
-    if cuda_graphs and memory_mode == "off" and not (dist.is_available() and dist.is_initialized()):
+    if cuda_graphs and memory_mode == "off" and not distributed:
         from gpu_worker.patching.graphs import attach
 
         counts["cuda_graph_layers"] = len(attach(list(base.model.layers)).layers)
