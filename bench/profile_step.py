@@ -1,7 +1,7 @@
 """Where one training step's GPU time goes: torch.profiler over a few steps of one configuration of
 bench/train_step.py (same model, LoRA and optimizer setup), kernels grouped by name, largest first.
 
-    python3 bench/profile_step.py --shape 8B --method ours --ckpt off [--quant nf4] [--top 30] [--graphs on]
+    python3 bench/profile_step.py --shape 8B --method ours --ckpt off [--quant nf4] [--top 30] [--graphs on] [--pad on|off]
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--pad", choices=["auto", "on", "off"], default="auto")
     a = ap.parse_args()
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     args = argparse.Namespace(shape=a.shape, method=a.method, ckpt=a.ckpt, quant=a.quant, rank=16, alpha=16,
-                              model_path=None, graphs=a.graphs)
+                              model_path=None, graphs=a.graphs, pad=a.pad, model_dtype="bf16")
     model, _ = train_step.setup_hf(args)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
