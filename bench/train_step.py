@@ -280,7 +280,7 @@ def setup_hf(args):
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True,
                                     cross_entropy=False, fused_linear_cross_entropy=True)
     model = build_random_model(args.shape, "sdpa")
-    if getattr(args, "model_dtype", "bf16") == "fp32":  # the same bf16 random weights, widened: a float32 reference run
+    if getattr(args, "model_dtype", "bf16") == "fp32":  # the same random weights, widened: a float32 reference
         model = model.float()
     quant_note = None
     if args.quant == "nf4":
