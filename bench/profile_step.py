@@ -1,7 +1,8 @@
 """Where one training step's GPU time goes: torch.profiler over a few steps of one configuration of
 bench/train_step.py (same model, LoRA and optimizer setup), kernels grouped by name, largest first.
 
-    python3 bench/profile_step.py --shape 8B --method ours --ckpt off [--quant nf4] [--top 30] [--graphs on] [--pad on|off]
+    python3 bench/profile_step.py --shape 8B --method ours --ckpt off [--quant nf4] [--top 30] [--graphs on]
+        [--pad on|off]
 """
 
 from __future__ import annotations
