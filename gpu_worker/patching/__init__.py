@@ -27,8 +27,8 @@ _UNIT_OFFSET_NORMS = ("gemma", "gemma2", "gemma3_text")
 # (bench/NOTES.md, session 7's micro ``proj`` and v14)
 JOIN_MAX_HIDDEN = 2048
 # memory mode "off": models up to this hidden size get their MLP's frozen weights padded for the adapters
-# (lora.pad_frozen_mlp: the GEMMs carry the rank-r terms): 1.8% faster steps at 1B on the H200, none at 8B
-# (bench/NOTES.md, session 11)
+# (lora.pad_frozen_mlp: the GEMMs carry the rank-r terms): a 1.8% shorter median step at 1B on the H200,
+# none at 8B (bench/NOTES.md, session 11)
 PAD_MAX_HIDDEN = 2048
 # models up to this hidden size replay their decoder layers as CUDA graphs (graphs.py) by default: their
 # steps are host-bound (1B on the H200: the host needs about as long to issue a step as the GPU to run it)
