@@ -364,6 +364,11 @@ def _plain_causal_rows(model, attentions, attention_mask, position_ids, use_cach
     return True
 
 
+def _placeholder_mask(rows: torch.Tensor) -> torch.Tensor:
+    # a 4D mask (one element per row) that transformers passes to the layers as it is, building nothing
+    return torch.ones((rows.shape[0], 1, 1, 1), dtype=torch.bool, device=rows.device)
+
+
 def patch_causal_lm(model: nn.Module, impl: str | None, ce_chunk_logits: int | None = None) -> None:
     """Loss through the fused linear cross-entropy when labels are given (logits are then not returned);
     without labels, or with a head the fused path cannot read, the stock head and loss. ``ce_chunk_logits``:
@@ -395,13 +400,13 @@ def patch_causal_lm(model: nn.Module, impl: str | None, ce_chunk_logits: int | N
             if all(_takes_varlen(a, packing) for a in attentions):
                 # no layer reads a mask: a 4D placeholder, which transformers passes through as it is,
                 # instead of the (rows, 1, S, S) document mask it would build (4 GiB at 4 rows of 32K)
-                attention_mask = position_ids.new_ones((position_ids.shape[0], 1, 1, 1), dtype=torch.bool)
+                attention_mask = _placeholder_mask(position_ids)
         elif all_ours and _plain_causal_rows(self, attentions, attention_mask, position_ids, use_cache, kwargs,
                                              rows := input_ids if input_ids is not None else inputs_embeds):
             # the same placeholder, which every layer drops for is_causal: transformers would reach no mask too,
             # after a host sync
             kwargs[CAUSAL_ROWS] = True
-            attention_mask = torch.ones((rows.shape[0], 1, 1, 1), dtype=torch.bool, device=rows.device)
+            attention_mask = _placeholder_mask(rows)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state
