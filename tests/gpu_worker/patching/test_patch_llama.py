@@ -221,6 +221,22 @@ def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path):
         assert rel(reloaded(input_ids=x).logits, logits) < 1e-4
 
 
+def test_padded_mlp_weights_for_small_models_in_memory_mode_off_only(monkeypatch):
+    # the speed mode pads up to PAD_MAX_HIDDEN (measured faster at 1B, not at 8B); the memory savers never
+    # (their deferred recompute runs unpadded, and offload at 8B sits at 16.86 GB of its 17 GB goal)
+    import gpu_worker.patching as patching
+
+    config = tiny_config("llama")
+    assert config.hidden_size <= patching.PAD_MAX_HIDDEN
+    assert patch_model(build_lora_model(config)).counts["padded_mlp"] == config.num_hidden_layers
+    for mode in ("checkpointing", "offload"):
+        assert patch_model(build_lora_model(config), memory_mode=mode).counts["padded_mlp"] == 0
+    monkeypatch.setattr(patching, "PAD_MAX_HIDDEN", config.hidden_size - 1)
+    assert patch_model(build_lora_model(config)).counts["padded_mlp"] == 0
+    # Phi-3's fused gate_up_proj (one module, one A for both halves) keeps its layout
+    assert patch_model(build_lora_model(tiny_config("phi3"))).counts["padded_mlp"] == 0
+
+
 @pytest.mark.parametrize("model_type,fused", [("llama", True), ("qwen2", True), ("gemma", True),
                                               ("gemma2", False), ("phi3", False)])
 def test_residual_add_fuses_into_the_post_attention_norm_where_the_layer_is_standard(model_type, fused):
