@@ -360,8 +360,8 @@ def setup_unsloth(args):
 def run_one(args):
     rec = {"kind": "train", "shape": args.shape, "method": args.method, "ckpt": args.ckpt,
            "quant": args.quant, "batch": args.batch, "seq": args.seq, "rank": args.rank,
-           "alpha": args.alpha, "autocast": args.autocast, "model_dtype": args.model_dtype, "warmup": args.warmup,
-           "steps": args.steps, "data": args.data}
+           "alpha": args.alpha, "autocast": args.autocast, "model_dtype": args.model_dtype,
+           "warmup": args.warmup, "steps": args.steps, "data": args.data}
     if args.method == "base":
         rec["base_commit"] = os.environ.get("BASE_COMMIT")
     t_start = time.time()

@@ -96,11 +96,13 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
               "joined_weights": 0, "padded_mlp": 0, "residual_rms_norm": 0}
     offset = 1.0 if arch in _UNIT_OFFSET_NORMS else 0.0
     join = getattr(config, "hidden_size", JOIN_MAX_HIDDEN + 1) <= JOIN_MAX_HIDDEN
-    # not in a DeepSpeed run: it broadcasts every parameter at start, and NCCL takes only contiguous tensors
     distributed = dist.is_available() and dist.is_initialized()
-    pad = getattr(config, "hidden_size", PAD_MAX_HIDDEN + 1) <= PAD_MAX_HIDDEN and not distributed
+    # speed mode only, and not in a DeepSpeed run: it broadcasts every parameter at start, and NCCL takes only
+    # contiguous tensors
+    pad = memory_mode == "off" and not distributed \
+        and getattr(config, "hidden_size", PAD_MAX_HIDDEN + 1) <= PAD_MAX_HIDDEN
     for layer in base.model.layers:
-        if memory_mode == "off" and pad:  # the MLP's adapters carried by its GEMMs (before joining gate/up)
+        if pad:  # the MLP's adapters carried by its GEMMs (before joining gate/up)
             counts["padded_mlp"] += pad_frozen_mlp(layer.mlp)
         if join:
             counts["joined_weights"] += _join_layer(layer)
