@@ -26,7 +26,7 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto")
-    ap.add_argument("--pad", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--pad", choices=["auto", "on", "off", "mlp"], default="auto")
     a = ap.parse_args()
     import torch
     from torch.autograd import DeviceType

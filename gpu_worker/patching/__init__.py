@@ -90,10 +90,10 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
 
     from gpu_worker.patching.decoder import (mlp_output_only_feeds_the_residual, patch_attention, patch_causal_lm,
                                              patch_mlp, patch_residual_norm, patch_rms_norm)
-    from gpu_worker.patching.lora import pad_frozen_mlp
+    from gpu_worker.patching.lora import pad_frozen_mlp, pad_frozen_qkv
 
     counts = {"rms_norm": 0, "lora_qkv_o": 0, "rope": 0, "lora_mlp": 0, "fused_linear_cross_entropy": 0,
-              "joined_weights": 0, "padded_mlp": 0, "residual_rms_norm": 0}
+              "joined_weights": 0, "padded_mlp": 0, "padded_qkv": 0, "residual_rms_norm": 0}
     offset = 1.0 if arch in _UNIT_OFFSET_NORMS else 0.0
     join = getattr(config, "hidden_size", JOIN_MAX_HIDDEN + 1) <= JOIN_MAX_HIDDEN
     distributed = dist.is_available() and dist.is_initialized()
@@ -102,8 +102,9 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     pad = memory_mode == "off" and not distributed \
         and getattr(config, "hidden_size", PAD_MAX_HIDDEN + 1) <= PAD_MAX_HIDDEN
     for layer in base.model.layers:
-        if pad:  # the MLP's adapters carried by its GEMMs (before joining gate/up)
+        if pad:  # the MLP's and Q/K/V's adapters carried by their GEMMs (before joining gate/up and q/k/v)
             counts["padded_mlp"] += pad_frozen_mlp(layer.mlp)
+            counts["padded_qkv"] += pad_frozen_qkv(layer.self_attn)
         if join:
             counts["joined_weights"] += _join_layer(layer)
         # every RMSNorm of the layer: input/post-attention, Gemma 2/3's pre/post-feedforward, q/k norms
@@ -132,7 +133,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
 
         counts["cuda_graph_layers"] = len(attach(list(base.model.layers)).layers)
     # counts only: layouts and fusions of the kernels the patched names already list
-    extras = ("joined_weights", "padded_mlp", "residual_rms_norm", "cuda_graph_layers")
+    extras = ("joined_weights", "padded_mlp", "padded_qkv", "residual_rms_norm", "cuda_graph_layers")
     return PatchReport(architecture=arch, patched=tuple(k for k, v in counts.items() if v and k not in extras),
                        memory_mode=memory_mode, counts=counts)
 

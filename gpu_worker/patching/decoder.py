@@ -148,8 +148,10 @@ def _fused_layer_class(cls: type) -> type:
         spec = in_norm.__dict__.get("_tf_rms_norm")
         if spec is not None:  # the residual stream's two gradients summed in the norm's backward kernel
             in_eps, in_offset, in_impl = spec
+            # padded Q/K/V (lora.pad_frozen_qkv) write their input's rank-r products after the norm's rows
+            spare = self.self_attn.__dict__.get("_tf_input_spare", 0)
             hidden_states, residual = rms_norm(hidden_states, in_norm.weight, in_eps, offset=in_offset,
-                                               with_input=True, impl=in_impl)
+                                               with_input=True, spare=spare, impl=in_impl)
         else:
             residual = hidden_states
             hidden_states = in_norm(hidden_states)
@@ -159,8 +161,9 @@ def _fused_layer_class(cls: type) -> type:
             residual = hidden_states
             hidden_states = norm(hidden_states)
         else:
+            # a padded MLP (lora.pad_frozen_mlp) writes its input's rank-r products after the norm's rows
             hidden_states, residual = rms_norm(hidden_states, norm.weight, eps, offset=offset, residual=residual,
-                                               impl=impl)
+                                               spare=mlp.__dict__.get("_tf_input_spare", 0), impl=impl)
         if mlp.__dict__.get("_tf_adds_residual"):  # the down projection's GEMM adds the residual
             return mlp(hidden_states, residual=residual)
         return residual + mlp(hidden_states)

@@ -148,20 +148,56 @@ def pad_frozen_mlp(mlp: nn.Module) -> bool:
     parts = [lora_weights(m) for m in modules]
     if any(p is None or p.lora_a is None for p in parts):
         return False
-    if padded(*parts) is not None:
-        return True
-    weights = [p.weight for p in parts]
-    if not all(isinstance(w, nn.Parameter) and not w.requires_grad and w.is_floating_point() and w.is_contiguous()
-               for w in weights) or parts[0].lora_a is parts[1].lora_a:
+    if padded(*parts) is None:
+        weights = [p.weight for p in parts]
+        if not all(isinstance(w, nn.Parameter) and not w.requires_grad and w.is_floating_point()
+                   and w.is_contiguous() for w in weights) or parts[0].lora_a is parts[1].lora_a:
+            return False
+        if any(w.dtype != weights[0].dtype or w.device != weights[0].device for w in weights):
+            return False
+        (i, h), ranks = weights[0].shape, tuple(p.lora_a.shape[0] for p in parts)
+        if weights[1].shape != (i, h) or weights[2].shape != (h, i):
+            return False
+        gu, d = pad_weights(*(w.detach() for w in weights), ranks)
+        weights[0].data, weights[1].data, weights[2].data = gu[:i, :h], gu[i:2 * i, :h], d[:h, :i]
+        if padded(*(lora_weights(m) for m in modules)) is None:
+            return False
+    # the fused layer's post-attention norm leaves these columns after its rows for s x A^T (rms_norm's
+    # spare): no copy of the MLP's input into the padded GEMM's operand
+    mlp._tf_input_spare = parts[0].lora_a.shape[0] + parts[1].lora_a.shape[0]
+    return True
+
+
+def pad_frozen_qkv(attn: nn.Module) -> bool:
+    """``pad_frozen_mlp`` for an attention's separate ``q_proj``/``k_proj``/``v_proj`` LoRA modules
+    (``tuneforge_kernels.lora_linear``'s padded layout): the fused Q/K/V node carries the adapters' rank-r
+    terms in its GEMMs. Returns whether the weights are padded now."""
+    from tuneforge_kernels.lora_linear import pad_linear_weights, padded_linears
+
+    modules = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    if any(m is None or not hasattr(m, "base_layer") for m in modules):
         return False
-    if any(w.dtype != weights[0].dtype or w.device != weights[0].device for w in weights):
+    parts = [lora_weights(m) for m in modules]
+    if any(p is None or p.lora_a is None for p in parts):
         return False
-    (i, h), ranks = weights[0].shape, tuple(p.lora_a.shape[0] for p in parts)
-    if weights[1].shape != (i, h) or weights[2].shape != (h, i):
-        return False
-    gu, d = pad_weights(*(w.detach() for w in weights), ranks)
-    weights[0].data, weights[1].data, weights[2].data = gu[:i, :h], gu[i:2 * i, :h], d[:h, :i]
-    return padded(*(lora_weights(m) for m in modules)) is not None
+    if padded_linears(parts) is None:
+        weights = [p.weight for p in parts]
+        if not all(isinstance(w, nn.Parameter) and not w.requires_grad and w.is_floating_point()
+                   and w.is_contiguous() for w in weights):
+            return False
+        if any(w.dtype != weights[0].dtype or w.device != weights[0].device or w.shape[1] != weights[0].shape[1]
+               for w in weights):
+            return False
+        buf = pad_linear_weights([w.detach() for w in weights], [p.lora_a.shape[0] for p in parts])
+        start, h = 0, weights[0].shape[1]
+        for w in weights:
+            w.data = buf[start:start + w.shape[0], :h]
+            start += w.shape[0]
+        if padded_linears([lora_weights(m) for m in modules]) is None:
+            return False
+    # the fused layer's input norm leaves these columns after its rows for s x A^T (rms_norm's spare)
+    attn._tf_input_spare = sum(p.lora_a.shape[0] for p in parts)
+    return True
 
 
 def contiguous_weights(model: nn.Module) -> int:

@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 
 from tuneforge_kernels.backend import use_triton
-from tuneforge_kernels.lora_mlp import (LoraWeights, _cast_grads, _compute_dtype, _dense, _joined_weights,
-                                        _out_features, _project_reference, _restore_x, _scaled_mm, _x_for_saving,
-                                        cast_group, rows_of)
+from tuneforge_kernels.copy_rows import copy_rows
+from tuneforge_kernels.lora_mlp import (PADDED_ONE_GEMM_MAX_HIDDEN, LoraWeights, _cast_grads, _compute_dtype, _dense,
+                                        _joined_weights, _mm_into, _out_features, _project_reference, _restore_x,
+                                        _scaled_mm, _spans, _x_for_saving, cast_group, rows_of, spare_columns)
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
@@ -134,6 +135,122 @@ class _LoraLinearsFunction(torch.autograd.Function):
         return (dx, None, None, *grads, *([None] * n))
 
 
+# The padded layout (lora_mlp.py's, for projections of one input: Q/K/V). The frozen weights of n projections
+# (out_i x H) with adapters of ranks r_i are stored in one (O + R) x (H + R) buffer, O = sum out_i, R = sum r_i:
+#
+#     [W_1  B_1  0   ..]        forward:   [x | s_1 x A_1^T | s_2 x A_2^T ..] @ rows 0:O ^T = every y_i with its
+#     [W_2  0    B_2 ..]                   term (one GEMM up to PADDED_ONE_GEMM_MAX_HIDDEN, one per projection
+#     [ .. ]                               above: the zero blocks keep the terms apart)
+#     [A_1  .          ]        backward:  [dy_1 | dy_2 .. | s_1 dy_1 B_1 | ..] @ columns 0:H = dx with every term
+#     [A_2  .          ]
+#
+# The parameters are views of their blocks; the adapters' current values are copied into theirs at every
+# forward. Saves (per 8B layer) the rank-r addmm_ passes over each y and the accumulation of k's and v's
+# dx (bench/NOTES.md, session 12).
+
+
+def pad_linear_weights(weights: list[torch.Tensor], ranks: list[int]) -> torch.Tensor:
+    """The padded layout's buffer for these frozen ``(out_i, in)`` weights and adapter ranks, the weights
+    copied in (zeros elsewhere). The caller makes the parameters views of its row blocks ``[o_i:o_i + out_i,
+    :in]``, which ``padded_linears`` recognises."""
+    h, rows, r = weights[0].shape[1], sum(w.shape[0] for w in weights), sum(ranks)
+    buf = weights[0].new_zeros(rows + r, h + r)
+    start = 0
+    for w in weights:
+        buf[start:start + w.shape[0], :h] = w
+        start += w.shape[0]
+    return buf
+
+
+def padded_linears(projections) -> torch.Tensor | None:
+    """The padded layout's buffer when the projections' frozen weights are laid out in it for their adapters'
+    current ranks (an adapter of another rank, a projection without one or sharing another's A, a replaced or
+    quantised weight: None, and they run unpadded)."""
+    if len(projections) < 2 or any(p.lora_a is None or not isinstance(p.weight, torch.Tensor) for p in projections):
+        return None
+    first = projections[0].weight
+    h, r = first.shape[1], sum(p.lora_a.shape[0] for p in projections)
+    if len({id(p.lora_a) for p in projections}) < len(projections):
+        return None
+    step = 0
+    for p in projections:
+        w = p.weight
+        if w.shape[1] != h or w.dtype != first.dtype or w.stride() != (h + r, 1) \
+                or w.data_ptr() != first.data_ptr() + step * w.element_size() \
+                or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+            return None
+        step += w.shape[0] * (h + r)
+    return _spans(first, sum(p.weight.shape[0] for p in projections) + r, h + r)
+
+
+class _PaddedLinearsFunction(torch.autograd.Function):
+    """lora_linears over the padded layout (above): the same function and gradients as
+    ``_LoraLinearsFunction``, with ``x A^T`` saved scaled by s (so dB = dy^T (s x A^T)). Args: x, n, the
+    buffer, then the n A's, the n B's, the n scales."""
+
+    @staticmethod
+    def forward(ctx, x, n, buf, *args):
+        a_s, b_s, scales = args[:n], args[n:2 * n], args[2 * n:]
+        dtype, shape = _compute_dtype(x), x.shape
+        hd, outs, ranks = shape[-1], [b.shape[0] for b in b_s], [a.shape[0] for a in a_s]
+        rows, r = sum(outs), sum(ranks)
+        starts, cols = [sum(outs[:i]) for i in range(n)], [sum(ranks[:i]) for i in range(n)]
+        for i in range(n):  # the adapters' current values into their blocks (the casts to the compute dtype)
+            buf[starts[i]:starts[i] + outs[i], hd + cols[i]:hd + cols[i] + ranks[i]].copy_(b_s[i])
+            buf[rows + cols[i]:rows + cols[i] + ranks[i], :hd].copy_(a_s[i])
+        x2 = x.reshape(-1, hd).to(dtype)
+        m = x2.shape[0]
+        xa = _spans(x2, m, hd + r) if spare_columns(x) == r and x2.data_ptr() == x.data_ptr() else None
+        if xa is None:  # [x | s x A^T]; x's producer (rms_norm's spare) leaves none: x copied in
+            xa = x2.new_empty(m, hd + r)
+            copy_rows(xa[:, :hd], x2, impl="triton")
+        if len(set(scales)) == 1:
+            _mm_into(xa[:, hd:], x2, buf[rows:, :hd].t(), scales[0])
+        else:
+            for i in range(n):
+                c = slice(hd + cols[i], hd + cols[i] + ranks[i])
+                _mm_into(xa[:, c], x2, buf[rows + cols[i]:rows + cols[i] + ranks[i], :hd].t(), scales[i])
+        if hd <= PADDED_ONE_GEMM_MAX_HIDDEN:
+            y_all = xa @ buf[:rows].t()                                              # (N, O): column blocks
+            ys = [y_all[:, starts[i]:starts[i] + outs[i]] for i in range(n)]
+        else:
+            ys = [xa @ buf[starts[i]:starts[i] + outs[i]].t() for i in range(n)]     # (N, out_i)
+        # the rank-r products leave the wide buffer (kept, x's would hold the whole (N, H + R))
+        ctx.save_for_backward(xa[:, hd:].clone(), *_x_for_saving(ctx, x, x2))
+        ctx.set_materialize_grads(False)  # an unused output's grad arrives as None
+        ctx.buf, ctx.scales, ctx.layout = buf, scales, (outs, ranks, starts, cols)
+        ctx.dtype, ctx.shape = dtype, shape
+        ctx.param_dtypes = [t.dtype for t in (*a_s, *b_s)]
+        return tuple(y.view(*shape[:-1], y.shape[1]) for y in ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        xa, *x_saved = ctx.saved_tensors
+        x2 = _restore_x(ctx, x_saved)
+        buf, scales, (outs, ranks, starts, cols) = ctx.buf, ctx.scales, ctx.layout
+        n, need, hd = len(outs), ctx.needs_input_grad, x2.shape[1]
+        rows = sum(outs)
+        dya = x2.new_empty(x2.shape[0], rows + sum(ranks))                        # [dy_1 | .. | s dy B ..]
+        for i, dy in enumerate(dys):
+            block = dya[:, starts[i]:starts[i] + outs[i]]
+            if dy is None:
+                block.zero_()
+            else:
+                copy_rows(block, dy.reshape(-1, outs[i]).to(ctx.dtype), impl="triton")
+            _mm_into(dya[:, rows + cols[i]:rows + cols[i] + ranks[i]], block,
+                     buf[starts[i]:starts[i] + outs[i], hd + cols[i]:hd + cols[i] + ranks[i]], scales[i])
+        dx = (dya @ buf[:, :hd]).view(ctx.shape) if need[0] else None            # every term: one GEMM
+        grads_a, grads_b = [None] * n, [None] * n
+        if any(need[3:3 + n]):
+            d_a = dya[:, rows:].t() @ x2                                            # (R, H): every dA
+            grads_a = [d_a[cols[i]:cols[i] + ranks[i]] if need[3 + i] else None for i in range(n)]
+        for i in range(n):
+            if need[3 + n + i]:
+                grads_b[i] = dya[:, starts[i]:starts[i] + outs[i]].t() @ xa[:, cols[i]:cols[i] + ranks[i]]
+        grads = _cast_grads([*grads_a, *grads_b], ctx.param_dtypes)
+        return (dx, None, None, *grads, *([None] * n))
+
+
 def lora_linears(x: torch.Tensor, *projections: LoraWeights, impl: str | None = None,
                  outputs: list[torch.Tensor] | None = None):
     """``tuple(x W_i^T + s_i (x A_i^T) B_i^T for each projection)``; one node, one ``x A^T`` matmul.
@@ -151,6 +268,10 @@ def lora_linears(x: torch.Tensor, *projections: LoraWeights, impl: str | None = 
         assert len(outputs) == len(projections), (len(outputs), len(projections))
         for o, p in zip(outputs, projections):
             assert o.shape == (*lead, _out_features(p.weight)) and not o.requires_grad, (o.shape, lead)
+    buf = padded_linears(projections) if outputs is None else None
+    if buf is not None and buf.dtype == _compute_dtype(x):
+        return _PaddedLinearsFunction.apply(x, len(projections), buf, *(p.lora_a for p in projections),
+                                            *(p.lora_b for p in projections), *(float(p.scale) for p in projections))
     flat = [t for p in projections for t in (p.weight, p.lora_a, p.lora_b)]
     return _LoraLinearsFunction.apply(x, len(projections), outputs, *flat,
                                       *(float(p.scale) for p in projections))

@@ -36,6 +36,7 @@ import torch
 
 from tuneforge_kernels import lora_glu
 from tuneforge_kernels.backend import use_triton
+from tuneforge_kernels.copy_rows import copy_rows
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
@@ -374,10 +375,12 @@ def pad_weights(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ranks:
 
 
 def _spans(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor | None:
-    # the (rows, cols) row-major tensor starting at w's first element, where w's storage holds it
+    # the (rows, cols) row-major tensor starting at w's first element, where w's storage holds it. Not a view
+    # of w (a tensor of its own over the same memory): writing its other columns leaves w's version counter
+    # alone, which autograd checks on views (w may be a function's output view, rms_norm's spare)
     if w.stride() != (cols, 1) or (w.storage_offset() + rows * cols) * w.element_size() > w.untyped_storage().nbytes():
         return None
-    return w.as_strided((rows, cols), (cols, 1), w.storage_offset())
+    return w.new_empty(0).set_(w.untyped_storage(), w.storage_offset(), (rows, cols), (cols, 1))
 
 
 def padded(gate: LoraWeights, up: LoraWeights, down: LoraWeights):
@@ -397,6 +400,12 @@ def padded(gate: LoraWeights, up: LoraWeights, down: LoraWeights):
         return None
     gu, d = _spans(wg, 2 * i + rg + ru, h + rg + ru), _spans(wd, h + rd, i + rd)
     return None if gu is None or d is None else (gu, d)
+
+
+def spare_columns(x: torch.Tensor) -> int:
+    """How many columns after each of ``x``'s rows its producer left for its consumer to fill (``rms_norm``'s
+    ``spare``): the padded MLP then writes ``s x A^T`` there instead of copying ``x`` into a wider buffer."""
+    return getattr(x, "_tf_spare_columns", 0)
 
 
 def _mm_into(out, a, b, s: float) -> None:
@@ -424,8 +433,10 @@ class _PaddedMLPFunction(torch.autograd.Function):
             block.copy_(t)
         x2 = x.reshape(-1, hd).to(dtype)
         n = x2.shape[0]
-        xa = x2.new_empty(n, hd + r)                                              # [x | s x A^T]
-        xa[:, :hd].copy_(x2)
+        xa = _spans(x2, n, hd + r) if spare_columns(x) == r and x2.data_ptr() == x.data_ptr() else None
+        if xa is None:  # [x | s x A^T]; x's producer (rms_norm's spare) leaves none: x copied in
+            xa = x2.new_empty(n, hd + r)
+            copy_rows(xa[:, :hd], x2, impl="triton")
         if sg == su:
             _mm_into(xa[:, hd:], x2, gu_w[2 * i:, :hd].t(), sg)
         else:
@@ -460,7 +471,7 @@ class _PaddedMLPFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, hd).to(ctx.dtype)
         dya = dy2.new_empty(dy2.shape[0], hd + rd)                                # [dy | s dy B_d]
-        dya[:, :hd].copy_(dy2)
+        copy_rows(dya[:, :hd], dy2, impl="triton")
         _mm_into(dya[:, hd:], dy2, d_w[:hd, i:], sd)
         dh = dya @ d_w[:, :i]                                                     # (N, I), the term inside
         g, u = gu[:, :i], gu[:, i:2 * i]

@@ -92,15 +92,16 @@ def _block(n_cols: int) -> tuple[int, int]:
     return block, 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
-def _fwd_launch(x, residual, weight, eps, offset, out_dtype=None):
-    # x, residual: (..., N) any leading shape; weight: (N,); y in out_dtype (default x's)
+def _fwd_launch(x, residual, weight, eps, offset, out_dtype=None, spare=0):
+    # x, residual: (..., N) any leading shape; weight: (N,); y in out_dtype (default x's), the first N
+    # columns of an (M, N + spare) buffer
     n_cols = x.shape[-1]
     assert weight.shape == (n_cols,), f"weight {tuple(weight.shape)} vs hidden {n_cols}"
     assert residual is None or residual.shape == x.shape
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
     n_rows = x2.shape[0]
-    y = torch.empty((n_rows, n_cols), dtype=out_dtype or x.dtype, device=x.device)  # (M, N)
+    y = torch.empty((n_rows, n_cols + spare), dtype=out_dtype or x.dtype, device=x.device)[:, :n_cols]  # (M, N)
     s = (torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)     # (M, N) new residual
          if residual is not None else y)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)        # (M,)
@@ -166,9 +167,9 @@ def norm_recipe(t: torch.Tensor) -> NormRecipe | None:
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, residual, eps, offset, with_input):
+    def forward(ctx, x, weight, residual, eps, offset, with_input, spare):
         out_dtype = _out_dtype(x, weight, offset)
-        y, saved_x, rstd = _fwd_launch(x, residual, weight, eps, offset, out_dtype)
+        y, saved_x, rstd = _fwd_launch(x, residual, weight, eps, offset, out_dtype, spare)
         ctx.save_for_backward(saved_x, weight, rstd)
         # the second output (x + residual, or x itself): its gradient is added in the backward kernel
         ctx.offset, ctx.has_residual, ctx.shape = offset, residual is not None or with_input, x.shape
@@ -176,6 +177,8 @@ class _RMSNormFunction(torch.autograd.Function):
         # consumers that would save y for their backward (the LoRA projections) save this recipe
         # instead: the norm already keeps its input, so y can be recomputed rather than stored
         y._tf_norm_recipe = NormRecipe(saved_x, weight, float(eps), float(offset), tuple(x.shape), out_dtype)
+        if spare:  # the consumer may write the columns after each row (lora_mlp.spare_columns)
+            y._tf_spare_columns = spare
         if not ctx.has_residual:
             return y
         return y, saved_x.view(x.shape)
@@ -187,7 +190,7 @@ class _RMSNormFunction(torch.autograd.Function):
         dx, dw = _bwd_launch(dy, ds if ctx.has_residual else None, x2, weight, rstd, ctx.offset,
                              compute_dw)
         dx = dx.view(ctx.shape)
-        return dx, dw, (dx if ctx.needs_input_grad[2] else None), None, None, None
+        return dx, dw, (dx if ctx.needs_input_grad[2] else None), None, None, None, None
 
 
 def _out_dtype(x, weight, offset):
@@ -197,7 +200,8 @@ def _out_dtype(x, weight, offset):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0,
-             residual: torch.Tensor | None = None, with_input: bool = False, impl: str | None = None):
+             residual: torch.Tensor | None = None, with_input: bool = False, spare: int = 0,
+             impl: str | None = None):
     """``y = x_hat * (weight + offset)`` with ``x_hat = x / rms(x)`` over the last dim.
 
     With ``residual``, normalises ``x + residual`` and returns ``(y, x + residual)``. ``with_input`` (no
@@ -206,11 +210,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset
     the two gradients). ``y``'s dtype is HF's: the promotion of ``x``'s and ``weight``'s for ``offset=0``,
     ``x``'s for Gemma's form. ``offset=1.0`` is Gemma's ``(1 + w)`` form. Input gradient only when
     ``weight`` is frozen.
+
+    ``spare``: the Triton path returns ``y`` as the first columns of a ``(rows, N + spare)`` buffer, whose
+    spare columns its consumer may fill in place (the padded MLP's ``[x | s x A^T]``: no copy of ``y``
+    into a wider buffer). A layout hint: the values are the same, and the reference path ignores it.
     """
     if not use_triton(x, weight, residual, impl=impl):
         y = rms_norm_reference(x, weight, eps, offset=offset, residual=residual)
         return (y, x) if with_input and residual is None else y
-    return _RMSNormFunction.apply(x, weight, residual, float(eps), float(offset), bool(with_input))
+    return _RMSNormFunction.apply(x, weight, residual, float(eps), float(offset), bool(with_input), int(spare))
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0,

@@ -118,3 +118,29 @@ def test_output_unused_runs_unpadded(monkeypatch):
     x = torch.randn(9, 16, requires_grad=True)
     lora_mlp(x, gate, up, down, impl="triton", output_unused=True).sum().backward()
     assert calls[-1].get("xa_g") is not None  # the backward's kernel adds the gate's term itself
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_input_with_spare_columns_is_not_copied(monkeypatch, device):
+    # x from rms_norm(spare=r_g + r_u) (the fused layer's post-attention norm): the MLP writes s x A^T into
+    # those columns and copies only dy; an x without them (or with the wrong count) is copied in
+    from tuneforge_kernels.rms_norm import rms_norm
+
+    hidden, inter, ranks = (24, 52, (3, 5, 4)) if device == "cpu" else (2048, 8192, (16, 16, 16))
+    gate, up, down = _padded_parts(hidden, inter, ranks, (2.0, 2.0, 2.0), device, torch.bfloat16)
+    h = torch.randn(2, 9, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(hidden, device=device, dtype=torch.bfloat16) * 0.2 + 1
+    copies = []
+    real = mlp_mod.copy_rows
+    monkeypatch.setattr(mlp_mod, "copy_rows", lambda dst, src, **kw: copies.append(dst.shape) or real(dst, src, **kw))
+    results = []
+    for spare in (ranks[0] + ranks[1], 0, 1):
+        copies.clear()
+        x = rms_norm(h, w, 1e-5, spare=spare, impl="triton")
+        out = lora_mlp(x, gate, up, down, "silu", impl="triton")
+        grads = torch.autograd.grad(out, [h, gate.lora_a, up.lora_b, down.lora_a], torch.ones_like(out))
+        results.append((out, grads, len(copies)))
+    assert [n for *_, n in results] == [1, 2, 2]  # dy only, then x and dy
+    for out, grads, _ in results[1:]:
+        assert torch.equal(out, results[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))

@@ -128,3 +128,26 @@ def test_all_zero_rows_stay_finite():
     assert torch.equal(y[1], torch.zeros(33))
     ref = rms_norm_reference(x.detach().double(), w.detach().double(), 1e-6)
     assert rel_err(y, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_spare_columns_change_no_value(device):
+    # spare: y is the first columns of a wider buffer its consumer may fill (the padded MLP's [x | s x A^T]);
+    # the values and gradients are those without, whatever the consumer writes there
+    torch.manual_seed(2)
+    seq, cols, spare = (3, 37, 5) if device == "cpu" else (511, 4096, 32)
+    x = torch.randn(2, seq, cols, device=device, dtype=torch.bfloat16).requires_grad_()
+    w = torch.randn(cols, device=device, dtype=torch.bfloat16) * 0.5 + 1
+    y, _ = rms_norm(x, w, 1e-5, with_input=True, spare=spare, impl="triton")
+    plain, _ = rms_norm(x, w, 1e-5, with_input=True, impl="triton")
+    assert y.stride()[-2:] == (cols + spare, 1) and y._tf_spare_columns == spare
+    assert not hasattr(plain, "_tf_spare_columns") and plain.is_contiguous()
+    assert torch.equal(y, plain)
+    rows = y.numel() // cols  # the consumer's write, as lora_mlp's: over the same memory, not a view of y
+    y.new_empty(0).set_(y.untyped_storage(), y.storage_offset(), (rows, cols + spare), (cols + spare, 1))[:, cols:] \
+        .fill_(3.0)
+    assert torch.equal(y, plain)
+    gy = torch.randn_like(y)
+    assert torch.equal(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(plain, x, gy)[0])
+    # the reference path ignores the hint
+    assert torch.equal(rms_norm(x, w, 1e-5, spare=spare, impl="reference"), rms_norm_reference(x, w, 1e-5))

@@ -171,23 +171,28 @@ def test_merge_and_unload_gives_same_outputs():
 
 
 def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path):
-    # hidden 64 <= JOIN_MAX_HIDDEN: q/k/v base weights share one buffer (one GEMM each way); gate/up/down
-    # are padded for their adapters (lora_mlp.pad_weights: rows of wider buffers); every parameter keeps
-    # its name and value, training updates what the padded GEMMs read, and a merged model saves and
-    # reloads whole
+    # hidden 64 <= PAD_MAX_HIDDEN: gate/up/down and q/k/v are padded for their adapters (lora_mlp.pad_weights,
+    # lora_linear.pad_linear_weights: rows of wider buffers, q/k/v one after another, so one GEMM each way);
+    # every parameter keeps its name and value, training updates what the padded GEMMs read, and a merged
+    # model saves and reloads whole
     from transformers import AutoModelForCausalLM
 
+    from tuneforge_kernels.lora_linear import padded_linears
     from tuneforge_kernels.lora_mlp import padded
 
     config = tiny_config("llama")
     ours, ref = build_lora_model(config), build_lora_model(config)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
     report = patch_model(ours, impl="triton")
-    assert report.counts["joined_weights"] == report.counts["padded_mlp"] == config.num_hidden_layers
+    assert report.counts["padded_qkv"] == report.counts["padded_mlp"] == config.num_hidden_layers
+    assert report.counts["joined_weights"] == 0  # padded weights are not joined again
     layer = ours.get_base_model().model.layers[1]
     q, k, v = (getattr(layer.self_attn, n).base_layer.weight for n in ("q_proj", "k_proj", "v_proj"))
-    assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
-    assert v.data_ptr() == k.data_ptr() + k.numel() * k.element_size()
+    assert not q.is_contiguous()
+    assert k.data_ptr() == q.data_ptr() + q.shape[0] * q.stride(0) * q.element_size()
+    assert v.data_ptr() == k.data_ptr() + k.shape[0] * k.stride(0) * k.element_size()
+    qkv = [lora_weights(getattr(layer.self_attn, n)) for n in ("q_proj", "k_proj", "v_proj")]
+    assert padded_linears(qkv) is not None
     gate, up = layer.mlp.gate_proj.base_layer.weight, layer.mlp.up_proj.base_layer.weight
     assert not gate.is_contiguous()
     assert up.data_ptr() == gate.data_ptr() + gate.stride(0) * gate.shape[0] * gate.element_size()
@@ -215,26 +220,31 @@ def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path):
         assert rel(logits, ref(input_ids=x).logits) < 1e-4
         merged = ours.merge_and_unload()
         # the padded weights are rows of wider buffers, which save_pretrained refuses: export re-stores them
-        assert contiguous_weights(merged) == 3 * config.num_hidden_layers
+        assert contiguous_weights(merged) == 6 * config.num_hidden_layers
         merged.save_pretrained(tmp_path, safe_serialization=True)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
         assert rel(reloaded(input_ids=x).logits, logits) < 1e-4
 
 
-def test_padded_mlp_weights_for_small_models_in_memory_mode_off_only(monkeypatch):
+def test_padded_weights_for_small_models_in_memory_mode_off_only(monkeypatch):
     # the speed mode pads up to PAD_MAX_HIDDEN (measured faster at 1B, not at 8B); the memory savers never
     # (their deferred recompute runs unpadded, and offload at 8B sits at 16.86 GB of its 17 GB goal)
     import gpu_worker.patching as patching
 
     config = tiny_config("llama")
     assert config.hidden_size <= patching.PAD_MAX_HIDDEN
-    assert patch_model(build_lora_model(config)).counts["padded_mlp"] == config.num_hidden_layers
+    def padded(model, **kw):
+        counts = patch_model(model, **kw).counts
+        return counts["padded_mlp"], counts["padded_qkv"]
+
+    layers = config.num_hidden_layers
+    assert padded(build_lora_model(config)) == (layers, layers)
     for mode in ("checkpointing", "offload"):
-        assert patch_model(build_lora_model(config), memory_mode=mode).counts["padded_mlp"] == 0
+        assert padded(build_lora_model(config), memory_mode=mode) == (0, 0)
     monkeypatch.setattr(patching, "PAD_MAX_HIDDEN", config.hidden_size - 1)
-    assert patch_model(build_lora_model(config)).counts["padded_mlp"] == 0
-    # Phi-3's fused gate_up_proj (one module, one A for both halves) keeps its layout
-    assert patch_model(build_lora_model(tiny_config("phi3"))).counts["padded_mlp"] == 0
+    assert padded(build_lora_model(config)) == (0, 0)
+    # Phi-3's fused gate_up_proj and qkv_proj (one module, one A for all parts) keep their layout
+    assert padded(build_lora_model(tiny_config("phi3"))) == (0, 0)
 
 
 @pytest.mark.parametrize("model_type,fused", [("llama", True), ("qwen2", True), ("gemma", True),

@@ -1,0 +1,34 @@
+"""copy_rows (Triton) into the first columns of a wider buffer: the values copied exactly, the columns after
+them untouched, and any other layout handed to ``copy_``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneforge_kernels.copy_rows import copy_rows, copy_rows_reference
+from tests.kernels.conftest import DEVICES, needs_triton
+
+pytestmark = needs_triton
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_copies_into_the_first_columns_of_a_wider_buffer(device, dtype):
+    # rows and columns that are not multiples of the tile (8 x 1024), a source with a row stride of its own
+    rows, cols, spare = (13, 1030, 7) if device == "cpu" else (8191, 4099, 33)
+    src = torch.randn(rows, cols + 5, device=device, dtype=dtype)[:, 2:cols + 2]
+    buf = torch.full((rows, cols + spare), 7.0, device=device, dtype=dtype)
+    out = copy_rows(buf[:, :cols], src, impl="triton")
+    assert out.data_ptr() == buf.data_ptr()
+    assert torch.equal(buf[:, :cols], src)  # a copy: bit for bit
+    assert (buf[:, cols:] == 7.0).all()    # the spare columns are the consumer's
+
+
+def test_other_layouts_take_copy_and_match_the_reference():
+    src = torch.randn(6, 10)
+    for dst in (torch.zeros(10, 6).t(), torch.zeros(6, 10, dtype=torch.float64), torch.zeros(6, 20)[:, ::2]):
+        want = copy_rows_reference(dst.clone(), src)
+        assert torch.equal(copy_rows(dst, src, impl="triton"), want)
+    empty = torch.zeros(0, 4)
+    assert copy_rows(empty, torch.zeros(0, 4), impl="triton").shape == (0, 4)
