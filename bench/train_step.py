@@ -300,10 +300,9 @@ def setup_hf(args):
             sys.modules["gpu_worker.patching"].JOIN_MAX_HIDDEN = 0
         pad = getattr(args, "pad", "auto")
         if pad != "auto":  # an experiment: the padded MLP and Q/K/V at any size, or never, or the MLP only
-            sys.modules["gpu_worker.patching"].PAD_MAX_HIDDEN = 0 if pad == "off" else 1 << 30
-        if pad == "mlp":
-            import gpu_worker.patching.lora as lora_mod
-            lora_mod.pad_frozen_qkv = lambda attn: False
+            patching = sys.modules["gpu_worker.patching"]
+            patching.PAD_MAX_HIDDEN = 0 if pad == "off" else 1 << 30
+            patching.PAD_QKV_MAX_HIDDEN = 1 << 30 if pad == "on" else 0
         args.patch_module = sys.modules["gpu_worker.patching"].__file__
         # an A/B: the decoder layers' CUDA graphs always / never instead of the patcher's rule
         graphs = {"auto": {}, "on": {"cuda_graphs": True}, "off": {"cuda_graphs": False}}[getattr(args, "graphs", "auto")]
@@ -705,8 +704,8 @@ def main():
     ap.add_argument("--join", choices=["auto", "off"], default="auto",
                     help="ours: join q/k/v and gate/up base weights by the patcher's rule, or never (an A/B)")
     ap.add_argument("--pad", choices=["auto", "on", "off", "mlp"], default="auto",
-                    help="ours: the padded MLP and Q/K/V weights by the patcher's rule (hidden <= 2048), always, "
-                         "never, or the MLP's only at any size (an A/B)")
+                    help="ours: the padded MLP and Q/K/V weights by the patcher's rules, both always, never, "
+                         "or the MLP's only at any size (an A/B)")
     ap.add_argument("--glu-tile", default=None, type=_tile_arg,
                     help="ours: rows,cols,warps for lora_glu's kernels instead of its TILE (an A/B; v13: 32,128,4)")
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",

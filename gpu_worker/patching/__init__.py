@@ -28,8 +28,11 @@ _UNIT_OFFSET_NORMS = ("gemma", "gemma2", "gemma3_text")
 JOIN_MAX_HIDDEN = 2048
 # memory mode "off": models up to this hidden size get their MLP's frozen weights padded for the adapters
 # (lora.pad_frozen_mlp: the GEMMs carry the rank-r terms): a 1.8% shorter median step at 1B on the H200,
-# none at 8B (bench/NOTES.md, session 11)
+# none at 8B (bench/NOTES.md, sessions 11 and 12)
 PAD_MAX_HIDDEN = 2048
+# the same for Q/K/V (lora.pad_frozen_qkv), up to this hidden size: none by default. Session 12 measured no
+# gain at 1B (within +-0.5 ms) for +0.23 GB of reserved memory, and none at 8B (bench/NOTES.md)
+PAD_QKV_MAX_HIDDEN = 0
 # models up to this hidden size replay their decoder layers as CUDA graphs (graphs.py) by default: their
 # steps are host-bound (1B on the H200: the host needs about as long to issue a step as the GPU to run it)
 GRAPH_MAX_HIDDEN = 2048
@@ -99,11 +102,14 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     distributed = dist.is_available() and dist.is_initialized()
     # speed mode only, and not in a DeepSpeed run: it broadcasts every parameter at start, and NCCL takes only
     # contiguous tensors
-    pad = memory_mode == "off" and not distributed \
-        and getattr(config, "hidden_size", PAD_MAX_HIDDEN + 1) <= PAD_MAX_HIDDEN
+    hidden = getattr(config, "hidden_size", None)
+    pad = memory_mode == "off" and not distributed and hidden is not None and hidden <= PAD_MAX_HIDDEN
+    pad_qkv = memory_mode == "off" and not distributed and hidden is not None and hidden <= PAD_QKV_MAX_HIDDEN
     for layer in base.model.layers:
-        if pad:  # the MLP's and Q/K/V's adapters carried by their GEMMs (before joining gate/up and q/k/v)
+        # the MLP's and Q/K/V's adapters carried by their GEMMs (before joining gate/up and q/k/v)
+        if pad:
             counts["padded_mlp"] += pad_frozen_mlp(layer.mlp)
+        if pad_qkv:
             counts["padded_qkv"] += pad_frozen_qkv(layer.self_attn)
         if join:
             counts["joined_weights"] += _join_layer(layer)

@@ -204,12 +204,13 @@ class _PaddedLinearsFunction(torch.autograd.Function):
         if xa is None:  # [x | s x A^T]; x's producer (rms_norm's spare) leaves none: x copied in
             xa = x2.new_empty(m, hd + r)
             copy_rows(xa[:, :hd], x2, impl="triton")
+        xs = xa[:, :hd]  # x read from the wide buffer either way: one GEMM layout, the same values
         if len(set(scales)) == 1:
-            _mm_into(xa[:, hd:], x2, buf[rows:, :hd].t(), scales[0])
+            _mm_into(xa[:, hd:], xs, buf[rows:, :hd].t(), scales[0])
         else:
             for i in range(n):
                 c = slice(hd + cols[i], hd + cols[i] + ranks[i])
-                _mm_into(xa[:, c], x2, buf[rows + cols[i]:rows + cols[i] + ranks[i], :hd].t(), scales[i])
+                _mm_into(xa[:, c], xs, buf[rows + cols[i]:rows + cols[i] + ranks[i], :hd].t(), scales[i])
         if hd <= PADDED_ONE_GEMM_MAX_HIDDEN:
             y_all = xa @ buf[:rows].t()                                              # (N, O): column blocks
             ys = [y_all[:, starts[i]:starts[i] + outs[i]] for i in range(n)]

@@ -437,11 +437,12 @@ class _PaddedMLPFunction(torch.autograd.Function):
         if xa is None:  # [x | s x A^T]; x's producer (rms_norm's spare) leaves none: x copied in
             xa = x2.new_empty(n, hd + r)
             copy_rows(xa[:, :hd], x2, impl="triton")
+        xs = xa[:, :hd]  # x read from the wide buffer either way: one GEMM layout, the same values
         if sg == su:
-            _mm_into(xa[:, hd:], x2, gu_w[2 * i:, :hd].t(), sg)
+            _mm_into(xa[:, hd:], xs, gu_w[2 * i:, :hd].t(), sg)
         else:
-            _mm_into(xa[:, hd:hd + rg], x2, gu_w[2 * i:2 * i + rg, :hd].t(), sg)
-            _mm_into(xa[:, hd + rg:], x2, gu_w[2 * i + rg:, :hd].t(), su)
+            _mm_into(xa[:, hd:hd + rg], xs, gu_w[2 * i:2 * i + rg, :hd].t(), sg)
+            _mm_into(xa[:, hd + rg:], xs, gu_w[2 * i + rg:, :hd].t(), su)
         gu = x2.new_empty(n, 2 * i + r)                                           # [g | u | spare]
         if hd <= PADDED_ONE_GEMM_MAX_HIDDEN:
             torch.mm(xa, gu_w[:2 * i].t(), out=gu[:, :2 * i])

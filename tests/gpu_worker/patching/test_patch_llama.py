@@ -170,16 +170,18 @@ def test_merge_and_unload_gives_same_outputs():
     assert rel(after, before) < 1e-4
 
 
-def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path):
+def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path, monkeypatch):
     # hidden 64 <= PAD_MAX_HIDDEN: gate/up/down and q/k/v are padded for their adapters (lora_mlp.pad_weights,
     # lora_linear.pad_linear_weights: rows of wider buffers, q/k/v one after another, so one GEMM each way);
     # every parameter keeps its name and value, training updates what the padded GEMMs read, and a merged
     # model saves and reloads whole
     from transformers import AutoModelForCausalLM
 
+    import gpu_worker.patching as patching
     from tuneforge_kernels.lora_linear import padded_linears
     from tuneforge_kernels.lora_mlp import padded
 
+    monkeypatch.setattr(patching, "PAD_QKV_MAX_HIDDEN", 1 << 30)  # off by default (not faster, measured)
     config = tiny_config("llama")
     ours, ref = build_lora_model(config), build_lora_model(config)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
@@ -238,12 +240,17 @@ def test_padded_weights_for_small_models_in_memory_mode_off_only(monkeypatch):
         return counts["padded_mlp"], counts["padded_qkv"]
 
     layers = config.num_hidden_layers
+    assert padded(build_lora_model(config)) == (layers, 0)  # Q/K/V: only where PAD_QKV_MAX_HIDDEN says
+    monkeypatch.setattr(patching, "PAD_QKV_MAX_HIDDEN", config.hidden_size)
     assert padded(build_lora_model(config)) == (layers, layers)
     for mode in ("checkpointing", "offload"):
         assert padded(build_lora_model(config), memory_mode=mode) == (0, 0)
     monkeypatch.setattr(patching, "PAD_MAX_HIDDEN", config.hidden_size - 1)
+    monkeypatch.setattr(patching, "PAD_QKV_MAX_HIDDEN", config.hidden_size - 1)
     assert padded(build_lora_model(config)) == (0, 0)
     # Phi-3's fused gate_up_proj and qkv_proj (one module, one A for all parts) keep their layout
+    monkeypatch.setattr(patching, "PAD_MAX_HIDDEN", 1 << 30)
+    monkeypatch.setattr(patching, "PAD_QKV_MAX_HIDDEN", 1 << 30)
     assert padded(build_lora_model(tiny_config("phi3"))) == (0, 0)
 
 
