@@ -367,6 +367,9 @@ def run_one(args):
            "warmup": args.warmup, "steps": args.steps, "data": args.data}
     if args.method == "base":
         rec["base_commit"] = os.environ.get("BASE_COMMIT")
+    if args.method in ("ours", "base"):  # the training worker's allocator settings (gpu_worker/train.py)
+        from gpu_worker.allocator import configure_cuda_allocator
+        configure_cuda_allocator()
     t_start = time.time()
     try:
         if args.method == "unsloth":

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from gpu_worker.allocator import configure_cuda_allocator
 from gpu_worker.contract import FailedEvent, JobEvent, JobSpec, dump_event
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ORPHANED = 0, 1, 2, 70
@@ -160,6 +161,8 @@ def main() -> int:
         except ValueError as err:  # a launch the environment cannot make (no master address)
             events.emit(FailedEvent(code="worker_misconfigured", message=str(err)))
             return EXIT_USAGE
+    # one GPU (the DeepSpeed ranks above keep torch's defaults): before anything allocates on it
+    configure_cuda_allocator()
     try:
         from gpu_worker.recipes import RunContext, recipe_for
         from gpu_worker.storage import open_store

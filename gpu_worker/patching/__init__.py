@@ -30,9 +30,10 @@ JOIN_MAX_HIDDEN = 2048
 # (lora.pad_frozen_mlp: the GEMMs carry the rank-r terms): a 1.8% shorter median step at 1B on the H200,
 # none at 8B (bench/NOTES.md, sessions 11 and 12)
 PAD_MAX_HIDDEN = 2048
-# the same for Q/K/V (lora.pad_frozen_qkv), up to this hidden size: none by default. Session 12 measured no
-# gain at 1B (within +-0.5 ms) for +0.23 GB of reserved memory, and none at 8B (bench/NOTES.md)
-PAD_QKV_MAX_HIDDEN = 0
+# the same for Q/K/V (lora.pad_frozen_qkv), up to this hidden size: 0.9 ms less of kernels a 1B step on the
+# H200, nothing measurable at 8B; its holes in the loaded weights' memory are given back by the worker's
+# allocator settings (gpu_worker/allocator.py; bench/NOTES.md, session 12)
+PAD_QKV_MAX_HIDDEN = 2048
 # models up to this hidden size replay their decoder layers as CUDA graphs (graphs.py) by default: their
 # steps are host-bound (1B on the H200: the host needs about as long to issue a step as the GPU to run it)
 GRAPH_MAX_HIDDEN = 2048

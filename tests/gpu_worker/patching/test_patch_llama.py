@@ -170,18 +170,16 @@ def test_merge_and_unload_gives_same_outputs():
     assert rel(after, before) < 1e-4
 
 
-def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path, monkeypatch):
+def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path):
     # hidden 64 <= PAD_MAX_HIDDEN: gate/up/down and q/k/v are padded for their adapters (lora_mlp.pad_weights,
     # lora_linear.pad_linear_weights: rows of wider buffers, q/k/v one after another, so one GEMM each way);
     # every parameter keeps its name and value, training updates what the padded GEMMs read, and a merged
     # model saves and reloads whole
     from transformers import AutoModelForCausalLM
 
-    import gpu_worker.patching as patching
     from tuneforge_kernels.lora_linear import padded_linears
     from tuneforge_kernels.lora_mlp import padded
 
-    monkeypatch.setattr(patching, "PAD_QKV_MAX_HIDDEN", 1 << 30)  # off by default (not faster, measured)
     config = tiny_config("llama")
     ours, ref = build_lora_model(config), build_lora_model(config)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
@@ -240,9 +238,9 @@ def test_padded_weights_for_small_models_in_memory_mode_off_only(monkeypatch):
         return counts["padded_mlp"], counts["padded_qkv"]
 
     layers = config.num_hidden_layers
-    assert padded(build_lora_model(config)) == (layers, 0)  # Q/K/V: only where PAD_QKV_MAX_HIDDEN says
-    monkeypatch.setattr(patching, "PAD_QKV_MAX_HIDDEN", config.hidden_size)
     assert padded(build_lora_model(config)) == (layers, layers)
+    monkeypatch.setattr(patching, "PAD_QKV_MAX_HIDDEN", config.hidden_size - 1)  # each by its own rule
+    assert padded(build_lora_model(config)) == (layers, 0)
     for mode in ("checkpointing", "offload"):
         assert padded(build_lora_model(config), memory_mode=mode) == (0, 0)
     monkeypatch.setattr(patching, "PAD_MAX_HIDDEN", config.hidden_size - 1)
@@ -321,6 +319,7 @@ def test_models_over_the_join_size_keep_separate_weights(monkeypatch):
     import gpu_worker.patching as patching
 
     monkeypatch.setattr(patching, "JOIN_MAX_HIDDEN", 32)
+    monkeypatch.setattr(patching, "PAD_QKV_MAX_HIDDEN", 32)  # padded q/k/v share a buffer too
     config = tiny_config("llama")
     ref, ours = build_lora_model(config), build_lora_model(config)
     report = patch_model(ours, impl="triton")
