@@ -26,7 +26,7 @@ from tuneforge_kernels.backend import use_triton
 from tuneforge_kernels.copy_rows import copy_rows
 from tuneforge_kernels.lora_mlp import (PADDED_ONE_GEMM_MAX_HIDDEN, LoraWeights, _cast_grads, _compute_dtype, _dense,
                                         _joined_weights, _mm_into, _out_features, _project_reference, _restore_x,
-                                        _scaled_mm, _spans, _x_for_saving, cast_group, rows_of, spare_columns)
+                                        _scaled_mm, _spans, _x_for_saving, cast_group, rows_of, wide_input)
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
@@ -199,11 +199,7 @@ class _PaddedLinearsFunction(torch.autograd.Function):
             buf[starts[i]:starts[i] + outs[i], hd + cols[i]:hd + cols[i] + ranks[i]].copy_(b_s[i])
             buf[rows + cols[i]:rows + cols[i] + ranks[i], :hd].copy_(a_s[i])
         x2 = x.reshape(-1, hd).to(dtype)
-        m = x2.shape[0]
-        xa = _spans(x2, m, hd + r) if spare_columns(x) == r and x2.data_ptr() == x.data_ptr() else None
-        if xa is None:  # [x | s x A^T]; x's producer (rms_norm's spare) leaves none: x copied in
-            xa = x2.new_empty(m, hd + r)
-            copy_rows(xa[:, :hd], x2, impl="triton")
+        xa = wide_input(x, x2, r)                                                 # [x | s x A^T] below
         xs = xa[:, :hd]  # x read from the wide buffer either way: one GEMM layout, the same values
         if len(set(scales)) == 1:
             _mm_into(xa[:, hd:], xs, buf[rows:, :hd].t(), scales[0])

@@ -408,6 +408,18 @@ def spare_columns(x: torch.Tensor) -> int:
     return getattr(x, "_tf_spare_columns", 0)
 
 
+def wide_input(x: torch.Tensor, x2: torch.Tensor, r: int) -> torch.Tensor:
+    """``x2`` (``x`` as ``(N, H)``) in the first columns of an ``(N, H + r)`` buffer for a padded layout's GEMM:
+    the buffer ``x``'s producer left with ``r`` spare columns (``spare_columns``), else a new one with ``x``
+    copied in."""
+    xa = _spans(x2, x2.shape[0], x2.shape[1] + r) if spare_columns(x) == r and x2.data_ptr() == x.data_ptr() \
+        else None
+    if xa is None:
+        xa = x2.new_empty(x2.shape[0], x2.shape[1] + r)
+        copy_rows(xa[:, :x2.shape[1]], x2, impl="triton")
+    return xa
+
+
 def _mm_into(out, a, b, s: float) -> None:
     # out = s * (a @ b), out a view of a wider buffer (cuBLAS writes it in place: row stride >= columns)
     if s == 1.0:
@@ -433,10 +445,7 @@ class _PaddedMLPFunction(torch.autograd.Function):
             block.copy_(t)
         x2 = x.reshape(-1, hd).to(dtype)
         n = x2.shape[0]
-        xa = _spans(x2, n, hd + r) if spare_columns(x) == r and x2.data_ptr() == x.data_ptr() else None
-        if xa is None:  # [x | s x A^T]; x's producer (rms_norm's spare) leaves none: x copied in
-            xa = x2.new_empty(n, hd + r)
-            copy_rows(xa[:, :hd], x2, impl="triton")
+        xa = wide_input(x, x2, r)                                                 # [x | s x A^T] below
         xs = xa[:, :hd]  # x read from the wide buffer either way: one GEMM layout, the same values
         if sg == su:
             _mm_into(xa[:, hd:], xs, gu_w[2 * i:, :hd].t(), sg)

@@ -108,7 +108,8 @@ def test_input_with_spare_columns_is_not_copied(monkeypatch):
     h = torch.randn(2, 7, 24, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(24, dtype=torch.bfloat16) * 0.2 + 1
     copies, real = [], lin_mod.copy_rows
-    monkeypatch.setattr(lin_mod, "copy_rows", lambda dst, src, **kw: copies.append(dst.shape) or real(dst, src, **kw))
+    for mod in (lin_mod, mlp_mod):  # the dy copies, and x's (lora_mlp.wide_input)
+        monkeypatch.setattr(mod, "copy_rows", lambda dst, src, **kw: copies.append(dst.shape) or real(dst, src, **kw))
     results = []
     for spare in (sum(ranks), 0):
         copies.clear()
