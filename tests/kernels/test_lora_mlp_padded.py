@@ -144,3 +144,26 @@ def test_input_with_spare_columns_is_not_copied(monkeypatch, device):
     for out, grads, _ in results[1:]:
         assert torch.equal(out, results[0][0])
         assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))
+
+
+def test_unpadded_paths_take_an_input_with_spare_columns():
+    # the norm still leaves spare columns after an adapter of another rank undid the padded layout: the
+    # unpadded MLP and Q/K/V read the row-strided input as they read any other
+    from tuneforge_kernels.lora_linear import lora_linears, lora_linears_reference
+    from tuneforge_kernels.rms_norm import rms_norm
+
+    gate, up, down = _padded_parts(24, 52, (3, 5, 4), (2.0,) * 3, "cpu", torch.float32)
+    plain = [LoraWeights(p.weight.contiguous(), p.lora_a, p.lora_b, p.scale) for p in (gate, up, down)]
+    h = torch.randn(2, 5, 24, requires_grad=True)
+    w = torch.randn(24) * 0.2 + 1
+    x = rms_norm(h, w, 1e-5, spare=7, impl="triton")
+    assert not x.is_contiguous()
+    ref_x = x.detach().contiguous().requires_grad_()
+    out, ref = lora_mlp(x, *plain, impl="triton"), lora_mlp_reference(ref_x, *plain)
+    assert rel_err(out, ref) < 1e-5
+    assert rel_err(torch.autograd.grad(out.sum(), h)[0],
+                   torch.autograd.grad(rms_norm(h, w, 1e-5, impl="triton"), h,
+                                       torch.autograd.grad(ref.sum(), ref_x)[0])[0]) < 1e-5
+    q = lora_linears(x, plain[0], plain[1], impl="triton")
+    for a, b in zip(q, lora_linears_reference(x.detach(), plain[0], plain[1])):
+        assert rel_err(a, b) < 1e-5
