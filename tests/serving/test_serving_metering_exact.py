@@ -81,9 +81,10 @@ def test_billed_tokens_equal_the_engines_counts(engines, gateway, make_org, usag
     statuses = {r.request_id: r.status for r in rows}
     # A client's close travels through a loaded process (the client, gateway and engine share this
     # test's GIL): when it arrives after the engine's last token (>= 40 ms after the cut), the stream
-    # completed and is billed in full as "ok" (exactly the engine's counts). Most must be real cuts.
+    # completed and is billed in full as "ok" (exactly the engine's counts). A quarter at least must be real
+    # cuts, so that the checks below run (a loaded 2-core box completed 9 of 16 before the close arrived).
     completed = {rid for rid in cut if statuses[rid] == "ok"}
-    assert len(completed) <= len(cut) // 2, completed
+    assert len(cut) - len(completed) >= max(1, len(cut) // 4), completed
     for rid in completed:
         assert billed[rid] == engine_counts[rid]
     for rid, seen in cut.items():
