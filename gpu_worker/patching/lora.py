@@ -142,18 +142,13 @@ def pad_frozen_mlp(mlp: nn.Module) -> bool:
     unpadded). Returns whether the weights are padded now."""
     from tuneforge_kernels.lora_mlp import pad_weights, padded
 
-    modules = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-    if any(m is None or not hasattr(m, "base_layer") for m in modules):
+    found = _adapted(mlp, ("gate_proj", "up_proj", "down_proj"))
+    if found is None:
         return False
-    parts = [lora_weights(m) for m in modules]
-    if any(p is None or p.lora_a is None for p in parts):
-        return False
+    modules, parts = found
     if padded(*parts) is None:
         weights = [p.weight for p in parts]
-        if not all(isinstance(w, nn.Parameter) and not w.requires_grad and w.is_floating_point()
-                   and w.is_contiguous() for w in weights) or parts[0].lora_a is parts[1].lora_a:
-            return False
-        if any(w.dtype != weights[0].dtype or w.device != weights[0].device for w in weights):
+        if not _movable(weights) or parts[0].lora_a is parts[1].lora_a:
             return False
         (i, h), ranks = weights[0].shape, tuple(p.lora_a.shape[0] for p in parts)
         if weights[1].shape != (i, h) or weights[2].shape != (h, i):
@@ -174,19 +169,13 @@ def pad_frozen_qkv(attn: nn.Module) -> bool:
     terms in its GEMMs. Returns whether the weights are padded now."""
     from tuneforge_kernels.lora_linear import pad_linear_weights, padded_linears
 
-    modules = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
-    if any(m is None or not hasattr(m, "base_layer") for m in modules):
+    found = _adapted(attn, ("q_proj", "k_proj", "v_proj"))
+    if found is None:
         return False
-    parts = [lora_weights(m) for m in modules]
-    if any(p is None or p.lora_a is None for p in parts):
-        return False
+    modules, parts = found
     if padded_linears(parts) is None:
         weights = [p.weight for p in parts]
-        if not all(isinstance(w, nn.Parameter) and not w.requires_grad and w.is_floating_point()
-                   and w.is_contiguous() for w in weights):
-            return False
-        if any(w.dtype != weights[0].dtype or w.device != weights[0].device or w.shape[1] != weights[0].shape[1]
-               for w in weights):
+        if not _movable(weights) or any(w.shape[1] != weights[0].shape[1] for w in weights):
             return False
         buf = pad_linear_weights([w.detach() for w in weights], [p.lora_a.shape[0] for p in parts])
         start, h = 0, weights[0].shape[1]
@@ -198,6 +187,24 @@ def pad_frozen_qkv(attn: nn.Module) -> bool:
     # the fused layer's input norm leaves these columns after its rows for s x A^T (rms_norm's spare)
     attn._tf_input_spare = sum(p.lora_a.shape[0] for p in parts)
     return True
+
+
+def _adapted(owner: nn.Module, names: tuple[str, ...]):
+    """``owner``'s named PEFT LoRA modules and their ``LoraWeights``, when each has an adapter; else None."""
+    modules = [getattr(owner, n, None) for n in names]
+    if any(m is None or not hasattr(m, "base_layer") for m in modules):
+        return None
+    parts = [lora_weights(m) for m in modules]
+    if any(p is None or p.lora_a is None for p in parts):
+        return None
+    return modules, parts
+
+
+def _movable(weights) -> bool:
+    """Frozen dense weights of one dtype and device, each its own contiguous tensor: a padded layout may
+    re-store them."""
+    return all(isinstance(w, nn.Parameter) and not w.requires_grad and w.is_floating_point() and w.is_contiguous()
+               and w.dtype == weights[0].dtype and w.device == weights[0].device for w in weights)
 
 
 def contiguous_weights(model: nn.Module) -> int:
