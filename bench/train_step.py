@@ -453,6 +453,7 @@ def run_one(args):
             prof = cProfile.Profile()
             prof.enable()
         t0 = time.perf_counter()
+        rec["timed_start_unix"] = round(time.time(), 3)  # to line the steps up with nvidia-smi's samples
         marks[0].record()
         for i in range(args.steps):
             losses.append(step(args.warmup + i))

@@ -37,8 +37,10 @@ def sequential_batches(n_examples: int, batch_size: int) -> list[list[int]]:
     return [list(range(i, min(i + batch_size, n_examples))) for i in range(0, n_examples, batch_size)]
 
 
-def collate(examples: list[Example], pad_token_id: int, device=None, *, packing: bool | None = None) -> dict[str, Any]:
-    """Right-pad a batch to its longest row. Plain rows: ``input_ids``, ``attention_mask``,
+def collate(examples: list[Example], pad_token_id: int, device=None, *, packing: bool | None = None,
+            width: int | None = None) -> dict[str, Any]:
+    """Right-pad a batch to its longest row, or to ``width`` if that is longer (packed rows padded to the
+    packing width: every step the same shape, which the patched model's CUDA graphs replay). Plain rows: ``input_ids``, ``attention_mask``,
     ``labels``. Packed rows (``packing``; default: whether any row is packed): ``input_ids``,
     ``labels``, ``position_ids`` restarting at 0 per example, ``use_cache`` (False) and no
     ``attention_mask``, which is how transformers is told to keep attention inside each example. Padding never carries a label,
@@ -46,7 +48,7 @@ def collate(examples: list[Example], pad_token_id: int, device=None, *, packing:
     import torch
 
     packed = any(e.seq_lens for e in examples) if packing is None else packing
-    width = max(len(e.input_ids) for e in examples)
+    width = max(max(len(e.input_ids) for e in examples), width or 0)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

@@ -139,6 +139,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         from gpu_worker.patching.graphs import attach
 
         counts["cuda_graph_layers"] = len(attach(list(base.model.layers)).layers)
+        base._tf_pad_documents = True  # packed batches in shapes the graphs can replay (decoder._packing)
     # counts only: layouts and fusions of the kernels the patched names already list
     extras = ("joined_weights", "padded_mlp", "padded_qkv", "residual_rms_norm", "cuda_graph_layers")
     return PatchReport(architecture=arch, patched=tuple(k for k, v in counts.items() if v and k not in extras),

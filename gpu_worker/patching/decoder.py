@@ -332,7 +332,7 @@ def _without_cache(model, use_cache, kwargs) -> bool:
     return not (use_cache if use_cache is not None else getattr(model.config, "use_cache", False))
 
 
-def _packing(model, attention_mask, position_ids, use_cache, kwargs, impl):
+def _packing(model, attentions, attention_mask, position_ids, use_cache, kwargs, impl):
     """The documents of a packed batch (positions restarting at 0, no mask, no KV cache, as training
     passes them), for every layer's variable-length attention; None for anything else. On CPU only when
     the ops are forced to Triton (the tests): there the per-document reference runs, slower than
@@ -341,7 +341,17 @@ def _packing(model, attention_mask, position_ids, use_cache, kwargs, impl):
         return None
     if not (position_ids.is_cuda or impl == "triton"):
         return None
-    return packed_sequences(position_ids)
+    if not getattr(model, "_tf_pad_documents", False) or not position_ids.is_cuda \
+            or any((w := _sliding_window(a)) is not None and w < position_ids.shape[-1] for a in attentions):
+        # the padded form's max_len is the row width: a sliding window shorter than the rows would send
+        # every batch to transformers' masked path, where the documents themselves fit the window
+        return packed_sequences(position_ids)
+    # replayed layers (graphs.py): a document count padded to a bucket that only grows (from the first
+    # packed batch on), so that a job's packed batches take a few shapes at most
+    packing = packed_sequences(position_ids, bucket=getattr(model, "_tf_document_bucket", 1))
+    if packing is not None:
+        model._tf_document_bucket = len(packing.cu_seqlens) - 1
+    return packing
 
 
 # the keyword with which patch_causal_lm tells every patched attention that its mask is a placeholder and
@@ -397,7 +407,7 @@ def patch_causal_lm(model: nn.Module, impl: str | None, ce_chunk_logits: int | N
             # a training step reads no cache; transformers would build one from the config's default (True),
             # and a cache in the layers' calls keeps them off their CUDA graphs (graphs.py)
             use_cache = False
-        packing = _packing(self, attention_mask, position_ids, use_cache, kwargs, impl) if all_ours else None
+        packing = _packing(self, attentions, attention_mask, position_ids, use_cache, kwargs, impl) if all_ours else None
         if packing is not None:
             kwargs["packed_sequences"] = packing
             if all(_takes_varlen(a, packing) for a in attentions):

@@ -18,16 +18,22 @@ overwrite a gradient being accumulated over micro-batches; here autograd gets te
 accumulates as in eager mode.
 
 A layer runs its stock (eager) forward instead when anything differs from what was captured: no grad or
-eval mode, other shapes, dtypes or autocast state, a KV cache, packed batches (their variable-length
-attention reads the documents' boundaries on the host), hooks on the layer or inside it, a parameter or
+eval mode, other shapes, dtypes or autocast state, a KV cache, hooks on the layer or inside it, a parameter or
 buffer replaced since the capture (a merge, ``.to()``), adapters switched or rescaled, activation
 checkpointing, or the layer's last replay still waiting for its backward (two forwards before one
 backward: a replay would overwrite what that backward reads). A training step with another shape drops the
 graphs at once (their pool holds a step's activations, which the eager step would need a second time:
 memory stays near the eager step's), and a shape that repeats is captured again; graphs that served fewer
-than ``MIN_REPLAYED_STEPS`` steps before their shape changed count as wasted, and ``WASTED_CAPTURES`` of
-them turn graphs off for the model (shapes that change all the time), as does a capture that fails (an op
-that cannot be captured); ``LayerGraphs.status`` says why.
+than ``MIN_REPLAYED_STEPS`` steps before their shape changed count as wasted. After each wasted capture a
+shape must repeat on twice as many steps in a row before it is captured (one, then two, then four), and
+``WASTED_CAPTURES`` of them turn graphs off for the model (shapes that change all the time), as does a
+capture that fails (an op that cannot be captured); ``LayerGraphs.status`` says why.
+
+Packed batches (several documents per row) replay too: with graphs attached, the patched causal LM pads
+their document boundaries (``cu_seqlens``) with empty documents to a bucket of document counts that only
+grows, and sets ``max_len`` to the row width (decoder._packing), so a job's packed rows of one width take a
+few shapes at most; the boundaries are a static input like the tables. Not where a layer's sliding window
+is shorter than the rows (Gemma 2 and 3): those boundaries stay tight, and the layers eager.
 
 A replayed layer's output is the graph's buffer: the next step's replay overwrites it, so a tensor kept
 from one step's layers (not their values) changes at the next step.
@@ -45,6 +51,7 @@ import torch
 from torch import nn
 
 from gpu_worker.patching.decoder import layer_subclass
+from tuneforge_kernels.varlen_attention import Packing
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +59,9 @@ log = logging.getLogger(__name__)
 # the layers' work); this many such captures turn the model's graphs off
 MIN_REPLAYED_STEPS = 8
 WASTED_CAPTURES = 3
+_MAX_LEN = "packed_sequences.max_len"  # a packed batch's max_len among a call's plain values
 # keyword arguments of a decoder layer's forward whose non-tensor values must be falsy to replay
-_MUST_BE_EMPTY = ("past_key_values", "cache", "use_cache", "packed_sequences", "output_attentions", "layer_past")
+_MUST_BE_EMPTY = ("past_key_values", "cache", "use_cache", "output_attentions", "layer_past")
 
 
 class _Graph:
@@ -178,7 +186,16 @@ def _split_kwargs(kwargs: dict):
             if value:
                 return None
             continue
-        if name == "position_embeddings" and isinstance(value, tuple) and len(value) == 2 \
+        if name == "packed_sequences" and isinstance(value, Packing):
+            # the documents' boundaries are a tensor input; their count and max_len are the signature's
+            # (decoder._packing pads them to a bucket, max_len the row width). The captured call gets no
+            # host-side starts: only the flash kernel (cu_seqlens, max_len) can serve a replay
+            names.append((name, None))
+            tensors.append(value.cu_seqlens)
+            rest.append((_MAX_LEN, value.max_len))
+        elif name == "packed_sequences" and value is not None:
+            return None
+        elif name == "position_embeddings" and isinstance(value, tuple) and len(value) == 2 \
                 and all(isinstance(t, torch.Tensor) for t in value):
             names += [("position_embeddings", 0), ("position_embeddings", 1)]
             tensors += list(value)
@@ -204,6 +221,8 @@ def _rebuild_kwargs(names, tensors, rest) -> dict:
     for (name, slot), t in zip(names, tensors):
         if name == "position_embeddings":
             pair[slot] = t
+        elif name == "packed_sequences":
+            kwargs[name] = Packing(t, None, kwargs.pop(_MAX_LEN))
         else:
             kwargs[name] = t
     if pair:
@@ -219,6 +238,7 @@ class LayerGraphs:
         self.modules: list[list[nn.Module]] | None = None  # each layer's modules(), listed at first use
         self.graphs: list[_Graph] | None = None
         self._seen = None  # the first layer's signature at its last eager call
+        self._repeats = 0  # how many eager steps in a row before this one had that signature
         self._sources: dict[int, tuple] = {}  # each layer's tables in the last eager step (which are shared)
         self.captures = 0
         self.replays = 0
@@ -253,8 +273,7 @@ class LayerGraphs:
             self.shape_changed()
             if self.disabled is not None:
                 return None
-            if signature != self._seen:
-                self._seen, self._sources = signature, {0: tensors}  # capture only for shapes that repeat
+            if not self._repeated(signature, tensors):
                 return None
             self._capture(x, names, tensors, rest, signature)
         graph = self.graphs[index] if self.graphs is not None else None
@@ -272,6 +291,13 @@ class LayerGraphs:
         self._steps += index == 0
         return _Replay.apply(graph, len(tensors), x, *tensors, *graph.params)
 
+    def _repeated(self, signature, tensors) -> bool:
+        """At an eager step's first layer: whether to capture this step's shape now. Only shapes that
+        repeat, on one step in a row, then on twice as many after each wasted capture."""
+        self._repeats = self._repeats + 1 if signature == self._seen else 0
+        self._seen, self._sources = signature, {0: tensors}
+        return self._repeats >= 1 << self._wasted
+
     def release(self) -> None:
         self.graphs = None
         self.modules = None  # listed again: a change may have added modules
@@ -287,6 +313,9 @@ class LayerGraphs:
                 self.disabled = (f"the batch shape changed within {MIN_REPLAYED_STEPS} steps of "
                                  f"{WASTED_CAPTURES} captures")
         self.release()
+        # the graphs' pool goes back to the device before the eager step allocates its own (kept, the
+        # reserved memory would be the pool's plus the eager step's)
+        torch.cuda.empty_cache()
 
     def _capture(self, x, names, tensors, rest, signature) -> None:
         self.captures += 1
@@ -296,7 +325,7 @@ class LayerGraphs:
         except Exception as err:  # an op that cannot be captured: this model trains eagerly
             self.release()
             self.disabled = f"capture failed: {type(err).__name__}: {err}"
-            log.warning("CUDA graphs off for this model (%s); the layers run eagerly", self.disabled)
+            log.warning("CUDA graphs off for this model (%s); the layers run eagerly", self.disabled, exc_info=True)
         else:
             return
         gc.collect()  # the failed graphs (held by the traceback's frames) let go of the RNG state they took

@@ -140,6 +140,8 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
     train_loss = valid_loss = None
     run_started, run_first_step = time.perf_counter(), step
     order = epoch_batches(len(train.examples), plan.batch_size, spec.seed, position.epoch)
+    # packed rows, nearly full, padded to the packing width: one shape for every step (CUDA graphs)
+    width = data.stats.max_seq_length if data.stats.packed_rows is not None else None
     while step < plan.total_steps:
         if position.batch_index >= plan.batches_per_epoch:
             position = DataPosition(position.epoch + 1, 0)
@@ -147,7 +149,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
         rng_at_step_start = ckpt.capture_rng()
         micro = [[train.examples[i] for i in b] for b in order[position.batch_index : position.batch_index + plan.accumulation]]
         started = time.perf_counter()
-        result = _train_step(engine, micro, pad_id, ctx.should_stop)
+        result = _train_step(engine, micro, pad_id, ctx.should_stop, width)
         if result is None:  # asked to stop mid-step: the step never happened
             engine.zero_grad()
             if step and last_ckpt != ckpt.checkpoint_key(spec.output_prefix, step):
@@ -200,7 +202,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
     return _finish(spec, ctx, model, tokenizer, step, tokens, report, best_step, loggers, workdir)
 
 
-def _train_step(engine, micro_batches, pad_id: int, should_stop) -> tuple[float, int, int] | None:
+def _train_step(engine, micro_batches, pad_id: int, should_stop, width: int | None = None) -> tuple[float, int, int] | None:
     """Forward and backward over this process's share of one optimizer step (``engine.shard``);
     returns (mean token loss, trained tokens, non-padding tokens) of the whole step, or None if
     asked to stop before it finished (all ranks agree on stopping before each pass)."""
@@ -214,7 +216,7 @@ def _train_step(engine, micro_batches, pad_id: int, should_stop) -> tuple[float,
         if engine.agree(should_stop()):
             return None
         last = i == len(passes) - 1
-        batch = {k: v.to(engine.device) for k, v in collate(examples, pad_id).items()}  # packed rows are recognised by collate
+        batch = {k: v.to(engine.device) for k, v in collate(examples, pad_id, width=width).items()}  # packed rows are recognised by collate
         # num_items_in_batch makes the model's loss sum(token losses) / n_trained over the whole
         # step, so passes of unequal token counts (on any rank) add up to the loss of one big batch.
         loss = engine.forward(batch, n_trained, last=last) * weight

@@ -28,15 +28,20 @@ from tuneforge_kernels.backend import use_triton
 
 @dataclass(frozen=True)
 class Packing:
-    cu_seqlens: torch.Tensor  # int32 (documents + 1,), on the tokens' device
-    starts: tuple[int, ...]  # the same on the host, with the total last (the reference's slices)
-    max_len: int
+    cu_seqlens: torch.Tensor  # int32 (documents + 1,), on the tokens' device; padded: see packed_sequences
+    starts: tuple[int, ...] | None  # the documents' starts on the host, the total last (the reference's
+    max_len: int                    # slices); None in a CUDA graph's capture, which only the flash path serves
 
 
-def packed_sequences(position_ids: torch.Tensor) -> Packing | None:
+def packed_sequences(position_ids: torch.Tensor, bucket: int = 0) -> Packing | None:
     """The documents of a (rows, S) batch whose positions run 0, 1, ... and restart at 0 at each new
     document; None if every row is a single document or the positions are anything else (left padding,
-    a KV cache's offsets)."""
+    a KV cache's offsets).
+
+    ``bucket`` > 0: shapes that do not depend on the documents, for a CUDA graph (gpu_worker/patching/
+    graphs.py): ``cu_seqlens`` padded with empty documents (the total repeated) to ``max(bucket, the
+    next power of two of the document count)`` entries plus one, and ``max_len`` the row width. Flash's
+    variable-length kernel gives the same values that way (bench/NOTES.md, session 10: one bf16 ulp)."""
     if position_ids.dim() != 2 or position_ids.shape[1] < 2:
         return None
     pos = position_ids
@@ -49,7 +54,12 @@ def packed_sequences(position_ids: torch.Tensor) -> Packing | None:
     total = pos.numel()
     bounds = (*host, total)
     max_len = max(b - a for a, b in zip(bounds, bounds[1:]))
-    cu = torch.tensor(bounds, dtype=torch.int32).to(pos.device, non_blocking=True)
+    padded = bounds
+    if bucket:
+        docs = len(bounds) - 1
+        padded = bounds + (total,) * (max(bucket, 1 << (docs - 1).bit_length()) - docs)
+        max_len = pos.shape[1]
+    cu = torch.tensor(padded, dtype=torch.int32).to(pos.device, non_blocking=True)
     return Packing(cu, bounds, max_len)
 
 

@@ -54,6 +54,26 @@ def test_collate_of_packed_rows_restarts_positions_and_has_no_attention_mask(tok
     assert all(batch["labels"][0, s] == IGNORE_INDEX for s in starts)  # never predict across examples
 
 
+def test_packed_rows_padded_to_the_packing_width_train_the_same_tokens(micro):
+    # the SFT recipe pads packed rows to max_seq_length (one shape every step, for the CUDA graphs): the
+    # tail is its own document without labels, so every real token's loss is unchanged
+    import torch
+
+    model, tok = micro
+    model.set_attn_implementation("sdpa")
+    rows = pack(_examples(tok, 4), 256)
+    tight, wide = collate(rows, tok.pad_token_id), collate(rows, tok.pad_token_id, width=200)
+    n = tight["input_ids"].shape[1]
+    assert n < 200 and wide["input_ids"].shape == (len(rows), 200)
+    assert (wide["labels"][:, n:] == IGNORE_INDEX).all()
+    used = len(rows[0].input_ids)
+    assert wide["position_ids"][0, used:].tolist() == list(range(200 - used))  # the padding: one document
+    assert collate(rows, tok.pad_token_id, width=8)["input_ids"].shape[1] == n  # never cut
+    a, _ = _token_losses(model, tight)
+    b, _ = _token_losses(model, wide)
+    torch.testing.assert_close(b[:, : n - 1], a, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_batch_gives_the_padded_batch_per_example_losses(micro, attn):
     import torch

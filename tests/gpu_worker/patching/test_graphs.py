@@ -223,10 +223,22 @@ def test_a_new_shape_drops_the_graphs_and_shapes_that_keep_changing_turn_them_of
     assert graphs.disabled == f"the batch shape changed within {MIN_REPLAYED_STEPS} steps of {WASTED_CAPTURES} captures"
 
 
+def test_after_each_wasted_capture_a_shape_must_repeat_on_twice_as_many_steps():
+    from gpu_worker.patching.graphs import LayerGraphs
+
+    graphs = LayerGraphs([])
+    # shapes a, a: captured at the first repeat
+    assert [graphs._repeated(s, ()) for s in "aa"] == [False, True]
+    graphs._wasted = 1
+    assert [graphs._repeated(s, ()) for s in "babbb"] == [False, False, False, False, True]
+    graphs._wasted = 2  # four steps in a row after the first
+    assert [graphs._repeated(s, ()) for s in "cccccc"] == [False] * 4 + [True] * 2
+
+
 def test_calls_that_cannot_replay():
     t = torch.zeros(2)
     assert _split_kwargs({"use_cache": True}) is None
-    assert _split_kwargs({"packed_sequences": object()}) is None
+    assert _split_kwargs({"packed_sequences": object()}) is None  # not a Packing
     assert _split_kwargs({"past_key_values": object()}) is None
     assert _split_kwargs({"attention_mask": object()}) is None  # not a tensor, not a plain value
     assert _split_kwargs({"position_ids": t}) is None  # a CPU tensor
@@ -280,3 +292,63 @@ def test_the_job_spec_switches_the_graphs():
         [(message, _)] = apply_memory_mode_and_kernels(model, Runtime(cuda_graphs=setting))
         assert hasattr(model.get_base_model().model.layers[0], "_tf_graphs") == bool(layers)
         assert ("CUDA graphs" in message) == bool(layers), message
+
+
+def test_a_packed_batch_is_a_static_input_with_its_shape_in_the_signature():
+    from gpu_worker.patching.graphs import _rebuild_kwargs
+    from tuneforge_kernels.varlen_attention import Packing, packed_sequences
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 1]])
+    tight = packed_sequences(pos)
+    assert tight.cu_seqlens.tolist() == [0, 3, 5, 8, 14, 16] and tight.max_len == 6
+    padded = packed_sequences(pos, bucket=4)  # 5 documents: the next power of two, 8
+    assert padded.cu_seqlens.tolist() == [0, 3, 5, 8, 14, 16, 16, 16, 16]
+    assert padded.starts == tight.starts and padded.max_len == 8  # the row width
+    assert len(packed_sequences(pos, bucket=16).cu_seqlens) == 17  # a bucket only grows
+    assert _split_kwargs({"packed_sequences": padded}) is None  # boundaries on the CPU: never replayed
+    # what _split_kwargs gives for boundaries on the GPU (test_packed_batches_replay_and_equal_eager):
+    # the boundaries a tensor input, max_len a plain value of the signature; the capture's call gets no starts
+    names, tensors, rest = (("packed_sequences", None),), (padded.cu_seqlens,), (("packed_sequences.max_len", 8),)
+    rebuilt = _rebuild_kwargs(names, tensors, rest)
+    assert rebuilt == {"packed_sequences": Packing(padded.cu_seqlens, None, 8)}
+
+
+def _packed_batch(seed, rows=2, seq=32, docs_per_row=3, device="cuda"):
+    """Rows of ``docs_per_row`` documents of random lengths, positions restarting at each."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 128, (rows, seq), generator=g)
+    pos = torch.empty(rows, seq, dtype=torch.long)
+    for r in range(rows):
+        cuts = sorted(torch.randperm(seq - 1, generator=g)[:docs_per_row - 1].add(1).tolist())
+        for a, b in zip([0, *cuts], [*cuts, seq]):
+            pos[r, a:b] = torch.arange(b - a)
+    return x.to(device), pos.to(device)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_packed_batches_replay_and_equal_eager():
+    on, off = _pair()
+    # 6 documents a step (bucket 8), then 10 (bucket 16: one more capture), then 6 again (under the bucket)
+    batches = [_packed_batch(i) for i in range(3)] + [_packed_batch(9, docs_per_row=5) for _ in range(3)] \
+        + [_packed_batch(i + 20) for i in range(3)]
+    runs = []
+    for model in (on, off):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses, grads, steps = [], [], []
+        for x, pos in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=x, position_ids=pos, labels=x).loss
+            loss.backward()
+            losses.append(loss.item())
+            grads.append(lora_grads(model))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if model is on:
+                steps.append(dict(_graphs(on).status, bucket=on.get_base_model()._tf_document_bucket))
+        runs.append((losses, grads))
+    _assert_same_run(*runs)
+    status = _graphs(on).status
+    assert status["captures"] == 2 and status["disabled"] is None, steps
+    # bucket 8: captured on the second step, replayed on the third; bucket 16 from then on
+    assert status["replays"] == 3 * (2 + 2 + 3), status

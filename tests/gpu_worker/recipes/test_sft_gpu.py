@@ -46,3 +46,24 @@ def test_learns_in_bf16_with_kernels_and_resumes(builtin_data_dir, store, write_
     # bf16 GPU kernels may reduce in a different order from run to run: close, not bit-equal.
     assert _losses(first) == pytest.approx(losses[:k], rel=2e-2, abs=2e-3)
     assert _losses(resumed) == pytest.approx(losses[k:], rel=5e-2, abs=5e-3)
+
+
+def test_packed_rows_replay_the_cuda_graphs(builtin_data_dir, store, write_jsonl, sentiment_rows, make_spec):
+    # packed rows are padded to the packing width, so every step has one shape and the decoder layers'
+    # graphs capture once and replay (gpu_worker/patching/graphs.py); a plain-rows run pads each batch to
+    # its own longest row and stays eager
+    from gpu_worker.builtin import BUILTIN_MODELS, TINY
+
+    write_jsonl(store, "files/train.jsonl", sentiment_rows(256))
+    spec = make_spec(TINY, hyperparameters={"n_epochs": 1, "batch_size": 2, "learning_rate": 3e-3, "max_seq_length": 96},
+                     runtime={"use_kernels": True, "checkpoint_every_steps": 1000})
+    packed = spec.model_copy(update={"data": spec.data.model_copy(update={"packing": True})})
+    events, result = _run(packed, store, builtin_data_dir)
+    assert isinstance(result, CompletedEvent), events[-3:]
+    graphs = [e.message for e in events if isinstance(e, LogEvent) and e.message.startswith("CUDA graphs")]
+    assert graphs and graphs[0].startswith("CUDA graphs: 1 capture(s)"), graphs
+    # every step replays but the first (eager: its shape is seen; the second captures and replays); a shorter last batch
+    # (an odd number of rows) runs eagerly
+    steps, layers = len(_losses(events)), BUILTIN_MODELS[TINY].num_hidden_layers
+    replays = int(graphs[0].split(", ")[1].split()[0])
+    assert steps >= 10 and replays >= (steps - 2) * layers, (steps, graphs)
