@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from tuneforge_kernels.backend import use_triton
+from tuneforge_kernels.cast_blocks import cast_blocks
 from tuneforge_kernels.copy_rows import copy_rows
 from tuneforge_kernels.lora_mlp import (PADDED_ONE_GEMM_MAX_HIDDEN, LoraWeights, _cast_grads, _compute_dtype, _dense,
                                         _joined_weights, _mm_into, _out_features, _project_reference, _restore_x,
@@ -195,9 +196,10 @@ class _PaddedLinearsFunction(torch.autograd.Function):
         hd, outs, ranks = shape[-1], [b.shape[0] for b in b_s], [a.shape[0] for a in a_s]
         rows, r = sum(outs), sum(ranks)
         starts, cols = [sum(outs[:i]) for i in range(n)], [sum(ranks[:i]) for i in range(n)]
-        for i in range(n):  # the adapters' current values into their blocks (the casts to the compute dtype)
-            buf[starts[i]:starts[i] + outs[i], hd + cols[i]:hd + cols[i] + ranks[i]].copy_(b_s[i])
-            buf[rows + cols[i]:rows + cols[i] + ranks[i], :hd].copy_(a_s[i])
+        # the adapters' current values into their blocks (the casts to the compute dtype), one launch
+        cast_blocks([pair for i in range(n) for pair in (
+            (buf[starts[i]:starts[i] + outs[i], hd + cols[i]:hd + cols[i] + ranks[i]], b_s[i]),
+            (buf[rows + cols[i]:rows + cols[i] + ranks[i], :hd], a_s[i]))])
         x2 = x.reshape(-1, hd).to(dtype)
         xa = wide_input(x, x2, r)                                                 # [x | s x A^T] below
         xs = xa[:, :hd]  # x read from the wide buffer either way: one GEMM layout, the same values

@@ -36,6 +36,7 @@ import torch
 
 from tuneforge_kernels import lora_glu
 from tuneforge_kernels.backend import use_triton
+from tuneforge_kernels.cast_blocks import cast_blocks
 from tuneforge_kernels.copy_rows import copy_rows
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -440,9 +441,8 @@ class _PaddedMLPFunction(torch.autograd.Function):
         i = bg.shape[0]
         r = rg + ru
         # the adapters' current values into their blocks (the casts to the compute dtype)
-        for block, t in ((gu_w[:i, hd:hd + rg], bg), (gu_w[i:2 * i, hd + rg:], bu), (gu_w[2 * i:2 * i + rg, :hd], ag),
-                         (gu_w[2 * i + rg:, :hd], au), (d_w[:hd, i:], bd), (d_w[hd:, :i], ad)):
-            block.copy_(t)
+        cast_blocks([(gu_w[:i, hd:hd + rg], bg), (gu_w[i:2 * i, hd + rg:], bu), (gu_w[2 * i:2 * i + rg, :hd], ag),
+                     (gu_w[2 * i + rg:, :hd], au), (d_w[:hd, i:], bd), (d_w[hd:, :i], ad)])  # one launch
         x2 = x.reshape(-1, hd).to(dtype)
         n = x2.shape[0]
         xa = wide_input(x, x2, r)                                                 # [x | s x A^T] below

@@ -1,0 +1,55 @@
+"""cast_blocks (Triton): several adapters cast into the blocks of a wider buffer in one launch, bit for bit as
+``copy_``, the rest of the buffer untouched, and anything else handed to ``copy_``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneforge_kernels.cast_blocks import MAX_BLOCKS, cast_blocks, cast_blocks_reference
+from tests.kernels.conftest import DEVICES, needs_triton
+
+pytestmark = needs_triton
+
+
+def _as_cast(src, device):
+    # what the kernel's cast gives: round to nearest even on the GPU (copy_'s); Triton's CPU interpreter
+    # truncates float32 -> bf16 (as in test_nf4.py)
+    return (src.contiguous().view(torch.int32) & -65536).view(torch.float32) if device == "cpu" else src
+
+
+def _layout(device, n_blocks, big):
+    # a padded layer's buffer (bf16) and float32 adapters for blocks of it: tall (out x r) and wide (r x in),
+    # sizes that are not multiples of the tile, sources with a row stride of their own
+    h, o = (2048, 8192) if big else (40, 70)
+    buf = torch.full((o + 48, h + 48), 7.0, device=device, dtype=torch.bfloat16)
+    pairs = []
+    for b in range(n_blocks):
+        r = 16 + b
+        if b % 2:
+            dst, src = buf[o:o + r, 3:3 + h - 3], torch.randn(r, h + 5, device=device)[:, 2:h - 1]
+        else:
+            dst, src = buf[b:b + o - b, h + b:h + b + r], torch.randn(o - b, r, device=device)
+        pairs.append((dst, src))
+    return buf, pairs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_blocks", [1, MAX_BLOCKS, MAX_BLOCKS + 2])
+def test_casts_every_block_as_copy_does_and_nothing_else(device, n_blocks):
+    buf, pairs = _layout(device, n_blocks, big=device != "cpu")
+    want = buf.clone()
+    cast_blocks_reference([(want.as_strided(d.shape, d.stride(), d.storage_offset()), _as_cast(s, device))
+                           for d, s in pairs])
+    cast_blocks(pairs, impl="triton")
+    assert torch.equal(buf, want)  # the blocks bit for bit (round to nearest), the rest still 7
+
+
+def test_other_layouts_take_copy():
+    src = torch.randn(6, 10)
+    dsts = [torch.zeros(10, 6).t(), torch.zeros(6, 20)[:, ::2], torch.zeros(6, 10, dtype=torch.bfloat16)]
+    cast_blocks([(d, src) for d in dsts], impl="triton")
+    for d in dsts[:2]:
+        assert torch.equal(d, src)
+    assert torch.equal(dsts[2], _as_cast(src, "cpu").to(torch.bfloat16))  # the kernel's (interpreted) cast
+    cast_blocks([(torch.zeros(0, 4), torch.zeros(0, 4))], impl="triton")  # empty: nothing to launch
