@@ -19,17 +19,19 @@ def _as_cast(src, device):
 
 
 def _layout(device, n_blocks, big):
-    # a padded layer's buffer (bf16) and float32 adapters for blocks of it: tall (out x r) and wide (r x in),
-    # sizes that are not multiples of the tile, sources with a row stride of their own
+    # a padded layer's buffer (bf16) and float32 adapters for disjoint blocks of it, as the layouts place
+    # them: tall ones (out x r) in the columns after the weight, wide ones (r x in) in the rows under it;
+    # ranks that differ, sizes that are not multiples of the tile, sources with a row stride of their own
     h, o = (2048, 8192) if big else (40, 70)
-    buf = torch.full((o + 48, h + 48), 7.0, device=device, dtype=torch.bfloat16)
+    ranks = [16 + b for b in range(n_blocks)]
+    buf = torch.full((o + sum(ranks), h + sum(ranks)), 7.0, device=device, dtype=torch.bfloat16)
     pairs = []
-    for b in range(n_blocks):
-        r = 16 + b
+    for b, r in enumerate(ranks):
+        at = sum(ranks[:b])
         if b % 2:
-            dst, src = buf[o:o + r, 3:3 + h - 3], torch.randn(r, h + 5, device=device)[:, 2:h - 1]
+            dst, src = buf[o + at:o + at + r, 3:h], torch.randn(r, h + 5, device=device)[:, 2:h - 1]
         else:
-            dst, src = buf[b:b + o - b, h + b:h + b + r], torch.randn(o - b, r, device=device)
+            dst, src = buf[b:o, h + at:h + at + r], torch.randn(o - b, r, device=device)
         pairs.append((dst, src))
     return buf, pairs
 
