@@ -17,7 +17,8 @@ buffers as fresh tensors, which autograd then adopts as ``.grad`` (no copy), so 
 overwrite a gradient being accumulated over micro-batches; here autograd gets tensors it cannot adopt and
 accumulates as in eager mode.
 
-A layer runs its stock (eager) forward instead when anything differs from what was captured: no grad or
+Layers with live dropout (PEFT's ``lora_dropout`` > 0, an attention dropout) are never captured: the model
+trains eagerly. A layer runs its stock (eager) forward instead when anything differs from what was captured: no grad or
 eval mode, other shapes, dtypes or autocast state, a KV cache, hooks on the layer or inside it, a parameter or
 buffer replaced since the capture (a merge, ``.to()``), adapters switched or rescaled, activation
 checkpointing, or the layer's last replay still waiting for its backward (two forwards before one
@@ -161,6 +162,16 @@ def _identity(modules: list[nn.Module]) -> tuple:
     return tuple(ident)
 
 
+def _draws_random(m: nn.Module) -> bool:
+    """Whether ``m``'s training forward draws random numbers: dropout with p > 0 (PEFT's ``lora_dropout``),
+    an attention's dropout. A capture of PEFT's dropout failed on the H200 (torch 2.11: the capture was
+    invalidated, and the CUDA generator then refused every eager dropout; bench/NOTES.md, session 13)."""
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p > 0
+    p = getattr(m, "attention_dropout", None)
+    return isinstance(p, float) and p > 0
+
+
 def _has_hooks(modules) -> bool:
     g = nn.modules.module
     if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks \
@@ -263,6 +274,9 @@ class LayerGraphs:
             return None
         if self.modules is None:
             self.modules = [list(m.modules()) for m in self.layers]
+            if any(_draws_random(m) for mods in self.modules for m in mods):
+                self.disabled = "live dropout in the layers (random ops are not captured)"
+                return None
         split = _split_kwargs(kwargs)
         if split is None or _has_hooks(self.modules[index]):
             return None

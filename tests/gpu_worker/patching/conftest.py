@@ -40,13 +40,13 @@ def tiny_config(model_type: str = "llama", **overrides):
     return config
 
 
-def build_lora_model(config, device="cpu", dtype=torch.float32, seed=0):
+def build_lora_model(config, device="cpu", dtype=torch.float32, seed=0, lora_dropout=0.0):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype)
-    lcfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=lora_targets(config.model_type),
+    lcfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=lora_dropout, target_modules=lora_targets(config.model_type),
                       init_lora_weights=False)  # random B: non-zero adapter grads everywhere
     model = get_peft_model(model, lcfg)
     model.train()
