@@ -206,6 +206,35 @@ def test_layers_that_got_the_same_table_share_its_static_copy():
     assert a_cos.tensor.shape == (2, 3) and a_cos.tensor is not cos
 
 
+class _Captured:
+    """A stand-in for a layer's ``_Graph`` in the CPU tests."""
+
+    statics = ()
+
+
+def test_released_graphs_die_at_once():
+    # a graph and its static tables refer to each other: release breaks the cycle, so the graphs (and the
+    # memory pool behind them) go without waiting for the garbage collector
+    import gc
+    import weakref
+
+    from gpu_worker.patching.graphs import LayerGraphs, _Static
+
+    graphs, static = LayerGraphs([]), _Static(torch.zeros(3))
+    graph = _Captured()
+    graph.statics = (static,)
+    static.readers.append(graph)
+    static.source = torch.ones(3)
+    graphs.graphs, alive = [graph], weakref.ref(graph)
+    del graph
+    gc.disable()
+    try:
+        graphs.release()
+        assert alive() is None and static.readers == [] and static.source is None
+    finally:
+        gc.enable()
+
+
 def test_a_new_shape_drops_the_graphs_and_shapes_that_keep_changing_turn_them_off():
     """The graphs' pool holds a step's activations: an eager step of another shape would need them a second
     time, so the graphs go at once; captures that served few steps count against the model."""
@@ -213,12 +242,12 @@ def test_a_new_shape_drops_the_graphs_and_shapes_that_keep_changing_turn_them_of
 
     graphs = LayerGraphs([])
     for _ in range(WASTED_CAPTURES):  # each served long enough: dropped, not wasted
-        graphs.graphs, graphs._steps = ["captured"], MIN_REPLAYED_STEPS
+        graphs.graphs, graphs._steps = [_Captured()], MIN_REPLAYED_STEPS
         graphs.shape_changed()
         assert graphs.graphs is None and graphs.disabled is None
     for _ in range(WASTED_CAPTURES):
         assert graphs.disabled is None
-        graphs.graphs, graphs._steps = ["captured"], MIN_REPLAYED_STEPS - 1
+        graphs.graphs, graphs._steps = [_Captured()], MIN_REPLAYED_STEPS - 1
         graphs.shape_changed()
         assert graphs.graphs is None
     assert graphs.disabled == f"the batch shape changed within {MIN_REPLAYED_STEPS} steps of {WASTED_CAPTURES} captures"
