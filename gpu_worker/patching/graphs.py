@@ -315,12 +315,12 @@ class LayerGraphs:
     def release(self) -> None:
         # a graph and its statics refer to each other (``_Static.readers``): without this the cycle, and the
         # graphs' pool with it, would live until the next collection of the cyclic garbage (session 13: a
-        # dropped capture's 8.8 GB pool still held at the end of a 1B run)
+        # dropped capture's 8.8 GB pool still held at the end of a 1B run). Broken on the statics' side: a
+        # released graph whose backward is still to run (a layer changed mid-step) reads its statics' memory
         for graph in self.graphs or ():
             for static in graph.statics:
                 static.readers.clear()
                 static.source = None
-            graph.statics = ()
         self.graphs = None
         self.modules = None  # listed again: a change may have added modules
 
