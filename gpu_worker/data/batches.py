@@ -39,9 +39,9 @@ def sequential_batches(n_examples: int, batch_size: int) -> list[list[int]]:
 
 def collate(examples: list[Example], pad_token_id: int, device=None, *, packing: bool | None = None,
             width: int | None = None) -> dict[str, Any]:
-    """Right-pad a batch to its longest row, or to ``width`` if that is longer (packed rows padded to the
-    packing width: every step the same shape, which the patched model's CUDA graphs replay). Plain rows: ``input_ids``, ``attention_mask``,
-    ``labels``. Packed rows (``packing``; default: whether any row is packed): ``input_ids``,
+    """Right-pad a batch to its longest row, or to ``width`` if that is longer (the SFT recipe pads packed
+    rows to the packing width: every step the same shape, which the patched model's CUDA graphs replay).
+    Plain rows: ``input_ids``, ``attention_mask``, ``labels``. Packed rows (``packing``; default: whether any row is packed): ``input_ids``,
     ``labels``, ``position_ids`` restarting at 0 per example, ``use_cache`` (False) and no
     ``attention_mask``, which is how transformers is told to keep attention inside each example. Padding never carries a label,
     whatever its id (it may equal EOS)."""
