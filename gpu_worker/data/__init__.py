@@ -11,7 +11,8 @@ The recipes' interface (stable names; import them from ``gpu_worker.data``):
   ``valid`` is never packed (None when there is no validation data); emit ``stats.log_events()``.
 - ``epoch_batches(n, batch_size, seed, epoch)`` / ``sequential_batches(n, batch_size)``: indices of
   each batch; ``DataPosition`` is what a checkpoint stores to resume the stream exactly.
-- ``collate(rows, pad_token_id, device=None, packing=None)``: a dict to call the model with. Plain
+- ``collate(rows, pad_token_id, device=None, packing=None, width=None)``: a dict to call the model with,
+  rows padded to the longest or to ``width`` (SFT passes ``max_seq_length`` for packed rows: one shape). Plain
   rows give ``input_ids``, ``attention_mask``, ``labels``; packed rows give ``input_ids``,
   ``labels``, ``position_ids`` (restarting per example), ``use_cache`` (a False 0-d tensor) and NO
   ``attention_mask``: transformers then keeps attention inside each example, but only with no KV
