@@ -359,6 +359,36 @@ def setup_unsloth(args):
     return model, ("unsloth load_in_4bit=True (bnb nf4 on load)" if args.quant == "nf4" else None)
 
 
+def add_extra_copies(model, copies: int, tokens: int) -> dict:
+    """An experiment (session 13's open question: is the 8B step an energy budget at the power cap?):
+    ``copies`` memory-bound passes after each decoder layer's forward, each a copy of a (tokens x
+    intermediate) bf16 tensor, the size of the MLP's activation. Returns their standalone time a step: if
+    the step grows by all of it, the power cap acts per kernel; by a fraction, the step is an energy budget
+    and memory-bound work costs less than its time."""
+    import torch
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = base.model.layers
+    src = torch.randn(tokens, base.config.intermediate_size, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+
+    def passes(*_):
+        for _ in range(copies):
+            dst.copy_(src)
+
+    for _ in range(3):
+        passes()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(len(layers)):
+        passes()
+    end.record()
+    end.synchronize()
+    for layer in layers:
+        layer.register_forward_hook(passes)  # hooks keep a layer off its CUDA graph: an 8B (eager) experiment
+    return {"per_layer": copies, "bytes_each": 2 * src.numel() * src.element_size(),
+            "standalone_ms_per_step": start.elapsed_time(end)}
+
+
 # ----------------------------------------------------------------------------- one run
 def run_one(args):
     rec = {"kind": "train", "shape": args.shape, "method": args.method, "ckpt": args.ckpt,
@@ -419,6 +449,9 @@ def run_one(args):
         rec["tokens_per_step"], rec["attn_seq"] = step_tokens, attn_seq
         rec["rows_per_step"] = [int(b["input_ids"].shape[0]) for b in batches]
         rec["padded_tokens_per_step"] = [int(b["input_ids"].numel()) for b in batches]
+
+        if getattr(args, "extra_copies", 0):
+            rec["extra_copies"] = add_extra_copies(model, args.extra_copies, batches[0]["input_ids"].numel())
 
         def step(i):
             with ac:
@@ -718,6 +751,9 @@ def main():
     ap.add_argument("--ce-rows", type=int, default=0,
                     help="ours/base: rows per fused-CE chunk instead of the kernel's rule (an experiment)")
     ap.add_argument("--data", choices=["fixed", "packed", "flat", "padded"], default="fixed")
+    ap.add_argument("--extra-copies", type=int, default=0,
+                    help="an experiment: this many copies of an MLP-activation-sized tensor after each decoder "
+                         "layer's forward (add_extra_copies)")
     ap.add_argument("--base-root", default=".bench-base",
                     help="method base: folder holding an older kernels/ and gpu_worker/ (git archive)")
     ap.add_argument("--ladder", default="16384,32768,65536,98304,131072",
