@@ -61,9 +61,11 @@ def _fits(dst: torch.Tensor, src: torch.Tensor) -> bool:
 def cast_blocks(pairs: list[tuple[torch.Tensor, torch.Tensor]], impl: str | None = None) -> None:
     """``dst.copy_(src)`` for each ``(dst, src)``: 2D tensors of one shape whose rows are contiguous
     (``stride(1) == 1``) in one launch per ``MAX_BLOCKS``; any other pair takes ``copy_``."""
-    fast = [(d, s) for d, s in pairs if _fits(d, s) and use_triton(d, s, impl=impl)]
+    fast = []
     for d, s in pairs:
-        if not any(d is f for f, _ in fast):
+        if _fits(d, s) and use_triton(d, s, impl=impl):
+            fast.append((d, s))
+        else:
             d.copy_(s)
     for at in range(0, len(fast), MAX_BLOCKS):
         group = fast[at:at + MAX_BLOCKS]
