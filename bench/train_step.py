@@ -28,6 +28,8 @@ Data (--data, or the 6th field of a suite config)
            clipped to [32, seq], 4 different draws of batch x seq tokens each) packed first-fit into rows
            of seq tokens, position ids restarting per document (transformers builds the document mask
            from them); a row's free tail is a filler document that is not trained on
+  packed-rows  the same, in exactly batch rows (the documents that do not fit left out): one shape every
+           step, as the worker's SFT packs (batch_size rows padded to max_seq_length)
   flat     the same documents as one row, nothing wasted (a flattening collator's batch): only for
            attention that takes documents rather than a (S x S) mask (ours: varlen_attention)
   padded   the same documents as rows of a (n_docs, longest) batch with an attention mask
@@ -218,19 +220,21 @@ def varlen_lengths(step_tokens, max_len, seed):
     return lens
 
 
-def _pack(docs, row_len, device):
+def _pack(docs, row_len, device, max_rows=None):
     """First-fit-decreasing packing of documents into rows of ``row_len`` tokens, position ids restarting
     per document (transformers derives the document mask from them), labels -100 at document starts;
     a row's free tail is one filler document with labels -100. Rows of ``row_len`` rather than one row
-    of everything: SDPA with a document mask computes every (row_len x row_len) block, masked or not."""
+    of everything: SDPA with a document mask computes every (row_len x row_len) block, masked or not.
+    ``max_rows``: at most that many rows, the documents that do not fit left out. Returns the batch and
+    the lengths of the documents in it."""
     import torch
     rows = []  # lists of documents
     for d in sorted(docs, key=len, reverse=True):
         row = next((r for r in rows if sum(len(x) for x in r) + len(d) <= row_len), None)
-        if row is None:
-            rows.append([d])
-        else:
+        if row is not None:
             row.append(d)
+        elif max_rows is None or len(rows) < max_rows:
+            rows.append([d])
     ids = torch.zeros(len(rows), row_len, dtype=torch.long, device=device)
     pos = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
@@ -242,7 +246,7 @@ def _pack(docs, row_len, device):
             pos[i, col:col + k] = torch.arange(k, device=device)
             col += k
         pos[i, col:] = torch.arange(row_len - col, device=device)  # the filler: its own document
-    return dict(input_ids=ids, position_ids=pos, labels=labels)
+    return dict(input_ids=ids, position_ids=pos, labels=labels), [len(d) for row in rows for d in row]
 
 
 def make_batches(args, vocab, n=4, device="cuda"):
@@ -257,17 +261,17 @@ def make_batches(args, vocab, n=4, device="cuda"):
     for i in range(n):
         lens = varlen_lengths(args.batch * args.seq, args.seq, seed=100 + i)
         docs = [torch.randint(0, vocab, (k,), device=device, generator=g) for k in lens]
-        sq, tot = sq + sum(k * k for k in lens), tot + sum(lens)
-        if args.data == "packed":
-            batches.append(_pack(docs, args.seq, device))
-        elif args.data == "flat":
-            batches.append(_pack(docs, sum(lens), device))
-        else:
+        if args.data == "padded":
             ids = torch.zeros(len(lens), max(lens), dtype=torch.long, device=device)
             mask = torch.zeros_like(ids)
             for r, d in enumerate(docs):
                 ids[r, :len(d)], mask[r, :len(d)] = d, 1
             batches.append(dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)))
+        else:
+            row_len = sum(lens) if args.data == "flat" else args.seq
+            batch, lens = _pack(docs, row_len, device, max_rows=args.batch if args.data == "packed-rows" else None)
+            batches.append(batch)
+        sq, tot = sq + sum(k * k for k in lens), tot + sum(lens)
     return batches, tot // n, sq / tot
 
 
@@ -750,7 +754,7 @@ def main():
     ap.add_argument("--cprofile", default=None, help="write cProfile stats of the timed steps here")
     ap.add_argument("--ce-rows", type=int, default=0,
                     help="ours/base: rows per fused-CE chunk instead of the kernel's rule (an experiment)")
-    ap.add_argument("--data", choices=["fixed", "packed", "flat", "padded"], default="fixed")
+    ap.add_argument("--data", choices=["fixed", "packed", "packed-rows", "flat", "padded"], default="fixed")
     ap.add_argument("--extra-copies", type=int, default=0,
                     help="an experiment: this many copies of an MLP-activation-sized tensor after each decoder "
                          "layer's forward (add_extra_copies)")
