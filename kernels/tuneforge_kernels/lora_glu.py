@@ -13,13 +13,7 @@ reads those tensors anyway computes the terms as a small ``tl.dot`` per tile:
 
 ``lora_glu_forward`` returns ``h``; ``lora_glu_backward_inplace`` overwrites ``DH, Yg, Yu`` with
 ``h, dg, du``. ``g`` and ``u`` are never stored with their terms: backward recomputes them from the same
-inputs.
-
-The rank-r products the MLP needs over those tensors come out of the same tiles: ``h A_d^T`` (forward, the
-down projection's term) and ``[s_g dg B_g | s_u du B_u]`` (backward, the adapters' gradients and the input
-gradient's terms). Each program stores its column tile's (rows x r) share in float32 and the shares are
-summed after the launch (56 x 8192 x r floats at 8B): three reads of a (tokens x intermediate) tensor
-less per layer, 705 MB at 8B with 8192 tokens. Each term is optional (``None``: that projection has no adapter). Everything is computed in
+inputs. Each term is optional (``None``: that projection has no adapter). Everything is computed in
 float32 and rounded once per output. Ranks up to ``MAX_RANK`` (padded to 64 on the tensor cores, the
 largest a GPU test ran: rank 33); the MLP adds larger ranks' terms with the addmm_ passes instead.
 """
@@ -68,27 +62,6 @@ if triton is not None:
         return acc + s * tl.dot(xa, bt)
 
     @triton.jit
-    def _partial_product(PART, y, M, ld_m, rank, s, col0, width, rows, cols, n_rows, n_cols, M_IS_RT: tl.constexpr,
-                         RP: tl.constexpr, PREC: tl.constexpr):
-        # s * y[rows, cols] @ M^T[cols, :rank] (M (rank, cols) if M_IS_RT, else (cols, rank)) into
-        # PART[column tile, rows, col0:col0 + rank], PART (column tiles, n_rows, width) float32: the caller
-        # sums over the column tiles
-        r = tl.arange(0, RP)
-        if M_IS_RT:
-            m = tl.load(M + r[None, :].to(tl.int64) * ld_m + cols[:, None],
-                        mask=(r[None, :] < rank) & (cols[:, None] < n_cols), other=0.0)
-        else:
-            m = tl.load(M + cols[:, None].to(tl.int64) * ld_m + r[None, :],
-                        mask=(r[None, :] < rank) & (cols[:, None] < n_cols), other=0.0)
-        if PREC == "ieee":
-            part = tl.dot(y.to(tl.float32), m.to(tl.float32), input_precision="ieee")
-        else:
-            part = tl.dot(y, m)
-        base = PART + tl.program_id(1).to(tl.int64) * n_rows * width + col0
-        tl.store(base + rows[:, None].to(tl.int64) * width + r[None, :], s * part,
-                 mask=(rows[:, None] < n_rows) & (r[None, :] < rank))
-
-    @triton.jit
     def _act_and_grad(g, ACT: tl.constexpr):
         if ACT == 0:
             sig = tl.sigmoid(g)
@@ -111,10 +84,9 @@ if triton is not None:
 
     @triton.jit
     def _lora_glu_fwd_kernel(YG, YU, H, ld_y, ld_h, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g,
-                             rank_u, sg, su, AH, ld_ah, rank_h, PART, n_rows, n_cols, ACT: tl.constexpr,
-                             HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_H: tl.constexpr, RG: tl.constexpr,
-                             RU: tl.constexpr, RH: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
-                             BN: tl.constexpr):
+                             rank_u, sg, su, n_rows, n_cols, ACT: tl.constexpr, HAS_G: tl.constexpr,
+                             HAS_U: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr, PREC: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
@@ -122,18 +94,15 @@ if triton is not None:
         g, u = _gate_up(YG, YU, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
                         rows, cols, n_rows, n_cols, offs, mask, HAS_G, HAS_U, RG, RU, PREC)
         act, _ = _act_and_grad(g, ACT)
-        h = (act * u).to(H.dtype.element_ty)
-        tl.store(H + rows[:, None].to(tl.int64) * ld_h + cols[None, :], h, mask=mask)
-        if HAS_H:  # this column tile's share of h A_h^T, from h as stored (A_h is (rank, cols))
-            _partial_product(PART, h, AH, ld_ah, rank_h, 1.0, 0, rank_h, rows, cols, n_rows, n_cols, True,
-                             RH, PREC)
+        tl.store(H + rows[:, None].to(tl.int64) * ld_h + cols[None, :], (act * u).to(H.dtype.element_ty),
+                 mask=mask)
 
     @triton.jit
     def _lora_glu_bwd_kernel(DH, YG, YU, ld_y, ld_h, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g,
-                             rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd, PART, n_rows, n_cols,
+                             rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd, n_rows, n_cols,
                              ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
-                             DB: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr,
-                             PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                             RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, PREC: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
@@ -147,17 +116,8 @@ if triton is not None:
         act, dact = _act_and_grad(g, ACT)
         # every element is read above before any is written: the outputs reuse the input buffers
         tl.store(DH + offs_h, (act * u).to(DH.dtype.element_ty), mask=mask)
-        du = (dh * act).to(YU.dtype.element_ty)
-        dg = (dh * u * dact).to(YG.dtype.element_ty)
-        tl.store(YU + offs, du, mask=mask)
-        tl.store(YG + offs, dg, mask=mask)
-        if DB:  # this column tile's share of [s_g dg B_g | s_u du B_u], from dg and du as stored
-            if HAS_G:
-                _partial_product(PART, dg, BG, ld_bg, rank_g, sg, 0, rank_g + rank_u, rows, cols, n_rows,
-                                 n_cols, False, RG, PREC)
-            if HAS_U:
-                _partial_product(PART, du, BU, ld_bu, rank_u, su, rank_g, rank_g + rank_u, rows, cols, n_rows,
-                                 n_cols, False, RU, PREC)
+        tl.store(YU + offs, (dh * act).to(YU.dtype.element_ty), mask=mask)
+        tl.store(YG + offs, (dh * u * dact).to(YG.dtype.element_ty), mask=mask)
 
 
 def _rank_pad(rank: int) -> int:
@@ -197,56 +157,37 @@ def _grid(n_rows, n_cols, tile):
     return (triton.cdiv(n_rows, tile[0]), triton.cdiv(n_cols, tile[1]))
 
 
-def _partials(n_rows, n_cols, width, like):
-    # the kernels' per-column-tile products (a few MB: 56 x 8192 x 32 float32 at 8B) and their sum
-    return torch.empty(triton.cdiv(n_cols, TILE[1]), n_rows, width, device=like.device, dtype=torch.float32)
-
-
-def lora_glu_forward(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0, *, out=None,
-                     a_h=None):
+def lora_glu_forward(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0, *, out=None):
     """``act(Yg + s_g xa_g B_g^T) * (Yu + s_u xa_u B_u^T)``, a new contiguous (N, I) tensor or written into
     ``out`` (N, I), rows of any stride; ``yg``/``yu`` (N, I) base outputs with the same strides (the column
     halves of one gate+up product are fine), ``xa_*`` (N, r), ``b_*`` (I, r); a term is left out where its
-    ``xa`` is None. ``a_h`` (r, I), the down projection's A: returns ``(h, h A_h^T)`` instead, the (N, r)
-    product summed from the tiles as they are stored (no second pass over h), in h's dtype."""
+    ``xa`` is None."""
     _check(yg, yu, *(() if out is None else (out,)))
     h = torch.empty_like(yg, memory_format=torch.contiguous_format) if out is None else out
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
-    if a_h is not None:
-        assert a_h.shape[1] == yg.shape[1] and a_h.stride(1) == 1 and a_h.dtype == h.dtype, (
-            a_h.shape, a_h.stride(), a_h.dtype, h.dtype)
-        part = _partials(yg.shape[0], yg.shape[1], a_h.shape[0], yg)
     bm, bn, warps = TILE
     launcher(_lora_glu_fwd_kernel, yg)[_grid(*yg.shape, TILE)](
         yg, yu, h, yg.stride(0), h.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
-        yg if a_h is None else a_h, 0 if a_h is None else a_h.stride(0), 0 if a_h is None else a_h.shape[0],
-        yg if a_h is None else part, yg.shape[0], yg.shape[1], ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u,
-        HAS_H=a_h is not None, RG=pg, RU=pu, RH=16 if a_h is None else _rank_pad(a_h.shape[0]),
-        PREC=_prec(yg), BM=bm, BN=bn, num_warps=warps)
-    return h if a_h is None else (h, part.sum(0).to(h.dtype))
+        yg.shape[0], yg.shape[1], ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, RG=pg, RU=pu, PREC=_prec(yg),
+        BM=bm, BN=bn, num_warps=warps)
+    return h
 
 
 def lora_glu_backward_inplace(dh, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None,
-                              s_u=1.0, dy_b=None, a_d=None, s_d=1.0, *, d_b: bool = False):
+                              s_u=1.0, dy_b=None, a_d=None, s_d=1.0) -> None:
     """Backward of ``lora_glu_forward`` with ``dh = DH + s_d dy_b A_d`` (``dy_b`` (N, r_d), ``a_d``
-    (r_d, I)): afterwards ``dh`` holds ``h``, ``yg`` holds ``dg`` and ``yu`` holds ``du``. ``d_b``: also
-    return ``[s_g dg B_g | s_u du B_u]`` (N, r_g + r_u; the terms present), which the adapters' gradients
-    and the input gradient's terms read, summed from the tiles as they are stored (no second pass over dg
-    and du), in dg's dtype; None where neither term is given."""
+    (r_d, I)): afterwards ``dh`` holds ``h``, ``yg`` holds ``dg`` and ``yu`` holds ``du``."""
     _check(yg, yu, dh)
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
     xd, ad, ld_xd, ld_ad, rd, sd, has_d, pd = _term(dy_b, a_d, s_d, yg)
-    d_b = d_b and (has_g or has_u)
-    part = _partials(yg.shape[0], yg.shape[1], rg + ru, yg) if d_b else yg
     bm, bn, warps = TILE
     launcher(_lora_glu_bwd_kernel, yg)[_grid(*yg.shape, TILE)](
         dh, yg, yu, yg.stride(0), dh.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
-        xd, ld_xd, ad, ld_ad, rd, sd, part, yg.shape[0], yg.shape[1],
-        ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, DB=d_b, RG=pg, RU=pu, RD=pd, PREC=_prec(yg),
+        xd, ld_xd, ad, ld_ad, rd, sd, yg.shape[0], yg.shape[1],
+        ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, RG=pg, RU=pu, RD=pd, PREC=_prec(yg),
         BM=bm, BN=bn, num_warps=warps)
-    return part.sum(0).to(yg.dtype) if d_b else None
 
 
 def lora_glu_reference(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0):

@@ -64,10 +64,9 @@ def _dense(w, dtype: torch.dtype) -> torch.Tensor:
     return w.dequantize().to(dtype)
 
 
-def _act_forward(g, u, act, terms, a_d=None):
-    # h = act(g) * u, the gate's and up's rank-r terms (``terms``: lora_glu's keywords) added in the kernel;
-    # with ``a_d``, (h, h A_d^T) from the same kernel
-    return lora_glu.lora_glu_forward(g, u, act, **terms, a_h=a_d)
+def _act_forward(g, u, act, terms):
+    # h = act(g) * u, the gate's and up's rank-r terms (``terms``: lora_glu's keywords) added in the kernel
+    return lora_glu.lora_glu_forward(g, u, act, **terms)
 
 
 def _compute_dtype(x):
@@ -144,14 +143,12 @@ def _scaled_mm(a, b, s: float) -> torch.Tensor:
     return torch.addmm(a.new_empty(()), a, b, beta=0.0, alpha=s)
 
 
-def _project(x, w, a, b, s, c=None, xa=None):
+def _project(x, w, a, b, s, c=None):
     # x: (N, in) -> (N, out) (+ c, added by the GEMM), plus the (N, r) product x A^T when there is an adapter
-    # (``xa``: already computed)
     y = x @ w.t() if c is None else torch.addmm(c, x, w.t())
     if a is None:
         return y, None
-    if xa is None:
-        xa = x @ a.t()
+    xa = x @ a.t()
     y.addmm_(xa, b.t(), alpha=s)
     return y, xa
 
@@ -248,9 +245,7 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
     if ad is not None and not fused:
         dh.addmm_(dy_b, ad, alpha=sd)
     down = {"dy_b": dy_b, "a_d": ad, "s_d": sd} if fused else {}
-    # fused: the kernel also sums [s_g dg B_g | s_u du B_u] from its tiles (d_b below)
-    d_b = lora_glu.lora_glu_backward_inplace(dh, g, u, act, **_glu_terms(fused, xa_g, xa_u, lora, scales),
-                                             **down, d_b=fused)
+    lora_glu.lora_glu_backward_inplace(dh, g, u, act, **_glu_terms(fused, xa_g, xa_u, lora, scales), **down)
     h, dg, du = dh, g, u
     grads = [None] * 6
     if ad is not None:
@@ -275,8 +270,7 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
     if adapted:
         # s (d B) for both adapters side by side: their dA in one GEMM (x read once) and their dx terms
         # in one pass over dx
-        if d_b is None:
-            d_b = torch.cat([_scaled_mm(d, b, s) for _, d, _, b, _, s in adapted], dim=1)  # (N, r_g + r_u)
+        d_b = torch.cat([_scaled_mm(d, b, s) for _, d, _, b, _, s in adapted], dim=1)  # (N, r_g + r_u)
         col = 0
         d_a = d_b.t() @ x2                                                      # (r_g + r_u, H)
         for i, _, a, _, _, _ in adapted:
@@ -305,15 +299,10 @@ class _LoraMLPFunction(torch.autograd.Function):
             y = x2.new_empty(x2.shape[0], _out_features(wd))                    # (N, H)
         else:
             g, u, xa_g, xa_u = _gate_up(x2, (wg, wu), dtype, cast[:4], (sg, su), fused)
-            # h A_d^T (N, r) is kept: backward's dB_d reads it (a pass over h less for r columns); fused: the
-            # activation kernel sums it from its tiles of h (no pass over h for it)
-            terms = _glu_terms(fused, xa_g, xa_u, cast, (sg, su))
-            if fused and ad_ is not None:
-                h, xa_d = _act_forward(g, u, act, terms, ad_)                   # (N, I), (N, r)
-            else:
-                h, xa_d = _act_forward(g, u, act, terms), None
+            h = _act_forward(g, u, act, _glu_terms(fused, xa_g, xa_u, cast, (sg, su)))  # (N, I)
+            # h A_d^T (N, r) is kept: backward's dB_d reads it (a pass over h less for r columns)
             c = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
-            y, xa_d = _project(h, _dense(wd, dtype), ad_, bd_, sd, c, xa_d)    # (N, H)
+            y, xa_d = _project(h, _dense(wd, dtype), ad_, bd_, sd, c)          # (N, H)
         ctx.save_for_backward(g, u, xa_g, xa_u, xa_d, ag_, bg_, au_, bu_, ad_, bd_, *_x_for_saving(ctx, x, x2))
         ctx.weights = (wg, wu, wd)
         ctx.scales = (sg, su, sd)
