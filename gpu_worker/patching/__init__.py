@@ -50,6 +50,7 @@ class PatchReport:
     memory_mode: str = "off"
     reason: str | None = None  # why the stock path is used, when it is
     counts: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what of the patched model still runs a stock path while training, and why
 
     @property
     def uses_kernels(self) -> bool:
@@ -104,8 +105,10 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     # speed mode only, and not in a DeepSpeed run: it broadcasts every parameter at start, and NCCL takes only
     # contiguous tensors
     hidden = getattr(config, "hidden_size", None)
-    pad = memory_mode == "off" and not distributed and hidden is not None and hidden <= PAD_MAX_HIDDEN
-    pad_qkv = memory_mode == "off" and not distributed and hidden is not None and hidden <= PAD_QKV_MAX_HIDDEN
+    # live adapter dropout: the projections train on PEFT's forward, which the padded layouts would not serve
+    dropout = _live_adapter_dropout(base)
+    speed = memory_mode == "off" and not distributed and not dropout and hidden is not None
+    pad, pad_qkv = speed and hidden <= PAD_MAX_HIDDEN, speed and hidden <= PAD_QKV_MAX_HIDDEN
     for layer in base.model.layers:
         # the MLP's and Q/K/V's adapters carried by their GEMMs (before joining gate/up and q/k/v)
         if pad:
@@ -134,8 +137,13 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     apply_memory_mode(model, memory_mode)
     if cuda_graphs is None:
         cuda_graphs = getattr(config, "hidden_size", GRAPH_MAX_HIDDEN + 1) <= GRAPH_MAX_HIDDEN
+    notes = ()
+    if dropout:
+        notes = (f"adapter dropout {', '.join(f'{p:g}' for p in dropout)}: the LoRA projections and MLPs run "
+                 f"PEFT's stock forward while training, without the fused kernels or CUDA graphs (they compute "
+                 f"dropout 0); adapter dropout 0 trains on the fused path",)
     # not in a DeepSpeed run: its gradient hooks and collectives run on their own streams
-    if cuda_graphs and memory_mode == "off" and not distributed:
+    if cuda_graphs and memory_mode == "off" and not distributed and not dropout:
         from gpu_worker.patching.graphs import attach
 
         counts["cuda_graph_layers"] = len(attach(list(base.model.layers)).layers)
@@ -143,7 +151,20 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     # counts only: layouts and fusions of the kernels the patched names already list
     extras = ("joined_weights", "padded_mlp", "padded_qkv", "residual_rms_norm", "cuda_graph_layers")
     return PatchReport(architecture=arch, patched=tuple(k for k, v in counts.items() if v and k not in extras),
-                       memory_mode=memory_mode, counts=counts)
+                       memory_mode=memory_mode, counts=counts, notes=notes)
+
+
+def _live_adapter_dropout(base: nn.Module) -> list[float]:
+    """The dropout rates above 0 of the active adapters: the fused paths leave those projections to PEFT's
+    stock forward in training (gpu_worker/patching/lora.py, ``lora_weights``: the kernels compute dropout
+    0), and random ops keep the layers off CUDA graphs."""
+    rates = set()
+    for module in base.modules():
+        dropouts, active = getattr(module, "lora_dropout", None), getattr(module, "active_adapters", ())
+        if isinstance(dropouts, nn.ModuleDict):
+            rates.update(d.p for name, d in dropouts.items()
+                         if name in active and isinstance(d, nn.Dropout) and d.p > 0)
+    return sorted(rates)
 
 
 def _join_layer(layer: nn.Module) -> int:

@@ -270,7 +270,8 @@ def apply_memory_mode_and_kernels(model, runtime: Runtime) -> list[tuple[str, st
     patched = ", ".join(getattr(report, "patched", ()) or ()) or "all supported ops"
     graphs = (getattr(report, "counts", None) or {}).get("cuda_graph_layers")
     graphs = f"; the {graphs} decoder layers replay as CUDA graphs on a GPU once the batch shape repeats" if graphs else ""
-    return [(f"Training kernels applied: {patched} (memory mode {runtime.memory_mode.value}){graphs}", "info")]
+    lines = [(f"Training kernels applied: {patched} (memory mode {runtime.memory_mode.value}){graphs}", "info")]
+    return lines + [(f"Training kernels: {note}", "warn") for note in getattr(report, "notes", ())]
 
 
 def cuda_graph_summary(model) -> str | None:

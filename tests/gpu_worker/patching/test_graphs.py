@@ -281,9 +281,13 @@ def test_live_dropout_is_found_in_a_peft_layer():
 def test_layers_with_live_dropout_train_eagerly():
     # a capture of PEFT's dropout was invalidated and left the CUDA generator refusing eager dropout
     # (session 13): such layers are never captured
+    from gpu_worker.patching.graphs import attach
+
     model = build_lora_model(tiny_config(hidden_size=128, intermediate_size=256, num_hidden_layers=3), "cuda",
                              lora_dropout=0.1)
-    assert patch_model(model, cuda_graphs=True).counts["cuda_graph_layers"] == 3
+    report = patch_model(model, cuda_graphs=True)
+    assert "cuda_graph_layers" not in report.counts and report.notes  # the patcher does not attach them
+    attach(list(model.get_base_model().model.layers))  # and the graphs' own check stops them (attention dropout)
     losses, _ = _train(model, [_batch(seed=1)] * 4)  # one shape: without dropout the second step captures
     assert all(torch.isfinite(torch.tensor(losses)))
     status = _graphs(model).status

@@ -148,6 +148,39 @@ def test_disabled_kernels_change_nothing():
     assert "forward" not in vars(model.get_base_model().model.norm)
 
 
+def test_live_adapter_dropout_trains_as_peft_does_and_says_so():
+    """Adapter dropout > 0: the projections run PEFT's own forward in training (the fused kernels compute
+    dropout 0), so with one seed the patched model draws the same masks as the stock one and gives its loss
+    and gradients; nothing is padded or graphed for them, and the job's events say why. In eval mode the
+    dropout is off and the fused path serves."""
+    from gpu_worker.contract import Runtime
+    from gpu_worker.recipes.model_setup import apply_memory_mode_and_kernels
+
+    config = tiny_config(hidden_size=64)
+    ref, ours = build_lora_model(config, lora_dropout=0.25), build_lora_model(config, lora_dropout=0.25)
+    report = patch_model(ours, cuda_graphs=True)
+    assert report.notes and "adapter dropout 0.25" in report.notes[0]
+    assert report.counts["padded_mlp"] == report.counts["padded_qkv"] == 0
+    assert "cuda_graph_layers" not in report.counts
+    x, labels = _batch("cpu")
+    torch.manual_seed(7)
+    l_ref = _step(ref, x, labels, "cpu")
+    torch.manual_seed(7)
+    l_ours = _step(ours, x, labels, "cpu")
+    torch.manual_seed(8)
+    assert abs(_step(build_lora_model(config, lora_dropout=0.25), x, labels, "cpu").item() - l_ref.item()) > 1e-4
+    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < _tol("cpu")
+    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
+    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < _tol("cpu")
+    ours.eval()
+    layer = ours.get_base_model().model.layers[0]
+    assert lora_weights(layer.mlp.down_proj) is not None  # no live dropout in eval: the fused path
+    lines = apply_memory_mode_and_kernels(build_lora_model(config, lora_dropout=0.1), Runtime())
+    assert [level for _, level in lines] == ["info", "warn"] and "adapter dropout 0.1" in lines[1][0]
+    assert "CUDA graphs" not in lines[0][0]
+    assert len(apply_memory_mode_and_kernels(build_lora_model(config), Runtime())) == 1
+
+
 def test_disable_adapter_is_respected_after_patching():
     # PEFT's disable_adapter() must switch the LoRA term off in the fused MLP too
     ref = build_lora_model(tiny_config("llama"))
