@@ -8,7 +8,9 @@ run on a side stream so that they overlap the layers' compute: in forward, layer
 host while layer i computes; in backward, the backward of layer i starts the copy of layer i-1's input
 back to the device, which then overlaps layer i's recompute and backward. At most two layer inputs are
 on the device at a time (the one in use and the prefetched one). During the recompute ``recomputing()``
-is true: the patched MLP then skips its down projection, whose output nothing reads (decoder.py).
+is true: the patched MLP then skips its down projection, whose output nothing reads (decoder.py). As in
+torch's checkpointing, the recompute starts from the random state its forward started from, so dropout
+draws the same masks, and it leaves the training's random stream where it was.
 
 The forward of a layer may also ``stash()`` tensors it computed (decoder.py: the q/k/v and O projections'
 outputs, 160 MB per layer at 8B): they travel to the host and back with the layer input, and the recompute
@@ -233,6 +235,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.run, ctx.rest = run, rest
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type),
                         torch.get_autocast_dtype(hidden.device.type))
+        # the random state the layer starts from: the recompute draws the same dropout masks (as
+        # torch.utils.checkpoint's preserve_rng_state)
+        ctx.rng = (torch.get_rng_state(),
+                   torch.cuda.get_rng_state(hidden.device) if hidden.device.type == "cuda" else None)
         ctx.copy = state.new_copy(hidden)
         input_bytes = ctx.copy.host_bytes()
         outer, _forward.copy = getattr(_forward, "copy", None), ctx.copy
@@ -250,9 +256,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         enabled, dtype = ctx.autocast
         _recompute.depth = getattr(_recompute, "depth", 0) + 1
         outer, _recompute.copy = getattr(_recompute, "copy", None), ctx.copy
-        try:
-            with torch.enable_grad(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
-                out = ctx.run(hidden, *ctx.rest)
+        cpu_rng, device_rng = ctx.rng
+        try:  # fork_rng: the recompute's draws leave the training's random stream where it was
+            with torch.random.fork_rng(devices=[hidden.device] if device_rng is not None else []):
+                torch.set_rng_state(cpu_rng)
+                if device_rng is not None:
+                    torch.cuda.set_rng_state(device_rng, hidden.device)
+                with torch.enable_grad(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
+                    out = ctx.run(hidden, *ctx.rest)
         finally:
             _recompute.depth -= 1
             _recompute.copy = outer
@@ -262,7 +273,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         del out  # its values are never read: free the (tokens x hidden) tensor before the layer's backward
         torch.autograd.backward(edge, grad_out)
         n_rest = len(ctx.rest)
-        ctx.copy = ctx.run = ctx.rest = None
+        ctx.copy = ctx.run = ctx.rest = ctx.rng = None
         return (None, None, hidden.grad) + (None,) * n_rest
 
 

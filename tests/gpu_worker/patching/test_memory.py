@@ -52,6 +52,28 @@ def test_offload_equals_checkpointing(device, impl):
     assert worst < (1e-6 if device == "cpu" else 1e-5), worst
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+@pytest.mark.parametrize("mode", ["checkpointing", "offload"])
+def test_the_recompute_draws_the_forwards_dropout_masks(device, mode):
+    """Adapter dropout (PEFT's forward, see test_patch_llama): a recomputing memory mode must draw the masks
+    its forward drew, as torch's checkpointing does, so its gradients are those of the loss it computed;
+    the same loss and gradients as keeping every activation under one seed, and the random stream left
+    where that run leaves it."""
+    results = []
+    for m in ("off", mode):
+        model = build_lora_model(tiny_config(num_hidden_layers=3), device, lora_dropout=0.3)
+        patch_model(model, memory_mode=m)
+        torch.manual_seed(11)
+        x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(4)).to(device)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        results.append((loss.item(), lora_grads(model), torch.rand(3).tolist()))
+    (loss_off, g_off, after_off), (loss_mode, g_mode, after_mode) = results
+    assert loss_mode == pytest.approx(loss_off, rel=1e-5)
+    assert max(rel(g_mode[n], g_off[n]) for n in g_off) < 1e-4
+    assert after_mode == after_off
+
+
 @pytest.mark.parametrize("model_type,skips", [("llama", True), ("qwen3", True), ("gemma2", False),
                                               ("phi3", False)])
 def test_recompute_skips_the_down_projection_where_the_output_is_discarded(monkeypatch, model_type, skips):
