@@ -292,8 +292,8 @@ def setup_hf(args):
     if args.ckpt == "on" and args.method not in ("ours", "base"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lcfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none",
-                      target_modules=TARGETS, task_type="CAUSAL_LM")
+    lcfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=getattr(args, "lora_dropout", 0.0),
+                      bias="none", target_modules=TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
     if args.method in ("ours", "base"):
         if args.method == "base":  # the older copy must win over the repo root on sys.path
@@ -354,7 +354,7 @@ def setup_unsloth(args):
         load_in_4bit=(args.quant == "nf4"))
     gc = {"on": True, "off": False, "unsloth": "unsloth"}[args.ckpt]
     model = FastLanguageModel.get_peft_model(
-        model, r=args.rank, lora_alpha=args.alpha, lora_dropout=0, bias="none",
+        model, r=args.rank, lora_alpha=args.alpha, lora_dropout=getattr(args, "lora_dropout", 0.0), bias="none",
         target_modules=TARGETS, use_gradient_checkpointing=gc, random_state=3407,
         max_seq_length=args.seq)
     if hasattr(FastLanguageModel, "for_training"):
@@ -398,6 +398,7 @@ def add_extra_copies(model, copies: int, tokens: int) -> dict:
 def run_one(args):
     rec = {"kind": "train", "shape": args.shape, "method": args.method, "ckpt": args.ckpt,
            "quant": args.quant, "batch": args.batch, "seq": args.seq, "rank": args.rank,
+           "lora_dropout": getattr(args, "lora_dropout", 0.0),
            "alpha": args.alpha, "autocast": args.autocast, "model_dtype": args.model_dtype,
            "warmup": args.warmup, "steps": args.steps, "data": args.data}
     if args.method == "base":
@@ -727,6 +728,9 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=16)
+    ap.add_argument("--lora-dropout", type=float, default=0.0,
+                    help="the adapters' dropout (the issue's table: 0); above 0 our projections train on PEFT's "
+                         "forward")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--autocast", choices=["bf16", "none"], default="bf16")
