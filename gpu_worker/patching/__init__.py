@@ -155,16 +155,16 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
 
 
 def _live_adapter_dropout(base: nn.Module) -> list[float]:
-    """The dropout rates above 0 of the active adapters: the fused paths leave those projections to PEFT's
-    stock forward in training (gpu_worker/patching/lora.py, ``lora_weights``: the kernels compute dropout
-    0), and random ops keep the layers off CUDA graphs."""
+    """The dropout rates above 0 of the active adapters (lora.dropout_rate): the fused paths leave those
+    projections to PEFT's forward in training, and random ops keep the layers off CUDA graphs."""
+    from gpu_worker.patching.lora import dropout_rate
+
     rates = set()
     for module in base.modules():
-        dropouts, active = getattr(module, "lora_dropout", None), getattr(module, "active_adapters", ())
-        if isinstance(dropouts, nn.ModuleDict):
-            rates.update(d.p for name, d in dropouts.items()
-                         if name in active and isinstance(d, nn.Dropout) and d.p > 0)
-    return sorted(rates)
+        if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
+            rates.update(dropout_rate(module, name) for name in getattr(module, "active_adapters", ())
+                         if name in module.lora_dropout)
+    return sorted(rates - {0.0})
 
 
 def _join_layer(layer: nn.Module) -> int:

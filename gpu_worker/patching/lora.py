@@ -232,6 +232,13 @@ def _base_weight(layer: nn.Module):
     return None
 
 
+def dropout_rate(module: nn.Module, name: str) -> float:
+    """The training dropout of PEFT LoRA ``module``'s adapter ``name`` (0 for PEFT's ``nn.Identity``): the
+    fused kernels compute dropout 0, so an adapter above it keeps PEFT's forward in training."""
+    dropout = module.lora_dropout[name]
+    return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+
+
 def lora_weights(module: nn.Module) -> LoraWeights | None:
     base_layer = getattr(module, "base_layer", None)
     if base_layer is None:  # not PEFT-wrapped
@@ -250,8 +257,7 @@ def lora_weights(module: nn.Module) -> LoraWeights | None:
     name = active[0]
     if getattr(module, "use_dora", {}).get(name, False):
         return None
-    dropout = module.lora_dropout[name]
-    if isinstance(dropout, nn.Dropout) and dropout.p > 0 and module.training:
+    if module.training and dropout_rate(module, name) > 0:
         return None
     a, b = module.lora_A[name], module.lora_B[name]
     if type(a) is not nn.Linear or type(b) is not nn.Linear or b.bias is not None:
