@@ -41,10 +41,10 @@ def collate(examples: list[Example], pad_token_id: int, device=None, *, packing:
             width: int | None = None) -> dict[str, Any]:
     """Right-pad a batch to its longest row, or to ``width`` if that is longer (the SFT recipe pads packed
     rows to the packing width: every step the same shape, which the patched model's CUDA graphs replay).
-    Plain rows: ``input_ids``, ``attention_mask``, ``labels``. Packed rows (``packing``; default: whether any row is packed): ``input_ids``,
-    ``labels``, ``position_ids`` restarting at 0 per example, ``use_cache`` (False) and no
-    ``attention_mask``, which is how transformers is told to keep attention inside each example. Padding never carries a label,
-    whatever its id (it may equal EOS)."""
+    Plain rows: ``input_ids``, ``attention_mask``, ``labels``. Packed rows (``packing``; default: whether
+    any row is packed): ``input_ids``, ``labels``, ``position_ids`` restarting at 0 per example,
+    ``use_cache`` (False) and no ``attention_mask``, which is how transformers is told to keep attention
+    inside each example. Padding never carries a label, whatever its id (it may equal EOS)."""
     import torch
 
     packed = any(e.seq_lens for e in examples) if packing is None else packing
