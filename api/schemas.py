@@ -142,6 +142,7 @@ class RuntimeIn(_Request):
     use_kernels: bool | None = None
     memory_mode: MemoryMode | None = None
     cuda_graphs: bool | None = None
+    fp8: bool | None = None
     checkpoint_every_steps: Annotated[int, _at_least(1)] | None = None
 
 

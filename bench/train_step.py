@@ -310,6 +310,8 @@ def setup_hf(args):
         args.patch_module = sys.modules["gpu_worker.patching"].__file__
         # an A/B: the decoder layers' CUDA graphs always / never instead of the patcher's rule
         graphs = {"auto": {}, "on": {"cuda_graphs": True}, "off": {"cuda_graphs": False}}[getattr(args, "graphs", "auto")]
+        if getattr(args, "fp8", False):  # the opt-in FP8 GEMMs for the frozen projections (not exact bf16)
+            graphs["fp8"] = True
         report = patch_model(model, memory_mode={"off": "off", "on": "checkpointing",
                                                  "offload": "offload"}[args.ckpt], **graphs)
         args.patch_report = {"patched": list(report.patched), "reason": report.reason,
@@ -322,6 +324,20 @@ def setup_hf(args):
             args.patch_report["ce_rows"] = args.ce_rows
     model.train()
     return model, quant_note
+
+
+def fp8_loss_vs_bf16(model, ac, batch):
+    """The first batch's loss (no gradient) with the FP8 GEMMs and in bf16 (gpu_worker.patching.fp8_disabled),
+    and how many projections took FP8: what the worker reports for a job in FP8."""
+    import torch
+    from gpu_worker.patching import fp8_disabled
+
+    with torch.no_grad(), ac:
+        fp8 = float(model(**batch).loss)
+        with fp8_disabled():
+            bf16 = float(model(**batch).loss)
+    return {"fp8": fp8, "bf16": bf16, "relative": (fp8 - bf16) / abs(bf16),
+            "fp8_weights": sum(hasattr(m, "_tf_fp8") for m in model.modules())}
 
 
 def quantize_nf4_inplace(model):
@@ -458,6 +474,9 @@ def run_one(args):
 
         if getattr(args, "extra_copies", 0):
             rec["extra_copies"] = add_extra_copies(model, args.extra_copies, batches[0]["input_ids"].numel())
+
+        if getattr(args, "fp8", False):
+            rec["fp8_loss_vs_bf16"] = fp8_loss_vs_bf16(model, ac, batches[0])
 
         def step(i):
             with ac:
@@ -728,6 +747,9 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=16)
+    ap.add_argument("--fp8", action="store_true",
+                    help="ours: the frozen projections' GEMMs in FP8 (e4m3; the opt-in mode, not exact bf16); "
+                         "records the first batch's loss in FP8 and in bf16")
     ap.add_argument("--lora-dropout", type=float, default=0.0,
                     help="the adapters' dropout (the issue's table: 0); above 0 our projections train on PEFT's "
                          "forward")

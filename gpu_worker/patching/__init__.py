@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
+from gpu_worker.patching.lora import attach_fp8, fp8_disabled
 from gpu_worker.patching.memory import MEMORY_MODES, apply_memory_mode
 
 # model_type -> the families whose module layout decoder.py's forwards reproduce exactly
@@ -62,14 +64,17 @@ def _base_causal_lm(model: nn.Module) -> nn.Module:
 
 
 def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "off",
-                impl: str | None = None, cuda_graphs: bool | None = None) -> PatchReport:
+                impl: str | None = None, cuda_graphs: bool | None = None, fp8: bool = False) -> PatchReport:
     """Route ``model``'s norms, RoPE, MLP and loss through ``kernels`` (in place) and apply the memory mode.
 
     ``impl`` is passed to every op (None: Triton on CUDA, reference elsewhere; tests force "triton" to
     run the kernels through the interpreter on CPU). ``cuda_graphs``: replay the decoder layers of
     fixed-shape training steps as CUDA graphs (graphs.py); None: for models up to ``GRAPH_MAX_HIDDEN``.
     Never with a memory mode other than ``off`` or in a multi-process (DeepSpeed) run; they replay only on
-    CUDA.
+    CUDA. ``fp8``: the decoder layers' frozen projections compute their forward and input-gradient GEMMs
+    in e4m3 (``tuneforge_kernels.fp8``; not exact bf16: ``fp8_disabled`` gives the bf16 loss to report
+    beside it); on one GPU of compute capability 8.9 or later (or CPU, emulated), else the report's notes
+    say why not.
     """
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
@@ -98,7 +103,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     from gpu_worker.patching.lora import pad_frozen_mlp, pad_frozen_qkv
 
     counts = {"rms_norm": 0, "lora_qkv_o": 0, "rope": 0, "lora_mlp": 0, "fused_linear_cross_entropy": 0,
-              "joined_weights": 0, "padded_mlp": 0, "padded_qkv": 0, "residual_rms_norm": 0}
+              "joined_weights": 0, "padded_mlp": 0, "padded_qkv": 0, "residual_rms_norm": 0, "fp8_weights": 0}
     offset = 1.0 if arch in _UNIT_OFFSET_NORMS else 0.0
     join = getattr(config, "hidden_size", JOIN_MAX_HIDDEN + 1) <= JOIN_MAX_HIDDEN
     distributed = dist.is_available() and dist.is_initialized()
@@ -107,7 +112,11 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     hidden = getattr(config, "hidden_size", None)
     # live adapter dropout: the projections train on PEFT's forward, which the padded layouts would not serve
     dropout = _live_adapter_dropout(base)
-    speed = memory_mode == "off" and not distributed and not dropout and hidden is not None
+    fp8_off = _fp8_unavailable(base, distributed) if fp8 else None
+    fp8 = fp8 and fp8_off is None
+    # the padded and joined layouts hold bf16 GEMMs of their own: not with FP8's
+    join = join and not fp8
+    speed = memory_mode == "off" and not distributed and not dropout and not fp8 and hidden is not None
     pad, pad_qkv = speed and hidden <= PAD_MAX_HIDDEN, speed and hidden <= PAD_QKV_MAX_HIDDEN
     for layer in base.model.layers:
         # the MLP's and Q/K/V's adapters carried by their GEMMs (before joining gate/up and q/k/v)
@@ -117,6 +126,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
             counts["padded_qkv"] += pad_frozen_qkv(layer.self_attn)
         if join:
             counts["joined_weights"] += _join_layer(layer)
+        if fp8:
+            counts["fp8_weights"] += sum(attach_fp8(m) for m in layer.modules())
         # every RMSNorm of the layer: input/post-attention, Gemma 2/3's pre/post-feedforward, q/k norms
         for module in layer.modules():
             if type(module).__name__.endswith("RMSNorm"):
@@ -138,8 +149,10 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     if cuda_graphs is None:
         cuda_graphs = getattr(config, "hidden_size", GRAPH_MAX_HIDDEN + 1) <= GRAPH_MAX_HIDDEN
     notes = ()
+    if fp8_off is not None:
+        notes += (f"fp8 asked for, but {fp8_off}: the projections compute in bf16",)
     if dropout:
-        notes = (f"adapter dropout {', '.join(f'{p:g}' for p in dropout)}: the LoRA projections and MLPs run "
+        notes += (f"adapter dropout {', '.join(f'{p:g}' for p in dropout)}: the LoRA projections and MLPs run "
                  f"PEFT's stock forward while training, without the fused kernels or CUDA graphs (they compute "
                  f"dropout 0); adapter dropout 0 trains on the fused path",)
     # not in a DeepSpeed run: its gradient hooks and collectives run on their own streams
@@ -149,9 +162,27 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         counts["cuda_graph_layers"] = len(attach(list(base.model.layers)).layers)
         base._tf_pad_documents = True  # packed batches in shapes the graphs can replay (decoder._packing)
     # counts only: layouts and fusions of the kernels the patched names already list
-    extras = ("joined_weights", "padded_mlp", "padded_qkv", "residual_rms_norm", "cuda_graph_layers")
+    extras = ("joined_weights", "padded_mlp", "padded_qkv", "residual_rms_norm", "cuda_graph_layers", "fp8_weights")
     return PatchReport(architecture=arch, patched=tuple(k for k, v in counts.items() if v and k not in extras),
                        memory_mode=memory_mode, counts=counts, notes=notes)
+
+
+def _fp8_unavailable(base: nn.Module, distributed: bool) -> str | None:
+    """Why the FP8 mode cannot run on ``base`` here, or None."""
+    from tuneforge_kernels.fp8 import fp8_supported
+
+    if distributed:
+        return "a multi-GPU (DeepSpeed) run shards the weights FP8 copies are taken from"
+    try:
+        device = next(base.parameters()).device
+    except StopIteration:
+        return "the model has no parameters"
+    if not fp8_supported(device):
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            return f"this GPU (compute capability {major}.{minor}) has no FP8 GEMMs (8.9 or later has)"
+        return f"device {device.type!r} has no FP8 GEMMs"
+    return None
 
 
 def _live_adapter_dropout(base: nn.Module) -> list[float]:

@@ -13,6 +13,8 @@ frozen weight and of ``lora_B``, the shared ``lora_A`` passed to each part (auto
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
 
 import torch
@@ -97,10 +99,16 @@ class _RowSlice:
 
 def split_rows(p: LoraWeights, sizes: list[int]) -> list[LoraWeights]:
     """``p`` as consecutive output-row blocks of the given sizes (y = cat(y_0, y_1, ...) along features)."""
+    from tuneforge_kernels.fp8 import Fp8Weight
+
     parts, start = [], 0
     for n in sizes:
-        w = p.weight[start:start + n] if isinstance(p.weight, torch.Tensor) else _RowSlice(p.weight, start,
-                                                                                             start + n)
+        if isinstance(p.weight, torch.Tensor):
+            w = p.weight[start:start + n]
+        elif isinstance(p.weight, Fp8Weight):
+            w = p.weight.rows(start, start + n)
+        else:
+            w = _RowSlice(p.weight, start, start + n)
         b = p.lora_b[start:start + n] if p.lora_b is not None else None
         parts.append(LoraWeights(w, p.lora_a, b, p.scale))
         start += n
@@ -219,7 +227,7 @@ def contiguous_weights(model: nn.Module) -> int:
     return moved
 
 
-def _base_weight(layer: nn.Module):
+def _base_weight(layer: nn.Module, fp8: bool = True):
     if getattr(layer, "bias", None) is not None:
         return None
     weight = getattr(layer, "weight", None)
@@ -228,8 +236,54 @@ def _base_weight(layer: nn.Module):
     if type(weight).__name__ == "Params4bit":
         return _NF4Weight(weight)
     if isinstance(layer, nn.Linear):
-        return weight
+        return _fp8_weight(layer, weight) if fp8 and _FP8_ON.get() else weight
     return None
+
+
+# FP8 mode (patch_model(fp8=True)): each frozen projection of the decoder layers holds an e4m3 copy of its
+# weight as ``_tf_fp8`` (tuneforge_kernels.fp8.Fp8Weight), which the fused kernels read instead of the
+# weight while this is True (``fp8_disabled`` turns it off: the worker's bf16 loss beside the FP8 one)
+_FP8_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("tuneforge_fp8_on", default=True)
+
+
+def attach_fp8(layer: nn.Module) -> bool:
+    """Give a frozen ``nn.Linear`` without bias its FP8 copy (``_tf_fp8``); whether it took one (weights
+    whose sides are not multiples of 16, trainable or quantised weights keep their GEMMs)."""
+    from tuneforge_kernels.fp8 import Fp8Weight, fp8_eligible
+
+    weight = getattr(layer, "weight", None)
+    if (not isinstance(layer, nn.Linear) or layer.bias is not None or type(weight) is not nn.Parameter
+            or weight.requires_grad or not fp8_eligible(weight)):
+        return False
+    layer._tf_fp8 = Fp8Weight(weight)
+    return True
+
+
+def _fp8_weight(layer: nn.Module, weight: torch.Tensor):
+    """The layer's FP8 copy, re-taken when the weight is no longer the one it was taken from (another
+    storage, or an in-place write through the parameter); the weight itself where it has none. A write
+    through ``.data`` (PEFT's unsafe merge) is not seen, which is why merged adapters read the weight."""
+    fp8 = getattr(layer, "_tf_fp8", None)
+    if fp8 is None:
+        return weight
+    if not fp8.matches(weight):
+        from tuneforge_kernels.fp8 import Fp8Weight, fp8_eligible
+
+        if not fp8_eligible(weight):
+            del layer._tf_fp8
+            return weight
+        fp8 = layer._tf_fp8 = Fp8Weight(weight)
+    return fp8
+
+
+@contextlib.contextmanager
+def fp8_disabled():
+    """Within: every FP8 projection computes with its bf16 weight (the worker measures a loss both ways)."""
+    token = _FP8_ON.set(False)
+    try:
+        yield
+    finally:
+        _FP8_ON.reset(token)
 
 
 def dropout_rate(module: nn.Module, name: str) -> float:
@@ -247,8 +301,10 @@ def lora_weights(module: nn.Module) -> LoraWeights | None:
     w = _base_weight(module.get_base_layer())
     if w is None:
         return None
-    if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
-        return LoraWeights(w)  # merged: the base already holds the delta; disabled: base only
+    if getattr(module, "merged", False):  # the base holds the delta, written where FP8 copies do not see it
+        return LoraWeights(_base_weight(module.get_base_layer(), fp8=False))
+    if getattr(module, "disable_adapters", False):
+        return LoraWeights(w)  # base only
     active = [a for a in module.active_adapters if a in module.lora_A]
     if not active:
         return LoraWeights(w)

@@ -253,25 +253,54 @@ def load_full_checkpoint(store, key: str, *, model, optimizer) -> tuple[dict, di
 # --- kernels and memory mode -------------------------------------------------------------------------
 
 
-def apply_memory_mode_and_kernels(model, runtime: Runtime) -> list[tuple[str, str]]:
-    """Patch ``model`` in place as ``runtime`` asks; returns ``(message, level)`` lines to log."""
+def apply_memory_mode_and_kernels(model, runtime: Runtime, *, fp8_reported: bool = True) -> list[tuple[str, str]]:
+    """Patch ``model`` in place as ``runtime`` asks; returns ``(message, level)`` lines to log.
+    ``fp8_reported``: the recipe reports its losses in bf16 beside FP8's (``fp8_against_bf16``); a recipe
+    that does not gets bf16 whatever ``runtime.fp8`` says."""
+    fp8 = runtime.fp8 and fp8_reported
+    fp8_lines = [("fp8 is for supervised jobs (the recipe that reports the loss in bf16 beside it); this one trains in bf16", "warn")] if runtime.fp8 and not fp8_reported else []
     try:
         from gpu_worker.patching import patch_model
     except ImportError as err:
-        return [(f"Training kernels unavailable ({err}); training on the stock PyTorch path", "warn"), *_stock_memory_mode(model, runtime.memory_mode)]
+        return [(f"Training kernels unavailable ({err}); training on the stock PyTorch path", "warn"), *fp8_lines, *_stock_memory_mode(model, runtime.memory_mode)]
     try:
         report = patch_model(model, enabled=runtime.use_kernels, memory_mode=runtime.memory_mode.value,
-                             cuda_graphs=runtime.cuda_graphs)
+                             cuda_graphs=runtime.cuda_graphs, fp8=fp8)
     except Exception as err:  # a patcher bug must not kill the job: the stock path is always correct
-        return [(f"Training kernels failed to apply ({type(err).__name__}: {err}); training on the stock PyTorch path", "warn"), *_stock_memory_mode(model, runtime.memory_mode)]
+        return [(f"Training kernels failed to apply ({type(err).__name__}: {err}); training on the stock PyTorch path", "warn"), *fp8_lines, *_stock_memory_mode(model, runtime.memory_mode)]
     reason = getattr(report, "reason", None)
     if reason:
-        return [(f"Training on the stock path: {reason} (memory mode {runtime.memory_mode.value})", "info")]
+        if fp8:
+            fp8_lines.append(("fp8 needs the training kernels; this job trains in bf16", "warn"))
+        return [(f"Training on the stock path: {reason} (memory mode {runtime.memory_mode.value})", "info"), *fp8_lines]
+    counts = getattr(report, "counts", None) or {}
     patched = ", ".join(getattr(report, "patched", ()) or ()) or "all supported ops"
-    graphs = (getattr(report, "counts", None) or {}).get("cuda_graph_layers")
+    graphs = counts.get("cuda_graph_layers")
     graphs = f"; the {graphs} decoder layers replay as CUDA graphs on a GPU once the batch shape repeats" if graphs else ""
     lines = [(f"Training kernels applied: {patched} (memory mode {runtime.memory_mode.value}){graphs}", "info")]
-    return lines + [(f"Training kernels: {note}", "warn") for note in getattr(report, "notes", ())]
+    notes = getattr(report, "notes", ())
+    if counts.get("fp8_weights"):
+        lines.append((f"FP8: {counts['fp8_weights']} frozen projections compute their forward and input-gradient GEMMs in e4m3 (not exact bf16); each loss measurement is reported in bf16 beside it", "info"))
+    elif fp8 and not notes:
+        fp8_lines.append(("fp8 asked for, but no frozen projection can take it (full fine-tuning trains them; 4-bit weights stay 4-bit); this job trains in bf16", "warn"))
+    return lines + fp8_lines + [(f"Training kernels: {note}", "warn") for note in notes]
+
+
+def fp8_active(model) -> bool:
+    """Whether some projection of ``model`` computes in FP8 (``patch_model(fp8=True)`` attached copies)."""
+    return any(hasattr(m, "_tf_fp8") for m in model.modules())
+
+
+def fp8_against_bf16(measure, what: str, fp8: float | None = None) -> str:
+    """``measure()`` (a loss, no gradient) with the FP8 GEMMs (``fp8``: already measured so) and with bf16's,
+    as one line for the job's events: what FP8 changes in the loss."""
+    from gpu_worker.patching import fp8_disabled
+
+    fp8 = measure() if fp8 is None else fp8
+    with fp8_disabled():
+        bf16 = measure()
+    change = (fp8 - bf16) / abs(bf16) * 100 if bf16 else float("nan")
+    return f"FP8 against bf16: {what} {fp8:.4f} with FP8 GEMMs, {bf16:.4f} in bf16 ({change:+.2f}%)"
 
 
 def cuda_graph_summary(model) -> str | None:

@@ -177,7 +177,7 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
         ctx.emit(event)
     train_examples, valid = data.train, data.valid
     model = ms.load_for_training(spec, data_dir=ctx.data_dir, device=ctx.device)  # NF4 base if asked
-    for message, level in ms.apply_memory_mode_and_kernels(model, spec.runtime):
+    for message, level in ms.apply_memory_mode_and_kernels(model, spec.runtime, fp8_reported=False):
         ctx.emit(LogEvent(level=level, message=message))
     engine = make_engine(model, spec, full=False, store=ctx.store, data_dir=ctx.data_dir)  # one process, or a DeepSpeed rank
     model, device = engine.model, engine.device

@@ -138,6 +138,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
     # --- train ---------------------------------------------------------------------------------------
     model.train()
     train_loss = valid_loss = None
+    fp8 = ms.fp8_active(model)  # FP8 GEMMs: every loss measurement is reported in bf16 beside it
     run_started, run_first_step = time.perf_counter(), step
     order = epoch_batches(len(train.examples), plan.batch_size, spec.seed, position.epoch)
     # packed rows, nearly full, padded to the packing width: one shape for every step (CUDA graphs)
@@ -148,6 +149,9 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
             order = epoch_batches(len(train.examples), plan.batch_size, spec.seed, position.epoch)
         rng_at_step_start = ckpt.capture_rng()
         micro = [[train.examples[i] for i in b] for b in order[position.batch_index : position.batch_index + plan.accumulation]]
+        if fp8 and valid is None and step == run_first_step:  # no validation set: FP8's loss once, on this run's first batch
+            first = lambda: ev.valid_loss(model, micro[0], batch_size=plan.batch_size, pad_id=pad_id, device=device)  # noqa: E731
+            ctx.emit(LogEvent(message=ms.fp8_against_bf16(first, f"loss of the batch before step {step + 1}")))
         started = time.perf_counter()
         result = _train_step(engine, micro, pad_id, ctx.should_stop, width)
         if result is None:  # asked to stop mid-step: the step never happened
@@ -164,7 +168,10 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
         train_loss, valid_loss, exact = step_loss, None, None
         if valid is not None and plan.is_eval_step(step):
             # Every rank evaluates (ZeRO-3 needs them all in each forward); rank 0's numbers decide.
-            valid_loss = engine.same(ev.valid_loss(model, valid.examples, batch_size=plan.batch_size, pad_id=pad_id, device=device))
+            measure = lambda: ev.valid_loss(model, valid.examples, batch_size=plan.batch_size, pad_id=pad_id, device=device)  # noqa: E731
+            valid_loss = engine.same(measure())
+            if fp8:
+                ctx.emit(LogEvent(message=ms.fp8_against_bf16(measure, f"validation loss at step {step}", fp8=valid_loss)))
             exact = engine.same(ev.exact_match(model, pairs, pad_id=pad_id, eos_id=eos_id, device=device))
             if tracker.update(step, valid_loss) and evo.keep_best:
                 save_best(ctx.store, engine, best_key, base_model=spec.base_model)

@@ -25,9 +25,10 @@ import torch
 from tuneforge_kernels.backend import use_triton
 from tuneforge_kernels.cast_blocks import cast_blocks
 from tuneforge_kernels.copy_rows import copy_rows
-from tuneforge_kernels.lora_mlp import (PADDED_ONE_GEMM_MAX_HIDDEN, LoraWeights, _cast_grads, _compute_dtype, _dense,
-                                        _joined_weights, _mm_into, _out_features, _project_reference, _restore_x,
-                                        _scaled_mm, _spans, _x_for_saving, cast_group, rows_of, wide_input)
+from tuneforge_kernels.lora_mlp import (PADDED_ONE_GEMM_MAX_HIDDEN, LoraWeights, _cast_grads, _compute_dtype,
+                                        _fp8_input, _joined_weights, _mm_into, _out_features, _project_reference,
+                                        _restore_x, _scaled_mm, _spans, _x_for_saving, cast_group, frozen_input_grad,
+                                        frozen_linear, rows_of, wide_input)
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
@@ -50,6 +51,7 @@ class _LoraLinearsFunction(torch.autograd.Function):
         w_all = _joined_weights(weights, dtype) if outputs is None else None
         y_all = x2 @ w_all.t() if w_all is not None else None                     # (N, sum out)
         outs, xas, col, col_y = [], [None] * n, 0, 0
+        xq = _fp8_input(x2, weights) if outputs is None and y_all is None else None  # once for q, k and v
         for i in range(n):
             if outputs is not None:
                 outs.append(outputs[i])
@@ -58,7 +60,7 @@ class _LoraLinearsFunction(torch.autograd.Function):
                 y = y_all[:, col_y:col_y + _out_features(weights[i])]
                 col_y += y.shape[1]
             else:
-                y = x2 @ _dense(weights[i], dtype).t()                              # (N, out_i)
+                y = frozen_linear(x2, weights[i], dtype, xq=xq)                     # (N, out_i)
             if a_s[i] is not None:
                 r = a_s[i].shape[0]
                 xas[i] = xa_all[:, col:col + r]
@@ -100,11 +102,10 @@ class _LoraLinearsFunction(torch.autograd.Function):
                 continue
             dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)                            # (N, out_i)
             if need[0] and not dx_base_done:
-                w = _dense(ctx.weights[i], dtype)
                 if dx is None:
-                    dx = dy2 @ w                                                    # (N, in)
+                    dx = frozen_input_grad(dy2, ctx.weights[i], dtype)              # (N, in)
                 else:
-                    dx.addmm_(dy2, w)
+                    frozen_input_grad(dy2, ctx.weights[i], dtype, out=dx, add=True)
             if not r:
                 continue
             s = ctx.scales[i]

@@ -38,6 +38,7 @@ from tuneforge_kernels import lora_glu
 from tuneforge_kernels.backend import use_triton
 from tuneforge_kernels.cast_blocks import cast_blocks
 from tuneforge_kernels.copy_rows import copy_rows
+from tuneforge_kernels.fp8 import Fp8Weight, fp8_input_grad, fp8_linear, fp8_linear_reference, quantize_rows
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
@@ -62,6 +63,34 @@ def _dense(w, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
         return w if w.dtype == dtype else w.to(dtype)
     return w.dequantize().to(dtype)
+
+
+def _fp8_input(x, weights):
+    """``x`` quantised once for every FP8 weight among ``weights`` that reads it (fp8.py), else None."""
+    if not any(isinstance(w, Fp8Weight) for w in weights):
+        return None
+    return quantize_rows(x, pad=True)
+
+
+def frozen_linear(x, w, dtype: torch.dtype, c=None, xq=None) -> torch.Tensor:
+    """``x W^T (+ c)`` for a frozen weight: a GEMM in ``dtype`` (``c`` read as its C), or FP8's (``Fp8Weight``;
+    ``xq``: ``x`` already quantised by ``_fp8_input``)."""
+    if isinstance(w, Fp8Weight):
+        y = fp8_linear(x, w, dtype, xq)
+        return y if c is None else y.add_(c)
+    w = _dense(w, dtype)
+    return x @ w.t() if c is None else torch.addmm(c, x, w.t())
+
+
+def frozen_input_grad(dy, w, dtype: torch.dtype, out=None, add: bool = False) -> torch.Tensor:
+    """``dy W``, the input gradient through a frozen weight; into ``out`` (``add``: added to it)."""
+    if isinstance(w, Fp8Weight):
+        d = fp8_input_grad(dy, w, dtype)
+        return d if out is None else out.add_(d) if add else out.copy_(d)
+    w = _dense(w, dtype)
+    if out is None:
+        return dy @ w
+    return out.addmm_(dy, w) if add else torch.mm(dy, w, out=out)
 
 
 def _act_forward(g, u, act, terms):
@@ -143,9 +172,9 @@ def _scaled_mm(a, b, s: float) -> torch.Tensor:
     return torch.addmm(a.new_empty(()), a, b, beta=0.0, alpha=s)
 
 
-def _project(x, w, a, b, s, c=None):
+def _project(x, w, a, b, s, dtype, c=None):
     # x: (N, in) -> (N, out) (+ c, added by the GEMM), plus the (N, r) product x A^T when there is an adapter
-    y = x @ w.t() if c is None else torch.addmm(c, x, w.t())
+    y = frozen_linear(x, w, dtype, c)
     if a is None:
         return y, None
     xa = x @ a.t()
@@ -198,8 +227,9 @@ def _gate_up(x, weights, dtype, lora, scales, fused):
         gu = x @ both.t()                                                         # (N, 2I)
         g, u = gu.split(weights[0].shape[0], dim=1)
     else:
-        g = x @ _dense(weights[0], dtype).t()                                   # (N, I)
-        u = x @ _dense(weights[1], dtype).t()                                   # (N, I)
+        xq = _fp8_input(x, weights)
+        g = frozen_linear(x, weights[0], dtype, xq=xq)                          # (N, I)
+        u = frozen_linear(x, weights[1], dtype, xq=xq)                          # (N, I)
     if ag is None or au is None:
         xa_g = x @ ag.t() if ag is not None else None
         xa_u = x @ au.t() if au is not None else None
@@ -240,7 +270,7 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
     ag, bg, au, bu, ad, bd = lora
     wg, wu, wd = weights
     sg, su, sd = scales
-    dh = dy2 @ _dense(wd, dtype)                                                # (N, I)
+    dh = frozen_input_grad(dy2, wd, dtype)                                      # (N, I)
     dy_b = dy2 @ bd if ad is not None else None                                 # (N, r)
     if ad is not None and not fused:
         dh.addmm_(dy_b, ad, alpha=sd)
@@ -260,8 +290,8 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
         if dgu is not None:  # g, u were one product
             torch.mm(dgu, both, out=dx)                                         # (N, H)
         else:
-            torch.mm(dg, _dense(wg, dtype), out=dx)                             # (N, H)
-            dx.addmm_(du, _dense(wu, dtype))
+            frozen_input_grad(dg, wg, dtype, out=dx)                            # (N, H)
+            frozen_input_grad(du, wu, dtype, out=dx, add=True)
     adapted = [(i, d, a, b, xa, s) for i, (d, a, b, xa, s)
                in enumerate(((dg, ag, bg, xa_g, sg), (du, au, bu, xa_u, su))) if a is not None]
     for i, d, _, b, xa, s in adapted:
@@ -302,7 +332,7 @@ class _LoraMLPFunction(torch.autograd.Function):
             h = _act_forward(g, u, act, _glu_terms(fused, xa_g, xa_u, cast, (sg, su)))  # (N, I)
             # h A_d^T (N, r) is kept: backward's dB_d reads it (a pass over h less for r columns)
             c = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
-            y, xa_d = _project(h, _dense(wd, dtype), ad_, bd_, sd, c)          # (N, H)
+            y, xa_d = _project(h, wd, ad_, bd_, sd, dtype, c)                  # (N, H)
         ctx.save_for_backward(g, u, xa_g, xa_u, xa_d, ag_, bg_, au_, bu_, ad_, bd_, *_x_for_saving(ctx, x, x2))
         ctx.weights = (wg, wu, wd)
         ctx.scales = (sg, su, sd)
@@ -324,8 +354,9 @@ class _LoraMLPFunction(torch.autograd.Function):
         if not ctx.deferred:
             grads = _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, ctx.weights, *common, dx, xa_d)
         else:
-            # dequantised once for all blocks (QLoRA: three transients instead of one at a time)
-            weights = [_dense(w, dtype) for w in ctx.weights]
+            # dequantised once for all blocks (QLoRA: three transients instead of one at a time); FP8
+            # weights are read as they are
+            weights = [w if isinstance(w, Fp8Weight) else _dense(w, dtype) for w in ctx.weights]
             grads = [None] * 6
             for start in range(0, x2.shape[0], _DEFERRED_ROWS):
                 rows = slice(start, start + _DEFERRED_ROWS)
@@ -544,7 +575,7 @@ def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeig
 
 def _project_reference(x, p: LoraWeights):
     dtype = x.dtype
-    y = x @ _dense(p.weight, dtype).t()
+    y = fp8_linear_reference(x, p.weight) if isinstance(p.weight, Fp8Weight) else x @ _dense(p.weight, dtype).t()
     if p.lora_a is not None:
         y = y + (x @ p.lora_a.to(dtype).t()) @ p.lora_b.to(dtype).t() * p.scale
     return y

@@ -154,3 +154,26 @@ def test_checkpoints_land_on_schedule_and_the_adapter_at_the_end(micro_files, mi
     assert sorted(micro_files.list("jobs/ftjob-test/adapter/")) == [f"{manifest.key}/{f}" for f in manifest.files]
     # Every event before the CheckpointEvent: its files were complete when it was announced.
     assert rec.events.index(rec.of(CheckpointEvent)[-1]) < rec.events.index(result)
+
+
+@pytest.mark.parametrize("with_validation", [True, False])
+def test_fp8_reports_each_loss_in_bf16_beside_it(micro_files, micro_model_dir, make_spec, tmp_path, with_validation):
+    # FP8 runs emulated on CPU (tuneforge_kernels.fp8): the events say how many projections took it and what
+    # it changed in each validation loss (without a validation set: in the first batch's loss, once)
+    over = {"validation_file_key": "files/valid.jsonl"} if with_validation else {}
+    bf16 = _micro_spec(make_spec, micro_model_dir, adapter={"dropout": 0.0}, hyperparameters={"n_epochs": 1},
+                       runtime={"use_kernels": True}, **over)
+    fp8 = bf16.model_copy(update={"runtime": bf16.runtime.model_copy(update={"fp8": True}), "output_prefix": "jobs/fp8"})
+    a, _ = _run(bf16, micro_files, tmp_path)
+    b, done = _run(fp8, micro_files, tmp_path)
+    assert isinstance(done, CompletedEvent)
+    messages = [e.message for e in b.of(LogEvent)]
+    assert any(m.startswith("FP8: 14 frozen projections") for m in messages), messages
+    reports = [m for m in messages if m.startswith("FP8 against bf16")]
+    evals = [m for m in b.of(MetricsEvent) if m.valid_loss is not None]
+    assert len(reports) == (len(evals) if with_validation else 1) and reports
+    if with_validation:
+        assert f"{evals[-1].valid_loss:.4f} with FP8 GEMMs" in reports[-1]
+    # the FP8 run trains the same adapters within its rounding: its losses stay near bf16's
+    assert b.losses == pytest.approx(a.losses, rel=5e-2)
+    assert not any("FP8" in e.message for e in a.of(LogEvent))
