@@ -129,8 +129,10 @@ def quantize_rows_reference(x: torch.Tensor, col_scale: torch.Tensor | None = No
     if rows > v.shape[0]:
         v = torch.cat([v, v.new_zeros(rows - v.shape[0], v.shape[1])])
     amax = v.abs().amax(dim=1, keepdim=True) if v.shape[1] else v.new_zeros(rows, 1)
-    s = (amax / E4M3_MAX).clamp_min(_MIN_SCALE)
-    q = (v * (1.0 / s)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    # tensor by tensor: torch on CUDA divides by a Python scalar as a multiplication by its rounded
+    # reciprocal, one ulp off IEEE division in some rows
+    s = (amax / torch.full_like(amax, E4M3_MAX)).clamp_min(_MIN_SCALE)
+    q = (v * (torch.ones_like(s) / s)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return q, s
 
 
