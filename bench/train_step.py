@@ -312,6 +312,9 @@ def setup_hf(args):
         graphs = {"auto": {}, "on": {"cuda_graphs": True}, "off": {"cuda_graphs": False}}[getattr(args, "graphs", "auto")]
         if getattr(args, "fp8", False):  # the opt-in FP8 GEMMs for the frozen projections (not exact bf16)
             graphs["fp8"] = True
+            if getattr(args, "fp8_fast_accum", False):  # an experiment: cuBLASLt's fast accumulation in forward
+                import tuneforge_kernels.fp8 as fp8
+                fp8.FAST_ACCUM_FORWARD = True
         report = patch_model(model, memory_mode={"off": "off", "on": "checkpointing",
                                                  "offload": "offload"}[args.ckpt], **graphs)
         args.patch_report = {"patched": list(report.patched), "reason": report.reason,
@@ -750,6 +753,8 @@ def main():
     ap.add_argument("--fp8", action="store_true",
                     help="ours: the frozen projections' GEMMs in FP8 (e4m3; the opt-in mode, not exact bf16); "
                          "records the first batch's loss in FP8 and in bf16")
+    ap.add_argument("--fp8-fast-accum", action="store_true",
+                    help="with --fp8: the forward GEMMs with cuBLASLt's fast accumulation (an A/B)")
     ap.add_argument("--lora-dropout", type=float, default=0.0,
                     help="the adapters' dropout (the issue's table: 0); above 0 our projections train on PEFT's "
                          "forward")

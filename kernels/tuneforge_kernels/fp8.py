@@ -46,6 +46,10 @@ _MIN_SCALE = 1.1754943508222875e-38
 ALIGN = 16
 # columns a program reads per step; a row is read twice (its amax, then its values)
 _BLOCK = 2048
+# cuBLASLt's fast accumulation (Hopper: the tensor cores' partial sums never promoted to float32) for the
+# forward GEMMs, as torchao's float8 training does; the input gradients always promote. Off until measured
+# (bench/train_step.py --fp8-fast-accum)
+FAST_ACCUM_FORWARD = False
 
 if triton is not None:
 
@@ -190,12 +194,12 @@ class Fp8Weight:
         return (self.qweight.float() * self.scale[:, None]).to(self.dtype)
 
 
-def _mm(q_a, s_a, b, s_b, dtype):
+def _mm(q_a, s_a, b, s_b, dtype, fast_accum=False):
     # q_a (M, K) e4m3 row-major, b (K, N) e4m3, s_a (M, 1), s_b (1, N): (s_a * s_b) * (q_a @ b)
     if q_a.is_cuda:
         if b.stride(0) != 1:
             b = b.t().contiguous().t()  # column-major: Hopper's FP8 GEMM takes no other layout
-        return torch._scaled_mm(q_a, b, scale_a=s_a, scale_b=s_b, out_dtype=dtype)
+        return torch._scaled_mm(q_a, b, scale_a=s_a, scale_b=s_b, out_dtype=dtype, use_fast_accum=fast_accum)
     return ((q_a.float() * s_a) @ (b.float() * s_b)).to(dtype)
 
 
@@ -205,7 +209,7 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weight, dtype: torch.dtype | None = None,
     weights of one input. No autograd: the callers' Functions call ``fp8_input_grad`` in backward."""
     n = x.shape[0]
     q, s = xq if xq is not None else quantize_rows(x, pad=True, impl=impl)
-    y = _mm(q, s, w.qweight.t(), w.scale[None, :], dtype or x.dtype)
+    y = _mm(q, s, w.qweight.t(), w.scale[None, :], dtype or x.dtype, FAST_ACCUM_FORWARD)
     return y[:n]
 
 
