@@ -63,23 +63,24 @@ if triton is not None:
         amax = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            m = cols < n_cols
-            v = tl.load(x_row + cols, mask=cols < n_read, other=0.0).to(tl.float32)
-            if HAS_C:
-                v = v * tl.load(C + cols, mask=m, other=0.0)
-            amax = tl.maximum(amax, tl.abs(v))
+            amax = tl.maximum(amax, tl.abs(_scaled_values(x_row, C, cols, n_read, n_cols, HAS_C)))
         # IEEE division (Triton's ``/`` is approximate): the reference's scale and inverse, bit for bit
         s = tl.maximum(tl.math.div_rn(tl.max(amax, 0), 448.0), 1.1754943508222875e-38)
         inv = tl.math.div_rn(1.0, s)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            m = cols < n_cols
-            v = tl.load(x_row + cols, mask=cols < n_read, other=0.0).to(tl.float32)
-            if HAS_C:
-                v = v * tl.load(C + cols, mask=m, other=0.0)
+            v = _scaled_values(x_row, C, cols, n_read, n_cols, HAS_C)
             q = _round_to_e4m3(tl.minimum(tl.maximum(v * inv, -448.0), 448.0))
-            tl.store(q_row + cols, q.to(Q.dtype.element_ty), mask=m)
+            tl.store(q_row + cols, q.to(Q.dtype.element_ty), mask=cols < n_cols)
         tl.store(S + row, s)
+
+    @triton.jit
+    def _scaled_values(x_row, C, cols, n_read, n_cols, HAS_C: tl.constexpr):
+        # a block of the row in float32, times the column scales when there are some
+        v = tl.load(x_row + cols, mask=cols < n_read, other=0.0).to(tl.float32)
+        if HAS_C:
+            v = v * tl.load(C + cols, mask=cols < n_cols, other=0.0)
+        return v
 
     @triton.jit
     def _round_to_e4m3(v):
