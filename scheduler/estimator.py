@@ -196,6 +196,14 @@ def uses_kernels(spec: JobSpec, facts: ModelFacts, zero_stage: int | None = None
     return spec.runtime.use_kernels and facts.architecture in KERNEL_ARCHITECTURES and zero_stage is None
 
 
+def fp8_copies(spec: JobSpec, facts: ModelFacts, layout: Layout) -> bool:
+    """Whether the worker keeps FP8 copies of the frozen projections (``runtime.fp8``): supervised jobs on
+    the single-GPU kernel path with bf16 (not 4-bit) adapted weights. The throughput estimate stays the
+    bf16 measurement's: planning with less overpromises less."""
+    return (spec.runtime.fp8 and uses_kernels(spec, facts, layout.zero_stage) and spec.method == Method.supervised
+            and spec.adapter.type != AdapterType.full and spec.quantization == Quantization.none)
+
+
 def trainable_params(spec: JobSpec, facts: ModelFacts) -> int:
     if spec.adapter.type == AdapterType.full:
         return facts.params
@@ -274,6 +282,10 @@ def estimate_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> MemoryE
         seq += spec.method_params.grpo_max_completion_length
         cache_tokens = layout.micro_batch * sequences_per_example(spec) * seq
         parts["generation_cache"] = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * e * cache_tokens
+    if fp8_copies(spec, facts, layout):
+        # the e4m3 copy of every frozen projection, one byte a parameter, next to the bf16 weights
+        # (tuneforge_kernels/fp8.py); the row scales are 4 bytes per output row
+        parts["fp8_weight_copies"] = float(facts.layer_linear_params)
     tokens = layout.micro_batch * sequences_per_example(spec) * seq
     parts["activations"] = _activation_bytes(spec, facts, layout, tokens, kernels)
     parts["logits"] = _logits_bytes(spec, facts, tokens, kernels)

@@ -152,6 +152,21 @@ def test_offload_pins_its_stash_and_the_input_embedding_in_host_memory():
     assert stash_only == per_token_layer * 8192 * tied.num_layers
 
 
+def test_fp8_copies_cost_what_the_h200_measured():
+    # the same 8B run in bf16 and FP8, one call (bench/NOTES.md, session 15): the difference is the e4m3 copies
+    rows = [json.loads(line) for line in (BENCH / "2026-12-04-h200-v22-fp8-ab8B.jsonl").read_text().splitlines()]
+    by = {r["variant"]: r["peak_gb"] for r in rows if r.get("shape") == "8B" and r.get("variant")}
+    facts, layout = read_model_facts("meta-llama/Llama-3.1-8B"), Layout(micro_batch=4)
+    fp8 = spec().model_copy(update={"runtime": Runtime(use_kernels=True, dtype="bfloat16", fp8=True)})
+    parts = estimate_memory(fp8, facts, layout).parts
+    assert parts["fp8_weight_copies"] / 1e9 == pytest.approx(by["fp8"] - by["bf16"], rel=0.05)
+    assert "fp8_weight_copies" not in estimate_memory(spec(), facts, layout).parts
+    for other in (fp8.model_copy(update={"quantization": "nf4"}), fp8.model_copy(update={"method": "dpo"}),
+                  fp8.model_copy(update={"adapter": AdapterConfig(type="full")})):
+        assert "fp8_weight_copies" not in estimate_memory(other, facts, layout).parts  # the worker trains those in bf16
+    assert "fp8_weight_copies" not in estimate_memory(fp8, facts, Layout(zero_stage=2, gpu_count=2)).parts
+
+
 def test_methods_cost_what_they_carry():
     facts = read_model_facts("meta-llama/Llama-3.1-8B")
     sft = estimate_memory(spec(), facts, Layout(micro_batch=1)).parts
