@@ -244,8 +244,8 @@ class Runtime(_Frozen):
     # shape repeats (gpu_worker/patching/graphs.py); None: the patcher's rule (small models, memory mode off).
     cuda_graphs: bool | None = None
     # Added in schema 1 without a version bump: optional. The frozen projections' GEMMs in FP8 (e4m3) with
-    # the training kernels on one GPU of compute capability 8.9+: faster, not exact bf16; the supervised
-    # recipe reports each validation loss in bf16 beside it (tuneforge_kernels/fp8.py).
+    # the training kernels on one GPU of compute capability 8.9+: faster, not exact bf16; the recipes
+    # report each validation measurement in bf16 beside it (tuneforge_kernels/fp8.py).
     fp8: bool = False
     # Added in schema 1 without a version bump: optional, and a spec without it means one GPU.
     distributed: Distributed | None = None

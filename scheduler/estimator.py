@@ -197,10 +197,10 @@ def uses_kernels(spec: JobSpec, facts: ModelFacts, zero_stage: int | None = None
 
 
 def fp8_copies(spec: JobSpec, facts: ModelFacts, layout: Layout) -> bool:
-    """Whether the worker keeps FP8 copies of the frozen projections (``runtime.fp8``): supervised jobs on
-    the single-GPU kernel path with bf16 (not 4-bit) adapted weights. The throughput estimate stays the
-    bf16 measurement's: planning with less overpromises less."""
-    return (spec.runtime.fp8 and uses_kernels(spec, facts, layout.zero_stage) and spec.method == Method.supervised
+    """Whether the worker keeps FP8 copies of the frozen projections (``runtime.fp8``): adapters on the
+    single-GPU kernel path over bf16 (not 4-bit) weights. The throughput estimate stays the bf16
+    measurement's: planning with less overpromises less."""
+    return (spec.runtime.fp8 and uses_kernels(spec, facts, layout.zero_stage)
             and spec.adapter.type != AdapterType.full and spec.quantization == Quantization.none)
 
 

@@ -253,12 +253,12 @@ def load_full_checkpoint(store, key: str, *, model, optimizer) -> tuple[dict, di
 # --- kernels and memory mode -------------------------------------------------------------------------
 
 
-def apply_memory_mode_and_kernels(model, runtime: Runtime, *, fp8_reported: bool = True) -> list[tuple[str, str]]:
-    """Patch ``model`` in place as ``runtime`` asks; returns ``(message, level)`` lines to log.
-    ``fp8_reported``: the recipe reports its losses in bf16 beside FP8's (``fp8_against_bf16``); a recipe
-    that does not gets bf16 whatever ``runtime.fp8`` says."""
-    fp8 = runtime.fp8 and fp8_reported
-    fp8_lines = [("fp8 is for supervised jobs (the recipe that reports the loss in bf16 beside it); this one trains in bf16", "warn")] if runtime.fp8 and not fp8_reported else []
+def apply_memory_mode_and_kernels(model, runtime: Runtime) -> list[tuple[str, str]]:
+    """Patch ``model`` in place as ``runtime`` asks; returns ``(message, level)`` lines to log. With
+    ``runtime.fp8`` the recipe reports its validation measurements in bf16 beside FP8's
+    (``fp8_against_bf16``)."""
+    fp8 = runtime.fp8
+    fp8_lines = []
     try:
         from gpu_worker.patching import patch_model
     except ImportError as err:
@@ -291,16 +291,21 @@ def fp8_active(model) -> bool:
     return any(hasattr(m, "_tf_fp8") for m in model.modules())
 
 
-def fp8_against_bf16(measure, what: str, fp8: float | None = None) -> str:
-    """``measure()`` (a loss, no gradient) with the FP8 GEMMs (``fp8``: already measured so) and with bf16's,
-    as one line for the job's events: what FP8 changes in the loss."""
+def fp8_against_bf16(measure, what: str, fp8: dict[str, float | None] | None = None) -> str:
+    """``measure() -> {quantity: value or None}`` (losses, rewards; no gradient) with the FP8 GEMMs (``fp8``:
+    already measured so) and with bf16's, as one line for the job's events: what FP8 changes in them."""
     from gpu_worker.patching import fp8_disabled
 
     fp8 = measure() if fp8 is None else fp8
     with fp8_disabled():
         bf16 = measure()
-    change = (fp8 - bf16) / abs(bf16) * 100 if bf16 else float("nan")
-    return f"FP8 against bf16: {what} {fp8:.4f} with FP8 GEMMs, {bf16:.4f} in bf16 ({change:+.2f}%)"
+    said = []
+    for name, value in fp8.items():
+        if value is None or bf16.get(name) is None:
+            continue
+        change = (value - bf16[name]) / abs(bf16[name]) * 100 if bf16[name] else float("nan")
+        said.append(f"{name} {value:.4f} with FP8 GEMMs, {bf16[name]:.4f} in bf16 ({change:+.2f}%)")
+    return f"FP8 against bf16 ({what}): " + "; ".join(said)
 
 
 def cuda_graph_summary(model) -> str | None:

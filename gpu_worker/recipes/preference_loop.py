@@ -177,7 +177,7 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
         ctx.emit(event)
     train_examples, valid = data.train, data.valid
     model = ms.load_for_training(spec, data_dir=ctx.data_dir, device=ctx.device)  # NF4 base if asked
-    for message, level in ms.apply_memory_mode_and_kernels(model, spec.runtime, fp8_reported=False):
+    for message, level in ms.apply_memory_mode_and_kernels(model, spec.runtime):
         ctx.emit(LogEvent(level=level, message=message))
     engine = make_engine(model, spec, full=False, store=ctx.store, data_dir=ctx.data_dir)  # one process, or a DeepSpeed rank
     model, device = engine.model, engine.device
@@ -234,6 +234,8 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
     model.train()
     train_loss = valid_loss = None
     n_examples = len(train_examples)
+    fp8 = ms.fp8_active(model)  # FP8 GEMMs: every validation measurement is reported in bf16 beside it
+    run_first_step = step
     order = epoch_batches(n_examples, plan.batch_size, spec.seed, position.epoch)
     while step < plan.total_steps:
         if position.batch_index >= plan.batches_per_epoch:
@@ -241,6 +243,9 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
             order = epoch_batches(n_examples, plan.batch_size, spec.seed, position.epoch)
         rng_at_step_start = ckpt.capture_rng()
         micro = [[train_examples[i] for i in b] for b in order[position.batch_index : position.batch_index + plan.accumulation]]
+        if fp8 and valid is None and step == run_first_step:  # no validation set: FP8's measures once, on this run's first batch
+            first = lambda: _named(evaluate(objective, model, tuple(micro[0]), plan.batch_size, device), "this batch")  # noqa: E731
+            ctx.emit(LogEvent(message=ms.fp8_against_bf16(first, f"before step {step + 1}, no validation set")))
         started = time.perf_counter()
         result = _train_step(objective, engine, micro, ctx.should_stop)
         if result is None:  # asked to stop mid-step: the step never happened
@@ -257,6 +262,9 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
             # Every rank evaluates (as the SFT loop does); rank 0's numbers decide.
             checked = engine.same(evaluate(objective, model, valid, plan.batch_size, device))
             valid_loss = checked.loss
+            if fp8:
+                again = lambda: _named(evaluate(objective, model, valid, plan.batch_size, device), "validation")  # noqa: E731
+                ctx.emit(LogEvent(message=ms.fp8_against_bf16(again, f"step {step}", fp8=_named(checked, "validation"))))
             if checked.reward is not None:
                 metrics["valid_reward"] = checked.reward
             if tracker.update(step, checked.score) and evo.keep_best:
@@ -324,6 +332,10 @@ def _train_step(objective: Objective, engine, micro_batches: list[list], should_
             sums[name] = sums.get(name, 0.0) + value * len(examples) * weight
     metrics = {name: engine.total(value) / n for name, value in sorted(sums.items())}
     return engine.total(loss), metrics, int(engine.total(trained)), int(engine.total(seen))
+
+
+def _named(v: Validation, of: str) -> dict[str, float | None]:
+    return {f"{of} loss": v.loss, f"{of} mean reward": v.reward}
 
 
 def evaluate(objective: Objective, model, examples: tuple, batch_size: int, device) -> Validation:

@@ -150,8 +150,8 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
         rng_at_step_start = ckpt.capture_rng()
         micro = [[train.examples[i] for i in b] for b in order[position.batch_index : position.batch_index + plan.accumulation]]
         if fp8 and valid is None and step == run_first_step:  # no validation set: FP8's loss once, on this run's first batch
-            first = lambda: ev.valid_loss(model, micro[0], batch_size=plan.batch_size, pad_id=pad_id, device=device)  # noqa: E731
-            ctx.emit(LogEvent(message=ms.fp8_against_bf16(first, f"loss of the batch before step {step + 1}")))
+            first = lambda: {"loss of this batch": ev.valid_loss(model, micro[0], batch_size=plan.batch_size, pad_id=pad_id, device=device)}  # noqa: E731
+            ctx.emit(LogEvent(message=ms.fp8_against_bf16(first, f"before step {step + 1}, no validation set")))
         started = time.perf_counter()
         result = _train_step(engine, micro, pad_id, ctx.should_stop, width)
         if result is None:  # asked to stop mid-step: the step never happened
@@ -171,7 +171,7 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
             measure = lambda: ev.valid_loss(model, valid.examples, batch_size=plan.batch_size, pad_id=pad_id, device=device)  # noqa: E731
             valid_loss = engine.same(measure())
             if fp8:
-                ctx.emit(LogEvent(message=ms.fp8_against_bf16(measure, f"validation loss at step {step}", fp8=valid_loss)))
+                ctx.emit(LogEvent(message=ms.fp8_against_bf16(lambda: {"validation loss": measure()}, f"step {step}", fp8={"validation loss": valid_loss})))
             exact = engine.same(ev.exact_match(model, pairs, pad_id=pad_id, eos_id=eos_id, device=device))
             if tracker.update(step, valid_loss) and evo.keep_best:
                 save_best(ctx.store, engine, best_key, base_model=spec.base_model)

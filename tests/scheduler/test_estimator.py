@@ -161,8 +161,7 @@ def test_fp8_copies_cost_what_the_h200_measured():
     parts = estimate_memory(fp8, facts, layout).parts
     assert parts["fp8_weight_copies"] / 1e9 == pytest.approx(by["fp8"] - by["bf16"], rel=0.05)
     assert "fp8_weight_copies" not in estimate_memory(spec(), facts, layout).parts
-    for other in (fp8.model_copy(update={"quantization": "nf4"}), fp8.model_copy(update={"method": "dpo"}),
-                  fp8.model_copy(update={"adapter": AdapterConfig(type="full")})):
+    for other in (fp8.model_copy(update={"quantization": "nf4"}), fp8.model_copy(update={"adapter": AdapterConfig(type="full")})):
         assert "fp8_weight_copies" not in estimate_memory(other, facts, layout).parts  # the worker trains those in bf16
     assert "fp8_weight_copies" not in estimate_memory(fp8, facts, Layout(zero_stage=2, gpu_count=2)).parts
 

@@ -242,6 +242,30 @@ def test_resumed_dpo_run_replays_the_uninterrupted_one(micro_model_dir, store, w
     assert isinstance(result, CompletedEvent) and result.trained_tokens == full.events[-1].trained_tokens
 
 
+@pytest.mark.parametrize("with_validation", [True, False])
+def test_fp8_reports_the_validation_measures_in_bf16_beside_it(micro_model_dir, store, write_jsonl, sentiment_rows, make_spec, tmp_path, with_validation):
+    # DPO with the FP8 GEMMs (emulated on CPU): each evaluation's loss, in FP8 and in bf16, in the events (without
+    # a validation set: the first batch's, once); the run stays near the bf16 one
+    write_jsonl(store, "files/train.jsonl", preference_rows(sentiment_rows, 10))
+    write_jsonl(store, "files/valid.jsonl", preference_rows(sentiment_rows, 4, seed=3))
+    bf16 = _micro_dpo(make_spec, micro_model_dir)
+    bf16 = bf16.model_copy(update={"adapter": bf16.adapter.model_copy(update={"dropout": 0.0}),
+                                   "runtime": bf16.runtime.model_copy(update={"use_kernels": True}),
+                                   "validation_file_key": bf16.validation_file_key if with_validation else None})
+    fp8 = bf16.model_copy(update={"runtime": bf16.runtime.model_copy(update={"fp8": True}), "output_prefix": "jobs/fp8"})
+    a, _ = run_job(bf16, store, tmp_path)
+    b, done = run_job(fp8, store, tmp_path)
+    assert isinstance(done, CompletedEvent)
+    reports = [e.message for e in b.of(LogEvent) if e.message.startswith("FP8 against bf16")]
+    evals = [m for m in b.of(MetricsEvent) if m.valid_loss is not None]
+    assert len(reports) == (len(evals) if with_validation else 1) and reports
+    if with_validation:
+        assert f"validation loss {evals[-1].valid_loss:.4f} with FP8 GEMMs" in reports[-1]
+    else:
+        assert "this batch loss" in reports[0]
+    assert b.losses == pytest.approx(a.losses, rel=5e-2)
+
+
 def test_a_checkpoint_of_another_method_is_refused(micro_model_dir, store, write_jsonl, sentiment_rows, make_spec, tmp_path):
     from gpu_worker.checkpoint import CheckpointError
 
