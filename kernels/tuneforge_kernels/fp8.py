@@ -88,12 +88,14 @@ if triton is not None:
         # follows is then exact wherever it runs (Triton's CPU interpreter rounds to e4m3 wrongly: 124.3 ->
         # 64, 170 -> 176). Normal range (|v| >= 2^-6): 3 of the 23 mantissa bits kept, by integer
         # arithmetic on the bits (a carry rounds up into the exponent). Below it, multiples of 2^-9 by the
-        # 1.5 * 2^23 addition (round to integer, ties to even) on |v|, the sign put back (-0 stays -0).
+        # 1.5 * 2^23 addition (round to integer, ties to even) on |v|, v's sign bit put back by bit
+        # arithmetic (a negation compiles to 0 - x on the GPU, which turns -0 into +0).
         bits = v.to(tl.int32, bitcast=True)
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
         a = tl.abs(v)
         sub = ((a * 512.0 + 12582912.0) - 12582912.0) * 0.001953125
-        return tl.where(a < 0.015625, tl.where(bits < 0, -sub, sub), normal)
+        sub = (sub.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+        return tl.where(a < 0.015625, sub, normal)
 
 
 def padded_rows(n: int) -> int:
@@ -168,6 +170,7 @@ class Fp8Weight:
 
     def __init__(self, source: torch.Tensor, impl: str | None = None):
         assert fp8_eligible(source), (tuple(source.shape), source.dtype)
+        self._column_major = None
         with torch.no_grad():
             self.qweight, scale = quantize_rows(source.detach(), impl=impl)     # (out, in), (out, 1)
         self.scale = scale.reshape(-1)                                           # (out,)
@@ -182,10 +185,24 @@ class Fp8Weight:
     def rows(self, start: int, stop: int) -> Fp8Weight:
         """Output rows ``[start, stop)`` (a fused projection's part, as Phi-3's ``qkv_proj``): views, no
         copy."""
-        part = object.__new__(Fp8Weight)
+        part = self._like()
         part.qweight, part.scale = self.qweight[start:stop], self.scale[start:stop]
-        part.dtype, part._ones, part._key = self.dtype, self._ones, None
         return part
+
+    def for_input_grads(self) -> Fp8Weight:
+        """This weight with the column-major copy of ``W_q`` that ``fp8_input_grad`` reads made once, for a
+        caller that takes several input gradients through it (the deferred MLP's blocks of rows): out x in
+        bytes alive while the caller holds it."""
+        held = self._like()
+        held._column_major = _column_major(self.qweight)
+        return held
+
+    def _like(self) -> Fp8Weight:
+        other = object.__new__(Fp8Weight)
+        other.qweight, other.scale, other.dtype, other._ones, other._key = (
+            self.qweight, self.scale, self.dtype, self._ones, None)
+        other._column_major = None
+        return other
 
     def matches(self, source: torch.Tensor) -> bool:
         return self._key == (source.data_ptr(), source._version, tuple(source.shape), source.dtype)
@@ -195,11 +212,15 @@ class Fp8Weight:
         return (self.qweight.float() * self.scale[:, None]).to(self.dtype)
 
 
+def _column_major(b: torch.Tensor) -> torch.Tensor:
+    # Hopper's FP8 GEMM takes its second operand column-major only
+    return b if b.stride(0) == 1 or not b.is_cuda else b.t().contiguous().t()
+
+
 def _mm(q_a, s_a, b, s_b, dtype, fast_accum=False):
     # q_a (M, K) e4m3 row-major, b (K, N) e4m3, s_a (M, 1), s_b (1, N): (s_a * s_b) * (q_a @ b)
     if q_a.is_cuda:
-        if b.stride(0) != 1:
-            b = b.t().contiguous().t()  # column-major: Hopper's FP8 GEMM takes no other layout
+        b = _column_major(b)
         return torch._scaled_mm(q_a, b, scale_a=s_a, scale_b=s_b, out_dtype=dtype, use_fast_accum=fast_accum)
     return ((q_a.float() * s_a) @ (b.float() * s_b)).to(dtype)
 
@@ -219,8 +240,9 @@ def fp8_input_grad(dy: torch.Tensor, w: Fp8Weight, dtype: torch.dtype | None = N
     """``q(dy * s_W) W_q (N, in)`` for ``dy (N, out)``: the input gradient of ``fp8_linear``."""
     n = dy.shape[0]
     q, s = quantize_rows(dy, w.scale, pad=True, impl=impl)
-    # W_q (out, in) is the GEMM's (K, N) operand; _mm makes the column-major copy the GEMM reads
-    return _mm(q, s, w.qweight, w._ones, dtype or dy.dtype)[:n]
+    # W_q (out, in) is the GEMM's (K, N) operand, read column-major (made here unless the caller holds one)
+    b = w._column_major
+    return _mm(q, s, w.qweight if b is None else b, w._ones, dtype or dy.dtype)[:n]
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -355,8 +355,8 @@ class _LoraMLPFunction(torch.autograd.Function):
             grads = _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, ctx.weights, *common, dx, xa_d)
         else:
             # dequantised once for all blocks (QLoRA: three transients instead of one at a time); FP8
-            # weights are read as they are
-            weights = [w if isinstance(w, Fp8Weight) else _dense(w, dtype) for w in ctx.weights]
+            # weights with their column-major copies made once (each block's input gradients read them)
+            weights = [w.for_input_grads() if isinstance(w, Fp8Weight) else _dense(w, dtype) for w in ctx.weights]
             grads = [None] * 6
             for start in range(0, x2.shape[0], _DEFERRED_ROWS):
                 rows = slice(start, start + _DEFERRED_ROWS)
