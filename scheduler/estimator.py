@@ -198,9 +198,9 @@ def uses_kernels(spec: JobSpec, facts: ModelFacts, zero_stage: int | None = None
 
 def fp8_copies(spec: JobSpec, facts: ModelFacts, layout: Layout) -> bool:
     """Whether the worker keeps FP8 copies of the frozen projections (``runtime.fp8``): adapters on the
-    single-GPU kernel path over bf16 (not 4-bit) weights. The throughput estimate stays the bf16
+    single-GPU kernel path over bf16 (not 4-bit) weights, in memory mode off or checkpointing. The throughput estimate stays the bf16
     measurement's: planning with less overpromises less."""
-    return (spec.runtime.fp8 and uses_kernels(spec, facts, layout.zero_stage)
+    return (spec.runtime.fp8 and uses_kernels(spec, facts, layout.zero_stage) and layout.memory_mode != "offload"
             and spec.adapter.type != AdapterType.full and spec.quantization == Quantization.none)
 
 

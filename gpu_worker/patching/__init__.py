@@ -43,6 +43,10 @@ GRAPH_MAX_HIDDEN = 2048
 # bf16; the default rule takes 256 rows): 0.6% faster steps at 1B and 8B on the H200 (bench/NOTES.md,
 # session 10), for ~0.2 GB more peak
 FAST_CE_CHUNK_LOGITS = 1 << 27
+# why memory mode offload declines FP8: on the H200 at 8B the offload step ran no faster with it (13,706
+# against 13,637 tok/s: the step waits on its host copies) and its copies took 7.1 GB more, against the
+# 19% that checkpointing and off gain (bench/NOTES.md, session 15)
+FP8_WITH_OFFLOAD = "memory mode offload gains no speed from it (measured on the H200) and its copies would take memory"
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     hidden = getattr(config, "hidden_size", None)
     # live adapter dropout: the projections train on PEFT's forward, which the padded layouts would not serve
     dropout = _live_adapter_dropout(base)
-    fp8_off = _fp8_unavailable(base, distributed) if fp8 else None
+    fp8_off = _fp8_unavailable(base, distributed, memory_mode) if fp8 else None
     fp8 = fp8 and fp8_off is None
     # the padded and joined layouts hold bf16 GEMMs of their own: not with FP8's
     join = join and not fp8
@@ -167,10 +171,12 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
                        memory_mode=memory_mode, counts=counts, notes=notes)
 
 
-def _fp8_unavailable(base: nn.Module, distributed: bool) -> str | None:
-    """Why the FP8 mode cannot run on ``base`` here, or None."""
+def _fp8_unavailable(base: nn.Module, distributed: bool, memory_mode: str) -> str | None:
+    """Why the FP8 mode cannot (or should not) run on ``base`` here, or None."""
     from tuneforge_kernels.fp8 import fp8_supported
 
+    if memory_mode == "offload":
+        return FP8_WITH_OFFLOAD
     if distributed:
         return "a multi-GPU (DeepSpeed) run shards the weights FP8 copies are taken from"
     try:

@@ -164,6 +164,8 @@ def test_fp8_copies_cost_what_the_h200_measured():
     for other in (fp8.model_copy(update={"quantization": "nf4"}), fp8.model_copy(update={"adapter": AdapterConfig(type="full")})):
         assert "fp8_weight_copies" not in estimate_memory(other, facts, layout).parts  # the worker trains those in bf16
     assert "fp8_weight_copies" not in estimate_memory(fp8, facts, Layout(zero_stage=2, gpu_count=2)).parts
+    assert "fp8_weight_copies" not in estimate_memory(fp8, facts, Layout(memory_mode="offload")).parts
+    assert "fp8_weight_copies" in estimate_memory(fp8, facts, Layout(memory_mode="checkpointing")).parts
 
 
 def test_methods_cost_what_they_carry():

@@ -95,6 +95,10 @@ def test_says_why_where_it_cannot_run(monkeypatch):
         p.requires_grad_(True)
     lines = apply_memory_mode_and_kernels(full, Runtime(fp8=True))
     assert any(level == "warn" and "full fine-tuning" in m for m, level in lines)
+    # memory mode offload: measured no faster with FP8, whose copies would take memory
+    report = patch_model(build_lora_model(config), fp8=True, memory_mode="offload")
+    assert report.counts["fp8_weights"] == 0 and "offload gains no speed" in report.notes[0]
+    assert patch_model(build_lora_model(config), fp8=True, memory_mode="checkpointing").counts["fp8_weights"] == 14
     # a device without FP8 GEMMs
     monkeypatch.setattr(fp8, "fp8_supported", lambda device: False)
     report = patch_model(build_lora_model(config), fp8=True)
