@@ -76,7 +76,7 @@ def test_tuneforge_extensions_reach_the_spec(client_a, upload, db_session):
             "data": {"chat_template": "llama-3", "packing": True, "validation_split": 0.1, "extra_training_files": [{"file": extra, "weight": 2}]},
             "evaluation": {"early_stopping_patience": 3, "fail_on_regression": True},
             "export": {"merged": True, "gguf": ["q8_0"]},
-            "runtime": {"memory_mode": "checkpointing", "checkpoint_every_steps": 10, "cuda_graphs": False},
+            "runtime": {"memory_mode": "checkpointing", "checkpoint_every_steps": 10, "cuda_graphs": False, "fp8": True},
         },
     )
     spec = JobSpec.model_validate(db_session.get(Job, job.id).spec)
@@ -87,7 +87,7 @@ def test_tuneforge_extensions_reach_the_spec(client_a, upload, db_session):
     assert spec.evaluation.early_stopping_patience == 3 and spec.evaluation.fail_on_regression
     assert spec.export.merged and spec.export.gguf == (GGUFType.q8_0,)
     assert spec.runtime.memory_mode == MemoryMode.checkpointing and spec.runtime.checkpoint_every_steps == 10
-    assert spec.runtime.cuda_graphs is False
+    assert spec.runtime.cuda_graphs is False and spec.runtime.fp8 is True
     assert (spec.integrations.wandb_project, spec.integrations.wandb_name) == ("p", "run")
     hp = job.method.supervised.hyperparameters
     assert (hp.adapter_type, hp.lr_scheduler, hp.use_rslora) == ("dora", "cosine", True)
@@ -151,6 +151,7 @@ def test_auto_rules_stay_within_bounds(examples, epochs, batch):
         ({"validation_file": "file-doesnotexist"}, "validation_file"),
         ({"integrations": [{"type": "wandb"}]}, "integrations[0].wandb"),
         ({"integrations": [{"type": "slack"}]}, "integrations.0.type"),
+        ({"extra_body": {"runtime": {"fp8": "sometimes"}}}, "runtime.fp8"),
     ],
 )
 def test_invalid_input_is_400_naming_the_field_and_creates_nothing(client_a, upload, org_a, db_session, kwargs, param):
