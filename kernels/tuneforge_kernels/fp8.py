@@ -1,7 +1,8 @@
 """FP8 (e4m3) GEMMs for the frozen base weights: the opt-in mode that gives up exact bf16 for speed.
 
 The frozen projections' GEMMs are ~75% of an 8B LoRA step (bench/NOTES.md, session 14's profile), and the
-H200 runs e4m3 GEMMs at about twice the bf16 rate. In this mode each frozen weight ``W (out, in)`` is
+H200's tensor cores run e4m3 at twice the bf16 rate (in the power-capped 8B step the mode saved 16% of the
+step time: session 15). In this mode each frozen weight ``W (out, in)`` is
 quantised once (``Fp8Weight``: e4m3 with one float32 scale per output row, kept next to the bf16 weight),
 and the two GEMMs a frozen weight takes part in read e4m3 operands quantised per row at each call:
 
