@@ -131,7 +131,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         if join:
             counts["joined_weights"] += _join_layer(layer)
         if fp8:
-            counts["fp8_weights"] += sum(attach_fp8(m) for m in layer.modules())
+            counts["fp8_weights"] += attach_fp8(layer)
         # every RMSNorm of the layer: input/post-attention, Gemma 2/3's pre/post-feedforward, q/k norms
         for module in layer.modules():
             if type(module).__name__.endswith("RMSNorm"):

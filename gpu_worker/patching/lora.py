@@ -246,17 +246,46 @@ def _base_weight(layer: nn.Module, fp8: bool = True):
 _FP8_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("tuneforge_fp8_on", default=True)
 
 
-def attach_fp8(layer: nn.Module) -> bool:
-    """Give a frozen ``nn.Linear`` without bias its FP8 copy (``_tf_fp8``); whether it took one (weights
-    whose sides are not multiples of 16, trainable or quantised weights keep their GEMMs)."""
+def attach_fp8(decoder_layer: nn.Module) -> int:
+    """Give every frozen ``nn.Linear`` without bias of ``decoder_layer`` its FP8 copy (``_tf_fp8``); how many
+    took one (weights whose sides are not multiples of 16, trainable or quantised weights keep their GEMMs).
+    PEFT's merge writes the adapter into the weight through ``.data``, which the copy cannot see: a LoRA
+    module's ``merge`` drops its base's copy and its ``unmerge`` takes a new one."""
     from tuneforge_kernels.fp8 import Fp8Weight, fp8_eligible
 
-    weight = getattr(layer, "weight", None)
-    if (not isinstance(layer, nn.Linear) or layer.bias is not None or type(weight) is not nn.Parameter
-            or weight.requires_grad or not fp8_eligible(weight)):
-        return False
-    layer._tf_fp8 = Fp8Weight(weight)
-    return True
+    taken = 0
+    for module in decoder_layer.modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, nn.Linear) and module.bias is None and type(weight) is nn.Parameter
+                and not weight.requires_grad and fp8_eligible(weight)):
+            module._tf_fp8 = Fp8Weight(weight)
+            taken += 1
+    for module in decoder_layer.modules():
+        if callable(getattr(module, "merge", None)) and hasattr(getattr(module, "base_layer", None), "_tf_fp8"):
+            _copies_follow_merges(module)
+    return taken
+
+
+def _copies_follow_merges(lora_module: nn.Module) -> None:
+    merge, unmerge = lora_module.merge, lora_module.unmerge
+
+    def merge_dropping_the_copy(*args, **kwargs):
+        out = merge(*args, **kwargs)
+        base = lora_module.get_base_layer()
+        if getattr(base, "_tf_fp8", None) is not None and getattr(lora_module, "merged", False):
+            base._tf_fp8 = None  # taken again on unmerge
+        return out
+
+    def unmerge_taking_a_new_copy(*args, **kwargs):
+        out = unmerge(*args, **kwargs)
+        base = lora_module.get_base_layer()
+        if hasattr(base, "_tf_fp8") and base._tf_fp8 is None and not getattr(lora_module, "merged", False):
+            from tuneforge_kernels.fp8 import Fp8Weight
+
+            base._tf_fp8 = Fp8Weight(base.weight)
+        return out
+
+    lora_module.merge, lora_module.unmerge = merge_dropping_the_copy, unmerge_taking_a_new_copy
 
 
 def _fp8_weight(layer: nn.Module, weight: torch.Tensor):
