@@ -250,7 +250,8 @@ def attach_fp8(decoder_layer: nn.Module) -> int:
     """Give every frozen ``nn.Linear`` without bias of ``decoder_layer`` its FP8 copy (``_tf_fp8``); how many
     took one (weights whose sides are not multiples of 16, trainable or quantised weights keep their GEMMs).
     PEFT's merge writes the adapter into the weight through ``.data``, which the copy cannot see: a LoRA
-    module's ``merge`` drops its base's copy and its ``unmerge`` takes a new one."""
+    module's ``merge`` sets its base's copy aside and its ``unmerge`` quantises the weight into it again
+    (in place: CUDA graphs that read it stay valid)."""
     from tuneforge_kernels.fp8 import Fp8Weight, fp8_eligible
 
     taken = 0
@@ -273,25 +274,24 @@ def _copies_follow_merges(lora_module: nn.Module) -> None:
         out = merge(*args, **kwargs)
         base = lora_module.get_base_layer()
         if getattr(base, "_tf_fp8", None) is not None and getattr(lora_module, "merged", False):
-            base._tf_fp8 = None  # taken again on unmerge
+            base._tf_fp8_merged, base._tf_fp8 = base._tf_fp8, None  # taken again on unmerge
         return out
 
     def unmerge_taking_a_new_copy(*args, **kwargs):
         out = unmerge(*args, **kwargs)
         base = lora_module.get_base_layer()
-        if hasattr(base, "_tf_fp8") and base._tf_fp8 is None and not getattr(lora_module, "merged", False):
-            from tuneforge_kernels.fp8 import Fp8Weight
-
-            base._tf_fp8 = Fp8Weight(base.weight)
+        kept = getattr(base, "_tf_fp8_merged", None)
+        if kept is not None and not getattr(lora_module, "merged", False):
+            base._tf_fp8, base._tf_fp8_merged = kept.retake_(base.weight), None
         return out
 
     lora_module.merge, lora_module.unmerge = merge_dropping_the_copy, unmerge_taking_a_new_copy
 
 
 def _fp8_weight(layer: nn.Module, weight: torch.Tensor):
-    """The layer's FP8 copy, re-taken when the weight is no longer the one it was taken from (another
-    storage, or an in-place write through the parameter); the weight itself where it has none. A write
-    through ``.data`` (PEFT's unsafe merge) is not seen, which is why merged adapters read the weight."""
+    """The layer's FP8 copy, re-taken (in place) when the weight is no longer the one it was taken from
+    (another storage, or an in-place write through the parameter); the weight itself where it has none. A
+    write through ``.data`` (PEFT's merges) is not seen, which is why merges set the copy aside."""
     fp8 = getattr(layer, "_tf_fp8", None)
     if fp8 is None:
         return weight
@@ -301,7 +301,7 @@ def _fp8_weight(layer: nn.Module, weight: torch.Tensor):
         if not fp8_eligible(weight):
             del layer._tf_fp8
             return weight
-        fp8 = layer._tf_fp8 = Fp8Weight(weight)
+        fp8 = layer._tf_fp8 = fp8.retake_(weight)
     return fp8
 
 

@@ -208,6 +208,18 @@ class Fp8Weight:
     def matches(self, source: torch.Tensor) -> bool:
         return self._key == (source.data_ptr(), source._version, tuple(source.shape), source.dtype)
 
+    def retake_(self, source: torch.Tensor) -> Fp8Weight:
+        """Quantise ``source`` again into this copy's own buffers (CUDA graphs captured with them stay valid);
+        a new copy where the shape, dtype or device changed."""
+        if tuple(source.shape) != tuple(self.qweight.shape) or source.dtype != self.dtype \
+                or source.device != self.qweight.device:
+            return Fp8Weight(source)
+        fresh = Fp8Weight(source)
+        self.qweight.copy_(fresh.qweight)
+        self.scale.copy_(fresh.scale)
+        self._key = fresh._key
+        return self
+
     def dequantize(self) -> torch.Tensor:
         """``W_q`` scaled back, in the source's dtype (the reference path's weight)."""
         return (self.qweight.float() * self.scale[:, None]).to(self.dtype)
