@@ -153,3 +153,34 @@ def test_learns_like_bf16(device):
     means = [(sum(c[i:i + WINDOW]) / WINDOW for c in (bf16, fp8)) for i in range(0, STEPS, WINDOW)]
     for a, b in means:  # 25-step means within 10% (+0.03 where the late means are small)
         assert abs(a - b) < 0.1 * a + 3e-2
+
+
+# frozen projections without bias per layer: Qwen2's q/k/v carry biases (they keep bf16); Phi-3 fuses q/k/v and gate/up
+FP8_PER_LAYER = {"llama": 7, "mistral": 7, "qwen2": 4, "qwen3": 7, "gemma": 7, "gemma2": 7, "gemma3_text": 7, "phi3": 4}
+
+
+@pytest.mark.parametrize("arch", sorted(FP8_PER_LAYER))
+def test_every_family_reads_each_copy_it_takes(arch, monkeypatch):
+    """Every copy taken is read by a forward (none is memory for nothing), and the loss stays near bf16's."""
+    import gpu_worker.patching.lora as lora
+
+    config = tiny_config(arch)
+    model = build_lora_model(config)
+    report = patch_model(model, fp8=True)
+    assert report.counts["fp8_weights"] == FP8_PER_LAYER[arch] * config.num_hidden_layers
+    read, real = set(), lora._fp8_weight
+
+    def spy(layer, weight):
+        got = real(layer, weight)
+        if got is not weight:
+            read.add(id(layer))
+        return got
+
+    monkeypatch.setattr(lora, "_fp8_weight", spy)
+    x = _batch("cpu")
+    with torch.no_grad():
+        l_fp8 = _loss(model, x, "cpu")
+        with fp8_disabled():
+            l_bf16 = _loss(model, x, "cpu")
+    assert len(read) == report.counts["fp8_weights"]
+    assert 0 < abs(l_fp8.item() - l_bf16.item()) / l_bf16.item() < LOSS_TOL
