@@ -105,6 +105,8 @@ def test_says_why_where_it_cannot_run(monkeypatch):
     config = tiny_config()
     lines = apply_memory_mode_and_kernels(build_lora_model(config), Runtime(fp8=True))
     assert [level for _, level in lines] == ["info", "info"] and lines[1][0].startswith("FP8: 14 frozen")
+    per_layer = 64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 96 * 64  # q, k, v, o, gate, up, down of tiny_config()
+    assert f"copies take {2 * per_layer / 1e9:.3g} GB" in lines[1][0]
     # full fine-tuning: every projection trains, none is frozen to take FP8
     full = build_lora_model(config).get_base_model()
     for p in full.parameters():
