@@ -257,22 +257,19 @@ def apply_memory_mode_and_kernels(model, runtime: Runtime) -> list[tuple[str, st
     """Patch ``model`` in place as ``runtime`` asks; returns ``(message, level)`` lines to log. With
     ``runtime.fp8`` the recipe reports its validation measurements in bf16 beside FP8's
     (``fp8_against_bf16``)."""
-    fp8 = runtime.fp8
-    fp8_lines = []
+    fp8_stock = [("fp8 needs the training kernels; this job trains in bf16", "warn")] if runtime.fp8 else []
     try:
         from gpu_worker.patching import patch_model
     except ImportError as err:
-        return [(f"Training kernels unavailable ({err}); training on the stock PyTorch path", "warn"), *fp8_lines, *_stock_memory_mode(model, runtime.memory_mode)]
+        return [(f"Training kernels unavailable ({err}); training on the stock PyTorch path", "warn"), *fp8_stock, *_stock_memory_mode(model, runtime.memory_mode)]
     try:
         report = patch_model(model, enabled=runtime.use_kernels, memory_mode=runtime.memory_mode.value,
-                             cuda_graphs=runtime.cuda_graphs, fp8=fp8)
+                             cuda_graphs=runtime.cuda_graphs, fp8=runtime.fp8)
     except Exception as err:  # a patcher bug must not kill the job: the stock path is always correct
-        return [(f"Training kernels failed to apply ({type(err).__name__}: {err}); training on the stock PyTorch path", "warn"), *fp8_lines, *_stock_memory_mode(model, runtime.memory_mode)]
+        return [(f"Training kernels failed to apply ({type(err).__name__}: {err}); training on the stock PyTorch path", "warn"), *fp8_stock, *_stock_memory_mode(model, runtime.memory_mode)]
     reason = getattr(report, "reason", None)
     if reason:
-        if fp8:
-            fp8_lines.append(("fp8 needs the training kernels; this job trains in bf16", "warn"))
-        return [(f"Training on the stock path: {reason} (memory mode {runtime.memory_mode.value})", "info"), *fp8_lines]
+        return [(f"Training on the stock path: {reason} (memory mode {runtime.memory_mode.value})", "info"), *fp8_stock]
     counts = getattr(report, "counts", None) or {}
     patched = ", ".join(getattr(report, "patched", ()) or ()) or "all supported ops"
     graphs = counts.get("cuda_graph_layers")
@@ -282,9 +279,9 @@ def apply_memory_mode_and_kernels(model, runtime: Runtime) -> list[tuple[str, st
     if counts.get("fp8_weights"):
         copies = sum(m._tf_fp8.qweight.numel() for m in model.modules() if getattr(m, "_tf_fp8", None) is not None) / 1e9
         lines.append((f"FP8: {counts['fp8_weights']} frozen projections compute their forward and input-gradient GEMMs in e4m3 (not exact bf16; their copies take {copies:.3g} GB beside the bf16 weights); each validation measurement is reported in bf16 beside it", "info"))
-    elif fp8 and not notes:
-        fp8_lines.append(("fp8 asked for, but no frozen projection can take it (full fine-tuning trains them; 4-bit weights stay 4-bit); this job trains in bf16", "warn"))
-    return lines + fp8_lines + [(f"Training kernels: {note}", "warn") for note in notes]
+    elif runtime.fp8 and not notes:
+        lines.append(("fp8 asked for, but no frozen projection can take it (full fine-tuning trains them; 4-bit weights stay 4-bit); this job trains in bf16", "warn"))
+    return lines + [(f"Training kernels: {note}", "warn") for note in notes]
 
 
 def fp8_active(model) -> bool:

@@ -186,3 +186,13 @@ def test_every_family_reads_each_copy_it_takes(arch, monkeypatch):
             l_bf16 = _loss(model, x, "cpu")
     assert len(read) == report.counts["fp8_weights"]
     assert 0 < abs(l_fp8.item() - l_bf16.item()) / l_bf16.item() < LOSS_TOL
+
+
+def test_kernels_off_says_fp8_is_not_used():
+    from gpu_worker.contract import Runtime
+    from gpu_worker.recipes.model_setup import apply_memory_mode_and_kernels
+
+    model = build_lora_model(tiny_config())
+    lines = apply_memory_mode_and_kernels(model, Runtime(use_kernels=False, fp8=True))
+    assert lines[-1] == ("fp8 needs the training kernels; this job trains in bf16", "warn")
+    assert not any(hasattr(m, "_tf_fp8") for m in model.modules())
