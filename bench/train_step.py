@@ -637,6 +637,10 @@ def parse_spec(spec):
         d["batch"] = int(p[4])
     if len(p) > 5 and p[5]:
         d["data"] = p[5]
+    if len(p) > 6 and p[6]:  # ours only: the opt-in FP8 mode (e.g. ours:8B:off:::fixed:fp8)
+        if p[6] != "fp8" or p[0] not in ("ours", "base"):
+            raise SystemExit(f"config {spec!r}: the 7th field can only be 'fp8', for ours")
+        d["fp8"] = True
     return d
 
 
@@ -668,7 +672,7 @@ def suite(args):
                    "--ckpt", d["ckpt"], "--quant", d["quant"], "--batch", str(b),
                    "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
                    "--autocast", args.autocast, "--peak-file", args.peak_file, "--data", d["data"],
-                   "--base-root", args.base_root]
+                   "--base-root", args.base_root] + (["--fp8"] if d.get("fp8") else [])
             if d["method"] == "unsloth":
                 path = os.path.join(args.model_root, f"rand-{d['shape']}")
                 if not os.path.exists(os.path.join(path, "config.json")):
