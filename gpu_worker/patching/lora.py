@@ -292,7 +292,7 @@ def _fp8_weight(layer: nn.Module, weight: torch.Tensor):
     """The layer's FP8 copy, re-taken (in place) when the weight is no longer the one it was taken from
     (another storage, or an in-place write through the parameter); the weight itself where it has none. A
     write through ``.data`` (PEFT's merges) is not seen, which is why merges set the copy aside."""
-    fp8 = getattr(layer, "_tf_fp8", None)
+    fp8 = layer.__dict__.get("_tf_fp8")  # every projection asks at every call: no Module.__getattr__ miss
     if fp8 is None:
         return weight
     if not fp8.matches(weight):
