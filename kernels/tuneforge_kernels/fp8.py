@@ -222,7 +222,7 @@ class Fp8Weight:
 
     def dequantize(self) -> torch.Tensor:
         """``W_q`` scaled back, in the source's dtype (the reference path's weight)."""
-        return (self.qweight.float() * self.scale[:, None]).to(self.dtype)
+        return dequantize_rows(self.qweight, self.scale[:, None], self.dtype)
 
 
 def _column_major(b: torch.Tensor) -> torch.Tensor:
@@ -274,5 +274,4 @@ class _StraightThrough(torch.autograd.Function):
 def fp8_linear_reference(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
     """The spec, through autograd: ``dequant(q(x)) dequant(W_q)^T`` in float32, rounded to ``x``'s dtype
     (what the GEMM computes), the input's rounding passed through by its gradient (straight-through)."""
-    w32 = w.qweight.float() * w.scale[:, None]
-    return (_StraightThrough.apply(x) @ w32.t()).to(x.dtype)
+    return (_StraightThrough.apply(x) @ dequantize_rows(w.qweight, w.scale[:, None]).t()).to(x.dtype)
