@@ -114,7 +114,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     # speed mode only, and not in a DeepSpeed run: it broadcasts every parameter at start, and NCCL takes only
     # contiguous tensors
     hidden = getattr(config, "hidden_size", None)
-    # live adapter dropout: the projections train on PEFT's forward, which the padded layouts would not serve
+    # live adapter dropout: the fused nodes draw its masks; the padded layouts carry no masks
     dropout = _live_adapter_dropout(base)
     fp8_off = _fp8_unavailable(base, distributed, memory_mode) if fp8 else None
     fp8 = fp8 and fp8_off is None
@@ -156,9 +156,9 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     if fp8_off is not None:
         notes += (f"fp8 asked for, but {fp8_off}: the projections compute in bf16",)
     if dropout:
-        notes += (f"adapter dropout {', '.join(f'{p:g}' for p in dropout)}: the LoRA projections and MLPs run "
-                 f"PEFT's stock forward while training, without the fused kernels or CUDA graphs (they compute "
-                 f"dropout 0); adapter dropout 0 trains on the fused path",)
+        notes += (f"adapter dropout {', '.join(f'{p:g}' for p in dropout)}: the fused kernels draw its masks, "
+                  f"without the padded weight layouts or CUDA graphs (random draws are not captured); adapter "
+                  f"dropout 0 trains fastest",)
     # not in a DeepSpeed run: its gradient hooks and collectives run on their own streams
     if cuda_graphs and memory_mode == "off" and not distributed and not dropout:
         from gpu_worker.patching.graphs import attach
@@ -192,8 +192,8 @@ def _fp8_unavailable(base: nn.Module, distributed: bool, memory_mode: str) -> st
 
 
 def _live_adapter_dropout(base: nn.Module) -> list[float]:
-    """The dropout rates above 0 of the active adapters (lora.dropout_rate): the fused paths leave those
-    projections to PEFT's forward in training, and random ops keep the layers off CUDA graphs."""
+    """The dropout rates above 0 of the active adapters (lora.dropout_rate): the padded layouts carry no
+    masks, and random ops keep the layers off CUDA graphs."""
     from gpu_worker.patching.lora import dropout_rate
 
     rates = set()

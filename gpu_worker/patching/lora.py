@@ -1,7 +1,8 @@
 """Reading a projection module (plain ``nn.Linear``, PEFT LoRA ``Linear``, or bitsandbytes ``Linear4bit``
 under either) as the ``tuneforge_kernels.lora_mlp.LoraWeights`` the fused kernels take, or ``None`` when the
-fused path cannot compute the same function (bias, DoRA, several active adapters, live dropout...), in
-which case the caller runs the module's stock forward.
+fused path cannot compute the same function (bias, DoRA, several active adapters...), in which case the
+caller runs the module's stock forward. An adapter's dropout (PEFT's ``lora_dropout``) is read while
+training and drawn by the fused nodes (tuneforge_kernels/dropout.py).
 
 Read at every call, not at patch time: PEFT's ``disable_adapter()``, ``merge_adapter()`` and
 ``set_adapter()`` change what the module computes after patching.
@@ -110,7 +111,7 @@ def split_rows(p: LoraWeights, sizes: list[int]) -> list[LoraWeights]:
         else:
             w = _RowSlice(p.weight, start, start + n)
         b = p.lora_b[start:start + n] if p.lora_b is not None else None
-        parts.append(LoraWeights(w, p.lora_a, b, p.scale))
+        parts.append(LoraWeights(w, p.lora_a, b, p.scale, p.dropout))  # one adapter: one mask (dropout.py)
         start += n
     return parts
 
@@ -316,8 +317,7 @@ def fp8_disabled():
 
 
 def dropout_rate(module: nn.Module, name: str) -> float:
-    """The training dropout of PEFT LoRA ``module``'s adapter ``name`` (0 for PEFT's ``nn.Identity``): the
-    fused kernels compute dropout 0, so an adapter above it keeps PEFT's forward in training."""
+    """The training dropout of PEFT LoRA ``module``'s adapter ``name`` (0 for PEFT's ``nn.Identity``)."""
     dropout = module.lora_dropout[name]
     return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
 
@@ -342,9 +342,8 @@ def lora_weights(module: nn.Module) -> LoraWeights | None:
     name = active[0]
     if getattr(module, "use_dora", {}).get(name, False):
         return None
-    if module.training and dropout_rate(module, name) > 0:
-        return None
     a, b = module.lora_A[name], module.lora_B[name]
     if type(a) is not nn.Linear or type(b) is not nn.Linear or b.bias is not None:
         return None
-    return LoraWeights(w, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name]))
+    dropout = dropout_rate(module, name) if module.training else 0.0
+    return LoraWeights(w, a.weight, b.weight, float(module.scaling[name]), dropout)

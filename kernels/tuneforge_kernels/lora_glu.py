@@ -12,7 +12,10 @@ reads those tensors anyway computes the terms as a small ``tl.dot`` per tile:
     dg = dh * u * act'(g)                 du = dh * act(g)
 
 ``lora_glu_forward`` returns ``h``; ``lora_glu_backward_inplace`` overwrites ``DH, Yg, Yu`` with
-``h, dg, du``. ``g`` and ``u`` are never stored with their terms: backward recomputes them from the same
+``h, dg, du``. With adapter dropout on the down projection (dropout.py: its adapter reads ``h * m / keep``)
+the backward takes the mask ``m``: the down term of ``dh`` becomes ``s_d ((dy B_d) A_d) * m / keep``, and
+``h`` is written dropped (what the down adapter's gradients read), rounded as the forward's dropout
+rounded it. ``g`` and ``u`` are never stored with their terms: backward recomputes them from the same
 inputs. Each term is optional (``None``: that projection has no adapter). Everything is computed in
 float32 and rounded once per output. Ranks up to ``MAX_RANK`` (padded to 64 on the tensor cores, the
 largest a GPU test ran: rank 33); the MLP adds larger ranks' terms with the addmm_ passes instead.
@@ -99,23 +102,31 @@ if triton is not None:
 
     @triton.jit
     def _lora_glu_bwd_kernel(DH, YG, YU, ld_y, ld_h, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g,
-                             rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd, n_rows, n_cols,
-                             ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
-                             RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, PREC: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr):
+                             rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd, MD, ld_md, inv_keep, n_rows,
+                             n_cols, ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
+                             HAS_D: tl.constexpr, HAS_MD: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr,
+                             RD: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         offs = rows[:, None].to(tl.int64) * ld_y + cols[None, :]
         offs_h = rows[:, None].to(tl.int64) * ld_h + cols[None, :]
         dh = tl.load(DH + offs_h, mask=mask, other=0.0).to(tl.float32)
-        if HAS_D:
+        if HAS_MD:  # the down adapter's dropout: its term masked (the scale 1 / keep is in sd)
+            kept = tl.load(MD + rows[:, None].to(tl.int64) * ld_md + cols[None, :], mask=mask, other=0) != 0
+            term = _low_rank(tl.zeros((BM, BN), dtype=tl.float32), DYB, ld_dyb, AD, ld_ad, rows, cols, n_rows,
+                             n_cols, rank_d, sd, True, RD, PREC)
+            dh += tl.where(kept, term, 0.0)
+        elif HAS_D:
             dh = _low_rank(dh, DYB, ld_dyb, AD, ld_ad, rows, cols, n_rows, n_cols, rank_d, sd, True, RD, PREC)
         g, u = _gate_up(YG, YU, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
                         rows, cols, n_rows, n_cols, offs, mask, HAS_G, HAS_U, RG, RU, PREC)
         act, dact = _act_and_grad(g, ACT)
+        h = act * u
+        if HAS_MD:  # h dropped: h rounded as the forward stored it, then scaled and rounded (dropout.drop)
+            h = tl.where(kept, h.to(DH.dtype.element_ty).to(tl.float32) * inv_keep, 0.0)
         # every element is read above before any is written: the outputs reuse the input buffers
-        tl.store(DH + offs_h, (act * u).to(DH.dtype.element_ty), mask=mask)
+        tl.store(DH + offs_h, h.to(DH.dtype.element_ty), mask=mask)
         tl.store(YU + offs, (dh * act).to(YU.dtype.element_ty), mask=mask)
         tl.store(YG + offs, (dh * u * dact).to(YG.dtype.element_ty), mask=mask)
 
@@ -175,19 +186,28 @@ def lora_glu_forward(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, 
 
 
 def lora_glu_backward_inplace(dh, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None,
-                              s_u=1.0, dy_b=None, a_d=None, s_d=1.0) -> None:
+                              s_u=1.0, dy_b=None, a_d=None, s_d=1.0, dropped_d=None) -> None:
     """Backward of ``lora_glu_forward`` with ``dh = DH + s_d dy_b A_d`` (``dy_b`` (N, r_d), ``a_d``
-    (r_d, I)): afterwards ``dh`` holds ``h``, ``yg`` holds ``dg`` and ``yu`` holds ``du``."""
+    (r_d, I)): afterwards ``dh`` holds ``h``, ``yg`` holds ``dg`` and ``yu`` holds ``du``.
+    ``dropped_d``: the down adapter's dropout, ``(mask (N, I) bool, p)`` (module docstring): the term
+    masked and scaled by 1 / (1 - p), and ``dh`` then holds ``h`` dropped."""
     _check(yg, yu, dh)
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
     xd, ad, ld_xd, ld_ad, rd, sd, has_d, pd = _term(dy_b, a_d, s_d, yg)
+    md, ld_md, inv_keep = yg, 0, 1.0
+    if dropped_d is not None:
+        mask, p = dropped_d
+        assert has_d and mask.shape == yg.shape and mask.dtype == torch.bool and mask.stride(1) == 1, (
+            mask.shape, mask.dtype, yg.shape)
+        md, ld_md, inv_keep = mask.view(torch.uint8), mask.stride(0), 1.0 / (1.0 - p)
+        sd *= inv_keep
     bm, bn, warps = TILE
     launcher(_lora_glu_bwd_kernel, yg)[_grid(*yg.shape, TILE)](
         dh, yg, yu, yg.stride(0), dh.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
-        xd, ld_xd, ad, ld_ad, rd, sd, yg.shape[0], yg.shape[1],
-        ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, RG=pg, RU=pu, RD=pd, PREC=_prec(yg),
-        BM=bm, BN=bn, num_warps=warps)
+        xd, ld_xd, ad, ld_ad, rd, sd, md, ld_md, inv_keep, yg.shape[0], yg.shape[1],
+        ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, HAS_MD=dropped_d is not None, RG=pg, RU=pu, RD=pd,
+        PREC=_prec(yg), BM=bm, BN=bn, num_warps=warps)
 
 
 def lora_glu_reference(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0):

@@ -25,20 +25,22 @@ import torch
 from tuneforge_kernels.backend import use_triton
 from tuneforge_kernels.cast_blocks import cast_blocks
 from tuneforge_kernels.copy_rows import copy_rows
-from tuneforge_kernels.lora_mlp import (PADDED_ONE_GEMM_MAX_HIDDEN, LoraWeights, _cast_grads, _compute_dtype,
-                                        _fp8_input, _joined_weights, _mm_into, _out_features, _project_reference,
-                                        _restore_x, _scaled_mm, _spans, _x_for_saving, cast_group, frozen_input_grad,
-                                        frozen_linear, rows_of, wide_input)
+from tuneforge_kernels.lora_mlp import (PADDED_ONE_GEMM_MAX_HIDDEN, LoraWeights, _cast_grads, _compute_dtype, _draw,
+                                        _fp8_input, _input_product, _joined_weights, _mm_into, _out_features,
+                                        _project_reference, _restore_x, _scaled_mm, _spans, _x_for_saving,
+                                        adapter_input_terms, cast_group, frozen_input_grad, frozen_linear, rows_of,
+                                        wide_input)
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
     """``n`` projections of one input ``x``; args: x, then (weight, lora_a, lora_b) per projection, then
-    the n scales."""
+    the n scales, then the n adapters' dropouts (dropout.py)."""
 
     @staticmethod
     def forward(ctx, x, n, outputs, *args):
         # outputs: None, or a list of the n outputs computed earlier (replay, module docstring)
-        weights, lora, scales = args[0:3 * n:3], (args[1:3 * n:3], args[2:3 * n:3]), args[3 * n:]
+        weights, lora = args[0:3 * n:3], (args[1:3 * n:3], args[2:3 * n:3])
+        scales, dropouts = args[3 * n:4 * n], args[4 * n:]
         dtype = _compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
@@ -47,7 +49,12 @@ class _LoraLinearsFunction(torch.autograd.Function):
         a_s, b_s = cast[:n], cast[n:]
         with_lora = [i for i in range(n) if a_s[i] is not None]
         a_all = rows_of([a_s[i] for i in with_lora]) if with_lora else None       # (sum r, in)
-        xa_all = x2 @ a_all.t() if with_lora else None                              # (N, sum r)
+        # the adapters' dropout masks, in the projections' order (as PEFT draws them)
+        dropped = [_draw(x2.shape, dropouts[i], i in with_lora, x2.device) for i in range(n)]
+        if any(dropped):  # each adapter reads its own dropped input
+            xa_all = torch.cat([_input_product(x2, a_s[i], dropped[i]) for i in with_lora], dim=1)
+        else:
+            xa_all = x2 @ a_all.t() if with_lora else None                          # (N, sum r)
         w_all = _joined_weights(weights, dtype) if outputs is None else None
         y_all = x2 @ w_all.t() if w_all is not None else None                     # (N, sum out)
         outs, xas, col, col_y = [], [None] * n, 0, 0
@@ -67,9 +74,11 @@ class _LoraLinearsFunction(torch.autograd.Function):
                 col += r
                 y.addmm_(xas[i], b_s[i].t(), alpha=scales[i])
             outs.append(y.view(*shape[:-1], y.shape[-1]))
-        ctx.save_for_backward(xa_all, a_all, *b_s, *_x_for_saving(ctx, x, x2))
+        masks = [d[0] if d is not None else None for d in dropped]
+        ctx.save_for_backward(xa_all, a_all, *b_s, *masks, *_x_for_saving(ctx, x, x2))
         ctx.set_materialize_grads(False)  # an unused output's grad arrives as None: no work for it
         ctx.n, ctx.weights, ctx.scales, ctx.dtype, ctx.shape = n, weights, scales, dtype, shape
+        ctx.dropouts = dropouts
         ctx.with_lora = with_lora
         ctx.param_dtypes = [(lora[0][i].dtype, lora[1][i].dtype) if lora[0][i] is not None else None
                             for i in range(n)]
@@ -79,8 +88,8 @@ class _LoraLinearsFunction(torch.autograd.Function):
     def backward(ctx, *dys):
         n = ctx.n
         xa_all, a_all, *rest = ctx.saved_tensors
-        b_s = rest[:n]
-        x2 = _restore_x(ctx, rest[n:])
+        b_s, masks = rest[:n], rest[n:2 * n]
+        x2 = _restore_x(ctx, rest[2 * n:])
         need = ctx.needs_input_grad
         dtype = ctx.dtype
         dx, dx_base_done = None, False
@@ -114,27 +123,20 @@ class _LoraLinearsFunction(torch.autograd.Function):
             adapted.append((i, rows, _scaled_mm(dy2, b_s[i], s)))                   # (N, r)
         if adapted:
             # s (dy B) of every projection side by side: their dA in one GEMM and their dx terms in one
-            # pass over dx (x and dx read once, not once per projection)
-            d_b = torch.cat([d for _, _, d in adapted], dim=1) if len(adapted) > 1 else adapted[0][2]
-            if any(need[4 + 3 * i] for i, _, _ in adapted):
-                d_a = d_b.t() @ x2                                                  # (sum r, in)
-                col = 0
-                for i, rows, _ in adapted:
-                    r = rows.stop - rows.start
-                    if need[4 + 3 * i]:
-                        grads[3 * i + 1] = d_a[col:col + r]                         # (r, in)
-                    col += r
-            if dx is not None:
-                a_used = a_all if len(adapted) == len(ctx.with_lora) else \
-                    torch.cat([a_all[rows] for _, rows, _ in adapted])
-                dx.addmm_(d_b, a_used)
+            # pass over dx (x and dx read once, not once per projection), but for those with dropout
+            parts = [(d_b, a_all[rows], None if masks[i] is None else (masks[i], ctx.dropouts[i]))
+                     for i, rows, d_b in adapted]
+            d_as = adapter_input_terms(x2, parts, dx, [need[4 + 3 * i] for i, _, _ in adapted],
+                                       a_all if len(adapted) == len(ctx.with_lora) else None)
+            for (i, _, _), d_a in zip(adapted, d_as):
+                grads[3 * i + 1] = d_a                                              # (r, in)
         # the adapters' gradients in their parameters' dtypes, in one cast: (a, b) for each projection
         dtypes = [t for pair in ctx.param_dtypes for t in (pair or (None, None))]
         cast = _cast_grads([g for i in range(n) for g in grads[3 * i + 1:3 * i + 3]], dtypes)
         grads[1::3], grads[2::3] = cast[0::2], cast[1::2]
         if dx is not None:
             dx = dx.view(ctx.shape)
-        return (dx, None, None, *grads, *([None] * n))
+        return (dx, None, None, *grads, *([None] * 2 * n))
 
 
 # The padded layout (lora_mlp.py's, for projections of one input: Q/K/V). The frozen weights of n projections
@@ -268,16 +270,18 @@ def lora_linears(x: torch.Tensor, *projections: LoraWeights, impl: str | None = 
         assert len(outputs) == len(projections), (len(outputs), len(projections))
         for o, p in zip(outputs, projections):
             assert o.shape == (*lead, _out_features(p.weight)) and not o.requires_grad, (o.shape, lead)
-    buf = padded_linears(projections) if outputs is None else None
+    dropouts = [float(p.dropout) if p.lora_a is not None else 0.0 for p in projections]
+    buf = padded_linears(projections) if outputs is None and not any(dropouts) else None
     if buf is not None and buf.dtype == _compute_dtype(x):
         return _PaddedLinearsFunction.apply(x, len(projections), buf, *(p.lora_a for p in projections),
                                             *(p.lora_b for p in projections), *(float(p.scale) for p in projections))
     flat = [t for p in projections for t in (p.weight, p.lora_a, p.lora_b)]
     return _LoraLinearsFunction.apply(x, len(projections), outputs, *flat,
-                                      *(float(p.scale) for p in projections))
+                                      *(float(p.scale) for p in projections), *dropouts)
 
 
 def lora_linears_reference(x, *projections: LoraWeights):
-    """The spec, through plain autograd: what PEFT's LoRA ``Linear`` (dropout 0) computes per projection."""
+    """The spec, through plain autograd: what PEFT's LoRA ``Linear`` computes per projection, adapter dropout
+    drawn in their order (dropout.py)."""
     x = x.to(_compute_dtype(x))
     return tuple(_project_reference(x, p) for p in projections)

@@ -38,6 +38,7 @@ from tuneforge_kernels import lora_glu
 from tuneforge_kernels.backend import use_triton
 from tuneforge_kernels.cast_blocks import cast_blocks
 from tuneforge_kernels.copy_rows import copy_rows
+from tuneforge_kernels.dropout import draw_mask, drop, dropout_reference, masked_input_grad
 from tuneforge_kernels.fp8 import Fp8Weight, fp8_input_grad, fp8_linear, fp8_linear_reference, quantize_rows
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -46,12 +47,14 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 @dataclass(frozen=True)
 class LoraWeights:
     """One projection: frozen ``weight (out, in)`` and optional adapter ``lora_a (r, in)``,
-    ``lora_b (out, r)``, ``scale``."""
+    ``lora_b (out, r)``, ``scale``, and the adapter's ``dropout`` on its input while training (dropout.py;
+    0: none)."""
 
     weight: object
     lora_a: torch.Tensor | None = None
     lora_b: torch.Tensor | None = None
     scale: float = 1.0
+    dropout: float = 0.0
 
 
 def _out_features(w) -> int:
@@ -172,12 +175,58 @@ def _scaled_mm(a, b, s: float) -> torch.Tensor:
     return torch.addmm(a.new_empty(()), a, b, beta=0.0, alpha=s)
 
 
-def _project(x, w, a, b, s, dtype, c=None):
+def _input_product(x, a, dropped=None) -> torch.Tensor:
+    """``x A^T`` (N, r), or ``drop(x) A^T`` where the adapter has dropout (``dropped``: its (mask, p))."""
+    return (x if dropped is None else drop(x, *dropped)) @ a.t()
+
+
+def adapter_input_terms(x2, parts, dx, want, a_joined=None) -> list:
+    """Backward of the rank-r inputs ``x A_k^T`` of the adapters that read ``x2 (N, in)``. ``parts``: per
+    adapter ``(d_b, a, dropped)`` with ``d_b = s dy B (N, r)``, ``a (r, in)`` and ``dropped`` None or the
+    (mask, p) of its dropout; ``want``: per adapter, whether its dA is needed. Returns the dA's ``(r, in)``
+    (None where not wanted) and adds every adapter's term of ``dx`` into ``dx`` (None: not needed).
+
+    The adapters without dropout: their dA's in one GEMM (x read once) and their dx terms in one pass over
+    dx (``a_joined``: their A's as one tensor when all of them are). With dropout (dropout.py) each reads
+    its dropped input (recomputed once per mask) and adds its masked term."""
+    out = [None] * len(parts)
+    plain = [k for k, part in enumerate(parts) if part[2] is None]
+    if plain:
+        d_b = torch.cat([parts[k][0] for k in plain], dim=1) if len(plain) > 1 else parts[plain[0]][0]
+        if any(want[k] for k in plain):
+            d_a, col = d_b.t() @ x2, 0                                              # (sum r, in)
+            for k in plain:
+                r = parts[k][1].shape[0]
+                out[k] = d_a[col:col + r] if want[k] else None
+                col += r
+        if dx is not None:
+            whole = a_joined is not None and len(plain) == len(parts)
+            dx.addmm_(d_b, a_joined if whole else rows_of([parts[k][1] for k in plain]))
+    last = None  # (mask, dropped x): one adapter's mask shared by parts of one module (Phi-3's gate_up_proj)
+    for k, (d_b, a, dropped) in enumerate(parts):
+        if dropped is None:
+            continue
+        if want[k]:
+            if last is None or last[0] is not dropped[0]:
+                last = (dropped[0], drop(x2, *dropped))
+            out[k] = d_b.t() @ last[1]                                               # (r, in)
+        if dx is not None:
+            dx.add_(masked_input_grad(d_b, a, *dropped))
+    return out
+
+
+def _draw(shape, p: float, has_adapter: bool, device):
+    # (mask, p) for an adapter with dropout p, else None
+    return (draw_mask(shape, p, device), p) if p and has_adapter else None
+
+
+def _project(x, w, a, b, s, dtype, c=None, dropped=None):
     # x: (N, in) -> (N, out) (+ c, added by the GEMM), plus the (N, r) product x A^T when there is an adapter
+    # (``dropped``: (mask, p), the adapter reads x dropped)
     y = frozen_linear(x, w, dtype, c)
     if a is None:
         return y, None
-    xa = x @ a.t()
+    xa = _input_product(x, a, dropped)
     y.addmm_(xa, b.t(), alpha=s)
     return y, xa
 
@@ -214,13 +263,14 @@ def _joined_weights(weights, dtype):
     return w_all if w_all is not None and w_all.dtype == dtype else None
 
 
-def _gate_up(x, weights, dtype, lora, scales, fused):
+def _gate_up(x, weights, dtype, lora, scales, fused, dropped=(None, None)):
     """``x W_g^T``, ``x W_u^T`` and the rank-r ``x A_g^T``, ``x A_u^T`` (one GEMM for both, x read once; one
     product when gate and up share their A, as Phi-3's split ``gate_up_proj``). Weights stored in one
     buffer (``joined``: Phi-3's ``gate_up_proj``, or the patcher's layout for small models) give one
     GEMM whose column halves are ``g`` and ``u``. ``fused``: the base products only, the kernels add the
     rank-r terms; else the terms are added here (ranks over lora_glu.MAX_RANK). A quantised weight is
-    expanded for its GEMM alone (one transient at a time)."""
+    expanded for its GEMM alone (one transient at a time). ``dropped``: the gate's and up's (mask, p)
+    where their adapters have dropout (the same one for a shared A)."""
     ag, bg, au, bu = lora
     both = _joined_weights(weights, dtype)
     if both is not None:
@@ -230,11 +280,11 @@ def _gate_up(x, weights, dtype, lora, scales, fused):
         xq = _fp8_input(x, weights)
         g = frozen_linear(x, weights[0], dtype, xq=xq)                          # (N, I)
         u = frozen_linear(x, weights[1], dtype, xq=xq)                          # (N, I)
-    if ag is None or au is None:
-        xa_g = x @ ag.t() if ag is not None else None
-        xa_u = x @ au.t() if au is not None else None
+    if ag is None or au is None or dropped != (None, None) and ag is not au:
+        xa_g = _input_product(x, ag, dropped[0]) if ag is not None else None
+        xa_u = _input_product(x, au, dropped[1]) if au is not None else None
     elif ag is au:
-        xa_g = xa_u = x @ ag.t()
+        xa_g = xa_u = _input_product(x, ag, dropped[0])
     else:
         xa = x @ rows_of([ag, au]).t()                                            # (N, r_g + r_u)
         xa_g, xa_u = xa[:, :ag.shape[0]], xa[:, ag.shape[0]:]
@@ -260,23 +310,31 @@ def _glu_terms(fused, xa_g, xa_u, lora, scales):
 _DEFERRED_ROWS = 2048
 
 
-def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, fused, dtype, dx, xa_d=None):
+def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, fused, dtype, dx, xa_d=None,
+                   dropped=(None, None, None)):
     """Backward of a block of rows whose ``x W_g^T``, ``x W_u^T`` (``g``/``u``: with the rank-r terms
     unless ``fused``) and ``x A^T`` are given (``g``/``u`` are overwritten): writes ``dx (rows, H)`` when
     it is not None and returns the six adapter-gradient terms in the compute dtype (dA_g, dB_g, dA_u,
     dB_u, dA_d, dB_d; None where not wanted). ``xa_d``: the forward's ``h A_d^T`` (else recomputed from
     ``h``). Weights are dequantised at each use (one transient at a time) unless the caller passes
-    tensors."""
+    tensors. ``dropped``: the (mask, p) of each adapter (gate, up, down) with dropout, the rows' part; with
+    one on down, ``h`` below is ``h`` dropped (what its adapter read)."""
     ag, bg, au, bu, ad, bd = lora
     wg, wu, wd = weights
     sg, su, sd = scales
     dh = frozen_input_grad(dy2, wd, dtype)                                      # (N, I)
     dy_b = dy2 @ bd if ad is not None else None                                 # (N, r)
+    drop_d = dropped[2]
     if ad is not None and not fused:
-        dh.addmm_(dy_b, ad, alpha=sd)
-    down = {"dy_b": dy_b, "a_d": ad, "s_d": sd} if fused else {}
+        if drop_d is None:
+            dh.addmm_(dy_b, ad, alpha=sd)
+        else:
+            dh.add_(masked_input_grad(dy_b, ad, *drop_d), alpha=sd)
+    down = {"dy_b": dy_b, "a_d": ad, "s_d": sd, "dropped_d": drop_d} if fused else {}
     lora_glu.lora_glu_backward_inplace(dh, g, u, act, **_glu_terms(fused, xa_g, xa_u, lora, scales), **down)
     h, dg, du = dh, g, u
+    if drop_d is not None and not fused:
+        h = drop(h, *drop_d)  # (the kernel wrote h dropped over dh where it is fused)
     grads = [None] * 6
     if ad is not None:
         if need[8]:
@@ -298,23 +356,16 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
         if need[3 + 3 * i]:
             grads[2 * i + 1] = _scaled_mm(d.t(), xa, s)                         # (I, r)
     if adapted:
-        # s (d B) for both adapters side by side: their dA in one GEMM (x read once) and their dx terms
-        # in one pass over dx
-        d_b = torch.cat([_scaled_mm(d, b, s) for _, d, _, b, _, s in adapted], dim=1)  # (N, r_g + r_u)
-        col = 0
-        d_a = d_b.t() @ x2                                                      # (r_g + r_u, H)
-        for i, _, a, _, _, _ in adapted:
-            if need[2 + 3 * i]:
-                grads[2 * i] = d_a[col:col + a.shape[0]]                        # (r, H)
-            col += a.shape[0]
-        if dx is not None:
-            dx.addmm_(d_b, rows_of([a for _, _, a, _, _, _ in adapted]))
+        d_as = adapter_input_terms(x2, [(_scaled_mm(d, b, s), a, dropped[i]) for i, d, a, b, _, s in adapted],
+                                   dx, [need[2 + 3 * i] for i, *_ in adapted])
+        for (i, *_), d_a in zip(adapted, d_as):
+            grads[2 * i] = d_a                                                  # (r, H)
     return grads
 
 
 class _LoraMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, wg, ag, bg, wu, au, bu, wd, ad, bd, sg, su, sd, act, output_unused, residual):
+    def forward(ctx, x, wg, ag, bg, wu, au, bu, wd, ad, bd, sg, su, sd, act, output_unused, residual, dropouts):
         dtype = _compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
@@ -324,16 +375,25 @@ class _LoraMLPFunction(torch.autograd.Function):
         au_ = ag_ if shared else au_
         cast = [ag_, bg_, au_, bu_, ad_, bd_]
         fused = lora_glu.fusable(bg_, bu_, bd_)
+        # the adapters' dropout masks, drawn in PEFT's order (gate, up, down; one for a shared A), also
+        # where nothing is computed (deferred): a recompute draws what its forward drew
+        pg, pu, pd = dropouts
+        drop_g = _draw(x2.shape, pg, ag is not None, x2.device)
+        drop_u = drop_g if shared else _draw(x2.shape, pu, au is not None, x2.device)
+        drop_d = _draw((x2.shape[0], ad.shape[1]), pd, True, x2.device) if ad is not None else None  # h's shape
         if output_unused:  # deferred (module docstring): nothing reads y, backward recomputes g and u
             g = u = xa_g = xa_u = xa_d = None
             y = x2.new_empty(x2.shape[0], _out_features(wd))                    # (N, H)
         else:
-            g, u, xa_g, xa_u = _gate_up(x2, (wg, wu), dtype, cast[:4], (sg, su), fused)
+            g, u, xa_g, xa_u = _gate_up(x2, (wg, wu), dtype, cast[:4], (sg, su), fused, (drop_g, drop_u))
             h = _act_forward(g, u, act, _glu_terms(fused, xa_g, xa_u, cast, (sg, su)))  # (N, I)
             # h A_d^T (N, r) is kept: backward's dB_d reads it (a pass over h less for r columns)
             c = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
-            y, xa_d = _project(h, wd, ad_, bd_, sd, dtype, c)                  # (N, H)
-        ctx.save_for_backward(g, u, xa_g, xa_u, xa_d, ag_, bg_, au_, bu_, ad_, bd_, *_x_for_saving(ctx, x, x2))
+            y, xa_d = _project(h, wd, ad_, bd_, sd, dtype, c, drop_d)          # (N, H)
+        masks = [d[0] if d is not None else None for d in (drop_g, drop_u, drop_d)]
+        ctx.save_for_backward(g, u, xa_g, xa_u, xa_d, ag_, bg_, au_, bu_, ad_, bd_, *masks,
+                              *_x_for_saving(ctx, x, x2))
+        ctx.dropouts = dropouts
         ctx.weights = (wg, wu, wd)
         ctx.scales = (sg, su, sd)
         ctx.act, ctx.shape, ctx.dtype = act, shape, dtype
@@ -344,7 +404,7 @@ class _LoraMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g, u, xa_g, xa_u, xa_d, *rest = ctx.saved_tensors
-        lora, x_saved = rest[:6], rest[6:]
+        lora, masks, x_saved = rest[:6], rest[6:9], rest[9:]
         x2 = _restore_x(ctx, x_saved)
         dtype = ctx.dtype
         need = ctx.needs_input_grad
@@ -352,7 +412,8 @@ class _LoraMLPFunction(torch.autograd.Function):
         dx = x2.new_empty(x2.shape) if need[0] else None                        # (N, H), contiguous
         common = (ctx.scales, need, ctx.act, ctx.fused, dtype)
         if not ctx.deferred:
-            grads = _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, ctx.weights, *common, dx, xa_d)
+            dropped = _dropped(masks, ctx.dropouts, slice(None))
+            grads = _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, ctx.weights, *common, dx, xa_d, dropped)
         else:
             # dequantised once for all blocks (QLoRA: three transients instead of one at a time); FP8
             # weights with their column-major copies made once (each block's input gradients read them)
@@ -361,9 +422,10 @@ class _LoraMLPFunction(torch.autograd.Function):
             for start in range(0, x2.shape[0], _DEFERRED_ROWS):
                 rows = slice(start, start + _DEFERRED_ROWS)
                 xc = x2[rows]
-                g, u, xa_g, xa_u = _gate_up(xc, weights[:2], dtype, lora[:4], ctx.scales, ctx.fused)
+                dropped = _dropped(masks, ctx.dropouts, rows)
+                g, u, xa_g, xa_u = _gate_up(xc, weights[:2], dtype, lora[:4], ctx.scales, ctx.fused, dropped[:2])
                 part = _rows_backward(dy2[rows], xc, g, u, xa_g, xa_u, lora, weights, *common,
-                                      dx[rows] if dx is not None else None)
+                                      dx[rows] if dx is not None else None, dropped=dropped)
                 # block terms summed in float32
                 grads = [gr if p is None else p.float() if gr is None else gr.add_(p)
                          for gr, p in zip(grads, part)]
@@ -372,7 +434,12 @@ class _LoraMLPFunction(torch.autograd.Function):
             dx = dx.view(ctx.shape)
         d_residual = dy if ctx.needs_input_grad[15] else None  # the residual passes through the sum
         return (dx, None, grads[0], grads[1], None, grads[2], grads[3], None, grads[4], grads[5],
-                None, None, None, None, None, d_residual)
+                None, None, None, None, None, d_residual, None)
+
+
+def _dropped(masks, dropouts, rows: slice) -> tuple:
+    # the saved masks' rows as each adapter's (mask, p), None where it has no dropout
+    return tuple(None if m is None else (m[rows], p) for m, p in zip(masks, dropouts))
 
 
 # Padded layout (``pad_weights``): the frozen weights stored with r spare rows and columns, so that every
@@ -560,7 +627,8 @@ def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeig
         return out if residual is None else residual + out
     fused_residual = residual if residual is not None and residual.dtype == _compute_dtype(x) \
         and residual.shape == (*x.shape[:-1], _out_features(down.weight)) else None
-    buffers = padded(gate, up, down) if not output_unused else None
+    dropouts = tuple(float(p.dropout) if p.lora_a is not None else 0.0 for p in (gate, up, down))
+    buffers = padded(gate, up, down) if not output_unused and not any(dropouts) else None
     if buffers is not None and buffers[0].dtype == _compute_dtype(x):
         out = _PaddedMLPFunction.apply(
             x, gate.lora_a, gate.lora_b, up.lora_a, up.lora_b, down.lora_a, down.lora_b, float(gate.scale),
@@ -569,20 +637,25 @@ def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeig
     out = _LoraMLPFunction.apply(
         x, gate.weight, gate.lora_a, gate.lora_b, up.weight, up.lora_a, up.lora_b,
         down.weight, down.lora_a, down.lora_b, float(gate.scale), float(up.scale), float(down.scale),
-        act, bool(output_unused), fused_residual)
+        act, bool(output_unused), fused_residual, dropouts)
     return out if residual is None or fused_residual is not None else residual + out
 
 
-def _project_reference(x, p: LoraWeights):
+def _project_reference(x, p: LoraWeights, dropped=None):
+    # dropped: the adapter's input, x with its dropout (else drawn here)
     dtype = x.dtype
     y = fp8_linear_reference(x, p.weight) if isinstance(p.weight, Fp8Weight) else x @ _dense(p.weight, dtype).t()
     if p.lora_a is not None:
-        y = y + (x @ p.lora_a.to(dtype).t()) @ p.lora_b.to(dtype).t() * p.scale
+        xd = dropped if dropped is not None else dropout_reference(x, p.dropout)
+        y = y + (xd @ p.lora_a.to(dtype).t()) @ p.lora_b.to(dtype).t() * p.scale
     return y
 
 
 def lora_mlp_reference(x, gate: LoraWeights, up: LoraWeights, down: LoraWeights, act: str = "silu"):
-    """The spec, through plain autograd: what HF's MLP with PEFT LoRA layers (dropout 0) computes."""
+    """The spec, through plain autograd: what HF's MLP with PEFT LoRA layers computes, adapter dropout
+    drawn as PEFT draws it (dropout.py; one mask for gate and up sharing an A, as Phi-3's gate_up_proj)."""
     x = x.to(_compute_dtype(x))
-    g, u = _project_reference(x, gate), _project_reference(x, up)
+    x_g = dropout_reference(x, gate.dropout) if gate.lora_a is not None else None
+    g = _project_reference(x, gate, x_g)
+    u = _project_reference(x, up, x_g if up.lora_a is gate.lora_a else None)
     return _project_reference(lora_glu.act_fn(g, act) * u, down)

@@ -52,17 +52,18 @@ def test_offload_equals_checkpointing(device, impl):
     assert worst < (1e-6 if device == "cpu" else 1e-5), worst
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+@pytest.mark.parametrize("device,impl", DEVICES_IMPLS)
 @pytest.mark.parametrize("mode", ["checkpointing", "offload"])
-def test_the_recompute_draws_the_forwards_dropout_masks(device, mode):
-    """Adapter dropout (PEFT's forward, see test_patch_llama): a recomputing memory mode must draw the masks
-    its forward drew, as torch's checkpointing does, so its gradients are those of the loss it computed;
-    the same loss and gradients as keeping every activation under one seed, and the random stream left
-    where that run leaves it."""
+def test_the_recompute_draws_the_forwards_dropout_masks(device, impl, mode):
+    """Adapter dropout (drawn by the fused nodes, see test_patch_llama): a recomputing memory mode must draw
+    the masks its forward drew, as torch's checkpointing does, so its gradients are those of the loss it
+    computed; the same loss and gradients as keeping every activation under one seed, and the random
+    stream left where that run leaves it. In ``offload`` the recompute's MLP is deferred and its Q/K/V and
+    O replayed: they draw the masks all the same."""
     results = []
     for m in ("off", mode):
         model = build_lora_model(tiny_config(num_hidden_layers=3), device, lora_dropout=0.3)
-        patch_model(model, memory_mode=m)
+        patch_model(model, memory_mode=m, impl=impl)
         torch.manual_seed(11)
         x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(4)).to(device)
         loss = model(input_ids=x, labels=x).loss

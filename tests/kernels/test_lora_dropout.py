@@ -1,0 +1,170 @@
+"""Adapter dropout in the fused LoRA nodes (tuneforge_kernels/dropout.py): the masks as torch draws them, and
+lora_mlp / lora_linears with dropout against their float64 references drawing the same masks (one seed:
+the masks are the default generator's, drawn in the same order and shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneforge_kernels.dropout import draw_mask, drop
+from tuneforge_kernels.lora_linear import lora_linears, lora_linears_reference
+from tuneforge_kernels.lora_mlp import LoraWeights, lora_mlp, lora_mlp_reference
+from tests.kernels.conftest import DEVICES, TOL, needs_triton, rel_err
+
+pytestmark = needs_triton
+
+
+def _proj(out_f, in_f, rank, device, dtype, dropout, scale=2.0):
+    w = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f ** 0.5
+    a = (torch.randn(rank, in_f, device=device) / in_f ** 0.5).requires_grad_()  # fp32 like PEFT
+    b = (torch.randn(out_f, rank, device=device) * 0.1).requires_grad_()
+    return LoraWeights(w, a, b, scale, dropout)
+
+
+def _as64(projections):
+    # float64 copies; an A shared by several projections stays one tensor
+    copies = {}
+
+    def leaf(t):
+        if id(t) not in copies:
+            copies[id(t)] = t.detach().double().requires_grad_()
+        return copies[id(t)]
+
+    return [LoraWeights(p.weight.double(), leaf(p.lora_a), leaf(p.lora_b), p.scale, p.dropout) for p in projections]
+
+
+def _leaves(projections):
+    seen, out = set(), []
+    for t in (t for p in projections for t in (p.lora_a, p.lora_b)):
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _grads(fn, x, projections, dys, seed):
+    """Outputs and gradients of ``fn(x, projections)`` (outputs a tuple) with the generator at ``seed``, and
+    the generator's next draw (what the call consumed)."""
+    torch.manual_seed(seed)
+    if x.is_cuda:
+        torch.cuda.manual_seed(seed)
+    outs = fn(x, projections)
+    leaves = [x, *_leaves(projections)]
+    grads = torch.autograd.grad(outs, leaves, [d.to(o.dtype) for d, o in zip(dys, outs)])
+    return [o.detach() for o in outs], grads, torch.rand(1, device=x.device).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masks_are_torch_dropouts_on_the_cpu(dtype):
+    """The same stream as ``torch.nn.functional.dropout`` (what PEFT calls) on a tensor of any dtype, and
+    ``drop`` rounds once with the scale a float32 multiplier (as CUDA's fused dropout computes)."""
+    x = torch.randn(37, 53).to(dtype)
+    torch.manual_seed(0)
+    ours = draw_mask(x.shape, 0.1, x.device)
+    torch.manual_seed(0)
+    peft = torch.nn.functional.dropout(x.float(), 0.1, training=True)
+    assert torch.equal(ours, peft != 0) and ours.dtype == torch.bool
+    torch.manual_seed(0)
+    assert torch.equal(torch.native_dropout(x, 0.1, True)[1], ours)
+    scale = torch.tensor(1 / 0.9, dtype=torch.float32)
+    assert torch.equal(drop(x, ours, 0.1), (x.float() * ours * scale).to(dtype))
+
+
+def test_keep_rate_and_bad_rates():
+    torch.manual_seed(1)
+    kept = draw_mask((400, 500), 0.05, torch.device("cpu")).float().mean().item()
+    assert abs(kept - 0.95) < 0.002  # 200,000 draws: sigma ~0.0005
+    for p in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="dropout must be in"):
+            draw_mask((2, 2), p, torch.device("cpu"))
+
+
+def _mlp_case(layout, device, dtype):
+    hidden, inter, rank = (24, 52, 4) if device == "cpu" else (4096, 14336, 16)
+    p = {"all": (0.3, 0.1, 0.2), "down_only": (0.0, 0.0, 0.25), "gate_only": (0.4, 0.0, 0.0),
+         "shared_a": (0.3, 0.3, 0.2), "rank_over_kernel_limit": (0.3, 0.1, 0.2)}[layout]
+    gate, up = _proj(inter, hidden, rank, device, dtype, p[0]), _proj(inter, hidden, rank, device, dtype, p[1])
+    down = _proj(hidden, inter, rank, device, dtype, p[2], scale=0.5)
+    if layout == "shared_a":  # Phi-3's gate_up_proj split by rows: one adapter, one mask
+        w = torch.cat([gate.weight, up.weight])
+        b = torch.cat([gate.lora_b, up.lora_b]).detach().requires_grad_()
+        gate, up = (LoraWeights(w[:inter], gate.lora_a, b[:inter], 2.0, p[0]),
+                    LoraWeights(w[inter:], gate.lora_a, b[inter:], 2.0, p[0]))
+    return [gate, up, down]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["all", "down_only", "gate_only", "shared_a", "rank_over_kernel_limit"])
+@pytest.mark.parametrize("deferred_rows", [None, 4])
+def test_mlp_with_dropout_matches_the_reference(monkeypatch, device, dtype, layout, deferred_rows):
+    """Every gradient against the float64 reference with the same masks; the generator left where the
+    reference leaves it (the same draws); ``deferred_rows``: the recompute's deferred MLP (output unused,
+    backward in blocks of rows: 3 blocks on the CPU, the last ragged) draws them too."""
+    import tuneforge_kernels.lora_mlp as mod
+
+    if layout == "rank_over_kernel_limit":  # the down term and the dropped h outside the activation kernel
+        monkeypatch.setattr("tuneforge_kernels.lora_glu.MAX_RANK", 3 if device == "cpu" else 15)
+    if deferred_rows is not None:
+        monkeypatch.setattr(mod, "_DEFERRED_ROWS", deferred_rows if device == "cpu" else 400)
+    torch.manual_seed(2)
+    projections = _mlp_case(layout, device, dtype)
+    n = 9 if device == "cpu" else 1023
+    x = torch.randn(n, projections[2].weight.shape[0], device=device, dtype=dtype).requires_grad_()
+    dy = [torch.randn(x.shape, device=device, dtype=torch.float64)]
+    unused = deferred_rows is not None
+    out, got, after = _grads(lambda t, ps: (lora_mlp(t, *ps, impl="triton", output_unused=unused),), x,
+                             projections, dy, seed=3)
+    x64 = x.detach().double().requires_grad_()
+    ref, exp, after_ref = _grads(lambda t, ps: (lora_mlp_reference(t, *ps),), x64, _as64(projections), dy, seed=3)
+    if not unused:
+        assert rel_err(out[0], ref[0]) < TOL[dtype]
+    assert after == after_ref
+    for a, b in zip(got, exp):
+        assert rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else TOL[dtype]), (rel_err(a, b))
+    # and the masks matter: without dropout the gradients differ
+    plain = [LoraWeights(p.weight, p.lora_a, p.lora_b, p.scale) for p in projections]
+    _, without, _ = _grads(lambda t, ps: (lora_mlp(t, *ps, impl="triton"),), x, plain, dy, seed=3)
+    assert rel_err(without[0], got[0]) > 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("replay", [False, True])
+def test_linears_with_dropout_match_the_reference(device, dtype, replay):
+    """Q/K/V with dropout on q and v (k without: its adapter stays in the batched GEMMs); ``replay``: an
+    ``offload`` recompute given the outputs still draws the masks and gives the same gradients."""
+    torch.manual_seed(4)
+    hidden, kv, rank = (40, 12, 4) if device == "cpu" else (4096, 1024, 16)
+    projections = [_proj(hidden, hidden, rank, device, dtype, 0.2, scale=0.5),
+                   _proj(kv, hidden, rank, device, dtype, 0.0), _proj(kv, hidden, rank, device, dtype, 0.4)]
+    x = torch.randn(3, 5 if device == "cpu" else 341, hidden, device=device, dtype=dtype).requires_grad_()
+    dys = [torch.randn(*x.shape[:-1], p.weight.shape[0], device=device, dtype=torch.float64) for p in projections]
+    outs, got, after = _grads(lambda t, ps: lora_linears(t, *ps, impl="triton"), x, projections, dys, seed=5)
+    x64 = x.detach().double().requires_grad_()
+    refs, exp, after_ref = _grads(lambda t, ps: lora_linears_reference(t, *ps), x64, _as64(projections), dys,
+                                  seed=5)
+    assert after == after_ref
+    for o, r in zip(outs, refs):
+        assert rel_err(o, r) < TOL[dtype]
+    for a, b in zip(got, exp):
+        assert rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else TOL[dtype])
+    if replay:
+        kept = [o.clone() for o in outs]
+        _, replayed, _ = _grads(lambda t, ps: lora_linears(t, *ps, impl="triton", outputs=kept), x, projections,
+                                dys, seed=5)
+        for a, b in zip(got, replayed):
+            assert torch.equal(a, b)
+
+
+def test_dropout_is_off_for_projections_without_an_adapter():
+    # a rate on a projection without an adapter draws nothing (PEFT has no dropout module there)
+    x, w_o, w_g, w_u, w_d = torch.randn(3, 6), torch.randn(8, 6), torch.randn(10, 6), torch.randn(10, 6), \
+        torch.randn(6, 10)
+    torch.manual_seed(0)
+    lora_linears(x, LoraWeights(w_o, dropout=0.5), impl="triton")
+    lora_mlp(x, *(LoraWeights(w, dropout=0.5) for w in (w_g, w_u, w_d)), impl="triton")
+    after = torch.rand(1).item()
+    torch.manual_seed(0)
+    assert torch.rand(1).item() == after
