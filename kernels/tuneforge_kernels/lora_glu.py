@@ -189,15 +189,15 @@ def lora_glu_backward_inplace(dh, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0
                               s_u=1.0, dy_b=None, a_d=None, s_d=1.0, dropped_d=None) -> None:
     """Backward of ``lora_glu_forward`` with ``dh = DH + s_d dy_b A_d`` (``dy_b`` (N, r_d), ``a_d``
     (r_d, I)): afterwards ``dh`` holds ``h``, ``yg`` holds ``dg`` and ``yu`` holds ``du``.
-    ``dropped_d``: the down adapter's dropout, ``(mask (N, I) bool, p)`` (module docstring): the term
-    masked and scaled by 1 / (1 - p), and ``dh`` then holds ``h`` dropped."""
+    ``dropped_d``: the down adapter's dropout (dropout.Mask, drawn: ``keep`` (N, I)), module docstring:
+    the term masked and scaled by 1 / (1 - p), and ``dh`` then holds ``h`` dropped."""
     _check(yg, yu, dh)
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
     xd, ad, ld_xd, ld_ad, rd, sd, has_d, pd = _term(dy_b, a_d, s_d, yg)
     md, ld_md, inv_keep = yg, 0, 1.0
     if dropped_d is not None:
-        mask, p = dropped_d
+        mask, p = dropped_d.keep, dropped_d.p
         assert has_d and mask.shape == yg.shape and mask.dtype == torch.bool and mask.stride(1) == 1, (
             mask.shape, mask.dtype, yg.shape)
         md, ld_md, inv_keep = mask.view(torch.uint8), mask.stride(0), 1.0 / (1.0 - p)

@@ -27,7 +27,7 @@ from tuneforge_kernels.cast_blocks import cast_blocks
 from tuneforge_kernels.copy_rows import copy_rows
 from tuneforge_kernels.lora_mlp import (PADDED_ONE_GEMM_MAX_HIDDEN, LoraWeights, _cast_grads, _compute_dtype, _draw,
                                         _fp8_input, _input_product, _joined_weights, _mm_into, _out_features,
-                                        _project_reference, _restore_x, _scaled_mm, _spans, _x_for_saving,
+                                        _project_reference, _redraw, _restore_x, _scaled_mm, _spans, _x_for_saving,
                                         adapter_input_terms, cast_group, frozen_input_grad, frozen_linear, rows_of,
                                         wide_input)
 
@@ -74,11 +74,10 @@ class _LoraLinearsFunction(torch.autograd.Function):
                 col += r
                 y.addmm_(xas[i], b_s[i].t(), alpha=scales[i])
             outs.append(y.view(*shape[:-1], y.shape[-1]))
-        masks = [d[0] if d is not None else None for d in dropped]
-        ctx.save_for_backward(xa_all, a_all, *b_s, *masks, *_x_for_saving(ctx, x, x2))
+        ctx.save_for_backward(xa_all, a_all, *b_s, *_x_for_saving(ctx, x, x2))
         ctx.set_materialize_grads(False)  # an unused output's grad arrives as None: no work for it
         ctx.n, ctx.weights, ctx.scales, ctx.dtype, ctx.shape = n, weights, scales, dtype, shape
-        ctx.dropouts = dropouts
+        ctx.masks = [d.released() if d is not None else None for d in dropped]  # drawn again in backward
         ctx.with_lora = with_lora
         ctx.param_dtypes = [(lora[0][i].dtype, lora[1][i].dtype) if lora[0][i] is not None else None
                             for i in range(n)]
@@ -88,8 +87,8 @@ class _LoraLinearsFunction(torch.autograd.Function):
     def backward(ctx, *dys):
         n = ctx.n
         xa_all, a_all, *rest = ctx.saved_tensors
-        b_s, masks = rest[:n], rest[n:2 * n]
-        x2 = _restore_x(ctx, rest[2 * n:])
+        b_s = rest[:n]
+        x2 = _restore_x(ctx, rest[n:])
         need = ctx.needs_input_grad
         dtype = ctx.dtype
         dx, dx_base_done = None, False
@@ -124,8 +123,8 @@ class _LoraLinearsFunction(torch.autograd.Function):
         if adapted:
             # s (dy B) of every projection side by side: their dA in one GEMM and their dx terms in one
             # pass over dx (x and dx read once, not once per projection), but for those with dropout
-            parts = [(d_b, a_all[rows], None if masks[i] is None else (masks[i], ctx.dropouts[i]))
-                     for i, rows, d_b in adapted]
+            masks = _redraw(ctx.masks)
+            parts = [(d_b, a_all[rows], masks[i]) for i, rows, d_b in adapted]
             d_as = adapter_input_terms(x2, parts, dx, [need[4 + 3 * i] for i, _, _ in adapted],
                                        a_all if len(adapted) == len(ctx.with_lora) else None)
             for (i, _, _), d_a in zip(adapted, d_as):

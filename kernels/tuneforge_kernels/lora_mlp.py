@@ -38,7 +38,7 @@ from tuneforge_kernels import lora_glu
 from tuneforge_kernels.backend import use_triton
 from tuneforge_kernels.cast_blocks import cast_blocks
 from tuneforge_kernels.copy_rows import copy_rows
-from tuneforge_kernels.dropout import draw_mask, drop, dropout_reference, masked_input_grad
+from tuneforge_kernels.dropout import Mask, drop, dropout_reference, masked_input_grad
 from tuneforge_kernels.fp8 import Fp8Weight, fp8_input_grad, fp8_linear, fp8_linear_reference, quantize_rows
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -176,14 +176,14 @@ def _scaled_mm(a, b, s: float) -> torch.Tensor:
 
 
 def _input_product(x, a, dropped=None) -> torch.Tensor:
-    """``x A^T`` (N, r), or ``drop(x) A^T`` where the adapter has dropout (``dropped``: its (mask, p))."""
-    return (x if dropped is None else drop(x, *dropped)) @ a.t()
+    """``x A^T`` (N, r), or ``drop(x) A^T`` where the adapter has dropout (``dropped``: its dropout.Mask)."""
+    return (x if dropped is None else drop(x, dropped)) @ a.t()
 
 
 def adapter_input_terms(x2, parts, dx, want, a_joined=None) -> list:
     """Backward of the rank-r inputs ``x A_k^T`` of the adapters that read ``x2 (N, in)``. ``parts``: per
-    adapter ``(d_b, a, dropped)`` with ``d_b = s dy B (N, r)``, ``a (r, in)`` and ``dropped`` None or the
-    (mask, p) of its dropout; ``want``: per adapter, whether its dA is needed. Returns the dA's ``(r, in)``
+    adapter ``(d_b, a, dropped)`` with ``d_b = s dy B (N, r)``, ``a (r, in)`` and ``dropped`` None or its
+    dropout's mask (dropout.Mask, drawn); ``want``: per adapter, whether its dA is needed. Returns the dA's ``(r, in)``
     (None where not wanted) and adds every adapter's term of ``dx`` into ``dx`` (None: not needed).
 
     The adapters without dropout: their dA's in one GEMM (x read once) and their dx terms in one pass over
@@ -207,17 +207,27 @@ def adapter_input_terms(x2, parts, dx, want, a_joined=None) -> list:
         if dropped is None:
             continue
         if want[k]:
-            if last is None or last[0] is not dropped[0]:
-                last = (dropped[0], drop(x2, *dropped))
+            if last is None or last[0] is not dropped.keep:
+                last = (dropped.keep, drop(x2, dropped))
             out[k] = d_b.t() @ last[1]                                               # (r, in)
         if dx is not None:
-            dx.add_(masked_input_grad(d_b, a, *dropped))
+            dx.add_(masked_input_grad(d_b, a, dropped))
     return out
 
 
-def _draw(shape, p: float, has_adapter: bool, device):
-    # (mask, p) for an adapter with dropout p, else None
-    return (draw_mask(shape, p, device), p) if p and has_adapter else None
+def _draw(shape, p: float, has_adapter: bool, device) -> Mask | None:
+    # the mask of an adapter with dropout p, else None
+    return Mask.draw(shape, p, device) if p and has_adapter else None
+
+
+def _redraw(masks) -> list:
+    """The masks a node kept (released) drawn again for its backward, once each (a shared one stays
+    shared)."""
+    drawn = {}
+    for m in masks:
+        if m is not None and id(m) not in drawn:
+            drawn[id(m)] = m.again()
+    return [drawn[id(m)] if m is not None else None for m in masks]
 
 
 def _project(x, w, a, b, s, dtype, c=None, dropped=None):
@@ -317,8 +327,8 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
     it is not None and returns the six adapter-gradient terms in the compute dtype (dA_g, dB_g, dA_u,
     dB_u, dA_d, dB_d; None where not wanted). ``xa_d``: the forward's ``h A_d^T`` (else recomputed from
     ``h``). Weights are dequantised at each use (one transient at a time) unless the caller passes
-    tensors. ``dropped``: the (mask, p) of each adapter (gate, up, down) with dropout, the rows' part; with
-    one on down, ``h`` below is ``h`` dropped (what its adapter read)."""
+    tensors. ``dropped``: the mask (dropout.Mask) of each adapter (gate, up, down) with dropout, the rows'
+    part; with one on down, ``h`` below is ``h`` dropped (what its adapter read)."""
     ag, bg, au, bu, ad, bd = lora
     wg, wu, wd = weights
     sg, su, sd = scales
@@ -329,12 +339,12 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
         if drop_d is None:
             dh.addmm_(dy_b, ad, alpha=sd)
         else:
-            dh.add_(masked_input_grad(dy_b, ad, *drop_d), alpha=sd)
+            dh.add_(masked_input_grad(dy_b, ad, drop_d), alpha=sd)
     down = {"dy_b": dy_b, "a_d": ad, "s_d": sd, "dropped_d": drop_d} if fused else {}
     lora_glu.lora_glu_backward_inplace(dh, g, u, act, **_glu_terms(fused, xa_g, xa_u, lora, scales), **down)
     h, dg, du = dh, g, u
     if drop_d is not None and not fused:
-        h = drop(h, *drop_d)  # (the kernel wrote h dropped over dh where it is fused)
+        h = drop(h, drop_d)  # (the kernel wrote h dropped over dh where it is fused)
     grads = [None] * 6
     if ad is not None:
         if need[8]:
@@ -390,10 +400,9 @@ class _LoraMLPFunction(torch.autograd.Function):
             # h A_d^T (N, r) is kept: backward's dB_d reads it (a pass over h less for r columns)
             c = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
             y, xa_d = _project(h, wd, ad_, bd_, sd, dtype, c, drop_d)          # (N, H)
-        masks = [d[0] if d is not None else None for d in (drop_g, drop_u, drop_d)]
-        ctx.save_for_backward(g, u, xa_g, xa_u, xa_d, ag_, bg_, au_, bu_, ad_, bd_, *masks,
-                              *_x_for_saving(ctx, x, x2))
-        ctx.dropouts = dropouts
+        ctx.save_for_backward(g, u, xa_g, xa_u, xa_d, ag_, bg_, au_, bu_, ad_, bd_, *_x_for_saving(ctx, x, x2))
+        released = {id(d): d.released() for d in (drop_g, drop_u, drop_d) if d is not None}  # drawn again in backward
+        ctx.masks = [released[id(d)] if d is not None else None for d in (drop_g, drop_u, drop_d)]
         ctx.weights = (wg, wu, wd)
         ctx.scales = (sg, su, sd)
         ctx.act, ctx.shape, ctx.dtype = act, shape, dtype
@@ -404,16 +413,16 @@ class _LoraMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g, u, xa_g, xa_u, xa_d, *rest = ctx.saved_tensors
-        lora, masks, x_saved = rest[:6], rest[6:9], rest[9:]
+        lora, x_saved = rest[:6], rest[6:]
         x2 = _restore_x(ctx, x_saved)
+        masks = _redraw(ctx.masks)
         dtype = ctx.dtype
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)                            # (N, H)
         dx = x2.new_empty(x2.shape) if need[0] else None                        # (N, H), contiguous
         common = (ctx.scales, need, ctx.act, ctx.fused, dtype)
         if not ctx.deferred:
-            dropped = _dropped(masks, ctx.dropouts, slice(None))
-            grads = _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, ctx.weights, *common, dx, xa_d, dropped)
+            grads = _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, ctx.weights, *common, dx, xa_d, masks)
         else:
             # dequantised once for all blocks (QLoRA: three transients instead of one at a time); FP8
             # weights with their column-major copies made once (each block's input gradients read them)
@@ -422,7 +431,8 @@ class _LoraMLPFunction(torch.autograd.Function):
             for start in range(0, x2.shape[0], _DEFERRED_ROWS):
                 rows = slice(start, start + _DEFERRED_ROWS)
                 xc = x2[rows]
-                dropped = _dropped(masks, ctx.dropouts, rows)
+                dropped = [m.rows(rows) if m is not None else None for m in masks]
+                dropped[1] = dropped[0] if masks[1] is masks[0] else dropped[1]  # one shared A: one mask
                 g, u, xa_g, xa_u = _gate_up(xc, weights[:2], dtype, lora[:4], ctx.scales, ctx.fused, dropped[:2])
                 part = _rows_backward(dy2[rows], xc, g, u, xa_g, xa_u, lora, weights, *common,
                                       dx[rows] if dx is not None else None, dropped=dropped)
@@ -435,11 +445,6 @@ class _LoraMLPFunction(torch.autograd.Function):
         d_residual = dy if ctx.needs_input_grad[15] else None  # the residual passes through the sum
         return (dx, None, grads[0], grads[1], None, grads[2], grads[3], None, grads[4], grads[5],
                 None, None, None, None, None, d_residual, None)
-
-
-def _dropped(masks, dropouts, rows: slice) -> tuple:
-    # the saved masks' rows as each adapter's (mask, p), None where it has no dropout
-    return tuple(None if m is None else (m[rows], p) for m, p in zip(masks, dropouts))
 
 
 # Padded layout (``pad_weights``): the frozen weights stored with r spare rows and columns, so that every

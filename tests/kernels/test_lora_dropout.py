@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuneforge_kernels.dropout import draw_mask, drop
+from tuneforge_kernels.dropout import Mask, draw_mask, drop
 from tuneforge_kernels.lora_linear import lora_linears, lora_linears_reference
 from tuneforge_kernels.lora_mlp import LoraWeights, lora_mlp, lora_mlp_reference
 from tests.kernels.conftest import DEVICES, TOL, needs_triton, rel_err
@@ -61,14 +61,34 @@ def test_masks_are_torch_dropouts_on_the_cpu(dtype):
     ``drop`` rounds once with the scale a float32 multiplier (as CUDA's fused dropout computes)."""
     x = torch.randn(37, 53).to(dtype)
     torch.manual_seed(0)
-    ours = draw_mask(x.shape, 0.1, x.device)
+    ours = Mask.draw(x.shape, 0.1, x.device)
     torch.manual_seed(0)
     peft = torch.nn.functional.dropout(x.float(), 0.1, training=True)
-    assert torch.equal(ours, peft != 0) and ours.dtype == torch.bool
+    assert torch.equal(ours.keep, peft != 0) and ours.keep.dtype == torch.bool
     torch.manual_seed(0)
-    assert torch.equal(torch.native_dropout(x, 0.1, True)[1], ours)
+    assert torch.equal(torch.native_dropout(x, 0.1, True)[1], ours.keep)
     scale = torch.tensor(1 / 0.9, dtype=torch.float32)
-    assert torch.equal(drop(x, ours, 0.1), (x.float() * ours * scale).to(dtype))
+    assert torch.equal(drop(x, ours), (x.float() * ours.keep * scale).to(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_released_mask_is_drawn_again_bit_for_bit(device):
+    """A node keeps the generator's state, not the mask (``released``); ``again`` draws the same bits, and
+    the default generator is not moved by it."""
+    torch.manual_seed(3)
+    if device == "cuda":
+        torch.cuda.manual_seed(3)
+    first = Mask.draw((301, 77), 0.3, torch.device(device))
+    released = first.released()
+    assert released.keep is None and (device != "cuda" or released.state.numel() <= 16)
+    next_draw = torch.rand(4, device=device)
+    again = released.again()
+    assert torch.equal(again.keep, first.keep)
+    torch.manual_seed(3)
+    if device == "cuda":
+        torch.cuda.manual_seed(3)
+    Mask.draw((301, 77), 0.3, torch.device(device))
+    assert torch.equal(torch.rand(4, device=device), next_draw)
 
 
 def test_keep_rate_and_bad_rates():
@@ -168,3 +188,27 @@ def test_dropout_is_off_for_projections_without_an_adapter():
     after = torch.rand(1).item()
     torch.manual_seed(0)
     assert torch.rand(1).item() == after
+
+
+def test_the_nodes_keep_no_masks():
+    """What the fused nodes save for backward with dropout is what they save without it: no mask (drawn again
+    in backward), no dropped input."""
+    def saved(p):
+        torch.manual_seed(6)
+        gate, up, down = (_proj(20, 12, 4, "cpu", torch.float32, p), _proj(20, 12, 4, "cpu", torch.float32, p),
+                          _proj(12, 20, 4, "cpu", torch.float32, p))
+        qkv = [_proj(12, 12, 4, "cpu", torch.float32, p) for _ in range(3)]
+        x = torch.randn(7, 12, requires_grad=True)
+        sizes = []
+
+        def pack(t):
+            sizes.append((t.dtype, t.numel()))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lora_linears(x, *qkv, impl="triton")
+            lora_mlp(x, gate, up, down, impl="triton")
+        return sorted(sizes, key=str)
+
+    with_dropout = saved(0.2)
+    assert with_dropout == saved(0.0) and all(dtype != torch.bool for dtype, _ in with_dropout)

@@ -65,19 +65,20 @@ def test_backward_with_the_down_adapters_dropout(device, dtype):
     comes back as ``h`` dropped, rounded as the forward's ``drop`` rounded it: bit for bit in float32 on the
     CPU (the interpreter's float32 -> bf16 cast does not round to nearest: 72% of a random sample differ
     from torch's, so bf16 is compared within its tolerance there)."""
-    from tuneforge_kernels.dropout import drop
+    from tuneforge_kernels.dropout import Mask, drop
 
     rows, cols = (37, 301) if device == "cpu" else (4099, 14337)
     p = 0.3
     yg, yu, dh, terms, down = _case(rows, cols, (5, 16, 3), device, dtype, seed=11)
     mask = (torch.rand(rows, cols, generator=torch.Generator().manual_seed(12)) > p).to(device)
+    drawn = Mask(p, mask.shape, mask.device, None, mask)
     ygr, yur = yg.double().requires_grad_(), yu.double().requires_grad_()
     h = lora_glu_reference(ygr, yur, "silu", **{k: v.double() if isinstance(v, torch.Tensor) else v
                                                    for k, v in terms.items()})
     term = down["s_d"] * (down["dy_b"].double() @ down["a_d"].double()) * mask / (1 - p)
     dg_ref, du_ref = torch.autograd.grad(h, (ygr, yur), dh.double() + term)
-    h_dropped = drop(lora_glu_forward(yg, yu, "silu", **terms), mask, p)
-    lora_glu_backward_inplace(dh, yg, yu, "silu", **terms, **down, dropped_d=(mask, p))
+    h_dropped = drop(lora_glu_forward(yg, yu, "silu", **terms), drawn)
+    lora_glu_backward_inplace(dh, yg, yu, "silu", **terms, **down, dropped_d=drawn)
     if device == "cpu" and dtype == torch.float32:
         assert torch.equal(dh, h_dropped)
     else:
