@@ -17,9 +17,10 @@ groups=(
   "$K|$K/test_lora_mlp.py|not int64 and dtype0"
   "$K|$K/test_lora_mlp.py|not int64 and not dtype0"
   "$K|$K/test_lora_linear.py $K/test_rms_norm.py $K/test_rope.py|not int64"
-  "$K|$K --ignore=$K/test_lora_glu.py --ignore=$K/test_lora_mlp.py --ignore=$K/test_lora_linear.py --ignore=$K/test_rms_norm.py --ignore=$K/test_rope.py|not int64"
+  "$K|$K --ignore=$K/test_lora_glu.py --ignore=$K/test_lora_mlp.py --ignore=$K/test_lora_linear.py --ignore=$K/test_rms_norm.py --ignore=$K/test_rope.py --ignore=$K/test_lora_dropout.py|not int64"
   "$P|$P/test_graphs.py $P/test_patch_llama.py|"
   "$P|$P --ignore=$P/test_graphs.py --ignore=$P/test_patch_llama.py|"
+  "$K|$K/test_lora_dropout.py|not int64"
 )
 for i in ${TEST_GROUPS:-}; do  # a group that is not in the list would run pytest over everything
   if ! [[ $i =~ ^[0-9]+$ ]] || [[ -z ${groups[$i]:-} ]]; then
