@@ -16,6 +16,9 @@ into the base output by ``addmm_`` (no separate add), the three ``x A^T`` of Q/K
 forward (gpu_worker/patching/memory.py, ``offload`` mode): forward then computes only the rank-r ``x A^T``
 that backward reads and returns the given tensors, so the base GEMMs (and, in QLoRA, the dequantisations)
 of the recompute are skipped. Backward is unchanged: it never reads ``y``.
+
+Adapter dropout (``LoraWeights.dropout``, dropout.py): an adapter with dropout reads ``x`` dropped by its own
+mask (PEFT draws one per projection, in order), so its ``x A^T`` and dA leave the batched GEMMs.
 """
 
 from __future__ import annotations

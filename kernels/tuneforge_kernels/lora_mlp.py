@@ -26,6 +26,10 @@ or ``h``. So forward computes nothing and returns an uninitialised tensor of the
 caller guarantees that nothing reads its values), and backward computes ``g``, ``u`` itself, in blocks
 of rows: the down projection of the recompute (a third of the MLP's FLOPs) is never computed, and only
 a block's (rows x intermediate) tensors are alive instead of the whole ``g``, ``u`` and ``dh``.
+
+Adapter dropout (``LoraWeights.dropout``, dropout.py): each adapter reads its input dropped (``x`` for gate
+and up, ``h`` for down), with masks drawn in PEFT's order and drawn again in backward; deferred mode draws
+them in forward too, so a recompute draws what its forward drew.
 """
 
 from __future__ import annotations
