@@ -20,7 +20,9 @@ CUDA graphs are not used for layers with live dropout (gpu_worker/patching/graph
 
 ``drop`` computes ``x * mask * (1 / keep)`` with the scale as a float32 multiplier and one rounding, as
 torch's fused CUDA dropout does (on the CPU, torch's dropout of a bf16 tensor rounds the scale to bf16
-first).
+first). With ``impl="triton"`` (the fused nodes) it is one pass: x and the mask read, the dropped input
+written, where torch's two ops write and read it once more; likewise ``add_masked_input_grad_`` adds the
+masked term into ``dx`` in one pass instead of masking the GEMM's output, then adding it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,35 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+
+from tuneforge_kernels.backend import launcher, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+_BLOCK = 4096  # elements a program: 8 KB of bf16 (plus 4 KB of mask) in flight
+
+if triton is not None:
+
+    @triton.jit
+    def _drop_kernel(X, KEEP, Y, n, scale, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: > 2^31 elements
+        inside = offs < n
+        x = tl.load(X + offs, mask=inside, other=0.0).to(tl.float32)
+        kept = tl.load(KEEP + offs, mask=inside, other=0) != 0
+        tl.store(Y + offs, tl.where(kept, x * scale, 0.0).to(Y.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _add_masked_kernel(OUT, T, KEEP, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n
+        out = tl.load(OUT + offs, mask=inside, other=0.0).to(tl.float32)
+        t = tl.load(T + offs, mask=inside, other=0.0).to(tl.float32)
+        kept = tl.load(KEEP + offs, mask=inside, other=0) != 0
+        tl.store(OUT + offs, (out + tl.where(kept, t, 0.0)).to(OUT.dtype.element_ty), mask=inside)
 
 
 def draw_mask(shape, p: float, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -80,16 +111,33 @@ class Mask:
         return replace(self, keep=self.keep[rows], shape=None)
 
 
-def drop(x: torch.Tensor, m: Mask) -> torch.Tensor:
+def _flat(*tensors: torch.Tensor) -> bool:
+    # one shape, contiguous, on one device: the kernels index them as flat arrays
+    first = tensors[0]
+    return all(t.shape == first.shape and t.is_contiguous() and t.device == first.device for t in tensors)
+
+
+def drop(x: torch.Tensor, m: Mask, impl: str | None = None) -> torch.Tensor:
     """``x * keep / (1 - p)``, a new tensor: the dropped input (forward), again from its mask (backward)."""
-    return x.mul(m.keep).mul_(1.0 / (1.0 - m.p))
+    scale = 1.0 / (1.0 - m.p)
+    if not x.numel() or not _flat(x, m.keep) or not use_triton(x, impl=impl):
+        return x.mul(m.keep).mul_(scale)
+    y = torch.empty_like(x)
+    launcher(_drop_kernel, x)[(triton.cdiv(x.numel(), _BLOCK),)](
+        x, m.keep.view(torch.uint8), y, x.numel(), scale, BLOCK=_BLOCK, num_warps=8)
+    return y
 
 
-def masked_input_grad(d_b: torch.Tensor, a: torch.Tensor, m: Mask) -> torch.Tensor:
-    """The adapter's term of ``dx``: ``(d_b A) * keep / (1 - p)`` (``d_b = s dy B``), the scale taken by the
-    GEMM."""
-    term = torch.addmm(d_b.new_empty(()), d_b, a, beta=0.0, alpha=1.0 / (1.0 - m.p))
-    return term.mul_(m.keep)
+def add_masked_input_grad_(out: torch.Tensor, d_b: torch.Tensor, a: torch.Tensor, m: Mask, s: float = 1.0,
+                           impl: str | None = None) -> None:
+    """``out += s (d_b A) * keep / (1 - p)``: the adapter's term of ``dx`` (``d_b = s dy B``; or of the MLP's
+    ``dh``), the scale taken by the GEMM, the mask and the add by one pass over ``out``."""
+    term = torch.addmm(d_b.new_empty(()), d_b, a, beta=0.0, alpha=s / (1.0 - m.p))
+    if not out.numel() or not _flat(out, term, m.keep) or not use_triton(out, impl=impl):
+        out.add_(term.mul_(m.keep))
+        return
+    launcher(_add_masked_kernel, out)[(triton.cdiv(out.numel(), _BLOCK),)](
+        out, term, m.keep.view(torch.uint8), out.numel(), BLOCK=_BLOCK, num_warps=8)
 
 
 def dropout_reference(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -42,7 +42,7 @@ from tuneforge_kernels import lora_glu
 from tuneforge_kernels.backend import use_triton
 from tuneforge_kernels.cast_blocks import cast_blocks
 from tuneforge_kernels.copy_rows import copy_rows
-from tuneforge_kernels.dropout import Mask, drop, dropout_reference, masked_input_grad
+from tuneforge_kernels.dropout import Mask, add_masked_input_grad_, drop, dropout_reference
 from tuneforge_kernels.fp8 import Fp8Weight, fp8_input_grad, fp8_linear, fp8_linear_reference, quantize_rows
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -181,7 +181,7 @@ def _scaled_mm(a, b, s: float) -> torch.Tensor:
 
 def _input_product(x, a, dropped=None) -> torch.Tensor:
     """``x A^T`` (N, r), or ``drop(x) A^T`` where the adapter has dropout (``dropped``: its dropout.Mask)."""
-    return (x if dropped is None else drop(x, dropped)) @ a.t()
+    return (x if dropped is None else drop(x, dropped, impl="triton")) @ a.t()
 
 
 def adapter_input_terms(x2, parts, dx, want, a_joined=None) -> list:
@@ -212,10 +212,10 @@ def adapter_input_terms(x2, parts, dx, want, a_joined=None) -> list:
             continue
         if want[k]:
             if last is None or last[0] is not dropped.keep:
-                last = (dropped.keep, drop(x2, dropped))
+                last = (dropped.keep, drop(x2, dropped, impl="triton"))
             out[k] = d_b.t() @ last[1]                                               # (r, in)
         if dx is not None:
-            dx.add_(masked_input_grad(d_b, a, dropped))
+            add_masked_input_grad_(dx, d_b, a, dropped, impl="triton")
     return out
 
 
@@ -343,12 +343,12 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
         if drop_d is None:
             dh.addmm_(dy_b, ad, alpha=sd)
         else:
-            dh.add_(masked_input_grad(dy_b, ad, drop_d), alpha=sd)
+            add_masked_input_grad_(dh, dy_b, ad, drop_d, sd, impl="triton")
     down = {"dy_b": dy_b, "a_d": ad, "s_d": sd, "dropped_d": drop_d} if fused else {}
     lora_glu.lora_glu_backward_inplace(dh, g, u, act, **_glu_terms(fused, xa_g, xa_u, lora, scales), **down)
     h, dg, du = dh, g, u
     if drop_d is not None and not fused:
-        h = drop(h, drop_d)  # (the kernel wrote h dropped over dh where it is fused)
+        h = drop(h, drop_d, impl="triton")  # (the kernel wrote h dropped over dh where it is fused)
     grads = [None] * 6
     if ad is not None:
         if need[8]:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuneforge_kernels.dropout import Mask, draw_mask, drop
+from tuneforge_kernels.dropout import Mask, add_masked_input_grad_, draw_mask, drop
 from tuneforge_kernels.lora_linear import lora_linears, lora_linears_reference
 from tuneforge_kernels.lora_mlp import LoraWeights, lora_mlp, lora_mlp_reference
-from tests.kernels.conftest import DEVICES, TOL, needs_triton, rel_err
+from tests.kernels.conftest import DEVICES, TOL, needs_cuda, needs_triton, rel_err
 
 pytestmark = needs_triton
 
@@ -98,6 +98,45 @@ def test_keep_rate_and_bad_rates():
     for p in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match="dropout must be in"):
             draw_mask((2, 2), p, torch.device("cpu"))
+
+
+def _same(got, exp, device, dtype):
+    # bit for bit, but through the interpreter in bf16: its float32 -> bf16 cast does not round to nearest
+    if device == "cpu" and dtype == torch.bfloat16:
+        return rel_err(got, exp) < TOL[dtype]
+    return torch.equal(got, exp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drop_and_the_masked_add_kernels_are_torchs_ops(device, dtype):
+    """The one-pass kernels compute torch's two-op results (odd sizes, a ragged last block); other layouts
+    take torch's ops."""
+    rows, cols = (37, 301) if device == "cpu" else (4099, 14337)
+    gen = torch.Generator().manual_seed(7)
+    x, out = (torch.randn(rows, cols, generator=gen).to(device, dtype) for _ in range(2))
+    d_b, a = (torch.randn(*shape, generator=gen).to(device, dtype) for shape in ((rows, 5), (5, cols)))
+    m = Mask.draw((rows, cols), 0.3, torch.device(device))
+    assert _same(drop(x, m, impl="triton"), drop(x, m, impl="reference"), device, dtype)
+    got, exp = out.clone(), out.clone()
+    add_masked_input_grad_(got, d_b, a, m, 0.5, impl="triton")
+    add_masked_input_grad_(exp, d_b, a, m, 0.5, impl="reference")
+    assert _same(got, exp, device, dtype)
+    expected = out.double() + 0.5 / 0.7 * (d_b.double() @ a.double()) * m.keep
+    assert rel_err(got, expected) < TOL[dtype]
+    columns = Mask.draw((cols, rows), 0.3, torch.device(device))
+    assert torch.equal(drop(x.t(), columns, impl="triton"), x.t().mul(columns.keep).mul_(1 / 0.7))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_int64_drop_beyond_2_31_elements():
+    n = 2 ** 31 + 4099
+    x = torch.randn(n // 4096 + 1, 4096, device="cuda", dtype=torch.bfloat16)
+    m = Mask.draw(x.shape, 0.25, x.device)
+    y = drop(x, m, impl="triton")
+    tail = slice(-3, None)
+    assert torch.equal(y[tail], x[tail].mul(m.keep[tail]).mul_(1 / 0.75))
 
 
 def _mlp_case(layout, device, dtype):
