@@ -259,6 +259,10 @@ def estimate_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> MemoryE
         weights = facts.layer_linear_params * NF4_BYTES_PER_PARAM + other * 2
         # one layer's largest weight dequantized to bf16 for the matmul
         weights += max(i * o for i, o in facts.target_shapes().values()) * 2
+    elif fp8_copies(spec, facts, layout):
+        # the projections' bf16 weights wait in pinned host memory (estimate_host_memory), their e4m3 copies
+        # (below) compute
+        weights = (facts.params - facts.layer_linear_params) * e
     else:
         weights = facts.params * e
     parts: dict[str, float] = {}
@@ -283,8 +287,8 @@ def estimate_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> MemoryE
         cache_tokens = layout.micro_batch * sequences_per_example(spec) * seq
         parts["generation_cache"] = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * e * cache_tokens
     if fp8_copies(spec, facts, layout):
-        # the e4m3 copy of every frozen projection, one byte a parameter, next to the bf16 weights
-        # (tuneforge_kernels/fp8.py); the row scales are 4 bytes per output row
+        # the e4m3 copy of every frozen projection, one byte a parameter (tuneforge_kernels/fp8.py); the row
+        # scales are 4 bytes per output row
         parts["fp8_weight_copies"] = float(facts.layer_linear_params)
     tokens = layout.micro_batch * sequences_per_example(spec) * seq
     parts["activations"] = _activation_bytes(spec, facts, layout, tokens, kernels)
@@ -305,7 +309,13 @@ def estimate_host_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> fl
     on the kernel path, the layer's q/k/v and O projection outputs too, for the recompute; on one GPU it
     also moves a frozen, untied input embedding there. ~8 GiB for an 8B model at 8,192 tokens per micro-batch,
     growing with the tokens. An upper bound: the worker stops stashing projections at half of its host
-    memory (``memory.STASH_HOST_FRACTION``), which this side does not know."""
+    memory (``memory.STASH_HOST_FRACTION``), which this side does not know.
+
+    FP8 mode (``fp8_copies``) keeps the projections' bf16 weights there (gpu_worker/patching/lora.py,
+    ``keep_fp8_sources_on_host``): 2 bytes a parameter, each weight a pinned block."""
+    if fp8_copies(spec, facts, layout):
+        e = _compute_bytes(spec)
+        return float(sum(_pinned(i * o * e) for i, o in facts.target_shapes().values()) * facts.num_layers)
     if layout.memory_mode != "offload":
         return 0.0
     seq = spec.hyperparameters.max_seq_length

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gpu_worker.patching.lora import attach_fp8, fp8_disabled
+from gpu_worker.patching.lora import attach_fp8, fp8_disabled, keep_fp8_sources_on_host
 from gpu_worker.patching.memory import MEMORY_MODES, apply_memory_mode
 
 # model_type -> the families whose module layout decoder.py's forwards reproduce exactly
@@ -118,6 +118,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     dropout = _live_adapter_dropout(base)
     fp8_off = _fp8_unavailable(base, distributed, memory_mode) if fp8 else None
     fp8 = fp8 and fp8_off is None
+    fp8_device = next(base.parameters()).device if fp8 else None
     # the padded and joined layouts hold bf16 GEMMs of their own: not with FP8's
     join = join and not fp8
     speed = memory_mode == "off" and not distributed and not dropout and not fp8 and hidden is not None
@@ -132,6 +133,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
             counts["joined_weights"] += _join_layer(layer)
         if fp8:
             counts["fp8_weights"] += attach_fp8(layer)
+            if fp8_device.type == "cuda":  # the bf16 weights wait in host memory (lora.keep_fp8_sources_on_host)
+                counts["fp8_host_bytes"] = counts.get("fp8_host_bytes", 0) + keep_fp8_sources_on_host(layer)
         # every RMSNorm of the layer: input/post-attention, Gemma 2/3's pre/post-feedforward, q/k norms
         for module in layer.modules():
             if type(module).__name__.endswith("RMSNorm"):
@@ -150,6 +153,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     patch_causal_lm(base, impl, ce_chunk_logits=FAST_CE_CHUNK_LOGITS if memory_mode == "off" else None)
     counts["fused_linear_cross_entropy"] += 1
     apply_memory_mode(model, memory_mode)
+    if counts.get("fp8_host_bytes"):
+        torch.cuda.empty_cache()  # the bf16 weights' device memory back to the driver, not only to torch's pool
     if cuda_graphs is None:
         cuda_graphs = getattr(config, "hidden_size", GRAPH_MAX_HIDDEN + 1) <= GRAPH_MAX_HIDDEN
     notes = ()
@@ -166,7 +171,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         counts["cuda_graph_layers"] = len(attach(list(base.model.layers)).layers)
         base._tf_pad_documents = True  # packed batches in shapes the graphs can replay (decoder._packing)
     # counts only: layouts and fusions of the kernels the patched names already list
-    extras = ("joined_weights", "padded_mlp", "padded_qkv", "residual_rms_norm", "cuda_graph_layers", "fp8_weights")
+    extras = ("joined_weights", "padded_mlp", "padded_qkv", "residual_rms_norm", "cuda_graph_layers", "fp8_weights",
+              "fp8_host_bytes")
     return PatchReport(architecture=arch, patched=tuple(k for k, v in counts.items() if v and k not in extras),
                        memory_mode=memory_mode, counts=counts, notes=notes)
 

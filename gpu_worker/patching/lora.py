@@ -237,8 +237,26 @@ def _base_weight(layer: nn.Module, fp8: bool = True):
     if type(weight).__name__ == "Params4bit":
         return _NF4Weight(weight)
     if isinstance(layer, nn.Linear):
-        return _fp8_weight(layer, weight) if fp8 and _FP8_ON.get() else weight
+        if fp8 and _FP8_ON.get():
+            return _fp8_weight(layer, weight)
+        return _DeviceCopy(weight) if "_tf_on_host" in layer.__dict__ else weight
     return None
+
+
+class _DeviceCopy:
+    """A bf16 weight that FP8 mode keeps in host memory (``keep_fp8_sources_on_host``), read in bf16
+    (``fp8_disabled``): copied into device memory for its GEMM alone, one transient at a time. A GEMM
+    reading it in place would fetch it over the host link once per tile row of its output."""
+
+    def __init__(self, param):
+        self.param = param
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.param.shape
+
+    def dequantize(self) -> torch.Tensor:
+        return self.param.detach().clone()
 
 
 # FP8 mode (patch_model(fp8=True)): each frozen projection of the decoder layers holds an e4m3 copy of its
@@ -268,10 +286,61 @@ def attach_fp8(decoder_layer: nn.Module) -> int:
     return taken
 
 
+def keep_fp8_sources_on_host(decoder_layer: nn.Module) -> int:
+    """FP8 mode: move the bf16 weights of ``decoder_layer``'s projections that have an FP8 copy into pinned
+    host memory, where the training step never reads them (its GEMMs read the copies); the bytes moved.
+
+    Each stays a CUDA tensor (``memory.host_resident``: the device reads pinned host memory through unified
+    addressing), so every reader still works: a bf16 measurement (``fp8_disabled``) copies each weight to
+    the device for its GEMM (``_DeviceCopy``), a merge first brings the weight back to device memory
+    (``_bring_home``), and so does a module's stock forward (a forward pre-hook), which would otherwise read
+    it over the host link. At 8B: 13 GB less device memory than keeping both (bench/NOTES.md, session 16).
+    A CPU model's weights are moved to new host storage, which only exercises these paths."""
+    moved = 0
+    for module in decoder_layer.modules():
+        fp8, weight = module.__dict__.get("_tf_fp8"), getattr(module, "weight", None)
+        if fp8 is None or "_tf_on_host" in module.__dict__ or not fp8.matches(weight):
+            continue
+        if weight.is_cuda:
+            from gpu_worker.patching.memory import host_resident
+
+            try:
+                host = host_resident(weight.data)
+            except (RuntimeError, TypeError, ValueError, AssertionError) as e:  # no unified addressing...
+                warnings.warn(f"fp8: the bf16 weights stay in device memory ({type(e).__name__}: {e})")
+                return moved
+        else:
+            host = weight.data.clone()
+        weight.data = host
+        fp8.follow_(weight)
+        module._tf_on_host = module.register_forward_pre_hook(_home_before_a_stock_forward)
+        moved += weight.numel() * weight.element_size()
+    return moved
+
+
+def _bring_home(module: nn.Module) -> None:
+    """A weight ``keep_fp8_sources_on_host`` moved, back in device memory (its FP8 copy follows it)."""
+    hook = module.__dict__.pop("_tf_on_host", None)
+    if hook is None:
+        return
+    hook.remove()
+    weight = module.weight
+    weight.data = weight.data.clone()  # a CUDA tensor's clone: device memory
+    for name in ("_tf_fp8", "_tf_fp8_merged"):
+        copy = module.__dict__.get(name)
+        if copy is not None:
+            copy.follow_(weight)
+
+
+def _home_before_a_stock_forward(module, args):
+    _bring_home(module)
+
+
 def _copies_follow_merges(lora_module: nn.Module) -> None:
     merge, unmerge = lora_module.merge, lora_module.unmerge
 
     def merge_dropping_the_copy(*args, **kwargs):
+        _bring_home(lora_module.get_base_layer())  # PEFT adds the adapter into the weight in place
         out = merge(*args, **kwargs)
         base = lora_module.get_base_layer()
         if getattr(base, "_tf_fp8", None) is not None and getattr(lora_module, "merged", False):
@@ -299,6 +368,9 @@ def _fp8_weight(layer: nn.Module, weight: torch.Tensor):
     if not fp8.matches(weight):
         from tuneforge_kernels.fp8 import Fp8Weight, fp8_eligible
 
+        if "_tf_on_host" in layer.__dict__:  # written in host memory: quantised from device memory again
+            _bring_home(layer)
+            weight = layer.weight
         if not fp8_eligible(weight):
             del layer._tf_fp8
             return weight

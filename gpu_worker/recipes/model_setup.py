@@ -278,7 +278,9 @@ def apply_memory_mode_and_kernels(model, runtime: Runtime) -> list[tuple[str, st
     notes = getattr(report, "notes", ())
     if counts.get("fp8_weights"):
         copies = sum(m._tf_fp8.qweight.numel() for m in model.modules() if getattr(m, "_tf_fp8", None) is not None) / 1e9
-        lines.append((f"FP8: {counts['fp8_weights']} frozen projections compute their forward and input-gradient GEMMs in e4m3 (not exact bf16; their copies take {copies:.3g} GB beside the bf16 weights); each validation measurement is reported in bf16 beside it", "info"))
+        host = counts.get("fp8_host_bytes", 0) / 1e9
+        where = f"the bf16 weights ({host:.3g} GB) wait in host memory" if host else "beside the bf16 weights"
+        lines.append((f"FP8: {counts['fp8_weights']} frozen projections compute their forward and input-gradient GEMMs in e4m3 (not exact bf16; their copies take {copies:.3g} GB, {where}); each validation measurement is reported in bf16 beside it", "info"))
     elif runtime.fp8 and not notes:
         lines.append(("fp8 asked for, but no frozen projection can take it (full fine-tuning trains them; 4-bit weights stay 4-bit); this job trains in bf16", "warn"))
     return lines + [(f"Training kernels: {note}", "warn") for note in notes]

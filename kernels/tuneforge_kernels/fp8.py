@@ -167,7 +167,8 @@ class Fp8Weight:
     """A frozen ``(out, in)`` weight as e4m3 with one float32 scale per output row, quantised once from
     ``source`` (which stays as it is: the bf16 path and merges read it). ``matches(w)`` says whether it was
     taken from ``w`` as it is now: same storage, no in-place write through the parameter since (a write
-    through ``.data`` does not count: see gpu_worker/patching/lora.py)."""
+    through ``.data`` does not count: see gpu_worker/patching/lora.py); ``follow_(w)`` when the same values
+    moved to other storage."""
 
     def __init__(self, source: torch.Tensor, impl: str | None = None):
         assert fp8_eligible(source), (tuple(source.shape), source.dtype)
@@ -177,7 +178,7 @@ class Fp8Weight:
         self.scale = scale.reshape(-1)                                           # (out,)
         self.dtype = source.dtype
         self._ones = torch.ones(1, source.shape[1], device=source.device, dtype=torch.float32)
-        self._key = (source.data_ptr(), source._version, tuple(source.shape), source.dtype)
+        self._key = _key(source)
 
     @property
     def shape(self) -> torch.Size:
@@ -206,7 +207,15 @@ class Fp8Weight:
         return other
 
     def matches(self, source: torch.Tensor) -> bool:
-        return self._key == (source.data_ptr(), source._version, tuple(source.shape), source.dtype)
+        return self._key == _key(source)
+
+    def follow_(self, source: torch.Tensor) -> Fp8Weight:
+        """The source's values moved to other storage (FP8 mode keeps them in host memory, and brings them
+        back): taken from ``source`` now, without quantising again."""
+        assert tuple(source.shape) == tuple(self.qweight.shape) and source.dtype == self.dtype, (
+            tuple(source.shape), source.dtype)
+        self._key = _key(source)
+        return self
 
     def retake_(self, source: torch.Tensor) -> Fp8Weight:
         """Quantise ``source`` again into this copy's own buffers (CUDA graphs captured with them stay valid);
@@ -223,6 +232,10 @@ class Fp8Weight:
     def dequantize(self) -> torch.Tensor:
         """``W_q`` scaled back, in the source's dtype (the reference path's weight)."""
         return dequantize_rows(self.qweight, self.scale[:, None], self.dtype)
+
+
+def _key(source: torch.Tensor) -> tuple:
+    return source.data_ptr(), source._version, tuple(source.shape), source.dtype
 
 
 def _column_major(b: torch.Tensor) -> torch.Tensor:

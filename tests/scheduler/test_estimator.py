@@ -168,6 +168,24 @@ def test_fp8_copies_cost_what_the_h200_measured():
     assert "fp8_weight_copies" in estimate_memory(fp8, facts, Layout(memory_mode="checkpointing")).parts
 
 
+def test_fp8_keeps_the_bf16_projections_in_host_memory():
+    """Since session 16 the worker moves the bf16 weights that have e4m3 copies to pinned host memory
+    (lora.keep_fp8_sources_on_host; not measured on a GPU yet): the device holds the copies instead, the
+    host each projection's weight as one pinned block."""
+    facts, layout = read_model_facts("meta-llama/Llama-3.1-8B"), Layout(micro_batch=4)
+    bf16 = spec().model_copy(update={"runtime": Runtime(use_kernels=True, dtype="bfloat16")})
+    fp8 = bf16.model_copy(update={"runtime": Runtime(use_kernels=True, dtype="bfloat16", fp8=True)})
+    a, b = estimate_memory(bf16, facts, layout).parts, estimate_memory(fp8, facts, layout).parts
+    assert a["weights"] - b["weights"] == facts.layer_linear_params * 2
+    assert b["fp8_weight_copies"] == facts.layer_linear_params
+    host = estimate_host_memory(fp8, facts, layout)
+    assert estimate_host_memory(bf16, facts, layout) == 0
+    # 8B: q, o 32 MiB and k, v 8 MiB exactly; gate, up, down 112 MiB each in 128 MiB blocks
+    assert host == 32 * (2 * 32 + 2 * 8 + 3 * 128) * 2 ** 20
+    assert estimate_host_memory(fp8, facts, Layout(memory_mode="offload", micro_batch=4)) == \
+        estimate_host_memory(bf16, facts, Layout(memory_mode="offload", micro_batch=4))  # offload declines FP8
+
+
 def test_methods_cost_what_they_carry():
     facts = read_model_facts("meta-llama/Llama-3.1-8B")
     sft = estimate_memory(spec(), facts, Layout(micro_batch=1)).parts

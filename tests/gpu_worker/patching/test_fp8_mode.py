@@ -20,7 +20,8 @@ import torch
 
 from gpu_worker.patching import fp8_disabled, patch_model
 from gpu_worker.patching.lora import lora_weights
-from tests.gpu_worker.patching.conftest import DEVICES_IMPLS, build_lora_model, lora_grads, rel, tiny_config
+from tests.gpu_worker.patching.conftest import (DEVICES_IMPLS, build_lora_model, lora_grads, needs_cuda, rel,
+                                                tiny_config)
 from tuneforge_kernels.fp8 import Fp8Weight
 
 LOSS_TOL, GRAD_TOL, MIN_COSINE = 3e-2, 0.2, 0.9
@@ -95,6 +96,87 @@ def test_copies_follow_their_weights():
     # the FP8 model's logits against the merged one's: FP8's rounding apart (measured 0.042), the same function;
     # a merged model that read the stale copies would miss the adapter (1.45 away: init_lora_weights=False)
     assert rel(got, want) < 0.1
+
+
+def _host_model(device, **patch):
+    """A model patched in FP8 mode whose bf16 projection weights were moved to host memory (on a CPU model:
+    new host storage, which exercises the same paths); its layer-0 q_proj and what was moved."""
+    from gpu_worker.patching.lora import keep_fp8_sources_on_host
+
+    model = build_lora_model(tiny_config(), device)
+    report = patch_model(model, fp8=True, **patch)
+    layers = model.get_base_model().model.layers
+    moved = report.counts.get("fp8_host_bytes") or sum(keep_fp8_sources_on_host(layer) for layer in layers)
+    return model, layers[0].self_attn.q_proj, moved
+
+
+def test_the_bf16_weights_wait_in_host_memory_and_every_reader_still_works():
+    """FP8 mode keeps the projections' bf16 weights in host memory (lora.keep_fp8_sources_on_host): the
+    copies follow them without quantising again; a bf16 measurement reads each through a device copy; a
+    merge, a stock forward and an in-place write bring the weight back first."""
+    from gpu_worker.patching.lora import keep_fp8_sources_on_host
+
+    ref = build_lora_model(tiny_config())
+    patch_model(ref, fp8=True)
+    model, q, moved = _host_model("cpu")
+    layers = model.get_base_model().model.layers
+    weights = [m.weight for layer in layers for m in layer.modules() if "_tf_fp8" in m.__dict__]
+    assert moved == sum(w.numel() * w.element_size() for w in weights) and len(weights) == 7 * len(layers)
+    assert sum(keep_fp8_sources_on_host(layer) for layer in layers) == 0  # once
+    copy = lora_weights(q).weight
+    assert copy is q.base_layer._tf_fp8 and copy.matches(q.base_layer.weight)  # followed, not taken again
+    x = _batch("cpu")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x, labels=x).loss, ref(input_ids=x, labels=x).loss)
+        with fp8_disabled():
+            read = lora_weights(q).weight
+            assert not isinstance(read, torch.Tensor) and torch.equal(read.dequantize(), q.base_layer.weight)
+            assert torch.equal(model(input_ids=x, labels=x).loss, ref(input_ids=x, labels=x).loss)
+    # a stock forward of the projection (as PEFT's, where the fused path declines) brings it back, once
+    k = layers[0].self_attn.k_proj.base_layer
+    storage = k.weight.data_ptr()
+    k(torch.randn(3, k.in_features))
+    assert "_tf_on_host" not in k.__dict__ and k.weight.data_ptr() != storage and k._tf_fp8.matches(k.weight)
+    assert not k._forward_pre_hooks
+    # an in-place write into the host copy: back to device memory, quantised again from the new values
+    values = copy.dequantize().clone()
+    with torch.no_grad():
+        q.base_layer.weight.mul_(2)
+    assert lora_weights(q).weight is copy and "_tf_on_host" not in q.base_layer.__dict__
+    assert torch.allclose(copy.dequantize(), 2 * values, rtol=0.07)
+    # merged and unloaded: every merged weight in device memory, the merged model the FP8 one's function
+    with torch.no_grad():
+        q.base_layer.weight.div_(2)
+        want = model(input_ids=x).logits
+        merged = model.merge_and_unload()
+        projections = [m for n, m in merged.named_modules() if n.endswith(
+            ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))]
+        assert len(projections) == len(weights) and all("_tf_on_host" not in m.__dict__ for m in projections)
+        assert rel(merged(input_ids=x).logits, want) < 0.1
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_bf16_weights_leave_device_memory():
+    """On a GPU the moved weights are pinned host memory read as CUDA tensors, and the device holds that
+    much less; the loss is FP8's as before, and the bf16 measurement the stock model's."""
+    config = tiny_config(hidden_size=256, intermediate_size=512)
+    stock, model = build_lora_model(config, "cuda"), build_lora_model(config, "cuda")
+    before = torch.cuda.memory_allocated()
+    moved = patch_model(model, fp8=True).counts["fp8_host_bytes"]
+    w = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    on_host = [m.weight for m in model.modules() if "_tf_on_host" in m.__dict__]
+    assert w.is_cuda and len(on_host) == 7 * 2 and moved == sum(t.numel() * t.element_size() for t in on_host)
+    # e4m3 copies in (half the bytes, and a row scale each), the bf16 weights out
+    assert torch.cuda.memory_allocated() < before - moved * 0.4
+    x = _batch("cuda")
+    with torch.no_grad(), fp8_disabled():
+        tol = 1e-2
+        l_bf16, l_stock = _loss(model, x, "cuda"), _loss(stock, x, "cuda")
+        assert abs(l_bf16.item() - l_stock.item()) / l_stock.item() < tol
+    loss = _loss(model, x, "cuda")
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in lora_grads(model).values())
 
 
 def test_says_why_where_it_cannot_run(monkeypatch):
