@@ -6,6 +6,8 @@
 # cap), so they go in two device calls of at most 600 s: LADDER "off" skips the ladder, PACKED_CONFIGS
 # "off" the variable-length suite.
 #   GIT_COMMIT=<sha> bash bench/device_longest.sh [LADDER|off] [PACKED_CONFIGS|off]
+# LADDER_RUNS: the ladder's systems as method:ckpt:cap-seconds words (default below), e.g. past 131,072
+# tokens: LADDER_RUNS="ours:offload:300 unsloth:unsloth:250" bash bench/device_longest.sh 196608,262144 off
 # Writes under $OUT: env.log, r.jsonl + summary.json (packed/padded), longest.jsonl, children.log.
 set -u
 ladder=${1:-32768,65536,131072}
@@ -21,15 +23,16 @@ if [[ $packed != off ]]; then
 fi
 if [[ $ladder != off ]]; then
   python3 bench/train_step.py save --shape 8B --path /tmp/rand-8B >> "$OUT/env.log" 2>&1
-  for m in ours:on:120 liger:on:130 unsloth:unsloth:170 hf:on:100; do
+  for m in ${LADDER_RUNS:-ours:on:120 liger:on:130 unsloth:unsloth:170 hf:on:100}; do
     IFS=: read -r method ckpt cap <<< "$m"
     extra=()
     [[ $method == unsloth ]] && extra=(--model-path /tmp/rand-8B)
+    log="$OUT/longest-$method-$ckpt.log"
     timeout "$cap" python3 bench/train_step.py longest --shape 8B --method "$method" --ckpt "$ckpt" \
-      --ladder "$ladder" --ladder-warmup 0 "${extra[@]}" > "$OUT/longest-$method.log" 2>&1
-    echo "rc=$? $method" >> "$OUT/longest-$method.log"
-    grep -h "^LADDER\|^rc=" "$OUT/longest-$method.log" | sed "s/^/$method /"
-    sed -n "s/^RESULT //p" "$OUT/longest-$method.log" >> "$OUT/longest.jsonl"
+      --ladder "$ladder" --ladder-warmup 0 "${extra[@]}" > "$log" 2>&1
+    echo "rc=$? $method" >> "$log"
+    grep -h "^LADDER\|^rc=" "$log" | sed "s/^/$method $ckpt /"
+    sed -n "s/^RESULT //p" "$log" >> "$OUT/longest.jsonl"
   done
 fi
 echo "done at $(( $(date +%s) - t0 )) s"
