@@ -294,7 +294,7 @@ def keep_fp8_sources_on_host(decoder_layer: nn.Module) -> int:
     addressing), so every reader still works: a bf16 measurement (``fp8_disabled``) copies each weight to
     the device for its GEMM (``_DeviceCopy``), a merge first brings the weight back to device memory
     (``_bring_home``), and so does a module's stock forward (a forward pre-hook), which would otherwise read
-    it over the host link. At 8B: 13 GB less device memory than keeping both (bench/NOTES.md, session 16).
+    it over the host link. At 8B: 14 GB less device memory than keeping both (bench/NOTES.md, session 16).
     A CPU model's weights are moved to new host storage, which only exercises these paths."""
     moved = 0
     for module in decoder_layer.modules():
