@@ -187,8 +187,9 @@ def _input_product(x, a, dropped=None) -> torch.Tensor:
 def adapter_input_terms(x2, parts, dx, want, a_joined=None) -> list:
     """Backward of the rank-r inputs ``x A_k^T`` of the adapters that read ``x2 (N, in)``. ``parts``: per
     adapter ``(d_b, a, dropped)`` with ``d_b = s dy B (N, r)``, ``a (r, in)`` and ``dropped`` None or its
-    dropout's mask (dropout.Mask, drawn); ``want``: per adapter, whether its dA is needed. Returns the dA's ``(r, in)``
-    (None where not wanted) and adds every adapter's term of ``dx`` into ``dx`` (None: not needed).
+    dropout's mask (dropout.Mask, drawn); ``want``: per adapter, whether its dA is needed. Returns the
+    dA's ``(r, in)`` (None where not wanted) and adds every adapter's term of ``dx`` into ``dx`` (None: not
+    needed).
 
     The adapters without dropout: their dA's in one GEMM (x read once) and their dx terms in one pass over
     dx (``a_joined``: their A's as one tensor when all of them are). With dropout (dropout.py) each reads
@@ -236,7 +237,7 @@ def _redraw(masks) -> list:
 
 def _project(x, w, a, b, s, dtype, c=None, dropped=None):
     # x: (N, in) -> (N, out) (+ c, added by the GEMM), plus the (N, r) product x A^T when there is an adapter
-    # (``dropped``: (mask, p), the adapter reads x dropped)
+    # (``dropped``: its dropout.Mask, the adapter reads x dropped)
     y = frozen_linear(x, w, dtype, c)
     if a is None:
         return y, None
@@ -283,8 +284,8 @@ def _gate_up(x, weights, dtype, lora, scales, fused, dropped=(None, None)):
     buffer (``joined``: Phi-3's ``gate_up_proj``, or the patcher's layout for small models) give one
     GEMM whose column halves are ``g`` and ``u``. ``fused``: the base products only, the kernels add the
     rank-r terms; else the terms are added here (ranks over lora_glu.MAX_RANK). A quantised weight is
-    expanded for its GEMM alone (one transient at a time). ``dropped``: the gate's and up's (mask, p)
-    where their adapters have dropout (the same one for a shared A)."""
+    expanded for its GEMM alone (one transient at a time). ``dropped``: the gate's and up's masks
+    (dropout.Mask) where their adapters have dropout (the same one for a shared A)."""
     ag, bg, au, bu = lora
     both = _joined_weights(weights, dtype)
     if both is not None:
@@ -294,7 +295,7 @@ def _gate_up(x, weights, dtype, lora, scales, fused, dropped=(None, None)):
         xq = _fp8_input(x, weights)
         g = frozen_linear(x, weights[0], dtype, xq=xq)                          # (N, I)
         u = frozen_linear(x, weights[1], dtype, xq=xq)                          # (N, I)
-    if ag is None or au is None or dropped != (None, None) and ag is not au:
+    if ag is None or au is None or any(d is not None for d in dropped) and ag is not au:
         xa_g = _input_product(x, ag, dropped[0]) if ag is not None else None
         xa_u = _input_product(x, au, dropped[1]) if au is not None else None
     elif ag is au:

@@ -240,6 +240,23 @@ def test_output_unused_gives_the_same_gradients(monkeypatch, device, dtype, bloc
             assert rel_err(a, b) < TOL[dtype], rel_err(a, b)
 
 
+def test_gate_and_up_share_one_product_in_every_mode(monkeypatch):
+    # without dropout the rank-r products of gate's and up's A read x in one GEMM, the deferred backward's
+    # blocks included (a list of no masks is no dropout)
+    import tuneforge_kernels.lora_mlp as mod
+
+    calls = []
+    product = mod._input_product
+    monkeypatch.setattr(mod, "_input_product", lambda *a: calls.append(1) or product(*a))
+    gate, up, down = _proj(12, 8, 2, "cpu", torch.float32), _proj(12, 8, 2, "cpu", torch.float32), \
+        _proj(8, 12, 2, "cpu", torch.float32)
+    x = torch.randn(3, 8, requires_grad=True)
+    lora_mlp(x, gate, up, down, impl="triton", output_unused=True).sum().backward()
+    assert calls == []
+    lora_mlp(x, gate, up, down, impl="triton").sum().backward()
+    assert calls == [1]  # the down projection's h A_d^T
+
+
 def test_output_unused_skips_the_down_projection(monkeypatch):
     import tuneforge_kernels.lora_mlp as mod
 
