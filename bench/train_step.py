@@ -628,7 +628,7 @@ def longest(args, model, opt, ac, rec):
 
 # ----------------------------------------------------------------------------- suite driver
 def parse_spec(spec):
-    # method:shape:ckpt[:quant[:batch[:data]]]
+    # method:shape:ckpt[:quant[:batch[:data[:fp8[:dropout]]]]]
     p = spec.split(":")
     d = {"method": p[0], "shape": p[1], "ckpt": p[2], "quant": "none", "batch": None, "data": "fixed"}
     if len(p) > 3 and p[3]:
@@ -641,6 +641,13 @@ def parse_spec(spec):
         if p[6] != "fp8" or p[0] not in ("ours", "base"):
             raise SystemExit(f"config {spec!r}: the 7th field can only be 'fp8', for ours")
         d["fp8"] = True
+    if len(p) > 7 and p[7]:  # every system: the adapters' dropout (e.g. unsloth:1B:off:::fixed::0.05)
+        try:
+            d["lora_dropout"] = float(p[7])
+        except ValueError:
+            raise SystemExit(f"config {spec!r}: the 8th field is the adapters' dropout, a number") from None
+        if not 0 <= d["lora_dropout"] < 1:
+            raise SystemExit(f"config {spec!r}: the adapters' dropout must be in [0, 1)")
     return d
 
 
@@ -672,7 +679,8 @@ def suite(args):
                    "--ckpt", d["ckpt"], "--quant", d["quant"], "--batch", str(b),
                    "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
                    "--autocast", args.autocast, "--peak-file", args.peak_file, "--data", d["data"],
-                   "--base-root", args.base_root] + (["--fp8"] if d.get("fp8") else [])
+                   "--base-root", args.base_root] + (["--fp8"] if d.get("fp8") else []) + (
+                   ["--lora-dropout", str(d["lora_dropout"])] if d.get("lora_dropout") else [])
             if d["method"] == "unsloth":
                 path = os.path.join(args.model_root, f"rand-{d['shape']}")
                 if not os.path.exists(os.path.join(path, "config.json")):
@@ -704,7 +712,7 @@ def suite(args):
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             short = {k: rec.get(k) for k in ("method", "shape", "ckpt", "quant", "batch", "data",
-                                              "tokens_per_s", "peak_gb", "mfu", "error")}
+                                              "lora_dropout", "tokens_per_s", "peak_gb", "mfu", "error")}
             print("SUMMARY " + json.dumps(short), flush=True)
             err = rec.get("error") or ""
             if not err.startswith("OOM"):
