@@ -39,7 +39,9 @@ try:
 except ImportError:
     triton = None
 
-_BLOCK = 4096  # elements a program: 8 KB of bf16 (plus 4 KB of mask) in flight
+# elements a program (8 KB of bf16 and 4 KB of mask in flight, 8 warps): not timed yet; copy_rows' 16 KB
+# a program streamed at copy bandwidth on the H200 (session 12)
+_BLOCK = 4096
 
 if triton is not None:
 
@@ -124,7 +126,10 @@ def drop(x: torch.Tensor, m: Mask, impl: str | None = None) -> torch.Tensor:
         return x.mul(m.keep).mul_(scale)
     y = torch.empty_like(x)
     launcher(_drop_kernel, x)[(triton.cdiv(x.numel(), _BLOCK),)](
-        x, m.keep.view(torch.uint8), y, x.numel(), scale, BLOCK=_BLOCK, num_warps=8)
+        x,                        # (N, K), any float dtype, contiguous
+        m.keep.view(torch.uint8),  # (N, K) the keep mask as bytes
+        y,                        # (N, K) out, x's dtype
+        x.numel(), scale, BLOCK=_BLOCK, num_warps=8)
     return y
 
 
@@ -137,7 +142,10 @@ def add_masked_input_grad_(out: torch.Tensor, d_b: torch.Tensor, a: torch.Tensor
         out.add_(term.mul_(m.keep))
         return
     launcher(_add_masked_kernel, out)[(triton.cdiv(out.numel(), _BLOCK),)](
-        out, term, m.keep.view(torch.uint8), out.numel(), BLOCK=_BLOCK, num_warps=8)
+        out,                      # (N, K) dx, updated in place
+        term,                     # (N, K) s (d_b A) / (1 - p), out's dtype
+        m.keep.view(torch.uint8),  # (N, K) the keep mask as bytes
+        out.numel(), BLOCK=_BLOCK, num_warps=8)
 
 
 def dropout_reference(x: torch.Tensor, p: float) -> torch.Tensor:
