@@ -39,8 +39,8 @@ try:
 except ImportError:
     triton = None
 
-# elements a program (8 KB of bf16 and 4 KB of mask in flight, 8 warps): not timed yet; copy_rows' 16 KB
-# a program streamed at copy bandwidth on the H200 (session 12)
+# elements a program (8 KB of bf16 and 4 KB of mask in flight, 8 warps), of the order of copy_rows' 16 KB a
+# program: not timed yet (bench/NOTES.md, session 16)
 _BLOCK = 4096
 
 if triton is not None:
