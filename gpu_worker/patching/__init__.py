@@ -2,7 +2,7 @@
 ``kernels``, and choosing its memory mode. The one entry point is ``patch_model``; what it did is in the
 returned ``PatchReport`` (the job's events carry its ``reason`` when the stock path is used).
 
-Supported now: Llama, Mistral, Qwen2 (qkv bias: the attention projections stay PEFT/HF modules),
+Supported now: Llama, Mistral, Qwen2 (frozen q/k/v biases, added by the fused Q/K/V node),
 Qwen3 (q/k norms), Gemma, Gemma 2 (attention and final logit softcapping, sandwich norms), Gemma 3
 text (q/k norms) and Phi-3 (fused ``qkv_proj`` and ``gate_up_proj``, partial rotary); the Gemma and
 Phi-3 families are checked on CPU only so far (bench/NOTES.md). Anything else trains on the stock HF

@@ -210,16 +210,16 @@ def patch_mlp(mlp: nn.Module, act: str, impl: str | None, output_discarded_in_re
 
 
 def _mlp_parts(mlp: nn.Module):
-    """(gate, up, down) as LoraWeights, or None. Phi-3's fused ``gate_up_proj`` holds gate rows first
-    (``Phi3MLP``: ``gate, up = gate_up.chunk(2, dim=-1)``)."""
+    """(gate, up, down) as LoraWeights, or None (the fused MLP takes no bias). Phi-3's fused
+    ``gate_up_proj`` holds gate rows first (``Phi3MLP``: ``gate, up = gate_up.chunk(2, dim=-1)``)."""
     if hasattr(mlp, "gate_up_proj"):
         fused, down = lora_weights(mlp.gate_up_proj), lora_weights(mlp.down_proj)
-        if fused is None or down is None:
+        if fused is None or down is None or fused.bias is not None or down.bias is not None:
             return None
         rows = mlp.down_proj.in_features
         return (*split_rows(fused, [rows, rows]), down)
     parts = [lora_weights(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")]
-    return None if any(p is None for p in parts) else parts
+    return None if any(p is None or p.bias is not None for p in parts) else parts
 
 
 def _linears(x, projections, impl, tag):
@@ -239,7 +239,7 @@ def _linears(x, projections, impl, tag):
 def _project_qkv(attn: nn.Module, hidden_states, impl):
     """q, k, v as ``(..., features)`` tensors: one fused node for the three projections, or Phi-3's one
     ``qkv_proj`` split by columns, or the PEFT/HF modules' own forwards when the fused path cannot
-    compute them (bias as in Qwen2, DoRA, live dropout...)."""
+    compute them (a trained bias, DoRA...); Qwen2's frozen q/k/v biases are added by the fused node."""
     if hasattr(attn, "qkv_proj"):
         p = lora_weights(attn.qkv_proj)
         qkv = _linears(hidden_states, [p], impl, "qkv")[0] if p is not None else attn.qkv_proj(hidden_states)

@@ -1,7 +1,7 @@
 """Reading a projection module (plain ``nn.Linear``, PEFT LoRA ``Linear``, or bitsandbytes ``Linear4bit``
 under either) as the ``tuneforge_kernels.lora_mlp.LoraWeights`` the fused kernels take, or ``None`` when the
-fused path cannot compute the same function (bias, DoRA, several active adapters...), in which case the
-caller runs the module's stock forward. An adapter's dropout (PEFT's ``lora_dropout``) is read while
+fused path cannot compute the same function (a trained bias, DoRA, several active adapters...), in which
+case the caller runs the module's stock forward. A frozen bias (Qwen2's q/k/v) is added by the nodes. An adapter's dropout (PEFT's ``lora_dropout``) is read while
 training and drawn by the fused nodes (tuneforge_kernels/dropout.py).
 
 Read at every call, not at patch time: PEFT's ``disable_adapter()``, ``merge_adapter()`` and
@@ -111,7 +111,8 @@ def split_rows(p: LoraWeights, sizes: list[int]) -> list[LoraWeights]:
         else:
             w = _RowSlice(p.weight, start, start + n)
         b = p.lora_b[start:start + n] if p.lora_b is not None else None
-        parts.append(LoraWeights(w, p.lora_a, b, p.scale, p.dropout))  # one adapter: one mask (dropout.py)
+        bias = p.bias[start:start + n] if p.bias is not None else None
+        parts.append(LoraWeights(w, p.lora_a, b, p.scale, p.dropout, bias))  # one adapter: one mask (dropout.py)
         start += n
     return parts
 
@@ -199,12 +200,13 @@ def pad_frozen_qkv(attn: nn.Module) -> bool:
 
 
 def _adapted(owner: nn.Module, names: tuple[str, ...]):
-    """``owner``'s named PEFT LoRA modules and their ``LoraWeights``, when each has an adapter; else None."""
+    """``owner``'s named PEFT LoRA modules and their ``LoraWeights``, when each has an adapter and no bias
+    (the padded layouts carry none); else None."""
     modules = [getattr(owner, n, None) for n in names]
     if any(m is None or not hasattr(m, "base_layer") for m in modules):
         return None
     parts = [lora_weights(m) for m in modules]
-    if any(p is None or p.lora_a is None for p in parts):
+    if any(p is None or p.lora_a is None or p.bias is not None for p in parts):
         return None
     return modules, parts
 
@@ -229,8 +231,6 @@ def contiguous_weights(model: nn.Module) -> int:
 
 
 def _base_weight(layer: nn.Module, fp8: bool = True):
-    if getattr(layer, "bias", None) is not None:
-        return None
     weight = getattr(layer, "weight", None)
     if weight is None:
         return None
@@ -266,7 +266,7 @@ _FP8_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("tuneforge_fp8_on
 
 
 def attach_fp8(decoder_layer: nn.Module) -> int:
-    """Give every frozen ``nn.Linear`` without bias of ``decoder_layer`` its FP8 copy (``_tf_fp8``); how many
+    """Give every frozen ``nn.Linear`` (its bias, if any, frozen) of ``decoder_layer`` its FP8 copy (``_tf_fp8``); how many
     took one (weights whose sides are not multiples of 16, trainable or quantised weights keep their GEMMs).
     PEFT's merge writes the adapter into the weight through ``.data``, which the copy cannot see: a LoRA
     module's ``merge`` sets its base's copy aside and its ``unmerge`` quantises the weight into it again
@@ -276,7 +276,8 @@ def attach_fp8(decoder_layer: nn.Module) -> int:
     taken = 0
     for module in decoder_layer.modules():
         weight = getattr(module, "weight", None)
-        if (isinstance(module, nn.Linear) and module.bias is None and type(weight) is nn.Parameter
+        if (isinstance(module, nn.Linear) and (module.bias is None or not module.bias.requires_grad)
+                and type(weight) is nn.Parameter
                 and not weight.requires_grad and fp8_eligible(weight)):
             module._tf_fp8 = Fp8Weight(weight)
             taken += 1
@@ -395,20 +396,22 @@ def dropout_rate(module: nn.Module, name: str) -> float:
 
 
 def lora_weights(module: nn.Module) -> LoraWeights | None:
-    base_layer = getattr(module, "base_layer", None)
-    if base_layer is None:  # not PEFT-wrapped
-        w = _base_weight(module)
-        return None if w is None else LoraWeights(w)
-    w = _base_weight(module.get_base_layer())
+    base = module.get_base_layer() if getattr(module, "base_layer", None) is not None else module
+    bias = getattr(base, "bias", None)
+    if bias is not None and (bias.requires_grad or not isinstance(bias, torch.Tensor)):
+        return None  # a trained bias: the fused nodes compute no gradient for it
+    w = _base_weight(base)
     if w is None:
         return None
+    if base is module:  # not PEFT-wrapped
+        return LoraWeights(w, bias=bias)
     if getattr(module, "merged", False):  # the base holds the delta, written where FP8 copies do not see it
-        return LoraWeights(_base_weight(module.get_base_layer(), fp8=False))
+        return LoraWeights(_base_weight(base, fp8=False), bias=bias)
     if getattr(module, "disable_adapters", False):
-        return LoraWeights(w)  # base only
+        return LoraWeights(w, bias=bias)  # base only
     active = [a for a in module.active_adapters if a in module.lora_A]
     if not active:
-        return LoraWeights(w)
+        return LoraWeights(w, bias=bias)
     if len(active) > 1:
         return None
     name = active[0]
@@ -418,4 +421,4 @@ def lora_weights(module: nn.Module) -> LoraWeights | None:
     if type(a) is not nn.Linear or type(b) is not nn.Linear or b.bias is not None:
         return None
     dropout = dropout_rate(module, name) if module.training else 0.0
-    return LoraWeights(w, a.weight, b.weight, float(module.scaling[name]), dropout)
+    return LoraWeights(w, a.weight, b.weight, float(module.scaling[name]), dropout, bias)

@@ -37,13 +37,13 @@ from tuneforge_kernels.lora_mlp import (PADDED_ONE_GEMM_MAX_HIDDEN, LoraWeights,
 
 class _LoraLinearsFunction(torch.autograd.Function):
     """``n`` projections of one input ``x``; args: x, then (weight, lora_a, lora_b) per projection, then
-    the n scales, then the n adapters' dropouts (dropout.py)."""
+    the n scales, the n adapters' dropouts (dropout.py) and the n frozen biases (None where none)."""
 
     @staticmethod
     def forward(ctx, x, n, outputs, *args):
         # outputs: None, or a list of the n outputs computed earlier (replay, module docstring)
         weights, lora = args[0:3 * n:3], (args[1:3 * n:3], args[2:3 * n:3])
-        scales, dropouts = args[3 * n:4 * n], args[4 * n:]
+        scales, dropouts, biases = args[3 * n:4 * n], args[4 * n:5 * n], args[5 * n:]
         dtype = _compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
@@ -59,7 +59,14 @@ class _LoraLinearsFunction(torch.autograd.Function):
         else:
             xa_all = x2 @ a_all.t() if with_lora else None                          # (N, sum r)
         w_all = _joined_weights(weights, dtype) if outputs is None else None
-        y_all = x2 @ w_all.t() if w_all is not None else None                     # (N, sum out)
+        biases = [b.to(dtype) if b is not None else None for b in biases]
+        if w_all is None:
+            y_all = None
+        elif any(b is not None for b in biases):  # the biases as the GEMM's C, one row for all projections
+            y_all = torch.addmm(torch.cat([b if b is not None else x2.new_zeros(_out_features(w))
+                                           for b, w in zip(biases, weights)]), x2, w_all.t())
+        else:
+            y_all = x2 @ w_all.t()                                                 # (N, sum out)
         outs, xas, col, col_y = [], [None] * n, 0, 0
         xq = _fp8_input(x2, weights) if outputs is None and y_all is None else None  # once for q, k and v
         for i in range(n):
@@ -70,7 +77,7 @@ class _LoraLinearsFunction(torch.autograd.Function):
                 y = y_all[:, col_y:col_y + _out_features(weights[i])]
                 col_y += y.shape[1]
             else:
-                y = frozen_linear(x2, weights[i], dtype, xq=xq)                     # (N, out_i)
+                y = frozen_linear(x2, weights[i], dtype, biases[i], xq=xq)          # (N, out_i)
             if a_s[i] is not None:
                 r = a_s[i].shape[0]
                 xas[i] = xa_all[:, col:col + r]
@@ -138,7 +145,7 @@ class _LoraLinearsFunction(torch.autograd.Function):
         grads[1::3], grads[2::3] = cast[0::2], cast[1::2]
         if dx is not None:
             dx = dx.view(ctx.shape)
-        return (dx, None, None, *grads, *([None] * 2 * n))
+        return (dx, None, None, *grads, *([None] * 3 * n))
 
 
 # The padded layout (lora_mlp.py's, for projections of one input: Q/K/V). The frozen weights of n projections
@@ -273,13 +280,15 @@ def lora_linears(x: torch.Tensor, *projections: LoraWeights, impl: str | None = 
         for o, p in zip(outputs, projections):
             assert o.shape == (*lead, _out_features(p.weight)) and not o.requires_grad, (o.shape, lead)
     dropouts = [float(p.dropout) if p.lora_a is not None else 0.0 for p in projections]
-    buf = padded_linears(projections) if outputs is None and not any(dropouts) else None
+    plain = not any(dropouts) and all(p.bias is None for p in projections)  # the padded layout has neither
+    buf = padded_linears(projections) if outputs is None and plain else None
     if buf is not None and buf.dtype == _compute_dtype(x):
         return _PaddedLinearsFunction.apply(x, len(projections), buf, *(p.lora_a for p in projections),
                                             *(p.lora_b for p in projections), *(float(p.scale) for p in projections))
     flat = [t for p in projections for t in (p.weight, p.lora_a, p.lora_b)]
     return _LoraLinearsFunction.apply(x, len(projections), outputs, *flat,
-                                      *(float(p.scale) for p in projections), *dropouts)
+                                      *(float(p.scale) for p in projections), *dropouts,
+                                      *(p.bias for p in projections))
 
 
 def lora_linears_reference(x, *projections: LoraWeights):

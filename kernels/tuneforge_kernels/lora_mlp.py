@@ -51,14 +51,16 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 @dataclass(frozen=True)
 class LoraWeights:
     """One projection: frozen ``weight (out, in)`` and optional adapter ``lora_a (r, in)``,
-    ``lora_b (out, r)``, ``scale``, and the adapter's ``dropout`` on its input while training (dropout.py;
-    0: none)."""
+    ``lora_b (out, r)``, ``scale``, the adapter's ``dropout`` on its input while training (dropout.py;
+    0: none), and an optional frozen ``bias (out,)`` (Qwen2's q/k/v; lora_linears adds it, the MLP takes
+    none)."""
 
     weight: object
     lora_a: torch.Tensor | None = None
     lora_b: torch.Tensor | None = None
     scale: float = 1.0
     dropout: float = 0.0
+    bias: torch.Tensor | None = None
 
 
 def _out_features(w) -> int:
@@ -80,8 +82,9 @@ def _fp8_input(x, weights):
 
 
 def frozen_linear(x, w, dtype: torch.dtype, c=None, xq=None) -> torch.Tensor:
-    """``x W^T (+ c)`` for a frozen weight: a GEMM in ``dtype`` (``c`` read as its C), or FP8's (``Fp8Weight``;
-    ``xq``: ``x`` already quantised by ``_fp8_input``)."""
+    """``x W^T (+ c)`` for a frozen weight: a GEMM in ``dtype`` (``c`` read as its C: an (N, out) tensor, or a
+    bias (out,) broadcast over the rows), or FP8's (``Fp8Weight``; ``xq``: ``x`` already quantised by
+    ``_fp8_input``)."""
     if isinstance(w, Fp8Weight):
         y = fp8_linear(x, w, dtype, xq)
         return y if c is None else y.add_(c)
@@ -632,6 +635,7 @@ def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeig
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     for p in (gate, up, down):
         assert (p.lora_a is None) == (p.lora_b is None), "lora_a and lora_b come together"
+        assert p.bias is None, "the fused MLP takes no bias (the patcher leaves such MLPs to their stock forward)"
     if not use_triton(x, *(p.lora_a for p in (gate, up, down)), impl=impl):
         out = lora_mlp_reference(x, gate, up, down, act)
         return out if residual is None else residual + out
@@ -655,6 +659,8 @@ def _project_reference(x, p: LoraWeights, dropped=None):
     # dropped: the adapter's input, x with its dropout (else drawn here)
     dtype = x.dtype
     y = fp8_linear_reference(x, p.weight) if isinstance(p.weight, Fp8Weight) else x @ _dense(p.weight, dtype).t()
+    if p.bias is not None:
+        y = y + p.bias.to(dtype)
     if p.lora_a is not None:
         xd = dropped if dropped is not None else dropout_reference(x, p.dropout)
         y = y + (xd @ p.lora_a.to(dtype).t()) @ p.lora_b.to(dtype).t() * p.scale

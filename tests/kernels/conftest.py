@@ -48,7 +48,8 @@ def join_weights(*projections):
     buffer = torch.cat([p.weight for p in projections])
     out, start = [], 0
     for p in projections:
-        out.append(LoraWeights(buffer[start:start + p.weight.shape[0]], p.lora_a, p.lora_b, p.scale))
+        out.append(LoraWeights(buffer[start:start + p.weight.shape[0]], p.lora_a, p.lora_b, p.scale, p.dropout,
+                               p.bias))
         start += p.weight.shape[0]
     return out
 

@@ -11,37 +11,41 @@ from tuneforge_kernels.lora_mlp import LoraWeights
 from tests.kernels.conftest import DEVICES, TOL, count_matmuls, count_ops, join_weights, rel_err
 
 
-def _proj(out_f, in_f, rank, device, dtype, with_lora=True, scale=2.0):
+def _proj(out_f, in_f, rank, device, dtype, with_lora=True, scale=2.0, bias=False):
     w = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f ** 0.5
+    b0 = torch.randn(out_f, device=device, dtype=dtype) if bias else None  # frozen, as Qwen2's q/k/v
     if not with_lora:
-        return LoraWeights(w)
+        return LoraWeights(w, bias=b0)
     a = (torch.randn(rank, in_f, device=device) / in_f ** 0.5).requires_grad_()
     b = (torch.randn(out_f, rank, device=device) * 0.1).requires_grad_()
-    return LoraWeights(w, a, b, scale)
+    return LoraWeights(w, a, b, scale, bias=b0)
 
 
 def _as64(p):
+    bias = p.bias.double() if p.bias is not None else None
     if p.lora_a is None:
-        return LoraWeights(p.weight.double())
+        return LoraWeights(p.weight.double(), bias=bias)
     return LoraWeights(p.weight.double(), p.lora_a.detach().double().requires_grad_(),
-                       p.lora_b.detach().double().requires_grad_(), p.scale)
+                       p.lora_b.detach().double().requires_grad_(), p.scale, bias=bias)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["qkv", "qkv_partial", "qkv_joined", "o"])
+@pytest.mark.parametrize("layout", ["qkv", "qkv_partial", "qkv_joined", "o", "qkv_bias", "qkv_joined_bias"])
 def test_matches_reference(device, dtype, layout):
-    # joined: the three base weights in one buffer (the patcher's layout for small models)
+    # joined: the three base weights in one buffer (the patcher's layout for small models); bias: frozen
+    # biases on q and v (and k without one), as Qwen2's
     torch.manual_seed(0)
     hidden, kv, rank, shape = (40, 12, 4, (3, 5)) if device == "cpu" else (4096, 1024, 16, (2, 1023))
     x = torch.randn(*shape, hidden, device=device, dtype=dtype).requires_grad_()
     if layout == "o":
         projs = [_proj(hidden, hidden, rank, device, dtype)]
     else:  # partial: K without an adapter, different scales
-        projs = [_proj(hidden, hidden, rank, device, dtype, scale=0.5),
+        bias = layout.endswith("bias")
+        projs = [_proj(hidden, hidden, rank, device, dtype, scale=0.5, bias=bias),
                  _proj(kv, hidden, rank, device, dtype, with_lora=layout != "qkv_partial"),
-                 _proj(kv, hidden, rank, device, dtype)]
-    if layout == "qkv_joined":
+                 _proj(kv, hidden, rank, device, dtype, bias=bias)]
+    if layout.startswith("qkv_joined"):
         projs = join_weights(*projs)
     outs = lora_linears(x, *projs, impl="triton")
     p64 = [_as64(p) for p in projs]

@@ -240,7 +240,7 @@ def test_learns_like_bf16(device):
 
 
 # frozen projections without bias per layer: Qwen2's q/k/v carry biases (they keep bf16); Phi-3 fuses q/k/v and gate/up
-FP8_PER_LAYER = {"llama": 7, "mistral": 7, "qwen2": 4, "qwen3": 7, "gemma": 7, "gemma2": 7, "gemma3_text": 7, "phi3": 4}
+FP8_PER_LAYER = {"llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma": 7, "gemma2": 7, "gemma3_text": 7, "phi3": 4}
 
 
 @pytest.mark.parametrize("arch", sorted(FP8_PER_LAYER))

@@ -195,6 +195,29 @@ def test_adapter_dropout_trains_on_the_fused_path(model_type, device, impl):
     assert len(apply_memory_mode_and_kernels(build_lora_model(config), Runtime())) == 1
 
 
+@pytest.mark.parametrize("impl", ["triton", None])
+def test_qwen2_attention_biases_are_added_by_the_fused_node(impl):
+    """Qwen2's q/k/v carry frozen biases: the fused Q/K/V node adds them (PEFT's modules are not called)
+    and gives the stock model's loss and gradients; a bias that trains keeps the stock forward (the node
+    computes no gradient for it)."""
+    config = tiny_config("qwen2")
+    ref, ours = build_lora_model(config), build_lora_model(config)
+    patch_model(ours, impl=impl)
+    attn = ours.get_base_model().model.layers[0].self_attn
+    assert lora_weights(attn.q_proj).bias is attn.q_proj.base_layer.bias is not None
+    calls = []
+    for m in (attn.q_proj, attn.k_proj, attn.v_proj):
+        m.register_forward_hook(lambda *a: calls.append(1))
+    x, labels = _batch("cpu")
+    l_ref, l_ours = _step(ref, x, labels, "cpu"), _step(ours, x, labels, "cpu")
+    assert calls == []
+    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < _tol("cpu")
+    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
+    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < _tol("cpu")
+    attn.q_proj.base_layer.bias.requires_grad_(True)
+    assert lora_weights(attn.q_proj) is None
+
+
 def test_disable_adapter_is_respected_after_patching():
     # PEFT's disable_adapter() must switch the LoRA term off in the fused MLP too
     ref = build_lora_model(tiny_config("llama"))
