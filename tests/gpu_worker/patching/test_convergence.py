@@ -31,11 +31,12 @@ def _batches(device, bsz=8, seq=16):
         yield ((start + torch.arange(seq)) % VOCAB).to(device)
 
 
-def _losses(patched: bool, device: str) -> list[float]:
+def _losses(patched: bool, device: str, dropout: float = 0.0) -> list[float]:
     config = tiny_config("llama", vocab_size=VOCAB, initializer_range=0.3)
-    model = build_lora_model(config, device)
+    model = build_lora_model(config, device, lora_dropout=dropout)
     if patched:
         assert patch_model(model).uses_kernels
+    torch.manual_seed(1)  # the adapters' dropout masks: one stream for both runs
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for x in _batches(device):
@@ -54,11 +55,14 @@ def _window_means(losses):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
-def test_loss_curve_matches_stock_over_300_steps(device):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_loss_curve_matches_stock_over_300_steps(device, dropout):
+    """With adapter dropout the patched model draws its own masks (tuneforge_kernels/dropout.py): on the CPU
+    PEFT's, so the curves agree as without dropout; on CUDA other masks, so only their means can."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 2-core CI box: one thread is faster for these tiny matmuls
     try:
-        stock, ours = _losses(False, device), _losses(True, device)
+        stock, ours = _losses(False, device, dropout), _losses(True, device, dropout)
     finally:
         torch.set_num_threads(threads)
     assert stock[-1] < 0.1 * stock[0], "the toy task must be learnt, or the comparison says little"
@@ -66,9 +70,16 @@ def test_loss_curve_matches_stock_over_300_steps(device):
     # relative per step. bf16 on GPU: per-step losses differ by bf16 rounding (~1e-2) and trajectories
     # drift apart; the curves are compared as 30-step means, within 5% of the stock curve + 0.02 (the
     # late means are small, ~0.1, where 5% alone is below the run-to-run noise of bf16 training).
-    if device == "cpu":
+    if device == "cpu" and dropout:
+        # the same masks (a different one would move a step's loss by percents), dropped inputs whose scale
+        # rounds in another order than PEFT's (x * (mask / keep) there): 1e-7 over the first 50 steps,
+        # growing with the run to 5.9e-4 at step 290 (loss 0.03)
+        rel = [abs(a - b) / a for a, b in zip(stock, ours)]
+        assert max(rel[:50]) < 1e-5 and max(rel) < 3e-3, (max(rel[:50]), max(rel))
+    elif device == "cpu":
         assert max(abs(a - b) / a for a, b in zip(stock, ours)) < 1e-4
-    else:
+    else:  # with dropout also other masks than PEFT's: twice the bounds until a GPU run has measured it
+        scale = 2 if dropout else 1
         for a, b in zip(_window_means(stock), _window_means(ours)):
-            assert abs(a - b) < 5e-2 * a + 2e-2, (_window_means(stock), _window_means(ours))
+            assert abs(a - b) < scale * (5e-2 * a + 2e-2), (_window_means(stock), _window_means(ours))
     assert ours[-1] < 0.1 * ours[0]
