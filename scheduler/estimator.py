@@ -291,7 +291,9 @@ def estimate_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> MemoryE
         # scales are 4 bytes per output row
         parts["fp8_weight_copies"] = float(facts.layer_linear_params)
     tokens = layout.micro_batch * sequences_per_example(spec) * seq
-    parts["activations"] = _activation_bytes(spec, facts, layout, tokens, kernels)
+    # full fine-tuning trains its projections on their stock forwards (the fused LoRA nodes take frozen
+    # weights only): stock activations, the fused loss's logits
+    parts["activations"] = _activation_bytes(spec, facts, layout, tokens, kernels and not full)
     parts["logits"] = _logits_bytes(spec, facts, tokens, kernels)
     return MemoryEstimate(parts)
 

@@ -1,7 +1,7 @@
 """Reading a projection module (plain ``nn.Linear``, PEFT LoRA ``Linear``, or bitsandbytes ``Linear4bit``
 under either) as the ``tuneforge_kernels.lora_mlp.LoraWeights`` the fused kernels take, or ``None`` when the
-fused path cannot compute the same function (a trained bias, DoRA, several active adapters...), in which
-case the caller runs the module's stock forward. A frozen bias (Qwen2's q/k/v) is added by the nodes. An adapter's dropout (PEFT's ``lora_dropout``) is read while
+fused path cannot compute the same function (a trained weight or bias, DoRA, several active adapters...),
+in which case the caller runs the module's stock forward. A frozen bias (Qwen2's q/k/v) is added by the nodes. An adapter's dropout (PEFT's ``lora_dropout``) is read while
 training and drawn by the fused nodes (tuneforge_kernels/dropout.py).
 
 Read at every call, not at patch time: PEFT's ``disable_adapter()``, ``merge_adapter()`` and
@@ -400,6 +400,8 @@ def lora_weights(module: nn.Module) -> LoraWeights | None:
     bias = getattr(base, "bias", None)
     if bias is not None and (bias.requires_grad or not isinstance(bias, torch.Tensor)):
         return None  # a trained bias: the fused nodes compute no gradient for it
+    if getattr(getattr(base, "weight", None), "requires_grad", False):
+        return None  # a trained weight (full fine-tuning): the same; its stock forward trains it
     w = _base_weight(base)
     if w is None:
         return None

@@ -301,3 +301,14 @@ def test_estimate_matches_a_fresh_gpu_measurement(ckpt, quant, batch, seq, mode)
     predicted = estimate_memory(spec(model, quant, mode, batch=batch, seq=seq), read_model_facts(model), Layout(memory_mode=mode, micro_batch=batch)).gb
     print(f"1B {quant} {mode} {batch}x{seq}: predicted {predicted:.2f} GB, measured {row['peak_gb']:.2f} GB")
     assert predicted == pytest.approx(row["peak_gb"], rel=0.10)
+
+
+def test_full_fine_tuning_plans_stock_activations_and_the_fused_loss():
+    # a full fine-tune's projections train on their stock forwards (the fused LoRA nodes take frozen weights
+    # only), its loss stays fused
+    facts, layout = read_model_facts("meta-llama/Llama-3.2-1B"), Layout(micro_batch=4)
+    kernels = estimate_memory(spec("meta-llama/Llama-3.2-1B", adapter="full"), facts, layout).parts
+    stock = estimate_memory(spec("meta-llama/Llama-3.2-1B", adapter="full", kernels=False), facts, layout).parts
+    lora = estimate_memory(spec("meta-llama/Llama-3.2-1B"), facts, layout).parts
+    assert kernels["activations"] == stock["activations"] > lora["activations"]
+    assert kernels["logits"] == lora["logits"] < stock["logits"]

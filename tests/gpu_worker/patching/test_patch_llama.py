@@ -218,6 +218,31 @@ def test_qwen2_attention_biases_are_added_by_the_fused_node(impl):
     assert lora_weights(attn.q_proj) is None
 
 
+@pytest.mark.parametrize("device,impl", DEVICES_IMPLS)
+def test_full_fine_tuning_trains_every_weight(device, impl):
+    """Without PEFT every weight trains: the fused LoRA nodes, which compute no gradient for a base weight,
+    must leave trainable projections to their stock forward (they once took them, and the projections of
+    a full fine-tune on one GPU silently never trained); the norms, RoPE and loss stay fused. Every
+    parameter gets the unpatched model's gradient."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config()
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config).to(device)
+    ours = AutoModelForCausalLM.from_config(config).to(device)
+    ours.load_state_dict(ref.state_dict())
+    report = patch_model(ours, impl=impl)
+    assert {"rms_norm", "rope", "fused_linear_cross_entropy"} <= set(report.patched)
+    assert lora_weights(ours.model.layers[0].self_attn.q_proj) is None
+    x, labels = _batch(device)
+    l_ref, l_ours = _step(ref, x, labels, device), _step(ours, x, labels, device)
+    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < _tol(device)
+    grads = dict(ours.named_parameters())
+    for name, p in ref.named_parameters():
+        assert grads[name].grad is not None, name
+        assert rel(grads[name].grad, p.grad) < (_tol(device) if device == "cpu" else 5e-2), name
+
+
 def test_disable_adapter_is_respected_after_patching():
     # PEFT's disable_adapter() must switch the LoRA term off in the fused MLP too
     ref = build_lora_model(tiny_config("llama"))
