@@ -53,16 +53,20 @@ def test_offload_equals_checkpointing(device, impl):
 
 
 @pytest.mark.parametrize("device,impl", DEVICES_IMPLS)
-@pytest.mark.parametrize("mode", ["checkpointing", "offload"])
-def test_the_recompute_draws_the_forwards_dropout_masks(device, impl, mode):
+@pytest.mark.parametrize("mode,model_type", [("checkpointing", "llama"), ("offload", "llama"), ("offload", "phi3")])
+def test_the_recompute_draws_the_forwards_dropout_masks(monkeypatch, device, impl, mode, model_type):
     """Adapter dropout (drawn by the fused nodes, see test_patch_llama): a recomputing memory mode must draw
     the masks its forward drew, as torch's checkpointing does, so its gradients are those of the loss it
     computed; the same loss and gradients as keeping every activation under one seed, and the random
     stream left where that run leaves it. In ``offload`` the recompute's MLP is deferred and its Q/K/V and
-    O replayed: they draw the masks all the same."""
+    O replayed: they draw the masks all the same (Phi-3: one mask for gate_up_proj's two halves, read by the
+    deferred MLP's blocks of 5 rows)."""
+    import tuneforge_kernels.lora_mlp as mod
+
+    monkeypatch.setattr(mod, "_DEFERRED_ROWS", 5)
     results = []
     for m in ("off", mode):
-        model = build_lora_model(tiny_config(num_hidden_layers=3), device, lora_dropout=0.3)
+        model = build_lora_model(tiny_config(model_type, num_hidden_layers=3), device, lora_dropout=0.3)
         patch_model(model, memory_mode=m, impl=impl)
         torch.manual_seed(11)
         x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(4)).to(device)
