@@ -174,17 +174,19 @@ def test_adapter_dropout_trains_on_the_fused_path(model_type, device, impl):
         if isinstance(m, torch.nn.Dropout) and m.p > 0:
             m.register_forward_hook(lambda *a: calls.append(1))
     x, labels = _batch(device)
+    # float32 on both devices: the same masks and float32 arithmetic, reassociation apart (in bf16 the two
+    # paths' roundings would dominate the comparison)
     torch.manual_seed(7)
-    l_ref = _step(ref, x, labels, device)
+    l_ref = _step(ref, x, labels, device, autocast=False)
     torch.manual_seed(7)
-    l_ours = _step(ours, x, labels, device)
+    l_ours = _step(ours, x, labels, device, autocast=False)
     assert calls == []
     torch.manual_seed(8)
-    other = _step(build_lora_model(config, device, lora_dropout=0.25), x, labels, device)
+    other = _step(build_lora_model(config, device, lora_dropout=0.25), x, labels, device, autocast=False)
     assert abs(other.item() - l_ref.item()) > 1e-4  # the masks matter
-    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < _tol(device)
+    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < 1e-4
     g_ref, g_ours = lora_grads(ref), lora_grads(ours)
-    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < (_tol(device) if device == "cpu" else 2e-2)
+    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < (1e-4 if device == "cpu" else 1e-3)
     layer = ours.get_base_model().model.layers[0]
     assert lora_weights(layer.mlp.down_proj).dropout == 0.25
     ours.eval()
@@ -235,12 +237,14 @@ def test_full_fine_tuning_trains_every_weight(device, impl):
     assert {"rms_norm", "rope", "fused_linear_cross_entropy"} <= set(report.patched)
     assert lora_weights(ours.model.layers[0].self_attn.q_proj) is None
     x, labels = _batch(device)
-    l_ref, l_ours = _step(ref, x, labels, device), _step(ours, x, labels, device)
-    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < _tol(device)
+    # float32 on both devices: reassociation apart, the same arithmetic (the per-tensor bf16 differences of
+    # two paths would say little here)
+    l_ref, l_ours = _step(ref, x, labels, device, autocast=False), _step(ours, x, labels, device, autocast=False)
+    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < 1e-4
     grads = dict(ours.named_parameters())
     for name, p in ref.named_parameters():
         assert grads[name].grad is not None, name
-        assert rel(grads[name].grad, p.grad) < (_tol(device) if device == "cpu" else 5e-2), name
+        assert rel(grads[name].grad, p.grad) < (1e-4 if device == "cpu" else 1e-3), name
 
 
 def test_disable_adapter_is_respected_after_patching():
