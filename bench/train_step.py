@@ -417,7 +417,7 @@ def add_extra_copies(model, copies: int, tokens: int) -> dict:
 def run_one(args):
     rec = {"kind": "train", "shape": args.shape, "method": args.method, "ckpt": args.ckpt,
            "quant": args.quant, "batch": args.batch, "seq": args.seq, "rank": args.rank,
-           "lora_dropout": getattr(args, "lora_dropout", 0.0),
+           "lora_dropout": getattr(args, "lora_dropout", 0.0), "fp8": bool(getattr(args, "fp8", False)),
            "alpha": args.alpha, "autocast": args.autocast, "model_dtype": args.model_dtype,
            "warmup": args.warmup, "steps": args.steps, "data": args.data}
     if args.method == "base":

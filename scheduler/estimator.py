@@ -388,6 +388,10 @@ def load_measurements(folder: Path | str | None = None) -> tuple[Measured, ...]:
             # not the full rows of max_seq_length that the FLOP model scales from
             if r.get("data", "fixed") != "fixed":
                 continue
+            # the opt-in FP8 mode and adapter dropout are rows of their own (faster, slower): the plan
+            # scales the bf16, dropout-0 ones (see fp8_copies)
+            if r.get("fp8") or "fp8_loss_vs_bf16" in r or r.get("lora_dropout"):
+                continue
             rows.append(Measured(
                 matmul_params=int(r["n_matmul_params"]), quant=r.get("quant", "none"), memory_mode=_CKPT[r["ckpt"]],
                 kernels=r["method"] == "ours", achieved_tflops=float(r["achieved_model_tflops"]),

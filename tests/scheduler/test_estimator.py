@@ -225,6 +225,18 @@ def test_variable_length_rows_are_not_throughput_measurements(tmp_path):
     assert [m.tokens_per_s for m in ms] == [row["tokens_per_s"]]
 
 
+@pytest.mark.parametrize("variant", [{"fp8": True}, {"fp8_loss_vs_bf16": {"relative": -0.0017}},
+                                     {"lora_dropout": 0.05}])
+def test_fp8_and_dropout_rows_are_not_the_plans_throughput(tmp_path, variant):
+    # a newer FP8 row (faster) or adapter-dropout row (slower) of the same configuration must not become
+    # the bf16, dropout-0 job's measurement
+    row = _newest("ours:8B:on")
+    newer = {**row, **variant, "tokens_per_s": row["tokens_per_s"] * 1.2}
+    (tmp_path / "a.json").write_text(json.dumps({"date": "2026-01-01", "results": [row]}))
+    (tmp_path / "b.json").write_text(json.dumps({"date": "2027-01-01", "results": [newer]}))
+    assert [m.tokens_per_s for m in load_measurements(tmp_path)] == [row["tokens_per_s"]]
+
+
 def test_throughput_falls_back_conservatively_without_measurements():
     facts = read_model_facts("meta-llama/Llama-3.1-8B")
     measured = estimate_throughput(spec(), facts, "off", 767, 1, None, False, load_measurements(BENCH))
