@@ -220,22 +220,24 @@ def test_qwen2_attention_biases_are_added_by_the_fused_node(impl):
     assert lora_weights(attn.q_proj) is None
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "phi3", "gemma2"])
 @pytest.mark.parametrize("device,impl", DEVICES_IMPLS)
-def test_full_fine_tuning_trains_every_weight(device, impl):
+def test_full_fine_tuning_trains_every_weight(device, impl, model_type):
     """Without PEFT every weight trains: the fused LoRA nodes, which compute no gradient for a base weight,
     must leave trainable projections to their stock forward (they once took them, and the projections of
     a full fine-tune on one GPU silently never trained); the norms, RoPE and loss stay fused. Every
     parameter gets the unpatched model's gradient."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config()
+    config = tiny_config(model_type)  # qwen2: trained biases too; phi3: fused qkv/gate_up; gemma2: (1 + w) norms
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(config).to(device)
     ours = AutoModelForCausalLM.from_config(config).to(device)
     ours.load_state_dict(ref.state_dict())
     report = patch_model(ours, impl=impl)
     assert {"rms_norm", "rope", "fused_linear_cross_entropy"} <= set(report.patched)
-    assert lora_weights(ours.model.layers[0].self_attn.q_proj) is None
+    attn = ours.model.layers[0].self_attn
+    assert lora_weights(getattr(attn, "q_proj", None) or attn.qkv_proj) is None
     x, labels = _batch(device)
     # float32 on both devices: reassociation apart, the same arithmetic (the per-tensor bf16 differences of
     # two paths would say little here)
