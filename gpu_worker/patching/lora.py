@@ -1,8 +1,9 @@
 """Reading a projection module (plain ``nn.Linear``, PEFT LoRA ``Linear``, or bitsandbytes ``Linear4bit``
 under either) as the ``tuneforge_kernels.lora_mlp.LoraWeights`` the fused kernels take, or ``None`` when the
 fused path cannot compute the same function (a trained weight or bias, DoRA, several active adapters...),
-in which case the caller runs the module's stock forward. A frozen bias (Qwen2's q/k/v) is added by the nodes. An adapter's dropout (PEFT's ``lora_dropout``) is read while
-training and drawn by the fused nodes (tuneforge_kernels/dropout.py).
+in which case the caller runs the module's stock forward. A frozen bias (Qwen2's q/k/v) is added by the
+nodes. An adapter's dropout (PEFT's ``lora_dropout``) is read while training and drawn by the fused nodes
+(tuneforge_kernels/dropout.py).
 
 Read at every call, not at patch time: PEFT's ``disable_adapter()``, ``merge_adapter()`` and
 ``set_adapter()`` change what the module computes after patching.
@@ -266,8 +267,9 @@ _FP8_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("tuneforge_fp8_on
 
 
 def attach_fp8(decoder_layer: nn.Module) -> int:
-    """Give every frozen ``nn.Linear`` (its bias, if any, frozen) of ``decoder_layer`` its FP8 copy (``_tf_fp8``); how many
-    took one (weights whose sides are not multiples of 16, trainable or quantised weights keep their GEMMs).
+    """Give every frozen ``nn.Linear`` (a bias, if any, frozen too) of ``decoder_layer`` its FP8 copy
+    (``_tf_fp8``); how many took one (weights whose sides are not multiples of 16, trainable or quantised
+    weights keep their GEMMs).
     PEFT's merge writes the adapter into the weight through ``.data``, which the copy cannot see: a LoRA
     module's ``merge`` sets its base's copy aside and its ``unmerge`` quantises the weight into it again
     (in place: CUDA graphs that read it stay valid)."""
