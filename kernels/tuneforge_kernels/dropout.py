@@ -113,6 +113,11 @@ class Mask:
         return replace(self, keep=self.keep[rows], shape=None)
 
 
+def _scaled_keep(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    # x * keep / (1 - p) in torch ops (the reference's, autograd included): the scale a float32 multiplier
+    return x.mul(keep).mul_(1.0 / (1.0 - p))
+
+
 def _flat(*tensors: torch.Tensor) -> bool:
     # one shape, contiguous, on one device: the kernels index them as flat arrays
     first = tensors[0]
@@ -121,15 +126,14 @@ def _flat(*tensors: torch.Tensor) -> bool:
 
 def drop(x: torch.Tensor, m: Mask, impl: str | None = None) -> torch.Tensor:
     """``x * keep / (1 - p)``, a new tensor: the dropped input (forward), again from its mask (backward)."""
-    scale = 1.0 / (1.0 - m.p)
     if not x.numel() or not _flat(x, m.keep) or not use_triton(x, impl=impl):
-        return x.mul(m.keep).mul_(scale)
+        return _scaled_keep(x, m.keep, m.p)
     y = torch.empty_like(x)
     launcher(_drop_kernel, x)[(triton.cdiv(x.numel(), _BLOCK),)](
         x,                        # (N, K), any float dtype, contiguous
         m.keep.view(torch.uint8),  # (N, K) the keep mask as bytes
         y,                        # (N, K) out, x's dtype
-        x.numel(), scale, BLOCK=_BLOCK, num_warps=8)
+        x.numel(), 1.0 / (1.0 - m.p), BLOCK=_BLOCK, num_warps=8)
     return y
 
 
@@ -153,4 +157,4 @@ def dropout_reference(x: torch.Tensor, p: float) -> torch.Tensor:
     ``p == 0``)."""
     if not p:
         return x
-    return x.mul(draw_mask(x.shape, p, x.device)).mul_(1.0 / (1.0 - p))
+    return _scaled_keep(x, draw_mask(x.shape, p, x.device), p)

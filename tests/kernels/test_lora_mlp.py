@@ -20,6 +20,21 @@ def _proj(out_f, in_f, rank, device, dtype, with_lora=True):
     return LoraWeights(w, a, b, scale=2.0)
 
 
+def _small_mlp():
+    # gate, up, down of a small float32 CPU MLP (hidden 8, intermediate 12, rank 2)
+    return (_proj(12, 8, 2, "cpu", torch.float32), _proj(12, 8, 2, "cpu", torch.float32),
+            _proj(8, 12, 2, "cpu", torch.float32))
+
+
+def _count_calls(monkeypatch, name: str) -> list:
+    """Every call of ``tuneforge_kernels.lora_mlp.<name>`` from now on appends to the returned list."""
+    import tuneforge_kernels.lora_mlp as mod
+
+    calls, real = [], getattr(mod, name)
+    monkeypatch.setattr(mod, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 def _as64(p: LoraWeights):
     if p.lora_a is None:
         return LoraWeights(p.weight.double())
@@ -62,8 +77,7 @@ def test_matches_reference(device, dtype, act, down_lora, join):
 def test_joined_gate_up_weights_take_one_gemm_each_way():
     torch.manual_seed(2)
     x = torch.randn(6, 8, requires_grad=True)
-    gate, up, down = _proj(12, 8, 2, "cpu", torch.float32), _proj(12, 8, 2, "cpu", torch.float32), \
-        _proj(8, 12, 2, "cpu", torch.float32)
+    gate, up, down = _small_mlp()
     counts = []
     for g, u in ((gate, up), join_weights(gate, up)):
         with count_matmuls() as n:
@@ -77,8 +91,7 @@ def test_down_projections_rank_r_input_is_kept_not_recomputed():
     # dB_d reads h A_d^T: the forward's product (N x r) is saved, so A_d is read by one product only
     torch.manual_seed(4)
     x = torch.randn(6, 8, requires_grad=True)
-    gate, up, down = _proj(12, 8, 2, "cpu", torch.float32), _proj(12, 8, 2, "cpu", torch.float32), \
-        _proj(8, 12, 2, "cpu", torch.float32)
+    gate, up, down = _small_mlp()
     with count_matmuls([down.lora_a]) as n:
         lora_mlp(x, gate, up, down, impl="triton").sum().backward()
     assert n["reading"] == 1 and down.lora_b.grad is not None
@@ -141,8 +154,7 @@ def test_joined_finds_only_one_buffer_laid_out_in_order():
 
 def test_frozen_base_weights_get_no_grad():
     x = torch.randn(5, 8, requires_grad=True)
-    gate, up, down = _proj(12, 8, 2, "cpu", torch.float32), _proj(12, 8, 2, "cpu", torch.float32), \
-        _proj(8, 12, 2, "cpu", torch.float32)
+    gate, up, down = _small_mlp()
     lora_mlp(x, gate, up, down, impl="triton").sum().backward()
     assert all(p.weight.grad is None for p in (gate, up, down))
     assert all(p.lora_a.grad is not None and p.lora_b.grad is not None for p in (gate, up, down))
@@ -166,8 +178,7 @@ def test_quantized_style_weight_object_is_dequantized_one_transient_at_a_time():
 
     torch.manual_seed(2)
     x = torch.randn(3, 8, requires_grad=True)
-    gate, up, down = _proj(12, 8, 2, "cpu", torch.float32), _proj(12, 8, 2, "cpu", torch.float32), \
-        _proj(8, 12, 2, "cpu", torch.float32)
+    gate, up, down = _small_mlp()
     packed = [LoraWeights(Packed(p.weight), p.lora_a, p.lora_b, p.scale) for p in (gate, up, down)]
     out = lora_mlp(x, *packed, impl="triton")
     assert rel_err(out, lora_mlp_reference(x, gate, up, down)) < 1e-6
@@ -243,13 +254,8 @@ def test_output_unused_gives_the_same_gradients(monkeypatch, device, dtype, bloc
 def test_gate_and_up_share_one_product_in_every_mode(monkeypatch):
     # without dropout the rank-r products of gate's and up's A read x in one GEMM, the deferred backward's
     # blocks included (a list of no masks is no dropout)
-    import tuneforge_kernels.lora_mlp as mod
-
-    calls = []
-    product = mod._input_product
-    monkeypatch.setattr(mod, "_input_product", lambda *a: calls.append(1) or product(*a))
-    gate, up, down = _proj(12, 8, 2, "cpu", torch.float32), _proj(12, 8, 2, "cpu", torch.float32), \
-        _proj(8, 12, 2, "cpu", torch.float32)
+    calls = _count_calls(monkeypatch, "_input_product")
+    gate, up, down = _small_mlp()
     x = torch.randn(3, 8, requires_grad=True)
     lora_mlp(x, gate, up, down, impl="triton", output_unused=True).sum().backward()
     assert calls == []
@@ -258,13 +264,8 @@ def test_gate_and_up_share_one_product_in_every_mode(monkeypatch):
 
 
 def test_output_unused_skips_the_down_projection(monkeypatch):
-    import tuneforge_kernels.lora_mlp as mod
-
-    calls = []
-    act_forward = mod._act_forward
-    monkeypatch.setattr(mod, "_act_forward", lambda *a: calls.append(1) or act_forward(*a))
-    gate, up, down = _proj(12, 8, 2, "cpu", torch.float32), _proj(12, 8, 2, "cpu", torch.float32), \
-        _proj(8, 12, 2, "cpu", torch.float32)
+    calls = _count_calls(monkeypatch, "_act_forward")
+    gate, up, down = _small_mlp()
     x = torch.randn(3, 8, requires_grad=True)
     lora_mlp(x, gate, up, down, impl="triton", output_unused=True)
     assert calls == []

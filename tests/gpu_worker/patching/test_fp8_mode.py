@@ -98,28 +98,18 @@ def test_copies_follow_their_weights():
     assert rel(got, want) < 0.1
 
 
-def _host_model(device, **patch):
-    """A model patched in FP8 mode whose bf16 projection weights were moved to host memory (on a CPU model:
-    new host storage, which exercises the same paths); its layer-0 q_proj and what was moved."""
-    from gpu_worker.patching.lora import keep_fp8_sources_on_host
-
-    model = build_lora_model(tiny_config(), device)
-    report = patch_model(model, fp8=True, **patch)
-    layers = model.get_base_model().model.layers
-    moved = report.counts.get("fp8_host_bytes") or sum(keep_fp8_sources_on_host(layer) for layer in layers)
-    return model, layers[0].self_attn.q_proj, moved
-
-
 def test_the_bf16_weights_wait_in_host_memory_and_every_reader_still_works():
     """FP8 mode keeps the projections' bf16 weights in host memory (lora.keep_fp8_sources_on_host): the
     copies follow them without quantising again; a bf16 measurement reads each through a device copy; a
     merge, a stock forward and an in-place write bring the weight back first."""
     from gpu_worker.patching.lora import keep_fp8_sources_on_host
 
-    ref = build_lora_model(tiny_config())
+    ref, model = build_lora_model(tiny_config()), build_lora_model(tiny_config())
     patch_model(ref, fp8=True)
-    model, q, moved = _host_model("cpu")
+    patch_model(model, fp8=True)  # a CPU model: moved to new host storage below, which exercises the same paths
     layers = model.get_base_model().model.layers
+    moved = sum(keep_fp8_sources_on_host(layer) for layer in layers)
+    q = layers[0].self_attn.q_proj
     weights = [m.weight for layer in layers for m in layer.modules() if "_tf_fp8" in m.__dict__]
     assert moved == sum(w.numel() * w.element_size() for w in weights) and len(weights) == 7 * len(layers)
     assert sum(keep_fp8_sources_on_host(layer) for layer in layers) == 0  # once
