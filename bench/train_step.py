@@ -768,8 +768,8 @@ def main():
     ap.add_argument("--fp8-fast-accum", action="store_true",
                     help="with --fp8: the forward GEMMs with cuBLASLt's fast accumulation (an A/B)")
     ap.add_argument("--lora-dropout", type=float, default=0.0,
-                    help="the adapters' dropout (the issue's table: 0); above 0 our fused nodes draw the masks, "
-                         "without padded weights or CUDA graphs")
+                    help="the adapters' dropout (the issue's table: 0); above 0 our fused nodes compute the masks "
+                         "from seeds, without padded weights")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--autocast", choices=["bf16", "none"], default="bf16")

@@ -162,10 +162,9 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         notes += (f"fp8 asked for, but {fp8_off}: the projections compute in bf16",)
     if dropout:
         notes += (f"adapter dropout {', '.join(f'{p:g}' for p in dropout)}: the fused kernels draw its masks, "
-                  f"without the padded weight layouts or CUDA graphs (random draws are not captured); adapter "
-                  f"dropout 0 trains fastest",)
+                  f"without the padded weight layouts; adapter dropout 0 trains fastest",)
     # not in a DeepSpeed run: its gradient hooks and collectives run on their own streams
-    if cuda_graphs and memory_mode == "off" and not distributed and not dropout:
+    if cuda_graphs and memory_mode == "off" and not distributed:
         from gpu_worker.patching.graphs import attach
 
         counts["cuda_graph_layers"] = len(attach(list(base.model.layers)).layers)
@@ -199,7 +198,7 @@ def _fp8_unavailable(base: nn.Module, distributed: bool, memory_mode: str) -> st
 
 def _live_adapter_dropout(base: nn.Module) -> list[float]:
     """The dropout rates above 0 of the active adapters (lora.dropout_rate): the padded layouts carry no
-    masks, and random ops keep the layers off CUDA graphs."""
+    masks."""
     from gpu_worker.patching.lora import dropout_rate
 
     rates = set()

@@ -17,8 +17,14 @@ buffers as fresh tensors, which autograd then adopts as ``.grad`` (no copy), so 
 overwrite a gradient being accumulated over micro-batches; here autograd gets tensors it cannot adopt and
 accumulates as in eager mode.
 
-Layers with live dropout (PEFT's ``lora_dropout`` > 0, an attention dropout) are never captured: the model
-trains eagerly. A layer runs its stock (eager) forward instead when anything differs from what was captured: no grad or
+Adapter dropout replays too: the fused LoRA nodes draw ``philox`` masks (tuneforge_kernels/dropout.py), which
+the kernels compute from a seed tensor. Each layer's capture runs under ``dropout.seeded_by`` its own static
+seed (the draws record a pointer to it and their salts, and touch no generator), and the seed is drawn
+again from the default CUDA generator before each replay, outside the graph: every step gets new masks,
+and the layer's backward replay reads the ones its forward used. Any other random op in a layer (PEFT's
+own dropout, where a projection keeps its stock forward; an attention dropout) keeps the model eager: the
+warm-up before a capture looks for them (``_random_ops``; a capture of PEFT's dropout once invalidated
+the capture and left the CUDA generator refusing every eager dropout: bench/NOTES.md, session 13). A layer runs its stock (eager) forward instead when anything differs from what was captured: no grad or
 eval mode, other shapes, dtypes or autocast state, a KV cache, hooks on the layer or inside it, a parameter or
 buffer replaced since the capture (a merge, ``.to()``), adapters switched or rescaled, activation
 checkpointing, or the layer's last replay still waiting for its backward (two forwards before one
@@ -51,7 +57,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from gpu_worker.patching.decoder import layer_subclass
+from tuneforge_kernels import dropout
 from tuneforge_kernels.varlen_attention import Packing
 
 log = logging.getLogger(__name__)
@@ -79,6 +88,10 @@ class _Graph:
         self.out: torch.Tensor | None = None
         self.grad_out: torch.Tensor | None = None
         self.grads: tuple = ()  # (input gradient or None, *parameter gradients or None)
+        # the adapters' dropout masks' seed (dropout.seeded_by), drawn again before each replay where the
+        # capture drew any (``draws``)
+        self.seed = dropout.new_seed(x.device)
+        self.draws = 0
         # the autograd node of a replayed forward whose backward has not run yet (weak: a dropped autograd
         # graph frees the layer for the next replay)
         self.pending: weakref.ref | None = None
@@ -129,6 +142,8 @@ class _Replay(torch.autograd.Function):
     def forward(ctx, graph: _Graph, n_tensors: int, x, *rest):
         if graph.x.data_ptr() != x.data_ptr():
             graph.x.copy_(x)
+        if graph.draws:
+            graph.seed.random_(0, dropout.SEED_HIGH)  # this step's masks (eager: the generator moves as usual)
         graph.fwd.replay()
         graph.pending = weakref.ref(ctx)
         ctx.graph, ctx.n_tensors = graph, n_tensors
@@ -162,14 +177,36 @@ def _identity(modules: list[nn.Module]) -> tuple:
     return tuple(ident)
 
 
-def _draws_random(m: nn.Module) -> bool:
-    """Whether ``m``'s training forward draws random numbers: dropout with p > 0 (PEFT's ``lora_dropout``),
-    an attention's dropout. A capture of PEFT's dropout failed on the H200 (torch 2.11: the capture was
-    invalidated, and the CUDA generator then refused every eager dropout; bench/NOTES.md, session 13)."""
-    if isinstance(m, nn.modules.dropout._DropoutNd):
-        return m.p > 0
-    p = getattr(m, "attention_dropout", None)
-    return isinstance(p, float) and p > 0
+class _RandomOps(TorchDispatchMode):
+    """Records the random ops run inside it (``draws_random``): a capture must not draw from the CUDA
+    generator (module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if draws_random(func, args, kwargs):
+            self.seen.append(str(func.overloadpacket.__name__))
+        return func(*args, **kwargs)
+
+
+def draws_random(func, args, kwargs) -> bool:
+    """Whether an ATen op call draws from a generator: ATen's ``nondeterministic_seeded`` ops (dropout,
+    bernoulli, rand...), but the attention kernels only with a ``dropout_p`` above 0 (they carry the tag
+    for their dropout)."""
+    if torch.Tag.nondeterministic_seeded not in func.tags or "no_dropout" in func.name():
+        return False
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.name == "dropout_p":
+            value = args[i] if i < len(args) and not arg.kwarg_only else kwargs.get("dropout_p", arg.default_value)
+            return bool(value)
+    return True
+
+
+class _Uncapturable(Exception):
+    pass
 
 
 def _has_hooks(modules) -> bool:
@@ -274,9 +311,6 @@ class LayerGraphs:
             return None
         if self.modules is None:
             self.modules = [list(m.modules()) for m in self.layers]
-            if any(_draws_random(m) for mods in self.modules for m in mods):
-                self.disabled = "live dropout in the layers (random ops are not captured)"
-                return None
         split = _split_kwargs(kwargs)
         if split is None or _has_hooks(self.modules[index]):
             return None
@@ -344,6 +378,10 @@ class LayerGraphs:
         self._steps = 0
         try:
             self._capture_layers(x, names, tensors, rest, signature)
+        except _Uncapturable as err:
+            self.release()
+            self.disabled = str(err)
+            log.warning("CUDA graphs off for this model (%s); the layers run eagerly", self.disabled)
         except Exception as err:  # an op that cannot be captured: this model trains eagerly
             self.release()
             self.disabled = f"capture failed: {type(err).__name__}: {err}"
@@ -366,11 +404,12 @@ class LayerGraphs:
             with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
                 return type(layer)._tf_eager_forward(layer, inp, **_rebuild_kwargs(names, tables, rest))
 
-        # warm-up on a side stream: lazy initialisation (cuBLAS workspaces...) must not land in a capture
+        # warm-up on a side stream: lazy initialisation (cuBLAS workspaces...) must not land in a capture;
+        # and no random op may (the adapters' dropout draws from a seed tensor, as in the capture)
         values = x.detach().clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), _RandomOps() as random_ops, dropout.seeded_by(dropout.new_seed(x.device)):
             needs_grad = x.requires_grad
             for layer, params in zip(self.layers, trainable):
                 sample = values.detach().requires_grad_(needs_grad)  # as the layer's captured input will
@@ -384,6 +423,9 @@ class LayerGraphs:
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         del values
+        if random_ops.seen:
+            raise _Uncapturable(f"live dropout outside the fused kernels (random ops {sorted(set(random_ops.seen))} "
+                                f"are not captured)")
         # the warm-up's activations, cached for the side stream, which the graphs' pool cannot reuse: kept,
         # the capture would hold a step's activations twice (session 13: 21 GB reserved against 11.6 eager)
         torch.cuda.empty_cache()
@@ -397,9 +439,10 @@ class LayerGraphs:
             graph.statics = statics[i]
             for static in graph.statics:
                 static.readers.append(graph)
-            with params.swapped() as layer_proxies, \
+            with params.swapped() as layer_proxies, dropout.seeded_by(graph.seed) as draws, \
                     torch.cuda.graph(graph.fwd, pool=pool, capture_error_mode="thread_local"):
                 out = call(layer, inp, tuple(st.tensor for st in graph.statics))
+            graph.draws = draws()
             outs.append(out)
             graphs.append(graph)
             proxies.append(layer_proxies)

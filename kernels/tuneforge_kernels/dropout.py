@@ -3,35 +3,49 @@
 PEFT computes ``y = x W^T + s (drop(x) A^T) B^T`` with one fresh mask per adapted projection and call, drawn
 on the projection's input (``x``, or ``h`` for the MLP's down projection); the base GEMM reads ``x``
 undropped; PEFT's autograd keeps each dropped input for backward (2 bytes an element in bf16, 4 in
-float32). The fused nodes draw the same masks here and keep none of it; in backward
+float32). The fused nodes draw masks here and keep none of them; in backward
 
     dA = s (dy B)^T drop(x)          (drop(x) recomputed from x and the mask)
     dx = dy W + s ((dy B) A) * mask / keep
     dB = s dy^T (drop(x) A^T)        (the rank-r product, kept from forward as without dropout)
 
-with each mask drawn again from the generator state saved before it (``Mask``) rather than kept.
+Two kinds of mask (``Mask``), one rule: ``philox`` on CUDA, ``stream`` on the CPU.
 
-The masks come from the device's default generator as ``torch.nn.functional.dropout`` draws them on the
-CPU (``bernoulli_(keep)`` over the input's shape: the same stream whatever the tensor's dtype, so with one
-seed a patched model on the CPU draws PEFT's masks). On CUDA, torch's fused dropout draws its own way,
-so the masks are as random but not PEFT's. Activation checkpointing and ``offload`` restore the random
-state for their recompute (gpu_worker/patching/memory.py), which then draws the forward's masks again.
-CUDA graphs are not used for layers with live dropout (gpu_worker/patching/graphs.py).
+- ``philox`` (counter-based): a mask is a seed, an (1,) int64 tensor on the device, and ``salt``. The input
+  is seen as rows of ``width`` elements; element ``(r, c)`` is kept where output ``c mod 4`` of
+  Philox4x32-10 with key ``seed + salt`` and counter ``(c div 4, r, 0, 0)`` is, as a uniform float, >= p
+  (Triton's ``tl.philox`` and ``tl.uint_to_uniform_float``: one Philox call gives four columns' bits;
+  ``philox_keep`` is the same arithmetic in torch). The kernels compute the bits where they read them: no mask tensor is
+  written or read, backward computes the same bits from the same 8 bytes, and a CUDA graph can replay it
+  (gpu_worker/patching/graphs.py): an eager draw takes a new seed from the device's default generator
+  (``torch.randint`` on the device, so a recompute that restores the random state draws the forward's
+  masks); inside ``seeded_by(seed)`` (a graph's capture) the draws take that static tensor and salts
+  0, 1, 2..., and the graph refreshes the tensor before each replay, outside the capture.
+- ``stream``: the bool mask ``bernoulli_(keep)`` from the default generator, as ``torch.nn.functional.dropout``
+  draws it on the CPU (the same stream whatever the tensor's dtype, so with one seed a patched model on
+  the CPU draws PEFT's masks). A node keeps the generator's state before the draw (``released``) and
+  draws it again in backward (``again``). ``philox_everywhere()`` makes the CPU draw ``philox`` masks too
+  (tests of those through Triton's interpreter).
+
+Activation checkpointing and ``offload`` restore the random state for their recompute
+(gpu_worker/patching/memory.py), which then draws the forward's masks again.
 
 ``drop`` computes ``x * mask * (1 / keep)`` with the scale as a float32 multiplier and one rounding, as
 torch's fused CUDA dropout does (on the CPU, torch's dropout of a bf16 tensor rounds the scale to bf16
-first). With ``impl="triton"`` (the fused nodes) it is one pass: x and the mask read, the dropped input
-written, where torch's two ops write and read it once more; likewise ``add_masked_input_grad_`` adds the
-masked term into ``dx`` in one pass instead of masking the GEMM's output, then adding it.
+first). With ``impl="triton"`` (the fused nodes) it is one pass: x read, the dropped input written, where
+torch's two ops write and read it once more; likewise ``add_masked_input_grad_`` adds the masked term into
+``dx`` in one pass instead of masking the GEMM's output, then adding it.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
 
-from tuneforge_kernels.backend import launcher, use_triton
+from tuneforge_kernels.backend import launcher, next_power_of_2, use_triton
 
 try:
     import triton
@@ -39,36 +53,151 @@ try:
 except ImportError:
     triton = None
 
-# elements a program (8 KB of bf16 and 4 KB of mask in flight, 8 warps), of the order of copy_rows' 16 KB a
-# program: not timed yet (bench/NOTES.md, session 16)
+# elements a program (8 KB of bf16 in flight, 8 warps), of the order of copy_rows' 16 KB a program: not timed
+# yet (bench/NOTES.md, sessions 16 and 17)
 _BLOCK = 4096
+SEED_HIGH = 2 ** 62  # seeds are drawn in [0, SEED_HIGH): seed + salt stays an int64
+# Philox4x32's constants (Salmon et al. 2011, as triton.language.random) and uint_to_uniform_float's scale
+_ROUNDS = 10
+_ROUND_A, _ROUND_B, _KEY_A, _KEY_B = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+_UNIFORM_SCALE = 4.6566127342e-10
 
 if triton is not None:
 
     @triton.jit
-    def _drop_kernel(X, KEEP, Y, n, scale, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: > 2^31 elements
-        inside = offs < n
-        x = tl.load(X + offs, mask=inside, other=0.0).to(tl.float32)
-        kept = tl.load(KEEP + offs, mask=inside, other=0) != 0
-        tl.store(Y + offs, tl.where(kept, x * scale, 0.0).to(Y.dtype.element_ty), mask=inside)
+    def philox_uniform(key, rows, col0, BM: tl.constexpr, BN: tl.constexpr):
+        """(BM, BN) uniform floats in [0, 1): the ``philox`` stream's for rows ``rows`` (BM,) and columns
+        ``col0 .. col0 + BN`` (``col0`` a multiple of 4) under ``key``: one Philox call per 4 columns."""
+        groups = (col0 // 4 + tl.arange(0, BN // 4)).to(tl.uint32)
+        c0 = tl.broadcast_to(groups[None, :], (BM, BN // 4))
+        c1 = tl.broadcast_to(rows.to(tl.uint32)[:, None], (BM, BN // 4))
+        zero = tl.zeros((BM, BN // 4), dtype=tl.uint32)
+        r0, r1, r2, r3 = tl.philox(key, c0, c1, zero, zero, _ROUNDS)
+        bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # column 4 g + j: r_j of group g
+        return tl.uint_to_uniform_float(bits)
 
     @triton.jit
-    def _add_masked_kernel(OUT, T, KEEP, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
-        out = tl.load(OUT + offs, mask=inside, other=0.0).to(tl.float32)
-        t = tl.load(T + offs, mask=inside, other=0.0).to(tl.float32)
-        kept = tl.load(KEEP + offs, mask=inside, other=0) != 0
-        tl.store(OUT + offs, (out + tl.where(kept, t, 0.0)).to(OUT.dtype.element_ty), mask=inside)
+    def kept(M, ld, row0, p, salt, rows, col0, inside, SEEDED: tl.constexpr, BM: tl.constexpr,
+             BN: tl.constexpr):
+        """(BM, BN) whether each element of the tile at local rows ``rows`` (BM,) and columns ``col0 ..``
+        is kept: from the seed ``M`` (``row0``: the mask's row of local row 0), or read from the bool mask
+        ``M`` with row stride ``ld``."""
+        if SEEDED:
+            return philox_uniform(tl.load(M) + salt, row0 + rows, col0, BM, BN) >= p
+        else:
+            cols = col0 + tl.arange(0, BN)
+            return tl.load(M + rows[:, None].to(tl.int64) * ld + cols[None, :], mask=inside, other=0) != 0
+
+    @triton.jit
+    def _drop_kernel(X, ldx, Y, ldy, M, ld, row0, p, salt, n_rows, n_cols, scale, SEEDED: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        col0 = tl.program_id(1) * BN
+        cols = col0 + tl.arange(0, BN)
+        inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        r64 = rows[:, None].to(tl.int64)  # int64: > 2^31 elements
+        x = tl.load(X + r64 * ldx + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        keep = kept(M, ld, row0, p, salt, rows, col0, inside, SEEDED, BM, BN)
+        tl.store(Y + r64 * ldy + cols[None, :], tl.where(keep, x * scale, 0.0).to(Y.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _add_masked_kernel(OUT, ldo, T, ldt, M, ld, row0, p, salt, n_rows, n_cols, SEEDED: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        col0 = tl.program_id(1) * BN
+        cols = col0 + tl.arange(0, BN)
+        inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        r64 = rows[:, None].to(tl.int64)
+        out = tl.load(OUT + r64 * ldo + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        t = tl.load(T + r64 * ldt + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        keep = kept(M, ld, row0, p, salt, rows, col0, inside, SEEDED, BM, BN)
+        tl.store(OUT + r64 * ldo + cols[None, :], (out + tl.where(keep, t, 0.0)).to(OUT.dtype.element_ty),
+                 mask=inside)
 
 
 def draw_mask(shape, p: float, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
     """A keep mask (``torch.bool``, True with probability ``1 - p``) from ``generator`` (default: the
-    device's default generator)."""
+    device's default generator): the ``stream`` kind's bits."""
+    _check_rate(p)
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
+
+
+def _check_rate(p: float) -> None:
     if not 0.0 < p < 1.0:
         raise ValueError(f"dropout must be in (0, 1), got {p}")
-    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # the high and low 32 bits of a * b (a a uint32 constant, b int64 holding uint32 values) in int64 ops:
+    # a * b itself can pass 2^63, so a is taken in 16-bit halves
+    t = b * (a & 0xFFFF)                     # < 2^48
+    u = b * (a >> 16) + (t >> 16)            # a * b = u 2^16 + (t mod 2^16)
+    return u >> 16, ((u & 0xFFFF) << 16) | (t & 0xFFFF)
+
+
+def philox_keep(seed: torch.Tensor, salt: int, rows: torch.Tensor, width: int, p: float) -> torch.Tensor:
+    """The ``philox`` kind's bits in torch ops (``philox_uniform``'s arithmetic, bit for bit): (len(rows),
+    width) bools, whether each element of those rows (int64 indices) is kept under key ``seed + salt``
+    (``seed`` an (1,) int64 tensor)."""
+    mask32 = 0xFFFFFFFF
+    key = seed.to(rows.device) + salt
+    k0, k1 = key & mask32, key >> 32
+    groups = torch.arange((width + 3) // 4, dtype=torch.int64, device=rows.device)
+    c0, c1 = groups[None, :].expand(len(rows), -1), (rows & mask32)[:, None].expand(-1, len(groups))
+    c2 = c3 = torch.zeros_like(c0)
+    for _ in range(_ROUNDS):
+        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & mask32, (k1 + _KEY_B) & mask32
+    bits = torch.stack([c0, c1, c2, c3], dim=-1).reshape(len(rows), -1)[:, :width]  # column 4 g + j: c_j
+    signed = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits)  # as an int32
+    signed = torch.where(signed < 0, -signed - 1, signed)         # (~x for the negative ones)
+    u = signed.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+    return u >= torch.tensor(p, dtype=torch.float32)
+
+
+class _Seeds(threading.local):
+    """What ``philox`` draws take inside ``seeded_by`` (per thread: a capture is per thread), and whether
+    the CPU draws ``philox`` masks too (``philox_everywhere``)."""
+
+    def __init__(self):
+        self.tensor: torch.Tensor | None = None
+        self.salts = 0
+        self.cpu = False
+
+
+_seeds = _Seeds()
+
+
+@contextmanager
+def seeded_by(seed: torch.Tensor):
+    """Within the block, ``philox`` draws take ``seed`` (an (1,) int64 tensor on the device, read when the
+    kernels run) with salts 0, 1, 2... in their order, and touch no generator: what a CUDA graph's capture
+    records. Yields a function that says how many draws took it so far."""
+    saved, drawn = (_seeds.tensor, _seeds.salts), []
+    _seeds.tensor, _seeds.salts = seed, 0
+    try:
+        yield lambda: drawn[0] if drawn else _seeds.salts
+    finally:
+        drawn.append(_seeds.salts)
+        _seeds.tensor, _seeds.salts = saved
+
+
+@contextmanager
+def philox_everywhere():
+    """Within the block the CPU draws ``philox`` masks as CUDA does (Triton's interpreter runs the
+    kernels that compute them)."""
+    saved, _seeds.cpu = _seeds.cpu, True
+    try:
+        yield
+    finally:
+        _seeds.cpu = saved
+
+
+def new_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A fresh ``philox`` seed: an (1,) int64 tensor drawn on ``device`` (no host sync)."""
+    return torch.randint(SEED_HIGH, (1,), dtype=torch.int64, device=device, generator=generator)
 
 
 def _default_generator(device: torch.device) -> torch.Generator | None:
@@ -81,36 +210,77 @@ def _default_generator(device: torch.device) -> torch.Generator | None:
 
 @dataclass(frozen=True)
 class Mask:
-    """One adapter's dropout draw: ``keep`` (the bool mask) while it is needed, and the default generator's
-    state before the draw. A node keeps only the state for backward (``released``: 16 bytes on CUDA) and
-    draws the mask again there (``again``: the same generator state, op and shape, so the same bits),
-    instead of keeping a byte per element of every adapted input: ~10 GB for an 8B model's 32 layers at
-    8,192 tokens a step. A device without a default generator we can read keeps the mask itself."""
+    """One adapter's dropout draw over an input of ``shape`` (module docstring): ``seed`` and ``salt``
+    (``philox``), or ``keep``, the bool mask, and the default generator's ``state`` before the draw
+    (``stream``). A node keeps it for backward ``released`` (``stream``: the state alone, 16 bytes on
+    CUDA, and ``again`` draws the same bits) instead of a byte per element of every adapted input (~10 GB
+    for an 8B model's 32 layers at 8,192 tokens a step). The input is seen as rows of ``width`` (its last
+    dimension); ``row0``: the input's row of this mask's first row (a block of rows, ``rows``)."""
 
     p: float
-    shape: tuple
+    shape: tuple | None
     device: torch.device
-    state: torch.Tensor | None
-    keep: torch.Tensor | None
+    width: int
+    state: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    seed: torch.Tensor | None = None
+    salt: int = 0
+    row0: int = 0
 
     @classmethod
     def draw(cls, shape, p: float, device: torch.device) -> Mask:
+        _check_rate(p)
+        shape, width = tuple(shape), (shape[-1] if len(shape) else 1)
+        if device.type == "cuda" or _seeds.cpu:
+            if _seeds.tensor is not None:
+                _seeds.salts += 1
+                return cls(p, shape, device, width, seed=_seeds.tensor, salt=_seeds.salts - 1)
+            return cls(p, shape, device, width, seed=new_seed(device))
         gen = _default_generator(device)
         state = gen.get_state() if gen is not None else None
-        return cls(p, tuple(shape), device, state, draw_mask(shape, p, device))
+        return cls(p, shape, device, width, state=state, keep=draw_mask(shape, p, device))
+
+    @property
+    def seeded(self) -> bool:
+        return self.seed is not None
 
     def released(self) -> Mask:
-        return self if self.state is None else replace(self, keep=None)
+        return self if self.seeded or self.state is None else replace(self, keep=None)
 
     def again(self) -> Mask:
-        if self.keep is not None:
+        if self.seeded or self.keep is not None:
             return self
         gen = torch.Generator(device=self.device)
         gen.set_state(self.state)
         return replace(self, keep=draw_mask(self.shape, self.p, self.device, gen))
 
     def rows(self, rows: slice) -> Mask:
+        """The mask of a block of the input's rows (``rows.start`` to ``rows.stop``, step 1)."""
+        if self.seeded:
+            return replace(self, shape=None, row0=self.row0 + rows.start)
         return replace(self, keep=self.keep[rows], shape=None)
+
+    def bits(self, shape) -> torch.Tensor:
+        """The bool mask over an input of ``shape`` (row-major) in torch ops: the references' and the
+        fallbacks' (the kernels compute it where they read it)."""
+        if not self.seeded:
+            return self.keep
+        assert shape[-1] == self.width, (shape, self.width)
+        n = 1
+        for d in shape[:-1]:
+            n *= d
+        rows = torch.arange(self.row0, self.row0 + n, dtype=torch.int64, device=self.seed.device)
+        return philox_keep(self.seed, self.salt, rows, self.width, self.p).view(shape)
+
+    def kernel_args(self, like: torch.Tensor) -> tuple:
+        """``(M, ld, row0, p, salt, SEEDED)`` for ``kept`` over a 2D ``like`` (its shape): the seed, or the
+        mask's bytes and row stride."""
+        if self.seeded:
+            assert like.shape[-1] == self.width, (like.shape, self.width)
+            return self.seed, 0, self.row0, float(self.p), self.salt, True
+        assert self.keep.shape == like.shape and self.keep.dtype == torch.bool and self.keep.stride(-1) == 1, (
+            self.keep.shape, self.keep.dtype, like.shape)
+        return self.keep.view(torch.uint8), self.keep.stride(0), 0, 0.0, 0, False
 
 
 def _scaled_keep(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
@@ -118,22 +288,32 @@ def _scaled_keep(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     return x.mul(keep).mul_(1.0 / (1.0 - p))
 
 
-def _flat(*tensors: torch.Tensor) -> bool:
-    # one shape, contiguous, on one device: the kernels index them as flat arrays
-    first = tensors[0]
-    return all(t.shape == first.shape and t.is_contiguous() and t.device == first.device for t in tensors)
+def _tiles(x: torch.Tensor, m: Mask) -> bool:
+    # 2D, unit column stride, and a mask over it: the kernels' layout (rows of any stride)
+    if x.dim() != 2 or x.stride(1) != 1 and x.shape[1] > 1:
+        return False
+    return m.seeded or (m.keep.shape == x.shape and m.keep.stride(-1) == 1)
+
+
+def _launch(kernel, m: Mask, a: torch.Tensor, b: torch.Tensor, *scalars) -> None:
+    # one of the 2D-tiled kernels over a and b (one shape), the mask's arguments after them: tiles of ~4096
+    # elements, at least 16 columns (philox_uniform's groups of 4 in a power of two)
+    bn = min(1024, next_power_of_2(max(16, a.shape[1])))
+    bm = max(1, _BLOCK // bn)
+    launcher(kernel, a)[(triton.cdiv(a.shape[0], bm), triton.cdiv(a.shape[1], bn))](
+        a, a.stride(0), b, b.stride(0), *m.kernel_args(a)[:-1], a.shape[0], a.shape[1], *scalars,
+        SEEDED=m.seeded, BM=bm, BN=bn, num_warps=8)
 
 
 def drop(x: torch.Tensor, m: Mask, impl: str | None = None) -> torch.Tensor:
     """``x * keep / (1 - p)``, a new tensor: the dropped input (forward), again from its mask (backward)."""
-    if not x.numel() or not _flat(x, m.keep) or not use_triton(x, impl=impl):
-        return _scaled_keep(x, m.keep, m.p)
-    y = torch.empty_like(x)
-    launcher(_drop_kernel, x)[(triton.cdiv(x.numel(), _BLOCK),)](
-        x,                        # (N, K), any float dtype, contiguous
-        m.keep.view(torch.uint8),  # (N, K) the keep mask as bytes
-        y,                        # (N, K) out, x's dtype
-        x.numel(), 1.0 / (1.0 - m.p), BLOCK=_BLOCK, num_warps=8)
+    if not x.numel() or not _tiles(x, m) or not use_triton(x, impl=impl):
+        return _scaled_keep(x, m.bits(x.shape), m.p)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _launch(_drop_kernel, m,
+            x,                        # (N, K), any float dtype, rows of any stride
+            y,                        # (N, K) out, x's dtype
+            1.0 / (1.0 - m.p))
     return y
 
 
@@ -142,19 +322,17 @@ def add_masked_input_grad_(out: torch.Tensor, d_b: torch.Tensor, a: torch.Tensor
     """``out += s (d_b A) * keep / (1 - p)``: the adapter's term of ``dx`` (``d_b = s dy B``; or of the MLP's
     ``dh``), the scale taken by the GEMM, the mask and the add by one pass over ``out``."""
     term = torch.addmm(d_b.new_empty(()), d_b, a, beta=0.0, alpha=s / (1.0 - m.p))
-    if not out.numel() or not _flat(out, term, m.keep) or not use_triton(out, impl=impl):
-        out.add_(term.mul_(m.keep))
+    if not out.numel() or not _tiles(out, m) or not use_triton(out, impl=impl):
+        out.add_(term.mul_(m.bits(out.shape)))
         return
-    launcher(_add_masked_kernel, out)[(triton.cdiv(out.numel(), _BLOCK),)](
-        out,                      # (N, K) dx, updated in place
-        term,                     # (N, K) s (d_b A) / (1 - p), out's dtype
-        m.keep.view(torch.uint8),  # (N, K) the keep mask as bytes
-        out.numel(), BLOCK=_BLOCK, num_warps=8)
+    _launch(_add_masked_kernel, m,
+            out,                      # (N, K) dx, updated in place
+            term)                     # (N, K) s (d_b A) / (1 - p), out's dtype
 
 
 def dropout_reference(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The spec through autograd: ``x`` dropped with a mask drawn as ``draw_mask`` draws it (identity for
-    ``p == 0``)."""
+    """The spec through autograd: ``x`` dropped with a mask drawn as the nodes draw it (``Mask.draw``; identity
+    for ``p == 0``)."""
     if not p:
         return x
-    return _scaled_keep(x, draw_mask(x.shape, p, x.device), p)
+    return _scaled_keep(x, Mask.draw(x.shape, p, x.device).bits(x.shape), p)

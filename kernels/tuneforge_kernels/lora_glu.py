@@ -13,7 +13,7 @@ reads those tensors anyway computes the terms as a small ``tl.dot`` per tile:
 
 ``lora_glu_forward`` returns ``h``; ``lora_glu_backward_inplace`` overwrites ``DH, Yg, Yu`` with
 ``h, dg, du``. With adapter dropout on the down projection (dropout.py: its adapter reads ``h * m / keep``)
-the backward takes the mask ``m``: the down term of ``dh`` becomes ``s_d ((dy B_d) A_d) * m / keep``, and
+the backward takes the mask ``m`` (its bits read, or computed from its seed): the down term of ``dh`` becomes ``s_d ((dy B_d) A_d) * m / keep``, and
 ``h`` is written dropped (what the down adapter's gradients read), rounded as the forward's dropout
 rounded it. ``g`` and ``u`` are never stored with their terms: backward recomputes them from the same
 inputs. Each term is optional (``None``: that projection has no adapter). Everything is computed in
@@ -31,6 +31,7 @@ try:
     import triton
     import triton.language as tl
 
+    from tuneforge_kernels.dropout import kept
     from tuneforge_kernels.geglu import _gelu_and_grad
 except ImportError:
     triton = None
@@ -102,9 +103,9 @@ if triton is not None:
 
     @triton.jit
     def _lora_glu_bwd_kernel(DH, YG, YU, ld_y, ld_h, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g,
-                             rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd, MD, ld_md, inv_keep, n_rows,
-                             n_cols, ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
-                             HAS_D: tl.constexpr, HAS_MD: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr,
+                             rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd, MD, ld_md, md_row0, md_p, md_salt,
+                             inv_keep, n_rows, n_cols, ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
+                             HAS_D: tl.constexpr, HAS_MD: tl.constexpr, SEEDED_MD: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr,
                              RD: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -113,10 +114,10 @@ if triton is not None:
         offs_h = rows[:, None].to(tl.int64) * ld_h + cols[None, :]
         dh = tl.load(DH + offs_h, mask=mask, other=0.0).to(tl.float32)
         if HAS_MD:  # the down adapter's dropout: its term masked (the scale 1 / keep is in sd)
-            kept = tl.load(MD + rows[:, None].to(tl.int64) * ld_md + cols[None, :], mask=mask, other=0) != 0
+            keep = kept(MD, ld_md, md_row0, md_p, md_salt, rows, tl.program_id(1) * BN, mask, SEEDED_MD, BM, BN)
             term = _low_rank(tl.zeros((BM, BN), dtype=tl.float32), DYB, ld_dyb, AD, ld_ad, rows, cols, n_rows,
                              n_cols, rank_d, sd, True, RD, PREC)
-            dh += tl.where(kept, term, 0.0)
+            dh += tl.where(keep, term, 0.0)
         elif HAS_D:
             dh = _low_rank(dh, DYB, ld_dyb, AD, ld_ad, rows, cols, n_rows, n_cols, rank_d, sd, True, RD, PREC)
         g, u = _gate_up(YG, YU, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
@@ -124,7 +125,7 @@ if triton is not None:
         act, dact = _act_and_grad(g, ACT)
         h = act * u
         if HAS_MD:  # h dropped: h rounded as the forward stored it, then scaled and rounded (dropout.drop)
-            h = tl.where(kept, h.to(DH.dtype.element_ty).to(tl.float32) * inv_keep, 0.0)
+            h = tl.where(keep, h.to(DH.dtype.element_ty).to(tl.float32) * inv_keep, 0.0)
         # every element is read above before any is written: the outputs reuse the input buffers
         tl.store(DH + offs_h, h.to(DH.dtype.element_ty), mask=mask)
         tl.store(YU + offs, (dh * act).to(YU.dtype.element_ty), mask=mask)
@@ -189,24 +190,24 @@ def lora_glu_backward_inplace(dh, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0
                               s_u=1.0, dy_b=None, a_d=None, s_d=1.0, dropped_d=None) -> None:
     """Backward of ``lora_glu_forward`` with ``dh = DH + s_d dy_b A_d`` (``dy_b`` (N, r_d), ``a_d``
     (r_d, I)): afterwards ``dh`` holds ``h``, ``yg`` holds ``dg`` and ``yu`` holds ``du``.
-    ``dropped_d``: the down adapter's dropout (dropout.Mask, drawn: ``keep`` (N, I)), module docstring:
-    the term masked and scaled by 1 / (1 - p), and ``dh`` then holds ``h`` dropped."""
+    ``dropped_d``: the down adapter's dropout (dropout.Mask, drawn, over (N, I)), module docstring: the term
+    masked and scaled by 1 / (1 - p), and ``dh`` then holds ``h`` dropped."""
     _check(yg, yu, dh)
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
     xd, ad, ld_xd, ld_ad, rd, sd, has_d, pd = _term(dy_b, a_d, s_d, yg)
-    md, ld_md, inv_keep = yg, 0, 1.0
+    md, ld_md, md_row0, md_p, md_salt, seeded_md, inv_keep = yg, 0, 0, 0.0, 0, False, 1.0
     if dropped_d is not None:
-        mask, p = dropped_d.keep, dropped_d.p
-        assert has_d and mask.shape == yg.shape and mask.dtype == torch.bool and mask.stride(1) == 1, (
-            mask.shape, mask.dtype, yg.shape)
-        md, ld_md, inv_keep = mask.view(torch.uint8), mask.stride(0), 1.0 / (1.0 - p)
+        assert has_d
+        md, ld_md, md_row0, md_p, md_salt, seeded_md = dropped_d.kernel_args(yg)
+        inv_keep = 1.0 / (1.0 - dropped_d.p)
         sd *= inv_keep
     bm, bn, warps = TILE
     launcher(_lora_glu_bwd_kernel, yg)[_grid(*yg.shape, TILE)](
         dh, yg, yu, yg.stride(0), dh.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
-        xd, ld_xd, ad, ld_ad, rd, sd, md, ld_md, inv_keep, yg.shape[0], yg.shape[1],
-        ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, HAS_MD=dropped_d is not None, RG=pg, RU=pu, RD=pd,
+        xd, ld_xd, ad, ld_ad, rd, sd, md, ld_md, md_row0, md_p, md_salt, inv_keep, yg.shape[0], yg.shape[1],
+        ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, HAS_MD=dropped_d is not None, SEEDED_MD=seeded_md,
+        RG=pg, RU=pu, RD=pd,
         PREC=_prec(yg), BM=bm, BN=bn, num_warps=warps)
 
 

@@ -215,8 +215,8 @@ def adapter_input_terms(x2, parts, dx, want, a_joined=None) -> list:
         if dropped is None:
             continue
         if want[k]:
-            if last is None or last[0] is not dropped.keep:
-                last = (dropped.keep, drop(x2, dropped, impl="triton"))
+            if last is None or last[0] is not dropped:
+                last = (dropped, drop(x2, dropped, impl="triton"))
             out[k] = d_b.t() @ last[1]                                               # (r, in)
         if dx is not None:
             add_masked_input_grad_(dx, d_b, a, dropped, impl="triton")

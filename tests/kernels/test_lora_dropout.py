@@ -1,13 +1,17 @@
-"""Adapter dropout in the fused LoRA nodes (tuneforge_kernels/dropout.py): the masks as torch draws them, and
-lora_mlp / lora_linears with dropout against their float64 references drawing the same masks (one seed:
-the masks are the default generator's, drawn in the same order and shapes)."""
+"""Adapter dropout in the fused LoRA nodes (tuneforge_kernels/dropout.py): the ``stream`` masks as torch
+draws them, the ``philox`` masks as the kernels compute them, and lora_mlp / lora_linears with dropout
+against their float64 references drawing the same masks (one seed: the masks come from the default
+generator, drawn in the same order and shapes)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
-from tuneforge_kernels.dropout import Mask, add_masked_input_grad_, draw_mask, drop
+from tuneforge_kernels.dropout import (Mask, add_masked_input_grad_, draw_mask, drop, philox_everywhere,
+                                       philox_keep, seeded_by)
 from tuneforge_kernels.lora_linear import lora_linears, lora_linears_reference
 from tuneforge_kernels.lora_mlp import LoraWeights, lora_mlp, lora_mlp_reference
 from tests.kernels.conftest import DEVICES, TOL, needs_cuda, needs_triton, rel_err
@@ -43,6 +47,19 @@ def _leaves(projections):
     return out
 
 
+def _kind(kind, device):
+    """The block's masks of ``kind``: ``philox`` on the CPU too, or ``stream`` (the CPU's own; CUDA draws
+    only ``philox``)."""
+    if kind == "philox":
+        return philox_everywhere()
+    if device == "cuda":
+        pytest.skip("CUDA draws philox masks only")
+    return contextlib.nullcontext()
+
+
+KINDS = ["stream", "philox"]
+
+
 def _grads(fn, x, projections, dys, seed):
     """Outputs and gradients of ``fn(x, projections)`` (outputs a tuple) with the generator at ``seed``, and
     the generator's next draw (what the call consumed)."""
@@ -71,24 +88,19 @@ def test_masks_are_torch_dropouts_on_the_cpu(dtype):
     assert torch.equal(drop(x, ours), (x.float() * ours.keep * scale).to(dtype))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_released_mask_is_drawn_again_bit_for_bit(device):
+def test_a_released_stream_mask_is_drawn_again_bit_for_bit():
     """A node keeps the generator's state, not the mask (``released``); ``again`` draws the same bits, and
     the default generator is not moved by it."""
     torch.manual_seed(3)
-    if device == "cuda":
-        torch.cuda.manual_seed(3)
-    first = Mask.draw((301, 77), 0.3, torch.device(device))
+    first = Mask.draw((301, 77), 0.3, torch.device("cpu"))
     released = first.released()
-    assert released.keep is None and (device != "cuda" or released.state.numel() <= 16)
-    next_draw = torch.rand(4, device=device)
+    assert released.keep is None and not first.seeded
+    next_draw = torch.rand(4)
     again = released.again()
     assert torch.equal(again.keep, first.keep)
     torch.manual_seed(3)
-    if device == "cuda":
-        torch.cuda.manual_seed(3)
-    Mask.draw((301, 77), 0.3, torch.device(device))
-    assert torch.equal(torch.rand(4, device=device), next_draw)
+    Mask.draw((301, 77), 0.3, torch.device("cpu"))
+    assert torch.equal(torch.rand(4), next_draw)
 
 
 def test_keep_rate_and_bad_rates():
@@ -109,23 +121,76 @@ def _same(got, exp, device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_drop_and_the_masked_add_kernels_are_torchs_ops(device, dtype):
-    """The one-pass kernels compute torch's two-op results (odd sizes, a ragged last block); other layouts
-    take torch's ops."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_drop_and_the_masked_add_kernels_are_torchs_ops(device, dtype, kind):
+    """The one-pass kernels compute torch's two-op results (odd sizes, a ragged last block), ``philox``'s
+    bits computed in the kernels as ``Mask.bits`` computes them in torch; other layouts take torch's ops;
+    a block of rows (``rows``) reads the whole mask's rows."""
     rows, cols = (37, 301) if device == "cpu" else (4099, 14337)
     gen = torch.Generator().manual_seed(7)
     x, out = (torch.randn(rows, cols, generator=gen).to(device, dtype) for _ in range(2))
     d_b, a = (torch.randn(*shape, generator=gen).to(device, dtype) for shape in ((rows, 5), (5, cols)))
-    m = Mask.draw((rows, cols), 0.3, torch.device(device))
+    with _kind(kind, device):
+        m = Mask.draw((rows, cols), 0.3, torch.device(device))
+        columns = Mask.draw((cols, rows), 0.3, torch.device(device))
+    assert m.seeded == (kind == "philox")
+    keep = m.bits((rows, cols))
+    assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.7) < 0.03
     assert _same(drop(x, m, impl="triton"), drop(x, m, impl="reference"), device, dtype)
     got, exp = out.clone(), out.clone()
     add_masked_input_grad_(got, d_b, a, m, 0.5, impl="triton")
     add_masked_input_grad_(exp, d_b, a, m, 0.5, impl="reference")
     assert _same(got, exp, device, dtype)
-    expected = out.double() + 0.5 / 0.7 * (d_b.double() @ a.double()) * m.keep
+    expected = out.double() + 0.5 / 0.7 * (d_b.double() @ a.double()) * keep
     assert rel_err(got, expected) < TOL[dtype]
-    columns = Mask.draw((cols, rows), 0.3, torch.device(device))
-    assert torch.equal(drop(x.t(), columns, impl="triton"), x.t().mul(columns.keep).mul_(1 / 0.7))
+    assert torch.equal(drop(x.t(), columns, impl="triton"),
+                       x.t().mul(columns.bits((cols, rows))).mul_(1 / 0.7))
+    block = slice(4, rows - 3)
+    assert _same(drop(x[block], m.rows(block), impl="triton"), drop(x, m, impl="reference")[block], device, dtype)
+
+
+def test_philox_bits():
+    """The ``philox`` kind: bits that depend on the seed, the salt, the row and the column, kept at the rate
+    1 - p, a column's bits whatever the width; a released mask is the mask (8 bytes of seed), and drawing
+    one moves the generator by one small draw."""
+    seed = torch.tensor([987654321])
+    rows = torch.arange(400, dtype=torch.int64)
+    bits = philox_keep(seed, 0, rows, 501, 0.05)
+    assert bits.shape == (400, 501) and abs(bits.float().mean().item() - 0.95) < 0.002  # sigma ~0.0005
+    for other in (philox_keep(seed, 1, rows, 501, 0.05), philox_keep(seed + 1, 0, rows, 501, 0.05),
+                  philox_keep(seed, 0, rows + 1, 501, 0.05)):
+        assert (other != bits).float().mean().item() > 0.05  # independent: 2 p (1 - p) = 9.5% differ
+    assert torch.equal(philox_keep(seed, 0, rows[7:99], 501, 0.05), bits[7:99])
+    assert torch.equal(philox_keep(seed, 0, rows, 13, 0.05), bits[:, :13])
+    with philox_everywhere():
+        torch.manual_seed(0)
+        m = Mask.draw((3, 5), 0.2, torch.device("cpu"))
+        after = torch.rand(1).item()
+    assert m.seeded and m.keep is None and m.released() is m and m.again() is m and m.seed.numel() == 1
+    torch.manual_seed(0)
+    torch.randint(2 ** 62, (1,))
+    assert torch.rand(1).item() == after
+
+
+def test_draws_inside_seeded_by_take_its_seed_and_salts():
+    """What a CUDA graph's capture records (graphs.py): draws that read one static seed tensor with salts
+    0, 1, 2... in their order, touching no generator; the same seed and salt give the same bits."""
+    seed = torch.tensor([42])
+    with philox_everywhere():
+        torch.manual_seed(5)
+        with seeded_by(seed) as count:
+            masks = [Mask.draw((6, 7), 0.3, torch.device("cpu")) for _ in range(3)]
+            assert count() == 3
+        after = torch.rand(1).item()
+        again = Mask.draw((6, 7), 0.3, torch.device("cpu"))
+    assert [m.salt for m in masks] == [0, 1, 2] and all(m.seed is seed for m in masks)
+    torch.manual_seed(5)
+    assert torch.rand(1).item() == after
+    assert again.seed is not seed  # outside the block: a fresh seed
+    bits = [m.bits((6, 7)) for m in masks]
+    assert not torch.equal(bits[0], bits[1])
+    seed.fill_(43)  # the tensor is read when the bits are computed (a graph refreshes it before a replay)
+    assert not torch.equal(masks[0].bits((6, 7)), bits[0])
 
 
 @pytest.mark.gpu
@@ -136,7 +201,8 @@ def test_int64_drop_beyond_2_31_elements():
     m = Mask.draw(x.shape, 0.25, x.device)
     y = drop(x, m, impl="triton")
     tail = slice(-3, None)
-    assert torch.equal(y[tail], x[tail].mul(m.keep[tail]).mul_(1 / 0.75))
+    keep = philox_keep(m.seed, m.salt, torch.arange(x.shape[0] - 3, x.shape[0], device="cuda"), x.shape[1], m.p)
+    assert torch.equal(y[tail], x[tail].mul(keep).mul_(1 / 0.75))
 
 
 def _mlp_case(layout, device, dtype):
@@ -157,7 +223,8 @@ def _mlp_case(layout, device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["all", "down_only", "gate_only", "shared_a", "rank_over_kernel_limit"])
 @pytest.mark.parametrize("deferred_rows", [None, 4])
-def test_mlp_with_dropout_matches_the_reference(monkeypatch, device, dtype, layout, deferred_rows):
+@pytest.mark.parametrize("kind", KINDS)
+def test_mlp_with_dropout_matches_the_reference(monkeypatch, device, dtype, layout, deferred_rows, kind):
     """Every gradient against the float64 reference with the same masks; the generator left where the
     reference leaves it (the same draws); ``deferred_rows``: the recompute's deferred MLP (output unused,
     backward in blocks of rows: 3 blocks on the CPU, the last ragged) draws them too."""
@@ -173,6 +240,9 @@ def test_mlp_with_dropout_matches_the_reference(monkeypatch, device, dtype, layo
     x = torch.randn(n, projections[2].weight.shape[0], device=device, dtype=dtype).requires_grad_()
     dy = [torch.randn(x.shape, device=device, dtype=torch.float64)]
     unused = deferred_rows is not None
+    monkeypatch.setattr("tuneforge_kernels.dropout._seeds.cpu", kind == "philox")
+    if kind == "stream" and device == "cuda":
+        pytest.skip("CUDA draws philox masks only")
     out, got, after = _grads(lambda t, ps: (lora_mlp(t, *ps, impl="triton", output_unused=unused),), x,
                              projections, dy, seed=3)
     x64 = x.detach().double().requires_grad_()
@@ -191,7 +261,8 @@ def test_mlp_with_dropout_matches_the_reference(monkeypatch, device, dtype, layo
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("replay", [False, True])
-def test_linears_with_dropout_match_the_reference(device, dtype, replay):
+@pytest.mark.parametrize("kind", KINDS)
+def test_linears_with_dropout_match_the_reference(device, dtype, replay, kind):
     """Q/K/V with dropout on q and v (k without: its adapter stays in the batched GEMMs); ``replay``: an
     ``offload`` recompute given the outputs still draws the masks and gives the same gradients."""
     torch.manual_seed(4)
@@ -200,10 +271,11 @@ def test_linears_with_dropout_match_the_reference(device, dtype, replay):
                    _proj(kv, hidden, rank, device, dtype, 0.0), _proj(kv, hidden, rank, device, dtype, 0.4)]
     x = torch.randn(3, 5 if device == "cpu" else 341, hidden, device=device, dtype=dtype).requires_grad_()
     dys = [torch.randn(*x.shape[:-1], p.weight.shape[0], device=device, dtype=torch.float64) for p in projections]
-    outs, got, after = _grads(lambda t, ps: lora_linears(t, *ps, impl="triton"), x, projections, dys, seed=5)
-    x64 = x.detach().double().requires_grad_()
-    refs, exp, after_ref = _grads(lambda t, ps: lora_linears_reference(t, *ps), x64, _as64(projections), dys,
-                                  seed=5)
+    with _kind(kind, device):
+        outs, got, after = _grads(lambda t, ps: lora_linears(t, *ps, impl="triton"), x, projections, dys, seed=5)
+        x64 = x.detach().double().requires_grad_()
+        refs, exp, after_ref = _grads(lambda t, ps: lora_linears_reference(t, *ps), x64, _as64(projections), dys,
+                                      seed=5)
     assert after == after_ref
     for o, r in zip(outs, refs):
         assert rel_err(o, r) < TOL[dtype]
@@ -211,8 +283,9 @@ def test_linears_with_dropout_match_the_reference(device, dtype, replay):
         assert rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else TOL[dtype])
     if replay:
         kept = [o.clone() for o in outs]
-        _, replayed, _ = _grads(lambda t, ps: lora_linears(t, *ps, impl="triton", outputs=kept), x, projections,
-                                dys, seed=5)
+        with _kind(kind, device):
+            _, replayed, _ = _grads(lambda t, ps: lora_linears(t, *ps, impl="triton", outputs=kept), x,
+                                    projections, dys, seed=5)
         for a, b in zip(got, replayed):
             assert torch.equal(a, b)
 
@@ -229,7 +302,8 @@ def test_dropout_is_off_for_projections_without_an_adapter():
     assert torch.rand(1).item() == after
 
 
-def test_the_nodes_keep_no_masks():
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_nodes_keep_no_masks(kind):
     """What the fused nodes save for backward with dropout is what they save without it: no mask (drawn again
     in backward), no dropped input."""
     def saved(p):
@@ -249,5 +323,6 @@ def test_the_nodes_keep_no_masks():
             lora_mlp(x, gate, up, down, impl="triton")
         return sorted(sizes, key=str)
 
-    with_dropout = saved(0.2)
+    with _kind(kind, "cpu"):
+        with_dropout = saved(0.2)
     assert with_dropout == saved(0.0) and all(dtype != torch.bool for dtype, _ in with_dropout)

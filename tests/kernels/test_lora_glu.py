@@ -60,18 +60,26 @@ def test_forward_and_inplace_backward_match_reference(device, dtype, act, ranks)
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_with_the_down_adapters_dropout(device, dtype):
+@pytest.mark.parametrize("kind", ["stream", "philox"])
+def test_backward_with_the_down_adapters_dropout(device, dtype, kind):
     """The down adapter read ``h`` dropped (dropout.py): its term of ``dh`` is masked and scaled, and ``dh``
     comes back as ``h`` dropped, rounded as the forward's ``drop`` rounded it: bit for bit in float32 on the
     CPU (the interpreter's float32 -> bf16 cast does not round to nearest: 72% of a random sample differ
-    from torch's, so bf16 is compared within its tolerance there)."""
+    from torch's, so bf16 is compared within its tolerance there). ``philox``: the kernel computes the
+    bits from the seed, as ``Mask.bits`` does in torch, for a block of rows starting mid-tensor."""
     from tuneforge_kernels.dropout import Mask, drop
 
     rows, cols = (37, 301) if device == "cpu" else (4099, 14337)
     p = 0.3
     yg, yu, dh, terms, down = _case(rows, cols, (5, 16, 3), device, dtype, seed=11)
-    mask = (torch.rand(rows, cols, generator=torch.Generator().manual_seed(12)) > p).to(device)
-    drawn = Mask(p, mask.shape, mask.device, None, mask)
+    if kind == "stream":
+        mask = (torch.rand(rows, cols, generator=torch.Generator().manual_seed(12)) > p).to(device)
+        drawn = Mask(p, mask.shape, mask.device, cols, keep=mask)
+    else:
+        seed = torch.tensor([0x1234_5678_9ABC], device=device)
+        drawn = Mask(p, (rows + 5, cols), yg.device, cols, seed=seed, salt=3).rows(slice(5, rows + 5))
+        mask = drawn.bits((rows, cols))
+        assert abs(mask.float().mean().item() - (1 - p)) < 0.02
     ygr, yur = yg.double().requires_grad_(), yu.double().requires_grad_()
     h = lora_glu_reference(ygr, yur, "silu", **{k: v.double() if isinstance(v, torch.Tensor) else v
                                                    for k, v in terms.items()})

@@ -26,10 +26,10 @@ def _graphs(model):
     return model.get_base_model().model.layers[0]._tf_graphs
 
 
-def _pair(device="cuda", **config):
+def _pair(device="cuda", lora_dropout=0.0, **config):
     """Two identical patched models: graphs on, graphs off."""
     cfg = tiny_config(hidden_size=128, intermediate_size=256, num_hidden_layers=3, **config)
-    on, off = build_lora_model(cfg, device), build_lora_model(cfg, device)
+    on, off = (build_lora_model(cfg, device, lora_dropout=lora_dropout) for _ in range(2))
     assert patch_model(on, cuda_graphs=True).counts["cuda_graph_layers"] == 3
     assert "cuda_graph_layers" not in patch_model(off, cuda_graphs=False).counts
     return on, off
@@ -267,31 +267,74 @@ def test_after_each_wasted_capture_a_shape_must_repeat_on_twice_as_many_steps():
     assert [graphs._repeated(s, ()) for s in "cccccc"] == [False] * 4 + [True] * 2
 
 
-def test_live_dropout_is_found_in_a_peft_layer():
-    from gpu_worker.patching.graphs import _draws_random
+@pytest.mark.parametrize("patched", [False, True])
+def test_the_warm_up_finds_random_ops_but_not_the_fused_nodes_dropout(patched):
+    """What a capture's warm-up looks for (graphs._RandomOps): PEFT's own dropout is a random op; the fused
+    nodes' masks (``philox``, as on CUDA) under ``seeded_by`` are not: they take the seed tensor and salts
+    0..6 (q, k, v, o, gate, up, down), and draw nothing from a generator."""
+    from gpu_worker.patching.graphs import _RandomOps
+    from tuneforge_kernels.dropout import philox_everywhere, seeded_by
 
-    assert _draws_random(torch.nn.Dropout(0.05)) and not _draws_random(torch.nn.Dropout(0.0))
-    for p, found in ((0.1, True), (0.0, False)):
-        layer = build_lora_model(tiny_config(), lora_dropout=p).get_base_model().model.layers[0]
-        assert any(_draws_random(m) for m in layer.modules()) == found
+    for p in (0.1, 0.0):
+        model = build_lora_model(tiny_config(), lora_dropout=p)
+        if patched:
+            patch_model(model, impl="triton")
+        layer = model.get_base_model().model.layers[0]
+        x = torch.randn(2, 5, 64)
+        rope = model.get_base_model().model.rotary_emb(x, torch.arange(5)[None])
+        with philox_everywhere(), _RandomOps() as random_ops, seeded_by(torch.tensor([3])) as draws:
+            layer(x, position_embeddings=rope)[0].sum().backward()
+        live = p > 0 and not patched
+        assert bool(random_ops.seen) == live and (not live or "bernoulli_" in random_ops.seen), random_ops.seen
+        assert draws() == (7 if p and patched else 0)
 
 
 @pytest.mark.gpu
 @needs_cuda
-def test_layers_with_live_dropout_train_eagerly():
-    # a capture of PEFT's dropout was invalidated and left the CUDA generator refusing eager dropout
-    # (session 13): such layers are never captured
-    from gpu_worker.patching.graphs import attach
+def test_adapter_dropout_replays_with_new_masks_each_step():
+    """Adapter dropout in the fused nodes is captured (graphs.py): each replay draws its layer's seed anew
+    (the loss of one batch changes from replay to replay), and a replay computes what the eager layers
+    compute with the same seeds: the same loss and gradients."""
+    from contextlib import ExitStack
 
-    model = build_lora_model(tiny_config(hidden_size=128, intermediate_size=256, num_hidden_layers=3), "cuda",
-                             lora_dropout=0.1)
-    report = patch_model(model, cuda_graphs=True)
-    assert "cuda_graph_layers" not in report.counts and report.notes  # the patcher does not attach them
-    attach(list(model.get_base_model().model.layers))  # and the graphs' own check stops them (attention dropout)
+    from tuneforge_kernels.dropout import seeded_by
+
+    on, off = _pair(lora_dropout=0.2)
+    x = _batch(seed=1)
+    losses = []
+    for _ in range(3):  # eager; capture and replay; replay (no optimizer step: the weights stay)
+        on.zero_grad(set_to_none=True)
+        loss = _loss(on, *x)
+        loss.backward()
+        losses.append(loss.item())
+    status = _graphs(on).status
+    assert status["captures"] == 1 and status["replays"] == 6 and status["disabled"] is None, status
+    graphs = _graphs(on).graphs
+    assert [g.draws for g in graphs] == [7, 7, 7]
+    assert len({round(v, 6) for v in losses}) == 3  # new masks at every step
+    for layer, graph in zip(off.get_base_model().model.layers, graphs):
+        stack, seed = ExitStack(), graph.seed.clone()  # the last replay's seeds, in the eager layers
+        layer.register_forward_pre_hook(lambda m, a, stack=stack, seed=seed: stack.enter_context(seeded_by(seed)))
+        layer.register_forward_hook(lambda m, a, out, stack=stack: stack.close())
+    loss = _loss(off, *x)
+    loss.backward()
+    _assert_same_run(([losses[-1]], [lora_grads(on)]), ([loss.item()], [lora_grads(off)]))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_layers_with_other_random_ops_train_eagerly():
+    # a capture of PEFT's dropout was invalidated and left the CUDA generator refusing eager dropout
+    # (session 13): layers whose warm-up draws random numbers outside the fused nodes are not captured
+    model = build_lora_model(tiny_config(hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                                         attention_dropout=0.1), "cuda")
+    assert patch_model(model, cuda_graphs=True).counts["cuda_graph_layers"] == 3
     losses, _ = _train(model, [_batch(seed=1)] * 4)  # one shape: without dropout the second step captures
     assert all(torch.isfinite(torch.tensor(losses)))
     status = _graphs(model).status
-    assert status["captures"] == 0 and status["disabled"].startswith("live dropout"), status
+    assert status["captures"] == 1 and status["replays"] == 0, status
+    assert status["disabled"].startswith("live dropout outside the fused kernels"), status
+    torch.nn.functional.dropout(torch.ones(4, device="cuda"), 0.5)  # the generator still works eagerly
 
 
 def test_calls_that_cannot_replay():

@@ -54,16 +54,21 @@ def test_offload_equals_checkpointing(device, impl):
 
 @pytest.mark.parametrize("device,impl", DEVICES_IMPLS)
 @pytest.mark.parametrize("mode,model_type", [("checkpointing", "llama"), ("offload", "llama"), ("offload", "phi3")])
-def test_the_recompute_draws_the_forwards_dropout_masks(monkeypatch, device, impl, mode, model_type):
+@pytest.mark.parametrize("kind", ["stream", "philox"])
+def test_the_recompute_draws_the_forwards_dropout_masks(monkeypatch, device, impl, mode, model_type, kind):
     """Adapter dropout (drawn by the fused nodes, see test_patch_llama): a recomputing memory mode must draw
     the masks its forward drew, as torch's checkpointing does, so its gradients are those of the loss it
     computed; the same loss and gradients as keeping every activation under one seed, and the random
     stream left where that run leaves it. In ``offload`` the recompute's MLP is deferred and its Q/K/V and
     O replayed: they draw the masks all the same (Phi-3: one mask for gate_up_proj's two halves, read by the
-    deferred MLP's blocks of 5 rows)."""
+    deferred MLP's blocks of 5 rows). ``philox``: CUDA's masks (seeds drawn from the generator), on the CPU
+    too."""
     import tuneforge_kernels.lora_mlp as mod
 
+    if device == "cuda" and kind == "stream":
+        pytest.skip("CUDA draws philox masks only")
     monkeypatch.setattr(mod, "_DEFERRED_ROWS", 5)
+    monkeypatch.setattr("tuneforge_kernels.dropout._seeds.cpu", kind == "philox")
     results = []
     for m in ("off", mode):
         model = build_lora_model(tiny_config(model_type, num_hidden_layers=3), device, lora_dropout=0.3)

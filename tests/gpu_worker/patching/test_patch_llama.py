@@ -4,6 +4,8 @@ big batch; unsupported architectures fall back to the stock path and say why."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -150,25 +152,30 @@ def test_disabled_kernels_change_nothing():
 
 @pytest.mark.parametrize("model_type", ["llama", "phi3"])
 @pytest.mark.parametrize("device,impl", DEVICES_IMPLS)
-def test_adapter_dropout_trains_on_the_fused_path(model_type, device, impl):
+@pytest.mark.parametrize("kind", ["stream", "philox"])
+def test_adapter_dropout_trains_on_the_fused_path(model_type, device, impl, kind):
     """Adapter dropout > 0: the fused nodes draw the masks (tuneforge_kernels/dropout.py), PEFT's dropout
-    modules are never called. On the CPU they draw PEFT's masks (torch's dropout stream), so with one seed
-    the patched model gives the stock model's loss and gradients; on CUDA torch's fused dropout draws
-    otherwise, so the kernels are compared with our reference path, which draws as they do. Phi-3's
-    qkv_proj and gate_up_proj are one adapter each: one mask each. Nothing is padded or graphed, the job's
-    events say so, and in eval mode the dropout is off."""
+    modules are never called. On the CPU they draw PEFT's masks (``stream``: torch's dropout stream), so
+    with one seed the patched model gives the stock model's loss and gradients; CUDA's masks (``philox``,
+    computed in the kernels; on the CPU too here) are not PEFT's, so the kernels are compared with our
+    reference path, which draws as they do. Phi-3's qkv_proj and gate_up_proj are one adapter each: one
+    mask each. Nothing is padded (the job's events say so; the layers replay as CUDA graphs), and in eval
+    mode the dropout is off."""
     from gpu_worker.contract import Runtime
     from gpu_worker.recipes.model_setup import apply_memory_mode_and_kernels
+    from tuneforge_kernels.dropout import philox_everywhere
 
+    if device == "cuda" and kind == "stream":
+        pytest.skip("CUDA draws philox masks only")
     config = tiny_config(model_type, hidden_size=64)
     ref, ours = build_lora_model(config, device, lora_dropout=0.25), build_lora_model(config, device,
                                                                                     lora_dropout=0.25)
-    if device == "cuda":
+    if kind == "philox":
         patch_model(ref, impl="reference", cuda_graphs=False)
     report = patch_model(ours, impl=impl, cuda_graphs=True)
     assert report.notes and "adapter dropout 0.25" in report.notes[0]
     assert report.counts["padded_mlp"] == report.counts["padded_qkv"] == 0
-    assert "cuda_graph_layers" not in report.counts
+    assert report.counts["cuda_graph_layers"] == config.num_hidden_layers
     calls = []
     for m in ours.modules():
         if isinstance(m, torch.nn.Dropout) and m.p > 0:
@@ -176,13 +183,17 @@ def test_adapter_dropout_trains_on_the_fused_path(model_type, device, impl):
     x, labels = _batch(device)
     # float32 on both devices: the same masks and float32 arithmetic, reassociation apart (in bf16 the two
     # paths' roundings would dominate the comparison)
-    torch.manual_seed(7)
-    l_ref = _step(ref, x, labels, device, autocast=False)
-    torch.manual_seed(7)
-    l_ours = _step(ours, x, labels, device, autocast=False)
-    assert calls == []
-    torch.manual_seed(8)
-    other = _step(build_lora_model(config, device, lora_dropout=0.25), x, labels, device, autocast=False)
+    with philox_everywhere() if kind == "philox" else contextlib.nullcontext():
+        torch.manual_seed(7)
+        l_ref = _step(ref, x, labels, device, autocast=False)
+        torch.manual_seed(7)
+        l_ours = _step(ours, x, labels, device, autocast=False)
+        assert calls == []
+        torch.manual_seed(8)
+        other = _step(ref, x, labels, device, autocast=False)
+        ref.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        _step(ref, x, labels, device, autocast=False)
     assert abs(other.item() - l_ref.item()) > 1e-4  # the masks matter
     assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < 1e-4
     g_ref, g_ours = lora_grads(ref), lora_grads(ours)
@@ -193,7 +204,6 @@ def test_adapter_dropout_trains_on_the_fused_path(model_type, device, impl):
     assert lora_weights(layer.mlp.down_proj).dropout == 0.0  # no dropout in eval
     lines = apply_memory_mode_and_kernels(build_lora_model(config, lora_dropout=0.1), Runtime())
     assert [level for _, level in lines] == ["info", "warn"] and "adapter dropout 0.1" in lines[1][0]
-    assert "CUDA graphs" not in lines[0][0]
     assert len(apply_memory_mode_and_kernels(build_lora_model(config), Runtime())) == 1
 
 
