@@ -22,6 +22,11 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
 - ``varlen_pad``: a packed batch's variable-length attention with ``cu_seqlens`` padded by empty documents
   and ``max_len`` = the row width (shapes that do not depend on the documents, which a CUDA graph needs):
   the same values as the tight form?, its time, and whether it captures (run in session 10);
+- ``dropout``: adapter dropout's passes (tuneforge_kernels/dropout.py) at the 8B shapes: the dropped input
+  and the masked input-gradient add with ``philox`` masks (computed in the kernel from a seed) against
+  ``stream`` masks (a bool mask read; its ``bernoulli_`` draw timed apart) and torch's fused dropout,
+  and lora_glu's backward with the down adapter's mask of each kind, in GB/s of the bf16 bytes moved
+  (not yet run: session 17);
 - ``aug``: the K-augmented LoRA GEMM (not built) against today's base GEMM + rank-r pass, per projection
   shape, forward and input gradient, and what it would save per step (not yet run: session 10).
 
@@ -259,6 +264,42 @@ def bench_glu(emit, ceiling):
         torch.cuda.empty_cache()
 
 
+def bench_dropout(emit, ceiling):
+    from tuneforge_kernels.dropout import Mask, add_masked_input_grad_, draw_mask, drop, new_seed
+    from tuneforge_kernels.lora_glu import lora_glu_backward_inplace
+
+    dev, p = torch.device("cuda"), 0.05
+    for width in (HID, INTER):
+        x, out = (torch.randn(N_TOK, width, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        d_b, a = torch.randn(N_TOK, RANK, device=dev, dtype=torch.bfloat16), torch.randn(
+            RANK, width, device=dev, dtype=torch.bfloat16)
+        philox = Mask(p, x.shape, dev, width, seed=new_seed(dev))
+        stream = Mask(p, x.shape, dev, width, keep=draw_mask(x.shape, p, dev))
+        big = x.numel() * 2
+        cases = {
+            "drop philox": (lambda: drop(x, philox, impl="triton"), 2 * big),
+            "drop stream (mask read)": (lambda: drop(x, stream, impl="triton"), 2 * big),
+            "stream mask draw (bernoulli_)": (lambda: draw_mask(x.shape, p, dev), x.numel()),
+            "torch native_dropout": (lambda: torch.native_dropout(x, p, True), 2 * big),
+            "masked add philox": (lambda: add_masked_input_grad_(out, d_b, a, philox, impl="triton"), 4 * big),
+            "masked add stream": (lambda: add_masked_input_grad_(out, d_b, a, stream, impl="triton"), 4 * big),
+        }
+        for name, (fn, nbytes) in cases.items():
+            ms = timed(fn)
+            emit("dropout", f"{name} {N_TOK}x{width}", ms, gbps=nbytes / ms / 1e6, ceiling=ceiling)
+        del x, out
+        torch.cuda.empty_cache()
+    g, u, dh = (torch.randn(N_TOK, INTER, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    dy_b, a_d = torch.randn(N_TOK, RANK, device=dev, dtype=torch.bfloat16), torch.randn(
+        RANK, INTER, device=dev, dtype=torch.bfloat16) * 0.1
+    masks = {"none": None, "philox": Mask(p, g.shape, dev, INTER, seed=new_seed(dev)),
+             "stream": Mask(p, g.shape, dev, INTER, keep=draw_mask(g.shape, p, dev))}
+    for name, m in masks.items():  # values drift in place; the timing does not depend on them
+        ms = timed(lambda m=m: lora_glu_backward_inplace(dh, g, u, "silu", dy_b=dy_b, a_d=a_d, s_d=2.0,
+                                                         dropped_d=m))
+        emit("dropout", f"lora_glu bwd, down mask {name}", ms, gbps=6 * g.numel() * 2 / ms / 1e6, ceiling=ceiling)
+
+
 def bench_attn(emit):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -363,7 +404,7 @@ def bench_varlen_pad(emit):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", default="copy,gemm,ce,elementwise,proj,tuned,glu,attn,varlen_pad,aug")
+    ap.add_argument("--only", default="copy,gemm,ce,elementwise,proj,tuned,glu,attn,varlen_pad,aug,dropout")
     args = ap.parse_args()
     rows = []
 
@@ -377,7 +418,7 @@ def main():
                 f.write(json.dumps(rec) + "\n")
 
     only = args.only.split(",")
-    ceiling = bench_copy(emit) if "copy" in only or "elementwise" in only or "glu" in only else None
+    ceiling = bench_copy(emit) if {"copy", "elementwise", "glu", "dropout"} & set(only) else None
     for group, fn in (("gemm", bench_gemm), ("ce", bench_ce), ("proj", bench_proj), ("tuned", bench_tuned),
                       ("attn", bench_attn), ("varlen_pad", bench_varlen_pad), ("aug", bench_aug)):
         if group in only:
@@ -387,6 +428,8 @@ def main():
         bench_elementwise(emit, ceiling)
     if "glu" in only:
         bench_glu(emit, ceiling)
+    if "dropout" in only:
+        bench_dropout(emit, ceiling)
     print(f"\n{'group':<12} {'case':<36} {'ms':>8} {'TFLOP/s':>8} {'GB/s':>8} {'of copy':>8}")
     for r in rows:
         frac = r["gbps"] / r["ceiling"] if r.get("gbps") and r.get("ceiling") else None

@@ -23,8 +23,10 @@ seed (the draws record a pointer to it and their salts, and touch no generator),
 again from the default CUDA generator before each replay, outside the graph: every step gets new masks,
 and the layer's backward replay reads the ones its forward used. Any other random op in a layer (PEFT's
 own dropout, where a projection keeps its stock forward; an attention dropout) keeps the model eager: the
-warm-up before a capture looks for them (``_random_ops``; a capture of PEFT's dropout once invalidated
-the capture and left the CUDA generator refusing every eager dropout: bench/NOTES.md, session 13). A layer runs its stock (eager) forward instead when anything differs from what was captured: no grad or
+warm-up before a capture looks for them (``_RandomOps``; a capture of PEFT's dropout once invalidated the
+capture and left the CUDA generator refusing every eager dropout: bench/NOTES.md, session 13).
+
+A layer runs its stock (eager) forward instead when anything differs from what was captured: no grad or
 eval mode, other shapes, dtypes or autocast state, a KV cache, hooks on the layer or inside it, a parameter or
 buffer replaced since the capture (a merge, ``.to()``), adapters switched or rescaled, activation
 checkpointing, or the layer's last replay still waiting for its backward (two forwards before one

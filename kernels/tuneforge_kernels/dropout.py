@@ -15,9 +15,9 @@ Two kinds of mask (``Mask``), one rule: ``philox`` on CUDA, ``stream`` on the CP
   is seen as rows of ``width`` elements; element ``(r, c)`` is kept where output ``c mod 4`` of
   Philox4x32-10 with key ``seed + salt`` and counter ``(c div 4, r, 0, 0)`` is, as a uniform float, >= p
   (Triton's ``tl.philox`` and ``tl.uint_to_uniform_float``: one Philox call gives four columns' bits;
-  ``philox_keep`` is the same arithmetic in torch). The kernels compute the bits where they read them: no mask tensor is
-  written or read, backward computes the same bits from the same 8 bytes, and a CUDA graph can replay it
-  (gpu_worker/patching/graphs.py): an eager draw takes a new seed from the device's default generator
+  ``philox_keep`` is the same arithmetic in torch). The kernels compute the bits where they read them: no
+  mask tensor is written or read, backward computes the same bits from the same 8 bytes, and a CUDA graph
+  can replay it (gpu_worker/patching/graphs.py): an eager draw takes a new seed from the device's default generator
   (``torch.randint`` on the device, so a recompute that restores the random state draws the forward's
   masks); inside ``seeded_by(seed)`` (a graph's capture) the draws take that static tensor and salts
   0, 1, 2..., and the graph refreshes the tensor before each replay, outside the capture.

@@ -13,8 +13,8 @@ reads those tensors anyway computes the terms as a small ``tl.dot`` per tile:
 
 ``lora_glu_forward`` returns ``h``; ``lora_glu_backward_inplace`` overwrites ``DH, Yg, Yu`` with
 ``h, dg, du``. With adapter dropout on the down projection (dropout.py: its adapter reads ``h * m / keep``)
-the backward takes the mask ``m`` (its bits read, or computed from its seed): the down term of ``dh`` becomes ``s_d ((dy B_d) A_d) * m / keep``, and
-``h`` is written dropped (what the down adapter's gradients read), rounded as the forward's dropout
+the backward takes the mask ``m`` (its bits read, or computed from its seed): the down term of ``dh``
+becomes ``s_d ((dy B_d) A_d) * m / keep``, and ``h`` is written dropped (what the down adapter's gradients read), rounded as the forward's dropout
 rounded it. ``g`` and ``u`` are never stored with their terms: backward recomputes them from the same
 inputs. Each term is optional (``None``: that projection has no adapter). Everything is computed in
 float32 and rounded once per output. Ranks up to ``MAX_RANK`` (padded to 64 on the tensor cores, the
@@ -105,8 +105,8 @@ if triton is not None:
     def _lora_glu_bwd_kernel(DH, YG, YU, ld_y, ld_h, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g,
                              rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd, MD, ld_md, md_row0, md_p, md_salt,
                              inv_keep, n_rows, n_cols, ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
-                             HAS_D: tl.constexpr, HAS_MD: tl.constexpr, SEEDED_MD: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr,
-                             RD: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                             HAS_D: tl.constexpr, HAS_MD: tl.constexpr, SEEDED_MD: tl.constexpr,
+                             RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
