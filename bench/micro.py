@@ -23,8 +23,9 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   and ``max_len`` = the row width (shapes that do not depend on the documents, which a CUDA graph needs):
   the same values as the tight form?, its time, and whether it captures (run in session 10);
 - ``dropout``: adapter dropout's passes (tuneforge_kernels/dropout.py) at the 8B shapes: the dropped input
-  and the masked input-gradient add with ``philox`` masks (computed in the kernel from a seed) against
-  ``stream`` masks (a bool mask read; its ``bernoulli_`` draw timed apart) and torch's fused dropout,
+  and the masked input-gradient terms with ``philox`` masks (computed in the kernel from a seed) against
+  ``stream`` masks (a bool mask read; its ``bernoulli_`` draw timed apart) and torch's fused dropout, three
+  terms in one pass against three GEMMs and torch's passes (the reference),
   and lora_glu's backward with the down adapter's mask of each kind, in GB/s of the bf16 bytes moved
   (not yet run: session 17);
 - ``aug``: the K-augmented LoRA GEMM (not built) against today's base GEMM + rank-r pass, per projection
@@ -265,7 +266,7 @@ def bench_glu(emit, ceiling):
 
 
 def bench_dropout(emit, ceiling):
-    from tuneforge_kernels.dropout import Mask, add_masked_input_grad_, draw_mask, drop, new_seed
+    from tuneforge_kernels.dropout import Mask, add_masked_input_grads_, draw_mask, drop, new_seed
     from tuneforge_kernels.lora_glu import lora_glu_backward_inplace
 
     dev, p = torch.device("cuda"), 0.05
@@ -281,8 +282,16 @@ def bench_dropout(emit, ceiling):
             "drop stream (mask read)": (lambda: drop(x, stream, impl="triton"), 2 * big),
             "stream mask draw (bernoulli_)": (lambda: draw_mask(x.shape, p, dev), x.numel()),
             "torch native_dropout": (lambda: torch.native_dropout(x, p, True), 2 * big),
-            "masked add philox": (lambda: add_masked_input_grad_(out, d_b, a, philox, impl="triton"), 4 * big),
-            "masked add stream": (lambda: add_masked_input_grad_(out, d_b, a, stream, impl="triton"), 4 * big),
+            "masked add philox": (lambda: add_masked_input_grads_(out, [(d_b, a, philox, 1.0)], impl="triton"),
+                                  2 * big),
+            "masked add stream": (lambda: add_masked_input_grads_(out, [(d_b, a, stream, 1.0)], impl="triton"),
+                                  2 * big),
+            "masked add philox x3 (q/k/v)": (lambda: add_masked_input_grads_(out, [(d_b, a, philox, 1.0)] * 3,
+                                                                             impl="triton"), 2 * big),
+            # session 16's way: a GEMM writes each term, torch masks it and adds it (stream masks: no
+            # philox in torch ops timed)
+            "masked add x3 as 3 addmm + torch": (lambda: add_masked_input_grads_(
+                out, [(d_b, a, stream, 1.0)] * 3, impl="reference"), 2 * big),
         }
         for name, (fn, nbytes) in cases.items():
             ms = timed(fn)

@@ -33,8 +33,8 @@ Activation checkpointing and ``offload`` restore the random state for their reco
 ``drop`` computes ``x * mask * (1 / keep)`` with the scale as a float32 multiplier and one rounding, as
 torch's fused CUDA dropout does (on the CPU, torch's dropout of a bf16 tensor rounds the scale to bf16
 first). With ``impl="triton"`` (the fused nodes) it is one pass: x read, the dropped input written, where
-torch's two ops write and read it once more; likewise ``add_masked_input_grad_`` adds the masked term into
-``dx`` in one pass instead of masking the GEMM's output, then adding it.
+torch's two ops write and read it once more; likewise ``add_masked_input_grads_`` adds the masked terms of
+``dx`` in one pass, each computed on the tile that adds it.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ from tuneforge_kernels.backend import launcher, next_power_of_2, use_triton
 try:
     import triton
     import triton.language as tl
+
+    from tuneforge_kernels.low_rank import low_rank_tile
 except ImportError:
     triton = None
 
@@ -101,18 +103,40 @@ if triton is not None:
         tl.store(Y + r64 * ldy + cols[None, :], tl.where(keep, x * scale, 0.0).to(Y.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _add_masked_kernel(OUT, ldo, T, ldt, M, ld, row0, p, salt, n_rows, n_cols, SEEDED: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr):
+    def _masked_term(acc, DB, ld_db, A, ld_a, rank, scale, M, ld, row0, p, salt, rows, col0, n_rows, n_cols,
+                     inside, SEEDED: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr):
+        # acc + scale (DB[rows] @ A[:, cols]) where kept: one adapter's term, its rank in chunks of RP
+        cols = col0 + tl.arange(0, BN)
+        term = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, rank, RP):
+            term = low_rank_tile(term, DB + k, ld_db, A + k * ld_a, ld_a, rows, cols, n_rows, n_cols, rank - k,
+                                 scale, True, RP, PREC)
+        return acc + tl.where(kept(M, ld, row0, p, salt, rows, col0, inside, SEEDED, BM, BN), term, 0.0)
+
+    @triton.jit
+    def _add_masked_terms_kernel(OUT, ldo, n_rows, n_cols,
+                                 DB0, ld_db0, A0, ld_a0, rank0, s0, M0, ld0, row00, p0, salt0,
+                                 DB1, ld_db1, A1, ld_a1, rank1, s1, M1, ld1, row01, p1, salt1,
+                                 DB2, ld_db2, A2, ld_a2, rank2, s2, M2, ld2, row02, p2, salt2,
+                                 N_TERMS: tl.constexpr, SEEDED: tl.constexpr, RP: tl.constexpr,
+                                 PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         col0 = tl.program_id(1) * BN
         cols = col0 + tl.arange(0, BN)
         inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        r64 = rows[:, None].to(tl.int64)
-        out = tl.load(OUT + r64 * ldo + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        t = tl.load(T + r64 * ldt + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        keep = kept(M, ld, row0, p, salt, rows, col0, inside, SEEDED, BM, BN)
-        tl.store(OUT + r64 * ldo + cols[None, :], (out + tl.where(keep, t, 0.0)).to(OUT.dtype.element_ty),
-                 mask=inside)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc = _masked_term(acc, DB0, ld_db0, A0, ld_a0, rank0, s0, M0, ld0, row00, p0, salt0, rows, col0, n_rows,
+                           n_cols, inside, SEEDED, RP, PREC, BM, BN)
+        if N_TERMS > 1:
+            acc = _masked_term(acc, DB1, ld_db1, A1, ld_a1, rank1, s1, M1, ld1, row01, p1, salt1, rows, col0,
+                               n_rows, n_cols, inside, SEEDED, RP, PREC, BM, BN)
+        if N_TERMS > 2:
+            acc = _masked_term(acc, DB2, ld_db2, A2, ld_a2, rank2, s2, M2, ld2, row02, p2, salt2, rows, col0,
+                               n_rows, n_cols, inside, SEEDED, RP, PREC, BM, BN)
+        offs = rows[:, None].to(tl.int64) * ldo + cols[None, :]
+        out = tl.load(OUT + offs, mask=inside, other=0.0).to(tl.float32)
+        tl.store(OUT + offs, (out + acc).to(OUT.dtype.element_ty), mask=inside)
 
 
 def draw_mask(shape, p: float, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -317,17 +341,47 @@ def drop(x: torch.Tensor, m: Mask, impl: str | None = None) -> torch.Tensor:
     return y
 
 
-def add_masked_input_grad_(out: torch.Tensor, d_b: torch.Tensor, a: torch.Tensor, m: Mask, s: float = 1.0,
-                           impl: str | None = None) -> None:
-    """``out += s (d_b A) * keep / (1 - p)``: the adapter's term of ``dx`` (``d_b = s dy B``; or of the MLP's
-    ``dh``), the scale taken by the GEMM, the mask and the add by one pass over ``out``."""
-    term = torch.addmm(d_b.new_empty(()), d_b, a, beta=0.0, alpha=s / (1.0 - m.p))
-    if not out.numel() or not _tiles(out, m) or not use_triton(out, impl=impl):
-        out.add_(term.mul_(m.bits(out.shape)))
+# the terms one launch of _add_masked_terms_kernel adds (Q/K/V's three adapters on one input), and its tile:
+# lora_glu.TILE's 16 x 256 (the same work: a 2D pass over a wide tensor with rank-r dots inside; not timed
+# for this kernel yet, bench/micro.py's dropout group)
+_TERMS_PER_LAUNCH = 3
+_TERMS_TILE = (16, 256, 4)
+
+
+def add_masked_input_grads_(out: torch.Tensor, terms, impl: str | None = None) -> None:
+    """``out += sum_k s_k (d_b_k A_k) * keep_k / (1 - p_k)`` over ``terms`` = ``[(d_b (N, r), a (r, K), mask,
+    s)]``: the terms of ``dx`` of the adapters with dropout that read one input (``d_b = s dy B``; or the
+    MLP's ``dh``). With Triton one pass over ``out`` for up to three terms, each rank-r product computed
+    on the tile that adds it (low_rank.py) and rounded once with the sum; a GEMM per term would write it
+    and a pass read it back (8 bytes an element per term in bf16, against 4 for the pass over ``out``)."""
+    terms = [t for t in terms if t is not None]
+    if not terms or not out.numel():
         return
-    _launch(_add_masked_kernel, m,
-            out,                      # (N, K) dx, updated in place
-            term)                     # (N, K) s (d_b A) / (1 - p), out's dtype
+    if not use_triton(out, impl=impl) or not all(_tiles(out, m) for _, _, m, _ in terms):
+        for d_b, a, m, s in terms:  # the reference: each term in out's dtype, masked, added
+            out.add_(torch.addmm(d_b.new_empty(()), d_b, a, beta=0.0, alpha=s / (1.0 - m.p)).mul_(m.bits(out.shape)))
+        return
+    seeded = terms[0][2].seeded
+    assert all(m.seeded == seeded for _, _, m, _ in terms), "one node's masks are of one kind"
+    rp = min(64, next_power_of_2(max(16, *(a.shape[0] for _, a, _, _ in terms))))
+    bm, bn, warps = _TERMS_TILE
+    prec = "ieee" if out.dtype == torch.float32 or not out.is_cuda else "native"
+    for start in range(0, len(terms), _TERMS_PER_LAUNCH):
+        chunk = terms[start:start + _TERMS_PER_LAUNCH]
+        args = []
+        for d_b, a, m, s in chunk:
+            assert d_b.shape == (out.shape[0], a.shape[0]) and a.shape[1] == out.shape[1], (d_b.shape, a.shape)
+            assert d_b.stride(1) == 1 and a.stride(1) == 1 and d_b.dtype == a.dtype, (d_b.stride(), a.stride())
+            mask, ld, row0, p, salt, _ = m.kernel_args(out)
+            args += [d_b,           # (N, r) s dy B, row-major
+                     d_b.stride(0),
+                     a,             # (r, K) the adapter's A, row-major, d_b's dtype
+                     a.stride(0), a.shape[0], float(s) / (1.0 - m.p), mask, ld, row0, p, salt]
+        args += args[-11:] * (_TERMS_PER_LAUNCH - len(chunk))  # unused slots (N_TERMS leaves them out)
+        launcher(_add_masked_terms_kernel, out)[(triton.cdiv(out.shape[0], bm), triton.cdiv(out.shape[1], bn))](
+            out,                      # (N, K) dx, rows of any stride, updated in place
+            out.stride(0), out.shape[0], out.shape[1], *args, N_TERMS=len(chunk), SEEDED=seeded, RP=rp, PREC=prec,
+            BM=bm, BN=bn, num_warps=warps)
 
 
 def dropout_reference(x: torch.Tensor, p: float) -> torch.Tensor:

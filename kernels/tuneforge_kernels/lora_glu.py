@@ -14,11 +14,12 @@ reads those tensors anyway computes the terms as a small ``tl.dot`` per tile:
 ``lora_glu_forward`` returns ``h``; ``lora_glu_backward_inplace`` overwrites ``DH, Yg, Yu`` with
 ``h, dg, du``. With adapter dropout on the down projection (dropout.py: its adapter reads ``h * m / keep``)
 the backward takes the mask ``m`` (its bits read, or computed from its seed): the down term of ``dh``
-becomes ``s_d ((dy B_d) A_d) * m / keep``, and ``h`` is written dropped (what the down adapter's gradients read), rounded as the forward's dropout
-rounded it. ``g`` and ``u`` are never stored with their terms: backward recomputes them from the same
-inputs. Each term is optional (``None``: that projection has no adapter). Everything is computed in
-float32 and rounded once per output. Ranks up to ``MAX_RANK`` (padded to 64 on the tensor cores, the
-largest a GPU test ran: rank 33); the MLP adds larger ranks' terms with the addmm_ passes instead.
+becomes ``s_d ((dy B_d) A_d) * m / keep``, and ``h`` is written dropped (what the down adapter's gradients
+read), rounded as the forward's dropout rounded it. ``g`` and ``u`` are never stored with their terms:
+backward recomputes them from the same inputs. Each term is optional (``None``: that projection has no
+adapter). Everything is computed in float32 and rounded once per output. Ranks up to ``MAX_RANK`` (padded
+to 64 on the tensor cores, the largest a GPU test ran: rank 33); the MLP adds larger ranks' terms with the
+addmm_ passes instead. The terms' tiles: low_rank.py.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ try:
 
     from tuneforge_kernels.dropout import kept
     from tuneforge_kernels.geglu import _gelu_and_grad
+    from tuneforge_kernels.low_rank import low_rank_tile
 except ImportError:
     triton = None
 
@@ -47,23 +49,6 @@ MAX_RANK = 64
 TILE = (16, 256, 4)
 
 if triton is not None:
-
-    @triton.jit
-    def _low_rank(acc, XA, ld_xa, B, ld_b, rows, cols, n_rows, n_cols, rank, s, B_IS_RT: tl.constexpr,
-                  RP: tl.constexpr, PREC: tl.constexpr):
-        # acc + s * XA[rows, :rank] @ B^T[:, cols]; B is (cols, rank) (B_IS_RT False) or (rank, cols)
-        r = tl.arange(0, RP)
-        xa = tl.load(XA + rows[:, None].to(tl.int64) * ld_xa + r[None, :],
-                     mask=(rows[:, None] < n_rows) & (r[None, :] < rank), other=0.0)
-        if B_IS_RT:
-            bt = tl.load(B + r[:, None].to(tl.int64) * ld_b + cols[None, :],
-                         mask=(r[:, None] < rank) & (cols[None, :] < n_cols), other=0.0)
-        else:
-            bt = tl.load(B + cols[None, :].to(tl.int64) * ld_b + r[:, None],
-                         mask=(r[:, None] < rank) & (cols[None, :] < n_cols), other=0.0)
-        if PREC == "ieee":  # float32 operands, or bf16 ones on the interpreter, which has no bf16 dot
-            return acc + s * tl.dot(xa.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
-        return acc + s * tl.dot(xa, bt)
 
     @triton.jit
     def _act_and_grad(g, ACT: tl.constexpr):
@@ -81,9 +66,9 @@ if triton is not None:
         g = tl.load(YG + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(YU + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_G:
-            g = _low_rank(g, XAG, ld_xg, BG, ld_bg, rows, cols, n_rows, n_cols, rank_g, sg, False, RG, PREC)
+            g = low_rank_tile(g, XAG, ld_xg, BG, ld_bg, rows, cols, n_rows, n_cols, rank_g, sg, False, RG, PREC)
         if HAS_U:
-            u = _low_rank(u, XAU, ld_xu, BU, ld_bu, rows, cols, n_rows, n_cols, rank_u, su, False, RU, PREC)
+            u = low_rank_tile(u, XAU, ld_xu, BU, ld_bu, rows, cols, n_rows, n_cols, rank_u, su, False, RU, PREC)
         return g, u
 
     @triton.jit
@@ -106,7 +91,8 @@ if triton is not None:
                              rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd, MD, ld_md, md_row0, md_p, md_salt,
                              inv_keep, n_rows, n_cols, ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr,
                              HAS_D: tl.constexpr, HAS_MD: tl.constexpr, SEEDED_MD: tl.constexpr,
-                             RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                             RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, PREC: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
@@ -115,11 +101,11 @@ if triton is not None:
         dh = tl.load(DH + offs_h, mask=mask, other=0.0).to(tl.float32)
         if HAS_MD:  # the down adapter's dropout: its term masked (the scale 1 / keep is in sd)
             keep = kept(MD, ld_md, md_row0, md_p, md_salt, rows, tl.program_id(1) * BN, mask, SEEDED_MD, BM, BN)
-            term = _low_rank(tl.zeros((BM, BN), dtype=tl.float32), DYB, ld_dyb, AD, ld_ad, rows, cols, n_rows,
+            term = low_rank_tile(tl.zeros((BM, BN), dtype=tl.float32), DYB, ld_dyb, AD, ld_ad, rows, cols, n_rows,
                              n_cols, rank_d, sd, True, RD, PREC)
             dh += tl.where(keep, term, 0.0)
         elif HAS_D:
-            dh = _low_rank(dh, DYB, ld_dyb, AD, ld_ad, rows, cols, n_rows, n_cols, rank_d, sd, True, RD, PREC)
+            dh = low_rank_tile(dh, DYB, ld_dyb, AD, ld_ad, rows, cols, n_rows, n_cols, rank_d, sd, True, RD, PREC)
         g, u = _gate_up(YG, YU, ld_y, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
                         rows, cols, n_rows, n_cols, offs, mask, HAS_G, HAS_U, RG, RU, PREC)
         act, dact = _act_and_grad(g, ACT)

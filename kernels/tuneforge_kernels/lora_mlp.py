@@ -42,7 +42,7 @@ from tuneforge_kernels import lora_glu
 from tuneforge_kernels.backend import use_triton
 from tuneforge_kernels.cast_blocks import cast_blocks
 from tuneforge_kernels.copy_rows import copy_rows
-from tuneforge_kernels.dropout import Mask, add_masked_input_grad_, drop, dropout_reference
+from tuneforge_kernels.dropout import Mask, add_masked_input_grads_, drop, dropout_reference
 from tuneforge_kernels.fp8 import Fp8Weight, fp8_input_grad, fp8_linear, fp8_linear_reference, quantize_rows
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -212,14 +212,13 @@ def adapter_input_terms(x2, parts, dx, want, a_joined=None) -> list:
             dx.addmm_(d_b, a_joined if whole else rows_of([parts[k][1] for k in plain]))
     last = None  # (mask, dropped x): one adapter's mask shared by parts of one module (Phi-3's gate_up_proj)
     for k, (d_b, a, dropped) in enumerate(parts):
-        if dropped is None:
-            continue
-        if want[k]:
+        if dropped is not None and want[k]:
             if last is None or last[0] is not dropped:
                 last = (dropped, drop(x2, dropped, impl="triton"))
             out[k] = d_b.t() @ last[1]                                               # (r, in)
-        if dx is not None:
-            add_masked_input_grad_(dx, d_b, a, dropped, impl="triton")
+    if dx is not None:
+        add_masked_input_grads_(dx, [(d_b, a, dropped, 1.0) for d_b, a, dropped in parts if dropped is not None],
+                                impl="triton")
     return out
 
 
@@ -347,7 +346,7 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
         if drop_d is None:
             dh.addmm_(dy_b, ad, alpha=sd)
         else:
-            add_masked_input_grad_(dh, dy_b, ad, drop_d, sd, impl="triton")
+            add_masked_input_grads_(dh, [(dy_b, ad, drop_d, sd)], impl="triton")
     down = {"dy_b": dy_b, "a_d": ad, "s_d": sd, "dropped_d": drop_d} if fused else {}
     lora_glu.lora_glu_backward_inplace(dh, g, u, act, **_glu_terms(fused, xa_g, xa_u, lora, scales), **down)
     h, dg, du = dh, g, u

@@ -10,7 +10,7 @@ import contextlib
 import pytest
 import torch
 
-from tuneforge_kernels.dropout import (Mask, add_masked_input_grad_, draw_mask, drop, philox_everywhere,
+from tuneforge_kernels.dropout import (Mask, add_masked_input_grads_, draw_mask, drop, philox_everywhere,
                                        philox_keep, seeded_by)
 from tuneforge_kernels.lora_linear import lora_linears, lora_linears_reference
 from tuneforge_kernels.lora_mlp import LoraWeights, lora_mlp, lora_mlp_reference
@@ -122,14 +122,13 @@ def _same(got, exp, device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", KINDS)
-def test_drop_and_the_masked_add_kernels_are_torchs_ops(device, dtype, kind):
-    """The one-pass kernels compute torch's two-op results (odd sizes, a ragged last block), ``philox``'s
-    bits computed in the kernels as ``Mask.bits`` computes them in torch; other layouts take torch's ops;
-    a block of rows (``rows``) reads the whole mask's rows."""
+def test_drop_kernel_is_torchs_ops(device, dtype, kind):
+    """The one-pass kernel computes torch's two-op result (odd sizes, ragged last tiles), ``philox``'s bits
+    computed in the kernel as ``Mask.bits`` computes them in torch; other layouts take torch's ops; a block
+    of rows (``rows``, rows of a wider stride) reads the whole mask's rows."""
     rows, cols = (37, 301) if device == "cpu" else (4099, 14337)
     gen = torch.Generator().manual_seed(7)
-    x, out = (torch.randn(rows, cols, generator=gen).to(device, dtype) for _ in range(2))
-    d_b, a = (torch.randn(*shape, generator=gen).to(device, dtype) for shape in ((rows, 5), (5, cols)))
+    x = torch.randn(rows, cols, generator=gen).to(device, dtype)
     with _kind(kind, device):
         m = Mask.draw((rows, cols), 0.3, torch.device(device))
         columns = Mask.draw((cols, rows), 0.3, torch.device(device))
@@ -137,16 +136,39 @@ def test_drop_and_the_masked_add_kernels_are_torchs_ops(device, dtype, kind):
     keep = m.bits((rows, cols))
     assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.7) < 0.03
     assert _same(drop(x, m, impl="triton"), drop(x, m, impl="reference"), device, dtype)
-    got, exp = out.clone(), out.clone()
-    add_masked_input_grad_(got, d_b, a, m, 0.5, impl="triton")
-    add_masked_input_grad_(exp, d_b, a, m, 0.5, impl="reference")
-    assert _same(got, exp, device, dtype)
-    expected = out.double() + 0.5 / 0.7 * (d_b.double() @ a.double()) * keep
-    assert rel_err(got, expected) < TOL[dtype]
     assert torch.equal(drop(x.t(), columns, impl="triton"),
                        x.t().mul(columns.bits((cols, rows))).mul_(1 / 0.7))
     block = slice(4, rows - 3)
     assert _same(drop(x[block], m.rows(block), impl="triton"), drop(x, m, impl="reference")[block], device, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n_terms", [1, 3, 4])
+def test_masked_terms_in_one_pass(device, dtype, kind, n_terms):
+    """``add_masked_input_grads_``: every adapter's term of dx, masked by its own mask, in one pass (four:
+    two launches), against float64 and against the reference's per-term ops; ranks past the kernel's
+    rank tile (70: two chunks of 64) and under tl.dot's 16; ``out`` a block of a wider buffer's rows."""
+    rows, cols = (37, 301) if device == "cpu" else (4099, 14337)
+    gen = torch.Generator().manual_seed(8)
+    ranks = [5, 70, 16, 3][:n_terms]
+    wide = torch.randn(rows, cols + 7, generator=gen).to(device, dtype)
+    out = wide[:, 3:cols + 3]
+    with _kind(kind, device):
+        masks = [Mask.draw((rows, cols), p, torch.device(device)) for p in (0.3, 0.1, 0.5, 0.2)[:n_terms]]
+    terms = [(torch.randn(rows, r, generator=gen).to(device, dtype), torch.randn(r, cols, generator=gen).to(
+        device, dtype) / r ** 0.5, m, s) for r, m, s in zip(ranks, masks, (0.5, 2.0, 1.0, 0.25))]
+    expected = out.double()
+    for d_b, a, m, s in terms:
+        expected = expected + s / (1 - m.p) * (d_b.double() @ a.double()) * m.bits((rows, cols))
+    before, ref = wide.clone(), out.clone()
+    add_masked_input_grads_(out, terms, impl="triton")
+    add_masked_input_grads_(ref, terms, impl="reference")
+    assert rel_err(out, expected) < TOL[dtype] and rel_err(ref, expected) < TOL[dtype]
+    outside = torch.ones_like(wide, dtype=torch.bool)
+    outside[:, 3:cols + 3] = False
+    assert torch.equal(wide[outside], before[outside])  # the buffer's other columns untouched
 
 
 def test_philox_bits():
