@@ -25,7 +25,8 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
 - ``dropout``: adapter dropout's passes (tuneforge_kernels/dropout.py) at the 8B shapes: the dropped input
   and the masked input-gradient terms with ``philox`` masks (computed in the kernel from a seed) against
   ``stream`` masks (a bool mask read; its ``bernoulli_`` draw timed apart) and torch's fused dropout, three
-  terms in one pass against three GEMMs and torch's passes (the reference),
+  terms in one pass against three GEMMs and torch's passes (the reference), three adapters' rank-r inputs and
+  A gradients from one pass over x against drop + GEMM each,
   and lora_glu's backward with the down adapter's mask of each kind, in GB/s of the bf16 bytes moved
   (not yet run: session 17);
 - ``aug``: the K-augmented LoRA GEMM (not built) against today's base GEMM + rank-r pass, per projection
@@ -266,7 +267,8 @@ def bench_glu(emit, ceiling):
 
 
 def bench_dropout(emit, ceiling):
-    from tuneforge_kernels.dropout import Mask, add_masked_input_grads_, draw_mask, drop, new_seed
+    from tuneforge_kernels.dropout import (Mask, add_masked_input_grads_, draw_mask, drop, dropped_input_grads,
+                                           dropped_input_products, new_seed)
     from tuneforge_kernels.lora_glu import lora_glu_backward_inplace
 
     dev, p = torch.device("cuda"), 0.05
@@ -292,6 +294,12 @@ def bench_dropout(emit, ceiling):
             # philox in torch ops timed)
             "masked add x3 as 3 addmm + torch": (lambda: add_masked_input_grads_(
                 out, [(d_b, a, stream, 1.0)] * 3, impl="reference"), 2 * big),
+            # the rank-r inputs and the A gradients of q/k/v's three adapters: one pass over x against three
+            # (drop kernel, then a GEMM reading the dropped input); bytes: one read of x
+            "x A^T x3 in one pass": (lambda: dropped_input_products(x, [(a, philox)] * 3, impl="triton"), big),
+            "x A^T x3 as drop + GEMM": (lambda: [drop(x, philox, impl="triton") @ a.t() for _ in range(3)], big),
+            "dA x3 in one pass": (lambda: dropped_input_grads(x, [(d_b, philox)] * 3, impl="triton"), big),
+            "dA x3 as drop + GEMM": (lambda: [d_b.t() @ drop(x, philox, impl="triton") for _ in range(3)], big),
         }
         for name, (fn, nbytes) in cases.items():
             ms = timed(fn)

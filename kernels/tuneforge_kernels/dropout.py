@@ -32,9 +32,16 @@ Activation checkpointing and ``offload`` restore the random state for their reco
 
 ``drop`` computes ``x * mask * (1 / keep)`` with the scale as a float32 multiplier and one rounding, as
 torch's fused CUDA dropout does (on the CPU, torch's dropout of a bf16 tensor rounds the scale to bf16
-first). With ``impl="triton"`` (the fused nodes) it is one pass: x read, the dropped input written, where
-torch's two ops write and read it once more; likewise ``add_masked_input_grads_`` adds the masked terms of
-``dx`` in one pass, each computed on the tile that adds it.
+first). With ``impl="triton"`` (the fused nodes) the dropped inputs are never written for the adapters
+that read one input (Q/K/V's three, gate's and up's, O's): three kernels take up to three adapters a
+launch and read that input once each,
+
+    dropped_input_products    forward:  [drop_k(x) A_k^T]          (N, sum r), x read once
+    dropped_input_grads       backward: [d_b_k^T drop_k(x)]        the dA's, x read once
+    add_masked_input_grads_   backward: dx += sum_k s_k (d_b_k A_k) * mask_k / keep_k, dx read and written once
+
+each tile dropped as ``drop`` rounds it; ``drop`` itself (one pass) serves the rest (ranks over 64, the
+MLP's h where lora_glu does not take the down term).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tuneforge_kernels.backend import launcher, next_power_of_2, use_triton
+from tuneforge_kernels.backend import launcher, next_power_of_2, sm_count, use_triton
 
 try:
     import triton
@@ -101,6 +108,109 @@ if triton is not None:
         x = tl.load(X + r64 * ldx + cols[None, :], mask=inside, other=0.0).to(tl.float32)
         keep = kept(M, ld, row0, p, salt, rows, col0, inside, SEEDED, BM, BN)
         tl.store(Y + r64 * ldy + cols[None, :], tl.where(keep, x * scale, 0.0).to(Y.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _dropped_product(acc, x, A, ld_a, rank, M, ld, row0, p, salt, scale, rows, col0, n_cols, inside,
+                         SEEDED: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+                         BK: tl.constexpr):
+        # acc (BM, RP) + drop(x) @ A[:rank, cols]^T over one (BM, BK) tile of x (float32), the dropped tile
+        # rounded to A's dtype (x's) as drop rounds it
+        keep = kept(M, ld, row0, p, salt, rows, col0, inside, SEEDED, BM, BK)
+        xd = tl.where(keep, x * scale, 0.0).to(A.dtype.element_ty)
+        cols, r = col0 + tl.arange(0, BK), tl.arange(0, RP)
+        at = tl.load(A + r[None, :].to(tl.int64) * ld_a + cols[:, None],
+                     mask=(r[None, :] < rank) & (cols[:, None] < n_cols), other=0.0)       # (BK, RP)
+        if PREC == "ieee":
+            return acc + tl.dot(xd.to(tl.float32), at.to(tl.float32), input_precision="ieee")
+        return acc + tl.dot(xd, at)
+
+    @triton.jit
+    def _store_product(OUT, ldo, col, acc, rank, rows, n_rows, RP: tl.constexpr):
+        r = tl.arange(0, RP)
+        tl.store(OUT + rows[:, None].to(tl.int64) * ldo + col + r[None, :], acc.to(OUT.dtype.element_ty),
+                 mask=(rows[:, None] < n_rows) & (r[None, :] < rank))
+
+    @triton.jit
+    def _dropped_products_kernel(X, ldx, OUT, ldo, n_rows, n_cols,
+                                 A0, ld_a0, rank0, M0, ld0, row00, p0, salt0, scale0, col0_out,
+                                 A1, ld_a1, rank1, M1, ld1, row01, p1, salt1, scale1, col1_out,
+                                 A2, ld_a2, rank2, M2, ld2, row02, p2, salt2, scale2, col2_out,
+                                 N_TERMS: tl.constexpr, SEEDED: tl.constexpr, RP: tl.constexpr,
+                                 PREC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        acc0 = tl.zeros((BM, RP), dtype=tl.float32)
+        acc1 = tl.zeros((BM, RP), dtype=tl.float32)
+        acc2 = tl.zeros((BM, RP), dtype=tl.float32)
+        for col0 in range(0, n_cols, BK):  # x read once for every term
+            cols = col0 + tl.arange(0, BK)
+            inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+            x = tl.load(X + rows[:, None].to(tl.int64) * ldx + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+            acc0 = _dropped_product(acc0, x, A0, ld_a0, rank0, M0, ld0, row00, p0, salt0, scale0, rows, col0, n_cols,
+                                    inside, SEEDED, RP, PREC, BM, BK)
+            if N_TERMS > 1:
+                acc1 = _dropped_product(acc1, x, A1, ld_a1, rank1, M1, ld1, row01, p1, salt1, scale1, rows, col0,
+                                        n_cols, inside, SEEDED, RP, PREC, BM, BK)
+            if N_TERMS > 2:
+                acc2 = _dropped_product(acc2, x, A2, ld_a2, rank2, M2, ld2, row02, p2, salt2, scale2, rows, col0,
+                                        n_cols, inside, SEEDED, RP, PREC, BM, BK)
+        _store_product(OUT, ldo, col0_out, acc0, rank0, rows, n_rows, RP)
+        if N_TERMS > 1:
+            _store_product(OUT, ldo, col1_out, acc1, rank1, rows, n_rows, RP)
+        if N_TERMS > 2:
+            _store_product(OUT, ldo, col2_out, acc2, rank2, rows, n_rows, RP)
+
+    @triton.jit
+    def _dropped_grad(acc, x, DB, ld_db, rank, M, ld, row0, p, salt, scale, rows, col0, n_rows, inside,
+                      SEEDED: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+                      BK: tl.constexpr):
+        # acc (RP, BK) + DB[rows, :rank]^T @ drop(x) over one (BM, BK) tile of x (float32), the dropped tile
+        # rounded to DB's dtype (x's) as drop rounds it
+        keep = kept(M, ld, row0, p, salt, rows, col0, inside, SEEDED, BM, BK)
+        xd = tl.where(keep, x * scale, 0.0).to(DB.dtype.element_ty)
+        r = tl.arange(0, RP)
+        dbt = tl.load(DB + rows[None, :].to(tl.int64) * ld_db + r[:, None],
+                      mask=(r[:, None] < rank) & (rows[None, :] < n_rows), other=0.0)     # (RP, BM)
+        if PREC == "ieee":
+            return acc + tl.dot(dbt.to(tl.float32), xd.to(tl.float32), input_precision="ieee")
+        return acc + tl.dot(dbt, xd)
+
+    @triton.jit
+    def _store_grad(PART, split, term, n_terms, n_cols, acc, cols, RP: tl.constexpr):
+        # this split's partial sum of one term's dA into PART (splits, terms, RP, K), float32
+        r = tl.arange(0, RP)
+        base = (split * n_terms + term).to(tl.int64) * RP * n_cols
+        tl.store(PART + base + r[:, None].to(tl.int64) * n_cols + cols[None, :], acc, mask=cols[None, :] < n_cols)
+
+    @triton.jit
+    def _dropped_grads_kernel(X, ldx, PART, n_rows, n_cols, rows_per_split,
+                              DB0, ld_db0, rank0, M0, ld0, row00, p0, salt0, scale0,
+                              DB1, ld_db1, rank1, M1, ld1, row01, p1, salt1, scale1,
+                              DB2, ld_db2, rank2, M2, ld2, row02, p2, salt2, scale2,
+                              N_TERMS: tl.constexpr, SEEDED: tl.constexpr, RP: tl.constexpr,
+                              PREC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+        col0, split = tl.program_id(0) * BK, tl.program_id(1)
+        cols = col0 + tl.arange(0, BK)
+        acc0 = tl.zeros((RP, BK), dtype=tl.float32)
+        acc1 = tl.zeros((RP, BK), dtype=tl.float32)
+        acc2 = tl.zeros((RP, BK), dtype=tl.float32)
+        end = tl.minimum((split + 1) * rows_per_split, n_rows)
+        for row_start in range(split * rows_per_split, end, BM):  # rows_per_split: a multiple of BM
+            rows = row_start + tl.arange(0, BM)
+            inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+            x = tl.load(X + rows[:, None].to(tl.int64) * ldx + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+            acc0 = _dropped_grad(acc0, x, DB0, ld_db0, rank0, M0, ld0, row00, p0, salt0, scale0, rows, col0, n_rows,
+                                 inside, SEEDED, RP, PREC, BM, BK)
+            if N_TERMS > 1:
+                acc1 = _dropped_grad(acc1, x, DB1, ld_db1, rank1, M1, ld1, row01, p1, salt1, scale1, rows, col0,
+                                     n_rows, inside, SEEDED, RP, PREC, BM, BK)
+            if N_TERMS > 2:
+                acc2 = _dropped_grad(acc2, x, DB2, ld_db2, rank2, M2, ld2, row02, p2, salt2, scale2, rows, col0,
+                                     n_rows, inside, SEEDED, RP, PREC, BM, BK)
+        _store_grad(PART, split, 0, N_TERMS, n_cols, acc0, cols, RP)
+        if N_TERMS > 1:
+            _store_grad(PART, split, 1, N_TERMS, n_cols, acc1, cols, RP)
+        if N_TERMS > 2:
+            _store_grad(PART, split, 2, N_TERMS, n_cols, acc2, cols, RP)
 
     @triton.jit
     def _masked_term(acc, DB, ld_db, A, ld_a, rank, scale, M, ld, row0, p, salt, rows, col0, n_rows, n_cols,
@@ -341,10 +451,95 @@ def drop(x: torch.Tensor, m: Mask, impl: str | None = None) -> torch.Tensor:
     return y
 
 
-# the terms one launch of _add_masked_terms_kernel adds (Q/K/V's three adapters on one input), and its tile:
-# lora_glu.TILE's 16 x 256 (the same work: a 2D pass over a wide tensor with rank-r dots inside; not timed
-# for this kernel yet, bench/micro.py's dropout group)
+# the adapters one launch of the two kernels below serves: Q/K/V's three on one input
 _TERMS_PER_LAUNCH = 3
+# dropped_input_products' tile: 16 rows (tl.dot's smallest M; 512 programs at 8,192 tokens) by 256 columns a
+# step of the loop over x's row; not timed yet (bench/micro.py's dropout group)
+_PRODUCTS_TILE = (16, 256, 4)
+_PRODUCTS_MAX_RANK = 64  # three (16 x 64) float32 accumulators; larger ranks: drop, then a GEMM
+
+
+def dropped_input_products(x: torch.Tensor, terms, impl: str | None = None) -> torch.Tensor:
+    """``[drop_k(x) A_k^T]`` side by side, an (N, sum r_k) tensor in x's dtype, for ``terms`` = ``[(a (r, K),
+    mask)]``: the rank-r inputs of the adapters with dropout that read one input ``x (N, K)``. With Triton
+    one pass over ``x`` for up to three adapters, each tile dropped by each mask (rounded as ``drop``
+    rounds it) and multiplied on the spot; ``drop`` then a GEMM per adapter would write each dropped
+    input and read it back (6 bytes an element per adapter in bf16, against 2 for the pass over ``x``)."""
+    ranks = [a.shape[0] for a, _ in terms]
+    fused = (use_triton(x, impl=impl) and x.dim() == 2 and x.numel() and max(ranks) <= _PRODUCTS_MAX_RANK
+             and all(_tiles(x, m) and a.dtype == x.dtype and a.stride(1) == 1 for a, m in terms))
+    if not fused:
+        return torch.cat([drop(x, m, impl=impl) @ a.t() for a, m in terms], dim=1)
+    out = x.new_empty(x.shape[0], sum(ranks))
+    seeded = terms[0][1].seeded
+    assert all(m.seeded == seeded for _, m in terms), "one node's masks are of one kind"
+    rp = next_power_of_2(max(16, *ranks))
+    bm, bk, warps = _PRODUCTS_TILE
+    col = 0
+    for start in range(0, len(terms), _TERMS_PER_LAUNCH):
+        chunk, args = terms[start:start + _TERMS_PER_LAUNCH], []
+        for a, m in chunk:
+            assert a.shape[1] == x.shape[1], (a.shape, x.shape)
+            mask, ld, row0, p, salt, _ = m.kernel_args(x)
+            args += [a,              # (r, K) the adapter's A, row-major, x's dtype
+                     a.stride(0), a.shape[0], mask, ld, row0, p, salt, 1.0 / (1.0 - m.p), col]
+            col += a.shape[0]
+        args += args[-10:] * (_TERMS_PER_LAUNCH - len(chunk))  # unused slots (N_TERMS leaves them out)
+        launcher(_dropped_products_kernel, x)[(triton.cdiv(x.shape[0], bm),)](
+            x,                        # (N, K) the adapters' input, rows of any stride
+            x.stride(0), out,         # (N, sum r) out, x's dtype
+            out.stride(0), x.shape[0], x.shape[1], *args, N_TERMS=len(chunk), SEEDED=seeded, RP=rp,
+            PREC="ieee" if x.dtype == torch.float32 or not x.is_cuda else "native", BM=bm, BK=bk, num_warps=warps)
+    return out
+
+
+# dropped_input_grads' tile: 64 rows a step of the loop (tl.dot's K), 128 columns a program, and enough splits
+# of the rows for ~4 programs an SM (8B: 32 column tiles x 16 splits); not timed yet (bench/micro.py)
+_GRADS_TILE = (64, 128, 4)
+
+
+def dropped_input_grads(x: torch.Tensor, terms, impl: str | None = None) -> list[torch.Tensor]:
+    """``[d_b_k^T drop_k(x)]``, each (r_k, K) in x's dtype, for ``terms`` = ``[(d_b (N, r), mask)]``: the
+    A gradients ``dA = s (dy B)^T drop(x)`` of the adapters with dropout that read one input ``x (N, K)``.
+    With Triton one pass over ``x`` for up to three adapters (the rows split over programs, their partial
+    sums added in float32), where ``drop`` then a GEMM per adapter would write each dropped input and read
+    it back."""
+    ranks = [d_b.shape[1] for d_b, _ in terms]
+    fused = (use_triton(x, impl=impl) and x.dim() == 2 and x.numel() and max(ranks) <= _PRODUCTS_MAX_RANK
+             and all(_tiles(x, m) and d_b.dtype == x.dtype and d_b.stride(1) == 1 for d_b, m in terms))
+    if not fused:
+        return [d_b.t() @ drop(x, m, impl=impl) for d_b, m in terms]
+    seeded = terms[0][1].seeded
+    assert all(m.seeded == seeded for _, m in terms), "one node's masks are of one kind"
+    n, k = x.shape
+    rp = next_power_of_2(max(16, *ranks))
+    bm, bk, warps = _GRADS_TILE
+    col_tiles = triton.cdiv(k, bk)
+    splits = max(1, min(triton.cdiv(n, bm), triton.cdiv(4 * sm_count(x.device.index or 0), col_tiles)))
+    rows_per_split = triton.cdiv(triton.cdiv(n, splits), bm) * bm
+    splits = triton.cdiv(n, rows_per_split)
+    out = []
+    for start in range(0, len(terms), _TERMS_PER_LAUNCH):
+        chunk, args = terms[start:start + _TERMS_PER_LAUNCH], []
+        for d_b, m in chunk:
+            assert d_b.shape[0] == n, (d_b.shape, x.shape)
+            mask, ld, row0, p, salt, _ = m.kernel_args(x)
+            args += [d_b,            # (N, r) s dy B, row-major, x's dtype
+                     d_b.stride(0), d_b.shape[1], mask, ld, row0, p, salt, 1.0 / (1.0 - m.p)]
+        args += args[-9:] * (_TERMS_PER_LAUNCH - len(chunk))  # unused slots (N_TERMS leaves them out)
+        part = torch.empty(splits, len(chunk), rp, k, device=x.device, dtype=torch.float32)
+        launcher(_dropped_grads_kernel, x)[(col_tiles, splits)](
+            x,                        # (N, K) the adapters' input, rows of any stride
+            x.stride(0), part,        # (splits, terms, RP, K) float32 partial sums
+            n, k, rows_per_split, *args, N_TERMS=len(chunk), SEEDED=seeded, RP=rp,
+            PREC="ieee" if x.dtype == torch.float32 or not x.is_cuda else "native", BM=bm, BK=bk, num_warps=warps)
+        total = part.sum(0) if splits > 1 else part[0]
+        out += [total[t, :d_b.shape[1]].to(x.dtype) for t, (d_b, _) in enumerate(chunk)]
+    return out
+
+
+# _add_masked_terms_kernel's tile: lora_glu.TILE's 16 x 256 (the same work: a 2D pass over a wide tensor with
+# rank-r dots inside; not timed for this kernel yet, bench/micro.py's dropout group)
 _TERMS_TILE = (16, 256, 4)
 
 

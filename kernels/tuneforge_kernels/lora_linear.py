@@ -28,6 +28,7 @@ import torch
 from tuneforge_kernels.backend import use_triton
 from tuneforge_kernels.cast_blocks import cast_blocks
 from tuneforge_kernels.copy_rows import copy_rows
+from tuneforge_kernels.dropout import dropped_input_products
 from tuneforge_kernels.lora_mlp import (PADDED_ONE_GEMM_MAX_HIDDEN, LoraWeights, _cast_grads, _compute_dtype, _draw,
                                         _fp8_input, _input_product, _joined_weights, _mm_into, _out_features,
                                         _project_reference, _redraw, _restore_x, _scaled_mm, _spans, _x_for_saving,
@@ -54,7 +55,9 @@ class _LoraLinearsFunction(torch.autograd.Function):
         a_all = rows_of([a_s[i] for i in with_lora]) if with_lora else None       # (sum r, in)
         # the adapters' dropout masks, in the projections' order (as PEFT draws them)
         dropped = [_draw(x2.shape, dropouts[i], i in with_lora, x2.device) for i in range(n)]
-        if any(dropped):  # each adapter reads its own dropped input
+        if all(dropped[i] is not None for i in with_lora) and with_lora:  # x read once for every adapter
+            xa_all = dropped_input_products(x2, [(a_s[i], dropped[i]) for i in with_lora], impl="triton")
+        elif any(dropped):  # each adapter reads its own dropped input
             xa_all = torch.cat([_input_product(x2, a_s[i], dropped[i]) for i in with_lora], dim=1)
         else:
             xa_all = x2 @ a_all.t() if with_lora else None                          # (N, sum r)

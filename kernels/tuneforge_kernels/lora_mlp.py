@@ -42,7 +42,8 @@ from tuneforge_kernels import lora_glu
 from tuneforge_kernels.backend import use_triton
 from tuneforge_kernels.cast_blocks import cast_blocks
 from tuneforge_kernels.copy_rows import copy_rows
-from tuneforge_kernels.dropout import Mask, add_masked_input_grads_, drop, dropout_reference
+from tuneforge_kernels.dropout import (Mask, add_masked_input_grads_, drop, dropout_reference,
+                                       dropped_input_grads, dropped_input_products)
 from tuneforge_kernels.fp8 import Fp8Weight, fp8_input_grad, fp8_linear, fp8_linear_reference, quantize_rows
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
@@ -184,7 +185,7 @@ def _scaled_mm(a, b, s: float) -> torch.Tensor:
 
 def _input_product(x, a, dropped=None) -> torch.Tensor:
     """``x A^T`` (N, r), or ``drop(x) A^T`` where the adapter has dropout (``dropped``: its dropout.Mask)."""
-    return (x if dropped is None else drop(x, dropped, impl="triton")) @ a.t()
+    return x @ a.t() if dropped is None else dropped_input_products(x, [(a, dropped)], impl="triton")
 
 
 def adapter_input_terms(x2, parts, dx, want, a_joined=None) -> list:
@@ -195,8 +196,8 @@ def adapter_input_terms(x2, parts, dx, want, a_joined=None) -> list:
     needed).
 
     The adapters without dropout: their dA's in one GEMM (x read once) and their dx terms in one pass over
-    dx (``a_joined``: their A's as one tensor when all of them are). With dropout (dropout.py) each reads
-    its dropped input (recomputed once per mask) and adds its masked term."""
+    dx (``a_joined``: their A's as one tensor when all of them are). Those with dropout (dropout.py): their
+    dA's from one pass over x and their masked dx terms in one pass over dx."""
     out = [None] * len(parts)
     plain = [k for k, part in enumerate(parts) if part[2] is None]
     if plain:
@@ -210,12 +211,11 @@ def adapter_input_terms(x2, parts, dx, want, a_joined=None) -> list:
         if dx is not None:
             whole = a_joined is not None and len(plain) == len(parts)
             dx.addmm_(d_b, a_joined if whole else rows_of([parts[k][1] for k in plain]))
-    last = None  # (mask, dropped x): one adapter's mask shared by parts of one module (Phi-3's gate_up_proj)
-    for k, (d_b, a, dropped) in enumerate(parts):
-        if dropped is not None and want[k]:
-            if last is None or last[0] is not dropped:
-                last = (dropped, drop(x2, dropped, impl="triton"))
-            out[k] = d_b.t() @ last[1]                                               # (r, in)
+    masked = [k for k, part in enumerate(parts) if part[2] is not None and want[k]]
+    if masked:  # x read once for all of them
+        d_as = dropped_input_grads(x2, [(parts[k][0], parts[k][2]) for k in masked], impl="triton")
+        for k, d_a in zip(masked, d_as):
+            out[k] = d_a                                                             # (r, in)
     if dx is not None:
         add_masked_input_grads_(dx, [(d_b, a, dropped, 1.0) for d_b, a, dropped in parts if dropped is not None],
                                 impl="triton")
@@ -297,7 +297,10 @@ def _gate_up(x, weights, dtype, lora, scales, fused, dropped=(None, None)):
         xq = _fp8_input(x, weights)
         g = frozen_linear(x, weights[0], dtype, xq=xq)                          # (N, I)
         u = frozen_linear(x, weights[1], dtype, xq=xq)                          # (N, I)
-    if ag is None or au is None or any(d is not None for d in dropped) and ag is not au:
+    if ag is not None and au is not None and ag is not au and all(d is not None for d in dropped):
+        xa = dropped_input_products(x, [(ag, dropped[0]), (au, dropped[1])], impl="triton")  # x read once
+        xa_g, xa_u = xa[:, :ag.shape[0]], xa[:, ag.shape[0]:]
+    elif ag is None or au is None or any(d is not None for d in dropped) and ag is not au:
         xa_g = _input_product(x, ag, dropped[0]) if ag is not None else None
         xa_u = _input_product(x, au, dropped[1]) if au is not None else None
     elif ag is au:

@@ -145,6 +145,54 @@ def test_drop_kernel_is_torchs_ops(device, dtype, kind):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ranks", [(5,), (16, 3, 64), (4, 8, 16, 2), (70, 4)])
+def test_dropped_input_products_in_one_pass(device, dtype, kind, ranks):
+    """``dropped_input_products``: each adapter's ``drop(x) A^T`` from one pass over x (four adapters: two
+    launches; a rank over 64: drop, then a GEMM), side by side, against float64 with the same masks and
+    against drop + GEMM; x a block of a wider buffer's rows."""
+    from tuneforge_kernels.dropout import dropped_input_products
+
+    rows, cols = (37, 301) if device == "cpu" else (4099, 4097)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(rows, cols + 5, generator=gen).to(device, dtype)[:, 2:cols + 2]
+    with _kind(kind, device):
+        masks = [Mask.draw((rows, cols), p, torch.device(device)) for p in (0.3, 0.1, 0.5, 0.2)[:len(ranks)]]
+    terms = [(torch.randn(r, cols, generator=gen).to(device, dtype) / cols ** 0.5, m) for r, m in zip(ranks, masks)]
+    got = dropped_input_products(x, terms, impl="triton")
+    assert got.shape == (rows, sum(ranks)) and got.dtype == dtype
+    expected = torch.cat([(x.double() * m.bits((rows, cols)) / (1 - m.p)) @ a.double().t() for a, m in terms], 1)
+    assert rel_err(got, expected) < TOL[dtype]
+    two_step = torch.cat([drop(x, m, impl="reference") @ a.t() for a, m in terms], dim=1)
+    assert rel_err(got, two_step) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ranks", [(5,), (16, 3, 64), (4, 8, 16, 2), (70, 4)])
+def test_dropped_input_grads_in_one_pass(device, dtype, kind, ranks):
+    """``dropped_input_grads``: each adapter's ``d_b^T drop(x)`` from one pass over x, its rows split over
+    programs (300 rows on the CPU: 5 splits of 64, the last ragged), against float64 with the same masks
+    and against drop + GEMM; four adapters: two launches; a rank over 64: drop, then a GEMM."""
+    from tuneforge_kernels.dropout import dropped_input_grads
+
+    rows, cols = (300, 301) if device == "cpu" else (8191, 4097)
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(rows, cols + 5, generator=gen).to(device, dtype)[:, 2:cols + 2]
+    with _kind(kind, device):
+        masks = [Mask.draw((rows, cols), p, torch.device(device)) for p in (0.3, 0.1, 0.5, 0.2)[:len(ranks)]]
+    terms = [(torch.randn(rows, r, generator=gen).to(device, dtype) / rows ** 0.5, m) for r, m in zip(ranks, masks)]
+    got = dropped_input_grads(x, terms, impl="triton")
+    for g, (d_b, m) in zip(got, terms, strict=True):
+        assert g.shape == (d_b.shape[1], cols) and g.dtype == dtype
+        expected = d_b.double().t() @ (x.double() * m.bits((rows, cols)) / (1 - m.p))
+        assert rel_err(g, expected) < TOL[dtype]
+        assert rel_err(g, d_b.t() @ drop(x, m, impl="reference")) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n_terms", [1, 3, 4])
 def test_masked_terms_in_one_pass(device, dtype, kind, n_terms):
     """``add_masked_input_grads_``: every adapter's term of dx, masked by its own mask, in one pass (four:
@@ -284,13 +332,15 @@ def test_mlp_with_dropout_matches_the_reference(monkeypatch, device, dtype, layo
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("replay", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_linears_with_dropout_match_the_reference(device, dtype, replay, kind):
-    """Q/K/V with dropout on q and v (k without: its adapter stays in the batched GEMMs); ``replay``: an
-    ``offload`` recompute given the outputs still draws the masks and gives the same gradients."""
+@pytest.mark.parametrize("k_dropout", [0.0, 0.1])
+def test_linears_with_dropout_match_the_reference(device, dtype, replay, kind, k_dropout):
+    """Q/K/V with dropout on q and v, k without (its adapter stays in the batched GEMMs) or with (the three
+    rank-r inputs from one pass over x); ``replay``: an ``offload`` recompute given the outputs still draws
+    the masks and gives the same gradients."""
     torch.manual_seed(4)
     hidden, kv, rank = (40, 12, 4) if device == "cpu" else (4096, 1024, 16)
     projections = [_proj(hidden, hidden, rank, device, dtype, 0.2, scale=0.5),
-                   _proj(kv, hidden, rank, device, dtype, 0.0), _proj(kv, hidden, rank, device, dtype, 0.4)]
+                   _proj(kv, hidden, rank, device, dtype, k_dropout), _proj(kv, hidden, rank, device, dtype, 0.4)]
     x = torch.randn(3, 5 if device == "cpu" else 341, hidden, device=device, dtype=dtype).requires_grad_()
     dys = [torch.randn(*x.shape[:-1], p.weight.shape[0], device=device, dtype=torch.float64) for p in projections]
     with _kind(kind, device):
