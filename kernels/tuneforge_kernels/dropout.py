@@ -110,13 +110,18 @@ if triton is not None:
         tl.store(Y + r64 * ldy + cols[None, :], tl.where(keep, x * scale, 0.0).to(Y.dtype.element_ty), mask=inside)
 
     @triton.jit
+    def _dropped_tile(x, LIKE, M, ld, row0, p, salt, scale, rows, col0, inside, SEEDED: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr):
+        # a (BM, BK) tile of x (float32) dropped, rounded to LIKE's dtype (x's) as drop rounds it
+        keep = kept(M, ld, row0, p, salt, rows, col0, inside, SEEDED, BM, BK)
+        return tl.where(keep, x * scale, 0.0).to(LIKE.dtype.element_ty)
+
+    @triton.jit
     def _dropped_product(acc, x, A, ld_a, rank, M, ld, row0, p, salt, scale, rows, col0, n_cols, inside,
                          SEEDED: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
                          BK: tl.constexpr):
-        # acc (BM, RP) + drop(x) @ A[:rank, cols]^T over one (BM, BK) tile of x (float32), the dropped tile
-        # rounded to A's dtype (x's) as drop rounds it
-        keep = kept(M, ld, row0, p, salt, rows, col0, inside, SEEDED, BM, BK)
-        xd = tl.where(keep, x * scale, 0.0).to(A.dtype.element_ty)
+        # acc (BM, RP) + drop(x) @ A[:rank, cols]^T over one (BM, BK) tile of x (float32)
+        xd = _dropped_tile(x, A, M, ld, row0, p, salt, scale, rows, col0, inside, SEEDED, BM, BK)
         cols, r = col0 + tl.arange(0, BK), tl.arange(0, RP)
         at = tl.load(A + r[None, :].to(tl.int64) * ld_a + cols[:, None],
                      mask=(r[None, :] < rank) & (cols[:, None] < n_cols), other=0.0)       # (BK, RP)
@@ -163,10 +168,8 @@ if triton is not None:
     def _dropped_grad(acc, x, DB, ld_db, rank, M, ld, row0, p, salt, scale, rows, col0, n_rows, inside,
                       SEEDED: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
                       BK: tl.constexpr):
-        # acc (RP, BK) + DB[rows, :rank]^T @ drop(x) over one (BM, BK) tile of x (float32), the dropped tile
-        # rounded to DB's dtype (x's) as drop rounds it
-        keep = kept(M, ld, row0, p, salt, rows, col0, inside, SEEDED, BM, BK)
-        xd = tl.where(keep, x * scale, 0.0).to(DB.dtype.element_ty)
+        # acc (RP, BK) + DB[rows, :rank]^T @ drop(x) over one (BM, BK) tile of x (float32)
+        xd = _dropped_tile(x, DB, M, ld, row0, p, salt, scale, rows, col0, inside, SEEDED, BM, BK)
         r = tl.arange(0, RP)
         dbt = tl.load(DB + rows[None, :].to(tl.int64) * ld_db + r[:, None],
                       mask=(r[:, None] < rank) & (rows[None, :] < n_rows), other=0.0)     # (RP, BM)
