@@ -354,6 +354,42 @@ def _packing(model, attentions, attention_mask, position_ids, use_cache, kwargs,
     return packing
 
 
+def _replays_packed_rows(model, input_ids, position_ids, attention_mask, labels, shift_labels, kwargs) -> bool:
+    """Whether a packed training batch goes to replayed layers (graphs.py attached to ``model`` and not
+    turned off), so that its row count is padded to the model's row bucket (``pad_rows``): only where the
+    fused loss returns no logits (nor hidden states) with rows the caller did not pass."""
+    if input_ids is None or position_ids is None or attention_mask is not None or not input_ids.is_cuda:
+        return False
+    head = model.lm_head
+    if type(head) is not nn.Linear or head.bias is not None or kwargs.get("output_hidden_states"):
+        return False
+    if labels is None and shift_labels is None or not (model.training and torch.is_grad_enabled()):
+        return False
+    graphs = getattr(model.model.layers[0], "_tf_graphs", None) if getattr(model, "_tf_pad_documents", False) else None
+    return graphs is not None and graphs.disabled is None
+
+
+def pad_rows(model, input_ids, position_ids, labels, shift_labels):
+    """A packed batch padded with empty rows to a row count that only grows (``model._tf_row_bucket``, from
+    the first such batch on), so that packed batches whose row count changes (documents packed first-fit)
+    keep one shape for the replayed layers: each empty row is one document of token 0 at positions
+    0..T-1, every label ignored, so it adds nothing to the loss, its normalisation or any gradient (its
+    cost is its compute). Returns ``(input_ids, position_ids, labels, shift_labels)``."""
+    rows, width = input_ids.shape
+    bucket = max(getattr(model, "_tf_row_bucket", 0), rows)
+    model._tf_row_bucket = bucket
+    if rows == bucket:
+        return input_ids, position_ids, labels, shift_labels
+    extra = bucket - rows
+
+    def padded(t, value):
+        return None if t is None else torch.cat([t, t.new_full((extra, t.shape[1]), value)])
+
+    positions = torch.arange(width, device=position_ids.device, dtype=position_ids.dtype).expand(extra, width)
+    return (padded(input_ids, 0), torch.cat([position_ids, positions]), padded(labels, -100),
+            padded(shift_labels, -100))
+
+
 # the keyword with which patch_causal_lm tells every patched attention that its mask is a placeholder and
 # the rows are plain causal sequences
 CAUSAL_ROWS = "tf_causal_rows"
@@ -407,6 +443,10 @@ def patch_causal_lm(model: nn.Module, impl: str | None, ce_chunk_logits: int | N
             # a training step reads no cache; transformers would build one from the config's default (True),
             # and a cache in the layers' calls keeps them off their CUDA graphs (graphs.py)
             use_cache = False
+        if all_ours and _replays_packed_rows(self, input_ids, position_ids, attention_mask, labels, shift_labels,
+                                             kwargs):
+            input_ids, position_ids, labels, shift_labels = pad_rows(self, input_ids, position_ids, labels,
+                                                                     shift_labels)
         packing = _packing(self, attentions, attention_mask, position_ids, use_cache, kwargs, impl) if all_ours else None
         if packing is not None:
             kwargs["packed_sequences"] = packing

@@ -40,8 +40,10 @@ capture that fails (an op that cannot be captured); ``LayerGraphs.status`` says 
 
 Packed batches (several documents per row) replay too: with graphs attached, the patched causal LM pads
 their document boundaries (``cu_seqlens``) with empty documents to a bucket of document counts that only
-grows, and sets ``max_len`` to the row width (decoder._packing), so a job's packed rows of one width take a
-few shapes at most; the boundaries are a static input like the tables. Not where a layer's sliding window
+grows, sets ``max_len`` to the row width (decoder._packing), and pads their rows with empty rows (every
+label ignored) to a row count that only grows (decoder.pad_rows: documents packed first-fit take more
+rows on some steps than on others), so a job's packed rows of one width take a few shapes at most; the
+boundaries are a static input like the tables. Not where a layer's sliding window
 is shorter than the rows (Gemma 2 and 3): those boundaries stay tight, and the layers eager.
 
 A replayed layer's output is the graph's buffer: the next step's replay overwrites it, so a tensor kept

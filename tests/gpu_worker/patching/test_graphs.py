@@ -429,6 +429,34 @@ def _packed_batch(seed, rows=2, seq=32, docs_per_row=3, device="cuda"):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_packed_batches_whose_row_count_changes_replay():
+    """Documents packed first-fit take 3 rows on some steps and 2 on others: the patched model pads the rows
+    to a bucket (decoder.pad_rows), so one capture serves every step; the same losses and gradients as
+    the eager model, which pads nothing."""
+    on, off = _pair()
+    batches = [_packed_batch(i, rows=3 if i % 3 else 2) for i in range(8)]
+    runs = []
+    for model in (on, off):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses, grads = [], []
+        for x, pos in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=x, position_ids=pos, labels=x).loss
+            loss.backward()
+            losses.append(loss.item())
+            grads.append(lora_grads(model))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        runs.append((losses, grads))
+    _assert_same_run(*runs)
+    status = _graphs(on).status
+    # rows 2 (eager), then 3: bucket 3 from the second step on, captured on the third, replayed from there
+    assert status["captures"] == 1 and status["replays"] == 3 * 6 and status["disabled"] is None, status
+    assert on.get_base_model()._tf_row_bucket == 3 and not hasattr(off.get_base_model(), "_tf_row_bucket")
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_packed_batches_replay_and_equal_eager():
     on, off = _pair()
     # 6 documents a step (bucket 8), then 10 (bucket 16: one more capture), then 6 again (under the bucket)

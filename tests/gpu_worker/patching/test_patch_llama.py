@@ -487,6 +487,35 @@ def test_tied_embeddings_match_stock():
     assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-4
 
 
+def test_empty_rows_padding_a_packed_batch_change_nothing():
+    """decoder.pad_rows (a packed batch's rows padded to a bucket that only grows, for the replayed layers):
+    the padded batch gives the same loss and LoRA gradients, through the variable-length attention; a
+    smaller batch is padded to the bucket, a larger one grows it."""
+    from gpu_worker.patching.decoder import pad_rows
+
+    config = tiny_config("llama")
+    plain, padded = build_lora_model(config), build_lora_model(config)
+    for m in (plain, padded):
+        patch_model(m, impl="triton")
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 128, (2, 16), generator=g)
+    pos = torch.cat([torch.arange(6), torch.arange(10)]).repeat(2, 1)
+    labels = ids.clone()
+    labels[1, :3] = -100
+    base = padded.get_base_model()
+    base._tf_row_bucket = 4
+    ids4, pos4, labels4, shift4 = pad_rows(base, ids, pos, labels, None)
+    assert ids4.shape == pos4.shape == labels4.shape == (4, 16) and shift4 is None
+    assert (labels4[2:] == -100).all() and torch.equal(pos4[2:], torch.arange(16).repeat(2, 1))
+    l_plain = _step(plain, ids, labels, "cpu", position_ids=pos, use_cache=False)
+    l_padded = _step(padded, ids4, labels4, "cpu", position_ids=pos4, use_cache=False)
+    assert abs(l_plain.item() - l_padded.item()) < 1e-5
+    gp, gq = lora_grads(plain), lora_grads(padded)
+    assert max(rel(gq[n], gp[n]) for n in gp) < 1e-4
+    assert pad_rows(base, ids.repeat(3, 1), pos.repeat(3, 1), None, labels.repeat(3, 1))[0].shape == (6, 16)
+    assert base._tf_row_bucket == 6  # grown, never shrunk
+
+
 def test_a_sliding_window_shorter_than_a_document_keeps_the_mask_for_its_layers(monkeypatch):
     # Gemma 3 with one sliding layer (window 8) and one full layer, documents of 5 and 11 tokens: the
     # sliding layer must slide inside the 11-token document, which flash varlen is not asked to do, so it
