@@ -60,7 +60,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpu_worker.patching.decoder import layer_subclass

@@ -337,21 +337,15 @@ def new_seed(device: torch.device, generator: torch.Generator | None = None) -> 
     return torch.randint(SEED_HIGH, (1,), dtype=torch.int64, device=device, generator=generator)
 
 
-def _default_generator(device: torch.device) -> torch.Generator | None:
-    if device.type == "cpu":
-        return torch.default_generator
-    if device.type == "cuda":
-        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-    return None
 
 
 @dataclass(frozen=True)
 class Mask:
     """One adapter's dropout draw over an input of ``shape`` (module docstring): ``seed`` and ``salt``
     (``philox``), or ``keep``, the bool mask, and the default generator's ``state`` before the draw
-    (``stream``). A node keeps it for backward ``released`` (``stream``: the state alone, 16 bytes on
-    CUDA, and ``again`` draws the same bits) instead of a byte per element of every adapted input (~10 GB
-    for an 8B model's 32 layers at 8,192 tokens a step). The input is seen as rows of ``width`` (its last
+    (``stream``). A node keeps it for backward ``released`` (``stream``: the state alone, and ``again``
+    draws the same bits; a device whose generator we do not read keeps the mask) instead of a byte per
+    element of every adapted input (~10 GB for an 8B model's 32 layers at 8,192 tokens a step). The input is seen as rows of ``width`` (its last
     dimension); ``row0``: the input's row of this mask's first row (a block of rows, ``rows``)."""
 
     p: float
@@ -373,8 +367,7 @@ class Mask:
                 _seeds.salts += 1
                 return cls(p, shape, device, width, seed=_seeds.tensor, salt=_seeds.salts - 1)
             return cls(p, shape, device, width, seed=new_seed(device))
-        gen = _default_generator(device)
-        state = gen.get_state() if gen is not None else None
+        state = torch.default_generator.get_state() if device.type == "cpu" else None
         return cls(p, shape, device, width, state=state, keep=draw_mask(shape, p, device))
 
     @property

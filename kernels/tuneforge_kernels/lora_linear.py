@@ -18,7 +18,8 @@ that backward reads and returns the given tensors, so the base GEMMs (and, in QL
 of the recompute are skipped. Backward is unchanged: it never reads ``y``.
 
 Adapter dropout (``LoraWeights.dropout``, dropout.py): an adapter with dropout reads ``x`` dropped by its own
-mask (PEFT draws one per projection, in order), so its ``x A^T`` and dA leave the batched GEMMs.
+mask (PEFT draws one per projection, in order), so its ``x A^T``, dA and dx term leave the batched GEMMs for
+dropout.py's fused passes (x, or dx, read once for every adapter with dropout).
 """
 
 from __future__ import annotations

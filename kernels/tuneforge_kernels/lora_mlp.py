@@ -28,8 +28,9 @@ of rows: the down projection of the recompute (a third of the MLP's FLOPs) is ne
 a block's (rows x intermediate) tensors are alive instead of the whole ``g``, ``u`` and ``dh``.
 
 Adapter dropout (``LoraWeights.dropout``, dropout.py): each adapter reads its input dropped (``x`` for gate
-and up, ``h`` for down), with masks drawn in PEFT's order and drawn again in backward; deferred mode draws
-them in forward too, so a recompute draws what its forward drew.
+and up, ``h`` for down), with masks drawn in PEFT's order and computed again in backward (gate's and up's
+terms through dropout.py's fused passes, down's inside lora_glu); deferred mode draws them in forward too,
+so a recompute draws what its forward drew.
 """
 
 from __future__ import annotations
