@@ -27,8 +27,9 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   ``stream`` masks (a bool mask read; its ``bernoulli_`` draw timed apart) and torch's fused dropout, three
   terms in one pass against three GEMMs and torch's passes (the reference), three adapters' rank-r inputs and
   A gradients from one pass over x against drop + GEMM each,
-  and lora_glu's backward with the down adapter's mask of each kind, in GB/s of the bf16 bytes moved
-  (not yet run: session 17);
+  and lora_glu's backward with the down adapter's mask of each kind, in GB/s of the bf16 bytes moved;
+  and a probe of the Philox work alone (1 or 3 masks a pass, 10 or 7 rounds, 32- or 16-bit uniforms)
+  against the same pass without random bits (not yet run: session 17);
 - ``aug``: the K-augmented LoRA GEMM (not built) against today's base GEMM + rank-r pass, per projection
   shape, forward and input gradient, and what it would save per step (not yet run: session 10).
 
@@ -266,6 +267,40 @@ def bench_glu(emit, ceiling):
         torch.cuda.empty_cache()
 
 
+def _philox_probe_kernel():
+    """A bench-only Triton kernel for the open question of bench/NOTES.md session 17 (is adapter dropout's
+    Philox work hidden under the bytes?): y = x * scale where each of MASKS masks keeps, MASKS masks a
+    pass (the fused kernels compute up to three), Philox4x32 with ROUNDS rounds, PER_CALL columns a call
+    (4: 32-bit uniforms, as dropout.py; 8: 16-bit ones, p rounded to 1/65536); MASKS 0: no random bits."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(X, Y, n_cols, key, threshold16, p, MASKS: tl.constexpr, ROUNDS: tl.constexpr,
+              PER_CALL: tl.constexpr, BN: tl.constexpr):
+        row = tl.program_id(0)
+        col0 = tl.program_id(1) * BN
+        cols = col0 + tl.arange(0, BN)
+        x = tl.load(X + row.to(tl.int64) * n_cols + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        keep = cols >= 0
+        for m in tl.static_range(MASKS):
+            groups = (col0 // PER_CALL + tl.arange(0, BN // PER_CALL)).to(tl.uint32)
+            c1 = tl.zeros((BN // PER_CALL,), dtype=tl.uint32) + row.to(tl.uint32)
+            zero = tl.zeros((BN // PER_CALL,), dtype=tl.uint32)
+            r0, r1, r2, r3 = tl.philox(key + m, groups, c1, zero, zero, ROUNDS)
+            if PER_CALL == 4:
+                u = tl.uint_to_uniform_float(tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3)))
+                keep = keep & (u >= p)
+            else:
+                lo = tl.interleave(tl.interleave(r0 & 0xFFFF, r2 & 0xFFFF), tl.interleave(r1 & 0xFFFF, r3 & 0xFFFF))
+                hi = tl.interleave(tl.interleave(r0 >> 16, r2 >> 16), tl.interleave(r1 >> 16, r3 >> 16))
+                keep = keep & (tl.interleave(lo, hi) >= threshold16)
+        tl.store(Y + row.to(tl.int64) * n_cols + cols, tl.where(keep, x * 1.05, 0.0).to(Y.dtype.element_ty),
+                 mask=cols < n_cols)
+
+    return probe
+
+
 def bench_dropout(emit, ceiling):
     from tuneforge_kernels.dropout import (Mask, add_masked_input_grads_, draw_mask, drop, dropped_input_grads,
                                            dropped_input_products, new_seed)
@@ -306,6 +341,16 @@ def bench_dropout(emit, ceiling):
             emit("dropout", f"{name} {N_TOK}x{width}", ms, gbps=nbytes / ms / 1e6, ceiling=ceiling)
         del x, out
         torch.cuda.empty_cache()
+    probe = _philox_probe_kernel()
+    x = torch.randn(N_TOK, HID, device=dev, dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    for masks, rounds, per_call in ((0, 10, 4), (1, 10, 4), (1, 7, 4), (1, 10, 8), (3, 10, 4), (3, 7, 4),
+                                    (3, 10, 8), (3, 7, 8)):
+        ms = timed(lambda: probe[(N_TOK, HID // 1024)](x, y, HID, 12345, round(p * 65536), p, MASKS=masks,
+                                                         ROUNDS=rounds, PER_CALL=per_call, BN=1024, num_warps=8))
+        emit("dropout", f"philox probe {masks} mask(s) {rounds} rounds {per_call}/call", ms,
+             gbps=2 * x.numel() * 2 / ms / 1e6, ceiling=ceiling)
+    del x, y
     g, u, dh = (torch.randn(N_TOK, INTER, device=dev, dtype=torch.bfloat16) for _ in range(3))
     dy_b, a_d = torch.randn(N_TOK, RANK, device=dev, dtype=torch.bfloat16), torch.randn(
         RANK, INTER, device=dev, dtype=torch.bfloat16) * 0.1
