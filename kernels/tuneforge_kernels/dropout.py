@@ -72,6 +72,7 @@ _ROUND_A, _ROUND_B, _KEY_A, _KEY_B = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67A
 _UNIFORM_SCALE = 4.6566127342e-10
 
 if triton is not None:
+    _ROUNDS_TL = tl.constexpr(_ROUNDS)  # a kernel reads only constexpr globals (a NameError when compiled)
 
     @triton.jit
     def philox_uniform(key, rows, col0, BM: tl.constexpr, BN: tl.constexpr):
@@ -81,7 +82,7 @@ if triton is not None:
         c0 = tl.broadcast_to(groups[None, :], (BM, BN // 4))
         c1 = tl.broadcast_to(rows.to(tl.uint32)[:, None], (BM, BN // 4))
         zero = tl.zeros((BM, BN // 4), dtype=tl.uint32)
-        r0, r1, r2, r3 = tl.philox(key, c0, c1, zero, zero, _ROUNDS)
+        r0, r1, r2, r3 = tl.philox(key, c0, c1, zero, zero, _ROUNDS_TL)
         bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # column 4 g + j: r_j of group g
         return tl.uint_to_uniform_float(bits)
 
