@@ -304,6 +304,7 @@ def _philox_probe_kernel():
 def bench_dropout(emit, ceiling):
     from tuneforge_kernels.dropout import (Mask, add_masked_input_grads_, draw_mask, drop, dropped_input_grads,
                                            dropped_input_products, new_seed)
+    from tuneforge_kernels.backend import launcher
     from tuneforge_kernels.lora_glu import lora_glu_backward_inplace
 
     dev, p = torch.device("cuda"), 0.05
@@ -346,8 +347,9 @@ def bench_dropout(emit, ceiling):
     y = torch.empty_like(x)
     for masks, rounds, per_call in ((0, 10, 4), (1, 10, 4), (1, 7, 4), (1, 10, 8), (3, 10, 4), (3, 7, 4),
                                     (3, 10, 8), (3, 7, 8)):
-        ms = timed(lambda: probe[(N_TOK, HID // 1024)](x, y, HID, 12345, round(p * 65536), p, MASKS=masks,
-                                                         ROUNDS=rounds, PER_CALL=per_call, BN=1024, num_warps=8))
+        ms = timed(lambda: launcher(probe, x)[(N_TOK, HID // 1024)](
+            x, y, HID, 12345, round(p * 65536), p, MASKS=masks, ROUNDS=rounds, PER_CALL=per_call, BN=1024,
+            num_warps=8))
         emit("dropout", f"philox probe {masks} mask(s) {rounds} rounds {per_call}/call", ms,
              gbps=2 * x.numel() * 2 / ms / 1e6, ceiling=ceiling)
     del x, y
