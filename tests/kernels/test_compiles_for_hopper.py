@@ -141,6 +141,7 @@ def _other_ops():
     """The kernels a tiny model's step does not launch, each called once as the GPU would (bf16)."""
     from tests.kernels.test_nf4 import _state
     from tuneforge_kernels.cast_blocks import cast_blocks
+    from tuneforge_kernels.cross_entropy import fused_linear_cross_entropy
     from tuneforge_kernels.dropout import Mask, drop
     from tuneforge_kernels.embedding import embedding_rows
     from tuneforge_kernels.fp8 import quantize_rows
@@ -159,6 +160,10 @@ def _other_ops():
     embedding_rows(torch.randint(0, 16, (2, 5)), torch.randn(16, 48, dtype=torch.bfloat16), impl="triton")
     quantize_rows(g, impl="triton")
     quantize_rows(g, torch.rand(48) + 0.5, pad=True, impl="triton")
+    hidden = torch.randn(6, 48, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.tensor([1, -100, 3, 4, 5, 6])
+    fused_linear_cross_entropy(hidden, torch.randn(32, 48, dtype=torch.bfloat16), labels, label_smoothing=0.1,
+                               impl="triton").backward()  # the models' steps train without smoothing
     for nested in (False, True):
         packed, state = _state((16, 64), nested, torch.bfloat16, "cpu")
         for variant in VARIANTS:
