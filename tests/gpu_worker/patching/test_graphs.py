@@ -427,6 +427,23 @@ def _packed_batch(seed, rows=2, seq=32, docs_per_row=3, device="cuda"):
     return x.to(device), pos.to(device)
 
 
+def _train_packed(model, batches, after_step=lambda: None):
+    """AdamW steps over packed ``batches`` ((ids, position ids) each): the losses and each step's LoRA
+    gradients."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses, grads = [], []
+    for x, pos in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, position_ids=pos, labels=x).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(lora_grads(model))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        after_step()
+    return losses, grads
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_packed_batches_whose_row_count_changes_replay():
@@ -435,20 +452,7 @@ def test_packed_batches_whose_row_count_changes_replay():
     the eager model, which pads nothing."""
     on, off = _pair()
     batches = [_packed_batch(i, rows=3 if i % 3 else 2) for i in range(8)]
-    runs = []
-    for model in (on, off):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        losses, grads = [], []
-        for x, pos in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=x, position_ids=pos, labels=x).loss
-            loss.backward()
-            losses.append(loss.item())
-            grads.append(lora_grads(model))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        runs.append((losses, grads))
-    _assert_same_run(*runs)
+    _assert_same_run(_train_packed(on, batches), _train_packed(off, batches))
     status = _graphs(on).status
     # rows 2 (eager), then 3: bucket 3 from the second step on, captured on the third, replayed from there
     assert status["captures"] == 1 and status["replays"] == 3 * 6 and status["disabled"] is None, status
@@ -462,22 +466,10 @@ def test_packed_batches_replay_and_equal_eager():
     # 6 documents a step (bucket 8), then 10 (bucket 16: one more capture), then 6 again (under the bucket)
     batches = [_packed_batch(i) for i in range(3)] + [_packed_batch(9, docs_per_row=5) for _ in range(3)] \
         + [_packed_batch(i + 20) for i in range(3)]
-    runs = []
-    for model in (on, off):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        losses, grads, steps = [], [], []
-        for x, pos in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=x, position_ids=pos, labels=x).loss
-            loss.backward()
-            losses.append(loss.item())
-            grads.append(lora_grads(model))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if model is on:
-                steps.append(dict(_graphs(on).status, bucket=on.get_base_model()._tf_document_bucket))
-        runs.append((losses, grads))
-    _assert_same_run(*runs)
+    steps = []
+    replayed = _train_packed(on, batches, lambda: steps.append(
+        dict(_graphs(on).status, bucket=on.get_base_model()._tf_document_bucket)))
+    _assert_same_run(replayed, _train_packed(off, batches))
     status = _graphs(on).status
     assert status["captures"] == 2 and status["disabled"] is None, steps
     # bucket 8: captured on the second step, replayed on the third (a wasted capture); bucket 16: captured
