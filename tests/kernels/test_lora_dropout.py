@@ -10,8 +10,8 @@ import contextlib
 import pytest
 import torch
 
-from tuneforge_kernels.dropout import (Mask, add_masked_input_grads_, draw_mask, drop, philox_everywhere,
-                                       philox_keep, seeded_by)
+from tuneforge_kernels.dropout import (Mask, add_masked_input_grads_, draw_mask, drop, dropped_input_grads,
+                                       dropped_input_products, philox_everywhere, philox_keep, seeded_by)
 from tuneforge_kernels.lora_linear import lora_linears, lora_linears_reference
 from tuneforge_kernels.lora_mlp import LoraWeights, lora_mlp, lora_mlp_reference
 from tests.kernels.conftest import DEVICES, TOL, needs_cuda, needs_triton, rel_err
@@ -125,7 +125,7 @@ def _same(got, exp, device, dtype):
 def test_drop_kernel_is_torchs_ops(device, dtype, kind):
     """The one-pass kernel computes torch's two-op result (odd sizes, ragged last tiles), ``philox``'s bits
     computed in the kernel as ``Mask.bits`` computes them in torch; other layouts take torch's ops; a block
-    of rows (``rows``, rows of a wider stride) reads the whole mask's rows."""
+    of rows (``rows``) reads the whole mask's rows."""
     rows, cols = (37, 301) if device == "cpu" else (4099, 14337)
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(rows, cols, generator=gen).to(device, dtype)
@@ -150,8 +150,6 @@ def test_dropped_input_products_in_one_pass(device, dtype, kind, ranks):
     """``dropped_input_products``: each adapter's ``drop(x) A^T`` from one pass over x (four adapters: two
     launches; a rank over 64: drop, then a GEMM), side by side, against float64 with the same masks and
     against drop + GEMM; x a block of a wider buffer's rows."""
-    from tuneforge_kernels.dropout import dropped_input_products
-
     rows, cols = (37, 301) if device == "cpu" else (4099, 4097)
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(rows, cols + 5, generator=gen).to(device, dtype)[:, 2:cols + 2]
@@ -174,8 +172,6 @@ def test_dropped_input_grads_in_one_pass(device, dtype, kind, ranks):
     """``dropped_input_grads``: each adapter's ``d_b^T drop(x)`` from one pass over x, its rows split over
     programs (300 rows on the CPU: 5 splits of 64, the last ragged), against float64 with the same masks
     and against drop + GEMM; four adapters: two launches; a rank over 64: drop, then a GEMM."""
-    from tuneforge_kernels.dropout import dropped_input_grads
-
     rows, cols = (300, 301) if device == "cpu" else (8191, 4097)
     gen = torch.Generator().manual_seed(10)
     x = torch.randn(rows, cols + 5, generator=gen).to(device, dtype)[:, 2:cols + 2]
