@@ -142,6 +142,16 @@ def test_drop_kernel_is_torchs_ops(device, dtype, kind):
     assert _same(drop(x[block], m.rows(block), impl="triton"), drop(x, m, impl="reference")[block], device, dtype)
 
 
+def _input_and_masks(rows, cols, n, device, dtype, kind, seed):
+    """x (rows, cols), a block of a wider buffer's columns, n masks of ``kind`` over it, and the generator
+    for the rest of the case."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols + 5, generator=gen).to(device, dtype)[:, 2:cols + 2]
+    with _kind(kind, device):
+        masks = [Mask.draw((rows, cols), p, torch.device(device)) for p in (0.3, 0.1, 0.5, 0.2)[:n]]
+    return x, masks, gen
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", KINDS)
@@ -151,10 +161,7 @@ def test_dropped_input_products_in_one_pass(device, dtype, kind, ranks):
     launches; a rank over 64: drop, then a GEMM), side by side, against float64 with the same masks and
     against drop + GEMM; x a block of a wider buffer's rows."""
     rows, cols = (37, 301) if device == "cpu" else (4099, 4097)
-    gen = torch.Generator().manual_seed(9)
-    x = torch.randn(rows, cols + 5, generator=gen).to(device, dtype)[:, 2:cols + 2]
-    with _kind(kind, device):
-        masks = [Mask.draw((rows, cols), p, torch.device(device)) for p in (0.3, 0.1, 0.5, 0.2)[:len(ranks)]]
+    x, masks, gen = _input_and_masks(rows, cols, len(ranks), device, dtype, kind, seed=9)
     terms = [(torch.randn(r, cols, generator=gen).to(device, dtype) / cols ** 0.5, m) for r, m in zip(ranks, masks)]
     got = dropped_input_products(x, terms, impl="triton")
     assert got.shape == (rows, sum(ranks)) and got.dtype == dtype
@@ -173,10 +180,7 @@ def test_dropped_input_grads_in_one_pass(device, dtype, kind, ranks):
     programs (300 rows on the CPU: 5 splits of 64, the last ragged), against float64 with the same masks
     and against drop + GEMM; four adapters: two launches; a rank over 64: drop, then a GEMM."""
     rows, cols = (300, 301) if device == "cpu" else (8191, 4097)
-    gen = torch.Generator().manual_seed(10)
-    x = torch.randn(rows, cols + 5, generator=gen).to(device, dtype)[:, 2:cols + 2]
-    with _kind(kind, device):
-        masks = [Mask.draw((rows, cols), p, torch.device(device)) for p in (0.3, 0.1, 0.5, 0.2)[:len(ranks)]]
+    x, masks, gen = _input_and_masks(rows, cols, len(ranks), device, dtype, kind, seed=10)
     terms = [(torch.randn(rows, r, generator=gen).to(device, dtype) / rows ** 0.5, m) for r, m in zip(ranks, masks)]
     got = dropped_input_grads(x, terms, impl="triton")
     for g, (d_b, m) in zip(got, terms, strict=True):
