@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from gpu_worker.contract import Artifact, GGUFType, JobSpec, LogEvent, Quantization
@@ -353,6 +355,37 @@ def _hf_argmax(model):
     return fn
 
 
+_DEFAULT_PARAMS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _without_weight_repacking():
+    """Models loaded inside get ``use_extra_bufts = False``: llama.cpp does not repack their weights
+    into its CPU "extra" buffers. On hosts with AMX (Sapphire Rapids and later) a native build
+    repacks into AMX buffers, and ``ggml_backend_amx_mul_mat`` segfaults on the first decode of
+    these small models (seen on the CI machine; ggml-org/llama.cpp#20824, closed unfixed); a
+    verification pass does not need the speed. ``Llama()`` has no switch for it: it starts from
+    ``llama_model_default_params()``, which is replaced here while the model loads."""
+    import llama_cpp.llama_cpp as lib
+
+    stock = lib.llama_model_default_params
+    if "use_extra_bufts" not in {name for name, _ in lib.llama_model_params._fields_}:
+        yield  # a release from before extra buffer types: nothing to turn off
+        return
+
+    def params():
+        p = stock()
+        p.use_extra_bufts = False
+        return p
+
+    with _DEFAULT_PARAMS_LOCK:
+        lib.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            lib.llama_model_default_params = stock
+
+
 def verify_gguf(path: Path, model, prompts: list[list[int]]) -> dict:
     """Load ``path`` with llama-cpp-python on CPU and measure its greedy agreement with ``model``."""
     try:
@@ -362,7 +395,8 @@ def verify_gguf(path: Path, model, prompts: list[list[int]]) -> dict:
     import numpy as np
 
     width = max(len(p) for p in prompts) + _VERIFY_NEW_TOKENS + 1
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, width), n_threads=_cpu_threads(), n_gpu_layers=0, logits_all=True, verbose=False)
+    with _without_weight_repacking():
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, width), n_threads=_cpu_threads(), n_gpu_layers=0, logits_all=True, verbose=False)
     try:
         def gguf_argmax(ids: list[int]) -> list[int]:
             llm.reset()

@@ -215,3 +215,14 @@ def test_job_exports_merged_gguf_and_modelfile(builtin_data_dir, store, write_js
     modelfile = store.get_bytes("jobs/ftjob-test/artifacts/Modelfile").decode()
     assert "FROM ./model-q4_k_m.gguf" in modelfile and arts["Modelfile"].detail["template"] == "chatml"
     print(json.dumps(detail))
+
+
+@needs_llama_cpp
+def test_verification_loads_without_weight_repacking():
+    """The AMX repacking that crashes llama.cpp's decode on some hosts is off while a GGUF loads for
+    verification, and only then."""
+    from gpu_worker.export import _without_weight_repacking
+
+    with _without_weight_repacking():
+        assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is False
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True

@@ -72,10 +72,11 @@ def test_loss_curve_matches_stock_over_300_steps(device, dropout):
     # late means are small, ~0.1, where 5% alone is below the run-to-run noise of bf16 training).
     if device == "cpu" and dropout:
         # the same masks (a different one would move a step's loss by percents), dropped inputs whose scale
-        # rounds in another order than PEFT's (x * (mask / keep) there): 1e-7 over the first 50 steps,
-        # growing with the run to 5.9e-4 at step 290 (loss 0.03)
+        # rounds in another order than PEFT's (x * (mask / keep) there). How far that drifts depends on the
+        # CPU's matmul kernels: 1e-7 over the first 50 steps and 5.9e-4 at most (step 290, loss 0.03) on
+        # one machine; 1.05e-5 and 1.5e-3 on an AVX-512/AMX one. A different mask moves a step by percents.
         rel = [abs(a - b) / a for a, b in zip(stock, ours)]
-        assert max(rel[:50]) < 1e-5 and max(rel) < 3e-3, (max(rel[:50]), max(rel))
+        assert max(rel[:50]) < 1e-4 and max(rel) < 5e-3, (max(rel[:50]), max(rel))
     elif device == "cpu":
         assert max(abs(a - b) / a for a, b in zip(stock, ours)) < 1e-4
     else:  # with dropout also other masks than PEFT's: twice the bounds until a GPU run has measured it
