@@ -26,10 +26,10 @@ done
 # the kernel tests took 143 s on 2026-12-03 (26 s on 2026-11-22) with the new >2^31-element cases and the
 # concurrent saves: those cases run last, if time is left
 # GPU_TESTS=0: none (a call that only measures a tree whose GPU tests already ran in this session);
-# TEST_GROUPS="6 7": only those of bench/gpu_tests.sh's groups
+# TEST_GROUPS="6 7": only those of bench/gpu_tests.sh's groups; GPU_TESTS_S: their time limit (default 240)
 : > "$OUT/gpu_tests.log"
 if [[ ${GPU_TESTS:-1} != 0 ]]; then  # in parallel groups: ~3 min on a fresh machine (session 9)
-  bash bench/gpu_tests.sh "$OUT/gpu_tests.log" 240
+  bash bench/gpu_tests.sh "$OUT/gpu_tests.log" "${GPU_TESTS_S:-240}"
 fi
 grep -E "passed|failed|error" "$OUT/gpu_tests.log"
 for p in "${savers[@]}"; do wait "$p"; done

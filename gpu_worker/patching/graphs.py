@@ -412,7 +412,8 @@ class LayerGraphs:
         values = x.detach().clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), _RandomOps() as random_ops, dropout.seeded_by(dropout.new_seed(x.device)):
+        seed = dropout.new_seed(x.device)  # drawn before _RandomOps starts recording: it is the only draw allowed
+        with torch.cuda.stream(side), _RandomOps() as random_ops, dropout.seeded_by(seed):
             needs_grad = x.requires_grad
             for layer, params in zip(self.layers, trainable):
                 sample = values.detach().requires_grad_(needs_grad)  # as the layer's captured input will
