@@ -3,7 +3,7 @@
 # run while the random models Unsloth loads from a path are saved; then the bf16 matmul ceiling; then the
 # training-step suite, which skips what no longer fits before END_S seconds after the start.
 #
-# Device, from the repo root, carrying .peer-site (../shared/bench/make_peer_site.sh) and, for the
+# Device, from the repo root, carrying .peer-site (bench/device_site.sh) and, for the
 # "base" method, .bench-base (git archive <old commit> kernels gpu_worker/__init__.py gpu_worker/patching):
 #   GIT_COMMIT=<sha> BASE_COMMIT=<sha> [MICRO=1|ce,...] bash bench/device_run.sh ours:8B:off,unsloth:8B:off 560
 # (the device's .git may be stale: pass GIT_COMMIT from here). INT64_S: seconds kept for the int64 tests
