@@ -204,6 +204,10 @@ def test_adapter_dropout_trains_on_the_fused_path(model_type, device, impl, kind
     assert lora_weights(layer.mlp.down_proj).dropout == 0.0  # no dropout in eval
     lines = apply_memory_mode_and_kernels(build_lora_model(config, lora_dropout=0.1), Runtime())
     assert [level for _, level in lines] == ["info", "warn"] and "adapter dropout 0.1" in lines[1][0]
+    # by default a small model's layers are not graphed with adapter dropout (asked for, they are: above)
+    report = patch_model(build_lora_model(config, lora_dropout=0.1))
+    assert "cuda_graph_layers" not in report.counts and "without CUDA graphs" in report.notes[0]
+    assert "cuda_graph_layers" in patch_model(build_lora_model(config)).counts
     assert len(apply_memory_mode_and_kernels(build_lora_model(config), Runtime())) == 1
 
 
