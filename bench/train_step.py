@@ -628,7 +628,7 @@ def longest(args, model, opt, ac, rec):
 
 # ----------------------------------------------------------------------------- suite driver
 def parse_spec(spec):
-    # method:shape:ckpt[:quant[:batch[:data[:fp8[:dropout]]]]]
+    # method:shape:ckpt[:quant[:batch[:data[:fp8[:dropout[:graphs]]]]]]
     p = spec.split(":")
     d = {"method": p[0], "shape": p[1], "ckpt": p[2], "quant": "none", "batch": None, "data": "fixed"}
     if len(p) > 3 and p[3]:
@@ -648,6 +648,10 @@ def parse_spec(spec):
             raise SystemExit(f"config {spec!r}: the 8th field is the adapters' dropout, a number") from None
         if not 0 <= d["lora_dropout"] < 1:
             raise SystemExit(f"config {spec!r}: the adapters' dropout must be in [0, 1)")
+    if len(p) > 8 and p[8]:  # ours only: CUDA graphs by the patcher's rule, always or never (run --graphs)
+        if p[8] not in ("auto", "on", "off") or p[0] not in ("ours", "base"):
+            raise SystemExit(f"config {spec!r}: the 9th field is ours' CUDA graphs: auto, on or off")
+        d["graphs"] = p[8]
     return d
 
 
@@ -682,7 +686,8 @@ def suite(args):
                    "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
                    "--autocast", args.autocast, "--peak-file", args.peak_file, "--data", d["data"],
                    "--base-root", args.base_root] + (["--fp8"] if d.get("fp8") else []) + (
-                   ["--lora-dropout", str(d["lora_dropout"])] if d.get("lora_dropout") else [])
+                   ["--lora-dropout", str(d["lora_dropout"])] if d.get("lora_dropout") else []) + (
+                   ["--graphs", d["graphs"]] if d.get("graphs") else [])
             if d["method"] == "unsloth":
                 path = os.path.join(args.model_root, f"rand-{d['shape']}")
                 if not os.path.exists(os.path.join(path, "config.json")):
