@@ -36,7 +36,8 @@ first). With ``impl="triton"`` (the fused nodes) the dropped inputs are never wr
 that read one input (Q/K/V's three, gate's and up's, O's): three kernels take up to three adapters a
 launch and read that input once each,
 
-    dropped_input_products    forward:  [drop_k(x) A_k^T]          (N, sum r), x read once
+    dropped_input_products    forward:  [drop_k(x) A_k^T]          (N, sum r), x read once (on CUDA for
+                                                                    one or two adapters: three were slower)
     dropped_input_grads       backward: [d_b_k^T drop_k(x)]        the dA's, x read once
     add_masked_input_grads_   backward: dx += sum_k s_k (d_b_k A_k) * mask_k / keep_k, dx read and written once
 
@@ -450,8 +451,12 @@ def drop(x: torch.Tensor, m: Mask, impl: str | None = None) -> torch.Tensor:
 
 # the adapters one launch of the two kernels below serves: Q/K/V's three on one input
 _TERMS_PER_LAUNCH = 3
+# from this many adapters on, CUDA computes the rank-r inputs as drop, then a GEMM, per adapter: three in one
+# pass took 0.286 / 0.814 ms against 0.251 / 0.671 that way at 8192 x 4096 / 14336 on an H200 (bench/NOTES.md,
+# session 18; the 16-row tiles compute rather than stream). One and two adapters are not timed yet (micro.py)
+_PRODUCTS_SPLIT_ON_CUDA = 3
 # dropped_input_products' tile: 16 rows (tl.dot's smallest M; 512 programs at 8,192 tokens) by 256 columns a
-# step of the loop over x's row; not timed yet (bench/micro.py's dropout group)
+# step of the loop over x's row; timed at three adapters only, where it lost (above); no other tile timed
 _PRODUCTS_TILE = (16, 256, 4)
 _PRODUCTS_MAX_RANK = 64  # three (16 x 64) float32 accumulators; larger ranks: drop, then a GEMM
 
@@ -461,9 +466,12 @@ def dropped_input_products(x: torch.Tensor, terms, impl: str | None = None) -> t
     mask)]``: the rank-r inputs of the adapters with dropout that read one input ``x (N, K)``. With Triton
     one pass over ``x`` for up to three adapters, each tile dropped by each mask (rounded as ``drop``
     rounds it) and multiplied on the spot; ``drop`` then a GEMM per adapter would write each dropped
-    input and read it back (6 bytes an element per adapter in bf16, against 2 for the pass over ``x``)."""
+    input and read it back (6 bytes an element per adapter in bf16, against 2 for the pass over ``x``).
+    But on CUDA three adapters or more take ``drop`` then a GEMM each, which measured faster
+    (``_PRODUCTS_SPLIT_ON_CUDA``)."""
     ranks = [a.shape[0] for a, _ in terms]
     fused = (use_triton(x, impl=impl) and x.dim() == 2 and x.numel() and max(ranks) <= _PRODUCTS_MAX_RANK
+             and not (x.is_cuda and len(terms) >= _PRODUCTS_SPLIT_ON_CUDA)
              and all(_tiles(x, m) and a.dtype == x.dtype and a.stride(1) == 1 for a, m in terms))
     if not fused:
         return torch.cat([drop(x, m, impl=impl) @ a.t() for a, m in terms], dim=1)
