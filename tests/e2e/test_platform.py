@@ -1,7 +1,9 @@
 """The whole platform on embedded defaults, driven by the stock openai SDK: upload → job → train →
 adapter in the store → chat with the tuned model (plain and streamed) → usage metered once."""
 
+import random
 import socket
+from pathlib import Path
 
 import httpx
 import openai
@@ -18,14 +20,27 @@ from tests.e2e.conftest import chat_rows, jsonl, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _free_port_block() -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65000:
-            return port
-    raise RuntimeError("no free port")
+def _free_port_block(n: int = 3) -> int:
+    """A base port whose ``n`` ports (the API's, serving's and the engine's: Platform) are all free now.
+    Below the kernel's ephemeral range: a port from ``bind(0)`` is free, but its neighbours may be the local
+    ports of outgoing connections (this session's PostgreSQL and Redis clients), which took serving's port
+    once (CI, 2026-12-05)."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    rng = random.Random()
+    for _ in range(100):
+        base = rng.randrange(20000, max(20001, low - n))
+        socks = [socket.socket() for _ in range(n)]
+        try:
+            for i, s in enumerate(socks):
+                s.bind(("127.0.0.1", base + i))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return base
+    raise RuntimeError(f"no block of {n} free ports")
 
 
 @pytest.fixture(scope="module")
