@@ -307,18 +307,25 @@ def test_adapter_dropout_replays_with_new_masks_each_step():
         loss = _loss(on, *x)
         loss.backward()
         losses.append(loss.item())
-    status = _graphs(on).status
-    assert status["captures"] == 1 and status["replays"] == 6 and status["disabled"] is None, status
-    graphs = _graphs(on).graphs
-    assert [g.draws for g in graphs] == [7, 7, 7]
-    assert len({round(v, 6) for v in losses}) == 3  # new masks at every step
+    graphs = _graphs(on).graphs or []
+    # every fact first, then the checks, each printing all of them: a GPU run is scarce (session 18 lost
+    # this test's failure text to a time limit)
+    facts = {"status": _graphs(on).status, "draws": [g.draws for g in graphs], "losses": losses}
     for layer, graph in zip(off.get_base_model().model.layers, graphs):
         stack, seed = ExitStack(), graph.seed.clone()  # the last replay's seeds, in the eager layers
         layer.register_forward_pre_hook(lambda m, a, stack=stack, seed=seed: stack.enter_context(seeded_by(seed)))
         layer.register_forward_hook(lambda m, a, out, stack=stack: stack.close())
     loss = _loss(off, *x)
     loss.backward()
-    _assert_same_run(([losses[-1]], [lora_grads(on)]), ([loss.item()], [lora_grads(off)]))
+    replayed, eager = lora_grads(on), lora_grads(off)
+    facts["eager_loss_under_the_replay_seeds"] = loss.item()
+    facts["worst_grad"] = max((rel(replayed[n], g), n) for n, g in eager.items())
+    status = facts["status"]
+    assert status["captures"] == 1 and status["replays"] == 6 and status["disabled"] is None, facts
+    assert facts["draws"] == [7, 7, 7], facts
+    assert len({round(v, 6) for v in losses}) == 3, facts  # new masks at every step
+    assert losses[-1] == pytest.approx(loss.item(), rel=1e-3), facts
+    assert facts["worst_grad"][0] < 1e-2, facts
 
 
 @pytest.mark.gpu
