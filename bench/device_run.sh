@@ -8,7 +8,8 @@
 #   GIT_COMMIT=<sha> BASE_COMMIT=<sha> [MICRO=1|ce,...] bash bench/device_run.sh ours:8B:off,unsloth:8B:off 560
 # (the device's .git may be stale: pass GIT_COMMIT from here). INT64_S: seconds kept for the int64 tests
 # at the end (default 90). Writes under $OUT: env.log (GPU, versions, saves, matmul), gpu_tests.log,
-# r.jsonl, children.log, summary.json (the file kept under bench/results/) and micro.jsonl with MICRO.
+# r.jsonl, children.log, summary.json (the file kept under bench/results/), micro.jsonl with MICRO and
+# focus.log with FOCUS.
 set -u
 configs=${1:?usage: device_run.sh CONFIGS [END_S]}
 end_s=${2:-560}
@@ -27,12 +28,21 @@ done
 # concurrent saves: those cases run last, if time is left
 # GPU_TESTS=0: none (a call that only measures a tree whose GPU tests already ran in this session);
 # TEST_GROUPS="6 7": only those of bench/gpu_tests.sh's groups; GPU_TESTS_S: their time limit (default 240)
+# FOCUS="tests/...py::test_name": that one test alone, next to the groups, its whole output in focus.log
+# (a failure's text is not lost to a group's time limit: session 18)
+focus_pid=
+if [[ -n "${FOCUS:-}" ]]; then
+  timeout "${GPU_TESTS_S:-240}" python3 -m pytest -x -q -m gpu -p no:cacheprovider --tb=long \
+    --confcutdir="$(dirname "${FOCUS%%::*}")" "$FOCUS" > "$OUT/focus.log" 2>&1 &
+  focus_pid=$!
+fi
 : > "$OUT/gpu_tests.log"
 if [[ ${GPU_TESTS:-1} != 0 ]]; then  # in parallel groups: ~3 min on a fresh machine (session 9)
   bash bench/gpu_tests.sh "$OUT/gpu_tests.log" "${GPU_TESTS_S:-240}"
 fi
 grep -E "passed|failed|error" "$OUT/gpu_tests.log"
-for p in "${savers[@]}"; do wait "$p"; done
+for p in "${savers[@]}" $focus_pid; do wait "$p"; done
+[[ -n $focus_pid ]] && echo "focus: $(tail -1 "$OUT/focus.log")"
 echo "tests and saves done at $(( $(date +%s) - t0 )) s"
 python3 bench/train_step.py matmul >> "$OUT/env.log" 2>&1
 if [[ -n "${MICRO:-}" ]]; then  # MICRO=1: every group; else a list of groups (micro.py --only), e.g. ce
