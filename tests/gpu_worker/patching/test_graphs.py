@@ -289,16 +289,54 @@ def test_the_warm_up_finds_random_ops_but_not_the_fused_nodes_dropout(patched):
         assert draws() == (7 if p and patched else 0)
 
 
+def _run_layers_seeded_by(model, seeds) -> None:
+    """From now on each decoder layer of ``model`` runs its forward under ``dropout.seeded_by`` its seed, as a
+    replayed layer does (graphs.py), so its eager forward draws the masks a replay with that seed draws."""
+    from contextlib import ExitStack
+
+    from tuneforge_kernels.dropout import seeded_by
+
+    for layer, seed in zip(model.get_base_model().model.layers, seeds, strict=True):
+        stack = ExitStack()
+
+        def enter(module, args, stack=stack, seed=seed):
+            stack.enter_context(seeded_by(seed))  # returns None: a pre-hook's result would replace the layer's input
+
+        layer.register_forward_pre_hook(enter)
+        layer.register_forward_hook(lambda module, args, out, stack=stack: stack.close())
+
+
+def test_layers_seeded_by_the_same_seeds_draw_the_same_masks():
+    """The replay test's reference (below) on the CPU, with CUDA's ``philox`` masks: two models whose layers
+    run under the same seeds compute the same loss and LoRA gradients, and other seeds another loss.
+    (Sessions 18 and 19 lost a GPU run each to this reference: its pre-hook returned what ``seeded_by``
+    yields, which then replaced the layer's input.)"""
+    from tuneforge_kernels.dropout import philox_everywhere
+
+    cfg = tiny_config(hidden_size=128, intermediate_size=256, num_hidden_layers=3)
+    models = [build_lora_model(cfg, lora_dropout=0.2) for _ in range(3)]
+    x = _batch(device="cpu")
+    losses = []
+    with philox_everywhere():
+        for model, first_seed in zip(models, (5, 5, 6)):
+            patch_model(model, impl="triton", cuda_graphs=False)
+            _run_layers_seeded_by(model, [torch.tensor([first_seed + i]) for i in range(3)])
+            loss = _loss(model, *x)
+            loss.backward()
+            losses.append(loss.item())
+    assert losses[0] == losses[1] != losses[2]
+    same, other = lora_grads(models[1]), lora_grads(models[2])
+    for name, g in lora_grads(models[0]).items():
+        assert rel(same[name], g) == 0.0, name
+    assert max(rel(other[name], g) for name, g in lora_grads(models[0]).items()) > 1e-3
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_adapter_dropout_replays_with_new_masks_each_step():
     """Adapter dropout in the fused nodes is captured (graphs.py): each replay draws its layer's seed anew
     (the loss of one batch changes from replay to replay), and a replay computes what the eager layers
     compute with the same seeds: the same loss and gradients."""
-    from contextlib import ExitStack
-
-    from tuneforge_kernels.dropout import seeded_by
-
     on, off = _pair(lora_dropout=0.2)
     x = _batch(seed=1)
     losses = []
@@ -311,10 +349,7 @@ def test_adapter_dropout_replays_with_new_masks_each_step():
     # every fact first, then the checks, each printing all of them: a GPU run is scarce (session 18 lost
     # this test's failure text to a time limit)
     facts = {"status": _graphs(on).status, "draws": [g.draws for g in graphs], "losses": losses}
-    for layer, graph in zip(off.get_base_model().model.layers, graphs):
-        stack, seed = ExitStack(), graph.seed.clone()  # the last replay's seeds, in the eager layers
-        layer.register_forward_pre_hook(lambda m, a, stack=stack, seed=seed: stack.enter_context(seeded_by(seed)))
-        layer.register_forward_hook(lambda m, a, out, stack=stack: stack.close())
+    _run_layers_seeded_by(off, [graph.seed.clone() for graph in graphs])  # the last replay's seeds
     loss = _loss(off, *x)
     loss.backward()
     replayed, eager = lora_grads(on), lora_grads(off)
