@@ -40,28 +40,22 @@ import contextlib
 import dataclasses
 import json
 import random
-import shutil
-import tempfile
 import time
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from gpu_worker import checkpoint as ckpt
 from gpu_worker import evaluation as ev
-from gpu_worker.contract import AdapterManifest, AdapterType, Artifact, CheckpointEvent, CompletedEvent, EvalReport, JobSpec, LogEvent, StoppedEvent
-from gpu_worker.data import DataPosition, epoch_batches, sequential_batches
+from gpu_worker.contract import AdapterType, CompletedEvent, EvalReport, JobSpec, LogEvent, StoppedEvent
+from gpu_worker.data import sequential_batches
 from gpu_worker.data_preference import Loaded, RunData, load_run_data
-from gpu_worker.integrations import Loggers
 from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
-from gpu_worker.recipes.schedule import RunPlan, check_resumable, metrics_event  # one run layout for every recipe
-from gpu_worker.recipes.train_engine import make_engine, open_loggers, placement, restore_best, save_best
-from gpu_worker.engine.compat import write_reference
-from gpu_worker.storage import delete_prefix, put_dir
-
+from gpu_worker.recipes.run_state import RunState  # one run layout for every recipe
+from gpu_worker.recipes.schedule import RunPlan, metrics_event
+from gpu_worker.recipes.train_engine import make_engine, restore_best, save_best
 
 @dataclasses.dataclass
 class MicroResult:
@@ -182,67 +176,19 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
     engine = make_engine(model, spec, full=False, store=ctx.store, data_dir=ctx.data_dir)  # one process, or a DeepSpeed rank
     model, device = engine.model, engine.device
     plan = RunPlan.make(spec, len(train_examples))
-    best_key = f"{spec.output_prefix.rstrip('/')}/best"
-    tracker = ev.BestTracker(evo.early_stopping_patience)
-
-    step, tokens, position, last_ckpt = 0, 0, DataPosition(), None
-    if spec.resume_from_key:
-        state, rng = engine.load_checkpoint(ctx.store, spec.resume_from_key)
-        check_resumable(spec, state, plan)
-        step, tokens = state["step"], state["trained_tokens"]
-        position = DataPosition.from_dict(state["data_position"])
-        tracker = ev.BestTracker.from_dict(state.get("best"), evo.early_stopping_patience)
-        last_ckpt = spec.resume_from_key.rstrip("/")
-        ckpt.restore_rng(rng)
-        ctx.emit(LogEvent(message=f"Resumed from checkpoint at step {step} of {plan.total_steps}"))
-    elif engine.is_main:
-        delete_prefix(ctx.store, best_key)  # a best snapshot from an unrelated earlier attempt
-    where = placement(engine, spec)
-    ctx.emit(LogEvent(message=f"Training {objective.name} for {plan.total_steps} steps on {len(train_examples)} examples ({where})"))
-    workdir = Path(tempfile.mkdtemp(prefix="tuneforge-job-"))
-    loggers = open_loggers(spec, engine, ctx.emit, workdir)
-
-    def save(at_step: int, rng: dict[str, Any], train_loss: float | None, valid_loss: float | None) -> str:
-        key = ckpt.checkpoint_key(spec.output_prefix, at_step)
-        state = {
-            "step": at_step,
-            "trained_tokens": tokens,
-            "data_position": position.to_dict(),
-            "lr_schedule": {"kind": hp.lr_scheduler.value, "peak": hp.learning_rate, "warmup_steps": plan.warmup_steps, "total_steps": plan.total_steps},
-            "plan": dataclasses.asdict(plan),
-            "best": tracker.to_dict(),
-            "method": spec.method.value,
-            "base_model": spec.base_model,
-            "adapter": spec.adapter.model_dump(mode="json"),
-            "job_id": spec.job_id,
-        }
-        engine.save_checkpoint(ctx.store, key, rng=rng, state=state, base_model=spec.base_model)
-        ctx.emit(CheckpointEvent(step=at_step, key=key, train_loss=train_loss, valid_loss=valid_loss))
-        return key
-
-    def stopped(at_step: int, rng: dict[str, Any]) -> StoppedEvent:
-        nonlocal last_ckpt
-        if at_step and last_ckpt != ckpt.checkpoint_key(spec.output_prefix, at_step):
-            last_ckpt = save(at_step, rng, train_loss, valid_loss)
-        loggers.close(ctx.store, spec.output_prefix)  # what was logged so far is uploaded; the resumed run logs on
-        shutil.rmtree(workdir, ignore_errors=True)
-        event = StoppedEvent(step=at_step, checkpoint_key=last_ckpt)
-        ctx.emit(event)
-        return event
+    run_state = RunState.begin(spec, ctx, engine, plan, lambda where: (
+        f"Training {objective.name} for {plan.total_steps} steps on {len(train_examples)} examples ({where})"))
+    tracker = run_state.tracker
 
     # --- train ---------------------------------------------------------------------------------------
     model.train()
     train_loss = valid_loss = None
-    n_examples = len(train_examples)
     fp8 = ms.fp8_active(model)  # FP8 GEMMs: every validation measurement is reported in bf16 beside it
-    run_first_step = step
-    order = epoch_batches(n_examples, plan.batch_size, spec.seed, position.epoch)
-    while step < plan.total_steps:
-        if position.batch_index >= plan.batches_per_epoch:
-            position = DataPosition(position.epoch + 1, 0)
-            order = epoch_batches(n_examples, plan.batch_size, spec.seed, position.epoch)
+    run_first_step = run_state.step
+    while run_state.running:
         rng_at_step_start = ckpt.capture_rng()
-        micro = [[train_examples[i] for i in b] for b in order[position.batch_index : position.batch_index + plan.accumulation]]
+        micro = run_state.next_micro_batches(train_examples)
+        step = run_state.step
         if fp8 and valid is None and step == run_first_step:  # no validation set: FP8's measures once, on this run's first batch
             first = lambda: _named(evaluate(objective, model, tuple(micro[0]), plan.batch_size, device), "this batch")  # noqa: E731
             ctx.emit(LogEvent(message=ms.fp8_against_bf16(first, f"before step {step + 1}, no validation set")))
@@ -250,12 +196,11 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
         result = _train_step(objective, engine, micro, ctx.should_stop)
         if result is None:  # asked to stop mid-step: the step never happened
             engine.zero_grad()
-            return stopped(step, rng_at_step_start)
+            return run_state.stop(rng_at_step_start, train_loss, valid_loss)
         train_loss, metrics, step_tokens, seen_tokens = result
         grad_norm, lr = engine.step(step=step, plan=plan, hp=hp)
-        step += 1
-        tokens += step_tokens
-        position = DataPosition(position.epoch, position.batch_index + len(micro))
+        run_state.advance(len(micro), step_tokens)
+        step = run_state.step
         elapsed = max(time.perf_counter() - started, 1e-9)
         valid_loss = checked = None
         if valid is not None and plan.is_eval_step(step):
@@ -268,33 +213,34 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
             if checked.reward is not None:
                 metrics["valid_reward"] = checked.reward
             if tracker.update(step, checked.score) and evo.keep_best:
-                save_best(ctx.store, engine, best_key, base_model=spec.base_model)
+                save_best(ctx.store, engine, run_state.best_key, base_model=spec.base_model)
         ctx.emit(LogEvent(message=f"{objective.name} step {step}: {json.dumps(metrics, sort_keys=True)}"))
         event = metrics_event(
-            step=step, plan=plan, position=position, train_loss=train_loss, lr=lr, tokens=tokens,
+            step=step, plan=plan, position=run_state.position, train_loss=train_loss, lr=lr, tokens=run_state.tokens,
             tokens_per_second=seen_tokens / elapsed, seconds_per_step=elapsed, grad_norm=grad_norm,
             gpu_memory_gb=ms.cuda_peak_memory_gb(device), valid_loss=valid_loss,
         )
         ctx.emit(event)
         logged = event.model_dump(include={"train_loss", "learning_rate", "valid_loss", "grad_norm", "tokens_per_second", "gpu_memory_gb"})
-        loggers.log(step, logged | {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        run_state.loggers.log(step, logged | {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         early_stop = checked is not None and tracker.exhausted and step < plan.total_steps
-        if step % spec.runtime.checkpoint_every_steps == 0 or step == plan.total_steps or early_stop:
-            last_ckpt = save(step, ckpt.capture_rng(), train_loss, valid_loss)
+        if run_state.checkpoint_due(early_stop):
+            run_state.save(ckpt.capture_rng(), train_loss, valid_loss)
         if early_stop:
             ctx.emit(LogEvent(message=f"Early stopping at step {step}: the validation score has not improved on {tracker.best_loss:.4f} (step {tracker.best_step}) for {tracker.bad_evals} evaluations"))
             break
-        if engine.agree(ctx.should_stop()) and step < plan.total_steps:
-            return stopped(step, ckpt.capture_rng())
+        if engine.agree(ctx.should_stop()) and run_state.running:
+            return run_state.stop(ckpt.capture_rng(), train_loss, valid_loss)
 
     # --- save ----------------------------------------------------------------------------------------
     model = engine.final_model()
     if model is None:  # a DeepSpeed rank other than 0: rank 0 finishes alone
-        shutil.rmtree(workdir, ignore_errors=True)
+        run_state.release()
         return None
-    best_step = restore_best(ctx.store, model, tracker, step=step, keep_best=evo.keep_best, key=best_key, emit=ctx.emit, measure="validation score")
+    best_step = restore_best(ctx.store, model, tracker, step=run_state.step, keep_best=evo.keep_best, key=run_state.best_key,
+                             emit=ctx.emit, measure="validation score")
     report = _gate(ctx, objective, model, valid, plan.batch_size, device) if evo.gate else None
-    return _finish(spec, ctx, model, tokenizer, step, tokens, report, best_step, loggers, workdir)
+    return run_state.finish(model, tokenizer, report, best_step)
 
 
 def _data_events(name: str, data: RunData, max_seq_length: int, packing: bool) -> list[LogEvent]:
@@ -366,35 +312,3 @@ def _gate(ctx: RunContext, objective: Objective, model, valid: tuple | None, bat
     said = [f"{what} base {b:.4f} -> tuned {t:.4f}" for what, b, t in (("validation loss", base.loss, tuned.loss), ("mean reward", base.reward, tuned.reward)) if t is not None]
     ctx.emit(LogEvent(level="info" if report.passed else "warn", message=f"Eval gate ({objective.name}): " + ", ".join(said)))
     return report
-
-
-
-
-
-
-
-
-def _finish(spec: JobSpec, ctx: RunContext, model, tokenizer, step: int, tokens: int, report: EvalReport | None, best_step: int | None, loggers: Loggers, workdir: Path) -> CompletedEvent:
-    """The adapter (with the serving check's reference log-probs), the exports the job asked for and
-    the loggers' files, exactly as the SFT recipe leaves them; a gate regression with
-    ``fail_on_regression`` raises ``EvalRegression`` after saving."""
-    prefix = f"{spec.output_prefix.rstrip('/')}/adapter"
-    delete_prefix(ctx.store, prefix)
-    with tempfile.TemporaryDirectory(prefix="tuneforge-adapter-") as tmp:
-        files = ckpt.save_adapter(model, Path(tmp), base_model=spec.base_model)
-        files = [*files, write_reference(model, tokenizer, tmp).name]
-        put_dir(ctx.store, tmp, prefix)
-        size = sum(p.stat().st_size for p in Path(tmp).iterdir())
-    artifacts = [Artifact(kind="adapter", key=prefix, filename="adapter", bytes=size, detail={"adapter": spec.adapter.type.value, "format": "safetensors"})]
-    if spec.export.merged or spec.export.gguf:
-        from gpu_worker.export import export_model  # gguf and llama.cpp only when asked
-
-        artifacts += export_model(spec, ctx, model, tokenizer, workdir)
-    artifacts += loggers.close(ctx.store, spec.output_prefix)
-    shutil.rmtree(workdir, ignore_errors=True)
-    if report is not None and not report.passed and spec.evaluation.fail_on_regression:
-        raise ev.EvalRegression(report, prefix)
-    manifest = AdapterManifest(job_id=spec.job_id, base_model=spec.base_model, adapter=spec.adapter, key=prefix, files=tuple(files), trained_tokens=tokens)
-    event = CompletedEvent(manifest=manifest, trained_tokens=tokens, steps=step, artifacts=tuple(artifacts), eval_report=report, best_step=best_step)
-    ctx.emit(event)
-    return event

@@ -28,6 +28,7 @@ Stopping (``should_stop``, polled before every micro-batch): a half-done step is
 of the last finished step is checkpointed, and a StoppedEvent returned. The random state saved with a
 checkpoint is the one at its step boundary, so a resumed run replays exactly the uninterrupted one.
 Full fine-tuning checkpoints hold the whole model (``model_setup.save_full_checkpoint``).
+The run's position, checkpoints, stopping and artifacts are ``run_state``'s, shared with the preference loop.
 
 Where the steps run is the engine's business (``train_engine``): one process on one device, or, when
 the scheduler planned the job across GPUs (``spec.runtime.distributed``), one DeepSpeed rank of
@@ -38,38 +39,21 @@ on the trained model the engine hands it.
 
 from __future__ import annotations
 
-import dataclasses
 import random
-import shutil
-import tempfile
 import time
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from gpu_worker import checkpoint as ckpt
 from gpu_worker import evaluation as ev
-from gpu_worker.contract import (
-    AdapterManifest,
-    AdapterType,
-    Artifact,
-    CheckpointEvent,
-    CompletedEvent,
-    JobSpec,
-    LogEvent,
-    StoppedEvent,
-)
-from gpu_worker.data import DataPosition, Dataset, collate, epoch_batches, load_sft_data, token_counts, tokenizer_view
-from gpu_worker.integrations import Loggers
+from gpu_worker.contract import AdapterType, CompletedEvent, JobSpec, LogEvent, StoppedEvent
+from gpu_worker.data import Dataset, collate, load_sft_data, token_counts, tokenizer_view
 from gpu_worker.loading import load_tokenizer
-from gpu_worker.recipes.schedule import RunPlan, check_resumable, metrics_event
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
-from gpu_worker.recipes.train_engine import make_engine, open_loggers, placement, restore_best, save_best
-from gpu_worker.engine.compat import write_reference
-from gpu_worker.storage import delete_prefix, put_dir
-
+from gpu_worker.recipes.run_state import RunState
+from gpu_worker.recipes.schedule import RunPlan, metrics_event
+from gpu_worker.recipes.train_engine import make_engine, restore_best, save_best
 
 def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
     """Train ``spec``; the final event (None on DeepSpeed ranks other than 0 once training is done)."""
@@ -97,58 +81,21 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
     pairs = []
     if valid is not None and evo.exact_match and _has_answers(spec, data.stats):
         pairs = ev.answer_pairs(valid.examples, evo.max_exact_match_examples)
-    best_key = f"{spec.output_prefix.rstrip('/')}/best"
-    tracker = ev.BestTracker(evo.early_stopping_patience)
-
-    step, tokens, position, last_ckpt = 0, 0, DataPosition(), None
-    if spec.resume_from_key:
-        state, rng = engine.load_checkpoint(ctx.store, spec.resume_from_key)
-        check_resumable(spec, state, plan)
-        step, tokens = state["step"], state["trained_tokens"]
-        position = DataPosition.from_dict(state["data_position"])
-        tracker = ev.BestTracker.from_dict(state.get("best"), evo.early_stopping_patience)
-        last_ckpt = spec.resume_from_key.rstrip("/")
-        ckpt.restore_rng(rng)
-        ctx.emit(LogEvent(message=f"Resumed from checkpoint at step {step} of {plan.total_steps}"))
-    elif engine.is_main:
-        delete_prefix(ctx.store, best_key)  # a best snapshot from an unrelated earlier attempt
-    where = placement(engine, spec)
-    ctx.emit(LogEvent(message=f"Training {plan.total_steps} steps on {len(train.examples)} examples ({where}, {spec.adapter.type.value})"))
-    workdir = Path(tempfile.mkdtemp(prefix="tuneforge-job-"))
-    loggers = open_loggers(spec, engine, ctx.emit, workdir)
-
-    def save(at_step: int, rng: dict[str, Any], train_loss: float | None, valid_loss: float | None) -> str:
-        key = ckpt.checkpoint_key(spec.output_prefix, at_step)
-        state = {
-            "step": at_step,
-            "trained_tokens": tokens,
-            "data_position": position.to_dict(),
-            "lr_schedule": {"kind": hp.lr_scheduler.value, "peak": hp.learning_rate, "warmup_steps": plan.warmup_steps, "total_steps": plan.total_steps},
-            "plan": dataclasses.asdict(plan),
-            "best": tracker.to_dict(),
-            "method": spec.method.value,
-            "base_model": spec.base_model,
-            "adapter": spec.adapter.model_dump(mode="json"),
-            "job_id": spec.job_id,
-        }
-        engine.save_checkpoint(ctx.store, key, rng=rng, state=state, base_model=spec.base_model)
-        ctx.emit(CheckpointEvent(step=at_step, key=key, train_loss=train_loss, valid_loss=valid_loss))
-        return key
+    run_state = RunState.begin(spec, ctx, engine, plan, lambda where: (
+        f"Training {plan.total_steps} steps on {len(train.examples)} examples ({where}, {spec.adapter.type.value})"))
+    tracker = run_state.tracker
 
     # --- train ---------------------------------------------------------------------------------------
     model.train()
     train_loss = valid_loss = None
     fp8 = ms.fp8_active(model)  # FP8 GEMMs: every loss measurement is reported in bf16 beside it
-    run_started, run_first_step = time.perf_counter(), step
-    order = epoch_batches(len(train.examples), plan.batch_size, spec.seed, position.epoch)
+    run_started, run_first_step = time.perf_counter(), run_state.step
     # packed rows, nearly full, padded to the packing width: one shape for every step (CUDA graphs)
     width = data.stats.max_seq_length if data.stats.packed_rows is not None else None
-    while step < plan.total_steps:
-        if position.batch_index >= plan.batches_per_epoch:
-            position = DataPosition(position.epoch + 1, 0)
-            order = epoch_batches(len(train.examples), plan.batch_size, spec.seed, position.epoch)
+    while run_state.running:
         rng_at_step_start = ckpt.capture_rng()
-        micro = [[train.examples[i] for i in b] for b in order[position.batch_index : position.batch_index + plan.accumulation]]
+        micro = run_state.next_micro_batches(train.examples)
+        step = run_state.step
         if fp8 and valid is None and step == run_first_step:  # no validation set: FP8's loss once, on this run's first batch
             first = lambda: {"loss of this batch": ev.valid_loss(model, micro[0], batch_size=plan.batch_size, pad_id=pad_id, device=device)}  # noqa: E731
             ctx.emit(LogEvent(message=ms.fp8_against_bf16(first, f"before step {step + 1}, no validation set")))
@@ -156,14 +103,11 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
         result = _train_step(engine, micro, pad_id, ctx.should_stop, width)
         if result is None:  # asked to stop mid-step: the step never happened
             engine.zero_grad()
-            if step and last_ckpt != ckpt.checkpoint_key(spec.output_prefix, step):
-                last_ckpt = save(step, rng_at_step_start, train_loss, valid_loss)
-            return _stopped(ctx, step, last_ckpt, loggers, spec.output_prefix, workdir)
+            return run_state.stop(rng_at_step_start, train_loss, valid_loss)
         step_loss, step_tokens, seen_tokens = result
         grad_norm, lr = engine.step(step=step, plan=plan, hp=hp)
-        step += 1
-        tokens += step_tokens
-        position = DataPosition(position.epoch, position.batch_index + len(micro))
+        run_state.advance(len(micro), step_tokens)
+        step = run_state.step
         elapsed = max(time.perf_counter() - started, 1e-9)
         train_loss, valid_loss, exact = step_loss, None, None
         if valid is not None and plan.is_eval_step(step):
@@ -174,25 +118,23 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
                 ctx.emit(LogEvent(message=ms.fp8_against_bf16(lambda: {"validation loss": measure()}, f"step {step}", fp8={"validation loss": valid_loss})))
             exact = engine.same(ev.exact_match(model, pairs, pad_id=pad_id, eos_id=eos_id, device=device))
             if tracker.update(step, valid_loss) and evo.keep_best:
-                save_best(ctx.store, engine, best_key, base_model=spec.base_model)
+                save_best(ctx.store, engine, run_state.best_key, base_model=spec.base_model)
         per_step = (time.perf_counter() - run_started) / (step - run_first_step)
         metrics = metrics_event(
-            step=step, plan=plan, position=position, train_loss=train_loss, lr=lr, tokens=tokens,
+            step=step, plan=plan, position=run_state.position, train_loss=train_loss, lr=lr, tokens=run_state.tokens,
             tokens_per_second=seen_tokens / elapsed, seconds_per_step=per_step, grad_norm=grad_norm,
             gpu_memory_gb=ms.cuda_peak_memory_gb(device), valid_loss=valid_loss, exact_match=exact,
         )
         ctx.emit(metrics)
-        loggers.log(step, metrics.model_dump(include={"train_loss", "learning_rate", "valid_loss", "grad_norm", "tokens_per_second", "gpu_memory_gb", "exact_match"}))
+        run_state.loggers.log(step, metrics.model_dump(include={"train_loss", "learning_rate", "valid_loss", "grad_norm", "tokens_per_second", "gpu_memory_gb", "exact_match"}))
         early_stop = valid_loss is not None and tracker.exhausted and step < plan.total_steps
-        if step % spec.runtime.checkpoint_every_steps == 0 or step == plan.total_steps or early_stop:
-            last_ckpt = save(step, ckpt.capture_rng(), train_loss, valid_loss)
+        if run_state.checkpoint_due(early_stop):
+            run_state.save(ckpt.capture_rng(), train_loss, valid_loss)
         if early_stop:
             ctx.emit(LogEvent(message=f"Early stopping at step {step}: validation loss has not improved on {tracker.best_loss:.4f} (step {tracker.best_step}) for {tracker.bad_evals} evaluations"))
             break
-        if engine.agree(ctx.should_stop()) and step < plan.total_steps:
-            if last_ckpt != ckpt.checkpoint_key(spec.output_prefix, step):
-                last_ckpt = save(step, ckpt.capture_rng(), train_loss, valid_loss)
-            return _stopped(ctx, step, last_ckpt, loggers, spec.output_prefix, workdir)
+        if engine.agree(ctx.should_stop()) and run_state.running:
+            return run_state.stop(ckpt.capture_rng(), train_loss, valid_loss)
 
     # --- save ----------------------------------------------------------------------------------------
     graphs = ms.cuda_graph_summary(model)
@@ -200,13 +142,14 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
         ctx.emit(LogEvent(message=graphs))
     model = engine.final_model()
     if model is None:  # a DeepSpeed rank other than 0: rank 0 finishes alone
-        shutil.rmtree(workdir, ignore_errors=True)
+        run_state.release()
         return None
-    best_step = restore_best(ctx.store, model, tracker, step=step, keep_best=evo.keep_best, key=best_key, emit=ctx.emit, measure="validation loss")
+    best_step = restore_best(ctx.store, model, tracker, step=run_state.step, keep_best=evo.keep_best, key=run_state.best_key,
+                             emit=ctx.emit, measure="validation loss")
     report = None
     if evo.gate:
         report = _gate(spec, ctx, model, valid, pairs, plan.batch_size, pad_id, eos_id, device)
-    return _finish(spec, ctx, model, tokenizer, step, tokens, report, best_step, loggers, workdir)
+    return run_state.finish(model, tokenizer, report, best_step)
 
 
 def _train_step(engine, micro_batches, pad_id: int, should_stop, width: int | None = None) -> tuple[float, int, int] | None:
@@ -268,39 +211,3 @@ def _has_answers(spec: JobSpec, stats) -> bool:
     train on: chat-like or completion data, without ``train_on_inputs`` (raw text has no answer)."""
     files = (stats.validation,) if stats.validation is not None else stats.files
     return not spec.data.train_on_inputs and all(f.format in _ANSWER_FORMATS for f in files)
-
-
-
-
-def _stopped(ctx: RunContext, step: int, key: str | None, loggers: Loggers, output_prefix: str, workdir: Path) -> StoppedEvent:
-    loggers.close(ctx.store, output_prefix)  # what was logged so far is uploaded; the resumed run logs on
-    shutil.rmtree(workdir, ignore_errors=True)
-    event = StoppedEvent(step=step, checkpoint_key=key)
-    ctx.emit(event)
-    return event
-
-
-def _finish(spec: JobSpec, ctx: RunContext, model, tokenizer, step: int, tokens: int, report, best_step, loggers: Loggers, workdir: Path) -> CompletedEvent:
-    full = not ms.is_peft(model)
-    prefix = f"{spec.output_prefix.rstrip('/')}/{'model' if full else 'adapter'}"
-    delete_prefix(ctx.store, prefix)
-    with tempfile.TemporaryDirectory(prefix="tuneforge-adapter-") as tmp:
-        files = ms.save_trained(model, Path(tmp), base_model=spec.base_model, tokenizer=tokenizer)
-        if not full:  # what the serving registry's compatibility check compares the engine with
-            files = [*files, write_reference(model, tokenizer, tmp).name]
-        put_dir(ctx.store, tmp, prefix)
-        size = sum(p.stat().st_size for p in Path(tmp).iterdir())
-    artifacts = [Artifact(kind="merged" if full else "adapter", key=prefix, filename=prefix.rsplit("/", 1)[-1], bytes=size,
-                          detail={"adapter": spec.adapter.type.value, "format": "safetensors"})]
-    if spec.export.merged or spec.export.gguf:
-        from gpu_worker.export import export_model
-
-        artifacts += export_model(spec, ctx, model, tokenizer, workdir)
-    artifacts += loggers.close(ctx.store, spec.output_prefix)
-    shutil.rmtree(workdir, ignore_errors=True)
-    if report is not None and not report.passed and spec.evaluation.fail_on_regression:
-        raise ev.EvalRegression(report, prefix)
-    manifest = AdapterManifest(job_id=spec.job_id, base_model=spec.base_model, adapter=spec.adapter, key=prefix, files=tuple(files), trained_tokens=tokens)
-    event = CompletedEvent(manifest=manifest, trained_tokens=tokens, steps=step, artifacts=tuple(artifacts), eval_report=report, best_step=best_step)
-    ctx.emit(event)
-    return event
