@@ -369,7 +369,7 @@ def _fp8_weight(layer: nn.Module, weight: torch.Tensor):
     if fp8 is None:
         return weight
     if not fp8.matches(weight):
-        from tuneforge_kernels.fp8 import Fp8Weight, fp8_eligible
+        from tuneforge_kernels.fp8 import fp8_eligible
 
         if "_tf_on_host" in layer.__dict__:  # written in host memory: quantised from device memory again
             _bring_home(layer)

@@ -590,7 +590,7 @@ class _PaddedMLPFunction(torch.autograd.Function):
     def backward(ctx, dy):
         gu, xa, xa_d, *x_saved = ctx.saved_tensors
         x2 = _restore_x(ctx, x_saved)
-        (gu_w, d_w), (sg, su, sd), (rg, ru, rd) = ctx.buffers, ctx.scales, ctx.ranks
+        (gu_w, d_w), (sg, su, sd), (rg, _, rd) = ctx.buffers, ctx.scales, ctx.ranks
         hd, i = x2.shape[1], d_w.shape[1] - rd
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, hd).to(ctx.dtype)

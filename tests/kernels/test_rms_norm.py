@@ -97,7 +97,7 @@ def test_int64_indexing_beyond_2_31_elements():
 def test_output_dtype_and_rounding_follow_hf(offset, module):
     # bf16 activations through a float32 weight (fp32 master weights under autocast; Qwen3's q/k norms
     # see exactly this): Llama's form returns float32 (weight * x_hat.to(bf16)), Gemma's bf16
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from importlib import import_module
 
     family = "llama" if offset == 0.0 else "gemma"

@@ -94,7 +94,6 @@ def test_event_seq_collision_takes_the_next_number(scratch_database):
     """Writer B holds seq 1 uncommitted while writer A picks seq 1 too: A waits on B's row, gets the
     unique violation when B commits, and takes seq 2 instead of failing."""
     import threading
-    import time
 
     from sqlalchemy.orm import Session
 

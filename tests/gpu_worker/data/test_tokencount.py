@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpu_worker.contract import ChatTemplate, DataFormat, DataOptions, Hyperparameters, Method, TrainingFile
+from gpu_worker.contract import ChatTemplate, DataOptions, Method, TrainingFile
 from gpu_worker.data import load_dataset
 from gpu_worker.tokencount import TokenCountError, count_tokens, estimate_job_tokens
 

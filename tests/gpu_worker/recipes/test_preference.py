@@ -314,8 +314,6 @@ def test_trainer_process_runs_a_dpo_job_end_to_end(micro_model_dir, store, write
 def test_dpo_on_a_gpu_learns_with_kernels_in_bf16_and_over_an_nf4_base(quantization, builtin_data_dir, store, write_jsonl, sentiment_rows, make_spec):
     import torch
 
-    from gpu_worker.builtin import TINY
-
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     write_jsonl(store, "files/train.jsonl", preference_rows(sentiment_rows, 32))

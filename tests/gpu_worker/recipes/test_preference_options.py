@@ -9,7 +9,7 @@ import pytest
 from gpu_worker.contract import CompletedEvent, DataFormat, LogEvent, MetricsEvent
 from gpu_worker.data_preference import collate_completions, load_examples, load_run_data
 
-from test_preference import Recorder, preference_rows, run_job
+from test_preference import preference_rows, run_job
 
 
 @pytest.fixture
