@@ -159,7 +159,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     no_graphs = ""
     if cuda_graphs is None:
         cuda_graphs = getattr(config, "hidden_size", GRAPH_MAX_HIDDEN + 1) <= GRAPH_MAX_HIDDEN
-        if cuda_graphs and dropout:  # the replayed masks' GPU test still fails (bench/NOTES.md, session 18)
+        if cuda_graphs and dropout:  # the replayed masks' GPU test has not passed yet (bench/NOTES.md, sessions 18, 20)
             cuda_graphs, no_graphs = False, " and without CUDA graphs (their replay of it is not yet verified)"
     notes = ()
     if fp8_off is not None:
