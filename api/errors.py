@@ -94,12 +94,14 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     # A union reports one error per branch for the same field: list each field once.
     reasons = [e["msg"] for e in errors if _loc_to_param(tuple(e.get("loc", ()))) == param]
     where = f"Invalid value for '{param}'" if param else "Invalid request"
-    if first.get("type") == "missing":
+    if first.get("type") == "missing" and param is None:
+        message = "The request has no body: send a JSON object"
+    elif first.get("type") == "missing":
         message = f"Missing required parameter: '{param}'"
     elif first.get("type") == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
     elif first.get("type") == "json_invalid":
-        message = "The request body is not valid JSON"
+        message, param = "The request body is not valid JSON", None  # its loc is a character offset
     else:
         message = f"{where}: {' or '.join(dict.fromkeys(reasons))}"
     code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"

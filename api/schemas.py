@@ -46,8 +46,9 @@ def unix_seconds(value: datetime | None) -> int | None:
 
 
 class _Request(BaseModel):
-    # An unknown argument is a client mistake worth a clear 400, not something to ignore silently.
-    model_config = ConfigDict(extra="forbid")
+    # An unknown argument is a client mistake worth a clear 400, not something to ignore silently. So is
+    # NaN or Infinity, which are not JSON but Python's parser reads (every range check passes a NaN).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _at_least(low: float, *, strict: bool = False, high: float | None = None, high_strict: bool = False):

@@ -119,7 +119,7 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     if first.get("type") == "json_invalid":
         return error_response(400, "We could not parse the JSON body of your request. Send valid JSON.", "invalid_request_error")
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
+    param = ".".join(loc) or (first.get("ctx") or {}).get("param")  # a whole-body check may name the field
     message = first.get("msg", "Invalid request")
     if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
         message = "The request body must be a JSON object, sent with 'Content-Type: application/json'."

@@ -8,9 +8,11 @@ gateway's own answers (the model list) have response schemas here.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class StreamOptions(BaseModel):
@@ -25,6 +27,16 @@ class _InferenceRequest(BaseModel):
     model: str = Field(min_length=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_numbers(cls, data: Any) -> Any:
+        # NaN and Infinity are not JSON, though Python's parser reads them. Relayed, they would reach the
+        # engine as null (how pydantic writes a non-finite float): a silent default instead of an error
+        where = _non_finite(data)
+        if where is not None:  # the error names the field (errors._validation_response)
+            raise PydanticCustomError("finite_number", "Input should be a finite number", {"param": where})
+        return data
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -56,6 +68,18 @@ class _InferenceRequest(BaseModel):
     @property
     def model_extra_options(self) -> dict[str, Any]:
         return dict(self.stream_options.model_extra or {}) if self.stream_options else {}
+
+
+def _non_finite(value: Any, path: str = "") -> str | None:
+    """The path (``logit_bias.50256``) of the first NaN or infinite number in a parsed JSON value, if any."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path or "body"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = _non_finite(item, f"{path}.{key}" if path else str(key))
+        if where is not None:
+            return where
+    return None
 
 
 class ChatCompletionRequest(_InferenceRequest):

@@ -122,6 +122,22 @@ def test_malformed_requests_are_400_in_openai_shape_and_never_reach_an_engine(en
     assert engine.state.served == []
 
 
+@pytest.mark.parametrize(("field", "param"), [(b'"temperature": NaN', "temperature"), (b'"logit_bias": {"50": -Infinity}', "logit_bias.50")])
+def test_nan_and_infinity_are_400_naming_the_field(engines, gateway, make_org, field, param):
+    """Not JSON, but Python's parser reads them; relayed, they would reach the engine as null (a default)."""
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    _, key = make_org()
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], %s}' % (BUILTIN_BASE_MODEL.encode(), field)
+
+    response = gw.http().post("/v1/chat/completions", content=body, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+
+    assert response.status_code == 400
+    assert response.json()["error"] == {"message": f"Invalid value for '{param}': Input should be a finite number",
+                                        "type": "invalid_request_error", "param": param, "code": None}
+    assert engine.state.served == []
+
+
 def test_invalid_json_is_a_400(engines, gateway, make_org):
     gw = gateway({BUILTIN_BASE_MODEL: [engines().url]})
     _, key = make_org()
