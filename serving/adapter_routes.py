@@ -66,6 +66,13 @@ async def rollback(name: str, request: Request, principal: CurrentPrincipal, db:
 
 @router.delete("/{model:path}")
 async def delete(model: str, request: Request, principal: CurrentPrincipal, db: DatabaseDep, engines: EnginesDep, settings: SettingsDep) -> dict:
+    versions = await delete_everywhere(model, request, principal, db, engines, settings)
+    return {"id": model, "object": "adapter.deleted", "deleted": True, "versions": versions}
+
+
+async def delete_everywhere(model: str, request: Request, principal: Principal, db, engines, settings) -> list[str]:
+    """Delete a version (its id) or a name with all its versions, and unload them everywhere (this route,
+    and OpenAI's ``DELETE /v1/models/{model}``): the version ids deleted. Admin keys only."""
     _require_admin(principal)
     deleted = await db.run(lambda s: adapter_registry.delete(s, principal, model))
     _forget_models(request, principal)
@@ -74,4 +81,4 @@ async def delete(model: str, request: Request, principal: CurrentPrincipal, db: 
     for base, adapter_id in deleted:
         await asyncio.to_thread(lora_index.withdraw, store, adapter_id)  # resolvers stop finding it
         await engines.unload_everywhere(base, adapter_id)
-    return {"id": model, "object": "adapter.deleted", "deleted": True, "versions": [adapter_id for _, adapter_id in deleted]}
+    return [adapter_id for _, adapter_id in deleted]

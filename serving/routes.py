@@ -3,11 +3,13 @@ returns its answer."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from serving import inference, registry
-from serving.deps import CurrentPrincipal, DatabaseDep, InferenceContextDep, MetricsDep, SettingsDep
+from serving.adapter_routes import delete_everywhere
+from serving.deps import CurrentPrincipal, DatabaseDep, EnginesDep, InferenceContextDep, MetricsDep, SettingsDep
+from serving.errors import PermissionDenied
 from serving.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelPublic, ModelsPublic
 
 router = APIRouter()
@@ -22,6 +24,17 @@ async def list_models(principal: CurrentPrincipal, db: DatabaseDep, settings: Se
 @router.get("/v1/models/{model:path}", response_model=ModelPublic)
 async def retrieve_model(model: str, principal: CurrentPrincipal, db: DatabaseDep, settings: SettingsDep) -> ModelPublic:
     return await db.run(lambda session: registry.get_model(session, principal, model, settings.base_models))
+
+
+# OpenAI's ``models.delete``: a fine-tuned model, one version (``ft:…:{job}``) or a name with all its versions,
+# deleted and unloaded as ``DELETE /v1/adapters/{model}`` does; a base model is not the tenant's to delete.
+@router.delete("/v1/models/{model:path}")
+async def delete_model(model: str, request: Request, principal: CurrentPrincipal, db: DatabaseDep, engines: EnginesDep,
+                       settings: SettingsDep) -> dict:
+    if model in settings.base_models:
+        raise PermissionDenied(f"'{model}' is a base model: only fine-tuned models can be deleted.", param="model")
+    await delete_everywhere(model, request, principal, db, engines, settings)
+    return {"id": model, "object": "model", "deleted": True}
 
 
 @router.post("/v1/chat/completions")

@@ -98,6 +98,38 @@ def test_only_the_orgs_admins_change_the_registry(engines, gateway, make_org, ma
     assert gw.client(admin_key).chat.completions.create(model=v1, messages=MESSAGES).choices
 
 
+def test_openai_models_delete_deletes_a_fine_tuned_model_but_never_a_base_model(engines, gateway, make_org, make_adapter, db_session):
+    """The SDK's ``models.delete``: one version, then a name with the rest of its versions, as
+    ``DELETE /v1/adapters`` deletes them; an admin's only, and never a base model."""
+    from scheduler.tenancy import create_api_key
+
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    org, key = make_org()
+    _, member_key = create_api_key(db_session, org, "member", Role.member)
+    db_session.flush()
+    v1, v2 = make_adapter(org), make_adapter(org)
+    client = gw.client(key)
+    client.chat.completions.create(model=v1, messages=MESSAGES)
+    with pytest.raises(openai.PermissionDeniedError):
+        gw.client(member_key).models.delete(v1)
+
+    deleted = client.models.delete(v1)
+    assert (deleted.id, deleted.deleted, deleted.object) == (v1, True, "model")
+    assert v1 not in engine.state.loaded
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(v1)
+    assert client.models.retrieve(name_of(v1)).id == name_of(v1)  # the name now runs v2
+    client.models.delete(name_of(v1))
+    for model in (v2, name_of(v1)):
+        with pytest.raises(openai.NotFoundError):
+            client.models.delete(model)
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        client.models.delete(BUILTIN_BASE_MODEL)
+    assert err.value.body["param"] == "model"
+    assert client.models.retrieve(BUILTIN_BASE_MODEL).id == BUILTIN_BASE_MODEL
+
+
 def _put_adapter(store: LocalStore, prefix: str, *, config: dict | None = None, tensors: dict | None = None, extra: dict | None = None) -> None:
     config = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": BUILTIN_BASE_MODEL, **(config or {})}
     store.put_bytes(f"{prefix}/adapter_config.json", json.dumps(config).encode())
