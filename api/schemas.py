@@ -164,6 +164,24 @@ class IntegrationIn(_Request):
     mlflow: MlflowIn | None = None
 
 
+def _check_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
+    # OpenAI's rules for ``metadata``: at most 16 pairs, keys up to 64 characters, values up to 512
+    if value is None:
+        return None
+    if len(value) > METADATA_MAX_PAIRS:
+        raise ValueError(f"at most {METADATA_MAX_PAIRS} key-value pairs")
+    for key, item in value.items():
+        if not 0 < len(key) <= 64:
+            raise ValueError(f"key {key[:70]!r} must have 1 to 64 characters")
+        if len(item) > 512:
+            raise ValueError(f"the value of {key!r} has more than 512 characters")
+    return value
+
+
+METADATA_MAX_PAIRS = 16
+Metadata = Annotated[dict[str, str] | None, AfterValidator(_check_metadata)]
+
+
 class JobCreate(_Request):
     model: str = Field(min_length=1, max_length=512)
     training_file: str = Field(pattern=ID_PATTERN)
@@ -173,6 +191,7 @@ class JobCreate(_Request):
     method: MethodIn | None = None
     hyperparameters: HyperparametersIn | None = None  # legacy top-level form
     integrations: list[IntegrationIn] | None = Field(None, max_length=8)
+    metadata: Metadata = None
     # Tuneforge extensions.
     data: DataIn | None = None
     evaluation: EvalOptions | None = None

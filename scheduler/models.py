@@ -157,6 +157,8 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     nudged_at: Mapped[datetime | None]
     result_files: Mapped[list[Any]] = mapped_column(default=list)
+    # OpenAI's ``metadata``: the tenant's own key-value pairs, listed jobs filter on them (SQL NULL when none)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON(none_as_null=True))
 
     __table_args__ = (Index("ix_jobs_org_created", "org_id", "created_at"),)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from api.deps import CurrentPrincipal, FleetDep, SessionDep, SettingsDep, WriterPrincipal
+from api.errors import InvalidRequest
 from api.schemas import ID_PATTERN, CheckpointsPublic, JobCreate, JobEventsPublic, JobPublic, JobsPublic
 from api.services import jobs
 
@@ -22,8 +23,23 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, prin
 
 
 @router.get("", response_model=JobsPublic)
-def list_jobs(session: SessionDep, principal: CurrentPrincipal, after: Cursor = None, limit: Limit = 20) -> JobsPublic:
-    return jobs.list_jobs(session, principal, after=after, limit=limit)
+def list_jobs(request: Request, session: SessionDep, principal: CurrentPrincipal, after: Cursor = None, limit: Limit = 20) -> JobsPublic:
+    return jobs.list_jobs(session, principal, after=after, limit=limit, metadata=_metadata_filter(request))
+
+
+def _metadata_filter(request: Request) -> dict[str, str] | None:
+    """OpenAI's list filter, ``?metadata[key]=value`` (each pair must match), or ``?metadata=null`` (jobs
+    without metadata); None when there is none."""
+    pairs = {}
+    for name, value in request.query_params.multi_items():
+        if name == "metadata" and value == "null":
+            return {}
+        if name.startswith("metadata[") and name.endswith("]") and len(name) > len("metadata[]"):
+            pairs[name[len("metadata[") : -1]] = value
+        elif name.startswith("metadata"):
+            raise InvalidRequest(f"Invalid metadata filter {name!r}: use metadata[key]=value or metadata=null.", param="metadata",
+                                 code="invalid_value")
+    return pairs or None
 
 
 @router.get("/{job_id}", response_model=JobPublic)

@@ -79,6 +79,7 @@ def to_public(job: Job) -> JobPublic:
         suffix=job.suffix,
         user_provided_suffix=job.suffix,
         estimated_finish=unix_seconds(job.estimated_finish),
+        metadata=job.metadata_,
     )
 
 
@@ -199,6 +200,7 @@ def create_job(session: Session, settings: ApiSettings, principal: Principal, bo
         spec=spec.model_dump(mode="json"),
         status=JobStatus.validating_files,
         result_files=[],
+        metadata_=body.metadata or None,
     )
     try:
         session.add(job)
@@ -224,9 +226,16 @@ def get_job(session: Session, principal: Principal, job_id: str) -> JobPublic:
     return to_public(_job_row(session, principal, job_id))
 
 
-def list_jobs(session: Session, principal: Principal, *, after: str | None, limit: int) -> JobsPublic:
-    """Newest first; ``after`` is the last id of the previous page (keyset pagination)."""
+def list_jobs(session: Session, principal: Principal, *, after: str | None, limit: int,
+              metadata: dict[str, str] | None = None) -> JobsPublic:
+    """Newest first; ``after`` is the last id of the previous page (keyset pagination). ``metadata``: only
+    the jobs that have each of these pairs (OpenAI's ``metadata[key]=value``); ``{}``: only jobs without
+    metadata (OpenAI's ``metadata=null``)."""
     query = select(Job).where(Job.org_id == principal.org_id)
+    if metadata == {}:
+        query = query.where(Job.metadata_.is_(None))
+    for key, value in (metadata or {}).items():
+        query = query.where(Job.metadata_[key].as_string() == value)
     if after:
         cursor = owned(session, Job, after, principal)
         if cursor is None:

@@ -190,6 +190,37 @@ def test_list_is_newest_first_with_cursor_pagination(client_a, upload):
             client_a.fine_tuning.jobs.list(**bad)
 
 
+def test_metadata_is_kept_returned_and_filters_the_list(client_a, upload):
+    file_id = upload()
+
+    def create(**kwargs):
+        return client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=file_id, **kwargs).id
+
+    def listed(**kwargs) -> list[str]:
+        return [j.id for j in client_a.fine_tuning.jobs.list(**kwargs)]
+
+    a, b = create(metadata={"team": "search", "run": "1"}), create(metadata={"team": "search", "run": "2"})
+    plain = create()
+    assert client_a.fine_tuning.jobs.retrieve(a).metadata == {"team": "search", "run": "1"}
+    assert client_a.fine_tuning.jobs.retrieve(plain).metadata is None
+    assert listed(metadata={"team": "search"}) == [b, a]  # the SDK sends metadata[team]=search
+    assert listed(metadata={"team": "search", "run": "1"}) == [a]
+    assert listed(metadata={"team": "ads"}) == []
+    assert listed(extra_query={"metadata": "null"}) == [plain]
+    assert listed() == [plain, b, a]
+    with pytest.raises(openai.BadRequestError) as err:
+        client_a.fine_tuning.jobs.list(extra_query={"metadata": "team"})
+    assert err.value.body["param"] == "metadata"
+
+
+@pytest.mark.parametrize("metadata", [{f"k{i}": "v" for i in range(17)}, {"k" * 65: "v"}, {"": "v"}, {"k": "v" * 513}, {"k": 1}])
+def test_metadata_beyond_openais_limits_is_400(client_a, upload, org_a, db_session, metadata):
+    with pytest.raises(openai.BadRequestError) as err:
+        client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload(), metadata=metadata)
+    assert err.value.body["param"].startswith("metadata"), err.value.body
+    assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
+
+
 def test_cancel_while_queued_cancels_at_once_and_twice_is_400(client_a, upload, db_session):
     job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload())
     row = db_session.get(Job, job.id)
