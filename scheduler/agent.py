@@ -7,7 +7,7 @@ One agent runs on each worker (a GPU node's pod, or the embedded scheduler proce
    (``worker_kind="multi-gpu"``) gets the plan's placement in ``spec.runtime.distributed`` (GPU
    count, ZeRO stage, optimizer offload, micro-batch), and the trainer starts one DeepSpeed rank per
    GPU under torchrun (``gpu_worker/distributed.py``);
-3. heartbeats the lease, and turns a cancel request into SIGTERM (the trainer saves and stops);
+3. heartbeats the lease, and turns a cancel or pause request into SIGTERM (the trainer saves and stops);
 4. turns each event line on the trainer's stdout into rows: job events, checkpoints, the adapter
    registration, the training usage record, the final status.
 
@@ -173,7 +173,7 @@ class _Supervision:
         self.job_id = job_id
         self.token = token
         self.proc: subprocess.Popen | None = None
-        self.stop_reason: str | None = None  # "cancel" | "preempt" | "lease_lost"
+        self.stop_reason: str | None = None  # "cancel" | "pause" | "preempt" | "lease_lost"
         self.finished = threading.Event()
         self.stderr_tail: deque[str] = deque(maxlen=40)
 
@@ -253,7 +253,7 @@ class _Supervision:
         while not self.finished.wait(self.settings.heartbeat_seconds):
             try:
                 with self._session() as session:
-                    ours, cancel = jobs.heartbeat(session, self.job_id, self.token, self.settings.lease_seconds)
+                    ours, asked = jobs.heartbeat(session, self.job_id, self.token, self.settings.lease_seconds)
             except Exception:  # a database blip: the lease has slack for a few misses
                 log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
                 continue
@@ -262,8 +262,8 @@ class _Supervision:
                 log.warning("job %s: lease lost; killing the trainer", self.job_id)
                 self._kill()
                 return
-            if cancel and self.stop_reason is None and self.proc.poll() is None:
-                self.stop_reason = "cancel"
+            if asked and self.stop_reason is None and self.proc.poll() is None:
+                self.stop_reason = asked  # cancel or pause: the trainer checkpoints and stops
                 self.proc.send_signal(signal.SIGTERM)
 
     # --- events → rows -------------------------------------------------------------------------
@@ -345,6 +345,8 @@ class _Supervision:
         if job.cancel_requested:
             jobs.transition(session, job, JobStatus.cancelled, frm=(JobStatus.running,), token=self.token, **done)
             jobs.add_event(session, job, f"Job cancelled at step {e.step}; its last checkpoint is kept")
+        elif job.pause_requested:
+            jobs.stopped_by_pause(session, job, self.token, f"at step {e.step}")
         else:  # preempted (SIGTERM from outside): back to the queue, resume from the checkpoint
             jobs.transition(session, job, JobStatus.queued, frm=(JobStatus.running,), token=self.token, lease_token=None, lease_owner=None, lease_expires_at=None, nudged_at=None)
             jobs.add_event(session, job, f"Worker preempted at step {e.step}; job re-queued", level="warn")
@@ -363,5 +365,8 @@ class _Supervision:
                 jobs.add_event(session, job, "Job cancelled")
                 return
             jobs.add_event(session, job, f"Trainer exited with code {code}: {tail[-500:]}", level="error")
+            if job.pause_requested:
+                jobs.stopped_by_pause(session, job, self.token, "(its trainer exited)", failed=True)
+                return
             jobs.reap(session, job, self.settings.max_attempts)
 

@@ -5,6 +5,10 @@
                          └─────────┘  lease expired (worker died): back to the queue, resumes from
                                       its last checkpoint; after max_attempts the job fails.
 
+    queued or running → paused (pause: at once when queued; a running job is flagged, shown as
+    "pausing", and its worker stops it at a checkpoint) → queued (resume: from that checkpoint);
+    a paused job can also be cancelled.
+
 Every transition is a conditional UPDATE on the current status (and, for a worker, on its lease
 token), so two actors can never both move a job: the loser's UPDATE matches no row. Whoever holds the
 lease proves it with a token only it knows (fencing): a worker whose lease was taken over can no
@@ -88,7 +92,8 @@ def request_cancel(session: Session, job: Job) -> Job:
     (saving a checkpoint) at the next heartbeat. Already finished: InvalidTransition."""
     if job.status.terminal:
         raise InvalidTransition(f"job {job.id} is already {job.status.value}")
-    if transition(session, job, JobStatus.cancelled, frm=(JobStatus.validating_files, JobStatus.queued), cancel_requested=True, finished_at=utcnow()):
+    if transition(session, job, JobStatus.cancelled, frm=(JobStatus.validating_files, JobStatus.queued, JobStatus.paused), cancel_requested=True,
+                  finished_at=utcnow()):
         add_event(session, job, "Job cancelled")
         return job
     session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.running).values(cancel_requested=True))
@@ -96,6 +101,48 @@ def request_cancel(session: Session, job: Job) -> Job:
     if job.status == JobStatus.running:
         add_event(session, job, "Cancellation requested; stopping the running job")
     return job
+
+
+def request_pause(session: Session, job: Job) -> Job:
+    """Pause a job (OpenAI's ``pause``). Queued: paused at once. Running: flagged, and its worker stops
+    it at a checkpoint at the next heartbeat (``stopped_by_pause``). Still validating its files (a
+    resumed job goes to the queue, so it must have passed), paused, being cancelled or finished:
+    InvalidTransition."""
+    if job.status.terminal or job.status == JobStatus.paused:
+        raise InvalidTransition(f"job {job.id} is already {job.status.value}")
+    if job.status == JobStatus.validating_files:
+        raise InvalidTransition(f"job {job.id} is still validating its files: pause it once it is queued")
+    if job.cancel_requested:
+        raise InvalidTransition(f"job {job.id} is being cancelled")
+    if transition(session, job, JobStatus.paused, frm=(JobStatus.queued,)):
+        add_event(session, job, "Job paused; resume it to continue")
+        return job
+    if job.pause_requested:
+        return job
+    session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.running).values(pause_requested=True))
+    session.refresh(job)
+    if job.status == JobStatus.running:
+        add_event(session, job, "Pause requested; stopping the running job at a checkpoint")
+    return job
+
+
+def resume(session: Session, job: Job) -> Job:
+    """A paused job back to the queue; its next attempt continues from its last checkpoint."""
+    if not transition(session, job, JobStatus.queued, frm=(JobStatus.paused,), nudged_at=None):
+        raise InvalidTransition(f"job {job.id} is {job.status.value}: only a paused job can be resumed")
+    add_event(session, job, "Job resumed; it continues from its last checkpoint")
+    return job
+
+
+def stopped_by_pause(session: Session, job: Job, token: str, detail: str, *, failed: bool = False) -> bool:
+    """The attempt of a job whose pause was asked for ended: paused, its lease given up. ``failed``: it
+    ended by a crash or a lost worker, which still counts against ``max_attempts``."""
+    pauses = Job.pauses if failed else Job.pauses + 1
+    if transition(session, job, JobStatus.paused, frm=(JobStatus.running,), token=token, pause_requested=False, pauses=pauses,
+                  lease_token=None, lease_owner=None, lease_expires_at=None):
+        add_event(session, job, f"Job paused {detail}; resume it to continue from its last checkpoint")
+        return True
+    return False
 
 
 # --- the lease protocol used by worker agents and the reaper -----------------------------------
@@ -119,15 +166,17 @@ def claim(session: Session, job: Job, owner: str, lease_seconds: float) -> str |
     return token if moved else None
 
 
-def heartbeat(session: Session, job_id: str, token: str, lease_seconds: float) -> tuple[bool, bool]:
-    """Renew the lease. Returns (still_ours, cancel_requested)."""
+def heartbeat(session: Session, job_id: str, token: str, lease_seconds: float) -> tuple[bool, str | None]:
+    """Renew the lease. Returns (still_ours, what the job was asked to do: "cancel", "pause" or None)."""
     res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.lease_token == token, Job.status == JobStatus.running)
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
-        .returning(Job.cancel_requested)
+        .returning(Job.cancel_requested, Job.pause_requested)
     ).first()
-    return (res is not None, bool(res and res[0]))
+    if res is None:
+        return False, None
+    return True, "cancel" if res[0] else "pause" if res[1] else None
 
 
 def expired_leases(session: Session, now: datetime | None = None) -> list[Job]:
@@ -139,13 +188,17 @@ def reap(session: Session, job: Job, max_attempts: int) -> str:
     """Return a job whose worker stopped heartbeating to the queue (or fail it after too many tries).
     Conditional on the expired token, so a late heartbeat and the reaper cannot both win."""
     token = job.lease_token
-    if job.attempts >= max_attempts:
-        fail(session, job, "worker_lost", f"the job's worker stopped responding {job.attempts} times", token=token)
+    lost = job.attempts - job.pauses  # attempts that ended in a pause did not fail
+    if lost >= max_attempts:
+        fail(session, job, "worker_lost", f"the job's worker stopped responding {lost} times", token=token)
         return "failed"
     if job.cancel_requested:
         if transition(session, job, JobStatus.cancelled, frm=(JobStatus.running,), token=token, finished_at=utcnow(), lease_token=None, lease_owner=None, lease_expires_at=None):
             add_event(session, job, "Job cancelled (its worker was lost)")
         return "cancelled"
+    if job.pause_requested:
+        stopped_by_pause(session, job, token, "(its worker was lost)", failed=True)
+        return "paused"
     if transition(session, job, JobStatus.queued, frm=(JobStatus.running,), token=token, lease_token=None, lease_owner=None, lease_expires_at=None, nudged_at=None):
         add_event(session, job, "Worker lost; job returned to the queue and will resume from its last checkpoint", level="warn")
         return "requeued"

@@ -270,8 +270,8 @@ def reconcile(backend: KubeBackend, database_url: str) -> dict[str, int]:
     """One pass of Kubernetes → database and database → Kubernetes, for the scheduler's tick:
     - a job still queued whose latest Job failed (its pod never claimed it: image pull, unschedulable
       until the deadline, crash before the claim) fails with Kubernetes' reason;
-    - a job cancelled or failed in the database whose Job still runs or waits is deleted (a cancel
-      reaches a pod that has not claimed yet; one that has stops itself at its next heartbeat).
+    - a job cancelled, failed or paused in the database whose Job still runs or waits is deleted (a cancel
+      or pause reaches a pod that has not claimed yet; one that has stops itself at its next heartbeat).
     Running jobs are left to their lease: if the pod died, the reaper re-queues the job."""
     listed = backend.api.list_namespaced_job(backend.cfg.namespace, label_selector="app.kubernetes.io/managed-by=tuneforge-scheduler")
     latest: dict[str, tuple[int, client.V1Job]] = {}
@@ -286,7 +286,7 @@ def reconcile(backend: KubeBackend, database_url: str) -> dict[str, int]:
         for job_id, (attempt, kjob) in latest.items():
             row = session.get(Job, job_id)
             state = job_state(kjob)
-            if row is None or row.status in (JobStatus.cancelled, JobStatus.failed):
+            if row is None or row.status in (JobStatus.cancelled, JobStatus.failed, JobStatus.paused):
                 if not state.terminal:
                     backend.delete(job_id)
                     counts["deleted"] += 1

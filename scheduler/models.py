@@ -29,6 +29,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import false
 from sqlalchemy.types import TypeDecorator
 
 _ALPHABET = string.ascii_letters + string.digits
@@ -88,6 +89,7 @@ class JobStatus(str, enum.Enum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+    paused = "paused"  # stopped at a checkpoint on the tenant's request; resume queues it again
 
     @property
     def terminal(self) -> bool:
@@ -155,6 +157,10 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # a pause asked of a running job (shown as "pausing" until its worker stops it at a checkpoint), and
+    # how many attempts ended in a pause: those are not the worker failures ``max_attempts`` counts
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    pauses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     nudged_at: Mapped[datetime | None]
     result_files: Mapped[list[Any]] = mapped_column(default=list)
     # OpenAI's ``metadata``: the tenant's own key-value pairs, listed jobs filter on them (SQL NULL when none)

@@ -1,4 +1,4 @@
-"""/v1/fine_tuning/jobs: create, list, retrieve and cancel jobs; their events and checkpoints."""
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause and resume jobs; their events and checkpoints."""
 
 from __future__ import annotations
 
@@ -50,6 +50,16 @@ def retrieve_job(job_id: str, session: SessionDep, principal: CurrentPrincipal) 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
 def cancel_job(job_id: str, session: SessionDep, principal: WriterPrincipal) -> JobPublic:
     return jobs.cancel_job(session, principal, job_id)
+
+
+@router.post("/{job_id}/pause", response_model=JobPublic)
+def pause_job(job_id: str, session: SessionDep, principal: WriterPrincipal) -> JobPublic:
+    return jobs.pause_job(session, principal, job_id)
+
+
+@router.post("/{job_id}/resume", response_model=JobPublic)
+def resume_job(job_id: str, session: SessionDep, principal: WriterPrincipal) -> JobPublic:
+    return jobs.resume_job(session, principal, job_id)
 
 
 @router.get("/{job_id}/events", response_model=JobEventsPublic)

@@ -40,7 +40,8 @@ from gpu_worker.contract import (
     TrainingFile,
 )
 from scheduler.fleet import Fleet
-from scheduler.jobs import add_event, fine_tuned_model_name, request_cancel
+from scheduler import jobs as lifecycle
+from scheduler.jobs import add_event, fine_tuned_model_name
 from scheduler.models import Checkpoint, File, Job, JobEvent, JobStatus, Organization, new_id
 from scheduler.routing import Plan, Unplaceable, route
 from scheduler.tenancy import Principal
@@ -66,7 +67,7 @@ def to_public(job: Job) -> JobPublic:
         model=job.model,
         fine_tuned_model=job.fine_tuned_model,
         organization_id=job.org_id,
-        status=job.status.value,
+        status="pausing" if job.status == JobStatus.running and job.pause_requested else job.status.value,
         hyperparameters=hp,
         method=job.method,
         training_file=job.training_file_id,
@@ -246,14 +247,28 @@ def list_jobs(session: Session, principal: Principal, *, after: str | None, limi
 
 
 def cancel_job(session: Session, principal: Principal, job_id: str) -> JobPublic:
+    return _change(session, principal, job_id, lifecycle.request_cancel, "job cancel requested")
+
+
+def pause_job(session: Session, principal: Principal, job_id: str) -> JobPublic:
+    return _change(session, principal, job_id, lifecycle.request_pause, "job pause requested")
+
+
+def resume_job(session: Session, principal: Principal, job_id: str) -> JobPublic:
+    return _change(session, principal, job_id, lifecycle.resume, "job resumed")
+
+
+def _change(session: Session, principal: Principal, job_id: str, move, what: str) -> JobPublic:
+    """One of the tenant's moves of the job's state machine (scheduler.jobs); a move the job's status
+    does not allow is an InvalidTransition, a 400 in api.errors."""
     job = _job_row(session, principal, job_id)
     try:
-        request_cancel(session, job)  # InvalidTransition (already finished) becomes a 400 in api.errors
+        move(session, job)
         session.commit()
     except BaseException:
         session.rollback()
         raise
-    log.info("job cancel requested", extra={"job_id": job_id, "status": job.status.value})
+    log.info(what, extra={"job_id": job_id, "status": job.status.value})
     return to_public(job)
 
 

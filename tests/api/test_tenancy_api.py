@@ -33,6 +33,8 @@ def _routes(file_id: str, job_id: str) -> list[tuple[str, str]]:
         ("DELETE", f"/v1/files/{file_id}"),
         ("GET", f"/v1/fine_tuning/jobs/{job_id}"),
         ("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel"),
+        ("POST", f"/v1/fine_tuning/jobs/{job_id}/pause"),
+        ("POST", f"/v1/fine_tuning/jobs/{job_id}/resume"),
         ("GET", f"/v1/fine_tuning/jobs/{job_id}/events"),
         ("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints"),
     ]
@@ -104,6 +106,8 @@ def test_viewer_reads_but_cannot_create_delete_or_cancel(sdk, make_org, org_a, r
         lambda: viewer.files.delete(file_id),
         lambda: viewer.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=file_id),
         lambda: viewer.fine_tuning.jobs.cancel(job_id),
+        lambda: viewer.fine_tuning.jobs.pause(job_id),
+        lambda: viewer.fine_tuning.jobs.resume(job_id),
     ]
     for write in writes:
         with pytest.raises(openai.PermissionDeniedError) as err:

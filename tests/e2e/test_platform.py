@@ -129,3 +129,31 @@ def test_cancel_a_running_job_stops_it_within_seconds_and_keeps_a_checkpoint(pla
     assert checkpoints and checkpoints[0].step_number > 0
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
     assert any(m.startswith("Job cancelled at step") for m in messages), messages
+
+
+def test_pause_a_running_job_then_resume_it_from_its_checkpoint(platform):
+    """OpenAI's pause and resume on a real trainer: the worker stops the job at a checkpoint, the job
+    waits paused, and the resumed attempt continues from that checkpoint to a tuned model."""
+    client = openai.OpenAI(base_url=f"{platform.api_url}/v1", api_key=platform.settings.bootstrap_api_key, max_retries=0, timeout=60)
+    train = client.files.create(file=("pause.jsonl", jsonl(chat_rows(40, seed=4))), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="tuneforge-tiny", training_file=train.id, metadata={"test": "pause"},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4, "batch_size": 1}}},
+    )
+
+    def training():
+        return any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id, limit=5).data)
+
+    wait_for(training, 120, "the job to start training", 0.5)
+    assert client.fine_tuning.jobs.pause(job.id).status in ("pausing", "paused")
+    wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "paused", 30, "the job to pause", 0.25)
+    [last] = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1).data
+    assert 0 < last.step_number < 160
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    done = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j, 300,
+                    "the resumed job to finish", 1.0)
+    assert done.status == "succeeded", done.error
+    assert done.metadata == {"test": "pause"} and done.fine_tuned_model
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert f"Job paused at step {last.step_number}; resume it to continue from its last checkpoint" in messages, messages
+    assert f"Resuming from the checkpoint of step {last.step_number}" in messages

@@ -78,6 +78,23 @@ def test_failed_event_fails_the_job_with_its_code(claimed):
         assert job.status == JobStatus.failed and job.error["code"] == "eval_regression"
 
 
+@pytest.mark.parametrize("asked", ["pause", "cancel", None])
+def test_a_stopped_trainer_ends_its_attempt_as_asked(claimed, asked):
+    """The trainer checkpointed and stopped (SIGTERM): paused or cancelled as the tenant asked, and
+    otherwise (preempted from outside) back to the queue; a pause frees the lease without a failure."""
+    settings, job_id, token, _ = claimed
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        {"pause": jobs.request_pause, "cancel": jobs.request_cancel, None: lambda *_: None}[asked](session, job)
+    assert _Supervision(settings, job_id, token)._record(contract.StoppedEvent(step=4, checkpoint_key="k/step-4")) is True
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        assert job.status == {"pause": JobStatus.paused, "cancel": JobStatus.cancelled, None: JobStatus.queued}[asked]
+        assert job.lease_token is None and job.pauses == (asked == "pause") and not job.pause_requested
+        last = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq.desc())).first()
+        assert "step 4" in last.message
+
+
 def test_a_stale_attempt_cannot_write(claimed):
     settings, job_id, token, spec = claimed
     with pytest.raises(LeaseLost):

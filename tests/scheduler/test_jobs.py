@@ -21,8 +21,8 @@ def test_heartbeat_is_fenced_by_the_token(db_session, make_org, make_job):
     org, _ = make_org()
     job = make_job(org)
     token = jobs.claim(db_session, job, "a", 30)
-    assert jobs.heartbeat(db_session, job.id, token, 30) == (True, False)
-    assert jobs.heartbeat(db_session, job.id, "not-the-token", 30) == (False, False)
+    assert jobs.heartbeat(db_session, job.id, token, 30) == (True, None)
+    assert jobs.heartbeat(db_session, job.id, "not-the-token", 30) == (False, None)
 
 
 def test_cancel_queued_is_immediate_and_running_is_flagged(db_session, make_org, make_job):
@@ -35,7 +35,7 @@ def test_cancel_queued_is_immediate_and_running_is_flagged(db_session, make_org,
     token = jobs.claim(db_session, running, "a", 30)
     jobs.request_cancel(db_session, running)
     assert running.status == JobStatus.running
-    assert jobs.heartbeat(db_session, running.id, token, 30) == (True, True)
+    assert jobs.heartbeat(db_session, running.id, token, 30) == (True, "cancel")
 
 
 def test_cancel_finished_job_is_refused(db_session, make_org, make_job):
@@ -44,6 +44,66 @@ def test_cancel_finished_job_is_refused(db_session, make_org, make_job):
     jobs.fail(db_session, job, "x", "boom")
     with pytest.raises(jobs.InvalidTransition):
         jobs.request_cancel(db_session, job)
+
+
+def test_pause_queued_is_immediate_and_resume_queues_it_again(db_session, make_org, make_job):
+    org, _ = make_org()
+    job = make_job(org)
+    jobs.request_pause(db_session, job)
+    assert job.status == JobStatus.paused
+    with pytest.raises(jobs.InvalidTransition):
+        jobs.request_pause(db_session, job)  # already paused
+    jobs.resume(db_session, job)
+    assert job.status == JobStatus.queued and job.nudged_at is None  # the next tick offers it
+    with pytest.raises(jobs.InvalidTransition):
+        jobs.resume(db_session, job)  # only a paused job resumes
+    jobs.request_pause(db_session, job)
+    jobs.request_cancel(db_session, job)  # a paused job can be cancelled
+    assert job.status == JobStatus.cancelled
+    for move in (jobs.request_pause, jobs.resume):
+        with pytest.raises(jobs.InvalidTransition):
+            move(db_session, job)
+
+
+def test_pause_running_is_flagged_and_its_worker_stops_it(db_session, make_org, make_job):
+    org, _ = make_org()
+    job = make_job(org)
+    token = jobs.claim(db_session, job, "a", 30)
+    jobs.request_pause(db_session, job)
+    jobs.request_pause(db_session, job)  # asked twice: one flag, one event
+    assert job.status == JobStatus.running and job.pause_requested
+    assert [e.message for e in db_session.query(JobEvent).filter_by(job_id=job.id)].count(
+        "Pause requested; stopping the running job at a checkpoint") == 1
+    assert jobs.heartbeat(db_session, job.id, token, 30) == (True, "pause")
+    assert jobs.stopped_by_pause(db_session, job, token, "at step 3")
+    assert job.status == JobStatus.paused and not job.pause_requested and job.lease_token is None and job.pauses == 1
+    assert jobs.heartbeat(db_session, job.id, token, 30)[0] is False  # the attempt is over
+    with pytest.raises(jobs.InvalidTransition):
+        jobs.request_pause(db_session, make_job(org, status=JobStatus.validating_files))  # not validated yet
+
+
+def test_cancel_wins_over_pause_and_paused_attempts_are_not_worker_failures(db_session, make_org, make_job):
+    org, _ = make_org()
+    job = make_job(org)
+    token = jobs.claim(db_session, job, "a", 30)
+    jobs.request_pause(db_session, job)
+    jobs.request_cancel(db_session, job)
+    assert jobs.heartbeat(db_session, job.id, token, 30) == (True, "cancel")
+    with pytest.raises(jobs.InvalidTransition):
+        jobs.request_pause(db_session, job)  # being cancelled
+
+    job = make_job(org)
+    for attempt in range(3):  # three attempts, each paused: none counts against max_attempts
+        token = jobs.claim(db_session, job, f"w{attempt}", 30)
+        jobs.request_pause(db_session, job)
+        jobs.stopped_by_pause(db_session, job, token, f"at step {attempt}")
+        jobs.resume(db_session, job)
+    token = jobs.claim(db_session, job, "w3", 30)
+    assert jobs.reap(db_session, job, max_attempts=3) == "requeued"  # the first lost worker
+    token = jobs.claim(db_session, job, "w4", 30)
+    jobs.request_pause(db_session, job)
+    assert jobs.reap(db_session, job, max_attempts=3) == "paused"  # lost while pausing: paused, counted
+    assert job.status == JobStatus.paused and job.pauses == 3
 
 
 def test_reaper_requeues_then_fails_after_max_attempts(db_session, make_org, make_job):

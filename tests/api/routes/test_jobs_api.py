@@ -243,6 +243,31 @@ def test_cancel_running_job_flags_it_for_its_worker(client_a, upload, db_session
     assert row.cancel_requested
 
 
+def test_pause_and_resume_through_the_sdk(client_a, upload, db_session):
+    """OpenAI's pause and resume: a queued job pauses at once; a running one shows "pausing" until its
+    worker stops it (scheduler.jobs); a paused job resumes into the queue; anything else is a 400."""
+    job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload())
+    row = db_session.get(Job, job.id)
+    with pytest.raises(openai.BadRequestError) as err:
+        client_a.fine_tuning.jobs.pause(job.id)  # still validating its files
+    assert err.value.body["code"] == "invalid_job_status"
+    mark_queued(db_session, row)
+    assert client_a.fine_tuning.jobs.pause(job.id).status == "paused"
+    assert client_a.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    assert client_a.fine_tuning.jobs.resume(job.id).status == "queued"
+    with pytest.raises(openai.BadRequestError):
+        client_a.fine_tuning.jobs.resume(job.id)  # not paused
+
+    db_session.refresh(row)
+    assert claim(db_session, row, "worker-1", 30)
+    assert client_a.fine_tuning.jobs.pause(job.id).status == "pausing"
+    assert client_a.fine_tuning.jobs.list().data[0].status == "pausing"
+    messages = [e.message for e in client_a.fine_tuning.jobs.list_events(job.id, limit=50)]
+    assert "Pause requested; stopping the running job at a checkpoint" in messages and "Job resumed; it continues from its last checkpoint" in messages
+    with pytest.raises(openai.NotFoundError):
+        client_a.fine_tuning.jobs.pause("ftjob-nope")
+
+
 def test_failed_job_exposes_its_error(client_a, upload, db_session):
     job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload())
     fail(db_session, db_session.get(Job, job.id), "invalid_training_file", "line 3 is bad", "training_file")
