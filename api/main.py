@@ -19,7 +19,7 @@ from api.deps import SessionDep
 from api.logs import configure_logging
 from api.metrics import CONTENT_TYPE, ApiMetrics, render
 from api.middleware import RequestMiddleware
-from api.routes import estimates, files, jobs, proxy, usage
+from api.routes import estimates, files, jobs, proxy, uploads, usage
 from api.settings import ApiSettings, get_settings
 from gpu_worker.storage import open_store
 from scheduler.db import session_factory
@@ -80,6 +80,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(proxy.router)
     app.include_router(usage.router)
+    app.include_router(uploads.router)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

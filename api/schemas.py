@@ -228,6 +228,46 @@ class FileDeleted(BaseModel):
     deleted: bool = True
 
 
+# --- uploads (a file in parts) -------------------------------------------------------------------
+
+
+class ExpiresAfterIn(_Request):
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=30 * 24 * 3600)  # OpenAI's range: an hour to 30 days
+
+
+class UploadCreate(_Request):
+    bytes: int = Field(ge=1)
+    filename: str = Field(min_length=1, max_length=255)
+    mime_type: str = Field(min_length=1, max_length=100)
+    purpose: str = Field(min_length=1, max_length=40)
+    expires_after: ExpiresAfterIn | None = None
+
+
+class UploadComplete(_Request):
+    part_ids: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(min_length=1, max_length=10_000)
+    md5: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$")
+
+
+class UploadObject(BaseModel):
+    id: str
+    object: Literal["upload"] = "upload"
+    bytes: int
+    created_at: int
+    expires_at: int
+    filename: str
+    purpose: str
+    status: Literal["pending", "completed", "cancelled", "expired"]
+    file: FileObject | None = None
+
+
+class UploadPartObject(BaseModel):
+    id: str
+    object: Literal["upload.part"] = "upload.part"
+    created_at: int
+    upload_id: str
+
+
 # --- fine-tuning jobs ----------------------------------------------------------------------------
 
 

@@ -16,6 +16,9 @@ from scheduler.settings import Settings
 class ApiSettings(Settings):
     # OpenAI accepts fine-tuning files up to 512 MB; larger uploads are refused while streaming.
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    # OpenAI's Uploads (larger files, in parts): at most 64 MB a part and 8 GB a file.
+    max_upload_part_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_chunked_upload_bytes: int = Field(8 * 1024 * 1024 * 1024, ge=1)
     # The serving gateway that inference routes (/v1/chat/completions, /v1/models, ...) go to.
     serving_url: str = "http://127.0.0.1:8001"
     # Generation can stream for minutes; connecting must not take long.

@@ -6,7 +6,8 @@ Each tick, in its own transactions:
    ``max_attempts``;
 3. ``queued`` jobs not nudged recently: route them and nudge their queue in fair order (priorities,
    orgs taking turns, per-org limits, free GPUs: ``scheduler.fairness``). A job stays queued until a
-   worker claims it, so a lost nudge costs only a re-nudge.
+   worker claims it, so a lost nudge costs only a re-nudge;
+4. pending uploads (files in parts) past their expiry: expired, their parts deleted.
 
 Ticks are idempotent and every move is conditional, so several scheduler replicas may run at once.
 """
@@ -27,7 +28,7 @@ from gpu_worker.tokencount import TokenCountError, estimate_job_tokens
 from scheduler import jobs
 from scheduler.db import session_scope
 from scheduler.dispatch import Dispatcher
-from scheduler.models import File, Job, JobStatus, utcnow
+from scheduler.models import File, Job, JobStatus, Upload, UploadPart, utcnow
 from scheduler.fairness import Candidate, Limits, OrgState, fair_order
 from scheduler.fleet import Fleet, get_fleet
 from scheduler.routing import Plan, Unplaceable, route
@@ -88,6 +89,23 @@ def _estimate(settings: Settings, store, session, job: Job) -> tuple[str, str] |
         return ("training_file", str(err))
     jobs.add_event(session, job, f"Estimated trained tokens: {job.estimated_tokens:,} (all epochs)", data={"estimated_tokens": job.estimated_tokens})
     return None
+
+
+def expire_uploads(settings: Settings, now: datetime | None = None) -> int:
+    """Pending uploads (a file in parts, api.services.uploads) past their ``expires_at``: marked expired,
+    their parts' objects deleted after the rows changed (a failure orphans an object, never a file)."""
+    store = open_store(settings.storage_url)
+    with session_scope(settings.database_url) as session:
+        rows = session.scalars(select(Upload).where(Upload.status == "pending", Upload.expires_at <= (now or utcnow())).limit(BATCH)).all()
+        for row in rows:
+            row.status = "expired"
+        keys = session.scalars(select(UploadPart.storage_key).where(UploadPart.upload_id.in_([r.id for r in rows]))).all()
+    for key in keys:
+        try:
+            store.delete(key)
+        except Exception:
+            log.warning("could not delete an expired upload's part %s", key, exc_info=True)
+    return len(rows)
 
 
 def reap_expired(settings: Settings) -> int:
@@ -161,6 +179,7 @@ def tick(settings: Settings, dispatcher: Dispatcher) -> None:
     validate_files(settings)
     reap_expired(settings)
     nudge_queued(settings, dispatcher)
+    expire_uploads(settings)
 
 
 def run_forever(settings: Settings, dispatcher: Dispatcher, stop: threading.Event, interval: float = 0.5, extra: Callable[[], object] | None = None) -> None:

@@ -130,6 +130,31 @@ class File(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Upload(Base):
+    """OpenAI's Upload: a file sent in parts (each up to 64 MB), joined into a File on completion."""
+
+    __tablename__ = "uploads"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("upload_"))
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), index=True)
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(40))
+    mime_type: Mapped[str] = mapped_column(String(100))
+    bytes: Mapped[int] = mapped_column(BigInteger)  # the whole file's, declared at creation
+    status: Mapped[str] = mapped_column(String(20), default="pending", index=True)  # pending | completed | cancelled | expired
+    file_id: Mapped[str | None] = mapped_column(String(40))  # the File it became
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class UploadPart(Base):
+    __tablename__ = "upload_parts"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("part_"))
+    upload_id: Mapped[str] = mapped_column(ForeignKey("uploads.id", ondelete="CASCADE"), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    storage_key: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ftjob-"))

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import CurrentPrincipal, SessionDep, SettingsDep, StoreDep, WriterPrincipal
 from api.schemas import ID_PATTERN, FileDeleted, FileObject, FilesPublic
 from api.services import files
-from api.uploads import receive_upload
+from api.multipart import receive_upload
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -35,7 +35,7 @@ _UPLOAD_BODY = {
 
 @router.post("", response_model=FileObject, openapi_extra=_UPLOAD_BODY)
 async def create_file(request: Request, session: SessionDep, store: StoreDep, settings: SettingsDep, principal: WriterPrincipal) -> FileObject:
-    # The body is parsed here, not by FastAPI, so that it streams (see api.uploads).
+    # The body is parsed here, not by FastAPI, so that it streams (see api.multipart).
     async with receive_upload(request, settings.max_upload_bytes) as upload:
         return await run_in_threadpool(files.create_file, session, store, principal, upload)
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from api.errors import InvalidRequest, NotFound
 from api.schemas import FileDeleted, FileObject, FilesPublic, unix_seconds
 from api.services.scoping import owned
-from api.uploads import Upload
+from api.multipart import Upload
 from gpu_worker.storage import ObjectNotFound, ObjectStore
 from scheduler.models import File, Job, JobStatus, new_id
 from scheduler.tenancy import Principal
@@ -59,6 +59,12 @@ def _check_upload(upload: Upload) -> None:
 
 
 def create_file(session: Session, store: ObjectStore, principal: Principal, upload: Upload) -> FileObject:
+    return to_public(store_file(session, store, principal, upload))
+
+
+def store_file(session: Session, store: ObjectStore, principal: Principal, upload: Upload, then=None) -> File:
+    """A validated upload stored as a File: the object first, then the row, committed with whatever
+    ``then(row)`` adds to the transaction (an Upload's completion); on any failure the object is removed."""
     _check_upload(upload)
     file_id = new_id("file-")
     key = storage_key(principal.org_id, file_id)
@@ -76,13 +82,16 @@ def create_file(session: Session, store: ObjectStore, principal: Principal, uplo
             status="processed",
         )
         session.add(row)
+        session.flush()
+        if then is not None:
+            then(row)
         session.commit()
     except BaseException:
         session.rollback()
         store.delete(key)
         raise
     log.info("file stored", extra={"file_id": file_id, "org_id": principal.org_id, "bytes": upload.bytes})
-    return to_public(row)
+    return row
 
 
 def get_file_row(session: Session, principal: Principal, file_id: str) -> File:

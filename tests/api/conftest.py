@@ -15,6 +15,7 @@ from api.main import create_app
 from api.settings import ApiSettings
 
 MAX_UPLOAD_BYTES = 64 * 1024
+MAX_UPLOAD_PART_BYTES, MAX_CHUNKED_UPLOAD_BYTES = 4 * 1024, 256 * 1024
 
 
 def chat_line(user: str = "Hi", assistant: str = "Hello.") -> dict:
@@ -33,6 +34,8 @@ def settings(tmp_path, pg_url) -> ApiSettings:
         storage_url=str(tmp_path / "objects"),
         serving_url="http://127.0.0.1:9",  # discard port: nothing listens
         max_upload_bytes=MAX_UPLOAD_BYTES,
+        max_upload_part_bytes=MAX_UPLOAD_PART_BYTES,
+        max_chunked_upload_bytes=MAX_CHUNKED_UPLOAD_BYTES,
         base_models=["tuneforge-tiny", "meta-llama/Llama-3.2-1B"],
     )
 

@@ -108,6 +108,7 @@ def test_viewer_reads_but_cannot_create_delete_or_cancel(sdk, make_org, org_a, r
         lambda: viewer.fine_tuning.jobs.cancel(job_id),
         lambda: viewer.fine_tuning.jobs.pause(job_id),
         lambda: viewer.fine_tuning.jobs.resume(job_id),
+        lambda: viewer.uploads.create(bytes=10, filename="t.jsonl", mime_type="text/jsonl", purpose="fine-tune"),
     ]
     for write in writes:
         with pytest.raises(openai.PermissionDeniedError) as err:

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from api.services import files as file_service
-from api.uploads import Upload
+from api.multipart import Upload
 from scheduler.models import File
 from scheduler.tenancy import Principal
 from tests.api.conftest import MAX_UPLOAD_BYTES, chat_line, jsonl

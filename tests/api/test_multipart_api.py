@@ -11,7 +11,7 @@ import pytest
 from starlette.requests import Request
 
 from api.errors import PayloadTooLarge
-from api.uploads import receive_upload
+from api.multipart import receive_upload
 from tests.api.conftest import chat_line, jsonl
 
 BOUNDARY = b"XyZ"

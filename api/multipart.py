@@ -3,8 +3,10 @@
 FastAPI's ``UploadFile`` spools the whole body before the route runs, which would defeat both the
 size limit (a 10 GB body would be read to the end before being refused) and line-by-line validation.
 This reader parses the multipart stream itself: the file part goes chunk by chunk into a temporary
-file and, split into lines, into a ``FileValidator``; reading stops the moment the file exceeds the
-limit. The temporary file is removed when the ``receive_upload`` context exits, whatever happened.
+file and, split into lines, into a ``FileValidator`` (``LineValidator``; a part of a chunked upload is
+not validated alone: services.uploads validates the parts joined); reading stops the moment the file
+exceeds the limit. The temporary file is removed when the ``receive_upload`` context exits, whatever
+happened.
 """
 
 from __future__ import annotations
@@ -36,30 +38,56 @@ class Upload:
     fields: dict[str, str] = field(default_factory=dict)
     filename: str | None = None
     bytes: int = 0
-    report: ValidationReport | None = None  # None when the request had no file part
+    received: bool = False  # whether the request had its file part
+    report: ValidationReport | None = None  # the file part's validation, when asked for
 
 
-def _clean_filename(raw: bytes) -> str:
+def clean_filename(raw: bytes, param: str = "file") -> str:
     """The client's file name, made safe to store and to echo in a header: base name only (a path
     must never reach anything), no control characters (PostgreSQL refuses NUL), bounded length."""
     name = raw.decode("utf-8", "replace").replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(ch for ch in name if ch.isprintable())
     if len(name) > _MAX_FILENAME_CHARS:
-        raise InvalidRequest(f"The file name is longer than {_MAX_FILENAME_CHARS} characters.", param="file", code="invalid_value")
+        raise InvalidRequest(f"The file name is longer than {_MAX_FILENAME_CHARS} characters.", param=param, code="invalid_value")
     return name or "upload.jsonl"
 
 
-def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"The file is larger than the maximum upload size of {limit} bytes.", param="file", code="file_too_large")
+def _too_large(limit: int, field: str = "file") -> PayloadTooLarge:
+    return PayloadTooLarge(f"The {field} is larger than the maximum upload size of {limit} bytes.", param=field, code="file_too_large")
+
+
+class LineValidator:
+    """A training file's bytes, fed in chunks of any size, split into lines for a ``FileValidator``."""
+
+    def __init__(self):
+        self.validator = FileValidator()
+        self._pending = bytearray()  # the file's current, unfinished line
+
+    def feed(self, chunk: bytes) -> None:
+        # Grow the unfinished line in place: re-concatenating it per chunk would be quadratic in
+        # the length of a long line.
+        start = 0
+        while (newline := chunk.find(b"\n", start)) != -1:
+            self._pending += chunk[start:newline]
+            self.validator.feed(bytes(self._pending))
+            self._pending.clear()
+            start = newline + 1
+        self._pending += chunk[start:]
+
+    def finish(self) -> ValidationReport:
+        if self._pending:
+            self.validator.feed(bytes(self._pending))
+        self._pending.clear()
+        return self.validator.finish()
 
 
 class _PartSink:
-    """python-multipart callbacks: collect small fields, stream the file part to disk + validator."""
+    """python-multipart callbacks: collect small fields, stream the file part to disk (and to a
+    ``LineValidator`` when asked)."""
 
-    def __init__(self, upload: Upload, out: BinaryIO, limit: int):
-        self.upload, self.out, self.limit = upload, out, limit
-        self.validator = FileValidator()
-        self._pending = bytearray()  # the file's current, unfinished line
+    def __init__(self, upload: Upload, out: BinaryIO, limit: int, file_field: str, validate: bool):
+        self.upload, self.out, self.limit, self.file_field = upload, out, limit, file_field
+        self.lines = LineValidator() if validate else None
         self._parts = 0
         self._header_name = b""
         self._header_value = b""
@@ -92,13 +120,15 @@ class _PartSink:
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         self._name = options.get(b"name", b"").decode("utf-8", "replace")
-        self._is_file = b"filename" in options
+        # the file field itself, with or without a file name (a part's ``data`` may come without one)
+        self._is_file = b"filename" in options or self._name == self.file_field
         if self._is_file:
-            if self._name != "file":
-                raise InvalidRequest(f"Unexpected file field {self._name!r}: send the file as 'file'.", param=self._name, code="invalid_multipart")
-            if self.upload.report is not None or self.upload.filename is not None:
-                raise InvalidRequest("Send exactly one file per upload.", param="file", code="invalid_multipart")
-            self.upload.filename = _clean_filename(options[b"filename"])
+            field = self.file_field
+            if self._name != field:
+                raise InvalidRequest(f"Unexpected file field {self._name!r}: send the file as {field!r}.", param=self._name, code="invalid_multipart")
+            if self.upload.received or self.upload.filename is not None:
+                raise InvalidRequest("Send exactly one file per upload.", param=field, code="invalid_multipart")
+            self.upload.filename = clean_filename(options.get(b"filename", b""), field)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
@@ -109,47 +139,41 @@ class _PartSink:
             return
         self.upload.bytes += len(chunk)
         if self.upload.bytes > self.limit:
-            raise _too_large(self.limit)
+            raise _too_large(self.limit, self.file_field)
         self.out.write(chunk)
-        # Grow the unfinished line in place: re-concatenating it per chunk would be quadratic in
-        # the length of a long line.
-        start = 0
-        while (newline := chunk.find(b"\n", start)) != -1:
-            self._pending += chunk[start:newline]
-            self.validator.feed(bytes(self._pending))
-            self._pending.clear()
-            start = newline + 1
-        self._pending += chunk[start:]
+        if self.lines is not None:
+            self.lines.feed(chunk)
 
     def _part_end(self) -> None:
         if self._is_file:
-            if self._pending:
-                self.validator.feed(bytes(self._pending))
-            self._pending.clear()
-            self.upload.report = self.validator.finish()
+            self.upload.received = True
+            if self.lines is not None:
+                self.upload.report = self.lines.finish()
         elif self._name:
             self.upload.fields[self._name] = self._value.decode("utf-8", "replace")
 
 
-def _boundary(request: Request) -> bytes:
+def _boundary(request: Request, expected: str) -> bytes:
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or not params.get(b"boundary"):
-        raise InvalidRequest("Expected a multipart/form-data body with 'file' and 'purpose' fields.", code="invalid_multipart")
+        raise InvalidRequest(f"Expected a multipart/form-data body with {expected}.", code="invalid_multipart")
     return params[b"boundary"]
 
 
 @contextlib.asynccontextmanager
-async def receive_upload(request: Request, limit: int) -> AsyncIterator[Upload]:
-    """Parse the upload into a temporary file; yields the Upload, removes the file on exit."""
-    boundary = _boundary(request)
+async def receive_upload(request: Request, limit: int, *, file_field: str = "file", validate: bool = True) -> AsyncIterator[Upload]:
+    """Parse the upload into a temporary file; yields the Upload, removes the file on exit. A file
+    upload (``/v1/files``) validates its file part as a training file; an upload's part (``data``) is
+    validated when the parts are joined."""
+    boundary = _boundary(request, "'file' and 'purpose' fields" if file_field == "file" else f"a {file_field!r} field")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + _ENVELOPE_SLACK:
-        raise _too_large(limit)  # refused before reading a byte
+        raise _too_large(limit, file_field)  # refused before reading a byte
     fd, tmp = tempfile.mkstemp(prefix="tuneforge-upload-", suffix=".jsonl")
     upload = Upload(path=Path(tmp))
     try:
         with os.fdopen(fd, "wb") as out:
-            sink = _PartSink(upload, out, limit)
+            sink = _PartSink(upload, out, limit, file_field, validate)
             parser = MultipartParser(boundary, sink.callbacks())
             try:
                 async for chunk in request.stream():

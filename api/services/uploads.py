@@ -1,0 +1,168 @@
+"""OpenAI's Uploads: a file too large for one request, sent in parts and joined into a File.
+
+``create`` declares the file (name, purpose, total bytes); ``add_part`` stores each part (at most
+``max_upload_part_bytes``; parts may arrive in parallel, in any order) as an object under the upload;
+``complete`` names the parts in their order, and the parts are joined in that order, streamed through
+the same line-by-line validation as a ``/v1/files`` upload (and an optional MD5), and stored as one
+File. All or nothing: a join that fails any check stores nothing and the upload stays pending, so the
+client can complete it again with the right parts. ``cancel`` drops the parts. An upload expires
+(an hour after its creation, or ``expires_after``): a pending one then refuses parts and completion,
+and the scheduler's tick marks it expired and deletes its parts (``scheduler.loop.expire_uploads``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from api.errors import InvalidRequest, NotFound
+from api.multipart import LineValidator, Upload as Received, clean_filename
+from api.schemas import UploadComplete, UploadCreate, UploadObject, UploadPartObject, unix_seconds
+from api.services import files
+from api.services.scoping import owned
+from api.settings import ApiSettings
+from gpu_worker.storage import ObjectStore
+from scheduler.models import File, Upload, UploadPart, new_id, utcnow
+from scheduler.tenancy import Principal
+
+log = logging.getLogger("api.uploads")
+
+DEFAULT_LIFETIME = timedelta(hours=1)  # OpenAI's
+_CHUNK = 1 << 20
+
+
+def part_key(org_id: str, upload_id: str, part_id: str) -> str:
+    return f"orgs/{org_id}/uploads/{upload_id}/{part_id}"
+
+
+def to_public(row: Upload, file: File | None = None) -> UploadObject:
+    return UploadObject(
+        id=row.id,
+        bytes=row.bytes,
+        created_at=unix_seconds(row.created_at),
+        expires_at=unix_seconds(row.expires_at),
+        filename=row.filename,
+        purpose=row.purpose,
+        status=row.status,
+        file=files.to_public(file) if file is not None else None,
+    )
+
+
+def create_upload(session: Session, settings: ApiSettings, principal: Principal, body: UploadCreate) -> UploadObject:
+    if body.purpose not in files.PURPOSES:
+        raise InvalidRequest(f"Invalid purpose {body.purpose!r}: only {', '.join(sorted(files.PURPOSES))} is supported.",
+                             param="purpose", code="invalid_value")
+    if body.bytes > settings.max_chunked_upload_bytes:
+        raise InvalidRequest(f"An upload holds at most {settings.max_chunked_upload_bytes} bytes; this one declares {body.bytes}.",
+                             param="bytes", code="file_too_large")
+    now = utcnow()
+    lifetime = timedelta(seconds=body.expires_after.seconds) if body.expires_after else DEFAULT_LIFETIME
+    row = Upload(id=new_id("upload_"), org_id=principal.org_id, filename=clean_filename(body.filename.encode(), "filename"),
+                 purpose=body.purpose, mime_type=body.mime_type, bytes=body.bytes, status="pending", created_at=now,
+                 expires_at=now + lifetime)
+    session.add(row)
+    session.commit()
+    return to_public(row)
+
+
+def pending_upload(session: Session, principal: Principal, upload_id: str) -> Upload:
+    """The caller's upload, if it still takes parts and completion: otherwise a 404 or a 400 saying why."""
+    row = owned(session, Upload, upload_id, principal)
+    if row is None:
+        raise NotFound(f"No such Upload object: {upload_id}", param="upload_id", code="upload_not_found")
+    if row.status == "pending" and row.expires_at <= utcnow():
+        raise InvalidRequest(f"Upload {upload_id} expired at {row.expires_at.isoformat()}.", param="upload_id", code="upload_expired")
+    if row.status != "pending":
+        raise InvalidRequest(f"Upload {upload_id} is {row.status}: it takes no more parts.", param="upload_id",
+                             code="invalid_upload_status")
+    return row
+
+
+def add_part(session: Session, store: ObjectStore, principal: Principal, upload_id: str, received: Received) -> UploadPartObject:
+    row = pending_upload(session, principal, upload_id)
+    if not received.received:
+        raise InvalidRequest("Missing required parameter: 'data'.", param="data", code="missing_required_parameter")
+    if received.bytes == 0:
+        raise InvalidRequest("The part is empty.", param="data", code="invalid_value")
+    held = session.scalar(select(func.coalesce(func.sum(UploadPart.bytes), 0)).where(UploadPart.upload_id == row.id))
+    if held + received.bytes > row.bytes:
+        raise InvalidRequest(f"With this part the upload would hold {held + received.bytes} bytes; it declared {row.bytes}.",
+                             param="data", code="invalid_value")
+    part = UploadPart(id=new_id("part_"), upload_id=row.id, bytes=received.bytes, created_at=utcnow())
+    part.storage_key = part_key(principal.org_id, row.id, part.id)
+    store.put_file(part.storage_key, received.path)
+    try:
+        session.add(part)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        store.delete(part.storage_key)
+        raise
+    return UploadPartObject(id=part.id, created_at=unix_seconds(part.created_at), upload_id=row.id)
+
+
+def complete_upload(session: Session, store: ObjectStore, principal: Principal, upload_id: str, body: UploadComplete) -> UploadObject:
+    row = pending_upload(session, principal, upload_id)
+    if len(set(body.part_ids)) != len(body.part_ids):
+        raise InvalidRequest("A part is named twice in part_ids.", param="part_ids", code="invalid_value")
+    found = {p.id: p for p in session.scalars(select(UploadPart).where(UploadPart.upload_id == row.id, UploadPart.id.in_(body.part_ids)))}
+    unknown = [p for p in body.part_ids if p not in found]
+    if unknown:
+        raise InvalidRequest(f"No part {unknown[0]!r} in upload {upload_id}.", param="part_ids", code="invalid_value")
+    parts = [found[p] for p in body.part_ids]
+    total = sum(p.bytes for p in parts)
+    if total != row.bytes:
+        raise InvalidRequest(f"The parts hold {total} bytes; the upload declared {row.bytes}.", param="part_ids", code="invalid_value")
+    fd, tmp = tempfile.mkstemp(prefix="tuneforge-upload-", suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            lines, md5 = LineValidator(), hashlib.md5(usedforsecurity=False)
+            for part in parts:
+                with store.open(part.storage_key) as body_in:
+                    while chunk := body_in.read(_CHUNK):
+                        out.write(chunk)
+                        lines.feed(chunk)
+                        md5.update(chunk)
+        if body.md5 is not None and md5.hexdigest() != body.md5.lower():
+            raise InvalidRequest(f"The parts' MD5 is {md5.hexdigest()}, not {body.md5}.", param="md5", code="invalid_value")
+        joined = Received(path=Path(tmp), fields={"purpose": row.purpose}, filename=row.filename, bytes=total, received=True,
+                          report=lines.finish())
+
+        def completed(file: File) -> None:  # in the File's transaction: one completion wins
+            won = session.execute(update(Upload).where(Upload.id == row.id, Upload.status == "pending")
+                                  .values(status="completed", file_id=file.id).execution_options(synchronize_session=False)).rowcount
+            if won != 1:
+                raise InvalidRequest(f"Upload {upload_id} was completed or cancelled meanwhile.", param="upload_id",
+                                     code="invalid_upload_status")
+
+        file = files.store_file(session, store, principal, joined, then=completed)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    session.refresh(row)
+    _drop_parts(store, parts)
+    log.info("upload completed", extra={"upload_id": row.id, "file_id": file.id, "parts": len(parts), "bytes": total})
+    return to_public(row, file)
+
+
+def cancel_upload(session: Session, store: ObjectStore, principal: Principal, upload_id: str) -> UploadObject:
+    row = pending_upload(session, principal, upload_id)
+    row.status = "cancelled"
+    session.commit()
+    _drop_parts(store, session.scalars(select(UploadPart).where(UploadPart.upload_id == row.id)).all())
+    return to_public(row)
+
+
+def _drop_parts(store: ObjectStore, parts) -> None:
+    # after the row's change is committed: a failure here orphans an object, never loses a file
+    for part in parts:
+        try:
+            store.delete(part.storage_key)
+        except Exception:
+            log.exception("could not delete an upload part's object; it is orphaned", extra={"key": part.storage_key})
