@@ -151,7 +151,7 @@ class WandbIn(_Request):
     project: str = Field(min_length=1, max_length=128)
     entity: str | None = Field(None, max_length=128)
     name: str | None = Field(None, max_length=128)
-    tags: list[str] | None = None
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(None, max_length=64)  # W&B's tag limits
 
 
 class MlflowIn(_Request):

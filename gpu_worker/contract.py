@@ -209,6 +209,7 @@ class Integrations(_Frozen):
     wandb_project: str | None = None  # from OpenAI's `integrations: [{"type": "wandb", ...}]`
     wandb_entity: str | None = None
     wandb_name: str | None = None
+    wandb_tags: tuple[str, ...] = ()
 
 
 class Distributed(_Frozen):

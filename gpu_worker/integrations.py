@@ -91,7 +91,7 @@ class _WandB:
         self.dir = workdir / "wandb-root"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
-            project=integ.wandb_project, entity=integ.wandb_entity, name=integ.wandb_name or spec.job_id,
+            project=integ.wandb_project, entity=integ.wandb_entity, name=integ.wandb_name or spec.job_id, tags=list(integ.wandb_tags) or None,
             config=_params(spec), dir=str(self.dir), mode="offline" if self.offline else "online", reinit="create_new",
         )
 

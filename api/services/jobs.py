@@ -1,6 +1,6 @@
 """Fine-tuning jobs as the API sees them: creating one (validated, resolved, written in one
-transaction with its first event), reading, listing and cancelling them, and their events and
-checkpoints. Every query is scoped by the caller's org. The API never trains: the scheduler picks the
+transaction with its first event), reading, listing, cancelling, pausing and resuming them, and their
+events and checkpoints. Every query is scoped by the caller's org. The API never trains: the scheduler picks the
 job up from the ``validating_files`` state.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
@@ -80,8 +81,25 @@ def to_public(job: Job) -> JobPublic:
         suffix=job.suffix,
         user_provided_suffix=job.suffix,
         estimated_finish=unix_seconds(job.estimated_finish),
+        integrations=_integrations_public(job.spec.get("integrations") or {}),
         metadata=job.metadata_,
     )
+
+
+def _integrations_public(spec: dict) -> list[dict]:
+    """The job's integrations in OpenAI's form, as the job was created with them (an MLflow URI without
+    the credentials it may carry)."""
+    out = []
+    if spec.get("wandb_project"):
+        out.append({"type": "wandb", "wandb": {"project": spec["wandb_project"], "entity": spec.get("wandb_entity"),
+                                               "name": spec.get("wandb_name"), "tags": list(spec.get("wandb_tags") or [])}})
+    if spec.get("mlflow_tracking_uri"):
+        uri = urlsplit(spec["mlflow_tracking_uri"])
+        netloc = uri.netloc.rsplit("@", 1)[-1]
+        out.append({"type": "mlflow", "mlflow": {"tracking_uri": urlunsplit(uri._replace(netloc=netloc))}})
+    if spec.get("tensorboard"):
+        out.append({"type": "tensorboard"})
+    return out
 
 
 def training_input(session: Session, principal: Principal, file_id: str, param: str) -> File:
@@ -115,7 +133,8 @@ def _integrations(items) -> Integrations:
         if item.type == "wandb":
             if item.wandb is None:
                 raise InvalidRequest("A wandb integration needs a 'wandb' object with 'project'.", param=f"integrations[{i}].wandb", code="missing_required_parameter")
-            values |= {"wandb_project": item.wandb.project, "wandb_entity": item.wandb.entity, "wandb_name": item.wandb.name}
+            values |= {"wandb_project": item.wandb.project, "wandb_entity": item.wandb.entity, "wandb_name": item.wandb.name,
+                       "wandb_tags": tuple(item.wandb.tags or ())}
         elif item.type == "mlflow":
             if item.mlflow is None:
                 raise InvalidRequest("An mlflow integration needs an 'mlflow' object with 'tracking_uri'.", param=f"integrations[{i}].mlflow", code="missing_required_parameter")

@@ -71,7 +71,8 @@ def test_tuneforge_extensions_reach_the_spec(client_a, upload, db_session):
         model="tuneforge-tiny",
         training_file=train,
         method=_method(adapter_type="dora", use_rslora=True, lr_scheduler="cosine", warmup_ratio=0.1, max_seq_length=1024),
-        integrations=[{"type": "wandb", "wandb": {"project": "p", "name": "run"}}],
+        integrations=[{"type": "wandb", "wandb": {"project": "p", "name": "run", "tags": ["a", "b"]}},
+                      {"type": "mlflow", "mlflow": {"tracking_uri": "https://user:secret@mlflow.example:5000/x"}}],
         extra_body={
             "data": {"chat_template": "llama-3", "packing": True, "validation_split": 0.1, "extra_training_files": [{"file": extra, "weight": 2}]},
             "evaluation": {"early_stopping_patience": 3, "fail_on_regression": True},
@@ -88,7 +89,12 @@ def test_tuneforge_extensions_reach_the_spec(client_a, upload, db_session):
     assert spec.export.merged and spec.export.gguf == (GGUFType.q8_0,)
     assert spec.runtime.memory_mode == MemoryMode.checkpointing and spec.runtime.checkpoint_every_steps == 10
     assert spec.runtime.cuda_graphs is False and spec.runtime.fp8 is True
-    assert (spec.integrations.wandb_project, spec.integrations.wandb_name) == ("p", "run")
+    assert (spec.integrations.wandb_project, spec.integrations.wandb_name, spec.integrations.wandb_tags) == ("p", "run", ("a", "b"))
+    # shown on the job as OpenAI shows them (the MLflow URI without its credentials)
+    assert [i.model_dump(exclude_none=True) for i in client_a.fine_tuning.jobs.retrieve(job.id).integrations] == [
+        {"type": "wandb", "wandb": {"project": "p", "name": "run", "tags": ["a", "b"]}},
+        {"type": "mlflow", "mlflow": {"tracking_uri": "https://mlflow.example:5000/x"}},
+    ]
     hp = job.method.supervised.hyperparameters
     assert (hp.adapter_type, hp.lr_scheduler, hp.use_rslora) == ("dora", "cosine", True)
 
