@@ -82,8 +82,10 @@ _UNION_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "bytes"}
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     """("body", "method", "supervised", "hyperparameters", "n_epochs", "int") → dotted field path.
-    Drops the request part ("body", "query", ...) and pydantic's union-branch tags."""
-    parts = [str(p) for p in loc[1:] if isinstance(p, int) or not (p in _UNION_TAGS or "[" in p or "-" in p)]
+    Drops the request part ("body", "query", ...) and pydantic's union-branch tags, which follow a field
+    (the first name is always a field: an upload's ``bytes``)."""
+    parts = [str(p) for p in loc[1:2]]
+    parts += [str(p) for p in loc[2:] if isinstance(p, int) or not (p in _UNION_TAGS or "[" in p or "-" in p)]
     return ".".join(parts) or None
 
 

@@ -87,6 +87,9 @@ def test_invalid_content_is_refused_at_completion_naming_the_line(client_a, org_
 
 def test_limits_are_checked_before_storing(client_a, http, org_a):
     with pytest.raises(openai.BadRequestError) as err:
+        client_a.uploads.create(bytes=0, filename="x.jsonl", mime_type="text/jsonl", purpose="fine-tune")
+    assert err.value.body["param"] == "bytes"  # a field named like one of pydantic's union tags
+    with pytest.raises(openai.BadRequestError) as err:
         client_a.uploads.create(bytes=MAX_CHUNKED_UPLOAD_BYTES + 1, filename="x.jsonl", mime_type="text/jsonl", purpose="fine-tune")
     assert err.value.body["param"] == "bytes"
     with pytest.raises(openai.BadRequestError) as err:
