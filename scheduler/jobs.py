@@ -96,10 +96,7 @@ def request_cancel(session: Session, job: Job) -> Job:
                   finished_at=utcnow()):
         add_event(session, job, "Job cancelled")
         return job
-    session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.running).values(cancel_requested=True))
-    session.refresh(job)
-    if job.status == JobStatus.running:
-        add_event(session, job, "Cancellation requested; stopping the running job")
+    _ask_worker(session, job, "Cancellation requested; stopping the running job", cancel_requested=True)
     return job
 
 
@@ -117,13 +114,17 @@ def request_pause(session: Session, job: Job) -> Job:
     if transition(session, job, JobStatus.paused, frm=(JobStatus.queued,)):
         add_event(session, job, "Job paused; resume it to continue")
         return job
-    if job.pause_requested:
-        return job
-    session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.running).values(pause_requested=True))
+    if not job.pause_requested:
+        _ask_worker(session, job, "Pause requested; stopping the running job at a checkpoint", pause_requested=True)
+    return job
+
+
+def _ask_worker(session: Session, job: Job, message: str, **flag) -> None:
+    """Flag a running job for its worker, which sees the flag at its next heartbeat (``heartbeat``)."""
+    session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.running).values(**flag))
     session.refresh(job)
     if job.status == JobStatus.running:
-        add_event(session, job, "Pause requested; stopping the running job at a checkpoint")
-    return job
+        add_event(session, job, message)
 
 
 def resume(session: Session, job: Job) -> Job:
