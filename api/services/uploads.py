@@ -120,6 +120,7 @@ def complete_upload(session: Session, store: ObjectStore, principal: Principal, 
     total = sum(p.bytes for p in parts)
     if total != row.bytes:
         raise InvalidRequest(f"The parts hold {total} bytes; the upload declared {row.bytes}.", param="part_ids", code="invalid_value")
+    session.commit()  # no transaction stays open while gigabytes are joined; the File's write starts a new one
     fd, tmp = tempfile.mkstemp(prefix="tuneforge-upload-", suffix=".jsonl")
     try:
         with os.fdopen(fd, "wb") as out:
