@@ -170,7 +170,7 @@ def delete_file(session: Session, store: ObjectStore, principal: Principal, file
     active = session.scalar(
         select(Job.id).where(
             Job.org_id == principal.org_id,
-            Job.status.in_([JobStatus.validating_files, JobStatus.queued, JobStatus.running]),
+            Job.status.in_([JobStatus.validating_files, JobStatus.queued, JobStatus.running, JobStatus.paused]),  # a paused job reads it again
             or_(Job.training_file_id == row.id, Job.validation_file_id == row.id),
         )
     )

@@ -144,11 +144,18 @@ def test_list_filters_by_purpose_and_paginates_newest_first(client_a, upload, db
 
 
 def test_file_used_by_an_unfinished_job_cannot_be_deleted(client_a, upload, store, db_session):
+    from scheduler.jobs import mark_queued
+    from scheduler.models import Job
+
     file_id = upload()
-    client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=file_id)
+    job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=file_id)
     with pytest.raises(openai.BadRequestError) as err:
         client_a.files.delete(file_id)
     assert err.value.body["code"] == "file_in_use"
+    mark_queued(db_session, db_session.get(Job, job.id))
+    client_a.fine_tuning.jobs.pause(job.id)  # a paused job reads its files again when resumed
+    with pytest.raises(openai.BadRequestError):
+        client_a.files.delete(file_id)
     assert client_a.files.content(file_id).content == jsonl()
 
 
