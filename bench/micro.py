@@ -18,7 +18,9 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   (v12: the 1D SwiGLU kernels plus the addmm_ passes), forward and backward at the 8B and 1B MLP shapes,
   in GB/s of the bytes each must move;
 - ``attn``: causal attention forward+backward at the 8B and 1B shapes (4 x 2048, GQA) through each SDPA
-  backend (flash, cuDNN, memory-efficient) and torch's varlen kernel, in TFLOP/s;
+  backend (flash, cuDNN, memory-efficient) and torch's varlen kernel, in TFLOP/s; and FlashAttention-4's
+  Hopper kernels (flash-attn-4, CuTe DSL; carried by bench/fa4_wheels.sh), batched and variable-length,
+  with their largest difference from cuDNN's output and gradients (not yet run: session 20);
 - ``varlen_pad``: a packed batch's variable-length attention with ``cu_seqlens`` padded by empty documents
   and ``max_len`` = the row width (shapes that do not depend on the documents, which a CUDA graph needs):
   the same values as the tight form?, its time, and whether it captures (run in session 10);
@@ -414,15 +416,58 @@ def bench_attn(emit):
         def varlen():
             torch.autograd.grad(varlen_attention(qf, kf, vf, packing, d ** -0.5), (qf, kf, vf), gf)
         cases["varlen (ours, 4 documents)"] = varlen
+        errors = {}
+        fa4 = _fa4()
+        if fa4 is not None:
+            func, varlen_func = fa4
+            qb, kb, vb = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))  # (B, S, H, D)
+            gb = go.transpose(1, 2).contiguous()
+
+            def first(out):
+                return out[0] if isinstance(out, tuple) else out
+
+            def fa4_batched():
+                return torch.autograd.grad(first(func(qb, kb, vb, softmax_scale=d ** -0.5, causal=True)), (qb, kb, vb), gb)
+
+            def fa4_varlen():
+                out = first(varlen_func(qf, kf, vf, cu_seqlens_q=packing.cu_seqlens, cu_seqlens_k=packing.cu_seqlens,
+                                        max_seqlen_q=s, max_seqlen_k=s, softmax_scale=d ** -0.5, causal=True))
+                return torch.autograd.grad(out, (qf, kf, vf), gf)
+            cases["fa4 (flash-attn-4)"] = fa4_batched
+            cases["fa4 varlen (4 documents)"] = fa4_varlen
+            try:  # the largest difference from cuDNN's output and gradients, relative to their largest value
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                want = (ref.transpose(1, 2), *(g.transpose(1, 2) for g in torch.autograd.grad(ref, (q, k, v), go)))
+                out = first(func(qb, kb, vb, softmax_scale=d ** -0.5, causal=True))
+                got = (out, *torch.autograd.grad(out, (qb, kb, vb), gb))
+                errors["fa4 (flash-attn-4)"] = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                                                   for a, b in zip(got, want))
+            except Exception as e:  # noqa: BLE001
+                print(f"attn {shape} fa4 check: {type(e).__name__}: {str(e)[:300]}")
         for name, fn in cases.items():
             try:
                 ms = timed(fn)
             except Exception as e:  # noqa: BLE001 - a backend that cannot run this shape says so
                 print(f"attn {shape} {name}: {type(e).__name__}: {str(e)[:200]}")
                 continue
-            emit("attn", f"{shape} {name}", ms, tflops=flop / ms / 1e9)
+            emit("attn", f"{shape} {name}", ms, tflops=flop / ms / 1e9, max_rel_err=errors.get(name))
         del q, k, v, go
         torch.cuda.empty_cache()
+
+
+def _fa4():
+    """FlashAttention-4's (flash_attn_func, flash_attn_varlen_func), or None (said why) where it is not
+    installed (bench/fa4_wheels.sh) or this is not a Hopper-or-later GPU."""
+    try:
+        from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+    except Exception as e:  # noqa: BLE001 - ImportError, or the DSL failing to load its libraries
+        print(f"attn: no FlashAttention-4 ({type(e).__name__}: {str(e)[:200]})")
+        return None
+    if torch.cuda.get_device_capability()[0] < 9:
+        print("attn: FlashAttention-4 needs a Hopper or later GPU")
+        return None
+    return flash_attn_func, flash_attn_varlen_func
 
 
 def bench_varlen_pad(emit):
