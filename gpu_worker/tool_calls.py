@@ -39,6 +39,8 @@ def check_call_shape(call: Any) -> str | None:
         parsed = json.loads(args)
     except json.JSONDecodeError as err:
         return f"function {fn['name']!r}: 'arguments' is not valid JSON ({err.msg} at column {err.colno})"
+    except RecursionError:
+        return f"function {fn['name']!r}: 'arguments' is nested too deeply"
     if not isinstance(parsed, dict):
         return f"function {fn['name']!r}: 'arguments' must encode a JSON object, not {type_name(parsed)}"
     return None
@@ -145,6 +147,8 @@ def _as_tools(functions: Any, field: str) -> tuple[list | None, str | None]:
             functions = json.loads(functions)
         except json.JSONDecodeError as err:
             return None, f"'{field}' is a string but not valid JSON ({err.msg} at column {err.colno})"
+        except RecursionError:
+            return None, f"'{field}' is nested too deeply"
     if not isinstance(functions, list):
         return None, f"'{field}' must be an array of functions, not {type_name(functions)}"
     tools = []
@@ -226,6 +230,8 @@ def sharegpt_as_chat(obj: dict, roles: dict[str, str]) -> tuple[dict | None, str
                 value = json.loads(turn["value"])
             except json.JSONDecodeError as err:
                 return None, f"{where} ({speaker}): 'value' must be a JSON function call ({err.msg} at column {err.colno})"
+            except RecursionError:
+                return None, f"{where} ({speaker}): 'value' is nested too deeply"
             calls = []
             for value in value if isinstance(value, list) else [value]:
                 call, reason = _call(value, f"call_{i}_{len(calls)}", f"{where} ({speaker})")

@@ -221,6 +221,9 @@ class FileValidator:
         except json.JSONDecodeError as err:
             self._error(f"invalid JSON ({err.msg} at column {err.colno})")
             return None
+        except RecursionError:  # the parser's stack: [[[[... thousands deep
+            self._error("invalid JSON (nested too deeply)")
+            return None
         if (reason := self._reason(obj)) is not None:
             self._error(reason)
             return None

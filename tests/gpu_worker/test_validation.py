@@ -54,6 +54,7 @@ def test_empty_lines_are_skipped_but_counted_for_line_numbers():
     [
         (b"\xff\xfe{}", "invalid UTF-8"),
         (b"{not json", "invalid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "invalid JSON (nested too deeply)"),  # the parser's recursion: was a 500
         (b"[1, 2]", "expected a JSON object, got an array"),
         (b'"text"', "expected a JSON object, got a string"),
         (b'{"prompt": "a", "completion": "b"}', "missing 'messages'"),
@@ -139,6 +140,7 @@ def _with(example: dict, index: int, **fields) -> dict:
 TOOL_BAD = [
     (_tool_example(calls=[_call(name="get_wether")]), "message 1: tool_calls[0] calls unknown tool 'get_wether' (the example's tools: get_time, get_weather)"),
     (_tool_example(calls=[_call(arguments='{"city": Paris}')]), "message 1: tool_calls[0]: function 'get_weather': 'arguments' is not valid JSON"),
+    (_tool_example(calls=[_call(arguments="[" * 100_000 + "]" * 100_000)]), "message 1: tool_calls[0]: function 'get_weather': 'arguments' is nested too deeply"),
     (_tool_example(calls=[_call(arguments={"city": "Paris"})]), "'arguments' must be a JSON string, not an object"),
     (_tool_example(calls=[_call(arguments='["Paris"]')]), "'arguments' must encode a JSON object, not an array"),
     (_tool_example(calls=[{"id": "c1", "type": "function"}]), "tool_calls[0]: 'function' must be an object"),
