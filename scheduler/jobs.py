@@ -17,6 +17,7 @@ longer write the job.
 
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import datetime, timedelta
 from typing import Any
@@ -209,3 +210,12 @@ def reap(session: Session, job: Job, max_attempts: int) -> str:
 def fine_tuned_model_name(base_model: str, org_name: str, suffix: str | None, job_id: str) -> str:
     """OpenAI's naming: ``ft:{base}:{org}:{suffix}:{job id}`` (an empty suffix stays empty)."""
     return f"ft:{base_model}:{org_name}:{suffix or ''}:{job_id}"
+
+
+CHECKPOINT_MODEL = re.compile(r"^(ft:.+):ckpt-step-(\d{1,9})$")  # (fine-tuned model, step); the step fits the column
+
+
+def checkpoint_model_name(fine_tuned_model: str, step: int) -> str:
+    """OpenAI's name of a job's checkpoint as a model: ``{fine-tuned model}:ckpt-step-{N}`` (served too:
+    serving.registry)."""
+    return f"{fine_tuned_model}:ckpt-step-{step}"

@@ -21,7 +21,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gpu_worker.storage import open_store
-from scheduler.models import Adapter, AdapterAlias, utcnow
+from scheduler.jobs import checkpoint_model_name
+from scheduler.models import Adapter, AdapterAlias, Checkpoint, utcnow
 from scheduler.tenancy import Principal
 from serving.compatibility import Incompatible, check_files
 from serving.errors import InvalidRequest, ModelNotFound, ServingError
@@ -134,6 +135,30 @@ async def _check_on_vllm(engines: EnginePool, store, base: str, storage_key: str
     if not report["passed"]:
         await _withdraw(engines, store, base, adapter_id)
     return report
+
+
+# checkpoint models this process put in the adapter index (serving.registry: a checkpoint shares its final
+# adapter's check, and a vLLM replica finds an adapter only through the index)
+_indexed_checkpoints: set[str] = set()
+
+
+async def index_checkpoint(settings: ServingSettings, engines: EnginePool, base: str, ref) -> None:
+    """Publish a checkpoint model's index entry for vLLM replicas, once per gateway process (idempotent)."""
+    if not engines.resolves_adapters or ref.id in _indexed_checkpoints:
+        return
+    entry = lora_index.IndexEntry(name=ref.id, base_model=base, key=ref.storage_key)
+    await asyncio.to_thread(lora_index.publish, open_store(settings.storage_url), entry)
+    _indexed_checkpoints.add(ref.id)
+
+
+def checkpoint_models(session: Session, org_id: str, adapter_ids: list[str]) -> list[tuple[str, str]]:
+    """(base model, name) of every checkpoint model of these adapter versions' jobs."""
+    rows = session.execute(
+        select(Adapter.id, Adapter.base_model, Checkpoint.step)
+        .join(Checkpoint, Checkpoint.job_id == Adapter.job_id)
+        .where(Adapter.org_id == org_id, Adapter.id.in_(adapter_ids))
+    ).all()
+    return [(base, checkpoint_model_name(adapter_id, step)) for adapter_id, base, step in rows]
 
 
 async def _withdraw(engines: EnginePool, store, base: str, adapter_id: str) -> None:

@@ -74,11 +74,17 @@ async def delete_everywhere(model: str, request: Request, principal: Principal, 
     """Delete a version (its id) or a name with all its versions, and unload them everywhere (this route,
     and OpenAI's ``DELETE /v1/models/{model}``): the version ids deleted. Admin keys only."""
     _require_admin(principal)
-    deleted = await db.run(lambda s: adapter_registry.delete(s, principal, model))
+
+    def delete(session):
+        versions = adapter_registry.delete(session, principal, model)
+        return versions, adapter_registry.checkpoint_models(session, principal.org_id, [v for _, v in versions])
+
+    deleted, checkpoints = await db.run(delete)
     _forget_models(request, principal)
-    # The database no longer resolves them, so no gateway sends new requests; now free the engines.
+    # The database no longer resolves them (nor their checkpoints), so no gateway sends new requests; now
+    # free the engines.
     store = open_store(settings.storage_url)
-    for base, adapter_id in deleted:
-        await asyncio.to_thread(lora_index.withdraw, store, adapter_id)  # resolvers stop finding it
-        await engines.unload_everywhere(base, adapter_id)
+    for base, name in deleted + checkpoints:
+        await asyncio.to_thread(lora_index.withdraw, store, name)  # resolvers stop finding it
+        await engines.unload_everywhere(base, name)
     return [adapter_id for _, adapter_id in deleted]

@@ -66,10 +66,13 @@ async def resolve(ctx: InferenceContext, model: str) -> ResolvedModel:
 
 async def complete(ctx: InferenceContext, endpoint: Endpoint, body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest) -> Response:
     target = await resolve(ctx, body.model)
-    if target.adapter is not None and not target.adapter.checked:
-        report = await adapter_registry.ensure_checked(ctx.settings, ctx.db, ctx.engines, ctx.principal.org_id, target.adapter.id)
+    adapter = target.adapter
+    if adapter is not None and not adapter.checked:  # a checkpoint: its job's final adapter's check
+        report = await adapter_registry.ensure_checked(ctx.settings, ctx.db, ctx.engines, ctx.principal.org_id, adapter.checked_as or adapter.id)
         if not report["passed"]:
             raise adapter_registry.AdapterIncompatible(body.model, report.get("reason", "its compatibility check failed"))
+    if adapter is not None and adapter.checked_as is not None:
+        await adapter_registry.index_checkpoint(ctx.settings, ctx.engines, target.base, adapter)
     meter = Meter(ctx.usage, ctx.metrics, ctx.principal, ctx.request_id, target)
     payload = body.upstream_payload()
     payload["model"] = target.name  # a versionless name runs on its active version's lora_name

@@ -1,6 +1,10 @@
 """Which models a caller may use: the base-model catalog plus the caller organization's fine-tuned
-adapters (the ``Adapter`` table). Every lookup is scoped by the caller's org, and a model that exists
-only in another org is indistinguishable from one that does not exist.
+adapters (the ``Adapter`` table) and their jobs' checkpoints. Every lookup is scoped by the caller's org,
+and a model that exists only in another org is indistinguishable from one that does not exist.
+
+A checkpoint is a model as in OpenAI's API: ``{fine-tuned model}:ckpt-step-{N}`` (the job's checkpoint
+list names it) runs the adapter saved at step N (``gpu_worker.checkpoint``: a PEFT folder), once the job's
+final adapter passed its compatibility check, which covers its checkpoints (one configuration, one run).
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from scheduler.models import Adapter, AdapterAlias, Organization
+from scheduler.jobs import CHECKPOINT_MODEL
+from scheduler.models import Adapter, AdapterAlias, Checkpoint, Organization
 from scheduler.tenancy import Principal
 from serving import adapter_registry
 from serving.errors import ModelNotFound
@@ -25,6 +30,7 @@ class AdapterRef:
     id: str  # the version's fine-tuned model name; also the engine's ``lora_name``
     storage_key: str
     checked: bool = True  # False until the registry's compatibility check has run
+    checked_as: str | None = None  # a checkpoint: the adapter whose check covers it (its job's final one)
 
     @property
     def lora_path(self) -> str:
@@ -43,16 +49,38 @@ def resolve(session: Session, principal: Principal, model: str, base_models: lis
     """The model a request runs on, or ModelNotFound."""
     if model in base_models:
         return ResolvedModel(name=model, base=model)
+    if (found := checkpoint(session, principal.org_id, model)) is not None:
+        row, ckpt = found
+        _servable(model, row)
+        ref = AdapterRef(id=model, storage_key=ckpt.storage_key, checked=row.compatibility is not None, checked_as=row.id)
+        return ResolvedModel(name=model, base=row.base_model, adapter=ref)
     if model.startswith(FINE_TUNED_PREFIX):
         # A version id (pinned) or a versionless name (its active version); see serving.adapter_registry.
         row = adapter_registry.find(session, principal.org_id, model)
         if row is not None:
-            report = row.compatibility
-            if report is not None and not report.get("passed"):
-                raise adapter_registry.AdapterIncompatible(model, report.get("reason", "its compatibility check failed"))
-            ref = AdapterRef(id=row.id, storage_key=row.storage_key, checked=report is not None)
+            _servable(model, row)
+            ref = AdapterRef(id=row.id, storage_key=row.storage_key, checked=row.compatibility is not None)
             return ResolvedModel(name=row.id, base=row.base_model, adapter=ref)
     raise ModelNotFound(model)
+
+
+def _servable(model: str, row: Adapter) -> None:
+    report = row.compatibility
+    if report is not None and not report.get("passed"):
+        raise adapter_registry.AdapterIncompatible(model, report.get("reason", "its compatibility check failed"))
+
+
+def checkpoint(session: Session, org_id: str, model: str) -> tuple[Adapter, Checkpoint] | None:
+    """A checkpoint model's (final adapter, checkpoint), if ``model`` names one of the org's: a live
+    adapter version's job's checkpoint at that step."""
+    match = CHECKPOINT_MODEL.match(model)
+    if match is None:
+        return None
+    row = adapter_registry.find(session, org_id, match[1])
+    if row is None or row.id != match[1]:  # a version id, not a versionless name
+        return None
+    ckpt = session.scalar(select(Checkpoint).where(Checkpoint.job_id == row.job_id, Checkpoint.step == int(match[2])))
+    return (row, ckpt) if ckpt is not None else None
 
 
 def list_models(session: Session, principal: Principal, base_models: list[str]) -> ModelsPublic:
@@ -79,8 +107,12 @@ def list_models(session: Session, principal: Principal, base_models: list[str]) 
 def get_model(session: Session, principal: Principal, model: str, base_models: list[str]) -> ModelPublic:
     if model in base_models:
         return ModelPublic(id=model, created=0, owned_by=SYSTEM_OWNER)
-    row = adapter_registry.find(session, principal.org_id, model) if model.startswith(FINE_TUNED_PREFIX) else None
+    if (found := checkpoint(session, principal.org_id, model)) is not None:
+        row, created = found[0], found[1].created_at
+    else:
+        row = adapter_registry.find(session, principal.org_id, model) if model.startswith(FINE_TUNED_PREFIX) else None
+        created = row.created_at if row is not None else None
     if row is None:
         raise ModelNotFound(model)
     org = session.get(Organization, row.org_id)
-    return ModelPublic(id=model, created=int(row.created_at.timestamp()), owned_by=org.name)
+    return ModelPublic(id=model, created=int(created.timestamp()), owned_by=org.name)

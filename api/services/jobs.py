@@ -42,7 +42,7 @@ from gpu_worker.contract import (
 )
 from scheduler.fleet import Fleet
 from scheduler import jobs as lifecycle
-from scheduler.jobs import add_event, fine_tuned_model_name
+from scheduler.jobs import add_event, checkpoint_model_name, fine_tuned_model_name
 from scheduler.models import Checkpoint, File, Job, JobEvent, JobStatus, Organization, new_id
 from scheduler.routing import Plan, Unplaceable, route
 from scheduler.tenancy import Principal
@@ -324,7 +324,7 @@ def list_checkpoints(session: Session, principal: Principal, job_id: str, *, aft
         CheckpointPublic(
             id=c.id,
             created_at=unix_seconds(c.created_at),
-            fine_tuned_model_checkpoint=f"{model}:ckpt-step-{c.step}",
+            fine_tuned_model_checkpoint=checkpoint_model_name(model, c.step),
             fine_tuning_job_id=job.id,
             step_number=c.step,
             metrics={"step": c.step, **(c.metrics or {})},

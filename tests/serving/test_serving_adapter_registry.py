@@ -130,6 +130,45 @@ def test_openai_models_delete_deletes_a_fine_tuned_model_but_never_a_base_model(
     assert client.models.retrieve(BUILTIN_BASE_MODEL).id == BUILTIN_BASE_MODEL
 
 
+def test_a_jobs_checkpoints_are_models_as_in_openais_api(engines, gateway, make_org, make_adapter, db_session):
+    """``{fine-tuned model}:ckpt-step-{N}`` (the job's checkpoint list names it) runs the adapter saved at
+    step N, under its own name; a step the job never saved, a versionless name, another org's model and
+    a failed final check are refused; deleting the model unloads its checkpoints too."""
+    from scheduler.models import Adapter, Checkpoint
+    from serving.adapter_registry import record_check
+
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    org, key = make_org()
+    model = make_adapter(org, storage_key="jobs/x/adapter")
+    db_session.add(Checkpoint(job_id=db_session.get(Adapter, model).job_id, org_id=org.id, step=20, storage_key="jobs/x/checkpoints/step-000020"))
+    db_session.flush()
+    client = gw.client(key)
+    ckpt = f"{model}:ckpt-step-20"
+
+    assert client.chat.completions.create(model=ckpt, messages=MESSAGES).choices
+    assert engine.state.loaded[ckpt] == "store:jobs/x/checkpoints/step-000020" and engine.state.served[-1] == ckpt
+    assert client.models.retrieve(ckpt).id == ckpt
+    _, other_key = make_org()
+    for missing, who in ((f"{model}:ckpt-step-21", key), (f"{name_of(model)}:ckpt-step-20", key), (f"{model}:ckpt-step-9999999999", key),
+                         (ckpt, other_key)):
+        with pytest.raises(openai.NotFoundError):
+            gw.client(who).chat.completions.create(model=missing, messages=MESSAGES)
+
+    client.models.delete(model)
+    assert ckpt not in engine.state.loaded
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=ckpt, messages=MESSAGES)
+
+    failed = make_adapter(org, suffix="bad", checked=False)
+    db_session.add(Checkpoint(job_id=db_session.get(Adapter, failed).job_id, org_id=org.id, step=5, storage_key="k"))
+    record_check(db_session, org.id, failed, {"passed": False, "reason": "rank 512 above the serving limit"})
+    db_session.flush()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=f"{failed}:ckpt-step-5", messages=MESSAGES)
+    assert err.value.body["code"] == "adapter_incompatible"
+
+
 def _put_adapter(store: LocalStore, prefix: str, *, config: dict | None = None, tensors: dict | None = None, extra: dict | None = None) -> None:
     config = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": BUILTIN_BASE_MODEL, **(config or {})}
     store.put_bytes(f"{prefix}/adapter_config.json", json.dumps(config).encode())

@@ -95,6 +95,20 @@ def test_replicas_resolve_by_name_and_requests_follow_the_holder(vllm_stack):
     assert sum(sum(e.state.load_requests.values()) for e in fleet) == 0
 
 
+def test_a_checkpoint_model_is_found_by_the_resolver_after_its_adapters_check(vllm_stack, db_session, tmp_path):
+    from scheduler.models import Adapter, Checkpoint
+
+    gw, [engine], store, key, model = vllm_stack()
+    _put_adapter_with_reference(store, "adapters/a-step-10", tmp_path)
+    adapter = db_session.get(Adapter, model)
+    db_session.add(Checkpoint(job_id=adapter.job_id, org_id=adapter.org_id, step=10, storage_key="adapters/a-step-10"))
+    db_session.flush()
+    ckpt = f"{model}:ckpt-step-10"
+    gw.client(key).chat.completions.create(model=ckpt, messages=MESSAGES)  # checks the final adapter first
+    assert index.lookup(store, ckpt).key == "adapters/a-step-10" and engine.state.load_calls[ckpt] == 1
+    assert engine.state.served[-1] == ckpt and engine.state.load_requests[ckpt] == 0  # by name, no path sent
+
+
 def test_an_adapter_missing_from_the_index_is_a_server_error(vllm_stack):
     gw, [engine], store, key, model = vllm_stack()
     gw.client(key).chat.completions.create(model=model, messages=MESSAGES)
