@@ -310,6 +310,8 @@ def setup_hf(args):
         args.patch_module = sys.modules["gpu_worker.patching"].__file__
         # an A/B: the decoder layers' CUDA graphs always / never instead of the patcher's rule
         graphs = {"auto": {}, "on": {"cuda_graphs": True}, "off": {"cuda_graphs": False}}[getattr(args, "graphs", "auto")]
+        if getattr(args, "attention", "sdpa") != "sdpa":  # an A/B: FlashAttention-4 for the causal attention
+            graphs["attention"] = args.attention
         if getattr(args, "fp8", False):  # the opt-in FP8 GEMMs for the frozen projections (not exact bf16)
             graphs["fp8"] = True
             if getattr(args, "fp8_fast_accum", False):  # an experiment: cuBLASLt's fast accumulation in forward
@@ -317,7 +319,7 @@ def setup_hf(args):
                 fp8.FAST_ACCUM_FORWARD = True
         report = patch_model(model, memory_mode={"off": "off", "on": "checkpointing",
                                                  "offload": "offload"}[args.ckpt], **graphs)
-        args.patch_report = {"patched": list(report.patched), "reason": report.reason,
+        args.patch_report = {"patched": list(report.patched), "reason": report.reason, "notes": list(report.notes),
                              "memory_mode": report.memory_mode, "counts": dict(getattr(report, "counts", {}))}
         if getattr(args, "glu_tile", None):  # an experiment: another tile for lora_glu's kernels
             sys.modules["tuneforge_kernels.lora_glu"].TILE = args.glu_tile
@@ -628,7 +630,7 @@ def longest(args, model, opt, ac, rec):
 
 # ----------------------------------------------------------------------------- suite driver
 def parse_spec(spec):
-    # method:shape:ckpt[:quant[:batch[:data[:fp8[:dropout[:graphs]]]]]]
+    # method:shape:ckpt[:quant[:batch[:data[:fp8[:dropout[:graphs[:attention]]]]]]]
     p = spec.split(":")
     d = {"method": p[0], "shape": p[1], "ckpt": p[2], "quant": "none", "batch": None, "data": "fixed"}
     if len(p) > 3 and p[3]:
@@ -652,6 +654,10 @@ def parse_spec(spec):
         if p[8] not in ("auto", "on", "off") or p[0] not in ("ours", "base"):
             raise SystemExit(f"config {spec!r}: the 9th field is ours' CUDA graphs: auto, on or off")
         d["graphs"] = p[8]
+    if len(p) > 9 and p[9]:  # ours only: causal attention through SDPA or FlashAttention-4 (run --attention)
+        if p[9] not in ("sdpa", "fa4") or p[0] not in ("ours", "base"):
+            raise SystemExit(f"config {spec!r}: the 10th field is ours' attention: sdpa or fa4")
+        d["attention"] = p[9]
     return d
 
 
@@ -687,7 +693,8 @@ def suite(args):
                    "--autocast", args.autocast, "--peak-file", args.peak_file, "--data", d["data"],
                    "--base-root", args.base_root] + (["--fp8"] if d.get("fp8") else []) + (
                    ["--lora-dropout", str(d["lora_dropout"])] if d.get("lora_dropout") else []) + (
-                   ["--graphs", d["graphs"]] if d.get("graphs") else [])
+                   ["--graphs", d["graphs"]] if d.get("graphs") else []) + (
+                   ["--attention", d["attention"]] if d.get("attention") else [])
             if d["method"] == "unsloth":
                 path = os.path.join(args.model_root, f"rand-{d['shape']}")
                 if not os.path.exists(os.path.join(path, "config.json")):
@@ -802,6 +809,8 @@ def main():
                     help="ours: rows,cols,warps for lora_glu's kernels instead of its TILE (an A/B; v13: 32,128,4)")
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
                     help="ours: replay the decoder layers as CUDA graphs by the patcher's rule, always or never")
+    ap.add_argument("--attention", choices=["sdpa", "fa4"], default="sdpa",
+                    help="ours: causal attention through SDPA, or FlashAttention-4's Hopper kernels (bench/fa4_wheels.sh)")
     ap.add_argument("--cprofile", default=None, help="write cProfile stats of the timed steps here")
     ap.add_argument("--ce-rows", type=int, default=0,
                     help="ours/base: rows per fused-CE chunk instead of the kernel's rule (an experiment)")

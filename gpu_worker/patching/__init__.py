@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gpu_worker.patching import hopper_attention
 from gpu_worker.patching.lora import attach_fp8, fp8_disabled, keep_fp8_sources_on_host
 from gpu_worker.patching.memory import MEMORY_MODES, apply_memory_mode
 
@@ -68,7 +69,8 @@ def _base_causal_lm(model: nn.Module) -> nn.Module:
 
 
 def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "off",
-                impl: str | None = None, cuda_graphs: bool | None = None, fp8: bool = False) -> PatchReport:
+                impl: str | None = None, cuda_graphs: bool | None = None, fp8: bool = False,
+                attention: str = "sdpa") -> PatchReport:
     """Route ``model``'s norms, RoPE, MLP and loss through ``kernels`` (in place) and apply the memory mode.
 
     ``impl`` is passed to every op (None: Triton on CUDA, reference elsewhere; tests force "triton" to
@@ -79,10 +81,14 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     CUDA. ``fp8``: the decoder layers' frozen projections compute their forward and input-gradient GEMMs
     in e4m3 (``tuneforge_kernels.fp8``; not exact bf16: ``fp8_disabled`` gives the bf16 loss to report
     beside it); on one GPU of compute capability 8.9 or later (or CPU, emulated), else the report's notes
-    say why not.
+    say why not. ``attention="fa4"``: causal attention through FlashAttention-4's Hopper kernels where it is
+    installed and the GPU is a Hopper (hopper_attention.py; not yet measured, so not the default), else the
+    report's notes say why not.
     """
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
+    if attention not in hopper_attention.BACKENDS:
+        raise ValueError(f"attention must be one of {hopper_attention.BACKENDS}, got {attention!r}")
     base = _base_causal_lm(model)
     config = getattr(base, "config", None)
     arch = getattr(config, "model_type", type(base).__name__)
@@ -120,6 +126,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     fp8_off = _fp8_unavailable(base, distributed, memory_mode) if fp8 else None
     fp8 = fp8 and fp8_off is None
     fp8_device = next(base.parameters()).device if fp8 else None
+    fa4_off = hopper_attention.unavailable(next(base.parameters()).device) if attention == "fa4" else None
     # the padded and joined layouts hold bf16 GEMMs of their own: not with FP8's
     join = join and not fp8
     speed = memory_mode == "off" and not distributed and not dropout and not fp8 and hidden is not None
@@ -143,6 +150,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
                 counts["rms_norm"] += 1
         attn = layer.self_attn
         patch_attention(attn, impl)
+        if attention == "fa4" and fa4_off is None:
+            attn._tf_attention = "fa4"
         counts["rope"] += 1
         counts["lora_qkv_o"] += 1
         patch_mlp(layer.mlp, act, impl, output_discarded_in_recompute=mlp_output_only_feeds_the_residual(layer))
@@ -164,6 +173,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     notes = ()
     if fp8_off is not None:
         notes += (f"fp8 asked for, but {fp8_off}: the projections compute in bf16",)
+    if fa4_off is not None:
+        notes += (f"FlashAttention-4 asked for, but {fa4_off}: attention through SDPA",)
     if dropout:
         notes += (f"adapter dropout {', '.join(f'{p:g}' for p in dropout)}: the fused kernels draw its masks, "
                   f"without the padded weight layouts{no_graphs}; adapter dropout 0 trains fastest",)

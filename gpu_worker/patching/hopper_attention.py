@@ -1,0 +1,74 @@
+"""FlashAttention-4's Hopper kernels (the ``flash-attn-4`` package: CuTe DSL, compiled on the GPU at first
+use) as the patched attention's causal path, batched and over packed rows.
+
+An opt-in (``patch_model(attention="fa4")``, the benchmark's ``--attention fa4``) until it is measured:
+the 8B step's attention is 42 ms of cuDNN at ~400-450 TFLOP/s, and FA4's SM90 kernels may beat that
+(bench/NOTES.md, session 20: predicted 1.2-1.35x forward+backward; bench/micro.py's ``attn`` group times
+them). It lives here, not in ``kernels/``, which imports only torch and triton.
+
+It takes the calls SDPA's causal flash path would take: no mask (the causal placeholder), no KV cache, no
+logit softcap, no attention dropout, no sliding window shorter than the rows; bf16 or fp16 on a GPU of
+compute capability 9.x; head sizes FA4's SM90 kernels have (a multiple of 8 up to 256). Anything else
+keeps SDPA (or the variable-length kernel of ``tuneforge_kernels.varlen_attention`` for packed rows).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from tuneforge_kernels.varlen_attention import Packing
+
+BACKENDS = ("sdpa", "fa4")
+
+
+@functools.cache
+def _kernels():
+    try:
+        from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+    except Exception as err:  # not installed, or its DSL libraries failed to load: said by ``unavailable``
+        return err
+    return flash_attn_func, flash_attn_varlen_func
+
+
+def unavailable(device: torch.device) -> str | None:
+    """Why FA4 cannot serve a model on ``device``, or None."""
+    if device.type != "cuda":
+        return "it runs on CUDA GPUs only"
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return f"it has kernels for Hopper (compute capability 9.x) here, not {torch.cuda.get_device_name(device)}"
+    kernels = _kernels()
+    if isinstance(kernels, Exception):
+        return f"flash-attn-4 is not importable ({type(kernels).__name__}: {kernels})"
+    return None
+
+
+def takes(attn: nn.Module, q: torch.Tensor, rows: int) -> bool:
+    """Whether the layer's attention over rows of ``rows`` tokens (``q`` its queries) can run on FA4."""
+    window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
+    dropout = attn.attention_dropout if attn.training else 0.0
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+            and getattr(attn, "attn_logit_softcapping", None) is None and not dropout and (window is None or window >= rows)
+            and getattr(attn, "is_causal", True))
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out  # (out, lse) where the release returns both
+
+
+def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of ``q (B, Hq, S, D)`` (grouped-query ``k``, ``v``: (B, Hkv, S, D)): ``(B, S, Hq, D)``,
+    as transformers' attention functions return it. The patched attention's q/k/v are transposed views of
+    (B, S, H, D) tensors, FA4's layout: transposing back copies nothing."""
+    func, _ = _kernels()
+    return _first(func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True))
+
+
+def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, scale: float) -> torch.Tensor:
+    """Causal attention within each document of packed rows: q ``(T, Hq, D)``, k/v ``(T, Hkv, D)`` -> ``(T, Hq, D)``."""
+    _, func = _kernels()
+    cu, n = packing.cu_seqlens, packing.max_len
+    return _first(func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n, softmax_scale=scale,
+                       causal=True))

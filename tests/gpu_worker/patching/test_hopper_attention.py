@@ -1,0 +1,72 @@
+"""FlashAttention-4 as the patched attention's causal path (gpu_worker/patching/hopper_attention.py): an
+opt-in that says why when it cannot serve; on a Hopper GPU with flash-attn-4 installed (bench/fa4_wheels.sh)
+a patched model computes with it what it computes through SDPA, batched and over packed rows.
+
+bf16 attention kernels differ in their rounding (accumulation order), so runs are compared as two bf16
+backends would be: losses within 1e-2 relative, LoRA gradients within 3e-2 (norm of the difference over
+the norm); a wrong mask, scale or layout is off by far more."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpu_worker.patching import hopper_attention, patch_model
+from tests.gpu_worker.patching.conftest import build_lora_model, lora_grads, rel, tiny_config
+
+
+def test_asked_where_it_cannot_run_the_model_keeps_sdpa_and_says_why():
+    model = build_lora_model(tiny_config())
+    report = patch_model(model, attention="fa4")
+    assert report.notes == ("FlashAttention-4 asked for, but it runs on CUDA GPUs only: attention through SDPA",)
+    assert not any("_tf_attention" in layer.self_attn.__dict__ for layer in model.get_base_model().model.layers)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        patch_model(build_lora_model(tiny_config()), attention="flash9")
+
+
+def test_takes_only_what_sdpas_causal_path_would():
+    attn = build_lora_model(tiny_config()).get_base_model().model.layers[0].self_attn.eval()
+    q = torch.zeros(1, 4, 16, 16, dtype=torch.bfloat16)
+    assert not hopper_attention.takes(attn, q, 16)  # on the CPU
+    if torch.cuda.is_available():
+        q = q.cuda()
+        assert hopper_attention.takes(attn, q, 16)
+        assert not hopper_attention.takes(attn, q.float(), 16)
+        attn.sliding_window = 8
+        assert not hopper_attention.takes(attn, q, 16) and hopper_attention.takes(attn, q, 8)
+
+
+def _fa4_missing() -> str | None:
+    return hopper_attention.unavailable(torch.device("cuda")) if torch.cuda.is_available() else "needs a CUDA GPU"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_fa4_computes_what_sdpa_computes(model_type, packed, monkeypatch):
+    if (why := _fa4_missing()) is not None:
+        pytest.skip(why)
+    calls = []
+    for name in ("causal", "varlen"):  # counted: a silent fall back to SDPA would pass the comparison
+        kernel = getattr(hopper_attention, name)
+        monkeypatch.setattr(hopper_attention, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
+    config = tiny_config(model_type, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    models = [build_lora_model(config, "cuda") for _ in range(2)]
+    for model, attention in zip(models, ("sdpa", "fa4")):
+        patch_model(model, attention=attention, cuda_graphs=False)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 128, (2, 64), generator=g).cuda()
+    kwargs = {}
+    if packed:  # two documents a row, positions restarting: the variable-length kernels
+        kwargs["position_ids"] = torch.cat([torch.arange(24), torch.arange(40)]).repeat(2, 1).cuda()
+    losses = []
+    for model in models:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False, **kwargs).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert calls == ["varlen" if packed else "causal"] * config.num_hidden_layers
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2)
+    reference, got = lora_grads(models[0]), lora_grads(models[1])
+    worst = max((rel(got[name], g), name) for name, g in reference.items())
+    assert worst[0] < 3e-2, worst
