@@ -232,8 +232,8 @@ class FileDeleted(BaseModel):
 
 
 class ExpiresAfterIn(_Request):
-    anchor: Literal["created_at"]
-    seconds: int = Field(ge=3600, le=30 * 24 * 3600)  # OpenAI's range: an hour to 30 days
+    anchor: str  # "created_at"; checked with the seconds (services.files.expires_after), as for files.create
+    seconds: int
 
 
 class UploadCreate(_Request):

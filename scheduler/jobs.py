@@ -26,7 +26,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from scheduler.models import Job, JobEvent, JobStatus, utcnow
+from scheduler.models import File, Job, JobEvent, JobStatus, utcnow
 
 
 _EVENT_SEQ_RETRIES = 10
@@ -205,6 +205,21 @@ def reap(session: Session, job: Job, max_attempts: int) -> str:
         add_event(session, job, "Worker lost; job returned to the queue and will resume from its last checkpoint", level="warn")
         return "requeued"
     return "moved"
+
+
+UNFINISHED = (JobStatus.validating_files, JobStatus.queued, JobStatus.running, JobStatus.paused)  # a paused job resumes
+
+
+def job_using_file(session: Session, file: File) -> str | None:
+    """An unfinished job of the file's org that reads it (its training or validation file, or one of its
+    extra training files, which the job spec names by storage key), if any."""
+    rows = session.execute(select(Job.id, Job.training_file_id, Job.validation_file_id, Job.spec)
+                           .where(Job.org_id == file.org_id, Job.status.in_(UNFINISHED)).order_by(Job.created_at)).all()
+    for job_id, training, validation, spec in rows:
+        extra = ((spec or {}).get("data") or {}).get("extra_training_files") or ()
+        if file.id in (training, validation) or any(e.get("key") == file.storage_key for e in extra):
+            return job_id
+    return None
 
 
 def fine_tuned_model_name(base_model: str, org_name: str, suffix: str | None, job_id: str) -> str:

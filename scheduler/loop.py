@@ -7,7 +7,8 @@ Each tick, in its own transactions:
 3. ``queued`` jobs not nudged recently: route them and nudge their queue in fair order (priorities,
    orgs taking turns, per-org limits, free GPUs: ``scheduler.fairness``). A job stays queued until a
    worker claims it, so a lost nudge costs only a re-nudge;
-4. pending uploads (files in parts) past their expiry: expired, their parts deleted.
+4. pending uploads (files in parts) past their expiry: expired, their parts deleted; files past their
+   ``expires_at``: deleted, once no unfinished job reads them.
 
 Ticks are idempotent and every move is conditional, so several scheduler replicas may run at once.
 """
@@ -89,6 +90,24 @@ def _estimate(settings: Settings, store, session, job: Job) -> tuple[str, str] |
         return ("training_file", str(err))
     jobs.add_event(session, job, f"Estimated trained tokens: {job.estimated_tokens:,} (all epochs)", data={"estimated_tokens": job.estimated_tokens})
     return None
+
+
+def expire_files(settings: Settings, now: datetime | None = None) -> int:
+    """Files past their ``expires_at`` (OpenAI's ``expires_after``) deleted, the row first, then the object
+    (a failure orphans an object, never leaves a row without one); a file an unfinished job still reads
+    waits for the job to finish."""
+    store = open_store(settings.storage_url)
+    with session_scope(settings.database_url) as session:
+        due = session.scalars(select(File).where(File.expires_at <= (now or utcnow())).order_by(File.expires_at).limit(BATCH)).all()
+        gone = [(f.id, f.storage_key) for f in due if jobs.job_using_file(session, f) is None]
+        for file_id, _ in gone:
+            session.delete(session.get(File, file_id))
+    for file_id, key in gone:
+        try:
+            store.delete(key)
+        except Exception:
+            log.warning("could not delete expired file %s's object %s", file_id, key, exc_info=True)
+    return len(gone)
 
 
 def expire_uploads(settings: Settings, now: datetime | None = None) -> int:
@@ -180,6 +199,7 @@ def tick(settings: Settings, dispatcher: Dispatcher) -> None:
     reap_expired(settings)
     nudge_queued(settings, dispatcher)
     expire_uploads(settings)
+    expire_files(settings)
 
 
 def run_forever(settings: Settings, dispatcher: Dispatcher, stop: threading.Event, interval: float = 0.5, extra: Callable[[], object] | None = None) -> None:

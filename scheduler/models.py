@@ -128,6 +128,8 @@ class File(Base):
     format: Mapped[str | None] = mapped_column(String(20))  # gpu_worker.contract.DataFormat, detected at upload
     status: Mapped[str] = mapped_column(String(20), default="processed")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # OpenAI's ``expires_after``: the scheduler deletes the file then (once no unfinished job uses it)
+    expires_at: Mapped[datetime | None] = mapped_column(index=True)
 
 
 class Upload(Base):
@@ -142,6 +144,7 @@ class Upload(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)  # the whole file's, declared at creation
     status: Mapped[str] = mapped_column(String(20), default="pending", index=True)  # pending | completed | cancelled | expired
     file_id: Mapped[str | None] = mapped_column(String(40))  # the File it became
+    file_expires_after: Mapped[int | None] = mapped_column(Integer)  # seconds: the File's ``expires_after``
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(index=True)
 

@@ -1,13 +1,16 @@
 """Files: storing validated uploads, listing, reading and deleting them, always within the caller's org.
 
 An upload is all or nothing: it is stored only after it validated completely; the object is written
-before the row (a row always points at an object) and removed again if the row cannot be written.
+before the row (a row always points at an object) and removed again if the row cannot be written. A file
+created with OpenAI's ``expires_after`` gets an ``expires_at``; the scheduler deletes it then, once no
+unfinished job uses it (``scheduler.loop.expire_files``).
 """
 
 from __future__ import annotations
 
 import logging
 import tarfile
+from datetime import timedelta
 from typing import Iterator
 
 from sqlalchemy import and_, or_, select
@@ -18,13 +21,17 @@ from api.schemas import FileDeleted, FileObject, FilesPublic, unix_seconds
 from api.services.scoping import owned
 from api.multipart import Upload
 from gpu_worker.storage import ObjectNotFound, ObjectStore
-from scheduler.models import File, Job, JobStatus, new_id
+from scheduler.jobs import job_using_file
+from scheduler.models import File, new_id, utcnow
 from scheduler.tenancy import Principal
 
 log = logging.getLogger("api.files")
 
 PURPOSES = frozenset({"fine-tune"})  # the only purpose the platform has a use for yet
 _CHUNK = 1 << 16
+EXPIRES_AFTER_SECONDS = (3600, 30 * 24 * 3600)  # OpenAI's range: an hour to 30 days
+_ANCHOR, _SECONDS = "expires_after[anchor]", "expires_after[seconds]"  # the SDK's multipart fields
+_FIELDS = frozenset({"purpose", _ANCHOR, _SECONDS})
 
 
 def storage_key(org_id: str, file_id: str) -> str:
@@ -39,10 +46,29 @@ def to_public(row: File) -> FileObject:
         filename=row.filename,
         purpose=row.purpose,
         status=row.status,
+        expires_at=unix_seconds(row.expires_at),
     )
 
 
+def expires_after(anchor: str | None, seconds) -> timedelta | None:
+    """OpenAI's ``expires_after`` (``anchor`` must be ``created_at``), or None when not given."""
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise InvalidRequest("Invalid value for 'expires_after.anchor': only 'created_at' is supported.", param="expires_after.anchor",
+                             code="invalid_value")
+    low, high = EXPIRES_AFTER_SECONDS
+    if not (isinstance(seconds, int) or (isinstance(seconds, str) and seconds.isdigit())) or not low <= int(seconds) <= high:
+        raise InvalidRequest(f"Invalid value for 'expires_after.seconds': a whole number of seconds from {low} to {high}.",
+                             param="expires_after.seconds", code="invalid_value")
+    return timedelta(seconds=int(seconds))
+
+
 def _check_upload(upload: Upload) -> None:
+    unknown = sorted(set(upload.fields) - _FIELDS)
+    if unknown:
+        raise InvalidRequest(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0], code="invalid_value")
+    expires_after(upload.fields.get(_ANCHOR), upload.fields.get(_SECONDS))
     purpose = upload.fields.get("purpose")
     if not purpose:
         raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter")
@@ -62,10 +88,14 @@ def create_file(session: Session, store: ObjectStore, principal: Principal, uplo
     return to_public(store_file(session, store, principal, upload))
 
 
-def store_file(session: Session, store: ObjectStore, principal: Principal, upload: Upload, then=None) -> File:
+def store_file(session: Session, store: ObjectStore, principal: Principal, upload: Upload, then=None,
+               lifetime: timedelta | None = None) -> File:
     """A validated upload stored as a File: the object first, then the row, committed with whatever
-    ``then(row)`` adds to the transaction (an Upload's completion); on any failure the object is removed."""
+    ``then(row)`` adds to the transaction (an Upload's completion); on any failure the object is removed.
+    ``lifetime``: the file's ``expires_after`` when it does not come with the upload's fields."""
     _check_upload(upload)
+    lifetime = lifetime or expires_after(upload.fields.get(_ANCHOR), upload.fields.get(_SECONDS))
+    now = utcnow()
     file_id = new_id("file-")
     key = storage_key(principal.org_id, file_id)
     store.put_file(key, upload.path)
@@ -80,6 +110,8 @@ def store_file(session: Session, store: ObjectStore, principal: Principal, uploa
             examples=upload.report.examples,
             format=upload.report.format,
             status="processed",
+            created_at=now,
+            expires_at=now + lifetime if lifetime else None,
         )
         session.add(row)
         session.flush()
@@ -167,13 +199,7 @@ def _tar_stream(store: ObjectStore, prefix: str, keys: list[str]) -> Iterator[by
 
 def delete_file(session: Session, store: ObjectStore, principal: Principal, file_id: str) -> FileDeleted:
     row = get_file_row(session, principal, file_id)
-    active = session.scalar(
-        select(Job.id).where(
-            Job.org_id == principal.org_id,
-            Job.status.in_([JobStatus.validating_files, JobStatus.queued, JobStatus.running, JobStatus.paused]),  # a paused job reads it again
-            or_(Job.training_file_id == row.id, Job.validation_file_id == row.id),
-        )
-    )
+    active = job_using_file(session, row)  # a paused job too: it reads its files again when resumed
     if active is not None:
         raise InvalidRequest(
             f"File {file_id} is used by fine-tuning job {active}, which has not finished; cancel it or wait.",

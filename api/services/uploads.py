@@ -5,8 +5,9 @@
 ``complete`` names the parts in their order, and the parts are joined in that order, streamed through
 the same line-by-line validation as a ``/v1/files`` upload (and an optional MD5), and stored as one
 File. All or nothing: a join that fails any check stores nothing and the upload stays pending, so the
-client can complete it again with the right parts. ``cancel`` drops the parts. An upload expires
-(an hour after its creation, or ``expires_after``): a pending one then refuses parts and completion,
+client can complete it again with the right parts. ``cancel`` drops the parts. ``expires_after`` is the
+File's expiry (api.services.files), as in OpenAI's API. An upload expires an hour after its creation: a
+pending one then refuses parts and completion,
 and the scheduler's tick marks it expired and deletes its parts (``scheduler.loop.expire_uploads``).
 """
 
@@ -34,7 +35,7 @@ from scheduler.tenancy import Principal
 
 log = logging.getLogger("api.uploads")
 
-DEFAULT_LIFETIME = timedelta(hours=1)  # OpenAI's
+LIFETIME = timedelta(hours=1)  # OpenAI's
 _CHUNK = 1 << 20
 
 
@@ -63,10 +64,10 @@ def create_upload(session: Session, settings: ApiSettings, principal: Principal,
         raise InvalidRequest(f"An upload holds at most {settings.max_chunked_upload_bytes} bytes; this one declares {body.bytes}.",
                              param="bytes", code="file_too_large")
     now = utcnow()
-    lifetime = timedelta(seconds=body.expires_after.seconds) if body.expires_after else DEFAULT_LIFETIME
+    file_lifetime = files.expires_after(body.expires_after.anchor, body.expires_after.seconds) if body.expires_after else None
     row = Upload(id=new_id("upload_"), org_id=principal.org_id, filename=clean_filename(body.filename.encode(), "filename"),
                  purpose=body.purpose, mime_type=body.mime_type, bytes=body.bytes, status="pending", created_at=now,
-                 expires_at=now + lifetime)
+                 expires_at=now + LIFETIME, file_expires_after=int(file_lifetime.total_seconds()) if file_lifetime else None)
     session.add(row)
     session.commit()
     return to_public(row)
@@ -143,7 +144,8 @@ def complete_upload(session: Session, store: ObjectStore, principal: Principal, 
                 raise InvalidRequest(f"Upload {upload_id} was completed or cancelled meanwhile.", param="upload_id",
                                      code="invalid_upload_status")
 
-        file = files.store_file(session, store, principal, joined, then=completed)
+        lifetime = timedelta(seconds=row.file_expires_after) if row.file_expires_after else None
+        file = files.store_file(session, store, principal, joined, then=completed, lifetime=lifetime)
     finally:
         Path(tmp).unlink(missing_ok=True)
     session.refresh(row)

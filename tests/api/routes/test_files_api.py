@@ -178,3 +178,32 @@ def test_a_folder_result_downloads_as_a_tar_and_deleting_it_keeps_the_folder(cli
     assert got == files
     client_a.files.delete(row.id)
     assert sorted(store.list(prefix + "/")) == sorted(f"{prefix}/{n}" for n in files)
+
+
+def test_expires_after_sets_the_files_expiry_and_bad_values_store_nothing(client_a, org_a, store, db_session):
+    created = client_a.files.create(file=("t.jsonl", jsonl()), purpose="fine-tune", expires_after={"anchor": "created_at", "seconds": 7200})
+    assert created.expires_at == created.created_at + 7200
+    assert client_a.files.retrieve(created.id).expires_at == created.expires_at
+    plain = client_a.files.create(file=("t.jsonl", jsonl()), purpose="fine-tune")
+    assert plain.expires_at is None
+    for f in (created, plain):
+        client_a.files.delete(f.id)
+    for policy, param in (({"anchor": "last_active_at", "seconds": 7200}, "expires_after.anchor"),
+                          ({"anchor": "created_at", "seconds": 60}, "expires_after.seconds"),
+                          ({"anchor": "created_at", "seconds": 31 * 24 * 3600}, "expires_after.seconds")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client_a.files.create(file=("t.jsonl", jsonl()), purpose="fine-tune", expires_after=policy)
+        assert err.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as err:
+        client_a.files.create(file=("t.jsonl", jsonl()), purpose="fine-tune", extra_body={"colour": "blue"})
+    assert err.value.body["param"] == "colour"  # an argument the API does not know is never ignored
+    assert _nothing_stored(db_session, store, org_a[0])
+
+
+def test_an_extra_training_file_of_an_unfinished_job_cannot_be_deleted(client_a, upload):
+    train, extra = upload(), upload()
+    client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=train,
+                                     extra_body={"data": {"extra_training_files": [{"file": extra}]}})
+    with pytest.raises(openai.BadRequestError) as err:
+        client_a.files.delete(extra)
+    assert err.value.body["code"] == "file_in_use"

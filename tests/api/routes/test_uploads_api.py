@@ -47,6 +47,17 @@ def test_parts_in_any_order_join_into_one_file_that_trains(client_a, org_a, stor
     assert err.value.body["code"] == "invalid_upload_status"
 
 
+def test_expires_after_is_the_files_expiry(client_a):
+    content = jsonl(20)
+    upload = _create(client_a, content, expires_after={"anchor": "created_at", "seconds": 86400})
+    assert upload.expires_at - upload.created_at == 3600  # the upload itself: an hour, always
+    done = client_a.uploads.complete(upload.id, part_ids=_parts(client_a, upload.id, content, MAX_UPLOAD_PART_BYTES))
+    assert done.file.expires_at == done.file.created_at + 86400
+    with pytest.raises(openai.BadRequestError) as err:
+        _create(client_a, content, expires_after={"anchor": "created_at", "seconds": 10})
+    assert err.value.body["param"] == "expires_after.seconds"
+
+
 def test_the_sdks_chunked_helper(client_a):
     content = jsonl(30)
     done = client_a.uploads.upload_file_chunked(file=content, filename="t.jsonl", bytes=len(content), mime_type="text/jsonl",
