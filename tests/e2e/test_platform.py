@@ -146,7 +146,11 @@ def test_pause_a_running_job_then_resume_it_from_its_checkpoint(platform):
 
     wait_for(training, 120, "the job to start training", 0.5)
     assert client.fine_tuning.jobs.pause(job.id).status in ("pausing", "paused")
-    wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "paused", 30, "the job to pause", 0.25)
+    try:
+        wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "paused", 120, "the job to pause", 0.25)
+    except AssertionError as err:  # what the job did instead, for the failure's text
+        events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=15).data]
+        raise AssertionError(f"{err}: status {client.fine_tuning.jobs.retrieve(job.id).status}, events {events}") from None
     [last] = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1).data
     assert 0 < last.step_number < 160
     assert client.fine_tuning.jobs.resume(job.id).status == "queued"
