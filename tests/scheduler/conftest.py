@@ -24,3 +24,17 @@ def make_job(db_session):
         return job
 
     return make
+
+
+@pytest.fixture
+def tick_world(scratch_database, tmp_path):
+    """(database url, settings, object store) of a migrated scratch database whose commits are real: what
+    the scheduler's tick reads from its own sessions."""
+    from gpu_worker.storage import LocalStore
+    from scheduler.migrate import upgrade
+    from scheduler.settings import Settings
+
+    url = scratch_database("tick")
+    upgrade(url)
+    settings = Settings(database_url=url, data_dir=tmp_path, storage_url=str(tmp_path / "objects"))
+    return url, settings, LocalStore(tmp_path / "objects")

@@ -5,22 +5,16 @@ from datetime import timedelta
 
 import pytest
 
-from gpu_worker.storage import LocalStore
 from scheduler.db import session_scope
 from scheduler.loop import expire_files
-from scheduler.migrate import upgrade
 from scheduler.models import File, Job, JobStatus, utcnow
-from scheduler.settings import Settings
 from scheduler.tenancy import get_or_create_org
 
 pytestmark = pytest.mark.integration
 
 
-def test_expired_files_go_unless_an_unfinished_job_reads_them(scratch_database, tmp_path):
-    url = scratch_database("files")
-    upgrade(url)
-    settings = Settings(database_url=url, data_dir=tmp_path, storage_url=str(tmp_path / "objects"))
-    store = LocalStore(tmp_path / "objects")
+def test_expired_files_go_unless_an_unfinished_job_reads_them(tick_world):
+    url, settings, store = tick_world
     now = utcnow()
     with session_scope(url) as session:
         org = get_or_create_org(session, "acme")
