@@ -7,8 +7,8 @@ Each tick, in its own transactions:
 3. ``queued`` jobs not nudged recently: route them and nudge their queue in fair order (priorities,
    orgs taking turns, per-org limits, free GPUs: ``scheduler.fairness``). A job stays queued until a
    worker claims it, so a lost nudge costs only a re-nudge;
-4. pending uploads (files in parts) past their expiry: expired, their parts deleted; files past their
-   ``expires_at``: deleted, once no unfinished job reads them.
+4. once a minute: pending uploads (files in parts) past their expiry: expired, their parts deleted; files
+   past their ``expires_at``: deleted, once no unfinished job reads them.
 
 Ticks are idempotent and every move is conditional, so several scheduler replicas may run at once.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from datetime import datetime, timedelta
@@ -90,6 +91,12 @@ def _estimate(settings: Settings, store, session, job: Job) -> tuple[str, str] |
         return ("training_file", str(err))
     jobs.add_event(session, job, f"Estimated trained tokens: {job.estimated_tokens:,} (all epochs)", data={"estimated_tokens": job.estimated_tokens})
     return None
+
+
+# expiry needs no sub-second timing: once a minute, not every tick (an expired file an hours-long job still
+# reads would be looked at twice a second)
+EXPIRY_SECONDS = 60.0
+_last_expiry = float("-inf")
 
 
 def expire_files(settings: Settings, now: datetime | None = None) -> int:
@@ -198,8 +205,11 @@ def tick(settings: Settings, dispatcher: Dispatcher) -> None:
     validate_files(settings)
     reap_expired(settings)
     nudge_queued(settings, dispatcher)
-    expire_uploads(settings)
-    expire_files(settings)
+    global _last_expiry
+    if time.monotonic() - _last_expiry >= EXPIRY_SECONDS:
+        expire_uploads(settings)
+        expire_files(settings)
+        _last_expiry = time.monotonic()
 
 
 def run_forever(settings: Settings, dispatcher: Dispatcher, stop: threading.Event, interval: float = 0.5, extra: Callable[[], object] | None = None) -> None:
