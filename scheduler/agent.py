@@ -175,6 +175,7 @@ class _Supervision:
         self.proc: subprocess.Popen | None = None
         self.stop_reason: str | None = None  # "cancel" | "pause" | "preempt" | "lease_lost"
         self.finished = threading.Event()
+        self.ended = False  # the trainer's final event is recorded: the job left ``running`` with our token
         self.stderr_tail: deque[str] = deque(maxlen=40)
 
     def _session(self):
@@ -257,6 +258,8 @@ class _Supervision:
             except Exception:  # a database blip: the lease has slack for a few misses
                 log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
                 continue
+            if not ours and self.ended:  # the job ended (its lease given up with it); the trainer is exiting
+                return
             if not ours:
                 self.stop_reason = "lease_lost"
                 log.warning("job %s: lease lost; killing the trainer", self.job_id)
@@ -277,14 +280,14 @@ class _Supervision:
                 self._metrics(session, job, event)
             elif isinstance(event, contract.CheckpointEvent):
                 self._checkpoint(session, job, event)
-            elif isinstance(event, contract.CompletedEvent):
-                self._completed(session, job, event)
-                return True
-            elif isinstance(event, contract.FailedEvent):
-                jobs.fail(session, job, event.code, event.message, event.param, token=self.token)
-                return True
-            elif isinstance(event, contract.StoppedEvent):
-                self._stopped(session, job, event)
+            elif isinstance(event, (contract.CompletedEvent, contract.FailedEvent, contract.StoppedEvent)):
+                self.ended = True  # before the commit that gives the lease up (_heartbeat)
+                if isinstance(event, contract.CompletedEvent):
+                    self._completed(session, job, event)
+                elif isinstance(event, contract.FailedEvent):
+                    jobs.fail(session, job, event.code, event.message, event.param, token=self.token)
+                else:
+                    self._stopped(session, job, event)
                 return True
         return False
 
