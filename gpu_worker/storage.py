@@ -8,12 +8,16 @@ for S3 (endpoint and credentials come from the usual AWS environment variables, 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator, Protocol
 from urllib.parse import urlparse
+
+
+log = logging.getLogger(__name__)
 
 
 class ObjectNotFound(KeyError):
@@ -65,6 +69,16 @@ def get_dir(store: ObjectStore, prefix: str, local_dir: str | os.PathLike) -> li
         store.get_file(key, dest)
         out.append(dest)
     return out
+
+
+def delete_orphans(store: ObjectStore, keys, what: str) -> None:
+    """Delete objects whose rows are already gone or changed: a failure leaves an unreachable object,
+    logged, never a row without its object; it does not stop the rest."""
+    for key in keys:
+        try:
+            store.delete(key)
+        except Exception:
+            log.warning("could not delete %s %s; the object is orphaned", what, key, exc_info=True)
 
 
 def delete_prefix(store: ObjectStore, prefix: str) -> int:

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 
 from gpu_worker.contract import JobSpec
-from gpu_worker.storage import open_store
+from gpu_worker.storage import delete_orphans, open_store
 from gpu_worker.tokencount import TokenCountError, estimate_job_tokens
 from scheduler import jobs
 from scheduler.db import session_scope
@@ -109,11 +109,7 @@ def expire_files(settings: Settings, now: datetime | None = None) -> int:
         gone = [(f.id, f.storage_key) for f in due if jobs.job_using_file(session, f) is None]
         for file_id, _ in gone:
             session.delete(session.get(File, file_id))
-    for file_id, key in gone:
-        try:
-            store.delete(key)
-        except Exception:
-            log.warning("could not delete expired file %s's object %s", file_id, key, exc_info=True)
+    delete_orphans(store, [key for _, key in gone], "an expired file's object")
     return len(gone)
 
 
@@ -126,11 +122,7 @@ def expire_uploads(settings: Settings, now: datetime | None = None) -> int:
         for row in rows:
             row.status = "expired"
         keys = session.scalars(select(UploadPart.storage_key).where(UploadPart.upload_id.in_([r.id for r in rows]))).all()
-    for key in keys:
-        try:
-            store.delete(key)
-        except Exception:
-            log.warning("could not delete an expired upload's part %s", key, exc_info=True)
+    delete_orphans(store, keys, "an expired upload's part")
     return len(rows)
 
 

@@ -20,7 +20,7 @@ from api.errors import InvalidRequest, NotFound
 from api.schemas import FileDeleted, FileObject, FilesPublic, unix_seconds
 from api.services.scoping import owned
 from api.multipart import Upload
-from gpu_worker.storage import ObjectNotFound, ObjectStore
+from gpu_worker.storage import ObjectNotFound, ObjectStore, delete_orphans
 from scheduler.jobs import job_using_file
 from scheduler.models import File, new_id, utcnow
 from scheduler.tenancy import Principal
@@ -214,8 +214,5 @@ def delete_file(session: Session, store: ObjectStore, principal: Principal, file
         # serving may still use: deleting the file removes the listing, not the job's folder.
         return FileDeleted(id=file_id)
     # Row first, then object: a crash in between leaves an unreachable object, never a dangling row.
-    try:
-        store.delete(key)
-    except Exception:
-        log.exception("could not delete file object; it is orphaned", extra={"key": key})
+    delete_orphans(store, [key], "a deleted file's object")
     return FileDeleted(id=file_id)

@@ -29,7 +29,7 @@ from api.schemas import UploadComplete, UploadCreate, UploadObject, UploadPartOb
 from api.services import files
 from api.services.scoping import owned
 from api.settings import ApiSettings
-from gpu_worker.storage import ObjectStore
+from gpu_worker.storage import ObjectStore, delete_orphans
 from scheduler.models import File, Upload, UploadPart, new_id, utcnow
 from scheduler.tenancy import Principal
 
@@ -149,7 +149,7 @@ def complete_upload(session: Session, store: ObjectStore, principal: Principal, 
     finally:
         Path(tmp).unlink(missing_ok=True)
     session.refresh(row)
-    _drop_parts(store, parts)
+    delete_orphans(store, [p.storage_key for p in parts], "an upload part")
     log.info("upload completed", extra={"upload_id": row.id, "file_id": file.id, "parts": len(parts), "bytes": total})
     return to_public(row, file)
 
@@ -158,14 +158,5 @@ def cancel_upload(session: Session, store: ObjectStore, principal: Principal, up
     row = pending_upload(session, principal, upload_id)
     row.status = "cancelled"
     session.commit()
-    _drop_parts(store, session.scalars(select(UploadPart).where(UploadPart.upload_id == row.id)).all())
+    delete_orphans(store, session.scalars(select(UploadPart.storage_key).where(UploadPart.upload_id == row.id)).all(), "an upload part")
     return to_public(row)
-
-
-def _drop_parts(store: ObjectStore, parts) -> None:
-    # after the row's change is committed: a failure here orphans an object, never loses a file
-    for part in parts:
-        try:
-            store.delete(part.storage_key)
-        except Exception:
-            log.exception("could not delete an upload part's object; it is orphaned", extra={"key": part.storage_key})
