@@ -152,6 +152,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         patch_attention(attn, impl)
         if attention == "fa4" and fa4_off is None:
             attn._tf_attention = "fa4"
+            counts["fa4_attention"] = counts.get("fa4_attention", 0) + 1
         counts["rope"] += 1
         counts["lora_qkv_o"] += 1
         patch_mlp(layer.mlp, act, impl, output_discarded_in_recompute=mlp_output_only_feeds_the_residual(layer))

@@ -45,13 +45,32 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(q: torch.Tensor) -> torch.dtype | None:
+    """The dtype FA4 computes ``q``'s attention in: its own where it is bf16 or fp16, else autocast's, as SDPA
+    casts under autocast (Qwen3's q/k norms hand float32 to attention when the model's weights are float32);
+    None where neither is a half type."""
+    if q.dtype in _HALF:
+        return q.dtype
+    if q.is_cuda and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in _HALF:
+        return torch.get_autocast_dtype("cuda")
+    return None
+
+
 def takes(attn: nn.Module, q: torch.Tensor, rows: int) -> bool:
     """Whether the layer's attention over rows of ``rows`` tokens (``q`` its queries) can run on FA4."""
     window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
     dropout = attn.attention_dropout if attn.training else 0.0
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+    return (q.is_cuda and compute_dtype(q) is not None and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
             and getattr(attn, "attn_logit_softcapping", None) is None and not dropout and (window is None or window >= rows)
             and getattr(attn, "is_causal", True))
+
+
+def _cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    dtype = compute_dtype(tensors[0])
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _first(out):
@@ -63,12 +82,14 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     as transformers' attention functions return it. The patched attention's q/k/v are transposed views of
     (B, S, H, D) tensors, FA4's layout: transposing back copies nothing."""
     func, _ = _kernels()
+    q, k, v = _cast(q, k, v)
     return _first(func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True))
 
 
 def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, scale: float) -> torch.Tensor:
     """Causal attention within each document of packed rows: q ``(T, Hq, D)``, k/v ``(T, Hkv, D)`` -> ``(T, Hq, D)``."""
     _, func = _kernels()
+    q, k, v = _cast(q, k, v)
     cu, n = packing.cu_seqlens, packing.max_len
     return _first(func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n, softmax_scale=scale,
                        causal=True))

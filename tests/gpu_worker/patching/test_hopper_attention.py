@@ -28,10 +28,14 @@ def test_takes_only_what_sdpas_causal_path_would():
     attn = build_lora_model(tiny_config()).get_base_model().model.layers[0].self_attn.eval()
     q = torch.zeros(1, 4, 16, 16, dtype=torch.bfloat16)
     assert not hopper_attention.takes(attn, q, 16)  # on the CPU
+    assert hopper_attention.compute_dtype(q) == torch.bfloat16 and hopper_attention.compute_dtype(q.float()) is None
     if torch.cuda.is_available():
         q = q.cuda()
         assert hopper_attention.takes(attn, q, 16)
         assert not hopper_attention.takes(attn, q.float(), 16)
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # float32 queries (Qwen3's q/k norms) compute as autocast's
+            assert hopper_attention.takes(attn, q.float(), 16)
+            assert hopper_attention.compute_dtype(q.float()) == torch.bfloat16
         attn.sliding_window = 8
         assert not hopper_attention.takes(attn, q, 16) and hopper_attention.takes(attn, q, 8)
 
@@ -52,8 +56,9 @@ def test_fa4_computes_what_sdpa_computes(model_type, packed, monkeypatch):
         monkeypatch.setattr(hopper_attention, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
     config = tiny_config(model_type, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
     models = [build_lora_model(config, "cuda") for _ in range(2)]
-    for model, attention in zip(models, ("sdpa", "fa4")):
-        patch_model(model, attention=attention, cuda_graphs=False)
+    reports = [patch_model(model, attention=attention, cuda_graphs=False)
+               for model, attention in zip(models, ("sdpa", "fa4"))]
+    assert reports[1].counts["fa4_attention"] == config.num_hidden_layers and "fa4_attention" not in reports[0].counts
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 128, (2, 64), generator=g).cuda()
     kwargs = {}
