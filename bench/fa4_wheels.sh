@@ -5,11 +5,14 @@
 # call's 64 MiB carry, so the wheels travel in two calls (bench/NOTES.md, "Open items"):
 #   bash bench/fa4_wheels.sh                       # here: .fa4-part1 (54 MiB), .fa4-part2 (~48 MiB)
 #   call 1, carry [".fa4-part1"]:  mkdir -p .fa4-stash && cp .fa4-part1/* .fa4-stash/
-#   call 2, carry [".fa4-part2"]:  bash bench/fa4_wheels.sh install && export PYTHONPATH=/tmp/site-fa4 &&
+#   call 2, carry [".fa4-part2"]:  bash bench/fa4_wheels.sh install &&
+#     export PYTHONPATH=/tmp/site-fa4:/tmp/site-fa4/nvidia_cutlass_dsl/dsl_packages &&
 #     python3 bench/micro.py --only attn --out $OUT/micro-attn.jsonl &&
 #     python3 -m pytest -q --confcutdir=tests/gpu_worker tests/gpu_worker/patching/test_hopper_attention.py &&
 #     python3 bench/train_step.py suite --configs ours:8B:off,ours:8B:off:::fixed::::fa4 --out $OUT/ab.jsonl
-# (pydantic comes along for the GPU test, which imports the worker's contract)
+# (pydantic comes along for the GPU test, which imports the worker's contract; the second PYTHONPATH entry is
+# what nvidia-cutlass-dsl's .pth file adds in a site directory, which a --target folder is not: without it,
+# "No module named 'cutlass'", session 21)
 # (.fa4-stash is git-ignored, so the warm machine keeps it between the calls.) Python 3.12, CUDA 13.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)

@@ -76,7 +76,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     ``impl`` is passed to every op (None: Triton on CUDA, reference elsewhere; tests force "triton" to
     run the kernels through the interpreter on CPU). ``cuda_graphs``: replay the decoder layers of
     fixed-shape training steps as CUDA graphs (graphs.py); None: for models up to ``GRAPH_MAX_HIDDEN``
-    without live adapter dropout (True attaches them with it: its replays are not yet verified on a GPU).
+    without live adapter dropout (True attaches them with it: their replays draw new masks each step, tested
+    on an H100, but a 1B step with dropout ran no faster replayed than eager: bench/NOTES.md, session 21).
     Never with a memory mode other than ``off`` or in a multi-process (DeepSpeed) run; they replay only on
     CUDA. ``fp8``: the decoder layers' frozen projections compute their forward and input-gradient GEMMs
     in e4m3 (``tuneforge_kernels.fp8``; not exact bf16: ``fp8_disabled`` gives the bf16 loss to report
@@ -169,8 +170,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     no_graphs = ""
     if cuda_graphs is None:
         cuda_graphs = getattr(config, "hidden_size", GRAPH_MAX_HIDDEN + 1) <= GRAPH_MAX_HIDDEN
-        if cuda_graphs and dropout:  # the replayed masks' GPU test has not passed yet (bench/NOTES.md, sessions 18, 20)
-            cuda_graphs, no_graphs = False, " and without CUDA graphs (their replay of it is not yet verified)"
+        if cuda_graphs and dropout:  # replayed: no faster, with a larger pool (bench/NOTES.md, session 21)
+            cuda_graphs, no_graphs = False, " and without CUDA graphs (they measured no faster with it)"
     notes = ()
     if fp8_off is not None:
         notes += (f"fp8 asked for, but {fp8_off}: the projections compute in bf16",)
