@@ -69,8 +69,15 @@ def takes(attn: nn.Module, q: torch.Tensor, rows: int) -> bool:
 
 
 def _cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The operands in FA4's compute dtype, and in one kind of layout: all contiguous, or all views with one
+    token stride (q/k/v as column slices of one joined projection). Mixed (Qwen3's normed q and k are new
+    tensors, its v a slice) gave wrong value gradients over packed rows on an H100 (bench/NOTES.md,
+    session 21), so then all are made contiguous: only v is copied."""
     dtype = compute_dtype(tensors[0])
-    return tuple(t.to(dtype) for t in tensors)
+    tensors = tuple(t.to(dtype) for t in tensors)
+    one_kind = (all(t.is_contiguous() for t in tensors)
+                or len({t.stride(-3) for t in tensors}) == 1 and all(t.stride(-1) == 1 for t in tensors))
+    return tensors if one_kind else tuple(t.contiguous() for t in tensors)
 
 
 def _first(out):
@@ -82,8 +89,8 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     as transformers' attention functions return it. The patched attention's q/k/v are transposed views of
     (B, S, H, D) tensors, FA4's layout: transposing back copies nothing."""
     func, _ = _kernels()
-    q, k, v = _cast(q, k, v)
-    return _first(func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True))
+    q, k, v = _cast(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return _first(func(q, k, v, softmax_scale=scale, causal=True))
 
 
 def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, scale: float) -> torch.Tensor:

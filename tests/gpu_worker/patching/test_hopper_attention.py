@@ -75,3 +75,14 @@ def test_fa4_computes_what_sdpa_computes(model_type, packed, monkeypatch):
     reference, got = lora_grads(models[0]), lora_grads(models[1])
     worst = max((rel(got[name], g), name) for name, g in reference.items())
     assert worst[0] < 3e-2, worst
+
+
+def test_operands_share_one_kind_of_layout():
+    joined = torch.randn(10, 4 * 8 + 2 * 2 * 8, dtype=torch.bfloat16)  # q/k/v as column slices of one projection's output: kept as views
+    q, k, v = (t.view(10, -1, 8) for t in joined.split([32, 16, 16], dim=1))
+    got = hopper_attention._cast(q, k, v)
+    assert [t.data_ptr() for t in got] == [t.data_ptr() for t in (q, k, v)]
+    separate = tuple(torch.randn(10, h, 8, dtype=torch.bfloat16) for h in (4, 2, 2))  # all contiguous: kept
+    assert [t.data_ptr() for t in hopper_attention._cast(*separate)] == [t.data_ptr() for t in separate]
+    mixed = hopper_attention._cast(separate[0], separate[1], v)  # Qwen3: normed q and k, v a slice: v copied
+    assert all(t.is_contiguous() for t in mixed) and torch.equal(mixed[2], v) and mixed[2].data_ptr() != v.data_ptr()
