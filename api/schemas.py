@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from gpu_worker.contract import (
     AdapterType,
+    Attention,
     ChatTemplate,
     DataFormat,
     EvalOptions,
@@ -144,6 +145,7 @@ class RuntimeIn(_Request):
     memory_mode: MemoryMode | None = None
     cuda_graphs: bool | None = None
     fp8: bool | None = None
+    attention: Attention | None = None
     checkpoint_every_steps: Annotated[int, _at_least(1)] | None = None
 
 

@@ -310,8 +310,8 @@ def setup_hf(args):
         args.patch_module = sys.modules["gpu_worker.patching"].__file__
         # an A/B: the decoder layers' CUDA graphs always / never instead of the patcher's rule
         graphs = {"auto": {}, "on": {"cuda_graphs": True}, "off": {"cuda_graphs": False}}[getattr(args, "graphs", "auto")]
-        if getattr(args, "attention", "sdpa") != "sdpa":  # an A/B: FlashAttention-4 for the causal attention
-            graphs["attention"] = args.attention
+        if getattr(args, "attention", "auto") != "auto":  # an A/B: SDPA only, or FlashAttention-4 for all causal
+            graphs["attention"] = args.attention  # attention (the patcher's default: FA4 for packed rows, where it is)
         if getattr(args, "fp8", False):  # the opt-in FP8 GEMMs for the frozen projections (not exact bf16)
             graphs["fp8"] = True
             if getattr(args, "fp8_fast_accum", False):  # an experiment: cuBLASLt's fast accumulation in forward
@@ -655,8 +655,8 @@ def parse_spec(spec):
             raise SystemExit(f"config {spec!r}: the 9th field is ours' CUDA graphs: auto, on or off")
         d["graphs"] = p[8]
     if len(p) > 9 and p[9]:  # ours only: causal attention through SDPA or FlashAttention-4 (run --attention)
-        if p[9] not in ("sdpa", "fa4") or p[0] not in ("ours", "base"):
-            raise SystemExit(f"config {spec!r}: the 10th field is ours' attention: sdpa or fa4")
+        if p[9] not in ("auto", "sdpa", "fa4") or p[0] not in ("ours", "base"):
+            raise SystemExit(f"config {spec!r}: the 10th field is ours' attention: auto, sdpa or fa4")
         d["attention"] = p[9]
     return d
 
@@ -810,8 +810,10 @@ def main():
                     help="ours: rows,cols,warps for lora_glu's kernels instead of its TILE (an A/B; v13: 32,128,4)")
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
                     help="ours: replay the decoder layers as CUDA graphs by the patcher's rule, always or never")
-    ap.add_argument("--attention", choices=["sdpa", "fa4"], default="sdpa",
-                    help="ours: causal attention through SDPA, or FlashAttention-4's Hopper kernels (bench/fa4_wheels.sh)")
+    ap.add_argument("--attention", choices=["auto", "sdpa", "fa4"], default="auto",
+                    help="ours: the patcher's rule (FlashAttention-4 for packed rows where it is installed), SDPA and "
+                         "torch's variable-length kernel only, or FlashAttention-4's Hopper kernels for all causal "
+                         "attention (bench/fa4_wheels.sh)")
     ap.add_argument("--cprofile", default=None, help="write cProfile stats of the timed steps here")
     ap.add_argument("--ce-rows", type=int, default=0,
                     help="ours/base: rows per fused-CE chunk instead of the kernel's rule (an experiment)")

@@ -102,6 +102,14 @@ class MemoryMode(str, enum.Enum):
     offload = "offload"  # also move saved layer inputs to host memory
 
 
+class Attention(str, enum.Enum):
+    """Which kernels compute causal attention in a kernel-patched model (gpu_worker/patching/hopper_attention.py)."""
+
+    auto = "auto"  # FlashAttention-4 for packed rows where it is installed on a Hopper GPU, else SDPA / torch's
+    sdpa = "sdpa"  # SDPA (cuDNN) for batched rows, torch's variable-length kernel for packed ones
+    fa4 = "fa4"  # FlashAttention-4 for both, where it is installed on a Hopper GPU (the job's events say if not)
+
+
 class TargetModule(str, enum.Enum):
     """Projections a LoRA adapter may attach to (Llama naming; the loader maps other families)."""
 
@@ -248,6 +256,8 @@ class Runtime(_Frozen):
     # the training kernels on one GPU of compute capability 8.9+: faster, not exact bf16; the recipes
     # report each validation measurement in bf16 beside it (tuneforge_kernels/fp8.py).
     fp8: bool = False
+    # Added in schema 1 without a version bump: optional. Which kernels compute causal attention.
+    attention: Attention = Attention.auto
     # Added in schema 1 without a version bump: optional, and a spec without it means one GPU.
     distributed: Distributed | None = None
 

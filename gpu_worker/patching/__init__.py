@@ -70,7 +70,7 @@ def _base_causal_lm(model: nn.Module) -> nn.Module:
 
 def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "off",
                 impl: str | None = None, cuda_graphs: bool | None = None, fp8: bool = False,
-                attention: str = "sdpa") -> PatchReport:
+                attention: str = "auto") -> PatchReport:
     """Route ``model``'s norms, RoPE, MLP and loss through ``kernels`` (in place) and apply the memory mode.
 
     ``impl`` is passed to every op (None: Triton on CUDA, reference elsewhere; tests force "triton" to
@@ -82,9 +82,11 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     CUDA. ``fp8``: the decoder layers' frozen projections compute their forward and input-gradient GEMMs
     in e4m3 (``tuneforge_kernels.fp8``; not exact bf16: ``fp8_disabled`` gives the bf16 loss to report
     beside it); on one GPU of compute capability 8.9 or later (or CPU, emulated), else the report's notes
-    say why not. ``attention="fa4"``: causal attention through FlashAttention-4's Hopper kernels where it is
-    installed and the GPU is a Hopper (hopper_attention.py; not yet measured, so not the default), else the
-    report's notes say why not.
+    say why not. ``attention``: ``"fa4"``, causal attention through FlashAttention-4's Hopper kernels
+    (hopper_attention.py) where it is installed and the GPU is a Hopper, else the report's notes say why
+    not; ``"auto"``, those kernels for packed rows only, where they are available (on an H100 1.64x torch's
+    variable-length kernel, while batched rows measured no faster than cuDNN: bench/NOTES.md, session 21);
+    ``"sdpa"``, neither.
     """
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
@@ -127,7 +129,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     fp8_off = _fp8_unavailable(base, distributed, memory_mode) if fp8 else None
     fp8 = fp8 and fp8_off is None
     fp8_device = next(base.parameters()).device if fp8 else None
-    fa4_off = hopper_attention.unavailable(next(base.parameters()).device) if attention == "fa4" else None
+    fa4_off = hopper_attention.unavailable(next(base.parameters()).device) if attention != "sdpa" else None
     # the padded and joined layouts hold bf16 GEMMs of their own: not with FP8's
     join = join and not fp8
     speed = memory_mode == "off" and not distributed and not dropout and not fp8 and hidden is not None
@@ -151,8 +153,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
                 counts["rms_norm"] += 1
         attn = layer.self_attn
         patch_attention(attn, impl)
-        if attention == "fa4" and fa4_off is None:
-            attn._tf_attention = "fa4"
+        if attention != "sdpa" and fa4_off is None:
+            attn._tf_attention = attention  # "fa4": batched and packed rows; "auto": packed rows
             counts["fa4_attention"] = counts.get("fa4_attention", 0) + 1
         counts["rope"] += 1
         counts["lora_qkv_o"] += 1
@@ -175,7 +177,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     notes = ()
     if fp8_off is not None:
         notes += (f"fp8 asked for, but {fp8_off}: the projections compute in bf16",)
-    if fa4_off is not None:
+    if fa4_off is not None and attention == "fa4":  # "auto" falls back without a word
         notes += (f"FlashAttention-4 asked for, but {fa4_off}: attention through SDPA",)
     if dropout:
         notes += (f"adapter dropout {', '.join(f'{p:g}' for p in dropout)}: the fused kernels draw its masks, "

@@ -1,10 +1,10 @@
-"""FlashAttention-4's Hopper kernels (the ``flash-attn-4`` package: CuTe DSL, compiled on the GPU at first
-use) as the patched attention's causal path, batched and over packed rows.
+"""FlashAttention-4's Hopper kernels (the ``flash-attn-4`` package, the ``hopper`` extra: CuTe DSL, compiled
+on the GPU at first use) as the patched attention's causal path, batched and over packed rows.
 
-An opt-in (``patch_model(attention="fa4")``, the benchmark's ``--attention fa4``) until it is measured:
-the 8B step's attention is 42 ms of cuDNN at ~400-450 TFLOP/s, and FA4's SM90 kernels may beat that
-(bench/NOTES.md, session 20: predicted 1.2-1.35x forward+backward; bench/micro.py's ``attn`` group times
-them). It lives here, not in ``kernels/``, which imports only torch and triton.
+Measured on an H100 (bench/NOTES.md, session 21): over packed rows 1.64x torch's variable-length kernel
+at the 8B shape (the 8B packed-rows step -18 ms, 1B -7 ms), so ``patch_model``'s default (``"auto"``)
+takes them there; batched, at cuDNN's rate, so only ``attention="fa4"`` takes them there. It lives here,
+not in ``kernels/``, which imports only torch and triton.
 
 It takes the calls SDPA's causal flash path would take: no mask (the causal placeholder), no KV cache, no
 logit softcap, no attention dropout, no sliding window shorter than the rows; bf16 or fp16 on a GPU of
@@ -21,7 +21,7 @@ from torch import nn
 
 from tuneforge_kernels.varlen_attention import Packing
 
-BACKENDS = ("sdpa", "fa4")
+BACKENDS = ("auto", "sdpa", "fa4")
 
 
 @functools.cache

@@ -264,7 +264,7 @@ def apply_memory_mode_and_kernels(model, runtime: Runtime) -> list[tuple[str, st
         return [(f"Training kernels unavailable ({err}); training on the stock PyTorch path", "warn"), *fp8_stock, *_stock_memory_mode(model, runtime.memory_mode)]
     try:
         report = patch_model(model, enabled=runtime.use_kernels, memory_mode=runtime.memory_mode.value,
-                             cuda_graphs=runtime.cuda_graphs, fp8=runtime.fp8)
+                             cuda_graphs=runtime.cuda_graphs, fp8=runtime.fp8, attention=runtime.attention.value)
     except Exception as err:  # a patcher bug must not kill the job: the stock path is always correct
         return [(f"Training kernels failed to apply ({type(err).__name__}: {err}); training on the stock PyTorch path", "warn"), *fp8_stock, *_stock_memory_mode(model, runtime.memory_mode)]
     reason = getattr(report, "reason", None)
@@ -274,7 +274,9 @@ def apply_memory_mode_and_kernels(model, runtime: Runtime) -> list[tuple[str, st
     patched = ", ".join(getattr(report, "patched", ()) or ()) or "all supported ops"
     graphs = counts.get("cuda_graph_layers")
     graphs = f"; the {graphs} decoder layers replay as CUDA graphs on a GPU once the batch shape repeats" if graphs else ""
-    lines = [(f"Training kernels applied: {patched} (memory mode {runtime.memory_mode.value}){graphs}", "info")]
+    fa4 = counts.get("fa4_attention")
+    fa4 = f"; FlashAttention-4 computes the attention of {'packed rows' if runtime.attention.value == 'auto' else 'every row'} in {fa4} layers" if fa4 else ""
+    lines = [(f"Training kernels applied: {patched} (memory mode {runtime.memory_mode.value}){graphs}{fa4}", "info")]
     notes = getattr(report, "notes", ())
     if counts.get("fp8_weights"):
         copies = sum(m._tf_fp8.qweight.numel() for m in model.modules() if getattr(m, "_tf_fp8", None) is not None) / 1e9

@@ -77,7 +77,8 @@ def test_tuneforge_extensions_reach_the_spec(client_a, upload, db_session):
             "data": {"chat_template": "llama-3", "packing": True, "validation_split": 0.1, "extra_training_files": [{"file": extra, "weight": 2}]},
             "evaluation": {"early_stopping_patience": 3, "fail_on_regression": True},
             "export": {"merged": True, "gguf": ["q8_0"]},
-            "runtime": {"memory_mode": "checkpointing", "checkpoint_every_steps": 10, "cuda_graphs": False, "fp8": True},
+            "runtime": {"memory_mode": "checkpointing", "checkpoint_every_steps": 10, "cuda_graphs": False, "fp8": True,
+                        "attention": "fa4"},
         },
     )
     spec = JobSpec.model_validate(db_session.get(Job, job.id).spec)
@@ -88,7 +89,7 @@ def test_tuneforge_extensions_reach_the_spec(client_a, upload, db_session):
     assert spec.evaluation.early_stopping_patience == 3 and spec.evaluation.fail_on_regression
     assert spec.export.merged and spec.export.gguf == (GGUFType.q8_0,)
     assert spec.runtime.memory_mode == MemoryMode.checkpointing and spec.runtime.checkpoint_every_steps == 10
-    assert spec.runtime.cuda_graphs is False and spec.runtime.fp8 is True
+    assert spec.runtime.cuda_graphs is False and spec.runtime.fp8 is True and spec.runtime.attention.value == "fa4"
     assert (spec.integrations.wandb_project, spec.integrations.wandb_name, spec.integrations.wandb_tags) == ("p", "run", ("a", "b"))
     # shown on the job as OpenAI shows them (the MLflow URI without its credentials)
     assert [i.model_dump(exclude_none=True) for i in client_a.fine_tuning.jobs.retrieve(job.id).integrations] == [
