@@ -68,16 +68,20 @@ def takes(attn: nn.Module, q: torch.Tensor, rows: int) -> bool:
             and getattr(attn, "is_causal", True))
 
 
+def one_kind(*tensors: torch.Tensor) -> bool:
+    """Whether the operands share one kind of layout, as FA4 was tested with: all contiguous, or all views with
+    one token stride (q/k/v as column slices of one joined projection). Mixed ones (Qwen3's normed q and k
+    are new tensors, its v a slice) gave wrong value gradients over packed rows on an H100 (bench/NOTES.md,
+    session 21); ``"auto"`` leaves those to torch's kernel."""
+    return (all(t.is_contiguous() for t in tensors)
+            or len({t.stride(-3) for t in tensors}) == 1 and all(t.stride(-1) == 1 for t in tensors))
+
+
 def _cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The operands in FA4's compute dtype, and in one kind of layout: all contiguous, or all views with one
-    token stride (q/k/v as column slices of one joined projection). Mixed (Qwen3's normed q and k are new
-    tensors, its v a slice) gave wrong value gradients over packed rows on an H100 (bench/NOTES.md,
-    session 21), so then all are made contiguous: only v is copied."""
+    """The operands in FA4's compute dtype and, where they are mixed, all contiguous (only v is copied)."""
     dtype = compute_dtype(tensors[0])
     tensors = tuple(t.to(dtype) for t in tensors)
-    one_kind = (all(t.is_contiguous() for t in tensors)
-                or len({t.stride(-3) for t in tensors}) == 1 and all(t.stride(-1) == 1 for t in tensors))
-    return tensors if one_kind else tuple(t.contiguous() for t in tensors)
+    return tensors if one_kind(*tensors) else tuple(t.contiguous() for t in tensors)
 
 
 def _first(out):
