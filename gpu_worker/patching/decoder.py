@@ -294,9 +294,8 @@ def patch_attention(attn: nn.Module, impl: str | None) -> None:
         fa4 = self.__dict__.get("_tf_attention") if cache is None else None  # "fa4", "auto" (packed rows) or None
         if packing is not None and cache is None and _takes_varlen(self, packing):
             # (B, H, S, D) -> (B*S, H, D); the output comes back as (B*S, Hq, D)
-            flat = tuple(t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (q, k, v))
-            # "auto": only the layouts FA4 was verified with (hopper_attention.one_kind)
-            if fa4 and hopper_attention.takes(self, q, packing.max_len) and (fa4 == "fa4" or hopper_attention.one_kind(*flat)):
+            flat = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (q, k, v))
+            if fa4 and hopper_attention.takes(self, q, packing.max_len):
                 out = hopper_attention.varlen(*flat, packing, self.scaling)
             else:
                 out = varlen_attention(*flat, packing, self.scaling, impl=impl)

@@ -22,6 +22,10 @@ from torch import nn
 from tuneforge_kernels.varlen_attention import Packing
 
 BACKENDS = ("auto", "sdpa", "fa4")
+# Models with q/k norms (Qwen3, Gemma 3): their q and k are new tensors beside a sliced v, and over packed rows
+# FA4 gave wrong value gradients for them on an H100 (bench/NOTES.md, session 21). Until their GPU case passes
+# with ``_cast``'s contiguous operands, they keep SDPA and torch's kernels whatever ``attention`` asks.
+QK_NORM_VERIFIED = False
 
 
 @functools.cache
@@ -69,10 +73,10 @@ def takes(attn: nn.Module, q: torch.Tensor, rows: int) -> bool:
 
 
 def one_kind(*tensors: torch.Tensor) -> bool:
-    """Whether the operands share one kind of layout, as FA4 was tested with: all contiguous, or all views with
-    one token stride (q/k/v as column slices of one joined projection). Mixed ones (Qwen3's normed q and k
-    are new tensors, its v a slice) gave wrong value gradients over packed rows on an H100 (bench/NOTES.md,
-    session 21); ``"auto"`` leaves those to torch's kernel."""
+    """Whether the operands share one kind of layout, as FA4 was verified with: all contiguous, or all views
+    with one token stride (q/k/v as column slices of one joined projection). Mixed ones (Qwen3's normed q and
+    k are new tensors, its v a slice) gave wrong value gradients over packed rows on an H100 (bench/NOTES.md,
+    session 21)."""
     return (all(t.is_contiguous() for t in tensors)
             or len({t.stride(-3) for t in tensors}) == 1 and all(t.stride(-1) == 1 for t in tensors))
 
