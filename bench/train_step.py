@@ -669,7 +669,7 @@ def expected_wall_s(d):
         return {"8B": 83, "1B": 80}[d["shape"]] + (30 if d["quant"] == "nf4" else 0)
     # adapter dropout: its kernels compile on a fresh machine (2026-12-05: ours 1B 61 s against 26 at 0)
     dropout = 35 if d.get("lora_dropout") else 0
-    fa4 = 30 if d.get("attention") == "fa4" else 0  # its CuTe kernels compile in each new process (a guess)
+    fa4 = 15 if d.get("attention") == "fa4" else 0  # its CuTe kernels compile in each process (H100: +9 to +15 s)
     return {"8B": 31, "1B": 23}[d["shape"]] + (6 if d["quant"] == "nf4" else 0) + dropout + fa4
 
 
