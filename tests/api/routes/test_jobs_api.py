@@ -159,6 +159,7 @@ def test_auto_rules_stay_within_bounds(examples, epochs, batch):
         ({"integrations": [{"type": "wandb"}]}, "integrations[0].wandb"),
         ({"integrations": [{"type": "slack"}]}, "integrations.0.type"),
         ({"extra_body": {"runtime": {"fp8": "sometimes"}}}, "runtime.fp8"),
+        ({"extra_body": {"runtime": {"attention": "flash9"}}}, "runtime.attention"),
     ],
 )
 def test_invalid_input_is_400_naming_the_field_and_creates_nothing(client_a, upload, org_a, db_session, kwargs, param):
