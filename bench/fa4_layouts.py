@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""FlashAttention-4's variable-length kernels, forward and backward, on the operand layouts our patched
+attention hands them, against a float32 reference (causal attention within each document, grouped-query):
+which layouts give right gradients, and whether the order of calls in one process matters.
+
+Why (bench/NOTES.md, session 21): over packed rows Qwen3's value gradients came out wrong. Its q and k are new
+contiguous tensors (out of its q/k norms) while v is a column slice of the joined Q/K/V projection; Llama's
+three are all slices, and Llama's case (run first) passed. FA4 compiles once per key that holds no strides.
+
+Layouts: ``slices`` (q/k/v column views of one (T, (Hq + 2 Hkv) D) tensor, Llama's), ``mixed`` (q and k
+contiguous, v a slice: Qwen3's), ``contiguous`` (all three: what ``hopper_attention._cast`` makes of mixed).
+Each is run in the order given, in this one process, with new compiles only where FA4's key differs.
+
+    python3 bench/fa4_layouts.py --order slices,mixed,contiguous --out $OUT/fa4-layouts.jsonl
+"""
+import argparse
+import json
+
+import torch
+
+SHAPES = {"tiny": (4, 2, 64), "8B": (32, 8, 128)}  # (query heads, key/value heads, head size)
+DOCS = (24, 40, 24, 40)  # two rows of 64 tokens, two documents each: the GPU test's packed batch
+
+
+def reference(q, k, v, starts, scale):
+    """float32 causal attention within each document, k/v heads repeated for grouped queries."""
+    rep = q.shape[1] // k.shape[1]
+    out = []
+    for a, b in zip(starts[:-1], starts[1:]):
+        qq, kk, vv = (t[a:b].float().transpose(0, 1) for t in (q, k, v))
+        kk, vv = kk.repeat_interleave(rep, 0), vv.repeat_interleave(rep, 0)
+        out.append(torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(out)
+
+
+def operands(layout, hq, hkv, d, n, g):
+    joined = torch.randn(n, (hq + 2 * hkv) * d, generator=g).cuda().bfloat16()
+    q, k, v = (t.view(n, -1, d) for t in joined.split([hq * d, hkv * d, hkv * d], dim=1))
+    if layout == "mixed":
+        q, k = q.contiguous(), k.contiguous()
+    elif layout == "contiguous":
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    elif layout != "slices":
+        raise SystemExit(f"--order: no layout {layout!r} (slices, mixed, contiguous)")
+    return joined, q, k, v
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--order", default="slices,mixed,contiguous")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    from flash_attn.cute import flash_attn_varlen_func
+
+    starts = [0]
+    for doc in DOCS:
+        starts.append(starts[-1] + doc)
+    n = starts[-1]
+    cu = torch.tensor(starts, dtype=torch.int32, device="cuda")
+    for shape, (hq, hkv, d) in SHAPES.items():
+        for layout in args.order.split(","):
+            g = torch.Generator().manual_seed(0)
+            joined, q, k, v = operands(layout, hq, hkv, d, n, g)
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)] if layout != "slices" else None
+            if leaves is None:  # the slices' gradients meet in the joined tensor, as in the model
+                joined.requires_grad_()
+                q, k, v = (t.view(n, -1, d) for t in joined.split([hq * d, hkv * d, hkv * d], dim=1))
+            else:
+                q, k, v = leaves
+            grad_out = torch.randn(n, hq, d, generator=g).cuda().bfloat16()
+            out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(DOCS),
+                                         max_seqlen_k=max(DOCS), softmax_scale=d ** -0.5, causal=True)
+            out = out[0] if isinstance(out, tuple) else out
+            if leaves is None:
+                (dj,) = torch.autograd.grad(out, (joined,), grad_out)
+                got = (out, *dj.split([hq * d, hkv * d, hkv * d], dim=1))
+            else:
+                got = (out, *torch.autograd.grad(out, leaves, grad_out))
+            r = [t.detach().float().requires_grad_() for t in (q, k, v)]
+            want_out = reference(*r, starts, d ** -0.5)
+            want = (want_out, *torch.autograd.grad(want_out, r, grad_out.float()))
+            errs = {name: ((a.float().reshape(b.shape) - b).abs().max() / b.abs().max()).item()
+                    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
+            rec = {"shape": shape, "layout": layout, "order": args.order,
+                   "strides": [list(t.stride()) for t in (q, k, v)], **errs,
+                   "ok": max(errs.values()) < 2e-2}
+            print(json.dumps(rec), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
