@@ -86,7 +86,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     (hopper_attention.py) where it is installed and the GPU is a Hopper, else the report's notes say why
     not; ``"auto"``, those kernels for packed rows only, where they are available (on an H100 1.64x torch's
     variable-length kernel, while batched rows measured no faster than cuDNN: bench/NOTES.md, session 21);
-    neither yet for models with q/k norms (Qwen3, Gemma 3: ``hopper_attention.QK_NORM_VERIFIED``);
+    neither yet for models with q/k norms (Qwen3, Gemma 3: ``hopper_attention.QK_NORM_VERIFIED``) or head
+    sizes other than ``hopper_attention.VERIFIED_HEAD_DIMS``;
     ``"sdpa"``, neither.
     """
     if memory_mode not in MEMORY_MODES:
@@ -157,6 +158,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         if attention != "sdpa" and fa4_off is None:  # "fa4": batched and packed rows; "auto": packed rows
             if hasattr(attn, "q_norm") and not hopper_attention.QK_NORM_VERIFIED:
                 fa4_off = "its case with q/k norms has not passed on a GPU yet"
+            elif attn.head_dim not in hopper_attention.VERIFIED_HEAD_DIMS:
+                fa4_off = f"its head size {attn.head_dim} has not passed on a GPU yet"
             else:
                 attn._tf_attention = attention
                 counts["fa4_attention"] = counts.get("fa4_attention", 0) + 1
