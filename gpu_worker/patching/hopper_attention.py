@@ -8,8 +8,10 @@ not in ``kernels/``, which imports only torch and triton.
 
 It takes the calls SDPA's causal flash path would take: no mask (the causal placeholder), no KV cache, no
 logit softcap, no attention dropout, no sliding window shorter than the rows; bf16 or fp16 (float32 under
-a half-precision autocast, cast as SDPA casts it) on a GPU of compute capability 9.x; head sizes FA4's SM90 kernels have (a multiple of 8 up to 256). Anything else
-keeps SDPA (or the variable-length kernel of ``tuneforge_kernels.varlen_attention`` for packed rows).
+a half-precision autocast, cast as SDPA casts it) on a GPU of compute capability 9.x; head sizes FA4's SM90
+kernels have (a multiple of 8 up to 256), of which ``patch_model`` hands it only those verified on a GPU
+(``VERIFIED_HEAD_DIMS``). Anything else keeps SDPA (or the variable-length kernel of
+``tuneforge_kernels.varlen_attention`` for packed rows).
 """
 
 from __future__ import annotations
