@@ -3,12 +3,13 @@
 attention hands them, against a float32 reference (causal attention within each document, grouped-query):
 which layouts give right gradients, and whether the order of calls in one process matters.
 
-Why (bench/NOTES.md, session 21): over packed rows Qwen3's value gradients came out wrong. Its q and k are new
-contiguous tensors (out of its q/k norms) while v is a column slice of the joined Q/K/V projection; Llama's
-three are all slices, and Llama's case (run first) passed. FA4 compiles once per key that holds no strides.
+Why (bench/NOTES.md, sessions 21 and 22): over packed rows the GPU test's tiny Qwen3 got wrong value
+gradients through FA4. Session 21 suspected its layouts (q and k new tensors out of its q/k norms, v a column
+slice of the joined Q/K/V projection) or strides cached across FA4's compiles (its key holds none). Session 22's
+run cleared both at head sizes 64 and 128; that Qwen3's head size, 16, is the case added since.
 
-Layouts: ``slices`` (q/k/v column views of one (T, (Hq + 2 Hkv) D) tensor, Llama's), ``mixed`` (q and k
-contiguous, v a slice: Qwen3's), ``contiguous`` (all three: what ``hopper_attention._cast`` makes of mixed).
+Layouts: ``slices`` (q/k/v column views of one (T, (Hq + 2 Hkv) D) tensor: the joined projection's output), ``mixed`` (q and k
+contiguous, v a slice), ``contiguous`` (all three: what the patched attention hands FA4, for both models).
 Each is run in the order given, in this one process, with new compiles only where FA4's key differs.
 
     python3 bench/fa4_layouts.py --order slices,mixed,contiguous --out $OUT/fa4-layouts.jsonl

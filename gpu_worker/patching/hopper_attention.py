@@ -24,11 +24,11 @@ from torch import nn
 from tuneforge_kernels.varlen_attention import Packing
 
 BACKENDS = ("auto", "sdpa", "fa4")
-# Models with q/k norms (Qwen3, Gemma 3): over packed rows a Qwen3 model's value gradients through FA4 differ from
-# those of the SDPA path (there per-document SDPA: its float32 q/k take no flash kernel) (the GPU test, H100 and H200, bench/NOTES.md, sessions 21 and 22). FA4 itself
-# computes right gradients for every operand layout and call order the patched attention gives it
-# (bench/fa4_layouts.py against float32, session 22), so which side is wrong is not known yet: the GPU test now
-# compares both with the unpatched model. Until it passes, these models keep SDPA and torch's kernels.
+# Models with q/k norms (Qwen3, Gemma 3): over packed rows the GPU test's tiny Qwen3 got wrong value gradients
+# through FA4, while its SDPA path matched the unpatched model (bench/NOTES.md, sessions 21 and 22). FA4 computes
+# right for every operand layout the patched attention gives it (bench/fa4_layouts.py), and that Qwen3 had head
+# size 16 (see VERIFIED_HEAD_DIMS). Until the test's Qwen3 case passes at head size 64, these models keep SDPA
+# and torch's kernels whatever ``attention`` asks.
 QK_NORM_VERIFIED = False
 # Head sizes whose FA4 gradients matched on a GPU (bench/fa4_layouts.py and the GPU test: 64 and 128, the
 # sizes of Llama 3.x, Mistral, Qwen2.5 and Qwen3). The GPU test's Qwen3 case that failed had head size 16 (the

@@ -80,7 +80,7 @@ def test_fa4_computes_what_sdpa_computes(model_type, packed, attention, monkeypa
     for name in ("causal", "varlen"):  # counted: a silent fall back to SDPA would pass the comparison
         kernel = getattr(hopper_attention, name)
         monkeypatch.setattr(hopper_attention, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
-    # Qwen3's q/k norms: the case that decides QK_NORM_VERIFIED (its mixed q/k/v layouts made contiguous)
+    # Qwen3's q/k norms: the case that decides QK_NORM_VERIFIED
     monkeypatch.setattr(hopper_attention, "QK_NORM_VERIFIED", True)
     # head size 64 for both (Qwen3's tiny default, 16, is not one FA4 is verified for: VERIFIED_HEAD_DIMS)
     config = tiny_config(model_type, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
