@@ -8,8 +8,9 @@ gradients through FA4. Session 21 suspected its layouts (q and k new tensors out
 slice of the joined Q/K/V projection) or strides cached across FA4's compiles (its key holds none). Session 22's
 run cleared both at head sizes 64 and 128; that Qwen3's head size, 16, is the case added since.
 
-Layouts: ``slices`` (q/k/v column views of one (T, (Hq + 2 Hkv) D) tensor: the joined projection's output), ``mixed`` (q and k
-contiguous, v a slice), ``contiguous`` (all three: what the patched attention hands FA4, for both models).
+Layouts: ``slices`` (q/k/v column views of one (T, (Hq + 2 Hkv) D) tensor: the joined projection's output),
+``mixed`` (q and k contiguous, v a slice), ``contiguous`` (all three: what the patched attention hands FA4, for
+both models).
 Each is run in the order given, in this one process, with new compiles only where FA4's key differs.
 
     python3 bench/fa4_layouts.py --order slices,mixed,contiguous --out $OUT/fa4-layouts.jsonl
