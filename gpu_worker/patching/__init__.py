@@ -155,14 +155,11 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
                 counts["rms_norm"] += 1
         attn = layer.self_attn
         patch_attention(attn, impl)
+        if attention != "sdpa" and fa4_off is None:
+            fa4_off = hopper_attention.unverified(attn)
         if attention != "sdpa" and fa4_off is None:  # "fa4": batched and packed rows; "auto": packed rows
-            if hasattr(attn, "q_norm") and not hopper_attention.QK_NORM_VERIFIED:
-                fa4_off = "its case with q/k norms has not passed on a GPU yet"
-            elif attn.head_dim not in hopper_attention.VERIFIED_HEAD_DIMS:
-                fa4_off = f"its head size {attn.head_dim} has not passed on a GPU yet"
-            else:
-                attn._tf_attention = attention
-                counts["fa4_attention"] = counts.get("fa4_attention", 0) + 1
+            attn._tf_attention = attention
+            counts["fa4_attention"] = counts.get("fa4_attention", 0) + 1
         counts["rope"] += 1
         counts["lora_qkv_o"] += 1
         patch_mlp(layer.mlp, act, impl, output_discarded_in_recompute=mlp_output_only_feeds_the_residual(layer))

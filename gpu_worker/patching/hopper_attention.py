@@ -57,6 +57,16 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
+def unverified(attn: nn.Module) -> str | None:
+    """Why FA4 is not handed this attention layer yet although it could run it (``QK_NORM_VERIFIED``,
+    ``VERIFIED_HEAD_DIMS``), or None."""
+    if hasattr(attn, "q_norm") and not QK_NORM_VERIFIED:
+        return "its case with q/k norms has not passed on a GPU yet"
+    if attn.head_dim not in VERIFIED_HEAD_DIMS:
+        return f"its head size {attn.head_dim} has not passed on a GPU yet"
+    return None
+
+
 _HALF = (torch.bfloat16, torch.float16)
 
 
