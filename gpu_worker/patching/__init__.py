@@ -86,8 +86,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     (hopper_attention.py) where it is installed and the GPU is a Hopper, else the report's notes say why
     not; ``"auto"``, those kernels for packed rows only, where they are available (on an H100 1.64x torch's
     variable-length kernel, while batched rows measured no faster than cuDNN: bench/NOTES.md, session 21);
-    neither yet for models with q/k norms (Qwen3, Gemma 3: ``hopper_attention.QK_NORM_VERIFIED``) or head
-    sizes other than ``hopper_attention.VERIFIED_HEAD_DIMS``;
+    neither yet for head sizes other than ``hopper_attention.VERIFIED_HEAD_DIMS``;
     ``"sdpa"``, neither.
     """
     if memory_mode not in MEMORY_MODES:

@@ -24,15 +24,11 @@ from torch import nn
 from tuneforge_kernels.varlen_attention import Packing
 
 BACKENDS = ("auto", "sdpa", "fa4")
-# Models with q/k norms (Qwen3, Gemma 3): over packed rows the GPU test's tiny Qwen3 got wrong value gradients
-# through FA4, while its SDPA path matched the unpatched model (bench/NOTES.md, sessions 21 and 22). FA4 computes
-# right for every operand layout the patched attention gives it (bench/fa4_layouts.py), and that Qwen3 had head
-# size 16 (see VERIFIED_HEAD_DIMS). Until the test's Qwen3 case passes at head size 64, these models keep SDPA
-# and torch's kernels whatever ``attention`` asks.
-QK_NORM_VERIFIED = False
 # Head sizes whose FA4 gradients matched on a GPU (bench/fa4_layouts.py and the GPU test: 64 and 128, the
-# sizes of Llama 3.x, Mistral, Qwen2.5 and Qwen3). The GPU test's Qwen3 case that failed had head size 16 (the
-# tiny test model's), which FA4's SM90 kernels accept; others keep torch's kernels until they pass.
+# sizes of Llama 3.x, Mistral, Qwen2.5 and Qwen3); others keep torch's kernels. FA4's SM90 backward gets
+# head size 16 wrong (dq, dk and dv off by O(1) in every operand layout, while its forward is right: session
+# 24, bench/results/2026-12-05-h100-v28-fa4-layouts.jsonl), which was the tiny Qwen3's failure in sessions
+# 21 and 22; at head size 64 the Qwen3 case (q/k norms) passes.
 VERIFIED_HEAD_DIMS = (64, 128)
 
 
@@ -58,10 +54,8 @@ def unavailable(device: torch.device) -> str | None:
 
 
 def unverified(attn: nn.Module) -> str | None:
-    """Why FA4 is not handed this attention layer yet although it could run it (``QK_NORM_VERIFIED``,
-    ``VERIFIED_HEAD_DIMS``), or None."""
-    if hasattr(attn, "q_norm") and not QK_NORM_VERIFIED:
-        return "its case with q/k norms has not passed on a GPU yet"
+    """Why FA4 is not handed this attention layer yet although it could run it (``VERIFIED_HEAD_DIMS``), or
+    None."""
     if attn.head_dim not in VERIFIED_HEAD_DIMS:
         return f"its head size {attn.head_dim} has not passed on a GPU yet"
     return None

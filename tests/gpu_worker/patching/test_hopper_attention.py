@@ -30,23 +30,23 @@ def test_asked_where_it_cannot_run_the_model_keeps_sdpa_and_says_why():
     assert not any("_tf_attention" in layer.self_attn.__dict__ for layer in model.get_base_model().model.layers)
 
 
-def test_models_with_qk_norms_or_unverified_head_sizes_keep_torchs_kernels(monkeypatch):
+def test_models_of_unverified_head_sizes_keep_torchs_kernels(monkeypatch):
     monkeypatch.setattr(hopper_attention, "unavailable", lambda device: None)  # as on a Hopper GPU with FA4
     llama = build_lora_model(tiny_config(hidden_size=256))  # head size 64
-    qwen3 = build_lora_model(tiny_config("qwen3", head_dim=64))
+    qwen3 = build_lora_model(tiny_config("qwen3", head_dim=64))  # q/k norms: passed on a GPU in session 24
     small_heads = build_lora_model(tiny_config())  # head size 16
-    report = patch_model(llama)
-    layers = llama.get_base_model().model.layers
-    assert report.counts["fa4_attention"] == len(layers) and report.notes == ()
-    assert all(layer.self_attn._tf_attention == "auto" for layer in layers)
-    for model, why in ((qwen3, "its case with q/k norms"), (small_heads, "its head size 16")):
-        for attention in ("auto", "fa4"):
-            model = copy.deepcopy(model)
-            report = patch_model(model, attention=attention)
-            assert "fa4_attention" not in report.counts
-            assert not any("_tf_attention" in layer.self_attn.__dict__ for layer in model.get_base_model().model.layers)
-            assert report.notes == (() if attention == "auto" else (
-                f"FlashAttention-4 asked for, but {why} has not passed on a GPU yet: attention through SDPA",))
+    for model in (llama, qwen3):
+        report = patch_model(model)
+        layers = model.get_base_model().model.layers
+        assert report.counts["fa4_attention"] == len(layers) and report.notes == ()
+        assert all(layer.self_attn._tf_attention == "auto" for layer in layers)
+    for attention in ("auto", "fa4"):
+        model = copy.deepcopy(small_heads)
+        report = patch_model(model, attention=attention)
+        assert "fa4_attention" not in report.counts
+        assert not any("_tf_attention" in layer.self_attn.__dict__ for layer in model.get_base_model().model.layers)
+        assert report.notes == (() if attention == "auto" else (
+            "FlashAttention-4 asked for, but its head size 16 has not passed on a GPU yet: attention through SDPA",))
 
 
 def test_takes_only_what_sdpas_causal_path_would():
@@ -80,8 +80,6 @@ def test_fa4_computes_what_sdpa_computes(model_type, packed, attention, monkeypa
     for name in ("causal", "varlen"):  # counted: a silent fall back to SDPA would pass the comparison
         kernel = getattr(hopper_attention, name)
         monkeypatch.setattr(hopper_attention, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
-    # Qwen3's q/k norms: the case that decides QK_NORM_VERIFIED
-    monkeypatch.setattr(hopper_attention, "QK_NORM_VERIFIED", True)
     # head size 64 for both (Qwen3's tiny default, 16, is not one FA4 is verified for: VERIFIED_HEAD_DIMS)
     config = tiny_config(model_type, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=64)
