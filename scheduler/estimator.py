@@ -310,8 +310,11 @@ def estimate_host_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> fl
     The ``offload`` mode (gpu_worker/patching/memory.py) keeps every layer's input in host memory and,
     on the kernel path, the layer's q/k/v and O projection outputs too, for the recompute; on one GPU it
     also moves a frozen, untied input embedding there. ~8 GiB for an 8B model at 8,192 tokens per micro-batch,
-    growing with the tokens. An upper bound: the worker stops stashing projections at half of its host
-    memory (``memory.STASH_HOST_FRACTION``), which this side does not know.
+    growing with the tokens. The copies are made of row blocks that fill torch's power-of-two pinned blocks
+    (less than a row more each), so they are counted at their size. An upper bound: the worker keeps them
+    within all of its host memory but 32 GiB (``memory.host_budget``), stashing fewer projections or, past
+    that, keeping layer inputs on the GPU; the Kubernetes Job asks for 64 GiB a GPU on top of this
+    estimate (scheduler/kube.py), so in its container the budget covers it.
 
     FP8 mode (``fp8_copies``) keeps the projections' bf16 weights there (gpu_worker/patching/lora.py,
     ``keep_fp8_sources_on_host``): 2 bytes a parameter, each weight a pinned block."""
@@ -329,7 +332,7 @@ def estimate_host_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> fl
     if uses_kernels(spec, facts, layout.zero_stage):  # + q, k, v and the O projection's output
         q, kv = facts.num_heads * facts.head_dim, facts.num_kv_heads * facts.head_dim
         per_layer += [q, kv, kv, facts.hidden_size]
-    stash = sum(_pinned(width * e * tokens) for width in per_layer) * facts.num_layers
+    stash = sum(per_layer) * e * tokens * facts.num_layers
     # the single-GPU worker only: a DeepSpeed rank keeps the table on its device (gpu_worker/patching/memory.py)
     frozen_untied = not facts.tie_embeddings and spec.adapter.type != AdapterType.full and layout.zero_stage is None
     embedding = _pinned(facts.vocab_size * facts.hidden_size * e) if frozen_untied else 0

@@ -17,9 +17,16 @@ outputs, 160 MB per layer at 8B): they travel to the host and back with the laye
 takes them (``unstash``) instead of recomputing them. Worth it where the host link carries them within
 the layer's forward: at ~50 GB/s each way (H200, bench/NOTES.md v7) 224 MB take ~4.5 ms of a ~5.5 ms
 8B layer forward, and save ~1 ms of GEMMs per layer in the recompute. The stash grows with the tokens
-per step (~2.5 GB per 8B layer at 131,072 tokens), so it is bounded: a layer stashes only while the
-pinned host memory the model's offload holds stays within ``STASH_HOST_FRACTION`` of the host's memory
-(the machine's, or the container's limit if lower); the layers over it recompute their projections.
+per step (~2.5 GB per 8B layer at 131,072 tokens), so it is bounded.
+
+Host memory is bounded too: the model's copies (inputs and stashes) hold at most ``host_budget()`` of
+pinned memory, all of the host's (the machine's, or the container's limit if lower) but ``HOST_RESERVE``.
+A layer stashes only if its stash still leaves room for the inputs of the layers above it (a forward that
+stashed greedily would leave the last layers' inputs nowhere to go: at 327,680 tokens an 8B model's
+inputs alone are 80 GiB); the layers over it recompute their projections. A layer input that would pass
+the budget stays on the device, as in ``checkpointing``. The copies are made of row blocks sized for torch's
+pinned allocator, which rounds each block up to a power of two (a 2.5 GiB input in one block would take
+4 GiB; in blocks, less than a row more).
 
 ``offload`` also moves a frozen, untied input embedding table to pinned host memory (1.05 GB at Llama-3
 8B): the parameter stays a CUDA tensor whose storage is that host memory (unified addressing), and the
@@ -38,6 +45,7 @@ Stream rules (the caching allocators reuse freed memory in stream order):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -49,9 +57,12 @@ import torch
 from torch import nn
 
 MEMORY_MODES = ("off", "checkpointing", "offload")
-# the share of host memory that an ``offload`` model's pinned copies may reach before its layers stop
-# stashing their projections (the layer inputs themselves always go to the host)
-STASH_HOST_FRACTION = 0.5
+# host memory an ``offload`` model's pinned copies leave to the process itself and the rest of the machine;
+# the Kubernetes Job asks for 64 GiB a GPU on top of the plan's host_memory_gb (scheduler/kube.py), so
+# within a container sized so the budget covers the whole estimate
+HOST_RESERVE = 32 * 2**30
+# copies smaller than this are one block: below it the allocator's rounding is not worth more copies
+BLOCK_FLOOR = 2**20
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
@@ -66,6 +77,95 @@ def host_memory_bytes() -> int:
         if text.isdigit():  # "max": no limit
             total = min(total, int(text))
     return total
+
+
+
+def host_budget() -> int:
+    """Pinned host memory an ``offload`` model's copies may hold: all of the host's but ``HOST_RESERVE``,
+    and at least half of it."""
+    host = host_memory_bytes()
+    return max(host // 2, host - HOST_RESERVE)
+
+
+def row_blocks(rows: int, row_bytes: int) -> list[int]:
+    """Split ``rows`` rows of ``row_bytes`` bytes into blocks (their row counts) that each fill all but less
+    than a row of a power-of-two pinned block: the largest such block that fits what is left, then the
+    same for the rest, down to ``BLOCK_FLOOR``."""
+    blocks, left = [], rows
+    while left:
+        size = left * row_bytes
+        if size <= BLOCK_FLOOR:
+            blocks.append(left)
+            break
+        n = min(left, max(1, (1 << (size.bit_length() - 1)) // row_bytes))
+        blocks.append(n)
+        left -= n
+    return blocks
+
+
+def _pinned_bytes(t: torch.Tensor) -> int:
+    """What torch's host allocator takes for ``t``: a pinned block rounded up to a power of two."""
+    return 1 << (t.nbytes - 1).bit_length() if t.is_pinned() and t.nbytes else t.nbytes
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a view whose first dimension can be split into blocks: (tokens, width) where its layout
+    allows, else the whole tensor as one row."""
+    try:
+        return t.view(-1, t.shape[-1])
+    except (RuntimeError, IndexError):  # a strided view that rows cannot describe, or a scalar
+        return t.unsqueeze(0)
+
+
+class _HostTensor:
+    """One tensor's values in host memory, in row blocks (pinned, copied on ``stream``, for a CUDA tensor)."""
+
+    def __init__(self, t: torch.Tensor, stream):
+        self.shape, self.dtype = t.shape, t.dtype
+        rows = _as_rows(t.detach())
+        row_bytes = rows[0].nbytes if len(rows) else 0
+        self.blocks, start = [], 0
+        if t.is_cuda:
+            stream.wait_stream(torch.cuda.current_stream(t.device))
+        for n in row_blocks(len(rows), row_bytes) if row_bytes else [len(rows)]:
+            src = rows[start:start + n]
+            if t.is_cuda:
+                host = torch.empty(src.shape, dtype=t.dtype, pin_memory=True)
+                with torch.cuda.stream(stream):
+                    host.copy_(src, non_blocking=True)
+            else:
+                host = src.clone()
+            self.blocks.append(host)
+            start += n
+        if t.is_cuda:
+            t.record_stream(stream)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(_pinned_bytes(b) for b in self.blocks)
+
+    @staticmethod
+    def bytes_for(t: torch.Tensor) -> int:
+        """``host_bytes`` of ``t``'s copy, before it is made."""
+        if not t.is_cuda:
+            return t.nbytes
+        rows = _as_rows(t)
+        row_bytes = t.nbytes // len(rows) if len(rows) else 0
+        if not row_bytes:
+            return 0
+        return sum(1 << (n * row_bytes - 1).bit_length() for n in row_blocks(len(rows), row_bytes))
+
+    def to(self, device: torch.device, stream=None) -> torch.Tensor:
+        """The values in a new tensor on ``device``, allocated on the current stream and copied on ``stream``
+        (CUDA: asynchronously; the caller orders the streams)."""
+        out = torch.empty(self.shape, dtype=self.dtype, device=device)
+        rows, start = _as_rows(out), 0
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for block in self.blocks:
+                rows[start:start + len(block)].copy_(block, non_blocking=True)
+                start += len(block)
+        return out
+
 
 _recompute = threading.local()  # autograd runs backward in its own thread per device
 _forward = threading.local()    # the forward of an ``offload`` layer: the copy that takes stashed tensors
@@ -104,9 +204,10 @@ def unstash(tag) -> torch.Tensor:
 
 class _HostCopy:
     """One layer's input held in host memory, and any tensors its forward stashed (``stash``), with their
-    way back to the device (CPU tensors: plain clones, so the same bookkeeping runs in CPU tests)."""
+    way back to the device (CPU tensors: plain clones, so the same bookkeeping runs in CPU tests). A
+    ``resident`` copy is over the host budget: it keeps the input on the device and stashes nothing."""
 
-    def __init__(self, hidden: torch.Tensor, stream, previous: _HostCopy | None):
+    def __init__(self, hidden: torch.Tensor, stream, previous: _HostCopy | None, resident: bool = False):
         self.device = hidden.device
         self.stream = stream
         # the copy made just before this one (the layer below): prefetched when this one is fetched; a
@@ -114,31 +215,29 @@ class _HostCopy:
         self.previous = weakref.ref(previous) if previous is not None else None
         self.loaded = None       # event: the device buffers are filled (CUDA)
         self.on_device = None    # the prefetched device tensors
-        self.host = []           # host tensors: the layer input, then the stashed ones; None once fetched
+        self.host = []           # _HostTensors: the layer input, then the stashed ones; None once fetched
         self.tags = []
         self.extras = []         # after fetch: the stashed tensors on the device, in stash order
         # the device tensors themselves, while this is the newest copy: the top layer's backward comes
         # right after its forward, so it uses them instead of waiting for a copy back (~4 ms at 8B)
         self.kept = []
-        self.may_stash = True    # set per layer by _OffloadState.admit
-        self.add(hidden, "input")
+        self.resident = resident
+        self.may_stash = not resident  # and within the budget: _OffloadState.admit
+        # the layer's place in its forward (0: the first layer), for the budget of the inputs still to come
+        self.index = previous.index + 1 if previous is not None else 0
+        if resident:
+            self.kept.append(hidden.detach())
+            self.tags.append("input")
+        else:
+            self.add(hidden, "input")
 
     def host_bytes(self) -> int:
-        """Host memory the copies hold: pinned blocks as torch's host allocator rounds them (a power of two)."""
-        if self.host is None:
-            return 0
-        return sum(1 << (h.nbytes - 1).bit_length() if h.is_pinned() and h.nbytes else h.nbytes for h in self.host)
+        """Host memory the copies hold (pinned blocks as torch's host allocator rounds them)."""
+        return sum(h.host_bytes for h in self.host) if self.host is not None else 0
 
     def add(self, t: torch.Tensor, tag) -> None:
-        if not t.is_cuda:
-            self.host.append(t.detach().clone())
-        else:
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self.stream.wait_stream(torch.cuda.current_stream(t.device))
-            with torch.cuda.stream(self.stream):
-                host.copy_(t.detach(), non_blocking=True)
-            t.record_stream(self.stream)
-            self.host.append(host)
+        self.host.append(_HostTensor(t, self.stream))
+        if t.is_cuda:
             self.kept.append(t.detach())
         self.tags.append(tag)
 
@@ -146,19 +245,16 @@ class _HostCopy:
         """Start the copies back to the device (no-op if started or already consumed)."""
         if self.on_device is not None or self.host is None:
             return
-        if not self.device.type == "cuda":
-            self.on_device = list(self.host)
-            return
-        if self.kept:  # still the newest copy: nothing to bring back
+        if self.kept:  # the newest copy, or a resident one: nothing to bring back
             self.on_device, self.kept = self.kept, []
             return
-        bufs = [torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in self.host]  # compute stream's pool
+        if not self.device.type == "cuda":
+            self.on_device = [h.to(self.device) for h in self.host]
+            return
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            for buf, h in zip(bufs, self.host):
-                buf.copy_(h, non_blocking=True)
-            self.loaded = torch.cuda.Event()
-            self.loaded.record(self.stream)
+        bufs = [h.to(self.device, self.stream) for h in self.host]  # the compute stream's pool
+        self.loaded = torch.cuda.Event()
+        self.loaded.record(self.stream)
         self.on_device = bufs
 
     def fetch(self) -> torch.Tensor:
@@ -185,48 +281,62 @@ class _HostCopy:
 
 
 class _OffloadState:
-    """Per model: the side stream, the most recent host copy (the next copy's ``previous``) and the host
-    memory budget of the stashes."""
+    """Per model: the side stream, the most recent host copy (the next copy's ``previous``) and the budget
+    of the pinned host memory the copies hold (module docstring)."""
 
-    def __init__(self):
+    def __init__(self, layers: int | None = None):
         self.stream = None
+        self.layers = layers  # the checkpointed layers of one forward (None: unknown, no room kept for them)
         self.last = None  # weakref to the newest _HostCopy
         self.live = weakref.WeakSet()  # copies whose host buffers may still be held
-        self.host_budget = None  # bytes; STASH_HOST_FRACTION of host_memory_bytes(), set on first use
+        self.host_budget = None  # bytes; host_budget(), set on first use
         # the largest stash a layer has made: what the next one will add (0 until one has: the first
         # layer's stash can pass the budget by its own size)
         self.stash_bytes = 0
         self.over_budget = 0  # layers that did not stash, for the warning
-
-    def admit(self, copy: _HostCopy) -> None:
-        """Whether ``copy``'s layer may stash: the host bytes held now plus one layer's stash within budget."""
-        if self.host_budget is None:
-            self.host_budget = int(STASH_HOST_FRACTION * host_memory_bytes())
-        held = sum(c.host_bytes() for c in self.live)
-        copy.may_stash = held + self.stash_bytes <= self.host_budget
-        if not copy.may_stash:
-            self.over_budget += 1
-            if self.over_budget == 1:
-                warnings.warn(f"offload: {held / 2**30:.1f} GiB of pinned host memory held, a layer's projection stash "
-                              f"({self.stash_bytes / 2**30:.2f} GiB) would pass the budget of "
-                              f"{self.host_budget / 2**30:.1f} GiB: such layers recompute their projections",
-                              stacklevel=2)
-
-    def stashed(self, copy: _HostCopy, input_bytes: int) -> None:
-        self.stash_bytes = max(self.stash_bytes, copy.host_bytes() - input_bytes)
+        self.resident = 0  # layer inputs kept on the device, for the warning
 
     def new_copy(self, hidden: torch.Tensor) -> _HostCopy:
         if hidden.is_cuda and self.stream is None:
             self.stream = torch.cuda.Stream(hidden.device)
+        if self.host_budget is None:
+            self.host_budget = host_budget()
         last = self.last() if self.last is not None else None
-        if last is not None:
+        if last is not None and not last.resident:
             last.kept = []  # no longer the newest: its device tensors go (their host copies are made)
         # a copy whose backward already ran (the previous step's) is no layer below this one
-        copy = _HostCopy(hidden, self.stream, last if last is not None and last.host is not None else None)
+        previous = last if last is not None and last.host is not None else None
+        held = sum(c.host_bytes() for c in self.live)
+        need = _HostTensor.bytes_for(hidden)
+        resident = held + need > self.host_budget
+        if resident:
+            self.resident += 1
+            if self.resident == 1:
+                warnings.warn(f"offload: {held / 2**30:.1f} GiB of pinned host memory held, a layer input "
+                              f"({need / 2**30:.2f} GiB) would pass the budget of {self.host_budget / 2**30:.1f} "
+                              "GiB: such layers keep their input in device memory", stacklevel=3)
+        copy = _HostCopy(hidden, self.stream, previous, resident)
         self.last = weakref.ref(copy)
         self.live.add(copy)
-        self.admit(copy)
+        if not resident:
+            self.admit(copy, held + need, need)
         return copy
+
+    def admit(self, copy: _HostCopy, held: int, input_bytes: int) -> None:
+        """Whether ``copy``'s layer may stash: the host bytes held with its input, one layer's stash, and the
+        inputs of the layers still to come in this forward within budget."""
+        above = max(0, self.layers - copy.index - 1) if self.layers is not None else 0
+        copy.may_stash = held + self.stash_bytes + above * input_bytes <= self.host_budget
+        if not copy.may_stash:
+            self.over_budget += 1
+            if self.over_budget == 1:
+                warnings.warn(f"offload: {held / 2**30:.1f} GiB of pinned host memory held, a layer's projection stash "
+                              f"({self.stash_bytes / 2**30:.2f} GiB) and the {above} inputs still to come would "
+                              f"pass the budget of {self.host_budget / 2**30:.1f} GiB: such layers recompute "
+                              "their projections", stacklevel=3)
+
+    def stashed(self, copy: _HostCopy, input_bytes: int) -> None:
+        self.stash_bytes = max(self.stash_bytes, copy.host_bytes() - input_bytes)
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -366,10 +476,15 @@ def apply_memory_mode(model: nn.Module, mode: str) -> None:
         # the layer input must require grad or the recompute's LoRA grads never run (layer 0's input is
         # a frozen embedding's output)
         base.enable_input_require_grads()
-        checkpoint = offloaded_checkpoint_function()
-        for module in base.modules():
-            if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
-                module._gradient_checkpointing_func = checkpoint
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        takers = [module for module in base.modules()
+                  if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func")]
+        # the layers one forward checkpoints (the model itself carries the flag too, and calls them)
+        layers = sum(isinstance(module, GradientCheckpointingLayer) for module in takers)
+        checkpoint = offloaded_checkpoint_function(_OffloadState(layers=layers or None))
+        for module in takers:
+            module._gradient_checkpointing_func = checkpoint
         # Not under DeepSpeed (an initialized process group): ZeRO broadcasts and partitions parameters with
         # NCCL collectives, which expect device memory; the table stays on the device there.
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

@@ -94,14 +94,17 @@ def test_the_newest_kernel_measurements_stay_close():
         data = json.loads(path.read_text())
         for r in data["results"]:
             if r.get("method") == "ours" and not r.get("error") and r.get("ckpt") in modes and r.get("shape") in models:
-                key = (r["shape"], r["ckpt"], r.get("quant", "none"), r["batch"], r["seq"])
+                key = (r["shape"], r["ckpt"], r.get("quant", "none"), r["batch"], r["seq"], bool(r.get("fp8")),
+                       r.get("lora_dropout") or 0.0)
                 if key not in newest or data["date"] > newest[key][0]:
                     newest[key] = (data["date"], r)
     assert len(newest) >= 6
-    for (shape, ckpt, quant, batch, seq), (_, r) in newest.items():
+    for (shape, ckpt, quant, batch, seq, fp8, dropout), (_, r) in newest.items():
         mode = modes[ckpt]
-        predicted = estimate_memory(spec(models[shape], quant, mode, batch=batch, seq=seq), read_model_facts(models[shape]),
-                                    Layout(memory_mode=mode, micro_batch=batch)).gb
+        job = spec(models[shape], quant, mode, batch=batch, seq=seq)
+        job = job.model_copy(update={"runtime": job.runtime.model_copy(update={"fp8": fp8}),
+                                     "adapter": job.adapter.model_copy(update={"dropout": dropout})})
+        predicted = estimate_memory(job, read_model_facts(models[shape]), Layout(memory_mode=mode, micro_batch=batch)).gb
         assert predicted == pytest.approx(r["peak_gb"], rel=0.12), f"{r['spec']}: predicted {predicted:.2f}, measured {r['peak_gb']:.2f}"
 
 
@@ -130,13 +133,16 @@ def test_memory_grows_with_micro_batch_and_shrinks_with_checkpointing_and_shardi
 def test_offload_pins_its_stash_and_the_input_embedding_in_host_memory():
     """Counted for the 8B shape at 4 x 2048 tokens (bench/NOTES.md v7/v8): per layer and token the input,
     q, k, v and the O output in bf16 = (4096 + 4096 + 1024 + 1024 + 4096) x 2 B; 32 layers x 8192
-    tokens = 7.52 GB (blocks of 64 and 16 MiB), plus the untied input embedding, 1.05 GB in a 1 GiB
+    tokens = 7.52 GB (in row blocks: their own size), plus the untied input embedding, 1.05 GB in a 1 GiB
     pinned block (torch's host allocator rounds up to a power of two)."""
     facts = read_model_facts("meta-llama/Llama-3.1-8B")
     host = estimate_host_memory(spec(mode="offload"), facts, Layout(memory_mode="offload", micro_batch=4))
     table = 2**30  # 1,050,673,152 bytes: a 1 GiB block
     assert host == (4096 * 3 + 1024 * 2) * 2 * 8192 * 32 + table
     assert estimate_host_memory(spec(mode="offload", seq=8192), facts, Layout(memory_mode="offload", micro_batch=4)) == 4 * (host - table) + table
+    # not a power of two: the row blocks take the copies' own size (one pinned block each would round up)
+    odd = estimate_host_memory(spec(mode="offload", seq=3000), facts, Layout(memory_mode="offload", micro_batch=4))
+    assert odd == (4096 * 3 + 1024 * 2) * 2 * 12000 * 32 + table
     # nothing in other modes; on the stock path only the layer inputs (no projection outputs to replay);
     # a tied table stays on the GPU
     assert estimate_host_memory(spec(mode="checkpointing"), facts, Layout(memory_mode="checkpointing", micro_batch=4)) == 0

@@ -5,9 +5,9 @@ discards the MLP's output."""
 
 from __future__ import annotations
 
-import os
-
 import gc
+import os
+import warnings
 
 import pytest
 import torch
@@ -122,12 +122,16 @@ def test_recompute_replays_the_attention_projections(monkeypatch, model_type):
     assert state.last() is None or not state.last().extras
 
 
-@pytest.mark.parametrize("budget_layers,stashing_layers", [(0, 0), (2, 2), (4, 4)])
-def test_layers_over_the_host_budget_recompute_their_projections(monkeypatch, budget_layers, stashing_layers):
-    """The stash is bounded by host memory. A layer stashes if the copies held (the inputs so far, its
-    own included, and the stashes so far) plus one more stash fit the budget; the others recompute their
-    q/k/v and O (a base-weight read more per projection), and the gradients are checkpointing's either
-    way."""
+@pytest.mark.parametrize("inputs,stashes,stashing_layers,resident_layers",
+                         [(4, 1, 1, 0), (4, 2, 2, 0), (4, 4, 4, 0), (2, 0, 0, 2), (0, 0, 0, 4)])
+def test_the_host_budget_bounds_the_stashes_and_the_inputs(monkeypatch, inputs, stashes, stashing_layers,
+                                                           resident_layers):
+    """Pinned host memory is bounded (a budget of ``inputs`` layer inputs and ``stashes`` stashes). A layer
+    stashes if the copies held (its own input included), one more stash and the inputs of the layers above
+    it fit: each layer's input keeps its place, so the first layers do not take it all for stashes (the first
+    layer stashes before any stash size is known). A layer input that would pass the budget stays on the
+    device. Layers that do not stash recompute their q/k/v and O (a base-weight read more per projection),
+    and the gradients are checkpointing's either way."""
     from tests.kernels.conftest import count_matmuls
 
     layers = 4
@@ -142,22 +146,44 @@ def test_layers_over_the_host_budget_recompute_their_projections(monkeypatch, bu
     stash = x.numel() * ((config.num_attention_heads + 2 * config.num_key_value_heads) * head
                          + config.hidden_size) * per_token
     state = _state(model)
-    # layer k+1 is admitted while (k+1) inputs + (k+1) stashes fit: budget_layers of each
-    state.host_budget = budget_layers * (layer_input + stash)
+    assert state.layers == layers
+    state.host_budget = inputs * layer_input + stashes * stash
     weights = [p for n, p in model.named_parameters() if "self_attn" in n and "base_layer" in n]
-    with count_matmuls(weights) as n:
-        if stashing_layers < layers:
-            with pytest.warns(UserWarning, match="recompute their projections"):
-                loss = model(input_ids=x, labels=x).loss
-        else:
-            loss = model(input_ids=x, labels=x).loss
+    with count_matmuls(weights) as n, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = model(input_ids=x, labels=x).loss
+        held = sum(c.host_bytes() for c in state.live)
         loss.backward()
+    said = " ".join(str(w.message) for w in caught)
+    assert ("recompute their projections" in said) == (stashing_layers < layers - resident_layers)
+    assert ("keep their input in device memory" in said) == (resident_layers > 0)
+    assert held == (layers - resident_layers) * layer_input + stashing_layers * stash <= state.host_budget
     # per layer two weight groups (q/k/v joined, o). forward: 2 products a layer; backward: dx (2) and,
     # in the layers that did not stash, the recompute (2)
     assert n["reading"] == 2 * layers * 2 + 2 * (layers - stashing_layers)
-    assert state.over_budget == layers - stashing_layers
+    assert state.resident == resident_layers
+    assert state.over_budget == layers - resident_layers - stashing_layers
     g_ref, g = lora_grads(ref), lora_grads(model)
     assert max(rel(g[n], g_ref[n]) for n in g_ref) < 1e-6
+
+
+def test_copies_are_made_of_blocks_the_pinned_allocator_rounds_little(monkeypatch):
+    """torch's pinned allocator rounds each block up to a power of two: a copy in row blocks takes less
+    than a row more per block (and ``bytes_for`` says so before it is made); the values come back whole,
+    whatever the tensor's layout."""
+    assert memory.row_blocks(0, 8) == []
+    assert memory.row_blocks(5, 2**20) == [4, 1]  # 4 MiB, then 1 MiB
+    blocks = memory.row_blocks(327_680, 8192)  # an 8B layer input at 327,680 tokens: 2.5 GiB
+    assert sum(blocks) == 327_680 and [n * 8192 for n in blocks] == [2**31, 2**29]
+    odd = memory.row_blocks(1_000_003, 6)
+    assert sum(odd) == 1_000_003 and all(n * 6 > (1 << (n * 6).bit_length() - 1) - 6 for n in odd[:-1])
+    monkeypatch.setattr(memory, "BLOCK_FLOOR", 64)
+    stream = None
+    for t in (torch.randn(3, 7, 10), torch.randn(10, 21).t(), torch.randn(5, 12)[:, 2:9], torch.tensor(2.5)):
+        copy = memory._HostTensor(t, stream)
+        assert torch.equal(copy.to(torch.device("cpu")), t)
+        assert copy.host_bytes == t.nbytes == memory._HostTensor.bytes_for(t)  # not pinned: exact
+    assert len(memory._HostTensor(torch.randn(3, 7, 10), stream).blocks) > 1
 
 
 def test_the_host_budget_reads_a_container_limit(monkeypatch, tmp_path):
