@@ -64,6 +64,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpu_worker.patching.decoder import layer_subclass
+from gpu_worker.patching.lora import fp8_enabled
 from tuneforge_kernels import dropout
 from tuneforge_kernels.varlen_attention import Packing
 
@@ -214,11 +215,14 @@ class _Uncapturable(Exception):
 
 
 def _has_hooks(modules) -> bool:
+    """Whether a hook could run in a captured layer (one marked ``graph_safe`` says that it cannot or that
+    it fails the capture: FP8 mode's, lora.py)."""
     g = nn.modules.module
     if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks \
             or g._global_backward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    return any(m._forward_hooks or m._backward_hooks or m._backward_pre_hooks
+               or any(not getattr(hook, "graph_safe", False) for hook in m._forward_pre_hooks.values())
                for m in modules)
 
 
@@ -310,6 +314,8 @@ class LayerGraphs:
     def run(self, layer: nn.Module, index: int, x: torch.Tensor, kwargs: dict):
         """The layer's output through its graph, or None: the caller runs the eager forward."""
         if self.disabled is not None or not (torch.is_grad_enabled() and layer.training and x.is_cuda):
+            return None
+        if not fp8_enabled():  # an FP8 model's bf16 measurement: the graphs captured its FP8 GEMMs
             return None
         if getattr(layer, "gradient_checkpointing", False) or torch.cuda.is_current_stream_capturing():
             return None

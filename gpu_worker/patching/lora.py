@@ -336,7 +336,15 @@ def _bring_home(module: nn.Module) -> None:
 
 
 def _home_before_a_stock_forward(module, args):
+    if module.weight.is_cuda and torch.cuda.is_current_stream_capturing():  # the move cannot be captured: graphs.py runs eagerly then
+        raise RuntimeError(f"a stock forward of {type(module).__name__} moves its bf16 weight to the device, "
+                           "which a CUDA graph cannot capture")
     _bring_home(module)
+
+
+# graphs.py captures a layer despite this hook: the patched layers read their projections' weights and never
+# call a projection's own forward; one that did would fail its capture above, and the model trains eagerly
+_home_before_a_stock_forward.graph_safe = True
 
 
 def _copies_follow_merges(lora_module: nn.Module) -> None:
@@ -379,6 +387,11 @@ def _fp8_weight(layer: nn.Module, weight: torch.Tensor):
             return weight
         fp8 = layer._tf_fp8 = fp8.retake_(weight)
     return fp8
+
+
+def fp8_enabled() -> bool:
+    """False within ``fp8_disabled``."""
+    return _FP8_ON.get()
 
 
 @contextlib.contextmanager

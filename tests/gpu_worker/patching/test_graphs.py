@@ -150,6 +150,50 @@ def test_hooks_and_replaced_weights_run_eagerly():
     assert graphs.status["captures"] == 2 and graphs.status["active"] is True
 
 
+def test_fp8_modes_host_weights_do_not_keep_a_layer_from_its_graphs():
+    """FP8 mode's forward pre-hook on each projection (its bf16 weight in host memory, lora.py) is marked
+    graph-safe: the patched layers never call a projection's forward. Any other hook still makes the layer
+    run eagerly (test_hooks_and_replaced_weights_run_eagerly)."""
+    from gpu_worker.patching.graphs import _has_hooks
+    from gpu_worker.patching.lora import keep_fp8_sources_on_host
+
+    model = build_lora_model(tiny_config())
+    patch_model(model, fp8=True, cuda_graphs=True)
+    layer = model.get_base_model().model.layers[0]
+    assert keep_fp8_sources_on_host(layer) > 0  # on the CPU, new host storage: the same hooks
+    modules = list(layer.modules())
+    assert any(m._forward_pre_hooks for m in modules) and not _has_hooks(modules)
+    handle = layer.self_attn.q_proj.base_layer.register_forward_pre_hook(lambda *a: None)
+    assert _has_hooks(modules)
+    handle.remove()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fp8_layers_replay_and_their_bf16_measurement_runs_eagerly():
+    """An FP8 model's layers are captured and replayed (the step computes the eager FP8 step's values); its
+    bf16 measurement (``fp8_disabled``) runs eagerly, since the graphs hold the FP8 GEMMs."""
+    from gpu_worker.patching import fp8_disabled
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need compute capability 8.9")
+    cfg = tiny_config(hidden_size=128, intermediate_size=256, num_hidden_layers=3)
+    on, off = (build_lora_model(cfg, "cuda") for _ in range(2))
+    patch_model(on, cuda_graphs=True, fp8=True)
+    patch_model(off, cuda_graphs=False, fp8=True)
+    assert on.get_base_model().model.layers[0].self_attn.q_proj.base_layer._forward_pre_hooks  # weights on host
+    batches = [_batch(seed=i) for i in range(4)]
+    _assert_same_run(_train(on, batches), _train(off, batches))
+    graphs = _graphs(on)
+    assert graphs.status["captures"] == 1 and graphs.status["replays"] > 0 and graphs.status["disabled"] is None
+    replays = graphs.status["replays"]
+    with fp8_disabled():
+        bf16 = _loss(on, *batches[0])
+        bf16.backward()
+        assert bf16.item() == pytest.approx(_loss(off, *batches[0]).item(), rel=1e-3)
+    assert graphs.status["replays"] == replays and graphs.status["active"]
+
+
 def test_on_cpu_the_layers_stay_eager_and_a_copy_gets_its_own_graphs():
     cfg = tiny_config()
     ours, ref = build_lora_model(cfg), build_lora_model(cfg)
