@@ -22,8 +22,11 @@ if [[ $packed != off ]]; then
     --log-dir "$OUT" --deadline-s 360 | tail -9
 fi
 if [[ $ladder != off ]]; then
-  python3 bench/train_step.py save --shape 8B --path /tmp/rand-8B >> "$OUT/env.log" 2>&1
-  for m in ${LADDER_RUNS:-ours:on:120 liger:on:130 unsloth:unsloth:170 hf:on:100}; do
+  runs=${LADDER_RUNS:-ours:on:120 liger:on:130 unsloth:unsloth:170 hf:on:100}
+  if [[ " $runs" == *" unsloth:"* ]]; then  # Unsloth loads a saved model; the others build theirs
+    python3 bench/train_step.py save --shape 8B --path /tmp/rand-8B >> "$OUT/env.log" 2>&1
+  fi
+  for m in $runs; do
     IFS=: read -r method ckpt cap <<< "$m"
     extra=()
     [[ $method == unsloth ]] && extra=(--model-path /tmp/rand-8B)
