@@ -214,6 +214,32 @@ class _Uncapturable(Exception):
     pass
 
 
+def _fresh_generator_state(device: torch.device) -> None:
+    """After a failed capture: the capture that never ended stays registered in the device's default
+    generator, whose eager draws then fail ("Offset increment outside graph capture encountered
+    unexpectedly": the next dropout mask would stop the run). The generator takes a copy of its seed and
+    offset, without that registration; its random stream goes on where it was."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    generator = torch.cuda.default_generators[index]
+    generator.graphsafe_set_state(generator.clone_state())
+
+
+@contextmanager
+def _no_collection():
+    """Python's cyclic collector off, after one collection: a collection within a capture could destroy a
+    dead graph's CUDAGraph, whose teardown a capturing stream does not permit, and the capture fails
+    ("operation not permitted when stream is capturing", session 24). torch's own capture collects only
+    with ``torch.compiler.config.force_cudagraph_gc``."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _has_hooks(modules) -> bool:
     """Whether a hook could run in a captured layer (one marked ``graph_safe`` says that it cannot or that
     it fails the capture: FP8 mode's, lora.py)."""
@@ -396,6 +422,7 @@ class LayerGraphs:
             self.release()
             self.disabled = f"capture failed: {type(err).__name__}: {err}"
             log.warning("CUDA graphs off for this model (%s); the layers run eagerly", self.disabled, exc_info=True)
+            _fresh_generator_state(x.device)
         else:
             return
         gc.collect()  # the failed graphs (held by the traceback's frames) let go of the RNG state they took
@@ -441,6 +468,10 @@ class LayerGraphs:
         # the capture would hold a step's activations twice (session 13: 21 GB reserved against 11.6 eager)
         torch.cuda.empty_cache()
 
+        with _no_collection():
+            self._capture_graphs(x, signature, trainable, statics, call)
+
+    def _capture_graphs(self, x, signature, trainable, statics, call) -> None:
         pool = torch.cuda.graph_pool_handle()
         graphs, outs, proxies = [], [], []
         inp = x.detach().clone().requires_grad_(x.requires_grad)

@@ -150,6 +150,31 @@ def test_hooks_and_replaced_weights_run_eagerly():
     assert graphs.status["captures"] == 2 and graphs.status["active"] is True
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_after_a_failed_capture_the_layers_train_eagerly_with_dropout(monkeypatch):
+    """A capture that a CUDA error ends (here a synchronisation, which a capturing stream does not permit)
+    turns the graphs off, and the run goes on eagerly: its adapter dropout still draws masks (torch leaves
+    the failed capture in the default generator, which graphs.py replaces)."""
+    from gpu_worker.patching import graphs as graphs_module
+
+    rebuild = graphs_module._rebuild_kwargs
+
+    def failing(*args):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+        return rebuild(*args)
+
+    monkeypatch.setattr(graphs_module, "_rebuild_kwargs", failing)
+    on, _ = _pair(lora_dropout=0.2)
+    losses, grads = _train(on, [_batch(seed=i) for i in range(5)])
+    status = _graphs(on).status
+    assert status["captures"] == 1 and status["disabled"].startswith("capture failed")
+    assert all(torch.isfinite(torch.tensor(losses))) and all(torch.isfinite(g).all() for step in grads for g in step.values())
+    x = torch.empty(1000, device="cuda").bernoulli_(0.5)  # the default generator draws
+    assert 300 < x.sum().item() < 700
+
+
 def test_fp8_modes_host_weights_do_not_keep_a_layer_from_its_graphs():
     """FP8 mode's forward pre-hook on each projection (its bf16 weight in host memory, lora.py) is marked
     graph-safe: the patched layers never call a projection's forward. Any other hook still makes the layer
