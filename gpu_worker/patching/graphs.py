@@ -221,7 +221,10 @@ def _fresh_generator_state(device: torch.device) -> None:
     offset, without that registration; its random stream goes on where it was."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     generator = torch.cuda.default_generators[index]
-    generator.graphsafe_set_state(generator.clone_state())
+    try:  # not run on a GPU yet (session 24): a failure here must not stop a run that draws nothing
+        generator.graphsafe_set_state(generator.clone_state())
+    except RuntimeError as err:
+        log.warning("the default CUDA generator keeps the failed capture (%s): its eager draws may fail", err)
 
 
 @contextmanager
