@@ -8,7 +8,8 @@ Protocol with the supervising worker agent:
   its last checkpoint.
 - stdout: only ``JobEvent`` JSON lines (``contract.dump_event``), one per event, flushed each time.
   Anything a library prints is redirected to stderr so it can never corrupt the stream.
-- stderr: human-readable logs.
+- stderr: human-readable logs. The trainer's own warnings (``gpu_worker``'s: an ``offload`` host budget
+  reached, weights kept in device memory, a kernel not taken) also become warn-level LogEvents.
 - environment: ``TUNEFORGE_STORAGE_URL`` (the object store, required) and ``TUNEFORGE_DATA_DIR`` (for
   built-in models; default ``./.tuneforge``).
 - CPU threads (no GPU): ``TUNEFORGE_TORCH_THREADS``, else ``OMP_NUM_THREADS``, else one core fewer
@@ -32,17 +33,19 @@ Exit codes:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from gpu_worker.allocator import configure_cuda_allocator
-from gpu_worker.contract import FailedEvent, JobEvent, JobSpec, dump_event
+from gpu_worker.contract import FailedEvent, JobEvent, JobSpec, LogEvent, dump_event
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ORPHANED = 0, 1, 2, 70
 _MAX_SPEC_BYTES = 1 << 20
@@ -90,6 +93,26 @@ def _watch_stdin(fd: int) -> None:
             chunk = b""
         if not chunk:
             os._exit(EXIT_ORPHANED)
+
+
+@contextlib.contextmanager
+def warnings_as_events(emit):
+    """Within: a warning raised from ``gpu_worker``'s own files is shown as before and also emitted as a
+    warn-level LogEvent (its first line), so the job's events say what the run chose (Python shows each
+    warning once per place by default)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    show = warnings.showwarning
+
+    def show_and_emit(message, category, filename, lineno, file=None, line=None):
+        show(message, category, filename, lineno, file, line)
+        if os.path.abspath(filename).startswith(package):
+            emit(LogEvent(level="warn", message=str(message).splitlines()[0]))
+
+    warnings.showwarning = show_and_emit
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 def _failure(err: BaseException) -> FailedEvent:
@@ -170,7 +193,8 @@ def main() -> int:
         _set_cpu_threads()
 
         ctx = RunContext(store=open_store(storage_url), data_dir=data_dir, emit=events.emit, should_stop=stop.is_set)
-        recipe_for(spec.method)(spec, ctx)
+        with warnings_as_events(events.emit):
+            recipe_for(spec.method)(spec, ctx)
     except Exception as err:
         failed = _failure(err)
         # An unexpected error keeps its traceback in the logs; the event carries no internals.

@@ -314,7 +314,7 @@ class _OffloadState:
             if self.resident == 1:
                 warnings.warn(f"offload: {held / 2**30:.1f} GiB of pinned host memory held, a layer input "
                               f"({need / 2**30:.2f} GiB) would pass the budget of {self.host_budget / 2**30:.1f} "
-                              "GiB: such layers keep their input in device memory", stacklevel=3)
+                              "GiB: such layers keep their input in device memory", stacklevel=2)
         copy = _HostCopy(hidden, self.stream, previous, resident)
         self.last = weakref.ref(copy)
         self.live.add(copy)

@@ -380,3 +380,23 @@ def test_a_tied_or_trainable_embedding_stays_on_the_device():
         ptr = emb.weight.data_ptr()
         patch_model(model, memory_mode="offload")
         assert emb.weight.data_ptr() == ptr and "forward" not in vars(emb)
+
+
+def test_the_host_budget_warnings_reach_the_job_events():
+    """The trainer turns its own warnings into warn-level LogEvents (gpu_worker.train): the budget's
+    warnings name a place in gpu_worker, so the job's events say that layers kept their inputs on the device
+    and recomputed their projections; a warning from elsewhere stays in the logs only."""
+    from gpu_worker.train import warnings_as_events
+
+    events = []
+    model = _model("cpu", "offload", layers=4, impl="triton")
+    x = torch.randint(0, 128, (2, 16))
+    _state(model).host_budget = 2 * x.numel() * model.get_base_model().config.hidden_size * 4  # two inputs
+    with warnings.catch_warnings(record=True), warnings_as_events(events.append):
+        warnings.simplefilter("always")
+        model(input_ids=x, labels=x).loss.backward()
+        warnings.warn("a library's own warning")
+    said = [e.message for e in events]
+    assert [e.level for e in events] == ["warn", "warn"]
+    assert any("keep their input in device memory" in m for m in said)
+    assert any("recompute their projections" in m for m in said)
