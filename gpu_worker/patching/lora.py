@@ -336,7 +336,8 @@ def _bring_home(module: nn.Module) -> None:
 
 
 def _home_before_a_stock_forward(module, args):
-    if module.weight.is_cuda and torch.cuda.is_current_stream_capturing():  # the move cannot be captured: graphs.py runs eagerly then
+    # the move cannot be captured: the capture fails and graphs.py runs the model eagerly
+    if module.weight.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"a stock forward of {type(module).__name__} moves its bf16 weight to the device, "
                            "which a CUDA graph cannot capture")
     _bring_home(module)
