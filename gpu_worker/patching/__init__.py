@@ -156,9 +156,9 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         patch_attention(attn, impl)
         if attention != "sdpa" and fa4_off is None:
             fa4_off = hopper_attention.unverified(attn)
-        if attention != "sdpa" and fa4_off is None:  # "fa4": batched and packed rows; "auto": packed rows
-            attn._tf_attention = attention
-            counts["fa4_attention"] = counts.get("fa4_attention", 0) + 1
+            if fa4_off is None:  # "fa4": batched and packed rows; "auto": packed rows
+                attn._tf_attention = attention
+                counts["fa4_attention"] = counts.get("fa4_attention", 0) + 1
         counts["rope"] += 1
         counts["lora_qkv_o"] += 1
         patch_mlp(layer.mlp, act, impl, output_discarded_in_recompute=mlp_output_only_feeds_the_residual(layer))

@@ -103,9 +103,9 @@ def row_blocks(rows: int, row_bytes: int) -> list[int]:
     return blocks
 
 
-def _pinned_bytes(t: torch.Tensor) -> int:
-    """What torch's host allocator takes for ``t``: a pinned block rounded up to a power of two."""
-    return 1 << (t.nbytes - 1).bit_length() if t.is_pinned() and t.nbytes else t.nbytes
+def _pinned_size(nbytes: int) -> int:
+    """What torch's host allocator takes for a pinned block of ``nbytes``: rounded up to a power of two."""
+    return 1 << (nbytes - 1).bit_length() if nbytes else 0
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -117,17 +117,23 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
         return t.unsqueeze(0)
 
 
+def _split(t: torch.Tensor) -> tuple[torch.Tensor, int, list[int]]:
+    """``t`` as rows (``_as_rows``), a row's bytes, and the row counts of its copy's blocks."""
+    rows = _as_rows(t)
+    row_bytes = t.nbytes // len(rows) if len(rows) else 0
+    return rows, row_bytes, row_blocks(len(rows), row_bytes) if row_bytes else [len(rows)]
+
+
 class _HostTensor:
     """One tensor's values in host memory, in row blocks (pinned, copied on ``stream``, for a CUDA tensor)."""
 
     def __init__(self, t: torch.Tensor, stream):
         self.shape, self.dtype = t.shape, t.dtype
-        rows = _as_rows(t.detach())
-        row_bytes = rows[0].nbytes if len(rows) else 0
+        rows, _, counts = _split(t.detach())
         self.blocks, start = [], 0
         if t.is_cuda:
             stream.wait_stream(torch.cuda.current_stream(t.device))
-        for n in row_blocks(len(rows), row_bytes) if row_bytes else [len(rows)]:
+        for n in counts:
             src = rows[start:start + n]
             if t.is_cuda:
                 host = torch.empty(src.shape, dtype=t.dtype, pin_memory=True)
@@ -142,18 +148,15 @@ class _HostTensor:
 
     @property
     def host_bytes(self) -> int:
-        return sum(_pinned_bytes(b) for b in self.blocks)
+        return sum(_pinned_size(b.nbytes) if b.is_pinned() else b.nbytes for b in self.blocks)
 
     @staticmethod
     def bytes_for(t: torch.Tensor) -> int:
         """``host_bytes`` of ``t``'s copy, before it is made."""
         if not t.is_cuda:
             return t.nbytes
-        rows = _as_rows(t)
-        row_bytes = t.nbytes // len(rows) if len(rows) else 0
-        if not row_bytes:
-            return 0
-        return sum(1 << (n * row_bytes - 1).bit_length() for n in row_blocks(len(rows), row_bytes))
+        _, row_bytes, counts = _split(t)
+        return sum(_pinned_size(n * row_bytes) for n in counts)
 
     def to(self, device: torch.device, stream=None) -> torch.Tensor:
         """The values in a new tensor on ``device``, allocated on the current stream and copied on ``stream``
