@@ -75,9 +75,10 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
 
     ``impl`` is passed to every op (None: Triton on CUDA, reference elsewhere; tests force "triton" to
     run the kernels through the interpreter on CPU). ``cuda_graphs``: replay the decoder layers of
-    fixed-shape training steps as CUDA graphs (graphs.py); None: for models up to ``GRAPH_MAX_HIDDEN``
-    without live adapter dropout (True attaches them with it: their replays draw new masks each step, tested
-    on an H100, but a 1B step with dropout ran no faster replayed than eager: bench/NOTES.md, session 21).
+    fixed-shape training steps as CUDA graphs (graphs.py); None: for models up to ``GRAPH_MAX_HIDDEN``, with
+    or without adapter dropout (replays draw new masks each step; a 1B step with dropout ran 7-10% faster
+    replayed than eager on one H100 host and as fast on another, where dropout 0's ran ~30% faster:
+    bench/NOTES.md, sessions 21 and 25).
     Never with a memory mode other than ``off`` or in a multi-process (DeepSpeed) run; they replay only on
     CUDA. ``fp8``: the decoder layers' frozen projections compute their forward and input-gradient GEMMs
     in e4m3 (``tuneforge_kernels.fp8``; not exact bf16: ``fp8_disabled`` gives the bf16 loss to report
@@ -172,11 +173,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     apply_memory_mode(model, memory_mode)
     if counts.get("fp8_host_bytes"):
         torch.cuda.empty_cache()  # the bf16 weights' device memory back to the driver, not only to torch's pool
-    no_graphs = ""
     if cuda_graphs is None:
         cuda_graphs = getattr(config, "hidden_size", GRAPH_MAX_HIDDEN + 1) <= GRAPH_MAX_HIDDEN
-        if cuda_graphs and dropout:  # replayed: no faster, with a larger pool (bench/NOTES.md, session 21)
-            cuda_graphs, no_graphs = False, " and without CUDA graphs (they measured no faster with it)"
     notes = ()
     if fp8_off is not None:
         notes += (f"fp8 asked for, but {fp8_off}: the projections compute in bf16",)
@@ -184,7 +182,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         notes += (f"FlashAttention-4 asked for, but {fa4_off}: attention through SDPA",)
     if dropout:
         notes += (f"adapter dropout {', '.join(f'{p:g}' for p in dropout)}: the fused kernels draw its masks, "
-                  f"without the padded weight layouts{no_graphs}; adapter dropout 0 trains fastest",)
+                  f"without the padded weight layouts; adapter dropout 0 trains fastest",)
     # not in a DeepSpeed run: its gradient hooks and collectives run on their own streams
     if cuda_graphs and memory_mode == "off" and not distributed:
         from gpu_worker.patching.graphs import attach

@@ -17,8 +17,8 @@ buffers as fresh tensors, which autograd then adopts as ``.grad`` (no copy), so 
 overwrite a gradient being accumulated over micro-batches; here autograd gets tensors it cannot adopt and
 accumulates as in eager mode.
 
-Adapter dropout replays too (when asked for: ``patch_model``'s default leaves it eager until a GPU run has
-verified it, bench/NOTES.md session 18): the fused LoRA nodes draw ``philox`` masks (tuneforge_kernels/dropout.py), which
+Adapter dropout replays too (by default since session 25: on an H100 host where the eager 1B step is
+host-bound, 7-10% faster; bench/NOTES.md): the fused LoRA nodes draw ``philox`` masks (tuneforge_kernels/dropout.py), which
 the kernels compute from a seed tensor. Each layer's capture runs under ``dropout.seeded_by`` its own static
 seed (the draws record a pointer to it and their salts, and touch no generator), and the seed is drawn
 again from the default CUDA generator before each replay, outside the graph: every step gets new masks,

@@ -333,10 +333,11 @@ class _OffloadState:
         if not copy.may_stash:
             self.over_budget += 1
             if self.over_budget == 1:
-                warnings.warn(f"offload: {held / 2**30:.1f} GiB of pinned host memory held, a layer's projection stash "
-                              f"({self.stash_bytes / 2**30:.2f} GiB) and the {above} inputs still to come would "
-                              f"pass the budget of {self.host_budget / 2**30:.1f} GiB: such layers recompute "
-                              "their projections", stacklevel=3)
+                stash = f"a layer's projection stash ({self.stash_bytes / 2**30:.2f} GiB) and " if self.stash_bytes else ""
+                warnings.warn(f"offload: {held / 2**30:.1f} GiB of pinned host memory held, {stash}the {above} "
+                              f"inputs still to come ({input_bytes / 2**30:.2f} GiB each) would pass the budget of "
+                              f"{self.host_budget / 2**30:.1f} GiB: such layers recompute their projections",
+                              stacklevel=3)
 
     def stashed(self, copy: _HostCopy, input_bytes: int) -> None:
         self.stash_bytes = max(self.stash_bytes, copy.host_bytes() - input_bytes)

@@ -172,7 +172,7 @@ def test_adapter_dropout_trains_on_the_fused_path(model_type, device, impl, kind
                                                                                     lora_dropout=0.25)
     if kind == "philox":
         patch_model(ref, impl="reference", cuda_graphs=False)
-    report = patch_model(ours, impl=impl, cuda_graphs=True)
+    report = patch_model(ours, impl=impl)  # graphed by default (replayed on CUDA)
     assert report.notes and "adapter dropout 0.25" in report.notes[0]
     assert report.counts["padded_mlp"] == report.counts["padded_qkv"] == 0
     assert report.counts["cuda_graph_layers"] == config.num_hidden_layers
@@ -204,10 +204,11 @@ def test_adapter_dropout_trains_on_the_fused_path(model_type, device, impl, kind
     assert lora_weights(layer.mlp.down_proj).dropout == 0.0  # no dropout in eval
     lines = apply_memory_mode_and_kernels(build_lora_model(config, lora_dropout=0.1), Runtime())
     assert [level for _, level in lines] == ["info", "warn"] and "adapter dropout 0.1" in lines[1][0]
-    # by default a small model's layers are not graphed with adapter dropout (asked for, they are: above)
+    # a small model's layers are graphed by default, with adapter dropout or without
     report = patch_model(build_lora_model(config, lora_dropout=0.1))
-    assert "cuda_graph_layers" not in report.counts and "without CUDA graphs" in report.notes[0]
+    assert "cuda_graph_layers" in report.counts and "CUDA graphs" not in report.notes[0]
     assert "cuda_graph_layers" in patch_model(build_lora_model(config)).counts
+    assert "cuda_graph_layers" not in patch_model(build_lora_model(config, lora_dropout=0.1), cuda_graphs=False).counts
     assert len(apply_memory_mode_and_kernels(build_lora_model(config), Runtime())) == 1
 
 
