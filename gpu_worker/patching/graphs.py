@@ -221,7 +221,7 @@ def _fresh_generator_state(device: torch.device) -> None:
     offset, without that registration; its random stream goes on where it was."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     generator = torch.cuda.default_generators[index]
-    try:  # not run on a GPU yet (session 24): a failure here must not stop a run that draws nothing
+    try:  # a failure here must not stop a run that draws nothing (the path passed its GPU test: session 25)
         generator.graphsafe_set_state(generator.clone_state())
     except RuntimeError as err:
         log.warning("the default CUDA generator keeps the failed capture (%s): its eager draws may fail", err)
