@@ -12,7 +12,6 @@ ways' times at the 8B widths, the bytes each must move, and the fused pass's err
     python3 bench/adapter_grads_probe.py --out $OUT/adapter_grads.jsonl
 """
 import argparse
-import json
 
 import torch
 
@@ -73,7 +72,7 @@ def two_gemms(dy, xa, b, s):
 
 
 def main():
-    from micro import timed  # bench/micro.py: CUDA-event medians
+    from micro import timed, write_record  # bench/micro.py
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
@@ -97,10 +96,7 @@ def main():
             except Exception as err:  # a tile that does not compile: said, and the probe goes on
                 rec["error"] = f"{type(err).__name__}: {err}"[:300]
             rows.append(rec)
-            print("PROBE " + json.dumps(rec), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            write_record("PROBE", rec, args.out)
     print(f"\n{'width':>6} {'case':<22} {'ms':>8} {'dy GB/s':>8} {'rel err':>8}")
     for r in rows:
         print(f"{r['width']:6d} {r['case']:<22} {r.get('ms', float('nan')):8.3f} {r.get('dy_gbps', float('nan')):8.0f} "

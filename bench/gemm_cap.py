@@ -21,7 +21,6 @@ K-long float32 sums differ by rounding, ~1e-3). Prints a table and writes JSON l
     python3 bench/gemm_cap.py --seconds 2 --out $OUT/gemm_cap.jsonl
 """
 import argparse
-import json
 import subprocess
 import time
 
@@ -171,6 +170,8 @@ def candidates(x, w, dy, way):
 
 
 def main():
+    from micro import write_record  # bench/micro.py
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--only", default=",".join(name for name, _, _ in PROJECTIONS))
@@ -202,10 +203,7 @@ def main():
                 except Exception as err:  # a tile that does not compile or fit: said, and the sweep goes on
                     rec["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
                 rows.append(rec)
-                print("GEMMCAP " + json.dumps(rec), flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                write_record("GEMMCAP", rec, args.out)
         del x, w, dy
         torch.cuda.empty_cache()
     print(f"\n{'shape':<34} {'candidate':<28} {'TFLOP/s':>8} {'MHz':>6} {'W':>6} {'rel err':>8}")

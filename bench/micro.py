@@ -67,6 +67,14 @@ def timed(fn, warmup=5, reps=20):
     return ts[len(ts) // 2]
 
 
+def write_record(tag, rec, path=None):
+    """One result: printed as ``TAG {json}`` (what the device call's output keeps) and appended to ``path``."""
+    print(f"{tag} {json.dumps(rec)}", flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
 def bench_copy(emit):
     a = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)
     b = torch.empty_like(a)
@@ -538,10 +546,7 @@ def main():
         rec = {"group": group, "name": name, "ms": ms, **{k: v for k, v in kw.items() if v is not None},
                "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
         rows.append(rec)
-        print("MICRO " + json.dumps(rec), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        write_record("MICRO", rec, args.out)
 
     only = args.only.split(",")
     ceiling = bench_copy(emit) if {"copy", "elementwise", "glu", "dropout"} & set(only) else None
