@@ -18,8 +18,8 @@ overwrite a gradient being accumulated over micro-batches; here autograd gets te
 accumulates as in eager mode.
 
 Adapter dropout replays too (by default since session 25: on an H100 host where the eager 1B step is
-host-bound, 7-10% faster; bench/NOTES.md): the fused LoRA nodes draw ``philox`` masks (tuneforge_kernels/dropout.py), which
-the kernels compute from a seed tensor. Each layer's capture runs under ``dropout.seeded_by`` its own static
+host-bound, 7-10% faster; bench/NOTES.md): the fused LoRA nodes draw ``philox`` masks
+(tuneforge_kernels/dropout.py), which the kernels compute from a seed tensor. Each layer's capture runs under ``dropout.seeded_by`` its own static
 seed (the draws record a pointer to it and their salts, and touch no generator), and the seed is drawn
 again from the default CUDA generator before each replay, outside the graph: every step gets new masks,
 and the layer's backward replay reads the ones its forward used. Any other random op in a layer (PEFT's

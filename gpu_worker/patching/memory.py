@@ -333,7 +333,8 @@ class _OffloadState:
         if not copy.may_stash:
             self.over_budget += 1
             if self.over_budget == 1:
-                stash = f"a layer's projection stash ({self.stash_bytes / 2**30:.2f} GiB) and " if self.stash_bytes else ""
+                stash = (f"a layer's projection stash ({self.stash_bytes / 2**30:.2f} GiB) and "
+                         if self.stash_bytes else "")
                 warnings.warn(f"offload: {held / 2**30:.1f} GiB of pinned host memory held, {stash}the {above} "
                               f"inputs still to come ({input_bytes / 2**30:.2f} GiB each) would pass the budget of "
                               f"{self.host_budget / 2**30:.1f} GiB: such layers recompute their projections",
