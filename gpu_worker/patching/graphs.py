@@ -19,13 +19,14 @@ accumulates as in eager mode.
 
 Adapter dropout replays too (by default since session 25: on an H100 host where the eager 1B step is
 host-bound, 7-10% faster; bench/NOTES.md): the fused LoRA nodes draw ``philox`` masks
-(tuneforge_kernels/dropout.py), which the kernels compute from a seed tensor. Each layer's capture runs under ``dropout.seeded_by`` its own static
-seed (the draws record a pointer to it and their salts, and touch no generator), and the seed is drawn
-again from the default CUDA generator before each replay, outside the graph: every step gets new masks,
-and the layer's backward replay reads the ones its forward used. Any other random op in a layer (PEFT's
-own dropout, where a projection keeps its stock forward; an attention dropout) keeps the model eager: the
-warm-up before a capture looks for them (``_RandomOps``; a capture of PEFT's dropout once invalidated the
-capture and left the CUDA generator refusing every eager dropout: bench/NOTES.md, session 13).
+(tuneforge_kernels/dropout.py), which the kernels compute from a seed tensor. Each layer's capture runs
+under ``dropout.seeded_by`` its own static seed (the draws record a pointer to it and their salts, and touch
+no generator), and the seed is drawn again from the default CUDA generator before each replay, outside the
+graph: every step gets new masks, and the layer's backward replay reads the ones its forward used. Any other
+random op in a layer (PEFT's own dropout, where a projection keeps its stock forward; an attention dropout)
+keeps the model eager: the warm-up before a capture looks for them (``_RandomOps``; a capture of PEFT's
+dropout once invalidated the capture and left the CUDA generator refusing every eager dropout:
+bench/NOTES.md, session 13).
 
 A layer runs its stock (eager) forward instead when anything differs from what was captured: no grad or
 eval mode, other shapes, dtypes or autocast state, a KV cache, hooks on the layer or inside it, a parameter or
