@@ -9,6 +9,7 @@ the scheduler and the serving gateway import this module without pulling in torc
 from __future__ import annotations
 
 import enum
+import json
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
@@ -17,7 +18,15 @@ SCHEMA_VERSION = 1
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # NaN and Infinity are not JSON: a spec holding one is stored with null in its place, which the worker
+    # then cannot read. And every range check passes a NaN. So what a job asks for is finite.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class _Measured(_Frozen):
+    # What a run measures may be NaN or Infinity (a diverged loss, an overflowed gradient norm): a fact
+    # to report (the gate reads a NaN validation loss as a regression), never a reason to crash a run.
+    model_config = ConfigDict(allow_inf_nan=True)
 
 
 class Method(str, enum.Enum):
@@ -164,6 +173,19 @@ class Reward(_Frozen):
     target_length: int | None = Field(None, ge=1)  # length_penalty
     scale: float = Field(0.01, ge=0)  # length_penalty
 
+    @field_validator("json_schema")
+    @classmethod
+    def _json_only(cls, v: dict | None) -> dict | None:
+        # allow_inf_nan does not reach inside a plain dict; a NaN there would be stored as null.
+        if v is not None:
+            try:
+                json.dumps(v, allow_nan=False)
+            except ValueError:
+                raise ValueError("NaN and Infinity are not JSON: the schema must not hold them") from None
+            except (TypeError, RecursionError):
+                raise ValueError("the schema must be plain JSON, nested less deeply") from None
+        return v
+
 
 class MethodParams(_Frozen):
     """Objective-specific knobs; each method reads only its own."""
@@ -289,7 +311,7 @@ class JobSpec(_Frozen):
 # --- events: one JSON object per line on the trainer's stdout --------------------------------------
 
 
-class _Event(_Frozen):
+class _Event(_Measured):
     schema_version: Literal[1] = SCHEMA_VERSION
 
 
@@ -345,7 +367,7 @@ class Artifact(_Frozen):
     detail: dict = Field(default_factory=dict)  # e.g. {"quantization": "q4_k_m", "agreement": 0.97}
 
 
-class EvalReport(_Frozen):
+class EvalReport(_Measured):
     """The evaluation gate: base vs tuned on the validation set."""
 
     base_valid_loss: float | None = None

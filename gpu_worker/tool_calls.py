@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from typing import Any
 
 
@@ -13,6 +14,15 @@ def type_name(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), "a number"
     )
+
+
+def json_error(err: ValueError) -> str:
+    """Why ``json.loads`` refused a user's text, for a message that names where the text was. Besides
+    syntax (``JSONDecodeError``, a ``ValueError``), the one ValueError the parser raises is Python's
+    cap on converting long digit runs to ``int`` (CVE-2020-10735): a client mistake, never a 500."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at column {err.colno}"
+    return f"a number longer than {sys.get_int_max_str_digits()} digits"
 
 
 # OpenAI's rule for function names.
@@ -37,8 +47,8 @@ def check_call_shape(call: Any) -> str | None:
         return f"function {fn['name']!r}: 'arguments' must be a JSON string, not {type_name(args)}"
     try:
         parsed = json.loads(args)
-    except json.JSONDecodeError as err:
-        return f"function {fn['name']!r}: 'arguments' is not valid JSON ({err.msg} at column {err.colno})"
+    except ValueError as err:
+        return f"function {fn['name']!r}: 'arguments' is not valid JSON ({json_error(err)})"
     except RecursionError:
         return f"function {fn['name']!r}: 'arguments' is nested too deeply"
     if not isinstance(parsed, dict):
@@ -145,8 +155,8 @@ def _as_tools(functions: Any, field: str) -> tuple[list | None, str | None]:
     if isinstance(functions, str):
         try:
             functions = json.loads(functions)
-        except json.JSONDecodeError as err:
-            return None, f"'{field}' is a string but not valid JSON ({err.msg} at column {err.colno})"
+        except ValueError as err:
+            return None, f"'{field}' is a string but not valid JSON ({json_error(err)})"
         except RecursionError:
             return None, f"'{field}' is nested too deeply"
     if not isinstance(functions, list):
@@ -228,8 +238,8 @@ def sharegpt_as_chat(obj: dict, roles: dict[str, str]) -> tuple[dict | None, str
         if speaker in SHAREGPT_CALL_TURNS:
             try:
                 value = json.loads(turn["value"])
-            except json.JSONDecodeError as err:
-                return None, f"{where} ({speaker}): 'value' must be a JSON function call ({err.msg} at column {err.colno})"
+            except ValueError as err:
+                return None, f"{where} ({speaker}): 'value' must be a JSON function call ({json_error(err)})"
             except RecursionError:
                 return None, f"{where} ({speaker}): 'value' is nested too deeply"
             calls = []

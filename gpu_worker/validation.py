@@ -54,6 +54,7 @@ from gpu_worker.record_checks import (  # noqa: F401
     detect_format,
     object_reason,
 )
+from gpu_worker.tool_calls import json_error
 
 MIN_EXAMPLES = 10  # OpenAI's minimum for a training file
 MAX_ERRORS_KEPT = 20  # errors beyond this are counted, not kept: a 1M-line file of garbage stays small
@@ -218,8 +219,8 @@ class FileValidator:
             return None
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            self._error(f"invalid JSON ({err.msg} at column {err.colno})")
+        except ValueError as err:  # JSONDecodeError, or an integer too long to convert
+            self._error(f"invalid JSON ({json_error(err)})")
             return None
         except RecursionError:  # the parser's stack: [[[[... thousands deep
             self._error("invalid JSON (nested too deeply)")

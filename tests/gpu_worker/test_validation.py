@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -55,6 +56,7 @@ def test_empty_lines_are_skipped_but_counted_for_line_numbers():
         (b"\xff\xfe{}", "invalid UTF-8"),
         (b"{not json", "invalid JSON"),
         (b"[" * 100_000 + b"]" * 100_000, "invalid JSON (nested too deeply)"),  # the parser's recursion: was a 500
+        (b'{"text": ' + b"1" * (sys.get_int_max_str_digits() + 1) + b"}", "invalid JSON (a number longer than"),  # int()'s digit cap: was a 500
         (b"[1, 2]", "expected a JSON object, got an array"),
         (b'"text"', "expected a JSON object, got a string"),
         (b'{"prompt": "a", "completion": "b"}', "missing 'messages'"),

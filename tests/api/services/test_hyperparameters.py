@@ -1,0 +1,74 @@
+"""GRPO rewards are checked at job creation: whatever a tenant puts in a reward (a malformed JSON
+Schema, NaN, Infinity) is a 400 naming the field, and no job is stored; a bad reward never reaches a
+GPU and never answers a 500."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import select
+
+from api.services.hyperparameters import reward_problem
+from gpu_worker.contract import Reward, RewardKind
+from scheduler.models import Job
+
+
+def _deep(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"items": schema}
+    return schema
+
+
+# Each once made jsonschema raise something other than SchemaError (a 500).
+MALFORMED_SCHEMAS = {
+    "schema-uri-a-list": {"$schema": []},  # TypeError: unhashable list
+    "schema-uri-a-number": {"$schema": 5},  # AttributeError: 'int' has no 'decode'
+    "schema-uri-an-object": {"$schema": {}},
+    "nested-400-deep": _deep(400),  # RecursionError in check_schema
+}
+
+
+@pytest.mark.parametrize("schema", MALFORMED_SCHEMAS.values(), ids=MALFORMED_SCHEMAS.keys())
+def test_a_malformed_schema_is_a_problem_not_an_exception(schema):
+    problem = reward_problem(Reward(kind=RewardKind.json_schema, json_schema=schema))
+    assert problem and "json_schema" in problem
+
+
+def test_a_valid_schema_has_no_problem():
+    assert reward_problem(Reward(kind=RewardKind.json_schema, json_schema={"type": "object", "required": ["a"]})) is None
+
+
+def _create(http, key: str, file_id: str, rewards_json: str):
+    # Raw bytes: Python's json (and the API's parser) read the NaN and Infinity tokens, which is how a
+    # client sends one; the SDK would not show what goes over the wire.
+    body = f'{{"model": "tuneforge-tiny", "training_file": "{file_id}", "method": {{"type": "grpo", "grpo": {{"rewards": {rewards_json}}}}}}}'
+    return http.post("/v1/fine_tuning/jobs", content=body, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+
+
+BAD_REWARDS = {
+    "weight-nan": ('[{"kind": "exact_match", "weight": NaN}]', "method.grpo.rewards.0.weight"),
+    "weight-infinity": ('[{"kind": "exact_match", "weight": Infinity}]', "method.grpo.rewards.0.weight"),
+    "scale-minus-infinity": ('[{"kind": "length_penalty", "target_length": 5, "scale": -Infinity}]', "method.grpo.rewards.0.scale"),
+    "schema-const-nan": ('[{"kind": "json_schema", "json_schema": {"const": NaN}}]', "method.grpo.rewards.0.json_schema"),
+    "schema-deep-infinity": ('[{"kind": "json_schema", "json_schema": {"enum": [1, [Infinity]]}}]', "method.grpo.rewards.0.json_schema"),
+    **{name: (json.dumps([{"kind": "json_schema", "json_schema": s}]), "method.grpo.rewards[0]") for name, s in MALFORMED_SCHEMAS.items()},
+}
+
+
+@pytest.mark.parametrize(("rewards", "param"), BAD_REWARDS.values(), ids=BAD_REWARDS.keys())
+def test_a_bad_reward_is_400_naming_the_field_and_stores_nothing(http, upload, org_a, db_session, rewards, param):
+    response = _create(http, org_a[1], upload(), rewards)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["type"]) == (param, "invalid_request_error") and error["message"]
+    assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
+
+
+def test_the_same_request_with_finite_rewards_creates_the_job(http, upload, org_a, db_session):
+    rewards = '[{"kind": "exact_match", "weight": 0.5}, {"kind": "json_schema", "json_schema": {"const": 1.5}}]'
+    response = _create(http, org_a[1], upload(), rewards)
+    assert response.status_code == 200, response.text
+    stored = response.json()["method"]["grpo"]["rewards"]
+    assert (stored[0]["weight"], stored[1]["json_schema"]) == (0.5, {"const": 1.5})
