@@ -79,6 +79,11 @@ class GatewayTimeout(ApiError):
 
 _UNION_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "bytes"}
 
+_INVALID_JSON = "invalid_json"  # the code of every body that is not JSON, whichever layer noticed
+_UNPARSABLE_BODY = "We could not parse the JSON body of your request: send a JSON object, encoded as UTF-8."
+# What FastAPI's HTTPException says when decoding the body failed other than as malformed JSON (fastapi.routing).
+_FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     """("body", "method", "supervised", "hyperparameters", "n_epochs", "int") → dotted field path.
@@ -96,18 +101,26 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     # A union reports one error per branch for the same field: list each field once.
     reasons = [e["msg"] for e in errors if _loc_to_param(tuple(e.get("loc", ()))) == param]
     where = f"Invalid value for '{param}'" if param else "Invalid request"
-    if first.get("type") == "missing" and param is None:
-        message = "The request has no body: send a JSON object"
+    code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
+    if first.get("type") == "json_invalid":
+        message, param, code = _UNPARSABLE_BODY, None, _INVALID_JSON  # its loc is a character offset, not a field
+    elif first.get("type") == "missing" and param is None:
+        # A missing whole (the body itself): there is no field name to quote, and "'None'" helps nobody.
+        message = "The request has no body: send a JSON object" if _is_body(first) else "Missing required parameter"
+    elif first.get("type") in ("model_attributes_type", "dict_type") and param is None and _is_body(first):
+        message = "The request body must be a JSON object, sent with 'Content-Type: application/json'"
     elif first.get("type") == "missing":
         message = f"Missing required parameter: '{param}'"
     elif first.get("type") == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
-    elif first.get("type") == "json_invalid":
-        message, param = "The request body is not valid JSON", None  # its loc is a character offset
     else:
         message = f"{where}: {' or '.join(dict.fromkeys(reasons))}"
-    code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
     return JSONResponse(error_body(message, "invalid_request_error", param, code), 400)
+
+
+def _is_body(error: dict) -> bool:
+    loc = tuple(error.get("loc", ()))
+    return not loc or loc[0] == "body"
 
 
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -120,6 +133,9 @@ async def _invalid_transition(_: Request, exc: InvalidTransition) -> JSONRespons
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     # Routing-level errors (unknown path, wrong method) still answer in the OpenAI shape.
+    if exc.status_code == 400 and exc.detail == _FASTAPI_BODY_PARSE_ERROR:
+        # A JSON body FastAPI could not even decode (not UTF-8): the same answer as for malformed JSON.
+        return JSONResponse(error_body(_UNPARSABLE_BODY, "invalid_request_error", None, _INVALID_JSON), 400, headers=exc.headers)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, code), exc.status_code, headers=exc.headers)
 

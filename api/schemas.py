@@ -10,7 +10,8 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from gpu_worker.contract import (
     AdapterType,
@@ -65,10 +66,24 @@ def _at_least(low: float, *, strict: bool = False, high: float | None = None, hi
     return AfterValidator(check)
 
 
+def _not_a_bool(kind: str, expected: str):
+    def check(value):
+        if isinstance(value, bool):
+            raise PydanticCustomError(f"{kind}_type", f"Input should be {expected}, not a boolean")
+        return value
+
+    return BeforeValidator(check)
+
+
+# JSON's true and false are not numbers, though pydantic's lax mode reads them as 1 and 0 (an
+# ``n_epochs: true`` trained one epoch). Lax otherwise: "3" and 3.0 still read as 3, as before.
+Int = Annotated[int, _not_a_bool("int", "a valid integer")]
+Float = Annotated[float, _not_a_bool("float", "a valid number")]
+
 # "auto" or a number; the range check runs after the union resolves, so errors name the field.
-AutoEpochs = Annotated[Literal["auto"] | int, _at_least(1, high=50)]
-AutoBatchSize = Annotated[Literal["auto"] | int, _at_least(1, high=256)]
-AutoLrMultiplier = Annotated[Literal["auto"] | float, _at_least(0, strict=True, high=10)]
+AutoEpochs = Annotated[Literal["auto"] | Int, _at_least(1, high=50)]
+AutoBatchSize = Annotated[Literal["auto"] | Int, _at_least(1, high=256)]
+AutoLrMultiplier = Annotated[Literal["auto"] | Float, _at_least(0, strict=True, high=10)]
 
 
 class HyperparametersIn(_Request):
@@ -76,28 +91,28 @@ class HyperparametersIn(_Request):
     batch_size: AutoBatchSize | None = None
     learning_rate_multiplier: AutoLrMultiplier | None = None
     # Adapter extras (not in OpenAI's API: their adapter is not the tenant's to shape).
-    lora_rank: Annotated[int, _at_least(1, high=256)] | None = None
-    lora_alpha: Annotated[float, _at_least(0, strict=True, high=4096)] | None = None
-    lora_dropout: Annotated[float, _at_least(0, high=1, high_strict=True)] | None = None
+    lora_rank: Annotated[Int, _at_least(1, high=256)] | None = None
+    lora_alpha: Annotated[Float, _at_least(0, strict=True, high=4096)] | None = None
+    lora_dropout: Annotated[Float, _at_least(0, high=1, high_strict=True)] | None = None
     lora_target_modules: list[TargetModule] | None = Field(None, min_length=1)
     adapter_type: AdapterType | None = None
     use_rslora: bool | None = None
     quantization: Quantization | None = None
     # Optimisation extras.
     lr_scheduler: LRScheduler | None = None
-    warmup_ratio: Annotated[float, _at_least(0, high=1, high_strict=True)] | None = None
-    weight_decay: Annotated[float, _at_least(0, high=1)] | None = None
-    max_grad_norm: Annotated[float, _at_least(0, strict=True)] | None = None
-    gradient_accumulation_steps: Annotated[int, _at_least(1, high=1024)] | None = None
-    max_seq_length: Annotated[int, _at_least(16, high=131072)] | None = None
+    warmup_ratio: Annotated[Float, _at_least(0, high=1, high_strict=True)] | None = None
+    weight_decay: Annotated[Float, _at_least(0, high=1)] | None = None
+    max_grad_norm: Annotated[Float, _at_least(0, strict=True)] | None = None
+    gradient_accumulation_steps: Annotated[Int, _at_least(1, high=1024)] | None = None
+    max_seq_length: Annotated[Int, _at_least(16, high=131072)] | None = None
     # Objective extras: each method accepts only its own (checked in services.hyperparameters).
-    beta: Annotated[float, _at_least(0, strict=True)] | Literal["auto"] | None = None
-    simpo_gamma: Annotated[float, _at_least(0)] | None = None
-    kto_desirable_weight: Annotated[float, _at_least(0, strict=True)] | None = None
-    kto_undesirable_weight: Annotated[float, _at_least(0, strict=True)] | None = None
-    num_generations: Annotated[int, _at_least(2, high=64)] | None = None
-    max_completion_length: Annotated[int, _at_least(1, high=8192)] | None = None
-    temperature: Annotated[float, _at_least(0, strict=True)] | None = None
+    beta: Annotated[Float, _at_least(0, strict=True)] | Literal["auto"] | None = None
+    simpo_gamma: Annotated[Float, _at_least(0)] | None = None
+    kto_desirable_weight: Annotated[Float, _at_least(0, strict=True)] | None = None
+    kto_undesirable_weight: Annotated[Float, _at_least(0, strict=True)] | None = None
+    num_generations: Annotated[Int, _at_least(2, high=64)] | None = None
+    max_completion_length: Annotated[Int, _at_least(1, high=8192)] | None = None
+    temperature: Annotated[Float, _at_least(0, strict=True)] | None = None
 
 
 class MethodBodyIn(_Request):
@@ -124,7 +139,7 @@ class MethodIn(_Request):
 
 class TrainingFileIn(_Request):
     file: str = Field(pattern=ID_PATTERN)
-    weight: Annotated[float, _at_least(0, strict=True, high=1000)] = 1.0
+    weight: Annotated[Float, _at_least(0, strict=True, high=1000)] = 1.0
     format: DataFormat = DataFormat.auto
 
 
@@ -135,7 +150,7 @@ class DataIn(_Request):
     chat_template: ChatTemplate | None = None
     train_on_inputs: bool | None = None
     packing: bool | None = None
-    validation_split: Annotated[float, _at_least(0, high=0.5, high_strict=True)] | None = None
+    validation_split: Annotated[Float, _at_least(0, high=0.5, high_strict=True)] | None = None
     dedupe: bool | None = None
     extra_training_files: list[TrainingFileIn] | None = Field(None, max_length=16)
 
@@ -146,7 +161,7 @@ class RuntimeIn(_Request):
     cuda_graphs: bool | None = None
     fp8: bool | None = None
     attention: Attention | None = None
-    checkpoint_every_steps: Annotated[int, _at_least(1)] | None = None
+    checkpoint_every_steps: Annotated[Int, _at_least(1)] | None = None
 
 
 class WandbIn(_Request):
@@ -189,7 +204,7 @@ class JobCreate(_Request):
     training_file: str = Field(pattern=ID_PATTERN)
     validation_file: str | None = Field(None, pattern=ID_PATTERN)
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    seed: Int | None = Field(None, ge=0, le=2**31 - 1)
     method: MethodIn | None = None
     hyperparameters: HyperparametersIn | None = None  # legacy top-level form
     integrations: list[IntegrationIn] | None = Field(None, max_length=8)
@@ -235,11 +250,11 @@ class FileDeleted(BaseModel):
 
 class ExpiresAfterIn(_Request):
     anchor: str  # "created_at"; checked with the seconds (services.files.expires_after), as for files.create
-    seconds: int
+    seconds: Int
 
 
 class UploadCreate(_Request):
-    bytes: int = Field(ge=1)
+    bytes: Int = Field(ge=1)
     filename: str = Field(min_length=1, max_length=255)
     mime_type: str = Field(min_length=1, max_length=100)
     purpose: str = Field(min_length=1, max_length=40)

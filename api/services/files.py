@@ -58,7 +58,13 @@ def expires_after(anchor: str | None, seconds) -> timedelta | None:
         raise InvalidRequest("Invalid value for 'expires_after.anchor': only 'created_at' is supported.", param="expires_after.anchor",
                              code="invalid_value")
     low, high = EXPIRES_AFTER_SECONDS
-    if not (isinstance(seconds, int) or (isinstance(seconds, str) and seconds.isdigit())) or not low <= int(seconds) <= high:
+    # ASCII digits only: str.isdigit() also passes superscripts ("³⁶⁰⁰", which int() then refuses: a 500)
+    # and int() reads other scripts' digits ("٣٦٠٠" as 3600), neither of which a client means as a number.
+    # The length cap keeps int() below Python's 4300-digit limit, past which it raises too.
+    well_formed = (isinstance(seconds, int) and not isinstance(seconds, bool)) or (
+        isinstance(seconds, str) and seconds.isascii() and seconds.isdecimal() and len(seconds) <= 18
+    )
+    if not well_formed or not low <= int(seconds) <= high:
         raise InvalidRequest(f"Invalid value for 'expires_after.seconds': a whole number of seconds from {low} to {high}.",
                              param="expires_after.seconds", code="invalid_value")
     return timedelta(seconds=int(seconds))

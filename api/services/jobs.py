@@ -94,12 +94,52 @@ def _integrations_public(spec: dict) -> list[dict]:
         out.append({"type": "wandb", "wandb": {"project": spec["wandb_project"], "entity": spec.get("wandb_entity"),
                                                "name": spec.get("wandb_name"), "tags": list(spec.get("wandb_tags") or [])}})
     if spec.get("mlflow_tracking_uri"):
-        uri = urlsplit(spec["mlflow_tracking_uri"])
-        netloc = uri.netloc.rsplit("@", 1)[-1]
-        out.append({"type": "mlflow", "mlflow": {"tracking_uri": urlunsplit(uri._replace(netloc=netloc))}})
+        out.append({"type": "mlflow", "mlflow": {"tracking_uri": _without_credentials(spec["mlflow_tracking_uri"])}})
     if spec.get("tensorboard"):
         out.append({"type": "tensorboard"})
     return out
+
+
+_TRACKING_SCHEMES = ("http", "https", "file")  # what the worker's MLflow client is documented to reach
+
+
+def _without_credentials(uri: str) -> str:
+    """The URI as shown on the job: never its ``user:pass@``. A job stored before tracking URIs were
+    checked may hold one urlsplit refuses ("http://[::1"); reading the job must not fail on it, so
+    there (and wherever no host was parsed) everything up to the last "@" is dropped, which may cut
+    more than the credentials but never less."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        parts = None
+    if parts is not None and parts.netloc:
+        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    if parts is not None and parts.scheme == "file":
+        return uri  # "file:/path": no authority, so no credentials, and an "@" in it is part of the path
+    scheme, sep, rest = uri.partition("://")
+    return scheme + sep + rest.rpartition("@")[2] if sep else uri.rpartition("@")[2]
+
+
+def _check_tracking_uri(uri: str, param: str) -> None:
+    """A tracking URI the worker can use and the job can show (``_without_credentials``), refused with
+    a 400 before anything is stored: a malformed one used to be stored and then fail every read."""
+    problem = None
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 -- raises ValueError on a port that is not a number from 0 to 65535
+    except ValueError as err:
+        problem = str(err)
+    else:
+        if any(ord(c) < 0x21 or ord(c) == 0x7F for c in uri):
+            problem = "it contains whitespace or control characters"
+        elif uri.partition(":")[0] not in _TRACKING_SCHEMES:  # as written: the worker spots "file:" case-sensitively
+            problem = f"its scheme must be one of {', '.join(_TRACKING_SCHEMES)}, in lowercase"
+        elif parts.scheme != "file" and not parts.hostname:
+            problem = "it names no host"
+        elif parts.scheme == "file" and not parts.path:
+            problem = "it names no path"
+    if problem:
+        raise InvalidRequest(f"Invalid value for '{param}': {problem}.", param=param, code="invalid_value")
 
 
 def training_input(session: Session, principal: Principal, file_id: str, param: str) -> File:
@@ -138,6 +178,7 @@ def _integrations(items) -> Integrations:
         elif item.type == "mlflow":
             if item.mlflow is None:
                 raise InvalidRequest("An mlflow integration needs an 'mlflow' object with 'tracking_uri'.", param=f"integrations[{i}].mlflow", code="missing_required_parameter")
+            _check_tracking_uri(item.mlflow.tracking_uri, f"integrations[{i}].mlflow.tracking_uri")
             values["mlflow_tracking_uri"] = item.mlflow.tracking_uri
         else:
             values["tensorboard"] = True

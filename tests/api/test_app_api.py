@@ -43,6 +43,26 @@ def test_bad_json_body_is_400_not_500(http, org_a):
     assert empty.status_code == 400 and empty.json()["error"]["message"] == "The request has no body: send a JSON object"
 
 
+@pytest.mark.parametrize("body", [b"{oops", b"\xff", b'{"model": "\xff"}', b"\xff\xfe"])
+def test_a_body_that_is_not_json_is_400_invalid_json_whichever_layer_noticed(http, org_a, body):
+    # malformed JSON and bytes that are not even UTF-8 (FastAPI's "There was an error parsing the body",
+    # code null) get one answer: a stable code a client can branch on, no param (nothing was read)
+    res = http.post("/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {org_a[1]}", "content-type": "application/json"},
+                    content=body)
+    assert res.status_code == 400, res.text
+    assert res.json()["error"] == {"message": "We could not parse the JSON body of your request: send a JSON object, encoded as UTF-8.",
+                                   "type": "invalid_request_error", "param": None, "code": "invalid_json"}
+
+
+@pytest.mark.parametrize(("body", "content_type"), [(b"", "application/json"), (b"null", "application/json"), (b"[]", "application/json"),
+                                                    (b'{"model": "m"}', "text/plain")])
+def test_a_missing_or_non_object_body_is_named_never_a_none_parameter(http, org_a, body, content_type):
+    res = http.post("/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {org_a[1]}", "content-type": content_type}, content=body)
+    error = res.json()["error"]
+    assert res.status_code == 400 and error["param"] is None and error["code"] in ("missing_required_parameter", "invalid_value")
+    assert "None" not in error["message"] and error["message"].startswith("The request")
+
+
 @pytest.mark.parametrize("number", [b"NaN", b"Infinity"])
 def test_nan_and_infinity_are_400_naming_the_field(http, org_a, number):
     # not JSON (the SDK refuses to send them), but Python's parser reads them, and a NaN passed every range

@@ -200,6 +200,22 @@ def test_expires_after_sets_the_files_expiry_and_bad_values_store_nothing(client
     assert _nothing_stored(db_session, store, org_a[0])
 
 
+@pytest.mark.parametrize("seconds", ["³⁶⁰⁰", "٣٦٠٠", "３６００", "+3600", " 3600", "3600.0", "9" * 1000])
+def test_expires_after_seconds_is_ascii_digits_or_a_400_storing_nothing(http, org_a, store, db_session, seconds):
+    # str.isdigit() passed superscripts (then int() raised: a 500) and int() read Arabic-Indic digits as
+    # 3600; only what the SDK sends for a number, ASCII digits, is one
+    res = http.post("/v1/files", headers={"Authorization": f"Bearer {org_a[1]}"},
+                    data={"purpose": "fine-tune", "expires_after[anchor]": "created_at", "expires_after[seconds]": seconds},
+                    files={"file": ("t.jsonl", jsonl())})
+    assert res.status_code == 400, res.text
+    assert res.json()["error"]["param"] == "expires_after.seconds" and res.json()["error"]["code"] == "invalid_value"
+    assert _nothing_stored(db_session, store, org_a[0])
+    ascii_digits = http.post("/v1/files", headers={"Authorization": f"Bearer {org_a[1]}"},
+                             data={"purpose": "fine-tune", "expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"},
+                             files={"file": ("t.jsonl", jsonl())})
+    assert ascii_digits.json()["expires_at"] == ascii_digits.json()["created_at"] + 3600
+
+
 def test_an_extra_training_file_of_an_unfinished_job_cannot_be_deleted(client_a, upload):
     train, extra = upload(), upload()
     client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=train,

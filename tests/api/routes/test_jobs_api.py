@@ -4,6 +4,8 @@ the state machine."""
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 from sqlalchemy import select
@@ -158,6 +160,25 @@ def test_auto_rules_stay_within_bounds(examples, epochs, batch):
         ({"validation_file": "file-doesnotexist"}, "validation_file"),
         ({"integrations": [{"type": "wandb"}]}, "integrations[0].wandb"),
         ({"integrations": [{"type": "slack"}]}, "integrations.0.type"),
+        # a tracking URI is checked before the job is stored: "http://[::1" was stored, then failed every read
+        ({"integrations": [{"type": "tensorboard"}, {"type": "mlflow", "mlflow": {"tracking_uri": "http://[::1"}}]},
+         "integrations[1].mlflow.tracking_uri"),
+        ({"integrations": [{"type": "mlflow", "mlflow": {"tracking_uri": "https://u:p@[::1/x"}}]}, "integrations[0].mlflow.tracking_uri"),
+        ({"integrations": [{"type": "mlflow", "mlflow": {"tracking_uri": "http://mlflow:port"}}]}, "integrations[0].mlflow.tracking_uri"),
+        ({"integrations": [{"type": "mlflow", "mlflow": {"tracking_uri": "ftp://mlflow.example"}}]}, "integrations[0].mlflow.tracking_uri"),
+        ({"integrations": [{"type": "mlflow", "mlflow": {"tracking_uri": "mlflow.example:5000"}}]}, "integrations[0].mlflow.tracking_uri"),
+        ({"integrations": [{"type": "mlflow", "mlflow": {"tracking_uri": "http://mlflow.example/a b"}}]}, "integrations[0].mlflow.tracking_uri"),
+        # JSON booleans are not numbers (n_epochs: true trained one epoch)
+        ({"method": _method(n_epochs=True)}, f"{HP}.n_epochs"),
+        ({"method": _method(batch_size=False)}, f"{HP}.batch_size"),
+        ({"method": _method(learning_rate_multiplier=True)}, f"{HP}.learning_rate_multiplier"),
+        ({"method": _method(lora_rank=True)}, f"{HP}.lora_rank"),
+        ({"method": _method(lora_alpha=True)}, f"{HP}.lora_alpha"),
+        ({"method": _method(gradient_accumulation_steps=True)}, f"{HP}.gradient_accumulation_steps"),
+        ({"method": _method(max_seq_length=True)}, f"{HP}.max_seq_length"),
+        ({"hyperparameters": {"n_epochs": True}}, "hyperparameters.n_epochs"),
+        ({"seed": True}, "seed"),
+        ({"extra_body": {"runtime": {"checkpoint_every_steps": True}}}, "runtime.checkpoint_every_steps"),
         ({"extra_body": {"runtime": {"fp8": "sometimes"}}}, "runtime.fp8"),
         ({"extra_body": {"runtime": {"attention": "flash9"}}}, "runtime.attention"),
     ],
@@ -169,6 +190,39 @@ def test_invalid_input_is_400_naming_the_field_and_creates_nothing(client_a, upl
     assert err.value.body["param"] == param, err.value.body
     assert err.value.body["type"] == "invalid_request_error" and err.value.body["message"]
     assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
+
+
+def test_a_boolean_hyperparameter_is_refused_as_not_a_number(client_a, upload):
+    with pytest.raises(openai.BadRequestError) as err:
+        client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload(), method=_method(n_epochs=True))
+    assert err.value.body["code"] == "invalid_value" and "not a boolean" in err.value.body["message"]
+
+
+@pytest.mark.parametrize("uri", ["https://mlflow.example:5000/x", "http://[::1]:5000", "file:///tmp/mlruns"])
+def test_well_formed_tracking_uris_are_accepted_as_given(client_a, upload, uri):
+    job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload(),
+                                           integrations=[{"type": "mlflow", "mlflow": {"tracking_uri": uri}}])
+    assert job.integrations[0].model_dump(exclude_none=True)["mlflow"] == {"tracking_uri": uri}
+
+
+@pytest.mark.parametrize(("stored", "shown"), [
+    ("http://user:secret@[::1", "http://[::1"),  # urlsplit refuses it: "Invalid IPv6 URL"
+    ("http://[::1/a@b", "http://b"),  # credentials or not, nothing before an "@" is shown
+    ("user:secret@mlflow.example", "mlflow.example"),
+    ("https://user:secret@mlflow.example:5000/x", "https://mlflow.example:5000/x"),
+])
+def test_a_stored_malformed_tracking_uri_never_breaks_reads_nor_shows_credentials(client_a, upload, db_session, stored, shown):
+    """A job stored before tracking URIs were checked lists, retrieves and cancels: rendering it used to
+    raise, a 500 on every list of the org's jobs."""
+    job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload(), integrations=[{"type": "tensorboard"}])
+    row = db_session.get(Job, job.id)
+    row.spec = {**row.spec, "integrations": {**row.spec["integrations"], "mlflow_tracking_uri": stored}}
+    db_session.flush()
+    listed = [j for j in client_a.fine_tuning.jobs.list() if j.id == job.id]
+    for seen in (listed[0], client_a.fine_tuning.jobs.retrieve(job.id), client_a.fine_tuning.jobs.cancel(job.id)):
+        mlflow = [i.model_dump(exclude_none=True) for i in seen.integrations if i.type == "mlflow"]
+        assert mlflow == [{"type": "mlflow", "mlflow": {"tracking_uri": shown}}]
+        assert "secret" not in json.dumps(seen.model_dump())
 
 
 def test_training_file_must_exist_in_org_with_fine_tune_purpose(client_a, upload, org_a, db_session):

@@ -9,7 +9,9 @@ import json
 import socket
 import threading
 import time
+from urllib.parse import quote
 
+import httpx
 import openai
 import pytest
 import uvicorn
@@ -59,8 +61,8 @@ def _fake_gateway() -> FastAPI:
         return {"object": "list", "data": [{"id": "tuneforge-tiny", "object": "model", "created": 1, "owned_by": "tuneforge"}]}
 
     @gw.get("/v1/models/{model:path}")
-    def model(model: str):
-        return {"id": model, "object": "model", "created": 1, "owned_by": "org"}
+    def model(model: str, request: Request):
+        return {"id": model, "object": "model", "created": 1, "owned_by": "org", "raw_path": request.scope["raw_path"].decode()}
 
     @gw.api_route("/v1/adapters/{path:path}", methods=["POST", "DELETE"])
     def adapter_action(path: str, request: Request):
@@ -147,3 +149,45 @@ def test_embeddings_go_to_the_gateway(proxied):
     client, _ = proxied
     out = client.embeddings.create(model="tuneforge-tiny", input="Hello there", encoding_format="float")
     assert out.data[0].embedding == [0.5, -0.25] and out.usage.prompt_tokens == 4
+
+
+@pytest.mark.parametrize("name", ["org/model", "a?b", "a#b", "100%", "a b", "caf\u00e9"])
+def test_model_names_reach_the_gateway_as_the_client_sent_them(proxied, name):
+    # the path is forwarded still percent-encoded: rebuilt from the decoded one, "a?b" became a query
+    _, http = proxied
+    encoded = quote(name, safe="")
+    res = http.get(f"/v1/models/{encoded}", headers={"Authorization": "Bearer tf-any-key"})
+    assert res.status_code == 200 and res.json()["id"] == name
+    assert res.json()["raw_path"] == f"/v1/models/{encoded}"
+
+
+@pytest.mark.parametrize(("method", "path", "shown"), [
+    ("GET", "/v1/models/%00", "\\x00"),
+    ("GET", "/v1/models/%7F", "\\x7f"),
+    ("GET", "/v1/models/ft:x%1B", "ft:x\\x1b"),
+    ("GET", "/v1/models/%0A", "\\n"),  # the router's ``:path`` drops a trailing newline: it was "model ``"
+    ("GET", "/v1/models/%09", "\\t"),
+    ("DELETE", "/v1/models/%00", "\\x00"),
+    ("POST", "/v1/adapters/%00/check", "\\x00/check"),
+])
+def test_a_name_with_a_control_character_is_a_404_naming_it(proxied, method, path, shown):
+    """No model has such a name: a 404 in the gateway's words (the fake gateway would answer 200, so
+    the request never left), never the 500 httpx's refusal of the URL made."""
+    _, http = proxied
+    res = http.request(method, path, headers={"Authorization": "Bearer tf-any-key"})
+    assert res.status_code == 404, res.text
+    error = res.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "model", "model_not_found")
+    assert f"`{shown}`" in error["message"]
+
+
+def test_a_url_httpx_refuses_is_a_404_not_a_500(proxied, monkeypatch):
+    _, http = proxied
+    client = http.app.state.serving_client
+
+    def refuse(*args, **kwargs):
+        raise httpx.InvalidURL("URL too long")
+
+    monkeypatch.setattr(client, "build_request", refuse)
+    res = http.get("/v1/models/ft:x", headers={"Authorization": "Bearer tf-any-key"})
+    assert res.status_code == 404 and res.json()["error"]["code"] == "model_not_found"
