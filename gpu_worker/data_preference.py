@@ -136,7 +136,7 @@ def _rows(store: ObjectStore, key: str, *, param: str) -> Iterator[tuple[int, di
                 if not text.strip():
                     continue
                 obj = json.loads(text)
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: a number past 4300 digits too
                 raise DataError(f"invalid JSON or UTF-8 ({err})", param=param, line=n) from None
             if not isinstance(obj, dict):
                 raise DataError("each line must be a JSON object", param=param, line=n)

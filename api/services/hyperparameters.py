@@ -9,11 +9,8 @@ multiplier of the LoRA base rate.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import re
-
-import jsonschema
+from dataclasses import dataclass
 
 from api.errors import InvalidRequest
 from api.schemas import HyperparametersIn, JobCreate, MethodBodyIn
@@ -28,6 +25,7 @@ from gpu_worker.contract import (
     Reward,
     RewardKind,
 )
+from gpu_worker.recipes.rewards import json_schema_problem
 
 DEFAULT_N_EPOCHS = 3
 # OpenAI aims for between 100 and 25,000 examples seen in total when n_epochs is "auto".
@@ -157,29 +155,9 @@ def reward_problem(reward: Reward) -> str | None:
     if reward.kind == RewardKind.json_schema:
         if reward.json_schema is None:
             return "json_schema needs 'json_schema'"
-        return _json_schema_problem(reward.json_schema)
+        return json_schema_problem(reward.json_schema)
     if reward.kind == RewardKind.length_penalty and reward.target_length is None:
         return "length_penalty needs 'target_length'"
-    return None
-
-
-def _json_schema_problem(schema: dict) -> str | None:
-    """Why the worker could not build a validator from a tenant's schema, or None: the same calls it
-    makes (gpu_worker/recipes/rewards.py), so a schema that passes here compiles there."""
-    if not isinstance(schema.get("$schema", ""), str):
-        return "'json_schema': '$schema' must be a string (the URI of a JSON Schema draft)"
-    try:
-        cls = jsonschema.validators.validator_for(schema)
-        cls.check_schema(schema)
-        cls(schema)
-    except jsonschema.SchemaError as err:
-        return f"'json_schema' is not a valid JSON Schema: {err.message}"
-    except RecursionError:  # the checker walks subschemas recursively: {"items": {"items": ...}}
-        return "'json_schema' is nested too deeply to check"
-    except (TypeError, AttributeError, ValueError, LookupError) as err:
-        # jsonschema reads keywords on trust: a malformed one fails with whatever its lookup raises. The
-        # input is the tenant's alone, so this is their schema's fault, not ours.
-        return f"'json_schema' is not a valid JSON Schema ({type(err).__name__}: {err})"
     return None
 
 

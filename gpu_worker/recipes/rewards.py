@@ -111,25 +111,76 @@ def _regex_match(reward: Reward, where: str):
     return lambda completion, n_tokens, row: float(compiled.search(completion) is not None)
 
 
+def json_schema_problem(schema: dict) -> str | None:
+    """Why no validator can be built from a tenant's JSON Schema, or None. The API checks a job's rewards
+    with this before storing it (api/services/hyperparameters.py), and the worker again before training."""
+    import jsonschema
+
+    if not isinstance(schema.get("$schema", ""), str):
+        return "'json_schema': '$schema' must be a string (the URI of a JSON Schema draft)"
+    try:
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        validator = cls(schema)
+        unresolved = next((ref for ref in _refs(schema) if not _resolves(validator, ref)), None)
+    except jsonschema.SchemaError as err:
+        at = "/".join(str(p) for p in err.absolute_path)
+        return f"'json_schema' is not a valid JSON Schema{f' at {at}' if at else ''}: {err.message}"
+    except RecursionError:  # the checker walks subschemas recursively: {"items": {"items": ...}}
+        return "'json_schema' is nested too deeply to check"
+    except (TypeError, AttributeError, ValueError, LookupError) as err:
+        # jsonschema reads keywords on trust: a malformed one fails with whatever its lookup raises. The
+        # input is the tenant's alone, so this is their schema's fault, not ours.
+        return f"'json_schema' is not a valid JSON Schema ({type(err).__name__}: {err})"
+    if unresolved is not None:
+        # resolved lazily, only when a completion reaches it: found here, not as a crash mid-run. The worker
+        # fetches nothing, so a reference must point inside the schema
+        return f"'json_schema': its $ref {unresolved!r} does not resolve within the schema"
+    return None
+
+
+def _refs(node: Any):
+    """Every ``$ref`` string in a schema, depth first."""
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node["$ref"]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _resolves(validator, ref: str) -> bool:
+    from referencing.exceptions import Unresolvable
+
+    try:
+        validator._resolver.lookup(ref)  # jsonschema's own resolver: the one validation uses
+    except Unresolvable:
+        return False
+    return True
+
+
 def _json_schema(reward: Reward, where: str):
     import jsonschema
 
     if reward.json_schema is None:
         raise MethodParamsError("json_schema needs a json_schema", param=f"{where}.json_schema")
-    cls = jsonschema.validators.validator_for(reward.json_schema)
-    try:
-        cls.check_schema(reward.json_schema)
-    except jsonschema.SchemaError as err:
-        at = "/".join(str(p) for p in err.absolute_path)
-        raise MethodParamsError(f"not a valid JSON schema{f' at {at}' if at else ''}: {err.message}", param=f"{where}.json_schema") from None
-    validator = cls(reward.json_schema)
+    problem = json_schema_problem(reward.json_schema)
+    if problem is not None:
+        raise MethodParamsError(problem, param=f"{where}.json_schema")
+    validator = jsonschema.validators.validator_for(reward.json_schema)(reward.json_schema)
 
     def score(completion: str, n_tokens: int, row: Mapping[str, Any]) -> float:
         try:
             value = json.loads(completion.strip())
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # not JSON, too deep, or a number past Python's 4300 digits
             return 0.0
-        return float(validator.is_valid(value))
+        try:
+            return float(validator.is_valid(value))
+        except RecursionError:  # a completion nested deeper than validation can walk is not the object asked for
+            return 0.0
 
     return score
 

@@ -27,6 +27,9 @@ MALFORMED_SCHEMAS = {
     "schema-uri-a-number": {"$schema": 5},  # AttributeError: 'int' has no 'decode'
     "schema-uri-an-object": {"$schema": {}},
     "nested-400-deep": _deep(400),  # RecursionError in check_schema
+    # compiled fine, then Unresolvable at the first completion that reached it: a crash mid-run
+    "ref-to-nowhere": {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},
+    "ref-to-the-network": {"$ref": "https://example.com/schema.json"},  # the worker fetches nothing
 }
 
 

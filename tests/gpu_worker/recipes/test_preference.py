@@ -110,6 +110,7 @@ def test_long_pairs_keep_the_prompts_end_and_the_answers_start(store, write_json
         ('{"input": {"messages": [{"role": "user", "content": "q"}]}, "preferred_output": "a", "non_preferred_output": 3}', "'non_preferred_output' must be a string"),
         ("[1, 2]", "JSON object"),
         ('{"prompt": "q", ', "invalid JSON"),
+        ('{"prompt": "q", "chosen": "a", "rejected": "b", "n": ' + "1" * 5000 + "}", "invalid JSON"),  # > 4300 digits
     ],
 )
 def test_bad_preference_rows_name_their_line(store, write_jsonl, tokenizer, line, words):

@@ -34,6 +34,13 @@ def test_json_schema_needs_valid_json_matching_the_schema():
     assert rs.score('{"n": "3"}', 5, {}) == 0.0
     assert rs.score("{n: 3", 5, {}) == 0.0
     assert rs.score("[" * 100000, 5, {}) == 0.0  # too deep to parse is simply not valid
+    assert rs.score('{"n": ' + "1" * 5000 + "}", 5, {}) == 0.0  # past Python's 4300-digit limit: not valid
+
+
+def test_json_schema_references_inside_the_schema_resolve():
+    schema = {"$defs": {"n": {"type": "integer"}}, "type": "object", "properties": {"n": {"$ref": "#/$defs/n"}}}
+    rs = _set(Reward(kind="json_schema", json_schema=schema))
+    assert rs.score('{"n": 3}', 5, {}) == 1.0 and rs.score('{"n": "x"}', 5, {}) == 0.0
 
 
 def test_length_penalty_is_linear_in_the_token_distance_to_the_target():
@@ -53,9 +60,16 @@ def test_rewards_are_summed_with_their_weights_and_broken_down_unweighted():
         ((), "method_params.rewards", "at least one reward"),
         ((Reward(kind="regex_match", pattern="(unclosed"),), "method_params.rewards[0].pattern", "invalid regular expression"),
         ((Reward(kind="exact_match"), Reward(kind="regex_match")), "method_params.rewards[1].pattern", "needs a pattern"),
-        ((Reward(kind="json_schema", json_schema={"type": "no-such-type"}),), "method_params.rewards[0].json_schema", "not a valid JSON schema"),
+        ((Reward(kind="json_schema", json_schema={"type": "no-such-type"}),), "method_params.rewards[0].json_schema", "not a valid JSON Schema"),
         ((Reward(kind="json_schema", json_schema={"properties": {"a": {"minimum": "zero"}}}),), "method_params.rewards[0].json_schema", "properties/a/minimum"),
         ((Reward(kind="json_schema"),), "method_params.rewards[0].json_schema", "needs a json_schema"),
+        # resolved only when a completion reaches it: refused before training, not a crash mid-run
+        ((Reward(kind="json_schema", json_schema={"$ref": "#/$defs/nope"}),), "method_params.rewards[0].json_schema",
+         "does not resolve"),
+        ((Reward(kind="json_schema", json_schema={"$ref": "https://example.com/s.json"}),),
+         "method_params.rewards[0].json_schema", "does not resolve"),
+        ((Reward(kind="json_schema", json_schema={"$schema": 5}),), "method_params.rewards[0].json_schema",
+         "must be a string"),
         ((Reward(kind="length_penalty"),), "method_params.rewards[0].target_length", "needs target_length"),
         ((Reward(kind="exact_match", reference_field=" "),), "method_params.rewards[0].reference_field", "non-empty"),
         ((Reward(kind="exact_match", weight=0),), "method_params.rewards", "weight 0"),
