@@ -113,6 +113,19 @@ class Upstream:
             self.response.close()
 
 
+def engine_param_and_code(body: bytes) -> tuple[str | None, str | None]:
+    """The field and the error code an engine's error body names (``{"error": {"param", "code"}}``).
+    Only string codes: vLLM puts the HTTP status there, which is not an OpenAI code."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None, None
+    if not isinstance(error, dict):
+        return None, None
+    param, code = error.get("param"), error.get("code")
+    return (param if isinstance(param, str) and param else None), (code if isinstance(code, str) and code else None)
+
+
 def engine_message(body: bytes) -> str:
     """The human message in an engine's error body (vLLM has used a few shapes over time)."""
     try:
@@ -308,7 +321,7 @@ class EnginePool:
             log.warning("engine overloaded or starting", engine=replica.url, message=message)
             return _ReplicaUnavailable(reachable=True)
         if 400 <= status < 500 and status not in (401, 403, 404):
-            return EngineRejected(400 if status == 422 else status, message)
+            return EngineRejected(400 if status == 422 else status, message, *engine_param_and_code(body))
         # 404 for a base model, 401/403 or a 5xx: the deployment is wrong or the engine broke; that
         # is not the client's fault, and the engine's internals are not the client's business.
         log.error("engine failed", engine=replica.url, status=status, model=target.name, message=message)

@@ -73,12 +73,12 @@ class ModelNotFound(ServingError):
 
 class EngineRejected(ServingError):
     """The engine refused the request as invalid (e.g. ``max_tokens`` over the context length):
-    the client's fault, relayed with the engine's status and message."""
+    the client's fault, relayed with the engine's status, message, and the field and code it names."""
 
     type = "invalid_request_error"
 
-    def __init__(self, status_code: int, message: str, param: str | None = None):
-        super().__init__(message, param=param)
+    def __init__(self, status_code: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message, param=param, code=code)
         self.status_code = status_code
 
 
@@ -113,21 +113,48 @@ def internal_error_response() -> JSONResponse:
     return error_response(500, "The server had an error while processing your request.", "server_error")
 
 
+_UNION_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "bytes"}
+
+# FastAPI's detail when reading the body raised something other than a JSON syntax error (bytes that
+# are not UTF-8, or a RecursionError from nesting deeper than the parser goes).
+_BODY_PARSE_FAILED = "There was an error parsing the body"
+
+
+def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
+    """("body", "messages", 0, "content", "str") → "messages.0.content": the dotted field path, as the
+    management API (``api.errors``) and the engine write it. Drops the request part ("body") and
+    pydantic's union-branch tags, which follow a field (the first name is always a field)."""
+    parts = [str(p) for p in loc[1:2]]
+    parts += [str(p) for p in loc[2:] if isinstance(p, int) or not (p in _UNION_TAGS or "[" in p or "-" in p)]
+    return ".".join(parts) or None
+
+
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
-        return error_response(400, "We could not parse the JSON body of your request. Send valid JSON.", "invalid_request_error")
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or (first.get("ctx") or {}).get("param")  # a whole-body check may name the field
+        return _unparsable_body_response()
+    # A whole-body check (protocol's model validators) names its field in the error's context.
+    param = _loc_to_param(tuple(first.get("loc", ()))) or (first.get("ctx") or {}).get("param")
     message = first.get("msg", "Invalid request")
+    code = "invalid_value"
     if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
         message = "The request body must be a JSON object, sent with 'Content-Type: application/json'."
     elif first.get("type") == "missing":
-        message = f"Missing required parameter: '{param}'."
+        code = "missing_required_parameter"
+        # No field named: the body itself is missing.
+        message = f"Missing required parameter: '{param}'." if param else "The request has no body: send a JSON object."
     elif param:
         message = f"Invalid value for '{param}': {message}"
-    return error_response(400, message, "invalid_request_error", param=param)
+    return error_response(400, message, "invalid_request_error", param=param, code=code)
+
+
+def _unparsable_body_response(cause: BaseException | None = None) -> JSONResponse:
+    if isinstance(cause, RecursionError):
+        message = "The request body nests too deeply to be parsed."
+    else:
+        message = "We could not parse the JSON body of your request. Send valid JSON."
+    return error_response(400, message, "invalid_request_error", code="invalid_json")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -141,6 +168,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _BODY_PARSE_FAILED:
+            return _unparsable_body_response(exc.__cause__)
         # Unknown routes and wrong methods: keep the OpenAI shape for them too.
         type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(exc.status_code, str(exc.detail), type, headers=getattr(exc, "headers", None))

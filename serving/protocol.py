@@ -30,18 +30,24 @@ class _InferenceRequest(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _finite_numbers(cls, data: Any) -> Any:
+    def _plain_json(cls, data: Any) -> Any:
+        defect = _first_defect(data)
+        if defect is None:
+            return data
+        kind, where = defect  # the error names the field (errors._validation_response)
+        if kind == "too_deep":
+            # pydantic's serializer gives up at 255 levels: relayed, such a body was a 500.
+            raise PydanticCustomError(
+                "nesting_too_deep", "Input nests more than {max_depth} levels deep", {"param": where, "max_depth": MAX_DEPTH}
+            )
         # NaN and Infinity are not JSON, though Python's parser reads them. Relayed, they would reach the
         # engine as null (how pydantic writes a non-finite float): a silent default instead of an error
-        where = _non_finite(data)
-        if where is not None:  # the error names the field (errors._validation_response)
-            raise PydanticCustomError("finite_number", "Input should be a finite number", {"param": where})
-        return data
+        raise PydanticCustomError("finite_number", "Input should be a finite number", {"param": where})
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise PydanticCustomError("invalid_value", "stream_options is only allowed when stream is true", {"param": "stream_options"})
         return self
 
     @property
@@ -70,16 +76,39 @@ class _InferenceRequest(BaseModel):
         return dict(self.stream_options.model_extra or {}) if self.stream_options else {}
 
 
-def _non_finite(value: Any, path: str = "") -> str | None:
-    """The path (``logit_bias.50256``) of the first NaN or infinite number in a parsed JSON value, if any."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else path or "body"
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        where = _non_finite(item, f"{path}.{key}" if path else str(key))
-        if where is not None:
-            return where
+# The deepest a request body may nest (the body itself is level 1). The deepest legitimate bodies are
+# JSON schemas in ``tools`` and ``response_format``: OpenAI caps those at 10 object levels, about 30
+# levels of JSON with their wrappers. pydantic cannot serialize past 255 levels (the body is relayed).
+MAX_DEPTH = 64
+
+
+def _first_defect(value: Any) -> tuple[str, str] | None:
+    """What in a parsed JSON body is not JSON the gateway can relay, and where: ("too_deep", the field
+    that nests deeper than ``MAX_DEPTH``) or ("non_finite", the path of a NaN or infinite number, like
+    ``logit_bias.50256``). One pass with its own stack: recursion would fail on the very bodies it is
+    there to refuse, and a body of many token ids is walked once."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "non_finite", "body"
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        if len(path) >= MAX_DEPTH:
+            return "too_deep", _field_of(path)
+        children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        for key, child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, (*path, key)))
+            elif isinstance(child, float) and not math.isfinite(child):
+                return "non_finite", ".".join(str(part) for part in (*path, key))
     return None
+
+
+def _field_of(path: tuple[Any, ...]) -> str:
+    """The field a deep path is in: its named part (up to the last key that is a name, not a list
+    index) among its first three parts, so ``messages.0.x.0.0...`` reads ``messages.0.x``."""
+    head = path[:3]
+    named = max((i for i, key in enumerate(head) if isinstance(key, str)), default=0)
+    return ".".join(str(key) for key in head[: named + 1]) or "body"
 
 
 class ChatCompletionRequest(_InferenceRequest):
@@ -96,7 +125,7 @@ class EmbeddingRequest(_InferenceRequest):
     @model_validator(mode="after")
     def _not_streamed(self):
         if self.stream:
-            raise ValueError("embeddings cannot be streamed")
+            raise PydanticCustomError("invalid_value", "embeddings cannot be streamed", {"param": "stream"})
         return self
 
 

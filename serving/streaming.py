@@ -11,6 +11,10 @@ relayed, so a client holding its full answer can rely on the record being billed
 ends without it:
 client gone (the response is cancelled or closed while the relay waits) or engine failure. Closing
 the relay closes the upstream request, so an engine stops generating for a client that left.
+
+An engine's error event after the 200 reaches the client as the same request's error would without
+streaming: a generation failure is ``server_error`` with code ``engine_error`` (the 502 body), not the
+engine's own wording.
 """
 
 from __future__ import annotations
@@ -122,9 +126,9 @@ class StreamRelay:
             return True
         if not isinstance(chunk, dict):
             return True
-        if "error" in chunk:
+        if "error" in chunk or chunk.get("object") == "error":  # vLLM's current and older error events
             self._engine_error = True
-            return True
+            return _client_error_event(chunk)
         counts = token_counts(chunk.get("usage"))
         if counts is not None:
             # With continuous usage every chunk has the running count: the latest is what was generated.
@@ -160,6 +164,23 @@ class StreamRelay:
             self._meter.record(Outcome(prompt, completion, status))
         except Exception:  # the response is already gone; losing the record must at least be loud
             log.exception("could not record usage of a stream", status=status, completion_tokens=completion)
+
+
+def _client_error_event(chunk: dict[str, Any]) -> str:
+    """An engine's error event as the client sees it: the same error the request gets without
+    streaming (``EnginePool._rejection``). A 4xx keeps the engine's message and field; any other
+    failure is the gateway's 502 ``engine_error`` (``server_error``, as OpenAI types its 5xx, also in
+    streams), its details logged rather than shown."""
+    error = chunk.get("error") if isinstance(chunk.get("error"), dict) else chunk
+    status, type, param = error.get("code"), error.get("type"), error.get("param")
+    message = str(error.get("message") or "")
+    if (isinstance(status, int) and 400 <= status < 500) or type in ("invalid_request_error", "BadRequestError"):
+        code = error.get("code") if isinstance(error.get("code"), str) else None  # vLLM's is the HTTP status
+        body = error_body(message, "invalid_request_error", param if isinstance(param, str) else None, code)
+    else:
+        log.error("engine failed mid-stream", message=message[:300], type=type)
+        body = error_body("The inference engine failed in the middle of the response.", "server_error", code="engine_error")
+    return f"data: {json.dumps(body)}\n\n"
 
 
 class RelayResponse(StreamingResponse):

@@ -53,7 +53,8 @@ class FeatureDisabled(EngineError):
 
 
 class GenerationFailed(EngineError):
-    """The generation loop failed while running this request (logged there): 500."""
+    """The generation loop failed while running this request (logged there): 500, typed as OpenAI
+    types its 5xx, also when it ends a stream after the 200."""
 
     status_code = 500
-    type = "internal_server_error"
+    type = "server_error"

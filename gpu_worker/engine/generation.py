@@ -4,10 +4,10 @@ running request together, whatever adapter each one uses.
 Requests (``Sequence``) are submitted from any thread and join the running batch between decode steps:
 an iteration admits waiting requests (prefilled together in one forward pass), then feeds every
 running row its last sampled token in one decode pass, samples each row's next token with that row's
-own parameters and drops the rows that finished. Rows of different adapters (and of the bare base
-model) share each forward pass: the model's ``lora.AdapterBank`` applies each row's own LoRA in batched
-ops (no loop over adapters); the cache stays left-padded (``kvcache.KVBatch``) so rows of different
-lengths can share it.
+own parameters and drops the rows that finished, or whose sampling failed (that request alone fails).
+Rows of different adapters (and of the bare base model) share each forward pass: the model's
+``lora.AdapterBank`` applies each row's own LoRA in batched ops (no loop over adapters); the cache
+stays left-padded (``kvcache.KVBatch``) so rows of different lengths can share it.
 
 Results go to each sequence's ``sink`` (called on the loop thread) as ``Delta`` values: new text, the
 completion token count so far, and a finish reason or an error on the last one.
@@ -276,9 +276,18 @@ class ModelRunner:
             )
 
     def _accept_all(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """Sample each row's next token from ``logits`` ([rows, vocab]); the indices of rows still running."""
+        """Sample each row's next token from ``logits`` ([rows, vocab]); the indices of rows still running.
+        A row whose sampling failed is failed alone and leaves the batch like a finished row: its
+        cache row is dropped by the caller's ``select``, and the other rows' tokens do not depend on it."""
         tokens = sample_rows(logits, seqs)
-        return [i for i, (seq, token) in enumerate(zip(seqs, tokens)) if not self._accept(seq, token)]
+        alive = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            if isinstance(token, Exception):
+                log.error("sampling failed for request %s on %s", seq.id, self.name, exc_info=token)
+                self._fail([seq], f"generation failed: {token}")
+            elif not self._accept(seq, token):
+                alive.append(i)
+        return alive
 
     def _accept(self, seq: Sequence, token: int) -> bool:
         """Record and report ``seq``'s next token; True if it finished."""

@@ -113,9 +113,12 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ())[1:]]
-        param = ".".join(loc) or None
-        message = f"Invalid value for '{param}': {first.get('msg', 'invalid request')}" if param else str(first.get("msg", "invalid request"))
+        param = _loc_to_param(tuple(first.get("loc", ())))
+        reason = str(first.get("msg", "invalid request"))
+        if first.get("type") == "missing":
+            message = f"Missing required parameter: '{param}'." if param else "The request has no body: send a JSON object."
+            return JSONResponse(error_body(message, "invalid_request_error", param, "missing_required_parameter"), 400)
+        message = f"Invalid value for '{param}': {reason}" if param else reason
         return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -125,4 +128,16 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
         log.exception("unhandled error")
-        return JSONResponse(error_body("internal server error", "internal_server_error"), 500)
+        return JSONResponse(error_body("internal server error", "server_error"), 500)
+
+
+_UNION_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "bytes"}
+
+
+def _loc_to_param(loc: tuple) -> str | None:
+    """("body", "messages", 0, "content", "str") → "messages.0.content": the dotted field path, as the
+    gateway and the management API write it. Drops the request part and pydantic's union-branch tags
+    (model names in a union, like ``TextPart``, are tags too)."""
+    parts = [str(p) for p in loc[1:2]]
+    parts += [str(p) for p in loc[2:] if isinstance(p, int) or not (p in _UNION_TAGS or "[" in p or "-" in p or p[:1].isupper())]
+    return ".".join(parts) or None

@@ -8,6 +8,7 @@ import pytest
 
 from fake_vllm import reply_words
 from scheduler.settings import BUILTIN_BASE_MODEL
+from serving.protocol import MAX_DEPTH
 
 pytestmark = pytest.mark.integration
 
@@ -100,26 +101,88 @@ def test_engine_rejection_reaches_the_client_as_a_400(engines, gateway, make_org
 
 
 @pytest.mark.parametrize(
-    ("body", "param", "fragment"),
+    ("path", "body", "param", "code", "fragment"),
     [
-        ({"model": BUILTIN_BASE_MODEL}, "messages", "Missing required parameter"),
-        ({"messages": MESSAGES}, "model", "Missing required parameter"),
-        ({"model": BUILTIN_BASE_MODEL, "messages": []}, "messages", "at least 1"),
-        ({"model": BUILTIN_BASE_MODEL, "messages": MESSAGES, "stream_options": {"include_usage": True}}, None, "only allowed when stream"),
+        ("/v1/chat/completions", {"model": BUILTIN_BASE_MODEL}, "messages", "missing_required_parameter", "Missing required parameter: 'messages'"),
+        ("/v1/chat/completions", {"messages": MESSAGES}, "model", "missing_required_parameter", "Missing required parameter: 'model'"),
+        ("/v1/chat/completions", None, None, "missing_required_parameter", "has no body"),
+        ("/v1/chat/completions", {"model": BUILTIN_BASE_MODEL, "messages": []}, "messages", "invalid_value", "at least 1"),
+        ("/v1/chat/completions", {"model": BUILTIN_BASE_MODEL, "messages": ["hi"]}, "messages.0", "invalid_value", "'messages.0'"),
+        ("/v1/chat/completions", {"model": BUILTIN_BASE_MODEL, "messages": MESSAGES, "stream_options": {"include_usage": True}},
+         "stream_options", "invalid_value", "only allowed when stream"),
+        ("/v1/completions", {"model": BUILTIN_BASE_MODEL, "prompt": {"a": 1}}, "prompt", "invalid_value", "'prompt'"),
+        ("/v1/embeddings", {"model": BUILTIN_BASE_MODEL, "input": "x", "stream": True}, "stream", "invalid_value", "cannot be streamed"),
     ],
 )
-def test_malformed_requests_are_400_in_openai_shape_and_never_reach_an_engine(engines, gateway, make_org, body, param, fragment):
+def test_malformed_requests_are_400_naming_the_field_and_never_reach_an_engine(engines, gateway, make_org, path, body, param, code, fragment):
+    """The field a message talks about is also the error's ``param``, as a dotted path without
+    pydantic's union-branch tags ("prompt", not "prompt.str"), as the management API writes it."""
     engine = engines()
     gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
     _, key = make_org()
 
-    response = gw.http().post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    response = gw.http().post(path, json=body, headers={"Authorization": f"Bearer {key}"})
 
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and fragment in error["message"]
+    assert error["code"] == code and "None" not in error["message"]
     assert set(error) == {"message", "type", "param", "code"}
     assert engine.state.served == []
+
+
+def test_an_engines_refusal_keeps_the_field_it_names(engines, gateway, make_org):
+    gw = gateway({BUILTIN_BASE_MODEL: [engines().url]})
+    _, key = make_org()
+
+    with pytest.raises(openai.BadRequestError) as err:
+        gw.client(key).chat.completions.create(model=BUILTIN_BASE_MODEL, messages=MESSAGES, max_tokens=0)
+
+    assert err.value.body["param"] == "max_tokens"
+    assert err.value.body["code"] is None  # vLLM's code is the HTTP status, not an OpenAI code
+
+
+def _nested(depth: int):
+    value: object = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [300, 900])
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", lambda deep: {"model": BUILTIN_BASE_MODEL, "messages": MESSAGES, "x": deep}, "x"),
+        ("/v1/chat/completions", lambda deep: {"model": BUILTIN_BASE_MODEL, "messages": [{**MESSAGES[0], "x": deep}]}, "messages.0.x"),
+        ("/v1/embeddings", lambda deep: {"model": BUILTIN_BASE_MODEL, "input": "hi", "x": deep}, "x"),
+    ],
+)
+def test_over_deep_bodies_are_400_naming_the_field(engines, gateway, make_org, path, body, param, depth):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    _, key = make_org()
+
+    response = gw.http().post(path, json=body(_nested(depth)), headers={"Authorization": f"Bearer {key}"})
+
+    assert response.status_code == 400
+    assert response.json()["error"] == {"message": f"Invalid value for '{param}': Input nests more than {MAX_DEPTH} levels deep",
+                                        "type": "invalid_request_error", "param": param, "code": "invalid_value"}
+    assert engine.state.served == []
+
+
+def test_a_body_exactly_at_the_depth_limit_is_relayed(engines, gateway, make_org):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    _, key = make_org()
+    body = {"model": BUILTIN_BASE_MODEL, "messages": MESSAGES, "max_tokens": 1, "x": _nested(MAX_DEPTH - 1)}  # the body is level 1
+
+    response = gw.http().post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    body["x"] = _nested(MAX_DEPTH)
+    refused = gw.http().post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+
+    assert response.status_code == 200, response.text
+    assert refused.status_code == 400
 
 
 @pytest.mark.parametrize(("field", "param"), [(b'"temperature": NaN', "temperature"), (b'"logit_bias": {"50": -Infinity}', "logit_bias.50")])
@@ -134,21 +197,28 @@ def test_nan_and_infinity_are_400_naming_the_field(engines, gateway, make_org, f
 
     assert response.status_code == 400
     assert response.json()["error"] == {"message": f"Invalid value for '{param}': Input should be a finite number",
-                                        "type": "invalid_request_error", "param": param, "code": None}
+                                        "type": "invalid_request_error", "param": param, "code": "invalid_value"}
     assert engine.state.served == []
 
 
-def test_invalid_json_is_a_400(engines, gateway, make_org):
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"{not json", "could not parse the JSON body"),
+        (b'{"model": "\xff"}', "could not parse the JSON body"),  # not UTF-8
+        (b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),  # deeper than the parser goes
+    ],
+)
+def test_unparsable_bodies_are_a_400_with_a_stable_code(engines, gateway, make_org, content, fragment):
     gw = gateway({BUILTIN_BASE_MODEL: [engines().url]})
     _, key = make_org()
 
-    response = gw.http().post(
-        "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    )
+    response = gw.http().post("/v1/chat/completions", content=content, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
 
     assert response.status_code == 400
-    assert response.json()["error"]["type"] == "invalid_request_error"
-    assert "JSON" in response.json()["error"]["message"]
+    error = response.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", None, "invalid_json")
+    assert fragment in error["message"]
 
 
 def test_request_id_is_echoed_and_forwarded_to_the_engine(engines, gateway, make_org):

@@ -173,3 +173,38 @@ def test_a_client_gone_before_the_first_event_still_closes_the_engine_request():
 
     assert asyncio.run(serve_then_look()) == [Outcome(0, 0, "client_disconnected")]
     assert upstream.replica.inflight == 0 and upstream.response.closed
+
+
+def _error_event(error: dict) -> str:
+    return "data: " + json.dumps(error) + "\n\n"
+
+
+def test_an_engine_failure_event_reads_as_the_same_failure_without_streaming():
+    """Without streaming the failure is a 502 ``server_error`` / ``engine_error`` whose message hides the
+    engine's internals (``EnginePool._rejection``): the stream's error event says the same."""
+    failures = [
+        {"error": {"message": "generation failed: secret internals", "type": "server_error", "param": None, "code": None}},
+        {"error": {"message": "generation failed: secret internals", "type": "InternalServerError", "param": None, "code": 500}},
+        {"object": "error", "message": "generation failed: secret internals", "type": "InternalServerError", "code": 500},  # older vLLM
+    ]
+    for failure in failures:
+        meter = RecordingMeter()
+        relay = StreamRelay(_upstream([_chunk("a"), _error_event(failure), "data: [DONE]\n\n"]), meter, wants_usage=False)
+
+        events = [e for e in b"".join(asyncio.run(_collect(relay))).decode().split("\n\n") if e]
+
+        error = json.loads(events[1].removeprefix("data: "))["error"]
+        assert (error["type"], error["code"]) == ("server_error", "engine_error"), failure
+        assert "secret internals" not in error["message"]
+        assert events[-1] == "data: [DONE]"
+        assert meter.outcomes == [Outcome(0, 1, "engine_error")]
+
+
+def test_an_engine_refusal_event_keeps_its_message_and_field():
+    refusal = {"error": {"message": "max_tokens is too large", "type": "BadRequestError", "param": "max_tokens", "code": 400}}
+    relay = StreamRelay(_upstream([_error_event(refusal), "data: [DONE]\n\n"]), RecordingMeter(), wants_usage=False)
+
+    sent = b"".join(asyncio.run(_collect(relay))).decode()
+
+    error = json.loads(sent.split("\n\n")[0].removeprefix("data: "))["error"]
+    assert error == {"message": "max_tokens is too large", "type": "invalid_request_error", "param": "max_tokens", "code": None}

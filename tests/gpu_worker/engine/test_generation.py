@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from gpu_worker.engine import adapters
+from gpu_worker.engine import adapters, sampling
 from gpu_worker.engine.generation import AdapterGone, ModelRunner, Sequence
 from gpu_worker.engine.lora import LoRALinear
 from gpu_worker.engine.sampling import SamplingParams
@@ -48,10 +48,10 @@ def runner(tiny_dir, adapter_dirs):
     runner.stop()
 
 
-def _submit(runner, prompt: str, adapter: str | None, max_tokens: int) -> tuple[Sequence, Collector]:
+def _submit(runner, prompt: str, adapter: str | None, max_tokens: int, **params) -> tuple[Sequence, Collector]:
     ids = runner.tokenizer(prompt)["input_ids"]
     sink = Collector()
-    seq = Sequence(ids, SamplingParams(max_tokens=max_tokens, temperature=0), adapter, sink, runner.tokenizer)
+    seq = Sequence(ids, SamplingParams(max_tokens=max_tokens, **({"temperature": 0} | params)), adapter, sink, runner.tokenizer)
     runner.submit(seq)
     return seq, sink
 
@@ -182,4 +182,41 @@ def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving(runner, re
     after, after_sink = _submit(runner, PROMPTS[0], "attn", 5)
     assert after_sink.done.wait(60) and after_sink.deltas[-1].finish_reason
     del runner.model.forward
+    assert runner.alive
+
+
+def test_extreme_sampling_parameters_share_a_batch_with_normal_requests(runner, adapter_dirs, reference):
+    # Queued before the loop starts, so all of them share every step. A vanishing temperature or top_p
+    # leaves one token to choose: both decode exactly as greedy does.
+    extreme = [_submit(runner, PROMPTS[0], None, 8, temperature=1e-300), _submit(runner, PROMPTS[1], "attn", 8, temperature=1.0, top_p=1e-300)]
+    normal = [_submit(runner, PROMPTS[2], "mlp", 8), _submit(runner, PROMPTS[3], None, 8, temperature=1.0, seed=3)]
+    runner.start()
+    for seq, sink in extreme + normal:
+        assert sink.done.wait(60)
+        assert sink.deltas[-1].error is None and sink.deltas[-1].finish_reason
+    for (seq, _), adapter in zip(extreme + normal[:1], [None, "attn", "mlp"]):
+        assert seq.output_ids == reference.generate(adapter_dirs[adapter] if adapter else None, seq.prompt_ids, 8)
+    assert runner.stats.max_rows == 4
+
+
+def test_a_row_whose_sampling_fails_fails_alone(runner, adapter_dirs, reference, monkeypatch):
+    real_sample = sampling.sample
+
+    def fail_third_token_of_seed_13(logits, output_ids, params, generator):
+        if params.seed == 13 and len(output_ids) == 2:
+            raise sampling.SamplingFailed("simulated bad row")
+        return real_sample(logits, output_ids, params, generator)
+
+    monkeypatch.setattr(sampling, "sample", fail_third_token_of_seed_13)
+    doomed, doomed_sink = _submit(runner, PROMPTS[0], "attn", 8, temperature=1.0, seed=13)
+    others = [(_submit(runner, p, a, 8), a) for p, a in [(PROMPTS[1], "attn"), (PROMPTS[2], None)]]
+    runner.start()
+    assert doomed_sink.done.wait(60)
+    assert "simulated bad row" in doomed_sink.deltas[-1].error and len(doomed.output_ids) == 2
+    for (seq, sink), adapter in others:
+        assert sink.done.wait(60) and sink.deltas[-1].finish_reason
+        assert seq.output_ids == reference.generate(adapter_dirs[adapter] if adapter else None, seq.prompt_ids, 8)
+    assert doomed.done and runner._in_use["attn"] == 0  # its adapter reference was released
+    after, after_sink = _submit(runner, PROMPTS[0], None, 4)
+    assert after_sink.done.wait(60) and after_sink.deltas[-1].finish_reason
     assert runner.alive

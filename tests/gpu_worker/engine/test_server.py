@@ -170,6 +170,8 @@ def test_unknown_model_is_404(client):
         (dict(temperature=3), "temperature"),
         (dict(messages=[]), "messages"),
         (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), "messages.0.content"),
+        (dict(messages=[{"role": "robot", "content": "hi"}]), "messages.0.role"),
+        (dict(messages=[{"role": "user", "content": 5}]), "messages.0.content"),  # not "messages.0.content.str"
         (dict(stream_options={"include_usage": True}), "stream_options"),
     ],
 )
@@ -180,6 +182,16 @@ def test_bad_chat_requests_are_400_in_openai_shape(client, kwargs, param):
     assert err.value.status_code == 400
     assert set(err.value.body) == {"message", "type", "param", "code"}
     assert err.value.body["param"] == param
+
+
+@pytest.mark.parametrize(
+    "body, param, message",
+    [(None, None, "The request has no body: send a JSON object."), ({"messages": MESSAGES}, "model", "Missing required parameter: 'model'.")],
+)
+def test_missing_fields_and_bodies_say_what_is_missing(engine, body, param, message):
+    resp = httpx.post(engine.url + "/v1/chat/completions", json=body)
+    assert resp.status_code == 400
+    assert resp.json()["error"] == {"message": message, "type": "invalid_request_error", "param": param, "code": "missing_required_parameter"}
 
 
 @pytest.mark.parametrize("prompt", ["", ["a", "b"], [999_999]])
