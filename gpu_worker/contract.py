@@ -326,7 +326,9 @@ class MetricsEvent(_Event):
     step: int
     total_steps: int
     epoch: float
-    train_loss: float
+    # None once through JSON when the loss was NaN or infinite (a diverged step): JSON has no such numbers,
+    # so the line carries null, and the step's other measurements still arrive
+    train_loss: float | None
     learning_rate: float
     tokens: int  # trained (loss-bearing) tokens so far
     valid_loss: float | None = None

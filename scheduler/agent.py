@@ -293,7 +293,8 @@ class _Supervision:
 
     def _metrics(self, session: Session, job: Job, e: contract.MetricsEvent) -> None:
         data = e.model_dump(exclude={"schema_version", "type"})
-        parts = [f"Step {e.step}/{e.total_steps}: training loss={e.train_loss:.4f}"]
+        loss = f"{e.train_loss:.4f}" if e.train_loss is not None else "not finite (diverged)"
+        parts = [f"Step {e.step}/{e.total_steps}: training loss={loss}"]
         if e.valid_loss is not None:
             parts.append(f"validation loss={e.valid_loss:.4f}")
         jobs.add_event(session, job, ", ".join(parts), type="metrics", data=data)

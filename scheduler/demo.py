@@ -53,7 +53,8 @@ def _train(client: OpenAI, train: list[dict], valid: list[dict]):
             events = client.fine_tuning.jobs.list_events(job.id, limit=20).data
             metrics = next((e.data for e in events if e.type == "metrics" and e.data), None)
             if metrics:
-                info = f"loss {metrics['train_loss']:.3f}" + (f"  valid {metrics['valid_loss']:.3f}" if metrics.get("valid_loss") is not None else "")
+                loss = metrics.get("train_loss")
+                info = (f"loss {loss:.3f}" if loss is not None else "loss not finite") + (f"  valid {metrics['valid_loss']:.3f}" if metrics.get("valid_loss") is not None else "")
                 progress.update(task, total=metrics["total_steps"], completed=metrics["step"], info=info)
             progress.update(task, description=job.status)
             if job.status in ("succeeded", "failed", "cancelled"):

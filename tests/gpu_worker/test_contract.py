@@ -21,6 +21,7 @@ from gpu_worker.contract import (
     RewardKind,
     TrainingFile,
     dump_event,
+    parse_event,
 )
 
 NOT_FINITE = [math.nan, math.inf, -math.inf]
@@ -73,5 +74,7 @@ def test_what_a_run_measures_may_be_nan_or_infinity(value):
     event = MetricsEvent(step=1, total_steps=2, epoch=0.5, train_loss=value, learning_rate=1e-4, tokens=8, grad_norm=value)
     assert math.isnan(event.train_loss) if math.isnan(value) else event.train_loss == value
     assert dump_event(event)  # emitting never raises: a diverged run reports, it does not crash
+    arrived = parse_event(dump_event(event))  # JSON has no NaN: the step arrives, its loss as None
+    assert (arrived.step, arrived.train_loss, arrived.grad_norm) == (1, None, None)
     report = EvalReport(base_valid_loss=1.0, tuned_valid_loss=value, passed=False)
     assert report.tuned_valid_loss is value or math.isnan(report.tuned_valid_loss)

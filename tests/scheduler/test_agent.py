@@ -70,6 +70,19 @@ def test_completed_registers_adapter_results_usage_and_report(claimed):
         assert metrics.data["train_loss"] == 1.5 and metrics.data["tokens"] == 21
 
 
+def test_a_diverged_steps_metrics_are_recorded_with_the_loss_said_not_finite(claimed):
+    """A NaN loss crosses the pipe as null (JSON has no NaN): the step's event is stored, not dropped."""
+    settings, job_id, token, _ = claimed
+    diverged = contract.MetricsEvent(step=3, total_steps=9, epoch=0.3, train_loss=float("nan"), learning_rate=1e-3,
+                                     tokens=63, grad_norm=float("inf"))
+    _Supervision(settings, job_id, token)._record(contract.parse_event(contract.dump_event(diverged)))
+    with session_scope(settings.database_url) as session:
+        event = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "metrics")).one()
+        assert event.message == "Step 3/9: training loss=not finite (diverged)"
+        assert (event.data["train_loss"], event.data["grad_norm"], event.data["tokens"]) == (None, None, 63)
+        assert session.get(Job, job_id).trained_tokens == 63
+
+
 def test_failed_event_fails_the_job_with_its_code(claimed):
     settings, job_id, token, _ = claimed
     _Supervision(settings, job_id, token)._record(contract.FailedEvent(code="eval_regression", message="tuned 2.0 > base 1.0"))
