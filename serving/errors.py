@@ -46,7 +46,7 @@ class AuthenticationFailed(ServingError):
 
 class PermissionDenied(ServingError):
     status_code = 403
-    type = "invalid_request_error"
+    type = "permission_error"  # as the management API's 403s (api/errors.py)
     code = "insufficient_permissions"
 
 

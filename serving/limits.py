@@ -148,8 +148,18 @@ class Limiter:
     async def check(self, db, principal: Principal) -> None:
         limits = await self._limits(db, principal)
         if limits.requests_per_minute is not None:
+            if limits.requests_per_minute <= 0:
+                # a bucket refilled at rate 0 never grants again (and its wait is a division by 0): an admin's
+                # 0 blocks the key, and so does a negative value, rather than lifting the limit
+                raise RateLimited(
+                    f"Rate limit reached: this key's limit is {limits.requests_per_minute} requests per minute, so it "
+                    "may send none; ask an administrator to raise it.",
+                    retry_after=60.0,
+                    code="rate_limit_exceeded",
+                )
             rate = limits.requests_per_minute / 60.0
-            capacity = limits.burst or max(1, limits.requests_per_minute)
+            # a burst below 1 could never hold a token: one minute's worth, as when none is set
+            capacity = limits.burst if limits.burst and limits.burst > 0 else max(1, limits.requests_per_minute)
             wait = await self.buckets.take(f"key:{principal.api_key_id or principal.subject}", rate, capacity)
             if wait > 0:
                 raise RateLimited(

@@ -92,6 +92,7 @@ def test_only_the_orgs_admins_change_the_registry(engines, gateway, make_org, ma
 
     member = gw.http().delete(f"/v1/adapters/{v1}", headers={"Authorization": f"Bearer {member_key}"})
     assert member.status_code == 403 and member.json()["error"]["code"] == "insufficient_permissions"
+    assert member.json()["error"]["type"] == "permission_error"  # as the management API's 403s
     other = gw.http().delete(f"/v1/adapters/{v1}", headers={"Authorization": f"Bearer {other_key}"})
     assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
     assert gw.http().get("/v1/adapters", headers={"Authorization": f"Bearer {other_key}"}).json()["data"] == []

@@ -47,6 +47,31 @@ def test_key_rate_limit_is_429_with_retry_after(engines, gateway, make_org, db_s
         _ask(gw.client(other_key))
 
 
+@pytest.mark.parametrize("rpm, burst", [(0, None), (-5, -1)])
+def test_a_limit_of_no_requests_blocks_the_key_and_never_divides_by_zero(engines, gateway, make_org, db_session,
+                                                                         rpm, burst):
+    """0 (or a negative value, which no admin means as "unlimited") refills nothing: every request is a 429,
+    where the bucket's wait was a division by zero (a 500)."""
+    gw = gateway({BUILTIN_BASE_MODEL: [engines().url]})
+    org, key = make_org()
+    db_session.add(RateLimit(org_id=org.id, api_key_id=None, requests_per_minute=rpm, burst=burst))
+    db_session.flush()
+    for _ in range(2):
+        with pytest.raises(openai.RateLimitError) as err:
+            _ask(gw.client(key))
+        assert err.value.code == "rate_limit_exceeded" and "may send none" in err.value.message
+
+
+def test_a_burst_below_one_is_one_minutes_worth(engines, gateway, make_org, db_session):
+    gw = gateway({BUILTIN_BASE_MODEL: [engines().url]})
+    org, key = make_org()
+    db_session.add(RateLimit(org_id=org.id, api_key_id=None, requests_per_minute=2, burst=0))
+    db_session.flush()
+    _ask(gw.client(key)), _ask(gw.client(key))
+    with pytest.raises(openai.RateLimitError):
+        _ask(gw.client(key))
+
+
 def test_org_default_applies_to_keys_without_their_own(engines, gateway, make_org, db_session):
     gw = gateway({BUILTIN_BASE_MODEL: [engines().url]})
     org, key = make_org()
