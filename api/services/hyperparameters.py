@@ -181,6 +181,16 @@ def resolve(method: Method, hp: HyperparametersIn, method_body: MethodBodyIn | N
     batch_size = auto_batch_size(examples) if hp.batch_size in (None, "auto") else hp.batch_size
     multiplier = 1.0 if hp.learning_rate_multiplier in (None, "auto") else float(hp.learning_rate_multiplier)
     base_lr = BASE_LEARNING_RATES[method] * (FULL_FINE_TUNING_LR_FACTOR if adapter_type == AdapterType.full else 1.0)
+    learning_rate = base_lr * multiplier
+    # The schema only asks for a positive multiplier; a tiny one (1e-320) times the base rate rounds to 0.0.
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        from_method = method_body is not None and method_body.hyperparameters is not None
+        where = f"method.{method.value}.hyperparameters" if from_method else "hyperparameters"
+        raise InvalidRequest(
+            f"learning_rate_multiplier {multiplier!r} is too small: the resolved learning rate ({base_lr!r} x {multiplier!r}) is not a positive number.",
+            param=f"{where}.learning_rate_multiplier",
+            code="invalid_value",
+        )
     training = {k: getattr(hp, k) for k in _TRAINING_KNOBS if getattr(hp, k) is not None}
     return Resolved(
         method=method,
@@ -189,6 +199,6 @@ def resolve(method: Method, hp: HyperparametersIn, method_body: MethodBodyIn | N
         learning_rate_multiplier=multiplier,
         adapter=adapter,
         quantization=quantization,
-        hyperparameters=Hyperparameters(n_epochs=n_epochs, batch_size=batch_size, learning_rate=base_lr * multiplier, **training),
+        hyperparameters=Hyperparameters(n_epochs=n_epochs, batch_size=batch_size, learning_rate=learning_rate, **training),
         method_params=_method_params(method, hp, method_body),
     )

@@ -52,7 +52,18 @@ def usage(
 ) -> UsagePublic:
     today = datetime.now(timezone.utc).date()
     end_date = end_date or today
-    start_date = start_date or end_date - timedelta(days=29)
+    # The query runs up to the day after end_date, and the default window starts 29 days before it:
+    # neither may leave the calendar (years 1 to 9999).
+    if end_date >= date.max:
+        raise InvalidRequest(f"end_date must be before {date.max.isoformat()}.", param="end_date", code="invalid_value")
+    if start_date is None:
+        if end_date < date.min + timedelta(days=29):
+            raise InvalidRequest(
+                f"end_date must be on or after {(date.min + timedelta(days=29)).isoformat()} when start_date is not given.",
+                param="end_date",
+                code="invalid_value",
+            )
+        start_date = end_date - timedelta(days=29)
     if start_date > end_date:
         raise InvalidRequest("start_date must not be after end_date.", param="start_date")
     if (end_date - start_date).days >= MAX_DAYS:

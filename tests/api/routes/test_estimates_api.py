@@ -114,3 +114,17 @@ def test_another_orgs_file_reads_as_missing(client_a, sdk, make_org, fleet):
 
 def test_estimate_needs_a_key(http, fleet):
     assert http.post("/v1/fine_tuning/jobs/estimate", json={"model": LLAMA_1B, "training_file": "file-x"}).status_code == 401
+
+
+@pytest.mark.parametrize("fragment,param", [
+    ('"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": 1e-320}}}', "method.supervised.hyperparameters.learning_rate_multiplier"),
+    ('"hyperparameters": {"learning_rate_multiplier": 5e-324}', "hyperparameters.learning_rate_multiplier"),
+])
+def test_a_multiplier_that_rounds_the_learning_rate_to_zero_is_400_not_500(http, upload, org_a, fleet, db_session, fragment, param):
+    jobs_before = db_session.scalar(select(func.count()).select_from(Job))
+    body = f'{{"model": "{LLAMA_1B}", "training_file": "{upload()}", {fragment}}}'
+    response = http.post("/v1/fine_tuning/jobs/estimate", content=body, headers={"Authorization": f"Bearer {org_a[1]}", "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["type"], error["code"]) == (param, "invalid_request_error", "invalid_value")
+    assert db_session.scalar(select(func.count()).select_from(Job)) == jobs_before

@@ -67,3 +67,27 @@ def test_date_range_is_checked(http, records):
     only_yesterday = (records["today"] - timedelta(days=1)).isoformat()
     answer = http.get("/v1/usage", params={"start_date": only_yesterday, "end_date": only_yesterday}, headers=auth)
     assert [b["total_tokens"] for b in answer.json()["data"]] == [2]
+
+
+@pytest.mark.parametrize("params,param", [
+    ({"end_date": "0001-01-01"}, "end_date"),  # the default 30-day window would start before year 1
+    ({"end_date": "0001-01-15"}, "end_date"),
+    ({"end_date": "9999-12-31"}, "end_date"),  # the query runs to the day after end_date
+    ({"start_date": "9999-12-30", "end_date": "9999-12-31"}, "end_date"),
+])
+def test_a_window_that_leaves_the_calendar_is_400_naming_the_field(http, records, params, param):
+    answer = http.get("/v1/usage", params=params, headers={"Authorization": f"Bearer {records['admin']}"})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert (error["param"], error["type"], error["code"]) == (param, "invalid_request_error", "invalid_value") and error["message"]
+
+
+@pytest.mark.parametrize("params", [
+    {"start_date": "0001-01-01", "end_date": "0001-01-01"},  # an explicit start needs no default window
+    {"end_date": "0001-01-30"},  # the first end_date whose default window fits
+    {"start_date": "9999-12-29", "end_date": "9999-12-30"},
+])
+def test_the_calendar_edges_that_fit_are_answered(http, records, params):
+    answer = http.get("/v1/usage", params=params, headers={"Authorization": f"Bearer {records['admin']}"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["data"] == []

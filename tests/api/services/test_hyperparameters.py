@@ -75,3 +75,28 @@ def test_the_same_request_with_finite_rewards_creates_the_job(http, upload, org_
     assert response.status_code == 200, response.text
     stored = response.json()["method"]["grpo"]["rewards"]
     assert (stored[0]["weight"], stored[1]["json_schema"]) == (0.5, {"const": 1.5})
+
+
+# A multiplier the schema accepts (positive, at most 10) but so small that base rate x multiplier
+# rounds to 0.0, which the worker contract refuses: once a pydantic ValidationError, a 500.
+TINY_MULTIPLIERS = {
+    "method-1e-320": ('"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": 1e-320}}}', "method.supervised.hyperparameters.learning_rate_multiplier"),
+    "legacy-5e-324": ('"hyperparameters": {"learning_rate_multiplier": 5e-324}', "hyperparameters.learning_rate_multiplier"),
+    "full-1e-320": ('"method": {"type": "supervised", "supervised": {"hyperparameters": {"adapter_type": "full", "learning_rate_multiplier": 1e-320}}}', "method.supervised.hyperparameters.learning_rate_multiplier"),
+}
+
+
+@pytest.mark.parametrize(("fragment", "param"), TINY_MULTIPLIERS.values(), ids=TINY_MULTIPLIERS.keys())
+def test_a_multiplier_that_rounds_the_learning_rate_to_zero_is_400_and_stores_nothing(http, upload, org_a, db_session, fragment, param):
+    body = f'{{"model": "tuneforge-tiny", "training_file": "{upload()}", {fragment}}}'
+    response = http.post("/v1/fine_tuning/jobs", content=body, headers={"Authorization": f"Bearer {org_a[1]}", "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["type"], error["code"]) == (param, "invalid_request_error", "invalid_value") and error["message"]
+    assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
+
+
+def test_the_smallest_multiplier_that_still_gives_a_positive_rate_creates_the_job(http, upload, org_a):
+    body = f'{{"model": "tuneforge-tiny", "training_file": "{upload()}", "hyperparameters": {{"learning_rate_multiplier": 1e-300}}}}'
+    response = http.post("/v1/fine_tuning/jobs", content=body, headers={"Authorization": f"Bearer {org_a[1]}", "Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
