@@ -147,3 +147,110 @@ def test_another_orgs_upload_does_not_exist(client_a, sdk, make_org):
                  lambda: other.uploads.complete(upload.id, part_ids=["part_x"])):
         with pytest.raises(openai.NotFoundError):
             call()
+
+
+# Concurrency: real commits across connections (not the rolled-back db_session), on PostgreSQL and on SQLite.
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def committing_api(request, scratch_database, tmp_path):
+    """(TestClient on an app whose sessions really commit, its settings, an api key of a fresh org)."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from api.settings import ApiSettings
+    from scheduler.db import get_engine, session_scope
+    from scheduler.migrate import upgrade
+    from scheduler.models import Role
+    from scheduler.tenancy import create_api_key, get_or_create_org
+
+    url = scratch_database("uploads") if request.param == "postgresql" else f"sqlite:///{tmp_path / 'api.db'}"
+    upgrade(url)
+    with session_scope(url) as session:
+        _, key = create_api_key(session, get_or_create_org(session, "racers"), "test", Role.admin)
+    settings = ApiSettings(data_dir=tmp_path / "data", database_url=url, storage_url=str(tmp_path / "objects"),
+                           serving_url="http://127.0.0.1:9", max_upload_part_bytes=MAX_UPLOAD_PART_BYTES,
+                           max_chunked_upload_bytes=MAX_CHUNKED_UPLOAD_BYTES, base_models=["tuneforge-tiny"])
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {key}"}) as client:
+        yield client, app
+    get_engine(url).dispose()
+
+
+def _race(n: int, call) -> list:
+    """call() from n threads released together: their responses."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    barrier = Barrier(n)
+
+    def go(_):
+        barrier.wait()
+        return call()
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(go, range(n)))
+
+
+def _slowed(monkeypatch, store, name: str) -> None:
+    """The store's ``name`` method made slow, each call slower than the one before, so that racing
+    requests overlap and the first to arrive is done while the others are still at work."""
+    import itertools
+    import time
+
+    real, calls = getattr(store, name), itertools.count(1)
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02 * min(next(calls), 10))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, name, slow)
+
+
+def _create_raw(client, content_bytes: int) -> str:
+    r = client.post("/v1/uploads", json={"bytes": content_bytes, "filename": "big.jsonl", "mime_type": "text/jsonl",
+                                         "purpose": "fine-tune"})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def test_concurrent_completes_one_wins_the_rest_are_told_it_is_not_pending(committing_api, monkeypatch):
+    from scheduler.db import session_scope
+
+    client, app = committing_api
+    _slowed(monkeypatch, app.state.store, "open")  # the winner still joins while the losers arrive
+    for _ in range(3):
+        content = jsonl(40)
+        upload_id = _create_raw(client, len(content))
+        half = len(content) // 2
+        ids = [client.post(f"/v1/uploads/{upload_id}/parts", files={"data": ("p", c)}).json()["id"]
+               for c in (content[:half], content[half:])]
+        answers = _race(4, lambda: client.post(f"/v1/uploads/{upload_id}/complete", json={"part_ids": ids}))
+        assert sorted(r.status_code for r in answers) == [200, 400, 400, 400], [r.text for r in answers]
+        assert all(r.json()["error"]["code"] == "invalid_upload_status" for r in answers if r.status_code == 400)
+        with session_scope(app.state.settings.database_url) as session:
+            row = session.get(Upload, upload_id)
+            assert row.status == "completed" and session.get(File, row.file_id) is not None
+        winner = next(r for r in answers if r.status_code == 200).json()
+        assert client.get(f"/v1/files/{winner['file']['id']}/content").content == content
+        keys = app.state.store.list("orgs/")
+        assert [k for k in keys if "/uploads/" in k] == []  # the parts are gone; no File object without its row:
+        files = [k for k in keys if "/files/" in k]
+        with session_scope(app.state.settings.database_url) as session:
+            assert len(files) == session.scalar(select(func.count()).select_from(File))
+
+
+def test_concurrent_parts_never_exceed_the_declared_bytes(committing_api, monkeypatch):
+    from scheduler.db import session_scope
+    from scheduler.models import UploadPart
+
+    client, app = committing_api
+    _slowed(monkeypatch, app.state.store, "put_file")  # a wide window between a part's check and its insert
+    for _ in range(3):
+        upload_id = _create_raw(client, 100)
+        answers = _race(4, lambda: client.post(f"/v1/uploads/{upload_id}/parts", files={"data": ("p", b"x" * 60)}))
+        assert sorted(r.status_code for r in answers) == [200, 400, 400, 400], [r.text for r in answers]
+        with session_scope(app.state.settings.database_url) as session:
+            held = session.scalar(select(func.coalesce(func.sum(UploadPart.bytes), 0)).where(UploadPart.upload_id == upload_id))
+        assert held == 60
+        stored = [k for k in app.state.store.list("orgs/") if f"/uploads/{upload_id}/" in k]
+        assert len(stored) == 1  # a refused part's object is removed
