@@ -118,7 +118,10 @@ def expire_uploads(settings: Settings, now: datetime | None = None) -> int:
     their parts' objects deleted after the rows changed (a failure orphans an object, never a file)."""
     store = open_store(settings.storage_url)
     with session_scope(settings.database_url) as session:
-        rows = session.scalars(select(Upload).where(Upload.status == "pending", Upload.expires_at <= (now or utcnow())).limit(BATCH)).all()
+        # skip_locked: an upload being completed or cancelled holds its row (api.services.uploads); read
+        # unlocked, it would be marked expired over the completion that then commits
+        rows = session.scalars(select(Upload).where(Upload.status == "pending", Upload.expires_at <= (now or utcnow()))
+                               .limit(BATCH).with_for_update(skip_locked=True)).all()
         for row in rows:
             row.status = "expired"
         keys = session.scalars(select(UploadPart.storage_key).where(UploadPart.upload_id.in_([r.id for r in rows]))).all()
