@@ -7,15 +7,17 @@ the same line-by-line validation as a ``/v1/files`` upload (and an optional MD5)
 File. All or nothing: a join that fails any check stores nothing and the upload stays pending, so the
 client can complete it again with the right parts. ``cancel`` drops the parts.
 
-Concurrency: ``add_part``, ``complete`` and ``cancel`` lock the upload's row (``SELECT ... FOR UPDATE``) and
-re-read its status under the lock, so on PostgreSQL one request at a time changes an upload: the parts'
-sum is checked in the transaction that inserts the part, and a second ``complete`` waits for the first
-to commit, then answers that the upload is no longer pending. SQLite ignores FOR UPDATE: there a part
-takes the database's write lock before its check, and a ``complete`` that finds a part already deleted
-(another completion won) answers the same 400; the File is written only by the completion that wins. ``expires_after`` is the
-File's expiry (api.services.files), as in OpenAI's API. An upload expires an hour after its creation: a
-pending one then refuses parts and completion,
-and the scheduler's tick marks it expired and deletes its parts (``scheduler.loop.expire_uploads``).
+Concurrency: ``add_part``, ``complete`` and ``cancel`` lock the upload's row (``SELECT ... FOR UPDATE``)
+and re-read its status under the lock, so on PostgreSQL one request at a time changes an upload: the
+parts' sum is checked in the transaction that inserts the part, and a second ``complete`` waits for the
+first to commit, then answers that the upload is no longer pending. SQLite ignores FOR UPDATE: there a
+part takes the database's write lock before its check, and a ``complete`` that finds a part already
+deleted (another completion won) answers the same 400; the File is written only by the completion that
+wins.
+
+``expires_after`` is the File's expiry (api.services.files), as in OpenAI's API. An upload expires an hour
+after its creation: a pending one then refuses parts and completion, and the scheduler's tick marks it
+expired and deletes its parts (``scheduler.loop.expire_uploads``).
 """
 
 from __future__ import annotations
