@@ -164,14 +164,22 @@ class Hyperparameters(_Frozen):
     lr_scheduler: LRScheduler = LRScheduler.linear
 
 
+# GRPO sums the weighted rewards in float32 and normalises them by their group's standard deviation: with
+# these bounds a reward stays below ~1e14 and its square below float32's 3.4e38 (a weight of 1e308 made the
+# rewards infinite, the loss NaN, and the next sampling step crash)
+REWARD_WEIGHT_MAX = 1e4
+REWARD_SCALE_MAX = 1e4
+REWARD_TARGET_LENGTH_MAX = 1_000_000
+
+
 class Reward(_Frozen):
     kind: RewardKind
-    weight: float = 1.0
+    weight: float = Field(1.0, ge=-REWARD_WEIGHT_MAX, le=REWARD_WEIGHT_MAX)
     reference_field: str = "answer"  # exact_match: the row field holding the expected answer
     pattern: str | None = Field(None, max_length=1000)  # regex_match
     json_schema: dict | None = None  # json_schema (named so to avoid pydantic's `schema`)
-    target_length: int | None = Field(None, ge=1)  # length_penalty
-    scale: float = Field(0.01, ge=0)  # length_penalty
+    target_length: int | None = Field(None, ge=1, le=REWARD_TARGET_LENGTH_MAX)  # length_penalty
+    scale: float = Field(0.01, ge=0, le=REWARD_SCALE_MAX)  # length_penalty
 
     @field_validator("json_schema")
     @classmethod
@@ -197,7 +205,7 @@ class MethodParams(_Frozen):
     grpo_num_generations: int = Field(4, ge=2, le=64)
     grpo_max_completion_length: int = Field(64, ge=1, le=8192)
     grpo_temperature: float = Field(1.0, gt=0)
-    rewards: tuple[Reward, ...] = ()
+    rewards: tuple[Reward, ...] = Field((), max_length=32)  # summed: a bound keeps the sum finite (REWARD_*)
 
 
 class TrainingFile(_Frozen):

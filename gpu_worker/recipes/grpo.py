@@ -22,6 +22,8 @@ rows of ``max_seq_length`` tokens.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gpu_worker.contract import DataFormat, JobSpec
@@ -93,6 +95,9 @@ class GRPOObjective:
         rows = [p for p in prompts for _ in range(g)]
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         scores = [self.rewards.score(t, len(c), r.row) for t, c, r in zip(texts, completions, rows)]
+        if not all(math.isfinite(s) for s in scores):  # the contract's bounds keep them finite: never train on it
+            raise MethodParamsError(f"a completion's reward is not finite ({max(scores, key=abs)}): check the rewards' "
+                                    "weights and scales", param="method_params.rewards")
         rewards = torch.tensor(scores, dtype=torch.float32, device=device)
         advantages = losses.grpo_advantages(rewards, g)
         batch = collate_completions([r.prompt for r in rows], completions, self.tokenizer.pad_token_id, device, pack_width=self.pack_width)

@@ -53,6 +53,25 @@ def test_spec_floats_refuse_nan_and_infinity(make, field, value):
     assert err.value.errors()[0]["loc"] == (field,)
 
 
+@pytest.mark.parametrize(("make", "field"), [
+    (lambda: Reward(kind=RewardKind.regex_match, pattern=".", weight=1e308), "weight"),
+    (lambda: Reward(kind=RewardKind.regex_match, pattern=".", weight=-1e5), "weight"),
+    (lambda: Reward(kind=RewardKind.length_penalty, target_length=5, scale=1e300), "scale"),
+    (lambda: Reward(kind=RewardKind.length_penalty, target_length=10**7), "target_length"),
+    (lambda: MethodParams(rewards=(Reward(kind=RewardKind.exact_match),) * 33), "rewards"),
+], ids=["weight-1e308", "weight--1e5", "scale-1e300", "target-1e7", "33-rewards"])
+def test_rewards_stay_within_what_float32_sums(make, field):
+    """Each finite, but a 1e308 weight's rewards summed to infinity in GRPO's float32, the loss went NaN and the
+    next sampling step crashed: refused with the spec instead. The bounds' worst reward squares below 3.4e38."""
+    with pytest.raises(ValidationError) as err:
+        make()
+    assert err.value.errors()[0]["loc"][0] == field
+    from gpu_worker.contract import REWARD_SCALE_MAX, REWARD_TARGET_LENGTH_MAX, REWARD_WEIGHT_MAX
+
+    worst = 32 * REWARD_WEIGHT_MAX * REWARD_SCALE_MAX * REWARD_TARGET_LENGTH_MAX
+    assert worst**2 < 3.4e38
+
+
 @pytest.mark.parametrize("schema", [{"const": math.nan}, {"enum": [1, [math.inf]]}, {"properties": {"x": {"maximum": -math.inf}}}], ids=repr)
 def test_a_reward_schema_holds_only_json(schema):
     with pytest.raises(ValidationError) as err:

@@ -53,6 +53,9 @@ def _create(http, key: str, file_id: str, rewards_json: str):
 BAD_REWARDS = {
     "weight-nan": ('[{"kind": "exact_match", "weight": NaN}]', "method.grpo.rewards.0.weight"),
     "weight-infinity": ('[{"kind": "exact_match", "weight": Infinity}]', "method.grpo.rewards.0.weight"),
+    # finite, but summed past float32 in training (a crash after the first step): refused at creation
+    "weight-1e308": ('[{"kind": "regex_match", "pattern": ".", "weight": 1e308}]', "method.grpo.rewards.0.weight"),
+    "scale-1e300": ('[{"kind": "length_penalty", "target_length": 5, "scale": 1e300}]', "method.grpo.rewards.0.scale"),
     "scale-minus-infinity": ('[{"kind": "length_penalty", "target_length": 5, "scale": -Infinity}]', "method.grpo.rewards.0.scale"),
     "schema-const-nan": ('[{"kind": "json_schema", "json_schema": {"const": NaN}}]', "method.grpo.rewards.0.json_schema"),
     "schema-deep-infinity": ('[{"kind": "json_schema", "json_schema": {"enum": [1, [Infinity]]}}]', "method.grpo.rewards.0.json_schema"),

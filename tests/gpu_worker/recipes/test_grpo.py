@@ -180,3 +180,23 @@ def test_grpo_on_a_gpu_raises_the_mean_reward_with_kernels(builtin_data_dir, sto
     assert isinstance(result, CompletedEvent), rec.events[-3:]
     rewards = rec.method_metrics("reward")
     assert sum(rewards[-5:]) / 5 > max(0.8, rewards[0]), rewards
+
+
+def test_a_reward_that_is_not_finite_stops_the_step_with_a_clear_error(micro_model_dir, store, write_jsonl, make_spec,
+                                                                      tokenizer, monkeypatch):
+    """The contract bounds weights and scales so that rewards stay finite; if one still is not, the step
+    refuses it (invalid_method_params) rather than train on a NaN loss until sampling crashes."""
+    from gpu_worker.contract import AdapterConfig
+    from gpu_worker.loading import load_model
+    from gpu_worker.recipes.grpo import GRPOObjective
+    from gpu_worker.recipes.model_setup import wrap_with_lora
+    from gpu_worker.recipes.rewards import MethodParamsError
+
+    write_jsonl(store, "p.jsonl", [{"prompt": "Say one word.", "answer": "x"}])
+    objective = GRPOObjective(_grpo_spec(make_spec, str(micro_model_dir), grpo_max_completion_length=4))
+    prompts = list(objective.load(store, tokenizer, "p.jsonl", "training_file").examples)
+    model = wrap_with_lora(load_model(str(micro_model_dir), data_dir=".", device="cpu"), AdapterConfig(rank=4))
+    monkeypatch.setattr(type(objective.rewards), "score", lambda self, *a: float("inf"))
+    with pytest.raises(MethodParamsError, match="not finite") as err:
+        objective.micro_step(model, prompts, len(prompts), "cpu")
+    assert err.value.code == "invalid_method_params" and err.value.param == "method_params.rewards"
