@@ -167,6 +167,11 @@ def resolve(method: Method, hp: HyperparametersIn, method_body: MethodBodyIn | N
     quantization = hp.quantization or Quantization.none
     if quantization != Quantization.none and adapter_type == AdapterType.full:
         raise InvalidRequest("Quantized (QLoRA) training needs an adapter; full fine-tuning cannot use it.", param="quantization", code="invalid_value")
+    if adapter_type == AdapterType.full and method != Method.supervised:
+        # the preference loop's reference model is the adapter switched off (gpu_worker/recipes/preference_loop.py):
+        # refused here, not after the job queued and a worker started
+        raise InvalidRequest(f"Method '{method.value}' trains an adapter (lora or dora); full fine-tuning is for supervised jobs.",
+                             param="adapter_type", code="invalid_value")
     rank = hp.lora_rank or DEFAULT_LORA_RANK
     modules = tuple(dict.fromkeys(hp.lora_target_modules)) if hp.lora_target_modules else ALL_TARGET_MODULES
     adapter = AdapterConfig(

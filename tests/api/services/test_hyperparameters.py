@@ -103,3 +103,16 @@ def test_the_smallest_multiplier_that_still_gives_a_positive_rate_creates_the_jo
     body = f'{{"model": "tuneforge-tiny", "training_file": "{upload()}", "hyperparameters": {{"learning_rate_multiplier": 1e-300}}}}'
     response = http.post("/v1/fine_tuning/jobs", content=body, headers={"Authorization": f"Bearer {org_a[1]}", "Content-Type": "application/json"})
     assert response.status_code == 200, response.text
+
+
+def test_full_fine_tuning_of_a_preference_or_grpo_method_is_refused_at_creation(http, upload, org_a, db_session):
+    """The worker refuses it (its reference model is the adapter switched off): a 400 before anything queues."""
+    body = ('{"model": "tuneforge-tiny", "training_file": "%s", "method": {"type": "grpo", "grpo": {"hyperparameters": '
+            '{"adapter_type": "full"}, "rewards": [{"kind": "exact_match"}]}}}' % upload())
+    response = http.post("/v1/fine_tuning/jobs", content=body,
+                         headers={"Authorization": f"Bearer {org_a[1]}", "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "adapter_type" and "trains an adapter" in error["message"]
+    assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
+
