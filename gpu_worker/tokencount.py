@@ -30,7 +30,12 @@ from gpu_worker.validation import FileValidator
 
 
 class TokenCountError(ValueError):
-    """A file cannot be counted (a bad line, a missing file); the message names the line."""
+    """A file cannot be counted (a bad line, a missing file); the message names the line, ``param`` the
+    job's field that names the file (``training_file``, ``extra_training_files[i]``)."""
+
+    def __init__(self, message: str, param: str = "training_file"):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,16 +133,18 @@ def estimate_job_tokens(store: ObjectStore, spec: JobSpec, tokenizer_dir: str | 
     ``TokenCountError`` for a missing file or a bad line."""
     opts, hp = spec.data, spec.hyperparameters
     view = TokenizerView.from_dir(tokenizer_dir)
-    files = [(spec.training_file_key, opts.format, 1.0)] + [(f.key, f.format, f.weight) for f in opts.extra_training_files]
+    # each named by the job's field, never by its storage key (a tenant knows file ids, not our layout)
+    files = [(spec.training_file_key, opts.format, 1.0, "training_file")]
+    files += [(f.key, f.format, f.weight, f"extra_training_files[{i}]") for i, f in enumerate(opts.extra_training_files)]
     total = 0.0
     seen: set[bytes] | None = set() if opts.dedupe else None
-    for key, fmt, weight in files:
+    for key, fmt, weight, param in files:
         try:
             stats = count_tokens(iter_lines(store, key), tokenizer_dir=tokenizer_dir, format=fmt, chat_template=opts.chat_template, max_seq_length=hp.max_seq_length, train_on_inputs=opts.train_on_inputs, view=view, seen=seen)
         except ObjectNotFound:
-            raise TokenCountError(f"file {key!r} not found in storage") from None
+            raise TokenCountError(f"{param}: the file is not in storage", param) from None
         except TokenCountError as err:
-            raise TokenCountError(f"{key}: {err}") from None
+            raise TokenCountError(f"{param}: {err}", param) from None
         usable = stats.examples - stats.dropped
         if not usable:
             continue

@@ -184,8 +184,10 @@ class FileValidator:
         # line, not a different format.
         same_family = {seen, self._format} <= {DataFormat.chat, DataFormat.prompt} and "messages" in obj
         if reason is not None and seen not in (None, self._format) and not same_family and CHECKS[seen](obj) is None:
-            origin = "was declared" if self._declared else f"is {self._format.value} (from line {self._format_line})"
-            reason = f"{reason}: this line is a {seen.value} example but the file {origin}; a file holds one format"
+            origin = (f"was declared {self._format.value}" if self._declared
+                      else f"is {self._format.value} (from line {self._format_line})")
+            article = "an" if seen.value[0] in "aeiou" else "a"
+            reason = f"{reason}: this line is {article} {seen.value} example but the file {origin}; a file holds one format"
         return reason
 
     def _count_duplicates(self, obj: Any) -> None:

@@ -88,7 +88,7 @@ def _estimate(settings: Settings, store, session, job: Job) -> tuple[str, str] |
     try:
         job.estimated_tokens = estimate_job_tokens(store, JobSpec.model_validate(job.spec), tokenizer_dir)
     except TokenCountError as err:
-        return ("training_file", str(err))
+        return (err.param, str(err))
     jobs.add_event(session, job, f"Estimated trained tokens: {job.estimated_tokens:,} (all epochs)", data={"estimated_tokens": job.estimated_tokens})
     return None
 

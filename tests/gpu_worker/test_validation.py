@@ -333,7 +333,8 @@ def test_the_format_comes_from_the_first_valid_line():
 def test_a_declared_format_is_enforced_from_the_first_line():
     report = validate_lines(_lines(DataFormat.chat), format=DataFormat.sharegpt)
     assert report.error_count == 10 and report.format == "sharegpt"
-    assert "but the file was declared" in report.errors[0].reason and report.errors[0].line == 1
+    assert "this line is a chat example but the file was declared sharegpt" in report.errors[0].reason
+    assert report.errors[0].line == 1
 
 
 def test_exact_and_near_duplicates_are_counted_with_their_lines():

@@ -64,7 +64,7 @@ def test_declared_format_is_enforced_per_file(tok, store, write_jsonl, make_spec
     opts = DataOptions(extra_training_files=(TrainingFile(key="files/extra.jsonl", format=DataFormat.alpaca),))
     with pytest.raises(DataError) as err:
         load_sft_data(store, make_spec("tiny", data=opts), tok)
-    assert err.value.param == "extra_training_files[0]" and err.value.line == 1 and "the file was declared" in str(err.value)
+    assert err.value.param == "extra_training_files[0]" and err.value.line == 1 and "the file was declared alpaca" in str(err.value)
 
 
 def _mean_loss(model, rows, pad_id) -> float:

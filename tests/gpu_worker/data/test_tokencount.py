@@ -74,8 +74,15 @@ def test_job_estimate_is_trained_tokens_times_epochs_with_weights(tiny_dir, stor
     grpo = make_spec("tiny", method=Method.grpo, training_file_key="files/p.jsonl")
     write_jsonl(store, "files/p.jsonl", [{"prompt": "2+2?", "answer": "4"}] * 5)
     assert estimate_job_tokens(store, grpo, tiny_dir) == 5 * 4 * 64  # prompts x generations x max completion
-    with pytest.raises(TokenCountError, match="not found"):
+    with pytest.raises(TokenCountError, match="not in storage") as err:
         estimate_job_tokens(store, make_spec("tiny", training_file_key="files/missing.jsonl"), tiny_dir)
+    assert err.value.param == "training_file" and "files/" not in str(err.value)  # never our storage layout
+    # a bad line of an extra file is that file's: named by its field, not by its storage key
+    write_jsonl(store, "files/bad.jsonl", [{"label": "maybe", "prompt": "p", "completion": "c"}])
+    bad_extra = make_spec("tiny", data=DataOptions(extra_training_files=(TrainingFile(key="files/bad.jsonl"),)))
+    with pytest.raises(TokenCountError) as err:
+        estimate_job_tokens(store, bad_extra, tiny_dir)
+    assert err.value.param == "extra_training_files[0]" and str(err.value).startswith("extra_training_files[0]: line 1")
 
 
 def test_tokencount_and_validation_import_without_torch_or_transformers():
