@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gpu_worker.engine.errors import param_from_loc  # torch-free: one param spelling everywhere
 from scheduler.jobs import InvalidTransition
 
 
@@ -77,29 +78,18 @@ class GatewayTimeout(ApiError):
     type = "timeout_error"
 
 
-_UNION_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "bytes"}
-
 _INVALID_JSON = "invalid_json"  # the code of every body that is not JSON, whichever layer noticed
 _UNPARSABLE_BODY = "We could not parse the JSON body of your request: send a JSON object, encoded as UTF-8."
 # What FastAPI's HTTPException says when decoding the body failed other than as malformed JSON (fastapi.routing).
 _FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 
 
-def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
-    """("body", "method", "supervised", "hyperparameters", "n_epochs", "int") → dotted field path.
-    Drops the request part ("body", "query", ...) and pydantic's union-branch tags, which follow a field
-    (the first name is always a field: an upload's ``bytes``)."""
-    parts = [str(p) for p in loc[1:2]]
-    parts += [str(p) for p in loc[2:] if isinstance(p, int) or not (p in _UNION_TAGS or "[" in p or "-" in p)]
-    return ".".join(parts) or None
-
-
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    param = _loc_to_param(tuple(first.get("loc", ())))
+    param = param_from_loc(tuple(first.get("loc", ())))
     # A union reports one error per branch for the same field: list each field once.
-    reasons = [e["msg"] for e in errors if _loc_to_param(tuple(e.get("loc", ()))) == param]
+    reasons = [e["msg"] for e in errors if param_from_loc(tuple(e.get("loc", ()))) == param]
     where = f"Invalid value for '{param}'" if param else "Invalid request"
     code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
     if first.get("type") == "json_invalid":

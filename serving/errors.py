@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gpu_worker.engine.errors import param_from_loc  # torch-free: one param spelling everywhere
+
 
 class ServingError(Exception):
     status_code = 500
@@ -113,20 +115,9 @@ def internal_error_response() -> JSONResponse:
     return error_response(500, "The server had an error while processing your request.", "server_error")
 
 
-_UNION_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "bytes"}
-
 # FastAPI's detail when reading the body raised something other than a JSON syntax error (bytes that
 # are not UTF-8, or a RecursionError from nesting deeper than the parser goes).
 _BODY_PARSE_FAILED = "There was an error parsing the body"
-
-
-def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
-    """("body", "messages", 0, "content", "str") → "messages.0.content": the dotted field path, as the
-    management API (``api.errors``) and the engine write it. Drops the request part ("body") and
-    pydantic's union-branch tags, which follow a field (the first name is always a field)."""
-    parts = [str(p) for p in loc[1:2]]
-    parts += [str(p) for p in loc[2:] if isinstance(p, int) or not (p in _UNION_TAGS or "[" in p or "-" in p)]
-    return ".".join(parts) or None
 
 
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
@@ -135,7 +126,7 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     if first.get("type") == "json_invalid":
         return _unparsable_body_response()
     # A whole-body check (protocol's model validators) names its field in the error's context.
-    param = _loc_to_param(tuple(first.get("loc", ()))) or (first.get("ctx") or {}).get("param")
+    param = param_from_loc(tuple(first.get("loc", ()))) or (first.get("ctx") or {}).get("param")
     message = first.get("msg", "Invalid request")
     code = "invalid_value"
     if param is None and first.get("type") in ("model_attributes_type", "dict_type"):

@@ -13,6 +13,22 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+_UNION_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "bytes"}
+
+
+def param_from_loc(loc: tuple[Any, ...], *, drop_model_names: bool = False) -> str | None:
+    """A pydantic error's location as OpenAI's ``param``: ("body", "messages", 0, "content", "str") →
+    "messages.0.content". Drops the request part ("body", "query", ...) and pydantic's union-branch tags,
+    which follow a field (the first name is always a field: an upload's ``bytes``); with
+    ``drop_model_names`` also the model names a union of models tags its branches with (``TextPart``).
+    One spelling for the management API, the gateway and the engine."""
+    def tag(p) -> bool:
+        return p in _UNION_TAGS or "[" in p or "-" in p or (drop_model_names and p[:1].isupper())
+
+    parts = [str(p) for p in loc[1:2]] + [str(p) for p in loc[2:] if isinstance(p, int) or not tag(p)]
+    return ".".join(parts) or None
+
+
 class EngineError(Exception):
     status_code = 400
     type = "invalid_request_error"

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpu_worker.engine.completions import CompletionService
 from gpu_worker.engine.embeddings import EmbeddingService
-from gpu_worker.engine.errors import EngineError, FeatureDisabled, error_body
+from gpu_worker.engine.errors import EngineError, FeatureDisabled, error_body, param_from_loc
 from gpu_worker.engine.models import ServedModels
 from gpu_worker.engine.protocol import (
     ChatCompletionRequest,
@@ -113,7 +113,7 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        param = _loc_to_param(tuple(first.get("loc", ())))
+        param = param_from_loc(tuple(first.get("loc", ())), drop_model_names=True)
         reason = str(first.get("msg", "invalid request"))
         if first.get("type") == "missing":
             message = f"Missing required parameter: '{param}'." if param else "The request has no body: send a JSON object."
@@ -129,15 +129,3 @@ def _install_errors(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception):
         log.exception("unhandled error")
         return JSONResponse(error_body("internal server error", "server_error"), 500)
-
-
-_UNION_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "bytes"}
-
-
-def _loc_to_param(loc: tuple) -> str | None:
-    """("body", "messages", 0, "content", "str") → "messages.0.content": the dotted field path, as the
-    gateway and the management API write it. Drops the request part and pydantic's union-branch tags
-    (model names in a union, like ``TextPart``, are tags too)."""
-    parts = [str(p) for p in loc[1:2]]
-    parts += [str(p) for p in loc[2:] if isinstance(p, int) or not (p in _UNION_TAGS or "[" in p or "-" in p or p[:1].isupper())]
-    return ".".join(parts) or None
