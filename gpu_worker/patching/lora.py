@@ -83,9 +83,25 @@ class _NF4Weight:
             return ref
         return dequantize_nf4(data, state, variant=variant) if variant else bnbf.dequantize_4bit(data, qs)
 
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` alone (``tuneforge_kernels.nf4.row_block``: the same values as the whole
+        weight's rows) where this kind of weight uses our kernel and the rows begin a quantisation block;
+        else the whole weight expanded and sliced."""
+        from tuneforge_kernels.nf4 import dequantize_nf4, row_block
+
+        data = self.param.data
+        state = _nf4_state(self.param.quant_state) if data.is_cuda else None
+        variant = state and _NF4_CHECKED.get((state.shape, state.dtype, state.nested, data.device))
+        block = row_block(data, state, start, stop) if variant else None
+        if block is None:
+            return self.dequantize()[start:stop]
+        return dequantize_nf4(*block, variant=variant)
+
 
 class _RowSlice:
-    """Rows ``[start, stop)`` of a weight that is only available through ``dequantize()`` (NF4)."""
+    """Rows ``[start, stop)`` of a weight that is only available through ``dequantize()`` (NF4): expanded
+    alone where the weight can (``dequantize_rows``), so a fused weight's parts do not each expand all of
+    it."""
 
     def __init__(self, weight, start: int, stop: int):
         self.weight, self.start, self.stop = weight, start, stop
@@ -95,7 +111,9 @@ class _RowSlice:
         return torch.Size((self.stop - self.start, *self.weight.shape[1:]))
 
     def dequantize(self) -> torch.Tensor:
-        # the whole (out, in) weight is expanded and sliced: one extra transient per matmul, no copy kept
+        rows = getattr(self.weight, "dequantize_rows", None)
+        if rows is not None:
+            return rows(self.start, self.stop)
         return self.weight.dequantize()[self.start:self.stop]
 
 

@@ -16,7 +16,7 @@ roundings: the GPU build turns off multiply-add fusion, which would round once);
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -101,6 +101,29 @@ class NF4State:
     @property
     def nested(self) -> bool:
         return self.code2 is not None
+
+
+def row_block(packed: torch.Tensor, state: NF4State, start: int, stop: int):
+    """Rows ``[start, stop)`` of the dense ``(out, in)`` weight as their own ``(packed, NF4State)``: views of
+    the bytes and of the statistics, no copy, or ``None`` where the first row does not begin a quantisation
+    block (a nested one: ``blocksize * blocksize2`` values), so the slice's blocks would not line up with
+    its statistics. Each value's arithmetic is the whole weight's, so the rows equal the whole weight's rows
+    bit for bit. Phi-3's fused q/k/v and gate/up weights expand one part at a time this way instead of
+    expanding the whole weight once per part (gpu_worker/patching/lora.py)."""
+    cols = 1
+    for d in state.shape[1:]:
+        cols *= d
+    if not 0 <= start < stop <= state.shape[0]:
+        raise ValueError(f"rows [{start}, {stop}) are not inside a weight of {state.shape[0]} rows")
+    first, last = start * cols, stop * cols
+    span = state.blocksize * (state.blocksize2 if state.nested else 1)
+    if first % span or first % 2 or last % 2:
+        return None
+    b0, b1 = first // state.blocksize, -(-last // state.blocksize)
+    fields = dict(absmax=state.absmax.reshape(-1)[b0:b1], shape=(stop - start, *state.shape[1:]))
+    if state.nested:
+        fields["absmax2"] = state.absmax2.reshape(-1)[b0 // state.blocksize2:-(-b1 // state.blocksize2)]
+    return packed.reshape(-1)[first // 2:last // 2], replace(state, **fields)
 
 
 def _launch(packed, s: NF4State, out, *, tiled: bool = False, values: int = _VALUES, warps: int = _WARPS):

@@ -136,3 +136,59 @@ def test_pick_variant_on_the_gpu_picks_a_bit_equal_variant():
     choice, outcomes = pick_variant(packed, _nf4_state(qs), ref)
     assert choice is not None, outcomes
     assert torch.equal(dequantize_nf4(packed, _nf4_state(qs), variant=choice), ref)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("nested,shape,rows", [(False, (10, 96), (2, 7)), (False, (10, 96), (4, 10)),
+                                               (True, (12, 128), (2, 6)), (True, (12, 128), (10, 12))])
+def test_a_row_block_equals_the_whole_weights_rows(device, impl, nested, shape, rows):
+    """Phi-3's fused weights expand one part at a time: the block's values are the whole weight's rows bit
+    for bit, its bytes and statistics are views (no copy), the last block of a partial one included."""
+    from tuneforge_kernels.nf4 import row_block
+
+    packed, s = _state(shape, nested, torch.float32, device, blocksize2=4)
+    start, stop = rows
+    part, ps = row_block(packed, s, start, stop)
+    assert part.data_ptr() == packed.data_ptr() + start * shape[1] // 2 and ps.shape == (stop - start, shape[1])
+    assert ps.absmax.data_ptr() >= s.absmax.data_ptr()
+    whole = dequantize_nf4(packed, s, impl=impl)
+    assert torch.equal(dequantize_nf4(part, ps, impl=impl), whole[start:stop])
+
+
+def test_a_row_block_that_does_not_begin_a_quantisation_block_is_refused():
+    from tuneforge_kernels.nf4 import row_block
+
+    packed, s = _state((10, 96), False, torch.float32, "cpu")
+    assert row_block(packed, s, 1, 5) is None            # row 1 starts at value 96: inside block 1
+    packed, s = _state((12, 128), True, torch.float32, "cpu", blocksize2=4)
+    assert row_block(packed, s, 1, 5) is None            # value 128: a block, but not a nested block's start
+    with pytest.raises(ValueError, match="not inside"):
+        row_block(packed, s, 4, 13)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("nested", [True, False])
+def test_a_fused_nf4_weights_parts_expand_alone(nested, monkeypatch):
+    """gpu_worker.patching.lora: a part of a fused 4-bit weight (Phi-3's q/k/v) expands only its rows once
+    the weight's kind has been checked against bitsandbytes, with bitsandbytes' values."""
+    from types import SimpleNamespace
+
+    bnb = pytest.importorskip("bitsandbytes")
+    import tuneforge_kernels.nf4 as nf4
+    from gpu_worker.patching import lora
+
+    w = torch.randn(3 * 1024, 3072, device="cuda").to(torch.bfloat16)
+    packed, qs = bnb.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
+    weight = lora._NF4Weight(SimpleNamespace(data=packed, quant_state=qs))
+    ref = bnb.functional.dequantize_4bit(packed, qs)
+    weight.dequantize()                                   # checks this kind of weight against bitsandbytes
+    expanded = []
+    real = nf4.dequantize_nf4
+    monkeypatch.setattr(nf4, "dequantize_nf4", lambda p, s, **kw: expanded.append(s.shape) or real(p, s, **kw))
+    parts = [lora._RowSlice(weight, i * 1024, (i + 1) * 1024) for i in range(3)]
+    for i, part in enumerate(parts):
+        assert torch.equal(part.dequantize(), ref[i * 1024:(i + 1) * 1024])
+    assert expanded == [(1024, 3072)] * 3
