@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The worker's GPU tests outside kernels/ and patching/ (bench/gpu_tests.sh runs those): the SFT, QLoRA, GRPO and
-# preference recipes, generation, and TRL's trainers on a patched model. The device has neither pydantic (the
+# preference recipes, generation, TRL's trainers and QLoRA on a patched model. The device has neither pydantic (the
 # worker's job contract) nor trl or bitsandbytes, and the root conftest needs sqlalchemy: carry `.whl` (pydantic,
 # pydantic-core, annotated-types, typing-inspection and dill, fetched as bench/README.md says) and `.peer-site`
 # (trl, bitsandbytes: ../shared/bench/make_peer_site.sh), and start below tests/ (--confcutdir).
@@ -14,7 +14,7 @@ G=tests/gpu_worker
 PYTHONPATH=/tmp/site:$PWD/.peer-site:${PYTHONPATH:-} HF_HUB_OFFLINE=1 timeout "$limit" \
   python3 -m pytest -q -m gpu -p no:cacheprovider --confcutdir=$G -rs \
   $G/recipes/test_sft_gpu.py $G/recipes/test_sft_qlora.py $G/recipes/test_grpo.py $G/recipes/test_preference.py \
-  $G/engine/test_generation_gpu.py $G/patching/test_trl.py > "$log" 2>&1
+  $G/engine/test_generation_gpu.py $G/patching/test_trl.py $G/patching/test_qlora_patched.py > "$log" 2>&1
 rc=$?
 tail -1 "$log"
 exit $rc
