@@ -219,6 +219,21 @@ class JobCreate(_Request):
 # --- files ---------------------------------------------------------------------------------------
 
 
+class DuplicateLinePublic(BaseModel):
+    line: int  # 1-based, as an editor counts
+    first_line: int  # the earlier line it repeats
+    exact: bool  # False: the same text up to case, punctuation and whitespace
+
+
+class FileDuplicates(BaseModel):
+    """Tuneforge: the upload's duplicate report. Exact duplicates are dropped when a job trains
+    (``data.dedupe``); near-duplicates are only reported."""
+
+    exact: int  # lines identical (as JSON) to an earlier one
+    near: int  # lines whose normalised text equals an earlier one's (exact ones excluded)
+    lines: list[DuplicateLinePublic]  # the first 20 of both kinds, in file order
+
+
 class FileObject(BaseModel):
     id: str
     object: Literal["file"] = "file"
@@ -229,6 +244,7 @@ class FileObject(BaseModel):
     status: str
     status_details: str | None = None
     expires_at: int | None = None
+    duplicates: FileDuplicates | None = None  # Tuneforge; None where no report was kept (job results, older files)
 
 
 class FilesPublic(BaseModel):

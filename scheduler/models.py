@@ -130,6 +130,9 @@ class File(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # OpenAI's ``expires_after``: the scheduler deletes the file then (once no unfinished job uses it)
     expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    # The upload's duplicate report (gpu_worker.validation): {"exact": n, "near": n, "lines": [{"line",
+    # "first_line", "exact"}, ...the first 20]}; None for files stored before it was kept, and job results
+    duplicates: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Upload(Base):

@@ -21,6 +21,7 @@ from api.schemas import FileDeleted, FileObject, FilesPublic, unix_seconds
 from api.services.scoping import owned
 from api.multipart import Upload
 from gpu_worker.storage import ObjectNotFound, ObjectStore, delete_orphans
+from gpu_worker.validation import ValidationReport
 from scheduler.jobs import job_using_file
 from scheduler.models import File, new_id, utcnow
 from scheduler.tenancy import Principal
@@ -47,7 +48,14 @@ def to_public(row: File) -> FileObject:
         purpose=row.purpose,
         status=row.status,
         expires_at=unix_seconds(row.expires_at),
+        duplicates=row.duplicates,
     )
+
+
+def duplicate_report(report: ValidationReport) -> dict:
+    """The validation report's duplicates as stored with the file (and shown as ``FileDuplicates``)."""
+    lines = [d.model_dump() for d in report.duplicate_lines]
+    return {"exact": report.duplicates, "near": report.near_duplicates, "lines": lines}
 
 
 def expires_after(anchor: str | None, seconds) -> timedelta | None:
@@ -115,6 +123,7 @@ def store_file(session: Session, store: ObjectStore, principal: Principal, uploa
             storage_key=key,
             examples=upload.report.examples,
             format=upload.report.format,
+            duplicates=duplicate_report(upload.report),
             status="processed",
             created_at=now,
             expires_at=now + lifetime if lifetime else None,

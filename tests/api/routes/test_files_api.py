@@ -223,3 +223,33 @@ def test_an_extra_training_file_of_an_unfinished_job_cannot_be_deleted(client_a,
     with pytest.raises(openai.BadRequestError) as err:
         client_a.files.delete(extra)
     assert err.value.body["code"] == "file_in_use"
+
+
+def test_the_duplicate_report_is_on_the_file_object(client_a, upload, org_a, store):
+    lines = [json.dumps(chat_line(f"q{i}", f"a{i}")) for i in range(10)]
+    lines.append(lines[3])  # line 11 repeats line 4 exactly
+    lines.append(json.dumps(chat_line("Q7!", "A7")))  # line 12: line 8 up to case and punctuation
+    file_id = upload("\n".join(lines).encode())
+    expected = {"exact": 1, "near": 1, "lines": [{"line": 11, "first_line": 4, "exact": True},
+                                                 {"line": 12, "first_line": 8, "exact": False}]}
+    assert client_a.files.retrieve(file_id).model_extra["duplicates"] == expected
+    listed = next(f for f in client_a.files.list().data if f.id == file_id)
+    assert listed.model_extra["duplicates"] == expected
+    # a chunked upload keeps its report too
+    done = client_a.uploads.upload_file_chunked(file="\n".join(lines).encode(), filename="t.jsonl", bytes=len("\n".join(lines)),
+                                                mime_type="text/jsonl", purpose="fine-tune", part_size=1024)
+    assert client_a.files.retrieve(done.file.id).model_extra["duplicates"] == expected
+
+
+def test_the_duplicate_report_keeps_the_first_20_lines_and_counts_all(client_a, upload):
+    line = json.dumps(chat_line())
+    report = client_a.files.retrieve(upload("\n".join([line] * 30).encode())).model_extra["duplicates"]
+    assert (report["exact"], report["near"], len(report["lines"])) == (29, 0, 20)
+    assert [d["line"] for d in report["lines"]] == list(range(2, 22)) and {d["first_line"] for d in report["lines"]} == {1}
+
+
+def test_a_file_without_a_kept_report_shows_null(client_a, upload, db_session):
+    file_id = upload()
+    db_session.get(File, file_id).duplicates = None  # stored before the report was kept
+    db_session.flush()
+    assert client_a.files.retrieve(file_id).model_extra["duplicates"] is None
