@@ -1,9 +1,11 @@
 """Optional loggers: each records the job's metrics exactly as the MetricsEvents report them, and
-none of them can fail a job (missing package, bad configuration, a backend raising mid-run)."""
+none of them can fail a job (missing package, bad configuration, a backend raising mid-run).
+
+mlflow-skinny and wandb are in the test extra (pyproject.toml), so these tests run, never skip: MLflow
+against a local file store (a ``file://`` tracking URI), W&B in its offline mode (no key, no network)."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import pytest
@@ -12,10 +14,6 @@ from gpu_worker.contract import CompletedEvent, LogEvent, MetricsEvent
 from gpu_worker.integrations import Loggers
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes.sft import run
-
-
-def _installed(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
 
 
 @pytest.fixture
@@ -57,7 +55,6 @@ def test_tensorboard_event_files_hold_the_metrics_and_are_an_artifact(job, store
     assert "learning_rate" in acc.Tags()["scalars"] and not _warnings(events)
 
 
-@pytest.mark.skipif(not _installed("mlflow"), reason="mlflow is not installed (pip install mlflow-skinny)")
 def test_mlflow_file_store_records_params_and_metric_history(job, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -73,7 +70,6 @@ def test_mlflow_file_store_records_params_and_metric_history(job, tmp_path):
     assert not _warnings(events)
 
 
-@pytest.mark.skipif(not _installed("wandb"), reason="wandb is not installed (pip install wandb)")
 def test_wandb_runs_offline_without_an_api_key_and_uploads_the_run(job, store, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -84,7 +80,6 @@ def test_wandb_runs_offline_without_an_api_key_and_uploads_the_run(job, store, m
     assert not _warnings(events)
 
 
-@pytest.mark.skipif(not _installed("mlflow"), reason="mlflow is not installed (pip install mlflow-skinny)")
 def test_an_unusable_tracking_uri_is_a_warning(job):
     events, result = job(mlflow_tracking_uri="bogus-scheme://nowhere")
     assert any(w.startswith("MLflow logging is off") for w in _warnings(events)), _warnings(events)
