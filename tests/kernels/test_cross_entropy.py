@@ -1,12 +1,14 @@
-"""fused_linear_cross_entropy (chunked Triton) against full-logits cross-entropy in float64."""
+"""fused_linear_cross_entropy (chunked Triton) and its per-row kernel against full-logits cross-entropy in
+float64; rows wider than one vocabulary tile on the CPU too; offsets past 2^31 elements on a GPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import tuneforge_kernels.cross_entropy as ce
 from tuneforge_kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
-from tests.kernels.conftest import DEVICES, TOL, needs_triton, rel_err
+from tests.kernels.conftest import DEVICES, TOL, needs_cuda, needs_triton, rel_err
 
 pytestmark = needs_triton
 
@@ -114,3 +116,121 @@ def test_chunk_logits_sets_the_rows_per_chunk_and_keeps_the_values():
     got = fused_linear_cross_entropy(h, w, y, chunk_logits=8 * 50, impl="triton")  # chunks of 8 rows
     assert rel_err(got, ref) < 1e-6
     assert rel_err(torch.autograd.grad(got, h)[0], torch.autograd.grad(ref, h)[0]) < 1e-6
+
+
+# Rows wider than one vocabulary tile. The kernel's tile is min(32768, next_power_of_2(V)): at V <= 301 (the
+# CPU cases above) a row is one tile, and the running max / sum-exp rescaling and the smoothing sum across
+# tiles run only in the GPU case. At V = 70001 a row is three tiles, the last 4465 wide (masked); under the
+# interpreter one launch over a few such rows takes ~0.1 s.
+WIDE_VOCAB = 70001
+ROW_CASES = {"plain": (0.0, None), "smoothing": (0.1, None), "softcap": (0.0, 10.0), "both": (0.1, 10.0)}
+
+
+def _wide_rows(dtype):
+    """Logits and labels placed where the online softmax can go wrong: the max in the first, a middle or
+    the last (ragged) tile, a max that rises through every tile; labels on either side of a tile boundary,
+    in the ragged tile, and one ignored row."""
+    v, tile = WIDE_VOCAB, 32768
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(7, v, generator=gen) * 2
+    # spikes of 100: exp(100 - m) overflows float32 unless m is the running max of every tile so far
+    z[1, -1] = 100.0        # max in the ragged last tile: the sum so far rescaled at the last step
+    z[2, 0] = 100.0         # max in the first tile: every later tile's exp(z - m) underflows
+    z[3] += torch.linspace(-12.0, 12.0, v)  # each tile raises the running max
+    z[4, tile + 7] = 100.0  # max in the middle tile
+    labels = torch.tensor([5, v - 1, tile, tile - 1, tile + 7, 2 * tile + 100, -100])
+    return z.to(dtype), labels
+
+
+def _rows_reference(z, labels, smoothing, softcap):
+    """Per-row losses and d(loss_i)/d(logits) in float64: torch's cross-entropy of the softcapped logits."""
+    z64 = z.double().requires_grad_()
+    zc = softcap * torch.tanh(z64 / softcap) if softcap else z64
+    loss = torch.nn.functional.cross_entropy(zc, labels, ignore_index=-100, reduction="none",
+                                             label_smoothing=smoothing)
+    (grad,) = torch.autograd.grad(loss.sum(), z64)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(ROW_CASES))
+def test_rows_wider_than_one_vocab_tile_match_reference(dtype, case):
+    """The row kernel alone: each row's loss, and the gradient it writes over the logits (zero for the
+    ignored row); without the gradient pass the logits are left as they were and the losses are the same."""
+    smoothing, softcap = ROW_CASES[case]
+    z, labels = _wide_rows(dtype)
+    loss_ref, grad_ref = _rows_reference(z, labels, smoothing, softcap)
+    logits, loss = z.clone(), torch.empty(z.shape[0])
+    ce._rows_kernel_launch(logits, labels, loss, -100, smoothing, softcap or 0.0, True)
+    # the losses are float32 whatever the logits' dtype: sums of 70001 terms, a few float32 roundings
+    assert rel_err(loss, loss_ref) < TOL[torch.float32], rel_err(loss, loss_ref)
+    assert rel_err(logits, grad_ref) < TOL[dtype], rel_err(logits, grad_ref)
+    assert torch.count_nonzero(logits[-1]) == 0
+    kept, loss_only = z.clone(), torch.empty(z.shape[0])
+    ce._rows_kernel_launch(kept, labels, loss_only, -100, smoothing, softcap or 0.0, False)
+    assert torch.equal(kept, z) and torch.equal(loss_only, loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_over_a_vocab_wider_than_one_tile(dtype, case):
+    """fused_linear_cross_entropy end to end at V = 70001 on the CPU (three tiles a row), every case of
+    ``CASES`` with ignored rows (``_case`` ignores every fourth), loss and both gradients."""
+    h, w, labels = _case("cpu", dtype, 9, 16, WIDE_VOCAB, seed=12)
+    h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, labels, impl="triton", **CASES[case])
+    hr, wr = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = fused_linear_cross_entropy_reference(hr, wr, labels, **CASES[case])
+    assert rel_err(loss, ref) < TOL[dtype]
+    got = torch.autograd.grad(loss * 1.7, (h, w))
+    exp = torch.autograd.grad(ref * 1.7, (hr, wr))
+    for a, b in zip(got, exp):
+        assert rel_err(a, b) < TOL[dtype]
+
+
+# Past 2^31 elements (GPU only): the row kernel offsets ``row * stride`` in int64; a chunk's logits can
+# pass 2^31 elements when ``chunk_logits`` allows it. bf16 logits of a 128K vocabulary, 4.3 GB.
+_BIG_VOCAB = 128256
+_BIG_ROWS = -(-(1 << 31) // _BIG_VOCAB) + 8  # 16752 rows: the last 8 start at 2^31 elements or past
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("case", ["plain", "both"])
+def test_int64_indexing_beyond_2_31_elements(case):
+    smoothing, softcap = ROW_CASES[case]
+    torch.manual_seed(13)
+    logits = torch.randn(_BIG_ROWS, _BIG_VOCAB, device="cuda", dtype=torch.bfloat16) * 2
+    labels = torch.randint(0, _BIG_VOCAB, (_BIG_ROWS,), device="cuda")
+    labels[-2] = -100
+    tail = slice(_BIG_ROWS - 4, _BIG_ROWS)
+    assert (_BIG_ROWS - 8) * logits.stride(0) >= 2 ** 31
+    loss_ref, grad_ref = _rows_reference(logits[tail].cpu(), labels[tail].cpu(), smoothing, softcap)
+    loss = torch.empty(_BIG_ROWS, device="cuda")
+    ce._rows_kernel_launch(logits, labels, loss, -100, smoothing, softcap or 0.0, True)
+    assert rel_err(loss[tail], loss_ref) < TOL[torch.float32]
+    assert rel_err(logits[tail], grad_ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_int64_indexing_in_one_fused_chunk_beyond_2_31_logits():
+    """One chunk of 16752 rows x 128256 (``chunk_logits`` 2^32 allows 32768 rows): its logits pass 2^31
+    elements. Only the first two and last four rows are trained, so the reference needs their logits
+    alone: the same loss (the same count divides it), their rows of dh, dW from them, zero dh elsewhere."""
+    torch.manual_seed(14)
+    hidden = 1024
+    h = torch.randn(_BIG_ROWS, hidden, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = (torch.randn(_BIG_VOCAB, hidden, device="cuda", dtype=torch.bfloat16) / hidden ** 0.5).requires_grad_()
+    labels = torch.full((_BIG_ROWS,), -100, device="cuda")
+    trained = torch.tensor([0, 1, *range(_BIG_ROWS - 4, _BIG_ROWS)], device="cuda")
+    labels[trained] = torch.randint(0, _BIG_VOCAB, (len(trained),), device="cuda")
+    assert ce._chunk_rows(_BIG_ROWS, hidden, _BIG_VOCAB, 1 << 32) >= _BIG_ROWS
+    loss = fused_linear_cross_entropy(h, w, labels, label_smoothing=0.1, softcap=30.0, chunk_logits=1 << 32)
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    hr, wr = h.detach()[trained].double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = fused_linear_cross_entropy_reference(hr, wr, labels[trained], label_smoothing=0.1, softcap=30.0)
+    dh_ref, dw_ref = torch.autograd.grad(ref, (hr, wr))
+    assert rel_err(loss, ref) < TOL[torch.bfloat16]
+    assert rel_err(dh[trained], dh_ref) < TOL[torch.bfloat16] and rel_err(dw, dw_ref) < TOL[torch.bfloat16]
+    assert torch.count_nonzero(dh[2:_BIG_ROWS - 4]) == 0
