@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tuneforge_kernels.cast_blocks import MAX_BLOCKS, cast_blocks, cast_blocks_reference
-from tests.kernels.conftest import DEVICES, needs_triton
+from tests.kernels.conftest import DEVICES, needs_cuda, needs_triton
 
 pytestmark = needs_triton
 
@@ -55,3 +55,24 @@ def test_other_layouts_take_copy():
         assert torch.equal(d, src)
     assert torch.equal(dsts[2], _as_cast(src, "cpu").to(torch.bfloat16))  # the kernel's (interpreted) cast
     cast_blocks([(torch.zeros(0, 4), torch.zeros(0, 4))], impl="triton")  # empty: nothing to launch
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_int64_indexing_beyond_2_31_elements():
+    """A padded layer's buffer of 2^31 + 8 x 8208 bf16 elements (4.3 GB, hidden 8192 + rank 16): the tall
+    block (B's columns after the weight) has row offsets ``r * ld`` past 2^31 in its last rows though it
+    holds 4M elements (the kernel takes blocks under 2^31 elements); its source is a column slice of an
+    equally long float32 tensor (8.6 GB), so ``r * ld_src`` passes 2^31 too. The blocks as ``copy_`` casts
+    them (round to nearest even on the GPU), the weight's part and the corner still 7."""
+    h, r = 8192, 16
+    ld = h + r
+    o = -(-(1 << 31) // ld) + 8  # the last 8 rows start at 2^31 elements or past
+    buf = torch.full((o + r, ld), 7.0, device="cuda", dtype=torch.bfloat16)
+    tall_src = torch.randn(o, ld, device="cuda")[:, 5:5 + r]
+    wide_src = torch.randn(r, h, device="cuda")
+    assert (o - 8) * ld >= 2 ** 31 and buf[:o, h:].numel() < 2 ** 31
+    cast_blocks([(buf[:o, h:], tall_src), (buf[o:, :h], wide_src)], impl="triton")
+    assert torch.equal(buf[:o, h:], tall_src.to(torch.bfloat16))
+    assert torch.equal(buf[o:, :h], wide_src.to(torch.bfloat16))
+    assert (buf[:o, :h] == 7.0).all() and (buf[o:, h:] == 7.0).all()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tuneforge_kernels.copy_rows import copy_rows, copy_rows_reference
-from tests.kernels.conftest import DEVICES, needs_triton
+from tests.kernels.conftest import DEVICES, needs_cuda, needs_triton
 
 pytestmark = needs_triton
 
@@ -32,3 +32,19 @@ def test_other_layouts_take_copy_and_match_the_reference():
         assert torch.equal(copy_rows(dst, src, impl="triton"), want)
     empty = torch.zeros(0, 4)
     assert copy_rows(empty, torch.zeros(0, 4), impl="triton").shape == (0, 4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_int64_indexing_beyond_2_31_elements():
+    """A source and a buffer of 2^31 + 8 x 4104 bf16 elements each (4.3 GB), both with a row stride wider
+    than the copy: ``row * stride`` overflows int32 in the last 8 rows. Every row compared (a copy: bit for
+    bit, no float64 copy needed) and the spare columns still 7."""
+    cols, ld = 4096, 4104
+    rows = -(-(1 << 31) // ld) + 8
+    src = torch.randn(rows, ld, device="cuda", dtype=torch.bfloat16)[:, 3:cols + 3]
+    buf = torch.full((rows, ld), 7.0, device="cuda", dtype=torch.bfloat16)
+    assert (rows - 8) * ld >= 2 ** 31
+    copy_rows(buf[:, :cols], src, impl="triton")
+    assert torch.equal(buf[:, :cols], src)
+    assert (buf[:, cols:] == 7.0).all()

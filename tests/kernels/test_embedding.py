@@ -58,3 +58,21 @@ def test_gather_from_pinned_host_table():
     assert torch.equal(host, w)
     assert torch.equal(embedding_rows(ids, host), F.embedding(ids, w))
     assert torch.equal(F.embedding(ids, host), F.embedding(ids, w))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_int64_indexing_beyond_2_31_elements():
+    """A table and an output of 2^31 + 8 x 4096 bf16 elements each (4.3 GB): ``idx * stride`` and
+    ``row * stride`` overflow int32 for the last rows of either. The first and last ids read the table's
+    last rows; compared on those rows of the output, not on the whole (it is a copy: bit for bit)."""
+    dim = 4096
+    vocab = (1 << 31) // dim + 8
+    w = torch.randn(vocab, dim, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, vocab, (vocab,), device="cuda")
+    ends = torch.tensor([vocab - 1, 0, vocab - 2, vocab - 8], device="cuda")
+    ids[:4], ids[-4:] = ends, ends
+    out = embedding_rows(ids, w, impl="triton")
+    assert (vocab - 8) * w.stride(0) >= 2 ** 31
+    for rows in (slice(0, 4), slice(vocab - 4, vocab)):
+        assert torch.equal(out[rows], F.embedding(ids[rows], w))
