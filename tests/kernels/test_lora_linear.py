@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuneforge_kernels.lora_linear import lora_linears, lora_linears_reference
+from tuneforge_kernels.lora_linear import lora_linears, lora_linears_reference, pad_linear_weights, padded_linears
 from tuneforge_kernels.lora_mlp import LoraWeights
-from tests.kernels.conftest import DEVICES, TOL, count_matmuls, count_ops, join_weights, rel_err
+from tests.kernels.conftest import DEVICES, TOL, count_matmuls, count_ops, join_weights, needs_triton, rel_err
 
 
 def _proj(out_f, in_f, rank, device, dtype, with_lora=True, scale=2.0, bias=False):
@@ -26,7 +26,7 @@ def _as64(p):
     if p.lora_a is None:
         return LoraWeights(p.weight.double(), bias=bias)
     return LoraWeights(p.weight.double(), p.lora_a.detach().double().requires_grad_(),
-                       p.lora_b.detach().double().requires_grad_(), p.scale, bias=bias)
+                       p.lora_b.detach().double().requires_grad_(), p.scale, p.dropout, bias=bias)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -208,3 +208,68 @@ def test_replayed_outputs_must_match_the_projections():
     x = torch.randn(3, 6)
     with pytest.raises(AssertionError):
         lora_linears(x, p, impl="triton", outputs=[torch.randn(3, 7)])
+
+
+# Strided inputs (as test_lora_mlp.py's): ``sliced`` the first H columns of a wider tensor (x as (N, H) a
+# view with row stride H + 5, read in place), ``transposed`` an (S, B, H) tensor transposed (flattening
+# copies). Gradients are taken at the tensor x is a view of.
+STRIDES = {"sliced": (lambda b, s, h: (b, s, h + 5), lambda t, h: t[..., 2:2 + h]),
+           "transposed": (lambda b, s, h: (s, b, h), lambda t, h: t.transpose(0, 1))}
+LAYOUTS_STRIDED = ["separate", "joined", "padded", "dropout", "bias"]
+
+
+def _qkv_for(layout, hidden, kv, rank, device):
+    if layout == "padded":  # the three frozen weights as row blocks of pad_linear_weights' buffer
+        ws = [torch.randn(o, hidden, device=device) / hidden ** 0.5 for o in (hidden, kv, kv)]
+        buf = pad_linear_weights(ws, [rank] * 3)
+        starts = (0, hidden, hidden + kv)
+        projs = [LoraWeights(buf[a:a + w.shape[0], :hidden],
+                             (torch.randn(rank, hidden, device=device) / hidden ** 0.5).requires_grad_(),
+                             (torch.randn(w.shape[0], rank, device=device) * 0.1).requires_grad_(), 2.0)
+                 for a, w in zip(starts, ws)]
+        assert padded_linears(projs) is not None
+        return projs
+    projs = [_proj(o, hidden, rank, device, torch.float32, scale=s, bias=layout == "bias")
+             for o, s in ((hidden, 0.5), (kv, 2.0), (kv, 1.5))]
+    if layout == "joined":
+        projs = join_weights(*projs)
+    if layout == "dropout":  # the three rank-r inputs from one pass of the dropout kernel over x
+        projs = [LoraWeights(p.weight, p.lora_a, p.lora_b, p.scale, q) for p, q in zip(projs, (0.2, 0.1, 0.4))]
+    return projs
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", sorted(STRIDES))
+@pytest.mark.parametrize("layout", LAYOUTS_STRIDED)
+def test_strided_x_matches_reference(device, how, layout):
+    """Q/K/V outputs and every gradient against the float64 reference for a non-contiguous x, through each
+    path x takes: separate weights, joined (one GEMM), padded (x copied into the wide buffer by copy_rows),
+    adapter dropout (x read by the dropout kernels; the same seed draws the same masks), frozen biases.
+    Forward leaves the columns around the view alone, and no gradient reaches them."""
+    torch.manual_seed(6)
+    hidden, kv, rank = 40, 12, 4
+    projs = _qkv_for(layout, hidden, kv, rank, device)
+    shape, view = STRIDES[how]
+    base = torch.randn(*shape(3, 5, hidden), device=device).requires_grad_()
+    x = view(base, hidden)
+    assert not x.is_contiguous()
+    before = base.detach().clone()
+    torch.manual_seed(7)
+    outs = lora_linears(x, *projs, impl="triton")
+    assert torch.equal(base.detach(), before)
+    p64 = [_as64(p) for p in projs]
+    base64 = base.detach().double().requires_grad_()
+    torch.manual_seed(7)
+    refs = lora_linears_reference(view(base64, hidden), *p64)
+    for o, r in zip(outs, refs):
+        assert rel_err(o, r) < TOL[torch.float32]
+    leaves = [base] + [t for p in projs for t in (p.lora_a, p.lora_b)]
+    leaves64 = [base64] + [t for p in p64 for t in (p.lora_a, p.lora_b)]
+    dys = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, leaves, dys)
+    exp = torch.autograd.grad(refs, leaves64, [d.double() for d in dys])
+    for a, b in zip(got, exp):
+        assert rel_err(a, b) < TOL[torch.float32], rel_err(a, b)
+    if how == "sliced":
+        assert torch.count_nonzero(got[0][..., :2]) == 0 and torch.count_nonzero(got[0][..., 2 + hidden:]) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuneforge_kernels.lora_mlp import LoraWeights, joined, lora_mlp, lora_mlp_reference
+from tuneforge_kernels.lora_mlp import LoraWeights, joined, lora_mlp, lora_mlp_reference, pad_weights, padded
 from tests.kernels.conftest import DEVICES, TOL, count_matmuls, count_ops, join_weights, needs_triton, rel_err
 
 pytestmark = needs_triton
@@ -39,7 +39,7 @@ def _as64(p: LoraWeights):
     if p.lora_a is None:
         return LoraWeights(p.weight.double())
     return LoraWeights(p.weight.double(), p.lora_a.detach().double().requires_grad_(),
-                       p.lora_b.detach().double().requires_grad_(), p.scale)
+                       p.lora_b.detach().double().requires_grad_(), p.scale, p.dropout)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -271,3 +271,73 @@ def test_output_unused_skips_the_down_projection(monkeypatch):
     assert calls == []
     lora_mlp(x, gate, up, down, impl="triton")
     assert calls == [1]
+
+
+# Strided inputs: ``x`` the way a caller may hand it over, a view whose (B, S, H) is not contiguous.
+# ``sliced``: the first H columns of a wider tensor, so x as (N, H) is a view with row stride H + 5 that the
+# GEMMs, the dropout kernels and copy_rows read in place; ``transposed``: an (S, B, H) tensor transposed,
+# whose flattening is a copy. Gradients are taken at the tensor x is a view of: nothing may reach the
+# columns outside the view, and forward may not write them.
+STRIDES = {"sliced": (lambda b, s, h: (b, s, h + 5), lambda t, h: t[..., 2:2 + h]),
+           "transposed": (lambda b, s, h: (s, b, h), lambda t, h: t.transpose(0, 1))}
+
+
+def _strided_x(how, b, s, h, device, dtype):
+    """The tensor x is a view of (the gradients' leaf) and the function that makes x from it."""
+    shape, view = STRIDES[how]
+    base = torch.randn(*shape(b, s, h), device=device, dtype=dtype).requires_grad_()
+    return base, lambda t: view(t, h)
+
+
+def _padded_mlp(hidden, inter, ranks, device, dtype):
+    # the three frozen weights as views of pad_weights' buffers (the padded layout), float32 adapters
+    ws = [torch.randn(o, i, device=device, dtype=dtype) / i ** 0.5 for o, i in
+          ((inter, hidden), (inter, hidden), (hidden, inter))]
+    gu, d = pad_weights(*ws, ranks)
+    views = (gu[:inter, :hidden], gu[inter:2 * inter, :hidden], d[:hidden, :inter])
+    return [LoraWeights(w, (torch.randn(r, w.shape[1], device=device) / w.shape[1] ** 0.5).requires_grad_(),
+                        (torch.randn(w.shape[0], r, device=device) * 0.1).requires_grad_(), 2.0)
+            for w, r in zip(views, ranks)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", sorted(STRIDES))
+@pytest.mark.parametrize("layout", ["separate", "joined", "padded", "dropout"])
+def test_strided_x_matches_reference(device, how, layout):
+    """Forward and every gradient against the float64 reference for a non-contiguous x, through each path
+    x takes: separate weights, gate/up joined (one GEMM), the padded layout (x copied into the wide buffer
+    by copy_rows), adapter dropout (x read by the dropout kernels; the same seed draws the same masks)."""
+    torch.manual_seed(8)
+    hidden, inter, rank = 24, 52, 4
+    if layout == "padded":
+        gate, up, down = _padded_mlp(hidden, inter, (3, 5, 4), device, torch.float32)
+        assert padded(gate, up, down) is not None
+    else:
+        gate, up, down = (_proj(o, i, rank, device, torch.float32)
+                          for o, i in ((inter, hidden), (inter, hidden), (hidden, inter)))
+    if layout == "joined":
+        gate, up = join_weights(gate, up)
+    if layout == "dropout":
+        gate, up, down = (LoraWeights(p.weight, p.lora_a, p.lora_b, p.scale, q)
+                          for p, q in zip((gate, up, down), (0.3, 0.1, 0.2)))
+    base, view = _strided_x(how, 2, 7, hidden, device, torch.float32)
+    x = view(base)
+    assert not x.is_contiguous()
+    before = base.detach().clone()
+    torch.manual_seed(9)
+    out = lora_mlp(x, gate, up, down, impl="triton")
+    assert torch.equal(base.detach(), before)  # the columns around the view untouched
+    p64 = [_as64(p) for p in (gate, up, down)]
+    base64 = base.detach().double().requires_grad_()
+    torch.manual_seed(9)
+    ref = lora_mlp_reference(view(base64), *p64)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    leaves = [base] + [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
+    leaves64 = [base64] + [t for p in p64 for t in (p.lora_a, p.lora_b)]
+    dy = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, dy)
+    exp = torch.autograd.grad(ref, leaves64, dy.double())
+    for a, b in zip(got, exp):
+        assert rel_err(a, b) < TOL[torch.float32], rel_err(a, b)
+    if how == "sliced":
+        assert torch.count_nonzero(got[0][..., :2]) == 0 and torch.count_nonzero(got[0][..., 2 + hidden:]) == 0
