@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import CurrentPrincipal, FleetDep, SessionDep, SettingsDep
+from api.deps import CurrentPrincipal, FleetDep, SessionDep, SettingsDep, StoreDep
 from api.schemas import JobCreate
 from api.services import estimates
 
@@ -13,5 +13,6 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 
 @router.post("/estimate", response_model=estimates.EstimatePublic)
-def estimate_job(body: JobCreate, session: SessionDep, settings: SettingsDep, principal: CurrentPrincipal, fleet: FleetDep) -> estimates.EstimatePublic:
-    return estimates.estimate(session, settings, principal, body, fleet)
+def estimate_job(body: JobCreate, session: SessionDep, store: StoreDep, settings: SettingsDep, principal: CurrentPrincipal,
+                 fleet: FleetDep) -> estimates.EstimatePublic:
+    return estimates.estimate(session, store, settings, principal, body, fleet)

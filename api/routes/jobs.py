@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from api.deps import CurrentPrincipal, FleetDep, SessionDep, SettingsDep, WriterPrincipal
+from api.deps import CurrentPrincipal, FleetDep, SessionDep, SettingsDep, StoreDep, WriterPrincipal
 from api.errors import InvalidRequest
 from api.schemas import ID_PATTERN, CheckpointsPublic, JobCreate, JobEventsPublic, JobPublic, JobsPublic
 from api.services import jobs
@@ -18,8 +18,8 @@ Cursor = Annotated[str | None, Query(pattern=ID_PATTERN)]
 
 
 @router.post("", response_model=JobPublic)
-def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, principal: WriterPrincipal, fleet: FleetDep) -> JobPublic:
-    return jobs.create_job(session, settings, principal, body, fleet)
+def create_job(body: JobCreate, session: SessionDep, store: StoreDep, settings: SettingsDep, principal: WriterPrincipal, fleet: FleetDep) -> JobPublic:
+    return jobs.create_job(session, store, settings, principal, body, fleet)
 
 
 @router.get("", response_model=JobsPublic)

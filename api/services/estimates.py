@@ -16,6 +16,7 @@ from api.schemas import JobCreate
 from api.services import jobs
 from api.settings import ApiSettings
 from gpu_worker.contract import JobSpec, Method
+from gpu_worker.storage import ObjectStore
 from scheduler.estimator import UnknownModel
 from scheduler.fleet import Fleet
 from scheduler.models import File, new_id
@@ -80,7 +81,7 @@ def estimated_tokens(spec: JobSpec, files: list[File]) -> int:
     return per_epoch * spec.hyperparameters.n_epochs
 
 
-def estimate(session: Session, settings: ApiSettings, principal: Principal, body: JobCreate, fleet: Fleet) -> EstimatePublic:
+def estimate(session: Session, store: ObjectStore, settings: ApiSettings, principal: Principal, body: JobCreate, fleet: Fleet) -> EstimatePublic:
     if body.model not in settings.base_models:
         raise InvalidRequest(
             f"Model {body.model!r} is not available for fine-tuning. Available: {', '.join(settings.base_models)}.",
@@ -90,7 +91,7 @@ def estimate(session: Session, settings: ApiSettings, principal: Principal, body
     validation = jobs.training_input(session, principal, body.validation_file, "validation_file") if body.validation_file else None
     # The same resolution as creation (purpose and format checks, auto hyperparameters), so the
     # estimate describes the job that creating it would run.
-    spec, _ = jobs.build_spec(session, principal, body, new_id("ftjob-"), body.seed or 0, training, validation)
+    spec, _ = jobs.build_spec(session, store, principal, body, new_id("ftjob-"), body.seed or 0, training, validation)
     extra_keys = {t.key for t in spec.data.extra_training_files}
     extra = list(session.scalars(select(File).where(File.org_id == principal.org_id, File.storage_key.in_(extra_keys)))) if extra_keys else []
     jobs.placement(spec, fleet)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from contextlib import closing
 from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import and_, or_, select
@@ -40,6 +41,8 @@ from gpu_worker.contract import (
     Runtime,
     TrainingFile,
 )
+from gpu_worker.storage import ObjectNotFound, ObjectStore, iter_lines
+from gpu_worker.validation import FileValidator, check_format_for_method
 from scheduler.fleet import Fleet
 from scheduler import jobs as lifecycle
 from scheduler.jobs import add_event, checkpoint_model_name, fine_tuned_model_name
@@ -167,6 +170,41 @@ def _check_format(row: File, method: Method, param: str) -> None:
         )
 
 
+def _first_example_problem(store: ObjectStore, key: str, declared: DataFormat) -> str | None:
+    """Why the file's first example cannot be read in the declared format (as the worker reads it), or
+    None. One line, not the whole file: a file's lines share their shape, and the scheduler reads every
+    line before the job is queued (``scheduler.file_checks``)."""
+    validator = FileValidator(min_examples=0, format=declared)
+    try:
+        with closing(iter_lines(store, key)) as lines:
+            for raw in lines:
+                example = validator.feed(raw)
+                if validator.error_count:
+                    return f"line {validator.line}: {validator.finish().errors[0].reason}"
+                if example is not None:
+                    return None
+    except ObjectNotFound:  # the scheduler fails the job for its missing file
+        return None
+    return None
+
+
+def _check_file_format(store: ObjectStore, row: File, method: Method, declared: DataFormat, param: str, format_param: str) -> None:
+    """The file's format, declared (``format_param``) or detected, is one the method trains on, and a
+    declared format is one the file can be read in. Only the supervised recipe reads a file in its
+    declared format; the others read their method's format whatever is declared (gpu_worker.recipes),
+    so for them the detected format is what must fit."""
+    if declared != DataFormat.auto and (why := check_format_for_method(declared, method)) is not None:
+        raise InvalidRequest(f"Invalid value for '{format_param}': {why}.", param=format_param, code="invalid_value")
+    if method != Method.supervised or declared == DataFormat.auto:
+        _check_format(row, method, param)
+    elif row.format and row.format != declared.value and (problem := _first_example_problem(store, row.storage_key, declared)):
+        raise InvalidRequest(
+            f"Invalid value for '{format_param}': file {row.id} ({param}) is in {row.format!r} format and cannot be read as "
+            f"{declared.value}: {problem}.",
+            param=format_param, code="invalid_value",
+        )
+
+
 def _integrations(items) -> Integrations:
     values: dict = {}
     for i, item in enumerate(items or []):
@@ -185,7 +223,7 @@ def _integrations(items) -> Integrations:
     return Integrations(**values)
 
 
-def _data_options(session: Session, principal: Principal, body: JobCreate, method: Method) -> DataOptions:
+def _data_options(session: Session, store: ObjectStore, principal: Principal, body: JobCreate, method: Method) -> DataOptions:
     data = body.data
     if data is None:
         return DataOptions()
@@ -193,17 +231,19 @@ def _data_options(session: Session, principal: Principal, body: JobCreate, metho
     for i, item in enumerate(data.extra_training_files or []):
         param = f"data.extra_training_files[{i}].file"
         row = training_input(session, principal, item.file, param)
-        _check_format(row, method, param)
+        _check_file_format(store, row, method, item.format, param, f"data.extra_training_files[{i}].format")
         extra.append(TrainingFile(key=row.storage_key, format=item.format, weight=item.weight))
     given = data.model_dump(exclude_none=True, exclude={"extra_training_files"})
     return DataOptions(**given, extra_training_files=tuple(extra))
 
 
-def build_spec(session: Session, principal: Principal, body: JobCreate, job_id: str, seed: int, training: File, validation: File | None) -> tuple[JobSpec, hyperparameters.Resolved]:
+def build_spec(session: Session, store: ObjectStore, principal: Principal, body: JobCreate, job_id: str, seed: int, training: File,
+               validation: File | None) -> tuple[JobSpec, hyperparameters.Resolved]:
     method, hp, method_body = hyperparameters.requested(body)
+    declared = body.data.format if body.data is not None and body.data.format is not None else DataFormat.auto
     for row, param in ((training, "training_file"), (validation, "validation_file")):
         if row is not None:
-            _check_format(row, method, param)
+            _check_file_format(store, row, method, declared, param, "data.format")
     resolved = hyperparameters.resolve(method, hp, method_body, training.examples)
     runtime = Runtime(**body.runtime.model_dump(exclude_none=True)) if body.runtime else Runtime()
     spec = JobSpec(
@@ -215,7 +255,7 @@ def build_spec(session: Session, principal: Principal, body: JobCreate, job_id: 
         quantization=resolved.quantization,
         hyperparameters=resolved.hyperparameters,
         method_params=resolved.method_params,
-        data=_data_options(session, principal, body, method),
+        data=_data_options(session, store, principal, body, method),
         evaluation=body.evaluation or EvalOptions(),
         export=body.export or ExportOptions(),
         integrations=_integrations(body.integrations),
@@ -236,7 +276,7 @@ def placement(spec: JobSpec, fleet: Fleet) -> Plan:
         raise InvalidRequest(f"This job does not fit the platform's GPUs: {e}.", param="model", code="unplaceable") from None
 
 
-def create_job(session: Session, settings: ApiSettings, principal: Principal, body: JobCreate, fleet: Fleet) -> JobPublic:
+def create_job(session: Session, store: ObjectStore, settings: ApiSettings, principal: Principal, body: JobCreate, fleet: Fleet) -> JobPublic:
     if body.model not in settings.base_models:
         raise InvalidRequest(
             f"Model {body.model!r} is not available for fine-tuning. Available: {', '.join(settings.base_models)}.",
@@ -247,7 +287,7 @@ def create_job(session: Session, settings: ApiSettings, principal: Principal, bo
     validation = training_input(session, principal, body.validation_file, "validation_file") if body.validation_file else None
     job_id = new_id("ftjob-")
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-    spec, resolved = build_spec(session, principal, body, job_id, seed, training, validation)
+    spec, resolved = build_spec(session, store, principal, body, job_id, seed, training, validation)
     plan = placement(spec, fleet)
     job = Job(
         id=job_id,
