@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from gpu_worker.contract import DataFormat, JobSpec
+from gpu_worker.contract import DataFormat, JobSpec, LogEvent
 from gpu_worker.data import DataError
 from gpu_worker.data_preference import Loaded, PromptExample, batch_tokens, collate_completions, load_examples
 from gpu_worker.recipes import RunContext, losses
@@ -38,10 +38,11 @@ class GRPOObjective:
     name = "grpo"
     uses_reference = True
 
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, ctx: RunContext | None = None):
         p = spec.method_params
         self.params = p
-        self.rewards: RewardSet = build_rewards(p)
+        warn = None if ctx is None else (lambda message: ctx.emit(LogEvent(level="warn", message=message)))
+        self.rewards: RewardSet = build_rewards(p, warn=warn)
         self.max_prompt_length = spec.hyperparameters.max_seq_length - p.grpo_max_completion_length
         if self.max_prompt_length < 1:
             raise MethodParamsError(
@@ -94,7 +95,8 @@ class GRPOObjective:
         completions = self.sample(model, prompts, device)
         rows = [p for p in prompts for _ in range(g)]
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        scores = [self.rewards.score(t, len(c), r.row) for t, c, r in zip(texts, completions, rows)]
+        scored = [self.rewards.scored(t, len(c), r.row) for t, c, r in zip(texts, completions, rows)]
+        scores, parts = [total for total, _ in scored], [part for _, part in scored]
         if not all(math.isfinite(s) for s in scores):  # the contract's bounds keep them finite: never train on it
             raise MethodParamsError(f"a completion's reward is not finite ({max(scores, key=abs)}): check the rewards' "
                                     "weights and scales", param="method_params.rewards")
@@ -111,7 +113,6 @@ class GRPOObjective:
             "kl": kl.mean().item(),
             "completion_length": sum(len(c) for c in completions) / len(completions),
         }
-        parts = [self.rewards.breakdown(t, len(c), r.row) for t, c, r in zip(texts, completions, rows)]
         for name in parts[0]:
             metrics[f"rewards/{name}"] = sum(part[name] for part in parts) / len(parts)
         # Mean over the step's completions: each prompt contributes g of them.
@@ -124,7 +125,7 @@ class GRPOObjective:
 
 
 def run(spec: JobSpec, ctx: RunContext):
-    objective = GRPOObjective(spec)  # checks the rewards before anything is loaded
+    objective = GRPOObjective(spec, ctx)  # checks the rewards before anything is loaded
     if spec.data.format not in (DataFormat.auto, DataFormat.prompt, DataFormat.chat):
         raise DataError(f"method grpo trains on prompt (or chat) data, not {spec.data.format.value}", param="training_file")
     return train(spec, ctx, objective)

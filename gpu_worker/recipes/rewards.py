@@ -4,13 +4,18 @@
 must be a valid schema, a length penalty needs its target) and returns a ``RewardSet`` that scores a
 completion against its data row. A bad parameter is a ``MethodParamsError`` naming the field
 (``method_params.rewards[1].pattern``), raised at job start before any weight is loaded; the trainer
-reports it as FailedEvent ``invalid_method_params``. Standard library and ``jsonschema`` only, no
-torch: the API can run the same check when a job is created.
+reports it as FailedEvent ``invalid_method_params``. Standard library, ``jsonschema`` and (imported
+when a regex_match reward is built) ``regex`` only, no torch: the API can run the same checks when a
+job is created.
 
 Scores, before each reward's ``weight`` (the set's score is the weighted sum):
 
 - exact_match: 1.0 if the completion, stripped, equals the row's ``reference_field`` (stripped), else 0
-- regex_match: 1.0 if ``re.search(pattern, completion)`` finds a match (anchor it to match it all)
+- regex_match: 1.0 if ``search(pattern, completion)`` finds a match (anchor it to match it all), with
+  the ``regex`` package and a time limit per match (``REGEX_TIMEOUT_S``): a pattern that backtracks
+  catastrophically (``^(a|a)*$`` doubles its work with every character) would otherwise hold the
+  worker inside C code, where SIGTERM is never looked at. A match that runs out of time scores 0, and
+  the first such match of each reward is a warning (``build_rewards(..., warn=)``)
 - json_schema: 1.0 if the completion (stripped) parses as JSON valid against the schema, else 0
 - length_penalty: ``-scale * |completion tokens - target_length|``
 """
@@ -19,12 +24,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Any, Callable, Mapping
 
 from gpu_worker.contract import MethodParams, Reward, RewardKind
 
 FAILURE_CODE = "invalid_method_params"
+
+# Each regex_match search may run this long. Measured: sane patterns (\d+, \b(yes|no)\b, anchored
+# JSON or answer patterns) search a 45,000-character completion (8,192 tokens, the largest
+# grpo_max_completion_length) in under 1 ms; 100 ms is 100x that, and bounds a hostile pattern's cost
+# to 0.1 s per completion (6.4 s for a step of 16 prompts x 4 generations) instead of forever.
+REGEX_TIMEOUT_S = 0.1
 
 
 class MethodParamsError(ValueError):
@@ -61,27 +71,36 @@ class RewardSet:
         return tuple(dict.fromkeys(s.reward.reference_field for s in self.scorers if s.reward.kind == RewardKind.exact_match))
 
     def score(self, completion: str, n_tokens: int, row: Mapping[str, Any]) -> float:
-        return sum(s.reward.weight * s.score(completion, n_tokens, row) for s in self.scorers)
+        return self.scored(completion, n_tokens, row)[0]
 
     def breakdown(self, completion: str, n_tokens: int, row: Mapping[str, Any]) -> dict[str, float]:
         """Unweighted score per reward, keyed ``"<index>:<kind>"`` (for metrics)."""
-        return {f"{i}:{s.reward.kind.value}": s.score(completion, n_tokens, row) for i, s in enumerate(self.scorers)}
+        return self.scored(completion, n_tokens, row)[1]
+
+    def scored(self, completion: str, n_tokens: int, row: Mapping[str, Any]) -> tuple[float, dict[str, float]]:
+        """``score`` and ``breakdown`` at once: each reward runs once (a regex search may take its
+        whole time limit)."""
+        parts = {f"{i}:{s.reward.kind.value}": s.score(completion, n_tokens, row) for i, s in enumerate(self.scorers)}
+        return sum(s.reward.weight * v for s, v in zip(self.scorers, parts.values())), parts
 
 
-def build_rewards(params: MethodParams) -> RewardSet:
-    """Check ``params.rewards`` and build their scorers; raises ``MethodParamsError``."""
+def build_rewards(params: MethodParams, *, warn: Callable[[str], None] | None = None) -> RewardSet:
+    """Check ``params.rewards`` and build their scorers; raises ``MethodParamsError``. ``warn(message)``
+    hears of a scorer's trouble that is not the completion's fault (a regex search that timed out), once
+    per reward."""
     if not params.rewards:
         raise MethodParamsError("GRPO needs at least one reward (exact_match, regex_match, json_schema or length_penalty)", param="method_params.rewards")
-    scorers = tuple(_build_one(r, f"method_params.rewards[{i}]") for i, r in enumerate(params.rewards))
+    scorers = tuple(_build_one(r, f"method_params.rewards[{i}]", warn) for i, r in enumerate(params.rewards))
     if all(r.weight == 0 for r in params.rewards):
         raise MethodParamsError("every reward has weight 0: nothing to learn from", param="method_params.rewards")
     return RewardSet(scorers)
 
 
-def _build_one(reward: Reward, where: str) -> _Scorer:
+def _build_one(reward: Reward, where: str, warn: Callable[[str], None] | None) -> _Scorer:
+    if reward.kind == RewardKind.regex_match:
+        return _Scorer(reward, _regex_match(reward, where, warn))
     builder = {
         RewardKind.exact_match: _exact_match,
-        RewardKind.regex_match: _regex_match,
         RewardKind.json_schema: _json_schema,
         RewardKind.length_penalty: _length_penalty,
     }[reward.kind]
@@ -101,14 +120,29 @@ def _exact_match(reward: Reward, where: str):
     return score
 
 
-def _regex_match(reward: Reward, where: str):
+def _regex_match(reward: Reward, where: str, warn: Callable[[str], None] | None):
+    import regex  # re's syntax (VERSION0), plus a timeout the C matcher honours
+
     if reward.pattern is None:
         raise MethodParamsError("regex_match needs a pattern", param=f"{where}.pattern")
     try:
-        compiled = re.compile(reward.pattern)
-    except re.error as err:
+        compiled = regex.compile(reward.pattern)
+    except (regex.error, OverflowError, RecursionError) as err:
         raise MethodParamsError(f"invalid regular expression {reward.pattern!r}: {err}", param=f"{where}.pattern") from None
-    return lambda completion, n_tokens, row: float(compiled.search(completion) is not None)
+    warned = False
+
+    def score(completion: str, n_tokens: int, row: Mapping[str, Any]) -> float:
+        nonlocal warned
+        try:
+            return float(compiled.search(completion, timeout=REGEX_TIMEOUT_S) is not None)
+        except TimeoutError:
+            if not warned and warn is not None:
+                warn(f"{where}.pattern: a search took longer than {REGEX_TIMEOUT_S:g} s (a pattern that backtracks "
+                     f"catastrophically?) and scored 0; every search that times out scores 0, without a further warning")
+            warned = True
+            return 0.0
+
+    return score
 
 
 def json_schema_problem(schema: dict) -> str | None:

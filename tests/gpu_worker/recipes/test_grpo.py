@@ -196,7 +196,7 @@ def test_a_reward_that_is_not_finite_stops_the_step_with_a_clear_error(micro_mod
     objective = GRPOObjective(_grpo_spec(make_spec, str(micro_model_dir), grpo_max_completion_length=4))
     prompts = list(objective.load(store, tokenizer, "p.jsonl", "training_file").examples)
     model = wrap_with_lora(load_model(str(micro_model_dir), data_dir=".", device="cpu"), AdapterConfig(rank=4))
-    monkeypatch.setattr(type(objective.rewards), "score", lambda self, *a: float("inf"))
+    monkeypatch.setattr(type(objective.rewards), "scored", lambda self, *a: (float("inf"), {"0:exact_match": float("inf")}))
     with pytest.raises(MethodParamsError, match="not finite") as err:
         objective.micro_step(model, prompts, len(prompts), "cpu")
     assert err.value.code == "invalid_method_params" and err.value.param == "method_params.rewards"

@@ -88,3 +88,34 @@ def test_the_reward_module_does_not_need_torch():
 
     code = "import sys, gpu_worker.recipes.rewards; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.timeout(60)  # with the stdlib's re this search would not end in the test's lifetime
+def test_a_catastrophically_backtracking_pattern_times_out_scores_zero_and_warns_once():
+    import time
+
+    from gpu_worker.recipes.rewards import REGEX_TIMEOUT_S
+
+    warnings = []
+    rs = build_rewards(MethodParams(rewards=(Reward(kind="regex_match", pattern="^(a|a)*$"), Reward(kind="length_penalty", target_length=3, scale=1.0))),
+                       warn=warnings.append)
+    hostile = "a" * 40 + "b"  # 2^40 ways to fail: days of backtracking without a time limit
+    started = time.perf_counter()
+    scores = [rs.scored(hostile, 5, {}) for _ in range(3)]
+    elapsed = time.perf_counter() - started
+    assert scores == [(-2.0, {"0:regex_match": 0.0, "1:length_penalty": -2.0})] * 3
+    assert elapsed < 3 * REGEX_TIMEOUT_S + 5, elapsed  # each search stopped at its limit (slack for a loaded machine)
+    assert len(warnings) == 1 and warnings[0].startswith("method_params.rewards[0].pattern: a search took longer than")
+    assert rs.score("aaaa", 3, {}) == 1.0  # the same reward still matches what it can decide in time
+
+
+def test_grpo_reports_a_timed_out_search_as_one_warning_event(make_spec):
+    from gpu_worker.contract import LogEvent
+    from gpu_worker.recipes import RunContext
+    from gpu_worker.recipes.grpo import GRPOObjective
+
+    events = []
+    spec = make_spec("m", method="grpo", method_params=MethodParams(rewards=(Reward(kind="regex_match", pattern="^(a|a)*$"),)))
+    objective = GRPOObjective(spec, RunContext(store=None, data_dir=".", emit=events.append, device="cpu"))
+    assert [objective.rewards.score("a" * 40 + "b", 1, {}) for _ in range(2)] == [0.0, 0.0]
+    assert [(e.level, type(e)) for e in events] == [("warn", LogEvent)]
