@@ -53,13 +53,23 @@ class PermissionDenied(ServingError):
 
 
 class RateLimited(ServingError):
-    """A key's request rate or the org's token quota is spent: 429 with the seconds to wait."""
+    """A key's request rate is spent: 429 with the seconds to wait (OpenAI's type ``requests``)."""
 
     status_code = 429
     type = "requests"
 
     def __init__(self, message: str, *, retry_after: float, code: str):
         super().__init__(message, code=code, headers={"Retry-After": str(max(1, int(-(-retry_after // 1))))})
+
+
+class QuotaExceeded(RateLimited):
+    """The org's token quota is spent: OpenAI answers a spent quota with a 429 of type and code
+    ``insufficient_quota``, which its SDKs tell apart from a rate limit (no point retrying soon)."""
+
+    type = "insufficient_quota"
+
+    def __init__(self, message: str, *, retry_after: float):
+        super().__init__(message, retry_after=retry_after, code="insufficient_quota")
 
 
 class ModelNotFound(ServingError):

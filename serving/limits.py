@@ -1,5 +1,6 @@
 """Per-key request rate limits and the org's inference token quota, checked before a request reaches an
-engine; either answers 429 with ``Retry-After`` (OpenAI's shape: type ``requests`` / ``tokens``).
+engine; either answers 429 with ``Retry-After`` (OpenAI's shapes: type ``requests`` for a rate limit,
+type and code ``insufficient_quota`` for a spent quota).
 
 Rate limits are token buckets (capacity ``burst``, refilled at ``requests_per_minute / 60`` per second)
 keyed by API key. In production the buckets live in Redis (``TUNEFORGE_RATE_LIMIT_URL``) so every
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session
 from scheduler.models import InferenceQuota, RateLimit, UsageRecord
 from scheduler.tenancy import Principal
 from serving.cache import TTLCache
-from serving.errors import RateLimited
+from serving.errors import QuotaExceeded, RateLimited
 
 # Limits change rarely (an admin edits them); seconds of staleness cost nothing and save a query a request.
 CONFIG_TTL_S = 5.0
@@ -132,7 +133,7 @@ def tokens_used(session: Session, org_id: str, since: datetime) -> int:
 
 
 class Limiter:
-    """The gateway's admission check; ``check`` raises ``RateLimited`` or returns."""
+    """The gateway's admission check; ``check`` raises ``RateLimited`` (``QuotaExceeded``) or returns."""
 
     def __init__(self, buckets: Buckets, *, clock=time.monotonic, now=lambda: datetime.now(timezone.utc)):
         self.buckets = buckets
@@ -172,11 +173,10 @@ class Limiter:
             start, end = period_bounds(limits.quota_period, now)
             used = await self._usage(db, principal.org_id, start)
             if used >= limits.quota_tokens:
-                raise RateLimited(
+                raise QuotaExceeded(
                     f"Your organization's inference quota of {limits.quota_tokens} tokens per {limits.quota_period} is used up "
                     f"({used} used); it resets at {end.isoformat()}.",
                     retry_after=(end - now).total_seconds(),
-                    code="insufficient_quota",
                 )
 
     async def _limits(self, db, principal: Principal) -> Limits:

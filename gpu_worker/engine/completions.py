@@ -35,6 +35,10 @@ from gpu_worker.engine.protocol import (
 from gpu_worker.engine.sampling import SamplingParams
 
 DONE = "data: [DONE]\n\n"
+# What a chat chunk after the first leaves out (pydantic's exclude: every choice's delta.role).
+_LATER_DELTAS = {"choices": {"__all__": {"delta": {"role"}}}}
+# OpenAI's limit on stop sequences; a fifth is a 400, not silently ignored or honoured.
+MAX_STOP_SEQUENCES = 4
 
 
 class CompletionService:
@@ -93,11 +97,15 @@ class CompletionService:
     async def _chat_events(self, stream: DeltaStream, req: ChatCompletionRequest, prompt_tokens: int) -> AsyncIterator[str]:
         meta = dict(id=new_id("chatcmpl"), created=now(), model=req.model)
 
-        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            return _event(ChatCompletionChunk(**meta, choices=choices, usage=usage).model_dump_json())
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None, *, first: bool = False) -> str:
+            # OpenAI sends the role in the first delta only; later deltas have no "role" key (not null)
+            exclude = None if first else _LATER_DELTAS
+            return _event(ChatCompletionChunk(**meta, choices=choices, usage=usage).model_dump_json(exclude=exclude))
 
         running = _continuous(req)
-        yield chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))], Usage.of(prompt_tokens, 0) if running else None)
+        yield chunk(
+            [ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))], Usage.of(prompt_tokens, 0) if running else None, first=True
+        )
         async for event in _stream_body(stream, req, prompt_tokens):
             if isinstance(event, str):
                 yield event
@@ -170,6 +178,10 @@ def _refuse_unsupported(req, **flags: bool) -> None:
             raise InvalidRequest(f"{what} by this engine", param=param, code="unsupported_parameter")
     if req.stream_options is not None and not req.stream:
         raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+    if isinstance(req.stop, list) and len(req.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(
+            f"stop takes at most {MAX_STOP_SEQUENCES} sequences, got {len(req.stop)}", param="stop", code="invalid_value"
+        )
 
 
 def _message_text(message: ChatMessage, index: int) -> str:

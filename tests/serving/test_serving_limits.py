@@ -96,7 +96,8 @@ def test_quota_is_429_until_the_period_ends(engines, gateway, make_org, db_sessi
             gw.app.state.limiter.forget()  # no usage cache: each request sees the records so far
             used += _ask(gw.client(key)).usage.total_tokens
     assert used >= 10  # refused only once the quota was used up
-    assert err.value.code == "insufficient_quota"
+    # OpenAI's quota error, which its SDKs tell apart from a rate limit (type "requests")
+    assert (err.value.code, err.value.body["type"]) == ("insufficient_quota", "insufficient_quota")
     start, end = period_bounds("day", datetime.now(timezone.utc))
     retry = int(err.value.response.headers["retry-after"])
     assert 0 < retry <= (end - start).total_seconds()

@@ -107,6 +107,8 @@ def test_stream_wire_format(engine):
     assert events[-1] == "" and events[-2] == "data: [DONE]"
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    # as OpenAI's: later deltas carry no "role" key at all (not "role": null)
+    assert [c for c in chunks[1:] if "role" in c["choices"][0]["delta"]] == []
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert not any(c["usage"] for c in chunks), "no usage chunk unless include_usage"
 
@@ -117,6 +119,9 @@ def test_stop_string_cuts_the_text(engine, client):
     cut = client.completions.create(model=TINY, prompt="One, two", max_tokens=12, temperature=0, stop=[stop])
     assert cut.choices[0].text == whole[: whole.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
+    # four sequences are OpenAI's limit, still served (a fifth is a 400: test_bad_chat_requests_are_400_in_openai_shape)
+    four = client.completions.create(model=TINY, prompt="One, two", max_tokens=12, temperature=0, stop=[stop, "\x01", "\x02", "\x03"])
+    assert four.choices[0].text == cut.choices[0].text
 
 
 def test_seeded_sampling_repeats_and_max_completion_tokens_counts(client):
@@ -173,6 +178,7 @@ def test_unknown_model_is_404(client):
         (dict(messages=[{"role": "robot", "content": "hi"}]), "messages.0.role"),
         (dict(messages=[{"role": "user", "content": 5}]), "messages.0.content"),  # not "messages.0.content.str"
         (dict(stream_options={"include_usage": True}), "stream_options"),
+        (dict(stop=["a", "b", "c", "d", "e"]), "stop"),  # OpenAI takes at most 4
     ],
 )
 def test_bad_chat_requests_are_400_in_openai_shape(client, kwargs, param):
