@@ -41,8 +41,10 @@ from gpu_worker.contract import (
     Runtime,
     TrainingFile,
 )
+from gpu_worker.gguf_support import gguf_problem
 from gpu_worker.storage import ObjectNotFound, ObjectStore, iter_lines
 from gpu_worker.validation import FileValidator, check_format_for_method
+from scheduler.estimator import UnknownModel, read_model_facts
 from scheduler.fleet import Fleet
 from scheduler import jobs as lifecycle
 from scheduler.jobs import add_event, checkpoint_model_name, fine_tuned_model_name
@@ -237,6 +239,20 @@ def _data_options(session: Session, store: ObjectStore, principal: Principal, bo
     return DataOptions(**given, extra_training_files=tuple(extra))
 
 
+def _check_export(base_model: str, export: ExportOptions) -> None:
+    """A GGUF export of a base whose architecture the exporter does not support is refused (the job
+    succeeded with a warning and no GGUF). An unknown base (no config.json here) keeps that path."""
+    if not export.gguf:
+        return
+    try:
+        facts = read_model_facts(base_model)
+    except UnknownModel:
+        return
+    if (problem := gguf_problem({"model_type": facts.architecture})) is not None:
+        raise InvalidRequest(f"Invalid value for 'export.gguf': {problem} (a merged model, export.merged, is written for any base).",
+                             param="export.gguf", code="unsupported_export")
+
+
 def build_spec(session: Session, store: ObjectStore, principal: Principal, body: JobCreate, job_id: str, seed: int, training: File,
                validation: File | None) -> tuple[JobSpec, hyperparameters.Resolved]:
     method, hp, method_body = hyperparameters.requested(body)
@@ -245,6 +261,7 @@ def build_spec(session: Session, store: ObjectStore, principal: Principal, body:
         if row is not None:
             _check_file_format(store, row, method, declared, param, "data.format")
     resolved = hyperparameters.resolve(method, hp, method_body, training.examples)
+    _check_export(body.model, body.export or ExportOptions())
     runtime = Runtime(**body.runtime.model_dump(exclude_none=True)) if body.runtime else Runtime()
     spec = JobSpec(
         job_id=job_id,

@@ -85,3 +85,32 @@ def test_other_methods_read_their_own_format_whatever_is_declared(client_a, uplo
     job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload(PREFERENCE), method={"type": "dpo"},
                                            extra_body={"data": {"format": "preference"}})
     assert job.status == "validating_files"
+
+
+@pytest.fixture
+def qwen(settings, monkeypatch):
+    monkeypatch.setattr(settings, "base_models", [*settings.base_models, "Qwen/Qwen2.5-0.5B", "someone/unknown-model"])
+
+
+def test_gguf_export_of_a_base_the_exporter_does_not_support_is_a_400(client_a, upload, org_a, db_session, qwen):
+    # Qwen2 (the estimator's catalog knows it) is not a Llama: the job succeeded with a warning and no file
+    with pytest.raises(openai.BadRequestError) as err:
+        client_a.fine_tuning.jobs.create(model="Qwen/Qwen2.5-0.5B", training_file=upload(), extra_body={"export": {"gguf": ["q8_0"]}})
+    body = err.value.body
+    assert (body["param"], body["code"]) == ("export.gguf", "unsupported_export") and "'qwen2'" in body["message"]
+    assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
+    # the estimate refuses it the same way
+    with pytest.raises(openai.BadRequestError) as err:
+        client_a.post("/fine_tuning/jobs/estimate", cast_to=object,
+                      body={"model": "Qwen/Qwen2.5-0.5B", "training_file": upload(), "export": {"gguf": ["f16"]}})
+    assert err.value.body["param"] == "export.gguf"
+    # a merged export of it is fine
+    merged = client_a.fine_tuning.jobs.create(model="Qwen/Qwen2.5-0.5B", training_file=upload(), extra_body={"export": {"merged": True}})
+    assert merged.status == "validating_files"
+
+
+@pytest.mark.parametrize("model", ["tuneforge-tiny", "meta-llama/Llama-3.2-1B", "someone/unknown-model"])
+def test_gguf_export_of_a_llama_or_an_unknown_base_is_accepted(client_a, upload, qwen, model):
+    # Llama bases are exported; an unknown hub model keeps the worker's path (a warning if it is not a Llama)
+    job = client_a.fine_tuning.jobs.create(model=model, training_file=upload(), extra_body={"export": {"gguf": ["q4_k_m"]}})
+    assert job.status == "validating_files"
