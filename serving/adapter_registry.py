@@ -1,10 +1,16 @@
 """The adapter registry's life cycle: the compatibility check that turns a trained adapter into a
 servable version, versions of one fine-tuned model name, promote / rollback, and delete.
 
-A job registers its adapter row (``scheduler.agent``) with ``compatibility`` unset. The check runs once,
-explicitly (``POST /v1/adapters/{id}/check``) or on the adapter's first request: the static rules on the
-files (``serving.compatibility``), then an engine replica of its base loads it and reproduces the
-training side's log-probabilities. A passed check makes the row version N of its versionless name
+A job registers its adapter row (``scheduler.agent``) with ``compatibility`` unset. The check runs
+explicitly (``POST /v1/adapters/{id}/check``, again with ``?force=true``) or on the adapter's first
+request: the static rules on the files (``serving.compatibility``), then an engine replica of its base
+loads it and reproduces the training side's log-probabilities. Only verdicts on the adapter are stored
+(a broken rule, a logits mismatch, a missing reference, the engine's 400/422 refusal of the adapter); an
+engine that cannot answer (5xx, no check route, no replica, a timeout) is a 503 with ``Retry-After`` and
+leaves the adapter unchecked. An adapter trained here (its manifest names its job) must reproduce its
+reference; one without a reference passes only when imported (no platform manifest), on loading and
+answering alone, and its report says ``"reference": "none: imported adapter"``.
+A passed check makes the row version N of its versionless name
 ``ft:{base}:{org}:{suffix}``; the first version becomes that name's active version, later ones wait for
 a promote. A request names either a version (its full id, pinned) or the versionless name (the active
 version). Delete marks the row deleted, moves the name back to the previous version, and tells every
@@ -25,7 +31,7 @@ from scheduler.jobs import checkpoint_model_name
 from scheduler.models import Adapter, AdapterAlias, Checkpoint, utcnow
 from scheduler.tenancy import Principal
 from serving.compatibility import Incompatible, check_files
-from serving.errors import InvalidRequest, ModelNotFound, ServingError
+from serving.errors import EngineError, EngineTimeout, EngineUnavailable, InvalidRequest, ModelNotFound, ServingError
 from serving.vllm_plugin import check as vllm_check
 from serving.vllm_plugin import index as lora_index
 from serving.protocol import AdapterPublic, AdaptersPublic, AdapterVersionPublic
@@ -65,23 +71,79 @@ def find(session: Session, org_id: str, model: str) -> Adapter | None:
 
 # --- the check ------------------------------------------------------------------------------------
 
+# How long a client should wait before asking again when the check could not reach a verdict: an engine
+# replica restarts or a transient store failure clears within seconds; a missing route does not, but it
+# is the operator's to fix and the error log says so.
+CHECK_RETRY_AFTER_S = 5
+REFERENCE_FILE = vllm_check.REFERENCE_FILE
+# Stored by earlier gateways for an engine without the check route: not a verdict on the adapter.
+_LEGACY_INCONCLUSIVE = frozenset({"engine_misconfigured"})
 
-async def ensure_checked(settings: ServingSettings, db, engines: EnginePool, org_id: str, adapter_id: str) -> dict[str, Any]:
-    """The adapter's compatibility report, running the check if it never ran (once per adapter at a
-    time in this process; the stored report is what every later request reads)."""
+
+class AdapterCheckUnavailable(ServingError):
+    """The check could not reach a verdict now (no replica answered, a timeout, an engine error, a
+    missing route): nothing was stored and the same request may succeed later. The engine's own message
+    is logged, never sent to the client."""
+
+    status_code = 503
+    type = "server_error"
+    code = "adapter_check_unavailable"
+
+    def __init__(self, model: str):
+        super().__init__(
+            f"The compatibility check of `{model}` could not run now; nothing was recorded, try again shortly.",
+            param="model",
+            headers={"Retry-After": str(CHECK_RETRY_AFTER_S)},
+        )
+
+
+class _Inconclusive(Exception):
+    """No verdict: ``detail`` (the engine's status and message) is for the log only."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+def verdict(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The stored report if it is a verdict on the adapter; None when the check has to run (never ran,
+    or an earlier gateway stored an engine problem as a failure)."""
+    if report is None or (not report.get("passed") and report.get("code") in _LEGACY_INCONCLUSIVE):
+        return None
+    return report
+
+
+def trained_here(manifest: Any) -> bool:
+    """Whether the adapter's manifest says a training run of this platform made it: every run writes an
+    ``AdapterManifest`` (with its job id) and, next to the adapter, the reference log-probabilities the
+    check compares with. An adapter without that provenance (imported) has no reference to compare."""
+    return isinstance(manifest, dict) and bool(manifest.get("job_id"))
+
+
+async def ensure_checked(settings: ServingSettings, db, engines: EnginePool, org_id: str, adapter_id: str, *, force: bool = False) -> dict[str, Any]:
+    """The adapter's compatibility report, running the check if it has no verdict yet, or again with
+    ``force`` (once per adapter at a time in this process; the stored verdict is what every later request
+    reads). ``AdapterCheckUnavailable`` when no verdict could be reached: nothing is stored."""
     lock = _check_locks.setdefault(adapter_id, asyncio.Lock())
     async with lock:
         row = await db.run(lambda s: _snapshot(s, org_id, adapter_id))
         if row is None:
             raise ModelNotFound(adapter_id)
-        if row["compatibility"] is not None:
+        if not force and verdict(row["compatibility"]) is not None:
             return row["compatibility"]
-        report = await run_check(settings, engines, row["base_model"], row["storage_key"], adapter_id)
-        await db.run(lambda s: record_check(s, org_id, adapter_id, report))
+        try:
+            report = await run_check(settings, engines, row["base_model"], row["storage_key"], adapter_id, trained_here=trained_here(row["manifest"]))
+        except _Inconclusive as exc:
+            log.error("adapter check inconclusive: nothing recorded", adapter=adapter_id, detail=exc.detail)
+            raise AdapterCheckUnavailable(adapter_id) from None
+        await db.run(lambda s: record_check(s, org_id, adapter_id, report, replace=force))
+        store = open_store(settings.storage_url)
         if report["passed"]:  # vLLM replicas find it by name from now on (serving.vllm_plugin.resolver)
             entry = lora_index.IndexEntry(name=adapter_id, base_model=row["base_model"], key=row["storage_key"])
-            await asyncio.to_thread(lora_index.publish, open_store(settings.storage_url), entry)
-        log.info("adapter checked", adapter=adapter_id, passed=report["passed"], reason=report.get("reason"))
+            await asyncio.to_thread(lora_index.publish, store, entry)
+        elif force:  # a re-check that no longer passes: no replica keeps serving it
+            await _withdraw(engines, store, row["base_model"], adapter_id)
+        log.info("adapter checked", adapter=adapter_id, passed=report["passed"], reason=report.get("reason"), forced=force)
         return report
 
 
@@ -89,10 +151,14 @@ def _snapshot(session: Session, org_id: str, adapter_id: str) -> dict | None:
     row = session.get(Adapter, adapter_id)
     if row is None or row.org_id != org_id or row.deleted_at is not None:
         return None
-    return {"base_model": row.base_model, "storage_key": row.storage_key, "compatibility": row.compatibility}
+    return {"base_model": row.base_model, "storage_key": row.storage_key, "compatibility": row.compatibility, "manifest": row.manifest}
 
 
-async def run_check(settings: ServingSettings, engines: EnginePool, base: str, storage_key: str, adapter_id: str) -> dict[str, Any]:
+async def run_check(settings: ServingSettings, engines: EnginePool, base: str, storage_key: str, adapter_id: str, *, trained_here: bool) -> dict[str, Any]:
+    """A verdict (``{"passed": bool, ...}``) or ``_Inconclusive``. Verdicts: the static rules, a missing
+    reference of a platform-trained adapter, the engine's 400/422 refusal of the adapter, the logit
+    comparison. Everything else the engines answer (5xx, 404: no route or the resolver found nothing,
+    401/403, timeouts, no replica) says nothing about the adapter."""
     store = open_store(settings.storage_url)
     try:
         facts = await asyncio.to_thread(
@@ -100,35 +166,55 @@ async def run_check(settings: ServingSettings, engines: EnginePool, base: str, s
         )
     except Incompatible as exc:
         return {"passed": False, "reason": exc.reason, "code": exc.code}
-    if engines.resolves_adapters:
-        return await _check_on_vllm(engines, store, base, storage_key, adapter_id, facts)
-    status, body = await engines.check_adapter(base, "store:" + storage_key)
+    key = f"{storage_key.rstrip('/')}/{REFERENCE_FILE}"
+    if trained_here and not await asyncio.to_thread(store.exists, key):
+        reason = f"it was trained on this platform but has no {REFERENCE_FILE}: the engine's output cannot be compared with training's"
+        return {"passed": False, "static": facts, "reason": reason, "code": "reference_missing"}
+    try:
+        if engines.resolves_adapters:
+            return await _check_on_vllm(engines, store, base, storage_key, adapter_id, facts, trained_here)
+        status, body = await engines.check_adapter(base, "store:" + storage_key)
+    except (EngineUnavailable, EngineTimeout, EngineError) as exc:
+        raise _Inconclusive(f"{type(exc).__name__}: {exc.message}") from None
     if status == 404:
-        reason = "the engine has no adapter check route (a vLLM engine needs TUNEFORGE_ENGINE_KIND=vllm)"
-        return {"passed": False, "static": facts, "reason": reason, "code": "engine_misconfigured"}
-    if status != 200:
-        return _refused(facts, status, body)
-    return _logit_verdict(facts, body, body.get("logits", {}))
+        raise _Inconclusive("the engine has no adapter check route (a vLLM engine needs TUNEFORGE_ENGINE_KIND=vllm)")
+    return _engine_verdict(facts, status, body, trained_here)
 
 
-async def _check_on_vllm(engines: EnginePool, store, base: str, storage_key: str, adapter_id: str, facts: dict) -> dict[str, Any]:
+def _engine_verdict(facts: dict, status: int, body: Any, trained_here: bool) -> dict[str, Any]:
+    if status in _ADAPTER_REFUSALS:
+        return _refused(facts, body)
+    if status != 200 or not isinstance(body, dict) or not isinstance(body.get("logits"), dict):
+        raise _Inconclusive(f"the engine answered {status}: {_engine_text(body)}")
+    return _logit_verdict(facts, body, body["logits"], trained_here)
+
+
+# The engine's refusal of this adapter (its files, its shapes, its base, its reference): a verdict. Any
+# other error status is the engine's or the deployment's problem.
+_ADAPTER_REFUSALS = (400, 422)
+
+
+async def _check_on_vllm(engines: EnginePool, store, base: str, storage_key: str, adapter_id: str, facts: dict, trained_here: bool) -> dict[str, Any]:
     """vLLM loads an adapter only through its resolver, which reads the index: publish the entry, score
     the reference prompts with the adapter as the model, and take the entry back (and the adapter off
-    every replica) if the check fails."""
+    every replica) unless the check passes."""
     entry = lora_index.IndexEntry(name=adapter_id, base_model=base, key=storage_key)
     await asyncio.to_thread(lora_index.publish, store, entry)
     try:
         prompts = await asyncio.to_thread(vllm_check.read_reference, store, storage_key)
-        if prompts is None:  # nothing to compare with: the adapter must still load and answer
+        if prompts is None:  # an imported adapter (run_check): it must still load and answer
             status, body = await engines.post_json(
                 base, "/v1/completions", {"model": adapter_id, "prompt": "Hello", "max_tokens": 1}, what="check the adapter", adapter_id=adapter_id
             )
             body = {"engine": "vllm", "logits": {"status": "no_reference"}} if status == 200 else body
         else:
             status, body = await vllm_check.check_on_vllm(engines, base, adapter_id, prompts)
-        report = _logit_verdict(facts, body, body["logits"]) if status == 200 else _refused(facts, status, body)
+        report = _engine_verdict(facts, status, body, trained_here)
     except vllm_check.BadReference as exc:
         report = {"passed": False, "static": facts, "reason": str(exc), "code": "bad_reference"}
+    except vllm_check.UnusableAnswer as exc:
+        await _withdraw(engines, store, base, adapter_id)
+        raise _Inconclusive(str(exc)) from None
     except BaseException:
         await _withdraw(engines, store, base, adapter_id)
         raise
@@ -166,24 +252,48 @@ async def _withdraw(engines: EnginePool, store, base: str, adapter_id: str) -> N
     await engines.unload_everywhere(base, adapter_id)
 
 
-def _refused(facts: dict, status: int, body: Any) -> dict[str, Any]:
-    error = body.get("error", {}) if isinstance(body, dict) else {}
-    return {"passed": False, "static": facts, "reason": str(error.get("message", body)), "code": error.get("code") if isinstance(error.get("code"), str) else "engine_refused"}
+def _engine_text(body: Any) -> str:
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return str(message if message is not None else body)[:500]
 
 
-def _logit_verdict(facts: dict, body: dict, logits: dict) -> dict[str, Any]:
-    if logits.get("status") == "mismatch":
-        reason = f"the engine does not reproduce the training-side log-probabilities (max |Δ| {logits.get('max_abs_diff'):.3g})"
+def _refused(facts: dict, body: Any) -> dict[str, Any]:
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return {"passed": False, "static": facts, "reason": _engine_text(body), "code": code if isinstance(code, str) else "engine_refused"}
+
+
+def _logit_verdict(facts: dict, body: dict, logits: dict, trained_here: bool) -> dict[str, Any]:
+    status = logits.get("status")
+    if status == "match":
+        return {"passed": True, "static": facts, "engine": body, "logits": logits}
+    if status == "mismatch":
+        diff = logits.get("max_abs_diff")
+        shown = f"{diff:.3g}" if isinstance(diff, (int, float)) else "unknown"
+        reason = f"the engine does not reproduce the training-side log-probabilities (max |Δ| {shown})"
         return {"passed": False, "static": facts, "engine": body, "logits": logits, "reason": reason, "code": "logits_mismatch"}
-    return {"passed": True, "static": facts, "engine": body, "logits": logits}
+    if status == "no_reference":
+        if trained_here:  # the file was there when run_check looked: gone since, or the engine did not read it
+            reason = f"it was trained on this platform but the engine found no {REFERENCE_FILE} to compare with"
+            return {"passed": False, "static": facts, "engine": body, "logits": logits, "reason": reason, "code": "reference_missing"}
+        # Imported (no platform provenance): it loads and answers, which is all that can be checked.
+        return {"passed": True, "static": facts, "engine": body, "logits": logits, "reference": "none: imported adapter"}
+    raise _Inconclusive(f"the engine's check answer has no known logits status: {_engine_text(body)}")
 
 
-def record_check(session: Session, org_id: str, adapter_id: str, report: dict[str, Any]) -> None:
+def record_check(session: Session, org_id: str, adapter_id: str, report: dict[str, Any], *, replace: bool = False) -> None:
+    """Store a verdict. Without ``replace`` a verdict already there wins (another gateway recorded it
+    first). A version keeps its number when re-checked; a first pass makes it the next version of its
+    name (the name's active one if it has none)."""
     row = session.get(Adapter, adapter_id)
-    if row is None or row.org_id != org_id or row.compatibility is not None:
-        return  # deleted meanwhile, or another gateway recorded it first
+    if row is None or row.org_id != org_id or row.deleted_at is not None:
+        return  # deleted meanwhile
+    if verdict(row.compatibility) is not None and not replace:
+        return
     row.compatibility, row.checked_at = report, utcnow()
-    if not report["passed"]:
+    if not report["passed"] or row.version is not None:
+        session.flush()
         return
     row.name = versionless_name(row.id)
     latest = session.scalar(select(func.max(Adapter.version)).where(Adapter.org_id == org_id, Adapter.name == row.name))
@@ -227,7 +337,7 @@ def list_adapters(session: Session, principal: Principal) -> AdaptersPublic:
 
 def _version_public(row: Adapter, active: str | None) -> AdapterVersionPublic:
     report = row.compatibility
-    status = "unchecked" if report is None else ("active" if row.id == active else "ready") if report.get("passed") else "incompatible"
+    status = "unchecked" if verdict(report) is None else ("active" if row.id == active else "ready") if report.get("passed") else "incompatible"
     return AdapterVersionPublic(
         id=row.id, version=row.version, status=status, created=int(row.created_at.timestamp()), compatibility=report
     )

@@ -38,12 +38,16 @@ async def list_adapters(principal: CurrentPrincipal, db: DatabaseDep) -> Adapter
 
 # ``:path`` because model names hold slashes ("ft:org/model:..."); the suffix route is matched first.
 @router.post("/{model:path}/check")
-async def check(model: str, request: Request, principal: CurrentPrincipal, db: DatabaseDep, engines: EnginesDep, settings: SettingsDep) -> dict:
+async def check(
+    model: str, request: Request, principal: CurrentPrincipal, db: DatabaseDep, engines: EnginesDep, settings: SettingsDep, force: bool = False
+) -> dict:
+    """The adapter's verdict, checking it if it has none; ``?force=true`` checks it again and replaces the
+    verdict (a version that no longer passes stops serving and is unloaded everywhere)."""
     _require_admin(principal)
     row = await db.run(lambda s: getattr(adapter_registry.find(s, principal.org_id, model), "id", None))
     if row is None:
         raise adapter_registry.ModelNotFound(model)
-    report = await adapter_registry.ensure_checked(settings, db, engines, principal.org_id, row)
+    report = await adapter_registry.ensure_checked(settings, db, engines, principal.org_id, row, force=force)
     _forget_models(request, principal)
     return report
 

@@ -52,20 +52,24 @@ def resolve(session: Session, principal: Principal, model: str, base_models: lis
     if (found := checkpoint(session, principal.org_id, model)) is not None:
         row, ckpt = found
         _servable(model, row)
-        ref = AdapterRef(id=model, storage_key=ckpt.storage_key, checked=row.compatibility is not None, checked_as=row.id)
+        ref = AdapterRef(id=model, storage_key=ckpt.storage_key, checked=_checked(row), checked_as=row.id)
         return ResolvedModel(name=model, base=row.base_model, adapter=ref)
     if model.startswith(FINE_TUNED_PREFIX):
         # A version id (pinned) or a versionless name (its active version); see serving.adapter_registry.
         row = adapter_registry.find(session, principal.org_id, model)
         if row is not None:
             _servable(model, row)
-            ref = AdapterRef(id=row.id, storage_key=row.storage_key, checked=row.compatibility is not None)
+            ref = AdapterRef(id=row.id, storage_key=row.storage_key, checked=_checked(row))
             return ResolvedModel(name=row.id, base=row.base_model, adapter=ref)
     raise ModelNotFound(model)
 
 
+def _checked(row: Adapter) -> bool:
+    return adapter_registry.verdict(row.compatibility) is not None
+
+
 def _servable(model: str, row: Adapter) -> None:
-    report = row.compatibility
+    report = adapter_registry.verdict(row.compatibility)
     if report is not None and not report.get("passed"):
         raise adapter_registry.AdapterIncompatible(model, report.get("reason", "its compatibility check failed"))
 
@@ -92,7 +96,9 @@ def list_models(session: Session, principal: Principal, base_models: list[str]) 
         .where(Adapter.org_id == principal.org_id, Adapter.deleted_at.is_(None))
         .order_by(Adapter.created_at, Adapter.id)
     )
-    servable = [(id, created, org_name) for id, created, report, org_name in rows if report is None or report.get("passed")]
+    # Listed once its check passed: an unchecked version is still callable (its first request checks it)
+    # but is not announced as a model until it is known to be servable.
+    servable = [(id, created, org_name) for id, created, report, org_name in rows if (adapter_registry.verdict(report) or {}).get("passed")]
     data += [ModelPublic(id=id, created=int(created.timestamp()), owned_by=org_name) for id, created, org_name in servable]
     aliases = session.execute(
         select(AdapterAlias.name, AdapterAlias.updated_at, Organization.name)

@@ -44,6 +44,11 @@ class BadReference(ValueError):
     """The adapter's reference file is unreadable or inconsistent (the adapter's fault)."""
 
 
+class UnusableAnswer(ValueError):
+    """The engine's scoring answer cannot be read as prompt_logprobs of the prompt it was sent: the
+    engine's problem (or its configuration's), which says nothing about the adapter."""
+
+
 def parse_reference(data: bytes) -> list[ReferencePrompt]:
     """The prompts of a ``reference_logits.safetensors`` file (safetensors: u64 header length, JSON
     header, raw little-endian tensors)."""
@@ -99,11 +104,11 @@ def compare(prompts: list[ReferencePrompt], answers: list[dict[str, Any]], *, at
     for prompt, answer in zip(prompts, answers, strict=True):
         rows = _prompt_logprobs(answer)
         if len(rows) != len(prompt.ids) + 1:
-            raise BadReference(f"the engine scored {len(rows)} positions for a prompt of {len(prompt.ids) + 1} tokens")
+            raise UnusableAnswer(f"the engine scored {len(rows)} positions for a prompt of {len(prompt.ids) + 1} tokens")
         for t in range(len(prompt.ids)):
             got = rows[t + 1]  # the distribution after ids[:t + 1]
             if not got:
-                raise BadReference(f"the engine returned no log-probabilities at position {t + 1}")
+                raise UnusableAnswer(f"the engine returned no log-probabilities at position {t + 1}")
             reference = dict(zip(prompt.top_ids[t].tolist(), prompt.top_logprobs[t].tolist()))
             for token, logprob in got.items():
                 if token in reference:
@@ -130,12 +135,13 @@ def _prompt_logprobs(answer: dict[str, Any]) -> list[dict[int, float]]:
         rows = answer["choices"][0]["prompt_logprobs"]
         return [{} if row is None else {int(token): float(v["logprob"]) for token, v in row.items()} for row in rows]
     except (KeyError, IndexError, TypeError, ValueError) as err:
-        raise BadReference(f"the engine's answer has no usable prompt_logprobs: {err!r}") from None
+        raise UnusableAnswer(f"the engine's answer has no usable prompt_logprobs: {err!r}") from None
 
 
 async def check_on_vllm(engines: EnginePool, base: str, adapter_id: str, prompts: list[ReferencePrompt], *, atol: float = DEFAULT_ATOL) -> tuple[int, dict[str, Any]]:
-    """(status, body): 200 with the logit report, or the engine's refusal (the resolver could not find
-    or load the adapter: 404/400) with its error body."""
+    """(status, body): 200 with the logit report, or the engine's error status with its body (the
+    registry tells a refusal of the adapter, 400/422, from the engine's own trouble: 404 when the
+    resolver found or loaded nothing, 5xx)."""
     k = min(VLLM_MAX_LOGPROBS, prompts[0].top_ids.shape[1])
     answers = []
     for prompt in prompts:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import openai
 import pytest
 
@@ -183,9 +184,38 @@ def _put_adapter(store: LocalStore, prefix: str, *, config: dict | None = None, 
         store.put_bytes(f"{prefix}/{name}", data)
 
 
+def _put_reference(store: LocalStore, prefix: str) -> None:
+    """A training-side reference (``gpu_worker.engine.compat.write_reference``'s layout): one prompt of
+    two tokens, the top 2 next-token log-probabilities after each."""
+    from safetensors.numpy import save
+
+    tensors = {
+        "ids_0": np.array([5, 6], dtype=np.int64),
+        "top_ids_0": np.array([[1, 2], [3, 4]], dtype=np.int64),
+        "top_logprobs_0": np.array([[-0.5, -1.5], [-0.25, -2.0]], dtype=np.float32),
+    }
+    store.put_bytes(f"{prefix}/reference_logits.safetensors", save(tensors))
+
+
+def _trained_here(db_session, model: str) -> None:
+    """Give the row the manifest a platform training run gives it (scheduler.agent: an AdapterManifest)."""
+    from scheduler.models import Adapter
+
+    row = db_session.get(Adapter, model)
+    row.manifest = {"schema_version": 1, "job_id": row.job_id, "base_model": row.base_model, "key": row.storage_key, "files": []}
+    db_session.flush()
+
+
+def _versions(gw, key) -> dict:
+    answer = gw.http().get("/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    return {v["id"]: v for a in answer for v in a["versions"]}
+
+
 def test_check_runs_at_first_use_and_refuses_pickles(engines, gateway, make_org, make_adapter, data_dir):
     """On vLLM (its resolver loads adapters by name from the index): the check publishes the adapter,
-    vLLM loads it on the check's request, and a failed adapter is never published."""
+    vLLM loads it on the check's request, and a failed adapter is never published. ``good`` has no
+    platform manifest (imported): without a reference it passes on loading and answering alone, and its
+    report says so."""
     store = LocalStore(data_dir / "objects")
     engine = engines(resolver_store=str(data_dir / "objects"))
     gw = gateway({BUILTIN_BASE_MODEL: [engine.url]}, engine_kind="vllm")
@@ -201,8 +231,9 @@ def test_check_runs_at_first_use_and_refuses_pickles(engines, gateway, make_org,
     assert err.value.code == "adapter_incompatible" and "pickle" in err.value.message
     assert engine.state.load_calls == {good: 1} and engine.state.not_found == 0  # the bad one never reached it
     assert sum(engine.state.load_requests.values()) == 0  # vLLM is never sent a path
-    listed = {v["id"]: v for a in gw.http().get("/v1/adapters", headers={"Authorization": f"Bearer {key}"}).json()["data"] for v in a["versions"]}
+    listed = _versions(gw, key)
     assert listed[good]["status"] == "active" and listed[good]["compatibility"]["logits"] == {"status": "no_reference"}
+    assert listed[good]["compatibility"]["reference"] == "none: imported adapter"
     assert listed[bad]["status"] == "incompatible" and listed[bad]["version"] is None
     # Published for vLLM's resolver by the check; withdrawn (and unloaded) when deleted.
     assert index.lookup(store, good).key == "adapters/good" and index.lookup(store, bad) is None
@@ -210,16 +241,185 @@ def test_check_runs_at_first_use_and_refuses_pickles(engines, gateway, make_org,
     assert index.lookup(store, good) is None and good not in engine.state.loaded
 
 
-def test_builtin_kind_refuses_an_engine_without_the_check_route(engines, gateway, make_org, make_adapter, data_dir):
-    """A vLLM deployed as if it were the built-in engine cannot check (or load) adapters: said plainly."""
+def test_a_platform_trained_adapter_without_its_reference_fails_the_check(engines, gateway, make_org, make_adapter, data_dir, db_session):
+    """Trained here, an adapter must reproduce its training-side reference: without one it is refused (it
+    used to pass as "no_reference"); with one it is compared and passes or fails on the comparison."""
+    store = LocalStore(data_dir / "objects")
+    engine = engines(resolver_store=str(data_dir / "objects"))
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]}, engine_kind="vllm")
+    org, key = make_org()
+    _put_adapter(store, "adapters/noref")
+    _put_adapter(store, "adapters/ref")
+    _put_reference(store, "adapters/ref")
+    noref = make_adapter(org, suffix="noref", checked=False, storage_key="adapters/noref")
+    ref = make_adapter(org, suffix="ref", checked=False, storage_key="adapters/ref")
+    for model in (noref, ref):
+        _trained_here(db_session, model)
+
+    with pytest.raises(openai.BadRequestError) as err:
+        gw.client(key).chat.completions.create(model=noref, messages=MESSAGES)
+    assert err.value.code == "adapter_incompatible" and "reference_logits.safetensors" in err.value.message
+    assert gw.client(key).chat.completions.create(model=ref, messages=MESSAGES).choices
+    listed = _versions(gw, key)
+    assert (listed[noref]["status"], listed[noref]["compatibility"]["code"]) == ("incompatible", "reference_missing")
+    assert listed[ref]["status"] == "active" and listed[ref]["compatibility"]["logits"]["status"] == "match"
+    assert noref not in engine.state.load_calls and index.lookup(store, noref) is None  # refused before any engine
+
+    engine.state.logprob_shift = 1.0  # an engine that does not reproduce training: refused on the comparison
+    again = gw.http().post(f"/v1/adapters/{ref}/check", params={"force": "true"}, headers={"Authorization": f"Bearer {key}"})
+    assert again.status_code == 200 and again.json()["code"] == "logits_mismatch"
+
+
+class _CheckRoute:
+    """An engine that has the built-in engine's check route (the fake vLLM with the route added): it
+    answers each check with the next of ``answers`` ((status, body) or a delay in seconds, then 200)."""
+
+    MATCH = {"base_model": BUILTIN_BASE_MODEL, "logits": {"status": "match", "prompts": 1, "max_abs_diff": 0.0, "top1_agreement": 1.0}}
+
+    def __init__(self, answers):
+        from conftest import FakeEngine, LiveServer
+        from fake_vllm import EngineState, create_engine_app
+
+        self.answers, self.calls = list(answers), 0
+        state = EngineState(base_model=BUILTIN_BASE_MODEL)
+        app = create_engine_app(state)
+        app.add_api_route("/v1/tuneforge/check_adapter", self._check, methods=["POST"])
+        self.engine = FakeEngine(state, LiveServer(app).start())
+
+    async def _check(self):
+        import asyncio
+
+        from fastapi.responses import JSONResponse
+
+        self.calls += 1
+        answer = self.answers.pop(0) if self.answers else (200, self.MATCH)
+        if isinstance(answer, (int, float)):
+            await asyncio.sleep(answer)
+            answer = (200, self.MATCH)
+        return JSONResponse(answer[1], status_code=answer[0])
+
+
+@pytest.fixture
+def check_engine():
+    made = []
+
+    def make(*answers) -> _CheckRoute:
+        made.append(_CheckRoute(answers))
+        return made[-1]
+
+    yield make
+    for route in made:
+        route.engine.stop()
+
+
+def test_an_engine_error_during_the_check_is_a_503_and_records_nothing(check_engine, gateway, make_org, make_adapter, data_dir, caplog):
+    """5xx, a timeout or no replica say nothing about the adapter: the client gets a retryable 503
+    without the engine's message, nothing is stored, and the next request checks again and passes."""
+    internal = {"error": {"message": "Traceback: CUDA error at /srv/secret/path.py", "type": "InternalServerError", "code": 500}}
+    route = check_engine((500, internal), 5.0, (502, "bad gateway"))
+    gw = gateway({BUILTIN_BASE_MODEL: [route.engine.url]}, adapter_load_timeout_s=0.5)
+    org, key = make_org()
+    _put_adapter(LocalStore(data_dir / "objects"), "adapters/a")
+    model = make_adapter(org, suffix="a", checked=False, storage_key="adapters/a")
+
+    for _ in range(3):  # the 500, the timeout, the 502
+        answer = gw.http().post("/v1/chat/completions", json={"model": model, "messages": MESSAGES}, headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+        error = answer.json()["error"]
+        assert (error["code"], error["type"], error["param"]) == ("adapter_check_unavailable", "server_error", "model")
+        assert "secret" not in answer.text and "Traceback" not in answer.text
+        assert _versions(gw, key)[model]["status"] == "unchecked"
+    assert "/srv/secret/path.py" in caplog.text  # the operator sees it in the log
+    assert gw.client(key).chat.completions.create(model=model, messages=MESSAGES).choices
+    assert route.calls == 4 and _versions(gw, key)[model]["status"] == "active"
+
+
+def test_no_replica_for_the_check_is_a_503(check_engine, gateway, make_org, make_adapter, data_dir):
+    route = check_engine()
+    gw = gateway({BUILTIN_BASE_MODEL: [route.engine.url]})
+    org, key = make_org()
+    _put_adapter(LocalStore(data_dir / "objects"), "adapters/a")
+    model = make_adapter(org, suffix="a", checked=False, storage_key="adapters/a")
+    route.engine.stop()
+
+    answer = gw.http().post(f"/v1/adapters/{model}/check", headers={"Authorization": f"Bearer {key}"})
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "adapter_check_unavailable"
+    assert "retry-after" in answer.headers and _versions(gw, key)[model]["compatibility"] is None
+
+
+def test_the_adapters_own_refusal_is_a_verdict_and_force_checks_again(check_engine, gateway, make_org, make_adapter, data_dir):
+    """A 400 from the engine (the adapter's shapes, its base) is stored; POST /check returns the stored
+    verdict without asking the engine, and ``?force=true`` asks it again and replaces the verdict."""
+    refusal = {"error": {"message": "adapter weight 'x' has shape (8, 3), the base model needs (8, 64)", "type": "BadRequestError", "code": "shape_mismatch"}}
+    route = check_engine((400, refusal))
+    gw = gateway({BUILTIN_BASE_MODEL: [route.engine.url]})
+    org, key = make_org()
+    admin = {"Authorization": f"Bearer {key}"}
+    _put_adapter(LocalStore(data_dir / "objects"), "adapters/a")
+    model = make_adapter(org, suffix="a", checked=False, storage_key="adapters/a")
+
+    with pytest.raises(openai.BadRequestError) as err:
+        gw.client(key).chat.completions.create(model=model, messages=MESSAGES)
+    assert err.value.code == "adapter_incompatible" and "shape (8, 3)" in err.value.message
+    stored = gw.http().post(f"/v1/adapters/{model}/check", headers=admin).json()
+    assert (stored["passed"], stored["code"], route.calls) == (False, "shape_mismatch", 1)
+
+    fixed = gw.http().post(f"/v1/adapters/{model}/check", params={"force": "true"}, headers=admin)
+    assert fixed.status_code == 200 and fixed.json()["passed"] is True and route.calls == 2
+    assert _versions(gw, key)[model]["status"] == "active" and _versions(gw, key)[model]["version"] == 1
+    assert gw.client(key).chat.completions.create(model=model, messages=MESSAGES).choices
+    assert route.engine.state.served[-1] == model
+    bad = gw.http().post(f"/v1/adapters/{model}/check", params={"force": "maybe"}, headers=admin)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "force"
+
+
+def test_a_forced_recheck_that_fails_stops_serving_the_version(check_engine, gateway, make_org, make_adapter, data_dir):
+    route = check_engine((200, _CheckRoute.MATCH), (200, {"logits": {"status": "mismatch", "max_abs_diff": 2.5}}))
+    gw = gateway({BUILTIN_BASE_MODEL: [route.engine.url]})
+    org, key = make_org()
+    _put_adapter(LocalStore(data_dir / "objects"), "adapters/a")
+    model = make_adapter(org, suffix="a", checked=False, storage_key="adapters/a")
+    assert gw.client(key).chat.completions.create(model=model, messages=MESSAGES).choices
+    assert model in route.engine.state.loaded
+
+    again = gw.http().post(f"/v1/adapters/{model}/check", params={"force": "true"}, headers={"Authorization": f"Bearer {key}"}).json()
+    assert (again["passed"], again["code"]) == (False, "logits_mismatch")
+    assert model not in route.engine.state.loaded  # unloaded everywhere
+    with pytest.raises(openai.BadRequestError) as err:
+        gw.client(key).chat.completions.create(model=model, messages=MESSAGES)
+    assert err.value.code == "adapter_incompatible"
+    assert _versions(gw, key)[model]["version"] == 1  # it keeps its number; promote another to replace it
+
+
+def test_a_stored_legacy_no_route_failure_is_checked_again(check_engine, gateway, make_org, make_adapter, data_dir, db_session):
+    """Earlier gateways stored "no check route" as a failure; it is not a verdict on the adapter."""
+    from serving.adapter_registry import record_check
+
+    route = check_engine()
+    gw = gateway({BUILTIN_BASE_MODEL: [route.engine.url]})
+    org, key = make_org()
+    _put_adapter(LocalStore(data_dir / "objects"), "adapters/a")
+    model = make_adapter(org, suffix="a", checked=False, storage_key="adapters/a")
+    record_check(db_session, org.id, model, {"passed": False, "reason": "the engine has no adapter check route", "code": "engine_misconfigured"})
+    assert _versions(gw, key)[model]["status"] == "unchecked"
+    assert gw.client(key).chat.completions.create(model=model, messages=MESSAGES).choices
+    assert route.calls == 1
+
+
+def test_builtin_kind_refuses_an_engine_without_the_check_route(engines, gateway, make_org, make_adapter, data_dir, caplog):
+    """A vLLM deployed as if it were the built-in engine cannot check (or load) adapters: a 503 to the
+    client, the misconfiguration in the log, and nothing stored against the adapter."""
     engine = engines()  # the fake has no /v1/tuneforge/check_adapter, like vLLM
     gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
     org, key = make_org()
     _put_adapter(LocalStore(data_dir / "objects"), "adapters/good")
     good = make_adapter(org, suffix="good", checked=False, storage_key="adapters/good")
-    with pytest.raises(openai.BadRequestError) as err:
+    with pytest.raises(openai.InternalServerError) as err:
         gw.client(key).chat.completions.create(model=good, messages=MESSAGES)
-    assert err.value.code == "adapter_incompatible" and "TUNEFORGE_ENGINE_KIND" in err.value.message
+    assert err.value.status_code == 503 and err.value.code == "adapter_check_unavailable"
+    assert err.value.response.headers["retry-after"] == "5"
+    assert "TUNEFORGE_ENGINE_KIND" in caplog.text and "TUNEFORGE_ENGINE_KIND" not in err.value.message
+    assert _versions(gw, key)[good]["compatibility"] is None
 
 
 @pytest.mark.parametrize(

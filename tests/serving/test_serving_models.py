@@ -127,3 +127,18 @@ def test_unknown_base_model_is_404(engines, gateway, make_org):
         gw.client(key).completions.create(model="gpt-4o", prompt="x")
 
     assert err.value.body["param"] == "model"
+
+
+def test_models_list_shows_a_fine_tuned_version_once_its_check_passed(engines, gateway, make_org, make_adapter, db_session):
+    """An unchecked version is callable (its first request checks it) but not listed until it passed; a
+    failed one is never listed."""
+    from serving.adapter_registry import record_check
+
+    gw = gateway({BUILTIN_BASE_MODEL: [engines().url]})
+    org, key = make_org()
+    unchecked, failed = make_adapter(org, suffix="new", checked=False), make_adapter(org, suffix="bad", checked=False)
+    record_check(db_session, org.id, failed, {"passed": False, "reason": "rank too large", "code": "rank_too_large"})
+
+    assert {m.id for m in gw.client(key).models.list()} == {BUILTIN_BASE_MODEL}
+    record_check(db_session, org.id, unchecked, {"passed": True, "static": {}, "logits": {"status": "match"}})
+    assert {m.id for m in gw.client(key).models.list()} == {BUILTIN_BASE_MODEL, unchecked, unchecked.rsplit(":", 1)[0]}

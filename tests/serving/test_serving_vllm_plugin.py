@@ -140,9 +140,11 @@ def test_compare_with_vllm_prompt_logprobs(tmp_path):
     assert report["status"] == "mismatch" and report["top1_agreement"] == 0.5 and report["max_abs_diff"] == pytest.approx(1.05)
     moved = _vllm_answer([[(1, -0.5)], [(4, -0.45)]])
     assert check.compare([ref], [moved], atol=0.1)["status"] == "mismatch"
-    with pytest.raises(check.BadReference, match="positions"):
-        check.compare([ref], [_vllm_answer([[(1, -0.5)]])])
+    # The adapter's fault (a verdict) vs an answer the engine got wrong (no verdict: the check is retried).
     with pytest.raises(check.BadReference, match="share none"):
         check.compare([ref], [_vllm_answer([[(99, -0.5)], [(98, -0.1)]])])
-    with pytest.raises(check.BadReference, match="no log-probabilities"):
-        check.compare([ref], [_vllm_answer([[(1, -0.5)], []])])
+    for unusable, match in ((_vllm_answer([[(1, -0.5)]]), "positions"), (_vllm_answer([[(1, -0.5)], []]), "no log-probabilities"),
+                            ({"choices": []}, "prompt_logprobs")):
+        with pytest.raises(check.UnusableAnswer, match=match):
+            check.compare([ref], [unusable])
+        assert not issubclass(check.UnusableAnswer, check.BadReference)
