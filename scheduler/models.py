@@ -303,3 +303,14 @@ class InferenceQuota(Base):
     org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True)
     tokens: Mapped[int] = mapped_column(BigInteger)
     period: Mapped[str] = mapped_column(String(10), default="month")  # "day" | "month"
+
+class BaseModelEntitlement(Base):
+    """Whether an organization may call a base model (and its fine-tuned models): a grant (``entitled``)
+    or a revocation, overriding the platform default for that base (``Settings.default_base_models``).
+    Set by the platform operator's admins (``scheduler.entitlements``)."""
+
+    __tablename__ = "base_model_entitlements"
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True)
+    base_model: Mapped[str] = mapped_column(String(512), primary_key=True)
+    entitled: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
