@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     bootstrap_api_key: str | None = None
     # Base models tenants may fine-tune and call: built-in names, hub ids or local paths.
     base_models: list[str] = Field(default_factory=lambda: [BUILTIN_BASE_MODEL])
+    # The base models an organization may call unless it has an entitlement entry of its own for them
+    # (a grant or a revocation: scheduler.entitlements). Unset: every base model, as before entitlements
+    # existed (the embedded demo needs no setup); a JSON list (possibly empty): only those.
+    default_base_models: list[str] | None = None
     # Worker lease: a claimed job must be heartbeated within this many seconds or the reaper
     # returns it to the queue.
     lease_seconds: float = 30.0
@@ -50,6 +54,9 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'tuneforge.db'}"
         if not self.storage_url:
             self.storage_url = str(self.data_dir / "objects")
+        unknown = sorted(set(self.default_base_models or ()) - set(self.base_models))
+        if unknown:
+            raise ValueError(f"default_base_models names {unknown}, which are not in base_models")
         if self.environment == "production":
             if self.database_url.startswith("sqlite"):
                 raise ValueError("production needs TUNEFORGE_DATABASE_URL (PostgreSQL), not SQLite")
