@@ -1,7 +1,7 @@
 """files.duplicates: the upload's exact and near-duplicate report, shown on the file object
 
 Revision ID: 0011
-Revises: 0008 (assigned: 0010, which did not exist yet when this was written; the chain is re-linked when it lands)
+Revises: 0010
 Create Date: 2026-12-05 20:40:00
 """
 from alembic import op
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 
 revision = '0011'
-down_revision = '0008'
+down_revision = '0010'
 branch_labels = None
 depends_on = None
 
