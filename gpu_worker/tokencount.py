@@ -11,12 +11,17 @@ Other methods are estimates of the tokens their loss covers: preference pairs co
 each answer (trained: both answers), KTO the prompt with its completion (trained: the completion),
 GRPO prompts count the prompt's tokens, and the job estimate is ``num_generations x
 max_completion_length`` generated tokens per prompt (an upper bound: generation may stop earlier).
+
+``count_job_files`` gives each file's counts (the API's estimate reads the tokens processed, the
+scheduler also whether a file is left with no example the trainer can use); ``local_tokenizer_dir``
+finds a base model's tokenizer on this machine (nothing is downloaded: without one, no count is made).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any, Iterable
 
 from gpu_worker.contract import ChatTemplate, DataFormat, JobSpec, Method
@@ -45,6 +50,12 @@ class TokenStats:
     trained_tokens: int  # tokens carrying a loss
     truncated: int  # examples cut at max_seq_length
     dropped: int = 0  # examples left with no trained token after truncation (the trainer skips them)
+    duplicates: int = 0  # examples dropped as exact repeats of an earlier one (with ``seen``: dedupe)
+
+    @property
+    def usable(self) -> int:
+        """Examples the trainer keeps."""
+        return self.examples - self.dropped - self.duplicates
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
@@ -93,7 +104,7 @@ def count_tokens(
     view = view or TokenizerView.from_dir(tokenizer_dir)
     template = resolve_template(chat_template, view.chat_template)
     validator = FileValidator(min_examples=0, format=format)
-    examples = tokens = trained = truncated = dropped = 0
+    examples = tokens = trained = truncated = dropped = duplicates = 0
     for raw in lines:
         before = validator.error_count
         obj = validator.feed(raw)
@@ -119,39 +130,107 @@ def count_tokens(
             if seen is not None:  # dedupe: the trainer drops exact repeats, across all files
                 key = exact_key(example)
                 if key in seen:
-                    dropped += 1
+                    duplicates += 1
                     continue
                 seen.add(key)
             tokens += len(example.input_ids)
             trained += example.trained_tokens
-    return TokenStats(examples, tokens, trained, truncated, dropped)
+    return TokenStats(examples, tokens, trained, truncated, dropped, duplicates)
 
 
-def estimate_job_tokens(store: ObjectStore, spec: JobSpec, tokenizer_dir: str | os.PathLike) -> int:
-    """Trained tokens of the whole job: every training file's, scaled by its mixing weight and by
-    the held-out split, times the epochs (GRPO: plus the generated tokens). Raises
+@dataclasses.dataclass(frozen=True)
+class FileCount:
+    param: str  # the job's field naming the file: training_file, extra_training_files[i], validation_file
+    weight: float  # mixing weight (1 for the primary and validation files)
+    stats: TokenStats
+
+
+def count_job_files(store: ObjectStore, spec: JobSpec, tokenizer_dir: str | os.PathLike, *, validation: bool = False) -> list[FileCount]:
+    """Every training file's counts, in the trainer's order (exact repeats across them are counted
+    as ``duplicates`` when the job dedupes), and the validation file's last when ``validation``. Raises
     ``TokenCountError`` for a missing file or a bad line."""
     opts, hp = spec.data, spec.hyperparameters
     view = TokenizerView.from_dir(tokenizer_dir)
     # each named by the job's field, never by its storage key (a tenant knows file ids, not our layout)
     files = [(spec.training_file_key, opts.format, 1.0, "training_file")]
     files += [(f.key, f.format, f.weight, f"extra_training_files[{i}]") for i, f in enumerate(opts.extra_training_files)]
-    total = 0.0
+    if validation and spec.validation_file_key:
+        files.append((spec.validation_file_key, opts.format, 1.0, "validation_file"))
     seen: set[bytes] | None = set() if opts.dedupe else None
+    counts = []
     for key, fmt, weight, param in files:
         try:
-            stats = count_tokens(iter_lines(store, key), tokenizer_dir=tokenizer_dir, format=fmt, chat_template=opts.chat_template, max_seq_length=hp.max_seq_length, train_on_inputs=opts.train_on_inputs, view=view, seen=seen)
+            stats = count_tokens(iter_lines(store, key), tokenizer_dir=tokenizer_dir, format=fmt, chat_template=opts.chat_template, max_seq_length=hp.max_seq_length,
+                                 train_on_inputs=opts.train_on_inputs, view=view, seen=None if param == "validation_file" else seen)
         except ObjectNotFound:
             raise TokenCountError(f"{param}: the file is not in storage", param) from None
         except TokenCountError as err:
             raise TokenCountError(f"{param}: {err}", param) from None
-        usable = stats.examples - stats.dropped
-        if not usable:
+        counts.append(FileCount(param, weight, stats))
+    return counts
+
+
+def job_tokens(spec: JobSpec, counts: Iterable[FileCount], *, trained: bool = True) -> int:
+    """The job's tokens over all epochs from its training files' counts, each scaled by its mixing
+    weight and by the held-out split: the loss-bearing ones (``trained``; GRPO: the generated ones),
+    or all the model processes (GRPO: each prompt once per generation, with its generated tokens)."""
+    p, total = spec.method_params, 0.0
+    for count in counts:
+        stats = count.stats
+        if count.param == "validation_file" or not stats.usable:
             continue
-        per_example = stats.trained_tokens / usable
         if spec.method == Method.grpo:  # the loss covers generated tokens, not the file's
-            per_example = spec.method_params.grpo_num_generations * spec.method_params.grpo_max_completion_length
-        total += per_example * mixed_count(usable, weight)
-    if not spec.validation_file_key and opts.validation_split:
-        total *= 1 - opts.validation_split
-    return int(round(total * hp.n_epochs))
+            generated = p.grpo_num_generations * p.grpo_max_completion_length
+            per_example = generated if trained else p.grpo_num_generations * stats.tokens / stats.usable + generated
+        else:
+            per_example = (stats.trained_tokens if trained else stats.tokens) / stats.usable
+        total += per_example * mixed_count(stats.usable, count.weight)
+    if not spec.validation_file_key and spec.data.validation_split:
+        total *= 1 - spec.data.validation_split
+    return int(round(total * spec.hyperparameters.n_epochs))
+
+
+def unusable_file(spec: JobSpec, counts: Iterable[FileCount]) -> tuple[str, str] | None:
+    """``(param, message)`` of the first file the supervised trainer would refuse for having no
+    example left to train on, said as the trainer says it (gpu_worker.data.dataset), or None. Other
+    methods keep every example (their truncation keeps part of each answer)."""
+    if spec.method != Method.supervised:
+        return None
+    counts = list(counts)
+    for count in counts:  # the trainer reads each file, then dedupes across them
+        if not count.stats.examples - count.stats.dropped:
+            dropped = count.stats.dropped
+            why = f" ({dropped} lost every trained token to max_seq_length={spec.hyperparameters.max_seq_length})" if dropped else ""
+            return count.param, f"the file has no usable example{why}"
+    for count in counts:
+        if count.param != "validation_file" and not count.stats.usable:
+            return count.param, "no example left after duplicates and the held-out split were removed"
+    return None
+
+
+def estimate_job_tokens(store: ObjectStore, spec: JobSpec, tokenizer_dir: str | os.PathLike) -> int:
+    """Trained tokens of the whole job: every training file's, scaled by its mixing weight and by
+    the held-out split, times the epochs (GRPO: plus the generated tokens). Raises
+    ``TokenCountError`` for a missing file or a bad line."""
+    return job_tokens(spec, count_job_files(store, spec, tokenizer_dir))
+
+
+def _hf_hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+
+
+def local_tokenizer_dir(model: str, data_dir: str | os.PathLike) -> Path | None:
+    """A folder on this machine holding ``model``'s ``tokenizer.json``: a built-in model's (once a
+    worker here created it), a local model folder, or the model's snapshot in the Hugging Face cache
+    (``refs/main``'s, else the newest). None: not here, and nothing is downloaded."""
+    for candidate in (Path(data_dir) / "models" / model, Path(model).expanduser()):
+        if (candidate / "tokenizer.json").is_file():
+            return candidate
+    repo = _hf_hub_cache() / f"models--{model.replace('/', '--')}"
+    ref = repo / "refs" / "main"
+    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip() / "tokenizer.json").is_file():
+        return repo / "snapshots" / ref.read_text().strip()
+    found = sorted((repo / "snapshots").glob("*/tokenizer.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1].parent if found else None

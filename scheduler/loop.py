@@ -1,7 +1,9 @@
 """The scheduler's loop: moves jobs along the state machine and keeps workers nudged.
 
 Each tick, in its own transactions:
-1. ``validating_files`` jobs: re-check their files (still there, enough examples) → ``queued`` or failed;
+1. ``validating_files`` jobs: check their files as a worker would (``scheduler.file_checks``: still
+   there, enough examples, lines readable in the declared format, GRPO reward fields, token counts
+   where the tokenizer is here) → ``queued`` or failed;
 2. ``running`` jobs whose lease expired (their worker died): back to the queue, or failed after
    ``max_attempts``;
 3. ``queued`` jobs not nudged recently: route them and nudge their queue in fair order (priorities,
@@ -19,15 +21,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 
 from gpu_worker.contract import JobSpec
 from gpu_worker.storage import delete_orphans, open_store
-from gpu_worker.tokencount import TokenCountError, estimate_job_tokens
-from scheduler import jobs
+from scheduler import file_checks, jobs
 from scheduler.db import session_scope
 from scheduler.dispatch import Dispatcher
 from scheduler.models import File, Job, JobStatus, Upload, UploadPart, utcnow
@@ -38,59 +38,23 @@ from scheduler.settings import Settings
 
 log = logging.getLogger("tuneforge.scheduler")
 
-MIN_EXAMPLES = 10
 RENUDGE_SECONDS = 5.0
 BATCH = 50
 
 
 def validate_files(settings: Settings) -> int:
+    """Jobs whose files passed ``file_checks`` move to the queue; the others fail, saying why."""
     store = open_store(settings.storage_url)
     moved = 0
     with session_scope(settings.database_url) as session:
         pending = session.scalars(select(Job).where(Job.status == JobStatus.validating_files).order_by(Job.created_at).limit(BATCH)).all()
         for job in pending:
-            problem = None
-            for param, file_id in (("training_file", job.training_file_id), ("validation_file", job.validation_file_id)):
-                if file_id is None:
-                    continue
-                f = session.get(File, file_id)
-                if f is None or f.org_id != job.org_id or not store.exists(f.storage_key):
-                    problem = (param, f"file {file_id} no longer exists")
-                elif param == "training_file" and f.examples < MIN_EXAMPLES:
-                    problem = (param, f"training file has {f.examples} examples; at least {MIN_EXAMPLES} are required")
-                if problem:
-                    break
-            if problem is None:
-                problem = _estimate(settings, store, session, job)
+            problem = file_checks.check_job(session, store, settings, job)
             if problem:
-                jobs.fail(session, job, "invalid_" + problem[0], problem[1], problem[0])
+                jobs.fail(session, job, problem.code, problem.message, problem.param)
             elif jobs.mark_queued(session, job):
                 moved += 1
     return moved
-
-
-def _tokenizer_dir(settings: Settings, model: str) -> Path | None:
-    """A local folder holding the base model's tokenizer: a built-in model's (once created) or a
-    local model path. Hub models are counted by the worker instead."""
-    for candidate in (settings.data_dir / "models" / model, Path(model).expanduser()):
-        if (candidate / "tokenizer.json").is_file():
-            return candidate
-    return None
-
-
-def _estimate(settings: Settings, store, session, job: Job) -> tuple[str, str] | None:
-    """Store the job's estimated trained tokens (all epochs) before it is queued; a file that cannot
-    be tokenized is a problem of that file."""
-    tokenizer_dir = _tokenizer_dir(settings, job.model)
-    if tokenizer_dir is None:
-        jobs.add_event(session, job, f"No local tokenizer for {job.model}: the token estimate will come from the worker")
-        return None
-    try:
-        job.estimated_tokens = estimate_job_tokens(store, JobSpec.model_validate(job.spec), tokenizer_dir)
-    except TokenCountError as err:
-        return (err.param, str(err))
-    jobs.add_event(session, job, f"Estimated trained tokens: {job.estimated_tokens:,} (all epochs)", data={"estimated_tokens": job.estimated_tokens})
-    return None
 
 
 # expiry needs no sub-second timing: once a minute, not every tick (an expired file an hours-long job still
