@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gpu_worker.storage import open_store
+from scheduler import entitlements
 from scheduler.jobs import checkpoint_model_name
 from scheduler.models import Adapter, AdapterAlias, Checkpoint, utcnow
 from scheduler.tenancy import Principal
@@ -67,6 +68,15 @@ def find(session: Session, org_id: str, model: str) -> Adapter | None:
     if row is None or row.org_id != org_id or row.deleted_at is not None:
         return None
     return row
+
+
+def find_runnable(session: Session, org_id: str, model: str, base_models: list[str], default_base_models: list[str] | None) -> str | None:
+    """The version id ``model`` names if it may run: the org's, live, on a base the org is entitled to
+    (``scheduler.entitlements``); None otherwise (a 404, as for a model that does not exist)."""
+    row = find(session, org_id, model)
+    if row is None or not entitlements.is_entitled(session, org_id, row.base_model, base_models, default_base_models):
+        return None
+    return row.id
 
 
 # --- the check ------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ async def check(
     """The adapter's verdict, checking it if it has none; ``?force=true`` checks it again and replaces the
     verdict (a version that no longer passes stops serving and is unloaded everywhere)."""
     _require_admin(principal)
-    row = await db.run(lambda s: getattr(adapter_registry.find(s, principal.org_id, model), "id", None))
+    row = await db.run(lambda s: adapter_registry.find_runnable(s, principal.org_id, model, settings.base_models, settings.default_base_models))
     if row is None:
         raise adapter_registry.ModelNotFound(model)
     report = await adapter_registry.ensure_checked(settings, db, engines, principal.org_id, row, force=force)
