@@ -17,13 +17,13 @@ router = APIRouter()
 
 @router.get("/v1/models", response_model=ModelsPublic)
 async def list_models(principal: CurrentPrincipal, db: DatabaseDep, settings: SettingsDep) -> ModelsPublic:
-    return await db.run(lambda session: registry.list_models(session, principal, settings.base_models))
+    return await db.run(lambda session: registry.list_models(session, principal, settings.base_models, settings.default_base_models))
 
 
 # ``:path`` because hub ids contain slashes ("org/model").
 @router.get("/v1/models/{model:path}", response_model=ModelPublic)
 async def retrieve_model(model: str, principal: CurrentPrincipal, db: DatabaseDep, settings: SettingsDep) -> ModelPublic:
-    return await db.run(lambda session: registry.get_model(session, principal, model, settings.base_models))
+    return await db.run(lambda session: registry.get_model(session, principal, model, settings.base_models, settings.default_base_models))
 
 
 # OpenAI's ``models.delete``: a fine-tuned model, one version (``ft:…:{job}``) or a name with all its versions,
