@@ -49,7 +49,7 @@ def test_estimate_returns_plan_tokens_time_and_price_and_creates_nothing(client_
     assert plan["micro_batch_size"] * plan["gradient_accumulation_steps"] == 8
     assert plan["predicted_memory_gb"] == pytest.approx(sum(plan["memory_breakdown_gb"].values()), abs=0.05)
     size = db_session.get(File, file_id).bytes
-    assert est["estimated_tokens"] == 3 * -(-size // BYTES_PER_TOKEN)
+    assert (est["estimated_tokens"], est["tokens_source"]) == (3 * -(-size // BYTES_PER_TOKEN), "file_size")  # no tokenizer here
     assert est["estimated_seconds"] == pytest.approx(est["estimated_tokens"] / est["tokens_per_second"], abs=1)
     hours = est["estimated_tokens"] / est["tokens_per_second"] / 3600
     assert est["gpu_hours"] == pytest.approx(hours, rel=0.01, abs=1e-4)
@@ -128,3 +128,71 @@ def test_a_multiplier_that_rounds_the_learning_rate_to_zero_is_400_not_500(http,
     error = response.json()["error"]
     assert (error["param"], error["type"], error["code"]) == (param, "invalid_request_error", "invalid_value")
     assert db_session.scalar(select(func.count()).select_from(Job)) == jobs_before
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tmp_path_factory):
+    from gpu_worker.builtin import BUILTIN_MODELS, TINY, build_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    build_tokenizer(BUILTIN_MODELS[TINY].vocab_size).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_tokenizer(settings, tokenizer_folder):
+    """The built-in model's tokenizer in the API's data dir, as a worker on this machine leaves it."""
+    folder = settings.data_dir / "models" / "tuneforge-tiny"
+    folder.mkdir(parents=True)
+    for f in tokenizer_folder.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def _chat_file(n: int, user: str = "question") -> bytes:
+    return b"".join(json.dumps(chat_line(f"{user} {i}", f"answer {i}")).encode() + b"\n" for i in range(n))
+
+
+def test_with_the_tokenizer_here_tokens_are_counted_as_the_trainer_counts(client_a, upload, fleet, db_session, store, tiny_tokenizer):
+    from gpu_worker.tokencount import count_tokens
+
+    file_id = upload(_chat_file(12))
+    est = _estimate(client_a, model="tuneforge-tiny", training_file=file_id, method=_hp(n_epochs=3))
+    counted = count_tokens(store.get_bytes(db_session.get(File, file_id).storage_key).splitlines(), tokenizer_dir=tiny_tokenizer, max_seq_length=512)
+    assert (est["tokens_source"], est["estimated_tokens"]) == ("tokenizer", 3 * counted.tokens)
+    assert est["estimated_tokens"] != 3 * -(-db_session.get(File, file_id).bytes // BYTES_PER_TOKEN)
+    # GRPO: each prompt once per generation, with the generated tokens
+    prompts = b"".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}).encode() + b"\n" for i in range(20))
+    grpo = upload(prompts)
+    method = {"type": "grpo", "grpo": {"hyperparameters": {"n_epochs": 1}, "rewards": [{"kind": "exact_match"}]}}
+    est = _estimate(client_a, model="tuneforge-tiny", training_file=grpo, method=method)
+    prompt_tokens = count_tokens(prompts.splitlines(), tokenizer_dir=tiny_tokenizer, max_seq_length=512).tokens
+    assert (est["tokens_source"], est["estimated_tokens"]) == ("tokenizer", 4 * (prompt_tokens + 20 * 64))
+
+
+def test_without_the_tokenizer_or_past_the_count_limit_tokens_come_from_file_size(client_a, upload, fleet, db_session, tiny_tokenizer, monkeypatch):
+    import api.services.estimates as estimates
+
+    file_id = upload(_chat_file(12))
+    by_size = 3 * -(-db_session.get(File, file_id).bytes // BYTES_PER_TOKEN)
+    # a hub model whose tokenizer is not on this machine
+    est = _estimate(client_a, model=LLAMA_1B, training_file=file_id, method=_hp(n_epochs=3))
+    assert (est["tokens_source"], est["estimated_tokens"]) == ("file_size", by_size)
+    # files too large to count within the request
+    monkeypatch.setattr(estimates, "COUNT_MAX_BYTES", db_session.get(File, file_id).bytes - 1)
+    est = _estimate(client_a, model="tuneforge-tiny", training_file=file_id, method=_hp(n_epochs=3))
+    assert (est["tokens_source"], est["estimated_tokens"]) == ("file_size", by_size)
+
+
+def test_a_file_truncated_to_nothing_is_a_400_when_counted(client_a, upload, fleet, tiny_tokenizer):
+    # every prompt fills max_seq_length=16: the worker would find no usable example
+    file_id = upload(_chat_file(12, user="please tell me a long story about the quick brown fox " * 2))
+    with pytest.raises(openai.BadRequestError) as e:
+        _estimate(client_a, model="tuneforge-tiny", training_file=file_id, method=_hp(max_seq_length=16))
+    assert (e.value.body["param"], e.value.body["code"]) == ("training_file", "invalid_file")
+    assert "the file has no usable example (12 lost every trained token to max_seq_length=16)" in e.value.body["message"]
+    # an extra file is named by its request field
+    with pytest.raises(openai.BadRequestError) as e:
+        _estimate(client_a, model="tuneforge-tiny", training_file=upload(_chat_file(12)), method=_hp(max_seq_length=16),
+                  data={"extra_training_files": [{"file": file_id}]})
+    assert e.value.body["param"] == "data.extra_training_files[0].file"
