@@ -19,7 +19,7 @@ from api.deps import SessionDep
 from api.logs import configure_logging
 from api.metrics import CONTENT_TYPE, ApiMetrics, render
 from api.middleware import RequestMiddleware
-from api.routes import estimates, files, jobs, proxy, uploads, usage
+from api.routes import entitlements, estimates, files, jobs, proxy, uploads, usage
 from api.settings import ApiSettings, get_settings
 from gpu_worker.storage import open_store
 from scheduler.db import session_factory
@@ -81,6 +81,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(proxy.router)
     app.include_router(usage.router)
     app.include_router(uploads.router)
+    app.include_router(entitlements.router)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
