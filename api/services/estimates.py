@@ -3,9 +3,9 @@ into the same job spec, planned by the scheduler's router against the fleet, wit
 time, GPU-hours and price. Nothing is written. ``placement`` is also what job creation calls to
 refuse a job that fits nowhere (400, param ``model``).
 
-Tokens are counted with the trainer's tokenization (``gpu_worker.tokencount``, no torch) when the base
-model's tokenizer is on this machine and the files are small enough to count inside the request;
-otherwise they come from the files' size. ``tokens_source`` says which."""
+Tokens are counted with the trainer's tokenization where ``token_counts`` can (the base model's tokenizer
+is on this machine and the files are small), otherwise from the files' size; ``tokens_source`` says
+which."""
 
 from __future__ import annotations
 
@@ -13,16 +13,14 @@ import math
 from typing import Literal
 
 from pydantic import BaseModel
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import InvalidRequest
 from api.schemas import JobCreate
-from api.services import jobs
+from api.services import jobs, token_counts
 from api.settings import ApiSettings
 from gpu_worker.contract import JobSpec, Method
 from gpu_worker.storage import ObjectStore
-from gpu_worker.tokencount import TokenCountError, count_job_files, job_tokens, local_tokenizer_dir, unusable_file
 from scheduler.estimator import UnknownModel
 from scheduler.fleet import Fleet
 from scheduler.models import File, new_id
@@ -33,10 +31,6 @@ from scheduler.tenancy import Principal
 # and the JSONL's keys and punctuation count as text here, so this usually overestimates tokens; a
 # small-vocabulary tokenizer may need more (the built-in model's: 1.28 tokens per 4 bytes of chat JSONL).
 BYTES_PER_TOKEN = 4
-# The most file bytes counted with the tokenizer inside the request: counting ran at 1.2 MB/s on a
-# loaded 2-core machine (20,000 chat examples, 11 MB, 9.0 s), so 8 MiB answers within ~7 s; larger
-# jobs are estimated from their size, and the scheduler counts them before they are queued.
-COUNT_MAX_BYTES = 8 << 20
 
 
 class PlanPublic(BaseModel):
@@ -93,24 +87,6 @@ def estimated_tokens(spec: JobSpec, files: list[File]) -> int:
     return per_epoch * spec.hyperparameters.n_epochs
 
 
-def _file_param(param: str) -> str:
-    """The request field naming a file that tokencount names by its job field."""
-    return f"data.{param}.file" if param.startswith("extra_training_files[") else param
-
-
-def counted_tokens(store: ObjectStore, spec: JobSpec, tokenizer_dir) -> int:
-    """Tokens the job processes over all epochs, counted with the trainer's tokenization; a file the
-    worker would refuse (a bad line, no usable example) is a 400 naming it."""
-    try:
-        counts = count_job_files(store, spec, tokenizer_dir, validation=True)
-    except TokenCountError as err:
-        raise InvalidRequest(f"Invalid file: {err}.", param=_file_param(err.param), code="invalid_file") from None
-    if unusable := unusable_file(spec, counts):
-        param, message = unusable
-        raise InvalidRequest(f"Invalid file: {param}: {message}.", param=_file_param(param), code="invalid_file")
-    return job_tokens(spec, counts, trained=False)
-
-
 def estimate(session: Session, store: ObjectStore, settings: ApiSettings, principal: Principal, body: JobCreate, fleet: Fleet) -> EstimatePublic:
     if body.model not in settings.base_models:
         raise InvalidRequest(
@@ -122,14 +98,10 @@ def estimate(session: Session, store: ObjectStore, settings: ApiSettings, princi
     # The same resolution as creation (purpose and format checks, auto hyperparameters), so the
     # estimate describes the job that creating it would run.
     spec, _ = jobs.build_spec(session, store, principal, body, new_id("ftjob-"), body.seed or 0, training, validation)
-    extra_keys = {t.key for t in spec.data.extra_training_files}
-    extra = list(session.scalars(select(File).where(File.org_id == principal.org_id, File.storage_key.in_(extra_keys)))) if extra_keys else []
+    extra = jobs.extra_files(session, principal, spec)
     jobs.placement(spec, fleet)
-    tokenizer_dir = local_tokenizer_dir(body.model, settings.data_dir)
-    if tokenizer_dir is not None and sum(f.bytes for f in (training, validation, *extra) if f is not None) <= COUNT_MAX_BYTES:
-        tokens, source = counted_tokens(store, spec, tokenizer_dir), "tokenizer"
-    else:
-        tokens, source = estimated_tokens(spec, [training, *extra]), "file_size"
+    counted = token_counts.count_in_request(store, settings, spec, [training, validation, *extra])
+    tokens, source = (counted, "tokenizer") if counted is not None else (estimated_tokens(spec, [training, *extra]), "file_size")
     try:
         est: JobEstimate = estimate_job(spec, tokens, fleet)
     except UnknownModel as e:

@@ -26,7 +26,7 @@ from api.schemas import (
     JobsPublic,
     unix_seconds,
 )
-from api.services import hyperparameters
+from api.services import hyperparameters, token_counts
 from api.services.scoping import owned
 from api.settings import ApiSettings
 from gpu_worker.contract import (
@@ -285,6 +285,12 @@ def build_spec(session: Session, store: ObjectStore, principal: Principal, body:
     return spec, resolved
 
 
+def extra_files(session: Session, principal: Principal, spec: JobSpec) -> list[File]:
+    """The rows of the spec's extra training files (already checked to be the caller's)."""
+    keys = {t.key for t in spec.data.extra_training_files}
+    return list(session.scalars(select(File).where(File.org_id == principal.org_id, File.storage_key.in_(keys)))) if keys else []
+
+
 def placement(spec: JobSpec, fleet: Fleet) -> Plan:
     """Where the job would run; a job that fits nowhere in the fleet is a 400 saying what would."""
     try:
@@ -306,6 +312,8 @@ def create_job(session: Session, store: ObjectStore, settings: ApiSettings, prin
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     spec, resolved = build_spec(session, store, principal, body, job_id, seed, training, validation)
     plan = placement(spec, fleet)
+    # a file the count shows the worker would refuse is a 400 now, where counting is cheap (the scheduler counts the rest)
+    token_counts.count_in_request(store, settings, spec, [training, validation, *extra_files(session, principal, spec)])
     job = Job(
         id=job_id,
         org_id=principal.org_id,

@@ -171,7 +171,7 @@ def test_with_the_tokenizer_here_tokens_are_counted_as_the_trainer_counts(client
 
 
 def test_without_the_tokenizer_or_past_the_count_limit_tokens_come_from_file_size(client_a, upload, fleet, db_session, tiny_tokenizer, monkeypatch):
-    import api.services.estimates as estimates
+    from api.services import token_counts
 
     file_id = upload(_chat_file(12))
     by_size = 3 * -(-db_session.get(File, file_id).bytes // BYTES_PER_TOKEN)
@@ -179,7 +179,7 @@ def test_without_the_tokenizer_or_past_the_count_limit_tokens_come_from_file_siz
     est = _estimate(client_a, model=LLAMA_1B, training_file=file_id, method=_hp(n_epochs=3))
     assert (est["tokens_source"], est["estimated_tokens"]) == ("file_size", by_size)
     # files too large to count within the request
-    monkeypatch.setattr(estimates, "COUNT_MAX_BYTES", db_session.get(File, file_id).bytes - 1)
+    monkeypatch.setattr(token_counts, "COUNT_MAX_BYTES", db_session.get(File, file_id).bytes - 1)
     est = _estimate(client_a, model="tuneforge-tiny", training_file=file_id, method=_hp(n_epochs=3))
     assert (est["tokens_source"], est["estimated_tokens"]) == ("file_size", by_size)
 

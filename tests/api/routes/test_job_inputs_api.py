@@ -114,3 +114,20 @@ def test_gguf_export_of_a_llama_or_an_unknown_base_is_accepted(client_a, upload,
     # Llama bases are exported; an unknown hub model keeps the worker's path (a warning if it is not a Llama)
     job = client_a.fine_tuning.jobs.create(model=model, training_file=upload(), extra_body={"export": {"gguf": ["q4_k_m"]}})
     assert job.status == "validating_files"
+
+
+def test_a_file_truncated_to_nothing_is_a_400_at_creation_where_the_tokenizer_is_here(client_a, upload, org_a, db_session, settings):
+    from gpu_worker.builtin import BUILTIN_MODELS, TINY, build_tokenizer
+
+    long = "please tell me a long story about the quick brown fox " * 2
+    file_id = upload(_lines(chat_line(long, f"answer {i}") for i in range(12)))
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"max_seq_length": 16}}}
+    # without the tokenizer the API cannot know: the scheduler counts before queueing
+    assert client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=file_id, method=method).status == "validating_files"
+    build_tokenizer(BUILTIN_MODELS[TINY].vocab_size).save_pretrained(settings.data_dir / "models" / TINY)
+    db_session.query(Job).delete()
+    body = _refused(client_a, db_session, org_a[0], training_file=file_id, method=method)
+    assert (body["param"], body["code"]) == ("training_file", "invalid_file")
+    assert "the file has no usable example (12 lost every trained token to max_seq_length=16)" in body["message"]
+    # the same file trains with room for its answers
+    assert client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=file_id).status == "validating_files"
