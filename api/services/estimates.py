@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import InvalidRequest
 from api.schemas import JobCreate
-from api.services import jobs, token_counts
+from api.services import job_inputs, jobs, token_counts
 from api.settings import ApiSettings
 from gpu_worker.contract import JobSpec, Method
 from gpu_worker.storage import ObjectStore
@@ -93,8 +93,8 @@ def estimate(session: Session, store: ObjectStore, settings: ApiSettings, princi
             f"Model {body.model!r} is not available for fine-tuning. Available: {', '.join(settings.base_models)}.",
             param="model", code="model_not_available",
         )
-    training = jobs.training_input(session, principal, body.training_file, "training_file")
-    validation = jobs.training_input(session, principal, body.validation_file, "validation_file") if body.validation_file else None
+    training = job_inputs.training_input(session, principal, body.training_file, "training_file")
+    validation = job_inputs.training_input(session, principal, body.validation_file, "validation_file") if body.validation_file else None
     # The same resolution as creation (purpose and format checks, auto hyperparameters), so the
     # estimate describes the job that creating it would run.
     spec, _ = jobs.build_spec(session, store, principal, body, new_id("ftjob-"), body.seed or 0, training, validation)

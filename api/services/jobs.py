@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-from contextlib import closing
 from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import and_, or_, select
@@ -27,10 +26,10 @@ from api.schemas import (
     unix_seconds,
 )
 from api.services import hyperparameters, token_counts
+from api.services.job_inputs import check_export, check_file_format, training_input
 from api.services.scoping import owned
 from api.settings import ApiSettings
 from gpu_worker.contract import (
-    METHOD_FORMATS,
     DataFormat,
     DataOptions,
     EvalOptions,
@@ -41,10 +40,7 @@ from gpu_worker.contract import (
     Runtime,
     TrainingFile,
 )
-from gpu_worker.gguf_support import gguf_problem
-from gpu_worker.storage import ObjectNotFound, ObjectStore, iter_lines
-from gpu_worker.validation import FileValidator, check_format_for_method
-from scheduler.estimator import UnknownModel, read_model_facts
+from gpu_worker.storage import ObjectStore
 from scheduler.fleet import Fleet
 from scheduler import jobs as lifecycle
 from scheduler.jobs import add_event, checkpoint_model_name, fine_tuned_model_name
@@ -53,8 +49,6 @@ from scheduler.routing import Plan, Unplaceable, route
 from scheduler.tenancy import Principal
 
 log = logging.getLogger("api.jobs")
-
-FINE_TUNE_PURPOSE = "fine-tune"
 
 
 def _error(error: dict | None) -> JobError | None:
@@ -147,66 +141,6 @@ def _check_tracking_uri(uri: str, param: str) -> None:
         raise InvalidRequest(f"Invalid value for '{param}': {problem}.", param=param, code="invalid_value")
 
 
-def training_input(session: Session, principal: Principal, file_id: str, param: str) -> File:
-    """A file the job may train on. Another org's id reads exactly like one that never existed."""
-    row = owned(session, File, file_id, principal)
-    if row is None:
-        raise InvalidRequest(f"Invalid file ID {file_id!r}: no such file.", param=param, code="invalid_file")
-    if row.purpose != FINE_TUNE_PURPOSE:
-        raise InvalidRequest(
-            f"File {file_id} has purpose {row.purpose!r}; fine-tuning needs a file uploaded with purpose 'fine-tune'.",
-            param=param,
-            code="invalid_file",
-        )
-    return row
-
-
-def _check_format(row: File, method: Method, param: str) -> None:
-    """A file whose detected format the method cannot train on is refused before anything is written."""
-    if row.format and DataFormat(row.format) not in METHOD_FORMATS[method]:
-        accepted = ", ".join(sorted(f.value for f in METHOD_FORMATS[method]))
-        raise InvalidRequest(
-            f"File {row.id} is in {row.format!r} format; method {method.value!r} trains on: {accepted}.",
-            param=param,
-            code="invalid_file",
-        )
-
-
-def _first_example_problem(store: ObjectStore, key: str, declared: DataFormat) -> str | None:
-    """Why the file's first example cannot be read in the declared format (as the worker reads it), or
-    None. One line, not the whole file: a file's lines share their shape, and the scheduler reads every
-    line before the job is queued (``scheduler.file_checks``)."""
-    validator = FileValidator(min_examples=0, format=declared)
-    try:
-        with closing(iter_lines(store, key)) as lines:
-            for raw in lines:
-                example = validator.feed(raw)
-                if validator.error_count:
-                    return f"line {validator.line}: {validator.finish().errors[0].reason}"
-                if example is not None:
-                    return None
-    except ObjectNotFound:  # the scheduler fails the job for its missing file
-        return None
-    return None
-
-
-def _check_file_format(store: ObjectStore, row: File, method: Method, declared: DataFormat, param: str, format_param: str) -> None:
-    """The file's format, declared (``format_param``) or detected, is one the method trains on, and a
-    declared format is one the file can be read in. Only the supervised recipe reads a file in its
-    declared format; the others read their method's format whatever is declared (gpu_worker.recipes),
-    so for them the detected format is what must fit."""
-    if declared != DataFormat.auto and (why := check_format_for_method(declared, method)) is not None:
-        raise InvalidRequest(f"Invalid value for '{format_param}': {why}.", param=format_param, code="invalid_value")
-    if method != Method.supervised or declared == DataFormat.auto:
-        _check_format(row, method, param)
-    elif row.format and row.format != declared.value and (problem := _first_example_problem(store, row.storage_key, declared)):
-        raise InvalidRequest(
-            f"Invalid value for '{format_param}': file {row.id} ({param}) is in {row.format!r} format and cannot be read as "
-            f"{declared.value}: {problem}.",
-            param=format_param, code="invalid_value",
-        )
-
-
 def _integrations(items) -> Integrations:
     values: dict = {}
     for i, item in enumerate(items or []):
@@ -233,24 +167,10 @@ def _data_options(session: Session, store: ObjectStore, principal: Principal, bo
     for i, item in enumerate(data.extra_training_files or []):
         param = f"data.extra_training_files[{i}].file"
         row = training_input(session, principal, item.file, param)
-        _check_file_format(store, row, method, item.format, param, f"data.extra_training_files[{i}].format")
+        check_file_format(store, row, method, item.format, param, f"data.extra_training_files[{i}].format")
         extra.append(TrainingFile(key=row.storage_key, format=item.format, weight=item.weight))
     given = data.model_dump(exclude_none=True, exclude={"extra_training_files"})
     return DataOptions(**given, extra_training_files=tuple(extra))
-
-
-def _check_export(base_model: str, export: ExportOptions) -> None:
-    """A GGUF export of a base whose architecture the exporter does not support is refused (the job
-    succeeded with a warning and no GGUF). An unknown base (no config.json here) keeps that path."""
-    if not export.gguf:
-        return
-    try:
-        facts = read_model_facts(base_model)
-    except UnknownModel:
-        return
-    if (problem := gguf_problem({"model_type": facts.architecture})) is not None:
-        raise InvalidRequest(f"Invalid value for 'export.gguf': {problem} (a merged model, export.merged, is written for any base).",
-                             param="export.gguf", code="unsupported_export")
 
 
 def build_spec(session: Session, store: ObjectStore, principal: Principal, body: JobCreate, job_id: str, seed: int, training: File,
@@ -259,9 +179,9 @@ def build_spec(session: Session, store: ObjectStore, principal: Principal, body:
     declared = body.data.format if body.data is not None and body.data.format is not None else DataFormat.auto
     for row, param in ((training, "training_file"), (validation, "validation_file")):
         if row is not None:
-            _check_file_format(store, row, method, declared, param, "data.format")
+            check_file_format(store, row, method, declared, param, "data.format")
     resolved = hyperparameters.resolve(method, hp, method_body, training.examples)
-    _check_export(body.model, body.export or ExportOptions())
+    check_export(body.model, body.export or ExportOptions())
     runtime = Runtime(**body.runtime.model_dump(exclude_none=True)) if body.runtime else Runtime()
     spec = JobSpec(
         job_id=job_id,
