@@ -2,7 +2,10 @@
 
 An adapter is a PEFT folder: ``adapter_config.json`` and ``adapter_model.safetensors``. ``lora_path`` is a
 local folder or ``store:<key prefix>`` in the platform's object store, downloaded into
-``<data_dir>/adapter-cache/`` first. Before anything touches the model the folder is checked: no pickle
+``<data_dir>/adapter-cache/`` first. The engine reads a downloaded folder only while loading or checking
+it (the weights are then in memory, and every load downloads afresh), so the cache is bounded by total
+bytes, least recently used first (``gpu_worker.folder_cache``), and an unloaded adapter's folder is
+deleted (``discard``). Before anything touches the model the folder is checked: no pickle
 weights anywhere (loading one can run code), a LoRA config naming a base model this engine serves, a rank
 within the configured maximum, and weights that fit the base model's layers exactly. Only then are the
 weights, read from safetensors by this module (PEFT's loader would fall back to pickle files), attached
@@ -24,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from gpu_worker import folder_cache
 from gpu_worker.builtin import is_builtin
 from gpu_worker.engine.errors import InvalidRequest
 from gpu_worker.storage import ObjectNotFound, get_dir, open_store
@@ -47,8 +51,21 @@ class AdapterFiles:
     weights: dict[str, torch.Tensor]
 
 
-def materialise(lora_path: str, *, storage_url: str, cache_dir: Path) -> Path:
-    """The local folder ``lora_path`` names, downloading ``store:`` prefixes into ``cache_dir``."""
+def _cache_folder(lora_path: str, cache_dir: Path) -> Path:
+    """Where a ``store:`` lora_path is downloaded (400 for a prefix that could leave ``cache_dir``)."""
+    prefix = lora_path[len(STORE_SCHEME) :].strip("/")
+    parts = PurePosixPath(prefix).parts
+    if not prefix or ".." in parts or prefix.startswith("/"):
+        raise InvalidRequest(f"invalid store prefix in lora_path {lora_path!r}", param="lora_path")
+    # Named by a hash of the prefix (readable tail kept) so distinct prefixes never share a folder.
+    digest = hashlib.sha256(prefix.encode()).hexdigest()[:16]
+    return cache_dir / f"{parts[-1]}-{digest}"
+
+
+def materialise(lora_path: str, *, storage_url: str, cache_dir: Path, max_bytes: int) -> Path:
+    """The local folder ``lora_path`` names, downloading ``store:`` prefixes into ``cache_dir``, whose
+    least recently used folders are then deleted until it holds at most ``max_bytes`` (never this one,
+    nor one another load or check placed within ``folder_cache.GRACE_S``)."""
     if not lora_path or not lora_path.strip():
         raise InvalidRequest("lora_path must not be empty", param="lora_path")
     if not lora_path.startswith(STORE_SCHEME):
@@ -56,13 +73,8 @@ def materialise(lora_path: str, *, storage_url: str, cache_dir: Path) -> Path:
         if not path.is_dir():
             raise InvalidRequest(f"lora_path {lora_path!r} is not a folder on the engine's host", param="lora_path")
         return path.resolve()
+    dest = _cache_folder(lora_path, cache_dir)
     prefix = lora_path[len(STORE_SCHEME) :].strip("/")
-    parts = PurePosixPath(prefix).parts
-    if not prefix or ".." in parts or prefix.startswith("/"):
-        raise InvalidRequest(f"invalid store prefix in lora_path {lora_path!r}", param="lora_path")
-    # Named by a hash of the prefix (readable tail kept) so distinct prefixes never share a folder.
-    digest = hashlib.sha256(prefix.encode()).hexdigest()[:16]
-    dest = cache_dir / f"{parts[-1]}-{digest}"
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Downloaded afresh each load into a temporary folder, then renamed into place: a reader never
     # sees half an adapter, and a prefix rewritten in the store is never served stale.
@@ -72,12 +84,26 @@ def materialise(lora_path: str, *, storage_url: str, cache_dir: Path) -> Path:
             get_dir(open_store(storage_url), prefix, tmp)
         except ObjectNotFound:
             raise InvalidRequest(f"no adapter files under store prefix {prefix!r}", param="lora_path") from None
-        if dest.exists():
-            shutil.rmtree(dest)
+        folder_cache.remove(dest)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    folder_cache.touch(dest)
+    folder_cache.evict(cache_dir, max_bytes, keep={dest.name})
     return dest
+
+
+def discard(lora_path: str, cache_dir: Path, *, grace_s: float = folder_cache.GRACE_S) -> bool:
+    """Delete the downloaded folder of a ``store:`` lora_path (its adapter was unloaded), unless a load or
+    check placed it within ``grace_s`` (it may be reading it: the bound evicts it later). A local folder
+    is the operator's and is left alone. True if a folder was deleted."""
+    if not lora_path.startswith(STORE_SCHEME):
+        return False
+    try:
+        folder = _cache_folder(lora_path, cache_dir)
+    except InvalidRequest:
+        return False  # never downloaded: nothing to delete
+    return not folder_cache.recently_used(folder, grace_s) and folder_cache.remove(folder)
 
 
 def read_adapter(path: Path, *, max_rank: int) -> AdapterFiles:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import sys
 
+from serving.vllm_plugin.index import CACHE_MAX_BYTES_ENV, DEFAULT_CACHE_MAX_BYTES
+
 # The ranks vLLM's LoRA kernels are compiled for (vllm.config.lora: max_lora_rank must be one of them).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -34,12 +36,15 @@ def vllm_args(model: str, *, max_lora_rank: int, max_loras: int = 32, max_cpu_lo
     return args
 
 
-def vllm_env(storage_url: str, base_model: str, cache_dir: str = "/var/cache/tuneforge-loras") -> dict[str, str]:
+def vllm_env(storage_url: str, base_model: str, cache_dir: str = "/var/cache/tuneforge-loras", cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> dict[str, str]:
+    if cache_max_bytes < 1:
+        raise ValueError("cache_max_bytes must be at least 1")
     return {
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",  # /v1/load_lora_adapter and the resolver
         "VLLM_PLUGINS": "tuneforge_lora_resolver",
         "TUNEFORGE_STORAGE_URL": storage_url,
         "TUNEFORGE_LORA_CACHE_DIR": cache_dir,
+        CACHE_MAX_BYTES_ENV: str(cache_max_bytes),  # the resolver cache's bound (serving.vllm_plugin.index)
         "TUNEFORGE_BASE_MODEL": base_model,  # the index names adapters' bases by the platform's name
     }
 

@@ -84,6 +84,84 @@ def test_resolver_refuses_pickles(tmp_path):
     assert not any((tmp_path / "cache").iterdir())  # nothing half-downloaded left behind
 
 
+@pytest.fixture
+def fresh_process(monkeypatch):
+    """A resolver process that has handed vLLM nothing yet."""
+    monkeypatch.setattr(index, "_handed_out", set())
+
+
+def _age(folder, seconds: float = 600) -> None:
+    import os
+    import time
+
+    then = time.time() - seconds
+    os.utime(folder, (then, then))
+
+
+def test_resolver_cache_evicts_what_vllm_cannot_reload_least_recently_fetched_first(tmp_path, fresh_process):
+    """Folders an earlier vLLM process left are evicted oldest first to fit the bound; a folder this process
+    handed to vLLM stays (vLLM reloads it from there when its CPU LRU dropped it), over the bound or not."""
+    from gpu_worker import folder_cache
+
+    store, cache = LocalStore(tmp_path / "objects"), tmp_path / "cache"
+    names = [f"ft:tuneforge-tiny:acme:s{i}:ftjob-{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        _put(store, f"jobs/{i}/adapter", extra={"pad.safetensors": bytes(1000)})
+        index.publish(store, index.IndexEntry(name=name, base_model="tuneforge-tiny", key=f"jobs/{i}/adapter"))
+    earlier = [index.fetch(store, index.IndexEntry(name=n, base_model="tuneforge-tiny", key=f"jobs/{i}/adapter"), cache, max_bytes=1 << 30)
+               for i, n in enumerate(names[:3])]
+    for folder, age in zip(earlier, (900, 600, 300)):
+        _age(folder, age)
+    index._handed_out.clear()  # a restarted replica: the folders are on disk, vLLM knows none of them
+    size = folder_cache.folder_bytes(earlier[0])
+
+    mine = index.fetch(store, index.IndexEntry(name=names[3], base_model="tuneforge-tiny", key="jobs/3/adapter"), cache, max_bytes=2 * size)
+    assert {p.name for p in folder_cache.entries(cache)} == {earlier[2].name, mine.name}  # the two oldest went
+    # Fetched again, from the cache (vLLM resolves it in this process): from now on kept, as mine is, even
+    # when a later download finds the cache over its bound and both long unused.
+    again = index.fetch(store, index.IndexEntry(name=names[2], base_model="tuneforge-tiny", key="jobs/2/adapter"), cache, max_bytes=1)
+    assert again == earlier[2]
+    _age(again)
+    _age(mine)
+    index.fetch(store, index.IndexEntry(name=names[0], base_model="tuneforge-tiny", key="jobs/0/adapter"), cache, max_bytes=1)
+    assert {p.name for p in folder_cache.entries(cache)} == {earlier[2].name, mine.name, earlier[0].name}
+
+
+def test_resolver_cache_deletes_withdrawn_adapters_at_the_next_download(tmp_path, fresh_process, monkeypatch):
+    """A deleted adapter (withdrawn from the index; the gateway unloads it from every replica) leaves the
+    cache at the next download, unless fetched within the grace period; through the resolver, with the
+    bound from vLLM's environment."""
+    store, cache = LocalStore(tmp_path / "objects"), tmp_path / "cache"
+    other = "ft:tuneforge-tiny:acme:other:ftjob-2"
+    for name, key in ((NAME, "jobs/1/adapter"), (other, "jobs/2/adapter")):
+        _put(store, key)
+        index.publish(store, index.IndexEntry(name=name, base_model="tuneforge-tiny", key=key))
+    monkeypatch.setenv(index.CACHE_MAX_BYTES_ENV, str(1 << 30))
+    resolver = TuneforgeResolver(str(tmp_path / "objects"), str(cache))
+    deleted = Path(asyncio.run(resolver.find("tuneforge-tiny", NAME))[2])
+    index.withdraw(store, NAME)
+    asyncio.run(resolver.find("tuneforge-tiny", other))
+    assert deleted.is_dir()  # fetched a moment ago: a resolve may still be reading it
+    _age(deleted)
+    index.publish(store, index.IndexEntry(name="ft:tuneforge-tiny:acme:third:ftjob-3", base_model="tuneforge-tiny", key="jobs/2/adapter"))
+    asyncio.run(resolver.find("tuneforge-tiny", "ft:tuneforge-tiny:acme:third:ftjob-3"))
+    assert not deleted.exists() and NAME not in {p.name for p in cache.iterdir()}
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1e9", "12GB", "١٢"])
+def test_the_cache_bound_from_the_environment_must_be_whole_bytes(monkeypatch, value):
+    monkeypatch.setenv(index.CACHE_MAX_BYTES_ENV, value)
+    with pytest.raises(ValueError, match=index.CACHE_MAX_BYTES_ENV):
+        index.cache_max_bytes()
+    monkeypatch.setenv(index.CACHE_MAX_BYTES_ENV, "123")
+    assert index.cache_max_bytes() == 123
+    monkeypatch.delenv(index.CACHE_MAX_BYTES_ENV)
+    assert index.cache_max_bytes() == index.DEFAULT_CACHE_MAX_BYTES
+    assert config.vllm_env("s3://b", "llama", cache_max_bytes=5)[index.CACHE_MAX_BYTES_ENV] == "5"
+    with pytest.raises(ValueError):
+        config.vllm_env("s3://b", "llama", cache_max_bytes=0)
+
+
 def test_int_ids_are_stable_and_distinct():
     assert lora_int_id(NAME) == lora_int_id(NAME)
     assert len({lora_int_id(f"ft:b:o:s:{i}") for i in range(1000)}) == 1000
