@@ -121,7 +121,7 @@ class ServedModels:
         with self._lock:
             if lora_name in self.adapters:
                 raise InvalidRequest(f"The lora adapter '{lora_name}' has already been loaded.", param="lora_name")
-            folder = adapters.materialise(lora_path, storage_url=self.settings.storage_url, cache_dir=self.settings.adapter_cache_dir)
+            folder = self._materialise(lora_path)
             files = adapters.read_adapter(folder, max_rank=self.settings.max_lora_rank)
             base = self._base_for(files)
             base.runner.check_adapter(files)  # before evicting anything for it
@@ -140,7 +140,7 @@ class ServedModels:
         log-probabilities reproduced on this engine. Nothing stays loaded."""
         from gpu_worker.engine import compat
 
-        folder = adapters.materialise(lora_path, storage_url=self.settings.storage_url, cache_dir=self.settings.adapter_cache_dir)
+        folder = self._materialise(lora_path)
         compat.check_declared_vocabulary(folder)
         files = adapters.read_adapter(folder, max_rank=self.settings.max_lora_rank)
         base = self._base_for(files)
@@ -155,6 +155,10 @@ class ServedModels:
             "target_modules": sorted({adapters.weight_module(k).rsplit(".", 1)[-1] for k in files.weights}),
             "logits": report.as_dict(),
         }
+
+    def _materialise(self, lora_path: str):
+        settings = self.settings
+        return adapters.materialise(lora_path, storage_url=settings.storage_url, cache_dir=settings.adapter_cache_dir, max_bytes=settings.adapter_cache_max_bytes)
 
     def _base_for(self, files: adapters.AdapterFiles) -> BaseModelEntry:
         for base in self.bases.values():
@@ -187,6 +191,7 @@ class ServedModels:
         self._last_used.pop(lora_name, None)
         # Requests already using it finish first; new ones get 404 from now on.
         self.bases[entry.base].runner.retire_adapter(entry.internal)
+        adapters.discard(entry.lora_path, self.settings.adapter_cache_dir)  # no longer needed: the engine read it at load
 
     # --- generation ----------------------------------------------------------------------------------
 

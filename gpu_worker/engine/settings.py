@@ -41,6 +41,10 @@ class EngineSettings(BaseSettings):
     # is always admitted, however long), so a burst of long prompts cannot stall running decodes.
     max_prefill_tokens: int = Field(4096, ge=1)
     max_model_len: int | None = Field(None, ge=1)  # default: the model's max_position_embeddings
+    # Downloaded adapter folders kept on disk (gpu_worker.engine.adapters): one is read only while it is
+    # loaded or checked, so a few of the largest served rank (a rank-64 LoRA on every projection of an 8B
+    # model is ~340 MB in bf16) with room for concurrent loads.
+    adapter_cache_max_bytes: int = Field(2 * 2**30, ge=1)
 
     @model_validator(mode="after")
     def _resolve(self):
