@@ -23,6 +23,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -255,7 +256,9 @@ class UsageRecord(Base):
     __tablename__ = "usage_records"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     org_id: Mapped[str] = mapped_column(String(40), index=True)
-    request_id: Mapped[str] = mapped_column(String(128))
+    # An inference request's x-request-id (1-128 characters); a later attempt under the same id is
+    # "<id>#<attempt>" (serving.idempotency), so each run an engine made is its own record.
+    request_id: Mapped[str] = mapped_column(String(160))
     api_key_id: Mapped[str | None] = mapped_column(String(40))
     kind: Mapped[str] = mapped_column(String(20))  # "inference" | "training"
     model: Mapped[str] = mapped_column(String(512))  # base model
@@ -268,6 +271,23 @@ class UsageRecord(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
     __table_args__ = (UniqueConstraint("org_id", "request_id", name="uq_usage_records_org_request"),)
+
+
+class StoredResponse(Base):
+    """An inference request id's claim and, once it succeeded, its answer (serving.idempotency): a retry
+    with the same id and body is answered from here, not run again. Rows stay after ``expires_at`` (the
+    answer is dropped) so that a reused id's later attempts keep their own numbers."""
+
+    __tablename__ = "stored_responses"
+    org_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    body_hash: Mapped[str] = mapped_column(String(64))  # sha256 of the canonical request JSON
+    state: Mapped[str] = mapped_column(String(16))  # "in_progress" | "succeeded" | "failed"
+    attempts: Mapped[int] = mapped_column(Integer)  # runs claimed under this id so far
+    response: Mapped[bytes | None] = mapped_column(LargeBinary)
+    lease_until: Mapped[datetime | None]  # an unfinished claim blocks its id until then
+    expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AdapterAlias(Base):
@@ -303,6 +323,7 @@ class InferenceQuota(Base):
     org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True)
     tokens: Mapped[int] = mapped_column(BigInteger)
     period: Mapped[str] = mapped_column(String(10), default="month")  # "day" | "month"
+
 
 class BaseModelEntitlement(Base):
     """Whether an organization may call a base model (and its fine-tuned models): a grant (``entitled``)

@@ -72,6 +72,35 @@ class QuotaExceeded(RateLimited):
         super().__init__(message, retry_after=retry_after, code="insufficient_quota")
 
 
+class RequestInProgress(ServingError):
+    """A request with this ``x-request-id`` is still running: 409, which the OpenAI SDKs retry."""
+
+    status_code = 409
+    type = "invalid_request_error"
+    code = "request_in_progress"
+
+    def __init__(self, request_id: str):
+        super().__init__(
+            f"A request with x-request-id '{request_id}' is still in progress; retry when it has finished.",
+            param="x-request-id",
+            headers={"Retry-After": "1"},
+        )
+
+
+class RequestIdReused(ServingError):
+    """The ``x-request-id`` names an earlier request with another body: 400 (a retry would not help)."""
+
+    status_code = 400
+    type = "invalid_request_error"
+    code = "request_id_reused"
+
+    def __init__(self, request_id: str):
+        super().__init__(
+            f"x-request-id '{request_id}' was already used for a different request; send a new id for a new request.",
+            param="x-request-id",
+        )
+
+
 class ModelNotFound(ServingError):
     status_code = 404
     type = "invalid_request_error"

@@ -72,6 +72,12 @@ class _InferenceRequest(BaseModel):
         return bool(self.wants_usage_chunk and (self.model_extra_options.get("continuous_usage_stats") is True))
 
     @property
+    def choices_per_prompt(self) -> int:
+        """``n``: choices generated per prompt (an invalid value is the engine's to refuse: 1 here)."""
+        n = (self.model_extra or {}).get("n")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+
+    @property
     def model_extra_options(self) -> dict[str, Any]:
         return dict(self.stream_options.model_extra or {}) if self.stream_options else {}
 

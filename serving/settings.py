@@ -44,6 +44,15 @@ class ServingSettings(Settings):
     # batches this often (serving.usage_writer). Empty: <data_dir>/usage-journal.
     usage_flush_interval_s: float = Field(0.1, gt=0)
     usage_journal_dir: str = ""
+    # A stream's running token count is journaled at most this often, so that a gateway killed mid-stream
+    # bills the stream (status gateway_restarted) with at most this much generation unaccounted.
+    usage_progress_interval_s: float = Field(1.0, gt=0)
+    # A request id that succeeded is answered from its stored response this long (a retry with the same
+    # id and body is neither run nor billed again); afterwards the id runs as a new request.
+    response_store_ttl_s: float = Field(86_400.0, gt=0)
+    # A request id still running answers 409 to a retry; a claim whose gateway died without a restart on
+    # its journal (which releases it) blocks its id this long. Longer than any request runs.
+    request_lease_s: float = Field(3_600.0, gt=0)
 
     # How long the gateway keeps an idle client connection open (uvicorn's timeout_keep_alive; see
     # serving.server for why it exceeds the clients' own idle timeouts).

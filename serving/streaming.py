@@ -1,16 +1,20 @@
 """Relaying an engine's server-sent events to the client, event by event, while counting tokens.
 
-The gateway always asks the engine for a final usage chunk (``stream_options.include_usage``) and
-drops it when the client did not ask for it, so the client sees exactly what OpenAI would send. Each
-relayed chunk carrying generated text counts as one token (vLLM emits one chunk per decoding step),
-which is what a stream abandoned before the usage chunk is billed for; the engine's own usage, when
-it arrives, is authoritative.
+The gateway always asks the engine for a final usage chunk (``stream_options.include_usage``) and a
+running count on every chunk (vLLM's ``continuous_usage_stats``), and drops what the client did not ask
+for, so the client sees exactly what OpenAI would send. The count is the engine's, per choice
+(serving.metering.StreamTally); the final usage chunk, when it arrives, is authoritative. Chunks are
+counted one token each only when the engine sends no counts at all.
 
 The usage record is written once, when the engine's ``[DONE]`` arrives (journaled before it is
 relayed, so a client holding its full answer can rely on the record being billed) or when the relay
-ends without it:
-client gone (the response is cancelled or closed while the relay waits) or engine failure. Closing
-the relay closes the upstream request, so an engine stops generating for a client that left.
+ends without it: client gone (the response is cancelled or closed while the relay waits) or engine
+failure. A client that leaves is billed what the engine sent until it stopped: the relay half-closes
+the engine connection (the engine sees the client gone and aborts the generation), reads what the
+engine still sent before closing its side, and bills the last count in it. The upstream is read in
+raw chunks, split into events by the relay itself, so that an event is never lost half-read when the
+client's cancellation interrupts a read. A stream that ends well is stored for retries of its request
+id as a transcript (serving.transcript); any other end fails the claim so that a retry runs again.
 
 An engine's error event after the 200 reaches the client as the same request's error would without
 streaming: a generation failure is ``server_error`` with code ``engine_error`` (the 502 body), not the
@@ -19,21 +23,32 @@ engine's own wording.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 from typing import Any, AsyncIterator
 
+import aiohttp
 import anyio
 import structlog
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from serving.engines import Upstream, UpstreamBroken
+from serving.engines import Upstream, UpstreamBroken, UpstreamTimeout
 from serving.errors import error_body
-from serving.metering import Meter, Outcome, token_counts
+from serving.idempotency import Attempt
+from serving.metering import Meter, Outcome, StreamTally, token_counts
+from serving.transcript import Transcript
 
 log = structlog.get_logger(__name__)
 
 DONE = "[DONE]"
+# An SSE line longer than this (a chunk with huge logprobs) is an engine error, not a gateway crash
+# (the same bound as the engine client's, serving.engines).
+_MAX_LINE = 1 << 22
+# After a client left, how long the engine may take to notice and close its side: the engine aborts at
+# its next step (vLLM: milliseconds); an engine that never closes is cut off after this.
+_DRAIN_S = 5.0
 
 
 async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, str | None]]:
@@ -55,6 +70,69 @@ def _event(lines: list[str]) -> tuple[str, str | None]:
     return "\n".join(lines) + "\n\n", ("\n".join(data) if data else None)
 
 
+class SSEParser:
+    """Events out of raw body chunks, split anywhere: the partial line and event wait in the parser."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._block: list[str] = []
+
+    def feed(self, data: bytes) -> list[tuple[str, str | None]]:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > _MAX_LINE:
+            raise UpstreamBroken(f"an event line over {_MAX_LINE} bytes")
+        return self._lines(lines)
+
+    def end(self) -> list[tuple[str, str | None]]:
+        """The events left when the body ended (a last event without its blank line)."""
+        lines, self._partial = [self._partial], b""
+        events = self._lines(lines)
+        if self._block:
+            events.append(_event(self._block))
+            self._block = []
+        return events
+
+    def _lines(self, lines: list[bytes]) -> list[tuple[str, str | None]]:
+        events = []
+        for raw in lines:
+            try:
+                line = raw.rstrip(b"\r").decode()
+            except UnicodeDecodeError as exc:
+                raise UpstreamBroken(repr(exc)) from exc
+            if line:
+                self._block.append(line)
+            elif self._block:
+                events.append(_event(self._block))
+                self._block = []
+        return events
+
+
+async def _read_chunk(upstream: Upstream) -> bytes:
+    """What the engine sent since the last read (b"" at the end). ``readany`` consumes nothing until it
+    returns, so a read cancelled by a leaving client loses no byte."""
+    try:
+        return await upstream.response.content.readany()
+    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamTimeout("the engine went silent") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamBroken(repr(exc)) from exc
+
+
+def _half_close(upstream: Upstream) -> bool:
+    """Tell the engine the client is gone while still reading its answer: end our side of the
+    connection (uvicorn, vLLM's server, treats it as a disconnect). False if that cannot be done."""
+    connection = getattr(upstream.response, "connection", None)
+    transport = getattr(connection, "transport", None)
+    if transport is None or transport.is_closing() or not transport.can_write_eof():
+        return False
+    try:
+        transport.write_eof()
+    except (OSError, RuntimeError):
+        return False
+    return True
+
+
 def generated_tokens(choices: Any) -> int:
     """Chunks with new output in them (one per choice), for both chat and text completions."""
     if not isinstance(choices, list):
@@ -72,13 +150,27 @@ def generated_tokens(choices: Any) -> int:
 
 
 class StreamRelay:
-    def __init__(self, upstream: Upstream, meter: Meter, *, wants_usage: bool, wants_continuous: bool = False):
+    def __init__(
+        self,
+        upstream: Upstream,
+        meter: Meter,
+        *,
+        wants_usage: bool,
+        wants_continuous: bool = False,
+        attempt: Attempt | None = None,
+        choices_per_prompt: int | None = None,
+    ):
         self._upstream = upstream
         self._meter = meter
+        self._attempt = attempt
         self._wants_usage = wants_usage
         self._wants_continuous = wants_continuous
         self._relayed_tokens = 0
-        self._usage: tuple[int, int] | None = None
+        self._tally = StreamTally(choices_per_prompt)
+        self._transcript = Transcript() if attempt is not None else None
+        self._parser = SSEParser()
+        self._pending: collections.deque[tuple[str, str | None]] = collections.deque()  # parsed, not yet handled
+        self._eof = False
         self._engine_error = False
         self._finished = False
 
@@ -86,10 +178,10 @@ class StreamRelay:
         status = "client_disconnected"  # unless the loop below runs to its end
         try:
             try:
-                async for raw, data in sse_events(self._upstream.aiter_lines()):
+                async for raw, data in self._upstream_events():
                     if data == DONE:
                         # Bill before the client sees the end: once it has its answer, the record exists.
-                        self._finish("engine_error" if self._engine_error else "ok")
+                        await self._finish("engine_error" if self._engine_error else "ok")
                     if data is None or data == DONE:
                         yield raw.encode()
                         continue
@@ -107,15 +199,49 @@ class StreamRelay:
         finally:
             await self.close(status)
 
+    async def _upstream_events(self) -> AsyncIterator[tuple[str, str | None]]:
+        """The engine's events in order. Each is taken off ``_pending`` as it is handed out, and the
+        parser's state lives on the relay, so a drain after a cancelled read goes on where it stopped."""
+        while True:
+            while self._pending:
+                yield self._pending.popleft()
+            if self._eof:
+                return
+            chunk = await _read_chunk(self._upstream)
+            if chunk:
+                self._pending.extend(self._parser.feed(chunk))
+            else:
+                self._eof = True
+                self._pending.extend(self._parser.end())
+
     async def close(self, status: str = "client_disconnected") -> None:
         """Close the upstream request and record usage; idempotent. Shielded: when the client
         disconnects this runs inside a cancelled scope, and the record must still be written and the
         engine told to stop."""
         with anyio.CancelScope(shield=True):
             try:
+                if status == "client_disconnected" and not self._finished and not self._upstream.closed:
+                    await self._drain()
                 await self._upstream.aclose()
             finally:
-                self._finish(status)
+                await self._finish(status)
+
+    async def _drain(self) -> None:
+        """The client left: stop the engine and count what it sent until it stopped (not relayed)."""
+        stopping = self._eof or _half_close(self._upstream)
+        while self._pending:  # read already, not handled yet
+            _, data = self._pending.popleft()
+            if data is not None and data != DONE:
+                self._forward(data)
+        if not stopping:
+            return
+        with anyio.move_on_after(_DRAIN_S):
+            try:
+                async for _, data in self._upstream_events():
+                    if data is not None and data != DONE:
+                        self._forward(data)
+            except UpstreamBroken:
+                pass  # the engine closed its side mid-stream: what it sent before is counted
 
     def _forward(self, data: str) -> bool | str:
         """Account for one chunk: True to relay it as sent, False to drop it, or the event to send
@@ -129,11 +255,14 @@ class StreamRelay:
         if "error" in chunk or chunk.get("object") == "error":  # vLLM's current and older error events
             self._engine_error = True
             return _client_error_event(chunk)
+        if self._transcript is not None:
+            self._transcript.add(chunk)
         counts = token_counts(chunk.get("usage"))
-        if counts is not None:
-            # With continuous usage every chunk has the running count: the latest is what was generated.
-            self._usage = counts
         choices = chunk.get("choices")
+        if counts is not None:
+            # With continuous usage every chunk has its choice's running count.
+            self._tally.add(choices, counts)
+            self._meter.progress(*self._tally.counts)
         self._relayed_tokens += generated_tokens(choices)
         if counts is None or self._wants_continuous:
             return True
@@ -146,16 +275,18 @@ class StreamRelay:
             chunk.pop("usage", None)
         return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 
-    def _finish(self, status: str) -> None:
+    async def _finish(self, status: str) -> None:
         if self._finished:
             return
         self._finished = True
-        if self._usage is not None:
+        succeeded = status == "ok"
+        counts = self._tally.counts
+        if counts is not None:
             # The engine's own count: final, or (continuous usage) as far as the stream got.
-            prompt, completion = self._usage
+            prompt, completion = counts
         else:
-            # No usage chunk (the client left first, or the engine broke): bill what was relayed.
-            # The prompt's size is not known without the engine's count.
+            # No usage at all (an engine without continuous usage, cut short, or broken): bill what was
+            # relayed. The prompt's size is not known without the engine's count.
             prompt, completion = 0, self._relayed_tokens
             if status == "ok":
                 log.warning("engine sent no usage chunk for a completed stream")
@@ -164,6 +295,11 @@ class StreamRelay:
             self._meter.record(Outcome(prompt, completion, status))
         except Exception:  # the response is already gone; losing the record must at least be loud
             log.exception("could not record usage of a stream", status=status, completion_tokens=completion)
+        if self._attempt is not None:
+            if succeeded and self._transcript is not None:
+                await self._attempt.succeed(self._transcript.dump())
+            else:
+                await self._attempt.fail()
 
 
 def _client_error_event(chunk: dict[str, Any]) -> str:

@@ -5,10 +5,16 @@ database) before the response completes, and written to the database with the re
 requests of the last ``interval_s`` in one insert-or-ignore statement. The journal is what makes this
 safe: a gateway that crashes or is killed before a batch is written leaves the batch's segment on disk,
 and the next gateway started on the same journal folder writes it at start-up. The unique
-(org, request id) constraint makes every replay and every client retry a no-op, so each record
-reaches the database exactly once. (A machine that loses power can lose the last lines the kernel had
-not written to disk yet: the journal is not fsynced per request, which would cost more than the
-database round trip it replaces.)
+(org, request id) constraint makes every replay a no-op, so each record reaches the database exactly
+once. (A machine that loses power can lose the last lines the kernel had not written to disk yet: the
+journal is not fsynced per request, which would cost more than the database round trip it replaces.)
+
+A request in flight is journaled too: an ``open`` line when it is sent to an engine, again with its
+running token count as it streams (serving.metering bounds the rate), and a ``discard`` line if it
+never reached one. The record of a request killed with its gateway is its last open line, status
+``gateway_restarted``: the next gateway writes it, and fails the request id's claim
+(serving.idempotency) so that a retry runs at once. A segment that is written and removed hands the
+open lines of the requests still running on to the next segment, so the journal always holds them.
 
 Layout: ``<journal>/<writer id>/<n>.jsonl``. Each writer holds an exclusive ``flock`` on its own folder
 while it lives; at start a writer replays and removes every sibling folder whose lock it can take (its
@@ -23,6 +29,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from scheduler.metering import Usage
 from scheduler.models import UsageRecord
+from serving import idempotency
 from serving.database import Database
 
 log = structlog.get_logger(__name__)
@@ -40,6 +48,13 @@ _LOCK = ".lock"
 _FIELDS = tuple(f.name for f in dataclasses.fields(Usage))
 # A database that is down is retried at this pace; records keep accumulating in the journal meanwhile.
 _RETRY_S = 1.0
+# Stored responses past their expiry are dropped this often (one UPDATE over an indexed column).
+_PURGE_S = 3600.0
+GATEWAY_RESTARTED = "gateway_restarted"
+# The kind of a journal line that is not a finished record (finished records have no such key, as in
+# journals written before requests in flight were journaled).
+_KIND = "journal"
+_OPEN, _DISCARD = "open", "discard"
 
 
 def insert_usage(session: Session, rows: list[dict]) -> int:
@@ -58,15 +73,18 @@ def insert_usage(session: Session, rows: list[dict]) -> int:
 
 
 def _line(row: dict) -> bytes:
-    return (json.dumps({**row, "created_at": row["created_at"].isoformat()}, separators=(",", ":")) + "\n").encode()
+    if "created_at" in row:
+        row = {**row, "created_at": row["created_at"].isoformat()}
+    return (json.dumps(row, separators=(",", ":")) + "\n").encode()
 
 
 def _row(line: bytes) -> dict | None:
     try:
         row = json.loads(line)
-        row["created_at"] = datetime.fromisoformat(row["created_at"])
+        if row.get(_KIND) != _DISCARD:
+            row["created_at"] = datetime.fromisoformat(row["created_at"])
         return row
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None  # a line torn by a crash mid-write: its request never got its response either
 
 
@@ -79,6 +97,35 @@ def _read_segment(path: Path) -> list[dict]:
         else:
             rows.append(row)
     return rows
+
+
+def replayed_records(lines: list[dict]) -> list[dict]:
+    """The records a dead writer's journal lines (oldest first) stand for: every finished record, and
+    the last state of each request still open, as ``gateway_restarted``."""
+    finished: list[dict] = []
+    running: dict[tuple[str, str], dict] = {}
+    for line in lines:
+        kind = line.pop(_KIND, None)
+        key = (line.get("org_id"), line.get("request_id"))
+        if kind == _OPEN:
+            running[key] = {**line, "status": GATEWAY_RESTARTED}
+        elif kind == _DISCARD:
+            running.pop(key, None)
+        else:
+            running.pop(key, None)
+            finished.append(line)
+    return finished + list(running.values())
+
+
+def _write_replayed(session: Session, rows: list[dict]) -> int:
+    """Insert a dead writer's records and fail the request ids it left claimed, in one transaction."""
+    new = insert_usage(session, rows)
+    claims = []
+    for row in rows:
+        request_id, attempt = idempotency.attempt_of(row["request_id"])
+        claims.append(idempotency.Claim(row["org_id"], request_id, attempt))
+    idempotency.release(session, claims, now=datetime.now(timezone.utc))
+    return new
 
 
 class UsageWriter:
@@ -94,10 +141,12 @@ class UsageWriter:
         self._next = 0
         self._rows: list[dict] = []  # the open segment's records
         self._unwritten: list[tuple[Path, list[dict]]] = []  # closed segments not in the database yet
+        self._running: dict[tuple[str, str], dict] = {}  # (org, request id) -> its last open line
         self._flushing = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._purged_at = 0.0
 
     # --- life cycle ---------------------------------------------------------------------------------
 
@@ -111,7 +160,8 @@ class UsageWriter:
         self._task = asyncio.create_task(self._run(), name="usage-writer")
 
     async def aclose(self) -> None:
-        """Write everything still pending (the journal keeps whatever the database refused)."""
+        """Write everything still pending (the journal keeps whatever the database refused, and the
+        requests still running: a response finishing after this is journaled for the next gateway)."""
         if self._task is not None:
             self._task.cancel()
             try:
@@ -126,7 +176,7 @@ class UsageWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if not self._unwritten and not self._rows:
+        if not self._unwritten and not self._rows and not self._running:
             shutil.rmtree(self._dir, ignore_errors=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
@@ -136,17 +186,39 @@ class UsageWriter:
 
     def submit(self, usage: Usage) -> None:
         """Journal one record; the database gets it with the next batch. Call on the event loop."""
+        row = self._row_of(usage)
+        self._running.pop((usage.org_id, usage.request_id), None)
+        self._write(_line(row))
+        self._rows.append(row)
+        if len(self._rows) >= self._max_batch:
+            self._wake.set()
+
+    def open(self, usage: Usage) -> None:
+        """Journal a request in flight, or its new running count: the record it stands for if this
+        gateway dies before ``submit``."""
+        row = self._row_of(usage)
+        line = {_KIND: _OPEN, **row}
+        self._running[(usage.org_id, usage.request_id)] = line
+        self._write(_line(line))
+
+    def discard(self, org_id: str, request_id: str) -> None:
+        """Forget a request journaled as open that never reached an engine (no record)."""
+        if self._running.pop((org_id, request_id), None) is not None:
+            self._write(_line({_KIND: _DISCARD, "org_id": org_id, "request_id": request_id}))
+
+    @staticmethod
+    def _row_of(usage: Usage) -> dict:
         # Field by field: dataclasses.asdict deep-copies, and this runs on every request.
         row = {name: getattr(usage, name) for name in _FIELDS}
         row["created_at"] = datetime.now(timezone.utc)
+        return row
+
+    def _write(self, line: bytes) -> None:
         if self._fd is None:  # a response finishing after shutdown: journaled for the next gateway
             self._dir.mkdir(parents=True, exist_ok=True)
             self._open_segment()
             log.warning("usage record after the writer closed; left in the journal for the next gateway", journal=str(self._dir))
-        os.write(self._fd, _line(row))
-        self._rows.append(row)
-        if len(self._rows) >= self._max_batch:
-            self._wake.set()
+        os.write(self._fd, line)
 
     # --- batches ------------------------------------------------------------------------------------
 
@@ -157,6 +229,9 @@ class UsageWriter:
                 self._unwritten.append((self._segment, self._rows))
                 os.close(self._fd)
                 self._open_segment()
+                # The requests still running move on to the new segment before the old one can go.
+                if self._running:
+                    os.write(self._fd, b"".join(_line(line) for line in self._running.values()))
             while self._unwritten:
                 segment, rows = self._unwritten[0]
                 new = await self.db.run(lambda s: insert_usage(s, rows))
@@ -177,9 +252,18 @@ class UsageWriter:
             self._wake.clear()
             try:
                 await self.flush()
+                await self._purge()
             except Exception:
                 log.exception("could not write usage records; kept in the journal, retrying", pending=sum(len(r) for _, r in self._unwritten))
                 await asyncio.sleep(_RETRY_S)
+
+    async def _purge(self) -> None:
+        now = time.monotonic()
+        if now - self._purged_at < _PURGE_S:
+            return
+        self._purged_at = now
+        dropped = await self.db.run(lambda s: idempotency.purge_expired(s, now=datetime.now(timezone.utc)))
+        log.debug("expired stored responses dropped", responses=dropped)
 
     def _open_segment(self) -> None:
         self._segment = self._dir / f"{self._next:08d}.jsonl"
@@ -200,10 +284,13 @@ class UsageWriter:
                 os.close(fd)
                 continue  # a live writer's
             try:
-                for segment in sorted(folder.glob("*.jsonl")):
-                    rows = _read_segment(segment)
-                    new = await self.db.run(lambda s: insert_usage(s, rows))
-                    log.info("replayed usage journal", segment=str(segment), records=len(rows), new=new)
+                # All segments at once: a request open in one segment may finish in a later one.
+                segments = sorted(folder.glob("*.jsonl"))
+                rows = replayed_records([line for segment in segments for line in _read_segment(segment)])
+                new = await self.db.run(lambda s: _write_replayed(s, rows))
+                restarted = sum(1 for row in rows if row["status"] == GATEWAY_RESTARTED)
+                log.info("replayed usage journal", journal=str(folder), records=len(rows), new=new, in_flight=restarted)
+                for segment in segments:
                     segment.unlink()
                 shutil.rmtree(folder, ignore_errors=True)
             except Exception:  # the database is down: a later start (or another gateway) replays it

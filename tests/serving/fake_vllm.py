@@ -10,6 +10,17 @@ asked (loads per adapter, request ids, aborted streams) so tests can check the g
 from the engine's side. By default adapters are loaded through ``/v1/load_lora_adapter`` with ``store:``
 paths (the built-in engine's protocol); with ``resolver_store`` it behaves as vLLM with Tuneforge's resolver
 plugin: adapters load by name on first request, ``prompt_logprobs`` score prompts.
+
+``n`` choices per prompt and several prompts (text completions) are served as vLLM serves them: choice
+``p * n + j`` answers prompt ``p`` (choice ``j`` one word shorter than choice ``j - 1``), streamed
+chunks of the choices interleave, one choice per chunk, and with ``continuous_usage_stats`` each chunk
+carries its own choice's count (its prompt's tokens, the choice's tokens so far); the final usage is
+the total, each prompt counted once.
+
+What the engine bills is counted per request it served (``attempts``, a retry under the same request
+id is another attempt) as vLLM reports it: the usage of the last chunk (or body) that actually left
+the engine. A chunk made after the gateway went away is never sent, so it is not counted
+(``_DeliveryCounter`` looks at the connection as each body is written).
 """
 
 from __future__ import annotations
@@ -46,8 +57,8 @@ class EngineState:
     not_found: int = 0  # completions refused because the model is not loaded
     streams_aborted: int = 0
     tokens_streamed: int = 0
-    # request id -> [prompt tokens, completion tokens generated]: what the engine would bill
-    counts: dict[str, list[int]] = field(default_factory=dict)
+    # every completion or embedding served, in order, with the usage it reported on the wire
+    attempts: list["Attempt"] = field(default_factory=list)
     # As a vLLM with Tuneforge's resolver plugin: an unknown ``ft:`` model is looked up in the adapter index
     # of this object store and loaded by name (counted in load_calls); /v1/load_lora_adapter takes local
     # paths only, as vLLM does, so a gateway that sends it a ``store:`` path gets vLLM's 404.
@@ -55,6 +66,46 @@ class EngineState:
     # prompt_logprobs of an adapter are its training-side reference (the adapter's
     # reference_logits.safetensors) moved by this much: 0 reproduces the training side exactly.
     logprob_shift: float = 0.0
+
+
+@dataclass
+class Attempt:
+    """One request the engine served: what it billed (the usage on the last chunk or body it sent)."""
+
+    request_id: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    pending: tuple[int, int] | None = None  # the usage of the body being written
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return self.prompt_tokens, self.completion_tokens
+
+
+class _DeliveryCounter:
+    """ASGI middleware: a body written while the connection is open is sent, and its attempt's billed
+    usage becomes the one that body carried. uvicorn drops a body written after the client left without
+    a word (its ``send`` returns), so the connection is looked at on uvicorn's side of ``send``."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        cycle = getattr(send, "__self__", None)  # uvicorn's RequestResponseCycle
+
+        async def counted(message):
+            attempt = state.get("attempt")
+            if message["type"] == "http.response.body" and message.get("body") and attempt is not None and attempt.pending:
+                sent = cycle is None or not (cycle.disconnected or cycle.transport.is_closing())
+                if sent:
+                    attempt.prompt_tokens, attempt.completion_tokens = attempt.pending
+                attempt.pending = None
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 def _error(status: int, message: str, type: str, param: str | None = None) -> JSONResponse:
@@ -65,11 +116,19 @@ def reply_words(model: str, prompt_text: str, max_tokens: int) -> list[str]:
     return ([model] + prompt_text.split())[:max_tokens]
 
 
-def _prompt_text(body: dict[str, Any], chat: bool) -> str:
+def _prompt_texts(body: dict[str, Any], chat: bool) -> list[str]:
+    """The request's prompts: one conversation, or a text completion's prompts (a string, a list of
+    strings, token ids, or lists of token ids)."""
     if chat:
-        return " ".join(str(m.get("content") or "") for m in body["messages"])
+        return [" ".join(str(m.get("content") or "") for m in body["messages"])]
     prompt = body["prompt"]
-    return prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if prompt and all(isinstance(p, list) for p in prompt):
+        return [" ".join(map(str, p)) for p in prompt]
+    return [" ".join(map(str, prompt))]
 
 
 def create_engine_app(state: EngineState) -> FastAPI:
@@ -118,6 +177,8 @@ def create_engine_app(state: EngineState) -> FastAPI:
 
     async def complete(request: Request, chat: bool):
         body = await request.json()
+        request_id = request.headers.get("x-request-id", "")
+        state.request_ids.append(request_id)
         if state.fail_status is not None:
             return _error(state.fail_status, "engine failure injected by the test", "InternalServerError")
         model = body.get("model")
@@ -129,28 +190,36 @@ def create_engine_app(state: EngineState) -> FastAPI:
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
         if not isinstance(max_tokens, int) or max_tokens < 1:
             return _error(400, "max_tokens must be at least 1", "BadRequestError", "max_tokens")
+        n = body.get("n", 1)
+        if not isinstance(n, int) or n < 1:
+            return _error(400, "n must be at least 1", "BadRequestError", "n")
         state.served.append(model)
-        state.request_ids.append(request.headers.get("x-request-id", ""))
-        prompt_text = _prompt_text(body, chat)
-        words = reply_words(model, prompt_text, max_tokens)
-        usage = {"prompt_tokens": len(prompt_text.split()), "completion_tokens": len(words), "total_tokens": len(prompt_text.split()) + len(words)}
-        request_id = request.headers.get("x-request-id", "")
+        attempt = Attempt(request_id)
+        state.attempts.append(attempt)
+        request.scope["state"]["attempt"] = attempt
+        prompts = [text.split() for text in _prompt_texts(body, chat)]
+        # choice p * n + j answers prompt p, one word shorter than choice j - 1 (vLLM's numbering)
+        choices = [reply_words(model, " ".join(words), max(1, max_tokens - j)) for words in prompts for j in range(n)]
+        prompt_tokens = sum(len(words) for words in prompts)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(map(len, choices))}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if body.get("stream"):
             options = body.get("stream_options") or {}
             include_usage = bool(options.get("include_usage"))
             continuous = include_usage and bool(options.get("continuous_usage_stats"))
-            state.counts[request_id] = count = [usage["prompt_tokens"], 0]
-            return StreamingResponse(_stream(state, model, words, usage, chat, include_usage, continuous, count), media_type="text/event-stream")
-        state.counts[request_id] = [usage["prompt_tokens"], usage["completion_tokens"]]
-        await asyncio.sleep(state.token_delay_s * len(words))  # a non-streamed answer comes when all is generated
-        text = " ".join(words)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
-            obj = "text_completion"
-        return {"id": "cmpl-fake", "object": obj, "created": int(time.time()), "model": model, "choices": [choice], "usage": usage}
+            generation = _Generation(model, chat, [len(words) for words in prompts], n, choices, usage)
+            return StreamingResponse(_stream(state, attempt, generation, include_usage, continuous), media_type="text/event-stream")
+        await asyncio.sleep(state.token_delay_s * max(map(len, choices)))  # a non-streamed answer comes when all is generated
+        out = []
+        for index, words in enumerate(choices):
+            text = " ".join(words)
+            if chat:
+                out.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
+            else:
+                out.append({"index": index, "text": text, "logprobs": None, "finish_reason": "length"})
+        attempt.pending = (usage["prompt_tokens"], usage["completion_tokens"])
+        obj = "chat.completion" if chat else "text_completion"
+        return {"id": "cmpl-fake", "object": obj, "created": int(time.time()), "model": model, "choices": out, "usage": usage}
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
@@ -164,6 +233,9 @@ def create_engine_app(state: EngineState) -> FastAPI:
         state.served.append(model)
         request_id = request.headers.get("x-request-id", "")
         state.request_ids.append(request_id)
+        attempt = Attempt(request_id)
+        state.attempts.append(attempt)
+        request.scope["state"]["attempt"] = attempt
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         data, tokens = [], 0
         for i, text in enumerate(inputs):
@@ -173,7 +245,7 @@ def create_engine_app(state: EngineState) -> FastAPI:
             if body.get("encoding_format") == "base64":
                 vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             data.append({"object": "embedding", "index": i, "embedding": vector})
-        state.counts[request_id] = [tokens, 0]
+        attempt.pending = (tokens, 0)
         return {"id": "embd-fake", "object": "list", "created": int(time.time()), "model": model, "data": data,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
@@ -200,32 +272,51 @@ def create_engine_app(state: EngineState) -> FastAPI:
     async def completions(request: Request):
         return await complete(request, chat=False)
 
-    return app
+    return _DeliveryCounter(app)
 
 
-async def _stream(state: EngineState, model: str, words: list[str], usage: dict, chat: bool, include_usage: bool, continuous: bool, count: list[int]):
-    obj = "chat.completion.chunk" if chat else "text_completion"
+@dataclass
+class _Generation:
+    model: str
+    chat: bool
+    prompt_lengths: list[int]  # per prompt
+    n: int  # choices per prompt
+    choices: list[list[str]]  # the words of each choice
+    usage: dict
 
-    def chunk(choices: list[dict]) -> str:
-        prompt, done = count
+
+async def _stream(state: EngineState, attempt: Attempt, gen: _Generation, include_usage: bool, continuous: bool):
+    obj = "chat.completion.chunk" if gen.chat else "text_completion"
+    done = [0] * len(gen.choices)  # tokens sent per choice
+    prompt_of = [i // gen.n for i in range(len(gen.choices))]
+    reported: dict[int, int] = {}  # prompt -> its tokens, once a chunk of one of its choices was sent
+
+    def chunk(index: int, choice: dict) -> str:
+        reported[prompt_of[index]] = prompt = gen.prompt_lengths[prompt_of[index]]
+        attempt.pending = (sum(reported.values()), sum(done))
         extra = {"usage": None} if include_usage else {}
-        if continuous:  # vLLM's continuous_usage_stats: the running count on every chunk
-            extra = {"usage": {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}}
-        return "data: " + json.dumps({"id": "cmpl-fake", "object": obj, "created": 0, "model": model, "choices": choices, **extra}) + "\n\n"
+        if continuous:  # vLLM's continuous_usage_stats: this chunk's choice's running count
+            extra = {"usage": {"prompt_tokens": prompt, "completion_tokens": done[index], "total_tokens": prompt + done[index]}}
+        return "data: " + json.dumps({"id": "cmpl-fake", "object": obj, "created": 0, "model": gen.model,
+                                      "choices": [{"index": index, **choice}], **extra}) + "\n\n"
 
     try:
-        if chat:
-            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        for i, word in enumerate(words):
+        if gen.chat:
+            for index in range(len(gen.choices)):
+                yield chunk(index, {"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        for step in range(max(map(len, gen.choices))):
             await asyncio.sleep(state.token_delay_s)
-            piece = word if i == 0 else " " + word
-            last = "length" if i == len(words) - 1 else None
-            choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
-            state.tokens_streamed += 1
-            count[1] += 1
-            yield chunk([{**choice, "finish_reason": last}])
+            for index, words in enumerate(gen.choices):  # one decoding step: a token of every choice
+                if step >= len(words):
+                    continue
+                piece = words[step] if step == 0 else " " + words[step]
+                last = "length" if step == len(words) - 1 else None
+                state.tokens_streamed += 1
+                done[index] += 1
+                yield chunk(index, {"delta": {"content": piece}, "finish_reason": last} if gen.chat else {"text": piece, "finish_reason": last})
         if include_usage:
-            yield "data: " + json.dumps({"id": "cmpl-fake", "object": obj, "created": 0, "model": model, "choices": [], "usage": usage}) + "\n\n"
+            attempt.pending = (gen.usage["prompt_tokens"], gen.usage["completion_tokens"])
+            yield "data: " + json.dumps({"id": "cmpl-fake", "object": obj, "created": 0, "model": gen.model, "choices": [], "usage": gen.usage}) + "\n\n"
         yield "data: [DONE]\n\n"
     except (asyncio.CancelledError, GeneratorExit):
         state.streams_aborted += 1

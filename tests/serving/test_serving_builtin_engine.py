@@ -143,7 +143,8 @@ def test_a_failed_generation_is_the_same_error_streamed_or_not(stack, monkeypatc
         assert (err.body["type"], err.body["code"]) == ("server_error", "engine_error")
         assert "simulated internals" not in err.body["message"]
     assert client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=3, temperature=1.0, seed=14).choices[0].message.content
-    assert [r.status for r in usage_rows(org)][-2:] == ["engine_error", "ok"]
+    # Every request that reached the engine is recorded, the 502 as well as the broken stream.
+    assert [r.status for r in usage_rows(org)][-3:] == ["engine_error", "engine_error", "ok"]
 
 
 @pytest.mark.parametrize(
@@ -156,9 +157,11 @@ def test_a_failed_generation_is_the_same_error_streamed_or_not(stack, monkeypatc
         (dict(max_tokens=10_000), "max_tokens"),
     ],
 )
-def test_the_engines_refusals_name_their_field_through_the_gateway(stack, kwargs, param):
-    gw, _, key, _ = stack
+def test_the_engines_refusals_name_their_field_through_the_gateway(stack, kwargs, param, usage_rows):
+    gw, org, key, _ = stack
     with pytest.raises(openai.BadRequestError) as err:
         gw.client(key).chat.completions.create(**{"model": TINY, "messages": MESSAGES, **kwargs})
     assert err.value.body["param"] == param
     assert param in err.value.body["message"] or "context length" in err.value.body["message"]
+    # the refusal reached the engine: recorded, with the tokens the engine counted (none)
+    assert [(r.status, r.prompt_tokens, r.completion_tokens) for r in usage_rows(org)] == [("engine_rejected", 0, 0)]

@@ -1,12 +1,15 @@
-"""Metering and observability: every inference that reached an engine is one usage record (retries
-of a request id are not billed twice), an abandoned stream is billed for what was generated, and
-requests show up in /metrics and in logs under their request id."""
+"""Metering and observability: every run of a request on an engine is one usage record, whatever its
+outcome; a retry of a request id that succeeded is answered from the stored response and not billed
+again, one that failed runs again as its own attempt; an id still running answers 409 and an id
+reused for another body 400; an abandoned stream is billed for what was generated; requests show up
+in /metrics and in logs under their request id."""
 
 from __future__ import annotations
 
 import json
 import time
 
+import openai
 import pytest
 
 from scheduler.settings import BUILTIN_BASE_MODEL
@@ -30,7 +33,7 @@ def test_a_request_is_recorded_with_its_tokens_model_adapter_and_key(engines, ga
     assert row.api_key_id is not None and row.latency_ms > 0
 
 
-def test_retries_with_one_request_id_get_answers_but_are_billed_once(engines, gateway, make_org, usage_rows):
+def test_retries_of_a_success_are_answered_from_the_stored_response_without_the_engine(engines, gateway, make_org, usage_rows):
     engine = engines()
     gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
     org, key = make_org()
@@ -40,16 +43,114 @@ def test_retries_with_one_request_id_get_answers_but_are_billed_once(engines, ga
         client.chat.completions.create(model=BUILTIN_BASE_MODEL, messages=MESSAGES, max_tokens=2, extra_headers={"x-request-id": "retry-me"})
         for _ in range(3)
     ]
-    streamed = list(
-        client.chat.completions.create(
-            model=BUILTIN_BASE_MODEL, messages=MESSAGES, max_tokens=2, stream=True, extra_headers={"x-request-id": "retry-me"}
-        )
-    )
 
     assert {a.choices[0].message.content for a in answers} == {f"{BUILTIN_BASE_MODEL} count"}
-    assert streamed  # the retry was answered in full
-    assert len(engine.state.served) == 4
-    assert [(r.request_id, r.completion_tokens) for r in usage_rows(org)] == [("retry-me", 2)]
+    assert len({a.model_dump_json() for a in answers}) == 1  # the same answer, id and all
+    assert len(engine.state.served) == 1  # the retries never reached the engine
+    assert [(r.request_id, r.completion_tokens, r.status) for r in usage_rows(org)] == [("retry-me", 2, "ok")]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_a_streamed_success_is_replayed_as_a_stream(engines, gateway, make_org, usage_rows, include_usage):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    org, key = make_org()
+    client = gw.client(key)
+    options = {"stream_options": {"include_usage": True}} if include_usage else {}
+
+    def ask() -> list:
+        return list(client.chat.completions.create(
+            model=BUILTIN_BASE_MODEL, messages=MESSAGES, max_tokens=4, stream=True, extra_headers={"x-request-id": "streamed"}, **options
+        ))
+
+    first, again = ask(), ask()
+
+    def text(chunks) -> str:
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    assert text(again) == text(first) == f"{BUILTIN_BASE_MODEL} count my tokens"
+    assert again[0].choices[0].delta.role == "assistant" and again[0].id == first[0].id
+    assert [c.choices[0].finish_reason for c in again if c.choices][-1] == "length"
+    usages = [(c.usage.prompt_tokens, c.usage.completion_tokens) for c in again if c.usage is not None]
+    assert usages == ([(4, 4)] if include_usage else [])
+    assert (again[-1].choices == []) is include_usage  # the usage chunk comes last, as in the live stream
+    assert len(engine.state.served) == 1
+    assert [(r.request_id, r.completion_tokens) for r in usage_rows(org)] == [("streamed", 4)]
+
+
+def test_a_request_id_reused_for_another_request_is_refused(engines, gateway, make_org, usage_rows):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    org, key = make_org()
+    client = gw.client(key)
+    client.chat.completions.create(model=BUILTIN_BASE_MODEL, messages=MESSAGES, max_tokens=2, extra_headers={"x-request-id": "once"})
+
+    other = [{"role": "user", "content": "something else entirely"}]
+    for kwargs in (dict(messages=other, max_tokens=2), dict(messages=MESSAGES, max_tokens=3), dict(messages=MESSAGES, max_tokens=2, stream=True)):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=BUILTIN_BASE_MODEL, extra_headers={"x-request-id": "once"}, **kwargs)
+        assert (err.value.body["param"], err.value.body["code"]) == ("x-request-id", "request_id_reused")
+        assert "x-request-id" in err.value.message
+
+    assert len(engine.state.served) == 1  # nothing free: the other bodies never ran
+    assert [r.request_id for r in usage_rows(org)] == ["once"]
+
+
+def test_a_request_id_still_running_answers_409(engines, gateway, make_org, usage_rows):
+    engine = engines(token_delay_s=0.05)
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    org, key = make_org()
+    client = gw.client(key)
+    body = dict(model=BUILTIN_BASE_MODEL, messages=MESSAGES, max_tokens=8, stream=True, extra_headers={"x-request-id": "busy"})
+
+    stream = client.chat.completions.create(**body)
+    next(iter(stream))  # running
+    with pytest.raises(openai.ConflictError) as err:
+        client.chat.completions.create(**body)
+    assert (err.value.status_code, err.value.body["code"], err.value.body["param"]) == (409, "request_in_progress", "x-request-id")
+    assert err.value.response.headers["retry-after"] == "1"
+    list(stream)
+
+    assert len(engine.state.served) == 1
+    assert [(r.request_id, r.status) for r in usage_rows(org)] == [("busy", "ok")]
+
+
+def test_a_retry_of_a_failed_request_runs_again_and_is_billed_as_its_own_attempt(engines, gateway, make_org, usage_rows):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    org, key = make_org()
+    client = gw.client(key)
+    ask = lambda: client.chat.completions.create(  # noqa: E731
+        model=BUILTIN_BASE_MODEL, messages=MESSAGES, max_tokens=2, extra_headers={"x-request-id": "flaky"}
+    )
+
+    engine.state.fail_status = 500
+    with pytest.raises(openai.APIStatusError):
+        ask()
+    engine.state.fail_status = None
+    answer, replayed = ask(), ask()
+
+    assert answer.model_dump() == replayed.model_dump()
+    rows = [(r.request_id, r.prompt_tokens, r.completion_tokens, r.status) for r in usage_rows(org)]
+    assert rows == [("flaky", 0, 0, "engine_error"), ("flaky#2", 4, 2, "ok")]
+    assert engine.state.request_ids == ["flaky", "flaky#2"]  # each attempt under its own id
+
+
+def test_a_stored_response_expires(engines, gateway, make_org, usage_rows):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]}, response_store_ttl_s=0.2)
+    org, key = make_org()
+    client = gw.client(key)
+    ask = lambda: client.completions.create(  # noqa: E731
+        model=BUILTIN_BASE_MODEL, prompt="a b", max_tokens=1, extra_headers={"x-request-id": "short-lived"}
+    )
+
+    ask(), ask()
+    time.sleep(0.3)
+    ask()
+
+    assert len(engine.state.served) == 2  # replayed once, then run again as a new request
+    assert [r.request_id for r in usage_rows(org)] == ["short-lived", "short-lived#2"]
 
 
 def test_the_same_request_id_in_two_orgs_is_two_records(engines, gateway, make_org, usage_rows):
@@ -72,20 +173,32 @@ def test_a_stream_is_billed_from_the_engines_usage_even_when_the_client_did_not_
     assert (row.prompt_tokens, row.completion_tokens, row.status) == (4, 5, "ok")
 
 
-def test_failed_requests_are_not_billed(engines, gateway, make_org, make_adapter, usage_rows):
+def test_requests_are_recorded_iff_they_reached_an_engine(engines, gateway, make_org, make_adapter, usage_rows):
     engine = engines()
-    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url], "unserved-base": ["http://127.0.0.1:9"]},
+                 base_models=[BUILTIN_BASE_MODEL, "unserved-base"])
     org, key = make_org()
     other, _ = make_org()
     foreign = make_adapter(other)
 
     with gw.http() as http:
         headers = {"Authorization": f"Bearer {key}"}
-        assert http.post("/v1/chat/completions", json={"model": foreign, "messages": MESSAGES}, headers=headers).status_code == 404
-        assert http.post("/v1/chat/completions", json={"model": BUILTIN_BASE_MODEL, "messages": MESSAGES, "max_tokens": 0}, headers=headers).status_code == 400
-        assert http.post("/v1/chat/completions", json={"model": BUILTIN_BASE_MODEL}, headers=headers).status_code == 400
 
-    assert usage_rows(org) == []
+        def post(body: dict, request_id: str) -> int:
+            return http.post("/v1/chat/completions", json=body, headers={**headers, "x-request-id": request_id}).status_code
+
+        # refused by the gateway, or no engine took them: no record
+        assert post({"model": foreign, "messages": MESSAGES}, "foreign") == 404
+        assert post({"model": BUILTIN_BASE_MODEL}, "no-messages") == 400
+        assert post({"model": "unserved-base", "messages": MESSAGES}, "unreachable") == 503
+        # refused or failed by the engine: recorded with their status and no tokens
+        assert post({"model": BUILTIN_BASE_MODEL, "messages": MESSAGES, "max_tokens": 0}, "refused") == 400
+        engine.state.fail_status = 500
+        assert post({"model": BUILTIN_BASE_MODEL, "messages": MESSAGES}, "failed") == 502
+        assert post({"model": BUILTIN_BASE_MODEL, "messages": MESSAGES, "stream": True}, "failed-stream") == 502
+
+    rows = [(r.request_id, r.status, r.prompt_tokens, r.completion_tokens) for r in usage_rows(org)]
+    assert rows == [("refused", "engine_rejected", 0, 0), ("failed", "engine_error", 0, 0), ("failed-stream", "engine_error", 0, 0)]
 
 
 def _wait_for_rows(usage_rows, org, timeout: float = 10.0):

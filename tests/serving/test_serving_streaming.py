@@ -26,26 +26,32 @@ FULL_STREAM = [_chunk("a"), _chunk(" b"), _chunk(" c"), _chunk(usage=USAGE), "da
 class RecordingMeter:
     def __init__(self) -> None:
         self.outcomes: list[Outcome] = []
+        self.progressed: list[tuple[int, int]] = []
 
     def record(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
 
+    def progress(self, prompt: int, completion: int) -> None:
+        self.progressed.append((prompt, completion))
+
 
 class FakeResponse:
-    """The part of aiohttp's ``ClientResponse`` that ``Upstream`` uses (``content`` yields lines), over
-    scripted body chunks."""
+    """The part of aiohttp's ``ClientResponse`` that ``Upstream`` and the relay use (``content.readany``
+    returns what arrived), over scripted body chunks."""
 
     def __init__(self, chunks):
         self._chunks = chunks
         self._eof = False
         self.closed = False
         self.content = self
+        self.connection = None  # no socket to half-close
 
-    async def __aiter__(self):
-        async for chunk in self._chunks:
-            for line in chunk.splitlines(keepends=True):
-                yield line
-        self._eof = True
+    async def readany(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            self._eof = True
+            return b""
 
     def at_eof(self) -> bool:
         return self._eof
