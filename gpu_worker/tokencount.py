@@ -24,12 +24,12 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from gpu_worker.contract import ChatTemplate, DataFormat, JobSpec, Method
+from gpu_worker.contract import PREFERENCE_METHODS, ChatTemplate, DataFormat, JobSpec, Method
 from gpu_worker.data.encoding import TokenizerView, encode_record
 from gpu_worker.data.formats import SFT_FORMATS, Conversation, to_sft
 from gpu_worker.data.dedupe import exact_key
 from gpu_worker.data.mixing import mixed_count
-from gpu_worker.data.templates import render, resolve_template
+from gpu_worker.data.templates import TemplateError, render, resolve_template
 from gpu_worker.storage import ObjectNotFound, ObjectStore, iter_lines
 from gpu_worker.validation import FileValidator
 
@@ -114,15 +114,18 @@ def count_tokens(
             continue
         fmt = validator.format
         examples += 1
-        if fmt == DataFormat.prompt:
-            text, _ = render(template, _prompt_messages(obj), special_tokens=view.special_tokens, add_generation_prompt=True)
-            n = len(view.encode(text)[0])
-            tokens += min(n, max_seq_length)
-            truncated += n > max_seq_length
-            continue
-        records = [to_sft(fmt, obj)] if fmt in SFT_FORMATS else _conversations(fmt, obj)
-        for record in records:
-            example, cut = encode_record(view, template, record, max_seq_length, train_on_inputs=train_on_inputs)
+        try:
+            if fmt == DataFormat.prompt:
+                text, _ = render(template, _prompt_messages(obj), special_tokens=view.special_tokens, add_generation_prompt=True)
+                n = len(view.encode(text)[0])
+                tokens += min(n, max_seq_length)
+                truncated += n > max_seq_length
+                continue
+            records = [to_sft(fmt, obj)] if fmt in SFT_FORMATS else _conversations(fmt, obj)
+            encoded = [encode_record(view, template, record, max_seq_length, train_on_inputs=train_on_inputs) for record in records]
+        except TemplateError as err:  # the trainer refuses the line the same way (gpu_worker.data.dataset)
+            raise TokenCountError(f"line {validator.line}: {err}") from None
+        for example, cut in encoded:
             truncated += cut
             if not example.trained_tokens:
                 dropped += 1
@@ -138,6 +141,11 @@ def count_tokens(
     return TokenStats(examples, tokens, trained, truncated, dropped, duplicates)
 
 
+# The format each recipe but the supervised one reads every file in, whatever the spec declares
+# (gpu_worker.recipes: preference, kto, grpo); the supervised recipe reads the declared (or detected) one.
+_METHOD_READS = {Method.kto: DataFormat.kto, Method.grpo: DataFormat.prompt, **{m: DataFormat.preference for m in PREFERENCE_METHODS}}
+
+
 @dataclasses.dataclass(frozen=True)
 class FileCount:
     param: str  # the job's field naming the file: training_file, extra_training_files[i], validation_file
@@ -147,15 +155,17 @@ class FileCount:
 
 def count_job_files(store: ObjectStore, spec: JobSpec, tokenizer_dir: str | os.PathLike, *, validation: bool = False) -> list[FileCount]:
     """Every training file's counts, in the trainer's order (exact repeats across them are counted
-    as ``duplicates`` when the job dedupes), and the validation file's last when ``validation``. Raises
-    ``TokenCountError`` for a missing file or a bad line."""
+    as ``duplicates`` when the job dedupes), and the validation file's last when ``validation``; each
+    file read in the format its recipe reads it in. Raises ``TokenCountError`` for a missing file or a
+    bad line."""
     opts, hp = spec.data, spec.hyperparameters
     view = TokenizerView.from_dir(tokenizer_dir)
+    read_as = _METHOD_READS.get(spec.method)
     # each named by the job's field, never by its storage key (a tenant knows file ids, not our layout)
-    files = [(spec.training_file_key, opts.format, 1.0, "training_file")]
-    files += [(f.key, f.format, f.weight, f"extra_training_files[{i}]") for i, f in enumerate(opts.extra_training_files)]
+    files = [(spec.training_file_key, read_as or opts.format, 1.0, "training_file")]
+    files += [(f.key, read_as or f.format, f.weight, f"extra_training_files[{i}]") for i, f in enumerate(opts.extra_training_files)]
     if validation and spec.validation_file_key:
-        files.append((spec.validation_file_key, opts.format, 1.0, "validation_file"))
+        files.append((spec.validation_file_key, read_as or opts.format, 1.0, "validation_file"))
     seen: set[bytes] | None = set() if opts.dedupe else None
     counts = []
     for key, fmt, weight, param in files:

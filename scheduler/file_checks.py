@@ -21,6 +21,7 @@ A problem is said as the worker would say it, ``{code, message, param}``: ``inva
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -35,6 +36,8 @@ from gpu_worker.validation import FileValidator
 from scheduler import jobs
 from scheduler.models import File, Job
 from scheduler.settings import Settings
+
+log = logging.getLogger("tuneforge.scheduler")
 
 MIN_EXAMPLES = 10
 
@@ -158,6 +161,11 @@ def _count(store: ObjectStore, settings: Settings, session: Session, job: Job, s
         counts = count_job_files(store, spec, tokenizer_dir, validation=True)
     except TokenCountError as err:
         return _file_problem(err.param, str(err))
+    except Exception as err:  # a tokenizer here that tokenizers/jinja cannot use: the worker loads its own
+        log.exception("job %s: counting tokens with %s failed", job.id, tokenizer_dir)
+        jobs.add_event(session, job, f"Counting tokens with the tokenizer of {job.model} found here failed ({type(err).__name__}): no token "
+                       "estimate is made before training", level="warn")
+        return None
     if unusable := unusable_file(spec, counts):
         return _file_problem(*unusable)
     job.estimated_tokens = job_tokens(spec, counts)

@@ -224,3 +224,29 @@ def test_the_tick_fails_the_bad_job_with_the_workers_error_and_queues_the_good_o
             "code": "invalid_training_file", "param": "training_file",
             "message": "line 1: missing field 'answer' that the exact_match reward compares with"}
         assert queued.status == JobStatus.queued and queued.error is None
+
+
+def test_grpo_files_are_counted_as_the_prompts_the_recipe_reads_whatever_is_declared(db_session, world, made, with_tokenizer):
+    # data.format "chat" is a format GRPO takes, but its recipe reads every file as prompts: a prompt
+    # file declared chat trains, so it must not fail as chat lines without a reply
+    prompts = made.file([{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(12)])
+    job = made.job(prompts, method=Method.grpo, method_params=GRPO, data=DataOptions(format=DataFormat.chat))
+    assert _check(db_session, world, job) is None
+    assert job.estimated_tokens == 2 * 12 * 4 * 64  # epochs x prompts x generations x max completion
+
+
+def test_a_line_the_chat_template_refuses_fails_as_the_worker_would(db_session, world, made, with_tokenizer):
+    (with_tokenizer / "chat_template.jinja").write_text("{{ raise_exception('roles must alternate') }}")
+    job = made.job(made.file([_chat(f"q{i}", f"a{i}") for i in range(12)]))
+    problem = _check(db_session, world, job)
+    assert (problem.code, problem.param) == ("invalid_training_file", "training_file")
+    param, message = _worker_error(world[1], JobSpec.model_validate(job.spec), with_tokenizer)
+    assert problem.message == f"{param}: {message}" and "roles must alternate" in message
+
+
+def test_a_tokenizer_here_that_cannot_be_read_leaves_the_estimate_to_nobody_and_says_so(db_session, world, made, with_tokenizer):
+    (with_tokenizer / "tokenizer.json").write_text("{not json")
+    job = made.job(made.file([_chat(f"q{i}", f"a{i}") for i in range(12)]))
+    assert _check(db_session, world, job) is None and job.estimated_tokens is None
+    (event,) = _events(db_session, job)
+    assert "failed" in event and "no token estimate is made before training" in event
