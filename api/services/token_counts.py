@@ -6,6 +6,7 @@ the job is queued (``scheduler.file_checks``)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from api.errors import InvalidRequest
@@ -14,6 +15,8 @@ from gpu_worker.contract import JobSpec
 from gpu_worker.storage import ObjectStore
 from gpu_worker.tokencount import TokenCountError, count_job_files, job_tokens, local_tokenizer_dir, unusable_file
 from scheduler.models import File
+
+log = logging.getLogger("api.token_counts")
 
 # The most file bytes counted inside a request: counting ran at 1.2 MB/s on a loaded 2-core machine
 # (20,000 chat examples, 11 MB, 9.0 s), so 8 MiB answers within ~7 s; larger jobs are not counted here.
@@ -35,6 +38,9 @@ def count_in_request(store: ObjectStore, settings: ApiSettings, spec: JobSpec, f
         counts = count_job_files(store, spec, tokenizer_dir, validation=True)
     except TokenCountError as err:
         raise InvalidRequest(f"Invalid file: {err}.", param=_file_param(err.param), code="invalid_file") from None
+    except Exception:  # a tokenizer here that tokenizers/jinja cannot use: not the caller's fault, and not counted
+        log.exception("counting tokens with %s failed; the job is not counted here", tokenizer_dir)
+        return None
     if unusable := unusable_file(spec, counts):
         param, message = unusable
         raise InvalidRequest(f"Invalid file: {param}: {message}.", param=_file_param(param), code="invalid_file")

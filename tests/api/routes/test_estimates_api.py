@@ -196,3 +196,9 @@ def test_a_file_truncated_to_nothing_is_a_400_when_counted(client_a, upload, fle
         _estimate(client_a, model="tuneforge-tiny", training_file=upload(_chat_file(12)), method=_hp(max_seq_length=16),
                   data={"extra_training_files": [{"file": file_id}]})
     assert e.value.body["param"] == "data.extra_training_files[0].file"
+
+
+def test_a_tokenizer_here_that_cannot_be_read_falls_back_to_file_size(client_a, upload, fleet, tiny_tokenizer):
+    (tiny_tokenizer / "tokenizer.json").write_text("{not json")
+    est = _estimate(client_a, model="tuneforge-tiny", training_file=upload(_chat_file(12)))
+    assert est["tokens_source"] == "file_size"
