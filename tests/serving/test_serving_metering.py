@@ -297,3 +297,47 @@ def test_an_unusable_request_id_is_refused(engines, gateway, make_org):
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "x-request-id"
     assert response.headers["x-request-id"].startswith("req_")
+
+
+def test_a_stream_of_several_choices_cut_off_is_billed_what_the_engine_sent(engines, gateway, make_org, usage_rows):
+    engine = engines(token_delay_s=0.05)
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    org, key = make_org()
+    body = {"model": BUILTIN_BASE_MODEL, "messages": [{"role": "user", "content": " ".join(f"w{i}" for i in range(30))}],
+            "max_tokens": 30, "n": 3, "stream": True}
+
+    seen = 0
+    with gw.http() as http:
+        with http.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    seen += sum(1 for c in json.loads(line[6:])["choices"] if c["delta"].get("content"))
+                if seen >= 6:
+                    break
+
+    [row] = _wait_for_rows(usage_rows, org)
+    [attempt] = engine.state.attempts
+    assert row.status == "client_disconnected"
+    # every choice's tokens, the conversation once: exactly what the engine reported before it stopped
+    assert (row.prompt_tokens, row.completion_tokens) == attempt.counts
+    assert row.prompt_tokens == 30 and 6 <= row.completion_tokens < 3 * 30
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_several_prompts_and_choices_are_billed_as_the_engine_counts(engines, gateway, make_org, usage_rows, stream):
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    org, key = make_org()
+
+    answer = gw.client(key).completions.create(model=BUILTIN_BASE_MODEL, prompt=["a b c", "d e"], n=2, max_tokens=4, stream=stream)
+    if stream:
+        texts: dict[int, str] = {}
+        for chunk in answer:
+            for choice in chunk.choices:
+                texts[choice.index] = texts.get(choice.index, "") + choice.text
+    else:
+        texts = {c.index: c.text for c in answer.choices}
+
+    assert len(texts) == 4 and texts[2] == f"{BUILTIN_BASE_MODEL} d e"
+    [row] = usage_rows(org)
+    assert (row.prompt_tokens, row.completion_tokens) == engine.state.attempts[0].counts == (5, 4 + 3 + 3 + 3)

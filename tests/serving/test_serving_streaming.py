@@ -11,7 +11,7 @@ import aiohttp
 
 from serving.engines import Replica, Upstream
 from serving.metering import Outcome
-from serving.streaming import RelayResponse, StreamRelay, generated_tokens, sse_events
+from serving.streaming import RelayResponse, SSEParser, StreamRelay, generated_tokens, sse_events
 
 
 def _chunk(text: str | None = None, usage: dict | None = None) -> str:
@@ -214,3 +214,64 @@ def test_an_engine_refusal_event_keeps_its_message_and_field():
 
     error = json.loads(sent.split("\n\n")[0].removeprefix("data: "))["error"]
     assert error == {"message": "max_tokens is too large", "type": "invalid_request_error", "param": "max_tokens", "code": None}
+
+
+def _choice_chunk(index: int, text: str, prompt: int, done: int, *, chat: bool = True) -> str:
+    """A vLLM chunk with continuous usage stats: one choice, and that choice's own running count."""
+    choice = {"index": index, "delta": {"content": text}, "finish_reason": None} if chat else {"index": index, "text": text, "finish_reason": None}
+    usage = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+    return "data: " + json.dumps({"object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice], "usage": usage}) + "\n\n"
+
+
+def _cut_short(events: list[str], **options) -> RecordingMeter:
+    async def broken():
+        for event in events:
+            yield event.encode()
+        raise aiohttp.ClientPayloadError("engine died")
+
+    meter = RecordingMeter()
+    upstream = Upstream(Replica(base="m", url="http://engine", inflight=1), FakeResponse(broken()))
+    asyncio.run(_collect(StreamRelay(upstream, meter, wants_usage=False, **options)))
+    return meter
+
+
+def test_a_stream_of_several_choices_cut_short_is_billed_every_choice():
+    # n=3 on one conversation of 7 tokens: vLLM interleaves the choices, each chunk counting its own
+    events = [_choice_chunk(i, "a", 7, 1) for i in range(3)] + [_choice_chunk(0, " b", 7, 2), _choice_chunk(2, " b", 7, 2)]
+
+    meter = _cut_short(events)
+
+    # 2 + 1 + 2 tokens generated, the conversation counted once (the last chunk alone says 7 + 2)
+    assert meter.outcomes == [Outcome(7, 5, "engine_error")]
+    assert meter.progressed[-1] == (7, 5)
+
+
+def test_a_completion_of_several_prompts_cut_short_is_billed_each_prompt_once():
+    # two prompts (3 and 5 tokens), n=2: choices 0-1 answer prompt 0, choices 2-3 prompt 1
+    events = [_choice_chunk(i, "x", 3 if i < 2 else 5, 1, chat=False) for i in range(4)] + [_choice_chunk(3, " y", 5, 2, chat=False)]
+
+    meter = _cut_short(events, choices_per_prompt=2)
+
+    assert meter.outcomes == [Outcome(3 + 5, 1 + 1 + 1 + 2, "engine_error")]
+
+
+def test_the_final_usage_chunk_is_the_engines_total():
+    events = [_choice_chunk(0, "a", 7, 1), _choice_chunk(1, "a", 7, 1), _chunk(usage={"prompt_tokens": 7, "completion_tokens": 9}), "data: [DONE]\n\n"]
+    meter = RecordingMeter()
+
+    asyncio.run(_collect(StreamRelay(_upstream(events), meter, wants_usage=False)))
+
+    assert meter.outcomes == [Outcome(7, 9, "ok")]
+
+
+def test_events_split_anywhere_parse_as_whole_events():
+    body = "".join(FULL_STREAM).replace("\n\n", "\r\n\r\n", 1) + ": keep-alive\n\n" + "data: tailé"
+    whole = SSEParser()
+    expected = whole.feed(body.encode()) + whole.end()
+    for size in (1, 2, 7, 64):
+        parser = SSEParser()
+        events = []
+        for i in range(0, len(body), size):
+            events += parser.feed(body[i : i + size].encode())
+        assert events + parser.end() == expected
+    assert [data for _, data in expected][-2:] == [None, "tailé"] and len(expected) == len(FULL_STREAM) + 2
