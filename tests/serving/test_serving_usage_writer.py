@@ -1,18 +1,21 @@
 """The usage writer behind the responses: every journaled record reaches the database exactly once,
-whether it is written in a batch, retried with the same request id, left behind by a gateway that
-crashed (replayed by the next one, however often), or held back while the database is down."""
+whether it is written in a batch, journaled twice under the same key, left behind by a gateway that
+crashed (replayed by the next one, however often), or held back while the database is down; a request
+in flight when its gateway died is billed the last running count it journaled."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+from datetime import datetime, timezone
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from scheduler.metering import Usage
-from scheduler.models import UsageRecord
+from scheduler.models import StoredResponse, UsageRecord
+from serving import idempotency
 from serving.cache import TTLCache
 from serving.database import Database
 from serving.usage_writer import UsageWriter
@@ -75,6 +78,42 @@ def test_a_crashed_gateways_journal_is_replayed_exactly_once(test_db, make_org, 
 
     asyncio.run(run())
     assert _rows(test_db, org.id) == [("before-flush", 1), ("lost-0", 2), ("lost-1", 2), ("lost-2", 2)]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_requests_in_flight_when_the_gateway_died_are_billed_their_last_journaled_count(test_db, make_org, tmp_path):
+    org, _ = make_org()
+    with test_db.scope() as session:  # the request ids the dead gateway had claimed
+        for rid, attempt in (("streaming", 1), ("retried", 2)):
+            idempotency.claim(session, org.id, rid, "h", now=datetime.now(timezone.utc), lease_s=3600)
+            if attempt == 2:
+                session.execute(update(StoredResponse).where(StoredResponse.request_id == rid).values(attempts=2))
+
+    async def run():
+        crashed = UsageWriter(test_db, tmp_path, interval_s=60)
+        await crashed.start()
+        crashed.open(_usage(org.id, "streaming", 0))
+        crashed.open(_usage(org.id, "retried#2", 0))
+        crashed.open(_usage(org.id, "never-reached", 0))
+        crashed.open(_usage(org.id, "finished", 0))
+        crashed.submit(_usage(org.id, "finished", 4))
+        crashed.discard(org.id, "never-reached")  # no engine took it
+        await crashed.flush()  # the segment with the open lines is written and removed...
+        crashed.open(_usage(org.id, "streaming", 7))  # ...while two requests are still running
+        _crash(crashed)
+        assert _rows(test_db, org.id) == [("finished", 4)]
+        writer = UsageWriter(test_db, tmp_path, interval_s=60)
+        await writer.start()
+        await writer.aclose()
+
+    asyncio.run(run())
+    assert _rows(test_db, org.id) == [("finished", 4), ("retried#2", 0), ("streaming", 7)]
+    with test_db.scope() as session:
+        statuses = dict(session.execute(select(UsageRecord.request_id, UsageRecord.status).where(UsageRecord.org_id == org.id)).all())
+        claims = dict(session.execute(select(StoredResponse.request_id, StoredResponse.state).where(StoredResponse.org_id == org.id)).all())
+    assert statuses == {"finished": "ok", "streaming": "gateway_restarted", "retried#2": "gateway_restarted"}
+    # the dead gateway's claims are failed, so that their ids run again at once instead of answering 409
+    assert claims == {"streaming": "failed", "retried": "failed"}
     assert list(tmp_path.iterdir()) == []
 
 
