@@ -107,19 +107,26 @@ def list_models(session: Session, principal: Principal, base_models: list[str], 
         .where(Adapter.org_id == principal.org_id, Adapter.deleted_at.is_(None), Adapter.base_model.in_(entitled))
         .order_by(Adapter.created_at, Adapter.id)
     )
-    # Listed once its check passed: an unchecked version is still callable (its first request checks it)
-    # but is not announced as a model until it is known to be servable.
-    servable = [(id, created, org_name) for id, created, report, org_name in rows if (adapter_registry.verdict(report) or {}).get("passed")]
-    data += [ModelPublic(id=id, created=int(created.timestamp()), owned_by=org_name) for id, created, org_name in servable]
+    # A version that failed its check is not listed; one not checked yet is, marked (its first request
+    # checks it), as OpenAI lists a fine-tuned model as soon as its job succeeded.
+    listed = [(id, created, org_name, _compatibility(report)) for id, created, report, org_name in rows]
+    data += [ModelPublic(id=id, created=int(created.timestamp()), owned_by=org_name, compatibility=state)
+             for id, created, org_name, state in listed if state != "failed"]
     aliases = session.execute(
-        select(AdapterAlias.name, AdapterAlias.updated_at, Organization.name)
+        select(AdapterAlias.name, AdapterAlias.updated_at, Organization.name, Adapter.compatibility)
         .join(Organization, Organization.id == AdapterAlias.org_id)
         .join(Adapter, Adapter.id == AdapterAlias.adapter_id)
         .where(AdapterAlias.org_id == principal.org_id, Adapter.base_model.in_(entitled))
         .order_by(AdapterAlias.name)
     )
-    data += [ModelPublic(id=name, created=int(updated.timestamp()), owned_by=org_name) for name, updated, org_name in aliases]
+    data += [ModelPublic(id=name, created=int(updated.timestamp()), owned_by=org_name, compatibility=_compatibility(report))
+             for name, updated, org_name, report in aliases]
     return ModelsPublic(data=data)
+
+
+def _compatibility(report: dict | None) -> str:
+    report = adapter_registry.verdict(report)
+    return "unchecked" if report is None else "passed" if report.get("passed") else "failed"
 
 
 def get_model(session: Session, principal: Principal, model: str, base_models: list[str], default_base_models: list[str] | None) -> ModelPublic:
@@ -136,4 +143,4 @@ def get_model(session: Session, principal: Principal, model: str, base_models: l
     if row is None or not entitled(row.base_model):
         raise ModelNotFound(model)
     org = session.get(Organization, row.org_id)
-    return ModelPublic(id=model, created=int(created.timestamp()), owned_by=org.name)
+    return ModelPublic(id=model, created=int(created.timestamp()), owned_by=org.name, compatibility=_compatibility(row.compatibility))

@@ -129,16 +129,20 @@ def test_unknown_base_model_is_404(engines, gateway, make_org):
     assert err.value.body["param"] == "model"
 
 
-def test_models_list_shows_a_fine_tuned_version_once_its_check_passed(engines, gateway, make_org, make_adapter, db_session):
-    """An unchecked version is callable (its first request checks it) but not listed until it passed; a
-    failed one is never listed."""
+def test_models_list_marks_a_fine_tuned_version_until_its_check_passed(engines, gateway, make_org, make_adapter, db_session):
+    """A version not checked yet is listed (as OpenAI lists a fine-tuned model once its job succeeded) and
+    marked "unchecked" (its first request checks it); a failed one is not listed; base models carry no mark."""
     from serving.adapter_registry import record_check
 
     gw = gateway({BUILTIN_BASE_MODEL: [engines().url]})
     org, key = make_org()
     unchecked, failed = make_adapter(org, suffix="new", checked=False), make_adapter(org, suffix="bad", checked=False)
     record_check(db_session, org.id, failed, {"passed": False, "reason": "rank too large", "code": "rank_too_large"})
+    client = gw.client(key)
 
-    assert {m.id for m in gw.client(key).models.list()} == {BUILTIN_BASE_MODEL}
+    assert {m.id: m.model_extra["compatibility"] for m in client.models.list()} == {BUILTIN_BASE_MODEL: None, unchecked: "unchecked"}
+    assert client.models.retrieve(unchecked).model_extra["compatibility"] == "unchecked"
     record_check(db_session, org.id, unchecked, {"passed": True, "static": {}, "logits": {"status": "match"}})
-    assert {m.id for m in gw.client(key).models.list()} == {BUILTIN_BASE_MODEL, unchecked, unchecked.rsplit(":", 1)[0]}
+    name = unchecked.rsplit(":", 1)[0]
+    assert {m.id: m.model_extra["compatibility"] for m in client.models.list()} == {BUILTIN_BASE_MODEL: None, unchecked: "passed", name: "passed"}
+    assert client.models.retrieve(failed).model_extra["compatibility"] == "failed"
