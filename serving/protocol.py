@@ -140,6 +140,9 @@ class ModelPublic(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    # A fine-tuned model's compatibility check (serving.adapter_registry): "unchecked" until its first
+    # request or POST /v1/adapters/{id}/check runs it. None for base models.
+    compatibility: Literal["unchecked", "passed", "failed"] | None = None
 
 
 class ModelsPublic(BaseModel):
