@@ -279,11 +279,13 @@ class _CheckRoute:
     def __init__(self, answers):
         from conftest import FakeEngine, LiveServer
         from fake_vllm import EngineState, create_engine_app
+        from fastapi import FastAPI
 
         self.answers, self.calls = list(answers), 0
         state = EngineState(base_model=BUILTIN_BASE_MODEL)
         app = create_engine_app(state)
-        app.add_api_route("/v1/tuneforge/check_adapter", self._check, methods=["POST"])
+        routes = app if isinstance(app, FastAPI) else app.app  # the FastAPI app inside the fake's ASGI middleware
+        routes.add_api_route("/v1/tuneforge/check_adapter", self._check, methods=["POST"])
         self.engine = FakeEngine(state, LiveServer(app).start())
 
     async def _check(self):
