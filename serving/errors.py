@@ -137,6 +137,16 @@ class EngineUnavailable(ServingError):
         super().__init__(message, headers={"Retry-After": "1"})
 
 
+class DatabaseUnavailable(ServingError):
+    """The database is unreachable where a request cannot go on without it (claiming its request id)."""
+
+    status_code = 503
+    code = "database_unavailable"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
 class EngineTimeout(ServingError):
     status_code = 504
     code = "engine_timeout"

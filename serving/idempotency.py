@@ -28,11 +28,12 @@ from typing import Any
 import anyio
 import structlog
 from sqlalchemy import and_, bindparam, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from scheduler.models import StoredResponse
 from serving.database import Database
-from serving.errors import RequestIdReused, RequestInProgress
+from serving.errors import DatabaseUnavailable, RequestIdReused, RequestInProgress
 
 log = structlog.get_logger(__name__)
 
@@ -202,8 +203,13 @@ class Attempt:
 
 
 async def begin(db: Database, org_id: str, request_id: str, digest: str, *, lease_s: float, ttl_s: float) -> Attempt | Stored:
-    """Claim ``request_id`` for a run, or the stored answer of its successful run (raises 409/400)."""
-    outcome = await db.run(lambda s: claim(s, org_id, request_id, digest, now=datetime.now(timezone.utc), lease_s=lease_s))
+    """Claim ``request_id`` for a run, or the stored answer of its successful run (raises 409/400, or
+    503 while the database is unreachable: without the claim a retry could run and be billed twice)."""
+    try:
+        outcome = await db.run(lambda s: claim(s, org_id, request_id, digest, now=datetime.now(timezone.utc), lease_s=lease_s))
+    except (OperationalError, InterfaceError, ConnectionError) as exc:
+        log.error("could not claim a request id", error=repr(exc))
+        raise DatabaseUnavailable("The service cannot record this request right now; try again shortly.") from exc
     if isinstance(outcome, Stored):
         log.info("answering a retry from the stored response")
         return outcome

@@ -68,3 +68,20 @@ def test_a_usage_key_names_its_request_id_and_attempt(rid):
         if "#" not in rid:  # the gateway refuses "#" in an x-request-id (serving.middleware)
             assert attempt_of(usage_id(rid, attempt)) == (rid, attempt)
     assert usage_id(rid, 1) == rid and len(usage_id(rid, 10**9)) <= len(rid) + 11
+
+
+def test_a_request_id_that_cannot_be_claimed_is_a_503_not_a_500():
+    import asyncio
+    import contextlib
+
+    from serving.database import Database
+    from serving.errors import DatabaseUnavailable
+
+    @contextlib.contextmanager
+    def down():
+        raise ConnectionError("database unreachable")
+        yield
+
+    with pytest.raises(DatabaseUnavailable) as err:
+        asyncio.run(idempotency.begin(Database(down), "org-a", "rid", "h", lease_s=60, ttl_s=60))
+    assert (err.value.status_code, err.value.code, err.value.headers) == (503, "database_unavailable", {"Retry-After": "1"})
