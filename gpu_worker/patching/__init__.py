@@ -4,8 +4,9 @@ returned ``PatchReport`` (the job's events carry its ``reason`` when the stock p
 
 Supported now: Llama, Mistral, Qwen2 (frozen q/k/v biases, added by the fused Q/K/V node),
 Qwen3 (q/k norms), Gemma, Gemma 2 (attention and final logit softcapping, sandwich norms), Gemma 3
-text (q/k norms) and Phi-3 (fused ``qkv_proj`` and ``gate_up_proj``, partial rotary); the Gemma and
-Phi-3 families are checked on CPU only so far (bench/NOTES.md). Anything else trains on the stock HF
+text (q/k norms), the text decoder of multimodal Gemma 3 (``Gemma3ForConditionalGeneration``: its
+vision tower stays stock) and Phi-3 (fused ``qkv_proj`` and ``gate_up_proj``, partial rotary); the Gemma
+and Phi-3 families are checked on CPU only so far (bench/NOTES.md). Anything else trains on the stock HF
 path and says so.
 """
 
@@ -23,8 +24,16 @@ from gpu_worker.patching.memory import MEMORY_MODES, apply_memory_mode
 
 # model_type -> the families whose module layout decoder.py's forwards reproduce exactly
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+# multimodal model_type -> the family of the text decoder its wrapper holds at ``model.language_model``
+# (Gemma3ForConditionalGeneration: ``model.model.language_model``, the head at ``model.lm_head``)
+MULTIMODAL = {"gemma3": "gemma3_text"}
 # families whose RMSNorm computes x_hat * (1 + w)
 _UNIT_OFFSET_NORMS = ("gemma", "gemma2", "gemma3_text")
+# families whose stock attention applies ``attn_logit_softcapping``: Gemma 3's keeps the attribute from its
+# config and never passes it to the attention function (transformers 5.25), so neither do we
+_ATTENTION_SOFTCAP = ("gemma2",)
+# what a multimodal model's report says stays stock
+_VISION_STOCK = "the vision tower and its projector run the stock path (a text-only step does not call them)"
 # models up to this hidden size get their q/k/v and gate/up base weights joined into one buffer each
 # (lora.join_frozen_weights): one GEMM per group is faster at 1B's shapes on the H200 and slower at 8B's
 # (bench/NOTES.md, session 7's micro ``proj`` and v14)
@@ -97,16 +106,20 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     base = _base_causal_lm(model)
     config = getattr(base, "config", None)
     arch = getattr(config, "model_type", type(base).__name__)
+    family = MULTIMODAL.get(arch, arch)
+    # a multimodal config keeps the decoder's sizes in its text config; a text config is its own
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    decoder = _text_decoder(base, arch)
     reason = None
     if not enabled:
         reason = "kernels switched off for this job"
-    elif arch not in SUPPORTED:
+    elif family not in SUPPORTED:
         reason = f"architecture {arch!r} is not supported by the kernel patches yet; stock HF path"
-    elif not (hasattr(base, "model") and hasattr(base.model, "layers") and hasattr(base, "lm_head")):
+    elif decoder is None or not hasattr(base, "lm_head"):
         reason = f"{type(base).__name__} does not have the causal-LM layout the patches expect; stock HF path"
     else:
         from gpu_worker.patching.decoder import ACTIVATIONS
-        act_name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+        act_name = getattr(text_config, "hidden_activation", None) or getattr(text_config, "hidden_act", None)
         act = ACTIVATIONS.get(act_name)
         if act is None:
             reason = f"activation {act_name!r} has no fused kernel; stock HF path"
@@ -120,14 +133,15 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
 
     counts = {"rms_norm": 0, "lora_qkv_o": 0, "rope": 0, "lora_mlp": 0, "fused_linear_cross_entropy": 0,
               "joined_weights": 0, "padded_mlp": 0, "padded_qkv": 0, "residual_rms_norm": 0, "fp8_weights": 0}
-    offset = 1.0 if arch in _UNIT_OFFSET_NORMS else 0.0
-    join = getattr(config, "hidden_size", JOIN_MAX_HIDDEN + 1) <= JOIN_MAX_HIDDEN
+    offset = 1.0 if family in _UNIT_OFFSET_NORMS else 0.0
+    join = getattr(text_config, "hidden_size", JOIN_MAX_HIDDEN + 1) <= JOIN_MAX_HIDDEN
     distributed = dist.is_available() and dist.is_initialized()
     # speed mode only, and not in a DeepSpeed run: it broadcasts every parameter at start, and NCCL takes only
     # contiguous tensors
-    hidden = getattr(config, "hidden_size", None)
-    # live adapter dropout: the fused nodes draw its masks; the padded layouts carry no masks
-    dropout = _live_adapter_dropout(base)
+    hidden = getattr(text_config, "hidden_size", None)
+    # live adapter dropout: the fused nodes draw its masks; the padded layouts carry no masks (a vision tower's
+    # adapters run PEFT's own modules)
+    dropout = _live_adapter_dropout(decoder)
     fp8_off = _fp8_unavailable(base, distributed, memory_mode) if fp8 else None
     fp8 = fp8 and fp8_off is None
     fp8_device = next(base.parameters()).device if fp8 else None
@@ -136,7 +150,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     join = join and not fp8
     speed = memory_mode == "off" and not distributed and not dropout and not fp8 and hidden is not None
     pad, pad_qkv = speed and hidden <= PAD_MAX_HIDDEN, speed and hidden <= PAD_QKV_MAX_HIDDEN
-    for layer in base.model.layers:
+    for layer in decoder.layers:
         # the MLP's and Q/K/V's adapters carried by their GEMMs (before joining gate/up and q/k/v)
         if pad:
             counts["padded_mlp"] += pad_frozen_mlp(layer.mlp)
@@ -154,7 +168,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
                 patch_rms_norm(module, impl, offset)
                 counts["rms_norm"] += 1
         attn = layer.self_attn
-        patch_attention(attn, impl)
+        patch_attention(attn, impl, softcap=getattr(attn, "attn_logit_softcapping", None)
+                        if family in _ATTENTION_SOFTCAP else None)
         if attention != "sdpa" and fa4_off is None:
             fa4_off = hopper_attention.unverified(attn)
             if fa4_off is None:  # "fa4": batched and packed rows; "auto": packed rows
@@ -165,17 +180,21 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         patch_mlp(layer.mlp, act, impl, output_discarded_in_recompute=mlp_output_only_feeds_the_residual(layer))
         counts["lora_mlp"] += 1
         counts["residual_rms_norm"] += patch_residual_norm(layer, impl, offset)  # reads the stock forward: last
-    patch_rms_norm(base.model.norm, impl, offset)
+    patch_rms_norm(decoder.norm, impl, offset)
     counts["rms_norm"] += 1
-    # memory mode off is for speed: the fused loss takes larger chunks (256 MB of bf16 logits)
-    patch_causal_lm(base, impl, ce_chunk_logits=FAST_CE_CHUNK_LOGITS if memory_mode == "off" else None)
+    # memory mode off is for speed: the fused loss takes larger chunks (256 MB of bf16 logits); a multimodal
+    # wrapper's forward (Gemma3ForConditionalGeneration, transformers 5.25) applies no final softcap, whatever
+    # its text config says
+    softcap = getattr(text_config, "final_logit_softcapping", None) if family == arch else None
+    patch_causal_lm(base, impl, ce_chunk_logits=FAST_CE_CHUNK_LOGITS if memory_mode == "off" else None,
+                    decoder=decoder, softcap=softcap)
     counts["fused_linear_cross_entropy"] += 1
     apply_memory_mode(model, memory_mode)
     if counts.get("fp8_host_bytes"):
         torch.cuda.empty_cache()  # the bf16 weights' device memory back to the driver, not only to torch's pool
     if cuda_graphs is None:
-        cuda_graphs = getattr(config, "hidden_size", GRAPH_MAX_HIDDEN + 1) <= GRAPH_MAX_HIDDEN
-    notes = ()
+        cuda_graphs = getattr(text_config, "hidden_size", GRAPH_MAX_HIDDEN + 1) <= GRAPH_MAX_HIDDEN
+    notes = (_VISION_STOCK,) if family != arch else ()
     if fp8_off is not None:
         notes += (f"fp8 asked for, but {fp8_off}: the projections compute in bf16",)
     if fa4_off is not None and attention == "fa4":  # "auto" falls back without a word
@@ -187,13 +206,22 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     if cuda_graphs and memory_mode == "off" and not distributed:
         from gpu_worker.patching.graphs import attach
 
-        counts["cuda_graph_layers"] = len(attach(list(base.model.layers)).layers)
+        counts["cuda_graph_layers"] = len(attach(list(decoder.layers)).layers)
         base._tf_pad_documents = True  # packed batches in shapes the graphs can replay (decoder._packing)
     # counts only: layouts and fusions of the kernels the patched names already list
     extras = ("joined_weights", "padded_mlp", "padded_qkv", "residual_rms_norm", "cuda_graph_layers", "fp8_weights",
               "fp8_host_bytes")
     return PatchReport(architecture=arch, patched=tuple(k for k, v in counts.items() if v and k not in extras),
                        memory_mode=memory_mode, counts=counts, notes=notes)
+
+
+def _text_decoder(base: nn.Module, arch: str) -> nn.Module | None:
+    """The module that holds the decoder layers and the final norm: ``base.model``, or inside a multimodal
+    wrapper its language model; None where it has no ``layers``."""
+    inner = getattr(base, "model", None)
+    if arch in MULTIMODAL:
+        inner = getattr(inner, "language_model", None)
+    return inner if hasattr(inner, "layers") else None
 
 
 def _fp8_unavailable(base: nn.Module, distributed: bool, memory_mode: str) -> str | None:
@@ -216,13 +244,13 @@ def _fp8_unavailable(base: nn.Module, distributed: bool, memory_mode: str) -> st
     return None
 
 
-def _live_adapter_dropout(base: nn.Module) -> list[float]:
-    """The dropout rates above 0 of the active adapters (lora.dropout_rate): the padded layouts carry no
-    masks."""
+def _live_adapter_dropout(decoder: nn.Module) -> list[float]:
+    """The dropout rates above 0 of the active adapters in ``decoder`` (lora.dropout_rate): the padded layouts
+    carry no masks."""
     from gpu_worker.patching.lora import dropout_rate
 
     rates = set()
-    for module in base.modules():
+    for module in decoder.modules():
         if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
             rates.update(dropout_rate(module, name) for name in getattr(module, "active_adapters", ())
                          if name in module.lora_dropout)

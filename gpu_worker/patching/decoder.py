@@ -1,5 +1,6 @@
-"""Instance-level forwards for Llama-family decoders (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3) that route
-the model's norms, Q/K/V and O projections (LoRA fused), rotary embedding, MLP and loss through ``kernels``.
+"""Instance-level forwards for Llama-family decoders (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3; Gemma 3's
+inside its multimodal wrapper too) that route the model's norms, Q/K/V and O projections (LoRA fused), rotary
+embedding, MLP and loss through ``kernels``.
 
 Each function here replaces ``forward`` on one module *instance* (``module.forward = MethodType(...)``),
 except ``patch_residual_norm``, which gives a standard decoder layer instance a subclass of its class
@@ -17,6 +18,7 @@ import ast
 import inspect
 import sys
 import textwrap
+import typing
 from types import MethodType
 
 import torch
@@ -267,7 +269,8 @@ def _rotate(q, k, cos, sin, impl):
     return torch.cat([q_rot, q[..., rot:]], dim=-1), torch.cat([k_rot, k[..., rot:]], dim=-1)
 
 
-def patch_attention(attn: nn.Module, impl: str | None) -> None:
+def patch_attention(attn: nn.Module, impl: str | None, softcap: float | None = None) -> None:
+    """``softcap``: the attention logits' tanh cap, where the stock forward applies one (Gemma 2's)."""
     modeling = sys.modules[type(attn).__module__]
     eager = modeling.eager_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -304,8 +307,8 @@ def patch_attention(attn: nn.Module, impl: str | None) -> None:
             out, weights = hopper_attention.causal(q, k, v, self.scaling), None  # (B, S, Hq, D), as SDPA's
         else:
             interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
-            if getattr(self, "attn_logit_softcapping", None) is not None:  # Gemma 2
-                kwargs["softcap"] = self.attn_logit_softcapping
+            if self._tf_softcap is not None:  # Gemma 2
+                kwargs["softcap"] = self._tf_softcap
             out, weights = interface(self, q, k, v, attention_mask, dropout=_dropout(self), scaling=self.scaling,
                                      sliding_window=_sliding_window(self), **kwargs)
         out = out.reshape(*input_shape, -1).contiguous()
@@ -314,6 +317,7 @@ def patch_attention(attn: nn.Module, impl: str | None) -> None:
 
     attn.forward = MethodType(forward, attn)
     attn._tuneforge_attention = True
+    attn._tf_softcap = softcap
 
 
 def _sliding_window(attn: nn.Module) -> int | None:
@@ -329,7 +333,7 @@ def _takes_varlen(attn: nn.Module, packing) -> bool:
     softcap (Gemma 2), live attention dropout or a sliding window shorter than the longest document,
     which keep transformers' masked path."""
     sliding = _sliding_window(attn)
-    return (getattr(attn, "attn_logit_softcapping", None) is None and not _dropout(attn)
+    return (attn._tf_softcap is None and not _dropout(attn)
             and (sliding is None or sliding >= packing.max_len))
 
 
@@ -361,7 +365,8 @@ def _packing(model, attentions, attention_mask, position_ids, use_cache, kwargs,
     return packing
 
 
-def _replays_packed_rows(model, input_ids, position_ids, attention_mask, labels, shift_labels, kwargs) -> bool:
+def _replays_packed_rows(model, layers, input_ids, position_ids, attention_mask, labels, shift_labels,
+                         kwargs) -> bool:
     """Whether a packed training batch goes to replayed layers (graphs.py attached to ``model`` and not
     turned off), so that its row count is padded to the model's row bucket (``pad_rows``): only where the
     fused loss returns no logits (nor hidden states) with rows the caller did not pass."""
@@ -372,7 +377,7 @@ def _replays_packed_rows(model, input_ids, position_ids, attention_mask, labels,
         return False
     if labels is None and shift_labels is None or not (model.training and torch.is_grad_enabled()):
         return False
-    graphs = getattr(model.model.layers[0], "_tf_graphs", None) if getattr(model, "_tf_pad_documents", False) else None
+    graphs = getattr(layers[0], "_tf_graphs", None) if getattr(model, "_tf_pad_documents", False) else None
     return graphs is not None and graphs.disabled is None
 
 
@@ -414,7 +419,7 @@ def _plain_causal_rows(model, attentions, attention_mask, position_ids, use_cach
     for attn in attentions:
         sliding = _sliding_window(attn)
         if (attn.config._attn_implementation not in _CAUSAL_WITHOUT_MASK or not getattr(attn, "is_causal", True)
-                or getattr(attn, "attn_logit_softcapping", None) is not None
+                or attn._tf_softcap is not None
                 or (sliding is not None and sliding < rows.shape[1])):
             return False
     return True
@@ -425,19 +430,27 @@ def _placeholder_mask(rows: torch.Tensor) -> torch.Tensor:
     return torch.ones((rows.shape[0], 1, 1, 1), dtype=torch.bool, device=rows.device)
 
 
-def patch_causal_lm(model: nn.Module, impl: str | None, ce_chunk_logits: int | None = None) -> None:
+def patch_causal_lm(model: nn.Module, impl: str | None, ce_chunk_logits: int | None = None,
+                    decoder: nn.Module | None = None, softcap: float | None = None) -> None:
     """Loss through the fused linear cross-entropy when labels are given (logits are then not returned);
     without labels, or with a head the fused path cannot read, the stock head and loss. ``ce_chunk_logits``:
-    the fused loss's chunk (``fused_linear_cross_entropy``'s ``chunk_logits``)."""
+    the fused loss's chunk (``fused_linear_cross_entropy``'s ``chunk_logits``). ``decoder``: the module
+    holding the layers (default ``model.model``; a multimodal wrapper's language model, whose ``model.model``
+    merges image features and builds the masks); ``softcap``: the final logits' tanh cap, where the stock
+    forward applies one."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     # the KV cache's name in model outputs and forward kwargs: `cache` from transformers 5.2x, before
     # that `past_key_values` (since then a deprecated alias that warns)
     cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    output = _output_class(model, cache_field)
+    extra_fields = [f for f in output.__dataclass_fields__
+                    if f not in ("loss", "logits", "hidden_states", "attentions", cache_field)]
+    vocab_size = model.config.get_text_config().vocab_size
 
-    softcap = getattr(model.config, "final_logit_softcapping", None)
     # packed batches take the variable-length attention only where every layer's attention is ours
-    attentions = [layer.self_attn for layer in model.model.layers]
+    layers = (model.model if decoder is None else decoder).layers
+    attentions = [layer.self_attn for layer in layers]
     all_ours = all(getattr(a, "_tuneforge_attention", False) for a in attentions)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -450,19 +463,22 @@ def patch_causal_lm(model: nn.Module, impl: str | None, ce_chunk_logits: int | N
             # a training step reads no cache; transformers would build one from the config's default (True),
             # and a cache in the layers' calls keeps them off their CUDA graphs (graphs.py)
             use_cache = False
-        if all_ours and _replays_packed_rows(self, input_ids, position_ids, attention_mask, labels, shift_labels,
-                                             kwargs):
+        # token types (a multimodal batch with images) make transformers build a mask with bidirectional image
+        # blocks: no placeholder, no variable-length attention then
+        ours = all_ours and kwargs.get("token_type_ids") is None
+        if ours and _replays_packed_rows(self, layers, input_ids, position_ids, attention_mask, labels, shift_labels,
+                                         kwargs):
             input_ids, position_ids, labels, shift_labels = pad_rows(self, input_ids, position_ids, labels,
                                                                      shift_labels)
-        packing = _packing(self, attentions, attention_mask, position_ids, use_cache, kwargs, impl) if all_ours else None
+        packing = _packing(self, attentions, attention_mask, position_ids, use_cache, kwargs, impl) if ours else None
         if packing is not None:
             kwargs["packed_sequences"] = packing
             if all(_takes_varlen(a, packing) for a in attentions):
                 # no layer reads a mask: a 4D placeholder, which transformers passes through as it is,
                 # instead of the (rows, 1, S, S) document mask it would build (4 GiB at 4 rows of 32K)
                 attention_mask = _placeholder_mask(position_ids)
-        elif all_ours and _plain_causal_rows(self, attentions, attention_mask, position_ids, use_cache, kwargs,
-                                             rows := input_ids if input_ids is not None else inputs_embeds):
+        elif ours and _plain_causal_rows(self, attentions, attention_mask, position_ids, use_cache, kwargs,
+                                         rows := input_ids if input_ids is not None else inputs_embeds):
             # the same placeholder, which every layer drops for is_causal: transformers would reach no mask too,
             # after a host sync
             kwargs[CAUSAL_ROWS] = True
@@ -485,9 +501,26 @@ def patch_causal_lm(model: nn.Module, impl: str | None, ce_chunk_logits: int | N
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
             if labels is not None:
-                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size,
                                           num_items_in_batch=num_items, shift_labels=shift_labels)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                      attentions=out.attentions, **{cache_field: getattr(out, cache_field)})
+        return output(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+                      **{cache_field: getattr(out, cache_field)}, **{f: getattr(out, f, None) for f in extra_fields})
 
     model.forward = MethodType(forward, model)
+
+
+def _output_class(model: nn.Module, cache_field: str) -> type:
+    """The output class the stock forward of ``model`` declares (Gemma3ForConditionalGeneration's carries the
+    image features too), where it has a causal LM's fields; else ``CausalLMOutputWithPast``."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.utils import ModelOutput
+
+    try:
+        declared = typing.get_type_hints(inspect.unwrap(type(model).forward)).get("return")
+    except Exception:  # an annotation that does not resolve: the plain class
+        declared = None
+    for cls in typing.get_args(declared) or (declared,):
+        if (isinstance(cls, type) and issubclass(cls, ModelOutput) and hasattr(cls, "__dataclass_fields__")
+                and {"loss", "logits", "hidden_states", "attentions", cache_field} <= set(cls.__dataclass_fields__)):
+            return cls
+    return CausalLMOutputWithPast

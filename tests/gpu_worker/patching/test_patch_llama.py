@@ -1,6 +1,7 @@
 """A patched Llama-family model (HF+PEFT LoRA) computes what the unpatched one does: loss, logits and
-every LoRA gradient, with checkpointing off/on/offload; gradient accumulation with num_items equals one
-big batch; unsupported architectures fall back to the stock path and say why."""
+every LoRA gradient, with checkpointing off/on/offload, for every supported family (multimodal Gemma 3's
+text decoder included); gradient accumulation with num_items equals one big batch; unsupported
+architectures fall back to the stock path and say why."""
 
 from __future__ import annotations
 
@@ -13,7 +14,18 @@ from gpu_worker.patching import patch_model
 from gpu_worker.patching.lora import contiguous_weights, lora_weights
 from tuneforge_kernels.varlen_attention import varlen_attention
 from tests.gpu_worker.patching.conftest import (DEVICES_IMPLS, build_lora_model, lora_grads, lora_targets, rel,
-                                                tiny_config)
+                                                ties_by_default, tiny_config, tiny_model)
+
+# Llama 3.1+'s rope scaling: frequencies below 1/original_max_position_embeddings divided by the factor. The
+# original length is the tiny rows' (16, not 8192) so that the scaling changes the rotation of every position
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+# one case per structurally distinct family (tiny_config overrides); "gemma3" is the multimodal wrapper
+FAMILIES = [*(pytest.param(t, {}, id=t) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                                   "gemma3_text", "gemma3", "phi3")),
+            pytest.param("llama", {"rope_parameters": LLAMA3_ROPE}, id="llama-rope-llama3")]
+# families whose q/k/v carry biases (tiny_model fills them with random values)
+ATTENTION_BIAS = ("qwen2",)
 
 # float32 everywhere on CPU: the kernels compute in float32 like the reference, so differences are
 # reassociation-level (measured ~2e-6 on these shapes); 1e-4 would still catch a wrong term. On CUDA the
@@ -39,16 +51,22 @@ def _step(model, x, labels, device, autocast=True, **kw):
     return loss.detach()
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                                        "phi3"])
+@pytest.mark.parametrize("model_type,overrides", FAMILIES)
 @pytest.mark.parametrize("memory_mode", ["off", "checkpointing", "offload"])
 @pytest.mark.parametrize("device,impl", DEVICES_IMPLS)
-def test_patched_matches_stock(model_type, memory_mode, device, impl):
-    if impl == "triton" and (memory_mode != "off" and model_type != "llama"):
+def test_patched_matches_stock(model_type, overrides, memory_mode, device, impl):
+    if impl == "triton" and (memory_mode != "off" and (model_type != "llama" or overrides)):
         pytest.skip("interpreter budget: memory modes are checked through the interpreter on llama only")
-    config = tiny_config(model_type)
+    config = tiny_config(model_type, **overrides)
     ref = build_lora_model(config, device)
     ours = build_lora_model(config, device)
+    # HF initialises biases to zero; the tiny models' are random, so a dropped q/k/v bias shows
+    biases = [p for n, p in ref.named_parameters() if n.endswith(("q_proj.base_layer.bias", "k_proj.base_layer.bias"))]
+    assert bool(biases) == (model_type in ATTENTION_BIAS) and all(b.abs().min() > 0 for b in biases)
+    if "rope_parameters" in overrides:  # the scaled frequencies are not the plain ones
+        rotary, d = ref.get_base_model().model.rotary_emb, config.head_dim
+        plain = 1.0 / LLAMA3_ROPE["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+        assert not torch.allclose(rotary.inv_freq.cpu(), plain)
     if memory_mode != "off":
         ref.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     report = patch_model(ours, memory_mode=memory_mode, impl=impl)
@@ -59,7 +77,7 @@ def test_patched_matches_stock(model_type, memory_mode, device, impl):
     assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < _tol(device)
     g_ref, g_ours = lora_grads(ref), lora_grads(ours)
     assert g_ref.keys() == g_ours.keys()
-    assert len(g_ref) == 2 * len(lora_targets(model_type)) * config.num_hidden_layers
+    assert len(g_ref) == 2 * len(lora_targets(model_type)) * config.get_text_config().num_hidden_layers
     if device == "cpu":
         worst = max(rel(g_ours[n], g_ref[n]) for n in g_ref)
         assert worst < _tol(device), worst
@@ -450,14 +468,18 @@ def test_models_over_the_join_size_keep_separate_weights(monkeypatch):
     assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-4
 
 
-@pytest.mark.parametrize("model_type", ["llama", "phi3"])
+# one per structurally distinct layout: biases (qwen2), q/k norms (qwen3), sandwich norms and softcaps
+# (gemma2), q/k norms and sliding layers (gemma3_text), the multimodal wrapper (gemma3), fused projections (phi3)
+LAYOUTS = ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3"]
+
+
+@pytest.mark.parametrize("model_type", LAYOUTS)
 def test_saved_adapter_reloads_patched_and_merges_to_same_outputs(model_type, tmp_path):
     # the adapter a job uploads: saved from the patched model, loaded onto a fresh base, patched again,
-    # then merged (the export path): same logits at each stage
+    # then merged (the export path): same logits at each stage; lm_head tied as the family's checkpoints are
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    config = tiny_config(model_type)
+    config = tiny_config(model_type, tie_word_embeddings=ties_by_default(model_type))
     ours = build_lora_model(config)
     patch_model(ours, impl="triton")
     x, labels = _batch("cpu")
@@ -468,8 +490,7 @@ def test_saved_adapter_reloads_patched_and_merges_to_same_outputs(model_type, tm
                 p.sub_(1e-2 * p.grad)
     ours.eval()
     ours.save_pretrained(tmp_path)
-    torch.manual_seed(0)  # build_lora_model's base weights
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_config(config), tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_model(config), tmp_path)  # build_lora_model's base weights
     patch_model(reloaded, impl="triton")
     reloaded.eval()
     with torch.no_grad():
@@ -479,11 +500,67 @@ def test_saved_adapter_reloads_patched_and_merges_to_same_outputs(model_type, tm
         assert rel(merged(input_ids=x).logits, before) < 1e-4
 
 
-def test_tied_embeddings_match_stock():
-    # Llama-3.2-1B ties lm_head to the embedding: the fused loss reads the shared (frozen) weight
-    config = tiny_config("llama", tie_word_embeddings=True)
+@pytest.mark.parametrize("model_type", LAYOUTS)
+def test_tied_embeddings_match_stock(model_type):
+    # Llama-3.2-1B, the small Qwen2.5s and every Gemma tie lm_head to the embedding (Gemma's scaled by
+    # sqrt(hidden) on the way in): the fused loss reads the shared (frozen) weight
+    config = tiny_config(model_type, tie_word_embeddings=True)
     ref, ours = build_lora_model(config), build_lora_model(config)
-    assert ours.get_base_model().lm_head.weight is ours.get_base_model().model.embed_tokens.weight
+    base = ours.get_base_model()
+    assert base.lm_head.weight is base.get_input_embeddings().weight
+    patch_model(ours, impl="triton")
+    x, labels = _batch("cpu")
+    l_ref, l_ours = _step(ref, x, labels, "cpu"), _step(ours, x, labels, "cpu")
+    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < 1e-4
+    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
+    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-4
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        assert rel(ours(input_ids=x).logits, ref(input_ids=x).logits) < 1e-4
+
+
+@pytest.mark.parametrize("impl", ["triton", None])
+def test_multimodal_gemma3_trains_its_text_decoder_through_the_kernels(impl):
+    """A Gemma 3 checkpoint with a vision tower (model_type gemma3, Gemma3ForConditionalGeneration): the
+    language model's norms, attention, MLP and the fused loss are ours, the vision tower stays stock and the
+    report says so. A row with an image (pixel values, its tokens of type 1 attending to each other both
+    ways; rows no longer than the sliding window, where text rows would drop the mask for is_causal) gives
+    the stock loss and LoRA gradients, and outputs of the stock class (the image features in them); greedy
+    generation with a KV cache gives the stock tokens. The text config's final softcap, which the wrapper's
+    forward does not apply, is not applied (tiny_config sets it)."""
+    config = tiny_config("gemma3")
+    assert config.text_config.final_logit_softcapping is not None
+    ref, ours = build_lora_model(config), build_lora_model(config)
+    report = patch_model(ours, impl=impl)
+    assert report.architecture == "gemma3" and report.reason is None and "vision tower" in report.notes[0]
+    base = ours.get_base_model()
+    assert "forward" in vars(base) and "forward" in vars(base.model.language_model.norm)
+    assert not any("forward" in vars(m) for m in base.model.vision_tower.modules())
+    x, labels = _batch("cpu", seq=config.text_config.sliding_window)
+    x[0, 2:2 + config.mm_tokens_per_image] = config.image_token_id
+    types = (x == config.image_token_id).long()
+    labels = labels.masked_fill(types.bool(), -100)
+    image = dict(pixel_values=torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)),
+                 token_type_ids=types)
+    l_ref, l_ours = _step(ref, x, labels, "cpu", **image), _step(ours, x, labels, "cpu", **image)
+    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < 1e-4
+    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
+    assert len(g_ref) == 2 * len(lora_targets("gemma3")) * config.text_config.num_hidden_layers
+    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-4
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        out, stock = ours(input_ids=x, **image), ref(input_ids=x, **image)
+        assert type(out) is type(stock) and rel(out.logits, stock.logits) < 1e-4
+        assert torch.equal(out.image_outputs.pooler_output, stock.image_outputs.pooler_output)
+        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(input_ids=x[1:], **kw), ref.generate(input_ids=x[1:], **kw))
+
+
+def test_gemma3_attention_leaves_its_softcap_unapplied_as_stock_does():
+    # Gemma3Attention keeps attn_logit_softcapping from its config and never applies it (transformers 5.25);
+    # ours passed it on (to SDPA, which refuses a softcap)
+    config = tiny_config("gemma3_text", attn_logit_softcapping=1.0)
+    ref, ours = build_lora_model(config), build_lora_model(config)
     patch_model(ours, impl="triton")
     x, labels = _batch("cpu")
     l_ref, l_ours = _step(ref, x, labels, "cpu"), _step(ours, x, labels, "cpu")
@@ -588,7 +665,8 @@ def test_full_rows_need_no_mask_where_every_layer_takes_is_causal(model_type, sk
 
 @pytest.mark.parametrize("model_type,memory_mode", [("llama", "off"), ("llama", "offload"), ("mistral", "off"),
                                                      ("qwen2", "off"), ("qwen3", "off"), ("gemma", "off"),
-                                                     ("gemma2", "off"), ("gemma3_text", "off"), ("phi3", "off")])
+                                                     ("gemma2", "off"), ("gemma3_text", "off"), ("gemma3", "off"),
+                                                     ("phi3", "off")])
 @pytest.mark.parametrize("device,impl", DEVICES_IMPLS)
 def test_packed_equals_padded(device, impl, model_type, memory_mode, monkeypatch):
     # two documents packed in one row, positions restarting (as a flattening collator makes them),
@@ -624,7 +702,7 @@ def test_packed_equals_padded(device, impl, model_type, memory_mode, monkeypatch
     _step(packed_model, ids, labels, device, position_ids=pos, use_cache=False)
     if (device == "cuda" or impl == "triton") and model_type != "gemma2":
         passes = 2 if memory_mode == "offload" else 1  # the forward, then the recompute
-        assert len(calls) == passes * config.num_hidden_layers and len({id(p) for p in calls}) == 1
+        assert len(calls) == passes * config.get_text_config().num_hidden_layers and len({id(p) for p in calls}) == 1
         assert calls[0].starts == (0, 5, 12)
         assert documents_read == []  # nor did transformers build its document mask
     else:
