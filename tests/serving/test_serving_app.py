@@ -73,7 +73,8 @@ def test_an_engine_that_takes_too_long_is_504(engines, gateway, make_org, usage_
         gw.client(key).chat.completions.create(model=BUILTIN_BASE_MODEL, messages=MESSAGES, max_tokens=2)
 
     assert err.value.status_code == 504 and err.value.body["code"] == "engine_timeout"
-    assert usage_rows(org) == []
+    # it reached an engine: recorded with its status, no tokens billed
+    assert [(r.status, r.prompt_tokens, r.completion_tokens) for r in usage_rows(org)] == [("engine_timeout", 0, 0)]
 
 
 @pytest.mark.integration

@@ -35,7 +35,7 @@ def test_embeddings_for_a_base_model_and_an_adapter_are_relayed_and_billed(engin
     ]
 
 
-def test_a_base_without_embeddings_is_a_400_and_not_billed(engines, gateway, make_org, usage_rows):
+def test_a_base_without_embeddings_is_a_400_recorded_with_no_tokens(engines, gateway, make_org, usage_rows):
     gw = gateway({BUILTIN_BASE_MODEL: [engines(embeddings=False).url]})
     org, key = make_org()
 
@@ -43,7 +43,7 @@ def test_a_base_without_embeddings_is_a_400_and_not_billed(engines, gateway, mak
         gw.client(key).embeddings.create(model=BUILTIN_BASE_MODEL, input="hello")
 
     assert "does not support embeddings" in err.value.message
-    assert usage_rows(org) == []
+    assert [(r.status, r.prompt_tokens, r.completion_tokens) for r in usage_rows(org)] == [("engine_rejected", 0, 0)]
 
 
 def test_embeddings_cannot_be_streamed(engines, gateway, make_org):
