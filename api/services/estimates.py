@@ -88,11 +88,7 @@ def estimated_tokens(spec: JobSpec, files: list[File]) -> int:
 
 
 def estimate(session: Session, store: ObjectStore, settings: ApiSettings, principal: Principal, body: JobCreate, fleet: Fleet) -> EstimatePublic:
-    if body.model not in settings.base_models:
-        raise InvalidRequest(
-            f"Model {body.model!r} is not available for fine-tuning. Available: {', '.join(settings.base_models)}.",
-            param="model", code="model_not_available",
-        )
+    job_inputs.check_base_model(session, settings, principal, body.model)
     training = job_inputs.training_input(session, principal, body.training_file, "training_file")
     validation = job_inputs.training_input(session, principal, body.validation_file, "validation_file") if body.validation_file else None
     # The same resolution as creation (purpose and format checks, auto hyperparameters), so the

@@ -1,4 +1,5 @@
-"""What a job's inputs must be at creation, checked before anything is written: its files (the caller's,
+"""What a job's inputs must be at creation, checked before anything is written: its base model (one of the
+catalog the caller's org is entitled to), its files (the caller's,
 purpose ``fine-tune``, in a format the method trains on and, when declared, one they can be read in) and
 its exports (a GGUF only of a base the exporter supports). Each refusal is a 400 naming the field."""
 
@@ -14,11 +15,25 @@ from gpu_worker.contract import METHOD_FORMATS, DataFormat, ExportOptions, Metho
 from gpu_worker.gguf_support import gguf_problem
 from gpu_worker.storage import ObjectNotFound, ObjectStore, iter_lines
 from gpu_worker.validation import FileValidator, check_format_for_method
+from api.settings import ApiSettings
+from scheduler.entitlements import entitled_bases
 from scheduler.estimator import UnknownModel, read_model_facts
 from scheduler.models import File
 from scheduler.tenancy import Principal
 
 FINE_TUNE_PURPOSE = "fine-tune"
+
+
+def check_base_model(session: Session, settings: ApiSettings, principal: Principal, model: str) -> None:
+    """A base model of the catalog the caller's org is entitled to (scheduler.entitlements: a model it
+    could not call once tuned is not offered for tuning either); the refusal lists the ones it may tune."""
+    available = entitled_bases(session, principal.org_id, settings.base_models, settings.default_base_models)
+    if model not in available:
+        raise InvalidRequest(
+            f"Model {model!r} is not available for fine-tuning. Available: {', '.join(available) or 'none'}.",
+            param="model",
+            code="model_not_available",
+        )
 
 
 def training_input(session: Session, principal: Principal, file_id: str, param: str) -> File:

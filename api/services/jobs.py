@@ -26,7 +26,7 @@ from api.schemas import (
     unix_seconds,
 )
 from api.services import hyperparameters, token_counts
-from api.services.job_inputs import check_export, check_file_format, training_input
+from api.services.job_inputs import check_base_model, check_export, check_file_format, training_input
 from api.services.scoping import owned
 from api.settings import ApiSettings
 from gpu_worker.contract import (
@@ -220,12 +220,7 @@ def placement(spec: JobSpec, fleet: Fleet) -> Plan:
 
 
 def create_job(session: Session, store: ObjectStore, settings: ApiSettings, principal: Principal, body: JobCreate, fleet: Fleet) -> JobPublic:
-    if body.model not in settings.base_models:
-        raise InvalidRequest(
-            f"Model {body.model!r} is not available for fine-tuning. Available: {', '.join(settings.base_models)}.",
-            param="model",
-            code="model_not_available",
-        )
+    check_base_model(session, settings, principal, body.model)
     training = training_input(session, principal, body.training_file, "training_file")
     validation = training_input(session, principal, body.validation_file, "validation_file") if body.validation_file else None
     job_id = new_id("ftjob-")

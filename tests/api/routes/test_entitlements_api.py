@@ -101,3 +101,21 @@ def test_a_base_model_outside_the_catalog_is_a_404_naming_the_model_and_stores_n
     assert entitlements.entitlements(db_session, org_a.id, ["acme/unknown-7b"], None)[0].source == "default"
     missing_org = http.put(f"/v1/organizations/org-nope/entitlements/{TINY}", headers=_auth(op_key))
     assert missing_org.status_code == 404 and missing_org.json()["error"]["param"] == "organization"
+
+
+def test_a_base_the_org_is_not_entitled_to_is_not_offered_for_fine_tuning(http, operator, make_org):
+    _, op_key = operator
+    _, key_a = make_org("org-a")
+    _, key_b = make_org("org-b")
+    http.delete(f"/v1/organizations/org-a/entitlements/{TINY}", headers=_auth(op_key))
+    body = {"model": TINY, "training_file": "file-missing"}
+
+    for path in ("/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/estimate"):
+        refused = http.post(path, json=body, headers=_auth(key_a))
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == ("model", "model_not_available")
+        assert error["message"] == f"Model {TINY!r} is not available for fine-tuning. Available: {LLAMA}."
+        # the other org gets past the model to its (missing) file
+        other = http.post(path, json=body, headers=_auth(key_b)).json()["error"]
+        assert other["param"] == "training_file", other
