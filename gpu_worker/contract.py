@@ -220,9 +220,12 @@ class DataOptions(_Frozen):
 
     format: DataFormat = DataFormat.auto  # of the primary training and validation files
     extra_training_files: tuple[TrainingFile, ...] = ()
-    validation_split: float = Field(0.0, ge=0, lt=0.5)  # held out automatically when no validation file
+    # Held out of the training data when there is no validation file. None (the default since schema 1
+    # without a version bump; specs stored before say 0.0 and keep their meaning): automatic, 5% of the
+    # training examples once there are at least 100, at most 1000 (gpu_worker/data/mixing.py); 0: none.
+    validation_split: float | None = Field(None, ge=0, lt=0.5)
     chat_template: ChatTemplate = ChatTemplate.auto
-    train_on_inputs: bool = False  # loss on prompt tokens too
+    train_on_inputs: bool = False  # loss on prompt tokens too (supervised only: gpu_worker/spec_rules.py)
     packing: bool = False  # several examples per row, attention kept within each example
     dedupe: bool = True  # drop exact duplicate examples (near-duplicates are reported)
 
@@ -230,7 +233,9 @@ class DataOptions(_Frozen):
 class EvalOptions(_Frozen):
     exact_match: bool = True  # chat/completion data: greedy answers vs the validation targets
     max_exact_match_examples: int = Field(100, ge=0)
-    early_stopping_patience: int | None = Field(None, ge=1)  # evals without improvement before stopping
+    # evals without improvement before stopping; like fail_on_regression it needs validation data
+    # (a validation file or a held-out split), else the job is refused (gpu_worker/spec_rules.py)
+    early_stopping_patience: int | None = Field(None, ge=1)
     keep_best: bool = True  # the final adapter is the best checkpoint by validation loss
     gate: bool = True  # compare tuned vs base on the validation set before registering
     fail_on_regression: bool = False  # a tuned model worse than the base fails promotion
@@ -387,7 +392,9 @@ class EvalReport(_Measured):
     base_reward: float | None = None  # GRPO: mean reward of greedy completions on the validation prompts
     tuned_reward: float | None = None
     examples: int = 0
-    passed: bool = True
+    # None: not evaluated (no validation example to compare on; ``reason`` says why), never "passed".
+    # Optional since schema 1 without a version bump: reports before it always held a bool.
+    passed: bool | None = True
     reason: str | None = None
 
 

@@ -1,10 +1,12 @@
 """Preference, KTO and prompt-only data: JSONL rows to token ids, and batches of prompt + completion.
 
-Rows (each is first checked with ``validation.CHECKS``, the rules the API applied at upload; this
-module then re-checks what it needs to read a row, naming the line when it cannot):
+Rows (each is first checked with ``record_checks.CHECKS``, the rules the API applied at upload, a bad
+one named by its line; ``data.formats.preference_conversations`` then reads it, as the token counter
+does):
 
-- preference (DPO/IPO/ORPO/SimPO): OpenAI's ``{"input": {"messages": [...]}, "preferred_output":
-  [assistant message], "non_preferred_output": [assistant message]}``, or ``{"prompt", "chosen",
+- preference (DPO/IPO/ORPO/SimPO): OpenAI's ``{"input": {"messages": [...], "tools": [...]},
+  "preferred_output": [assistant message], "non_preferred_output": [assistant message]}`` (the
+  input's messages may call its tools and hold their results), or ``{"prompt", "chosen",
   "rejected"}`` where the prompt is a string (one user turn) or a list of messages and each answer a
   string or a one-assistant-message list;
 - kto: ``{"prompt", "completion", "label": true|false}``, same prompt/answer shapes;
@@ -12,10 +14,13 @@ module then re-checks what it needs to read a row, naming the line when it canno
   reference answer, exposed to rewards as ``answer`` unless the row has one); every other field of
   the row is kept for the rewards (e.g. the ``answer`` exact_match compares with).
 
-A prompt is rendered with the chat template and the generation prompt; a completion is what
-rendering the assistant turn adds after it, up to and including the end-of-turn token (the trailing
-newline of ChatML is not part of what the model must generate). Too long an example keeps the end
-of its prompt and the start of its completion(s), and is counted as truncated.
+A prompt is rendered with the job's chat template (``data.chat_template``: a named built-in, else
+the tokenizer's own) and the generation prompt, its tools listed as the supervised loader lists a
+chat example's (``data.templates``); a completion is what rendering the assistant turn adds after
+it, up to and including the end-of-turn token (the trailing newline of ChatML is not part of what
+the model must generate): the tokens the supervised labelling trains, so ``tokencount`` counts them
+exactly. Too long an example keeps the end of its prompt and the start of its completion(s), and is
+counted as truncated.
 """
 
 from __future__ import annotations
@@ -25,11 +30,11 @@ import json
 from array import array
 from typing import Any, Iterator
 
-from gpu_worker.contract import DataFormat
-from gpu_worker.data import IGNORE_INDEX, DataError
+from gpu_worker.contract import ChatTemplate, DataFormat
+from gpu_worker.data import IGNORE_INDEX, DataError, TokenizerView, encode_record, tokenizer_view
+from gpu_worker.data.formats import Conversation, answered, preference_conversations, prompt_conversation
+from gpu_worker.data.templates import END_OF_TURN_TOKENS, render
 from gpu_worker.storage import ObjectNotFound, ObjectStore, iter_lines
-
-_PROMPT_ROLES = frozenset({"system", "user", "assistant"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,69 +66,20 @@ class Loaded:
 # --- rows --------------------------------------------------------------------------------------------
 
 
-def _messages(value: Any, where: str, *, param: str, line: int) -> list[dict[str, str]]:
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where} must be a string or a non-empty list of messages", param=param, line=line)
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in _PROMPT_ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}[{i}] must be a message with role system/user/assistant and string content", param=param, line=line)
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def _answer(value: Any, where: str, *, param: str, line: int) -> str:
-    """An assistant reply given as a string or as ``[{"role": "assistant", "content": ...}]``."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str):
-        return value[0]["content"]
-    raise DataError(f"{where} must be a string or a list of exactly one assistant message with string content", param=param, line=line)
-
-
-def parse_preference(obj: dict, *, param: str, line: int) -> tuple[list[dict], str, str]:
-    if "input" in obj or "preferred_output" in obj:
-        inp = obj.get("input")
-        if not isinstance(inp, dict) or "messages" not in inp:
-            raise DataError("'input' must be an object with 'messages'", param=param, line=line)
-        prompt = _messages(inp["messages"], "input.messages", param=param, line=line)
-        chosen = _answer(obj.get("preferred_output"), "preferred_output", param=param, line=line)
-        rejected = _answer(obj.get("non_preferred_output"), "non_preferred_output", param=param, line=line)
-    elif {"prompt", "chosen", "rejected"} <= obj.keys():
-        prompt = _messages(obj["prompt"], "prompt", param=param, line=line)
-        chosen = _answer(obj["chosen"], "chosen", param=param, line=line)
-        rejected = _answer(obj["rejected"], "rejected", param=param, line=line)
-    else:
-        raise DataError("a preference example needs input/preferred_output/non_preferred_output or prompt/chosen/rejected", param=param, line=line)
-    if chosen == rejected:
-        raise DataError("the preferred and non-preferred answers are identical", param=param, line=line)
-    return prompt, chosen, rejected
-
-
-def parse_kto(obj: dict, *, param: str, line: int) -> tuple[list[dict], str, bool]:
-    missing = [k for k in ("prompt", "completion", "label") if k not in obj]
-    if missing:
-        raise DataError(f"a KTO example needs prompt, completion and label (missing {', '.join(missing)})", param=param, line=line)
-    if not isinstance(obj["label"], bool):
-        raise DataError("'label' must be true (desirable) or false (undesirable)", param=param, line=line)
-    return _messages(obj["prompt"], "prompt", param=param, line=line), _answer(obj["completion"], "completion", param=param, line=line), obj["label"]
-
-
-def parse_prompt(obj: dict, *, param: str, line: int) -> tuple[list[dict], dict[str, Any]]:
+def parse_prompt(obj: dict, *, param: str, line: int) -> tuple[Conversation, dict[str, Any]]:
+    """A prompt row's conversation and the fields the rewards read (a chat row's trailing assistant
+    message is its ``answer`` unless the row has one)."""
     row = {k: v for k, v in obj.items() if k not in ("prompt", "messages")}
     if "prompt" in obj:
-        messages = _messages(obj["prompt"], "prompt", param=param, line=line)
+        prompt = prompt_conversation(obj["prompt"])
     elif "messages" in obj:
-        messages = _messages(obj["messages"], "messages", param=param, line=line)
-        if messages[-1]["role"] == "assistant":
-            row.setdefault("answer", messages.pop()["content"])
+        messages = list(obj["messages"])
+        if isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            row.setdefault("answer", messages.pop().get("content") or "")
+        prompt = prompt_conversation(messages)
     else:
         raise DataError("a prompt example needs 'prompt' or 'messages'", param=param, line=line)
-    if not messages or messages[-1]["role"] == "assistant":
-        raise DataError("the prompt must end with a user (or system) turn for the model to answer", param=param, line=line)
-    return messages, row
+    return prompt, row
 
 
 def _rows(store: ObjectStore, key: str, *, param: str) -> Iterator[tuple[int, dict]]:
@@ -148,30 +104,54 @@ def _rows(store: ObjectStore, key: str, *, param: str) -> Iterator[tuple[int, di
 # --- tokenization ------------------------------------------------------------------------------------
 
 
-def _render(tokenizer, messages, **kw):
-    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)
+@dataclasses.dataclass(frozen=True)
+class Renderer:
+    """How prompts and answers become tokens: the tokenizer's view and the job's chat template
+    (``spec.data.chat_template`` resolved as the supervised loader resolves it), rendered by the one
+    renderer every path uses (``data.templates``), so the token counter reads the same tokens."""
+
+    view: TokenizerView
+    template: str  # Jinja source
+
+    @classmethod
+    def of(cls, tokenizer, chat_template: ChatTemplate | str = ChatTemplate.auto) -> "Renderer":
+        return cls(*tokenizer_view(tokenizer, chat_template))
+
+    def prompt(self, prompt: Conversation) -> list[int]:
+        """The prompt's tokens, up to and including the generation prompt."""
+        text, _ = render(self.template, list(prompt.messages), special_tokens=self.view.special_tokens, tools=prompt.tools, add_generation_prompt=True)
+        return self.view.encode(text)[0]
+
+    def completion(self, prompt: Conversation, prompt_ids: list[int], answer: str) -> list[int]:
+        """The tokens rendering ``answer`` as the assistant's reply adds after ``prompt_ids``, up to
+        the end of the reply's trained span (its end-of-turn token included): the tokens the
+        supervised labelling of the answered conversation trains."""
+        example, _ = encode_record(self.view, self.template, answered(prompt, answer), _NO_LIMIT)
+        ids, labels = list(example.input_ids), example.labels
+        end = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=-1) + 1
+        if ids[: len(prompt_ids)] != prompt_ids:  # a template that renders the prompt differently once answered
+            raise ValueError("the chat template does not render the prompt as a prefix of the answered conversation")
+        if end <= len(prompt_ids):
+            raise ValueError("the chat template renders no tokens for the answer")
+        return ids[len(prompt_ids) : end]
+
+    def stop_ids(self) -> tuple[int, ...]:
+        """Token ids that end an assistant turn in this template: EOS, and each end-of-turn token the
+        template writes that is one token of the vocabulary (``<|eot_id|>`` for llama-3 over a base
+        whose EOS is ``<|end_of_text|>``)."""
+        ids = [self.view.eos_id] if self.view.eos_id is not None else []
+        for token in END_OF_TURN_TOKENS:
+            if token in self.template and len(found := self.view.encode(token)[0]) == 1:
+                ids.append(found[0])
+        return tuple(dict.fromkeys(ids))
 
 
-def encode_prompt(tokenizer, messages) -> list[int]:
-    return list(_render(tokenizer, messages, add_generation_prompt=True)["input_ids"])
+def encode_prompt(tokenizer, messages, chat_template: ChatTemplate | str = ChatTemplate.auto) -> list[int]:
+    """One prompt's tokens (a string or messages) as a job with ``chat_template`` reads it."""
+    return Renderer.of(tokenizer, chat_template).prompt(prompt_conversation(messages))
 
 
-def encode_completion(tokenizer, prompt_messages, prompt_ids: list[int], answer: str) -> list[int]:
-    """The tokens rendering ``answer`` as the assistant's reply adds after ``prompt_ids``."""
-    template = getattr(tokenizer, "chat_template", None) or ""
-    markers = "generation" in template and "endgeneration" in template
-    conversation = [*prompt_messages, {"role": "assistant", "content": answer}]
-    enc = _render(tokenizer, conversation, return_assistant_tokens_mask=True) if markers else _render(tokenizer, conversation)
-    full = list(enc["input_ids"])
-    end = len(full)
-    if markers and any(enc["assistant_masks"]):
-        end = max(i for i, m in enumerate(enc["assistant_masks"]) if m) + 1
-    start = 0
-    while start < min(len(prompt_ids), len(full)) and full[start] == prompt_ids[start]:
-        start += 1
-    if start < len(prompt_ids):  # a template that renders the prompt differently once answered
-        raise ValueError("the chat template does not render the prompt as a prefix of the answered conversation")
-    return full[start:end]
+_NO_LIMIT = 1 << 30  # encode whole; ``fit`` cuts prompt and completions to max_seq_length together
 
 
 def fit(prompt: list[int], completions: list[list[int]], max_len: int) -> tuple[list[int], list[list[int]], bool]:
@@ -188,39 +168,39 @@ def _ids(values: list[int]) -> array:
     return array("i", values)
 
 
-def load_examples(store: ObjectStore, key: str, tokenizer, fmt: DataFormat, *, max_seq_length: int, max_prompt_length: int | None = None, required_fields: tuple[str, ...] = (), param: str = "training_file") -> Loaded:
-    """Read and tokenize a whole preference / KTO / prompt file. ``max_prompt_length`` applies to
-    prompt files (GRPO: room must be left for the completion); ``required_fields`` are row fields
-    each prompt row must have (the rewards' references). Raises ``DataError``."""
+def load_examples(store: ObjectStore, key: str, tokenizer, fmt: DataFormat, *, max_seq_length: int, max_prompt_length: int | None = None, required_fields: tuple[str, ...] = (), param: str = "training_file", chat_template: ChatTemplate | str = ChatTemplate.auto) -> Loaded:
+    """Read and tokenize a whole preference / KTO / prompt file with ``chat_template`` (the job's
+    ``data.chat_template``). ``max_prompt_length`` applies to prompt files (GRPO: room must be left
+    for the completion); ``required_fields`` are row fields each prompt row must have (the rewards'
+    references). Raises ``DataError``."""
     from gpu_worker.record_checks import CHECKS  # the platform's rules, the same the API applied at upload
 
+    renderer = Renderer.of(tokenizer, chat_template)
     examples, truncated = [], 0
     for n, obj in _rows(store, key, param=param):
         if (reason := CHECKS[fmt](obj)) is not None:
             raise DataError(reason, param=param, line=n)
         try:
-            if fmt == DataFormat.preference:
-                messages, chosen, rejected = parse_preference(obj, param=param, line=n)
-                prompt = encode_prompt(tokenizer, messages)
-                prompt, (c, r), cut = fit(prompt, [encode_completion(tokenizer, messages, prompt, a) for a in (chosen, rejected)], max_seq_length)
-                examples.append(PreferencePair(_ids(prompt), _ids(c), _ids(r)))
-            elif fmt == DataFormat.kto:
-                messages, answer, label = parse_kto(obj, param=param, line=n)
-                prompt = encode_prompt(tokenizer, messages)
-                prompt, (c,), cut = fit(prompt, [encode_completion(tokenizer, messages, prompt, answer)], max_seq_length)
-                examples.append(KTOExample(_ids(prompt), _ids(c), label))
+            if fmt in (DataFormat.preference, DataFormat.kto):
+                prompt_conv, answers = preference_conversations(fmt, obj)
+                prompt = renderer.prompt(prompt_conv)
+                prompt, completions, cut = fit(prompt, [renderer.completion(prompt_conv, prompt, a) for a in answers], max_seq_length)
+                if fmt == DataFormat.preference:
+                    examples.append(PreferencePair(_ids(prompt), _ids(completions[0]), _ids(completions[1])))
+                else:
+                    examples.append(KTOExample(_ids(prompt), _ids(completions[0]), obj["label"]))
             elif fmt == DataFormat.prompt:
-                messages, row = parse_prompt(obj, param=param, line=n)
+                prompt_conv, row = parse_prompt(obj, param=param, line=n)
                 missing = [f for f in required_fields if f not in row]
                 if missing:
                     raise DataError(f"missing field {missing[0]!r} that the exact_match reward compares with", param=param, line=n)
-                prompt = encode_prompt(tokenizer, messages)
+                prompt = renderer.prompt(prompt_conv)
                 limit = max_prompt_length or max_seq_length
                 cut = len(prompt) > limit
                 examples.append(PromptExample(_ids(prompt[len(prompt) - limit :] if cut else prompt), row))
             else:
                 raise ValueError(f"format {fmt.value!r} is not a preference, KTO or prompt format")
-        except ValueError as err:
+        except ValueError as err:  # TemplateError included: the template refused this row
             if isinstance(err, DataError):
                 raise
             raise DataError(str(err), param=param, line=n) from None
@@ -352,7 +332,7 @@ def load_run_data(spec, read) -> RunData:
     if spec.validation_file_key:
         data = read(spec.validation_file_key, "validation_file")
         valid, valid_truncated = data.examples, data.truncated
-    elif spec.data.validation_split > 0:
+    else:  # validation_split, or the automatic split (mixing.held_out_count)
         pool, held_items = hold_out(pool, spec.data.validation_split, spec.seed)
         valid, held = tuple(ex for _, ex in held_items) or None, len(held_items)
     groups = [[ex for s, ex in pool if s == source] for source in range(len(sources))]

@@ -18,6 +18,7 @@ from gpu_worker.tool_calls import (
     SHAREGPT_RESULT_TURNS,
     check_call_shape,
     check_tool_use,
+    check_tools,
     legacy_as_tools,
     sharegpt_as_chat,
     sharegpt_uses_tools,
@@ -43,8 +44,9 @@ def _weight_reason(where: str, msg: dict) -> str | None:
 def _check_message(i: int, msg: Any, roles: frozenset[str] = ROLES, *, tools_ok: bool = False) -> str | None:
     """The reason message ``i`` (0-based) of an example is invalid, or None. The shape of
     ``tool_calls`` and ``tool_call_id`` is checked here; how they refer to the example's tools and to
-    each other is ``tool_calls.check_tool_use``'s. ``tools_ok``: tool calls are training data here (chat
-    files); elsewhere (preference, KTO, prompt files) no recipe renders them yet."""
+    each other is ``tool_calls.check_tool_use``'s. ``tools_ok``: tool calls and results may appear here
+    (chat files, and the prompt of an OpenAI DPO example); elsewhere (KTO and prompt files, the
+    prompt/chosen/rejected shape) no recipe renders them."""
     where = f"message {i}"
     if not isinstance(msg, dict):
         return f"{where} is {_type_name(msg)}, not an object"
@@ -54,7 +56,7 @@ def _check_message(i: int, msg: Any, roles: frozenset[str] = ROLES, *, tools_ok:
     if not isinstance(role, str) or role not in roles:
         return f"unknown role {role!r} in {where} (expected one of {', '.join(sorted(roles))})"
     if not tools_ok and (role == "tool" or msg.get("tool_calls") is not None):
-        return f"{where}: tool messages and 'tool_calls' are only supported in chat ('messages') training files"
+        return f"{where}: tool messages and 'tool_calls' are only supported in chat ('messages') training files and the 'input' of OpenAI DPO examples"
     content = msg.get("content")
     if role == "assistant" and msg.get("tool_calls") is not None:
         if not isinstance(msg["tool_calls"], list) or not msg["tool_calls"]:
@@ -211,7 +213,7 @@ def _check_reply(value: Any, field: str) -> str | None:
     return None
 
 
-def _check_prompt_field(obj: dict, field: str) -> str | None:
+def _check_prompt_field(obj: dict, field: str, *, tools_ok: bool = False) -> str | None:
     """A prompt: a non-empty string or a list of messages not ending with the assistant's."""
     if field not in obj:
         return f"missing '{field}'"
@@ -220,7 +222,7 @@ def _check_prompt_field(obj: dict, field: str) -> str | None:
         return None if value.strip() else f"'{field}' is empty"
     if not isinstance(value, list):
         return f"'{field}' must be a string or an array of messages, not {_type_name(value)}"
-    if (reason := _check_messages(value, field)) is not None:
+    if (reason := _check_messages(value, field, tools_ok=tools_ok)) is not None:
         return reason
     if value[-1]["role"] == "assistant":
         return f"'{field}' must not end with an assistant message (that is the answer to learn)"
@@ -235,7 +237,13 @@ def _check_preference(obj: Any) -> str | None:
             return "missing 'input'"
         if not isinstance(obj["input"], dict):
             return f"'input' must be an object with 'messages', not {_type_name(obj['input'])}"
-        if (reason := _check_prompt_field(obj["input"], "messages")) is not None:
+        # OpenAI's input may list tools, and its messages call them and hold their results: the
+        # prompt is rendered with them, as a chat example's (data.templates)
+        if (reason := _check_prompt_field(obj["input"], "messages", tools_ok=True)) is not None:
+            return f"input: {reason}"
+        inp = obj["input"]
+        reason = check_tool_use(inp) if isinstance(inp["messages"], list) else check_tools(inp["tools"])[0] if "tools" in inp else None
+        if reason is not None:
             return f"input: {reason}"
         good, bad = "preferred_output", "non_preferred_output"
     else:

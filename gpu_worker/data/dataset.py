@@ -4,7 +4,8 @@
 ``spec.data.extra_training_files`` entry (each in its declared or detected format), checks every
 line with the upload rules (``validation.py``; the first bad line fails with its number), tokenizes
 with the chat template the spec picks, drops exact duplicates (``spec.data.dedupe``) and reports
-near ones, holds out ``validation_split`` when there is no validation file, mixes the files by
+near ones, holds out ``validation_split`` (automatic when unset: ``mixing.held_out_count``) when
+there is no validation file, mixes the files by
 weight, and packs rows (``spec.data.packing``). What happened is in ``SftData.stats``, which the
 recipe logs (``stats.log_events()``). An example cut at ``max_seq_length`` is counted; one left with
 no trained token is dropped and counted.
@@ -19,7 +20,7 @@ from gpu_worker.contract import ChatTemplate, DataFormat, JobSpec, LogEvent, Met
 from gpu_worker.data.dedupe import DedupeReport, Item, dedupe, overlap
 from gpu_worker.data.encoding import Example, TokenizerView, encode_record
 from gpu_worker.data.formats import Conversation, chat_message, to_sft
-from gpu_worker.data.mixing import hold_out, mix
+from gpu_worker.data.mixing import AUTO_SPLIT_FRACTION, AUTO_SPLIT_MAX, hold_out, mix
 from gpu_worker.data.packing import pack
 from gpu_worker.data.templates import TemplateError, resolve_template
 from gpu_worker.storage import ObjectNotFound, ObjectStore, iter_lines
@@ -66,6 +67,7 @@ class DataStats:
     train_examples: int  # after dedupe, split and mixing
     packed_rows: int | None  # rows after packing; None when not packing
     max_seq_length: int
+    split_rule: str = "validation_split"  # how ``held_out`` was chosen, for the log (``split_rule``)
 
     def messages(self) -> list[tuple[str, str]]:
         out = []
@@ -82,7 +84,7 @@ class DataStats:
             pairs = ", ".join(f"{_where(a)} ~ {_where(b)}" for a, b in self.dedupe.near_pairs)
             out.append(("warn", f"{self.dedupe.near} near-duplicate training examples (same text up to case, punctuation and spacing), e.g. {pairs}"))
         if self.held_out:
-            out.append(("info", f"held out {self.held_out} training examples for validation (validation_split)"))
+            out.append(("info", f"held out {self.held_out} training examples for validation ({self.split_rule})"))
         if self.valid_overlap:
             out.append(("warn", f"{self.valid_overlap} validation examples also appear in the training data"))
         packed = f", packed into {self.packed_rows} rows of up to {self.max_seq_length} tokens" if self.packed_rows is not None else ""
@@ -91,6 +93,14 @@ class DataStats:
 
     def log_events(self) -> list[LogEvent]:
         return [LogEvent(level=level, message=msg) for level, msg in self.messages()]
+
+
+def split_rule(split: float | None) -> str:
+    """How the held-out split was chosen, in the words of the job's log."""
+    if split is None:
+        return (f"automatic: {AUTO_SPLIT_FRACTION:.0%} of the training examples, at most {AUTO_SPLIT_MAX}, as there is no "
+                "validation file; data.validation_split=0 turns it off")
+    return f"validation_split={split:g}"
 
 
 def _where(at: tuple[int, int]) -> str:
@@ -171,7 +181,7 @@ def load_sft_data(store: ObjectStore, spec: JobSpec, tokenizer) -> SftData:
     valid_items, valid_stats, held = [], None, 0
     if spec.validation_file_key:
         valid_items, valid_stats = _read(store, spec.validation_file_key, fmt=opts.format, param="validation_file", **common)
-    elif opts.validation_split > 0:
+    else:  # validation_split, or the automatic split (mixing.held_out_count)
         items, valid_items = hold_out(items, opts.validation_split, spec.seed)
         held = len(valid_items)
     groups = [[i.example for i in items if i.source == s] for s in range(len(sources))]
@@ -189,6 +199,7 @@ def load_sft_data(store: ObjectStore, spec: JobSpec, tokenizer) -> SftData:
         train_examples=len(train),
         packed_rows=len(rows) if rows is not None else None,
         max_seq_length=max_len,
+        split_rule=split_rule(opts.validation_split),
     )
     valid = None
     if valid_items:

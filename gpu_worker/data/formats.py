@@ -10,8 +10,11 @@ already valid record of a supervised format to one of two shapes:
 - segments (completion, raw text): ``[(text, trained)]`` joined with the tokenizer's BOS in front and
   its EOS at the end (trained: the model learns where a completion stops).
 
-Preference, KTO and prompt-only records belong to their recipes and are refused here. Standard
-library only: ``tokencount`` uses it without torch.
+Preference, KTO and prompt-only records are not supervised data (``to_sft`` refuses them); their
+recipes tokenize them themselves, and ``prompt_conversation`` / ``preference_conversations`` say once,
+for the trainer (``gpu_worker.data_preference``) and the token counter, how such a record reads: a
+prompt conversation (OpenAI's DPO ``input.tools`` included) and the answers to it. Standard library
+only: ``tokencount`` uses it without torch.
 """
 
 from __future__ import annotations
@@ -91,3 +94,44 @@ def to_sft(fmt: DataFormat, obj: dict[str, Any]) -> Conversation | Segments:
     if fmt == DataFormat.text:
         return Segments(((obj["text"], True),))
     raise ValueError(f"{fmt.value} records are not supervised data")
+
+
+# --- preference, KTO and prompt records ----------------------------------------------------------------
+
+
+def prompt_conversation(value: Any, tools: Any = None) -> Conversation:
+    """The prompt of a valid preference, KTO or prompt record: a string is one user turn, a list is
+    messages (with OpenAI's ``tool_calls`` / ``tool`` results where the record may have them),
+    ``tools`` the functions the template lists. Every message has weight 0: a prompt is never
+    trained, not even an assistant turn inside it."""
+    if isinstance(value, str):
+        messages = [_message("user", value, 0)]
+    else:
+        messages = [{**chat_message(m), "weight": 0} for m in value]
+    return Conversation(tuple(messages), tuple(tools) if tools else None)
+
+
+def answer_text(value: Any) -> str:
+    """A preference/KTO answer: a string, or a list of one assistant message."""
+    return value if isinstance(value, str) else value[0].get("content") or ""
+
+
+def answered(prompt: Conversation, answer: str) -> Conversation:
+    """``prompt`` with ``answer`` as the assistant's (trained) reply."""
+    return Conversation(prompt.messages + (_message("assistant", answer),), prompt.tools)
+
+
+def preference_conversations(fmt: DataFormat, obj: dict[str, Any]) -> tuple[Conversation, tuple[str, ...]]:
+    """A valid preference record's prompt and its (preferred, non-preferred) answers, or a KTO
+    record's prompt and its one completion."""
+    if fmt == DataFormat.preference:
+        if "input" in obj:  # OpenAI's DPO format: the tools, if any, are the input's
+            prompt = prompt_conversation(obj["input"]["messages"], obj["input"].get("tools"))
+            answers = (obj["preferred_output"], obj["non_preferred_output"])
+        else:
+            prompt, answers = prompt_conversation(obj["prompt"]), (obj["chosen"], obj["rejected"])
+    elif fmt == DataFormat.kto:
+        prompt, answers = prompt_conversation(obj["prompt"]), (obj["completion"],)
+    else:
+        raise ValueError(f"{fmt.value} records are not preference or KTO data")
+    return prompt, tuple(answer_text(a) for a in answers)

@@ -69,7 +69,11 @@ _LLAMA3 = (
     "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
 )
 
-# Mistral and Gemma have no system role: the system text opens the first user turn.
+# Mistral and Gemma have no system role: the system text opens the first user turn. Mistral has no
+# generation prompt: a prompt ends at "[/INST]" and the model writes the space before its reply, so the
+# space is part of what it learns to generate (inside the generation block: a tokenizer that keeps it
+# a token of its own, as byte-level ones do before digits, trains it, and a preference completion
+# after the prompt is exactly the trained span).
 _MISTRAL = (
     "{{- '<s>' -}}"
     "{%- set ns = namespace(system='') -%}"
@@ -78,7 +82,7 @@ _MISTRAL = (
     "{%- elif message['role'] == 'user' -%}"
     "{{- '[INST] ' + ns.system + message['content'] + ' [/INST]' -}}{%- set ns.system = '' -%}"
     "{%- else -%}"
-    "{{- ' ' -}}{%- generation -%}{{- message['content'] + '</s>' -}}{%- endgeneration -%}"
+    "{%- generation -%}{{- ' ' + message['content'] + '</s>' -}}{%- endgeneration -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
 )

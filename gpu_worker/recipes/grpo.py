@@ -28,7 +28,7 @@ import torch
 
 from gpu_worker.contract import DataFormat, JobSpec, LogEvent
 from gpu_worker.data import DataError
-from gpu_worker.data_preference import Loaded, PromptExample, batch_tokens, collate_completions, load_examples
+from gpu_worker.data_preference import Loaded, PromptExample, Renderer, batch_tokens, collate_completions, load_examples
 from gpu_worker.recipes import RunContext, losses
 from gpu_worker.recipes.preference_loop import MicroResult, reference, token_logps, train
 from gpu_worker.recipes.rewards import MethodParamsError, RewardSet, build_rewards
@@ -50,19 +50,24 @@ class GRPOObjective:
                 param="method_params.grpo_max_completion_length",
             )
         self.pack_width = spec.hyperparameters.max_seq_length if spec.data.packing else None
+        self.chat_template = spec.data.chat_template
         self.tokenizer = None
+        self.stop_ids: tuple[int, ...] = ()  # what ends a completion: EOS and the template's end-of-turn token
 
     def load(self, store, tokenizer, key: str, param: str) -> Loaded:
         self.tokenizer = tokenizer
+        self.stop_ids = Renderer.of(tokenizer, self.chat_template).stop_ids()
         return load_examples(
             store, key, tokenizer, DataFormat.prompt, max_seq_length=self.max_prompt_length,
             max_prompt_length=self.max_prompt_length, required_fields=self.rewards.reference_fields, param=param,
+            chat_template=self.chat_template,
         )
 
     @torch.no_grad()
     def sample(self, model, prompts: list[PromptExample], device, *, greedy: bool = False) -> list[list[int]]:
         """``num_generations`` completions of each prompt, consecutive per prompt (``greedy``: one,
-        the most likely), as token lists ending at (and including) the first end-of-turn token."""
+        the most likely), as token lists ending at (and including) the first end-of-turn token
+        (``stop_ids``: EOS, or the chat template's own end of turn)."""
         from transformers import GenerationConfig
 
         tok, g = self.tokenizer, 1 if greedy else self.params.grpo_num_generations
@@ -76,7 +81,7 @@ class GRPOObjective:
         sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=self.params.grpo_temperature, top_k=0, top_p=1.0)
         config = GenerationConfig(
             **sampling, max_new_tokens=self.params.grpo_max_completion_length, num_return_sequences=g,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, eos_token_id=list(self.stop_ids or (tok.eos_token_id,)),
         )
         was_training = model.training
         model.eval()
@@ -84,9 +89,9 @@ class GRPOObjective:
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
         finally:
             model.train(was_training)
-        completions = []
+        completions, stops = [], set(self.stop_ids or (tok.eos_token_id,))
         for row in out[:, width:].tolist():
-            end = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
             completions.append(row[:end])
         return completions
 

@@ -33,11 +33,12 @@ class KTOObjective:
         self.max_seq_length = spec.hyperparameters.max_seq_length
         self.pack_width = self.max_seq_length if spec.data.packing else None
         self.pad = 0
+        self.chat_template = spec.data.chat_template
         self._ctx = ctx
 
     def load(self, store, tokenizer, key: str, param: str) -> Loaded:
         self.pad = tokenizer.pad_token_id
-        data = load_examples(store, key, tokenizer, DataFormat.kto, max_seq_length=self.max_seq_length, param=param)
+        data = load_examples(store, key, tokenizer, DataFormat.kto, max_seq_length=self.max_seq_length, param=param, chat_template=self.chat_template)
         if param == "training_file" and self._ctx is not None:
             n_good = sum(e.desirable for e in data.examples)
             n_bad = len(data.examples) - n_good

@@ -43,10 +43,11 @@ class PairObjective:
         self.pack_width = self.max_seq_length if spec.data.packing else None
         self.pad = 0  # the tokenizer's, once ``load`` has seen it
         self.uses_reference = spec.method in (Method.dpo, Method.ipo)
+        self.chat_template = spec.data.chat_template
 
     def load(self, store, tokenizer, key: str, param: str) -> Loaded:
         self.pad = tokenizer.pad_token_id
-        return load_examples(store, key, tokenizer, DataFormat.preference, max_seq_length=self.max_seq_length, param=param)
+        return load_examples(store, key, tokenizer, DataFormat.preference, max_seq_length=self.max_seq_length, param=param, chat_template=self.chat_template)
 
     def pair_loss(self, model, pairs: list[PreferencePair], device) -> tuple[losses.PairLoss, torch.Tensor, int, int]:
         """Per-pair losses and rewards; also the chosen NLL, trained and seen token counts."""

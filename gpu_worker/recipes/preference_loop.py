@@ -48,14 +48,16 @@ import torch
 from gpu_worker import checkpoint as ckpt
 from gpu_worker import evaluation as ev
 from gpu_worker.contract import AdapterType, CompletedEvent, EvalReport, JobSpec, LogEvent, StoppedEvent
-from gpu_worker.data import sequential_batches
+from gpu_worker.data import sequential_batches, tokenizer_view
+from gpu_worker.data.dataset import split_rule
 from gpu_worker.data_preference import Loaded, RunData, load_run_data
 from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
-from gpu_worker.recipes.run_state import RunState  # one run layout for every recipe
+from gpu_worker.recipes.run_state import RunState, not_evaluated  # one run layout for every recipe
 from gpu_worker.recipes.schedule import RunPlan, metrics_event
 from gpu_worker.recipes.train_engine import make_engine, restore_best, save_best
+from gpu_worker.spec_rules import check_spec, check_validation_data
 
 @dataclasses.dataclass
 class MicroResult:
@@ -163,13 +165,17 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
         # The reference model is the adapter switched off, and checkpoints hold adapters: a full
         # fine-tune would need a second copy of the weights and full-model checkpoints.
         raise ms.AdapterConfigError(f"{objective.name} trains an adapter (lora or dora), not full fine-tuning")
+    check_spec(spec)  # train_on_inputs, or options needing validation data a job cannot have
     ms.check_device_support(spec, ctx.device)  # NF4 without CUDA fails here, before any loading
     tokenizer = load_tokenizer(spec.base_model, data_dir=ctx.data_dir)  # data before weights: fail fast
     hp, evo = spec.hyperparameters, spec.evaluation
     data = load_run_data(spec, lambda key, param: objective.load(ctx.store, tokenizer, key, param))
-    for event in _data_events(objective.name, data, hp.max_seq_length, spec.data.packing):
+    for event in _data_events(objective.name, data, hp.max_seq_length, spec.data.packing, spec.data.validation_split):
         ctx.emit(event)
     train_examples, valid = data.train, data.valid
+    check_validation_data(spec, len(valid or ()), sum(n for _, n in data.files) - data.duplicates)
+    # Exports (merged model, GGUF, Modelfile) and the adapter's tokenizer carry the template trained with.
+    tokenizer.chat_template = tokenizer_view(tokenizer, spec.data.chat_template)[1]
     model = ms.load_for_training(spec, data_dir=ctx.data_dir, device=ctx.device)  # NF4 base if asked
     for message, level in ms.apply_memory_mode_and_kernels(model, spec.runtime):
         ctx.emit(LogEvent(level=level, message=message))
@@ -243,12 +249,12 @@ def train(spec: JobSpec, ctx: RunContext, objective: Objective) -> CompletedEven
     return run_state.finish(model, tokenizer, report, best_step)
 
 
-def _data_events(name: str, data: RunData, max_seq_length: int, packing: bool) -> list[LogEvent]:
+def _data_events(name: str, data: RunData, max_seq_length: int, packing: bool, split: float | None) -> list[LogEvent]:
     events = [LogEvent(message=f"Loaded {n} examples from {param} ({name})") for param, n in data.files]
     if data.duplicates:
         events.append(LogEvent(level="warn", message=f"Removed {data.duplicates} exact duplicate examples"))
     if data.held_out:
-        events.append(LogEvent(message=f"Held out {data.held_out} examples for validation"))
+        events.append(LogEvent(message=f"Held out {data.held_out} examples for validation ({split_rule(split)})"))
     if len(data.files) > 1:
         events.append(LogEvent(message=f"Mixed {len(data.train)} training examples per epoch from {len(data.files)} files"))
     if packing:
@@ -304,7 +310,7 @@ def evaluate(objective: Objective, model, examples: tuple, batch_size: int, devi
 def _gate(ctx: RunContext, objective: Objective, model, valid: tuple | None, batch_size: int, device) -> EvalReport:
     """The tuned model against its base (the adapter disabled) on the validation set."""
     if valid is None:
-        return EvalReport(examples=0, passed=True, reason="no validation set: the gate could not compare the tuned model with its base")
+        return not_evaluated(ctx.emit)
     tuned = evaluate(objective, model, valid, batch_size, device)
     with adapter_off(model):
         base = evaluate(objective, model, valid, batch_size, device)

@@ -13,7 +13,8 @@ stops and leaves its artifacts the same way:
 - ``finish``: the adapter (or, for full fine-tuning, the model) under ``{output_prefix}/adapter``
   (``/model``), with the serving check's reference log-probs for an adapter, the exports the job asked
   for, the loggers' files, and the CompletedEvent; a gate regression with ``fail_on_regression`` raises
-  ``EvalRegression`` after saving.
+  ``EvalRegression`` after saving;
+- ``not_evaluated``: the gate's report when there was no validation example to compare on.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 from gpu_worker import checkpoint as ckpt
 from gpu_worker import evaluation as ev
-from gpu_worker.contract import AdapterManifest, Artifact, CheckpointEvent, CompletedEvent, JobSpec, LogEvent, StoppedEvent
+from gpu_worker.contract import AdapterManifest, Artifact, CheckpointEvent, CompletedEvent, EvalReport, JobSpec, LogEvent, StoppedEvent
 from gpu_worker.data import DataPosition, epoch_batches
 from gpu_worker.engine.compat import write_reference
 from gpu_worker.integrations import Loggers
@@ -157,7 +158,7 @@ class RunState:
             artifacts += export_model(spec, self.ctx, model, tokenizer, self.workdir)
         artifacts += self.loggers.close(store, spec.output_prefix)
         self.release()
-        if report is not None and not report.passed and spec.evaluation.fail_on_regression:
+        if report is not None and report.passed is False and spec.evaluation.fail_on_regression:
             raise ev.EvalRegression(report, prefix)
         manifest = AdapterManifest(job_id=spec.job_id, base_model=spec.base_model, adapter=spec.adapter, key=prefix,
                                    files=tuple(files), trained_tokens=self.tokens)
@@ -165,3 +166,11 @@ class RunState:
                                eval_report=report, best_step=best_step)
         self.ctx.emit(event)
         return event
+
+
+def not_evaluated(emit: Callable) -> EvalReport:
+    """The gate's report without validation examples: "not evaluated" (``passed`` None), never "passed".
+    (A job that asked to fail on a regression was refused before training: ``spec_rules``.)"""
+    reason = "not evaluated: no validation examples, so the tuned model was not compared with its base"
+    emit(LogEvent(level="warn", message=f"Eval gate {reason} (give a validation_file or a data.validation_split)"))
+    return EvalReport(examples=0, passed=None, reason=reason)

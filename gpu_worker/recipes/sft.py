@@ -51,15 +51,17 @@ from gpu_worker.data import Dataset, collate, load_sft_data, token_counts, token
 from gpu_worker.loading import load_tokenizer
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import model_setup as ms
-from gpu_worker.recipes.run_state import RunState
+from gpu_worker.recipes.run_state import RunState, not_evaluated
 from gpu_worker.recipes.schedule import RunPlan, metrics_event
 from gpu_worker.recipes.train_engine import make_engine, restore_best, save_best
+from gpu_worker.spec_rules import check_spec, check_validation_data
 
 def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
     """Train ``spec``; the final event (None on DeepSpeed ranks other than 0 once training is done)."""
     # --- setup ---------------------------------------------------------------------------------------
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
+    check_spec(spec)
     ms.check_device_support(spec, ctx.device)
     # Tokenizer and data before the weights: a bad file fails in seconds, not after a large download.
     tokenizer = load_tokenizer(spec.base_model, data_dir=ctx.data_dir)
@@ -68,6 +70,8 @@ def run(spec: JobSpec, ctx: RunContext) -> CompletedEvent | StoppedEvent | None:
     train, valid = data.train, data.valid
     for event in data.stats.log_events():
         ctx.emit(event)
+    read = sum(f.examples for f in data.stats.files) - data.stats.dedupe.removed
+    check_validation_data(spec, len(valid.examples) if valid is not None else 0, read)
     # Exports (full model folder, merged model, GGUF, Modelfile) carry the template trained with.
     tokenizer.chat_template = tokenizer_view(tokenizer, spec.data.chat_template)[1]
     model = ms.load_for_training(spec, data_dir=ctx.data_dir, device=ctx.device)
@@ -182,10 +186,8 @@ def _train_step(engine, micro_batches, pad_id: int, should_stop, width: int | No
 def _gate(spec: JobSpec, ctx: RunContext, model, valid: Dataset | None, pairs, batch_size: int, pad_id, eos_id, device):
     """The tuned model against its base on the validation set (adapter disabled; for full
     fine-tuning, the base weights loaded again)."""
-    from gpu_worker.contract import EvalReport
-
     if valid is None:
-        return EvalReport(examples=0, passed=True, reason="no validation set: the gate could not compare the tuned model with its base")
+        return not_evaluated(ctx.emit)
     kw = dict(batch_size=batch_size, pad_id=pad_id, eos_id=eos_id, device=device)
     tuned = ev.measure(model, valid.examples, pairs, **kw)
     if ms.is_peft(model):

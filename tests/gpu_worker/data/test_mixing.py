@@ -65,3 +65,16 @@ def test_dedupe_removes_exact_repeats_and_reports_near_ones():
     assert report.near_pairs[0] == ((0, 3), (0, 1))
     kept_all, off = dedupe(items, remove=False)
     assert len(kept_all) == 5 and (off.removed, off.exact) == (0, 1)
+
+
+def test_the_automatic_split_holds_out_five_percent_from_a_hundred_examples_up():
+    from gpu_worker.data.mixing import AUTO_SPLIT_MAX, AUTO_SPLIT_MIN_EXAMPLES, held_out_count
+
+    assert AUTO_SPLIT_MIN_EXAMPLES == 100 and AUTO_SPLIT_MAX == 1000
+    # unset (None): automatic; 0: none; a fraction: that share, at least one, never all
+    assert [held_out_count(n, None) for n in (0, 10, 99, 100, 119, 130, 5000, 20000, 100000)] == [0, 0, 0, 5, 6, 6, 250, 1000, 1000]
+    assert [held_out_count(n, 0.0) for n in (10, 1000)] == [0, 0]
+    assert [held_out_count(n, 0.25) for n in (1, 2, 3, 16)] == [0, 1, 1, 4]
+    train, held = hold_out(list(range(200)), None, seed=3)
+    assert len(held) == 10 and sorted(train + held) == list(range(200)) and (train, held) == hold_out(list(range(200)), None, seed=3)
+    assert hold_out(list(range(200)), 0.0, seed=3) == (list(range(200)), [])

@@ -97,3 +97,16 @@ def test_each_format_trains_and_the_loss_falls(micro_model_dir, micro_tok, store
             optimizer.zero_grad()
     after = _mean_loss(model, rows, micro_tok.pad_token_id)
     assert after < 0.5 * before, (before, after)
+
+
+def test_without_a_validation_file_a_hundred_examples_get_an_automatic_split(micro_tok, store, write_jsonl, make_spec):
+    rows = [ROWS[DataFormat.chat](f"thing {i}", c) for i, (_, c) in enumerate(PAIRS * 15)]  # 120 distinct examples
+    write_jsonl(store, "files/train.jsonl", rows)
+    data = load_sft_data(store, make_spec("m"), micro_tok)  # validation_split unset: automatic
+    assert data.stats.held_out == len(data.valid.examples) == 6 and data.stats.train_examples == 114
+    messages = [e.message for e in data.stats.log_events()]
+    assert any(m.startswith("held out 6 training examples for validation (automatic: 5% of the training examples") for m in messages), messages
+    off = load_sft_data(store, make_spec("m", data=DataOptions(validation_split=0)), micro_tok)
+    assert off.valid is None and off.stats.held_out == 0 and off.stats.train_examples == 120
+    write_jsonl(store, "files/train.jsonl", rows[:99])
+    assert load_sft_data(store, make_spec("m"), micro_tok).valid is None  # too few for the automatic split

@@ -178,7 +178,7 @@ def test_a_held_out_split_evaluates_and_the_gate_passes_on_a_learnable_task(micr
     write_jsonl(store, "files/train.jsonl", preference_rows(sentiment_rows, 16))
     spec = _dpo(make_spec, micro_model_dir, data={"validation_split": 0.25}, runtime={"eval_every_steps": 0}, integrations={"tensorboard": True})
     rec, result = run_job(spec, store, tmp_path)
-    assert any(e.message == "Held out 4 examples for validation" for e in rec.of(LogEvent))
+    assert any(e.message == "Held out 4 examples for validation (validation_split=0.25)" for e in rec.of(LogEvent))
     valid = [m.valid_loss for m in rec.of(MetricsEvent) if m.valid_loss is not None]
     assert len(valid) == 2 and valid[-1] < valid[0] < 0.6932  # once per epoch
     assert result.eval_report.passed and result.eval_report.examples == 4
