@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gpu_worker.contract import Artifact, GGUFType, JobSpec, LogEvent, Quantization
+from gpu_worker.gguf_support import gguf_problem
 from gpu_worker.storage import put_dir
 
 _GGUF_ORDER = (GGUFType.q4_k_m, GGUFType.q8_0, GGUFType.f16)  # smallest first: the Modelfile's FROM
@@ -207,8 +208,9 @@ def write_gguf(model, tokenizer, hf_folder: Path, path: Path, qtype: GGUFType) -
     import torch
 
     cfg = model.config
-    if cfg.model_type not in ("llama",) or getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        raise ExportError(f"GGUF export supports the Llama architecture; this model is {cfg.model_type!r}")
+    # to_dict() writes the class's model_type; the instance's is the one that says what the weights are
+    if (problem := gguf_problem({**cfg.to_dict(), "model_type": cfg.model_type})) is not None:
+        raise ExportError(problem)
     if qtype not in (GGUFType.f16, GGUFType.q8_0):
         raise ExportError(f"{qtype.value} is made by llama.cpp's quantizer, not written directly")
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -267,14 +269,12 @@ def write_gguf(model, tokenizer, hf_folder: Path, path: Path, qtype: GGUFType) -
 def _llama3_rope_factors(rope: dict, head_dim: int, theta: float):
     """None for plain RoPE; for Llama 3.1-style scaling, the per-frequency divisors llama.cpp reads
     from a ``rope_freqs`` tensor (transformers' ``_compute_llama3_parameters``: high frequencies
-    kept, low ones divided by ``factor``, a smooth blend between)."""
+    kept, low ones divided by ``factor``, a smooth blend between). Other kinds were refused by
+    ``gguf_problem`` before this is called."""
     import numpy as np
 
-    kind = rope.get("rope_type", "default")
-    if kind == "default":
+    if rope.get("rope_type", rope.get("type", "default")) != "llama3":
         return None
-    if kind != "llama3":
-        raise ExportError(f"RoPE scaling {kind!r} is not exported to GGUF yet")
     factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old_ctx = rope["original_max_position_embeddings"]
     freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)

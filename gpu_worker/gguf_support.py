@@ -3,8 +3,8 @@
 ``gpu_worker.export.write_gguf`` writes the Llama architecture only: ``model_type`` ``llama`` without
 attention or MLP biases, with plain or Llama-3.1 RoPE scaling (its tokenizer must also be byte-level
 BPE, which only the tokenizer's files tell). The API reads this rule to refuse ``export.gguf`` at job
-creation for a base whose architecture is known not to be supported; export.py applies the same rule
-to the loaded model inline (in write_gguf and _llama3_rope_factors), and should call this instead.
+creation for a base whose architecture is known not to be supported, and ``write_gguf`` refuses a
+loaded model by it (with its ``config.to_dict()``), so the two cannot disagree.
 Standard library only: the control plane imports it.
 """
 
