@@ -11,7 +11,11 @@ starts one. In order:
 4. with the base model's tokenizer on this machine (``tokencount.local_tokenizer_dir``: a built-in
    model's folder, a local folder or the Hugging Face cache): the trainer's tokenization counts the job's
    ``estimated_tokens`` and finds a supervised file left with no usable example (every one truncated
-   to nothing, or a duplicate). Without one no count is made, and the job's events say so.
+   to nothing, or a duplicate). Without one no count is made, and the job's events say so;
+5. the rules joining the spec's fields (``gpu_worker.spec_rules.spec_problem``), with the training
+   examples the trainer keeps (the count's, after truncation and duplicates; else the upload's): the
+   API checked them with the upload's count, which duplicates can bring under the automatic held-out
+   split's minimum. Said as the worker says it: ``invalid_job_spec``, the field as ``param``.
 
 A problem is said as the worker would say it, ``{code, message, param}``: ``invalid_training_file`` (or
 ``invalid_validation_file``), the file named by its job field (``training_file``,
@@ -30,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from gpu_worker.contract import DataFormat, JobSpec, Method
 from gpu_worker.recipes.rewards import MethodParamsError, build_rewards
+from gpu_worker.spec_rules import SpecError, spec_problem
 from gpu_worker.storage import ObjectNotFound, ObjectStore, iter_lines
 from gpu_worker.tokencount import TokenCountError, count_job_files, job_tokens, local_tokenizer_dir, unusable_file
 from gpu_worker.validation import FileValidator
@@ -147,7 +152,14 @@ def check_job(session: Session, store: ObjectStore, settings: Settings, job: Job
     when the base model's tokenizer is here."""
     spec = JobSpec.model_validate(job.spec)
     files = _job_files(session, job, spec)
-    return _exists(store, files) or _line_problems(spec, files, store) or _count(store, settings, session, job, spec)
+    uploaded = sum(f.row.examples for f in files if f.param != "validation_file") if all(f.row for f in files) else None
+    return (_exists(store, files) or _line_problems(spec, files, store) or _spec_rules(spec, uploaded)
+            or _count(store, settings, session, job, spec))
+
+
+def _spec_rules(spec: JobSpec, training_examples: int | None) -> FileProblem | None:
+    problem = spec_problem(spec, training_examples=training_examples)
+    return FileProblem(SpecError.failure_code, problem[1], problem[0]) if problem else None
 
 
 def _count(store: ObjectStore, settings: Settings, session: Session, job: Job, spec: JobSpec) -> FileProblem | None:
@@ -168,6 +180,8 @@ def _count(store: ObjectStore, settings: Settings, session: Session, job: Job, s
         return None
     if unusable := unusable_file(spec, counts):
         return _file_problem(*unusable)
+    if problem := _spec_rules(spec, sum(c.stats.usable for c in counts if c.param != "validation_file")):
+        return problem
     job.estimated_tokens = job_tokens(spec, counts)
     jobs.add_event(session, job, f"Estimated trained tokens: {job.estimated_tokens:,} (all epochs)", data={"estimated_tokens": job.estimated_tokens})
     return None

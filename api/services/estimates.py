@@ -95,6 +95,7 @@ def estimate(session: Session, store: ObjectStore, settings: ApiSettings, princi
     # estimate describes the job that creating it would run.
     spec, _ = jobs.build_spec(session, store, principal, body, new_id("ftjob-"), body.seed or 0, training, validation)
     extra = jobs.extra_files(session, principal, spec)
+    job_inputs.check_spec_rules(spec, [training, *extra])
     jobs.placement(spec, fleet)
     counted = token_counts.count_in_request(store, settings, spec, [training, validation, *extra])
     tokens, source = (counted, "tokenizer") if counted is not None else (estimated_tokens(spec, [training, *extra]), "file_size")

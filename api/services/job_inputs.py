@@ -1,7 +1,9 @@
 """What a job's inputs must be at creation, checked before anything is written: its base model (one of the
 catalog the caller's org is entitled to), its files (the caller's,
 purpose ``fine-tune``, in a format the method trains on and, when declared, one they can be read in) and
-its exports (a GGUF only of a base the exporter supports). Each refusal is a 400 naming the field."""
+its exports (a GGUF only of a base the exporter supports), and the rules joining several of the spec's
+fields (``gpu_worker.spec_rules``: an option meaningless for the method, or one acting on validation data
+the job cannot have). Each refusal is a 400 naming the field."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ from sqlalchemy.orm import Session
 
 from api.errors import InvalidRequest
 from api.services.scoping import owned
-from gpu_worker.contract import METHOD_FORMATS, DataFormat, ExportOptions, Method
+from gpu_worker.contract import METHOD_FORMATS, DataFormat, ExportOptions, JobSpec, Method
 from gpu_worker.gguf_support import gguf_problem
+from gpu_worker.spec_rules import spec_problem
 from gpu_worker.storage import ObjectNotFound, ObjectStore, iter_lines
 from gpu_worker.validation import FileValidator, check_format_for_method
 from api.settings import ApiSettings
@@ -108,3 +111,14 @@ def check_export(base_model: str, export: ExportOptions) -> None:
     if (problem := gguf_problem({"model_type": facts.architecture})) is not None:
         raise InvalidRequest(f"Invalid value for 'export.gguf': {problem} (a merged model, export.merged, is written for any base).",
                              param="export.gguf", code="unsupported_export")
+
+
+def check_spec_rules(spec: JobSpec, training_files: list[File]) -> None:
+    """The worker's own rules across the spec's fields (``spec_rules.spec_problem``, which it would fail
+    the job with as ``invalid_job_spec``), refused now. ``training_files``: the training file and the
+    extra ones, whose examples as counted at upload decide whether the automatic held-out split can
+    happen (duplicates the trainer drops are not known here: the scheduler checks again with its count)."""
+    problem = spec_problem(spec, training_examples=sum(f.examples for f in training_files))
+    if problem is not None:
+        param, message = problem
+        raise InvalidRequest(f"Invalid value for '{param}': {message}.", param=param, code="invalid_value")

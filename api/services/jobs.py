@@ -26,7 +26,7 @@ from api.schemas import (
     unix_seconds,
 )
 from api.services import hyperparameters, token_counts
-from api.services.job_inputs import check_base_model, check_export, check_file_format, training_input
+from api.services.job_inputs import check_base_model, check_export, check_file_format, check_spec_rules, training_input
 from api.services.scoping import owned
 from api.settings import ApiSettings
 from gpu_worker.contract import (
@@ -226,9 +226,11 @@ def create_job(session: Session, store: ObjectStore, settings: ApiSettings, prin
     job_id = new_id("ftjob-")
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     spec, resolved = build_spec(session, store, principal, body, job_id, seed, training, validation)
+    extra = extra_files(session, principal, spec)
+    check_spec_rules(spec, [training, *extra])
     plan = placement(spec, fleet)
     # a file the count shows the worker would refuse is a 400 now, where counting is cheap (the scheduler counts the rest)
-    token_counts.count_in_request(store, settings, spec, [training, validation, *extra_files(session, principal, spec)])
+    token_counts.count_in_request(store, settings, spec, [training, validation, *extra])
     job = Job(
         id=job_id,
         org_id=principal.org_id,

@@ -250,3 +250,28 @@ def test_a_tokenizer_here_that_cannot_be_read_leaves_the_estimate_to_nobody_and_
     assert _check(db_session, world, job) is None and job.estimated_tokens is None
     (event,) = _events(db_session, job)
     assert "failed" in event and "no token estimate is made before training" in event
+
+
+def test_duplicates_that_bring_the_examples_under_the_automatic_split_fail_the_gate_as_the_worker_would(db_session, world, made, with_tokenizer):
+    """120 uploaded examples pass the API's check (the automatic split needs 100), but 30 are exact
+    repeats the trainer drops: 90 are left, no held-out split, nothing for fail_on_regression to compare."""
+    from gpu_worker.contract import EvalOptions
+
+    rows = [_chat(f"q{i}", f"a{i}") for i in range(90)]
+    job = made.job(made.file(rows + rows[:30]), evaluation=EvalOptions(fail_on_regression=True))
+    problem = _check(db_session, world, job)
+    assert (problem.code, problem.param) == ("invalid_job_spec", "evaluation.fail_on_regression")
+    assert "(the training data has 90)" in problem.message
+    assert job.estimated_tokens is None
+    # the same file without repeats keeps its split: queued, with its estimate
+    kept = made.job(made.file(rows + [_chat(f"q{i}", f"b{i}") for i in range(30)]), evaluation=EvalOptions(fail_on_regression=True))
+    assert _check(db_session, world, kept) is None and kept.estimated_tokens > 0
+
+
+def test_a_stored_spec_the_worker_refuses_fails_without_a_tokenizer(db_session, world, made):
+    """A DPO job stored with train_on_inputs (before the API refused it) fails here with the worker's
+    code, not on a GPU."""
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(12)]
+    job = made.job(made.file(rows), method=Method.dpo, data=DataOptions(train_on_inputs=True))
+    problem = _check(db_session, world, job)
+    assert (problem.code, problem.param) == ("invalid_job_spec", "data.train_on_inputs")

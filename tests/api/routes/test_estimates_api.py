@@ -202,3 +202,12 @@ def test_a_tokenizer_here_that_cannot_be_read_falls_back_to_file_size(client_a, 
     (tiny_tokenizer / "tokenizer.json").write_text("{not json")
     est = _estimate(client_a, model="tuneforge-tiny", training_file=upload(_chat_file(12)))
     assert est["tokens_source"] == "file_size"
+
+
+def test_a_spec_the_worker_would_refuse_is_a_400_for_the_estimate_too(client_a, upload, fleet):
+    """10 examples, no validation file: the automatic split holds out nothing, so a gate on validation
+    results could never run; the estimate says so as creation does."""
+    with pytest.raises(openai.BadRequestError) as e:
+        _estimate(client_a, model=LLAMA_1B, training_file=upload(), evaluation={"early_stopping_patience": 2})
+    assert (e.value.body["param"], e.value.body["code"]) == ("evaluation.early_stopping_patience", "invalid_value")
+    assert "validation_file" in e.value.body["message"]

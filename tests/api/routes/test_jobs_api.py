@@ -379,3 +379,38 @@ def test_job_and_its_first_event_are_written_together(client_a, upload, org_a, d
     with pytest.raises(openai.InternalServerError):
         client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=file_id)
     assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
+
+
+PREFERENCE_ROWS = b"".join(json.dumps({"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}).encode() + b"\n" for i in range(10))
+
+
+def _chat_rows(n: int) -> bytes:
+    return b"".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}).encode() + b"\n"
+                    for i in range(n))
+
+
+@pytest.mark.parametrize("rows,kwargs,param", [
+    # a loss on the prompt is no part of DPO: the worker failed these with invalid_job_spec once queued
+    (PREFERENCE_ROWS, {"method": {"type": "dpo"}, "extra_body": {"data": {"train_on_inputs": True}}}, "data.train_on_inputs"),
+    # no validation file and the automatic split needs 100 training examples: 10 can have no validation data
+    (None, {"extra_body": {"evaluation": {"fail_on_regression": True}}}, "evaluation.fail_on_regression"),
+    (None, {"extra_body": {"evaluation": {"early_stopping_patience": 2}}}, "evaluation.early_stopping_patience"),
+    (None, {"extra_body": {"data": {"validation_split": 0}, "evaluation": {"early_stopping_patience": 2}}}, "evaluation.early_stopping_patience"),
+])
+def test_a_spec_the_worker_would_refuse_is_400_naming_the_field_and_creates_nothing(client_a, upload, org_a, db_session, rows, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload(rows), **kwargs)
+    assert (err.value.body["param"], err.value.body["code"]) == (param, "invalid_value"), err.value.body
+    assert param.split(".", 1)[1] in err.value.body["message"]
+    assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
+
+
+def test_the_automatic_split_counts_every_training_files_examples(client_a, upload, db_session):
+    """60 + 60 examples: neither file alone reaches the automatic split's 100, together they do (the
+    trainer holds out from the pooled files), so a validation gate is accepted; one file alone is not."""
+    gate = {"evaluation": {"fail_on_regression": True}}
+    with pytest.raises(openai.BadRequestError):
+        client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload(_chat_rows(60)), extra_body=gate)
+    job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload(_chat_rows(60)),
+                                           extra_body={**gate, "data": {"extra_training_files": [{"file": upload(_chat_rows(60))}]}})
+    assert JobSpec.model_validate(db_session.get(Job, job.id).spec).evaluation.fail_on_regression
