@@ -83,6 +83,7 @@ async def get_inference_context(request: Request) -> InferenceContext:
         metrics=state.metrics,
         usage=state.usage_writer,
         models=state.model_cache,
+        client_request_id=request.state.request_id_from_client,
     )
 
 

@@ -97,6 +97,28 @@ class Upstream:
         except (aiohttp.ClientError, ValueError, UnicodeDecodeError) as exc:  # ValueError: a line over the limit
             raise UpstreamBroken(repr(exc)) from exc
 
+    async def read_some(self) -> bytes:
+        """What the engine sent since the last read (b"" at the end). ``readany`` consumes nothing until it
+        returns, so a read cancelled by a leaving client loses no byte."""
+        try:
+            return await self.response.content.readany()
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout("the engine went silent") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamBroken(repr(exc)) from exc
+
+    def half_close(self) -> bool:
+        """Tell the engine the client is gone while still reading its answer: end our side of the
+        connection (uvicorn, vLLM's server, treats it as a disconnect). False if that cannot be done."""
+        transport = getattr(getattr(self.response, "connection", None), "transport", None)
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            return False
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError):
+            return False
+        return True
+
     @property
     def closed(self) -> bool:
         return self._closed

@@ -3,7 +3,8 @@ opens the request on an engine replica, relays the answer and meters it.
 
 Routes call ``complete``; everything between the parsed request and the HTTP response lives here. A
 retry of a request id that already succeeded is answered from its stored response, without an engine
-(serving.idempotency). Every run that reached an engine is recorded, whatever its outcome: its status
+(serving.idempotency). Only ids the client sent are claimed: one the gateway generated cannot come back
+in a retry, so such a request costs no database round trip and stores no response. Every run that reached an engine is recorded, whatever its outcome: its status
 and the engine's counts, zero when the engine counted nothing (it refused, failed or timed out).
 """
 
@@ -55,6 +56,7 @@ class InferenceContext:
     metrics: GatewayMetrics
     usage: UsageWriter
     models: TTLCache[tuple[str, str], ResolvedModel]
+    client_request_id: bool = True  # the id came in the client's x-request-id (False: generated here)
 
 
 async def resolve(ctx: InferenceContext, model: str) -> ResolvedModel:
@@ -81,20 +83,23 @@ async def complete(ctx: InferenceContext, endpoint: Endpoint, body: Body) -> Res
             raise adapter_registry.AdapterIncompatible(body.model, report.get("reason", "its compatibility check failed"))
     if adapter is not None and adapter.checked_as is not None:
         await adapter_registry.index_checkpoint(ctx.settings, ctx.engines, target.base, adapter)
-    digest = body_hash(endpoint.value, body.model_dump(mode="json", exclude_unset=True))
-    claimed = await begin(
-        ctx.db, ctx.principal.org_id, ctx.request_id, digest, lease_s=ctx.settings.request_lease_s, ttl_s=ctx.settings.response_store_ttl_s
-    )
-    if isinstance(claimed, Stored):
-        return _replay(claimed, body)
-    attempt = claimed
-    meter = Meter(ctx.usage, ctx.metrics, ctx.principal, attempt.usage_id, target, progress_interval_s=ctx.settings.usage_progress_interval_s)
+    attempt: Attempt | None = None
+    usage_id = ctx.request_id
+    if ctx.client_request_id:  # an id the gateway generated can never come back in a retry: nothing to claim
+        digest = body_hash(endpoint.value, body.model_dump(mode="json", exclude_unset=True))
+        claimed = await begin(
+            ctx.db, ctx.principal.org_id, ctx.request_id, digest, lease_s=ctx.settings.request_lease_s, ttl_s=ctx.settings.response_store_ttl_s
+        )
+        if isinstance(claimed, Stored):
+            return _replay(claimed, body)
+        attempt, usage_id = claimed, claimed.usage_id
+    meter = Meter(ctx.usage, ctx.metrics, ctx.principal, usage_id, target, progress_interval_s=ctx.settings.usage_progress_interval_s)
     payload = body.upstream_payload()
     payload["model"] = target.name  # a versionless name runs on its active version's lora_name
     meter.open()
     try:
         # The attempt's own id: an engine may still run an earlier attempt of a request id that expired.
-        upstream = await ctx.engines.open(target, endpoint.value, payload, request_id=attempt.usage_id)
+        upstream = await ctx.engines.open(target, endpoint.value, payload, request_id=usage_id)
     except BaseException as exc:
         await _failed(meter, attempt, exc)
         raise
@@ -120,7 +125,8 @@ async def complete(ctx: InferenceContext, endpoint: Endpoint, body: Body) -> Res
         log.warning("engine response has no usage", model=target.name)
     prompt, completion = counts or (0, 0)
     meter.record(Outcome(prompt, completion, "ok" if counts else "usage_missing"))
-    await attempt.succeed(raw)
+    if attempt is not None:
+        await attempt.succeed(raw)
     # Relayed as the engine sent it: the gateway adds nothing and loses nothing.
     return Response(raw, media_type="application/json")
 
@@ -153,14 +159,15 @@ def _failure_status(exc: BaseException) -> str:
     return "gateway_error"  # a bug: logged as a 500 by the middleware
 
 
-async def _failed(meter: Meter, attempt: Attempt, exc: BaseException) -> None:
+async def _failed(meter: Meter, attempt: Attempt | None, exc: BaseException) -> None:
     """A run that ended without an answer: recorded if it reached an engine (no tokens were counted:
     the engine refused, failed, or was cut off before answering), and its request id freed to run again."""
     if isinstance(exc, EngineUnavailable):
         meter.discard()  # no engine took it
     else:
         meter.record(Outcome(0, 0, _failure_status(exc)))
-    await attempt.fail()
+    if attempt is not None:
+        await attempt.fail()
 
 
 def _replay(stored: Stored, body: Body) -> Response:

@@ -21,7 +21,7 @@ from serving.errors import error_response, internal_error_response
 from serving.metrics import GatewayMetrics
 
 REQUEST_ID_HEADER = "x-request-id"
-# Fits UsageRecord.request_id (128) and keeps ids printable in logs and headers.
+# Fits UsageRecord.request_id (160: the id and a retry's '#<attempt>') and keeps ids printable in logs and headers.
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 log = structlog.get_logger(__name__)
@@ -43,7 +43,7 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         client_id = Headers(scope=scope).get(REQUEST_ID_HEADER)
         request_id = client_id if client_id and _VALID_REQUEST_ID.fullmatch(client_id) else new_request_id()
-        scope.setdefault("state", {})["request_id"] = request_id
+        scope.setdefault("state", {}).update(request_id=request_id, request_id_from_client=bool(client_id))
         status = {"code": 500, "started": False}
 
         async def send_with_id(message: Message) -> None:

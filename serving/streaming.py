@@ -23,18 +23,16 @@ engine's own wording.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 from typing import Any, AsyncIterator
 
-import aiohttp
 import anyio
 import structlog
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from serving.engines import Upstream, UpstreamBroken, UpstreamTimeout
+from serving.engines import Upstream, UpstreamBroken
 from serving.errors import error_body
 from serving.idempotency import Attempt
 from serving.metering import Meter, Outcome, StreamTally, token_counts
@@ -106,31 +104,6 @@ class SSEParser:
                 events.append(_event(self._block))
                 self._block = []
         return events
-
-
-async def _read_chunk(upstream: Upstream) -> bytes:
-    """What the engine sent since the last read (b"" at the end). ``readany`` consumes nothing until it
-    returns, so a read cancelled by a leaving client loses no byte."""
-    try:
-        return await upstream.response.content.readany()
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise UpstreamTimeout("the engine went silent") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamBroken(repr(exc)) from exc
-
-
-def _half_close(upstream: Upstream) -> bool:
-    """Tell the engine the client is gone while still reading its answer: end our side of the
-    connection (uvicorn, vLLM's server, treats it as a disconnect). False if that cannot be done."""
-    connection = getattr(upstream.response, "connection", None)
-    transport = getattr(connection, "transport", None)
-    if transport is None or transport.is_closing() or not transport.can_write_eof():
-        return False
-    try:
-        transport.write_eof()
-    except (OSError, RuntimeError):
-        return False
-    return True
 
 
 def generated_tokens(choices: Any) -> int:
@@ -207,7 +180,7 @@ class StreamRelay:
                 yield self._pending.popleft()
             if self._eof:
                 return
-            chunk = await _read_chunk(self._upstream)
+            chunk = await self._upstream.read_some()
             if chunk:
                 self._pending.extend(self._parser.feed(chunk))
             else:
@@ -228,7 +201,7 @@ class StreamRelay:
 
     async def _drain(self) -> None:
         """The client left: stop the engine and count what it sent until it stopped (not relayed)."""
-        stopping = self._eof or _half_close(self._upstream)
+        stopping = self._eof or self._upstream.half_close()
         while self._pending:  # read already, not handled yet
             _, data = self._pending.popleft()
             if data is not None and data != DONE:

@@ -277,7 +277,7 @@ class _CheckRoute:
     MATCH = {"base_model": BUILTIN_BASE_MODEL, "logits": {"status": "match", "prompts": 1, "max_abs_diff": 0.0, "top1_agreement": 1.0}}
 
     def __init__(self, answers):
-        from conftest import FakeEngine, LiveServer
+        from tests.serving.conftest import FakeEngine, LiveServer
         from fake_vllm import EngineState, create_engine_app
         from fastapi import FastAPI
 

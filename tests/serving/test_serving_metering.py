@@ -11,7 +11,9 @@ import time
 
 import openai
 import pytest
+from sqlalchemy import select
 
+from scheduler.models import StoredResponse
 from scheduler.settings import BUILTIN_BASE_MODEL
 
 pytestmark = pytest.mark.integration
@@ -48,6 +50,24 @@ def test_retries_of_a_success_are_answered_from_the_stored_response_without_the_
     assert len({a.model_dump_json() for a in answers}) == 1  # the same answer, id and all
     assert len(engine.state.served) == 1  # the retries never reached the engine
     assert [(r.request_id, r.completion_tokens, r.status) for r in usage_rows(org)] == [("retry-me", 2, "ok")]
+
+
+def test_a_request_without_a_client_id_claims_and_stores_nothing(engines, gateway, make_org, usage_rows, test_db):
+    """An id the gateway generated cannot come back in a retry: no claim, no stored response (no database
+    round trip on the request's path), one record per run under its generated id."""
+    engine = engines()
+    gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
+    org, key = make_org()
+    client = gw.client(key)
+
+    answers = [client.chat.completions.with_raw_response.create(model=BUILTIN_BASE_MODEL, messages=MESSAGES, max_tokens=2)
+               for _ in range(2)]
+
+    assert len(engine.state.served) == 2
+    ids = [a.headers["x-request-id"] for a in answers]
+    assert [(r.request_id, r.completion_tokens, r.status) for r in usage_rows(org)] == [(i, 2, "ok") for i in ids]
+    with test_db.scope() as session:
+        assert session.scalars(select(StoredResponse).where(StoredResponse.org_id == org.id)).all() == []
 
 
 @pytest.mark.parametrize("include_usage", [False, True])
