@@ -165,6 +165,15 @@ class Agent:
             self._slots.release()
 
 
+def _gate_line(r: contract.EvalReport) -> tuple[str, str]:
+    """The gate's event (message, level). ``passed`` None: nothing was compared (no validation example),
+    said as such and only a warning: the job completed, and a gate that compared nothing neither
+    passed nor failed it."""
+    if r.passed is None:
+        return f"Evaluation gate not evaluated: {r.reason or 'no validation examples'}", "warn"
+    return f"Evaluation gate {'passed' if r.passed else 'failed'}: base vs tuned on {r.examples} validation examples", "info"
+
+
 class _Supervision:
     """One attempt at one job: the trainer process and the rows it produces."""
 
@@ -341,8 +350,8 @@ class _Supervision:
             jobs.add_event(session, job, f"Result file {row.id}: {artifact.kind} {artifact.filename}", data={"file_id": row.id, "kind": artifact.kind, **artifact.detail})
         job.result_files = ids
         if e.eval_report is not None:
-            r = e.eval_report
-            jobs.add_event(session, job, f"Evaluation gate {'passed' if r.passed else 'failed'}: base vs tuned on {r.examples} validation examples", data=r.model_dump(mode="json"))
+            message, level = _gate_line(e.eval_report)
+            jobs.add_event(session, job, message, level=level, data=e.eval_report.model_dump(mode="json"))
 
     def _stopped(self, session: Session, job: Job, e: contract.StoppedEvent) -> None:
         done = dict(finished_at=utcnow(), lease_token=None, lease_owner=None, lease_expires_at=None)

@@ -139,3 +139,21 @@ def test_fair_share_limits_come_from_settings(monkeypatch, tmp_path):
     monkeypatch.setenv("TUNEFORGE_ORG_PRIORITIES", '{"org-vip": 3}')
     limits = Limits.from_settings(Settings(data_dir=tmp_path))
     assert (limits.limit("org-x"), limits.limit("org-big"), limits.org_priority) == (2, 5, {"org-vip": 3})
+
+
+@pytest.mark.parametrize("passed,said,level", [
+    (True, "Evaluation gate passed: base vs tuned on 5 validation examples", "info"),
+    (False, "Evaluation gate failed: base vs tuned on 5 validation examples", "info"),
+    # passed=None: no validation example was compared; the job succeeds and the line never says "failed"
+    (None, "Evaluation gate not evaluated: no validation examples (the automatic split needs 100)", "warn"),
+])
+def test_the_gate_line_says_what_the_report_says_and_the_job_succeeds(claimed, passed, said, level):
+    settings, job_id, token, spec = claimed
+    examples = 0 if passed is None else 5
+    report = contract.EvalReport(examples=examples, passed=passed, reason="no validation examples (the automatic split needs 100)" if passed is None else None)
+    assert _Supervision(settings, job_id, token)._record(contract.CompletedEvent(manifest=_manifest(spec), trained_tokens=42, steps=2, eval_report=report)) is True
+    with session_scope(settings.database_url) as session:
+        assert session.get(Job, job_id).status == JobStatus.succeeded
+        gate = [(e.message, e.level) for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)) if e.message.startswith("Evaluation gate")]
+        assert gate == [(said, level)]
+        assert session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.message.startswith("Evaluation gate"))).one().data["passed"] is passed
