@@ -16,6 +16,7 @@ QLoRA (``quantization=nf4``) needs bitsandbytes on a CUDA GPU. Without one the j
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from gpu_worker.contract import AdapterConfig, AdapterType, JobSpec, MemoryMode, Quantization, Runtime
@@ -107,10 +108,18 @@ def wrap_for_training(model, adapter: AdapterConfig):
 
 
 def wrap_with_lora(model, adapter: AdapterConfig):
-    """Target names are Llama's; those the model lacks are skipped, and none present at all is an error."""
+    """Target names are Llama's; those the model lacks are skipped, and none present at all is an error.
+
+    In a multimodal wrapper (Gemma 3's ``model.language_model`` beside ``vision_tower`` and
+    ``multi_modal_projector``) the adapters go on the language model only: the vision tower's q/k/v
+    share the names but get no gradient from text, and would ship untrained in the adapter. The
+    restriction is PEFT's ``exclude_modules``, so the saved ``target_modules`` stay plain names
+    (what serving's compatibility check reads)."""
     from peft import LoraConfig, get_peft_model
 
-    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    text_prefix = _language_model_prefix(model)
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
+                  if text_prefix is None or name.startswith(text_prefix + ".")}
     targets = [t.value for t in adapter.target_modules if t.value in leaf_names]
     if not targets:
         wanted = ", ".join(t.value for t in adapter.target_modules)
@@ -124,8 +133,17 @@ def wrap_with_lora(model, adapter: AdapterConfig):
         task_type="CAUSAL_LM",
         use_dora=adapter.type == AdapterType.dora,
         use_rslora=adapter.use_rslora,
+        # every module outside the language model (a full match of PEFT's module key)
+        exclude_modules=None if text_prefix is None else rf"(?!{re.escape(text_prefix)}\.).*",
     )
     return get_peft_model(model, config)
+
+
+def _language_model_prefix(model) -> str | None:
+    """The module path of a multimodal model's text decoder (``model.language_model`` in
+    transformers' vision-language wrappers), or None for a text-only model."""
+    found = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == "language_model"]
+    return min(found, key=len) if found else None
 
 
 def is_peft(model) -> bool:
