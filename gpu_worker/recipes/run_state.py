@@ -11,7 +11,8 @@ stops and leaves its artifacts the same way:
 - ``save`` (a checkpoint of the last finished step, with its state), ``stop`` (the last finished step
   checkpointed if it is not yet, the loggers closed, a StoppedEvent);
 - ``finish``: the adapter (or, for full fine-tuning, the model) under ``{output_prefix}/adapter``
-  (``/model``), with the serving check's reference log-probs for an adapter, the exports the job asked
+  (``/model``), with the serving check's reference log-probs for an adapter (for QLoRA, computed on the
+  unquantized base the engines serve: ``adapter_reference``), the exports the job asked
   for, the loggers' files, and the CompletedEvent; a gate regression with ``fail_on_regression`` raises
   ``EvalRegression`` after saving;
 - ``not_evaluated``: the gate's report when there was no validation example to compare on.
@@ -27,7 +28,8 @@ from typing import Any, Callable
 
 from gpu_worker import checkpoint as ckpt
 from gpu_worker import evaluation as ev
-from gpu_worker.contract import AdapterManifest, Artifact, CheckpointEvent, CompletedEvent, EvalReport, JobSpec, LogEvent, StoppedEvent
+from gpu_worker.contract import (AdapterManifest, Artifact, CheckpointEvent, CompletedEvent, DType, EvalReport, JobSpec, LogEvent,
+                                 Quantization, StoppedEvent)
 from gpu_worker.data import DataPosition, epoch_batches
 from gpu_worker.engine.compat import write_reference
 from gpu_worker.integrations import Loggers
@@ -36,6 +38,9 @@ from gpu_worker.recipes import model_setup as ms
 from gpu_worker.recipes.schedule import RunPlan, check_resumable
 from gpu_worker.recipes.train_engine import open_loggers, placement
 from gpu_worker.storage import delete_prefix, put_dir
+
+# What the engines load a base in, and the merged export writes (export.py): the QLoRA reference's base.
+SERVING_DTYPE = DType.bfloat16
 
 
 @dataclasses.dataclass
@@ -147,7 +152,7 @@ class RunState:
         with tempfile.TemporaryDirectory(prefix="tuneforge-adapter-") as tmp:
             files = ms.save_trained(model, Path(tmp), base_model=spec.base_model, tokenizer=tokenizer)
             if not full:  # what the serving registry's compatibility check compares the engine with
-                files = [*files, write_reference(model, tokenizer, tmp).name]
+                files = [*files, adapter_reference(spec, self.ctx.data_dir, model, tokenizer, tmp).name]
             put_dir(store, tmp, prefix)
             size = sum(p.stat().st_size for p in Path(tmp).iterdir())
         artifacts = [Artifact(kind="merged" if full else "adapter", key=prefix, filename=prefix.rsplit("/", 1)[-1], bytes=size,
@@ -166,6 +171,45 @@ class RunState:
                                eval_report=report, best_step=best_step)
         self.ctx.emit(event)
         return event
+
+
+def adapter_reference(spec: JobSpec, data_dir, model, tokenizer, adapter_dir) -> Path:
+    """The serving check's reference next to the adapter saved in ``adapter_dir``, from the model the
+    engines will serve. A 16-bit job's trained ``model`` is that model. A QLoRA job's is not: engines
+    serve the unquantized base at ``SERVING_DTYPE`` with the adapter, whose logits differ from the NF4
+    model's by the quantization error (more than the check's tolerance on real models), so its
+    reference comes from that base, loaded as the merged export loads it, with the saved adapter."""
+    if spec.quantization != Quantization.nf4:
+        return write_reference(model, tokenizer, adapter_dir)
+    from gpu_worker.loading import load_model
+
+    device = str(next(model.parameters()).device)
+    return served_reference(lambda: load_model(spec.base_model, data_dir=data_dir, device=device, dtype=SERVING_DTYPE),
+                            adapter_dir, tokenizer, dtype=SERVING_DTYPE, trained_as=spec.quantization.value)
+
+
+def served_reference(load_base: Callable[[], Any], adapter_dir, tokenizer, *, dtype: DType, trained_as: str) -> Path:
+    """``write_reference`` from ``load_base()`` (an unquantized base) with the PEFT adapter saved in
+    ``adapter_dir`` attached; the file's metadata records ``dtype``, that the base was unquantized and
+    how training quantized it (``trained_as``). The base is freed before returning (it sits beside
+    the training model on the GPU, as the merged export's copy does)."""
+    import gc
+
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    served = PeftModel.from_pretrained(load_base(), str(adapter_dir), is_trainable=False)
+    try:
+        path = write_reference(served, tokenizer, adapter_dir)
+    finally:
+        del served
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    metadata = {"base": "unquantized", "dtype": dtype.value, "training_quantization": trained_as}
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    return path
 
 
 def not_evaluated(emit: Callable) -> EvalReport:

@@ -70,3 +70,34 @@ def test_qlora_learns_and_its_merged_export_matches(builtin_data_dir, store, wri
                                            lambda s: merged(input_ids=torch.tensor([s], device="cuda")).logits[0].argmax(-1).tolist(),
                                            [[5, 17, 42]], n_new=4)
     assert agreement >= 0.75
+
+
+def test_qlora_reference_is_the_bf16_base_with_the_adapter(builtin_data_dir, store, write_jsonl, sentiment_rows, make_spec, tmp_path):
+    """What the serving check compares engines with: the unquantized bf16 base they serve plus the
+    adapter, not the NF4 training model (whose logits differ by the quantization error)."""
+    import torch
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    from gpu_worker.builtin import TINY
+    from gpu_worker.contract import DType
+    from gpu_worker.engine.compat import REFERENCE_FILE, log_probs, read_reference
+    from gpu_worker.loading import load_model
+    from gpu_worker.storage import get_dir
+
+    write_jsonl(store, "files/train.jsonl", sentiment_rows(32))
+    spec = make_spec(TINY, quantization="nf4", hyperparameters={"n_epochs": 2, "batch_size": 8, "learning_rate": 3e-3})
+    result = run(spec, RunContext(store=store, data_dir=builtin_data_dir, emit=lambda e: None, device="cuda"))
+    assert isinstance(result, CompletedEvent)
+    get_dir(store, result.manifest.key, tmp_path / "adapter")
+    with safe_open(str(tmp_path / "adapter" / REFERENCE_FILE), "pt") as f:
+        assert f.metadata() == {"base": "unquantized", "dtype": "bfloat16", "training_quantization": "nf4"}
+    reference = read_reference(tmp_path / "adapter")
+
+    served = PeftModel.from_pretrained(load_model(TINY, data_dir=builtin_data_dir, device="cuda", dtype=DType.bfloat16),
+                                       str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        for ids, top_ids, top_lp in reference:
+            got = log_probs(served, ids).gather(-1, top_ids)
+            # the same model on the same GPU: equal up to kernel nondeterminism, far inside the check's 0.1
+            assert torch.allclose(got, top_lp, atol=1e-3), (got - top_lp).abs().max()
