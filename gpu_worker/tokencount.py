@@ -7,10 +7,14 @@ base model's ``tokenizer.json`` and ``tokenizer_config.json`` (and ``chat_templa
 tokenizes with (``gpu_worker.data.encoding`` / ``templates``): for supervised data the counts are
 the trainer's exactly (a test checks it on the built-in model).
 
-Other methods are estimates of the tokens their loss covers: preference pairs count the prompt with
-each answer (trained: both answers), KTO the prompt with its completion (trained: the completion),
-GRPO prompts count the prompt's tokens, and the job estimate is ``num_generations x
-max_completion_length`` generated tokens per prompt (an upper bound: generation may stop earlier).
+Preference and KTO rows are read and tokenized by the preference trainer's own code
+(``data.formats.preference_conversations``, ``data_preference.Renderer`` and ``fit``): the prompt (its
+``input.tools`` and any assistant turn inside it included, never trained) rendered with the job's
+template, each answer's tokens as the trainer cuts them; a pair counts the prompt with each answer
+(trained: both answers), KTO the prompt with its completion (trained: the completion). GRPO prompts
+count the prompt's tokens, and the job estimate is ``num_generations x max_completion_length``
+generated tokens per prompt (an upper bound: generation may stop earlier). The job's trained tokens
+leave out the examples the held-out split takes (``mixing.held_out_count``, the automatic split included).
 
 ``count_job_files`` gives each file's counts (the API's estimate reads the tokens processed, the
 scheduler also whether a file is left with no example the trainer can use); ``local_tokenizer_dir``
@@ -20,16 +24,18 @@ finds a base model's tokenizer on this machine (nothing is downloaded: without o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 from gpu_worker.contract import PREFERENCE_METHODS, ChatTemplate, DataFormat, JobSpec, Method
 from gpu_worker.data.encoding import TokenizerView, encode_record
-from gpu_worker.data.formats import SFT_FORMATS, Conversation, to_sft
+from gpu_worker.data.formats import SFT_FORMATS, preference_conversations, to_sft
 from gpu_worker.data.dedupe import exact_key
-from gpu_worker.data.mixing import mixed_count
-from gpu_worker.data.templates import TemplateError, render, resolve_template
+from gpu_worker.data.mixing import held_out_count, mixed_count
+from gpu_worker.data_preference import Renderer, fit, parse_prompt
+from gpu_worker.data.templates import TemplateError, resolve_template
 from gpu_worker.storage import ObjectNotFound, ObjectStore, iter_lines
 from gpu_worker.validation import FileValidator
 
@@ -58,34 +64,10 @@ class TokenStats:
         return self.examples - self.dropped - self.duplicates
 
 
-def _messages(value: Any) -> list[dict[str, Any]]:
-    if isinstance(value, str):
-        return [{"role": "user", "content": value, "weight": 1}]
-    return [{"role": m["role"], "content": m.get("content") or "", "weight": 1} for m in value]
-
-
-def _answer(value: Any) -> str:
-    return value if isinstance(value, str) else value[0].get("content") or ""
-
-
-def _conversations(fmt: DataFormat, obj: dict[str, Any]) -> list[Conversation]:
-    """Preference and KTO records as the conversations their loss reads: prompt + each answer."""
-    if fmt == DataFormat.preference:
-        if "input" in obj:
-            prompt, answers = obj["input"]["messages"], (obj["preferred_output"], obj["non_preferred_output"])
-        else:
-            prompt, answers = obj["prompt"], (obj["chosen"], obj["rejected"])
-    else:
-        prompt, answers = obj["prompt"], (obj["completion"],)
-    head = _messages(prompt)
-    return [Conversation(tuple(head + [{"role": "assistant", "content": _answer(a), "weight": 1}])) for a in answers]
-
-
-def _prompt_messages(obj: dict[str, Any]) -> list[dict[str, Any]]:
-    if "prompt" in obj:
-        return _messages(obj["prompt"])
-    messages = _messages(obj["messages"])
-    return messages[:-1] if messages[-1]["role"] == "assistant" else messages  # drop the reference answer
+def _pair_key(prompt: list[int], completions: list[list[int]], obj: dict[str, Any]) -> bytes:
+    """A preference/KTO example's identity as the trainer dedupes it: its tokens (and a KTO label)."""
+    h = hashlib.blake2b(repr((prompt, completions, obj.get("label"))).encode(), digest_size=16)
+    return b"pair:" + h.digest()
 
 
 def count_tokens(
@@ -103,6 +85,7 @@ def count_tokens(
     ``TokenCountError`` on the first bad line."""
     view = view or TokenizerView.from_dir(tokenizer_dir)
     template = resolve_template(chat_template, view.chat_template)
+    renderer = Renderer(view, template)
     validator = FileValidator(min_examples=0, format=format)
     examples = tokens = trained = truncated = dropped = duplicates = 0
     for raw in lines:
@@ -116,14 +99,28 @@ def count_tokens(
         examples += 1
         try:
             if fmt == DataFormat.prompt:
-                text, _ = render(template, _prompt_messages(obj), special_tokens=view.special_tokens, add_generation_prompt=True)
-                n = len(view.encode(text)[0])
+                n = len(renderer.prompt(parse_prompt(obj, param="training_file", line=validator.line)[0]))
                 tokens += min(n, max_seq_length)
                 truncated += n > max_seq_length
                 continue
-            records = [to_sft(fmt, obj)] if fmt in SFT_FORMATS else _conversations(fmt, obj)
-            encoded = [encode_record(view, template, record, max_seq_length, train_on_inputs=train_on_inputs) for record in records]
-        except TemplateError as err:  # the trainer refuses the line the same way (gpu_worker.data.dataset)
+            if fmt not in SFT_FORMATS:  # as gpu_worker.data_preference.load_examples tokenizes the row
+                conv, answers = preference_conversations(fmt, obj)
+                prompt = renderer.prompt(conv)
+                prompt, completions, cut = fit(prompt, [renderer.completion(conv, prompt, a) for a in answers], max_seq_length)
+                truncated += cut
+                if seen is not None:
+                    key = _pair_key(prompt, completions, obj)
+                    if key in seen:
+                        duplicates += 1
+                        continue
+                    seen.add(key)
+                tokens += sum(len(prompt) + len(c) for c in completions)
+                trained += sum(len(c) for c in completions)
+                continue
+            encoded = [encode_record(view, template, to_sft(fmt, obj), max_seq_length, train_on_inputs=train_on_inputs)]
+        except ValueError as err:  # the trainer refuses the line the same way: the supervised loader a
+            if fmt in SFT_FORMATS and not isinstance(err, TemplateError):  # TemplateError, the preference one any ValueError
+                raise
             raise TokenCountError(f"line {validator.line}: {err}") from None
         for example, cut in encoded:
             truncated += cut
@@ -184,7 +181,7 @@ def job_tokens(spec: JobSpec, counts: Iterable[FileCount], *, trained: bool = Tr
     """The job's tokens over all epochs from its training files' counts, each scaled by its mixing
     weight and by the held-out split: the loss-bearing ones (``trained``; GRPO: the generated ones),
     or all the model processes (GRPO: each prompt once per generation, with its generated tokens)."""
-    p, total = spec.method_params, 0.0
+    p, total, counts = spec.method_params, 0.0, list(counts)
     for count in counts:
         stats = count.stats
         if count.param == "validation_file" or not stats.usable:
@@ -195,8 +192,10 @@ def job_tokens(spec: JobSpec, counts: Iterable[FileCount], *, trained: bool = Tr
         else:
             per_example = (stats.trained_tokens if trained else stats.tokens) / stats.usable
         total += per_example * mixed_count(stats.usable, count.weight)
-    if not spec.validation_file_key and spec.data.validation_split:
-        total *= 1 - spec.data.validation_split
+    if not spec.validation_file_key:  # the trainer holds out from the pooled training examples before mixing
+        pool = sum(c.stats.usable for c in counts if c.param != "validation_file")
+        if pool:
+            total *= 1 - held_out_count(pool, spec.data.validation_split) / pool
     return int(round(total * spec.hyperparameters.n_epochs))
 
 

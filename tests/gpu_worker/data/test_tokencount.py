@@ -10,6 +10,7 @@ import pytest
 
 from gpu_worker.contract import ChatTemplate, DataOptions, Method, TrainingFile
 from gpu_worker.data import load_dataset
+from gpu_worker.data.mixing import held_out_count
 from gpu_worker.tokencount import TokenCountError, count_tokens, estimate_job_tokens
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -69,8 +70,9 @@ def test_job_estimate_is_trained_tokens_times_epochs_with_weights(tiny_dir, stor
     once = make_spec("tiny", hyperparameters={"n_epochs": 3}, data=DataOptions(dedupe=False, extra_training_files=(TrainingFile(key="files/extra1.jsonl", weight=0.5),)))
     deduped = make_spec("tiny", hyperparameters={"n_epochs": 3}, data=DataOptions(extra_training_files=(TrainingFile(key="files/extra.jsonl", weight=0.5),)))
     assert estimate_job_tokens(store, deduped, tiny_dir) == estimate_job_tokens(store, once, tiny_dir)
+    # 2 examples at 0.25: the trainer holds out one of them (mixing.held_out_count: at least one), not a quarter
     split = make_spec("tiny", hyperparameters={"n_epochs": 3}, data=DataOptions(validation_split=0.25))
-    assert estimate_job_tokens(store, split, tiny_dir) == round(3 * one * 0.75)
+    assert estimate_job_tokens(store, split, tiny_dir) == round(3 * one * 0.5)
     grpo = make_spec("tiny", method=Method.grpo, training_file_key="files/p.jsonl")
     write_jsonl(store, "files/p.jsonl", [{"prompt": "2+2?", "answer": "4"}] * 5)
     assert estimate_job_tokens(store, grpo, tiny_dir) == 5 * 4 * 64  # prompts x generations x max completion
@@ -83,6 +85,23 @@ def test_job_estimate_is_trained_tokens_times_epochs_with_weights(tiny_dir, stor
     with pytest.raises(TokenCountError) as err:
         estimate_job_tokens(store, bad_extra, tiny_dir)
     assert err.value.param == "extra_training_files[0]" and str(err.value).startswith("extra_training_files[0]: line 1")
+
+
+def test_the_automatic_split_is_left_out_of_the_trained_tokens(tiny_dir, store, write_jsonl, make_spec):
+    """validation_split unset (automatic): from 100 examples on the trainer holds out 5% of them, which
+    the estimate once counted as trained; under 100 it holds out none, and 0 never does."""
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}"}, {"role": "assistant", "content": f"Answer {i} is here"}]} for i in range(200)]
+    write_jsonl(store, "files/auto.jsonl", rows)
+    write_jsonl(store, "files/few.jsonl", rows[:99])
+    per_example = {n: count_tokens(store.get_bytes(f"files/{n}.jsonl").splitlines(), tokenizer_dir=tiny_dir, max_seq_length=128).trained_tokens
+                   for n in ("auto", "few")}
+    auto = make_spec("tiny", training_file_key="files/auto.jsonl", hyperparameters={"n_epochs": 2})
+    assert auto.data.validation_split is None and held_out_count(200, None) == 10
+    assert estimate_job_tokens(store, auto, tiny_dir) == round(2 * per_example["auto"] * 190 / 200)
+    none = make_spec("tiny", training_file_key="files/auto.jsonl", hyperparameters={"n_epochs": 2}, data=DataOptions(validation_split=0))
+    assert estimate_job_tokens(store, none, tiny_dir) == 2 * per_example["auto"]
+    few = make_spec("tiny", training_file_key="files/few.jsonl", hyperparameters={"n_epochs": 2})
+    assert estimate_job_tokens(store, few, tiny_dir) == 2 * per_example["few"]
 
 
 def test_tokencount_and_validation_import_without_torch_or_transformers():

@@ -163,3 +163,34 @@ def test_bad_tool_use_in_a_dpo_row_is_refused_with_its_line(tok, store, write_js
     with pytest.raises(DataError) as err:
         load_examples(store, "bad.jsonl", tok, DataFormat.preference, max_seq_length=1024)
     assert err.value.line == 2 and words in str(err.value), str(err.value)
+
+
+def _multi_turn_rows() -> list[dict]:
+    """Multi-turn prompts: an OpenAI DPO row with tools, a tool call and its result, then a second
+    user turn; a prompt/chosen row whose prompt holds an earlier assistant reply (never trained)."""
+    tools = _tool_row()
+    tools["input"]["messages"] += [{"role": "assistant", "content": "Sunny and 21 C."}, {"role": "user", "content": "And tomorrow, in detail?"}]
+    history = {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Rate the film."},
+                          {"role": "assistant", "content": "It was a long and winding film with many scenes."}, {"role": "user", "content": "In one word?"}],
+               "chosen": "Good.", "rejected": "Bad, really bad."}
+    return [_tool_row(), tools, history]
+
+
+@pytest.mark.parametrize("template", [ChatTemplate.auto, ChatTemplate.llama3, ChatTemplate.mistral])
+@pytest.mark.parametrize("max_seq_length", [1024, 48])  # 48: prompts cut as the trainer cuts them
+def test_the_token_counter_reads_multi_turn_prompts_with_tools_as_the_trainer(tok, micro_model_dir, store, write_jsonl, template, max_seq_length):
+    """The counter once rendered these prompts without their tools and trained the assistant turns
+    inside them: now its counts are the trainer's pairs, token for token."""
+    key = write_jsonl(store, "mt.jsonl", _multi_turn_rows())
+    loaded = load_examples(store, key, tok, DataFormat.preference, max_seq_length=max_seq_length, chat_template=template)
+    stats = count_tokens(store.get_bytes(key).splitlines(), tokenizer_dir=micro_model_dir, chat_template=template, max_seq_length=max_seq_length)
+    assert stats.examples == len(loaded.examples) == 3 and stats.truncated == loaded.truncated
+    assert stats.trained_tokens == sum(len(e.chosen) + len(e.rejected) for e in loaded.examples)
+    assert stats.tokens == sum(2 * len(e.prompt) + len(e.chosen) + len(e.rejected) for e in loaded.examples)
+    if max_seq_length == 48:
+        assert loaded.truncated
+    kto = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in _multi_turn_rows()[2:]]
+    key = write_jsonl(store, "kto.jsonl", kto)
+    example = load_examples(store, key, tok, DataFormat.kto, max_seq_length=max_seq_length, chat_template=template).examples[0]
+    counted = count_tokens(store.get_bytes(key).splitlines(), tokenizer_dir=micro_model_dir, chat_template=template, max_seq_length=max_seq_length)
+    assert (counted.trained_tokens, counted.tokens) == (len(example.completion), len(example.prompt) + len(example.completion))
