@@ -67,10 +67,13 @@ def tiny_config(model_type: str = "llama", **overrides):
     return config
 
 
-def tiny_model(config, seed=0):
+def tiny_model(config, seed=0, random_norms=True):
     """The base model ``build_lora_model`` wraps, the same for the same ``seed``: HF's random weights, with
     random biases and Gemma 3's image projection (HF initialises them to zero, which a patched model that
-    dropped a bias would match too, and where every image token would enter the decoder as zeros)."""
+    dropped a bias would match too, and where every image token would enter the decoder as zeros), and
+    RMSNorm weights moved off HF's constants (ones, or zeros for Gemma's 1 + w), so that a patched norm
+    that ignored its weight, or read it in the other family's convention, would not match either
+    (``random_norms``)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -79,13 +82,16 @@ def tiny_model(config, seed=0):
         for name, p in model.named_parameters():
             if name.endswith((".bias", "mm_input_projection_weight")):
                 p.normal_(std=0.5)
+        for module in model.modules() if random_norms else ():
+            if type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor):
+                module.weight.add_(torch.randn_like(module.weight), alpha=0.2)
     return model
 
 
-def build_lora_model(config, device="cpu", dtype=torch.float32, seed=0, lora_dropout=0.0):
+def build_lora_model(config, device="cpu", dtype=torch.float32, seed=0, lora_dropout=0.0, random_norms=True):
     from peft import LoraConfig, get_peft_model
 
-    model = tiny_model(config, seed).to(device=device, dtype=dtype)
+    model = tiny_model(config, seed, random_norms).to(device=device, dtype=dtype)
     targets = lora_targets(config.model_type)
     if config.model_type in TEXT_DECODERS:
         targets = rf".*\.{TEXT_DECODERS[config.model_type]}\..*\.({'|'.join(targets)})"

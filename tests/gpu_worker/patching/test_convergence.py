@@ -43,7 +43,10 @@ def _batches(device, steps=STEPS, bsz=8, seq=16):
 def _losses(patched: bool, device: str, dropout: float = 0.0, impl: str | None = None, layers: int = 2,
             lr: float = 3e-3, **batches) -> list[float]:
     config = tiny_config("llama", vocab_size=VOCAB, initializer_range=0.3, num_hidden_layers=layers)
-    model = build_lora_model(config, device, lora_dropout=dropout)
+    # HF's constant norm weights: the trajectory is what is compared here (each step's function and gradients,
+    # random norms included, are test_patch_llama's), and random ones made 300 steps of dropout's reordered
+    # roundings drift to 3% on the small late losses (first 50 steps: 1.2e-5)
+    model = build_lora_model(config, device, lora_dropout=dropout, random_norms=False)
     if patched:
         assert patch_model(model, impl=impl).uses_kernels
     torch.manual_seed(1)  # the adapters' dropout masks: one stream for both runs
