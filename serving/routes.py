@@ -32,6 +32,8 @@ async def retrieve_model(model: str, principal: CurrentPrincipal, db: DatabaseDe
 async def delete_model(model: str, request: Request, principal: CurrentPrincipal, db: DatabaseDep, engines: EnginesDep,
                        settings: SettingsDep) -> dict:
     if model in settings.base_models:
+        # one the org is not entitled to reads as a model that does not exist, as on every other route
+        await db.run(lambda session: registry.get_model(session, principal, model, settings.base_models, settings.default_base_models))
         raise PermissionDenied(f"'{model}' is a base model: only fine-tuned models can be deleted.", param="model")
     await delete_everywhere(model, request, principal, db, engines, settings)
     return {"id": model, "object": "model", "deleted": True}

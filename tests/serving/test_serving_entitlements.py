@@ -58,6 +58,9 @@ def test_a_default_list_entitles_only_its_bases_and_a_grant_adds_one_for_one_org
     _refused(lambda: b.completions.create(model=OTHER, prompt="x"))
     _refused(lambda: b.embeddings.create(model=OTHER, input="x"))
     _refused(lambda: b.models.retrieve(OTHER))
+    _refused(lambda: b.models.delete(OTHER))  # not a 403 "is a base model": that would say it exists
+    with pytest.raises(openai.PermissionDeniedError):
+        a.models.delete(OTHER)  # an entitled base: not the tenant's to delete
     assert other.state.served == [OTHER]  # only org A's request reached the engine
     assert b.chat.completions.create(model=BUILTIN_BASE_MODEL, messages=MESSAGES).choices
 
