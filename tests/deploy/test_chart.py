@@ -161,6 +161,7 @@ def test_config_map_settings_parse_with_the_code_that_reads_them(monkeypatch):
     ({"config": {"baseModels": [], "storageUrl": "s3://b"}}, "baseModels"),
     ({"config": {"baseModels": ["m"], "storageUrl": "/tmp/objects"}}, "storageUrl"),
     ({"externalDatabase": {"existingSecret": ""}}, "existingSecret"),
+    ({"vllm": {"loraCacheMaxBytes": 0}}, "loraCacheMaxBytes"),
 ])
 def test_bad_values_are_refused_naming_the_key(values, message):
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError, match=message):
