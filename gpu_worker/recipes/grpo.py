@@ -28,7 +28,8 @@ import torch
 
 from gpu_worker.contract import DataFormat, JobSpec, LogEvent
 from gpu_worker.data import DataError
-from gpu_worker.data_preference import Loaded, PromptExample, Renderer, batch_tokens, collate_completions, load_examples
+from gpu_worker.data_preference import Loaded, PromptExample, Renderer, load_examples
+from gpu_worker.recipes.completion_batches import batch_tokens, collate_completions
 from gpu_worker.recipes import RunContext, losses
 from gpu_worker.recipes.preference_loop import MicroResult, reference, token_logps, train
 from gpu_worker.recipes.rewards import MethodParamsError, RewardSet, build_rewards

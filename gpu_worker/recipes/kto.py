@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from gpu_worker.contract import DataFormat, JobSpec, LogEvent
-from gpu_worker.data_preference import KTOExample, Loaded, batch_tokens, collate_completions, load_examples
+from gpu_worker.data_preference import KTOExample, Loaded, load_examples
+from gpu_worker.recipes.completion_batches import batch_tokens, collate_completions
 from gpu_worker.recipes import RunContext, losses
 from gpu_worker.recipes.preference import check_format
 from gpu_worker.recipes.preference_loop import MicroResult, reference, sequence_logps, train

@@ -20,7 +20,8 @@ import torch
 
 from gpu_worker.contract import DataFormat, JobSpec, Method, PREFERENCE_METHODS
 from gpu_worker.data import DataError
-from gpu_worker.data_preference import Loaded, PreferencePair, batch_tokens, collate_completions, load_examples
+from gpu_worker.data_preference import Loaded, PreferencePair, load_examples
+from gpu_worker.recipes.completion_batches import batch_tokens, collate_completions
 from gpu_worker.recipes import RunContext
 from gpu_worker.recipes import losses
 from gpu_worker.recipes.preference_loop import MicroResult, reference, sequence_logps, train

@@ -48,7 +48,7 @@ def test_kto_loss_on_a_batch_uses_the_mismatched_reference_point(micro_model_dir
     import torch
 
     from gpu_worker.contract import AdapterConfig
-    from gpu_worker.data_preference import collate_completions
+    from gpu_worker.recipes.completion_batches import collate_completions
     from gpu_worker.loading import load_model
     from gpu_worker.recipes.kto import KTOObjective
     from gpu_worker.recipes.model_setup import wrap_with_lora

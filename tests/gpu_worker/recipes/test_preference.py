@@ -164,7 +164,7 @@ def test_the_reference_is_the_base_model_with_the_adapter_off(micro_model_dir, s
     import torch
 
     from gpu_worker.contract import AdapterConfig, Runtime
-    from gpu_worker.data_preference import collate_completions
+    from gpu_worker.recipes.completion_batches import collate_completions
     from gpu_worker.loading import load_model
     from gpu_worker.recipes.model_setup import apply_memory_mode_and_kernels, wrap_with_lora
     from gpu_worker.recipes.preference_loop import reference, sequence_logps

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from gpu_worker.contract import CompletedEvent, DataFormat, LogEvent, MetricsEvent
-from gpu_worker.data_preference import collate_completions, load_examples, load_run_data
+from gpu_worker.data_preference import load_examples, load_run_data
+from gpu_worker.recipes.completion_batches import collate_completions
 
 from test_preference import preference_rows, run_job
 
