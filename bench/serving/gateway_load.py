@@ -22,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import itertools
 import json
 import time
+import uuid
 
 BASE = "tuneforge-tiny"
 BODY = json.dumps({"model": BASE, "messages": [{"role": "user", "content": "one two three four"}], "max_tokens": 8}).encode()
@@ -36,13 +38,16 @@ class _Closed(Exception):
 
 
 class Pool:
-    def __init__(self, port: int, headers: dict[str, str]):
+    def __init__(self, port: int, headers: dict[str, str], *, request_ids: bool = False):
         self.port = port
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self.request = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n{extra}"
-            f"content-length: {len(BODY)}\r\n\r\n"
-        ).encode() + BODY
+        self._head = f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n{extra}".encode()
+        self._tail = f"content-length: {len(BODY)}\r\n\r\n".encode() + BODY
+        self.request = self._head + self._tail
+        # request_ids: each request its own x-request-id (the gateway then claims it and stores the answer,
+        # serving.idempotency); a request resent on a new connection keeps its id, as a retry does
+        self._ids = itertools.count() if request_ids else None
+        self._run = uuid.uuid4().hex[:8]
         self.idle: collections.deque = collections.deque()
         self.waiters: collections.deque[asyncio.Future] = collections.deque()
         self.reopened = 0  # connections opened after the pool was filled
@@ -75,10 +80,16 @@ class Pool:
         self.reopened += 1
         return conn
 
+    def _next_request(self) -> bytes:
+        if self._ids is None:
+            return self.request
+        return self._head + f"x-request-id: load-{self._run}-{next(self._ids)}\r\n".encode() + self._tail
+
     async def post(self) -> int:
+        request = self._next_request()
         conn = await self._take()
         try:
-            status, keep = await self._exchange(conn, first_try=True)
+            status, keep = await self._exchange(conn, request, first_try=True)
         except _Closed:
             # No response byte came back: the server had closed this connection. Send once more on a new
             # one, as HTTP clients do for an idempotent-looking failure; counted.
@@ -86,7 +97,7 @@ class Pool:
             conn[1].close()
             self.resent += 1
             conn = await self._replace()
-            status, keep = await self._exchange(conn, first_try=False)
+            status, keep = await self._exchange(conn, request, first_try=False)
         if keep:
             self._give(conn)
         else:
@@ -95,9 +106,9 @@ class Pool:
             self._give(await self._replace())
         return status
 
-    async def _exchange(self, conn, *, first_try: bool) -> tuple[int, bool]:
+    async def _exchange(self, conn, request: bytes, *, first_try: bool) -> tuple[int, bool]:
         reader, writer = conn
-        writer.write(self.request)
+        writer.write(request)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
@@ -177,8 +188,8 @@ async def _send_at_rate(pool: Pool, rate: float, n: int, samples: list, errors: 
     await asyncio.gather(*tasks)
 
 
-async def _load(port: int, headers: dict, rate: float, seconds: float, connections: int, slow_ms: float) -> dict:
-    pool = Pool(port, headers)
+async def _load(port: int, headers: dict, rate: float, seconds: float, connections: int, slow_ms: float, request_ids: bool) -> dict:
+    pool = Pool(port, headers, request_ids=request_ids)
     await pool.fill(connections)
     await _send_at_rate(pool, rate, int(rate * WARMUP_S), [], [], [])
     opened_in_warmup, resent_in_warmup, waited_in_warmup, closed_in_warmup = pool.reopened, pool.resent, pool.waited, pool.server_closed
@@ -232,10 +243,11 @@ async def _load(port: int, headers: dict, rate: float, seconds: float, connectio
     }
 
 
-def run_load(port: int, headers: dict, rate: float, seconds: float, *, connections: int = 64, slow_ms: float = 10.0) -> dict:
+def run_load(port: int, headers: dict, rate: float, seconds: float, *, connections: int = 64, slow_ms: float = 10.0,
+             request_ids: bool = False) -> dict:
     try:
         import uvloop
 
-        return uvloop.run(_load(port, headers, rate, seconds, connections, slow_ms))
+        return uvloop.run(_load(port, headers, rate, seconds, connections, slow_ms, request_ids))
     except ImportError:
-        return asyncio.run(_load(port, headers, rate, seconds, connections, slow_ms))
+        return asyncio.run(_load(port, headers, rate, seconds, connections, slow_ms, request_ids))

@@ -194,7 +194,8 @@ def _phase(pids: dict[str, int], port: int, headers: dict, args, probe_port: int
     load_before = os.getloadavg()[0]
     machine_before = _machine_ms()
     me = time.process_time()
-    result = run_load(port, headers, args.rate, args.seconds, connections=args.connections, slow_ms=args.slow_ms)
+    result = run_load(port, headers, args.rate, args.seconds, connections=args.connections, slow_ms=args.slow_ms,
+                      request_ids=args.request_ids)
     n = result["requests"] + result["warmup_requests"]
     cpu = {name: round((_cpu_s(pid) - before[name]) / n * 1000, 3) for name, pid in pids.items()}
     cpu["load_generator"] = round((time.process_time() - me) / n * 1000, 3)
@@ -286,6 +287,11 @@ def main() -> None:
         help="give each process cores of its own (sched_setaffinity): the load generator one, the upstream two, each gateway "
         "two; needs 3 + 2 x variants CPUs. Measures the gateway without the other processes on its cores",
     )
+    parser.add_argument(
+        "--request-ids", action="store_true",
+        help="each request its own x-request-id: the gateway claims it and stores the answer (serving.idempotency), "
+        "two database round trips a request; without it the gateway generates ids and claims nothing",
+    )
     parser.add_argument("--label", default="", help="what this run is for, kept in the JSON")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -341,6 +347,7 @@ def main() -> None:
     result = {
         "bench": "gateway_overhead",
         "label": args.label,
+        "request_ids": args.request_ids,
         "rate_rps": args.rate,
         "seconds": args.seconds,
         "connections": args.connections,
