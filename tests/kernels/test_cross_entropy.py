@@ -30,12 +30,8 @@ def _case(device, dtype, n, hidden, vocab, seed=0):
     return h, w, labels
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_reference(device, dtype, case):
-    n, hidden, vocab = (37, 24, 301) if device == "cpu" else (1031, 4096, 128256)
-    h, w, labels = _case(device, dtype, n, hidden, vocab)
+def _assert_fused_matches_reference(h, w, labels, case, dtype):
+    """The fused op's loss and both gradients against the float64 reference, within ``TOL[dtype]``."""
     h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
     loss = fused_linear_cross_entropy(h, w, labels, impl="triton", **CASES[case])
     hr, wr = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
@@ -45,6 +41,15 @@ def test_matches_reference(device, dtype, case):
     exp = torch.autograd.grad(ref * 1.7, (hr, wr))
     for a, b in zip(got, exp):
         assert rel_err(a, b) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_reference(device, dtype, case):
+    n, hidden, vocab = (37, 24, 301) if device == "cpu" else (1031, 4096, 128256)
+    h, w, labels = _case(device, dtype, n, hidden, vocab)
+    _assert_fused_matches_reference(h, w, labels, case, dtype)
 
 
 def test_fully_masked_batch_is_zero_not_nan():
@@ -177,15 +182,7 @@ def test_fused_over_a_vocab_wider_than_one_tile(dtype, case):
     """fused_linear_cross_entropy end to end at V = 70001 on the CPU (three tiles a row), every case of
     ``CASES`` with ignored rows (``_case`` ignores every fourth), loss and both gradients."""
     h, w, labels = _case("cpu", dtype, 9, 16, WIDE_VOCAB, seed=12)
-    h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
-    loss = fused_linear_cross_entropy(h, w, labels, impl="triton", **CASES[case])
-    hr, wr = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    ref = fused_linear_cross_entropy_reference(hr, wr, labels, **CASES[case])
-    assert rel_err(loss, ref) < TOL[dtype]
-    got = torch.autograd.grad(loss * 1.7, (h, w))
-    exp = torch.autograd.grad(ref * 1.7, (hr, wr))
-    for a, b in zip(got, exp):
-        assert rel_err(a, b) < TOL[dtype]
+    _assert_fused_matches_reference(h, w, labels, case, dtype)
 
 
 # Past 2^31 elements (GPU only): the row kernel offsets ``row * stride`` in int64; a chunk's logits can
