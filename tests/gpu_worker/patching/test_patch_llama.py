@@ -88,6 +88,17 @@ def test_patched_matches_stock(model_type, overrides, memory_mode, device, impl)
         assert rel(ours(input_ids=x).logits, ref(input_ids=x).logits) < _tol(device)
 
 
+def _assert_cpu_step_matches(ref, ours):
+    """One float32 CPU step of both models on ``_batch``: loss and every LoRA gradient within 1e-4 of stock's;
+    returns the batch's input ids."""
+    x, labels = _batch("cpu")
+    l_ref, l_ours = _step(ref, x, labels, "cpu"), _step(ours, x, labels, "cpu")
+    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < 1e-4
+    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
+    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-4
+    return x
+
+
 def _assert_bf16_grads_as_close_as_stock(config, x, labels, g_ours, g_stock):
     """bf16 (autocast) LoRA gradients, ours and stock HF+PEFT, against the same model in float32.
 
@@ -128,11 +139,7 @@ def test_phi3_partial_rotary_matches_stock(impl):
     assert config.rope_parameters["partial_rotary_factor"] == 0.75
     ref, ours = build_lora_model(config), build_lora_model(config)
     patch_model(ours, impl=impl)
-    x, labels = _batch("cpu")
-    l_ref, l_ours = _step(ref, x, labels, "cpu"), _step(ours, x, labels, "cpu")
-    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < 1e-4
-    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
-    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-4
+    _assert_cpu_step_matches(ref, ours)
 
 
 def test_generation_with_kv_cache_matches_stock():
@@ -461,11 +468,7 @@ def test_models_over_the_join_size_keep_separate_weights(monkeypatch):
     attn = ours.get_base_model().model.layers[0].self_attn
     q, k = attn.q_proj.base_layer.weight, attn.k_proj.base_layer.weight
     assert q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
-    x, labels = _batch("cpu")
-    l_ref, l_ours = _step(ref, x, labels, "cpu"), _step(ours, x, labels, "cpu")
-    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < 1e-4
-    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
-    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-4
+    _assert_cpu_step_matches(ref, ours)
 
 
 # one per structurally distinct layout: biases (qwen2), q/k norms (qwen3), sandwich norms and softcaps
@@ -509,11 +512,7 @@ def test_tied_embeddings_match_stock(model_type):
     base = ours.get_base_model()
     assert base.lm_head.weight is base.get_input_embeddings().weight
     patch_model(ours, impl="triton")
-    x, labels = _batch("cpu")
-    l_ref, l_ours = _step(ref, x, labels, "cpu"), _step(ours, x, labels, "cpu")
-    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < 1e-4
-    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
-    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-4
+    x = _assert_cpu_step_matches(ref, ours)
     ours.eval(), ref.eval()
     with torch.no_grad():
         assert rel(ours(input_ids=x).logits, ref(input_ids=x).logits) < 1e-4
@@ -562,11 +561,7 @@ def test_gemma3_attention_leaves_its_softcap_unapplied_as_stock_does():
     config = tiny_config("gemma3_text", attn_logit_softcapping=1.0)
     ref, ours = build_lora_model(config), build_lora_model(config)
     patch_model(ours, impl="triton")
-    x, labels = _batch("cpu")
-    l_ref, l_ours = _step(ref, x, labels, "cpu"), _step(ours, x, labels, "cpu")
-    assert abs(l_ref.item() - l_ours.item()) / abs(l_ref.item()) < 1e-4
-    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
-    assert max(rel(g_ours[n], g_ref[n]) for n in g_ref) < 1e-4
+    _assert_cpu_step_matches(ref, ours)
 
 
 def test_empty_rows_padding_a_packed_batch_change_nothing():
