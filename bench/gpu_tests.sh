@@ -5,7 +5,10 @@
 # most of the GPU's memory each.
 #   bash bench/gpu_tests.sh LOG [SECONDS]    (every group's output goes to LOG; its summary lines printed)
 # TEST_GROUPS="6 7": only those groups (indices into the list below; default all)
+# A few patching tests import gpu_worker.contract (pydantic, which the device lacks): carry `.peer-site`
+# (bench/device_site.sh puts pydantic there) and it is put on the path.
 set -u
+[[ -d .peer-site ]] && export PYTHONPATH=$PWD/.peer-site${PYTHONPATH:+:$PYTHONPATH}
 log=${1:?usage: gpu_tests.sh LOG [SECONDS]}
 limit=${2:-240}
 tmp=$(mktemp -d)
