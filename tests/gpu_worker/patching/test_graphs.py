@@ -139,11 +139,13 @@ def test_hooks_and_replaced_weights_run_eagerly():
     _assert_same_run(_train(on, batches[:1]), _train(off, batches[:1]))
     handle.remove()
     assert seen == [1] and graphs.status["replays"] == replays + 2  # layers 0 and 2 replayed
-    # a frozen weight replaced (as a merge or .to() does): the graphs are dropped, captured again later
-    w = layer.mlp.down_proj.base_layer.weight
-    layer.mlp.down_proj.base_layer.weight = torch.nn.Parameter(w.detach() * 2, requires_grad=False)
-    with torch.no_grad():
-        off.get_base_model().model.layers[1].mlp.down_proj.base_layer.weight.mul_(2)
+    # a frozen weight replaced (as a merge or .to() does): the graphs are dropped, captured again later. The
+    # eager model's is replaced too: a replaced weight leaves the padded MLP layout (lora.pad_frozen_mlp), and
+    # runs in two layouts round differently in bf16 (an in-place change here kept the eager model padded and
+    # measured 1.1e-2 on one tensor, H200, session 27)
+    for model in (on, off):
+        proj = model.get_base_model().model.layers[1].mlp.down_proj.base_layer
+        proj.weight = torch.nn.Parameter(proj.weight.detach() * 2, requires_grad=False)
     _assert_same_run(_train(on, batches[:1]), _train(off, batches[:1]))
     assert graphs.status["active"] is False
     _assert_same_run(_train(on, batches), _train(off, batches))
