@@ -248,7 +248,9 @@ def _project_qkv(attn: nn.Module, hidden_states, impl):
         qkv = _linears(hidden_states, [p], impl, "qkv")[0] if p is not None else attn.qkv_proj(hidden_states)
         n_q = attn.config.num_attention_heads * attn.head_dim
         n_kv = attn.num_key_value_heads * attn.head_dim
-        return qkv[..., :n_q], qkv[..., n_q:n_q + n_kv], qkv[..., n_q + n_kv:]
+        # v in a buffer of its own, as for the separate projections below: a column view would keep the whole
+        # product alive for the attention's backward (q and k are rotated into new tensors)
+        return qkv[..., :n_q], qkv[..., n_q:n_q + n_kv], qkv[..., n_q + n_kv:].contiguous()
     qkv = [lora_weights(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
     if all(p is not None for p in qkv):  # one node, one x A^T for the three adapters
         q, k, v = _linears(hidden_states, qkv, impl, "qkv")

@@ -142,6 +142,19 @@ def test_phi3_partial_rotary_matches_stock(impl):
     _assert_cpu_step_matches(ref, ours)
 
 
+def test_phi3_value_does_not_keep_the_fused_qkv_product_alive():
+    # the attention saves v for its backward: as a column view of qkv_proj's output it would keep the whole
+    # product (q and k too, 3x v's bytes at Phi-3-mini's shape) alive until then
+    from gpu_worker.patching.decoder import _project_qkv
+
+    model = build_lora_model(tiny_config("phi3"))
+    patch_model(model, impl="triton")
+    attn = model.get_base_model().model.layers[0].self_attn
+    q, k, v = _project_qkv(attn, torch.randn(2, 5, attn.config.hidden_size), "triton")
+    assert v.is_contiguous() and v.untyped_storage().nbytes() == v.numel() * v.element_size()
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()
+
+
 def test_generation_with_kv_cache_matches_stock():
     # the patched attention must update the KV cache (transformers renamed its argument across 5.x)
     config = tiny_config("llama")
