@@ -117,8 +117,14 @@ def check_spec_rules(spec: JobSpec, training_files: list[File]) -> None:
     """The worker's own rules across the spec's fields (``spec_rules.spec_problem``, which it would fail
     the job with as ``invalid_job_spec``), refused now. ``training_files``: the training file and the
     extra ones, whose examples as counted at upload decide whether the automatic held-out split can
-    happen (duplicates the trainer drops are not known here: the scheduler checks again with its count)."""
-    problem = spec_problem(spec, training_examples=sum(f.examples for f in training_files))
+    happen. A job that dedupes (``data.dedupe``, the default) keeps none of a file's exact repeats (the
+    same JSON line: the same tokens), which the upload counted; repeats across files, or the same
+    example in two formats, are known only once tokenized (the scheduler checks again with its count)."""
+    def kept(f: File) -> int:
+        repeats = (f.duplicates or {}).get("exact", 0) if spec.data.dedupe else 0
+        return f.examples - repeats
+
+    problem = spec_problem(spec, training_examples=sum(kept(f) for f in training_files))
     if problem is not None:
         param, message = problem
         raise InvalidRequest(f"Invalid value for '{param}': {message}.", param=param, code="invalid_value")

@@ -405,6 +405,20 @@ def test_a_spec_the_worker_would_refuse_is_400_naming_the_field_and_creates_noth
     assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
 
 
+def test_exact_repeats_the_trainer_drops_do_not_count_toward_the_automatic_split(client_a, upload, db_session):
+    """90 examples and 30 exact repeats of them: the trainer keeps 90 (it dedupes by default), under the
+    automatic split's 100, so a validation gate is refused at creation; with ``data.dedupe`` off the 120
+    are kept and the gate is accepted."""
+    rows = _chat_rows(90) + b"".join(_chat_rows(90).splitlines(keepends=True)[:30])
+    gate = {"evaluation": {"fail_on_regression": True}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload(rows), extra_body=gate)
+    assert err.value.body["param"] == "evaluation.fail_on_regression" and "has 90)" in err.value.body["message"]
+    job = client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload(rows),
+                                           extra_body={**gate, "data": {"dedupe": False}})
+    assert not JobSpec.model_validate(db_session.get(Job, job.id).spec).data.dedupe
+
+
 def test_the_automatic_split_counts_every_training_files_examples(client_a, upload, db_session):
     """60 + 60 examples: neither file alone reaches the automatic split's 100, together they do (the
     trainer holds out from the pooled files), so a validation gate is accepted; one file alone is not."""
