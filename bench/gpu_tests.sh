@@ -5,12 +5,17 @@
 # most of the GPU's memory each.
 #   bash bench/gpu_tests.sh LOG [SECONDS]    (every group's output goes to LOG; its summary lines printed)
 # TEST_GROUPS="6 7": only those groups (indices into the list below; default all)
-# A few patching tests import gpu_worker.contract (pydantic, which the device lacks): carry `.peer-site`
-# (bench/device_site.sh puts pydantic there) and it is put on the path.
+# A few patching tests import gpu_worker.contract (pydantic, which the device lacks): carry `.whl` (made as
+# bench/README.md says for worker_gpu_tests.sh) and it is installed on the path. TRL's and bitsandbytes'
+# tests stay skipped here: worker_gpu_tests.sh runs them with `.peer-site`.
 set -u
-[[ -d .peer-site ]] && export PYTHONPATH=$PWD/.peer-site${PYTHONPATH:+:$PYTHONPATH}
 log=${1:?usage: gpu_tests.sh LOG [SECONDS]}
 limit=${2:-240}
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-contract \
+    .whl/*.whl || exit 2
+  export PYTHONPATH=/tmp/site-contract${PYTHONPATH:+:$PYTHONPATH}
+fi
 tmp=$(mktemp -d)
 K=tests/kernels
 P=tests/gpu_worker/patching
