@@ -252,11 +252,11 @@ def _pin(procs: dict[str, subprocess.Popen], pinning: dict[str, set[int]]) -> No
                 os.sched_setaffinity(int(task.name), cpus)
 
 
-def _start_gateway(tmp: str, upstream_port: int, options: dict) -> tuple[subprocess.Popen, int]:
+def _start_gateway(tmp: str, upstream_port: int, options: dict, database_url: str | None) -> tuple[subprocess.Popen, int]:
     port = _port()
     folder = tempfile.mkdtemp(prefix="gw-", dir=tmp)
     src = GATEWAY % {
-        "bench_dir": str(Path(__file__).resolve().parent), "tmp": folder, "db": f"sqlite:///{folder}/gw.db", "base": BASE,
+        "bench_dir": str(Path(__file__).resolve().parent), "tmp": folder, "db": database_url or f"sqlite:///{folder}/gw.db", "base": BASE,
         "upstream": f"http://127.0.0.1:{upstream_port}", "key": KEY, "log_level": options["log_level"], "port": port,
         "http": options["http"], "overrides": options["settings"], "gc_threshold": options["gc_threshold"],
         "switch_interval": options["switch_interval"], "refresh_ahead": options["refresh_ahead"],
@@ -292,6 +292,11 @@ def main() -> None:
         help="each request its own x-request-id: the gateway claims it and stores the answer (serving.idempotency), "
         "two database round trips a request; without it the gateway generates ids and claims nothing",
     )
+    parser.add_argument(
+        "--database-url", default=None,
+        help="the gateways' database (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test: migrated to head, shared by "
+        "the variants); default: a SQLite file per gateway",
+    )
     parser.add_argument("--label", default="", help="what this run is for, kept in the JSON")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -305,7 +310,7 @@ def main() -> None:
     procs = {"upstream": subprocess.Popen([sys.executable, "-c", upstream_src], cwd=ROOT, env=_child_env())}
     ports = {}
     for label, options in variants.items():
-        procs[label], ports[label] = _start_gateway(tmp, up_port, options)
+        procs[label], ports[label] = _start_gateway(tmp, up_port, options, args.database_url)
     _pin(procs, pinning)
     rounds = []
     loadavg_start = os.getloadavg()
@@ -348,6 +353,7 @@ def main() -> None:
         "bench": "gateway_overhead",
         "label": args.label,
         "request_ids": args.request_ids,
+        "database": (args.database_url or "sqlite").split(":", 1)[0],
         "rate_rps": args.rate,
         "seconds": args.seconds,
         "connections": args.connections,
