@@ -10,7 +10,7 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from gpu_worker.contract import (
@@ -47,10 +47,28 @@ def unix_seconds(value: datetime | None) -> int | None:
     return int(value.timestamp())
 
 
+def _has_nul(value) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 class _Request(BaseModel):
     # An unknown argument is a client mistake worth a clear 400, not something to ignore silently. So is
     # NaN or Infinity, which are not JSON but Python's parser reads (every range check passes a NaN).
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value):
+        # PostgreSQL's text columns refuse NUL characters: a 400 naming the field, not a failed insert
+        if _has_nul(value):
+            raise PydanticCustomError("string_nul", "must not contain NUL characters (\\u0000)")
+        return value
 
 
 def _at_least(low: float, *, strict: bool = False, high: float | None = None, high_strict: bool = False):
@@ -272,7 +290,8 @@ class ExpiresAfterIn(_Request):
 class UploadCreate(_Request):
     bytes: Int = Field(ge=1)
     filename: str = Field(min_length=1, max_length=255)
-    mime_type: str = Field(min_length=1, max_length=100)
+    # type/subtype, parameters after a ";" (RFC 6838's characters), printable ASCII
+    mime_type: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][\w!#$&^.+-]*/[\w!#$&^.+-]+( *;[ -~]*)?$")
     purpose: str = Field(min_length=1, max_length=40)
     expires_after: ExpiresAfterIn | None = None
 

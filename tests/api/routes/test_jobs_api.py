@@ -405,6 +405,18 @@ def test_a_spec_the_worker_would_refuse_is_400_naming_the_field_and_creates_noth
     assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
 
 
+@pytest.mark.parametrize("extra,param", [
+    ({"metadata": {"team": "a\x00b"}}, "metadata"),
+    ({"integrations": [{"type": "wandb", "wandb": {"project": "p\x00"}}]}, "integrations.0.wandb.project"),
+])
+def test_a_nul_character_in_any_field_is_400_naming_it_and_creates_nothing(client_a, upload, org_a, db_session, extra, param):
+    # PostgreSQL's text and jsonb refuse NUL characters: every request model checks its strings
+    with pytest.raises(openai.BadRequestError) as err:
+        client_a.fine_tuning.jobs.create(model="tuneforge-tiny", training_file=upload(), extra_body=extra)
+    assert err.value.body["param"] == param and "NUL" in err.value.body["message"], err.value.body
+    assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
+
+
 def test_exact_repeats_the_trainer_drops_do_not_count_toward_the_automatic_split(client_a, upload, db_session):
     """90 examples and 30 exact repeats of them: the trainer keeps 90 (it dedupes by default), under the
     automatic split's 100, so a validation gate is refused at creation; with ``data.dedupe`` off the 120

@@ -118,6 +118,17 @@ def test_limits_are_checked_before_storing(client_a, http, org_a):
     assert no_data.status_code == 400
 
 
+@pytest.mark.parametrize("mime_type", ["text/jsonl\x00", "jsonl", "text/ jsonl", "text/jsonl; charset=\x00"])
+def test_a_mime_type_that_is_not_one_is_400_and_stores_nothing(client_a, org_a, db_session, mime_type):
+    # PostgreSQL refuses NUL characters in text: such a value was a failed insert (500) before
+    with pytest.raises(openai.BadRequestError) as err:
+        client_a.uploads.create(bytes=10, filename="x.jsonl", mime_type=mime_type, purpose="fine-tune")
+    assert err.value.body["param"] == "mime_type"
+    assert db_session.scalar(select(func.count()).select_from(Upload).where(Upload.org_id == org_a[0].id)) == 0
+    assert client_a.uploads.create(bytes=10, filename="x.jsonl", mime_type="application/jsonl; charset=utf-8",
+                                   purpose="fine-tune").status == "pending"
+
+
 def test_cancelled_and_expired_uploads_take_nothing(client_a, org_a, store, db_session):
     content = jsonl(20)
     cancelled = _create(client_a, content)
