@@ -59,6 +59,10 @@ class RequestContextMiddleware:
                         400, "x-request-id must be 1-128 characters of letters, digits and . _ : -", "invalid_request_error", param="x-request-id"
                     )
                     await response(scope, receive, send_with_id)
+                elif "\x00" in scope["path"]:
+                    # a model or adapter name in the path: nothing is named so, and PostgreSQL refuses NUL characters
+                    response = error_response(400, "The request path must not contain NUL characters (%00)", "invalid_request_error")
+                    await response(scope, receive, send_with_id)
                 else:
                     await self.app(scope, receive, send_with_id)
             except Exception:

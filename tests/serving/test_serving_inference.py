@@ -112,6 +112,9 @@ def test_engine_rejection_reaches_the_client_as_a_400(engines, gateway, make_org
          "stream_options", "invalid_value", "only allowed when stream"),
         ("/v1/completions", {"model": BUILTIN_BASE_MODEL, "prompt": {"a": 1}}, "prompt", "invalid_value", "'prompt'"),
         ("/v1/embeddings", {"model": BUILTIN_BASE_MODEL, "input": "x", "stream": True}, "stream", "invalid_value", "cannot be streamed"),
+        # PostgreSQL refuses NUL characters: the model lookup was a 500
+        ("/v1/chat/completions", {"model": "ft:x\x00", "messages": MESSAGES}, "model", "invalid_value", "NUL"),
+        ("/v1/embeddings", {"model": BUILTIN_BASE_MODEL + "\x00", "input": "x"}, "model", "invalid_value", "NUL"),
     ],
 )
 def test_malformed_requests_are_400_naming_the_field_and_never_reach_an_engine(engines, gateway, make_org, path, body, param, code, fragment):
@@ -129,6 +132,16 @@ def test_malformed_requests_are_400_naming_the_field_and_never_reach_an_engine(e
     assert error["code"] == code and "None" not in error["message"]
     assert set(error) == {"message", "type", "param", "code"}
     assert engine.state.served == []
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/v1/models/ft:x%00"), ("DELETE", "/v1/models/ft:x%00"),
+                                         ("POST", "/v1/adapters/ft:x%00/check")])
+def test_a_nul_character_in_the_path_is_400(engines, gateway, make_org, method, path):
+    # a model or adapter name in the path: the lookups were a 500 (PostgreSQL refuses NUL characters)
+    gw = gateway({BUILTIN_BASE_MODEL: [engines().url]})
+    _, key = make_org()
+    response = gw.http().request(method, path, headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 400 and "NUL" in response.json()["error"]["message"]
 
 
 def test_an_engines_refusal_keeps_the_field_it_names(engines, gateway, make_org):
