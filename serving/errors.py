@@ -8,6 +8,7 @@ a 500 in the same shape (see ``serving.middleware``), never dressed up as a 4xx.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,6 +31,9 @@ class ServingError(Exception):
         if code is not None:
             self.code = code
         self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status_code, self.message, self.type, self.param, self.code, self.headers)
 
 
 class InvalidRequest(ServingError):
@@ -99,6 +103,12 @@ class RequestIdReused(ServingError):
             f"x-request-id '{request_id}' was already used for a different request; send a new id for a new request.",
             param="x-request-id",
         )
+
+
+def unnameable(name: str) -> bool:
+    """Whether ``name`` holds a control character: no model or adapter is named so (``ft:{base}:{org}:
+    {suffix}:{job}`` or a hub id), so it is not looked up (PostgreSQL refuses NUL characters: a 500)."""
+    return any(unicodedata.category(c) == "Cc" for c in name)
 
 
 class ModelNotFound(ServingError):
@@ -200,7 +210,7 @@ def _unparsable_body_response(cause: BaseException | None = None) -> JSONRespons
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServingError)
     async def _serving_error(_: Request, exc: ServingError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message, exc.type, exc.param, exc.code, exc.headers)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -17,7 +17,7 @@ import structlog
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import error_response, internal_error_response
+from serving.errors import ModelNotFound, error_response, internal_error_response, unnameable
 from serving.metrics import GatewayMetrics
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -25,6 +25,14 @@ REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 log = structlog.get_logger(__name__)
+
+
+# routes whose path ends in a model or adapter name (``:path`` parameters; a suffix such as "/check" stays on)
+_NAMED_PREFIXES = ("/v1/models/", "/v1/adapters/")
+
+
+def _named_in_path(path: str) -> str | None:
+    return next((path[len(p):] for p in _NAMED_PREFIXES if path.startswith(p)), None)
 
 
 def new_request_id() -> str:
@@ -59,10 +67,8 @@ class RequestContextMiddleware:
                         400, "x-request-id must be 1-128 characters of letters, digits and . _ : -", "invalid_request_error", param="x-request-id"
                     )
                     await response(scope, receive, send_with_id)
-                elif "\x00" in scope["path"]:
-                    # a model or adapter name in the path: nothing is named so, and PostgreSQL refuses NUL characters
-                    response = error_response(400, "The request path must not contain NUL characters (%00)", "invalid_request_error")
-                    await response(scope, receive, send_with_id)
+                elif (name := _named_in_path(scope["path"])) is not None and unnameable(name):
+                    await ModelNotFound(name).response()(scope, receive, send_with_id)
                 else:
                     await self.app(scope, receive, send_with_id)
             except Exception:

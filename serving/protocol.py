@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -43,14 +43,6 @@ class _InferenceRequest(BaseModel):
         # NaN and Infinity are not JSON, though Python's parser reads them. Relayed, they would reach the
         # engine as null (how pydantic writes a non-finite float): a silent default instead of an error
         raise PydanticCustomError("finite_number", "Input should be a finite number", {"param": where})
-
-    @field_validator("model")
-    @classmethod
-    def _no_nul(cls, value: str) -> str:
-        # nothing is named so, and PostgreSQL refuses NUL characters in the model lookups
-        if "\x00" in value:
-            raise PydanticCustomError("string_nul", "must not contain NUL characters (\\u0000)")
-        return value
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):

@@ -22,7 +22,7 @@ from scheduler.jobs import CHECKPOINT_MODEL
 from scheduler.models import Adapter, AdapterAlias, Checkpoint, Organization
 from scheduler.tenancy import Principal
 from serving import adapter_registry
-from serving.errors import ModelNotFound
+from serving.errors import ModelNotFound, unnameable
 from serving.protocol import ModelPublic, ModelsPublic
 
 FINE_TUNED_PREFIX = "ft:"
@@ -52,6 +52,8 @@ class ResolvedModel:
 def resolve(session: Session, principal: Principal, model: str, base_models: list[str], default_base_models: list[str] | None) -> ResolvedModel:
     """The model a request runs on, or ModelNotFound. ``default_base_models``: the platform default of
     ``scheduler.entitlements`` (None: every base model)."""
+    if unnameable(model):
+        raise ModelNotFound(model)
     entitled = functools.partial(entitlements.is_entitled, session, principal.org_id, base_models=base_models, default=default_base_models)
     if model in base_models:
         if not entitled(model):

@@ -35,6 +35,8 @@ def _metadata_filter(request: Request) -> dict[str, str] | None:
         if name == "metadata" and value == "null":
             return {}
         if name.startswith("metadata[") and name.endswith("]") and len(name) > len("metadata[]"):
+            if "\x00" in name + value:  # no stored metadata holds one (the API refuses them), and PostgreSQL refuses them in a query
+                raise InvalidRequest("Invalid metadata filter: a key or value holds a NUL character.", param="metadata", code="invalid_value")
             pairs[name[len("metadata[") : -1]] = value
         elif name.startswith("metadata"):
             raise InvalidRequest(f"Invalid metadata filter {name!r}: use metadata[key]=value or metadata=null.", param="metadata",

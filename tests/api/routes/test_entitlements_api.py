@@ -119,3 +119,17 @@ def test_a_base_the_org_is_not_entitled_to_is_not_offered_for_fine_tuning(http, 
         # the other org gets past the model to its (missing) file
         other = http.post(path, json=body, headers=_auth(key_b)).json()["error"]
         assert other["param"] == "training_file", other
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/v1/organizations/%00/entitlements"),
+                                         ("PUT", "/v1/organizations/%00/entitlements/tuneforge-tiny"),
+                                         ("DELETE", "/v1/organizations/%00/entitlements/tuneforge-tiny"),
+                                         ("PUT", "/v1/organizations/ORG/entitlements/tuneforge-tiny%00")])
+def test_a_name_with_a_nul_character_is_a_404_not_a_failed_lookup(http, operator, make_org, method, path):
+    # the organization's lookup by a NUL-holding name was a 500 (PostgreSQL refuses NUL characters); a model
+    # that is no base model is refused before any lookup
+    org, _ = make_org("org-a")
+    answer = http.request(method, path.replace("ORG", org.id), headers=_auth(operator[1]))
+    assert answer.status_code in (400, 404) and answer.json()["error"]["type"] == "invalid_request_error", answer.text
+    if "%00/" in path:
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "organization_not_found"

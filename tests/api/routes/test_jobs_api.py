@@ -417,6 +417,12 @@ def test_a_nul_character_in_any_field_is_400_naming_it_and_creates_nothing(clien
     assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
 
 
+def test_a_nul_character_in_a_query_is_400(client_a, http, org_a):
+    # a metadata filter holding one was a 500 from the failed query (PostgreSQL refuses NUL characters)
+    answer = http.get("/v1/fine_tuning/jobs?metadata[k]=%00", headers={"Authorization": f"Bearer {org_a[1]}"})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "metadata"
+
+
 def test_exact_repeats_the_trainer_drops_do_not_count_toward_the_automatic_split(client_a, upload, db_session):
     """90 examples and 30 exact repeats of them: the trainer keeps 90 (it dedupes by default), under the
     automatic split's 100, so a validation gate is refused at creation; with ``data.dedupe`` off the 120
