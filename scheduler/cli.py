@@ -144,6 +144,15 @@ def cmd_migrate(args) -> None:
     print("database is at the latest schema")
 
 
+def _org_name(value: str) -> str:
+    from scheduler.tenancy import check_org_name
+
+    try:
+        return check_org_name(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_create_key(args) -> None:
     from scheduler.db import session_scope
     from scheduler.migrate import upgrade
@@ -185,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     run_job.add_argument("--job-id", required=True)
     sub.add_parser("migrate", help="upgrade the database schema")
     key = sub.add_parser("create-key", help="create an API key (printed once)")
-    key.add_argument("--org", default="default")
+    key.add_argument("--org", default="default", type=_org_name, help="its name (created if new)")
     key.add_argument("--name", default="cli")
     key.add_argument("--role", default="admin", choices=["admin", "member", "viewer"])
 

@@ -8,6 +8,7 @@ themselves; they ask for the principal and pass it on.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -18,6 +19,10 @@ from scheduler.models import ApiKey, Organization, Role, utcnow
 
 KEY_PREFIX = "tf-"
 DEFAULT_ORG = "default"
+# An organization's name is part of its fine-tuned models' names (``ft:{base}:{org}:{suffix}:{job}``): no
+# ":" (the separator), "/", space or control character (a model so named could not be asked for)
+_ORG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ORG_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,16 @@ def create_api_key(session: Session, org: Organization, name: str, role: Role, k
     return row, key
 
 
+def check_org_name(name: str) -> str:
+    """``name`` if a new organization may be called so, else ``ValueError`` saying the rule."""
+    if not _ORG_NAME.fullmatch(name):
+        raise ValueError(f"invalid organization name {name!r}: {ORG_NAME_RULE} (it becomes part of fine-tuned model names)")
+    return name
+
+
 def get_or_create_org(session: Session, name: str) -> Organization:
-    org = session.scalar(select(Organization).where(Organization.name == name))
+    """The organization called ``name``, created if there is none (``check_org_name``'s rule)."""
+    org = session.scalar(select(Organization).where(Organization.name == check_org_name(name)))
     if org is None:
         org = Organization(name=name)
         session.add(org)
