@@ -122,6 +122,21 @@ def _strings(value: Any) -> Iterable[str]:
             yield from _strings(v)
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _holds_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value holds a lone UTF-16 surrogate, in a string or a key (a pair's escapes
+    decode to one character)."""
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, dict):
+        return any(_holds_surrogate(k) or _holds_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_surrogate(v) for v in value)
+    return False
+
+
 def normalized_text(obj: Any) -> str:
     """Every string of an example in order, lowercased, punctuation stripped, whitespace collapsed:
     two examples with the same normalised text are near-duplicates."""
@@ -226,6 +241,10 @@ class FileValidator:
             return None
         except RecursionError:  # the parser's stack: [[[[... thousands deep
             self._error("invalid JSON (nested too deeply)")
+            return None
+        if _SURROGATE_ESCAPE.search(line) and _holds_surrogate(obj):
+            # "\ud800" alone is valid JSON but no character: it cannot be encoded (hashed, stored, tokenized)
+            self._error("invalid JSON string: a \\uD800-\\uDFFF escape that is not half of a surrogate pair")
             return None
         if (reason := self._reason(obj)) is not None:
             self._error(reason)

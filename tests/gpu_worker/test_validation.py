@@ -72,6 +72,11 @@ def test_empty_lines_are_skipped_but_counted_for_line_numbers():
         (b'{"messages": [{"role": "assistant", "content": "a", "weight": true}]}', "'weight' must be 0 or 1"),
         (b'{"messages": [{"role": "assistant", "content": null, "tool_calls": []}]}', "'tool_calls' must be a non-empty array"),
         (b'{"messages": [{"role": "user", "content": "a"}]}', "no assistant message"),
+        # valid JSON, but no character: hashing the line for duplicates raised UnicodeEncodeError (a 500)
+        (b'{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "b"}]}',
+         "not half of a surrogate pair"),
+        (b'{"messages": [{"role": "user", "content": "a", "\\uDFFF": 1}, {"role": "assistant", "content": "b"}]}',
+         "not half of a surrogate pair"),
     ],
 )
 def test_each_bad_line_is_named_with_its_reason(line, reason):
@@ -83,6 +88,12 @@ def test_each_bad_line_is_named_with_its_reason(line, reason):
     assert report.errors[0].line == 2
     assert reason in report.errors[0].reason
     assert report.message.startswith("line 2: ")
+
+
+def test_a_surrogate_pair_escape_is_one_character_and_fine():
+    report = validate_lines([b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}, {"role": "assistant", "content": "b"}]}',
+                             *_good_lines(9)])
+    assert report.ok, report.message
 
 
 def test_weights_0_1_are_fine():

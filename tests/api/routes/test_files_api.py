@@ -58,6 +58,9 @@ def test_bad_lines_are_named_and_nothing_is_stored(client_a, org_a, store, db_se
     ("content", "needle"),
     [
         (b"\xff\xfe garbage\n" + jsonl(10), "line 1: invalid UTF-8"),
+        # a lone surrogate escape was a 500 (the duplicate check could not encode the line)
+        (jsonl(10) + b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "b"}]}\n',
+         "line 11: invalid JSON string"),
         (jsonl(9), "at least 10 are required"),
         (b"", "empty"),
     ],
