@@ -40,6 +40,10 @@ class _InferenceRequest(BaseModel):
             raise PydanticCustomError(
                 "nesting_too_deep", "Input nests more than {max_depth} levels deep", {"param": where, "max_depth": MAX_DEPTH}
             )
+        if kind == "surrogate":
+            raise PydanticCustomError(
+                "string_unicode", "Input should be a valid string: a \\uD800-\\uDFFF escape that is not half of a surrogate pair", {"param": where}
+            )
         # NaN and Infinity are not JSON, though Python's parser reads them. Relayed, they would reach the
         # engine as null (how pydantic writes a non-finite float): a silent default instead of an error
         raise PydanticCustomError("finite_number", "Input should be a finite number", {"param": where})
@@ -90,8 +94,8 @@ MAX_DEPTH = 64
 
 def _first_defect(value: Any) -> tuple[str, str] | None:
     """What in a parsed JSON body is not JSON the gateway can relay, and where: ("too_deep", the field
-    that nests deeper than ``MAX_DEPTH``) or ("non_finite", the path of a NaN or infinite number, like
-    ``logit_bias.50256``). One pass with its own stack: recursion would fail on the very bodies it is
+    that nests deeper than ``MAX_DEPTH``), ("non_finite", the path of a NaN or infinite number, like
+    ``logit_bias.50256``) or ("surrogate", the path of a string or key holding a lone surrogate). One pass with its own stack: recursion would fail on the very bodies it is
     there to refuse, and a body of many token ids is walked once."""
     if isinstance(value, float) and not math.isfinite(value):
         return "non_finite", "body"
@@ -106,7 +110,20 @@ def _first_defect(value: Any) -> tuple[str, str] | None:
                 stack.append((child, (*path, key)))
             elif isinstance(child, float) and not math.isfinite(child):
                 return "non_finite", ".".join(str(part) for part in (*path, key))
+            elif isinstance(child, str) and _lone_surrogate(child) or isinstance(key, str) and _lone_surrogate(key):
+                return "surrogate", ".".join(str(part) for part in (*path, key))
     return None
+
+
+def _lone_surrogate(text: str) -> bool:
+    # JSON's "\ud800" alone parses to a str no encoder takes: relayed, the engine failed on it (a 502)
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _field_of(path: tuple[Any, ...]) -> str:

@@ -112,6 +112,11 @@ def test_engine_rejection_reaches_the_client_as_a_400(engines, gateway, make_org
          "stream_options", "invalid_value", "only allowed when stream"),
         ("/v1/completions", {"model": BUILTIN_BASE_MODEL, "prompt": {"a": 1}}, "prompt", "invalid_value", "'prompt'"),
         ("/v1/embeddings", {"model": BUILTIN_BASE_MODEL, "input": "x", "stream": True}, "stream", "invalid_value", "cannot be streamed"),
+        # a lone surrogate escape ("\ud800") is JSON but no character: the built-in engine failed on it (a 502)
+        # (sent as bytes: httpx cannot encode such a str)
+        ("/v1/chat/completions", b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800"}]}',
+         "messages.0.content", "invalid_value", "surrogate"),
+        ("/v1/completions", b'{"model": "%s", "prompt": ["ok", "\\udfff"]}', "prompt.1", "invalid_value", "surrogate"),
     ],
 )
 def test_malformed_requests_are_400_naming_the_field_and_never_reach_an_engine(engines, gateway, make_org, path, body, param, code, fragment):
@@ -121,7 +126,11 @@ def test_malformed_requests_are_400_naming_the_field_and_never_reach_an_engine(e
     gw = gateway({BUILTIN_BASE_MODEL: [engine.url]})
     _, key = make_org()
 
-    response = gw.http().post(path, json=body, headers={"Authorization": f"Bearer {key}"})
+    if isinstance(body, bytes):
+        response = gw.http().post(path, content=body % BUILTIN_BASE_MODEL.encode(),
+                                  headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    else:
+        response = gw.http().post(path, json=body, headers={"Authorization": f"Bearer {key}"})
 
     assert response.status_code == 400
     error = response.json()["error"]
