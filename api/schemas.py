@@ -47,14 +47,20 @@ def unix_seconds(value: datetime | None) -> int | None:
     return int(value.timestamp())
 
 
-def _has_nul(value) -> bool:
+def _unstorable(value) -> str | None:
+    """Why a string in ``value`` (keys included) cannot be stored: a NUL character, which PostgreSQL's
+    text refuses, or a lone UTF-16 surrogate (JSON's "\\ud800" without its pair), which no encoder takes."""
     if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return any(_has_nul(v) for v in value)
-    return False
+        if "\x00" in value:
+            return "must not contain NUL characters (\\u0000)"
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "must not contain a \\uD800-\\uDFFF escape that is not half of a surrogate pair"
+        return None
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((why for item in items if (why := _unstorable(item)) is not None), None)
 
 
 class _Request(BaseModel):
@@ -64,10 +70,10 @@ class _Request(BaseModel):
 
     @field_validator("*")
     @classmethod
-    def _no_nul(cls, value):
-        # PostgreSQL's text columns refuse NUL characters: a 400 naming the field, not a failed insert
-        if _has_nul(value):
-            raise PydanticCustomError("string_nul", "must not contain NUL characters (\\u0000)")
+    def _storable(cls, value):
+        # a 400 naming the field, not a failed insert
+        if (why := _unstorable(value)) is not None:
+            raise PydanticCustomError("string_unicode", why)
         return value
 
 

@@ -417,6 +417,15 @@ def test_a_nul_character_in_any_field_is_400_naming_it_and_creates_nothing(clien
     assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
 
 
+@pytest.mark.parametrize("metadata", [b'{"k": "\\ud800"}', b'{"\\udfff": "v"}'])
+def test_a_lone_surrogate_in_metadata_is_400_naming_it_and_creates_nothing(http, upload, org_a, db_session, metadata):
+    # valid JSON, no character: storing it was a 500 (sent as bytes: no client library encodes such a str)
+    body = b'{"model": "tuneforge-tiny", "training_file": "%s", "metadata": %s}' % (upload().encode(), metadata)
+    answer = http.post("/v1/fine_tuning/jobs", content=body, headers={"Authorization": f"Bearer {org_a[1]}", "Content-Type": "application/json"})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "metadata", answer.text
+    assert db_session.scalars(select(Job).where(Job.org_id == org_a[0].id)).first() is None
+
+
 def test_a_nul_character_in_a_query_is_400(client_a, http, org_a):
     # a metadata filter holding one was a 500 from the failed query (PostgreSQL refuses NUL characters)
     answer = http.get("/v1/fine_tuning/jobs?metadata[k]=%00", headers={"Authorization": f"Bearer {org_a[1]}"})
