@@ -26,6 +26,7 @@ from gpu_worker.contract import (
     Reward,
     TargetModule,
 )
+from gpu_worker.validation import LONE_SURROGATE, lone_surrogate
 
 # What every resource id (file-…, ftjob-…, ftevent-…, ftckpt-…) looks like. Anything else cannot exist,
 # and must never reach the database as a query value (PostgreSQL rejects NUL bytes with an error).
@@ -53,12 +54,7 @@ def _unstorable(value) -> str | None:
     if isinstance(value, str):
         if "\x00" in value:
             return "must not contain NUL characters (\\u0000)"
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return "must not contain a \\uD800-\\uDFFF escape that is not half of a surrogate pair"
-        return None
+        return f"must not contain {LONE_SURROGATE}" if lone_surrogate(value) else None
     items = [*value.keys(), *value.values()] if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
     return next((why for item in items if (why := _unstorable(item)) is not None), None)
 

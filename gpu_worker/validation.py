@@ -123,17 +123,30 @@ def _strings(value: Any) -> Iterable[str]:
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# JSON's "\ud800" without its pair is valid JSON that parses to no character: nothing can encode it (hash,
+# store, tokenize, relay). The API's requests, the gateway's bodies and uploaded lines say so in these words.
+LONE_SURROGATE = "a \\uD800-\\uDFFF escape that is not half of a surrogate pair"
 
 
-def _holds_surrogate(value: Any) -> bool:
-    """Whether a parsed JSON value holds a lone UTF-16 surrogate, in a string or a key (a pair's escapes
-    decode to one character)."""
+def lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone UTF-16 surrogate (a pair's escapes decode to one character)."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def holds_lone_surrogate(value: Any) -> bool:
+    """``lone_surrogate`` over a parsed JSON value's strings, keys included."""
     if isinstance(value, str):
-        return any("\ud800" <= c <= "\udfff" for c in value)
+        return lone_surrogate(value)
     if isinstance(value, dict):
-        return any(_holds_surrogate(k) or _holds_surrogate(v) for k, v in value.items())
+        return any(lone_surrogate(k) or holds_lone_surrogate(v) for k, v in value.items())
     if isinstance(value, list):
-        return any(_holds_surrogate(v) for v in value)
+        return any(holds_lone_surrogate(v) for v in value)
     return False
 
 
@@ -242,9 +255,8 @@ class FileValidator:
         except RecursionError:  # the parser's stack: [[[[... thousands deep
             self._error("invalid JSON (nested too deeply)")
             return None
-        if _SURROGATE_ESCAPE.search(line) and _holds_surrogate(obj):
-            # "\ud800" alone is valid JSON but no character: it cannot be encoded (hashed, stored, tokenized)
-            self._error("invalid JSON string: a \\uD800-\\uDFFF escape that is not half of a surrogate pair")
+        if _SURROGATE_ESCAPE.search(line) and holds_lone_surrogate(obj):
+            self._error(f"invalid JSON string: {LONE_SURROGATE}")
             return None
         if (reason := self._reason(obj)) is not None:
             self._error(reason)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import unicodedata
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -220,6 +221,12 @@ def job_using_file(session: Session, file: File) -> str | None:
         if file.id in (training, validation) or any(e.get("key") == file.storage_key for e in extra):
             return job_id
     return None
+
+
+def unnameable(name: str) -> bool:
+    """Whether ``name`` holds a control character: no model or adapter is named so (``fine_tuned_model_name``
+    or a hub id), so it is answered as not found before any lookup (PostgreSQL refuses NUL characters)."""
+    return any(unicodedata.category(c) == "Cc" for c in name)
 
 
 def fine_tuned_model_name(base_model: str, org_name: str, suffix: str | None, job_id: str) -> str:

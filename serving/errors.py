@@ -8,7 +8,6 @@ a 500 in the same shape (see ``serving.middleware``), never dressed up as a 4xx.
 
 from __future__ import annotations
 
-import unicodedata
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -103,12 +102,6 @@ class RequestIdReused(ServingError):
             f"x-request-id '{request_id}' was already used for a different request; send a new id for a new request.",
             param="x-request-id",
         )
-
-
-def unnameable(name: str) -> bool:
-    """Whether ``name`` holds a control character: no model or adapter is named so (``ft:{base}:{org}:
-    {suffix}:{job}`` or a hub id), so it is not looked up (PostgreSQL refuses NUL characters: a 500)."""
-    return any(unicodedata.category(c) == "Cc" for c in name)
 
 
 class ModelNotFound(ServingError):

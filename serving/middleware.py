@@ -17,7 +17,8 @@ import structlog
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import ModelNotFound, error_response, internal_error_response, unnameable
+from scheduler.jobs import unnameable
+from serving.errors import ModelNotFound, error_response, internal_error_response
 from serving.metrics import GatewayMetrics
 
 REQUEST_ID_HEADER = "x-request-id"

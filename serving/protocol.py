@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from gpu_worker.validation import LONE_SURROGATE, lone_surrogate  # torch-free
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -42,7 +44,7 @@ class _InferenceRequest(BaseModel):
             )
         if kind == "surrogate":
             raise PydanticCustomError(
-                "string_unicode", "Input should be a valid string: a \\uD800-\\uDFFF escape that is not half of a surrogate pair", {"param": where}
+                "string_unicode", f"Input should be a valid string: {LONE_SURROGATE}", {"param": where}
             )
         # NaN and Infinity are not JSON, though Python's parser reads them. Relayed, they would reach the
         # engine as null (how pydantic writes a non-finite float): a silent default instead of an error
@@ -110,20 +112,9 @@ def _first_defect(value: Any) -> tuple[str, str] | None:
                 stack.append((child, (*path, key)))
             elif isinstance(child, float) and not math.isfinite(child):
                 return "non_finite", ".".join(str(part) for part in (*path, key))
-            elif isinstance(child, str) and _lone_surrogate(child) or isinstance(key, str) and _lone_surrogate(key):
+            elif isinstance(child, str) and lone_surrogate(child) or isinstance(key, str) and lone_surrogate(key):
                 return "surrogate", ".".join(str(part) for part in (*path, key))
     return None
-
-
-def _lone_surrogate(text: str) -> bool:
-    # JSON's "\ud800" alone parses to a str no encoder takes: relayed, the engine failed on it (a 502)
-    if text.isascii():
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _field_of(path: tuple[Any, ...]) -> str:

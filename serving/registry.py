@@ -18,11 +18,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from scheduler import entitlements
-from scheduler.jobs import CHECKPOINT_MODEL
+from scheduler.jobs import CHECKPOINT_MODEL, unnameable
 from scheduler.models import Adapter, AdapterAlias, Checkpoint, Organization
 from scheduler.tenancy import Principal
 from serving import adapter_registry
-from serving.errors import ModelNotFound, unnameable
+from serving.errors import ModelNotFound
 from serving.protocol import ModelPublic, ModelsPublic
 
 FINE_TUNED_PREFIX = "ft:"

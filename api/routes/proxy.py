@@ -10,7 +10,6 @@ connections across requests.
 from __future__ import annotations
 
 import logging
-import unicodedata
 from urllib.parse import quote
 
 import httpx
@@ -19,6 +18,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from api.errors import GatewayError, GatewayTimeout, NotFound, ServiceUnavailable
+from scheduler.jobs import unnameable
 
 log = logging.getLogger("api.proxy")
 router = APIRouter(tags=["inference"])
@@ -59,7 +59,7 @@ def _refuse_control_characters(request: Request, prefix: str) -> None:
     forwarded (the router drops a trailing newline from a ``:path`` parameter, a NUL reaches the
     gateway's database)."""
     name = request.scope["path"].partition(prefix)[2]
-    if any(unicodedata.category(c) == "Cc" for c in name):
+    if unnameable(name):
         raise _model_not_found(name)
 
 
