@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import NotFound, PermissionDenied
 from scheduler import entitlements
+from scheduler.jobs import unnameable
 from scheduler.models import Organization, Role
 from scheduler.tenancy import DEFAULT_ORG, Principal
 
@@ -46,8 +47,8 @@ def _is_operator(session: Session, principal: Principal) -> bool:
 def _organization(session: Session, principal: Principal, org: str, *, change: bool) -> Organization:
     """The organization ``org`` (its id or its name) if the principal may read (or ``change``) its
     entitlements."""
-    # a NUL character cannot be in any name (PostgreSQL refuses it as a query value: a 500)
-    row = None if "\x00" in org else session.get(Organization, org) or session.scalar(select(Organization).where(Organization.name == org))
+    # no organization is named with a control character (PostgreSQL refuses a NUL as a query value: a 500)
+    row = None if unnameable(org) else session.get(Organization, org) or session.scalar(select(Organization).where(Organization.name == org))
     operator = _is_operator(session, principal)
     if row is None or (row.id != principal.org_id and not operator):
         raise NotFound(f"No organization found with id '{org}'.", param="organization", code="organization_not_found")
