@@ -12,7 +12,9 @@ gap can be tied to a layer and a projection; the variants switch off one GPU-onl
 - ``reference``: the pure-torch reference ops (``impl="reference"``), no CUDA graphs;
 - ``no-graphs``: the Triton kernels, the layers not captured;
 - ``no-fused-terms``: the gate's and up's rank-r terms added by torch, outside lora_glu's kernels;
-- ``checkpointing``: memory mode checkpointing (no padded or graphed layers).
+- ``checkpointing``: memory mode checkpointing (no padded or graphed layers);
+- ``ref-norm``, ``ref-rope``, ``ref-linear``, ``ref-mlp``, ``ref-ce``: the Triton path with one op (RMSNorm,
+  RoPE, the attention's LoRA projections, the LoRA MLP, the fused loss) computed by its pure-torch reference.
 
     python3 bench/bf16_grad_error.py --families phi3,llama --seeds 0,1 --out $OUT/bf16_grads.jsonl
 """
@@ -27,6 +29,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 VARIANTS = {"default": {}, "reference": {"impl": "reference", "cuda_graphs": False},
             "no-graphs": {"cuda_graphs": False}, "no-fused-terms": {}, "checkpointing": {"memory_mode": "checkpointing"}}
+# the ref-* variants: decoder.py's name for the op each one hands to its reference
+REFERENCE_OPS = {"ref-norm": "rms_norm", "ref-rope": "rope", "ref-linear": "lora_linears", "ref-mlp": "lora_mlp",
+                 "ref-ce": "fused_linear_cross_entropy"}
+VARIANTS.update({name: {"cuda_graphs": False} for name in REFERENCE_OPS})
 
 
 def _flat(grads):
@@ -35,7 +41,7 @@ def _flat(grads):
 
 def measure(family: str, seed: int, variant: str, device: str, worst: int = 4) -> dict:
     import tuneforge_kernels.lora_glu as lora_glu
-    from gpu_worker.patching import patch_model
+    from gpu_worker.patching import decoder, patch_model
     from tests.gpu_worker.patching.conftest import build_lora_model, lora_grads, rel, tiny_config
     from tests.gpu_worker.patching.test_patch_llama import _batch, _step
 
@@ -44,12 +50,18 @@ def measure(family: str, seed: int, variant: str, device: str, worst: int = 4) -
     fusable = lora_glu.fusable
     if variant == "no-fused-terms":
         lora_glu.fusable = lambda *bs: False
+    op = REFERENCE_OPS.get(variant)
+    triton_op = getattr(decoder, op) if op else None
+    if op:
+        setattr(decoder, op, lambda *a, **kw: triton_op(*a, **{**kw, "impl": "reference"}))
     try:
         patch_model(ours, **VARIANTS[variant])
         x, labels = _batch(device)
         losses = [_step(m, x, labels, device, autocast=m is not truth).item() for m in (stock, ours, truth)]
     finally:
         lora_glu.fusable = fusable
+        if op:
+            setattr(decoder, op, triton_op)
     g_stock, g_ours, g_truth = lora_grads(stock), lora_grads(ours), lora_grads(truth)
     furthest = sorted(((rel(g_ours[n], g_truth[n]), rel(g_stock[n], g_truth[n]), n) for n in g_truth), reverse=True)
     return {"family": family, "seed": seed, "variant": variant, "device": torch.cuda.get_device_name(0)
