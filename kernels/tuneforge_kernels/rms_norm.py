@@ -35,8 +35,9 @@ if triton is not None:
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
         if HAS_RESIDUAL:
             r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
-            # exact sum rounded once to the input dtype, as HF's `residual + h` does
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+            # exact sum rounded once to the promoted dtype, as HF's `residual + h` does (a float32 stream
+            # stays float32 when h comes out of a bf16 autocast matmul)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
             tl.store(S + row * stride_s + cols, x, mask=mask)
         xf = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
@@ -102,7 +103,7 @@ def _fwd_launch(x, residual, weight, eps, offset, out_dtype=None, spare=0):
     r2 = _rows(residual) if residual is not None else x2
     n_rows = x2.shape[0]
     y = torch.empty((n_rows, n_cols + spare), dtype=out_dtype or x.dtype, device=x.device)[:, :n_cols]  # (M, N)
-    s = (torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)     # (M, N) new residual
+    s = (torch.empty((n_rows, n_cols), dtype=_sum_dtype(x, residual), device=x.device)  # (M, N) new residual
          if residual is not None else y)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)        # (M,)
     block, warps = _block(n_cols)
@@ -168,7 +169,7 @@ def norm_recipe(t: torch.Tensor) -> NormRecipe | None:
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, residual, eps, offset, with_input, spare):
-        out_dtype = _out_dtype(x, weight, offset)
+        out_dtype = _out_dtype(_sum_dtype(x, residual), weight, offset)
         y, saved_x, rstd = _fwd_launch(x, residual, weight, eps, offset, out_dtype, spare)
         ctx.save_for_backward(saved_x, weight, rstd)
         # the second output (x + residual, or x itself): its gradient is added in the backward kernel
@@ -193,10 +194,15 @@ class _RMSNormFunction(torch.autograd.Function):
         return dx, dw, (dx if ctx.needs_input_grad[2] else None), None, None, None, None
 
 
-def _out_dtype(x, weight, offset):
+def _sum_dtype(x, residual):
+    # the dtype of HF's `residual + h`: a bf16 h on a float32 stream (float32 weights under autocast) is float32
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+def _out_dtype(dtype, weight, offset):
     # HF's dtypes: LlamaRMSNorm returns `weight * x_hat.to(x.dtype)`, i.e. the promoted dtype (float32
     # for a bf16 input and float32 weights under autocast: Qwen3's q/k norms); GemmaRMSNorm `type_as(x)`
-    return torch.promote_types(x.dtype, weight.dtype) if offset == 0.0 else x.dtype
+    return torch.promote_types(dtype, weight.dtype) if offset == 0.0 else dtype
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0,

@@ -48,6 +48,30 @@ def test_matches_reference(device, dtype, offset, with_residual, weight_trainabl
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_bf16_output_on_a_float32_stream_keeps_the_stream_float32(device, offset):
+    """A float32 model under bf16 autocast (HF Trainer's bf16=True on float32 weights): the attention's bf16
+    output is added to a float32 residual stream. HF's `residual + h` is float32, and so is what its norm
+    reads; the fused kernel must neither round the new stream nor the normalised rows to bf16 (it did:
+    ~2.4x stock's distance from float32 over a tiny Phi-3's LoRA gradients on the H100, session 28)."""
+    torch.manual_seed(2)
+    rows, cols = (6, 37) if device == "cpu" else (1023, 4099)
+    h = torch.randn(rows, cols, device=device).bfloat16().requires_grad_()
+    stream = torch.randn(rows, cols, device=device, requires_grad=True)
+    w = torch.randn(cols, device=device) * 0.5 + 1
+    y, s = rms_norm(h, w, 1e-5, offset=offset, residual=stream, impl="triton")
+    y_ref, s_ref = rms_norm_reference(h, w, 1e-5, offset=offset, residual=stream)
+    assert s.dtype == s_ref.dtype == torch.float32 and y.dtype == y_ref.dtype == torch.float32
+    assert torch.equal(s, s_ref)  # one exact float32 add
+    assert rel_err(y, y_ref) < TOL[torch.float32]
+    gy, gs = torch.randn_like(y), torch.randn_like(s)
+    got = torch.autograd.grad((y, s), (h, stream), (gy, gs))
+    exp = torch.autograd.grad((y_ref, s_ref), (h, stream), (gy, gs))
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    assert rel_err(got[1], exp[1]) < TOL[torch.float32] and rel_err(got[0], exp[0]) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_with_input_adds_the_inputs_other_gradient_in_the_kernel(device, dtype):
     # (y, x): a decoder layer's input goes to its norm and along the residual stream; the gradient that
