@@ -13,6 +13,8 @@ gap can be tied to a layer and a projection; the variants switch off one GPU-onl
 - ``no-graphs``: the Triton kernels, the layers not captured;
 - ``no-fused-terms``: the gate's and up's rank-r terms added by torch, outside lora_glu's kernels;
 - ``checkpointing``: memory mode checkpointing (no padded or graphed layers);
+- ``exact-reductions``: the default path with cuBLAS's bf16 reduced-precision reductions off
+  (``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction``) for all three models;
 - ``ref-norm``, ``ref-rope``, ``ref-linear``, ``ref-mlp``, ``ref-ce``: the Triton path with one op (RMSNorm,
   RoPE, the attention's LoRA projections, the LoRA MLP, the fused loss) computed by its pure-torch reference.
 
@@ -28,11 +30,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 VARIANTS = {"default": {}, "reference": {"impl": "reference", "cuda_graphs": False},
-            "no-graphs": {"cuda_graphs": False}, "no-fused-terms": {}, "checkpointing": {"memory_mode": "checkpointing"}}
+            "no-graphs": {"cuda_graphs": False}, "no-fused-terms": {},
+            "checkpointing": {"memory_mode": "checkpointing"}}
 # the ref-* variants: decoder.py's name for the op each one hands to its reference
 REFERENCE_OPS = {"ref-norm": "rms_norm", "ref-rope": "rope", "ref-linear": "lora_linears", "ref-mlp": "lora_mlp",
                  "ref-ce": "fused_linear_cross_entropy"}
 VARIANTS.update({name: {"cuda_graphs": False} for name in REFERENCE_OPS})
+VARIANTS["exact-reductions"] = {}
 
 
 def _flat(grads):
@@ -54,12 +58,15 @@ def measure(family: str, seed: int, variant: str, device: str, worst: int = 4) -
     triton_op = getattr(decoder, op) if op else None
     if op:
         setattr(decoder, op, lambda *a, **kw: triton_op(*a, **{**kw, "impl": "reference"}))
+    reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = variant != "exact-reductions"
     try:
         patch_model(ours, **VARIANTS[variant])
         x, labels = _batch(device)
         losses = [_step(m, x, labels, device, autocast=m is not truth).item() for m in (stock, ours, truth)]
     finally:
         lora_glu.fusable = fusable
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
         if op:
             setattr(decoder, op, triton_op)
     g_stock, g_ours, g_truth = lora_grads(stock), lora_grads(ours), lora_grads(truth)

@@ -31,6 +31,11 @@ ATTENTION_BIAS = ("qwen2",)
 # reassociation-level (measured ~2e-6 on these shapes); 1e-4 would still catch a wrong term. On CUDA the
 # model runs in bf16 under autocast like training: bf16 rounding of ~10 chained ops, 5e-2 for the loss
 # and logits; the gradients are compared with float32 (_assert_bf16_grads_as_close_as_stock).
+# the seeds of the models whose bf16 gradients are compared with float32 (_assert_bf16_grads_as_close_as_stock);
+# the first is the one the test builds
+BF16_SEEDS = (0, 1, 2)
+
+
 def _tol(device):
     return 1e-4 if device == "cpu" else 5e-2
 
@@ -82,7 +87,7 @@ def test_patched_matches_stock(model_type, overrides, memory_mode, device, impl)
         worst = max(rel(g_ours[n], g_ref[n]) for n in g_ref)
         assert worst < _tol(device), worst
     else:
-        _assert_bf16_grads_as_close_as_stock(config, x, labels, g_ours, g_ref)
+        _assert_bf16_grads_as_close_as_stock(config, memory_mode, impl, (g_ours, g_ref))
     ours.eval(), ref.eval()
     with torch.no_grad():
         assert rel(ours(input_ids=x).logits, ref(input_ids=x).logits) < _tol(device)
@@ -99,20 +104,39 @@ def _assert_cpu_step_matches(ref, ours):
     return x
 
 
-def _assert_bf16_grads_as_close_as_stock(config, x, labels, g_ours, g_stock):
-    """bf16 (autocast) LoRA gradients, ours and stock HF+PEFT, against the same model in float32.
+def _assert_bf16_grads_as_close_as_stock(config, memory_mode, impl, seed0_grads):
+    """bf16 (autocast) LoRA gradients, ours and stock HF+PEFT, against the same model in float32, summed over
+    the models of BF16_SEEDS (``seed0_grads``: ours and stock's of the first, computed by the caller).
 
     Comparing the two bf16 runs with each other is no invariant: HF+PEFT's own bf16 gradients are
     several % off (the H200 run of 2026-12-03 saw 0.052-0.063 between the two on single tensors of
     Qwen2/Qwen3/Gemma 2/Phi-3). Both round the same quantities to bf16 in different orders, so ours
-    must be no further from float32 than twice stock's distance (or 2e-2, a few bf16 roundings), over
-    all LoRA gradients together; a wrong term (scale, missing adapter, wrong rotation) is O(1)."""
-    truth = build_lora_model(config, "cuda")
-    _step(truth, x, labels, "cuda", autocast=False)
-    g_truth = lora_grads(truth)
+    must be no further from float32 than twice stock's distance (or 2e-2 a model, a few bf16 roundings);
+    a wrong term (scale, missing adapter, wrong rotation) is O(1). Over several models, not one: a model's
+    distances move with the rounding order alone (bench/bf16_grad_error.py, H100, session 28: stock's from
+    0.019 to 0.048 between Phi-3's seeds; ours from 0.94x to 2.40x stock's, and from 1.81x to 2.52x for one
+    seed when only the MLP's ops were swapped for their references). Summed over seeds 0-2 ours measured
+    1.25x (Phi-3), 1.34x (Llama) and 0.92x (Qwen2) stock's."""
+    x, labels = _batch("cuda")
     flat = lambda g: torch.cat([g[n].flatten().double() for n in sorted(g)])  # noqa: E731
-    e_ours, e_stock = rel(flat(g_ours), flat(g_truth)), rel(flat(g_stock), flat(g_truth))
-    assert e_ours <= max(2 * e_stock, 2e-2), (e_ours, e_stock)
+    e_ours = e_stock = 0.0
+    for seed in BF16_SEEDS:
+        if seed == BF16_SEEDS[0]:
+            g_ours, g_stock = seed0_grads
+        else:
+            stock, ours = (build_lora_model(config, "cuda", seed=seed) for _ in range(2))
+            if memory_mode != "off":
+                stock.get_base_model().gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            patch_model(ours, memory_mode=memory_mode, impl=impl)
+            _step(stock, x, labels, "cuda"), _step(ours, x, labels, "cuda")
+            g_ours, g_stock = lora_grads(ours), lora_grads(stock)
+        truth = build_lora_model(config, "cuda", seed=seed)
+        _step(truth, x, labels, "cuda", autocast=False)
+        g_truth = lora_grads(truth)
+        e_ours += rel(flat(g_ours), flat(g_truth))
+        e_stock += rel(flat(g_stock), flat(g_truth))
+    assert e_ours <= max(2 * e_stock, 2e-2 * len(BF16_SEEDS)), (e_ours, e_stock)
 
 
 @pytest.mark.parametrize("device,impl", DEVICES_IMPLS)
