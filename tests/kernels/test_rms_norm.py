@@ -52,8 +52,8 @@ def test_matches_reference(device, dtype, offset, with_residual, weight_trainabl
 def test_bf16_output_on_a_float32_stream_keeps_the_stream_float32(device, offset):
     """A float32 model under bf16 autocast (HF Trainer's bf16=True on float32 weights): the attention's bf16
     output is added to a float32 residual stream. HF's `residual + h` is float32, and so is what its norm
-    reads; the fused kernel must neither round the new stream nor the normalised rows to bf16 (it did:
-    ~2.4x stock's distance from float32 over a tiny Phi-3's LoRA gradients on the H100, session 28)."""
+    reads; the fused kernel must round neither the new stream nor the normalised rows to bf16 (it rounded
+    both: the decoder never sent it mixed dtypes, a direct caller would have lost precision)."""
     torch.manual_seed(2)
     rows, cols = (6, 37) if device == "cpu" else (1023, 4099)
     h = torch.randn(rows, cols, device=device).bfloat16().requires_grad_()

@@ -31,13 +31,13 @@ ATTENTION_BIAS = ("qwen2",)
 # reassociation-level (measured ~2e-6 on these shapes); 1e-4 would still catch a wrong term. On CUDA the
 # model runs in bf16 under autocast like training: bf16 rounding of ~10 chained ops, 5e-2 for the loss
 # and logits; the gradients are compared with float32 (_assert_bf16_grads_as_close_as_stock).
+def _tol(device):
+    return 1e-4 if device == "cpu" else 5e-2
+
+
 # the seeds of the models whose bf16 gradients are compared with float32 (_assert_bf16_grads_as_close_as_stock);
 # the first is the one the test builds
 BF16_SEEDS = (0, 1, 2)
-
-
-def _tol(device):
-    return 1e-4 if device == "cpu" else 5e-2
 
 
 def _batch(device, bsz=2, seq=16, vocab=128, seed=1):
