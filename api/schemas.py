@@ -26,7 +26,7 @@ from gpu_worker.contract import (
     Reward,
     TargetModule,
 )
-from gpu_worker.validation import LONE_SURROGATE, lone_surrogate
+from gpu_worker.validation import LONE_SURROGATE, json_strings, lone_surrogate
 
 # What every resource id (file-…, ftjob-…, ftevent-…, ftckpt-…) looks like. Anything else cannot exist,
 # and must never reach the database as a query value (PostgreSQL rejects NUL bytes with an error).
@@ -51,12 +51,12 @@ def unix_seconds(value: datetime | None) -> int | None:
 def _unstorable(value) -> str | None:
     """Why a string in ``value`` (keys included) cannot be stored: a NUL character, which PostgreSQL's
     text refuses, or a lone UTF-16 surrogate (JSON's "\\ud800" without its pair), which no encoder takes."""
-    if isinstance(value, str):
-        if "\x00" in value:
+    for text in json_strings(value):
+        if "\x00" in text:
             return "must not contain NUL characters (\\u0000)"
-        return f"must not contain {LONE_SURROGATE}" if lone_surrogate(value) else None
-    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
-    return next((why for item in items if (why := _unstorable(item)) is not None), None)
+        if lone_surrogate(text):
+            return f"must not contain {LONE_SURROGATE}"
+    return None
 
 
 class _Request(BaseModel):

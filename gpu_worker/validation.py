@@ -139,15 +139,22 @@ def lone_surrogate(text: str) -> bool:
     return False
 
 
+def json_strings(value: Any) -> Iterable[str]:
+    """Every string of a parsed JSON value (lists and tuples, dicts' keys and values), in order."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from json_strings(k)
+            yield from json_strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from json_strings(v)
+
+
 def holds_lone_surrogate(value: Any) -> bool:
     """``lone_surrogate`` over a parsed JSON value's strings, keys included."""
-    if isinstance(value, str):
-        return lone_surrogate(value)
-    if isinstance(value, dict):
-        return any(lone_surrogate(k) or holds_lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(holds_lone_surrogate(v) for v in value)
-    return False
+    return any(lone_surrogate(s) for s in json_strings(value))
 
 
 def normalized_text(obj: Any) -> str:

@@ -97,8 +97,9 @@ MAX_DEPTH = 64
 def _first_defect(value: Any) -> tuple[str, str] | None:
     """What in a parsed JSON body is not JSON the gateway can relay, and where: ("too_deep", the field
     that nests deeper than ``MAX_DEPTH``), ("non_finite", the path of a NaN or infinite number, like
-    ``logit_bias.50256``) or ("surrogate", the path of a string or key holding a lone surrogate). One pass with its own stack: recursion would fail on the very bodies it is
-    there to refuse, and a body of many token ids is walked once."""
+    ``logit_bias.50256``) or ("surrogate", the path of a string or key holding a lone surrogate). One pass
+    with its own stack: recursion would fail on the very bodies it is there to refuse, and a body of many
+    token ids is walked once."""
     if isinstance(value, float) and not math.isfinite(value):
         return "non_finite", "body"
     stack: list[tuple[Any, tuple[Any, ...]]] = [(value, ())]
