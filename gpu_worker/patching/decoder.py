@@ -118,8 +118,8 @@ def patch_residual_norm(layer: nn.Module, impl: str | None, offset: float = 0.0)
     input's two gradients (through the input norm and along the residual stream) into the input norm's
     kernel (``rms_norm``'s ``with_input``): four elementwise passes and four launches less per layer. Only for a
     layer whose stock forward is the standard one (``_pass_through_layer_defaults``); the stock forward
-    runs when it is called positionally, when a hook watches the norm, or when the two addends' dtypes
-    differ (HF's add would promote). Call after ``mlp_output_only_feeds_the_residual`` (it reads the
+    runs when it is called positionally or when a hook watches the norm (addends of different dtypes are
+    summed in HF's promoted dtype by ``rms_norm``). Call after ``mlp_output_only_feeds_the_residual`` (it reads the
     stock source). Returns whether the layer computes the fused form.
 
     The layer's class becomes a subclass with this forward (not an instance ``forward``): transformers
@@ -159,14 +159,10 @@ def _fused_layer_class(cls: type) -> type:
             residual = hidden_states
             hidden_states = in_norm(hidden_states)
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, **{**defaults, **kwargs})
-        if hidden_states.dtype != residual.dtype:  # HF's add promotes: stay exact
-            hidden_states = residual + hidden_states
-            residual = hidden_states
-            hidden_states = norm(hidden_states)
-        else:
-            # a padded MLP (lora.pad_frozen_mlp) writes its input's rank-r products after the norm's rows
-            hidden_states, residual = rms_norm(hidden_states, norm.weight, eps, offset=offset, residual=residual,
-                                               spare=mlp.__dict__.get("_tf_input_spare", 0), impl=impl)
+        # a padded MLP (lora.pad_frozen_mlp) writes its input's rank-r products after the norm's rows; the sum
+        # takes HF's promoted dtype (a bf16 attention output on a float32 stream under autocast stays float32)
+        hidden_states, residual = rms_norm(hidden_states, norm.weight, eps, offset=offset, residual=residual,
+                                           spare=mlp.__dict__.get("_tf_input_spare", 0), impl=impl)
         if mlp.__dict__.get("_tf_adds_residual"):  # the down projection's GEMM adds the residual
             return mlp(hidden_states, residual=residual)
         return residual + mlp(hidden_states)
