@@ -16,7 +16,14 @@ gap can be tied to a layer and a projection; the variants switch off one GPU-onl
 - ``exact-reductions``: the default path with cuBLAS's bf16 reduced-precision reductions off
   (``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction``) for all three models;
 - ``ref-norm``, ``ref-rope``, ``ref-linear``, ``ref-mlp``, ``ref-ce``: the Triton path with one op (RMSNorm,
-  RoPE, the attention's LoRA projections, the LoRA MLP, the fused loss) computed by its pure-torch reference.
+  RoPE, the attention's LoRA projections, the LoRA MLP, the fused loss) computed by its pure-torch reference;
+- ``separate-input-terms``: the adapters' dA and dx terms in backward (``adapter_input_terms``, which the
+  attention's node and the MLP share) one GEMM per adapter, each dx term rounded before it is added, as
+  autograd sums PEFT's;
+- ``unpadded``: no padded Q/K/V or MLP layout (``pad_frozen_qkv``, ``pad_frozen_mlp``), so every family runs
+  the unpadded nodes.
+
+Passing a variant twice (``--variants default,default``) tells whether a run repeats to the bit.
 
     python3 bench/bf16_grad_error.py --families phi3,llama --seeds 0,1 --out $OUT/bf16_grads.jsonl
 """
@@ -37,6 +44,35 @@ REFERENCE_OPS = {"ref-norm": "rms_norm", "ref-rope": "rope", "ref-linear": "lora
                  "ref-ce": "fused_linear_cross_entropy"}
 VARIANTS.update({name: {"cuda_graphs": False} for name in REFERENCE_OPS})
 VARIANTS["exact-reductions"] = {}
+VARIANTS.update({"separate-input-terms": {}, "unpadded": {}})
+
+
+def _separate_input_terms(x2, parts, dx, want, a_joined=None):
+    # lora_mlp.adapter_input_terms without dropout, one adapter at a time (the variant above)
+    out = []
+    for (d_b, a, dropped), wanted in zip(parts, want):
+        assert dropped is None, "the variant is for adapters without dropout"
+        out.append(d_b.t() @ x2 if wanted else None)
+        if dx is not None:
+            dx.add_(d_b @ a)
+    return out
+
+
+def _swapped(variant: str) -> list:
+    """(module, name, replacement) for the variants that swap one function of the kernels."""
+    import tuneforge_kernels.lora_glu as lora_glu
+    import tuneforge_kernels.lora_linear as lora_linear
+    import tuneforge_kernels.lora_mlp as lora_mlp
+
+    if variant == "no-fused-terms":
+        return [(lora_glu, "fusable", lambda *bs: False)]
+    if variant == "separate-input-terms":
+        return [(m, "adapter_input_terms", _separate_input_terms) for m in (lora_linear, lora_mlp)]
+    if variant == "unpadded":
+        import gpu_worker.patching.lora as lora
+
+        return [(lora, "pad_frozen_mlp", lambda mlp: False), (lora, "pad_frozen_qkv", lambda attn: False)]
+    return []
 
 
 def _flat(grads):
@@ -44,16 +80,15 @@ def _flat(grads):
 
 
 def measure(family: str, seed: int, variant: str, device: str, worst: int = 4) -> dict:
-    import tuneforge_kernels.lora_glu as lora_glu
     from gpu_worker.patching import decoder, patch_model
     from tests.gpu_worker.patching.conftest import build_lora_model, lora_grads, rel, tiny_config
     from tests.gpu_worker.patching.test_patch_llama import _batch, _step
 
     config = tiny_config(family)
     stock, ours, truth = (build_lora_model(config, device, seed=seed) for _ in range(3))
-    fusable = lora_glu.fusable
-    if variant == "no-fused-terms":
-        lora_glu.fusable = lambda *bs: False
+    swapped = [(module, name, getattr(module, name), new) for module, name, new in _swapped(variant)]
+    for module, name, _, new in swapped:
+        setattr(module, name, new)
     op = REFERENCE_OPS.get(variant)
     triton_op = getattr(decoder, op) if op else None
     if op:
@@ -65,7 +100,8 @@ def measure(family: str, seed: int, variant: str, device: str, worst: int = 4) -
         x, labels = _batch(device)
         losses = [_step(m, x, labels, device, autocast=m is not truth).item() for m in (stock, ours, truth)]
     finally:
-        lora_glu.fusable = fusable
+        for module, name, old, _ in swapped:
+            setattr(module, name, old)
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
         if op:
             setattr(decoder, op, triton_op)
