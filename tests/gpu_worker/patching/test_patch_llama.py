@@ -13,8 +13,8 @@ import torch
 from gpu_worker.patching import patch_model
 from gpu_worker.patching.lora import contiguous_weights, lora_weights
 from tuneforge_kernels.varlen_attention import varlen_attention
-from tests.gpu_worker.patching.conftest import (DEVICES_IMPLS, build_lora_model, lora_grads, lora_targets, rel,
-                                                ties_by_default, tiny_config, tiny_model)
+from tests.gpu_worker.patching.conftest import (DEVICES_IMPLS, build_lora_model, lora_grads, lora_targets, needs_cuda,
+                                                rel, ties_by_default, tiny_config, tiny_model)
 
 # Llama 3.1+'s rope scaling: frequencies below 1/original_max_position_embeddings divided by the factor. The
 # original length is the tiny rows' (16, not 8192) so that the scaling changes the rotation of every position
@@ -134,6 +134,50 @@ def _assert_bf16_grads_as_close_as_stock(config, memory_mode, impl, seed0_grads)
         truth = build_lora_model(config, "cuda", seed=seed)
         _step(truth, x, labels, "cuda", autocast=False)
         g_truth = lora_grads(truth)
+        e_ours += rel(flat(g_ours), flat(g_truth))
+        e_stock += rel(flat(g_stock), flat(g_truth))
+    assert e_ours <= max(2 * e_stock, 2e-2 * len(BF16_SEEDS)), (e_ours, e_stock)
+
+
+# The worker's setting (gpu_worker.loading.pick_dtype): frozen weights in bf16, PEFT's adapters in float32,
+# autocast. Only there do the compute dtype and the frozen weights' agree, so only there do the padded
+# layouts (hidden <= PAD_MAX_HIDDEN) run: the float32 models above never take them. Llama pads Q/K/V and the
+# MLP; Qwen2's q/k/v biases keep its Q/K/V unpadded; Phi-3's fused modules pad nothing. The CPU case runs
+# the kernels through the interpreter under CPU autocast.
+BF16_WEIGHTS = [pytest.param("llama", "cpu", "triton", id="cpu-llama"),
+                *(pytest.param(t, "cuda", None, marks=[pytest.mark.gpu, needs_cuda], id=f"cuda-{t}")
+                  for t in ("llama", "qwen2", "phi3"))]
+PADDED = {"llama": (2, 2), "qwen2": (2, 0), "phi3": (0, 0)}  # (padded MLPs, padded Q/K/V) of the 2 layers
+
+
+def _autocast_step(model, x, labels, autocast=True):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=x, labels=labels).loss
+    loss.backward()
+    return loss.item()
+
+
+@pytest.mark.parametrize("model_type,device,impl", BF16_WEIGHTS)
+def test_bf16_weights_match_stock(model_type, device, impl):
+    """Ours and stock HF+PEFT on the same bf16-weight models, against the same weights in float32: the loss
+    within 5e-2 and the LoRA gradients as in _assert_bf16_grads_as_close_as_stock (summed over BF16_SEEDS,
+    at most twice stock's distance)."""
+    config = tiny_config(model_type)
+    x, labels = _batch(device)
+    flat = lambda g: torch.cat([g[n].flatten().double() for n in sorted(g)])  # noqa: E731
+    e_ours = e_stock = 0.0
+    for seed in BF16_SEEDS:
+        stock, ours, truth = (build_lora_model(config, device, dtype=torch.bfloat16, seed=seed) for _ in range(3))
+        assert {p.dtype for p in ours.parameters() if p.requires_grad} == {torch.float32}
+        truth.float()  # the bf16 weights' values, computed in float32
+        report = patch_model(ours, impl=impl)
+        assert report.reason is None
+        assert (report.counts["padded_mlp"], report.counts["padded_qkv"]) == PADDED[model_type]
+        l_stock, l_ours = _autocast_step(stock, x, labels), _autocast_step(ours, x, labels)
+        l_truth = _autocast_step(truth, x, labels, autocast=False)
+        assert abs(l_ours - l_truth) <= max(2 * abs(l_stock - l_truth), 5e-2 * abs(l_truth)), (l_ours, l_stock, l_truth)
+        g_ours, g_stock, g_truth = lora_grads(ours), lora_grads(stock), lora_grads(truth)
+        assert g_ours.keys() == g_truth.keys()
         e_ours += rel(flat(g_ours), flat(g_truth))
         e_stock += rel(flat(g_stock), flat(g_truth))
     assert e_ours <= max(2 * e_stock, 2e-2 * len(BF16_SEEDS)), (e_ours, e_stock)
