@@ -24,6 +24,11 @@ gap can be tied to a layer and a projection; the variants switch off one GPU-onl
   the unpadded nodes.
 
 Passing a variant twice (``--variants default,default``) tells whether a run repeats to the bit.
+``--weights bfloat16``: the worker's setting (bf16 frozen weights, float32 adapters, autocast), which runs
+on the CPU through the interpreter too (``TRITON_INTERPRET=1``). The interpreter's numbers do not stand for
+the GPU's: Triton 3.6's interpreter truncates float32 to bf16 where the GPU rounds to nearest, so every bf16
+store in a kernel is twice as far off there (a lone RMSNorm: y 6.2e-3 from float64 against the reference
+ops' 2.9e-3).
 
     python3 bench/bf16_grad_error.py --families phi3,llama --seeds 0,1 --out $OUT/bf16_grads.jsonl
 """
@@ -79,13 +84,15 @@ def _flat(grads):
     return torch.cat([grads[n].flatten().double() for n in sorted(grads)])
 
 
-def measure(family: str, seed: int, variant: str, device: str, worst: int = 4) -> dict:
+def measure(family: str, seed: int, variant: str, device: str, weights: str = "float32", worst: int = 4) -> dict:
     from gpu_worker.patching import decoder, patch_model
     from tests.gpu_worker.patching.conftest import build_lora_model, lora_grads, rel, tiny_config
-    from tests.gpu_worker.patching.test_patch_llama import _batch, _step
+    from tests.gpu_worker.patching.test_patch_llama import _autocast_step, _batch, _step
 
     config = tiny_config(family)
-    stock, ours, truth = (build_lora_model(config, device, seed=seed) for _ in range(3))
+    dtype = getattr(torch, weights)
+    stock, ours, truth = (build_lora_model(config, device, dtype=dtype, seed=seed) for _ in range(3))
+    truth.float()
     swapped = [(module, name, getattr(module, name), new) for module, name, new in _swapped(variant)]
     for module, name, _, new in swapped:
         setattr(module, name, new)
@@ -96,9 +103,13 @@ def measure(family: str, seed: int, variant: str, device: str, worst: int = 4) -
     reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = variant != "exact-reductions"
     try:
-        patch_model(ours, **VARIANTS[variant])
+        # the CPU: the Triton kernels through the interpreter (TRITON_INTERPRET=1), as the tests' CPU cases
+        patch_model(ours, **{**({"impl": "triton"} if device == "cpu" else {}), **VARIANTS[variant]})
         x, labels = _batch(device)
-        losses = [_step(m, x, labels, device, autocast=m is not truth).item() for m in (stock, ours, truth)]
+        if weights == "bfloat16":  # autocast on the CPU too: bf16 weights are the point
+            losses = [_autocast_step(m, x, labels, autocast=m is not truth) for m in (stock, ours, truth)]
+        else:
+            losses = [_step(m, x, labels, device, autocast=m is not truth).item() for m in (stock, ours, truth)]
     finally:
         for module, name, old, _ in swapped:
             setattr(module, name, old)
@@ -107,7 +118,7 @@ def measure(family: str, seed: int, variant: str, device: str, worst: int = 4) -
             setattr(decoder, op, triton_op)
     g_stock, g_ours, g_truth = lora_grads(stock), lora_grads(ours), lora_grads(truth)
     furthest = sorted(((rel(g_ours[n], g_truth[n]), rel(g_stock[n], g_truth[n]), n) for n in g_truth), reverse=True)
-    return {"family": family, "seed": seed, "variant": variant, "device": torch.cuda.get_device_name(0)
+    return {"family": family, "seed": seed, "variant": variant, "weights": weights, "device": torch.cuda.get_device_name(0)
             if device == "cuda" else "cpu", "loss_stock": losses[0], "loss_ours": losses[1], "loss_f32": losses[2],
             "e_ours": rel(_flat(g_ours), _flat(g_truth)), "e_stock": rel(_flat(g_stock), _flat(g_truth)),
             "furthest": [{"tensor": n.replace("base_model.model.", ""), "e_ours": a, "e_stock": b}
@@ -119,6 +130,9 @@ def main():
     ap.add_argument("--families", default="phi3,llama")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--weights", choices=["float32", "bfloat16"], default="float32",
+                    help="the frozen weights' dtype: float32 as the tests' family comparison (autocast on CUDA only), "
+                         "or bfloat16 as the worker loads them (autocast on the CPU too; the padded layouts run)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -127,7 +141,7 @@ def main():
             for variant in args.variants.split(","):
                 if variant not in VARIANTS:
                     sys.exit(f"--variants: no variant {variant!r} (there are {', '.join(VARIANTS)})")
-                rec = measure(family, seed, variant, device)
+                rec = measure(family, seed, variant, device, args.weights)
                 ratio = rec["e_ours"] / rec["e_stock"] if rec["e_stock"] else float("nan")  # the CPU: float32 both
                 print(f"{family:8s} seed {seed} {variant:15s} e_ours {rec['e_ours']:.4f} e_stock {rec['e_stock']:.4f} "
                       f"ratio {ratio:.2f}")
