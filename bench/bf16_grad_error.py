@@ -80,14 +80,10 @@ def _swapped(variant: str) -> list:
     return []
 
 
-def _flat(grads):
-    return torch.cat([grads[n].flatten().double() for n in sorted(grads)])
-
-
 def measure(family: str, seed: int, variant: str, device: str, weights: str = "float32", worst: int = 4) -> dict:
     from gpu_worker.patching import decoder, patch_model
     from tests.gpu_worker.patching.conftest import build_lora_model, lora_grads, rel, tiny_config
-    from tests.gpu_worker.patching.test_patch_llama import _autocast_step, _batch, _step
+    from tests.gpu_worker.patching.test_patch_llama import _autocast_step, _batch, _flat, _step
 
     config = tiny_config(family)
     dtype = getattr(torch, weights)
@@ -118,8 +114,8 @@ def measure(family: str, seed: int, variant: str, device: str, weights: str = "f
             setattr(decoder, op, triton_op)
     g_stock, g_ours, g_truth = lora_grads(stock), lora_grads(ours), lora_grads(truth)
     furthest = sorted(((rel(g_ours[n], g_truth[n]), rel(g_stock[n], g_truth[n]), n) for n in g_truth), reverse=True)
-    return {"family": family, "seed": seed, "variant": variant, "weights": weights, "device": torch.cuda.get_device_name(0)
-            if device == "cuda" else "cpu", "loss_stock": losses[0], "loss_ours": losses[1], "loss_f32": losses[2],
+    return {"family": family, "seed": seed, "variant": variant, "weights": weights,
+            "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "loss_stock": losses[0], "loss_ours": losses[1], "loss_f32": losses[2],
             "e_ours": rel(_flat(g_ours), _flat(g_truth)), "e_stock": rel(_flat(g_stock), _flat(g_truth)),
             "furthest": [{"tensor": n.replace("base_model.model.", ""), "e_ours": a, "e_stock": b}
                          for a, b, n in furthest[:worst]]}

@@ -104,6 +104,11 @@ def _assert_cpu_step_matches(ref, ours):
     return x
 
 
+def _flat(grads):
+    # every LoRA gradient of a model as one float64 vector, in name order
+    return torch.cat([grads[n].flatten().double() for n in sorted(grads)])
+
+
 def _assert_bf16_grads_as_close_as_stock(config, memory_mode, impl, seed0_grads):
     """bf16 (autocast) LoRA gradients, ours and stock HF+PEFT, against the same model in float32, summed over
     the models of BF16_SEEDS (``seed0_grads``: ours and stock's of the first, computed by the caller).
@@ -118,7 +123,6 @@ def _assert_bf16_grads_as_close_as_stock(config, memory_mode, impl, seed0_grads)
     seed when only the MLP's ops were swapped for their references). Summed over seeds 0-2 ours measured
     1.25x (Phi-3), 1.34x (Llama) and 0.92x (Qwen2) stock's."""
     x, labels = _batch("cuda")
-    flat = lambda g: torch.cat([g[n].flatten().double() for n in sorted(g)])  # noqa: E731
     e_ours = e_stock = 0.0
     for seed in BF16_SEEDS:
         if seed == BF16_SEEDS[0]:
@@ -134,8 +138,8 @@ def _assert_bf16_grads_as_close_as_stock(config, memory_mode, impl, seed0_grads)
         truth = build_lora_model(config, "cuda", seed=seed)
         _step(truth, x, labels, "cuda", autocast=False)
         g_truth = lora_grads(truth)
-        e_ours += rel(flat(g_ours), flat(g_truth))
-        e_stock += rel(flat(g_stock), flat(g_truth))
+        e_ours += rel(_flat(g_ours), _flat(g_truth))
+        e_stock += rel(_flat(g_stock), _flat(g_truth))
     assert e_ours <= max(2 * e_stock, 2e-2 * len(BF16_SEEDS)), (e_ours, e_stock)
 
 
@@ -167,7 +171,6 @@ def test_bf16_weights_match_stock(model_type, device, impl):
     at most twice stock's distance)."""
     config = tiny_config(model_type)
     x, labels = _batch(device)
-    flat = lambda g: torch.cat([g[n].flatten().double() for n in sorted(g)])  # noqa: E731
     e_ours = e_stock = 0.0
     for seed in BF16_SEEDS:
         stock, ours, truth = (build_lora_model(config, device, dtype=torch.bfloat16, seed=seed) for _ in range(3))
@@ -181,8 +184,8 @@ def test_bf16_weights_match_stock(model_type, device, impl):
         assert abs(l_ours - l_truth) <= max(2 * abs(l_stock - l_truth), 5e-2 * abs(l_truth)), (l_ours, l_stock, l_truth)
         g_ours, g_stock, g_truth = lora_grads(ours), lora_grads(stock), lora_grads(truth)
         assert g_ours.keys() == g_truth.keys()
-        e_ours += rel(flat(g_ours), flat(g_truth))
-        e_stock += rel(flat(g_stock), flat(g_truth))
+        e_ours += rel(_flat(g_ours), _flat(g_truth))
+        e_stock += rel(_flat(g_stock), _flat(g_truth))
     assert e_ours <= max(2 * e_stock, 2e-2 * len(BF16_SEEDS)), (e_ours, e_stock)
 
 
