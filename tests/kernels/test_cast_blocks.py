@@ -12,12 +12,6 @@ from tests.kernels.conftest import DEVICES, needs_cuda, needs_triton
 pytestmark = needs_triton
 
 
-def _as_cast(src, device):
-    # what the kernel's cast gives: round to nearest even on the GPU (copy_'s); Triton's CPU interpreter
-    # truncates float32 -> bf16 (as in test_nf4.py)
-    return (src.contiguous().view(torch.int32) & -65536).view(torch.float32) if device == "cpu" else src
-
-
 def _layout(device, n_blocks, big):
     # a padded layer's buffer (bf16) and float32 adapters for disjoint blocks of it, as the layouts place
     # them: tall ones (out x r) in the columns after the weight, wide ones (r x in) in the rows under it;
@@ -41,7 +35,7 @@ def _layout(device, n_blocks, big):
 def test_casts_every_block_as_copy_does_and_nothing_else(device, n_blocks):
     buf, pairs = _layout(device, n_blocks, big=device != "cpu")
     want = buf.clone()
-    cast_blocks_reference([(want.as_strided(d.shape, d.stride(), d.storage_offset()), _as_cast(s, device))
+    cast_blocks_reference([(want.as_strided(d.shape, d.stride(), d.storage_offset()), s)
                            for d, s in pairs])
     cast_blocks(pairs, impl="triton")
     assert torch.equal(buf, want)  # the blocks bit for bit (round to nearest), the rest still 7
@@ -53,7 +47,7 @@ def test_other_layouts_take_copy():
     cast_blocks([(d, src) for d in dsts], impl="triton")
     for d in dsts[:2]:
         assert torch.equal(d, src)
-    assert torch.equal(dsts[2], _as_cast(src, "cpu").to(torch.bfloat16))  # the kernel's (interpreted) cast
+    assert torch.equal(dsts[2], src.to(torch.bfloat16))  # the kernel's cast (interpreted: rounded to nearest)
     cast_blocks([(torch.zeros(0, 4), torch.zeros(0, 4))], impl="triton")  # empty: nothing to launch
 
 

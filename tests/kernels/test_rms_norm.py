@@ -134,8 +134,7 @@ def test_output_dtype_and_rounding_follow_hf(offset, module):
     want = hf(x)
     got = rms_norm(x, hf.weight.detach(), 1e-6, offset=offset, impl="triton")
     assert got.dtype == want.dtype == (torch.float32 if offset == 0.0 else torch.bfloat16)
-    # x_hat is rounded to bf16 in both (Llama) or the output is (Gemma): one bf16 rounding apart at most.
-    # (Not tighter: Triton's CPU interpreter truncates float32 -> bf16 where the GPU rounds to nearest.)
+    # x_hat is rounded to bf16 in both (Llama) or the output is (Gemma): one bf16 rounding apart at most
     assert rel_err(got, want) < TOL[torch.bfloat16]
     assert rms_norm_reference(x, hf.weight.detach(), 1e-6, offset=offset).dtype == want.dtype
 
