@@ -25,10 +25,9 @@ gap can be tied to a layer and a projection; the variants switch off one GPU-onl
 
 Passing a variant twice (``--variants default,default``) tells whether a run repeats to the bit.
 ``--weights bfloat16``: the worker's setting (bf16 frozen weights, float32 adapters, autocast), which runs
-on the CPU through the interpreter too (``TRITON_INTERPRET=1``). The interpreter's numbers do not stand for
-the GPU's: Triton 3.6's interpreter truncates float32 to bf16 where the GPU rounds to nearest, so every bf16
-store in a kernel is twice as far off there (a lone RMSNorm: y 6.2e-3 from float64 against the reference
-ops' 2.9e-3).
+on the CPU through the interpreter too (``TRITON_INTERPRET=1``), whose bf16 casts round to nearest as the
+GPU's do (``backend._cast_rounding_bf16``; Triton's own interpreter truncates). The CPU's GEMMs are not
+cuBLAS's, so a gap that only the GPU shows stays the GPU's to explain.
 
     python3 bench/bf16_grad_error.py --families phi3,llama --seeds 0,1 --out $OUT/bf16_grads.jsonl
 """
