@@ -51,6 +51,23 @@ def test_other_layouts_take_copy():
     cast_blocks([(torch.zeros(0, 4), torch.zeros(0, 4))], impl="triton")  # empty: nothing to launch
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_hard_values_round_as_torch_does(device):
+    # ties (to even, either way), the largest finite float32 (rounds to inf), inf, NaN, bf16 subnormals and
+    # zeros of both signs. On the CPU this checks our interpreted launches' cast (backend._cast_rounding_bf16:
+    # Triton's interpreter truncates)
+    low = torch.arange(64, dtype=torch.int32) << 16
+    ties = torch.cat([low | 0x8000, (low | 0x18000), -(low | 0x8000)]).view(torch.float32)  # mantissas even/odd
+    hard = torch.tensor([3.4028235e38, -3.4028235e38, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40,
+                         0.0, -0.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8])
+    src = torch.cat([ties, hard, torch.randn(77)]).view(1, -1).to(device)
+    dst = torch.zeros_like(src, dtype=torch.bfloat16)
+    cast_blocks([(dst, src)], impl="triton")
+    want = src.to(torch.bfloat16)
+    assert torch.equal(dst.isnan(), want.isnan())
+    assert torch.equal(dst.nan_to_num().view(torch.int16), want.nan_to_num().view(torch.int16))
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_int64_indexing_beyond_2_31_elements():
