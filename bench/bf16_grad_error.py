@@ -114,7 +114,8 @@ def measure(family: str, seed: int, variant: str, device: str, weights: str = "f
     g_stock, g_ours, g_truth = lora_grads(stock), lora_grads(ours), lora_grads(truth)
     furthest = sorted(((rel(g_ours[n], g_truth[n]), rel(g_stock[n], g_truth[n]), n) for n in g_truth), reverse=True)
     return {"family": family, "seed": seed, "variant": variant, "weights": weights,
-            "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "loss_stock": losses[0], "loss_ours": losses[1], "loss_f32": losses[2],
+            "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+            "loss_stock": losses[0], "loss_ours": losses[1], "loss_f32": losses[2],
             "e_ours": rel(_flat(g_ours), _flat(g_truth)), "e_stock": rel(_flat(g_stock), _flat(g_truth)),
             "furthest": [{"tensor": n.replace("base_model.model.", ""), "e_ours": a, "e_stock": b}
                          for a, b, n in furthest[:worst]]}
