@@ -35,6 +35,7 @@ import triton.language as tl  # noqa: E402
 
 from tuneforge_kernels.lora_glu import _act_and_grad, lora_glu_backward_inplace, lora_glu_forward  # noqa: E402
 from tuneforge_kernels.lora_glu import _prec as prec  # noqa: E402
+from tuneforge_kernels import glu_gemm  # noqa: E402
 from tuneforge_kernels.low_rank import low_rank_tile  # noqa: E402
 
 N_TOK, HID, INTER, RANK, SCALE = 8192, 4096, 14336, 16, 2.0
@@ -161,6 +162,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--shape", choices=("8B", "1B"), default="8B", help="1B: hidden 2048, intermediate 8192")
     ap.add_argument("--tokens", type=int, default=N_TOK)
     ap.add_argument("--hidden", type=int, default=HID)
     ap.add_argument("--inter", type=int, default=INTER)
@@ -171,6 +173,8 @@ def main():
     dev = args.device
     bf = torch.bfloat16 if dev == "cuda" else torch.float32
     n, hid, inter = args.tokens, args.hidden, args.inter
+    if args.shape == "1B":
+        hid, inter = 2048, 8192
     sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 4
     x = torch.randn(n, hid, device=dev, dtype=bf)
     wg, wu = (torch.randn(inter, hid, device=dev, dtype=bf) / hid ** 0.5 for _ in range(2))
@@ -179,7 +183,8 @@ def main():
     b_g, b_u = (torch.randn(inter, RANK, device=dev, dtype=bf) * 0.01 for _ in range(2))
     a_d = torch.randn(RANK, inter, device=dev, dtype=bf) * 0.01
     dy = torch.randn(n, hid, device=dev, dtype=bf)
-    base = {"gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__,
+    base = {"shape": f"{n}x{hid}->{inter}", "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
+            "torch": torch.__version__,
             "triton": triton.__version__}
 
     def run(direction, name, fn, ref=None, got=None):
@@ -207,6 +212,8 @@ def main():
 
     ref = [t.clone() for t in ours_fwd()]
     run("fwd", "ours (cuBLAS x2 + lora_glu)", ours_fwd)
+    run("fwd", "glu_gemm.py {}x{}x{}/s{}/w{}".format(*glu_gemm.FWD_TILE),
+        lambda: glu_gemm.glu_gemm_forward(x, wg, wu, "silu", xa_g, b_g, SCALE, xa_u, b_u, SCALE), ref, lambda o: o)
     for cfg in FWD_CONFIGS:
         run("fwd", "fused {}x{}x{}/s{}/w{}".format(*cfg), fused_forward(x, wg, wu, xa_g, b_g, xa_u, b_u, cfg, sms),
             ref, lambda o: o)
@@ -226,6 +233,13 @@ def main():
     bref = [t.clone() for t in ours_bwd()]
     copies = run("bwd", "the variants' restoring copies alone", copies_only)
     run("bwd", "ours (cuBLAS + lora_glu bwd)", ours_bwd)
+
+    def module_bwd():
+        yg.copy_(yg0), yu.copy_(yu0)
+        return glu_gemm.glu_gemm_backward(dy, wd, yg, yu, "silu", xa_g, b_g, SCALE, xa_u, b_u, SCALE, dy_b, a_d,
+                                          SCALE), yg, yu
+
+    run("bwd", "glu_gemm.py {}x{}x{}/s{}/w{}".format(*glu_gemm.BWD_TILE), module_bwd, bref, lambda o: o)
     for cfg in BWD_CONFIGS:
         inner = fused_backward(dy, wd, yg, yu, xa_g, b_g, xa_u, b_u, dy_b, a_d, cfg, sms)
 
