@@ -39,9 +39,10 @@ try:
 except ImportError:
     triton = None
 
-# (BM, BN, BK, stages, warps); forward's BN columns of the gate's product and the same of the up's
-FWD_TILE = (128, 128, 64, 3, 8)
-BWD_TILE = (128, 128, 64, 4, 8)
+# (BM, BN, BK, stages, warps, epilogue split); forward's BN columns of the gate's product and the same of the
+# up's; the epilogue runs in SPLIT column blocks of the tile (1, 2 or 4 in backward, 1 or 2 in forward)
+FWD_TILE = (128, 128, 64, 3, 8, 2)
+BWD_TILE = (128, 128, 64, 4, 8, 4)
 GROUP_M = 8
 
 if triton is not None:
@@ -62,13 +63,39 @@ if triton is not None:
         return tl.dot(a, b, acc)
 
     @triton.jit
-    def _glu_gemm_fwd_kernel(x_desc, wg_desc, wu_desc, YG, YU, H, ld_y, ld_h, M, I, K,
+    def _halves(acc, BM: tl.constexpr, BN: tl.constexpr):
+        # the column halves [:BN/2], [BN/2:] of a (BM, BN) tile held in registers
+        return tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+
+    @triton.jit
+    def _fwd_epilogue(acc_g, acc_u, yg_desc, yu_desc, h_desc, M, I, row0, col0,
+                      XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
+                      ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, RG: tl.constexpr,
+                      RU: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, W: tl.constexpr):
+        rows = row0 + tl.arange(0, BM)
+        cols = col0 + tl.arange(0, W)
+        yg = acc_g.to(yg_desc.dtype)
+        yu = acc_u.to(yu_desc.dtype)
+        yg_desc.store([row0, col0], yg)
+        yu_desc.store([row0, col0], yu)
+        g = yg.to(tl.float32)
+        u = yu.to(tl.float32)
+        if HAS_G:
+            g = low_rank_tile(g, XAG, ld_xg, BG, ld_bg, rows, cols, M, I, rank_g, sg, False, RG, PREC)
+        if HAS_U:
+            u = low_rank_tile(u, XAU, ld_xu, BU, ld_bu, rows, cols, M, I, rank_u, su, False, RU, PREC)
+        act, _ = _act_and_grad(g, ACT)
+        h_desc.store([row0, col0], (act * u).to(h_desc.dtype))
+
+    @triton.jit
+    def _glu_gemm_fwd_kernel(x_desc, wg_desc, wu_desc, yg_desc, yu_desc, h_desc, M, I, K,
                              XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
                              ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, RG: tl.constexpr,
                              RU: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                             BK: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+                             BK: tl.constexpr, SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
+                             NUM_PROGRAMS: tl.constexpr):
         num_m, num_n, k_tiles = tl.cdiv(M, BM), tl.cdiv(I, BN), tl.cdiv(K, BK)
-        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
             pid_m, pid_n = _tile_order(tile, num_m, num_n, GROUP_M)
             acc_g = tl.zeros((BM, BN), dtype=tl.float32)
             acc_u = tl.zeros((BM, BN), dtype=tl.float32)
@@ -76,56 +103,84 @@ if triton is not None:
                 a = x_desc.load([pid_m * BM, kk * BK])
                 acc_g = _dot(a, wg_desc.load([pid_n * BN, kk * BK]).T, acc_g, PREC)
                 acc_u = _dot(a, wu_desc.load([pid_n * BN, kk * BK]).T, acc_u, PREC)
-            rows = pid_m * BM + tl.arange(0, BM)
-            cols = pid_n * BN + tl.arange(0, BN)
-            mask = (rows[:, None] < M) & (cols[None, :] < I)
-            offs = rows[:, None].to(tl.int64) * ld_y + cols[None, :]
-            yg = acc_g.to(YG.dtype.element_ty)
-            yu = acc_u.to(YU.dtype.element_ty)
-            tl.store(YG + offs, yg, mask=mask)
-            tl.store(YU + offs, yu, mask=mask)
-            g = yg.to(tl.float32)
-            u = yu.to(tl.float32)
-            if HAS_G:
-                g = low_rank_tile(g, XAG, ld_xg, BG, ld_bg, rows, cols, M, I, rank_g, sg, False, RG, PREC)
-            if HAS_U:
-                u = low_rank_tile(u, XAU, ld_xu, BU, ld_bu, rows, cols, M, I, rank_u, su, False, RU, PREC)
-            act, _ = _act_and_grad(g, ACT)
-            tl.store(H + rows[:, None].to(tl.int64) * ld_h + cols[None, :], (act * u).to(H.dtype.element_ty),
-                     mask=mask)
+            if SPLIT == 1:
+                _fwd_epilogue(acc_g, acc_u, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN, XAG, XAU, ld_xg, ld_xu,
+                              BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, ACT, HAS_G, HAS_U, RG, RU, PREC, BM, BN)
+            else:  # in column halves: half the epilogue's float32 tiles alive at a time
+                g0, g1 = _halves(acc_g, BM, BN)
+                u0, u1 = _halves(acc_u, BM, BN)
+                _fwd_epilogue(g0, u0, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN, XAG, XAU, ld_xg, ld_xu,
+                              BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, ACT, HAS_G, HAS_U, RG, RU, PREC, BM, BN // 2)
+                _fwd_epilogue(g1, u1, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN + BN // 2, XAG, XAU, ld_xg,
+                              ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, ACT, HAS_G, HAS_U, RG, RU, PREC, BM, BN // 2)
 
     @triton.jit
-    def _glu_gemm_bwd_kernel(dy_desc, wd_desc, YG, YU, H, ld_y, ld_h, M, I, K,
+    def _bwd_epilogue(acc, yg_desc, yu_desc, h_desc, M, I, row0, col0,
+                      XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
+                      DYB, ld_dyb, AD, ld_ad, rank_d, sd,
+                      ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
+                      RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+                      W: tl.constexpr):
+        rows = row0 + tl.arange(0, BM)
+        cols = col0 + tl.arange(0, W)
+        dh = acc.to(h_desc.dtype).to(tl.float32)  # DH rounded, as the unfused GEMM stores it
+        if HAS_D:
+            dh = low_rank_tile(dh, DYB, ld_dyb, AD, ld_ad, rows, cols, M, I, rank_d, sd, True, RD, PREC)
+        g = yg_desc.load([row0, col0]).to(tl.float32)
+        u = yu_desc.load([row0, col0]).to(tl.float32)
+        if HAS_G:
+            g = low_rank_tile(g, XAG, ld_xg, BG, ld_bg, rows, cols, M, I, rank_g, sg, False, RG, PREC)
+        if HAS_U:
+            u = low_rank_tile(u, XAU, ld_xu, BU, ld_bu, rows, cols, M, I, rank_u, su, False, RU, PREC)
+        act, dact = _act_and_grad(g, ACT)
+        h_desc.store([row0, col0], (act * u).to(h_desc.dtype))
+        yu_desc.store([row0, col0], (dh * act).to(yu_desc.dtype))
+        yg_desc.store([row0, col0], (dh * u * dact).to(yg_desc.dtype))
+
+    @triton.jit
+    def _glu_gemm_bwd_kernel(dy_desc, wd_desc, yg_desc, yu_desc, h_desc, M, I, K,
                              XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
                              DYB, ld_dyb, AD, ld_ad, rank_d, sd,
                              ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
                              RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, PREC: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                             NUM_PROGRAMS: tl.constexpr):
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+                             GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
         num_m, num_n, k_tiles = tl.cdiv(M, BM), tl.cdiv(I, BN), tl.cdiv(K, BK)
-        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
             pid_m, pid_n = _tile_order(tile, num_m, num_n, GROUP_M)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for kk in range(k_tiles):
                 acc = _dot(dy_desc.load([pid_m * BM, kk * BK]), wd_desc.load([kk * BK, pid_n * BN]), acc, PREC)
-            rows = pid_m * BM + tl.arange(0, BM)
-            cols = pid_n * BN + tl.arange(0, BN)
-            mask = (rows[:, None] < M) & (cols[None, :] < I)
-            offs = rows[:, None].to(tl.int64) * ld_y + cols[None, :]
-            dh = acc.to(H.dtype.element_ty).to(tl.float32)  # DH rounded, as the unfused GEMM stores it
-            if HAS_D:
-                dh = low_rank_tile(dh, DYB, ld_dyb, AD, ld_ad, rows, cols, M, I, rank_d, sd, True, RD, PREC)
-            g = tl.load(YG + offs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(YU + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_G:
-                g = low_rank_tile(g, XAG, ld_xg, BG, ld_bg, rows, cols, M, I, rank_g, sg, False, RG, PREC)
-            if HAS_U:
-                u = low_rank_tile(u, XAU, ld_xu, BU, ld_bu, rows, cols, M, I, rank_u, su, False, RU, PREC)
-            act, dact = _act_and_grad(g, ACT)
-            tl.store(H + rows[:, None].to(tl.int64) * ld_h + cols[None, :], (act * u).to(H.dtype.element_ty),
-                     mask=mask)
-            tl.store(YU + offs, (dh * act).to(YU.dtype.element_ty), mask=mask)
-            tl.store(YG + offs, (dh * u * dact).to(YG.dtype.element_ty), mask=mask)
+            W: tl.constexpr = BN // SPLIT
+            # the epilogue in SPLIT column blocks: fewer float32 tiles alive at a time
+            if SPLIT == 1:
+                _bwd_epilogue(acc, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN, XAG, XAU, ld_xg, ld_xu, BG, BU,
+                              ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
+                              ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W)
+            else:
+                a0, a1 = _halves(acc, BM, BN)
+                if SPLIT == 2:
+                    _bwd_epilogue(a0, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN, XAG, XAU, ld_xg, ld_xu, BG,
+                                  BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
+                                  ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W)
+                    _bwd_epilogue(a1, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN + W, XAG, XAU, ld_xg, ld_xu,
+                                  BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
+                                  ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W)
+                else:  # quarters
+                    q0, q1 = _halves(a0, BM, BN // 2)
+                    q2, q3 = _halves(a1, BM, BN // 2)
+                    _bwd_epilogue(q0, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN, XAG, XAU, ld_xg, ld_xu, BG,
+                                  BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
+                                  ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W)
+                    _bwd_epilogue(q1, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN + W, XAG, XAU, ld_xg, ld_xu,
+                                  BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
+                                  ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W)
+                    _bwd_epilogue(q2, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN + 2 * W, XAG, XAU, ld_xg,
+                                  ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d,
+                                  sd, ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W)
+                    _bwd_epilogue(q3, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN + 3 * W, XAG, XAU, ld_xg,
+                                  ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d,
+                                  sd, ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W)
 
 
 def _tma_ready(t) -> bool:
@@ -168,13 +223,13 @@ def glu_gemm_forward(x, wg, wu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=Non
     h = torch.empty(n, i, device=x.device, dtype=x.dtype)
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
-    bm, bn, bk, stages, warps = FWD_TILE
+    bm, bn, bk, stages, warps, split = FWD_TILE
     programs = _programs(triton.cdiv(n, bm) * triton.cdiv(i, bn), x)
     launcher(_glu_gemm_fwd_kernel, x)[(programs,)](
-        _descriptor(x, (bm, bk)), _descriptor(wg, (bn, bk)), _descriptor(wu, (bn, bk)), yg, yu, h,
-        yg.stride(0), h.stride(0), n, i, k, xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
+        _descriptor(x, (bm, bk)), _descriptor(wg, (bn, bk)), _descriptor(wu, (bn, bk)),
+        *(_descriptor(t, (bm, bn // split)) for t in (yg, yu, h)), n, i, k, xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
         ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, RG=pg, RU=pu, PREC=_prec(x), BM=bm, BN=bn, BK=bk,
-        GROUP_M=GROUP_M, NUM_PROGRAMS=programs, num_stages=stages, num_warps=warps)
+        SPLIT=split, GROUP_M=GROUP_M, NUM_PROGRAMS=programs, num_stages=stages, num_warps=warps)
     return yg, yu, h
 
 
@@ -184,19 +239,21 @@ def glu_gemm_backward(dy, wd, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa
     overwrites ``yg``/``yu`` (the forward's base products, (N, I) with one row stride) with ``dg``/``du``,
     where ``dh = dy W_d + s_d dy_b A_d``; ``dy`` (N, H), ``wd`` (H, I), ``dy_b`` (N, r_d), ``a_d`` (r_d, I)."""
     (n, k), i = dy.shape, wd.shape[1]
-    assert wd.shape[0] == k and yg.shape == yu.shape == (n, i) and yg.stride() == yu.stride(), (
-        dy.shape, wd.shape, yg.shape, yu.shape)
+    assert wd.shape[0] == k and yg.shape == yu.shape == (n, i) and _tma_ready(yg) and _tma_ready(yu), (
+        dy.shape, wd.shape, yg.shape, yu.shape, yg.stride(), yu.stride())
     h = torch.empty(n, i, device=dy.device, dtype=dy.dtype)
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
     xd, ad, ld_xd, ld_ad, rd, sd, has_d, pd = _term(dy_b, a_d, s_d, yg)
-    bm, bn, bk, stages, warps = BWD_TILE
+    bm, bn, bk, stages, warps, split = BWD_TILE
     programs = _programs(triton.cdiv(n, bm) * triton.cdiv(i, bn), dy)
     launcher(_glu_gemm_bwd_kernel, dy)[(programs,)](
-        _descriptor(dy, (bm, bk)), _descriptor(wd, (bk, bn)), yg, yu, h, yg.stride(0), h.stride(0), n, i, k,
+        _descriptor(dy, (bm, bk)), _descriptor(wd, (bk, bn)), *(_descriptor(t, (bm, bn // split)) for t in (yg, yu, h)),
+        n, i, k,
         xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su, xd, ld_xd, ad, ld_ad, rd, sd,
         ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, RG=pg, RU=pu, RD=pd, PREC=_prec(dy),
-        BM=bm, BN=bn, BK=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=programs, num_stages=stages, num_warps=warps)
+        BM=bm, BN=bn, BK=bk, SPLIT=split, GROUP_M=GROUP_M, NUM_PROGRAMS=programs, num_stages=stages,
+        num_warps=warps)
     return h
 
 
