@@ -40,8 +40,8 @@ from tuneforge_kernels.lora_glu import lora_glu_backward_inplace, lora_glu_forwa
 N_TOK, HID, INTER, RANK, SCALE = 8192, 4096, 14336, 16, 2.0
 # glu_gemm's (BM, BN, BK, stages, warps, epilogue split) candidates; in forward BN columns each of the gate's
 # and the up's product. Chosen by ptxas's report (no spills, wgmma not serialised) for sm_90a.
-FWD_CONFIGS = [(128, 128, 64, 3, 8, 2), (128, 128, 64, 3, 8, 1), (128, 128, 64, 4, 8, 2)]
-BWD_CONFIGS = [(128, 128, 64, 4, 8, 4), (128, 128, 64, 3, 8, 4), (128, 128, 64, 4, 8, 2), (128, 256, 64, 3, 8, 4)]
+FWD_CONFIGS = [(128, 128, 64, 3, 8, 1, 1), (64, 64, 64, 4, 4, 1, 2), (64, 128, 64, 2, 4, 1, 2)]
+BWD_CONFIGS = [(128, 256, 64, 3, 8, 4, 1), (64, 128, 64, 3, 4, 4, 2), (64, 128, 64, 4, 4, 2, 2)]
 
 
 def _rel(a, b):
@@ -107,7 +107,7 @@ def main():
     run("fwd", "ours (cuBLAS x2 + lora_glu)", ours_fwd)
     for cfg in FWD_CONFIGS:
         glu_gemm.FWD_TILE = cfg
-        run("fwd", "glu_gemm {}x{}x{}/s{}/w{}/split{}".format(*cfg),
+        run("fwd", "glu_gemm {}x{}x{}/s{}/w{}/split{}/{}perSM".format(*cfg),
             lambda: glu_gemm.glu_gemm_forward(x, wg, wu, "silu", xa_g, b_g, SCALE, xa_u, b_u, SCALE), ref, lambda o: o)
     # backward: the same saved base products each time (the in-place variants overwrite theirs)
     yg0, yu0 = ref[0], ref[1]
@@ -133,7 +133,7 @@ def main():
 
     for cfg in BWD_CONFIGS:
         glu_gemm.BWD_TILE = cfg
-        run("bwd", "glu_gemm {}x{}x{}/s{}/w{}/split{}".format(*cfg), module_bwd, bref, lambda o: o)
+        run("bwd", "glu_gemm {}x{}x{}/s{}/w{}/split{}/{}perSM".format(*cfg), module_bwd, bref, lambda o: o)
     print(f"(backward times include {copies.get('ms', float('nan')):.3f} ms of restoring copies)")
 
 

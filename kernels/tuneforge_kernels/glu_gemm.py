@@ -39,10 +39,12 @@ try:
 except ImportError:
     triton = None
 
-# (BM, BN, BK, stages, warps, epilogue split); forward's BN columns of the gate's product and the same of the
-# up's; the epilogue runs in SPLIT column blocks of the tile (1, 2 or 4 in backward, 1 or 2 in forward)
-FWD_TILE = (128, 128, 64, 3, 8, 2)
-BWD_TILE = (128, 128, 64, 4, 8, 4)
+# (BM, BN, BK, stages, warps, epilogue split, programs per SM); forward's BN columns of the gate's product and
+# the same of the up's; the epilogue runs in SPLIT column blocks of the tile (1, 2 or 4 in backward, 1 or 2 in
+# forward); two programs an SM (where registers and shared memory allow) overlap one's epilogue with the
+# other's GEMM
+FWD_TILE = (128, 128, 64, 3, 8, 1, 1)
+BWD_TILE = (128, 256, 64, 3, 8, 4, 1)
 GROUP_M = 8
 
 if triton is not None:
@@ -57,9 +59,9 @@ if triton is not None:
 
     @triton.jit
     def _dot(a, b, acc, PREC: tl.constexpr):
-        # float32 operands (the interpreter's tests): exact products, not tf32
+        # "ieee": float32 operands exact, not tf32 (and bf16 ones upcast: the interpreter has no bf16 dot)
         if PREC == "ieee":
-            return tl.dot(a, b, acc, input_precision="ieee")
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         return tl.dot(a, b, acc)
 
     @triton.jit
@@ -206,8 +208,8 @@ def _descriptor(t, block):
     return TensorDescriptor.from_tensor(t, list(block))
 
 
-def _programs(tiles: int, like: torch.Tensor) -> int:
-    return max(1, min(sm_count(like.device.index or 0) if like.is_cuda else 4, tiles))
+def _programs(tiles: int, like: torch.Tensor, per_sm: int) -> int:
+    return max(1, min(per_sm * sm_count(like.device.index or 0) if like.is_cuda else 4, tiles))
 
 
 def glu_gemm_forward(x, wg, wu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0):
@@ -223,8 +225,8 @@ def glu_gemm_forward(x, wg, wu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=Non
     h = torch.empty(n, i, device=x.device, dtype=x.dtype)
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
-    bm, bn, bk, stages, warps, split = FWD_TILE
-    programs = _programs(triton.cdiv(n, bm) * triton.cdiv(i, bn), x)
+    bm, bn, bk, stages, warps, split, per_sm = FWD_TILE
+    programs = _programs(triton.cdiv(n, bm) * triton.cdiv(i, bn), x, per_sm)
     launcher(_glu_gemm_fwd_kernel, x)[(programs,)](
         _descriptor(x, (bm, bk)), _descriptor(wg, (bn, bk)), _descriptor(wu, (bn, bk)),
         *(_descriptor(t, (bm, bn // split)) for t in (yg, yu, h)), n, i, k, xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
@@ -245,8 +247,8 @@ def glu_gemm_backward(dy, wd, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
     xd, ad, ld_xd, ld_ad, rd, sd, has_d, pd = _term(dy_b, a_d, s_d, yg)
-    bm, bn, bk, stages, warps, split = BWD_TILE
-    programs = _programs(triton.cdiv(n, bm) * triton.cdiv(i, bn), dy)
+    bm, bn, bk, stages, warps, split, per_sm = BWD_TILE
+    programs = _programs(triton.cdiv(n, bm) * triton.cdiv(i, bn), dy, per_sm)
     launcher(_glu_gemm_bwd_kernel, dy)[(programs,)](
         _descriptor(dy, (bm, bk)), _descriptor(wd, (bk, bn)), *(_descriptor(t, (bm, bn // split)) for t in (yg, yu, h)),
         n, i, k,
