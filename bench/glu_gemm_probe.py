@@ -10,7 +10,7 @@ on what the epilogue costs the GEMM at the power cap, which is what this measure
 (8,192 tokens, 4096 -> 14336, rank 16, silu), each variant run back to back for ``--seconds``:
 
 - forward, ``ours``: two cuBLAS GEMMs (``x W_g^T``, ``x W_u^T``) and ``lora_glu_forward``;
-  ``glu_gemm``: kernels/tuneforge_kernels/glu_gemm.py's forward at a few tiles (persistent Triton GEMM, the
+  ``glu_gemm``: bench/glu_gemm.py's forward at a few tiles (persistent Triton GEMM, the
   gate's and up's columns in one program, the epilogue adding the rank-r terms and writing ``Yg``, ``Yu``,
   ``h``);
 - backward, ``ours``: cuBLAS ``dy W_d`` and ``lora_glu_backward_inplace``; ``glu_gemm``: its backward (the
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import triton  # noqa: E402
 
-from tuneforge_kernels import glu_gemm  # noqa: E402
+import glu_gemm  # noqa: E402  (bench/glu_gemm.py)
 from tuneforge_kernels.lora_glu import lora_glu_backward_inplace, lora_glu_forward  # noqa: E402
 
 N_TOK, HID, INTER, RANK, SCALE = 8192, 4096, 14336, 16, 2.0

@@ -307,11 +307,6 @@ def setup_hf(args):
             patching = sys.modules["gpu_worker.patching"]
             patching.PAD_MAX_HIDDEN = 0 if pad == "off" else 1 << 30
             patching.PAD_QKV_MAX_HIDDEN = 1 << 30 if pad == "on" else 0
-        glu = getattr(args, "glu_gemm", "auto")
-        if glu != "auto":  # an A/B: the MLP's GEMMs with the activation in their epilogues, or apart
-            import tuneforge_kernels.lora_mlp as lora_mlp
-
-            lora_mlp.GLU_GEMMS = glu == "on"
         args.patch_module = sys.modules["gpu_worker.patching"].__file__
         # an A/B: the decoder layers' CUDA graphs always / never instead of the patcher's rule
         graphs = {"auto": {}, "on": {"cuda_graphs": True}, "off": {"cuda_graphs": False}}[getattr(args, "graphs", "auto")]
@@ -813,9 +808,6 @@ def main():
                          "or the MLP's only at any size (an A/B)")
     ap.add_argument("--glu-tile", default=None, type=_tile_arg,
                     help="ours: rows,cols,warps for lora_glu's kernels instead of its TILE (an A/B; v13: 32,128,4)")
-    ap.add_argument("--glu-gemm", choices=["auto", "on", "off"], default="auto",
-                    help="ours: the MLP's GEMMs with the gated activation in their epilogues (glu_gemm.py), "
-                         "or the GEMMs and lora_glu's passes apart")
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
                     help="ours: replay the decoder layers as CUDA graphs by the patcher's rule, always or never")
     ap.add_argument("--attention", choices=["auto", "sdpa", "fa4"], default="auto",

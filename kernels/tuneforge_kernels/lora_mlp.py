@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tuneforge_kernels import glu_gemm, lora_glu
+from tuneforge_kernels import lora_glu
 from tuneforge_kernels.backend import use_triton
 from tuneforge_kernels.cast_blocks import cast_blocks
 from tuneforge_kernels.copy_rows import copy_rows
@@ -103,15 +103,6 @@ def frozen_input_grad(dy, w, dtype: torch.dtype, out=None, add: bool = False) ->
     if out is None:
         return dy @ w
     return out.addmm_(dy, w) if add else torch.mm(dy, w, out=out)
-
-
-# lora_mlp's GEMMs with the activation in their epilogues (glu_gemm.py) where they take the operands; False:
-# the GEMMs and lora_glu's passes apart (an A/B switch, bench/train_step.py --glu-gemm)
-GLU_GEMMS = True
-
-
-def _glu_gemms(a, weights, dtype) -> bool:
-    return GLU_GEMMS and glu_gemm.supported(a, *weights, dtype=dtype)
 
 
 def _act_forward(g, u, act, terms):
@@ -290,22 +281,6 @@ def _joined_weights(weights, dtype):
     return w_all if w_all is not None and w_all.dtype == dtype else None
 
 
-def _gate_up_inputs(x, ag, au, dropped=(None, None)):
-    """The gate's and up's rank-r products ``x A_g^T``, ``x A_u^T`` (None where no adapter): one GEMM for both
-    (x read once), one product for a shared A, each adapter's dropped input where it has dropout."""
-    if ag is not None and au is not None and ag is not au and all(d is not None for d in dropped):
-        xa = dropped_input_products(x, [(ag, dropped[0]), (au, dropped[1])], impl="triton")  # x read once
-        return xa[:, :ag.shape[0]], xa[:, ag.shape[0]:]
-    if ag is None or au is None or any(d is not None for d in dropped) and ag is not au:
-        return (_input_product(x, ag, dropped[0]) if ag is not None else None,
-                _input_product(x, au, dropped[1]) if au is not None else None)
-    if ag is au:
-        xa = _input_product(x, ag, dropped[0])
-        return xa, xa
-    xa = x @ rows_of([ag, au]).t()                                                # (N, r_g + r_u)
-    return xa[:, :ag.shape[0]], xa[:, ag.shape[0]:]
-
-
 def _gate_up(x, weights, dtype, lora, scales, fused, dropped=(None, None)):
     """``x W_g^T``, ``x W_u^T`` and the rank-r ``x A_g^T``, ``x A_u^T`` (one GEMM for both, x read once; one
     product when gate and up share their A, as Phi-3's split ``gate_up_proj``). Weights stored in one
@@ -323,7 +298,17 @@ def _gate_up(x, weights, dtype, lora, scales, fused, dropped=(None, None)):
         xq = _fp8_input(x, weights)
         g = frozen_linear(x, weights[0], dtype, xq=xq)                          # (N, I)
         u = frozen_linear(x, weights[1], dtype, xq=xq)                          # (N, I)
-    xa_g, xa_u = _gate_up_inputs(x, ag, au, dropped)
+    if ag is not None and au is not None and ag is not au and all(d is not None for d in dropped):
+        xa = dropped_input_products(x, [(ag, dropped[0]), (au, dropped[1])], impl="triton")  # x read once
+        xa_g, xa_u = xa[:, :ag.shape[0]], xa[:, ag.shape[0]:]
+    elif ag is None or au is None or any(d is not None for d in dropped) and ag is not au:
+        xa_g = _input_product(x, ag, dropped[0]) if ag is not None else None
+        xa_u = _input_product(x, au, dropped[1]) if au is not None else None
+    elif ag is au:
+        xa_g = xa_u = _input_product(x, ag, dropped[0])
+    else:
+        xa = x @ rows_of([ag, au]).t()                                            # (N, r_g + r_u)
+        xa_g, xa_u = xa[:, :ag.shape[0]], xa[:, ag.shape[0]:]
     if not fused:
         for y, xa, b, s in ((g, xa_g, bg, scales[0]), (u, xa_u, bu, scales[1])):
             if xa is not None:
@@ -358,23 +343,17 @@ def _rows_backward(dy2, x2, g, u, xa_g, xa_u, lora, weights, scales, need, act, 
     ag, bg, au, bu, ad, bd = lora
     wg, wu, wd = weights
     sg, su, sd = scales
+    dh = frozen_input_grad(dy2, wd, dtype)                                      # (N, I)
     dy_b = dy2 @ bd if ad is not None else None                                 # (N, r)
     drop_d = dropped[2]
-    if fused and drop_d is None and g.stride() == u.stride() and _glu_gemms(dy2, (wd,), dtype):
-        # dh never stored: the down projection's input-gradient GEMM writes h, dg, du from its tiles
-        h = glu_gemm.glu_gemm_backward(dy2, wd, g, u, act, **_glu_terms(True, xa_g, xa_u, lora, scales),
-                                       dy_b=dy_b, a_d=ad, s_d=sd)
-    else:
-        dh = frozen_input_grad(dy2, wd, dtype)                                  # (N, I)
-        if ad is not None and not fused:
-            if drop_d is None:
-                dh.addmm_(dy_b, ad, alpha=sd)
-            else:
-                add_masked_input_grads_(dh, [(dy_b, ad, drop_d, sd)], impl="triton")
-        down = {"dy_b": dy_b, "a_d": ad, "s_d": sd, "dropped_d": drop_d} if fused else {}
-        lora_glu.lora_glu_backward_inplace(dh, g, u, act, **_glu_terms(fused, xa_g, xa_u, lora, scales), **down)
-        h = dh
-    dg, du = g, u
+    if ad is not None and not fused:
+        if drop_d is None:
+            dh.addmm_(dy_b, ad, alpha=sd)
+        else:
+            add_masked_input_grads_(dh, [(dy_b, ad, drop_d, sd)], impl="triton")
+    down = {"dy_b": dy_b, "a_d": ad, "s_d": sd, "dropped_d": drop_d} if fused else {}
+    lora_glu.lora_glu_backward_inplace(dh, g, u, act, **_glu_terms(fused, xa_g, xa_u, lora, scales), **down)
+    h, dg, du = dh, g, u
     if drop_d is not None and not fused:
         h = drop(h, drop_d, impl="triton")  # (the kernel wrote h dropped over dh where it is fused)
     grads = [None] * 6
@@ -427,12 +406,8 @@ class _LoraMLPFunction(torch.autograd.Function):
             g = u = xa_g = xa_u = xa_d = None
             y = x2.new_empty(x2.shape[0], _out_features(wd))                    # (N, H)
         else:
-            if fused and _glu_gemms(x2, (wg, wu), dtype):  # the activation in the GEMM's epilogue
-                xa_g, xa_u = _gate_up_inputs(x2, ag_, au_, (drop_g, drop_u))
-                g, u, h = glu_gemm.glu_gemm_forward(x2, wg, wu, act, **_glu_terms(True, xa_g, xa_u, cast, (sg, su)))
-            else:
-                g, u, xa_g, xa_u = _gate_up(x2, (wg, wu), dtype, cast[:4], (sg, su), fused, (drop_g, drop_u))
-                h = _act_forward(g, u, act, _glu_terms(fused, xa_g, xa_u, cast, (sg, su)))  # (N, I)
+            g, u, xa_g, xa_u = _gate_up(x2, (wg, wu), dtype, cast[:4], (sg, su), fused, (drop_g, drop_u))
+            h = _act_forward(g, u, act, _glu_terms(fused, xa_g, xa_u, cast, (sg, su)))  # (N, I)
             # h A_d^T (N, r) is kept: backward's dB_d reads it (a pass over h less for r columns)
             c = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
             y, xa_d = _project(h, wd, ad_, bd_, sd, dtype, c, drop_d)          # (N, H)

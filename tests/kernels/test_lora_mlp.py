@@ -47,11 +47,7 @@ def _as64(p: LoraWeights):
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("down_lora", [True, False])
 @pytest.mark.parametrize("join", [False, True])
-@pytest.mark.parametrize("glu_gemms", [True, False])
-def test_matches_reference(device, dtype, act, down_lora, join, glu_gemms, monkeypatch):
-    # glu_gemms: the GEMMs with the activation in their epilogues where they take the operands (float32 on
-    # the CPU, bf16 on a GPU), else the GEMMs and lora_glu apart
-    monkeypatch.setattr("tuneforge_kernels.lora_mlp.GLU_GEMMS", glu_gemms)
+def test_matches_reference(device, dtype, act, down_lora, join):
     # join: gate's and up's base weights in one buffer (the patcher's layout for small models): one GEMM
     # for both, g and u the column halves of its output
     torch.manual_seed(0)
@@ -78,9 +74,7 @@ def test_matches_reference(device, dtype, act, down_lora, join, glu_gemms, monke
         assert rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else TOL[dtype])
 
 
-@pytest.mark.parametrize("glu_gemms", [False, True])
-def test_joined_gate_up_weights_take_one_gemm_each_way(glu_gemms, monkeypatch):
-    monkeypatch.setattr("tuneforge_kernels.lora_mlp.GLU_GEMMS", glu_gemms)
+def test_joined_gate_up_weights_take_one_gemm_each_way():
     torch.manual_seed(2)
     x = torch.randn(6, 8, requires_grad=True)
     gate, up, down = _small_mlp()
@@ -89,9 +83,8 @@ def test_joined_gate_up_weights_take_one_gemm_each_way(glu_gemms, monkeypatch):
         with count_matmuls() as n:
             lora_mlp(x, g, u, down, impl="triton").sum().backward()
         counts.append(n["big"])
-    # forward gate+up (unless glu_gemm.py's kernel computes both, joined or not), backward dx: products
-    # fewer over the (tokens x intermediate) operands
-    assert counts[1] == counts[0] - (1 if glu_gemms else 2), counts
+    # forward gate+up, backward dx: two products fewer over the (tokens x intermediate) operands
+    assert counts[1] == counts[0] - 2, counts
 
 
 def test_down_projections_rank_r_input_is_kept_not_recomputed():
@@ -270,14 +263,8 @@ def test_gate_and_up_share_one_product_in_every_mode(monkeypatch):
     assert calls == [1]  # the down projection's h A_d^T
 
 
-@pytest.mark.parametrize("glu_gemms", [False, True])
-def test_output_unused_skips_the_down_projection(glu_gemms, monkeypatch):
-    import tuneforge_kernels.glu_gemm as glu_gemm
-
-    monkeypatch.setattr("tuneforge_kernels.lora_mlp.GLU_GEMMS", glu_gemms)
+def test_output_unused_skips_the_down_projection(monkeypatch):
     calls = _count_calls(monkeypatch, "_act_forward")
-    real = glu_gemm.glu_gemm_forward  # the activation in the GEMM's epilogue: counted the same
-    monkeypatch.setattr(glu_gemm, "glu_gemm_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     gate, up, down = _small_mlp()
     x = torch.randn(3, 8, requires_grad=True)
     lora_mlp(x, gate, up, down, impl="triton", output_unused=True)

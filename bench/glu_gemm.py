@@ -1,4 +1,7 @@
-"""The LoRA MLP's two widest GEMMs with the gated activation in their epilogues.
+"""An experiment, measured and not adopted (bench/NOTES.md, session 30): the LoRA MLP's two widest GEMMs with
+the gated activation in their epilogues. On an H100 at 8B these kernels run 1.6% (forward) and 3% (backward)
+slower than cuBLAS followed by lora_glu's passes, so kernels/ keeps those; this file stays for
+bench/glu_gemm_probe.py, which times the two against each other.
 
 lora_glu.py computes ``h = act(g) * u`` (forward) and ``h, dg, du`` (backward) in passes of their own over
 (tokens x intermediate) tensors that a GEMM has just written (forward: the gate's and up's base products
@@ -17,10 +20,11 @@ unfused pair rounds it: the base products to the compute dtype before the terms 
 reads back from memory), the outputs once. So the results equal ``frozen GEMM + lora_glu`` up to the GEMMs'
 summation order.
 
-The GEMMs are persistent (one program per SM walking output tiles, grouped so the weight tiles stay in L2),
-their operands loaded through TMA descriptors: rows must start on 16 bytes (``supported``). The adapter
-dropout of the down projection (its mask in the backward's epilogue) is not taken: lora_mlp keeps the
-unfused pair there.
+The GEMMs are persistent (programs walking output tiles, grouped so the weight tiles stay in L2), their
+operands loaded and their outputs stored through TMA descriptors: rows must start on 16 bytes
+(``supported``). Without warp specialisation (Triton 3.6 does not specialise Hopper's loops; 3.9 compiles
+``warp_specialize=True`` for sm_90 without it) the epilogue does not overlap the next tile's GEMM: it costs
+about what lora_glu's separate pass costs. Adapter dropout on the down projection is not taken.
 """
 
 from __future__ import annotations
