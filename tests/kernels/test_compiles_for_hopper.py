@@ -63,6 +63,12 @@ def _signature(kernel, args, kwargs):
 @pytest.fixture
 def launches(monkeypatch):
     """Every kernel launch of the test, recorded (unique signatures) and still run through the interpreter."""
+    return record_launches(monkeypatch)
+
+
+def record_launches(monkeypatch) -> dict:
+    """From now on (until ``monkeypatch`` is undone) every launch of our kernels is recorded into the returned
+    dict, one entry per signature, and still run through the interpreter (bench/ptxas_report.py uses it too)."""
     from tuneforge_kernels import backend
 
     seen = {}
@@ -109,6 +115,18 @@ for module, name, sig, consts, warps in pickle.load(open(sys.argv[1], "rb")):
         compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": warps})
         assert compiled.asm.get("cubin"), "no cubin"
+        if len(sys.argv) > 2:  # --report: ptxas's resource line (registers, spills) for each launch
+            import subprocess, tempfile
+            from triton.backends.nvidia.compiler import get_ptxas
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+                ptx.write(compiled.asm["ptx"])
+                ptx.flush()
+                out = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx.name, "-o", os.devnull],
+                                     capture_output=True, text=True)
+            lines = [l.split(":", 1)[-1].strip() for l in (out.stdout + out.stderr).splitlines()
+                     if "registers" in l or "spill" in l or "C7515" in l]
+            print("\\t".join(["REPORT", module, name, str(warps), repr(sorted(consts.items())), " | ".join(lines)]),
+                  flush=True)
     except Exception as err:  # every failure reported, not only the first
         failures.append(f"{module}.{name} {consts}: {type(err).__name__}: {str(err)[-600:]}")
 print("\\n".join(failures))
@@ -116,18 +134,20 @@ sys.exit(1 if failures else 0)
 """
 
 
-def _compile_all(launches, tmp_path) -> subprocess.CompletedProcess:
+def compile_all(launches, tmp_path, report: bool = False) -> subprocess.CompletedProcess:
+    """The recorded launches compiled for sm_90 in a fresh interpreter; ``report``: each one's ``REPORT`` line
+    (ptxas's registers and spill bytes) on its stdout."""
     path = tmp_path / "launches.pkl"
     path.write_bytes(pickle.dumps(list(launches.values())))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(root, "kernels"), root,
                                                         os.environ.get("PYTHONPATH", "")]))
     env.pop("TRITON_INTERPRET", None)
-    return subprocess.run([sys.executable, "-c", _COMPILE, str(path)], capture_output=True, text=True, env=env,
-                          timeout=1500)
+    return subprocess.run([sys.executable, "-c", _COMPILE, str(path), *(["--report"] if report else [])],
+                          capture_output=True, text=True, env=env, timeout=1500)
 
 
-def _train_step(model_type, dropout, memory_mode="off"):
+def train_step(model_type, dropout, memory_mode="off"):
     from gpu_worker.patching import patch_model
     from tests.gpu_worker.patching.conftest import build_lora_model, tiny_config
 
@@ -137,7 +157,7 @@ def _train_step(model_type, dropout, memory_mode="off"):
     model(input_ids=x, labels=x).loss.backward()
 
 
-def _other_ops():
+def other_ops():
     """The kernels a tiny model's step does not launch, each called once as the GPU would (bf16)."""
     from tests.kernels.test_nf4 import _state
     from tuneforge_kernels.cast_blocks import cast_blocks
@@ -176,14 +196,14 @@ def test_every_kernel_compiles_for_sm90(launches, tmp_path):
 
     with philox_everywhere():  # CUDA's masks: the seeded kernels
         for model_type in ("llama", "qwen2", "gemma2", "phi3"):
-            _train_step(model_type, 0.1)
-        _train_step("llama", 0.0)
-        _train_step("llama", 0.1, memory_mode="offload")
-        _other_ops()
+            train_step(model_type, 0.1)
+        train_step("llama", 0.0)
+        train_step("llama", 0.1, memory_mode="offload")
+        other_ops()
     kernels = {key[1] for key in launches}
     defined = {name for info in pkgutil.iter_modules(tuneforge_kernels.__path__)
                for name, value in vars(importlib.import_module(f"tuneforge_kernels.{info.name}")).items()
                if name.endswith("_kernel") and hasattr(value, "fn")}
     assert kernels == defined, (sorted(defined - kernels), sorted(kernels - defined))  # every kernel, launched
-    done = _compile_all(launches, tmp_path)
+    done = compile_all(launches, tmp_path)
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
