@@ -21,8 +21,7 @@ reads back from memory), the outputs once. So the results equal ``frozen GEMM + 
 summation order.
 
 The GEMMs are persistent (programs walking output tiles, grouped so the weight tiles stay in L2), their
-operands loaded and their outputs stored through TMA descriptors: rows must start on 16 bytes
-(``supported``). Without warp specialisation (Triton 3.6 does not specialise Hopper's loops; 3.9 compiles
+operands loaded and their outputs stored through TMA descriptors: rows must start on 16 bytes. Without warp specialisation (Triton 3.6 does not specialise Hopper's loops; 3.9 compiles
 ``warp_specialize=True`` for sm_90 without it) the epilogue does not overlap the next tile's GEMM: it costs
 about what lora_glu's separate pass costs. Adapter dropout on the down projection is not taken.
 """
@@ -45,8 +44,8 @@ except ImportError:
 
 # (BM, BN, BK, stages, warps, epilogue split, programs per SM); forward's BN columns of the gate's product and
 # the same of the up's; the epilogue runs in SPLIT column blocks of the tile (1, 2 or 4 in backward, 1 or 2 in
-# forward); two programs an SM (where registers and shared memory allow) overlap one's epilogue with the
-# other's GEMM
+# forward); two programs an SM (where registers and shared memory allow) would overlap one's epilogue with
+# the other's GEMM (measured slower: 64-row tiles)
 FWD_TILE = (128, 128, 64, 3, 8, 1, 1)
 BWD_TILE = (128, 256, 64, 3, 8, 4, 1)
 GROUP_M = 8
@@ -195,17 +194,6 @@ def _tma_ready(t) -> bool:
             and (t.stride(0) * t.element_size()) % 16 == 0)
 
 
-def supported(a: torch.Tensor, *weights, dtype: torch.dtype) -> bool:
-    """Whether the fused GEMMs take this input (``x`` or ``dy``, (N, K)) and these frozen weights: dense
-    tensors of the compute ``dtype`` (bf16 or fp16 on a GPU; float32 only through the interpreter, as the
-    CPU tests run it) laid out for TMA. Quantised and FP8 weights, and casts, stay on the unfused path."""
-    if triton is None or a.dtype != dtype:
-        return False
-    if dtype not in ((torch.bfloat16, torch.float16) if a.is_cuda else (torch.float32,)):
-        return False
-    return all(_tma_ready(t) and t.dtype == dtype and t.device == a.device for t in (a, *weights))
-
-
 def _descriptor(t, block):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -220,7 +208,7 @@ def glu_gemm_forward(x, wg, wu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=Non
     """``(Yg, Yu, h)``: the gate's and up's base products ``x W_g^T``, ``x W_u^T`` ((N, I) each, the column
     halves of one (N, 2I) tensor) and
     ``h = act(Yg + s_g xa_g B_g^T) * (Yu + s_u xa_u B_u^T)`` (N, I); ``x`` (N, H), ``wg``/``wu`` (I, H),
-    ``xa_*`` (N, r), ``b_*`` (I, r); a term is left out where its ``xa`` is None. ``supported`` first."""
+    ``xa_*`` (N, r), ``b_*`` (I, r); a term is left out where its ``xa`` is None."""
     (n, k), i = x.shape, wg.shape[0]
     assert wu.shape == wg.shape and wg.shape[1] == k, (x.shape, wg.shape, wu.shape)
     # Yg and Yu as the column halves of one buffer, as one GEMM over joined weights gives them (lora_mlp's
