@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from tuneforge_kernels.backend import launcher, sm_count
-from tuneforge_kernels.lora_glu import ACTS, _prec, _term, act_fn, lora_glu_reference
+from tuneforge_kernels.lora_glu import ACTS, _prec, _term
 
 try:
     import triton
@@ -249,30 +249,3 @@ def glu_gemm_backward(dy, wd, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa
         BM=bm, BN=bn, BK=bk, SPLIT=split, GROUP_M=GROUP_M, NUM_PROGRAMS=programs, num_stages=stages,
         num_warps=warps)
     return h
-
-
-def glu_gemm_reference(x, wg, wu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0):
-    """The spec of ``glu_gemm_forward``: ``(x W_g^T, x W_u^T, lora_glu_reference(...))``. Through autograd
-    (``x`` requiring grad) its gradients give the backward's: ``h``'s incoming gradient is ``dh``."""
-    yg, yu = x @ wg.t(), x @ wu.t()
-    return yg, yu, lora_glu_reference(yg, yu, act, xa_g, b_g, s_g, xa_u, b_u, s_u)
-
-
-def glu_gemm_backward_reference(dy, wd, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None,
-                                s_u=1.0, dy_b=None, a_d=None, s_d=1.0):
-    """The spec of ``glu_gemm_backward`` in float32, rounded once: ``(h, dg, du)`` as new tensors."""
-    wide = torch.promote_types(dy.dtype, torch.float32)
-    dh = (dy @ wd).to(wide)
-    if dy_b is not None:
-        dh = dh + s_d * (dy_b.to(wide) @ a_d.to(wide))
-    g, u = yg.to(wide), yu.to(wide)
-    if xa_g is not None:
-        g = g + s_g * (xa_g.to(wide) @ b_g.to(wide).t())
-    if xa_u is not None:
-        u = u + s_u * (xa_u.to(wide) @ b_u.to(wide).t())
-    g = g.detach().requires_grad_()
-    with torch.enable_grad():
-        a = act_fn(g, act)
-        (da,) = torch.autograd.grad(a, g, torch.ones_like(a))
-    a = a.detach()
-    return (a * u).to(dy.dtype), (dh * u * da).to(dy.dtype), (dh * a).to(dy.dtype)
