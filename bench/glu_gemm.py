@@ -21,9 +21,10 @@ reads back from memory), the outputs once. So the results equal ``frozen GEMM + 
 summation order.
 
 The GEMMs are persistent (programs walking output tiles, grouped so the weight tiles stay in L2), their
-operands loaded and their outputs stored through TMA descriptors: rows must start on 16 bytes. Without warp specialisation (Triton 3.6 does not specialise Hopper's loops; 3.9 compiles
-``warp_specialize=True`` for sm_90 without it) the epilogue does not overlap the next tile's GEMM: it costs
-about what lora_glu's separate pass costs. Adapter dropout on the down projection is not taken.
+operands loaded and their outputs stored through TMA descriptors: rows must start on 16 bytes. Without warp
+specialisation (Triton 3.6 does not specialise Hopper's loops; 3.9 compiles ``warp_specialize=True`` for sm_90
+without it) the epilogue does not overlap the next tile's GEMM: it costs about what lora_glu's separate pass
+costs. Adapter dropout on the down projection is not taken.
 """
 
 from __future__ import annotations
@@ -114,16 +115,18 @@ if triton is not None:
                 a = x_desc.load([pid_m * BM, kk * BK])
                 acc_g = _dot(a, wg_desc.load([pid_n * BN, kk * BK]).T, acc_g, PREC)
                 acc_u = _dot(a, wu_desc.load([pid_n * BN, kk * BK]).T, acc_u, PREC)
+            row0, col0 = pid_m * BM, pid_n * BN
             if SPLIT == 1:
-                _fwd_epilogue(acc_g, acc_u, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN, XAG, XAU, ld_xg, ld_xu,
+                _fwd_epilogue(acc_g, acc_u, yg_desc, yu_desc, h_desc, M, I, row0, col0, XAG, XAU, ld_xg, ld_xu,
                               BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, ACT, HAS_G, HAS_U, RG, RU, PREC, BM, BN)
             else:  # in column halves: half the epilogue's float32 tiles alive at a time
                 g0, g1 = _halves(acc_g, BM, BN)
                 u0, u1 = _halves(acc_u, BM, BN)
-                _fwd_epilogue(g0, u0, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN, XAG, XAU, ld_xg, ld_xu,
-                              BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, ACT, HAS_G, HAS_U, RG, RU, PREC, BM, BN // 2)
-                _fwd_epilogue(g1, u1, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN + BN // 2, XAG, XAU, ld_xg,
-                              ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, ACT, HAS_G, HAS_U, RG, RU, PREC, BM, BN // 2)
+                _fwd_epilogue(g0, u0, yg_desc, yu_desc, h_desc, M, I, row0, col0, XAG, XAU, ld_xg, ld_xu, BG, BU,
+                              ld_bg, ld_bu, rank_g, rank_u, sg, su, ACT, HAS_G, HAS_U, RG, RU, PREC, BM, BN // 2)
+                _fwd_epilogue(g1, u1, yg_desc, yu_desc, h_desc, M, I, row0, col0 + BN // 2, XAG, XAU, ld_xg, ld_xu,
+                              BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, ACT, HAS_G, HAS_U, RG, RU, PREC, BM,
+                              BN // 2)
 
     @triton.jit
     def _bwd_epilogue(acc, yg_desc, yu_desc, h_desc, M, I, row0, col0,
@@ -146,6 +149,27 @@ if triton is not None:
         yg_desc.store([row0, col0], (dh * u * dact).to(yg_desc.dtype))
 
     @triton.jit
+    def _bwd_part(acc, yg_desc, yu_desc, h_desc, M, I, row0, col0,
+                  XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
+                  DYB, ld_dyb, AD, ld_ad, rank_d, sd,
+                  ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
+                  RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+                  W: tl.constexpr, HALVED: tl.constexpr):
+        # the epilogue of a (BM, W) block of the tile, or of its two column halves one after the other
+        if HALVED:
+            h0, h1 = _halves(acc, BM, W)
+            _bwd_epilogue(h0, yg_desc, yu_desc, h_desc, M, I, row0, col0, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg,
+                          ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
+                          ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W // 2)
+            _bwd_epilogue(h1, yg_desc, yu_desc, h_desc, M, I, row0, col0 + W // 2, XAG, XAU, ld_xg, ld_xu, BG, BU,
+                          ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
+                          ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W // 2)
+        else:
+            _bwd_epilogue(acc, yg_desc, yu_desc, h_desc, M, I, row0, col0, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg,
+                          ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
+                          ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W)
+
+    @triton.jit
     def _glu_gemm_bwd_kernel(dy_desc, wd_desc, yg_desc, yu_desc, h_desc, M, I, K,
                              XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
                              DYB, ld_dyb, AD, ld_ad, rank_d, sd,
@@ -159,36 +183,19 @@ if triton is not None:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for kk in range(k_tiles):
                 acc = _dot(dy_desc.load([pid_m * BM, kk * BK]), wd_desc.load([kk * BK, pid_n * BN]), acc, PREC)
-            W: tl.constexpr = BN // SPLIT
-            # the epilogue in SPLIT column blocks: fewer float32 tiles alive at a time
+            # the epilogue in SPLIT column blocks (1, 2 or 4): fewer float32 tiles alive at a time
             if SPLIT == 1:
-                _bwd_epilogue(acc, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN, XAG, XAU, ld_xg, ld_xu, BG, BU,
-                              ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
-                              ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W)
+                _bwd_part(acc, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN, XAG, XAU, ld_xg, ld_xu, BG,
+                          BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
+                          ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, BN, False)
             else:
                 a0, a1 = _halves(acc, BM, BN)
-                if SPLIT == 2:
-                    _bwd_epilogue(a0, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN, XAG, XAU, ld_xg, ld_xu, BG,
-                                  BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
-                                  ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W)
-                    _bwd_epilogue(a1, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN + W, XAG, XAU, ld_xg, ld_xu,
-                                  BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
-                                  ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W)
-                else:  # quarters
-                    q0, q1 = _halves(a0, BM, BN // 2)
-                    q2, q3 = _halves(a1, BM, BN // 2)
-                    _bwd_epilogue(q0, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN, XAG, XAU, ld_xg, ld_xu, BG,
-                                  BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
-                                  ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W)
-                    _bwd_epilogue(q1, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN + W, XAG, XAU, ld_xg, ld_xu,
-                                  BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
-                                  ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W)
-                    _bwd_epilogue(q2, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN + 2 * W, XAG, XAU, ld_xg,
-                                  ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d,
-                                  sd, ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W)
-                    _bwd_epilogue(q3, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN + 3 * W, XAG, XAU, ld_xg,
-                                  ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d,
-                                  sd, ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, W)
+                _bwd_part(a0, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN, XAG, XAU, ld_xg, ld_xu, BG,
+                          BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
+                          ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, BN // 2, SPLIT == 4)
+                _bwd_part(a1, yg_desc, yu_desc, h_desc, M, I, pid_m * BM, pid_n * BN + BN // 2, XAG, XAU, ld_xg,
+                          ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, DYB, ld_dyb, AD, ld_ad, rank_d, sd,
+                          ACT, HAS_G, HAS_U, HAS_D, RG, RU, RD, PREC, BM, BN // 2, SPLIT == 4)
 
 
 def _tma_ready(t) -> bool:
@@ -224,7 +231,8 @@ def glu_gemm_forward(x, wg, wu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=Non
     programs = _programs(triton.cdiv(n, bm) * triton.cdiv(i, bn), x, per_sm)
     launcher(_glu_gemm_fwd_kernel, x)[(programs,)](
         _descriptor(x, (bm, bk)), _descriptor(wg, (bn, bk)), _descriptor(wu, (bn, bk)),
-        *(_descriptor(t, (bm, bn // split)) for t in (yg, yu, h)), n, i, k, xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
+        *(_descriptor(t, (bm, bn // split)) for t in (yg, yu, h)), n, i, k, xg, xu, ld_xg, ld_xu, bg, bu, ld_bg,
+        ld_bu, rg, ru, sg, su,
         ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, RG=pg, RU=pu, PREC=_prec(x), BM=bm, BN=bn, BK=bk,
         SPLIT=split, GROUP_M=GROUP_M, NUM_PROGRAMS=programs, num_stages=stages, num_warps=warps)
     return yg, yu, h
