@@ -19,7 +19,8 @@ on what the epilogue costs the GEMM at the power cap, which is what this measure
 The first version (session 30's first call, results/2026-12-06-h100-v33-glu-gemm-first.jsonl: the probe's
 own kernels, pointer stores, a flattened tile loop) spilled ~6 KB a thread and serialised its wgmma; this one
 keeps the candidates that ptxas compiles without spills. Each fused output is compared with ours' (relative
-Frobenius distance; both round once from float32, so only the GEMMs' summation order differs, ~1e-3). JSON lines to ``--out``.
+Frobenius distance; both round once from float32, so only the GEMMs' summation order differs, ~1e-3). JSON
+lines to ``--out``.
 
     python3 bench/glu_gemm_probe.py --seconds 2 --out $OUT/glu_gemm.jsonl
 """
