@@ -216,13 +216,12 @@ def _programs(tiles: int, like: torch.Tensor, per_sm: int) -> int:
 
 def glu_gemm_forward(x, wg, wu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0):
     """``(Yg, Yu, h)``: the gate's and up's base products ``x W_g^T``, ``x W_u^T`` ((N, I) each, the column
-    halves of one (N, 2I) tensor) and
-    ``h = act(Yg + s_g xa_g B_g^T) * (Yu + s_u xa_u B_u^T)`` (N, I); ``x`` (N, H), ``wg``/``wu`` (I, H),
-    ``xa_*`` (N, r), ``b_*`` (I, r); a term is left out where its ``xa`` is None."""
+    halves of one (N, 2I) tensor) and ``h = act(Yg + s_g xa_g B_g^T) * (Yu + s_u xa_u B_u^T)`` (N, I); ``x``
+    (N, H), ``wg``/``wu`` (I, H), ``xa_*`` (N, r), ``b_*`` (I, r); a term is left out where its ``xa`` is None."""
     (n, k), i = x.shape, wg.shape[0]
     assert wu.shape == wg.shape and wg.shape[1] == k, (x.shape, wg.shape, wu.shape)
-    # Yg and Yu as the column halves of one buffer, as one GEMM over joined weights gives them (lora_mlp's
-    # backward then computes dx with one GEMM where the weights are joined)
+    # Yg and Yu as the column halves of one buffer, as one GEMM over joined weights gives them (what lora_mlp's
+    # backward needs for its one dx GEMM over joined weights)
     yg, yu = torch.empty(n, 2 * i, device=x.device, dtype=x.dtype).split(i, dim=1)
     h = torch.empty(n, i, device=x.device, dtype=x.dtype)
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
