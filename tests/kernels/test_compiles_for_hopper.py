@@ -103,10 +103,11 @@ def record_launches(monkeypatch) -> dict:
 # compiles the recorded launches in a fresh interpreter: with TRITON_INTERPRET set at import (as the kernel
 # tests set it) ``triton.jit`` gives interpreted functions, which the compiler cannot call from a kernel
 _COMPILE = """
-import os, pickle, sys, importlib
+import os, pickle, sys, importlib, subprocess, tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 failures = []
 for module, name, sig, consts, warps in pickle.load(open(sys.argv[1], "rb")):
@@ -116,8 +117,6 @@ for module, name, sig, consts, warps in pickle.load(open(sys.argv[1], "rb")):
                                   options={"num_warps": warps})
         assert compiled.asm.get("cubin"), "no cubin"
         if len(sys.argv) > 2:  # --report: ptxas's resource line (registers, spills) for each launch
-            import subprocess, tempfile
-            from triton.backends.nvidia.compiler import get_ptxas
             with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
                 ptx.write(compiled.asm["ptx"])
                 ptx.flush()
