@@ -32,6 +32,11 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   and lora_glu's backward with the down adapter's mask of each kind, in GB/s of the bf16 bytes moved;
   and a probe of the Philox work alone (1 or 3 masks a pass, 10 or 7 rounds, 32- or 16-bit uniforms)
   against the same pass without random bits (not yet run: session 17);
+- ``residual``: the down projection with the decoder's residual as the GEMM's C (``torch.addmm``, what
+  lora_mlp does) against the GEMM alone, the GEMM and a separate add, and the GEMM into an output that
+  already holds the residual (``addmm_``): v21's 8B profile put the step's ``addmm`` at 1.61 ms a layer
+  against 1.31 for the same shape's input-gradient ``mm``; each case timed in a burst and sustained for
+  ``SUSTAIN_S`` seconds (the power cap acting), medians of the sustained run's second half;
 - ``aug``: the K-augmented LoRA GEMM (not built) against today's base GEMM + rank-r pass, per projection
   shape, forward and input gradient, and what it would save per step (not yet run: session 10).
 
@@ -41,6 +46,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "kernels")]  # kernels/ holds tuneforge_kernels
@@ -188,6 +194,49 @@ def bench_tuned(emit):
         bench_proj(lambda group, name, ms, **kw: emit("tuned", name, ms, **kw))
     finally:
         tunable.enable(False)
+
+
+SUSTAIN_S = 2.0
+
+
+def sustained(fn, seconds=SUSTAIN_S):
+    """Median milliseconds of ``fn`` over the second half of ``seconds`` of back-to-back calls (CUDA events
+    around each): the rate once the power cap has acted."""
+    events, start = [], time.monotonic()
+    while time.monotonic() - start < seconds:
+        for _ in range(50):  # the host waits every 50 calls, so that the queue stays short
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            events.append((s, e))
+        events[-1][1].synchronize()
+    ts = sorted(s.elapsed_time(e) for s, e in events[len(events) // 2:])
+    return ts[len(ts) // 2]
+
+
+def bench_residual(emit):
+    for shape, (hid, _, _, inter) in PROJ_SHAPES.items():
+        h = torch.randn(N_TOK, inter, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(hid, inter, device="cuda", dtype=torch.bfloat16) / inter ** 0.5
+        res = torch.randn(N_TOK, hid, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty_like(res)
+        flop = 2 * N_TOK * hid * inter
+        cases = {
+            "mm (no residual)": lambda: h @ w.t(),
+            "addmm(res, h, W^T) (today)": lambda: torch.addmm(res, h, w.t()),
+            "mm then add_(res)": lambda: (h @ w.t()).add_(res),
+            "out.copy_(res).addmm_": lambda: out.copy_(res).addmm_(h, w.t()),
+            "addmm(res, out=) ": lambda: torch.addmm(res, h, w.t(), out=out),
+        }
+        ref = cases["mm then add_(res)"]().float()
+        for name, fn in cases.items():
+            err = ((fn().float() - ref).norm() / ref.norm()).item() if "no residual" not in name else 0.0
+            for how, timer in (("burst", timed), ("sustained", sustained)):
+                ms = timer(fn)
+                emit("residual", f"{shape} down {name} {how}", ms, tflops=flop / ms / 1e9,
+                     note=f"rel diff {err:.1e}")
+        del h, w, res, out
 
 
 def bench_aug(emit):
@@ -538,7 +587,7 @@ def bench_varlen_pad(emit):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", default="copy,gemm,ce,elementwise,proj,tuned,glu,attn,varlen_pad,aug,dropout")
+    ap.add_argument("--only", default="copy,gemm,ce,elementwise,proj,tuned,glu,attn,varlen_pad,aug,dropout,residual")
     args = ap.parse_args()
     rows = []
 
@@ -551,7 +600,8 @@ def main():
     only = args.only.split(",")
     ceiling = bench_copy(emit) if {"copy", "elementwise", "glu", "dropout"} & set(only) else None
     for group, fn in (("gemm", bench_gemm), ("ce", bench_ce), ("proj", bench_proj), ("tuned", bench_tuned),
-                      ("attn", bench_attn), ("varlen_pad", bench_varlen_pad), ("aug", bench_aug)):
+                      ("attn", bench_attn), ("varlen_pad", bench_varlen_pad), ("aug", bench_aug),
+                      ("residual", bench_residual)):
         if group in only:
             fn(emit)
             torch.cuda.empty_cache()
