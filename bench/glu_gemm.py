@@ -38,7 +38,7 @@ try:
     import triton
     import triton.language as tl
 
-    from tuneforge_kernels.lora_glu import _act_and_grad
+    from tuneforge_kernels.lora_glu import _act_and_grad, with_terms
     from tuneforge_kernels.low_rank import low_rank_tile
 except ImportError:
     triton = None
@@ -74,16 +74,6 @@ if triton is not None:
         return tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
 
     @triton.jit
-    def _gate_up(g, u, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, rows, cols, M, I,
-                 HAS_G: tl.constexpr, HAS_U: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr, PREC: tl.constexpr):
-        # the gate's and up's rank-r terms added onto their base products (float32 tiles)
-        if HAS_G:
-            g = low_rank_tile(g, XAG, ld_xg, BG, ld_bg, rows, cols, M, I, rank_g, sg, False, RG, PREC)
-        if HAS_U:
-            u = low_rank_tile(u, XAU, ld_xu, BU, ld_bu, rows, cols, M, I, rank_u, su, False, RU, PREC)
-        return g, u
-
-    @triton.jit
     def _fwd_epilogue(acc_g, acc_u, yg_desc, yu_desc, h_desc, M, I, row0, col0,
                       XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
                       ACT: tl.constexpr, HAS_G: tl.constexpr, HAS_U: tl.constexpr, RG: tl.constexpr,
@@ -94,8 +84,8 @@ if triton is not None:
         yu = acc_u.to(yu_desc.dtype)
         yg_desc.store([row0, col0], yg)
         yu_desc.store([row0, col0], yu)
-        g, u = _gate_up(yg.to(tl.float32), yu.to(tl.float32), XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu,
-                        rank_g, rank_u, sg, su, rows, cols, M, I, HAS_G, HAS_U, RG, RU, PREC)
+        g, u = with_terms(yg.to(tl.float32), yu.to(tl.float32), XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu,
+                          rank_g, rank_u, sg, su, rows, cols, M, I, HAS_G, HAS_U, RG, RU, PREC)
         act, _ = _act_and_grad(g, ACT)
         h_desc.store([row0, col0], (act * u).to(h_desc.dtype))
 
@@ -140,9 +130,9 @@ if triton is not None:
         dh = acc.to(h_desc.dtype).to(tl.float32)  # DH rounded, as the unfused GEMM stores it
         if HAS_D:
             dh = low_rank_tile(dh, DYB, ld_dyb, AD, ld_ad, rows, cols, M, I, rank_d, sd, True, RD, PREC)
-        g, u = _gate_up(yg_desc.load([row0, col0]).to(tl.float32), yu_desc.load([row0, col0]).to(tl.float32),
-                        XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, rows, cols, M, I,
-                        HAS_G, HAS_U, RG, RU, PREC)
+        g, u = with_terms(yg_desc.load([row0, col0]).to(tl.float32), yu_desc.load([row0, col0]).to(tl.float32),
+                          XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su, rows, cols, M, I,
+                          HAS_G, HAS_U, RG, RU, PREC)
         act, dact = _act_and_grad(g, ACT)
         h_desc.store([row0, col0], (act * u).to(h_desc.dtype))
         yu_desc.store([row0, col0], (dh * act).to(yu_desc.dtype))

@@ -65,6 +65,15 @@ if triton is not None:
                  PREC: tl.constexpr):
         g = tl.load(YG + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(YU + offs, mask=mask, other=0.0).to(tl.float32)
+        return with_terms(g, u, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
+                          rows, cols, n_rows, n_cols, HAS_G, HAS_U, RG, RU, PREC)
+
+    @triton.jit
+    def with_terms(g, u, XAG, XAU, ld_xg, ld_xu, BG, BU, ld_bg, ld_bu, rank_g, rank_u, sg, su,
+                   rows, cols, n_rows, n_cols,
+                   HAS_G: tl.constexpr, HAS_U: tl.constexpr, RG: tl.constexpr, RU: tl.constexpr,
+                   PREC: tl.constexpr):
+        """The float32 tiles of the gate's and up's base products with their rank-r terms added."""
         if HAS_G:
             g = low_rank_tile(g, XAG, ld_xg, BG, ld_bg, rows, cols, n_rows, n_cols, rank_g, sg, False, RG, PREC)
         if HAS_U:
