@@ -38,6 +38,8 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   against 1.31 for the same shape's input-gradient ``mm``; each case timed in a burst and sustained for
   ``SUSTAIN_S`` seconds (the power cap acting), medians of the sustained run's second half (session 31:
   ``addmm`` is the fastest form with the residual, 2.5% over the bare GEMM);
+- ``overlap``: one MLP backward at 8B with its off-chain rank-r products (the adapters' weight gradients)
+  on one stream as today, or on a second stream beside the chain's next GEMM (not yet run: session 32);
 - ``aug``: the K-augmented LoRA GEMM (not built) against today's base GEMM + rank-r pass, per projection
   shape, forward and input gradient, and what it would save per step (not yet run: session 10).
 
@@ -238,6 +240,60 @@ def bench_residual(emit):
                 emit("residual", f"{shape} down {name} {how}", ms, tflops=flop / ms / 1e9,
                      note=f"rel diff {err:.1e}")
         del h, w, res, out
+
+
+def bench_overlap(emit):
+    """The MLP backward's off-chain products on a side stream (not built; session 32). In backward the next
+    layer waits only on ``dx``; the adapters' weight gradients (``dB = s dg^T (x A^T)`` for gate and up,
+    ``dA_d = s (dy B_d)^T h``, the gate's and up's dA) are needed only by the optimizer. At 8B they are
+    memory-bound GEMMs of ~0.3 ms a layer, run today between the chain's GEMMs on one stream. Cases, each
+    one MLP backward's worth, sustained at the power cap: the chain alone (``dh = dy W_d``, then ``dx = dg
+    W_g + du W_u``), the side products alone, both on one stream (today's order: side between the chain's
+    GEMMs), and the side products on a second stream launched beside the second GEMM (low or high priority)."""
+    n, hid, inter, r = N_TOK, HID, INTER, RANK
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    dy, x = torch.randn(n, hid, **bf), torch.randn(n, hid, **bf)
+    w_d = torch.randn(hid, inter, **bf) / inter ** 0.5
+    w_g, w_u = (torch.randn(inter, hid, **bf) / hid ** 0.5 for _ in range(2))
+    dg, du, h = (torch.randn(n, inter, **bf) for _ in range(3))
+    xa_g, xa_u, dy_b = (torch.randn(n, r, **bf) for _ in range(3))
+    dgu_b = torch.randn(n, 2 * r, **bf)
+    dh, dx = torch.empty(n, inter, **bf), torch.empty(n, hid, **bf)
+    flop = 2 * n * hid * inter * 3
+
+    def first():
+        torch.mm(dy, w_d, out=dh)
+
+    def second():
+        torch.mm(dg, w_g, out=dx).addmm_(du, w_u)
+
+    def side():
+        return dg.t() @ xa_g, du.t() @ xa_u, dy_b.t() @ h, dgu_b.t() @ x
+
+    def overlapped(stream):
+        def fn():
+            cur = torch.cuda.current_stream()
+            first()
+            stream.wait_stream(cur)
+            with torch.cuda.stream(stream):
+                side()
+            second()
+            cur.wait_stream(stream)
+        return fn
+
+    low, high = torch.cuda.Stream(), torch.cuda.Stream(priority=-1)
+    cases = {
+        "chain (3 GEMMs)": lambda: (first(), second()),
+        "side products": side,
+        "one stream (today)": lambda: (first(), side(), second()),
+        "side stream, same priority": overlapped(low),
+        "side stream, high priority": overlapped(high),
+    }
+    for name, fn in cases.items():
+        for how, timer in (("burst", timed), ("sustained", sustained)):
+            ms = timer(fn)
+            emit("overlap", f"8B MLP bwd {name} {how}", ms, tflops=flop / ms / 1e9 if "side products" not in name else None)
+    torch.cuda.synchronize()
 
 
 def bench_aug(emit):
@@ -589,7 +645,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--only",
-                    default="copy,gemm,ce,elementwise,proj,tuned,glu,attn,varlen_pad,aug,dropout,residual")
+                    default="copy,gemm,ce,elementwise,proj,tuned,glu,attn,varlen_pad,aug,dropout,residual,overlap")
     args = ap.parse_args()
     rows = []
 
@@ -603,7 +659,7 @@ def main():
     ceiling = bench_copy(emit) if {"copy", "elementwise", "glu", "dropout"} & set(only) else None
     for group, fn in (("gemm", bench_gemm), ("ce", bench_ce), ("proj", bench_proj), ("tuned", bench_tuned),
                       ("attn", bench_attn), ("varlen_pad", bench_varlen_pad), ("aug", bench_aug),
-                      ("residual", bench_residual)):
+                      ("residual", bench_residual), ("overlap", bench_overlap)):
         if group in only:
             fn(emit)
             torch.cuda.empty_cache()

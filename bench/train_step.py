@@ -324,6 +324,9 @@ def setup_hf(args):
         if getattr(args, "glu_tile", None):  # an experiment: another tile for lora_glu's kernels
             sys.modules["tuneforge_kernels.lora_glu"].TILE = args.glu_tile
             args.patch_report["glu_tile"] = list(args.glu_tile)
+        if getattr(args, "keep_norm_output", "none") == "mlp":  # an experiment: the MLP saves its input
+            _keep_mlp_input(sys.modules["tuneforge_kernels.lora_mlp"])
+            args.patch_report["keep_norm_output"] = "mlp"
         if getattr(args, "ce_rows", 0):  # an experiment: a fixed CE chunk instead of the kernel's rule
             sys.modules["tuneforge_kernels.cross_entropy"]._chunk_rows = lambda *_: args.ce_rows
             args.patch_report["ce_rows"] = args.ce_rows
@@ -758,6 +761,16 @@ def write_summary(args, results):
         json.dump(summary, f, indent=1)
 
 
+def _keep_mlp_input(lora_mlp):
+    """The LoRA MLP saves its input (the post-attention norm's output) for backward instead of recomputing it
+    from the norm's input (rms_norm.NormRecipe): one norm pass a layer less in backward for (tokens x hidden)
+    more memory a layer. lora_linear imported its own reference: Q/K/V keep recomputing theirs."""
+    def x_for_saving(ctx, x, x2):
+        ctx.recipe = None
+        return (x2,)
+    lora_mlp._x_for_saving = x_for_saving
+
+
 def _tile_arg(text: str) -> tuple[int, int, int]:
     try:
         rows, cols, warps = (int(v) for v in text.split(","))
@@ -815,6 +828,8 @@ def main():
                          "torch's variable-length kernel only, or FlashAttention-4's Hopper kernels for all causal "
                          "attention (bench/fa4_wheels.sh)")
     ap.add_argument("--cprofile", default=None, help="write cProfile stats of the timed steps here")
+    ap.add_argument("--keep-norm-output", choices=["none", "mlp"], default="none",
+                    help="ours: the LoRA MLP saves its input instead of recomputing the norm in backward (an A/B)")
     ap.add_argument("--ce-rows", type=int, default=0,
                     help="ours/base: rows per fused-CE chunk instead of the kernel's rule (an experiment)")
     ap.add_argument("--data", choices=["fixed", "packed", "packed-rows", "flat", "padded"], default="fixed")
