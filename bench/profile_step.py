@@ -27,13 +27,15 @@ def main():
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--pad", choices=["auto", "on", "off", "mlp"], default="auto")
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
     a = ap.parse_args()
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     args = argparse.Namespace(shape=a.shape, method=a.method, ckpt=a.ckpt, quant=a.quant, rank=16, alpha=16,
-                              model_path=None, graphs=a.graphs, pad=a.pad, model_dtype="bf16")
+                              model_path=None, graphs=a.graphs, pad=a.pad, model_dtype="bf16",
+                              lora_dropout=a.lora_dropout)
     model, _ = train_step.setup_hf(args)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, fused=True)

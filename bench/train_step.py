@@ -300,6 +300,8 @@ def setup_hf(args):
             base = os.path.abspath(args.base_root)  # kernels/ holds tuneforge_kernels from 1c0711b on
             sys.path[:0] = [base, os.path.join(base, "kernels")]
         from gpu_worker.patching import patch_model
+        if getattr(args, "philox_rounds", 0):  # an experiment: adapter dropout's masks from fewer Philox rounds
+            _philox_rounds(args.philox_rounds)
         if getattr(args, "join", "auto") == "off":  # an experiment: separate q/k/v and gate/up weights
             sys.modules["gpu_worker.patching"].JOIN_MAX_HIDDEN = 0
         pad = getattr(args, "pad", "auto")
@@ -324,6 +326,8 @@ def setup_hf(args):
         if getattr(args, "glu_tile", None):  # an experiment: another tile for lora_glu's kernels
             sys.modules["tuneforge_kernels.lora_glu"].TILE = args.glu_tile
             args.patch_report["glu_tile"] = list(args.glu_tile)
+        if getattr(args, "philox_rounds", 0):
+            args.patch_report["philox_rounds"] = args.philox_rounds
         if getattr(args, "keep_norm_output", "none") == "mlp":  # an experiment: the MLP saves its input
             _keep_mlp_input(sys.modules["tuneforge_kernels.lora_mlp"])
             args.patch_report["keep_norm_output"] = "mlp"
@@ -761,6 +765,17 @@ def write_summary(args, results):
         json.dump(summary, f, indent=1)
 
 
+def _philox_rounds(rounds):
+    """Adapter dropout's ``philox`` masks from ``rounds`` Philox4x32 rounds (dropout.py: 10) in its kernels
+    and in ``philox_keep``; before any of them compiles (the constexpr global is read at compile time)."""
+    import triton.language as tl
+
+    import tuneforge_kernels.dropout as dropout
+    dropout._ROUNDS, dropout._ROUNDS_TL = rounds, tl.constexpr(rounds)
+    # a cache of its own: a kernel compiled with the other count must not be reused
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(os.path.expanduser("~"), ".triton", f"cache-philox{rounds}")
+
+
 def _keep_mlp_input(lora_mlp):
     """The LoRA MLP saves its input (the post-attention norm's output) for backward instead of recomputing it
     from the norm's input (rms_norm.NormRecipe): one norm pass a layer less in backward for (tokens x hidden)
@@ -828,6 +843,8 @@ def main():
                          "torch's variable-length kernel only, or FlashAttention-4's Hopper kernels for all causal "
                          "attention (bench/fa4_wheels.sh)")
     ap.add_argument("--cprofile", default=None, help="write cProfile stats of the timed steps here")
+    ap.add_argument("--philox-rounds", type=int, default=0,
+                    help="ours: Philox4x32 rounds for adapter dropout's masks instead of dropout.py's 10 (an A/B)")
     ap.add_argument("--keep-norm-output", choices=["none", "mlp"], default="none",
                     help="ours: the LoRA MLP saves its input instead of recomputing the norm in backward (an A/B)")
     ap.add_argument("--ce-rows", type=int, default=0,
