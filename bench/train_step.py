@@ -766,8 +766,9 @@ def write_summary(args, results):
 
 
 def _philox_rounds(rounds):
-    """Adapter dropout's ``philox`` masks from ``rounds`` Philox4x32 rounds (dropout.py: 10) in its kernels
-    and in ``philox_keep``; before any of them compiles (the constexpr global is read at compile time)."""
+    """Adapter dropout's ``philox`` masks from ``rounds`` Philox4x32 rounds (dropout.py: 7, 10 before session
+    32) in its kernels and in ``philox_keep``; before any of them compiles (the constexpr global is read at
+    compile time)."""
     import triton.language as tl
 
     import tuneforge_kernels.dropout as dropout
@@ -844,7 +845,7 @@ def main():
                          "attention (bench/fa4_wheels.sh)")
     ap.add_argument("--cprofile", default=None, help="write cProfile stats of the timed steps here")
     ap.add_argument("--philox-rounds", type=int, default=0,
-                    help="ours: Philox4x32 rounds for adapter dropout's masks instead of dropout.py's 10 (an A/B)")
+                    help="ours: Philox4x32 rounds for adapter dropout's masks instead of dropout.py's 7 (an A/B)")
     ap.add_argument("--keep-norm-output", choices=["none", "mlp"], default="none",
                     help="ours: the LoRA MLP saves its input instead of recomputing the norm in backward (an A/B)")
     ap.add_argument("--ce-rows", type=int, default=0,
