@@ -39,7 +39,8 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   ``SUSTAIN_S`` seconds (the power cap acting), medians of the sustained run's second half (session 31:
   ``addmm`` is the fastest form with the residual, 2.5% over the bare GEMM);
 - ``overlap``: one MLP backward at 8B with its off-chain rank-r products (the adapters' weight gradients)
-  on one stream as today, or on a second stream beside the chain's next GEMM (not yet run: session 32);
+  on one stream as today, or on a second stream beside the chain's next GEMM (session 32: in a burst the
+  second stream hides most of them, sustained at the power cap none);
 - ``aug``: the K-augmented LoRA GEMM (not built) against today's base GEMM + rank-r pass, per projection
   shape, forward and input gradient, and what it would save per step (not yet run: session 10).
 
@@ -243,7 +244,7 @@ def bench_residual(emit):
 
 
 def bench_overlap(emit):
-    """The MLP backward's off-chain products on a side stream (not built; session 32). In backward the next
+    """The MLP backward's off-chain products on a side stream (not built: session 32). In backward the next
     layer waits only on ``dx``; the adapters' weight gradients (``dB = s dg^T (x A^T)`` for gate and up,
     ``dA_d = s (dy B_d)^T h``, the gate's and up's dA) are needed only by the optimizer. At 8B they are
     memory-bound GEMMs of ~0.3 ms a layer, run today between the chain's GEMMs on one stream. Cases, each
@@ -292,7 +293,8 @@ def bench_overlap(emit):
     for name, fn in cases.items():
         for how, timer in (("burst", timed), ("sustained", sustained)):
             ms = timer(fn)
-            emit("overlap", f"8B MLP bwd {name} {how}", ms, tflops=flop / ms / 1e9 if "side products" not in name else None)
+            tflops = flop / ms / 1e9 if name != "side products" else None
+            emit("overlap", f"8B MLP bwd {name} {how}", ms, tflops=tflops)
     torch.cuda.synchronize()
 
 
