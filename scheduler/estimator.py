@@ -395,12 +395,19 @@ def load_measurements(folder: Path | str | None = None) -> tuple[Measured, ...]:
             # scales the bf16, dropout-0 ones (see fp8_copies)
             if r.get("fp8") or "fp8_loss_vs_bf16" in r or r.get("lora_dropout"):
                 continue
-            rows.append(Measured(
-                matmul_params=int(r["n_matmul_params"]), quant=r.get("quant", "none"), memory_mode=_CKPT[r["ckpt"]],
-                kernels=r["method"] == "ours", achieved_tflops=float(r["achieved_model_tflops"]),
-                peak_tflops=float(r["peak_tflops"]), tokens_per_s=float(r["tokens_per_s"]),
-                peak_gb=float(r["peak_gb"]), source=f"{path.name}:{r.get('spec')}", date=str(data.get("date", "")),
-            ))
+            # a row needs its GPU's measured matmul rate to scale to another GPU (a suite run without the
+            # `matmul` measurement has none); a row that lacks it or holds a malformed value is skipped:
+            # one file must not break every estimate
+            try:
+                rows.append(Measured(
+                    matmul_params=int(r["n_matmul_params"]), quant=r.get("quant", "none"),
+                    memory_mode=_CKPT[r["ckpt"]], kernels=r["method"] == "ours",
+                    achieved_tflops=float(r["achieved_model_tflops"]), peak_tflops=float(r["peak_tflops"]),
+                    tokens_per_s=float(r["tokens_per_s"]), peak_gb=float(r["peak_gb"]),
+                    source=f"{path.name}:{r.get('spec')}", date=str(data.get("date", "")),
+                ))
+            except (KeyError, TypeError, ValueError):
+                continue
     return tuple(rows)
 
 

@@ -231,6 +231,20 @@ def test_variable_length_rows_are_not_throughput_measurements(tmp_path):
     assert [m.tokens_per_s for m in ms] == [row["tokens_per_s"]]
 
 
+@pytest.mark.parametrize("broken", [{"achieved_model_tflops": None}, {"peak_tflops": "n/a"}, {"n_matmul_params": None}])
+def test_rows_without_a_matmul_rate_or_with_malformed_values_are_skipped(tmp_path, broken):
+    # a suite run without the `matmul` measurement writes rows with no achieved or peak TFLOP/s: they cannot be
+    # scaled to another GPU, and must not break the loading of every other file
+    row = _newest("ours:8B:on")
+    bad = {**row, **broken}
+    if None in broken.values():
+        bad = {k: v for k, v in bad.items() if k not in broken}
+    (tmp_path / "a.json").write_text(json.dumps({"date": "2026-01-01", "results": [row]}))
+    (tmp_path / "b.json").write_text(json.dumps({"date": "2027-01-01", "results": [bad]}))
+    ms = load_measurements(tmp_path)
+    assert [m.tokens_per_s for m in ms] == [row["tokens_per_s"]]
+
+
 @pytest.mark.parametrize("variant", [{"fp8": True}, {"fp8_loss_vs_bf16": {"relative": -0.0017}},
                                      {"lora_dropout": 0.05}])
 def test_fp8_and_dropout_rows_are_not_the_plans_throughput(tmp_path, variant):
