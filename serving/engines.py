@@ -109,9 +109,16 @@ class Upstream:
 
     def half_close(self) -> bool:
         """Tell the engine the client is gone while still reading its answer: end our side of the
-        connection (uvicorn, vLLM's server, treats it as a disconnect). False if that cannot be done."""
+        connection (uvicorn, vLLM's server, treats it as a disconnect). True when the rest of the answer
+        can then be read without waiting for the whole generation: also when the engine's answer has
+        already ended (it arrived whole and waits unread in the buffer, where aiohttp has let the
+        connection go, or the connection is closing). False if the engine cannot be told."""
+        if self.response.content.is_eof():
+            return True
         transport = getattr(getattr(self.response, "connection", None), "transport", None)
-        if transport is None or transport.is_closing() or not transport.can_write_eof():
+        if transport is not None and transport.is_closing():
+            return True
+        if transport is None or not transport.can_write_eof():
             return False
         try:
             transport.write_eof()

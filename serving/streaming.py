@@ -6,15 +6,16 @@ for, so the client sees exactly what OpenAI would send. The count is the engine'
 (serving.metering.StreamTally); the final usage chunk, when it arrives, is authoritative. Chunks are
 counted one token each only when the engine sends no counts at all.
 
-The usage record is written once, when the engine's ``[DONE]`` arrives (journaled before it is
-relayed, so a client holding its full answer can rely on the record being billed) or when the relay
-ends without it: client gone (the response is cancelled or closed while the relay waits) or engine
-failure. A client that leaves is billed what the engine sent until it stopped: the relay half-closes
-the engine connection (the engine sees the client gone and aborts the generation), reads what the
-engine still sent before closing its side, and bills the last count in it. The upstream is read in
-raw chunks, split into events by the relay itself, so that an event is never lost half-read when the
-client's cancellation interrupts a read. A stream that ends well is stored for retries of its request
-id as a transcript (serving.transcript); any other end fails the claim so that a retry runs again.
+The usage record is written once, when the engine's ``[DONE]`` arrives (journaled before it is relayed,
+so a client holding its full answer can rely on the record being billed) or when the relay ends without
+it: client gone (the response is cancelled or closed while the relay waits) or engine failure. A client
+that leaves is billed what the engine sent until it stopped: the relay half-closes the engine connection
+(the engine sees the client gone and aborts the generation), reads what the engine still sent before
+closing its side (or, when the engine had already finished, what arrived and waited unread), and bills
+the last count in it. The upstream is read in raw chunks, split into events by the relay itself, so that
+an event is never lost half-read when the client's cancellation interrupts a read. A stream that ends
+well is stored for retries of its request id as a transcript (serving.transcript); any other end fails
+the claim so that a retry runs again.
 
 An engine's error event after the 200 reaches the client as the same request's error would without
 streaming: a generation failure is ``server_error`` with code ``engine_error`` (the 502 body), not the

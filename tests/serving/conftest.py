@@ -24,6 +24,7 @@ from serving.adapter_registry import record_check
 from serving.app import create_app
 from serving.database import Database
 from serving.logs import configure_logging
+from serving.metering import Outcome
 from serving.settings import ServingSettings
 
 # JSON lines through stdlib logging, as in production, so that caplog sees the gateway's records.
@@ -86,6 +87,20 @@ class FakeEngine:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class RecordingMeter:
+    """A usage meter (serving.metering.Meter's two calls) that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[Outcome] = []
+        self.progressed: list[tuple[int, int]] = []
+
+    def record(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+
+    def progress(self, prompt: int, completion: int) -> None:
+        self.progressed.append((prompt, completion))
 
 
 @pytest.fixture

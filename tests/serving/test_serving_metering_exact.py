@@ -13,10 +13,15 @@ import asyncio
 import random
 from collections import Counter
 
+import aiohttp
 import openai
 import pytest
 
 from scheduler.settings import BUILTIN_BASE_MODEL
+from serving.engines import Replica, Upstream
+from serving.metering import Outcome
+from serving.streaming import StreamRelay
+from tests.serving.conftest import RecordingMeter
 
 pytestmark = pytest.mark.integration
 
@@ -103,3 +108,37 @@ def test_billed_tokens_equal_the_engines_counts(engines, gateway, make_org, usag
     # retried). A quarter at least must be real cuts, so that the checks above ran for them.
     really_cut = {rid for rid in cut_ids if statuses[rid] == "client_disconnected"}
     assert len(really_cut) >= max(1, len(cut_ids) // 4), statuses
+
+
+
+def test_a_client_leaving_after_the_engines_whole_answer_arrived_is_billed_all_of_it(engines):
+    """Session 32's one failure of the test above, made deterministic: the relay was waiting on the client
+    (at its ``yield``) while the rest of the engine's answer arrived, billed by the engine as sent, and
+    the client then left. That rest waited unread in aiohttp's buffer, and aiohttp had already let the
+    connection go, so there was nothing to half-close and the relay billed only what it had read. Here
+    the engine is real (HTTP on loopback, read by aiohttp) and so is the connection's state; the client
+    is the relay's event iterator, which takes the first event, waits for the answer to arrive, and
+    closes."""
+    engine = engines(token_delay_s=0.02)
+    body = {"model": BUILTIN_BASE_MODEL, "messages": [{"role": "user", "content": "one two three four five"}],
+            "max_tokens": 12, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+
+    async def run() -> list[Outcome]:
+        meter = RecordingMeter()
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(engine.url + "/v1/chat/completions", json=body)
+            relay = StreamRelay(Upstream(Replica(base="m", url=engine.url, inflight=1), response), meter, wants_usage=False)
+            events = relay.events()
+            await anext(events)  # the role chunk, sent before the first token
+            for _ in range(500):
+                if response.content.is_eof():
+                    break
+                await asyncio.sleep(0.01)
+            assert response.content.is_eof() and response.connection is None  # the case under test
+            await events.aclose()  # the client is gone
+        return meter.outcomes
+
+    outcomes = asyncio.run(run())
+    (attempt,) = engine.state.attempts
+    assert attempt.counts == (5, 6)  # the model's name and the five words: all sent, all billed by the engine
+    assert outcomes == [Outcome(*attempt.counts, "client_disconnected")]
