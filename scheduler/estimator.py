@@ -265,6 +265,8 @@ def estimate_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> MemoryE
         weights = (facts.params - facts.layer_linear_params) * e
     else:
         weights = facts.params * e
+    if _input_embedding_on_host(spec, facts, layout):  # kept in bf16 there (estimate_host_memory)
+        weights -= facts.vocab_size * facts.hidden_size * e
     parts: dict[str, float] = {}
     if full:
         # DeepSpeed mixed precision: bf16 weights and gradients, fp32 master weights + AdamW moments.
@@ -333,10 +335,15 @@ def estimate_host_memory(spec: JobSpec, facts: ModelFacts, layout: Layout) -> fl
         q, kv = facts.num_heads * facts.head_dim, facts.num_kv_heads * facts.head_dim
         per_layer += [q, kv, kv, facts.hidden_size]
     stash = sum(per_layer) * e * tokens * facts.num_layers
-    # the single-GPU worker only: a DeepSpeed rank keeps the table on its device (gpu_worker/patching/memory.py)
-    frozen_untied = not facts.tie_embeddings and spec.adapter.type != AdapterType.full and layout.zero_stage is None
-    embedding = _pinned(facts.vocab_size * facts.hidden_size * e) if frozen_untied else 0
+    embedding = _pinned(facts.vocab_size * facts.hidden_size * e) if _input_embedding_on_host(spec, facts, layout) else 0
     return float(stash + embedding)
+
+
+def _input_embedding_on_host(spec: JobSpec, facts: ModelFacts, layout: Layout) -> bool:
+    """``offload`` moves a frozen, untied input embedding to pinned host memory; the single-GPU worker
+    only: a DeepSpeed rank keeps the table on its device (gpu_worker/patching/memory.py)."""
+    return (layout.memory_mode == "offload" and not facts.tie_embeddings and spec.adapter.type != AdapterType.full
+            and layout.zero_stage is None)
 
 
 def fits(estimate: MemoryEstimate, memory_gb: float) -> bool:

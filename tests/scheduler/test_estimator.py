@@ -58,16 +58,17 @@ def _measured(file: str, spec_name: str) -> dict:
 # (model, quantization, memory mode, kernels, bench file, bench config): the newest measurement of
 # every kernel-worker configuration, and three stock HF+PEFT rows. The activation constants were
 # fitted on the two v3 "off" rows and the stock 1B row; every other row is a configuration the fit did
-# not see. Checkpointing/offload/QLoRA rows are v2's: v3's checkpointing row (22.24 GB) measured a
-# regression that commit 8371217 fixed without a re-measurement (bench/results/2026-11-22-h100.md),
-# and v3 did not re-run QLoRA; v2 and v3 save the same tensors under recomputation.
+# not see. Checkpointing rows are v2's: v3's checkpointing row (22.24 GB) measured a regression that
+# commit 8371217 fixed without a re-measurement (bench/results/2026-11-22-h100.md), and v3 did not re-run
+# QLoRA; v2 and v3 save the same tensors under recomputation. The offload rows are session 33's, after
+# v7 (2026-12-03) moved the input embedding to host memory in that mode.
 CASES = [
     ("meta-llama/Llama-3.2-1B", "none", "off", True, "2026-11-22-h100-v3.json", "ours:1B:off"),
     ("meta-llama/Llama-3.1-8B", "none", "off", True, "2026-11-22-h100-v3.json", "ours:8B:off"),
     ("meta-llama/Llama-3.1-8B", "none", "checkpointing", True, "2026-11-22-h100-v2-ckpt-qlora.json", "ours:8B:on"),
-    ("meta-llama/Llama-3.1-8B", "none", "offload", True, "2026-11-22-h100-v2-ckpt-qlora.json", "ours:8B:offload"),
+    ("meta-llama/Llama-3.1-8B", "none", "offload", True, "2026-12-06-h100-v36-goal-rows.json", "ours:8B:offload"),
     ("meta-llama/Llama-3.1-8B", "nf4", "checkpointing", True, "2026-11-22-h100-v2-ckpt-qlora.json", "ours:8B:on:nf4"),
-    ("meta-llama/Llama-3.1-8B", "nf4", "offload", True, "2026-11-22-h100-v2-ckpt-qlora.json", "ours:8B:offload:nf4"),
+    ("meta-llama/Llama-3.1-8B", "nf4", "offload", True, "2026-12-06-h100-v36-goal-rows.json", "ours:8B:offload:nf4"),
     ("meta-llama/Llama-3.2-1B", "none", "off", False, "2026-11-22-h100-1B.json", "hf:1B:off"),
     ("meta-llama/Llama-3.1-8B", "none", "checkpointing", False, "2026-11-22-h100-8B-ckpt.json", "hf:8B:on"),
     ("meta-llama/Llama-3.1-8B", "nf4", "checkpointing", False, "2026-11-22-h100-8B-qlora.json", "hf:8B:on:nf4"),
