@@ -110,9 +110,8 @@ def test_billed_tokens_equal_the_engines_counts(engines, gateway, make_org, usag
     assert len(really_cut) >= max(1, len(cut_ids) // 4), statuses
 
 
-
 def test_a_client_leaving_after_the_engines_whole_answer_arrived_is_billed_all_of_it(engines):
-    """Session 32's one failure of the test above, made deterministic: the relay was waiting on the client
+    """A rare failure of the test above (once in CI), made deterministic: the relay was waiting on the client
     (at its ``yield``) while the rest of the engine's answer arrived, billed by the engine as sent, and
     the client then left. That rest waited unread in aiohttp's buffer, and aiohttp had already let the
     connection go, so there was nothing to half-close and the relay billed only what it had read. Here
