@@ -292,7 +292,7 @@ def patch_attention(attn: nn.Module, impl: str | None, softcap: float | None = N
         packing = kwargs.pop("packed_sequences", None)
         if kwargs.pop(CAUSAL_ROWS, False):  # patch_causal_lm's placeholder: is_causal, no mask
             attention_mask = None
-        fa4 = self.__dict__.get("_tf_attention") if cache is None else None  # "fa4", "auto" (packed rows) or None
+        fa4 = self.__dict__.get("_tf_attention") if cache is None else None  # "fa4", "auto" or None
         if packing is not None and cache is None and _takes_varlen(self, packing):
             # (B, H, S, D) -> (B*S, H, D); the output comes back as (B*S, Hq, D)
             flat = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (q, k, v))
@@ -301,7 +301,8 @@ def patch_attention(attn: nn.Module, impl: str | None, softcap: float | None = N
             else:
                 out = varlen_attention(*flat, packing, self.scaling, impl=impl)
             weights = None
-        elif fa4 == "fa4" and attention_mask is None and q.shape[2] > 1 and hopper_attention.takes(self, q, q.shape[2]):
+        elif (fa4 == "fa4" or (fa4 == "auto" and hopper_attention.batched_pays(self))) and attention_mask is None \
+                and q.shape[2] > 1 and hopper_attention.takes(self, q, q.shape[2]):
             out, weights = hopper_attention.causal(q, k, v, self.scaling), None  # (B, S, Hq, D), as SDPA's
         else:
             interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)

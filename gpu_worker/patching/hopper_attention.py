@@ -3,7 +3,8 @@ on the GPU at first use) as the patched attention's causal path, batched and ove
 
 Measured on an H100 (bench/NOTES.md, session 21): over packed rows 1.64x torch's variable-length kernel
 at the 8B shape (the 8B packed-rows step -18 ms, 1B -7 ms), so ``patch_model``'s default (``"auto"``)
-takes them there; batched, at cuDNN's rate, so only ``attention="fa4"`` takes them there. It lives here,
+takes them there; batched, at cuDNN's rate at head size 128 and 6% faster at 64, so ``"auto"`` takes them
+for batched rows at head size 64 only (``BATCHED_HEAD_DIMS``) and ``attention="fa4"`` at every size. It lives here,
 not in ``kernels/``, which imports only torch and triton.
 
 It takes the calls SDPA's causal flash path would take: no mask (the causal placeholder), no KV cache, no
@@ -30,6 +31,10 @@ BACKENDS = ("auto", "sdpa", "fa4")
 # 24, bench/results/2026-12-05-h100-v28-fa4-layouts.jsonl), which was the tiny Qwen3's failure in sessions
 # 21 and 22; at head size 64 the Qwen3 case (q/k norms) passes.
 VERIFIED_HEAD_DIMS = (64, 128)
+# Head sizes at which ``"auto"`` takes FA4 for batched rows too: where its batched kernel beat cuDNN's. At head
+# size 64 (the 1B shape, 4 x 2048 tokens) 0.798 against 0.847 ms a layer, forward and backward (session 21's
+# micro); at 128 (8B) no faster (1.233 against 1.225), so those rows keep cuDNN.
+BATCHED_HEAD_DIMS = (64,)
 
 
 @functools.cache
@@ -82,6 +87,11 @@ def takes(attn: nn.Module, q: torch.Tensor, rows: int) -> bool:
     return (q.is_cuda and compute_dtype(q) is not None and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
             and getattr(attn, "attn_logit_softcapping", None) is None and not dropout and (window is None or window >= rows)
             and getattr(attn, "is_causal", True))
+
+
+def batched_pays(attn: nn.Module) -> bool:
+    """Whether ``"auto"`` hands this layer's batched (unpacked) rows to FA4 (``BATCHED_HEAD_DIMS``)."""
+    return attn.head_dim in BATCHED_HEAD_DIMS
 
 
 def _cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
