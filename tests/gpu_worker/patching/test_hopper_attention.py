@@ -49,6 +49,30 @@ def test_models_of_unverified_head_sizes_keep_torchs_kernels(monkeypatch):
             "FlashAttention-4 asked for, but its head size 16 has not passed on a GPU yet: attention through SDPA",))
 
 
+def test_auto_hands_batched_rows_to_fa4_at_the_head_sizes_where_it_beat_cudnn(monkeypatch):
+    """``"auto"``: batched rows through FA4 at head size 64 (faster than cuDNN there), SDPA at 128 (no faster);
+    ``"fa4"``: both. The kernels are stood in for by SDPA on the CPU; what is checked is which path a layer took."""
+    monkeypatch.setattr(hopper_attention, "unavailable", lambda device: None)
+    monkeypatch.setattr(hopper_attention, "takes", lambda attn, q, rows: True)
+    calls = []
+
+    def causal(q, k, v, scale):
+        calls.append(q.shape[-1])
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2)
+    monkeypatch.setattr(hopper_attention, "causal", causal)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    for head, attention, taken in ((64, "auto", True), (128, "auto", False), (128, "fa4", True), (64, "sdpa", False)):
+        config = tiny_config(hidden_size=2 * head, num_attention_heads=2, num_key_value_heads=1, head_dim=head)
+        model = build_lora_model(config)
+        reference = copy.deepcopy(model)
+        patch_model(model, attention=attention, cuda_graphs=False)
+        calls.clear()
+        loss = model(input_ids=ids, labels=ids).loss
+        assert calls == ([head] * config.num_hidden_layers if taken else []), (head, attention)
+        assert loss.item() == pytest.approx(reference(input_ids=ids, labels=ids).loss.item(), rel=1e-4)
+
+
 def test_takes_only_what_sdpas_causal_path_would():
     attn = build_lora_model(tiny_config()).get_base_model().model.layers[0].self_attn.eval()
     q = torch.zeros(1, 4, 16, 16, dtype=torch.bfloat16)
