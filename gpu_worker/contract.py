@@ -114,7 +114,8 @@ class MemoryMode(str, enum.Enum):
 class Attention(str, enum.Enum):
     """Which kernels compute causal attention in a kernel-patched model (gpu_worker/patching/hopper_attention.py)."""
 
-    auto = "auto"  # FlashAttention-4 for packed rows where it is installed on a Hopper GPU, else SDPA / torch's
+    auto = "auto"  # FlashAttention-4 where it is installed on a Hopper GPU for packed rows, and for batched rows at head
+    # size 64 (faster than cuDNN there); else SDPA / torch's
     sdpa = "sdpa"  # SDPA (cuDNN) for batched rows, torch's variable-length kernel for packed ones
     fa4 = "fa4"  # FlashAttention-4 for both, where it is installed on a Hopper GPU (the job's events say if not)
 

@@ -94,8 +94,9 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     beside it); on one GPU of compute capability 8.9 or later (or CPU, emulated), else the report's notes
     say why not. ``attention``: ``"fa4"``, causal attention through FlashAttention-4's Hopper kernels
     (hopper_attention.py) where it is installed and the GPU is a Hopper, else the report's notes say why
-    not; ``"auto"``, those kernels for packed rows only, where they are available (on an H100 1.64x torch's
-    variable-length kernel, while batched rows measured no faster than cuDNN: bench/NOTES.md, session 21);
+    not; ``"auto"``, those kernels for packed rows, where they are available (on an H100 1.64x torch's
+    variable-length kernel: bench/NOTES.md, session 21), and for batched rows at the head sizes where they
+    beat cuDNN (``hopper_attention.BATCHED_HEAD_DIMS``: 64, the 1B step 2% faster; session 34);
     neither yet for head sizes other than ``hopper_attention.VERIFIED_HEAD_DIMS``;
     ``"sdpa"``, neither.
     """
@@ -172,9 +173,11 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
                         if family in _ATTENTION_SOFTCAP else None)
         if attention != "sdpa" and fa4_off is None:
             fa4_off = hopper_attention.unverified(attn)
-            if fa4_off is None:  # "fa4": batched and packed rows; "auto": packed rows
+            if fa4_off is None:  # "fa4": batched and packed rows; "auto": packed rows, batched at some head sizes
                 attn._tf_attention = attention
                 counts["fa4_attention"] = counts.get("fa4_attention", 0) + 1
+                if attention == "fa4" or hopper_attention.batched_pays(attn):
+                    counts["fa4_batched_attention"] = counts.get("fa4_batched_attention", 0) + 1
         counts["rope"] += 1
         counts["lora_qkv_o"] += 1
         patch_mlp(layer.mlp, act, impl, output_discarded_in_recompute=mlp_output_only_feeds_the_residual(layer))

@@ -33,7 +33,9 @@ BACKENDS = ("auto", "sdpa", "fa4")
 VERIFIED_HEAD_DIMS = (64, 128)
 # Head sizes at which ``"auto"`` takes FA4 for batched rows too: where its batched kernel beat cuDNN's. At head
 # size 64 (the 1B shape, 4 x 2048 tokens) 0.798 against 0.847 ms a layer, forward and backward (session 21's
-# micro); at 128 (8B) no faster (1.233 against 1.225), so those rows keep cuDNN.
+# micro), and the 1B step on an H100 96-97 ms against 98.6-99.0 (median; 83,802-84,481 tokens/s against
+# 82,258-82,824, bench/NOTES.md, session 34); at 128 (8B) no faster (1.233 against 1.225 ms, the step +0.5%),
+# so those rows keep cuDNN.
 BATCHED_HEAD_DIMS = (64,)
 
 

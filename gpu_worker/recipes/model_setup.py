@@ -292,8 +292,9 @@ def apply_memory_mode_and_kernels(model, runtime: Runtime) -> list[tuple[str, st
     patched = ", ".join(getattr(report, "patched", ()) or ()) or "all supported ops"
     graphs = counts.get("cuda_graph_layers")
     graphs = f"; the {graphs} decoder layers replay as CUDA graphs on a GPU once the batch shape repeats" if graphs else ""
-    fa4 = counts.get("fa4_attention")
-    fa4 = f"; FlashAttention-4 computes the attention of {'packed rows' if runtime.attention.value == 'auto' else 'every row'} in {fa4} layers" if fa4 else ""
+    fa4, batched = counts.get("fa4_attention"), counts.get("fa4_batched_attention")
+    rows = "every row" if batched == fa4 else "packed rows" + (f" (batched rows in {batched})" if batched else "")
+    fa4 = f"; FlashAttention-4 computes the attention of {rows} in {fa4} layers" if fa4 else ""
     lines = [(f"Training kernels applied: {patched} (memory mode {runtime.memory_mode.value}){graphs}{fa4}", "info")]
     notes = getattr(report, "notes", ())
     if counts.get("fp8_weights"):

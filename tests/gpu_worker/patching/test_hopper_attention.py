@@ -66,11 +66,28 @@ def test_auto_hands_batched_rows_to_fa4_at_the_head_sizes_where_it_beat_cudnn(mo
         config = tiny_config(hidden_size=2 * head, num_attention_heads=2, num_key_value_heads=1, head_dim=head)
         model = build_lora_model(config)
         reference = copy.deepcopy(model)
-        patch_model(model, attention=attention, cuda_graphs=False)
+        report = patch_model(model, attention=attention, cuda_graphs=False)
+        assert report.counts.get("fa4_batched_attention", 0) == (config.num_hidden_layers if taken else 0)
         calls.clear()
         loss = model(input_ids=ids, labels=ids).loss
         assert calls == ([head] * config.num_hidden_layers if taken else []), (head, attention)
         assert loss.item() == pytest.approx(reference(input_ids=ids, labels=ids).loss.item(), rel=1e-4)
+
+
+def test_the_jobs_events_say_which_rows_fa4_computes(monkeypatch):
+    from gpu_worker.contract import Attention, Runtime
+    from gpu_worker.recipes.model_setup import apply_memory_mode_and_kernels
+
+    monkeypatch.setattr(hopper_attention, "unavailable", lambda device: None)
+    said = {}
+    for head, attention in ((64, Attention.auto), (128, Attention.auto), (128, Attention.fa4)):
+        model = build_lora_model(tiny_config(hidden_size=2 * head, num_attention_heads=2, num_key_value_heads=1,
+                                             head_dim=head))
+        [(message, _), *_] = apply_memory_mode_and_kernels(model, Runtime(attention=attention, cuda_graphs=False))
+        said[head, attention.value] = message.partition("; FlashAttention-4 ")[2]
+    assert said == {(64, "auto"): "computes the attention of every row in 2 layers",
+                    (128, "auto"): "computes the attention of packed rows in 2 layers",
+                    (128, "fa4"): "computes the attention of every row in 2 layers"}
 
 
 def test_takes_only_what_sdpas_causal_path_would():
