@@ -176,7 +176,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
             if fa4_off is None:  # "fa4": batched and packed rows; "auto": packed rows, batched at some head sizes
                 attn._tf_attention = attention
                 counts["fa4_attention"] = counts.get("fa4_attention", 0) + 1
-                if attention == "fa4" or hopper_attention.batched_pays(attn):
+                if hopper_attention.batched_rows(attn, attention):
                     counts["fa4_batched_attention"] = counts.get("fa4_batched_attention", 0) + 1
         counts["rope"] += 1
         counts["lora_qkv_o"] += 1

@@ -301,8 +301,8 @@ def patch_attention(attn: nn.Module, impl: str | None, softcap: float | None = N
             else:
                 out = varlen_attention(*flat, packing, self.scaling, impl=impl)
             weights = None
-        elif (fa4 == "fa4" or (fa4 == "auto" and hopper_attention.batched_pays(self))) and attention_mask is None \
-                and q.shape[2] > 1 and hopper_attention.takes(self, q, q.shape[2]):
+        elif hopper_attention.batched_rows(self, fa4) and attention_mask is None and q.shape[2] > 1 \
+                and hopper_attention.takes(self, q, q.shape[2]):
             out, weights = hopper_attention.causal(q, k, v, self.scaling), None  # (B, S, Hq, D), as SDPA's
         else:
             interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)

@@ -91,9 +91,10 @@ def takes(attn: nn.Module, q: torch.Tensor, rows: int) -> bool:
             and getattr(attn, "is_causal", True))
 
 
-def batched_pays(attn: nn.Module) -> bool:
-    """Whether ``"auto"`` hands this layer's batched (unpacked) rows to FA4 (``BATCHED_HEAD_DIMS``)."""
-    return attn.head_dim in BATCHED_HEAD_DIMS
+def batched_rows(attn: nn.Module, attention: str | None) -> bool:
+    """Whether a layer set to ``attention`` (``"fa4"``, ``"auto"`` or None) hands its batched (unpacked) rows
+    to FA4: ``"fa4"`` always, ``"auto"`` at ``BATCHED_HEAD_DIMS``."""
+    return attention == "fa4" or (attention == "auto" and attn.head_dim in BATCHED_HEAD_DIMS)
 
 
 def _cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
