@@ -5,7 +5,7 @@ Measured on an H100 (bench/NOTES.md, session 21): over packed rows 1.64x torch's
 at the 8B shape (the 8B packed-rows step -18 ms, 1B -7 ms), so ``patch_model``'s default (``"auto"``)
 takes them there; batched, at cuDNN's rate at head size 128 and 6% faster at 64 (the 1B step 2% faster,
 session 34), so ``"auto"`` takes them for batched rows at head size 64 only (``BATCHED_HEAD_DIMS``) and
-``attention="fa4"`` at every size. It lives here, not in ``kernels/``, which imports only torch and triton.
+``attention="fa4"`` at every verified size. It lives here, not in ``kernels/``, which imports only torch and triton.
 
 It takes the calls SDPA's causal flash path would take: no mask (the causal placeholder), no KV cache, no
 logit softcap, no attention dropout, no sliding window shorter than the rows; bf16 or fp16 (float32 under
