@@ -49,6 +49,10 @@ def test_models_of_unverified_head_sizes_keep_torchs_kernels(monkeypatch):
             "FlashAttention-4 asked for, but its head size 16 has not passed on a GPU yet: attention through SDPA",))
 
 
+def _two_heads_of(head: int):
+    return tiny_config(hidden_size=2 * head, num_attention_heads=2, num_key_value_heads=1, head_dim=head)
+
+
 def test_auto_hands_batched_rows_to_fa4_at_the_head_sizes_where_it_beat_cudnn(monkeypatch):
     """``"auto"``: batched rows through FA4 at head size 64 (faster than cuDNN there), SDPA at 128 (no faster);
     ``"fa4"``: both. The kernels are stood in for by SDPA on the CPU; what is checked is which path a layer took."""
@@ -63,7 +67,7 @@ def test_auto_hands_batched_rows_to_fa4_at_the_head_sizes_where_it_beat_cudnn(mo
     monkeypatch.setattr(hopper_attention, "causal", causal)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     for head, attention, taken in ((64, "auto", True), (128, "auto", False), (128, "fa4", True), (64, "sdpa", False)):
-        config = tiny_config(hidden_size=2 * head, num_attention_heads=2, num_key_value_heads=1, head_dim=head)
+        config = _two_heads_of(head)
         model = build_lora_model(config)
         reference = copy.deepcopy(model)
         report = patch_model(model, attention=attention, cuda_graphs=False)
@@ -81,8 +85,7 @@ def test_the_jobs_events_say_which_rows_fa4_computes(monkeypatch):
     monkeypatch.setattr(hopper_attention, "unavailable", lambda device: None)
     said = {}
     for head, attention in ((64, Attention.auto), (128, Attention.auto), (128, Attention.fa4)):
-        model = build_lora_model(tiny_config(hidden_size=2 * head, num_attention_heads=2, num_key_value_heads=1,
-                                             head_dim=head))
+        model = build_lora_model(_two_heads_of(head))
         [(message, _), *_] = apply_memory_mode_and_kernels(model, Runtime(attention=attention, cuda_graphs=False))
         said[head, attention.value] = message.partition("; FlashAttention-4 ")[2]
     assert said == {(64, "auto"): "computes the attention of every row in 2 layers",
