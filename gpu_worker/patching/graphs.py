@@ -14,8 +14,8 @@ gradient is layer i-1's output gradient, so the replays chain with no copies; on
 input, the last layer's output gradient and the attention's tables (cos/sin, a mask) are copied in.
 Not ``make_graphed_callables`` itself: its backward hands autograd the graph's own parameter-gradient
 buffers as fresh tensors, which autograd then adopts as ``.grad`` (no copy), so the next replay would
-overwrite a gradient being accumulated over micro-batches; here autograd gets tensors it cannot adopt and
-accumulates as in eager mode.
+overwrite a gradient being accumulated over micro-batches; here autograd gets a copy of them (one
+``torch.cat`` a layer), which it adopts or adds into the gradient being accumulated, as in eager mode.
 
 Adapter dropout replays too (by default since session 25: on an H100 host where the eager 1B step is
 host-bound, 7-10% faster; bench/NOTES.md): the fused LoRA nodes draw ``philox`` masks
@@ -164,9 +164,27 @@ class _Replay(torch.autograd.Function):
         graph.bwd.replay()
         graph.pending = None
         dx, *dparams = graph.grads
-        # the graph's own buffers, which autograd cannot adopt as a parameter's .grad (we hold a reference):
-        # it copies them or adds them into the gradient being accumulated, as for eager gradients
-        return (None, None, dx, *([None] * ctx.n_tensors), *dparams)
+        # dx is the graph's buffer that the layer below reads as its output gradient (no copy); the parameter
+        # gradients are handed over as copies (_handed_over)
+        return (None, None, dx, *([None] * ctx.n_tensors), *_handed_over(dparams))
+
+
+def _handed_over(grads) -> list:
+    """Copies of a layer's parameter-gradient buffers for autograd: one new allocation per dtype, written
+    by one ``torch.cat``, and views of it. The buffers themselves cannot become ``.grad`` (the next replay
+    writes them); autograd adopts a gradient that nothing else references as ``.grad`` without a copy,
+    and adds it into a gradient being accumulated. Handed the buffers, autograd copied each one: 14
+    small copies a layer (224 a 1B step), each a launch."""
+    out = list(grads)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, g in enumerate(grads):
+        if g is not None:
+            by_dtype.setdefault(g.dtype, []).append(i)
+    for slots in by_dtype.values():
+        flat = torch.cat([grads[i].reshape(-1) for i in slots])
+        for i, piece in zip(slots, flat.split([grads[i].numel() for i in slots])):
+            out[i] = piece.view_as(grads[i])
+    return out
 
 
 def _identity(modules: list[nn.Module]) -> tuple:
@@ -381,10 +399,15 @@ class LayerGraphs:
 
     def _repeated(self, signature, tensors) -> bool:
         """At an eager step's first layer: whether to capture this step's shape now. Only shapes that
-        repeat, on one step in a row, then on twice as many after each wasted capture."""
+        repeat, on one step in a row, then on twice as many after each wasted capture. A capture groups the
+        layers' tables as the eager step before it shared them (``_sources``, which an eager step records
+        from here on); that step had the same signature."""
         self._repeats = self._repeats + 1 if signature == self._seen else 0
-        self._seen, self._sources = signature, {0: tensors}
-        return self._repeats >= 1 << self._wasted
+        self._seen = signature
+        if self._repeats >= 1 << self._wasted:
+            return True
+        self._sources = {0: tensors}
+        return False
 
     def release(self) -> None:
         # a graph and its statics refer to each other (``_Static.readers``): without this the cycle, and the

@@ -92,9 +92,17 @@ def test_graphed_training_equals_eager(model_type):
     on, off = _pair(model_type=model_type)
     batches = [_batch(seed=i) for i in range(6)]
     _compare(on, off, batches)
-    status = _graphs(on).status
+    graphs = _graphs(on)
+    status = graphs.status
     # the first step runs eagerly, the second captures and replays: 5 steps x 3 layers replayed
     assert status["captures"] == 1 and status["replays"] == 15 and status["disabled"] is None, status
+    # every layer gets the same tables (one rotary embedding): one static copy of them serves all
+    assert all(g.statics == graphs.graphs[0].statics for g in graphs.graphs)
+    # a replayed layer's LoRA gradients come out of one copy of its graph's buffers (graphs._handed_over)
+    _loss(on, *batches[0]).backward()
+    layer = on.get_base_model().model.layers[1]
+    grads = [p.grad for p in layer.parameters() if p.requires_grad]
+    assert len(grads) > 1 and len({g.untyped_storage().data_ptr() for g in grads}) == 1
 
 
 @pytest.mark.gpu
@@ -288,6 +296,51 @@ def test_layers_that_got_the_same_table_share_its_static_copy():
     assert a_cos is c_cos and a_sin is c_sin and b_cos is not a_cos and b_sin is not a_sin
     assert d_cos not in (a_cos, b_cos) and d_sin not in (a_sin, b_sin)
     assert a_cos.tensor.shape == (2, 3) and a_cos.tensor is not cos
+
+
+def test_a_capture_groups_the_tables_as_the_eager_step_before_it_shared_them():
+    """The capture comes at the first layer of the step that repeats a shape, before that step's other layers
+    have run: it groups by the step before (one copy of Llama's cos/sin for every layer, not one a layer)."""
+    from gpu_worker.patching.graphs import LayerGraphs, _static_groups
+
+    graphs = LayerGraphs([])
+    first, second = (torch.full((2, 3), float(v)) for v in range(2))
+    assert not graphs._repeated("a", (first,))
+    graphs._sources.update({1: (first,), 2: (first,)})  # what run() records for the eager step's other layers
+    assert graphs._repeated("a", (second,))
+    statics = _static_groups(graphs._sources, (second,), 3)
+    assert statics[0][0] is statics[1][0] is statics[2][0]
+
+
+def test_a_layers_parameter_gradients_are_handed_to_autograd_as_one_copy_it_adopts():
+    """Replayed gradients leave the graph's buffers as views of one new tensor per dtype, which autograd
+    makes ``.grad`` without copying them again, and adds into a gradient being accumulated."""
+    from gpu_worker.patching.graphs import _handed_over
+
+    buffers = [torch.randn(3, 4), None, torch.randn(5).double(), torch.randn(2, 6)]
+
+    class Replayed(torch.autograd.Function):
+        handed: list = []
+
+        @staticmethod
+        def forward(ctx, a, b, c):
+            return a.sum() + b.sum() + c.sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            handed = _handed_over([buffers[0], buffers[2], buffers[3]])
+            Replayed.handed = [t.data_ptr() for t in handed]
+            return tuple(handed)
+
+    params = [torch.nn.Parameter(torch.zeros_like(b)) for b in (buffers[0], buffers[2], buffers[3])]
+    Replayed.apply(*params).backward()
+    for p, b, ptr in zip(params, (buffers[0], buffers[2], buffers[3]), Replayed.handed):
+        assert torch.equal(p.grad, b) and p.grad.data_ptr() == ptr and p.grad.data_ptr() != b.data_ptr()
+    assert params[2].grad.data_ptr() == params[0].grad.data_ptr() + 12 * 4  # float32: one tensor
+    Replayed.apply(*params).backward()  # a second micro-batch accumulates
+    for p, b in zip(params, (buffers[0], buffers[2], buffers[3])):
+        assert torch.equal(p.grad, 2 * b)
+    assert _handed_over([None]) == [None]
 
 
 class _Captured:
