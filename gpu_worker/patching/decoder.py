@@ -29,7 +29,7 @@ from gpu_worker.patching import hopper_attention
 from gpu_worker.patching.lora import lora_weights, split_rows
 from gpu_worker.patching.memory import recomputing, replaying, stash, stashing, unstash
 from tuneforge_kernels.cross_entropy import fused_linear_cross_entropy
-from tuneforge_kernels.lora_linear import lora_linears
+from tuneforge_kernels.lora_linear import GradLanding, lora_linears
 from tuneforge_kernels.lora_mlp import lora_mlp
 from tuneforge_kernels.rms_norm import rms_norm
 from tuneforge_kernels.rope import rope
@@ -221,24 +221,25 @@ def _mlp_parts(mlp: nn.Module):
     return None if any(p is None or p.bias is not None for p in parts) else parts
 
 
-def _linears(x, projections, impl, tag):
+def _linears(x, projections, impl, tag, landing=None):
     """``lora_linears(x, *projections)``. In an ``offload`` layer's forward the outputs are also stashed
     (memory.py: to host memory with the layer input), and the layer's recompute replays them instead of
     recomputing the base GEMMs: the attention side's q/k/v and O projections (22 TFLOP of an 8B step)."""
     if replaying():
         kept = [unstash((tag, i)) for i in range(len(projections))]
         return lora_linears(x, *projections, impl=impl, outputs=kept)
-    outs = lora_linears(x, *projections, impl=impl)
+    outs = lora_linears(x, *projections, impl=impl, landing=landing)
     if stashing():
         for i, o in enumerate(outs):
             stash(o, (tag, i))
     return outs
 
 
-def _project_qkv(attn: nn.Module, hidden_states, impl):
+def _project_qkv(attn: nn.Module, hidden_states, impl, landing=None):
     """q, k, v as ``(..., features)`` tensors: one fused node for the three projections, or Phi-3's one
     ``qkv_proj`` split by columns, or the PEFT/HF modules' own forwards when the fused path cannot
-    compute them (a trained bias, DoRA...); Qwen2's frozen q/k/v biases are added by the fused node."""
+    compute them (a trained bias, DoRA...); Qwen2's frozen q/k/v biases are added by the fused node.
+    ``landing``: the three projections' node's ``GradLanding``, for the rotary embedding's backward."""
     if hasattr(attn, "qkv_proj"):
         p = lora_weights(attn.qkv_proj)
         qkv = _linears(hidden_states, [p], impl, "qkv")[0] if p is not None else attn.qkv_proj(hidden_states)
@@ -249,7 +250,7 @@ def _project_qkv(attn: nn.Module, hidden_states, impl):
         return qkv[..., :n_q], qkv[..., n_q:n_q + n_kv], qkv[..., n_q + n_kv:].contiguous()
     qkv = [lora_weights(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
     if all(p is not None for p in qkv):  # one node, one x A^T for the three adapters
-        q, k, v = _linears(hidden_states, qkv, impl, "qkv")
+        q, k, v = _linears(hidden_states, qkv, impl, "qkv", landing)
         # joined weights (lora.join_frozen_weights) give the three as column blocks of one product; the
         # attention saves v for its backward, which would keep the whole product alive (+42 MB a layer at
         # 1B, measured +0.67 GB a step): v gets its own buffer, q and k are rotated into new ones anyway
@@ -257,12 +258,13 @@ def _project_qkv(attn: nn.Module, hidden_states, impl):
     return attn.q_proj(hidden_states), attn.k_proj(hidden_states), attn.v_proj(hidden_states)
 
 
-def _rotate(q, k, cos, sin, impl):
+def _rotate(q, k, cos, sin, impl, landing=None):
     """RoPE on ``q (B, Hq, T, D)``, ``k``; partial rotary (Phi-3 family's ``partial_rotary_factor``:
-    the tables are narrower than ``D``) rotates the leading dims and passes the rest through, as HF."""
+    the tables are narrower than ``D``) rotates the leading dims and passes the rest through, as HF.
+    ``landing``: the ``GradLanding`` of the node that computed q and k (rope.py)."""
     rot = cos.shape[-1]
     if rot == q.shape[-1]:
-        return rope(q, k, cos, sin, impl=impl)
+        return rope(q, k, cos, sin, impl=impl, landing=landing)
     q_rot, k_rot = rope(q[..., :rot], k[..., :rot], cos, sin, impl=impl)
     return torch.cat([q_rot, q[..., rot:]], dim=-1), torch.cat([k_rot, k[..., rot:]], dim=-1)
 
@@ -280,13 +282,16 @@ def patch_attention(attn: nn.Module, impl: str | None, softcap: float | None = N
         cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q, k, v = _project_qkv(self, hidden_states, impl)
+        # the rotation's backward writes q's and k's gradients where the projections' backward reads them
+        # (GradLanding), unless Qwen3's q/k norms come between
+        landing = None if hasattr(self, "q_norm") else GradLanding()
+        q, k, v = _project_qkv(self, hidden_states, impl, landing)
         q, k = q.view(hidden_shape), k.view(hidden_shape)
         v = v.view(hidden_shape).transpose(1, 2)
         if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over head_dim before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
-        q, k = _rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin, impl)
+        q, k = _rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin, impl, landing)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         packing = kwargs.pop("packed_sequences", None)

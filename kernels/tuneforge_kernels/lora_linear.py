@@ -200,14 +200,47 @@ def padded_linears(projections) -> torch.Tensor | None:
     return _spans(first, sum(p.weight.shape[0] for p in projections) + r, h + r)
 
 
+class GradLanding:
+    """Where a padded layout's node (``_PaddedLinearsFunction``) wants its outputs' gradients: as column blocks
+    of the ``(N, O + R)`` buffer ``[dy_1 | dy_2 .. | s_1 dy_1 B_1 | ..]`` its backward multiplies. A producer
+    of those gradients that is handed the landing (the rotary embedding's backward, which writes Q's and K's,
+    rope.py) writes them into ``block(i)``, and the node's backward copies in only the others: at 1B, Q's and
+    K's copies were 41 MB read and written a layer (bench/NOTES.md, session 35). The node's forward sets the
+    layout; until then (another path computed the projections) ``block`` answers None."""
+
+    def __init__(self):
+        self.layout = None  # (rows N, width O + R, column starts, widths out_i, dtype, device)
+        self._buffer = None
+
+    def block(self, i: int) -> torch.Tensor | None:
+        """Output i's ``(N, out_i)`` block of the buffer (allocated at the first call), or None."""
+        if self.layout is None:
+            return None
+        n, width, starts, outs, dtype, device = self.layout
+        if self._buffer is None:
+            self._buffer = torch.empty(n, width, dtype=dtype, device=device)
+        return self._buffer[:, starts[i]:starts[i] + outs[i]]
+
+    def take(self) -> torch.Tensor | None:
+        """The buffer, if a producer wrote into it (once: the landing lets go of it)."""
+        buffer, self._buffer = self._buffer, None
+        return buffer
+
+
+def _lands_in(dy: torch.Tensor, block: torch.Tensor) -> bool:
+    """Whether a gradient (as ``(N, out)``) is the landing's block itself: its producer wrote it there."""
+    return dy.data_ptr() == block.data_ptr() and dy.stride() == block.stride() and dy.dtype == block.dtype \
+        and dy.shape == block.shape
+
+
 class _PaddedLinearsFunction(torch.autograd.Function):
     """lora_linears over the padded layout (above): the same function and gradients as
     ``_LoraLinearsFunction``, with ``x A^T`` saved scaled by s (so dB = dy^T (s x A^T)). Args: x, n, the
-    buffer, then the n A's, the n B's, the n scales."""
+    buffer, then the n A's, the n B's, the n scales, a ``GradLanding`` or None."""
 
     @staticmethod
     def forward(ctx, x, n, buf, *args):
-        a_s, b_s, scales = args[:n], args[n:2 * n], args[2 * n:]
+        a_s, b_s, scales, landing = args[:n], args[n:2 * n], args[2 * n:3 * n], args[3 * n]
         dtype, shape = _compute_dtype(x), x.shape
         hd, outs, ranks = shape[-1], [b.shape[0] for b in b_s], [a.shape[0] for a in a_s]
         rows, r = sum(outs), sum(ranks)
@@ -234,7 +267,9 @@ class _PaddedLinearsFunction(torch.autograd.Function):
         ctx.save_for_backward(xa[:, hd:].clone(), *_x_for_saving(ctx, x, x2))
         ctx.set_materialize_grads(False)  # an unused output's grad arrives as None
         ctx.buf, ctx.scales, ctx.layout = buf, scales, (outs, ranks, starts, cols)
-        ctx.dtype, ctx.shape = dtype, shape
+        ctx.dtype, ctx.shape, ctx.landing = dtype, shape, landing
+        if landing is not None:
+            landing.layout = (xa.shape[0], rows + r, starts, outs, dtype, x.device)
         ctx.param_dtypes = [t.dtype for t in (*a_s, *b_s)]
         return tuple(y.view(*shape[:-1], y.shape[1]) for y in ys)
 
@@ -245,13 +280,17 @@ class _PaddedLinearsFunction(torch.autograd.Function):
         buf, scales, (outs, ranks, starts, cols) = ctx.buf, ctx.scales, ctx.layout
         n, need, hd = len(outs), ctx.needs_input_grad, x2.shape[1]
         rows = sum(outs)
-        dya = x2.new_empty(x2.shape[0], rows + sum(ranks))                        # [dy_1 | .. | s dy B ..]
+        dya = ctx.landing.take() if ctx.landing is not None else None             # [dy_1 | .. | s dy B ..]
+        if dya is None:
+            dya = x2.new_empty(x2.shape[0], rows + sum(ranks))
         for i, dy in enumerate(dys):
             block = dya[:, starts[i]:starts[i] + outs[i]]
             if dy is None:
                 block.zero_()
             else:
-                copy_rows(block, dy.reshape(-1, outs[i]).to(ctx.dtype), impl="triton")
+                dy = dy.reshape(-1, outs[i])
+                if not _lands_in(dy, block):
+                    copy_rows(block, dy.to(ctx.dtype), impl="triton")
             _mm_into(dya[:, rows + cols[i]:rows + cols[i] + ranks[i]], block,
                      buf[starts[i]:starts[i] + outs[i], hd + cols[i]:hd + cols[i] + ranks[i]], scales[i])
         dx = (dya @ buf[:, :hd]).view(ctx.shape) if need[0] else None            # every term: one GEMM
@@ -263,16 +302,19 @@ class _PaddedLinearsFunction(torch.autograd.Function):
             if need[3 + n + i]:
                 grads_b[i] = dya[:, starts[i]:starts[i] + outs[i]].t() @ xa[:, cols[i]:cols[i] + ranks[i]]
         grads = _cast_grads([*grads_a, *grads_b], ctx.param_dtypes)
-        return (dx, None, None, *grads, *([None] * n))
+        return (dx, None, None, *grads, *([None] * n), None)
 
 
 def lora_linears(x: torch.Tensor, *projections: LoraWeights, impl: str | None = None,
-                 outputs: list[torch.Tensor] | None = None):
+                 outputs: list[torch.Tensor] | None = None, landing: GradLanding | None = None):
     """``tuple(x W_i^T + s_i (x A_i^T) B_i^T for each projection)``; one node, one ``x A^T`` matmul.
 
     ``outputs``: these values, computed earlier from the same ``x`` and weights (replay, module
     docstring): returned as the outputs without recomputing them; the caller guarantees they are equal.
-    A permission: the reference path recomputes."""
+    A permission: the reference path recomputes.
+
+    ``landing``: where the padded layout's backward takes the gradients that their producers wrote in place
+    (``GradLanding``); the other paths leave it unset."""
     for p in projections:
         assert (p.lora_a is None) == (p.lora_b is None), "lora_a and lora_b come together"
     if not use_triton(x, *(p.lora_a for p in projections), impl=impl):
@@ -288,7 +330,8 @@ def lora_linears(x: torch.Tensor, *projections: LoraWeights, impl: str | None = 
     buf = padded_linears(projections) if outputs is None and plain else None
     if buf is not None and buf.dtype == _compute_dtype(x):
         return _PaddedLinearsFunction.apply(x, len(projections), buf, *(p.lora_a for p in projections),
-                                            *(p.lora_b for p in projections), *(float(p.scale) for p in projections))
+                                            *(p.lora_b for p in projections), *(float(p.scale) for p in projections),
+                                            landing)
     flat = [t for p in projections for t in (p.weight, p.lora_a, p.lora_b)]
     return _LoraLinearsFunction.apply(x, len(projections), outputs, *flat,
                                       *(float(p.scale) for p in projections), *dropouts,

@@ -7,7 +7,8 @@ cannot let one Function rewrite two views in place, and HF's q/k are views of th
 Llama-3 / YaRN / linear scalings (which live in the inverse frequencies) come for free. Only the first
 half of each row is read: HF's tables repeat ``freqs`` twice.
 
-Backward is the same rotation by the negated angle, from the incoming gradients into new buffers.
+Backward is the same rotation by the negated angle, from the incoming gradients into new buffers, or into
+the blocks of a ``GradLanding`` (lora_linear.py) that the projections' node multiplies in its backward.
 """
 
 from __future__ import annotations
@@ -86,39 +87,54 @@ def _launch(q, k, cos, sin, backward, q_out, k_out):
     )
 
 
+def _landed(landing, i: int, like: torch.Tensor) -> torch.Tensor | None:
+    """Block i of ``landing`` (an ``(N, H * D)`` view, N = B * T) as a ``(B, H, T, D)`` gradient like ``like``,
+    or None where the landing has no such block."""
+    block = landing.block(i) if landing is not None else None
+    b, h, t, d = like.shape
+    if block is None or block.dtype != like.dtype or block.shape != (b * t, h * d):
+        return None
+    return block.view(b, t, h, d).transpose(1, 2)
+
+
+def _new_grad(dq: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(dq) if dq.stride(3) == 1 else torch.empty(dq.shape, dtype=dq.dtype, device=dq.device)
+
+
 class _RopeFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, cos, sin, inplace):
+    def forward(ctx, q, k, cos, sin, inplace, landing):
         q_out, k_out = (q, k) if inplace else (torch.empty_like(q), torch.empty_like(k))
         _launch(q, k, cos, sin, False, q_out, k_out)
         if inplace:
             ctx.mark_dirty(q, k)
         ctx.save_for_backward(cos, sin)
+        ctx.landing = landing
         return q_out, k_out
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        dq_in = torch.empty_like(dq) if dq.stride(3) == 1 else torch.empty(dq.shape, dtype=dq.dtype,
-                                                                              device=dq.device)
-        dk_in = torch.empty_like(dk) if dk.stride(3) == 1 else torch.empty(dk.shape, dtype=dk.dtype,
-                                                                              device=dk.device)
+        dq_in, dk_in = _landed(ctx.landing, 0, dq), _landed(ctx.landing, 1, dk)
+        dq_in = _new_grad(dq) if dq_in is None else dq_in
+        dk_in = _new_grad(dk) if dk_in is None else dk_in
         dq = dq if dq.stride(3) == 1 else dq.contiguous()
         dk = dk if dk.stride(3) == 1 else dk.contiguous()
         _launch(dq, dk, cos, sin, True, dq_in, dk_in)
-        return dq_in, dk_in, None, None, None
+        return dq_in, dk_in, None, None, None, None
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-         impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+         impl: str | None = None, landing=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q (B, Hq, T, D)`` and ``k (B, Hk, T, D)`` by HF's ``cos``/``sin`` ``(B, T, D)``.
 
     The Triton path works in place (returning ``q``, ``k``) when neither is a view, else out of place;
-    the reference path is always out of place."""
+    the reference path is always out of place. ``landing``: the ``GradLanding`` of the node whose outputs 0
+    and 1 are ``q`` and ``k`` (as ``(B, T, H * D)``): the backward writes their gradients into its blocks."""
     if not use_triton(q, k, cos, sin, impl=impl):
         return rope_reference(q, k, cos, sin)
     inplace = q._base is None and k._base is None
-    return _RopeFunction.apply(q, k, cos, sin, inplace)
+    return _RopeFunction.apply(q, k, cos, sin, inplace, landing)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -273,3 +273,47 @@ def test_strided_x_matches_reference(device, how, layout):
         assert rel_err(a, b) < TOL[torch.float32], rel_err(a, b)
     if how == "sliced":
         assert torch.count_nonzero(got[0][..., :2]) == 0 and torch.count_nonzero(got[0][..., 2 + hidden:]) == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("landing", [True, False])
+def test_the_rotations_gradients_land_where_the_padded_node_reads_them(device, landing, monkeypatch):
+    """The patched attention's Q/K/V node and RoPE: with a GradLanding, RoPE's backward writes Q's and K's
+    gradients into the padded node's backward buffer, which copies in only V's; every gradient is the
+    float64 reference's either way."""
+    import tuneforge_kernels.lora_linear as lora_linear
+    from tuneforge_kernels.lora_linear import GradLanding
+    from tuneforge_kernels.rope import rope, rope_reference
+
+    copies = []
+    real_copy_rows = lora_linear.copy_rows
+    monkeypatch.setattr(lora_linear, "copy_rows", lambda dst, src, **kw: (copies.append(dst.shape[1]),
+                                                                          real_copy_rows(dst, src, **kw))[1])
+    torch.manual_seed(8)
+    hidden, kv, rank, head, bsz, seq = 40, 12, 4, 4, 3, 5
+    projs = _qkv_for("padded", hidden, kv, rank, device)
+    pos = torch.arange(seq, device=device, dtype=torch.float64)[None, :, None] / (1.0 + torch.arange(head // 2))
+    cos, sin = (torch.cat([f(pos)] * 2, dim=-1) for f in (torch.cos, torch.sin))
+
+    def attention_inputs(x, ps, rotate, cos, sin, tag=None):
+        q, k, v = lora_linears(x, *ps, impl="triton", landing=tag) if tag is not False else \
+            lora_linears_reference(x, *ps)
+        q, k, v = (t.view(bsz, seq, -1, head).transpose(1, 2) for t in (q, k, v))
+        return (*rotate(q, k, cos, sin), v)
+
+    x = torch.randn(bsz, seq, hidden, device=device).requires_grad_()
+    tag = GradLanding() if landing else None
+    outs = attention_inputs(x, projs, lambda *a: rope(*a, impl="triton", landing=tag), cos.float(), sin.float(), tag)
+    p64 = [_as64(p) for p in projs]
+    x64 = x.detach().double().requires_grad_()
+    refs = attention_inputs(x64, p64, rope_reference, cos, sin, False)
+    dys = [torch.randn_like(o) for o in outs]
+    leaves = [x] + [t for p in projs for t in (p.lora_a, p.lora_b)]
+    leaves64 = [x64] + [t for p in p64 for t in (p.lora_a, p.lora_b)]
+    got = torch.autograd.grad(outs, leaves, dys)
+    exp = torch.autograd.grad(refs, leaves64, [d.double() for d in dys])
+    for a, b in zip(got, exp):
+        assert rel_err(a, b) < TOL[torch.float32]
+    assert copies == ([kv] if landing else [hidden, kv, kv])  # V's only: Q's and K's were written in place
+    assert tag is None or tag.take() is None  # the backward took the buffer
