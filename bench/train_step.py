@@ -299,6 +299,10 @@ def setup_hf(args):
         if args.method == "base":  # the older copy must win over the repo root on sys.path
             base = os.path.abspath(args.base_root)  # kernels/ holds tuneforge_kernels from 1c0711b on
             sys.path[:0] = [base, os.path.join(base, "kernels")]
+            # run_one imported gpu_worker (the allocator's settings) from the tree: its patching would be the
+            # tree's too, over the base's kernels
+            for name in [m for m in sys.modules if m == "gpu_worker" or m.startswith("gpu_worker.")]:
+                del sys.modules[name]
         from gpu_worker.patching import patch_model
         if getattr(args, "philox_rounds", 0):  # an experiment: adapter dropout's masks from fewer Philox rounds
             _philox_rounds(args.philox_rounds)

@@ -293,7 +293,8 @@ def test_the_rotations_gradients_land_where_the_padded_node_reads_them(device, l
     torch.manual_seed(8)
     hidden, kv, rank, head, bsz, seq = 40, 12, 4, 4, 3, 5
     projs = _qkv_for("padded", hidden, kv, rank, device)
-    pos = torch.arange(seq, device=device, dtype=torch.float64)[None, :, None] / (1.0 + torch.arange(head // 2))
+    pos = torch.arange(seq, device=device, dtype=torch.float64)[None, :, None] / (1.0 + torch.arange(head // 2,
+                                                                                                       device=device))
     cos, sin = (torch.cat([f(pos)] * 2, dim=-1) for f in (torch.cos, torch.sin))
 
     def attention_inputs(x, ps, rotate, cos, sin, tag=None):
