@@ -183,6 +183,9 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         patch_mlp(layer.mlp, act, impl, output_discarded_in_recompute=mlp_output_only_feeds_the_residual(layer))
         counts["lora_mlp"] += 1
         counts["residual_rms_norm"] += patch_residual_norm(layer, impl, offset)  # reads the stock forward: last
+    for below, layer in zip(decoder.layers, decoder.layers[1:]):  # lora.pad_frozen_mlp's output gradient
+        if below.mlp.__dict__.get("_tf_output_grad_spare"):
+            layer._tf_input_grad_spare = below.mlp._tf_output_grad_spare
     patch_rms_norm(decoder.norm, impl, offset)
     counts["rms_norm"] += 1
     # memory mode off is for speed: the fused loss takes larger chunks (256 MB of bf16 logits); a multimodal

@@ -153,8 +153,10 @@ def _fused_layer_class(cls: type) -> type:
             in_eps, in_offset, in_impl = spec
             # padded Q/K/V (lora.pad_frozen_qkv) write their input's rank-r products after the norm's rows
             spare = self.self_attn.__dict__.get("_tf_input_spare", 0)
+            # and the padded MLP below writes its dy's rank-r products after the input gradient's rows
+            grad_spare = self.__dict__.get("_tf_input_grad_spare", 0)
             hidden_states, residual = rms_norm(hidden_states, in_norm.weight, in_eps, offset=in_offset,
-                                               with_input=True, spare=spare, impl=in_impl)
+                                               with_input=True, spare=spare, grad_spare=grad_spare, impl=in_impl)
         else:
             residual = hidden_states
             hidden_states = in_norm(hidden_states)

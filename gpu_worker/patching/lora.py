@@ -189,6 +189,9 @@ def pad_frozen_mlp(mlp: nn.Module) -> bool:
     # the fused layer's post-attention norm leaves these columns after its rows for s x A^T (rms_norm's
     # spare): no copy of the MLP's input into the padded GEMM's operand
     mlp._tf_input_spare = parts[0].lora_a.shape[0] + parts[1].lora_a.shape[0]
+    # and the next layer's input norm leaves the down projection's rank after its input gradient's rows
+    # (rms_norm's grad_spare, patch_model): no copy of the MLP's output gradient into [dy | s dy B_d]
+    mlp._tf_output_grad_spare = parts[2].lora_a.shape[0]
     return True
 
 

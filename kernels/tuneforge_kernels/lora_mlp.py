@@ -519,7 +519,8 @@ def padded(gate: LoraWeights, up: LoraWeights, down: LoraWeights):
 
 def spare_columns(x: torch.Tensor) -> int:
     """How many columns after each of ``x``'s rows its producer left for its consumer to fill (``rms_norm``'s
-    ``spare``): the padded MLP then writes ``s x A^T`` there instead of copying ``x`` into a wider buffer."""
+    ``spare``, and ``grad_spare`` for a gradient): the padded MLP then writes ``s x A^T`` (``s dy B_d``) there
+    instead of copying ``x`` (``dy``) into a wider buffer."""
     return getattr(x, "_tf_spare_columns", 0)
 
 
@@ -594,8 +595,7 @@ class _PaddedMLPFunction(torch.autograd.Function):
         hd, i = x2.shape[1], d_w.shape[1] - rd
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, hd).to(ctx.dtype)
-        dya = dy2.new_empty(dy2.shape[0], hd + rd)                                # [dy | s dy B_d]
-        copy_rows(dya[:, :hd], dy2, impl="triton")
+        dya = wide_input(dy, dy2, rd)                                             # [dy | s dy B_d]
         _mm_into(dya[:, hd:], dy2, d_w[:hd, i:], sd)
         dh = dya @ d_w[:, :i]                                                     # (N, I), the term inside
         g, u = gu[:, :i], gu[:, i:2 * i]

@@ -117,12 +117,13 @@ def _fwd_launch(x, residual, weight, eps, offset, out_dtype=None, spare=0):
     return y, (s if residual is not None else x2), rstd
 
 
-def _bwd_launch(dy, ds, x2, weight, rstd, offset, compute_dw):
-    # dy, ds: (M, N) grads of y and of the new residual; x2: (M, N) saved normalised input
+def _bwd_launch(dy, ds, x2, weight, rstd, offset, compute_dw, spare=0):
+    # dy, ds: (M, N) grads of y and of the new residual; x2: (M, N) saved normalised input; dx the first N
+    # columns of an (M, N + spare) buffer
     n_rows, n_cols = x2.shape
     dy2 = _rows(dy)
     ds2 = _rows(ds) if ds is not None else dy2
-    dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)     # (M, N)
+    dx = torch.empty((n_rows, n_cols + spare), dtype=x2.dtype, device=x2.device)[:, :n_cols]  # (M, N)
     n_prog = max(1, min(n_rows, 4 * sm_count()))  # 4 per SM: enough rows in flight to hide latency
     dw_partial = torch.empty((n_prog, n_cols) if compute_dw else (1,), dtype=torch.float32,
                              device=x2.device)
@@ -168,12 +169,13 @@ def norm_recipe(t: torch.Tensor) -> NormRecipe | None:
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, residual, eps, offset, with_input, spare):
+    def forward(ctx, x, weight, residual, eps, offset, with_input, spare, grad_spare):
         out_dtype = _out_dtype(_sum_dtype(x, residual), weight, offset)
         y, saved_x, rstd = _fwd_launch(x, residual, weight, eps, offset, out_dtype, spare)
         ctx.save_for_backward(saved_x, weight, rstd)
         # the second output (x + residual, or x itself): its gradient is added in the backward kernel
         ctx.offset, ctx.has_residual, ctx.shape = offset, residual is not None or with_input, x.shape
+        ctx.grad_spare = grad_spare if residual is None else 0  # one consumer of the gradient: x's producer
         y = y.view(x.shape)
         # consumers that would save y for their backward (the LoRA projections) save this recipe
         # instead: the norm already keeps its input, so y can be recomputed rather than stored
@@ -189,9 +191,11 @@ class _RMSNormFunction(torch.autograd.Function):
         x2, weight, rstd = ctx.saved_tensors
         compute_dw = ctx.needs_input_grad[1]
         dx, dw = _bwd_launch(dy, ds if ctx.has_residual else None, x2, weight, rstd, ctx.offset,
-                             compute_dw)
+                             compute_dw, ctx.grad_spare)
         dx = dx.view(ctx.shape)
-        return dx, dw, (dx if ctx.needs_input_grad[2] else None), None, None, None, None
+        if ctx.grad_spare:  # x's producer may write the columns after each row (lora_mlp.spare_columns)
+            dx._tf_spare_columns = ctx.grad_spare
+        return dx, dw, (dx if ctx.needs_input_grad[2] else None), None, None, None, None, None
 
 
 def _sum_dtype(x, residual):
@@ -207,7 +211,7 @@ def _out_dtype(dtype, weight, offset):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0,
              residual: torch.Tensor | None = None, with_input: bool = False, spare: int = 0,
-             impl: str | None = None):
+             grad_spare: int = 0, impl: str | None = None):
     """``y = x_hat * (weight + offset)`` with ``x_hat = x / rms(x)`` over the last dim.
 
     With ``residual``, normalises ``x + residual`` and returns ``(y, x + residual)``. ``with_input`` (no
@@ -220,11 +224,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset
     ``spare``: the Triton path returns ``y`` as the first columns of a ``(rows, N + spare)`` buffer, whose
     spare columns its consumer may fill in place (the padded MLP's ``[x | s x A^T]``: no copy of ``y``
     into a wider buffer). A layout hint: the values are the same, and the reference path ignores it.
+    ``grad_spare`` (no ``residual``): the same for ``x``'s gradient, for ``x``'s producer's backward (the
+    padded MLP below a decoder layer: its ``[dy | s dy B_d]``, not a copy of ``dy``).
     """
     if not use_triton(x, weight, residual, impl=impl):
         y = rms_norm_reference(x, weight, eps, offset=offset, residual=residual)
         return (y, x) if with_input and residual is None else y
-    return _RMSNormFunction.apply(x, weight, residual, float(eps), float(offset), bool(with_input), int(spare))
+    return _RMSNormFunction.apply(x, weight, residual, float(eps), float(offset), bool(with_input), int(spare),
+                                  int(grad_spare))
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset: float = 0.0,

@@ -341,3 +341,41 @@ def test_strided_x_matches_reference(device, how, layout):
         assert rel_err(a, b) < TOL[torch.float32], rel_err(a, b)
     if how == "sliced":
         assert torch.count_nonzero(got[0][..., :2]) == 0 and torch.count_nonzero(got[0][..., 2 + hidden:]) == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad_spare", [0, 4, 3])
+def test_the_next_norms_input_gradient_leaves_the_padded_mlps_columns(device, grad_spare, monkeypatch):
+    """A decoder layer's padded MLP (the residual added by its GEMM) under the next layer's input norm: with
+    ``grad_spare`` the down projection's rank, the norm's backward leaves those columns after its input
+    gradient's rows, and the MLP writes ``s dy B_d`` there instead of copying ``dy`` into a wider buffer (3:
+    another rank, copied). Every gradient is the float64 reference's either way."""
+    import tuneforge_kernels.lora_mlp as lora_mlp_module
+    from tuneforge_kernels.rms_norm import rms_norm, rms_norm_reference
+
+    copies = []
+    real_copy_rows = lora_mlp_module.copy_rows
+    monkeypatch.setattr(lora_mlp_module, "copy_rows", lambda dst, src, **kw: (copies.append(tuple(dst.shape)),
+                                                                              real_copy_rows(dst, src, **kw))[1])
+    torch.manual_seed(10)
+    hidden, inter = 24, 52
+    gate, up, down = _padded_mlp(hidden, inter, (3, 5, 4), device, torch.float32)
+    w = torch.randn(hidden, device=device) * 0.1 + 1.0
+    x, residual = (torch.randn(2, 7, hidden, device=device).requires_grad_() for _ in range(2))
+    # the MLP's input as the post-attention norm leaves it (gate's and up's ranks after its rows)
+    normed = rms_norm(x, w, spare=8, impl="triton")
+    y = lora_mlp(normed, gate, up, down, impl="triton", residual=residual)
+    out, stream = rms_norm(y, w, with_input=True, grad_spare=grad_spare, impl="triton")
+    p64 = [_as64(p) for p in (gate, up, down)]
+    x64, r64 = (t.detach().double().requires_grad_() for t in (x, residual))
+    y64 = r64 + lora_mlp_reference(rms_norm_reference(x64, w.double()), *p64)
+    out64 = rms_norm_reference(y64, w.double())
+    d_out, d_stream = torch.randn_like(out), torch.randn_like(stream)
+    leaves = [x, residual] + [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
+    leaves64 = [x64, r64] + [t for p in p64 for t in (p.lora_a, p.lora_b)]
+    got = torch.autograd.grad((out, stream), leaves, (d_out, d_stream))
+    exp = torch.autograd.grad((out64, y64), leaves64, (d_out.double(), d_stream.double()))
+    for a, b in zip(got, exp):
+        assert rel_err(a, b) < TOL[torch.float32], rel_err(a, b)
+    assert copies == ([] if grad_spare == 4 else [(14, hidden)])  # dy's copy into [dy | s dy B_d], or none

@@ -397,6 +397,31 @@ def test_merge_and_unload_gives_same_outputs():
     assert rel(after, before) < 1e-4
 
 
+def test_a_padded_layers_gradients_are_written_where_its_gemms_read_them(monkeypatch):
+    """In a patched, padded Llama the backward writes q's and k's gradients (RoPE's, lora_linear.GradLanding)
+    and the layer input's (the next layer's input norm, rms_norm's grad_spare) where the padded GEMMs read
+    them: the only copies into their wide buffers left are V's gradient, one a layer, and the last layer's
+    MLP output gradient, which the final norm produces. The gradients are stock's (test_patched_matches_stock)."""
+    import tuneforge_kernels.lora_linear as lora_linear
+    import tuneforge_kernels.lora_mlp as lora_mlp
+
+    config = tiny_config("llama")
+    model = build_lora_model(config)
+    patch_model(model, impl="triton")
+    layers = model.get_base_model().model.layers
+    assert "_tf_input_grad_spare" not in layers[0].__dict__
+    rank = lora_weights(layers[0].mlp.down_proj).lora_a.shape[0]
+    assert [layer._tf_input_grad_spare for layer in layers[1:]] == [rank] * (len(layers) - 1)
+    copies = {"linear": [], "mlp": []}
+    for name, module in (("linear", lora_linear), ("mlp", lora_mlp)):
+        real = module.copy_rows
+        monkeypatch.setattr(module, "copy_rows", lambda dst, src, _seen=copies[name], _real=real, **kw:
+                            (_seen.append(dst.shape[1]), _real(dst, src, **kw))[1])
+    _step(model, *_batch("cpu"), "cpu")
+    kv = config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    assert copies == {"linear": [kv] * len(layers), "mlp": [config.hidden_size]}
+
+
 def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path):
     # hidden 64 <= PAD_MAX_HIDDEN: gate/up/down and q/k/v are padded for their adapters (lora_mlp.pad_weights,
     # lora_linear.pad_linear_weights: rows of wider buffers, q/k/v one after another, so one GEMM each way);
