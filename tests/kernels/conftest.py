@@ -24,6 +24,19 @@ needs_triton = pytest.mark.skipif(
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
 
 
+def record_copy_rows(monkeypatch, module) -> list[int]:
+    """The widths of the blocks ``module``'s ``copy_rows`` writes from here on, in order: the copies into a
+    padded GEMM's wide operand that a producer writing in place saves."""
+    seen, real = [], module.copy_rows
+
+    def recorded(dst, src, **kwargs):
+        seen.append(dst.shape[1])
+        return real(dst, src, **kwargs)
+
+    monkeypatch.setattr(module, "copy_rows", recorded)
+    return seen
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (METHOD.md's measure); NaN anywhere fails any tolerance."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()

@@ -8,7 +8,8 @@ import torch
 
 from tuneforge_kernels.lora_linear import lora_linears, lora_linears_reference, pad_linear_weights, padded_linears
 from tuneforge_kernels.lora_mlp import LoraWeights
-from tests.kernels.conftest import DEVICES, TOL, count_matmuls, count_ops, join_weights, needs_triton, rel_err
+from tests.kernels.conftest import (DEVICES, TOL, count_matmuls, count_ops, join_weights, needs_triton, record_copy_rows,
+                                    rel_err)
 
 
 def _proj(out_f, in_f, rank, device, dtype, with_lora=True, scale=2.0, bias=False):
@@ -286,10 +287,7 @@ def test_the_rotations_gradients_land_where_the_padded_node_reads_them(device, l
     from tuneforge_kernels.lora_linear import GradLanding
     from tuneforge_kernels.rope import rope, rope_reference
 
-    copies = []
-    real_copy_rows = lora_linear.copy_rows
-    monkeypatch.setattr(lora_linear, "copy_rows", lambda dst, src, **kw: (copies.append(dst.shape[1]),
-                                                                          real_copy_rows(dst, src, **kw))[1])
+    copies = record_copy_rows(monkeypatch, lora_linear)
     torch.manual_seed(8)
     hidden, kv, rank, head, bsz, seq = 40, 12, 4, 4, 3, 5
     projs = _qkv_for("padded", hidden, kv, rank, device)

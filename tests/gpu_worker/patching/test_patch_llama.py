@@ -405,6 +405,8 @@ def test_a_padded_layers_gradients_are_written_where_its_gemms_read_them(monkeyp
     import tuneforge_kernels.lora_linear as lora_linear
     import tuneforge_kernels.lora_mlp as lora_mlp
 
+    from tests.kernels.conftest import record_copy_rows
+
     config = tiny_config("llama")
     model = build_lora_model(config)
     patch_model(model, impl="triton")
@@ -412,11 +414,7 @@ def test_a_padded_layers_gradients_are_written_where_its_gemms_read_them(monkeyp
     assert "_tf_input_grad_spare" not in layers[0].__dict__
     rank = lora_weights(layers[0].mlp.down_proj).lora_a.shape[0]
     assert [layer._tf_input_grad_spare for layer in layers[1:]] == [rank] * (len(layers) - 1)
-    copies = {"linear": [], "mlp": []}
-    for name, module in (("linear", lora_linear), ("mlp", lora_mlp)):
-        real = module.copy_rows
-        monkeypatch.setattr(module, "copy_rows", lambda dst, src, _seen=copies[name], _real=real, **kw:
-                            (_seen.append(dst.shape[1]), _real(dst, src, **kw))[1])
+    copies = {"linear": record_copy_rows(monkeypatch, lora_linear), "mlp": record_copy_rows(monkeypatch, lora_mlp)}
     _step(model, *_batch("cpu"), "cpu")
     kv = config.num_key_value_heads * config.hidden_size // config.num_attention_heads
     assert copies == {"linear": [kv] * len(layers), "mlp": [config.hidden_size]}
