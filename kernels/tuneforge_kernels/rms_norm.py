@@ -93,6 +93,11 @@ def _block(n_cols: int) -> tuple[int, int]:
     return block, 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
+def _leading_columns(n_rows: int, n_cols: int, spare: int, dtype, device) -> torch.Tensor:
+    # an (M, N) tensor, the first N columns of a new (M, N + spare) buffer: its consumer may fill the rest
+    return torch.empty((n_rows, n_cols + spare), dtype=dtype, device=device)[:, :n_cols]
+
+
 def _fwd_launch(x, residual, weight, eps, offset, out_dtype=None, spare=0):
     # x, residual: (..., N) any leading shape; weight: (N,); y in out_dtype (default x's), the first N
     # columns of an (M, N + spare) buffer
@@ -102,7 +107,7 @@ def _fwd_launch(x, residual, weight, eps, offset, out_dtype=None, spare=0):
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
     n_rows = x2.shape[0]
-    y = torch.empty((n_rows, n_cols + spare), dtype=out_dtype or x.dtype, device=x.device)[:, :n_cols]  # (M, N)
+    y = _leading_columns(n_rows, n_cols, spare, out_dtype or x.dtype, x.device)  # (M, N)
     s = (torch.empty((n_rows, n_cols), dtype=_sum_dtype(x, residual), device=x.device)  # (M, N) new residual
          if residual is not None else y)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)        # (M,)
@@ -123,7 +128,7 @@ def _bwd_launch(dy, ds, x2, weight, rstd, offset, compute_dw, spare=0):
     n_rows, n_cols = x2.shape
     dy2 = _rows(dy)
     ds2 = _rows(ds) if ds is not None else dy2
-    dx = torch.empty((n_rows, n_cols + spare), dtype=x2.dtype, device=x2.device)[:, :n_cols]  # (M, N)
+    dx = _leading_columns(n_rows, n_cols, spare, x2.dtype, x2.device)  # (M, N)
     n_prog = max(1, min(n_rows, 4 * sm_count()))  # 4 per SM: enough rows in flight to hide latency
     dw_partial = torch.empty((n_prog, n_cols) if compute_dw else (1,), dtype=torch.float32,
                              device=x2.device)

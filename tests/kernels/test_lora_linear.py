@@ -8,8 +8,8 @@ import torch
 
 from tuneforge_kernels.lora_linear import lora_linears, lora_linears_reference, pad_linear_weights, padded_linears
 from tuneforge_kernels.lora_mlp import LoraWeights
-from tests.kernels.conftest import (DEVICES, TOL, count_matmuls, count_ops, join_weights, needs_triton, record_copy_rows,
-                                    rel_err)
+from tests.kernels.conftest import (DEVICES, TOL, count_matmuls, count_ops, join_weights, needs_triton,
+                                    record_copy_rows, rel_err)
 
 
 def _proj(out_f, in_f, rank, device, dtype, with_lora=True, scale=2.0, bias=False):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tuneforge_kernels.lora_mlp import LoraWeights, joined, lora_mlp, lora_mlp_reference, pad_weights, padded
-from tests.kernels.conftest import (DEVICES, TOL, count_matmuls, count_ops, join_weights, needs_triton, record_copy_rows,
-                                    rel_err)
+from tests.kernels.conftest import (DEVICES, TOL, count_matmuls, count_ops, join_weights, needs_triton,
+                                    record_copy_rows, rel_err)
 
 pytestmark = needs_triton
 
