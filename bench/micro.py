@@ -8,6 +8,10 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   read-modify-write pass (v3) and the rank-16 write (v4), and both orders end to end;
 - ``ce``: fused linear cross-entropy forward+backward (hidden 4096 and 2048, vocab 128256) per chunk size
   in rows (the rule picks 256 at both): time and peak memory;
+- ``ce_rows``: the cross-entropy rows kernel alone on one chunk's bf16 logits (1024 x 128256, the 1B step's
+  chunk, and 256 rows), its tile width, warps and L2 eviction hints (``keep``: pass 1 asks L2 to keep each row
+  for pass 2), in GB/s of the bytes it must move (the logits read once, the gradient written) against the copy
+  ceiling, each variant's loss and gradient checked against the shipped launch's (not yet run: session 36);
 - ``elementwise``: our Triton rms_norm, SwiGLU (forward, in-place backward) and RoPE in GB/s against
   the copy ceiling;
 - ``proj``: every frozen projection GEMM of a step at the 8B and 1B shapes (forward ``x W^T`` and input
@@ -143,6 +147,31 @@ def bench_ce(emit):
             torch.cuda.empty_cache()
     finally:
         ce._chunk_rows = rule
+
+
+def bench_ce_rows(emit, ceiling):
+    import tuneforge_kernels.cross_entropy as ce
+
+    variants = [dict(), dict(keep=True)] + [dict(block=b, num_warps=w, keep=k) for b, w in
+                                            ((16384, 16), (8192, 8), (8192, 16), (4096, 8)) for k in (False, True)]
+    for rows in (1024, 256):
+        pristine = torch.randn(rows, VOCAB, device="cuda", dtype=torch.bfloat16) * 3
+        labels = torch.randint(0, VOCAB, (rows,), device="cuda")
+        labels[::7] = -100
+        loss = torch.empty(rows, device="cuda", dtype=torch.float32)
+        want = pristine.clone()
+        ce._rows_kernel_launch(want, labels, loss, -100, 0.0, 0.0, True)
+        want_loss = loss.clone()
+        for kw in variants:
+            got = pristine.clone()
+            ce._rows_kernel_launch(got, labels, loss, -100, 0.0, 0.0, True, **kw)
+            diff = max((got.float() - want.float()).abs().max().item(), (loss - want_loss).abs().max().item())
+            work = pristine.clone()  # timed in place: the values drift (gradients of gradients), the work does not
+            ms = timed(lambda: ce._rows_kernel_launch(work, labels, loss, -100, 0.0, 0.0, True, **kw))
+            name = f"{rows} rows " + (",".join(f"{k}={v}" for k, v in kw.items()) or "shipped")
+            emit("ce_rows", name, ms, gbps=2 * pristine.numel() * 2 / ms / 1e6, ceiling=ceiling, max_diff=diff)
+        del pristine, want, got, work
+        torch.cuda.empty_cache()
 
 
 def bench_elementwise(emit, ceiling):
@@ -647,7 +676,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--only",
-                    default="copy,gemm,ce,elementwise,proj,tuned,glu,attn,varlen_pad,aug,dropout,residual,overlap")
+                    default="copy,gemm,ce,ce_rows,elementwise,proj,tuned,glu,attn,varlen_pad,aug,dropout,residual,overlap")
     args = ap.parse_args()
     rows = []
 
@@ -658,13 +687,15 @@ def main():
         write_record("MICRO", rec, args.out)
 
     only = args.only.split(",")
-    ceiling = bench_copy(emit) if {"copy", "elementwise", "glu", "dropout"} & set(only) else None
+    ceiling = bench_copy(emit) if {"copy", "ce_rows", "elementwise", "glu", "dropout"} & set(only) else None
     for group, fn in (("gemm", bench_gemm), ("ce", bench_ce), ("proj", bench_proj), ("tuned", bench_tuned),
                       ("attn", bench_attn), ("varlen_pad", bench_varlen_pad), ("aug", bench_aug),
                       ("residual", bench_residual), ("overlap", bench_overlap)):
         if group in only:
             fn(emit)
             torch.cuda.empty_cache()
+    if "ce_rows" in only:
+        bench_ce_rows(emit, ceiling)
     if "elementwise" in only:
         bench_elementwise(emit, ceiling)
     if "glu" in only:

@@ -42,8 +42,10 @@ if triton is not None:
         LOGITS, LABELS, LOSS,
         stride_l, n_cols, ignore_index, smoothing, softcap,
         HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-        BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr, KEEP: tl.constexpr, LET_GO: tl.constexpr,
     ):
+        # KEEP / LET_GO: L2 eviction policies ("" for none): pass 1's loads may ask L2 to keep each row for
+        # pass 2, whose loads and stores may ask it to let go
         row = tl.program_id(0).to(tl.int64)
         ptr = LOGITS + row * stride_l
         label = tl.load(LABELS + row)
@@ -56,7 +58,8 @@ if triton is not None:
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            z = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(ptr + cols, mask=mask, other=0.0,
+                        eviction_policy=KEEP).to(tl.float32)
             z = tl.where(mask, _softcapped(z, softcap, HAS_SOFTCAP), -float("inf"))  # cap(-inf) != -inf
             m_new = tl.maximum(m, tl.max(z, axis=0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
@@ -75,7 +78,8 @@ if triton is not None:
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
-                z = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                z = tl.load(ptr + cols, mask=mask, other=0.0,
+                            eviction_policy=LET_GO).to(tl.float32)
                 z = _softcapped(z, softcap, HAS_SOFTCAP)
                 g = tl.exp(z - lse) - tl.where(cols == safe_label, 1.0 - smoothing, 0.0)
                 if HAS_SMOOTHING:
@@ -83,22 +87,25 @@ if triton is not None:
                 if HAS_SOFTCAP:
                     t = z / softcap
                     g *= 1.0 - t * t
-                tl.store(ptr + cols, (g * scale).to(LOGITS.dtype.element_ty), mask=mask)
+                tl.store(ptr + cols, (g * scale).to(LOGITS.dtype.element_ty), mask=mask,
+                         eviction_policy=LET_GO)
 
 
-def _rows_kernel_launch(logits, labels, loss, ignore_index, smoothing, softcap, compute_grad):
+def _rows_kernel_launch(logits, labels, loss, ignore_index, smoothing, softcap, compute_grad, *, block=None,
+                        num_warps=None, keep=False):
     # logits: (C, V) unit stride on V, overwritten with grads when compute_grad; labels: (C,) int64;
-    # loss: (C,) float32 out
+    # loss: (C,) float32 out. block / num_warps / keep: bench/micro.py's ``ce_rows`` group compares them.
     n_rows, n_cols = logits.shape
     assert logits.stride(1) == 1 and labels.shape == (n_rows,) and loss.shape == (n_rows,)
     # 32K-wide tiles with 32 warps: Liger's choice for a 128K vocabulary (4 loop trips per pass);
     # not yet re-measured on our device (bench/NOTES.md)
-    block = min(32768, next_power_of_2(n_cols))
+    block = min(block or 32768, next_power_of_2(n_cols))
     launcher(_ce_rows_kernel, logits)[(n_rows,)](
         logits, labels, loss, logits.stride(0), n_cols, ignore_index, smoothing,
         softcap if softcap else 1.0,
         HAS_SOFTCAP=bool(softcap), HAS_SMOOTHING=smoothing > 0.0, COMPUTE_GRAD=compute_grad,
-        BLOCK=block, num_warps=32 if block >= 32768 else 8 if block >= 4096 else 4,
+        BLOCK=block, KEEP="evict_last" if keep else "", LET_GO="evict_first" if keep else "",
+        num_warps=num_warps or (32 if block >= 32768 else 8 if block >= 4096 else 4),
     )
 
 
