@@ -12,6 +12,10 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   chunk, and 256 rows), its tile width, warps and L2 eviction hints (``keep``: pass 1 asks L2 to keep each row
   for pass 2), in GB/s of the bytes it must move (the logits read once, the gradient written) against the copy
   ceiling, each variant's loss and gradient checked against the shipped launch's (not yet run: session 36);
+- ``glu_plain``: lora_glu's kernels without rank-r terms, as the padded MLP calls them (gate and up the column
+  halves of one ``[g | u | spare]`` product), at the 1B shape per tile (rows, columns, warps), in GB/s
+  of the bytes they must move; the tile was tuned with the terms inside (``glu``), and the 1B profile puts
+  the plain backward at 84% of the copy's rate (not yet run: session 36);
 - ``elementwise``: our Triton rms_norm, SwiGLU (forward, in-place backward) and RoPE in GB/s against
   the copy ceiling;
 - ``proj``: every frozen projection GEMM of a step at the 8B and 1B shapes (forward ``x W^T`` and input
@@ -414,6 +418,35 @@ def bench_glu(emit, ceiling):
         torch.cuda.empty_cache()
 
 
+PLAIN_TILES = ((16, 256, 4), (16, 128, 4), (8, 256, 4), (8, 512, 4), (16, 256, 8), (16, 512, 8), (32, 128, 4),
+               (32, 256, 8), (64, 64, 4), (4, 1024, 4))
+
+
+def bench_glu_plain(emit, ceiling):
+    import tuneforge_kernels.lora_glu as glu
+
+    chosen = glu.PLAIN_FWD_TILE, glu.PLAIN_BWD_TILE
+    try:
+        for shape in ("1B",):  # the padded MLP's shapes (hidden <= 2048)
+            inter = PROJ_SHAPES[shape][3]
+            gu = torch.randn(N_TOK, 2 * inter + RANK, device="cuda", dtype=torch.bfloat16)
+            g, u = gu[:, :inter], gu[:, inter:2 * inter]
+            ha = torch.randn(N_TOK, inter + RANK, device="cuda", dtype=torch.bfloat16)
+            h = ha[:, :inter]
+            big = N_TOK * inter * 2
+            for tile in PLAIN_TILES:
+                glu.PLAIN_FWD_TILE = glu.PLAIN_BWD_TILE = tile
+                ms = timed(lambda: glu.lora_glu_forward(g, u, "silu", out=h))
+                emit("glu_plain", f"{shape} fwd tile {tile}", ms, gbps=3 * big / ms / 1e6, ceiling=ceiling)
+                # values drift in place; the timing does not depend on them
+                ms = timed(lambda: glu.lora_glu_backward_inplace(h, g, u, "silu"))
+                emit("glu_plain", f"{shape} bwd tile {tile}", ms, gbps=6 * big / ms / 1e6, ceiling=ceiling)
+            del gu, g, u, ha, h
+            torch.cuda.empty_cache()
+    finally:
+        glu.PLAIN_FWD_TILE, glu.PLAIN_BWD_TILE = chosen
+
+
 def _philox_probe_kernel():
     """A bench-only Triton kernel for the open question of bench/NOTES.md session 17 (is adapter dropout's
     Philox work hidden under the bytes?): y = x * scale where each of MASKS masks keeps, MASKS masks a
@@ -676,7 +709,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--only",
-                    default="copy,gemm,ce,ce_rows,elementwise,proj,tuned,glu,attn,varlen_pad,aug,dropout,residual,overlap")
+                    default="copy,gemm,ce,ce_rows,glu_plain,elementwise,proj,tuned,glu,attn,varlen_pad,aug,dropout,residual,overlap")
     args = ap.parse_args()
     rows = []
 
@@ -687,7 +720,7 @@ def main():
         write_record("MICRO", rec, args.out)
 
     only = args.only.split(",")
-    ceiling = bench_copy(emit) if {"copy", "ce_rows", "elementwise", "glu", "dropout"} & set(only) else None
+    ceiling = bench_copy(emit) if {"copy", "ce_rows", "glu_plain", "elementwise", "glu", "dropout"} & set(only) else None
     for group, fn in (("gemm", bench_gemm), ("ce", bench_ce), ("proj", bench_proj), ("tuned", bench_tuned),
                       ("attn", bench_attn), ("varlen_pad", bench_varlen_pad), ("aug", bench_aug),
                       ("residual", bench_residual), ("overlap", bench_overlap)):
@@ -696,6 +729,8 @@ def main():
             torch.cuda.empty_cache()
     if "ce_rows" in only:
         bench_ce_rows(emit, ceiling)
+    if "glu_plain" in only:
+        bench_glu_plain(emit, ceiling)
     if "elementwise" in only:
         bench_elementwise(emit, ceiling)
     if "glu" in only:

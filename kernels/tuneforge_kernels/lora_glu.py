@@ -47,6 +47,10 @@ MAX_RANK = 64
 # was tried and dropped: its trial compiles (seven tiles per kind of launch) cost tens of seconds at the
 # first step, and on 2048 trial rows it kept 32 x 128 where the full-size timing preferred 16 x 256.
 TILE = (16, 256, 4)
+# The tiles of the forward's and the backward's launches without rank-r terms (the padded MLP's, whose GEMMs
+# carry the adapters): plain SwiGLU or GeGLU passes over the bytes; bench/micro.py's ``glu_plain`` times them
+# (not yet measured: session 36)
+PLAIN_FWD_TILE = PLAIN_BWD_TILE = TILE
 
 if triton is not None:
 
@@ -173,8 +177,9 @@ def lora_glu_forward(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, 
     h = torch.empty_like(yg, memory_format=torch.contiguous_format) if out is None else out
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
-    bm, bn, warps = TILE
-    launcher(_lora_glu_fwd_kernel, yg)[_grid(*yg.shape, TILE)](
+    tile = TILE if has_g or has_u else PLAIN_FWD_TILE
+    bm, bn, warps = tile
+    launcher(_lora_glu_fwd_kernel, yg)[_grid(*yg.shape, tile)](
         yg, yu, h, yg.stride(0), h.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
         yg.shape[0], yg.shape[1], ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, RG=pg, RU=pu, PREC=_prec(yg),
         BM=bm, BN=bn, num_warps=warps)
@@ -197,8 +202,9 @@ def lora_glu_backward_inplace(dh, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0
         md, ld_md, md_row0, md_p, md_salt, seeded_md = dropped_d.kernel_args(yg)
         inv_keep = 1.0 / (1.0 - dropped_d.p)
         sd *= inv_keep
-    bm, bn, warps = TILE
-    launcher(_lora_glu_bwd_kernel, yg)[_grid(*yg.shape, TILE)](
+    tile = TILE if has_g or has_u or has_d else PLAIN_BWD_TILE
+    bm, bn, warps = tile
+    launcher(_lora_glu_bwd_kernel, yg)[_grid(*yg.shape, tile)](
         dh, yg, yu, yg.stride(0), dh.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
         xd, ld_xd, ad, ld_ad, rd, sd, md, ld_md, md_row0, md_p, md_salt, inv_keep, yg.shape[0], yg.shape[1],
         ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, HAS_MD=dropped_d is not None, SEEDED_MD=seeded_md,
