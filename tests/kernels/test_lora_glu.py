@@ -126,6 +126,28 @@ def test_tiles_cover_odd_shapes(monkeypatch, tile):
     assert rel_err(dh, h_ref) < 1e-5 and rel_err(yg, dg_ref) < 1e-5 and rel_err(yu, du_ref) < 1e-5
 
 
+@pytest.mark.parametrize("tile", [(8, 512, 4), (4, 1024, 4), (64, 64, 4)])
+def test_plain_launches_take_their_own_tiles(monkeypatch, tile):
+    """Launches without rank-r terms (the padded MLP's) take ``PLAIN_FWD_TILE`` / ``PLAIN_BWD_TILE``, which
+    bench/micro.py's ``glu_plain`` times (some of its candidates here), and cover rows and columns no tile
+    divides; launches with a term keep ``TILE``."""
+    import tuneforge_kernels.lora_glu as mod
+
+    monkeypatch.setattr(mod, "PLAIN_FWD_TILE", tile)
+    monkeypatch.setattr(mod, "PLAIN_BWD_TILE", (16, 128, 4))
+    grids, real_grid = [], mod._grid
+    monkeypatch.setattr(mod, "_grid", lambda rows, cols, t: grids.append(t) or real_grid(rows, cols, t))
+    yg, yu, dh, terms, down = _case(tile[0] + 3, tile[1] + 5, (0, 0, 0), "cpu", torch.float32, seed=9)
+    h_ref, dg_ref, du_ref = _expected(yg, yu, dh, "silu", terms, down)
+    monkeypatch.setattr(mod.torch, "empty_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
+    assert rel_err(lora_glu_forward(yg, yu, "silu"), h_ref) < 1e-5
+    lora_glu_backward_inplace(dh, yg, yu, "silu")
+    assert rel_err(dh, h_ref) < 1e-5 and rel_err(yg, dg_ref) < 1e-5 and rel_err(yu, du_ref) < 1e-5
+    yg, yu, dh, terms, down = _case(5, 7, (2, 0, 0), "cpu", torch.float32, seed=10)
+    lora_glu_forward(yg, yu, "silu", **terms)
+    assert grids == [tile, (16, 128, 4), TILE]
+
+
 def test_strided_rows_and_column_slices_of_a_wider_product():
     """x A^T for gate and up comes out of one GEMM as column slices of an (N, r_g + r_u) tensor."""
     yg, yu, dh, terms, down = _case(19, 70, (3, 5, 0), "cpu", torch.float32, seed=4)
