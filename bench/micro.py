@@ -15,8 +15,8 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   shipped launch the fastest at 1024 rows, 0.65 of the copy's rate; results/2026-12-06-h100-v39-micro-ce-rows.txt);
 - ``glu_plain``: lora_glu's kernels without rank-r terms, as the padded MLP calls them (gate and up the column
   halves of one ``[g | u | spare]`` product), at the 1B shape per tile (rows, columns, warps), in GB/s
-  of the bytes they must move; the tile was tuned with the terms inside (``glu``), and the 1B profile puts
-  the plain backward at 84% of the copy's rate (not yet run: session 36);
+  of the bytes they must move (session 37, H100: the backward 9% faster at 4 x 1024 x 4 than at the terms'
+  16 x 256 x 4, 0.78 of the copy's rate; results/2026-12-06-h100-v40-micro-glu-plain.jsonl);
 - ``elementwise``: our Triton rms_norm, SwiGLU (forward, in-place backward) and RoPE in GB/s against
   the copy ceiling;
 - ``proj``: every frozen projection GEMM of a step at the 8B and 1B shapes (forward ``x W^T`` and input
@@ -25,7 +25,8 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   algorithms, the fastest kept per shape), each shape tuned once before it is timed;
 - ``glu``: v13's activation kernels with the rank-16 terms inside (lora_glu.py) against what they replaced
   (v12: the 1D SwiGLU kernels plus the addmm_ passes), forward and backward at the 8B and 1B MLP shapes,
-  in GB/s of the bytes each must move;
+  in GB/s of the bytes each must move, and both kernels per tile (session 37 added the 512- and 1024-wide
+  ones, after ``glu_plain``'s backward preferred them);
 - ``attn``: causal attention forward+backward at the 8B and 1B shapes (4 x 2048, GQA) through each SDPA
   backend (flash, cuDNN, memory-efficient) and torch's varlen kernel, in TFLOP/s; and FlashAttention-4's
   Hopper kernels (flash-attn-4, CuTe DSL; carried by bench/fa4_wheels.sh), batched and variable-length,
@@ -375,7 +376,8 @@ def bench_aug(emit):
 # (rows, columns, warps) of lora_glu's kernels tried against its TILE. Session 11 also timed row blocks per
 # program (the B tiles loaded once for several) and dots accumulating onto the loaded tile: within 2% of
 # this tile (results/2026-12-04-h200-v18-micro-glu-aug.txt), not kept
-GLU_TILES = ((32, 128, 4), (32, 128, 8), (64, 64, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (128, 64, 8))
+GLU_TILES = ((32, 128, 4), (32, 128, 8), (64, 64, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (128, 64, 8),
+             (16, 512, 4), (16, 512, 8), (16, 1024, 8), (32, 512, 8))  # the terms' tl.dot: 16 rows or more
 
 
 def bench_glu(emit, ceiling):
@@ -407,14 +409,16 @@ def bench_glu(emit, ceiling):
         for name, (fn, nbytes) in cases.items():
             ms = timed(fn)
             emit("glu", f"{shape} {name} {N_TOK}x{inter}", ms, gbps=nbytes / ms / 1e6, ceiling=ceiling)
-        chosen = glu.TILE
-        for tile in GLU_TILES:
-            glu.TILE = tile
-            for name, (fn, nbytes) in cases.items():
-                if name.endswith("(terms inside)"):
-                    ms = timed(fn)
-                    emit("glu", f"{shape} {name[:3]} tile {tile}", ms, gbps=nbytes / ms / 1e6, ceiling=ceiling)
-        glu.TILE = chosen
+        chosen = glu.FWD_TILE, glu.BWD_TILE
+        try:
+            for tile in GLU_TILES:
+                glu.FWD_TILE = glu.BWD_TILE = tile
+                for name, (fn, nbytes) in cases.items():
+                    if name.endswith("(terms inside)"):
+                        ms = timed(fn)
+                        emit("glu", f"{shape} {name[:3]} tile {tile}", ms, gbps=nbytes / ms / 1e6, ceiling=ceiling)
+        finally:
+            glu.FWD_TILE, glu.BWD_TILE = chosen
         del g, u, dh
         torch.cuda.empty_cache()
 

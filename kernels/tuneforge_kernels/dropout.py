@@ -546,7 +546,7 @@ def dropped_input_grads(x: torch.Tensor, terms, impl: str | None = None) -> list
     return out
 
 
-# _add_masked_terms_kernel's tile: lora_glu.TILE's 16 x 256 (the same work: a 2D pass over a wide tensor with
+# _add_masked_terms_kernel's tile: lora_glu.FWD_TILE's 16 x 256 (the same work: a 2D pass over a wide tensor with
 # rank-r dots inside; not timed for this kernel yet, bench/micro.py's dropout group)
 _TERMS_TILE = (16, 256, 4)
 

@@ -40,17 +40,19 @@ except ImportError:
 
 ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 MAX_RANK = 64
-# The tile (rows, columns, warps) of both kernels. v13 had 32 x 128 x 4; session 8's micro-benchmark timed
-# seven tiles on the H200 (bench/NOTES.md v14, results/2026-12-04-h200-v14-micro.txt) and 16 x 256 at 4
-# warps was the fastest or within 1% of it for both kernels at both shapes (8B backward 0.671 ms against
-# 32 x 128's 0.743, forward 0.288 against 0.307; 1B 0.412 / 0.186 against 0.449 / 0.195). A per-launch pick
-# was tried and dropped: its trial compiles (seven tiles per kind of launch) cost tens of seconds at the
-# first step, and on 2048 trial rows it kept 32 x 128 where the full-size timing preferred 16 x 256.
-TILE = (16, 256, 4)
-# The tiles of the forward's and the backward's launches without rank-r terms (the padded MLP's, whose GEMMs
-# carry the adapters): plain SwiGLU or GeGLU passes over the bytes; bench/micro.py's ``glu_plain`` times them
-# (not yet measured: session 36)
-PLAIN_FWD_TILE = PLAIN_BWD_TILE = TILE
+# The tiles (rows, columns, warps) of the forward's and the backward's launches with rank-r terms. v13 had
+# 32 x 128 x 4; session 8's micro-benchmark timed seven tiles on the H200 (bench/NOTES.md v14,
+# results/2026-12-04-h200-v14-micro.txt) and 16 x 256 at 4 warps was the fastest or within 1% of it for both
+# kernels at both shapes (8B backward 0.671 ms against 32 x 128's 0.743, forward 0.288 against 0.307; 1B
+# 0.412 / 0.186 against 0.449 / 0.195). A per-launch pick was tried and dropped: its trial compiles (seven
+# tiles per kind of launch) cost tens of seconds at the first step, and on 2048 trial rows it kept 32 x 128
+# where the full-size timing preferred 16 x 256. The terms' ``tl.dot`` needs 16 rows or more.
+FWD_TILE = BWD_TILE = (16, 256, 4)
+# The tiles of the launches without rank-r terms (the padded MLP's, whose GEMMs carry the adapters): plain
+# SwiGLU or GeGLU passes over the bytes. bench/micro.py's ``glu_plain`` at the 1B shape (session 37, H100,
+# results/2026-12-06-h100-v40-micro-glu-plain.jsonl): the backward at 4 x 1024 x 4 0.342 ms against 16 x 256's
+# 0.377 (2,353 against 2,138 GB/s, 0.78 of the copy's rate); no forward tile was 2% faster than 16 x 256.
+PLAIN_FWD_TILE, PLAIN_BWD_TILE = FWD_TILE, (4, 1024, 4)
 
 if triton is not None:
 
@@ -177,7 +179,7 @@ def lora_glu_forward(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, 
     h = torch.empty_like(yg, memory_format=torch.contiguous_format) if out is None else out
     xg, bg, ld_xg, ld_bg, rg, sg, has_g, pg = _term(xa_g, b_g, s_g, yg)
     xu, bu, ld_xu, ld_bu, ru, su, has_u, pu = _term(xa_u, b_u, s_u, yg)
-    tile = TILE if has_g or has_u else PLAIN_FWD_TILE
+    tile = FWD_TILE if has_g or has_u else PLAIN_FWD_TILE
     bm, bn, warps = tile
     launcher(_lora_glu_fwd_kernel, yg)[_grid(*yg.shape, tile)](
         yg, yu, h, yg.stride(0), h.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,
@@ -202,7 +204,7 @@ def lora_glu_backward_inplace(dh, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0
         md, ld_md, md_row0, md_p, md_salt, seeded_md = dropped_d.kernel_args(yg)
         inv_keep = 1.0 / (1.0 - dropped_d.p)
         sd *= inv_keep
-    tile = TILE if has_g or has_u or has_d else PLAIN_BWD_TILE
+    tile = BWD_TILE if has_g or has_u or has_d else PLAIN_BWD_TILE
     bm, bn, warps = tile
     launcher(_lora_glu_bwd_kernel, yg)[_grid(*yg.shape, tile)](
         dh, yg, yu, yg.stride(0), dh.stride(0), xg, xu, ld_xg, ld_xu, bg, bu, ld_bg, ld_bu, rg, ru, sg, su,

@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-from tuneforge_kernels.lora_glu import (MAX_RANK, TILE, fusable, lora_glu, lora_glu_backward_inplace,
+from tuneforge_kernels.lora_glu import (FWD_TILE, MAX_RANK, fusable, lora_glu, lora_glu_backward_inplace,
                                         lora_glu_forward, lora_glu_reference)
 from tests.kernels.conftest import DEVICES, TOL, needs_cuda, needs_triton, rel_err
 
@@ -111,13 +111,14 @@ def test_every_output_element_is_written(monkeypatch):
     assert torch.isfinite(h).all() and rel_err(h, h_ref) < 1e-5
 
 
-@pytest.mark.parametrize("tile", [TILE, (32, 128, 4)])
+@pytest.mark.parametrize("tile", [FWD_TILE, (32, 128, 4), (16, 1024, 8)])
 def test_tiles_cover_odd_shapes(monkeypatch, tile):
-    """The kernels' tile (and v13's, which micro.py still times) through the interpreter: rows and columns
-    that no tile divides, every term present; the outputs start as NaN so a skipped edge shows."""
+    """The kernels' tile (and others micro.py times: v13's, the widest) through the interpreter: rows and
+    columns that no tile divides, every term present; the outputs start as NaN so a skipped edge shows."""
     import tuneforge_kernels.lora_glu as mod
 
-    monkeypatch.setattr(mod, "TILE", tile)
+    monkeypatch.setattr(mod, "FWD_TILE", tile)
+    monkeypatch.setattr(mod, "BWD_TILE", tile)
     yg, yu, dh, terms, down = _case(tile[0] + 3, tile[1] * 2 + 5, (3, 4, 5), "cpu", torch.float32, seed=8)
     h_ref, dg_ref, du_ref = _expected(yg, yu, dh, "gelu_tanh", terms, down)
     monkeypatch.setattr(mod.torch, "empty_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
@@ -130,11 +131,12 @@ def test_tiles_cover_odd_shapes(monkeypatch, tile):
 def test_plain_launches_take_their_own_tiles(monkeypatch, tile):
     """Launches without rank-r terms (the padded MLP's) take ``PLAIN_FWD_TILE`` / ``PLAIN_BWD_TILE``, which
     bench/micro.py's ``glu_plain`` times (some of its candidates here), and cover rows and columns no tile
-    divides; launches with a term keep ``TILE``."""
+    divides; launches with a term keep ``FWD_TILE`` / ``BWD_TILE``."""
     import tuneforge_kernels.lora_glu as mod
 
     monkeypatch.setattr(mod, "PLAIN_FWD_TILE", tile)
     monkeypatch.setattr(mod, "PLAIN_BWD_TILE", (16, 128, 4))
+    monkeypatch.setattr(mod, "BWD_TILE", (32, 64, 4))
     grids, real_grid = [], mod._grid
     monkeypatch.setattr(mod, "_grid", lambda rows, cols, t: grids.append(t) or real_grid(rows, cols, t))
     yg, yu, dh, terms, down = _case(tile[0] + 3, tile[1] + 5, (0, 0, 0), "cpu", torch.float32, seed=9)
@@ -145,7 +147,8 @@ def test_plain_launches_take_their_own_tiles(monkeypatch, tile):
     assert rel_err(dh, h_ref) < 1e-5 and rel_err(yg, dg_ref) < 1e-5 and rel_err(yu, du_ref) < 1e-5
     yg, yu, dh, terms, down = _case(5, 7, (2, 0, 0), "cpu", torch.float32, seed=10)
     lora_glu_forward(yg, yu, "silu", **terms)
-    assert grids == [tile, (16, 128, 4), TILE]
+    lora_glu_backward_inplace(dh, yg, yu, "silu", **terms)
+    assert grids == [tile, (16, 128, 4), FWD_TILE, (32, 64, 4)]
 
 
 def test_strided_rows_and_column_slices_of_a_wider_product():
