@@ -327,9 +327,13 @@ def setup_hf(args):
                                                  "offload": "offload"}[args.ckpt], **graphs)
         args.patch_report = {"patched": list(report.patched), "reason": report.reason, "notes": list(report.notes),
                              "memory_mode": report.memory_mode, "counts": dict(getattr(report, "counts", {}))}
-        if getattr(args, "glu_tile", None):  # an experiment: another tile for lora_glu's kernels
-            sys.modules["tuneforge_kernels.lora_glu"].TILE = args.glu_tile
-            args.patch_report["glu_tile"] = list(args.glu_tile)
+        for kind, tile in getattr(args, "glu_tile", None) or ():  # an experiment: other tiles for lora_glu's kernels
+            glu = sys.modules["tuneforge_kernels.lora_glu"]
+            for name in GLU_TILE_KINDS[kind]:
+                if not hasattr(glu, name):  # a renamed tile would otherwise be set in vain
+                    raise SystemExit(f"--glu-tile: tuneforge_kernels.lora_glu has no {name}")
+                setattr(glu, name, tile)
+                args.patch_report.setdefault("glu_tile", {})[name] = list(tile)
         if getattr(args, "philox_rounds", 0):
             args.patch_report["philox_rounds"] = args.philox_rounds
         if getattr(args, "keep_norm_output", "none") == "mlp":  # an experiment: the MLP saves its input
@@ -791,12 +795,23 @@ def _keep_mlp_input(lora_mlp):
     lora_mlp._x_for_saving = x_for_saving
 
 
-def _tile_arg(text: str) -> tuple[int, int, int]:
+# --glu-tile's kinds: the lora_glu tiles each sets (the launches with rank-r terms, and the padded MLP's without)
+GLU_TILE_KINDS = {"terms": ("FWD_TILE", "BWD_TILE"), "fwd": ("FWD_TILE",), "bwd": ("BWD_TILE",),
+                  "plain": ("PLAIN_FWD_TILE", "PLAIN_BWD_TILE"), "plain_fwd": ("PLAIN_FWD_TILE",),
+                  "plain_bwd": ("PLAIN_BWD_TILE",)}
+
+
+def _tile_arg(text: str) -> tuple[str, tuple[int, int, int]]:
+    kind, _, spec = text.rpartition("=")
+    kind = kind or "terms"
     try:
-        rows, cols, warps = (int(v) for v in text.split(","))
+        rows, cols, warps = (int(v) for v in spec.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--glu-tile wants rows,cols,warps (e.g. 32,128,4), got {text!r}") from None
-    return rows, cols, warps
+        raise argparse.ArgumentTypeError(
+            f"--glu-tile wants [KIND=]rows,cols,warps (e.g. bwd=32,128,8), got {text!r}") from None
+    if kind not in GLU_TILE_KINDS:
+        raise argparse.ArgumentTypeError(f"--glu-tile: no kind {kind!r} (one of {', '.join(GLU_TILE_KINDS)})")
+    return kind, (rows, cols, warps)
 
 
 def main():
@@ -839,8 +854,10 @@ def main():
     ap.add_argument("--pad", choices=["auto", "on", "off", "mlp"], default="auto",
                     help="ours: the padded MLP and Q/K/V weights by the patcher's rules, both always, never, "
                          "or the MLP's only at any size (an A/B)")
-    ap.add_argument("--glu-tile", default=None, type=_tile_arg,
-                    help="ours: rows,cols,warps for lora_glu's kernels instead of its TILE (an A/B; v13: 32,128,4)")
+    ap.add_argument("--glu-tile", action="append", default=None, type=_tile_arg,
+                    help="ours: [KIND=]rows,cols,warps for lora_glu's launches instead of the module's tiles, "
+                         "repeatable (an A/B); KIND: " + ", ".join(GLU_TILE_KINDS) + " (default terms: "
+                         "FWD_TILE and BWD_TILE)")
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
                     help="ours: replay the decoder layers as CUDA graphs by the patcher's rule, always or never")
     ap.add_argument("--attention", choices=["auto", "sdpa", "fa4"], default="auto",

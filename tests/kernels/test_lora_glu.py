@@ -204,3 +204,21 @@ def test_int64_indexing_beyond_2_31_elements():
     lora_glu_backward_inplace(dh, yg, yu, "silu", **terms, **down)
     assert rel_err(dh[tail], h_ref) < TOL[torch.bfloat16]
     assert rel_err(yg[tail], dg_ref) < TOL[torch.bfloat16] and rel_err(yu[tail], du_ref) < TOL[torch.bfloat16]
+
+
+def test_the_benchmarks_tile_flag_names_this_modules_tiles():
+    """bench/train_step.py's ``--glu-tile`` sets lora_glu's tiles by name (an A/B in the step): every name it
+    sets is one this module reads, so a rename cannot leave the flag setting a tile no launch uses."""
+    import importlib.util
+    from pathlib import Path
+
+    import tuneforge_kernels.lora_glu as mod
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("bench_train_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    names = {name for kind in bench.GLU_TILE_KINDS.values() for name in kind}
+    assert names == {name for name in vars(mod) if name.endswith("_TILE")}
+    assert bench._tile_arg("bwd=16,512,8") == ("bwd", (16, 512, 8))
+    assert bench._tile_arg("32,128,8") == ("terms", (32, 128, 8))
