@@ -373,9 +373,9 @@ def bench_aug(emit):
         emit("aug", f"{shape} saved per step ({layers[shape]} layers)", saved * layers[shape])
 
 
-# (rows, columns, warps) of lora_glu's kernels tried against its TILE. Session 11 also timed row blocks per
-# program (the B tiles loaded once for several) and dots accumulating onto the loaded tile: within 2% of
-# this tile (results/2026-12-04-h200-v18-micro-glu-aug.txt), not kept
+# (rows, columns, warps) of lora_glu's kernels with terms tried against its FWD_TILE / BWD_TILE. Session 11
+# also timed row blocks per program (the B tiles loaded once for several) and dots accumulating onto the
+# loaded tile: within 2% of this tile (results/2026-12-04-h200-v18-micro-glu-aug.txt), not kept
 GLU_TILES = ((32, 128, 4), (32, 128, 8), (64, 64, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (128, 64, 8),
              (16, 512, 4), (16, 512, 8), (16, 1024, 8), (32, 512, 8))  # the terms' tl.dot: 16 rows or more
 
