@@ -57,6 +57,7 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
     python3 bench/micro.py --out $OUT/micro.jsonl
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -380,6 +381,21 @@ GLU_TILES = ((32, 128, 4), (32, 128, 8), (64, 64, 4), (64, 128, 8), (16, 256, 4)
              (16, 512, 4), (16, 512, 8), (16, 1024, 8), (32, 512, 8))  # the terms' tl.dot: 16 rows or more
 
 
+@contextlib.contextmanager
+def _glu_tiles(tile, *names):
+    """lora_glu's tiles ``names`` set to ``tile`` inside the block, the shipped ones back after it."""
+    import tuneforge_kernels.lora_glu as glu
+
+    chosen = {name: getattr(glu, name) for name in names}
+    try:
+        for name in names:
+            setattr(glu, name, tile)
+        yield
+    finally:
+        for name, value in chosen.items():
+            setattr(glu, name, value)
+
+
 def bench_glu(emit, ceiling):
     import tuneforge_kernels.lora_glu as glu
     from tuneforge_kernels.lora_glu import lora_glu_backward_inplace, lora_glu_forward
@@ -409,16 +425,12 @@ def bench_glu(emit, ceiling):
         for name, (fn, nbytes) in cases.items():
             ms = timed(fn)
             emit("glu", f"{shape} {name} {N_TOK}x{inter}", ms, gbps=nbytes / ms / 1e6, ceiling=ceiling)
-        chosen = glu.FWD_TILE, glu.BWD_TILE
-        try:
-            for tile in GLU_TILES:
-                glu.FWD_TILE = glu.BWD_TILE = tile
+        for tile in GLU_TILES:
+            with _glu_tiles(tile, "FWD_TILE", "BWD_TILE"):
                 for name, (fn, nbytes) in cases.items():
                     if name.endswith("(terms inside)"):
                         ms = timed(fn)
                         emit("glu", f"{shape} {name[:3]} tile {tile}", ms, gbps=nbytes / ms / 1e6, ceiling=ceiling)
-        finally:
-            glu.FWD_TILE, glu.BWD_TILE = chosen
         del g, u, dh
         torch.cuda.empty_cache()
 
@@ -430,26 +442,22 @@ PLAIN_TILES = ((16, 256, 4), (16, 128, 4), (8, 256, 4), (8, 512, 4), (16, 256, 8
 def bench_glu_plain(emit, ceiling):
     import tuneforge_kernels.lora_glu as glu
 
-    chosen = glu.PLAIN_FWD_TILE, glu.PLAIN_BWD_TILE
-    try:
-        for shape in ("1B",):  # the padded MLP's shapes (hidden <= 2048)
-            inter = PROJ_SHAPES[shape][3]
-            gu = torch.randn(N_TOK, 2 * inter + RANK, device="cuda", dtype=torch.bfloat16)
-            g, u = gu[:, :inter], gu[:, inter:2 * inter]
-            ha = torch.randn(N_TOK, inter + RANK, device="cuda", dtype=torch.bfloat16)
-            h = ha[:, :inter]
-            big = N_TOK * inter * 2
-            for tile in PLAIN_TILES:
-                glu.PLAIN_FWD_TILE = glu.PLAIN_BWD_TILE = tile
+    for shape in ("1B",):  # the padded MLP's shapes (hidden <= 2048)
+        inter = PROJ_SHAPES[shape][3]
+        gu = torch.randn(N_TOK, 2 * inter + RANK, device="cuda", dtype=torch.bfloat16)
+        g, u = gu[:, :inter], gu[:, inter:2 * inter]
+        ha = torch.randn(N_TOK, inter + RANK, device="cuda", dtype=torch.bfloat16)
+        h = ha[:, :inter]
+        big = N_TOK * inter * 2
+        for tile in PLAIN_TILES:
+            with _glu_tiles(tile, "PLAIN_FWD_TILE", "PLAIN_BWD_TILE"):
                 ms = timed(lambda: glu.lora_glu_forward(g, u, "silu", out=h))
                 emit("glu_plain", f"{shape} fwd tile {tile}", ms, gbps=3 * big / ms / 1e6, ceiling=ceiling)
                 # values drift in place; the timing does not depend on them
                 ms = timed(lambda: glu.lora_glu_backward_inplace(h, g, u, "silu"))
                 emit("glu_plain", f"{shape} bwd tile {tile}", ms, gbps=6 * big / ms / 1e6, ceiling=ceiling)
-            del gu, g, u, ha, h
-            torch.cuda.empty_cache()
-    finally:
-        glu.PLAIN_FWD_TILE, glu.PLAIN_BWD_TILE = chosen
+        del gu, g, u, ha, h
+        torch.cuda.empty_cache()
 
 
 def _philox_probe_kernel():
