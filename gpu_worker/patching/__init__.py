@@ -39,13 +39,15 @@ _VISION_STOCK = "the vision tower and its projector run the stock path (a text-o
 # (bench/NOTES.md, session 7's micro ``proj`` and v14)
 JOIN_MAX_HIDDEN = 2048
 # memory mode "off": models up to this hidden size get their MLP's frozen weights padded for the adapters
-# (lora.pad_frozen_mlp: the GEMMs carry the rank-r terms): a 1.8% shorter median step at 1B on the H200,
-# none at 8B (bench/NOTES.md, sessions 11 and 12)
-PAD_MAX_HIDDEN = 2048
+# (lora.pad_frozen_mlp: the GEMMs carry the rank-r terms): a 1.8% shorter median step at 1B on the H200
+# (sessions 11 and 12). At 8B it gained nothing until the copies into the padded operands were gone (sessions
+# 12 and 35); then 0.7% more tokens/s with the MLP padded, 1.1% with Q/K/V too, over three interleaved rounds
+# on an H200 (bench/NOTES.md, session 39). 4096 is the widest size measured.
+PAD_MAX_HIDDEN = 4096
 # the same for Q/K/V (lora.pad_frozen_qkv), up to this hidden size: 0.9 ms less of kernels a 1B step on the
-# H200, nothing measurable at 8B; its holes in the loaded weights' memory are given back by the worker's
-# allocator settings (gpu_worker/allocator.py; bench/NOTES.md, session 12)
-PAD_QKV_MAX_HIDDEN = 2048
+# H200, and the other 0.4% of session 39's 8B gain; its holes in the loaded weights' memory are given back by
+# the worker's allocator settings (gpu_worker/allocator.py; bench/NOTES.md, session 12)
+PAD_QKV_MAX_HIDDEN = 4096
 # models up to this hidden size replay their decoder layers as CUDA graphs (graphs.py) by default: their
 # steps are host-bound (1B on the H200: the host needs about as long to issue a step as the GPU to run it)
 GRAPH_MAX_HIDDEN = 2048

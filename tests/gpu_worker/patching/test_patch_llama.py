@@ -477,7 +477,7 @@ def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path):
 
 
 def test_padded_weights_for_small_models_in_memory_mode_off_only(monkeypatch):
-    # the speed mode pads up to PAD_MAX_HIDDEN (measured faster at 1B, not at 8B); the memory savers never
+    # the speed mode pads up to PAD_MAX_HIDDEN (measured faster at 1B and 8B); the memory savers never
     # (their deferred recompute runs unpadded, and offload at 8B sits at 16.86 GB of its 17 GB goal)
     import gpu_worker.patching as patching
 
