@@ -313,6 +313,11 @@ def setup_hf(args):
             patching = sys.modules["gpu_worker.patching"]
             patching.PAD_MAX_HIDDEN = 0 if pad == "off" else 1 << 30
             patching.PAD_QKV_MAX_HIDDEN = 1 << 30 if pad == "on" else 0
+        one_gemm = getattr(args, "padded_one_gemm", "auto")
+        if one_gemm != "auto":  # an experiment: lora_linear holds its own binding of the name
+            import tuneforge_kernels.lora_linear as lin
+            import tuneforge_kernels.lora_mlp as mlp
+            lin.PADDED_ONE_GEMM_MAX_HIDDEN = mlp.PADDED_ONE_GEMM_MAX_HIDDEN = 1 << 30 if one_gemm == "on" else 0
         args.patch_module = sys.modules["gpu_worker.patching"].__file__
         # an A/B: the decoder layers' CUDA graphs always / never instead of the patcher's rule
         graphs = {"auto": {}, "on": {"cuda_graphs": True}, "off": {"cuda_graphs": False}}[getattr(args, "graphs", "auto")]
@@ -334,6 +339,8 @@ def setup_hf(args):
                     raise SystemExit(f"--glu-tile: tuneforge_kernels.lora_glu has no {name}")
                 setattr(glu, name, tile)
                 args.patch_report.setdefault("glu_tile", {})[name] = list(tile)
+        if one_gemm != "auto":
+            args.patch_report["padded_one_gemm"] = one_gemm
         if getattr(args, "philox_rounds", 0):
             args.patch_report["philox_rounds"] = args.philox_rounds
         if getattr(args, "keep_norm_output", "none") == "mlp":  # an experiment: the MLP saves its input
@@ -856,6 +863,9 @@ def main():
     ap.add_argument("--pad", choices=["auto", "on", "off", "mlp"], default="auto",
                     help="ours: the padded MLP and Q/K/V weights by the patcher's rules, both always, never, "
                          "or the MLP's only at any size (an A/B)")
+    ap.add_argument("--padded-one-gemm", choices=["auto", "on", "off"], default="auto",
+                    help="ours: the padded layouts' forward as one GEMM for gate+up and for q/k/v up to the kernels' "
+                         "PADDED_ONE_GEMM_MAX_HIDDEN, always, or one GEMM per projection (an A/B)")
     ap.add_argument("--glu-tile", action="append", default=None, type=_tile_arg,
                     help="ours: [KIND=]rows,cols,warps for lora_glu's launches instead of the module's tiles, "
                          "repeatable (an A/B); KIND: " + ", ".join(GLU_TILE_KINDS) + " (default terms: "
