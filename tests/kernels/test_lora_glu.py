@@ -122,7 +122,10 @@ def test_backward_products_match_the_plain_backward_and_two_gemms(device, dtype,
     spare.fill_(float("nan"))  # every product element must be written
     lora_glu_backward_products(dh, gu[:, :cols], gu[:, cols:2 * cols], act, b_g, 0.5, b_u, 2.0,
                                spare[:, :ranks[0]], spare[:, ranks[0]:])
-    assert torch.equal(dh, exp_dh) and torch.equal(gu[:, :2 * cols], exp_gu[:, :2 * cols])
+    # the same float32 expressions as the plain kernel: equal on the interpreter; compiled separately, a GPU
+    # may contract another multiply-add in the activation's derivative (an ulp here and there)
+    same = torch.equal if device == "cpu" else lambda a, b: rel_err(a, b) < TOL[dtype]
+    assert same(dh, exp_dh) and same(gu[:, :2 * cols], exp_gu[:, :2 * cols])
     assert rel_err(spare[:, :ranks[0]], exp_pg) < TOL[dtype]
     assert rel_err(spare[:, ranks[0]:], exp_pu) < TOL[dtype]
 
