@@ -17,9 +17,6 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   halves of one ``[g | u | spare]`` product), at the 1B shape per tile (rows, columns, warps), in GB/s
   of the bytes they must move (session 37, H100: the backward 9% faster at 4 x 1024 x 4 than at the terms'
   16 x 256 x 4, 0.78 of the copy's rate; results/2026-12-06-h100-v40-micro-glu-plain.jsonl);
-- ``glu_products``: the padded MLP's backward pass with ``s dg B_g`` and ``s du B_u`` computed in it
-  (``lora_glu_backward_products``, per tile) against the plain pass and the two rank-r GEMMs that read dg and
-  du again, at the 8B and 1B shapes (not yet run: session 39);
 - ``elementwise``: our Triton rms_norm, SwiGLU (forward, in-place backward) and RoPE in GB/s against
   the copy ceiling;
 - ``proj``: every frozen projection GEMM of a step at the 8B and 1B shapes (forward ``x W^T`` and input
@@ -463,43 +460,6 @@ def bench_glu_plain(emit, ceiling):
         torch.cuda.empty_cache()
 
 
-# ptxas (session 39): no spills at 16 x 32 x 4, 16 x 64 x 4 (the shipped tile), 16 x 64 x 2 and 32 x 64 x 8
-PRODUCTS_TILES = ((16, 64, 4), (16, 32, 4), (16, 64, 2), (32, 64, 8), (16, 128, 8), (16, 128, 4), (16, 256, 4))
-
-
-def bench_glu_products(emit, ceiling):
-    """The padded MLP's backward at the 8B and 1B shapes: the plain activation backward and the two rank-r GEMMs
-    that read dg and du again (``s dg B_g``, ``s du B_u``), against ``lora_glu_backward_products`` doing both in
-    one pass per tile. GB/s of the bytes the fused pass must move (six tensors); the two-step case's extra
-    reads are its cost."""
-    import tuneforge_kernels.lora_glu as glu
-    from tuneforge_kernels.lora_mlp import _mm_into
-
-    for shape in ("8B", "1B"):
-        inter = PROJ_SHAPES[shape][3]
-        gu = torch.randn(N_TOK, 2 * inter + 2 * RANK, device="cuda", dtype=torch.bfloat16)
-        g, u, spare = gu[:, :inter], gu[:, inter:2 * inter], gu[:, 2 * inter:]
-        dh = torch.randn(N_TOK, inter, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(2 * inter, 2 * RANK, device="cuda", dtype=torch.bfloat16) * 0.01
-        b_g, b_u = b[:inter, :RANK], b[inter:, RANK:]
-        big = N_TOK * inter * 2
-
-        def two_steps():
-            glu.lora_glu_backward_inplace(dh, g, u, "silu")
-            _mm_into(spare[:, :RANK], g, b_g, 2.0)
-            _mm_into(spare[:, RANK:], u, b_u, 2.0)
-
-        ms = timed(two_steps)  # values drift in place; the timing does not depend on them
-        emit("glu_products", f"{shape} plain bwd + 2 GEMMs", ms, gbps=6 * big / ms / 1e6, ceiling=ceiling)
-        for tile in PRODUCTS_TILES:
-            with _glu_tiles(tile, "PRODUCTS_TILE"):
-                ms = timed(lambda: glu.lora_glu_backward_products(dh, g, u, "silu", b_g, 2.0, b_u, 2.0,
-                                                                  spare[:, :RANK], spare[:, RANK:]))
-                emit("glu_products", f"{shape} fused tile {tile}", ms, gbps=6 * big / ms / 1e6, ceiling=ceiling)
-        del gu, g, u, spare, dh, b, b_g, b_u
-        torch.cuda.empty_cache()
-
-
 def _philox_probe_kernel():
     """A bench-only Triton kernel for the open question of bench/NOTES.md session 17 (is adapter dropout's
     Philox work hidden under the bytes?): y = x * scale where each of MASKS masks keeps, MASKS masks a
@@ -762,8 +722,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--only",
-                    default="copy,gemm,ce,ce_rows,glu_plain,glu_products,elementwise,proj,tuned,glu,attn,varlen_pad,"
-                            "aug,dropout,residual,overlap")
+                    default="copy,gemm,ce,ce_rows,glu_plain,elementwise,proj,tuned,glu,attn,varlen_pad,aug,dropout,"
+                            "residual,overlap")
     args = ap.parse_args()
     rows = []
 
@@ -774,7 +734,7 @@ def main():
         write_record("MICRO", rec, args.out)
 
     only = args.only.split(",")
-    streams = {"copy", "ce_rows", "glu_plain", "glu_products", "elementwise", "glu", "dropout"}  # report GB/s
+    streams = {"copy", "ce_rows", "glu_plain", "elementwise", "glu", "dropout"}  # groups that report GB/s
     ceiling = bench_copy(emit) if streams & set(only) else None
     for group, fn in (("gemm", bench_gemm), ("ce", bench_ce), ("proj", bench_proj), ("tuned", bench_tuned),
                       ("attn", bench_attn), ("varlen_pad", bench_varlen_pad), ("aug", bench_aug),
@@ -786,8 +746,6 @@ def main():
         bench_ce_rows(emit, ceiling)
     if "glu_plain" in only:
         bench_glu_plain(emit, ceiling)
-    if "glu_products" in only:
-        bench_glu_products(emit, ceiling)
     if "elementwise" in only:
         bench_elementwise(emit, ceiling)
     if "glu" in only:

@@ -341,9 +341,6 @@ def setup_hf(args):
                 args.patch_report.setdefault("glu_tile", {})[name] = list(tile)
         if one_gemm != "auto":
             args.patch_report["padded_one_gemm"] = one_gemm
-        if getattr(args, "glu_products", "off") == "on":  # an experiment: lora_glu_backward_products
-            sys.modules["tuneforge_kernels.lora_mlp"].GLU_PRODUCTS = True
-            args.patch_report["glu_products"] = True
         if getattr(args, "philox_rounds", 0):
             args.patch_report["philox_rounds"] = args.philox_rounds
         if getattr(args, "keep_norm_output", "none") == "mlp":  # an experiment: the MLP saves its input
@@ -810,7 +807,7 @@ def _keep_mlp_input(lora_mlp):
 # --glu-tile's kinds: the lora_glu tiles each sets (the launches with rank-r terms, and the padded MLP's without)
 GLU_TILE_KINDS = {"terms": ("FWD_TILE", "BWD_TILE"), "fwd": ("FWD_TILE",), "bwd": ("BWD_TILE",),
                   "plain": ("PLAIN_FWD_TILE", "PLAIN_BWD_TILE"), "plain_fwd": ("PLAIN_FWD_TILE",),
-                  "plain_bwd": ("PLAIN_BWD_TILE",), "products": ("PRODUCTS_TILE",)}
+                  "plain_bwd": ("PLAIN_BWD_TILE",)}
 
 
 def _tile_arg(text: str) -> tuple[str, tuple[int, int, int]]:
@@ -869,9 +866,6 @@ def main():
     ap.add_argument("--padded-one-gemm", choices=["auto", "on", "off"], default="auto",
                     help="ours: the padded layouts' forward as one GEMM for gate+up and for q/k/v up to the kernels' "
                          "PADDED_ONE_GEMM_MAX_HIDDEN, always, or one GEMM per projection (an A/B)")
-    ap.add_argument("--glu-products", choices=["off", "on"], default="off",
-                    help="ours: the padded MLP's s dg B_g and s du B_u from the activation's backward kernel "
-                         "(tuneforge_kernels.lora_mlp.GLU_PRODUCTS) instead of two GEMMs (an A/B)")
     ap.add_argument("--glu-tile", action="append", default=None, type=_tile_arg,
                     help="ours: [KIND=]rows,cols,warps for lora_glu's launches instead of the module's tiles, "
                          "repeatable (an A/B); KIND: " + ", ".join(GLU_TILE_KINDS) + " (default terms: "

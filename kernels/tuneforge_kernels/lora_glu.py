@@ -53,12 +53,6 @@ FWD_TILE = BWD_TILE = (16, 256, 4)
 # results/2026-12-06-h100-v40-micro-glu-plain.jsonl): the backward at 4 x 1024 x 4 0.342 ms against 16 x 256's
 # 0.377 (2,353 against 2,138 GB/s, 0.78 of the copy's rate); no forward tile was 2% faster than 16 x 256.
 PLAIN_FWD_TILE, PLAIN_BWD_TILE = FWD_TILE, (4, 1024, 4)
-# The tile of ``lora_glu_backward_products``: each program owns BM rows and walks their columns BN at a time
-# (the products reduce over the columns: no atomics, the same sum order every run); the products' ``tl.dot``
-# needs 16 rows or more. ptxas for sm_90a (session 39, Triton 3.6): 16 x 64 x 4 takes 207 registers and
-# spills nothing; 16 x 128 x 4 spills 104 bytes, 16 x 256 x 4 1,736. Not timed on a GPU yet (bench/micro.py
-# ``glu_products`` sweeps the tiles).
-PRODUCTS_TILE = (16, 64, 4)
 
 if triton is not None:
 
@@ -137,46 +131,6 @@ if triton is not None:
         tl.store(DH + offs_h, h.to(DH.dtype.element_ty), mask=mask)
         tl.store(YU + offs, (dh * act).to(YU.dtype.element_ty), mask=mask)
         tl.store(YG + offs, (dh * u * dact).to(YG.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _glu_bwd_products_kernel(DH, YG, YU, ld_y, ld_h, BG, BU, ld_bg, ld_bu, PG, PU, ld_pg, ld_pu, rank_g,
-                                 rank_u, sg, su, n_rows, n_cols, ACT: tl.constexpr, RG: tl.constexpr,
-                                 RU: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        row_ok = rows < n_rows
-        kg, ku = tl.arange(0, RG), tl.arange(0, RU)
-        acc_g = tl.zeros((BM, RG), dtype=tl.float32)
-        acc_u = tl.zeros((BM, RU), dtype=tl.float32)
-        for c0 in range(0, n_cols, BN):
-            cols = c0 + tl.arange(0, BN)
-            col_ok = cols < n_cols
-            mask = row_ok[:, None] & col_ok[None, :]
-            offs = rows[:, None].to(tl.int64) * ld_y + cols[None, :]
-            offs_h = rows[:, None].to(tl.int64) * ld_h + cols[None, :]
-            dh = tl.load(DH + offs_h, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(YG + offs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(YU + offs, mask=mask, other=0.0).to(tl.float32)
-            act, dact = _act_and_grad(g, ACT)
-            # rounded as stored: the products read the dg and du that the GEMMs after them read
-            dg = (dh * u * dact).to(YG.dtype.element_ty)
-            du = (dh * act).to(YU.dtype.element_ty)
-            tl.store(DH + offs_h, (act * u).to(DH.dtype.element_ty), mask=mask)
-            tl.store(YU + offs, du, mask=mask)
-            tl.store(YG + offs, dg, mask=mask)
-            bg = tl.load(BG + cols[:, None].to(tl.int64) * ld_bg + kg[None, :],
-                         mask=col_ok[:, None] & (kg[None, :] < rank_g), other=0.0)      # (BN, RG)
-            bu = tl.load(BU + cols[:, None].to(tl.int64) * ld_bu + ku[None, :],
-                         mask=col_ok[:, None] & (ku[None, :] < rank_u), other=0.0)      # (BN, RU)
-            if PREC == "ieee":
-                acc_g += tl.dot(dg.to(tl.float32), bg.to(tl.float32), input_precision="ieee")
-                acc_u += tl.dot(du.to(tl.float32), bu.to(tl.float32), input_precision="ieee")
-            else:
-                acc_g = tl.dot(dg, bg, acc_g)
-                acc_u = tl.dot(du, bu, acc_u)
-        tl.store(PG + rows[:, None].to(tl.int64) * ld_pg + kg[None, :], (sg * acc_g).to(PG.dtype.element_ty),
-                 mask=row_ok[:, None] & (kg[None, :] < rank_g))
-        tl.store(PU + rows[:, None].to(tl.int64) * ld_pu + ku[None, :], (su * acc_u).to(PU.dtype.element_ty),
-                 mask=row_ok[:, None] & (ku[None, :] < rank_u))
 
 
 def _rank_pad(rank: int) -> int:
@@ -258,24 +212,6 @@ def lora_glu_backward_inplace(dh, yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0
         ACT=ACTS[act], HAS_G=has_g, HAS_U=has_u, HAS_D=has_d, HAS_MD=dropped_d is not None, SEEDED_MD=seeded_md,
         RG=pg, RU=pu, RD=pd,
         PREC=_prec(yg), BM=bm, BN=bn, num_warps=warps)
-
-
-def lora_glu_backward_products(dh, yg, yu, act: str, b_g, s_g, b_u, s_u, out_g, out_u) -> None:
-    """``lora_glu_backward_inplace`` without terms (``dh`` becomes ``h``, ``yg`` ``dg``, ``yu`` ``du``), and
-    in the same pass ``out_g = s_g (dg B_g)`` and ``out_u = s_u (du B_u)`` (``b_*`` (I, r), ``out_*`` (N, r),
-    rows of any stride), from ``dg`` and ``du`` as stored: the products the padded MLP's input-gradient GEMM
-    takes (lora_mlp.py), which would otherwise read ``dg`` and ``du`` once more each. Ranks up to
-    ``MAX_RANK``."""
-    _check(yg, yu, dh)
-    for b, out in ((b_g, out_g), (b_u, out_u)):
-        assert b.shape[0] == yg.shape[1] and out.shape == (yg.shape[0], b.shape[1]), (b.shape, out.shape)
-        assert b.stride(1) == 1 and out.stride(1) == 1 and b.shape[1] <= MAX_RANK, (b.stride(), out.stride())
-    bm, bn, warps = PRODUCTS_TILE
-    launcher(_glu_bwd_products_kernel, yg)[(triton.cdiv(yg.shape[0], bm),)](
-        dh, yg, yu, yg.stride(0), dh.stride(0), b_g, b_u, b_g.stride(0), b_u.stride(0), out_g, out_u,
-        out_g.stride(0), out_u.stride(0), b_g.shape[1], b_u.shape[1], float(s_g), float(s_u), yg.shape[0],
-        yg.shape[1], ACT=ACTS[act], RG=_rank_pad(b_g.shape[1]), RU=_rank_pad(b_u.shape[1]), PREC=_prec(yg),
-        BM=bm, BN=bn, num_warps=warps)
 
 
 def lora_glu_reference(yg, yu, act: str, xa_g=None, b_g=None, s_g=1.0, xa_u=None, b_u=None, s_u=1.0):

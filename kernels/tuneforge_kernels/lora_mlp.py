@@ -474,11 +474,6 @@ class _LoraMLPFunction(torch.autograd.Function):
 # 0.40 against 0.66 ms backward per 8B layer). Models up to this hidden size compute gate and up with one
 # GEMM, larger ones with one each (the joined weights' rule, bench/NOTES.md v14).
 PADDED_ONE_GEMM_MAX_HIDDEN = 2048
-# The padded backward's ``s dg B_g`` and ``s du B_u`` (the input-gradient GEMM's rank-r columns) computed by the
-# activation's backward kernel from the dg and du it writes (lora_glu.lora_glu_backward_products), instead of
-# two GEMMs that read dg and du again: ~0.47 GB less read a layer at 8B, ~0.27 GB at 1B. Off until a GPU has
-# timed it (bench/micro.py ``glu_products``, train_step.py ``--glu-products``).
-GLU_PRODUCTS = False
 
 
 def pad_weights(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ranks: tuple[int, int, int]):
@@ -596,7 +591,7 @@ class _PaddedMLPFunction(torch.autograd.Function):
     def backward(ctx, dy):
         gu, xa, xa_d, *x_saved = ctx.saved_tensors
         x2 = _restore_x(ctx, x_saved)
-        (gu_w, d_w), (sg, su, sd), (rg, ru, rd) = ctx.buffers, ctx.scales, ctx.ranks
+        (gu_w, d_w), (sg, su, sd), (rg, _, rd) = ctx.buffers, ctx.scales, ctx.ranks
         hd, i = x2.shape[1], d_w.shape[1] - rd
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, hd).to(ctx.dtype)
@@ -604,12 +599,7 @@ class _PaddedMLPFunction(torch.autograd.Function):
         _mm_into(dya[:, hd:], dy2, d_w[:hd, i:], sd)
         dh = dya @ d_w[:, :i]                                                     # (N, I), the term inside
         g, u = gu[:, :i], gu[:, i:2 * i]
-        products = GLU_PRODUCTS and max(rg, ru) <= lora_glu.MAX_RANK
-        if products:  # h, dg, du, and s dg B_g, s du B_u into gu's spare columns
-            lora_glu.lora_glu_backward_products(dh, g, u, ctx.act, gu_w[:i, hd:hd + rg], sg, gu_w[i:2 * i, hd + rg:],
-                                                su, gu[:, 2 * i:2 * i + rg], gu[:, 2 * i + rg:])
-        else:
-            lora_glu.lora_glu_backward_inplace(dh, g, u, ctx.act)                 # h, dg, du
+        lora_glu.lora_glu_backward_inplace(dh, g, u, ctx.act)                     # h, dg, du
         h, dg, du = dh, g, u
         grads = [None] * 6
         if need[5]:
@@ -617,9 +607,8 @@ class _PaddedMLPFunction(torch.autograd.Function):
         if need[6]:
             grads[5] = dy2.t() @ xa_d                                             # dB_d (H, r_d)
         del h, dh
-        if not products:
-            _mm_into(gu[:, 2 * i:2 * i + rg], dg, gu_w[:i, hd:hd + rg], sg)      # s dg B_g
-            _mm_into(gu[:, 2 * i + rg:], du, gu_w[i:2 * i, hd + rg:], su)         # s du B_u
+        _mm_into(gu[:, 2 * i:2 * i + rg], dg, gu_w[:i, hd:hd + rg], sg)          # s dg B_g
+        _mm_into(gu[:, 2 * i + rg:], du, gu_w[i:2 * i, hd + rg:], su)             # s du B_u
         dx = (gu @ gu_w[:, :hd]).view(ctx.shape) if need[0] else None           # every term: one GEMM
         if need[2]:
             grads[1] = dg.t() @ xa[:, :rg]                                        # dB_g (I, r_g)

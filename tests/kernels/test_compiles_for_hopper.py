@@ -165,14 +165,10 @@ def other_ops():
     from tuneforge_kernels.embedding import embedding_rows
     from tuneforge_kernels.fp8 import quantize_rows
     from tuneforge_kernels.geglu import geglu_backward_inplace, geglu_forward
-    from tuneforge_kernels.lora_glu import lora_glu_backward_products
     from tuneforge_kernels.nf4 import VARIANTS, dequantize_nf4
     from tuneforge_kernels.swiglu import swiglu_backward_inplace, swiglu_forward
 
     g, u, dh = (torch.randn(8, 48, dtype=torch.bfloat16) for _ in range(3))
-    b, products = torch.randn(48, 32, dtype=torch.bfloat16), torch.empty(8, 32, dtype=torch.bfloat16)
-    lora_glu_backward_products(dh.clone(), g.clone(), u.clone(), "silu", b[:, :16], 2.0, b[:, 16:], 2.0,
-                               products[:, :16], products[:, 16:])  # lora_mlp.GLU_PRODUCTS: off by default
     swiglu_backward_inplace(dh, g, u)
     swiglu_forward(g, u)
     for approximate in ("none", "tanh"):
