@@ -318,6 +318,10 @@ def setup_hf(args):
             import tuneforge_kernels.lora_linear as lin
             import tuneforge_kernels.lora_mlp as mlp
             lin.PADDED_ONE_GEMM_MAX_HIDDEN = mlp.PADDED_ONE_GEMM_MAX_HIDDEN = 1 << 30 if one_gemm == "on" else 0
+        pad_align = getattr(args, "pad_align", None)
+        if pad_align is not None:  # an experiment: the padded layouts' spare columns rounded to another multiple
+            import tuneforge_kernels.lora_mlp as mlp
+            mlp.PAD_ALIGN = pad_align
         args.patch_module = sys.modules["gpu_worker.patching"].__file__
         # an A/B: the decoder layers' CUDA graphs always / never instead of the patcher's rule
         graphs = {"auto": {}, "on": {"cuda_graphs": True}, "off": {"cuda_graphs": False}}[getattr(args, "graphs", "auto")]
@@ -341,6 +345,8 @@ def setup_hf(args):
                 args.patch_report.setdefault("glu_tile", {})[name] = list(tile)
         if one_gemm != "auto":
             args.patch_report["padded_one_gemm"] = one_gemm
+        if pad_align is not None:
+            args.patch_report["pad_align"] = pad_align
         if getattr(args, "philox_rounds", 0):
             args.patch_report["philox_rounds"] = args.philox_rounds
         if getattr(args, "keep_norm_output", "none") == "mlp":  # an experiment: the MLP saves its input
@@ -866,6 +872,9 @@ def main():
     ap.add_argument("--padded-one-gemm", choices=["auto", "on", "off"], default="auto",
                     help="ours: the padded layouts' forward as one GEMM for gate+up and for q/k/v up to the kernels' "
                          "PADDED_ONE_GEMM_MAX_HIDDEN, always, or one GEMM per projection (an A/B)")
+    ap.add_argument("--pad-align", type=int, default=None,
+                    help="ours: the padded layouts' spare columns rounded up to this multiple instead of "
+                         "tuneforge_kernels.lora_mlp.PAD_ALIGN (1: exactly the ranks; an A/B)")
     ap.add_argument("--glu-tile", action="append", default=None, type=_tile_arg,
                     help="ours: [KIND=]rows,cols,warps for lora_glu's launches instead of the module's tiles, "
                          "repeatable (an A/B); KIND: " + ", ".join(GLU_TILE_KINDS) + " (default terms: "

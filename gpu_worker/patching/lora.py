@@ -169,7 +169,7 @@ def pad_frozen_mlp(mlp: nn.Module) -> bool:
     GEMMs. As with ``join_frozen_weights``, values, state dicts and adapters are unchanged, and anything that
     replaces a weight tensor or an adapter of another rank only undoes the layout (the MLP then runs
     unpadded). Returns whether the weights are padded now."""
-    from tuneforge_kernels.lora_mlp import pad_weights, padded
+    from tuneforge_kernels.lora_mlp import pad_weights, padded, spare_width
 
     found = _adapted(mlp, ("gate_proj", "up_proj", "down_proj"))
     if found is None:
@@ -188,10 +188,11 @@ def pad_frozen_mlp(mlp: nn.Module) -> bool:
             return False
     # the fused layer's post-attention norm leaves these columns after its rows for s x A^T (rms_norm's
     # spare): no copy of the MLP's input into the padded GEMM's operand
-    mlp._tf_input_spare = parts[0].lora_a.shape[0] + parts[1].lora_a.shape[0]
+    (i, h), ranks = parts[0].weight.shape, [p.lora_a.shape[0] for p in parts]
+    mlp._tf_input_spare = spare_width(ranks[0] + ranks[1], h, i)
     # and the next layer's input norm leaves the down projection's rank after its input gradient's rows
     # (rms_norm's grad_spare, patch_model): no copy of the MLP's output gradient into [dy | s dy B_d]
-    mlp._tf_output_grad_spare = parts[2].lora_a.shape[0]
+    mlp._tf_output_grad_spare = spare_width(ranks[2], h, i)
     return True
 
 
@@ -200,6 +201,7 @@ def pad_frozen_qkv(attn: nn.Module) -> bool:
     (``tuneforge_kernels.lora_linear``'s padded layout): the fused Q/K/V node carries the adapters' rank-r
     terms in its GEMMs. Returns whether the weights are padded now."""
     from tuneforge_kernels.lora_linear import pad_linear_weights, padded_linears
+    from tuneforge_kernels.lora_mlp import spare_width
 
     found = _adapted(attn, ("q_proj", "k_proj", "v_proj"))
     if found is None:
@@ -217,7 +219,8 @@ def pad_frozen_qkv(attn: nn.Module) -> bool:
         if padded_linears([lora_weights(m) for m in modules]) is None:
             return False
     # the fused layer's input norm leaves these columns after its rows for s x A^T (rms_norm's spare)
-    attn._tf_input_spare = sum(p.lora_a.shape[0] for p in parts)
+    attn._tf_input_spare = spare_width(sum(p.lora_a.shape[0] for p in parts), parts[0].weight.shape[1],
+                                       sum(p.weight.shape[0] for p in parts))
     return True
 
 

@@ -34,7 +34,7 @@ from tuneforge_kernels.lora_mlp import (PADDED_ONE_GEMM_MAX_HIDDEN, LoraWeights,
                                         _fp8_input, _input_product, _joined_weights, _mm_into, _out_features,
                                         _project_reference, _redraw, _restore_x, _scaled_mm, _spans, _x_for_saving,
                                         adapter_input_terms, cast_group, frozen_input_grad, frozen_linear, rows_of,
-                                        wide_input)
+                                        spare_width, wide_input)
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
@@ -153,7 +153,8 @@ class _LoraLinearsFunction(torch.autograd.Function):
 
 
 # The padded layout (lora_mlp.py's, for projections of one input: Q/K/V). The frozen weights of n projections
-# (out_i x H) with adapters of ranks r_i are stored in one (O + R) x (H + R) buffer, O = sum out_i, R = sum r_i:
+# (out_i x H) with adapters of ranks r_i are stored in one (O + S) x (H + S) buffer, O = sum out_i, R = sum r_i,
+# S = lora_mlp.spare_width(R, H, O) >= R (its last S - R rows and columns zeros):
 #
 #     [W_1  B_1  0   ..]        forward:   [x | s_1 x A_1^T | s_2 x A_2^T ..] @ rows 0:O ^T = every y_i with its
 #     [W_2  0    B_2 ..]                   term (one GEMM up to PADDED_ONE_GEMM_MAX_HIDDEN, one per projection
@@ -171,7 +172,8 @@ def pad_linear_weights(weights: list[torch.Tensor], ranks: list[int]) -> torch.T
     copied in (zeros elsewhere). The caller makes the parameters views of its row blocks ``[o_i:o_i + out_i,
     :in]``, which ``padded_linears`` recognises."""
     h, rows, r = weights[0].shape[1], sum(w.shape[0] for w in weights), sum(ranks)
-    buf = weights[0].new_zeros(rows + r, h + r)
+    sp = spare_width(r, h, rows)
+    buf = weights[0].new_zeros(rows + sp, h + sp)
     start = 0
     for w in weights:
         buf[start:start + w.shape[0], :h] = w
@@ -186,30 +188,31 @@ def padded_linears(projections) -> torch.Tensor | None:
     if len(projections) < 2 or any(p.lora_a is None or not isinstance(p.weight, torch.Tensor) for p in projections):
         return None
     first = projections[0].weight
-    h, r = first.shape[1], sum(p.lora_a.shape[0] for p in projections)
+    h, rows = first.shape[1], sum(p.weight.shape[0] for p in projections)
+    sp = spare_width(sum(p.lora_a.shape[0] for p in projections), h, rows)
     if len({id(p.lora_a) for p in projections}) < len(projections):
         return None
     step = 0
     for p in projections:
         w = p.weight
-        if w.shape[1] != h or w.dtype != first.dtype or w.stride() != (h + r, 1) \
+        if w.shape[1] != h or w.dtype != first.dtype or w.stride() != (h + sp, 1) \
                 or w.data_ptr() != first.data_ptr() + step * w.element_size() \
                 or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
             return None
-        step += w.shape[0] * (h + r)
-    return _spans(first, sum(p.weight.shape[0] for p in projections) + r, h + r)
+        step += w.shape[0] * (h + sp)
+    return _spans(first, rows + sp, h + sp)
 
 
 class GradLanding:
     """Where a padded layout's node (``_PaddedLinearsFunction``) wants its outputs' gradients: as column blocks
-    of the ``(N, O + R)`` buffer ``[dy_1 | dy_2 .. | s_1 dy_1 B_1 | ..]`` its backward multiplies. A producer
+    of the ``(N, O + S)`` buffer ``[dy_1 | dy_2 .. | s_1 dy_1 B_1 | .. | 0]`` its backward multiplies. A producer
     of those gradients that is handed the landing (the rotary embedding's backward, which writes Q's and K's,
     rope.py) writes them into ``block(i)``, and the node's backward copies in only the others: at 1B, Q's and
     K's copies were 41 MB read and written a layer (bench/NOTES.md, session 35). The node's forward sets the
     layout; until then (another path computed the projections) ``block`` answers None."""
 
     def __init__(self):
-        self.layout = None  # (rows N, width O + R, column starts, widths out_i, dtype, device)
+        self.layout = None  # (rows N, width O + S, column starts, widths out_i, dtype, device)
         self._buffer = None
 
     def block(self, i: int) -> torch.Tensor | None:
@@ -244,32 +247,35 @@ class _PaddedLinearsFunction(torch.autograd.Function):
         dtype, shape = _compute_dtype(x), x.shape
         hd, outs, ranks = shape[-1], [b.shape[0] for b in b_s], [a.shape[0] for a in a_s]
         rows, r = sum(outs), sum(ranks)
+        sp = buf.shape[1] - hd  # the spare columns: r rounded up (lora_mlp.PAD_ALIGN)
         starts, cols = [sum(outs[:i]) for i in range(n)], [sum(ranks[:i]) for i in range(n)]
         # the adapters' current values into their blocks (the casts to the compute dtype), one launch
         cast_blocks([pair for i in range(n) for pair in (
             (buf[starts[i]:starts[i] + outs[i], hd + cols[i]:hd + cols[i] + ranks[i]], b_s[i]),
             (buf[rows + cols[i]:rows + cols[i] + ranks[i], :hd], a_s[i]))])
         x2 = x.reshape(-1, hd).to(dtype)
-        xa = wide_input(x, x2, r)                                                 # [x | s x A^T] below
+        xa = wide_input(x, x2, sp)                                                # [x | s x A^T | 0] below
         xs = xa[:, :hd]  # x read from the wide buffer either way: one GEMM layout, the same values
+        # buf's rows after the last A are zeros: the (last) GEMM writes the padding's zeros too
         if len(set(scales)) == 1:
             _mm_into(xa[:, hd:], xs, buf[rows:, :hd].t(), scales[0])
         else:
             for i in range(n):
-                c = slice(hd + cols[i], hd + cols[i] + ranks[i])
-                _mm_into(xa[:, c], xs, buf[rows + cols[i]:rows + cols[i] + ranks[i], :hd].t(), scales[i])
+                width = ranks[i] if i < n - 1 else sp - cols[i]
+                _mm_into(xa[:, hd + cols[i]:hd + cols[i] + width], xs,
+                         buf[rows + cols[i]:rows + cols[i] + width, :hd].t(), scales[i])
         if hd <= PADDED_ONE_GEMM_MAX_HIDDEN:
             y_all = xa @ buf[:rows].t()                                              # (N, O): column blocks
             ys = [y_all[:, starts[i]:starts[i] + outs[i]] for i in range(n)]
         else:
             ys = [xa @ buf[starts[i]:starts[i] + outs[i]].t() for i in range(n)]     # (N, out_i)
         # the rank-r products leave the wide buffer (kept, x's would hold the whole (N, H + R))
-        ctx.save_for_backward(xa[:, hd:].clone(), *_x_for_saving(ctx, x, x2))
+        ctx.save_for_backward(xa[:, hd:hd + r].clone(), *_x_for_saving(ctx, x, x2))
         ctx.set_materialize_grads(False)  # an unused output's grad arrives as None
         ctx.buf, ctx.scales, ctx.layout = buf, scales, (outs, ranks, starts, cols)
         ctx.dtype, ctx.shape, ctx.landing = dtype, shape, landing
         if landing is not None:
-            landing.layout = (xa.shape[0], rows + r, starts, outs, dtype, x.device)
+            landing.layout = (xa.shape[0], rows + sp, starts, outs, dtype, x.device)
         ctx.param_dtypes = [t.dtype for t in (*a_s, *b_s)]
         return tuple(y.view(*shape[:-1], y.shape[1]) for y in ys)
 
@@ -279,10 +285,10 @@ class _PaddedLinearsFunction(torch.autograd.Function):
         x2 = _restore_x(ctx, x_saved)
         buf, scales, (outs, ranks, starts, cols) = ctx.buf, ctx.scales, ctx.layout
         n, need, hd = len(outs), ctx.needs_input_grad, x2.shape[1]
-        rows = sum(outs)
-        dya = ctx.landing.take() if ctx.landing is not None else None             # [dy_1 | .. | s dy B ..]
+        rows, sp = sum(outs), buf.shape[1] - hd
+        dya = ctx.landing.take() if ctx.landing is not None else None             # [dy_1 | .. | s dy B .. | 0]
         if dya is None:
-            dya = x2.new_empty(x2.shape[0], rows + sum(ranks))
+            dya = x2.new_empty(x2.shape[0], rows + sp)
         for i, dy in enumerate(dys):
             block = dya[:, starts[i]:starts[i] + outs[i]]
             if dy is None:
@@ -291,12 +297,13 @@ class _PaddedLinearsFunction(torch.autograd.Function):
                 dy = dy.reshape(-1, outs[i])
                 if not _lands_in(dy, block):
                     copy_rows(block, dy.to(ctx.dtype), impl="triton")
-            _mm_into(dya[:, rows + cols[i]:rows + cols[i] + ranks[i]], block,
-                     buf[starts[i]:starts[i] + outs[i], hd + cols[i]:hd + cols[i] + ranks[i]], scales[i])
+            width = ranks[i] if i < n - 1 else sp - cols[i]  # the last: B, then buf's zero columns
+            _mm_into(dya[:, rows + cols[i]:rows + cols[i] + width], block,
+                     buf[starts[i]:starts[i] + outs[i], hd + cols[i]:hd + cols[i] + width], scales[i])
         dx = (dya @ buf[:, :hd]).view(ctx.shape) if need[0] else None            # every term: one GEMM
         grads_a, grads_b = [None] * n, [None] * n
         if any(need[3:3 + n]):
-            d_a = dya[:, rows:].t() @ x2                                            # (R, H): every dA
+            d_a = dya[:, rows:rows + sum(ranks)].t() @ x2                           # (R, H): every dA
             grads_a = [d_a[cols[i]:cols[i] + ranks[i]] if need[3 + i] else None for i in range(n)]
         for i in range(n):
             if need[3 + n + i]:

@@ -458,22 +458,35 @@ class _LoraMLPFunction(torch.autograd.Function):
                 None, None, None, None, None, d_residual, None)
 
 
-# Padded layout (``pad_weights``): the frozen weights stored with r spare rows and columns, so that every
+# Padded layout (``pad_weights``): the frozen weights stored with spare rows and columns, so that every
 # GEMM carries its adapter's rank-r term in its K dimension (session 11's micro ``aug``: the base GEMM plus a
 # rank-r pass over its output cost 25 ms more per 8B step than the longer GEMM alone). For gate and up,
-# one (2I + R) x (H + R) buffer (R = r_g + r_u) holding
+# one (2I + S) x (H + S) buffer (R = r_g + r_u, S = spare_width(R, H, I) >= R) holding
 #
 #     [ W_g  B_g  0   ]      forward:  [x | s_g x A_g^T | s_u x A_u^T] @ rows [:2I]^T  = [g | u], terms in
 #     [ W_u  0    B_u ]      input gradient:  [dg | du | s_g dg B_g | s_u du B_u] @ columns [:, :H] = dx
 #     [ A_g  .    .   ]
 #     [ A_u  .    .   ]
 #
-# and for down one (H + r_d) x (I + r_d) buffer [[W_d, B_d], [A_d, .]] the same way. The adapters' current
+# and for down one (H + S_d) x (I + S_d) buffer [[W_d, B_d], [A_d, .]] the same way. The adapters' current
 # values are copied into their blocks at every forward (the blocks marked . are never read); the zero blocks
-# keep gate and up apart. The activation kernel then runs without rank-r terms in both directions (micro:
+# keep gate and up apart, and the S - R last rows and columns are zeros (PAD_ALIGN). The activation kernel then runs without rank-r terms in both directions (micro:
 # 0.40 against 0.66 ms backward per 8B layer). Models up to this hidden size compute gate and up with one
 # GEMM, larger ones with one each (the joined weights' rule, bench/NOTES.md v14).
 PADDED_ONE_GEMM_MAX_HIDDEN = 2048
+# The spare columns (and rows) are R rounded up to a multiple of this where the layout's other dimensions
+# (H, I; lora_linear's H, O) are multiples of it (``spare_width``), so that every K and every row stride of
+# the padded GEMMs is one too: on an H100 the forward GEMMs at K = H + 32 and I + 16 ran at 637 and 573
+# TFLOP/s where the same GEMMs at K = H and I ran at 724 and 713 (bench/NOTES.md, session 40). The extra
+# columns hold zeros: the weights' from ``pad_weights``, the activations' written by the rank-r GEMMs that
+# fill the spare (their weight blocks end in zero rows or columns), so the sums are the same. 1: none.
+PAD_ALIGN = 64
+
+
+def spare_width(r: int, *dims: int) -> int:
+    """The spare columns a padded layout leaves beside ``dims`` for adapters of total rank ``r``."""
+    a = PAD_ALIGN
+    return -(-r // a) * a if all(d % a == 0 for d in dims) else r
 
 
 def pad_weights(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ranks: tuple[int, int, int]):
@@ -481,10 +494,11 @@ def pad_weights(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ranks:
     r_d), the weights copied in (zeros elsewhere). The caller makes its parameters views of ``buffers[0]
     [:I, :H]``, ``[I:2I, :H]`` and ``buffers[1][:H, :I]``, which ``padded`` recognises."""
     (i, h), (rg, ru, rd) = gate.shape, ranks
-    gu = gate.new_zeros(2 * i + rg + ru, h + rg + ru)
+    s, sd = spare_width(rg + ru, h, i), spare_width(rd, h, i)
+    gu = gate.new_zeros(2 * i + s, h + s)
     gu[:i, :h] = gate
     gu[i:2 * i, :h] = up
-    d = down.new_zeros(h + rd, i + rd)
+    d = down.new_zeros(h + sd, i + sd)
     d[:h, :i] = down
     return gu, d
 
@@ -510,10 +524,11 @@ def padded(gate: LoraWeights, up: LoraWeights, down: LoraWeights):
     (i, h), rg, ru, rd = wg.shape, gate.lora_a.shape[0], up.lora_a.shape[0], down.lora_a.shape[0]
     if wu.shape != wg.shape or wd.shape != (h, i) or wd.dtype != wg.dtype or wu.dtype != wg.dtype:
         return None
+    s, sd = spare_width(rg + ru, h, i), spare_width(rd, h, i)
     if wu.untyped_storage().data_ptr() != wg.untyped_storage().data_ptr() \
-            or wu.data_ptr() != wg.data_ptr() + i * (h + rg + ru) * wg.element_size():
+            or wu.data_ptr() != wg.data_ptr() + i * (h + s) * wg.element_size():
         return None
-    gu, d = _spans(wg, 2 * i + rg + ru, h + rg + ru), _spans(wd, h + rd, i + rd)
+    gu, d = _spans(wg, 2 * i + s, h + s), _spans(wd, h + sd, i + sd)
     return None if gu is None or d is None else (gu, d)
 
 
@@ -527,7 +542,7 @@ def spare_columns(x: torch.Tensor) -> int:
 def wide_input(x: torch.Tensor, x2: torch.Tensor, r: int) -> torch.Tensor:
     """``x2`` (``x`` as ``(N, H)``) in the first columns of an ``(N, H + r)`` buffer for a padded layout's GEMM:
     the buffer ``x``'s producer left with ``r`` spare columns (``spare_columns``), else a new one with ``x``
-    copied in."""
+    copied in. The spare columns hold anything: the caller writes every one."""
     xa = _spans(x2, x2.shape[0], x2.shape[1] + r) if spare_columns(x) == r and x2.data_ptr() == x.data_ptr() \
         else None
     if xa is None:
@@ -555,35 +570,37 @@ class _PaddedMLPFunction(torch.autograd.Function):
         hd, rg, ru, rd = shape[-1], ag.shape[0], au.shape[0], ad.shape[0]
         i = bg.shape[0]
         r = rg + ru
+        sp, sp_d = gu_w.shape[1] - hd, d_w.shape[1] - i  # the spare columns: r, r_d rounded up (PAD_ALIGN)
         # the adapters' current values into their blocks (the casts to the compute dtype)
-        cast_blocks([(gu_w[:i, hd:hd + rg], bg), (gu_w[i:2 * i, hd + rg:], bu), (gu_w[2 * i:2 * i + rg, :hd], ag),
-                     (gu_w[2 * i + rg:, :hd], au), (d_w[:hd, i:], bd), (d_w[hd:, :i], ad)])  # one launch
+        cast_blocks([(gu_w[:i, hd:hd + rg], bg), (gu_w[i:2 * i, hd + rg:hd + r], bu),
+                     (gu_w[2 * i:2 * i + rg, :hd], ag), (gu_w[2 * i + rg:2 * i + r, :hd], au),
+                     (d_w[:hd, i:i + rd], bd), (d_w[hd:hd + rd, :i], ad)])  # one launch
         x2 = x.reshape(-1, hd).to(dtype)
         n = x2.shape[0]
-        xa = wide_input(x, x2, r)                                                 # [x | s x A^T] below
+        xa = wide_input(x, x2, sp)                                                # [x | s x A^T | 0] below
         xs = xa[:, :hd]  # x read from the wide buffer either way: one GEMM layout, the same values
-        if sg == su:
+        if sg == su:  # gu_w's rows after A_u are zeros: the GEMM writes the padding's zeros too
             _mm_into(xa[:, hd:], xs, gu_w[2 * i:, :hd].t(), sg)
         else:
             _mm_into(xa[:, hd:hd + rg], xs, gu_w[2 * i:2 * i + rg, :hd].t(), sg)
             _mm_into(xa[:, hd + rg:], xs, gu_w[2 * i + rg:, :hd].t(), su)
-        gu = x2.new_empty(n, 2 * i + r)                                           # [g | u | spare]
+        gu = x2.new_empty(n, 2 * i + sp)                                          # [g | u | spare]
         if hd <= PADDED_ONE_GEMM_MAX_HIDDEN:
             torch.mm(xa, gu_w[:2 * i].t(), out=gu[:, :2 * i])
         else:
             torch.mm(xa, gu_w[:i].t(), out=gu[:, :i])
             torch.mm(xa, gu_w[i:2 * i].t(), out=gu[:, i:2 * i])
-        ha = x2.new_empty(n, i + rd)                                              # [h | s h A_d^T]
+        ha = x2.new_empty(n, i + sp_d)                                            # [h | s h A_d^T | 0]
         lora_glu.lora_glu_forward(gu[:, :i], gu[:, i:2 * i], act, out=ha[:, :i])
-        _mm_into(ha[:, i:], ha[:, :i], d_w[hd:, :i].t(), sd)
+        _mm_into(ha[:, i:], ha[:, :i], d_w[hd:, :i].t(), sd)                     # A_d, then zero rows
         if residual is not None:
             y = torch.addmm(residual.reshape(-1, hd), ha, d_w[:hd].t())
         else:
             y = ha @ d_w[:hd].t()                                                 # (N, H)
         # the rank-r products leave their wide buffers (kept, x's would hold the whole (N, H + R))
-        ctx.save_for_backward(gu, xa[:, hd:].clone(), ha[:, i:].clone(), *_x_for_saving(ctx, x, x2))
+        ctx.save_for_backward(gu, xa[:, hd:hd + r].clone(), ha[:, i:i + rd].clone(), *_x_for_saving(ctx, x, x2))
         ctx.buffers, ctx.scales, ctx.ranks = (gu_w, d_w), (sg, su, sd), (rg, ru, rd)
-        ctx.act, ctx.shape, ctx.dtype = act, shape, dtype
+        ctx.act, ctx.shape, ctx.dtype, ctx.inter = act, shape, dtype, i
         ctx.param_dtypes = [t.dtype for t in (ag, bg, au, bu, ad, bd)]
         return y.view(*shape[:-1], hd)
 
@@ -591,31 +608,31 @@ class _PaddedMLPFunction(torch.autograd.Function):
     def backward(ctx, dy):
         gu, xa, xa_d, *x_saved = ctx.saved_tensors
         x2 = _restore_x(ctx, x_saved)
-        (gu_w, d_w), (sg, su, sd), (rg, _, rd) = ctx.buffers, ctx.scales, ctx.ranks
-        hd, i = x2.shape[1], d_w.shape[1] - rd
+        (gu_w, d_w), (sg, su, sd), (rg, ru, rd) = ctx.buffers, ctx.scales, ctx.ranks
+        hd, i = x2.shape[1], ctx.inter
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, hd).to(ctx.dtype)
-        dya = wide_input(dy, dy2, rd)                                             # [dy | s dy B_d]
-        _mm_into(dya[:, hd:], dy2, d_w[:hd, i:], sd)
+        dya = wide_input(dy, dy2, d_w.shape[0] - hd)                              # [dy | s dy B_d | 0]
+        _mm_into(dya[:, hd:], dy2, d_w[:hd, i:], sd)                              # B_d, then zero columns
         dh = dya @ d_w[:, :i]                                                     # (N, I), the term inside
         g, u = gu[:, :i], gu[:, i:2 * i]
         lora_glu.lora_glu_backward_inplace(dh, g, u, ctx.act)                     # h, dg, du
         h, dg, du = dh, g, u
         grads = [None] * 6
         if need[5]:
-            grads[4] = dya[:, hd:].t() @ h                                        # dA_d (r_d, I)
+            grads[4] = dya[:, hd:hd + rd].t() @ h                                 # dA_d (r_d, I)
         if need[6]:
             grads[5] = dy2.t() @ xa_d                                             # dB_d (H, r_d)
         del h, dh
         _mm_into(gu[:, 2 * i:2 * i + rg], dg, gu_w[:i, hd:hd + rg], sg)          # s dg B_g
-        _mm_into(gu[:, 2 * i + rg:], du, gu_w[i:2 * i, hd + rg:], su)             # s du B_u
+        _mm_into(gu[:, 2 * i + rg:], du, gu_w[i:2 * i, hd + rg:], su)             # s du B_u, then zeros
         dx = (gu @ gu_w[:, :hd]).view(ctx.shape) if need[0] else None           # every term: one GEMM
         if need[2]:
             grads[1] = dg.t() @ xa[:, :rg]                                        # dB_g (I, r_g)
         if need[4]:
             grads[3] = du.t() @ xa[:, rg:]                                        # dB_u (I, r_u)
         if need[1] or need[3]:
-            d_a = gu[:, 2 * i:].t() @ x2                                          # dA_g, dA_u (R, H)
+            d_a = gu[:, 2 * i:2 * i + rg + ru].t() @ x2                           # dA_g, dA_u (R, H)
             grads[0], grads[2] = d_a[:rg] if need[1] else None, d_a[rg:] if need[3] else None
         grads = _cast_grads(grads, ctx.param_dtypes)
         d_residual = dy if need[13] else None

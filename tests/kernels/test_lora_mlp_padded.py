@@ -167,3 +167,31 @@ def test_unpadded_paths_take_an_input_with_spare_columns():
     q = lora_linears(x, plain[0], plain[1], impl="triton")
     for a, b in zip(q, lora_linears_reference(x.detach(), plain[0], plain[1])):
         assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("scales", [(2.0, 2.0, 2.0), (0.5, 0.75, 1.5)])
+@pytest.mark.parametrize("one_gemm", [True, False])
+def test_aligned_spare_columns_are_zeros_whatever_the_buffers_held(monkeypatch, nan_allocations, scales, one_gemm):
+    # PAD_ALIGN rounds the spare columns up where H and I are multiples of it: ranks 3 + 5 and 4 get 16 spare
+    # columns each at align 16, the last ones zeros in the weights and written as zeros in every activation
+    # buffer (allocations here are NaN until written), so the GEMMs' sums stay those of the reference
+    monkeypatch.setattr(mlp_mod, "PAD_ALIGN", 16)
+    monkeypatch.setattr(mlp_mod, "PADDED_ONE_GEMM_MAX_HIDDEN", 1 << 30 if one_gemm else 0)
+    hidden, inter, ranks = 32, 48, (3, 5, 4)
+    gate, up, down = _padded_parts(hidden, inter, ranks, scales, "cpu", torch.float32)
+    gu_w, d_w = padded(gate, up, down)
+    assert gu_w.shape == (2 * inter + 16, hidden + 16) and d_w.shape == (hidden + 16, inter + 16)
+    assert not gu_w[:, hidden + 8:].any() and not gu_w[2 * inter + 8:].any()
+    assert not d_w[:, inter + 4:].any() and not d_w[hidden + 4:].any()
+    assert mlp_mod.spare_width(8, 40, 48) == 8  # H not a multiple: the spare columns are the ranks
+    x = torch.randn(3, 5, hidden, requires_grad=True)
+    out = lora_mlp(x, gate, up, down, "silu", impl="triton")
+    g64, u64, d64 = _as64(gate), _as64(up), _as64(down)
+    x64 = x.detach().double().requires_grad_()
+    ref = lora_mlp_reference(x64, g64, u64, d64, "silu")
+    assert rel_err(out, ref) < 1e-5
+    leaves = [x] + [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
+    leaves64 = [x64] + [t for p in (g64, u64, d64) for t in (p.lora_a, p.lora_b)]
+    dy = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, leaves, dy), torch.autograd.grad(ref, leaves64, dy.double())):
+        assert rel_err(a, b) < 1e-5

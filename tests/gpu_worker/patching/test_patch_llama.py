@@ -502,6 +502,27 @@ def test_padded_weights_for_small_models_in_memory_mode_off_only(monkeypatch):
     assert padded(build_lora_model(tiny_config("phi3"))) == (0, 0)
 
 
+@pytest.mark.parametrize("align", [32, 1])
+def test_aligned_padded_layers_match_stock(monkeypatch, align):
+    # lora_mlp.PAD_ALIGN rounds the padded layouts' spare columns up (the tiny llama's H 64, I 96 and q/k/v's
+    # O 128 are multiples of 32): the norms leave that many columns, the gradients land in the wider
+    # buffers, and the step is stock's; 1 keeps exactly the ranks' columns
+    import tuneforge_kernels.lora_mlp as mlp_mod
+
+    monkeypatch.setattr(mlp_mod, "PAD_ALIGN", align)
+    config = tiny_config("llama")
+    ref, ours = build_lora_model(config), build_lora_model(config)
+    report = patch_model(ours, impl="triton")
+    assert report.counts["padded_mlp"] == report.counts["padded_qkv"] == config.num_hidden_layers
+    layer = ours.get_base_model().model.layers[0]
+    rank = layer.mlp.gate_proj.lora_A["default"].weight.shape[0]
+    spare = 32 if align == 32 else 2 * rank
+    assert layer.mlp._tf_input_spare == spare and layer.mlp._tf_output_grad_spare == (32 if align == 32 else rank)
+    assert layer.self_attn._tf_input_spare == (32 if align == 32 else 3 * rank)
+    assert layer.mlp.gate_proj.base_layer.weight.stride(0) == config.hidden_size + spare
+    _assert_cpu_step_matches(ref, ours)
+
+
 @pytest.mark.parametrize("model_type,fused", [("llama", True), ("qwen2", True), ("gemma", True),
                                               ("gemma2", False), ("phi3", False)])
 def test_residual_add_fuses_into_the_post_attention_norm_where_the_layer_is_standard(model_type, fused):
