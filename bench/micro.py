@@ -17,6 +17,10 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   halves of one ``[g | u | spare]`` product), at the 1B shape per tile (rows, columns, warps), in GB/s
   of the bytes they must move (session 37, H100: the backward 9% faster at 4 x 1024 x 4 than at the terms'
   16 x 256 x 4, 0.78 of the copy's rate; results/2026-12-06-h100-v40-micro-glu-plain.jsonl);
+- ``padk``: the padded MLP's four big GEMMs and the padded q projection at the 8B shape, sustained at the
+  power cap, as the layouts lay them out with ``lora_mlp.PAD_ALIGN`` 1 (K = H + 32, I + 16, 28704; the
+  shipped layout) and 64 (K 4160, 14400, 28736), beside the unpadded GEMMs (K = H, I): whether the padded
+  forward GEMMs' lower rate in the 8B profile (session 40) is the unaligned K and row strides (not run yet);
 - ``elementwise``: our Triton rms_norm, SwiGLU (forward, in-place backward) and RoPE in GB/s against
   the copy ceiling;
 - ``proj``: every frozen projection GEMM of a step at the 8B and 1B shapes (forward ``x W^T`` and input
@@ -277,6 +281,49 @@ def bench_residual(emit):
                 emit("residual", f"{shape} down {name} {how}", ms, tflops=flop / ms / 1e9,
                      note=f"rel diff {err:.1e}")
         del h, w, res, out
+
+
+def bench_padk(emit):
+    import tuneforge_kernels.lora_mlp as mlp
+    from tuneforge_kernels.lora_linear import pad_linear_weights
+
+    n, hid, inter, r = N_TOK, HID, INTER, RANK
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    gate, up = (torch.randn(inter, hid, **bf) / hid ** 0.5 for _ in range(2))
+    down = torch.randn(hid, inter, **bf) / inter ** 0.5
+    qkv = [torch.randn(o, hid, **bf) / hid ** 0.5 for o in (hid, 1024, 1024)]
+    res = torch.randn(n, hid, **bf)
+    cases = {"unpadded": {
+        "gate fwd": (lambda x=torch.randn(n, hid, **bf), gu=torch.empty(n, 2 * inter, **bf):
+                     torch.mm(x, gate.t(), out=gu[:, :inter]), hid * inter),
+        "down fwd + residual": (lambda h=torch.randn(n, inter, **bf): torch.addmm(res, h, down.t()), hid * inter),
+        "q fwd": (lambda x=torch.randn(n, hid, **bf): x @ qkv[0].t(), hid * hid),
+        "dh = dy W_d": (lambda dy=torch.randn(n, hid, **bf): dy @ down, hid * inter),
+        "dx over gate, up": (lambda g=torch.randn(n, 2 * inter, **bf), w=torch.cat([gate, up]): g @ w,
+                             2 * inter * hid)}}
+    saved = mlp.PAD_ALIGN
+    try:
+        for align in (1, 64):
+            mlp.PAD_ALIGN = align
+            gu_w, d_w = mlp.pad_weights(gate, up, down, (r, r, r))
+            buf = pad_linear_weights(qkv, [r] * 3)
+            sp, sp_d, sp_q = gu_w.shape[1] - hid, d_w.shape[1] - inter, buf.shape[1] - hid
+            xa, ha = torch.randn(n, hid + sp, **bf), torch.randn(n, inter + sp_d, **bf)
+            gu, dya = torch.randn(n, 2 * inter + sp, **bf), torch.randn(n, hid + sp_d, **bf)
+            xq = torch.randn(n, hid + sp_q, **bf)
+            cases[f"padded, align {align}"] = {
+                "gate fwd": (lambda xa=xa, gu=gu, w=gu_w: torch.mm(xa, w[:inter].t(), out=gu[:, :inter]),
+                             hid * inter),
+                "down fwd + residual": (lambda ha=ha, w=d_w: torch.addmm(res, ha, w[:hid].t()), hid * inter),
+                "q fwd": (lambda xq=xq, w=buf: xq @ w[:hid].t(), hid * hid),
+                "dh = dy W_d": (lambda dya=dya, w=d_w: dya @ w[:, :inter], hid * inter),
+                "dx over gate, up": (lambda gu=gu, w=gu_w: gu @ w[:, :hid], 2 * inter * hid)}
+    finally:
+        mlp.PAD_ALIGN = saved
+    for layout, gemms in cases.items():
+        for name, (fn, mac) in gemms.items():  # mac: the unpadded GEMM's multiply-adds per token
+            ms = sustained(fn)
+            emit("padk", f"8B {name}, {layout}", ms, tflops=2 * n * mac / ms / 1e9)
 
 
 def bench_overlap(emit):
@@ -723,7 +770,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--only",
                     default="copy,gemm,ce,ce_rows,glu_plain,elementwise,proj,tuned,glu,attn,varlen_pad,aug,dropout,"
-                            "residual,overlap")
+                            "residual,overlap,padk")
     args = ap.parse_args()
     rows = []
 
@@ -738,7 +785,7 @@ def main():
     ceiling = bench_copy(emit) if streams & set(only) else None
     for group, fn in (("gemm", bench_gemm), ("ce", bench_ce), ("proj", bench_proj), ("tuned", bench_tuned),
                       ("attn", bench_attn), ("varlen_pad", bench_varlen_pad), ("aug", bench_aug),
-                      ("residual", bench_residual), ("overlap", bench_overlap)):
+                      ("residual", bench_residual), ("overlap", bench_overlap), ("padk", bench_padk)):
         if group in only:
             fn(emit)
             torch.cuda.empty_cache()
