@@ -870,8 +870,8 @@ def main():
                     help="ours: the padded MLP and Q/K/V weights by the patcher's rules, both always, never, "
                          "or the MLP's only at any size (an A/B)")
     ap.add_argument("--padded-one-gemm", choices=["auto", "on", "off"], default="auto",
-                    help="ours: the padded layouts' forward as one GEMM for gate+up and for q/k/v up to the kernels' "
-                         "PADDED_ONE_GEMM_MAX_HIDDEN, always, or one GEMM per projection (an A/B)")
+                    help="ours: the padded layouts' forward as one GEMM for gate+up and for q/k/v up to the "
+                         "kernels' PADDED_ONE_GEMM_MAX_HIDDEN, always, or one GEMM per projection (an A/B)")
     ap.add_argument("--pad-align", type=int, default=None,
                     help="ours: the padded layouts' spare columns rounded up to this multiple instead of "
                          "tuneforge_kernels.lora_mlp.PAD_ALIGN (1: exactly the ranks; an A/B)")

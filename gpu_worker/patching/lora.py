@@ -169,13 +169,14 @@ def pad_frozen_mlp(mlp: nn.Module) -> bool:
     GEMMs. As with ``join_frozen_weights``, values, state dicts and adapters are unchanged, and anything that
     replaces a weight tensor or an adapter of another rank only undoes the layout (the MLP then runs
     unpadded). Returns whether the weights are padded now."""
-    from tuneforge_kernels.lora_mlp import pad_weights, padded, spare_width
+    from tuneforge_kernels.lora_mlp import pad_weights, padded
 
     found = _adapted(mlp, ("gate_proj", "up_proj", "down_proj"))
     if found is None:
         return False
     modules, parts = found
-    if padded(*parts) is None:
+    buffers = padded(*parts)
+    if buffers is None:
         weights = [p.weight for p in parts]
         if not _movable(weights) or parts[0].lora_a is parts[1].lora_a:
             return False
@@ -184,15 +185,16 @@ def pad_frozen_mlp(mlp: nn.Module) -> bool:
             return False
         gu, d = pad_weights(*(w.detach() for w in weights), ranks)
         weights[0].data, weights[1].data, weights[2].data = gu[:i, :h], gu[i:2 * i, :h], d[:h, :i]
-        if padded(*(lora_weights(m) for m in modules)) is None:
+        buffers = padded(*(lora_weights(m) for m in modules))
+        if buffers is None:
             return False
-    # the fused layer's post-attention norm leaves these columns after its rows for s x A^T (rms_norm's
-    # spare): no copy of the MLP's input into the padded GEMM's operand
-    (i, h), ranks = parts[0].weight.shape, [p.lora_a.shape[0] for p in parts]
-    mlp._tf_input_spare = spare_width(ranks[0] + ranks[1], h, i)
-    # and the next layer's input norm leaves the down projection's rank after its input gradient's rows
+    (gu, d), h = buffers, parts[0].weight.shape[1]
+    # the fused layer's post-attention norm leaves the layout's spare columns after its rows for s x A^T
+    # (rms_norm's spare): no copy of the MLP's input into the padded GEMM's operand
+    mlp._tf_input_spare = gu.shape[1] - h
+    # and the next layer's input norm leaves the down projection's after its input gradient's rows
     # (rms_norm's grad_spare, patch_model): no copy of the MLP's output gradient into [dy | s dy B_d]
-    mlp._tf_output_grad_spare = spare_width(ranks[2], h, i)
+    mlp._tf_output_grad_spare = d.shape[0] - h
     return True
 
 
@@ -201,13 +203,13 @@ def pad_frozen_qkv(attn: nn.Module) -> bool:
     (``tuneforge_kernels.lora_linear``'s padded layout): the fused Q/K/V node carries the adapters' rank-r
     terms in its GEMMs. Returns whether the weights are padded now."""
     from tuneforge_kernels.lora_linear import pad_linear_weights, padded_linears
-    from tuneforge_kernels.lora_mlp import spare_width
 
     found = _adapted(attn, ("q_proj", "k_proj", "v_proj"))
     if found is None:
         return False
     modules, parts = found
-    if padded_linears(parts) is None:
+    buf = padded_linears(parts)
+    if buf is None:
         weights = [p.weight for p in parts]
         if not _movable(weights) or any(w.shape[1] != weights[0].shape[1] for w in weights):
             return False
@@ -216,11 +218,12 @@ def pad_frozen_qkv(attn: nn.Module) -> bool:
         for w in weights:
             w.data = buf[start:start + w.shape[0], :h]
             start += w.shape[0]
-        if padded_linears([lora_weights(m) for m in modules]) is None:
+        buf = padded_linears([lora_weights(m) for m in modules])
+        if buf is None:
             return False
-    # the fused layer's input norm leaves these columns after its rows for s x A^T (rms_norm's spare)
-    attn._tf_input_spare = spare_width(sum(p.lora_a.shape[0] for p in parts), parts[0].weight.shape[1],
-                                       sum(p.weight.shape[0] for p in parts))
+    # the fused layer's input norm leaves the layout's spare columns after its rows for s x A^T (rms_norm's
+    # spare)
+    attn._tf_input_spare = buf.shape[1] - parts[0].weight.shape[1]
     return True
 
 

@@ -470,9 +470,10 @@ class _LoraMLPFunction(torch.autograd.Function):
 #
 # and for down one (H + S_d) x (I + S_d) buffer [[W_d, B_d], [A_d, .]] the same way. The adapters' current
 # values are copied into their blocks at every forward (the blocks marked . are never read); the zero blocks
-# keep gate and up apart, and the S - R last rows and columns are zeros (PAD_ALIGN). The activation kernel then runs without rank-r terms in both directions (micro:
-# 0.40 against 0.66 ms backward per 8B layer). Models up to this hidden size compute gate and up with one
-# GEMM, larger ones with one each (the joined weights' rule, bench/NOTES.md v14).
+# keep gate and up apart, and the S - R last rows and columns are zeros (PAD_ALIGN). The activation kernel
+# then runs without rank-r terms in both directions (micro: 0.40 against 0.66 ms backward per 8B layer).
+# Models up to this hidden size compute gate and up with one GEMM, larger ones with one each (the joined
+# weights' rule, bench/NOTES.md v14).
 PADDED_ONE_GEMM_MAX_HIDDEN = 2048
 # The spare columns (and rows) are R rounded up to a multiple of this where the layout's other dimensions
 # (H, I; lora_linear's H, O) are multiples of it (``spare_width``), so that every K and every row stride of
@@ -495,11 +496,11 @@ def pad_weights(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ranks:
     r_d), the weights copied in (zeros elsewhere). The caller makes its parameters views of ``buffers[0]
     [:I, :H]``, ``[I:2I, :H]`` and ``buffers[1][:H, :I]``, which ``padded`` recognises."""
     (i, h), (rg, ru, rd) = gate.shape, ranks
-    s, sd = spare_width(rg + ru, h, i), spare_width(rd, h, i)
-    gu = gate.new_zeros(2 * i + s, h + s)
+    sp, sp_d = spare_width(rg + ru, h, i), spare_width(rd, h, i)
+    gu = gate.new_zeros(2 * i + sp, h + sp)
     gu[:i, :h] = gate
     gu[i:2 * i, :h] = up
-    d = down.new_zeros(h + sd, i + sd)
+    d = down.new_zeros(h + sp_d, i + sp_d)
     d[:h, :i] = down
     return gu, d
 
@@ -525,11 +526,11 @@ def padded(gate: LoraWeights, up: LoraWeights, down: LoraWeights):
     (i, h), rg, ru, rd = wg.shape, gate.lora_a.shape[0], up.lora_a.shape[0], down.lora_a.shape[0]
     if wu.shape != wg.shape or wd.shape != (h, i) or wd.dtype != wg.dtype or wu.dtype != wg.dtype:
         return None
-    s, sd = spare_width(rg + ru, h, i), spare_width(rd, h, i)
+    sp, sp_d = spare_width(rg + ru, h, i), spare_width(rd, h, i)
     if wu.untyped_storage().data_ptr() != wg.untyped_storage().data_ptr() \
-            or wu.data_ptr() != wg.data_ptr() + i * (h + s) * wg.element_size():
+            or wu.data_ptr() != wg.data_ptr() + i * (h + sp) * wg.element_size():
         return None
-    gu, d = _spans(wg, 2 * i + s, h + s), _spans(wd, h + sd, i + sd)
+    gu, d = _spans(wg, 2 * i + sp, h + sp), _spans(wd, h + sp_d, i + sp_d)
     return None if gu is None or d is None else (gu, d)
 
 

@@ -58,23 +58,28 @@ def test_padded_matches_reference(monkeypatch, device, dtype, scales, one_gemm, 
     x = torch.randn(*shape, hidden, device=device, dtype=dtype).requires_grad_()
     res = torch.randn(*shape, hidden, device=device, dtype=dtype) if residual else None
     calls = _spy_glu(monkeypatch)
-    out = lora_mlp(x, gate, up, down, "silu", impl="triton", residual=res)
-    g64, u64, d64 = _as64(gate), _as64(up), _as64(down)
+    _assert_matches_float64(x, (gate, up, down), dtype, res)
+    # the activation kernels computed no rank-r term: the GEMMs carried them all
+    assert len(calls) == 2 and not any(kw.get("xa_g") is not None or kw.get("dy_b") is not None for kw in calls)
+
+
+def _assert_matches_float64(x, parts, dtype, residual=None):
+    """lora_mlp's output and every gradient (x's, each A's and B's) against the float64 reference."""
+    out = lora_mlp(x, *parts, "silu", impl="triton", residual=residual)
+    p64 = [_as64(p) for p in parts]
     x64 = x.detach().double().requires_grad_()
-    ref = lora_mlp_reference(x64, g64, u64, d64, "silu")
-    if residual:
-        ref = ref + res.double()
+    ref = lora_mlp_reference(x64, *p64, "silu")
+    if residual is not None:
+        ref = ref + residual.double()
     assert rel_err(out, ref) < TOL[dtype]
-    leaves = [x] + [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
-    leaves64 = [x64] + [t for p in (g64, u64, d64) for t in (p.lora_a, p.lora_b)]
+    leaves = [x] + [t for p in parts for t in (p.lora_a, p.lora_b)]
+    leaves64 = [x64] + [t for p in p64 for t in (p.lora_a, p.lora_b)]
     dy = torch.randn_like(out)
     got = torch.autograd.grad(out, leaves, dy)
     exp = torch.autograd.grad(ref, leaves64, dy.double())
     for a, b, leaf in zip(got, exp, leaves):
         assert a.dtype == leaf.dtype
         assert rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else TOL[dtype])  # as test_lora_mlp's bound
-    # the activation kernels computed no rank-r term: the GEMMs carried them all
-    assert len(calls) == 2 and not any(kw.get("xa_g") is not None or kw.get("dy_b") is not None for kw in calls)
 
 
 def test_no_pass_adds_onto_an_output(monkeypatch):
@@ -193,13 +198,4 @@ def test_aligned_spare_columns_are_zeros_whatever_the_buffers_held(monkeypatch, 
     assert not d_w[:, inter + rd:].any() and not d_w[hidden + rd:].any()
     assert mlp_mod.spare_width(r, hidden + align // 2, inter) == r  # H not a multiple: the ranks' columns
     x = torch.randn(3, 5 if device == "cpu" else 683, hidden, device=device, dtype=dtype, requires_grad=True)
-    out = lora_mlp(x, gate, up, down, "silu", impl="triton")
-    g64, u64, d64 = _as64(gate), _as64(up), _as64(down)
-    x64 = x.detach().double().requires_grad_()
-    ref = lora_mlp_reference(x64, g64, u64, d64, "silu")
-    assert rel_err(out, ref) < TOL[dtype]
-    leaves = [x] + [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
-    leaves64 = [x64] + [t for p in (g64, u64, d64) for t in (p.lora_a, p.lora_b)]
-    dy = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, leaves, dy), torch.autograd.grad(ref, leaves64, dy.double())):
-        assert rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else TOL[dtype])  # as test_padded_matches_reference
+    _assert_matches_float64(x, (gate, up, down), dtype)
