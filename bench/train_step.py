@@ -904,6 +904,8 @@ def main():
                     help="mode longest: 0 = one step per length, timed cold (whether it fits is all it "
                          "says: a 128K-token 8B step takes ~30 s)")
     args = ap.parse_args()
+    if args.pad_align is not None and args.pad_align < 1:
+        ap.error(f"--pad-align: a multiple of at least 1, got {args.pad_align}")
     if args.mode == "longest":
         args.batch, args.seq = 1, max(int(v) for v in args.ladder.split(","))  # Unsloth's max_seq_length
         run_one(args)
