@@ -480,9 +480,10 @@ PADDED_ONE_GEMM_MAX_HIDDEN = 2048
 # the padded GEMMs is one too: on an H100 the forward GEMMs at K = H + 32 and I + 16 ran at 637 and 573
 # TFLOP/s where the same GEMMs at K = H and I ran at 724 and 713 (bench/NOTES.md, session 40). The extra
 # columns hold zeros: the weights' from ``pad_weights``, the activations' written by the rank-r GEMMs that
-# fill the spare (their weight blocks end in zero rows or columns), so the sums are the same. 1: exactly
-# the ranks' columns, the layout measured so far; 64 waits for its GPU A/B (train_step.py --pad-align 64).
-PAD_ALIGN = 1
+# fill the spare (their weight blocks end in zero rows or columns), so the sums are the same. 64 against
+# 1 (exactly the ranks' columns) on an H100 at 8B: 473 against 480 ms a step, those GEMMs back at 1.35 ms
+# (session 41, bench/results/2026-12-07-h100-v44-*); train_step.py --pad-align 1 times the old layout.
+PAD_ALIGN = 64
 
 
 def spare_width(r: int, *dims: int) -> int:

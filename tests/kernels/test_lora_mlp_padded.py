@@ -127,8 +127,9 @@ def test_output_unused_runs_unpadded(monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_input_with_spare_columns_is_not_copied(monkeypatch, device):
-    # x from rms_norm(spare=r_g + r_u) (the fused layer's post-attention norm): the MLP writes s x A^T into
-    # those columns and copies only dy; an x without them (or with the wrong count) is copied in
+    # x from rms_norm(spare=the layout's spare columns) (the fused layer's post-attention norm): the MLP
+    # writes s x A^T into those columns and copies only dy; an x without them (or with the wrong count) is
+    # copied in
     from tuneforge_kernels.rms_norm import rms_norm
 
     hidden, inter, ranks = (24, 52, (3, 5, 4)) if device == "cpu" else (2048, 8192, (16, 16, 16))
@@ -139,7 +140,8 @@ def test_input_with_spare_columns_is_not_copied(monkeypatch, device):
     real = mlp_mod.copy_rows
     monkeypatch.setattr(mlp_mod, "copy_rows", lambda dst, src, **kw: copies.append(dst.shape) or real(dst, src, **kw))
     results = []
-    for spare in (ranks[0] + ranks[1], 0, 1):
+    # the layout's spare columns: r_g + r_u, rounded up to PAD_ALIGN at the GPU's shapes
+    for spare in (mlp_mod.spare_width(ranks[0] + ranks[1], hidden, inter), 0, 1):
         copies.clear()
         x = rms_norm(h, w, 1e-5, spare=spare, impl="triton")
         out = lora_mlp(x, gate, up, down, "silu", impl="triton")
