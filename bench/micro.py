@@ -18,9 +18,9 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   of the bytes they must move (session 37, H100: the backward 9% faster at 4 x 1024 x 4 than at the terms'
   16 x 256 x 4, 0.78 of the copy's rate; results/2026-12-06-h100-v40-micro-glu-plain.jsonl);
 - ``padk``: the padded MLP's four big GEMMs and the padded q projection at the 8B shape, sustained at the
-  power cap, as the layouts lay them out with ``lora_mlp.PAD_ALIGN`` 1 (K = H + 32, I + 16, 28704; the
-  shipped layout) and 64 (K 4160, 14400, 28736), beside the unpadded GEMMs (K = H, I): whether the padded
-  forward GEMMs' lower rate in the 8B profile (session 40) is the unaligned K and row strides (not run yet);
+  power cap, as the layouts lay them out with ``lora_mlp.PAD_ALIGN`` 1 (K = H + 32, I + 16, 28704) and 64
+  (K 4160, 14400, 28736; shipped since session 41), beside the unpadded GEMMs (K = H, I). Session 41 (H100):
+  alone, align 64 wins back 1-2% a GEMM (results/2026-12-07-h100-v44-micro-padk.jsonl); in the 8B step -7 ms;
 - ``elementwise``: our Triton rms_norm, SwiGLU (forward, in-place backward) and RoPE in GB/s against
   the copy ceiling;
 - ``proj``: every frozen projection GEMM of a step at the 8B and 1B shapes (forward ``x W^T`` and input
