@@ -322,6 +322,8 @@ def setup_hf(args):
         if pad_align is not None:  # an experiment: the padded layouts' spare columns rounded to another multiple
             import tuneforge_kernels.lora_mlp as mlp
             mlp.PAD_ALIGN = pad_align
+        if getattr(args, "gated_gemm", "auto") == "off":  # an A/B: lora_glu's passes instead of the epilogues
+            os.environ["TUNEFORGE_GATED_GEMM"] = "0"
         args.patch_module = sys.modules["gpu_worker.patching"].__file__
         # an A/B: the decoder layers' CUDA graphs always / never instead of the patcher's rule
         graphs = {"auto": {}, "on": {"cuda_graphs": True}, "off": {"cuda_graphs": False}}[getattr(args, "graphs", "auto")]
@@ -875,6 +877,9 @@ def main():
     ap.add_argument("--pad-align", type=int, default=None,
                     help="ours: the padded layouts' spare columns rounded up to this multiple instead of "
                          "tuneforge_kernels.lora_mlp.PAD_ALIGN (1: exactly the ranks; an A/B)")
+    ap.add_argument("--gated-gemm", choices=["auto", "off"], default="auto",
+                    help="ours: the padded MLP's SwiGLU in QuACK's GEMM epilogues where they run "
+                         "(tuneforge_kernels.gated_gemm), or lora_glu's passes (an A/B)")
     ap.add_argument("--glu-tile", action="append", default=None, type=_tile_arg,
                     help="ours: [KIND=]rows,cols,warps for lora_glu's launches instead of the module's tiles, "
                          "repeatable (an A/B); KIND: " + ", ".join(GLU_TILE_KINDS) + " (default terms: "

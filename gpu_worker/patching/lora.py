@@ -162,14 +162,17 @@ def join_frozen_weights(modules: list[nn.Module]) -> bool:
     return True
 
 
-def pad_frozen_mlp(mlp: nn.Module) -> bool:
+def pad_frozen_mlp(mlp: nn.Module, act: str | None = None) -> bool:
     """Store the frozen base weights of a gated MLP with separate ``gate_proj``/``up_proj``/``down_proj`` LoRA
     modules in ``tuneforge_kernels.lora_mlp``'s padded layout for their adapters' ranks: each parameter
     becomes a view of its block (rows of a wider buffer), and the fused MLP carries the rank-r terms in its
     GEMMs. As with ``join_frozen_weights``, values, state dicts and adapters are unchanged, and anything that
     replaces a weight tensor or an adapter of another rank only undoes the layout (the MLP then runs
-    unpadded). Returns whether the weights are padded now."""
-    from tuneforge_kernels.lora_mlp import pad_weights, padded
+    unpadded). With ``act`` (the MLP's activation) where ``tuneforge_kernels.gated_gemm`` can serve it, the
+    gate's and up's rows are interleaved, which its fused epilogues read. Returns whether the weights are
+    padded now."""
+    from tuneforge_kernels import gated_gemm
+    from tuneforge_kernels.lora_mlp import gate_up_rows, pad_weights, padded
 
     found = _adapted(mlp, ("gate_proj", "up_proj", "down_proj"))
     if found is None:
@@ -183,8 +186,12 @@ def pad_frozen_mlp(mlp: nn.Module) -> bool:
         (i, h), ranks = weights[0].shape, tuple(p.lora_a.shape[0] for p in parts)
         if weights[1].shape != (i, h) or weights[2].shape != (h, i):
             return False
-        gu, d = pad_weights(*(w.detach() for w in weights), ranks)
-        weights[0].data, weights[1].data, weights[2].data = gu[:i, :h], gu[i:2 * i, :h], d[:h, :i]
+        # the epilogues' TMA wants 16-byte row strides: sizes that are multiples of 64 give every buffer such
+        inter = act is not None and h % 64 == 0 and i % 64 == 0 \
+            and gated_gemm.unavailable(weights[0].device, act, weights[0].dtype) is None
+        gu, d = pad_weights(*(w.detach() for w in weights), ranks, interleave=inter)
+        gate_rows, up_rows = gate_up_rows(i, inter)
+        weights[0].data, weights[1].data, weights[2].data = gu[gate_rows, :h], gu[up_rows, :h], d[:h, :i]
         buffers = padded(*(lora_weights(m) for m in modules))
         if buffers is None:
             return False
@@ -196,6 +203,14 @@ def pad_frozen_mlp(mlp: nn.Module) -> bool:
     # (rms_norm's grad_spare, patch_model): no copy of the MLP's output gradient into [dy | s dy B_d]
     mlp._tf_output_grad_spare = d.shape[0] - h
     return True
+
+
+def mlp_interleaved(mlp: nn.Module) -> bool:
+    """Whether ``pad_frozen_mlp`` laid this MLP's gate and up rows out interleaved (its fused epilogues run)."""
+    from tuneforge_kernels.lora_mlp import interleaved, padded
+
+    found = _adapted(mlp, ("gate_proj", "up_proj", "down_proj"))
+    return found is not None and padded(*found[1]) is not None and interleaved(*found[1][:2])
 
 
 def pad_frozen_qkv(attn: nn.Module) -> bool:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tuneforge_kernels import lora_glu
+from tuneforge_kernels import gated_gemm, lora_glu
 from tuneforge_kernels.backend import use_triton
 from tuneforge_kernels.cast_blocks import cast_blocks
 from tuneforge_kernels.copy_rows import copy_rows
@@ -492,18 +492,34 @@ def spare_width(r: int, *dims: int) -> int:
     return -(-r // a) * a if all(d % a == 0 for d in dims) else r
 
 
-def pad_weights(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ranks: tuple[int, int, int]):
+def pad_weights(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ranks: tuple[int, int, int],
+                interleave: bool = False):
     """The padded layout's two buffers for these frozen ``(out, in)`` weights and adapter ranks (r_g, r_u,
     r_d), the weights copied in (zeros elsewhere). The caller makes its parameters views of ``buffers[0]
-    [:I, :H]``, ``[I:2I, :H]`` and ``buffers[1][:H, :I]``, which ``padded`` recognises."""
+    [:I, :H]``, ``[I:2I, :H]`` and ``buffers[1][:H, :I]``, which ``padded`` recognises. ``interleave``: the
+    gate's and up's rows alternate instead (views ``[0:2I:2, :H]`` and ``[1:2I:2, :H]``), the layout
+    gated_gemm.py's fused epilogues read."""
     (i, h), (rg, ru, rd) = gate.shape, ranks
     sp, sp_d = spare_width(rg + ru, h, i), spare_width(rd, h, i)
     gu = gate.new_zeros(2 * i + sp, h + sp)
-    gu[:i, :h] = gate
-    gu[i:2 * i, :h] = up
+    gate_rows, up_rows = gate_up_rows(i, interleave)
+    gu[gate_rows, :h] = gate
+    gu[up_rows, :h] = up
     d = down.new_zeros(h + sp_d, i + sp_d)
     d[:h, :i] = down
     return gu, d
+
+
+def gate_up_rows(i: int, interleave: bool) -> tuple[slice, slice]:
+    """The gate's and the up projection's rows of a padded gate/up buffer (``pad_weights``)."""
+    return (slice(0, 2 * i, 2), slice(1, 2 * i, 2)) if interleave else (slice(0, i), slice(i, 2 * i))
+
+
+def interleaved(gate: LoraWeights, up: LoraWeights) -> bool:
+    """Whether a padded gate/up buffer holds these weights' rows interleaved (``pad_weights``)."""
+    wg, wu = gate.weight, up.weight
+    return wg.shape[0] > 1 and wg.stride(0) == wu.stride(0) and wu.data_ptr() == wg.data_ptr() + \
+        wg.stride(0) // 2 * wg.element_size()
 
 
 def _spans(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor | None:
@@ -528,10 +544,16 @@ def padded(gate: LoraWeights, up: LoraWeights, down: LoraWeights):
     if wu.shape != wg.shape or wd.shape != (h, i) or wd.dtype != wg.dtype or wu.dtype != wg.dtype:
         return None
     sp, sp_d = spare_width(rg + ru, h, i), spare_width(rd, h, i)
-    if wu.untyped_storage().data_ptr() != wg.untyped_storage().data_ptr() \
-            or wu.data_ptr() != wg.data_ptr() + i * (h + sp) * wg.element_size():
+    if wu.untyped_storage().data_ptr() != wg.untyped_storage().data_ptr():
         return None
-    gu, d = _spans(wg, 2 * i + sp, h + sp), _spans(wd, h + sp_d, i + sp_d)
+    if wg.stride() == (2 * (h + sp), 1) and interleaved(gate, up):
+        gu = wg.new_empty(0).set_(wg.untyped_storage(), wg.storage_offset(), (wg.shape[0], h + sp), (h + sp, 1))
+        gu = _spans(gu, 2 * i + sp, h + sp)
+    elif wu.data_ptr() == wg.data_ptr() + i * (h + sp) * wg.element_size():
+        gu = _spans(wg, 2 * i + sp, h + sp)
+    else:
+        return None
+    d = _spans(wd, h + sp_d, i + sp_d)
     return None if gu is None or d is None else (gu, d)
 
 
@@ -567,7 +589,7 @@ class _PaddedMLPFunction(torch.autograd.Function):
     with ``x A^T`` saved scaled by s (so dB = dy^T (s x A^T))."""
 
     @staticmethod
-    def forward(ctx, x, ag, bg, au, bu, ad, bd, sg, su, sd, gu_w, d_w, act, residual):
+    def forward(ctx, x, ag, bg, au, bu, ad, bd, sg, su, sd, gu_w, d_w, act, residual, inter):
         dtype = _compute_dtype(x)
         shape = x.shape
         hd, rg, ru, rd = shape[-1], ag.shape[0], au.shape[0], ad.shape[0]
@@ -575,7 +597,8 @@ class _PaddedMLPFunction(torch.autograd.Function):
         r = rg + ru
         sp, sp_d = gu_w.shape[1] - hd, d_w.shape[1] - i  # the spare columns: r, r_d rounded up (PAD_ALIGN)
         # the adapters' current values into their blocks (the casts to the compute dtype)
-        cast_blocks([(gu_w[:i, hd:hd + rg], bg), (gu_w[i:2 * i, hd + rg:hd + r], bu),
+        gate_rows, up_rows = gate_up_rows(i, inter)
+        cast_blocks([(gu_w[gate_rows, hd:hd + rg], bg), (gu_w[up_rows, hd + rg:hd + r], bu),
                      (gu_w[2 * i:2 * i + rg, :hd], ag), (gu_w[2 * i + rg:2 * i + r, :hd], au),
                      (d_w[:hd, i:i + rd], bd), (d_w[hd:hd + rd, :i], ad)])  # one launch
         x2 = x.reshape(-1, hd).to(dtype)
@@ -587,14 +610,17 @@ class _PaddedMLPFunction(torch.autograd.Function):
         else:
             _mm_into(xa[:, hd:hd + rg], xs, gu_w[2 * i:2 * i + rg, :hd].t(), sg)
             _mm_into(xa[:, hd + rg:], xs, gu_w[2 * i + rg:, :hd].t(), su)
-        gu = x2.new_empty(n, 2 * i + sp)                                          # [g | u | spare]
-        if hd <= PADDED_ONE_GEMM_MAX_HIDDEN:
-            torch.mm(xa, gu_w[:2 * i].t(), out=gu[:, :2 * i])
-        else:
-            torch.mm(xa, gu_w[:i].t(), out=gu[:, :i])
-            torch.mm(xa, gu_w[i:2 * i].t(), out=gu[:, i:2 * i])
+        gu = x2.new_empty(n, 2 * i + sp)                           # [g | u | spare] (inter: g_0, u_0, ...)
         ha = x2.new_empty(n, i + sp_d)                                            # [h | s h A_d^T | 0]
-        lora_glu.lora_glu_forward(gu[:, :i], gu[:, i:2 * i], act, out=ha[:, :i])
+        if inter:  # h from the GEMM's epilogue (gated_gemm.py)
+            gated_gemm.gated_forward(xa, gu_w[:2 * i], gu[:, :2 * i], ha[:, :i], act)
+        else:
+            if hd <= PADDED_ONE_GEMM_MAX_HIDDEN:
+                torch.mm(xa, gu_w[:2 * i].t(), out=gu[:, :2 * i])
+            else:
+                torch.mm(xa, gu_w[:i].t(), out=gu[:, :i])
+                torch.mm(xa, gu_w[i:2 * i].t(), out=gu[:, i:2 * i])
+            lora_glu.lora_glu_forward(gu[:, :i], gu[:, i:2 * i], act, out=ha[:, :i])
         _mm_into(ha[:, i:], ha[:, :i], d_w[hd:, :i].t(), sd)                     # A_d, then zero rows
         if residual is not None:
             y = torch.addmm(residual.reshape(-1, hd), ha, d_w[:hd].t())
@@ -603,7 +629,7 @@ class _PaddedMLPFunction(torch.autograd.Function):
         # the rank-r products leave their wide buffers (kept, x's would hold the whole (N, H + R))
         ctx.save_for_backward(gu, xa[:, hd:hd + r].clone(), ha[:, i:i + rd].clone(), *_x_for_saving(ctx, x, x2))
         ctx.buffers, ctx.scales, ctx.ranks = (gu_w, d_w), (sg, su, sd), (rg, ru, rd)
-        ctx.act, ctx.shape, ctx.dtype, ctx.inter = act, shape, dtype, i
+        ctx.act, ctx.shape, ctx.dtype, ctx.inter, ctx.interleaved = act, shape, dtype, i, inter
         ctx.param_dtypes = [t.dtype for t in (ag, bg, au, bu, ad, bd)]
         return y.view(*shape[:-1], hd)
 
@@ -617,29 +643,48 @@ class _PaddedMLPFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, hd).to(ctx.dtype)
         dya = wide_input(dy, dy2, d_w.shape[0] - hd)                              # [dy | s dy B_d | 0]
         _mm_into(dya[:, hd:], dy2, d_w[:hd, i:], sd)                              # B_d, then zero columns
-        dh = dya @ d_w[:, :i]                                                     # (N, I), the term inside
-        g, u = gu[:, :i], gu[:, i:2 * i]
-        lora_glu.lora_glu_backward_inplace(dh, g, u, ctx.act)                     # h, dg, du
-        h, dg, du = dh, g, u
+        inter = ctx.interleaved
+        if inter:  # dh stays in the GEMM's registers: dg, du over g, u, and h (gated_gemm.py)
+            h = dy2.new_empty(dy2.shape[0], i)
+            gated_gemm.gated_backward(dya, d_w[:, :i], gu[:, :2 * i], gu[:, :2 * i], h, ctx.act)
+        else:
+            dh = dya @ d_w[:, :i]                                                 # (N, I), the term inside
+            lora_glu.lora_glu_backward_inplace(dh, gu[:, :i], gu[:, i:2 * i], ctx.act)   # h, dg, du
+            h = dh
+        dgu = gu[:, :2 * i]  # [dg | du], or interleaved
         grads = [None] * 6
         if need[5]:
             grads[4] = dya[:, hd:hd + rd].t() @ h                                 # dA_d (r_d, I)
         if need[6]:
             grads[5] = dy2.t() @ xa_d                                             # dB_d (H, r_d)
-        del h, dh
-        _mm_into(gu[:, 2 * i:2 * i + rg], dg, gu_w[:i, hd:hd + rg], sg)          # s dg B_g
-        _mm_into(gu[:, 2 * i + rg:], du, gu_w[i:2 * i, hd + rg:], su)             # s du B_u, then zeros
+        del h
+        if inter:
+            # interleaved, gu_w[:2I, H:]'s rows hold B_g (even rows, first r_g columns) and B_u (odd rows, the
+            # next r_u), zeros elsewhere: over all of [dg | du] the products are the same sums
+            if sg == su:
+                _mm_into(gu[:, 2 * i:], dgu, gu_w[:2 * i, hd:], sg)               # s dg B_g | s du B_u | 0
+            else:
+                _mm_into(gu[:, 2 * i:2 * i + rg], dgu, gu_w[:2 * i, hd:hd + rg], sg)
+                _mm_into(gu[:, 2 * i + rg:], dgu, gu_w[:2 * i, hd + rg:], su)
+        else:
+            _mm_into(gu[:, 2 * i:2 * i + rg], dgu[:, :i], gu_w[:i, hd:hd + rg], sg)      # s dg B_g
+            _mm_into(gu[:, 2 * i + rg:], dgu[:, i:], gu_w[i:2 * i, hd + rg:], su)         # s du B_u, zeros
         dx = (gu @ gu_w[:, :hd]).view(ctx.shape) if need[0] else None           # every term: one GEMM
-        if need[2]:
-            grads[1] = dg.t() @ xa[:, :rg]                                        # dB_g (I, r_g)
-        if need[4]:
-            grads[3] = du.t() @ xa[:, rg:]                                        # dB_u (I, r_u)
+        if inter and (need[2] or need[4]):  # one pass over [dg | du] for both: dg^T (s x A_g^T), du^T (...)
+            d_b = dgu.t() @ xa
+            grads[1] = d_b[0::2, :rg] if need[2] else None                        # dB_g (I, r_g)
+            grads[3] = d_b[1::2, rg:] if need[4] else None                        # dB_u (I, r_u)
+        else:
+            if need[2]:
+                grads[1] = dgu[:, :i].t() @ xa[:, :rg]                            # dB_g (I, r_g)
+            if need[4]:
+                grads[3] = dgu[:, i:].t() @ xa[:, rg:]                            # dB_u (I, r_u)
         if need[1] or need[3]:
             d_a = gu[:, 2 * i:2 * i + rg + ru].t() @ x2                           # dA_g, dA_u (R, H)
             grads[0], grads[2] = d_a[:rg] if need[1] else None, d_a[rg:] if need[3] else None
         grads = _cast_grads(grads, ctx.param_dtypes)
         d_residual = dy if need[13] else None
-        return (dx, *grads, None, None, None, None, None, None, d_residual)
+        return (dx, *grads, None, None, None, None, None, None, d_residual, None)
 
 
 def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights, act: str = "silu",
@@ -669,7 +714,7 @@ def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeig
     if buffers is not None and buffers[0].dtype == _compute_dtype(x):
         out = _PaddedMLPFunction.apply(
             x, gate.lora_a, gate.lora_b, up.lora_a, up.lora_b, down.lora_a, down.lora_b, float(gate.scale),
-            float(up.scale), float(down.scale), *buffers, act, fused_residual)
+            float(up.scale), float(down.scale), *buffers, act, fused_residual, interleaved(gate, up))
         return out if residual is None or fused_residual is not None else residual + out
     out = _LoraMLPFunction.apply(
         x, gate.weight, gate.lora_a, gate.lora_b, up.weight, up.lora_a, up.lora_b,

@@ -8,19 +8,21 @@ import pytest
 import torch
 
 import tuneforge_kernels.lora_mlp as mlp_mod
-from tuneforge_kernels import lora_glu
-from tuneforge_kernels.lora_mlp import LoraWeights, lora_mlp, lora_mlp_reference, pad_weights, padded
+from tuneforge_kernels import gated_gemm, lora_glu
+from tuneforge_kernels.lora_mlp import (LoraWeights, gate_up_rows, interleaved, lora_mlp, lora_mlp_reference,
+                                        pad_weights, padded)
 from tests.kernels.conftest import DEVICES, TOL, count_ops, needs_triton, rel_err
 
 pytestmark = needs_triton
 
 
-def _padded_parts(hidden, inter, ranks, scales, device, dtype, seed=0):
+def _padded_parts(hidden, inter, ranks, scales, device, dtype, seed=0, interleave=False):
     torch.manual_seed(seed)
     shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
     ws = [(torch.randn(o, i) / i ** 0.5).to(device, dtype) for o, i in shapes]
-    gu, d = pad_weights(*ws, ranks)
-    views = (gu[:inter, :hidden], gu[inter:2 * inter, :hidden], d[:hidden, :inter])
+    gu, d = pad_weights(*ws, ranks, interleave=interleave)
+    gate_rows, up_rows = gate_up_rows(inter, interleave)
+    views = (gu[gate_rows, :hidden], gu[up_rows, :hidden], d[:hidden, :inter])
     parts = []
     for w, r, s, (o, i) in zip(views, ranks, scales, shapes):
         a = (torch.randn(r, i, device=device) / i ** 0.5).requires_grad_()  # fp32 like PEFT
@@ -61,6 +63,59 @@ def test_padded_matches_reference(monkeypatch, device, dtype, scales, one_gemm, 
     _assert_matches_float64(x, (gate, up, down), dtype, res)
     # the activation kernels computed no rank-r term: the GEMMs carried them all
     assert len(calls) == 2 and not any(kw.get("xa_g") is not None or kw.get("dy_b") is not None for kw in calls)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scales", [(2.0, 2.0, 2.0), (0.5, 0.75, 1.5)])  # s dg B_g | s du B_u: 1 GEMM / 2
+@pytest.mark.parametrize("residual", [False, True])
+def test_interleaved_matches_reference(monkeypatch, device, dtype, scales, residual):
+    # gate and up rows interleaved (gated_gemm.py's layout): the SwiGLU inside the GEMMs' epilogues (QuACK on
+    # a Hopper GPU, its float32 reference on the CPU), no lora_glu pass; the same function and gradients
+    if device == "cuda" and gated_gemm.unavailable(torch.device("cuda"), "silu", torch.bfloat16) is not None:
+        pytest.skip(gated_gemm.unavailable(torch.device("cuda"), "silu", torch.bfloat16))
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("the fused epilogues take bf16/fp16 (the patcher interleaves only then)")
+    hidden, inter, ranks, shape = (24, 52, (3, 5, 4), (2, 7)) if device == "cpu" else \
+        (4096, 14336, (16, 16, 16), (2, 1023))
+    gate, up, down = _padded_parts(hidden, inter, ranks, scales, device, dtype, interleave=True)
+    assert padded(gate, up, down) is not None and interleaved(gate, up)
+    assert not interleaved(*_padded_parts(hidden, inter, ranks, scales, device, dtype)[:2])
+    glu_calls = _spy_glu(monkeypatch)
+    fused = []
+    for name in ("gated_forward", "gated_backward"):
+        real = getattr(gated_gemm, name)
+        monkeypatch.setattr(gated_gemm, name, lambda *a, _real=real, _n=name, **kw: fused.append(_n) or _real(*a, **kw))
+    x = torch.randn(*shape, hidden, device=device, dtype=dtype).requires_grad_()
+    res = torch.randn(*shape, hidden, device=device, dtype=dtype) if residual else None
+    _assert_matches_float64(x, (gate, up, down), dtype, res)
+    assert fused == ["gated_forward", "gated_backward"] and not glu_calls
+    # a replaced weight undoes the layout, as for the concatenated one
+    assert padded(gate, up, LoraWeights(down.weight.clone(), down.lora_a, down.lora_b, 2.0)) is None
+
+
+def test_gated_gemm_reference_is_lora_glu():
+    # the epilogues' float32 reference against lora_glu's over the same interleaved preact
+    torch.manual_seed(0)
+    n, k, i = 11, 20, 36
+    xa, w, dya, w_d = torch.randn(n, k), torch.randn(2 * i, k), torch.randn(n, k), torch.randn(k, i)
+    pre, h = torch.empty(n, 2 * i), torch.empty(n, i)
+    gated_gemm.gated_forward(xa, w, pre, h, impl="reference")
+    assert torch.allclose(pre, xa @ w.t(), atol=1e-5)
+    g, u = pre[:, 0::2].contiguous(), pre[:, 1::2].contiguous()
+    assert torch.allclose(h, lora_glu.lora_glu_reference(g, u, "silu"), atol=1e-5)
+    dgu, h2 = torch.empty(n, 2 * i), torch.empty(n, i)
+    gated_gemm.gated_backward(dya, w_d, pre, dgu, h2, impl="reference")
+    dh = dya @ w_d
+    g64, u64 = g.double().requires_grad_(), u.double().requires_grad_()
+    dg, du = torch.autograd.grad(lora_glu.lora_glu_reference(g64, u64, "silu"), (g64, u64), dh.double())
+    assert torch.allclose(dgu[:, 0::2], dg.float(), atol=1e-4) and torch.allclose(dgu[:, 1::2], du.float(), atol=1e-4)
+    assert torch.allclose(h2, h, atol=1e-5)
+    # in place over the preact, as the padded MLP calls it
+    gated_gemm.gated_backward(dya, w_d, pre, pre, h2, impl="reference")
+    assert torch.equal(pre, dgu)
+    with pytest.raises(ValueError, match="impl"):
+        gated_gemm.gated_forward(xa, w, pre, h, impl="triton")
 
 
 def _assert_matches_float64(x, parts, dtype, residual=None):

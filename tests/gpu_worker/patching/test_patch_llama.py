@@ -163,12 +163,23 @@ def _autocast_step(model, x, labels, autocast=True):
     return loss.item()
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["", "gated"])
 @pytest.mark.parametrize("model_type,device,impl", BF16_WEIGHTS)
-def test_bf16_weights_match_stock(model_type, device, impl):
+def test_bf16_weights_match_stock(model_type, device, impl, gated, monkeypatch):
     """Ours and stock HF+PEFT on the same bf16-weight models, against the same weights in float32: the loss
     within 5e-2 and the LoRA gradients as in _assert_bf16_grads_as_close_as_stock (summed over BF16_SEEDS,
-    at most twice stock's distance)."""
-    config = tiny_config(model_type)
+    at most twice stock's distance). ``gated``: Llama's MLP at a width the fused SwiGLU epilogues take
+    (tuneforge_kernels.gated_gemm: QuACK on a Hopper GPU, under the layers' CUDA graphs; on the CPU their
+    float32 reference, the patcher told they run)."""
+    from tuneforge_kernels import gated_gemm
+
+    if gated and model_type != "llama":
+        pytest.skip("the gated layout is the padded MLP's: Llama's case covers it")
+    if gated and device == "cpu":
+        monkeypatch.setattr(gated_gemm, "unavailable", lambda *a: None)
+    if gated and device == "cuda" and gated_gemm.unavailable(torch.device("cuda"), "silu", torch.bfloat16):
+        pytest.skip(gated_gemm.unavailable(torch.device("cuda"), "silu", torch.bfloat16))
+    config = tiny_config(model_type, **({"intermediate_size": 128} if gated else {}))
     x, labels = _batch(device)
     e_ours = e_stock = 0.0
     for seed in BF16_SEEDS:
@@ -178,6 +189,7 @@ def test_bf16_weights_match_stock(model_type, device, impl):
         report = patch_model(ours, impl=impl)
         assert report.reason is None
         assert (report.counts["padded_mlp"], report.counts["padded_qkv"]) == PADDED[model_type]
+        assert report.counts["gated_gemm_mlp"] == (PADDED[model_type][0] if gated else 0)
         l_stock, l_ours = _autocast_step(stock, x, labels), _autocast_step(ours, x, labels)
         l_truth = _autocast_step(truth, x, labels, autocast=False)
         assert abs(l_ours - l_truth) <= max(2 * abs(l_stock - l_truth), 5e-2 * abs(l_truth)), (l_ours, l_stock, l_truth)
@@ -420,7 +432,8 @@ def test_a_padded_layers_gradients_are_written_where_its_gemms_read_them(monkeyp
     assert copies == {"linear": [kv] * len(layers), "mlp": [config.hidden_size]}
 
 
-def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path):
+@pytest.mark.parametrize("interleave", [False, True])
+def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path, monkeypatch, interleave):
     # hidden 64 <= PAD_MAX_HIDDEN: gate/up/down and q/k/v are padded for their adapters (lora_mlp.pad_weights,
     # lora_linear.pad_linear_weights: rows of wider buffers, q/k/v one after another, so one GEMM each way);
     # every parameter keeps its name and value, training updates what the padded GEMMs read, and a merged
@@ -430,11 +443,18 @@ def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path):
     from tuneforge_kernels.lora_linear import padded_linears
     from tuneforge_kernels.lora_mlp import padded
 
-    config = tiny_config("llama")
+    from tuneforge_kernels import gated_gemm
+
+    # interleave: gate and up rows alternate, the layout of gated_gemm's fused epilogues (on a Hopper GPU with
+    # QuACK; here their float32 reference computes them)
+    if interleave:
+        monkeypatch.setattr(gated_gemm, "unavailable", lambda *a: None)
+    config = tiny_config("llama", intermediate_size=128)  # interleaved only at multiples of 64 (TMA's strides)
     ours, ref = build_lora_model(config), build_lora_model(config)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
     report = patch_model(ours, impl="triton")
     assert report.counts["padded_qkv"] == report.counts["padded_mlp"] == config.num_hidden_layers
+    assert report.counts["gated_gemm_mlp"] == (config.num_hidden_layers if interleave else 0)
     assert report.counts["joined_weights"] == 0  # padded weights are not joined again
     layer = ours.get_base_model().model.layers[1]
     q, k, v = (getattr(layer.self_attn, n).base_layer.weight for n in ("q_proj", "k_proj", "v_proj"))
@@ -445,7 +465,8 @@ def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path):
     assert padded_linears(qkv) is not None
     gate, up = layer.mlp.gate_proj.base_layer.weight, layer.mlp.up_proj.base_layer.weight
     assert not gate.is_contiguous()
-    assert up.data_ptr() == gate.data_ptr() + gate.stride(0) * gate.shape[0] * gate.element_size()
+    up_offset = gate.stride(0) // 2 if interleave else gate.stride(0) * gate.shape[0]
+    assert up.data_ptr() == gate.data_ptr() + up_offset * gate.element_size()
     assert padded(*(lora_weights(getattr(layer.mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")))
     after = ours.state_dict()
     assert before.keys() == after.keys() and all(before[n].equal(after[n]) for n in before)
