@@ -79,8 +79,8 @@ def unavailable(device: torch.device, act: str, dtype: torch.dtype) -> str | Non
         return "TUNEFORGE_GATED_GEMM=0"
     if act not in ACTS:
         return f"QuACK has no epilogue for {act!r} here"
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"the compute dtype is {dtype}"
+    if dtype != torch.bfloat16:  # QuACK takes fp16 too; only bf16 has run on a GPU here
+        return f"the compute dtype is {dtype}, not bf16"
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return "its kernels here are for Hopper GPUs (compute capability 9.x)"
     quack = _quack()
@@ -89,12 +89,12 @@ def unavailable(device: torch.device, act: str, dtype: torch.dtype) -> str | Non
     return None
 
 
-def _fused(*tensors: torch.Tensor, impl: str | None) -> bool:
+def _fused(t: torch.Tensor, act: str, impl: str | None) -> bool:
     if impl not in (None, "quack", "reference"):
         raise ValueError(f"impl must be None, 'quack' or 'reference', got {impl!r}")
     if impl is not None:
         return impl == "quack"
-    return tensors[0].is_cuda and unavailable(tensors[0].device, "silu", tensors[0].dtype) is None
+    return t.is_cuda and unavailable(t.device, act, t.dtype) is None
 
 
 def gated_forward(xa: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, h: torch.Tensor, act: str = "silu",
@@ -102,7 +102,7 @@ def gated_forward(xa: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, h: to
     """``preact = xa w^T`` and ``h = act(g) u`` into the given (N, 2I) and (N, I) buffers (rows of any
     16-byte-aligned stride), ``w`` (2I, K) with gate and up rows interleaved; g, u are preact's even and odd
     columns."""
-    if _fused(xa, w, impl=impl):
+    if _fused(xa, act, impl):
         gemm_gated, _, config = _quack()
         gemm_gated(xa, w.t(), activation=ACTS[act], preact_out=preact, postact_out=h, config=config, tuned=False)
         return
@@ -116,7 +116,7 @@ def gated_backward(dya: torch.Tensor, w_d: torch.Tensor, preact: torch.Tensor, d
     """With ``dh = dya w_d`` ((N, K) @ (K, I), kept in float32): ``dgu`` (N, 2I, interleaved like ``preact``)
     gets ``dg, du`` and ``h`` (N, I) gets ``act(g) u``. ``dgu`` may be ``preact`` itself (each output tile
     reads only its own preact tile, before it writes)."""
-    if _fused(dya, w_d, impl=impl):
+    if _fused(dya, act, impl):
         _, gemm_dgated, config = _quack()
         gemm_dgated(dya, w_d, preact, activation=ACTS[act], dx_out=dgu, postact_out=h, config=config, tuned=False)
         return
