@@ -172,7 +172,7 @@ def pad_frozen_mlp(mlp: nn.Module, act: str | None = None) -> bool:
     gate's and up's rows are interleaved, which its fused epilogues read. Returns whether the weights are
     padded now."""
     from tuneforge_kernels import gated_gemm
-    from tuneforge_kernels.lora_mlp import gate_up_rows, pad_weights, padded
+    from tuneforge_kernels.lora_mlp import gate_up_rows, pad_weights, padded, spare_width
 
     found = _adapted(mlp, ("gate_proj", "up_proj", "down_proj"))
     if found is None:
@@ -186,8 +186,10 @@ def pad_frozen_mlp(mlp: nn.Module, act: str | None = None) -> bool:
         (i, h), ranks = weights[0].shape, tuple(p.lora_a.shape[0] for p in parts)
         if weights[1].shape != (i, h) or weights[2].shape != (h, i):
             return False
-        # the epilogues' TMA wants 16-byte row strides: sizes that are multiples of 64 give every buffer such
-        inter = act is not None and h % 64 == 0 and i % 64 == 0 \
+        # the epilogues' TMA wants 16-byte row strides (every buffer's width a multiple of 8 elements: not so
+        # at train_step.py's --pad-align 1), and sizes that are multiples of 64 are the ones run on a GPU
+        widths = (h + spare_width(ranks[0] + ranks[1], h, i), i + spare_width(ranks[2], h, i))
+        inter = act is not None and h % 64 == 0 and i % 64 == 0 and all(w % 8 == 0 for w in widths) \
             and gated_gemm.unavailable(weights[0].device, act, weights[0].dtype) is None
         gu, d = pad_weights(*(w.detach() for w in weights), ranks, interleave=inter)
         gate_rows, up_rows = gate_up_rows(i, inter)
