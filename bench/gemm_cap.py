@@ -147,6 +147,19 @@ def sustained(fn, seconds):
     return calls, start.elapsed_time(stop) / 1e3
 
 
+def at_cap(fn, seconds) -> dict:
+    """``sustained`` under the sampler: calls, seconds, ms a call, and the steady SM MHz and watts."""
+    with _Sampler() as sampler:
+        calls, secs = sustained(fn, seconds)
+    mhz, watts = sampler.steady()
+    return {"calls": calls, "seconds": secs, "ms": secs / calls * 1e3, "sm_mhz": mhz, "watts": watts}
+
+
+def error_text(err: Exception) -> str:
+    """An exception as one short line for a record (a tile that does not compile or fit: the sweep goes on)."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+
+
 def candidates(x, w, dy, way):
     """(name, fn) of every candidate for one projection and direction: ``fwd`` x W^T, ``dgrad`` dy W."""
     a, b, b_nk = (x, w, True) if way == "fwd" else (dy, w, False)
@@ -194,14 +207,12 @@ def main():
                     y = fn().float()
                     ref = y if ref is None else ref
                     rec["rel_err_vs_cublas"] = float((y - ref).norm() / ref.norm())
-                    with _Sampler() as sampler:
-                        calls, secs = sustained(fn, args.seconds)
-                    rec.update(calls=calls, seconds=secs, tflops=flop * calls / secs / 1e12)
-                    rec["sm_mhz"], rec["watts"] = sampler.steady()
+                    rec.update(at_cap(fn, args.seconds))
+                    rec["tflops"] = flop * rec["calls"] / rec["seconds"] / 1e12
                     if rec["watts"]:
                         rec["tflop_per_kj"] = rec["tflops"] / rec["watts"] * 1e3
                 except Exception as err:  # a tile that does not compile or fit: said, and the sweep goes on
-                    rec["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+                    rec["error"] = error_text(err)
                 rows.append(rec)
                 write_record("GEMMCAP", rec, args.out)
         del x, w, dy

@@ -51,7 +51,7 @@ def _rel(a, b):
 
 
 def main():
-    from gemm_cap import _Sampler, sustained  # bench/gemm_cap.py
+    from gemm_cap import at_cap, error_text  # bench/gemm_cap.py
     from micro import write_record  # bench/micro.py
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,12 +90,9 @@ def main():
             if args.check_only:
                 write_record("GLUGEMM", rec, args.out)
                 return rec
-            with _Sampler() as sampler:
-                calls, secs = sustained(fn, args.seconds)
-            rec.update(calls=calls, ms=secs / calls * 1e3)
-            rec["sm_mhz"], rec["watts"] = sampler.steady()
+            rec.update(at_cap(fn, args.seconds))
         except Exception as err:  # a tile that does not compile or fit: said, and the sweep goes on
-            rec["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            rec["error"] = error_text(err)
         write_record("GLUGEMM", rec, args.out)
         return rec
 

@@ -46,28 +46,8 @@ def interleaved(t: torch.Tensor, i: int) -> torch.Tensor:
     return torch.stack((t[:, :i], t[:, i:2 * i]), dim=2).reshape(t.shape[0], 2 * i)
 
 
-def _key_dsl_internals():
-    """QuACK 0.6.5 fingerprints everything an epilogue function reaches, to key its compile cache, and
-    refuses what it cannot fingerprint. Under nvidia-cutlass-dsl 4.8.1 (FlashAttention-4's pin) the gated
-    epilogues reach the DSL's source-location machinery (a ``ContextVar``, ``code.co_positions``: not math)
-    and every call fails with "no fail-closed semantic key". Such a value is keyed by its type and name
-    here: the kernels' math does not depend on it."""
-    from quack.gemm_runtime import identity
-
-    keyer = identity.semantic_value_key
-
-    def semantic_value_key(value, seen):
-        try:
-            return keyer(value, seen)
-        except TypeError:
-            return ("opaque", type(value).__module__, type(value).__qualname__,
-                    getattr(value, "__qualname__", getattr(value, "name", None)))
-
-    identity.semantic_value_key = semantic_value_key
-
-
 def main():
-    from gemm_cap import _Sampler, sustained  # bench/gemm_cap.py
+    from gemm_cap import at_cap, error_text  # bench/gemm_cap.py
     from micro import write_record  # bench/micro.py
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,7 +58,9 @@ def main():
                     help="QuACK tiles for the fused GEMMs: pp (ping-pong) or co (cooperative), MxN, cluster MN")
     args = ap.parse_args()
     import quack
-    _key_dsl_internals()
+
+    from tuneforge_kernels.gated_gemm import key_dsl_internals
+    key_dsl_internals()  # QuACK 0.6.5 under cutlass-dsl 4.8.1 (its docstring)
     from quack.gemm_config import GemmConfig
     from quack.gemm_interface import gemm, gemm_dgated, gemm_gated
 
@@ -105,12 +87,9 @@ def main():
             rec["first_call_s"] = round(time.perf_counter() - t0, 2)
             if check is not None:
                 rec["rel_err"] = check()
-            with _Sampler() as sampler:
-                calls, secs = sustained(fn, args.seconds)
-            rec.update(calls=calls, ms=secs / calls * 1e3)
-            rec["sm_mhz"], rec["watts"] = sampler.steady()
+            rec.update(at_cap(fn, args.seconds))
         except Exception as err:  # a tile that does not compile or launch: said, and the sweep goes on
-            rec["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            rec["error"] = error_text(err)
         write_record("QUACKGLU", rec, args.out)
         return rec
 

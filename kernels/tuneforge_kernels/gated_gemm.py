@@ -41,7 +41,7 @@ def _quack():
         from quack.gemm_interface import gemm_dgated, gemm_gated
     except Exception as err:  # noqa: BLE001 - any import failure (no CUDA 13 DSL, ...) means "not here"
         return err
-    _key_dsl_internals()
+    key_dsl_internals()
     # ping-pong 128 x 192, cluster 2 x 1 (QuACK's SM90 default): the fastest of four tiles for both epilogues
     # at the 8B layer's shapes (session 42: forward 2.83 ms against 2.90-3.85, backward 1.63 against 1.76-2.62)
     config = GemmConfig(tile_m=128, tile_n=192, pingpong=True, cluster_m=2, cluster_n=1,
@@ -49,7 +49,7 @@ def _quack():
     return gemm_gated, gemm_dgated, config
 
 
-def _key_dsl_internals() -> None:
+def key_dsl_internals() -> None:
     """QuACK 0.6.5 fingerprints everything an epilogue function reaches, to key its compile cache, and
     refuses what it cannot fingerprint. Under nvidia-cutlass-dsl 4.8.1 (FlashAttention-4's pin) the gated
     epilogues reach the DSL's source-location machinery (a ``ContextVar``, ``code.co_positions``: not math)
