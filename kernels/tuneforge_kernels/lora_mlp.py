@@ -472,7 +472,10 @@ class _LoraMLPFunction(torch.autograd.Function):
 # values are copied into their blocks at every forward (the blocks marked . are never read); the zero blocks
 # keep gate and up apart, and the S - R last rows and columns are zeros (PAD_ALIGN). The activation kernel
 # then runs without rank-r terms in both directions (micro: 0.40 against 0.66 ms backward per 8B layer).
-# Models up to this hidden size compute gate and up with one GEMM, larger ones with one each (the joined
+# Interleaved (``pad_weights(interleave=True)``, where gated_gemm.py serves the MLP): the first 2I rows hold
+# W_g's and W_u's rows alternately, with B_g's and B_u's blocks on them, so [g | u] and [dg | du] alternate
+# their columns the same way; QuACK's GEMMs then compute the activation in their epilogues and no lora_glu
+# pass runs (-15 ms a step at 8B on an H100, bench/NOTES.md session 42). Models up to this hidden size compute gate and up with one GEMM, larger ones with one each (the joined
 # weights' rule, bench/NOTES.md v14).
 PADDED_ONE_GEMM_MAX_HIDDEN = 2048
 # The spare columns (and rows) are R rounded up to a multiple of this where the layout's other dimensions
