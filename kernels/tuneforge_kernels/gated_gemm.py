@@ -42,8 +42,9 @@ def _quack():
     except Exception as err:  # noqa: BLE001 - any import failure (no CUDA 13 DSL, ...) means "not here"
         return err
     key_dsl_internals()
-    # ping-pong 128 x 192, cluster 2 x 1 (QuACK's SM90 default): the fastest of four tiles for both epilogues
-    # at the 8B layer's shapes (session 42: forward 2.83 ms against 2.90-3.85, backward 1.63 against 1.76-2.62)
+    # ping-pong 128 x 192, cluster 2 x 1 (QuACK's SM90 default): the fastest of ten tiles for both epilogues at
+    # the 8B layer's shapes (session 42: forward 2.83-2.85 ms against 2.88-3.85, backward 1.63-1.66 against
+    # 1.74-2.82; bench/results/2026-12-07-h100-v45-quack-*.jsonl)
     config = GemmConfig(tile_m=128, tile_n=192, pingpong=True, cluster_m=2, cluster_n=1,
                         is_dynamic_persistent=False, device_capacity=9)
     return gemm_gated, gemm_dgated, config
