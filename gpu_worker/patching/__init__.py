@@ -135,7 +135,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
     from gpu_worker.patching.lora import mlp_interleaved, pad_frozen_mlp, pad_frozen_qkv
 
     counts = {"rms_norm": 0, "lora_qkv_o": 0, "rope": 0, "lora_mlp": 0, "fused_linear_cross_entropy": 0,
-              "gated_gemm_mlp": 0, "joined_weights": 0, "padded_mlp": 0, "padded_qkv": 0, "residual_rms_norm": 0, "fp8_weights": 0}
+              "gated_gemm_mlp": 0, "joined_weights": 0, "padded_mlp": 0, "padded_qkv": 0, "residual_rms_norm": 0,
+              "fp8_weights": 0}
     offset = 1.0 if family in _UNIT_OFFSET_NORMS else 0.0
     join = getattr(text_config, "hidden_size", JOIN_MAX_HIDDEN + 1) <= JOIN_MAX_HIDDEN
     distributed = dist.is_available() and dist.is_initialized()
