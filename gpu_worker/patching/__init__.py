@@ -209,6 +209,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         notes += (f"fp8 asked for, but {fp8_off}: the projections compute in bf16",)
     if fa4_off is not None and attention == "fa4":  # "auto" falls back without a word
         notes += (f"FlashAttention-4 asked for, but {fa4_off}: attention through SDPA",)
+    gated_off = {layer.mlp.__dict__.get("_tf_gated_off") for layer in decoder.layers} - {None}  # lora.pad_frozen_mlp
+    notes += tuple(f"{reason}: the MLP's activation runs in its own passes" for reason in sorted(gated_off))
     if dropout:
         notes += (f"adapter dropout {', '.join(f'{p:g}' for p in dropout)}: the fused kernels draw its masks, "
                   f"without the padded weight layouts; adapter dropout 0 trains fastest",)

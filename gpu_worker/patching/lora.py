@@ -188,9 +188,12 @@ def pad_frozen_mlp(mlp: nn.Module, act: str | None = None) -> bool:
             return False
         # the epilogues' TMA wants 16-byte row strides (every buffer's width a multiple of 8 elements: not so
         # at train_step.py's --pad-align 1), and sizes that are multiples of 64 are the ones run on a GPU
-        widths = (h + spare_width(ranks[0] + ranks[1], h, i), i + spare_width(ranks[2], h, i))
-        inter = act is not None and h % 64 == 0 and i % 64 == 0 and all(w % 8 == 0 for w in widths) \
+        sp, sp_d = spare_width(ranks[0] + ranks[1], h, i), spare_width(ranks[2], h, i)
+        inter = act is not None and h % 64 == 0 and i % 64 == 0 and (h + sp) % 8 == 0 and (i + sp_d) % 8 == 0 \
             and gated_gemm.unavailable(weights[0].device, act, weights[0].dtype) is None
+        if inter:  # a QuACK that cannot run them leaves lora_glu's passes, and the job's events say why
+            mlp._tf_gated_off = gated_gemm.trial(weights[0].device, act, h, i, sp, sp_d)
+            inter = mlp._tf_gated_off is None
         gu, d = pad_weights(*(w.detach() for w in weights), ranks, interleave=inter)
         gate_rows, up_rows = gate_up_rows(i, inter)
         weights[0].data, weights[1].data, weights[2].data = gu[gate_rows, :h], gu[up_rows, :h], d[:h, :i]

@@ -133,3 +133,43 @@ def _act(g: torch.Tensor, act: str) -> torch.Tensor:
     if act not in ACTS:
         raise ValueError(f"act must be one of {tuple(ACTS)}, got {act!r}")
     return torch.nn.functional.silu(g)
+
+
+def trial(device: torch.device, act: str, hidden: int, inter: int, spare: int, spare_d: int) -> str | None:
+    """Both fused epilogues once on 128 rows in the padded layout's shapes and strides (``hidden``, ``inter``
+    and the two spare widths), against the float32 reference: why they cannot serve such an MLP (they do
+    not compile, launch or agree), or None. The patcher asks before it interleaves a layer's weights: a QuACK
+    that fails here leaves the layout concatenated (lora_glu's passes) instead of failing the job's first
+    step. Compiles what the step then reuses; cached per shape."""
+    return _trial(device, act, hidden, inter, spare, spare_d)
+
+
+@functools.cache
+def _trial(device, act, hidden, inter, spare, spare_d):
+    n, k, k_d = 128, hidden + spare, hidden + spare_d
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, device=device).mul_(scale).to(torch.bfloat16)
+
+    w = rand(2 * inter + spare, k, scale=k ** -0.5)[:2 * inter]
+    w_d = rand(k_d, inter + spare_d, scale=inter ** -0.5)[:, :inter]
+    xa, dya = rand(n, k), rand(n, k_d)
+    outs = []
+    try:
+        for impl in ("quack", "reference"):
+            pre, h = rand(n, 2 * inter + spare)[:, :2 * inter], rand(n, inter + spare_d)[:, :inter]
+            gated_forward(xa, w, pre, h, act, impl=impl)
+            h_f = h.clone()
+            h_b = torch.empty(n, inter, device=device, dtype=torch.bfloat16)
+            gated_backward(dya, w_d, pre, pre, h_b, act, impl=impl)  # in place, as the padded MLP calls it
+            outs.append((h_f, pre, h_b))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as err:  # noqa: BLE001 - any failure to compile or launch is the answer
+        return f"QuACK's fused epilogues failed a trial run ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    for name, got, ref in zip(("h", "dg/du", "recomputed h"), *outs):
+        err = float((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
+        if not err < 2e-2:  # one bf16 rounding fewer than the reference's: ~3e-3 (session 42)
+            return f"QuACK's fused epilogues disagreed with the reference in a trial run ({name}: {err:.2g})"
+    return None

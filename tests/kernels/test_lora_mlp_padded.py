@@ -256,3 +256,30 @@ def test_aligned_spare_columns_are_zeros_whatever_the_buffers_held(monkeypatch, 
     assert mlp_mod.spare_width(r, hidden + align // 2, inter) == r  # H not a multiple: the ranks' columns
     x = torch.randn(3, 5 if device == "cpu" else 683, hidden, device=device, dtype=dtype, requires_grad=True)
     _assert_matches_float64(x, (gate, up, down), dtype)
+
+
+def test_trial_run_answers_why_the_epilogues_cannot_serve(monkeypatch):
+    # the patcher's check before it interleaves: QuACK's kernels (here stand-ins on the CPU) once, in the
+    # padded layout's shapes, against the float32 reference
+    def epilogues(forward, backward):
+        gated_gemm._trial.cache_clear()
+        monkeypatch.setattr(gated_gemm, "_quack", lambda: (forward, backward, None))
+        return gated_gemm.trial(torch.device("cpu"), "silu", 64, 128, 64, 64)
+
+    def right_forward(xa, w_t, activation, preact_out, postact_out, **kw):
+        gated_gemm.gated_forward(xa, w_t.t(), preact_out, postact_out, impl="reference")
+
+    def right_backward(dya, w_d, preact, activation, dx_out, postact_out, **kw):
+        gated_gemm.gated_backward(dya, w_d, preact, dx_out, postact_out, impl="reference")
+
+    def wrong_backward(dya, w_d, preact, activation, dx_out, postact_out, **kw):
+        right_backward(dya, w_d, preact, activation, dx_out, postact_out)
+        dx_out.mul_(2)  # a wrong dg, du
+
+    def failing(*a, **kw):
+        raise RuntimeError("no fail-closed semantic key\nmore")
+
+    assert epilogues(right_forward, right_backward) is None
+    assert "failed a trial run (RuntimeError: no fail-closed semantic key)" in epilogues(failing, right_backward)
+    assert "disagreed with the reference in a trial run (dg/du" in epilogues(right_forward, wrong_backward)
+    gated_gemm._trial.cache_clear()

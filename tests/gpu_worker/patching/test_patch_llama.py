@@ -177,6 +177,7 @@ def test_bf16_weights_match_stock(model_type, device, impl, gated, monkeypatch):
         pytest.skip("the gated layout is the padded MLP's: Llama's case covers it")
     if gated and device == "cpu":
         monkeypatch.setattr(gated_gemm, "unavailable", lambda *a: None)
+        monkeypatch.setattr(gated_gemm, "trial", lambda *a: None)
     if gated and device == "cuda" and gated_gemm.unavailable(torch.device("cuda"), "silu", torch.bfloat16):
         pytest.skip(gated_gemm.unavailable(torch.device("cuda"), "silu", torch.bfloat16))
     config = tiny_config(model_type, **({"intermediate_size": 128} if gated else {}))
@@ -449,6 +450,7 @@ def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path, monk
     # QuACK; here their float32 reference computes them)
     if interleave:
         monkeypatch.setattr(gated_gemm, "unavailable", lambda *a: None)
+        monkeypatch.setattr(gated_gemm, "trial", lambda *a: None)
     config = tiny_config("llama", intermediate_size=128)  # interleaved only at multiples of 64 (TMA's strides)
     ours, ref = build_lora_model(config), build_lora_model(config)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
@@ -521,6 +523,22 @@ def test_padded_weights_for_small_models_in_memory_mode_off_only(monkeypatch):
     monkeypatch.setattr(patching, "PAD_MAX_HIDDEN", 1 << 30)
     monkeypatch.setattr(patching, "PAD_QKV_MAX_HIDDEN", 1 << 30)
     assert padded(build_lora_model(tiny_config("phi3"))) == (0, 0)
+
+
+def test_epilogues_that_fail_their_trial_leave_the_layout_concatenated(monkeypatch):
+    # QuACK importable on a Hopper GPU, but its kernels fail the patcher's trial run: the MLP keeps lora_glu's
+    # passes and the job's events say why, instead of the first step failing
+    from tuneforge_kernels import gated_gemm
+
+    monkeypatch.setattr(gated_gemm, "unavailable", lambda *a: None)
+    asked = []
+    monkeypatch.setattr(gated_gemm, "trial", lambda *a: asked.append(a) or "QuACK's fused epilogues failed a trial run")
+    config = tiny_config("llama", intermediate_size=128)
+    ref, ours = build_lora_model(config), build_lora_model(config)
+    report = patch_model(ours, impl="triton")
+    assert asked and report.counts["padded_mlp"] == config.num_hidden_layers and report.counts["gated_gemm_mlp"] == 0
+    assert "QuACK's fused epilogues failed a trial run: the MLP's activation runs in its own passes" in report.notes
+    _assert_cpu_step_matches(ref, ours)
 
 
 @pytest.mark.parametrize("align", [32, 1])
