@@ -167,7 +167,8 @@ def _trial(device, act, hidden, inter, spare, spare_d):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as err:  # noqa: BLE001 - any failure to compile or launch is the answer
-        return f"QuACK's fused epilogues failed a trial run ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        first = (str(err).splitlines() or [""])[0][:200]
+        return f"QuACK's fused epilogues failed a trial run ({type(err).__name__}: {first})"
     for name, got, ref in zip(("h", "dg/du", "recomputed h"), *outs):
         err = float((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
         if not err < 2e-2:  # one bf16 rounding fewer than the reference's: ~3e-3 (session 42)

@@ -282,4 +282,9 @@ def test_trial_run_answers_why_the_epilogues_cannot_serve(monkeypatch):
     assert epilogues(right_forward, right_backward) is None
     assert "failed a trial run (RuntimeError: no fail-closed semantic key)" in epilogues(failing, right_backward)
     assert "disagreed with the reference in a trial run (dg/du" in epilogues(right_forward, wrong_backward)
+
+    def silent(*a, **kw):
+        raise RuntimeError()
+
+    assert "failed a trial run (RuntimeError: )" in epilogues(right_forward, silent)
     gated_gemm._trial.cache_clear()
