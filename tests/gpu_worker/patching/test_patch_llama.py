@@ -441,10 +441,9 @@ def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path, monk
     # model saves and reloads whole
     from transformers import AutoModelForCausalLM
 
+    from tuneforge_kernels import gated_gemm
     from tuneforge_kernels.lora_linear import padded_linears
     from tuneforge_kernels.lora_mlp import padded
-
-    from tuneforge_kernels import gated_gemm
 
     # interleave: gate and up rows alternate, the layout of gated_gemm's fused epilogues (on a Hopper GPU with
     # QuACK; here their float32 reference computes them)
