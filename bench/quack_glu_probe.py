@@ -143,9 +143,12 @@ def main():
             lambda: {"dgu": _rel(dgu_q[:, :2 * i], dgu_ref), "h": _rel(h_q, h_b)})
     # in place (dx_out over PreAct, as the padded MLP would keep one buffer): correct?
     pre_copy = pre_int.clone()
-    run("bwd", "quack gemm_dgated in place, default tile",
-        lambda: gemm_dgated(dya, d_w[:, :i], pre_copy, activation="swiglu", dx_out=pre_copy, postact_out=h_q,
-                            tuned=False) if pre_copy.copy_(pre_int) is not None else None,
+
+    def in_place():  # each call first restores the preact it overwrites
+        pre_copy.copy_(pre_int)
+        gemm_dgated(dya, d_w[:, :i], pre_copy, activation="swiglu", dx_out=pre_copy, postact_out=h_q, tuned=False)
+
+    run("bwd", "quack gemm_dgated in place, default tile (with its restoring copy)", in_place,
         lambda: {"dgu": _rel(pre_copy, dgu_ref)})
     # the input gradient over [dg | du]: cuBLAS over the concatenated layout against QuACK over the interleaved
     gu[:, 2 * i:] = 0

@@ -78,6 +78,11 @@ def unavailable(device: torch.device, act: str, dtype: torch.dtype) -> str | Non
     None. ``TUNEFORGE_GATED_GEMM=0`` switches them off."""
     if os.environ.get("TUNEFORGE_GATED_GEMM", "1") == "0":
         return "TUNEFORGE_GATED_GEMM=0"
+    return _unavailable(device, act, dtype)
+
+
+@functools.cache  # asked at every fused forward and backward (``_fused``): the answer is the machine's
+def _unavailable(device: torch.device, act: str, dtype: torch.dtype) -> str | None:
     if act not in ACTS:
         return f"QuACK has no epilogue for {act!r} here"
     if dtype != torch.bfloat16:  # QuACK takes fp16 too; only bf16 has run on a GPU here
@@ -135,17 +140,13 @@ def _act(g: torch.Tensor, act: str) -> torch.Tensor:
     return torch.nn.functional.silu(g)
 
 
+@functools.cache
 def trial(device: torch.device, act: str, hidden: int, inter: int, spare: int, spare_d: int) -> str | None:
     """Both fused epilogues once on 128 rows in the padded layout's shapes and strides (``hidden``, ``inter``
     and the two spare widths), against the float32 reference: why they cannot serve such an MLP (they do
     not compile, launch or agree), or None. The patcher asks before it interleaves a layer's weights: a QuACK
     that fails here leaves the layout concatenated (lora_glu's passes) instead of failing the job's first
     step. Compiles what the step then reuses; cached per shape."""
-    return _trial(device, act, hidden, inter, spare, spare_d)
-
-
-@functools.cache
-def _trial(device, act, hidden, inter, spare, spare_d):
     n, k, k_d = 128, hidden + spare, hidden + spare_d
     gen = torch.Generator(device=device).manual_seed(0)
 

@@ -262,7 +262,7 @@ def test_trial_run_answers_why_the_epilogues_cannot_serve(monkeypatch):
     # the patcher's check before it interleaves: QuACK's kernels (here stand-ins on the CPU) once, in the
     # padded layout's shapes, against the float32 reference
     def epilogues(forward, backward):
-        gated_gemm._trial.cache_clear()
+        gated_gemm.trial.cache_clear()
         monkeypatch.setattr(gated_gemm, "_quack", lambda: (forward, backward, None))
         return gated_gemm.trial(torch.device("cpu"), "silu", 64, 128, 64, 64)
 
@@ -287,4 +287,4 @@ def test_trial_run_answers_why_the_epilogues_cannot_serve(monkeypatch):
         raise RuntimeError()
 
     assert "failed a trial run (RuntimeError: )" in epilogues(right_forward, silent)
-    gated_gemm._trial.cache_clear()
+    gated_gemm.trial.cache_clear()
