@@ -32,9 +32,9 @@ from tuneforge_kernels.copy_rows import copy_rows
 from tuneforge_kernels.dropout import dropped_input_products
 from tuneforge_kernels.lora_mlp import (PADDED_ONE_GEMM_MAX_HIDDEN, LoraWeights, _cast_grads, _compute_dtype, _draw,
                                         _fp8_input, _input_product, _joined_weights, _mm_into, _out_features,
-                                        _project_reference, _redraw, _restore_x, _scaled_mm, _spans, _x_for_saving,
-                                        adapter_input_terms, cast_group, frozen_input_grad, frozen_linear, rows_of,
-                                        spare_width, wide_input)
+                                        _project_reference, _redraw, _restore_x, _saved_input_product, _scaled_mm,
+                                        _spans, _x_for_saving, adapter_input_terms, cast_group, frozen_input_grad,
+                                        frozen_linear, rows_of, spare_width, wide_input)
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
@@ -282,13 +282,12 @@ class _PaddedLinearsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dys):
         xa, *x_saved = ctx.saved_tensors
-        x2 = _restore_x(ctx, x_saved)
         buf, scales, (outs, ranks, starts, cols) = ctx.buf, ctx.scales, ctx.layout
-        n, need, hd = len(outs), ctx.needs_input_grad, x2.shape[1]
+        n, need, hd = len(outs), ctx.needs_input_grad, ctx.shape[-1]
         rows, sp = sum(outs), buf.shape[1] - hd
         dya = ctx.landing.take() if ctx.landing is not None else None             # [dy_1 | .. | s dy B .. | 0]
         if dya is None:
-            dya = x2.new_empty(x2.shape[0], rows + sp)
+            dya = xa.new_empty(xa.shape[0], rows + sp)
         for i, dy in enumerate(dys):
             block = dya[:, starts[i]:starts[i] + outs[i]]
             if dy is None:
@@ -303,7 +302,7 @@ class _PaddedLinearsFunction(torch.autograd.Function):
         dx = (dya @ buf[:, :hd]).view(ctx.shape) if need[0] else None            # every term: one GEMM
         grads_a, grads_b = [None] * n, [None] * n
         if any(need[3:3 + n]):
-            d_a = dya[:, rows:rows + sum(ranks)].t() @ x2                           # (R, H): every dA
+            d_a = _saved_input_product(ctx, x_saved, dya[:, rows:rows + sum(ranks)])  # (R, H): every dA
             grads_a = [d_a[cols[i]:cols[i] + ranks[i]] if need[3 + i] else None for i in range(n)]
         for i in range(n):
             if need[3 + n + i]:

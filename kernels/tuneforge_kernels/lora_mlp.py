@@ -176,6 +176,14 @@ def _restore_x(ctx, saved):
     return x.reshape(-1, x.shape[-1])
 
 
+def _saved_input_product(ctx, saved, g: torch.Tensor) -> torch.Tensor:
+    """``g^T @ x2`` (every dA at once, ``g`` (N, R)) for a backward that reads ``x`` only there: an rms_norm
+    output's from the norm's input (``NormRecipe.product``: no recompute of ``x``), else the saved ``x2``'s."""
+    if ctx.recipe is not None and saved[0].dtype == g.dtype:
+        return ctx.recipe.product(g, *saved)
+    return g.t() @ _restore_x(ctx, saved)
+
+
 def _scaled_mm(a, b, s: float) -> torch.Tensor:
     """``s * (a @ b)`` as one GEMM: the scale is cuBLAS's alpha (an adapter's gradients in backward; beta 0
     ignores the uninitialised 0-dim input), not a second kernel over the product; none for ``s == 1``."""
@@ -639,9 +647,8 @@ class _PaddedMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         gu, xa, xa_d, *x_saved = ctx.saved_tensors
-        x2 = _restore_x(ctx, x_saved)
         (gu_w, d_w), (sg, su, sd), (rg, ru, rd) = ctx.buffers, ctx.scales, ctx.ranks
-        hd, i = x2.shape[1], ctx.inter
+        hd, i = ctx.shape[-1], ctx.inter
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, hd).to(ctx.dtype)
         dya = wide_input(dy, dy2, d_w.shape[0] - hd)                              # [dy | s dy B_d | 0]
@@ -683,7 +690,7 @@ class _PaddedMLPFunction(torch.autograd.Function):
             if need[4]:
                 grads[3] = dgu[:, i:].t() @ xa[:, rg:]                            # dB_u (I, r_u)
         if need[1] or need[3]:
-            d_a = gu[:, 2 * i:2 * i + rg + ru].t() @ x2                           # dA_g, dA_u (R, H)
+            d_a = _saved_input_product(ctx, x_saved, gu[:, 2 * i:2 * i + rg + ru])  # dA_g, dA_u (R, H)
             grads[0], grads[2] = d_a[:rg] if need[1] else None, d_a[rg:] if need[3] else None
         grads = _cast_grads(grads, ctx.param_dtypes)
         d_residual = dy if need[13] else None

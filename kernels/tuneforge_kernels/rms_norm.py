@@ -150,21 +150,34 @@ class NormRecipe:
     A consumer saves ``tensors()`` with ``save_for_backward`` (so activation checkpointing's hooks see
     them) and calls ``recompute(*saved)`` in its backward: the same kernel on the same input gives the
     bit-identical output. Saves (tokens x hidden) per norm per layer of activation memory.
+
+    A consumer that reads the output in backward only as ``G^T y`` (an adapter's dA, ``G`` of a few columns)
+    calls ``product(G, *saved)`` instead: with ``y = diag(rstd) x diag(w + offset)``, that is
+    ``((rstd G)^T x) diag(w + offset)``, a GEMM over the norm's input and two passes over rank-wide tensors,
+    where the recompute is a pass over (tokens x hidden) in and out. The same sums; the rounding of ``y``
+    to its dtype is not in them (the float32 product is rounded once, like the GEMM's output).
     """
 
-    def __init__(self, x2, weight, eps, offset, shape, out_dtype):
-        self._tensors = (x2, weight) if x2 is not None else None
+    def __init__(self, x2, weight, rstd, eps, offset, shape, out_dtype):
+        self._tensors = (x2, weight, rstd) if x2 is not None else None
         self.eps, self.offset, self.shape, self.out_dtype = eps, offset, shape, out_dtype
 
     def tensors(self):
         return self._tensors
 
     def without_tensors(self) -> "NormRecipe":
-        return NormRecipe(None, None, self.eps, self.offset, self.shape, self.out_dtype)
+        return NormRecipe(None, None, None, self.eps, self.offset, self.shape, self.out_dtype)
 
-    def recompute(self, x2, weight):
+    def recompute(self, x2, weight, rstd):
         with torch.no_grad():
             return _fwd_launch(x2, None, weight, self.eps, self.offset, self.out_dtype)[0].view(self.shape)
+
+    def product(self, g, x2, weight, rstd) -> torch.Tensor:
+        """``g^T @ y`` in float32 (``g``: (tokens, k) in ``y``'s dtype), from the norm's input, not ``y``;
+        ``x2``'s dtype must be ``g``'s (else ``recompute``)."""
+        with torch.no_grad():
+            gs = (g.float() * rstd[:, None]).to(g.dtype)
+            return (gs.t() @ x2).float() * (weight.float() + self.offset)
 
 
 def norm_recipe(t: torch.Tensor) -> NormRecipe | None:
@@ -184,7 +197,7 @@ class _RMSNormFunction(torch.autograd.Function):
         y = y.view(x.shape)
         # consumers that would save y for their backward (the LoRA projections) save this recipe
         # instead: the norm already keeps its input, so y can be recomputed rather than stored
-        y._tf_norm_recipe = NormRecipe(saved_x, weight, float(eps), float(offset), tuple(x.shape), out_dtype)
+        y._tf_norm_recipe = NormRecipe(saved_x, weight, rstd, float(eps), float(offset), tuple(x.shape), out_dtype)
         if spare:  # the consumer may write the columns after each row (lora_mlp.spare_columns)
             y._tf_spare_columns = spare
         if not ctx.has_residual:

@@ -122,3 +122,26 @@ def test_input_with_spare_columns_is_not_copied(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
     assert mlp_mod.spare_columns(rms_norm(h, w, 1e-5, spare=9, impl="triton")) == 9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_norm_outputs_adapters_read_its_input_not_a_recompute(monkeypatch, dtype):
+    # x from rms_norm: the backward's every dA from the norm's input and rstd (NormRecipe.product), no norm
+    # forward run again; the dA's those of the same x given as a plain tensor
+    import tuneforge_kernels.rms_norm as norm_mod
+
+    projs = _padded_qkv(24, (24, 8, 8), (2, 3, 4), (2.0,) * 3, "cpu", dtype)
+    h = torch.randn(2, 7, 24, dtype=dtype)
+    w = torch.randn(24, dtype=dtype) * 0.2 + 1
+    launches, real = [], norm_mod._fwd_launch
+    monkeypatch.setattr(norm_mod, "_fwd_launch", lambda *a, **kw: launches.append(1) or real(*a, **kw))
+    x = norm_mod.rms_norm(h, w, 1e-5, spare=9, impl="triton")
+    plain = x.detach().clone()
+    grads = []
+    for inp in (x, plain):
+        outs = lora_linears(inp, *projs, impl="triton")
+        launches.clear()
+        grads.append(torch.autograd.grad(outs, [p.lora_a for p in projs], [torch.ones_like(o) for o in outs]))
+        assert launches == []
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < TOL[dtype]

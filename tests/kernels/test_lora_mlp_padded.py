@@ -288,3 +288,25 @@ def test_trial_run_answers_why_the_epilogues_cannot_serve(monkeypatch):
 
     assert "failed a trial run (RuntimeError: )" in epilogues(right_forward, silent)
     gated_gemm.trial.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_norm_outputs_adapters_read_its_input_not_a_recompute(monkeypatch, dtype):
+    # x from rms_norm: dA_g, dA_u from the norm's input and rstd (NormRecipe.product), no norm forward run
+    # again; the dA's those of the same x given as a plain tensor
+    import tuneforge_kernels.rms_norm as norm_mod
+
+    gate, up, down = _padded_parts(24, 52, (3, 5, 4), (2.0, 2.0, 2.0), "cpu", dtype)
+    h = torch.randn(2, 7, 24, dtype=dtype)
+    w = torch.randn(24, dtype=dtype) * 0.2 + 1
+    launches, real = [], norm_mod._fwd_launch
+    monkeypatch.setattr(norm_mod, "_fwd_launch", lambda *a, **kw: launches.append(1) or real(*a, **kw))
+    x = norm_mod.rms_norm(h, w, 1e-5, impl="triton")
+    grads = []
+    for inp in (x, x.detach().clone()):
+        out = lora_mlp(inp, gate, up, down, "silu", impl="triton")
+        launches.clear()
+        grads.append(torch.autograd.grad(out, [gate.lora_a, up.lora_a], torch.ones_like(out)))
+        assert launches == []
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < TOL[dtype]

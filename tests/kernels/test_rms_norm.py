@@ -174,3 +174,31 @@ def test_spare_columns_change_no_value(device):
     assert torch.equal(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(plain, x, gy)[0])
     # the reference path ignores the hint
     assert torch.equal(rms_norm(x, w, 1e-5, spare=spare, impl="reference"), rms_norm_reference(x, w, 1e-5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_recipe_product_is_the_product_with_the_output(device, dtype, offset, with_residual):
+    # g^T y from the norm's input and rstd (an adapter's dA without recomputing y): the float64 product
+    # with the reference's y, within the tolerance of a bf16 output
+    from tuneforge_kernels.rms_norm import norm_recipe
+
+    rows, cols = 37, 70
+    torch.manual_seed(1)
+    x = torch.randn(rows, cols, device=device, dtype=dtype) * 3
+    res = torch.randn(rows, cols, device=device, dtype=dtype) if with_residual else None
+    w = torch.randn(cols, device=device, dtype=dtype) * 0.2 + (0.0 if offset else 1.0)
+    out = rms_norm(x, w, 1e-5, offset=offset, residual=res, impl="triton")
+    y = out[0] if with_residual else out
+    recipe = norm_recipe(y)
+    g = torch.randn(rows, 5, device=device, dtype=dtype)
+    got = recipe.product(g, *recipe.tensors())
+    assert got.dtype == torch.float32 and got.shape == (5, cols)
+    ref_y = rms_norm_reference(x.double(), w.double(), 1e-5, offset=offset,
+                               residual=res.double() if with_residual else None)
+    ref_y = ref_y[0] if with_residual else ref_y
+    assert rel_err(got, g.double().t() @ ref_y) < TOL[dtype]
+    # and the recompute it replaces gives the bit-identical output
+    assert torch.equal(recipe.recompute(*recipe.tensors()), y)
