@@ -116,13 +116,13 @@ def _rel(a, b):
 
 
 def _plans(text):
-    # "BCxGROUPS/wW/sS,..." -> plan dicts
+    # "BCxGROUPS/wW/sS[/mBM],..." -> plan dicts (BM: rows a loop trip, default 32)
     out = []
     for item in filter(None, text.split(",")):
-        tile, warps, stages = item.split("/")
+        tile, warps, stages, *rows = item.split("/")
         bc, groups = tile.split("x")
-        out.append((item, {"BC": int(bc), "BM": 32, "groups": int(groups), "warps": int(warps[1:]),
-                           "stages": int(stages[1:])}))
+        out.append((item, {"BC": int(bc), "BM": int(rows[0][1:]) if rows else 32, "groups": int(groups),
+                           "warps": int(warps[1:]), "stages": int(stages[1:])}))
     return out
 
 
@@ -135,7 +135,7 @@ def main():
     ap.add_argument("--shape", choices=sorted(SITES), default="8B")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--plans", default="512x2/w8/s3,512x3/w8/s2,256x1/w8/s3,256x2/w4/s3",
-                    help="grad_pair launches beside its own plan: BCxGROUPS/wWARPS/sSTAGES")
+                    help="grad_pair launches beside its own plan: BCxGROUPS/wWARPS/sSTAGES[/mROWS]")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev, n = "cuda", args.tokens

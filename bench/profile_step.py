@@ -2,7 +2,10 @@
 bench/train_step.py (same model, LoRA and optimizer setup), kernels grouped by name, largest first.
 
     python3 bench/profile_step.py --shape 8B --method ours --ckpt off [--quant nf4] [--top 30] [--graphs on]
-        [--pad on|off]
+        [--pad on|off] [--stacks "Memcpy DtoD,_copy_rows"]
+
+``--stacks``: for device kernels whose name contains one of these strings, the ATen ops and Python frames that
+launched them (the profiler's stacks: slower, so a separate profiled step).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main():
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--pad", choices=["auto", "on", "off", "mlp"], default="auto")
     ap.add_argument("--lora-dropout", type=float, default=0.0)
+    ap.add_argument("--stacks", default="", help="comma-separated kernel name parts: print who launched them")
     a = ap.parse_args()
     import torch
     from torch.autograd import DeviceType
@@ -77,6 +81,31 @@ def main():
     _matmuls(prof, a.steps, total, a.top, ops=("aten::copy_", "aten::cat", "aten::clone", "aten::_to_copy",
                                                 "aten::add", "aten::add_", "aten::mul", "aten::fill_"),
              title="copies and elementwise ATen ops")
+    if a.stacks:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+            step()
+            torch.cuda.synchronize()
+        _stacks(prof, [p for p in a.stacks.split(",") if p])
+
+
+def _stacks(prof, parts, frames=6):
+    """For each ATen op (with its Python frames) that launched a kernel whose name contains one of ``parts``:
+    how many launches and how long, largest first."""
+    from collections import defaultdict
+
+    seen = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        for k in getattr(e, "kernels", []):
+            if any(p in k.name for p in parts):
+                own = [f for f in e.stack if "site-packages/torch" not in f][:frames]
+                entry = seen[(k.name[:40], e.name, tuple(own))]
+                entry[0] += 1
+                entry[1] += k.duration / 1e3
+    print(f"## who launched {parts}")
+    for (kernel, op, stack), (n, ms) in sorted(seen.items(), key=lambda kv: -kv[1][1]):
+        print(f"{ms:9.2f} ms x{n:<4d} {kernel} <- {op}")
+        for f in stack:
+            print(f"            {f}")
 
 
 def _matmuls(prof, steps, total, top, ops=("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_grouped_mm"),

@@ -177,7 +177,8 @@ class NormRecipe:
         ``x2``'s dtype must be ``g``'s (else ``recompute``)."""
         with torch.no_grad():
             gs = (g.float() * rstd[:, None]).to(g.dtype)
-            return (gs.t() @ x2).float() * (weight.float() + self.offset)
+            w = weight.float() + self.offset if self.offset else weight.float()
+            return (gs.t() @ x2).float() * w
 
 
 def norm_recipe(t: torch.Tensor) -> NormRecipe | None:
