@@ -154,8 +154,8 @@ class NormRecipe:
     A consumer that reads the output in backward only as ``G^T y`` (an adapter's dA, ``G`` of a few columns)
     calls ``product(G, *saved)`` instead: with ``y = diag(rstd) x diag(w + offset)``, that is
     ``((rstd G)^T x) diag(w + offset)``, a GEMM over the norm's input and two passes over rank-wide tensors,
-    where the recompute is a pass over (tokens x hidden) in and out. The same sums; the rounding of ``y``
-    to its dtype is not in them (the float32 product is rounded once, like the GEMM's output).
+    where the recompute is a pass over (tokens x hidden) in and out. The same sums, rounded elsewhere:
+    ``rstd G`` to ``G``'s dtype where the recompute rounds ``y`` to its own (bench/NOTES.md, session 43).
     """
 
     def __init__(self, x2, weight, rstd, eps, offset, shape, out_dtype):
