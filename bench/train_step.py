@@ -324,6 +324,9 @@ def setup_hf(args):
             mlp.PAD_ALIGN = pad_align
         if getattr(args, "gated_gemm", "auto") == "off":  # an A/B: lora_glu's passes instead of the epilogues
             os.environ["TUNEFORGE_GATED_GEMM"] = "0"
+        if getattr(args, "mlp_dx", "carries") == "first":  # an A/B: the padded MLP's K-augmented input gradient
+            import tuneforge_kernels.lora_mlp as mlp
+            mlp.DX_CARRIES_PRODUCTS = False
         args.patch_module = sys.modules["gpu_worker.patching"].__file__
         # an A/B: the decoder layers' CUDA graphs always / never instead of the patcher's rule
         graphs = {"auto": {}, "on": {"cuda_graphs": True}, "off": {"cuda_graphs": False}}[getattr(args, "graphs", "auto")]
@@ -349,6 +352,8 @@ def setup_hf(args):
             args.patch_report["padded_one_gemm"] = one_gemm
         if pad_align is not None:
             args.patch_report["pad_align"] = pad_align
+        if getattr(args, "mlp_dx", "carries") != "carries":
+            args.patch_report["mlp_dx"] = args.mlp_dx
         if getattr(args, "philox_rounds", 0):
             args.patch_report["philox_rounds"] = args.philox_rounds
         if getattr(args, "keep_norm_output", "none") == "mlp":  # an experiment: the MLP saves its input
@@ -880,6 +885,10 @@ def main():
     ap.add_argument("--gated-gemm", choices=["auto", "off"], default="auto",
                     help="ours: the padded MLP's SwiGLU in QuACK's GEMM epilogues where they run "
                          "(tuneforge_kernels.gated_gemm), or lora_glu's passes (an A/B)")
+    ap.add_argument("--mlp-dx", choices=["carries", "first"], default="carries",
+                    help="ours: the padded MLP's input-gradient GEMM gives the rank-r products s dgu B too, or "
+                         "they are computed first and the GEMM carries their term (tuneforge_kernels.lora_mlp."
+                         "DX_CARRIES_PRODUCTS; an A/B)")
     ap.add_argument("--glu-tile", action="append", default=None, type=_tile_arg,
                     help="ours: [KIND=]rows,cols,warps for lora_glu's launches instead of the module's tiles, "
                          "repeatable (an A/B); KIND: " + ", ".join(GLU_TILE_KINDS) + " (default terms: "

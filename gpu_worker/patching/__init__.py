@@ -46,7 +46,8 @@ JOIN_MAX_HIDDEN = 2048
 PAD_MAX_HIDDEN = 4096
 # the same for Q/K/V (lora.pad_frozen_qkv), up to this hidden size: 0.9 ms less of kernels a 1B step on the
 # H200, and the other 0.4% of session 39's 8B gain; its holes in the loaded weights' memory are given back by
-# the worker's allocator settings (gpu_worker/allocator.py; bench/NOTES.md, session 12)
+# the worker's allocator settings (gpu_worker/allocator.py; bench/NOTES.md, session 12). O alone
+# (lora.pad_frozen_o) follows the same rule: its backward without the rank-r pass over its input gradient
 PAD_QKV_MAX_HIDDEN = 4096
 # models up to this hidden size replay their decoder layers as CUDA graphs (graphs.py) by default: their
 # steps are host-bound (1B on the H200: the host needs about as long to issue a step as the GPU to run it)
@@ -132,11 +133,11 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
 
     from gpu_worker.patching.decoder import (mlp_output_only_feeds_the_residual, patch_attention, patch_causal_lm,
                                              patch_mlp, patch_residual_norm, patch_rms_norm)
-    from gpu_worker.patching.lora import mlp_interleaved, pad_frozen_mlp, pad_frozen_qkv
+    from gpu_worker.patching.lora import mlp_interleaved, pad_frozen_mlp, pad_frozen_o, pad_frozen_qkv
 
     counts = {"rms_norm": 0, "lora_qkv_o": 0, "rope": 0, "lora_mlp": 0, "fused_linear_cross_entropy": 0,
-              "gated_gemm_mlp": 0, "joined_weights": 0, "padded_mlp": 0, "padded_qkv": 0, "residual_rms_norm": 0,
-              "fp8_weights": 0}
+              "gated_gemm_mlp": 0, "joined_weights": 0, "padded_mlp": 0, "padded_qkv": 0, "padded_o": 0,
+              "residual_rms_norm": 0, "fp8_weights": 0}
     offset = 1.0 if family in _UNIT_OFFSET_NORMS else 0.0
     join = getattr(text_config, "hidden_size", JOIN_MAX_HIDDEN + 1) <= JOIN_MAX_HIDDEN
     distributed = dist.is_available() and dist.is_initialized()
@@ -161,6 +162,7 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
             counts["gated_gemm_mlp"] += mlp_interleaved(layer.mlp)
         if pad_qkv:
             counts["padded_qkv"] += pad_frozen_qkv(layer.self_attn)
+            counts["padded_o"] += pad_frozen_o(layer.self_attn)
         if join:
             counts["joined_weights"] += _join_layer(layer)
         if fp8:
@@ -221,8 +223,8 @@ def patch_model(model: nn.Module, *, enabled: bool = True, memory_mode: str = "o
         counts["cuda_graph_layers"] = len(attach(list(decoder.layers)).layers)
         base._tf_pad_documents = True  # packed batches in shapes the graphs can replay (decoder._packing)
     # counts only: layouts and fusions of the kernels the patched names already list
-    extras = ("joined_weights", "padded_mlp", "padded_qkv", "residual_rms_norm", "cuda_graph_layers", "fp8_weights",
-              "fp8_host_bytes")
+    extras = ("joined_weights", "padded_mlp", "padded_qkv", "padded_o", "residual_rms_norm", "cuda_graph_layers",
+              "fp8_weights", "fp8_host_bytes")
     return PatchReport(architecture=arch, patched=tuple(k for k, v in counts.items() if v and k not in extras),
                        memory_mode=memory_mode, counts=counts, notes=notes)
 

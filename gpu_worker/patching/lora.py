@@ -222,29 +222,48 @@ def pad_frozen_qkv(attn: nn.Module) -> bool:
     """``pad_frozen_mlp`` for an attention's separate ``q_proj``/``k_proj``/``v_proj`` LoRA modules
     (``tuneforge_kernels.lora_linear``'s padded layout): the fused Q/K/V node carries the adapters' rank-r
     terms in its GEMMs. Returns whether the weights are padded now."""
-    from tuneforge_kernels.lora_linear import pad_linear_weights, padded_linears
-
-    found = _adapted(attn, ("q_proj", "k_proj", "v_proj"))
-    if found is None:
-        return False
-    modules, parts = found
-    buf = padded_linears(parts)
+    buf = _pad_linears(attn, ("q_proj", "k_proj", "v_proj"))
     if buf is None:
-        weights = [p.weight for p in parts]
-        if not _movable(weights) or any(w.shape[1] != weights[0].shape[1] for w in weights):
-            return False
-        buf = pad_linear_weights([w.detach() for w in weights], [p.lora_a.shape[0] for p in parts])
-        start, h = 0, weights[0].shape[1]
-        for w in weights:
-            w.data = buf[start:start + w.shape[0], :h]
-            start += w.shape[0]
-        buf = padded_linears([lora_weights(m) for m in modules])
-        if buf is None:
-            return False
+        return False
     # the fused layer's input norm leaves the layout's spare columns after its rows for s x A^T (rms_norm's
     # spare)
-    attn._tf_input_spare = buf.shape[1] - parts[0].weight.shape[1]
+    attn._tf_input_spare = buf.shape[1] - attn.q_proj.in_features
     return True
+
+
+def pad_frozen_o(attn: nn.Module) -> bool:
+    """The same layout for an attention's ``o_proj`` alone: its node's input gradient is one GEMM over
+    ``[dy | s dy B]``. Returns whether the weight is padded now."""
+    buf = _pad_linears(attn, ("o_proj",))
+    if buf is None:
+        return False
+    # the fused layer's post-attention norm leaves the spare columns after its input gradient's rows for
+    # s dy B (rms_norm's grad_spare): no copy of O's output gradient into [dy | s dy B]
+    attn._tf_output_grad_spare = buf.shape[0] - attn.o_proj.out_features
+    return True
+
+
+def _pad_linears(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor | None:
+    """The padded layout's buffer of ``owner``'s named LoRA projections (of one input), their frozen weights
+    made views of its blocks unless they are already; None where they cannot be."""
+    from tuneforge_kernels.lora_linear import pad_linear_weights, padded_linears
+
+    found = _adapted(owner, names)
+    if found is None:
+        return None
+    modules, parts = found
+    buf = padded_linears(parts)
+    if buf is not None:
+        return buf
+    weights = [p.weight for p in parts]
+    if not _movable(weights) or any(w.shape[1] != weights[0].shape[1] for w in weights):
+        return None
+    buf = pad_linear_weights([w.detach() for w in weights], [p.lora_a.shape[0] for p in parts])
+    start, h = 0, weights[0].shape[1]
+    for w in weights:
+        w.data = buf[start:start + w.shape[0], :h]
+        start += w.shape[0]
+    return padded_linears([lora_weights(m) for m in modules])
 
 
 def _adapted(owner: nn.Module, names: tuple[str, ...]):

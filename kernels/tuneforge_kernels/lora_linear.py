@@ -34,7 +34,7 @@ from tuneforge_kernels.lora_mlp import (PADDED_ONE_GEMM_MAX_HIDDEN, LoraWeights,
                                         _fp8_input, _input_product, _joined_weights, _mm_into, _out_features,
                                         _project_reference, _redraw, _restore_x, _saved_input_product, _scaled_mm,
                                         _spans, _x_for_saving, adapter_input_terms, cast_group, frozen_input_grad,
-                                        frozen_linear, rows_of, spare_width, wide_input)
+                                        frozen_linear, rows_of, spare_columns, spare_width, wide_input)
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
@@ -152,7 +152,7 @@ class _LoraLinearsFunction(torch.autograd.Function):
         return (dx, None, None, *grads, *([None] * 3 * n))
 
 
-# The padded layout (lora_mlp.py's, for projections of one input: Q/K/V). The frozen weights of n projections
+# The padded layout (lora_mlp.py's, for projections of one input: Q/K/V, or one projection: O). The frozen weights of n projections
 # (out_i x H) with adapters of ranks r_i are stored in one (O + S) x (H + S) buffer, O = sum out_i, R = sum r_i,
 # S = lora_mlp.spare_width(R, H, O) >= R (its last S - R rows and columns zeros):
 #
@@ -164,7 +164,11 @@ class _LoraLinearsFunction(torch.autograd.Function):
 #
 # The parameters are views of their blocks; the adapters' current values are copied into theirs at every
 # forward. Saves (per 8B layer) the rank-r addmm_ passes over each y and the accumulation of k's and v's
-# dx (bench/NOTES.md, session 12).
+# dx (bench/NOTES.md, session 12). For O alone (n = 1) the gain is in backward: its output gradient's producer
+# (the fused decoder layer's post-attention norm, rms_norm's grad_spare) leaves the spare columns after its
+# rows, so ``[dy | s dy B]`` is written in place and dx is one GEMM, where the unpadded node adds ``s (dy B) A``
+# over (N x H) in a pass of its own. Its forward copies the attention's output into ``[x | s x A^T]``, a pass
+# of the size of the unpadded ``addmm_`` it replaces (bench/NOTES.md, session 44).
 
 
 def pad_linear_weights(weights: list[torch.Tensor], ranks: list[int]) -> torch.Tensor:
@@ -185,7 +189,7 @@ def padded_linears(projections) -> torch.Tensor | None:
     """The padded layout's buffer when the projections' frozen weights are laid out in it for their adapters'
     current ranks (an adapter of another rank, a projection without one or sharing another's A, a replaced or
     quantised weight: None, and they run unpadded)."""
-    if len(projections) < 2 or any(p.lora_a is None or not isinstance(p.weight, torch.Tensor) for p in projections):
+    if not projections or any(p.lora_a is None or not isinstance(p.weight, torch.Tensor) for p in projections):
         return None
     first = projections[0].weight
     h, rows = first.shape[1], sum(p.weight.shape[0] for p in projections)
@@ -286,6 +290,10 @@ class _PaddedLinearsFunction(torch.autograd.Function):
         n, need, hd = len(outs), ctx.needs_input_grad, ctx.shape[-1]
         rows, sp = sum(outs), buf.shape[1] - hd
         dya = ctx.landing.take() if ctx.landing is not None else None             # [dy_1 | .. | s dy B .. | 0]
+        if dya is None and n == 1 and dys[0] is not None and spare_columns(dys[0]) == sp:
+            # O: the gradient's producer left the spare columns after its rows (rms_norm's grad_spare)
+            dy = dys[0].reshape(-1, rows)
+            dya = _spans(dy, dy.shape[0], rows + sp) if dy.dtype == ctx.dtype else None
         if dya is None:
             dya = xa.new_empty(xa.shape[0], rows + sp)
         for i, dy in enumerate(dys):

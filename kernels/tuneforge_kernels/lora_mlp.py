@@ -495,6 +495,11 @@ PADDED_ONE_GEMM_MAX_HIDDEN = 2048
 # 1 (exactly the ranks' columns) on an H100 at 8B: 473 against 480 ms a step, those GEMMs back at 1.35 ms
 # (session 41, bench/results/2026-12-07-h100-v44-*); train_step.py --pad-align 1 times the old layout.
 PAD_ALIGN = 64
+# The padded MLP's input gradient: True, one GEMM over [dg | du] against gu_w's rows [W | B] gives dx without
+# the adapters' term and the rank-r products s dgu B (N-augmented), then the term is added onto dx: [dg | du]
+# is read once for both where the K-augmented form (False: the products first, then one GEMM over [dg | du |
+# s dgu B]) reads it twice (bench/NOTES.md, session 44).
+DX_CARRIES_PRODUCTS = True
 
 
 def spare_width(r: int, *dims: int) -> int:
@@ -648,7 +653,7 @@ class _PaddedMLPFunction(torch.autograd.Function):
     def backward(ctx, dy):
         gu, xa, xa_d, *x_saved = ctx.saved_tensors
         (gu_w, d_w), (sg, su, sd), (rg, ru, rd) = ctx.buffers, ctx.scales, ctx.ranks
-        hd, i = ctx.shape[-1], ctx.inter
+        hd, i, r = ctx.shape[-1], ctx.inter, rg + ru
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, hd).to(ctx.dtype)
         dya = wide_input(dy, dy2, d_w.shape[0] - hd)                              # [dy | s dy B_d | 0]
@@ -668,7 +673,19 @@ class _PaddedMLPFunction(torch.autograd.Function):
         if need[6]:
             grads[5] = dy2.t() @ xa_d                                             # dB_d (H, r_d)
         del h
-        if inter:
+        dx = None
+        if need[0] and DX_CARRIES_PRODUCTS:
+            # gu_w's first 2I rows are [W_g | B_g 0] and [W_u | 0 B_u] (either layout): one GEMM over [dg | du]
+            # gives [dgu W | dg B_g | du B_u | 0], so [dg | du] is read once for dx and the products, and the
+            # products' own term of dx, s (dgu B) A, is added after (an (N x H) pass where the products' GEMM
+            # reads the (N x 2I) [dg | du])
+            out = dgu @ gu_w[:2 * i]                                              # (N, H + S)
+            gu[:, 2 * i:2 * i + r] = out[:, hd:hd + r]
+            if sg != 1.0 or su != 1.0:
+                gu[:, 2 * i:2 * i + rg] *= sg
+                gu[:, 2 * i + rg:2 * i + r] *= su
+            dx = out[:, :hd].addmm_(gu[:, 2 * i:2 * i + r], gu_w[2 * i:2 * i + r, :hd]).view(ctx.shape)
+        elif inter:
             # interleaved, gu_w[:2I, H:]'s rows hold B_g (even rows, first r_g columns) and B_u (odd rows, the
             # next r_u), zeros elsewhere: over all of [dg | du] the products are the same sums
             if sg == su:
@@ -679,7 +696,8 @@ class _PaddedMLPFunction(torch.autograd.Function):
         else:
             _mm_into(gu[:, 2 * i:2 * i + rg], dgu[:, :i], gu_w[:i, hd:hd + rg], sg)      # s dg B_g
             _mm_into(gu[:, 2 * i + rg:], dgu[:, i:], gu_w[i:2 * i, hd + rg:], su)         # s du B_u, zeros
-        dx = (gu @ gu_w[:, :hd]).view(ctx.shape) if need[0] else None           # every term: one GEMM
+        if need[0] and dx is None:
+            dx = (gu @ gu_w[:, :hd]).view(ctx.shape)                             # every term: one GEMM
         if inter and (need[2] or need[4]):  # one pass over [dg | du] for both: dg^T (s x A_g^T), du^T (...)
             d_b = dgu.t() @ xa
             grads[1] = d_b[0::2, :rg] if need[2] else None                        # dB_g (I, r_g)

@@ -194,7 +194,7 @@ class _RMSNormFunction(torch.autograd.Function):
         ctx.save_for_backward(saved_x, weight, rstd)
         # the second output (x + residual, or x itself): its gradient is added in the backward kernel
         ctx.offset, ctx.has_residual, ctx.shape = offset, residual is not None or with_input, x.shape
-        ctx.grad_spare = grad_spare if residual is None else 0  # one consumer of the gradient: x's producer
+        ctx.grad_spare = grad_spare  # with a residual, its producer leaves the spare columns to x's (docstring)
         y = y.view(x.shape)
         # consumers that would save y for their backward (the LoRA projections) save this recipe
         # instead: the norm already keeps its input, so y can be recomputed rather than stored
@@ -243,8 +243,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, offset
     ``spare``: the Triton path returns ``y`` as the first columns of a ``(rows, N + spare)`` buffer, whose
     spare columns its consumer may fill in place (the padded MLP's ``[x | s x A^T]``: no copy of ``y``
     into a wider buffer). A layout hint: the values are the same, and the reference path ignores it.
-    ``grad_spare`` (no ``residual``): the same for ``x``'s gradient, for ``x``'s producer's backward (the
-    padded MLP below a decoder layer: its ``[dy | s dy B_d]``, not a copy of ``dy``).
+    ``grad_spare``: the same for ``x``'s gradient, for ``x``'s producer's backward (the padded MLP below a
+    decoder layer: its ``[dy | s dy B_d]``, not a copy of ``dy``; the padded O above a post-attention norm).
+    With ``residual``, ``residual`` gets the same gradient tensor: the caller passes ``grad_spare`` only where
+    ``residual``'s producer does not write those columns (the fused layer's input norm's second output).
     """
     if not use_triton(x, weight, residual, impl=impl):
         y = rms_norm_reference(x, weight, eps, offset=offset, residual=residual)

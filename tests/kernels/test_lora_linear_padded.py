@@ -91,11 +91,66 @@ def test_padded_finds_only_the_layout_for_the_current_ranks():
     assert padded_linears([q, k, LoraWeights(v.weight.clone(), v.lora_a, v.lora_b, 2.0)]) is None
     assert padded_linears([q, LoraWeights(k.weight), v]) is None
     assert padded_linears([q, LoraWeights(k.weight, q.lora_a, k.lora_b[:, :2], 2.0), v]) is None
-    assert padded_linears([q]) is None
+    assert padded_linears([q]) is None  # one projection of a three-projection layout is not O's layout
     # and unpadded, the same function over the strided weights
     x = torch.randn(5, 16)
     for o, r in zip(lora_linears(x, q, wider, v, impl="triton"), lora_linears_reference(x, q, wider, v)):
         assert rel_err(o, r) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_projection_matches_reference(device, dtype):
+    # attention's O alone in the layout (lora.pad_frozen_o)
+    hidden, rank, shape = (40, 3, (3, 5)) if device == "cpu" else (4096, 16, (2, 1023))
+    (o,) = _padded_qkv(hidden, (hidden,), (rank,), (2.0,), device, dtype)
+    assert padded_linears([o]) is not None
+    x = torch.randn(*shape, hidden, device=device, dtype=dtype).requires_grad_()
+    (y,) = lora_linears(x, o, impl="triton")
+    o64, x64 = _as64(o), x.detach().double().requires_grad_()
+    (ref,) = lora_linears_reference(x64, o64)
+    assert y.dtype == dtype and rel_err(y, ref) < TOL[dtype]
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, o.lora_a, o.lora_b], dy)
+    exp = torch.autograd.grad(ref, [x64, o64.lora_a, o64.lora_b], dy.double())
+    for a, b in zip(got, exp):
+        assert rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_o_gradient_from_a_norm_with_spare_columns_is_not_copied(monkeypatch, dtype):
+    # O's output into the post-attention norm (rms_norm with a residual and grad_spare, the fused decoder
+    # layer's): the norm's backward writes dy as the first columns of [dy | s dy B], O's backward fills the
+    # rest in place and runs one GEMM for dx, no rank-r pass onto it; the residual gets the same gradient.
+    # Without the spare columns dy is copied into a new buffer; the same values either way
+    from tuneforge_kernels.rms_norm import rms_norm
+
+    hidden, rank = 24, 3
+    (o,) = _padded_qkv(hidden, (hidden,), (rank,), (2.0,), "cpu", dtype)
+    sp = padded_linears([o]).shape[0] - hidden
+    attn = torch.randn(2, 7, hidden, dtype=dtype, requires_grad=True)
+    res = torch.randn(2, 7, hidden, dtype=dtype, requires_grad=True)
+    w = torch.randn(hidden, dtype=dtype) * 0.2 + 1
+    g_y, g_s = torch.randn(2, 7, hidden, dtype=dtype), torch.randn(2, 7, hidden, dtype=dtype)
+    copies, real = [], lin_mod.copy_rows
+    for mod in (lin_mod, mlp_mod):  # dy's copy, and the forward's x (lora_mlp.wide_input)
+        monkeypatch.setattr(mod, "copy_rows", lambda dst, src, **kw: copies.append(dst.shape) or real(dst, src, **kw))
+    results = []
+    for grad_spare in (sp, 0):
+        copies.clear()
+        (y,) = lora_linears(attn, o, impl="triton")
+        h, s = rms_norm(y, w, 1e-5, residual=res, grad_spare=grad_spare, impl="triton")
+        with count_ops() as n:
+            grads = torch.autograd.grad([h, s], [attn, res, o.lora_a, o.lora_b], [g_y, g_s])
+        results.append((grads, len(copies), n["addmm_"]))
+    assert [(c, a) for _, c, a in results] == [(1, 0), (2, 0)]  # the forward's copy of x; dy's without
+    assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
+    # and against the unpadded node over the same weights
+    plain = LoraWeights(o.weight.contiguous(), o.lora_a, o.lora_b, o.scale)
+    (y,) = lora_linears(attn, plain, impl="triton")
+    h, s = rms_norm(y, w, 1e-5, residual=res, impl="triton")
+    for a, b in zip(results[0][0], torch.autograd.grad([h, s], [attn, res, o.lora_a, o.lora_b], [g_y, g_s])):
+        assert rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else TOL[dtype])
 
 
 def test_input_with_spare_columns_is_not_copied(monkeypatch):

@@ -50,9 +50,12 @@ def _spy_glu(monkeypatch):
 @pytest.mark.parametrize("scales", [(2.0, 2.0, 2.0), (0.5, 0.75, 1.5)])  # x A^T for gate and up: 1 GEMM / 2
 @pytest.mark.parametrize("one_gemm", [True, False])
 @pytest.mark.parametrize("residual", [False, True])
-def test_padded_matches_reference(monkeypatch, device, dtype, scales, one_gemm, residual):
-    # one_gemm: gate and up by one GEMM over both weights (small models) or one each
+@pytest.mark.parametrize("carries", [True, False])
+def test_padded_matches_reference(monkeypatch, device, dtype, scales, one_gemm, residual, carries):
+    # one_gemm: gate and up by one GEMM over both weights (small models) or one each; carries: the input
+    # gradient's GEMM gives the rank-r products too (DX_CARRIES_PRODUCTS), or they come first
     monkeypatch.setattr(mlp_mod, "PADDED_ONE_GEMM_MAX_HIDDEN", 1 << 30 if one_gemm else 0)
+    monkeypatch.setattr(mlp_mod, "DX_CARRIES_PRODUCTS", carries)
     hidden, inter, ranks, shape = (24, 52, (3, 5, 4), (2, 7)) if device == "cpu" else \
         (4096, 14336, (16, 16, 16), (2, 1023))
     gate, up, down = _padded_parts(hidden, inter, ranks, scales, device, dtype)
@@ -69,9 +72,11 @@ def test_padded_matches_reference(monkeypatch, device, dtype, scales, one_gemm, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scales", [(2.0, 2.0, 2.0), (0.5, 0.75, 1.5)])  # s dg B_g | s du B_u: 1 GEMM / 2
 @pytest.mark.parametrize("residual", [False, True])
-def test_interleaved_matches_reference(monkeypatch, device, dtype, scales, residual):
+@pytest.mark.parametrize("carries", [True, False])
+def test_interleaved_matches_reference(monkeypatch, device, dtype, scales, residual, carries):
     # gate and up rows interleaved (gated_gemm.py's layout): the SwiGLU inside the GEMMs' epilogues (QuACK on
     # a Hopper GPU, its float32 reference on the CPU), no lora_glu pass; the same function and gradients
+    monkeypatch.setattr(mlp_mod, "DX_CARRIES_PRODUCTS", carries)
     if device == "cuda" and gated_gemm.unavailable(torch.device("cuda"), "silu", torch.bfloat16) is not None:
         pytest.skip(gated_gemm.unavailable(torch.device("cuda"), "silu", torch.bfloat16))
     if device == "cuda" and dtype == torch.float32:
@@ -137,19 +142,46 @@ def _assert_matches_float64(x, parts, dtype, residual=None):
         assert rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else TOL[dtype])  # as test_lora_mlp's bound
 
 
-def test_no_pass_adds_onto_an_output(monkeypatch):
+@pytest.mark.parametrize("interleave", [False, True])
+def test_no_pass_adds_onto_an_output(monkeypatch, interleave):
     # unpadded, the down projection's term is added onto y and the adapters' input-gradient terms onto dx
-    # (addmm_ passes over (tokens x hidden)); padded, none
+    # (addmm_ passes over (tokens x hidden)); padded, none onto y. The input gradient: with
+    # DX_CARRIES_PRODUCTS one GEMM reads [dg | du] for dx and the rank-r products, and one addmm_ adds their
+    # term onto dx; else the products' GEMM reads [dg | du] first and the input gradient's GEMM carries the term
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     hidden, inter, ranks = 16, 40, (2, 3, 4)
-    gate, up, down = _padded_parts(hidden, inter, ranks, (2.0,) * 3, "cpu", torch.float32)
+    gate, up, down = _padded_parts(hidden, inter, ranks, (2.0,) * 3, "cpu", torch.float32, interleave=interleave)
     plain = [LoraWeights(p.weight.contiguous(), p.lora_a, p.lora_b, p.scale) for p in (gate, up, down)]
     x = torch.randn(9, hidden, requires_grad=True)
-    counts = []
-    for parts in ((gate, up, down), plain):
-        with count_ops() as n:
-            lora_mlp(x, *parts, impl="triton").sum().backward()
-        counts.append(n["addmm_"])
-    assert counts[0] == 0 < counts[1], counts
+    products = (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default,
+                torch.ops.aten.addmm.out, torch.ops.aten.addmm_.default)
+
+    class WideReads(TorchDispatchMode):  # the matrix products reading dg, du or both (I or more of gu's columns)
+        count, storage = 0, None
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in products:
+                mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 2]
+                self.count += any(max(m.shape) >= inter and m.untyped_storage().data_ptr() == self.storage
+                                  for m in mats)
+            return func(*args, **(kwargs or {}))
+
+    seen = {}
+    for name, parts, carries in (("carries", (gate, up, down), True), ("first", (gate, up, down), False),
+                                 ("plain", plain, True)):
+        monkeypatch.setattr(mlp_mod, "DX_CARRIES_PRODUCTS", carries)
+        y = lora_mlp(x, *parts, impl="triton")
+        wide = WideReads()
+        wide.storage = y.grad_fn.saved_tensors[0].untyped_storage().data_ptr()  # gu: [g | u | spare], then [dg | du ..]
+        with count_ops() as n, wide:
+            y.sum().backward()
+        seen[name] = n["addmm_"], wide.count
+    # [dg | du] read by dx's GEMM (with the products, or after them), dB's (one GEMM over both interleaved,
+    # one each else) and, first, the products' (the same)
+    per_half = 1 if interleave else 2
+    assert seen["carries"] == (1, 1 + per_half) and seen["first"] == (0, per_half + 1 + per_half), seen
+    assert seen["plain"][0] > 1, seen
 
 
 def test_padded_finds_only_the_layout_for_the_current_ranks():

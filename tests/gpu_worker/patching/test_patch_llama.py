@@ -411,10 +411,11 @@ def test_merge_and_unload_gives_same_outputs():
 
 
 def test_a_padded_layers_gradients_are_written_where_its_gemms_read_them(monkeypatch):
-    """In a patched, padded Llama the backward writes q's and k's gradients (RoPE's, lora_linear.GradLanding)
-    and the layer input's (the next layer's input norm, rms_norm's grad_spare) where the padded GEMMs read
-    them: the only copies into their wide buffers left are V's gradient, one a layer, and the last layer's
-    MLP output gradient, which the final norm produces. The gradients are stock's (test_patched_matches_stock)."""
+    """In a patched, padded Llama the backward writes q's and k's gradients (RoPE's, lora_linear.GradLanding),
+    the layer input's (the next layer's input norm, rms_norm's grad_spare) and O's output's (the post-attention
+    norm's grad_spare) where the padded GEMMs read them: the only copies into their wide buffers left are V's
+    gradient and, in forward, O's input (the attention's output), one each a layer, and the last layer's MLP
+    output gradient, which the final norm produces. The gradients are stock's (test_patched_matches_stock)."""
     import tuneforge_kernels.lora_linear as lora_linear
     import tuneforge_kernels.lora_mlp as lora_mlp
 
@@ -427,10 +428,12 @@ def test_a_padded_layers_gradients_are_written_where_its_gemms_read_them(monkeyp
     assert "_tf_input_grad_spare" not in layers[0].__dict__
     rank = lora_weights(layers[0].mlp.down_proj).lora_a.shape[0]
     assert [layer._tf_input_grad_spare for layer in layers[1:]] == [rank] * (len(layers) - 1)
+    o_spare = lora_mlp.spare_width(rank, config.hidden_size, config.hidden_size)  # H = 64: rounded up to 64
+    assert [layer.self_attn._tf_output_grad_spare for layer in layers] == [o_spare] * len(layers)
     copies = {"linear": record_copy_rows(monkeypatch, lora_linear), "mlp": record_copy_rows(monkeypatch, lora_mlp)}
     _step(model, *_batch("cpu"), "cpu")
     kv = config.num_key_value_heads * config.hidden_size // config.num_attention_heads
-    assert copies == {"linear": [kv] * len(layers), "mlp": [config.hidden_size]}
+    assert copies == {"linear": [kv] * len(layers), "mlp": [config.hidden_size] * (len(layers) + 1)}
 
 
 @pytest.mark.parametrize("interleave", [False, True])
@@ -492,7 +495,7 @@ def test_joined_and_padded_weights_are_views_that_change_no_value(tmp_path, monk
         assert rel(logits, ref(input_ids=x).logits) < 1e-4
         merged = ours.merge_and_unload()
         # the padded weights are rows of wider buffers, which save_pretrained refuses: export re-stores them
-        assert contiguous_weights(merged) == 6 * config.num_hidden_layers
+        assert contiguous_weights(merged) == 7 * config.num_hidden_layers
         merged.save_pretrained(tmp_path, safe_serialization=True)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
         assert rel(reloaded(input_ids=x).logits, logits) < 1e-4
@@ -507,21 +510,22 @@ def test_padded_weights_for_small_models_in_memory_mode_off_only(monkeypatch):
     assert config.hidden_size <= patching.PAD_MAX_HIDDEN
     def padded(model, **kw):
         counts = patch_model(model, **kw).counts
-        return counts["padded_mlp"], counts["padded_qkv"]
+        return counts["padded_mlp"], counts["padded_qkv"], counts["padded_o"]
 
     layers = config.num_hidden_layers
-    assert padded(build_lora_model(config)) == (layers, layers)
+    assert padded(build_lora_model(config)) == (layers, layers, layers)
     monkeypatch.setattr(patching, "PAD_QKV_MAX_HIDDEN", config.hidden_size - 1)  # each by its own rule
-    assert padded(build_lora_model(config)) == (layers, 0)
+    assert padded(build_lora_model(config)) == (layers, 0, 0)
     for mode in ("checkpointing", "offload"):
-        assert padded(build_lora_model(config), memory_mode=mode) == (0, 0)
+        assert padded(build_lora_model(config), memory_mode=mode) == (0, 0, 0)
     monkeypatch.setattr(patching, "PAD_MAX_HIDDEN", config.hidden_size - 1)
     monkeypatch.setattr(patching, "PAD_QKV_MAX_HIDDEN", config.hidden_size - 1)
-    assert padded(build_lora_model(config)) == (0, 0)
-    # Phi-3's fused gate_up_proj and qkv_proj (one module, one A for all parts) keep their layout
+    assert padded(build_lora_model(config)) == (0, 0, 0)
+    # Phi-3's fused gate_up_proj and qkv_proj (one module, one A for all parts) keep their layout; its O is
+    # a module of its own
     monkeypatch.setattr(patching, "PAD_MAX_HIDDEN", 1 << 30)
     monkeypatch.setattr(patching, "PAD_QKV_MAX_HIDDEN", 1 << 30)
-    assert padded(build_lora_model(tiny_config("phi3"))) == (0, 0)
+    assert padded(build_lora_model(tiny_config("phi3"))) == (0, 0, tiny_config("phi3").num_hidden_layers)
 
 
 def test_epilogues_that_fail_their_trial_leave_the_layout_concatenated(monkeypatch):
