@@ -314,14 +314,21 @@ def patch_attention(attn: nn.Module, impl: str | None, softcap: float | None = N
             weights = None
         elif hopper_attention.batched_rows(self, fa4) and attention_mask is None and q.shape[2] > 1 \
                 and hopper_attention.takes(self, q, q.shape[2]):
-            out, weights = hopper_attention.causal(q, k, v, self.scaling), None  # (B, S, Hq, D), as SDPA's
+            # a padded O (lora.pad_frozen_o) reads its input from a wider buffer: FA4 writes the output there
+            spare = self.__dict__.get("_tf_o_input_spare", 0)
+            out, weights = hopper_attention.causal(q, k, v, self.scaling, spare=spare), None  # (B, S, Hq, D)
         else:
             interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
             if self._tf_softcap is not None:  # Gemma 2
                 kwargs["softcap"] = self._tf_softcap
             out, weights = interface(self, q, k, v, attention_mask, dropout=_dropout(self), scaling=self.scaling,
                                      sliding_window=_sliding_window(self), **kwargs)
-        out = out.reshape(*input_shape, -1).contiguous()
+        wide = getattr(out, "_tf_spare_columns", 0)
+        out = out.reshape(*input_shape, -1)
+        if wide:  # the first columns of [x | s x A^T] (hopper_attention.causal's spare)
+            out._tf_spare_columns = wide
+        else:
+            out = out.contiguous()
         o = lora_weights(self.o_proj)
         return (_linears(out, [o], impl, "o")[0] if o is not None else self.o_proj(out)), weights
 

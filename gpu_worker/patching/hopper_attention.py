@@ -4,8 +4,10 @@ on the GPU at first use) as the patched attention's causal path, batched and ove
 Measured on an H100 (bench/NOTES.md, session 21): over packed rows 1.64x torch's variable-length kernel
 at the 8B shape (the 8B packed-rows step -18 ms, 1B -7 ms), so ``patch_model``'s default (``"auto"``)
 takes them there; batched, at cuDNN's rate at head size 128 and 6% faster at 64 (the 1B step 2% faster,
-session 34), so ``"auto"`` takes them for batched rows at head size 64 only (``BATCHED_HEAD_DIMS``) and
-``attention="fa4"`` at every verified size. It lives here, not in ``kernels/``, which imports only torch and triton.
+session 34), so ``"auto"`` takes them for batched rows at head size 64 (``BATCHED_HEAD_DIMS``), at the
+other verified sizes where the layer's O is padded (lora.pad_frozen_o: FA4 writes its output into O's wide
+input buffer, which cuDNN cannot; the 8B step 9 ms shorter than with cuDNN and the copy on an H100, session
+44), and ``attention="fa4"`` at every verified size. It lives here, not in ``kernels/``, which imports only torch and triton.
 
 It takes the calls SDPA's causal flash path would take: no mask (the causal placeholder), no KV cache, no
 logit softcap, no attention dropout, no sliding window shorter than the rows; bf16 or fp16 (float32 under
@@ -93,8 +95,10 @@ def takes(attn: nn.Module, q: torch.Tensor, rows: int) -> bool:
 
 def batched_rows(attn: nn.Module, attention: str | None) -> bool:
     """Whether a layer set to ``attention`` (``"fa4"``, ``"auto"`` or None) hands its batched (unpacked) rows
-    to FA4: ``"fa4"`` always, ``"auto"`` at ``BATCHED_HEAD_DIMS``."""
-    return attention == "fa4" or (attention == "auto" and attn.head_dim in BATCHED_HEAD_DIMS)
+    to FA4: ``"fa4"`` always, ``"auto"`` at ``BATCHED_HEAD_DIMS`` and where its padded O takes FA4's output in
+    place (module docstring)."""
+    return attention == "fa4" or (attention == "auto" and (
+        attn.head_dim in BATCHED_HEAD_DIMS or bool(attn.__dict__.get("_tf_o_input_spare"))))
 
 
 def _cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -108,13 +112,46 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out  # (out, lse) where the release returns both
 
 
-def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, spare: int = 0) -> torch.Tensor:
     """Causal attention of ``q (B, Hq, S, D)`` (grouped-query ``k``, ``v``: (B, Hkv, S, D)): ``(B, S, Hq, D)``,
     as transformers' attention functions return it. The patched attention's q/k/v are transposed views of
-    (B, S, H, D) tensors, FA4's layout: transposing back copies nothing."""
-    func, _ = _kernels()
+    (B, S, H, D) tensors, FA4's layout: transposing back copies nothing.
+
+    ``spare``: the output is written as the first ``Hq D`` columns of a ``(B S, Hq D + spare)`` buffer, whose
+    other columns the consumer fills (the padded O's ``[x | s x A^T]``, lora_linear: no copy of the output
+    into it), and carries ``_tf_spare_columns``."""
     q, k, v = _cast(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    if spare:
+        out = _CausalInto.apply(q, k, v, scale, spare)
+        out._tf_spare_columns = spare
+        return out
+    func, _ = _kernels()
     return _first(func(q, k, v, softmax_scale=scale, causal=True))
+
+
+class _CausalInto(torch.autograd.Function):
+    """FA4's batched causal attention (its forward and backward, as ``flash_attn_func``'s node calls them)
+    with the output in a wider buffer (``causal``'s ``spare``). FA4 takes any output layout with unit stride
+    on the head dimension and 16-byte aligned strides; the buffer's rows are ``Hq D + spare`` wide."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, spare):
+        from flash_attn.cute.interface import _flash_attn_fwd
+
+        b, s, h, d = q.shape
+        out = q.new_empty(b * s, h * d + spare)[:, :h * d].view(b, s, h, d)
+        out, lse = _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True, out=out, return_lse=True)[:2]
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from flash_attn.cute.interface import _flash_attn_bwd
+
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, ctx.scale, True)[:3]
+        return dq, dk, dv, None, None
 
 
 def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, scale: float) -> torch.Tensor:

@@ -240,6 +240,9 @@ def pad_frozen_o(attn: nn.Module) -> bool:
     # the fused layer's post-attention norm leaves the spare columns after its input gradient's rows for
     # s dy B (rms_norm's grad_spare): no copy of O's output gradient into [dy | s dy B]
     attn._tf_output_grad_spare = buf.shape[0] - attn.o_proj.out_features
+    # and FA4's batched attention writes the input there (hopper_attention.causal's spare): no copy into
+    # [x | s x A^T] either
+    attn._tf_o_input_spare = buf.shape[1] - attn.o_proj.in_features
     return True
 
 

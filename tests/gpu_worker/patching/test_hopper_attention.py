@@ -54,28 +54,73 @@ def _two_heads_of(head: int):
 
 
 def test_auto_hands_batched_rows_to_fa4_at_the_head_sizes_where_it_beat_cudnn(monkeypatch):
-    """``"auto"``: batched rows through FA4 at head size 64 (faster than cuDNN there), SDPA at 128 (no faster);
-    ``"fa4"``: both. The kernels are stood in for by SDPA on the CPU; what is checked is which path a layer took."""
+    """``"auto"``: batched rows through FA4 at head size 64 (faster than cuDNN there), at 128 where O is padded
+    (FA4 then writes O's input in place), else SDPA (no faster); ``"fa4"``: always. The kernels are stood in for by SDPA on the CPU; what is checked is which path a layer took."""
     monkeypatch.setattr(hopper_attention, "unavailable", lambda device: None)
     monkeypatch.setattr(hopper_attention, "takes", lambda attn, q, rows: True)
     calls = []
 
-    def causal(q, k, v, scale):
+    def causal(q, k, v, scale, spare=0):
         calls.append(q.shape[-1])
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return out.transpose(1, 2)
     monkeypatch.setattr(hopper_attention, "causal", causal)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
-    for head, attention, taken in ((64, "auto", True), (128, "auto", False), (128, "fa4", True), (64, "sdpa", False)):
+    # at 128 "auto" takes FA4 where O is padded (memory mode off: FA4 writes into O's wide input), not else
+    for head, attention, mode, taken in ((64, "auto", "off", True), (128, "auto", "off", True),
+                                         (128, "auto", "checkpointing", False), (128, "fa4", "checkpointing", True),
+                                         (64, "sdpa", "off", False)):
         config = _two_heads_of(head)
         model = build_lora_model(config)
         reference = copy.deepcopy(model)
-        report = patch_model(model, attention=attention, cuda_graphs=False)
+        report = patch_model(model, attention=attention, memory_mode=mode, cuda_graphs=False)
         assert report.counts.get("fa4_batched_attention", 0) == (config.num_hidden_layers if taken else 0)
         calls.clear()
         loss = model(input_ids=ids, labels=ids).loss
         assert calls == ([head] * config.num_hidden_layers if taken else []), (head, attention)
         assert loss.item() == pytest.approx(reference(input_ids=ids, labels=ids).loss.item(), rel=1e-4)
+
+
+def test_batched_output_lands_in_a_padded_os_input_buffer(monkeypatch):
+    """With O padded (lora.pad_frozen_o), FA4's batched path writes its output as the first columns of O's
+    ``[x | s x A^T]`` (``causal``'s spare): O's forward copies nothing in, and the step is the one through SDPA.
+    The kernel is stood in for by SDPA writing into such a buffer, as ``_CausalInto`` does on a GPU."""
+    import tuneforge_kernels.lora_linear as lora_linear
+    import tuneforge_kernels.lora_mlp as lora_mlp
+
+    from tests.kernels.conftest import record_copy_rows
+
+    monkeypatch.setattr(hopper_attention, "unavailable", lambda device: None)
+    monkeypatch.setattr(hopper_attention, "takes", lambda attn, q, rows: True)
+    spares = []
+
+    def causal(q, k, v, scale, spare=0):
+        spares.append(spare)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        b, h, s, d = out.shape
+        wide = out.new_full((b * s, h * d + spare), float("nan"))[:, :h * d].view(b, s, h, d)
+        wide.copy_(out.transpose(1, 2))
+        if spare:
+            wide._tf_spare_columns = spare
+        return wide
+    monkeypatch.setattr(hopper_attention, "causal", causal)
+    config = _two_heads_of(64)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = build_lora_model(config)
+    reference = copy.deepcopy(model)
+    report = patch_model(model, attention="fa4", cuda_graphs=False)
+    assert report.counts["padded_o"] == config.num_hidden_layers
+    copies = record_copy_rows(monkeypatch, lora_mlp)  # lora_mlp.wide_input's copy of an input into [x | ..]
+    record_copy_rows(monkeypatch, lora_linear)
+    loss = model(input_ids=ids, labels=ids).loss
+    o_spare = lora_mlp.spare_width(4, 2 * 64, 2 * 64)  # the tiny models' adapters: rank 4 (conftest)
+    assert spares == [o_spare] * config.num_hidden_layers and copies == []
+    expected = reference(input_ids=ids, labels=ids).loss
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    loss.backward()
+    expected.backward()
+    assert rel(torch.cat([g.flatten() for g in lora_grads(model).values()]),
+               torch.cat([g.flatten() for g in lora_grads(reference).values()])) < 1e-4
 
 
 def test_the_jobs_events_say_which_rows_fa4_computes(monkeypatch):
@@ -84,13 +129,16 @@ def test_the_jobs_events_say_which_rows_fa4_computes(monkeypatch):
 
     monkeypatch.setattr(hopper_attention, "unavailable", lambda device: None)
     said = {}
-    for head, attention in ((64, Attention.auto), (128, Attention.auto), (128, Attention.fa4)):
+    for head, attention, mode in ((64, Attention.auto, "off"), (128, Attention.auto, "off"),
+                                  (128, Attention.auto, "checkpointing"), (128, Attention.fa4, "checkpointing")):
         model = build_lora_model(_two_heads_of(head))
-        [(message, _), *_] = apply_memory_mode_and_kernels(model, Runtime(attention=attention, cuda_graphs=False))
-        said[head, attention.value] = message.partition("; FlashAttention-4 ")[2]
-    assert said == {(64, "auto"): "computes the attention of every row in 2 layers",
-                    (128, "auto"): "computes the attention of packed rows in 2 layers",
-                    (128, "fa4"): "computes the attention of every row in 2 layers"}
+        runtime = Runtime(attention=attention, memory_mode=mode, cuda_graphs=False)
+        [(message, _), *_] = apply_memory_mode_and_kernels(model, runtime)
+        said[head, attention.value, mode] = message.partition("; FlashAttention-4 ")[2]
+    assert said == {(64, "auto", "off"): "computes the attention of every row in 2 layers",
+                    (128, "auto", "off"): "computes the attention of every row in 2 layers",
+                    (128, "auto", "checkpointing"): "computes the attention of packed rows in 2 layers",
+                    (128, "fa4", "checkpointing"): "computes the attention of every row in 2 layers"}
 
 
 def test_takes_only_what_sdpas_causal_path_would():
