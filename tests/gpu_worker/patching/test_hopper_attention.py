@@ -171,7 +171,8 @@ def test_fa4_computes_what_sdpa_computes(model_type, packed, attention, monkeypa
     calls = []
     for name in ("causal", "varlen"):  # counted: a silent fall back to SDPA would pass the comparison
         kernel = getattr(hopper_attention, name)
-        monkeypatch.setattr(hopper_attention, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
+        monkeypatch.setattr(hopper_attention, name,
+                            lambda *a, kernel=kernel, name=name, **kw: calls.append(name) or kernel(*a, **kw))
     # head size 64 for both (Qwen3's tiny default, 16, is not one FA4 is verified for: VERIFIED_HEAD_DIMS)
     config = tiny_config(model_type, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=64)
@@ -180,6 +181,8 @@ def test_fa4_computes_what_sdpa_computes(model_type, packed, attention, monkeypa
     models = [build_lora_model(config, "cuda") for _ in range(3)]
     reports = [patch_model(model, attention=how, cuda_graphs=False) for model, how in zip(models[1:], ("sdpa", attention))]
     assert reports[1].counts["fa4_attention"] == config.num_hidden_layers and "fa4_attention" not in reports[0].counts
+    # memory mode off pads O: batched rows' FA4 output lands in its wide input (hopper_attention._CausalInto)
+    assert reports[1].counts["padded_o"] == config.num_hidden_layers
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 128, (2, 64), generator=g).cuda()
     kwargs = {}
