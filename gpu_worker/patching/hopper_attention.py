@@ -6,8 +6,9 @@ at the 8B shape (the 8B packed-rows step -18 ms, 1B -7 ms), so ``patch_model``'s
 takes them there; batched, at cuDNN's rate at head size 128 and 6% faster at 64 (the 1B step 2% faster,
 session 34), so ``"auto"`` takes them for batched rows at head size 64 (``BATCHED_HEAD_DIMS``), at the
 other verified sizes where the layer's O is padded (lora.pad_frozen_o: FA4 writes its output into O's wide
-input buffer, which cuDNN cannot; the 8B step 9 ms shorter than with cuDNN and the copy on an H100, session
-44), and ``attention="fa4"`` at every verified size. It lives here, not in ``kernels/``, which imports only torch and triton.
+input buffer, which cuDNN cannot; the 8B step 5-9 ms shorter than with cuDNN and the copy on an H100, session
+44), and ``attention="fa4"`` at every verified size. It lives here, not in ``kernels/``, which imports only
+torch and triton.
 
 It takes the calls SDPA's causal flash path would take: no mask (the causal placeholder), no KV cache, no
 logit softcap, no attention dropout, no sliding window shorter than the rows; bf16 or fp16 (float32 under

@@ -152,9 +152,9 @@ class _LoraLinearsFunction(torch.autograd.Function):
         return (dx, None, None, *grads, *([None] * 3 * n))
 
 
-# The padded layout (lora_mlp.py's, for projections of one input: Q/K/V, or one projection: O). The frozen weights of n projections
-# (out_i x H) with adapters of ranks r_i are stored in one (O + S) x (H + S) buffer, O = sum out_i, R = sum r_i,
-# S = lora_mlp.spare_width(R, H, O) >= R (its last S - R rows and columns zeros):
+# The padded layout (lora_mlp.py's, for projections of one input: Q/K/V, or one projection: O). The frozen
+# weights of n projections (out_i x H) with adapters of ranks r_i are stored in one (O + S) x (H + S) buffer,
+# O = sum out_i, R = sum r_i, S = lora_mlp.spare_width(R, H, O) >= R (its last S - R rows and columns zeros):
 #
 #     [W_1  B_1  0   ..]        forward:   [x | s_1 x A_1^T | s_2 x A_2^T ..] @ rows 0:O ^T = every y_i with its
 #     [W_2  0    B_2 ..]                   term (one GEMM up to PADDED_ONE_GEMM_MAX_HIDDEN, one per projection
@@ -168,7 +168,8 @@ class _LoraLinearsFunction(torch.autograd.Function):
 # (the fused decoder layer's post-attention norm, rms_norm's grad_spare) leaves the spare columns after its
 # rows, so ``[dy | s dy B]`` is written in place and dx is one GEMM, where the unpadded node adds ``s (dy B) A``
 # over (N x H) in a pass of its own. Its forward copies the attention's output into ``[x | s x A^T]``, a pass
-# of the size of the unpadded ``addmm_`` it replaces (bench/NOTES.md, session 44).
+# of the size of the unpadded ``addmm_`` it replaces, unless the attention wrote it there (FlashAttention-4's
+# batched path, gpu_worker/patching/hopper_attention.py; bench/NOTES.md, session 44).
 
 
 def pad_linear_weights(weights: list[torch.Tensor], ranks: list[int]) -> torch.Tensor:

@@ -55,7 +55,8 @@ def _two_heads_of(head: int):
 
 def test_auto_hands_batched_rows_to_fa4_at_the_head_sizes_where_it_beat_cudnn(monkeypatch):
     """``"auto"``: batched rows through FA4 at head size 64 (faster than cuDNN there), at 128 where O is padded
-    (FA4 then writes O's input in place), else SDPA (no faster); ``"fa4"``: always. The kernels are stood in for by SDPA on the CPU; what is checked is which path a layer took."""
+    (FA4 then writes O's input in place), else SDPA (no faster); ``"fa4"``: always. The kernels are stood in
+    for by SDPA on the CPU; what is checked is which path a layer took."""
     monkeypatch.setattr(hopper_attention, "unavailable", lambda device: None)
     monkeypatch.setattr(hopper_attention, "takes", lambda attn, q, rows: True)
     calls = []
