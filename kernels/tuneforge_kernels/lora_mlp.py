@@ -645,8 +645,8 @@ class _PaddedMLPFunction(torch.autograd.Function):
                 torch.mm(xa, gu_w[i:2 * i].t(), out=gu[:, i:2 * i])
             lora_glu.lora_glu_forward(gu[:, :i], gu[:, i:2 * i], act, out=ha[:, :i])
         if DOWN_CARRIES_PRODUCTS:
-            # d_w's columns [W_d; A_d]: one GEMM over h gives [h W_d^T | h A_d^T] (N-augmented, h read once), and
-            # the adapter's term and the residual are added in one pass (low_rank_sum.py)
+            # d_w's first I columns hold [W_d; A_d]: one GEMM over h gives [h W_d^T | h A_d^T] (N-augmented, h read
+            # once), and the adapter's term and the residual are added in one pass (low_rank_sum.py)
             out = ha[:, :i] @ d_w[:, :i].t()                                      # (N, H + S_d)
             xa_d = out[:, hd:hd + rd] * sd                                        # s h A_d^T, kept
             y = low_rank_sum(out[:, :hd], residual.reshape(-1, hd) if residual is not None else None, xa_d,
