@@ -165,9 +165,9 @@ def _fused_layer_class(cls: type) -> type:
         # takes HF's promoted dtype (a bf16 attention output on a float32 stream under autocast stays float32)
         # and a padded O (lora.pad_frozen_o) writes its output gradient's after the input gradient's rows: the
         # residual's producer is then the input norm, which writes none there
-        grad_spare = self.self_attn.__dict__.get("_tf_output_grad_spare", 0) if spec is not None else 0
+        o_grad_spare = self.self_attn.__dict__.get("_tf_output_grad_spare", 0) if spec is not None else 0
         hidden_states, residual = rms_norm(hidden_states, norm.weight, eps, offset=offset, residual=residual,
-                                           spare=mlp.__dict__.get("_tf_input_spare", 0), grad_spare=grad_spare,
+                                           spare=mlp.__dict__.get("_tf_input_spare", 0), grad_spare=o_grad_spare,
                                            impl=impl)
         if mlp.__dict__.get("_tf_adds_residual"):  # the down projection's GEMM adds the residual
             return mlp(hidden_states, residual=residual)
