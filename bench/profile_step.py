@@ -2,7 +2,7 @@
 bench/train_step.py (same model, LoRA and optimizer setup), kernels grouped by name, largest first.
 
     python3 bench/profile_step.py --shape 8B --method ours --ckpt off [--quant nf4] [--top 30] [--graphs on]
-        [--pad on|off] [--down-carries on] [--stacks "Memcpy DtoD,_copy_rows"]
+        [--pad on|off] [--stacks "Memcpy DtoD,_copy_rows"]
 
 ``--stacks``: for device kernels whose name contains one of these strings, the ATen ops that launched them, with
 their Python frames where the profiler recorded any (on the H200 in session 43 it recorded none for these ops);
@@ -32,7 +32,6 @@ def main():
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--pad", choices=["auto", "on", "off", "mlp"], default="auto")
     ap.add_argument("--lora-dropout", type=float, default=0.0)
-    ap.add_argument("--down-carries", choices=["off", "on"], default="off", help="as train_step.py's")
     ap.add_argument("--stacks", default="", help="comma-separated kernel name parts: print who launched them")
     a = ap.parse_args()
     import torch
@@ -41,7 +40,7 @@ def main():
 
     args = argparse.Namespace(shape=a.shape, method=a.method, ckpt=a.ckpt, quant=a.quant, rank=16, alpha=16,
                               model_path=None, graphs=a.graphs, pad=a.pad, model_dtype="bf16",
-                              lora_dropout=a.lora_dropout, down_carries=a.down_carries)
+                              lora_dropout=a.lora_dropout)
     model, _ = train_step.setup_hf(args)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, fused=True)

@@ -327,9 +327,6 @@ def setup_hf(args):
         if getattr(args, "mlp_dx", "carries") == "first":  # an A/B: the padded MLP's K-augmented input gradient
             import tuneforge_kernels.lora_mlp as mlp
             mlp.DX_CARRIES_PRODUCTS = False
-        if getattr(args, "down_carries", "off") == "on":  # an A/B: the down GEMM giving h A_d^T beside its output
-            import tuneforge_kernels.lora_mlp as mlp
-            mlp.DOWN_CARRIES_PRODUCTS = True
         args.patch_module = sys.modules["gpu_worker.patching"].__file__
         # an A/B: the decoder layers' CUDA graphs always / never instead of the patcher's rule
         graphs = {"auto": {}, "on": {"cuda_graphs": True}, "off": {"cuda_graphs": False}}[getattr(args, "graphs", "auto")]
@@ -357,8 +354,6 @@ def setup_hf(args):
             args.patch_report["pad_align"] = pad_align
         if getattr(args, "mlp_dx", "carries") != "carries":
             args.patch_report["mlp_dx"] = args.mlp_dx
-        if getattr(args, "down_carries", "off") != "off":
-            args.patch_report["down_carries"] = args.down_carries
         if getattr(args, "philox_rounds", 0):
             args.patch_report["philox_rounds"] = args.philox_rounds
         if getattr(args, "keep_norm_output", "none") == "mlp":  # an experiment: the MLP saves its input
@@ -894,9 +889,6 @@ def main():
                     help="ours: the padded MLP's input-gradient GEMM gives the rank-r products s dgu B too, or "
                          "they are computed first and the GEMM carries their term (tuneforge_kernels.lora_mlp."
                          "DX_CARRIES_PRODUCTS; an A/B)")
-    ap.add_argument("--down-carries", choices=["off", "on"], default="off",
-                    help="ours: the padded MLP's down GEMM gives h A_d^T beside its output and one pass adds the "
-                         "adapter's term and the residual (tuneforge_kernels.lora_mlp.DOWN_CARRIES_PRODUCTS; an A/B)")
     ap.add_argument("--glu-tile", action="append", default=None, type=_tile_arg,
                     help="ours: [KIND=]rows,cols,warps for lora_glu's launches instead of the module's tiles, "
                          "repeatable (an A/B); KIND: " + ", ".join(GLU_TILE_KINDS) + " (default terms: "

@@ -46,7 +46,6 @@ from tuneforge_kernels.copy_rows import copy_rows
 from tuneforge_kernels.dropout import (Mask, add_masked_input_grads_, drop, dropout_reference,
                                        dropped_input_grads, dropped_input_products)
 from tuneforge_kernels.fp8 import Fp8Weight, fp8_input_grad, fp8_linear, fp8_linear_reference, quantize_rows
-from tuneforge_kernels.low_rank_sum import low_rank_sum
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
@@ -501,12 +500,6 @@ PAD_ALIGN = 64
 # is read once for both where the K-augmented form (False: the products first, then one GEMM over [dg | du |
 # s dgu B]) reads it twice (bench/NOTES.md, session 44).
 DX_CARRIES_PRODUCTS = True
-# The same for the down projection's forward: True, one GEMM over h against d_w's rows [W_d; A_d] gives
-# [h W_d^T | h A_d^T], and low_rank_sum.py adds the adapter's term and the residual in one pass over (N x H);
-# False (the default until it is timed), h A_d^T is a GEMM of its own over h (N x I) and the down GEMM
-# carries the term in its K dimension, with the residual as cuBLAS's C (copied into the output first). By
-# the bytes, 235 MB less a layer at 8B (bench/NOTES.md, session 44; train_step.py --down-carries on).
-DOWN_CARRIES_PRODUCTS = False
 
 
 def spare_width(r: int, *dims: int) -> int:
@@ -644,22 +637,13 @@ class _PaddedMLPFunction(torch.autograd.Function):
                 torch.mm(xa, gu_w[:i].t(), out=gu[:, :i])
                 torch.mm(xa, gu_w[i:2 * i].t(), out=gu[:, i:2 * i])
             lora_glu.lora_glu_forward(gu[:, :i], gu[:, i:2 * i], act, out=ha[:, :i])
-        if DOWN_CARRIES_PRODUCTS:
-            # d_w's first I columns hold [W_d; A_d]: one GEMM over h gives [h W_d^T | h A_d^T] (N-augmented, h read
-            # once), and the adapter's term and the residual are added in one pass (low_rank_sum.py)
-            out = ha[:, :i] @ d_w[:, :i].t()                                      # (N, H + S_d)
-            xa_d = out[:, hd:hd + rd] * sd                                        # s h A_d^T, kept
-            y = low_rank_sum(out[:, :hd], residual.reshape(-1, hd) if residual is not None else None, xa_d,
-                             d_w[:hd, i:i + rd], impl="triton")                   # (N, H)
+        _mm_into(ha[:, i:], ha[:, :i], d_w[hd:, :i].t(), sd)                     # A_d, then zero rows
+        if residual is not None:
+            y = torch.addmm(residual.reshape(-1, hd), ha, d_w[:hd].t())
         else:
-            _mm_into(ha[:, i:], ha[:, :i], d_w[hd:, :i].t(), sd)                 # A_d, then zero rows
-            if residual is not None:
-                y = torch.addmm(residual.reshape(-1, hd), ha, d_w[:hd].t())
-            else:
-                y = ha @ d_w[:hd].t()                                             # (N, H)
-            xa_d = ha[:, i:i + rd].clone()
+            y = ha @ d_w[:hd].t()                                                 # (N, H)
         # the rank-r products leave their wide buffers (kept, x's would hold the whole (N, H + R))
-        ctx.save_for_backward(gu, xa[:, hd:hd + r].clone(), xa_d, *_x_for_saving(ctx, x, x2))
+        ctx.save_for_backward(gu, xa[:, hd:hd + r].clone(), ha[:, i:i + rd].clone(), *_x_for_saving(ctx, x, x2))
         ctx.buffers, ctx.scales, ctx.ranks = (gu_w, d_w), (sg, su, sd), (rg, ru, rd)
         ctx.act, ctx.shape, ctx.dtype, ctx.inter, ctx.interleaved = act, shape, dtype, i, inter
         ctx.param_dtypes = [t.dtype for t in (ag, bg, au, bu, ad, bd)]

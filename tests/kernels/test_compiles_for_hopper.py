@@ -165,7 +165,6 @@ def other_ops():
     from tuneforge_kernels.embedding import embedding_rows
     from tuneforge_kernels.fp8 import quantize_rows
     from tuneforge_kernels.geglu import geglu_backward_inplace, geglu_forward
-    from tuneforge_kernels.low_rank_sum import low_rank_sum
     from tuneforge_kernels.nf4 import VARIANTS, dequantize_nf4
     from tuneforge_kernels.swiglu import swiglu_backward_inplace, swiglu_forward
 
@@ -179,9 +178,6 @@ def other_ops():
     cast_blocks([(torch.empty(8, 48, dtype=torch.bfloat16), torch.randn(8, 48))], impl="triton")
     embedding_rows(torch.randint(0, 16, (2, 5)), torch.randn(16, 48, dtype=torch.bfloat16), impl="triton")
     quantize_rows(g, impl="triton")
-    for rank, c in ((16, g), (20, None)):  # lora_mlp.DOWN_CARRIES_PRODUCTS (an A/B, off by default)
-        low_rank_sum(u, c, torch.randn(8, rank, dtype=torch.bfloat16), torch.randn(48, rank, dtype=torch.bfloat16),
-                     impl="triton")
     quantize_rows(g, torch.rand(48) + 0.5, pad=True, impl="triton")
     hidden = torch.randn(6, 48, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.tensor([1, -100, 3, 4, 5, 6])
