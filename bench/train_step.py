@@ -64,6 +64,8 @@ projections of every layer plus lm_head; embedding lookup excluded; LoRA adapter
   hfu = tokens/s * (6N + 8LHS) / peak with checkpointing (recompute counted), = mfu without.
 """
 import argparse
+import collections
+import contextlib
 import gc
 import json
 import math
@@ -72,6 +74,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "kernels")]  # gpu_worker; kernels/ holds tuneforge_kernels
@@ -550,14 +553,18 @@ def run_one(args):
             import cProfile
             prof = cProfile.Profile()
             prof.enable()
+        syncs = _SyncLog() if getattr(args, "sync_debug", False) else contextlib.nullcontext()
         t0 = time.perf_counter()
         rec["timed_start_unix"] = round(time.time(), 3)  # to line the steps up with nvidia-smi's samples
-        marks[0].record()
-        for i in range(args.steps):
-            losses.append(step(args.warmup + i))
-            marks[i + 1].record()
+        with syncs:
+            marks[0].record()
+            for i in range(args.steps):
+                losses.append(step(args.warmup + i))
+                marks[i + 1].record()
         torch.cuda.synchronize()
         el = time.perf_counter() - t0
+        if isinstance(syncs, _SyncLog):
+            rec["host_syncs"] = syncs.summary()
         gc.callbacks.remove(on_gc)
         rec["gc_collections"] = collections
         if prof is not None:
@@ -661,6 +668,41 @@ def longest(args, model, opt, ac, rec):
             break
     rec.update(versions())
     rec["error"] = None
+
+
+class _SyncLog:
+    """The host syncs inside the block (torch.cuda.set_sync_debug_mode's warnings), counted by where our code or
+    a library called the synchronizing op: the frames outside torch, innermost first."""
+
+    def __init__(self):
+        self.where = collections.Counter()
+
+    def __enter__(self):
+        import torch
+
+        self._show, warnings.showwarning = warnings.showwarning, self._record
+        self._filters = warnings.catch_warnings()
+        self._filters.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def _record(self, message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return self._show(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename][-3:]
+        self.where[" <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in reversed(frames))] += 1
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.cuda.set_sync_debug_mode("default")
+        self._filters.__exit__(*exc)
+        warnings.showwarning = self._show
+        return False
+
+    def summary(self):
+        return {"count": sum(self.where.values()), "where": dict(self.where.most_common(10))}
 
 
 # ----------------------------------------------------------------------------- suite driver
@@ -900,6 +942,9 @@ def main():
                          "torch's variable-length kernel only, or FlashAttention-4's Hopper kernels for all causal "
                          "attention (bench/fa4_wheels.sh)")
     ap.add_argument("--cprofile", default=None, help="write cProfile stats of the timed steps here")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="record the host syncs of the timed steps (torch.cuda.set_sync_debug_mode): how many, "
+                         "and where (the record's host_syncs)")
     ap.add_argument("--philox-rounds", type=int, default=0,
                     help="ours: Philox4x32 rounds for adapter dropout's masks instead of dropout.py's 7 (an A/B)")
     ap.add_argument("--keep-norm-output", choices=["none", "mlp"], default="none",
