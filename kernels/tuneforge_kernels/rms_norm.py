@@ -176,9 +176,11 @@ class NormRecipe:
         """``g^T @ y`` in float32 (``g``: (tokens, k) in ``y``'s dtype), from the norm's input, not ``y``;
         ``x2``'s dtype must be ``g``'s (else ``recompute``)."""
         with torch.no_grad():
-            gs = (g.float() * rstd[:, None]).to(g.dtype)
+            # each product in float32 (rstd's, w's) and rounded once, as (g.float() * rstd).to(g.dtype) and
+            # (gs^T x2).float() * w round, without their casts' own launches (six small ones a layer)
+            gs = torch.mul(g, rstd[:, None], out=torch.empty_like(g))
             w = weight.float() + self.offset if self.offset else weight.float()
-            return (gs.t() @ x2).float() * w
+            return torch.mul(gs.t() @ x2, w)
 
 
 def norm_recipe(t: torch.Tensor) -> NormRecipe | None:

@@ -202,3 +202,8 @@ def test_recipe_product_is_the_product_with_the_output(device, dtype, offset, wi
     assert rel_err(got, g.double().t() @ ref_y) < TOL[dtype]
     # and the recompute it replaces gives the bit-identical output
     assert torch.equal(recipe.recompute(*recipe.tensors()), y)
+    # each product rounded where the casts' form rounds it (bit-identical)
+    x2, weight, rstd = recipe.tensors()
+    gs = (g.float() * rstd[:, None]).to(g.dtype)
+    wf = weight.float() + offset if offset else weight.float()
+    assert torch.equal(got, (gs.t() @ x2).float() * wf)
