@@ -539,13 +539,13 @@ def run_one(args):
         # events between steps give each step's device time without a host sync in the loop: a host-side
         # stall shows as one long step (the 1B A/B of 2026-12-03 v5 differed by 7.4% with no way to tell)
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
-        collections = []  # (generation, ms) of each collection during the timed steps
+        gc_runs = []  # (generation, ms) of each collection during the timed steps
 
         def on_gc(phase, info, started=[]):  # noqa: B006 - the start time between the two calls
             if phase == "start":
                 started[:] = [time.perf_counter()]
             elif started:
-                collections.append((info["generation"], round((time.perf_counter() - started[0]) * 1e3, 2)))
+                gc_runs.append((info["generation"], round((time.perf_counter() - started[0]) * 1e3, 2)))
 
         gc.callbacks.append(on_gc)
         prof = None
@@ -566,7 +566,7 @@ def run_one(args):
         if isinstance(syncs, _SyncLog):
             rec["host_syncs"] = syncs.summary()
         gc.callbacks.remove(on_gc)
-        rec["gc_collections"] = collections
+        rec["gc_collections"] = gc_runs
         if prof is not None:
             prof.disable()
             prof.dump_stats(args.cprofile)
@@ -680,9 +680,9 @@ class _SyncLog:
     def __enter__(self):
         import torch
 
-        self._show, warnings.showwarning = warnings.showwarning, self._record
-        self._filters = warnings.catch_warnings()
+        self._filters = warnings.catch_warnings()  # restores the filters and showwarning on exit
         self._filters.__enter__()
+        self._show, warnings.showwarning = warnings.showwarning, self._record
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         return self
@@ -698,7 +698,6 @@ class _SyncLog:
 
         torch.cuda.set_sync_debug_mode("default")
         self._filters.__exit__(*exc)
-        warnings.showwarning = self._show
         return False
 
     def summary(self):
