@@ -4,6 +4,8 @@
 # appends its RESULT record, tagged with the variant's name, to OUT_JSONL.
 #   bash bench/ab.sh OUT_JSONL ROUNDS "name|train_step args" "name|args" ...
 # e.g. bash bench/ab.sh $OUT/ab.jsonl 3 "v14|--shape 1B --ckpt off" "nojoin|--shape 1B --ckpt off --join off"
+# Leading NAME=VALUE words of a variant's args are its environment ("noexp|PYTORCH_CUDA_ALLOC_CONF=
+# expandable_segments:False --shape 8B"); "--method base" (the last --method wins) times .bench-base's code.
 set -u
 out=${1:?usage: ab.sh OUT_JSONL ROUNDS "name|args"...}
 rounds=${2:?rounds}
@@ -11,8 +13,15 @@ shift 2
 for ((r = 1; r <= rounds; r++)); do
   for variant in "$@"; do
     name=${variant%%|*}
-    # shellcheck disable=SC2086  # the args are words
-    line=$(timeout 300 python3 bench/train_step.py run --method ours ${variant#*|} 2>>"$out.err" | grep '^RESULT ')
+    # shellcheck disable=SC2206  # the args are words
+    args=(${variant#*|})
+    envs=()
+    while ((${#args[@]})) && [[ ${args[0]} == [A-Za-z_]*=* ]]; do
+      envs+=("${args[0]}")
+      args=("${args[@]:1}")
+    done
+    line=$(timeout 300 env "${envs[@]}" python3 bench/train_step.py run --method ours "${args[@]}" 2>>"$out.err" |
+      grep '^RESULT ')
     if [[ -z $line ]]; then
       echo "$name round $r: no result (see $out.err)"
       continue

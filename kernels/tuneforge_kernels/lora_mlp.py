@@ -117,15 +117,22 @@ def _compute_dtype(x):
 
 
 def cast_group(tensors, dtype: torch.dtype) -> list:
-    """``[t.to(dtype) for t in tensors]`` (None stays None) in two kernels instead of one per tensor: the
-    adapters' float32 weights of one node (six in the MLP or Q/K/V), a few KB each, cost a launch each, ~14
-    per layer and direction (bench/NOTES.md, session 10). The casts are views of one buffer, in order, so
+    """``[t.to(dtype) for t in tensors]`` (None stays None) into one buffer in one launch per six (2D tensors,
+    cast_blocks) or two kernels (``torch.cat``, then the cast), instead of one per tensor: the adapters' float32
+    weights of one node (six in the MLP or Q/K/V), a few KB each, cost a launch each, ~14 per layer and
+    direction (bench/NOTES.md, session 10), and their gradients are often strided views of a wider product,
+    which ``torch.cat`` copies one launch each (session 46). The casts are views of one buffer, in order, so
     consecutive ones with the same row length are row blocks of one tensor (``joined``: the A of q/k/v or
     gate/up without a ``torch.cat``)."""
     todo = [t for t in tensors if t is not None and t.dtype != dtype]
     if len(todo) < 2:
         return [t.to(dtype) if t is not None else None for t in tensors]
-    flat = torch.cat([t.reshape(-1) for t in tensors if t is not None]).to(dtype)
+    present = [t for t in tensors if t is not None]
+    blocks = all(t.dim() == 2 for t in present)
+    if blocks:
+        flat = present[0].new_empty(sum(t.numel() for t in present), dtype=dtype)
+    else:
+        flat = torch.cat([t.reshape(-1) for t in present]).to(dtype)
     out, start = [], 0
     for t in tensors:
         if t is None:
@@ -133,6 +140,8 @@ def cast_group(tensors, dtype: torch.dtype) -> list:
             continue
         out.append(flat[start:start + t.numel()].view(t.shape))
         start += t.numel()
+    if blocks:
+        cast_blocks([(o, t) for o, t in zip(out, tensors) if t is not None], impl="triton")  # in the Triton nodes
     return out
 
 

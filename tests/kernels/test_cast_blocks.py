@@ -52,6 +52,23 @@ def test_other_layouts_take_copy():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_strided_sources_widen_into_float32_blocks(device):
+    # the adapters' gradients (lora_mlp.cast_group): bf16 views of wider products, every other row, transposed,
+    # a column slice, cast into consecutive float32 blocks of one flat buffer in one launch
+    wide = torch.randn(70, 40, device=device).to(torch.bfloat16)
+    sources = [wide[0::2, :16], wide[1::2, 16:35], wide[:, :24].t(), wide[3:9, 5:]]
+    flat = torch.full((sum(s.numel() for s in sources) + 3,), 7.0, device=device)
+    dsts, at = [], 0
+    for s in sources:
+        dsts.append(flat[at:at + s.numel()].view(s.shape))
+        at += s.numel()
+    cast_blocks(list(zip(dsts, sources)), impl="triton")
+    for d, s in zip(dsts, sources):
+        assert torch.equal(d, s.float())
+    assert (flat[at:] == 7.0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_the_hard_values_round_as_torch_does(device):
     # ties (to even, either way), the largest finite float32 (rounds to inf), inf, NaN, bf16 subnormals and
     # zeros of both signs. On the CPU this checks our interpreted launches' cast (backend._cast_rounding_bf16:

@@ -98,19 +98,27 @@ def test_down_projections_rank_r_input_is_kept_not_recomputed():
     assert n["reading"] == 1 and down.lora_b.grad is not None
 
 
-def test_adapters_are_cast_in_one_go_each_way():
-    # float32 adapters, bf16 compute: the six adapter weights are cast by one op in forward (not one per
-    # tensor), the six gradients by one op in backward, and gate's and up's A are one tensor for x A^T
+def test_adapters_are_cast_in_one_go_each_way(monkeypatch):
+    # float32 adapters, bf16 compute: the six adapter weights are cast by one launch in forward (not one op
+    # per tensor, nor a cat and a cast), the six gradients (strided views of wider products among them) by
+    # one in backward, and gate's and up's A are one tensor for x A^T
+    import tuneforge_kernels.lora_mlp as mod
+
+    casts = []
+    real = mod.cast_blocks
+    monkeypatch.setattr(mod, "cast_blocks", lambda pairs, impl=None: (
+        casts.append([(d.dtype, s.dtype) for d, s in pairs]), real(pairs, impl=impl)))
     torch.manual_seed(5)
     x = torch.randn(6, 8, dtype=torch.bfloat16, requires_grad=True)
     gate, up, down = (_proj(12, 8, 2, "cpu", torch.bfloat16), _proj(12, 8, 2, "cpu", torch.bfloat16),
                       _proj(8, 12, 2, "cpu", torch.bfloat16))
     with count_ops() as fwd:
         y = lora_mlp(x, gate, up, down, impl="triton")
+    assert casts == [[(torch.bfloat16, torch.float32)] * 6]
     with count_ops() as bwd:
         y.sum().backward()
-    assert fwd["_to_copy"] == 1 and fwd["cat"] == 1, fwd  # the cat: the six into one buffer to cast
-    assert bwd["_to_copy"] == 1, bwd
+    assert casts[1:] == [[(torch.float32, torch.bfloat16)] * 6]
+    assert fwd["_to_copy"] == 0 and fwd["cat"] == 0 and bwd["_to_copy"] == 0, (fwd, bwd)
     assert all(p.lora_a.grad.dtype == torch.float32 and p.lora_b.grad is not None for p in (gate, up, down))
 
 
