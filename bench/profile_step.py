@@ -152,26 +152,35 @@ def _busy(prof, steps):
           f"copies busy {copy / steps / 1e3:.1f} ms, no kernel running {(wall - kern) / steps / 1e3:.1f} ms")
 
 
-def _gaps(prof, steps, top, floor_us=8.0):
+def _gaps(prof, steps, top, floor_us=8.0, long_us=1000.0):
     """Where the device sat idle: the gaps between one kernel's end and the next one's start longer
     than ``floor_us``, summed by the pair of kernels around them (a host sync, a launch-bound stretch
-    of small ops, the step's start), largest first."""
+    of small ops), largest first. The profiled steps start after a ``synchronize``: until the host is ahead
+    again (the first kernel of ``long_us`` or more), the device waits on every launch. Those gaps are an
+    artifact of the measurement (the timed loops run their steps back to back, so they pay them once per
+    run, not per step) and are reported apart (session 46: session 45's "step start idle")."""
     from collections import defaultdict
 
     from torch.autograd import DeviceType
 
     kernels = sorted((e.time_range.start, e.time_range.end, e.name)
                      for e in prof.events() if e.device_type == DeviceType.CUDA)
-    by_pair, total, end, prev = defaultdict(lambda: [0.0, 0]), 0.0, None, None
+    ahead = next((s for s, e, _ in kernels if e - s >= long_us), float("inf"))
+    by_pair, total, startup, end, prev = defaultdict(lambda: [0.0, 0]), 0.0, 0.0, None, None
     for s, e, name in kernels:
         if end is not None and s - end > floor_us:
-            gap = by_pair[(prev[:48], name[:48])]
-            gap[0] += s - end
-            gap[1] += 1
-            total += s - end
+            if s <= ahead:
+                startup += s - end
+            else:
+                gap = by_pair[(prev[:48], name[:48])]
+                gap[0] += s - end
+                gap[1] += 1
+                total += s - end
         if end is None or e > end:
             end, prev = e, name
-    print(f"## gaps over {floor_us:.0f} us: {total / steps / 1e3:.1f} ms per step, by the kernels around them")
+    print(f"## gaps over {floor_us:.0f} us: {total / steps / 1e3:.1f} ms per step, by the kernels around them; "
+          f"besides {startup / 1e3:.2f} ms in all before the first kernel of {long_us / 1e3:.0f} ms "
+          f"(the host catching up after the synchronize before the profiled steps)")
     for (before, after), (us, n) in sorted(by_pair.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"{us / steps / 1e3:9.2f} ms x{n // steps:<5d} {before:<48} -> {after}")
 
