@@ -179,8 +179,20 @@ class NormRecipe:
             # each product in float32 (rstd's, w's) and rounded once, as (g.float() * rstd).to(g.dtype) and
             # (gs^T x2).float() * w round, without their casts' own launches (six small ones a layer)
             gs = torch.mul(g, rstd[:, None], out=torch.empty_like(g))
-            w = weight.float() + self.offset if self.offset else weight.float()
-            return torch.mul(gs.t() @ x2, w)
+            return torch.mul(gs.t() @ x2, _float_weight(weight, self.offset))
+
+
+def _float_weight(weight: torch.Tensor, offset: float) -> torch.Tensor:
+    """``weight.float() + offset``, kept on a frozen ``weight`` (LoRA's norms) between steps: one small cast a
+    norm and step less (64 launches a step at 8B, session 45's profile). Made again when the weight's data or
+    version changes (an in-place update, a load); a trainable weight is cast every time."""
+    if weight.requires_grad:
+        return weight.float() + offset if offset else weight.float()
+    key = (weight.data_ptr(), weight._version, offset)
+    kept = getattr(weight, "_tf_float_weight", None)
+    if kept is None or kept[0] != key:
+        kept = weight._tf_float_weight = (key, weight.float() + offset if offset else weight.float())
+    return kept[1]
 
 
 def norm_recipe(t: torch.Tensor) -> NormRecipe | None:

@@ -207,3 +207,37 @@ def test_recipe_product_is_the_product_with_the_output(device, dtype, offset, wi
     gs = (g.float() * rstd[:, None]).to(g.dtype)
     wf = weight.float() + offset if offset else weight.float()
     assert torch.equal(got, (gs.t() @ x2).float() * wf)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_recipe_product_keeps_a_frozen_weights_float_copy_until_it_changes(offset):
+    # the product's float32 (w + offset) is cast once for a frozen weight and made again after an in-place
+    # update (its version); a trainable weight's is cast every call
+    from tuneforge_kernels.rms_norm import norm_recipe
+
+    from tests.kernels.conftest import count_ops
+
+    torch.manual_seed(2)
+    x = torch.randn(9, 24, dtype=torch.bfloat16)
+    w = torch.randn(24, dtype=torch.bfloat16)
+    g = torch.randn(9, 3, dtype=torch.bfloat16)
+
+    def product():
+        recipe = norm_recipe(rms_norm(x, w, 1e-5, offset=offset, impl="triton"))
+        with count_ops() as ops:
+            got = recipe.product(g, *recipe.tensors())
+        return got, ops["_to_copy"]
+
+    first, casts = product()
+    assert casts == 1
+    again, casts = product()
+    assert casts == 0 and torch.equal(again, first)
+    with torch.no_grad():
+        w.mul_(2)
+    changed, casts = product()
+    assert casts == 1 and not torch.equal(changed, first)
+    x2, _, rstd = norm_recipe(rms_norm(x, w, 1e-5, offset=offset, impl="triton")).tensors()
+    gs = (g.float() * rstd[:, None]).to(g.dtype)
+    assert torch.equal(changed, (gs.t() @ x2).float() * (w.float() + offset))
+    w.requires_grad_()
+    assert product()[1] == 1 and product()[1] == 1
