@@ -58,7 +58,7 @@ if triton is not None:
 
 
 def _fits(dst: torch.Tensor, src: torch.Tensor) -> bool:
-    return (dst.dim() == 2 and dst.shape == src.shape and dst.stride(1) == 1 and min(src.stride()) >= 0
+    return (dst.dim() == 2 and dst.shape == src.shape and dst.stride(1) == 1
             and dst.device == src.device and 0 < dst.numel() < 2 ** 31)
 
 
