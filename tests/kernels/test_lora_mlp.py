@@ -100,8 +100,8 @@ def test_down_projections_rank_r_input_is_kept_not_recomputed():
 
 def test_adapters_are_cast_in_one_go_each_way(monkeypatch):
     # float32 adapters, bf16 compute: the six adapter weights are cast by one launch in forward (not one op
-    # per tensor, nor a cat and a cast), the six gradients (strided views of wider products among them) by
-    # one in backward, and gate's and up's A are one tensor for x A^T
+    # per tensor, nor a cat and a cast), the six gradients by one in backward, and gate's and up's A are one
+    # tensor for x A^T
     import tuneforge_kernels.lora_mlp as mod
 
     casts = []

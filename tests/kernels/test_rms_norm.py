@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuneforge_kernels.rms_norm import rms_norm, rms_norm_reference
-from tests.kernels.conftest import DEVICES, TOL, needs_cuda, needs_triton, rel_err
+from tuneforge_kernels.rms_norm import norm_recipe, rms_norm, rms_norm_reference
+from tests.kernels.conftest import DEVICES, TOL, count_ops, needs_cuda, needs_triton, rel_err
 
 pytestmark = needs_triton
 
@@ -183,8 +183,6 @@ def test_spare_columns_change_no_value(device):
 def test_recipe_product_is_the_product_with_the_output(device, dtype, offset, with_residual):
     # g^T y from the norm's input and rstd (an adapter's dA without recomputing y): the float64 product
     # with the reference's y, within the tolerance of a bf16 output
-    from tuneforge_kernels.rms_norm import norm_recipe
-
     rows, cols = 37, 70
     torch.manual_seed(1)
     x = torch.randn(rows, cols, device=device, dtype=dtype) * 3
@@ -213,10 +211,6 @@ def test_recipe_product_is_the_product_with_the_output(device, dtype, offset, wi
 def test_recipe_product_keeps_a_frozen_weights_float_copy_until_it_changes(offset):
     # the product's float32 (w + offset) is cast once for a frozen weight and made again after an in-place
     # update (its version); a trainable weight's is cast every call
-    from tuneforge_kernels.rms_norm import norm_recipe
-
-    from tests.kernels.conftest import count_ops
-
     torch.manual_seed(2)
     x = torch.randn(9, 24, dtype=torch.bfloat16)
     w = torch.randn(24, dtype=torch.bfloat16)
