@@ -186,13 +186,14 @@ def _float_weight(weight: torch.Tensor, offset: float) -> torch.Tensor:
     """``weight.float() + offset``, kept on a frozen ``weight`` (LoRA's norms) between steps: one small cast a
     norm and step less (64 launches a step at 8B, session 45's profile). Made again when the weight's data or
     version changes (an in-place update, a load); a trainable weight is cast every time."""
-    if weight.requires_grad:
-        return weight.float() + offset if offset else weight.float()
-    key = (weight.data_ptr(), weight._version, offset)
+    key = None if weight.requires_grad else (weight.data_ptr(), weight._version, offset)
     kept = getattr(weight, "_tf_float_weight", None)
-    if kept is None or kept[0] != key:
-        kept = weight._tf_float_weight = (key, weight.float() + offset if offset else weight.float())
-    return kept[1]
+    if key is not None and kept is not None and kept[0] == key:
+        return kept[1]
+    w = weight.float() + offset if offset else weight.float()
+    if key is not None:
+        weight._tf_float_weight = (key, w)
+    return w
 
 
 def norm_recipe(t: torch.Tensor) -> NormRecipe | None:
