@@ -116,17 +116,18 @@ def _compute_dtype(x):
     return x.dtype
 
 
-def cast_group(tensors, dtype: torch.dtype) -> list:
-    """``[t.to(dtype) for t in tensors]`` (None stays None) into one buffer in one launch per six (2D tensors,
-    cast_blocks) or two kernels (``torch.cat``, then the cast), instead of one per tensor: the adapters' float32
-    weights of one node (six in the MLP or Q/K/V), a few KB each, cost a launch each, ~14 per layer and
-    direction (bench/NOTES.md, session 10), and their gradients are often strided views of a wider product,
-    which ``torch.cat`` copies one launch each (session 46). The casts are views of one buffer, in order, so
-    consecutive ones with the same row length are row blocks of one tensor (``joined``: the A of q/k/v or
-    gate/up without a ``torch.cat``)."""
-    todo = [t for t in tensors if t is not None and t.dtype != dtype]
+def cast_group(tensors, dtype: torch.dtype, copy: bool = False) -> list:
+    """``[t.to(dtype, copy=copy) for t in tensors]`` (None stays None) into one buffer in one launch per six
+    (2D tensors, cast_blocks) or two kernels (``torch.cat``, then the cast), instead of one per tensor: the
+    adapters' float32 weights of one node (six in the MLP or Q/K/V), a few KB each, cost a launch each, ~14 per
+    layer and direction (bench/NOTES.md, session 10), and their gradients are often strided views of a wider
+    product, which ``torch.cat`` copies one launch each (session 46). The casts are views of one buffer, in
+    order, so consecutive ones with the same row length are row blocks of one tensor (``joined``: the A of
+    q/k/v or gate/up without a ``torch.cat``). ``copy``: a tensor already in ``dtype`` is copied too (the
+    rank-r products saved out of their wide buffers)."""
+    todo = [t for t in tensors if t is not None and (copy or t.dtype != dtype)]
     if len(todo) < 2:
-        return [t.to(dtype) if t is not None else None for t in tensors]
+        return [t.to(dtype, copy=copy) if t is not None else None for t in tensors]
     present = [t for t in tensors if t is not None]
     blocks = all(t.dim() == 2 for t in present)
     if blocks:
@@ -651,8 +652,9 @@ class _PaddedMLPFunction(torch.autograd.Function):
             y = torch.addmm(residual.reshape(-1, hd), ha, d_w[:hd].t())
         else:
             y = ha @ d_w[:hd].t()                                                 # (N, H)
-        # the rank-r products leave their wide buffers (kept, x's would hold the whole (N, H + R))
-        ctx.save_for_backward(gu, xa[:, hd:hd + r].clone(), ha[:, i:i + rd].clone(), *_x_for_saving(ctx, x, x2))
+        # the rank-r products leave their wide buffers (kept, x's would hold the whole (N, H + R)), in one launch
+        kept = cast_group((xa[:, hd:hd + r], ha[:, i:i + rd]), dtype, copy=True)
+        ctx.save_for_backward(gu, *kept, *_x_for_saving(ctx, x, x2))
         ctx.buffers, ctx.scales, ctx.ranks = (gu_w, d_w), (sg, su, sd), (rg, ru, rd)
         ctx.act, ctx.shape, ctx.dtype, ctx.inter, ctx.interleaved = act, shape, dtype, i, inter
         ctx.param_dtypes = [t.dtype for t in (ag, bg, au, bu, ad, bd)]
@@ -683,17 +685,19 @@ class _PaddedMLPFunction(torch.autograd.Function):
             grads[5] = dy2.t() @ xa_d                                             # dB_d (H, r_d)
         del h
         dx = None
+        products = gu[:, 2 * i:2 * i + r]  # s dg B_g | s du B_u, (N, R)
         if need[0] and DX_CARRIES_PRODUCTS:
             # gu_w's first 2I rows are [W_g | B_g 0] and [W_u | 0 B_u] (either layout): one GEMM over [dg | du]
             # gives [dgu W | dg B_g | du B_u | 0], so [dg | du] is read once for dx and the products, and the
             # products' own term of dx, s (dgu B) A, is added after (an (N x H) pass where the products' GEMM
             # reads the (N x 2I) [dg | du])
+            # (the products stay in out's columns: addmm_ reads them beside the columns it writes)
             out = dgu @ gu_w[:2 * i]                                              # (N, H + S)
-            gu[:, 2 * i:2 * i + r] = out[:, hd:hd + r]
+            products = out[:, hd:hd + r]
             if sg != 1.0 or su != 1.0:
-                gu[:, 2 * i:2 * i + rg] *= sg
-                gu[:, 2 * i + rg:2 * i + r] *= su
-            dx = out[:, :hd].addmm_(gu[:, 2 * i:2 * i + r], gu_w[2 * i:2 * i + r, :hd]).view(ctx.shape)
+                products[:, :rg] *= sg
+                products[:, rg:] *= su
+            dx = out[:, :hd].addmm_(products, gu_w[2 * i:2 * i + r, :hd]).view(ctx.shape)
         elif inter:
             # interleaved, gu_w[:2I, H:]'s rows hold B_g (even rows, first r_g columns) and B_u (odd rows, the
             # next r_u), zeros elsewhere: over all of [dg | du] the products are the same sums
@@ -717,7 +721,7 @@ class _PaddedMLPFunction(torch.autograd.Function):
             if need[4]:
                 grads[3] = dgu[:, i:].t() @ xa[:, rg:]                            # dB_u (I, r_u)
         if need[1] or need[3]:
-            d_a = _saved_input_product(ctx, x_saved, gu[:, 2 * i:2 * i + rg + ru])  # dA_g, dA_u (R, H)
+            d_a = _saved_input_product(ctx, x_saved, products)                     # dA_g, dA_u (R, H)
             grads[0], grads[2] = d_a[:rg] if need[1] else None, d_a[rg:] if need[3] else None
         grads = _cast_grads(grads, ctx.param_dtypes)
         d_residual = dy if need[13] else None

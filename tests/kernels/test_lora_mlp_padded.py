@@ -184,6 +184,55 @@ def test_no_pass_adds_onto_an_output(monkeypatch, interleave):
     assert seen["plain"][0] > 1, seen
 
 
+def test_rank_r_products_are_saved_apart_in_one_launch(monkeypatch):
+    # the forward keeps s x A^T and s h A_d^T for the backward out of their wide buffers (x's and h's), both
+    # copied by one cast_blocks launch into one small buffer: no clone of each
+    gate, up, down = _padded_parts(16, 40, (2, 3, 4), (2.0,) * 3, "cpu", torch.bfloat16)
+    calls, real = [], mlp_mod.cast_blocks
+    monkeypatch.setattr(mlp_mod, "cast_blocks", lambda pairs, impl=None: (
+        calls.append([(d.shape, d.dtype, s.dtype) for d, s in pairs]), real(pairs, impl=impl)))
+    x = torch.randn(9, 16, dtype=torch.bfloat16, requires_grad=True)
+    with count_ops() as n:
+        y = lora_mlp(x, gate, up, down, impl="triton")
+    assert n["clone"] == 0, n
+    assert calls[-1] == [((9, 5), torch.bfloat16, torch.bfloat16), ((9, 4), torch.bfloat16, torch.bfloat16)]
+    _, xa, xa_d, *_ = y.grad_fn.saved_tensors
+    assert xa.shape == (9, 5) and xa_d.shape == (9, 4) and xa.is_contiguous() and xa_d.is_contiguous()
+    assert xa.untyped_storage().nbytes() == (9 * 5 + 9 * 4) * 2  # not a view of the (N, H + R) buffer
+    s_x_a = 2.0 * x.detach() @ torch.cat([gate.lora_a, up.lora_a]).detach().to(torch.bfloat16).t()
+    assert rel_err(xa, s_x_a) < 1e-2
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_carried_products_are_read_where_the_gemm_left_them(interleave):
+    # with DX_CARRIES_PRODUCTS, dx's GEMM gives [dgu W | s dg B_g | s du B_u | 0]: the products' term of dx and
+    # dA_g, dA_u read them in that output, with no copy into gu's spare columns (a launch a layer); the values
+    # are test_padded_matches_reference's and test_interleaved_matches_reference's
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    hidden, inter = 16, 40
+    gate, up, down = _padded_parts(hidden, inter, (2, 3, 4), (2.0, 0.5, 1.0), "cpu", torch.float32,
+                                   interleave=interleave)
+    x = torch.randn(9, hidden, requires_grad=True)
+    y = lora_mlp(x, gate, up, down, impl="triton")
+    gu = y.grad_fn.saved_tensors[0]  # [g | u | spare], then [dg | du | spare]
+
+    class SpareWrites(TorchDispatchMode):  # copies into gu's columns from 2I on
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            dst = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if func is torch.ops.aten.copy_.default and dst.dim() == 2 \
+                    and dst.untyped_storage().data_ptr() == gu.untyped_storage().data_ptr():
+                self.count += (dst.storage_offset() - gu.storage_offset()) % gu.stride(0) >= 2 * inter
+            return func(*args, **(kwargs or {}))
+
+    with SpareWrites() as spare:
+        y.backward(torch.randn_like(y))
+    assert spare.count == 0
+    assert all(p.lora_a.grad is not None and p.lora_b.grad is not None for p in (gate, up, down))
+
+
 def test_padded_finds_only_the_layout_for_the_current_ranks():
     hidden, inter, ranks = 16, 40, (2, 3, 4)
     gate, up, down = _padded_parts(hidden, inter, ranks, (2.0,) * 3, "cpu", torch.float32)
