@@ -313,9 +313,16 @@ class _PaddedLinearsFunction(torch.autograd.Function):
         if any(need[3:3 + n]):
             d_a = _saved_input_product(ctx, x_saved, dya[:, rows:rows + sum(ranks)])  # (R, H): every dA
             grads_a = [d_a[cols[i]:cols[i] + ranks[i]] if need[3 + i] else None for i in range(n)]
-        for i in range(n):
-            if need[3 + n + i]:
-                grads_b[i] = dya[:, starts[i]:starts[i] + outs[i]].t() @ xa[:, cols[i]:cols[i] + ranks[i]]
+        if n > 1 and all(need[3 + n:3 + 2 * n]):
+            # every dB from one GEMM over [dy_1 | .. | dy_n] and all of s x A^T, its diagonal blocks kept: dy is
+            # read by one launch (and cuBLAS's one split-K reduction) instead of n; the blocks off the diagonal
+            # are rank-wide, inside the tiles a skinny GEMM computes anyway
+            d_b = dya[:, :rows].t() @ xa[:, :sum(ranks)]                                # (rows, R)
+            grads_b = [d_b[starts[i]:starts[i] + outs[i], cols[i]:cols[i] + ranks[i]] for i in range(n)]
+        else:
+            for i in range(n):
+                if need[3 + n + i]:
+                    grads_b[i] = dya[:, starts[i]:starts[i] + outs[i]].t() @ xa[:, cols[i]:cols[i] + ranks[i]]
         grads = _cast_grads([*grads_a, *grads_b], ctx.param_dtypes)
         return (dx, None, None, *grads, *([None] * n), None)
 

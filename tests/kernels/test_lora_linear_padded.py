@@ -81,6 +81,32 @@ def test_no_pass_adds_onto_an_output_or_dx():
     assert counts[0] == 0 < counts[1], counts
 
 
+def test_every_db_comes_from_one_gemm_over_the_gradients():
+    # Q, K and V's dB: one matrix product over [dy_q | dy_k | dy_v] and every s x A^T (its diagonal blocks), not
+    # one each; with one B frozen, one each for the others
+    from tests.kernels.conftest import count_matmuls
+
+    projs = _padded_qkv(16, (16, 8, 8), (2, 3, 4), (2.0, 0.5, 1.5), "cpu", torch.float32)
+    x = torch.randn(9, 16, requires_grad=True)
+    dys = [torch.randn(9, o) for o in (16, 8, 8)]
+    seen = []
+    for frozen in (None, 1):
+        for i, p in enumerate(projs):
+            p.lora_b.requires_grad_(i != frozen)
+            p.lora_b.grad = None
+        outs = lora_linears(x, *projs, impl="triton")
+        with count_matmuls() as n:
+            torch.autograd.backward(outs, dys)
+        seen.append(n["all"])
+        trained = [p.lora_b for p in projs if p.lora_b.requires_grad]
+        exp = torch.autograd.grad(lora_linears_reference(x, *projs), trained, dys)
+        got = [b.grad for b in trained]
+        assert all(rel_err(a, b) < 1e-5 for a, b in zip(got, exp))
+    # dx's, every dA's (one) and the dB's (count_matmuls leaves out the s dy B products, addmm.out here): one
+    # where all are wanted, two for two
+    assert seen == [3, 4], seen
+
+
 def test_padded_finds_only_the_layout_for_the_current_ranks():
     q, k, v = _padded_qkv(16, (16, 8, 8), (2, 3, 4), (2.0,) * 3, "cpu", torch.float32)
     assert padded_linears([q, k, v]) is not None
