@@ -309,9 +309,9 @@ class _PaddedLinearsFunction(torch.autograd.Function):
             _mm_into(dya[:, rows + cols[i]:rows + cols[i] + width], block,
                      buf[starts[i]:starts[i] + outs[i], hd + cols[i]:hd + cols[i] + width], scales[i])
         dx = (dya @ buf[:, :hd]).view(ctx.shape) if need[0] else None            # every term: one GEMM
-        grads_a, grads_b = [None] * n, [None] * n
+        grads_a, grads_b, k = [None] * n, [None] * n, None  # k: the dA's column scale (a norm's weight), if any
         if any(need[3:3 + n]):
-            d_a = _saved_input_product(ctx, x_saved, dya[:, rows:rows + sum(ranks)])  # (R, H): every dA
+            d_a, k = _saved_input_product(ctx, x_saved, dya[:, rows:rows + sum(ranks)])  # (R, H): every dA
             grads_a = [d_a[cols[i]:cols[i] + ranks[i]] if need[3 + i] else None for i in range(n)]
         if n > 1 and all(need[3 + n:3 + 2 * n]):
             # every dB from one GEMM over [dy_1 | .. | dy_n] and all of s x A^T, its diagonal blocks kept: dy is
@@ -323,7 +323,7 @@ class _PaddedLinearsFunction(torch.autograd.Function):
             for i in range(n):
                 if need[3 + n + i]:
                     grads_b[i] = dya[:, starts[i]:starts[i] + outs[i]].t() @ xa[:, cols[i]:cols[i] + ranks[i]]
-        grads = _cast_grads([*grads_a, *grads_b], ctx.param_dtypes)
+        grads = _cast_grads([*grads_a, *grads_b], ctx.param_dtypes, scales=[k] * n + [None] * n)
         return (dx, None, None, *grads, *([None] * n), None)
 
 

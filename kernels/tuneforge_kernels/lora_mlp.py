@@ -116,7 +116,7 @@ def _compute_dtype(x):
     return x.dtype
 
 
-def cast_group(tensors, dtype: torch.dtype, copy: bool = False) -> list:
+def cast_group(tensors, dtype: torch.dtype, copy: bool = False, scales=None) -> list:
     """``[t.to(dtype, copy=copy) for t in tensors]`` (None stays None) into one buffer in one launch per six
     (2D tensors, cast_blocks) or two kernels (``torch.cat``, then the cast), instead of one per tensor: the
     adapters' float32 weights of one node (six in the MLP or Q/K/V), a few KB each, cost a launch each, ~14 per
@@ -124,35 +124,41 @@ def cast_group(tensors, dtype: torch.dtype, copy: bool = False) -> list:
     product, which ``torch.cat`` copies one launch each (session 46). The casts are views of one buffer, in
     order, so consecutive ones with the same row length are row blocks of one tensor (``joined``: the A of
     q/k/v or gate/up without a ``torch.cat``). ``copy``: a tensor already in ``dtype`` is copied too (the
-    rank-r products saved out of their wide buffers)."""
-    todo = [t for t in tensors if t is not None and (copy or t.dtype != dtype)]
+    rank-r products saved out of their wide buffers). ``scales``: per tensor None or a float32 vector its
+    columns are multiplied by on the way (``(t * scale).to(dtype)``: a norm's weight, ``NormRecipe``)."""
+    scales = scales if scales is not None else [None] * len(tensors)
+    todo = [t for t, k in zip(tensors, scales, strict=True)
+            if t is not None and (copy or k is not None or t.dtype != dtype)]
     if len(todo) < 2:
-        return [t.to(dtype, copy=copy) if t is not None else None for t in tensors]
-    present = [t for t in tensors if t is not None]
-    blocks = all(t.dim() == 2 for t in present)
+        return [None if t is None else t.to(dtype, copy=copy) if k is None else (t * k).to(dtype)
+                for t, k in zip(tensors, scales)]
+    present = [(t, k) for t, k in zip(tensors, scales) if t is not None]
+    blocks = all(t.dim() == 2 for t, _ in present)
     if blocks:
-        flat = present[0].new_empty(sum(t.numel() for t in present), dtype=dtype)
+        flat = present[0][0].new_empty(sum(t.numel() for t, _ in present), dtype=dtype)
     else:
-        flat = torch.cat([t.reshape(-1) for t in present]).to(dtype)
-    out, start = [], 0
+        flat = torch.cat([(t if k is None else t * k).reshape(-1) for t, k in present]).to(dtype)
+    out, pairs, start = [], [], 0
     for t in tensors:
         if t is None:
             out.append(None)
             continue
         out.append(flat[start:start + t.numel()].view(t.shape))
+        pairs.append((out[-1], t))
         start += t.numel()
     if blocks:
-        cast_blocks([(o, t) for o, t in zip(out, tensors) if t is not None], impl="triton")  # in the Triton nodes
+        cast_blocks(pairs, impl="triton", scales=[k for _, k in present])  # impl: in the Triton nodes
     return out
 
 
-def _cast_grads(grads, dtypes) -> list:
+def _cast_grads(grads, dtypes, scales=None) -> list:
     """The adapters' gradients (compute dtype, None where not wanted) in their parameters' dtypes, one
-    ``cast_group`` where those agree (float32 master weights: always)."""
+    ``cast_group`` where those agree (float32 master weights: always). ``scales``: cast_group's."""
     wanted = {d for g, d in zip(grads, dtypes) if g is not None}
     if len(wanted) == 1:
-        return cast_group(grads, wanted.pop())
-    return [g.to(d) if g is not None else None for g, d in zip(grads, dtypes)]
+        return cast_group(grads, wanted.pop(), scales=scales)
+    scales = scales if scales is not None else [None] * len(grads)
+    return [None if g is None else g.to(d) if k is None else (g * k).to(d) for g, d, k in zip(grads, dtypes, scales)]
 
 
 def rows_of(parts) -> torch.Tensor:
@@ -186,12 +192,14 @@ def _restore_x(ctx, saved):
     return x.reshape(-1, x.shape[-1])
 
 
-def _saved_input_product(ctx, saved, g: torch.Tensor) -> torch.Tensor:
+def _saved_input_product(ctx, saved, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``g^T @ x2`` (every dA at once, ``g`` (N, R)) for a backward that reads ``x`` only there: an rms_norm
-    output's from the norm's input (``NormRecipe.product``: no recompute of ``x``), else the saved ``x2``'s."""
+    output's from the norm's input (``NormRecipe.product``: no recompute of ``x``), else the saved ``x2``'s.
+    Returns the product and None, or (the norm's) a product still to be multiplied by a float32 vector along its
+    columns, which the gradients' cast does (``_cast_grads``'s ``scales``)."""
     if ctx.recipe is not None and saved[0].dtype == g.dtype:
-        return ctx.recipe.product(g, *saved)
-    return g.t() @ _restore_x(ctx, saved)
+        return ctx.recipe.product(g, *saved, scaled=False)
+    return g.t() @ _restore_x(ctx, saved), None
 
 
 def _scaled_mm(a, b, s: float) -> torch.Tensor:
@@ -720,10 +728,11 @@ class _PaddedMLPFunction(torch.autograd.Function):
                 grads[1] = dgu[:, :i].t() @ xa[:, :rg]                            # dB_g (I, r_g)
             if need[4]:
                 grads[3] = dgu[:, i:].t() @ xa[:, rg:]                            # dB_u (I, r_u)
+        k = None  # dA's column scale (the norm's weight), if any
         if need[1] or need[3]:
-            d_a = _saved_input_product(ctx, x_saved, products)                     # dA_g, dA_u (R, H)
+            d_a, k = _saved_input_product(ctx, x_saved, products)                  # dA_g, dA_u (R, H)
             grads[0], grads[2] = d_a[:rg] if need[1] else None, d_a[rg:] if need[3] else None
-        grads = _cast_grads(grads, ctx.param_dtypes)
+        grads = _cast_grads(grads, ctx.param_dtypes, scales=[k, None, k, None, None, None])
         d_residual = dy if need[13] else None
         return (dx, *grads, None, None, None, None, None, None, d_residual, None)
 

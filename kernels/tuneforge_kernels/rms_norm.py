@@ -172,14 +172,17 @@ class NormRecipe:
         with torch.no_grad():
             return _fwd_launch(x2, None, weight, self.eps, self.offset, self.out_dtype)[0].view(self.shape)
 
-    def product(self, g, x2, weight, rstd) -> torch.Tensor:
+    def product(self, g, x2, weight, rstd, scaled: bool = True):
         """``g^T @ y`` in float32 (``g``: (tokens, k) in ``y``'s dtype), from the norm's input, not ``y``;
-        ``x2``'s dtype must be ``g``'s (else ``recompute``)."""
+        ``x2``'s dtype must be ``g``'s (else ``recompute``). ``scaled=False``: ``(p, w)`` with ``p`` in ``g``'s
+        dtype and ``g^T @ y == p * w`` (float32, ``w`` along the columns), for a caller whose next pass over
+        ``p`` (the gradients' cast, ``cast_blocks``' ``scales``) multiplies as it goes: one launch less."""
         with torch.no_grad():
             # each product in float32 (rstd's, w's) and rounded once, as (g.float() * rstd).to(g.dtype) and
             # (gs^T x2).float() * w round, without their casts' own launches (six small ones a layer)
             gs = torch.mul(g, rstd[:, None], out=torch.empty_like(g))
-            return torch.mul(gs.t() @ x2, _float_weight(weight, self.offset))
+            p, w = gs.t() @ x2, _float_weight(weight, self.offset)
+            return torch.mul(p, w) if scaled else (p, w)
 
 
 def _float_weight(weight: torch.Tensor, offset: float) -> torch.Tensor:

@@ -69,6 +69,30 @@ def test_strided_sources_widen_into_float32_blocks(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dst_dtype", [torch.float32, torch.bfloat16])
+def test_scaled_blocks_are_the_promoted_product_rounded_once(device, dst_dtype):
+    # a dA read from its norm's input (rms_norm.NormRecipe) multiplied by the norm's float32 weight along its
+    # columns as it is cast: bit for bit torch's (src * scale).to(dst) (bf16 widened, one float32 product,
+    # rounded once), beside unscaled blocks of the same launch and a scaled pair that takes copy_
+    torch.manual_seed(3)
+    wide = torch.randn(48, 40, device=device).to(torch.bfloat16)
+    sources = [wide[:16], wide[16:35], wide[35:].t(), wide[:7, 3:]]
+    scales = [torch.randn(40, device=device), None, None, torch.randn(37, device=device)]
+    flat = torch.full((sum(s.numel() for s in sources),), 7.0, device=device, dtype=dst_dtype)
+    dsts, at = [], 0
+    for s in sources:
+        dsts.append(flat[at:at + s.numel()].view(s.shape))
+        at += s.numel()
+    cast_blocks(list(zip(dsts, sources)), impl="triton", scales=scales)
+    for d, s, k in zip(dsts, sources, scales):
+        assert torch.equal(d, (s if k is None else s * k).to(dst_dtype))
+    odd = torch.zeros(16, 40, dtype=dst_dtype, device=device).t()  # not a layout for the kernel: copy_
+    cast_blocks([(odd, sources[0].t())], impl="triton", scales=[torch.randn(16, device=device)])
+    with pytest.raises(ValueError):
+        cast_blocks([(dsts[0], sources[0])], impl="triton", scales=[])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_the_hard_values_round_as_torch_does(device):
     # ties (to even, either way), the largest finite float32 (rounds to inf), inf, NaN, bf16 subnormals and
     # zeros of both signs. On the CPU this checks our interpreted launches' cast (backend._cast_rounding_bf16:

@@ -176,6 +176,7 @@ def other_ops():
         geglu_backward_inplace(dh.clone(), g.clone(), u.clone(), approximate)
     drop(g, Mask.draw(g.shape, 0.1, g.device), impl="triton")  # philox (the caller's philox_everywhere)
     cast_blocks([(torch.empty(8, 48, dtype=torch.bfloat16), torch.randn(8, 48))], impl="triton")
+    cast_blocks([(torch.empty(8, 48), g)], impl="triton", scales=[torch.rand(48)])  # a dA times its norm's weight
     embedding_rows(torch.randint(0, 16, (2, 5)), torch.randn(16, 48, dtype=torch.bfloat16), impl="triton")
     quantize_rows(g, impl="triton")
     quantize_rows(g, torch.rand(48) + 0.5, pad=True, impl="triton")

@@ -94,8 +94,8 @@ def test_adapters_are_cast_once_and_x_read_once_for_their_gradients(monkeypatch)
 
     casts = []
     real = mlp.cast_blocks
-    monkeypatch.setattr(mlp, "cast_blocks", lambda pairs, impl=None: (casts.append(len(pairs)),
-                                                                       real(pairs, impl=impl)))
+    monkeypatch.setattr(mlp, "cast_blocks", lambda pairs, impl=None, **kw: (casts.append(len(pairs)),
+                                                                             real(pairs, impl=impl, **kw)))
     torch.manual_seed(4)
     x = torch.randn(2, 3, 8, dtype=torch.bfloat16, requires_grad=True)
     projs = [_proj(8, 8, 2, "cpu", torch.bfloat16), _proj(4, 8, 2, "cpu", torch.bfloat16),

@@ -226,3 +226,8 @@ def test_a_norm_outputs_adapters_read_its_input_not_a_recompute(monkeypatch, dty
         assert launches == []
     for a, b in zip(*grads):
         assert rel_err(a, b) < TOL[dtype]
+    # the norm's weight multiplies every dA in the gradients' cast: bit for bit the product's own multiply
+    monkeypatch.setattr(lin_mod, "_saved_input_product", lambda ctx, saved, g: (ctx.recipe.product(g, *saved), None))
+    outs = lora_linears(x, *projs, impl="triton")
+    multiplied = torch.autograd.grad(outs, [p.lora_a for p in projs], [torch.ones_like(o) for o in outs])
+    assert all(torch.equal(a, b) for a, b in zip(multiplied, grads[0]))

@@ -106,8 +106,8 @@ def test_adapters_are_cast_in_one_go_each_way(monkeypatch):
 
     casts = []
     real = mod.cast_blocks
-    monkeypatch.setattr(mod, "cast_blocks", lambda pairs, impl=None: (
-        casts.append([(d.dtype, s.dtype) for d, s in pairs]), real(pairs, impl=impl)))
+    monkeypatch.setattr(mod, "cast_blocks", lambda pairs, impl=None, **kw: (
+        casts.append([(d.dtype, s.dtype) for d, s in pairs]), real(pairs, impl=impl, **kw)))
     torch.manual_seed(5)
     x = torch.randn(6, 8, dtype=torch.bfloat16, requires_grad=True)
     gate, up, down = (_proj(12, 8, 2, "cpu", torch.bfloat16), _proj(12, 8, 2, "cpu", torch.bfloat16),

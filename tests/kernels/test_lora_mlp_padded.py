@@ -189,8 +189,8 @@ def test_rank_r_products_are_saved_apart_in_one_launch(monkeypatch):
     # copied by one cast_blocks launch into one small buffer: no clone of each
     gate, up, down = _padded_parts(16, 40, (2, 3, 4), (2.0,) * 3, "cpu", torch.bfloat16)
     calls, real = [], mlp_mod.cast_blocks
-    monkeypatch.setattr(mlp_mod, "cast_blocks", lambda pairs, impl=None: (
-        calls.append([(d.shape, d.dtype, s.dtype) for d, s in pairs]), real(pairs, impl=impl)))
+    monkeypatch.setattr(mlp_mod, "cast_blocks", lambda pairs, impl=None, **kw: (
+        calls.append([(d.shape, d.dtype, s.dtype) for d, s in pairs]), real(pairs, impl=impl, **kw)))
     x = torch.randn(9, 16, dtype=torch.bfloat16, requires_grad=True)
     with count_ops() as n:
         y = lora_mlp(x, gate, up, down, impl="triton")
@@ -378,6 +378,7 @@ def test_a_norm_outputs_adapters_read_its_input_not_a_recompute(monkeypatch, dty
     import tuneforge_kernels.rms_norm as norm_mod
 
     gate, up, down = _padded_parts(24, 52, (3, 5, 4), (2.0, 2.0, 2.0), "cpu", dtype)
+    real_product = mlp_mod._saved_input_product
     h = torch.randn(2, 7, 24, dtype=dtype)
     w = torch.randn(24, dtype=dtype) * 0.2 + 1
     launches, real = [], norm_mod._fwd_launch
@@ -391,3 +392,9 @@ def test_a_norm_outputs_adapters_read_its_input_not_a_recompute(monkeypatch, dty
         assert launches == []
     for a, b in zip(*grads):
         assert rel_err(a, b) < TOL[dtype]
+    # the norm's weight multiplies dA_g, dA_u in the gradients' cast: bit for bit the product's own multiply
+    monkeypatch.setattr(mlp_mod, "_saved_input_product", lambda ctx, saved, g: (
+        (ctx.recipe.product(g, *saved), None) if ctx.recipe is not None else real_product(ctx, saved, g)))
+    out = lora_mlp(x, gate, up, down, "silu", impl="triton")
+    multiplied = torch.autograd.grad(out, [gate.lora_a, up.lora_a], torch.ones_like(out))
+    assert all(torch.equal(a, b) for a, b in zip(multiplied, grads[0]))

@@ -205,6 +205,9 @@ def test_recipe_product_is_the_product_with_the_output(device, dtype, offset, wi
     gs = (g.float() * rstd[:, None]).to(g.dtype)
     wf = weight.float() + offset if offset else weight.float()
     assert torch.equal(got, (gs.t() @ x2).float() * wf)
+    # unscaled: the product before w, which the caller's cast multiplies by (lora_mlp._cast_grads' scales)
+    p, k = recipe.product(g, *recipe.tensors(), scaled=False)
+    assert p.dtype == dtype and k.dtype == torch.float32 and torch.equal(p * k, got)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])
