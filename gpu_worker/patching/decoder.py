@@ -323,10 +323,10 @@ def patch_attention(attn: nn.Module, impl: str | None, softcap: float | None = N
                 kwargs["softcap"] = self._tf_softcap
             out, weights = interface(self, q, k, v, attention_mask, dropout=_dropout(self), scaling=self.scaling,
                                      sliding_window=_sliding_window(self), **kwargs)
-        wide = getattr(out, "_tf_spare_columns", 0)
+        wide, held = getattr(out, "_tf_spare_columns", 0), getattr(out, "_tf_held_for_backward", False)
         out = out.reshape(*input_shape, -1)
         if wide:  # the first columns of [x | s x A^T] (hopper_attention.causal's spare)
-            out._tf_spare_columns = wide
+            out._tf_spare_columns, out._tf_held_for_backward = wide, held
         else:
             out = out.contiguous()
         o = lora_weights(self.o_proj)

@@ -120,11 +120,12 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, spar
 
     ``spare``: the output is written as the first ``Hq D`` columns of a ``(B S, Hq D + spare)`` buffer, whose
     other columns the consumer fills (the padded O's ``[x | s x A^T]``, lora_linear: no copy of the output
-    into it), and carries ``_tf_spare_columns``."""
+    into it), and carries ``_tf_spare_columns`` and ``_tf_held_for_backward`` (``_CausalInto`` saves it, so O
+    keeps a view of its columns, not a copy: lora_mlp.held_for_backward)."""
     q, k, v = _cast(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     if spare:
         out = _CausalInto.apply(q, k, v, scale, spare)
-        out._tf_spare_columns = spare
+        out._tf_spare_columns, out._tf_held_for_backward = spare, True
         return out
     func, _ = _kernels()
     return _first(func(q, k, v, softmax_scale=scale, causal=True))

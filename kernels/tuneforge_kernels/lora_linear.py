@@ -34,7 +34,8 @@ from tuneforge_kernels.lora_mlp import (PADDED_ONE_GEMM_MAX_HIDDEN, LoraWeights,
                                         _fp8_input, _input_product, _joined_weights, _mm_into, _out_features,
                                         _project_reference, _redraw, _restore_x, _saved_input_product, _scaled_mm,
                                         _spans, _x_for_saving, adapter_input_terms, cast_group, frozen_input_grad,
-                                        frozen_linear, rows_of, spare_columns, spare_width, wide_input)
+                                        frozen_linear, held_for_backward, rows_of, spare_columns, spare_width,
+                                        wide_input)
 
 
 class _LoraLinearsFunction(torch.autograd.Function):
@@ -274,8 +275,12 @@ class _PaddedLinearsFunction(torch.autograd.Function):
             ys = [y_all[:, starts[i]:starts[i] + outs[i]] for i in range(n)]
         else:
             ys = [xa @ buf[starts[i]:starts[i] + outs[i]].t() for i in range(n)]     # (N, out_i)
-        # the rank-r products leave the wide buffer (kept, x's would hold the whole (N, H + R))
-        ctx.save_for_backward(xa[:, hd:hd + r].clone(), *_x_for_saving(ctx, x, x2))
+        # the rank-r products leave the wide buffer (kept, x's would hold the whole (N, H + R)), unless x's
+        # producer holds that buffer for its own backward anyway (FA4's output in O's: no copy to launch)
+        products = xa[:, hd:hd + r]
+        if not (held_for_backward(x) and xa.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
+            products = products.clone()
+        ctx.save_for_backward(products, *_x_for_saving(ctx, x, x2))
         ctx.set_materialize_grads(False)  # an unused output's grad arrives as None
         ctx.buf, ctx.scales, ctx.layout = buf, scales, (outs, ranks, starts, cols)
         ctx.dtype, ctx.shape, ctx.landing = dtype, shape, landing

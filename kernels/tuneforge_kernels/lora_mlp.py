@@ -598,6 +598,13 @@ def spare_columns(x: torch.Tensor) -> int:
     return getattr(x, "_tf_spare_columns", 0)
 
 
+def held_for_backward(x: torch.Tensor) -> bool:
+    """Whether ``x``'s producer keeps ``x`` (its whole storage: the spare columns too) for its own backward,
+    which runs after any consumer's (FlashAttention-4's output in the padded O's wide input): a consumer may
+    then keep a view of those columns rather than a copy, and holds no memory that is not held anyway."""
+    return getattr(x, "_tf_held_for_backward", False)
+
+
 def wide_input(x: torch.Tensor, x2: torch.Tensor, r: int) -> torch.Tensor:
     """``x2`` (``x`` as ``(N, H)``) in the first columns of an ``(N, H + r)`` buffer for a padded layout's GEMM:
     the buffer ``x``'s producer left with ``r`` spare columns (``spare_columns``), else a new one with ``x``

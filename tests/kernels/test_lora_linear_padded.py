@@ -179,6 +179,32 @@ def test_o_gradient_from_a_norm_with_spare_columns_is_not_copied(monkeypatch, dt
         assert rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else TOL[dtype])
 
 
+@pytest.mark.parametrize("held", [True, False])
+def test_o_keeps_a_view_of_its_products_where_the_input_buffer_is_held_anyway(held):
+    # the attention's output written into O's [x | s x A^T] (hopper_attention.causal's spare), which FA4's node
+    # saves for its own backward (held_for_backward): O saves its products as a view of that buffer, no copy;
+    # an input nobody is known to hold gets a copy, so that O's saved tensors do not keep (N, H + R) alive
+    hidden, rank = 24, 3
+    (o,) = _padded_qkv(hidden, (hidden,), (rank,), (2.0,), "cpu", torch.bfloat16)
+    sp = padded_linears([o]).shape[0] - hidden
+    wide = torch.randn(14, hidden + sp, dtype=torch.bfloat16)
+    x = wide[:, :hidden].view(2, 7, hidden).requires_grad_()
+    x._tf_spare_columns, x._tf_held_for_backward = sp, held
+    with count_ops() as n:
+        (y,) = lora_linears(x, o, impl="triton")
+    products = y.grad_fn.saved_tensors[0]
+    assert (products.untyped_storage().data_ptr() == wide.untyped_storage().data_ptr()) == held
+    assert n["clone"] == (not held)
+    assert torch.equal(products, wide[:, hidden:hidden + rank])  # s x A^T, where the GEMM wrote it
+    ref = lora_linears_reference(x.detach().double(), _as64(o))[0]
+    assert rel_err(y, ref) < 2e-2
+    grads = torch.autograd.grad(y, [x, o.lora_a, o.lora_b], torch.ones_like(y))
+    x64, o64 = x.detach().double().requires_grad_(), _as64(o)
+    exp = torch.autograd.grad(lora_linears_reference(x64, o64)[0], [x64, o64.lora_a, o64.lora_b],
+                              torch.ones_like(ref))
+    assert all(rel_err(a, b) < 2e-2 for a, b in zip(grads, exp))
+
+
 def test_input_with_spare_columns_is_not_copied(monkeypatch):
     # x from rms_norm(spare=R) (the fused layer's input norm): s x A^T goes into those columns; only the
     # three dy are copied (into [dq | dk | dv | s dy B]); without them x is copied in too

@@ -102,7 +102,7 @@ def test_batched_output_lands_in_a_padded_os_input_buffer(monkeypatch):
         wide = out.new_full((b * s, h * d + spare), float("nan"))[:, :h * d].view(b, s, h, d)
         wide.copy_(out.transpose(1, 2))
         if spare:
-            wide._tf_spare_columns = spare
+            wide._tf_spare_columns, wide._tf_held_for_backward = spare, True
         return wide
     monkeypatch.setattr(hopper_attention, "causal", causal)
     config = _two_heads_of(64)
