@@ -138,17 +138,14 @@ def cast_group(tensors, dtype: torch.dtype, copy: bool = False, scales=None) -> 
         flat = present[0][0].new_empty(sum(t.numel() for t, _ in present), dtype=dtype)
     else:
         flat = torch.cat([(t if k is None else t * k).reshape(-1) for t, k in present]).to(dtype)
-    out, pairs, start = [], [], 0
-    for t in tensors:
-        if t is None:
-            out.append(None)
-            continue
-        out.append(flat[start:start + t.numel()].view(t.shape))
-        pairs.append((out[-1], t))
+    views, start = [], 0
+    for t, _ in present:
+        views.append(flat[start:start + t.numel()].view(t.shape))
         start += t.numel()
-    if blocks:
-        cast_blocks(pairs, impl="triton", scales=[k for _, k in present])  # impl: in the Triton nodes
-    return out
+    if blocks:  # impl: in the Triton nodes
+        cast_blocks([(v, t) for v, (t, _) in zip(views, present)], impl="triton", scales=[k for _, k in present])
+    views = iter(views)
+    return [None if t is None else next(views) for t in tensors]
 
 
 def _cast_grads(grads, dtypes, scales=None) -> list:
