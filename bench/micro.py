@@ -57,6 +57,9 @@ shapes (8192 tokens), seconds of device time per group, one table at the end and
   second stream hides most of them, sustained at the power cap none);
 - ``aug``: the K-augmented LoRA GEMM (not built) against today's base GEMM + rank-r pass, per projection
   shape, forward and input gradient, and what it would save per step (not yet run: session 10).
+- ``block``: the decoder layer's residual norm, gated activation's rstd and RoPE inside GEMM epilogues
+  (QuACK's epilogue library, not built) against today's GEMM + kernel, with their values' differences (not yet
+  run: session 48).
 
     python3 bench/micro.py --out $OUT/micro.jsonl
 """
@@ -324,6 +327,181 @@ def bench_padk(emit):
         for name, (fn, mac) in gemms.items():  # mac: the unpadded GEMM's multiply-adds per token
             ms = sustained(fn)
             emit("padk", f"8B {name}, {layout}", ms, tflops=2 * n * mac / ms / 1e9)
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest elementwise difference over the reference's largest magnitude."""
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def bench_block(emit):
+    """The decoder layer's norms and RoPE inside its GEMMs' epilogues (QuACK 0.6.5's epilogue library, "Coda":
+    not built; session 48), at the 8B shapes with the padded layouts' K (H + 64), each now against the
+    epilogue form, sustained at the power cap, with the epilogue form's difference from today's values:
+
+    - O's GEMM then the residual norm (``rms_norm._fwd_launch``: ``s = o + x``, ``y = norm(s) w``), against
+      ``rms_partial_epi``: one GEMM whose epilogue adds the residual (C), writes ``s`` and ``s w`` (the norm's
+      rstd deferred to the next GEMM, a row scale) and the per-row sums of squares, then rstd from them;
+    - the gated gate/up GEMM (``gated_gemm.gated_forward``, on the normed input) against
+      ``rstd_swiglu_preact_epi`` on the deferred input (``s w``): rstd applied as a column vector before the
+      activation, the unscaled pre-activation saved for the backward (``dgated_rstd_preact_mod``);
+    - the gated backward GEMM (``gated_gemm.gated_backward`` on the scaled pre-activation) against
+      ``dswiglu_rstd_preact_mod`` on the unscaled one: rstd folded in, and the per-row sum the deferred norm's
+      backward needs for rstd's gradient from the same epilogue;
+    - the Q/K/V GEMM then RoPE on Q and K (``rope._launch``, HF's rotate-half pairs (j, j + 64)) against
+      ``rope_posfreq_epi`` on the joined GEMM (cos and sin from per-row positions, so packed rows work; V's
+      columns at zero frequency, an identity): the epilogue rotates adjacent pairs, so Q's and K's weight rows
+      are permuted per head to (0, 64, 1, 65, ...), which leaves q . k unchanged.
+    Together the replaced kernels were 4.16 (norm forward) + 1.87 (RoPE forward) ms of the 8B step (v51)."""
+    from tuneforge_kernels import gated_gemm
+    from tuneforge_kernels.rms_norm import _fwd_launch
+    from tuneforge_kernels.rope import _launch as rope_launch
+
+    found = gated_gemm._quack()
+    if isinstance(found, Exception):
+        print(f"block: no QuACK ({found})")
+        return
+    config = found[2]
+    from quack.epilogue.library import dswiglu_rstd_preact_mod, rms_partial_epi, rstd_swiglu_preact_epi
+    from quack.epilogue.rotary import make_interleaved_inv_freq, rope_posfreq_epi
+
+    n, hid, inter, kp, eps = N_TOK, HID, INTER, HID + 64, 1e-5
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(0)
+
+    def case(name, fn, flop=None, note=None):
+        try:
+            ms = sustained(fn)
+        except Exception as e:  # noqa: BLE001 - the answer is the error
+            print(f"block {name}: {type(e).__name__}: {str(e)[:400]}")
+            return
+        emit("block", f"8B {name}", ms, tflops=flop / ms / 1e9 if flop else None, note=note)
+
+    # O's GEMM and the residual norm
+    xo, wo = torch.randn(n, kp, **bf), torch.randn(hid, kp, **bf) / kp ** 0.5
+    x, w = torch.randn(n, hid, **bf), 1 + 0.1 * torch.randn(hid, **bf)
+    o = torch.empty(n, hid, **bf)
+
+    def norm_now():
+        torch.mm(xo, wo.t(), out=o)
+        return _fwd_launch(o, x, w, eps, 0.0)
+
+    d, r = torch.empty(n, hid, **bf), torch.empty(n, hid, **bf)
+
+    def norm_epi():
+        out = rms_partial_epi(xo, wo.t(), x, out={"D": d, "resid_out": r}, weight=w, tuned=False)
+        return out, torch.rsqrt(out["sqsum"] / hid + eps)
+
+    y, s_now, rstd_now = norm_now()
+    note = None
+    try:
+        out, rstd = norm_epi()
+        note = (f"normed rel diff {_rel_diff(out['D'].float() * rstd[:, None], y):.2e}, residual "
+                f"{_rel_diff(out['resid_out'], s_now):.2e}, rstd {_rel_diff(rstd, rstd_now):.2e}")
+    except Exception as e:  # noqa: BLE001
+        print(f"block rms_partial_epi: {type(e).__name__}: {str(e)[:400]}")
+    case("O GEMM + residual norm, now", norm_now, 2 * n * kp * hid)
+    case("O GEMM + residual norm, rms_partial_epi", norm_epi, 2 * n * kp * hid, note)
+
+    # gate/up: the gated GEMM on the normed input, against rstd applied in the epilogue to the deferred input
+    gu_w = torch.randn(2 * inter, kp, **bf) / kp ** 0.5
+    xa = torch.cat([y, torch.randn(n, kp - hid, **bf)], 1)
+    gu, h = torch.empty(n, 2 * inter, **bf), torch.empty(n, inter, **bf)
+    xd = (xa.float() / rstd_now[:, None]).to(torch.bfloat16)  # ~ [s w | the products before rstd]
+    gu2, h2 = torch.empty(n, 2 * inter, **bf), torch.empty(n, inter, **bf)
+
+    def gated():
+        gated_gemm.gated_forward(xa, gu_w, gu, h)
+
+    def deferred():
+        rstd_swiglu_preact_epi(xd, gu_w.t(), out={"D": gu2, "postact": h2}, rstd=rstd_now, config=config,
+                               tuned=False)
+
+    note = None
+    try:
+        gated()
+        deferred()
+        acc = xd.float() @ gu_w.float().t()
+        g, u = (acc[:, k::2] * rstd_now[:, None] for k in (0, 1))
+        note = (f"postact rel diff {_rel_diff(h2, torch.nn.functional.silu(g) * u):.2e} (today's "
+                f"{_rel_diff(h, torch.nn.functional.silu(g) * u):.2e}), preact {_rel_diff(gu2, acc):.2e}")
+        del acc, g, u
+    except Exception as e:  # noqa: BLE001
+        print(f"block rstd_swiglu_preact_epi: {type(e).__name__}: {str(e)[:400]}")
+    case("gate/up gated GEMM, now", gated, 2 * n * kp * 2 * inter)
+    case("gate/up gated GEMM, rstd in the epilogue", deferred, 2 * n * kp * 2 * inter, note)
+
+    # the gated backward: today's on the scaled pre-activation, against rstd folded in (and the rstd gradient's
+    # per-row sum, which the deferred norm's backward needs, from the same epilogue)
+    dya, w_d = torch.randn(n, kp, **bf), torch.randn(kp, inter, **bf) / kp ** 0.5
+    pre_u = torch.randn(n, 2 * inter, **bf)
+    pre_s = (pre_u.float() * rstd_now[:, None]).to(torch.bfloat16)
+    dgu, dgu2 = torch.empty_like(pre_u), torch.empty_like(pre_u)
+
+    def dgated():
+        gated_gemm.gated_backward(dya, w_d, pre_s, dgu, h)
+
+    def dgated_deferred():
+        return dswiglu_rstd_preact_mod(dya, w_d, pre_u, out={"D": dgu2, "postact": h2}, rstd=rstd_now,
+                                       config=config, tuned=False)
+
+    note = None
+    try:
+        dgated()
+        got = dgated_deferred()
+        dh = dya.float() @ w_d.float()
+        gs, us = (pre_u[:, k::2].float() * rstd_now[:, None] for k in (0, 1))
+        sig = torch.sigmoid(gs)
+        ref = torch.empty(n, 2 * inter, device="cuda")
+        ref[:, 0::2], ref[:, 1::2] = dh * us * sig * (1 + gs * (1 - sig)), dh * gs * sig
+        dsum = (ref[:, 0::2] * pre_u[:, 0::2].float() + ref[:, 1::2] * pre_u[:, 1::2].float()).sum(1)
+        note = (f"D rel diff {_rel_diff(dgu2, ref * rstd_now[:, None]):.2e} (today's {_rel_diff(dgu, ref):.2e}), "
+                f"dsum {_rel_diff(got['dsum'], dsum):.2e}")
+        del dh, gs, us, sig, ref
+    except Exception as e:  # noqa: BLE001
+        print(f"block dswiglu_rstd_preact_mod: {type(e).__name__}: {str(e)[:400]}")
+    case("dgated GEMM, now", dgated, 2 * n * kp * inter)
+    case("dgated GEMM, rstd folded in", dgated_deferred, 2 * n * kp * inter, note)
+
+    # Q/K/V and RoPE
+    nq, nkv, hd, batch = 32, 8, 128, 4
+    seq = n // batch
+    qk, width = (nq + nkv) * hd, (nq + 2 * nkv) * hd
+    wqkv, xq = torch.randn(width, kp, **bf) / kp ** 0.5, torch.randn(n, kp, **bf)
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    ang = torch.arange(seq, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = (f(emb).to(**bf)[None] for f in (torch.cos, torch.sin))  # HF's: cast to the model's dtype
+    qkv = torch.empty(n, width, **bf)
+
+    def rope_now():
+        torch.mm(xq, wqkv.t(), out=qkv)
+        q = qkv[:, :nq * hd].view(batch, seq, nq, hd).transpose(1, 2)
+        k = qkv[:, nq * hd:qk].view(batch, seq, nkv, hd).transpose(1, 2)
+        rope_launch(q, k, cos, sin, False, q, k)
+
+    head = torch.stack([torch.arange(hd // 2), torch.arange(hd // 2) + hd // 2], 1).reshape(-1)  # 0, 64, 1, 65..
+    perm = torch.cat([(head + h0 * hd) for h0 in range(nq + nkv)] + [torch.arange(qk, width)]).cuda()
+    wqkv_p = wqkv[perm].contiguous()
+    pos = torch.arange(seq, dtype=torch.float32, device="cuda").repeat(batch)
+    freq = make_interleaved_inv_freq(inv_freq, qk, width - qk).to(device="cuda", dtype=torch.float32)
+    qkv2 = torch.empty(n, width, **bf)
+
+    def rope_epi():
+        rope_posfreq_epi(xq, wqkv_p.t(), out={"D": qkv2}, pos=pos, freq=freq, tuned=False)
+
+    note = None
+    try:
+        rope_now()
+        rope_epi()
+        back = torch.empty_like(qkv2)
+        back[:, perm] = qkv2
+        note = f"rel diff {_rel_diff(back, qkv):.2e} (V {_rel_diff(back[:, qk:], qkv[:, qk:]):.2e})"
+    except Exception as e:  # noqa: BLE001
+        print(f"block rope_posfreq_epi: {type(e).__name__}: {str(e)[:400]}")
+    case("Q/K/V GEMM + RoPE, now", rope_now, 2 * n * kp * width)
+    case("Q/K/V GEMM + RoPE, rope_posfreq_epi", rope_epi, 2 * n * kp * width, note)
 
 
 def bench_overlap(emit):
@@ -770,7 +948,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--only",
                     default="copy,gemm,ce,ce_rows,glu_plain,elementwise,proj,tuned,glu,attn,varlen_pad,aug,dropout,"
-                            "residual,overlap,padk")
+                            "residual,overlap,padk,block")
     args = ap.parse_args()
     rows = []
 
@@ -785,7 +963,8 @@ def main():
     ceiling = bench_copy(emit) if streams & set(only) else None
     for group, fn in (("gemm", bench_gemm), ("ce", bench_ce), ("proj", bench_proj), ("tuned", bench_tuned),
                       ("attn", bench_attn), ("varlen_pad", bench_varlen_pad), ("aug", bench_aug),
-                      ("residual", bench_residual), ("overlap", bench_overlap), ("padk", bench_padk)):
+                      ("residual", bench_residual), ("overlap", bench_overlap), ("padk", bench_padk),
+                      ("block", bench_block)):
         if group in only:
             fn(emit)
             torch.cuda.empty_cache()
