@@ -6,10 +6,18 @@
 # e.g. bash bench/ab.sh $OUT/ab.jsonl 3 "v14|--shape 1B --ckpt off" "nojoin|--shape 1B --ckpt off --join off"
 # Leading NAME=VALUE words of a variant's args are its environment ("noexp|PYTORCH_CUDA_ALLOC_CONF=
 # expandable_segments:False --shape 8B"); "--method base" (the last --method wins) times .bench-base's code.
+# CLOCKS=FILE: nvidia-smi samples the SM clock, power and throttle reasons every 50 ms into FILE meanwhile, and
+# bench/power_trace.py FILE OUT_JSONL lines each timed step up with them (is a slow step a clock dip?).
 set -u
 out=${1:?usage: ab.sh OUT_JSONL ROUNDS "name|args"...}
 rounds=${2:?rounds}
 shift 2
+if [[ -n ${CLOCKS:-} ]]; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv,noheader -lms 50 > "$CLOCKS" &
+  smi=$!
+  trap 'kill $smi' EXIT
+fi
 for ((r = 1; r <= rounds; r++)); do
   for variant in "$@"; do
     name=${variant%%|*}
